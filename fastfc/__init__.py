@@ -1,0 +1,25 @@
+"""fastfc: FlashCopy and PPRC-style point-in-time copies and mirrors of
+NumPy-backed volumes, at memory speed.
+
+Layers, from the ground up: ``_core`` (Cython kernels: track bitmaps, copy
+kernels, the host I/O path) and ``errors``; ``volume`` and ``faults``;
+``flashcopy``; then the mirroring and Global Mirror protocols above them.
+"""
+
+from fastfc import faults
+from fastfc._core import TrackBitmap
+from fastfc.errors import (CorruptUnitError, FastFCError, IncompleteCopyError,
+                           InjectedFault, InvalidImageError, LimitError,
+                           LinkDownError, StateError, VolumeClosedError,
+                           WriteInhibitedError)
+from fastfc.flashcopy import FlashCopy, FlashCopyState, establish_group
+from fastfc.volume import Volume
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TrackBitmap", "Volume", "FlashCopy", "FlashCopyState", "establish_group", "faults",
+    "FastFCError", "VolumeClosedError", "WriteInhibitedError", "StateError",
+    "IncompleteCopyError", "LimitError", "InvalidImageError", "InjectedFault",
+    "LinkDownError", "CorruptUnitError",
+]

@@ -1,0 +1,929 @@
+# cython: language_level=3
+"""fastfc's kernels: track bitmaps, copy kernels and the hot host I/O path.
+
+Everything here is private; the public classes in ``fastfc.volume`` and
+``fastfc.flashcopy`` subclass the ``cdef`` bases so that a host read or write
+is one C method from the Python call to the ``memcpy``.
+
+Locking (see DESIGN-NOTES): each volume has one re-entrant lock. A volume's
+lock guards its data, its flags, and the bitmaps of every FlashCopy
+relationship in which it is the *source* (``to_copy``, ``src_changed``,
+``tgt_changed``) and of the PPRC pair in which it is the primary. A target's
+data on tracks still to copy is only touched under the source's lock. When two
+locks are needed they are taken in volume-id order. Copies of a track or more
+run with the GIL released; smaller copies keep it (it is cheaper).
+"""
+
+cimport cython
+from libc.stdint cimport uint64_t, uint8_t, int64_t
+from libc.string cimport memcpy, memset
+from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release,
+                             PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE)
+from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
+                               PyThread_free_lock, PyThread_acquire_lock,
+                               PyThread_release_lock, WAIT_LOCK, NOWAIT_LOCK,
+                               PyThread_get_thread_ident)
+
+cdef extern from "pythread.h":
+    ctypedef enum PyLockStatus:
+        PY_LOCK_FAILURE
+        PY_LOCK_ACQUIRED
+        PY_LOCK_INTR
+    PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock, long long, int) nogil
+
+from fastfc._bitops cimport *
+
+import itertools
+
+import numpy as np
+
+from fastfc.errors import (InvalidImageError, StateError, VolumeClosedError,
+                           WriteInhibitedError)
+
+# Copies of at least this many bytes release the GIL (DESIGN-NOTES: below it
+# the release costs more than it frees).
+cdef Py_ssize_t NOGIL_BYTES = 65536
+
+# Origins of a write: a host, or a PPRC update arriving at a secondary.
+cdef enum:
+    ORIGIN_HOST = 0
+    ORIGIN_PPRC = 1
+
+HOST = ORIGIN_HOST
+PPRC = ORIGIN_PPRC
+
+_volume_ids = itertools.count(1)
+
+
+cdef class VolumeBase
+
+
+# --------------------------------------------------------------------------
+# Track bitmaps
+# --------------------------------------------------------------------------
+
+cdef class TrackBitmap:
+    """One bit per track, held in ``uint64`` words.
+
+    Parameters
+    ----------
+    n_bits : int
+        Number of bits (tracks).
+    fill : bool
+        Start with every bit set (``True``) or clear (``False``, default).
+    words : numpy.ndarray, optional
+        Adopt this ``uint64`` array (``ceil(n_bits / 64)`` words, C-contiguous)
+        as the storage instead of allocating; bits past ``n_bits`` are cleared.
+
+    Notes
+    -----
+    Every operation is O(words) with hardware popcount and count-trailing-
+    zeros. The bitmap is not locked: the object that owns it (a volume's lock,
+    see :mod:`fastfc.volume`) serialises access.
+    """
+
+    cdef readonly Py_ssize_t n_bits
+    cdef readonly Py_ssize_t n_words
+    cdef uint64_t* w
+    cdef object _arr
+
+    def __cinit__(self, Py_ssize_t n_bits, bint fill=False, words=None):
+        cdef uint64_t[::1] mv
+        if n_bits < 0:
+            raise ValueError(f"a bitmap needs n_bits >= 0, got {n_bits}")
+        self.n_bits = n_bits
+        self.n_words = (n_bits + 63) >> 6
+        if words is None:
+            self._arr = np.zeros(max(self.n_words, 1), dtype=np.uint64)
+        else:
+            if not isinstance(words, np.ndarray) or words.dtype != np.uint64:
+                raise TypeError("words must be a numpy uint64 array")
+            if words.ndim != 1 or words.shape[0] < max(self.n_words, 1):
+                raise ValueError(
+                    f"words holds {words.size} words; {self.n_words} are needed "
+                    f"for {n_bits} bits")
+            if not words.flags.c_contiguous or not words.flags.writeable:
+                raise ValueError("words must be C-contiguous and writeable")
+            self._arr = words
+        mv = self._arr
+        self.w = &mv[0]
+        if fill:
+            bm_set_range(self.w, 0, n_bits)
+        elif words is not None and self.n_words and (n_bits & 63):
+            self.w[self.n_words - 1] &= low_mask(n_bits & 63)
+
+    # -- single bits -------------------------------------------------------
+    cdef inline int _check(self, Py_ssize_t i) except -1:
+        if i < 0 or i >= self.n_bits:
+            raise IndexError(f"bit {i} is out of range for a bitmap of {self.n_bits} bits")
+        return 0
+
+    cdef inline int _check_range(self, Py_ssize_t start, Py_ssize_t stop) except -1:
+        if start < 0 or stop > self.n_bits or start > stop:
+            raise IndexError(
+                f"range [{start}, {stop}) is not within a bitmap of {self.n_bits} bits")
+        return 0
+
+    cdef inline int _check_same(self, TrackBitmap other) except -1:
+        if other is None:
+            raise TypeError("expected a TrackBitmap, got None")
+        if other.n_bits != self.n_bits:
+            raise ValueError(
+                f"bitmaps differ in length: {self.n_bits} and {other.n_bits} bits")
+        return 0
+
+    def __len__(self):
+        return self.n_bits
+
+    def set(self, Py_ssize_t i):
+        """Set bit ``i``."""
+        self._check(i)
+        bm_set(self.w, i)
+
+    def clear(self, Py_ssize_t i):
+        """Clear bit ``i``."""
+        self._check(i)
+        bm_clear(self.w, i)
+
+    def test(self, Py_ssize_t i):
+        """Return whether bit ``i`` is set."""
+        self._check(i)
+        return bool(bm_test(self.w, i))
+
+    def __getitem__(self, Py_ssize_t i):
+        self._check(i)
+        return bool(bm_test(self.w, i))
+
+    # -- ranges ------------------------------------------------------------
+    def set_range(self, Py_ssize_t start, Py_ssize_t stop):
+        """Set bits ``[start, stop)``."""
+        self._check_range(start, stop)
+        bm_set_range(self.w, start, stop)
+
+    def clear_range(self, Py_ssize_t start, Py_ssize_t stop):
+        """Clear bits ``[start, stop)``."""
+        self._check_range(start, stop)
+        bm_clear_range(self.w, start, stop)
+
+    def any_range(self, Py_ssize_t start, Py_ssize_t stop):
+        """Return whether any bit in ``[start, stop)`` is set."""
+        self._check_range(start, stop)
+        return bool(bm_any_range(self.w, start, stop))
+
+    def fill(self, bint value=True):
+        """Set (or clear) every bit."""
+        if value:
+            bm_set_range(self.w, 0, self.n_bits)
+        else:
+            with nogil:
+                memset(self.w, 0, self.n_words * 8)
+
+    # -- counting and scanning --------------------------------------------
+    def count(self):
+        """Number of set bits (hardware popcount over the words)."""
+        cdef Py_ssize_t k, n = self.n_words
+        cdef const uint64_t* w = self.w
+        cdef long long c = 0
+        with nogil:
+            for k in range(n):
+                c += __builtin_popcountll(w[k])
+        return c
+
+    def count_range(self, Py_ssize_t start, Py_ssize_t stop):
+        """Number of set bits in ``[start, stop)``."""
+        cdef Py_ssize_t a, b, k
+        cdef long long c = 0
+        self._check_range(start, stop)
+        if start == stop:
+            return 0
+        a = start >> 6
+        b = (stop - 1) >> 6
+        if a == b:
+            return __builtin_popcountll((self.w[a] >> (start & 63)) & low_mask(stop - start))
+        c = __builtin_popcountll(self.w[a] & ~low_mask(start & 63))
+        for k in range(a + 1, b):
+            c += __builtin_popcountll(self.w[k])
+        c += __builtin_popcountll(self.w[b] & low_mask(((stop - 1) & 63) + 1))
+        return c
+
+    def any(self):
+        """Whether any bit is set."""
+        return bm_next_set(self.w, self.n_bits, 0) >= 0
+
+    def all(self):
+        """Whether every bit is set (true for an empty bitmap)."""
+        return bm_next_clear(self.w, self.n_bits, 0) < 0
+
+    def find_next_set(self, Py_ssize_t start=0):
+        """Index of the first set bit at or after ``start``, or -1."""
+        if start < 0:
+            raise IndexError(f"start must be >= 0, got {start}")
+        return bm_next_set(self.w, self.n_bits, start)
+
+    def find_next_clear(self, Py_ssize_t start=0):
+        """Index of the first clear bit at or after ``start``, or -1."""
+        if start < 0:
+            raise IndexError(f"start must be >= 0, got {start}")
+        return bm_next_clear(self.w, self.n_bits, start)
+
+    def runs(self, Py_ssize_t start=0, stop=None):
+        """Yield ``(first, last + 1)`` for each run of set bits in ``[start, stop)``."""
+        cdef Py_ssize_t a, b, end = self.n_bits if stop is None else stop
+        self._check_range(start, end)
+        a = bm_next_set(self.w, end, start)
+        while 0 <= a < end:
+            b = bm_next_clear(self.w, end, a)
+            if b < 0:
+                b = end
+            yield (a, b)
+            a = bm_next_set(self.w, end, b)
+
+    def set_indices(self):
+        """All set bit indices as an ``int64`` array (for tests and tools)."""
+        return np.flatnonzero(self.to_bools())
+
+    def to_bools(self):
+        """The bits as a ``bool`` array of length ``n_bits``."""
+        bits = np.unpackbits(self._arr[:self.n_words].view(np.uint8), bitorder="little")
+        return bits[:self.n_bits].astype(bool)
+
+    @staticmethod
+    def from_bools(bools):
+        """A bitmap holding the truth values of a 1-D array."""
+        b = np.ascontiguousarray(bools, dtype=bool)
+        if b.ndim != 1:
+            raise ValueError("from_bools takes a 1-D array")
+        n = b.shape[0]
+        bm = TrackBitmap(n)
+        packed = np.packbits(b, bitorder="little")
+        bm._arr.view(np.uint8)[:packed.size] = packed
+        return bm
+
+    # -- whole-bitmap algebra ----------------------------------------------
+    def or_(self, TrackBitmap other):
+        """``self |= other``; returns self."""
+        cdef Py_ssize_t k
+        self._check_same(other)
+        with nogil:
+            for k in range(self.n_words):
+                self.w[k] |= other.w[k]
+        return self
+
+    def and_(self, TrackBitmap other):
+        """``self &= other``; returns self."""
+        cdef Py_ssize_t k
+        self._check_same(other)
+        with nogil:
+            for k in range(self.n_words):
+                self.w[k] &= other.w[k]
+        return self
+
+    def andnot(self, TrackBitmap other):
+        """``self &= ~other``; returns self."""
+        cdef Py_ssize_t k
+        self._check_same(other)
+        with nogil:
+            for k in range(self.n_words):
+                self.w[k] &= ~other.w[k]
+        return self
+
+    def copy_from(self, TrackBitmap other):
+        """Make self equal to ``other``; returns self."""
+        self._check_same(other)
+        with nogil:
+            memcpy(self.w, other.w, self.n_words * 8)
+        return self
+
+    def copy(self):
+        """A new bitmap with the same bits."""
+        cdef TrackBitmap r = TrackBitmap(self.n_bits)
+        with nogil:
+            memcpy(r.w, self.w, self.n_words * 8)
+        return r
+
+    def __or__(self, TrackBitmap other):
+        return self.copy().or_(other)
+
+    def __and__(self, TrackBitmap other):
+        return self.copy().and_(other)
+
+    def __sub__(self, TrackBitmap other):
+        return self.copy().andnot(other)
+
+    def __eq__(self, other):
+        if not isinstance(other, TrackBitmap):
+            return NotImplemented
+        cdef TrackBitmap o = <TrackBitmap>other
+        if o.n_bits != self.n_bits:
+            return False
+        return self.n_words == 0 or memcmp_words(self.w, o.w, self.n_words)
+
+    __hash__ = None
+
+    @property
+    def words(self):
+        """The ``uint64`` words (a view that shares memory with the bitmap)."""
+        return self._arr[:self.n_words]
+
+    @property
+    def nbytes(self):
+        return self.n_words * 8
+
+    def __reduce__(self):
+        return (_bitmap_from_words, (self.n_bits, self.words.copy()))
+
+    def __repr__(self):
+        return f"TrackBitmap(n_bits={self.n_bits}, set={self.count()})"
+
+
+def _bitmap_from_words(n_bits, words):
+    return TrackBitmap(n_bits, words=words)
+
+
+cdef bint memcmp_words(const uint64_t* a, const uint64_t* b, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t k
+    for k in range(n):
+        if a[k] != b[k]:
+            return 0
+    return 1
+
+
+def combine_or3(TrackBitmap a, TrackBitmap b, TrackBitmap c):
+    """A new bitmap ``a | b | c`` in one pass (b or c may be None)."""
+    cdef TrackBitmap r = TrackBitmap(a.n_bits)
+    cdef Py_ssize_t k, n = a.n_words
+    cdef uint64_t* rw = r.w
+    cdef const uint64_t* aw = a.w
+    cdef const uint64_t* bw
+    cdef const uint64_t* cw
+    if b is not None:
+        a._check_same(b)
+    if c is not None:
+        a._check_same(c)
+    if b is not None and c is not None:
+        bw = b.w
+        cw = c.w
+        with nogil:
+            for k in range(n):
+                rw[k] = aw[k] | bw[k] | cw[k]
+    else:
+        if b is None:
+            b = c
+        with nogil:
+            memcpy(rw, aw, n * 8)
+        if b is not None:
+            r.or_(b)
+    return r
+
+
+# --------------------------------------------------------------------------
+# Copy kernels (no GIL)
+# --------------------------------------------------------------------------
+
+cdef Py_ssize_t copy_set_runs(uint8_t* dst, const uint8_t* src, uint64_t* w,
+                              Py_ssize_t start, Py_ssize_t stop, Py_ssize_t budget,
+                              int shift, Py_ssize_t* resume) noexcept nogil:
+    """Copy the runs of set tracks in ``[start, stop)`` from src to dst and
+    clear their bits, until ``budget`` tracks are copied. Returns the number
+    of tracks copied; ``resume[0]`` is where to carry on (``stop`` if done)."""
+    cdef Py_ssize_t done = 0, a, b
+    a = bm_next_set(w, stop, start)
+    while 0 <= a < stop and done < budget:
+        b = bm_next_clear(w, stop, a)
+        if b < 0:
+            b = stop
+        if b - a > budget - done:
+            b = a + (budget - done)
+        memcpy(dst + (a << shift), src + (a << shift), (b - a) << shift)
+        bm_clear_range(w, a, b)
+        done += b - a
+        a = bm_next_set(w, stop, b)
+    resume[0] = a if 0 <= a < stop else stop
+    return done
+
+
+cdef void copy_redirected(uint8_t* dst, const uint8_t* own, const uint8_t* other,
+                          const uint64_t* w, Py_ssize_t offset, Py_ssize_t n,
+                          int shift) noexcept nogil:
+    """Read ``n`` bytes at ``offset`` of a target: each track from ``other``
+    (the source) where its bit is set in ``w``, else from ``own``."""
+    cdef Py_ssize_t pos = offset, end = offset + n, t, piece_end
+    cdef const uint8_t* base
+    while pos < end:
+        t = pos >> shift
+        piece_end = (t + 1) << shift
+        # extend over following tracks with the same bit value
+        while piece_end < end and bm_test(w, piece_end >> shift) == bm_test(w, t):
+            piece_end += (<Py_ssize_t>1) << shift
+        if piece_end > end:
+            piece_end = end
+        base = other if bm_test(w, t) else own
+        memcpy(dst + (pos - offset), base + pos, piece_end - pos)
+        pos = piece_end
+
+
+# --------------------------------------------------------------------------
+# Buffers
+# --------------------------------------------------------------------------
+
+cdef int get_read_buffer(object data, Py_buffer* view) except -1:
+    """Borrow ``data`` as contiguous bytes; TypeError/ValueError otherwise."""
+    try:
+        PyObject_GetBuffer(data, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+    except BufferError as e:
+        raise ValueError(f"data must be C-contiguous: {e}") from None
+    except TypeError:
+        raise TypeError(
+            f"data must be bytes-like or a uint8 array, not {type(data).__name__}") from None
+    if view.itemsize != 1 or (view.format != NULL and not (
+            view.format[0] == b'B' and view.format[1] == 0)):
+        fmt = view.format.decode() if view.format != NULL else "?"
+        PyBuffer_Release(view)
+        raise TypeError(f"data must be uint8 bytes, got a buffer of format {fmt!r}")
+    return 0
+
+
+cdef int get_write_buffer(object out, Py_buffer* view) except -1:
+    try:
+        PyObject_GetBuffer(out, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE)
+    except BufferError as e:
+        raise ValueError(f"out must be a writable C-contiguous buffer: {e}") from None
+    except TypeError:
+        raise TypeError(f"out must be a writable uint8 buffer, not {type(out).__name__}") from None
+    if view.itemsize != 1 or (view.format != NULL and not (
+            view.format[0] == b'B' and view.format[1] == 0)):
+        PyBuffer_Release(view)
+        raise TypeError("out must be a uint8 buffer")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# Volumes, relationships and mirror hooks
+# --------------------------------------------------------------------------
+
+cdef class MirrorBase:
+    """Primary-side hook of a PPRC pair, consulted by every host write.
+
+    ``oos``: tracks owed to the secondary (set on every write unless ``sync``).
+    ``cg``: tracks owed to the consistency group being drained, or None; a
+    write touching one first calls ``_collide`` so the CG version is saved.
+    ``sync``: Metro Mirror; each write calls ``_sync_write`` before it
+    completes, with the primary's lock held.
+    """
+
+    cdef public TrackBitmap oos
+    cdef public TrackBitmap cg
+    cdef public bint sync
+
+    def _collide(self, Py_ssize_t t0, Py_ssize_t t1):
+        pass
+
+    def _sync_write(self, Py_ssize_t offset, Py_ssize_t length):
+        pass
+
+
+cdef class RelationshipBase:
+    """The bitmaps and flags of a FlashCopy relationship, read by the I/O path.
+
+    All fields are guarded by the source volume's lock.
+    """
+
+    cdef public VolumeBase source
+    cdef public VolumeBase target
+    cdef public TrackBitmap to_copy
+    cdef public TrackBitmap src_changed
+    cdef public TrackBitmap tgt_changed
+    cdef public bint inhibit_target_write
+    cdef public bint revertible
+    cdef public bint active
+
+    def _copy_chunk(self, Py_ssize_t start, Py_ssize_t max_tracks):
+        """Copy up to ``max_tracks`` set tracks from ``start`` on, under the
+        locks; return ``(tracks copied, resume position)``."""
+        cdef VolumeBase S = self.source, T = self.target
+        cdef Py_ssize_t done = 0, resume = 0, n
+        cdef uint64_t* w
+        cdef int shift
+        lock_two(S, T)
+        try:
+            if not self.active or self.revertible:
+                return 0, start
+            if S.base == NULL or T.base == NULL:
+                raise VolumeClosedError("background copy needs both volumes open")
+            n = S.n_tracks
+            shift = S.track_shift
+            w = self.to_copy.w
+            with nogil:
+                done = copy_set_runs(T.base, S.base, w, start, n, max_tracks, shift, &resume)
+        finally:
+            unlock_two(S, T)
+        return done, resume
+
+    def _copy_tracks_where(self, TrackBitmap mask, bint to_source):
+        """Copy every track set in ``mask`` between the volumes (target ->
+        source when ``to_source``), clearing ``mask``. Caller holds the locks."""
+        cdef VolumeBase S = self.source, T = self.target
+        cdef Py_ssize_t resume, done
+        cdef uint8_t* dst = S.base if to_source else T.base
+        cdef const uint8_t* src = T.base if to_source else S.base
+        cdef Py_ssize_t n = S.n_tracks
+        cdef int shift = S.track_shift
+        with nogil:
+            done = copy_set_runs(dst, src, mask.w, 0, n, n, shift, &resume)
+        return done
+
+
+cdef inline int lock_two(VolumeBase a, VolumeBase b) except -1:
+    """Acquire two volumes' locks (b may be None) in volume-id order."""
+    if b is None or b is a:
+        a._acquire()
+    elif a.vid < b.vid:
+        a._acquire()
+        b._acquire()
+    else:
+        b._acquire()
+        a._acquire()
+    return 0
+
+
+cdef inline void unlock_two(VolumeBase a, VolumeBase b) noexcept:
+    a._release()
+    if b is not None and b is not a:
+        b._release()
+
+
+cdef class VolumeBase:
+    """A volume's bytes, lock, flags and the I/O path.
+
+    The public subclass :class:`fastfc.Volume` builds the backing array;
+    this base holds a raw pointer to it so that reads and writes are C calls.
+    """
+
+    cdef readonly Py_ssize_t n_tracks
+    cdef readonly Py_ssize_t track_size
+    cdef readonly Py_ssize_t capacity
+    cdef readonly int track_shift
+    cdef readonly long long vid
+    cdef uint8_t* base
+    cdef object _array
+    cdef PyThread_type_lock _lk
+    cdef unsigned long _owner
+    cdef int _depth
+    # relationships and flags, guarded by this volume's lock
+    cdef public list _src_rels
+    cdef public RelationshipBase _tgt_rel
+    cdef public MirrorBase _mirror
+    cdef public int _inhibits
+    cdef public bint _secondary
+    cdef public bint _invalid
+
+    def __cinit__(self, *args, **kwargs):
+        self._lk = PyThread_allocate_lock()
+        if self._lk == NULL:
+            raise MemoryError("could not allocate a volume lock")
+        self.vid = next(_volume_ids)
+        self._src_rels = []
+        self._tgt_rel = None
+        self._mirror = None
+
+    def __dealloc__(self):
+        if self._lk != NULL:
+            PyThread_free_lock(self._lk)
+
+    def _attach(self, array, Py_ssize_t track_size):
+        """Adopt ``array`` (1-D C-contiguous uint8) as the backing store."""
+        cdef uint8_t[::1] mv = array
+        cdef int shift = 0
+        while ((<Py_ssize_t>1) << shift) < track_size:
+            shift += 1
+        self._array = array
+        self.base = &mv[0]
+        self.track_size = track_size
+        self.track_shift = shift
+        self.capacity = array.shape[0]
+        self.n_tracks = self.capacity >> shift
+
+    def _detach(self):
+        """Forget the backing store (close). Caller holds the lock."""
+        array = self._array
+        self._array = None
+        self.base = NULL
+        return array
+
+    @property
+    def closed(self):
+        return self.base == NULL
+
+    @property
+    def array(self):
+        """The raw backing array (tests and benchmarks only: bypasses every
+        relationship)."""
+        if self.base == NULL:
+            raise VolumeClosedError(f"{self!r} is closed")
+        return self._array
+
+    # -- locking -----------------------------------------------------------
+    cdef inline int _acquire(self) except -1:
+        cdef unsigned long me = PyThread_get_thread_ident()
+        if self._owner == me:
+            self._depth += 1
+            return 0
+        if not PyThread_acquire_lock(self._lk, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self._lk, WAIT_LOCK)
+        self._owner = me
+        self._depth = 1
+        return 0
+
+    cdef inline void _release(self) noexcept:
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = 0
+            PyThread_release_lock(self._lk)
+
+    def _lock(self, double timeout=-1.0):
+        """Acquire this volume's (re-entrant) lock; False on timeout."""
+        cdef unsigned long me = PyThread_get_thread_ident()
+        cdef long long us
+        cdef int ok
+        if self._owner == me:
+            self._depth += 1
+            return True
+        if not PyThread_acquire_lock(self._lk, NOWAIT_LOCK):
+            us = -1 if timeout < 0 else <long long>(timeout * 1e6)
+            with nogil:
+                ok = PyThread_acquire_lock_timed(self._lk, us, 0) == PY_LOCK_ACQUIRED
+            if not ok:
+                return False
+        self._owner = me
+        self._depth = 1
+        return True
+
+    def _unlock(self):
+        if self._owner != PyThread_get_thread_ident():
+            raise RuntimeError("releasing a volume lock this thread does not hold")
+        self._release()
+
+    def _held(self):
+        """Whether the calling thread holds this volume's lock."""
+        return self._owner == PyThread_get_thread_ident()
+
+    # -- host I/O ----------------------------------------------------------
+    cdef int _check_range(self, Py_ssize_t offset, Py_ssize_t n) except -1:
+        if offset < 0 or n < 0 or offset > self.capacity - n:
+            raise IndexError(
+                f"I/O of {n} bytes at offset {offset} is outside the volume "
+                f"(capacity {self.capacity} bytes)")
+        return 0
+
+    cdef int _check_writable(self, Py_ssize_t t0, Py_ssize_t t1, int origin) except -1:
+        """Refuse a write to tracks [t0, t1) that must not happen. Lock held."""
+        cdef RelationshipBase r
+        if self.base == NULL:
+            raise VolumeClosedError(f"{self!r} is closed")
+        if self._inhibits:
+            raise WriteInhibitedError(
+                f"{self!r} is write-inhibited: it is the source of a revertible "
+                "FlashCopy; commit or revert it first")
+        if origin == ORIGIN_HOST and self._secondary:
+            raise WriteInhibitedError(
+                f"{self!r} is a PPRC secondary and refuses host writes")
+        r = self._tgt_rel
+        if r is not None:
+            if r.revertible:
+                raise WriteInhibitedError(
+                    f"{self!r} is the target of a revertible FlashCopy")
+            if r.inhibit_target_write:
+                raise WriteInhibitedError(
+                    f"{self!r} is a FlashCopy target with inhibit_target_write")
+            if r.source.base == NULL and bm_any_range(r.to_copy.w, t0, t1):
+                raise VolumeClosedError(
+                    f"source {r.source!r} of this target is closed")
+        for r in self._src_rels:
+            if r.target.base == NULL and bm_any_range(r.to_copy.w, t0, t1):
+                raise VolumeClosedError(
+                    f"copy-on-write target {r.target!r} is closed")
+        return 0
+
+    cdef RelationshipBase _lock_io(self):
+        """Lock self and, if self is a FlashCopy target, its source; return
+        that relationship (or None)."""
+        cdef RelationshipBase r
+        while True:
+            r = self._tgt_rel
+            lock_two(self, r.source if r is not None else None)
+            if self._tgt_rel is r:
+                return r
+            unlock_two(self, r.source if r is not None else None)
+
+    cdef int _write(self, Py_ssize_t offset, const uint8_t* src, Py_ssize_t n,
+                    int origin) except -1:
+        cdef RelationshipBase tr = None, r
+        cdef VolumeBase S = None
+        cdef Py_ssize_t t0, t1, t, ts, k, resume, ntr
+        cdef int shift = self.track_shift
+        cdef MirrorBase m
+        cdef list rels
+        cdef uint64_t* w
+        self._check_range(offset, n)
+        tr = self._lock_io()
+        if tr is not None:
+            S = tr.source
+        try:
+            t0 = offset >> shift
+            t1 = ((offset + n - 1) >> shift) + 1 if n else t0
+            self._check_writable(t0, t1, origin)
+            if n == 0:
+                return 0
+            # ---- from here on nothing refuses: the write is applied whole
+            m = self._mirror
+            if m is not None and m.cg is not None and bm_any_range(m.cg.w, t0, t1):
+                m._collide(t0, t1)
+            rels = self._src_rels
+            ntr = len(rels)
+            for k in range(ntr):
+                r = <RelationshipBase>rels[k]
+                w = r.to_copy.w
+                if bm_any_range(w, t0, t1):
+                    # copy-on-write: the target takes the old tracks first
+                    if ((t1 - t0) << shift) >= NOGIL_BYTES:
+                        with nogil:
+                            copy_set_runs(r.target.base, self.base, w, t0, t1, t1 - t0,
+                                          shift, &resume)
+                    else:
+                        copy_set_runs(r.target.base, self.base, w, t0, t1, t1 - t0,
+                                      shift, &resume)
+                if r.src_changed is not None:
+                    bm_set_range(r.src_changed.w, t0, t1)
+            if tr is not None:
+                w = tr.to_copy.w
+                if bm_any_range(w, t0, t1):
+                    for t in range(t0, t1):
+                        if bm_test(w, t):
+                            ts = t << shift
+                            if not (offset <= ts and offset + n >= ts + self.track_size):
+                                # partial write of a virtual track: fetch it first
+                                memcpy(self.base + ts, S.base + ts, self.track_size)
+                            bm_clear(w, t)
+                if tr.tgt_changed is not None:
+                    bm_set_range(tr.tgt_changed.w, t0, t1)
+            if n >= NOGIL_BYTES:
+                with nogil:
+                    memcpy(self.base + offset, src, n)
+            else:
+                memcpy(self.base + offset, src, n)
+            if m is not None:
+                if m.sync:
+                    m._sync_write(offset, n)
+                elif m.oos is not None:
+                    bm_set_range(m.oos.w, t0, t1)
+        finally:
+            unlock_two(self, S)
+        return 0
+
+    def write(self, Py_ssize_t offset, data):
+        """Write ``data`` (bytes-like or uint8 array) at byte ``offset``.
+
+        Copy-on-write to every FlashCopy target that still needs the old
+        tracks happens first; the write is then applied whole, or refused
+        whole (closed, out of range, wrong type, write-inhibited).
+        """
+        cdef Py_buffer view
+        get_read_buffer(data, &view)
+        try:
+            self._write(offset, <const uint8_t*>view.buf, view.len, ORIGIN_HOST)
+        finally:
+            PyBuffer_Release(&view)
+
+    def _write_origin(self, Py_ssize_t offset, data, int origin):
+        """Write with an explicit origin (``PPRC`` for updates at a secondary)."""
+        cdef Py_buffer view
+        get_read_buffer(data, &view)
+        try:
+            self._write(offset, <const uint8_t*>view.buf, view.len, origin)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef int _read(self, Py_ssize_t offset, uint8_t* dst, Py_ssize_t n) except -1:
+        cdef RelationshipBase tr = None
+        cdef VolumeBase S = None
+        cdef Py_ssize_t t0, t1
+        cdef const uint64_t* w
+        cdef int shift = self.track_shift
+        self._check_range(offset, n)
+        tr = self._lock_io()
+        if tr is not None:
+            S = tr.source
+        try:
+            if self.base == NULL:
+                raise VolumeClosedError(f"{self!r} is closed")
+            if self._invalid:
+                raise InvalidImageError(
+                    f"{self!r} does not hold a valid image: its FlashCopy was "
+                    "withdrawn before the copy completed")
+            if n == 0:
+                return 0
+            t0 = offset >> shift
+            t1 = ((offset + n - 1) >> shift) + 1
+            if tr is not None and bm_any_range(tr.to_copy.w, t0, t1):
+                if S.base == NULL:
+                    raise VolumeClosedError(f"source {S!r} of this target is closed")
+                w = tr.to_copy.w
+                if n >= NOGIL_BYTES:
+                    with nogil:
+                        copy_redirected(dst, self.base, S.base, w, offset, n, shift)
+                else:
+                    copy_redirected(dst, self.base, S.base, w, offset, n, shift)
+            elif n >= NOGIL_BYTES:
+                with nogil:
+                    memcpy(dst, self.base + offset, n)
+            else:
+                memcpy(dst, self.base + offset, n)
+        finally:
+            unlock_two(self, S)
+        return 0
+
+    def read(self, Py_ssize_t offset, Py_ssize_t length):
+        """Return ``length`` bytes at ``offset`` as a new uint8 array: the
+        volume's logical image (a FlashCopy target reads not-yet-copied tracks
+        from its source)."""
+        cdef Py_buffer view
+        self._check_range(offset, length)
+        out = np.empty(length, dtype=np.uint8)
+        get_write_buffer(out, &view)
+        try:
+            self._read(offset, <uint8_t*>view.buf, length)
+        finally:
+            PyBuffer_Release(&view)
+        return out
+
+    def readinto(self, Py_ssize_t offset, out):
+        """Read ``len(out)`` bytes at ``offset`` into a writable uint8 buffer."""
+        cdef Py_buffer view
+        get_write_buffer(out, &view)
+        try:
+            self._read(offset, <uint8_t*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    def write_batch(self, offsets, data):
+        """Write ``data[i]`` at ``offsets[i]`` for every i, in order.
+
+        ``data`` is a 2-D C-contiguous uint8 array, one row per offset. The
+        whole batch is checked (ranges, types, state) before any byte is
+        written, and this volume's lock is held across it.
+        """
+        cdef const int64_t[::1] offs
+        cdef Py_buffer view
+        cdef Py_ssize_t i, k, L, off
+        cdef RelationshipBase tr = None
+        offs = np.ascontiguousarray(offsets, dtype=np.int64)
+        if not isinstance(data, np.ndarray) or data.ndim != 2:
+            raise ValueError("data must be a 2-D uint8 array, one row per offset")
+        k = offs.shape[0]
+        if data.shape[0] != k:
+            raise ValueError(f"{k} offsets but {data.shape[0]} rows of data")
+        L = data.shape[1]
+        for i in range(k):
+            self._check_range(offs[i], L)
+        get_read_buffer(data, &view)
+        try:
+            tr = self._lock_io()
+            try:
+                for i in range(k):
+                    off = offs[i]
+                    self._check_writable(off >> self.track_shift,
+                                         ((off + L - 1) >> self.track_shift) + 1 if L else 0,
+                                         ORIGIN_HOST)
+                for i in range(k):
+                    self._write(offs[i], <const uint8_t*>view.buf + i * L, L, ORIGIN_HOST)
+            finally:
+                unlock_two(self, tr.source if tr is not None else None)
+        finally:
+            PyBuffer_Release(&view)
+
+    def read_batch(self, offsets, Py_ssize_t length):
+        """Read ``length`` bytes at each offset; returns a (k, length) array."""
+        cdef const int64_t[::1] offs = np.ascontiguousarray(offsets, dtype=np.int64)
+        cdef Py_ssize_t i, k = offs.shape[0]
+        cdef Py_buffer view
+        for i in range(k):
+            self._check_range(offs[i], length)
+        out = np.empty((k, length), dtype=np.uint8)
+        get_write_buffer(out, &view)
+        try:
+            for i in range(k):
+                self._read(offs[i], <uint8_t*>view.buf + i * length, length)
+        finally:
+            PyBuffer_Release(&view)
+        return out
+
+    def _raw_copy_tracks(self, VolumeBase dst, Py_ssize_t t0, Py_ssize_t t1):
+        """Copy this volume's physical tracks [t0, t1) onto ``dst`` (same
+        geometry), bypassing every relationship. Caller holds the locks."""
+        cdef int shift = self.track_shift
+        cdef Py_ssize_t a = t0 << shift, n = (t1 - t0) << shift
+        if self.base == NULL or dst.base == NULL:
+            raise VolumeClosedError("raw copy needs both volumes open")
+        with nogil:
+            memcpy(dst.base + a, self.base + a, n)

@@ -1,0 +1,65 @@
+"""The fastfc exception hierarchy.
+
+Bad arguments raise the builtin that fits (``ValueError``, ``TypeError``,
+``IndexError``). Everything about *state* (a write that is inhibited, a
+relationship that is not revertible, a limit reached, a closed volume) raises
+a subclass of :class:`FastFCError`. Every refused call changes nothing.
+"""
+
+from __future__ import annotations
+
+
+class FastFCError(Exception):
+    """Root of every fastfc protocol error."""
+
+
+class VolumeClosedError(FastFCError):
+    """I/O or a copy service was asked of a volume that has been closed."""
+
+
+class WriteInhibitedError(FastFCError):
+    """A write was refused: PPRC secondary, revertible FlashCopy source,
+    or a FlashCopy target with ``inhibit_target_write``."""
+
+
+class StateError(FastFCError):
+    """A relationship, pair or session is in the wrong state for the call."""
+
+
+class IncompleteCopyError(StateError):
+    """Withdraw of a relationship whose target is not fully copied yet."""
+
+
+class LimitError(FastFCError):
+    """A configuration limit was reached (targets per source, cascading...)."""
+
+
+class InvalidImageError(FastFCError):
+    """A read of a target whose relationship was withdrawn before its copy
+    completed: the target no longer holds a valid point-in-time image."""
+
+
+class InjectedFault(FastFCError):
+    """A failure raised on purpose by the fault-injection API."""
+
+
+class LinkDownError(FastFCError):
+    """A PPRC link is failed; the update was not delivered."""
+
+
+class CorruptUnitError(FastFCError):
+    """A storage unit's metadata or volume files are missing or damaged."""
+
+
+__all__ = [
+    "FastFCError",
+    "VolumeClosedError",
+    "WriteInhibitedError",
+    "StateError",
+    "IncompleteCopyError",
+    "LimitError",
+    "InvalidImageError",
+    "InjectedFault",
+    "LinkDownError",
+    "CorruptUnitError",
+]

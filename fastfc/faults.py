@@ -1,0 +1,111 @@
+"""Deterministic fault injection, as public API.
+
+A fault is armed at a named *point* for a chosen volume (or for any volume)
+and fires the next ``times`` times that point is reached::
+
+    from fastfc import faults
+    faults.inject("prepare", volume=b7)          # b7's next prepare fails
+    faults.inject("commit", volume=b3, times=2)  # its next two commits fail
+    faults.inject("coordinate", delay=0.2)       # next coordination stalls 200 ms
+
+Points reached by the engine:
+
+``prepare``, ``commit``, ``revert``
+    FlashCopy revertible resync / commit / revert of a relationship whose
+    *source* is ``volume``: raises :class:`~fastfc.errors.InjectedFault`
+    before anything changes.
+``coordinate``
+    Global Mirror coordination, while host writes are held (use ``delay``).
+``drain``
+    Global Mirror drain of a pair whose primary is ``volume`` (``delay``
+    stalls it; without a delay it raises).
+``link``
+    A link send (``after`` = let that many sends through first): the link
+    goes down, as if the wire were cut mid-drain.
+
+``delay`` turns a fault into a stall of that many seconds instead of an
+exception. Faults are process-wide and thread-safe; :func:`clear` disarms all.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from fastfc.errors import InjectedFault
+
+POINTS = ("prepare", "commit", "revert", "coordinate", "drain", "link")
+
+
+@dataclass
+class Fault:
+    point: str
+    volume: object = None  # None: any volume
+    times: int = 1
+    delay: float | None = None
+    after: int = 0
+    fired: int = 0
+
+    def matches(self, point: str, volume) -> bool:
+        return self.point == point and (self.volume is None or self.volume is volume)
+
+
+_lock = threading.Lock()
+_armed: list[Fault] = []
+_log: list[tuple[str, str]] = []
+
+
+def inject(point: str, volume=None, *, times: int = 1, delay: float | None = None,
+           after: int = 0) -> Fault:
+    """Arm a fault at ``point`` (see the module docstring); returns it."""
+    if point not in POINTS:
+        raise ValueError(f"unknown fault point {point!r}; choose one of {', '.join(POINTS)}")
+    if times < 1:
+        raise ValueError(f"times must be >= 1, got {times}")
+    if delay is not None and delay < 0:
+        raise ValueError(f"delay must be >= 0, got {delay}")
+    fault = Fault(point, volume, times, delay, after)
+    with _lock:
+        _armed.append(fault)
+    return fault
+
+
+def clear() -> None:
+    """Disarm every fault."""
+    with _lock:
+        _armed.clear()
+
+
+def armed() -> list[Fault]:
+    with _lock:
+        return list(_armed)
+
+
+def fired_log() -> list[tuple[str, str]]:
+    """(point, volume name) of every fault that fired, oldest first."""
+    with _lock:
+        return list(_log)
+
+
+def hit(point: str, volume=None) -> None:
+    """Called by the engine at ``point``: stalls or raises if a fault is armed."""
+    if not _armed:  # fast path, no lock
+        return
+    with _lock:
+        for fault in _armed:
+            if fault.matches(point, volume):
+                if fault.after > 0:
+                    fault.after -= 1
+                    return
+                fault.fired += 1
+                if fault.fired >= fault.times:
+                    _armed.remove(fault)
+                _log.append((point, getattr(volume, "name", str(volume))))
+                break
+        else:
+            return
+    if fault.delay is not None:
+        time.sleep(fault.delay)
+        return
+    raise InjectedFault(f"injected {point} fault on {getattr(volume, 'name', volume)}")

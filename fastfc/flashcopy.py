@@ -1,0 +1,447 @@
+"""FlashCopy: instant point-in-time copies of a source volume onto a target.
+
+The invariant every operation keeps: the target's logical image (what
+``target.read`` returns) is the source's image at the establish instant.
+Establish only sets bits; a host write to a source track the target still
+needs copies the old track first (copy-on-write); a read of such a target
+track is answered from the source; background copy (COPY mode) hydrates the
+rest on a worker thread.
+
+Locking: a relationship's bitmaps and flags are guarded by its source
+volume's lock; operations that change the relationship take the source and
+target locks in volume-id order (:func:`locked`).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Sequence
+
+from fastfc import _core, faults
+from fastfc._core import TrackBitmap, combine_or3
+from fastfc.errors import (IncompleteCopyError, LimitError, StateError,
+                           VolumeClosedError)
+from fastfc.volume import Volume
+
+MAX_TARGETS = 12
+# Background copy holds the source lock for at most this many bytes at a time,
+# so host writes never wait long behind it.
+CHUNK_BYTES = 8 * 1024 * 1024
+
+
+class FlashCopyState(enum.Enum):
+    """Where a relationship stands (derived from its bitmaps and flags)."""
+
+    COPYING = "copying"          # COPY mode, tracks still to copy
+    NOCOPY = "nocopy"            # NOCOPY mode, tracks still virtual
+    COPIED = "copied"            # every track physically on the target
+    REVERTIBLE = "revertible"    # a revertible resync awaits commit or revert
+    WITHDRAWN = "withdrawn"      # ended
+
+
+@contextmanager
+def locked(volumes: Iterable[Volume]) -> Iterator[None]:
+    """Hold the locks of ``volumes`` (deduplicated) in volume-id order."""
+    ordered = sorted({id(v): v for v in volumes}.values(), key=lambda v: v.vid)
+    taken = []
+    try:
+        for v in ordered:
+            v._lock()
+            taken.append(v)
+        yield
+    finally:
+        for v in reversed(taken):
+            v._unlock()
+
+
+class FlashCopy(_core.RelationshipBase):
+    """A FlashCopy relationship from ``source`` to ``target`` [mkflash].
+
+    Establishing is O(bitmap): every track is marked to copy, nothing moves.
+
+    Parameters
+    ----------
+    source, target : Volume
+        Same geometry. A source has at most 12 targets; a volume is the target
+        of at most one relationship; cascading (a target that is also a
+        source) is refused.
+    background_copy : bool
+        COPY mode (default): a worker thread copies every track. NOCOPY
+        (``False``): tracks move only by copy-on-write or :meth:`copy`.
+    record : bool
+        Change recording (``src_changed``/``tgt_changed``); needed by
+        :meth:`resync`, revertible resync and :meth:`reverse_restore`.
+        Implies ``persistent``.
+    persistent : bool
+        Keep the relationship when every track is copied; otherwise it ends.
+    inhibit_target_write : bool
+        Refuse host writes to the target.
+    copy_rate : float, optional
+        Cap on background copy, bytes per second (None: unlimited).
+    sequence : int
+        The relationship's sequence number (Global Mirror uses the CG number).
+    """
+
+    def __init__(self, source: Volume, target: Volume, *, background_copy: bool = True,
+                 record: bool = False, persistent: bool = False,
+                 inhibit_target_write: bool = False, copy_rate: float | None = None,
+                 sequence: int = 0) -> None:
+        self._configure(source, target, background_copy=background_copy, record=record,
+                        persistent=persistent, inhibit_target_write=inhibit_target_write,
+                        copy_rate=copy_rate, sequence=sequence)
+        with locked((source, target)):
+            _check_can_establish([self])
+            self._install()
+        self._start_background()
+
+    # -- establish ----------------------------------------------------------
+    def _configure(self, source, target, *, background_copy, record, persistent,
+                   inhibit_target_write, copy_rate, sequence) -> None:
+        if not isinstance(source, Volume) or not isinstance(target, Volume):
+            raise TypeError("source and target must be fastfc.Volume objects")
+        if copy_rate is not None and not copy_rate > 0:
+            raise ValueError(f"copy_rate must be a positive number of bytes/s, got {copy_rate}")
+        self.source = source
+        self.target = target
+        self.background_copy = bool(background_copy)
+        self.record = bool(record)
+        self.persistent = bool(persistent) or self.record
+        self.inhibit_target_write = bool(inhibit_target_write)
+        self.copy_rate = copy_rate
+        self.sequence = int(sequence)
+        self.revertible = False
+        self.active = False
+        self._revert_image = None
+        self._cursor = 0
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+
+    def _install(self) -> None:
+        """Create the bitmaps and link into both volumes. Locks held."""
+        n = self.source.n_tracks
+        self.to_copy = TrackBitmap(n, fill=True)
+        if self.record:
+            self.src_changed = TrackBitmap(n)
+            self.tgt_changed = TrackBitmap(n)
+        self.active = True
+        self.source._src_rels.append(self)
+        self.target._tgt_rel = self
+        self.target._invalid = False
+
+    # -- properties ---------------------------------------------------------
+    @property
+    def tracks_to_copy(self) -> int:
+        """Tracks whose target content still lives on the source."""
+        if not self.active:
+            return 0
+        return self.to_copy.count()
+
+    @property
+    def state(self) -> FlashCopyState:
+        if not self.active:
+            return FlashCopyState.WITHDRAWN
+        if self.revertible:
+            return FlashCopyState.REVERTIBLE
+        if self.to_copy.any():
+            return FlashCopyState.COPYING if self.background_copy else FlashCopyState.NOCOPY
+        return FlashCopyState.COPIED
+
+    @property
+    def metadata_bytes(self) -> int:
+        """Bytes of bitmap this relationship holds (revert image included)."""
+        maps = [self.to_copy, self.src_changed, self.tgt_changed]
+        if self._revert_image is not None:
+            maps += list(self._revert_image[:3])
+        return sum(m.nbytes for m in maps if m is not None)
+
+    def __repr__(self) -> str:
+        return (f"<FlashCopy {self.source.name}->{self.target.name} "
+                f"{self.state.value} seq={self.sequence} "
+                f"to_copy={self.tracks_to_copy}/{self.source.n_tracks}>")
+
+    # -- background copy ----------------------------------------------------
+    def copy(self, max_tracks: int | None = None) -> int:
+        """Do background-copy work in the calling thread: copy up to
+        ``max_tracks`` tracks (all, if None) that the target still needs.
+
+        Returns the number of tracks copied. The source lock is held for at
+        most ``CHUNK_BYTES`` at a time, with the GIL released during the copy.
+        """
+        if max_tracks is not None and max_tracks < 0:
+            raise ValueError(f"max_tracks must be >= 0, got {max_tracks}")
+        self._require_active()
+        if self.revertible:
+            raise StateError(f"{self!r} is revertible: no copying until commit or revert")
+        n = self.source.n_tracks
+        chunk = max(1, CHUNK_BYTES // self.source.track_size)
+        total = 0
+        wraps = 0
+        while max_tracks is None or total < max_tracks:
+            budget = chunk if max_tracks is None else min(chunk, max_tracks - total)
+            done, resume = self._copy_chunk(self._cursor, budget)
+            total += done
+            if resume >= n:
+                self._cursor = 0
+                wraps += 1
+                if wraps >= 2 or (done == 0 and not self.to_copy.any()):
+                    break
+            else:
+                self._cursor = resume
+                if done == 0:  # withdrawn or made revertible meanwhile
+                    break
+        self._end_if_complete()
+        return total
+
+    def _end_if_complete(self) -> None:
+        if self.persistent or not self.active:
+            return
+        with locked((self.source, self.target)):
+            if self.active and not self.revertible and not self.to_copy.any():
+                self._unlink()
+                self._done.set()
+
+    def _start_background(self) -> None:
+        if not (self.background_copy and self.active and not self.revertible):
+            return
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._done.clear()
+        self._thread = threading.Thread(target=self._background, daemon=True,
+                                        name=f"fastfc-copy-{self.source.name}-{self.target.name}")
+        self._thread.start()
+
+    def _background(self) -> None:
+        ts = self.source.track_size
+        step = max(1, CHUNK_BYTES // ts)
+        if self.copy_rate:
+            step = max(1, min(step, int(self.copy_rate * 0.02) // ts))
+        start = time.perf_counter()
+        copied = 0
+        try:
+            while self.active and not self.revertible:
+                if self.source.closed or self.target.closed:
+                    return
+                done = self.copy(step)
+                copied += done
+                if not self.active or not self.to_copy.any():
+                    break
+                if self.copy_rate:
+                    ahead = copied * ts / self.copy_rate - (time.perf_counter() - start)
+                    if ahead > 0:
+                        time.sleep(ahead)
+        except VolumeClosedError:
+            return
+        finally:
+            if not self.active or not self.to_copy.any():
+                self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every track is on the target (COPY mode). Returns
+        whether it is; False when ``timeout`` passed first."""
+        if not self.background_copy:
+            raise StateError(f"{self!r} is NOCOPY: nothing copies in the background; "
+                             "call copy() instead")
+        if self.active and not self.to_copy.any():
+            return True
+        self._done.wait(timeout)
+        return not self.active or not self.to_copy.any()
+
+    # -- incremental and revertible resync -----------------------------------
+    def resync(self, *, revertible: bool = False, sequence: int | None = None) -> None:
+        """Incremental re-establish [resyncflash]: the target takes the source's
+        current image; only tracks changed since the last establish will be
+        copied again. Needs ``record``.
+
+        With ``revertible=True`` [-revertible] the previous bitmaps are kept as
+        a revert image, the source is write-inhibited (host and PPRC updates
+        refused), target writes are refused and no background copy runs,
+        until :meth:`commit` or :meth:`revert`.
+        """
+        if not self.record:
+            raise StateError(f"{self!r} was established without record=True; "
+                             "incremental resync needs change recording")
+        new_sequence = self.sequence + 1 if sequence is None else int(sequence)
+        with locked((self.source, self.target)):
+            self._require_active()
+            if self.revertible:
+                raise StateError(f"{self!r} is already revertible; commit or revert first")
+            self._require_open()
+            if revertible:
+                faults.hit("prepare", self.source)
+            new_to_copy = combine_or3(self.to_copy, self.src_changed, self.tgt_changed)
+            n = self.source.n_tracks
+            if revertible:
+                self._revert_image = (self.to_copy, self.src_changed, self.tgt_changed,
+                                      self.sequence)
+                self.revertible = True
+                self.source._inhibits += 1
+            self.to_copy = new_to_copy
+            self.src_changed = TrackBitmap(n)
+            self.tgt_changed = TrackBitmap(n)
+            self.sequence = new_sequence
+            self._cursor = 0
+        self._start_background()
+
+    def commit(self) -> None:
+        """Keep the revertible image [commitflash / Withdraw-FlashCopy-commit]:
+        drop the revert image and release the source write-inhibit. O(1)."""
+        with locked((self.source, self.target)):
+            self._require_revertible("commit")
+            faults.hit("commit", self.source)
+            self._revert_image = None
+            self.revertible = False
+            self.source._inhibits -= 1
+        self._start_background()
+
+    def revert(self) -> None:
+        """Return to the image before the revertible resync [revertflash /
+        Withdraw-FlashCopy-revert]: restore the previous bitmaps and sequence
+        number and release the source write-inhibit. O(1)."""
+        with locked((self.source, self.target)):
+            self._require_revertible("revert")
+            faults.hit("revert", self.source)
+            (self.to_copy, self.src_changed, self.tgt_changed,
+             self.sequence) = self._revert_image
+            self._revert_image = None
+            self.revertible = False
+            self.source._inhibits -= 1
+        self._start_background()
+
+    # -- reverse restore and withdraw ---------------------------------------
+    def reverse_restore(self) -> int:
+        """Make the source take the target's image [reverseflash, fast
+        reverse restore]: copy target -> source only the tracks that are on
+        the target and changed on either side since the last establish.
+
+        Afterwards both volumes hold the same image, the change bitmaps are
+        clear and the relationship stands. Returns the tracks copied. Other
+        targets of the source receive copy-on-write first, as for a host write.
+        """
+        if not self.record:
+            raise StateError(f"{self!r} needs record=True for reverse restore")
+        S = self.source
+        with locked([S, self.target] + [r.target for r in S._src_rels]):
+            self._require_active()
+            if self.revertible:
+                raise StateError(f"{self!r} is revertible; commit or revert first")
+            self._require_open()
+            mask = (self.src_changed | self.tgt_changed).andnot(self.to_copy)
+            changed = mask.copy()
+            for other in S._src_rels:
+                if other is not self:
+                    if other.target.closed and (changed & other.to_copy).any():
+                        raise VolumeClosedError(f"target {other.target!r} is closed")
+            for other in S._src_rels:
+                if other is not self:
+                    cow = changed & other.to_copy
+                    other._copy_tracks_where(cow, False)
+                    other.to_copy.andnot(changed)
+                    if other.src_changed is not None:
+                        other.src_changed.or_(changed)
+            copied = self._copy_tracks_where(mask, True)
+            if S._mirror is not None and S._mirror.oos is not None:
+                S._mirror.oos.or_(changed)
+            self.src_changed.fill(False)
+            self.tgt_changed.fill(False)
+        return copied
+
+    def withdraw(self, force: bool = False) -> None:
+        """End the relationship [rmflash]. If tracks remain to copy the target
+        holds no valid image: refused unless ``force``, which marks the target
+        invalid (its reads then raise :class:`~fastfc.errors.InvalidImageError`)."""
+        with locked((self.source, self.target)):
+            self._require_active()
+            if self.revertible:
+                raise StateError(f"{self!r} is revertible; commit or revert before withdrawing")
+            remaining = self.to_copy.count()
+            if remaining and not force:
+                raise IncompleteCopyError(
+                    f"{self!r} still has {remaining} tracks to copy; copy() or wait() "
+                    "first, or withdraw(force=True) to invalidate the target")
+            if remaining:
+                self.target._invalid = True
+            self._unlink()
+        self._done.set()
+
+    def _unlink(self) -> None:
+        self.source._src_rels.remove(self)
+        self.target._tgt_rel = None
+        self.active = False
+
+    # -- checks ---------------------------------------------------------------
+    def _require_active(self) -> None:
+        if not self.active:
+            raise StateError(f"{self!r} has been withdrawn")
+
+    def _require_open(self) -> None:
+        for v in (self.source, self.target):
+            if v.closed:
+                raise VolumeClosedError(f"{v!r} is closed")
+
+    def _require_revertible(self, what: str) -> None:
+        self._require_active()
+        if not self.revertible:
+            raise StateError(f"cannot {what} {self!r}: it is not revertible "
+                             "(resync(revertible=True) first)")
+
+
+def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
+    """Refuse a group of new relationships that breaks a rule. Locks held."""
+    new_targets: set[int] = set()
+    new_sources: dict[int, int] = {}
+    for r in rels:
+        new_sources[id(r.source)] = new_sources.get(id(r.source), 0) + 1
+    for r in rels:
+        s, t = r.source, r.target
+        for v in (s, t):
+            if v.closed:
+                raise VolumeClosedError(f"{v!r} is closed")
+        if s is t:
+            raise ValueError(f"{s!r} cannot be a FlashCopy of itself")
+        if (s.n_tracks, s.track_size) != (t.n_tracks, t.track_size):
+            raise ValueError(
+                f"source {s!r} and target {t!r} differ in geometry; FlashCopy needs "
+                "the same number and size of tracks")
+        if t._tgt_rel is not None or id(t) in new_targets:
+            raise LimitError(f"{t!r} is already the target of a FlashCopy")
+        if t._src_rels or id(t) in new_sources:
+            raise LimitError(f"{t!r} is a FlashCopy source; cascading is not supported")
+        if s._tgt_rel is not None or id(s) in new_targets:
+            raise LimitError(f"{s!r} is a FlashCopy target; cascading is not supported")
+        if t._mirror is not None or t._secondary:
+            raise LimitError(f"{t!r} is in a PPRC pair and cannot be a FlashCopy target")
+        if len(s._src_rels) + new_sources[id(s)] > MAX_TARGETS:
+            raise LimitError(f"{s!r} would have more than {MAX_TARGETS} FlashCopy targets")
+        if s._inhibits:
+            raise StateError(f"{s!r} is write-inhibited by a revertible FlashCopy")
+        new_targets.add(id(t))
+
+
+def establish_group(pairs: Sequence[tuple[Volume, Volume]], **options) -> list[FlashCopy]:
+    """Establish several relationships at one instant [mkflash -freeze].
+
+    Host writes to every source are held (their locks are taken) while the
+    whole group is checked and established, then released: all targets hold
+    their sources' images at the same instant. Either every relationship is
+    established or none is. ``options`` are those of :class:`FlashCopy`.
+    """
+    rels = []
+    for source, target in pairs:
+        r = FlashCopy.__new__(FlashCopy)
+        r._configure(source, target, **{**_DEFAULTS, **options})
+        rels.append(r)
+    volumes = [v for pair in pairs for v in pair]
+    with locked(volumes):
+        _check_can_establish(rels)
+        for r in rels:
+            r._install()
+    for r in rels:
+        r._start_background()
+    return rels
+
+
+_DEFAULTS = dict(background_copy=True, record=False, persistent=False,
+                 inhibit_target_write=False, copy_rate=None, sequence=0)
