@@ -1,0 +1,39 @@
+"""Shared test configuration.
+
+Hypothesis profiles are chosen by the ``HYPOTHESIS_PROFILE`` environment
+variable: ``dev`` (quick, the default) or ``ci`` (thorough; ``.ci/run`` sets
+it). Neither has a deadline: the machine is shared and noisy, and a slow
+example is not a wrong one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from fastfc import faults
+
+settings.register_profile(
+    "dev",
+    max_examples=25,
+    stateful_step_count=30,
+    deadline=None,
+)
+settings.register_profile(
+    "ci",
+    max_examples=150,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(autouse=True)
+def _no_armed_faults():
+    """No test sees (or leaves behind) a fault another test armed."""
+    faults.clear()
+    yield
+    faults.clear()
