@@ -98,13 +98,15 @@ cdef class TrackBitmap:
         else:
             if not isinstance(words, np.ndarray) or words.dtype != np.uint64:
                 raise TypeError("words must be a numpy uint64 array")
-            if words.ndim != 1 or words.shape[0] < max(self.n_words, 1):
+            if words.ndim != 1 or words.shape[0] < self.n_words:
                 raise ValueError(
                     f"words holds {words.size} words; {self.n_words} are needed "
                     f"for {n_bits} bits")
             if not words.flags.c_contiguous or not words.flags.writeable:
                 raise ValueError("words must be C-contiguous and writeable")
-            self._arr = words
+            # no bits (e.g. unpickling an empty bitmap): nothing to share, but
+            # self.w still needs a word to point at
+            self._arr = words if words.shape[0] else np.zeros(1, dtype=np.uint64)
         mv = self._arr
         self.w = &mv[0]
         if fill:
