@@ -445,6 +445,15 @@ cdef int get_read_buffer(object data, Py_buffer* view) except -1:
     return 0
 
 
+def as_offsets(offsets):
+    """Byte offsets of a batch as int64; TypeError unless they are integers
+    (a float offset must not be truncated to some other place)."""
+    a = np.asarray(offsets)
+    if a.size and a.dtype.kind not in "iu":
+        raise TypeError(f"offsets must be integers, got an array of {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
 cdef int get_write_buffer(object out, Py_buffer* view) except -1:
     try:
         PyObject_GetBuffer(out, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE)
@@ -879,7 +888,7 @@ cdef class VolumeBase:
         cdef Py_buffer view
         cdef Py_ssize_t i, k, L, off
         cdef RelationshipBase tr = None
-        offs = np.ascontiguousarray(offsets, dtype=np.int64)
+        offs = as_offsets(offsets)
         if not isinstance(data, np.ndarray) or data.ndim != 2:
             raise ValueError("data must be a 2-D uint8 array, one row per offset")
         k = offs.shape[0]
@@ -906,7 +915,7 @@ cdef class VolumeBase:
 
     def read_batch(self, offsets, Py_ssize_t length):
         """Read ``length`` bytes at each offset; returns a (k, length) array."""
-        cdef const int64_t[::1] offs = np.ascontiguousarray(offsets, dtype=np.int64)
+        cdef const int64_t[::1] offs = as_offsets(offsets)
         cdef Py_ssize_t i, k = offs.shape[0]
         cdef Py_buffer view
         for i in range(k):
