@@ -382,6 +382,99 @@ def combine_or3(TrackBitmap a, TrackBitmap b, TrackBitmap c):
 # Copy kernels (no GIL)
 # --------------------------------------------------------------------------
 
+cdef extern from *:
+    """
+    /* Copy n bytes with non-temporal (streaming) stores. A track copied to a
+       FlashCopy target is not read back soon, so skipping the read-for-
+       ownership of each destination line (and leaving the caches alone) saves
+       a third of the memory traffic. glibc's memcpy streams only above its
+       non-temporal threshold (about 3/4 of the L3 share, often 100+ MiB), which
+       a copy done in bounded chunks or track by track never reaches. Without
+       SSE2 (not x86-64) this is memcpy. */
+    #include <string.h>
+    #include <stdint.h>
+    #if defined(__AVX512F__)
+    #include <immintrin.h>
+    #define FASTFC_VEC 64
+    typedef __m512i fastfc_vec_t;
+    #define FASTFC_LOADU(p) _mm512_loadu_si512((const void *)(p))
+    #define FASTFC_STREAM(p, v) _mm512_stream_si512((void *)(p), (v))
+    #elif defined(__AVX__)
+    #include <immintrin.h>
+    #define FASTFC_VEC 32
+    typedef __m256i fastfc_vec_t;
+    #define FASTFC_LOADU(p) _mm256_loadu_si256((const __m256i *)(p))
+    #define FASTFC_STREAM(p, v) _mm256_stream_si256((__m256i *)(p), (v))
+    #elif defined(__SSE2__)
+    #include <emmintrin.h>
+    #define FASTFC_VEC 16
+    typedef __m128i fastfc_vec_t;
+    #define FASTFC_LOADU(p) _mm_loadu_si128((const __m128i *)(p))
+    #define FASTFC_STREAM(p, v) _mm_stream_si128((__m128i *)(p), (v))
+    #endif
+
+    #define FASTFC_PAGE 4096
+    #define FASTFC_STEP 128   /* bytes per page stream per step: two cache lines */
+
+    static inline void fastfc_stream_step(uint8_t *dst, const uint8_t *src)
+    {
+    #ifdef FASTFC_VEC
+        fastfc_vec_t v[FASTFC_STEP / FASTFC_VEC];
+        int u;
+        for (u = 0; u < FASTFC_STEP / FASTFC_VEC; u++)
+            v[u] = FASTFC_LOADU(src + u * FASTFC_VEC);
+        for (u = 0; u < FASTFC_STEP / FASTFC_VEC; u++)
+            FASTFC_STREAM(dst + u * FASTFC_VEC, v[u]);
+    #endif
+    }
+
+    static void fastfc_copy_stream(uint8_t *dst, const uint8_t *src, size_t n)
+    {
+    #ifdef FASTFC_VEC
+        size_t head = (size_t)(-(uintptr_t)dst) & (FASTFC_VEC - 1);
+        size_t off, i;
+        int p;
+        if (n < head + 4 * FASTFC_PAGE) {
+            memcpy(dst, src, n);
+            return;
+        }
+        if (head) {                     /* align the destination */
+            memcpy(dst, src, head);
+            dst += head; src += head; n -= head;
+        }
+        /* Four 4 KiB streams at once, two lines of each per step, with the
+           next step's lines prefetched (as glibc's large memcpy does): more
+           DRAM pages and prefetch streams in flight than one linear pass,
+           which measured 10% slower. */
+        while (n >= 4 * FASTFC_PAGE) {
+            for (off = 0; off < FASTFC_PAGE; off += FASTFC_STEP) {
+                for (p = 0; p < 4; p++) {
+                    const uint8_t *s = src + p * FASTFC_PAGE + off;
+                    __builtin_prefetch(s + FASTFC_STEP, 0, 3);
+                    __builtin_prefetch(s + FASTFC_STEP + 64, 0, 3);
+                    fastfc_stream_step(dst + p * FASTFC_PAGE + off, s);
+                }
+            }
+            dst += 4 * FASTFC_PAGE; src += 4 * FASTFC_PAGE; n -= 4 * FASTFC_PAGE;
+        }
+        for (i = 0; i + FASTFC_STEP <= n; i += FASTFC_STEP)
+            fastfc_stream_step(dst + i, src + i);
+        _mm_sfence();   /* streamed stores are weakly ordered: publish them */
+        if (n > i)
+            memcpy(dst + i, src + i, n - i);
+    #else
+        memcpy(dst, src, n);
+    #endif
+    }
+    """
+    void copy_stream "fastfc_copy_stream"(uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil
+
+# Runs of at least this many bytes are copied with streaming stores
+# (copy_stream); shorter ones with memcpy, whose cached stores win when the
+# destination is in cache anyway.
+cdef Py_ssize_t STREAM_BYTES = 65536
+
+
 cdef Py_ssize_t copy_set_runs(uint8_t* dst, const uint8_t* src, uint64_t* w,
                               Py_ssize_t start, Py_ssize_t stop, Py_ssize_t budget,
                               int shift, Py_ssize_t* resume) noexcept nogil:
@@ -396,7 +489,10 @@ cdef Py_ssize_t copy_set_runs(uint8_t* dst, const uint8_t* src, uint64_t* w,
             b = stop
         if b - a > budget - done:
             b = a + (budget - done)
-        memcpy(dst + (a << shift), src + (a << shift), (b - a) << shift)
+        if ((b - a) << shift) >= STREAM_BYTES:
+            copy_stream(dst + (a << shift), src + (a << shift), (b - a) << shift)
+        else:
+            memcpy(dst + (a << shift), src + (a << shift), (b - a) << shift)
         bm_clear_range(w, a, b)
         done += b - a
         a = bm_next_set(w, stop, b)
