@@ -1,0 +1,519 @@
+"""Global Mirror: consistency groups of many volumes on a third set of volumes.
+
+A session holds triplets (A, B, C): A->B Global Copy, B->C FlashCopy with
+NOCOPY, change recording and ``inhibit_target_write``. Each consistency
+group (CG) is formed in three phases:
+
+1. **Coordinate.** Take every A's lock in volume-id order (host writes to all
+   A are held at one instant, for at most ``max_coordination_time``), swap
+   each pair's out-of-sync bitmap for an empty one by reference (the old one
+   is the CG's tracks, the new one records later writes), call
+   ``on_coordinate(sequence)``, release.
+2. **Drain.** Send every CG track to B. A host write to a CG track not yet
+   sent first saves the CG version in the pair's side file (a collision).
+3. **FlashCopy**, the two-phase protocol of the founding patent: *prepare*
+   every B->C relationship with a revertible resync (which write-inhibits B,
+   so no PPRC update lands mid-protocol); if every prepare succeeded,
+   *commit* all (releasing the inhibits), else *revert* all, so the C
+   volumes keep the prior CG whole.
+
+A failure inside commit or revert is resolved by the rule IBM documents
+(:meth:`GlobalMirror._resolve`); the session then turns FATAL until the
+operator calls :meth:`GlobalMirror.clear_fatal`.
+
+The promise: after every attempt, the logical images of all C volumes equal
+the A images at one coordination instant (the newest committed), and all C
+carry that CG's sequence number.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fastfc import faults
+from fastfc.errors import FastFCError, StateError, VolumeClosedError
+from fastfc.flashcopy import FlashCopy
+from fastfc.link import Link, LocalLink
+from fastfc.pprc import DrainAborted, PPRCPair
+from fastfc.volume import Volume
+
+MAX_DRAIN_FAILURES = 5     # consecutive drain-time failures before the limit is set aside
+RETRIES = 3                # attempts at one commit/revert before a volume counts as failed
+
+
+class GMState(enum.Enum):
+    IDLE = "idle"          # no loop running (single attempts allowed)
+    RUNNING = "running"    # the continuous loop forms CGs
+    FATAL = "fatal"        # a commit/revert failed: no CG until clear_fatal()
+
+
+class Cause(str, enum.Enum):
+    """Why a CG attempt failed."""
+
+    COORDINATION_TIMEOUT = "coordination_timeout"
+    DRAIN_TIMEOUT = "drain_timeout"
+    LINK_DOWN = "link_down"
+    DRAIN_ERROR = "drain_error"
+    PREPARE_FAILED = "prepare_failed"
+    COMMIT_FAILED = "commit_failed"
+    REVERT_FAILED = "revert_failed"
+    FATAL = "fatal"
+
+
+@dataclass
+class CGResult:
+    """The outcome of one consistency-group attempt."""
+
+    sequence: int
+    committed: bool
+    cause: Cause | None = None
+    detail: str = ""
+    coordinated_at: float | None = None     # time.time() of the coordination instant
+    coordination_time: float = 0.0          # seconds host writes were held
+    drain_time: float = 0.0
+    flash_time: float = 0.0
+    bytes_drained: int = 0
+
+    def __bool__(self) -> bool:
+        return self.committed
+
+
+def _percentiles(values) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
+    a = np.asarray(values, dtype=float)
+    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
+            "max": float(a.max())}
+
+
+@dataclass
+class GMStats:
+    """What ``showgmir`` shows: CG sequence, counts, phase times, RPO."""
+
+    sequence: int = 0                        # CG sequence number of the newest committed CG
+    attempts: int = 0
+    successes: int = 0
+    failures: collections.Counter = field(default_factory=collections.Counter)
+    last_cg_time: float | None = None        # time.time() of that CG's coordination instant
+    bytes_drained: int = 0
+    coordination_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10000))
+    drain_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10000))
+    flash_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10000))
+    rpo_samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10000))
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def rpo(self) -> float | None:
+        """Seconds between now and the coordination instant of the newest
+        committed CG (None before the first)."""
+        if self.last_cg_time is None:
+            return None
+        return time.time() - self.last_cg_time
+
+    def phase_percentiles(self) -> dict[str, dict[str, float]]:
+        return {"coordination": _percentiles(self.coordination_times),
+                "drain": _percentiles(self.drain_times),
+                "flashcopy": _percentiles(self.flash_times),
+                "rpo": _percentiles(self.rpo_samples)}
+
+    def as_dict(self) -> dict:
+        return {"sequence": self.sequence, "attempts": self.attempts,
+                "successes": self.successes, "failures": dict(self.failures),
+                "last_cg_time": self.last_cg_time, "rpo": self.rpo,
+                "bytes_drained": self.bytes_drained, **{
+                    f"{k}_{q}": v for k, d in self.phase_percentiles().items()
+                    for q, v in d.items()}}
+
+
+class Triplet:
+    """One volume's chain: A (primary), B (secondary), C (journal)."""
+
+    def __init__(self, a: Volume, b: Volume, c: Volume, pair: PPRCPair, fc: FlashCopy):
+        self.a, self.b, self.c, self.pair, self.fc = a, b, c, pair, fc
+
+    def __repr__(self) -> str:
+        return f"<Triplet {self.a.name}->{self.b.name}->{self.c.name}>"
+
+
+class GlobalMirror:
+    """A Global Mirror session over ``(A, B, C)`` triplets [mkgmir].
+
+    Parameters
+    ----------
+    triplets : sequence of (Volume, Volume, Volume)
+        Each A is mirrored to its B by Global Copy, each B FlashCopied to its
+        C. All nine roles are distinct volumes.
+    link : Link, optional
+        The transport for every pair (one new unlimited LocalLink if None).
+    cg_interval : float
+        Seconds between CGs in the continuous loop (0: form continuously).
+        Between CGs the pairs drain as Global Copy.
+    max_coordination_time : float
+        Bound on the hold of host writes at coordination (default 50 ms).
+    max_drain_time : float
+        Bound on one drain; 0 means the larger of 4 minutes and twice
+        ``cg_interval``. The first CG ignores it, and after 5 consecutive
+        drain-time failures it is set aside for one CG.
+    decide : {"after_all", "after_each"}
+        Decide after every prepare was tried (claim 8) or at the first
+        failed prepare (claim 7).
+    on_coordinate : callable, optional
+        ``on_coordinate(sequence)``, called while host writes are held on
+        every A (its run time is not counted in the coordination bound).
+    journal : object, optional
+        Receives ``cg_decision(sequence, decision)`` before any relationship
+        is committed or reverted (durable storage units supply one).
+    """
+
+    def __init__(self, triplets: Sequence[tuple[Volume, Volume, Volume]], *,
+                 link: Link | None = None, cg_interval: float = 0.0,
+                 max_coordination_time: float = 0.05, max_drain_time: float = 0,
+                 decide: str = "after_all",
+                 on_coordinate: Callable[[int], None] | None = None,
+                 journal=None, name: str = "gm") -> None:
+        if not triplets:
+            raise ValueError("a Global Mirror session needs at least one (A, B, C) triplet")
+        if decide not in ("after_all", "after_each"):
+            raise ValueError(f"decide must be 'after_all' or 'after_each', got {decide!r}")
+        for what, v in (("cg_interval", cg_interval), ("max_drain_time", max_drain_time)):
+            if v < 0:
+                raise ValueError(f"{what} must be >= 0, got {v}")
+        if not max_coordination_time > 0:
+            raise ValueError(f"max_coordination_time must be > 0, got {max_coordination_time}")
+        vols = [v for t in triplets for v in t]
+        if any(not isinstance(v, Volume) for v in vols):
+            raise TypeError("every triplet must hold three fastfc.Volume objects")
+        if len({id(v) for v in vols}) != len(vols):
+            raise ValueError("every volume may appear in a session only once")
+        self.name = name
+        self.link = link if link is not None else LocalLink(name=f"{name}-link")
+        self.cg_interval = float(cg_interval)
+        self.max_coordination_time = float(max_coordination_time)
+        self.max_drain_time = float(max_drain_time)
+        self.decide = decide
+        self.on_coordinate = on_coordinate
+        self.journal = journal
+        self.stats = GMStats()
+        self.state = GMState.IDLE
+        self.fatal_reason: str | None = None
+        self.history: collections.deque[CGResult] = collections.deque(maxlen=100000)
+        self._next_sequence = 1
+        self._drain_failures = 0
+        self._committed_once = False
+        self._lock = threading.Lock()     # one attempt at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.triplets: list[Triplet] = []
+        try:
+            for a, b, c in triplets:
+                pair = PPRCPair(a, b, self.link, mode="gcp", background=False)
+                try:
+                    fc = FlashCopy(b, c, background_copy=False, record=True,
+                                   inhibit_target_write=True, sequence=0)
+                except Exception:
+                    pair.remove()
+                    raise
+                self.triplets.append(Triplet(a, b, c, pair, fc))
+        except Exception:
+            self._teardown()
+            raise
+        self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
+
+    # -- one consistency group ---------------------------------------------------
+    def form_consistency_group(self) -> CGResult:
+        """Make one CG attempt synchronously and return its result."""
+        with self._lock:
+            result = self._attempt()
+        self._account(result)
+        return result
+
+    def _attempt(self) -> CGResult:
+        seq = self._next_sequence
+        if self.state is GMState.FATAL:
+            return CGResult(seq, False, Cause.FATAL, self.fatal_reason or "")
+        self._next_sequence += 1
+        res = CGResult(seq, False)
+
+        # 1. coordinate
+        if not self._coordinate(res):
+            return res
+
+        # 2. drain
+        t = time.perf_counter()
+        limit = self._drain_limit()
+        deadline = None if limit is None else (lambda: time.perf_counter() - t > limit)
+        ok = False
+        try:
+            for trip in self.triplets:
+                faults.hit("drain", trip.a)
+                if deadline is not None and deadline():
+                    raise DrainAborted("drain time limit passed")
+                res.bytes_drained += trip.pair._cg_drain(deadline)
+            ok = True
+        except DrainAborted as e:
+            res.cause, res.detail = Cause.DRAIN_TIMEOUT, str(e)
+        except FastFCError as e:
+            res.cause = Cause.LINK_DOWN if not self.link.up else Cause.DRAIN_ERROR
+            res.detail = f"{type(e).__name__}: {e}"
+        finally:
+            res.drain_time = time.perf_counter() - t
+            for trip in self.triplets:
+                trip.pair._cg_end(ok)
+        if not ok:
+            if res.cause is Cause.DRAIN_TIMEOUT:
+                self._drain_failures += 1
+            return res
+        self._drain_failures = 0
+
+        # 3. FlashCopy: prepare all, decide, commit all or revert all
+        t = time.perf_counter()
+        self._flashcopy_phase(res)
+        res.flash_time = time.perf_counter() - t
+        return res
+
+    def _coordinate(self, res: CGResult) -> bool:
+        t = time.perf_counter()
+        held = []
+        try:
+            for a in self._primaries:
+                left = self.max_coordination_time - (time.perf_counter() - t)
+                if left <= 0 or not a._lock(left):
+                    res.cause = Cause.COORDINATION_TIMEOUT
+                    res.detail = f"could not hold writes on {a.name} in time"
+                    return False
+                held.append(a)
+            for a in self._primaries:
+                if a.closed:
+                    raise VolumeClosedError(f"{a!r} is closed")
+            faults.hit("coordinate")
+            for trip in self.triplets:
+                trip.pair._cg_begin()
+            res.coordinated_at = time.time()
+            res.coordination_time = time.perf_counter() - t
+            if res.coordination_time > self.max_coordination_time:
+                for trip in self.triplets:
+                    trip.pair._cg_undo_begin()
+                res.cause = Cause.COORDINATION_TIMEOUT
+                res.detail = (f"held writes {res.coordination_time * 1e3:.1f} ms > "
+                              f"{self.max_coordination_time * 1e3:.1f} ms")
+                return False
+            if self.on_coordinate is not None:
+                self.on_coordinate(res.sequence)
+            return True
+        finally:
+            for a in reversed(held):
+                a._unlock()
+
+    def _drain_limit(self) -> float | None:
+        if not self._committed_once or self._drain_failures >= MAX_DRAIN_FAILURES:
+            return None
+        if self.max_drain_time == 0:
+            return max(240.0, 2 * self.cg_interval)
+        return self.max_drain_time
+
+    def _flashcopy_phase(self, res: CGResult) -> None:
+        seq = res.sequence
+        prepared: list[FlashCopy] = []
+        failure = None
+        for trip in self.triplets:
+            try:
+                trip.fc.resync(revertible=True, sequence=seq)
+                prepared.append(trip.fc)
+            except FastFCError as e:
+                failure = f"prepare of {trip.b.name}: {type(e).__name__}: {e}"
+                if self.decide == "after_each":
+                    break
+        decision = "commit" if failure is None else "revert"
+        if self.journal is not None:
+            self.journal.cg_decision(seq, decision)
+        errors = []
+        for fc in prepared:
+            try:
+                fc.commit() if decision == "commit" else fc.revert()
+            except FastFCError as e:
+                errors.append(f"{decision} of {fc.source.name}: {type(e).__name__}: {e}")
+        if errors:
+            outcome = self._resolve()
+            self.state = GMState.FATAL
+            self.fatal_reason = "; ".join(errors) + f" -> resolved by {outcome}"
+            res.cause = Cause.COMMIT_FAILED if decision == "commit" else Cause.REVERT_FAILED
+            res.detail = self.fatal_reason
+            res.committed = outcome == "commit"
+        elif failure is not None:
+            res.cause, res.detail = Cause.PREPARE_FAILED, failure
+        else:
+            res.committed = True
+
+    def _resolve(self) -> str:
+        """End every C on one CG after a failure inside commit or revert.
+
+        IBM's rule: if every relationship is still revertible with the same
+        sequence number, none has committed: revert all. If some have already
+        committed (sequence numbers differ, or only some are revertible, and
+        the non-revertible ones carry the new number), commit the rest. A
+        relationship that was reverted carries the old number again, so when
+        none carries the new one outside the revertible ones, revert the rest.
+        Each step is retried; what still fails leaves the session FATAL.
+        """
+        fcs = [t.fc for t in self.triplets]
+        pending = [fc for fc in fcs if fc.revertible]
+        if not pending:
+            return "nothing"
+        new_seq = pending[0].sequence
+        committed = any(not fc.revertible and fc.sequence == new_seq for fc in fcs)
+        action = "commit" if committed else "revert"
+        for fc in pending:
+            for _ in range(RETRIES):
+                try:
+                    fc.commit() if action == "commit" else fc.revert()
+                    break
+                except FastFCError:
+                    continue
+        return action
+
+    def _account(self, res: CGResult) -> None:
+        st = self.stats
+        st.attempts += 1
+        st.bytes_drained += res.bytes_drained
+        if res.coordinated_at is not None:
+            st.coordination_times.append(res.coordination_time)
+        if res.drain_time:
+            st.drain_times.append(res.drain_time)
+        if res.flash_time:
+            st.flash_times.append(res.flash_time)
+        if res.committed:
+            st.successes += 1
+            st.sequence = res.sequence
+            st.last_cg_time = res.coordinated_at
+            self._committed_once = True
+        if res.cause is not None:
+            st.failures[res.cause.value] += 1
+        if st.last_cg_time is not None:
+            st.rpo_samples.append(time.time() - st.last_cg_time)
+        self.history.append(res)
+
+    # -- operator actions ------------------------------------------------------
+    def clear_fatal(self) -> str:
+        """Operator action after a FATAL state: finish the resolution (retrying
+        commit or revert) and, if every relationship is settled, allow CGs
+        again. Returns the state."""
+        with self._lock:
+            self._resolve()
+            if any(t.fc.revertible for t in self.triplets):
+                return self.state.value
+            self.fatal_reason = None
+            self.state = GMState.RUNNING if self._thread is not None else GMState.IDLE
+            return self.state.value
+
+    @property
+    def c_sequences(self) -> list[int]:
+        """The CG sequence number each C volume carries."""
+        return [t.fc.sequence for t in self.triplets]
+
+    # -- the continuous loop -----------------------------------------------------
+    def start(self) -> None:
+        """Form CGs continuously on a thread until :meth:`stop`."""
+        if self._thread is not None:
+            raise StateError(f"session {self.name} is already running")
+        self._stop.clear()
+        if self.state is not GMState.FATAL:
+            self.state = GMState.RUNNING
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name=f"fastfc-gm-{self.name}")
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop after the attempt in flight."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._thread = None
+        if self.state is GMState.RUNNING:
+            self.state = GMState.IDLE
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self.state is GMState.FATAL:
+                self._stop.wait(0.05)
+                continue
+            res = self.form_consistency_group()
+            if res.cause in (Cause.DRAIN_TIMEOUT, Cause.LINK_DOWN, Cause.DRAIN_ERROR):
+                self._catch_up()
+            elif self.cg_interval:
+                self._global_copy_for(self.cg_interval)
+            elif not res.committed:
+                self._stop.wait(0.001)
+
+    def _global_copy_for(self, seconds: float) -> None:
+        """Between CGs: drain OOS tracks as Global Copy until ``seconds`` pass."""
+        end = time.perf_counter() + seconds
+        while not self._stop.is_set() and time.perf_counter() < end:
+            sent = sum(t.pair.drain(4 << 20) for t in self.triplets)
+            if not sent:
+                self._stop.wait(min(0.005, max(0.0, end - time.perf_counter())))
+
+    def _catch_up(self) -> None:
+        """After a failed drain: stay in Global Copy until the backlog is sent
+        (or the link is back), then let the loop try again."""
+        while not self._stop.is_set():
+            if not self.link.up:
+                self._stop.wait(0.01)
+                continue
+            for t in self.triplets:
+                if t.pair.suspend_reason is not None and not t.pair.failed_over:
+                    t.pair.suspend_reason = None
+            sent = sum(t.pair.drain(4 << 20) for t in self.triplets)
+            if not sent:
+                return
+
+    # -- recovery --------------------------------------------------------------
+    def recover(self) -> int:
+        """At the remote site: fail each pair over and fast-reverse-restore
+        each C onto its B, so the B volumes hold the newest committed CG,
+        ready to become primaries. Returns that CG's sequence number."""
+        self.stop()
+        with self._lock:
+            self._resolve()
+            seqs = set(self.c_sequences)
+            if len(seqs) != 1 or any(t.fc.revertible for t in self.triplets):
+                raise StateError(f"C volumes are not on one CG (sequences {sorted(seqs)}); "
+                                 "resolve the session first")
+            for t in self.triplets:
+                t.pair.failover()
+                t.fc.reverse_restore()
+            return seqs.pop()
+
+    def _teardown(self) -> None:
+        for t in self.triplets:
+            try:
+                if t.fc.active and not t.fc.revertible:
+                    t.fc.withdraw(force=True)
+            finally:
+                t.pair.remove()
+        self.triplets = []
+
+    def close(self) -> None:
+        """End the session [rmgmir]: stop, remove the pairs and FlashCopies.
+        The C volumes are left invalid if their images were still virtual."""
+        self.stop()
+        with self._lock:
+            self._resolve()
+            self._teardown()
+
+    def __enter__(self) -> "GlobalMirror":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return (f"<GlobalMirror {self.name} {self.state.value} {len(self.triplets)} triplets "
+                f"cg={self.stats.sequence} ok={self.stats.successes} "
+                f"failed={sum(self.stats.failures.values())}>")

@@ -1,0 +1,389 @@
+"""PPRC pairs: mirror a primary volume onto a secondary over a link.
+
+* Metro Mirror (``mode="mmir"``, synchronous): a host write completes only
+  after the secondary holds it. If the link fails, the pair suspends and the
+  write is recorded in the out-of-sync (OOS) bitmap instead.
+* Global Copy (``mode="gcp"``, asynchronous): a host write sets the track's
+  OOS bit and completes; :meth:`PPRCPair.drain` sends OOS tracks with their
+  current primary content.
+
+The initial copy sends every track; suspend/resume resync only OOS tracks.
+
+Locking: the pair's bitmaps and side file are guarded by the primary
+volume's lock. Every send happens with the primary's lock held, so updates
+of one track reach the secondary in the order the host wrote them; a drain
+holds it for at most ``SEND_CHUNK_BYTES`` at a time. Lock order: primary,
+then secondary (the secondary's lock is taken by its own I/O path).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+
+from fastfc import _core
+from fastfc._core import TrackBitmap
+from fastfc.errors import (FastFCError, LimitError, StateError, VolumeClosedError)
+from fastfc.flashcopy import locked
+from fastfc.link import Link, LocalLink
+from fastfc.volume import Volume
+
+SEND_CHUNK_BYTES = 1024 * 1024
+
+
+class PPRCState(enum.Enum):
+    COPY_PENDING = "copy pending"
+    FULL_DUPLEX = "full duplex"
+    SUSPENDED = "suspended"
+
+
+class PPRCMode(enum.Enum):
+    METRO_MIRROR = "mmir"
+    GLOBAL_COPY = "gcp"
+
+
+class DrainAborted(FastFCError):
+    """A consistency-group drain stopped before every track was sent."""
+
+
+class PPRCPair(_core.MirrorBase):
+    """A PPRC pair from ``primary`` to ``secondary`` [mkpprc].
+
+    Parameters
+    ----------
+    primary, secondary : Volume
+        Same geometry. The secondary refuses host writes while paired.
+    link : Link, optional
+        The transport (a new unlimited :class:`~fastfc.link.LocalLink` if None).
+    mode : {"gcp", "mmir"}
+        Global Copy (async, default) or Metro Mirror (sync).
+    initial_copy : bool
+        Send every track (default). ``False`` [-mode nocp] asserts the two
+        volumes already hold the same data.
+    background : bool
+        Run a worker thread that drains OOS tracks whenever there are some
+        (initial copy, resync, Global Copy). Global Mirror sessions pass
+        ``False`` and drive their pairs themselves.
+    """
+
+    def __init__(self, primary: Volume, secondary: Volume, link: Link | None = None, *,
+                 mode: str = "gcp", initial_copy: bool = True, background: bool = True,
+                 name: str | None = None) -> None:
+        if not isinstance(primary, Volume) or not isinstance(secondary, Volume):
+            raise TypeError("primary and secondary must be fastfc.Volume objects")
+        try:
+            self.mode = PPRCMode(mode)
+        except ValueError:
+            raise ValueError(f"mode must be 'gcp' or 'mmir', got {mode!r}") from None
+        if link is not None and not isinstance(link, Link):
+            raise TypeError("link must be a fastfc.link.Link")
+        self.link = link if link is not None else LocalLink()
+        self.name = name or f"{primary.name}->{secondary.name}"
+        self.primary = primary
+        self.secondary = secondary
+        self.suspend_reason: str | None = None
+        self.side: dict[int, bytes] = {}     # CG versions saved on collision
+        self.spare = TrackBitmap(primary.n_tracks)
+        self.bytes_sent = 0
+        self.failed_over = False
+        self._reverse_hook: _core.MirrorBase | None = None
+        self._drain_lock = threading.Lock()
+        self._cursor = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        with locked((primary, secondary)):
+            _check_can_pair(primary, secondary)
+            self.oos = TrackBitmap(primary.n_tracks, fill=initial_copy)
+            self.cg = None
+            self.sync = self.mode is PPRCMode.METRO_MIRROR
+            primary._mirror = self
+            secondary._secondary = True
+        self.active = True
+        if background:
+            self.start()
+
+    # -- state ---------------------------------------------------------------
+    @property
+    def state(self) -> PPRCState:
+        if self.suspend_reason is not None:
+            return PPRCState.SUSPENDED
+        if self.mode is PPRCMode.GLOBAL_COPY or self.oos.any() or self.cg is not None:
+            return PPRCState.COPY_PENDING
+        return PPRCState.FULL_DUPLEX
+
+    @property
+    def out_of_sync_tracks(self) -> int:
+        n = self.oos.count()
+        if self.cg is not None:
+            n += self.cg.count() + len(self.side)
+        return n
+
+    def __repr__(self) -> str:
+        reason = f" ({self.suspend_reason})" if self.suspend_reason else ""
+        return (f"<PPRCPair {self.name} {self.mode.value} {self.state.value}{reason} "
+                f"oos={self.out_of_sync_tracks}>")
+
+    # -- host write hooks (called by the primary's I/O path, its lock held) ----
+    def _sync_write(self, offset, length):
+        """Metro Mirror: send the just-written bytes before the write completes."""
+        ts = self.primary.track_size
+        t0, t1 = offset // ts, (offset + length - 1) // ts + 1
+        if self.suspend_reason is None and not self.oos.any_range(t0, t1):
+            try:
+                self.link.send(self.secondary, offset,
+                               self.primary.array[offset:offset + length], key=self.primary)
+                return
+            except (FastFCError, VolumeClosedError) as e:
+                self.suspend_reason = f"{type(e).__name__}: {e}"
+        # suspended, or the secondary still lacks an older version of a track
+        # (resync in progress): record it and let the drain send it whole
+        self.oos.set_range(t0, t1)
+        self._wake.set()
+
+    def _collide(self, t0, t1):
+        """A host write is about to overwrite tracks still owed to the
+        consistency group: save their CG version in the side file first."""
+        ts = self.primary.track_size
+        arr = self.primary.array
+        cg = self.cg
+        for t in range(t0, t1):
+            if cg.test(t):
+                self.side[t] = arr[t * ts:(t + 1) * ts].copy()
+                cg.clear(t)
+
+    # -- sending ---------------------------------------------------------------
+    def _send_runs(self, bitmap: TrackBitmap, max_bytes: int, deadline=None) -> int:
+        """Send set tracks of ``bitmap`` from the cursor on, clearing each bit
+        once the secondary holds it, until ``max_bytes`` went or none remain.
+        Returns bytes sent; raises what the link raises (bits stay set)."""
+        A, ts = self.primary, self.primary.track_size
+        n = A.n_tracks
+        sent = 0
+        chunk = max(1, SEND_CHUNK_BYTES // ts)
+        while sent < max_bytes:
+            A._lock()
+            try:
+                a = bitmap.find_next_set(self._cursor)
+                if a < 0 and self._cursor:
+                    a = bitmap.find_next_set(0)
+                if a < 0:
+                    return sent
+                b = bitmap.find_next_clear(a)
+                b = n if b < 0 else b
+                b = min(b, a + chunk, a + max(1, (max_bytes - sent) // ts))
+                if A.closed:
+                    raise VolumeClosedError(f"{A!r} is closed")
+                self.link.send(self.secondary, a * ts, A.array[a * ts:b * ts], key=A)
+                bitmap.clear_range(a, b)
+                self._cursor = b if b < n else 0
+            finally:
+                A._unlock()
+            sent += (b - a) * ts
+            self.bytes_sent += (b - a) * ts
+            if deadline is not None and deadline():
+                raise DrainAborted("drain time limit passed")
+        return sent
+
+    def drain(self, max_bytes: int | None = None) -> int:
+        """Send out-of-sync tracks (Global Copy, initial copy, resync) in the
+        calling thread; returns bytes sent. A link failure suspends the pair."""
+        if not self.active:
+            raise StateError(f"{self!r} has been removed")
+        if self.suspend_reason is not None:
+            return 0
+        with self._drain_lock:
+            try:
+                return self._send_runs(self.oos, max_bytes or (1 << 62))
+            except (FastFCError, VolumeClosedError) as e:
+                if isinstance(e, DrainAborted):
+                    raise
+                self.suspend_reason = f"{type(e).__name__}: {e}"
+                return 0
+
+    # -- consistency groups (driven by a Global Mirror session) ----------------
+    def _cg_begin(self) -> None:
+        """Coordination, primary lock held: the OOS tracks become the CG's;
+        later writes go to a fresh OOS bitmap (swap by reference, O(1))."""
+        self.cg, self.oos, self.spare = self.oos, self.spare, None
+        self.side = {}
+
+    def _cg_undo_begin(self) -> None:
+        """Undo :meth:`_cg_begin` (primary lock held, no write since)."""
+        self.oos, self.spare, self.cg = self.cg, self.oos, None
+
+    def _cg_drain(self, deadline=None) -> int:
+        """Send the CG: side-file versions first, then the CG bitmap's tracks.
+        Raises on a link failure or when ``deadline()`` turns true."""
+        with self._drain_lock:
+            sent = self._send_side_file()
+            sent += self._send_runs(self.cg, 1 << 62, deadline)
+            # collisions during the runs saved more CG versions; once the CG
+            # bitmap is empty no new collision can happen
+            sent += self._send_side_file()
+        return sent
+
+    def _send_side_file(self) -> int:
+        A, ts = self.primary, self.primary.track_size
+        sent = 0
+        while self.side:
+            A._lock()
+            try:
+                t, data = next(iter(self.side.items()))
+                self.link.send(self.secondary, t * ts, data, key=A)
+                del self.side[t]
+            finally:
+                A._unlock()
+            sent += ts
+            self.bytes_sent += ts
+        return sent
+
+    def _cg_end(self, ok: bool) -> None:
+        """Close the CG. A failed drain gives its tracks back to OOS, to be
+        sent with their current content later."""
+        with locked((self.primary,)):
+            cg = self.cg
+            if cg is None:
+                return
+            if not ok:
+                self.oos.or_(cg)
+                for t in self.side:
+                    self.oos.set(t)
+                cg.fill(False)
+            self.side = {}
+            self.spare, self.cg = cg, None
+
+    # -- lifecycle [pausepprc, resumepprc, failoverpprc, failbackpprc, rmpprc] ----
+    def suspend(self, reason: str = "host") -> None:
+        """Stop sending; writes keep being recorded in the OOS bitmap."""
+        with locked((self.primary,)):
+            self._require_active()
+            self.suspend_reason = reason
+
+    def resume(self) -> None:
+        """Resync only the OOS tracks, then carry on mirroring."""
+        with locked((self.primary,)):
+            self._require_active()
+            if self.failed_over:
+                raise StateError(f"{self!r} is failed over; use failback()")
+            self.suspend_reason = None
+        self._wake.set()
+
+    def failover(self) -> None:
+        """At the secondary site: make the secondary a usable (suspended)
+        primary. Writes to it are recorded so that :meth:`failback` resyncs
+        only the tracks changed on either side."""
+        with locked((self.primary, self.secondary)):
+            self._require_active()
+            self.suspend_reason = "failover"
+            self.failed_over = True
+            self.secondary._secondary = False
+            if self.secondary._mirror is None:
+                hook = _core.MirrorBase()
+                hook.oos = TrackBitmap(self.secondary.n_tracks)
+                self._reverse_hook = hook
+                self.secondary._mirror = hook
+
+    def failback(self) -> None:
+        """After :meth:`failover`: mirror the other way, from the former
+        secondary to the former primary, sending the tracks changed on
+        either side since the failover."""
+        A, B = self.primary, self.secondary
+        with locked((A, B)):
+            self._require_active()
+            if not self.failed_over:
+                raise StateError(f"{self!r} was not failed over")
+            if A._tgt_rel is not None:
+                raise LimitError(f"{A!r} is a FlashCopy target and cannot become a secondary")
+            oos = self.oos
+            if self.cg is not None:
+                oos.or_(self.cg)
+                self.cg = None
+                self.spare = TrackBitmap(A.n_tracks)
+            if self._reverse_hook is not None:
+                oos.or_(self._reverse_hook.oos)
+            B._mirror = self
+            A._mirror = None
+            A._secondary = True
+            self.primary, self.secondary = B, A
+            self.oos = oos
+            self.side = {}
+            self._reverse_hook = None
+            self.failed_over = False
+            self.suspend_reason = None
+            self.name = f"{B.name}->{A.name}"
+        self._wake.set()
+
+    def remove(self) -> None:
+        """End the pair [rmpprc]: the secondary accepts host writes again."""
+        self.stop()
+        with locked((self.primary, self.secondary)):
+            if not self.active:
+                return
+            if self.primary._mirror is self:
+                self.primary._mirror = None
+            if self.secondary._mirror is self._reverse_hook and self._reverse_hook is not None:
+                self.secondary._mirror = None
+            self.secondary._secondary = False
+            self.active = False
+
+    def _require_active(self) -> None:
+        if not self.active:
+            raise StateError(f"{self!r} has been removed")
+
+    # -- background agent ------------------------------------------------------
+    def start(self) -> None:
+        """Drain OOS tracks on a worker thread whenever there are some."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._agent, daemon=True,
+                                        name=f"fastfc-pprc-{self.name}")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
+    def _agent(self) -> None:
+        while not self._stop.is_set():
+            sent = 0
+            if self.active and self.suspend_reason is None and self.cg is None:
+                try:
+                    sent = self.drain(SEND_CHUNK_BYTES * 4)
+                except FastFCError:
+                    sent = 0
+            if not sent:
+                self._wake.wait(0.01)
+                self._wake.clear()
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        """Wait until no track is out of sync (and the pair not suspended)."""
+        import time
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.out_of_sync_tracks or self.suspend_reason is not None:
+            if end is not None and time.monotonic() > end:
+                return False
+            self._wake.set()
+            time.sleep(0.002)
+        return True
+
+
+def _check_can_pair(primary: Volume, secondary: Volume) -> None:
+    for v in (primary, secondary):
+        if v.closed:
+            raise VolumeClosedError(f"{v!r} is closed")
+    if primary is secondary:
+        raise ValueError(f"{primary!r} cannot mirror itself")
+    if (primary.n_tracks, primary.track_size) != (secondary.n_tracks, secondary.track_size):
+        raise ValueError(f"{primary!r} and {secondary!r} differ in geometry")
+    for v in (primary, secondary):
+        if v._mirror is not None or v._secondary:
+            raise LimitError(f"{v!r} is already in a PPRC pair")
+    if primary._tgt_rel is not None:
+        raise LimitError(f"{primary!r} is a FlashCopy target and cannot be a PPRC primary")
+    if secondary._tgt_rel is not None:
+        raise LimitError(f"{secondary!r} is a FlashCopy target and cannot be a PPRC secondary")
