@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Sequence
 from fastfc import _core, faults
 from fastfc._core import TrackBitmap, combine_or3
 from fastfc.errors import (IncompleteCopyError, LimitError, StateError,
-                           VolumeClosedError)
+                           VolumeClosedError, WriteInhibitedError)
 from fastfc.volume import Volume
 
 MAX_TARGETS = 12
@@ -327,6 +327,12 @@ class FlashCopy(_core.RelationshipBase):
             self._require_active()
             if self.revertible:
                 raise StateError(f"{self!r} is revertible; commit or revert first")
+            if S._inhibits:
+                # the restore writes S: it must not land while another
+                # relationship of S is revertible (its images read from S)
+                raise WriteInhibitedError(
+                    f"{S!r} is write-inhibited: it is the source of a revertible "
+                    "FlashCopy; commit or revert it first")
             self._require_open()
             mask = (self.src_changed | self.tgt_changed).andnot(self.to_copy)
             changed = mask.copy()
