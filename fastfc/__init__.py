@@ -3,7 +3,7 @@ NumPy-backed volumes, at memory speed.
 
 Layers, from the ground up: ``_core`` (Cython kernels: track bitmaps, copy
 kernels, the host I/O path) and ``errors``; ``volume`` and ``faults``;
-``flashcopy``; then the mirroring and Global Mirror protocols above them.
+``flashcopy``; ``link`` and ``pprc`` (mirroring); ``globalmirror``.
 """
 
 from fastfc import faults
@@ -13,12 +13,17 @@ from fastfc.errors import (CorruptUnitError, FastFCError, IncompleteCopyError,
                            LinkDownError, StateError, VolumeClosedError,
                            WriteInhibitedError)
 from fastfc.flashcopy import FlashCopy, FlashCopyState, establish_group
+from fastfc.globalmirror import CGResult, GlobalMirror, GMState, GMStats
+from fastfc.link import Link, LocalLink
+from fastfc.pprc import PPRCMode, PPRCPair, PPRCState
 from fastfc.volume import Volume
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TrackBitmap", "Volume", "FlashCopy", "FlashCopyState", "establish_group", "faults",
+    "PPRCPair", "PPRCMode", "PPRCState", "Link", "LocalLink",
+    "GlobalMirror", "GMState", "GMStats", "CGResult",
     "FastFCError", "VolumeClosedError", "WriteInhibitedError", "StateError",
     "IncompleteCopyError", "LimitError", "InvalidImageError", "InjectedFault",
     "LinkDownError", "CorruptUnitError",

@@ -1,0 +1,186 @@
+"""Helpers to check fastfc's promise: workloads, fault plans and a checker.
+
+Used by the test suite, the stress script and the demo. The checker is an
+independent reference: at each coordination instant it copies the A volumes'
+images (host writes are held then), and after every attempt it compares
+every C volume's logical image with the images of the newest committed CG.
+It shares no logic with the engine.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fastfc import faults
+from fastfc.errors import FastFCError
+
+
+class PromiseChecker:
+    """Reference snapshots of the A volumes, one per coordination instant.
+
+    Pass :meth:`on_coordinate` to the session; call :meth:`check` after each
+    attempt. ``initial`` is the A images before the session's first CG
+    (the C volumes' images until a CG commits).
+    """
+
+    def __init__(self, session=None, primaries=None) -> None:
+        self.session = session
+        self._primaries = primaries
+        self.snapshots: dict[int, list[np.ndarray]] = {}
+        self.checks = 0
+
+    def attach(self, session) -> None:
+        self.session = session
+        self.snapshots[0] = [t.b.read(0, t.b.capacity) for t in session.triplets]
+
+    def on_coordinate(self, sequence: int) -> None:
+        prims = self._primaries if self.session is None else [t.a for t in self.session.triplets]
+        # host writes to every A are held now: the raw arrays are the images
+        self.snapshots[sequence] = [a.array.copy() for a in prims]
+
+    def check(self) -> int:
+        """Assert the promise; return the CG sequence the C volumes hold."""
+        s = self.session
+        seqs = set(s.c_sequences)
+        if len(seqs) != 1:
+            raise AssertionError(f"C volumes carry different CG sequences: {s.c_sequences}")
+        seq = seqs.pop()
+        if seq != s.stats.sequence:
+            raise AssertionError(f"C volumes hold CG {seq}, newest committed is {s.stats.sequence}")
+        images = self.snapshots[seq]
+        for trip, image in zip(s.triplets, images):
+            got = trip.c.read(0, trip.c.capacity)
+            if not np.array_equal(got, image):
+                bad = np.flatnonzero(got != image) // trip.c.track_size
+                raise AssertionError(
+                    f"{trip.c.name} differs from CG {seq} on tracks {sorted(set(bad.tolist()))[:10]}")
+        for old in [k for k in self.snapshots if k < seq]:
+            del self.snapshots[old]
+        self.checks += 1
+        return seq
+
+
+class RandomWriters:
+    """Host writer threads: random-length writes at random offsets of random
+    volumes, until :meth:`stop`.
+
+    ``pace`` caps the combined rate in bytes/s (None: as fast as they go);
+    ``io_size`` fixes the write size (None: 1 byte .. 2 tracks, unaligned).
+    """
+
+    def __init__(self, volumes, *, threads: int = 2, seed: int = 0,
+                 io_size: int | None = None, pace: float | None = None) -> None:
+        self.volumes = list(volumes)
+        self.io_size = io_size
+        self.pace = pace
+        self.threads = threads
+        self.seed = seed
+        self.writes = 0
+        self.bytes = 0
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._workers: list[threading.Thread] = []
+
+    def _run(self, seed: int) -> None:
+        import time
+        rng = np.random.default_rng(seed)
+        vols = self.volumes
+        pool = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+        start = time.perf_counter()
+        mine = 0
+        try:
+            while not self._stop.is_set():
+                v = vols[int(rng.integers(len(vols)))]
+                if self.io_size:
+                    n = self.io_size
+                    off = int(rng.integers(0, v.capacity // n)) * n
+                else:
+                    n = int(rng.integers(1, min(2 * v.track_size, v.capacity) + 1))
+                    off = int(rng.integers(0, v.capacity - n + 1))
+                p = int(rng.integers(0, pool.size - n + 1))
+                v.write(off, pool[p:p + n])
+                self.writes += 1
+                self.bytes += n
+                mine += n
+                if self.pace:
+                    ahead = mine / (self.pace / self.threads) - (time.perf_counter() - start)
+                    if ahead > 0.001:
+                        time.sleep(ahead)
+        except BaseException as e:  # surfaced by stop()
+            self.errors.append(e)
+
+    def start(self) -> "RandomWriters":
+        self._stop.clear()
+        self._workers = [threading.Thread(target=self._run, args=(self.seed * 1000 + i,),
+                                          daemon=True, name=f"fastfc-writer-{i}")
+                         for i in range(self.threads)]
+        for w in self._workers:
+            w.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for w in self._workers:
+            w.join()
+        if self.errors:
+            raise self.errors[0]
+
+    def __enter__(self) -> "RandomWriters":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+FAULT_KINDS = ("none", "prepare", "commit", "revert", "coordinate", "drain", "link")
+
+
+@dataclass
+class FaultPlan:
+    """Arms one random fault before a CG attempt and cleans up after it."""
+
+    session: object
+    rng: np.random.Generator
+    kinds: tuple = FAULT_KINDS
+    stall: float = 0.0          # delay for coordination/drain stalls (s)
+    armed: dict = field(default_factory=dict)
+
+    def arm(self) -> str:
+        s = self.session
+        trips = s.triplets
+        kind = self.kinds[int(self.rng.integers(len(self.kinds)))]
+        pick = trips[int(self.rng.integers(len(trips)))]
+        if kind == "prepare":
+            faults.inject("prepare", pick.b)
+        elif kind == "commit":
+            faults.inject("commit", pick.b)
+        elif kind == "revert":
+            other = trips[int(self.rng.integers(len(trips)))]
+            faults.inject("prepare", other.b)
+            faults.inject("revert", pick.b)
+        elif kind == "coordinate":
+            faults.inject("coordinate", delay=s.max_coordination_time * 1.5)
+        elif kind == "drain":
+            faults.inject("drain", pick.a, delay=self.stall or 0.02)
+        elif kind == "link":
+            faults.inject("link", after=int(self.rng.integers(0, 4)))
+        return kind
+
+    def disarm(self) -> None:
+        """Clear what did not fire, bring the link back, and act as the
+        operator on a FATAL session."""
+        faults.clear()
+        s = self.session
+        s.link.restore()
+        for t in s.triplets:
+            if t.pair.suspend_reason is not None and not t.pair.failed_over:
+                t.pair.suspend_reason = None
+        if s.state.value == "fatal":
+            s.clear_fatal()
+
+
+def is_expected_failure(exc: BaseException) -> bool:
+    return isinstance(exc, FastFCError)
