@@ -460,17 +460,25 @@ class GlobalMirror:
                 self._stop.wait(min(0.005, max(0.0, end - time.perf_counter())))
 
     def _catch_up(self) -> None:
-        """After a failed drain: stay in Global Copy until the backlog is sent
-        (or the link is back), then let the loop try again."""
-        while not self._stop.is_set():
+        """After a failed drain: stay in Global Copy until the backlog is down
+        to a quarter of what it was (or a pass finds nothing to send, or the
+        drain limit passes), then let the loop try again."""
+        start = time.perf_counter()
+        budget = self._drain_limit() or 1.0
+        backlog = None
+        while not self._stop.is_set() and time.perf_counter() - start < budget:
             if not self.link.up:
                 self._stop.wait(0.01)
                 continue
             for t in self.triplets:
                 if t.pair.suspend_reason is not None and not t.pair.failed_over:
                     t.pair.suspend_reason = None
-            sent = sum(t.pair.drain(4 << 20) for t in self.triplets)
-            if not sent:
+            left = sum(t.pair.oos.count() for t in self.triplets)
+            if backlog is None:
+                backlog = left
+            if left <= backlog // 4:
+                return
+            if not sum(t.pair.drain(4 << 20) for t in self.triplets):
                 return
 
     # -- recovery --------------------------------------------------------------

@@ -158,7 +158,10 @@ class FaultPlan:
         elif kind == "commit":
             faults.inject("commit", pick.b)
         elif kind == "revert":
-            other = trips[int(self.rng.integers(len(trips)))]
+            # another volume's prepare fails, so the prepared ones (pick
+            # among them) are reverted
+            others = [t for t in trips if t is not pick] or trips
+            other = others[int(self.rng.integers(len(others)))]
             faults.inject("prepare", other.b)
             faults.inject("revert", pick.b)
         elif kind == "coordinate":
