@@ -183,12 +183,11 @@ cdef class TrackBitmap:
     # -- counting and scanning --------------------------------------------
     def count(self):
         """Number of set bits (hardware popcount over the words)."""
-        cdef Py_ssize_t k, n = self.n_words
+        cdef Py_ssize_t n = self.n_words
         cdef const uint64_t* w = self.w
-        cdef long long c = 0
+        cdef long long c
         with nogil:
-            for k in range(n):
-                c += __builtin_popcountll(w[k])
+            c = bm_popcount_words(w, n)
         return c
 
     def count_range(self, Py_ssize_t start, Py_ssize_t stop):
@@ -203,8 +202,7 @@ cdef class TrackBitmap:
         if a == b:
             return __builtin_popcountll((self.w[a] >> (start & 63)) & low_mask(stop - start))
         c = __builtin_popcountll(self.w[a] & ~low_mask(start & 63))
-        for k in range(a + 1, b):
-            c += __builtin_popcountll(self.w[k])
+        c += bm_popcount_words(self.w + a + 1, b - a - 1)
         c += __builtin_popcountll(self.w[b] & low_mask(((stop - 1) & 63) + 1))
         return c
 
