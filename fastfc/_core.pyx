@@ -479,14 +479,18 @@ cdef Py_ssize_t copy_set_runs(uint8_t* dst, const uint8_t* src, uint64_t* w,
     """Copy the runs of set tracks in ``[start, stop)`` from src to dst and
     clear their bits, until ``budget`` tracks are copied. Returns the number
     of tracks copied; ``resume[0]`` is where to carry on (``stop`` if done)."""
-    cdef Py_ssize_t done = 0, a, b
+    cdef Py_ssize_t done = 0, a, b, lim
     a = bm_next_set(w, stop, start)
     while 0 <= a < stop and done < budget:
-        b = bm_next_clear(w, stop, a)
+        # the run ends at the first clear bit, or where the budget does: look
+        # no further (a chunk of a long all-set bitmap scans O(chunk), not
+        # O(rest of the bitmap))
+        lim = a + (budget - done)
+        if lim > stop:
+            lim = stop
+        b = bm_next_clear(w, lim, a)
         if b < 0:
-            b = stop
-        if b - a > budget - done:
-            b = a + (budget - done)
+            b = lim
         if ((b - a) << shift) >= STREAM_BYTES:
             copy_stream(dst + (a << shift), src + (a << shift), (b - a) << shift)
         else:
