@@ -48,6 +48,8 @@ def _roles(c: Case) -> list[str]:
     names = {
         "count_2p27": ["np.bitwise_count().sum()", "numba popcount loop"],
         "find_next_set_2p27": ["np.argmax(words)", "numba scan"],
+        "count_2p20": ["np.bitwise_count().sum()", "numba popcount loop"],
+        "find_next_set_2p20": ["np.argmax(words)", "numba scan"],
         "commit_2p24": ["commit() at 2^10 tracks"],
         "revert_2p24": ["revert() at 2^10 tracks"],
     }
