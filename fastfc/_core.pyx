@@ -573,11 +573,13 @@ cdef int get_write_buffer(object out, Py_buffer* view) except -1:
 cdef class MirrorBase:
     """Primary-side hook of a PPRC pair, consulted by every host write.
 
-    ``oos``: tracks owed to the secondary (set on every write unless ``sync``).
+    ``oos``: tracks owed to the secondary, set by every write before its data
+    lands (a Metro Mirror pair clears them again once the secondary has it).
     ``cg``: tracks owed to the consistency group being drained, or None; a
     write touching one first calls ``_collide`` so the CG version is saved.
-    ``sync``: Metro Mirror; each write calls ``_sync_write`` before it
-    completes, with the primary's lock held.
+    ``sync``: Metro Mirror; each write calls ``_sync_write(offset, length,
+    pending)`` before it completes, with the primary's lock held; ``pending``
+    tells whether a track of the write was already out of sync before it.
     """
 
     cdef public TrackBitmap oos
@@ -587,7 +589,7 @@ cdef class MirrorBase:
     def _collide(self, Py_ssize_t t0, Py_ssize_t t1):
         pass
 
-    def _sync_write(self, Py_ssize_t offset, Py_ssize_t length):
+    def _sync_write(self, Py_ssize_t offset, Py_ssize_t length, bint pending):
         pass
 
 
@@ -834,6 +836,7 @@ cdef class VolumeBase:
         cdef MirrorBase m
         cdef list rels
         cdef uint64_t* w
+        cdef bint pending = 0, whole_tracks = 0
         self._check_range(offset, n)
         tr = self._lock_io()
         if tr is not None:
@@ -870,22 +873,32 @@ cdef class VolumeBase:
                     for t in range(t0, t1):
                         if bm_test(w, t):
                             ts = t << shift
-                            if not (offset <= ts and offset + n >= ts + self.track_size):
+                            if offset <= ts and offset + n >= ts + self.track_size:
+                                whole_tracks = 1   # cleared once the data is in
+                            else:
                                 # partial write of a virtual track: fetch it first
                                 memcpy(self.base + ts, S.base + ts, self.track_size)
-                            bm_clear(w, t)
+                                bm_clear(w, t)
                 if tr.tgt_changed is not None:
                     bm_set_range(tr.tgt_changed.w, t0, t1)
+            # Metadata is recorded before the data lands, so that a process
+            # killed mid-write (bitmaps live in memory-mapped files on a
+            # storage unit) never holds a changed track that no bitmap names.
+            if m is not None and m.oos is not None:
+                pending = bm_any_range(m.oos.w, t0, t1)
+                bm_set_range(m.oos.w, t0, t1)
             if n >= NOGIL_BYTES:
                 with nogil:
                     memcpy(self.base + offset, src, n)
             else:
                 memcpy(self.base + offset, src, n)
-            if m is not None:
-                if m.sync:
-                    m._sync_write(offset, n)
-                elif m.oos is not None:
-                    bm_set_range(m.oos.w, t0, t1)
+            if whole_tracks:
+                for t in range(t0, t1):
+                    ts = t << shift
+                    if offset <= ts and offset + n >= ts + self.track_size:
+                        bm_clear(tr.to_copy.w, t)
+            if m is not None and m.sync:
+                m._sync_write(offset, n, pending)
         finally:
             unlock_two(self, S)
         return 0

@@ -125,20 +125,22 @@ class PPRCPair(_core.MirrorBase):
                 f"oos={self.out_of_sync_tracks}>")
 
     # -- host write hooks (called by the primary's I/O path, its lock held) ----
-    def _sync_write(self, offset, length):
-        """Metro Mirror: send the just-written bytes before the write completes."""
-        ts = self.primary.track_size
-        t0, t1 = offset // ts, (offset + length - 1) // ts + 1
-        if self.suspend_reason is None and not self.oos.any_range(t0, t1):
+    def _sync_write(self, offset, length, pending):
+        """Metro Mirror: send the just-written bytes before the write completes.
+        The write path has already set the tracks' OOS bits; clear them once
+        the secondary holds the data. If a track was out of sync before this
+        write (resync in progress) or the pair is suspended, leave the bits
+        for the drain, which sends whole tracks in order."""
+        if self.suspend_reason is None and not pending:
             try:
                 self.link.send(self.secondary, offset,
                                self.primary.array[offset:offset + length], key=self.primary)
-                return
             except (FastFCError, VolumeClosedError) as e:
                 self.suspend_reason = f"{type(e).__name__}: {e}"
-        # suspended, or the secondary still lacks an older version of a track
-        # (resync in progress): record it and let the drain send it whole
-        self.oos.set_range(t0, t1)
+            else:
+                ts = self.primary.track_size
+                self.oos.clear_range(offset // ts, (offset + length - 1) // ts + 1)
+                return
         self._wake.set()
 
     def _collide(self, t0, t1):
