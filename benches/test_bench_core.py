@@ -76,7 +76,8 @@ def test_case(benchmark, c: Case, role: str) -> None:
     gc.disable()
     try:
         benchmark.pedantic(bench.callable(role), setup=lambda: bench.before(role),
-                           rounds=c.rounds, warmup_rounds=c.warmup, iterations=1)
+                           rounds=c.rounds * c.block, warmup_rounds=c.warmup,
+                           iterations=1)
     finally:
         if gc_was_on:
             gc.enable()
