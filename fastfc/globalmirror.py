@@ -211,6 +211,7 @@ class GlobalMirror:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.triplets: list[Triplet] = []
+        was_invalid = {id(v): v._invalid for v in vols}
         try:
             for a, b, c in triplets:
                 pair = PPRCPair(a, b, self.link, mode="gcp", background=False)
@@ -222,7 +223,10 @@ class GlobalMirror:
                     raise
                 self.triplets.append(Triplet(a, b, c, pair, fc))
         except Exception:
+            made = [t.c for t in self.triplets]
             self._teardown()
+            for c in made:  # nothing was copied: a refused session leaves C as it was
+                c._invalid = was_invalid[id(c)]
             raise
         self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
 
