@@ -309,7 +309,12 @@ class GlobalMirror:
                               f"{self.max_coordination_time * 1e3:.1f} ms")
                 return False
             if self.on_coordinate is not None:
-                self.on_coordinate(res.sequence)
+                try:
+                    self.on_coordinate(res.sequence)
+                except BaseException:
+                    for trip in self.triplets:  # no CG left begun: its tracks stay owed
+                        trip.pair._cg_end(False)
+                    raise
             return True
         finally:
             for a in reversed(held):
