@@ -348,9 +348,11 @@ cdef bint memcmp_words(const uint64_t* a, const uint64_t* b, Py_ssize_t n) noexc
     return 1
 
 
-def combine_or3(TrackBitmap a, TrackBitmap b, TrackBitmap c):
-    """A new bitmap ``a | b | c`` in one pass (b or c may be None)."""
-    cdef TrackBitmap r = TrackBitmap(a.n_bits)
+def combine_or3(TrackBitmap a, TrackBitmap b, TrackBitmap c, TrackBitmap out=None):
+    """``a | b | c`` in one pass (b or c may be None), into ``out`` (a new
+    bitmap if None); returns it."""
+    cdef TrackBitmap r = TrackBitmap(a.n_bits) if out is None else out
+    a._check_same(r)
     cdef Py_ssize_t k, n = a.n_words
     cdef uint64_t* rw = r.w
     cdef const uint64_t* aw = a.w

@@ -24,6 +24,7 @@ from fastfc import _core, faults
 from fastfc._core import TrackBitmap, combine_or3
 from fastfc.errors import (IncompleteCopyError, LimitError, StateError,
                            VolumeClosedError, WriteInhibitedError)
+from fastfc.store import store_of
 from fastfc.volume import Volume
 
 MAX_TARGETS = 12
@@ -122,16 +123,45 @@ class FlashCopy(_core.RelationshipBase):
         self._done = threading.Event()
 
     def _install(self) -> None:
-        """Create the bitmaps and link into both volumes. Locks held."""
+        """Create the bitmaps, link into both volumes and record the
+        relationship in the source's storage unit. Locks held."""
         n = self.source.n_tracks
-        self.to_copy = TrackBitmap(n, fill=True)
+        store = self._store
+        self.to_copy = store.new_bitmap(n, fill=True)
         if self.record:
-            self.src_changed = TrackBitmap(n)
-            self.tgt_changed = TrackBitmap(n)
+            self.src_changed = store.new_bitmap(n)
+            self.tgt_changed = store.new_bitmap(n)
         self.active = True
         self.source._src_rels.append(self)
         self.target._tgt_rel = self
         self.target._invalid = False
+        store.save_flash(self)
+
+    @property
+    def _store(self):
+        """The metadata store of the unit holding both volumes."""
+        return store_of(self.source)
+
+    @classmethod
+    def _restore(cls, source: Volume, target: Volume, row: dict, bitmaps: dict,
+                 options: dict) -> "FlashCopy":
+        """Rebuild a relationship from its stored row (storage units)."""
+        fc = cls.__new__(cls)
+        fc._configure(source, target, sequence=row["sequence"], **options)
+        fc.to_copy = bitmaps["to_copy"]
+        fc.src_changed = bitmaps["src_changed"]
+        fc.tgt_changed = bitmaps["tgt_changed"]
+        if row["revertible"]:
+            fc._revert_image = (bitmaps["rv_to_copy"], bitmaps["rv_src_changed"],
+                                bitmaps["rv_tgt_changed"], row["rv_sequence"])
+            fc.revertible = True
+            source._inhibits += 1
+        fc._store_id = row["id"]
+        fc.active = True
+        source._src_rels.append(fc)
+        target._tgt_rel = fc
+        fc._start_background()
+        return fc
 
     # -- properties ---------------------------------------------------------
     @property
@@ -273,18 +303,21 @@ class FlashCopy(_core.RelationshipBase):
             self._require_open()
             if revertible:
                 faults.hit("prepare", self.source)
-            new_to_copy = combine_or3(self.to_copy, self.src_changed, self.tgt_changed)
             n = self.source.n_tracks
+            store = self._store
+            new_to_copy = combine_or3(self.to_copy, self.src_changed, self.tgt_changed,
+                                      store.new_bitmap(n))
             if revertible:
                 self._revert_image = (self.to_copy, self.src_changed, self.tgt_changed,
                                       self.sequence)
                 self.revertible = True
                 self.source._inhibits += 1
             self.to_copy = new_to_copy
-            self.src_changed = TrackBitmap(n)
-            self.tgt_changed = TrackBitmap(n)
+            self.src_changed = store.new_bitmap(n)
+            self.tgt_changed = store.new_bitmap(n)
             self.sequence = new_sequence
             self._cursor = 0
+            store.save_flash(self)
         self._start_background()
 
     def commit(self) -> None:
@@ -296,6 +329,7 @@ class FlashCopy(_core.RelationshipBase):
             self._revert_image = None
             self.revertible = False
             self.source._inhibits -= 1
+            self._store.save_flash(self)
         self._start_background()
 
     def revert(self) -> None:
@@ -310,6 +344,7 @@ class FlashCopy(_core.RelationshipBase):
             self._revert_image = None
             self.revertible = False
             self.source._inhibits -= 1
+            self._store.save_flash(self)
         self._start_background()
 
     # -- reverse restore and withdraw ---------------------------------------
@@ -354,6 +389,7 @@ class FlashCopy(_core.RelationshipBase):
                 S._mirror.oos.or_(changed)
             self.src_changed.fill(False)
             self.tgt_changed.fill(False)
+            self._store.save_flash(self)
         return copied
 
     def withdraw(self, force: bool = False) -> None:
@@ -378,6 +414,7 @@ class FlashCopy(_core.RelationshipBase):
         self.source._src_rels.remove(self)
         self.target._tgt_rel = None
         self.active = False
+        self._store.drop_flash(self)
 
     # -- checks ---------------------------------------------------------------
     def _require_active(self) -> None:
@@ -425,6 +462,9 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
             raise LimitError(f"{s!r} would have more than {MAX_TARGETS} FlashCopy targets")
         if s._inhibits:
             raise StateError(f"{s!r} is write-inhibited by a revertible FlashCopy")
+        if getattr(s, "unit", None) is not getattr(t, "unit", None):
+            raise LimitError(f"{s!r} and {t!r} are in different storage units; a FlashCopy "
+                             "stays within one unit")
         new_targets.add(id(t))
 
 

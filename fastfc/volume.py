@@ -43,6 +43,9 @@ class Volume(_core.VolumeBase):
     the bitmaps of the relationships in which it is the source.
     """
 
+    #: The :class:`~fastfc.unit.StorageUnit` holding this volume, if any.
+    unit = None
+
     def __init__(self, n_tracks: int, track_size: int = DEFAULT_TRACK, *,
                  path: str | os.PathLike | None = None, name: str | None = None) -> None:
         n_tracks = _as_int(n_tracks, "n_tracks")

@@ -1,0 +1,357 @@
+"""Metadata stores: where every protocol step writes before its call returns.
+
+:class:`Store` is the interface and the in-memory store (it keeps nothing:
+volumes outside a storage unit live and die with the process).
+:class:`SQLiteStore` keeps a storage unit's metadata in SQLite (WAL mode,
+``synchronous=FULL``) and its bitmaps in memory-mapped files, one per bitmap.
+
+Why bitmaps in files: the I/O path flips bits in place (copy-on-write clears
+``to_copy``, writes set change-recording and out-of-sync bits) and records
+them *before* the data lands. With both in shared memory-mapped files, a
+process killed at any instruction leaves every completed store in the page
+cache, so after reopening, every FlashCopy target reads as its exact
+point-in-time image. SQLite holds which bitmap plays which role, sequence
+numbers, states and consistency-group decisions; swapping bitmaps on commit
+or revert is one row update, still O(1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from fastfc._core import TrackBitmap
+from fastfc.errors import CorruptUnitError
+
+SCHEMA_VERSION = 1
+
+
+class Store:
+    """The interface, and the in-memory store that keeps nothing."""
+
+    durable = False
+
+    def new_bitmap(self, n_bits: int, fill: bool = False) -> TrackBitmap:
+        return TrackBitmap(n_bits, fill=fill)
+
+    def transaction(self):
+        """Group several saves into one durable commit (one fsync)."""
+        return nullcontext()
+
+    def save_flash(self, fc) -> None:
+        pass
+
+    def drop_flash(self, fc) -> None:
+        pass
+
+    def save_pair(self, pair) -> None:
+        pass
+
+    def drop_pair(self, pair) -> None:
+        pass
+
+    def set_volume_flags(self, volume) -> None:
+        pass
+
+    def save_session(self, session) -> None:
+        pass
+
+    def drop_session(self, session) -> None:
+        pass
+
+    def cg_decision(self, session: str, sequence: int, decision: str) -> None:
+        pass
+
+
+MEMORY = Store()
+
+
+def store_of(volume) -> Store:
+    """The store that records relationships of ``volume``."""
+    unit = getattr(volume, "unit", None)
+    return MEMORY if unit is None else unit.store
+
+
+class FileBitmap(TrackBitmap):
+    """A TrackBitmap whose words live in a memory-mapped file."""
+
+    file_id: int
+    path: Path
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS volumes(
+    name TEXT PRIMARY KEY, n_tracks INTEGER NOT NULL, track_size INTEGER NOT NULL,
+    secondary INTEGER NOT NULL DEFAULT 0, invalid INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS flashcopies(
+    id INTEGER PRIMARY KEY, source TEXT NOT NULL, target TEXT NOT NULL,
+    options TEXT NOT NULL, sequence INTEGER NOT NULL, revertible INTEGER NOT NULL,
+    to_copy INTEGER, src_changed INTEGER, tgt_changed INTEGER,
+    rv_to_copy INTEGER, rv_src_changed INTEGER, rv_tgt_changed INTEGER, rv_sequence INTEGER);
+CREATE TABLE IF NOT EXISTS pairs(
+    id INTEGER PRIMARY KEY, primary_name TEXT NOT NULL, secondary_unit TEXT NOT NULL,
+    secondary_name TEXT NOT NULL, mode TEXT NOT NULL, suspend_reason TEXT,
+    failed_over INTEGER NOT NULL, oos INTEGER, spare INTEGER, cg INTEGER, name TEXT);
+CREATE TABLE IF NOT EXISTS sessions(name TEXT PRIMARY KEY, config TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS decisions(
+    session TEXT NOT NULL, sequence INTEGER NOT NULL, decision TEXT NOT NULL,
+    PRIMARY KEY(session, sequence));
+"""
+
+_FC_BITMAPS = ("to_copy", "src_changed", "tgt_changed")
+
+
+class SQLiteStore(Store):
+    """A storage unit's metadata: SQLite for rows, one file per bitmap.
+
+    Thread-safe: one connection guarded by a lock. Each save is its own
+    transaction unless made inside :meth:`transaction`.
+    """
+
+    durable = True
+
+    def __init__(self, directory: Path, unit_path: str) -> None:
+        self.dir = directory
+        self.unit_path = unit_path
+        self.bitmap_dir = directory / "bitmaps"
+        self.bitmap_dir.mkdir(exist_ok=True)
+        db = directory / "unit.db"
+        existed = db.exists()
+        try:
+            self.db = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            if existed:
+                ok = self.db.execute("PRAGMA quick_check").fetchone()[0]
+                if ok != "ok":
+                    raise CorruptUnitError(f"{db} fails SQLite's integrity check: {ok}")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise CorruptUnitError(f"{db} is not a readable fastfc unit database: {e}") from None
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            if existed and self.db.execute("SELECT count(*) FROM volumes").fetchone()[0]:
+                raise CorruptUnitError(f"{db} has volumes but no schema version")
+            self.db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise CorruptUnitError(f"{db} has schema {row[0]}; this fastfc reads {SCHEMA_VERSION}")
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._next_bitmap = 1 + max([int(p.stem) for p in self.bitmap_dir.glob("*.bm")
+                                     if p.stem.isdigit()] or [0])
+        self._row_bitmaps: dict[tuple[str, int], set[int]] = {}
+        self.fsyncs = 0   # commits, each one fsync of the WAL
+
+    # -- transactions --------------------------------------------------------
+    @contextmanager
+    def transaction(self):
+        with self._lock:
+            if self._depth == 0:
+                self.db.execute("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.db.execute("ROLLBACK")
+                raise
+            self._depth -= 1
+            if self._depth == 0:
+                self.db.execute("COMMIT")
+                self.fsyncs += 1
+                self._collect()
+
+    def _exec(self, sql: str, args=()):
+        with self.transaction():
+            return self.db.execute(sql, args)
+
+    def query(self, sql: str, args=()) -> list:
+        with self._lock:
+            return self.db.execute(sql, args).fetchall()
+
+    # -- bitmaps ---------------------------------------------------------------
+    def new_bitmap(self, n_bits: int, fill: bool = False) -> FileBitmap:
+        with self._lock:
+            fid = self._next_bitmap
+            self._next_bitmap += 1
+        path = self.bitmap_dir / f"{fid}.bm"
+        words = np.memmap(path, dtype=np.uint64, mode="w+", shape=(max((n_bits + 63) // 64, 1),))
+        bm = FileBitmap(n_bits, fill=fill, words=words)
+        bm.file_id = fid
+        bm.path = path
+        return bm
+
+    def load_bitmap(self, fid: int | None, n_bits: int) -> FileBitmap | None:
+        if fid is None:
+            return None
+        path = self.bitmap_dir / f"{fid}.bm"
+        n_words = max((n_bits + 63) // 64, 1)
+        if not path.exists():
+            raise CorruptUnitError(f"bitmap file {path} is missing")
+        if path.stat().st_size != n_words * 8:
+            raise CorruptUnitError(f"bitmap file {path} has {path.stat().st_size} bytes, "
+                                   f"expected {n_words * 8}")
+        words = np.memmap(path, dtype=np.uint64, mode="r+", shape=(n_words,))
+        bm = FileBitmap(n_bits, words=words)
+        bm.file_id = fid
+        bm.path = path
+        return bm
+
+    def _track(self, key: tuple[str, int], bitmaps) -> None:
+        """Remember which bitmap files a row references now; the ones it no
+        longer references are deleted after the transaction commits."""
+        now = {b.file_id for b in bitmaps if isinstance(b, FileBitmap)}
+        old = self._row_bitmaps.get(key, set())
+        self._row_bitmaps[key] = now
+        self._garbage = getattr(self, "_garbage", set()) | (old - now)
+
+    def _collect(self) -> None:
+        garbage = getattr(self, "_garbage", set())
+        live = set().union(*self._row_bitmaps.values()) if self._row_bitmaps else set()
+        for fid in garbage - live:
+            try:
+                (self.bitmap_dir / f"{fid}.bm").unlink()
+            except FileNotFoundError:
+                pass
+        self._garbage = set()
+
+    def collect_orphans(self) -> None:
+        """At open: delete bitmap files no row references (a step that died
+        before its transaction committed)."""
+        live = set().union(*self._row_bitmaps.values()) if self._row_bitmaps else set()
+        for p in self.bitmap_dir.glob("*.bm"):
+            if p.stem.isdigit() and int(p.stem) not in live:
+                p.unlink()
+
+    # -- volumes -----------------------------------------------------------------
+    def add_volume(self, name: str, n_tracks: int, track_size: int) -> None:
+        self._exec("INSERT INTO volumes(name, n_tracks, track_size) VALUES(?,?,?)",
+                   (name, n_tracks, track_size))
+
+    def remove_volume(self, name: str) -> None:
+        self._exec("DELETE FROM volumes WHERE name=?", (name,))
+
+    def set_volume_flags(self, volume) -> None:
+        self._exec("UPDATE volumes SET secondary=?, invalid=? WHERE name=?",
+                   (int(volume._secondary), int(volume._invalid), volume.name))
+
+    # -- FlashCopy ---------------------------------------------------------------
+    def save_flash(self, fc) -> None:
+        rv = fc._revert_image or (None, None, None, None)
+        maps = [fc.to_copy, fc.src_changed, fc.tgt_changed, *rv[:3]]
+        ids = [getattr(m, "file_id", None) for m in maps]
+        options = json.dumps(dict(background_copy=fc.background_copy, record=fc.record,
+                                  persistent=fc.persistent,
+                                  inhibit_target_write=fc.inhibit_target_write,
+                                  copy_rate=fc.copy_rate))
+        with self.transaction():
+            if getattr(fc, "_store_id", None) is None:
+                cur = self.db.execute(
+                    "INSERT INTO flashcopies(source, target, options, sequence, revertible)"
+                    " VALUES(?,?,?,?,?)", (fc.source.name, fc.target.name, options,
+                                           fc.sequence, int(fc.revertible)))
+                fc._store_id = cur.lastrowid
+            self.db.execute(
+                "UPDATE flashcopies SET options=?, sequence=?, revertible=?, to_copy=?,"
+                " src_changed=?, tgt_changed=?, rv_to_copy=?, rv_src_changed=?,"
+                " rv_tgt_changed=?, rv_sequence=? WHERE id=?",
+                (options, fc.sequence, int(fc.revertible), *ids, rv[3], fc._store_id))
+            self._track(("fc", fc._store_id), maps)
+
+    def drop_flash(self, fc) -> None:
+        sid = getattr(fc, "_store_id", None)
+        with self.transaction():
+            if sid is not None:
+                self.db.execute("DELETE FROM flashcopies WHERE id=?", (sid,))
+                self._track(("fc", sid), [])
+                self._row_bitmaps.pop(("fc", sid), None)
+            self.db.execute("UPDATE volumes SET invalid=? WHERE name=?",
+                            (int(fc.target._invalid), fc.target.name))
+
+    def flash_rows(self) -> list[dict]:
+        cols = [d[1] for d in self.db.execute("PRAGMA table_info(flashcopies)")]
+        return [dict(zip(cols, r)) for r in self.query("SELECT * FROM flashcopies ORDER BY id")]
+
+    # -- PPRC pairs ----------------------------------------------------------------
+    def save_pair(self, pair) -> None:
+        maps = [pair.oos, pair.spare, pair.cg]
+        ids = [getattr(m, "file_id", None) for m in maps]
+        with self.transaction():
+            if getattr(pair, "_store_id", None) is None:
+                cur = self.db.execute(
+                    "INSERT INTO pairs(primary_name, secondary_unit, secondary_name, mode,"
+                    " failed_over) VALUES(?,?,?,?,0)",
+                    (pair.primary.name, _unit_path(pair.secondary), pair.secondary.name,
+                     pair.mode.value))
+                pair._store_id = cur.lastrowid
+            self.db.execute(
+                "UPDATE pairs SET primary_name=?, secondary_unit=?, secondary_name=?, mode=?,"
+                " suspend_reason=?, failed_over=?, oos=?, spare=?, cg=?, name=? WHERE id=?",
+                (pair.primary.name, _unit_path(pair.secondary), pair.secondary.name,
+                 pair.mode.value, pair.suspend_reason, int(pair.failed_over), *ids,
+                 pair.name, pair._store_id))
+            self._track(("pair", pair._store_id), maps)
+
+    def drop_pair(self, pair) -> None:
+        sid = getattr(pair, "_store_id", None)
+        if sid is None:
+            return
+        with self.transaction():
+            self.db.execute("DELETE FROM pairs WHERE id=?", (sid,))
+            self._track(("pair", sid), [])
+            self._row_bitmaps.pop(("pair", sid), None)
+
+    def pair_rows(self) -> list[dict]:
+        cols = [d[1] for d in self.db.execute("PRAGMA table_info(pairs)")]
+        return [dict(zip(cols, r)) for r in self.query("SELECT * FROM pairs ORDER BY id")]
+
+    # -- Global Mirror sessions ------------------------------------------------------
+    def save_session(self, session) -> None:
+        config = dict(cg_interval=session.cg_interval,
+                      max_coordination_time=session.max_coordination_time,
+                      max_drain_time=session.max_drain_time, decide=session.decide,
+                      triplets=[[_unit_path(t.a), t.a.name, t.b.name, t.c.name]
+                                for t in session.triplets])
+        self._exec("INSERT OR REPLACE INTO sessions VALUES(?, ?)",
+                   (session.name, json.dumps(config)))
+
+    def drop_session(self, session) -> None:
+        with self.transaction():
+            self.db.execute("DELETE FROM sessions WHERE name=?", (session.name,))
+            self.db.execute("DELETE FROM decisions WHERE session=?", (session.name,))
+
+    def session_rows(self) -> dict[str, dict]:
+        return {n: json.loads(c) for n, c in self.query("SELECT name, config FROM sessions")}
+
+    def cg_decision(self, session: str, sequence: int, decision: str) -> None:
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO decisions VALUES(?,?,?)",
+                            (session, sequence, decision))
+            # keep the table small: only the newest decisions matter
+            self.db.execute("DELETE FROM decisions WHERE session=? AND sequence < ?",
+                            (session, sequence - 16))
+
+    def decision(self, session: str, sequence: int) -> str | None:
+        row = self.query("SELECT decision FROM decisions WHERE session=? AND sequence=?",
+                         (session, sequence))
+        return row[0][0] if row else None
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self.db.close()
+
+
+def _unit_path(volume) -> str:
+    unit = getattr(volume, "unit", None)
+    return "" if unit is None or unit.path is None else str(unit.path)
