@@ -240,6 +240,7 @@ class GlobalMirror:
 
     def _attempt(self) -> CGResult:
         seq = self._next_sequence
+        self._require_not_recovered()
         if self.state is GMState.FATAL:
             return CGResult(seq, False, Cause.FATAL, self.fatal_reason or "")
         self._next_sequence += 1
@@ -431,6 +432,7 @@ class GlobalMirror:
         """Form CGs continuously on a thread until :meth:`stop`."""
         if self._thread is not None:
             raise StateError(f"session {self.name} is already running")
+        self._require_not_recovered()
         self._stop.clear()
         if self.state is not GMState.FATAL:
             self.state = GMState.RUNNING
@@ -491,6 +493,12 @@ class GlobalMirror:
                 return
 
     # -- recovery --------------------------------------------------------------
+    def _require_not_recovered(self) -> None:
+        # a CG drain would overwrite host writes at the recovered B volumes
+        if any(t.pair.failed_over for t in self.triplets):
+            raise StateError(f"session {self.name} was recovered (its pairs are failed "
+                             "over): no consistency group can form")
+
     def recover(self) -> int:
         """At the remote site: fail each pair over and fast-reverse-restore
         each C onto its B, so the B volumes hold the newest committed CG,

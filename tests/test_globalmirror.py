@@ -733,10 +733,18 @@ def test_recover_puts_the_last_committed_cg_on_b():
     for i, b in enumerate(s.B):
         b.write(3 * TS, rand(TS, 500 + i))
         assert np.array_equal(b.read(3 * TS, TS), rand(TS, 500 + i))
-    # and A writes no longer reach them
-    before = image(s.B[0])
+    # and A writes no longer reach them, not even by a CG attempt
+    before = [image(b) for b in s.B]
     s.write(0, 0, 600)
-    assert np.array_equal(image(s.B[0]), before)
+    s.write(1, 3, 601)
+    with pytest.raises(StateError):
+        s.cg()
+    with pytest.raises(StateError):
+        gm.start()
+    assert gm.state is GMState.IDLE
+    for b, want in zip(s.B, before):
+        assert np.array_equal(image(b), want)
+    check_promise(s)
 
 
 def test_recover_while_the_loop_runs():
