@@ -166,8 +166,8 @@ class PPRCPair(_core.MirrorBase):
         while sent < max_bytes:
             A._lock()
             try:
-                if bitmap is self.oos and (self.suspend_reason is not None
-                                           or self.primary is not A):
+                if bitmap is not self.cg and (self.suspend_reason is not None
+                                               or self.primary is not A):
                     return sent  # suspended or failed over since the drain began
                 a = bitmap.find_next_set(self._cursor)
                 if a < 0 and self._cursor:
