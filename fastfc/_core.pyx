@@ -54,6 +54,17 @@ PPRC = ORIGIN_PPRC
 
 _volume_ids = itertools.count(1)
 
+# Crash tests stop the world between a copy-on-write and the write it
+# protects (fastfc.faults point "cow"); None keeps the I/O path hook-free.
+cdef object _cow_hook = None
+
+
+def set_cow_hook(hook):
+    """Install ``hook(source_volume)``, called after each copy-on-write and
+    before the host data lands (None removes it)."""
+    global _cow_hook
+    _cow_hook = hook
+
 
 cdef class VolumeBase
 
@@ -867,6 +878,8 @@ cdef class VolumeBase:
                     else:
                         copy_set_runs(r.target.base, self.base, w, t0, t1, t1 - t0,
                                       shift, &resume)
+                    if _cow_hook is not None:
+                        _cow_hook(self)
                 if r.src_changed is not None:
                     bm_set_range(r.src_changed.w, t0, t1)
             if tr is not None:

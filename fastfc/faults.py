@@ -22,6 +22,16 @@ Points reached by the engine:
 ``link``
     A link send (``after`` = let that many sends through first): the link
     goes down, as if the wire were cut mid-drain.
+``decision``
+    Right after a Global Mirror session recorded its commit/revert decision,
+    before the first relationship is committed or reverted.
+``cow``
+    Inside a host write, after the copy-on-write of the old tracks to a
+    target and before the new data lands (``volume`` is the source). Use it
+    with ``action``; the I/O path ignores exceptions and delays here.
+
+``action`` runs a callable instead (crash tests pass one that kills the
+process), which makes every point a place to stop the world.
 
 ``delay`` turns a fault into a stall of that many seconds instead of an
 exception. Faults are process-wide and thread-safe; :func:`clear` disarms all.
@@ -33,9 +43,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+from fastfc import _core
 from fastfc.errors import InjectedFault
 
-POINTS = ("prepare", "commit", "revert", "coordinate", "drain", "link")
+POINTS = ("prepare", "commit", "revert", "coordinate", "drain", "link", "decision", "cow")
 
 
 @dataclass
@@ -45,6 +56,7 @@ class Fault:
     times: int = 1
     delay: float | None = None
     after: int = 0
+    action: object = None
     fired: int = 0
 
     def matches(self, point: str, volume) -> bool:
@@ -57,7 +69,7 @@ _log: list[tuple[str, str]] = []
 
 
 def inject(point: str, volume=None, *, times: int = 1, delay: float | None = None,
-           after: int = 0) -> Fault:
+           after: int = 0, action=None) -> Fault:
     """Arm a fault at ``point`` (see the module docstring); returns it."""
     if point not in POINTS:
         raise ValueError(f"unknown fault point {point!r}; choose one of {', '.join(POINTS)}")
@@ -65,9 +77,10 @@ def inject(point: str, volume=None, *, times: int = 1, delay: float | None = Non
         raise ValueError(f"times must be >= 1, got {times}")
     if delay is not None and delay < 0:
         raise ValueError(f"delay must be >= 0, got {delay}")
-    fault = Fault(point, volume, times, delay, after)
+    fault = Fault(point, volume, times, delay, after, action)
     with _lock:
         _armed.append(fault)
+        _core.set_cow_hook(_cow_hook if any(f.point == "cow" for f in _armed) else None)
     return fault
 
 
@@ -75,6 +88,7 @@ def clear() -> None:
     """Disarm every fault."""
     with _lock:
         _armed.clear()
+        _core.set_cow_hook(None)
 
 
 def armed() -> list[Fault]:
@@ -105,7 +119,17 @@ def hit(point: str, volume=None) -> None:
                 break
         else:
             return
+    if fault.action is not None:
+        fault.action()
+        return
     if fault.delay is not None:
         time.sleep(fault.delay)
         return
     raise InjectedFault(f"injected {point} fault on {getattr(volume, 'name', volume)}")
+
+
+def _cow_hook(volume) -> None:
+    try:
+        hit("cow", volume)
+    except InjectedFault:
+        pass

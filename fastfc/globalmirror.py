@@ -42,6 +42,7 @@ from fastfc.errors import FastFCError, StateError, VolumeClosedError
 from fastfc.flashcopy import FlashCopy
 from fastfc.link import Link, LocalLink
 from fastfc.pprc import DrainAborted, PPRCPair
+from fastfc.store import store_of
 from fastfc.volume import Volume
 
 MAX_DRAIN_FAILURES = 5     # consecutive drain-time failures before the limit is set aside
@@ -168,8 +169,9 @@ class GlobalMirror:
         ``on_coordinate(sequence)``, called while host writes are held on
         every A (its run time is not counted in the coordination bound).
     journal : object, optional
-        Receives ``cg_decision(sequence, decision)`` before any relationship
-        is committed or reverted (durable storage units supply one).
+        Receives ``cg_decision(session_name, sequence, decision)`` before any
+        relationship is committed or reverted. Defaults to the metadata store
+        of the unit holding the B and C volumes, when they are on one.
     """
 
     def __init__(self, triplets: Sequence[tuple[Volume, Volume, Volume]], *,
@@ -177,7 +179,7 @@ class GlobalMirror:
                  max_coordination_time: float = 0.05, max_drain_time: float = 0,
                  decide: str = "after_all",
                  on_coordinate: Callable[[int], None] | None = None,
-                 journal=None, name: str = "gm") -> None:
+                 journal=None, name: str = "gm", _parts: list | None = None) -> None:
         if not triplets:
             raise ValueError("a Global Mirror session needs at least one (A, B, C) triplet")
         if decide not in ("after_all", "after_each"):
@@ -211,6 +213,24 @@ class GlobalMirror:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.triplets: list[Triplet] = []
+        if _parts is not None:  # restored from a storage unit
+            self.triplets = list(_parts)
+            self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
+            self._store = store_of(self.triplets[0].b)
+            self.journal = journal if journal is not None else self._store
+            top = max(self.c_sequences)
+            self._next_sequence = top + 1
+            self.stats.sequence = top
+            self._committed_once = top > 0
+            return
+        self._store = store_of(triplets[0][1])
+        if self._store.durable:
+            if any(store_of(b) is not self._store for _, b, _ in triplets):
+                raise ValueError("every B (and C) volume of a session must be in one storage unit")
+            if name in self._store.session_rows():
+                raise ValueError(f"a session named {name!r} already exists in that unit")
+            if journal is None:
+                self.journal = self._store
         was_invalid = {id(v): v._invalid for v in vols}
         try:
             for a, b, c in triplets:
@@ -229,6 +249,7 @@ class GlobalMirror:
                 c._invalid = was_invalid[id(c)]
             raise
         self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
+        self._store.save_session(self)
 
     # -- one consistency group ---------------------------------------------------
     def form_consistency_group(self) -> CGResult:
@@ -332,23 +353,29 @@ class GlobalMirror:
         seq = res.sequence
         prepared: list[FlashCopy] = []
         failure = None
-        for trip in self.triplets:
-            try:
-                trip.fc.resync(revertible=True, sequence=seq)
-                prepared.append(trip.fc)
-            except FastFCError as e:
-                failure = f"prepare of {trip.b.name}: {type(e).__name__}: {e}"
-                if self.decide == "after_each":
-                    break
+        # On a storage unit the prepares share one durable commit, and so do
+        # the commits (or reverts): recovery needs only the decision record,
+        # written on its own before any relationship is committed or reverted.
+        with self._store.transaction():
+            for trip in self.triplets:
+                try:
+                    trip.fc.resync(revertible=True, sequence=seq)
+                    prepared.append(trip.fc)
+                except FastFCError as e:
+                    failure = f"prepare of {trip.b.name}: {type(e).__name__}: {e}"
+                    if self.decide == "after_each":
+                        break
         decision = "commit" if failure is None else "revert"
         if self.journal is not None:
-            self.journal.cg_decision(seq, decision)
+            self.journal.cg_decision(self.name, seq, decision)
+        faults.hit("decision")
         errors = []
-        for fc in prepared:
-            try:
-                fc.commit() if decision == "commit" else fc.revert()
-            except FastFCError as e:
-                errors.append(f"{decision} of {fc.source.name}: {type(e).__name__}: {e}")
+        with self._store.transaction():
+            for fc in prepared:
+                try:
+                    fc.commit() if decision == "commit" else fc.revert()
+                except FastFCError as e:
+                    errors.append(f"{decision} of {fc.source.name}: {type(e).__name__}: {e}")
         if errors:
             outcome = self._resolve()
             self.state = GMState.FATAL
@@ -531,6 +558,7 @@ class GlobalMirror:
         with self._lock:
             self._resolve()
             self._teardown()
+            self._store.drop_session(self)
 
     def __enter__(self) -> "GlobalMirror":
         return self

@@ -26,6 +26,7 @@ from fastfc._core import TrackBitmap
 from fastfc.errors import (FastFCError, LimitError, StateError, VolumeClosedError)
 from fastfc.flashcopy import locked
 from fastfc.link import Link, LocalLink
+from fastfc.store import store_of
 from fastfc.volume import Volume
 
 SEND_CHUNK_BYTES = 1024 * 1024
@@ -83,7 +84,8 @@ class PPRCPair(_core.MirrorBase):
         self.secondary = secondary
         self.suspend_reason: str | None = None
         self.side: dict[int, bytes] = {}     # CG versions saved on collision
-        self.spare = TrackBitmap(primary.n_tracks)
+        store = store_of(primary)
+        self.spare = store.new_bitmap(primary.n_tracks)
         self.bytes_sent = 0
         self.failed_over = False
         self._reverse_hook: _core.MirrorBase | None = None
@@ -94,14 +96,65 @@ class PPRCPair(_core.MirrorBase):
         self._thread: threading.Thread | None = None
         with locked((primary, secondary)):
             _check_can_pair(primary, secondary)
-            self.oos = TrackBitmap(primary.n_tracks, fill=initial_copy)
+            self.oos = store.new_bitmap(primary.n_tracks, fill=initial_copy)
             self.cg = None
             self.sync = self.mode is PPRCMode.METRO_MIRROR
             primary._mirror = self
             secondary._secondary = True
-        self.active = True
+            self.active = True
+            self._persist()
+            store_of(secondary).set_volume_flags(secondary)
         if background:
             self.start()
+
+    def _persist(self) -> None:
+        """Record the pair in its primary's storage unit (no-op in memory).
+
+        Not called at coordination: a CG in flight swaps bitmaps by reference
+        only, and recovery sends the union of every bitmap the row names."""
+        store_of(self.primary).save_pair(self)
+
+    def _suspended(self, reason: str) -> None:
+        self.suspend_reason = reason
+        self._persist()
+
+    @classmethod
+    def _restore(cls, primary: Volume, secondary: Volume, row: dict, bitmaps: dict,
+                 link: Link | None = None) -> "PPRCPair":
+        """Rebuild a pair from its stored row. Tracks of a CG that was in
+        flight go back to the out-of-sync bitmap (sending a track again is
+        harmless; missing one is not)."""
+        pair = cls.__new__(cls)
+        pair.mode = PPRCMode(row["mode"])
+        pair.link = link if link is not None else LocalLink()
+        pair.name = row["name"] or f"{primary.name}->{secondary.name}"
+        pair.primary, pair.secondary = primary, secondary
+        pair.suspend_reason = row["suspend_reason"]
+        pair.side = {}
+        pair.bytes_sent = 0
+        pair.failed_over = bool(row["failed_over"])
+        pair._reverse_hook = None
+        pair._drain_lock = threading.Lock()
+        pair._cursor = 0
+        pair._wake = threading.Event()
+        pair._stop = threading.Event()
+        pair._thread = None
+        pair._store_id = row["id"]
+        oos, spare, cg = bitmaps["oos"], bitmaps["spare"], bitmaps["cg"]
+        for extra in (spare, cg):
+            if extra is not None:
+                oos.or_(extra)
+        if spare is None:
+            spare = store_of(primary).new_bitmap(primary.n_tracks)
+        spare.fill(False)
+        pair.oos, pair.spare, pair.cg = oos, spare, None
+        pair.sync = pair.mode is PPRCMode.METRO_MIRROR
+        primary._mirror = pair
+        if not pair.failed_over:
+            secondary._secondary = True
+        pair.active = True
+        pair._persist()
+        return pair
 
     # -- state ---------------------------------------------------------------
     @property
@@ -136,7 +189,7 @@ class PPRCPair(_core.MirrorBase):
                 self.link.send(self.secondary, offset,
                                self.primary.array[offset:offset + length], key=self.primary)
             except (FastFCError, VolumeClosedError) as e:
-                self.suspend_reason = f"{type(e).__name__}: {e}"
+                self._suspended(f"{type(e).__name__}: {e}")
             else:
                 ts = self.primary.track_size
                 self.oos.clear_range(offset // ts, (offset + length - 1) // ts + 1)
@@ -203,7 +256,7 @@ class PPRCPair(_core.MirrorBase):
             except (FastFCError, VolumeClosedError) as e:
                 if isinstance(e, DrainAborted):
                     raise
-                self.suspend_reason = f"{type(e).__name__}: {e}"
+                self._suspended(f"{type(e).__name__}: {e}")
                 return 0
 
     # -- consistency groups (driven by a Global Mirror session) ----------------
@@ -263,7 +316,7 @@ class PPRCPair(_core.MirrorBase):
         """Stop sending; writes keep being recorded in the OOS bitmap."""
         with locked((self.primary,)):
             self._require_active()
-            self.suspend_reason = reason
+            self._suspended(reason)
 
     def resume(self) -> None:
         """Resync only the OOS tracks, then carry on mirroring."""
@@ -272,6 +325,7 @@ class PPRCPair(_core.MirrorBase):
             if self.failed_over:
                 raise StateError(f"{self!r} is failed over; use failback()")
             self.suspend_reason = None
+            self._persist()
         self._wake.set()
 
     def failover(self) -> None:
@@ -280,9 +334,10 @@ class PPRCPair(_core.MirrorBase):
         only the tracks changed on either side."""
         with locked((self.primary, self.secondary)):
             self._require_active()
-            self.suspend_reason = "failover"
             self.failed_over = True
+            self._suspended("failover")
             self.secondary._secondary = False
+            store_of(self.secondary).set_volume_flags(self.secondary)
             if self.secondary._mirror is None:
                 hook = _core.MirrorBase()
                 hook.oos = TrackBitmap(self.secondary.n_tracks)
@@ -300,13 +355,18 @@ class PPRCPair(_core.MirrorBase):
                 raise StateError(f"{self!r} was not failed over")
             if A._tgt_rel is not None:
                 raise LimitError(f"{A!r} is a FlashCopy target and cannot become a secondary")
-            oos = self.oos
+            # the pair is recorded with its new primary, B, from now on
+            new_store = store_of(B)
+            oos = new_store.new_bitmap(A.n_tracks)
+            oos.copy_from(self.oos)
             if self.cg is not None:
                 oos.or_(self.cg)
                 self.cg = None
-                self.spare = TrackBitmap(A.n_tracks)
             if self._reverse_hook is not None:
                 oos.or_(self._reverse_hook.oos)
+            store_of(A).drop_pair(self)
+            self._store_id = None
+            self.spare = new_store.new_bitmap(A.n_tracks)
             B._mirror = self
             A._mirror = None
             A._secondary = True
@@ -317,6 +377,8 @@ class PPRCPair(_core.MirrorBase):
             self.failed_over = False
             self.suspend_reason = None
             self.name = f"{B.name}->{A.name}"
+            self._persist()
+            store_of(A).set_volume_flags(A)
         self._wake.set()
 
     def remove(self) -> None:
@@ -331,6 +393,8 @@ class PPRCPair(_core.MirrorBase):
                 self.secondary._mirror = None
             self.secondary._secondary = False
             self.active = False
+            store_of(self.primary).drop_pair(self)
+            store_of(self.secondary).set_volume_flags(self.secondary)
 
     def _require_active(self) -> None:
         if not self.active:
