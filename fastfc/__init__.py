@@ -3,7 +3,7 @@ NumPy-backed volumes, at memory speed.
 
 Layers, from the ground up: ``_core`` (Cython kernels: track bitmaps, copy
 kernels, the host I/O path) and ``errors``; ``volume`` and ``faults``;
-``flashcopy``; ``link`` and ``pprc`` (mirroring); ``globalmirror``.
+``flashcopy``; ``link`` and ``pprc`` (mirroring); ``globalmirror``; ``store`` and ``unit`` (durable storage units).
 """
 
 from fastfc import faults
@@ -16,6 +16,7 @@ from fastfc.flashcopy import FlashCopy, FlashCopyState, establish_group
 from fastfc.globalmirror import CGResult, GlobalMirror, GMState, GMStats
 from fastfc.link import Link, LocalLink
 from fastfc.pprc import PPRCMode, PPRCPair, PPRCState
+from fastfc.unit import StorageUnit
 from fastfc.volume import Volume
 
 __version__ = "0.1.0"
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TrackBitmap", "Volume", "FlashCopy", "FlashCopyState", "establish_group", "faults",
     "PPRCPair", "PPRCMode", "PPRCState", "Link", "LocalLink",
-    "GlobalMirror", "GMState", "GMStats", "CGResult",
+    "GlobalMirror", "GMState", "GMStats", "CGResult", "StorageUnit",
     "FastFCError", "VolumeClosedError", "WriteInhibitedError", "StateError",
     "IncompleteCopyError", "LimitError", "InvalidImageError", "InjectedFault",
     "LinkDownError", "CorruptUnitError",

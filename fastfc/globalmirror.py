@@ -250,6 +250,13 @@ class GlobalMirror:
             raise
         self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
         self._store.save_session(self)
+        self._register()
+
+    def _register(self) -> None:
+        """Let the storage unit holding the B volumes know of this session."""
+        unit = getattr(self.triplets[0].b, "unit", None)
+        if unit is not None:
+            unit._register_session(self)
 
     # -- one consistency group ---------------------------------------------------
     def form_consistency_group(self) -> CGResult:
@@ -557,8 +564,11 @@ class GlobalMirror:
         self.stop()
         with self._lock:
             self._resolve()
+            unit = getattr(self.triplets[0].b, "unit", None) if self.triplets else None
             self._teardown()
             self._store.drop_session(self)
+            if unit is not None:
+                unit._forget_session(self)
 
     def __enter__(self) -> "GlobalMirror":
         return self

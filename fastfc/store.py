@@ -83,6 +83,7 @@ class FileBitmap(TrackBitmap):
 
     file_id: int
     path: Path
+    mm: np.memmap    # the mapping, for flush()
 
 
 _SCHEMA = """
@@ -185,8 +186,7 @@ class SQLiteStore(Store):
         path = self.bitmap_dir / f"{fid}.bm"
         words = np.memmap(path, dtype=np.uint64, mode="w+", shape=(max((n_bits + 63) // 64, 1),))
         bm = FileBitmap(n_bits, fill=fill, words=words)
-        bm.file_id = fid
-        bm.path = path
+        bm.file_id, bm.path, bm.mm = fid, path, words
         return bm
 
     def load_bitmap(self, fid: int | None, n_bits: int) -> FileBitmap | None:
@@ -201,8 +201,7 @@ class SQLiteStore(Store):
                                    f"expected {n_words * 8}")
         words = np.memmap(path, dtype=np.uint64, mode="r+", shape=(n_words,))
         bm = FileBitmap(n_bits, words=words)
-        bm.file_id = fid
-        bm.path = path
+        bm.file_id, bm.path, bm.mm = fid, path, words
         return bm
 
     def _track(self, key: tuple[str, int], bitmaps) -> None:
