@@ -488,7 +488,14 @@ class GlobalMirror:
             if self.state is GMState.FATAL:
                 self._stop.wait(0.05)
                 continue
-            res = self.form_consistency_group()
+            try:
+                res = self.form_consistency_group()
+            except Exception as e:
+                # the loop must not die quietly while the session says RUNNING:
+                # report it as fatal until the operator acts (clear_fatal)
+                self.fatal_reason = f"a CG attempt raised {type(e).__name__}: {e}"
+                self.state = GMState.FATAL
+                continue
             if res.cause in (Cause.DRAIN_TIMEOUT, Cause.LINK_DOWN, Cause.DRAIN_ERROR):
                 self._catch_up()
             elif self.cg_interval:

@@ -807,3 +807,22 @@ def test_b_refuses_pprc_updates_while_prepared():
     assert outcome == ["refused", True]
     assert res.committed
     assert check_promise(s) == 2
+
+
+def test_loop_survives_an_attempt_that_raises():
+    # a coordinate fault without a delay raises out of the attempt
+    s = Session(n_triplets=2, n_tracks=8, keep=True)
+    gm = s.gm
+    assert s.cg().committed
+    faults.inject("coordinate")
+    with Writers(s.A):
+        gm.start()
+        assert wait_for(lambda: gm.state is GMState.FATAL)
+        assert "InjectedFault" in gm.fatal_reason
+        assert gm._thread.is_alive()
+        check_promise(s)
+        assert gm.clear_fatal() == "running"
+        n = gm.stats.successes
+        assert wait_for(lambda: gm.stats.successes >= n + 3)
+        gm.stop()
+    check_promise(s)
