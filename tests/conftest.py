@@ -11,21 +11,27 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from fastfc import faults
+
+# No "explain" phase: on a failing state machine it replays hundreds of
+# variants and can take minutes; the shrunk example is what we read.
+PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
 
 settings.register_profile(
     "dev",
     max_examples=25,
     stateful_step_count=30,
     deadline=None,
+    phases=PHASES,
 )
 settings.register_profile(
     "ci",
     max_examples=150,
     stateful_step_count=50,
     deadline=None,
+    phases=PHASES,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))

@@ -52,13 +52,20 @@ def words(bm):
 
 class FlashCopyModel(RuleBasedStateMachine):
 
-    @initialize(g1=geometry, g2=geometry)
-    def make_volumes(self, g1, g2):
+    @initialize(g1=geometry, g2=geometry, seed=st.integers(0, 2**32))
+    def make_volumes(self, g1, g2, seed):
         faults.clear()
         shapes = [g1] * 4 + [g2] * 2
         self.vols = [Volume(n, ts, name=f"v{i}") for i, (n, ts) in enumerate(shapes)]
         self.refs = [ref.RefVolume(n, ts, name=f"v{i}") for i, (n, ts) in enumerate(shapes)]
         self.rels: list[tuple[FlashCopy, ref.RefFlashCopy]] = []
+        # distinct random contents: a track taken from the wrong volume, or
+        # left stale, cannot pass for the right one
+        rng = random.Random(seed)
+        for v, m in zip(self.vols, self.refs):
+            content = rng.randbytes(v.capacity)
+            v.array[:] = np.frombuffer(content, dtype=np.uint8)
+            m.image[:] = content
 
     # -- helpers -----------------------------------------------------------------
     def snapshot(self):
