@@ -146,12 +146,18 @@ class FaultPlan:
     rng: np.random.Generator
     kinds: tuple = FAULT_KINDS
     stall: float = 0.0          # delay for coordination/drain stalls (s)
+    cycle: bool = False         # take the kinds in turn instead of at random
     armed: dict = field(default_factory=dict)
+    _turn: int = 0
 
     def arm(self) -> str:
         s = self.session
         trips = s.triplets
-        kind = self.kinds[int(self.rng.integers(len(self.kinds)))]
+        if self.cycle:
+            kind = self.kinds[self._turn % len(self.kinds)]
+            self._turn += 1
+        else:
+            kind = self.kinds[int(self.rng.integers(len(self.kinds)))]
         pick = trips[int(self.rng.integers(len(trips)))]
         if kind == "prepare":
             faults.inject("prepare", pick.b)

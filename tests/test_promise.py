@@ -43,8 +43,8 @@ def test_promise_under_random_faults(decide, track_size, n_tracks):
     attempts = 250 if CI else 80
     gm, checker = make_session(6, n_tracks, track_size, decide=decide,
                                max_drain_time=0.25, max_coordination_time=0.05)
-    rng = np.random.default_rng(hash((decide, track_size)) & 0xFFFF)
-    plan = FaultPlan(gm, rng, stall=0.3)
+    rng = np.random.default_rng(track_size + len(decide))
+    plan = FaultPlan(gm, rng, stall=0.3, cycle=True)
     causes = set()
     with RandomWriters([t.a for t in gm.triplets], threads=2, seed=track_size):
         for _ in range(attempts):
