@@ -325,7 +325,11 @@ class GlobalMirror:
             for a in self._primaries:
                 if a.closed:
                     raise VolumeClosedError(f"{a!r} is closed")
-            faults.hit("coordinate")
+            try:
+                faults.hit("coordinate")
+            except FastFCError as e:  # an injected coordination failure
+                res.cause, res.detail = Cause.COORDINATION_TIMEOUT, str(e)
+                return False
             for trip in self.triplets:
                 trip.pair._cg_begin()
             res.coordinated_at = time.time()
@@ -375,7 +379,10 @@ class GlobalMirror:
         decision = "commit" if failure is None else "revert"
         if self.journal is not None:
             self.journal.cg_decision(self.name, seq, decision)
-        faults.hit("decision")
+        try:
+            faults.hit("decision")   # crash tests stop the world here
+        except FastFCError:
+            pass                     # the decision stands; carry it out
         errors = []
         with self._store.transaction():
             for fc in prepared:
