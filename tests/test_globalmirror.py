@@ -810,11 +810,20 @@ def test_b_refuses_pprc_updates_while_prepared():
 
 
 def test_loop_survives_an_attempt_that_raises():
-    # a coordinate fault without a delay raises out of the attempt
+    # an on_coordinate callback that raises once makes the attempt raise
     s = Session(n_triplets=2, n_tracks=8, keep=True)
     gm = s.gm
     assert s.cg().committed
-    faults.inject("coordinate")
+    recorder, raised = gm.on_coordinate, []
+
+    def flaky(seq):
+        if not raised:
+            raised.append(seq)
+            raise InjectedFault("on_coordinate failed once")
+        if recorder is not None:
+            recorder(seq)
+
+    gm.on_coordinate = flaky
     with Writers(s.A):
         gm.start()
         assert wait_for(lambda: gm.state is GMState.FATAL)
