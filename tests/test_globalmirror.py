@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from fastfc import (GlobalMirror, GMState, LimitError, Link, LocalLink, PPRCPair,
-                    FlashCopy, StateError, Volume, WriteInhibitedError, faults)
+                    FlashCopy, InjectedFault, StateError, Volume, WriteInhibitedError,
+                    faults)
 from fastfc.globalmirror import MAX_DRAIN_FAILURES, RETRIES, Cause
 
 TS = 512
