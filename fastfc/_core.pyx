@@ -1064,3 +1064,61 @@ cdef class VolumeBase:
             raise VolumeClosedError("raw copy needs both volumes open")
         with nogil:
             memcpy(dst.base + a, self.base + a, n)
+
+
+def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t start,
+                     Py_ssize_t max_tracks):
+    """Apply A's tracks set in ``owed`` (from ``start`` on, at most
+    ``max_tracks``) to B as PPRC updates, clearing their bits: the in-process
+    fast path of a Global Copy drain.
+
+    The caller holds A's lock. Each update follows B's I/O path rules for a
+    PPRC update: refused whole if B is closed or write-inhibited (a revertible
+    FlashCopy source); copy-on-write to B's FlashCopy targets and change
+    recording before the data lands. Returns ``(tracks sent, resume)``,
+    resume being ``A.n_tracks`` when no set bit is left after ``start``.
+    """
+    cdef Py_ssize_t n = A.n_tracks, a, b, done = 0, k, nrel, resume = n, res2
+    cdef int shift = A.track_shift
+    cdef RelationshipBase r
+    cdef list rels
+    cdef uint64_t* w = owed.w
+    if owed.n_bits != n or B.n_tracks != n or B.track_shift != shift:
+        raise ValueError("pprc_copy_tracks needs volumes and bitmap of one geometry")
+    if A.base == NULL:
+        raise VolumeClosedError(f"{A!r} is closed")
+    B._acquire()
+    try:
+        if B._tgt_rel is not None:
+            raise StateError(f"{B!r} is a FlashCopy target and cannot take PPRC updates")
+        a = bm_next_set(w, n, start)
+        if a < 0:
+            return 0, n
+        B._check_writable(0, n, ORIGIN_PPRC)
+        rels = B._src_rels
+        nrel = len(rels)
+        while 0 <= a < n and done < max_tracks:
+            b = bm_next_clear(w, n, a)
+            if b < 0:
+                b = n
+            if b - a > max_tracks - done:
+                b = a + (max_tracks - done)
+            for k in range(nrel):
+                r = <RelationshipBase>rels[k]
+                if r.src_changed is not None:
+                    bm_set_range(r.src_changed.w, a, b)
+                if bm_any_range(r.to_copy.w, a, b):
+                    with nogil:
+                        copy_set_runs(r.target.base, B.base, r.to_copy.w, a, b, b - a,
+                                      shift, &res2)
+                    if _cow_hook is not None:
+                        _cow_hook(B)
+            with nogil:
+                memcpy(B.base + (a << shift), A.base + (a << shift), (b - a) << shift)
+            bm_clear_range(w, a, b)
+            done += b - a
+            a = bm_next_set(w, n, b)
+        resume = a if 0 <= a < n else n
+    finally:
+        B._release()
+    return done, resume

@@ -96,6 +96,14 @@ def armed() -> list[Fault]:
         return list(_armed)
 
 
+def armed_at(point: str) -> bool:
+    """Whether a fault is armed at ``point`` (cheap when none is armed)."""
+    if not _armed:
+        return False
+    with _lock:
+        return any(f.point == point for f in _armed)
+
+
 def fired_log() -> list[tuple[str, str]]:
     """(point, volume name) of every fault that fired, oldest first."""
     with _lock:

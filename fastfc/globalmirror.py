@@ -165,6 +165,9 @@ class GlobalMirror:
     decide : {"after_all", "after_each"}
         Decide after every prepare was tried (claim 8) or at the first
         failed prepare (claim 7).
+    initial_copy : bool
+        Send every track in the first CG (default). ``False`` asserts that
+        each B already holds its A's data.
     on_coordinate : callable, optional
         ``on_coordinate(sequence)``, called while host writes are held on
         every A (its run time is not counted in the coordination bound).
@@ -179,7 +182,8 @@ class GlobalMirror:
                  max_coordination_time: float = 0.05, max_drain_time: float = 0,
                  decide: str = "after_all",
                  on_coordinate: Callable[[int], None] | None = None,
-                 journal=None, name: str = "gm", _parts: list | None = None) -> None:
+                 journal=None, name: str = "gm", initial_copy: bool = True,
+                 _parts: list | None = None) -> None:
         if not triplets:
             raise ValueError("a Global Mirror session needs at least one (A, B, C) triplet")
         if decide not in ("after_all", "after_each"):
@@ -234,7 +238,8 @@ class GlobalMirror:
         was_invalid = {id(v): v._invalid for v in vols}
         try:
             for a, b, c in triplets:
-                pair = PPRCPair(a, b, self.link, mode="gcp", background=False)
+                pair = PPRCPair(a, b, self.link, mode="gcp", background=False,
+                                initial_copy=initial_copy)
                 try:
                     fc = FlashCopy(b, c, background_copy=False, record=True,
                                    inhibit_target_write=True, sequence=0)

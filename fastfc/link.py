@@ -43,6 +43,15 @@ class Link(ABC):
     def up(self) -> bool:
         """Whether sends can go through."""
 
+    def direct(self) -> bool:
+        """Whether a pair may move tracks straight from primary to secondary
+        memory (an in-process link with nothing to model). Then the pair
+        applies them itself and reports them through :meth:`account`."""
+        return False
+
+    def account(self, nbytes: int, sends: int) -> None:
+        """Count bytes a pair moved directly (see :meth:`direct`)."""
+
 
 class LocalLink(Link):
     """An in-process link.
@@ -77,6 +86,16 @@ class LocalLink(Link):
     @property
     def up(self) -> bool:
         return self._up
+
+    def direct(self) -> bool:
+        # a subclass that overrides send() wants every update to go through it
+        return (self._up and not self.bandwidth and not self.latency
+                and type(self).send is LocalLink.send and not faults.armed_at("link"))
+
+    def account(self, nbytes: int, sends: int) -> None:
+        with self._lock:
+            self.bytes_sent += nbytes
+            self.sends += sends
 
     def fail(self) -> None:
         self._up = False

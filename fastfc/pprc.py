@@ -30,6 +30,8 @@ from fastfc.store import store_of
 from fastfc.volume import Volume
 
 SEND_CHUNK_BYTES = 1024 * 1024
+# The in-process fast path holds the primary's lock for at most this much.
+DIRECT_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 class PPRCState(enum.Enum):
@@ -216,6 +218,7 @@ class PPRCPair(_core.MirrorBase):
         n = A.n_tracks
         sent = 0
         chunk = max(1, SEND_CHUNK_BYTES // ts)
+        direct_chunk = max(1, DIRECT_CHUNK_BYTES // ts)
         while sent < max_bytes:
             A._lock()
             try:
@@ -227,18 +230,28 @@ class PPRCPair(_core.MirrorBase):
                     a = bitmap.find_next_set(0)
                 if a < 0:
                     return sent
-                b = bitmap.find_next_clear(a)
-                b = n if b < 0 else b
-                b = min(b, a + chunk, a + max(1, (max_bytes - sent) // ts))
                 if A.closed:
                     raise VolumeClosedError(f"{A!r} is closed")
-                self.link.send(self.secondary, a * ts, A.array[a * ts:b * ts], key=A)
-                bitmap.clear_range(a, b)
-                self._cursor = b if b < n else 0
+                budget = max(1, (max_bytes - sent) // ts)
+                if self.link.direct():
+                    # in-process link, nothing to model: one kernel call moves
+                    # up to DIRECT_CHUNK_BYTES of tracks A -> B
+                    done, resume = _core.pprc_copy_tracks(
+                        A, self.secondary, bitmap, a, min(budget, direct_chunk))
+                    self.link.account(done * ts, 1)
+                    self._cursor = resume if resume < n else 0
+                else:
+                    b = bitmap.find_next_clear(a)
+                    b = n if b < 0 else b
+                    b = min(b, a + chunk, a + budget)
+                    self.link.send(self.secondary, a * ts, A.array[a * ts:b * ts], key=A)
+                    bitmap.clear_range(a, b)
+                    self._cursor = b if b < n else 0
+                    done = b - a
             finally:
                 A._unlock()
-            sent += (b - a) * ts
-            self.bytes_sent += (b - a) * ts
+            sent += done * ts
+            self.bytes_sent += done * ts
             if deadline is not None and deadline():
                 raise DrainAborted("drain time limit passed")
         return sent

@@ -699,3 +699,29 @@ def test_background_agent_failback():
         assert np.array_equal(track(a, 2), rand(TS, 5))
     finally:
         pair.remove()
+
+
+def test_direct_drain_keeps_b_flashcopy_image_and_refuses_whole_when_inhibited():
+    """The in-process fast path (unlimited LocalLink) follows B's I/O rules:
+    copy-on-write to B's FlashCopy target first, and nothing applied while
+    B is write-inhibited by a revertible FlashCopy."""
+    link = LocalLink()
+    a, b = Volume(16, TS), Volume(16, TS)
+    c = Volume(16, TS)
+    pair = PPRCPair(a, b, link, initial_copy=False, background=False)
+    assert link.direct()
+    fc = FlashCopy(b, c, background_copy=False, record=True)
+    b_before = image(b)
+    for t in (2, 3, 7):
+        a.write(t * TS, rand(TS, t))
+    fc.resync(revertible=True)            # B is now write-inhibited
+    pair.drain()
+    assert pair.state is PPRCState.SUSPENDED
+    assert np.array_equal(image(b), b_before)             # nothing half-applied
+    assert pair.oos.set_indices().tolist() == [2, 3, 7]   # still owed
+    fc.revert()
+    pair.resume()
+    pair.drain()
+    assert np.array_equal(image(b), image(a))
+    assert np.array_equal(c.read(0, c.capacity), b_before)  # C kept B's old image
+    assert link.bytes_sent == 3 * TS
