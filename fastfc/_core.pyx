@@ -1067,7 +1067,7 @@ cdef class VolumeBase:
 
 
 def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t start,
-                     Py_ssize_t max_tracks):
+                     Py_ssize_t max_tracks, Py_ssize_t stop=-1):
     """Apply A's tracks set in ``owed`` (from ``start`` on, at most
     ``max_tracks``) to B as PPRC updates, clearing their bits: the in-process
     fast path of a Global Copy drain.
@@ -1077,6 +1077,7 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
     FlashCopy source); copy-on-write to B's FlashCopy targets and change
     recording before the data lands. Returns ``(tracks sent, resume)``,
     resume being ``A.n_tracks`` when no set bit is left after ``start``.
+    ``stop`` (default: the end) bounds the tracks considered.
     """
     cdef Py_ssize_t n = A.n_tracks, a, b, done = 0, k, nrel, resume = n, res2
     cdef int shift = A.track_shift
@@ -1087,13 +1088,15 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
         raise ValueError("pprc_copy_tracks needs volumes and bitmap of one geometry")
     if A.base == NULL:
         raise VolumeClosedError(f"{A!r} is closed")
+    if 0 <= stop < n:
+        n = stop
     B._acquire()
     try:
         if B._tgt_rel is not None:
             raise StateError(f"{B!r} is a FlashCopy target and cannot take PPRC updates")
         a = bm_next_set(w, n, start)
-        if a < 0:
-            return 0, n
+        if a < 0 or a >= n:
+            return 0, A.n_tracks
         B._check_writable(0, n, ORIGIN_PPRC)
         rels = B._src_rels
         nrel = len(rels)
@@ -1118,7 +1121,7 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
             bm_clear_range(w, a, b)
             done += b - a
             a = bm_next_set(w, n, b)
-        resume = a if 0 <= a < n else n
+        resume = a if 0 <= a < n else A.n_tracks
     finally:
         B._release()
     return done, resume
