@@ -121,6 +121,12 @@ class FlashCopy(_core.RelationshipBase):
         self._cursor = 0
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
+        # _bg_lock guards _running (a worker is on duty) and _kick (a resync
+        # or commit came in while it ran: look at to_copy again before
+        # stopping), so that no new work is left with no worker
+        self._bg_lock = threading.Lock()
+        self._running = False
+        self._kick = False
 
     def _install(self) -> None:
         """Create the bitmaps, link into both volumes and record the
@@ -238,14 +244,36 @@ class FlashCopy(_core.RelationshipBase):
     def _start_background(self) -> None:
         if not (self.background_copy and self.active and not self.revertible):
             return
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._done.clear()
-        self._thread = threading.Thread(target=self._background, daemon=True,
-                                        name=f"fastfc-copy-{self.source.name}-{self.target.name}")
-        self._thread.start()
+        with self._bg_lock:
+            if self._running:
+                self._kick = True
+                return
+            self._running = True
+            self._kick = False
+            self._done.clear()
+            self._thread = threading.Thread(
+                target=self._background, daemon=True,
+                name=f"fastfc-copy-{self.source.name}-{self.target.name}")
+            self._thread.start()
 
     def _background(self) -> None:
+        stopped = False
+        try:
+            while not stopped:
+                self._background_pass()
+                with self._bg_lock:
+                    stopped = not self._kick
+                    self._kick = False
+                    if stopped:
+                        self._running = False
+        finally:
+            if not stopped:  # a pass raised: let the next call start a worker
+                with self._bg_lock:
+                    self._running = False
+            if not self.active or not self.to_copy.any():
+                self._done.set()
+
+    def _background_pass(self) -> None:
         ts = self.source.track_size
         step = max(1, CHUNK_BYTES // ts)
         if self.copy_rate:
@@ -264,11 +292,8 @@ class FlashCopy(_core.RelationshipBase):
                     ahead = copied * ts / self.copy_rate - (time.perf_counter() - start)
                     if ahead > 0:
                         time.sleep(ahead)
-        except VolumeClosedError:
-            return
-        finally:
-            if not self.active or not self.to_copy.any():
-                self._done.set()
+        except (VolumeClosedError, StateError):
+            return  # closed, withdrawn or made revertible meanwhile
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every track is on the target (COPY mode). Returns

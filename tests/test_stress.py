@@ -306,3 +306,79 @@ def test_many_sources_copy_on_write_and_withdraw():
         else:
             rel.copy()
         assert t.array.tobytes() == snap, name
+
+
+# ---------------------------------------------------------------------------
+# Worker races, replayed deterministically: the worker thread is paused at a
+# chosen instant (any instant is possible under preemption) while the test
+# thread acts.
+# ---------------------------------------------------------------------------
+
+def test_resync_while_the_worker_is_stopping_is_not_lost():
+    """The worker has found nothing left and is on its way out when a resync
+    brings new tracks: someone must still copy them."""
+    at_exit, go = threading.Event(), threading.Event()
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_name != "_background":
+            return None
+
+        def local(frame, event, arg):
+            if event == "return" and not at_exit.is_set():
+                at_exit.set()                    # the worker's last instant
+                go.wait(10)
+            return local
+        return local
+
+    s, t = volume(30, "s"), Volume(N_TRACKS, TS, name="t")
+    threading.settrace(tracer)
+    try:
+        r = FlashCopy(s, t, record=True)
+    finally:
+        threading.settrace(None)
+    assert at_exit.wait(10)
+    assert r.tracks_to_copy == 0
+    s.write(3 * TS, b"new")
+    r.resync()
+    expect = s.array.tobytes()
+    go.set()
+    assert r.wait(timeout=10), f"resync's tracks were never copied: {r}"
+    assert t.array.tobytes() == expect
+
+
+def test_revertible_resync_while_the_worker_starts_a_chunk():
+    """The worker checked 'not revertible' and is about to copy when a
+    revertible resync lands: it must stop quietly, copy nothing, and resume
+    after commit."""
+    s, t = volume(31, "s"), Volume(N_TRACKS, TS, name="t")
+    about_to_copy, go = threading.Event(), threading.Event()
+    worker_errors = []
+    real_copy = FlashCopy.copy
+
+    def paused_copy(self, max_tracks=None):
+        if threading.current_thread() is not threading.main_thread() \
+                and not about_to_copy.is_set():
+            about_to_copy.set()
+            go.wait(10)
+        return real_copy(self, max_tracks)
+
+    old_hook = threading.excepthook
+    threading.excepthook = lambda a: worker_errors.append(a.exc_value)
+    try:
+        FlashCopy.copy = paused_copy
+        r = FlashCopy(s, t, record=True)
+        assert about_to_copy.wait(10)
+        t_raw = t.array.tobytes()
+        r.resync(revertible=True)
+        newer = s.array.tobytes()
+        go.set()
+        time.sleep(0.2)
+        assert worker_errors == []
+        assert t.array.tobytes() == t_raw            # nothing copied while revertible
+        assert r.revertible and r.tracks_to_copy == N_TRACKS
+    finally:
+        FlashCopy.copy = real_copy
+        threading.excepthook = old_hook
+    r.commit()
+    assert r.wait(10)
+    assert t.array.tobytes() == newer
