@@ -21,15 +21,15 @@ PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrin
 
 settings.register_profile(
     "dev",
-    max_examples=25,
-    stateful_step_count=30,
+    max_examples=40,
+    stateful_step_count=40,
     deadline=None,
     phases=PHASES,
 )
 settings.register_profile(
     "ci",
-    max_examples=150,
-    stateful_step_count=50,
+    max_examples=800,
+    stateful_step_count=100,
     deadline=None,
     phases=PHASES,
     suppress_health_check=[HealthCheck.too_slow],

@@ -10,7 +10,7 @@ import pickle
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -583,3 +583,7 @@ class BitmapMachine(RuleBasedStateMachine):
 
 
 TestBitmapMachine = BitmapMachine.TestCase
+# shorter runs than the profile's: a bitmap's states are shallow
+TestBitmapMachine.settings = settings(
+    settings.default, stateful_step_count=min(40, settings.default.stateful_step_count),
+    max_examples=min(300, settings.default.max_examples))

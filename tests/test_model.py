@@ -24,7 +24,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
 import reference as ref
 from fastfc import FlashCopy, Volume, establish_group, faults
 
-N_VOLUMES = 6
+N_VOLUMES = 6          # five share a geometry; the last has its own
 
 geometry = st.tuples(st.integers(1, 20), st.sampled_from([512, 1024]))
 
@@ -38,9 +38,11 @@ def span(data, capacity: int, track_size: int, allow_bad: bool = True) -> tuple[
     offset = data.draw(st.one_of(st.integers(0, capacity), st.sampled_from(edges)),
                        label="offset")
     room = capacity - offset
+    lengths = sorted({n for n in (0, 1, track_size - 1, track_size, track_size + 1, room)
+                      if n <= room})
     length = data.draw(st.one_of(
         st.integers(0, room),
-        st.sampled_from([0, 1, track_size, track_size + 1, room]).filter(lambda n: n <= room),
+        st.sampled_from(lengths),
         *([st.integers(room + 1, room + track_size)] if allow_bad else []),
     ), label="length")
     return offset, length
@@ -55,7 +57,7 @@ class FlashCopyModel(RuleBasedStateMachine):
     @initialize(g1=geometry, g2=geometry, seed=st.integers(0, 2**32))
     def make_volumes(self, g1, g2, seed):
         faults.clear()
-        shapes = [g1] * 4 + [g2] * 2
+        shapes = [g1] * 5 + [g2]
         self.vols = [Volume(n, ts, name=f"v{i}") for i, (n, ts) in enumerate(shapes)]
         self.refs = [ref.RefVolume(n, ts, name=f"v{i}") for i, (n, ts) in enumerate(shapes)]
         self.rels: list[tuple[FlashCopy, ref.RefFlashCopy]] = []
@@ -107,12 +109,15 @@ class FlashCopyModel(RuleBasedStateMachine):
                 m.remaining = ref.NONE if r.tracks_to_copy == 0 else ref.SOME
 
     def pick_rel(self, data):
-        i = data.draw(st.integers(0, len(self.rels) - 1), label="relationship")
-        return self.rels[i]
+        """Mostly a live relationship; sometimes any (withdrawn ones refuse)."""
+        live = [i for i, (_, m) in enumerate(self.rels) if m.active]
+        choices = st.integers(0, len(self.rels) - 1)
+        if live:
+            choices = st.one_of(st.sampled_from(live), choices)
+        return self.rels[data.draw(choices, label="relationship")]
 
     # -- host I/O ---------------------------------------------------------------
-    @rule(data=st.data(), i=st.integers(0, N_VOLUMES - 1), seed=st.integers(0, 2**32))
-    def write(self, data, i, seed):
+    def do_write(self, data, i, seed):
         v, m = self.vols[i], self.refs[i]
         offset, length = span(data, v.capacity, v.track_size)
         payload = random.Random(seed).randbytes(length)
@@ -126,6 +131,19 @@ class FlashCopyModel(RuleBasedStateMachine):
             call = lambda: v.write_batch([offset], rows)  # noqa: E731
         self.both(call, lambda: m.write(offset, payload))
         self.settle()
+
+    @rule(data=st.data(), i=st.integers(0, N_VOLUMES - 1), seed=st.integers(0, 2**32))
+    def write(self, data, i, seed):
+        self.do_write(data, i, seed)
+
+    def busy(self):
+        """Volumes in an active relationship (where writes are interesting)."""
+        return [i for i, m in enumerate(self.refs) if m.relationships()]
+
+    @precondition(lambda self: self.busy())
+    @rule(data=st.data(), seed=st.integers(0, 2**32))
+    def write_busy_volume(self, data, seed):
+        self.do_write(data, data.draw(st.sampled_from(self.busy()), label="volume"), seed)
 
     @rule(data=st.data(), i=st.integers(0, N_VOLUMES - 1))
     def read(self, data, i):
@@ -156,6 +174,9 @@ class FlashCopyModel(RuleBasedStateMachine):
 
     @rule(s=st.integers(0, N_VOLUMES - 1), t=st.integers(0, N_VOLUMES - 1), opts=options)
     def establish(self, s, t, opts):
+        self.do_establish(s, t, opts)
+
+    def do_establish(self, s, t, opts):
         if not self.refs[s].valid:
             return  # copying an invalid image: its content is undefined
         made = []
@@ -165,6 +186,20 @@ class FlashCopyModel(RuleBasedStateMachine):
                                               background_copy=False, **opts)))
         if exc is None:
             self.rels.append((rel, made[0]))
+
+    @rule(data=st.data(), opts=options)
+    def establish_likely(self, data, opts):
+        """Establish where the rules allow it (most of the time): a valid
+        source that is not a target, onto a free volume of its geometry."""
+        sources = [i for i, m in enumerate(self.refs) if m.valid and m.source_rel is None]
+        if not sources:
+            return
+        s = data.draw(st.sampled_from(sources), label="source")
+        shape = (self.refs[s].n_tracks, self.refs[s].track_size)
+        free = [i for i, m in enumerate(self.refs) if i != s and not m.relationships()
+                and (m.n_tracks, m.track_size) == shape]
+        if free:
+            self.do_establish(s, data.draw(st.sampled_from(free), label="target"), opts)
 
     @rule(pairs=st.lists(st.tuples(st.integers(0, N_VOLUMES - 1),
                                    st.integers(0, N_VOLUMES - 1)), min_size=1, max_size=3),
