@@ -156,6 +156,8 @@ class PPRCPair(_core.MirrorBase):
         primary._mirror = pair
         if not pair.failed_over:
             secondary._secondary = True
+        elif secondary._mirror is None:
+            pair._hook_reverse_writes()
         pair.active = True
         pair._persist()
         return pair
@@ -367,10 +369,16 @@ class PPRCPair(_core.MirrorBase):
             self.secondary._secondary = False
             store_of(self.secondary).set_volume_flags(self.secondary)
             if self.secondary._mirror is None:
-                hook = _core.MirrorBase()
-                hook.oos = TrackBitmap(self.secondary.n_tracks)
-                self._reverse_hook = hook
-                self.secondary._mirror = hook
+                self._hook_reverse_writes()
+
+    def _hook_reverse_writes(self) -> None:
+        """Record host writes to the failed-over secondary in the pair's own
+        OOS bitmap, which the unit keeps: :meth:`failback` sends the union of
+        both sides' changes, even after the units were closed and reopened."""
+        hook = _core.MirrorBase()
+        hook.oos = self.oos
+        self._reverse_hook = hook
+        self.secondary._mirror = hook
 
     def failback(self) -> None:
         """After :meth:`failover`: mirror the other way, from the former

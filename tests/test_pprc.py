@@ -505,6 +505,28 @@ def test_failover_then_failback_resyncs_tracks_changed_on_either_side(mode):
     assert np.array_equal(image(a), image(b))
 
 
+def test_failback_after_reopening_the_units_sends_writes_made_to_the_failed_over_secondary(tmp_path):
+    """Writes to B after a failover were recorded in memory only: once the
+    units were reopened they went unrecorded and failback left A stale."""
+    from fastfc import StorageUnit
+    with StorageUnit(tmp_path / "u1") as u1, StorageUnit(tmp_path / "u2") as u2:
+        a, b = u1.create_volume("A", N, TS), u2.create_volume("B", N, TS)
+        a.write(0, rand(a.capacity, 40))
+        pair = PPRCPair(a, b, background=False)
+        pair.drain()
+        pair.failover()
+        b.write(4 * TS, rand(TS, 41))            # before the reopen
+    with StorageUnit(tmp_path / "u1") as u1, StorageUnit(tmp_path / "u2") as u2:
+        b = u2.volume("B")
+        b.write(9 * TS + 3, rand(7, 42))         # after it
+        pair = u1.pairs[0]
+        assert pair.failed_over
+        pair.failback()
+        assert pair.oos.set_indices().tolist() == [4, 9]
+        pair.drain()
+        assert np.array_equal(image(u1.volume("A")), image(b))
+
+
 def test_failback_refused_unless_failed_over():
     a, b, link, pair = make_pair("gcp", synced=True)
     with pytest.raises(StateError):
