@@ -24,6 +24,8 @@ from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
                                PyThread_release_lock, WAIT_LOCK, NOWAIT_LOCK,
                                PyThread_get_thread_ident)
 
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
 cdef extern from "pythread.h":
     ctypedef enum PyLockStatus:
         PY_LOCK_FAILURE
@@ -597,6 +599,7 @@ cdef class MirrorBase:
 
     cdef public TrackBitmap oos
     cdef public TrackBitmap cg
+    cdef public TrackBitmap spare
     cdef public bint sync
 
     def _collide(self, Py_ssize_t t0, Py_ssize_t t1):
@@ -1125,3 +1128,75 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
     finally:
         B._release()
     return done, resume
+
+
+
+cdef inline double monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+def coordinate_pairs(list primaries, list hooks, double timeout):
+    """Hold host writes on every primary at one instant and begin a
+    consistency group on every mirror hook, in one C call.
+
+    Takes the primaries' locks in the order given, all within ``timeout``
+    seconds; swaps each hook's ``oos`` for its (empty) ``spare``, the old
+    ``oos`` becoming ``cg``; releases. No Python bytecode runs while the
+    locks are held, so the interpreter cannot preempt the hold. Returns
+    ``(status, seconds)``: status 0 done (seconds: the hold, from the first
+    lock taken to the release), 1 a lock could not be taken in time, 2 the
+    hold took longer than ``timeout`` (undone); nothing changes unless 0.
+    """
+    cdef Py_ssize_t i, k, n = len(primaries), nh = len(hooks), taken = 0
+    cdef VolumeBase v
+    cdef MirrorBase m
+    cdef double t0 = monotonic(), left, hold
+    cdef long long us
+    cdef bint ok
+    cdef int status = 0
+    cdef unsigned long me = PyThread_get_thread_ident()
+    for k in range(nh):
+        m = <MirrorBase>hooks[k]
+        if m.oos is None or m.spare is None or m.cg is not None:
+            raise StateError("a pair is not ready to begin a consistency group")
+    try:
+        for i in range(n):
+            v = <VolumeBase>primaries[i]
+            if v._owner == me:
+                raise RuntimeError("coordination must not run with a primary's lock held")
+            if not PyThread_acquire_lock(v._lk, NOWAIT_LOCK):
+                left = timeout - (monotonic() - t0)
+                ok = 0
+                if left > 0:
+                    us = <long long>(left * 1e6)
+                    with nogil:
+                        ok = PyThread_acquire_lock_timed(v._lk, us, 0) == PY_LOCK_ACQUIRED
+                if not ok:
+                    status = 1
+                    break
+            v._owner = me
+            v._depth = 1
+            taken += 1
+        if status == 0:
+            for i in range(n):
+                if (<VolumeBase>primaries[i]).base == NULL:
+                    raise VolumeClosedError(f"{primaries[i]!r} is closed")
+            for k in range(nh):
+                m = <MirrorBase>hooks[k]
+                m.cg = m.oos
+                m.oos = m.spare
+                m.spare = None
+            hold = monotonic() - t0
+            if hold > timeout:
+                for k in range(nh):
+                    m = <MirrorBase>hooks[k]
+                    m.spare = m.oos
+                    m.oos = m.cg
+                    m.cg = None
+                status = 2
+    finally:
+        for i in range(taken - 1, -1, -1):
+            (<VolumeBase>primaries[i])._release()
+    return status, monotonic() - t0

@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fastfc import faults
+from fastfc import _core, faults
 from fastfc.errors import FastFCError, StateError, VolumeClosedError
 from fastfc.flashcopy import FlashCopy
 from fastfc.link import Link, LocalLink
@@ -317,6 +317,8 @@ class GlobalMirror:
         return res
 
     def _coordinate(self, res: CGResult) -> bool:
+        if self.on_coordinate is None and not faults.armed_at("coordinate"):
+            return self._coordinate_in_kernel(res)
         t = time.perf_counter()
         held = []
         try:
@@ -357,6 +359,25 @@ class GlobalMirror:
         finally:
             for a in reversed(held):
                 a._unlock()
+
+    def _coordinate_in_kernel(self, res: CGResult) -> bool:
+        """Coordination as one C call (nothing for Python to do while the
+        writes are held): see :func:`fastfc._core.coordinate_pairs`."""
+        pairs = [t.pair for t in self.triplets]
+        for p in pairs:      # no CG in flight, so no collision touches these
+            p.side = {}
+            p.cg_bytes = 0
+        status, seconds = _core.coordinate_pairs(self._primaries, pairs,
+                                                 self.max_coordination_time)
+        if status == 0:
+            res.coordinated_at = time.time()
+            res.coordination_time = seconds
+            return True
+        res.cause = Cause.COORDINATION_TIMEOUT
+        res.detail = ("could not hold writes on every primary in time" if status == 1 else
+                      f"held writes {seconds * 1e3:.1f} ms > "
+                      f"{self.max_coordination_time * 1e3:.1f} ms")
+        return False
 
     def _drain_limit(self) -> float | None:
         if not self._committed_once or self._drain_failures >= MAX_DRAIN_FAILURES:
@@ -425,6 +446,12 @@ class GlobalMirror:
         new_seq = pending[0].sequence
         committed = any(not fc.revertible and fc.sequence == new_seq for fc in fcs)
         action = "commit" if committed else "revert"
+        if self.journal is not None:
+            # the recorded decision may say the opposite (a commit that failed
+            # everywhere is resolved by reverting): a crash from here on must be
+            # resolved the same way, and a later attempt with this sequence
+            # number must not find a stale "commit"
+            self.journal.cg_decision(self.name, new_seq, action)
         for fc in pending:
             for _ in range(RETRIES):
                 try:
