@@ -139,7 +139,15 @@ class SQLiteStore(Store):
         row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             if existed and self.db.execute("SELECT count(*) FROM volumes").fetchone()[0]:
+                self.db.close()
                 raise CorruptUnitError(f"{db} has volumes but no schema version")
+            if any(directory.glob("volumes/*.vol")) or any(self.bitmap_dir.glob("*.bm")):
+                # an empty (e.g. truncated to 0 bytes) database next to volume
+                # files: opening it as a new unit would hide them, and delete
+                # the bitmaps as orphans
+                self.db.close()
+                raise CorruptUnitError(f"{db} holds no unit metadata (empty or truncated), "
+                                       f"but {directory} holds volume or bitmap files")
             self.db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:
             raise CorruptUnitError(f"{db} has schema {row[0]}; this fastfc reads {SCHEMA_VERSION}")

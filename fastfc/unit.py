@@ -29,6 +29,7 @@ import re
 import threading
 from pathlib import Path
 
+from fastfc._core import MirrorBase
 from fastfc.errors import CorruptUnitError, StateError
 from fastfc.flashcopy import FlashCopy
 from fastfc.globalmirror import GlobalMirror, Triplet
@@ -210,6 +211,16 @@ class StorageUnit:
         for row in self._pair_rows:  # keep their bitmap files alive until restored
             st._row_bitmaps[("pair", row["id"])] = {row[k] for k in ("oos", "spare", "cg")
                                                     if row[k] is not None}
+            primary = self._row_volume(row["primary_name"])
+            row["_maps"] = maps = {k: st.load_bitmap(row[k], primary.n_tracks)
+                                   for k in ("oos", "spare", "cg")}
+            if maps["oos"] is None:
+                raise CorruptUnitError(f"PPRC pair {row['id']} has no out-of-sync bitmap")
+            # until the secondary unit is open too, host writes to the primary
+            # are recorded in the pair's out-of-sync bitmap, as when suspended
+            hook = MirrorBase()
+            hook.oos = maps["oos"]
+            primary._mirror = hook
         st.collect_orphans()
         self._resolve_interrupted_cgs()
 
@@ -244,7 +255,6 @@ class StorageUnit:
         """Rebuild the pairs whose secondary unit is open now."""
         if self._closed or self.path is None:
             return
-        st = self.store
         left = []
         for row in self._pair_rows:
             sec_unit = _open_units.get(row["secondary_unit"]) if row["secondary_unit"] else None
@@ -253,11 +263,7 @@ class StorageUnit:
                 continue
             primary = self._row_volume(row["primary_name"])
             secondary = sec_unit._row_volume(row["secondary_name"])
-            n = primary.n_tracks
-            maps = {k: st.load_bitmap(row[k], n) for k in ("oos", "spare", "cg")}
-            if maps["oos"] is None:
-                raise CorruptUnitError(f"PPRC pair {row['id']} has no out-of-sync bitmap")
-            PPRCPair._restore(primary, secondary, row, maps)
+            PPRCPair._restore(primary, secondary, row, row["_maps"])
         self._pair_rows = left
 
     def _restore_sessions(self) -> None:

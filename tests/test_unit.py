@@ -1,0 +1,748 @@
+"""Storage units: volumes, FlashCopy relationships, PPRC pairs and Global
+Mirror sessions survive close and reopen; an in-memory unit has the same API;
+refusals change nothing; damaged metadata or volume files give a clear
+CorruptUnitError on open, never silent use of wrong data.
+
+Killed processes are the business of tests/test_crash.py; here a "crash" is
+simulated in-process where it is deterministic (an exception out of a fault
+action, then closing the unit without resolving anything).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+
+from fastfc import (CorruptUnitError, FlashCopy, FlashCopyState, GlobalMirror,
+                    InvalidImageError, LimitError, PPRCPair, StateError, StorageUnit,
+                    Volume, VolumeClosedError, WriteInhibitedError, faults)
+from fastfc.globalmirror import RETRIES
+
+TS = 512
+N = 8
+
+
+def rand(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+
+
+def image(v: Volume) -> np.ndarray:
+    return v.read(0, v.capacity)
+
+
+def track(v: Volume, t: int, seed: int) -> np.ndarray:
+    """Overwrite track ``t`` of ``v`` with random bytes; return them."""
+    data = rand(v.track_size, seed)
+    v.write(t * v.track_size, data)
+    return data
+
+
+@pytest.fixture
+def paths(tmp_path):
+    return tmp_path / "u1", tmp_path / "u2"
+
+
+class SimulatedCrash(BaseException):
+    """Raised by a fault action: unwinds like a kill would stop the world
+    (no FastFCError handler catches it)."""
+
+
+def crash():
+    raise SimulatedCrash()
+
+
+# ---------------------------------------------------------------------------
+# Volumes
+# ---------------------------------------------------------------------------
+
+def test_create_and_reopen_keeps_volumes_and_data(tmp_path):
+    with StorageUnit(tmp_path / "u") as u:
+        a = u.create_volume("a", N, TS)
+        b = u.create_volume("big.vol-2", 3, 4096)
+        a.write(100, rand(2000, 1))
+        b.write(4000, rand(300, 2))
+        want = {v.name: image(v) for v in (a, b)}
+        assert u.volume("a") is a and "a" in u and "zz" not in u
+    assert a.closed and b.closed
+    with StorageUnit(tmp_path / "u") as u:
+        assert sorted(v.name for v in u.volumes()) == ["a", "big.vol-2"]
+        assert (u.volume("a").n_tracks, u.volume("a").track_size) == (N, TS)
+        assert (u.volume("big.vol-2").n_tracks, u.volume("big.vol-2").track_size) == (3, 4096)
+        for name, data in want.items():
+            assert np.array_equal(image(u.volume(name)), data)
+        assert u.volume("a").unit is u
+        assert u.recovered == []
+
+
+def test_data_written_without_close_is_in_the_files(tmp_path):
+    """Host data lives in shared mappings: another reader of the file sees
+    it before any flush or close."""
+    u = StorageUnit(tmp_path / "u")
+    a = u.create_volume("a", N, TS)
+    data = rand(a.capacity, 3)
+    a.write(0, data)
+    assert np.array_equal(np.fromfile(tmp_path / "u" / "volumes" / "a.vol", np.uint8), data)
+    u.close()
+
+
+def test_in_memory_unit_has_the_same_api():
+    with StorageUnit() as u:
+        assert u.path is None and not u.store.durable
+        s, t = u.create_volume("s", N, TS), u.create_volume("t", N, TS)
+        assert isinstance(s, Volume) and s.path is None and s.unit is u
+        s.write(0, rand(s.capacity, 1))
+        before = image(s)
+        fc = FlashCopy(s, t, background_copy=False, record=True)
+        s.write(0, rand(TS, 2))
+        assert np.array_equal(image(t), before)
+        assert u.flashcopies == [fc] and u.pairs == [] and u.sessions == {}
+        with pytest.raises(StateError):
+            u.remove_volume("s")
+        fc.withdraw(force=True)
+        u.remove_volume("s")
+        assert "s" not in u
+        u.flush()
+        with StorageUnit() as other:   # in-memory units do not clash
+            other.create_volume("s", N, TS)
+    assert t.closed
+    with pytest.raises(StateError):
+        u.create_volume("x", N, TS)
+    with pytest.raises(StateError):
+        u.volume("t")
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../x", ".hidden", "-x", "a b", "a" * 65,
+                                  "é", "a\0b", 7, None])
+def test_bad_volume_names_are_refused(tmp_path, name):
+    with StorageUnit(tmp_path / "u") as u:
+        with pytest.raises(ValueError):
+            u.create_volume(name, N, TS)
+        assert u.volumes() == []
+        assert list((tmp_path / "u" / "volumes").iterdir()) == []
+
+
+def test_duplicate_name_and_bad_geometry_are_refused(tmp_path):
+    with StorageUnit(tmp_path / "u") as u:
+        a = u.create_volume("a", N, TS)
+        a.write(0, rand(TS, 1))
+        with pytest.raises(ValueError):
+            u.create_volume("a", N, TS)
+        with pytest.raises(ValueError):
+            u.create_volume("b", N, 1000)          # not a power of two
+        with pytest.raises(ValueError):
+            u.create_volume("c", 0, TS)
+        with pytest.raises(KeyError):
+            u.volume("missing")
+        assert [v.name for v in u.volumes()] == ["a"]
+        assert np.array_equal(a.read(0, TS), rand(TS, 1))
+    with StorageUnit(tmp_path / "u") as u:
+        assert [v.name for v in u.volumes()] == ["a"]
+        assert sorted(p.name for p in (tmp_path / "u" / "volumes").iterdir()) == ["a.vol"]
+
+
+def test_remove_volume(tmp_path, paths):
+    p1, p2 = paths
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        s, t, x = (u1.create_volume(n, N, TS) for n in "stx")
+        fc = FlashCopy(s, t, background_copy=False)
+        for name in "st":                          # FlashCopy source, target
+            with pytest.raises(StateError):
+                u1.remove_volume(name)
+        b = u2.create_volume("b", N, TS)
+        pair = PPRCPair(x, b, background=False)
+        with pytest.raises(StateError):
+            u1.remove_volume("x")                  # PPRC primary
+        with pytest.raises(StateError):
+            u2.remove_volume("b")                  # PPRC secondary
+        assert {v.name for v in u1.volumes()} == set("stx") and "b" in u2
+        with pytest.raises(KeyError):
+            u1.remove_volume("nope")
+        fc.withdraw(force=True)
+        pair.remove()
+        u1.remove_volume("s")
+        u2.remove_volume("b")
+        assert s.closed and not (p1 / "volumes" / "s.vol").exists()
+        u1.create_volume("s", 2, TS)               # the name is free again
+    with StorageUnit(p1) as u1:
+        assert sorted(v.name for v in u1.volumes()) == ["s", "t", "x"]
+        assert u1.volume("s").n_tracks == 2
+        with pytest.raises(InvalidImageError):     # t was withdrawn uncopied
+            image(u1.volume("t"))
+
+
+# ---------------------------------------------------------------------------
+# FlashCopy relationships
+# ---------------------------------------------------------------------------
+
+def test_flashcopy_restored_with_bitmaps_sequence_and_virtual_tracks(tmp_path):
+    path = tmp_path / "u"
+    with StorageUnit(path) as u:
+        s, t = u.create_volume("s", N, TS), u.create_volume("t", N, TS)
+        s.write(0, rand(s.capacity, 1))
+        pit = image(s)
+        fc = FlashCopy(s, t, background_copy=False, record=True, sequence=7,
+                       inhibit_target_write=False)
+        track(s, 2, 10)                            # copy-on-write of track 2
+        fc.copy(max_tracks=1)                      # track 0 copied
+        track(t, 5, 11)                            # a target write (tgt_changed)
+        t5 = t.read(5 * TS, TS)
+        to_copy = fc.to_copy.set_indices().tolist()
+        src_changed = fc.src_changed.set_indices().tolist()
+        s_now = image(s)
+    assert to_copy == [1, 3, 4, 6, 7] and src_changed == [2]
+    with StorageUnit(path) as u:
+        s, t = u.volume("s"), u.volume("t")
+        [fc] = u.flashcopies
+        assert (fc.source, fc.target) is not None and fc.source is s and fc.target is t
+        assert fc.sequence == 7 and fc.record and fc.persistent and not fc.background_copy
+        assert fc.state is FlashCopyState.NOCOPY and not fc.revertible
+        assert fc.to_copy.set_indices().tolist() == to_copy
+        assert fc.src_changed.set_indices().tolist() == src_changed
+        assert fc.tgt_changed.set_indices().tolist() == [5]
+        assert np.array_equal(image(s), s_now)
+        want = pit.copy()
+        want[5 * TS:6 * TS] = t5
+        # tracks 1, 3, 4, 6, 7 are still virtual: read from the source
+        assert np.array_equal(image(t), want)
+        assert not t.array[3 * TS:4 * TS].any()
+        track(s, 3, 12)                            # copy-on-write still works
+        assert np.array_equal(image(t), want)
+        assert t.array[3 * TS:4 * TS].any()
+        fc.resync()                                # incremental: 2, 3 changed on S, 5 on T
+        assert fc.sequence == 8
+        assert fc.to_copy.set_indices().tolist() == [1, 2, 3, 4, 5, 6, 7]
+        assert np.array_equal(image(t), image(s))
+
+
+def test_copy_mode_relationship_resumes_background_copy(tmp_path):
+    path = tmp_path / "u"
+    rate = 2 * TS                                  # 2 tracks/s: most are left at close
+    with StorageUnit(path) as u:
+        s, t = u.create_volume("s", 64, TS), u.create_volume("t", 64, TS)
+        s.write(0, rand(s.capacity, 1))
+        pit = image(s)
+        fc = FlashCopy(s, t, persistent=True, copy_rate=rate)
+        s.write(0, rand(s.capacity, 2))            # every track copied on write
+        assert fc.tracks_to_copy == 0
+        s2, t2 = u.create_volume("s2", 64, TS), u.create_volume("t2", 64, TS)
+        s2.write(0, rand(s2.capacity, 3))
+        pit2 = image(s2)
+        FlashCopy(s2, t2, persistent=True, copy_rate=rate)
+    with StorageUnit(path) as u:
+        by_target = {fc.target.name: fc for fc in u.flashcopies}
+        assert np.array_equal(image(u.volume("t")), pit)
+        assert by_target["t"].state is FlashCopyState.COPIED
+        fc2 = by_target["t2"]
+        assert fc2.background_copy and fc2.persistent and fc2.copy_rate == rate
+        assert fc2.tracks_to_copy > 0
+        assert np.array_equal(image(u.volume("t2")), pit2)
+        fc2.copy_rate = None                       # the restored worker speeds up
+        assert fc2.wait(timeout=30)
+        assert fc2.state is FlashCopyState.COPIED
+        assert np.array_equal(u.volume("t2").array, pit2)
+
+
+def test_revertible_relationship_restored_and_resolvable(tmp_path):
+    path = tmp_path / "u"
+    with StorageUnit(path) as u:
+        s, t = u.create_volume("s", N, TS), u.create_volume("t", N, TS)
+        s.write(0, rand(s.capacity, 1))
+        fc = FlashCopy(s, t, background_copy=False, record=True, sequence=3)
+        old = image(t)
+        track(s, 4, 2)
+        fc.resync(revertible=True, sequence=4)
+        new = image(t)
+        assert not np.array_equal(old, new)
+    for action, want, seq in (("revert", old, 3), ("commit", new, 4)):
+        shutil.copytree(path, tmp_path / action)
+        with StorageUnit(tmp_path / action) as u:
+            [fc] = u.flashcopies
+            s = u.volume("s")
+            assert fc.revertible and fc.sequence == 4 and fc.state is FlashCopyState.REVERTIBLE
+            assert s.write_inhibited
+            with pytest.raises(WriteInhibitedError):
+                s.write(0, b"x")
+            with pytest.raises(StateError):
+                fc.copy()
+            assert np.array_equal(image(u.volume("t")), new)
+            getattr(fc, action)()
+            assert not fc.revertible and not s.write_inhibited and fc.sequence == seq
+            assert np.array_equal(image(u.volume("t")), want)
+        with StorageUnit(tmp_path / action) as u:     # and that stands too
+            [fc] = u.flashcopies
+            assert not fc.revertible and fc.sequence == seq
+            assert np.array_equal(image(u.volume("t")), want)
+
+
+def test_withdrawn_relationship_is_gone_and_invalid_target_stays_invalid(tmp_path):
+    path = tmp_path / "u"
+    with StorageUnit(path) as u:
+        s, t, t2 = (u.create_volume(n, N, TS) for n in ("s", "t", "t2"))
+        s.write(0, rand(s.capacity, 1))
+        FlashCopy(s, t, background_copy=False).withdraw(force=True)
+        fc2 = FlashCopy(s, t2, background_copy=False)
+        fc2.copy()                                 # not persistent: ends by itself
+        assert not fc2.active
+    with StorageUnit(path) as u:
+        assert u.flashcopies == []
+        assert not u.volume("t").valid and u.volume("t2").valid
+        with pytest.raises(InvalidImageError):
+            image(u.volume("t"))
+        assert np.array_equal(image(u.volume("t2")), image(u.volume("s")))
+        FlashCopy(u.volume("s"), u.volume("t"), background_copy=False)
+        assert u.volume("t").valid
+
+
+def test_flashcopy_across_units_is_refused(paths):
+    p1, p2 = paths
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2, StorageUnit() as u3:
+        s, t, m = u1.create_volume("s", N, TS), u2.create_volume("t", N, TS), \
+            u3.create_volume("m", N, TS)
+        for src, tgt in ((s, t), (t, s), (s, m), (m, s), (s, Volume(N, TS))):
+            with pytest.raises(LimitError, match="storage unit"):
+                FlashCopy(src, tgt)
+            assert src.relationships == [] and tgt.relationships == []
+        assert u1.flashcopies == [] and u2.flashcopies == []
+    with StorageUnit(p1) as u1:
+        assert u1.flashcopies == []
+
+
+# ---------------------------------------------------------------------------
+# PPRC pairs
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["gcp", "mmir"])
+def test_pprc_pair_restored_with_its_out_of_sync_tracks(paths, mode):
+    p1, p2 = paths
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        a, b = u1.create_volume("a", N, TS), u2.create_volume("b", N, TS)
+        a.write(0, rand(a.capacity, 1))
+        pair = PPRCPair(a, b, mode=mode, background=False, name="p")
+        pair.drain()
+        assert np.array_equal(image(b), image(a))
+        pair.suspend("test")
+        track(a, 1, 2)
+        track(a, 6, 3)
+        assert pair.oos.set_indices().tolist() == [1, 6]
+        want = image(a)
+    with StorageUnit(p2) as u2:                    # the secondary alone
+        assert u2.pairs == []
+        with pytest.raises(WriteInhibitedError):   # still a PPRC secondary
+            u2.volume("b").write(0, b"x")
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        [pair] = u1.pairs
+        a, b = u1.volume("a"), u2.volume("b")
+        assert pair.primary is a and pair.secondary is b and pair.name == "p"
+        assert pair.mode.value == mode and pair.suspend_reason == "test"
+        assert pair.oos.set_indices().tolist() == [1, 6]
+        with pytest.raises(WriteInhibitedError):
+            b.write(0, b"x")
+        pair.resume()
+        pair.drain()
+        assert np.array_equal(image(b), want)
+        pair.remove()
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        assert u1.pairs == []
+        u2.volume("b").write(0, b"x")              # no longer a secondary
+
+
+def test_primary_opened_alone_records_host_writes(paths):
+    """Writes to a primary whose secondary unit is not open must reach the
+    secondary once it is (as with a suspended pair), never be lost."""
+    p1, p2 = paths
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        a, b = u1.create_volume("a", N, TS), u2.create_volume("b", N, TS)
+        pair = PPRCPair(a, b, background=False)
+        pair.drain()
+    with StorageUnit(p1) as u1:
+        assert u1.pairs == []
+        track(u1.volume("a"), 3, 1)
+        with pytest.raises(StateError):
+            u1.remove_volume("a")                  # still a PPRC primary
+        want = image(u1.volume("a"))
+    with StorageUnit(p2) as u2, StorageUnit(p1) as u1:
+        [pair] = u1.pairs
+        assert pair.oos.set_indices().tolist() == [3]
+        pair.drain()
+        assert np.array_equal(image(u2.volume("b")), want)
+
+
+# ---------------------------------------------------------------------------
+# Global Mirror sessions
+# ---------------------------------------------------------------------------
+
+def make_session(p1, p2, n=3, **options):
+    u1, u2 = StorageUnit(p1), StorageUnit(p2)
+    A = [u1.create_volume(f"A{i}", N, TS) for i in range(n)]
+    B = [u2.create_volume(f"B{i}", N, TS) for i in range(n)]
+    C = [u2.create_volume(f"C{i}", N, TS) for i in range(n)]
+    for i, a in enumerate(A):
+        a.write(0, rand(a.capacity, 100 + i))
+    options.setdefault("max_coordination_time", 1.0)
+    gm = GlobalMirror(list(zip(A, B, C)), name="gm", **options)
+    return u1, u2, gm
+
+
+def a_images(gm):
+    return [image(t.a) for t in gm.triplets]
+
+
+def c_images_of(u2, n=3):
+    return [image(u2.volume(f"C{i}")) for i in range(n)]
+
+
+def assert_images(got, want):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert np.array_equal(g, w), f"C{i} differs"
+
+
+def test_session_restored_only_when_both_units_are_open(paths):
+    p1, p2 = paths
+    u1, u2, gm = make_session(p1, p2)
+    assert u2.sessions == {"gm": gm} and u1.sessions == {}
+    assert gm.form_consistency_group().committed
+    track(gm.triplets[1].a, 2, 5)
+    assert gm.form_consistency_group().committed
+    cg2 = a_images(gm)
+    track(gm.triplets[0].a, 0, 6)                  # after the last CG: not on C
+    u1.close()
+    u2.close()
+
+    with StorageUnit(p2) as u2:                    # the secondary alone
+        assert u2.sessions == {}
+        with pytest.raises(StateError, match="primary"):
+            u2.session("gm")
+        with pytest.raises(KeyError):
+            u2.session("other")
+        assert sorted(fc.sequence for fc in u2.flashcopies) == [2, 2, 2]
+        assert_images(c_images_of(u2), cg2)
+    seq, images = 2, cg2
+    for order in ((p1, p2), (p2, p1)):
+        units = [StorageUnit(p) for p in order]
+        u1, u2 = (units if order[0] == p1 else units[::-1])
+        gm = u2.session("gm")
+        assert gm.c_sequences == [seq] * 3 and gm.stats.sequence == seq
+        assert [t.a.name for t in gm.triplets] == ["A0", "A1", "A2"]
+        assert_images(c_images_of(u2), images)
+        res = gm.form_consistency_group()
+        seq += 1
+        assert res.committed and res.sequence == seq
+        images = a_images(gm)
+        assert_images(c_images_of(u2), images)
+        for u in units:
+            u.close()
+
+
+def test_session_loop_and_close_after_reopen(paths):
+    p1, p2 = paths
+    u1, u2, gm = make_session(p1, p2, cg_interval=0.001)
+    gm.form_consistency_group()
+    u1.close()
+    u2.close()
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        gm = u2.session("gm")
+        assert gm.cg_interval == 0.001 and gm.max_coordination_time == 1.0
+        gm.start()
+        track(gm.triplets[2].a, 7, 1)
+        gm.stop()
+        gm.close()                                 # rmgmir: gone for good
+        assert u2.sessions == {} and u1.pairs == []
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        assert u2.sessions == {} and u1.pairs == [] and u2.flashcopies == []
+        with pytest.raises(KeyError):
+            u2.session("gm")
+
+
+def test_session_name_is_unique_in_a_unit(paths):
+    p1, p2 = paths
+    u1, u2, gm = make_session(p1, p2, n=1)
+    a, b, c = (u.create_volume(n, N, TS) for u, n in ((u1, "a"), (u2, "b"), (u2, "c")))
+    with pytest.raises(ValueError):
+        GlobalMirror([(a, b, c)], name="gm")
+    assert a._mirror is None and not b._secondary and c.relationships == []
+    u1.close()
+    u2.close()
+
+
+@pytest.mark.parametrize("crash_at, outcome", [
+    ("before_decision", "revert"),     # prepares recorded, no decision
+    ("decision_commit", "commit"),     # decision "commit" recorded, nothing committed
+    ("decision_revert", "revert"),     # a prepare failed: decision "revert"
+    ("mid_commit", "commit"),          # the first commit done in memory only
+])
+def test_interrupted_cg_is_resolved_on_open(paths, crash_at, outcome):
+    p1, p2 = paths
+    u1, u2, gm = make_session(p1, p2)
+    assert gm.form_consistency_group().committed
+    cg1 = a_images(gm)
+    track(gm.triplets[0].a, 1, 1)
+    track(gm.triplets[2].a, 5, 2)
+    B = [t.b for t in gm.triplets]
+    if crash_at == "before_decision":
+        def no_decision(*args):
+            raise SimulatedCrash()
+        u2.store.cg_decision = no_decision
+    elif crash_at == "decision_commit":
+        faults.inject("decision", action=crash)
+    elif crash_at == "decision_revert":
+        faults.inject("prepare", B[1])
+        faults.inject("decision", action=crash)
+    else:
+        faults.inject("commit", B[1], action=crash)
+    with pytest.raises(SimulatedCrash):
+        gm.form_consistency_group()
+    cg2 = a_images(gm)
+    faults.clear()
+    u2.close()
+    u1.close()
+    with StorageUnit(p2) as u2:
+        fcs = sorted(u2.flashcopies, key=lambda fc: fc.target.name)
+        assert not any(fc.revertible for fc in fcs)
+        want_seq = 2 if outcome == "commit" else 1
+        assert [fc.sequence for fc in fcs] == [want_seq] * 3
+        assert_images(c_images_of(u2), cg2 if outcome == "commit" else cg1)
+        n = 2 if crash_at == "decision_revert" else 3
+        verb = "committed" if outcome == "commit" else "reverted"
+        if crash_at == "before_decision":
+            # prepares and decision may share one commit: then nothing to do
+            assert u2.recovered in ([], [f"session gm: CG 2 reverted on 3 of 3 volumes"])
+        else:
+            assert u2.recovered == [f"session gm: CG 2 {verb} on {n} of 3 volumes"]
+        assert not any(u2.volume(f"B{i}").write_inhibited for i in range(3))
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        assert u2.recovered == []
+        gm = u2.session("gm")
+        res = gm.form_consistency_group()
+        assert res.committed and res.sequence == want_seq + 1
+        assert_images(c_images_of(u2), a_images(gm))
+
+
+def test_decision_record_follows_a_commit_resolved_by_revert(paths):
+    """Every commit fails: the session resolves the CG by reverting all, and
+    its decision record must say so. A stale "commit" would make a crash
+    during the resolution, or a crash of a later attempt reusing the sequence
+    number after reopening, commit a CG that was not whole."""
+    p1, p2 = paths
+    u1, u2, gm = make_session(p1, p2)
+    assert gm.form_consistency_group().committed
+    cg1 = a_images(gm)
+    track(gm.triplets[0].a, 1, 1)
+    for t in gm.triplets:
+        faults.inject("commit", t.b)
+    res = gm.form_consistency_group()
+    assert not res.committed and gm.state.value == "fatal"
+    assert gm.c_sequences == [1, 1, 1]
+    assert u2.store.decision("gm", 2) == "revert"
+    assert_images(c_images_of(u2), cg1)
+    u1.close()
+    u2.close()
+    # the sequence number is used again after reopening: an attempt whose
+    # prepare fails on B2 crashes before its decision is recorded
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        gm = u2.session("gm")
+        faults.inject("prepare", gm.triplets[2].b)
+
+        def no_decision(*args):
+            raise SimulatedCrash()
+        u2.store.cg_decision = no_decision
+        with pytest.raises(SimulatedCrash):
+            gm.form_consistency_group()
+        assert [t.fc.revertible for t in gm.triplets] == [True, True, False]
+    with StorageUnit(p2) as u2:
+        assert sorted(fc.sequence for fc in u2.flashcopies) == [1, 1, 1]
+        assert_images(c_images_of(u2), cg1)
+
+
+def test_failure_inside_resolution_crash(paths):
+    """Every commit fails, and the resolution (revert all) crashes after the
+    first revert: reopening must revert the rest, not commit them."""
+    p1, p2 = paths
+    u1, u2, gm = make_session(p1, p2)
+    assert gm.form_consistency_group().committed
+    cg1 = a_images(gm)
+    track(gm.triplets[1].a, 1, 1)
+    for t in gm.triplets:
+        faults.inject("commit", t.b)
+    faults.inject("revert", gm.triplets[1].b, action=crash)
+    with pytest.raises(SimulatedCrash):
+        gm.form_consistency_group()
+    assert [t.fc.revertible for t in gm.triplets] == [False, True, True]
+    faults.clear()
+    u1.close()
+    u2.close()
+    with StorageUnit(p2) as u2:
+        assert sorted(fc.sequence for fc in u2.flashcopies) == [1, 1, 1]
+        assert u2.recovered == ["session gm: CG 2 reverted on 2 of 3 volumes"]
+        assert_images(c_images_of(u2), cg1)
+
+
+# ---------------------------------------------------------------------------
+# Opening: already open, damaged units
+# ---------------------------------------------------------------------------
+
+def test_unit_already_open_in_the_process(tmp_path):
+    u = StorageUnit(tmp_path / "u")
+    with pytest.raises(StateError, match="already open"):
+        StorageUnit(tmp_path / "u")
+    with pytest.raises(StateError):
+        StorageUnit(str(tmp_path / "u" / ".." / "u"))   # the same directory
+    u.close()
+    u.close()                                      # idempotent
+    StorageUnit(tmp_path / "u").close()
+
+
+def make_unit(path):
+    """A unit with plain volumes, a FlashCopy and a PPRC pair to another unit."""
+    other = path.parent / (path.name + "-sec")
+    with StorageUnit(path) as u, StorageUnit(other) as o:
+        a = u.create_volume("a", N, TS)
+        t = u.create_volume("t", N, TS)
+        a.write(0, rand(a.capacity, 1))
+        FlashCopy(a, t, background_copy=False, record=True)
+        PPRCPair(a, o.create_volume("b", N, TS), background=False).drain()
+    return other
+
+
+def bitmap_ids(path, table, cols):
+    db = sqlite3.connect(path / "unit.db")
+    try:
+        rows = db.execute(f"SELECT {', '.join(cols)} FROM {table}").fetchall()
+    finally:
+        db.close()
+    return [i for row in rows for i in row if i is not None]
+
+
+def assert_corrupt(path, *words):
+    with pytest.raises(CorruptUnitError) as info:
+        StorageUnit(path)
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, msg
+    # a refused open leaves nothing open: trying again refuses the same way
+    with pytest.raises(CorruptUnitError):
+        StorageUnit(path)
+    return msg
+
+
+def damage_truncate(path, size):
+    with open(path / "unit.db", "r+b") as f:
+        f.truncate(size)
+
+
+@pytest.mark.parametrize("cut", [0, 100, 4096, 0.5])
+def test_truncated_database(tmp_path, cut):
+    path = tmp_path / "u"
+    make_unit(path)
+    size = os.path.getsize(path / "unit.db")
+    damage_truncate(path, int(size * cut) if isinstance(cut, float) else cut)
+    bitmaps = sorted(os.listdir(path / "bitmaps"))
+    assert_corrupt(path, "unit.db")
+    assert sorted(os.listdir(path / "bitmaps")) == bitmaps     # nothing deleted
+    assert (path / "volumes" / "a.vol").exists()
+
+
+@pytest.mark.parametrize("offset", [0, 100, 4096, 8192])
+def test_garbage_in_database(tmp_path, offset):
+    path = tmp_path / "u"
+    make_unit(path)
+    with open(path / "unit.db", "r+b") as f:
+        f.seek(offset)
+        f.write(rand(4096, offset).tobytes())
+    assert_corrupt(path, "unit.db")
+
+
+def test_database_not_a_database_and_wrong_schema(tmp_path):
+    path = tmp_path / "u"
+    make_unit(path)
+    db = sqlite3.connect(path / "unit.db")
+    db.execute("UPDATE meta SET value='99' WHERE key='schema'")
+    db.commit()
+    db.close()
+    assert_corrupt(path, "schema")
+    (path / "unit.db").write_bytes(b"hello, world\n" * 100)
+    assert_corrupt(path, "unit.db")
+
+
+def test_missing_database_or_directory_is_a_file(tmp_path):
+    path = tmp_path / "u"
+    make_unit(path)
+    (path / "unit.db").unlink()
+    assert_corrupt(path, "unit.db")
+    (tmp_path / "f").write_text("x")
+    assert_corrupt(tmp_path / "f", "not a directory")
+
+
+def test_missing_volume_file(tmp_path):
+    path = tmp_path / "u"
+    make_unit(path)
+    (path / "volumes" / "t.vol").unlink()
+    assert_corrupt(path, "t.vol", "missing")
+
+
+@pytest.mark.parametrize("size", [0, N * TS - 1, N * TS + 1, 2 * N * TS])
+def test_volume_file_of_the_wrong_size(tmp_path, size):
+    path = tmp_path / "u"
+    make_unit(path)
+    with open(path / "volumes" / "a.vol", "r+b") as f:
+        f.truncate(size)
+    assert_corrupt(path, "a.vol", str(size))
+
+
+@pytest.mark.parametrize("table, cols", [
+    ("flashcopies", ("to_copy",)),
+    ("flashcopies", ("src_changed", "tgt_changed")),
+    ("pairs", ("oos",)),
+])
+@pytest.mark.parametrize("damage", ["missing", "short", "long"])
+def test_damaged_bitmap_file(tmp_path, table, cols, damage):
+    path = tmp_path / "u"
+    make_unit(path)
+    for fid in bitmap_ids(path, table, cols):
+        file = path / "bitmaps" / f"{fid}.bm"
+        if damage == "missing":
+            file.unlink()
+        else:
+            with open(file, "r+b") as f:
+                f.truncate(0 if damage == "short" else 16)
+    msg = assert_corrupt(path, "bitmap file")
+    assert ("missing" if damage == "missing" else "bytes") in msg
+
+
+def test_damaged_unit_is_refused_when_opened_with_its_partner(tmp_path):
+    path = tmp_path / "u"
+    other = make_unit(path)
+    for fid in bitmap_ids(path, "pairs", ("oos",)):
+        (path / "bitmaps" / f"{fid}.bm").unlink()
+    with StorageUnit(other) as o:                   # the secondary opens fine
+        assert_corrupt(path, "bitmap file")
+        assert o.volume("b")._secondary
+
+
+def test_row_naming_a_missing_volume(tmp_path):
+    path = tmp_path / "u"
+    make_unit(path)
+    db = sqlite3.connect(path / "unit.db")
+    db.execute("UPDATE flashcopies SET target='ghost'")
+    db.commit()
+    db.close()
+    assert_corrupt(path, "ghost")
+
+
+def test_files_left_by_a_create_that_died(tmp_path):
+    """A volume file without its row (create died before the row) or a
+    bitmap file no row names (a step died before its commit) are leftovers,
+    not damage."""
+    path = tmp_path / "u"
+    make_unit(path)
+    (path / "volumes" / "late.vol").write_bytes(b"\0" * 100)
+    (path / "bitmaps" / "999.bm").write_bytes(b"\0" * 8)
+    with StorageUnit(path) as u:
+        assert "late" not in u
+        v = u.create_volume("late", N, TS)
+        assert v.capacity == N * TS and not image(v).any()
+        assert np.array_equal(image(u.volume("t")), rand(N * TS, 1))
