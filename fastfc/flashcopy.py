@@ -301,10 +301,11 @@ class FlashCopy(_core.RelationshipBase):
         if not self.background_copy:
             raise StateError(f"{self!r} is NOCOPY: nothing copies in the background; "
                              "call copy() instead")
-        if self.active and not self.to_copy.any():
+        if not self.to_copy.any():
             return True
         self._done.wait(timeout)
-        return not self.active or not self.to_copy.any()
+        # a relationship withdrawn with tracks left (force) never completes
+        return not self.to_copy.any()
 
     # -- incremental and revertible resync -----------------------------------
     def resync(self, *, revertible: bool = False, sequence: int | None = None) -> None:
