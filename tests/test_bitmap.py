@@ -587,3 +587,40 @@ TestBitmapMachine = BitmapMachine.TestCase
 TestBitmapMachine.settings = settings(
     settings.default, stateful_step_count=min(40, settings.default.stateful_step_count),
     max_examples=min(300, settings.default.max_examples))
+
+
+# ---------------------------------------------------------------------------
+# long bitmaps and unaligned storage (the vector kernels' prologues, blocks
+# and tails)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("skew", range(8))
+@pytest.mark.parametrize("n", [64 * 32 - 1, 64 * 32 * 3 + 5, 64 * 200 + 33])
+def test_count_and_scans_on_long_unaligned_bitmaps(n, skew):
+    nw = (n + 63) // 64
+    buf = np.zeros(nw + 8, dtype=np.uint64)
+    bm = TrackBitmap(n, words=buf[skew:skew + nw])     # 8-byte steps off alignment
+    assert bm.count() == 0 and bm.find_next_set(0) == -1
+    rng = np.random.default_rng(n + skew)
+    probes = sorted(p for p in {0, n - 1, 63, 64, 511, 512, 2047, 2048, 2049, n // 2,
+                                *rng.integers(0, n, 6).tolist()} if p < n)
+    for i in probes:                                  # one bit alone, far from others
+        bm.set(i)
+        assert bm.count() == 1
+        assert bm.find_next_set(0) == i
+        assert bm.find_next_set(i) == i and bm.find_next_set(i + 1) == -1
+        assert bm.any() and bm.count_range(0, n) == 1
+        assert list(bm.runs()) == [(i, i + 1)]
+        bm.clear(i)
+    bools = rng.random(n) < 0.01
+    for i in np.flatnonzero(bools):
+        bm.set(int(i))
+    assert bm.count() == int(bools.sum())
+    for s in probes:
+        assert bm.find_next_set(s) == ref_next(bools, s, True)
+    bm.fill(True)
+    assert bm.count() == n and bm.all()
+    bm.clear(probes[-1])
+    assert bm.find_next_clear(0) == probes[-1] and bm.count() == n - 1
+    # the words around the view were never touched
+    assert not buf[:skew].any() and not buf[skew + nw:].any()
