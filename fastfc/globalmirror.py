@@ -390,9 +390,10 @@ class GlobalMirror:
         seq = res.sequence
         prepared: list[FlashCopy] = []
         failure = None
-        # On a storage unit the prepares share one durable commit, and so do
-        # the commits (or reverts): recovery needs only the decision record,
-        # written on its own before any relationship is committed or reverted.
+        # On a storage unit the prepares and the decision record share one
+        # durable commit, and the commits (or reverts) another: a crash before
+        # the first leaves nothing prepared; after it, recovery carries out
+        # the recorded decision. Two fsyncs per CG, whatever its size.
         with self._store.transaction():
             for trip in self.triplets:
                 try:
@@ -402,9 +403,9 @@ class GlobalMirror:
                     failure = f"prepare of {trip.b.name}: {type(e).__name__}: {e}"
                     if self.decide == "after_each":
                         break
-        decision = "commit" if failure is None else "revert"
-        if self.journal is not None:
-            self.journal.cg_decision(self.name, seq, decision)
+            decision = "commit" if failure is None else "revert"
+            if self.journal is not None:
+                self.journal.cg_decision(self.name, seq, decision)
         try:
             faults.hit("decision")   # crash tests stop the world here
         except FastFCError:

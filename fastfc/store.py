@@ -107,6 +107,7 @@ CREATE TABLE IF NOT EXISTS decisions(
 """
 
 _FC_BITMAPS = ("to_copy", "src_changed", "tgt_changed")
+POOL_PER_SIZE = 1024   # recycled bitmap files kept per bitmap size
 
 
 class SQLiteStore(Store):
@@ -156,6 +157,8 @@ class SQLiteStore(Store):
         self._next_bitmap = 1 + max([int(p.stem) for p in self.bitmap_dir.glob("*.bm")
                                      if p.stem.isdigit()] or [0])
         self._row_bitmaps: dict[tuple[str, int], set[int]] = {}
+        self._maps: dict[int, FileBitmap] = {}           # every mapped bitmap file
+        self._pool: dict[int, list[FileBitmap]] = {}     # unreferenced, by n_bits
         self.fsyncs = 0   # commits, each one fsync of the WAL
 
     # -- transactions --------------------------------------------------------
@@ -188,13 +191,21 @@ class SQLiteStore(Store):
 
     # -- bitmaps ---------------------------------------------------------------
     def new_bitmap(self, n_bits: int, fill: bool = False) -> FileBitmap:
+        """A bitmap in its own file: a recycled one (no row references it)
+        when the pool has one of this size, else a new file."""
         with self._lock:
+            pool = self._pool.get(n_bits)
+            if pool:
+                bm = pool.pop()
+                bm.fill(fill)
+                return bm
             fid = self._next_bitmap
             self._next_bitmap += 1
         path = self.bitmap_dir / f"{fid}.bm"
         words = np.memmap(path, dtype=np.uint64, mode="w+", shape=(max((n_bits + 63) // 64, 1),))
         bm = FileBitmap(n_bits, fill=fill, words=words)
         bm.file_id, bm.path, bm.mm = fid, path, words
+        self._maps[fid] = bm
         return bm
 
     def load_bitmap(self, fid: int | None, n_bits: int) -> FileBitmap | None:
@@ -210,6 +221,7 @@ class SQLiteStore(Store):
         words = np.memmap(path, dtype=np.uint64, mode="r+", shape=(n_words,))
         bm = FileBitmap(n_bits, words=words)
         bm.file_id, bm.path, bm.mm = fid, path, words
+        self._maps[fid] = bm
         return bm
 
     def _track(self, key: tuple[str, int], bitmaps) -> None:
@@ -221,9 +233,18 @@ class SQLiteStore(Store):
         self._garbage = getattr(self, "_garbage", set()) | (old - now)
 
     def _collect(self) -> None:
+        """After a commit: bitmaps no row references any more go back to the
+        pool (a Global Mirror CG frees and needs the same sizes every time),
+        or are deleted when the pool is full."""
         garbage = getattr(self, "_garbage", set())
         live = set().union(*self._row_bitmaps.values()) if self._row_bitmaps else set()
         for fid in garbage - live:
+            bm = self._maps.pop(fid, None)
+            pool = self._pool.setdefault(bm.n_bits, []) if bm is not None else None
+            if pool is not None and len(pool) < POOL_PER_SIZE:
+                self._maps[fid] = bm
+                pool.append(bm)
+                continue
             try:
                 (self.bitmap_dir / f"{fid}.bm").unlink()
             except FileNotFoundError:
