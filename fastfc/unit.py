@@ -323,18 +323,21 @@ class StorageUnit:
             s.stop()
         for p in self.pairs:
             p.stop()
-        for v in self._volumes.values():
-            for r in v._src_rels:
-                if r._thread is not None:
-                    r._thread.join(timeout=0)
+        workers = [r._thread for v in self._volumes.values() for r in v._src_rels
+                   if r._thread is not None]
         if self.path is not None:
             self.flush()
         self._closed = True
-        self._release_files()
+        self._release_files(workers)
 
-    def _release_files(self) -> None:
+    def _release_files(self, workers=()) -> None:
         for v in self._volumes.values():
             v.close()
+        # background-copy workers stop at their next chunk once the volumes are
+        # closed, but one may be ending its relationship (a row to delete): the
+        # store closes after them
+        for t in workers:
+            t.join()
         if self.path is not None:
             self.store.close()
             with _registry_lock:
