@@ -251,7 +251,7 @@ def _partner_paths(unit: StorageUnit) -> set[str]:
 def _primary_units(unit: StorageUnit) -> set[str]:
     """Units holding primaries of pairs whose secondaries ``unit`` holds."""
     f = unit.path / "cli" / "primaries"
-    return set(f.read_text().split()) if f.exists() else set()
+    return set(f.read_text().splitlines()) if f.exists() else set()
 
 
 pass_units = click.make_pass_decorator(Units)
@@ -311,7 +311,11 @@ def _human(n: int) -> str:
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f}"
+    return f"{seconds * 1e3:.3f}"
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 @contextmanager
@@ -345,6 +349,11 @@ def _copy_in_foreground(rels: list[FlashCopy]) -> None:
                     ahead = copied * fc.source.track_size / fc.copy_rate
                     time.sleep(max(0.0, ahead - (time.perf_counter() - start)))
                 progress.update(task, completed=total - fc.tracks_to_copy)
+            try:
+                fc.copy(0)   # a copied relationship that is not persistent ends now
+            except FastFCError:
+                if fc.active:
+                    raise
 
 
 def _drain_in_foreground(pairs: list[PPRCPair]) -> int:
@@ -429,7 +438,7 @@ def mkvol(units, names, tracks, size, track_size) -> None:
     n = tracks if tracks is not None else max(1, -(-size // track_size))
     for name in names:
         vol = unit.create_volume(name, n, track_size)
-        click.echo(f"created volume {name}: {vol.n_tracks} tracks of "
+        click.echo(f"created volume {name}: {_n(vol.n_tracks, 'track')} of "
                    f"{_human(vol.track_size)} ({_human(vol.capacity)})")
 
 
@@ -484,8 +493,8 @@ def write(units, volume, data, offset, repeat) -> None:
     """Host write: DATA (UTF-8 text) to VOLUME at --offset."""
     unit = units.local()
     vol = unit.volume(volume)
-    for row in unit._pair_rows:   # pairs not restored: their writes would go unrecorded
-        if row["primary_name"] == volume:
+    for row in unit._pair_rows:   # a pair not restored, its writes maybe unrecorded
+        if row["primary_name"] == volume and vol._mirror is None:
             raise click.ClickException(
                 f"{volume} is a PPRC primary whose secondary unit {row['secondary_unit']} "
                 "is not available; its writes could not be recorded")
@@ -557,7 +566,7 @@ def mkflash(units, specs, nocp, record, persist, inhibit, copy_rate, seq, wait) 
                            sequence=seq)
     for fc in rels:
         click.echo(f"established FlashCopy {_fc_id(fc)}: sequence {fc.sequence}, "
-                   f"{'NOCOPY' if nocp else 'COPY'}, {fc.source.n_tracks} tracks to copy")
+                   f"{'NOCOPY' if nocp else 'COPY'}, {_n(fc.source.n_tracks, 'track')} to copy")
     if wait:
         _finish_copies(rels)
 
@@ -607,7 +616,7 @@ def resyncflash(units, specs, revertible, seq, wait) -> None:
         fc.resync(revertible=revertible, sequence=seq)
         how = "revertible, " if revertible else ""
         click.echo(f"resynced {_fc_id(fc)}: {how}sequence {fc.sequence}, "
-                   f"{marked} tracks to copy")
+                   f"{_n(marked, 'track')} to copy")
     if wait:
         _finish_copies([fc for fc in rels if fc.background_copy])
 
@@ -647,7 +656,7 @@ def reverseflash(units, specs) -> None:
     """Fast reverse restore: each SOURCE takes its TARGET's image."""
     for fc in [units.flashcopy(*s) for s in specs]:
         n = fc.reverse_restore()
-        click.echo(f"restored {fc.source.name} from {fc.target.name}: {n} tracks copied")
+        click.echo(f"restored {fc.source.name} from {fc.target.name}: {_n(n, 'track')} copied")
 
 
 @main.command()
@@ -660,7 +669,7 @@ def rmflash(units, specs, force) -> None:
     for fc in [units.flashcopy(*s) for s in specs]:
         left = fc.tracks_to_copy
         fc.withdraw(force=force)
-        note = f"; {fc.target.name} is invalid ({left} tracks were not copied)" if left else ""
+        note = f"; {fc.target.name} is invalid ({_n(left, 'track')} not copied)" if left else ""
         click.echo(f"withdrew {_fc_id(fc)}{note}")
 
 
@@ -680,7 +689,7 @@ def mkpprc(units, specs, mode, nocp, wait) -> None:
     for a, b in vols:
         pairs.append(PPRCPair(a, b, mode=mode, initial_copy=not nocp, background=False))
         click.echo(f"established PPRC pair {_pair_id(pairs[-1])} ({mode}): "
-                   f"{pairs[-1].out_of_sync_tracks} tracks to copy")
+                   f"{_n(pairs[-1].out_of_sync_tracks, 'track')} to copy")
     if wait:
         _drain_in_foreground(pairs)
         click.echo("initial copy done: " + ", ".join(
@@ -730,7 +739,7 @@ def resumepprc(units, specs, wait) -> None:
     pairs = [units.pair(*s) for s in specs]
     for p in pairs:
         p.resume()
-        click.echo(f"resumed {_pair_id(p)}: {p.out_of_sync_tracks} tracks out of sync")
+        click.echo(f"resumed {_pair_id(p)}: {_n(p.out_of_sync_tracks, 'track')} out of sync")
     if wait:
         _drain_in_foreground(pairs)
         click.echo("resync done: " + ", ".join(f"{_pair_id(p)} {p.state.value}"
@@ -756,7 +765,7 @@ def failbackpprc(units, specs, wait) -> None:
     pairs = [units.pair(*s) for s in specs]
     for p in pairs:
         p.failback()
-        click.echo(f"failed back: pair {_pair_id(p)}, {p.out_of_sync_tracks} tracks to send")
+        click.echo(f"failed back: pair {_pair_id(p)}, {_n(p.out_of_sync_tracks, 'track')} to send")
     if wait:
         _drain_in_foreground(pairs)
         click.echo("resync done: " + ", ".join(f"{_pair_id(p)} {p.state.value}"
@@ -801,7 +810,7 @@ def mkgmir(units, session, specs, cg_interval, coord_time, drain_time, decide) -
                       max_coordination_time=coord_time / 1e3, max_drain_time=drain_time,
                       decide=decide)
     _GMLog(gm).reset()
-    click.echo(f"created Global Mirror session {session}: {len(triplets)} triplets; "
+    click.echo(f"created Global Mirror session {session}: {_n(len(triplets), 'triplet')}; "
                "formcg forms its consistency groups")
 
 
@@ -831,7 +840,7 @@ def showgmir(units, session) -> None:
               time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)))
     t.add_row("RPO", "-" if when is None else f"{time.time() - when:.1f} s")
     t.add_row("Sent to B", _human(log["bytes_drained"]))
-    t.add_row("Out of sync", f"{sum(tr.pair.out_of_sync_tracks for tr in gm.triplets)} tracks")
+    t.add_row("Out of sync", _n(sum(tr.pair.out_of_sync_tracks for tr in gm.triplets), "track"))
     _console().print(t)
     t = _table("A", "B", "C", "Pair state", "Out of sync", "C seq")
     for tr in gm.triplets:

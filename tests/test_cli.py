@@ -253,7 +253,7 @@ def test_resyncflash_needs_record_and_wait_copies_changes(fastfc, site1):
     fastfc("mkflash", "S:T", "--record", "--wait")
     fastfc("write", "S", "changed", "--offset", 5 * TS)
     out = fastfc("resyncflash", "S:T", "--wait").stdout
-    assert "resynced S:T: sequence 1, 1 tracks to copy" in out and "copied S:T" in out
+    assert "resynced S:T: sequence 1, 1 track to copy" in out and "copied S:T" in out
     assert digest(fastfc, "T", site1) == digest(fastfc, "S", site1)
 
 
@@ -276,7 +276,7 @@ def test_rmflash_refuses_an_incomplete_copy_unless_forced(fastfc, site1):
     assert f"{N} tracks to copy" in r.stderr
     assert "<" not in r.stderr            # names, not reprs
     out = fastfc("rmflash", "S:T", "--force").stdout
-    assert f"withdrew S:T; T is invalid ({N} tracks were not copied)" in out
+    assert f"withdrew S:T; T is invalid ({N} tracks not copied)" in out
     assert "INVALID" in rows(fastfc("lsvol"))["T"][4]
     assert "valid image" in fastfc("read", "T", code=1).stderr
     fastfc("mkflash", "S:U", "--persist", "--wait")
@@ -330,18 +330,23 @@ def test_global_copy_sends_only_when_a_command_drains(fastfc, two_sites):
 
 
 def test_partner_units_open_by_themselves(fastfc, two_sites, tmp_path):
-    """Once paired, the secondary unit need not be named again; without it
-    a write to the primary is refused rather than left unrecorded."""
+    """Once paired, the secondary unit need not be named again. Without it a
+    write to the primary is refused or recorded out of sync, never lost."""
     site1, site2 = two_sites
     fastfc("mkpprc", "A:B", "--type", "gcp", "--nocp", remote=site2)
     fastfc("write", "A", "recorded", unit=site1)
     assert rows(fastfc("lspprc", unit=site1))["A:B"][3] == "1"
     site2.rename(tmp_path / "elsewhere")
-    r = fastfc("write", "A", "unrecordable", code=1)
-    assert "secondary unit" in r.stderr and "not available" in r.stderr
-    assert rows(fastfc("lspprc"))["A:B"][1] == "unknown"
+    assert rows(fastfc("lspprc"))["A:B"][1:5] == [
+        "unknown", "gcp", "?", "secondary unit not available"]
     assert "not available" in fastfc("pausepprc", "A:B", code=1).stderr
+    r = CliRunner().invoke(main, ["-u", str(site1), "write", "A", "away", "--offset", 9 * TS])
+    if r.exit_code:
+        assert "secondary unit" in r.stderr and "not available" in r.stderr
     fastfc("write", "A2", "an unpaired volume takes writes")
+    (tmp_path / "elsewhere").rename(site2)
+    fastfc("resumepprc", "A:B", "--wait")
+    assert digest(fastfc, "B", site2) == digest(fastfc, "A", site1)
 
 
 def test_failover_and_failback(fastfc, two_sites):
@@ -352,7 +357,7 @@ def test_failover_and_failback(fastfc, two_sites):
     fastfc("write", "B", "production moved", "--offset", 11 * TS, unit=site2)
     assert rows(fastfc("lspprc"))["A:B"][1:5] == ["suspended", "mmir", "1", "failover"]
     out = fastfc("failbackpprc", "A:B", "--wait").stdout
-    assert "failed back: pair B:A, 1 tracks to send" in out
+    assert "failed back: pair B:A, 1 track to send" in out
     assert rows(fastfc("lspprc"))["B:A"] == [
         "B:A", "full duplex", "mmir", "0", "-", "site2", "site1"]
     assert digest(fastfc, "A", site1) == digest(fastfc, "B", site2)
@@ -417,7 +422,7 @@ def test_global_mirror_session_across_invocations(fastfc, site1, site2):
     show = props(fastfc("showgmir", "gm1", unit=site2))  # from the remote site alone
     assert show["CG sequence"] == "2" and show["C sequences"] == "2"
     assert show["CG attempts"] == "2" and show["Successful CGs"] == "2"
-    assert show["Out of sync"] == "1 tracks"
+    assert show["Out of sync"] == "1 track"
     assert show["RPO"].endswith(" s")
 
     fastfc("formcg", "gm1")
