@@ -70,6 +70,9 @@ class Spec(click.ParamType):
         self.parts = parts
         self.name = ":".join(parts)
 
+    def get_metavar(self, param, ctx=None) -> str:
+        return self.name
+
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
@@ -258,7 +261,11 @@ pass_units = click.make_pass_decorator(Units)
 
 
 class FastFCGroup(click.Group):
-    """Closes the units after the command; expected errors become one line."""
+    """Closes the units after the command; expected errors become one line.
+    Commands are listed in the order they are defined (by subject)."""
+
+    def list_commands(self, ctx):
+        return list(self.commands)
 
     def invoke(self, ctx):
         try:
@@ -460,6 +467,8 @@ def _roles(v, units: Units) -> str:
         roles.append(f"FC target of {v._tgt_rel.source.name}")
     if isinstance(v._mirror, PPRCPair):
         roles.append(f"PPRC primary of {v._mirror.secondary.name}")
+    elif _pending_pair(v):
+        roles.append(f"PPRC primary of {_pending_pair(v)['secondary_name']} (unit away)")
     if v._secondary:
         roles.append("PPRC secondary")
     roles += [f"GM {gm.name}" for u in units.open.values() for gm in u.sessions.values()
@@ -493,14 +502,22 @@ def write(units, volume, data, offset, repeat) -> None:
     """Host write: DATA (UTF-8 text) to VOLUME at --offset."""
     unit = units.local()
     vol = unit.volume(volume)
-    for row in unit._pair_rows:   # a pair not restored, its writes maybe unrecorded
-        if row["primary_name"] == volume and vol._mirror is None:
-            raise click.ClickException(
-                f"{volume} is a PPRC primary whose secondary unit {row['secondary_unit']} "
-                "is not available; its writes could not be recorded")
+    pending = _pending_pair(vol)
+    if pending and vol._mirror is None:   # the library would not record it
+        raise click.ClickException(
+            f"{volume} is a PPRC primary whose secondary unit {pending['secondary_unit']} "
+            "is not available; its writes could not be recorded")
     payload = data.encode() * repeat
     vol.write(offset, payload)
-    click.echo(f"wrote {len(payload)} bytes to {volume} at offset {offset}")
+    note = "; recorded out of sync (the secondary unit is not available)" if pending else ""
+    click.echo(f"wrote {len(payload)} bytes to {volume} at offset {offset}{note}")
+
+
+def _pending_pair(vol) -> dict | None:
+    """The stored row of a pair whose primary is ``vol`` and whose secondary
+    unit could not be opened (so the pair is not restored)."""
+    rows = [r for r in vol.unit._pair_rows if r["primary_name"] == vol.name]
+    return rows[0] if rows else None
 
 
 @main.command()

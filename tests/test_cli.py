@@ -343,6 +343,9 @@ def test_partner_units_open_by_themselves(fastfc, two_sites, tmp_path):
     r = CliRunner().invoke(main, ["-u", str(site1), "write", "A", "away", "--offset", 9 * TS])
     if r.exit_code:
         assert "secondary unit" in r.stderr and "not available" in r.stderr
+    else:
+        assert "recorded out of sync" in r.stdout
+        assert "(unit away)" in rows(fastfc("lsvol"))["A"][4]
     fastfc("write", "A2", "an unpaired volume takes writes")
     (tmp_path / "elsewhere").rename(site2)
     fastfc("resumepprc", "A:B", "--wait")
