@@ -1,0 +1,210 @@
+"""Crash-test child: a Global Mirror session over file-backed units under a
+host write workload, killed with SIGKILL (by itself, at a named step of the
+protocol, or by the parent at a random moment).
+
+Layout of ``--root``::
+
+    primary/      the storage unit holding the A volumes
+    secondary/    the storage unit holding the B and C volumes
+    snaps/N.npy   the A images at the coordination instant of CG N (all A
+                  stacked), written with fsync + atomic rename by
+                  ``on_coordinate`` before the CG goes on; 0.npy holds the C
+                  images before the first CG
+    ready         present once the units and the session exist
+    kill.json     written just before a fault hook kills the process: the
+                  point and the sequence of the CG attempt in flight
+
+The first run (no ``ready``) creates the units, the volumes (A with random
+contents) and the session; later runs reopen the units and restore the
+session. Then writer threads write to every A, the session forms CGs on its
+loop thread, and the child prints ``READY``. With ``--point`` a fault is
+armed whose action kills the process when that point is reached; without
+one the child runs until the parent kills it. A child still alive after
+``--timeout`` seconds exits with status 3 (the point was never reached).
+
+Only the C volumes are checked, against the recorded snapshots: the A
+volumes' own contents after the last committed CG do not matter.
+
+Run by tests/test_crash.py; ``python tests/crash_child.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fastfc import GlobalMirror, GMState, StorageUnit, faults
+from fastfc.testing import RandomWriters
+
+N_TRIPLETS = 3
+N_TRACKS = 32
+TRACK = 4096
+SESSION = "gm"
+POINTS = ("none", "prepare", "commit", "revert", "decision", "drain", "link", "cow",
+          "coordinate", "resolve")
+
+
+# -- helpers shared with the parent --------------------------------------------
+def unit_dirs(root: Path) -> tuple[Path, Path]:
+    return root / "primary", root / "secondary"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_snapshot(root: Path, sequence: int, images) -> None:
+    """Record ``images`` as CG ``sequence``'s, durably and atomically."""
+    snaps = root / "snaps"
+    tmp = snaps / f".{sequence}.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, np.stack(images))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, snaps / f"{sequence}.npy")
+    _fsync_dir(snaps)
+
+
+def load_snapshot(root: Path, sequence: int) -> np.ndarray:
+    path = root / "snaps" / f"{sequence}.npy"
+    if not path.exists():
+        raise AssertionError(f"no snapshot recorded for CG {sequence} "
+                             f"(have {sorted(snapshot_sequences(root))})")
+    return np.load(path)
+
+
+def snapshot_sequences(root: Path) -> list[int]:
+    return sorted(int(p.stem) for p in (root / "snaps").glob("*.npy"))
+
+
+def prune_snapshots(root: Path, committed: int) -> None:
+    """Drop snapshots older than the newest committed CG: the C volumes can
+    never go back to them."""
+    for seq in snapshot_sequences(root):
+        if seq < committed:
+            (root / "snaps" / f"{seq}.npy").unlink(missing_ok=True)
+
+
+def recorder(root: Path, session: GlobalMirror):
+    """An ``on_coordinate`` callback recording the A images durably."""
+    primaries = [t.a for t in session.triplets]
+
+    def on_coordinate(sequence: int) -> None:
+        # host writes to every A are held: the raw arrays are the images
+        save_snapshot(root, sequence, [a.array.copy() for a in primaries])
+        prune_snapshots(root, session.stats.sequence)
+    return on_coordinate
+
+
+def create(root: Path, seed: int) -> None:
+    """Fresh units, volumes and session; ``ready`` marks the end."""
+    for d in (*unit_dirs(root), root / "snaps"):
+        shutil.rmtree(d, ignore_errors=True)
+    (root / "ready").unlink(missing_ok=True)
+    (root / "snaps").mkdir(parents=True)
+    p, s = unit_dirs(root)
+    rng = np.random.default_rng(seed)
+    with StorageUnit(p) as u1, StorageUnit(s) as u2:
+        A = [u1.create_volume(f"A{i}", N_TRACKS, TRACK) for i in range(N_TRIPLETS)]
+        B = [u2.create_volume(f"B{i}", N_TRACKS, TRACK) for i in range(N_TRIPLETS)]
+        C = [u2.create_volume(f"C{i}", N_TRACKS, TRACK) for i in range(N_TRIPLETS)]
+        for a in A:
+            a.write(0, rng.integers(0, 256, a.capacity, dtype=np.uint8))
+        gm = GlobalMirror(list(zip(A, B, C)), name=SESSION, max_coordination_time=5.0)
+        save_snapshot(root, 0, [c.read(0, c.capacity) for c in C])
+        assert gm.c_sequences == [0] * N_TRIPLETS
+    (root / "ready").write_text("1")
+    _fsync_dir(root)
+
+
+# -- the child ------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--point", choices=POINTS, default="none")
+    ap.add_argument("--index", type=int, default=0, help="triplet whose volume the point is on")
+    ap.add_argument("--after", type=int, default=0, help="let the point pass this many times")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cg-interval", type=float, default=0.0)
+    ap.add_argument("--pace", type=float, default=4e6, help="host write bytes/s (all writers)")
+    ap.add_argument("--timeout", type=float, default=30.0)
+    args = ap.parse_args(argv)
+    root = args.root
+
+    if not (root / "ready").exists():
+        create(root, args.seed)
+    (root / "kill.json").unlink(missing_ok=True)
+
+    p, s = unit_dirs(root)
+    u1, u2 = StorageUnit(p), StorageUnit(s)
+    gm = u2.session(SESSION)
+    gm.cg_interval = args.cg_interval
+    gm.on_coordinate = recorder(root, gm)
+    A = [t.a for t in gm.triplets]
+    B = [t.b for t in gm.triplets]
+    i = args.index % len(A)
+
+    def kill(point: str):
+        def action() -> None:
+            # the CG attempt in flight (the loop thread holds the session lock)
+            info = {"point": point, "sequence": gm._next_sequence - 1,
+                    "committed": gm.stats.sequence}
+            (root / "kill.json").write_text(json.dumps(info))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return action
+
+    pt, k = args.point, args.after
+    if pt in ("prepare", "commit"):
+        faults.inject(pt, B[i], after=k, action=kill(pt))
+    elif pt == "revert":
+        # another volume's prepare fails (attempt k+1), so this one is reverted
+        faults.inject("prepare", B[(i + 1) % len(B)], after=k)
+        faults.inject("revert", B[i], action=kill(pt))
+    elif pt == "decision":
+        faults.inject("decision", after=k, action=kill(pt))
+    elif pt == "drain":
+        faults.inject("drain", A[i], after=k, action=kill(pt))
+    elif pt == "link":
+        faults.inject("link", after=k, action=kill(pt))
+    elif pt == "cow":
+        faults.inject("cow", B[i], after=k, action=kill(pt))
+    elif pt == "coordinate":
+        faults.inject("coordinate", after=k, action=kill(pt))
+    elif pt == "resolve":
+        # every commit of attempt k+1 fails, so the session resolves the CG by
+        # reverting all (none committed); killed at this volume's revert
+        for b in B:
+            faults.inject("commit", b, after=k)
+        faults.inject("revert", B[i], action=kill(pt))
+
+    writers = RandomWriters(A, threads=2, seed=args.seed, pace=args.pace).start()
+    gm.start()
+    print("READY", gm.c_sequences, flush=True)
+    end = time.monotonic() + args.timeout
+    while time.monotonic() < end:
+        time.sleep(0.02)
+        if gm.state is GMState.FATAL:
+            print(f"session turned fatal: {gm.fatal_reason}", file=sys.stderr, flush=True)
+            os._exit(4)
+        if writers.errors:
+            print(f"a writer failed: {writers.errors[0]!r}", file=sys.stderr, flush=True)
+            os._exit(5)
+    print(f"not killed within {args.timeout} s: {gm!r} armed={faults.armed()}",
+          file=sys.stderr, flush=True)
+    os._exit(3)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

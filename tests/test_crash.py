@@ -1,0 +1,253 @@
+"""Crash tests: a Global Mirror session over file-backed storage units is
+killed with SIGKILL, and reopening the units must keep the promise.
+
+A child process (tests/crash_child.py) runs the session under host writes
+and dies by SIGKILL, either through a fault hook at a named step of the
+protocol (each prepare, the decision, each commit, each revert, mid-drain,
+mid-send on the link, mid-copy-on-write, mid-coordination, inside the
+resolution of a failed commit) or at a random moment chosen by the parent.
+The child records the A images of every coordination instant durably
+(fsync + atomic rename) before the CG goes on.
+
+After each kill the parent reopens the units (the secondary alone first, or
+both at once: the first open resolves an interrupted CG) and checks: every C
+volume carries the same CG sequence S, none is left revertible, each C's
+logical image equals the A image recorded at CG S's coordination, and for a
+named point, S and the recovery are the ones that point implies. Then it
+forms one more CG itself (the restored session and pairs must still mirror
+A exactly) and starts the child again on the same units (the restore path).
+
+``FASTFC_CRASH_ROUNDS`` (default 3) sets the kills per named-point test and
+``FASTFC_CRASH_RANDOM`` (default 20) the random-moment kills; the defaults take
+well under a minute. ``python tests/stress_crash.py`` runs a longer campaign.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastfc import StorageUnit
+
+sys.path.insert(0, str(Path(__file__).parent))
+import crash_child as cc  # noqa: E402
+
+CHILD = Path(__file__).with_name("crash_child.py")
+ROUNDS = int(os.environ.get("FASTFC_CRASH_ROUNDS", "3"))
+RANDOM_KILLS = int(os.environ.get("FASTFC_CRASH_RANDOM", "20"))
+N = cc.N_TRIPLETS
+
+# point -> [kills tried, kills survived (the promise held after reopening)]
+TALLY: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary(request):
+    yield
+    if not TALLY:
+        return
+    parts = [f"{p} {t[1]}/{t[0]}" for p, t in sorted(TALLY.items())]
+    tried = sum(t[0] for t in TALLY.values())
+    survived = sum(t[1] for t in TALLY.values())
+    line = f"crash kills survived/tried: {survived}/{tried} ({', '.join(parts)})"
+    plugins = request.config.pluginmanager
+    reporter = plugins.get_plugin("terminalreporter")
+    capture = plugins.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("")
+        reporter.write_line(line)
+
+
+# -- running the child ------------------------------------------------------------
+def run_child(root: Path, *, point: str = "none", index: int = 0, after: int = 0,
+              seed: int = 0, cg_interval: float = 0.0, kill_after: float | None = None,
+              early_kill: bool = False, timeout: float = 30.0) -> None:
+    """Run the child until it dies; assert that SIGKILL is what ended it.
+    With ``kill_after`` the parent kills it that many seconds after it
+    printed READY (after it started, if ``early_kill``)."""
+    cmd = [sys.executable, str(CHILD), "--root", str(root), "--point", point,
+           "--index", str(index), "--after", str(after), "--seed", str(seed),
+           "--cg-interval", str(cg_interval), "--timeout", str(timeout)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if kill_after is not None:
+            if not early_kill:
+                line = proc.stdout.readline()     # the parent's clock starts at READY
+                assert line.startswith("READY"), f"child did not start: {line!r}"
+            time.sleep(kill_after)
+            proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=timeout + 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, (
+        f"child {' '.join(cmd[2:])} ended with {proc.returncode}, not SIGKILL\n"
+        f"stdout: {out}\nstderr: {err}")
+
+
+def kill_info(root: Path) -> dict | None:
+    path = root / "kill.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# -- checking the promise after a kill -----------------------------------------------
+def c_images(unit: StorageUnit) -> list[np.ndarray]:
+    return [unit.volume(f"C{i}").read(0, cc.N_TRACKS * cc.TRACK) for i in range(N)]
+
+
+def check_secondary_alone(root: Path) -> tuple[int, list[str]]:
+    """Open the secondary unit without its primary: every C reads as one CG."""
+    with StorageUnit(cc.unit_dirs(root)[1]) as u2:
+        assert u2.sessions == {}                  # needs the primary unit to come back
+        by_target = {fc.target.name: fc for fc in u2.flashcopies}
+        fcs = [by_target[f"C{i}"] for i in range(N)]
+        assert not any(fc.revertible for fc in fcs), fcs
+        seqs = {fc.sequence for fc in fcs}
+        assert len(seqs) == 1, f"C volumes carry different CG sequences: {fcs}"
+        seq = seqs.pop()
+        assert_images(root, seq, c_images(u2))
+        return seq, list(u2.recovered)
+
+
+def assert_images(root: Path, seq: int, images) -> None:
+    snap = cc.load_snapshot(root, seq)
+    for i, got in enumerate(images):
+        if not np.array_equal(got, snap[i]):
+            bad = sorted(set((np.flatnonzero(got != snap[i]) // cc.TRACK).tolist()))
+            raise AssertionError(f"C{i} differs from CG {seq} on tracks {bad}")
+
+
+def check(root: Path, secondary_first: bool) -> tuple[int, list[str]]:
+    """Reopen the units after a kill and check the promise; then form one
+    more CG in this process (snapshot recorded like the child's). Returns
+    the CG sequence the C volumes held, and what opening had to resolve."""
+    p, s = cc.unit_dirs(root)
+    if secondary_first:
+        seq, recovered = check_secondary_alone(root)
+    u1, u2 = StorageUnit(p), StorageUnit(s)
+    try:
+        if not secondary_first:
+            recovered = list(u2.recovered)
+        else:
+            assert u2.recovered == []             # resolved by the first open
+        gm = u2.session(cc.SESSION)
+        assert all(not t.fc.revertible for t in gm.triplets)
+        assert all(not t.b.write_inhibited for t in gm.triplets)
+        seqs = set(gm.c_sequences)
+        assert len(seqs) == 1, f"C volumes carry different CG sequences: {gm.c_sequences}"
+        got = seqs.pop()
+        if secondary_first:
+            assert got == seq
+        seq = got
+        assert gm.stats.sequence == seq
+        assert_images(root, seq, c_images(u2))
+        # the restored session still mirrors A exactly: nothing a kill left
+        # half-sent is missing from the out-of-sync bitmaps
+        gm.on_coordinate = cc.recorder(root, gm)
+        res = gm.form_consistency_group()
+        assert res.committed, res
+        assert gm.c_sequences == [res.sequence] * N
+        a_now = [t.a.read(0, t.a.capacity) for t in gm.triplets]
+        assert_images(root, res.sequence, a_now)
+        assert_images(root, res.sequence, c_images(u2))
+    finally:
+        u2.close()
+        u1.close()
+    if not secondary_first:
+        seq2, rec2 = check_secondary_alone(root)
+        assert (seq2, rec2) == (res.sequence, [])
+    return seq, recovered
+
+
+# What each named point implies: is the CG in flight committed after
+# reopening, and what must opening resolve ("committed"/"reverted" on how
+# many volumes, or nothing)?
+EXPECT = {
+    "prepare": (False, None),        # killed inside the prepare transaction: nothing recorded
+    "decision": (True, ("committed", N)),
+    "commit": (True, ("committed", N)),
+    "revert": (False, ("reverted", N - 1)),   # one prepare failed, so N-1 were prepared
+    "resolve": (False, ("reverted", None)),   # part reverted by the session before the kill
+    "drain": (False, None),
+    "link": (False, None),
+    "cow": (False, None),
+    "coordinate": (False, None),
+}
+
+CASES = ([("prepare", i) for i in range(N)] + [("commit", i) for i in range(N)]
+         + [("revert", i) for i in range(N)] + [("resolve", 1), ("resolve", 2)]
+         + [("decision", 0), ("drain", 0), ("link", 0), ("cow", 0), ("coordinate", 0)])
+
+
+@pytest.mark.parametrize("point, index", CASES, ids=[f"{p}{i}" for p, i in CASES])
+def test_kill_at_named_point(tmp_path, point, index):
+    rng = np.random.default_rng(sum(map(ord, point)) * 10 + index)
+    committed_before = 0
+    for rnd in range(ROUNDS):
+        idx = index if point not in ("drain", "cow") else (index + rnd) % N
+        if point == "link":
+            after = int(rng.integers(0, 40))
+        elif point == "cow":
+            after = int(rng.integers(0, 30))
+        else:
+            after = 0 if rnd == 0 else int(rng.integers(0, 5))
+        # copy-on-write also happens in the Global Copy drains between CGs
+        interval = 0.005 if point == "cow" and rnd % 2 else 0.0
+        TALLY[point][0] += 1
+        run_child(tmp_path, point=point, index=idx, after=after, seed=rnd,
+                  cg_interval=interval)
+        info = kill_info(tmp_path)
+        assert info is not None and info["point"] == point, info
+        seq, recovered = check(tmp_path, secondary_first=rnd % 2 == 0)
+        in_flight_commits, resolution = EXPECT[point]
+        assert info["committed"] >= committed_before
+        if in_flight_commits:
+            assert seq == info["sequence"], (info, seq)
+        else:
+            assert seq == info["committed"], (info, seq)
+        if resolution is None:
+            assert recovered == [], recovered
+        else:
+            verb, count = resolution
+            assert len(recovered) == 1 and recovered[0].startswith(
+                f"session {cc.SESSION}: CG {info['sequence']} {verb} on "), recovered
+            if count is not None:
+                assert f" on {count} of {N} volumes" in recovered[0], recovered
+        committed_before = seq + 1                # the parent's CG
+        TALLY[point][1] += 1
+
+
+def test_kill_at_random_moments(tmp_path):
+    """Random moments after the child is READY; every fourth kill is not
+    checked, and the next child is killed early (from its start, maybe while
+    it opens the units and resolves what the previous kill interrupted)."""
+    rng = np.random.default_rng(2024)
+    last = 0
+    unchecked = 0
+    for rnd in range(RANDOM_KILLS):
+        TALLY["random"][0] += 1
+        early = rnd % 4 == 0 and rnd > 0
+        run_child(tmp_path, seed=100 + rnd, early_kill=early,
+                  kill_after=float(rng.uniform(0.02, 0.6)),
+                  cg_interval=(0.0, 0.002, 0.01)[rnd % 3])
+        unchecked += 1
+        if rnd % 4 == 3 and rnd != RANDOM_KILLS - 1:
+            continue
+        seq, recovered = check(tmp_path, secondary_first=rnd % 2 == 0)
+        assert seq >= last, "a committed CG was lost"
+        last = seq + 1
+        TALLY["random"][1] += unchecked
+        unchecked = 0
