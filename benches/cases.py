@@ -651,13 +651,13 @@ class CommitOrRevert(Bench):
 case(name="commit_2p24",
      figure="commit of a revertible relationship, 2^24 tracks",
      baseline_desc="commit() of the same at 2^10 tracks",
-     target=1.5, higher_is_better=False, rounds=6, quick_rounds=2, warmup=1, block=8,
+     target=1.5, higher_is_better=False, rounds=4, quick_rounds=2, warmup=1, block=16,
      )(lambda quick: CommitOrRevert(quick, "commit"))
 
 case(name="revert_2p24",
      figure="revert of a revertible relationship, 2^24 tracks",
      baseline_desc="revert() of the same at 2^10 tracks",
-     target=1.5, higher_is_better=False, rounds=6, quick_rounds=2, warmup=1, block=8,
+     target=1.5, higher_is_better=False, rounds=4, quick_rounds=2, warmup=1, block=16,
      )(lambda quick: CommitOrRevert(quick, "revert"))
 
 
