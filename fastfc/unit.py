@@ -323,12 +323,48 @@ class StorageUnit:
             s.stop()
         for p in self.pairs:
             p.stop()
+        if self.path is not None:
+            self._detach_partners()
         workers = [r._thread for v in self._volumes.values() for r in v._src_rels
                    if r._thread is not None]
         if self.path is not None:
             self.flush()
         self._closed = True
         self._release_files(workers)
+
+    def _detach_partners(self) -> None:
+        """Other open units let go of the sessions and pairs that span this
+        unit, so that they are restored when it opens again: a session whose
+        A volumes are here is stopped and forgotten; a pair whose secondary
+        is here goes back to waiting for it, its primary recording host
+        writes in the out-of-sync bitmap meanwhile."""
+        with _registry_lock:
+            others = [u for u in _open_units.values() if u is not self]
+        for other in others:
+            for name, s in list(other.sessions.items()):
+                if any(t.a.unit is self for t in s.triplets):
+                    s.stop()
+                    del other.sessions[name]
+            rows = None
+            for pair in other.pairs:
+                if pair.secondary.unit is not self:
+                    continue
+                pair.stop()
+                rows = rows if rows is not None else {r["id"]: r for r in other.store.pair_rows()}
+                row = rows[pair._store_id]
+                A = pair.primary
+                A._lock()
+                try:
+                    if pair.cg is not None:     # no session runs: not mid-drain
+                        pair._cg_end(False)
+                    row["_maps"] = {"oos": pair.oos, "spare": pair.spare, "cg": None}
+                    hook = MirrorBase()
+                    hook.oos = pair.oos
+                    A._mirror = hook
+                    pair.active = False
+                finally:
+                    A._unlock()
+                other._pair_rows.append(row)
 
     def _release_files(self, workers=()) -> None:
         for v in self._volumes.values():

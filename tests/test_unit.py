@@ -746,3 +746,61 @@ def test_files_left_by_a_create_that_died(tmp_path):
         v = u.create_volume("late", N, TS)
         assert v.capacity == N * TS and not image(v).any()
         assert np.array_equal(image(u.volume("t")), rand(N * TS, 1))
+
+
+# ---------------------------------------------------------------------------
+# One unit of two closed and reopened while the other stays open
+# ---------------------------------------------------------------------------
+
+def test_primary_unit_closed_and_reopened_alone(paths):
+    p1, p2 = paths
+    u1, u2, gm = make_session(p1, p2)
+    assert gm.form_consistency_group().committed
+    u1.close()
+    assert u2.sessions == {}                       # waits for its primary unit again
+    with pytest.raises(StateError, match="primary"):
+        u2.session("gm")
+    u1 = StorageUnit(p1)
+    track(u1.volume("A1"), 4, 1)
+    gm2 = u2.session("gm")
+    assert gm2 is not gm and all(t.a.unit is u1 for t in gm2.triplets)
+    res = gm2.form_consistency_group()
+    assert res.committed and res.sequence == 2
+    assert_images(c_images_of(u2), a_images(gm2))
+    u1.close()
+    u2.close()
+
+
+def test_secondary_unit_closed_and_reopened_alone(paths):
+    p1, p2 = paths
+    u1, u2, gm = make_session(p1, p2)
+    assert gm.form_consistency_group().committed
+    u2.close()
+    assert u1.pairs == []
+    track(u1.volume("A0"), 2, 1)                   # recorded while B is away
+    u2 = StorageUnit(p2)
+    assert [p.secondary.unit for p in u1.pairs] == [u2] * 3
+    gm2 = u2.session("gm")
+    res = gm2.form_consistency_group()
+    assert res.committed and res.sequence == 2
+    assert_images(c_images_of(u2), a_images(gm2))
+    u1.close()
+    u2.close()
+
+
+def test_pair_secondary_unit_closed_and_reopened_alone(paths):
+    p1, p2 = paths
+    u1, u2 = StorageUnit(p1), StorageUnit(p2)
+    a, b = u1.create_volume("a", N, TS), u2.create_volume("b", N, TS)
+    old = PPRCPair(a, b, background=False)
+    old.drain()
+    u2.close()
+    track(a, 6, 1)
+    u2 = StorageUnit(p2)
+    [pair] = u1.pairs
+    assert pair is not old and pair.secondary is u2.volume("b")
+    assert pair.oos.set_indices().tolist() == [6]
+    pair.drain()
+    assert np.array_equal(image(u2.volume("b")), image(a))
+    u1.close()
+    u2.close()
