@@ -25,7 +25,7 @@ from fastfc._core import TrackBitmap, combine_or3
 from fastfc.errors import (IncompleteCopyError, LimitError, StateError,
                            VolumeClosedError, WriteInhibitedError)
 from fastfc.store import store_of
-from fastfc.volume import Volume
+from fastfc.volume import Volume, check_pairable
 
 MAX_TARGETS = 12
 # Background copy holds the source lock for at most this many bytes at a time,
@@ -467,15 +467,7 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
         new_sources[id(r.source)] = new_sources.get(id(r.source), 0) + 1
     for r in rels:
         s, t = r.source, r.target
-        for v in (s, t):
-            if v.closed:
-                raise VolumeClosedError(f"{v!r} is closed")
-        if s is t:
-            raise ValueError(f"{s!r} cannot be a FlashCopy of itself")
-        if (s.n_tracks, s.track_size) != (t.n_tracks, t.track_size):
-            raise ValueError(
-                f"source {s!r} and target {t!r} differ in geometry; FlashCopy needs "
-                "the same number and size of tracks")
+        check_pairable(s, t, "FlashCopy")
         if t._tgt_rel is not None or id(t) in new_targets:
             raise LimitError(f"{t!r} is already the target of a FlashCopy")
         if t._src_rels or id(t) in new_sources:

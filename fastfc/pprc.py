@@ -27,7 +27,7 @@ from fastfc.errors import (FastFCError, LimitError, StateError, VolumeClosedErro
 from fastfc.flashcopy import locked
 from fastfc.link import Link, LocalLink
 from fastfc.store import store_of
-from fastfc.volume import Volume
+from fastfc.volume import Volume, check_pairable
 
 SEND_CHUNK_BYTES = 1024 * 1024
 # The in-process fast path holds the primary's lock for at most this much.
@@ -478,13 +478,7 @@ class PPRCPair(_core.MirrorBase):
 
 
 def _check_can_pair(primary: Volume, secondary: Volume) -> None:
-    for v in (primary, secondary):
-        if v.closed:
-            raise VolumeClosedError(f"{v!r} is closed")
-    if primary is secondary:
-        raise ValueError(f"{primary!r} cannot mirror itself")
-    if (primary.n_tracks, primary.track_size) != (secondary.n_tracks, secondary.track_size):
-        raise ValueError(f"{primary!r} and {secondary!r} differ in geometry")
+    check_pairable(primary, secondary, "PPRC pair")
     for v in (primary, secondary):
         if v._mirror is not None or v._secondary:
             raise LimitError(f"{v!r} is already in a PPRC pair")

@@ -142,3 +142,18 @@ def _as_int(value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{what} must be an integer, got {type(value).__name__}")
     return int(value)
+
+
+def check_pairable(a: Volume, b: Volume, what: str) -> None:
+    """Refuse a copy relationship between ``a`` and ``b`` (a FlashCopy or a
+    PPRC pair, named by ``what``) when either is closed, they are the same
+    volume, or they differ in geometry."""
+    for v in (a, b):
+        if v.closed:
+            raise VolumeClosedError(f"{v!r} is closed")
+    if a is b:
+        raise ValueError(f"{a!r} cannot be a {what} of itself")
+    if (a.n_tracks, a.track_size) != (b.n_tracks, b.track_size):
+        raise ValueError(
+            f"{a!r} and {b!r} differ in geometry; a {what} needs the same number "
+            "and size of tracks")
