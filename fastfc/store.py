@@ -164,22 +164,34 @@ class SQLiteStore(Store):
     # -- transactions --------------------------------------------------------
     @contextmanager
     def transaction(self):
+        """One durable commit for everything inside; nested blocks are
+        savepoints. A block that raises is rolled back whole, database rows
+        and the in-memory record of which bitmap files they use alike (so the
+        bitmap pool never recycles a file a stored row still names)."""
         with self._lock:
-            if self._depth == 0:
-                self.db.execute("BEGIN IMMEDIATE")
+            level = self._depth
+            self.db.execute("BEGIN IMMEDIATE" if level == 0 else f"SAVEPOINT sp{level}")
+            saved = ({k: set(v) for k, v in self._row_bitmaps.items()},
+                     set(getattr(self, "_garbage", set())))
             self._depth += 1
             try:
                 yield
             except BaseException:
                 self._depth -= 1
-                if self._depth == 0:
+                if level == 0:
                     self.db.execute("ROLLBACK")
+                else:
+                    self.db.execute(f"ROLLBACK TO sp{level}")
+                    self.db.execute(f"RELEASE sp{level}")
+                self._row_bitmaps, self._garbage = saved
                 raise
             self._depth -= 1
-            if self._depth == 0:
+            if level == 0:
                 self.db.execute("COMMIT")
                 self.fsyncs += 1
                 self._collect()
+            else:
+                self.db.execute(f"RELEASE sp{level}")
 
     def _exec(self, sql: str, args=()):
         with self.transaction():

@@ -804,3 +804,23 @@ def test_pair_secondary_unit_closed_and_reopened_alone(paths):
     assert np.array_equal(image(u2.volume("b")), image(a))
     u1.close()
     u2.close()
+
+
+def test_a_failed_transaction_rolls_back_rows_and_bitmap_bookkeeping(tmp_path):
+    """A block that raises inside a store transaction leaves neither rows nor
+    the record of which bitmap files rows use changed, so the bitmap pool
+    cannot recycle a file that a stored row still names."""
+    unit = StorageUnit(tmp_path / "u")
+    s, t = unit.create_volume("S", 8, 512), unit.create_volume("T", 8, 512)
+    fc = FlashCopy(s, t, record=True, background_copy=False)
+    store = unit.store
+    rows_before = store.flash_rows()
+    used_before = {k: set(v) for k, v in store._row_bitmaps.items()}
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            fc.resync()                      # a nested save: its own savepoint
+            raise RuntimeError("the enclosing step fails")
+    assert store.flash_rows() == rows_before
+    assert store._row_bitmaps == used_before
+    assert not any(store._pool.values())     # nothing was freed for reuse
+    unit.close()
