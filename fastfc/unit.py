@@ -83,6 +83,12 @@ class StorageUnit:
             self.store = SQLiteStore(self.path, str(self.path))
             try:
                 self._restore_local()
+            except (ValueError, TypeError, KeyError) as e:
+                # a row whose values make no sense (bad JSON, NULLs, a mode
+                # that does not exist): damaged metadata, not a caller's error
+                self._release_files()
+                raise CorruptUnitError(f"{self.path}: damaged unit metadata: "
+                                       f"{type(e).__name__}: {e}") from e
             except BaseException:
                 self._release_files()
                 raise

@@ -824,3 +824,24 @@ def test_a_failed_transaction_rolls_back_rows_and_bitmap_bookkeeping(tmp_path):
     assert store._row_bitmaps == used_before
     assert not any(store._pool.values())     # nothing was freed for reuse
     unit.close()
+
+
+def test_nonsense_values_in_a_row_are_corruption(tmp_path):
+    path = tmp_path / "u"
+    with StorageUnit(path) as unit:
+        s, t = unit.create_volume("S", 8, 512), unit.create_volume("T", 8, 512)
+        FlashCopy(s, t, record=True, background_copy=False)
+    db = sqlite3.connect(path / "unit.db")
+    db.execute("UPDATE flashcopies SET options='{not json'")
+    db.commit()
+    db.close()
+    with pytest.raises(CorruptUnitError, match="damaged unit metadata"):
+        StorageUnit(path)
+    # the failed open left nothing registered: once repaired, the unit opens
+    db = sqlite3.connect(path / "unit.db")
+    db.execute("""UPDATE flashcopies SET options='{"background_copy": false, "record": true,
+                  "persistent": true, "inhibit_target_write": false, "copy_rate": null}'""")
+    db.commit()
+    db.close()
+    with StorageUnit(path) as unit:
+        assert len(unit.flashcopies) == 1
