@@ -895,7 +895,11 @@ cdef class VolumeBase:
                                 whole_tracks = 1   # cleared once the data is in
                             else:
                                 # partial write of a virtual track: fetch it first
-                                memcpy(self.base + ts, S.base + ts, self.track_size)
+                                if self.track_size >= NOGIL_BYTES:
+                                    with nogil:
+                                        memcpy(self.base + ts, S.base + ts, self.track_size)
+                                else:
+                                    memcpy(self.base + ts, S.base + ts, self.track_size)
                                 bm_clear(w, t)
                 if tr.tgt_changed is not None:
                     bm_set_range(tr.tgt_changed.w, t0, t1)
