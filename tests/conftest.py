@@ -28,7 +28,7 @@ settings.register_profile(
 )
 settings.register_profile(
     "ci",
-    max_examples=800,
+    max_examples=600,
     stateful_step_count=100,
     deadline=None,
     phases=PHASES,

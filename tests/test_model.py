@@ -26,7 +26,13 @@ from fastfc import FlashCopy, Volume, establish_group, faults
 
 N_VOLUMES = 6          # five share a geometry; the last has its own
 
-geometry = st.tuples(st.integers(1, 20), st.sampled_from([512, 1024]))
+# small tracks, a few of them; now and then bitmaps of several words, or a
+# few 64 KiB tracks (the I/O path releases the GIL for copies of 64 KiB+)
+geometry = st.one_of(
+    st.tuples(st.integers(1, 20), st.sampled_from([512, 1024])),
+    st.tuples(st.integers(60, 140), st.just(512)),
+    st.tuples(st.integers(1, 2), st.just(65536)),
+)
 
 
 def span(data, capacity: int, track_size: int, allow_bad: bool = True) -> tuple[int, int]:
