@@ -45,6 +45,10 @@ from fastfc.errors import (InvalidImageError, StateError, VolumeClosedError,
 # Copies of at least this many bytes release the GIL (DESIGN-NOTES: below it
 # the release costs more than it frees).
 cdef Py_ssize_t NOGIL_BYTES = 65536
+# Bitmap operations release the GIL only from this many words (64 KiB) up:
+# a thread that gives the GIL up waits for busy Python threads to hand it
+# back (up to the switch interval each time), far longer than a small scan.
+cdef Py_ssize_t NOGIL_WORDS = 8192
 
 # Origins of a write: a host, or a PPRC update arriving at a secondary.
 cdef enum:
@@ -189,9 +193,11 @@ cdef class TrackBitmap:
         """Set (or clear) every bit."""
         if value:
             bm_set_range(self.w, 0, self.n_bits)
-        else:
+        elif self.n_words >= NOGIL_WORDS:
             with nogil:
                 memset(self.w, 0, self.n_words * 8)
+        else:
+            memset(self.w, 0, self.n_words * 8)
 
     # -- counting and scanning --------------------------------------------
     def count(self):
@@ -199,7 +205,10 @@ cdef class TrackBitmap:
         cdef Py_ssize_t n = self.n_words
         cdef const uint64_t* w = self.w
         cdef long long c
-        with nogil:
+        if n >= NOGIL_WORDS:
+            with nogil:
+                c = bm_popcount_words(w, n)
+        else:
             c = bm_popcount_words(w, n)
         return c
 
@@ -275,43 +284,32 @@ cdef class TrackBitmap:
     # -- whole-bitmap algebra ----------------------------------------------
     def or_(self, TrackBitmap other):
         """``self |= other``; returns self."""
-        cdef Py_ssize_t k
         self._check_same(other)
-        with nogil:
-            for k in range(self.n_words):
-                self.w[k] |= other.w[k]
+        words_op(OP_OR, self.w, other.w, self.n_words)
         return self
 
     def and_(self, TrackBitmap other):
         """``self &= other``; returns self."""
-        cdef Py_ssize_t k
         self._check_same(other)
-        with nogil:
-            for k in range(self.n_words):
-                self.w[k] &= other.w[k]
+        words_op(OP_AND, self.w, other.w, self.n_words)
         return self
 
     def andnot(self, TrackBitmap other):
         """``self &= ~other``; returns self."""
-        cdef Py_ssize_t k
         self._check_same(other)
-        with nogil:
-            for k in range(self.n_words):
-                self.w[k] &= ~other.w[k]
+        words_op(OP_ANDNOT, self.w, other.w, self.n_words)
         return self
 
     def copy_from(self, TrackBitmap other):
         """Make self equal to ``other``; returns self."""
         self._check_same(other)
-        with nogil:
-            memcpy(self.w, other.w, self.n_words * 8)
+        words_op(OP_COPY, self.w, other.w, self.n_words)
         return self
 
     def copy(self):
         """A new bitmap with the same bits."""
         cdef TrackBitmap r = TrackBitmap(self.n_bits)
-        with nogil:
-            memcpy(r.w, self.w, self.n_words * 8)
+        words_op(OP_COPY, r.w, self.w, self.n_words)
         return r
 
     def __or__(self, TrackBitmap other):
@@ -378,17 +376,56 @@ def combine_or3(TrackBitmap a, TrackBitmap b, TrackBitmap c, TrackBitmap out=Non
     if b is not None and c is not None:
         bw = b.w
         cw = c.w
-        with nogil:
-            for k in range(n):
-                rw[k] = aw[k] | bw[k] | cw[k]
+        if n >= NOGIL_WORDS:
+            with nogil:
+                or3_words(rw, aw, bw, cw, n)
+        else:
+            or3_words(rw, aw, bw, cw, n)
     else:
         if b is None:
             b = c
-        with nogil:
-            memcpy(rw, aw, n * 8)
+        words_op(OP_COPY, rw, aw, n)
         if b is not None:
             r.or_(b)
     return r
+
+
+cdef void or3_words(uint64_t* r, const uint64_t* a, const uint64_t* b, const uint64_t* c,
+                    Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t k
+    for k in range(n):
+        r[k] = a[k] | b[k] | c[k]
+
+
+cdef enum:
+    OP_OR = 0
+    OP_AND = 1
+    OP_ANDNOT = 2
+    OP_COPY = 3
+
+
+cdef void words_op_nogil(int op, uint64_t* d, const uint64_t* s, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t k
+    if op == OP_OR:
+        for k in range(n):
+            d[k] |= s[k]
+    elif op == OP_AND:
+        for k in range(n):
+            d[k] &= s[k]
+    elif op == OP_ANDNOT:
+        for k in range(n):
+            d[k] &= ~s[k]
+    else:
+        memcpy(d, s, n * 8)
+
+
+cdef inline void words_op(int op, uint64_t* d, const uint64_t* s, Py_ssize_t n) noexcept:
+    """``d op= s`` over n words, releasing the GIL only for large bitmaps."""
+    if n >= NOGIL_WORDS:
+        with nogil:
+            words_op_nogil(op, d, s, n)
+    else:
+        words_op_nogil(op, d, s, n)
 
 
 # --------------------------------------------------------------------------
@@ -703,6 +740,9 @@ cdef class VolumeBase:
     cdef public int _inhibits
     cdef public bint _secondary
     cdef public bint _invalid
+    # bumped whenever _src_rels changes, so a kernel that runs without the
+    # GIL on a copy of the list can tell it went stale
+    cdef public int _rels_version
 
     def __cinit__(self, *args, **kwargs):
         self._lk = PyThread_allocate_lock()
@@ -1073,6 +1113,39 @@ cdef class VolumeBase:
             memcpy(dst.base + a, self.base + a, n)
 
 
+cdef enum:
+    MAX_RELS = 16    # FlashCopy targets per source the drain fast path takes (12 allowed)
+
+
+cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
+                           Py_ssize_t a, Py_ssize_t n, Py_ssize_t max_tracks, int shift,
+                           int nrel, uint8_t** tgt_base, uint64_t** tgt_to_copy,
+                           uint64_t** tgt_changed, Py_ssize_t* resume) noexcept nogil:
+    """Copy the runs set in ``owed`` from ``a`` on (below ``n``, at most
+    ``max_tracks``) from src to dst, each after copy-on-write of dst's old
+    tracks to its FlashCopy targets and with change recording, clearing the
+    bits. Returns the tracks copied; ``resume[0]`` is where to carry on."""
+    cdef Py_ssize_t b, done = 0, res2
+    cdef int k
+    while 0 <= a < n and done < max_tracks:
+        b = bm_next_clear(owed, n, a)
+        if b < 0:
+            b = n
+        if b - a > max_tracks - done:
+            b = a + (max_tracks - done)
+        for k in range(nrel):
+            if tgt_changed[k] != NULL:
+                bm_set_range(tgt_changed[k], a, b)
+            if bm_any_range(tgt_to_copy[k], a, b):
+                copy_set_runs(tgt_base[k], dst, tgt_to_copy[k], a, b, b - a, shift, &res2)
+        memcpy(dst + (a << shift), src + (a << shift), (b - a) << shift)
+        bm_clear_range(owed, a, b)
+        done += b - a
+        a = bm_next_set(owed, n, b)
+    resume[0] = a if 0 <= a < n else -1
+    return done
+
+
 def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t start,
                      Py_ssize_t max_tracks, Py_ssize_t stop=-1):
     """Apply A's tracks set in ``owed`` (from ``start`` on, at most
@@ -1082,15 +1155,20 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
     The caller holds A's lock. Each update follows B's I/O path rules for a
     PPRC update: refused whole if B is closed or write-inhibited (a revertible
     FlashCopy source); copy-on-write to B's FlashCopy targets and change
-    recording before the data lands. Returns ``(tracks sent, resume)``,
-    resume being ``A.n_tracks`` when no set bit is left after ``start``.
-    ``stop`` (default: the end) bounds the tracks considered.
+    recording before the data lands. The whole batch runs in one ``nogil``
+    block: re-taking the GIL after every track would queue behind busy
+    Python threads (a convoy). Returns ``(tracks sent, resume)``, resume being
+    ``A.n_tracks`` when no set bit is left after ``start``. ``stop``
+    (default: the end) bounds the tracks considered.
     """
-    cdef Py_ssize_t n = A.n_tracks, a, b, done = 0, k, nrel, resume = n, res2
-    cdef int shift = A.track_shift
+    cdef Py_ssize_t n = A.n_tracks, a, done = 0, resume = -1
+    cdef int shift = A.track_shift, nrel, k
     cdef RelationshipBase r
     cdef list rels
     cdef uint64_t* w = owed.w
+    cdef uint8_t* tgt_base[MAX_RELS]
+    cdef uint64_t* tgt_to_copy[MAX_RELS]
+    cdef uint64_t* tgt_changed[MAX_RELS]
     if owed.n_bits != n or B.n_tracks != n or B.track_shift != shift:
         raise ValueError("pprc_copy_tracks needs volumes and bitmap of one geometry")
     if A.base == NULL:
@@ -1107,31 +1185,34 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
         B._check_writable(0, n, ORIGIN_PPRC)
         rels = B._src_rels
         nrel = len(rels)
-        while 0 <= a < n and done < max_tracks:
-            b = bm_next_clear(w, n, a)
-            if b < 0:
-                b = n
-            if b - a > max_tracks - done:
-                b = a + (max_tracks - done)
-            for k in range(nrel):
-                r = <RelationshipBase>rels[k]
-                if r.src_changed is not None:
-                    bm_set_range(r.src_changed.w, a, b)
-                if bm_any_range(r.to_copy.w, a, b):
-                    with nogil:
-                        copy_set_runs(r.target.base, B.base, r.to_copy.w, a, b, b - a,
-                                      shift, &res2)
-                    if _cow_hook is not None:
-                        _cow_hook(B)
+        if nrel > MAX_RELS:
+            raise StateError(f"{B!r} has more FlashCopy targets than the fast path handles")
+        for k in range(nrel):
+            r = <RelationshipBase>rels[k]
+            tgt_base[k] = r.target.base
+            tgt_to_copy[k] = r.to_copy.w
+            tgt_changed[k] = r.src_changed.w if r.src_changed is not None else NULL
+        if _cow_hook is None:
             with nogil:
-                memcpy(B.base + (a << shift), A.base + (a << shift), (b - a) << shift)
-            bm_clear_range(w, a, b)
-            done += b - a
-            a = bm_next_set(w, n, b)
-        resume = a if 0 <= a < n else A.n_tracks
+                done = apply_runs(B.base, A.base, w, a, n, max_tracks, shift, nrel,
+                                  tgt_base, tgt_to_copy, tgt_changed, &resume)
+        else:  # crash tests: stop the world between copy-on-write and the data
+            while 0 <= a < n and done < max_tracks:
+                for k in range(nrel):
+                    if tgt_changed[k] != NULL:
+                        bm_set(tgt_changed[k], a)
+                    if bm_test(tgt_to_copy[k], a):
+                        copy_set_runs(tgt_base[k], B.base, tgt_to_copy[k], a, a + 1, 1,
+                                      shift, &resume)
+                        _cow_hook(B)
+                memcpy(B.base + (a << shift), A.base + (a << shift), (<Py_ssize_t>1) << shift)
+                bm_clear(w, a)
+                done += 1
+                a = bm_next_set(w, n, a + 1)
+            resume = a if 0 <= a < n else -1
     finally:
         B._release()
-    return done, resume
+    return done, (resume if resume >= 0 else A.n_tracks)
 
 
 
@@ -1145,62 +1226,145 @@ def coordinate_pairs(list primaries, list hooks, double timeout):
     """Hold host writes on every primary at one instant and begin a
     consistency group on every mirror hook, in one C call.
 
-    Takes the primaries' locks in the order given, all within ``timeout``
-    seconds; swaps each hook's ``oos`` for its (empty) ``spare``, the old
-    ``oos`` becoming ``cg``; releases. No Python bytecode runs while the
-    locks are held, so the interpreter cannot preempt the hold. Returns
-    ``(status, seconds)``: status 0 done (seconds: the hold, from the first
-    lock taken to the release), 1 a lock could not be taken in time, 2 the
-    hold took longer than ``timeout`` (undone); nothing changes unless 0.
+    Takes the primaries' locks in the order given; swaps each hook's ``oos``
+    for its (empty) ``spare``, the old ``oos`` becoming ``cg``; releases. The
+    hold never gives up the GIL: the locks are taken with non-blocking tries
+    only, so no Python thread can stretch it. When a lock is busy, everything
+    taken is released at once, the busy lock is waited for outside the hold
+    (GIL released), and the pass starts again, until ``timeout`` seconds.
+    Returns ``(status, seconds)``: status 0 done (seconds: the hold, from the
+    first lock of the pass that succeeded to the release), 1 the locks could
+    not all be taken in time; nothing changes unless 0.
     """
-    cdef Py_ssize_t i, k, n = len(primaries), nh = len(hooks), taken = 0
+    cdef Py_ssize_t i, k, n = len(primaries), nh = len(hooks), taken
     cdef VolumeBase v
     cdef MirrorBase m
-    cdef double t0 = monotonic(), left, hold
+    cdef double t0 = monotonic(), start, hold = 0.0, left
     cdef long long us
-    cdef bint ok
-    cdef int status = 0
+    cdef bint got
+    cdef PyThread_type_lock busy
     cdef unsigned long me = PyThread_get_thread_ident()
     for k in range(nh):
         m = <MirrorBase>hooks[k]
         if m.oos is None or m.spare is None or m.cg is not None:
             raise StateError("a pair is not ready to begin a consistency group")
-    try:
+    for i in range(n):
+        v = <VolumeBase>primaries[i]
+        if v._owner == me:
+            raise RuntimeError("coordination must not run with a primary's lock held")
+        if v.base == NULL:
+            raise VolumeClosedError(f"{v!r} is closed")
+    while True:
+        # one pass, GIL held throughout, no Python bytecode: the hold
+        start = monotonic()
+        taken = 0
+        busy = NULL
         for i in range(n):
             v = <VolumeBase>primaries[i]
-            if v._owner == me:
-                raise RuntimeError("coordination must not run with a primary's lock held")
             if not PyThread_acquire_lock(v._lk, NOWAIT_LOCK):
-                left = timeout - (monotonic() - t0)
-                ok = 0
-                if left > 0:
-                    us = <long long>(left * 1e6)
-                    with nogil:
-                        ok = PyThread_acquire_lock_timed(v._lk, us, 0) == PY_LOCK_ACQUIRED
-                if not ok:
-                    status = 1
-                    break
-            v._owner = me
-            v._depth = 1
+                busy = v._lk
+                break
             taken += 1
-        if status == 0:
-            for i in range(n):
-                if (<VolumeBase>primaries[i]).base == NULL:
-                    raise VolumeClosedError(f"{primaries[i]!r} is closed")
+        if busy == NULL:
             for k in range(nh):
                 m = <MirrorBase>hooks[k]
                 m.cg = m.oos
                 m.oos = m.spare
                 m.spare = None
-            hold = monotonic() - t0
-            if hold > timeout:
-                for k in range(nh):
-                    m = <MirrorBase>hooks[k]
-                    m.spare = m.oos
-                    m.oos = m.cg
-                    m.cg = None
-                status = 2
-    finally:
         for i in range(taken - 1, -1, -1):
-            (<VolumeBase>primaries[i])._release()
-    return status, monotonic() - t0
+            PyThread_release_lock((<VolumeBase>primaries[i])._lk)
+        if busy == NULL:
+            hold = monotonic() - start
+            return 0, hold
+        # a writer holds one of the locks: wait for it outside the hold
+        left = timeout - (monotonic() - t0)
+        if left <= 0:
+            return 1, monotonic() - t0
+        us = <long long>(left * 1e6)
+        with nogil:
+            got = PyThread_acquire_lock_timed(busy, us, 0) == PY_LOCK_ACQUIRED
+            if got:
+                PyThread_release_lock(busy)
+        if not got:
+            return 1, monotonic() - t0
+
+
+
+def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
+               double seconds=-1.0):
+    """Send every track set in ``owed`` from A to B as PPRC updates (the
+    in-process fast path of a consistency-group drain), without the GIL.
+
+    Works a chunk of at most ``chunk`` tracks at a time under A's and then
+    B's lock (the order every PPRC update uses), releasing both between
+    chunks so host writes to A wait at most one chunk. The caller must hold
+    neither lock. Stops early, with everything sent so far applied whole,
+    when ``seconds`` (if >= 0) have passed, or when B turns write-inhibited,
+    is closed, or its FlashCopy relationships change. Returns ``(tracks sent,
+    status)``: 0 done, 1 time limit, 2 stopped for B's state (the caller
+    falls back to the per-update path, which reports why).
+    """
+    cdef Py_ssize_t n = A.n_tracks, a = 0, done = 0, resume = 0
+    cdef int shift = A.track_shift, nrel, k, status = 0, version
+    cdef RelationshipBase r
+    cdef list rels
+    cdef uint64_t* w = owed.w
+    cdef uint8_t* tgt_base[MAX_RELS]
+    cdef uint64_t* tgt_to_copy[MAX_RELS]
+    cdef uint64_t* tgt_changed[MAX_RELS]
+    cdef double deadline = monotonic() + seconds if seconds >= 0 else -1.0
+    cdef unsigned long me = PyThread_get_thread_ident()
+    if owed.n_bits != n or B.n_tracks != n or B.track_shift != shift:
+        raise ValueError("pprc_drain needs volumes and bitmap of one geometry")
+    if A._owner == me or B._owner == me:
+        raise RuntimeError("pprc_drain must run without the volumes' locks held")
+    if _cow_hook is not None:
+        return 0, 2
+    B._acquire()
+    try:
+        if B._tgt_rel is not None or B.base == NULL or B._inhibits or A.base == NULL:
+            return 0, 2
+        rels = B._src_rels
+        nrel = len(rels)
+        if nrel > MAX_RELS:
+            return 0, 2
+        for k in range(nrel):
+            r = <RelationshipBase>rels[k]
+            if r.target.base == NULL:
+                return 0, 2
+            tgt_base[k] = r.target.base
+            tgt_to_copy[k] = r.to_copy.w
+            tgt_changed[k] = r.src_changed.w if r.src_changed is not None else NULL
+        version = B._rels_version
+    finally:
+        B._release()
+    with nogil:
+        while True:
+            PyThread_acquire_lock(A._lk, WAIT_LOCK)
+            A._owner = me
+            A._depth = 1
+            PyThread_acquire_lock(B._lk, WAIT_LOCK)
+            B._owner = me
+            B._depth = 1
+            a = bm_next_set(w, n, a)
+            if a < 0:
+                resume = -1
+            elif (A.base == NULL or B.base == NULL or B._inhibits
+                    or B._rels_version != version):
+                status = 2
+            else:
+                done += apply_runs(B.base, A.base, w, a, n, chunk, shift, nrel,
+                                   tgt_base, tgt_to_copy, tgt_changed, &resume)
+            B._owner = 0
+            B._depth = 0
+            PyThread_release_lock(B._lk)
+            A._owner = 0
+            A._depth = 0
+            PyThread_release_lock(A._lk)
+            if status or resume < 0:
+                break
+            a = resume
+            if deadline >= 0 and monotonic() > deadline:
+                status = 1
+                break
+    return done, status

@@ -139,6 +139,7 @@ class FlashCopy(_core.RelationshipBase):
             self.tgt_changed = store.new_bitmap(n)
         self.active = True
         self.source._src_rels.append(self)
+        self.source._rels_version += 1
         self.target._tgt_rel = self
         self.target._invalid = False
         store.save_flash(self)
@@ -165,6 +166,7 @@ class FlashCopy(_core.RelationshipBase):
         fc._store_id = row["id"]
         fc.active = True
         source._src_rels.append(fc)
+        source._rels_version += 1
         target._tgt_rel = fc
         fc._start_background()
         return fc
@@ -438,6 +440,7 @@ class FlashCopy(_core.RelationshipBase):
 
     def _unlink(self) -> None:
         self.source._src_rels.remove(self)
+        self.source._rels_version += 1
         self.target._tgt_rel = None
         self.active = False
         self._store.drop_flash(self)

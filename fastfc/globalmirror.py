@@ -287,13 +287,14 @@ class GlobalMirror:
         t = time.perf_counter()
         limit = self._drain_limit()
         deadline = None if limit is None else (lambda: time.perf_counter() - t > limit)
+        time_left = None if limit is None else (lambda: limit - (time.perf_counter() - t))
         ok = False
         try:
             for trip in self.triplets:
                 faults.hit("drain", trip.a)
                 if deadline is not None and deadline():
                     raise DrainAborted("drain time limit passed")
-                res.bytes_drained += trip.pair._cg_drain(deadline)
+                res.bytes_drained += trip.pair._cg_drain(deadline, time_left)
             ok = True
         except DrainAborted as e:
             res.cause, res.detail = Cause.DRAIN_TIMEOUT, str(e)
@@ -374,8 +375,7 @@ class GlobalMirror:
             res.coordination_time = seconds
             return True
         res.cause = Cause.COORDINATION_TIMEOUT
-        res.detail = ("could not hold writes on every primary in time" if status == 1 else
-                      f"held writes {seconds * 1e3:.1f} ms > "
+        res.detail = (f"could not hold writes on every primary within "
                       f"{self.max_coordination_time * 1e3:.1f} ms")
         return False
 

@@ -299,12 +299,24 @@ class PPRCPair(_core.MirrorBase):
         """Undo :meth:`_cg_begin` (primary lock held, no write since)."""
         self.oos, self.spare, self.cg = self.cg, self.oos, None
 
-    def _cg_drain(self, deadline=None) -> int:
+    def _cg_drain(self, deadline=None, time_left=None) -> int:
         """Send the CG: side-file versions first, then the CG bitmap's tracks.
         Raises on a link failure or when ``deadline()`` turns true. Returns
         the CG's bytes, those that collisions sent early included."""
         with self._drain_lock:
             sent = self._send_side_file()
+            if self.link.direct():
+                # in-process link: the whole CG in one kernel call, without the GIL
+                left = -1.0 if time_left is None else max(0.0, time_left())
+                ts = self.primary.track_size
+                tracks, status = _core.pprc_drain(self.primary, self.secondary, self.cg,
+                                                  max(1, DIRECT_CHUNK_BYTES // ts), left)
+                self.link.account(tracks * ts, 1)
+                self.bytes_sent += tracks * ts
+                sent += tracks * ts
+                if status == 1:
+                    raise DrainAborted("drain time limit passed")
+                # status 2: B changed state; the per-update path says why
             sent += self._send_runs(self.cg, 1 << 62, deadline)
             # collisions during the runs saved more CG versions; once the CG
             # bitmap is empty no new collision can happen
