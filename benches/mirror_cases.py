@@ -1,0 +1,252 @@
+"""Global Mirror figures for the report: the session under host writes
+(issue 3), against the pure-NumPy engine's session on the same volumes, and
+durable storage units against memory (issue 5).
+
+Issue 3: ``triplets`` triplets of ``size_mib`` MiB, two writer threads of
+4 KiB random writes paced at ``rate`` MB/s combined, CG interval 0. fastfc's
+session is measured first (``benches/gm.py``: host write throughput alone,
+then the paced session, then an unpaced one); then the same three runs of
+:class:`~benches.engine_numpy.NpGlobalMirror` over the very same arrays, so
+no more memory is needed.
+
+Issue 5: the same workload (fewer triplets: the volumes are files) with the
+volumes in two :class:`fastfc.StorageUnit` directories on a real disk,
+against the same volumes in memory; and the fsyncs per consistency group at
+two volume sizes (``SQLiteStore.fsyncs``).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benches.engine_numpy import NpGlobalMirror, NpVolume
+from benches.gm import make_triplets, run_session, writer_throughput
+from fastfc import GlobalMirror, StorageUnit
+from fastfc.testing import RandomWriters
+
+
+# --------------------------------------------------------------------------
+# Issue 3: fastfc's session and the NumPy engine's, same volumes
+# --------------------------------------------------------------------------
+
+def _np_session(triplets, seconds: float, rate: float | None) -> dict:
+    gm = NpGlobalMirror(triplets)
+    writers = RandomWriters([t[0] for t in triplets], threads=2, seed=1, io_size=4096,
+                            pace=rate)
+    writers.start()
+    t0 = time.perf_counter()
+    gm.start()
+    time.sleep(seconds)
+    gm.stop()
+    elapsed = time.perf_counter() - t0
+    writers.stop()
+    gm.form_cg()                      # B catches up with A
+    p = gm.percentiles()
+    gm.close()
+    return {"cgs_per_s": gm.successes / elapsed, "attempts": gm.successes,
+            "coord_p99_ms": p["coordination"]["p99"] * 1e3,
+            "flash_p50_ms": p["flashcopy"]["p50"] * 1e3,
+            "flash_p99_ms": p["flashcopy"]["p99"] * 1e3,
+            "drain_p50_ms": p["drain"]["p50"] * 1e3,
+            "drain_p99_ms": p["drain"]["p99"] * 1e3,
+            "rpo_p99_ms": p["rpo"]["p99"] * 1e3,
+            "write_mb_s": writers.bytes / elapsed / 1e6}
+
+
+def global_mirror(triplets: int, size_mib: int, seconds: float, rate_mbs: float,
+                  log=print) -> dict:
+    """Issue 3's workload on fastfc, then on the NumPy engine (same arrays)."""
+    trips = make_triplets(triplets, size_mib)
+    try:
+        log(f"    fastfc: host writes alone ({seconds / 2:g} s)")
+        alone = writer_throughput([t[0] for t in trips], seconds / 2)
+        for a, b, _ in trips:
+            b.array[:] = a.array
+        log(f"    fastfc: paced session ({seconds:g} s)")
+        paced = run_session(trips, seconds, rate_mbs * 1e6)
+        log(f"    fastfc: unpaced session ({seconds / 2:g} s)")
+        under = run_session(trips, seconds / 2, None)
+        # the NumPy engine over the same bytes (fastfc's pairs and
+        # relationships are gone; the arrays stay)
+        nps = [tuple(NpVolume(v.n_tracks, v.track_size, array=v.array, name=f"np-{v.name}")
+                     for v in t) for t in trips]
+        log(f"    NumPy engine: host writes alone ({seconds / 2:g} s)")
+        np_alone = writer_throughput([t[0] for t in nps], seconds / 2)
+        for a, b, _ in nps:
+            b.array[:] = a.array
+        log(f"    NumPy engine: paced session ({seconds:g} s)")
+        np_paced = _np_session(nps, seconds, rate_mbs * 1e6)
+        log(f"    NumPy engine: unpaced session ({seconds / 2:g} s)")
+        np_under = _np_session(nps, seconds / 2, None)
+        del nps
+    finally:
+        for t in trips:
+            for v in t:
+                v.close()
+        del trips
+        gc.collect()
+    return {"config": {"triplets": triplets, "size_mib": size_mib, "seconds": seconds,
+                       "rate_mbs": rate_mbs},
+            "fastfc": {"alone_mb_s": alone, "paced": paced, "unpaced": under},
+            "numpy": {"alone_mb_s": np_alone, "paced": np_paced, "unpaced": np_under}}
+
+
+# --------------------------------------------------------------------------
+# Issue 5: durable storage units against memory
+# --------------------------------------------------------------------------
+
+def filesystem_of(path: Path) -> str:
+    """``device on mountpoint type fstype`` for the mount holding ``path``."""
+    path = path.resolve()
+    best = None
+    with open("/proc/mounts") as f:
+        for line in f:
+            dev, mnt, fstype = line.split()[:3]
+            if (str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")) and \
+                    (best is None or len(mnt) > len(best[1])):
+                best = (dev, mnt, fstype)
+    return f"{best[0]} on {best[1]} ({best[2]})" if best else "unknown"
+
+
+def _unit_triplets(root: Path, n: int, n_tracks: int, track: int):
+    a_unit = StorageUnit(root / "site1")
+    b_unit = StorageUnit(root / "site2")
+    trips = []
+    for i in range(n):
+        trips.append((a_unit.create_volume(f"A{i:03d}", n_tracks, track),
+                      b_unit.create_volume(f"B{i:03d}", n_tracks, track),
+                      b_unit.create_volume(f"C{i:03d}", n_tracks, track)))
+    return (a_unit, b_unit), trips
+
+
+def _session(trips, seconds: float, rate: float | None) -> dict:
+    gm = GlobalMirror(trips, cg_interval=0.0, initial_copy=False)
+    writers = RandomWriters([t[0] for t in trips], threads=2, seed=3, io_size=4096, pace=rate)
+    writers.start()
+    t0 = time.perf_counter()
+    gm.start()
+    time.sleep(seconds)
+    gm.stop()
+    elapsed = time.perf_counter() - t0
+    writers.stop()
+    st = gm.stats
+    p = st.phase_percentiles()
+    out = {"cgs_per_s": st.successes / elapsed, "attempts": st.attempts,
+           "failures": dict(st.failures), "flash_p50_ms": p["flashcopy"]["p50"] * 1e3,
+           "rpo_p99_ms": p["rpo"]["p99"] * 1e3, "write_mb_s": writers.bytes / elapsed / 1e6}
+    gm.close()
+    return out
+
+
+def fsync_latency(directory: Path, n: int = 20) -> float:
+    """Median seconds of a 4 KiB write + ``fsync`` of a file in ``directory``
+    (what each durable commit of SQLite costs there, at least)."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix="fsync-")
+    try:
+        times = []
+        block = os.urandom(4096)
+        for _ in range(n):
+            os.pwrite(fd, block, 0)
+            t0 = time.perf_counter()
+            os.fsync(fd)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+def _units_session(root: Path, triplets: int, n_tracks: int, track: int, seconds: float,
+                   rate: float | None) -> dict:
+    units, trips = _unit_triplets(root, triplets, n_tracks, track)
+    try:
+        for t in trips:
+            for v in t:
+                v.array.fill(0)         # allocate the file's blocks, fault the pages in
+        for u in units:
+            u.flush()
+        os.sync()
+        f0 = sum(u.store.fsyncs for u in units)
+        res = _session(trips, seconds, rate)
+        res["fsyncs"] = sum(u.store.fsyncs for u in units) - f0
+        return res
+    finally:
+        for u in units:
+            u.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def durable(root: Path, triplets: int, size_mib: int, seconds: float, rate_mbs: float,
+            sizes: tuple[int, int], fsync_cgs: int, log=print, shm: str = "/dev/shm") -> dict:
+    """CG rate on storage units in ``root`` (a real disk) against memory,
+    and on units in ``shm`` (tmpfs: fsync costs nothing) to tell the fsync
+    from the rest; fsyncs per CG at two volume sizes (``sizes``: tracks of
+    4 KiB; the files are sparse)."""
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="fastfc-units-", dir=root))
+    out: dict = {"dir": str(work), "filesystem": filesystem_of(work),
+                 "fsync_s": fsync_latency(work),
+                 "config": {"triplets": triplets, "size_mib": size_mib, "seconds": seconds,
+                            "rate_mbs": rate_mbs}}
+    track = 65536
+    n_tracks = size_mib * 2**20 // track
+    try:
+        # the same workload, in memory and on units (memory first)
+        trips = make_triplets(triplets, size_mib)
+        for a, b, _ in trips:
+            b.array[:] = a.array
+        log(f"    in memory: {triplets} triplets x {size_mib} MiB ({seconds:g} s)")
+        out["memory"] = _session(trips, seconds, rate_mbs * 1e6)
+        for t in trips:
+            for v in t:
+                v.close()
+        del trips
+        gc.collect()
+        log(f"    on storage units in {work} ({out['filesystem']}; fsync "
+            f"{out['fsync_s'] * 1e3:.2f} ms): same ({seconds:g} s)")
+        out["units"] = _units_session(work / "cg-rate", triplets, n_tracks, track, seconds,
+                                      rate_mbs * 1e6)
+        tmp = Path(tempfile.mkdtemp(prefix="fastfc-units-", dir=shm))
+        try:
+            log(f"    on storage units in {tmp} (tmpfs): same ({seconds:g} s)")
+            out["units_tmpfs"] = _units_session(tmp / "cg-rate", triplets, n_tracks, track,
+                                                seconds, rate_mbs * 1e6)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+        # fsyncs per CG at two volume sizes
+        out["fsyncs"] = {}
+        for n in sizes:
+            units, trips = _unit_triplets(work / f"fsync-{n}", 4, n, 4096)
+            try:
+                gm = GlobalMirror(trips, cg_interval=0.0, initial_copy=False)
+                rng = np.random.default_rng(n)
+                data = np.ones(4096, np.uint8)
+                gm.form_consistency_group()
+                f0 = sum(u.store.fsyncs for u in units)
+                t0 = time.perf_counter()
+                ok = 0
+                for _ in range(fsync_cgs):
+                    for a, _, _ in trips:
+                        for o in rng.integers(0, n, 8):
+                            a.write(int(o) * 4096, data)
+                    ok += gm.form_consistency_group().committed
+                elapsed = time.perf_counter() - t0
+                fs = sum(u.store.fsyncs for u in units) - f0
+                out["fsyncs"][n] = {"cgs": fsync_cgs, "committed": ok, "fsyncs": fs,
+                                    "per_cg": fs / fsync_cgs, "ms_per_cg": elapsed / fsync_cgs * 1e3}
+                log(f"    fsyncs per CG at {n} tracks: {fs / fsync_cgs:g}")
+                gm.close()
+            finally:
+                for u in units:
+                    u.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
