@@ -429,6 +429,41 @@ def demo(seconds, triplets, size_mib, rate_mbs, fault_every, seed, plot) -> None
     sys.exit(0 if result["promise_ok"] else 1)
 
 
+BENCH_SECTIONS = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable", "gm"]
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="About a minute: fewer rounds, smaller sizes.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Directory for report.json and the plots [default: bench-results/].")
+@click.option("--only", multiple=True, type=click.Choice(BENCH_SECTIONS),
+              help="Run only this section (repeatable).")
+@click.option("--skip", multiple=True, type=click.Choice(BENCH_SECTIONS),
+              help="Skip this section (repeatable).")
+@click.option("--unit-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the durable section puts storage units (a real disk) "
+                   "[default: bench-results/units].")
+@click.option("--update-readme", is_flag=True, help="Rewrite the README's benchmark table.")
+@click.option("--strict", is_flag=True, help="Exit with status 1 if a target is missed.")
+def bench(quick, out, only, skip, unit_dir, update_readme, strict) -> None:
+    """Run every benchmark against same-run baselines and print the table.
+
+    Needs a source checkout: the suite lives in the repository's benches/
+    directory, next to the fastfc package.
+    """
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benches" / "report.py").is_file():
+        raise click.ClickException(
+            f"the benchmark suite is not here: no benches/report.py next to the fastfc "
+            f"package (in {root}); it ships with the source repository, so run this "
+            "from a source checkout (pip install -e .)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benches.report import run
+    sys.exit(run(quick=quick, out=out, only=list(only), skip=list(skip),
+                 update=update_readme, unit_dir=unit_dir, strict=strict))
+
+
 # -- volumes ---------------------------------------------------------------------------
 @main.command()
 @click.argument("names", nargs=-1, required=True)

@@ -1,0 +1,690 @@
+"""fastfc's benchmark report: every benchmark, its baselines measured in the
+same run, one table (``python -m fastfc bench``; or run this file).
+
+Sections, in the order they run (``--only`` / ``--skip`` pick some):
+
+physical  the physical limit: ``np.copyto`` / libc ``memcpy`` on one and two
+          threads, and fastfc copying on two worker threads
+core      the cases of ``cases.py`` (what ``run.py`` and
+          ``pytest benches --benchmark-only`` run)
+engine    fastfc against the pure-NumPy engine (``engine_numpy.py``) on
+          4 KiB-track workloads
+numba     fastfc against numba-jitted kernels (copy runs, copy-on-write,
+          bitmap count and scan)
+qemu      the real peer: QEMU's ``blockdev-backup`` (full and incremental)
+          between raw files in /dev/shm, default and tuned, against fastfc on
+          file-backed volumes over the same files (skipped without QEMU)
+scaling   cost against volume size, track size, targets, Global Mirror
+          triplets and the fraction of changed tracks (plotted)
+durable   Global Mirror on storage units on a disk against memory, and
+          fsyncs per consistency group at two volume sizes (issue 5)
+gm        the Global Mirror workload of issue 3 (``gm.py``) and the same on
+          the NumPy engine; the largest in memory, so it runs last
+
+Ratios: for a speed figure (target ``>=``) ratio = baseline time / fastfc
+time (or fastfc rate / baseline rate); for a cost figure (target ``<=``)
+ratio = fastfc time / baseline time. A target with a unit (``<= 1 ms``) is
+absolute: ``met`` judges the fastfc value, and the ratio against the
+baseline of the same run is shown beside it.
+
+The raw results (every sample) go to ``OUT/report.json`` and the plots to
+``OUT/*.png`` (``-quick`` in the names of a quick run); ``--update-readme``
+rewrites the README's table between ``<!-- bench-table:start -->`` and
+``<!-- bench-table:end -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+import fastfc  # noqa: E402
+from benches.cases import CASES, Case, Result, get_case, measure, metadata_rows  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SECTIONS = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable", "gm"]
+README_START = "<!-- bench-table:start -->"
+README_END = "<!-- bench-table:end -->"
+
+
+# --------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """One line of the report."""
+
+    section: str
+    name: str
+    figure: str
+    fastfc: str
+    baseline: str
+    ratio: float | None
+    target: str = "-"
+    met: bool | None = None
+    note: str = ""
+    headline: str = ""          # label in the README table ("" = not a headline)
+    score: float | None = None  # >= 1: target met, by how much (absolute targets)
+    data: dict = field(default_factory=dict)
+
+    def target_score(self) -> float | None:
+        """How far the figure is from its target: >= 1 met (log scale)."""
+        if self.score is not None:
+            return self.score
+        if self.met is None or self.ratio is None or self.ratio != self.ratio:
+            return None
+        parts = self.target.split()
+        if len(parts) != 2 or parts[0] not in (">=", "<="):
+            return None
+        t = float(parts[1])
+        if parts[0] == ">=":
+            return self.ratio / t if t else None
+        return t / self.ratio if self.ratio else float("inf")
+
+    @property
+    def met_text(self) -> str:
+        return "-" if self.met is None else ("met" if self.met else "NOT MET")
+
+
+def fmt_time(s: float) -> str:
+    if s != s:
+        return "n/a"
+    if s >= 1.0:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    if s >= 1e-6:
+        return f"{s * 1e6:.2f} us"
+    return f"{s * 1e9:.0f} ns"
+
+
+def _per_op(seconds: float, ops: int = 1, nbytes: int = 0) -> str:
+    text = fmt_time(seconds / ops) + ("/op" if ops > 1 else "")
+    if nbytes:
+        text += f" ({nbytes / seconds / 1e9:.1f} GB/s)"
+    return text
+
+
+def _ratio_text(r: float | None) -> str:
+    if r is None or r != r:
+        return "-"
+    return f"{r:.3g}" if r < 100 else f"{r:.0f}"
+
+
+def row_from_result(section: str, r: Result, headline: str = "", figure: str | None = None,
+                    target: str | None = None) -> Row:
+    c = r.case
+    rr = sorted(r.round_ratios())
+    return Row(section, c.name, figure or c.figure,
+               _per_op(r.fastfc_s, r.ops, r.nbytes),
+               f"{_per_op(r.baseline_s, r.ops, r.nbytes)} {r.baseline_name}",
+               r.ratio, target if target is not None else c.target_text,
+               r.met if target is None or target != "-" else None,
+               note=f"rounds {rr[0]:.3g}..{rr[-1]:.3g}", headline=headline,
+               data=r.as_dict())
+
+
+def role_row(section: str, r: Result, role: str, name: str, figure: str, target: float,
+             headline: str = "") -> Row:
+    """fastfc against one named baseline role of a measured case (speed)."""
+    ratio = r.median(role) / r.fastfc_s
+    return Row(section, name, figure, _per_op(r.fastfc_s, r.ops, r.nbytes),
+               f"{_per_op(r.median(role), r.ops, r.nbytes)} {role}", ratio,
+               f">= {target:g}", ratio >= target, headline=headline,
+               data={"case": r.case.name, "role": role})
+
+
+# --------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------
+
+class Report:
+    def __init__(self, quick: bool, out: Path, log, unit_dir: Path) -> None:
+        self.quick = quick
+        self.out = out
+        self.log = log
+        self.unit_dir = unit_dir
+        self.rows: list[Row] = []
+        self.raw: dict = {}
+        self.results: dict[str, Result] = {}
+        self.plots: list[str] = []
+        self.skipped: dict[str, str] = {}
+        self.timings: dict[str, float] = {}
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+
+    def _measure(self, c: Case) -> Result:
+        t0 = time.perf_counter()
+        self.log(f"  {c.name} ...")
+        r = measure(c, quick=self.quick)
+        self.results[c.name] = r
+        self.log(f"    ratio {r.ratio:.3g} ({time.perf_counter() - t0:.1f} s)")
+        gc.collect()
+        return r
+
+    # -- physical ---------------------------------------------------------
+    def physical(self) -> None:
+        from benches.engine_cases import PHYSICAL_CASES
+        r = self._measure(PHYSICAL_CASES[0])
+        t1, t2 = r.median("np.copyto, 1 thread"), r.median("np.copyto, 2 threads")
+        m1 = r.median("memcpy, 1 thread")
+        gb = r.nbytes / 1e9
+        size = f"{r.nbytes >> 20} MiB" if r.nbytes < 1 << 30 else f"{r.nbytes >> 30} GiB"
+        self.add(Row("physical", "copyto_2threads",
+                     f"physical limit: np.copyto of {size} on two threads vs one",
+                     f"{fmt_time(t2)} ({gb / t2:.1f} GB/s)",
+                     f"{fmt_time(t1)} ({gb / t1:.1f} GB/s) np.copyto, 1 thread", t1 / t2,
+                     note=f"libc memcpy, 1 thread: {gb / m1:.1f} GB/s", data=r.as_dict()))
+        self.add(Row("physical", "fastfc_2workers",
+                     f"fastfc background copy of {size} on two worker threads vs np.copyto "
+                     "on two threads",
+                     _per_op(r.fastfc_s, 1, r.nbytes),
+                     f"{_per_op(t2, 1, r.nbytes)} np.copyto, 2 threads", t2 / r.fastfc_s,
+                     note=f"vs np.copyto on one thread: {t1 / r.fastfc_s:.3g}"))
+
+    # -- core -------------------------------------------------------------
+    def core(self) -> None:
+        heads = {"bg_copy_caller": "background copy, 1 GiB, vs np.copyto",
+                 "incr_copy_10pct": "incremental copy of 10% of the tracks, vs np.copyto",
+                 "write_4k_3tgt_copied": "4 KiB write, 3 targets (cost vs slice assignment)"}
+        for c in CASES:
+            r = self._measure(c)
+            self.add(row_from_result("core", r, heads.get(c.name, "")))
+        meta = metadata_rows()
+        worst = max(m["metadata_bytes"] / m["allowance_bytes"] for m in meta)
+        big = [m for m in meta if m["tracks"] == max(x["tracks"] for x in meta)]
+        self.add(Row("core", "metadata_bytes",
+                     "FlashCopy metadata (2^10 and 2^24 tracks) vs 3 bits/track/relationship "
+                     "(+3 while revertible)",
+                     ", ".join(f"{m['bits_per_track']:.2f}" for m in big) + " bits/track",
+                     "allowance 3, 3, 6 bits/track", worst, "<= 1", worst <= 1,
+                     data={"rows": meta}))
+
+    # -- engine -----------------------------------------------------------
+    def engine(self) -> None:
+        from benches.engine_cases import ENGINE_CASES
+        for c in ENGINE_CASES:
+            r = self._measure(c)
+            self.add(row_from_result("engine", r))
+        ratios = [row.ratio for row in self.rows if row.section == "engine"]
+        self.raw["engine_geomean"] = float(np.exp(np.mean(np.log(ratios))))
+
+    # -- numba ------------------------------------------------------------
+    def numba(self) -> None:
+        try:
+            import numba  # noqa: F401
+        except ImportError:
+            self.skipped["numba"] = "numba is not installed (pip install numba)"
+            return
+        from benches.engine_cases import NUMBA_CASES
+        for c in NUMBA_CASES:
+            r = self._measure(c)
+            self.add(row_from_result("numba", r))
+        scans = [("count_2p27", "numba popcount loop", "bitmap count, 2^27 bits (16 MiB)"),
+                 ("count_2p20", "numba popcount loop", "bitmap count, 2^20 bits (in cache)"),
+                 ("find_next_set_2p27", "numba scan", "bitmap find-next, 2^27 bits (16 MiB)"),
+                 ("find_next_set_2p20", "numba scan", "bitmap find-next, 2^20 bits (in cache)")]
+        for name, role, fig in scans:
+            r = self.results.get(name) or self._measure(get_case(name))
+            if role in r.samples:
+                self.add(role_row("numba", r, role, f"numba_{name}", f"vs numba: {fig}", 1.0))
+
+    # -- qemu -------------------------------------------------------------
+    def qemu(self) -> None:
+        from benches import qemu_peer
+        if qemu_peer.available() is None:
+            msg = (f"{qemu_peer.DAEMON} is not installed: the QEMU peer is skipped "
+                   "(Debian/Ubuntu: apt-get install qemu-system-common)")
+            self.skipped["qemu"] = msg
+            self.log(f"  {msg}")
+            return
+        q = qemu_peer.compare(self.quick, log=self.log)
+        self.raw["qemu"] = q
+        m = q["medians"]
+        size = f"{q['capacity'] >> 20} MiB"
+        tuned = qemu_peer.perf_text(q["tuned"])
+        for kind, nbytes in (("full", q["capacity"]), ("incremental", q["incremental_bytes"])):
+            med = m[kind]
+            c = med["np.copyto"]
+            what = (f"full backup of {size}" if kind == "full"
+                    else f"incremental backup, 10% of {size} changed")
+            gbs = lambda s: f"{fmt_time(s)} ({nbytes / s / 1e9:.2f} GB/s)"  # noqa: E731
+            target = 0.95 if kind == "full" else 0.8
+            ratio = c / med["fastfc"]
+            self.add(Row("qemu", f"fastfc_file_{kind}",
+                         f"fastfc {'COPY-mode worker' if kind == 'full' else 'resync + copy()'}"
+                         f" on file-backed volumes in /dev/shm, {what}",
+                         gbs(med["fastfc"]), f"{gbs(c)} np.copyto", ratio,
+                         f">= {target:g}", ratio >= target,
+                         headline="fastfc full backup (files in /dev/shm), vs np.copyto"
+                         if kind == "full" else "", data={"samples": q[kind]}))
+            for mode, label in (("QEMU defaults", "defaults"), ("QEMU tuned", "tuned")):
+                self.add(Row("qemu", f"qemu_{kind}_{label}",
+                             f"QEMU blockdev-backup sync={'full' if kind == 'full' else 'incremental'}"
+                             f" ({label}), {what}",
+                             gbs(med[mode]), f"{gbs(c)} np.copyto", c / med[mode],
+                             note=tuned if label == "tuned" else "x-perf defaults"))
+            for mode, label in (("QEMU defaults", "defaults"), ("QEMU tuned", "tuned")):
+                self.add(Row("qemu", f"fastfc_vs_qemu_{kind}_{label}",
+                             f"fastfc vs QEMU ({label}), {what}",
+                             gbs(med["fastfc"]), f"{gbs(med[mode])} QEMU {label}",
+                             med[mode] / med["fastfc"],
+                             headline=f"fastfc vs QEMU blockdev-backup {kind}, {label}"
+                             if kind == "full" else ""))
+
+    # -- scaling ----------------------------------------------------------
+    def scaling(self) -> None:
+        from benches import scaling
+        curves = scaling.run(self.quick, log=self.log)
+        self.raw["scaling"] = curves
+        path = self.out / f"scaling{'-quick' if self.quick else ''}.png"
+        scaling.plot(curves, path, title=f"fastfc scaling{' (quick: smaller sizes)' if self.quick else ''}"
+                     f" - {machine()}")
+        self.plots.append(str(path))
+        for s in scaling.summary(curves):
+            lo, hi = s["expected_range"]
+            vs = s["vs_numpy_at_max"]
+            judged = not self.quick        # two or three points judge no slope
+            self.add(Row("scaling", f"scaling_{s['curve']}_{s['series']}",
+                         f"{curves[s['curve']]['title'].split(':')[0].split(' (')[0]}: "
+                         f"{s['series']}, {s['range']}",
+                         f"slope {s['slope']:.2f}", f"{s['complexity']}", s["slope"],
+                         f"{lo:g}..{hi:g}" if judged else f"({lo:g}..{hi:g})",
+                         s["ok"] if judged else None,
+                         note=(f"at {s['range'].split(' .. ')[1]}: {fmt_time(s['at_max'])}"
+                               + (f", {vs:.3g} x the NumPy engine" if vs else "")),
+                         data=s))
+
+    # -- durable ----------------------------------------------------------
+    def durable(self) -> None:
+        from benches import mirror_cases
+        if self.quick:
+            cfg = dict(triplets=4, size_mib=16, seconds=1.5, rate_mbs=200.0,
+                       sizes=(1 << 10, 1 << 16), fsync_cgs=10)
+        else:
+            cfg = dict(triplets=16, size_mib=64, seconds=5.0, rate_mbs=200.0,
+                       sizes=(1 << 10, 1 << 20), fsync_cgs=30)
+        d = mirror_cases.durable(self.unit_dir, log=self.log, **cfg)
+        self.raw["durable"] = d
+        mem, units, shm = d["memory"], d["units"], d["units_tmpfs"]
+        where = f"{d['dir'].rsplit('/fastfc-units-', 1)[0]} on {d['filesystem']}"
+        w = f"{cfg['triplets']} triplets x {cfg['size_mib']} MiB{', quick' if self.quick else ''}"
+        ratio = units["cgs_per_s"] / mem["cgs_per_s"]
+        fs = d["fsync_s"]
+        per_cg = units["fsyncs"] / max(1, units["attempts"])
+        self.add(Row("durable", "durable_cg_rate",
+                     f"Global Mirror CG rate on storage units on disk vs in memory ({w})",
+                     f"{units['cgs_per_s']:.1f} CG/s", f"{mem['cgs_per_s']:.1f} CG/s in memory",
+                     ratio, ">= 0.5", ratio >= 0.5,
+                     note=(f"units in {where}; fsync there: {fs * 1e3:.2f} ms, {per_cg:.2f} "
+                           f"per CG: at most {1 / (per_cg * fs) if per_cg else float('inf'):.0f}"
+                           " CG/s"),
+                     headline="Global Mirror CG rate, units on disk / memory", data=d))
+        self.add(Row("durable", "durable_cg_rate_tmpfs",
+                     f"Global Mirror CG rate on storage units in /dev/shm (tmpfs: no fsync "
+                     f"cost) vs in memory ({w})",
+                     f"{shm['cgs_per_s']:.1f} CG/s", f"{mem['cgs_per_s']:.1f} CG/s in memory",
+                     shm["cgs_per_s"] / mem["cgs_per_s"],
+                     note="what the units cost besides the disk's fsync"))
+        self.add(Row("durable", "durable_fsync",
+                     f"one fsync of a 4 KiB write on {d['filesystem']} vs a CG in memory",
+                     fmt_time(fs), f"{fmt_time(1 / mem['cgs_per_s'])} per CG in memory",
+                     fs * mem["cgs_per_s"], note="the floor under a durable CG: 2 of these"))
+        small, big = (d["fsyncs"][n] for n in cfg["sizes"])
+        ratio = big["per_cg"] / small["per_cg"] if small["per_cg"] else float("nan")
+        self.add(Row("durable", "durable_fsyncs_per_cg",
+                     f"fsyncs per CG at 2^{cfg['sizes'][1].bit_length() - 1} vs "
+                     f"2^{cfg['sizes'][0].bit_length() - 1} tracks per volume (4 triplets)",
+                     f"{big['per_cg']:.2f} per CG", f"{small['per_cg']:.2f} per CG", ratio,
+                     "<= 1", ratio <= 1.0,
+                     note=f"{big['ms_per_cg']:.1f} vs {small['ms_per_cg']:.1f} ms per CG",
+                     headline="fsyncs per CG, 2^20 vs 2^10 tracks" if not self.quick else ""))
+
+    # -- gm ---------------------------------------------------------------
+    def gm(self) -> None:
+        from benches import mirror_cases
+        if self.quick:
+            cfg = dict(triplets=16, size_mib=16, seconds=3.0, rate_mbs=200.0)
+        else:
+            cfg = dict(triplets=64, size_mib=64, seconds=10.0, rate_mbs=200.0)
+        gc.collect()
+        g = mirror_cases.global_mirror(log=self.log, **cfg)
+        self.raw["gm"] = g
+        f, n = g["fastfc"], g["numpy"]
+        fp, np_ = f["paced"], n["paced"]
+        w = (f"{cfg['triplets']} triplets x {cfg['size_mib']} MiB, 2 writers of 4 KiB at "
+             f"{cfg['rate_mbs']:.0f} MB/s, CG interval 0{' (quick: smaller)' if self.quick else ''}")
+        base = "NumPy engine"
+        for key, name, label, target, unit, lower in (
+                ("coord_p99_ms", "gm_coordination_p99", "coordination hold p99", 1.0, "ms", True),
+                ("flash_p99_ms", "gm_flashcopy_p99",
+                 f"FlashCopy phase p99 ({cfg['triplets']} volumes)", 5.0, "ms", True),
+                ("cgs_per_s", "gm_cgs_per_s", "consistency groups per second", 20.0, "CG/s",
+                 False),
+                ("rpo_p99_ms", "gm_rpo_p99", "RPO p99", 250.0, "ms", True)):
+            v, b = fp[key], np_[key]
+            ratio = v / b if b else float("nan")
+            met = v <= target if lower else v >= target
+            self.add(Row("gm", name, f"Global Mirror {label}: {w}",
+                         f"{v:.3g} {unit}", f"{b:.3g} {unit} {base} (wrote "
+                         f"{np_['write_mb_s']:.0f} MB/s)", ratio,
+                         f"{'<=' if lower else '>='} {target:g} {unit}", met,
+                         headline=f"Global Mirror {label}" if not self.quick else "",
+                         score=(target / v if lower else v / target) if v else float("inf"),
+                         data={"fastfc": fp, "numpy": np_}))
+        ratio = f["unpaced"]["write_mb_s"] / f["alone_mb_s"]
+        nratio = n["unpaced"]["write_mb_s"] / n["alone_mb_s"]
+        self.add(Row("gm", "gm_host_writes",
+                     f"host write throughput under Global Mirror / alone (unpaced): {w}",
+                     f"{f['unpaced']['write_mb_s']:.0f} / {f['alone_mb_s']:.0f} MB/s",
+                     f"{n['unpaced']['write_mb_s']:.0f} / {n['alone_mb_s']:.0f} MB/s {base} "
+                     f"({nratio:.2f})", ratio, ">= 0.5", ratio >= 0.5,
+                     headline="host writes under Global Mirror / alone" if not self.quick else "",
+                     data=g))
+
+
+# --------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(f.readline().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return (f"{cpu}, {os.cpu_count()} CPUs{mem}; Linux {platform.release()}; "
+            f"Python {platform.python_version()}, NumPy {np.__version__}, "
+            f"fastfc {fastfc.__version__}")
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def print_table(rows: list[Row], console=None) -> None:
+    header = ["figure", "fastfc", "baseline", "ratio", "target", "met?"]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        Console = None
+    if Console is not None:
+        console = console or Console(highlight=False)
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            console.width = 250
+        t = Table(*header, show_lines=False, header_style="bold")
+        last = None
+        for r in rows:
+            if r.section != last:
+                t.add_row(f"[bold]{r.section}[/]", "", "", "", "", "")
+                last = r.section
+            style = {True: "green", False: "bold red", None: "dim"}[r.met]
+            t.add_row(r.figure, r.fastfc, r.baseline, _ratio_text(r.ratio), r.target,
+                      f"[{style}]{r.met_text}[/]")
+        console.print(t)
+        return
+    widths = [max(len(h), *(len(str(x)) for x in col)) for h, col in zip(header, zip(*[
+        (r.figure, r.fastfc, r.baseline, _ratio_text(r.ratio), r.target, r.met_text)
+        for r in rows]))]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        vals = (r.figure, r.fastfc, r.baseline, _ratio_text(r.ratio), r.target, r.met_text)
+        print("  ".join(str(v).ljust(w) for v, w in zip(vals, widths)))
+
+
+def readme_table(rep: Report, when: str, seconds: float, load: tuple[float, float]) -> str:
+    heads = [r for r in rep.rows if r.headline]
+    engine = [r for r in rep.rows if r.section == "engine"]
+    nb = [r for r in rep.rows if r.section == "numba"]
+    lines = [f"Measured by `python -m fastfc bench{' --quick' if rep.quick else ''} "
+             f"--update-readme` on {when} ({seconds / 60:.0f} min"
+             f"{', quick: fewer rounds and smaller sizes' if rep.quick else ''}), on "
+             f"{machine()} (load average {load[0]:.1f} .. {load[1]:.1f}: a shared machine). "
+             "Each ratio is against a baseline timed in the same run; "
+             "`bench-results/report.json` keeps every sample.", "",
+             "| figure | fastfc | baseline | ratio | target | met? |",
+             "|---|---|---|---|---|---|"]
+
+    def line(label, r):
+        lines.append(f"| {label} | {r.fastfc} | {r.baseline} | {_ratio_text(r.ratio)} | "
+                     f"{r.target} | {r.met_text} |")
+    order = ["core", "physical", "engine", "numba", "qemu", "durable", "gm"]
+    for sec in order:
+        for r in heads:
+            if r.section == sec:
+                line(r.headline, r)
+        if sec == "engine" and engine:
+            lo = min(engine, key=lambda r: r.ratio)
+            hi = max(engine, key=lambda r: r.ratio)
+            met = sum(bool(r.met) for r in engine)
+            lines.append(f"| vs the pure-NumPy engine, {len(engine)} workloads on 4 KiB tracks "
+                         f"| | | {lo.ratio:.3g} .. {hi.ratio:.3g} (geomean "
+                         f"{rep.raw['engine_geomean']:.3g}) | >= 20 | {met} of {len(engine)} |")
+        if sec == "numba" and nb:
+            lo = min(nb, key=lambda r: r.ratio)
+            hi = max(nb, key=lambda r: r.ratio)
+            met = sum(bool(r.met) for r in nb)
+            lines.append(f"| vs numba kernels: copy runs, copy-on-write, count, find-next "
+                         f"({len(nb)} figures) | | | {lo.ratio:.3g} .. {hi.ratio:.3g} | >= 1 "
+                         f"| {met} of {len(nb)} |")
+    targets = [r for r in rep.rows if r.met is not None]
+    lines += ["", f"{sum(bool(r.met) for r in targets)} of {len(targets)} targets met in that "
+              "run; `python -m fastfc bench` prints the full table."]
+    return "\n".join(lines)
+
+
+def update_readme(text: str, path: Path = REPO / "README.md") -> None:
+    doc = path.read_text()
+    a, b = doc.find(README_START), doc.find(README_END)
+    if a < 0 or b < a:
+        raise RuntimeError(f"{path} has no {README_START} ... {README_END} markers")
+    doc = doc[:a + len(README_START)] + "\n" + text + "\n" + doc[b:]
+    path.write_text(doc)
+
+
+def plot_summary(rows: list[Row], path: Path, title: str) -> None:
+    """Each figure with a ratio target: its ratio over its target (log)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sel = []
+    for r in rows:
+        score = r.target_score()
+        if score is None or r.section == "scaling":
+            continue
+        label = r.figure if len(r.figure) <= 80 else r.figure[:77] + "..."
+        sel.append((f"[{r.section}] {label}", score, r.met))
+    if not sel:
+        return
+    import textwrap
+    fig, ax = plt.subplots(figsize=(15, 0.3 * len(sel) + 1.6))
+    y = np.arange(len(sel))[::-1]
+    ax.barh(y, [s for _, s, _ in sel], color=["#3a7" if m else "#d44" for _, _, m in sel])
+    ax.axvline(1.0, color="k", lw=1)
+    ax.set_xscale("log")
+    ax.set_yticks(y)
+    ax.set_yticklabels([lbl for lbl, _, _ in sel], fontsize=7)
+    ax.set_xlabel("how far from the target: ratio / target (absolute targets: value / target),"
+                  " >= 1 met")
+    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
+    fig.subplots_adjust(left=0.4, right=0.98, top=1 - 0.8 / (0.3 * len(sel) + 1.6),
+                        bottom=0.6 / (0.3 * len(sel) + 1.6))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_peer(q: dict, phys: Result | None, path: Path, title: str) -> None:
+    """Throughput of one full copy and one incremental copy: the physical
+    limit, fastfc and QEMU."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for ax, kind, nbytes in ((axes[0], "full", q["capacity"]),
+                             (axes[1], "incremental", q["incremental_bytes"])):
+        med = dict(q["medians"][kind])
+        if kind == "full" and phys is not None:
+            for role in ("np.copyto, 2 threads", "memcpy, 1 thread"):
+                med[f"{role} (1 GiB, anon.)"] = phys.median(role) * nbytes / phys.nbytes
+        names = list(med)
+        gbs = [nbytes / med[k] / 1e9 for k in names]
+        ax.barh(names[::-1], gbs[::-1], color=["#3a7" if k == "fastfc" else
+                                              "#d84" if k.startswith("QEMU") else "#789"
+                                              for k in names[::-1]])
+        for i, v in enumerate(gbs[::-1]):
+            ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
+        ax.set_xlabel("GB/s (median)")
+        ax.set_title(f"{kind} backup, {q['capacity'] >> 20} MiB, /dev/shm files"
+                     + (", 10% of tracks" if kind == "incremental" else ""), fontsize=9)
+    fig.suptitle(title + f"\nQEMU tuned: {q['tuned']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------
+
+def run(quick: bool = False, out: Path | None = None, only: list[str] | None = None,
+        skip: list[str] | None = None, update: bool = False, unit_dir: Path | None = None,
+        strict: bool = False, log=None) -> int:
+    """Run the report; returns the exit status (1 with ``strict`` when a
+    target is missed)."""
+    def _log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+    log = log or _log
+    out = Path(out) if out is not None else REPO / "bench-results"
+    out.mkdir(parents=True, exist_ok=True)
+    unit_dir = Path(unit_dir) if unit_dir is not None else REPO / "bench-results" / "units"
+    bad = [s for s in (only or []) + (skip or []) if s not in SECTIONS]
+    if bad:
+        raise ValueError(f"unknown section(s) {', '.join(bad)}; sections: {', '.join(SECTIONS)}")
+    sections = [s for s in SECTIONS if (not only or s in only) and s not in (skip or [])]
+    rep = Report(quick, out, log, unit_dir)
+    load0 = os.getloadavg()
+    started = time.perf_counter()
+    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    log(f"fastfc bench{' --quick' if quick else ''}: {', '.join(sections)}")
+    log(machine())
+    for s in sections:
+        log(f"[{s}]")
+        t0 = time.perf_counter()
+        getattr(rep, s)()
+        rep.timings[s] = time.perf_counter() - t0
+        gc.collect()
+    seconds = time.perf_counter() - started
+    load = (load0[0], os.getloadavg()[0])
+    suffix = "-quick" if quick else ""
+    title = f"fastfc bench{' --quick' if quick else ''}, {when} - {machine()}"
+    if rep.rows:
+        p = out / f"summary{suffix}.png"
+        plot_summary(rep.rows, p, title)
+        rep.plots.append(str(p))
+    if "qemu" in rep.raw:
+        p = out / f"peer{suffix}.png"
+        plot_peer(rep.raw["qemu"], rep.results.get("physical_2threads"), p, title)
+        rep.plots.append(str(p))
+    doc = {"machine": machine(), "date": when, "commit": _git_commit(), "quick": quick,
+           "sections": sections, "seconds": seconds, "section_seconds": rep.timings,
+           "load_average": {"start": load[0], "end": load[1]},
+           "skipped": rep.skipped, "plots": rep.plots,
+           "rows": [asdict(r) for r in rep.rows],
+           "cases": {k: r.as_dict() for k, r in rep.results.items()},
+           "raw": rep.raw}
+    path = out / f"report{suffix}.json"
+    path.write_text(json.dumps(doc, indent=1, default=_json_default))
+
+    print(f"fastfc bench{' --quick (fewer rounds, smaller sizes where noted)' if quick else ''}"
+          f" - {when}")
+    print(f"{machine()}; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end")
+    print("ratio: speed figures (>=) = baseline time / fastfc time; cost figures (<=) = "
+          "fastfc time / baseline time; targets with a unit are absolute\n")
+    print_table(rep.rows)
+    targets = [r for r in rep.rows if r.met is not None]
+    missed = [r for r in targets if not r.met]
+    print(f"\n{len(targets) - len(missed)} of {len(targets)} targets met"
+          + (f"; missed: {', '.join(r.name for r in missed)}" if missed else ""))
+    for s, why in rep.skipped.items():
+        print(f"skipped {s}: {why}")
+    print(f"results: {path}")
+    for p in rep.plots:
+        print(f"plot: {p}")
+    print(f"run time: {seconds:.0f} s (" + ", ".join(
+        f"{k} {v:.0f} s" for k, v in rep.timings.items()) + ")")
+    if update:
+        update_readme(readme_table(rep, when, seconds, load))
+        print(f"README.md: table between {README_START} and {README_END} rewritten")
+    return 1 if strict and missed else 0
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--quick", action="store_true",
+                    help="about a minute: fewer rounds, smaller sizes where noted")
+    ap.add_argument("--out", type=Path, help="directory for report.json and the plots "
+                    "[default: bench-results/ in the repository]")
+    ap.add_argument("--only", action="append", choices=SECTIONS, help="run only this section "
+                    "(repeatable)")
+    ap.add_argument("--skip", action="append", choices=SECTIONS, help="skip this section "
+                    "(repeatable)")
+    ap.add_argument("--unit-dir", type=Path, help="where the durable section puts its storage "
+                    "units: a directory on a real disk [default: bench-results/units]")
+    ap.add_argument("--update-readme", action="store_true",
+                    help="rewrite the README's benchmark table with these results")
+    ap.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    a = ap.parse_args(argv)
+    return run(a.quick, a.out, a.only, a.skip, a.update_readme, a.unit_dir, a.strict)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
