@@ -1138,7 +1138,10 @@ cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
                 bm_set_range(tgt_changed[k], a, b)
             if bm_any_range(tgt_to_copy[k], a, b):
                 copy_set_runs(tgt_base[k], dst, tgt_to_copy[k], a, b, b - a, shift, &res2)
-        memcpy(dst + (a << shift), src + (a << shift), (b - a) << shift)
+        if ((b - a) << shift) >= STREAM_BYTES:   # B's copy is not read back soon
+            copy_stream(dst + (a << shift), src + (a << shift), (b - a) << shift)
+        else:
+            memcpy(dst + (a << shift), src + (a << shift), (b - a) << shift)
         bm_clear_range(owed, a, b)
         done += b - a
         a = bm_next_set(owed, n, b)
