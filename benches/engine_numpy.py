@@ -156,7 +156,8 @@ class NpFlashCopy:
         hold of the source lock."""
         S, T = self.source.tracks, self.target.tracks
         chunk = max(1, CHUNK_BYTES // self.source.track_size)
-        todo = np.flatnonzero(self.to_copy).tolist()
+        with self.source.lock:       # a scan racing a copy-on-write reads garbage
+            todo = np.flatnonzero(self.to_copy).tolist()
         done = 0
         for i in range(0, len(todo), chunk):
             with self.source.lock:
@@ -243,7 +244,8 @@ class NpPair:
         A, B = self.primary.tracks, self.secondary
         chunk = max(1, CHUNK_BYTES // self.primary.track_size)
         cg = self.cg
-        todo = np.flatnonzero(cg).tolist()
+        with self.primary.lock:      # a scan racing a collision reads garbage
+            todo = np.flatnonzero(cg).tolist()
         sent = 0
         for i in range(0, len(todo), chunk):
             with self.primary.lock:
