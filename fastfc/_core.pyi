@@ -15,6 +15,8 @@ def combine_or3(a: TrackBitmap, b: TrackBitmap | None, c: TrackBitmap | None,
 def as_offsets(offsets: Any) -> npt.NDArray[np.int64]: ...
 def pprc_copy_tracks(A: VolumeBase, B: VolumeBase, owed: TrackBitmap, start: int,
                      max_tracks: int, stop: int = ...) -> tuple[int, int]: ...
+def pprc_drain(A: VolumeBase, B: VolumeBase, owed: TrackBitmap, chunk: int,
+               seconds: float = ...) -> tuple[int, int]: ...
 def coordinate_pairs(primaries: list[VolumeBase], hooks: list[MirrorBase],
                      timeout: float) -> tuple[int, float]: ...
 
@@ -86,6 +88,7 @@ class VolumeBase:
     _inhibits: int
     _secondary: bool
     _invalid: bool
+    _rels_version: int
     @property
     def n_tracks(self) -> int: ...
     @property

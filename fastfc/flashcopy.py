@@ -354,10 +354,12 @@ class FlashCopy(_core.RelationshipBase):
         with locked((self.source, self.target)):
             self._require_revertible("commit")
             faults.hit("commit", self.source)
+            dropped = self._revert_image[:3]
             self._revert_image = None
             self.revertible = False
             self.source._inhibits -= 1
             self._store.save_flash(self)
+            self._store.recycle(dropped)
         self._start_background()
 
     def revert(self) -> None:
@@ -367,12 +369,14 @@ class FlashCopy(_core.RelationshipBase):
         with locked((self.source, self.target)):
             self._require_revertible("revert")
             faults.hit("revert", self.source)
+            dropped = (self.to_copy, self.src_changed, self.tgt_changed)
             (self.to_copy, self.src_changed, self.tgt_changed,
              self.sequence) = self._revert_image
             self._revert_image = None
             self.revertible = False
             self.source._inhibits -= 1
             self._store.save_flash(self)
+            self._store.recycle(dropped)
         self._start_background()
 
     # -- reverse restore and withdraw ---------------------------------------

@@ -33,12 +33,42 @@ SCHEMA_VERSION = 1
 
 
 class Store:
-    """The interface, and the in-memory store that keeps nothing."""
+    """The interface, and the in-memory store that keeps nothing.
+
+    Bitmaps a relationship drops (a commit drops the revert image, a revert
+    the new image) come back through :meth:`recycle` and serve the next
+    :meth:`new_bitmap` of that size: freeing multi-MiB arrays makes the C
+    allocator hand memory back to the kernel, which would make commit and
+    revert cost O(bitmap) after all. The pool is bounded by
+    ``POOL_BYTES``.
+    """
 
     durable = False
+    POOL_BYTES = 64 << 20
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[TrackBitmap]] = {}
+        self._free_bytes = 0
+        self._free_lock = threading.Lock()
 
     def new_bitmap(self, n_bits: int, fill: bool = False) -> TrackBitmap:
-        return TrackBitmap(n_bits, fill=fill)
+        with self._free_lock:
+            free = self._free.get(n_bits)
+            bm = free.pop() if free else None
+            if bm is not None:
+                self._free_bytes -= bm.nbytes
+        if bm is None:
+            return TrackBitmap(n_bits, fill=fill)
+        bm.fill(fill)
+        return bm
+
+    def recycle(self, bitmaps) -> None:
+        """Take back bitmaps that nothing references any more."""
+        with self._free_lock:
+            for bm in bitmaps:
+                if bm is not None and self._free_bytes + bm.nbytes <= self.POOL_BYTES:
+                    self._free.setdefault(bm.n_bits, []).append(bm)
+                    self._free_bytes += bm.nbytes
 
     def transaction(self):
         """Group several saves into one durable commit (one fsync)."""
@@ -118,6 +148,10 @@ class SQLiteStore(Store):
     """
 
     durable = True
+
+    def recycle(self, bitmaps) -> None:
+        """File bitmaps go back to the pool when no row names them (see
+        :meth:`_collect`), not when an object drops them."""
 
     def __init__(self, directory: Path, unit_path: str) -> None:
         self.dir = directory
