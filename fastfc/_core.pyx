@@ -249,9 +249,14 @@ cdef class TrackBitmap:
         return bm_next_clear(self.w, self.n_bits, start)
 
     def runs(self, Py_ssize_t start=0, stop=None):
-        """Yield ``(first, last + 1)`` for each run of set bits in ``[start, stop)``."""
-        cdef Py_ssize_t a, b, end = self.n_bits if stop is None else stop
+        """An iterator of ``(first, last + 1)`` for each run of set bits in
+        ``[start, stop)`` (the range is checked now, not at first use)."""
+        cdef Py_ssize_t end = self.n_bits if stop is None else stop
         self._check_range(start, end)
+        return self._runs(start, end)
+
+    def _runs(self, Py_ssize_t start, Py_ssize_t end):
+        cdef Py_ssize_t a, b
         a = bm_next_set(self.w, end, start)
         while 0 <= a < end:
             b = bm_next_clear(self.w, end, a)
@@ -272,9 +277,10 @@ cdef class TrackBitmap:
     @staticmethod
     def from_bools(bools):
         """A bitmap holding the truth values of a 1-D array."""
-        b = np.ascontiguousarray(bools, dtype=bool)
+        b = np.asarray(bools, dtype=bool)
         if b.ndim != 1:
             raise ValueError("from_bools takes a 1-D array")
+        b = np.ascontiguousarray(b)
         n = b.shape[0]
         bm = TrackBitmap(n)
         packed = np.packbits(b, bitorder="little")
@@ -1062,7 +1068,9 @@ cdef class VolumeBase:
         cdef Py_ssize_t i, k, L, off
         cdef RelationshipBase tr = None
         offs = as_offsets(offsets)
-        if not isinstance(data, np.ndarray) or data.ndim != 2:
+        if not isinstance(data, np.ndarray):
+            raise TypeError(f"data must be a 2-D uint8 numpy array, not {type(data).__name__}")
+        if data.ndim != 2:
             raise ValueError("data must be a 2-D uint8 array, one row per offset")
         k = offs.shape[0]
         if data.shape[0] != k:

@@ -487,6 +487,9 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
             raise LimitError(f"{s!r} would have more than {MAX_TARGETS} FlashCopy targets")
         if s._inhibits:
             raise StateError(f"{s!r} is write-inhibited by a revertible FlashCopy")
+        if s._invalid:
+            raise StateError(f"{s!r} holds no valid image (a FlashCopy onto it was withdrawn "
+                             "before completing); write it whole or FlashCopy onto it first")
         if getattr(s, "unit", None) is not getattr(t, "unit", None):
             raise LimitError(f"{s!r} and {t!r} are in different storage units; a FlashCopy "
                              "stays within one unit")
@@ -501,6 +504,7 @@ def establish_group(pairs: Sequence[tuple[Volume, Volume]], **options) -> list[F
     their sources' images at the same instant. Either every relationship is
     established or none is. ``options`` are those of :class:`FlashCopy`.
     """
+    pairs = list(pairs)      # read twice below: a generator would be empty the second time
     rels = []
     for source, target in pairs:
         r = FlashCopy.__new__(FlashCopy)

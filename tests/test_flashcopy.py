@@ -19,6 +19,7 @@ import pytest
 from fastfc import (FlashCopy, FlashCopyState, IncompleteCopyError, InjectedFault,
                     InvalidImageError, LimitError, StateError, Volume, VolumeClosedError,
                     WriteInhibitedError, establish_group, faults)
+from fastfc import TrackBitmap
 from fastfc.flashcopy import MAX_TARGETS
 
 TS = 512
@@ -920,3 +921,23 @@ def test_target_read_refused_when_its_source_is_closed():
         t.read(0, 3 * TS)
     refused(VolumeClosedError, lambda: t.write(3 * TS + 1, b"x"), [t], [r])
     refused(VolumeClosedError, r.copy, [t], [r])
+
+
+def test_follow_up_argument_checks():
+    """An invalidated target cannot be a source; establish_group takes a
+    generator; runs() checks its range at once; batch data must be an array;
+    from_bools refuses a scalar."""
+    s, t, u = Volume(4, 512), Volume(4, 512), Volume(4, 512)
+    FlashCopy(s, t, background_copy=False).withdraw(force=True)
+    assert not t.valid
+    with pytest.raises(StateError, match="no valid image"):
+        FlashCopy(t, u)
+    rels = establish_group(((s, v) for v in (u,)), background_copy=False)
+    assert len(rels) == 1 and u._tgt_rel is rels[0]
+    bm = TrackBitmap(8)
+    with pytest.raises(IndexError):
+        bm.runs(0, 9)
+    with pytest.raises(TypeError):
+        s.write_batch([0], [[1, 2]])
+    with pytest.raises(ValueError):
+        TrackBitmap.from_bools(True)
