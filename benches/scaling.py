@@ -537,7 +537,7 @@ def plot(curves: dict[str, dict], path, title: str = "") -> None:
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.975))
     fig.savefig(path, dpi=90)
     plt.close(fig)
