@@ -126,16 +126,34 @@ def _unit_triplets(root: Path, n: int, n_tracks: int, track: int):
     return (a_unit, b_unit), trips
 
 
-def _session(trips, seconds: float, rate: float | None) -> dict:
+def _vmstat() -> dict[str, int]:
+    """Pages dirtied and written back so far (the whole machine)."""
+    out = {}
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                k, v = line.split()
+                if k in ("nr_dirtied", "nr_written"):
+                    out[k] = int(v)
+    except OSError:
+        pass
+    return out
+
+
+def _session(trips, seconds: float, rate: float | None, units=()) -> dict:
     gm = GlobalMirror(trips, cg_interval=0.0, initial_copy=False)
     writers = RandomWriters([t[0] for t in trips], threads=2, seed=3, io_size=4096, pace=rate)
     writers.start()
+    f0 = sum(u.store.fsyncs for u in units)
+    v0 = _vmstat()
     t0 = time.perf_counter()
     gm.start()
     time.sleep(seconds)
     gm.stop()
     elapsed = time.perf_counter() - t0
     writers.stop()
+    v1 = _vmstat()
+    fsyncs = sum(u.store.fsyncs for u in units) - f0
     st = gm.stats
     p = st.phase_percentiles()
     out = {"cgs_per_s": st.successes / elapsed, "attempts": st.attempts,
@@ -144,6 +162,13 @@ def _session(trips, seconds: float, rate: float | None) -> dict:
            "flash_p50_ms": p["flashcopy"]["p50"] * 1e3,
            "flash_p99_ms": p["flashcopy"]["p99"] * 1e3,
            "rpo_p99_ms": p["rpo"]["p99"] * 1e3, "write_mb_s": writers.bytes / elapsed / 1e6}
+    if units:
+        out["fsyncs"] = fsyncs
+        out["fsyncs_per_attempt"] = fsyncs / max(1, st.attempts)
+    if v0 and v1:
+        page = 4096
+        out["pages_dirtied_mb_s"] = (v1["nr_dirtied"] - v0["nr_dirtied"]) * page / elapsed / 1e6
+        out["written_back_mb_s"] = (v1["nr_written"] - v0["nr_written"]) * page / elapsed / 1e6
     gm.close()
     return out
 
@@ -176,10 +201,7 @@ def _units_session(root: Path, triplets: int, n_tracks: int, track: int, seconds
         for u in units:
             u.flush()
         os.sync()
-        f0 = sum(u.store.fsyncs for u in units)
-        res = _session(trips, seconds, rate)
-        res["fsyncs"] = sum(u.store.fsyncs for u in units) - f0
-        return res
+        return _session(trips, seconds, rate, units)
     finally:
         for u in units:
             u.close()

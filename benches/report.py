@@ -374,14 +374,20 @@ class Report:
         w = f"{cfg['triplets']} triplets x {cfg['size_mib']} MiB{', quick' if self.quick else ''}"
         ratio = units["cgs_per_s"] / mem["cgs_per_s"]
         fs = d["fsync_s"]
-        per_cg = units["fsyncs"] / max(1, units["attempts"])
+        per_cg = units["fsyncs_per_attempt"]
         self.add(Row("durable", "durable_cg_rate",
                      f"Global Mirror CG rate on storage units on disk vs in memory ({w})",
                      f"{units['cgs_per_s']:.1f} CG/s", f"{mem['cgs_per_s']:.1f} CG/s in memory",
                      ratio, ">= 0.5", ratio >= 0.5,
                      note=(f"units in {where}; fsync there: {fs * 1e3:.2f} ms, {per_cg:.2f} "
-                           f"per CG: at most {1 / (per_cg * fs) if per_cg else float('inf'):.0f}"
-                           " CG/s"),
+                           f"per CG attempt: at most "
+                           f"{1 / (per_cg * fs) if per_cg else float('inf'):.0f} CG/s. The "
+                           f"writers got {units['write_mb_s']:.0f} of "
+                           f"{cfg['rate_mbs']:.0f} MB/s: pages dirtied at "
+                           f"{units.get('pages_dirtied_mb_s', float('nan')):.0f} MB/s, written "
+                           f"back at {units.get('written_back_mb_s', float('nan')):.0f} MB/s "
+                           "(a 4 KiB write dirties a 64 KiB track on B and on C: the kernel "
+                           "throttles the writers to the disk's writeback speed)"),
                      headline="Global Mirror CG rate, units on disk / memory", data=d))
         self.add(Row("durable", "durable_cg_rate_tmpfs",
                      f"Global Mirror CG rate on storage units in /dev/shm (tmpfs: no fsync "
