@@ -405,7 +405,7 @@ class Report:
         self.add(Row("durable", "durable_fsync",
                      f"one fsync of a 4 KiB write on {d['filesystem']} vs a CG in memory",
                      fmt_time(fs), f"{fmt_time(1 / mem['cgs_per_s'])} per CG in memory",
-                     fs * mem["cgs_per_s"], note="the floor under a durable CG: 2 of these"))
+                     fs * mem["cgs_per_s"], note="the floor under a durable CG: one of these"))
         small, big = (d["fsyncs"][n] for n in cfg["sizes"])
         ratio = big["per_cg"] / small["per_cg"] if small["per_cg"] else float("nan")
         self.add(Row("durable", "durable_fsyncs_per_cg",

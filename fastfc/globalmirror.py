@@ -391,9 +391,10 @@ class GlobalMirror:
         prepared: list[FlashCopy] = []
         failure = None
         # On a storage unit the prepares and the decision record share one
-        # durable commit, and the commits (or reverts) another: a crash before
-        # the first leaves nothing prepared; after it, recovery carries out
-        # the recorded decision. Two fsyncs per CG, whatever its size.
+        # durable commit, and the commits (or reverts) another that needs no
+        # fsync: a crash before the first leaves nothing prepared; after it,
+        # recovery carries out the recorded decision, whether or not the
+        # second reached the disk. One fsync per CG, whatever its size.
         with self._store.transaction():
             for trip in self.triplets:
                 try:
@@ -411,7 +412,7 @@ class GlobalMirror:
         except FastFCError:
             pass                     # the decision stands; carry it out
         errors = []
-        with self._store.transaction():
+        with self._store.transaction(sync=False):
             for fc in prepared:
                 try:
                     fc.commit() if decision == "commit" else fc.revert()

@@ -70,7 +70,7 @@ class Store:
                     self._free.setdefault(bm.n_bits, []).append(bm)
                     self._free_bytes += bm.nbytes
 
-    def transaction(self):
+    def transaction(self, sync: bool = True):
         """Group several saves into one durable commit (one fsync)."""
         return nullcontext()
 
@@ -197,13 +197,29 @@ class SQLiteStore(Store):
 
     # -- transactions --------------------------------------------------------
     @contextmanager
-    def transaction(self):
+    def transaction(self, sync: bool = True):
         """One durable commit for everything inside; nested blocks are
         savepoints. A block that raises is rolled back whole, database rows
         and the in-memory record of which bitmap files they use alike (so the
-        bitmap pool never recycles a file a stored row still names)."""
+        bitmap pool never recycles a file a stored row still names).
+
+        ``sync=False`` (outermost only) commits without an fsync: safe for a
+        process crash, and for what recovery redoes from an earlier durable
+        record (the commits of a CG whose decision is recorded)."""
         with self._lock:
             level = self._depth
+            if level == 0 and not sync:
+                self.db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self._transaction(level):
+                    yield
+            finally:
+                if level == 0 and not sync:
+                    self.db.execute("PRAGMA synchronous=FULL")
+
+    @contextmanager
+    def _transaction(self, level: int):
+        with self._lock:
             self.db.execute("BEGIN IMMEDIATE" if level == 0 else f"SAVEPOINT sp{level}")
             saved = ({k: set(v) for k, v in self._row_bitmaps.items()},
                      set(getattr(self, "_garbage", set())))
@@ -222,10 +238,24 @@ class SQLiteStore(Store):
             self._depth -= 1
             if level == 0:
                 self.db.execute("COMMIT")
-                self.fsyncs += 1
+                if self.db.execute("PRAGMA synchronous").fetchone()[0] >= 2:
+                    self.fsyncs += 1
                 self._collect()
             else:
                 self.db.execute(f"RELEASE sp{level}")
+
+    @contextmanager
+    def _atomic(self):
+        """For a save of one or two statements: its own transaction when none
+        is open, else part of the open one without a savepoint (a statement
+        is atomic by itself, and the enclosing transaction's rollback also
+        undoes the bitmap bookkeeping)."""
+        with self._lock:
+            if self._depth:
+                yield
+            else:
+                with self.transaction():
+                    yield
 
     def _exec(self, sql: str, args=()):
         with self.transaction():
@@ -322,11 +352,15 @@ class SQLiteStore(Store):
         rv = fc._revert_image or (None, None, None, None)
         maps = [fc.to_copy, fc.src_changed, fc.tgt_changed, *rv[:3]]
         ids = [getattr(m, "file_id", None) for m in maps]
-        options = json.dumps(dict(background_copy=fc.background_copy, record=fc.record,
-                                  persistent=fc.persistent,
-                                  inhibit_target_write=fc.inhibit_target_write,
-                                  copy_rate=fc.copy_rate))
-        with self.transaction():
+        opts = (fc.background_copy, fc.record, fc.persistent, fc.inhibit_target_write,
+                fc.copy_rate)
+        if getattr(fc, "_options_json", (None,))[0] != opts:
+            fc._options_json = (opts, json.dumps(dict(
+                background_copy=fc.background_copy, record=fc.record,
+                persistent=fc.persistent, inhibit_target_write=fc.inhibit_target_write,
+                copy_rate=fc.copy_rate)))
+        options = fc._options_json[1]
+        with self._atomic():
             if getattr(fc, "_store_id", None) is None:
                 cur = self.db.execute(
                     "INSERT INTO flashcopies(source, target, options, sequence, revertible)"
@@ -342,7 +376,7 @@ class SQLiteStore(Store):
 
     def drop_flash(self, fc) -> None:
         sid = getattr(fc, "_store_id", None)
-        with self.transaction():
+        with self._atomic():
             if sid is not None:
                 self.db.execute("DELETE FROM flashcopies WHERE id=?", (sid,))
                 self._track(("fc", sid), [])
@@ -358,7 +392,7 @@ class SQLiteStore(Store):
     def save_pair(self, pair) -> None:
         maps = [pair.oos, pair.spare, pair.cg]
         ids = [getattr(m, "file_id", None) for m in maps]
-        with self.transaction():
+        with self._atomic():
             if getattr(pair, "_store_id", None) is None:
                 cur = self.db.execute(
                     "INSERT INTO pairs(primary_name, secondary_unit, secondary_name, mode,"
@@ -378,7 +412,7 @@ class SQLiteStore(Store):
         sid = getattr(pair, "_store_id", None)
         if sid is None:
             return
-        with self.transaction():
+        with self._atomic():
             self.db.execute("DELETE FROM pairs WHERE id=?", (sid,))
             self._track(("pair", sid), [])
             self._row_bitmaps.pop(("pair", sid), None)
@@ -406,7 +440,7 @@ class SQLiteStore(Store):
         return {n: json.loads(c) for n, c in self.query("SELECT name, config FROM sessions")}
 
     def cg_decision(self, session: str, sequence: int, decision: str) -> None:
-        with self.transaction():
+        with self._atomic():
             self.db.execute("INSERT OR REPLACE INTO decisions VALUES(?,?,?)",
                             (session, sequence, decision))
             # keep the table small: only the newest decisions matter
