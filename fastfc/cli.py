@@ -363,6 +363,12 @@ def _copy_in_foreground(rels: list[FlashCopy]) -> None:
                     raise
 
 
+def _resync_now(pairs) -> None:
+    """--wait: send the pairs' out-of-sync tracks now and say how they stand."""
+    _drain_in_foreground(pairs)
+    click.echo("resync done: " + ", ".join(f"{_pair_id(p)} {p.state.value}" for p in pairs))
+
+
 def _drain_in_foreground(pairs: list[PPRCPair]) -> int:
     """Send every out-of-sync track of ``pairs`` now, with a progress bar.
     Returns the bytes sent."""
@@ -793,9 +799,7 @@ def resumepprc(units, specs, wait) -> None:
         p.resume()
         click.echo(f"resumed {_pair_id(p)}: {_n(p.out_of_sync_tracks, 'track')} out of sync")
     if wait:
-        _drain_in_foreground(pairs)
-        click.echo("resync done: " + ", ".join(f"{_pair_id(p)} {p.state.value}"
-                                               for p in pairs))
+        _resync_now(pairs)
 
 
 @main.command()
@@ -819,9 +823,7 @@ def failbackpprc(units, specs, wait) -> None:
         p.failback()
         click.echo(f"failed back: pair {_pair_id(p)}, {_n(p.out_of_sync_tracks, 'track')} to send")
     if wait:
-        _drain_in_foreground(pairs)
-        click.echo("resync done: " + ", ".join(f"{_pair_id(p)} {p.state.value}"
-                                               for p in pairs))
+        _resync_now(pairs)
 
 
 @main.command()
