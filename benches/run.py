@@ -59,17 +59,8 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} CPUs; Python {platform.python_version()}, "
-            f"NumPy {np.__version__}, fastfc {fastfc.__version__}")
+    from benches.report import machine   # one description of the machine for both
+    return machine()
 
 
 def main(argv: list[str] | None = None) -> int:
