@@ -90,6 +90,7 @@ class VolumeBase:
     _secondary: bool
     _invalid: bool
     _rels_version: int
+    _file_backed: bool
     @property
     def n_tracks(self) -> int: ...
     @property

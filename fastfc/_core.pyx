@@ -16,7 +16,7 @@ run with the GIL released; smaller copies keep it (it is cheaper).
 
 cimport cython
 from libc.stdint cimport uint64_t, uint8_t, int64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release,
                              PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE)
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
@@ -749,6 +749,8 @@ cdef class VolumeBase:
     # bumped whenever _src_rels changes, so a kernel that runs without the
     # GIL on a copy of the list can tell it went stale
     cdef public int _rels_version
+    # memory-mapped file: PPRC updates write only the pages that change
+    cdef public bint _file_backed
 
     def __cinit__(self, *args, **kwargs):
         self._lk = PyThread_allocate_lock()
@@ -1125,15 +1127,29 @@ cdef enum:
     MAX_RELS = 16    # FlashCopy targets per source the drain fast path takes (12 allowed)
 
 
+cdef void copy_changed_pages(uint8_t* dst, const uint8_t* src, Py_ssize_t n) noexcept nogil:
+    """Make dst equal to src, writing only the 4 KiB pages that differ. On a
+    memory-mapped file an unchanged page then stays clean: a 4 KiB host write
+    costs the disk one page of writeback, not a whole track's."""
+    cdef Py_ssize_t off = 0, step
+    while off < n:
+        step = n - off if n - off < 4096 else 4096
+        if memcmp(dst + off, src + off, step) != 0:
+            memcpy(dst + off, src + off, step)
+        off += step
+
+
 cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
                            Py_ssize_t a, Py_ssize_t n, Py_ssize_t max_tracks, int shift,
                            int nrel, uint8_t** tgt_base, uint64_t** tgt_to_copy,
-                           uint64_t** tgt_changed, Py_ssize_t* resume) noexcept nogil:
+                           uint64_t** tgt_changed, Py_ssize_t* resume,
+                           bint pages) noexcept nogil:
     """Copy the runs set in ``owed`` from ``a`` on (below ``n``, at most
     ``max_tracks``) from src to dst, each after copy-on-write of dst's old
     tracks to its FlashCopy targets and with change recording, clearing the
-    bits. Returns the tracks copied; ``resume[0]`` is where to carry on."""
-    cdef Py_ssize_t b, done = 0, res2
+    bits. ``pages``: the volumes are files; write only the pages that change.
+    Returns the tracks copied; ``resume[0]`` is where to carry on."""
+    cdef Py_ssize_t b, t, done = 0, res2
     cdef int k
     while 0 <= a < n and done < max_tracks:
         b = bm_next_clear(owed, n, a)
@@ -1145,8 +1161,17 @@ cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
             if tgt_changed[k] != NULL:
                 bm_set_range(tgt_changed[k], a, b)
             if bm_any_range(tgt_to_copy[k], a, b):
-                copy_set_runs(tgt_base[k], dst, tgt_to_copy[k], a, b, b - a, shift, &res2)
-        if ((b - a) << shift) >= STREAM_BYTES:   # B's copy is not read back soon
+                if pages:
+                    for t in range(a, b):
+                        if bm_test(tgt_to_copy[k], t):
+                            copy_changed_pages(tgt_base[k] + (t << shift), dst + (t << shift),
+                                               (<Py_ssize_t>1) << shift)
+                            bm_clear(tgt_to_copy[k], t)
+                else:
+                    copy_set_runs(tgt_base[k], dst, tgt_to_copy[k], a, b, b - a, shift, &res2)
+        if pages:
+            copy_changed_pages(dst + (a << shift), src + (a << shift), (b - a) << shift)
+        elif ((b - a) << shift) >= STREAM_BYTES:   # B's copy is not read back soon
             copy_stream(dst + (a << shift), src + (a << shift), (b - a) << shift)
         else:
             memcpy(dst + (a << shift), src + (a << shift), (b - a) << shift)
@@ -1206,7 +1231,8 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
         if _cow_hook is None:
             with nogil:
                 done = apply_runs(B.base, A.base, w, a, n, max_tracks, shift, nrel,
-                                  tgt_base, tgt_to_copy, tgt_changed, &resume)
+                                  tgt_base, tgt_to_copy, tgt_changed, &resume,
+                                  B._file_backed)
         else:  # crash tests: stop the world between copy-on-write and the data
             while 0 <= a < n and done < max_tracks:
                 for k in range(nrel):
@@ -1365,7 +1391,8 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
                 status = 2
             else:
                 done += apply_runs(B.base, A.base, w, a, n, chunk, shift, nrel,
-                                   tgt_base, tgt_to_copy, tgt_changed, &resume)
+                                   tgt_base, tgt_to_copy, tgt_changed, &resume,
+                                   B._file_backed)
             B._owner = 0
             B._depth = 0
             PyThread_release_lock(B._lk)

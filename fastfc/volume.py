@@ -72,6 +72,10 @@ class Volume(_core.VolumeBase):
             else:
                 array = np.memmap(self.path, dtype=np.uint8, mode="w+", shape=(capacity,))
         self._attach(array, track_size)
+        # PPRC updates then write only the 4 KiB pages that change: on a file
+        # whose pages go to a disk, a clean page costs no writeback. In memory
+        # (tmpfs included) a whole-track copy is cheaper than comparing.
+        self._file_backed = self.path is not None and not _in_memory_fs(self.path)
 
     # -- lifecycle ----------------------------------------------------------
     def flush(self) -> None:
@@ -136,6 +140,25 @@ class Volume(_core.VolumeBase):
         state = "closed" if self.closed else f"{self.n_tracks}x{self.track_size}B"
         where = f" at {str(self.path)!r}" if self.path else ""
         return f"<Volume {self.name} {state}{where}>"
+
+
+def _in_memory_fs(path: Path) -> bool:
+    """Whether ``path`` lives on tmpfs or ramfs (its pages never go to a disk)."""
+    try:
+        target = os.path.realpath(path)
+        best, fstype = "", ""
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mount = fields[1].replace("\\040", " ")
+                if (target == mount or target.startswith(mount.rstrip("/") + "/")) \
+                        and len(mount) > len(best):
+                    best, fstype = mount, fields[2]
+        return fstype in ("tmpfs", "ramfs")
+    except OSError:
+        return False
 
 
 def _as_int(value, what: str) -> int:

@@ -747,3 +747,27 @@ def test_direct_drain_keeps_b_flashcopy_image_and_refuses_whole_when_inhibited()
     assert np.array_equal(image(b), image(a))
     assert np.array_equal(c.read(0, c.capacity), b_before)  # C kept B's old image
     assert link.bytes_sent == 3 * TS
+
+
+def test_direct_drain_on_files_writes_only_changed_pages_and_keeps_images(tmp_path):
+    """On file-backed volumes the fast path writes only the 4 KiB pages that
+    differ; the images are the same as with whole-track copies: B equals A,
+    and B's FlashCopy target keeps B's old image (copy-on-write)."""
+    TS4 = 65536
+    a = Volume(8, TS4, path=tmp_path / "a")
+    b = Volume(8, TS4, path=tmp_path / "b")
+    c = Volume(8, TS4, path=tmp_path / "c")
+    b._file_backed = True      # as on a disk (tmp_path may be tmpfs elsewhere)
+    base = rand(8 * TS4, 1)
+    a.array[:] = base
+    b.array[:] = base
+    b.array[3 * TS4 + 100: 3 * TS4 + 200] = 7      # B differs from A on one page
+    b_before = image(b)
+    pair = PPRCPair(a, b, LocalLink(), initial_copy=False, background=False)
+    fc = FlashCopy(b, c, background_copy=False, record=True)
+    a.write(2 * TS4 + 5000, rand(3000, 2))          # touches pages 1 and 2 of track 2
+    a.write(3 * TS4, rand(10, 3))                    # track 3: page 0
+    pair.oos.set(3)                                  # and B's stray page on track 3 is owed
+    pair.drain()
+    assert np.array_equal(image(b), image(a))
+    assert np.array_equal(c.read(0, c.capacity), b_before)
