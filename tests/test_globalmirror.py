@@ -22,24 +22,10 @@ from fastfc import (GlobalMirror, GMState, LimitError, Link, LocalLink, PPRCPair
                     FlashCopy, InjectedFault, StateError, Volume, WriteInhibitedError,
                     faults)
 from fastfc.globalmirror import MAX_DRAIN_FAILURES, RETRIES, Cause
+from helpers import image, rand
 
 TS = 512
 N = 16
-
-
-@pytest.fixture(autouse=True)
-def _clean_faults():
-    faults.clear()
-    yield
-    faults.clear()
-
-
-def rand(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
-
-
-def image(v: Volume) -> np.ndarray:
-    return v.read(0, v.capacity)
 
 
 class Session:

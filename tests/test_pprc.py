@@ -17,24 +17,10 @@ import pytest
 from fastfc import (FlashCopy, LimitError, Link, LinkDownError, LocalLink, PPRCMode,
                     PPRCPair, PPRCState, StateError, Volume, VolumeClosedError,
                     WriteInhibitedError, _core, faults)
+from helpers import image, rand
 
 TS = 512
 N = 16
-
-
-@pytest.fixture(autouse=True)
-def _clean_faults():
-    faults.clear()
-    yield
-    faults.clear()
-
-
-def rand(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
-
-
-def image(v: Volume) -> np.ndarray:
-    return v.read(0, v.capacity)
 
 
 def track(v: Volume, t: int) -> np.ndarray:

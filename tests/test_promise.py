@@ -20,13 +20,6 @@ from fastfc.testing import FaultPlan, PromiseChecker, RandomWriters
 CI = os.environ.get("HYPOTHESIS_PROFILE") == "ci"
 
 
-@pytest.fixture(autouse=True)
-def _clean_faults():
-    faults.clear()
-    yield
-    faults.clear()
-
-
 def make_session(n_triplets, n_tracks, track_size, **options):
     def vols(tag):
         return [fastfc.Volume(n_tracks, track_size, name=f"{tag}{i}") for i in range(n_triplets)]

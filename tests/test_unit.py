@@ -21,17 +21,10 @@ from fastfc import (CorruptUnitError, FlashCopy, FlashCopyState, GlobalMirror,
                     InvalidImageError, LimitError, PPRCPair, StateError, StorageUnit,
                     Volume, VolumeClosedError, WriteInhibitedError, faults)
 from fastfc.globalmirror import RETRIES
+from helpers import image, rand
 
 TS = 512
 N = 8
-
-
-def rand(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
-
-
-def image(v: Volume) -> np.ndarray:
-    return v.read(0, v.capacity)
 
 
 def track(v: Volume, t: int, seed: int) -> np.ndarray:
