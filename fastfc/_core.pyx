@@ -839,10 +839,6 @@ cdef class VolumeBase:
             raise RuntimeError("releasing a volume lock this thread does not hold")
         self._release()
 
-    def _held(self):
-        """Whether the calling thread holds this volume's lock."""
-        return self._owner == PyThread_get_thread_ident()
-
     # -- host I/O ----------------------------------------------------------
     cdef int _check_range(self, Py_ssize_t offset, Py_ssize_t n) except -1:
         if offset < 0 or n < 0 or offset > self.capacity - n:
@@ -1112,15 +1108,6 @@ cdef class VolumeBase:
             PyBuffer_Release(&view)
         return out
 
-    def _raw_copy_tracks(self, VolumeBase dst, Py_ssize_t t0, Py_ssize_t t1):
-        """Copy this volume's physical tracks [t0, t1) onto ``dst`` (same
-        geometry), bypassing every relationship. Caller holds the locks."""
-        cdef int shift = self.track_shift
-        cdef Py_ssize_t a = t0 << shift, n = (t1 - t0) << shift
-        if self.base == NULL or dst.base == NULL:
-            raise VolumeClosedError("raw copy needs both volumes open")
-        with nogil:
-            memcpy(dst.base + a, self.base + a, n)
 
 
 cdef enum:

@@ -136,7 +136,6 @@ CREATE TABLE IF NOT EXISTS decisions(
     PRIMARY KEY(session, sequence));
 """
 
-_FC_BITMAPS = ("to_copy", "src_changed", "tgt_changed")
 POOL_PER_SIZE = 1024   # recycled bitmap files kept per bitmap size
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fastfc import faults
-from fastfc.errors import FastFCError
 
 
 class PromiseChecker:
@@ -189,7 +188,3 @@ class FaultPlan:
                 t.pair.suspend_reason = None
         if s.state.value == "fatal":
             s.clear_fatal()
-
-
-def is_expected_failure(exc: BaseException) -> bool:
-    return isinstance(exc, FastFCError)

@@ -84,7 +84,7 @@ class Volume(_core.VolumeBase):
         try:
             if self.closed:
                 raise VolumeClosedError(f"{self!r} is closed")
-            if isinstance(self._array_or_none(), np.memmap):
+            if isinstance(self.array, np.memmap):
                 self.array.flush()
         finally:
             self._unlock()
@@ -108,9 +108,6 @@ class Volume(_core.VolumeBase):
                         pass  # a view is still alive; the mapping goes with it
         finally:
             self._unlock()
-
-    def _array_or_none(self):
-        return None if self.closed else self.array
 
     def __enter__(self) -> "Volume":
         return self
