@@ -10,7 +10,8 @@ from fastfc import faults
 from fastfc._core import TrackBitmap
 from fastfc.errors import (CorruptUnitError, FastFCError, IncompleteCopyError,
                            InjectedFault, InvalidImageError, LimitError,
-                           LinkDownError, StateError, VolumeClosedError,
+                           LinkDownError, ReadOnlyUnitError, StateError,
+                           UnitBusyError, UnitClosedError, VolumeClosedError,
                            WriteInhibitedError)
 from fastfc.flashcopy import FlashCopy, FlashCopyState, establish_group
 from fastfc.globalmirror import CGResult, GlobalMirror, GMState, GMStats
@@ -27,5 +28,6 @@ __all__ = [
     "GlobalMirror", "GMState", "GMStats", "CGResult", "StorageUnit",
     "FastFCError", "VolumeClosedError", "WriteInhibitedError", "StateError",
     "IncompleteCopyError", "LimitError", "InvalidImageError", "InjectedFault",
-    "LinkDownError", "CorruptUnitError",
+    "LinkDownError", "CorruptUnitError", "UnitClosedError", "UnitBusyError",
+    "ReadOnlyUnitError",
 ]

@@ -51,6 +51,21 @@ class CorruptUnitError(FastFCError):
     """A storage unit's metadata or volume files are missing or damaged."""
 
 
+class UnitClosedError(StateError):
+    """A call on a storage unit (or a relationship, pair or session recorded
+    in one) after the unit was closed."""
+
+
+class UnitBusyError(StateError):
+    """A storage unit is open elsewhere: read-write by another process (or
+    already in this one), or read-only by other processes when a writer asks.
+    The message names the holder."""
+
+
+class ReadOnlyUnitError(FastFCError):
+    """A change was asked of a storage unit opened with ``readonly=True``."""
+
+
 __all__ = [
     "FastFCError",
     "VolumeClosedError",
@@ -62,4 +77,7 @@ __all__ = [
     "InjectedFault",
     "LinkDownError",
     "CorruptUnitError",
+    "UnitClosedError",
+    "UnitBusyError",
+    "ReadOnlyUnitError",
 ]

@@ -21,13 +21,14 @@ import json
 import os
 import sqlite3
 import threading
+import uuid
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from fastfc._core import TrackBitmap
-from fastfc.errors import CorruptUnitError
+from fastfc.errors import CorruptUnitError, ReadOnlyUnitError, UnitClosedError
 
 SCHEMA_VERSION = 1
 
@@ -44,6 +45,7 @@ class Store:
     """
 
     durable = False
+    readonly = False
     POOL_BYTES = 64 << 20
 
     def __init__(self) -> None:
@@ -73,6 +75,11 @@ class Store:
     def transaction(self, sync: bool = True):
         """Group several saves into one durable commit (one fsync)."""
         return nullcontext()
+
+    def check_writable(self) -> None:
+        """Raise if a change cannot be recorded (a closed or read-only unit):
+        called before a step changes anything, so that a refusal changes
+        nothing."""
 
     def save_flash(self, fc) -> None:
         pass
@@ -134,6 +141,7 @@ CREATE TABLE IF NOT EXISTS sessions(name TEXT PRIMARY KEY, config TEXT NOT NULL)
 CREATE TABLE IF NOT EXISTS decisions(
     session TEXT NOT NULL, sequence INTEGER NOT NULL, decision TEXT NOT NULL,
     PRIMARY KEY(session, sequence));
+CREATE TABLE IF NOT EXISTS partners(uuid TEXT PRIMARY KEY, path TEXT NOT NULL);
 """
 
 POOL_PER_SIZE = 1024   # recycled bitmap files kept per bitmap size
@@ -152,26 +160,46 @@ class SQLiteStore(Store):
         """File bitmaps go back to the pool when no row names them (see
         :meth:`_collect`), not when an object drops them."""
 
-    def __init__(self, directory: Path, unit_path: str) -> None:
+    def __init__(self, directory: Path, unit_path: str, readonly: bool = False) -> None:
         self.dir = directory
         self.unit_path = unit_path
+        self.readonly = readonly
+        self.closed = False
         self.bitmap_dir = directory / "bitmaps"
-        self.bitmap_dir.mkdir(exist_ok=True)
         db = directory / "unit.db"
         existed = db.exists()
+        if readonly and not existed:
+            raise CorruptUnitError(f"{directory} holds no unit.db (a read-only open "
+                                   "creates nothing)")
+        if not readonly:
+            self.bitmap_dir.mkdir(exist_ok=True)
+        self.db = None
         try:
-            self.db = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
+            if readonly:
+                self.db = _connect_readonly(db)
+            else:
+                self.db = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")
             if existed:
                 ok = self.db.execute("PRAGMA quick_check").fetchone()[0]
                 if ok != "ok":
                     raise CorruptUnitError(f"{db} fails SQLite's integrity check: {ok}")
-            self.db.executescript(_SCHEMA)
+            if not readonly:
+                self.db.executescript(_SCHEMA)
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         except sqlite3.DatabaseError as e:
+            if self.db is not None:
+                self.db.close()
             raise CorruptUnitError(f"{db} is not a readable fastfc unit database: {e}") from None
-        row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except BaseException:
+            if self.db is not None:
+                self.db.close()
+            raise
         if row is None:
+            if readonly:
+                self.db.close()
+                raise CorruptUnitError(f"{db} holds no unit metadata (empty or truncated)")
             if existed and self.db.execute("SELECT count(*) FROM volumes").fetchone()[0]:
                 self.db.close()
                 raise CorruptUnitError(f"{db} has volumes but no schema version")
@@ -184,7 +212,19 @@ class SQLiteStore(Store):
                                        f"but {directory} holds volume or bitmap files")
             self.db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:
+            self.db.close()
             raise CorruptUnitError(f"{db} has schema {row[0]}; this fastfc reads {SCHEMA_VERSION}")
+        row = self.db.execute("SELECT value FROM meta WHERE key='uuid'").fetchone()
+        if row is None and not readonly:
+            # a unit made before units had an id gets one the first time it
+            # is opened read-write
+            row = (str(uuid.uuid4()),)
+            self.db.execute("INSERT INTO meta VALUES('uuid', ?)", row)
+        self.uuid: str | None = row[0] if row else None
+        has_partners = self.db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='partners'").fetchone()
+        self._partners: dict[str, str] = dict(self.db.execute(
+            "SELECT uuid, path FROM partners").fetchall()) if has_partners else {}
         self._lock = threading.RLock()
         self._depth = 0
         self._next_bitmap = 1 + max([int(p.stem) for p in self.bitmap_dir.glob("*.bm")
@@ -193,6 +233,33 @@ class SQLiteStore(Store):
         self._maps: dict[int, FileBitmap] = {}           # every mapped bitmap file
         self._pool: dict[int, list[FileBitmap]] = {}     # unreferenced, by n_bits
         self.fsyncs = 0   # commits, each one fsync of the WAL
+
+    def check_writable(self) -> None:
+        if self.closed:
+            raise UnitClosedError(f"storage unit {self.unit_path} is closed")
+        if self.readonly:
+            raise ReadOnlyUnitError(f"storage unit {self.unit_path} is open read-only; "
+                                    "open it read-write to change it")
+
+    # -- partner units ---------------------------------------------------------
+    @property
+    def partners(self) -> dict[str, str]:
+        """Partner units: uuid -> path relative to this unit's directory."""
+        return dict(self._partners)
+
+    def set_partner(self, partner_uuid: str, relative_path: str) -> None:
+        """Record where a partner unit is (no write when it is so recorded)."""
+        if self._partners.get(partner_uuid) == relative_path:
+            return
+        self._exec("INSERT OR REPLACE INTO partners VALUES(?, ?)",
+                   (partner_uuid, relative_path))
+        self._partners[partner_uuid] = relative_path
+
+    def drop_partner(self, partner_uuid: str) -> None:
+        if partner_uuid not in self._partners:
+            return
+        self._exec("DELETE FROM partners WHERE uuid=?", (partner_uuid,))
+        del self._partners[partner_uuid]
 
     # -- transactions --------------------------------------------------------
     @contextmanager
@@ -205,6 +272,7 @@ class SQLiteStore(Store):
         ``sync=False`` (outermost only) commits without an fsync: safe for a
         process crash, and for what recovery redoes from an earlier durable
         record (the commits of a CG whose decision is recorded)."""
+        self.check_writable()
         with self._lock:
             level = self._depth
             if level == 0 and not sync:
@@ -267,7 +335,10 @@ class SQLiteStore(Store):
     # -- bitmaps ---------------------------------------------------------------
     def new_bitmap(self, n_bits: int, fill: bool = False) -> FileBitmap:
         """A bitmap in its own file: a recycled one (no row references it)
-        when the pool has one of this size, else a new file."""
+        when the pool has one of this size, else a new file. A read-only
+        unit gives an in-memory bitmap (nothing it holds is ever saved)."""
+        if self.readonly:
+            return TrackBitmap(n_bits, fill=fill)
         with self._lock:
             pool = self._pool.get(n_bits)
             if pool:
@@ -293,7 +364,10 @@ class SQLiteStore(Store):
         if path.stat().st_size != n_words * 8:
             raise CorruptUnitError(f"bitmap file {path} has {path.stat().st_size} bytes, "
                                    f"expected {n_words * 8}")
-        words = np.memmap(path, dtype=np.uint64, mode="r+", shape=(n_words,))
+        # read-only: a private mapping (the process may set bits, as a
+        # restore does; the file never changes)
+        words = np.memmap(path, dtype=np.uint64, mode="c" if self.readonly else "r+",
+                          shape=(n_words,))
         bm = FileBitmap(n_bits, words=words)
         bm.file_id, bm.path, bm.mm = fid, path, words
         self._maps[fid] = bm
@@ -328,7 +402,9 @@ class SQLiteStore(Store):
 
     def collect_orphans(self) -> None:
         """At open: delete bitmap files no row references (a step that died
-        before its transaction committed)."""
+        before its transaction committed). Not on a read-only unit."""
+        if self.readonly:
+            return
         live = set().union(*self._row_bitmaps.values()) if self._row_bitmaps else set()
         for p in self.bitmap_dir.glob("*.bm"):
             if p.stem.isdigit() and int(p.stem) not in live:
@@ -389,6 +465,7 @@ class SQLiteStore(Store):
 
     # -- PPRC pairs ----------------------------------------------------------------
     def save_pair(self, pair) -> None:
+        note_partners(pair.primary, pair.secondary)
         maps = [pair.oos, pair.spare, pair.cg]
         ids = [getattr(m, "file_id", None) for m in maps]
         with self._atomic():
@@ -396,13 +473,13 @@ class SQLiteStore(Store):
                 cur = self.db.execute(
                     "INSERT INTO pairs(primary_name, secondary_unit, secondary_name, mode,"
                     " failed_over) VALUES(?,?,?,?,0)",
-                    (pair.primary.name, _unit_path(pair.secondary), pair.secondary.name,
+                    (pair.primary.name, unit_ref(pair.secondary), pair.secondary.name,
                      pair.mode.value))
                 pair._store_id = cur.lastrowid
             self.db.execute(
                 "UPDATE pairs SET primary_name=?, secondary_unit=?, secondary_name=?, mode=?,"
                 " suspend_reason=?, failed_over=?, oos=?, spare=?, cg=?, name=? WHERE id=?",
-                (pair.primary.name, _unit_path(pair.secondary), pair.secondary.name,
+                (pair.primary.name, unit_ref(pair.secondary), pair.secondary.name,
                  pair.mode.value, pair.suspend_reason, int(pair.failed_over), *ids,
                  pair.name, pair._store_id))
             self._track(("pair", pair._store_id), maps)
@@ -425,8 +502,10 @@ class SQLiteStore(Store):
         config = dict(cg_interval=session.cg_interval,
                       max_coordination_time=session.max_coordination_time,
                       max_drain_time=session.max_drain_time, decide=session.decide,
-                      triplets=[[_unit_path(t.a), t.a.name, t.b.name, t.c.name]
+                      triplets=[[unit_ref(t.a), t.a.name, t.b.name, t.c.name]
                                 for t in session.triplets])
+        for t in session.triplets:
+            note_partners(t.a, t.b)
         self._exec("INSERT OR REPLACE INTO sessions VALUES(?, ?)",
                    (session.name, json.dumps(config)))
 
@@ -453,12 +532,47 @@ class SQLiteStore(Store):
 
     def close(self) -> None:
         with self._lock:
+            if self.closed:
+                return
+            self.closed = True
             try:
-                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                if not self.readonly:
+                    self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 self.db.close()
 
 
-def _unit_path(volume) -> str:
+def unit_ref(volume) -> str:
+    """How a row names the unit of ``volume`` (another unit's): by its uuid,
+    so that units can be copied and moved; where that unit is goes in the
+    ``partners`` table, relative to the unit holding the row."""
     unit = getattr(volume, "unit", None)
-    return "" if unit is None or unit.path is None else str(unit.path)
+    if unit is None or unit.path is None:
+        return ""
+    return unit.uuid or str(unit.path)
+
+
+def note_partners(a, b) -> None:
+    """Record in the units of volumes ``a`` and ``b`` (when they differ)
+    where each finds the other, as a path relative to itself."""
+    ua, ub = getattr(a, "unit", None), getattr(b, "unit", None)
+    if ua is None or ub is None or ua is ub or ua.path is None or ub.path is None:
+        return
+    for x, y in ((ua, ub), (ub, ua)):
+        if x.uuid and y.uuid and not x.store.readonly and not x.store.closed:
+            x.store.set_partner(y.uuid, os.path.relpath(y.path, x.path))
+
+
+def _connect_readonly(db: Path) -> sqlite3.Connection:
+    """Open ``db`` without writing anything in its directory. With no WAL
+    content (a unit closed cleanly) the database is opened immutable: SQLite
+    then needs no -shm file and takes no locks (the unit lock keeps writers
+    out). A WAL left by a killed writer must be read, so then it is opened
+    ``mode=ro``, which uses the -shm file the writer left."""
+    wal = db.with_name(db.name + "-wal")
+    try:
+        has_wal = wal.stat().st_size > 0
+    except FileNotFoundError:
+        has_wal = False
+    uri = db.resolve().as_uri() + ("?mode=ro" if has_wal else "?mode=ro&immutable=1")
+    return sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)

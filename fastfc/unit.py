@@ -19,6 +19,16 @@ Durability (see the README for the whole story):
 * opening a unit resolves a Global Mirror consistency group that was in
   flight by its decision record: commit the rest if "commit" was recorded,
   otherwise revert all.
+
+One owner: opening a unit takes ``unit.lock`` (see :mod:`fastfc.lock`),
+exclusive for a read-write open, shared for ``readonly=True``, until close.
+
+Units can be copied and moved: each has a uuid (in its ``meta`` table), rows
+name other units by uuid, and the ``partners`` table says where each partner
+is, relative to this unit's directory. A partner is attached only when both
+sides agree (each one's recorded path leads to the other), so a copy never
+attaches to the original's partner; :meth:`StorageUnit.relink` re-links a
+pair of units that moved apart.
 """
 
 from __future__ import annotations
@@ -26,15 +36,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import threading
+import time
 from pathlib import Path
 
+import numpy as np
+
 from fastfc._core import MirrorBase
-from fastfc.errors import CorruptUnitError, StateError
+from fastfc.errors import (CorruptUnitError, ReadOnlyUnitError, StateError, UnitBusyError,
+                           UnitClosedError)
 from fastfc.flashcopy import FlashCopy
 from fastfc.globalmirror import GlobalMirror, Triplet
+from fastfc.lock import LOCK_FILE, POLL, UnitLock
 from fastfc.pprc import PPRCPair
-from fastfc.store import Store, SQLiteStore
+from fastfc.store import Store, SQLiteStore, _connect_readonly
 from fastfc.volume import DEFAULT_TRACK, Volume
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -42,7 +58,27 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Open units by resolved path: a pair or session spanning two units is
 # rebuilt once both are open in this process.
 _open_units: dict[str, "StorageUnit"] = {}
+_opening: set[str] = set()      # paths being opened by a thread right now
 _registry_lock = threading.RLock()
+
+
+class ReadOnlyVolume(Volume):
+    """A volume of a unit opened read-only: a private (copy-on-write)
+    mapping of its file, opened for reading only, and every host write
+    refused with :class:`~fastfc.errors.ReadOnlyUnitError`."""
+
+    def __init__(self, n_tracks: int, track_size: int, *, path, name: str) -> None:
+        self.path = Path(path)
+        self.name = name
+        array = np.memmap(self.path, dtype=np.uint8, mode="c",
+                          shape=(n_tracks * track_size,))
+        self._attach(array, track_size)
+        self._file_backed = False
+
+    def _refuse(self, *args, **kwargs):
+        raise ReadOnlyUnitError(f"{self!r} is in a storage unit opened read-only")
+
+    write = write_batch = _write_origin = _refuse
 
 
 class StorageUnit:
@@ -61,37 +97,95 @@ class StorageUnit:
     :class:`~fastfc.errors.CorruptUnitError` and is not used.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None) -> None:
+    def __init__(self, path: str | os.PathLike | None = None, *, readonly: bool = False,
+                 wait: float | None = None) -> None:
+        """
+        Parameters
+        ----------
+        readonly : bool
+            Open an existing unit for looking only: a shared lock (other
+            read-only opens, in any process, may hold it too; no read-write
+            open can), SQLite opened read-only, volumes and bitmaps mapped
+            privately from files opened for reading. Nothing in the
+            directory is created or modified, so it works on a directory the
+            process cannot write. Every change (creating or removing a
+            volume, a host write, establishing or changing a relationship,
+            pair or session) raises :class:`~fastfc.errors.ReadOnlyUnitError`.
+            A unit with a consistency group that a crash interrupted is
+            refused read-only (the CG must be resolved on disk: open it
+            read-write once). Pairs and sessions restored in a read-only unit
+            do not run.
+        wait : float, optional
+            When the unit is open elsewhere (read-write by another process
+            or thread, or read-only by other processes when this open is a
+            writer), keep trying this many seconds before giving up. None
+            (default): give up at once. Either way the refusal is
+            :class:`~fastfc.errors.UnitBusyError`, naming the holder.
+        """
         self.path = Path(path).resolve() if path is not None else None
+        self.readonly = bool(readonly)
         self._volumes: dict[str, Volume] = {}
         self._pair_rows: list[dict] = []
+        self._links: dict[str, StorageUnit] = {}   # partners attached by relink()
         self.sessions: dict[str, GlobalMirror] = {}
         self.recovered: list[str] = []     # what opening had to resolve
         self._closed = False
+        self.uuid: str | None = None
         if self.path is None:
+            if self.readonly:
+                raise ValueError("an in-memory unit cannot be opened read-only")
             self.store: Store = Store()
             return
+        key = str(self.path)
+        deadline = None if wait is None else time.monotonic() + max(0.0, float(wait))
+        while True:     # one open per unit in this process
+            with _registry_lock:
+                if key not in _open_units and key not in _opening:
+                    _opening.add(key)
+                    break
+            if deadline is None or time.monotonic() >= deadline:
+                raise UnitBusyError(f"storage unit {self.path} is already open in this process")
+            time.sleep(POLL)
+        try:
+            self._open(deadline)
+        finally:
+            with _registry_lock:
+                _opening.discard(key)
+
+    def _open(self, deadline: float | None) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise CorruptUnitError(f"{self.path} is not a directory")
+        has_db = (self.path / "unit.db").exists()
+        if self.readonly and not has_db:
+            raise CorruptUnitError(f"{self.path} holds no storage unit (no unit.db); "
+                                   "a read-only open creates nothing")
+        if self.path.exists() and not has_db and \
+                any(p.name != LOCK_FILE for p in self.path.iterdir()):
+            raise CorruptUnitError(f"{self.path} is not empty and holds no unit.db")
+        if not self.readonly:
+            self.path.mkdir(parents=True, exist_ok=True)
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self._unit_lock = UnitLock(self.path, shared=self.readonly, wait=wait)
+        try:
+            if not self.readonly:
+                (self.path / "volumes").mkdir(exist_ok=True)
+            self.store = SQLiteStore(self.path, str(self.path), readonly=self.readonly)
+        except BaseException:
+            self._unit_lock.release()
+            raise
+        self.uuid = self.store.uuid
+        try:
+            self._restore_local()
+        except (ValueError, TypeError, KeyError) as e:
+            # a row whose values make no sense (bad JSON, NULLs, a mode
+            # that does not exist): damaged metadata, not a caller's error
+            self._release_files()
+            raise CorruptUnitError(f"{self.path}: damaged unit metadata: "
+                                   f"{type(e).__name__}: {e}") from e
+        except BaseException:
+            self._release_files()
+            raise
         with _registry_lock:
-            if str(self.path) in _open_units:
-                raise StateError(f"storage unit {self.path} is already open in this process")
-            if self.path.exists() and not self.path.is_dir():
-                raise CorruptUnitError(f"{self.path} is not a directory")
-            if self.path.exists() and any(self.path.iterdir()) and \
-                    not (self.path / "unit.db").exists():
-                raise CorruptUnitError(f"{self.path} is not empty and holds no unit.db")
-            (self.path / "volumes").mkdir(parents=True, exist_ok=True)
-            self.store = SQLiteStore(self.path, str(self.path))
-            try:
-                self._restore_local()
-            except (ValueError, TypeError, KeyError) as e:
-                # a row whose values make no sense (bad JSON, NULLs, a mode
-                # that does not exist): damaged metadata, not a caller's error
-                self._release_files()
-                raise CorruptUnitError(f"{self.path}: damaged unit metadata: "
-                                       f"{type(e).__name__}: {e}") from e
-            except BaseException:
-                self._release_files()
-                raise
             _open_units[str(self.path)] = self
             units = list(_open_units.values())
             for unit in units:
@@ -102,7 +196,7 @@ class StorageUnit:
     # -- volumes -----------------------------------------------------------------
     def create_volume(self, name: str, n_tracks: int, track_size: int = DEFAULT_TRACK) -> Volume:
         """Create a zero-filled volume named ``name`` in this unit."""
-        self._require_open()
+        self._require_writable()
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(f"volume names are 1-64 letters, digits, '_', '.', '-' "
                              f"(starting with a letter or digit), got {name!r}")
@@ -141,6 +235,7 @@ class StorageUnit:
 
     def remove_volume(self, name: str) -> None:
         """Delete a volume that takes part in no relationship or pair."""
+        self._require_writable()
         vol = self.volume(name)
         if vol.relationships or vol._mirror is not None or vol._secondary:
             raise StateError(f"{vol!r} is in a FlashCopy relationship or PPRC pair; "
@@ -182,7 +277,8 @@ class StorageUnit:
             if name in pending:
                 raise StateError(
                     f"session {name!r} needs its primary unit(s) open in this process: "
-                    f"{sorted({t[0] for t in pending[name]['triplets']})}") from None
+                    + "; ".join(sorted({self.describe_partner(t[0])
+                                        for t in pending[name]['triplets']}))) from None
             raise KeyError(f"no Global Mirror session named {name!r} in this unit") from None
 
     # -- restore ---------------------------------------------------------------------
@@ -197,7 +293,8 @@ class StorageUnit:
             if size != n_tracks * track_size:
                 raise CorruptUnitError(f"volume file {file} holds {size} bytes; the unit "
                                        f"records {n_tracks} tracks of {track_size} bytes")
-            vol = Volume(n_tracks, track_size, path=file, name=name)
+            cls = ReadOnlyVolume if self.readonly else Volume
+            vol = cls(n_tracks, track_size, path=file, name=name)
             vol.unit = self
             vol._secondary = bool(secondary)
             vol._invalid = bool(invalid)
@@ -213,7 +310,7 @@ class StorageUnit:
             fc = FlashCopy._restore(source, target, row, maps, json.loads(row["options"]))
             st._track(("fc", row["id"]), list(maps.values()))
             del fc
-        self._pair_rows = st.pair_rows()
+        self._pair_rows = self._load_pair_rows()
         for row in self._pair_rows:  # keep their bitmap files alive until restored
             st._row_bitmaps[("pair", row["id"])] = {row[k] for k in ("oos", "spare", "cg")
                                                     if row[k] is not None}
@@ -249,6 +346,11 @@ class StorageUnit:
             if not pending:
                 continue
             seq = pending[0].sequence
+            if self.readonly:
+                raise ReadOnlyUnitError(
+                    f"storage unit {self.path}: consistency group {seq} of session {name!r} "
+                    "was interrupted and must be resolved on disk; open the unit "
+                    "read-write once, then read-only opens work again")
             decision = self.store.decision(name, seq)
             with self.store.transaction():
                 for fc in pending:
@@ -263,7 +365,7 @@ class StorageUnit:
             return
         left = []
         for row in self._pair_rows:
-            sec_unit = _open_units.get(row["secondary_unit"]) if row["secondary_unit"] else None
+            sec_unit = self._partner(row["secondary_uuid"])
             if sec_unit is None:
                 left.append(row)
                 continue
@@ -281,7 +383,7 @@ class StorageUnit:
                 continue
             parts = []
             for a_unit, a_name, b_name, c_name in cfg["triplets"]:
-                unit_a = _open_units.get(a_unit)
+                unit_a = self._partner(a_unit)
                 if unit_a is None:
                     break
                 a, b = unit_a._row_volume(a_name), self._row_volume(b_name)
@@ -330,6 +432,10 @@ class StorageUnit:
         for p in self.pairs:
             p.stop()
         if self.path is not None:
+            try:
+                self._prune_partners()
+            except (sqlite3.Error, OSError, ReadOnlyUnitError):
+                pass    # a stale partner entry is harmless; closing matters
             self._detach_partners()
         workers = [r._thread for v in self._volumes.values() for r in v._src_rels
                    if r._thread is not None]
@@ -356,7 +462,7 @@ class StorageUnit:
                 if pair.secondary.unit is not self:
                     continue
                 pair.stop()
-                rows = rows if rows is not None else {r["id"]: r for r in other.store.pair_rows()}
+                rows = rows if rows is not None else {r["id"]: r for r in other._load_pair_rows()}
                 row = rows[pair._store_id]
                 A = pair.primary
                 A._lock()
@@ -381,20 +487,199 @@ class StorageUnit:
         for t in workers:
             t.join()
         if self.path is not None:
-            self.store.close()
-            with _registry_lock:
-                if _open_units.get(str(self.path)) is self:
-                    del _open_units[str(self.path)]
+            try:
+                self.store.close()
+            finally:
+                with _registry_lock:
+                    if _open_units.get(str(self.path)) is self:
+                        del _open_units[str(self.path)]
+                    for other in _open_units.values():
+                        if other._links.get(self.uuid) is self:
+                            del other._links[self.uuid]
+                self._unit_lock.release()
 
     def _require_open(self) -> None:
         if self._closed:
-            raise StateError(f"storage unit {self.path or '(memory)'} is closed")
+            raise UnitClosedError(f"storage unit {self.path or '(memory)'} is closed")
+
+    def _require_writable(self) -> None:
+        self._require_open()
+        if self.readonly:
+            raise ReadOnlyUnitError(f"storage unit {self.path} is open read-only; "
+                                    "open it read-write to change it")
 
     def __enter__(self) -> "StorageUnit":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # -- partner units -------------------------------------------------------------------
+    def _load_pair_rows(self) -> list[dict]:
+        """The stored pairs, each with ``secondary_uuid`` (how the row names
+        the secondary's unit) and ``secondary_unit`` (where that unit is
+        expected, for messages)."""
+        rows = self.store.pair_rows()
+        for row in rows:
+            ref = row["secondary_unit"]
+            row["secondary_uuid"] = ref
+            row["secondary_unit"] = self.describe_partner(ref) if ref else ""
+        return rows
+
+    def _partner_path(self, ref: str) -> Path | None:
+        """Where the partner ``ref`` (a uuid; an absolute path in rows
+        written before units had ids) is expected."""
+        if not ref or self.path is None:
+            return None
+        rel = self.store.partners.get(ref)
+        if rel is not None:
+            return (self.path / rel).resolve()
+        if os.path.isabs(ref):
+            return Path(ref)
+        return None
+
+    def _partner(self, ref: str) -> "StorageUnit | None":
+        """The open unit that is this unit's partner ``ref``, or None. A unit
+        counts only if it has that uuid, sits where this unit records it, and
+        records this unit where this unit is (or the two were linked by
+        :meth:`relink`): a copy of a unit never attaches to the original's
+        partner, nor a partner to a copy."""
+        if not ref:
+            return None
+        linked = self._links.get(ref)
+        if linked is not None and not linked._closed:
+            return linked
+        where = self._partner_path(ref)
+        if where is None:
+            return None
+        unit = _open_units.get(str(where))
+        if unit is None or unit._closed:
+            return None
+        if os.path.isabs(ref):          # a row from before units had ids
+            return unit
+        if unit.uuid != ref or self.uuid is None:
+            return None
+        if unit._links.get(self.uuid) is self or unit._partner_path(self.uuid) == self.path:
+            return unit
+        return None
+
+    def _agrees(self, ref: str, where: Path) -> str | None:
+        """Why the unit at ``where`` is not partner ``ref`` (None if it is),
+        from its metadata, read without opening it."""
+        if not (where / "unit.db").exists():
+            return f"no unit at {where}"
+        if os.path.isabs(ref):
+            return None
+        open_unit = _open_units.get(str(where))
+        if open_unit is not None:
+            uid, back = open_unit.uuid, open_unit.store.partners.get(self.uuid)
+        else:
+            try:
+                db = _connect_readonly(where / "unit.db")
+                try:
+                    row = db.execute("SELECT value FROM meta WHERE key='uuid'").fetchone()
+                    uid = row[0] if row else None
+                    row = db.execute("SELECT path FROM partners WHERE uuid=?",
+                                     (self.uuid,)).fetchone()
+                    back = row[0] if row else None
+                finally:
+                    db.close()
+            except sqlite3.Error as e:
+                return f"the unit at {where} cannot be read ({e})"
+        if uid != ref:
+            return (f"the unit at {where} is another unit (id {uid}, not {ref}): "
+                    "this unit or its partner was copied or replaced")
+        if back is None or (where / back).resolve() != self.path:
+            return (f"the unit at {where} pairs with a unit at "
+                    f"{(where / back).resolve() if back else '(none)'}, not this one at "
+                    f"{self.path}: a copy, or units moved apart; name both (-u/-r, "
+                    "StorageUnit.relink) to re-link them")
+        return None
+
+    def describe_partner(self, ref: str) -> str:
+        """A partner for messages: where it is expected, and why it is not
+        attached when it is not."""
+        where = self._partner_path(ref)
+        if where is None:
+            return f"unit {ref} (no path recorded)"
+        if self._partner(ref) is not None:
+            return str(where)
+        why = self._agrees(ref, where)
+        return str(where) if why is None else f"{where} ({why})"
+
+    def partner_units(self) -> list[Path]:
+        """Directories of the units that this unit's pairs and sessions span
+        (both ways: the units of its secondaries and session A volumes, and
+        the units whose pairs have secondaries here). Only units that agree
+        to be the partner are listed (see :meth:`_partner`); a missing or
+        disagreeing one is left out, and :meth:`describe_partner` says why."""
+        self._require_open()
+        refs = set(self.store.partners)
+        refs.update(r["secondary_uuid"] for r in self._pair_rows if r["secondary_uuid"])
+        for cfg in self.store.session_rows().values():
+            refs.update(t[0] for t in cfg["triplets"] if t[0])
+        found = []
+        for ref in sorted(refs):
+            unit = self._partner(ref)
+            if unit is not None:
+                found.append(unit.path)
+                continue
+            where = self._partner_path(ref)
+            if where is not None and self._agrees(ref, where) is None:
+                found.append(where)
+        return sorted(set(found))
+
+    def relink(self, other: "StorageUnit") -> bool:
+        """Re-link a pair of units that moved apart (or a copy to a chosen
+        partner): if ``other`` has the id of one of this unit's partners (or
+        this unit is one of its), attach the two and record, on each side
+        that is open read-write, where the other now is. Pairs and sessions
+        between them are restored. Returns whether they are partners; False
+        (and nothing changes) for an unrelated unit."""
+        self._require_open()
+        other._require_open()
+        if other is self or self.path is None or other.path is None or \
+                self.uuid is None or other.uuid is None:
+            return False
+        if other.uuid not in self.store.partners and self.uuid not in other.store.partners:
+            return False
+        with _registry_lock:
+            self._links[other.uuid] = other
+            other._links[self.uuid] = self
+            for a, b in ((self, other), (other, self)):
+                if not a.readonly:
+                    a.store.set_partner(b.uuid, os.path.relpath(b.path, a.path))
+            units = list(_open_units.values())
+            for unit in units:
+                unit._restore_pairs()
+            for unit in units:
+                unit._restore_sessions()
+        return True
+
+    def _references(self, other: "StorageUnit") -> bool:
+        """Whether a pair or session of this unit involves ``other``."""
+        if any(p.secondary.unit is other for p in self.pairs):
+            return True
+        if any(r["secondary_uuid"] == other.uuid for r in self._pair_rows):
+            return True
+        if any(t.a.unit is other for s in self.sessions.values() for t in s.triplets):
+            return True
+        return any(t[0] == other.uuid for cfg in self.store.session_rows().values()
+                   for t in cfg["triplets"])
+
+    def _prune_partners(self) -> None:
+        """At close: forget partners (on both sides) that are open and share
+        no pair or session with this unit any more."""
+        if self.readonly:
+            return
+        for ref in list(self.store.partners):
+            other = self._partner(ref)
+            if other is None or self._references(other) or other._references(self):
+                continue
+            self.store.drop_partner(ref)
+            if not other.readonly:
+                other.store.drop_partner(self.uuid)
+
 
     def __repr__(self) -> str:
         where = str(self.path) if self.path else "memory"
