@@ -168,7 +168,8 @@ class FlashCopy(_core.RelationshipBase):
         source._src_rels.append(fc)
         source._rels_version += 1
         target._tgt_rel = fc
-        fc._start_background()
+        if not store_of(source).readonly:   # a read-only unit only looks
+            fc._start_background()
         return fc
 
     # -- properties ---------------------------------------------------------
@@ -213,6 +214,7 @@ class FlashCopy(_core.RelationshipBase):
         if max_tracks is not None and max_tracks < 0:
             raise ValueError(f"max_tracks must be >= 0, got {max_tracks}")
         self._require_active()
+        self._require_writable()
         if self.revertible:
             raise StateError(f"{self!r} is revertible: no copying until commit or revert")
         n = self.source.n_tracks
@@ -305,6 +307,8 @@ class FlashCopy(_core.RelationshipBase):
                              "call copy() instead")
         if not self.to_copy.any():
             return True
+        # nothing copies in a closed or read-only unit: waiting would never end
+        self._require_writable()
         self._done.wait(timeout)
         # a relationship withdrawn with tracks left (force) never completes
         return not self.to_copy.any()
@@ -328,13 +332,14 @@ class FlashCopy(_core.RelationshipBase):
             self._require_active()
             if self.revertible:
                 raise StateError(f"{self!r} is already revertible; commit or revert first")
-            self._require_open()
+            self._require_writable()
             if revertible:
                 faults.hit("prepare", self.source)
             n = self.source.n_tracks
             store = self._store
             new_to_copy = combine_or3(self.to_copy, self.src_changed, self.tgt_changed,
                                       store.new_bitmap(n))
+            before = self._snapshot()
             if revertible:
                 self._revert_image = (self.to_copy, self.src_changed, self.tgt_changed,
                                       self.sequence)
@@ -345,7 +350,7 @@ class FlashCopy(_core.RelationshipBase):
             self.tgt_changed = store.new_bitmap(n)
             self.sequence = new_sequence
             self._cursor = 0
-            store.save_flash(self)
+            self._save_or_undo(before)
         self._start_background()
 
     def commit(self) -> None:
@@ -353,12 +358,14 @@ class FlashCopy(_core.RelationshipBase):
         drop the revert image and release the source write-inhibit. O(1)."""
         with locked((self.source, self.target)):
             self._require_revertible("commit")
+            self._require_writable()
             faults.hit("commit", self.source)
             dropped = self._revert_image[:3]
+            before = self._snapshot()
             self._revert_image = None
             self.revertible = False
             self.source._inhibits -= 1
-            self._store.save_flash(self)
+            self._save_or_undo(before)
             self._store.recycle(dropped)
         self._start_background()
 
@@ -368,14 +375,16 @@ class FlashCopy(_core.RelationshipBase):
         number and release the source write-inhibit. O(1)."""
         with locked((self.source, self.target)):
             self._require_revertible("revert")
+            self._require_writable()
             faults.hit("revert", self.source)
             dropped = (self.to_copy, self.src_changed, self.tgt_changed)
+            before = self._snapshot()
             (self.to_copy, self.src_changed, self.tgt_changed,
              self.sequence) = self._revert_image
             self._revert_image = None
             self.revertible = False
             self.source._inhibits -= 1
-            self._store.save_flash(self)
+            self._save_or_undo(before)
             self._store.recycle(dropped)
         self._start_background()
 
@@ -402,7 +411,7 @@ class FlashCopy(_core.RelationshipBase):
                 raise WriteInhibitedError(
                     f"{S!r} is write-inhibited: it is the source of a revertible "
                     "FlashCopy; commit or revert it first")
-            self._require_open()
+            self._require_writable()
             mask = (self.src_changed | self.tgt_changed).andnot(self.to_copy)
             changed = mask.copy()
             for other in S._src_rels:
@@ -432,22 +441,45 @@ class FlashCopy(_core.RelationshipBase):
             self._require_active()
             if self.revertible:
                 raise StateError(f"{self!r} is revertible; commit or revert before withdrawing")
+            self._require_writable()
             remaining = self.to_copy.count()
             if remaining and not force:
                 raise IncompleteCopyError(
                     f"{self!r} still has {remaining} tracks to copy; copy() or wait() "
                     "first, or withdraw(force=True) to invalidate the target")
-            if remaining:
-                self.target._invalid = True
-            self._unlink()
+            self._unlink(invalidate=bool(remaining))
         self._done.set()
 
-    def _unlink(self) -> None:
+    def _unlink(self, invalidate: bool = False) -> None:
+        """End the relationship: the store first, so that a store that
+        refuses leaves the relationship as it was."""
+        was_invalid = self.target._invalid
+        self.target._invalid = was_invalid or invalidate
+        try:
+            self._store.drop_flash(self)
+        except BaseException:
+            self.target._invalid = was_invalid
+            raise
         self.source._src_rels.remove(self)
         self.source._rels_version += 1
         self.target._tgt_rel = None
         self.active = False
-        self._store.drop_flash(self)
+
+    def _snapshot(self) -> tuple:
+        return (self.to_copy, self.src_changed, self.tgt_changed, self.sequence,
+                self._revert_image, self.revertible, self.source._inhibits, self._cursor)
+
+    def _save_or_undo(self, before: tuple) -> None:
+        """Save the relationship; if the store fails, put back the state
+        ``before`` (from :meth:`_snapshot`), so that memory never holds what
+        the store does not."""
+        try:
+            self._store.save_flash(self)
+        except BaseException:
+            (self.to_copy, self.src_changed, self.tgt_changed, self.sequence,
+             self._revert_image, self.revertible, self.source._inhibits,
+             self._cursor) = before
+            raise
 
     # -- checks ---------------------------------------------------------------
     def _require_active(self) -> None:
@@ -458,6 +490,12 @@ class FlashCopy(_core.RelationshipBase):
         for v in (self.source, self.target):
             if v.closed:
                 raise VolumeClosedError(f"{v!r} is closed")
+
+    def _require_writable(self) -> None:
+        """Refuse, before anything changes, a step whose result could not be
+        recorded: a closed volume, a closed or read-only unit."""
+        self._store.check_writable()
+        self._require_open()
 
     def _require_revertible(self, what: str) -> None:
         self._require_active()
@@ -493,6 +531,7 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
         if getattr(s, "unit", None) is not getattr(t, "unit", None):
             raise LimitError(f"{s!r} and {t!r} are in different storage units; a FlashCopy "
                              "stays within one unit")
+        store_of(s).check_writable()
         new_targets.add(id(t))
 
 

@@ -228,6 +228,8 @@ class GlobalMirror:
             self._committed_once = top > 0
             return
         self._store = store_of(triplets[0][1])
+        for v in vols:
+            store_of(v).check_writable()
         if self._store.durable:
             if any(store_of(b) is not self._store for _, b, _ in triplets):
                 raise ValueError("every B (and C) volume of a session must be in one storage unit")
@@ -266,6 +268,7 @@ class GlobalMirror:
     # -- one consistency group ---------------------------------------------------
     def form_consistency_group(self) -> CGResult:
         """Make one CG attempt synchronously and return its result."""
+        self._require_writable()
         with self._lock:
             result = self._attempt()
         self._account(result)
@@ -507,6 +510,7 @@ class GlobalMirror:
         """Form CGs continuously on a thread until :meth:`stop`."""
         if self._thread is not None:
             raise StateError(f"session {self.name} is already running")
+        self._require_writable()
         self._require_not_recovered()
         self._stop.clear()
         if self.state is not GMState.FATAL:
@@ -575,6 +579,17 @@ class GlobalMirror:
                 return
 
     # -- recovery --------------------------------------------------------------
+    def _require_writable(self) -> None:
+        """Refuse, before anything changes, when the session's units are
+        closed or read-only, or one of its volumes is closed."""
+        for t in self.triplets:
+            for v in (t.a, t.b, t.c):
+                store_of(v).check_writable()
+        for t in self.triplets:
+            for v in (t.a, t.b, t.c):
+                if v.closed:
+                    raise VolumeClosedError(f"{v!r} is closed")
+
     def _require_not_recovered(self) -> None:
         # a CG drain would overwrite host writes at the recovered B volumes
         if any(t.pair.failed_over for t in self.triplets):
@@ -585,6 +600,7 @@ class GlobalMirror:
         """At the remote site: fail each pair over and fast-reverse-restore
         each C onto its B, so the B volumes hold the newest committed CG,
         ready to become primaries. Returns that CG's sequence number."""
+        self._require_writable()
         self.stop()
         with self._lock:
             self._resolve()
@@ -609,6 +625,8 @@ class GlobalMirror:
     def close(self) -> None:
         """End the session [rmgmir]: stop, remove the pairs and FlashCopies.
         The C volumes are left invalid if their images were still virtual."""
+        if self.triplets:
+            self._require_writable()
         self.stop()
         with self._lock:
             self._resolve()

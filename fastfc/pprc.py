@@ -82,6 +82,8 @@ class PPRCPair(_core.MirrorBase):
             raise TypeError("link must be a fastfc.link.Link")
         self.link = link if link is not None else LocalLink()
         self.name = name or f"{primary.name}->{secondary.name}"
+        store_of(primary).check_writable()
+        store_of(secondary).check_writable()
         self.primary = primary
         self.secondary = secondary
         self.suspend_reason: str | None = None
@@ -159,7 +161,8 @@ class PPRCPair(_core.MirrorBase):
         elif secondary._mirror is None:
             pair._hook_reverse_writes()
         pair.active = True
-        pair._persist()
+        if not store_of(primary).readonly:   # a read-only unit only looks
+            pair._persist()
         return pair
 
     # -- state ---------------------------------------------------------------
@@ -276,6 +279,7 @@ class PPRCPair(_core.MirrorBase):
         calling thread; returns bytes sent. A link failure suspends the pair."""
         if not self.active:
             raise StateError(f"{self!r} has been removed")
+        store_of(self.primary).check_writable()
         if self.suspend_reason is not None:
             return 0
         with self._drain_lock:
@@ -358,7 +362,13 @@ class PPRCPair(_core.MirrorBase):
         """Stop sending; writes keep being recorded in the OOS bitmap."""
         with locked((self.primary,)):
             self._require_active()
-            self._suspended(reason)
+            self._require_writable()
+            before = self.suspend_reason
+            try:
+                self._suspended(reason)
+            except BaseException:
+                self.suspend_reason = before
+                raise
 
     def resume(self) -> None:
         """Resync only the OOS tracks, then carry on mirroring."""
@@ -366,8 +376,14 @@ class PPRCPair(_core.MirrorBase):
             self._require_active()
             if self.failed_over:
                 raise StateError(f"{self!r} is failed over; use failback()")
+            self._require_writable()
+            before = self.suspend_reason
             self.suspend_reason = None
-            self._persist()
+            try:
+                self._persist()
+            except BaseException:
+                self.suspend_reason = before
+                raise
         self._wake.set()
 
     def failover(self) -> None:
@@ -376,8 +392,14 @@ class PPRCPair(_core.MirrorBase):
         only the tracks changed on either side."""
         with locked((self.primary, self.secondary)):
             self._require_active()
+            self._require_writable(self.secondary)
+            before = (self.failed_over, self.suspend_reason)
             self.failed_over = True
-            self._suspended("failover")
+            try:
+                self._suspended("failover")
+            except BaseException:
+                self.failed_over, self.suspend_reason = before
+                raise
             self.secondary._secondary = False
             store_of(self.secondary).set_volume_flags(self.secondary)
             if self.secondary._mirror is None:
@@ -403,6 +425,7 @@ class PPRCPair(_core.MirrorBase):
                 raise StateError(f"{self!r} was not failed over")
             if A._tgt_rel is not None:
                 raise LimitError(f"{A!r} is a FlashCopy target and cannot become a secondary")
+            self._require_writable(B)
             # the pair is recorded with its new primary, B, from now on
             new_store = store_of(B)
             oos = new_store.new_bitmap(A.n_tracks)
@@ -431,6 +454,8 @@ class PPRCPair(_core.MirrorBase):
 
     def remove(self) -> None:
         """End the pair [rmpprc]: the secondary accepts host writes again."""
+        if self.active:
+            self._require_writable(self.secondary)
         self.stop()
         with locked((self.primary, self.secondary)):
             if not self.active:
@@ -447,6 +472,15 @@ class PPRCPair(_core.MirrorBase):
     def _require_active(self) -> None:
         if not self.active:
             raise StateError(f"{self!r} has been removed")
+
+    def _require_writable(self, *others: Volume) -> None:
+        """Refuse, before anything changes, a step whose result could not be
+        recorded: a closed or read-only unit, a closed volume."""
+        for v in (self.primary, *others):
+            store_of(v).check_writable()
+        for v in (self.primary, *others):
+            if v.closed:
+                raise VolumeClosedError(f"{v!r} is closed")
 
     # -- background agent ------------------------------------------------------
     def start(self) -> None:
