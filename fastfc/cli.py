@@ -33,16 +33,11 @@ from pathlib import Path
 
 import click
 
-from fastfc.errors import FastFCError
+from fastfc.errors import FastFCError, ReadOnlyUnitError
 from fastfc.flashcopy import CHUNK_BYTES, FlashCopy, establish_group
 from fastfc.globalmirror import GlobalMirror
 from fastfc.pprc import SEND_CHUNK_BYTES, PPRCPair
 from fastfc.unit import StorageUnit
-
-try:
-    import fcntl
-except ImportError:  # not on Windows: no cross-process lock there
-    fcntl = None
 
 EXPECTED_ERRORS = (FastFCError, ValueError, KeyError, IndexError, OSError, sqlite3.Error)
 
@@ -89,15 +84,31 @@ TRIPLET = Spec("A", "B", "C")
 
 
 # -- the units of one invocation -------------------------------------------------------
+# Commands that only look: their units are opened read-only (a shared lock,
+# so they run alongside each other, and nothing in the unit changes).
+READ_ONLY_COMMANDS = {"lsvol", "read", "lsflash", "lspprc", "showgmir"}
+
+
 class Units:
     """The storage units one invocation works on, opened on first use and
-    closed (with their locks released) when the command ends."""
+    closed (with their locks released) when the command ends.
 
-    def __init__(self, local: str | None, remote: str | None) -> None:
+    Each unit is opened through :class:`StorageUnit`, whose lock gives it one
+    owner across processes: a command that only looks opens its units
+    read-only (many may run at once), any other opens them read-write (alone).
+    ``wait`` is how long to wait for a busy unit (None: fail at once).
+    Units are found by the paths given and by what the open units record as
+    their partners (:meth:`StorageUnit.partner_units`); naming both units of
+    a pair that moved apart with ``-u`` and ``-r`` re-links them.
+    """
+
+    def __init__(self, local: str | None, remote: str | None, *, readonly: bool = False,
+                 wait: float | None = None) -> None:
         self.local_path = local
         self.remote_path = remote
+        self.readonly = readonly
+        self.wait = wait
         self.open: dict[Path, StorageUnit] = {}
-        self._locks: list = []
         self._partners_opened = False
 
     def local(self, create: bool = False) -> StorageUnit:
@@ -106,10 +117,12 @@ class Units:
             raise click.UsageError("no storage unit given: use --unit PATH (or set FASTFC_UNIT)")
         unit = self._get(self.local_path, create)
         if not self._partners_opened:
-            if self.remote_path is not None:
-                self._get(self.remote_path, False)
-            self._open_partners()
             self._partners_opened = True
+            if self.remote_path is not None:
+                remote = self._get(self.remote_path, False)
+                if remote is not unit:
+                    unit.relink(remote)     # units named together are partners
+            self._open_partners()
         return unit
 
     def remote(self) -> StorageUnit:
@@ -121,76 +134,40 @@ class Units:
         self.local()
         return list(self.open.values())
 
-    def _get(self, path: str, create: bool) -> StorageUnit:
+    def _get(self, path: str | Path, create: bool) -> StorageUnit:
         p = Path(path).resolve()
         if p in self.open:
             return self.open[p]
         exists = (p / "unit.db").exists()
         if not exists and not create:
             raise click.ClickException(f"no storage unit at {path} (mkvol creates one)")
-        if exists:
-            self._lock(p)
-        unit = StorageUnit(p)
+        try:
+            unit = StorageUnit(p, readonly=self.readonly and exists, wait=self.wait)
+        except ReadOnlyUnitError:
+            # a CG a crash interrupted must be resolved on disk first: a
+            # command that only looks does it, as a writer, this once
+            unit = StorageUnit(p, wait=self.wait)
         self.open[p] = unit
-        if not exists:
-            self._lock(p)
         return unit
 
-    def _lock(self, path: Path) -> None:
-        """One fastfc command at a time per unit, across processes."""
-        if fcntl is None:
-            return
-        (path / "cli").mkdir(exist_ok=True)
-        f = open(path / "cli" / "lock", "a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise click.ClickException(
-                f"storage unit {path} is in use by another fastfc command") from None
-        self._locks.append(f)
-
     def _open_partners(self) -> None:
-        """Open the units that pairs and sessions of the open units name."""
+        """Open the units that pairs and sessions of the open units span."""
         while True:
-            wanted = {Path(p) for u in self.open.values()
-                      for p in _partner_paths(u) | _primary_units(u)}
+            wanted = {p for u in list(self.open.values()) for p in u.partner_units()}
             new = [p for p in wanted - set(self.open) if (p / "unit.db").exists()]
             if not new:
                 return
             for p in new:
-                self._get(str(p), False)
-
-    def _remember_primary_units(self) -> None:
-        """Note in each unit holding secondaries the units of their primaries
-        (``cli/primaries``): a unit records its pairs only on the primary
-        side, yet a later command on the secondary side alone (a write after
-        failoverpprc) needs the pair restored to record its writes."""
-        for unit in self.open.values():
-            here = {str(u.path) for u in self.open.values() if u is not unit
-                    for p in u.pairs if p.secondary.unit is unit}
-            known = _primary_units(unit)
-            keep = {p for p in known if Path(p) not in self.open} | here
-            if keep != known:
-                (unit.path / "cli").mkdir(exist_ok=True)
-                (unit.path / "cli" / "primaries").write_text(
-                    "".join(f"{p}\n" for p in sorted(keep)))
+                self._get(p, False)
 
     def close(self) -> None:
         errors = []
-        try:
-            self._remember_primary_units()
-        except Exception as e:
-            errors.append(e)
         for unit in reversed(list(self.open.values())):
             try:
                 unit.close()
             except Exception as e:  # close every unit, report the first failure
                 errors.append(e)
         self.open.clear()
-        for f in self._locks:
-            f.close()
-        self._locks.clear()
         if errors:
             raise errors[0]
 
@@ -219,7 +196,8 @@ class Units:
             if (row["primary_name"], row["secondary_name"]) == (primary, secondary):
                 raise click.ClickException(
                     f"pair {primary}:{secondary} needs its secondary unit "
-                    f"{row['secondary_unit']}, which is not available")
+                    f"{local.describe_partner(row['secondary_uuid'])}, "
+                    "which is not available")
         raise KeyError(f"no PPRC pair {primary}:{secondary} in the open units")
 
     def session(self, name: str) -> GlobalMirror:
@@ -238,23 +216,6 @@ class Units:
                 if any(t.pair is pair for t in gm.triplets):
                     return gm
         return None
-
-
-def _partner_paths(unit: StorageUnit) -> set[str]:
-    """Units that ``unit``'s pairs and sessions span (recorded paths)."""
-    paths = {row["secondary_unit"] for row in unit._pair_rows if row["secondary_unit"]}
-    for p in unit.pairs:
-        if p.secondary.unit is not None and p.secondary.unit.path is not None:
-            paths.add(str(p.secondary.unit.path))
-    for cfg in unit.store.session_rows().values():
-        paths.update(t[0] for t in cfg["triplets"] if t[0])
-    return paths
-
-
-def _primary_units(unit: StorageUnit) -> set[str]:
-    """Units holding primaries of pairs whose secondaries ``unit`` holds."""
-    f = unit.path / "cli" / "primaries"
-    return set(f.read_text().splitlines()) if f.exists() else set()
 
 
 pass_units = click.make_pass_decorator(Units)
@@ -405,14 +366,20 @@ def _pair_id(pair: PPRCPair) -> str:
 @click.option("-r", "--remote-unit", "remote", envvar="FASTFC_REMOTE_UNIT", metavar="PATH",
               help="The unit holding PPRC secondaries and Global Mirror B and C volumes "
                    "(default: the local unit). [env FASTFC_REMOTE_UNIT]")
+@click.option("--wait", "wait", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Wait up to SECONDS for a unit that another command has open "
+                   "(default: fail at once).")
 @click.pass_context
-def main(ctx, unit, remote) -> None:
+def main(ctx, unit, remote, wait) -> None:
     """fastfc: FlashCopy, PPRC and Global Mirror for NumPy-backed volumes.
 
     Each command opens the storage unit(s), does its work and closes them:
-    state persists in the unit directories between commands.
+    state persists in the unit directories between commands. Commands that
+    only look (lsvol, read, lsflash, lspprc, showgmir) open units read-only
+    and may run together; the others hold their units alone.
     """
-    ctx.obj = Units(unit, remote)
+    ctx.obj = Units(unit, remote, readonly=ctx.invoked_subcommand in READ_ONLY_COMMANDS,
+                    wait=wait)
 
 
 @main.command()

@@ -518,12 +518,13 @@ class StorageUnit:
     def _load_pair_rows(self) -> list[dict]:
         """The stored pairs, each with ``secondary_uuid`` (how the row names
         the secondary's unit) and ``secondary_unit`` (where that unit is
-        expected, for messages)."""
+        expected; :meth:`describe_partner` says why it is not attached)."""
         rows = self.store.pair_rows()
         for row in rows:
             ref = row["secondary_unit"]
             row["secondary_uuid"] = ref
-            row["secondary_unit"] = self.describe_partner(ref) if ref else ""
+            where = self._partner_path(ref)
+            row["secondary_unit"] = str(where) if where is not None else ref
         return rows
 
     def _partner_path(self, ref: str) -> Path | None:

@@ -9,6 +9,7 @@ state each one leaves in the unit directories is what the next one finds.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from click.testing import CliRunner
 
 from fastfc import StorageUnit
 from fastfc.cli import main
+from helpers import held_unit
 
 TS = 4096
 N = 64          # tracks per volume: 256 KiB
@@ -498,13 +500,24 @@ def test_a_missing_volume_file_is_reported(fastfc, site1):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no flock")
-def test_one_command_at_a_time_per_unit(fastfc, site1):
-    import fcntl
+def test_one_writer_per_unit_and_readers_together(fastfc, site1):
+    """The CLI uses the unit's own lock: a command that changes a unit is
+    refused (naming the holder) while another process holds the unit, and
+    waits with --wait; commands that only look share it with readers."""
     make_volumes(fastfc, site1, "A")
-    with open(site1 / "cli" / "lock", "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert "in use by another fastfc command" in fastfc("lsvol", code=1).stderr
-    fastfc("lsvol")
+    assert not (site1 / "cli" / "lock").exists()
+    with held_unit(site1, readonly=True) as child:     # a reader: looking is fine
+        assert "A" in fastfc("lsvol").stdout
+        digest(fastfc, "A", site1)
+        err = fastfc("write", "A", "no", code=1).stderr
+        assert f"open read-only by pid {child.pid}" in err
+    with held_unit(site1) as child:                    # a writer: nobody else
+        err = fastfc("lsvol", code=1).stderr
+        assert f"open read-write by pid {child.pid}" in err
+        fastfc("--wait", "0.1", "write", "A", "no", code=1)
+    with held_unit(site1, hold=0.5):
+        fastfc("--wait", "30", "write", "A", "after the holder went")
+    fastfc("write", "A", "now")
 
 
 def test_fastfc_debug_shows_the_traceback(site1, monkeypatch):
