@@ -513,6 +513,7 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
     for r in rels:
         s, t = r.source, r.target
         check_pairable(s, t, "FlashCopy")
+        store_of(s).check_writable()
         if t._tgt_rel is not None or id(t) in new_targets:
             raise LimitError(f"{t!r} is already the target of a FlashCopy")
         if t._src_rels or id(t) in new_sources:
@@ -531,7 +532,6 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
         if getattr(s, "unit", None) is not getattr(t, "unit", None):
             raise LimitError(f"{s!r} and {t!r} are in different storage units; a FlashCopy "
                              "stays within one unit")
-        store_of(s).check_writable()
         new_targets.add(id(t))
 
 

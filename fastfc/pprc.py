@@ -454,8 +454,7 @@ class PPRCPair(_core.MirrorBase):
 
     def remove(self) -> None:
         """End the pair [rmpprc]: the secondary accepts host writes again."""
-        if self.active:
-            self._require_writable(self.secondary)
+        self._require_writable(self.secondary)
         self.stop()
         with locked((self.primary, self.secondary)):
             if not self.active:
