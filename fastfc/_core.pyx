@@ -17,6 +17,7 @@ run with the GIL released; smaller copies keep it (it is cheaper).
 cimport cython
 from libc.stdint cimport uint64_t, uint8_t, int64_t
 from libc.string cimport memcmp, memcpy, memset
+from libc.stdlib cimport calloc, free
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release,
                              PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE)
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
@@ -1126,16 +1127,45 @@ cdef void copy_changed_pages(uint8_t* dst, const uint8_t* src, Py_ssize_t n) noe
         off += step
 
 
+cdef object _hook_error = None
+
+
+cdef int call_cow_hook(void* volume) noexcept with gil:
+    """Call the crash tests' hook (fastfc.faults point "cow") on ``volume``
+    from a kernel; an exception it raises is kept for :func:`raise_hook_error`
+    (to raise once the kernel has let its locks go) and -1 returned."""
+    global _hook_error
+    hook = _cow_hook
+    if hook is not None:
+        try:
+            hook(<object>volume)
+        except BaseException as e:
+            _hook_error = e
+            return -1
+    return 0
+
+
+cdef int raise_hook_error() except -1:
+    global _hook_error
+    e, _hook_error = _hook_error, None
+    if e is not None:
+        raise e
+    return 0
+
+
 cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
                            Py_ssize_t a, Py_ssize_t n, Py_ssize_t max_tracks, int shift,
                            int nrel, uint8_t** tgt_base, uint64_t** tgt_to_copy,
                            uint64_t** tgt_changed, Py_ssize_t* resume,
-                           bint pages) noexcept nogil:
+                           bint pages, void* hooked) noexcept nogil:
     """Copy the runs set in ``owed`` from ``a`` on (below ``n``, at most
     ``max_tracks``) from src to dst, each after copy-on-write of dst's old
     tracks to its FlashCopy targets and with change recording, clearing the
     bits. ``pages``: the volumes are files; write only the pages that change.
-    Returns the tracks copied; ``resume[0]`` is where to carry on."""
+    ``hooked``: dst's volume while the cow hook is installed (else NULL),
+    called after each copy-on-write and before the data lands.
+    Returns the tracks copied, or -1 if the hook raised (the run it was
+    called for not applied); ``resume[0]`` is where to carry on."""
     cdef Py_ssize_t b, t, done = 0, res2
     cdef int k
     while 0 <= a < n and done < max_tracks:
@@ -1156,6 +1186,9 @@ cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
                             bm_clear(tgt_to_copy[k], t)
                 else:
                     copy_set_runs(tgt_base[k], dst, tgt_to_copy[k], a, b, b - a, shift, &res2)
+                if hooked != NULL and call_cow_hook(hooked) < 0:
+                    resume[0] = a
+                    return -1
         if pages:
             copy_changed_pages(dst + (a << shift), src + (a << shift), (b - a) << shift)
         elif ((b - a) << shift) >= STREAM_BYTES:   # B's copy is not read back soon
@@ -1186,6 +1219,7 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
     """
     cdef Py_ssize_t n = A.n_tracks, a, done = 0, resume = -1
     cdef int shift = A.track_shift, nrel, k
+    cdef void* hooked
     cdef RelationshipBase r
     cdef list rels
     cdef uint64_t* w = owed.w
@@ -1215,25 +1249,13 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
             tgt_base[k] = r.target.base
             tgt_to_copy[k] = r.to_copy.w
             tgt_changed[k] = r.src_changed.w if r.src_changed is not None else NULL
-        if _cow_hook is None:
-            with nogil:
-                done = apply_runs(B.base, A.base, w, a, n, max_tracks, shift, nrel,
-                                  tgt_base, tgt_to_copy, tgt_changed, &resume,
-                                  B._file_backed)
-        else:  # crash tests: stop the world between copy-on-write and the data
-            while 0 <= a < n and done < max_tracks:
-                for k in range(nrel):
-                    if tgt_changed[k] != NULL:
-                        bm_set(tgt_changed[k], a)
-                    if bm_test(tgt_to_copy[k], a):
-                        copy_set_runs(tgt_base[k], B.base, tgt_to_copy[k], a, a + 1, 1,
-                                      shift, &resume)
-                        _cow_hook(B)
-                memcpy(B.base + (a << shift), A.base + (a << shift), (<Py_ssize_t>1) << shift)
-                bm_clear(w, a)
-                done += 1
-                a = bm_next_set(w, n, a + 1)
-            resume = a if 0 <= a < n else -1
+        hooked = <void*>B if _cow_hook is not None else NULL
+        with nogil:
+            done = apply_runs(B.base, A.base, w, a, n, max_tracks, shift, nrel,
+                              tgt_base, tgt_to_copy, tgt_changed, &resume,
+                              B._file_backed, hooked)
+        if done < 0:
+            raise_hook_error()
     finally:
         B._release()
     return done, (resume if resume >= 0 else A.n_tracks)
@@ -1246,28 +1268,80 @@ cdef inline double monotonic() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
-def coordinate_pairs(list primaries, list hooks, double timeout):
-    """Hold host writes on every primary at one instant and begin a
-    consistency group on every mirror hook, in one C call.
+# Coordinations carried out (tests prove the production path runs).
+cdef long long _coordinations = 0
 
-    Takes the primaries' locks in the order given; swaps each hook's ``oos``
-    for its (empty) ``spare``, the old ``oos`` becoming ``cg``; releases. The
-    hold never gives up the GIL: the locks are taken with non-blocking tries
-    only, so no Python thread can stretch it. When a lock is busy, everything
-    taken is released at once, the busy lock is waited for outside the hold
-    (GIL released), and the pass starts again, until ``timeout`` seconds.
-    Returns ``(status, seconds)``: status 0 done (seconds: the hold, from the
-    first lock of the pass that succeeded to the release), 1 the locks could
-    not all be taken in time; nothing changes unless 0.
+
+def coordinations():
+    """How many consistency groups :func:`coordinate_pairs` has begun."""
+    return _coordinations
+
+
+cdef inline void own_all(list vols, Py_ssize_t n, unsigned long me) noexcept:
+    """Mark raw-taken locks as held by this thread (re-entrant for hooks)."""
+    cdef Py_ssize_t i
+    cdef VolumeBase v
+    for i in range(n):
+        v = <VolumeBase>vols[i]
+        v._owner = me
+        v._depth = 1
+
+
+cdef inline void disown_all(list vols, Py_ssize_t n) noexcept:
+    cdef Py_ssize_t i
+    cdef VolumeBase v
+    for i in range(n):
+        v = <VolumeBase>vols[i]
+        v._owner = 0
+        v._depth = 0
+
+
+cdef inline void undo_begin(list hooks, Py_ssize_t nh) noexcept:
+    cdef Py_ssize_t k
+    cdef MirrorBase m
+    for k in range(nh):
+        m = <MirrorBase>hooks[k]
+        m.spare = m.oos
+        m.oos = m.cg
+        m.cg = None
+
+
+def coordinate_pairs(list primaries, list hooks, double timeout, before=None, after=None):
+    """Hold host writes on every primary at one instant and begin a
+    consistency group on every mirror hook, in one C call. The only
+    coordination there is: Global Mirror runs it with or without hooks.
+
+    Takes the primaries' locks in the order given (volume-id order); calls
+    ``before()`` if given (the ``coordinate`` fault point); swaps each hook's
+    ``oos`` for its (empty) ``spare``, the old ``oos`` becoming ``cg``; calls
+    ``after()`` if given (``on_coordinate``: the primaries' locks count as
+    this thread's, so it may read them); releases. Without hooks the hold
+    runs no Python bytecode.
+
+    The locks are taken with non-blocking tries. When one is busy, the
+    locks taken by tries are released at once and the busy one is waited
+    for (GIL released) and then kept, so that a writer that keeps winning
+    it cannot starve the coordination; kept locks later in the order are
+    given back first, so waiting never breaks the lock order. The pass
+    then starts again, until ``timeout`` seconds have passed.
+
+    Returns ``(status, seconds)``: status 0 done (seconds: the hold, from
+    the first lock held to the end of the swap), 1 the locks could not all
+    be taken in time, 2 they were, but the hold (``before()`` included)
+    lasted longer than ``timeout``. Nothing changes unless 0. If ``before``
+    or ``after`` raises, nothing changes and the exception propagates
+    (after the locks are released).
     """
-    cdef Py_ssize_t i, k, n = len(primaries), nh = len(hooks), taken
+    global _coordinations
+    cdef Py_ssize_t i, k, n = len(primaries), nh = len(hooks), busy
     cdef VolumeBase v
     cdef MirrorBase m
     cdef double t0 = monotonic(), start, hold = 0.0, left
     cdef long long us
-    cdef bint got
-    cdef PyThread_type_lock busy
+    cdef bint got, swapped
     cdef unsigned long me = PyThread_get_thread_ident()
+    cdef char* held           # per primary: 0 free, 1 taken by a try, 2 kept
+    cdef double* since        # when a kept lock was taken
     for k in range(nh):
         m = <MirrorBase>hooks[k]
         if m.oos is None or m.spare is None or m.cg is not None:
@@ -1278,40 +1352,81 @@ def coordinate_pairs(list primaries, list hooks, double timeout):
             raise RuntimeError("coordination must not run with a primary's lock held")
         if v.base == NULL:
             raise VolumeClosedError(f"{v!r} is closed")
-    while True:
-        # one pass, GIL held throughout, no Python bytecode: the hold
-        start = monotonic()
-        taken = 0
-        busy = NULL
-        for i in range(n):
-            v = <VolumeBase>primaries[i]
-            if not PyThread_acquire_lock(v._lk, NOWAIT_LOCK):
-                busy = v._lk
-                break
-            taken += 1
-        if busy == NULL:
-            for k in range(nh):
-                m = <MirrorBase>hooks[k]
-                m.cg = m.oos
-                m.oos = m.spare
-                m.spare = None
-        for i in range(taken - 1, -1, -1):
-            PyThread_release_lock((<VolumeBase>primaries[i])._lk)
-        if busy == NULL:
-            hold = monotonic() - start
-            return 0, hold
-        # a writer holds one of the locks: wait for it outside the hold
-        left = timeout - (monotonic() - t0)
-        if left <= 0:
-            return 1, monotonic() - t0
-        us = <long long>(left * 1e6)
-        with nogil:
-            got = PyThread_acquire_lock_timed(busy, us, 0) == PY_LOCK_ACQUIRED
-            if got:
-                PyThread_release_lock(busy)
-        if not got:
-            return 1, monotonic() - t0
-
+    held = <char*>calloc(n + 1, 1)
+    since = <double*>calloc(n + 1, sizeof(double))
+    if held == NULL or since == NULL:
+        free(held)
+        free(since)
+        raise MemoryError("coordination: out of memory")
+    try:
+        while True:
+            # one pass, GIL held throughout: the hold
+            start = monotonic()
+            busy = -1
+            for i in range(n):
+                if held[i]:
+                    if since[i] < start:
+                        start = since[i]
+                    continue
+                v = <VolumeBase>primaries[i]
+                if not PyThread_acquire_lock(v._lk, NOWAIT_LOCK):
+                    busy = i
+                    break
+                held[i] = 1
+            if busy < 0:
+                swapped = 0
+                own_all(primaries, n, me)
+                try:
+                    for i in range(n):      # closed while we waited for a lock
+                        v = <VolumeBase>primaries[i]
+                        if v.base == NULL:
+                            raise VolumeClosedError(f"{v!r} is closed")
+                    if before is not None:
+                        before()
+                    for k in range(nh):
+                        m = <MirrorBase>hooks[k]
+                        m.cg = m.oos
+                        m.oos = m.spare
+                        m.spare = None
+                    swapped = 1
+                    hold = monotonic() - start
+                    if hold > timeout:
+                        undo_begin(hooks, nh)
+                        swapped = 0
+                        return 2, hold
+                    if after is not None:
+                        after()
+                    _coordinations += 1
+                    return 0, hold
+                except BaseException:
+                    if swapped:          # no CG left begun: its tracks stay owed
+                        undo_begin(hooks, nh)
+                    raise
+                finally:
+                    disown_all(primaries, n)
+            # a writer holds lock ``busy``: give back what the tries took and
+            # the kept locks after it, then wait for it outside the hold
+            for i in range(n - 1, -1, -1):
+                if held[i] == 1 or (held[i] == 2 and i > busy):
+                    PyThread_release_lock((<VolumeBase>primaries[i])._lk)
+                    held[i] = 0
+            left = timeout - (monotonic() - t0)
+            if left <= 0:
+                return 1, monotonic() - t0
+            us = <long long>(left * 1e6)
+            v = <VolumeBase>primaries[busy]
+            with nogil:
+                got = PyThread_acquire_lock_timed(v._lk, us, 0) == PY_LOCK_ACQUIRED
+            if not got:
+                return 1, monotonic() - t0
+            held[busy] = 2
+            since[busy] = monotonic()
+    finally:
+        for i in range(n - 1, -1, -1):
+            if held[i]:
+                PyThread_release_lock((<VolumeBase>primaries[i])._lk)
+        free(held)
+        free(since)
 
 
 def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
@@ -1328,7 +1443,8 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
     status)``: 0 done, 1 time limit, 2 stopped for B's state (the caller
     falls back to the per-update path, which reports why).
     """
-    cdef Py_ssize_t n = A.n_tracks, a = 0, done = 0, resume = 0
+    cdef Py_ssize_t n = A.n_tracks, a = 0, done = 0, resume = 0, got
+    cdef void* hooked = <void*>B if _cow_hook is not None else NULL
     cdef int shift = A.track_shift, nrel, k, status = 0, version
     cdef RelationshipBase r
     cdef list rels
@@ -1342,8 +1458,6 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
         raise ValueError("pprc_drain needs volumes and bitmap of one geometry")
     if A._owner == me or B._owner == me:
         raise RuntimeError("pprc_drain must run without the volumes' locks held")
-    if _cow_hook is not None:
-        return 0, 2
     B._acquire()
     try:
         if B._tgt_rel is not None or B.base == NULL or B._inhibits or A.base == NULL:
@@ -1377,9 +1491,13 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
                     or B._rels_version != version):
                 status = 2
             else:
-                done += apply_runs(B.base, A.base, w, a, n, chunk, shift, nrel,
-                                   tgt_base, tgt_to_copy, tgt_changed, &resume,
-                                   B._file_backed)
+                got = apply_runs(B.base, A.base, w, a, n, chunk, shift, nrel,
+                                 tgt_base, tgt_to_copy, tgt_changed, &resume,
+                                 B._file_backed, hooked)
+                if got < 0:
+                    status = 3
+                else:
+                    done += got
             B._owner = 0
             B._depth = 0
             PyThread_release_lock(B._lk)
@@ -1392,4 +1510,6 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
             if deadline >= 0 and monotonic() > deadline:
                 status = 1
                 break
+    if status == 3:         # the cow hook raised: what was sent stays sent
+        raise_hook_error()
     return done, status

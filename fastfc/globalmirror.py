@@ -321,65 +321,46 @@ class GlobalMirror:
         return res
 
     def _coordinate(self, res: CGResult) -> bool:
-        if self.on_coordinate is None and not faults.armed_at("coordinate"):
-            return self._coordinate_in_kernel(res)
-        t = time.perf_counter()
-        held = []
-        try:
-            for a in self._primaries:
-                left = self.max_coordination_time - (time.perf_counter() - t)
-                if left <= 0 or not a._lock(left):
-                    res.cause = Cause.COORDINATION_TIMEOUT
-                    res.detail = f"could not hold writes on {a.name} in time"
-                    return False
-                held.append(a)
-            for a in self._primaries:
-                if a.closed:
-                    raise VolumeClosedError(f"{a!r} is closed")
-            try:
-                faults.hit("coordinate")
-            except FastFCError as e:  # an injected coordination failure
-                res.cause, res.detail = Cause.COORDINATION_TIMEOUT, str(e)
-                return False
-            for trip in self.triplets:
-                trip.pair._cg_begin()
-            res.coordinated_at = time.time()
-            res.coordination_time = time.perf_counter() - t
-            if res.coordination_time > self.max_coordination_time:
-                for trip in self.triplets:
-                    trip.pair._cg_undo_begin()
-                res.cause = Cause.COORDINATION_TIMEOUT
-                res.detail = (f"held writes {res.coordination_time * 1e3:.1f} ms > "
-                              f"{self.max_coordination_time * 1e3:.1f} ms")
-                return False
-            if self.on_coordinate is not None:
-                try:
-                    self.on_coordinate(res.sequence)
-                except BaseException:
-                    for trip in self.triplets:  # no CG left begun: its tracks stay owed
-                        trip.pair._cg_end(False)
-                    raise
-            return True
-        finally:
-            for a in reversed(held):
-                a._unlock()
-
-    def _coordinate_in_kernel(self, res: CGResult) -> bool:
-        """Coordination as one C call (nothing for Python to do while the
-        writes are held): see :func:`fastfc._core.coordinate_pairs`."""
+        """Coordination: one C call (:func:`fastfc._core.coordinate_pairs`).
+        The ``coordinate`` fault point and ``on_coordinate`` are hooks it
+        calls while the writes are held, not a second implementation."""
         pairs = [t.pair for t in self.triplets]
         for p in pairs:      # no CG in flight, so no collision touches these
             p.side = {}
             p.cg_bytes = 0
-        status, seconds = _core.coordinate_pairs(self._primaries, pairs,
-                                                 self.max_coordination_time)
-        if status == 0:
+        before = after = None
+        injected: list[FastFCError] = []
+        if faults.armed_at("coordinate"):
+            def before() -> None:
+                try:
+                    faults.hit("coordinate")
+                except FastFCError as e:
+                    injected.append(e)
+                    raise
+        if self.on_coordinate is not None:
+            on_coordinate, seq = self.on_coordinate, res.sequence
+            after = lambda: on_coordinate(seq)
+        try:
+            status, seconds = _core.coordinate_pairs(self._primaries, pairs,
+                                                     self.max_coordination_time,
+                                                     before, after)
+        except FastFCError as e:
+            if not injected or e is not injected[0]:
+                raise
+            res.cause, res.detail = Cause.COORDINATION_TIMEOUT, str(e)   # injected
+            return False
+        res.coordination_time = seconds
+        if status != 1:          # the writes were held (too long, if 2)
             res.coordinated_at = time.time()
-            res.coordination_time = seconds
+        if status == 0:
             return True
         res.cause = Cause.COORDINATION_TIMEOUT
-        res.detail = (f"could not hold writes on every primary within "
-                      f"{self.max_coordination_time * 1e3:.1f} ms")
+        if status == 1:
+            res.detail = (f"could not hold writes on every primary within "
+                          f"{self.max_coordination_time * 1e3:.1f} ms")
+        else:
+            res.detail = (f"held writes {seconds * 1e3:.1f} ms > "
+                          f"{self.max_coordination_time * 1e3:.1f} ms")
         return False
 
     def _drain_limit(self) -> float | None:

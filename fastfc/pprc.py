@@ -292,17 +292,6 @@ class PPRCPair(_core.MirrorBase):
                 return 0
 
     # -- consistency groups (driven by a Global Mirror session) ----------------
-    def _cg_begin(self) -> None:
-        """Coordination, primary lock held: the OOS tracks become the CG's;
-        later writes go to a fresh OOS bitmap (swap by reference, O(1))."""
-        self.cg, self.oos, self.spare = self.oos, self.spare, None
-        self.side = {}
-        self.cg_bytes = 0
-
-    def _cg_undo_begin(self) -> None:
-        """Undo :meth:`_cg_begin` (primary lock held, no write since)."""
-        self.oos, self.spare, self.cg = self.cg, self.oos, None
-
     def _cg_drain(self, deadline=None, time_left=None) -> int:
         """Send the CG: side-file versions first, then the CG bitmap's tracks.
         Raises on a link failure or when ``deadline()`` turns true. Returns

@@ -757,3 +757,71 @@ def test_direct_drain_on_files_writes_only_changed_pages_and_keeps_images(tmp_pa
     pair.drain()
     assert np.array_equal(image(b), image(a))
     assert np.array_equal(c.read(0, c.capacity), b_before)
+
+
+# ---------------------------------------------------------------------------
+# The cow hook runs inside the one kernel that applies PPRC updates
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel", ["pprc_drain", "pprc_copy_tracks"])
+def test_cow_hook_sees_the_copy_on_write_before_the_update_lands(kernel):
+    """The crash tests stop the world at the ``cow`` point: B's old tracks
+    are on C by then, and A's new data is not on B yet. Both PPRC kernels
+    call the hook from the production path (no per-track second path)."""
+    a, b, link, pair = make_pair(synced=True)
+    c = Volume(N, TS, name="C")
+    fc = FlashCopy(b, c, background_copy=False, record=True)
+    old_b = image(b)
+    a.write(2 * TS, rand(3 * TS, 9))           # tracks 2-4 owed to B
+    owed = _core.TrackBitmap(N)
+    owed.set_range(2, 5)
+    seen = []
+
+    def at_cow():
+        seen.append((np.array(b.array), np.array(c.array)))
+
+    faults.inject("cow", b, action=at_cow, times=100)
+    try:
+        if kernel == "pprc_drain":
+            assert _core.pprc_drain(a, b, owed, 64) == (3, 0)
+        else:
+            a._lock()
+            try:
+                assert _core.pprc_copy_tracks(a, b, owed, 0, N)[0] == 3
+            finally:
+                a._unlock()
+    finally:
+        faults.clear()
+    assert seen, "the cow hook was not called"
+    raw_b, raw_c = seen[0]
+    span = slice(2 * TS, 5 * TS)
+    assert np.array_equal(raw_c[span], old_b[span])   # copy-on-write done
+    assert np.array_equal(raw_b[span], old_b[span])   # the update not landed yet
+    assert np.array_equal(image(b), image(a))
+    assert np.array_equal(image(c), old_b)
+    assert fc.tracks_to_copy == N - 3
+
+
+def test_a_raising_cow_hook_stops_the_drain_with_nothing_half_applied():
+    a, b, link, pair = make_pair(synced=True)
+    c = Volume(N, TS, name="C")
+    FlashCopy(b, c, background_copy=False, record=True)
+    old_b = image(b)
+    a.write(0, rand(N * TS, 11))
+    owed = _core.TrackBitmap(N, fill=True)
+
+    def boom():
+        raise RuntimeError("stop here")
+
+    faults.inject("cow", b, action=boom)
+    try:
+        with pytest.raises(RuntimeError, match="stop here"):
+            _core.pprc_drain(a, b, owed, 4)
+    finally:
+        faults.clear()
+    assert np.array_equal(image(b), old_b)           # no update landed
+    assert np.array_equal(image(c), old_b)           # C keeps B's image
+    assert owed.count() == N                          # everything still owed
+    assert a._lock(0) and b._lock(0)                  # no lock left held
+    a._unlock()
+    b._unlock()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastfc
-from fastfc import faults
+from fastfc import _core, faults
 from fastfc.globalmirror import Cause, GlobalMirror
 from fastfc.testing import FaultPlan, PromiseChecker, RandomWriters
 
@@ -39,6 +39,7 @@ def test_promise_under_random_faults(decide, track_size, n_tracks):
     rng = np.random.default_rng(track_size + len(decide))
     plan = FaultPlan(gm, rng, stall=0.3, cycle=True)
     causes = set()
+    coordinated, kernel_before = 0, _core.coordinations()
     with RandomWriters([t.a for t in gm.triplets], threads=2, seed=track_size):
         for _ in range(attempts):
             plan.arm()
@@ -46,7 +47,10 @@ def test_promise_under_random_faults(decide, track_size, n_tracks):
             plan.disarm()
             if res.cause is not None:
                 causes.add(res.cause)
+            coordinated += res.cause is not Cause.COORDINATION_TIMEOUT
             checker.check()
+    # every coordination was the production kernel's, hooks and faults included
+    assert _core.coordinations() - kernel_before == coordinated
     assert gm.stats.successes > attempts // 4
     # every kind of failure actually happened
     expected = {Cause.PREPARE_FAILED, Cause.COMMIT_FAILED, Cause.REVERT_FAILED,
