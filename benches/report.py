@@ -54,6 +54,8 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 
 import fastfc  # noqa: E402
+from fastfc import _core  # noqa: E402
+from fastfc._optional import require  # noqa: E402
 from benches.cases import CASES, Case, Result, get_case, measure, metadata_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -490,7 +492,17 @@ def machine() -> str:
         pass
     return (f"{cpu}, {os.cpu_count()} CPUs{mem}; Linux {platform.release()}; "
             f"Python {platform.python_version()}, NumPy {np.__version__}, "
-            f"fastfc {fastfc.__version__}")
+            f"fastfc {fastfc.__version__} ({kernel_summary()})")
+
+
+def kernel_summary() -> str:
+    """Which kernel variants ran, e.g. ``kernels avx512 on x86-64 sse4.2+popcnt``."""
+    picked = _core.kernels()
+    levels = sorted(set(picked.values()), key=["scalar", "avx2", "avx512"].index)
+    mixed = "" if len(levels) == 1 else " (" + ", ".join(
+        f"{k} {v}" for k, v in picked.items()) + ")"
+    base = "+".join(_core.build_baseline()) or "base ISA"
+    return f"kernels {levels[-1]}{mixed}, built for {base}"
 
 
 def available_memory() -> int | None:
@@ -616,7 +628,7 @@ def update_readme(text: str, path: Path = REPO / "README.md") -> None:
 
 def plot_summary(rows: list[Row], path: Path, title: str) -> None:
     """Each figure with a ratio target: its ratio over its target (log)."""
-    import matplotlib
+    matplotlib = require("matplotlib", extra="plot", feature="the benchmark plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     sel = []
@@ -648,7 +660,7 @@ def plot_summary(rows: list[Row], path: Path, title: str) -> None:
 def plot_peer(q: dict, phys: Result | None, path: Path, title: str) -> None:
     """Throughput of one full copy and one incremental copy: the physical
     limit, fastfc and QEMU."""
-    import matplotlib
+    matplotlib = require("matplotlib", extra="plot", feature="the benchmark plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
@@ -686,6 +698,8 @@ def run(quick: bool = False, out: Path | None = None, only: list[str] | None = N
     def _log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
     log = log or _log
+    # the report ends with plots: say now, not after minutes of measuring
+    require("matplotlib", extra="plot", feature="fastfc bench (its plots)")
     out = Path(out) if out is not None else REPO / "bench-results"
     out.mkdir(parents=True, exist_ok=True)
     unit_dir = Path(unit_dir) if unit_dir is not None else REPO / "bench-results" / "units"

@@ -24,6 +24,7 @@ import numpy as np
 from benches.cases import KiB, MiB, fill_random, touch
 from benches.engine_numpy import NpFlashCopy, NpGlobalMirror, NpVolume
 from fastfc import FlashCopy, FlashCopyState, GlobalMirror, Volume
+from fastfc._optional import require
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int,
@@ -503,7 +504,7 @@ def _operation(label: str) -> str:
 
 def plot(curves: dict[str, dict], path, title: str = "") -> None:
     """One panel per curve, log-log, expected complexity in each label."""
-    import matplotlib
+    matplotlib = require("matplotlib", extra="plot", feature="the scaling plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

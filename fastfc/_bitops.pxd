@@ -7,87 +7,36 @@ cdef extern from *:
     int __builtin_popcountll(unsigned long long) nogil
     int __builtin_ctzll(unsigned long long) nogil
 
-cdef extern from *:
-    """
-    /* Word-array kernels with the widest vectors the build targets (setup.py
-       builds with -march=native unless FASTFC_PORTABLE=1); plain C otherwise. */
-    #include <stdint.h>
-    #if defined(__AVX512F__) || defined(__AVX2__)
-    #include <immintrin.h>
-    #endif
-
-    /* Set bits in w[0, n): four independent accumulators, so the adds do not
-       wait on each other (AVX-512 VPOPCNTQ: 32 words per step). */
-    static inline long long fastfc_popcount_words(const uint64_t *w, Py_ssize_t n)
-    {
-        Py_ssize_t k = 0;
-        long long c0 = 0, c1 = 0, c2 = 0, c3 = 0;
-    #if defined(__AVX512VPOPCNTDQ__) && defined(__AVX512F__)
-        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-        /* NumPy arrays are often 16-byte aligned: a 64-byte load would then
-           straddle two cache lines every time (measured: 1.6x slower in L2) */
-        for (; k < n && ((uintptr_t)(w + k) & 63); k++)
-            c0 += __builtin_popcountll(w[k]);
-        for (; k + 32 <= n; k += 32) {
-            a0 = _mm512_add_epi64(a0, _mm512_popcnt_epi64(_mm512_loadu_si512(w + k)));
-            a1 = _mm512_add_epi64(a1, _mm512_popcnt_epi64(_mm512_loadu_si512(w + k + 8)));
-            a2 = _mm512_add_epi64(a2, _mm512_popcnt_epi64(_mm512_loadu_si512(w + k + 16)));
-            a3 = _mm512_add_epi64(a3, _mm512_popcnt_epi64(_mm512_loadu_si512(w + k + 24)));
-        }
-        c0 += _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1),
-                                                       _mm512_add_epi64(a2, a3)));
-    #endif
-        for (; k + 4 <= n; k += 4) {
-            c0 += __builtin_popcountll(w[k]);
-            c1 += __builtin_popcountll(w[k + 1]);
-            c2 += __builtin_popcountll(w[k + 2]);
-            c3 += __builtin_popcountll(w[k + 3]);
-        }
-        for (; k < n; k++)
-            c0 += __builtin_popcountll(w[k]);
-        return c0 + c1 + c2 + c3;
-    }
-
-    /* Index of the first non-zero word in w[k, n), or n. Tests 256 bytes
-       per step with AVX-512 (128 with AVX2), 64 in plain C. */
-    static inline Py_ssize_t fastfc_first_nonzero_word(const uint64_t *w, Py_ssize_t k,
-                                                       Py_ssize_t n)
-    {
-    #if defined(__AVX512F__) || defined(__AVX2__)
-        for (; k < n && ((uintptr_t)(w + k) & 63); k++)   /* align the loads */
-            if (w[k])
-                return k;
-    #endif
-    #if defined(__AVX512F__)
-        for (; k + 32 <= n; k += 32) {
-            __m512i a = _mm512_or_si512(
-                _mm512_or_si512(_mm512_loadu_si512(w + k), _mm512_loadu_si512(w + k + 8)),
-                _mm512_or_si512(_mm512_loadu_si512(w + k + 16), _mm512_loadu_si512(w + k + 24)));
-            if (_mm512_test_epi64_mask(a, a))
-                break;
-        }
-    #elif defined(__AVX2__)
-        for (; k + 16 <= n; k += 16) {
-            __m256i a = _mm256_or_si256(
-                _mm256_or_si256(_mm256_loadu_si256((const __m256i *)(w + k)),
-                                _mm256_loadu_si256((const __m256i *)(w + k + 4))),
-                _mm256_or_si256(_mm256_loadu_si256((const __m256i *)(w + k + 8)),
-                                _mm256_loadu_si256((const __m256i *)(w + k + 12))));
-            if (!_mm256_testz_si256(a, a))
-                break;
-        }
-    #endif
-        for (; k + 8 <= n; k += 8)
-            if (w[k] | w[k + 1] | w[k + 2] | w[k + 3] | w[k + 4] | w[k + 5] | w[k + 6] | w[k + 7])
-                break;
-        for (; k < n; k++)
-            if (w[k])
-                return k;
-        return n;
-    }
-    """
-    long long bm_popcount_words "fastfc_popcount_words"(const uint64_t* w, Py_ssize_t n) nogil
-    Py_ssize_t bm_first_nonzero_word "fastfc_first_nonzero_word"(const uint64_t* w, Py_ssize_t k, Py_ssize_t n) nogil
+cdef extern from "_kernels.h":
+    # Kernels with AVX2 and AVX-512 variants picked at run time (see the
+    # header); each name is a call through the table ``fastfc_k``.
+    long long bm_popcount_words "fastfc_popcount_words"(const uint64_t* w, Py_ssize_t n) noexcept nogil
+    Py_ssize_t bm_first_nonzero_word "fastfc_first_nonzero_word"(const uint64_t* w, Py_ssize_t k, Py_ssize_t n) noexcept nogil
+    void bm_words_op "fastfc_words_op"(int op, uint64_t* d, const uint64_t* s, Py_ssize_t n) noexcept nogil
+    void bm_or3_words "fastfc_or3_words"(uint64_t* r, const uint64_t* a, const uint64_t* b, const uint64_t* c, Py_ssize_t n) noexcept nogil
+    void copy_stream "fastfc_copy_stream"(uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil
+    enum:
+        FASTFC_SCALAR
+        FASTFC_AVX2
+        FASTFC_AVX512
+        FASTFC_OP_OR
+        FASTFC_OP_AND
+        FASTFC_OP_ANDNOT
+        FASTFC_OP_COPY
+        FASTFC_N_KERNELS
+        FASTFC_HAS_AVX2
+        FASTFC_HAS_AVX512F
+        FASTFC_HAS_VPOPCNTDQ
+    ctypedef struct fastfc_kernel_table:
+        int level[5]
+    fastfc_kernel_table fastfc_k
+    const char* fastfc_level_names[3]
+    const char* fastfc_kernel_names[5]
+    int fastfc_cpu_features() noexcept nogil
+    const char* fastfc_missing_baseline() noexcept nogil
+    int fastfc_select_kernels(int max_level) noexcept nogil
+    const char* fastfc_baseline_names[8]
+    int fastfc_baseline_count() noexcept nogil
 
 cdef inline uint64_t low_mask(Py_ssize_t nbits) noexcept nogil:
     """Mask of the nbits lowest bits, 0 <= nbits <= 64."""

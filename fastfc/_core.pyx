@@ -37,6 +37,7 @@ cdef extern from "pythread.h":
 from fastfc._bitops cimport *
 
 import itertools
+import os
 
 import numpy as np
 
@@ -50,6 +51,71 @@ cdef Py_ssize_t NOGIL_BYTES = 65536
 # a thread that gives the GIL up waits for busy Python threads to hand it
 # back (up to the switch interval each time), far longer than a small scan.
 cdef Py_ssize_t NOGIL_WORDS = 8192
+
+# --------------------------------------------------------------------------
+# Kernel selection (_kernels.h): the build targets a baseline ISA; the AVX2
+# and AVX-512 variants of the word and copy kernels are picked here, once.
+# --------------------------------------------------------------------------
+
+_LEVELS = ("scalar", "avx2", "avx512")
+
+
+def cpu_features():
+    """The CPU features the kernel variants use, as ``{name: bool}``."""
+    cdef int f = fastfc_cpu_features()
+    return {"avx2": bool(f & FASTFC_HAS_AVX2), "avx512f": bool(f & FASTFC_HAS_AVX512F),
+            "avx512vpopcntdq": bool(f & FASTFC_HAS_VPOPCNTDQ)}
+
+
+def kernels():
+    """The variant each dispatched kernel runs, ``{kernel: "scalar" | "avx2" |
+    "avx512"}``."""
+    return {fastfc_kernel_names[i].decode(): fastfc_level_names[fastfc_k.level[i]].decode()
+            for i in range(FASTFC_N_KERNELS)}
+
+
+def _use_kernels(str level="avx512"):
+    """Pick the best variants up to ``level`` that this CPU runs and return
+    :func:`kernels`. For tests and benchmarks; no kernel may be running in
+    another thread meanwhile."""
+    if level not in _LEVELS:
+        raise ValueError(f"level must be one of {', '.join(_LEVELS)}, got {level!r}")
+    fastfc_select_kernels(_LEVELS.index(level))
+    return kernels()
+
+
+def build_baseline():
+    """The instruction sets the build assumes everywhere (setup.py's
+    ``-march``), e.g. ``("sse4.2", "popcnt")`` for x86-64-v2; empty when it
+    assumes nothing past the architecture's base."""
+    return tuple([fastfc_baseline_names[i].decode() for i in range(fastfc_baseline_count())])
+
+
+def _copy_stream(uint8_t[::1] dst, const uint8_t[::1] src):
+    """Copy ``src`` into the start of ``dst`` with the current copy_stream
+    variant (a test hook)."""
+    if src.shape[0] > dst.shape[0]:
+        raise ValueError(f"dst holds {dst.shape[0]} bytes, src {src.shape[0]}")
+    if src.shape[0] == 0:
+        return
+    with nogil:
+        copy_stream(&dst[0], &src[0], src.shape[0])
+
+
+def _select_at_import():
+    cdef const char* missing = fastfc_missing_baseline()
+    if missing != NULL:
+        raise ImportError(
+            f"this build of fastfc needs a CPU with {missing.decode()}; rebuild it for "
+            "this machine with FASTFC_PORTABLE=1 pip install --no-binary fastfc fastfc")
+    level = os.environ.get("FASTFC_KERNELS", "avx512") or "avx512"
+    if level not in _LEVELS:
+        raise ImportError(f"FASTFC_KERNELS must be one of {', '.join(_LEVELS)}, got {level!r}")
+    _use_kernels(level)
+
+
+_select_at_import()
+
 
 # Origins of a write: a host, or a PPRC update arriving at a secondary.
 cdef enum:
@@ -358,12 +424,9 @@ def _bitmap_from_words(n_bits, words):
     return TrackBitmap(n_bits, words=words)
 
 
-cdef bint memcmp_words(const uint64_t* a, const uint64_t* b, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t k
-    for k in range(n):
-        if a[k] != b[k]:
-            return 0
-    return 1
+cdef inline bint memcmp_words(const uint64_t* a, const uint64_t* b, Py_ssize_t n) noexcept nogil:
+    # glibc's memcmp already picks its vector width at run time
+    return memcmp(a, b, n * 8) == 0
 
 
 def combine_or3(TrackBitmap a, TrackBitmap b, TrackBitmap c, TrackBitmap out=None):
@@ -385,9 +448,9 @@ def combine_or3(TrackBitmap a, TrackBitmap b, TrackBitmap c, TrackBitmap out=Non
         cw = c.w
         if n >= NOGIL_WORDS:
             with nogil:
-                or3_words(rw, aw, bw, cw, n)
+                bm_or3_words(rw, aw, bw, cw, n)
         else:
-            or3_words(rw, aw, bw, cw, n)
+            bm_or3_words(rw, aw, bw, cw, n)
     else:
         if b is None:
             b = c
@@ -397,134 +460,28 @@ def combine_or3(TrackBitmap a, TrackBitmap b, TrackBitmap c, TrackBitmap out=Non
     return r
 
 
-cdef void or3_words(uint64_t* r, const uint64_t* a, const uint64_t* b, const uint64_t* c,
-                    Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t k
-    for k in range(n):
-        r[k] = a[k] | b[k] | c[k]
-
-
 cdef enum:
-    OP_OR = 0
-    OP_AND = 1
-    OP_ANDNOT = 2
-    OP_COPY = 3
-
-
-cdef void words_op_nogil(int op, uint64_t* d, const uint64_t* s, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t k
-    if op == OP_OR:
-        for k in range(n):
-            d[k] |= s[k]
-    elif op == OP_AND:
-        for k in range(n):
-            d[k] &= s[k]
-    elif op == OP_ANDNOT:
-        for k in range(n):
-            d[k] &= ~s[k]
-    else:
-        memcpy(d, s, n * 8)
+    OP_OR = FASTFC_OP_OR
+    OP_AND = FASTFC_OP_AND
+    OP_ANDNOT = FASTFC_OP_ANDNOT
+    OP_COPY = FASTFC_OP_COPY
 
 
 cdef inline void words_op(int op, uint64_t* d, const uint64_t* s, Py_ssize_t n) noexcept:
     """``d op= s`` over n words, releasing the GIL only for large bitmaps."""
     if n >= NOGIL_WORDS:
         with nogil:
-            words_op_nogil(op, d, s, n)
+            bm_words_op(op, d, s, n)
     else:
-        words_op_nogil(op, d, s, n)
+        bm_words_op(op, d, s, n)
 
 
 # --------------------------------------------------------------------------
 # Copy kernels (no GIL)
 # --------------------------------------------------------------------------
 
-cdef extern from *:
-    """
-    /* Copy n bytes with non-temporal (streaming) stores. A track copied to a
-       FlashCopy target is not read back soon, so skipping the read-for-
-       ownership of each destination line (and leaving the caches alone) saves
-       a third of the memory traffic. glibc's memcpy streams only above its
-       non-temporal threshold (about 3/4 of the L3 share, often 100+ MiB), which
-       a copy done in bounded chunks or track by track never reaches. Without
-       SSE2 (not x86-64) this is memcpy. */
-    #include <string.h>
-    #include <stdint.h>
-    #if defined(__AVX512F__)
-    #include <immintrin.h>
-    #define FASTFC_VEC 64
-    typedef __m512i fastfc_vec_t;
-    #define FASTFC_LOADU(p) _mm512_loadu_si512((const void *)(p))
-    #define FASTFC_STREAM(p, v) _mm512_stream_si512((void *)(p), (v))
-    #elif defined(__AVX__)
-    #include <immintrin.h>
-    #define FASTFC_VEC 32
-    typedef __m256i fastfc_vec_t;
-    #define FASTFC_LOADU(p) _mm256_loadu_si256((const __m256i *)(p))
-    #define FASTFC_STREAM(p, v) _mm256_stream_si256((__m256i *)(p), (v))
-    #elif defined(__SSE2__)
-    #include <emmintrin.h>
-    #define FASTFC_VEC 16
-    typedef __m128i fastfc_vec_t;
-    #define FASTFC_LOADU(p) _mm_loadu_si128((const __m128i *)(p))
-    #define FASTFC_STREAM(p, v) _mm_stream_si128((__m128i *)(p), (v))
-    #endif
-
-    #define FASTFC_PAGE 4096
-    #define FASTFC_STEP 128   /* bytes per page stream per step: two cache lines */
-
-    static inline void fastfc_stream_step(uint8_t *dst, const uint8_t *src)
-    {
-    #ifdef FASTFC_VEC
-        fastfc_vec_t v[FASTFC_STEP / FASTFC_VEC];
-        int u;
-        for (u = 0; u < FASTFC_STEP / FASTFC_VEC; u++)
-            v[u] = FASTFC_LOADU(src + u * FASTFC_VEC);
-        for (u = 0; u < FASTFC_STEP / FASTFC_VEC; u++)
-            FASTFC_STREAM(dst + u * FASTFC_VEC, v[u]);
-    #endif
-    }
-
-    static void fastfc_copy_stream(uint8_t *dst, const uint8_t *src, size_t n)
-    {
-    #ifdef FASTFC_VEC
-        size_t head = (size_t)(-(uintptr_t)dst) & (FASTFC_VEC - 1);
-        size_t off, i;
-        int p;
-        if (n < head + 4 * FASTFC_PAGE) {
-            memcpy(dst, src, n);
-            return;
-        }
-        if (head) {                     /* align the destination */
-            memcpy(dst, src, head);
-            dst += head; src += head; n -= head;
-        }
-        /* Four 4 KiB streams at once, two lines of each per step, with the
-           next step's lines prefetched (as glibc's large memcpy does): more
-           DRAM pages and prefetch streams in flight than one linear pass,
-           which measured 10% slower. */
-        while (n >= 4 * FASTFC_PAGE) {
-            for (off = 0; off < FASTFC_PAGE; off += FASTFC_STEP) {
-                for (p = 0; p < 4; p++) {
-                    const uint8_t *s = src + p * FASTFC_PAGE + off;
-                    __builtin_prefetch(s + FASTFC_STEP, 0, 3);
-                    __builtin_prefetch(s + FASTFC_STEP + 64, 0, 3);
-                    fastfc_stream_step(dst + p * FASTFC_PAGE + off, s);
-                }
-            }
-            dst += 4 * FASTFC_PAGE; src += 4 * FASTFC_PAGE; n -= 4 * FASTFC_PAGE;
-        }
-        for (i = 0; i + FASTFC_STEP <= n; i += FASTFC_STEP)
-            fastfc_stream_step(dst + i, src + i);
-        _mm_sfence();   /* streamed stores are weakly ordered: publish them */
-        if (n > i)
-            memcpy(dst + i, src + i, n - i);
-    #else
-        memcpy(dst, src, n);
-    #endif
-    }
-    """
-    void copy_stream "fastfc_copy_stream"(uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil
+# copy_stream (from _bitops.pxd / _kernels.h) copies with non-temporal stores:
+# a track copied to a FlashCopy target or a secondary is not read back soon.
 
 # Runs of at least this many bytes are copied with streaming stores
 # (copy_stream); shorter ones with memcpy, whose cached stores win when the

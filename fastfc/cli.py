@@ -226,7 +226,9 @@ class FastFCGroup(click.Group):
     Commands are listed in the order they are defined (by subject)."""
 
     def list_commands(self, ctx):
-        return list(self.commands)
+        # bench runs the suite in a source checkout's benches/: not offered elsewhere
+        return [name for name in self.commands
+                if name != "bench" or _source_checkout() is not None]
 
     def invoke(self, ctx):
         try:
@@ -422,19 +424,48 @@ def bench(quick, out, only, skip, unit_dir, update_readme, strict) -> None:
     """Run every benchmark against same-run baselines and print the table.
 
     Needs a source checkout: the suite lives in the repository's benches/
-    directory, next to the fastfc package.
+    directory, next to the fastfc package (an installed fastfc does not list
+    this command).
     """
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benches" / "report.py").is_file():
+    root = _source_checkout()
+    if root is None:
         raise click.ClickException(
-            f"the benchmark suite is not here: no benches/report.py next to the fastfc "
-            f"package (in {root}); it ships with the source repository, so run this "
-            "from a source checkout (pip install -e .)")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benches.report import run
+            "fastfc bench needs a source checkout: the benchmark suite (benches/) ships "
+            f"with the repository, not with the installed package in "
+            f"{Path(__file__).resolve().parent}; run it from a clone (pip install -e '.[dev]')")
+    run = _load_benches(root).run
     sys.exit(run(quick=quick, out=out, only=list(only), skip=list(skip),
                  update=update_readme, unit_dir=unit_dir, strict=strict))
+
+
+def _source_checkout() -> Path | None:
+    """The source checkout this fastfc runs from: the directory above the
+    package, when it holds pyproject.toml and benches/report.py. None for an
+    installed package."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and (root / "benches" / "report.py").is_file():
+        return root
+    return None
+
+
+def _load_benches(root: Path):
+    """``benches.report`` of the checkout at ``root``, imported as the package
+    ``benches`` without putting the checkout on sys.path."""
+    import importlib
+    import importlib.util
+    pkg = sys.modules.get("benches")
+    if pkg is None:
+        spec = importlib.util.spec_from_file_location(
+            "benches", root / "benches" / "__init__.py",
+            submodule_search_locations=[str(root / "benches")])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules["benches"] = pkg
+        spec.loader.exec_module(pkg)
+    elif Path(pkg.__path__[0]).resolve() != (root / "benches").resolve():
+        raise click.ClickException(
+            f"another benches package is already imported (from {pkg.__path__[0]}), "
+            f"not the one of this checkout ({root / 'benches'})")
+    return importlib.import_module("benches.report")
 
 
 # -- volumes ---------------------------------------------------------------------------

@@ -3,8 +3,16 @@ here runs a benchmark (and nothing asserts on time)."""
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 from click.testing import CliRunner
 
+import fastfc
 import fastfc.cli as cli
 
 
@@ -16,12 +24,60 @@ def test_bench_help_lists_the_sections() -> None:
         assert section in res.output
 
 
-def test_bench_says_when_the_suite_is_absent(monkeypatch, tmp_path) -> None:
+def _installed(monkeypatch, tmp_path) -> None:
+    """Make cli.py look as if it were installed in site-packages."""
     monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "fastfc" / "cli.py"))
+
+
+def test_bench_is_listed_in_a_source_checkout() -> None:
+    res = CliRunner().invoke(cli.main, ["--help"])
+    assert res.exit_code == 0 and "bench" in res.output
+
+
+def test_bench_is_not_listed_when_installed(monkeypatch, tmp_path) -> None:
+    _installed(monkeypatch, tmp_path)
+    res = CliRunner().invoke(cli.main, ["--help"])
+    assert res.exit_code == 0, res.output
+    assert "mkvol" in res.output and "bench" not in res.output
+
+
+def test_bench_says_when_the_suite_is_absent(monkeypatch, tmp_path) -> None:
+    _installed(monkeypatch, tmp_path)
     res = CliRunner().invoke(cli.main, ["bench", "--quick"])
     assert res.exit_code == 1
-    assert "no benches/report.py next to the fastfc package" in res.output
-    assert "source checkout" in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    assert "needs a source checkout" in res.output and "benches/" in res.output
+
+
+def test_a_checkout_needs_pyproject_too(monkeypatch, tmp_path) -> None:
+    """A stray benches/ next to site-packages' fastfc is not a checkout."""
+    (tmp_path / "benches").mkdir()
+    (tmp_path / "benches" / "report.py").write_text("")
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "fastfc" / "cli.py"))
+    assert cli._source_checkout() is None
+    (tmp_path / "pyproject.toml").write_text("")
+    assert cli._source_checkout() == tmp_path
+
+
+def test_an_installed_layout_hides_and_refuses_bench(tmp_path) -> None:
+    """The real thing: the package copied alone into a site directory and run
+    from elsewhere, as from a wheel."""
+    site = tmp_path / "site"
+    shutil.copytree(Path(fastfc.__file__).parent, site / "fastfc",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.c", "*.html"))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, cwd=tmp_path,
+                            env=env, timeout=120)
+    where = run([sys.executable, "-c", "import fastfc; print(fastfc.__file__)"])
+    assert where.stdout.strip() == str(site / "fastfc" / "__init__.py"), where.stderr
+    helped = run([sys.executable, "-m", "fastfc", "--help"])
+    assert helped.returncode == 0, helped.stderr
+    assert "mkvol" in helped.stdout and "bench" not in helped.stdout
+    refused = run([sys.executable, "-m", "fastfc", "bench", "--quick"])
+    assert refused.returncode == 1
+    assert refused.stdout == ""
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "needs a source checkout" in refused.stderr
 
 
 def test_bench_refuses_an_unknown_section() -> None:
