@@ -10,8 +10,8 @@ from fastfc import faults
 from fastfc._core import TrackBitmap
 from fastfc.errors import (CorruptUnitError, FastFCError, IncompleteCopyError,
                            InjectedFault, InvalidImageError, LimitError,
-                           LinkDownError, StateError, VolumeClosedError,
-                           WriteInhibitedError)
+                           LinkDownError, NoSpaceError, StateError,
+                           VolumeClosedError, WriteInhibitedError)
 from fastfc.flashcopy import FlashCopy, FlashCopyState, establish_group
 from fastfc.globalmirror import CGResult, GlobalMirror, GMState, GMStats
 from fastfc.link import Link, LocalLink
@@ -27,5 +27,5 @@ __all__ = [
     "GlobalMirror", "GMState", "GMStats", "CGResult", "StorageUnit",
     "FastFCError", "VolumeClosedError", "WriteInhibitedError", "StateError",
     "IncompleteCopyError", "LimitError", "InvalidImageError", "InjectedFault",
-    "LinkDownError", "CorruptUnitError",
+    "LinkDownError", "CorruptUnitError", "NoSpaceError",
 ]

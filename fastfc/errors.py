@@ -51,6 +51,14 @@ class CorruptUnitError(FastFCError):
     """A storage unit's metadata or volume files are missing or damaged."""
 
 
+class NoSpaceError(FastFCError):
+    """The filesystem holding a volume, a bitmap or a unit's database has no
+    room for the blocks a call needs. The call changed nothing: a create
+    leaves no file and no row behind, and a write to a thin volume is refused
+    before any byte lands or any bitmap changes. Free space (or grow the
+    filesystem) and retry."""
+
+
 __all__ = [
     "FastFCError",
     "VolumeClosedError",
@@ -62,4 +70,5 @@ __all__ = [
     "InjectedFault",
     "LinkDownError",
     "CorruptUnitError",
+    "NoSpaceError",
 ]
