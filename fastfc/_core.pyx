@@ -939,8 +939,6 @@ cdef class VolumeBase:
         lands there (no-op for a thick volume). Caller holds the lock."""
         if mask.n_bits != self.n_tracks:
             raise ValueError("the mask must have one bit per track")
-        if self.base == NULL:
-            raise VolumeClosedError(f"{self!r} is closed")
         self._reserve_runs(mask.w, 0, self.n_tracks, self.n_tracks)
 
     @property

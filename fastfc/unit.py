@@ -100,8 +100,16 @@ class StorageUnit:
                 unit._restore_sessions()
 
     # -- volumes -----------------------------------------------------------------
-    def create_volume(self, name: str, n_tracks: int, track_size: int = DEFAULT_TRACK) -> Volume:
-        """Create a zero-filled volume named ``name`` in this unit."""
+    def create_volume(self, name: str, n_tracks: int, track_size: int = DEFAULT_TRACK, *,
+                      thin: bool = False) -> Volume:
+        """Create a zero-filled volume named ``name`` in this unit.
+
+        Thick by default: its file gets every block now, and a filesystem
+        without room raises :class:`~fastfc.errors.NoSpaceError` leaving no
+        file and no row. ``thin=True`` keeps the file sparse and reserves
+        blocks on first write (see :class:`~fastfc.volume.Volume`); the choice
+        is recorded and holds after reopening. In a memory unit ``thin`` has
+        no effect."""
         self._require_open()
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(f"volume names are 1-64 letters, digits, '_', '.', '-' "
@@ -114,9 +122,9 @@ class StorageUnit:
             file = self._volume_file(name)
             if file.exists():
                 file.unlink()   # left by a create that died before its row
-            vol = Volume(n_tracks, track_size, path=file, name=name)
+            vol = Volume(n_tracks, track_size, path=file, name=name, thin=thin)
             try:
-                self.store.add_volume(name, n_tracks, track_size)
+                self.store.add_volume(name, n_tracks, track_size, thin)
             except BaseException:
                 vol.close()
                 file.unlink()
@@ -188,8 +196,8 @@ class StorageUnit:
     # -- restore ---------------------------------------------------------------------
     def _restore_local(self) -> None:
         st = self.store
-        for name, n_tracks, track_size, secondary, invalid in st.query(
-                "SELECT name, n_tracks, track_size, secondary, invalid FROM volumes"):
+        for name, n_tracks, track_size, secondary, invalid, thin in st.query(
+                "SELECT name, n_tracks, track_size, secondary, invalid, thin FROM volumes"):
             file = self._volume_file(name)
             if not file.exists():
                 raise CorruptUnitError(f"volume file {file} is missing")
@@ -197,7 +205,7 @@ class StorageUnit:
             if size != n_tracks * track_size:
                 raise CorruptUnitError(f"volume file {file} holds {size} bytes; the unit "
                                        f"records {n_tracks} tracks of {track_size} bytes")
-            vol = Volume(n_tracks, track_size, path=file, name=name)
+            vol = Volume(n_tracks, track_size, path=file, name=name, thin=bool(thin))
             vol.unit = self
             vol._secondary = bool(secondary)
             vol._invalid = bool(invalid)
@@ -315,8 +323,8 @@ class StorageUnit:
                                                          fc.tgt_changed)]
         maps += [bm for pair in self.pairs for bm in (pair.oos, pair.spare, pair.cg)]
         for bm in maps:
-            if bm is not None and hasattr(bm, "mm"):
-                bm.mm.flush()
+            if bm is not None and hasattr(bm, "flush"):
+                bm.flush()
         for v in vols:
             if v._tgt_rel is None:
                 v.flush()
