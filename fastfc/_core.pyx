@@ -703,6 +703,8 @@ cdef class RelationshipBase:
             shift = S.track_shift
             w = self.to_copy.w
             T._reserve_runs(w, start, n, max_tracks)
+            if S._reads_allocate:
+                S._reserve_runs(w, start, n, max_tracks)
             with nogil:
                 done = copy_set_runs(T.base, S.base, w, start, n, max_tracks, shift, &resume)
         finally:
@@ -718,10 +720,8 @@ cdef class RelationshipBase:
         cdef const uint8_t* src = T.base if to_source else S.base
         cdef Py_ssize_t n = S.n_tracks
         cdef int shift = S.track_shift
-        if to_source:
-            S._reserve_runs(mask.w, 0, n, n)
-        else:
-            T._reserve_runs(mask.w, 0, n, n)
+        S._reserve_runs(mask.w, 0, n, n)   # no-op unless thin
+        T._reserve_runs(mask.w, 0, n, n)
         with nogil:
             done = copy_set_runs(dst, src, mask.w, 0, n, n, shift, &resume)
         return done
@@ -790,6 +790,9 @@ cdef class VolumeBase:
     cdef readonly bint thin
     cdef int _fd
     cdef TrackBitmap _alloc
+    # thin on a memory filesystem (tmpfs): there a read fault on a hole takes
+    # a page too, so reads reserve the tracks they touch as writes do
+    cdef public bint _reads_allocate
 
     def __cinit__(self, *args, **kwargs):
         self._lk = PyThread_allocate_lock()
@@ -866,6 +869,10 @@ cdef class VolumeBase:
         :meth:`close` (the memory is freed when the last view dies)."""
         if self.base == NULL:
             raise VolumeClosedError(f"{self!r} is closed")
+        if self._reads_allocate:
+            # a view reads anywhere: on tmpfs a hole read takes a page, so a
+            # thin volume there gets them all first (NoSpaceError if it can't)
+            self._reserve_runs(NULL, 0, self.n_tracks, self.n_tracks)
         return self._ro
 
     def _raw_array(self):
@@ -874,15 +881,18 @@ cdef class VolumeBase:
         recording, mirroring and (thin volumes) space reservation."""
         if self.base == NULL:
             raise VolumeClosedError(f"{self!r} is closed")
+        if self._reads_allocate:
+            self._reserve_runs(NULL, 0, self.n_tracks, self.n_tracks)
         return self._array
 
     # -- space (thin volumes) ------------------------------------------------
     cdef int _reserve_runs(self, const uint64_t* m, Py_ssize_t start, Py_ssize_t stop,
-                           Py_ssize_t budget) except -1:
-        """Thin volume: give the file blocks for the tracks set in ``m`` (every
-        track when ``m`` is NULL) from ``start`` (below ``stop``), the first
-        ``budget`` of them, before any byte lands there. Raises
-        NoSpaceError when the filesystem is full. A no-op otherwise."""
+                           Py_ssize_t budget, bint clear=False) except -1:
+        """Thin volume: give the file blocks for the tracks set in ``m`` (clear
+        in ``m`` with ``clear``; every track when ``m`` is NULL) from
+        ``start`` (below ``stop``), the first ``budget`` of them, before any
+        byte lands there. Raises NoSpaceError when the filesystem is full. A
+        no-op otherwise."""
         cdef Py_ssize_t a, b, c, e, lim, done = 0
         cdef int err = 0, shift = self.track_shift
         cdef uint64_t* w
@@ -891,6 +901,8 @@ cdef class VolumeBase:
         w = self._alloc.w
         if m == NULL:
             a = start
+        elif clear:
+            a = bm_next_clear(m, stop, start)
         else:
             a = bm_next_set(m, stop, start)
         while 0 <= a < stop and done < budget:
@@ -900,7 +912,7 @@ cdef class VolumeBase:
             if m == NULL:
                 b = lim
             else:
-                b = bm_next_clear(m, lim, a)
+                b = bm_next_set(m, lim, a) if clear else bm_next_clear(m, lim, a)
                 if b < 0:
                     b = lim
             # reserve the tracks of [a, b) that have no blocks yet
@@ -919,27 +931,47 @@ cdef class VolumeBase:
             done += b - a
             if m == NULL:
                 break
-            a = bm_next_set(m, stop, b)
+            a = bm_next_clear(m, stop, b) if clear else bm_next_set(m, stop, b)
         return 0
 
-    cdef int _reserve_write(self, Py_ssize_t t0, Py_ssize_t t1) except -1:
-        """Before a write to tracks [t0, t1) lands: blocks on this volume (if
-        thin) and, for the tracks a copy-on-write will move, on thin
-        FlashCopy targets. Lock held."""
+    cdef int _reserve_write(self, Py_ssize_t offset, Py_ssize_t n) except -1:
+        """Before a write of ``n`` bytes (n > 0) at ``offset`` lands: blocks on
+        this volume (if thin), on thin FlashCopy targets for the tracks a
+        copy-on-write moves, and (tmpfs) on the source of this target for a
+        partly written track it fetches. Lock held."""
         cdef RelationshipBase r
+        cdef int shift = self.track_shift
+        cdef Py_ssize_t t0 = offset >> shift, t1 = ((offset + n - 1) >> shift) + 1
         if self.thin:
             self._reserve_runs(NULL, t0, t1, t1 - t0)
         for r in self._src_rels:
             if r.target.thin and bm_any_range(r.to_copy.w, t0, t1):
                 r.target._reserve_runs(r.to_copy.w, t0, t1, t1 - t0)
+        r = self._tgt_rel
+        if r is not None and r.source._reads_allocate:
+            # a partly written track still on the source is fetched from it
+            # (only the first and the last track can be partly written)
+            if offset & (self.track_size - 1):
+                r.source._reserve_runs(r.to_copy.w, t0, t0 + 1, 1)
+            if (offset + n) & (self.track_size - 1):
+                r.source._reserve_runs(r.to_copy.w, t1 - 1, t1, 1)
         return 0
 
-    def _reserve_tracks(self, TrackBitmap mask):
-        """Thin volume: blocks for every track set in ``mask``, before data
-        lands there (no-op for a thick volume). Caller holds the lock."""
+    def _reserve_tracks(self, TrackBitmap mask, bint read=False):
+        """Thin volume: blocks for every track set in ``mask`` before data
+        lands there (``read``: before it is read, which needs them only on a
+        memory filesystem). A no-op for a thick volume. Lock held."""
         if mask.n_bits != self.n_tracks:
             raise ValueError("the mask must have one bit per track")
+        if read and not self._reads_allocate:
+            return
         self._reserve_runs(mask.w, 0, self.n_tracks, self.n_tracks)
+
+    def _reserve_read(self, Py_ssize_t t0, Py_ssize_t t1):
+        """Before tracks [t0, t1) are read through :attr:`array` (the PPRC
+        send paths): a thin volume on a memory filesystem reserves them."""
+        if self._reads_allocate and 0 <= t0 <= t1 <= self.n_tracks:
+            self._reserve_runs(NULL, t0, t1, t1 - t0)
 
     @property
     def allocated_tracks(self):
@@ -1086,8 +1118,8 @@ cdef class VolumeBase:
                 return 0
             rels = self._src_rels
             ntr = len(rels)
-            if self.thin or ntr:
-                self._reserve_write(t0, t1)
+            if self.thin or ntr or tr is not None:
+                self._reserve_write(offset, n)
             # ---- from here on nothing refuses: the write is applied whole
             m = self._mirror
             if m is not None and m.cg is not None and bm_any_range(m.cg.w, t0, t1):
@@ -1195,6 +1227,14 @@ cdef class VolumeBase:
                 return 0
             t0 = offset >> shift
             t1 = ((offset + n - 1) >> shift) + 1
+            if self._reads_allocate:
+                # the tracks read from this volume (not those redirected)
+                if tr is None:
+                    self._reserve_runs(NULL, t0, t1, t1 - t0)
+                else:
+                    self._reserve_runs(tr.to_copy.w, t0, t1, t1 - t0, True)
+            if tr is not None and S._reads_allocate and S.base != NULL:
+                S._reserve_runs(tr.to_copy.w, t0, t1, t1 - t0)
             if tr is not None and bm_any_range(tr.to_copy.w, t0, t1):
                 if S.base == NULL:
                     raise VolumeClosedError(f"source {S!r} of this target is closed")
@@ -1269,12 +1309,10 @@ cdef class VolumeBase:
                                          ORIGIN_HOST)
                     if self._invalid:
                         self._check_valid_write(off, L)
-                if L and (self.thin or self._src_rels):
+                if L and (self.thin or self._src_rels or tr is not None):
                     # every block the batch needs, before its first byte lands
                     for i in range(k):
-                        off = offs[i]
-                        self._reserve_write(off >> self.track_shift,
-                                            ((off + L - 1) >> self.track_shift) + 1)
+                        self._reserve_write(offs[i], L)
                 for i in range(k):
                     self._write(offs[i], <const uint8_t*>view.buf + i * L, L, ORIGIN_HOST)
             finally:
@@ -1408,6 +1446,8 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
         # thin volumes: the blocks of every track this call may write (on B,
         # and on B's targets for their copy-on-write) before any byte lands
         B._reserve_runs(w, a, n, max_tracks)
+        if A._reads_allocate:
+            A._reserve_runs(w, a, n, max_tracks)
         for k in range(nrel):
             r = <RelationshipBase>rels[k]
             if r.target.thin:
@@ -1544,7 +1584,7 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
     B._acquire()
     try:
         if B._tgt_rel is not None or B.base == NULL or B._inhibits or A.base == NULL \
-                or B.thin:
+                or B.thin or A._reads_allocate:
             return 0, 2   # (thin: pprc_copy_tracks reserves blocks first)
         rels = B._src_rels
         nrel = len(rels)

@@ -419,6 +419,7 @@ class FlashCopy(_core.RelationshipBase):
                         raise VolumeClosedError(f"target {other.target!r} is closed")
             # thin volumes: every block the restore writes, before it starts
             S._reserve_tracks(mask)
+            self.target._reserve_tracks(mask, read=True)
             for other in S._src_rels:
                 if other is not self:
                     other.target._reserve_tracks(changed & other.to_copy)

@@ -500,6 +500,11 @@ class SQLiteStore(Store):
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 self.db.close()
+                # let go of the bitmap files: one that nothing else holds (a
+                # pooled or dropped bitmap) is unmapped and its file closed
+                # now; one a relationship still holds stays mapped with it
+                self._maps.clear()
+                self._pool.clear()
 
 
 def _unit_path(volume) -> str:

@@ -97,6 +97,8 @@ class Volume(_core.VolumeBase):
         # whose pages go to a disk, a clean page costs no writeback. In memory
         # (tmpfs included) a whole-track copy is cheaper than comparing.
         self._file_backed = self.path is not None and not _in_memory_fs(self.path)
+        # on tmpfs a read fault on a hole takes a page as a write does
+        self._reads_allocate = bool(thin) and not self._file_backed
 
     # -- lifecycle ----------------------------------------------------------
     def flush(self) -> None:
