@@ -793,6 +793,10 @@ cdef class VolumeBase:
     # thin on a memory filesystem (tmpfs): there a read fault on a hole takes
     # a page too, so reads reserve the tracks they touch as writes do
     cdef public bint _reads_allocate
+    # whether a FlashCopy target of this volume is thin, as of _rels_version
+    # _space_version (so a write to a thick volume tests flags, not targets)
+    cdef bint _thin_targets
+    cdef int _space_version
 
     def __cinit__(self, *args, **kwargs):
         self._lk = PyThread_allocate_lock()
@@ -803,6 +807,7 @@ cdef class VolumeBase:
         self._tgt_rel = None
         self._mirror = None
         self._fd = -1
+        self._space_version = -1
 
     def __dealloc__(self):
         if self._lk != NULL:
@@ -933,6 +938,18 @@ cdef class VolumeBase:
                 break
             a = bm_next_clear(m, stop, b) if clear else bm_next_set(m, stop, b)
         return 0
+
+    cdef inline bint _needs_space(self, RelationshipBase tr) except -1:
+        """Whether a write here may need blocks reserved first (lock held)."""
+        cdef RelationshipBase r
+        if self._space_version != self._rels_version:
+            self._thin_targets = False
+            for r in self._src_rels:
+                if r.target.thin:
+                    self._thin_targets = True
+            self._space_version = self._rels_version
+        return self.thin or self._thin_targets or (
+            tr is not None and tr.source._reads_allocate)
 
     cdef int _reserve_write(self, Py_ssize_t offset, Py_ssize_t n) except -1:
         """Before a write of ``n`` bytes (n > 0) at ``offset`` lands: blocks on
@@ -1118,7 +1135,7 @@ cdef class VolumeBase:
                 return 0
             rels = self._src_rels
             ntr = len(rels)
-            if self.thin or ntr or tr is not None:
+            if self._needs_space(tr):
                 self._reserve_write(offset, n)
             # ---- from here on nothing refuses: the write is applied whole
             m = self._mirror
@@ -1309,7 +1326,7 @@ cdef class VolumeBase:
                                          ORIGIN_HOST)
                     if self._invalid:
                         self._check_valid_write(off, L)
-                if L and (self.thin or self._src_rels or tr is not None):
+                if L and self._needs_space(tr):
                     # every block the batch needs, before its first byte lands
                     for i in range(k):
                         self._reserve_write(offs[i], L)
