@@ -699,7 +699,7 @@ class Count(Bench):
     def __init__(self, quick: bool, bits: int = BITMAP_BITS, ops: int = 1) -> None:
         self.bits = bits
         self.bm = TrackBitmap(bits)
-        w = self.bm.words
+        w = self.bm._raw_words()
         w[:] = np.random.default_rng(9).integers(0, 2**63, w.size, dtype=np.uint64) * 3
         self.expected = int(np.bitwise_count(w).sum())
         self.ops = ops
@@ -735,7 +735,7 @@ class FindNextSet(Bench):
     def __init__(self, quick: bool, bits: int = BITMAP_BITS, ops: int = 1) -> None:
         self.bits = bits
         self.bm = TrackBitmap(bits)
-        w = self.bm.words
+        w = self.bm._raw_words()
         touch(w)
         w[:] = 0
         self.bm.set(bits - 1)

@@ -225,7 +225,7 @@ class EngineRead(Bench):
         half = np.zeros(n, bool)
         half[::2] = True
         self.nfc.to_copy[:] = half
-        self.fc.to_copy.words[:] = np.packbits(half, bitorder="little").view(np.uint64)
+        self.fc.to_copy._raw_words()[:] = np.packbits(half, bitorder="little").view(np.uint64)
         self.T._raw_array().reshape(n, track)[1::2] = self.S._raw_array().reshape(n, track)[1::2]
         self.ops = 512 if quick else 1024
         rng = np.random.default_rng(17)
@@ -305,7 +305,7 @@ class EngineCount(Bench):
         self.nfc = NpFlashCopy(self.nS, self.nT)
         bools = np.random.default_rng(18).integers(0, 2, n).astype(bool)
         self.nfc.to_copy[:] = bools
-        self.fc.to_copy.words[:] = np.packbits(bools, bitorder="little").view(np.uint64)
+        self.fc.to_copy._raw_words()[:] = np.packbits(bools, bitorder="little").view(np.uint64)
         self.expected = int(bools.sum())
         self.ops = 100
         fc, nfc = self.fc, self.nfc
@@ -464,7 +464,7 @@ class NumbaCopyRuns(Bench):
     def before(self, role: str) -> None:
         self.T._raw_array()[::self.S.track_size] ^= 0xFF
         if role == "fastfc":
-            self.fc.to_copy.words[:] = self.pattern
+            self.fc.to_copy._raw_words()[:] = self.pattern
         else:
             self.words[:] = self.pattern
 
