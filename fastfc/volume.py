@@ -42,7 +42,11 @@ class Volume(_core.VolumeBase):
         writes, copy-on-write, background copy, reverse restore, PPRC
         updates) first reserves the blocks of the tracks it touches for the
         first time; a full filesystem then refuses the call with
-        ``NoSpaceError`` before any byte lands or any bitmap changes.
+        ``NoSpaceError`` before any byte lands or any bitmap changes. On
+        tmpfs, where reading a hole takes a page too, reads reserve as well
+        (and :attr:`array` reserves the whole volume). When opening an
+        existing file, say how it was made (a storage unit records it); its
+        tracks that hold data are found with ``SEEK_DATA``.
 
     Notes
     -----
