@@ -271,8 +271,8 @@ class _CopyPair(Bench):
         n = capacity // self.track
         self.S = Volume(n, self.track, name="S")
         self.T = Volume(n, self.track, name="T")
-        fill_random(self.S.array, seed=1)
-        touch(self.T.array)
+        fill_random(self.S._raw_array(), seed=1)
+        touch(self.T._raw_array())
         self.fc: FlashCopy | None = None
 
     def _drop_fc(self) -> None:
@@ -295,14 +295,14 @@ class BackgroundCopy(_CopyPair):
         super().__init__(GiB, track)
         self.worker = worker
         self.nbytes = self.S.capacity
-        a, b = self.S.array, self.T.array
+        a, b = self.S._raw_array(), self.T._raw_array()
         self.baselines = {"np.copyto": lambda: np.copyto(b, a)}
 
     def before(self, role: str) -> None:
         if self.fc is not None and self.worker:
             wait_withdrawn(self.fc)
         self._drop_fc()
-        self.T.array[::max(self.track, PAGE)] ^= 0xFF   # the target differs again
+        self.T._raw_array()[::max(self.track, PAGE)] ^= 0xFF   # the target differs again
         if role == "fastfc" and not self.worker:
             self.fc = FlashCopy(self.S, self.T, background_copy=False)
 
@@ -317,7 +317,7 @@ class BackgroundCopy(_CopyPair):
         if self.worker:
             wait_withdrawn(self.fc)
         assert self.fc.state is FlashCopyState.WITHDRAWN, self.fc  # ended by itself: all copied
-        assert np.array_equal(self.S.array, self.T.array), "target differs from source"
+        assert np.array_equal(self.S._raw_array(), self.T._raw_array()), "target differs from source"
 
     def info(self) -> dict:
         import fastfc.flashcopy as fcm
@@ -359,7 +359,7 @@ class IncrementalCopy(_CopyPair):
         self.fc.copy()
         k = self.tracks.size * self.track
         self.nbytes = k
-        a, b = self.S.array[:k], self.T.array[:k]
+        a, b = self.S._raw_array()[:k], self.T._raw_array()[:k]
         self.baselines = {"np.copyto": lambda: np.copyto(b, a)}
 
     def before(self, role: str) -> None:
@@ -375,8 +375,8 @@ class IncrementalCopy(_CopyPair):
         assert self.fc.tracks_to_copy == 0
         ts = self.track
         for t in self.tracks[:: max(1, self.tracks.size // 64)]:
-            assert np.array_equal(self.S.array[t * ts:(t + 1) * ts],
-                                  self.T.array[t * ts:(t + 1) * ts]), f"track {t}"
+            assert np.array_equal(self.S._raw_array()[t * ts:(t + 1) * ts],
+                                  self.T._raw_array()[t * ts:(t + 1) * ts]), f"track {t}"
 
     def info(self) -> dict:
         return {"tracks": int(self.tracks.size), "of": int(self.S.n_tracks)}
@@ -405,9 +405,9 @@ class WriteCopied(Bench):
         n = 64 * MiB // self.track
         self.S = Volume(n, self.track, name="S")
         self.Ts = [Volume(n, self.track, name=f"T{i}") for i in range(n_targets)]
-        fill_random(self.S.array, seed=2)
+        fill_random(self.S._raw_array(), seed=2)
         for T in self.Ts:
-            touch(T.array)
+            touch(T._raw_array())
         self.fcs = [FlashCopy(self.S, T, background_copy=False, persistent=True, record=record)
                     for T in self.Ts]
         for fc in self.fcs:
@@ -432,7 +432,7 @@ class WriteCopied(Bench):
             w(o, data)
 
     def _numpy(self) -> None:
-        a, data, L = self.S.array, self.data, self.io
+        a, data, L = self.S._raw_array(), self.data, self.io
         for o in self.offs:
             a[o:o + L] = data
 
@@ -480,8 +480,8 @@ class WriteCow(_CopyPair):
         self.views: list = []
         self.data = np.random.default_rng(6).integers(0, 256, 4096, dtype=np.uint8)
         self.baselines = {"slice assignment + np.copyto(track)": self._numpy}
-        self.Sv = self.S.array.reshape(n, self.track)
-        self.Tv = self.T.array.reshape(n, self.track)
+        self.Sv = self.S._raw_array().reshape(n, self.track)
+        self.Tv = self.T._raw_array().reshape(n, self.track)
 
     def before(self, role: str) -> None:
         self.k += 1
@@ -498,7 +498,7 @@ class WriteCow(_CopyPair):
             w(o, data)
 
     def _numpy(self) -> None:
-        a, data, copyto = self.S.array, self.data, np.copyto
+        a, data, copyto = self.S._raw_array(), self.data, np.copyto
         for o, dst, src in self.views:
             copyto(dst, src)
             a[o:o + 4096] = data
@@ -699,7 +699,7 @@ class Count(Bench):
     def __init__(self, quick: bool, bits: int = BITMAP_BITS, ops: int = 1) -> None:
         self.bits = bits
         self.bm = TrackBitmap(bits)
-        w = self.bm.words
+        w = self.bm._raw_words()
         w[:] = np.random.default_rng(9).integers(0, 2**63, w.size, dtype=np.uint64) * 3
         self.expected = int(np.bitwise_count(w).sum())
         self.ops = ops
@@ -735,7 +735,7 @@ class FindNextSet(Bench):
     def __init__(self, quick: bool, bits: int = BITMAP_BITS, ops: int = 1) -> None:
         self.bits = bits
         self.bm = TrackBitmap(bits)
-        w = self.bm.words
+        w = self.bm._raw_words()
         touch(w)
         w[:] = 0
         self.bm.set(bits - 1)

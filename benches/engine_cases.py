@@ -33,7 +33,7 @@ TRACK_4K = 4 * KiB
 
 def _np_twin(v: Volume) -> NpVolume:
     """A pure-NumPy volume over the same bytes as a fastfc volume."""
-    return NpVolume(v.n_tracks, v.track_size, array=v.array, name=f"np-{v.name}")
+    return NpVolume(v.n_tracks, v.track_size, array=v._raw_array(), name=f"np-{v.name}")
 
 
 def _case(**kw) -> Case:
@@ -56,8 +56,8 @@ class EngineCopy(Bench):
         n = capacity // track
         self.S = Volume(n, track, name="S")
         self.T = Volume(n, track, name="T")
-        fill_random(self.S.array, seed=11)
-        touch(self.T.array)
+        fill_random(self.S._raw_array(), seed=11)
+        touch(self.T._raw_array())
         self.nS, self.nT = _np_twin(self.S), _np_twin(self.T)
         self.fraction = fraction
         self.fc: FlashCopy | None = None
@@ -81,7 +81,7 @@ class EngineCopy(Bench):
 
     def before(self, role: str) -> None:
         if self.fraction is None:
-            self.T.array[::self.S.track_size] ^= 0xFF
+            self.T._raw_array()[::self.S.track_size] ^= 0xFF
             if role == "fastfc":
                 if self.fc is not None and self.fc.state is not FlashCopyState.WITHDRAWN:
                     self.fc.withdraw(force=True)
@@ -110,7 +110,7 @@ class EngineCopy(Bench):
 
     def check(self) -> None:
         assert self.fc.tracks_to_copy == 0
-        assert np.array_equal(self.S.array, self.T.array)
+        assert np.array_equal(self.S._raw_array(), self.T._raw_array())
 
     def info(self) -> dict:
         return {"tracks": self.S.n_tracks, "track_size": self.S.track_size,
@@ -139,9 +139,9 @@ class EngineWrite(Bench):
         self.cow = cow
         self.S = Volume(n, track, name="S")
         self.Ts = [Volume(n, track, name=f"T{i}") for i in range(n_targets)]
-        fill_random(self.S.array, seed=13)
+        fill_random(self.S._raw_array(), seed=13)
         for T in self.Ts:
-            touch(T.array)
+            touch(T._raw_array())
         self.nS = _np_twin(self.S)
         self.nTs = [_np_twin(T) for T in self.Ts]
         self.ops = 512 if quick else 1024
@@ -217,16 +217,16 @@ class EngineRead(Bench):
         n = capacity // track
         self.S = Volume(n, track, name="S")
         self.T = Volume(n, track, name="T")
-        fill_random(self.S.array, seed=16)
-        touch(self.T.array)
+        fill_random(self.S._raw_array(), seed=16)
+        touch(self.T._raw_array())
         self.fc = FlashCopy(self.S, self.T, background_copy=False)
         self.nS, self.nT = _np_twin(self.S), _np_twin(self.T)
         self.nfc = NpFlashCopy(self.nS, self.nT)
         half = np.zeros(n, bool)
         half[::2] = True
         self.nfc.to_copy[:] = half
-        self.fc.to_copy.words[:] = np.packbits(half, bitorder="little").view(np.uint64)
-        self.T.array.reshape(n, track)[1::2] = self.S.array.reshape(n, track)[1::2]
+        self.fc.to_copy._raw_words()[:] = np.packbits(half, bitorder="little").view(np.uint64)
+        self.T._raw_array().reshape(n, track)[1::2] = self.S._raw_array().reshape(n, track)[1::2]
         self.ops = 512 if quick else 1024
         rng = np.random.default_rng(17)
         self.offs = [int(o) * self.io for o in rng.integers(0, capacity // self.io, self.ops)]
@@ -244,8 +244,8 @@ class EngineRead(Bench):
 
     def check(self) -> None:
         o = self.offs[0]
-        assert np.array_equal(self.T.read(o, self.io), self.S.array[o:o + self.io])
-        assert np.array_equal(self.nT.read(o, self.io), self.S.array[o:o + self.io])
+        assert np.array_equal(self.T.read(o, self.io), self.S._raw_array()[o:o + self.io])
+        assert np.array_equal(self.nT.read(o, self.io), self.S._raw_array()[o:o + self.io])
 
     def info(self) -> dict:
         return {"reads_per_call": self.ops}
@@ -305,7 +305,7 @@ class EngineCount(Bench):
         self.nfc = NpFlashCopy(self.nS, self.nT)
         bools = np.random.default_rng(18).integers(0, 2, n).astype(bool)
         self.nfc.to_copy[:] = bools
-        self.fc.to_copy.words[:] = np.packbits(bools, bitorder="little").view(np.uint64)
+        self.fc.to_copy._raw_words()[:] = np.packbits(bools, bitorder="little").view(np.uint64)
         self.expected = int(bools.sum())
         self.ops = 100
         fc, nfc = self.fc, self.nfc
@@ -336,7 +336,7 @@ class EngineGM(Bench):
             out = []
             for i in range(triplets):
                 v = Volume(n, track, name=f"{tag}{i}")
-                touch(v.array)
+                touch(v._raw_array())
                 out.append(v)
             return out
         self.A, self.B, self.C = vols("A"), vols("B"), vols("C")
@@ -370,9 +370,9 @@ class EngineGM(Bench):
     def check(self) -> None:
         assert self.result.committed, self.result
         for a, b in zip(self.A, self.B):
-            assert np.array_equal(a.array, b.array)
+            assert np.array_equal(a._raw_array(), b._raw_array())
         for a, b in zip(self.nA, self.nB):
-            assert np.array_equal(a.array, b.array)
+            assert np.array_equal(a._raw_array(), b._raw_array())
 
     def info(self) -> dict:
         return {"triplets": len(self.A), "tracks_per_volume": self.A[0].n_tracks,
@@ -447,8 +447,8 @@ class NumbaCopyRuns(Bench):
         n = capacity // track
         self.S = Volume(n, track, name="S")
         self.T = Volume(n, track, name="T")
-        fill_random(self.S.array, seed=21)
-        touch(self.T.array)
+        fill_random(self.S._raw_array(), seed=21)
+        touch(self.T._raw_array())
         self.fc = FlashCopy(self.S, self.T, background_copy=False, persistent=True)
         if fraction is None:
             bools = np.ones(n, bool)
@@ -462,9 +462,9 @@ class NumbaCopyRuns(Bench):
         self.baselines = {"numba copy_set_runs": self._numba}
 
     def before(self, role: str) -> None:
-        self.T.array[::self.S.track_size] ^= 0xFF
+        self.T._raw_array()[::self.S.track_size] ^= 0xFF
         if role == "fastfc":
-            self.fc.to_copy.words[:] = self.pattern
+            self.fc.to_copy._raw_words()[:] = self.pattern
         else:
             self.words[:] = self.pattern
 
@@ -472,13 +472,13 @@ class NumbaCopyRuns(Bench):
         self.fc.copy()
 
     def _numba(self) -> None:
-        self.nc.copy_set_runs(self.T.array, self.S.array, self.words, self.n, self.shift)
+        self.nc.copy_set_runs(self.T._raw_array(), self.S._raw_array(), self.words, self.n, self.shift)
 
     def check(self) -> None:
         assert self.fc.tracks_to_copy == 0
         sel = np.unpackbits(self.pattern.view(np.uint8), bitorder="little")[:self.n].astype(bool)
         t = self.S.track_size
-        S, T = self.S.array.reshape(-1, t), self.T.array.reshape(-1, t)
+        S, T = self.S._raw_array().reshape(-1, t), self.T._raw_array().reshape(-1, t)
         idx = np.flatnonzero(sel)[::max(1, int(sel.sum()) // 256)]
         assert np.array_equal(S[idx], T[idx])
 
@@ -502,9 +502,9 @@ class NumbaCow(Bench):
         self.batch = batch
         self.S = Volume(n, track, name="S")
         self.Ts = [Volume(n, track, name=f"T{i}") for i in range(n_targets)]
-        fill_random(self.S.array, seed=23)
+        fill_random(self.S._raw_array(), seed=23)
         for T in self.Ts:
-            touch(T.array)
+            touch(T._raw_array())
         self.fcs: list[FlashCopy] = []
         self.ops = 256
         rng = np.random.default_rng(24)
@@ -515,7 +515,7 @@ class NumbaCow(Bench):
         self.k = 0
         self.offs = self.batches[0]
         self.data = np.random.default_rng(25).integers(0, 256, (self.ops, 4096), np.uint8)
-        self.targets = np.array([T.array.ctypes.data for T in self.Ts], np.int64)
+        self.targets = np.array([T._raw_array().ctypes.data for T in self.Ts], np.int64)
         self.to_copy = np.zeros((n_targets, -(-n // 64)), np.uint64)
         self.shift = track.bit_length() - 1
         self.baselines = {"numba cow_write" + ("_batch" if batch else ""): self._numba}
@@ -539,7 +539,7 @@ class NumbaCow(Bench):
                 w(o, data[i])
 
     def _numba(self) -> None:
-        nc, S, tg, tc, sh = self.nc, self.S.array, self.targets, self.to_copy, self.shift
+        nc, S, tg, tc, sh = self.nc, self.S._raw_array(), self.targets, self.to_copy, self.shift
         if self.batch:
             nc.cow_write_batch(S, tg, tc, self.offs, self.data, sh)
         else:
@@ -611,13 +611,13 @@ class TwoThreadCopy(Bench):
         self.pairs = []
         for i in range(2):
             S, T = Volume(half, track, name=f"S{i}"), Volume(half, track, name=f"T{i}")
-            fill_random(S.array, seed=30 + i)
-            touch(T.array)
+            fill_random(S._raw_array(), seed=30 + i)
+            touch(T._raw_array())
             self.pairs.append((S, T))
         self.fcs: list[FlashCopy] = []
         self.nbytes = capacity
         (S0, T0), (S1, T1) = self.pairs
-        a0, b0, a1, b1 = S0.array, T0.array, S1.array, T1.array
+        a0, b0, a1, b1 = S0._raw_array(), T0._raw_array(), S1._raw_array(), T1._raw_array()
 
         def mc(dst, src):
             return lambda: _libc.memcpy(dst.ctypes.data, src.ctypes.data, dst.nbytes)
@@ -634,7 +634,7 @@ class TwoThreadCopy(Bench):
             wait_withdrawn(fc)
         self.fcs = []
         for _, T in self.pairs:
-            T.array[::PAGE * 16] ^= 0xFF
+            T._raw_array()[::PAGE * 16] ^= 0xFF
 
     def fastfc(self) -> None:
         self.fcs = [FlashCopy(S, T) for S, T in self.pairs]
@@ -645,7 +645,7 @@ class TwoThreadCopy(Bench):
         for fc in self.fcs:
             wait_withdrawn(fc)
         for S, T in self.pairs:
-            assert np.array_equal(S.array, T.array)
+            assert np.array_equal(S._raw_array(), T._raw_array())
 
     def close(self) -> None:
         for fc in self.fcs:

@@ -107,6 +107,10 @@ class NpVolume:
             self._cow(t, t + 1)
             self.tracks[t] = data
 
+    def _raw_array(self) -> np.ndarray:
+        """The backing array (the name fastfc volumes give theirs)."""
+        return self.array
+
     def read(self, offset: int, n: int) -> np.ndarray:
         """The logical image: a target's not-yet-copied tracks come from its source."""
         t0, t1 = self._span(offset, n)

@@ -31,7 +31,7 @@ def make_triplets(n: int, size_mib: int, track_size: int = 65536):
 
     def vol(tag, i):
         v = Volume(n_tracks, track_size, name=f"{tag}{i:03d}")
-        v.array.fill(0)   # fault the pages in before timing
+        v._raw_array().fill(0)   # fault the pages in before timing
         return v
 
     return [(vol("A", i), vol("B", i), vol("C", i)) for i in range(n)]
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     # baseline first: the same unpaced writers on the A volumes, no mirroring
     alone = writer_throughput([t[0] for t in trips], args.seconds / 2)
     for a, b, c in trips:        # the session starts with each B equal to its A
-        b.array[:] = a.array
+        b._raw_array()[:] = a._raw_array()
     paced = run_session(trips, args.seconds, args.rate * 1e6)
     under = run_session(trips, args.seconds / 2, None)
 

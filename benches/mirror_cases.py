@@ -68,19 +68,19 @@ def global_mirror(triplets: int, size_mib: int, seconds: float, rate_mbs: float,
         log(f"    fastfc: host writes alone ({seconds / 2:g} s)")
         alone = writer_throughput([t[0] for t in trips], seconds / 2)
         for a, b, _ in trips:
-            b.array[:] = a.array
+            b._raw_array()[:] = a._raw_array()
         log(f"    fastfc: paced session ({seconds:g} s)")
         paced = run_session(trips, seconds, rate_mbs * 1e6)
         log(f"    fastfc: unpaced session ({seconds / 2:g} s)")
         under = run_session(trips, seconds / 2, None)
         # the NumPy engine over the same bytes (fastfc's pairs and
         # relationships are gone; the arrays stay)
-        nps = [tuple(NpVolume(v.n_tracks, v.track_size, array=v.array, name=f"np-{v.name}")
+        nps = [tuple(NpVolume(v.n_tracks, v.track_size, array=v._raw_array(), name=f"np-{v.name}")
                      for v in t) for t in trips]
         log(f"    NumPy engine: host writes alone ({seconds / 2:g} s)")
         np_alone = writer_throughput([t[0] for t in nps], seconds / 2)
         for a, b, _ in nps:
-            b.array[:] = a.array
+            b._raw_array()[:] = a._raw_array()
         log(f"    NumPy engine: paced session ({seconds:g} s)")
         np_paced = _np_session(nps, seconds, rate_mbs * 1e6)
         log(f"    NumPy engine: unpaced session ({seconds / 2:g} s)")
@@ -115,14 +115,14 @@ def filesystem_of(path: Path) -> str:
     return f"{best[0]} on {best[1]} ({best[2]})" if best else "unknown"
 
 
-def _unit_triplets(root: Path, n: int, n_tracks: int, track: int):
+def _unit_triplets(root: Path, n: int, n_tracks: int, track: int, thin: bool = False):
     a_unit = StorageUnit(root / "site1")
     b_unit = StorageUnit(root / "site2")
     trips = []
     for i in range(n):
-        trips.append((a_unit.create_volume(f"A{i:03d}", n_tracks, track),
-                      b_unit.create_volume(f"B{i:03d}", n_tracks, track),
-                      b_unit.create_volume(f"C{i:03d}", n_tracks, track)))
+        trips.append((a_unit.create_volume(f"A{i:03d}", n_tracks, track, thin=thin),
+                      b_unit.create_volume(f"B{i:03d}", n_tracks, track, thin=thin),
+                      b_unit.create_volume(f"C{i:03d}", n_tracks, track, thin=thin)))
     return (a_unit, b_unit), trips
 
 
@@ -197,7 +197,7 @@ def _units_session(root: Path, triplets: int, n_tracks: int, track: int, seconds
     try:
         for t in trips:
             for v in t:
-                v.array.fill(0)         # allocate the file's blocks, fault the pages in
+                v._raw_array().fill(0)         # allocate the file's blocks, fault the pages in
         for u in units:
             u.flush()
         os.sync()
@@ -226,7 +226,7 @@ def durable(root: Path, triplets: int, size_mib: int, seconds: float, rate_mbs: 
         # the same workload, in memory and on units (memory first)
         trips = make_triplets(triplets, size_mib)
         for a, b, _ in trips:
-            b.array[:] = a.array
+            b._raw_array()[:] = a._raw_array()
         log(f"    in memory: {triplets} triplets x {size_mib} MiB ({seconds:g} s)")
         out["memory"] = _session(trips, seconds, rate_mbs * 1e6)
         for t in trips:
@@ -249,16 +249,19 @@ def durable(root: Path, triplets: int, size_mib: int, seconds: float, rate_mbs: 
         # fsyncs per CG at two volume sizes
         out["fsyncs"] = {}
         for n in sizes:
-            units, trips = _unit_triplets(work / f"fsync-{n}", 4, n, 4096)
+            units, trips = _unit_triplets(work / f"fsync-{n}", 4, n, 4096, thin=True)
             try:
-                # the files are sparse: the CGs write to 64 tracks of each
-                # volume whose blocks exist already, so that the time per CG
-                # is not ext4 allocating blocks (~ms per 4 KiB hole)
+                # the files are sparse (thin volumes): the CGs write to 64
+                # tracks of each volume whose blocks exist already (a first
+                # write reserves them), so that the time per CG is not ext4
+                # allocating blocks (~ms per 4 KiB hole)
                 rng = np.random.default_rng(n)
                 hot = [rng.choice(n, 64, replace=False) * 4096 for _ in trips]
+                zero = np.zeros(4096, np.uint8)
                 for t, offs in zip(trips, hot):
                     for v in t:
-                        v.array[offs] = 0
+                        for off in offs:
+                            v.write(int(off), zero)
                 for u in units:
                     u.flush()
                 os.sync()

@@ -301,8 +301,8 @@ def compare(quick: bool, log=print, shm: str = "/dev/shm") -> dict:
     try:
         S = Volume(n, track, path=d / "S.vol", name="S")
         T = Volume(n, track, path=d / "T.vol", name="T")
-        fill_random(S.array, seed=40)
-        touch(T.array)
+        fill_random(S._raw_array(), seed=40)
+        touch(T._raw_array())
         S.flush()
         T.flush()
         with StorageDaemon(d / "S.vol", d / "T.vol") as qsd:
@@ -324,7 +324,7 @@ def compare(quick: bool, log=print, shm: str = "/dev/shm") -> dict:
                 fc.wait()
                 fcs.append(fc)
 
-            full = {"np.copyto": lambda: np.copyto(T.array, S.array),
+            full = {"np.copyto": lambda: np.copyto(T._raw_array(), S._raw_array()),
                     "fastfc": f_fastfc,
                     "QEMU defaults": lambda: qsd.backup("full"),
                     "QEMU tuned": lambda: qsd.backup("full", tuned)}
@@ -332,7 +332,7 @@ def compare(quick: bool, log=print, shm: str = "/dev/shm") -> dict:
             out["full"] = _rounds(full, rounds, before=lambda k: _perturb(T, fcs))
             for fc in fcs:
                 wait_withdrawn(fc)
-            assert np.array_equal(S.array, T.array), "fastfc's target differs from its source"
+            assert np.array_equal(S._raw_array(), T._raw_array()), "fastfc's target differs from its source"
 
             # 3. incremental: 10% of the tracks changed, written through QEMU
             # (NBD) for its dirty bitmap and through fastfc for its own
@@ -344,7 +344,7 @@ def compare(quick: bool, log=print, shm: str = "/dev/shm") -> dict:
             fc.copy()
             qsd.add_bitmap("bm0", track)
             nbd = qsd.writer()
-            a, b = S.array[:k * track], T.array[:k * track]
+            a, b = S._raw_array()[:k * track], T._raw_array()[:k * track]
 
             def before(role):
                 rows[:, :8] += 1
@@ -366,7 +366,7 @@ def compare(quick: bool, log=print, shm: str = "/dev/shm") -> dict:
             out["incremental_bytes"] = k * track
             nbd.close()
             fc.withdraw()
-            assert np.array_equal(S.array, T.array), "incremental copies left S and T different"
+            assert np.array_equal(S._raw_array(), T._raw_array()), "incremental copies left S and T different"
         out["medians"] = {kind: {r: statistics.median(v) for r, v in out[kind].items()}
                           for kind in ("full", "incremental")}
     finally:
@@ -386,7 +386,7 @@ def _perturb(T, fcs) -> None:
     from benches.cases import wait_withdrawn
     for fc in fcs:
         wait_withdrawn(fc)
-    T.array[::4096] ^= 0xFF
+    T._raw_array()[::4096] ^= 0xFF
 
 
 def _rounds(fns: dict, rounds: int, before) -> dict[str, list[float]]:

@@ -51,7 +51,7 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int,
 
 
 def _twin(v: Volume) -> NpVolume:
-    return NpVolume(v.n_tracks, v.track_size, array=v.array)
+    return NpVolume(v.n_tracks, v.track_size, array=v._raw_array())
 
 
 def _curve(title: str, xlabel: str, x: list, series: dict[str, list[float]],
@@ -166,13 +166,13 @@ def volume_size_copy(quick: bool, log=print) -> dict:
         n = 1 << e
         log(f"    copy: 2^{e} tracks of 4 KiB")
         S, T = Volume(n, 4096, name="S"), Volume(n, 4096, name="T")
-        fill_random(S.array, seed=e)
-        touch(T.array)
+        fill_random(S._raw_array(), seed=e)
+        touch(T._raw_array())
         nS, nT = _twin(S), _twin(T)
         st: dict = {}
 
         def before(k):
-            T.array[::4096] ^= 0xFF
+            T._raw_array()[::4096] ^= 0xFF
             if k == "fastfc copy()":
                 if "fc" in st and st["fc"].state is not FlashCopyState.WITHDRAWN:
                     st["fc"].withdraw(force=True)
@@ -183,7 +183,7 @@ def volume_size_copy(quick: bool, log=print) -> dict:
                 st["nfc"] = NpFlashCopy(nS, nT)
         m = interleaved({"fastfc copy()": lambda: st["fc"].copy(),
                          "NumPy engine copy()": lambda: st["nfc"].copy(),
-                         "np.copyto": lambda: np.copyto(T.array, S.array)}, rounds, before)
+                         "np.copyto": lambda: np.copyto(T._raw_array(), S._raw_array())}, rounds, before)
         for k in series:
             series[k].append(m[k])
         S.close()
@@ -210,8 +210,8 @@ def track_size(quick: bool, log=print) -> dict:
         log(f"    track size {ts // KiB} KiB")
         n = capacity // ts
         S, T = Volume(n, ts, name="S"), Volume(n, ts, name="T")
-        fill_random(S.array, seed=ts)
-        touch(T.array)
+        fill_random(S._raw_array(), seed=ts)
+        touch(T._raw_array())
         nS, nT = _twin(S), _twin(T)
         st: dict = {}
 
@@ -222,7 +222,7 @@ def track_size(quick: bool, log=print) -> dict:
                 st.pop("nfc").withdraw()
 
         def before(k):
-            T.array[::4096] ^= 0xFF
+            T._raw_array()[::4096] ^= 0xFF
             drop()
             if k.startswith("fastfc"):
                 st["fc"] = FlashCopy(S, T, background_copy=False)
@@ -230,7 +230,7 @@ def track_size(quick: bool, log=print) -> dict:
                 st["nfc"] = NpFlashCopy(nS, nT)
         m = interleaved({"fastfc copy()": lambda: st["fc"].copy(),
                          "NumPy engine copy()": lambda: st["nfc"].copy(),
-                         "np.copyto": lambda: np.copyto(T.array, S.array)}, rounds, before)
+                         "np.copyto": lambda: np.copyto(T._raw_array(), S._raw_array())}, rounds, before)
         k_w = min(64, n)
         offs = (np.random.default_rng(ts).permutation(n)[:k_w] * ts).tolist()
 
@@ -265,10 +265,10 @@ def targets(quick: bool, log=print) -> dict:
     rounds = 5 if quick else 11
     n, ts = 1024, 64 * KiB         # 64 MiB volumes
     S = Volume(n, ts, name="S")
-    fill_random(S.array, seed=5)
+    fill_random(S._raw_array(), seed=5)
     Ts = [Volume(n, ts, name=f"T{i}") for i in range(max(ks))]
     for T in Ts:
-        touch(T.array)
+        touch(T._raw_array())
     nS, nTs = _twin(S), [_twin(T) for T in Ts]
     data = np.ones(4096, np.uint8)
     offs = (np.random.default_rng(1).permutation(n)[:128] * ts).tolist()
@@ -384,8 +384,8 @@ def changed_fraction(quick: bool, log=print) -> dict:
     ts = 4096
     n = capacity // ts
     S, T = Volume(n, ts, name="S"), Volume(n, ts, name="T")
-    fill_random(S.array, seed=3)
-    touch(T.array)
+    fill_random(S._raw_array(), seed=3)
+    touch(T._raw_array())
     nS, nT = _twin(S), _twin(T)
     fc = FlashCopy(S, T, background_copy=False, record=True)
     fc.copy()
@@ -407,7 +407,7 @@ def changed_fraction(quick: bool, log=print) -> dict:
             elif name.startswith("NumPy"):
                 for o, r in zip(offs.tolist(), rows):
                     nS.write(o, r)
-        a, b = S.array[:k * ts], T.array[:k * ts]
+        a, b = S._raw_array()[:k * ts], T._raw_array()[:k * ts]
 
         def fcopy():
             fc.resync()

@@ -21,7 +21,7 @@ def test_flashcopy_matches_fastfc(seed: int, track: int) -> None:
     S, T = Volume(n, track), Volume(n, track)
     nS, nT = NpVolume(n, track), NpVolume(n, track)
     init = rng.integers(0, 256, n * track, np.uint8)
-    S.array[:] = init
+    S._raw_array()[:] = init
     nS.array[:] = init
     fc = FlashCopy(S, T, background_copy=False, record=True)
     nfc = NpFlashCopy(nS, nT, record=True)

@@ -10,7 +10,7 @@ from fastfc import faults
 from fastfc._core import TrackBitmap
 from fastfc.errors import (CorruptUnitError, FastFCError, IncompleteCopyError,
                            InjectedFault, InvalidImageError, LimitError,
-                           LinkDownError, ReadOnlyUnitError, StateError,
+                           LinkDownError, NoSpaceError, ReadOnlyUnitError, StateError,
                            UnitBusyError, UnitClosedError, VolumeClosedError,
                            WriteInhibitedError)
 from fastfc.flashcopy import FlashCopy, FlashCopyState, establish_group
@@ -29,5 +29,5 @@ __all__ = [
     "FastFCError", "VolumeClosedError", "WriteInhibitedError", "StateError",
     "IncompleteCopyError", "LimitError", "InvalidImageError", "InjectedFault",
     "LinkDownError", "CorruptUnitError", "UnitClosedError", "UnitBusyError",
-    "ReadOnlyUnitError",
+    "ReadOnlyUnitError", "NoSpaceError",
 ]

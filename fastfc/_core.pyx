@@ -26,6 +26,10 @@ from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
                                PyThread_get_thread_ident)
 
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from posix.types cimport off_t
+
+cdef extern from "<fcntl.h>" nogil:
+    int posix_fallocate(int fd, off_t offset, off_t length)
 
 cdef extern from "pythread.h":
     ctypedef enum PyLockStatus:
@@ -36,13 +40,14 @@ cdef extern from "pythread.h":
 
 from fastfc._bitops cimport *
 
+import errno as _errno
 import itertools
 import os
 
 import numpy as np
 
-from fastfc.errors import (InvalidImageError, StateError, VolumeClosedError,
-                           WriteInhibitedError)
+from fastfc.errors import (InvalidImageError, NoSpaceError, StateError,
+                           VolumeClosedError, WriteInhibitedError)
 
 # Copies of at least this many bytes release the GIL (DESIGN-NOTES: below it
 # the release costs more than it frees).
@@ -406,7 +411,13 @@ cdef class TrackBitmap:
 
     @property
     def words(self):
-        """The ``uint64`` words (a view that shares memory with the bitmap)."""
+        """The ``uint64`` words: a read-only view that shares memory with the
+        bitmap (change bits through the bitmap's methods)."""
+        return read_only(self._arr[:self.n_words])
+
+    def _raw_words(self):
+        """The words as a writable view (tests and benchmarks only: a write
+        through it bypasses whatever owns the bitmap)."""
         return self._arr[:self.n_words]
 
     @property
@@ -414,7 +425,7 @@ cdef class TrackBitmap:
         return self.n_words * 8
 
     def __reduce__(self):
-        return (_bitmap_from_words, (self.n_bits, self.words.copy()))
+        return (_bitmap_from_words, (self.n_bits, self._arr[:self.n_words].copy()))
 
     def __repr__(self):
         return f"TrackBitmap(n_bits={self.n_bits}, set={self.count()})"
@@ -422,6 +433,13 @@ cdef class TrackBitmap:
 
 def _bitmap_from_words(n_bits, words):
     return TrackBitmap(n_bits, words=words)
+
+
+def read_only(array):
+    """A read-only view of ``array`` that cannot be made writeable again: its
+    base is a read-only memoryview, which also keeps the memory (and any
+    mapping under it) alive for as long as the view lives."""
+    return np.frombuffer(memoryview(array).toreadonly(), dtype=array.dtype)
 
 
 cdef inline bint memcmp_words(const uint64_t* a, const uint64_t* b, Py_ssize_t n) noexcept nogil:
@@ -641,6 +659,9 @@ cdef class RelationshipBase:
             n = S.n_tracks
             shift = S.track_shift
             w = self.to_copy.w
+            T._reserve_runs(w, start, n, max_tracks)
+            if S._reads_allocate:
+                S._reserve_runs(w, start, n, max_tracks)
             with nogil:
                 done = copy_set_runs(T.base, S.base, w, start, n, max_tracks, shift, &resume)
         finally:
@@ -656,9 +677,20 @@ cdef class RelationshipBase:
         cdef const uint8_t* src = T.base if to_source else S.base
         cdef Py_ssize_t n = S.n_tracks
         cdef int shift = S.track_shift
+        S._reserve_runs(mask.w, 0, n, n)   # no-op unless thin
+        T._reserve_runs(mask.w, 0, n, n)
         with nogil:
             done = copy_set_runs(dst, src, mask.w, 0, n, n, shift, &resume)
         return done
+
+
+cdef int raise_space(VolumeBase v, int err, Py_ssize_t nbytes) except -1:
+    """Raise the error for a failed block reservation on a thin volume."""
+    if err == _errno.ENOSPC or err == _errno.EDQUOT:
+        raise NoSpaceError(
+            f"{v!r}: the filesystem has no room for {nbytes} more bytes; nothing "
+            "was written and no bitmap changed (free space and retry)")
+    raise OSError(err, f"reserving {nbytes} bytes for {v!r}: {os.strerror(err)}")
 
 
 cdef inline int lock_two(VolumeBase a, VolumeBase b) except -1:
@@ -694,6 +726,7 @@ cdef class VolumeBase:
     cdef readonly long long vid
     cdef uint8_t* base
     cdef object _array
+    cdef object _ro          # the read-only view that .array hands out
     cdef PyThread_type_lock _lk
     cdef unsigned long _owner
     cdef int _depth
@@ -709,6 +742,18 @@ cdef class VolumeBase:
     cdef public int _rels_version
     # memory-mapped file: PPRC updates write only the pages that change
     cdef public bint _file_backed
+    # thin (sparse) file: blocks are reserved (fallocate) on first touch of a
+    # track, before any byte lands; _alloc marks the tracks that have them
+    cdef readonly bint thin
+    cdef int _fd
+    cdef TrackBitmap _alloc
+    # thin on a memory filesystem (tmpfs): there a read fault on a hole takes
+    # a page too, so reads reserve the tracks they touch as writes do
+    cdef public bint _reads_allocate
+    # whether a FlashCopy target of this volume is thin, as of _rels_version
+    # _space_version (so a write to a thick volume tests flags, not targets)
+    cdef bint _thin_targets
+    cdef int _space_version
 
     def __cinit__(self, *args, **kwargs):
         self._lk = PyThread_allocate_lock()
@@ -718,30 +763,61 @@ cdef class VolumeBase:
         self._src_rels = []
         self._tgt_rel = None
         self._mirror = None
+        self._fd = -1
+        self._space_version = -1
 
     def __dealloc__(self):
         if self._lk != NULL:
             PyThread_free_lock(self._lk)
 
-    def _attach(self, array, Py_ssize_t track_size):
-        """Adopt ``array`` (1-D C-contiguous uint8) as the backing store."""
+    def _attach(self, array, Py_ssize_t track_size, int fd=-1, TrackBitmap allocated=None):
+        """Adopt ``array`` (1-D C-contiguous uint8) as the backing store.
+
+        A thin file-backed volume passes its file descriptor (kept until
+        close) and the bitmap of tracks whose blocks the file already has.
+        """
         cdef uint8_t[::1] mv = array
         cdef int shift = 0
         while ((<Py_ssize_t>1) << shift) < track_size:
             shift += 1
         self._array = array
+        self._ro = read_only(array)
         self.base = &mv[0]
         self.track_size = track_size
         self.track_shift = shift
         self.capacity = array.shape[0]
         self.n_tracks = self.capacity >> shift
+        self.thin = allocated is not None
+        if self.thin and (fd < 0 or allocated.n_bits != self.n_tracks):
+            raise ValueError("a thin volume needs its file descriptor and a bitmap "
+                             "of n_tracks bits")
+        self._fd = fd
+        self._alloc = allocated
 
     def _detach(self):
-        """Forget the backing store (close). Caller holds the lock."""
-        array = self._array
-        self._array = None
-        self.base = NULL
-        return array
+        """Forget the backing store (close). Takes this volume's lock and, if
+        it is a FlashCopy target, its source's (a copy-on-write lands on a
+        target under the source's lock only). Returns None if it was closed
+        already, else the file descriptor a thin volume kept (-1 for none),
+        for the caller to close. The arrays
+        handed out keep the memory alive; the engine never touches it again."""
+        cdef RelationshipBase tr = self._lock_io()
+        cdef int fd = self._fd
+        try:
+            if self.base == NULL:
+                return None
+            self._array = None
+            self._ro = None
+            self.base = NULL
+            self._fd = -1
+            self._alloc = None
+            if tr is not None:
+                # a drain running without the GIL on a copy of the source's
+                # target pointers stops at its next chunk
+                tr.source._rels_version += 1
+            return fd
+        finally:
+            unlock_two(self, tr.source if tr is not None else None)
 
     @property
     def closed(self):
@@ -749,11 +825,135 @@ cdef class VolumeBase:
 
     @property
     def array(self):
-        """The raw backing array (tests and benchmarks only: bypasses every
-        relationship)."""
+        """The volume's bytes as a read-only, zero-copy view of the backing
+        store: the physical content, without FlashCopy read redirection (use
+        :meth:`read` for the logical image). It stays valid after
+        :meth:`close` (the memory is freed when the last view dies)."""
         if self.base == NULL:
             raise VolumeClosedError(f"{self!r} is closed")
+        if self._reads_allocate:
+            # a view reads anywhere: on tmpfs a hole read takes a page, so a
+            # thin volume there gets them all first (NoSpaceError if it can't)
+            self._reserve_runs(NULL, 0, self.n_tracks, self.n_tracks)
+        return self._ro
+
+    def _raw_array(self):
+        """The writable backing array: for tests and benchmarks that plant
+        raw bytes. A write through it bypasses copy-on-write, change
+        recording, mirroring and (thin volumes) space reservation."""
+        if self.base == NULL:
+            raise VolumeClosedError(f"{self!r} is closed")
+        if self._reads_allocate:
+            self._reserve_runs(NULL, 0, self.n_tracks, self.n_tracks)
         return self._array
+
+    # -- space (thin volumes) ------------------------------------------------
+    cdef int _reserve_runs(self, const uint64_t* m, Py_ssize_t start, Py_ssize_t stop,
+                           Py_ssize_t budget, bint clear=False) except -1:
+        """Thin volume: give the file blocks for the tracks set in ``m`` (clear
+        in ``m`` with ``clear``; every track when ``m`` is NULL) from
+        ``start`` (below ``stop``), the first ``budget`` of them, before any
+        byte lands there. Raises NoSpaceError when the filesystem is full. A
+        no-op otherwise."""
+        cdef Py_ssize_t a, b, c, e, lim, done = 0
+        cdef int err = 0, shift = self.track_shift
+        cdef uint64_t* w
+        if not self.thin or self._alloc is None:
+            return 0
+        w = self._alloc.w
+        if m == NULL:
+            a = start
+        elif clear:
+            a = bm_next_clear(m, stop, start)
+        else:
+            a = bm_next_set(m, stop, start)
+        while 0 <= a < stop and done < budget:
+            lim = a + (budget - done)
+            if lim > stop:
+                lim = stop
+            if m == NULL:
+                b = lim
+            else:
+                b = bm_next_set(m, lim, a) if clear else bm_next_clear(m, lim, a)
+                if b < 0:
+                    b = lim
+            # reserve the tracks of [a, b) that have no blocks yet
+            c = bm_next_clear(w, b, a)
+            while 0 <= c < b:
+                e = bm_next_set(w, b, c)
+                if e < 0:
+                    e = b
+                with nogil:
+                    err = posix_fallocate(self._fd, (<off_t>c) << shift,
+                                          (<off_t>(e - c)) << shift)
+                if err:
+                    raise_space(self, err, (e - c) << shift)
+                bm_set_range(w, c, e)
+                c = bm_next_clear(w, b, e)
+            done += b - a
+            if m == NULL:
+                break
+            a = bm_next_clear(m, stop, b) if clear else bm_next_set(m, stop, b)
+        return 0
+
+    cdef inline bint _needs_space(self, RelationshipBase tr) except -1:
+        """Whether a write here may need blocks reserved first (lock held)."""
+        cdef RelationshipBase r
+        if self._space_version != self._rels_version:
+            self._thin_targets = False
+            for r in self._src_rels:
+                if r.target.thin:
+                    self._thin_targets = True
+            self._space_version = self._rels_version
+        return self.thin or self._thin_targets or (
+            tr is not None and tr.source._reads_allocate)
+
+    cdef int _reserve_write(self, Py_ssize_t offset, Py_ssize_t n) except -1:
+        """Before a write of ``n`` bytes (n > 0) at ``offset`` lands: blocks on
+        this volume (if thin), on thin FlashCopy targets for the tracks a
+        copy-on-write moves, and (tmpfs) on the source of this target for a
+        partly written track it fetches. Lock held."""
+        cdef RelationshipBase r
+        cdef int shift = self.track_shift
+        cdef Py_ssize_t t0 = offset >> shift, t1 = ((offset + n - 1) >> shift) + 1
+        if self.thin:
+            self._reserve_runs(NULL, t0, t1, t1 - t0)
+        for r in self._src_rels:
+            if r.target.thin and bm_any_range(r.to_copy.w, t0, t1):
+                r.target._reserve_runs(r.to_copy.w, t0, t1, t1 - t0)
+        r = self._tgt_rel
+        if r is not None and r.source._reads_allocate:
+            # a partly written track still on the source is fetched from it
+            # (only the first and the last track can be partly written)
+            if offset & (self.track_size - 1):
+                r.source._reserve_runs(r.to_copy.w, t0, t0 + 1, 1)
+            if (offset + n) & (self.track_size - 1):
+                r.source._reserve_runs(r.to_copy.w, t1 - 1, t1, 1)
+        return 0
+
+    def _reserve_tracks(self, TrackBitmap mask, bint read=False):
+        """Thin volume: blocks for every track set in ``mask`` before data
+        lands there (``read``: before it is read, which needs them only on a
+        memory filesystem). A no-op for a thick volume. Lock held."""
+        if mask.n_bits != self.n_tracks:
+            raise ValueError("the mask must have one bit per track")
+        if read and not self._reads_allocate:
+            return
+        self._reserve_runs(mask.w, 0, self.n_tracks, self.n_tracks)
+
+    def _reserve_read(self, Py_ssize_t t0, Py_ssize_t t1):
+        """Before tracks [t0, t1) are read through :attr:`array` (the PPRC
+        send paths): a thin volume on a memory filesystem reserves them."""
+        if self._reads_allocate and 0 <= t0 <= t1 <= self.n_tracks:
+            self._reserve_runs(NULL, t0, t1, t1 - t0)
+
+    @property
+    def allocated_tracks(self):
+        """Thin volume: how many tracks have blocks in the file (None for a
+        thick or in-memory volume)."""
+        if not self.thin or self._alloc is None:
+            return None
+        return self._alloc.count()
 
     # -- locking -----------------------------------------------------------
     cdef inline int _acquire(self) except -1:
@@ -800,10 +1000,33 @@ cdef class VolumeBase:
     # -- host I/O ----------------------------------------------------------
     cdef int _check_range(self, Py_ssize_t offset, Py_ssize_t n) except -1:
         if offset < 0 or n < 0 or offset > self.capacity - n:
-            raise IndexError(
-                f"I/O of {n} bytes at offset {offset} is outside the volume "
-                f"(capacity {self.capacity} bytes)")
+            if offset < 0:
+                what = f"offset {offset} is negative"
+            elif offset > self.capacity:
+                what = f"offset {offset} is past the end of the volume"
+            elif n < 0:
+                what = f"length {n} is negative"
+            else:
+                what = (f"I/O of {n} bytes at offset {offset} runs "
+                        f"{offset + n - self.capacity} bytes past the end of the volume")
+            raise IndexError(f"{what} (capacity {self.capacity} bytes)")
         return 0
+
+    cdef int _check_valid_write(self, Py_ssize_t offset, Py_ssize_t n) except -1:
+        """An invalid volume (its FlashCopy was withdrawn before the copy
+        completed) takes only a host write of the whole volume, which gives
+        it a valid image again."""
+        if self._invalid and not (offset == 0 and n == self.capacity):
+            raise InvalidImageError(
+                f"{self!r} does not hold a valid image (its FlashCopy was withdrawn "
+                "before the copy completed) and refuses partial writes; write the "
+                "whole volume (offset 0, capacity bytes) or establish a FlashCopy "
+                "onto it to give it a valid image again")
+        return 0
+
+    def _valid_again(self):
+        """Called after a whole-volume host write made an invalid volume
+        valid (lock held); the public class records it."""
 
     cdef int _check_writable(self, Py_ssize_t t0, Py_ssize_t t1, int origin) except -1:
         """Refuse a write to tracks [t0, t1) that must not happen. Lock held."""
@@ -863,14 +1086,18 @@ cdef class VolumeBase:
             t0 = offset >> shift
             t1 = ((offset + n - 1) >> shift) + 1 if n else t0
             self._check_writable(t0, t1, origin)
+            if origin == ORIGIN_HOST and self._invalid:
+                self._check_valid_write(offset, n)
             if n == 0:
                 return 0
+            rels = self._src_rels
+            ntr = len(rels)
+            if self._needs_space(tr):
+                self._reserve_write(offset, n)
             # ---- from here on nothing refuses: the write is applied whole
             m = self._mirror
             if m is not None and m.cg is not None and bm_any_range(m.cg.w, t0, t1):
                 m._collide(t0, t1)
-            rels = self._src_rels
-            ntr = len(rels)
             for k in range(ntr):
                 r = <RelationshipBase>rels[k]
                 w = r.to_copy.w
@@ -921,6 +1148,9 @@ cdef class VolumeBase:
                     ts = t << shift
                     if offset <= ts and offset + n >= ts + self.track_size:
                         bm_clear(tr.to_copy.w, t)
+            if origin == ORIGIN_HOST and self._invalid:
+                self._invalid = False      # the whole volume was rewritten
+                self._valid_again()
             if m is not None and m.sync:
                 m._sync_write(offset, n, pending)
         finally:
@@ -971,6 +1201,14 @@ cdef class VolumeBase:
                 return 0
             t0 = offset >> shift
             t1 = ((offset + n - 1) >> shift) + 1
+            if self._reads_allocate:
+                # the tracks read from this volume (not those redirected)
+                if tr is None:
+                    self._reserve_runs(NULL, t0, t1, t1 - t0)
+                else:
+                    self._reserve_runs(tr.to_copy.w, t0, t1, t1 - t0, True)
+            if tr is not None and S._reads_allocate and S.base != NULL:
+                S._reserve_runs(tr.to_copy.w, t0, t1, t1 - t0)
             if tr is not None and bm_any_range(tr.to_copy.w, t0, t1):
                 if S.base == NULL:
                     raise VolumeClosedError(f"source {S!r} of this target is closed")
@@ -1043,6 +1281,12 @@ cdef class VolumeBase:
                     self._check_writable(off >> self.track_shift,
                                          ((off + L - 1) >> self.track_shift) + 1 if L else 0,
                                          ORIGIN_HOST)
+                    if self._invalid:
+                        self._check_valid_write(off, L)
+                if L and self._needs_space(tr):
+                    # every block the batch needs, before its first byte lands
+                    for i in range(k):
+                        self._reserve_write(offs[i], L)
                 for i in range(k):
                     self._write(offs[i], <const uint8_t*>view.buf + i * L, L, ORIGIN_HOST)
             finally:
@@ -1206,6 +1450,15 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
             tgt_base[k] = r.target.base
             tgt_to_copy[k] = r.to_copy.w
             tgt_changed[k] = r.src_changed.w if r.src_changed is not None else NULL
+        # thin volumes: the blocks of every track this call may write (on B,
+        # and on B's targets for their copy-on-write) before any byte lands
+        B._reserve_runs(w, a, n, max_tracks)
+        if A._reads_allocate:
+            A._reserve_runs(w, a, n, max_tracks)
+        for k in range(nrel):
+            r = <RelationshipBase>rels[k]
+            if r.target.thin:
+                r.target._reserve_runs(w, a, n, max_tracks)
         hooked = <void*>B if _cow_hook is not None else NULL
         with nogil:
             done = apply_runs(B.base, A.base, w, a, n, max_tracks, shift, nrel,
@@ -1417,15 +1670,16 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
         raise RuntimeError("pprc_drain must run without the volumes' locks held")
     B._acquire()
     try:
-        if B._tgt_rel is not None or B.base == NULL or B._inhibits or A.base == NULL:
-            return 0, 2
+        if B._tgt_rel is not None or B.base == NULL or B._inhibits or A.base == NULL \
+                or B.thin or A._reads_allocate:
+            return 0, 2   # (thin: pprc_copy_tracks reserves blocks first)
         rels = B._src_rels
         nrel = len(rels)
         if nrel > MAX_RELS:
             return 0, 2
         for k in range(nrel):
             r = <RelationshipBase>rels[k]
-            if r.target.base == NULL:
+            if r.target.base == NULL or r.target.thin:
                 return 0, 2
             tgt_base[k] = r.target.base
             tgt_to_copy[k] = r.to_copy.w

@@ -64,6 +64,12 @@ class UnitBusyError(StateError):
 
 class ReadOnlyUnitError(FastFCError):
     """A change was asked of a storage unit opened with ``readonly=True``."""
+class NoSpaceError(FastFCError):
+    """The filesystem holding a volume, a bitmap or a unit's database has no
+    room for the blocks a call needs. The call changed nothing: a create
+    leaves no file and no row behind, and a write to a thin volume is refused
+    before any byte lands or any bitmap changes. Free space (or grow the
+    filesystem) and retry."""
 
 
 __all__ = [
@@ -80,4 +86,5 @@ __all__ = [
     "UnitClosedError",
     "UnitBusyError",
     "ReadOnlyUnitError",
+    "NoSpaceError",
 ]

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Sequence
 
 from fastfc import _core, faults
 from fastfc._core import TrackBitmap, combine_or3
-from fastfc.errors import (IncompleteCopyError, LimitError, StateError,
+from fastfc.errors import (IncompleteCopyError, LimitError, NoSpaceError, StateError,
                            VolumeClosedError, WriteInhibitedError)
 from fastfc.store import store_of
 from fastfc.volume import Volume, check_pairable
@@ -121,6 +121,8 @@ class FlashCopy(_core.RelationshipBase):
         self._cursor = 0
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
+        #: the NoSpaceError that stopped the background copy (thin target), if any
+        self.copy_error: Exception | None = None
         # _bg_lock guards _running (a worker is on duty) and _kick (a resync
         # or commit came in while it ran: look at to_copy again before
         # stopping), so that no new work is left with no worker
@@ -137,12 +139,13 @@ class FlashCopy(_core.RelationshipBase):
         if self.record:
             self.src_changed = store.new_bitmap(n)
             self.tgt_changed = store.new_bitmap(n)
+        # recorded first: a store that refuses (a full disk) leaves no link
+        store.save_flash(self)
         self.active = True
         self.source._src_rels.append(self)
         self.source._rels_version += 1
         self.target._tgt_rel = self
         self.target._invalid = False
-        store.save_flash(self)
 
     @property
     def _store(self):
@@ -298,6 +301,11 @@ class FlashCopy(_core.RelationshipBase):
                         time.sleep(ahead)
         except (VolumeClosedError, StateError):
             return  # closed, withdrawn or made revertible meanwhile
+        except NoSpaceError as e:
+            # a thin target's filesystem is full: nothing of the chunk landed;
+            # the tracks stay to copy (copy() or a resync starts over)
+            self.copy_error = e
+            self._done.set()    # wait() returns False instead of hanging
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every track is on the target (COPY mode). Returns
@@ -418,6 +426,12 @@ class FlashCopy(_core.RelationshipBase):
                 if other is not self:
                     if other.target.closed and (changed & other.to_copy).any():
                         raise VolumeClosedError(f"target {other.target!r} is closed")
+            # thin volumes: every block the restore writes, before it starts
+            S._reserve_tracks(mask)
+            self.target._reserve_tracks(mask, read=True)
+            for other in S._src_rels:
+                if other is not self:
+                    other.target._reserve_tracks(changed & other.to_copy)
             for other in S._src_rels:
                 if other is not self:
                     cow = changed & other.to_copy

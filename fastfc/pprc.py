@@ -220,6 +220,7 @@ class PPRCPair(_core.MirrorBase):
                 self.bytes_sent += done * ts
                 self.cg_bytes += done * ts
                 return
+        A._reserve_read(t0, t1)
         arr = A.array
         cg = self.cg
         for t in range(t0, t1):
@@ -262,6 +263,7 @@ class PPRCPair(_core.MirrorBase):
                     b = bitmap.find_next_clear(a)
                     b = n if b < 0 else b
                     b = min(b, a + chunk, a + budget)
+                    A._reserve_read(a, b)
                     self.link.send(self.secondary, a * ts, A.array[a * ts:b * ts], key=A)
                     bitmap.clear_range(a, b)
                     self._cursor = b if b < n else 0

@@ -17,6 +17,7 @@ or revert is one row update, still O(1).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from fastfc._core import TrackBitmap
-from fastfc.errors import CorruptUnitError, ReadOnlyUnitError, UnitClosedError
+from fastfc.errors import CorruptUnitError, NoSpaceError, ReadOnlyUnitError, UnitClosedError
 
 SCHEMA_VERSION = 1
 
@@ -120,14 +121,47 @@ class FileBitmap(TrackBitmap):
 
     file_id: int
     path: Path
-    mm: np.memmap    # the mapping, for flush()
+    _mm: np.memmap    # the mapping (writable: private)
+
+    def flush(self) -> None:
+        """Write the words to the file (``msync``)."""
+        self._mm.flush()
+
+
+def _map_bitmap(path: Path, n_words: int, create: bool) -> np.memmap:
+    """Map a bitmap file with every block allocated (a bit set by the I/O
+    path must never need a block the filesystem cannot give: that would be
+    SIGBUS). A new file that cannot get its blocks is removed."""
+    flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+    fd = os.open(path, flags, 0o666)
+    try:
+        if create:
+            os.ftruncate(fd, n_words * 8)
+        os.posix_fallocate(fd, 0, n_words * 8)
+    except OSError as e:
+        os.close(fd)
+        if create:
+            path.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpaceError(f"bitmap file {path}: the filesystem has no room for "
+                               f"{n_words * 8} bytes ({e.strerror})") from None
+        raise
+    os.close(fd)
+    return np.memmap(path, dtype=np.uint64, mode="r+", shape=(n_words,))
+
+
+def _is_full(e: BaseException) -> bool:
+    """Whether an SQLite error is SQLITE_FULL (database or disk is full)."""
+    return isinstance(e, sqlite3.OperationalError) and (
+        getattr(e, "sqlite_errorcode", None) == 13 or "full" in str(e))
 
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS volumes(
     name TEXT PRIMARY KEY, n_tracks INTEGER NOT NULL, track_size INTEGER NOT NULL,
-    secondary INTEGER NOT NULL DEFAULT 0, invalid INTEGER NOT NULL DEFAULT 0);
+    secondary INTEGER NOT NULL DEFAULT 0, invalid INTEGER NOT NULL DEFAULT 0,
+    thin INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS flashcopies(
     id INTEGER PRIMARY KEY, source TEXT NOT NULL, target TEXT NOT NULL,
     options TEXT NOT NULL, sequence INTEGER NOT NULL, revertible INTEGER NOT NULL,
@@ -225,6 +259,10 @@ class SQLiteStore(Store):
             "SELECT 1 FROM sqlite_master WHERE type='table' AND name='partners'").fetchone()
         self._partners: dict[str, str] = dict(self.db.execute(
             "SELECT uuid, path FROM partners").fetchall()) if has_partners else {}
+        if not readonly and "thin" not in {r[1] for r in self.db.execute("PRAGMA table_info(volumes)")}:
+            # a unit made before thick volumes: its files are sparse, so its
+            # volumes are thin (the default); older readers ignore the column
+            self.db.execute("ALTER TABLE volumes ADD COLUMN thin INTEGER NOT NULL DEFAULT 1")
         self._lock = threading.RLock()
         self._depth = 0
         self._next_bitmap = 1 + max([int(p.stem) for p in self.bitmap_dir.glob("*.bm")
@@ -293,18 +331,23 @@ class SQLiteStore(Store):
             self._depth += 1
             try:
                 yield
-            except BaseException:
+                if level == 0:
+                    self.db.execute("COMMIT")
+            except BaseException as e:
                 self._depth -= 1
                 if level == 0:
-                    self.db.execute("ROLLBACK")
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
                 else:
                     self.db.execute(f"ROLLBACK TO sp{level}")
                     self.db.execute(f"RELEASE sp{level}")
                 self._row_bitmaps, self._garbage = saved
+                if _is_full(e) and level == 0:
+                    raise NoSpaceError(f"{self.dir / 'unit.db'}: {e}; the transaction was "
+                                       "rolled back (free space and retry)") from e
                 raise
             self._depth -= 1
             if level == 0:
-                self.db.execute("COMMIT")
                 if self.db.execute("PRAGMA synchronous").fetchone()[0] >= 2:
                     self.fsyncs += 1
                 self._collect()
@@ -348,9 +391,9 @@ class SQLiteStore(Store):
             fid = self._next_bitmap
             self._next_bitmap += 1
         path = self.bitmap_dir / f"{fid}.bm"
-        words = np.memmap(path, dtype=np.uint64, mode="w+", shape=(max((n_bits + 63) // 64, 1),))
+        words = _map_bitmap(path, max((n_bits + 63) // 64, 1), create=True)
         bm = FileBitmap(n_bits, fill=fill, words=words)
-        bm.file_id, bm.path, bm.mm = fid, path, words
+        bm.file_id, bm.path, bm._mm = fid, path, words
         self._maps[fid] = bm
         return bm
 
@@ -364,12 +407,14 @@ class SQLiteStore(Store):
         if path.stat().st_size != n_words * 8:
             raise CorruptUnitError(f"bitmap file {path} has {path.stat().st_size} bytes, "
                                    f"expected {n_words * 8}")
-        # read-only: a private mapping (the process may set bits, as a
-        # restore does; the file never changes)
-        words = np.memmap(path, dtype=np.uint64, mode="c" if self.readonly else "r+",
-                          shape=(n_words,))
+        if self.readonly:
+            # a private mapping (the process may set bits, as a restore does;
+            # the file never changes)
+            words = np.memmap(path, dtype=np.uint64, mode="c", shape=(n_words,))
+        else:
+            words = _map_bitmap(path, n_words, create=False)
         bm = FileBitmap(n_bits, words=words)
-        bm.file_id, bm.path, bm.mm = fid, path, words
+        bm.file_id, bm.path, bm._mm = fid, path, words
         self._maps[fid] = bm
         return bm
 
@@ -411,9 +456,9 @@ class SQLiteStore(Store):
                 p.unlink()
 
     # -- volumes -----------------------------------------------------------------
-    def add_volume(self, name: str, n_tracks: int, track_size: int) -> None:
-        self._exec("INSERT INTO volumes(name, n_tracks, track_size) VALUES(?,?,?)",
-                   (name, n_tracks, track_size))
+    def add_volume(self, name: str, n_tracks: int, track_size: int, thin: bool = False) -> None:
+        self._exec("INSERT INTO volumes(name, n_tracks, track_size, thin) VALUES(?,?,?,?)",
+                   (name, n_tracks, track_size, int(thin)))
 
     def remove_volume(self, name: str) -> None:
         self._exec("DELETE FROM volumes WHERE name=?", (name,))
@@ -540,6 +585,11 @@ class SQLiteStore(Store):
                     self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 self.db.close()
+                # let go of the bitmap files: one that nothing else holds (a
+                # pooled or dropped bitmap) is unmapped and its file closed
+                # now; one a relationship still holds stays mapped with it
+                self._maps.clear()
+                self._pool.clear()
 
 
 def unit_ref(volume) -> str:

@@ -34,6 +34,7 @@ pair of units that moved apart.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import sqlite3
@@ -70,10 +71,12 @@ class ReadOnlyVolume(Volume):
     def __init__(self, n_tracks: int, track_size: int, *, path, name: str) -> None:
         self.path = Path(path)
         self.name = name
-        array = np.memmap(self.path, dtype=np.uint8, mode="c",
-                          shape=(n_tracks * track_size,))
-        self._attach(array, track_size)
+        with open(self.path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), n_tracks * track_size, access=mmap.ACCESS_COPY)
+        self._mm = mm      # close() unmaps it once no array of it is left
+        self._attach(np.frombuffer(mm, dtype=np.uint8), track_size)
         self._file_backed = False
+        self._reads_allocate = False
 
     def _refuse(self, *args, **kwargs):
         raise ReadOnlyUnitError(f"{self!r} is in a storage unit opened read-only")
@@ -194,8 +197,16 @@ class StorageUnit:
                 unit._restore_sessions()
 
     # -- volumes -----------------------------------------------------------------
-    def create_volume(self, name: str, n_tracks: int, track_size: int = DEFAULT_TRACK) -> Volume:
-        """Create a zero-filled volume named ``name`` in this unit."""
+    def create_volume(self, name: str, n_tracks: int, track_size: int = DEFAULT_TRACK, *,
+                      thin: bool = False) -> Volume:
+        """Create a zero-filled volume named ``name`` in this unit.
+
+        Thick by default: its file gets every block now, and a filesystem
+        without room raises :class:`~fastfc.errors.NoSpaceError` leaving no
+        file and no row. ``thin=True`` keeps the file sparse and reserves
+        blocks on first write (see :class:`~fastfc.volume.Volume`); the choice
+        is recorded and holds after reopening. In a memory unit ``thin`` has
+        no effect."""
         self._require_writable()
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(f"volume names are 1-64 letters, digits, '_', '.', '-' "
@@ -208,9 +219,9 @@ class StorageUnit:
             file = self._volume_file(name)
             if file.exists():
                 file.unlink()   # left by a create that died before its row
-            vol = Volume(n_tracks, track_size, path=file, name=name)
+            vol = Volume(n_tracks, track_size, path=file, name=name, thin=thin)
             try:
-                self.store.add_volume(name, n_tracks, track_size)
+                self.store.add_volume(name, n_tracks, track_size, thin)
             except BaseException:
                 vol.close()
                 file.unlink()
@@ -284,8 +295,13 @@ class StorageUnit:
     # -- restore ---------------------------------------------------------------------
     def _restore_local(self) -> None:
         st = self.store
-        for name, n_tracks, track_size, secondary, invalid in st.query(
-                "SELECT name, n_tracks, track_size, secondary, invalid FROM volumes"):
+        # (a unit made before thick volumes, opened read-only, has no column:
+        # its files are sparse, so its volumes are thin)
+        thin_col = "thin" if "thin" in {r[1] for r in st.query("PRAGMA table_info(volumes)")} \
+            else "1"
+        for name, n_tracks, track_size, secondary, invalid, thin in st.query(
+                f"SELECT name, n_tracks, track_size, secondary, invalid, {thin_col} "
+                "FROM volumes"):
             file = self._volume_file(name)
             if not file.exists():
                 raise CorruptUnitError(f"volume file {file} is missing")
@@ -293,8 +309,10 @@ class StorageUnit:
             if size != n_tracks * track_size:
                 raise CorruptUnitError(f"volume file {file} holds {size} bytes; the unit "
                                        f"records {n_tracks} tracks of {track_size} bytes")
-            cls = ReadOnlyVolume if self.readonly else Volume
-            vol = cls(n_tracks, track_size, path=file, name=name)
+            if self.readonly:
+                vol = ReadOnlyVolume(n_tracks, track_size, path=file, name=name)
+            else:
+                vol = Volume(n_tracks, track_size, path=file, name=name, thin=bool(thin))
             vol.unit = self
             vol._secondary = bool(secondary)
             vol._invalid = bool(invalid)
@@ -417,8 +435,8 @@ class StorageUnit:
                                                          fc.tgt_changed)]
         maps += [bm for pair in self.pairs for bm in (pair.oos, pair.spare, pair.cg)]
         for bm in maps:
-            if bm is not None and hasattr(bm, "mm"):
-                bm.mm.flush()
+            if bm is not None and hasattr(bm, "flush"):
+                bm.flush()
         for v in vols:
             if v._tgt_rel is None:
                 v.flush()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 from pathlib import Path
 
 import numpy as np
 
 from fastfc import _core
-from fastfc.errors import VolumeClosedError
+from fastfc.errors import NoSpaceError, VolumeClosedError
 
 MIN_TRACK = 512
 MAX_TRACK = 16 * 1024 * 1024
@@ -26,18 +28,34 @@ class Volume(_core.VolumeBase):
         Bytes per track: a power of two from 512 B to 16 MiB (default 64 KiB,
         a DS8000 fixed-block track).
     path : str or os.PathLike, optional
-        Back the volume with this file through ``numpy.memmap``. An existing
-        file of the right size is opened with its data; a missing one is
-        created (zero-filled); a file of another size is refused.
+        Back the volume with this file, memory-mapped. An existing file of the
+        right size is opened with its data; a missing one is created
+        (zero-filled); a file of another size is refused.
     name : str, optional
         A label for ``repr`` and the command line.
+    thin : bool
+        File-backed volumes only. ``False`` (default, thick): a new file gets
+        all its blocks at create (``posix_fallocate``), so a filesystem
+        without room refuses the create with
+        :class:`~fastfc.errors.NoSpaceError` and leaves no file. ``True``: the
+        file stays sparse, and every path that lands data on the volume (host
+        writes, copy-on-write, background copy, reverse restore, PPRC
+        updates) first reserves the blocks of the tracks it touches for the
+        first time; a full filesystem then refuses the call with
+        ``NoSpaceError`` before any byte lands or any bitmap changes. On
+        tmpfs, where reading a hole takes a page too, reads reserve as well
+        (and :attr:`array` reserves the whole volume). When opening an
+        existing file, say how it was made (a storage unit records it); its
+        tracks that hold data are found with ``SEEK_DATA``.
 
     Notes
     -----
     Host I/O (:meth:`read`, :meth:`write`, :meth:`read_batch`,
     :meth:`write_batch`, :meth:`readinto`) goes through the volume's I/O path,
     which consults every FlashCopy relationship and PPRC pair the volume is
-    part of. :attr:`array` is the raw backing store, for tests and benchmarks.
+    part of. :attr:`array` is a read-only view of the physical bytes; it, and
+    every array taken from it, stays valid after :meth:`close` (the memory
+    is freed when the last one dies).
 
     Locking: one re-entrant lock per volume guards its data, its flags and
     the bitmaps of the relationships in which it is the source.
@@ -47,7 +65,8 @@ class Volume(_core.VolumeBase):
     unit = None
 
     def __init__(self, n_tracks: int, track_size: int = DEFAULT_TRACK, *,
-                 path: str | os.PathLike | None = None, name: str | None = None) -> None:
+                 path: str | os.PathLike | None = None, name: str | None = None,
+                 thin: bool = False) -> None:
         n_tracks = _as_int(n_tracks, "n_tracks")
         track_size = _as_int(track_size, "track_size")
         if n_tracks < 1:
@@ -59,23 +78,31 @@ class Volume(_core.VolumeBase):
         capacity = n_tracks * track_size
         self.path = Path(path) if path is not None else None
         self.name = name or (self.path.stem if self.path else f"vol{self.vid}")
+        self._mm: mmap.mmap | None = None
         if self.path is None:
-            array = np.zeros(capacity, dtype=np.uint8)
+            if thin:
+                raise ValueError("thin applies to file-backed volumes (give a path)")
+            self._attach(np.zeros(capacity, dtype=np.uint8), track_size)
         else:
-            if self.path.exists():
-                size = self.path.stat().st_size
-                if size != capacity:
-                    raise ValueError(
-                        f"{self.path} holds {size} bytes, but {n_tracks} tracks of "
-                        f"{track_size} bytes need {capacity}")
-                array = np.memmap(self.path, dtype=np.uint8, mode="r+", shape=(capacity,))
-            else:
-                array = np.memmap(self.path, dtype=np.uint8, mode="w+", shape=(capacity,))
-        self._attach(array, track_size)
+            mm, fd = _map_file(self.path, n_tracks, track_size, bool(thin))
+            try:
+                allocated = _allocated_tracks(fd, n_tracks, track_size) if thin else None
+                # the array's base holds an export of the mapping: close()
+                # unmaps it only once no array of it is left
+                self._attach(np.frombuffer(mm, dtype=np.uint8), track_size,
+                             fd if thin else -1, allocated)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._mm = mm
+            if not thin:
+                os.close(fd)   # the mapping holds its own reference to the file
         # PPRC updates then write only the 4 KiB pages that change: on a file
         # whose pages go to a disk, a clean page costs no writeback. In memory
         # (tmpfs included) a whole-track copy is cheaper than comparing.
         self._file_backed = self.path is not None and not _in_memory_fs(self.path)
+        # on tmpfs a read fault on a hole takes a page as a write does
+        self._reads_allocate = bool(thin) and not self._file_backed
 
     # -- lifecycle ----------------------------------------------------------
     def flush(self) -> None:
@@ -84,30 +111,37 @@ class Volume(_core.VolumeBase):
         try:
             if self.closed:
                 raise VolumeClosedError(f"{self!r} is closed")
-            if isinstance(self.array, np.memmap):
-                self.array.flush()
+            if self._mm is not None:
+                self._mm.flush()
         finally:
             self._unlock()
 
     def close(self) -> None:
         """Flush (if file-backed) and release the backing store. Any later
-        I/O raises :class:`~fastfc.errors.VolumeClosedError`. Idempotent."""
-        self._lock()
-        try:
-            if self.closed:
-                return
-            array = self._detach()
-            if isinstance(array, np.memmap):
-                array.flush()
-                mm = getattr(array, "_mmap", None)
-                del array
-                if mm is not None:
-                    try:
-                        mm.close()
-                    except BufferError:
-                        pass  # a view is still alive; the mapping goes with it
-        finally:
-            self._unlock()
+        I/O raises :class:`~fastfc.errors.VolumeClosedError`. Idempotent.
+
+        The mapping and its file are released at once unless an array of the
+        volume's memory (from :attr:`array`) is still alive: then the mapping
+        stays until the last such array is gone, so none ever points at
+        unmapped memory."""
+        fd = self._detach()
+        if fd is None:
+            return
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            mm.flush()
+            try:
+                mm.close()
+            except BufferError:
+                pass  # an array still uses the mapping; it goes with the last one
+        if fd >= 0:
+            os.close(fd)
+
+    def _valid_again(self) -> None:
+        """A whole-volume host write gave an invalid volume a valid image:
+        record it in the unit (the volume's lock is held)."""
+        if self.unit is not None:
+            self.unit.store.set_volume_flags(self)
 
     def __enter__(self) -> "Volume":
         return self
@@ -137,6 +171,80 @@ class Volume(_core.VolumeBase):
         state = "closed" if self.closed else f"{self.n_tracks}x{self.track_size}B"
         where = f" at {str(self.path)!r}" if self.path else ""
         return f"<Volume {self.name} {state}{where}>"
+
+
+def _map_file(path: Path, n_tracks: int, track_size: int, thin: bool) -> tuple[mmap.mmap, int]:
+    """Map ``path`` read-write; returns the mapping and an open descriptor.
+
+    A missing file is created at full size: thick, with every block allocated
+    now; thin, sparse. Whatever goes wrong (no room, a size the filesystem
+    cannot hold, no address space), no file is left behind."""
+    capacity = n_tracks * track_size
+    what = f"a volume of {n_tracks} tracks of {track_size} bytes ({capacity} bytes)"
+    if path.exists():
+        size = path.stat().st_size
+        if size != capacity:
+            raise ValueError(f"{path} holds {size} bytes, but {n_tracks} tracks of "
+                             f"{track_size} bytes need {capacity}")
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        try:
+            return mmap.mmap(fd, capacity), fd
+        except BaseException:
+            os.close(fd)
+            raise
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        try:
+            if not thin:
+                st = os.statvfs(fd)
+                free = st.f_bavail * st.f_frsize
+                if capacity > free:
+                    raise NoSpaceError(
+                        f"{what} needs {capacity} bytes, but the filesystem of {path} has "
+                        f"{free} bytes free; create it thin=True to allocate on first "
+                        "write, or free space")
+            os.ftruncate(fd, capacity)
+            if not thin:
+                os.posix_fallocate(fd, 0, capacity)
+            mm = mmap.mmap(fd, capacity)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceError(f"{what} at {path}: the filesystem has no room for "
+                                   f"it ({e.strerror}); nothing was created") from None
+            if e.errno in (errno.EFBIG, errno.EINVAL, errno.ENOMEM, errno.EOVERFLOW):
+                raise ValueError(f"{what} at {path} is larger than this system allows "
+                                 f"for one memory-mapped file ({e.strerror}); nothing was "
+                                 "created") from None
+            raise
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    return mm, fd
+
+
+def _allocated_tracks(fd: int, n_tracks: int, track_size: int) -> "_core.TrackBitmap":
+    """The tracks of a thin volume's file that hold blocks already (from
+    ``SEEK_DATA``/``SEEK_HOLE``); others are reserved on first touch."""
+    bm = _core.TrackBitmap(n_tracks)
+    capacity = n_tracks * track_size
+    pos = 0
+    try:
+        while pos < capacity:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break   # only holes from pos on
+                raise
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), capacity)
+            first, last = -(-data // track_size), hole // track_size
+            if last > first:
+                bm.set_range(first, last)
+            pos = hole
+    except OSError:
+        bm.fill(False)   # no SEEK_DATA here: reserve every track on first touch
+    return bm
 
 
 def _in_memory_fs(path: Path) -> bool:

@@ -71,10 +71,14 @@ class RefVolume:
         rel = self.source_rel
         if rel is not None and (rel.revertible or rel.inhibit_target_write):
             raise WriteInhibitedError("target write refused")
+        if self.image is None:
+            # an invalid image takes only a rewrite of the whole volume
+            if not (offset == 0 and len(data) == self.capacity):
+                raise InvalidImageError(self.name)
+            self.image = bytearray(self.capacity)
         if not data:
             return
-        if self.image is not None:
-            self.image[offset:offset + len(data)] = data
+        self.image[offset:offset + len(data)] = data
         for r in self.relationships():
             r.touched()
 

@@ -33,7 +33,7 @@ def vol(n_tracks: int = 8, seed: int | None = 0, track_size: int = TS, **kw) -> 
     """A volume filled with random bytes (zeros when seed is None)."""
     v = Volume(n_tracks, track_size, **kw)
     if seed is not None:
-        v.array[:] = np.frombuffer(rand(v.capacity, seed), dtype=np.uint8)
+        v._raw_array()[:] = np.frombuffer(rand(v.capacity, seed), dtype=np.uint8)
     return v
 
 

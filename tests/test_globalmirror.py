@@ -38,7 +38,7 @@ class Session:
             return [Volume(n_tracks, track_size, name=f"{tag}{i}") for i in range(n_triplets)]
         self.A, self.B, self.C = vols("A"), vols("B"), vols("C")
         for i, a in enumerate(self.A):
-            a.array[:] = rand(a.capacity, 100 + i)
+            a._raw_array()[:] = rand(a.capacity, 100 + i)
         self.keep = keep
         self.snaps = {0: [image(c) for c in self.C]}
         self.link = link if link is not None else LocalLink()
@@ -123,7 +123,7 @@ def test_constructor_refuses_bad_triplets():
 def test_constructor_failure_undoes_the_earlier_triplets():
     s_vols = [Volume(N, TS, name=f"{t}{i}") for i in range(2) for t in "ABC"]
     a1, b1, c1, a2, b2, c2 = s_vols
-    c1.array[:] = rand(c1.capacity, 5)
+    c1._raw_array()[:] = rand(c1.capacity, 5)
     x = Volume(N, TS, name="X")
     FlashCopy(x, c2, background_copy=False)               # c2 is taken
     with pytest.raises(LimitError):

@@ -72,7 +72,7 @@ class FlashCopyModel(RuleBasedStateMachine):
         rng = random.Random(seed)
         for v, m in zip(self.vols, self.refs):
             content = rng.randbytes(v.capacity)
-            v.array[:] = np.frombuffer(content, dtype=np.uint8)
+            v._raw_array()[:] = np.frombuffer(content, dtype=np.uint8)
             m.image[:] = content
 
     # -- helpers -----------------------------------------------------------------

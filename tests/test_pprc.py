@@ -31,7 +31,7 @@ def volumes(n_tracks: int = N, track_size: int = TS, seed: int = 1):
     """A primary holding random bytes and an empty secondary."""
     a = Volume(n_tracks, track_size, name="A")
     b = Volume(n_tracks, track_size, name="B")
-    a.array[:] = rand(a.capacity, seed)
+    a._raw_array()[:] = rand(a.capacity, seed)
     return a, b
 
 
@@ -631,7 +631,7 @@ class HookLink(LocalLink):
 def test_suspend_during_a_drain_stops_sending():
     link = HookLink()
     a, b, _, pair = make_pair("gcp", link=link, initial_copy=False)
-    b.array[:] = a.array                         # the volumes start equal
+    b._raw_array()[:] = a.array                         # the volumes start equal
     for t in (1, 4, 9):                           # three separate runs
         a.write(t * TS, rand(TS, t))
     link.hook = pair.suspend
@@ -646,7 +646,7 @@ def test_suspend_during_a_drain_stops_sending():
 def test_failover_during_a_drain_keeps_the_new_primary_writes():
     link = HookLink()
     a, b, _, pair = make_pair("gcp", link=link, initial_copy=False)
-    b.array[:] = a.array                         # the volumes start equal
+    b._raw_array()[:] = a.array                         # the volumes start equal
     for t in (1, 4, 9):
         a.write(t * TS, rand(TS, t))
     site_b = rand(TS, 99)
@@ -745,9 +745,9 @@ def test_direct_drain_on_files_writes_only_changed_pages_and_keeps_images(tmp_pa
     c = Volume(8, TS4, path=tmp_path / "c")
     b._file_backed = True      # as on a disk (tmp_path may be tmpfs elsewhere)
     base = rand(8 * TS4, 1)
-    a.array[:] = base
-    b.array[:] = base
-    b.array[3 * TS4 + 100: 3 * TS4 + 200] = 7      # B differs from A on one page
+    a._raw_array()[:] = base
+    b._raw_array()[:] = base
+    b._raw_array()[3 * TS4 + 100: 3 * TS4 + 200] = 7      # B differs from A on one page
     b_before = image(b)
     pair = PPRCPair(a, b, LocalLink(), initial_copy=False, background=False)
     fc = FlashCopy(b, c, background_copy=False, record=True)

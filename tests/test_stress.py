@@ -131,7 +131,7 @@ def reader(vol: Volume, expect: bytes, seed: int, stop: threading.Event, counter
 
 def volume(seed: int, name: str) -> Volume:
     v = Volume(N_TRACKS, TS, name=name)
-    v.array[:] = np.frombuffer(random.Random(seed).randbytes(v.capacity), dtype=np.uint8)
+    v._raw_array()[:] = np.frombuffer(random.Random(seed).randbytes(v.capacity), dtype=np.uint8)
     return v
 
 
