@@ -24,6 +24,7 @@ commands print JSON with ``--json``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -357,6 +358,8 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, MemoryError):
         return ("out of memory: the command needs more memory than this process may use"
                 + (f" ({e})" if str(e) else ""))
+    if isinstance(e, OSError) and e.errno == errno.ENOMEM:
+        return f"out of memory (or address space) for this process: {e}"
     if isinstance(e, OverflowError):
         return f"a number is too large: {e}"
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
