@@ -3,6 +3,7 @@ faults injected, live progress, a summary table and an optional plot."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -65,11 +66,18 @@ def _status_table(gm: GlobalMirror, writers: RandomWriters, elapsed: float, last
 
 
 def run_demo(cfg: DemoConfig, plot: str | None = None, console=None) -> dict:
-    """Run the demo; returns the final stats as a dict."""
+    """Run the demo; returns the final stats as a dict.
+
+    On a terminal the status table updates live; otherwise (a pipe, a file)
+    a one-line status goes to stderr every few seconds and stdout gets the
+    final table only, so the output holds no live-display control codes."""
     from rich.console import Console
     from rich.live import Live
 
-    console = console or Console()
+    if console is None:
+        console = Console(highlight=False)
+        if not console.is_terminal:
+            console.width = 200     # a pipe: no wrapping at 80 columns
     n_tracks = cfg.size_mib * 2**20 // cfg.track_size
     console.print(f"[bold]fastfc demo[/]: {cfg.triplets} triplets (A->B Global Copy, "
                   f"B->C revertible FlashCopy) of {cfg.size_mib} MiB, {cfg.io_size} B random "
@@ -102,15 +110,28 @@ def run_demo(cfg: DemoConfig, plot: str | None = None, console=None) -> dict:
     inj = threading.Thread(target=injector, daemon=True)
     if cfg.fault_every > 0:
         inj.start()
+    live = Live(console=console, refresh_per_second=4, transient=True) \
+        if console.is_terminal else None
+    said = t0
     try:
-        with Live(console=console, refresh_per_second=4, transient=False) as live:
-            while (elapsed := time.perf_counter() - t0) < cfg.seconds:
-                rpo = gm.stats.rpo
-                timeline.t.append(elapsed)
-                timeline.rpo.append(float("nan") if rpo is None else rpo)
+        if live is not None:
+            live.start()
+        while (elapsed := time.perf_counter() - t0) < cfg.seconds:
+            rpo = gm.stats.rpo
+            timeline.t.append(elapsed)
+            timeline.rpo.append(float("nan") if rpo is None else rpo)
+            if live is not None:
                 live.update(_status_table(gm, writers, elapsed, last_fault[0]))
-                time.sleep(0.1)
+            elif time.perf_counter() - said >= 5:
+                said = time.perf_counter()
+                st = gm.stats
+                print(f"{elapsed:.0f} s: CG {st.sequence}, {st.successes} of {st.attempts} "
+                      f"committed, RPO {'-' if rpo is None else f'{rpo * 1e3:.1f} ms'}",
+                      file=sys.stderr, flush=True)
+            time.sleep(0.1)
     finally:
+        if live is not None:
+            live.stop()
         stop.set()
         if inj.is_alive():
             inj.join()

@@ -77,11 +77,29 @@ def inject(point: str, volume=None, *, times: int = 1, delay: float | None = Non
         raise ValueError(f"times must be >= 1, got {times}")
     if delay is not None and delay < 0:
         raise ValueError(f"delay must be >= 0, got {delay}")
+    _check_volume(point, volume)
     fault = Fault(point, volume, times, delay, after, action)
     with _lock:
         _armed.append(fault)
         _core.set_cow_hook(_cow_hook if any(f.point == "cow" for f in _armed) else None)
     return fault
+
+
+# the points that name no volume: a fault there must not be given one
+_NO_VOLUME = ("coordinate", "decision")
+
+
+def _check_volume(point: str, volume) -> None:
+    """A fault matches by identity, so a volume given by anything but the
+    object the engine passes (a name, say) would never fire: refuse it."""
+    if volume is None:
+        return
+    if point in _NO_VOLUME:
+        raise TypeError(f"the {point!r} fault point names no volume; got {volume!r}")
+    from fastfc.volume import Volume   # late: volume sits below this module's users
+    if not isinstance(volume, Volume):
+        raise TypeError(f"volume must be a fastfc.Volume (the object, not its name) or "
+                        f"None, got {type(volume).__name__} {volume!r}")
 
 
 def clear() -> None:

@@ -15,13 +15,14 @@ target locks in volume-id order (:func:`locked`).
 from __future__ import annotations
 
 import enum
+import numbers
 import threading
 import time
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
 
 from fastfc import _core, faults
-from fastfc._core import TrackBitmap, combine_or3
+from fastfc._core import combine_or3
 from fastfc.errors import (IncompleteCopyError, LimitError, NoSpaceError, StateError,
                            VolumeClosedError, WriteInhibitedError)
 from fastfc.store import store_of
@@ -33,6 +34,20 @@ MAX_TARGETS = 12
 # speed). The copy kernel streams whatever the chunk size, so 4 MiB copies
 # within 1% of 8 MiB; 1 MiB loses ~20% to per-chunk overhead in the worker.
 CHUNK_BYTES = 4 * 1024 * 1024
+# Sequence numbers are stored as SQLite INTEGERs: 0 .. 2**63 - 1
+MAX_SEQUENCE = (1 << 63) - 1
+
+
+def check_sequence(sequence) -> int:
+    """``sequence`` as an int: TypeError unless an integer (bool is not),
+    ValueError unless 0 <= sequence <= MAX_SEQUENCE."""
+    if isinstance(sequence, bool) or not isinstance(sequence, numbers.Integral):
+        raise TypeError(f"sequence must be an integer, got {type(sequence).__name__} "
+                        f"{sequence!r}")
+    sequence = int(sequence)
+    if not 0 <= sequence <= MAX_SEQUENCE:
+        raise ValueError(f"sequence must be between 0 and {MAX_SEQUENCE}, got {sequence}")
+    return sequence
 
 
 class FlashCopyState(enum.Enum):
@@ -107,6 +122,7 @@ class FlashCopy(_core.RelationshipBase):
             raise TypeError("source and target must be fastfc.Volume objects")
         if copy_rate is not None and not copy_rate > 0:
             raise ValueError(f"copy_rate must be a positive number of bytes/s, got {copy_rate}")
+        sequence = check_sequence(sequence)
         self.source = source
         self.target = target
         self.background_copy = bool(background_copy)
@@ -114,7 +130,7 @@ class FlashCopy(_core.RelationshipBase):
         self.persistent = bool(persistent) or self.record
         self.inhibit_target_write = bool(inhibit_target_write)
         self.copy_rate = copy_rate
-        self.sequence = int(sequence)
+        self.sequence = sequence
         self.revertible = False
         self.active = False
         self._revert_image = None
@@ -335,7 +351,11 @@ class FlashCopy(_core.RelationshipBase):
         if not self.record:
             raise StateError(f"{self!r} was established without record=True; "
                              "incremental resync needs change recording")
-        new_sequence = self.sequence + 1 if sequence is None else int(sequence)
+        if sequence is not None:
+            sequence = check_sequence(sequence)
+        elif self.sequence >= MAX_SEQUENCE:
+            raise ValueError(f"{self!r} is at the largest sequence number; give sequence=")
+        new_sequence = self.sequence + 1 if sequence is None else sequence
         with locked((self.source, self.target)):
             self._require_active()
             if self.revertible:

@@ -41,6 +41,7 @@ from fastfc import _core, faults
 from fastfc.errors import FastFCError, StateError, VolumeClosedError
 from fastfc.flashcopy import FlashCopy
 from fastfc.link import Link, LocalLink
+from fastfc.names import check_name
 from fastfc.pprc import DrainAborted, PPRCPair
 from fastfc.store import store_of
 from fastfc.volume import Volume
@@ -100,8 +101,11 @@ class GMStats:
 
     sequence: int = 0                        # CG sequence number of the newest committed CG
     attempts: int = 0
-    successes: int = 0
+    successes: int = 0                       # committed CGs (commit failures resolved by commit too)
     failures: collections.Counter = field(default_factory=collections.Counter)
+    # committed CGs whose commit step failed on some volume and that the
+    # resolution completed by committing the rest: successes, not failures
+    commit_failures_resolved: int = 0
     last_cg_time: float | None = None        # time.time() of that CG's coordination instant
     bytes_drained: int = 0
     coordination_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10000))
@@ -127,6 +131,7 @@ class GMStats:
     def as_dict(self) -> dict:
         return {"sequence": self.sequence, "attempts": self.attempts,
                 "successes": self.successes, "failures": dict(self.failures),
+                "commit_failures_resolved": self.commit_failures_resolved,
                 "last_cg_time": self.last_cg_time, "rpo": self.rpo,
                 "bytes_drained": self.bytes_drained, **{
                     f"{k}_{q}": v for k, d in self.phase_percentiles().items()
@@ -171,6 +176,14 @@ class GlobalMirror:
     on_coordinate : callable, optional
         ``on_coordinate(sequence)``, called while host writes are held on
         every A (its run time is not counted in the coordination bound).
+    on_result : callable, optional
+        ``on_result(result)``, called with each attempt's :class:`CGResult`
+        once it is counted in :attr:`stats` (from the thread that made the
+        attempt), so a caller can persist its counts as they happen.
+    name : str
+        The session's name (default "gm"): 1-64 letters, digits, '_', '.',
+        '-', starting with a letter or digit (:mod:`fastfc.names`); it
+        names the session in its storage unit and in files.
     journal : object, optional
         Receives ``cg_decision(session_name, sequence, decision)`` before any
         relationship is committed or reverted. Defaults to the metadata store
@@ -182,8 +195,11 @@ class GlobalMirror:
                  max_coordination_time: float = 0.05, max_drain_time: float = 0,
                  decide: str = "after_all",
                  on_coordinate: Callable[[int], None] | None = None,
+                 on_result: Callable[[CGResult], None] | None = None,
                  journal=None, name: str = "gm", initial_copy: bool = True,
                  _parts: list | None = None) -> None:
+        if _parts is None:   # a restored session keeps the name it was stored under
+            check_name("session", name)
         if not triplets:
             raise ValueError("a Global Mirror session needs at least one (A, B, C) triplet")
         if decide not in ("after_all", "after_each"):
@@ -205,6 +221,7 @@ class GlobalMirror:
         self.max_drain_time = float(max_drain_time)
         self.decide = decide
         self.on_coordinate = on_coordinate
+        self.on_result = on_result
         self.journal = journal
         self.stats = GMStats()
         self.state = GMState.IDLE
@@ -328,15 +345,17 @@ class GlobalMirror:
         for p in pairs:      # no CG in flight, so no collision touches these
             p.side = {}
             p.cg_bytes = 0
-        before = after = None
         injected: list[FastFCError] = []
-        if faults.armed_at("coordinate"):
-            def before() -> None:
-                try:
-                    faults.hit("coordinate")
-                except FastFCError as e:
-                    injected.append(e)
-                    raise
+
+        def fault_point() -> None:
+            try:
+                faults.hit("coordinate")
+            except FastFCError as e:
+                injected.append(e)
+                raise
+
+        before = fault_point if faults.armed_at("coordinate") else None
+        after = None
         if self.on_coordinate is not None:
             on_coordinate, seq = self.on_coordinate, res.sequence
             after = lambda: on_coordinate(seq)
@@ -462,11 +481,15 @@ class GlobalMirror:
             st.sequence = res.sequence
             st.last_cg_time = res.coordinated_at
             self._committed_once = True
-        if res.cause is not None:
+        if res.committed and res.cause is Cause.COMMIT_FAILED:
+            st.commit_failures_resolved += 1     # a committed CG: not a failure
+        elif res.cause is not None:
             st.failures[res.cause.value] += 1
         if st.last_cg_time is not None:
             st.rpo_samples.append(time.time() - st.last_cg_time)
         self.history.append(res)
+        if self.on_result is not None:
+            self.on_result(res)
 
     # -- operator actions ------------------------------------------------------
     def clear_fatal(self) -> str:
@@ -603,19 +626,58 @@ class GlobalMirror:
                 t.pair.remove()
         self.triplets = []
 
-    def close(self) -> None:
+    def close(self, *, discard: bool = False,
+              on_copy: Callable[[int, int], None] | None = None) -> None:
         """End the session [rmgmir]: stop, remove the pairs and FlashCopies.
-        The C volumes are left invalid if their images were still virtual."""
+
+        Every C volume keeps its image of the last committed CG: the tracks
+        that it still reads from its B are copied B -> C first (``on_copy(
+        copied, total)`` reports the progress in tracks), then each B->C
+        relationship is withdrawn without force. That copy is O(data); with
+        ``discard=True`` the relationships are withdrawn at once and every C
+        that still needed tracks turns invalid (its reads raise
+        :class:`~fastfc.errors.InvalidImageError`).
+
+        Refused (nothing changes) while a relationship is still revertible
+        after the resolution of a failed commit or revert, unless ``discard``.
+        """
         if self.triplets:
             self._require_writable()
         self.stop()
         with self._lock:
             self._resolve()
+            if not discard:
+                stuck = [t.fc for t in self.triplets if t.fc.active and t.fc.revertible]
+                if stuck:
+                    raise StateError(
+                        f"session {self.name}: {', '.join(fc.target.name for fc in stuck)} "
+                        "still revertible (the C volumes are not on one CG); clear_fatal() "
+                        "first, or close(discard=True) to withdraw and invalidate them")
+                self._copy_to_c(on_copy)
             unit = getattr(self.triplets[0].b, "unit", None) if self.triplets else None
             self._teardown()
             self._store.drop_session(self)
             if unit is not None:
                 unit._forget_session(self)
+
+    def tracks_c_needs(self) -> dict[str, int]:
+        """Per C volume (by name), the tracks it still reads from its B: what
+        :meth:`close` copies first, or what ``close(discard=True)`` loses."""
+        return {t.c.name: t.fc.tracks_to_copy for t in self.triplets if t.fc.active}
+
+    def _copy_to_c(self, on_copy) -> None:
+        fcs = [t.fc for t in self.triplets if t.fc.active]
+        total = sum(fc.tracks_to_copy for fc in fcs)
+        done = 0
+        for fc in fcs:
+            chunk = max(1, (4 << 20) // fc.source.track_size)
+            while fc.active and fc.to_copy.any():
+                n = fc.copy(chunk)
+                done += n
+                if on_copy is not None:
+                    on_copy(done, total)
+                if not n and fc.to_copy.any():
+                    raise StateError(f"could not copy {fc.source.name} -> {fc.target.name}")
 
     def __enter__(self) -> "GlobalMirror":
         return self

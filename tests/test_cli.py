@@ -200,7 +200,7 @@ def test_mkflash_wait_copies_every_track(fastfc, site1):
            "--wait")
     assert rows(fastfc("lsflash"))["S:P"] == [
         "S:P", "copied", "7", f"0/{N}", "no", "COPY persist tgtinhibit rate 64 MiB/s"]
-    assert "inhibit_target_write" in fastfc("write", "P", "no", code=1).stderr
+    assert "--tgtinhibit" in fastfc("write", "P", "no", code=1).stderr
     fastfc("mkflash", "S:T", "--nocp", "--wait", code=2)
 
 
@@ -380,7 +380,13 @@ def test_writes_at_the_secondary_site_alone_are_recorded_for_failback(fastfc, tw
 def test_rmpprc(fastfc, two_sites):
     site1, site2 = two_sites
     fastfc("mkpprc", "A:B", "--type", "gcp", remote=site2)
-    assert "removed pair A:B" in fastfc("rmpprc", "A:B").stdout
+    r = fastfc("rmpprc", "A:B", code=1)          # B lacks tracks: refused, names them
+    assert f"{N} tracks out of sync" in r.stderr and "rmpprc --force" in r.stderr
+    assert rows(fastfc("lspprc"))["A:B"][1] == "copy pending"
+    assert "removed pair A:B" in fastfc("rmpprc", "A:B", "--force").stdout
+    assert fastfc("lspprc").stdout.strip() == "no PPRC pairs"
+    fastfc("mkpprc", "A:B", "--type", "mmir", "--wait", remote=site2)
+    assert "removed pair A:B" in fastfc("rmpprc", "A:B").stdout   # in sync: no --force
     assert fastfc("lspprc").stdout.strip() == "no PPRC pairs"
     fastfc("write", "B", "free again", unit=site2)
     assert "no PPRC pair A:B" in fastfc("rmpprc", "A:B", code=1).stderr
@@ -399,7 +405,8 @@ def test_pprc_errors(fastfc, two_sites):
     fastfc("mkpprc", "A:B", "--type", "gcp", remote=site2)
     assert "already in a PPRC pair" in fastfc("mkpprc", "A:B2", "--type", "gcp",
                                               remote=site2, code=1).stderr
-    assert "in a FlashCopy relationship or PPRC pair" in fastfc("rmvol", "A", code=1).stderr
+    r = fastfc("rmvol", "A", code=1)
+    assert "in a FlashCopy relationship, PPRC pair" in r.stderr and "rmpprc" in r.stderr
 
 
 # -- Global Mirror ------------------------------------------------------------------------

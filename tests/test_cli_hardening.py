@@ -1,0 +1,402 @@
+"""Issue 8, hardening of the command line, the demo and library checks.
+
+Each test here failed on the code before it: a traceback or a wrong exit
+status where one line and status 1 are promised, a file or a session left by
+a refused command, data lost without --force, a number the C core cannot hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fastfc import FlashCopy, GlobalMirror, StorageUnit, Volume, faults
+from fastfc.cli import main
+from fastfc.errors import InvalidImageError, StateError
+
+from test_cli import N, TS, digest, make_volumes, props, rows  # noqa: F401
+from test_cli import fastfc, site1, site2  # noqa: F401  (fixtures)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def listing(path: Path) -> list[str]:
+    """Every file under ``path`` (relative), for "nothing created" checks."""
+    if not path.exists():
+        return []
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(main, list(map(str, args)), input=input)
+
+
+@pytest.fixture
+def session(fastfc, site1, site2):
+    """Session gm over A0:B0:C0, A1:B1:C1, one CG committed over data."""
+    make_volumes(fastfc, site1, "A0", "A1")
+    make_volumes(fastfc, site2, "B0", "B1", "C0", "C1")
+    fastfc("write", "A0", "zero", "--repeat", 300)
+    fastfc("write", "A1", "one", "--repeat", 300)
+    fastfc("mkgmir", "gm", "A0:B0:C0", "A1:B1:C1", remote=site2)
+    fastfc("formcg", "gm")
+    return site1, site2
+
+
+# -- 5: removals keep data or refuse without --force ------------------------------------------
+def test_rmgmir_keeps_every_c_volume_at_its_last_cg(fastfc, session):
+    site1, site2 = session
+    cg1 = {c: digest(fastfc, a, site1) for a, c in (("A0", "C0"), ("A1", "C1"))}
+    fastfc("write", "A0", "after CG 1", "--offset", 3 * TS)
+    fastfc("resumepprc", "A0:B0", "--wait")     # B0 moves past CG 1; C0 must not
+    out = fastfc("rmgmir", "gm").stdout
+    assert "removed Global Mirror session gm" in out
+    assert "C0, C1 keep CG 1" in out and "copied from B" in out
+    for c in ("C0", "C1"):
+        assert digest(fastfc, c, site2) == cg1[c]
+        assert "INVALID" not in rows(fastfc("lsvol", unit=site2))[c][4]
+    assert fastfc("lsflash", unit=site2).stdout.strip() == "no FlashCopy relationships"
+
+
+def test_rmgmir_force_discards_and_names_what_is_lost(fastfc, session):
+    site1, site2 = session
+    out = fastfc("rmgmir", "gm", "--force").stdout
+    assert f"invalid now (their image of CG 1 was not copied from B): C0 ({N} tracks), " \
+           f"C1 ({N} tracks)" in out
+    assert "INVALID" in rows(fastfc("lsvol", unit=site2))["C0"][4]
+    assert "valid image" in fastfc("read", "C0", unit=site2, code=1).stderr
+
+
+def test_global_mirror_close_copies_to_c_unless_discard():
+    def triplet(i):
+        a, b, c = (Volume(8, 4096, name=f"{k}{i}") for k in "ABC")
+        return a, b, c
+    t = [triplet(0), triplet(1)]
+    t[0][0].write(0, b"kept" * 4096)
+    gm = GlobalMirror(t, name="keep")
+    assert gm.form_consistency_group().committed
+    image = t[0][0].read(0, 8 * 4096)
+    t[0][0].write(0, b"later")
+    assert gm.tracks_c_needs() == {"C0": 8, "C1": 8}
+    progress = []
+    gm.close(on_copy=lambda done, total: progress.append((done, total)))
+    assert progress[-1] == (16, 16)
+    assert np.array_equal(t[0][2].read(0, 8 * 4096), image) and t[1][2].valid
+    t2 = [triplet(2)]
+    gm = GlobalMirror(t2, name="drop")
+    assert gm.form_consistency_group().committed
+    gm.close(discard=True)
+    with pytest.raises(InvalidImageError):
+        t2[0][2].read(0, 1)
+
+
+def test_rmvol_refuses_a_volume_with_data_unless_forced(fastfc, site1):
+    make_volumes(fastfc, site1, "Z", "D")
+    fastfc("write", "D", "precious", "--offset", 5000)
+    r = fastfc("rmvol", "Z", "D", code=1)
+    assert "volume D holds data (its first non-zero byte is at offset 5000" in r.stderr
+    assert "rmvol --force" in r.stderr
+    assert set(rows(fastfc("lsvol"))) == {"Z", "D"}       # refused before removing Z
+    fastfc("rmvol", "Z")                                  # all zero: nothing to lose
+    fastfc("rmvol", "D", "--force")
+    assert fastfc("lsvol").stdout.strip() == "no volumes"
+
+
+def test_rmflash_refusal_names_the_cli_way_out(fastfc, site1):
+    make_volumes(fastfc, site1, "S", "T")
+    fastfc("mkflash", "S:T", "--nocp")
+    err = fastfc("rmflash", "S:T", code=1).stderr
+    assert "waitflash S:T first, or rmflash --force" in err and "loses T's" in err
+    assert "S:T" in rows(fastfc("lsflash"))
+
+
+# -- 6: names -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["../../escaped", "", ".hidden", "a/b", "x" * 65, "sp ace"])
+def test_mkgmir_refuses_a_bad_session_name_and_creates_nothing(fastfc, site1, site2, name):
+    make_volumes(fastfc, site1, "A")
+    make_volumes(fastfc, site2, "B", "C")
+    before = listing(site1.parent)
+    r = run("-u", site1, "-r", site2, "mkgmir", name, "A:B:C")
+    assert "not a valid session name" in one_line_error(r)
+    assert listing(site1.parent) == before
+    assert fastfc("lspprc").stdout.strip() == "no PPRC pairs"
+    with StorageUnit(site2) as u:
+        assert u.store.session_rows() == {}
+
+
+def test_volume_names_in_specs_are_checked(fastfc, site1):
+    make_volumes(fastfc, site1, "S")
+    assert "not a valid volume name" in one_line_error(run("-u", site1, "mkflash", "S:../T"))
+    assert "not a valid volume name" in one_line_error(run("-u", site1, "read", "../S"))
+
+
+@pytest.mark.parametrize("name,exc", [("../x", ValueError), ("", ValueError),
+                                      ("a" * 65, ValueError), (7, TypeError)])
+def test_global_mirror_checks_its_name_before_creating_anything(name, exc):
+    a, b, c = (Volume(4, 4096, name=k) for k in "ABC")
+    with pytest.raises(exc):
+        GlobalMirror([(a, b, c)], name=name)
+    assert a._mirror is None and c._tgt_rel is None
+
+
+# -- 8: one line, status 1, nothing created -------------------------------------------------------
+def test_mkvol_numbers_too_large_create_nothing(fastfc, site1, tmp_path):
+    make_volumes(fastfc, site1, "A")
+    before = listing(site1)
+    for args in (["H2", "--tracks", "99999999999999999999"],
+                 ["H1", "--size", "100T"],
+                 ["H3", "--tracks", 1 << 50, "--track-size", "16M"]):
+        one_line_error(run("-u", site1, "mkvol", *args))
+        assert listing(site1) == before
+    assert "does not fit: the filesystem of" in one_line_error(
+        run("-u", site1, "mkvol", "H1", "--size", "100T"))
+    new = tmp_path / "new-unit"                  # a refused mkvol makes no unit either
+    one_line_error(run("-u", new, "mkvol", "H1", "--size", "100T"))
+    assert not new.exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["write", "A", "x", "--offset", "12345678901234567890123"],
+    ["read", "A", "--offset", "12345678901234567890123"],
+    ["read", "A", "--length", "12345678901234567890123"],
+    ["write", "A", "x", "--repeat", "12345678901234567890123"],
+    ["mkflash", "A:B", "--seq", "12345678901234567890123"],
+])
+def test_huge_numbers_are_one_line(fastfc, site1, args):
+    make_volumes(fastfc, site1, "A", "B")
+    assert "too large" in one_line_error(run("-u", site1, *args))
+
+
+def test_io_past_the_end_names_the_capacity(fastfc, site1):
+    make_volumes(fastfc, site1, "A")
+    msg = one_line_error(run("-u", site1, "read", "A", "--offset", N * TS + 1000))
+    assert f"offset {N * TS + 1000} is past the end of A, which holds {N * TS} bytes" in msg
+    msg = one_line_error(run("-u", site1, "write", "A", "xy", "--offset", N * TS - 1))
+    assert "2 bytes at offset" in msg and f"holds {N * TS} bytes" in msg
+    assert fastfc("read", "A", "--offset", N * TS).stdout.strip() == f"{N * TS:08x}"
+
+
+RLIMITED = """
+import resource, sys
+def vm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize"):
+            return int(line.split()[1]) * 1024
+import fastfc.cli
+resource.setrlimit(resource.RLIMIT_AS, (vm() + int(sys.argv[1]), resource.RLIM_INFINITY))
+sys.argv = ["fastfc"] + sys.argv[2:]
+fastfc.cli.main()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc")
+def test_under_a_memory_limit_big_io_streams_and_the_rest_is_one_line(tmp_path):
+    unit = tmp_path / "u"
+    r = run("-u", unit, "mkvol", "V", "--size", "64M")
+    assert r.exit_code == 0, r.stderr
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+    def limited(extra, *args):
+        return subprocess.run([sys.executable, "-c", RLIMITED, str(extra), "-u", str(unit),
+                               *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
+
+    # the volume maps 64 MiB; 100 MiB more leaves no room for a 64 MiB copy
+    for args in (["read", "V", "--length", "64M"], ["read", "V", "--sha256"],
+                 ["write", "V", "x", "--repeat", 60_000_000]):
+        p = limited(100 << 20, *args)
+        assert p.returncode == 0 and not p.stderr, (args, p.stderr)
+    # too little to map the volume at all: one line, status 1
+    p = limited(20 << 20, "lsvol")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "memory" in p.stderr
+
+
+def test_memory_and_overflow_errors_are_one_line(fastfc, site1, monkeypatch):
+    make_volumes(fastfc, site1, "A")
+    from fastfc import cli
+
+    def boom(*a, **k):
+        raise MemoryError()
+    monkeypatch.setattr(cli, "_hexdump", boom)
+    assert "out of memory" in one_line_error(run("-u", site1, "read", "A"))
+
+    def over(*a, **k):
+        raise OverflowError("Python int too large to convert to C ssize_t")
+    monkeypatch.setattr(cli, "_hexdump", over)
+    assert "too large" in one_line_error(run("-u", site1, "read", "A"))
+
+
+# -- 13: smaller ones ---------------------------------------------------------------------------------
+def test_mkflash_wait_keeps_to_the_copy_rate_with_an_eta_on_stderr(fastfc, site1):
+    make_volumes(fastfc, site1, "S", "T")                 # 256 KiB
+    t = time.monotonic()
+    r = fastfc("mkflash", "S:T", "--copy-rate", "128K", "--wait")
+    took = time.monotonic() - t
+    assert took >= 1.5, took                              # 256 KiB at 128 KiB/s: 2 s
+    assert "ETA" in r.stderr and "at 128 KiB/s" in r.stderr and "\x1b[" not in r.stderr
+    assert digest(fastfc, "T", site1) == digest(fastfc, "S", site1)
+
+
+def test_a_wait_that_would_take_days_is_refused_before_anything_is_made(fastfc, site1):
+    make_volumes(fastfc, site1, "S", "T")
+    msg = one_line_error(run("-u", site1, "mkflash", "S:T", "--copy-rate", "1", "--wait"))
+    assert "--copy-rate" in msg and "days" in msg
+    assert fastfc("lsflash").stdout.strip() == "no FlashCopy relationships"
+
+
+def test_fault_volume_must_be_a_volume():
+    b = Volume(4, 4096, name="B0")
+    with pytest.raises(TypeError, match="not its name"):
+        faults.inject("prepare", "B0")
+    with pytest.raises(TypeError):
+        faults.inject("coordinate", b)
+    assert faults.armed() == []
+    faults.inject("prepare", b)
+    faults.clear()
+
+
+@pytest.mark.parametrize("bad,exc", [(1.9, TypeError), ("7", TypeError), (True, TypeError),
+                                     (None, TypeError), (-1, ValueError),
+                                     (1 << 63, ValueError)])
+def test_flashcopy_sequence_must_be_a_non_negative_integer(bad, exc):
+    s, t = Volume(4, 4096), Volume(4, 4096)
+    with pytest.raises(exc):
+        FlashCopy(s, t, background_copy=False, record=True, sequence=bad)
+    assert t._tgt_rel is None
+    fc = FlashCopy(s, t, background_copy=False, record=True, sequence=np.int64(5))
+    assert fc.sequence == 5 and type(fc.sequence) is int
+    if bad is not None:
+        with pytest.raises(exc):
+            fc.resync(sequence=bad)
+        assert fc.sequence == 5 and not fc.revertible
+
+
+@pytest.mark.parametrize("args", [["--seconds", -1], ["--seconds", 0], ["--triplets", 0],
+                                  ["--size-mib", 0], ["--rate", -5], ["--fault-every", -1],
+                                  ["--seed", -1]])
+def test_demo_knobs_are_checked(args):
+    r = run("demo", *args)
+    assert r.exit_code == 2 and "fastfc demo:" not in r.stdout, r.stdout
+
+
+def test_demo_plot_is_checked_before_the_run(tmp_path, monkeypatch):
+    t = time.monotonic()
+    msg = one_line_error(run("demo", "--seconds", 30, "--plot", tmp_path / "missing" / "x.png"))
+    assert "no directory" in msg and time.monotonic() - t < 10
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # not installed
+    msg = one_line_error(run("demo", "--seconds", 30, "--plot", tmp_path / "x.png"))
+    assert "pip install 'fastfc[plot]'" in msg
+
+
+def test_demo_output_in_a_pipe_has_one_table_with_its_title_on_its_own_line():
+    r = run("demo", "--seconds", 0.3, "--triplets", 1, "--size-mib", 1, "--fault-every", 0)
+    assert r.exit_code == 0, r.stderr
+    titles = [line for line in r.stdout.splitlines() if "fastfc Global Mirror demo:" in line]
+    assert len(titles) == 1 and titles[0].strip().startswith("fastfc Global Mirror demo:")
+    assert "\x1b[" not in r.stdout
+    assert "every C volume equals its A volume" in r.stdout
+
+
+def test_cli_messages_name_commands_and_flags(fastfc, site1):
+    make_volumes(fastfc, site1, "S", "T", "U")
+    fastfc("mkflash", "S:T", "--nocp")
+    assert "--record" in fastfc("resyncflash", "S:T", code=1).stderr
+    assert "--record" in fastfc("reverseflash", "S:T", code=1).stderr
+    err = fastfc("commitflash", "S:T", code=1).stderr
+    assert "resyncflash --revertible" in err
+    for err in (err, fastfc("rmflash", "S:T", code=1).stderr):
+        assert "=True" not in err and "()" not in err
+
+
+def test_a_commit_failure_resolved_by_commit_counts_as_a_success(fastfc, session):
+    site1, site2 = session
+    fastfc("write", "A1", "new", "--offset", TS)
+    out = fastfc("formcg", "gm", "--inject", "commit:B1").stdout    # status 0: committed
+    assert "committed (commit failure resolved)" in out
+    show = props(fastfc("showgmir", "gm"))
+    assert show["Successful CGs"] == "2" and show["CG attempts"] == "2"
+    assert show["Failed CGs"] == "0" and show["Commit failures resolved"] == "1"
+    assert digest(fastfc, "C1", site2) == digest(fastfc, "A1", site1)
+
+
+def test_formcg_says_what_went_to_b_and_showgmir_agrees(fastfc, site1, site2):
+    make_volumes(fastfc, site1, "A")
+    make_volumes(fastfc, site2, "B", "C")
+    fastfc("mkgmir", "gm", "A:B:C", remote=site2)
+    out = fastfc("formcg", "gm").stdout
+    assert f"sent {N * TS // 1024} KiB to B as Global Copy before the first CG" in out
+    assert props(fastfc("showgmir", "gm"))["Sent to B"] == f"{N * TS // 1024} KiB"
+
+
+def test_showgmir_counts_the_cgs_of_a_killed_formcg(fastfc, site1, site2):
+    make_volumes(fastfc, site1, "A")
+    make_volumes(fastfc, site2, "B", "C")
+    fastfc("mkgmir", "gm", "A:B:C", remote=site2)
+    log = site2 / "cli" / "gmir-gm.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.Popen([sys.executable, "-m", "fastfc", "-u", str(site1), "formcg", "gm",
+                          "--count", str(10**9)], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        seen = 0
+        while seen < 3:      # watch the log the command keeps, then kill it midway
+            assert p.poll() is None and time.monotonic() < deadline
+            try:
+                seen = json.loads(log.read_text())["attempts"]
+            except (OSError, ValueError):
+                pass
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    show = props(fastfc("showgmir", "gm"))
+    assert int(show["CG attempts"]) >= seen >= 3
+    assert show["CG attempts"] == show["Successful CGs"]
+
+
+# -- scripting ------------------------------------------------------------------------------------
+def test_json_output_of_ls_and_show_commands(fastfc, session):
+    site1, site2 = session
+    vols = json.loads(fastfc("lsvol", "--json", unit=site2).stdout)
+    c0 = next(v for v in vols if v["name"] == "C0")
+    assert c0 == {"name": "C0", "tracks": N, "track_size": TS, "capacity": N * TS,
+                  "valid": True, "roles": ["FC target of B0", "GM gm"]}
+    fcs = json.loads(fastfc("lsflash", "--json", unit=site2).stdout)
+    assert [f["id"] for f in fcs] == ["B0:C0", "B1:C1"]
+    assert fcs[0]["sequence"] == 1 and fcs[0]["tracks"] == N and fcs[0]["record"] is True
+    pairs = json.loads(fastfc("lspprc", "--json").stdout)
+    assert {p["id"] for p in pairs} == {"A0:B0", "A1:B1"}
+    assert pairs[0]["out_of_sync"] == 0 and pairs[0]["mode"] == "gcp"
+    show = json.loads(fastfc("showgmir", "gm", "--json").stdout)
+    assert show["session"] == "gm" and show["cg_sequence"] == 1 and show["c_sequences"] == [1, 1]
+    assert show["attempts"] == 1 and show["successes"] == 1 and show["failures"] == {}
+    assert show["commit_failures_resolved"] == 0 and isinstance(show["bytes_drained"], int)
+    assert [t["c"] for t in show["triplets"]] == ["C0", "C1"]
+    assert json.loads(fastfc("lsvol", "--json", unit=site1.parent / "empty-unit-x",
+                             code=1).stdout or "[]") == []
+
+
+def test_help_documents_exit_codes():
+    out = run("--help").stdout
+    assert "Exit status:" in out
+    for code in ("0  ", "1  ", "2  "):
+        assert code in out
