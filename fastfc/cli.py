@@ -717,12 +717,16 @@ JSON = click.option("--json", "as_json", is_flag=True,
 @click.option("--size", type=SIZE, help="Capacity instead of --tracks (rounded up to tracks).")
 @click.option("--track-size", type=SIZE, default="64K", show_default=True,
               help="Bytes per track: a power of two, 512 to 16M.")
+@click.option("--thin", is_flag=True,
+              help="Allocate blocks on first write instead of now (a full filesystem "
+                   "then refuses that write, with nothing half-written).")
 @pass_units
-def mkvol(units, names, tracks, size, track_size) -> None:
+def mkvol(units, names, tracks, size, track_size, thin) -> None:
     """Create zero-filled volumes (the unit too, if new) [mkfbvol].
 
     Everything is checked first: a volume that cannot be made (a size past
-    what the filesystem has free, a name taken) creates nothing at all."""
+    what the filesystem has free, a name taken) creates nothing at all.
+    Volumes are thick (every block allocated now) unless --thin."""
     if (tracks is None) == (size is None):
         raise click.UsageError("give exactly one of --tracks and --size")
     if not (512 <= track_size <= 16 << 20 and track_size & (track_size - 1) == 0):
@@ -742,7 +746,7 @@ def mkvol(units, names, tracks, size, track_size) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     free = shutil.disk_usage(existing).free
-    if capacity * len(names) > free:
+    if not thin and capacity * len(names) > free:
         what = f"{len(names)} volumes of {_human(capacity)}" if len(names) > 1 \
             else f"a volume of {_human(capacity)}"
         raise click.ClickException(f"{what} does not fit: the filesystem of {existing} has "
@@ -757,7 +761,7 @@ def mkvol(units, names, tracks, size, track_size) -> None:
         made = []
         try:
             for name in names:
-                vol = unit.create_volume(name, n, track_size)
+                vol = unit.create_volume(name, n, track_size, thin=thin)
                 made.append(vol)
         except BaseException:
             for vol in made:

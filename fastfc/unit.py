@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -50,11 +49,11 @@ from fastfc.errors import (CorruptUnitError, ReadOnlyUnitError, StateError, Unit
 from fastfc.flashcopy import FlashCopy
 from fastfc.globalmirror import GlobalMirror, Triplet
 from fastfc.lock import LOCK_FILE, POLL, UnitLock
+from fastfc.names import NAME, NAME_RULE
 from fastfc.pprc import PPRCPair
 from fastfc.store import Store, SQLiteStore, _connect_readonly
 from fastfc.volume import DEFAULT_TRACK, Volume
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Open units by resolved path: a pair or session spanning two units is
 # rebuilt once both are open in this process.
@@ -208,9 +207,8 @@ class StorageUnit:
         is recorded and holds after reopening. In a memory unit ``thin`` has
         no effect."""
         self._require_writable()
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ValueError(f"volume names are 1-64 letters, digits, '_', '.', '-' "
-                             f"(starting with a letter or digit), got {name!r}")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise ValueError(f"volume names are {NAME_RULE}, got {name!r}")
         if name in self._volumes:
             raise ValueError(f"volume {name!r} already exists in this unit")
         if self.path is None:

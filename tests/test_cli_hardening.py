@@ -172,6 +172,21 @@ def test_mkvol_numbers_too_large_create_nothing(fastfc, site1, tmp_path):
     assert not new.exists()
 
 
+def test_mkvol_thin_is_sparse_and_a_size_the_filesystem_refuses_creates_nothing(
+        fastfc, site1):
+    make_volumes(fastfc, site1, "A")
+    before = listing(site1)
+    one_line_error(run("-u", site1, "mkvol", "H1", "--size", "100T", "--thin"))   # > ext4's 16 TiB
+    assert listing(site1) == before
+    fastfc("mkvol", "T", "--size", "1G", "--thin")
+    fastfc("mkvol", "K", "--size", "8M")
+    files = {n: site1 / "volumes" / f"{n}.vol" for n in ("T", "K")}
+    assert files["T"].stat().st_blocks * 512 < (1 << 20)              # sparse
+    assert files["K"].stat().st_blocks * 512 >= 8 << 20              # thick: allocated now
+    fastfc("write", "T", "thin data", "--offset", 5 << 20)
+    assert "thin data" in fastfc("read", "T", "--offset", 5 << 20, "--length", 9).stdout
+
+
 @pytest.mark.parametrize("args", [
     ["write", "A", "x", "--offset", "12345678901234567890123"],
     ["read", "A", "--offset", "12345678901234567890123"],
