@@ -320,7 +320,7 @@ class BackgroundCopy(_CopyPair):
         assert np.array_equal(self.S._raw_array(), self.T._raw_array()), "target differs from source"
 
     def info(self) -> dict:
-        import fastfc.flashcopy as fcm
+        import fastfc.copyservices.flashcopy as fcm
         return {"CHUNK_BYTES": fcm.CHUNK_BYTES, "tracks": self.S.n_tracks}
 
 

@@ -23,7 +23,7 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 
 from fastfc import GlobalMirror, Volume  # noqa: E402
-from fastfc.testing import RandomWriters  # noqa: E402
+from fastfc.tools.testing import RandomWriters  # noqa: E402
 
 
 def make_triplets(n: int, size_mib: int, track_size: int = 65536):

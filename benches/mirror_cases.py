@@ -29,7 +29,7 @@ import numpy as np
 from benches.engine_numpy import NpGlobalMirror, NpVolume
 from benches.gm import make_triplets, run_session, writer_throughput
 from fastfc import GlobalMirror, StorageUnit
-from fastfc.testing import RandomWriters
+from fastfc.tools.testing import RandomWriters
 
 
 # --------------------------------------------------------------------------

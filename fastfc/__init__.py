@@ -13,12 +13,12 @@ from fastfc.errors import (CorruptUnitError, FastFCError, IncompleteCopyError,
                            LinkDownError, NoSpaceError, ReadOnlyUnitError, StateError,
                            UnitBusyError, UnitClosedError, VolumeClosedError,
                            WriteInhibitedError)
-from fastfc.flashcopy import FlashCopy, FlashCopyState, establish_group
-from fastfc.globalmirror import CGResult, GlobalMirror, GMState, GMStats
-from fastfc.link import Link, LocalLink
-from fastfc.pprc import PPRCMode, PPRCPair, PPRCState
-from fastfc.unit import StorageUnit
-from fastfc.volume import Volume
+from fastfc.copyservices.flashcopy import FlashCopy, FlashCopyState, establish_group
+from fastfc.copyservices.globalmirror import CGResult, GlobalMirror, GMState, GMStats
+from fastfc.storage.link import Link, LocalLink
+from fastfc.copyservices.pprc import PPRCMode, PPRCPair, PPRCState
+from fastfc.durable.unit import StorageUnit
+from fastfc.storage.volume import Volume
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-from fastfc.cli import main
+from fastfc.tools.cli import main
 
 if __name__ == "__main__":
     main(prog_name="fastfc")

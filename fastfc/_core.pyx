@@ -1,8 +1,8 @@
 # cython: language_level=3
 """fastfc's kernels: track bitmaps, copy kernels and the hot host I/O path.
 
-Everything here is private; the public classes in ``fastfc.volume`` and
-``fastfc.flashcopy`` subclass the ``cdef`` bases so that a host read or write
+Everything here is private; the public classes in ``fastfc.storage.volume`` and
+``fastfc.copyservices.flashcopy`` subclass the ``cdef`` bases so that a host read or write
 is one C method from the Python call to the ``memcpy``.
 
 Locking (see DESIGN-NOTES): each volume has one re-entrant lock. A volume's
@@ -168,7 +168,7 @@ cdef class TrackBitmap:
     -----
     Every operation is O(words) with hardware popcount and count-trailing-
     zeros. The bitmap is not locked: the object that owns it (a volume's lock,
-    see :mod:`fastfc.volume`) serialises access.
+    see :mod:`fastfc.storage.volume`) serialises access.
     """
 
     cdef readonly Py_ssize_t n_bits

@@ -96,7 +96,7 @@ def _check_volume(point: str, volume) -> None:
         return
     if point in _NO_VOLUME:
         raise TypeError(f"the {point!r} fault point names no volume; got {volume!r}")
-    from fastfc.volume import Volume   # late: volume sits below this module's users
+    from fastfc.storage.volume import Volume   # late: volume sits below this module's users
     if not isinstance(volume, Volume):
         raise TypeError(f"volume must be a fastfc.Volume (the object, not its name) or "
                         f"None, got {type(volume).__name__} {volume!r}")

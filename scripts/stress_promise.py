@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 import fastfc  # noqa: E402
-from fastfc.globalmirror import GlobalMirror  # noqa: E402
-from fastfc.testing import FaultPlan, PromiseChecker, RandomWriters  # noqa: E402
+from fastfc.copyservices.globalmirror import GlobalMirror  # noqa: E402
+from fastfc.tools.testing import FaultPlan, PromiseChecker, RandomWriters  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from fastfc import GlobalMirror, GMState, StorageUnit, faults
-from fastfc.testing import RandomWriters
+from fastfc.tools.testing import RandomWriters
 
 N_TRIPLETS = 3
 N_TRACKS = 32

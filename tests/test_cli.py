@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from fastfc import StorageUnit
-from fastfc.cli import main
+from fastfc.tools.cli import main
 from helpers import held_unit
 
 TS = 4096

@@ -13,7 +13,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 import fastfc
-import fastfc.cli as cli
+import fastfc.tools.cli as cli
 
 
 def test_bench_help_lists_the_sections() -> None:
@@ -26,7 +26,7 @@ def test_bench_help_lists_the_sections() -> None:
 
 def _installed(monkeypatch, tmp_path) -> None:
     """Make cli.py look as if it were installed in site-packages."""
-    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "fastfc" / "cli.py"))
+    monkeypatch.setattr(cli, "_package_dir", lambda: tmp_path / "site-packages" / "fastfc")
 
 
 def test_bench_is_listed_in_a_source_checkout() -> None:
@@ -53,7 +53,7 @@ def test_a_checkout_needs_pyproject_too(monkeypatch, tmp_path) -> None:
     """A stray benches/ next to site-packages' fastfc is not a checkout."""
     (tmp_path / "benches").mkdir()
     (tmp_path / "benches" / "report.py").write_text("")
-    monkeypatch.setattr(cli, "__file__", str(tmp_path / "fastfc" / "cli.py"))
+    monkeypatch.setattr(cli, "_package_dir", lambda: tmp_path / "fastfc")
     assert cli._source_checkout() is None
     (tmp_path / "pyproject.toml").write_text("")
     assert cli._source_checkout() == tmp_path

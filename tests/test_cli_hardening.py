@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from fastfc import FlashCopy, GlobalMirror, StorageUnit, Volume, faults
-from fastfc.cli import main
+from fastfc.tools.cli import main
 from fastfc.errors import InvalidImageError, StateError
 
 from test_cli import N, TS, digest, make_volumes, props, rows  # noqa: F401
@@ -214,10 +214,10 @@ def vm():
     for line in open("/proc/self/status"):
         if line.startswith("VmSize"):
             return int(line.split()[1]) * 1024
-import fastfc.cli
+import fastfc.tools.cli
 resource.setrlimit(resource.RLIMIT_AS, (vm() + int(sys.argv[1]), resource.RLIM_INFINITY))
 sys.argv = ["fastfc"] + sys.argv[2:]
-fastfc.cli.main()
+fastfc.tools.cli.main()
 """
 
 
@@ -246,7 +246,7 @@ def test_under_a_memory_limit_big_io_streams_and_the_rest_is_one_line(tmp_path):
 
 def test_memory_and_overflow_errors_are_one_line(fastfc, site1, monkeypatch):
     make_volumes(fastfc, site1, "A")
-    from fastfc import cli
+    from fastfc.tools import cli
 
     def boom(*a, **k):
         raise MemoryError()

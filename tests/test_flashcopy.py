@@ -20,7 +20,7 @@ from fastfc import (FlashCopy, FlashCopyState, IncompleteCopyError, InjectedFaul
                     InvalidImageError, LimitError, StateError, Volume, VolumeClosedError,
                     WriteInhibitedError, establish_group, faults)
 from fastfc import TrackBitmap
-from fastfc.flashcopy import MAX_TARGETS
+from fastfc.copyservices.flashcopy import MAX_TARGETS
 
 TS = 512
 

@@ -21,7 +21,7 @@ import pytest
 from fastfc import (GlobalMirror, GMState, LimitError, Link, LocalLink, PPRCPair,
                     FlashCopy, InjectedFault, StateError, Volume, WriteInhibitedError,
                     faults)
-from fastfc.globalmirror import MAX_DRAIN_FAILURES, RETRIES, Cause
+from fastfc.copyservices.globalmirror import MAX_DRAIN_FAILURES, RETRIES, Cause
 from helpers import image, rand
 
 TS = 512

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from fastfc import GlobalMirror, Volume, _core, faults
-from fastfc.globalmirror import Cause, GMState
+from fastfc.copyservices.globalmirror import Cause, GMState
 
 TS = 512
 

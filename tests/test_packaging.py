@@ -63,9 +63,9 @@ def test_built_metadata_requires_matplotlib_only_with_an_extra(tmp_path) -> None
 
 def test_fastfc_imports_and_its_command_runs_without_matplotlib() -> None:
     code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "import fastfc, fastfc.cli, fastfc.demo, fastfc.testing, fastfc.unit\n"
+            "import fastfc, fastfc.tools.cli, fastfc.tools.demo, fastfc.tools.testing, fastfc.durable.unit\n"
             "from click.testing import CliRunner\n"
-            "r = CliRunner().invoke(fastfc.cli.main, ['--help'])\n"
+            "r = CliRunner().invoke(fastfc.tools.cli.main, ['--help'])\n"
             "assert r.exit_code == 0 and 'demo' in r.output, r.output\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)

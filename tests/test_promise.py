@@ -3,7 +3,7 @@ one coordination instant (the newest committed CG), all with one sequence.
 
 Writer threads hammer the A volumes while sessions form hundreds of CGs with
 a random fault armed before each attempt. An independent reference
-(:class:`fastfc.testing.PromiseChecker`) snapshots the A images at each
+(:class:`fastfc.tools.testing.PromiseChecker`) snapshots the A images at each
 coordination instant and compares every C after every attempt.
 """
 
@@ -14,8 +14,8 @@ import pytest
 
 import fastfc
 from fastfc import _core, faults
-from fastfc.globalmirror import Cause, GlobalMirror
-from fastfc.testing import FaultPlan, PromiseChecker, RandomWriters
+from fastfc.copyservices.globalmirror import Cause, GlobalMirror
+from fastfc.tools.testing import FaultPlan, PromiseChecker, RandomWriters
 
 CI = os.environ.get("HYPOTHESIS_PROFILE") == "ci"
 

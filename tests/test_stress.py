@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from fastfc import FlashCopy, Volume, WriteInhibitedError, establish_group
-from fastfc.flashcopy import locked
+from fastfc.copyservices.flashcopy import locked
 
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 

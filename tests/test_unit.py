@@ -20,7 +20,7 @@ import pytest
 from fastfc import (CorruptUnitError, FlashCopy, FlashCopyState, GlobalMirror,
                     InvalidImageError, LimitError, PPRCPair, StateError, StorageUnit,
                     Volume, VolumeClosedError, WriteInhibitedError, faults)
-from fastfc.globalmirror import RETRIES
+from fastfc.copyservices.globalmirror import RETRIES
 from helpers import image, rand
 
 TS = 512

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from fastfc import (FastFCError, FlashCopy, GlobalMirror, PPRCPair, ReadOnlyUnitError,
                     StorageUnit, UnitBusyError, UnitClosedError)
-from fastfc.cli import main
+from fastfc.tools.cli import main
 from helpers import held_unit, image, rand
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="no flock")

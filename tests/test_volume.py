@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fastfc import Volume, VolumeClosedError
-from fastfc.volume import DEFAULT_TRACK, MAX_TRACK, MIN_TRACK
+from fastfc.storage.volume import DEFAULT_TRACK, MAX_TRACK, MIN_TRACK
 
 GEOMETRIES = [(1, 512), (3, 512), (5, 1024), (2, 4096), (4, 65536)]
 

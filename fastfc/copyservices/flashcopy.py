@@ -25,8 +25,8 @@ from fastfc import _core, faults
 from fastfc._core import combine_or3
 from fastfc.errors import (IncompleteCopyError, LimitError, NoSpaceError, StateError,
                            VolumeClosedError, WriteInhibitedError)
-from fastfc.store import store_of
-from fastfc.volume import Volume, check_pairable
+from fastfc.storage.store import store_of
+from fastfc.storage.volume import Volume, check_pairable
 
 MAX_TARGETS = 12
 # Background copy holds the source lock for at most this many bytes at a time,

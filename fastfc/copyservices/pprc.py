@@ -24,10 +24,10 @@ import threading
 from fastfc import _core
 from fastfc._core import TrackBitmap
 from fastfc.errors import (FastFCError, LimitError, StateError, VolumeClosedError)
-from fastfc.flashcopy import locked
-from fastfc.link import Link, LocalLink
-from fastfc.store import store_of
-from fastfc.volume import Volume, check_pairable
+from fastfc.copyservices.flashcopy import locked
+from fastfc.storage.link import Link, LocalLink
+from fastfc.storage.store import store_of
+from fastfc.storage.volume import Volume, check_pairable
 
 SEND_CHUNK_BYTES = 1024 * 1024
 # The in-process fast path holds the primary's lock for at most this much.
@@ -57,7 +57,7 @@ class PPRCPair(_core.MirrorBase):
     primary, secondary : Volume
         Same geometry. The secondary refuses host writes while paired.
     link : Link, optional
-        The transport (a new unlimited :class:`~fastfc.link.LocalLink` if None).
+        The transport (a new unlimited :class:`~fastfc.storage.link.LocalLink` if None).
     mode : {"gcp", "mmir"}
         Global Copy (async, default) or Metro Mirror (sync).
     initial_copy : bool
@@ -79,7 +79,7 @@ class PPRCPair(_core.MirrorBase):
         except ValueError:
             raise ValueError(f"mode must be 'gcp' or 'mmir', got {mode!r}") from None
         if link is not None and not isinstance(link, Link):
-            raise TypeError("link must be a fastfc.link.Link")
+            raise TypeError("link must be a fastfc.storage.link.Link")
         self.link = link if link is not None else LocalLink()
         self.name = name or f"{primary.name}->{secondary.name}"
         store_of(primary).check_writable()

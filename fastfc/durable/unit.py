@@ -20,7 +20,7 @@ Durability (see the README for the whole story):
   flight by its decision record: commit the rest if "commit" was recorded,
   otherwise revert all.
 
-One owner: opening a unit takes ``unit.lock`` (see :mod:`fastfc.lock`),
+One owner: opening a unit takes ``unit.lock`` (see :mod:`fastfc.durable.lock`),
 exclusive for a read-write open, shared for ``readonly=True``, until close.
 
 Units can be copied and moved: each has a uuid (in its ``meta`` table), rows
@@ -46,13 +46,13 @@ import numpy as np
 from fastfc._core import MirrorBase
 from fastfc.errors import (CorruptUnitError, ReadOnlyUnitError, StateError, UnitBusyError,
                            UnitClosedError)
-from fastfc.flashcopy import FlashCopy
-from fastfc.globalmirror import GlobalMirror, Triplet
-from fastfc.lock import LOCK_FILE, POLL, UnitLock
+from fastfc.copyservices.flashcopy import FlashCopy
+from fastfc.copyservices.globalmirror import GlobalMirror, Triplet
+from fastfc.durable.lock import LOCK_FILE, POLL, UnitLock
 from fastfc.names import NAME, NAME_RULE
-from fastfc.pprc import PPRCPair
-from fastfc.store import Store, SQLiteStore, _connect_readonly
-from fastfc.volume import DEFAULT_TRACK, Volume
+from fastfc.copyservices.pprc import PPRCPair
+from fastfc.storage.store import Store, SQLiteStore, _connect_readonly
+from fastfc.storage.volume import DEFAULT_TRACK, Volume
 
 
 # Open units by resolved path: a pair or session spanning two units is
@@ -203,7 +203,7 @@ class StorageUnit:
         Thick by default: its file gets every block now, and a filesystem
         without room raises :class:`~fastfc.errors.NoSpaceError` leaving no
         file and no row. ``thin=True`` keeps the file sparse and reserves
-        blocks on first write (see :class:`~fastfc.volume.Volume`); the choice
+        blocks on first write (see :class:`~fastfc.storage.volume.Volume`); the choice
         is recorded and holds after reopening. In a memory unit ``thin`` has
         no effect."""
         self._require_writable()

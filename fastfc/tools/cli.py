@@ -39,12 +39,12 @@ import click
 import numpy as np
 
 from fastfc.errors import FastFCError, ReadOnlyUnitError
-from fastfc.flashcopy import CHUNK_BYTES, MAX_SEQUENCE, FlashCopy, establish_group
-from fastfc.globalmirror import Cause, GlobalMirror
+from fastfc.copyservices.flashcopy import CHUNK_BYTES, MAX_SEQUENCE, FlashCopy, establish_group
+from fastfc.copyservices.globalmirror import Cause, GlobalMirror
 from fastfc._optional import require
 from fastfc.names import NAME, NAME_RULE
-from fastfc.pprc import SEND_CHUNK_BYTES, PPRCPair
-from fastfc.unit import StorageUnit
+from fastfc.copyservices.pprc import SEND_CHUNK_BYTES, PPRCPair
+from fastfc.durable.unit import StorageUnit
 
 EXPECTED_ERRORS = (FastFCError, ValueError, KeyError, IndexError, OSError, sqlite3.Error,
                    OverflowError, MemoryError)
@@ -609,7 +609,7 @@ def demo(seconds, triplets, size_mib, rate_mbs, fault_every, seed, plot) -> None
 
     Exits with status 1 if, after the workload stops, the C volumes do not
     all equal their A volumes at one CG sequence number."""
-    from fastfc.demo import DemoConfig, run_demo
+    from fastfc.tools.demo import DemoConfig, run_demo
     need = 3 * triplets * size_mib << 20
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -666,17 +666,23 @@ def bench(quick, out, only, skip, unit_dir, update_readme, strict) -> None:
         raise click.ClickException(
             "fastfc bench needs a source checkout: the benchmark suite (benches/) ships "
             f"with the repository, not with the installed package in "
-            f"{Path(__file__).resolve().parent}; run it from a clone (pip install -e '.[dev]')")
+            f"{_package_dir()}; run it from a clone (pip install -e '.[dev]')")
     run = _load_benches(root).run
     sys.exit(run(quick=quick, out=out, only=list(only), skip=list(skip),
                  update=update_readme, unit_dir=unit_dir, strict=strict))
+
+
+def _package_dir() -> Path:
+    """The directory of the fastfc package this runs from."""
+    import fastfc
+    return Path(fastfc.__file__).resolve().parent
 
 
 def _source_checkout() -> Path | None:
     """The source checkout this fastfc runs from: the directory above the
     package, when it holds pyproject.toml and benches/report.py. None for an
     installed package."""
-    root = Path(__file__).resolve().parent.parent
+    root = _package_dir().parent
     if (root / "pyproject.toml").is_file() and (root / "benches" / "report.py").is_file():
         return root
     return None

@@ -61,7 +61,7 @@ class Volume(_core.VolumeBase):
     the bitmaps of the relationships in which it is the source.
     """
 
-    #: The :class:`~fastfc.unit.StorageUnit` holding this volume, if any.
+    #: The :class:`~fastfc.durable.unit.StorageUnit` holding this volume, if any.
     unit = None
 
     def __init__(self, n_tracks: int, track_size: int = DEFAULT_TRACK, *,

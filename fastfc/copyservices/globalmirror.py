@@ -39,12 +39,12 @@ import numpy as np
 
 from fastfc import _core, faults
 from fastfc.errors import FastFCError, StateError, VolumeClosedError
-from fastfc.flashcopy import FlashCopy
-from fastfc.link import Link, LocalLink
+from fastfc.copyservices.flashcopy import FlashCopy
+from fastfc.storage.link import Link, LocalLink
 from fastfc.names import check_name
-from fastfc.pprc import DrainAborted, PPRCPair
-from fastfc.store import store_of
-from fastfc.volume import Volume
+from fastfc.copyservices.pprc import DrainAborted, PPRCPair
+from fastfc.storage.store import store_of
+from fastfc.storage.volume import Volume
 
 MAX_DRAIN_FAILURES = 5     # consecutive drain-time failures before the limit is set aside
 RETRIES = 3                # attempts at one commit/revert before a volume counts as failed

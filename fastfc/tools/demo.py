@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fastfc import faults
-from fastfc.globalmirror import GlobalMirror
-from fastfc.testing import FaultPlan, RandomWriters
-from fastfc.volume import Volume
+from fastfc.copyservices.globalmirror import GlobalMirror
+from fastfc.tools.testing import FaultPlan, RandomWriters
+from fastfc.storage.volume import Volume
 
 
 @dataclass
