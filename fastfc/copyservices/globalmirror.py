@@ -505,6 +505,11 @@ class GlobalMirror:
             return self.state.value
 
     @property
+    def primaries(self) -> list[Volume]:
+        """The A volumes, in volume-id order (the order coordination locks them)."""
+        return list(self._primaries)
+
+    @property
     def c_sequences(self) -> list[int]:
         """The CG sequence number each C volume carries."""
         return [t.fc.sequence for t in self.triplets]

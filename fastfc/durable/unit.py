@@ -264,6 +264,13 @@ class StorageUnit:
         """PPRC pairs whose primary is in this unit."""
         return [v._mirror for v in self._volumes.values() if isinstance(v._mirror, PPRCPair)]
 
+    @property
+    def pair_records(self) -> list[dict]:
+        """The PPRC pairs recorded with their primary in this unit, as records
+        (dicts, copies), restored or not (a pair whose secondary unit is away
+        is recorded but not restored)."""
+        return [dict(r) for r in self._pair_rows]
+
     def _register_session(self, session: GlobalMirror) -> None:
         """Called by a new session whose B volumes live here."""
         self.sessions[session.name] = session

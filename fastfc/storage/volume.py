@@ -164,6 +164,26 @@ class Volume(_core.VolumeBase):
         return rels
 
     @property
+    def source_relationships(self) -> list:
+        """FlashCopy relationships in which this volume is the source."""
+        return list(self._src_rels)
+
+    @property
+    def target_relationship(self):
+        """The FlashCopy relationship in which this volume is the target, or None."""
+        return self._tgt_rel
+
+    @property
+    def mirror(self):
+        """The PPRC pair in which this volume is the primary, or None."""
+        return self._mirror
+
+    @property
+    def is_secondary(self) -> bool:
+        """Whether this volume is a PPRC secondary (it refuses host writes)."""
+        return bool(self._secondary)
+
+    @property
     def write_inhibited(self) -> bool:
         return bool(self._inhibits)
 

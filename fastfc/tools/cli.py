@@ -248,7 +248,7 @@ class Units:
     # -- finding things by name ----------------------------------------------------
     def flashcopy(self, source: str, target: str) -> FlashCopy:
         unit = self.local()
-        fc = unit.volume(target)._tgt_rel
+        fc = unit.volume(target).target_relationship
         unit.volume(source)
         if fc is None or fc.source.name != source:
             raise KeyError(f"no FlashCopy relationship {source}:{target} in unit {unit.path}")
@@ -266,7 +266,7 @@ class Units:
         if found:
             raise click.ClickException(f"{primary}:{secondary} names several pairs; "
                                        "give the unit of its primary with --unit")
-        for row in local._pair_rows:
+        for row in local.pair_records:
             if (row["primary_name"], row["secondary_name"]) == (primary, secondary):
                 raise click.ClickException(
                     f"pair {primary}:{secondary} needs its secondary unit "
@@ -817,14 +817,14 @@ def lsvol(units, as_json) -> None:
 
 
 def _roles(v, units: Units) -> str:
-    roles = [f"FC source of {r.target.name}" for r in v._src_rels]
-    if v._tgt_rel is not None:
-        roles.append(f"FC target of {v._tgt_rel.source.name}")
-    if isinstance(v._mirror, PPRCPair):
-        roles.append(f"PPRC primary of {v._mirror.secondary.name}")
+    roles = [f"FC source of {r.target.name}" for r in v.source_relationships]
+    if v.target_relationship is not None:
+        roles.append(f"FC target of {v.target_relationship.source.name}")
+    if isinstance(v.mirror, PPRCPair):
+        roles.append(f"PPRC primary of {v.mirror.secondary.name}")
     elif _pending_pair(v):
         roles.append(f"PPRC primary of {_pending_pair(v)['secondary_name']} (unit away)")
-    if v._secondary:
+    if v.is_secondary:
         roles.append("PPRC secondary")
     roles += [f"GM {gm.name}" for u in units.open.values() for gm in u.sessions.values()
               if any(v in (t.a, t.b, t.c) for t in gm.triplets)]
@@ -846,7 +846,7 @@ def rmvol(units, names, force) -> None:
     unit = units.local()
     vols = [unit.volume(name) for name in names]
     for v in vols:
-        if v.relationships or v._mirror is not None or v._secondary or _pending_pair(v):
+        if v.relationships or v.mirror is not None or v.is_secondary or _pending_pair(v):
             raise click.ClickException(
                 f"volume {v.name} is in a FlashCopy relationship, PPRC pair or Global Mirror "
                 f"session ({', '.join(_roles(v, units))}); rmflash, rmpprc or rmgmir first")
@@ -886,7 +886,7 @@ def write(units, volume, data, offset, repeat) -> None:
     unit = units.local()
     vol = unit.volume(volume)
     pending = _pending_pair(vol)
-    if pending and vol._mirror is None:   # the library would not record it
+    if pending and vol.mirror is None:   # the library would not record it
         raise click.ClickException(
             f"{volume} is a PPRC primary whose secondary unit {pending['secondary_unit']} "
             "is not available; its writes could not be recorded")
@@ -929,7 +929,7 @@ def _write_repeated(vol, offset: int, piece: bytes, repeat: int) -> None:
 def _pending_pair(vol) -> dict | None:
     """The stored row of a pair whose primary is ``vol`` and whose secondary
     unit could not be opened (so the pair is not restored)."""
-    rows = [r for r in vol.unit._pair_rows if r["primary_name"] == vol.name]
+    rows = [r for r in vol.unit.pair_records if r["primary_name"] == vol.name]
     return rows[0] if rows else None
 
 
@@ -1195,7 +1195,7 @@ def lspprc(units, specs, as_json) -> None:
                      "state": "unknown", "mode": row["mode"], "out_of_sync": None,
                      "reason": "secondary unit not available", "primary_unit": str(u.path),
                      "secondary_unit": row["secondary_unit"]}
-                    for u in units.all() for row in u._pair_rows]
+                    for u in units.all() for row in u.pair_records]
         _json_out(out)
         return
     t = _table("ID", "State", "Type", "Out of sync", "Reason", "Primary unit",
@@ -1206,7 +1206,7 @@ def lspprc(units, specs, as_json) -> None:
                   p.secondary.unit.path.name)
     if not specs:
         for u in units.all():
-            for row in u._pair_rows:
+            for row in u.pair_records:
                 t.add_row(f"{row['primary_name']}:{row['secondary_name']}", "unknown",
                           row["mode"], "?", "secondary unit not available", u.path.name,
                           row["secondary_unit"])
