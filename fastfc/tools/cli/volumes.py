@@ -67,15 +67,11 @@ def mkvol(units, names, tracks, size, track_size, thin) -> None:
                 raise click.ClickException(f"volume {name!r} already exists in this unit")
         made = []
         try:
-            for name in names:
-                vol = unit.create_volume(name, n, track_size, thin=thin)
-                made.append(vol)
+            for name in names:   # a create that fails leaves no file and no row
+                made.append(unit.create_volume(name, n, track_size, thin=thin))
         except BaseException:
             for vol in made:
                 unit.remove_volume(vol.name)
-            for name in names[len(made):len(made) + 1]:   # the one that failed
-                if name not in unit:
-                    unit._volume_file(name).unlink(missing_ok=True)
             raise
     except BaseException:
         if new_unit:   # once the units are closed, take away the unit this made
