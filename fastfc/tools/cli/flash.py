@@ -12,7 +12,7 @@ from fastfc.copyservices.flashcopy import CHUNK_BYTES, MAX_SEQUENCE, FlashCopy, 
 from fastfc.errors import FastFCError
 
 from .app import main
-from .output import Progress, console, eta, fc_id, human, json_out, plural, table
+from .output import Progress, console, each, eta, fc_id, human, json_out, plural, table
 from .params import FLASH, FLASHES, JSON, SIZE, Count
 from .units import pass_units
 
@@ -131,9 +131,8 @@ def waitflash(units, specs) -> None:
 @pass_units
 def commitflash(units, specs) -> None:
     """Keep the new image of revertible relationships."""
-    for fc in [units.flashcopy(*s) for s in specs]:
-        fc.commit()
-        click.echo(f"committed {fc_id(fc)}: sequence {fc.sequence}")
+    each([units.flashcopy(*s) for s in specs], lambda fc: fc.commit(),
+         lambda fc, _: f"committed {fc_id(fc)}: sequence {fc.sequence}")
 
 
 @main.command()
@@ -141,9 +140,8 @@ def commitflash(units, specs) -> None:
 @pass_units
 def revertflash(units, specs) -> None:
     """Return revertible relationships to their prior image."""
-    for fc in [units.flashcopy(*s) for s in specs]:
-        fc.revert()
-        click.echo(f"reverted {fc_id(fc)}: sequence {fc.sequence}")
+    each([units.flashcopy(*s) for s in specs], lambda fc: fc.revert(),
+         lambda fc, _: f"reverted {fc_id(fc)}: sequence {fc.sequence}")
 
 
 @main.command()
@@ -151,10 +149,9 @@ def revertflash(units, specs) -> None:
 @pass_units
 def reverseflash(units, specs) -> None:
     """Fast reverse restore: each SOURCE takes its TARGET's image."""
-    for fc in [units.flashcopy(*s) for s in specs]:
-        n = fc.reverse_restore()
-        click.echo(f"restored {fc.source.name} from {fc.target.name}: "
-                   f"{plural(n, 'track')} copied")
+    each([units.flashcopy(*s) for s in specs], lambda fc: fc.reverse_restore(),
+         lambda fc, n: f"restored {fc.source.name} from {fc.target.name}: "
+                       f"{plural(n, 'track')} copied")
 
 
 @main.command()

@@ -73,6 +73,15 @@ def pair_id(pair) -> str:
     return f"{pair.primary.name}:{pair.secondary.name}"
 
 
+def each(items: list, step, said) -> list:
+    """Do ``step`` to each item in turn, saying ``said(item, what step
+    returned)`` after each: one line per relationship or pair, so a failure
+    midway leaves the ones before it said. Returns ``items``."""
+    for item in items:
+        click.echo(said(item, step(item)))
+    return items
+
+
 class Progress:
     """Progress on stderr: rich bars on a terminal; in a pipe, plain lines
     (no live-display control codes), at most one a second per task, and

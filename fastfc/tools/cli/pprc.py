@@ -9,7 +9,7 @@ import click
 from fastfc.copyservices.pprc import SEND_CHUNK_BYTES, PPRCPair
 
 from .app import main
-from .output import Progress, console, json_out, pair_id, plural, table
+from .output import Progress, console, each, json_out, pair_id, plural, table
 from .params import JSON, PAIR, PAIRS
 from .units import pass_units
 
@@ -76,9 +76,8 @@ def lspprc(units, specs, as_json) -> None:
 @pass_units
 def pausepprc(units, specs) -> None:
     """Suspend pairs: writes are recorded out of sync, nothing is sent."""
-    for p in [units.pair(*s) for s in specs]:
-        p.suspend("host")
-        click.echo(f"suspended {pair_id(p)}")
+    each([units.pair(*s) for s in specs], lambda p: p.suspend("host"),
+         lambda p, _: f"suspended {pair_id(p)}")
 
 
 @main.command()
@@ -87,11 +86,9 @@ def pausepprc(units, specs) -> None:
 @pass_units
 def resumepprc(units, specs, wait) -> None:
     """Resume suspended pairs; --wait sends their out-of-sync tracks now."""
-    pairs = [units.pair(*s) for s in specs]
-    for p in pairs:
-        p.resume()
-        click.echo(f"resumed {pair_id(p)}: {plural(p.out_of_sync_tracks, 'track')} "
-                   "out of sync")
+    pairs = each([units.pair(*s) for s in specs], lambda p: p.resume(),
+                 lambda p, _: f"resumed {pair_id(p)}: "
+                              f"{plural(p.out_of_sync_tracks, 'track')} out of sync")
     if wait:
         _send_now(pairs, "resync done")
 
@@ -101,9 +98,8 @@ def resumepprc(units, specs, wait) -> None:
 @pass_units
 def failoverpprc(units, specs) -> None:
     """Make secondaries usable primaries (their writes are recorded)."""
-    for p in [units.pair(*s) for s in specs]:
-        p.failover()
-        click.echo(f"failed over {pair_id(p)}: {p.secondary.name} accepts host writes")
+    each([units.pair(*s) for s in specs], lambda p: p.failover(),
+         lambda p, _: f"failed over {pair_id(p)}: {p.secondary.name} accepts host writes")
 
 
 @main.command()
@@ -112,11 +108,9 @@ def failoverpprc(units, specs) -> None:
 @pass_units
 def failbackpprc(units, specs, wait) -> None:
     """After failoverpprc: mirror the other way (SECONDARY to PRIMARY)."""
-    pairs = [units.pair(*s) for s in specs]
-    for p in pairs:
-        p.failback()
-        click.echo(f"failed back: pair {pair_id(p)}, "
-                   f"{plural(p.out_of_sync_tracks, 'track')} to send")
+    pairs = each([units.pair(*s) for s in specs], lambda p: p.failback(),
+                 lambda p, _: f"failed back: pair {pair_id(p)}, "
+                              f"{plural(p.out_of_sync_tracks, 'track')} to send")
     if wait:
         _send_now(pairs, "resync done")
 
@@ -144,9 +138,7 @@ def rmpprc(units, specs, force) -> None:
                 f"pair {pair_id(p)} has {oos} tracks out of sync: {p.secondary.name} lacks "
                 f"the latest writes to them, and removing the pair loses the record of "
                 f"which; resumepprc --wait {pair_id(p)} first, or rmpprc --force")
-    for p in pairs:
-        p.remove()
-        click.echo(f"removed pair {pair_id(p)}")
+    each(pairs, lambda p: p.remove(), lambda p, _: f"removed pair {pair_id(p)}")
 
 
 # -- sending in the foreground ---------------------------------------------------------
