@@ -13,7 +13,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 import fastfc
-import fastfc.tools.cli as cli
+import fastfc.tools.cli.app as cli
 
 
 def test_bench_help_lists_the_sections() -> None:

@@ -246,7 +246,7 @@ def test_under_a_memory_limit_big_io_streams_and_the_rest_is_one_line(tmp_path):
 
 def test_memory_and_overflow_errors_are_one_line(fastfc, site1, monkeypatch):
     make_volumes(fastfc, site1, "A")
-    from fastfc.tools import cli
+    from fastfc.tools.cli import volumes as cli
 
     def boom(*a, **k):
         raise MemoryError()

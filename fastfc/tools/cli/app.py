@@ -1,0 +1,250 @@
+"""The ``fastfc`` group: its global options, the units each invocation
+opens, expected errors as one line and an exit status, and the commands
+that open no unit (``demo``, ``bench``)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import sqlite3
+import sys
+from pathlib import Path
+
+import click
+
+from fastfc._optional import require
+from fastfc.errors import FastFCError
+
+from .output import human
+from .units import Units
+
+EXPECTED_ERRORS = (FastFCError, ValueError, KeyError, IndexError, OSError, sqlite3.Error,
+                   OverflowError, MemoryError)
+
+EXIT_CODES = """\b
+Exit status:
+  0  the command did what it says
+  1  an expected error, on one line on stderr: a refused operation, a
+     missing volume or session, a damaged unit, a number or size too large,
+     memory or disk space running out; formcg: the last CG failed; demo:
+     the C volumes did not match. Nothing is left half-created.
+  2  a usage error: an unknown command or option, a malformed value"""
+
+# Commands that only look: their units are opened read-only (a shared lock,
+# so they run alongside each other, and nothing in the unit changes).
+READ_ONLY_COMMANDS = {"lsvol", "read", "lsflash", "lspprc", "showgmir"}
+
+
+class FastFCGroup(click.Group):
+    """Closes the units after the command; expected errors become one line.
+    Commands are listed in the order they are defined (by subject)."""
+
+    def list_commands(self, ctx):
+        # bench runs the suite in a source checkout's benches/: not offered elsewhere
+        return [name for name in self.commands
+                if name != "bench" or _source_checkout() is not None]
+
+    def invoke(self, ctx):
+        try:
+            try:
+                return super().invoke(ctx)
+            finally:
+                if isinstance(ctx.obj, Units):
+                    ctx.obj.close()
+        except EXPECTED_ERRORS as e:
+            if os.environ.get("FASTFC_DEBUG"):
+                raise
+            raise click.ClickException(_one_line(e)) from None
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, MemoryError):
+        return ("out of memory: the command needs more memory than this process may use"
+                + (f" ({e})" if str(e) else ""))
+    if isinstance(e, OSError) and e.errno == errno.ENOMEM:
+        return f"out of memory (or address space) for this process: {e}"
+    if isinstance(e, OverflowError):
+        return f"a number is too large: {e}"
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    msg = " ".join(_plain(str(msg)).split())    # one line, whatever the library said
+    return msg or type(e).__name__
+
+
+# Library messages name library calls; the command line names its commands and flags.
+_CLI_WORDS = [
+    (r"copy\(\) or wait\(\) first, or withdraw\(force=True\) to invalidate the target",
+     "waitflash first, or rmflash --force to invalidate the target"),
+    (r"withdraw\(force=True\)", "rmflash --force"),
+    (r"\(resync\(revertible=True\) first\)", "(resyncflash --revertible first)"),
+    (r"established without record=True", "established without --record"),
+    (r"needs record=True", "needs --record (mkflash --record)"),
+    (r"with inhibit_target_write", "with --tgtinhibit (inhibit target write)"),
+    (r"commit or revert (first|before withdrawing)", r"commitflash or revertflash \1"),
+    (r"use failback\(\)", "use failbackpprc"),
+    (r"withdraw or remove those first", "rmflash, rmpprc or rmgmir first"),
+    (r"clear_fatal\(\) first, or close\(discard=True\)", "formcg first, or rmgmir --force"),
+    (r"; call copy\(\) instead", ""),
+]
+
+
+def _plain(message: str) -> str:
+    """Library messages name objects by their repr; a command line user
+    wants their names: ``<Volume A 8x4096B at '...'>`` becomes ``volume A``.
+    Library calls become the commands and flags that do the same."""
+    message = re.sub(r"<Volume (\S+) [^>]*>", r"volume \1", message)
+    message = re.sub(r"<FlashCopy (\S+)->(\S+) [^>]*>", r"FlashCopy \1:\2", message)
+    message = re.sub(r"<PPRCPair (\S+)->(\S+) [^>]*>", r"pair \1:\2", message)
+    for pattern, words in _CLI_WORDS:
+        message = re.sub(pattern, words, message)
+    return message
+
+
+# -- the group ------------------------------------------------------------------------
+@click.group(cls=FastFCGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=EXIT_CODES)
+@click.version_option(package_name="fastfc")
+@click.option("-u", "--unit", "unit", envvar="FASTFC_UNIT", metavar="PATH",
+              help="The local storage unit (a directory). [env FASTFC_UNIT]")
+@click.option("-r", "--remote-unit", "remote", envvar="FASTFC_REMOTE_UNIT", metavar="PATH",
+              help="The unit holding PPRC secondaries and Global Mirror B and C volumes "
+                   "(default: the local unit). [env FASTFC_REMOTE_UNIT]")
+@click.option("--wait", "wait", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Wait up to SECONDS for a unit that another command has open "
+                   "(default: fail at once).")
+@click.pass_context
+def main(ctx, unit, remote, wait) -> None:
+    """fastfc: FlashCopy, PPRC and Global Mirror for NumPy-backed volumes.
+
+    Each command opens the storage unit(s), does its work and closes them:
+    state persists in the unit directories between commands. Commands that
+    only look (lsvol, read, lsflash, lspprc, showgmir) open units read-only
+    and may run together; the others hold their units alone.
+
+    Names of volumes and sessions are 1-64 letters, digits, '_', '.', '-',
+    starting with a letter or digit. ls* and show* commands take --json.
+    Progress goes to stderr (plain lines when it is not a terminal).
+    """
+    ctx.obj = Units(unit, remote, readonly=ctx.invoked_subcommand in READ_ONLY_COMMANDS,
+                    wait=wait)
+
+
+# -- commands that open no unit --------------------------------------------------------
+@main.command()
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True, max=7 * 86400),
+              default=20.0, show_default=True, help="How long the workload runs (up to a week).")
+@click.option("--triplets", type=click.IntRange(1, 1024), default=16, show_default=True,
+              help="(A, B, C) volume triplets, 1 to 1024.")
+@click.option("--size-mib", type=click.IntRange(1, 1 << 20), default=32, show_default=True,
+              help="Size of each volume in MiB (all 3 x triplets live in memory).")
+@click.option("--rate", "rate_mbs", type=click.FloatRange(min=0, max=1e6), default=100.0,
+              show_default=True, help="Combined host write rate in MB/s (0: as fast as possible).")
+@click.option("--fault-every", type=click.FloatRange(min=0, max=86400), default=1.0,
+              show_default=True, help="Seconds between injected faults (0: none).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the random workload and faults.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Draw RPO and phase times over time to this PNG file "
+                   "(needs matplotlib: pip install 'fastfc[plot]').")
+def demo(seconds, triplets, size_mib, rate_mbs, fault_every, seed, plot) -> None:
+    """Run a Global Mirror session under random writes with faults injected.
+
+    Exits with status 1 if, after the workload stops, the C volumes do not
+    all equal their A volumes at one CG sequence number."""
+    from fastfc.tools.demo import DemoConfig, run_demo
+    need = 3 * triplets * size_mib << 20
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    if memory and need > memory:
+        raise click.ClickException(
+            f"--triplets {triplets} x --size-mib {size_mib} needs {human(need)} of memory "
+            f"for the A, B and C volumes; this machine has {human(memory)}")
+    if plot is not None:
+        _check_plot(plot)
+    cfg = DemoConfig(seconds=seconds, triplets=triplets, size_mib=size_mib,
+                     rate_mbs=rate_mbs, fault_every=fault_every, seed=seed)
+    result = run_demo(cfg, plot=plot)
+    sys.exit(0 if result["promise_ok"] else 1)
+
+
+def _check_plot(plot: str) -> None:
+    """Before the run, not after it: matplotlib importable, the file writable."""
+    require("matplotlib", extra="plot", feature="--plot")
+    folder = Path(plot).parent
+    if not folder.is_dir():
+        raise click.ClickException(f"--plot {plot}: no directory {folder}")
+    if Path(plot).is_dir() or not os.access(folder, os.W_OK | os.X_OK) or \
+            (Path(plot).exists() and not os.access(plot, os.W_OK)):
+        raise click.ClickException(f"--plot {plot}: cannot write that file")
+
+
+BENCH_SECTIONS = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable", "gm"]
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="About a minute: fewer rounds, smaller sizes.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Directory for report.json and the plots [default: bench-results/].")
+@click.option("--only", multiple=True, type=click.Choice(BENCH_SECTIONS),
+              help="Run only this section (repeatable).")
+@click.option("--skip", multiple=True, type=click.Choice(BENCH_SECTIONS),
+              help="Skip this section (repeatable).")
+@click.option("--unit-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the durable section puts storage units (a real disk) "
+                   "[default: bench-results/units].")
+@click.option("--update-readme", is_flag=True, help="Rewrite the README's benchmark table.")
+@click.option("--strict", is_flag=True, help="Exit with status 1 if a target is missed.")
+def bench(quick, out, only, skip, unit_dir, update_readme, strict) -> None:
+    """Run every benchmark against same-run baselines and print the table.
+
+    Needs a source checkout: the suite lives in the repository's benches/
+    directory, next to the fastfc package (an installed fastfc does not list
+    this command).
+    """
+    root = _source_checkout()
+    if root is None:
+        raise click.ClickException(
+            "fastfc bench needs a source checkout: the benchmark suite (benches/) ships "
+            f"with the repository, not with the installed package in "
+            f"{_package_dir()}; run it from a clone (pip install -e '.[dev]')")
+    run = _load_benches(root).run
+    sys.exit(run(quick=quick, out=out, only=list(only), skip=list(skip),
+                 update=update_readme, unit_dir=unit_dir, strict=strict))
+
+
+def _package_dir() -> Path:
+    """The directory of the fastfc package this runs from."""
+    import fastfc
+    return Path(fastfc.__file__).resolve().parent
+
+
+def _source_checkout() -> Path | None:
+    """The source checkout this fastfc runs from: the directory above the
+    package, when it holds pyproject.toml and benches/report.py. None for an
+    installed package."""
+    root = _package_dir().parent
+    if (root / "pyproject.toml").is_file() and (root / "benches" / "report.py").is_file():
+        return root
+    return None
+
+
+def _load_benches(root: Path):
+    """``benches.report`` of the checkout at ``root``, imported as the package
+    ``benches`` without putting the checkout on sys.path."""
+    import importlib
+    import importlib.util
+    pkg = sys.modules.get("benches")
+    if pkg is None:
+        spec = importlib.util.spec_from_file_location(
+            "benches", root / "benches" / "__init__.py",
+            submodule_search_locations=[str(root / "benches")])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules["benches"] = pkg
+        spec.loader.exec_module(pkg)
+    elif Path(pkg.__path__[0]).resolve() != (root / "benches").resolve():
+        raise click.ClickException(
+            f"another benches package is already imported (from {pkg.__path__[0]}), "
+            f"not the one of this checkout ({root / 'benches'})")
+    return importlib.import_module("benches.report")

@@ -1,0 +1,243 @@
+"""FlashCopy: mkflash, lsflash, resyncflash, waitflash, commitflash,
+revertflash, reverseflash, rmflash, and the copy in the foreground that
+``--wait`` and ``waitflash`` run."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from fastfc.copyservices.flashcopy import CHUNK_BYTES, MAX_SEQUENCE, FlashCopy, establish_group
+from fastfc.errors import FastFCError
+
+from .app import main
+from .output import Progress, console, each, eta, fc_id, human, json_out, plural, table
+from .params import FLASH, FLASHES, JSON, SIZE, Count
+from .units import pass_units
+
+# A --wait whose copy would take longer than this at its --copy-rate is refused.
+MAX_WAIT_SECONDS = 24 * 3600
+
+
+@main.command()
+@FLASHES
+@click.option("--nocp", is_flag=True, help="NOCOPY: tracks move only by copy-on-write.")
+@click.option("--record", is_flag=True,
+              help="Change recording, for resyncflash and reverseflash (implies --persist).")
+@click.option("--persist", is_flag=True, help="Keep the relationship once copied.")
+@click.option("--inhibit-target-write", "--tgtinhibit", "inhibit", is_flag=True,
+              help="Refuse host writes to the target.")
+@click.option("--copy-rate", type=SIZE, help="Cap on background copy, bytes/s (e.g. 100M).")
+@click.option("--seq", type=Count(0, MAX_SEQUENCE), default=0, show_default=True,
+              help="Sequence number.")
+@click.option("--wait", is_flag=True,
+              help="Copy every track now (at --copy-rate, progress and ETA on stderr).")
+@pass_units
+def mkflash(units, specs, nocp, record, persist, inhibit, copy_rate, seq, wait) -> None:
+    """Establish FlashCopy SOURCE:TARGET relationships (several: at one instant)."""
+    if wait and nocp:
+        raise click.UsageError("--wait copies in COPY mode; it cannot go with --nocp")
+    unit = units.local()
+    vols = [(unit.volume(s), unit.volume(t)) for s, t in specs]
+    if wait and copy_rate:
+        _check_wait([(s.n_tracks, s.track_size, copy_rate) for s, t in vols])
+    rels = establish_group(vols, background_copy=not nocp, record=record, persistent=persist,
+                           inhibit_target_write=inhibit, copy_rate=copy_rate or None,
+                           sequence=seq)
+    for fc in rels:
+        click.echo(f"established FlashCopy {fc_id(fc)}: sequence {fc.sequence}, "
+                   f"{'NOCOPY' if nocp else 'COPY'}, {plural(fc.source.n_tracks, 'track')} "
+                   "to copy")
+    if wait:
+        _finish_copies(rels)
+
+
+@main.command()
+@click.argument("specs", nargs=-1, type=FLASH)
+@JSON
+@pass_units
+def lsflash(units, specs, as_json) -> None:
+    """List FlashCopy relationships (all of the unit's, or SOURCE:TARGET ones)."""
+    rels = [units.flashcopy(*s) for s in specs] if specs else units.local().flashcopies
+    rels = sorted(rels, key=fc_id)
+    if as_json:
+        json_out([{"id": fc_id(fc), "source": fc.source.name, "target": fc.target.name,
+                   "state": fc.state.value, "sequence": fc.sequence,
+                   "tracks_to_copy": fc.tracks_to_copy, "tracks": fc.source.n_tracks,
+                   "revertible": fc.revertible, "background_copy": fc.background_copy,
+                   "record": fc.record, "persistent": fc.persistent,
+                   "inhibit_target_write": fc.inhibit_target_write,
+                   "copy_rate": fc.copy_rate} for fc in rels])
+        return
+    t = table("ID", "State", "Seq", "To copy", "Revertible", "Options")
+    for fc in rels:
+        opts = ["COPY" if fc.background_copy else "NOCOPY"]
+        opts += [o for o, on in (("record", fc.record), ("persist", fc.persistent),
+                                 ("tgtinhibit", fc.inhibit_target_write)) if on]
+        if fc.copy_rate:
+            opts.append(f"rate {human(fc.copy_rate)}/s")
+        t.add_row(fc_id(fc), fc.state.value, str(fc.sequence),
+                  f"{fc.tracks_to_copy}/{fc.source.n_tracks}",
+                  "yes" if fc.revertible else "no", " ".join(opts))
+    console().print(t if t.rows else "no FlashCopy relationships")
+
+
+@main.command()
+@FLASHES
+@click.option("--revertible", is_flag=True,
+              help="Keep the prior image until commitflash or revertflash.")
+@click.option("--seq", type=Count(0, MAX_SEQUENCE),
+              help="New sequence number [default: the old one + 1].")
+@click.option("--wait", is_flag=True, help="Copy the changed tracks now (COPY mode).")
+@pass_units
+def resyncflash(units, specs, revertible, seq, wait) -> None:
+    """Incremental re-establish: the targets take their sources' current image."""
+    if wait and revertible:
+        raise click.UsageError("nothing copies while revertible: --wait needs commitflash")
+    rels = [units.flashcopy(*s) for s in specs]
+    if wait:
+        _check_wait([(_marked(fc), fc.source.track_size, fc.copy_rate)
+                     for fc in rels if fc.background_copy])
+    for fc in rels:
+        marked = _marked(fc)
+        fc.resync(revertible=revertible, sequence=seq)
+        how = "revertible, " if revertible else ""
+        click.echo(f"resynced {fc_id(fc)}: {how}sequence {fc.sequence}, "
+                   f"{plural(marked, 'track')} to copy")
+    if wait:
+        _finish_copies([fc for fc in rels if fc.background_copy])
+
+
+def _marked(fc: FlashCopy) -> int:
+    """The tracks a resync of ``fc`` copies (none without change recording)."""
+    return (fc.to_copy | fc.src_changed | fc.tgt_changed).count() if fc.record else 0
+
+
+@main.command()
+@FLASHES
+@pass_units
+def waitflash(units, specs) -> None:
+    """Copy the remaining tracks of relationships now (at their copy rate,
+    progress and ETA on stderr)."""
+    rels = [units.flashcopy(*s) for s in specs]
+    _check_wait([(fc.tracks_to_copy, fc.source.track_size, fc.copy_rate) for fc in rels],
+                flag="waitflash")
+    _finish_copies(rels)
+
+
+@main.command()
+@FLASHES
+@pass_units
+def commitflash(units, specs) -> None:
+    """Keep the new image of revertible relationships."""
+    each([units.flashcopy(*s) for s in specs], lambda fc: fc.commit(),
+         lambda fc, _: f"committed {fc_id(fc)}: sequence {fc.sequence}")
+
+
+@main.command()
+@FLASHES
+@pass_units
+def revertflash(units, specs) -> None:
+    """Return revertible relationships to their prior image."""
+    each([units.flashcopy(*s) for s in specs], lambda fc: fc.revert(),
+         lambda fc, _: f"reverted {fc_id(fc)}: sequence {fc.sequence}")
+
+
+@main.command()
+@FLASHES
+@pass_units
+def reverseflash(units, specs) -> None:
+    """Fast reverse restore: each SOURCE takes its TARGET's image."""
+    each([units.flashcopy(*s) for s in specs], lambda fc: fc.reverse_restore(),
+         lambda fc, n: f"restored {fc.source.name} from {fc.target.name}: "
+                       f"{plural(n, 'track')} copied")
+
+
+@main.command()
+@FLASHES
+@click.option("--force", is_flag=True,
+              help="Withdraw even with tracks left to copy (the target turns invalid).")
+@pass_units
+def rmflash(units, specs, force) -> None:
+    """Withdraw FlashCopy relationships.
+
+    A relationship with tracks left to copy is refused unless --force: its
+    target would lose its point-in-time image (it turns invalid)."""
+    rels = [units.flashcopy(*s) for s in specs]
+    for fc in rels:       # refuse before withdrawing any
+        if fc.revertible:
+            raise click.ClickException(f"FlashCopy {fc_id(fc)} is revertible; "
+                                       "commitflash or revertflash first")
+        left = fc.tracks_to_copy
+        if left and not force:
+            raise click.ClickException(
+                f"FlashCopy {fc_id(fc)} still has {left} tracks to copy: withdrawing it "
+                f"loses {fc.target.name}'s point-in-time image ({fc.target.name} turns "
+                f"invalid); waitflash {fc_id(fc)} first, or rmflash --force")
+    for fc in rels:
+        left = fc.tracks_to_copy
+        fc.withdraw(force=force)
+        note = f"; {fc.target.name} is invalid ({plural(left, 'track')} not copied)" \
+            if left else ""
+        click.echo(f"withdrew {fc_id(fc)}{note}")
+
+
+# -- copying in the foreground ---------------------------------------------------------
+def _check_wait(copies, flag: str = "--wait") -> None:
+    """Refuse a rate-capped wait that would take absurdly long.
+    ``copies``: (tracks, track_size, copy_rate) of each copy."""
+    seconds = sum(n * ts / rate for n, ts, rate in copies if rate)
+    if seconds > MAX_WAIT_SECONDS:
+        size = sum(n * ts for n, ts, rate in copies if rate)
+        rate = min(r for *_, r in copies if r)
+        raise click.ClickException(
+            f"{flag} would copy {human(size)} at --copy-rate {human(rate)}/s for "
+            f"{eta(seconds)} (more than {eta(MAX_WAIT_SECONDS)}); raise --copy-rate, or "
+            "leave out --wait (copies move only while a command runs: waitflash later)")
+
+
+def _finish_copies(rels: list[FlashCopy]) -> None:
+    t = time.perf_counter()
+    _copy_in_foreground(rels)
+    took = time.perf_counter() - t
+    for fc in rels:
+        ended = "; relationship ended (not persistent)" if not fc.active else ""
+        click.echo(f"copied {fc_id(fc)} in {took:.2f} s{ended}")
+
+
+def _copy_in_foreground(rels: list[FlashCopy]) -> None:
+    """Finish the background copy of ``rels`` in this process, with progress
+    on stderr. A relationship's ``copy_rate`` holds: a track at a time, and
+    no faster than the rate allows (its worker thread may copy alongside;
+    progress counts what either copied, so together they keep to the rate)."""
+    with Progress() as progress:
+        for fc in rels:
+            total = fc.tracks_to_copy
+            ts = fc.source.track_size
+            rate = fc.copy_rate
+            task = progress.add(fc_id(fc), total, size=ts, rate=rate)
+            step = max(1, CHUNK_BYTES // ts)
+            if rate:
+                step = max(1, min(step, int(rate * 0.05) // ts))
+            start = time.perf_counter()
+            while fc.active and fc.tracks_to_copy:
+                if rate:
+                    ahead = (total - fc.tracks_to_copy) * ts / rate \
+                        - (time.perf_counter() - start)
+                    if ahead > 0:
+                        time.sleep(min(ahead, 0.25))
+                        progress.update(task, total - fc.tracks_to_copy)
+                        continue
+                _copy(fc, step)
+                progress.update(task, total - fc.tracks_to_copy)
+            _copy(fc, 0)   # a copied relationship that is not persistent ends now
+
+
+def _copy(fc: FlashCopy, tracks: int) -> None:
+    """``fc.copy(tracks)``; a relationship that ended meanwhile is no error."""
+    try:
+        fc.copy(tracks)
+    except FastFCError:
+        if fc.active:
+            raise

@@ -1,0 +1,302 @@
+"""Global Mirror: mkgmir, showgmir, formcg, rmgmir, and the session log
+that counts a session's CGs across invocations."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from fastfc.copyservices.globalmirror import Cause, GlobalMirror
+from fastfc.names import NAME
+
+from .app import main
+from .output import Progress, console, human, json_out, ms, plural, table
+from .params import JSON, SESSION, TRIPLET, Count
+from .pprc import drain_in_foreground
+from .units import pass_units
+
+
+@main.command()
+@click.argument("session", type=SESSION)
+@click.argument("specs", nargs=-1, required=True, type=TRIPLET)
+@click.option("--cg-interval", type=click.FloatRange(min=0, max=86400), default=0.0,
+              show_default=True, help="Seconds between CGs when formcg runs for --seconds.")
+@click.option("--coord-time", type=click.FloatRange(min=0, min_open=True, max=60000),
+              default=50.0, show_default=True,
+              help="Longest hold of host writes at coordination, ms.")
+@click.option("--drain-time", type=click.FloatRange(min=0, max=86400), default=0.0,
+              show_default=True,
+              help="Longest drain, seconds (0: the larger of 240 and twice the interval).")
+@click.option("--decide", type=click.Choice(["after_all", "after_each"]), default="after_all",
+              show_default=True, help="Decide after every prepare, or at the first failure.")
+@pass_units
+def mkgmir(units, session, specs, cg_interval, coord_time, drain_time, decide) -> None:
+    """Create Global Mirror session SESSION over A:B:C triplets (A in --unit;
+    B and C in --remote-unit)."""
+    local, remote = units.local(), units.remote()
+    triplets = [(local.volume(a), remote.volume(b), remote.volume(c)) for a, b, c in specs]
+    gm = GlobalMirror(triplets, name=session, cg_interval=cg_interval,
+                      max_coordination_time=coord_time / 1e3, max_drain_time=drain_time,
+                      decide=decide)
+    try:
+        SessionLog(gm).reset()
+    except BaseException:
+        gm.close(discard=True)    # nothing copied yet: leave no session behind
+        raise
+    click.echo(f"created Global Mirror session {session}: {plural(len(triplets), 'triplet')}; "
+               "formcg forms its consistency groups")
+
+
+@main.command()
+@click.argument("session", type=SESSION)
+@JSON
+@pass_units
+def showgmir(units, session, as_json) -> None:
+    """Show a Global Mirror session: CG sequence, C sequences, stats, state."""
+    gm = units.session(session)
+    log = SessionLog(gm).counts()
+    seqs = gm.c_sequences
+    when = log["last_cg_time"]
+    out_of_sync = sum(tr.pair.out_of_sync_tracks for tr in gm.triplets)
+    if as_json:
+        json_out({
+            "session": gm.name, "state": gm.state.value, "fatal_reason": gm.fatal_reason,
+            "cg_sequence": max(seqs), "c_sequences": seqs,
+            "cg_interval": gm.cg_interval, "max_coordination_time": gm.max_coordination_time,
+            "max_drain_time": gm.max_drain_time, "attempts": log["attempts"],
+            "successes": log["successes"], "failures": log["failures"],
+            "commit_failures_resolved": log["commit_failures_resolved"],
+            "last_cg_time": when, "rpo": None if when is None else time.time() - when,
+            "bytes_drained": log["bytes_drained"], "out_of_sync": out_of_sync,
+            "triplets": [{"a": tr.a.name, "b": tr.b.name, "c": tr.c.name,
+                          "pair_state": tr.pair.state.value,
+                          "out_of_sync": tr.pair.out_of_sync_tracks,
+                          "c_sequence": tr.fc.sequence} for tr in gm.triplets]})
+        return
+    t = table("Property", "Value", show_header=False)
+    t.add_row("Session", gm.name)
+    t.add_row("State", gm.state.value + (f" ({gm.fatal_reason})" if gm.fatal_reason else ""))
+    t.add_row("Triplets", str(len(gm.triplets)))
+    t.add_row("CG sequence", str(max(seqs)))
+    t.add_row("C sequences", str(seqs[0]) if len(set(seqs)) == 1 else " ".join(map(str, seqs)))
+    t.add_row("CG interval", f"{gm.cg_interval:g} s")
+    t.add_row("Max coordination time", f"{gm.max_coordination_time * 1e3:g} ms")
+    t.add_row("Max drain time", f"{gm.max_drain_time:g} s" if gm.max_drain_time else "default")
+    t.add_row("CG attempts", str(log["attempts"]))
+    t.add_row("Successful CGs", str(log["successes"]))
+    t.add_row("Failed CGs", ", ".join(f"{k} {v}" for k, v in sorted(log["failures"].items()))
+              or "0")
+    t.add_row("Commit failures resolved", str(log["commit_failures_resolved"]))
+    t.add_row("Last CG formed", "-" if when is None else
+              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)))
+    t.add_row("RPO", "-" if when is None else f"{time.time() - when:.1f} s")
+    t.add_row("Sent to B", human(log["bytes_drained"]))
+    t.add_row("Out of sync", plural(out_of_sync, "track"))
+    console().print(t)
+    click.echo()
+    t = table("A", "B", "C", "Pair state", "Out of sync", "C seq")
+    for tr in gm.triplets:
+        t.add_row(tr.a.name, tr.b.name, tr.c.name, tr.pair.state.value,
+                  str(tr.pair.out_of_sync_tracks), str(tr.fc.sequence))
+    console().print(t)
+
+
+@main.command()
+@click.argument("session", type=SESSION)
+@click.option("--count", type=Count(low=1), default=1, show_default=True,
+              help="Consistency groups to attempt, one after another.")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True, max=7 * 86400),
+              help="Instead of --count: run the session's continuous loop this long.")
+@click.option("--inject", "injects", multiple=True, metavar="POINT[:VOLUME]",
+              help="Arm a fault for these attempts (fastfc.faults): prepare, commit or "
+                   "revert of a B volume; coordinate; drain of an A volume. Repeatable.")
+@pass_units
+def formcg(units, session, count, seconds, injects) -> None:
+    """Form consistency groups: first send the out-of-sync backlog as Global
+    Copy (progress on stderr), then attempt CGs. Each attempt is counted for
+    showgmir as soon as it ends. Exits with status 1 when the last attempt
+    failed."""
+    from fastfc import faults
+    gm = units.session(session)
+    log = SessionLog(gm)
+    sent = drain_in_foreground([t.pair for t in gm.triplets if t.pair.suspend_reason is None])
+    log.record_sent(sent)
+    results = []
+
+    def counted(r) -> None:     # called as each attempt ends, from the thread making it
+        results.append(r)
+        log.record(r)
+
+    gm.on_result = counted
+    try:
+        _arm_faults(gm, injects)
+        if seconds is None:
+            for _ in range(count):
+                gm.form_consistency_group()
+        else:
+            _run_loop(gm, seconds)
+    finally:
+        gm.on_result = None
+        if injects:
+            faults.clear()
+    t = table("CG", "Result", "Coord ms", "Drain ms", "FlashCopy ms", "Drained")
+    for r in results[-20:]:
+        t.add_row(str(r.sequence), _result_text(r), ms(r.coordination_time),
+                  ms(r.drain_time), ms(r.flash_time), human(r.bytes_drained))
+    if sent:
+        click.echo(f"sent {human(sent)} to B as Global Copy before the first CG")
+    if len(results) > 20:
+        click.echo(f"{len(results)} attempts; the last 20:")
+    console().print(t)
+    ok = sum(r.committed for r in results)
+    click.echo(f"{ok} of {len(results)} consistency groups committed; "
+               f"C volumes at CG {max(gm.c_sequences)}")
+    last = results[-1] if results else None
+    if last is not None and not last.committed:
+        raise click.ClickException(f"CG {last.sequence} failed: {last.cause.value}: "
+                                   f"{last.detail}")
+
+
+def _result_text(r) -> str:
+    if r.committed and r.cause is Cause.COMMIT_FAILED:
+        return "committed (commit failure resolved)"
+    return "committed" if r.committed else f"failed: {r.cause.value}"
+
+
+def _arm_faults(gm: GlobalMirror, injects) -> None:
+    from fastfc import faults
+    vols = {v.name: v for t in gm.triplets for v in (t.a, t.b, t.c)}
+    for spec in injects:
+        point, _, name = spec.partition(":")
+        if name and name not in vols:
+            raise click.BadParameter(f"no volume {name!r} in session {gm.name}",
+                                     param_hint="--inject")
+        try:
+            faults.inject(point, vols.get(name))
+        except (ValueError, TypeError) as e:
+            raise click.BadParameter(str(e), param_hint="--inject") from None
+
+
+def _run_loop(gm: GlobalMirror, seconds: float) -> None:
+    gm.start()
+    try:
+        with Progress(unit="s") as progress:
+            task = progress.add("forming CGs", round(seconds, 1))
+            end = time.monotonic() + seconds
+            while (left := end - time.monotonic()) > 0:
+                time.sleep(min(0.1, left))
+                st = gm.stats
+                progress.update(task, round(seconds - max(0.0, end - time.monotonic()), 1),
+                                description=f"CG {st.sequence}: {st.successes} committed")
+    finally:
+        gm.stop()
+
+
+@main.command()
+@click.argument("session", type=SESSION)
+@click.option("--force", is_flag=True,
+              help="Withdraw at once: C volumes that still read tracks from B turn invalid.")
+@pass_units
+def rmgmir(units, session, force) -> None:
+    """End a Global Mirror session: remove its pairs and FlashCopies.
+
+    Every C volume keeps its image of the last committed CG: the tracks it
+    still reads from its B are copied B -> C first (progress on stderr).
+    --force skips that copy and leaves those C volumes invalid."""
+    gm = units.session(session)
+    log = SessionLog(gm)
+    need = gm.tracks_c_needs()
+    cg = max(gm.c_sequences)
+    cs = ", ".join(need)
+    if force:
+        gm.close(discard=True)
+    else:
+        ts = gm.triplets[0].b.track_size
+        with Progress() as progress:
+            task = progress.add(f"copying to {cs}", sum(need.values()), size=ts)
+            gm.close(on_copy=lambda done, total: progress.update(task, done))
+    log.remove()
+    click.echo(f"removed Global Mirror session {session}")
+    lost = {c: n for c, n in need.items() if n}
+    if force and lost:
+        click.echo("invalid now (their image of CG {} was not copied from B): {}".format(
+            cg, ", ".join(f"{c} ({plural(n, 'track')})" for c, n in lost.items())))
+    elif need:
+        copied = sum(need.values())
+        click.echo(f"{cs} keep CG {cg}" + (f" ({plural(copied, 'track')} copied from B)"
+                                           if copied else ""))
+
+
+# -- the session log ---------------------------------------------------------------------
+class SessionLog:
+    """A session's CG counts across invocations (the library keeps its
+    stats in memory only): a JSON file in the ``cli`` directory of the
+    unit holding the session's first B volume, saved after every change, so
+    a command killed midway keeps what it counted.
+
+    The commands use it through :meth:`counts` (what showgmir shows) and
+    :meth:`record` (one CG attempt ended), with :meth:`record_sent` for the
+    Global Copy that formcg sends before its first CG; :meth:`reset` and
+    :meth:`remove` go with creating and removing the session. Once the
+    library persists these counters in its store, this class is the one
+    place to switch: ``counts`` reads them from the session, the others
+    go."""
+
+    def __init__(self, gm: GlobalMirror) -> None:
+        unit = gm.triplets[0].b.unit
+        # the name is a checked one (fastfc.names): no separator, no leading dot
+        ok = unit is not None and unit.path is not None and NAME.match(gm.name)
+        self.path = unit.path / "cli" / f"gmir-{gm.name}.json" if ok else None
+        self._log = self._zero()
+        if self.path is not None and self.path.exists():
+            self._log.update(json.loads(self.path.read_text()))
+
+    @staticmethod
+    def _zero() -> dict:
+        return {"attempts": 0, "successes": 0, "failures": {},
+                "commit_failures_resolved": 0, "last_cg_time": None, "bytes_drained": 0}
+
+    def counts(self) -> dict:
+        """attempts, successes, failures (by cause), commit_failures_resolved,
+        last_cg_time (epoch seconds or None) and bytes_drained."""
+        return self._log
+
+    def record(self, r) -> None:
+        """Count one CG attempt's result."""
+        log = self._log
+        log["attempts"] += 1
+        log["bytes_drained"] += r.bytes_drained
+        if r.committed:
+            log["successes"] += 1
+            log["last_cg_time"] = r.coordinated_at
+        if r.committed and r.cause is Cause.COMMIT_FAILED:
+            log["commit_failures_resolved"] += 1
+        elif r.cause is not None:
+            log["failures"][r.cause.value] = log["failures"].get(r.cause.value, 0) + 1
+        self._save()
+
+    def record_sent(self, sent: int) -> None:
+        """``sent`` bytes went to B as Global Copy."""
+        if sent:
+            self._log["bytes_drained"] += sent
+            self._save()
+
+    def reset(self) -> None:
+        """Start from zero (a new session of this name)."""
+        self.remove()
+        self._log = self._zero()
+        self._save()
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._log))
+        tmp.replace(self.path)

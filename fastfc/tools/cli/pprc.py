@@ -1,0 +1,168 @@
+"""PPRC: mkpprc, lspprc, pausepprc, resumepprc, failoverpprc,
+failbackpprc, rmpprc, and the drain in the foreground that ``--wait`` and
+``formcg`` run."""
+
+from __future__ import annotations
+
+import click
+
+from fastfc.copyservices.pprc import SEND_CHUNK_BYTES, PPRCPair
+
+from .app import main
+from .output import Progress, console, each, json_out, pair_id, plural, table
+from .params import JSON, PAIR, PAIRS
+from .units import pass_units
+
+
+@main.command()
+@PAIRS
+@click.option("--type", "mode", type=click.Choice(["mmir", "gcp"]), required=True,
+              help="Metro Mirror (synchronous) or Global Copy (asynchronous).")
+@click.option("--nocp", is_flag=True, help="No initial copy: the volumes already match.")
+@click.option("--wait", is_flag=True, help="Do the initial copy now, with a progress bar.")
+@pass_units
+def mkpprc(units, specs, mode, nocp, wait) -> None:
+    """Establish PPRC pairs PRIMARY:SECONDARY (secondaries in --remote-unit)."""
+    local, remote = units.local(), units.remote()
+    vols = [(local.volume(a), remote.volume(b)) for a, b in specs]
+    pairs = []
+    for a, b in vols:
+        pairs.append(PPRCPair(a, b, mode=mode, initial_copy=not nocp, background=False))
+        click.echo(f"established PPRC pair {pair_id(pairs[-1])} ({mode}): "
+                   f"{plural(pairs[-1].out_of_sync_tracks, 'track')} to copy")
+    if wait:
+        _send_now(pairs, "initial copy done")
+
+
+@main.command()
+@click.argument("specs", nargs=-1, type=PAIR)
+@JSON
+@pass_units
+def lspprc(units, specs, as_json) -> None:
+    """List PPRC pairs of the open units (or the PRIMARY:SECONDARY ones)."""
+    if specs:
+        pairs = [units.pair(*s) for s in specs]
+    else:
+        pairs = [p for u in units.all() for p in u.pairs]
+    # pairs a unit records whose secondary unit could not be opened
+    away = [] if specs else [(u, row) for u in units.all() for row in u.pair_records]
+    if as_json:
+        json_out([{"id": pair_id(p), "primary": p.primary.name, "secondary": p.secondary.name,
+                   "state": p.state.value, "mode": p.mode.value,
+                   "out_of_sync": p.out_of_sync_tracks, "reason": p.suspend_reason,
+                   "primary_unit": str(p.primary.unit.path),
+                   "secondary_unit": str(p.secondary.unit.path)} for p in pairs]
+                 + [{"id": f"{row['primary_name']}:{row['secondary_name']}",
+                     "primary": row["primary_name"], "secondary": row["secondary_name"],
+                     "state": "unknown", "mode": row["mode"], "out_of_sync": None,
+                     "reason": "secondary unit not available", "primary_unit": str(u.path),
+                     "secondary_unit": row["secondary_unit"]} for u, row in away])
+        return
+    t = table("ID", "State", "Type", "Out of sync", "Reason", "Primary unit",
+              "Secondary unit")
+    for p in pairs:
+        t.add_row(pair_id(p), p.state.value, p.mode.value, str(p.out_of_sync_tracks),
+                  p.suspend_reason or "-", p.primary.unit.path.name,
+                  p.secondary.unit.path.name)
+    for u, row in away:
+        t.add_row(f"{row['primary_name']}:{row['secondary_name']}", "unknown",
+                  row["mode"], "?", "secondary unit not available", u.path.name,
+                  row["secondary_unit"])
+    console().print(t if t.rows else "no PPRC pairs")
+
+
+@main.command()
+@PAIRS
+@pass_units
+def pausepprc(units, specs) -> None:
+    """Suspend pairs: writes are recorded out of sync, nothing is sent."""
+    each([units.pair(*s) for s in specs], lambda p: p.suspend("host"),
+         lambda p, _: f"suspended {pair_id(p)}")
+
+
+@main.command()
+@PAIRS
+@click.option("--wait", is_flag=True, help="Resync the out-of-sync tracks now.")
+@pass_units
+def resumepprc(units, specs, wait) -> None:
+    """Resume suspended pairs; --wait sends their out-of-sync tracks now."""
+    pairs = each([units.pair(*s) for s in specs], lambda p: p.resume(),
+                 lambda p, _: f"resumed {pair_id(p)}: "
+                              f"{plural(p.out_of_sync_tracks, 'track')} out of sync")
+    if wait:
+        _send_now(pairs, "resync done")
+
+
+@main.command()
+@PAIRS
+@pass_units
+def failoverpprc(units, specs) -> None:
+    """Make secondaries usable primaries (their writes are recorded)."""
+    each([units.pair(*s) for s in specs], lambda p: p.failover(),
+         lambda p, _: f"failed over {pair_id(p)}: {p.secondary.name} accepts host writes")
+
+
+@main.command()
+@PAIRS
+@click.option("--wait", is_flag=True, help="Send the changed tracks now.")
+@pass_units
+def failbackpprc(units, specs, wait) -> None:
+    """After failoverpprc: mirror the other way (SECONDARY to PRIMARY)."""
+    pairs = each([units.pair(*s) for s in specs], lambda p: p.failback(),
+                 lambda p, _: f"failed back: pair {pair_id(p)}, "
+                              f"{plural(p.out_of_sync_tracks, 'track')} to send")
+    if wait:
+        _send_now(pairs, "resync done")
+
+
+@main.command()
+@PAIRS
+@click.option("--force", is_flag=True,
+              help="End pairs with tracks out of sync too (that record is lost).")
+@pass_units
+def rmpprc(units, specs, force) -> None:
+    """End pairs: the secondaries accept host writes again.
+
+    A pair with tracks out of sync is refused unless --force: its secondary
+    lacks the latest writes to them (it holds no one image of the primary)
+    and the record of which tracks those are would be lost."""
+    pairs = [units.pair(*s) for s in specs]
+    for p in pairs:
+        gm = units.session_of(p)
+        if gm is not None:
+            raise click.ClickException(f"pair {pair_id(p)} belongs to Global Mirror session "
+                                       f"{gm.name}; use rmgmir")
+        oos = p.out_of_sync_tracks
+        if oos and not force:
+            raise click.ClickException(
+                f"pair {pair_id(p)} has {oos} tracks out of sync: {p.secondary.name} lacks "
+                f"the latest writes to them, and removing the pair loses the record of "
+                f"which; resumepprc --wait {pair_id(p)} first, or rmpprc --force")
+    each(pairs, lambda p: p.remove(), lambda p, _: f"removed pair {pair_id(p)}")
+
+
+# -- sending in the foreground ---------------------------------------------------------
+def _send_now(pairs: list[PPRCPair], done: str) -> None:
+    """--wait: send the pairs' out-of-sync tracks now and say how they stand."""
+    drain_in_foreground(pairs)
+    click.echo(f"{done}: " + ", ".join(f"{pair_id(p)} {p.state.value}" for p in pairs))
+
+
+def drain_in_foreground(pairs: list[PPRCPair]) -> int:
+    """Send every out-of-sync track of ``pairs`` now, with progress on
+    stderr. Returns the bytes sent."""
+    sent = 0
+    with Progress() as progress:
+        for pair in pairs:
+            total = pair.out_of_sync_tracks
+            task = progress.add(pair_id(pair), total, size=pair.primary.track_size)
+            while pair.out_of_sync_tracks and pair.suspend_reason is None:
+                n = pair.drain(4 * SEND_CHUNK_BYTES)
+                if not n:
+                    break
+                sent += n
+                progress.update(task, total - pair.out_of_sync_tracks)
+            if pair.suspend_reason is not None:
+                raise click.ClickException(f"pair {pair_id(pair)} suspended during the copy: "
+                                           f"{pair.suspend_reason}")
+    return sent

@@ -1,0 +1,146 @@
+"""The storage units one invocation opens, and finding things in them by
+the names a command line gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from fastfc.copyservices.flashcopy import FlashCopy
+from fastfc.copyservices.globalmirror import GlobalMirror
+from fastfc.copyservices.pprc import PPRCPair
+from fastfc.durable.unit import StorageUnit
+from fastfc.errors import ReadOnlyUnitError
+
+
+class Units:
+    """The storage units one invocation works on, opened on first use and
+    closed (with their locks released) when the command ends.
+
+    Each unit is opened through :class:`StorageUnit`, whose lock gives it one
+    owner across processes: a command that only looks opens its units
+    read-only (many may run at once), any other opens them read-write (alone).
+    ``wait`` is how long to wait for a busy unit (None: fail at once).
+    Units are found by the paths given and by what the open units record as
+    their partners (:meth:`StorageUnit.partner_units`); naming both units of
+    a pair that moved apart with ``-u`` and ``-r`` re-links them.
+    """
+
+    def __init__(self, local: str | None, remote: str | None, *, readonly: bool = False,
+                 wait: float | None = None) -> None:
+        self.local_path = local
+        self.remote_path = remote
+        self.readonly = readonly
+        self.wait = wait
+        self.open: dict[Path, StorageUnit] = {}
+        self._partners_opened = False
+
+    def local(self, create: bool = False) -> StorageUnit:
+        """The ``--unit`` (created if ``create`` and missing)."""
+        if self.local_path is None:
+            raise click.UsageError("no storage unit given: use --unit PATH (or set FASTFC_UNIT)")
+        unit = self._get(self.local_path, create)
+        if not self._partners_opened:
+            self._partners_opened = True
+            if self.remote_path is not None:
+                remote = self._get(self.remote_path, False)
+                if remote is not unit:
+                    unit.relink(remote)     # units named together are partners
+            self._open_partners()
+        return unit
+
+    def remote(self) -> StorageUnit:
+        """The ``--remote-unit``, or the local unit when none is given."""
+        self.local()
+        return self._get(self.remote_path or self.local_path, False)
+
+    def all(self) -> list[StorageUnit]:
+        self.local()
+        return list(self.open.values())
+
+    def _get(self, path: str | Path, create: bool) -> StorageUnit:
+        p = Path(path).resolve()
+        if p in self.open:
+            return self.open[p]
+        exists = (p / "unit.db").exists()
+        if not exists and not create:
+            raise click.ClickException(f"no storage unit at {path} (mkvol creates one)")
+        try:
+            unit = StorageUnit(p, readonly=self.readonly and exists, wait=self.wait)
+        except ReadOnlyUnitError:
+            # a CG a crash interrupted must be resolved on disk first: a
+            # command that only looks does it, as a writer, this once
+            unit = StorageUnit(p, wait=self.wait)
+        self.open[p] = unit
+        return unit
+
+    def _open_partners(self) -> None:
+        """Open the units that pairs and sessions of the open units span."""
+        while True:
+            wanted = {p for u in list(self.open.values()) for p in u.partner_units()}
+            new = [p for p in wanted - set(self.open) if (p / "unit.db").exists()]
+            if not new:
+                return
+            for p in new:
+                self._get(p, False)
+
+    def close(self) -> None:
+        errors = []
+        for unit in reversed(list(self.open.values())):
+            try:
+                unit.close()
+            except Exception as e:  # close every unit, report the first failure
+                errors.append(e)
+        self.open.clear()
+        if errors:
+            raise errors[0]
+
+    # -- finding things by name ----------------------------------------------------
+    def flashcopy(self, source: str, target: str) -> FlashCopy:
+        unit = self.local()
+        fc = unit.volume(target).target_relationship
+        unit.volume(source)
+        if fc is None or fc.source.name != source:
+            raise KeyError(f"no FlashCopy relationship {source}:{target} in unit {unit.path}")
+        return fc
+
+    def pair(self, primary: str, secondary: str) -> PPRCPair:
+        """The pair ``primary:secondary``: its primary in the local unit if
+        such a pair is there, else in any open unit (after a failback)."""
+        local = self.local()
+        found = [p for u in self.all() for p in u.pairs
+                 if p.primary.name == primary and p.secondary.name == secondary]
+        here = [p for p in found if p.primary.unit is local]
+        if len(here or found) == 1:
+            return (here or found)[0]
+        if found:
+            raise click.ClickException(f"{primary}:{secondary} names several pairs; "
+                                       "give the unit of its primary with --unit")
+        for row in local.pair_records:
+            if (row["primary_name"], row["secondary_name"]) == (primary, secondary):
+                raise click.ClickException(
+                    f"pair {primary}:{secondary} needs its secondary unit "
+                    f"{local.describe_partner(row['secondary_uuid'])}, "
+                    "which is not available")
+        raise KeyError(f"no PPRC pair {primary}:{secondary} in the open units")
+
+    def session(self, name: str) -> GlobalMirror:
+        units = self.all()
+        for u in units:
+            if name in u.sessions:
+                return u.sessions[name]
+        for u in units:
+            if name in u.store.session_rows():
+                return u.session(name)   # raises: its primary units are missing
+        raise KeyError(f"no Global Mirror session named {name!r} in the open units")
+
+    def session_of(self, pair: PPRCPair) -> GlobalMirror | None:
+        for u in self.open.values():
+            for gm in u.sessions.values():
+                if any(t.pair is pair for t in gm.triplets):
+                    return gm
+        return None
+
+
+pass_units = click.make_pass_decorator(Units)
