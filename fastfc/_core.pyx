@@ -1164,21 +1164,22 @@ cdef class VolumeBase:
         tracks happens first; the write is then applied whole, or refused
         whole (closed, out of range, wrong type, write-inhibited).
         """
-        cdef Py_buffer view
-        get_read_buffer(data, &view)
-        try:
-            self._write(offset, <const uint8_t*>view.buf, view.len, ORIGIN_HOST)
-        finally:
-            PyBuffer_Release(&view)
+        self._write_buffer(offset, data, ORIGIN_HOST)
 
     def _write_origin(self, Py_ssize_t offset, data, int origin):
         """Write with an explicit origin (``PPRC`` for updates at a secondary)."""
+        self._write_buffer(offset, data, origin)
+
+    cdef int _write_buffer(self, Py_ssize_t offset, object data, int origin) except -1:
+        """Borrow ``data`` as bytes and write it (the one path of :meth:`write`
+        and :meth:`_write_origin`)."""
         cdef Py_buffer view
         get_read_buffer(data, &view)
         try:
             self._write(offset, <const uint8_t*>view.buf, view.len, origin)
         finally:
             PyBuffer_Release(&view)
+        return 0
 
     cdef int _read(self, Py_ssize_t offset, uint8_t* dst, Py_ssize_t n) except -1:
         cdef RelationshipBase tr = None
