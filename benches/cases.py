@@ -58,6 +58,14 @@ def touch(arr: np.ndarray, value: int = 0x5A) -> None:
     arr.reshape(-1).view(np.uint8)[::PAGE] = value
 
 
+def each_offset(f: Callable, offsets, arg) -> None:
+    """``f(o, arg)`` for every offset: the timed loop of the figures that
+    write (``f`` a volume's ``write``, ``arg`` the data) or read (``read``,
+    the length) one I/O at a time."""
+    for o in offsets:
+        f(o, arg)
+
+
 def wait_withdrawn(fc: FlashCopy, timeout: float = 60.0) -> None:
     """Wait (untimed) until a non-persistent COPY relationship has ended."""
     deadline = time.monotonic() + timeout
@@ -427,9 +435,7 @@ class WriteCopied(Bench):
         self.offs = self.pool[self.k % len(self.pool)]
 
     def fastfc(self) -> None:
-        w, data = self.S.write, self.data
-        for o in self.offs:
-            w(o, data)
+        each_offset(self.S.write, self.offs, self.data)
 
     def _numpy(self) -> None:
         a, data, L = self.S._raw_array(), self.data, self.io

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from benches.cases import (GiB, KiB, MiB, PAGE, Bench, Case, fill_random, touch,
+from benches.cases import (GiB, KiB, MiB, PAGE, Bench, Case, each_offset, fill_random, touch,
                            wait_withdrawn)
 from benches.engine_numpy import NpFlashCopy, NpGlobalMirror, NpVolume
 from fastfc import FlashCopy, FlashCopyState, GlobalMirror, Volume
@@ -180,14 +180,10 @@ class EngineWrite(Bench):
             self.nfcs = [NpFlashCopy(self.nS, T) for T in self.nTs]
 
     def fastfc(self) -> None:
-        w, data = self.S.write, self.data
-        for o in self.offs:
-            w(o, data)
+        each_offset(self.S.write, self.offs, self.data)
 
     def _numpy(self) -> None:
-        w, data = self.nS.write, self.data
-        for o in self.offs:
-            w(o, data)
+        each_offset(self.nS.write, self.offs, self.data)
 
     def check(self) -> None:
         o = self.offs[-1]
@@ -233,14 +229,10 @@ class EngineRead(Bench):
         self.baselines = {"pure-NumPy engine": self._numpy}
 
     def fastfc(self) -> None:
-        r, L = self.T.read, self.io
-        for o in self.offs:
-            r(o, L)
+        each_offset(self.T.read, self.offs, self.io)
 
     def _numpy(self) -> None:
-        r, L = self.nT.read, self.io
-        for o in self.offs:
-            r(o, L)
+        each_offset(self.nT.read, self.offs, self.io)
 
     def check(self) -> None:
         o = self.offs[0]

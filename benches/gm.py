@@ -35,6 +35,12 @@ def make_triplets(n: int, size_mib: int, track_size: int = 65536):
     return [(vol("A", i), vol("B", i), vol("C", i)) for i in range(n)]
 
 
+def close_triplets(triplets) -> None:
+    for t in triplets:
+        for v in t:
+            v.close()
+
+
 def session_figures(gm, primaries, seconds: float, rate: float | None, *, seed: int,
                     io_size: int = 4096, settle=None) -> dict:
     """Run ``gm`` (fastfc's :class:`GlobalMirror` or the NumPy engine's

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from benches.engine_numpy import NpGlobalMirror, NpVolume
-from benches.gm import make_triplets, session_figures, three_runs
+from benches.gm import close_triplets, make_triplets, session_figures, three_runs
 from fastfc import GlobalMirror, StorageUnit
 
 
@@ -56,9 +56,7 @@ def global_mirror(triplets: int, size_mib: int, seconds: float, rate_mbs: float,
         theirs = three_runs(nps, seconds, rate_mbs, _np_session, log, "NumPy engine")
         del nps
     finally:
-        for t in trips:
-            for v in t:
-                v.close()
+        close_triplets(trips)
         del trips
         gc.collect()
     return {"config": {"triplets": triplets, "size_mib": size_mib, "seconds": seconds,
@@ -183,9 +181,7 @@ def durable(root: Path, triplets: int, size_mib: int, seconds: float, rate_mbs: 
             b._raw_array()[:] = a._raw_array()
         log(f"    in memory: {triplets} triplets x {size_mib} MiB ({seconds:g} s)")
         out["memory"] = _session(trips, seconds, rate_mbs * 1e6)
-        for t in trips:
-            for v in t:
-                v.close()
+        close_triplets(trips)
         del trips
         gc.collect()
         log(f"    on storage units in {work} ({out['filesystem']}; fsync "
