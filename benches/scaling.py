@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from benches.cases import KiB, MiB, each_offset, fill_random, touch
+from benches.cases import KiB, MiB, each_offset, fill_random, source_and_targets, touch
 from benches.engine_numpy import NpFlashCopy, NpGlobalMirror, NpVolume
 from fastfc import FlashCopy, FlashCopyState, GlobalMirror, Volume
 from fastfc._optional import require
@@ -260,11 +260,7 @@ def targets(quick: bool, log=print) -> dict:
     ks = [1, 4, 12] if quick else [1, 2, 4, 8, 12]
     rounds = 5 if quick else 11
     n, ts = 1024, 64 * KiB         # 64 MiB volumes
-    S = Volume(n, ts, name="S")
-    fill_random(S._raw_array(), seed=5)
-    Ts = [Volume(n, ts, name=f"T{i}") for i in range(max(ks))]
-    for T in Ts:
-        touch(T._raw_array())
+    S, Ts = source_and_targets(n, ts, max(ks), seed=5)
     nS, nTs = _twin(S), [_twin(T) for T in Ts]
     data = np.ones(4096, np.uint8)
     offs = (np.random.default_rng(1).permutation(n)[:128] * ts).tolist()

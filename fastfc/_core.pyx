@@ -360,29 +360,26 @@ cdef class TrackBitmap:
         return bm
 
     # -- whole-bitmap algebra ----------------------------------------------
+    cdef TrackBitmap _apply(self, int op, TrackBitmap other):
+        self._check_same(other)
+        words_op(op, self.w, other.w, self.n_words)
+        return self
+
     def or_(self, TrackBitmap other):
         """``self |= other``; returns self."""
-        self._check_same(other)
-        words_op(OP_OR, self.w, other.w, self.n_words)
-        return self
+        return self._apply(OP_OR, other)
 
     def and_(self, TrackBitmap other):
         """``self &= other``; returns self."""
-        self._check_same(other)
-        words_op(OP_AND, self.w, other.w, self.n_words)
-        return self
+        return self._apply(OP_AND, other)
 
     def andnot(self, TrackBitmap other):
         """``self &= ~other``; returns self."""
-        self._check_same(other)
-        words_op(OP_ANDNOT, self.w, other.w, self.n_words)
-        return self
+        return self._apply(OP_ANDNOT, other)
 
     def copy_from(self, TrackBitmap other):
         """Make self equal to ``other``; returns self."""
-        self._check_same(other)
-        words_op(OP_COPY, self.w, other.w, self.n_words)
-        return self
+        return self._apply(OP_COPY, other)
 
     def copy(self):
         """A new bitmap with the same bits."""
