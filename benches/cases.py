@@ -58,6 +58,26 @@ def touch(arr: np.ndarray, value: int = 0x5A) -> None:
     arr.reshape(-1).view(np.uint8)[::PAGE] = value
 
 
+def source_and_targets(n_tracks: int, track: int, n_targets: int,
+                       seed: int) -> tuple[Volume, list[Volume]]:
+    """Volume ``S`` of random bytes and ``n_targets`` volumes ``T0..`` with
+    their pages faulted in (the setup of the copy-on-write figures)."""
+    S = Volume(n_tracks, track, name="S")
+    fill_random(S._raw_array(), seed=seed)
+    Ts = [Volume(n_tracks, track, name=f"T{i}") for i in range(n_targets)]
+    for T in Ts:
+        touch(T._raw_array())
+    return S, Ts
+
+
+def each_offset(f: Callable, offsets, arg) -> None:
+    """``f(o, arg)`` for every offset: the timed loop of the figures that
+    write (``f`` a volume's ``write``, ``arg`` the data) or read (``read``,
+    the length) one I/O at a time."""
+    for o in offsets:
+        f(o, arg)
+
+
 def wait_withdrawn(fc: FlashCopy, timeout: float = 60.0) -> None:
     """Wait (untimed) until a non-persistent COPY relationship has ended."""
     deadline = time.monotonic() + timeout
@@ -403,11 +423,7 @@ class WriteCopied(Bench):
 
     def __init__(self, quick: bool, n_targets: int = 3, record: bool = False) -> None:
         n = 64 * MiB // self.track
-        self.S = Volume(n, self.track, name="S")
-        self.Ts = [Volume(n, self.track, name=f"T{i}") for i in range(n_targets)]
-        fill_random(self.S._raw_array(), seed=2)
-        for T in self.Ts:
-            touch(T._raw_array())
+        self.S, self.Ts = source_and_targets(n, self.track, n_targets, seed=2)
         self.fcs = [FlashCopy(self.S, T, background_copy=False, persistent=True, record=record)
                     for T in self.Ts]
         for fc in self.fcs:
@@ -427,9 +443,7 @@ class WriteCopied(Bench):
         self.offs = self.pool[self.k % len(self.pool)]
 
     def fastfc(self) -> None:
-        w, data = self.S.write, self.data
-        for o in self.offs:
-            w(o, data)
+        each_offset(self.S.write, self.offs, self.data)
 
     def _numpy(self) -> None:
         a, data, L = self.S._raw_array(), self.data, self.io

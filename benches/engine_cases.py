@@ -23,8 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-from benches.cases import (GiB, KiB, MiB, PAGE, Bench, Case, fill_random, touch,
-                           wait_withdrawn)
+from benches.cases import (GiB, KiB, MiB, PAGE, Bench, Case, each_offset, fill_random,
+                           source_and_targets, touch, wait_withdrawn)
 from benches.engine_numpy import NpFlashCopy, NpGlobalMirror, NpVolume
 from fastfc import FlashCopy, FlashCopyState, GlobalMirror, Volume
 
@@ -137,11 +137,7 @@ class EngineWrite(Bench):
                  track: int = TRACK_4K, capacity: int = 64 * MiB) -> None:
         n = capacity // track
         self.cow = cow
-        self.S = Volume(n, track, name="S")
-        self.Ts = [Volume(n, track, name=f"T{i}") for i in range(n_targets)]
-        fill_random(self.S._raw_array(), seed=13)
-        for T in self.Ts:
-            touch(T._raw_array())
+        self.S, self.Ts = source_and_targets(n, track, n_targets, seed=13)
         self.nS = _np_twin(self.S)
         self.nTs = [_np_twin(T) for T in self.Ts]
         self.ops = 512 if quick else 1024
@@ -180,14 +176,10 @@ class EngineWrite(Bench):
             self.nfcs = [NpFlashCopy(self.nS, T) for T in self.nTs]
 
     def fastfc(self) -> None:
-        w, data = self.S.write, self.data
-        for o in self.offs:
-            w(o, data)
+        each_offset(self.S.write, self.offs, self.data)
 
     def _numpy(self) -> None:
-        w, data = self.nS.write, self.data
-        for o in self.offs:
-            w(o, data)
+        each_offset(self.nS.write, self.offs, self.data)
 
     def check(self) -> None:
         o = self.offs[-1]
@@ -233,14 +225,10 @@ class EngineRead(Bench):
         self.baselines = {"pure-NumPy engine": self._numpy}
 
     def fastfc(self) -> None:
-        r, L = self.T.read, self.io
-        for o in self.offs:
-            r(o, L)
+        each_offset(self.T.read, self.offs, self.io)
 
     def _numpy(self) -> None:
-        r, L = self.nT.read, self.io
-        for o in self.offs:
-            r(o, L)
+        each_offset(self.nT.read, self.offs, self.io)
 
     def check(self) -> None:
         o = self.offs[0]
@@ -500,11 +488,7 @@ class NumbaCow(Bench):
         self.nc = _numba_copy()
         n = capacity // track
         self.batch = batch
-        self.S = Volume(n, track, name="S")
-        self.Ts = [Volume(n, track, name=f"T{i}") for i in range(n_targets)]
-        fill_random(self.S._raw_array(), seed=23)
-        for T in self.Ts:
-            touch(T._raw_array())
+        self.S, self.Ts = source_and_targets(n, track, n_targets, seed=23)
         self.fcs: list[FlashCopy] = []
         self.ops = 256
         rng = np.random.default_rng(24)

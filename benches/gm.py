@@ -20,10 +20,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-
 from fastfc import GlobalMirror, Volume  # noqa: E402
-from fastfc.tools.testing import RandomWriters  # noqa: E402
+from fastfc.tools.testing import RandomWriters, run_under_writers  # noqa: E402
 
 
 def make_triplets(n: int, size_mib: int, track_size: int = 65536):
@@ -37,26 +35,32 @@ def make_triplets(n: int, size_mib: int, track_size: int = 65536):
     return [(vol("A", i), vol("B", i), vol("C", i)) for i in range(n)]
 
 
-def run_session(triplets, seconds: float, rate: float | None, io_size: int = 4096,
-                durable_units=None) -> dict:
-    """Run GM for ``seconds`` under writers; return the figures."""
-    gm = GlobalMirror(triplets, cg_interval=0.0, initial_copy=False)
-    writers = RandomWriters([t[0] for t in triplets], threads=2, seed=1, io_size=io_size,
-                            pace=rate)
-    writers.start()
-    t0 = time.perf_counter()
-    gm.start()
-    time.sleep(seconds)
-    gm.stop()
-    elapsed = time.perf_counter() - t0
-    writers.stop()
-    gm.form_consistency_group()   # B catches up with A: the next session may start equal
-    st = gm.stats
-    p = st.phase_percentiles()
-    out = {
-        "cgs_per_s": st.successes / elapsed,
-        "attempts": st.attempts,
-        "failures": dict(st.failures),
+def close_triplets(triplets) -> None:
+    for t in triplets:
+        for v in t:
+            v.close()
+
+
+def session_figures(gm, primaries, seconds: float, rate: float | None, *, seed: int,
+                    io_size: int = 4096, settle=None) -> dict:
+    """Run ``gm`` (fastfc's :class:`GlobalMirror` or the NumPy engine's
+    session) for ``seconds`` under two writer threads of ``io_size`` random
+    writes on ``primaries``, paced at ``rate`` bytes/s combined (None:
+    unpaced); then ``settle()`` if given; return the figures."""
+    writers, elapsed = run_under_writers(gm, primaries, seconds, threads=2, seed=seed,
+                                         io_size=io_size, pace=rate)
+    if settle is not None:
+        settle()
+    if isinstance(gm, GlobalMirror):
+        st = gm.stats
+        p, successes, attempts, failures = (st.phase_percentiles(), st.successes, st.attempts,
+                                            dict(st.failures))
+    else:                           # benches.engine_numpy.NpGlobalMirror
+        p, successes, attempts, failures = gm.percentiles(), gm.successes, gm.successes, {}
+    return {
+        "cgs_per_s": successes / elapsed,
+        "attempts": attempts,
+        "failures": failures,
         "coord_p99_ms": p["coordination"]["p99"] * 1e3,
         "flash_p50_ms": p["flashcopy"]["p50"] * 1e3,
         "flash_p99_ms": p["flashcopy"]["p99"] * 1e3,
@@ -64,8 +68,17 @@ def run_session(triplets, seconds: float, rate: float | None, io_size: int = 409
         "drain_p99_ms": p["drain"]["p99"] * 1e3,
         "rpo_p99_ms": p["rpo"]["p99"] * 1e3,
         "write_mb_s": writers.bytes / elapsed / 1e6,
+        "elapsed_s": elapsed,
     }
-    for t in gm.triplets:         # leave the volumes free for the next run
+
+
+def run_session(triplets, seconds: float, rate: float | None, io_size: int = 4096) -> dict:
+    """Run GM for ``seconds`` under writers; return the figures. B catches
+    up with A at the end and the volumes are left free for the next run."""
+    gm = GlobalMirror(triplets, cg_interval=0.0, initial_copy=False)
+    out = session_figures(gm, [t[0] for t in triplets], seconds, rate, seed=1, io_size=io_size,
+                          settle=gm.form_consistency_group)
+    for t in gm.triplets:
         t.fc.withdraw(force=True)
         t.pair.remove()
     return out
@@ -78,6 +91,20 @@ def writer_throughput(volumes, seconds: float, io_size: int = 4096) -> float:
     return w.bytes / seconds / 1e6
 
 
+def three_runs(trips, seconds: float, rate_mbs: float, session=run_session,
+               log=lambda msg: None, who: str = "fastfc") -> dict:
+    """Host writes alone (``seconds / 2``), then a paced session
+    (``seconds``, ``rate_mbs`` MB/s), then an unpaced one (``seconds / 2``)."""
+    log(f"    {who}: host writes alone ({seconds / 2:g} s)")
+    alone = writer_throughput([t[0] for t in trips], seconds / 2)
+    for a, b, _ in trips:            # the session starts with each B equal to its A
+        b._raw_array()[:] = a._raw_array()
+    log(f"    {who}: paced session ({seconds:g} s)")
+    paced = session(trips, seconds, rate_mbs * 1e6)
+    log(f"    {who}: unpaced session ({seconds / 2:g} s)")
+    return {"alone_mb_s": alone, "paced": paced, "unpaced": session(trips, seconds / 2, None)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--triplets", type=int, default=64)
@@ -88,11 +115,8 @@ def main(argv=None) -> int:
 
     trips = make_triplets(args.triplets, args.size_mib)
     # baseline first: the same unpaced writers on the A volumes, no mirroring
-    alone = writer_throughput([t[0] for t in trips], args.seconds / 2)
-    for a, b, c in trips:        # the session starts with each B equal to its A
-        b._raw_array()[:] = a._raw_array()
-    paced = run_session(trips, args.seconds, args.rate * 1e6)
-    under = run_session(trips, args.seconds / 2, None)
+    r = three_runs(trips, args.seconds, args.rate)
+    alone, paced, under = r["alone_mb_s"], r["paced"], r["unpaced"]
 
     rows = [
         ("coordination hold p99", f"{paced['coord_p99_ms']:.3f} ms", "<= 1 ms",

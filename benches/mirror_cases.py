@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from benches.engine_numpy import NpGlobalMirror, NpVolume
-from benches.gm import make_triplets, run_session, writer_throughput
+from benches.gm import close_triplets, make_triplets, session_figures, three_runs
 from fastfc import GlobalMirror, StorageUnit
-from fastfc.tools.testing import RandomWriters
 
 
 # --------------------------------------------------------------------------
@@ -38,26 +37,10 @@ from fastfc.tools.testing import RandomWriters
 
 def _np_session(triplets, seconds: float, rate: float | None) -> dict:
     gm = NpGlobalMirror(triplets)
-    writers = RandomWriters([t[0] for t in triplets], threads=2, seed=1, io_size=4096,
-                            pace=rate)
-    writers.start()
-    t0 = time.perf_counter()
-    gm.start()
-    time.sleep(seconds)
-    gm.stop()
-    elapsed = time.perf_counter() - t0
-    writers.stop()
-    gm.form_cg()                      # B catches up with A
-    p = gm.percentiles()
+    out = session_figures(gm, [t[0] for t in triplets], seconds, rate, seed=1,
+                          settle=gm.form_cg)       # B catches up with A
     gm.close()
-    return {"cgs_per_s": gm.successes / elapsed, "attempts": gm.successes,
-            "coord_p99_ms": p["coordination"]["p99"] * 1e3,
-            "flash_p50_ms": p["flashcopy"]["p50"] * 1e3,
-            "flash_p99_ms": p["flashcopy"]["p99"] * 1e3,
-            "drain_p50_ms": p["drain"]["p50"] * 1e3,
-            "drain_p99_ms": p["drain"]["p99"] * 1e3,
-            "rpo_p99_ms": p["rpo"]["p99"] * 1e3,
-            "write_mb_s": writers.bytes / elapsed / 1e6}
+    return out
 
 
 def global_mirror(triplets: int, size_mib: int, seconds: float, rate_mbs: float,
@@ -65,37 +48,20 @@ def global_mirror(triplets: int, size_mib: int, seconds: float, rate_mbs: float,
     """Issue 3's workload on fastfc, then on the NumPy engine (same arrays)."""
     trips = make_triplets(triplets, size_mib)
     try:
-        log(f"    fastfc: host writes alone ({seconds / 2:g} s)")
-        alone = writer_throughput([t[0] for t in trips], seconds / 2)
-        for a, b, _ in trips:
-            b._raw_array()[:] = a._raw_array()
-        log(f"    fastfc: paced session ({seconds:g} s)")
-        paced = run_session(trips, seconds, rate_mbs * 1e6)
-        log(f"    fastfc: unpaced session ({seconds / 2:g} s)")
-        under = run_session(trips, seconds / 2, None)
+        ours = three_runs(trips, seconds, rate_mbs, log=log)
         # the NumPy engine over the same bytes (fastfc's pairs and
         # relationships are gone; the arrays stay)
         nps = [tuple(NpVolume(v.n_tracks, v.track_size, array=v._raw_array(), name=f"np-{v.name}")
                      for v in t) for t in trips]
-        log(f"    NumPy engine: host writes alone ({seconds / 2:g} s)")
-        np_alone = writer_throughput([t[0] for t in nps], seconds / 2)
-        for a, b, _ in nps:
-            b._raw_array()[:] = a._raw_array()
-        log(f"    NumPy engine: paced session ({seconds:g} s)")
-        np_paced = _np_session(nps, seconds, rate_mbs * 1e6)
-        log(f"    NumPy engine: unpaced session ({seconds / 2:g} s)")
-        np_under = _np_session(nps, seconds / 2, None)
+        theirs = three_runs(nps, seconds, rate_mbs, _np_session, log, "NumPy engine")
         del nps
     finally:
-        for t in trips:
-            for v in t:
-                v.close()
+        close_triplets(trips)
         del trips
         gc.collect()
     return {"config": {"triplets": triplets, "size_mib": size_mib, "seconds": seconds,
                        "rate_mbs": rate_mbs},
-            "fastfc": {"alone_mb_s": alone, "paced": paced, "unpaced": under},
-            "numpy": {"alone_mb_s": np_alone, "paced": np_paced, "unpaced": np_under}}
+            "fastfc": ours, "numpy": theirs}
 
 
 # --------------------------------------------------------------------------
@@ -142,29 +108,15 @@ def _vmstat() -> dict[str, int]:
 
 def _session(trips, seconds: float, rate: float | None, units=()) -> dict:
     gm = GlobalMirror(trips, cg_interval=0.0, initial_copy=False)
-    writers = RandomWriters([t[0] for t in trips], threads=2, seed=3, io_size=4096, pace=rate)
-    writers.start()
     f0 = sum(u.store.fsyncs for u in units)
     v0 = _vmstat()
-    t0 = time.perf_counter()
-    gm.start()
-    time.sleep(seconds)
-    gm.stop()
-    elapsed = time.perf_counter() - t0
-    writers.stop()
+    out = session_figures(gm, [t[0] for t in trips], seconds, rate, seed=3)
     v1 = _vmstat()
-    fsyncs = sum(u.store.fsyncs for u in units) - f0
-    st = gm.stats
-    p = st.phase_percentiles()
-    out = {"cgs_per_s": st.successes / elapsed, "attempts": st.attempts,
-           "failures": dict(st.failures), "coord_p99_ms": p["coordination"]["p99"] * 1e3,
-           "drain_p50_ms": p["drain"]["p50"] * 1e3, "drain_p99_ms": p["drain"]["p99"] * 1e3,
-           "flash_p50_ms": p["flashcopy"]["p50"] * 1e3,
-           "flash_p99_ms": p["flashcopy"]["p99"] * 1e3,
-           "rpo_p99_ms": p["rpo"]["p99"] * 1e3, "write_mb_s": writers.bytes / elapsed / 1e6}
+    elapsed = out["elapsed_s"]
     if units:
+        fsyncs = sum(u.store.fsyncs for u in units) - f0
         out["fsyncs"] = fsyncs
-        out["fsyncs_per_attempt"] = fsyncs / max(1, st.attempts)
+        out["fsyncs_per_attempt"] = fsyncs / max(1, out["attempts"])
     if v0 and v1:
         page = 4096
         out["pages_dirtied_mb_s"] = (v1["nr_dirtied"] - v0["nr_dirtied"]) * page / elapsed / 1e6
@@ -229,9 +181,7 @@ def durable(root: Path, triplets: int, size_mib: int, seconds: float, rate_mbs: 
             b._raw_array()[:] = a._raw_array()
         log(f"    in memory: {triplets} triplets x {size_mib} MiB ({seconds:g} s)")
         out["memory"] = _session(trips, seconds, rate_mbs * 1e6)
-        for t in trips:
-            for v in t:
-                v.close()
+        close_triplets(trips)
         del trips
         gc.collect()
         log(f"    on storage units in {work} ({out['filesystem']}; fsync "

@@ -124,7 +124,8 @@ def fmt_time(s: float) -> str:
     return f"{s * 1e9:.0f} ns"
 
 
-def _per_op(seconds: float, ops: int = 1, nbytes: int = 0) -> str:
+def per_op(seconds: float, ops: int = 1, nbytes: int = 0) -> str:
+    """Time per operation, and bandwidth when the figure moves bytes."""
     text = fmt_time(seconds / ops) + ("/op" if ops > 1 else "")
     if nbytes:
         text += f" ({nbytes / seconds / 1e9:.1f} GB/s)"
@@ -142,8 +143,8 @@ def row_from_result(section: str, r: Result, headline: str = "", figure: str | N
     c = r.case
     rr = sorted(r.round_ratios())
     return Row(section, c.name, figure or c.figure,
-               _per_op(r.fastfc_s, r.ops, r.nbytes),
-               f"{_per_op(r.baseline_s, r.ops, r.nbytes)} {r.baseline_name}",
+               per_op(r.fastfc_s, r.ops, r.nbytes),
+               f"{per_op(r.baseline_s, r.ops, r.nbytes)} {r.baseline_name}",
                r.ratio, target if target is not None else c.target_text,
                r.met if target is None or target != "-" else None,
                note=f"rounds {rr[0]:.3g}..{rr[-1]:.3g}", headline=headline,
@@ -154,8 +155,8 @@ def role_row(section: str, r: Result, role: str, name: str, figure: str, target:
              headline: str = "") -> Row:
     """fastfc against one named baseline role of a measured case (speed)."""
     ratio = r.median(role) / r.fastfc_s
-    return Row(section, name, figure, _per_op(r.fastfc_s, r.ops, r.nbytes),
-               f"{_per_op(r.median(role), r.ops, r.nbytes)} {role}", ratio,
+    return Row(section, name, figure, per_op(r.fastfc_s, r.ops, r.nbytes),
+               f"{per_op(r.median(role), r.ops, r.nbytes)} {role}", ratio,
                f">= {target:g}", ratio >= target, headline=headline,
                data={"case": r.case.name, "role": role})
 
@@ -226,8 +227,8 @@ class Report:
         self.add(Row("physical", "fastfc_2workers",
                      f"fastfc background copy of {size} on two worker threads vs np.copyto "
                      "on two threads",
-                     _per_op(r.fastfc_s, 1, r.nbytes),
-                     f"{_per_op(t2, 1, r.nbytes)} np.copyto, 2 threads", t2 / r.fastfc_s,
+                     per_op(r.fastfc_s, 1, r.nbytes),
+                     f"{per_op(t2, 1, r.nbytes)} np.copyto, 2 threads", t2 / r.fastfc_s,
                      note=f"vs np.copyto on one thread: {t1 / r.fastfc_s:.3g}"))
 
     # -- core -------------------------------------------------------------
@@ -573,25 +574,23 @@ def readme_table(rep: Report, when: str, seconds: float, load: tuple[float, floa
     def line(label, r):
         lines.append(f"| {label} | {r.fastfc} | {r.baseline} | {_ratio_text(r.ratio)} | "
                      f"{r.target} | {r.met_text} |")
+    def span(label, rows, target, after_range=""):
+        lo = min(r.ratio for r in rows)
+        hi = max(r.ratio for r in rows)
+        met = sum(bool(r.met) for r in rows)
+        lines.append(f"| {label} | | | {lo:.3g} .. {hi:.3g}{after_range} | {target} "
+                     f"| {met} of {len(rows)} |")
     order = ["core", "physical", "engine", "numba", "qemu", "durable", "gm"]
     for sec in order:
         for r in heads:
             if r.section == sec:
                 line(r.headline, r)
         if sec == "engine" and engine:
-            lo = min(engine, key=lambda r: r.ratio)
-            hi = max(engine, key=lambda r: r.ratio)
-            met = sum(bool(r.met) for r in engine)
-            lines.append(f"| vs the pure-NumPy engine, {len(engine)} workloads on 4 KiB tracks "
-                         f"| | | {lo.ratio:.3g} .. {hi.ratio:.3g} (geomean "
-                         f"{rep.raw['engine_geomean']:.3g}) | >= 20 | {met} of {len(engine)} |")
+            span(f"vs the pure-NumPy engine, {len(engine)} workloads on 4 KiB tracks", engine,
+                 ">= 20", f" (geomean {rep.raw['engine_geomean']:.3g})")
         if sec == "numba" and nb:
-            lo = min(nb, key=lambda r: r.ratio)
-            hi = max(nb, key=lambda r: r.ratio)
-            met = sum(bool(r.met) for r in nb)
-            lines.append(f"| vs numba kernels: copy runs, copy-on-write, count, find-next "
-                         f"({len(nb)} figures) | | | {lo.ratio:.3g} .. {hi.ratio:.3g} | >= 1 "
-                         f"| {met} of {len(nb)} |")
+            span(f"vs numba kernels: copy runs, copy-on-write, count, find-next "
+                 f"({len(nb)} figures)", nb, ">= 1")
     targets = [r for r in rep.rows if r.met is not None and not r.check]
     lines += ["", f"{sum(bool(r.met) for r in targets)} of {len(targets)} targets met in that "
               "run; `python -m fastfc bench` prints the full table (with the physical limit, "

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,30 +22,12 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-
-import fastfc  # noqa: E402
 from benches.cases import CASES, Result, measure, metadata_rows  # noqa: E402
-
-
-def _fmt_time(s: float) -> str:
-    if s >= 1.0:
-        return f"{s:.3f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.2f} ms"
-    if s >= 1e-6:
-        return f"{s * 1e6:.2f} us"
-    return f"{s * 1e9:.0f} ns"
+from benches.report import machine, per_op  # noqa: E402
 
 
 def _per_op(r: Result, s: float) -> str:
-    """Time per operation, and bandwidth when the figure moves bytes."""
-    text = _fmt_time(s / r.ops)
-    if r.ops > 1:
-        text += "/op"
-    if r.nbytes:
-        text += f" ({r.nbytes / s / 1e9:.1f} GB/s)"
-    return text
+    return per_op(s, r.ops, r.nbytes)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -56,11 +36,6 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), line]
     out += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in rows]
     return "\n".join(out)
-
-
-def _machine() -> str:
-    from benches.report import machine   # one description of the machine for both
-    return machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in CASES:
             print(f"{c.name:24} {c.target_text:6} {c.figure}  [vs {c.baseline_desc}]")
         return 0
-    print(_machine())
+    print(machine())
     print("ratio: speed figures (>=) = baseline time / fastfc time; "
           "cost figures (<=) = fastfc time / baseline time; medians of interleaved rounds\n")
 
@@ -123,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "machine": _machine(), "quick": args.quick,
+            "machine": machine(), "quick": args.quick,
             "results": [r.as_dict() for r in results], "metadata": meta,
         }, indent=1))
     return 1 if args.strict and met < len(results) else 0

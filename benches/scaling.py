@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from benches.cases import KiB, MiB, fill_random, touch
+from benches.cases import KiB, MiB, each_offset, fill_random, source_and_targets, touch
 from benches.engine_numpy import NpFlashCopy, NpGlobalMirror, NpVolume
 from fastfc import FlashCopy, FlashCopyState, GlobalMirror, Volume
 from fastfc._optional import require
@@ -134,10 +134,8 @@ def volume_size_metadata(quick: bool, log=print) -> dict:
                 st.pop("w").withdraw(force=True)
             st["w"] = FlashCopy(S, T, background_copy=False)
 
-        def writes():
-            for o in offs:
-                S.write(o, data)
-        t = interleaved({"w": writes}, rounds, before3)["w"] / len(offs)
+        t = interleaved({"w": lambda: each_offset(S.write, offs, data)}, rounds,
+                        before3)["w"] / len(offs)
         st.pop("w").withdraw(force=True)
         m["fastfc 4 KiB write, copy-on-write"] = t
         for k in keys:
@@ -235,12 +233,10 @@ def track_size(quick: bool, log=print) -> dict:
         offs = (np.random.default_rng(ts).permutation(n)[:k_w] * ts).tolist()
 
         def fw():
-            for o in offs:
-                S.write(o, data)
+            each_offset(S.write, offs, data)
 
         def nw():
-            for o in offs:
-                nS.write(o, data)
+            each_offset(nS.write, offs, data)
         w = interleaved({"fastfc 4 KiB write, copy-on-write": fw,
                          "NumPy 4 KiB write, copy-on-write": nw}, rounds * 2, before)
         m.update({k: v / k_w for k, v in w.items()})
@@ -264,11 +260,7 @@ def targets(quick: bool, log=print) -> dict:
     ks = [1, 4, 12] if quick else [1, 2, 4, 8, 12]
     rounds = 5 if quick else 11
     n, ts = 1024, 64 * KiB         # 64 MiB volumes
-    S = Volume(n, ts, name="S")
-    fill_random(S._raw_array(), seed=5)
-    Ts = [Volume(n, ts, name=f"T{i}") for i in range(max(ks))]
-    for T in Ts:
-        touch(T._raw_array())
+    S, Ts = source_and_targets(n, ts, max(ks), seed=5)
     nS, nTs = _twin(S), [_twin(T) for T in Ts]
     data = np.ones(4096, np.uint8)
     offs = (np.random.default_rng(1).permutation(n)[:128] * ts).tolist()
@@ -301,12 +293,10 @@ def targets(quick: bool, log=print) -> dict:
                         fc.copy()
 
         def fw():
-            for o in offs:
-                S.write(o, data)
+            each_offset(S.write, offs, data)
 
         def nw():
-            for o in offs:
-                nS.write(o, data)
+            each_offset(nS.write, offs, data)
         m = interleaved({keys[0]: fw, keys[1]: nw, keys[2]: fw, keys[3]: nw}, rounds, before)
         drop()
         for key in keys:

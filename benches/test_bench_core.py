@@ -12,34 +12,10 @@ tests), so a plain ``pytest`` never runs these; nothing here asserts on time.
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 
-from benches.cases import CASES, Bench, Case, metadata_rows
-from benches.conftest import record
-
-# Build each case's bench once, and only one at a time: a 1 GiB case must be
-# closed before the next allocates its volumes.
-_current: dict[str, Bench] = {}
-
-
-def _bench(c: Case) -> Bench:
-    if c.name not in _current:
-        for b in _current.values():
-            b.close()
-        _current.clear()
-        gc.collect()
-        _current[c.name] = c.make(False)
-    return _current[c.name]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_benches():
-    yield
-    for b in _current.values():
-        b.close()
-    _current.clear()
+from benches.cases import CASES, Case, metadata_rows
+from benches.conftest import bench_for, time_role
 
 
 def _roles(c: Case) -> list[str]:
@@ -65,27 +41,11 @@ PARAMS = [pytest.param(c, role, id=f"{c.name}-{role}") for c in CASES for role i
 
 @pytest.mark.parametrize(("c", "role"), PARAMS)
 def test_case(benchmark, c: Case, role: str) -> None:
-    bench = _bench(c)
+    bench = bench_for(c)
     if role not in bench.roles:
         pytest.skip(f"{c.name} has no baseline {role!r} here (numba missing?)")
-    benchmark.group = f"{c.name}: {c.figure} (target {c.target_text} x {c.baseline_desc})"
-    benchmark.extra_info.update(role=role, ops_per_call=bench.ops, nbytes=bench.nbytes,
-                                target=c.target, higher_is_better=c.higher_is_better)
-    gc.collect()
-    gc_was_on = gc.isenabled()
-    gc.disable()
-    try:
-        benchmark.pedantic(bench.callable(role), setup=lambda: bench.before(role),
-                           rounds=c.rounds * c.block, warmup_rounds=c.warmup,
-                           iterations=1)
-    finally:
-        if gc_was_on:
-            gc.enable()
-    if role == "fastfc":
-        bench.check()
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None:
-        record(c, role, stats.stats.median)
+    time_role(benchmark, c, bench, role,
+              f"{c.name}: {c.figure} (target {c.target_text} x {c.baseline_desc})")
 
 
 def test_metadata_bytes(benchmark) -> None:

@@ -10,15 +10,11 @@ the same cases interleaved round by round. Nothing here asserts on time.
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 
-from benches.cases import Bench, Case
-from benches.conftest import record
+from benches.cases import Case
+from benches.conftest import bench_for, time_role
 from benches.engine_cases import ENGINE_CASES, NUMBA_CASES, PHYSICAL_CASES
-
-_current: dict[str, Bench] = {}
 
 # the baseline roles of each case (known before a bench is built)
 ROLES = {c.name: ["pure-NumPy engine"] for c in ENGINE_CASES}
@@ -30,24 +26,6 @@ ROLES.update({
     "physical_2threads": ["np.copyto, 2 threads", "memcpy, 2 threads", "np.copyto, 1 thread",
                           "memcpy, 1 thread"],
 })
-
-
-def _bench(c: Case) -> Bench:
-    if c.name not in _current:
-        for b in _current.values():
-            b.close()
-        _current.clear()
-        gc.collect()
-        _current[c.name] = c.make(False)
-    return _current[c.name]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_benches():
-    yield
-    for b in _current.values():
-        b.close()
-    _current.clear()
 
 
 def _needs_numba(c: Case) -> bool:
@@ -63,23 +41,7 @@ PARAMS = [pytest.param(c, role, id=f"{c.name}-{role}")
 def test_case(benchmark, c: Case, role: str) -> None:
     if _needs_numba(c):
         pytest.importorskip("numba")
-    bench = _bench(c)
+    bench = bench_for(c)
     assert role in bench.roles, (c.name, role, bench.roles)
     target = f"target {c.target_text} x" if c.target else "no target; vs"
-    benchmark.group = f"{c.name}: {c.figure} ({target} {c.baseline_desc})"
-    benchmark.extra_info.update(role=role, ops_per_call=bench.ops, nbytes=bench.nbytes,
-                                target=c.target, higher_is_better=c.higher_is_better)
-    gc.collect()
-    gc_was_on = gc.isenabled()
-    gc.disable()
-    try:
-        benchmark.pedantic(bench.callable(role), setup=lambda: bench.before(role),
-                           rounds=c.rounds * c.block, warmup_rounds=c.warmup, iterations=1)
-    finally:
-        if gc_was_on:
-            gc.enable()
-    if role == "fastfc":
-        bench.check()
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None:
-        record(c, role, stats.stats.median)
+    time_role(benchmark, c, bench, role, f"{c.name}: {c.figure} ({target} {c.baseline_desc})")

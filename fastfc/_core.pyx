@@ -360,29 +360,26 @@ cdef class TrackBitmap:
         return bm
 
     # -- whole-bitmap algebra ----------------------------------------------
+    cdef TrackBitmap _apply(self, int op, TrackBitmap other):
+        self._check_same(other)
+        words_op(op, self.w, other.w, self.n_words)
+        return self
+
     def or_(self, TrackBitmap other):
         """``self |= other``; returns self."""
-        self._check_same(other)
-        words_op(OP_OR, self.w, other.w, self.n_words)
-        return self
+        return self._apply(OP_OR, other)
 
     def and_(self, TrackBitmap other):
         """``self &= other``; returns self."""
-        self._check_same(other)
-        words_op(OP_AND, self.w, other.w, self.n_words)
-        return self
+        return self._apply(OP_AND, other)
 
     def andnot(self, TrackBitmap other):
         """``self &= ~other``; returns self."""
-        self._check_same(other)
-        words_op(OP_ANDNOT, self.w, other.w, self.n_words)
-        return self
+        return self._apply(OP_ANDNOT, other)
 
     def copy_from(self, TrackBitmap other):
         """Make self equal to ``other``; returns self."""
-        self._check_same(other)
-        words_op(OP_COPY, self.w, other.w, self.n_words)
-        return self
+        return self._apply(OP_COPY, other)
 
     def copy(self):
         """A new bitmap with the same bits."""
@@ -1164,21 +1161,22 @@ cdef class VolumeBase:
         tracks happens first; the write is then applied whole, or refused
         whole (closed, out of range, wrong type, write-inhibited).
         """
-        cdef Py_buffer view
-        get_read_buffer(data, &view)
-        try:
-            self._write(offset, <const uint8_t*>view.buf, view.len, ORIGIN_HOST)
-        finally:
-            PyBuffer_Release(&view)
+        self._write_buffer(offset, data, ORIGIN_HOST)
 
     def _write_origin(self, Py_ssize_t offset, data, int origin):
         """Write with an explicit origin (``PPRC`` for updates at a secondary)."""
+        self._write_buffer(offset, data, origin)
+
+    cdef int _write_buffer(self, Py_ssize_t offset, object data, int origin) except -1:
+        """Borrow ``data`` as bytes and write it (the one path of :meth:`write`
+        and :meth:`_write_origin`)."""
         cdef Py_buffer view
         get_read_buffer(data, &view)
         try:
             self._write(offset, <const uint8_t*>view.buf, view.len, origin)
         finally:
             PyBuffer_Release(&view)
+        return 0
 
     cdef int _read(self, Py_ssize_t offset, uint8_t* dst, Py_ssize_t n) except -1:
         cdef RelationshipBase tr = None

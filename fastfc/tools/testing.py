@@ -10,6 +10,7 @@ It shares no logic with the engine.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,7 +85,6 @@ class RandomWriters:
         self._workers: list[threading.Thread] = []
 
     def _run(self, seed: int) -> None:
-        import time
         rng = np.random.default_rng(seed)
         vols = self.volumes
         pool = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
@@ -132,6 +132,27 @@ class RandomWriters:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def run_under_writers(session, volumes, seconds: float, **writers) -> tuple[RandomWriters, float]:
+    """Run ``session`` (anything with ``start()`` and ``stop()``: a Global
+    Mirror session, the benchmarks' NumPy engine) for ``seconds`` under
+    :class:`RandomWriters` on ``volumes`` (``writers``: its keyword
+    arguments). The writers start before the session and stop after it.
+
+    Returns the stopped writers (``bytes``, ``writes``) and the seconds from
+    the session's start to its stop.
+    """
+    w = RandomWriters(volumes, **writers).start()
+    try:
+        t0 = time.perf_counter()
+        session.start()
+        time.sleep(seconds)
+        session.stop()
+        elapsed = time.perf_counter() - t0
+    finally:
+        w.stop()
+    return w, elapsed
 
 
 FAULT_KINDS = ("none", "prepare", "commit", "revert", "coordinate", "drain", "link")
