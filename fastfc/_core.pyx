@@ -1485,23 +1485,15 @@ def coordinations():
     return _coordinations
 
 
-cdef inline void own_all(list vols, Py_ssize_t n, unsigned long me) noexcept:
-    """Mark raw-taken locks as held by this thread (re-entrant for hooks)."""
+cdef inline void set_owner(list vols, Py_ssize_t n, unsigned long me) noexcept:
+    """Mark raw-taken locks as held by thread ``me`` (re-entrant for hooks),
+    or (``me`` 0) as held by no Python-visible owner again."""
     cdef Py_ssize_t i
     cdef VolumeBase v
     for i in range(n):
         v = <VolumeBase>vols[i]
         v._owner = me
-        v._depth = 1
-
-
-cdef inline void disown_all(list vols, Py_ssize_t n) noexcept:
-    cdef Py_ssize_t i
-    cdef VolumeBase v
-    for i in range(n):
-        v = <VolumeBase>vols[i]
-        v._owner = 0
-        v._depth = 0
+        v._depth = 1 if me else 0
 
 
 cdef inline void undo_begin(list hooks, Py_ssize_t nh) noexcept:
@@ -1583,7 +1575,7 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
                 held[i] = 1
             if busy < 0:
                 swapped = 0
-                own_all(primaries, n, me)
+                set_owner(primaries, n, me)
                 try:
                     for i in range(n):      # closed while we waited for a lock
                         v = <VolumeBase>primaries[i]
@@ -1611,7 +1603,7 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
                         undo_begin(hooks, nh)
                     raise
                 finally:
-                    disown_all(primaries, n)
+                    set_owner(primaries, n, 0)
             # a writer holds lock ``busy``: give back what the tries took and
             # the kept locks after it, then wait for it outside the hold
             for i in range(n - 1, -1, -1):
