@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 from dataclasses import dataclass
 
 from fastfc import _core
@@ -56,7 +57,7 @@ class Fault:
     times: int = 1
     delay: float | None = None
     after: int = 0
-    action: object = None
+    action: Callable[[], object] | None = None
     fired: int = 0
 
     def matches(self, point: str, volume) -> bool:

@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import time
+from typing import IO
 from pathlib import Path
 
 from fastfc.errors import UnitBusyError
@@ -25,7 +26,7 @@ from fastfc.errors import UnitBusyError
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not on POSIX
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 LOCK_FILE = "unit.lock"
 POLL = 0.05   # seconds between tries while waiting
@@ -41,9 +42,10 @@ class UnitLock:
     def __init__(self, directory: Path, *, shared: bool, wait: float | None = None) -> None:
         self.path = directory / LOCK_FILE
         self.shared = shared
-        self._file = None
+        self._file: IO[bytes] | None = None
         if fcntl is None:
             return
+        f: IO[bytes]
         if shared:
             try:
                 f = open(self.path, "rb")

@@ -175,10 +175,11 @@ def _plot(gm: GlobalMirror, timeline: Timeline, path: str) -> None:
     ax1.plot(np.asarray(timeline.t), np.asarray(timeline.rpo) * 1e3, lw=1)
     ax1.set_ylabel("RPO (ms)")
     ax1.set_title("Global Mirror: recovery point objective")
-    fails = [r for r in gm.history if not r.committed and r.coordinated_at is not None]
-    for r in fails:
-        ax1.axvline(r.coordinated_at - t0, color="tab:red", alpha=0.25, lw=0.8)
-    xs = np.asarray([r.coordinated_at - t0 for r in hist])
+    fails = [r.coordinated_at for r in gm.history
+             if not r.committed and r.coordinated_at is not None]
+    for at in fails:
+        ax1.axvline(at - t0, color="tab:red", alpha=0.25, lw=0.8)
+    xs = np.asarray([(r.coordinated_at or t0) - t0 for r in hist])
     for name, attr in (("coordination hold", "coordination_time"), ("drain", "drain_time"),
                        ("FlashCopy phase", "flash_time")):
         ys = np.asarray([getattr(r, attr) for r in hist]) * 1e3

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fastfc import faults
+from fastfc.copyservices.globalmirror import GlobalMirror
 
 
 class PromiseChecker:
@@ -162,7 +163,7 @@ FAULT_KINDS = ("none", "prepare", "commit", "revert", "coordinate", "drain", "li
 class FaultPlan:
     """Arms one random fault before a CG attempt and cleans up after it."""
 
-    session: object
+    session: GlobalMirror
     rng: np.random.Generator
     kinds: tuple = FAULT_KINDS
     stall: float = 0.0          # delay for coordination/drain stalls (s)

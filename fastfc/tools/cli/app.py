@@ -240,6 +240,8 @@ def _load_benches(root: Path):
         spec = importlib.util.spec_from_file_location(
             "benches", root / "benches" / "__init__.py",
             submodule_search_locations=[str(root / "benches")])
+        if spec is None or spec.loader is None:
+            raise click.ClickException(f"cannot load the benchmark suite in {root / 'benches'}")
         pkg = importlib.util.module_from_spec(spec)
         sys.modules["benches"] = pkg
         spec.loader.exec_module(pkg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
 import click
 
@@ -34,7 +35,7 @@ def json_out(obj) -> None:
     click.echo(json.dumps(obj, indent=2))
 
 
-def human(n: int) -> str:
+def human(n: float) -> str:
     """A byte count in binary units: ``64 KiB``, ``8.1 MiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -47,7 +48,7 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f}"
 
 
-def plural(count: int, noun: str) -> str:
+def plural(count: float, noun: str) -> str:
     """``1 track``, ``3 tracks``."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
@@ -94,7 +95,7 @@ class Progress:
         self.unit = unit
         self.console = console(stderr=True)
         self.live = self.console.is_terminal
-        self._bar = None
+        self._bar: Any = None
         self._tasks: dict[int, dict] = {}
 
     def __enter__(self) -> "Progress":

@@ -53,7 +53,10 @@ class Units:
     def remote(self) -> StorageUnit:
         """The ``--remote-unit``, or the local unit when none is given."""
         self.local()
-        return self._get(self.remote_path or self.local_path, False)
+        path = self.remote_path or self.local_path
+        if path is None:
+            raise click.UsageError("no storage unit given: use --unit PATH (or set FASTFC_UNIT)")
+        return self._get(path, False)
 
     def all(self) -> list[StorageUnit]:
         self.local()

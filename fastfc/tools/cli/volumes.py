@@ -119,8 +119,8 @@ def _roles(v, units: Units) -> list[str]:
         roles.append(f"FC target of {v.target_relationship.source.name}")
     if isinstance(v.mirror, PPRCPair):
         roles.append(f"PPRC primary of {v.mirror.secondary.name}")
-    elif _pending_pair(v):
-        roles.append(f"PPRC primary of {_pending_pair(v)['secondary_name']} (unit away)")
+    elif (pending := _pending_pair(v)) is not None:
+        roles.append(f"PPRC primary of {pending['secondary_name']} (unit away)")
     if v.is_secondary:
         roles.append("PPRC secondary")
     roles += [f"GM {gm.name}" for u in units.open.values() for gm in u.sessions.values()
