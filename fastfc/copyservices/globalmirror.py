@@ -165,13 +165,9 @@ class GMStats:
             self.failures[res.cause.value] += 1
 
     def as_dict(self) -> dict:
-        return {"sequence": self.sequence, "attempts": self.attempts,
-                "successes": self.successes, "failures": dict(self.failures),
-                "commit_failures_resolved": self.commit_failures_resolved,
-                "last_cg_time": self.last_cg_time, "rpo": self.rpo,
-                "bytes_drained": self.bytes_drained, **{
-                    f"{k}_{q}": v for k, d in self.phase_percentiles().items()
-                    for q, v in d.items()}}
+        """The counters, the RPO and the phase-time percentiles."""
+        return {**self.to_record(), "rpo": self.rpo, **{
+            f"{k}_{q}": v for k, d in self.phase_percentiles().items() for q, v in d.items()}}
 
 
 class Triplet:
