@@ -150,7 +150,7 @@ class FlashCopy(_core.RelationshipBase):
             self.src_changed = store.new_bitmap(n)
             self.tgt_changed = store.new_bitmap(n)
         # recorded first: a store that refuses (a full disk) leaves no link
-        self._store_id = store.save_flash(self.to_record())
+        self._save()
         self.active = True
         self.source._src_rels.append(self)
         self.source._rels_version += 1
@@ -476,7 +476,7 @@ class FlashCopy(_core.RelationshipBase):
                 S._mirror.oos.or_(changed)
             self.src_changed.fill(False)
             self.tgt_changed.fill(False)
-            self._store.save_flash(self.to_record())
+            self._save()
         return copied
 
     def withdraw(self, force: bool = False) -> None:
@@ -511,6 +511,14 @@ class FlashCopy(_core.RelationshipBase):
         self.target._tgt_rel = None
         self.active = False
 
+    def _save(self) -> None:
+        """Record the relationship; keep the id the store gives its row.
+        A store that keeps nothing (not ``durable``: memory) is not handed a
+        record: building one would only slow the CG path down."""
+        store = self._store
+        if store.durable:
+            self._store_id = store.save_flash(self.to_record())
+
     def _snapshot(self) -> tuple:
         return (self.to_copy, self.src_changed, self.tgt_changed, self.sequence,
                 self._revert_image, self.revertible, self.source._inhibits, self._cursor)
@@ -520,7 +528,7 @@ class FlashCopy(_core.RelationshipBase):
         ``before`` (from :meth:`_snapshot`), so that memory never holds what
         the store does not."""
         try:
-            self._store.save_flash(self.to_record())
+            self._save()
         except BaseException:
             (self.to_copy, self.src_changed, self.tgt_changed, self.sequence,
              self._revert_image, self.revertible, self.source._inhibits,

@@ -538,13 +538,17 @@ class GlobalMirror:
         of it), else in a commit of their own that needs no fsync. The
         counters are left as they were if the store refuses."""
         st = self.stats
-        before = st.to_record()
-        st.count(res)
-        try:
-            self._store.save_session_stats(self.name, st.to_record())
-        except BaseException:
-            st.restore(before)
-            raise
+        store = self._store
+        if not store.durable:          # keeps nothing: no record to build
+            st.count(res)
+        else:
+            before = st.to_record()
+            st.count(res)
+            try:
+                store.save_session_stats(self.name, st.to_record())
+            except BaseException:
+                st.restore(before)
+                raise
         if res.committed:
             self._committed_once = True
         return res
