@@ -64,6 +64,12 @@ class UnitBusyError(StateError):
 
 class ReadOnlyUnitError(FastFCError):
     """A change was asked of a storage unit opened with ``readonly=True``."""
+
+
+class DrainAborted(FastFCError):
+    """A consistency-group drain stopped before every track was sent."""
+
+
 class NoSpaceError(FastFCError):
     """The filesystem holding a volume, a bitmap or a unit's database has no
     room for the blocks a call needs. The call changed nothing: a create
@@ -87,4 +93,5 @@ __all__ = [
     "UnitBusyError",
     "ReadOnlyUnitError",
     "NoSpaceError",
+    "DrainAborted",
 ]

@@ -18,15 +18,14 @@ import enum
 import numbers
 import threading
 import time
-from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 from fastfc import _core, faults
 from fastfc._core import combine_or3
 from fastfc.errors import (IncompleteCopyError, LimitError, NoSpaceError, StateError,
                            VolumeClosedError, WriteInhibitedError)
-from fastfc.storage.store import store_of
-from fastfc.storage.volume import Volume, check_pairable
+from fastfc.storage.store import Store
+from fastfc.storage.volume import Volume, check_pairable, locked
 
 MAX_TARGETS = 12
 # Background copy holds the source lock for at most this many bytes at a time,
@@ -60,21 +59,6 @@ class FlashCopyState(enum.Enum):
     WITHDRAWN = "withdrawn"      # ended
 
 
-@contextmanager
-def locked(volumes: Iterable[Volume]) -> Iterator[None]:
-    """Hold the locks of ``volumes`` (deduplicated) in volume-id order."""
-    ordered = sorted({id(v): v for v in volumes}.values(), key=lambda v: v.vid)
-    taken = []
-    try:
-        for v in ordered:
-            v._lock()
-            taken.append(v)
-        yield
-    finally:
-        for v in reversed(taken):
-            v._unlock()
-
-
 class FlashCopy(_core.RelationshipBase):
     """A FlashCopy relationship from ``source`` to ``target`` [mkflash].
 
@@ -101,15 +85,19 @@ class FlashCopy(_core.RelationshipBase):
         Cap on background copy, bytes per second (None: unlimited).
     sequence : int
         The relationship's sequence number (Global Mirror uses the CG number).
+    store : Store, optional
+        Where the relationship is recorded: the source's store (handed to
+        the volume by its storage unit) if None. Source and target must
+        have the same store (a FlashCopy stays within one unit).
     """
 
     def __init__(self, source: Volume, target: Volume, *, background_copy: bool = True,
                  record: bool = False, persistent: bool = False,
                  inhibit_target_write: bool = False, copy_rate: float | None = None,
-                 sequence: int = 0) -> None:
+                 sequence: int = 0, store: Store | None = None) -> None:
         self._configure(source, target, background_copy=background_copy, record=record,
                         persistent=persistent, inhibit_target_write=inhibit_target_write,
-                        copy_rate=copy_rate, sequence=sequence)
+                        copy_rate=copy_rate, sequence=sequence, store=store)
         with locked((source, target)):
             _check_can_establish([self])
             self._install()
@@ -117,7 +105,7 @@ class FlashCopy(_core.RelationshipBase):
 
     # -- establish ----------------------------------------------------------
     def _configure(self, source, target, *, background_copy, record, persistent,
-                   inhibit_target_write, copy_rate, sequence) -> None:
+                   inhibit_target_write, copy_rate, sequence, store=None) -> None:
         if not isinstance(source, Volume) or not isinstance(target, Volume):
             raise TypeError("source and target must be fastfc.Volume objects")
         if copy_rate is not None and not copy_rate > 0:
@@ -130,6 +118,12 @@ class FlashCopy(_core.RelationshipBase):
         self.persistent = bool(persistent) or self.record
         self.inhibit_target_write = bool(inhibit_target_write)
         self.copy_rate = copy_rate
+        self._options = dict(background_copy=self.background_copy, record=self.record,
+                             persistent=self.persistent,
+                             inhibit_target_write=self.inhibit_target_write,
+                             copy_rate=copy_rate)
+        self._store = store if store is not None else source.store
+        self._store_id: int | None = None
         self.sequence = sequence
         self.revertible = False
         self.active = False
@@ -156,40 +150,58 @@ class FlashCopy(_core.RelationshipBase):
             self.src_changed = store.new_bitmap(n)
             self.tgt_changed = store.new_bitmap(n)
         # recorded first: a store that refuses (a full disk) leaves no link
-        store.save_flash(self)
+        self._save()
         self.active = True
         self.source._src_rels.append(self)
         self.source._rels_version += 1
         self.target._tgt_rel = self
         self.target._invalid = False
 
-    @property
-    def _store(self):
-        """The metadata store of the unit holding both volumes."""
-        return store_of(self.source)
+    # -- records ------------------------------------------------------------
+    def to_record(self) -> dict:
+        """What a store records of this relationship: ``id`` (of its row,
+        None until first saved), ``source`` and ``target`` (volume names),
+        ``options`` (the constructor's), ``sequence``, ``revertible``, the
+        bitmaps ``to_copy``, ``src_changed``, ``tgt_changed`` and those of
+        the revert image, ``rv_to_copy``, ``rv_src_changed``,
+        ``rv_tgt_changed``, with its ``rv_sequence`` (None when not revertible)."""
+        rv = self._revert_image or (None, None, None, None)
+        return {"id": self._store_id, "source": self.source.name, "target": self.target.name,
+                "options": self._options, "sequence": self.sequence,
+                "revertible": self.revertible, "to_copy": self.to_copy,
+                "src_changed": self.src_changed, "tgt_changed": self.tgt_changed,
+                "rv_to_copy": rv[0], "rv_src_changed": rv[1], "rv_tgt_changed": rv[2],
+                "rv_sequence": rv[3]}
 
     @classmethod
-    def _restore(cls, source: Volume, target: Volume, row: dict, bitmaps: dict,
-                 options: dict) -> "FlashCopy":
-        """Rebuild a relationship from its stored row (storage units)."""
+    def from_record(cls, source: Volume, target: Volume, record: dict, *,
+                    store: Store | None = None) -> "FlashCopy":
+        """Rebuild a relationship from a record (:meth:`to_record`, as a
+        store gives it back) between ``source`` and ``target``."""
         fc = cls.__new__(cls)
-        fc._configure(source, target, sequence=row["sequence"], **options)
-        fc.to_copy = bitmaps["to_copy"]
-        fc.src_changed = bitmaps["src_changed"]
-        fc.tgt_changed = bitmaps["tgt_changed"]
-        if row["revertible"]:
-            fc._revert_image = (bitmaps["rv_to_copy"], bitmaps["rv_src_changed"],
-                                bitmaps["rv_tgt_changed"], row["rv_sequence"])
+        fc._configure(source, target, sequence=record["sequence"], store=store,
+                      **record["options"])
+        fc.to_copy = record["to_copy"]
+        fc.src_changed = record["src_changed"]
+        fc.tgt_changed = record["tgt_changed"]
+        if record["revertible"]:
+            fc._revert_image = (record["rv_to_copy"], record["rv_src_changed"],
+                                record["rv_tgt_changed"], record["rv_sequence"])
             fc.revertible = True
             source._inhibits += 1
-        fc._store_id = row["id"]
+        fc._store_id = record["id"]
         fc.active = True
         source._src_rels.append(fc)
         source._rels_version += 1
         target._tgt_rel = fc
-        if not store_of(source).readonly:   # a read-only unit only looks
+        if not fc._store.readonly:   # a read-only unit only looks
             fc._start_background()
         return fc
+
+    @property
+    def store(self) -> Store:
+        """The store that records this relationship."""
+        return self._store
 
     # -- properties ---------------------------------------------------------
     @property
@@ -464,7 +476,7 @@ class FlashCopy(_core.RelationshipBase):
                 S._mirror.oos.or_(changed)
             self.src_changed.fill(False)
             self.tgt_changed.fill(False)
-            self._store.save_flash(self)
+            self._save()
         return copied
 
     def withdraw(self, force: bool = False) -> None:
@@ -490,7 +502,7 @@ class FlashCopy(_core.RelationshipBase):
         was_invalid = self.target._invalid
         self.target._invalid = was_invalid or invalidate
         try:
-            self._store.drop_flash(self)
+            self._store.drop_flash(self._store_id, self.target.flags_record())
         except BaseException:
             self.target._invalid = was_invalid
             raise
@@ -498,6 +510,14 @@ class FlashCopy(_core.RelationshipBase):
         self.source._rels_version += 1
         self.target._tgt_rel = None
         self.active = False
+
+    def _save(self) -> None:
+        """Record the relationship; keep the id the store gives its row.
+        A store that keeps nothing (not ``durable``: memory) is not handed a
+        record: building one would only slow the CG path down."""
+        store = self._store
+        if store.durable:
+            self._store_id = store.save_flash(self.to_record())
 
     def _snapshot(self) -> tuple:
         return (self.to_copy, self.src_changed, self.tgt_changed, self.sequence,
@@ -508,7 +528,7 @@ class FlashCopy(_core.RelationshipBase):
         ``before`` (from :meth:`_snapshot`), so that memory never holds what
         the store does not."""
         try:
-            self._store.save_flash(self)
+            self._save()
         except BaseException:
             (self.to_copy, self.src_changed, self.tgt_changed, self.sequence,
              self._revert_image, self.revertible, self.source._inhibits,
@@ -547,7 +567,7 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
     for r in rels:
         s, t = r.source, r.target
         check_pairable(s, t, "FlashCopy")
-        store_of(s).check_writable()
+        r._store.check_writable()
         if t._tgt_rel is not None or id(t) in new_targets:
             raise LimitError(f"{t!r} is already the target of a FlashCopy")
         if t._src_rels or id(t) in new_sources:
@@ -563,7 +583,7 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
         if s._invalid:
             raise StateError(f"{s!r} holds no valid image (a FlashCopy onto it was withdrawn "
                              "before completing); write it whole or FlashCopy onto it first")
-        if getattr(s, "unit", None) is not getattr(t, "unit", None):
+        if s.store is not t.store:
             raise LimitError(f"{s!r} and {t!r} are in different storage units; a FlashCopy "
                              "stays within one unit")
         new_targets.add(id(t))

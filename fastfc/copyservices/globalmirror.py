@@ -38,12 +38,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from fastfc import _core, faults
-from fastfc.errors import FastFCError, StateError, VolumeClosedError
+from fastfc.errors import DrainAborted, FastFCError, StateError, VolumeClosedError
 from fastfc.copyservices.flashcopy import FlashCopy
-from fastfc.storage.link import Link, LocalLink
+from fastfc.copyservices.pprc import PPRCPair
 from fastfc.names import check_name
-from fastfc.copyservices.pprc import DrainAborted, PPRCPair
-from fastfc.storage.store import store_of
+from fastfc.storage.link import Link, LocalLink
 from fastfc.storage.volume import Volume
 
 MAX_DRAIN_FAILURES = 5     # consecutive drain-time failures before the limit is set aside
@@ -97,7 +96,14 @@ def _percentiles(values) -> dict[str, float]:
 
 @dataclass
 class GMStats:
-    """What ``showgmir`` shows: CG sequence, counts, phase times, RPO."""
+    """What ``showgmir`` shows: CG sequence, counts, phase times, RPO.
+
+    The counters (:meth:`to_record`: ``sequence``, ``attempts``,
+    ``successes``, ``failures``, ``commit_failures_resolved``,
+    ``last_cg_time``, ``bytes_drained``) of a session in a storage unit are
+    recorded after every attempt and restored when the unit reopens the
+    session: they count every attempt ever made. Phase times and RPO samples
+    are this process's only."""
 
     sequence: int = 0                        # CG sequence number of the newest committed CG
     attempts: int = 0
@@ -128,14 +134,40 @@ class GMStats:
                 "flashcopy": _percentiles(self.flash_times),
                 "rpo": _percentiles(self.rpo_samples)}
 
-    def as_dict(self) -> dict:
+    def to_record(self) -> dict:
+        """The counters, as a store records them."""
         return {"sequence": self.sequence, "attempts": self.attempts,
                 "successes": self.successes, "failures": dict(self.failures),
                 "commit_failures_resolved": self.commit_failures_resolved,
-                "last_cg_time": self.last_cg_time, "rpo": self.rpo,
-                "bytes_drained": self.bytes_drained, **{
-                    f"{k}_{q}": v for k, d in self.phase_percentiles().items()
-                    for q, v in d.items()}}
+                "last_cg_time": self.last_cg_time, "bytes_drained": self.bytes_drained}
+
+    def restore(self, record: dict) -> None:
+        """Take the counters of ``record`` (:meth:`to_record`)."""
+        self.sequence = record["sequence"]
+        self.attempts = record["attempts"]
+        self.successes = record["successes"]
+        self.failures = collections.Counter(record["failures"])
+        self.commit_failures_resolved = record["commit_failures_resolved"]
+        self.last_cg_time = record["last_cg_time"]
+        self.bytes_drained = record["bytes_drained"]
+
+    def count(self, res: "CGResult") -> None:
+        """Count one attempt's result in the counters."""
+        self.attempts += 1
+        self.bytes_drained += res.bytes_drained
+        if res.committed:
+            self.successes += 1
+            self.sequence = res.sequence
+            self.last_cg_time = res.coordinated_at
+        if res.committed and res.cause is Cause.COMMIT_FAILED:
+            self.commit_failures_resolved += 1     # a committed CG: not a failure
+        elif res.cause is not None:
+            self.failures[res.cause.value] += 1
+
+    def as_dict(self) -> dict:
+        """The counters, the RPO and the phase-time percentiles."""
+        return {**self.to_record(), "rpo": self.rpo, **{
+            f"{k}_{q}": v for k, d in self.phase_percentiles().items() for q, v in d.items()}}
 
 
 class Triplet:
@@ -179,7 +211,7 @@ class GlobalMirror:
     on_result : callable, optional
         ``on_result(result)``, called with each attempt's :class:`CGResult`
         once it is counted in :attr:`stats` (from the thread that made the
-        attempt), so a caller can persist its counts as they happen.
+        attempt). In a storage unit the counters are recorded already.
     name : str
         The session's name (default "gm"): 1-64 letters, digits, '_', '.',
         '-', starting with a letter or digit (:mod:`fastfc.names`); it
@@ -188,6 +220,10 @@ class GlobalMirror:
         Receives ``cg_decision(session_name, sequence, decision)`` before any
         relationship is committed or reverted. Defaults to the metadata store
         of the unit holding the B and C volumes, when they are on one.
+
+    The session is recorded by the store of its B volumes (handed to them by
+    their storage unit), which tells the unit of it; so are its counters
+    (:attr:`stats`), after every attempt.
     """
 
     def __init__(self, triplets: Sequence[tuple[Volume, Volume, Volume]], *,
@@ -237,18 +273,18 @@ class GlobalMirror:
         if _parts is not None:  # restored from a storage unit
             self.triplets = list(_parts)
             self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
-            self._store = store_of(self.triplets[0].b)
+            self._store = self.triplets[0].b.store
             self.journal = journal if journal is not None else self._store
             top = max(self.c_sequences)
             self._next_sequence = top + 1
             self.stats.sequence = top
             self._committed_once = top > 0
             return
-        self._store = store_of(triplets[0][1])
+        self._store = triplets[0][1].store
         for v in vols:
-            store_of(v).check_writable()
+            v.store.check_writable()
         if self._store.durable:
-            if any(store_of(b) is not self._store for _, b, _ in triplets):
+            if any(b.store is not self._store for _, b, _ in triplets):
                 raise ValueError("every B (and C) volume of a session must be in one storage unit")
             if name in self._store.session_rows():
                 raise ValueError(f"a session named {name!r} already exists in that unit")
@@ -273,14 +309,39 @@ class GlobalMirror:
                 c._invalid = was_invalid[id(c)]
             raise
         self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
-        self._store.save_session(self)
-        self._register()
+        self._store.add_session(self.to_record(), self,
+                                partners=[t.a.store for t in self.triplets])
 
-    def _register(self) -> None:
-        """Let the storage unit holding the B volumes know of this session."""
-        unit = getattr(self.triplets[0].b, "unit", None)
-        if unit is not None:
-            unit._register_session(self)
+    # -- records -----------------------------------------------------------------
+    def to_record(self) -> dict:
+        """What a store records of this session: ``name``, ``cg_interval``,
+        ``max_coordination_time``, ``max_drain_time``, ``decide``,
+        ``triplets`` (``[a_unit, a, b, c]``: how a row names the A volume's
+        unit, its store's ``ref``, and the three volume names) and ``stats``
+        (:meth:`GMStats.to_record`)."""
+        return {"name": self.name, "cg_interval": self.cg_interval,
+                "max_coordination_time": self.max_coordination_time,
+                "max_drain_time": self.max_drain_time, "decide": self.decide,
+                "triplets": [[t.a.store.ref, t.a.name, t.b.name, t.c.name]
+                             for t in self.triplets],
+                "stats": self.stats.to_record()}
+
+    @classmethod
+    def from_record(cls, record: dict, triplets: Sequence[Triplet], *,
+                    link: Link | None = None) -> "GlobalMirror":
+        """Rebuild a session from a record (:meth:`to_record`, as a store
+        gives it back; ``stats`` may be None) over its restored
+        ``triplets`` (pairs and relationships in place). The CG sequence is
+        the newest one every C carries."""
+        gm = cls([(t.a, t.b, t.c) for t in triplets], name=record["name"], link=link,
+                 cg_interval=record["cg_interval"],
+                 max_coordination_time=record["max_coordination_time"],
+                 max_drain_time=record["max_drain_time"], decide=record["decide"],
+                 _parts=list(triplets))
+        if record.get("stats"):
+            gm.stats.restore(record["stats"])
+        gm.stats.sequence = max(gm.c_sequences)
+        return gm
 
     # -- one consistency group ---------------------------------------------------
     def form_consistency_group(self) -> CGResult:
@@ -292,16 +353,17 @@ class GlobalMirror:
         return result
 
     def _attempt(self) -> CGResult:
+        """One attempt; every way out counts it once (:meth:`_count`)."""
         seq = self._next_sequence
         self._require_not_recovered()
         if self.state is GMState.FATAL:
-            return CGResult(seq, False, Cause.FATAL, self.fatal_reason or "")
+            return self._count(CGResult(seq, False, Cause.FATAL, self.fatal_reason or ""))
         self._next_sequence += 1
         res = CGResult(seq, False)
 
         # 1. coordinate
         if not self._coordinate(res):
-            return res
+            return self._count(res)
 
         # 2. drain
         t = time.perf_counter()
@@ -328,10 +390,10 @@ class GlobalMirror:
         if not ok:
             if res.cause is Cause.DRAIN_TIMEOUT:
                 self._drain_failures += 1
-            return res
+            return self._count(res)
         self._drain_failures = 0
 
-        # 3. FlashCopy: prepare all, decide, commit all or revert all
+        # 3. FlashCopy: prepare all, decide, commit all or revert all (counted there)
         t = time.perf_counter()
         self._flashcopy_phase(res)
         res.flash_time = time.perf_counter() - t
@@ -397,7 +459,8 @@ class GlobalMirror:
         # durable commit, and the commits (or reverts) another that needs no
         # fsync: a crash before the first leaves nothing prepared; after it,
         # recovery carries out the recorded decision, whether or not the
-        # second reached the disk. One fsync per CG, whatever its size.
+        # second reached the disk. One fsync per CG, whatever its size. The
+        # session's counters are one more row of the second commit.
         with self._store.transaction():
             for trip in self.triplets:
                 try:
@@ -421,6 +484,12 @@ class GlobalMirror:
                     fc.commit() if decision == "commit" else fc.revert()
                 except FastFCError as e:
                     errors.append(f"{decision} of {fc.source.name}: {type(e).__name__}: {e}")
+            if not errors:
+                if failure is not None:
+                    res.cause, res.detail = Cause.PREPARE_FAILED, failure
+                else:
+                    res.committed = True
+                self._count(res)
         if errors:
             outcome = self._resolve()
             self.state = GMState.FATAL
@@ -428,10 +497,7 @@ class GlobalMirror:
             res.cause = Cause.COMMIT_FAILED if decision == "commit" else Cause.REVERT_FAILED
             res.detail = self.fatal_reason
             res.committed = outcome == "commit"
-        elif failure is not None:
-            res.cause, res.detail = Cause.PREPARE_FAILED, failure
-        else:
-            res.committed = True
+            self._count(res)
 
     def _resolve(self) -> str:
         """End every C on one CG after a failure inside commit or revert.
@@ -466,25 +532,53 @@ class GlobalMirror:
                     continue
         return action
 
-    def _account(self, res: CGResult) -> None:
+    def _count(self, res: CGResult) -> CGResult:
+        """Count an attempt in the counters and record them in the store:
+        inside the CG's commit transaction when one is open (one statement
+        of it), else in a commit of their own that needs no fsync. The
+        counters are left as they were if the store refuses."""
         st = self.stats
-        st.attempts += 1
-        st.bytes_drained += res.bytes_drained
+        store = self._store
+        if not store.durable:          # keeps nothing: no record to build
+            st.count(res)
+        else:
+            before = st.to_record()
+            st.count(res)
+            try:
+                store.save_session_stats(self.name, st.to_record())
+            except BaseException:
+                st.restore(before)
+                raise
+        if res.committed:
+            self._committed_once = True
+        return res
+
+    def count_global_copy(self, nbytes: int) -> None:
+        """Count ``nbytes`` sent to B as Global Copy outside a CG (a backlog
+        the caller drained through the pairs before forming CGs) in
+        ``stats.bytes_drained``, and record the counters."""
+        if nbytes <= 0:
+            return
+        self._require_writable()
+        with self._lock:
+            st = self.stats
+            st.bytes_drained += nbytes
+            try:
+                self._store.save_session_stats(self.name, st.to_record())
+            except BaseException:
+                st.bytes_drained -= nbytes
+                raise
+
+    def _account(self, res: CGResult) -> None:
+        """After an attempt (counted already): its phase times, RPO sample
+        and history, then ``on_result``."""
+        st = self.stats
         if res.coordinated_at is not None:
             st.coordination_times.append(res.coordination_time)
         if res.drain_time:
             st.drain_times.append(res.drain_time)
         if res.flash_time:
             st.flash_times.append(res.flash_time)
-        if res.committed:
-            st.successes += 1
-            st.sequence = res.sequence
-            st.last_cg_time = res.coordinated_at
-            self._committed_once = True
-        if res.committed and res.cause is Cause.COMMIT_FAILED:
-            st.commit_failures_resolved += 1     # a committed CG: not a failure
-        elif res.cause is not None:
-            st.failures[res.cause.value] += 1
         if st.last_cg_time is not None:
             st.rpo_samples.append(time.time() - st.last_cg_time)
         self.history.append(res)
@@ -593,7 +687,7 @@ class GlobalMirror:
         closed or read-only, or one of its volumes is closed."""
         for t in self.triplets:
             for v in (t.a, t.b, t.c):
-                store_of(v).check_writable()
+                v.store.check_writable()
         for t in self.triplets:
             for v in (t.a, t.b, t.c):
                 if v.closed:
@@ -659,11 +753,8 @@ class GlobalMirror:
                         "still revertible (the C volumes are not on one CG); clear_fatal() "
                         "first, or close(discard=True) to withdraw and invalidate them")
                 self._copy_to_c(on_copy)
-            unit = getattr(self.triplets[0].b, "unit", None) if self.triplets else None
             self._teardown()
-            self._store.drop_session(self)
-            if unit is not None:
-                unit._forget_session(self)
+            self._store.drop_session(self.name, self)
 
     def tracks_c_needs(self) -> dict[str, int]:
         """Per C volume (by name), the tracks it still reads from its B: what

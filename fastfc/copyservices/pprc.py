@@ -23,11 +23,10 @@ import threading
 
 from fastfc import _core
 from fastfc._core import TrackBitmap
-from fastfc.errors import (FastFCError, LimitError, StateError, VolumeClosedError)
-from fastfc.copyservices.flashcopy import locked
+from fastfc.errors import DrainAborted, FastFCError, LimitError, StateError, VolumeClosedError
 from fastfc.storage.link import Link, LocalLink
-from fastfc.storage.store import store_of
-from fastfc.storage.volume import Volume, check_pairable
+from fastfc.storage.store import Store
+from fastfc.storage.volume import Volume, check_pairable, locked
 
 SEND_CHUNK_BYTES = 1024 * 1024
 # The in-process fast path holds the primary's lock for at most this much.
@@ -43,10 +42,6 @@ class PPRCState(enum.Enum):
 class PPRCMode(enum.Enum):
     METRO_MIRROR = "mmir"
     GLOBAL_COPY = "gcp"
-
-
-class DrainAborted(FastFCError):
-    """A consistency-group drain stopped before every track was sent."""
 
 
 class PPRCPair(_core.MirrorBase):
@@ -67,6 +62,10 @@ class PPRCPair(_core.MirrorBase):
         Run a worker thread that drains OOS tracks whenever there are some
         (initial copy, resync, Global Copy). Global Mirror sessions pass
         ``False`` and drive their pairs themselves.
+
+    The pair is recorded by its primary's store (:attr:`store`), handed to
+    the volume by its storage unit; after :meth:`failback`, by the new
+    primary's.
     """
 
     def __init__(self, primary: Volume, secondary: Volume, link: Link | None = None, *,
@@ -75,21 +74,39 @@ class PPRCPair(_core.MirrorBase):
         if not isinstance(primary, Volume) or not isinstance(secondary, Volume):
             raise TypeError("primary and secondary must be fastfc.Volume objects")
         try:
-            self.mode = PPRCMode(mode)
+            mode = PPRCMode(mode)
         except ValueError:
             raise ValueError(f"mode must be 'gcp' or 'mmir', got {mode!r}") from None
         if link is not None and not isinstance(link, Link):
             raise TypeError("link must be a fastfc.storage.link.Link")
+        primary.store.check_writable()
+        secondary.store.check_writable()
+        self._setup(primary, secondary, link, mode, name)
+        store = primary.store
+        self.spare = store.new_bitmap(primary.n_tracks)
+        with locked((primary, secondary)):
+            _check_can_pair(primary, secondary)
+            self.oos = store.new_bitmap(primary.n_tracks, fill=initial_copy)
+            self.cg = None
+            primary._mirror = self
+            secondary._secondary = True
+            self.active = True
+            self._persist()
+            secondary.store.set_volume_flags(secondary.flags_record())
+        if background:
+            self.start()
+
+    def _setup(self, primary: Volume, secondary: Volume, link: Link | None,
+               mode: PPRCMode, name: str | None) -> None:
+        """The state every pair starts with, made or restored."""
+        self.mode = mode
+        self.sync = mode is PPRCMode.METRO_MIRROR
         self.link = link if link is not None else LocalLink()
         self.name = name or f"{primary.name}->{secondary.name}"
-        store_of(primary).check_writable()
-        store_of(secondary).check_writable()
         self.primary = primary
         self.secondary = secondary
         self.suspend_reason: str | None = None
         self.side: dict[int, bytes] = {}     # CG versions saved on collision
-        store = store_of(primary)
-        self.spare = store.new_bitmap(primary.n_tracks)
         self.bytes_sent = 0
         self.cg_bytes = 0       # bytes of the CG in flight that collisions sent
         self.failed_over = False
@@ -99,69 +116,63 @@ class PPRCPair(_core.MirrorBase):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        with locked((primary, secondary)):
-            _check_can_pair(primary, secondary)
-            self.oos = store.new_bitmap(primary.n_tracks, fill=initial_copy)
-            self.cg = None
-            self.sync = self.mode is PPRCMode.METRO_MIRROR
-            primary._mirror = self
-            secondary._secondary = True
-            self.active = True
-            self._persist()
-            store_of(secondary).set_volume_flags(secondary)
-        if background:
-            self.start()
+        self._store_id: int | None = None
+
+    @property
+    def store(self) -> Store:
+        """The store that records the pair: its primary's."""
+        return self.primary.store
+
+    def to_record(self) -> dict:
+        """What a store records of this pair: ``id`` (of its row, None until
+        first saved), ``primary_name``, ``secondary_unit`` (how a row names
+        the secondary's unit: its store's ``ref``), ``secondary_name``,
+        ``mode``, ``suspend_reason``, ``failed_over``, ``name``, and the
+        bitmaps ``oos``, ``spare`` and ``cg``."""
+        return {"id": self._store_id, "primary_name": self.primary.name,
+                "secondary_unit": self.secondary.store.ref,
+                "secondary_name": self.secondary.name, "mode": self.mode.value,
+                "suspend_reason": self.suspend_reason, "failed_over": self.failed_over,
+                "name": self.name, "oos": self.oos, "spare": self.spare, "cg": self.cg}
 
     def _persist(self) -> None:
-        """Record the pair in its primary's storage unit (no-op in memory).
+        """Record the pair in its primary's store (no-op in memory).
 
         Not called at coordination: a CG in flight swaps bitmaps by reference
         only, and recovery sends the union of every bitmap the row names."""
-        store_of(self.primary).save_pair(self)
+        self._store_id = self.primary.store.save_pair(self.to_record(), self.secondary.store)
 
     def _suspended(self, reason: str) -> None:
         self.suspend_reason = reason
         self._persist()
 
     @classmethod
-    def _restore(cls, primary: Volume, secondary: Volume, row: dict, bitmaps: dict,
-                 link: Link | None = None) -> "PPRCPair":
-        """Rebuild a pair from its stored row. Tracks of a CG that was in
-        flight go back to the out-of-sync bitmap (sending a track again is
-        harmless; missing one is not)."""
+    def from_record(cls, primary: Volume, secondary: Volume, record: dict,
+                    link: Link | None = None) -> "PPRCPair":
+        """Rebuild a pair from a record (:meth:`to_record`, as a store gives
+        it back). Tracks of a CG that was in flight go back to the
+        out-of-sync bitmap (sending a track again is harmless; missing one
+        is not)."""
         pair = cls.__new__(cls)
-        pair.mode = PPRCMode(row["mode"])
-        pair.link = link if link is not None else LocalLink()
-        pair.name = row["name"] or f"{primary.name}->{secondary.name}"
-        pair.primary, pair.secondary = primary, secondary
-        pair.suspend_reason = row["suspend_reason"]
-        pair.side = {}
-        pair.bytes_sent = 0
-        pair.cg_bytes = 0
-        pair.failed_over = bool(row["failed_over"])
-        pair._reverse_hook = None
-        pair._drain_lock = threading.Lock()
-        pair._cursor = 0
-        pair._wake = threading.Event()
-        pair._stop = threading.Event()
-        pair._thread = None
-        pair._store_id = row["id"]
-        oos, spare, cg = bitmaps["oos"], bitmaps["spare"], bitmaps["cg"]
+        pair._setup(primary, secondary, link, PPRCMode(record["mode"]), record["name"])
+        pair.suspend_reason = record["suspend_reason"]
+        pair.failed_over = bool(record["failed_over"])
+        pair._store_id = record["id"]
+        oos, spare, cg = record["oos"], record["spare"], record["cg"]
         for extra in (spare, cg):
             if extra is not None:
                 oos.or_(extra)
         if spare is None:
-            spare = store_of(primary).new_bitmap(primary.n_tracks)
+            spare = primary.store.new_bitmap(primary.n_tracks)
         spare.fill(False)
         pair.oos, pair.spare, pair.cg = oos, spare, None
-        pair.sync = pair.mode is PPRCMode.METRO_MIRROR
         primary._mirror = pair
         if not pair.failed_over:
             secondary._secondary = True
         elif secondary._mirror is None:
             pair._hook_reverse_writes()
         pair.active = True
-        if not store_of(primary).readonly:   # a read-only unit only looks
+        if not primary.store.readonly:   # a read-only unit only looks
             pair._persist()
         return pair
 
@@ -281,7 +292,7 @@ class PPRCPair(_core.MirrorBase):
         calling thread; returns bytes sent. A link failure suspends the pair."""
         if not self.active:
             raise StateError(f"{self!r} has been removed")
-        store_of(self.primary).check_writable()
+        self.primary.store.check_writable()
         if self.suspend_reason is not None:
             return 0
         with self._drain_lock:
@@ -392,7 +403,7 @@ class PPRCPair(_core.MirrorBase):
                 self.failed_over, self.suspend_reason = before
                 raise
             self.secondary._secondary = False
-            store_of(self.secondary).set_volume_flags(self.secondary)
+            self.secondary.store.set_volume_flags(self.secondary.flags_record())
             if self.secondary._mirror is None:
                 self._hook_reverse_writes()
 
@@ -418,7 +429,7 @@ class PPRCPair(_core.MirrorBase):
                 raise LimitError(f"{A!r} is a FlashCopy target and cannot become a secondary")
             self._require_writable(B)
             # the pair is recorded with its new primary, B, from now on
-            new_store = store_of(B)
+            new_store = B.store
             oos = new_store.new_bitmap(A.n_tracks)
             oos.copy_from(self.oos)
             if self.cg is not None:
@@ -426,7 +437,7 @@ class PPRCPair(_core.MirrorBase):
                 self.cg = None
             if self._reverse_hook is not None:
                 oos.or_(self._reverse_hook.oos)
-            store_of(A).drop_pair(self)
+            A.store.drop_pair(self._store_id)
             self._store_id = None
             self.spare = new_store.new_bitmap(A.n_tracks)
             B._mirror = self
@@ -440,7 +451,7 @@ class PPRCPair(_core.MirrorBase):
             self.suspend_reason = None
             self.name = f"{B.name}->{A.name}"
             self._persist()
-            store_of(A).set_volume_flags(A)
+            A.store.set_volume_flags(A.flags_record())
         self._wake.set()
 
     def remove(self) -> None:
@@ -456,8 +467,8 @@ class PPRCPair(_core.MirrorBase):
                 self.secondary._mirror = None
             self.secondary._secondary = False
             self.active = False
-            store_of(self.primary).drop_pair(self)
-            store_of(self.secondary).set_volume_flags(self.secondary)
+            self.primary.store.drop_pair(self._store_id)
+            self.secondary.store.set_volume_flags(self.secondary.flags_record())
 
     def _require_active(self) -> None:
         if not self.active:
@@ -467,7 +478,7 @@ class PPRCPair(_core.MirrorBase):
         """Refuse, before anything changes, a step whose result could not be
         recorded: a closed or read-only unit, a closed volume."""
         for v in (self.primary, *others):
-            store_of(v).check_writable()
+            v.store.check_writable()
         for v in (self.primary, *others):
             if v.closed:
                 raise VolumeClosedError(f"{v!r} is closed")

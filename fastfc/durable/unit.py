@@ -33,7 +33,6 @@ pair of units that moved apart.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import sqlite3
@@ -48,12 +47,15 @@ from fastfc.errors import (CorruptUnitError, ReadOnlyUnitError, StateError, Unit
                            UnitClosedError)
 from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.globalmirror import GlobalMirror, Triplet
-from fastfc.durable.lock import LOCK_FILE, POLL, UnitLock
-from fastfc.names import NAME, NAME_RULE
 from fastfc.copyservices.pprc import PPRCPair
-from fastfc.storage.store import Store, SQLiteStore, _connect_readonly
+from fastfc.durable.lock import LOCK_FILE, POLL, UnitLock
+from fastfc.durable.sqlite import SQLiteStore, read_identity
+from fastfc.names import NAME, NAME_RULE
+from fastfc.storage.store import Store
 from fastfc.storage.volume import DEFAULT_TRACK, Volume
 
+
+_PAIR_MAPS = ("oos", "spare", "cg")   # a pair record's bitmaps
 
 # Open units by resolved path: a pair or session spanning two units is
 # rebuilt once both are open in this process.
@@ -67,9 +69,11 @@ class ReadOnlyVolume(Volume):
     mapping of its file, opened for reading only, and every host write
     refused with :class:`~fastfc.errors.ReadOnlyUnitError`."""
 
-    def __init__(self, n_tracks: int, track_size: int, *, path, name: str) -> None:
+    def __init__(self, n_tracks: int, track_size: int, *, path, name: str,
+                 store: Store) -> None:
         self.path = Path(path)
         self.name = name
+        self.store = store
         with open(self.path, "rb") as f:
             mm = mmap.mmap(f.fileno(), n_tracks * track_size, access=mmap.ACCESS_COPY)
         self._mm = mm      # close() unmaps it once no array of it is left
@@ -136,7 +140,8 @@ class StorageUnit:
         if self.path is None:
             if self.readonly:
                 raise ValueError("an in-memory unit cannot be opened read-only")
-            self.store: Store = Store()
+            self.store: Store = Store(on_session_added=self._session_added,
+                                      on_session_dropped=self._session_dropped)
             return
         key = str(self.path)
         deadline = None if wait is None else time.monotonic() + max(0.0, float(wait))
@@ -171,7 +176,9 @@ class StorageUnit:
         try:
             if not self.readonly:
                 (self.path / "volumes").mkdir(exist_ok=True)
-            self.store = SQLiteStore(self.path, str(self.path), readonly=self.readonly)
+            self.store = SQLiteStore(self.path, str(self.path), readonly=self.readonly,
+                                     on_session_added=self._session_added,
+                                     on_session_dropped=self._session_dropped)
         except BaseException:
             self._unit_lock.release()
             raise
@@ -212,12 +219,13 @@ class StorageUnit:
         if name in self._volumes:
             raise ValueError(f"volume {name!r} already exists in this unit")
         if self.path is None:
-            vol = Volume(n_tracks, track_size, name=name)
+            vol = Volume(n_tracks, track_size, name=name, store=self.store)
         else:
             file = self._volume_file(name)
             if file.exists():
                 file.unlink()   # left by a create that died before its row
-            vol = Volume(n_tracks, track_size, path=file, name=name, thin=thin)
+            vol = Volume(n_tracks, track_size, path=file, name=name, thin=thin,
+                         store=self.store)
             try:
                 self.store.add_volume(name, n_tracks, track_size, thin)
             except BaseException:
@@ -266,16 +274,20 @@ class StorageUnit:
 
     @property
     def pair_records(self) -> list[dict]:
-        """The PPRC pairs recorded with their primary in this unit, as records
-        (dicts, copies), restored or not (a pair whose secondary unit is away
-        is recorded but not restored)."""
-        return [dict(r) for r in self._pair_rows]
+        """The PPRC pairs recorded with their primary in this unit whose
+        secondary unit is away (recorded, not restored), as records (dicts,
+        copies, without the bitmaps): ``id``, ``primary_name``,
+        ``secondary_name``, ``mode``, ``suspend_reason``, ``failed_over``,
+        ``name``, ``secondary_uuid`` (how the row names the secondary's
+        unit) and ``secondary_unit`` (where that unit is expected)."""
+        return [{k: v for k, v in r.items() if k not in _PAIR_MAPS} for r in self._pair_rows]
 
-    def _register_session(self, session: GlobalMirror) -> None:
-        """Called by a new session whose B volumes live here."""
+    def _session_added(self, session: GlobalMirror) -> None:
+        """The store's listener: a new session whose B volumes live here."""
         self.sessions[session.name] = session
 
-    def _forget_session(self, session: GlobalMirror) -> None:
+    def _session_dropped(self, session: GlobalMirror) -> None:
+        """The store's listener: a session whose B volumes live here ended."""
         if self.sessions.get(session.name) is session:
             del self.sessions[session.name]
 
@@ -300,13 +312,8 @@ class StorageUnit:
     # -- restore ---------------------------------------------------------------------
     def _restore_local(self) -> None:
         st = self.store
-        # (a unit made before thick volumes, opened read-only, has no column:
-        # its files are sparse, so its volumes are thin)
-        thin_col = "thin" if "thin" in {r[1] for r in st.query("PRAGMA table_info(volumes)")} \
-            else "1"
-        for name, n_tracks, track_size, secondary, invalid, thin in st.query(
-                f"SELECT name, n_tracks, track_size, secondary, invalid, {thin_col} "
-                "FROM volumes"):
+        for rec in st.volume_records():
+            name, n_tracks, track_size = rec["name"], rec["n_tracks"], rec["track_size"]
             file = self._volume_file(name)
             if not file.exists():
                 raise CorruptUnitError(f"volume file {file} is missing")
@@ -315,40 +322,31 @@ class StorageUnit:
                 raise CorruptUnitError(f"volume file {file} holds {size} bytes; the unit "
                                        f"records {n_tracks} tracks of {track_size} bytes")
             if self.readonly:
-                vol = ReadOnlyVolume(n_tracks, track_size, path=file, name=name)
+                vol = ReadOnlyVolume(n_tracks, track_size, path=file, name=name, store=st)
             else:
-                vol = Volume(n_tracks, track_size, path=file, name=name, thin=bool(thin))
+                vol = Volume(n_tracks, track_size, path=file, name=name,
+                             thin=bool(rec["thin"]), store=st)
             vol.unit = self
-            vol._secondary = bool(secondary)
-            vol._invalid = bool(invalid)
+            vol._secondary = bool(rec["secondary"])
+            vol._invalid = bool(rec["invalid"])
             self._volumes[name] = vol
-        for row in st.flash_rows():
-            source, target = self._row_volume(row["source"]), self._row_volume(row["target"])
-            n = source.n_tracks
-            maps = {k: st.load_bitmap(row[k], n) for k in (
-                "to_copy", "src_changed", "tgt_changed",
-                "rv_to_copy", "rv_src_changed", "rv_tgt_changed")}
-            if maps["to_copy"] is None:
-                raise CorruptUnitError(f"FlashCopy {row['id']} has no to_copy bitmap")
-            fc = FlashCopy._restore(source, target, row, maps, json.loads(row["options"]))
-            st._track(("fc", row["id"]), list(maps.values()))
-            del fc
-        self._pair_rows = self._load_pair_rows()
-        for row in self._pair_rows:  # keep their bitmap files alive until restored
-            st._row_bitmaps[("pair", row["id"])] = {row[k] for k in ("oos", "spare", "cg")
-                                                    if row[k] is not None}
-            primary = self._row_volume(row["primary_name"])
-            row["_maps"] = maps = {k: st.load_bitmap(row[k], primary.n_tracks)
-                                   for k in ("oos", "spare", "cg")}
-            if maps["oos"] is None:
-                raise CorruptUnitError(f"PPRC pair {row['id']} has no out-of-sync bitmap")
+        n_tracks_of = self._row_n_tracks
+        for rec in st.flash_records(n_tracks_of):
+            FlashCopy.from_record(self._row_volume(rec["source"]),
+                                  self._row_volume(rec["target"]), rec)
+        # their bitmaps stay alive (the store keeps them as the rows') until restored
+        self._pair_rows = [self._pending(rec) for rec in st.pair_records(n_tracks_of)]
+        for rec in self._pair_rows:
             # until the secondary unit is open too, host writes to the primary
             # are recorded in the pair's out-of-sync bitmap, as when suspended
             hook = MirrorBase()
-            hook.oos = maps["oos"]
-            primary._mirror = hook
+            hook.oos = rec["oos"]
+            self._row_volume(rec["primary_name"])._mirror = hook
         st.collect_orphans()
         self._resolve_interrupted_cgs()
+
+    def _row_n_tracks(self, name: str) -> int:
+        return self._row_volume(name).n_tracks
 
     def _row_volume(self, name: str) -> Volume:
         try:
@@ -394,7 +392,7 @@ class StorageUnit:
                 continue
             primary = self._row_volume(row["primary_name"])
             secondary = sec_unit._row_volume(row["secondary_name"])
-            PPRCPair._restore(primary, secondary, row, row["_maps"])
+            PPRCPair.from_record(primary, secondary, row)
         self._pair_rows = left
 
     def _restore_sessions(self) -> None:
@@ -419,11 +417,8 @@ class StorageUnit:
                 link = parts[0].pair.link
                 for t in parts:
                     t.pair.link = link
-                self.sessions[name] = GlobalMirror(
-                    [(t.a, t.b, t.c) for t in parts], name=name, link=link,
-                    cg_interval=cfg["cg_interval"],
-                    max_coordination_time=cfg["max_coordination_time"],
-                    max_drain_time=cfg["max_drain_time"], decide=cfg["decide"], _parts=parts)
+                self.sessions[name] = GlobalMirror.from_record(dict(cfg, name=name), parts,
+                                                               link=link)
 
     # -- lifecycle ---------------------------------------------------------------------
     def flush(self) -> None:
@@ -477,22 +472,19 @@ class StorageUnit:
             others = [u for u in _open_units.values() if u is not self]
         for other in others:
             for name, s in list(other.sessions.items()):
-                if any(t.a.unit is self for t in s.triplets):
+                if any(t.a.store is self.store for t in s.triplets):
                     s.stop()
                     del other.sessions[name]
-            rows = None
             for pair in other.pairs:
-                if pair.secondary.unit is not self:
+                if pair.secondary.store is not self.store:
                     continue
                 pair.stop()
-                rows = rows if rows is not None else {r["id"]: r for r in other._load_pair_rows()}
-                row = rows[pair._store_id]
                 A = pair.primary
                 A._lock()
                 try:
                     if pair.cg is not None:     # no session runs: not mid-drain
                         pair._cg_end(False)
-                    row["_maps"] = {"oos": pair.oos, "spare": pair.spare, "cg": None}
+                    row = other._pending(pair.to_record())
                     hook = MirrorBase()
                     hook.oos = pair.oos
                     A._mirror = hook
@@ -538,17 +530,15 @@ class StorageUnit:
         self.close()
 
     # -- partner units -------------------------------------------------------------------
-    def _load_pair_rows(self) -> list[dict]:
-        """The stored pairs, each with ``secondary_uuid`` (how the row names
-        the secondary's unit) and ``secondary_unit`` (where that unit is
+    def _pending(self, record: dict) -> dict:
+        """A pair's record (``PPRCPair.to_record()``) while its secondary
+        unit is away, with ``secondary_uuid`` (how the record names the
+        secondary's unit) and ``secondary_unit`` (where that unit is
         expected; :meth:`describe_partner` says why it is not attached)."""
-        rows = self.store.pair_rows()
-        for row in rows:
-            ref = row["secondary_unit"]
-            row["secondary_uuid"] = ref
-            where = self._partner_path(ref)
-            row["secondary_unit"] = str(where) if where is not None else ref
-        return rows
+        ref = record["secondary_unit"]
+        where = self._partner_path(ref)
+        return dict(record, secondary_uuid=ref,
+                    secondary_unit=str(where) if where is not None else ref)
 
     def _partner_path(self, ref: str) -> Path | None:
         """Where the partner ``ref`` (a uuid; an absolute path in rows
@@ -599,15 +589,7 @@ class StorageUnit:
             uid, back = open_unit.uuid, open_unit.store.partners.get(self.uuid)
         else:
             try:
-                db = _connect_readonly(where / "unit.db")
-                try:
-                    row = db.execute("SELECT value FROM meta WHERE key='uuid'").fetchone()
-                    uid = row[0] if row else None
-                    row = db.execute("SELECT path FROM partners WHERE uuid=?",
-                                     (self.uuid,)).fetchone()
-                    back = row[0] if row else None
-                finally:
-                    db.close()
+                uid, back = read_identity(where, self.uuid)
             except sqlite3.Error as e:
                 return f"the unit at {where} cannot be read ({e})"
         if uid != ref:
@@ -682,11 +664,11 @@ class StorageUnit:
 
     def _references(self, other: "StorageUnit") -> bool:
         """Whether a pair or session of this unit involves ``other``."""
-        if any(p.secondary.unit is other for p in self.pairs):
+        if any(p.secondary.store is other.store for p in self.pairs):
             return True
         if any(r["secondary_uuid"] == other.uuid for r in self._pair_rows):
             return True
-        if any(t.a.unit is other for s in self.sessions.values() for t in s.triplets):
+        if any(t.a.store is other.store for s in self.sessions.values() for t in s.triplets):
             return True
         return any(t[0] == other.uuid for cfg in self.store.session_rows().values()
                    for t in cfg["triplets"])

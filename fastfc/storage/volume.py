@@ -5,12 +5,15 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from fastfc import _core
 from fastfc.errors import NoSpaceError, VolumeClosedError
+from fastfc.storage.store import MEMORY, Store
 
 MIN_TRACK = 512
 MAX_TRACK = 16 * 1024 * 1024
@@ -33,6 +36,10 @@ class Volume(_core.VolumeBase):
         (zero-filled); a file of another size is refused.
     name : str, optional
         A label for ``repr`` and the command line.
+    store : Store, optional
+        The metadata store that records this volume and the relationships
+        and pairs it takes part in: given by the storage unit that makes the
+        volume; :data:`~fastfc.storage.store.MEMORY` (keeps nothing) if None.
     thin : bool
         File-backed volumes only. ``False`` (default, thick): a new file gets
         all its blocks at create (``posix_fallocate``), so a filesystem
@@ -61,12 +68,15 @@ class Volume(_core.VolumeBase):
     the bitmaps of the relationships in which it is the source.
     """
 
-    #: The :class:`~fastfc.durable.unit.StorageUnit` holding this volume, if any.
+    #: The metadata store handed to this volume when it was made (see ``store``).
+    store: Store = MEMORY
+    #: The storage unit holding this volume, if any: set by the unit, for the
+    #: tools; nothing below the unit reads it (it reads :attr:`store`).
     unit = None
 
     def __init__(self, n_tracks: int, track_size: int = DEFAULT_TRACK, *,
                  path: str | os.PathLike | None = None, name: str | None = None,
-                 thin: bool = False) -> None:
+                 thin: bool = False, store: Store | None = None) -> None:
         n_tracks = _as_int(n_tracks, "n_tracks")
         track_size = _as_int(track_size, "track_size")
         if n_tracks < 1:
@@ -76,6 +86,8 @@ class Volume(_core.VolumeBase):
                 f"track_size must be a power of two from {MIN_TRACK} to {MAX_TRACK}, "
                 f"got {track_size}")
         capacity = n_tracks * track_size
+        if store is not None:
+            self.store = store
         self.path = Path(path) if path is not None else None
         self.name = name or (self.path.stem if self.path else f"vol{self.vid}")
         self._mm: mmap.mmap | None = None
@@ -139,9 +151,13 @@ class Volume(_core.VolumeBase):
 
     def _valid_again(self) -> None:
         """A whole-volume host write gave an invalid volume a valid image:
-        record it in the unit (the volume's lock is held)."""
-        if self.unit is not None:
-            self.unit.store.set_volume_flags(self)
+        record it in the store (the volume's lock is held)."""
+        self.store.set_volume_flags(self.flags_record())
+
+    def flags_record(self) -> dict:
+        """The flags a store records: ``name``, ``secondary``, ``invalid``."""
+        return {"name": self.name, "secondary": bool(self._secondary),
+                "invalid": bool(self._invalid)}
 
     def __enter__(self) -> "Volume":
         return self
@@ -290,6 +306,21 @@ def _as_int(value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{what} must be an integer, got {type(value).__name__}")
     return int(value)
+
+
+@contextmanager
+def locked(volumes: Iterable[Volume]) -> Iterator[None]:
+    """Hold the locks of ``volumes`` (deduplicated) in volume-id order."""
+    ordered = sorted({id(v): v for v in volumes}.values(), key=lambda v: v.vid)
+    taken = []
+    try:
+        for v in ordered:
+            v._lock()
+            taken.append(v)
+        yield
+    finally:
+        for v in reversed(taken):
+            v._unlock()
 
 
 def check_pairable(a: Volume, b: Volume, what: str) -> None:

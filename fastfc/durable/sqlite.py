@@ -1,0 +1,640 @@
+"""A storage unit's metadata store: SQLite rows and memory-mapped bitmap files.
+
+:class:`SQLiteStore` implements :class:`fastfc.storage.store.Store` for a
+storage unit (only a unit makes one): metadata in SQLite (WAL mode,
+``synchronous=FULL``), bitmaps in memory-mapped files, one per bitmap.
+Records go in and out (see :mod:`fastfc.storage.store`); the unit reads
+back what it restores through public methods (:meth:`SQLiteStore.volume_records`,
+:meth:`~SQLiteStore.flash_records`, :meth:`~SQLiteStore.pair_records`,
+:meth:`~SQLiteStore.session_rows`) and runs no SQL itself.
+
+Why bitmaps in files: the I/O path flips bits in place (copy-on-write clears
+``to_copy``, writes set change-recording and out-of-sync bits) and records
+them *before* the data lands. With both in shared memory-mapped files, a
+process killed at any instruction leaves every completed store in the page
+cache, so after reopening, every FlashCopy target reads as its exact
+point-in-time image. SQLite holds which bitmap plays which role, sequence
+numbers, states and consistency-group decisions; swapping bitmaps on commit
+or revert is one row update, still O(1).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from fastfc._core import TrackBitmap
+from fastfc.errors import CorruptUnitError, NoSpaceError, ReadOnlyUnitError, UnitClosedError
+from fastfc.storage.store import Store
+
+SCHEMA_VERSION = 1
+
+
+class FileBitmap(TrackBitmap):
+    """A TrackBitmap whose words live in a memory-mapped file."""
+
+    file_id: int
+    path: Path
+    _mm: np.memmap    # the mapping (writable: private)
+
+    def flush(self) -> None:
+        """Write the words to the file (``msync``)."""
+        self._mm.flush()
+
+
+def _map_bitmap(path: Path, n_words: int, create: bool) -> np.memmap:
+    """Map a bitmap file with every block allocated (a bit set by the I/O
+    path must never need a block the filesystem cannot give: that would be
+    SIGBUS). A new file that cannot get its blocks is removed."""
+    flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+    fd = os.open(path, flags, 0o666)
+    try:
+        if create:
+            os.ftruncate(fd, n_words * 8)
+        os.posix_fallocate(fd, 0, n_words * 8)
+    except OSError as e:
+        os.close(fd)
+        if create:
+            path.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpaceError(f"bitmap file {path}: the filesystem has no room for "
+                               f"{n_words * 8} bytes ({e.strerror})") from None
+        raise
+    os.close(fd)
+    return np.memmap(path, dtype=np.uint64, mode="r+", shape=(n_words,))
+
+
+def _is_full(e: BaseException) -> bool:
+    """Whether an SQLite error is SQLITE_FULL (database or disk is full)."""
+    return isinstance(e, sqlite3.OperationalError) and (
+        getattr(e, "sqlite_errorcode", None) == 13 or "full" in str(e))
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS volumes(
+    name TEXT PRIMARY KEY, n_tracks INTEGER NOT NULL, track_size INTEGER NOT NULL,
+    secondary INTEGER NOT NULL DEFAULT 0, invalid INTEGER NOT NULL DEFAULT 0,
+    thin INTEGER NOT NULL DEFAULT 1);
+CREATE TABLE IF NOT EXISTS flashcopies(
+    id INTEGER PRIMARY KEY, source TEXT NOT NULL, target TEXT NOT NULL,
+    options TEXT NOT NULL, sequence INTEGER NOT NULL, revertible INTEGER NOT NULL,
+    to_copy INTEGER, src_changed INTEGER, tgt_changed INTEGER,
+    rv_to_copy INTEGER, rv_src_changed INTEGER, rv_tgt_changed INTEGER, rv_sequence INTEGER);
+CREATE TABLE IF NOT EXISTS pairs(
+    id INTEGER PRIMARY KEY, primary_name TEXT NOT NULL, secondary_unit TEXT NOT NULL,
+    secondary_name TEXT NOT NULL, mode TEXT NOT NULL, suspend_reason TEXT,
+    failed_over INTEGER NOT NULL, oos INTEGER, spare INTEGER, cg INTEGER, name TEXT);
+CREATE TABLE IF NOT EXISTS sessions(name TEXT PRIMARY KEY, config TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS decisions(
+    session TEXT NOT NULL, sequence INTEGER NOT NULL, decision TEXT NOT NULL,
+    PRIMARY KEY(session, sequence));
+CREATE TABLE IF NOT EXISTS partners(uuid TEXT PRIMARY KEY, path TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS session_stats(
+    name TEXT PRIMARY KEY, attempts INTEGER NOT NULL, successes INTEGER NOT NULL,
+    failures TEXT NOT NULL, commit_failures_resolved INTEGER NOT NULL,
+    bytes_drained INTEGER NOT NULL, last_cg_time REAL, sequence INTEGER NOT NULL);
+"""
+
+POOL_PER_SIZE = 1024   # recycled bitmap files kept per bitmap size
+
+
+class SQLiteStore(Store):
+    """A storage unit's metadata: SQLite for rows, one file per bitmap.
+
+    Thread-safe: one connection guarded by a lock. Each save is its own
+    transaction unless made inside :meth:`transaction`.
+    """
+
+    durable = True
+
+    def recycle(self, bitmaps) -> None:
+        """File bitmaps go back to the pool when no row names them (see
+        :meth:`_collect`), not when an object drops them."""
+
+    def __init__(self, directory: Path, unit_path: str, readonly: bool = False, *,
+                 on_session_added=None, on_session_dropped=None) -> None:
+        super().__init__(on_session_added=on_session_added,
+                         on_session_dropped=on_session_dropped)
+        self.dir = directory
+        self.unit_path = unit_path
+        self.readonly = readonly
+        self.closed = False
+        self.bitmap_dir = directory / "bitmaps"
+        db = directory / "unit.db"
+        existed = db.exists()
+        if readonly and not existed:
+            raise CorruptUnitError(f"{directory} holds no unit.db (a read-only open "
+                                   "creates nothing)")
+        if not readonly:
+            self.bitmap_dir.mkdir(exist_ok=True)
+        self.db = None
+        try:
+            if readonly:
+                self.db = _connect_readonly(db)
+            else:
+                self.db = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")
+            if existed:
+                ok = self.db.execute("PRAGMA quick_check").fetchone()[0]
+                if ok != "ok":
+                    raise CorruptUnitError(f"{db} fails SQLite's integrity check: {ok}")
+            if not readonly:
+                self.db.executescript(_SCHEMA)
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.DatabaseError as e:
+            if self.db is not None:
+                self.db.close()
+            raise CorruptUnitError(f"{db} is not a readable fastfc unit database: {e}") from None
+        except BaseException:
+            if self.db is not None:
+                self.db.close()
+            raise
+        if row is None:
+            if readonly:
+                self.db.close()
+                raise CorruptUnitError(f"{db} holds no unit metadata (empty or truncated)")
+            if existed and self.db.execute("SELECT count(*) FROM volumes").fetchone()[0]:
+                self.db.close()
+                raise CorruptUnitError(f"{db} has volumes but no schema version")
+            if any(directory.glob("volumes/*.vol")) or any(self.bitmap_dir.glob("*.bm")):
+                # an empty (e.g. truncated to 0 bytes) database next to volume
+                # files: opening it as a new unit would hide them, and delete
+                # the bitmaps as orphans
+                self.db.close()
+                raise CorruptUnitError(f"{db} holds no unit metadata (empty or truncated), "
+                                       f"but {directory} holds volume or bitmap files")
+            self.db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            self.db.close()
+            raise CorruptUnitError(f"{db} has schema {row[0]}; this fastfc reads {SCHEMA_VERSION}")
+        row = self.db.execute("SELECT value FROM meta WHERE key='uuid'").fetchone()
+        if row is None and not readonly:
+            # a unit made before units had an id gets one the first time it
+            # is opened read-write
+            row = (str(uuid.uuid4()),)
+            self.db.execute("INSERT INTO meta VALUES('uuid', ?)", row)
+        self.uuid: str | None = row[0] if row else None
+        # tables a unit made by an older fastfc lacks until opened read-write
+        self._tables = {r[0] for r in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type='table'")}
+        has_partners = "partners" in self._tables
+        self._partners: dict[str, str] = dict(self.db.execute(
+            "SELECT uuid, path FROM partners").fetchall()) if has_partners else {}
+        if not readonly and "thin" not in {r[1] for r in self.db.execute("PRAGMA table_info(volumes)")}:
+            # a unit made before thick volumes: its files are sparse, so its
+            # volumes are thin (the default); older readers ignore the column
+            self.db.execute("ALTER TABLE volumes ADD COLUMN thin INTEGER NOT NULL DEFAULT 1")
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._next_bitmap = 1 + max([int(p.stem) for p in self.bitmap_dir.glob("*.bm")
+                                     if p.stem.isdigit()] or [0])
+        self._row_bitmaps: dict[tuple[str, int], set[int]] = {}
+        self._maps: dict[int, FileBitmap] = {}           # every mapped bitmap file
+        self._pool: dict[int, list[FileBitmap]] = {}     # unreferenced, by n_bits
+        self._garbage: set[int] = set()
+        self._options_json: dict[tuple, str] = {}   # FlashCopy options -> their JSON
+        self.fsyncs = 0   # commits, each one fsync of the WAL
+
+    @property
+    def ref(self) -> str:
+        """How rows of other units name this unit: its uuid (its path for a
+        unit from before units had ids, opened read-only)."""
+        return self.uuid or self.unit_path
+
+    def link_partner(self, other: Store) -> None:
+        """Record in this unit and ``other`` (when it is another unit's
+        store) where each finds the other, as a path relative to itself."""
+        if other is self or not other.durable:
+            return
+        for x, y in ((self, other), (other, self)):
+            if x.uuid and y.uuid and not x.readonly and not x.closed:
+                x.set_partner(y.uuid, os.path.relpath(y.dir, x.dir))
+
+    def check_writable(self) -> None:
+        if self.closed:
+            raise UnitClosedError(f"storage unit {self.unit_path} is closed")
+        if self.readonly:
+            raise ReadOnlyUnitError(f"storage unit {self.unit_path} is open read-only; "
+                                    "open it read-write to change it")
+
+    # -- partner units ---------------------------------------------------------
+    @property
+    def partners(self) -> dict[str, str]:
+        """Partner units: uuid -> path relative to this unit's directory."""
+        return dict(self._partners)
+
+    def set_partner(self, partner_uuid: str, relative_path: str) -> None:
+        """Record where a partner unit is (no write when it is so recorded)."""
+        if self._partners.get(partner_uuid) == relative_path:
+            return
+        self._exec("INSERT OR REPLACE INTO partners VALUES(?, ?)",
+                   (partner_uuid, relative_path))
+        self._partners[partner_uuid] = relative_path
+
+    def drop_partner(self, partner_uuid: str) -> None:
+        if partner_uuid not in self._partners:
+            return
+        self._exec("DELETE FROM partners WHERE uuid=?", (partner_uuid,))
+        del self._partners[partner_uuid]
+
+    # -- transactions --------------------------------------------------------
+    @contextmanager
+    def transaction(self, sync: bool = True):
+        """One durable commit for everything inside; nested blocks are
+        savepoints. A block that raises is rolled back whole, database rows
+        and the in-memory record of which bitmap files they use alike (so the
+        bitmap pool never recycles a file a stored row still names).
+
+        ``sync=False`` (outermost only) commits without an fsync: safe for a
+        process crash, and for what recovery redoes from an earlier durable
+        record (the commits of a CG whose decision is recorded)."""
+        self.check_writable()
+        with self._lock:
+            level = self._depth
+            if level == 0 and not sync:
+                self.db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self._transaction(level):
+                    yield
+            finally:
+                if level == 0 and not sync:
+                    self.db.execute("PRAGMA synchronous=FULL")
+
+    @contextmanager
+    def _transaction(self, level: int):
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE" if level == 0 else f"SAVEPOINT sp{level}")
+            saved = ({k: set(v) for k, v in self._row_bitmaps.items()}, set(self._garbage))
+            self._depth += 1
+            try:
+                yield
+                if level == 0:
+                    self.db.execute("COMMIT")
+            except BaseException as e:
+                self._depth -= 1
+                if level == 0:
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
+                else:
+                    self.db.execute(f"ROLLBACK TO sp{level}")
+                    self.db.execute(f"RELEASE sp{level}")
+                self._row_bitmaps, self._garbage = saved
+                if _is_full(e) and level == 0:
+                    raise NoSpaceError(f"{self.dir / 'unit.db'}: {e}; the transaction was "
+                                       "rolled back (free space and retry)") from e
+                raise
+            self._depth -= 1
+            if level == 0:
+                if self.db.execute("PRAGMA synchronous").fetchone()[0] >= 2:
+                    self.fsyncs += 1
+                self._collect()
+            else:
+                self.db.execute(f"RELEASE sp{level}")
+
+    @contextmanager
+    def _atomic(self, sync: bool = True):
+        """For a save of one or two statements: its own transaction when none
+        is open (``sync`` as for :meth:`transaction`), else part of the open
+        one without a savepoint (a statement is atomic by itself, and the
+        enclosing transaction's rollback also undoes the bitmap bookkeeping)."""
+        with self._lock:
+            if self._depth:
+                yield
+            else:
+                with self.transaction(sync):
+                    yield
+
+    def _exec(self, sql: str, args=()):
+        with self.transaction():
+            return self.db.execute(sql, args)
+
+    def query(self, sql: str, args=()) -> list:
+        with self._lock:
+            return self.db.execute(sql, args).fetchall()
+
+    def _rows(self, table: str) -> list[dict]:
+        with self._lock:
+            cur = self.db.execute(f"SELECT * FROM {table} ORDER BY rowid")
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    # -- bitmaps ---------------------------------------------------------------
+    def new_bitmap(self, n_bits: int, fill: bool = False) -> FileBitmap:
+        """A bitmap in its own file: a recycled one (no row references it)
+        when the pool has one of this size, else a new file. A read-only
+        unit gives an in-memory bitmap (nothing it holds is ever saved)."""
+        if self.readonly:
+            return TrackBitmap(n_bits, fill=fill)
+        with self._lock:
+            pool = self._pool.get(n_bits)
+            if pool:
+                bm = pool.pop()
+                bm.fill(fill)
+                return bm
+            fid = self._next_bitmap
+            self._next_bitmap += 1
+        path = self.bitmap_dir / f"{fid}.bm"
+        words = _map_bitmap(path, max((n_bits + 63) // 64, 1), create=True)
+        bm = FileBitmap(n_bits, fill=fill, words=words)
+        bm.file_id, bm.path, bm._mm = fid, path, words
+        self._maps[fid] = bm
+        return bm
+
+    def load_bitmap(self, fid: int | None, n_bits: int) -> FileBitmap | None:
+        if fid is None:
+            return None
+        path = self.bitmap_dir / f"{fid}.bm"
+        n_words = max((n_bits + 63) // 64, 1)
+        if not path.exists():
+            raise CorruptUnitError(f"bitmap file {path} is missing")
+        if path.stat().st_size != n_words * 8:
+            raise CorruptUnitError(f"bitmap file {path} has {path.stat().st_size} bytes, "
+                                   f"expected {n_words * 8}")
+        if self.readonly:
+            # a private mapping (the process may set bits, as a restore does;
+            # the file never changes)
+            words = np.memmap(path, dtype=np.uint64, mode="c", shape=(n_words,))
+        else:
+            words = _map_bitmap(path, n_words, create=False)
+        bm = FileBitmap(n_bits, words=words)
+        bm.file_id, bm.path, bm._mm = fid, path, words
+        self._maps[fid] = bm
+        return bm
+
+    def _track(self, key: tuple[str, int], bitmaps) -> None:
+        """Remember which bitmap files a row references now; the ones it no
+        longer references are deleted after the transaction commits."""
+        now = {b.file_id for b in bitmaps if isinstance(b, FileBitmap)}
+        old = self._row_bitmaps.get(key, set())
+        self._row_bitmaps[key] = now
+        self._garbage |= old - now
+
+    def _collect(self) -> None:
+        """After a commit: bitmaps no row references any more go back to the
+        pool (a Global Mirror CG frees and needs the same sizes every time),
+        or are deleted when the pool is full."""
+        garbage = self._garbage
+        live = set().union(*self._row_bitmaps.values()) if self._row_bitmaps else set()
+        for fid in garbage - live:
+            bm = self._maps.pop(fid, None)
+            pool = self._pool.setdefault(bm.n_bits, []) if bm is not None else None
+            if pool is not None and len(pool) < POOL_PER_SIZE:
+                self._maps[fid] = bm
+                pool.append(bm)
+                continue
+            try:
+                (self.bitmap_dir / f"{fid}.bm").unlink()
+            except FileNotFoundError:
+                pass
+        self._garbage = set()
+
+    def collect_orphans(self) -> None:
+        """At open: delete bitmap files no row references (a step that died
+        before its transaction committed). Not on a read-only unit."""
+        if self.readonly:
+            return
+        live = set().union(*self._row_bitmaps.values()) if self._row_bitmaps else set()
+        for p in self.bitmap_dir.glob("*.bm"):
+            if p.stem.isdigit() and int(p.stem) not in live:
+                p.unlink()
+
+    # -- volumes -----------------------------------------------------------------
+    def add_volume(self, name: str, n_tracks: int, track_size: int, thin: bool = False) -> None:
+        self._exec("INSERT INTO volumes(name, n_tracks, track_size, thin) VALUES(?,?,?,?)",
+                   (name, n_tracks, track_size, int(thin)))
+
+    def remove_volume(self, name: str) -> None:
+        self._exec("DELETE FROM volumes WHERE name=?", (name,))
+
+    def set_volume_flags(self, flags: dict) -> None:
+        self._exec("UPDATE volumes SET secondary=?, invalid=? WHERE name=?",
+                   (int(flags["secondary"]), int(flags["invalid"]), flags["name"]))
+
+    def volume_records(self) -> list[dict]:
+        """Every stored volume: name, n_tracks, track_size, secondary,
+        invalid, thin (a unit made before thick volumes has thin ones)."""
+        rows = self._rows("volumes")
+        for r in rows:
+            r.setdefault("thin", 1)
+        return rows
+
+    def _load_bitmaps(self, kind: str, row: dict, keys, n_bits: int) -> None:
+        """Map the bitmap files ``row`` names (in place: ids become bitmaps)
+        and keep them alive as the row's until it changes."""
+        self._row_bitmaps[(kind, row["id"])] = {row[k] for k in keys if row[k] is not None}
+        for k in keys:
+            row[k] = self.load_bitmap(row[k], n_bits)
+
+    # -- FlashCopy ---------------------------------------------------------------
+    _FLASH_MAPS = ("to_copy", "src_changed", "tgt_changed",
+                   "rv_to_copy", "rv_src_changed", "rv_tgt_changed")
+
+    def save_flash(self, record: dict) -> int:
+        maps = [record[k] for k in self._FLASH_MAPS]
+        ids = [getattr(m, "file_id", None) for m in maps]
+        opts = record["options"]
+        key = tuple(opts.items())
+        options = self._options_json.get(key)
+        if options is None:
+            options = json.dumps(opts)
+            if len(self._options_json) < 64:
+                self._options_json[key] = options
+        rid = record["id"]
+        with self._atomic():
+            if rid is None:
+                rid = self.db.execute(
+                    "INSERT INTO flashcopies(source, target, options, sequence, revertible)"
+                    " VALUES(?,?,?,?,?)", (record["source"], record["target"], options,
+                                           record["sequence"], int(record["revertible"]))
+                ).lastrowid
+            self.db.execute(
+                "UPDATE flashcopies SET options=?, sequence=?, revertible=?, to_copy=?,"
+                " src_changed=?, tgt_changed=?, rv_to_copy=?, rv_src_changed=?,"
+                " rv_tgt_changed=?, rv_sequence=? WHERE id=?",
+                (options, record["sequence"], int(record["revertible"]), *ids,
+                 record["rv_sequence"], rid))
+            self._track(("fc", rid), maps)
+        return rid
+
+    def drop_flash(self, record_id: int | None, target_flags: dict) -> None:
+        with self._atomic():
+            if record_id is not None:
+                self.db.execute("DELETE FROM flashcopies WHERE id=?", (record_id,))
+                self._track(("fc", record_id), [])
+                self._row_bitmaps.pop(("fc", record_id), None)
+            self.db.execute("UPDATE volumes SET invalid=? WHERE name=?",
+                            (int(target_flags["invalid"]), target_flags["name"]))
+
+    def flash_rows(self) -> list[dict]:
+        """The stored relationships as rows (bitmap file ids, options as JSON)."""
+        return self._rows("flashcopies")
+
+    def flash_records(self, n_tracks: Callable[[str], int]) -> list[dict]:
+        """The stored relationships as records (``FlashCopy.from_record``),
+        their bitmaps mapped; ``n_tracks(name)`` is a volume's track count."""
+        rows = self.flash_rows()
+        for row in rows:
+            self._load_bitmaps("fc", row, self._FLASH_MAPS, n_tracks(row["source"]))
+            if row["to_copy"] is None:
+                raise CorruptUnitError(f"FlashCopy {row['id']} has no to_copy bitmap")
+            row["options"] = json.loads(row["options"])
+        return rows
+
+    # -- PPRC pairs ----------------------------------------------------------------
+    _PAIR_MAPS = ("oos", "spare", "cg")
+
+    def save_pair(self, record: dict, partner: Store | None = None) -> int:
+        if partner is not None:
+            self.link_partner(partner)
+        maps = [record[k] for k in self._PAIR_MAPS]
+        ids = [getattr(m, "file_id", None) for m in maps]
+        rid = record["id"]
+        with self._atomic():
+            if rid is None:
+                rid = self.db.execute(
+                    "INSERT INTO pairs(primary_name, secondary_unit, secondary_name, mode,"
+                    " failed_over) VALUES(?,?,?,?,0)",
+                    (record["primary_name"], record["secondary_unit"],
+                     record["secondary_name"], record["mode"])).lastrowid
+            self.db.execute(
+                "UPDATE pairs SET primary_name=?, secondary_unit=?, secondary_name=?, mode=?,"
+                " suspend_reason=?, failed_over=?, oos=?, spare=?, cg=?, name=? WHERE id=?",
+                (record["primary_name"], record["secondary_unit"], record["secondary_name"],
+                 record["mode"], record["suspend_reason"], int(record["failed_over"]), *ids,
+                 record["name"], rid))
+            self._track(("pair", rid), maps)
+        return rid
+
+    def drop_pair(self, record_id: int | None) -> None:
+        if record_id is None:
+            return
+        with self._atomic():
+            self.db.execute("DELETE FROM pairs WHERE id=?", (record_id,))
+            self._track(("pair", record_id), [])
+            self._row_bitmaps.pop(("pair", record_id), None)
+
+    def pair_rows(self) -> list[dict]:
+        """The stored pairs as rows (bitmap file ids)."""
+        return self._rows("pairs")
+
+    def pair_records(self, n_tracks: Callable[[str], int]) -> list[dict]:
+        """The stored pairs as records (``PPRCPair.from_record``), their
+        bitmaps mapped (and kept until the pair is restored, or forever if
+        it never is); ``n_tracks(name)`` is a volume's track count."""
+        rows = self.pair_rows()
+        for row in rows:
+            self._load_bitmaps("pair", row, self._PAIR_MAPS, n_tracks(row["primary_name"]))
+            if row["oos"] is None:
+                raise CorruptUnitError(f"PPRC pair {row['id']} has no out-of-sync bitmap")
+        return rows
+
+    # -- Global Mirror sessions ------------------------------------------------------
+    def add_session(self, record: dict, session, partners=()) -> None:
+        for p in partners:
+            self.link_partner(p)
+        config = {k: v for k, v in record.items() if k not in ("name", "stats")}
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO sessions VALUES(?, ?)",
+                            (record["name"], json.dumps(config)))
+            self.save_session_stats(record["name"], record["stats"])
+        super().add_session(record, session, partners)
+
+    def save_session_stats(self, name: str, stats: dict) -> None:
+        with self._atomic(sync=False):
+            self.db.execute(
+                "INSERT OR REPLACE INTO session_stats VALUES(?,?,?,?,?,?,?,?)",
+                (name, stats["attempts"], stats["successes"], json.dumps(stats["failures"]),
+                 stats["commit_failures_resolved"], stats["bytes_drained"],
+                 stats["last_cg_time"], stats["sequence"]))
+
+    def drop_session(self, name: str, session=None) -> None:
+        with self.transaction():
+            self.db.execute("DELETE FROM sessions WHERE name=?", (name,))
+            self.db.execute("DELETE FROM decisions WHERE session=?", (name,))
+            self.db.execute("DELETE FROM session_stats WHERE name=?", (name,))
+        super().drop_session(name, session)
+
+    def session_rows(self) -> dict[str, dict]:
+        """Recorded sessions by name: their configuration, and ``stats``
+        (``GMStats.to_record()``, None for a session from before sessions
+        kept their counters)."""
+        rows = {n: json.loads(c) for n, c in self.query("SELECT name, config FROM sessions")}
+        stats = {r["name"]: r for r in self._rows("session_stats")} \
+            if "session_stats" in self._tables else {}
+        for name, cfg in rows.items():
+            st = stats.get(name)
+            if st is not None:
+                st = {k: v for k, v in st.items() if k != "name"}
+                st["failures"] = json.loads(st["failures"])
+            cfg["stats"] = st
+        return rows
+
+    def cg_decision(self, session: str, sequence: int, decision: str) -> None:
+        with self._atomic():
+            self.db.execute("INSERT OR REPLACE INTO decisions VALUES(?,?,?)",
+                            (session, sequence, decision))
+            # keep the table small: only the newest decisions matter
+            self.db.execute("DELETE FROM decisions WHERE session=? AND sequence < ?",
+                            (session, sequence - 16))
+
+    def decision(self, session: str, sequence: int) -> str | None:
+        row = self.query("SELECT decision FROM decisions WHERE session=? AND sequence=?",
+                         (session, sequence))
+        return row[0][0] if row else None
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            try:
+                if not self.readonly:
+                    self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self.db.close()
+                # let go of the bitmap files: one that nothing else holds (a
+                # pooled or dropped bitmap) is unmapped and its file closed
+                # now; one a relationship still holds stays mapped with it
+                self._maps.clear()
+                self._pool.clear()
+
+
+def _connect_readonly(db: Path) -> sqlite3.Connection:
+    """Open ``db`` without writing anything in its directory. With no WAL
+    content (a unit closed cleanly) the database is opened immutable: SQLite
+    then needs no -shm file and takes no locks (the unit lock keeps writers
+    out). A WAL left by a killed writer must be read, so then it is opened
+    ``mode=ro``, which uses the -shm file the writer left."""
+    wal = db.with_name(db.name + "-wal")
+    try:
+        has_wal = wal.stat().st_size > 0
+    except FileNotFoundError:
+        has_wal = False
+    uri = db.resolve().as_uri() + ("?mode=ro" if has_wal else "?mode=ro&immutable=1")
+    return sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+
+
+def read_identity(directory: Path, partner_uuid: str | None) -> tuple[str | None, str | None]:
+    """Without opening it as a unit: the uuid of the unit in ``directory``
+    and where it records its partner ``partner_uuid`` (relative to itself),
+    each None if it records none. Raises :class:`sqlite3.Error` when its
+    database cannot be read."""
+    db = _connect_readonly(directory / "unit.db")
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='uuid'").fetchone()
+        uid = row[0] if row else None
+        row = db.execute("SELECT path FROM partners WHERE uuid=?", (partner_uuid,)).fetchone()
+        return uid, (row[0] if row else None)
+    finally:
+        db.close()

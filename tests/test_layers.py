@@ -1,0 +1,86 @@
+"""The house shows its floors: no module imports a floor above its own, at
+the top of the file or late inside a function, and none reaches up for an
+object of a higher floor by name (``getattr(x, "unit")``, ``.unit.``)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "fastfc"
+
+# floor of each module or folder (by dotted name); the longest prefix wins
+FLOORS = {
+    "fastfc._core": 1, "fastfc.errors": 1, "fastfc.names": 1, "fastfc._optional": 1,
+    "fastfc.storage": 2, "fastfc.faults": 2,
+    "fastfc.copyservices.flashcopy": 3, "fastfc.copyservices.pprc": 3,
+    "fastfc.copyservices": 4,
+    "fastfc.durable": 5,
+    "fastfc.tools": 6, "fastfc.__main__": 6,
+}
+# reaching up by attribute: names of what only a higher floor holds
+UPWARD_ATTRIBUTES = {"unit": 5, "_register_session": 5, "_forget_session": 5}
+
+
+def floor_of(module: str) -> int | None:
+    best = None
+    for prefix, floor in FLOORS.items():
+        if module == prefix or module.startswith(prefix + "."):
+            if best is None or len(prefix) > len(best[0]):
+                best = (prefix, floor)
+    return None if best is None else best[1]
+
+
+def modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        name = ".".join(rel.parts)
+        if name.endswith(".__init__"):
+            name = name[: -len(".__init__")]
+        if name == "fastfc":
+            continue          # the package's front door re-exports every floor
+        yield name, path
+
+
+def imported(tree: ast.AST, module: str):
+    """(line, dotted name) of everything ``tree`` imports from fastfc."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = module.split(".")[: -node.level] if not module.endswith("__init__") \
+                    else module.split(".")
+                base = ".".join(pkg + ([base] if base else []))
+            for alias in node.names:
+                yield node.lineno, f"{base}.{alias.name}" if base else alias.name
+
+
+@pytest.mark.parametrize("module,path", list(modules()), ids=lambda x: str(x))
+def test_no_module_reaches_a_floor_above_its_own(module, path):
+    own = floor_of(module)
+    assert own is not None, f"{module} stands on no floor: add it to FLOORS"
+    tree = ast.parse(path.read_text())
+    wrong = []
+    for line, name in imported(tree, module):
+        if not name.startswith("fastfc"):
+            continue
+        # "from fastfc import faults" names a module; "from fastfc.x import y" a name in x
+        target = floor_of(name) or floor_of(name.rsplit(".", 1)[0])
+        if target is not None and target > own:
+            wrong.append(f"line {line}: imports {name} (floor {target})")
+    for node in ast.walk(tree):
+        attr = None
+        if isinstance(node, ast.Attribute):
+            attr = node.attr
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr")
+              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)):
+            attr = node.args[1].value
+        if attr in UPWARD_ATTRIBUTES and UPWARD_ATTRIBUTES[attr] > own:
+            wrong.append(f"line {node.lineno}: reaches up for .{attr} (floor "
+                         f"{UPWARD_ATTRIBUTES[attr]})")
+    assert not wrong, f"{module} (floor {own}):\n" + "\n".join(wrong)
