@@ -4,6 +4,12 @@ Hypothesis profiles are chosen by the ``HYPOTHESIS_PROFILE`` environment
 variable: ``dev`` (quick, the default) or ``ci`` (thorough; ``.ci/run`` sets
 it). Neither has a deadline: the machine is shared and noisy, and a slow
 example is not a wrong one.
+
+Tests marked ``slow`` (the crash, promise and stub tests: seconds each) are
+left out of a plain ``pytest -q``, the quick loop, and run with
+``--run-slow``, as the README's test command and ``.ci/run`` do. They are
+deselected, not skipped, and the summary says how many; under the ``ci``
+profile leaving them out is an error, so CI cannot pass without them.
 """
 
 from __future__ import annotations
@@ -35,6 +41,36 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (crash, promise, stub)")
+
+
+def pytest_configure(config):
+    if os.environ.get("HYPOTHESIS_PROFILE") == "ci" and not config.getoption("--run-slow"):
+        raise pytest.UsageError("HYPOTHESIS_PROFILE=ci runs every test: add --run-slow")
+
+
+_left_out: list = []
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        config.hook.pytest_deselected(items=slow)
+        _left_out[:] = slow
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _left_out:
+        terminalreporter.write_line(
+            f"{len(_left_out)} slow tests not run (crash, promise, stub): "
+            "pass --run-slow to run them, as CI does")
 
 
 @pytest.fixture(autouse=True)

@@ -41,6 +41,8 @@ from fastfc import StorageUnit
 sys.path.insert(0, str(Path(__file__).parent))
 import crash_child as cc  # noqa: E402
 
+pytestmark = pytest.mark.slow     # child processes killed and recovered: about 30 s
+
 CHILD = Path(__file__).with_name("crash_child.py")
 ROUNDS = int(os.environ.get("FASTFC_CRASH_ROUNDS", "3"))
 RANDOM_KILLS = int(os.environ.get("FASTFC_CRASH_RANDOM", "20"))

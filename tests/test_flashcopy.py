@@ -375,8 +375,7 @@ def test_copy_rate_is_honoured():
     assert not r.wait(timeout=0.3)                    # did not finish instantly...
     left = r.tracks_to_copy
     assert 0 < left < 64                              # ...but is under way
-    time.sleep(0.3)
-    assert r.tracks_to_copy < left                    # and keeps going
+    assert until(lambda: r.tracks_to_copy < left)     # and keeps going
     assert image(t) == s0
     r.copy()                                          # the caller may hurry it up
     assert r.wait(10) and raw(t) == s0
@@ -746,8 +745,9 @@ def test_withdraw_force_when_copied_keeps_target_valid():
 
 def test_withdraw_in_copy_mode_stops_the_worker():
     s, t = vol(64, seed=1, track_size=65536), vol(64, seed=None, track_size=65536)
-    r = FlashCopy(s, t, copy_rate=1 << 20)
-    time.sleep(0.05)
+    r = FlashCopy(s, t, copy_rate=1 << 20)            # 4 MiB at 1 MiB/s
+    assert until(lambda: r.tracks_to_copy < 64)       # the worker is copying
+    worker = r._thread
     with pytest.raises(IncompleteCopyError):
         r.withdraw()
     r.withdraw(force=True)
@@ -755,8 +755,9 @@ def test_withdraw_in_copy_mode_stops_the_worker():
     assert r.wait(5) is False                         # it will never complete...
     assert time.monotonic() - began < 1               # ...and wait() says so at once
     left = raw(t)
-    time.sleep(0.1)
-    assert raw(t) == left                             # the worker stopped
+    worker.join(10)
+    assert not worker.is_alive()                      # the worker stopped
+    assert raw(t) == left                             # without copying more
     assert not t.valid
 
 

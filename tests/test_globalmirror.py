@@ -494,25 +494,51 @@ def test_collision_saves_the_cg_version():
     assert np.array_equal(s.C[0].read(6 * TS + 100, 5 * TS), late)
 
 
-def test_collision_from_another_thread():
-    # a writer thread blocked behind the drain gets through between sends
+def test_collision_from_another_thread(monkeypatch):
+    # a writer thread blocked behind the drain gets through between sends: its
+    # write collides with a CG track not sent yet, whose CG version goes to
+    # the side file and reaches C with the CG
     link = CollidingLink()
     s = Session(n_triplets=1, link=link)
     assert s.cg().committed
     for t in (1, 3, 5, 7, 9, 11, 13, 15):
         s.write(0, t, t)
     late = rand(TS, 88)
-    th = threading.Thread(target=s.A[0].write, args=(13 * TS, late))
+    A0 = s.A[0]
+    wrote = threading.Event()
 
-    def start_writer():
-        th.start()
-        time.sleep(0.02)                                  # it waits on A0's lock
+    def writer():
+        A0.write(13 * TS, late)
+        wrote.set()
 
-    link.action = start_writer
+    th = threading.Thread(target=writer)
+    collisions = []
+    collide = PPRCPair._collide
+
+    def recorded_collide(self, t0, t1):
+        collide(self, t0, t1)
+        collisions.append((t0, t1, sorted(self.side)))
+
+    lock = Volume._lock
+
+    def drain_lock(self, *args):
+        # the drain takes A0's lock again for its next send only once the
+        # writer, started (and blocked) under the first send, got through
+        if self is A0 and th.ident is not None \
+                and threading.current_thread() is threading.main_thread():
+            wrote.wait(10)
+        return lock(self, *args)
+
+    monkeypatch.setattr(PPRCPair, "_collide", recorded_collide)
+    monkeypatch.setattr(Volume, "_lock", drain_lock)
+    link.action = th.start                                # under A0's lock
     res = s.cg()
     th.join(10)
+    assert wrote.is_set()
+    assert collisions == [(13, 14, [13])]                 # the CG version was saved
     assert res.committed
     assert check_promise(s) == 2
+    assert not s.gm.triplets[0].pair.side                 # and sent
     assert np.array_equal(s.A[0].read(13 * TS, TS), late)
     res = s.cg()
     assert res.committed and check_promise(s) == 3
@@ -679,16 +705,30 @@ def test_continuous_loop_with_an_interval():
     assert s.link.bytes_sent > gm.stats.bytes_drained
 
 
+class CountingEvent(threading.Event):
+    """An Event that counts its waits: the loop's stop event, each wait one
+    turn of the loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits = 0
+
+    def wait(self, timeout=None):
+        self.waits += 1
+        return super().wait(timeout)
+
+
 def test_continuous_loop_goes_fatal_and_clear_fatal_resumes_it():
     s = Session(n_triplets=3, n_tracks=8, keep=True)
     gm = s.gm
+    gm._stop = turns = CountingEvent()
     faults.inject("commit", volume=s.B[1], times=4)       # commit + every retry fail
     with Writers(s.A):
         gm.start()
-        assert wait_for(lambda: gm.state is GMState.FATAL and gm.history
-                        and gm.history[-1].cause is Cause.COMMIT_FAILED)
-        n = gm.stats.attempts
-        time.sleep(0.05)
+        assert wait_for(lambda: gm.state is GMState.FATAL
+                        and Cause.COMMIT_FAILED in [r.cause for r in gm.history])
+        n, k = gm.stats.attempts, turns.waits
+        assert wait_for(lambda: turns.waits >= k + 3)     # the loop went round, twice at least
         assert gm.stats.attempts == n                     # no CG over a fatal session
         assert gm.clear_fatal() == "running"
         assert wait_for(lambda: gm.stats.successes >= 3)

@@ -17,6 +17,8 @@ from fastfc import _core, faults
 from fastfc.copyservices.globalmirror import Cause, GlobalMirror
 from fastfc.tools.testing import FaultPlan, PromiseChecker, RandomWriters
 
+pytestmark = pytest.mark.slow     # hundreds of CGs under faults and stalls: about 20 s
+
 CI = os.environ.get("HYPOTHESIS_PROFILE") == "ci"
 
 
@@ -52,12 +54,12 @@ def test_promise_under_random_faults(decide, track_size, n_tracks):
     # every coordination was the production kernel's, hooks and faults included
     assert _core.coordinations() - kernel_before == coordinated
     assert gm.stats.successes > attempts // 4
-    # every kind of failure actually happened
+    # every kind of failure actually happened; the plan stalls a drain every
+    # seventh attempt for 0.3 s, past max_drain_time, and the limit holds once
+    # a CG committed (the successes above say one did)
     expected = {Cause.PREPARE_FAILED, Cause.COMMIT_FAILED, Cause.REVERT_FAILED,
-                Cause.COORDINATION_TIMEOUT, Cause.LINK_DOWN}
+                Cause.COORDINATION_TIMEOUT, Cause.LINK_DOWN, Cause.DRAIN_TIMEOUT}
     assert expected <= causes, f"missing causes: {expected - causes}"
-    if gm._committed_once:
-        assert Cause.DRAIN_TIMEOUT in causes or attempts < 50
 
 
 def test_promise_with_continuous_loop_and_link_flaps():

@@ -115,6 +115,21 @@ def overlay(base: bytes, writers: list[StripeWriter]) -> bytes:
     return bytes(out)
 
 
+def until(cond, timeout: float = 10.0) -> bool:
+    """Poll ``cond`` until it holds or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return bool(cond())
+
+
+def progressed(writers: list[StripeWriter]) -> None:
+    """Return once the writers wrote more since the call: what the test does
+    next sees a source that moved, whatever the scheduler did."""
+    n = sum(w.writes for w in writers)
+    assert until(lambda: sum(w.writes for w in writers) > n), "the writers stalled"
+
+
 def reader(vol: Volume, expect: bytes, seed: int, stop: threading.Event, counter: list):
     rng = random.Random(seed)
     cap = vol.capacity
@@ -150,7 +165,7 @@ def test_writers_background_copy_and_readers():
     half = N_TRACKS // 2 * TS
     writers = [w for i, s in enumerate(sources) for w in stripes(s, 3, seed=10 * i, upto=half)]
     threads = [fails.run(w.loop, stop) for w in writers]
-    time.sleep(0.05)                                    # writers are running
+    assert until(lambda: all(w.writes for w in writers))    # writers are running
 
     # s0 -> t0, t1 one by one; s1 -> t2, t3 as one consistency group
     expect = {}
@@ -159,7 +174,7 @@ def test_writers_background_copy_and_readers():
         with locked([sources[0], t]):
             expect[t.name] = sources[0].array.tobytes()
             rels.append(FlashCopy(sources[0], t, persistent=True, copy_rate=256 << 10))
-        time.sleep(0.02)
+        progressed(writers)                             # t0 and t1: two instants
     with locked([sources[1], *targets[2:]]):
         snap = sources[1].array.tobytes()
         rels += establish_group([(sources[1], targets[2]), (sources[1], targets[3])],
@@ -212,7 +227,7 @@ def test_resync_commit_revert_cycles_under_load():
     t = Volume(N_TRACKS, TS, name="tgt")
     writers = stripes(s, 2, seed=50, retry_inhibited=True)
     threads = [fails.run(w.loop, stop) for w in writers]
-    time.sleep(0.02)
+    assert until(lambda: all(w.writes for w in writers))
     with locked([s, t]):
         current = [s.array.tobytes()]
         r = FlashCopy(s, t, record=True)
@@ -289,7 +304,7 @@ def test_many_sources_copy_on_write_and_withdraw():
         live[t.name] = (rel, snap)
         if not rel.background_copy and rng.random() < 0.5:
             rel.copy(rng.randint(1, 8))
-        time.sleep(0.01)
+        time.sleep(0.01)                                # pacing: writes go on between
     stop.set()
     for th in threads:
         th.join(30)
@@ -351,10 +366,12 @@ def test_revertible_resync_while_the_worker_starts_a_chunk():
     about_to_copy, go = threading.Event(), threading.Event()
     worker_errors = []
     real_copy = FlashCopy.copy
+    worker = []
 
     def paused_copy(self, max_tracks=None):
         if threading.current_thread() is not threading.main_thread() \
                 and not about_to_copy.is_set():
+            worker.append(threading.current_thread())
             about_to_copy.set()
             go.wait(10)
         return real_copy(self, max_tracks)
@@ -369,7 +386,8 @@ def test_revertible_resync_while_the_worker_starts_a_chunk():
         r.resync(revertible=True)
         newer = s.array.tobytes()
         go.set()
-        time.sleep(0.2)
+        worker[0].join(10)                          # it stopped, and quietly
+        assert not worker[0].is_alive()
         assert worker_errors == []
         assert t.array.tobytes() == t_raw            # nothing copied while revertible
         assert r.revertible and r.tracks_to_copy == N_TRACKS
@@ -390,16 +408,19 @@ def test_establish_group_is_one_instant_for_dependent_writes():
     stop = threading.Event()
     a, b = Volume(8, 512, name="a"), Volume(8, 512, name="b")
 
+    written = [0]
+
     def host():
         i = 0
         while not stop.is_set():
             i += 1
+            written[0] = i
             stamp = i.to_bytes(8, "little") * 64
             a.write(512, stamp)              # one track, then the other volume
             b.write(512, stamp)
 
     threads = [fails.run(host)]
-    time.sleep(0.01)
+    assert until(lambda: written[0] > 1)
     seen = []
     for _ in range(40):
         ta, tb = Volume(8, 512), Volume(8, 512)
@@ -409,7 +430,8 @@ def test_establish_group_is_one_instant_for_dependent_writes():
         seen.append((sa, sb))
         for r in rels:
             r.withdraw(force=True)
-        time.sleep(0.002)
+        n = written[0]
+        assert until(lambda: written[0] > n)            # the host wrote meanwhile
     stop.set()
     for th in threads:
         th.join(10)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow     # mypy stubtest: about 6 s
+
 DATA = Path(__file__).parent / "data"
 
 
