@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from fastfc import FlashCopy, StorageUnit
-from fastfc.storage.store import SQLiteStore
+from fastfc.durable.sqlite import SQLiteStore
 
 
 def test_close_waits_for_a_background_copy_ending_its_relationship(tmp_path, monkeypatch):
