@@ -3,13 +3,11 @@ that counts a session's CGs across invocations."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import click
 
 from fastfc.copyservices.globalmirror import Cause, GlobalMirror
-from fastfc.names import NAME
 
 from .app import main
 from .output import Progress, console, human, json_out, ms, plural, table
@@ -37,14 +35,9 @@ def mkgmir(units, session, specs, cg_interval, coord_time, drain_time, decide) -
     B and C in --remote-unit)."""
     local, remote = units.local(), units.remote()
     triplets = [(local.volume(a), remote.volume(b), remote.volume(c)) for a, b, c in specs]
-    gm = GlobalMirror(triplets, name=session, cg_interval=cg_interval,
-                      max_coordination_time=coord_time / 1e3, max_drain_time=drain_time,
-                      decide=decide)
-    try:
-        SessionLog(gm).reset()
-    except BaseException:
-        gm.close(discard=True)    # nothing copied yet: leave no session behind
-        raise
+    GlobalMirror(triplets, name=session, cg_interval=cg_interval,
+                 max_coordination_time=coord_time / 1e3, max_drain_time=drain_time,
+                 decide=decide)
     click.echo(f"created Global Mirror session {session}: {plural(len(triplets), 'triplet')}; "
                "formcg forms its consistency groups")
 
@@ -56,7 +49,7 @@ def mkgmir(units, session, specs, cg_interval, coord_time, drain_time, decide) -
 def showgmir(units, session, as_json) -> None:
     """Show a Global Mirror session: CG sequence, C sequences, stats, state."""
     gm = units.session(session)
-    log = SessionLog(gm).counts()
+    log = gm.stats.to_record()   # every attempt ever made: the store keeps them
     seqs = gm.c_sequences
     when = log["last_cg_time"]
     out_of_sync = sum(tr.pair.out_of_sync_tracks for tr in gm.triplets)
@@ -120,16 +113,10 @@ def formcg(units, session, count, seconds, injects) -> None:
     failed."""
     from fastfc import faults
     gm = units.session(session)
-    log = SessionLog(gm)
     sent = drain_in_foreground([t.pair for t in gm.triplets if t.pair.suspend_reason is None])
-    log.record_sent(sent)
-    results = []
-
-    def counted(r) -> None:     # called as each attempt ends, from the thread making it
-        results.append(r)
-        log.record(r)
-
-    gm.on_result = counted
+    gm.count_global_copy(sent)
+    results: list = []
+    gm.on_result = results.append   # each attempt is counted in the store as it ends
     try:
         _arm_faults(gm, injects)
         if seconds is None:
@@ -206,7 +193,6 @@ def rmgmir(units, session, force) -> None:
     still reads from its B are copied B -> C first (progress on stderr).
     --force skips that copy and leaves those C volumes invalid."""
     gm = units.session(session)
-    log = SessionLog(gm)
     need = gm.tracks_c_needs()
     cg = max(gm.c_sequences)
     cs = ", ".join(need)
@@ -217,7 +203,6 @@ def rmgmir(units, session, force) -> None:
         with Progress() as progress:
             task = progress.add(f"copying to {cs}", sum(need.values()), size=ts)
             gm.close(on_copy=lambda done, total: progress.update(task, done))
-    log.remove()
     click.echo(f"removed Global Mirror session {session}")
     lost = {c: n for c, n in need.items() if n}
     if force and lost:
@@ -227,76 +212,3 @@ def rmgmir(units, session, force) -> None:
         copied = sum(need.values())
         click.echo(f"{cs} keep CG {cg}" + (f" ({plural(copied, 'track')} copied from B)"
                                            if copied else ""))
-
-
-# -- the session log ---------------------------------------------------------------------
-class SessionLog:
-    """A session's CG counts across invocations (the library keeps its
-    stats in memory only): a JSON file in the ``cli`` directory of the
-    unit holding the session's first B volume, saved after every change, so
-    a command killed midway keeps what it counted.
-
-    The commands use it through :meth:`counts` (what showgmir shows) and
-    :meth:`record` (one CG attempt ended), with :meth:`record_sent` for the
-    Global Copy that formcg sends before its first CG; :meth:`reset` and
-    :meth:`remove` go with creating and removing the session. Once the
-    library persists these counters in its store, this class is the one
-    place to switch: ``counts`` reads them from the session, the others
-    go."""
-
-    def __init__(self, gm: GlobalMirror) -> None:
-        unit = gm.triplets[0].b.unit
-        # the name is a checked one (fastfc.names): no separator, no leading dot
-        ok = unit is not None and unit.path is not None and NAME.match(gm.name)
-        self.path = unit.path / "cli" / f"gmir-{gm.name}.json" if ok else None
-        self._log = self._zero()
-        if self.path is not None and self.path.exists():
-            self._log.update(json.loads(self.path.read_text()))
-
-    @staticmethod
-    def _zero() -> dict:
-        return {"attempts": 0, "successes": 0, "failures": {},
-                "commit_failures_resolved": 0, "last_cg_time": None, "bytes_drained": 0}
-
-    def counts(self) -> dict:
-        """attempts, successes, failures (by cause), commit_failures_resolved,
-        last_cg_time (epoch seconds or None) and bytes_drained."""
-        return self._log
-
-    def record(self, r) -> None:
-        """Count one CG attempt's result."""
-        log = self._log
-        log["attempts"] += 1
-        log["bytes_drained"] += r.bytes_drained
-        if r.committed:
-            log["successes"] += 1
-            log["last_cg_time"] = r.coordinated_at
-        if r.committed and r.cause is Cause.COMMIT_FAILED:
-            log["commit_failures_resolved"] += 1
-        elif r.cause is not None:
-            log["failures"][r.cause.value] = log["failures"].get(r.cause.value, 0) + 1
-        self._save()
-
-    def record_sent(self, sent: int) -> None:
-        """``sent`` bytes went to B as Global Copy."""
-        if sent:
-            self._log["bytes_drained"] += sent
-            self._save()
-
-    def reset(self) -> None:
-        """Start from zero (a new session of this name)."""
-        self.remove()
-        self._log = self._zero()
-        self._save()
-
-    def remove(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-
-    def _save(self) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._log))
-        tmp.replace(self.path)
