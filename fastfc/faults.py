@@ -60,7 +60,7 @@ class Fault:
     action: Callable[[], object] | None = None
     fired: int = 0
 
-    def matches(self, point: str, volume) -> bool:
+    def matches(self, point: str, volume: object) -> bool:
         return self.point == point and (self.volume is None or self.volume is volume)
 
 
@@ -69,8 +69,8 @@ _armed: list[Fault] = []
 _log: list[tuple[str, str]] = []
 
 
-def inject(point: str, volume=None, *, times: int = 1, delay: float | None = None,
-           after: int = 0, action=None) -> Fault:
+def inject(point: str, volume: object = None, *, times: int = 1, delay: float | None = None,
+           after: int = 0, action: Callable[[], object] | None = None) -> Fault:
     """Arm a fault at ``point`` (see the module docstring); returns it."""
     if point not in POINTS:
         raise ValueError(f"unknown fault point {point!r}; choose one of {', '.join(POINTS)}")
@@ -90,7 +90,7 @@ def inject(point: str, volume=None, *, times: int = 1, delay: float | None = Non
 _NO_VOLUME = ("coordinate", "decision")
 
 
-def _check_volume(point: str, volume) -> None:
+def _check_volume(point: str, volume: object) -> None:
     """A fault matches by identity, so a volume given by anything but the
     object the engine passes (a name, say) would never fire: refuse it."""
     if volume is None:
@@ -129,7 +129,7 @@ def fired_log() -> list[tuple[str, str]]:
         return list(_log)
 
 
-def hit(point: str, volume=None) -> None:
+def hit(point: str, volume: object = None) -> None:
     """Called by the engine at ``point``: stalls or raises if a fault is armed."""
     if not _armed:  # fast path, no lock
         return
@@ -155,7 +155,7 @@ def hit(point: str, volume=None) -> None:
     raise InjectedFault(f"injected {point} fault on {getattr(volume, 'name', volume)}")
 
 
-def _cow_hook(volume) -> None:
+def _cow_hook(volume: object) -> None:
     try:
         hit("cow", volume)
     except InjectedFault:

@@ -14,7 +14,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NAME_RULE = "1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)"
 
 
-def check_name(what: str, name) -> str:
+def check_name(what: str, name: object) -> str:
     """Return ``name`` if it is a valid name for a ``what`` (e.g. "session");
     else raise ``TypeError`` (not a str) or ``ValueError``."""
     if not isinstance(name, str):

@@ -18,7 +18,7 @@ import os
 import socket
 import sys
 import time
-from typing import IO
+from typing import IO, Any
 from pathlib import Path
 
 from fastfc.errors import UnitBusyError
@@ -80,7 +80,7 @@ class UnitLock:
             f.write(json.dumps(info).encode())
             f.flush()
 
-    def _busy_message(self, f) -> str:
+    def _busy_message(self, f: IO[bytes]) -> str:
         unit = self.path.parent
         # does a writer hold it? (then a shared try fails too)
         writer = True
@@ -111,10 +111,11 @@ class UnitLock:
             f.close()       # drops the flock
 
 
-def holder_info(lock_path: Path) -> dict | None:
+def holder_info(lock_path: Path) -> dict[str, Any] | None:
     """What the read-write holder wrote into ``unit.lock`` (None if nothing)."""
     try:
-        return json.loads(lock_path.read_text() or "null")
+        info: dict[str, Any] | None = json.loads(lock_path.read_text() or "null")
+        return info
     except (OSError, ValueError):
         return None
 

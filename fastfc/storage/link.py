@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
+from typing import Any
 
 from fastfc import _core, faults
 from fastfc.errors import LinkDownError
@@ -20,7 +21,8 @@ class Link(ABC):
     """Carries updates from a primary storage unit to a secondary one."""
 
     @abstractmethod
-    def send(self, secondary, offset: int, data, *, key=None) -> None:
+    def send(self, secondary: _core.VolumeBase, offset: int, data: Any, *,
+             key: object = None) -> None:
         """Apply ``data`` at byte ``offset`` of the ``secondary`` volume, as a
         PPRC update, and return once the secondary holds it.
 
@@ -103,7 +105,8 @@ class LocalLink(Link):
     def restore(self) -> None:
         self._up = True
 
-    def send(self, secondary, offset: int, data, *, key=None) -> None:
+    def send(self, secondary: _core.VolumeBase, offset: int, data: Any, *,
+             key: object = None) -> None:
         try:
             faults.hit("link", key)
         except Exception:
