@@ -21,7 +21,7 @@ import time
 from typing import Sequence
 
 from fastfc import _core, faults
-from fastfc._core import combine_or3
+from fastfc._core import TrackBitmap, combine_or3
 from fastfc.errors import (IncompleteCopyError, LimitError, NoSpaceError, StateError,
                            VolumeClosedError, WriteInhibitedError)
 from fastfc.storage.store import Store
@@ -91,6 +91,10 @@ class FlashCopy(_core.RelationshipBase):
         have the same store (a FlashCopy stays within one unit).
     """
 
+    # narrower than RelationshipBase declares them (annotations only)
+    source: Volume
+    target: Volume
+
     def __init__(self, source: Volume, target: Volume, *, background_copy: bool = True,
                  record: bool = False, persistent: bool = False,
                  inhibit_target_write: bool = False, copy_rate: float | None = None,
@@ -127,7 +131,9 @@ class FlashCopy(_core.RelationshipBase):
         self.sequence = sequence
         self.revertible = False
         self.active = False
-        self._revert_image = None
+        # (to_copy, src_changed, tgt_changed, sequence) before a revertible resync
+        self._revert_image: tuple[TrackBitmap, TrackBitmap | None, TrackBitmap | None,
+                                  int] | None = None
         self._cursor = 0
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
@@ -398,6 +404,7 @@ class FlashCopy(_core.RelationshipBase):
         drop the revert image and release the source write-inhibit. O(1)."""
         with locked((self.source, self.target)):
             self._require_revertible("commit")
+            assert self._revert_image is not None   # revertible: it has one
             self._require_writable()
             faults.hit("commit", self.source)
             dropped = self._revert_image[:3]
@@ -415,6 +422,7 @@ class FlashCopy(_core.RelationshipBase):
         number and release the source write-inhibit. O(1)."""
         with locked((self.source, self.target)):
             self._require_revertible("revert")
+            assert self._revert_image is not None   # revertible: it has one
             self._require_writable()
             faults.hit("revert", self.source)
             dropped = (self.to_copy, self.src_changed, self.tgt_changed)
@@ -452,6 +460,8 @@ class FlashCopy(_core.RelationshipBase):
                     f"{S!r} is write-inhibited: it is the source of a revertible "
                     "FlashCopy; commit or revert it first")
             self._require_writable()
+            # record=True (checked above): both change bitmaps exist
+            assert self.src_changed is not None and self.tgt_changed is not None
             mask = (self.src_changed | self.tgt_changed).andnot(self.to_copy)
             changed = mask.copy()
             for other in S._src_rels:

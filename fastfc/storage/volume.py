@@ -309,7 +309,7 @@ def _as_int(value, what: str) -> int:
 
 
 @contextmanager
-def locked(volumes: Iterable[Volume]) -> Iterator[None]:
+def locked(volumes: Iterable[_core.VolumeBase]) -> Iterator[None]:
     """Hold the locks of ``volumes`` (deduplicated) in volume-id order."""
     ordered = sorted({id(v): v for v in volumes}.values(), key=lambda v: v.vid)
     taken = []
