@@ -68,20 +68,25 @@ class PPRCPair(_core.MirrorBase):
     primary's.
     """
 
+    # narrower than MirrorBase declares it: a pair always has its OOS bitmap
+    # (annotation only; spare and cg stay optional: a CG in flight holds
+    # the spare as cg)
+    oos: TrackBitmap
+
     def __init__(self, primary: Volume, secondary: Volume, link: Link | None = None, *,
                  mode: str = "gcp", initial_copy: bool = True, background: bool = True,
                  name: str | None = None) -> None:
         if not isinstance(primary, Volume) or not isinstance(secondary, Volume):
             raise TypeError("primary and secondary must be fastfc.Volume objects")
         try:
-            mode = PPRCMode(mode)
+            pprc_mode = PPRCMode(mode)
         except ValueError:
             raise ValueError(f"mode must be 'gcp' or 'mmir', got {mode!r}") from None
         if link is not None and not isinstance(link, Link):
             raise TypeError("link must be a fastfc.storage.link.Link")
         primary.store.check_writable()
         secondary.store.check_writable()
-        self._setup(primary, secondary, link, mode, name)
+        self._setup(primary, secondary, link, pprc_mode, name)
         store = primary.store
         self.spare = store.new_bitmap(primary.n_tracks)
         with locked((primary, secondary)):
@@ -198,7 +203,7 @@ class PPRCPair(_core.MirrorBase):
                 f"oos={self.out_of_sync_tracks}>")
 
     # -- host write hooks (called by the primary's I/O path, its lock held) ----
-    def _sync_write(self, offset, length, pending):
+    def _sync_write(self, offset: int, length: int, pending: bool) -> None:
         """Metro Mirror: send the just-written bytes before the write completes.
         The write path has already set the tracks' OOS bits; clear them once
         the secondary holds the data. If a track was out of sync before this
@@ -216,10 +221,11 @@ class PPRCPair(_core.MirrorBase):
                 return
         self._wake.set()
 
-    def _collide(self, t0, t1):
+    def _collide(self, t0: int, t1: int) -> None:
         """A host write is about to overwrite tracks still owed to the
         consistency group: send their CG version first (in-process link), or
         save it in the side file for the drain to send."""
+        assert self.cg is not None   # the I/O path calls it for CG tracks only
         A, ts = self.primary, self.primary.track_size
         if self.link.direct():
             try:
@@ -311,6 +317,8 @@ class PPRCPair(_core.MirrorBase):
         the CG's bytes, those that collisions sent early included."""
         with self._drain_lock:
             sent = self._send_side_file()
+            # a session drains a pair between coordination and _cg_end: a CG is open
+            assert self.cg is not None
             if self.link.direct():
                 # in-process link: the whole CG in one kernel call, without the GIL
                 left = -1.0 if time_left is None else max(0.0, time_left())
@@ -436,6 +444,7 @@ class PPRCPair(_core.MirrorBase):
                 oos.or_(self.cg)
                 self.cg = None
             if self._reverse_hook is not None:
+                assert self._reverse_hook.oos is not None   # the hook is made with it
                 oos.or_(self._reverse_hook.oos)
             A.store.drop_pair(self._store_id)
             self._store_id = None
