@@ -1,7 +1,7 @@
 """Type stub for the Cython extension ``fastfc._core`` (kernels, bitmaps,
 the volume I/O path). Kept honest by tests/test_stub.py (mypy.stubtest)."""
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -23,7 +23,11 @@ def pprc_copy_tracks(A: VolumeBase, B: VolumeBase, owed: TrackBitmap, start: int
                      max_tracks: int, stop: int = ...) -> tuple[int, int]: ...
 def pprc_drain(A: VolumeBase, B: VolumeBase, owed: TrackBitmap, chunk: int,
                seconds: float = ...) -> tuple[int, int]: ...
-def coordinate_pairs(primaries: list[VolumeBase], hooks: list[MirrorBase],
+# the C call takes lists (exactly); a list of a subclass (Volume, PPRCPair) is fine
+_V = TypeVar("_V", bound=VolumeBase)
+_M = TypeVar("_M", bound=MirrorBase)
+
+def coordinate_pairs(primaries: list[_V], hooks: list[_M],
                      timeout: float, before: Callable[[], object] | None = ...,
                      after: Callable[[], object] | None = ...) -> tuple[int, float]: ...
 def coordinations() -> int: ...

@@ -240,9 +240,9 @@ class GlobalMirror:
             raise ValueError("a Global Mirror session needs at least one (A, B, C) triplet")
         if decide not in ("after_all", "after_each"):
             raise ValueError(f"decide must be 'after_all' or 'after_each', got {decide!r}")
-        for what, v in (("cg_interval", cg_interval), ("max_drain_time", max_drain_time)):
-            if v < 0:
-                raise ValueError(f"{what} must be >= 0, got {v}")
+        for what, value in (("cg_interval", cg_interval), ("max_drain_time", max_drain_time)):
+            if value < 0:
+                raise ValueError(f"{what} must be >= 0, got {value}")
         if not max_coordination_time > 0:
             raise ValueError(f"max_coordination_time must be > 0, got {max_coordination_time}")
         vols = [v for t in triplets for v in t]
