@@ -111,7 +111,10 @@ def resyncflash(units, specs, revertible, seq, wait) -> None:
 
 def _marked(fc: FlashCopy) -> int:
     """The tracks a resync of ``fc`` copies (none without change recording)."""
-    return (fc.to_copy | fc.src_changed | fc.tgt_changed).count() if fc.record else 0
+    if not fc.record:
+        return 0
+    assert fc.src_changed is not None and fc.tgt_changed is not None   # record=True keeps both
+    return (fc.to_copy | fc.src_changed | fc.tgt_changed).count()
 
 
 @main.command()
