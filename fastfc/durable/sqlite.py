@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -116,6 +117,7 @@ class SQLiteStore(Store):
     """
 
     durable = True
+    db: sqlite3.Connection
 
     def recycle(self, bitmaps) -> None:
         """File bitmaps go back to the pool when no row names them (see
@@ -137,12 +139,13 @@ class SQLiteStore(Store):
                                    "creates nothing)")
         if not readonly:
             self.bitmap_dir.mkdir(exist_ok=True)
-        self.db = None
+        conn: sqlite3.Connection | None = None   # to close if the open fails
         try:
             if readonly:
-                self.db = _connect_readonly(db)
+                self.db = conn = _connect_readonly(db)
             else:
-                self.db = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
+                self.db = conn = sqlite3.connect(db, check_same_thread=False,
+                                                 isolation_level=None)
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=FULL")
             if existed:
@@ -153,12 +156,12 @@ class SQLiteStore(Store):
                 self.db.executescript(_SCHEMA)
             row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         except sqlite3.DatabaseError as e:
-            if self.db is not None:
-                self.db.close()
+            if conn is not None:
+                conn.close()
             raise CorruptUnitError(f"{db} is not a readable fastfc unit database: {e}") from None
         except BaseException:
-            if self.db is not None:
-                self.db.close()
+            if conn is not None:
+                conn.close()
             raise
         if row is None:
             if readonly:
@@ -217,6 +220,7 @@ class SQLiteStore(Store):
         store) where each finds the other, as a path relative to itself."""
         if other is self or not other.durable:
             return
+        other = cast(SQLiteStore, other)   # the durable store
         for x, y in ((self, other), (other, self)):
             if x.uuid and y.uuid and not x.readonly and not x.closed:
                 x.set_partner(y.uuid, os.path.relpath(y.dir, x.dir))
@@ -330,7 +334,7 @@ class SQLiteStore(Store):
             return [dict(zip(cols, r)) for r in cur.fetchall()]
 
     # -- bitmaps ---------------------------------------------------------------
-    def new_bitmap(self, n_bits: int, fill: bool = False) -> FileBitmap:
+    def new_bitmap(self, n_bits: int, fill: bool = False) -> TrackBitmap:
         """A bitmap in its own file: a recycled one (no row references it)
         when the pool has one of this size, else a new file. A read-only
         unit gives an in-memory bitmap (nothing it holds is ever saved)."""
@@ -390,6 +394,7 @@ class SQLiteStore(Store):
             bm = self._maps.pop(fid, None)
             pool = self._pool.setdefault(bm.n_bits, []) if bm is not None else None
             if pool is not None and len(pool) < POOL_PER_SIZE:
+                assert bm is not None   # a pool is looked up for a bitmap only
                 self._maps[fid] = bm
                 pool.append(bm)
                 continue
