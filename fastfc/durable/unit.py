@@ -39,6 +39,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -160,6 +161,7 @@ class StorageUnit:
                 _opening.discard(key)
 
     def _open(self, deadline: float | None) -> None:
+        assert self.path is not None   # only a unit on disk is opened
         if self.path.exists() and not self.path.is_dir():
             raise CorruptUnitError(f"{self.path} is not a directory")
         has_db = (self.path / "unit.db").exists()
@@ -227,7 +229,7 @@ class StorageUnit:
             vol = Volume(n_tracks, track_size, path=file, name=name, thin=thin,
                          store=self.store)
             try:
-                self.store.add_volume(name, n_tracks, track_size, thin)
+                self._sqlite.add_volume(name, n_tracks, track_size, thin)
             except BaseException:
                 vol.close()
                 file.unlink()
@@ -260,10 +262,11 @@ class StorageUnit:
         vol.close()
         del self._volumes[name]
         if self.path is not None:
-            self.store.remove_volume(name)
+            self._sqlite.remove_volume(name)
             self._volume_file(name).unlink(missing_ok=True)
 
     def _volume_file(self, name: str) -> Path:
+        assert self.path is not None   # a unit on disk (callers check)
         return self.path / "volumes" / f"{name}.vol"
 
     # -- relationships -------------------------------------------------------------
@@ -294,7 +297,8 @@ class StorageUnit:
     @property
     def flashcopies(self) -> list[FlashCopy]:
         """FlashCopy relationships among this unit's volumes."""
-        return [r for v in self._volumes.values() for r in v._src_rels]
+        # a volume's source relationships are FlashCopies (the base class says RelationshipBase)
+        return cast("list[FlashCopy]", [r for v in self._volumes.values() for r in v._src_rels])
 
     def session(self, name: str) -> GlobalMirror:
         """The Global Mirror session ``name`` recorded in this unit."""
@@ -311,7 +315,7 @@ class StorageUnit:
 
     # -- restore ---------------------------------------------------------------------
     def _restore_local(self) -> None:
-        st = self.store
+        st = self._sqlite
         for rec in st.volume_records():
             name, n_tracks, track_size = rec["name"], rec["n_tracks"], rec["track_size"]
             file = self._volume_file(name)
@@ -321,6 +325,7 @@ class StorageUnit:
             if size != n_tracks * track_size:
                 raise CorruptUnitError(f"volume file {file} holds {size} bytes; the unit "
                                        f"records {n_tracks} tracks of {track_size} bytes")
+            vol: Volume
             if self.readonly:
                 vol = ReadOnlyVolume(n_tracks, track_size, path=file, name=name, store=st)
             else:
@@ -363,7 +368,7 @@ class StorageUnit:
             fcs = [by_target.get(c) for (_, _, _, c) in cfg["triplets"]]
             if any(fc is None for fc in fcs):
                 raise CorruptUnitError(f"session {name!r} names a C volume without its FlashCopy")
-            pending = [fc for fc in fcs if fc.revertible]
+            pending = [fc for fc in fcs if fc is not None and fc.revertible]
             if not pending:
                 continue
             seq = pending[0].sequence
@@ -372,7 +377,7 @@ class StorageUnit:
                     f"storage unit {self.path}: consistency group {seq} of session {name!r} "
                     "was interrupted and must be resolved on disk; open the unit "
                     "read-write once, then read-only opens work again")
-            decision = self.store.decision(name, seq)
+            decision = self._sqlite.decision(name, seq)
             with self.store.transaction():
                 for fc in pending:
                     fc.commit() if decision == "commit" else fc.revert()
@@ -409,7 +414,10 @@ class StorageUnit:
                     break
                 a, b = unit_a._row_volume(a_name), self._row_volume(b_name)
                 c = self._row_volume(c_name)
-                pair, fc = a._mirror, c._tgt_rel
+                # a restored pair (the hook of a pair still waiting has no
+                # secondary) and a FlashCopy (the only relationship there is)
+                pair = cast("PPRCPair | None", a._mirror)
+                fc = cast("FlashCopy | None", c._tgt_rel)
                 if pair is None or fc is None or pair.secondary is not b:
                     break
                 parts.append(Triplet(a, b, c, pair, fc))
@@ -455,8 +463,7 @@ class StorageUnit:
             except (sqlite3.Error, OSError, ReadOnlyUnitError):
                 pass    # a stale partner entry is harmless; closing matters
             self._detach_partners()
-        workers = [r._thread for v in self._volumes.values() for r in v._src_rels
-                   if r._thread is not None]
+        workers = [r._thread for r in self.flashcopies if r._thread is not None]
         if self.path is not None:
             self.flush()
         self._closed = True
@@ -503,15 +510,20 @@ class StorageUnit:
             t.join()
         if self.path is not None:
             try:
-                self.store.close()
+                self._sqlite.close()
             finally:
                 with _registry_lock:
                     if _open_units.get(str(self.path)) is self:
                         del _open_units[str(self.path)]
                     for other in _open_units.values():
-                        if other._links.get(self.uuid) is self:
+                        if self.uuid is not None and other._links.get(self.uuid) is self:
                             del other._links[self.uuid]
                 self._unit_lock.release()
+
+    @property
+    def _sqlite(self) -> SQLiteStore:
+        """The store of a unit on disk (``path`` set): its SQLiteStore."""
+        return cast(SQLiteStore, self.store)
 
     def _require_open(self) -> None:
         if self._closed:
@@ -545,7 +557,7 @@ class StorageUnit:
         written before units had ids) is expected."""
         if not ref or self.path is None:
             return None
-        rel = self.store.partners.get(ref)
+        rel = self._sqlite.partners.get(ref)
         if rel is not None:
             return (self.path / rel).resolve()
         if os.path.isabs(ref):
@@ -586,7 +598,8 @@ class StorageUnit:
             return None
         open_unit = _open_units.get(str(where))
         if open_unit is not None:
-            uid, back = open_unit.uuid, open_unit.store.partners.get(self.uuid)
+            uid = open_unit.uuid
+            back = open_unit._sqlite.partners.get(self.uuid) if self.uuid is not None else None
         else:
             try:
                 uid, back = read_identity(where, self.uuid)
@@ -620,14 +633,15 @@ class StorageUnit:
         to be the partner are listed (see :meth:`_partner`); a missing or
         disagreeing one is left out, and :meth:`describe_partner` says why."""
         self._require_open()
-        refs = set(self.store.partners)
+        refs = set(self._sqlite.partners)
         refs.update(r["secondary_uuid"] for r in self._pair_rows if r["secondary_uuid"])
         for cfg in self.store.session_rows().values():
             refs.update(t[0] for t in cfg["triplets"] if t[0])
-        found = []
+        found: list[Path] = []
         for ref in sorted(refs):
             unit = self._partner(ref)
             if unit is not None:
+                assert unit.path is not None   # an open partner is a unit on disk
                 found.append(unit.path)
                 continue
             where = self._partner_path(ref)
@@ -647,14 +661,16 @@ class StorageUnit:
         if other is self or self.path is None or other.path is None or \
                 self.uuid is None or other.uuid is None:
             return False
-        if other.uuid not in self.store.partners and self.uuid not in other.store.partners:
+        if other.uuid not in self._sqlite.partners and self.uuid not in other._sqlite.partners:
             return False
         with _registry_lock:
             self._links[other.uuid] = other
             other._links[self.uuid] = self
             for a, b in ((self, other), (other, self)):
                 if not a.readonly:
-                    a.store.set_partner(b.uuid, os.path.relpath(b.path, a.path))
+                    # both on disk, with ids (checked above)
+                    assert a.path is not None and b.path is not None and b.uuid is not None
+                    a._sqlite.set_partner(b.uuid, os.path.relpath(b.path, a.path))
             units = list(_open_units.values())
             for unit in units:
                 unit._restore_pairs()
@@ -678,13 +694,14 @@ class StorageUnit:
         no pair or session with this unit any more."""
         if self.readonly:
             return
-        for ref in list(self.store.partners):
+        assert self.uuid is not None   # a unit opened read-write has one
+        for ref in list(self._sqlite.partners):
             other = self._partner(ref)
             if other is None or self._references(other) or other._references(self):
                 continue
-            self.store.drop_partner(ref)
+            self._sqlite.drop_partner(ref)
             if not other.readonly:
-                other.store.drop_partner(self.uuid)
+                other._sqlite.drop_partner(self.uuid)
 
 
     def __repr__(self) -> str:

@@ -7,7 +7,7 @@ import mmap
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -72,7 +72,8 @@ class Volume(_core.VolumeBase):
     store: Store = MEMORY
     #: The storage unit holding this volume, if any: set by the unit, for the
     #: tools; nothing below the unit reads it (it reads :attr:`store`).
-    unit = None
+    # (a StorageUnit: a floor above this module, so typed Any, not named)
+    unit: Any = None
 
     def __init__(self, n_tracks: int, track_size: int = DEFAULT_TRACK, *,
                  path: str | os.PathLike | None = None, name: str | None = None,
