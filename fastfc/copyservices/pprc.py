@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import threading
+from typing import Any, Callable
 
 from fastfc import _core
 from fastfc._core import TrackBitmap
@@ -128,7 +129,7 @@ class PPRCPair(_core.MirrorBase):
         """The store that records the pair: its primary's."""
         return self.primary.store
 
-    def to_record(self) -> dict:
+    def to_record(self) -> dict[str, Any]:
         """What a store records of this pair: ``id`` (of its row, None until
         first saved), ``primary_name``, ``secondary_unit`` (how a row names
         the secondary's unit: its store's ``ref``), ``secondary_name``,
@@ -152,7 +153,7 @@ class PPRCPair(_core.MirrorBase):
         self._persist()
 
     @classmethod
-    def from_record(cls, primary: Volume, secondary: Volume, record: dict,
+    def from_record(cls, primary: Volume, secondary: Volume, record: dict[str, Any],
                     link: Link | None = None) -> "PPRCPair":
         """Rebuild a pair from a record (:meth:`to_record`, as a store gives
         it back). Tracks of a CG that was in flight go back to the
@@ -246,7 +247,8 @@ class PPRCPair(_core.MirrorBase):
                 cg.clear(t)
 
     # -- sending ---------------------------------------------------------------
-    def _send_runs(self, bitmap: TrackBitmap, max_bytes: int, deadline=None) -> int:
+    def _send_runs(self, bitmap: TrackBitmap, max_bytes: int,
+                   deadline: Callable[[], bool] | None = None) -> int:
         """Send set tracks of ``bitmap`` from the cursor on, clearing each bit
         once the secondary holds it, until ``max_bytes`` went or none remain.
         Returns bytes sent; raises what the link raises (bits stay set)."""
@@ -311,7 +313,8 @@ class PPRCPair(_core.MirrorBase):
                 return 0
 
     # -- consistency groups (driven by a Global Mirror session) ----------------
-    def _cg_drain(self, deadline=None, time_left=None) -> int:
+    def _cg_drain(self, deadline: Callable[[], bool] | None = None,
+                  time_left: Callable[[], float] | None = None) -> int:
         """Send the CG: side-file versions first, then the CG bitmap's tracks.
         Raises on a link failure or when ``deadline()`` turns true. Returns
         the CG's bytes, those that collisions sent early included."""
