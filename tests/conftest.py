@@ -45,7 +45,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true",
-                     help="also run the tests marked slow (crash, promise, stub)")
+                     help="also run the tests marked slow (crash, promise, stub, mypy)")
 
 
 def pytest_configure(config):
@@ -69,7 +69,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_terminal_summary(terminalreporter):
     if _left_out:
         terminalreporter.write_line(
-            f"{len(_left_out)} slow tests not run (crash, promise, stub): "
+            f"{len(_left_out)} slow tests not run (crash, promise, stub, mypy): "
             "pass --run-slow to run them, as CI does")
 
 
