@@ -838,3 +838,9 @@ def test_nonsense_values_in_a_row_are_corruption(tmp_path):
     db.close()
     with StorageUnit(path) as unit:
         assert len(unit.flashcopies) == 1
+
+
+def test_an_in_memory_unit_has_no_partner_units():
+    with StorageUnit() as u:
+        u.create_volume("A", 4, 512)
+        assert u.partner_units() == []

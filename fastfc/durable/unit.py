@@ -416,7 +416,7 @@ class StorageUnit:
                 c = self._row_volume(c_name)
                 # a restored pair (the hook of a pair still waiting has no
                 # secondary) and a FlashCopy (the only relationship there is)
-                pair = cast("PPRCPair | None", a._mirror)
+                pair = a._mirror if isinstance(a._mirror, PPRCPair) else None
                 fc = cast("FlashCopy | None", c._tgt_rel)
                 if pair is None or fc is None or pair.secondary is not b:
                     break
@@ -633,6 +633,8 @@ class StorageUnit:
         to be the partner are listed (see :meth:`_partner`); a missing or
         disagreeing one is left out, and :meth:`describe_partner` says why."""
         self._require_open()
+        if self.path is None:
+            return []          # an in-memory unit has no partners on disk
         refs = set(self._sqlite.partners)
         refs.update(r["secondary_uuid"] for r in self._pair_rows if r["secondary_uuid"])
         for cfg in self.store.session_rows().values():
