@@ -402,33 +402,30 @@ class FlashCopy(_core.RelationshipBase):
     def commit(self) -> None:
         """Keep the revertible image [commitflash / Withdraw-FlashCopy-commit]:
         drop the revert image and release the source write-inhibit. O(1)."""
-        with locked((self.source, self.target)):
-            self._require_revertible("commit")
-            assert self._revert_image is not None   # revertible: it has one
-            self._require_writable()
-            faults.hit("commit", self.source)
-            dropped = self._revert_image[:3]
-            before = self._snapshot()
-            self._revert_image = None
-            self.revertible = False
-            self.source._inhibits -= 1
-            self._save_or_undo(before)
-            self._store.recycle(dropped)
-        self._start_background()
+        self._end_revertible("commit")
 
     def revert(self) -> None:
         """Return to the image before the revertible resync [revertflash /
         Withdraw-FlashCopy-revert]: restore the previous bitmaps and sequence
         number and release the source write-inhibit. O(1)."""
+        self._end_revertible("revert")
+
+    def _end_revertible(self, step: str) -> None:
+        """Commit or revert (``step``): the bitmaps that drop out are the
+        revert image's (commit) or the current ones (revert); swapped by
+        reference, recorded, recycled."""
         with locked((self.source, self.target)):
-            self._require_revertible("revert")
-            assert self._revert_image is not None   # revertible: it has one
+            self._require_revertible(step)
+            image = self._revert_image
+            assert image is not None   # revertible: it has one
             self._require_writable()
-            faults.hit("revert", self.source)
-            dropped = (self.to_copy, self.src_changed, self.tgt_changed)
+            faults.hit(step, self.source)
             before = self._snapshot()
-            (self.to_copy, self.src_changed, self.tgt_changed,
-             self.sequence) = self._revert_image
+            if step == "commit":
+                dropped = image[:3]
+            else:
+                dropped = (self.to_copy, self.src_changed, self.tgt_changed)
+                self.to_copy, self.src_changed, self.tgt_changed, self.sequence = image
             self._revert_image = None
             self.revertible = False
             self.source._inhibits -= 1
