@@ -22,6 +22,8 @@ import enum
 import threading
 from typing import Any, Callable
 
+import numpy as np
+
 from fastfc import _core
 from fastfc._core import TrackBitmap
 from fastfc.errors import DrainAborted, FastFCError, LimitError, StateError, VolumeClosedError
@@ -112,7 +114,7 @@ class PPRCPair(_core.MirrorBase):
         self.primary = primary
         self.secondary = secondary
         self.suspend_reason: str | None = None
-        self.side: dict[int, bytes] = {}     # CG versions saved on collision
+        self.side: dict[int, np.ndarray] = {}   # CG versions saved on collision
         self.bytes_sent = 0
         self.cg_bytes = 0       # bytes of the CG in flight that collisions sent
         self.failed_over = False
