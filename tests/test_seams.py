@@ -79,8 +79,14 @@ def test_session_counters_survive_reopening(tmp_path):
         assert ro.store.session_rows()["gm"]["stats"]["attempts"] == 5
 
 
-def test_a_cg_costs_one_fsync_and_one_row_for_its_counters(tmp_path):
-    with StorageUnit(tmp_path / "a") as u1, StorageUnit(tmp_path / "b") as u2:
+@pytest.mark.parametrize("durability,fsyncs_per_cg,pragmas", [("power", 1, 4),
+                                                               ("process", 0, 2)])
+def test_a_cg_costs_one_fsync_and_one_row_for_its_counters(tmp_path, durability,
+                                                           fsyncs_per_cg, pragmas):
+    """At "power" a CG costs one fsync (the prepares and the decision share
+    it); at "process" none. Either way one row for the session's counters."""
+    with StorageUnit(tmp_path / "a", durability=durability) as u1, \
+            StorageUnit(tmp_path / "b", durability=durability) as u2:
         gm, trip = make_session(u1, u2)
         assert gm.form_consistency_group()
         for a, _, _ in trip:
@@ -94,8 +100,8 @@ def test_a_cg_costs_one_fsync_and_one_row_for_its_counters(tmp_path):
         finally:
             for u in (u1, u2):
                 u.store.db.set_trace_callback(None)
-        assert u1.store.fsyncs + u2.store.fsyncs - fsyncs == 1
+        assert u1.store.fsyncs + u2.store.fsyncs - fsyncs == fsyncs_per_cg
         assert sum(s.startswith("BEGIN") for s in statements) == 2   # the CG's two commits
         assert sum("session_stats" in s for s in statements) == 1
         # prepares, decision (2), commits, counters; begin/commit and sync pragmas
-        assert len(statements) == 3 + 2 + 3 + 1 + 2 * 2 + 4
+        assert len(statements) == 3 + 2 + 3 + 1 + 2 * 2 + pragmas

@@ -124,12 +124,17 @@ class SQLiteStore(Store):
         :meth:`_collect`), not when an object drops them."""
 
     def __init__(self, directory: Path, unit_path: str, readonly: bool = False, *,
+                 durability: str = "process",
                  on_session_added=None, on_session_dropped=None) -> None:
         super().__init__(on_session_added=on_session_added,
                          on_session_dropped=on_session_dropped)
         self.dir = directory
         self.unit_path = unit_path
         self.readonly = readonly
+        # "process": commits reach the WAL file (the page cache keeps them
+        # across a process kill) without an fsync; "power": each commit that
+        # asks for it is fsynced (see transaction())
+        self.durability = durability
         self.closed = False
         self.bitmap_dir = directory / "bitmaps"
         db = directory / "unit.db"
@@ -147,7 +152,8 @@ class SQLiteStore(Store):
                 self.db = conn = sqlite3.connect(db, check_same_thread=False,
                                                  isolation_level=None)
                 self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=FULL")
+                self.db.execute("PRAGMA synchronous=" +
+                                ("FULL" if durability == "power" else "NORMAL"))
             if existed:
                 ok = self.db.execute("PRAGMA quick_check").fetchone()[0]
                 if ok != "ok":
@@ -262,18 +268,29 @@ class SQLiteStore(Store):
 
         ``sync=False`` (outermost only) commits without an fsync: safe for a
         process crash, and for what recovery redoes from an earlier durable
-        record (the commits of a CG whose decision is recorded)."""
+        record (the commits of a CG whose decision is recorded). At
+        durability "process" no commit is fsynced (:meth:`sync_point` is)."""
         self.check_writable()
+        sync = sync and self.durability == "power"
         with self._lock:
             level = self._depth
-            if level == 0 and not sync:
+            if level == 0 and not sync and self.durability == "power":
                 self.db.execute("PRAGMA synchronous=NORMAL")
             try:
                 with self._transaction(level):
                     yield
             finally:
-                if level == 0 and not sync:
+                if level == 0 and not sync and self.durability == "power":
                     self.db.execute("PRAGMA synchronous=FULL")
+
+    def sync_point(self) -> None:
+        """Make every committed row durable against power loss: checkpoint the
+        WAL into the database with both files synced (SQLite syncs the WAL
+        before a checkpoint and the database after it)."""
+        self.check_writable()
+        with self._lock:
+            self.db.execute("PRAGMA wal_checkpoint(FULL)")
+            self.fsyncs += 1
 
     @contextmanager
     def _transaction(self, level: int):

@@ -65,6 +65,10 @@ _opening: set[str] = set()      # paths being opened by a thread right now
 _registry_lock = threading.RLock()
 
 
+#: The durability levels a unit can be opened with (``StorageUnit(durability=...)``).
+DURABILITY = ("process", "power")
+
+
 class ReadOnlyVolume(Volume):
     """A volume of a unit opened read-only: a private (copy-on-write)
     mapping of its file, opened for reading only, and every host write
@@ -105,10 +109,21 @@ class StorageUnit:
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, readonly: bool = False,
-                 wait: float | None = None) -> None:
+                 wait: float | None = None, durability: str = "process") -> None:
         """
         Parameters
         ----------
+        durability : {"process", "power"}
+            What a protocol step survives once its call returns (see the
+            README's Durability section). ``"process"`` (default): a process
+            killed at any instant loses nothing and leaves every C volume on
+            one consistency group; power loss is covered at :meth:`flush`
+            points; no step waits for the disk (no fsync per step or per CG).
+            ``"power"``: every protocol step is on the disk when its call
+            returns, and every committed consistency group survives a power
+            cut: before a CG's decision is made durable, the B and C data and
+            the bitmaps that describe them are written to the disk in an order
+            recovery can trust (a few syncs per CG; see the benchmark).
         readonly : bool
             Open an existing unit for looking only: a shared lock (other
             read-only opens, in any process, may hold it too; no read-write
@@ -129,8 +144,12 @@ class StorageUnit:
             (default): give up at once. Either way the refusal is
             :class:`~fastfc.errors.UnitBusyError`, naming the holder.
         """
+        if durability not in DURABILITY:
+            raise ValueError(f"durability must be one of {', '.join(DURABILITY)}, "
+                             f"got {durability!r}")
         self.path = Path(path).resolve() if path is not None else None
         self.readonly = bool(readonly)
+        self.durability = durability
         self._volumes: dict[str, Volume] = {}
         self._pair_rows: list[dict] = []
         self._links: dict[str, StorageUnit] = {}   # partners attached by relink()
@@ -179,6 +198,7 @@ class StorageUnit:
             if not self.readonly:
                 (self.path / "volumes").mkdir(exist_ok=True)
             self.store = SQLiteStore(self.path, str(self.path), readonly=self.readonly,
+                                     durability=self.durability,
                                      on_session_added=self._session_added,
                                      on_session_dropped=self._session_dropped)
         except BaseException:
@@ -448,6 +468,8 @@ class StorageUnit:
         for v in vols:
             if v._tgt_rel is None:
                 v.flush()
+        if self.path is not None and not self.readonly:
+            self._sqlite.sync_point()   # metadata last: it never names data not on disk
 
     def close(self) -> None:
         """Stop sessions and pairs, flush, and release every file. Idempotent."""
