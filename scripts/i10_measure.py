@@ -151,6 +151,11 @@ INTERESTING = ("balance_dirty_pages", "folio_wait_writeback", "wait_on_page_writ
                "sync_file_range", "msync")
 
 
+def proc_io() -> dict[str, int]:
+    with open("/proc/self/io") as f:
+        return {k: int(v) for k, v in (ln.split(": ") for ln in f)}
+
+
 class StackSampler(threading.Thread):
     """Every ``period`` s, read each thread's state and kernel stack; count a
     signature (state + innermost interesting frames) per role."""
@@ -287,6 +292,7 @@ def one_run(loc, units, variant, seconds, rate, seed, run_idx):
     writers = RandomWriters([t[0] for t in trips], threads=2, seed=seed, io_size=4096,
                             pace=rate).start()
     vm0 = vmstat()
+    io0 = proc_io()
     vs = VmSampler()
     vs.start()
     if flusher:
@@ -306,6 +312,7 @@ def one_run(loc, units, variant, seconds, rate, seed, run_idx):
     vs.stop_ev.set()
     vs.join()
     vm1 = vmstat()
+    io1 = proc_io()
     if flusher:
         flusher.close()
     st = gm.stats
@@ -330,6 +337,8 @@ def one_run(loc, units, variant, seconds, rate, seed, run_idx):
         "steps_p50_p99_ms": {k: (v[0], v[2] * 1e3, v[3] * 1e3) for k, v in times.items()},
         "vm_delta_mib": {k: (vm1[k] - vm0[k]) * 4096 / 2**20 for k in
                          ("nr_dirtied", "nr_written")},
+        "proc_write_mib": (io1["write_bytes"] - io0["write_bytes"]) / 2**20,
+        "proc_syscw": io1["syscw"] - io0["syscw"],
         "vm_pgpgout_mib": (vm1["pgpgout"] - vm0["pgpgout"]) / 1024,
         "vm_pgfault": vm1["pgfault"] - vm0["pgfault"],
         "dirty_mib_p50_max": (pct(vs.dirty, 50), max(vs.dirty or [0])),
@@ -390,6 +399,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--variants", default="base,nosync,anonbm,sfr")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--locs", default="disk,tmpfs")
     a = ap.parse_args(argv)
     variants = a.variants.split(",")
     print("vm.dirty_ratio", open("/proc/sys/vm/dirty_ratio").read().strip(),
@@ -398,7 +408,7 @@ def main(argv=None):
           "dirty_writeback_centisecs",
           open("/proc/sys/vm/dirty_writeback_centisecs").read().strip(), flush=True)
     units = {}
-    for loc in LOCS:
+    for loc in a.locs.split(","):
         t = time.perf_counter()
         units[loc] = setup(loc, a.triplets, a.size_mib, a.track)
         print(f"setup {loc}: {time.perf_counter() - t:.1f} s", flush=True)
@@ -407,7 +417,7 @@ def main(argv=None):
     for rep in range(a.reps):
         for var in variants:
             order = ("disk", "tmpfs") if (rep + len(results) // 2) % 2 == 0 else ("tmpfs", "disk")
-            for loc in order:
+            for loc in [x for x in order if x in units]:
                 r = one_run(loc, units[loc], var, a.seconds, a.rate * 1e6, seed=rep, run_idx=k)
                 k += 1
                 results.append(r)
