@@ -159,3 +159,29 @@ def test_the_promise_holds_across_reopen(tmp_path, durability):
             StorageUnit(tmp_path / "b", durability=durability) as u2:
         for i, img in enumerate(want):
             assert np.array_equal(image(u2.volume(f"C{i}")), img)
+
+
+def test_cli_opens_units_at_the_level_asked(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from fastfc.tools.cli import main
+    seen = []
+    real_init = StorageUnit.__init__
+
+    def spy(self, *args, **kw):
+        seen.append(kw.get("durability", "process"))
+        real_init(self, *args, **kw)
+
+    monkeypatch.setattr(StorageUnit, "__init__", spy)
+    site1, site2 = tmp_path / "s1", tmp_path / "s2"
+    run = CliRunner().invoke
+    assert run(main, ["-u", str(site1), "mkvol", "A", "--tracks", "4"]).exit_code == 0
+    assert run(main, ["-u", str(site2), "mkvol", "B", "C", "--tracks", "4"]).exit_code == 0
+    r = run(main, ["--durability", "power", "-u", str(site1), "-r", str(site2),
+                   "mkgmir", "g", "A:B:C"])
+    assert r.exit_code == 0, r.output
+    r = run(main, ["-u", str(site1), "-r", str(site2), "--durability", "power",
+                   "formcg", "g", "--count", "2"])
+    assert r.exit_code == 0, r.output
+    assert seen[:2] == ["process", "process"] and set(seen[2:]) == {"power"}
+    assert run(main, ["--durability", "disk", "-u", str(site1), "lsvol"]).exit_code == 2
