@@ -81,9 +81,10 @@ def filesystem_of(path: Path) -> str:
     return f"{best[0]} on {best[1]} ({best[2]})" if best else "unknown"
 
 
-def _unit_triplets(root: Path, n: int, n_tracks: int, track: int, thin: bool = False):
-    a_unit = StorageUnit(root / "site1")
-    b_unit = StorageUnit(root / "site2")
+def _unit_triplets(root: Path, n: int, n_tracks: int, track: int, thin: bool = False,
+                   durability: str = "process"):
+    a_unit = StorageUnit(root / "site1", durability=durability)
+    b_unit = StorageUnit(root / "site2", durability=durability)
     trips = []
     for i in range(n):
         trips.append((a_unit.create_volume(f"A{i:03d}", n_tracks, track, thin=thin),
@@ -164,8 +165,9 @@ def durable(root: Path, triplets: int, size_mib: int, seconds: float, rate_mbs: 
             sizes: tuple[int, int], fsync_cgs: int, log=print, shm: str = "/dev/shm") -> dict:
     """CG rate on storage units in ``root`` (a real disk) against memory,
     and on units in ``shm`` (tmpfs: fsync costs nothing) to tell the fsync
-    from the rest; fsyncs per CG at two volume sizes (``sizes``: tracks of
-    4 KiB; the files are sparse)."""
+    from the rest (units at the default durability, "process"); fsyncs per CG
+    at two volume sizes (``sizes``: tracks of 4 KiB; the files are sparse),
+    at durability "power"."""
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fastfc-units-", dir=root))
     out: dict = {"dir": str(work), "filesystem": filesystem_of(work),
@@ -199,7 +201,10 @@ def durable(root: Path, triplets: int, size_mib: int, seconds: float, rate_mbs: 
         # fsyncs per CG at two volume sizes
         out["fsyncs"] = {}
         for n in sizes:
-            units, trips = _unit_triplets(work / f"fsync-{n}", 4, n, 4096, thin=True)
+            # durability "power": the level whose CG syncs its commit ("process"
+            # fsyncs nothing per CG)
+            units, trips = _unit_triplets(work / f"fsync-{n}", 4, n, 4096, thin=True,
+                                          durability="power")
             try:
                 # the files are sparse (thin volumes): the CGs write to 64
                 # tracks of each volume whose blocks exist already (a first

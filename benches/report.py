@@ -17,7 +17,14 @@ qemu      the real peer: QEMU's ``blockdev-backup`` (full and incremental)
 scaling   cost against volume size, track size, targets, Global Mirror
           triplets and the fraction of changed tracks (plotted)
 durable   Global Mirror on storage units on a disk against memory, and
-          fsyncs per consistency group at two volume sizes (issue 5)
+          fsyncs per consistency group at two volume sizes (issue 5); then
+          the steady state at both durability levels, units on the disk and
+          in tmpfs interleaved (issue 10, ``durable_steady.py``)
+durable_large  opt-in (only with ``--only durable_large``; about 3-5 min):
+          units whose volumes exceed the machine's memory, on the disk, under
+          random writes, against the disk's own random-write speed;
+          FASTFC_BENCH_LARGE_GIB sets their total size [1.5 x RAM, within
+          60 % of the free space], FASTFC_BENCH_LARGE_SECONDS the run [60]
 gm        the Global Mirror workload of issue 3 (``gm.py``) and the same on
           the NumPy engine; the largest in memory, so it runs last
 
@@ -59,10 +66,12 @@ from fastfc._optional import require  # noqa: E402
 from benches.cases import CASES, Case, Result, get_case, measure, metadata_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable", "gm"]
+SECTIONS = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable", "gm",
+            "durable_large"]
+OPT_IN = {"durable_large"}     # run only when named in --only
 # GiB each section may hold at its peak (gm: its volumes, worked out there)
 SECTION_MEMORY = {"physical": 2.5, "core": 3, "engine": 2, "numba": 2, "qemu": 3,
-                  "scaling": 3, "durable": 4, "gm": 0}
+                  "scaling": 3, "durable": 7, "gm": 0, "durable_large": 2}
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"
 
@@ -385,7 +394,7 @@ class Report:
                      f"{units['cgs_per_s']:.1f} CG/s", f"{mem['cgs_per_s']:.1f} CG/s in memory",
                      ratio, ">= 0.5", ratio >= 0.5,
                      note=(f"units in {where}; fsync there: {fs * 1e3:.2f} ms, {per_cg:.2f} "
-                           f"per CG attempt: at most "
+                           f"per CG attempt (durability process): at most "
                            f"{1 / (per_cg * fs) if per_cg else float('inf'):.0f} CG/s. The "
                            f"writers got {units['write_mb_s']:.0f} of "
                            f"{cfg['rate_mbs']:.0f} MB/s: pages dirtied at "
@@ -413,11 +422,132 @@ class Report:
         ratio = big["per_cg"] / small["per_cg"] if small["per_cg"] else float("nan")
         self.add(Row("durable", "durable_fsyncs_per_cg",
                      f"fsyncs per CG at 2^{cfg['sizes'][1].bit_length() - 1} vs "
-                     f"2^{cfg['sizes'][0].bit_length() - 1} tracks per volume (4 triplets)",
+                     f"2^{cfg['sizes'][0].bit_length() - 1} tracks per volume (4 triplets, "
+                     f"durability power)",
                      f"{big['per_cg']:.2f} per CG", f"{small['per_cg']:.2f} per CG", ratio,
                      "<= 1", ratio <= 1.0,
                      note=f"{big['ms_per_cg']:.1f} vs {small['ms_per_cg']:.1f} ms per CG",
                      headline="fsyncs per CG, 2^20 vs 2^10 tracks" if not self.quick else ""))
+        self.durable_steady()
+
+    def durable_steady(self) -> None:
+        """Issue 10: the steady state at both levels, disk and tmpfs interleaved."""
+        from benches import durable_steady as ds
+        if self.quick:
+            cfg = dict(triplets=16, size_mib=16, seconds=1.5, rate_mbs=200.0, reps=1)
+        else:
+            cfg = dict(triplets=16, size_mib=64, seconds=6.0, rate_mbs=200.0, reps=2)
+        d = ds.steady(self.unit_dir, log=self.log, **cfg)
+        self.raw["durable_steady"] = d
+        sm, rt = d["summary"], d["ratios"]
+        dp, tp, dw, tw = (sm[k] for k in ("disk/process", "tmpfs/process", "disk/power",
+                                          "tmpfs/power"))
+        w = (f"{cfg['triplets']} x {cfg['size_mib']} MiB, 4 KiB tracks, written whole; 2 writers "
+             f"of 4 KiB at {cfg['rate_mbs']:.0f} MB/s; {cfg['reps']} x {cfg['seconds']:g} s per "
+             f"case{', quick' if self.quick else ''}")
+
+        def phases(x):
+            return (f"coordination p50/p99 {x['coordination_p50_ms']:.3f}/"
+                    f"{x['coordination_p99_ms']:.3f} ms, drain {x['drain_p50_ms']:.1f}/"
+                    f"{x['drain_p99_ms']:.1f} ms, FlashCopy {x['flashcopy_p50_ms']:.1f}/"
+                    f"{x['flashcopy_p99_ms']:.1f} ms")
+
+        def bytes_(x):
+            return (f"{x.get('dev_per_host_byte', float('nan')):.2f} bytes to the disk per host "
+                    f"byte (device sectors, to the end of a sync), "
+                    f"{x.get('proc_per_host_byte', float('nan')):.2f} (pages this process "
+                    f"dirtied, /proc/self/io)")
+        dev = d["device"] or "no block device"
+        r = rt["disk_tmpfs_cg_rate_process"]
+        self.add(Row("durable", "durable_steady_cg_rate",
+                     f"steady state, durability process: CG rate on the disk vs tmpfs ({w})",
+                     f"{dp['cgs_per_s']:.1f} CG/s", f"{tp['cgs_per_s']:.1f} CG/s on tmpfs",
+                     r, ">= 0.5", r >= 0.5,
+                     note=(f"disk ({dev}): {phases(dp)}; tmpfs: {phases(tp)}; "
+                           f"{dp['fsyncs_per_cg']:.2f} fsyncs and {dp['msyncs_per_cg']:.2f} "
+                           f"msyncs per CG; disk: {bytes_(dp)}; tmpfs (the machine's other "
+                           f"writes: the noise floor): {bytes_(tp)}"),
+                     headline="steady state, durability process: CG rate, disk / tmpfs",
+                     data={"disk": dp, "tmpfs": tp}))
+        r = dp["pace_ratio"]
+        self.add(Row("durable", "durable_steady_writers",
+                     "steady state, durability process, on the disk: writers' rate vs their pace",
+                     f"{dp['write_mb_s']:.0f} MB/s", f"{cfg['rate_mbs']:.0f} MB/s pace", r,
+                     ">= 0.95", r >= 0.95,
+                     note=f"on tmpfs {tp['write_mb_s']:.0f} MB/s ({tp['pace_ratio']:.2f} x)",
+                     headline="steady state, process: writers on disk / pace"))
+        rpo = dp["rpo_p99_ms"]
+        self.add(Row("durable", "durable_steady_rpo",
+                     "steady state, durability process, on the disk: RPO p99",
+                     f"{rpo:.1f} ms", f"{tp['rpo_p99_ms']:.1f} ms on tmpfs",
+                     rpo / tp["rpo_p99_ms"] if tp["rpo_p99_ms"] else None, "<= 100 ms",
+                     rpo <= 100.0, score=100.0 / rpo if rpo else float("inf"),
+                     note=f"RPO p50 {dp['rpo_p50_ms']:.1f} ms on the disk, "
+                          f"{tp['rpo_p50_ms']:.1f} ms on tmpfs",
+                     headline="steady state, process: RPO p99 on disk"))
+        # durability power, reported against process (no target: it is bound
+        # by the syncs, see the note)
+        bound = (f"each CG msyncs what it drained and copied ({dw['msyncs_per_cg']:.1f} msyncs "
+                 f"and {dw['fsyncs_per_cg']:.1f} fsync per CG, in order), so a CG costs the "
+                 f"disk's time to write its dirty pages synchronously; more host writes per CG "
+                 f"make each CG larger, not more frequent")
+        self.add(Row("durable", "durable_steady_power_cg_rate",
+                     "steady state, durability power, on the disk: CG rate vs process",
+                     f"{dw['cgs_per_s']:.1f} CG/s", f"{dp['cgs_per_s']:.1f} CG/s at process",
+                     rt["power_process_cg_rate_disk"],
+                     note=(f"on tmpfs {tw['cgs_per_s']:.1f} CG/s (disk / tmpfs "
+                           f"{rt['disk_tmpfs_cg_rate_power']:.3g}); {phases(dw)}; writers "
+                           f"{dw['pace_ratio']:.2f} x pace; {bound}")))
+        self.add(Row("durable", "durable_steady_power_rpo",
+                     "steady state, durability power, on the disk: RPO p99 vs process",
+                     f"{dw['rpo_p99_ms']:.1f} ms", f"{rpo:.1f} ms at process",
+                     rt["power_process_rpo_disk"],
+                     note=f"RPO p50 {dw['rpo_p50_ms']:.1f} ms; on tmpfs p99 "
+                          f"{tw['rpo_p99_ms']:.1f} ms"))
+        mib = 2**20
+        self.add(Row("durable", "durable_steady_power_bytes",
+                     "steady state, durability power, on the disk: bytes written to the disk "
+                     "per CG vs process",
+                     f"{dw.get('dev_bytes_per_cg', float('nan')) / mib:.2f} MiB/CG",
+                     f"{dp.get('dev_bytes_per_cg', float('nan')) / mib:.3f} MiB/CG at process",
+                     rt["power_process_bytes_per_cg_disk"],
+                     note=(f"device sectors written over the run and a sync after it, per CG; "
+                           f"pages this process dirtied: "
+                           f"{dw.get('proc_bytes_per_cg', float('nan')) / mib:.2f} vs "
+                           f"{dp.get('proc_bytes_per_cg', float('nan')) / mib:.3f} MiB/CG; "
+                           f"per host byte {bytes_(dw)} at power vs {bytes_(dp)} at process")))
+
+    # -- durable_large ----------------------------------------------------
+    def durable_large(self) -> None:
+        """Issue 10: a unit past memory (opt-in)."""
+        from benches import durable_steady as ds
+        gib = os.environ.get("FASTFC_BENCH_LARGE_GIB")
+        seconds = float(os.environ.get("FASTFC_BENCH_LARGE_SECONDS", "60"))
+        d = ds.large(self.unit_dir, float(gib) if gib else None, seconds, log=self.log)
+        self.raw["durable_large"] = d
+        disk = d["disk_random"]["mb_s"]
+        w = (f"{d['triplets']} triplets x 1 GiB = {d['total_bytes'] / 2**30:.0f} GiB, "
+             f"RAM {d['ram_bytes'] / 2**30:.0f} GiB")
+        r = d["write_mb_s_with_sync"] / disk if disk else None
+        self.add(Row("durable_large", "durable_large_writes",
+                     f"past memory ({w}): host writes under Global Mirror vs the disk's random "
+                     f"4 KiB writes over the same files",
+                     f"{d['write_mb_s_with_sync']:.1f} MB/s",
+                     f"{disk:.1f} MB/s plain pwrite", r,
+                     note=(f"both rates count the sync after the run; writers "
+                           f"{d['write_mb_s']:.1f} MB/s before it, pwrite "
+                           f"{d['disk_random']['loop_mb_s']:.1f}; volumes written whole at "
+                           f"{d['fill_mb_s']:.0f} MB/s sequential; "
+                           f"{d.get('dev_per_host_byte', float('nan')):.2f} disk bytes per "
+                           f"host byte"), data=d))
+        self.add(Row("durable_large", "durable_large_cg",
+                     f"past memory ({w}): CG rate and RPO p99, durability process",
+                     f"{d['cgs_per_s']:.2f} CG/s, RPO p99 {d['rpo_p99_ms']:.0f} ms",
+                     "-", None,
+                     note=(f"{d['cgs']} CGs of {d['attempts']} attempts in "
+                           f"{d['elapsed_s']:.0f} s; failures {d['failures']}; drain p99 "
+                           f"{d['drain_p99_ms']:.0f} ms, FlashCopy p99 "
+                           f"{d['flashcopy_p99_ms']:.0f} ms")))
 
     # -- gm ---------------------------------------------------------------
     def gm(self) -> None:
@@ -580,7 +710,7 @@ def readme_table(rep: Report, when: str, seconds: float, load: tuple[float, floa
         met = sum(bool(r.met) for r in rows)
         lines.append(f"| {label} | | | {lo:.3g} .. {hi:.3g}{after_range} | {target} "
                      f"| {met} of {len(rows)} |")
-    order = ["core", "physical", "engine", "numba", "qemu", "durable", "gm"]
+    order = ["core", "physical", "engine", "numba", "qemu", "durable", "gm", "durable_large"]
     for sec in order:
         for r in heads:
             if r.section == sec:
@@ -705,7 +835,8 @@ def run(quick: bool = False, out: Path | None = None, only: list[str] | None = N
     bad = [s for s in (only or []) + (skip or []) if s not in SECTIONS]
     if bad:
         raise ValueError(f"unknown section(s) {', '.join(bad)}; sections: {', '.join(SECTIONS)}")
-    sections = [s for s in SECTIONS if (not only or s in only) and s not in (skip or [])]
+    sections = [s for s in SECTIONS if (s in only if only else s not in OPT_IN)
+                and s not in (skip or [])]
     rep = Report(quick, out, log, unit_dir)
     load0 = os.getloadavg()
     started = time.perf_counter()
@@ -798,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="directory for report.json and the plots "
                     "[default: bench-results/ in the repository]")
     ap.add_argument("--only", action="append", choices=SECTIONS, help="run only this section "
-                    "(repeatable)")
+                    "(repeatable; durable_large runs only when named here)")
     ap.add_argument("--skip", action="append", choices=SECTIONS, help="skip this section "
                     "(repeatable)")
     ap.add_argument("--unit-dir", type=Path, help="where the durable section puts its storage "

@@ -83,3 +83,14 @@ def test_an_installed_layout_hides_and_refuses_bench(tmp_path) -> None:
 def test_bench_refuses_an_unknown_section() -> None:
     res = CliRunner().invoke(cli.main, ["bench", "--only", "nonsense"])
     assert res.exit_code == 2
+
+
+def test_durable_large_is_opt_in() -> None:
+    """The section past memory runs only when named (it writes tens of GiB)."""
+    res = CliRunner().invoke(cli.main, ["bench", "--help"])
+    assert "durable_large" in res.output and "FASTFC_BENCH_LARGE_GIB" in " ".join(res.output.split())
+    root = cli._source_checkout()
+    assert root is not None
+    report = cli._load_benches(root)
+    assert report.SECTIONS == cli.BENCH_SECTIONS
+    assert report.OPT_IN == {"durable_large"}

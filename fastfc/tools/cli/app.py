@@ -184,7 +184,8 @@ def _check_plot(plot: str) -> None:
         raise click.ClickException(f"--plot {plot}: cannot write that file")
 
 
-BENCH_SECTIONS = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable", "gm"]
+BENCH_SECTIONS = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable", "gm",
+                  "durable_large"]
 
 
 @main.command()
@@ -192,7 +193,9 @@ BENCH_SECTIONS = ["physical", "core", "engine", "numba", "qemu", "scaling", "dur
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Directory for report.json and the plots [default: bench-results/].")
 @click.option("--only", multiple=True, type=click.Choice(BENCH_SECTIONS),
-              help="Run only this section (repeatable).")
+              help="Run only this section (repeatable). durable_large (units past "
+                   "memory on the disk, minutes; FASTFC_BENCH_LARGE_GIB, "
+                   "FASTFC_BENCH_LARGE_SECONDS) runs only when named here.")
 @click.option("--skip", multiple=True, type=click.Choice(BENCH_SECTIONS),
               help="Skip this section (repeatable).")
 @click.option("--unit-dir", type=click.Path(file_okay=False), default=None,
