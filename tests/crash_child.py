@@ -53,6 +53,9 @@ POINTS = ("none", "prepare", "commit", "revert", "decision", "drain", "link", "c
 
 
 # -- helpers shared with the parent --------------------------------------------
+# the units' durability level (the kill-anywhere guarantee holds at both)
+DURABILITY = os.environ.get("FASTFC_CRASH_DURABILITY", "process")
+
 def unit_dirs(root: Path) -> tuple[Path, Path]:
     return root / "primary", root / "secondary"
 
@@ -116,7 +119,7 @@ def create(root: Path, seed: int) -> None:
     (root / "snaps").mkdir(parents=True)
     p, s = unit_dirs(root)
     rng = np.random.default_rng(seed)
-    with StorageUnit(p) as u1, StorageUnit(s) as u2:
+    with StorageUnit(p, durability=DURABILITY) as u1, StorageUnit(s, durability=DURABILITY) as u2:
         A = [u1.create_volume(f"A{i}", N_TRACKS, TRACK) for i in range(N_TRIPLETS)]
         B = [u2.create_volume(f"B{i}", N_TRACKS, TRACK) for i in range(N_TRIPLETS)]
         C = [u2.create_volume(f"C{i}", N_TRACKS, TRACK) for i in range(N_TRIPLETS)]
@@ -148,7 +151,7 @@ def main(argv=None) -> int:
     (root / "kill.json").unlink(missing_ok=True)
 
     p, s = unit_dirs(root)
-    u1, u2 = StorageUnit(p), StorageUnit(s)
+    u1, u2 = StorageUnit(p, durability=DURABILITY), StorageUnit(s, durability=DURABILITY)
     gm = u2.session(SESSION)
     gm.cg_interval = args.cg_interval
     gm.on_coordinate = recorder(root, gm)

@@ -232,6 +232,23 @@ def test_kill_at_named_point(tmp_path, point, index):
         TALLY[point][1] += 1
 
 
+@pytest.mark.parametrize("point", ["drain", "cow", "decision", "commit"])
+def test_kill_at_named_point_with_durability_power(tmp_path, point, monkeypatch):
+    """The kill-anywhere guarantee at durability "power" too: its ordered
+    drain (change bits, then C's copy-on-write data, then the cleared bits,
+    each synced) and synced decision change what reaches the disk, not what
+    a killed process leaves."""
+    monkeypatch.setenv("FASTFC_CRASH_DURABILITY", "power")
+    rng = np.random.default_rng(sum(map(ord, point)))
+    after = int(rng.integers(0, 4)) if point in ("drain", "cow") else 0
+    run_child(tmp_path, point=point, index=1, after=after, seed=7)
+    info = kill_info(tmp_path)
+    assert info is not None and info["point"] == point, info
+    seq, _ = check(tmp_path, secondary_first=True)
+    in_flight_commits, _ = EXPECT[point]
+    assert seq == (info["sequence"] if in_flight_commits else info["committed"]), (info, seq)
+
+
 def test_kill_at_random_moments(tmp_path):
     """Random moments after the child is READY; every fourth kill is not
     checked, and the next child is killed early (from its start, maybe while

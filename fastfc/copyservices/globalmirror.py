@@ -38,12 +38,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from fastfc import _core, faults
-from fastfc.errors import DrainAborted, FastFCError, StateError, VolumeClosedError
+from fastfc.errors import (DrainAborted, FastFCError, InjectedFault, StateError,
+                           VolumeClosedError)
 from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.names import check_name
 from fastfc.storage.link import Link, LocalLink
-from fastfc.storage.volume import Volume
+from fastfc.storage.volume import Volume, locked
 
 MAX_DRAIN_FAILURES = 5     # consecutive drain-time failures before the limit is set aside
 RETRIES = 3                # attempts at one commit/revert before a volume counts as failed
@@ -361,6 +362,11 @@ class GlobalMirror:
         self._next_sequence += 1
         res = CGResult(seq, False)
 
+        # durability "power": B is written by the drain only, after barriers
+        ordered = self._store.durability == "power"
+        for trip in self.triplets:
+            trip.pair.ordered_drain = ordered
+
         # 1. coordinate
         if not self._coordinate(res):
             return self._count(res)
@@ -376,7 +382,11 @@ class GlobalMirror:
                 faults.hit("drain", trip.a)
                 if deadline is not None and deadline():
                     raise DrainAborted("drain time limit passed")
+                if ordered:
+                    self._order_drain(trip)
                 res.bytes_drained += trip.pair._cg_drain(deadline, time_left)
+            if ordered:   # the CG's B images on the disk before any prepare names them
+                self._store.sync(*(trip.b for trip in self.triplets))
             ok = True
         except DrainAborted as e:
             res.cause, res.detail = Cause.DRAIN_TIMEOUT, str(e)
@@ -398,6 +408,44 @@ class GlobalMirror:
         self._flashcopy_phase(res)
         res.flash_time = time.perf_counter() - t
         return res
+
+    def _order_drain(self, trip: Triplet) -> None:
+        """Durability "power", before B takes its share of the CG: make the
+        change bits of every CG track durable (so the next resync copies
+        them), then copy to C the old B tracks that C still reads from B and
+        make them durable, and only then clear their ``to_copy`` bits and make
+        that durable. Each step is on the disk before the next begins, so a
+        power cut anywhere in the drain leaves C on the prior CG: a cleared
+        bit on the disk always has its C data there, and a B track on the disk
+        newer than the prior CG always has its change bit. (The drain itself
+        then needs no copy-on-write for these tracks.)"""
+        pair, fc, b, c = trip.pair, trip.fc, trip.b, trip.c
+        if not fc.active or fc.src_changed is None or pair.cg is None:
+            return
+        with locked((trip.a,)):          # collisions move CG tracks to the side file
+            mask = pair.cg.copy()
+            for t in pair.side:
+                mask.set(t)
+        with locked((b, c)):
+            fc.src_changed.or_(mask)
+            need = mask & fc.to_copy
+        self._store.sync(fc.src_changed)
+        if not need.any():
+            return
+        ts = b.track_size
+        with locked((b, c)):             # B takes PPRC updates only from this drain
+            c._reserve_tracks(need)      # a thin C gets its blocks first
+            raw, src = c._raw_array(), b.array
+            for t0, t1 in need.runs():
+                raw[t0 * ts:t1 * ts] = src[t0 * ts:t1 * ts]
+        try:
+            faults.hit("cow", b)         # crash and power-cut tests stop here
+        except InjectedFault:
+            pass
+        self._store.sync(c)
+        with locked((b, c)):
+            fc.to_copy.andnot(need)
+        self._store.sync(fc.to_copy)
 
     def _coordinate(self, res: CGResult) -> bool:
         """Coordination: one C call (:func:`fastfc._core.coordinate_pairs`).
@@ -471,6 +519,9 @@ class GlobalMirror:
                     if self.decide == "after_each":
                         break
             decision = "commit" if failure is None else "revert"
+            if self._store.durability == "power":   # the prepared bitmaps before the decision
+                self._store.sync(*(bm for fc in prepared
+                                   for bm in (fc.to_copy, fc.src_changed, fc.tgt_changed)))
             if self.journal is not None:
                 self.journal.cg_decision(self.name, seq, decision)
         try:

@@ -115,6 +115,10 @@ class PPRCPair(_core.MirrorBase):
         self.secondary = secondary
         self.suspend_reason: str | None = None
         self.side: dict[int, np.ndarray] = {}   # CG versions saved on collision
+        # durability "power" at the secondary: a collision saves the CG
+        # version in the side file rather than sending it at once, so that B
+        # is written only by the drain, after its ordering barriers
+        self.ordered_drain = False
         self.bytes_sent = 0
         self.cg_bytes = 0       # bytes of the CG in flight that collisions sent
         self.failed_over = False
@@ -230,7 +234,7 @@ class PPRCPair(_core.MirrorBase):
         save it in the side file for the drain to send."""
         assert self.cg is not None   # the I/O path calls it for CG tracks only
         A, ts = self.primary, self.primary.track_size
-        if self.link.direct():
+        if self.link.direct() and not self.ordered_drain:
             try:
                 done, _ = _core.pprc_copy_tracks(A, self.secondary, self.cg, t0, t1 - t0, t1)
             except FastFCError:

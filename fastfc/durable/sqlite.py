@@ -214,6 +214,7 @@ class SQLiteStore(Store):
         self._garbage: set[int] = set()
         self._options_json: dict[tuple, str] = {}   # FlashCopy options -> their JSON
         self.fsyncs = 0   # commits, each one fsync of the WAL
+        self.msyncs = 0   # volume and bitmap syncs (sync(): durability "power")
 
     @property
     def ref(self) -> str:
@@ -282,6 +283,16 @@ class SQLiteStore(Store):
             finally:
                 if level == 0 and not sync and self.durability == "power":
                     self.db.execute("PRAGMA synchronous=FULL")
+
+    def sync(self, *things) -> None:
+        """Write the dirty pages of ``things`` (volumes, file bitmaps; None
+        skipped) to the disk, one after another, each msync returning once
+        its pages are on the disk: the ordering barrier of durability "power"."""
+        for thing in things:
+            flush = getattr(thing, "flush", None)
+            if flush is not None:
+                flush()
+                self.msyncs += 1
 
     def sync_point(self) -> None:
         """Make every committed row durable against power loss: checkpoint the

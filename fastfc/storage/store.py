@@ -45,6 +45,9 @@ class Store:
     durable = False
     readonly = False
     closed = False
+    #: "process" or "power": what a committed step survives (memory: nothing
+    #: to sync, so "process")
+    durability = "process"
     uuid: str | None = None
     POOL_BYTES = 64 << 20
 
@@ -60,6 +63,11 @@ class Store:
     def ref(self) -> str:
         """How a row of another unit names this store's unit ("" in memory)."""
         return ""
+
+    def sync(self, *things) -> None:
+        """Write volumes' and bitmaps' dirty pages to the disk now (``msync``),
+        in the order given: the ordering barrier of durability "power".
+        Memory keeps nothing, so here it does nothing."""
 
     def new_bitmap(self, n_bits: int, fill: bool = False) -> TrackBitmap:
         with self._free_lock:

@@ -112,8 +112,12 @@ def _plain(message: str) -> str:
 @click.option("--wait", "wait", type=click.FloatRange(min=0), metavar="SECONDS",
               help="Wait up to SECONDS for a unit that another command has open "
                    "(default: fail at once).")
+@click.option("--durability", type=click.Choice(["process", "power"]), default="process",
+              envvar="FASTFC_DURABILITY", show_default=True,
+              help="What the command's steps survive once it returns: a killed process "
+                   "(power loss at flush points), or a power cut. [env FASTFC_DURABILITY]")
 @click.pass_context
-def main(ctx, unit, remote, wait) -> None:
+def main(ctx, unit, remote, wait, durability) -> None:
     """fastfc: FlashCopy, PPRC and Global Mirror for NumPy-backed volumes.
 
     Each command opens the storage unit(s), does its work and closes them:
@@ -126,7 +130,7 @@ def main(ctx, unit, remote, wait) -> None:
     Progress goes to stderr (plain lines when it is not a terminal).
     """
     ctx.obj = Units(unit, remote, readonly=ctx.invoked_subcommand in READ_ONLY_COMMANDS,
-                    wait=wait)
+                    wait=wait, durability=durability)
 
 
 # -- commands that open no unit --------------------------------------------------------

@@ -28,8 +28,9 @@ class Units:
     """
 
     def __init__(self, local: str | None, remote: str | None, *, readonly: bool = False,
-                 wait: float | None = None) -> None:
+                 wait: float | None = None, durability: str = "process") -> None:
         self.local_path = local
+        self.durability = durability
         self.remote_path = remote
         self.readonly = readonly
         self.wait = wait
@@ -70,11 +71,12 @@ class Units:
         if not exists and not create:
             raise click.ClickException(f"no storage unit at {path} (mkvol creates one)")
         try:
-            unit = StorageUnit(p, readonly=self.readonly and exists, wait=self.wait)
+            unit = StorageUnit(p, readonly=self.readonly and exists, wait=self.wait,
+                               durability=self.durability)
         except ReadOnlyUnitError:
             # a CG a crash interrupted must be resolved on disk first: a
             # command that only looks does it, as a writer, this once
-            unit = StorageUnit(p, wait=self.wait)
+            unit = StorageUnit(p, wait=self.wait, durability=self.durability)
         self.open[p] = unit
         return unit
 
