@@ -1,0 +1,389 @@
+"""Simulated power cuts for storage units (a test harness, not library code).
+
+A power cut loses what the page cache had not written back. Volume and
+bitmap files are memory-mapped, so individual stores cannot be seen; the
+disk is modelled per file instead:
+
+* a volume or bitmap file is its content as of its last *sync* (an msync of
+  its mapping: ``Volume.flush``, ``FileBitmap.flush``, ``np.memmap.flush``,
+  a flush of the volume's ``mmap``, or an ``os.fsync``/``os.fdatasync`` of
+  it), plus **any subset** of the 4 KiB pages that changed since (the kernel
+  may have written any dirty page back at any time, in any order);
+* ``unit.db`` and ``unit.db-wal`` are the files as they were after the last
+  *synced* SQLite commit (a commit made with ``PRAGMA synchronous`` >= 2, i.e.
+  FULL) or ``sync_point()`` (``wal_checkpoint(FULL)``): the unsynced commits
+  since are lost (or, as the other extreme, every commit survived: ``db=
+  "current"``). SQLite writes with write(), so reading the files right after
+  a synced commit gives what that fsync made durable;
+* a file created since it was last known durable (a new bitmap or volume
+  file: its directory entry was never synced) is present with a page subset
+  over zeros, or absent; one that the cut copy's database names is always
+  present (the rows naming it were written after it was created and
+  fallocated; filesystem metadata ordering is out of scope, see below).
+
+:class:`PowerCutRecorder` records the synced content by monkeypatching those
+sync points (start it right after ``unit.flush()`` of every unit, when disk
+== memory); :meth:`PowerCutRecorder.cut` writes a copy of every unit directory
+as one power cut could leave it, keeping the units' relative layout so the
+copies find each other again (units name partners by uuid + relative path).
+
+What this model does **not** cover (the test is only as strong as it):
+
+* torn writes inside a 4 KiB page (a page is written back whole or not);
+* the drive's volatile write cache and FUA: an fsync/msync is taken to mean
+  "on stable media" (a drive that lies about flushes is out of scope);
+* filesystem metadata (directory entries, file sizes, block allocation) and
+  journal replay: files keep their sizes; only a new bitmap file's presence
+  is varied;
+* SQLite's own recovery of a torn WAL frame or a half-written checkpoint:
+  the database is taken whole as of a synced commit (SQLite is trusted);
+* real concurrency: cuts are taken at instants where the engine calls back
+  (fault points, between CGs) from one thread; no writer runs during a cut;
+* a sync the recorder does not see (a C-level msync/fsync, or an mmap flushed
+  through an object other than ``Volume._mm``) would make the model *more*
+  pessimistic than the truth, never less: it could report false violations,
+  not hide real ones.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import sqlite3
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from fastfc.durable.sqlite import FileBitmap, SQLiteStore
+from fastfc.storage.volume import Volume
+
+PAGE = 4096
+DB_FILES = ("unit.db", "unit.db-wal")
+IGNORED = ("unit.lock", "unit.db-shm")
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+class _MMapProxy:
+    """Stands in for a volume's ``mmap`` object so that a flush of it (also
+    a ranged ``flush(offset, size)``) is seen. Everything else is forwarded."""
+
+    def __init__(self, mm, on_flush) -> None:
+        object.__setattr__(self, "_real", mm)
+        object.__setattr__(self, "_on_flush", on_flush)
+
+    def flush(self, *args):
+        r = self._real.flush(*args)
+        self._on_flush(*args)
+        return r
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def __len__(self) -> int:
+        return len(self._real)
+
+
+class PowerCutRecorder:
+    """Tracks, for every file of the unit directories ``unit_dirs``, the
+    content a power cut could not lose (its last synced content).
+
+    Use as a context manager, or :meth:`start` / :meth:`stop`. ``volumes``
+    (optional): open file-backed volumes whose ``mmap`` should be watched for
+    ranged flushes (``Volume.flush`` is watched either way).
+    """
+
+    def __init__(self, unit_dirs, volumes=()) -> None:
+        self.dirs = [Path(d).resolve() for d in unit_dirs]
+        parents = {d.parent for d in self.dirs}
+        if len(parents) != 1:
+            raise ValueError("the unit directories must share one parent (the cut copies "
+                             "keep their relative layout)")
+        self.parent = parents.pop()
+        self.volumes = list(volumes)
+        self.synced: dict[Path, bytes] = {}    # file -> content as of its last sync
+        self.durable_names: set[Path] = set()  # files whose directory entry is durable
+        self.syncs: collections.Counter = collections.Counter()   # what was synced, by kind
+        self.log: list[tuple[str, str]] = []   # (kind, file name) of every sync, in order
+        self._undo: list = []
+        self.active = False
+
+    # -- which files -----------------------------------------------------------
+    def _unit_of(self, path: Path) -> Path | None:
+        path = Path(path).resolve()
+        for d in self.dirs:
+            if path == d or d in path.parents:
+                return d
+        return None
+
+    def files(self, d: Path) -> list[Path]:
+        """The files of unit directory ``d`` the model covers (on disk now)."""
+        out = [d / n for n in DB_FILES if (d / n).exists()]
+        out += sorted((d / "volumes").glob("*.vol")) + sorted((d / "bitmaps").glob("*.bm"))
+        return out
+
+    # -- recording ---------------------------------------------------------------
+    def refresh(self, path, kind: str, offset: int = 0, size: int = 0) -> None:
+        """``path`` was synced (a range of it when ``size``): what it holds
+        now is on the disk."""
+        path = Path(path).resolve()
+        if self._unit_of(path) is None:
+            return
+        self.syncs[kind] += 1
+        self.log.append((kind, str(path.relative_to(self.parent))))
+        now = _read(path)
+        if now is None:
+            return
+        self.durable_names.add(path)
+        if size and path in self.synced:
+            old = bytearray(self.synced[path])
+            old[offset:offset + size] = now[offset:offset + size]
+            self.synced[path] = bytes(old)
+        else:
+            self.synced[path] = now
+
+    def refresh_db(self, store: SQLiteStore, kind: str) -> None:
+        d = Path(store.dir).resolve()
+        if d not in self.dirs:
+            return
+        self.syncs[kind] += 1
+        self.log.append((kind, f"{d.name}/unit.db"))
+        for n in DB_FILES:
+            content = _read(d / n)
+            if content is None:
+                self.synced.pop(d / n, None)
+            else:
+                self.synced[d / n] = content
+                self.durable_names.add(d / n)
+
+    def _refresh_dir(self, d: Path) -> None:
+        """A directory was fsynced: the names in it now are durable."""
+        for p in d.iterdir():
+            if p.is_file() and p.name not in IGNORED:
+                self.durable_names.add(p.resolve())
+
+    def start(self) -> "PowerCutRecorder":
+        """Snapshot every file (call right after ``flush()`` of every unit)
+        and watch the sync points."""
+        for d in self.dirs:
+            for p in self.files(d):
+                self.synced[p.resolve()] = _read(p)
+                self.durable_names.add(p.resolve())
+        rec = self
+
+        def patch(owner, name, new):
+            old = getattr(owner, name)
+            self._undo.append((owner, name, old))
+            setattr(owner, name, new)
+            return old
+
+        vol_flush = Volume.flush
+
+        def volume_flush(vol, *a, **k):
+            r = vol_flush(vol, *a, **k)
+            if vol.path is not None:
+                rec.refresh(vol.path, "Volume.flush")
+            return r
+        patch(Volume, "flush", volume_flush)
+
+        bm_flush = FileBitmap.flush
+
+        def bitmap_flush(bm, *a, **k):
+            r = bm_flush(bm, *a, **k)
+            rec.refresh(bm.path, "FileBitmap.flush")
+            return r
+        patch(FileBitmap, "flush", bitmap_flush)
+
+        memmap_flush = np.memmap.flush
+
+        def np_memmap_flush(m, *a, **k):
+            r = memmap_flush(m, *a, **k)
+            if getattr(m, "filename", None):
+                rec.refresh(m.filename, "memmap.flush")
+            return r
+        patch(np.memmap, "flush", np_memmap_flush)
+
+        for name in ("fsync", "fdatasync"):
+            real = getattr(os, name)
+
+            def fsync(fd, _real=real, _name=name):
+                r = _real(fd)
+                try:
+                    n = fd if isinstance(fd, int) else fd.fileno()
+                    p = Path(os.readlink(f"/proc/self/fd/{n}"))
+                except OSError:
+                    return r
+                if p.is_dir():
+                    if rec._unit_of(p) is not None:
+                        rec.syncs[f"os.{_name}(dir)"] += 1
+                        rec._refresh_dir(p)
+                else:
+                    rec.refresh(p, f"os.{_name}")
+                return r
+            patch(os, name, fsync)
+
+        txn = SQLiteStore._transaction
+
+        @contextmanager
+        def transaction(store, level):
+            with txn(store, level):
+                yield
+            if level == 0 and store.db.execute("PRAGMA synchronous").fetchone()[0] >= 2:
+                rec.refresh_db(store, "sqlite commit (fsynced)")
+        patch(SQLiteStore, "_transaction", transaction)
+
+        sync_point = SQLiteStore.sync_point
+
+        def sync_point_(store, *a, **k):
+            r = sync_point(store, *a, **k)
+            rec.refresh_db(store, "sqlite sync_point")
+            return r
+        patch(SQLiteStore, "sync_point", sync_point_)
+
+        for vol in self.volumes:
+            mm = vol._mm
+            if mm is None or isinstance(mm, _MMapProxy):
+                continue
+
+            def on_flush(offset=0, size=0, _path=vol.path):
+                rec.refresh(_path, "mmap.flush", offset, size)
+            vol._mm = _MMapProxy(mm, on_flush)
+            self._undo.append((vol, "_mm", mm))
+        self.active = True
+        return self
+
+    def stop(self) -> None:
+        """Put every patched sync point back."""
+        while self._undo:
+            owner, name, old = self._undo.pop()
+            if isinstance(owner, Volume):
+                if owner._mm is not None:      # not closed meanwhile
+                    owner._mm = old
+                continue
+            setattr(owner, name, old)
+        self.active = False
+
+    def __enter__(self) -> "PowerCutRecorder":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- cutting -----------------------------------------------------------------
+    def dirty_pages(self) -> dict[Path, int]:
+        """Per file, how many 4 KiB pages differ from the synced content."""
+        out = {}
+        for d in self.dirs:
+            for p in self.files(d):
+                p = p.resolve()
+                if p.name in DB_FILES:
+                    continue
+                cur = _read(p) or b""
+                base = self.synced.get(p, bytes(len(cur)))
+                n = len(_differing_pages(base, cur))
+                if n:
+                    out[p] = n
+        return out
+
+    def cut(self, dest, rng: np.random.Generator, pages: str = "random",
+            db: str = "synced") -> dict:
+        """Write under ``dest`` a copy of every unit directory as a power cut
+        now could leave it. ``pages``: which changed pages of each volume or
+        bitmap file reached the disk — "random" (each with probability 1/2,
+        drawn per file from ``rng``), "none" or "all". ``db``: "synced" (the
+        last synced commit) or "current" (every commit reached the disk).
+        Returns what was chosen: per file, the changed pages and how many of
+        them were taken."""
+        assert pages in ("random", "none", "all") and db in ("synced", "current")
+        dest = Path(dest)
+        report: dict[str, tuple[int, int]] = {}
+        for d in self.dirs:
+            out = dest / d.relative_to(self.parent)
+            (out / "volumes").mkdir(parents=True)
+            (out / "bitmaps").mkdir()
+            for n in DB_FILES:
+                content = self.synced.get(d / n) if db == "synced" else _read(d / n)
+                if content is not None:
+                    (out / n).write_bytes(content)
+            named = _named_files(out)
+            current = {p.resolve() for p in self.files(d)}
+            known = {p for p in self.synced if self._unit_of(p) == d}
+            for p in sorted((current | known) - {d / n for n in DB_FILES}):
+                rel = p.relative_to(d)
+                cur = _read(p)
+                base = self.synced.get(p)
+                if cur is None:            # deleted since it was synced: maybe not yet
+                    content = base
+                else:
+                    if base is None:
+                        base = bytes(len(cur))
+                    diff = _differing_pages(base, cur)
+                    if pages == "all":
+                        take = diff
+                    elif pages == "none":
+                        take = []
+                    else:
+                        take = [i for i in diff if rng.random() < 0.5]
+                    buf = bytearray(base[:len(cur)].ljust(len(cur), b"\0"))
+                    for i in take:
+                        buf[i * PAGE:(i + 1) * PAGE] = cur[i * PAGE:(i + 1) * PAGE]
+                    content = bytes(buf)
+                    if diff:
+                        report[f"{d.name}/{rel}"] = (len(diff), len(take))
+                durable = p in self.durable_names or str(rel) in named
+                if content is None or (not durable and rng.random() < 0.5):
+                    continue               # its directory entry never reached the disk
+                (out / rel).write_bytes(content)
+        return report
+
+
+def _differing_pages(base: bytes, cur: bytes) -> list[int]:
+    n = max(len(base), len(cur))
+    if n == 0:
+        return []
+    npages = (n + PAGE - 1) // PAGE
+    a = np.zeros(npages * PAGE, np.uint8)
+    b = np.zeros(npages * PAGE, np.uint8)
+    a[:len(base)] = np.frombuffer(base, np.uint8)
+    b[:len(cur)] = np.frombuffer(cur, np.uint8)
+    ne = (a.reshape(npages, PAGE) != b.reshape(npages, PAGE)).any(axis=1)
+    return np.flatnonzero(ne).tolist()
+
+
+def _named_files(unit_dir: Path) -> set[str]:
+    """The volume and bitmap files (relative paths) the rows of ``unit_dir``'s
+    database name (read from a scratch copy, so SQLite does not touch the
+    copy itself)."""
+    if not (unit_dir / "unit.db").exists():
+        return set()
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in DB_FILES:
+            if (unit_dir / n).exists():
+                shutil.copyfile(unit_dir / n, Path(tmp) / n)
+        db = sqlite3.connect(Path(tmp) / "unit.db")
+        try:
+            ids: set[int] = set()
+            names: set[str] = set()
+            for table, cols in (("flashcopies", SQLiteStore._FLASH_MAPS),
+                                ("pairs", ("oos", "spare", "cg"))):
+                try:
+                    rows = db.execute(f"SELECT {', '.join(cols)} FROM {table}").fetchall()
+                except sqlite3.Error:
+                    continue
+                ids.update(v for r in rows for v in r if v is not None)
+            try:
+                names = {f"volumes/{r[0]}.vol" for r in db.execute("SELECT name FROM volumes")}
+            except sqlite3.Error:
+                pass
+            return names | {f"bitmaps/{i}.bm" for i in ids}
+        finally:
+            db.close()

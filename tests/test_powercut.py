@@ -1,0 +1,416 @@
+"""Simulated power cuts: does durability="power" keep the Global Mirror promise?
+
+A session of 4 triplets (two with 4 KiB tracks, two with 64 KiB tracks; A in
+one storage unit, B and C in another) forms CGs while deterministic host
+writes change A between them. :class:`powercut.PowerCutRecorder` watches
+every sync point (msync of volumes and bitmaps, fsynced SQLite commits,
+checkpoints, fsync) and, at chosen instants, writes copies of both unit
+directories as a power cut could leave them: each volume and bitmap file is
+its last synced content plus a random subset of the 4 KiB pages that changed
+since (also none of them and all of them); the database is the last synced
+commit (also, once per instant, every commit). Instants (fault actions, run
+synchronously on the thread forming the CG):
+
+* ``drain``: mid-drain, before triplet i's pair drains (the earlier ones did);
+* ``cow``: inside a PPRC write to B, after the copy-on-write of B's old track
+  to C and before the new data lands;
+* ``prepare``: inside the prepare transaction, before triplet i's revertible
+  resync (the earlier ones changed their bitmaps, uncommitted);
+* ``decision``: right after the decision's commit (fsynced at "power");
+* ``commit``: inside the unsynced commit transaction, before triplet i's commit;
+* ``between``: after a CG returned (i=0), or after the next host writes (i=1).
+
+Each cut copy is opened (``StorageUnit(..., durability="power")``, both
+units, which resolves an interrupted CG) and checked: it opens; no C is left
+revertible; every C carries the same CG sequence S; S is at least the newest
+CG whose decision was durable before the cut (at "power", every decision the
+session made: its commit is fsynced; at "process", only what the last
+``flush()`` covered) and at most the newest attempted; each C reads exactly
+the A images recorded at CG S's coordination instant.
+
+The harness must be able to fail: at durability "process" (no sync between
+flushes) the same scenario must show violations, and so must "power" with one
+kind of its ordering barriers (C data, B data, bitmaps) skipped. At "power"
+as it is there must be none. A cut that keeps every page and every commit
+(what a process kill leaves) must hold at any level: a check on the harness.
+
+Not covered (see tests/powercut.py): torn writes inside a 4 KiB page; the
+drive's volatile cache and FUA (a sync is trusted to reach stable media);
+filesystem metadata (directory entries, file sizes) and journal replay;
+SQLite's own WAL recovery of a torn frame (SQLite is trusted: the database is
+taken whole as of a synced commit); real concurrency of writers during the
+cut (cuts happen at callback instants of one thread).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastfc import GlobalMirror, StorageUnit, faults
+
+import sys
+sys.path.insert(0, str(Path(__file__).parent))
+from powercut import PowerCutRecorder  # noqa: E402
+
+SESSION = "gm"
+# (track size, tracks) per triplet
+GEOMETRY = [(4096, 16), (4096, 16), (65536, 4), (65536, 4)]
+N = len(GEOMETRY)
+
+# per CG formed while recording: the instants to cut at, (point, index)
+PLAN = [
+    [("drain", 1)],
+    [("cow", 0)],
+    [("prepare", 2)],
+    [("decision", 0)],
+    [("commit", 1)],
+    [("between", 0), ("between", 1)],
+    [("drain", 3), ("commit", 3)],
+    [("cow", 2), ("prepare", 0)],
+    [("cow", 3), ("between", 1)],
+]
+# per instant: (pages, db) of each cut copy
+# ("all", "current") is memory as it is, what a process kill leaves: it must
+# hold at every durability (a harness self-check: no false alarms there)
+VARIANTS = [("none", "synced"), ("all", "synced"), ("random", "synced"),
+            ("random", "synced"), ("random", "synced"), ("random", "current"),
+            ("all", "current")]
+
+SLOW_PLAN = PLAN + [
+    [("drain", 2), ("cow", 1)],
+    [("prepare", 1), ("commit", 0)],
+    [("prepare", 3), ("commit", 2)],
+    [("cow", 3), ("decision", 0)],
+    [("between", 0), ("between", 1)],
+]
+SLOW_VARIANTS = VARIANTS + [("random", "synced")] * 6 + [("random", "current")] * 2
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """Where the units and cut copies live: tmpfs when there is one. The
+    model does not need a real disk (it records what a sync *would* have
+    made durable), and real msyncs and fsyncs on a busy disk make the test
+    minutes instead of seconds. Volumes still take the disk's I/O path (they
+    compare pages rather than copy whole tracks on tmpfs)."""
+    if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
+        yield tmp_path
+        return
+    import fastfc.storage.volume as volume
+    monkeypatch.setattr(volume, "_in_memory_fs", lambda path: False)
+    d = Path(tempfile.mkdtemp(prefix="fastfc-powercut-", dir="/dev/shm"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@dataclass
+class Cut:
+    label: str              # "point[i]@CG seq"
+    point: str
+    variant: tuple
+    dest: Path
+    floor: int              # the newest CG whose decision was durable
+    attempted: int          # the newest CG sequence attempted
+    dirty: dict = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    durability: str
+    cuts: list
+    snaps: dict             # CG sequence -> A images at its coordination instant
+    recorder: PowerCutRecorder
+    fired: collections.Counter
+
+
+def _writes(rng: np.random.Generator, A) -> None:
+    """Deterministic host writes: every A's first two tracks (so that the
+    next drain overwrites B tracks C still reads from B: copy-on-writes) and a
+    few random unaligned extents."""
+    for a in A:
+        ts = a.track_size
+        a.write(0, rng.integers(0, 256, 2 * ts, dtype=np.uint8))
+        for _ in range(3):
+            n = int(rng.integers(1, 2 * ts))
+            off = int(rng.integers(0, a.capacity - n + 1))
+            a.write(off, rng.integers(0, 256, n, dtype=np.uint8))
+
+
+def run_session(tmp: Path, durability: str, plan, variants, seed: int = 0) -> Run:
+    """Form ``len(plan)`` CGs under the recorder, cutting at the planned
+    instants; the cut copies are checked later (:func:`check_cut`)."""
+    root = tmp / "units"
+    p, s = root / "primary", root / "secondary"
+    rng = np.random.default_rng(seed)
+    cut_rng = np.random.default_rng(seed + 1)
+    u1 = StorageUnit(p, durability=durability)
+    u2 = StorageUnit(s, durability=durability)
+    snaps: dict[int, list[np.ndarray]] = {}
+    cuts: list[Cut] = []
+    fired: collections.Counter = collections.Counter()
+    try:
+        A = [u1.create_volume(f"A{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+        B = [u2.create_volume(f"B{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+        C = [u2.create_volume(f"C{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+        for a in A:
+            a.write(0, rng.integers(0, 256, a.capacity, dtype=np.uint8))
+
+        def on_coordinate(seq: int) -> None:
+            snaps[seq] = [a.array.copy() for a in A]
+
+        gm = GlobalMirror(list(zip(A, B, C)), name=SESSION, max_coordination_time=5.0,
+                          on_coordinate=on_coordinate)
+        snaps[0] = [c.read(0, c.capacity) for c in C]
+        for _ in range(2):         # the initial copy, then a CG with copy-on-writes ahead
+            _writes(rng, A)
+            assert gm.form_consistency_group().committed
+        u1.flush()
+        u2.flush()
+        rec = PowerCutRecorder([p, s], volumes=A + B + C).start()
+        state = {"floor": gm.stats.sequence}
+
+        def take(point: str, index: int) -> None:
+            seq = gm._next_sequence - 1
+            label = f"{point}[{index}]@CG{seq}"
+            fired[f"{point}[{index}]"] += 1
+            dirty = {str(k.relative_to(root)): v for k, v in rec.dirty_pages().items()}
+            for variant in variants:
+                dest = tmp / "cuts" / f"{len(cuts):03d}"
+                rec.cut(dest, cut_rng, pages=variant[0], db=variant[1])
+                cuts.append(Cut(label, point, variant, dest, state["floor"],
+                                gm._next_sequence - 1, dirty))
+
+        for n_cg, instants in enumerate(plan):
+            _writes(rng, A) if n_cg else None
+            if any(pt == "between" and i == 1 for pt, i in instants):
+                take("between", 1)
+            planned_decision = ("decision", 0) in instants
+
+            def on_decision(planned=planned_decision) -> None:
+                if durability == "power":     # the decision's commit was fsynced
+                    state["floor"] = gm._next_sequence - 1
+                if planned:
+                    take("decision", 0)
+            faults.inject("decision", action=on_decision)
+            for pt, i in instants:
+                if pt in ("drain",):
+                    faults.inject("drain", A[i], action=lambda pt=pt, i=i: take(pt, i))
+                elif pt in ("prepare", "commit", "cow"):
+                    faults.inject(pt, B[i], action=lambda pt=pt, i=i: take(pt, i))
+            try:
+                res = gm.form_consistency_group()
+            finally:
+                faults.clear()
+            assert res.committed, res
+            if durability == "power":
+                state["floor"] = res.sequence
+            if ("between", 0) in instants:
+                take("between", 0)
+        rec.stop()
+        planned = collections.Counter(f"{pt}[{i}]" for inst in plan for pt, i in inst)
+        assert fired == planned, f"instants planned {dict(planned)}, reached {dict(fired)}"
+        return Run(durability, cuts, snaps, rec, fired)
+    finally:
+        faults.clear()
+        u2.close()
+        u1.close()
+
+
+def check_cut(cut: Cut, snaps: dict) -> list[str]:
+    """Open a cut copy and check the promise; returns the violations
+    (invariant: detail), empty when it holds."""
+    p, s = cut.dest / "primary", cut.dest / "secondary"
+    try:
+        u1 = StorageUnit(p, durability="power")
+    except Exception as e:
+        return [f"open: primary unit: {type(e).__name__}: {e}"]
+    try:
+        try:
+            u2 = StorageUnit(s, durability="power")
+        except Exception as e:
+            return [f"open: secondary unit: {type(e).__name__}: {e}"]
+        try:
+            return _check_open(u2, cut, snaps)
+        finally:
+            u2.close()
+    finally:
+        u1.close()
+
+
+def _check_open(u2: StorageUnit, cut: Cut, snaps: dict) -> list[str]:
+    out = []
+    if SESSION not in u2.sessions:
+        out.append("session: not restored")
+    by_target = {fc.target.name: fc for fc in u2.flashcopies}
+    fcs = [by_target.get(f"C{i}") for i in range(N)]
+    if any(fc is None for fc in fcs):
+        return out + [f"relationships: missing for {[f'C{i}' for i in range(N) if fcs[i] is None]}"]
+    if any(fc.revertible for fc in fcs):
+        out.append(f"revertible: {[fc.target.name for fc in fcs if fc.revertible]}")
+    seqs = [fc.sequence for fc in fcs]
+    if len(set(seqs)) != 1:
+        return out + [f"sequences: C volumes carry different CGs {seqs}"]
+    seq = seqs[0]
+    if seq < cut.floor:
+        out.append(f"lost CG: C holds CG {seq}, CG {cut.floor}'s decision was durable")
+    if seq > cut.attempted or seq not in snaps:
+        return out + [f"unknown CG: C holds CG {seq} (newest attempted {cut.attempted})"]
+    for i in range(N):
+        c = u2.volume(f"C{i}")
+        got = c.read(0, c.capacity)
+        want = snaps[seq][i]
+        if not np.array_equal(got, want):
+            bad = sorted(set((np.flatnonzero(got != want) // c.track_size).tolist()))
+            out.append(f"image: C{i} differs from CG {seq} on tracks {bad}")
+    return out
+
+
+def check_run(run: Run) -> tuple[list[tuple[Cut, list[str]]], collections.Counter]:
+    """Check every cut; returns the violating cuts and a tally of violations
+    by (instant, invariant)."""
+    bad = []
+    tally: collections.Counter = collections.Counter()
+    for cut in run.cuts:
+        v = check_cut(cut, run.snaps)
+        if v:
+            bad.append((cut, v))
+            for x in v:
+                tally[(cut.point, x.split(":")[0])] += 1
+        shutil.rmtree(cut.dest)
+    return bad, tally
+
+
+def _describe(bad, tally, total: int, limit: int = 12) -> str:
+    lines = [f"{len(bad)} of {total} cuts break the promise; by (instant, invariant): "
+             + ", ".join(f"{p}/{k} x{n}" for (p, k), n in sorted(tally.items()))]
+    for cut, v in bad[:limit]:
+        lines.append(f"  {cut.label} pages={cut.variant[0]} db={cut.variant[1]} "
+                     f"floor={cut.floor}: {'; '.join(v)}")
+    return "\n".join(lines)
+
+
+# -- the harness itself ---------------------------------------------------------------
+def test_recorder_follows_syncs(tmp_path):
+    """The model: unsynced volume pages are lost with pages="none" and kept
+    with "all"; a flush makes them part of every cut; an unsynced commit is
+    lost with db="synced", a synced one is kept."""
+    d = tmp_path / "u"
+    rng = np.random.default_rng(0)
+    with StorageUnit(d, durability="process") as u:
+        v = u.create_volume("V", 4, 4096)
+        u.flush()
+        with PowerCutRecorder([d], volumes=[v]) as rec:
+            v.write(4096, np.full(4096, 7, np.uint8))
+            u.create_volume("W", 1, 4096)          # an unsynced commit at "process"
+            assert set(rec.dirty_pages()) == {v.path.resolve()}
+            rec.cut(tmp_path / "none", rng, pages="none")
+            rec.cut(tmp_path / "all", rng, pages="all", db="current")
+            v.flush()
+            rec.cut(tmp_path / "flushed", rng, pages="none")
+            u.flush()                               # sync_point: the commit is durable
+            rec.cut(tmp_path / "synced", rng, pages="none")
+            assert rec.syncs["Volume.flush"] >= 2 and rec.syncs["sqlite sync_point"] == 1
+    for name, data, has_w in (("none", 0, False), ("all", 7, True),
+                              ("flushed", 7, False), ("synced", 7, True)):
+        with StorageUnit(tmp_path / name / "u") as u:
+            assert int(u.volume("V").read(4096, 1)[0]) == data, name
+            assert ("W" in u) == has_w, name
+
+
+def test_power_fsyncs_every_commit(tmp_path):
+    """At "power" a step's commit refreshes the recorded database."""
+    d = tmp_path / "u"
+    with StorageUnit(d, durability="power") as u:
+        u.flush()
+        with PowerCutRecorder([d]) as rec:
+            u.create_volume("W", 1, 4096)
+            assert rec.syncs["sqlite commit (fsynced)"] >= 1
+            rec.cut(tmp_path / "cut", np.random.default_rng(0), pages="none")
+    with StorageUnit(tmp_path / "cut" / "u") as u:
+        assert "W" in u
+
+
+# -- the promise under power cuts ---------------------------------------------------
+def test_process_durability_is_caught(work):
+    """The harness has teeth: at durability "process" nothing is synced
+    between flushes, and some cut must break the promise."""
+    t = time.perf_counter()
+    run = run_session(work, "process", PLAN, VARIANTS)
+    bad, tally = check_run(run)
+    print(f"\nprocess: {len(run.cuts)} cuts, {time.perf_counter() - t:.1f} s\n"
+          + _describe(bad, tally, len(run.cuts)))
+    assert bad, f"no violation in {len(run.cuts)} cuts at durability 'process': the harness cannot fail"
+    kill_like = [(c, v) for c, v in bad if c.variant == ("all", "current")]
+    assert not kill_like, "a cut that keeps every page (a process kill) breaks the promise:\n" + \
+        _describe(kill_like, collections.Counter(), len(run.cuts))
+    assert any(k == "image" for _, k in tally), tally
+
+
+def _power(tmp_path, plan, variants, seed=0):
+    t = time.perf_counter()
+    run = run_session(tmp_path, "power", plan, variants, seed=seed)
+    bad, tally = check_run(run)
+    syncs = ", ".join(f"{k} x{n}" for k, n in sorted(run.recorder.syncs.items()))
+    print(f"\npower: {len(run.cuts)} cuts, {time.perf_counter() - t:.1f} s; syncs seen: {syncs}")
+    assert not bad, _describe(bad, tally, len(run.cuts))
+
+
+def test_power_durability_survives_cuts(work):
+    _power(work, PLAN, VARIANTS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_power_durability_survives_more_cuts(work, seed):
+    _power(work, SLOW_PLAN, SLOW_VARIANTS, seed=seed)
+
+
+@pytest.mark.slow
+def test_process_durability_is_caught_often(work):
+    """More cuts at "process": the violations show at several instants."""
+    run = run_session(work, "process", SLOW_PLAN, SLOW_VARIANTS, seed=7)
+    bad, tally = check_run(run)
+    print("\n" + _describe(bad, tally, len(run.cuts)))
+    assert len({p for p, _ in tally}) >= 3, tally
+
+
+# -- teeth at "power": drop one of the ordering barriers, the cuts must notice ----------
+def _drop(kind: str):
+    """A ``SQLiteStore.sync`` that skips one kind of barrier."""
+    from fastfc.durable.sqlite import FileBitmap, SQLiteStore
+    real = SQLiteStore.sync
+
+    def sync(store, *things):
+        keep = [t for t in things
+                if not (kind == "C data" and getattr(t, "name", "").startswith("C"))
+                and not (kind == "B data" and getattr(t, "name", "").startswith("B"))
+                and not (kind == "bitmaps" and isinstance(t, FileBitmap))]
+        return real(store, *keep)
+    return sync
+
+
+@pytest.mark.parametrize("barrier", ["C data",
+                                     pytest.param("B data", marks=pytest.mark.slow),
+                                     pytest.param("bitmaps", marks=pytest.mark.slow)])
+def test_power_without_a_barrier_is_caught(work, monkeypatch, barrier):
+    """At "power" with one kind of the ordered drain's syncs skipped, some
+    cut breaks the promise: each barrier is needed, and the cuts can tell."""
+    from fastfc.durable.sqlite import SQLiteStore
+    if not hasattr(SQLiteStore, "sync"):
+        pytest.skip("this fastfc has no power ordering (SQLiteStore.sync)")
+    monkeypatch.setattr(SQLiteStore, "sync", _drop(barrier))
+    run = run_session(work, "power", PLAN, VARIANTS[:4])
+    bad, tally = check_run(run)
+    print(f"\npower without {barrier} syncs: " + _describe(bad, tally, len(run.cuts), limit=3))
+    assert bad, f"no cut noticed the missing {barrier} barrier"
