@@ -14,6 +14,8 @@ Variants (scratch monkeypatches, measurement only):
   sfr      a background thread calls sync_file_range(SYNC_FILE_RANGE_WRITE)
            on the B and C volume files every 20 ms (smoothed writeback)
   sfrall   the same on A, B and C volume files
+  pwA      host writes to disk-backed volumes with pwrite, not stores through
+           the mapping (_core._set_host_pwrite; builds that have it)
 
 Per run it records the GM thread's minor faults / context switches per CG
 (getrusage(RUSAGE_THREAD) in on_result), time inside the protocol's steps
@@ -48,6 +50,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fastfc import GlobalMirror, StorageUnit  # noqa: E402
+from fastfc import _core  # noqa: E402
 from fastfc._core import TrackBitmap  # noqa: E402
 from fastfc.copyservices.flashcopy import FlashCopy  # noqa: E402
 from fastfc.copyservices.pprc import PPRCPair  # noqa: E402
@@ -267,6 +270,10 @@ def one_run(loc, units, variant, seconds, rate, seed, run_idx):
     root, prim, sec, trips = units
     FLAGS["anonbm"] = variant == "anonbm"
     FLAGS["nosync"] = variant == "nosync"
+    if hasattr(_core, "_set_host_pwrite"):
+        _core._set_host_pwrite(variant == "pwA")
+    elif variant == "pwA":
+        raise SystemExit("pwA needs a build with _core._set_host_pwrite")
     TIMES.clear()
     NEW_FILES[0] = 0
     t = time.perf_counter()
