@@ -61,15 +61,25 @@ cdef Py_ssize_t NOGIL_BYTES = 65536
 # a thread that gives the GIL up waits for busy Python threads to hand it
 # back (up to the switch interval each time), far longer than a small scan.
 cdef Py_ssize_t NOGIL_WORDS = 8192
-# Host writes to a volume on a disk: store through the mapping (False) or
-# pwrite to its file (True). Measured (scripts/i10_measure.py): see _set_host_pwrite.
-cdef bint HOST_PWRITE = False
+# Host writes to a volume on a disk (measured, scripts/i10_measure.py):
+# 0 store through the mapping without the GIL, 1 pwrite to its file without
+# the GIL, 2 pwrite with the GIL kept below NOGIL_BYTES, 3 store with the GIL
+# kept below NOGIL_BYTES (as in memory).
+cdef int HOST_MODE = 0
+
+
+def _set_host_mode(int mode):
+    """Measurement switch: how host writes reach disk-backed volumes."""
+    global HOST_MODE
+    if not 0 <= mode <= 3:
+        raise ValueError("mode is 0..3")
+    HOST_MODE = mode
 
 
 def _set_host_pwrite(bint on):
-    """Measurement switch: host writes to disk-backed volumes with pwrite."""
-    global HOST_PWRITE
-    HOST_PWRITE = on
+    """Measurement switch: host writes to disk-backed volumes with pwrite
+    (mode 1) or stores (mode 0)."""
+    _set_host_mode(1 if on else 0)
 
 # --------------------------------------------------------------------------
 # Kernel selection (_kernels.h): the build targets a baseline ISA; the AVX2
@@ -1146,6 +1156,8 @@ cdef class VolumeBase:
         # its pages; ext4's page_mkwrite), so it runs without the GIL whatever
         # its size; in memory a small copy keeps it (cheaper than releasing)
         cdef bint on_disk = self._file_backed
+        cdef bint use_pwrite = on_disk and (HOST_MODE == 1 or HOST_MODE == 2) and self._fd >= 0
+        cdef bint free_gil = on_disk and (HOST_MODE == 0 or HOST_MODE == 1)
         self._check_range(offset, n)
         tr = self._lock_io()
         if tr is not None:
@@ -1171,7 +1183,8 @@ cdef class VolumeBase:
                 w = r.to_copy.w
                 if bm_any_range(w, t0, t1):
                     # copy-on-write: the target takes the old tracks first
-                    if ((t1 - t0) << shift) >= NOGIL_BYTES or r.target._file_backed:
+                    if ((t1 - t0) << shift) >= NOGIL_BYTES or (
+                            r.target._file_backed and HOST_MODE != 3):
                         with nogil:
                             copy_set_runs(r.target.base, self.base, w, t0, t1, t1 - t0,
                                           shift, &resume)
@@ -1192,7 +1205,7 @@ cdef class VolumeBase:
                                 whole_tracks = 1   # cleared once the data is in
                             else:
                                 # partial write of a virtual track: fetch it first
-                                if self.track_size >= NOGIL_BYTES or on_disk:
+                                if self.track_size >= NOGIL_BYTES or free_gil:
                                     with nogil:
                                         memcpy(self.base + ts, S.base + ts, self.track_size)
                                 else:
@@ -1206,21 +1219,24 @@ cdef class VolumeBase:
             if m is not None and m.oos is not None:
                 oos = m.oos.w
                 pending = bm_any_range(oos, t0, t1)
-            if n >= NOGIL_BYTES or on_disk:
+            if n >= NOGIL_BYTES or free_gil:
                 with nogil:
                     if oos != NULL:
                         bm_set_range(oos, t0, t1)
-                    if on_disk and HOST_PWRITE and self._fd >= 0:
+                    if use_pwrite:
                         err = pwrite_all(self._fd, src, n, offset)
                     else:
                         memcpy(self.base + offset, src, n)
-                if err:
-                    # the bits over-mark (safe); the bytes may be partly in
-                    raise_write_error(self, err, f"a write of {n} bytes")
             else:
                 if oos != NULL:
                     bm_set_range(oos, t0, t1)
-                memcpy(self.base + offset, src, n)
+                if use_pwrite:
+                    err = pwrite_all(self._fd, src, n, offset)
+                else:
+                    memcpy(self.base + offset, src, n)
+            if err:
+                # the bits over-mark (safe); the bytes may be partly in
+                raise_write_error(self, err, f"a write of {n} bytes")
             if whole_tracks:
                 for t in range(t0, t1):
                     ts = t << shift

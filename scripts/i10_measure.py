@@ -15,7 +15,10 @@ Variants (scratch monkeypatches, measurement only):
            on the B and C volume files every 20 ms (smoothed writeback)
   sfrall   the same on A, B and C volume files
   pwA      host writes to disk-backed volumes with pwrite, not stores through
-           the mapping (_core._set_host_pwrite; builds that have it)
+           the mapping, without the GIL (_core._set_host_mode(1); builds that
+           have it; their default, mode 0, stores without the GIL)
+  pwAg     the same with pwrite, the GIL kept for writes below 64 KiB (mode 2)
+  gil      stores, the GIL kept for writes below 64 KiB as in memory (mode 3)
 
 Per run it records the GM thread's minor faults / context switches per CG
 (getrusage(RUSAGE_THREAD) in on_result), time inside the protocol's steps
@@ -270,10 +273,11 @@ def one_run(loc, units, variant, seconds, rate, seed, run_idx):
     root, prim, sec, trips = units
     FLAGS["anonbm"] = variant == "anonbm"
     FLAGS["nosync"] = variant == "nosync"
-    if hasattr(_core, "_set_host_pwrite"):
-        _core._set_host_pwrite(variant == "pwA")
-    elif variant == "pwA":
-        raise SystemExit("pwA needs a build with _core._set_host_pwrite")
+    modes = {"pwA": 1, "pwAg": 2, "gil": 3}
+    if hasattr(_core, "_set_host_mode"):
+        _core._set_host_mode(modes.get(variant, 0))
+    elif variant in modes:
+        raise SystemExit(f"{variant} needs a build with _core._set_host_mode")
     TIMES.clear()
     NEW_FILES[0] = 0
     t = time.perf_counter()
