@@ -11,7 +11,11 @@ relationship in which it is the *source* (``to_copy``, ``src_changed``,
 ``tgt_changed``) and of the PPRC pair in which it is the primary. A target's
 data on tracks still to copy is only touched under the source's lock. When two
 locks are needed they are taken in volume-id order. Copies of a track or more
-run with the GIL released; smaller copies keep it (it is cheaper).
+run with the GIL released; smaller copies keep it (it is cheaper), except into
+a volume on a disk (``_file_backed``), where any store may take a write fault
+into the filesystem: those run without the GIL whatever their size. PPRC
+updates reach such a volume (and its FlashCopy targets' copy-on-write) with
+``pwrite`` of the changed pages, not stores through the mapping.
 """
 
 cimport cython
