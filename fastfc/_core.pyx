@@ -11,7 +11,11 @@ relationship in which it is the *source* (``to_copy``, ``src_changed``,
 ``tgt_changed``) and of the PPRC pair in which it is the primary. A target's
 data on tracks still to copy is only touched under the source's lock. When two
 locks are needed they are taken in volume-id order. Copies of a track or more
-run with the GIL released; smaller copies keep it (it is cheaper).
+run with the GIL released; smaller copies keep it (it is cheaper), except into
+a volume on a disk (``_file_backed``), where any store may take a write fault
+into the filesystem: those run without the GIL whatever their size. PPRC
+updates reach such a volume (and its FlashCopy targets' copy-on-write) with
+``pwrite`` of the changed pages, not stores through the mapping.
 """
 
 cimport cython
@@ -30,6 +34,11 @@ from posix.types cimport off_t
 
 cdef extern from "<fcntl.h>" nogil:
     int posix_fallocate(int fd, off_t offset, off_t length)
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t pwrite(int fd, const void* buf, size_t count, off_t offset)
+
+from libc.errno cimport errno, EINTR, EIO
 
 cdef extern from "pythread.h":
     ctypedef enum PyLockStatus:
@@ -56,6 +65,25 @@ cdef Py_ssize_t NOGIL_BYTES = 65536
 # a thread that gives the GIL up waits for busy Python threads to hand it
 # back (up to the switch interval each time), far longer than a small scan.
 cdef Py_ssize_t NOGIL_WORDS = 8192
+# Host writes to a volume on a disk (measured, scripts/i10_measure.py):
+# 0 store through the mapping without the GIL, 1 pwrite to its file without
+# the GIL, 2 pwrite with the GIL kept below NOGIL_BYTES, 3 store with the GIL
+# kept below NOGIL_BYTES (as in memory).
+cdef int HOST_MODE = 0
+
+
+def _set_host_mode(int mode):
+    """Measurement switch: how host writes reach disk-backed volumes."""
+    global HOST_MODE
+    if not 0 <= mode <= 3:
+        raise ValueError("mode is 0..3")
+    HOST_MODE = mode
+
+
+def _set_host_pwrite(bint on):
+    """Measurement switch: host writes to disk-backed volumes with pwrite
+    (mode 1) or stores (mode 0)."""
+    _set_host_mode(1 if on else 0)
 
 # --------------------------------------------------------------------------
 # Kernel selection (_kernels.h): the build targets a baseline ISA; the AVX2
@@ -553,6 +581,50 @@ cdef void copy_redirected(uint8_t* dst, const uint8_t* own, const uint8_t* other
         pos = piece_end
 
 
+cdef int pwrite_all(int fd, const uint8_t* buf, Py_ssize_t n, off_t off) noexcept nogil:
+    """Write ``n`` bytes at ``off`` of ``fd`` (retrying short writes and
+    EINTR). Returns 0, or the errno of the failure."""
+    cdef ssize_t got
+    while n > 0:
+        got = pwrite(fd, buf, <size_t>n, off)
+        if got < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        if got == 0:
+            return EIO
+        buf += got
+        off += got
+        n -= got
+    return 0
+
+
+cdef int put_changed_pages(int fd, const uint8_t* cur, const uint8_t* src, Py_ssize_t n,
+                           off_t off) noexcept nogil:
+    """Make the file bytes ``[off, off + n)`` of ``fd`` (mapped at ``cur``)
+    equal to ``src``, writing only the 4 KiB pages that differ, each run of
+    them with one ``pwrite``. A syscall write lands in the page cache the
+    mapping shows, without the write fault (``page_mkwrite``, TLB shootdown)
+    a store to a page writeback has cleaned takes. Returns 0 or an errno
+    (the pages before the failing run written)."""
+    cdef Py_ssize_t pos = 0, step, run = -1
+    cdef int err
+    while pos < n:
+        step = n - pos if n - pos < 4096 else 4096
+        if memcmp(cur + pos, src + pos, step) != 0:
+            if run < 0:
+                run = pos
+        elif run >= 0:
+            err = pwrite_all(fd, src + run, pos - run, off + run)
+            if err:
+                return err
+            run = -1
+        pos += step
+    if run >= 0:
+        return pwrite_all(fd, src + run, n - run, off + run)
+    return 0
+
+
 # --------------------------------------------------------------------------
 # Buffers
 # --------------------------------------------------------------------------
@@ -679,6 +751,13 @@ cdef class RelationshipBase:
         with nogil:
             done = copy_set_runs(dst, src, mask.w, 0, n, n, shift, &resume)
         return done
+
+
+cdef int raise_write_error(VolumeBase v, int err, str what) except -1:
+    """Raise the error for a failed ``pwrite`` to ``v``'s file."""
+    if err == _errno.ENOSPC or err == _errno.EDQUOT:
+        raise NoSpaceError(f"{v!r}: the filesystem has no room for {what}")
+    raise OSError(err, f"writing {what} to {v!r}: {os.strerror(err)}")
 
 
 cdef int raise_space(VolumeBase v, int err, Py_ssize_t nbytes) except -1:
@@ -1074,7 +1153,15 @@ cdef class VolumeBase:
         cdef MirrorBase m
         cdef list rels
         cdef uint64_t* w
+        cdef uint64_t* oos = NULL
         cdef bint pending = 0, whole_tracks = 0
+        cdef int err = 0
+        # a volume on a disk: every store into it may fault (writeback cleans
+        # its pages; ext4's page_mkwrite), so it runs without the GIL whatever
+        # its size; in memory a small copy keeps it (cheaper than releasing)
+        cdef bint on_disk = self._file_backed
+        cdef bint use_pwrite = on_disk and (HOST_MODE == 1 or HOST_MODE == 2) and self._fd >= 0
+        cdef bint free_gil = on_disk and (HOST_MODE == 0 or HOST_MODE == 1)
         self._check_range(offset, n)
         tr = self._lock_io()
         if tr is not None:
@@ -1100,7 +1187,8 @@ cdef class VolumeBase:
                 w = r.to_copy.w
                 if bm_any_range(w, t0, t1):
                     # copy-on-write: the target takes the old tracks first
-                    if ((t1 - t0) << shift) >= NOGIL_BYTES:
+                    if ((t1 - t0) << shift) >= NOGIL_BYTES or (
+                            r.target._file_backed and HOST_MODE != 3):
                         with nogil:
                             copy_set_runs(r.target.base, self.base, w, t0, t1, t1 - t0,
                                           shift, &resume)
@@ -1121,7 +1209,7 @@ cdef class VolumeBase:
                                 whole_tracks = 1   # cleared once the data is in
                             else:
                                 # partial write of a virtual track: fetch it first
-                                if self.track_size >= NOGIL_BYTES:
+                                if self.track_size >= NOGIL_BYTES or free_gil:
                                     with nogil:
                                         memcpy(self.base + ts, S.base + ts, self.track_size)
                                 else:
@@ -1133,13 +1221,26 @@ cdef class VolumeBase:
             # killed mid-write (bitmaps live in memory-mapped files on a
             # storage unit) never holds a changed track that no bitmap names.
             if m is not None and m.oos is not None:
-                pending = bm_any_range(m.oos.w, t0, t1)
-                bm_set_range(m.oos.w, t0, t1)
-            if n >= NOGIL_BYTES:
+                oos = m.oos.w
+                pending = bm_any_range(oos, t0, t1)
+            if n >= NOGIL_BYTES or free_gil:
                 with nogil:
-                    memcpy(self.base + offset, src, n)
+                    if oos != NULL:
+                        bm_set_range(oos, t0, t1)
+                    if use_pwrite:
+                        err = pwrite_all(self._fd, src, n, offset)
+                    else:
+                        memcpy(self.base + offset, src, n)
             else:
-                memcpy(self.base + offset, src, n)
+                if oos != NULL:
+                    bm_set_range(oos, t0, t1)
+                if use_pwrite:
+                    err = pwrite_all(self._fd, src, n, offset)
+                else:
+                    memcpy(self.base + offset, src, n)
+            if err:
+                # the bits over-mark (safe); the bytes may be partly in
+                raise_write_error(self, err, f"a write of {n} bytes")
             if whole_tracks:
                 for t in range(t0, t1):
                     ts = t << shift
@@ -1356,17 +1457,24 @@ cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
                            Py_ssize_t a, Py_ssize_t n, Py_ssize_t max_tracks, int shift,
                            int nrel, uint8_t** tgt_base, uint64_t** tgt_to_copy,
                            uint64_t** tgt_changed, Py_ssize_t* resume,
-                           bint pages, void* hooked) noexcept nogil:
+                           bint pages, void* hooked, int dst_fd, int* tgt_fd,
+                           int* err) noexcept nogil:
     """Copy the runs set in ``owed`` from ``a`` on (below ``n``, at most
     ``max_tracks``) from src to dst, each after copy-on-write of dst's old
     tracks to its FlashCopy targets and with change recording, clearing the
     bits. ``pages``: the volumes are files; write only the pages that change.
     ``hooked``: dst's volume while the cow hook is installed (else NULL),
     called after each copy-on-write and before the data lands.
-    Returns the tracks copied, or -1 if the hook raised (the run it was
-    called for not applied); ``resume[0]`` is where to carry on."""
+    ``dst_fd`` / ``tgt_fd[k]`` (with ``pages``, >= 0): that volume is on a
+    disk and its changed pages go to its file with ``pwrite`` (the
+    copy-on-write to the target before dst's), not stores through the
+    mapping. Returns the tracks copied, -1 if the hook raised (the run it
+    was called for not applied), -2 if a ``pwrite`` failed (``err[0]`` its
+    errno; the run it was in stays owed, its bits set, a track's to_copy bit
+    cleared only once its old data is in the target); ``resume[0]`` is where
+    to carry on."""
     cdef Py_ssize_t b, t, done = 0, res2
-    cdef int k
+    cdef int k, e
     while 0 <= a < n and done < max_tracks:
         b = bm_next_clear(owed, n, a)
         if b < 0:
@@ -1380,15 +1488,32 @@ cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
                 if pages:
                     for t in range(a, b):
                         if bm_test(tgt_to_copy[k], t):
-                            copy_changed_pages(tgt_base[k] + (t << shift), dst + (t << shift),
-                                               (<Py_ssize_t>1) << shift)
+                            if tgt_fd != NULL and tgt_fd[k] >= 0:
+                                e = put_changed_pages(tgt_fd[k], tgt_base[k] + (t << shift),
+                                                      dst + (t << shift),
+                                                      (<Py_ssize_t>1) << shift,
+                                                      (<off_t>t) << shift)
+                                if e:
+                                    err[0] = e
+                                    resume[0] = a
+                                    return -2
+                            else:
+                                copy_changed_pages(tgt_base[k] + (t << shift),
+                                                   dst + (t << shift), (<Py_ssize_t>1) << shift)
                             bm_clear(tgt_to_copy[k], t)
                 else:
                     copy_set_runs(tgt_base[k], dst, tgt_to_copy[k], a, b, b - a, shift, &res2)
                 if hooked != NULL and call_cow_hook(hooked) < 0:
                     resume[0] = a
                     return -1
-        if pages:
+        if pages and dst_fd >= 0:
+            e = put_changed_pages(dst_fd, dst + (a << shift), src + (a << shift),
+                                  (b - a) << shift, (<off_t>a) << shift)
+            if e:
+                err[0] = e
+                resume[0] = a
+                return -2
+        elif pages:
             copy_changed_pages(dst + (a << shift), src + (a << shift), (b - a) << shift)
         elif ((b - a) << shift) >= STREAM_BYTES:   # B's copy is not read back soon
             copy_stream(dst + (a << shift), src + (a << shift), (b - a) << shift)
@@ -1425,6 +1550,8 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
     cdef uint8_t* tgt_base[MAX_RELS]
     cdef uint64_t* tgt_to_copy[MAX_RELS]
     cdef uint64_t* tgt_changed[MAX_RELS]
+    cdef int tgt_fd[MAX_RELS]
+    cdef int dst_fd, err = 0
     if owed.n_bits != n or B.n_tracks != n or B.track_shift != shift:
         raise ValueError("pprc_copy_tracks needs volumes and bitmap of one geometry")
     if A.base == NULL:
@@ -1448,6 +1575,8 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
             tgt_base[k] = r.target.base
             tgt_to_copy[k] = r.to_copy.w
             tgt_changed[k] = r.src_changed.w if r.src_changed is not None else NULL
+            tgt_fd[k] = r.target._fd if r.target._file_backed else -1
+        dst_fd = B._fd if B._file_backed else -1
         # thin volumes: the blocks of every track this call may write (on B,
         # and on B's targets for their copy-on-write) before any byte lands
         B._reserve_runs(w, a, n, max_tracks)
@@ -1461,7 +1590,9 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
         with nogil:
             done = apply_runs(B.base, A.base, w, a, n, max_tracks, shift, nrel,
                               tgt_base, tgt_to_copy, tgt_changed, &resume,
-                              B._file_backed, hooked)
+                              B._file_backed, hooked, dst_fd, tgt_fd, &err)
+        if done == -2:
+            raise_write_error(B, err, "a PPRC update (the tracks not applied stay owed)")
         if done < 0:
             raise_hook_error()
     finally:
@@ -1654,6 +1785,8 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
     cdef uint64_t* tgt_changed[MAX_RELS]
     cdef double deadline = monotonic() + seconds if seconds >= 0 else -1.0
     cdef unsigned long me = PyThread_get_thread_ident()
+    cdef int tgt_fd[MAX_RELS]
+    cdef int dst_fd, err = 0
     if owed.n_bits != n or B.n_tracks != n or B.track_shift != shift:
         raise ValueError("pprc_drain needs volumes and bitmap of one geometry")
     if A._owner == me or B._owner == me:
@@ -1674,6 +1807,9 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
             tgt_base[k] = r.target.base
             tgt_to_copy[k] = r.to_copy.w
             tgt_changed[k] = r.src_changed.w if r.src_changed is not None else NULL
+            # (a target closed later bumps the version: its fd is not used then)
+            tgt_fd[k] = r.target._fd if r.target._file_backed else -1
+        dst_fd = B._fd if B._file_backed else -1
         version = B._rels_version
     finally:
         B._release()
@@ -1694,8 +1830,10 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
             else:
                 got = apply_runs(B.base, A.base, w, a, n, chunk, shift, nrel,
                                  tgt_base, tgt_to_copy, tgt_changed, &resume,
-                                 B._file_backed, hooked)
-                if got < 0:
+                                 B._file_backed, hooked, dst_fd, tgt_fd, &err)
+                if got == -2:
+                    status = 4
+                elif got < 0:
                     status = 3
                 else:
                     done += got
@@ -1713,4 +1851,6 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
                 break
     if status == 3:         # the cow hook raised: what was sent stays sent
         raise_hook_error()
+    if status == 4:         # a pwrite failed: what was sent stays sent, the rest owed
+        raise_write_error(B, err, "a PPRC update (the tracks not applied stay owed)")
     return done, status

@@ -14,6 +14,11 @@ Variants (scratch monkeypatches, measurement only):
   sfr      a background thread calls sync_file_range(SYNC_FILE_RANGE_WRITE)
            on the B and C volume files every 20 ms (smoothed writeback)
   sfrall   the same on A, B and C volume files
+  pwA      host writes to disk-backed volumes with pwrite, not stores through
+           the mapping, without the GIL (_core._set_host_mode(1); builds that
+           have it; their default, mode 0, stores without the GIL)
+  pwAg     the same with pwrite, the GIL kept for writes below 64 KiB (mode 2)
+  gil      stores, the GIL kept for writes below 64 KiB as in memory (mode 3)
 
 Per run it records the GM thread's minor faults / context switches per CG
 (getrusage(RUSAGE_THREAD) in on_result), time inside the protocol's steps
@@ -48,6 +53,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fastfc import GlobalMirror, StorageUnit  # noqa: E402
+from fastfc import _core  # noqa: E402
 from fastfc._core import TrackBitmap  # noqa: E402
 from fastfc.copyservices.flashcopy import FlashCopy  # noqa: E402
 from fastfc.copyservices.pprc import PPRCPair  # noqa: E402
@@ -267,6 +273,11 @@ def one_run(loc, units, variant, seconds, rate, seed, run_idx):
     root, prim, sec, trips = units
     FLAGS["anonbm"] = variant == "anonbm"
     FLAGS["nosync"] = variant == "nosync"
+    modes = {"pwA": 1, "pwAg": 2, "gil": 3}
+    if hasattr(_core, "_set_host_mode"):
+        _core._set_host_mode(modes.get(variant, 0))
+    elif variant in modes:
+        raise SystemExit(f"{variant} needs a build with _core._set_host_mode")
     TIMES.clear()
     NEW_FILES[0] = 0
     t = time.perf_counter()

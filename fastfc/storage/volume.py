@@ -97,23 +97,29 @@ class Volume(_core.VolumeBase):
                 raise ValueError("thin applies to file-backed volumes (give a path)")
             self._attach(np.zeros(capacity, dtype=np.uint8), track_size)
         else:
+            on_disk = not _in_memory_fs(self.path)
             mm, fd = _map_file(self.path, n_tracks, track_size, bool(thin))
             try:
                 allocated = _allocated_tracks(fd, n_tracks, track_size) if thin else None
                 # the array's base holds an export of the mapping: close()
-                # unmaps it only once no array of it is left
+                # unmaps it only once no array of it is left. A thin volume
+                # keeps its descriptor (to reserve blocks), a volume on a disk
+                # too (PPRC updates reach it with pwrite, not stores through
+                # the mapping); close() closes it.
                 self._attach(np.frombuffer(mm, dtype=np.uint8), track_size,
-                             fd if thin else -1, allocated)
+                             fd if thin or on_disk else -1, allocated)
             except BaseException:
                 os.close(fd)
                 raise
             self._mm = mm
-            if not thin:
+            if not (thin or on_disk):
                 os.close(fd)   # the mapping holds its own reference to the file
-        # PPRC updates then write only the 4 KiB pages that change: on a file
-        # whose pages go to a disk, a clean page costs no writeback. In memory
-        # (tmpfs included) a whole-track copy is cheaper than comparing.
-        self._file_backed = self.path is not None and not _in_memory_fs(self.path)
+        # PPRC updates then write only the 4 KiB pages that change (with
+        # pwrite: no write fault on a page writeback cleaned), and host writes
+        # store with the GIL released; on a file whose pages go to a disk, a
+        # clean page costs no writeback. In memory (tmpfs included) a
+        # whole-track copy is cheaper than comparing.
+        self._file_backed = self.path is not None and on_disk
         # on tmpfs a read fault on a hole takes a page as a write does
         self._reads_allocate = bool(thin) and not self._file_backed
 
