@@ -788,6 +788,19 @@ cdef inline void unlock_two(VolumeBase a, VolumeBase b) noexcept:
         b._release()
 
 
+cdef inline int land_write(uint8_t* base, int fd, bint use_pwrite, uint64_t* oos,
+                           Py_ssize_t t0, Py_ssize_t t1, const uint8_t* src,
+                           Py_ssize_t n, Py_ssize_t offset) noexcept nogil:
+    """The end of a host write: the out-of-sync bits (if any), then the data,
+    through the mapping or with ``pwrite``. Returns 0 or an errno."""
+    if oos != NULL:
+        bm_set_range(oos, t0, t1)
+    if use_pwrite:
+        return pwrite_all(fd, src, n, offset)
+    memcpy(base + offset, src, n)
+    return 0
+
+
 cdef class VolumeBase:
     """A volume's bytes, lock, flags and the I/O path.
 
@@ -1225,19 +1238,11 @@ cdef class VolumeBase:
                 pending = bm_any_range(oos, t0, t1)
             if n >= NOGIL_BYTES or free_gil:
                 with nogil:
-                    if oos != NULL:
-                        bm_set_range(oos, t0, t1)
-                    if use_pwrite:
-                        err = pwrite_all(self._fd, src, n, offset)
-                    else:
-                        memcpy(self.base + offset, src, n)
+                    err = land_write(self.base, self._fd, use_pwrite, oos, t0, t1,
+                                     src, n, offset)
             else:
-                if oos != NULL:
-                    bm_set_range(oos, t0, t1)
-                if use_pwrite:
-                    err = pwrite_all(self._fd, src, n, offset)
-                else:
-                    memcpy(self.base + offset, src, n)
+                err = land_write(self.base, self._fd, use_pwrite, oos, t0, t1,
+                                 src, n, offset)
             if err:
                 # the bits over-mark (safe); the bytes may be partly in
                 raise_write_error(self, err, f"a write of {n} bytes")
