@@ -19,6 +19,13 @@ Variants (scratch monkeypatches, measurement only):
            have it; their default, mode 0, stores without the GIL)
   pwAg     the same with pwrite, the GIL kept for writes below 64 KiB (mode 2)
   gil      stores, the GIL kept for writes below 64 KiB as in memory (mode 3)
+  y1       the protocol thread gives the GIL up (time.sleep(0)) between CGs
+           (globalmirror._GIL_YIELD = 1; builds that have it)
+  y2       also between an attempt's phases and between triplets (level 2)
+  gily2    mode 3 (host writes keep the GIL) with level-2 yields
+  c64      pprc.DIRECT_CHUNK_BYTES = 64 KiB: the CG drain holds A's (and B's)
+           lock for at most 64 KiB of tracks at a time (default 4 MiB)
+  c256     the same with 256 KiB
 
 Per run it records the GM thread's minor faults / context switches per CG
 (getrusage(RUSAGE_THREAD) in on_result), time inside the protocol's steps
@@ -273,7 +280,15 @@ def one_run(loc, units, variant, seconds, rate, seed, run_idx):
     root, prim, sec, trips = units
     FLAGS["anonbm"] = variant == "anonbm"
     FLAGS["nosync"] = variant == "nosync"
-    modes = {"pwA": 1, "pwAg": 2, "gil": 3}
+    modes = {"pwA": 1, "pwAg": 2, "gil": 3, "gily2": 3}
+    yields = {"y1": 1, "y2": 2, "gily2": 2}
+    from fastfc.copyservices import pprc as pprcmod
+    pprcmod.DIRECT_CHUNK_BYTES = {"c64": 64 << 10, "c256": 256 << 10}.get(variant, 4 << 20)
+    from fastfc.copyservices import globalmirror as gmmod
+    if hasattr(gmmod, "_GIL_YIELD"):
+        gmmod._GIL_YIELD = yields.get(variant, 0)
+    elif variant in yields:
+        raise SystemExit(f"{variant} needs a build with globalmirror._GIL_YIELD")
     if hasattr(_core, "_set_host_mode"):
         _core._set_host_mode(modes.get(variant, 0))
     elif variant in modes:
