@@ -29,6 +29,11 @@ Points reached by the engine:
     Inside a host write, after the copy-on-write of the old tracks to a
     target and before the new data lands (``volume`` is the source). Use it
     with ``action``; the I/O path ignores exceptions and delays here.
+``barrier``
+    Right after each sync of a unit at durability "power" (a volume's or a
+    bitmap's pages reached the disk), in order: ``after=k`` stops the world
+    just after the (k+1)-th; power-cut tests cut there. Use it with
+    ``action``; an exception there is not raised into the drain.
 
 ``action`` runs a callable instead (crash tests pass one that kills the
 process), which makes every point a place to stop the world.
@@ -47,7 +52,8 @@ from dataclasses import dataclass
 from fastfc import _core
 from fastfc.errors import InjectedFault
 
-POINTS = ("prepare", "commit", "revert", "coordinate", "drain", "link", "decision", "cow")
+POINTS = ("prepare", "commit", "revert", "coordinate", "drain", "link", "decision", "cow",
+          "barrier")
 
 
 @dataclass
@@ -87,7 +93,7 @@ def inject(point: str, volume: object = None, *, times: int = 1, delay: float | 
 
 
 # the points that name no volume: a fault there must not be given one
-_NO_VOLUME = ("coordinate", "decision")
+_NO_VOLUME = ("coordinate", "decision", "barrier")
 
 
 def _check_volume(point: str, volume: object) -> None:

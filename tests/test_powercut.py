@@ -85,6 +85,11 @@ VARIANTS = [("none", "synced"), ("all", "synced"), ("random", "synced"),
             ("random", "synced"), ("random", "synced"), ("random", "current"),
             ("all", "current")]
 
+# at "power" also right after single syncs of the ordered drain and the
+# FlashCopy phase (k-th barrier of the CG: after C's data, after the cleared
+# to_copy bits, after B, after the prepared bitmaps, ...)
+POWER_PLAN = PLAN + [[("barrier", k)] for k in (0, 1, 2, 4, 6, 9, 12, 15, 18, 21)]
+
 SLOW_PLAN = PLAN + [
     [("drain", 2), ("cow", 1)],
     [("prepare", 1), ("commit", 0)],
@@ -208,6 +213,8 @@ def run_session(tmp: Path, durability: str, plan, variants, seed: int = 0) -> Ru
                     faults.inject("drain", A[i], action=lambda pt=pt, i=i: take(pt, i))
                 elif pt in ("prepare", "commit", "cow"):
                     faults.inject(pt, B[i], action=lambda pt=pt, i=i: take(pt, i))
+                elif pt == "barrier":
+                    faults.inject("barrier", after=i, action=lambda pt=pt, i=i: take(pt, i))
             try:
                 res = gm.form_consistency_group()
             finally:
@@ -367,13 +374,13 @@ def _power(tmp_path, plan, variants, seed=0):
 
 
 def test_power_durability_survives_cuts(work):
-    _power(work, PLAN, VARIANTS)
+    _power(work, POWER_PLAN, VARIANTS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_power_durability_survives_more_cuts(work, seed):
-    _power(work, SLOW_PLAN, SLOW_VARIANTS, seed=seed)
+    _power(work, SLOW_PLAN + POWER_PLAN[len(PLAN):], SLOW_VARIANTS, seed=seed)
 
 
 @pytest.mark.slow

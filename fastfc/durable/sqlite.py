@@ -33,8 +33,10 @@ from typing import cast
 
 import numpy as np
 
+from fastfc import faults
 from fastfc._core import TrackBitmap
-from fastfc.errors import CorruptUnitError, NoSpaceError, ReadOnlyUnitError, UnitClosedError
+from fastfc.errors import (CorruptUnitError, InjectedFault, NoSpaceError, ReadOnlyUnitError,
+                           UnitClosedError)
 from fastfc.storage.store import Store
 
 SCHEMA_VERSION = 1
@@ -293,6 +295,10 @@ class SQLiteStore(Store):
             if flush is not None:
                 flush()
                 self.msyncs += 1
+                try:
+                    faults.hit("barrier")   # power-cut tests stop the world here
+                except InjectedFault:
+                    pass
 
     def sync_point(self) -> None:
         """Make every committed row durable against power loss: checkpoint the
