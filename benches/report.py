@@ -394,8 +394,10 @@ class Report:
                      f"{units['cgs_per_s']:.1f} CG/s", f"{mem['cgs_per_s']:.1f} CG/s in memory",
                      ratio, ">= 0.5", ratio >= 0.5,
                      note=(f"units in {where}; fsync there: {fs * 1e3:.2f} ms, {per_cg:.2f} "
-                           f"per CG attempt (durability process): at most "
-                           f"{1 / (per_cg * fs) if per_cg else float('inf'):.0f} CG/s. The "
+                           f"per CG attempt (durability process)"
+                           + (f": at most {1 / (per_cg * fs):.0f} CG/s" if per_cg else
+                              ": no fsync bounds the rate")
+                           + ". The "
                            f"writers got {units['write_mb_s']:.0f} of "
                            f"{cfg['rate_mbs']:.0f} MB/s: pages dirtied at "
                            f"{units.get('pages_dirtied_mb_s', float('nan')):.0f} MB/s, written "
