@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from fastfc import GlobalMirror, StorageUnit
-from fastfc.tools.testing import RandomWriters
+from fastfc.tools.testing import run_under_writers
 
 LEVELS = ("process", "power")
 TRACK = 4096
@@ -138,15 +138,9 @@ def one_run(root: Path, n: int, level: str, seconds: float, rate: float | None, 
         f0 = sum(u.store.fsyncs for u in units)
         m0 = sum(u.store.msyncs for u in units)
         s0, p0 = sectors_written(dev), proc_write_bytes()
-        writers = RandomWriters([t[0] for t in trips], threads=2, seed=seed, io_size=4096,
-                                pace=rate).start()
-        t0 = time.perf_counter()
-        gm.start()
-        time.sleep(seconds)
-        gm.stop()
-        elapsed = time.perf_counter() - t0
+        writers, elapsed = run_under_writers(gm, [t[0] for t in trips], seconds, threads=2,
+                                             seed=seed, io_size=4096, pace=rate)
         host = writers.bytes
-        writers.stop()
         fsyncs = sum(u.store.fsyncs for u in units) - f0
         msyncs = sum(u.store.msyncs for u in units) - m0
         p1 = proc_write_bytes()
@@ -354,14 +348,9 @@ def large(disk_root: Path, total_gib: float | None, seconds: float, log=print) -
         try:
             gm = GlobalMirror(trips, cg_interval=0.0, initial_copy=False)
             s0 = sectors_written(dev)
-            writers = RandomWriters([t[0] for t in trips], threads=2, seed=5, io_size=4096).start()
-            t0 = time.perf_counter()
-            gm.start()
-            time.sleep(seconds)
-            gm.stop()
-            elapsed = time.perf_counter() - t0
+            writers, elapsed = run_under_writers(gm, [t[0] for t in trips], seconds, threads=2,
+                                                 seed=5, io_size=4096)
             host = writers.bytes
-            writers.stop()
             t = time.perf_counter()
             os.sync()
             out["sync_after_s"] = time.perf_counter() - t

@@ -275,6 +275,7 @@ class GlobalMirror:
             self.triplets = list(_parts)
             self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
             self._store = self.triplets[0].b.store
+            self._order_drains()
             self.journal = journal if journal is not None else self._store
             top = max(self.c_sequences)
             self._next_sequence = top + 1
@@ -310,8 +311,17 @@ class GlobalMirror:
                 c._invalid = was_invalid[id(c)]
             raise
         self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
+        self._order_drains()
         self._store.add_session(self.to_record(), self,
                                 partners=[t.a.store for t in self.triplets])
+
+    def _order_drains(self) -> None:
+        """Durability "power" (fixed when the unit holding B was opened): B is
+        written by the ordered drain only, after its barriers, so collisions
+        save CG versions in the side file instead of sending them at once."""
+        self._ordered = self._store.durability == "power"
+        for trip in self.triplets:
+            trip.pair.ordered_drain = self._ordered
 
     # -- records -----------------------------------------------------------------
     def to_record(self) -> dict:
@@ -362,10 +372,7 @@ class GlobalMirror:
         self._next_sequence += 1
         res = CGResult(seq, False)
 
-        # durability "power": B is written by the drain only, after barriers
-        ordered = self._store.durability == "power"
-        for trip in self.triplets:
-            trip.pair.ordered_drain = ordered
+        ordered = self._ordered
 
         # 1. coordinate
         if not self._coordinate(res):
@@ -519,7 +526,7 @@ class GlobalMirror:
                     if self.decide == "after_each":
                         break
             decision = "commit" if failure is None else "revert"
-            if self._store.durability == "power":   # the prepared bitmaps before the decision
+            if self._ordered:   # the prepared bitmaps before the decision
                 self._store.sync(*(bm for fc in prepared
                                    for bm in (fc.to_copy, fc.src_changed, fc.tgt_changed)))
             if self.journal is not None:
