@@ -19,6 +19,10 @@ FLOORS = {
     "fastfc.copyservices": 4,
     "fastfc.durable": 5,
     "fastfc.tools": 6, "fastfc.__main__": 6,
+    # secondary units served to a session in another process (Ray actors and
+    # their in-process double): a server over durable units, on the tools
+    # floor; the session reaches them through fastfc.storage.site (floor 2)
+    "fastfc.remote": 6,
 }
 # reaching up by attribute: names of what only a higher floor holds
 UPWARD_ATTRIBUTES = {"unit": 5, "_register_session": 5, "_forget_session": 5}

@@ -44,6 +44,7 @@ from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.names import check_name
 from fastfc.storage.link import Link, LocalLink
+from fastfc.storage.site import SiteVolume
 from fastfc.storage.volume import Volume, locked
 
 MAX_DRAIN_FAILURES = 5     # consecutive drain-time failures before the limit is set aside
@@ -226,6 +227,15 @@ class GlobalMirror:
     their storage unit), which tells the unit of it; so are its counters
     (:attr:`stats`), after every attempt.
     """
+
+    def __new__(cls, triplets: Sequence = (), *args, **kwargs) -> "GlobalMirror":
+        # B and C volumes on secondary sites (remote units): the session that
+        # talks to them (fastfc.copyservices.sitemirror), same API
+        if cls is GlobalMirror and any(
+                len(t) == 3 and isinstance(t[1], SiteVolume) for t in triplets):
+            from fastfc.copyservices.sitemirror import SiteGlobalMirror
+            return super().__new__(SiteGlobalMirror)
+        return super().__new__(cls)
 
     def __init__(self, triplets: Sequence[tuple[Volume, Volume, Volume]], *,
                  link: Link | None = None, cg_interval: float = 0.0,

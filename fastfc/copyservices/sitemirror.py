@@ -1,0 +1,594 @@
+"""Global Mirror with B and C volumes on secondary sites reached by calls.
+
+:class:`GlobalMirror` makes a :class:`SiteGlobalMirror` when its triplets'
+B and C volumes are :class:`~fastfc.storage.site.SiteVolume` proxies (the
+``fastfc.remote`` package hands those out); the A volumes stay local.
+Coordination is the local one; the other two phases become:
+
+* **Drain.** Per unit, one :meth:`SecondarySite.apply` call per batch of at
+  least ``BATCH_BYTES`` of gathered tracks, for all of the unit's triplets.
+  Tracks are gathered under A's lock (a bounded run per hold) and sent
+  outside it; a host write to a CG track not yet gathered saves the CG
+  version in the pair's side file first (the collision rule), which the
+  drain sends. At most ``MAX_INFLIGHT_BYTES`` are in flight at once; the
+  units receive their batches in parallel.
+* **FlashCopy**, a two-phase protocol across units: ``prepare`` on every
+  unit at once (one call each), the decision recorded durably (by the
+  ``journal``, or the first unit), then ``finish`` (commit all or revert
+  all) on every unit at once. Every call is keyed by the CG sequence and
+  idempotent on the unit.
+
+Recovery spans units (:func:`reconcile_sites`): a unit that restarted never
+settles an in-doubt CG alone; before the next CG the session reads every
+unit and applies the seed's rule. :func:`recover_sites` does it over the
+secondary units alone (the primary site lost) and fast-reverse-restores
+every B from its C.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from fastfc import faults
+from fastfc._core import MirrorBase, TrackBitmap
+from fastfc.copyservices.globalmirror import (Cause, CGResult, GlobalMirror, GMState,
+                                              GMStats, Triplet)
+from fastfc.errors import DrainAborted, FastFCError, LimitError, StateError, VolumeClosedError
+from fastfc.names import check_name
+from fastfc.storage.site import Pending, SecondarySite, SiteVolume, Update
+from fastfc.storage.store import Store
+from fastfc.storage.volume import Volume
+
+BATCH_BYTES = 4 << 20            # gathered tracks per apply call (>= 1 MiB)
+MAX_INFLIGHT_BYTES = 64 << 20    # apply calls not yet answered, all units together
+HOLD_BYTES = 1 << 20             # copied per hold of A's lock while gathering
+
+
+class SitePair(MirrorBase):
+    """Global Copy from a local primary ``a`` to ``b`` on a secondary site.
+
+    The bitmaps (``oos``, ``spare``, ``cg``), the side file and ``taken``
+    (CG tracks gathered and not yet known to be on B) are guarded by A's
+    lock. Not recorded anywhere: a session over sites starts with an
+    initial copy.
+    """
+
+    oos: TrackBitmap
+
+    def __init__(self, a: Volume, b: SiteVolume, site: SecondarySite, *,
+                 initial_copy: bool = True) -> None:
+        if a.n_tracks != b.n_tracks or a.track_size != b.track_size:
+            raise ValueError(f"{a!r} and {b.name} differ in geometry "
+                             f"({a.n_tracks}x{a.track_size} vs {b.n_tracks}x{b.track_size})")
+        self.primary, self.remote, self.site = a, b, site
+        self.name = f"{a.name}->{site.name}:{b.name}"
+        self.sync = False
+        self.side: dict[int, np.ndarray] = {}
+        self.cg_bytes = 0
+        self.bytes_sent = 0
+        self.suspend_reason: str | None = None
+        self.failed_over = False
+        self._cursor = 0
+        self.taken = TrackBitmap(a.n_tracks)
+        self.spare = TrackBitmap(a.n_tracks)
+        a._lock()
+        try:
+            if a._mirror is not None or a._secondary:
+                raise LimitError(f"{a!r} is already in a PPRC pair")
+            if a._tgt_rel is not None:
+                raise LimitError(f"{a!r} is a FlashCopy target and cannot be a PPRC primary")
+            self.oos = TrackBitmap(a.n_tracks, fill=initial_copy)
+            self.cg = None
+            a._mirror = self
+        finally:
+            a._unlock()
+
+    def remove(self) -> None:
+        a = self.primary
+        a._lock()
+        try:
+            if a._mirror is self:
+                a._mirror = None
+        finally:
+            a._unlock()
+
+    @property
+    def out_of_sync_tracks(self) -> int:
+        n = self.oos.count()
+        if self.cg is not None:
+            n += self.cg.count() + len(self.side)
+        return n
+
+    def __repr__(self) -> str:
+        return f"<SitePair {self.name} oos={self.out_of_sync_tracks}>"
+
+    def _collide(self, t0: int, t1: int) -> None:
+        """A host write is about to overwrite CG tracks not yet gathered:
+        keep their CG version in the side file (A's lock held)."""
+        A, ts, cg = self.primary, self.primary.track_size, self.cg
+        assert cg is not None
+        A._reserve_read(t0, t1)
+        arr = A.array
+        for t in range(t0, t1):
+            if cg.test(t):
+                self.side[t] = arr[t * ts:(t + 1) * ts].copy()
+                cg.clear(t)
+
+    def gather(self, bitmap: TrackBitmap, buf: np.ndarray, pos: int,
+               updates: list[Update], taken: TrackBitmap, side: bool) -> tuple[int, bool]:
+        """Copy set tracks of ``bitmap`` (then, with ``side``, side-file
+        versions) into ``buf`` from ``pos`` while they fit, clearing their
+        bits and setting them in ``taken``; one bounded run per hold of A's
+        lock. Returns the new position and whether nothing is left."""
+        A, ts, n = self.primary, self.primary.track_size, self.primary.n_tracks
+        hold = max(1, HOLD_BYTES // ts)
+        name = self.remote.name
+        while pos + ts <= len(buf):
+            A._lock()
+            try:
+                if A.closed:
+                    raise VolumeClosedError(f"{A!r} is closed")
+                a = bitmap.find_next_set(self._cursor)
+                if a < 0 and self._cursor:
+                    a = bitmap.find_next_set(0)
+                if a >= 0:
+                    b = bitmap.find_next_clear(a)
+                    b = n if b < 0 else b
+                    b = min(b, a + hold, a + (len(buf) - pos) // ts)
+                    A._reserve_read(a, b)
+                    nb = (b - a) * ts
+                    buf[pos:pos + nb] = A.array[a * ts:b * ts]
+                    bitmap.clear_range(a, b)
+                    taken.set_range(a, b)
+                    updates.append((name, a * ts, pos, nb))
+                    pos += nb
+                    self._cursor = b if b < n else 0
+                    continue
+                if side and self.side:
+                    t, data = self.side.popitem()
+                    buf[pos:pos + ts] = data
+                    taken.set(t)
+                    updates.append((name, t * ts, pos, ts))
+                    pos += ts
+                    continue
+                return pos, True
+            finally:
+                A._unlock()
+        return pos, False
+
+    def drain(self, max_bytes: int | None = None) -> int:
+        """Global Copy outside a CG: send out-of-sync tracks (up to
+        ``max_bytes``) and wait for the unit; on a failure their bits are set
+        again and the pair suspends. Returns bytes sent."""
+        if self.suspend_reason is not None or self.failed_over:
+            return 0
+        ts = self.primary.track_size
+        buf = np.empty(max(ts, min(max_bytes or BATCH_BYTES, BATCH_BYTES)), np.uint8)
+        taken = TrackBitmap(self.primary.n_tracks)
+        updates: list[Update] = []
+        pos, _ = self.gather(self.oos, buf, 0, updates, taken, side=False)
+        if not updates:
+            return 0
+        try:
+            self.site.apply(buf[:pos], updates).result()
+        except FastFCError as e:
+            self._give_back(taken)
+            self.suspend_reason = f"{type(e).__name__}: {e}"
+            return 0
+        self.bytes_sent += pos
+        return pos
+
+    def _give_back(self, taken: TrackBitmap) -> None:
+        A = self.primary
+        A._lock()
+        try:
+            self.oos.or_(taken)
+        finally:
+            A._unlock()
+
+    def _cg_end(self, ok: bool) -> None:
+        """Close the CG; a failed one gives every CG track (gathered or not)
+        back to the out-of-sync bitmap."""
+        A = self.primary
+        A._lock()
+        try:
+            cg = self.cg
+            if cg is None:
+                return
+            if not ok:
+                self.oos.or_(cg)
+                self.oos.or_(self.taken)
+                for t in self.side:
+                    self.oos.set(t)
+                cg.fill(False)
+            self.taken.fill(False)
+            self.side = {}
+            self.spare, self.cg = cg, None
+        finally:
+            A._unlock()
+
+
+class _SitesLink:
+    """What the session's loop asks of its link: whether every unit is up."""
+
+    def __init__(self, sites: Sequence[SecondarySite]) -> None:
+        self.sites = list(sites)
+
+    @property
+    def up(self) -> bool:
+        return all(s.up for s in self.sites)
+
+    def __repr__(self) -> str:
+        return f"<sites {', '.join(s.name for s in self.sites)}>"
+
+
+def reconcile_sites(sites: Sequence[SecondarySite], session: str,
+                    journal: Callable[[int, str], None] | None = None) -> tuple[str, int]:
+    """End every C of ``session`` on one CG across ``sites``, by the seed's
+    rule, from what the units hold (no unit settles an in-doubt CG alone).
+
+    If some unit committed the pending sequence (a relationship carries it
+    without being revertible, or the unit recorded a commit), or the
+    session's recorded decision says commit, commit the rest; otherwise
+    (every prepared relationship still revertible with one sequence)
+    revert all. Returns ``(action, sequence)``: action "nothing", "commit"
+    or "revert". Raises the unit's error if one is unreachable (nothing is
+    decided then).
+    """
+    statuses = [s.status(session) for s in sites]
+    pending = {seq for st in statuses for (_, rev, seq) in st["fcs"] if rev}
+    if not pending:
+        return "nothing", max(seq for st in statuses for (_, _, seq) in st["fcs"])
+    n = max(pending)
+    committed = any((not rev and seq == n) for st in statuses for (_, rev, seq) in st["fcs"]) \
+        or any(st["settled"].get(n) == "commit" or st["decisions"].get(n) == "commit"
+               for st in statuses)
+    action = "commit" if committed else "revert"
+    if journal is not None:
+        journal(n, action)
+    calls = [s.finish(session, n, action) for s in sites]
+    errors = []
+    for s, c in zip(sites, calls):
+        try:
+            got = c.result()
+            if got != action:
+                errors.append(f"{s.name} holds {got} for CG {n}, expected {action}")
+        except FastFCError as e:
+            errors.append(f"{s.name}: {type(e).__name__}: {e}")
+    if errors:
+        raise StateError(f"CG {n} of {session!r} not resolved: " + "; ".join(errors))
+    return action, n
+
+
+def recover_sites(sites: Sequence[SecondarySite], session: str) -> int:
+    """Site-loss recovery over the secondary units alone: settle any
+    in-doubt CG by :func:`reconcile_sites` (the decision recorded by the
+    lost session is read from the units), check every C is on one CG, then
+    fast-reverse-restore each B from its C and let B take host writes.
+    Returns the CG sequence every B now holds."""
+    sites = list(sites)
+    journal = sites[0]
+    reconcile_sites(sites, session,
+                    lambda seq, d: journal.record_decision(session, seq, d))
+    seqs = {seq for s in sites for (_, _, seq) in s.status(session)["fcs"]}
+    if len(seqs) != 1:
+        raise StateError(f"C volumes of {session!r} are on CGs {sorted(seqs)} after "
+                         "reconciling; not restored")
+    for s in sites:
+        s.restore_b(session)
+    return seqs.pop()
+
+
+class SiteGlobalMirror(GlobalMirror):
+    """A :class:`GlobalMirror` whose B and C volumes are on secondary sites
+    (made by ``GlobalMirror(...)`` when the B volumes are
+    :class:`~fastfc.storage.site.SiteVolume` proxies). Same parameters,
+    results and states; ``link`` must be None (each unit is its own link).
+    ``journal``, if given, receives ``cg_decision(name, sequence,
+    decision)``; by default the first unit records the decision.
+    """
+
+    def __init__(self, triplets: Sequence[tuple[Any, Any, Any]], *,
+                 link: Any = None, cg_interval: float = 0.0,
+                 max_coordination_time: float = 0.05, max_drain_time: float = 0,
+                 decide: str = "after_all",
+                 on_coordinate: Callable[[int], None] | None = None,
+                 on_result: Callable[[CGResult], None] | None = None,
+                 journal: Any = None, name: str = "gm", initial_copy: bool = True,
+                 _parts: list | None = None) -> None:
+        check_name("session", name)
+        if link is not None:
+            raise ValueError("a session over secondary sites picks its links itself: "
+                             "pass link=None")
+        if decide not in ("after_all", "after_each"):
+            raise ValueError(f"decide must be 'after_all' or 'after_each', got {decide!r}")
+        for what, value in (("cg_interval", cg_interval), ("max_drain_time", max_drain_time)):
+            if value < 0:
+                raise ValueError(f"{what} must be >= 0, got {value}")
+        if not max_coordination_time > 0:
+            raise ValueError(f"max_coordination_time must be > 0, got {max_coordination_time}")
+        for t in triplets:
+            if len(t) != 3 or not isinstance(t[0], Volume) or not isinstance(t[1], SiteVolume) \
+                    or not isinstance(t[2], SiteVolume):
+                raise TypeError("with remote volumes every triplet must be (local Volume, "
+                                "remote B, remote C)")
+        if len({id(t[0]) for t in triplets}) != len(triplets) or \
+                len({(t[1].site().key, v.name) for t in triplets for v in t[1:]}) != 2 * len(triplets):
+            raise ValueError("every volume may appear in a session only once")
+        self.name = name
+        self.cg_interval = float(cg_interval)
+        self.max_coordination_time = float(max_coordination_time)
+        self.max_drain_time = float(max_drain_time)
+        self.decide = decide
+        self.on_coordinate = on_coordinate
+        self.on_result = on_result
+        self.journal = journal
+        self.stats = GMStats()
+        self.state = GMState.IDLE
+        self.fatal_reason: str | None = None
+        self.history: collections.deque[CGResult] = collections.deque(maxlen=100000)
+        self._drain_failures = 0
+        self._committed_once = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._store = Store()           # nothing recorded on the primary side
+        self._ordered = False
+        self._need_reconcile = False
+        self._coordinated: dict[int, float | None] = {}
+        # the units, in the order their triplets first appear
+        sites: dict[Any, SecondarySite] = {}
+        for _, b, c in triplets:
+            s = b.site()
+            if c.site().key != s.key:
+                raise ValueError(f"{b.name} and {c.name} must be in one unit")
+            sites.setdefault(s.key, s)
+        self.sites = list(sites.values())
+        self.link = _SitesLink(self.sites)   # type: ignore[assignment]
+        for a, _, _ in triplets:
+            a.store.check_writable()
+        seqs: dict[tuple[Any, str], int] = {}
+        for s in self.sites:
+            mine = [(b.name, c.name) for _, b, c in triplets if b.site().key == s.key]
+            for (b, c), q in zip(mine, s.setup(name, mine)):
+                seqs[(s.key, c)] = q
+        self.triplets = []
+        try:
+            for a, b, c in triplets:
+                pair = SitePair(a, b, b.site(), initial_copy=initial_copy)
+                self.triplets.append(Triplet(a, b, c, pair, None))   # type: ignore[arg-type]
+        except Exception:
+            self._teardown()
+            raise
+        self._groups = [(s, [t.pair for t in self.triplets if t.pair.site.key == s.key])
+                        for s in self.sites]
+        self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
+        top = max(seqs.values())
+        self._next_sequence = top + 1
+        self.stats.sequence = top
+        self._committed_once = top > 0
+        self._need_reconcile = True     # a unit may hold an in-doubt CG
+
+    # -- what differs from a local session ---------------------------------------
+    def _record(self, seq: int, decision: str) -> None:
+        if self.journal is not None:
+            self.journal.cg_decision(self.name, seq, decision)
+        else:
+            self.sites[0].record_decision(self.name, seq, decision)
+
+    def reconcile(self) -> str:
+        """Settle a CG a failure left in doubt on some unit (every unit
+        must answer), by the seed's rule; returns the action taken."""
+        action, n = reconcile_sites(self.sites, self.name, self._record)
+        if action == "commit" and n > self.stats.sequence:
+            self.stats.sequence = n
+            self.stats.last_cg_time = self._coordinated.get(n, self.stats.last_cg_time)
+        self._next_sequence = max(self._next_sequence, n + 1)
+        self._need_reconcile = False
+        return action
+
+    def _attempt(self) -> CGResult:
+        seq = self._next_sequence
+        self._require_not_recovered()
+        if self.state is GMState.FATAL:
+            return self._count(CGResult(seq, False, Cause.FATAL, self.fatal_reason or ""))
+        if self._need_reconcile:
+            try:
+                self.reconcile()
+            except FastFCError as e:
+                return self._count(CGResult(seq, False, Cause.LINK_DOWN,
+                                            f"reconciling the units: {type(e).__name__}: {e}"))
+            seq = self._next_sequence
+        self._next_sequence += 1
+        res = CGResult(seq, False)
+        if not self._coordinate(res):
+            return self._count(res)
+        self._coordinated[seq] = res.coordinated_at
+        if len(self._coordinated) > 64:
+            self._coordinated.pop(min(self._coordinated))
+        t = time.perf_counter()
+        limit = self._drain_limit()
+        ok = False
+        try:
+            res.bytes_drained = self._drain_sites(limit)
+            ok = True
+        except DrainAborted as e:
+            res.cause, res.detail = Cause.DRAIN_TIMEOUT, str(e)
+        except (FastFCError, VolumeClosedError) as e:
+            res.cause = Cause.LINK_DOWN if not self.link.up else Cause.DRAIN_ERROR
+            res.detail = f"{type(e).__name__}: {e}"
+        finally:
+            res.drain_time = time.perf_counter() - t
+            for trip in self.triplets:
+                trip.pair._cg_end(ok)
+        if not ok:
+            if res.cause is Cause.DRAIN_TIMEOUT:
+                self._drain_failures += 1
+            return self._count(res)
+        self._drain_failures = 0
+        t = time.perf_counter()
+        self._flash_sites(res)
+        res.flash_time = time.perf_counter() - t
+        return res
+
+    def _drain_sites(self, limit: float | None) -> int:
+        """Send every CG track, one batch per unit per call, the units in
+        parallel, at most MAX_INFLIGHT_BYTES unanswered. Raises the first
+        failure (DrainAborted past ``limit``)."""
+        start = time.perf_counter()
+        inflight: collections.deque[tuple[Pending, int]] = collections.deque()
+        in_bytes = 0
+        total = 0
+        left = {s.key: list(pairs) for s, pairs in self._groups}
+        for s, pairs in self._groups:
+            for p in pairs:
+                faults.hit("drain", p.primary)
+        try:
+            while any(left.values()):
+                for s, _ in self._groups:
+                    pairs = left[s.key]
+                    if not pairs:
+                        continue
+                    ts = max(p.primary.track_size for p in pairs)
+                    buf = np.empty(max(BATCH_BYTES, ts), np.uint8)
+                    updates: list[Update] = []
+                    pos = 0
+                    while pairs and pos + pairs[0].primary.track_size <= len(buf):
+                        p = pairs[0]
+                        assert p.cg is not None
+                        pos, done = p.gather(p.cg, buf, pos, updates, p.taken, side=True)
+                        if done:
+                            pairs.pop(0)
+                    if updates:
+                        inflight.append((s.apply(buf[:pos], updates), pos))
+                        in_bytes += pos
+                        total += pos
+                    while in_bytes > MAX_INFLIGHT_BYTES:
+                        call, n = inflight.popleft()
+                        call.result()
+                        in_bytes -= n
+                    if limit is not None and time.perf_counter() - start > limit:
+                        raise DrainAborted("drain time limit passed")
+            while inflight:
+                call, n = inflight.popleft()
+                call.result()
+        finally:
+            for call, _ in inflight:    # answered or failed: nothing left running
+                try:
+                    call.result()
+                except FastFCError:
+                    pass
+        return total
+
+    def _flash_sites(self, res: CGResult) -> None:
+        seq, name = res.sequence, self.name
+        calls = [(s, s.prepare(name, seq)) for s in self.sites]
+        failure = None
+        for s, c in calls:
+            try:
+                c.result()
+            except FastFCError as e:
+                failure = failure or f"prepare on {s.name}: {type(e).__name__}: {e}"
+        decision = "commit" if failure is None else "revert"
+        try:
+            self._record(seq, decision)
+        except FastFCError as e:
+            if decision == "commit":
+                failure = f"recording the decision: {type(e).__name__}: {e}"
+                decision = "revert"     # nothing commits without a recorded decision
+        try:
+            faults.hit("decision")
+        except FastFCError:
+            pass
+        finals = [(s, s.finish(name, seq, decision)) for s in self.sites]
+        errors = []
+        for s, c in finals:
+            try:
+                got = c.result()
+                if got != decision:
+                    errors.append(f"{s.name} holds {got} for CG {seq}")
+            except FastFCError as e:
+                errors.append(f"{decision} on {s.name}: {type(e).__name__}: {e}")
+        if not errors:
+            if failure is not None:
+                res.cause, res.detail = Cause.PREPARE_FAILED, failure
+            else:
+                res.committed = True
+            self._count(res)
+            return
+        self._need_reconcile = True
+        detail = "; ".join(errors)
+        if decision == "commit":
+            # committed as decided; the unreachable units commit when they
+            # answer again (clear_fatal, or the next attempt's reconcile)
+            self.state = GMState.FATAL
+            self.fatal_reason = detail + " -> to be resolved by commit"
+            res.cause, res.committed = Cause.COMMIT_FAILED, True
+        else:
+            res.cause = Cause.PREPARE_FAILED if failure else Cause.REVERT_FAILED
+        res.detail = (failure + "; " if failure else "") + detail
+        self._count(res)
+
+    # -- operator actions, reads --------------------------------------------------
+    def clear_fatal(self) -> str:
+        """Reconcile every unit (they must all answer) and allow CGs again."""
+        with self._lock:
+            try:
+                self.reconcile()
+            except FastFCError:
+                return self.state.value
+            self.fatal_reason = None
+            self.state = GMState.RUNNING if self._thread is not None else GMState.IDLE
+            return self.state.value
+
+    @property
+    def c_sequences(self) -> list[int]:
+        """The CG sequence each C volume carries (one call per unit; raises
+        if a unit does not answer)."""
+        got: dict[tuple[Any, str], int] = {}
+        for s in self.sites:
+            for c, _, seq in s.status(self.name)["fcs"]:
+                got[(s.key, c)] = seq
+        return [got[(t.pair.site.key, t.c.name)] for t in self.triplets]
+
+    def _resolve(self) -> str:
+        action, _ = reconcile_sites(self.sites, self.name, self._record)
+        return action
+
+    def _require_writable(self) -> None:
+        for t in self.triplets:
+            t.a.store.check_writable()
+            if t.a.closed:
+                raise VolumeClosedError(f"{t.a!r} is closed")
+
+    def recover(self) -> int:
+        """At the remote site: stop, settle every unit, and fast-reverse-
+        restore each B from its C (B then takes host writes). Returns the CG
+        sequence the B volumes hold."""
+        self.stop()
+        with self._lock:
+            seq = recover_sites(self.sites, self.name)
+            for t in self.triplets:
+                t.pair.failed_over = True
+            return seq
+
+    def _teardown(self) -> None:
+        for t in self.triplets:
+            t.pair.remove()
+        self.triplets = []
+
+    def close(self, *, discard: bool = False,
+              on_copy: Callable[[int, int], None] | None = None) -> None:
+        """Stop and drop the pairs from the A volumes. The units keep their
+        B->C relationships (and the C volumes their last CG)."""
+        self.stop()
+        with self._lock:
+            self._teardown()
+
+    def tracks_c_needs(self) -> dict[str, int]:
+        raise StateError("tracks_c_needs is not available over secondary sites")

@@ -1,0 +1,244 @@
+"""Secondary units as Ray actors.
+
+Each unit is a named, detached-free actor (``max_restarts=0``: a crash is
+seen within milliseconds as a dead actor, never as a silent retry) holding
+a :class:`~fastfc.remote.server.UnitServer`. Callers find it by name in the
+``fastfc`` namespace on every call after a failure, so proxies survive a
+restart. Every ``ray.get`` has a timeout (:data:`CALL_TIMEOUT`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+
+from fastfc.errors import FastFCError
+from fastfc.remote import client
+from fastfc.remote.client import UnitDownError, UnitHandle
+from fastfc.remote.server import KilledHere, UnitServer
+from fastfc.storage.site import Pending
+
+NAMESPACE = "fastfc"
+CALL_TIMEOUT = 30.0      # seconds any call may take before the unit counts as down
+START_TIMEOUT = 60.0
+
+
+class _UnitActor:
+    """The actor: a UnitServer, plus a kill point for crash tests."""
+
+    def __init__(self, path: str) -> None:
+        self._armed: tuple[str, int] | None = None
+        self.server = UnitServer(path, kill_point=self._kill_point)
+
+    def _kill_point(self, where: str, i: int) -> None:
+        if self._armed == (where, i):
+            os.kill(os.getpid(), signal.SIGKILL)     # a crash, mid-call
+
+    def arm_kill(self, where: str, i: int) -> None:
+        self._armed = (where, i)
+
+    def host(self) -> tuple[str, int]:
+        return socket.gethostname(), os.getpid()
+
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.server, method)(*args)
+
+
+_Actor = ray.remote(max_restarts=0, max_task_retries=0)(_UnitActor)
+
+
+def _ensure_ray() -> None:
+    if not ray.is_initialized():
+        # honours RAY_ADDRESS / an existing cluster; else starts a local one
+        ray.init(namespace=NAMESPACE, include_dashboard=False,
+                 ignore_reinit_error=True, log_to_driver=False)
+
+
+def _unwrap(e: BaseException, unit: str, method: str) -> BaseException:
+    if isinstance(e, RayTaskError):
+        cause = e.cause if getattr(e, "cause", None) is not None else e
+        if isinstance(cause, (FastFCError, ValueError, TypeError, KeyError, IndexError)):
+            return cause
+        return FastFCError(f"unit {unit}: {method} failed: {cause}")
+    if isinstance(e, GetTimeoutError):
+        return UnitDownError(f"unit {unit} did not answer {method} within {CALL_TIMEOUT:.0f} s")
+    return UnitDownError(f"unit {unit} is down ({type(e).__name__} during {method})")
+
+
+class _RayPending(Pending):
+    def __init__(self, tr: "RayTransport", unit: str, method: str, ref: Any) -> None:
+        self.tr, self.unit, self.method, self.ref = tr, unit, method, ref
+
+    def result(self) -> Any:
+        try:
+            return ray.get(self.ref, timeout=CALL_TIMEOUT)
+        except (RayError, RayActorError) as e:
+            if not isinstance(e, RayTaskError):
+                self.tr.forget(self.unit)
+            raise _unwrap(e, self.unit, self.method) from None
+
+
+class _Failed(Pending):
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def result(self) -> Any:
+        raise self.error
+
+
+class RayTransport(client.Transport):
+    kind = "ray"
+
+    def __init__(self) -> None:
+        self._handles: dict[str, Any] = {}
+
+    def forget(self, unit: str) -> None:
+        self._handles.pop(unit, None)
+
+    def handle(self, unit: str) -> Any:
+        h = self._handles.get(unit)
+        if h is None:
+            _ensure_ray()
+            try:
+                h = ray.get_actor(unit, namespace=NAMESPACE)
+            except ValueError:
+                raise UnitDownError(f"unit {unit} is not running (start it with "
+                                    "SecondaryUnit.start)") from None
+            self._handles[unit] = h
+        return h
+
+    def call(self, unit: str, method: str, *args: Any) -> Pending:
+        try:
+            h = self.handle(unit)
+            ref = h.call.remote(method, *args)
+        except UnitDownError as e:
+            return _Failed(e)
+        except RayError as e:
+            self.forget(unit)
+            return _Failed(_unwrap(e, unit, method))
+        return _RayPending(self, unit, method, ref)
+
+
+_transport = RayTransport()
+client._transports["ray"] = _transport
+
+
+class SecondaryUnit(UnitHandle):
+    """A durable storage unit served by a Ray actor.
+
+    Use :meth:`start`; then :meth:`create_volume` / :meth:`volume` give
+    :class:`~fastfc.remote.client.RemoteVolume` proxies for a
+    :class:`~fastfc.GlobalMirror`'s B and C volumes, and :meth:`kill`
+    crashes the unit's process.
+    """
+
+    kind = "ray"
+
+    @classmethod
+    def start(cls, path: str | os.PathLike, *, name: str,
+              resources: dict[str, float] | None = None,
+              node_id: str | None = None) -> "SecondaryUnit":
+        """Start an actor holding the durable unit at ``path`` (created if
+        missing) under ``name``, calling ``ray.init()`` if needed (an
+        existing cluster: call ``ray.init(address=...)`` first, or set
+        ``RAY_ADDRESS``). Returns once the unit is open and reconciled
+        with its own files. ``resources`` (e.g. ``{"node:10.0.0.2": 0.01}``)
+        or ``node_id`` place it on another node; ``path`` is a path on that
+        node. Called again after :meth:`kill`, it reopens the unit in a new
+        actor under the same name."""
+        _ensure_ray()
+        opts: dict[str, Any] = {"name": name, "namespace": NAMESPACE, "num_cpus": 0}
+        if resources:
+            opts["resources"] = resources
+        if node_id is not None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        try:
+            old = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            old = None
+        if old is not None:     # a dead actor keeps its name until killed
+            try:
+                ray.get(old.host.remote(), timeout=5)
+            except (RayError, RayActorError):
+                ray.kill(old, no_restart=True)
+                _wait_name_free(name)
+            else:
+                raise FastFCError(f"unit {name} is running already")
+        _transport.forget(name)
+        actor = _Actor.options(**opts).remote(str(path))
+        try:
+            ray.get(actor.host.remote(), timeout=START_TIMEOUT)
+        except (RayError, RayActorError) as e:
+            ray.kill(actor, no_restart=True)
+            raise _unwrap(e, name, "start") from None
+        _transport._handles[name] = actor
+        u = cls(name)
+        u.info()
+        return u
+
+    def arm_kill(self, where: str, i: int) -> None:
+        """Crash the actor's process (SIGKILL) inside its next ``where``
+        call (``apply``, ``prepare``, ``finish``), before step ``i``."""
+        h = _transport.handle(self.name)
+        ray.get(h.arm_kill.remote(where, i), timeout=CALL_TIMEOUT)
+
+    def kill(self) -> None:
+        """SIGKILL the actor's process (a crash) and return once it is gone
+        and its name free for :meth:`start`."""
+        try:
+            h = _transport.handle(self.name)
+        except UnitDownError:
+            return
+        try:
+            host, pid = ray.get(h.host.remote(), timeout=CALL_TIMEOUT)
+        except (RayError, RayActorError):
+            host, pid = None, None
+        if host == socket.gethostname() and pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            end = time.monotonic() + 10
+            while time.monotonic() < end:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.01)
+        ray.kill(h, no_restart=True)   # on another node: Ray kills it; frees the name
+        _transport.forget(self.name)
+        _wait_name_free(self.name)
+
+    @property
+    def up(self) -> bool:
+        try:
+            self.info()
+        except FastFCError:
+            return False
+        return True
+
+
+def _wait_name_free(name: str, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.02)
+
+
+def shutdown_units(*units: SecondaryUnit) -> None:
+    """Kill the units' actors (tests' and scripts' cleanup)."""
+    for u in units:
+        u.kill()
+
+
+__all__ = ["SecondaryUnit", "KilledHere", "shutdown_units"]
