@@ -189,8 +189,7 @@ class UnitServer:
         vols = self.unit._volumes
         n = 0
         for i, (name, offset, start, length) in enumerate(updates):
-            if i == 1:
-                self._point("apply", 1)
+            self._point("apply", i)
             vols[name]._write_origin(offset, buffer[start:start + length], _core.PPRC)
             n += length
         return n
