@@ -72,13 +72,20 @@ def _unwrap(e: BaseException, unit: str, method: str) -> BaseException:
 
 
 class _RayPending(Pending):
-    def __init__(self, tr: "RayTransport", unit: str, method: str, ref: Any) -> None:
-        self.tr, self.unit, self.method, self.ref = tr, unit, method, ref
+    def __init__(self, tr: "RayTransport", unit: str, method: str, ref: Any,
+                 handle: Any) -> None:
+        self.tr, self.unit, self.method, self.ref, self.handle = tr, unit, method, ref, handle
 
     def result(self) -> Any:
         try:
             return ray.get(self.ref, timeout=CALL_TIMEOUT)
         except (RayError, RayActorError) as e:
+            if isinstance(e, RayActorError):
+                # dead: free its name at once, for start() to reuse
+                try:
+                    ray.kill(self.handle, no_restart=True)
+                except (RayError, ValueError):
+                    pass
             if not isinstance(e, RayTaskError):
                 self.tr.forget(self.unit)
             raise _unwrap(e, self.unit, self.method) from None
@@ -122,7 +129,7 @@ class RayTransport(client.Transport):
         except RayError as e:
             self.forget(unit)
             return _Failed(_unwrap(e, unit, method))
-        return _RayPending(self, unit, method, ref)
+        return _RayPending(self, unit, method, ref, h)
 
 
 _transport = RayTransport()
@@ -165,7 +172,7 @@ class SecondaryUnit(UnitHandle):
             old = None
         if old is not None:     # a dead actor keeps its name until killed
             try:
-                ray.get(old.host.remote(), timeout=5)
+                ray.get(old.host.remote(), timeout=2)
             except (RayError, RayActorError):
                 ray.kill(old, no_restart=True)
                 _wait_name_free(name)
