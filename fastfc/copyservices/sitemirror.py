@@ -358,14 +358,16 @@ class SiteGlobalMirror(GlobalMirror):
             for (b, c), q in zip(mine, s.setup(name, mine)):
                 seqs[(s.key, c)] = q
         self.triplets = []
+        self._pairs: list[SitePair] = []    # the triplets' pairs, typed as what they are
         try:
             for a, b, c in triplets:
                 pair = SitePair(a, b, b.site(), initial_copy=initial_copy)
+                self._pairs.append(pair)
                 self.triplets.append(Triplet(a, b, c, pair, None))   # type: ignore[arg-type]
         except Exception:
             self._teardown()
             raise
-        self._groups = [(s, [t.pair for t in self.triplets if t.pair.site.key == s.key])
+        self._groups = [(s, [p for p in self._pairs if p.site.key == s.key])
                         for s in self.sites]
         self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
         top = max(seqs.values())
@@ -424,8 +426,8 @@ class SiteGlobalMirror(GlobalMirror):
             res.detail = f"{type(e).__name__}: {e}"
         finally:
             res.drain_time = time.perf_counter() - t
-            for trip in self.triplets:
-                trip.pair._cg_end(ok)
+            for pair in self._pairs:
+                pair._cg_end(ok)
         if not ok:
             if res.cause is Cause.DRAIN_TIMEOUT:
                 self._drain_failures += 1
@@ -554,7 +556,7 @@ class SiteGlobalMirror(GlobalMirror):
         for s in self.sites:
             for c, _, seq in s.status(self.name)["fcs"]:
                 got[(s.key, c)] = seq
-        return [got[(t.pair.site.key, t.c.name)] for t in self.triplets]
+        return [got[(p.site.key, t.c.name)] for p, t in zip(self._pairs, self.triplets)]
 
     def _resolve(self) -> str:
         action, _ = reconcile_sites(self.sites, self.name, self._record)
@@ -578,9 +580,10 @@ class SiteGlobalMirror(GlobalMirror):
             return seq
 
     def _teardown(self) -> None:
-        for t in self.triplets:
-            t.pair.remove()
+        for p in self._pairs:
+            p.remove()
         self.triplets = []
+        self._pairs = []
 
     def close(self, *, discard: bool = False,
               on_copy: Callable[[int, int], None] | None = None) -> None:

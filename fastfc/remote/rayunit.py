@@ -179,7 +179,7 @@ class SecondaryUnit(UnitHandle):
             else:
                 raise FastFCError(f"unit {name} is running already")
         _transport.forget(name)
-        actor = _Actor.options(**opts).remote(str(path))
+        actor: Any = _Actor.options(**opts).remote(str(path))
         try:
             ray.get(actor.host.remote(), timeout=START_TIMEOUT)
         except (RayError, RayActorError) as e:

@@ -27,12 +27,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import numpy as np
 
 from fastfc import _core
 from fastfc.copyservices.flashcopy import FlashCopy
+from fastfc.durable.sqlite import SQLiteStore
 from fastfc.durable.unit import StorageUnit
 from fastfc.errors import FastFCError, StateError
 
@@ -95,6 +96,7 @@ class UnitServer:
             self.unit.close()
             raise
         self.kill_point = kill_point
+        self.store = cast(SQLiteStore, self.unit.store)
 
     # -- plumbing ------------------------------------------------------------
     def _fence(self) -> None:
@@ -127,7 +129,7 @@ class UnitServer:
         return out
 
     def _settled(self, session: str, sequence: int) -> str | None:
-        return self.unit.store.decision(session + UNIT_KEY, sequence)
+        return self.store.decision(session + UNIT_KEY, sequence)
 
     # -- calls: volumes --------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -152,12 +154,12 @@ class UnitServer:
     def setup(self, session: str, pairs: Sequence[tuple[str, str]]) -> list[int]:
         """Make (or find) each B->C of ``session``; return C's sequences."""
         self._fence()
-        pairs = [[str(b), str(c)] for b, c in pairs]
+        names = [[str(b), str(c)] for b, c in pairs]
         known = self._sessions.get(session)
-        if known is not None and known != pairs:
+        if known is not None and known != names:
             raise ValueError(f"unit {self.path} holds session {session!r} with other "
                              f"volumes ({known}); remove it first or use another name")
-        vols = [(self.unit.volume(b), self.unit.volume(c)) for b, c in pairs]
+        vols = [(self.unit.volume(b), self.unit.volume(c)) for b, c in names]
         seqs = []
         for b, c in vols:
             rel = c._tgt_rel
@@ -178,7 +180,7 @@ class UnitServer:
                 self.unit.store.set_volume_flags(b.flags_record())
                 seqs.append(0)
         if known is None:
-            self._sessions[session] = pairs
+            self._sessions[session] = names
             _write_atomic(self.path / SESSIONS_FILE, json.dumps(self._sessions))
         return seqs
 
@@ -253,7 +255,7 @@ class UnitServer:
     def status(self, session: str) -> dict[str, Any]:
         self._fence()
         fcs = self._fcs(session)
-        q = self.unit.store.query
+        q = self.store.query
         return {"epoch": self.epoch,
                 "fcs": [(fc.target.name, bool(fc.revertible), int(fc.sequence)) for fc in fcs],
                 "decisions": dict(q("SELECT sequence, decision FROM decisions WHERE session=?",
