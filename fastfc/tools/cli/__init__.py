@@ -30,6 +30,6 @@ commands on :func:`main` when imported; the help lists them in this order.
 """
 
 from .app import main
-from . import volumes, flash, pprc, gmir  # noqa: E402,F401  (registers the commands)
+from . import volumes, flash, pprc, gmir, serve  # noqa: E402,F401  (registers the commands)
 
 __all__ = ["main"]
