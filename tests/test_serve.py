@@ -427,3 +427,34 @@ def test_serve_refuses_bad_options(tmp_path):
     r = fastfc_cli("-u", unit, "serve", "--socket", notsock, check=False)
     assert r.returncode == 1 and "not a socket" in r.stderr
     assert notsock.read_text() == "keep me"
+
+
+def test_sigterm_with_clients_connected(tmp_path):
+    """SIGTERM while a client holds a connection: the server answers what is
+    in flight, closes the connection, flushes, closes the unit, exits 0."""
+    need("qemu-io")
+    unit, sock = tmp_path / "u", tmp_path / "s"
+    make_unit(unit, "V", size=MIB)
+    with serving(unit, sock, stop=None) as proc:
+        client = subprocess.Popen(["qemu-io", "-f", "raw", uri(sock, "V")],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        client.stdin.write("write -P 0x42 0 256k\n")
+        client.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not np.all(volume_bytes_live(unit, proc) == 0x42):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+        out, _ = client.communicate("read -P 0x42 0 4k\nquit\n", timeout=30)
+        assert "wrote 262144/262144" in out and "read 4096/4096" not in out, out
+    assert not sock.exists()
+    assert np.all(volume_bytes(unit, "V")[:256 * 1024] == 0x42)
+
+
+def volume_bytes_live(unit: Path, proc) -> np.ndarray:
+    """The first 256 KiB of V while the server holds the unit (read from the
+    volume file: the server's mapping shares its pages)."""
+    assert proc.poll() is None
+    return np.fromfile(unit / "volumes" / "V.vol", np.uint8, count=256 * 1024)

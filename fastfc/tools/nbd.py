@@ -29,11 +29,13 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from fastfc.errors import (FastFCError, InvalidImageError, NoSpaceError, VolumeClosedError,
                            WriteInhibitedError)
+from fastfc.durable.unit import StorageUnit
 from fastfc.storage.volume import Volume
 
 log = logging.getLogger("fastfc.nbd")
@@ -166,8 +168,9 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
     the first byte, ProtocolError on one in the middle."""
     n = len(view)
     got = 0
+    flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
     while got < n:
-        k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+        k = sock.recv_into(view[got:], n - got, flags)
         if k == 0:
             if got == 0:
                 return False
@@ -257,9 +260,11 @@ class NBDServer:
             t.start()
             self._threads.append(t)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let every connection finish the request it is
-        carrying out (its reply is sent), then close them all."""
+        carrying out (its reply is sent), then close them all. A connection
+        still sending after ``grace`` seconds (its client reads nothing) is
+        cut off."""
         self._stopping.set()
         for t in list(self._threads):
             if t.name.startswith("nbd-accept"):
@@ -277,6 +282,16 @@ class NBDServer:
         for c in conns:
             try:
                 c.shutdown(socket.SHUT_RD)    # the next recv ends; a reply still goes out
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        for t in list(self._threads):
+            t.join(max(0.0, deadline - time.monotonic()))
+        with self._conns_lock:
+            stuck = list(self._conns.values())
+        for c in stuck:       # a client that reads no replies: cut it off
+            try:
+                c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         for t in list(self._threads):
@@ -310,22 +325,25 @@ class NBDServer:
     def _connection(self, conn: socket.socket) -> None:
         key = id(conn)
         try:
-            sock, export = self._negotiate(conn)
+            sock, export = self._negotiate(conn, key)
             if export is not None and not self._stopping.is_set():
                 self._transmit(sock, export)
         except (ProtocolError, ConnectionError, ssl.SSLError) as e:
             log.info("connection dropped: %s", e)
         except OSError as e:
             log.info("connection ended: %s", e)
+        except Exception:
+            log.exception("connection dropped by a server error")
         finally:
             with self._conns_lock:
-                self._conns.pop(key, None)
-            try:
-                conn.close()
-            except OSError:
-                pass
+                current = self._conns.pop(key, conn)
+            for s in {id(current): current, id(conn): conn}.values():
+                try:
+                    s.close()
+                except OSError:
+                    pass
 
-    def _negotiate(self, sock: Any) -> tuple[Any, Export | None]:
+    def _negotiate(self, sock: Any, key: int) -> tuple[Any, Export | None]:
         sock.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
                                  FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         (cflags,) = struct.unpack(">I", _recv_bytes(sock, 4))
@@ -353,6 +371,8 @@ class NBDServer:
                     continue
                 reply(REP_ACK)
                 sock = self.tls.wrap_socket(sock, server_side=True)
+                with self._conns_lock:       # stop() shuts the socket now in use
+                    self._conns[key] = sock
                 tls_done = True
                 continue
             if self.tls is not None and not tls_done and opt != OPT_ABORT:
@@ -525,12 +545,14 @@ class NBDServer:
             pos += n
 
 
-def exports_of(units: Iterable[Any]) -> tuple[Lookup, Callable[[], list[tuple[str, str]]]]:
-    """``lookup`` and ``names`` over open storage units (the first unit
-    holding a name wins): read-only are PPRC secondaries, targets with
-    inhibit_target_write, and the C volumes of Global Mirror sessions."""
-    def current() -> list[Any]:
-        return list(units() if callable(units) else units)
+def exports_of(units: Callable[[], Iterable[StorageUnit]]
+               ) -> tuple[Lookup, Callable[[], list[tuple[str, str]]]]:
+    """``lookup`` and ``names`` over the storage units ``units()`` gives
+    when called (the first unit holding a name wins): read-only are PPRC
+    secondaries, targets with inhibit_target_write, and the C volumes of
+    Global Mirror sessions."""
+    def current() -> list[StorageUnit]:
+        return list(units())
 
     def find(name: str) -> Export | None:
         for u in current():
@@ -553,7 +575,7 @@ def exports_of(units: Iterable[Any]) -> tuple[Lookup, Callable[[], list[tuple[st
     return find, names
 
 
-def is_read_only(vol: Volume, units: Iterable[Any]) -> bool:
+def is_read_only(vol: Volume, units: Iterable[StorageUnit]) -> bool:
     if vol.is_secondary:
         return True
     tgt = vol.target_relationship
