@@ -493,3 +493,47 @@ def test_cli_drives_flashcopy_between_client_writes(tmp_path):
         qemu_io(sock, "T", "read -P 0x44 0 4k", "read -P 0x22 4k 60k", "read -P 0x11 64k 64k")
         out = fastfc_cli("-u", unit, "lsflash", "--json").stdout
         assert json.loads(out)[0]["revertible"] is False
+
+
+@pytest.mark.slow
+def test_sigkill_while_fio_writes_and_cgs_form(tmp_path):
+    """The kill-anywhere guarantee through the server: SIGKILL while fio
+    writes to the A exports and CGs form; after reopening, every C is on
+    one CG and equals the A images of its coordination instant, and every
+    write a client saw complete is in A."""
+    need("qemu-io", "fio")
+    a, b, sock, snaps = tmp_path / "a", tmp_path / "b", tmp_path / "s", tmp_path / "snaps"
+    make_unit(a, "A0", "A1", size=4 * MIB)
+    make_unit(b, "B0", "B1", "C0", "C1", size=4 * MIB)
+    fastfc_cli("-u", a, "-r", b, "mkgmir", "S", "A0:B0:C0", "A1:B1:C1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    child = subprocess.Popen([sys.executable, str(ROOT / "tests" / "serve_child.py"), a, b,
+                              sock, snaps], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert child.stdout.readline().strip() == "READY", child.stderr.read()
+        qemu_io(sock, "A0", "write -P 0x51 0 64k")
+        qemu_io(sock, "A1", "write -P 0x52 4k 4k")
+        fios = [subprocess.Popen(
+            ["fio", "--name=w", "--ioengine=nbd", f"--uri={uri(sock, n)}", "--rw=randwrite",
+             "--bs=4k", "--iodepth=16", "--offset=1M", "--size=3M", "--time_based",
+             "--runtime=5"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for n in ("A0", "A1")]
+        time.sleep(1.0)
+        os.killpg(child.pid, signal.SIGKILL)
+        for f in fios:
+            f.wait(timeout=60)                 # they fail: the server is gone
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=60)
+    show = json.loads(fastfc_cli("-u", a, "-r", b, "showgmir", "S", "--json").stdout)
+    seqs = set(show["c_sequences"])
+    assert len(seqs) == 1 and show["successes"] >= 2, show     # every C on one CG
+    assert show["bytes_drained"] > 16 * MIB, show    # the writes flowed through CGs
+    n = seqs.pop()
+    images = np.load(snaps / f"{n}.npy")
+    for k, c in enumerate(("C0", "C1")):
+        assert np.array_equal(volume_bytes(b, c), images[k]), c
+    assert np.all(volume_bytes(a, "A0")[:65536] == 0x51)
+    assert np.all(volume_bytes(a, "A1")[4096:8192] == 0x52)
