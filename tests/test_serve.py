@@ -537,3 +537,19 @@ def test_sigkill_while_fio_writes_and_cgs_form(tmp_path):
         assert np.array_equal(volume_bytes(b, c), images[k]), c
     assert np.all(volume_bytes(a, "A0")[:65536] == 0x51)
     assert np.all(volume_bytes(a, "A1")[4096:8192] == 0x52)
+
+
+def test_tcp_on_loopback(tmp_path):
+    need("qemu-io", "nbdinfo")
+    unit, sock = tmp_path / "u", tmp_path / "s"
+    make_unit(unit, "V", size=MIB)
+    with serving(unit, sock, "--port", "0") as proc:
+        line = proc.stderr.readline()
+        m = re.search(r"tcp 127\.0\.0\.1:(\d+)", line)
+        assert m, line
+        tcp = f"nbd://127.0.0.1:{m.group(1)}/V"
+        r = run("qemu-io", "-f", "raw", "-c", "write -P 0x61 0 64k", "-c", "read -P 0x61 0 64k",
+                tcp)
+        assert "fail" not in r.stdout.lower(), r.stdout
+        assert "export-size: 1048576" in run("nbdinfo", tcp).stdout
+    assert np.all(volume_bytes(unit, "V")[:65536] == 0x61)
