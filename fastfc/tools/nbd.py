@@ -97,7 +97,7 @@ E_PERM, E_IO, E_NOMEM, E_INVAL, E_NOSPC, E_OVERFLOW, E_NOTSUP, E_SHUTDOWN = \
 
 MAX_REQUEST = 32 << 20                  # largest READ/WRITE payload accepted
 PREFERRED_BLOCK = 4096
-ZERO_CHUNK = 1 << 20                    # WRITE_ZEROES goes in writes this size
+ZERO_CHUNK = MAX_REQUEST               # WRITE_ZEROES up to this size is one write
 
 _REQ = struct.Struct(">IHHQQI")
 _REPLY = struct.Struct(">IIQ")
@@ -215,7 +215,6 @@ class NBDServer:
         self._conns: dict[int, socket.socket] = {}
         self._conns_lock = threading.Lock()
         self._stopping = threading.Event()
-        self.requests = 0
 
     # -- listening -------------------------------------------------------------
     def listen_unix(self, path: str) -> None:
@@ -467,7 +466,6 @@ class NBDServer:
             magic, flags, cmd, handle, offset, length = unpack(hdr)
             if magic != REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic {magic:#x}")
-            self.requests += 1
             if cmd == CMD_WRITE:
                 if length > MAX_REQUEST:
                     raise ProtocolError(f"a write of {length} bytes (limit {MAX_REQUEST})")
@@ -533,7 +531,9 @@ class NBDServer:
     @staticmethod
     def _write_zeroes(vol: Volume, offset: int, length: int) -> None:
         """Zeroes through the volume's write path (copy-on-write first),
-        checked whole before the first chunk lands."""
+        checked whole before the first byte lands; up to 32 MiB in one write
+        (longer requests in writes of that size). The zero buffer is calloc'd:
+        untouched zero pages, no memory to speak of."""
         if offset < 0 or length < 0 or offset + length > vol.capacity:
             raise IndexError(f"{length} bytes at {offset} past the end")
         vol.write(offset, b"")       # refusals (inhibit, closed) before any byte
