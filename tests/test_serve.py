@@ -219,7 +219,8 @@ def test_fio_nbd_engine_with_verify(tmp_path):
         for rw, bs in (("randwrite", "4k"), ("write", "256k")):
             r = run("fio", "--name=v", "--ioengine=nbd", f"--uri={uri(sock, 'V')}",
                     f"--rw={rw}", f"--bs={bs}", "--iodepth=16", "--size=16M",
-                    "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", check=False)
+                    "--verify=crc32c", "--verify_state_save=0", "--do_verify=1",
+                    "--verify_fatal=1", check=False)
             assert r.returncode == 0, r.stdout + r.stderr
             assert "verify" not in r.stderr.lower(), r.stderr
 
@@ -338,6 +339,7 @@ def test_global_mirror_forms_cgs_while_fio_writes_with_verify(tmp_path):
         procs = [subprocess.Popen(
             ["fio", "--name=v", "--ioengine=nbd", f"--uri={uri(sock, name)}",
              "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=8M", "--verify=crc32c",
+             "--verify_state_save=0",
              "--do_verify=1", "--verify_fatal=1"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for name in ("A0", "A1")]
