@@ -4,8 +4,9 @@ One 1 GiB export each, over a unix socket, everything in memory (tmpfs):
 fastfc serves a unit in /dev/shm, qemu-nbd a raw file in /dev/shm, nbdkit
 its ``memory`` plugin. The workloads of the issue's table run interleaved
 (round r runs every server once per workload, in a rotating order) and
-each server's figure is the median of its rounds; ratios are fastfc over
-each peer, from the same run.
+each server's figure is the median of its rounds; a ratio (fastfc over a
+peer) is the median over rounds of that round's ratio, since the load of a
+shared machine drifts between rounds more than within one.
 
     python benches/serve.py [--rounds 3] [--seconds 3] [--size-mib 1024]
 
@@ -123,7 +124,11 @@ def run(rounds: int, seconds: float, size: int) -> dict:
                 os.killpg(p.pid, signal.SIGTERM)
                 p.wait(timeout=30)
     table = {w: {n: statistics.median(v) for n, v in by.items()} for w, by in results.items()}
-    return {"medians": table, "raw": results}
+    # the machine's load drifts: a ratio is taken within each round (the
+    # servers ran back to back), then the median over rounds
+    ratios = {w: {peer: statistics.median(f / p for f, p in zip(by["fastfc"], by[peer]))
+                  for peer in names if peer != "fastfc"} for w, by in results.items()}
+    return {"medians": table, "ratios": ratios, "raw": results}
 
 
 def main() -> None:
@@ -142,7 +147,10 @@ def main() -> None:
           f"{'/nbdkit':>8} {'/qemu':>8}")
     for w, m in out["medians"].items():
         f, k, q = m["fastfc"], m["nbdkit memory"], m["qemu-nbd"]
-        print(f"{w:28} {f:9.2f} {k:9.2f} {q:9.2f} {f / k:8.2f} {f / q:8.2f}")
+        r = out["ratios"][w]
+        print(f"{w:28} {f:9.2f} {k:9.2f} {q:9.2f} {r['nbdkit memory']:8.2f} "
+              f"{r['qemu-nbd']:8.2f}")
+    print("(values: medians over rounds; ratios: medians of the per-round ratios)")
     print(json.dumps(out["raw"]))
 
 
