@@ -112,6 +112,9 @@ def test_unit_killed_mid_call(tmp_path, unit, where, i):
         for _ in range(3):
             assert gm.form_consistency_group().committed
             chk.check()
+        for a, _, _ in trips:      # two runs per pair: a batch of several updates
+            a.write(0, b'x')
+            a.write(N // 2 * TS, b'y')
         units[unit].arm_kill(where, i)
         res = gm.form_consistency_group()      # never raises
         assert not units[unit].up
@@ -292,3 +295,31 @@ def test_refusals_change_nothing(tmp_path):
         fastfc.GlobalMirror([(a, units[1].create_volume("b2", N, TS), c1)], name="other")
     with pytest.raises(ValueError, match="other volumes"):
         fastfc.GlobalMirror([(fastfc.Volume(N, TS), b0, units[0].create_volume("c9", N, TS))])
+
+
+def test_continuous_loop_with_a_unit_killed_and_restarted(tmp_path):
+    import time
+    units, trips, gm, chk = make_session(tmp_path, cg_interval=0.01)
+    gm.on_result = lambda res: None
+    with RandomWriters([t[0] for t in trips], threads=2, seed=9):
+        gm.start()
+        time.sleep(0.3)
+        units[1].kill()                       # the loop keeps going: failures, no raise
+        time.sleep(0.3)
+        assert gm.state in (GMState.RUNNING, GMState.FATAL)
+        failed = sum(gm.stats.failures.values())
+        assert failed > 0
+        restart(tmp_path, units, 1)
+        gm.clear_fatal()
+        before = gm.stats.successes
+        end = time.monotonic() + 10
+        while gm.stats.successes == before and time.monotonic() < end:
+            time.sleep(0.01)                  # the loop forms CGs again by itself
+        gm.stop()
+        assert gm.stats.successes > before
+    gm.clear_fatal()
+    assert gm.state is GMState.IDLE
+    ok = gm.stats.successes
+    assert gm.form_consistency_group().committed
+    chk.check()
+    assert ok >= 2 and gm.stats.successes == ok + 1

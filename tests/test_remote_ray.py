@@ -95,6 +95,9 @@ def test_ray_kills_keep_the_promise(ray_session, tmp_path):
                                       (1, "prepare", 1, Cause.PREPARE_FAILED),
                                       (1, "finish", 0, Cause.COMMIT_FAILED),
                                       (0, "finish", 1, Cause.COMMIT_FAILED)]:
+            for a, _, _ in trips:      # two runs per pair: a batch of several updates
+                a.write(0, b'x')
+                a.write(N // 2 * TS, b'y')
             units[unit].arm_kill(where, i)
             res = gm.form_consistency_group()        # never raises
             assert res.cause is cause, (where, res)

@@ -213,6 +213,29 @@ class SitePair(MirrorBase):
             A._unlock()
 
 
+class SiteGroup:
+    """The triplets whose B and C one secondary site holds: the session's
+    seam (:class:`~fastfc.copyservices.globalmirror.SecondaryGroup`) for a
+    unit reached by calls. The session drives the CG phases of all groups at
+    once (one call per unit in flight on every unit); between CGs the loop
+    asks each group for Global Copy and its backlog."""
+
+    def __init__(self, site: SecondarySite, pairs: list[SitePair],
+                 triplets: list[Triplet]) -> None:
+        self.site, self.pairs, self.triplets = site, pairs, triplets
+
+    def __repr__(self) -> str:
+        return f"<SiteGroup {self.site.name} {len(self.pairs)} triplets>"
+
+    def global_copy(self, max_bytes: int) -> int:
+        """Global Copy of every pair's out-of-sync tracks (up to
+        ``max_bytes`` per pair); returns the bytes sent."""
+        return sum(p.drain(max_bytes) for p in self.pairs)
+
+    def backlog(self) -> int:
+        return sum(p.oos.count() for p in self.pairs)
+
+
 class _SitesLink:
     """What the session's loop asks of its link: whether every unit is up."""
 
@@ -221,7 +244,8 @@ class _SitesLink:
 
     @property
     def up(self) -> bool:
-        return all(s.up for s in self.sites)
+        """Every unit answers (one that did not is asked again)."""
+        return all(s.up or s.probe() for s in self.sites)
 
     def __repr__(self) -> str:
         return f"<sites {', '.join(s.name for s in self.sites)}>"
@@ -367,8 +391,10 @@ class SiteGlobalMirror(GlobalMirror):
         except Exception:
             self._teardown()
             raise
-        self._groups = [(s, [p for p in self._pairs if p.site.key == s.key])
-                        for s in self.sites]
+        self.groups = [SiteGroup(s, [p for p in self._pairs if p.site.key == s.key],   # type: ignore[misc]
+                                 [t for t, p in zip(self.triplets, self._pairs)
+                                  if p.site.key == s.key])
+                       for s in self.sites]
         self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
         top = max(seqs.values())
         self._next_sequence = top + 1
@@ -446,13 +472,15 @@ class SiteGlobalMirror(GlobalMirror):
         inflight: collections.deque[tuple[Pending, int]] = collections.deque()
         in_bytes = 0
         total = 0
-        left = {s.key: list(pairs) for s, pairs in self._groups}
-        for s, pairs in self._groups:
-            for p in pairs:
+        groups: list[SiteGroup] = self.groups   # type: ignore[assignment]
+        left = {g.site.key: list(g.pairs) for g in groups}
+        for g in groups:
+            for p in g.pairs:
                 faults.hit("drain", p.primary)
         try:
             while any(left.values()):
-                for s, _ in self._groups:
+                for g in groups:
+                    s = g.site
                     pairs = left[s.key]
                     if not pairs:
                         continue

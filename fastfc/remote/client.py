@@ -71,6 +71,14 @@ class UnitSite(SecondarySite):
     def up(self) -> bool:
         return self._up
 
+    def probe(self) -> bool:
+        try:
+            info = self._now("info")
+        except FastFCError:
+            return False
+        self._saw_epoch(info["epoch"])
+        return True
+
     def _call(self, method: str, *args: Any) -> Pending:
         return _Tracked(self, self.tr.call(self.name, method, *args))
 

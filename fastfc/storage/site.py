@@ -65,6 +65,11 @@ class SecondarySite(ABC):
         """Whether the unit answered the last call."""
 
     @abstractmethod
+    def probe(self) -> bool:
+        """Ask the unit whether it answers now (one short call); updates
+        :attr:`up` and returns it."""
+
+    @abstractmethod
     def setup(self, session: str, pairs: Sequence[tuple[str, str]]) -> list[int]:
         """Make each ``(B, C)`` a PPRC secondary B FlashCopied to C (NOCOPY,
         change recording, target write-inhibited), or find them so already;
