@@ -1,0 +1,173 @@
+"""Scale-out (issue 12): a Global Mirror session whose B and C volumes live
+in secondary units served by Ray actors, against the same session in one
+process, in one run.
+
+Both sessions: ``triplets`` triplets of ``size_mib`` MiB with 4 KiB tracks;
+A volumes in this process's memory; B and C in durable storage units in
+tmpfs (``/dev/shm`` when there is one), durability "process". In one
+process, one unit holds every B and C (a local session keeps them in one
+unit). Scaled out, ``units`` units (Ray actors on this machine), the
+triplets dealt round robin. The first CG (the initial copy, every track)
+is timed alone: its drain gives the drain throughput, against
+``np.copyto`` of the same bytes measured in the same run. Then two writer
+threads of 4 KiB writes paced to ``rate_mbs`` MB/s in all while the session
+forms CGs continuously (CG interval 0) for ``seconds``.
+
+Usage: ``python -m benches.scaleout [--quick]``, or the ``scaleout``
+section of ``python -m fastfc bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import fastfc
+from fastfc.tools.testing import run_under_writers
+
+TRACK = 4096
+
+
+def _tmp_root() -> Path:
+    shm = Path("/dev/shm")
+    return Path(tempfile.mkdtemp(prefix="fastfc-scaleout-",
+                                 dir=str(shm) if shm.is_dir() else None))
+
+
+def _copyto_bps(nbytes: int) -> float:
+    src = np.ones(nbytes, np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def _figures(gm: Any, w: Any, elapsed: float, first: Any, rate_mbs: float) -> dict[str, float]:
+    st = gm.stats
+    pp = st.phase_percentiles()
+    return {"cgs_per_s": st.successes / elapsed if elapsed else 0.0,
+            "failures": float(sum(st.failures.values())),
+            "rpo_p99_ms": pp["rpo"]["p99"] * 1e3, "rpo_p50_ms": pp["rpo"]["p50"] * 1e3,
+            "flash_p50_ms": pp["flashcopy"]["p50"] * 1e3,
+            "flash_p99_ms": pp["flashcopy"]["p99"] * 1e3,
+            "drain_p50_ms": pp["drain"]["p50"] * 1e3,
+            "coord_p99_ms": pp["coordination"]["p99"] * 1e3,
+            "initial_drain_s": first.drain_time,
+            "initial_drain_bps": first.bytes_drained / first.drain_time,
+            "write_mb_s": w.bytes / elapsed / 1e6,
+            "pace_ratio": w.bytes / elapsed / (rate_mbs * 1e6)}
+
+
+def _run(gm: Any, primaries: list, seconds: float, rate_mbs: float) -> dict[str, float]:
+    first = gm.form_consistency_group()        # the initial copy
+    if not first.committed:
+        raise RuntimeError(f"the initial copy failed: {first.cause} {first.detail}")
+    gm.stats.flash_times.clear()
+    gm.stats.drain_times.clear()
+    gm.stats.rpo_samples.clear()
+    gm.stats.coordination_times.clear()
+    gm.stats.successes = 0
+    w, elapsed = run_under_writers(gm, primaries, seconds, threads=2, seed=1,
+                                   io_size=4096, pace=rate_mbs * 1e6)
+    return _figures(gm, w, elapsed, first, rate_mbs)
+
+
+def one_process(root: Path, triplets: int, size_mib: int, seconds: float,
+                rate_mbs: float) -> dict[str, float]:
+    n = size_mib * 2**20 // TRACK
+    unit = fastfc.StorageUnit(root / "local")
+    try:
+        trips = [(fastfc.Volume(n, TRACK, name=f"a{i}"),
+                  unit.create_volume(f"b{i}", n, TRACK), unit.create_volume(f"c{i}", n, TRACK))
+                 for i in range(triplets)]
+        gm = fastfc.GlobalMirror(trips)
+        return _run(gm, [t[0] for t in trips], seconds, rate_mbs)
+    finally:
+        unit.close()
+
+
+def scaled_out(root: Path, triplets: int, size_mib: int, seconds: float, rate_mbs: float,
+               units: int) -> dict[str, float]:
+    import ray
+    from fastfc import remote
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, namespace="fastfc", log_to_driver=False)
+    n = size_mib * 2**20 // TRACK
+    hs = [remote.SecondaryUnit.start(root / f"u{i}", name=f"bench-{root.name}-u{i}")
+          for i in range(units)]
+    try:
+        trips = []
+        for i in range(triplets):
+            h = hs[i % units]
+            trips.append((fastfc.Volume(n, TRACK, name=f"a{i}"),
+                          h.create_volume(f"b{i}", n, TRACK), h.create_volume(f"c{i}", n, TRACK)))
+        gm = fastfc.GlobalMirror(trips)
+        out = _run(gm, [t[0] for t in trips], seconds, rate_mbs)
+        gm.close()
+        return out
+    finally:
+        for h in hs:
+            h.kill()
+        if started:
+            ray.shutdown()
+
+
+def scaleout(*, triplets: int = 32, size_mib: int = 32, units: int = 2, seconds: float = 5.0,
+             rate_mbs: float = 200.0, log=print) -> dict[str, Any]:
+    root = _tmp_root()
+    try:
+        nbytes = triplets * size_mib * 2**20
+        log(f"  scaleout: np.copyto of {nbytes >> 20} MiB")
+        copyto = _copyto_bps(min(nbytes, 1 << 30))
+        gc.collect()
+        log(f"  scaleout: one process, {triplets} x {size_mib} MiB, {seconds:g} s")
+        local = one_process(root, triplets, size_mib, seconds, rate_mbs)
+        gc.collect()
+        log(f"  scaleout: {units} Ray units")
+        dist = scaled_out(root, triplets, size_mib, seconds, rate_mbs, units)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"config": {"triplets": triplets, "size_mib": size_mib, "units": units,
+                       "seconds": seconds, "rate_mbs": rate_mbs, "track": TRACK},
+            "copyto_bps": copyto, "one_process": local, "scaled_out": dist,
+            "ratios": {k: (dist[k] / local[k] if local[k] else float("nan"))
+                       for k in ("cgs_per_s", "rpo_p99_ms", "flash_p50_ms", "flash_p99_ms",
+                                 "initial_drain_bps", "pace_ratio")},
+            "drain_vs_copyto": dist["initial_drain_bps"] / copyto,
+            "drain_vs_copyto_one_process": local["initial_drain_bps"] / copyto}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="16 x 16 MiB, 2 s")
+    a = ap.parse_args(argv)
+    cfg = dict(triplets=16, size_mib=16, seconds=2.0) if a.quick else {}
+    r = scaleout(**cfg)   # type: ignore[arg-type]
+    c, lo, di = r["config"], r["one_process"], r["scaled_out"]
+    print(f"{c['units']} units x {c['triplets']} triplets x {c['size_mib']} MiB, 4 KiB tracks, "
+          f"writers 4 KiB at {c['rate_mbs']:.0f} MB/s, {c['seconds']:g} s")
+    print(f"{'figure':28} {'scaled out':>12} {'one process':>12} {'ratio':>8}")
+    for k in ("cgs_per_s", "rpo_p99_ms", "rpo_p50_ms", "flash_p50_ms", "flash_p99_ms",
+              "drain_p50_ms", "initial_drain_bps", "pace_ratio", "failures"):
+        ratio = di[k] / lo[k] if lo[k] else float("nan")
+        print(f"{k:28} {di[k]:12.4g} {lo[k]:12.4g} {ratio:8.3f}")
+    print(f"drain / np.copyto ({r['copyto_bps'] / 1e9:.2f} GB/s): scaled out "
+          f"{r['drain_vs_copyto']:.3f}, one process {r['drain_vs_copyto_one_process']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
