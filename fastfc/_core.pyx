@@ -1354,13 +1354,17 @@ cdef class VolumeBase:
         finally:
             PyBuffer_Release(&view)
 
-    def write_batch(self, offsets, data):
+    def write_batch(self, offsets, data, int origin=ORIGIN_HOST):
         """Write ``data[i]`` at ``offsets[i]`` for every i, in order.
 
         ``data`` is a 2-D C-contiguous uint8 array, one row per offset. The
         whole batch is checked (ranges, types, state) before any byte is
-        written, and this volume's lock is held across it.
+        written, and this volume's lock is held across it. ``origin``
+        ``PPRC``: the rows are PPRC updates at a secondary (a remote unit
+        applying a batch of its drain).
         """
+        if origin != ORIGIN_HOST and origin != ORIGIN_PPRC:
+            raise ValueError(f"origin must be HOST or PPRC, got {origin}")
         cdef const int64_t[::1] offs
         cdef Py_buffer view
         cdef Py_ssize_t i, k, L, off
@@ -1384,7 +1388,7 @@ cdef class VolumeBase:
                     off = offs[i]
                     self._check_writable(off >> self.track_shift,
                                          ((off + L - 1) >> self.track_shift) + 1 if L else 0,
-                                         ORIGIN_HOST)
+                                         origin)
                     if self._invalid:
                         self._check_valid_write(off, L)
                 if L and self._needs_space(tr):
@@ -1392,7 +1396,7 @@ cdef class VolumeBase:
                     for i in range(k):
                         self._reserve_write(offs[i], L)
                 for i in range(k):
-                    self._write(offs[i], <const uint8_t*>view.buf + i * L, L, ORIGIN_HOST)
+                    self._write(offs[i], <const uint8_t*>view.buf + i * L, L, origin)
             finally:
                 unlock_two(self, tr.source if tr is not None else None)
         finally:

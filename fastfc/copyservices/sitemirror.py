@@ -44,7 +44,7 @@ from fastfc.storage.site import Pending, SecondarySite, SiteVolume, Update
 from fastfc.storage.store import Store
 from fastfc.storage.volume import Volume
 
-BATCH_BYTES = 4 << 20            # gathered tracks per apply call (>= 1 MiB)
+BATCH_BYTES = 16 << 20           # gathered tracks per apply call (>= 1 MiB)
 MAX_INFLIGHT_BYTES = 64 << 20    # apply calls not yet answered, all units together
 HOLD_BYTES = 1 << 20             # copied per hold of A's lock while gathering
 
@@ -119,47 +119,47 @@ class SitePair(MirrorBase):
                 self.side[t] = arr[t * ts:(t + 1) * ts].copy()
                 cg.clear(t)
 
-    def gather(self, bitmap: TrackBitmap, buf: np.ndarray, pos: int,
-               updates: list[Update], taken: TrackBitmap, side: bool) -> tuple[int, bool]:
-        """Copy set tracks of ``bitmap`` (then, with ``side``, side-file
-        versions) into ``buf`` from ``pos`` while they fit, clearing their
-        bits and setting them in ``taken``; one bounded run per hold of A's
-        lock. Returns the new position and whether nothing is left."""
-        A, ts, n = self.primary, self.primary.track_size, self.primary.n_tracks
+    def gather(self, bitmap: TrackBitmap, updates: list[Update], budget: int,
+               taken: TrackBitmap | None, side: bool) -> tuple[int, bool]:
+        """Read set tracks of ``bitmap`` (then, with ``side``, side-file
+        versions) into ``updates`` as ``(B name, offsets, rows)``, up to
+        ``budget`` bytes, clearing their bits (and setting the span in
+        ``taken``); at most ``HOLD_BYTES`` per hold of A's lock. Returns the
+        bytes gathered and whether nothing is left."""
+        A, ts = self.primary, self.primary.track_size
         hold = max(1, HOLD_BYTES // ts)
         name = self.remote.name
-        while pos + ts <= len(buf):
+        got = 0
+        while got + ts <= budget:
+            k = min(hold, (budget - got) // ts)
             A._lock()
             try:
                 if A.closed:
                     raise VolumeClosedError(f"{A!r} is closed")
-                a = bitmap.find_next_set(self._cursor)
-                if a < 0 and self._cursor:
-                    a = bitmap.find_next_set(0)
-                if a >= 0:
-                    b = bitmap.find_next_clear(a)
-                    b = n if b < 0 else b
-                    b = min(b, a + hold, a + (len(buf) - pos) // ts)
-                    A._reserve_read(a, b)
-                    nb = (b - a) * ts
-                    buf[pos:pos + nb] = A.array[a * ts:b * ts]
-                    bitmap.clear_range(a, b)
-                    taken.set_range(a, b)
-                    updates.append((name, a * ts, pos, nb))
-                    pos += nb
-                    self._cursor = b if b < n else 0
+                idx = bitmap.set_indices()
+                if len(idx):
+                    # the first k set tracks: exactly the set bits of their span
+                    idx = idx[:k]
+                    t0, t1 = int(idx[0]), int(idx[-1]) + 1
+                    offs = idx.astype(np.int64) * ts
+                    A._reserve_read(t0, t1)
+                    rows = A.read_batch(offs, ts)
+                    bitmap.clear_range(t0, t1)
+                    if taken is not None:
+                        taken.set_range(t0, t1)
+                    updates.append((name, offs, rows))
+                    got += len(idx) * ts
                     continue
                 if side and self.side:
-                    t, data = self.side.popitem()
-                    buf[pos:pos + ts] = data
-                    taken.set(t)
-                    updates.append((name, t * ts, pos, ts))
-                    pos += ts
+                    items = [self.side.popitem() for _ in range(min(k, len(self.side)))]
+                    offs = np.array([t for t, _ in items], dtype=np.int64) * ts
+                    updates.append((name, offs, np.stack([d for _, d in items])))
+                    got += len(items) * ts
                     continue
-                return pos, True
+                return got, True
             finally:
                 A._unlock()
-        return pos, False
+        return got, False
 
     def drain(self, max_bytes: int | None = None) -> int:
         """Global Copy outside a CG: send out-of-sync tracks (up to
@@ -167,21 +167,32 @@ class SitePair(MirrorBase):
         again and the pair suspends. Returns bytes sent."""
         if self.suspend_reason is not None or self.failed_over:
             return 0
-        ts = self.primary.track_size
-        buf = np.empty(max(ts, min(max_bytes or BATCH_BYTES, BATCH_BYTES)), np.uint8)
         taken = TrackBitmap(self.primary.n_tracks)
         updates: list[Update] = []
-        pos, _ = self.gather(self.oos, buf, 0, updates, taken, side=False)
+        got, _ = self.gather(self.oos, updates, min(max_bytes or BATCH_BYTES, BATCH_BYTES),
+                             taken, side=False)
         if not updates:
             return 0
         try:
-            self.site.apply(buf[:pos], updates).result()
+            self.site.apply(updates).result()
         except FastFCError as e:
             self._give_back(taken)
             self.suspend_reason = f"{type(e).__name__}: {e}"
             return 0
-        self.bytes_sent += pos
-        return pos
+        self.bytes_sent += got
+        return got
+
+    def _begin_drain(self) -> None:
+        """The CG's tracks, as the drain begins: what a failure gives back."""
+        A = self.primary
+        A._lock()
+        try:
+            assert self.cg is not None
+            self.taken.copy_from(self.cg)
+            for t in self.side:
+                self.taken.set(t)
+        finally:
+            A._unlock()
 
     def _give_back(self, taken: TrackBitmap) -> None:
         A = self.primary
@@ -478,24 +489,30 @@ class SiteGlobalMirror(GlobalMirror):
             for p in g.pairs:
                 faults.hit("drain", p.primary)
         try:
+            for g in groups:
+                for p in g.pairs:
+                    p._begin_drain()
             while any(left.values()):
                 for g in groups:
                     s = g.site
                     pairs = left[s.key]
                     if not pairs:
                         continue
-                    ts = max(p.primary.track_size for p in pairs)
-                    buf = np.empty(max(BATCH_BYTES, ts), np.uint8)
                     updates: list[Update] = []
                     pos = 0
-                    while pairs and pos + pairs[0].primary.track_size <= len(buf):
+                    while pairs:
                         p = pairs[0]
                         assert p.cg is not None
-                        pos, done = p.gather(p.cg, buf, pos, updates, p.taken, side=True)
+                        n, done = p.gather(p.cg, updates, max(BATCH_BYTES - pos,
+                                                              p.primary.track_size if not pos else 0),
+                                           None, side=True)
+                        pos += n
                         if done:
                             pairs.pop(0)
+                        elif not n:
+                            break       # this call is full
                     if updates:
-                        inflight.append((s.apply(buf[:pos], updates), pos))
+                        inflight.append((s.apply(updates), pos))
                         in_bytes += pos
                         total += pos
                     while in_bytes > MAX_INFLIGHT_BYTES:

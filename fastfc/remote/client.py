@@ -88,8 +88,8 @@ class UnitSite(SecondarySite):
     def setup(self, session: str, pairs: Sequence[tuple[str, str]]) -> list[int]:
         return list(self._now("setup", session, [list(p) for p in pairs]))
 
-    def apply(self, buffer: np.ndarray, updates: Sequence[Update]) -> Pending:
-        return self._call("apply", buffer, list(updates))
+    def apply(self, updates: Sequence[Update]) -> Pending:
+        return self._call("apply", list(updates))
 
     def prepare(self, session: str, sequence: int) -> Pending:
         return self._call("prepare", session, sequence)

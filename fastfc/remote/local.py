@@ -29,9 +29,12 @@ _lock = threading.Lock()
 
 
 def _read_only(v: Any) -> Any:
+    """As Ray's object store hands arrays over: read-only."""
     if isinstance(v, np.ndarray):
         v = v.view()
         v.flags.writeable = False
+    elif isinstance(v, (list, tuple)):
+        return type(v)(_read_only(x) for x in v)
     return v
 
 

@@ -184,16 +184,17 @@ class UnitServer:
             _write_atomic(self.path / SESSIONS_FILE, json.dumps(self._sessions))
         return seqs
 
-    def apply(self, buffer: np.ndarray, updates: Sequence[tuple[str, int, int, int]]) -> int:
-        """PPRC updates: ``buffer[start:start + length]`` to ``name`` at
-        ``offset`` for each update. Returns bytes written."""
+    def apply(self, updates: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> int:
+        """PPRC updates: for each ``(name, offsets, rows)``, ``rows[i]`` to
+        volume ``name`` at ``offsets[i]`` (one locked batch per piece).
+        Returns bytes written."""
         self._fence()
         vols = self.unit._volumes
         n = 0
-        for i, (name, offset, start, length) in enumerate(updates):
+        for i, (name, offsets, rows) in enumerate(updates):
             self._point("apply", i)
-            vols[name]._write_origin(offset, buffer[start:start + length], _core.PPRC)
-            n += length
+            vols[name].write_batch(offsets, rows, _core.PPRC)
+            n += rows.size
         return n
 
     def prepare(self, session: str, sequence: int) -> str:

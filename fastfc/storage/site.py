@@ -20,9 +20,9 @@ from typing import Any, Hashable, Sequence
 
 import numpy as np
 
-# one update batch: a buffer of gathered tracks and where each piece goes
-# (B volume name, byte offset in B, start in the buffer, length)
-Update = tuple[str, int, int, int]
+# one piece of an update batch: (B volume name, byte offsets in B (int64),
+# rows of data, one per offset: a C-contiguous (k, track_size) uint8 array)
+Update = tuple[str, np.ndarray, np.ndarray]
 
 
 class Pending(ABC):
@@ -76,8 +76,8 @@ class SecondarySite(ABC):
         return each C's CG sequence."""
 
     @abstractmethod
-    def apply(self, buffer: np.ndarray, updates: Sequence[Update]) -> Pending:
-        """Write each update to its B volume as a PPRC update (B's
+    def apply(self, updates: Sequence[Update]) -> Pending:
+        """Write each update's rows to its B volume as PPRC updates (B's
         write-inhibit and copy-on-write to C apply)."""
 
     @abstractmethod
