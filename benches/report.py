@@ -27,6 +27,9 @@ durable_large  opt-in (only with ``--only durable_large``; about 3-5 min):
           60 % of the free space], FASTFC_BENCH_LARGE_SECONDS the run [60]
 gm        the Global Mirror workload of issue 3 (``gm.py``) and the same on
           the NumPy engine; the largest in memory, so it runs last
+scaleout  issue 12 (``scaleout.py``): 2 secondary units as Ray actors x 32
+          triplets x 32 MiB under 200 MB/s of 4 KiB writes, against the same
+          session in one process (skipped without Ray)
 
 Ratios: for a speed figure (target ``>=``) ratio = baseline time / fastfc
 time (or fastfc rate / baseline rate); for a cost figure (target ``<=``)
@@ -67,11 +70,11 @@ from benches.cases import CASES, Case, Result, get_case, measure, metadata_rows 
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable", "gm",
-            "durable_large"]
+            "scaleout", "durable_large"]
 OPT_IN = {"durable_large"}     # run only when named in --only
 # GiB each section may hold at its peak (gm: its volumes, worked out there)
 SECTION_MEMORY = {"physical": 2.5, "core": 3, "engine": 2, "numba": 2, "qemu": 3,
-                  "scaling": 3, "durable": 7, "gm": 0, "durable_large": 2}
+                  "scaling": 3, "durable": 7, "gm": 0, "scaleout": 4, "durable_large": 2}
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"
 
@@ -600,6 +603,49 @@ class Report:
                      f"({nratio:.2f})", ratio, ">= 0.5", ratio >= 0.5,
                      headline="host writes under Global Mirror / alone" if not self.quick else "",
                      data=g))
+
+
+    # -- scaleout -----------------------------------------------------------
+    def scaleout(self) -> None:
+        """Issue 12: secondary units as Ray actors against one process."""
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            self.skipped["scaleout"] = "ray is not installed (pip install 'fastfc[remote]')"
+            self.log(f"  skipped: {self.skipped['scaleout']}")
+            return
+        from benches import scaleout as so
+        cfg = (dict(triplets=16, size_mib=16, seconds=2.0) if self.quick
+               else dict(triplets=32, size_mib=32, seconds=5.0))
+        d = so.scaleout(log=self.log, **cfg)
+        self.raw["scaleout"] = d
+        di, lo, rt = d["scaled_out"], d["one_process"], d["ratios"]
+        w = (f"2 Ray units x {cfg['triplets']} triplets x {cfg['size_mib']} MiB, 4 KiB tracks, "
+             f"2 writers of 4 KiB at 200 MB/s{', quick' if self.quick else ''}")
+        base = "in one process"
+        r = d["drain_vs_copyto"]
+        self.add(Row("scaleout", "scaleout_drain", f"scale-out: drain throughput (initial "
+                     f"copy) vs np.copyto: {w}", f"{di['initial_drain_bps'] / 1e6:.0f} MB/s",
+                     f"{d['copyto_bps'] / 1e6:.0f} MB/s np.copyto", r, ">= 0.25", r >= 0.25,
+                     note=f"{base}: {lo['initial_drain_bps'] / 1e6:.0f} MB/s "
+                          f"({d['drain_vs_copyto_one_process']:.3f} x np.copyto)"))
+        for key, name, label, target, unit, lower in (
+                ("flash_p99_ms", "scaleout_flashcopy_p99", "FlashCopy phase p99 (decision "
+                 "recorded)", 15.0, "ms", True),
+                ("cgs_per_s", "scaleout_cgs_per_s", "consistency groups per second", 50.0,
+                 "CG/s", False),
+                ("rpo_p99_ms", "scaleout_rpo_p99", "RPO p99", 100.0, "ms", True),
+                ("pace_ratio", "scaleout_writers", "writers' rate / pace", 0.95, "x", False)):
+            v, b = di[key], lo[key]
+            met = v <= target if lower else v >= target
+            self.add(Row("scaleout", name, f"scale-out: {label}: {w}", f"{v:.3g} {unit}",
+                         f"{b:.3g} {unit} {base}", rt.get(key, v / b if b else float("nan")),
+                         f"{'<=' if lower else '>='} {target:g} {unit}", met,
+                         score=(target / v if lower else v / target) if v else float("inf"),
+                         note=(f"FlashCopy p50 {di['flash_p50_ms']:.1f} ms ({base} "
+                               f"{lo['flash_p50_ms']:.1f} ms); drain p50 "
+                               f"{di['drain_p50_ms']:.1f} ms ({lo['drain_p50_ms']:.2f} ms)")
+                         if key == "flash_p99_ms" else ""))
 
 
 # --------------------------------------------------------------------------
