@@ -323,3 +323,18 @@ def test_continuous_loop_with_a_unit_killed_and_restarted(tmp_path):
     assert gm.form_consistency_group().committed
     chk.check()
     assert ok >= 2 and gm.stats.successes == ok + 1
+
+
+def test_write_batch_with_pprc_origin_reaches_a_secondary():
+    from fastfc import _core
+    v = fastfc.Volume(8, TS)
+    v._secondary = True
+    rows = np.full((2, TS), 5, np.uint8)
+    offs = np.array([0, 3 * TS], np.int64)
+    with pytest.raises(fastfc.WriteInhibitedError):
+        v.write_batch(offs, rows)                    # host writes refused
+    assert not v.read(0, 8 * TS).any()
+    v.write_batch(offs, rows, _core.PPRC)
+    assert v.read(3 * TS, TS).min() == 5 and not v.read(TS, TS).any()
+    with pytest.raises(ValueError, match="origin"):
+        v.write_batch(offs, rows, 7)
