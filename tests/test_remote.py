@@ -338,3 +338,20 @@ def test_write_batch_with_pprc_origin_reaches_a_secondary():
     assert v.read(3 * TS, TS).min() == 5 and not v.read(TS, TS).any()
     with pytest.raises(ValueError, match="origin"):
         v.write_batch(offs, rows, 7)
+
+
+def test_an_unexpected_error_on_a_unit_fails_the_attempt(tmp_path):
+    units, trips, gm, chk = make_session(tmp_path)
+    assert gm.form_consistency_group().committed
+    trips[0][0].write(0, b"z")
+
+    def broken(where, i):
+        if where == "apply":
+            raise KeyError("no such volume")
+
+    units[0].server.kill_point = broken
+    res = gm.form_consistency_group()          # a KeyError on the unit: no raise here
+    assert not res.committed and res.cause is Cause.DRAIN_ERROR and "KeyError" in res.detail
+    units[0].server.kill_point = None
+    assert gm.form_consistency_group().committed
+    chk.check()

@@ -80,7 +80,7 @@ class UnitSite(SecondarySite):
         return True
 
     def _call(self, method: str, *args: Any) -> Pending:
-        return _Tracked(self, self.tr.call(self.name, method, *args))
+        return _Tracked(self, self.tr.call(self.name, method, *args), method)
 
     def _now(self, method: str, *args: Any) -> Any:
         return self._call(method, *args).result()
@@ -117,17 +117,32 @@ class UnitSite(SecondarySite):
         return f"<UnitSite {self.tr.kind}:{self.name} {'up' if self._up else 'DOWN'}>"
 
 
+# a session's calls: whatever the unit raised reaches the session as a
+# FastFCError (a CG attempt fails with a cause, it never raises)
+_SESSION_CALLS = {"apply", "prepare", "finish", "record_decision", "status", "restore_b",
+                  "setup"}
+
+
 class _Tracked(Pending):
     """Marks the site down or up by how the call ended."""
 
-    def __init__(self, site: UnitSite, inner: Pending) -> None:
-        self.site, self.inner = site, inner
+    def __init__(self, site: UnitSite, inner: Pending, method: str) -> None:
+        self.site, self.inner, self.method = site, inner, method
 
     def result(self) -> Any:
         try:
             v = self.inner.result()
         except UnitDownError:
             self.site._up = False
+            raise
+        except FastFCError:
+            self.site._up = True
+            raise
+        except Exception as e:
+            self.site._up = True
+            if self.method in _SESSION_CALLS and self.method != "setup":
+                raise FastFCError(f"unit {self.site.name}: {self.method} failed: "
+                                  f"{type(e).__name__}: {e}") from e
             raise
         self.site._up = True
         return v

@@ -51,9 +51,7 @@ class LocalTransport(client.Transport):
         except KilledHere:
             u._crash()
             return Done(error=UnitDownError(f"unit {unit} died during {method}"))
-        except FastFCError as e:
-            return Done(error=e)
-        except (ValueError, TypeError, KeyError, IndexError) as e:
+        except Exception as e:      # as over Ray: the caller's result() raises it
             return Done(error=e)
         return Done(_read_only(value))
 
