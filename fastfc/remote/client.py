@@ -10,7 +10,7 @@ is here once.
 from __future__ import annotations
 
 import threading
-from typing import Any, Hashable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
