@@ -123,13 +123,12 @@ def test_ray_kills_keep_the_promise(ray_session, tmp_path):
     finally:
         writers.stop()
     # site loss: the primary process is gone for good (its session and A
-    # volumes dropped); the units are killed and started elsewhere
+    # volumes are not used again); the units are killed and started elsewhere
     cgs(1)
     units[1].arm_kill("finish", 0)
     last = gm.form_consistency_group()
     assert last.committed and last.cause is Cause.COMMIT_FAILED
     images = chk.snapshots[last.sequence]
-    del gm, trips
     units[0].kill()
     units = [start(remote, tmp_path, i) for i in range(2)]
     assert remote.recover(units, "gm") == last.sequence
