@@ -355,3 +355,19 @@ def test_an_unexpected_error_on_a_unit_fails_the_attempt(tmp_path):
     units[0].server.kill_point = None
     assert gm.form_consistency_group().committed
     chk.check()
+
+
+def test_reconcile_follows_a_unit_that_reverted_over_a_stale_commit_record(tmp_path):
+    """The decision record reached the first unit but its answer did not:
+    the session reverted the others. Reconciling must revert the rest."""
+    units, trips, gm, chk = make_session(tmp_path)
+    assert gm.form_consistency_group().committed
+    seq = chk.check()
+    s0, s1 = units[0].server, units[1].server
+    n = seq + 1
+    assert s0.prepare("gm", n) == s1.prepare("gm", n) == "prepared"
+    s0.record_decision("gm", n, "commit")
+    assert s1.finish("gm", n, "revert") == "revert"
+    assert sitemirror.reconcile_sites([u.site for u in units], "gm") == ("revert", n)
+    assert gm.c_sequences == [seq] * 4
+    chk.check()

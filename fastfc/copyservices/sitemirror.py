@@ -268,10 +268,10 @@ def reconcile_sites(sites: Sequence[SecondarySite], session: str,
     rule, from what the units hold (no unit settles an in-doubt CG alone).
 
     If some unit committed the pending sequence (a relationship carries it
-    without being revertible, or the unit recorded a commit), or the
-    session's recorded decision says commit, commit the rest; otherwise
-    (every prepared relationship still revertible with one sequence)
-    revert all. Returns ``(action, sequence)``: action "nothing", "commit"
+    without being revertible, or the unit recorded a commit), commit the
+    rest; if some unit reverted it, revert the rest; otherwise follow the
+    session's recorded decision, and without one (every prepared
+    relationship still revertible with one sequence) revert all. Returns ``(action, sequence)``: action "nothing", "commit"
     or "revert". Raises the unit's error if one is unreachable (nothing is
     decided then).
     """
@@ -281,9 +281,12 @@ def reconcile_sites(sites: Sequence[SecondarySite], session: str,
         return "nothing", max(seq for st in statuses for (_, _, seq) in st["fcs"])
     n = max(pending)
     committed = any((not rev and seq == n) for st in statuses for (_, rev, seq) in st["fcs"]) \
-        or any(st["settled"].get(n) == "commit" or st["decisions"].get(n) == "commit"
-               for st in statuses)
-    action = "commit" if committed else "revert"
+        or any(st["settled"].get(n) == "commit" for st in statuses)
+    reverted = any(st["settled"].get(n) == "revert" for st in statuses)
+    decided = any(st["decisions"].get(n) == "commit" for st in statuses)
+    # a unit that carried out either outcome fixes it (the session sends one
+    # decision per sequence); otherwise the recorded decision, else revert
+    action = "commit" if committed or (decided and not reverted) else "revert"
     if journal is not None:
         journal(n, action)
     calls = [s.finish(session, n, action) for s in sites]
