@@ -371,3 +371,27 @@ def test_reconcile_follows_a_unit_that_reverted_over_a_stale_commit_record(tmp_p
     assert sitemirror.reconcile_sites([u.site for u in units], "gm") == ("revert", n)
     assert gm.c_sequences == [seq] * 4
     chk.check()
+
+
+@pytest.mark.slow
+def test_random_kills_never_break_the_promise(tmp_path):
+    """Units crashed inside random calls, 30 attempts: the promise after each."""
+    import random
+    rng = random.Random(12)
+    units, trips, gm, chk = make_session(tmp_path, n_trip=6)
+    kills = 0
+    with RandomWriters([t[0] for t in trips], threads=2, seed=4):
+        for _ in range(30):
+            if rng.random() < 0.6:
+                k = rng.randrange(2)
+                units[k].arm_kill(rng.choice(["apply", "prepare", "finish"]), rng.randrange(3))
+            gm.form_consistency_group()                 # never raises
+            for k in range(2):
+                if not units[k].up:
+                    kills += 1
+                    restart(tmp_path, units, k)
+                units[k]._armed = None
+            gm.clear_fatal()
+            assert gm.state is GMState.IDLE
+            chk.check()
+    assert kills >= 5
