@@ -46,7 +46,7 @@ def mkvol(units, names, tracks, size, track_size, thin) -> None:
     if capacity > MAX_BYTES:
         raise click.ClickException(f"{n} tracks of {human(track_size)} is {capacity} bytes: "
                                    f"more than a volume can hold ({MAX_BYTES} bytes)")
-    where = Path(units.local_path) if units.local_path else None
+    where = units.where(units.local_path) if units.local_path else None
     if where is None:
         raise click.UsageError("no storage unit given: use --unit PATH (or set FASTFC_UNIT)")
     existing = where
