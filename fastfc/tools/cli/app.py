@@ -161,8 +161,7 @@ def _forward(ctx: click.Context, unit: str) -> int | None:
     for stream in (out, err):
         stream.flush()
     return control.forward(unit, root.meta["fastfc.argv"], root.info_name or "fastfc",
-                           stdout=click.get_binary_stream("stdout"),
-                           stderr=click.get_binary_stream("stderr"),
+                           stdout=control.binary(out), stderr=control.binary(err),
                            stdout_text=out, stderr_text=err)
 
 

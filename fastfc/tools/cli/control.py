@@ -54,6 +54,7 @@ client's stream encodings, so binary-safe and identical to a direct run.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import select
@@ -66,7 +67,7 @@ import threading
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, cast
 
 import click
 
@@ -160,6 +161,9 @@ def forward(unit: str | os.PathLike, argv: list[str], prog_name: str, *,
             return None
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except PermissionError as e:
+        raise PermissionError(e.errno, f"cannot reach the unit {unit}: {e.strerror}") \
+            from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:
@@ -195,6 +199,31 @@ def forward(unit: str | os.PathLike, argv: list[str], prog_name: str, *,
                                  f"{kind!r}")
     finally:
         sock.close()
+
+
+def binary(text: Any) -> IO[bytes]:
+    """The binary stream under a text stream (``sys.stdout.buffer``), or
+    one that writes through the text stream when it has none."""
+    buffer = getattr(text, "buffer", None)
+    if buffer is not None:
+        return cast(IO[bytes], buffer)
+    return cast(IO[bytes], _ThroughText(text))
+
+
+class _ThroughText(io.RawIOBase):
+    def __init__(self, text: Any) -> None:
+        self._text = text
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._text.write(bytes(data).decode(getattr(self._text, "encoding", None) or "utf-8",
+                                            "surrogateescape"))
+        return len(data)
+
+    def flush(self) -> None:
+        self._text.flush()
 
 
 def _request(argv: list[str], prog_name: str, out: Any, err: Any,
@@ -354,7 +383,7 @@ class _Host:
     # -- lifetime ----------------------------------------------------------------------
     def __enter__(self) -> "_Host":
         out, err = _Router(sys.stdout), _Router(sys.stderr)
-        sys.stdout, sys.stderr = out, err   # type: ignore[assignment]
+        sys.stdout, sys.stderr = out, err
         self._routers = (out, err)
         try:
             with self.lock:
@@ -415,9 +444,9 @@ class _Host:
     def _accept_loop(self) -> None:
         while True:
             with self._guard:
-                socks = [s for s, _ in self._listeners.values()]
+                watched: list[Any] = [self._wake_r] + [s for s, _ in self._listeners.values()]
             try:
-                ready, _, _ = select.select([self._wake_r, *socks], [], [])
+                ready, _, _ = select.select(watched, [], [])
             except (OSError, ValueError):
                 ready = []
             if self._wake_r in ready:

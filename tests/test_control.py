@@ -1,0 +1,421 @@
+"""The control socket: while a process holds a unit, ``fastfc -u UNIT ...``
+commands are carried out by it, with the output and exit status of a direct
+run; without one (or with a stale socket), commands open the unit
+themselves.
+
+The holder is ``tests/control_holder.py`` (a unit held through
+``control.hosting``, as ``fastfc serve`` holds it): :func:`start_holder` is
+the one place to swap it for ``fastfc serve``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fastfc.tools.cli import main
+from fastfc.tools.cli import control
+from fastfc.tools.cli.units import Units
+
+HOLDER = Path(__file__).with_name("control_holder.py")
+TS = "4K"
+
+
+# -- a holder process ------------------------------------------------------------------
+class Holder:
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+
+def start_holder(unit: Path, remote: Path | None = None) -> Holder:
+    """Start a process holding ``unit`` (and the units its pairs span);
+    returns once its control socket answers."""
+    args = [sys.executable, str(HOLDER), str(unit)] + ([str(remote)] if remote else [])
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, text=True)
+    line = proc.stdout.readline()    # type: ignore[union-attr]
+    if line.strip() != "ready":
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        raise AssertionError(f"the holder did not start: {line!r} {err}")
+    return Holder(proc)
+
+
+@pytest.fixture
+def holders():
+    started: list[Holder] = []
+
+    def start(unit, remote=None):
+        h = start_holder(unit, remote)
+        started.append(h)
+        return h
+
+    yield start
+    for h in started:
+        if h.proc.poll() is None:
+            os.killpg(h.proc.pid, signal.SIGKILL)
+            h.proc.wait()
+
+
+def run(*args, code=None):
+    """One ``fastfc`` invocation in this process (CliRunner)."""
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if code is not None:
+        assert result.exit_code == code, (result.stdout, result.stderr)
+    return result
+
+
+def make_site(base: Path) -> None:
+    """Two units under ``base``: u (a..e, ga) and r (s1, gb, gc)."""
+    base.mkdir()
+    run("-u", base / "u", "mkvol", "a", "b", "c", "ga", "--tracks", 8, "--track-size", TS,
+        code=0)
+    run("-u", base / "r", "mkvol", "s1", "gb", "gc", "--tracks", 8, "--track-size", TS,
+        code=0)
+    run("-u", base / "u", "write", "a", "base", code=0)
+
+
+# Every command, errors included; "-r" marks commands given --remote-unit r.
+# A True in the third place: output with timings (masked before comparing).
+SCENARIO: list[tuple[list, bool, bool]] = [
+    (["lsvol"], False, False),
+    (["lsvol", "--json"], False, False),
+    (["mkvol", "d", "--tracks", 4, "--track-size", TS], False, False),
+    (["mkvol", "d", "--tracks", 4], False, False),                   # exists: 1
+    (["mkvol", "e"], False, False),                                   # usage: 2
+    (["mkvol", "Bad/Name", "--tracks", 1], False, False),             # bad value: 2
+    (["write", "a", "hello, world", "--offset", 100], False, False),
+    (["write", "a", "x" * 10, "--offset", 32 * 1024 - 4], False, False),  # past end: 1
+    (["write", "nosuch", "x"], False, False),                         # unknown volume: 1
+    (["read", "a", "--length", 160], False, False),
+    (["read", "a", "--sha256"], False, False),
+    (["read", "a", "--offset", 1 << 20], False, False),
+    (["mkflash", "a:b", "--record"], False, False),
+    (["mkflash", "a:zz"], False, False),
+    (["lsflash"], False, False),
+    (["lsflash", "--json"], False, False),
+    (["write", "a", "after the flash", "--offset", 8192], False, False),
+    (["read", "b", "--offset", 8192, "--length", 32], False, False),
+    (["resyncflash", "a:b", "--revertible"], False, False),
+    (["commitflash", "a:b"], False, False),
+    (["resyncflash", "a:b", "--revertible"], False, False),
+    (["revertflash", "a:b"], False, False),
+    (["commitflash", "a:b"], False, False),                           # not revertible: 1
+    (["waitflash", "a:b"], False, False),
+    (["reverseflash", "a:b"], False, False),
+    (["rmflash", "a:b"], False, False),
+    (["rmflash", "a:b"], False, False),                               # gone: 1
+    (["mkpprc", "c:s1", "--type", "mmir", "--wait"], True, False),
+    (["lspprc"], True, False),
+    (["lspprc", "--json"], True, False),
+    (["write", "c", "mirrored"], True, False),
+    (["pausepprc", "c:s1"], True, False),
+    (["write", "c", "while suspended", "--offset", 4096], True, False),
+    (["resumepprc", "c:s1", "--wait"], True, False),
+    (["read", "s1", "--length", 32], True, False),
+    (["failoverpprc", "c:s1"], True, False),
+    (["rmpprc", "c:s1", "--force"], True, False),
+    (["rmpprc", "c:s1"], True, False),                                # gone: 1
+    (["mkgmir", "g1", "ga:gb:gc"], True, False),
+    (["write", "ga", "into the session"], True, False),
+    (["formcg", "g1", "--count", 2], True, True),
+    (["showgmir", "g1"], True, True),
+    (["showgmir", "g1", "--json"], True, True),
+    (["showgmir", "nosuch"], True, False),
+    (["rmgmir", "g1"], True, False),
+    (["lsvol"], True, False),
+    (["rmvol", "d"], False, False),
+    (["rmvol", "a"], False, False),                                   # holds data: 1
+    (["rmvol", "nosuch"], False, False),
+    (["nosuchcommand"], False, False),                                # usage: 2
+    (["lsvol", "--help"], False, False),
+    (["--durability", "process", "lsvol"], False, False),
+]
+
+
+def _normal(text: bytes, base: Path, timed: bool) -> bytes:
+    text = text.replace(str(base).encode(), b"BASE")
+    if timed:   # times and rates differ from run to run
+        text = re.sub(rb"\d+(\.\d+)?( ?(ms|s|%))?", b"N", text)
+    return text
+
+
+def test_every_command_forwarded_gives_the_output_of_a_direct_run(tmp_path, holders,
+                                                                 monkeypatch):
+    """Each command, run on a unit a holder holds and on an identical unit
+    nobody holds: the same stdout, stderr (bytes) and exit status."""
+    held, direct = tmp_path / "held", tmp_path / "direct"
+    make_site(held)
+    make_site(direct)
+    holders(held / "u")
+    statuses = set()
+    for args, remote, timed in SCENARIO:
+        opts = ["-u", "u"] + (["-r", "r"] if remote else [])
+        got = {}
+        for base in (held, direct):
+            monkeypatch.chdir(base)     # relative unit paths: the client's cwd counts
+            r = run(*opts, *args)
+            got[base] = (r.exit_code, _normal(r.stdout_bytes, base, timed),
+                         _normal(r.stderr_bytes, base, timed))
+        assert got[held] == got[direct], args
+        statuses.add(got[held][0])
+    assert statuses == {0, 1, 2}
+    # the pair's partner unit r joined the holder: it is served too
+    assert stat.S_ISSOCK(os.stat(held / "r" / control.SOCKET).st_mode)
+    assert not (direct / "u" / control.SOCKET).exists()
+
+
+@pytest.mark.slow
+def test_the_fastfc_command_itself_forwards(tmp_path, holders):
+    """Through ``python -m fastfc`` in another process: bytes (non-ASCII
+    text included) and exit statuses as a direct run, FASTFC_UNIT honoured."""
+    held, direct = tmp_path / "held", tmp_path / "direct"
+    make_site(held)
+    make_site(direct)
+    h = holders(held / "u")
+    commands = [["write", "a", "grüße ✓", "--offset", 300], ["read", "a", "--length", 320],
+                ["lsvol"], ["mkflash", "a:nosuch"], ["lsvol", "--nope"]]
+    for args in commands:
+        got = []
+        for base in (held, direct):
+            env = dict(os.environ, FASTFC_UNIT="u")
+            p = subprocess.run([sys.executable, "-m", "fastfc", *map(str, args)], cwd=base,
+                               env=env, capture_output=True, timeout=60)
+            got.append((p.returncode, p.stdout.replace(str(base).encode(), b"BASE"),
+                        p.stderr.replace(str(base).encode(), b"BASE")))
+        assert got[0] == got[1], args
+    assert [g for g in got][0][0] == 2
+    assert h.proc.poll() is None
+
+
+def test_the_socket_is_0600_from_the_moment_it_exists(tmp_path, holders):
+    """Stat the socket's path in a tight loop while a holder starts, while a
+    unit joins (a pair's secondary unit) and while the holder stops: it is
+    absent or a 0600 socket, never anything else; nothing is left behind."""
+    make_site(tmp_path / "s")
+    unit, remote = tmp_path / "s" / "u", tmp_path / "s" / "r"
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch():
+        paths = [unit / control.SOCKET, remote / control.SOCKET]
+        while not stop.is_set():
+            for p in paths:
+                try:
+                    seen.append(os.lstat(p).st_mode)
+                except FileNotFoundError:
+                    pass
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        h = holders(unit)
+        run("-u", unit, "-r", remote, "mkpprc", "a:s1", "--type", "gcp", code=0)
+        assert (remote / control.SOCKET).exists()
+        assert h.stop() == 0
+    finally:
+        stop.set()
+        t.join()
+    assert seen and set(seen) == {stat.S_IFSOCK | 0o600}, {oct(m) for m in seen}
+    for d in (unit, remote):
+        assert not (d / control.SOCKET).exists()
+        assert not [p for p in d.iterdir() if p.name.startswith(".control-")]
+
+
+def test_a_stale_socket_falls_back_to_opening_the_unit(tmp_path, holders):
+    """A SIGKILLed holder leaves its socket: the next command finds no one
+    answering and opens the unit itself (leaving the socket alone); the next
+    holder replaces the socket."""
+    make_site(tmp_path / "s")
+    unit = tmp_path / "s" / "u"
+    before = run("-u", unit, "lsvol", code=0).stdout
+    h = holders(unit)
+    run("-u", unit, "write", "b", "via the holder", code=0)
+    assert h.stop(signal.SIGKILL) == -signal.SIGKILL
+    sock = unit / control.SOCKET
+    assert stat.S_ISSOCK(os.lstat(sock).st_mode)
+    assert run("-u", unit, "lsvol", code=0).stdout == before
+    assert "via the holder" in run("-u", unit, "read", "b", code=0).stdout
+    assert os.lstat(sock)   # not the client's to remove
+    h2 = holders(unit)
+    assert run("-u", unit, "write", "b", "again", code=0).stdout == \
+        "wrote 5 bytes to b at offset 0\n"
+    assert h2.stop() == 0
+    assert not sock.exists()
+
+
+def test_concurrent_commands_are_serialised(tmp_path):
+    """Commands sent at once run one at a time: of eight clients making the
+    same volume exactly one does it, the others are told it exists; their
+    writes at distinct offsets all land. A volume a command makes is in the
+    server's own units at once (where an NBD server looks it up)."""
+    make_site(tmp_path / "s")
+    unit = tmp_path / "s" / "u"
+    units = Units(str(unit), None)
+    lock = threading.RLock()
+    units.local()
+    results: dict[int, tuple[int, bytes, bytes]] = {}
+
+    def client(i: int) -> None:
+        out, err = io.BytesIO(), io.BytesIO()
+        args = ["-u", str(unit), "mkvol", "same", "--tracks", "2", "--track-size", TS]
+        status = control.forward(unit, args, "fastfc", stdout=out, stderr=err,
+                                 stdout_text=io.StringIO(), stderr_text=io.StringIO())
+        w = control.forward(unit, ["-u", str(unit), "write", "same", f"#{i}",
+                                   "--offset", str(16 * i)], "fastfc",
+                            stdout=out, stderr=err, stdout_text=io.StringIO(),
+                            stderr_text=io.StringIO())
+        assert w == 0
+        results[i] = (status, out.getvalue(), err.getvalue())  # type: ignore[assignment]
+
+    try:
+        with control.hosting(units, lock):
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            with lock:
+                vol = units.local().volume("same")
+                data = bytes(vol.read(0, 16 * 8))
+    finally:
+        units.close()
+    made = [i for i, r in results.items() if r[0] == 0]
+    assert len(made) == 1 and len(results) == 8
+    assert results[made[0]][1].startswith(b"created volume same: 2 tracks")
+    for i, (status, out, err) in results.items():
+        if i != made[0]:
+            assert status == 1
+            assert err == b"Error: volume 'same' already exists in this unit\n"
+    for i in range(8):
+        assert data[16 * i:16 * i + 2] == f"#{i}".encode()
+
+
+def test_durability_power_is_refused_by_a_process_server(tmp_path, holders):
+    make_site(tmp_path / "s")
+    unit = tmp_path / "s" / "u"
+    holders(unit)
+    r = run("-u", unit, "--durability", "power", "write", "a", "x", code=1)
+    assert "opened them at durability 'process'" in r.stderr
+    assert r.stderr.count("\n") == 1
+    r = run("-u", unit, "--durability", "process", "write", "a", "x", code=0)
+
+
+def test_a_long_unit_path_is_served(tmp_path, holders):
+    """A unix socket address holds 108 bytes: a deeper unit still gets one."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    make_site(deep / "s")
+    unit = deep / "s" / "u"
+    assert len(str(unit / control.SOCKET)) > 108
+    holders(unit)
+    assert run("-u", unit, "write", "a", "deep", code=0).stdout == \
+        "wrote 4 bytes to a at offset 0\n"
+    assert (unit / control.SOCKET).exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+def test_other_users_are_refused(request):
+    """A client of another uid: refused by the socket's mode (0600), and, if
+    the socket's owner were changed, by the server's SO_PEERCRED check."""
+    tmp_path = Path(tempfile.mkdtemp(prefix="fastfc-ctl-"))   # others may look in
+    tmp_path.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(tmp_path, ignore_errors=True))
+    make_site(tmp_path / "s")
+    unit = tmp_path / "s" / "u"
+    units = Units(str(unit), None)
+    lock = threading.RLock()
+    units.local()
+
+    def as_nobody() -> dict:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:    # the child: nobody, talking to the socket
+            try:
+                os.close(r)
+                os.setgid(65534)
+                os.setuid(65534)
+                out, err = io.BytesIO(), io.BytesIO()
+                try:
+                    status = control.forward(unit, ["-u", str(unit), "write", "a", "x"],
+                                             "fastfc", stdout=out, stderr=err,
+                                             stdout_text=io.StringIO(),
+                                             stderr_text=io.StringIO())
+                    res = {"status": status, "err": err.getvalue().decode()}
+                except OSError as e:
+                    res = {"oserror": str(e)}
+                os.write(w, json.dumps(res).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+        os.waitpid(pid, 0)
+        return json.loads(data)
+
+    try:
+        with control.hosting(units, lock):
+            res = as_nobody()
+            assert "not open to this user" in res["oserror"], res
+            os.chown(unit / control.SOCKET, 65534, -1)
+            res = as_nobody()
+            assert res["status"] == 1
+            assert "runs commands only for its own user, not uid 65534" in res["err"]
+    finally:
+        units.close()
+    assert run("-u", unit, "read", "a", "--length", 16, code=0).stdout.count("base") == 1
+
+
+def test_commands_run_by_the_server_leave_its_units_open(tmp_path):
+    """A forwarded command does not close the served units; a removed
+    volume is gone from them, a new one there, at once."""
+    make_site(tmp_path / "s")
+    unit = tmp_path / "s" / "u"
+    units = Units(str(unit), None)
+    lock = threading.RLock()
+    held = units.local()
+
+    def fwd(*args: str) -> tuple[int | None, bytes]:
+        out, err = io.BytesIO(), io.BytesIO()
+        status = control.forward(unit, ["-u", str(unit), *args], "fastfc", stdout=out,
+                                 stderr=err, stdout_text=io.StringIO(),
+                                 stderr_text=io.StringIO())
+        return status, out.getvalue() + err.getvalue()
+
+    try:
+        with control.hosting(units, lock):
+            assert fwd("mkvol", "n", "--tracks", "1", "--track-size", TS)[0] == 0
+            assert "n" in held
+            assert fwd("rmvol", "d0")[0] == 1
+            assert fwd("rmvol", "b") == (0, b"removed volume b\n")
+            assert "b" not in held
+            assert units.open[unit.resolve()] is held
+            held.volume("a").read(0, 4)     # still open
+    finally:
+        units.close()
+    assert control.forward(unit, ["lsvol"], "fastfc", stdout=io.BytesIO(),
+                           stderr=io.BytesIO()) is None
+    shutil.rmtree(tmp_path / "s")
