@@ -134,7 +134,7 @@ def main(ctx, unit, remote, wait, durability) -> None:
 
     While a server (fastfc serve) holds the unit, a command is carried out
     by that server, through UNIT/control.sock, with the same output and exit
-    status; serve, demo and bench are never sent there.
+    status (serve itself, and commands that open no unit, run here).
 
     Names of volumes and sessions are 1-64 letters, digits, '_', '.', '-',
     starting with a letter or digit. ls* and show* commands take --json.

@@ -240,7 +240,8 @@ def _request(argv: list[str], prog_name: str, out: Any, err: Any,
         if tty and "COLUMNS" not in env:   # the server has no terminal to measure
             try:
                 size = os.get_terminal_size(text.fileno())
-                env["COLUMNS"], env["LINES"] = str(size.columns), str(size.lines)
+                if size.columns > 0 and size.lines > 0:     # 0 x 0: a terminal not sized
+                    env["COLUMNS"], env["LINES"] = str(size.columns), str(size.lines)
             except (OSError, ValueError, AttributeError):
                 pass
     return {"argv": list(argv), "prog_name": prog_name, "cwd": os.getcwd(), "env": env,
