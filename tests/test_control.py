@@ -208,7 +208,41 @@ def test_the_fastfc_command_itself_forwards(tmp_path, holders):
                         p.stderr.replace(str(base).encode(), b"BASE")))
         assert got[0] == got[1], args
     assert [g for g in got][0][0] == 2
+    # on a terminal (colours, its width): the same bytes too
+    for size in ((30, 100), (0, 0)):
+        got = []
+        for base in (held, direct):
+            got.append(_on_a_terminal([sys.executable, "-m", "fastfc", "-u", "u", "lsvol"],
+                                      base, size))
+        assert got[0] == got[1] and b"\x1b[" in got[0][1], got
     assert h.proc.poll() is None
+
+
+def _on_a_terminal(args: list[str], cwd: Path, size: tuple[int, int]) -> tuple[int, bytes]:
+    """Run ``args`` with a pseudo-terminal of ``size`` (rows, columns) as
+    its stdin, stdout and stderr; return its exit status and what it wrote."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    parent, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env["TERM"] = "xterm-256color"
+    p = subprocess.Popen(args, cwd=cwd, env=env, stdin=child, stdout=child, stderr=child,
+                         start_new_session=True)
+    os.close(child)
+    out = b""
+    while True:
+        try:
+            data = os.read(parent, 65536)
+        except OSError:     # EIO: the terminal's other side is closed
+            break
+        if not data:
+            break
+        out += data
+    os.close(parent)
+    return p.wait(timeout=60), out
 
 
 def test_the_socket_is_0600_from_the_moment_it_exists(tmp_path, holders):
