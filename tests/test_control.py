@@ -3,9 +3,9 @@ commands are carried out by it, with the output and exit status of a direct
 run; without one (or with a stale socket), commands open the unit
 themselves.
 
-The holder is ``tests/control_holder.py`` (a unit held through
-``control.hosting``, as ``fastfc serve`` holds it): :func:`start_holder` is
-the one place to swap it for ``fastfc serve``.
+The holder is ``fastfc serve`` where this fastfc has it, else
+``tests/control_holder.py`` (a unit held through ``control.hosting``, as
+``fastfc serve`` holds it): :func:`start_holder` chooses.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -46,21 +47,31 @@ class Holder:
         try:
             return self.proc.wait(timeout=30)
         finally:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream is not None:
+                    stream.close()
 
 
 def start_holder(unit: Path, remote: Path | None = None) -> Holder:
-    """Start a process holding ``unit`` (and the units its pairs span);
-    returns once its control socket answers."""
-    args = [sys.executable, str(HOLDER), str(unit)] + ([str(remote)] if remote else [])
+    """Start a process holding ``unit`` (and the units its pairs span):
+    ``fastfc serve`` where this fastfc has it, else the stand-in
+    ``control_holder.py``; returns once its control sockets answer."""
+    if "serve" in main.commands:
+        nbd = Path(tempfile.mkdtemp(prefix="fastfc-nbd-")) / "nbd.sock"
+        args = [sys.executable, "-m", "fastfc", "-u", str(unit),
+                *(["-r", str(remote)] if remote else []), "serve", "--socket", str(nbd)]
+        ready = "serving "      # its first line on stderr
+    else:
+        args = [sys.executable, str(HOLDER), str(unit)] + ([str(remote)] if remote else [])
+        ready = "ready"         # on stdout
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True, text=True)
-    line = proc.stdout.readline()    # type: ignore[union-attr]
-    if line.strip() != "ready":
+    stream = proc.stderr if ready == "serving " else proc.stdout
+    line = stream.readline()    # type: ignore[union-attr]
+    if not line.startswith(ready):
         proc.kill()
-        _, err = proc.communicate(timeout=30)
-        raise AssertionError(f"the holder did not start: {line!r} {err}")
+        out, err = proc.communicate(timeout=30)
+        raise AssertionError(f"the holder did not start: {line!r} {out} {err}")
     return Holder(proc)
 
 
@@ -416,7 +427,7 @@ def test_other_users_are_refused(request):
             assert "not open to this user" in res["oserror"], res
             os.chown(unit / control.SOCKET, 65534, -1)
             res = as_nobody()
-            assert res["status"] == 1
+            assert res.get("status") == 1, res
             assert "runs commands only for its own user, not uid 65534" in res["err"]
     finally:
         units.close()
@@ -453,3 +464,44 @@ def test_commands_run_by_the_server_leave_its_units_open(tmp_path):
     assert control.forward(unit, ["lsvol"], "fastfc", stdout=io.BytesIO(),
                            stderr=io.BytesIO()) is None
     shutil.rmtree(tmp_path / "s")
+
+
+def test_a_stalled_client_does_not_stall_the_server(tmp_path, monkeypatch):
+    """A client that stops taking output (suspended) loses the rest of it
+    after IO_TIMEOUT; the command finishes and the next client is served."""
+    monkeypatch.setattr(control, "IO_TIMEOUT", 0.5)
+    make_site(tmp_path / "s")
+    unit = tmp_path / "s" / "u"
+    run("-u", unit, "mkvol", "big", "--tracks", 16, "--track-size", "64K", code=0)
+    run("-u", unit, "write", "big", "0123456789abcdefg", "--repeat", 60000, code=0)
+    units = Units(str(unit), None)
+    lock = threading.RLock()
+    units.local()
+    try:
+        with control.hosting(units, lock):
+            stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            stalled.connect(str(unit / control.SOCKET))
+            request = control._request(["-u", str(unit), "read", "big", "--length", "1000000"],
+                                       "fastfc", io.StringIO(), io.StringIO(),
+                                       io.BytesIO(), io.BytesIO())
+            control._send(stalled, b"q", json.dumps(request).encode())
+            time.sleep(0.2)     # the read runs, its output fills the socket, unread
+            out, err = io.BytesIO(), io.BytesIO()
+            status: list = []
+            t = threading.Thread(target=lambda: status.append(control.forward(
+                unit, ["-u", str(unit), "lsvol"], "fastfc", stdout=out, stderr=err,
+                stdout_text=io.StringIO(), stderr_text=io.StringIO())))
+            t.start()
+            t.join(30)
+            if t.is_alive():    # the server waits on the stalled client: free it, fail
+                stalled.close()
+                t.join()
+                pytest.fail("a stalled client held the server up")
+            assert status == [0] and b"big" in out.getvalue()
+            kinds = []
+            while (frame := control._recv(stalled)) is not None:
+                kinds.append(frame[0])
+            assert b"x" not in kinds     # cut short: no exit status
+            stalled.close()
+    finally:
+        units.close()

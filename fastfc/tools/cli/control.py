@@ -35,8 +35,9 @@ What a forwarded command sees
   refused (the units keep the level they were opened with); ``process`` on
   a ``power`` server gets the stronger level.
 - Its output is sent as it is written (progress lines arrive while the
-  command runs). If the client goes away, the command still finishes: its
-  output is dropped. No command reads stdin, so none is sent.
+  command runs). If the client goes away, or takes no output for
+  :data:`IO_TIMEOUT` seconds (suspended), the command still finishes: the
+  rest of its output is dropped and the client says the outcome is unknown. No command reads stdin, so none is sent.
 - ``serve``, ``demo`` and ``bench`` are never forwarded (:data:`LOCAL`).
 
 Security: the socket is created in a private (0700) directory inside the
@@ -84,6 +85,10 @@ ENV_KEYS = ("COLUMNS", "LINES", "TERM", "COLORTERM", "NO_COLOR", "FORCE_COLOR",
             "TTY_COMPATIBLE", "TTY_INTERACTIVE")
 
 MAX_REQUEST = 1 << 20        # a command line and its environment
+#: Seconds a client may take to send its request, or to take a piece of
+#: output: a client that stalls longer (suspended, say) loses the rest of
+#: the output, not the server its other work (commands hold ``lock``).
+IO_TIMEOUT = 10.0
 _HEADER = struct.Struct(">cI")
 
 
@@ -175,8 +180,11 @@ def forward(unit: str | os.PathLike, argv: list[str], prog_name: str, *,
             raise PermissionError(
                 e.errno, f"cannot reach the server holding {unit}: its control socket "
                 f"{path} is not open to this user ({e.strerror})") from None
-        _send(sock, b"q", json.dumps(_request(argv, prog_name, stdout_text, stderr_text,
-                                              stdout, stderr)).encode())
+        try:
+            _send(sock, b"q", json.dumps(_request(argv, prog_name, stdout_text, stderr_text,
+                                                  stdout, stderr)).encode())
+        except (BrokenPipeError, ConnectionResetError):
+            pass    # refused before reading it: what the server said is still there
         while True:
             frame = _recv(sock)
             if frame is None:
@@ -302,8 +310,12 @@ class _Sink:
             with self._lock:
                 try:
                     _send(self._conn, self._kind, bytes(data))
-                except OSError:
+                except OSError:     # gone or stalled: end its stream (a frame may be cut)
                     self.gone = True
+                    try:
+                        self._conn.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
         return len(data)
 
     def flush(self) -> None:
@@ -472,16 +484,17 @@ class _Host:
         send_lock = threading.Lock()
         try:
             with conn:
+                conn.settimeout(IO_TIMEOUT)
                 pid, uid, _ = struct.unpack("3i", conn.getsockopt(
                     socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+                frame = _recv(conn, MAX_REQUEST)
+                if frame is None or frame[0] != b"q":
+                    return
                 if uid != os.geteuid():
                     _send(conn, b"e", (f"Error: this server (pid {os.getpid()}, uid "
                                        f"{os.geteuid()}) runs commands only for its own "
                                        f"user, not uid {uid}\n").encode())
                     _send(conn, b"x", b'{"status": 1}')
-                    return
-                frame = _recv(conn, MAX_REQUEST)
-                if frame is None or frame[0] != b"q":
                     return
                 request = json.loads(frame[1])
                 status = self._run(conn, request, send_lock)
