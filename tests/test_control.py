@@ -505,3 +505,41 @@ def test_a_stalled_client_does_not_stall_the_server(tmp_path, monkeypatch):
             stalled.close()
     finally:
         units.close()
+
+
+def test_volumes_made_by_forwarded_commands_are_exported(tmp_path):
+    """Through ``fastfc serve``: a volume a forwarded mkvol makes is an NBD
+    export at once, and a forwarded rmvol takes it away."""
+    if "serve" not in main.commands:
+        pytest.skip("this fastfc has no serve command yet")
+    if shutil.which("nbdinfo") is None:
+        msg = "nbdinfo not installed: apt-get install libnbd-bin (.ci/run does it)"
+        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    make_site(tmp_path / "s")
+    unit = tmp_path / "s" / "u"
+    nbd = tmp_path / "nbd.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "fastfc", "-u", str(unit), "serve",
+                             "--socket", str(nbd)], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stderr.readline().startswith("serving ")   # type: ignore[union-attr]
+
+        def exports() -> list[str]:
+            r = subprocess.run(["nbdinfo", "--list", "--json", f"nbd+unix:///?socket={nbd}"],
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            return sorted(e["export-name"] for e in json.loads(r.stdout)["exports"])
+
+        assert exports() == ["a", "b", "c", "ga"]
+        run("-u", unit, "mkvol", "fresh", "--tracks", 4, "--track-size", TS, code=0)
+        assert exports() == ["a", "b", "c", "fresh", "ga"]
+        run("-u", unit, "rmvol", "fresh", code=0)
+        assert exports() == ["a", "b", "c", "ga"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not (unit / control.SOCKET).exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()     # type: ignore[union-attr]
