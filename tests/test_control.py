@@ -466,6 +466,7 @@ def test_commands_run_by_the_server_leave_its_units_open(tmp_path):
     shutil.rmtree(tmp_path / "s")
 
 
+@pytest.mark.slow
 def test_a_stalled_client_does_not_stall_the_server(tmp_path, monkeypatch):
     """A client that stops taking output (suspended) loses the rest of it
     after IO_TIMEOUT; the command finishes and the next client is served."""
@@ -543,3 +544,59 @@ def test_volumes_made_by_forwarded_commands_are_exported(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stderr.close()     # type: ignore[union-attr]
+
+
+def test_a_server_refuses_to_run_serve_demo_or_bench(tmp_path):
+    """Those are never forwarded; a client that sends one anyway is refused."""
+    make_site(tmp_path / "s")
+    unit = tmp_path / "s" / "u"
+    units = Units(str(unit), None)
+    units.local()
+    try:
+        with control.hosting(units, threading.RLock()):
+            for args in ([["serve", "--socket", str(tmp_path / "x")]]
+                         if "serve" in main.commands else []) + [["demo"], ["bench"]]:
+                err = io.BytesIO()
+                status = control.forward(unit, ["-u", str(unit), *args], "fastfc",
+                                         stdout=io.BytesIO(), stderr=err,
+                                         stdout_text=io.StringIO(), stderr_text=io.StringIO())
+                assert (status, err.getvalue()) == (
+                    1, f"Error: {args[0]} is not carried out by a server: run it where you "
+                       "are\n".encode()), args
+    finally:
+        units.close()
+
+
+@pytest.mark.slow
+def test_a_server_stopped_mid_command(tmp_path, holders):
+    """SIGTERM: the command in flight finishes and its client gets all of
+    it. SIGKILL: the client says the outcome is unknown (exit 1)."""
+    make_site(tmp_path / "s")
+    unit = tmp_path / "s" / "u"
+    args = ["-u", str(unit), "mkflash", "a:b", "--copy-rate", "24K", "--wait"]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        h = holders(unit)
+        got: list = []
+        out, err = io.BytesIO(), io.BytesIO()
+
+        def client() -> None:
+            try:
+                got.append(control.forward(unit, args, "fastfc", stdout=out, stderr=err,
+                                           stdout_text=io.StringIO(),
+                                           stderr_text=io.StringIO()))
+            except control.ServerGone as e:
+                got.append(e)
+
+        t = threading.Thread(target=client)
+        t.start()
+        time.sleep(0.5)     # the copy runs (32 KiB at 24 KiB/s)
+        h.stop(sig)
+        t.join(60)
+        if sig == signal.SIGTERM:
+            assert got == [0], err.getvalue()
+            assert out.getvalue().endswith(b"relationship ended (not persistent)\n")
+        else:
+            assert len(got) == 1 and isinstance(got[0], control.ServerGone), got
+            assert got[0].exit_code == 1
+            assert "closed the connection before the command finished" in str(got[0])
+            assert out.getvalue().startswith(b"established FlashCopy a:b")

@@ -141,6 +141,9 @@ def main(ctx, unit, remote, wait, durability) -> None:
     Progress goes to stderr (plain lines when it is not a terminal).
     """
     if isinstance(ctx.obj, control.Served):     # a server runs this for a client
+        if ctx.invoked_subcommand in control.LOCAL:
+            raise click.ClickException(f"{ctx.invoked_subcommand} is not carried out by "
+                                       "a server: run it where you are")
         asked = ctx.get_parameter_source("durability") not in (
             click.core.ParameterSource.DEFAULT, None)
         ctx.obj = ctx.obj.units(unit, remote, durability if asked else None)
