@@ -389,6 +389,7 @@ class _Host:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)    # a full pipe already wakes the loop
         self._accepting: threading.Thread | None = None
         self._routers: tuple[_Router, _Router] | None = None
         self._guard = threading.Lock()      # _listeners, _threads
@@ -415,7 +416,7 @@ class _Host:
     def _stop(self) -> None:
         """No new connections; the commands already received finish."""
         self._stopping = True
-        os.write(self._wake_w, b"x")
+        self._wake()
         if self._accepting is not None:
             self._accepting.join()
         with self._guard:
@@ -452,7 +453,13 @@ class _Host:
             sock, ino = _listen(unit.path)
             with self._guard:
                 self._listeners[unit.path] = (sock, ino)
-        os.write(self._wake_w, b"p")
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"w")
+        except BlockingIOError:
+            pass
 
     def _accept_loop(self) -> None:
         while True:
@@ -463,7 +470,7 @@ class _Host:
             except (OSError, ValueError):
                 ready = []
             if self._wake_r in ready:
-                os.read(self._wake_r, 64)
+                os.read(self._wake_r, 4096)
             if self._stopping:
                 return
             for s in ready:
