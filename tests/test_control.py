@@ -110,7 +110,7 @@ def make_site(base: Path) -> None:
 
 
 # Every command, errors included; "-r" marks commands given --remote-unit r.
-# A True in the third place: output with timings (masked before comparing).
+# A True in the third place: output with timings or free space (numbers masked).
 SCENARIO: list[tuple[list, bool, bool]] = [
     (["lsvol"], False, False),
     (["lsvol", "--json"], False, False),
@@ -118,6 +118,7 @@ SCENARIO: list[tuple[list, bool, bool]] = [
     (["mkvol", "d", "--tracks", 4], False, False),                   # exists: 1
     (["mkvol", "e"], False, False),                                   # usage: 2
     (["mkvol", "Bad/Name", "--tracks", 1], False, False),             # bad value: 2
+    (["mkvol", "huge", "--size", "1000T", "--track-size", "16M"], False, True),  # no room
     (["write", "a", "hello, world", "--offset", 100], False, False),
     (["write", "a", "x" * 10, "--offset", 32 * 1024 - 4], False, False),  # past end: 1
     (["write", "nosuch", "x"], False, False),                         # unknown volume: 1
