@@ -146,7 +146,8 @@ def main(ctx, unit, remote, wait, durability) -> None:
                                        "a server: run it where you are")
         asked = ctx.get_parameter_source("durability") not in (
             click.core.ParameterSource.DEFAULT, None)
-        ctx.obj = ctx.obj.units(unit, remote, durability if asked else None)
+        ctx.obj = ctx.obj.units(unit, remote, durability if asked else None,
+                                looks_only=ctx.invoked_subcommand in READ_ONLY_COMMANDS)
         return
     if unit is not None and ctx.invoked_subcommand not in control.LOCAL:
         status = _forward(ctx, unit)

@@ -367,15 +367,17 @@ class Served:
     def __init__(self, units: Units, cwd: str) -> None:
         self.host, self.cwd = units, cwd
 
-    def units(self, local: str | None, remote: str | None, durability: str | None) -> Units:
+    def units(self, local: str | None, remote: str | None, durability: str | None, *,
+              looks_only: bool = False) -> Units:
         """The command's view of the served units (``durability``: the level
-        the command asked for explicitly, None if it did not)."""
+        the command asked for explicitly, None if it did not; ``looks_only``:
+        a command that changes nothing, so nothing to flush after it)."""
         if durability == "power" and self.host.durability != "power":
             raise click.ClickException(
                 f"--durability power: the units are held by a server (pid {os.getpid()}) "
                 f"that opened them at durability {self.host.durability!r}; restart it with "
                 "--durability power")
-        return Units.borrowing(self.host, local, remote, cwd=self.cwd)
+        return Units.borrowing(self.host, local, remote, cwd=self.cwd, looks_only=looks_only)
 
 
 class _Host:

@@ -44,19 +44,21 @@ class Units:
         self.open: dict[Path, StorageUnit] = {}
         self._partners_opened = False
         self.borrowed = False
+        self._flush_on_close = True
 
     @classmethod
     def borrowing(cls, host: "Units", local: str | None, remote: str | None, *,
-                  cwd: str | None = None) -> "Units":
+                  cwd: str | None = None, looks_only: bool = False) -> "Units":
         """A command's view of ``host``'s open units (a server's), naming
         its own ``--unit`` and ``--remote-unit``. The units are shared, not
-        owned: :meth:`close` flushes them and leaves them open, and a unit
-        this view opens joins ``host`` (read-write, at its durability), to be
-        closed with it."""
+        owned: :meth:`close` flushes them (unless the command ``looks_only``)
+        and leaves them open, and a unit this view opens joins ``host``
+        (read-write, at its durability), to be closed with it."""
         units = cls(local, remote, readonly=host.readonly, wait=host.wait,
                     durability=host.durability, cwd=cwd)
         units.open = host.open
         units.borrowed = True
+        units._flush_on_close = not looks_only
         return units
 
     def where(self, path: str) -> Path:
@@ -118,9 +120,10 @@ class Units:
 
     def close(self) -> None:
         if self.borrowed:       # the server's units: what a close would make durable
-            for unit in list(self.open.values()):
-                if not unit.readonly:
-                    unit.flush()
+            if self._flush_on_close:
+                for unit in list(self.open.values()):
+                    if not unit.readonly:
+                        unit.flush()
             return
         errors = []
         for unit in reversed(list(self.open.values())):
