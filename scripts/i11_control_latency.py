@@ -25,3 +25,5 @@ for args in (["read", "a", "--length", "16"], ["write", "a", "0123456789abcdef"]
     print(f"{' '.join(args[:1]):6s} forwarded {mf*1e3:6.0f} ms  direct {md*1e3:6.0f} ms  "
           f"direct/forwarded {md/mf:.2f}")
 holder.terminate(); holder.wait()
+import shutil
+shutil.rmtree(base, ignore_errors=True)
