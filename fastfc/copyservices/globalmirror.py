@@ -181,6 +181,171 @@ class Triplet:
         return f"<Triplet {self.a.name}->{self.b.name}->{self.c.name}>"
 
 
+class SecondaryGroup:
+    """The triplets whose B and C volumes one store (one storage unit) holds.
+
+    The unit of work of a consistency group's drain and FlashCopy phase: a
+    session asks each group, in turn, to :meth:`drain` its pairs, then to
+    :meth:`prepare_all` its B->C relationships, and, once the decision is
+    recorded, to :meth:`commit_all` or :meth:`revert_all` what it prepared.
+    Each is one call per group, so a group whose B and C live in another
+    process (a remote unit) can carry it out in one round trip; locally it
+    runs the same per-relationship steps, with the same fault points, in
+    triplet order.
+
+    Locking: as the steps it runs (each pair's primary lock, each
+    relationship's B and C locks); the session's attempt lock keeps two
+    attempts apart.
+    """
+
+    def __init__(self, store, triplets: Sequence[Triplet]) -> None:
+        self.store = store
+        self.triplets: list[Triplet] = list(triplets)
+        self.ordered = False        # durability "power" at this store (set_ordered)
+        self.prepared: list[FlashCopy] = []   # of the CG in flight
+
+    def __repr__(self) -> str:
+        return f"<SecondaryGroup {self.store.ref} {len(self.triplets)} triplets>"
+
+    def set_ordered(self, ordered: bool) -> None:
+        """Durability "power": B is written by the ordered drain only, after
+        its barriers, so collisions save CG versions in the side file."""
+        self.ordered = ordered
+        for trip in self.triplets:
+            trip.pair.ordered_drain = ordered
+
+    # -- drain -------------------------------------------------------------------
+    def drain(self, deadline: Callable[[], bool] | None,
+              time_left: Callable[[], float] | None) -> int:
+        """Send every CG track of the group's pairs to their B volumes (at
+        durability "power", in the barrier order of :meth:`_order_drain`, B
+        images synced at the end). Returns the CG's bytes; raises
+        :class:`DrainAborted` past the deadline, or what a link raises."""
+        sent = 0
+        ordered = self.ordered
+        for trip in self.triplets:
+            faults.hit("drain", trip.a)
+            if deadline is not None and deadline():
+                raise DrainAborted("drain time limit passed")
+            if ordered:
+                self._order_drain(trip)
+            sent += trip.pair._cg_drain(deadline, time_left)
+        if ordered:   # the CG's B images on the disk before any prepare names them
+            self.store.sync(*(trip.b for trip in self.triplets))
+        return sent
+
+    def end_drain(self, ok: bool) -> None:
+        """Close the CG of every pair (a failed drain gives its tracks back
+        to the out-of-sync bitmaps)."""
+        for trip in self.triplets:
+            trip.pair._cg_end(ok)
+
+    def _order_drain(self, trip: Triplet) -> None:
+        """Durability "power", before B takes its share of the CG: make the
+        change bits of every CG track durable (so the next resync copies
+        them), then copy to C the old B tracks that C still reads from B and
+        make them durable, and only then clear their ``to_copy`` bits and make
+        that durable. Each step is on the disk before the next begins, so a
+        power cut anywhere in the drain leaves C on the prior CG: a cleared
+        bit on the disk always has its C data there, and a B track on the disk
+        newer than the prior CG always has its change bit. (The drain itself
+        then needs no copy-on-write for these tracks.)"""
+        pair, fc, b, c = trip.pair, trip.fc, trip.b, trip.c
+        if not fc.active or fc.src_changed is None or pair.cg is None:
+            return
+        store = self.store
+        with locked((trip.a,)):          # collisions move CG tracks to the side file
+            mask = pair.cg.copy()
+            for t in pair.side:
+                mask.set(t)
+        with locked((b, c)):
+            fc.src_changed.or_(mask)
+            need = mask & fc.to_copy
+        store.sync(fc.src_changed)
+        if not need.any():
+            return
+        ts = b.track_size
+        with locked((b, c)):             # B takes PPRC updates only from this drain
+            c._reserve_tracks(need)      # a thin C gets its blocks first
+            raw, src = c._raw_array(), b.array
+            for t0, t1 in need.runs():
+                raw[t0 * ts:t1 * ts] = src[t0 * ts:t1 * ts]
+        try:
+            faults.hit("cow", b)         # crash and power-cut tests stop here
+        except InjectedFault:
+            pass
+        store.sync(c)
+        with locked((b, c)):
+            fc.to_copy.andnot(need)
+        store.sync(fc.to_copy)
+
+    # -- FlashCopy phase -------------------------------------------------------
+    def prepare_all(self, sequence: int, stop_at_failure: bool) -> str | None:
+        """Prepare every B->C relationship revertibly with CG ``sequence``
+        (write-inhibiting each B), in triplet order; at durability "power"
+        the prepared bitmaps are synced before this returns. Returns None if
+        every prepare succeeded, else the last failure (it stops at the first if
+        ``stop_at_failure``). The prepared relationships are kept in
+        :attr:`prepared` for :meth:`commit_all` / :meth:`revert_all`."""
+        prepared: list[FlashCopy] = []
+        self.prepared = prepared
+        failure = None
+        for trip in self.triplets:
+            try:
+                trip.fc.resync(revertible=True, sequence=sequence)
+                prepared.append(trip.fc)
+            except FastFCError as e:
+                failure = f"prepare of {trip.b.name}: {type(e).__name__}: {e}"
+                if stop_at_failure:
+                    break
+        if self.ordered:   # the prepared bitmaps before the decision
+            self.store.sync(*(bm for fc in prepared
+                              for bm in (fc.to_copy, fc.src_changed, fc.tgt_changed)))
+        return failure
+
+    def commit_all(self) -> list[str]:
+        """Commit every relationship :meth:`prepare_all` prepared; returns
+        what failed (each a message), having tried them all."""
+        return self._finish("commit")
+
+    def revert_all(self) -> list[str]:
+        """Revert every relationship :meth:`prepare_all` prepared; returns
+        what failed (each a message), having tried them all."""
+        return self._finish("revert")
+
+    def _finish(self, step: str) -> list[str]:
+        errors = []
+        for fc in self.prepared:
+            try:
+                fc.commit() if step == "commit" else fc.revert()
+            except FastFCError as e:
+                errors.append(f"{step} of {fc.source.name}: {type(e).__name__}: {e}")
+        self.prepared = []
+        return errors
+
+    # -- Global Copy between CGs ---------------------------------------------------
+    def global_copy(self, max_bytes: int) -> int:
+        """Drain out-of-sync tracks of every pair as Global Copy (at most
+        ``max_bytes`` per pair); returns the bytes sent."""
+        return sum(t.pair.drain(max_bytes) for t in self.triplets)
+
+    def backlog(self) -> int:
+        """Out-of-sync tracks of the group's pairs."""
+        return sum(t.pair.oos.count() for t in self.triplets)
+
+
+def secondary_groups(triplets: Sequence[Triplet]) -> list[SecondaryGroup]:
+    """The triplets grouped by the store holding their B (and C) volumes,
+    groups in the order of their first triplet, triplets in session order."""
+    groups: dict[int, SecondaryGroup] = {}
+    for t in triplets:
+        g = groups.get(id(t.b.store))
+        if g is None:
+            g = groups[id(t.b.store)] = SecondaryGroup(t.b.store, [])
+        g.triplets.append(t)
+    return list(groups.values())
+
+
 class GlobalMirror:
     """A Global Mirror session over ``(A, B, C)`` triplets [mkgmir].
 
@@ -316,12 +481,16 @@ class GlobalMirror:
                                 partners=[t.a.store for t in self.triplets])
 
     def _order_drains(self) -> None:
-        """Durability "power" (fixed when the unit holding B was opened): B is
-        written by the ordered drain only, after its barriers, so collisions
-        save CG versions in the side file instead of sending them at once."""
+        """Group the triplets by the store of their B and C
+        (:class:`SecondaryGroup`, the unit of the drain and the FlashCopy
+        phase) and fix each group's durability "power" ordering (fixed when
+        the unit holding B was opened): B is written by the ordered drain
+        only, after its barriers, so collisions save CG versions in the side
+        file instead of sending them at once."""
         self._ordered = self._store.durability == "power"
-        for trip in self.triplets:
-            trip.pair.ordered_drain = self._ordered
+        self.groups = secondary_groups(self.triplets)
+        for g in self.groups:
+            g.set_ordered(g.store.durability == "power")
 
     # -- records -----------------------------------------------------------------
     def to_record(self) -> dict:
@@ -372,28 +541,19 @@ class GlobalMirror:
         self._next_sequence += 1
         res = CGResult(seq, False)
 
-        ordered = self._ordered
-
         # 1. coordinate
         if not self._coordinate(res):
             return self._count(res)
 
-        # 2. drain
+        # 2. drain, one call per secondary group
         t = time.perf_counter()
         limit = self._drain_limit()
         deadline = None if limit is None else (lambda: time.perf_counter() - t > limit)
         time_left = None if limit is None else (lambda: limit - (time.perf_counter() - t))
         ok = False
         try:
-            for trip in self.triplets:
-                faults.hit("drain", trip.a)
-                if deadline is not None and deadline():
-                    raise DrainAborted("drain time limit passed")
-                if ordered:
-                    self._order_drain(trip)
-                res.bytes_drained += trip.pair._cg_drain(deadline, time_left)
-            if ordered:   # the CG's B images on the disk before any prepare names them
-                self._store.sync(*(trip.b for trip in self.triplets))
+            for group in self.groups:
+                res.bytes_drained += group.drain(deadline, time_left)
             ok = True
         except DrainAborted as e:
             res.cause, res.detail = Cause.DRAIN_TIMEOUT, str(e)
@@ -402,8 +562,8 @@ class GlobalMirror:
             res.detail = f"{type(e).__name__}: {e}"
         finally:
             res.drain_time = time.perf_counter() - t
-            for trip in self.triplets:
-                trip.pair._cg_end(ok)
+            for group in self.groups:
+                group.end_drain(ok)
         if not ok:
             if res.cause is Cause.DRAIN_TIMEOUT:
                 self._drain_failures += 1
@@ -415,44 +575,6 @@ class GlobalMirror:
         self._flashcopy_phase(res)
         res.flash_time = time.perf_counter() - t
         return res
-
-    def _order_drain(self, trip: Triplet) -> None:
-        """Durability "power", before B takes its share of the CG: make the
-        change bits of every CG track durable (so the next resync copies
-        them), then copy to C the old B tracks that C still reads from B and
-        make them durable, and only then clear their ``to_copy`` bits and make
-        that durable. Each step is on the disk before the next begins, so a
-        power cut anywhere in the drain leaves C on the prior CG: a cleared
-        bit on the disk always has its C data there, and a B track on the disk
-        newer than the prior CG always has its change bit. (The drain itself
-        then needs no copy-on-write for these tracks.)"""
-        pair, fc, b, c = trip.pair, trip.fc, trip.b, trip.c
-        if not fc.active or fc.src_changed is None or pair.cg is None:
-            return
-        with locked((trip.a,)):          # collisions move CG tracks to the side file
-            mask = pair.cg.copy()
-            for t in pair.side:
-                mask.set(t)
-        with locked((b, c)):
-            fc.src_changed.or_(mask)
-            need = mask & fc.to_copy
-        self._store.sync(fc.src_changed)
-        if not need.any():
-            return
-        ts = b.track_size
-        with locked((b, c)):             # B takes PPRC updates only from this drain
-            c._reserve_tracks(need)      # a thin C gets its blocks first
-            raw, src = c._raw_array(), b.array
-            for t0, t1 in need.runs():
-                raw[t0 * ts:t1 * ts] = src[t0 * ts:t1 * ts]
-        try:
-            faults.hit("cow", b)         # crash and power-cut tests stop here
-        except InjectedFault:
-            pass
-        self._store.sync(c)
-        with locked((b, c)):
-            fc.to_copy.andnot(need)
-        self._store.sync(fc.to_copy)
 
     def _coordinate(self, res: CGResult) -> bool:
         """Coordination: one C call (:func:`fastfc._core.coordinate_pairs`).
@@ -508,40 +630,34 @@ class GlobalMirror:
 
     def _flashcopy_phase(self, res: CGResult) -> None:
         seq = res.sequence
-        prepared: list[FlashCopy] = []
         failure = None
+        stop_at_failure = self.decide == "after_each"
         # On a storage unit the prepares and the decision record share one
         # durable commit, and the commits (or reverts) another that needs no
         # fsync: a crash before the first leaves nothing prepared; after it,
         # recovery carries out the recorded decision, whether or not the
         # second reached the disk. One fsync per CG, whatever its size. The
         # session's counters are one more row of the second commit.
+        for group in self.groups:
+            group.prepared = []
         with self._store.transaction():
-            for trip in self.triplets:
-                try:
-                    trip.fc.resync(revertible=True, sequence=seq)
-                    prepared.append(trip.fc)
-                except FastFCError as e:
-                    failure = f"prepare of {trip.b.name}: {type(e).__name__}: {e}"
-                    if self.decide == "after_each":
-                        break
+            for group in self.groups:
+                failed = group.prepare_all(seq, stop_at_failure)
+                if failed is not None:
+                    failure = failed
+                if failure is not None and stop_at_failure:
+                    break
             decision = "commit" if failure is None else "revert"
-            if self._ordered:   # the prepared bitmaps before the decision
-                self._store.sync(*(bm for fc in prepared
-                                   for bm in (fc.to_copy, fc.src_changed, fc.tgt_changed)))
             if self.journal is not None:
                 self.journal.cg_decision(self.name, seq, decision)
         try:
             faults.hit("decision")   # crash tests stop the world here
         except FastFCError:
             pass                     # the decision stands; carry it out
-        errors = []
+        errors: list[str] = []
         with self._store.transaction(sync=False):
-            for fc in prepared:
-                try:
-                    fc.commit() if decision == "commit" else fc.revert()
-                except FastFCError as e:
-                    errors.append(f"{decision} of {fc.source.name}: {type(e).__name__}: {e}")
+            for group in self.groups:
+                errors += group.commit_all() if decision == "commit" else group.revert_all()
             if not errors:
                 if failure is not None:
                     res.cause, res.detail = Cause.PREPARE_FAILED, failure
@@ -713,7 +829,7 @@ class GlobalMirror:
         """Between CGs: drain OOS tracks as Global Copy until ``seconds`` pass."""
         end = time.perf_counter() + seconds
         while not self._stop.is_set() and time.perf_counter() < end:
-            sent = sum(t.pair.drain(4 << 20) for t in self.triplets)
+            sent = sum(g.global_copy(4 << 20) for g in self.groups)
             if not sent:
                 self._stop.wait(min(0.005, max(0.0, end - time.perf_counter())))
 
@@ -731,12 +847,12 @@ class GlobalMirror:
             for t in self.triplets:
                 if t.pair.suspend_reason is not None and not t.pair.failed_over:
                     t.pair.suspend_reason = None
-            left = sum(t.pair.oos.count() for t in self.triplets)
+            left = sum(g.backlog() for g in self.groups)
             if backlog is None:
                 backlog = left
             if left <= backlog // 4:
                 return
-            if not sum(t.pair.drain(4 << 20) for t in self.triplets):
+            if not sum(g.global_copy(4 << 20) for g in self.groups):
                 return
 
     # -- recovery --------------------------------------------------------------
