@@ -1,4 +1,4 @@
-"""i11 control socket: a command forwarded to the process holding its unit vs
+"""i11 control socket: a command forwarded to fastfc serve holding its unit vs
 the same command opening an identical unit itself, whole fastfc processes
 (what a shell user waits for), interleaved, medians of 8, one run.
 
@@ -11,9 +11,10 @@ py = [sys.executable, "-m", "fastfc"]
 for d in ("held", "direct"):
     subprocess.run(py + ["-u", str(base / d), "mkvol", "a", "--tracks", "64"], check=True,
                    capture_output=True)
-holder = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent.parent / "tests" / "control_holder.py"), str(base / "held")],
-                          stdout=subprocess.PIPE, text=True)
-assert holder.stdout.readline().strip() == "ready"
+holder = subprocess.Popen(py + ["-u", str(base / "held"), "serve", "--socket",
+                           str(base / "nbd.sock")],
+                          stderr=subprocess.PIPE, text=True)
+assert holder.stderr.readline().startswith("serving ")
 for args in (["read", "a", "--length", "16"], ["write", "a", "0123456789abcdef"], ["lsvol"]):
     f, d = [], []
     for _ in range(8):

@@ -3,9 +3,9 @@ commands are carried out by it, with the output and exit status of a direct
 run; without one (or with a stale socket), commands open the unit
 themselves.
 
-The holder is ``fastfc serve`` where this fastfc has it, else
-``tests/control_holder.py`` (a unit held through ``control.hosting``, as
-``fastfc serve`` holds it): :func:`start_holder` chooses.
+The holder is ``fastfc serve`` (:func:`start_holder`); some tests host in
+this process with ``control.hosting``, the call ``serve`` makes, to look
+into the server's units or to stand in for a client of another user.
 """
 
 from __future__ import annotations
@@ -32,14 +32,15 @@ from fastfc.tools.cli import main
 from fastfc.tools.cli import control
 from fastfc.tools.cli.units import Units
 
-HOLDER = Path(__file__).with_name("control_holder.py")
 TS = "4K"
 
 
 # -- a holder process ------------------------------------------------------------------
 class Holder:
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
+    """A ``fastfc serve`` process (its own process group)."""
+
+    def __init__(self, proc: subprocess.Popen, scratch: Path) -> None:
+        self.proc, self.scratch = proc, scratch
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
@@ -50,29 +51,23 @@ class Holder:
             for stream in (self.proc.stdout, self.proc.stderr):
                 if stream is not None:
                     stream.close()
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def start_holder(unit: Path, remote: Path | None = None) -> Holder:
-    """Start a process holding ``unit`` (and the units its pairs span):
-    ``fastfc serve`` where this fastfc has it, else the stand-in
-    ``control_holder.py``; returns once its control sockets answer."""
-    if "serve" in main.commands:
-        nbd = Path(tempfile.mkdtemp(prefix="fastfc-nbd-")) / "nbd.sock"
-        args = [sys.executable, "-m", "fastfc", "-u", str(unit),
-                *(["-r", str(remote)] if remote else []), "serve", "--socket", str(nbd)]
-        ready = "serving "      # its first line on stderr
-    else:
-        args = [sys.executable, str(HOLDER), str(unit)] + ([str(remote)] if remote else [])
-        ready = "ready"         # on stdout
+    """Start ``fastfc serve`` holding ``unit`` (and the units its pairs
+    span); returns once it serves (its control sockets exist by then)."""
+    nbd = Path(tempfile.mkdtemp(prefix="fastfc-nbd-")) / "nbd.sock"
+    args = [sys.executable, "-m", "fastfc", "-u", str(unit),
+            *(["-r", str(remote)] if remote else []), "serve", "--socket", str(nbd)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True, text=True)
-    stream = proc.stderr if ready == "serving " else proc.stdout
-    line = stream.readline()    # type: ignore[union-attr]
-    if not line.startswith(ready):
+    line = proc.stderr.readline()    # type: ignore[union-attr]
+    if not line.startswith("serving "):
         proc.kill()
         out, err = proc.communicate(timeout=30)
-        raise AssertionError(f"the holder did not start: {line!r} {out} {err}")
-    return Holder(proc)
+        raise AssertionError(f"fastfc serve did not start: {line!r} {out} {err}")
+    return Holder(proc, nbd.parent)
 
 
 @pytest.fixture
@@ -89,6 +84,7 @@ def holders():
         if h.proc.poll() is None:
             os.killpg(h.proc.pid, signal.SIGKILL)
             h.proc.wait()
+        shutil.rmtree(h.scratch, ignore_errors=True)
 
 
 def run(*args, code=None):
@@ -175,6 +171,7 @@ def _normal(text: bytes, base: Path, timed: bool) -> bytes:
     return text
 
 
+@pytest.mark.slow
 def test_every_command_forwarded_gives_the_output_of_a_direct_run(tmp_path, holders,
                                                                  monkeypatch):
     """Each command, run on a unit a holder holds and on an identical unit
@@ -512,8 +509,6 @@ def test_a_stalled_client_does_not_stall_the_server(tmp_path, monkeypatch):
 def test_volumes_made_by_forwarded_commands_are_exported(tmp_path):
     """Through ``fastfc serve``: a volume a forwarded mkvol makes is an NBD
     export at once, and a forwarded rmvol takes it away."""
-    if "serve" not in main.commands:
-        pytest.skip("this fastfc has no serve command yet")
     if shutil.which("nbdinfo") is None:
         msg = "nbdinfo not installed: apt-get install libnbd-bin (.ci/run does it)"
         pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
@@ -555,8 +550,7 @@ def test_a_server_refuses_to_run_serve_demo_or_bench(tmp_path):
     units.local()
     try:
         with control.hosting(units, threading.RLock()):
-            for args in ([["serve", "--socket", str(tmp_path / "x")]]
-                         if "serve" in main.commands else []) + [["demo"], ["bench"]]:
+            for args in (["serve", "--socket", str(tmp_path / "x")], ["demo"], ["bench"]):
                 err = io.BytesIO()
                 status = control.forward(unit, ["-u", str(unit), *args], "fastfc",
                                          stdout=io.BytesIO(), stderr=err,
