@@ -1765,20 +1765,11 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
         free(since)
 
 
-def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
-               double seconds=-1.0):
-    """Send every track set in ``owed`` from A to B as PPRC updates (the
-    in-process fast path of a consistency-group drain), without the GIL.
-
-    Works a chunk of at most ``chunk`` tracks at a time under A's and then
-    B's lock (the order every PPRC update uses), releasing both between
-    chunks so host writes to A wait at most one chunk. The caller must hold
-    neither lock. Stops early, with everything sent so far applied whole,
-    when ``seconds`` (if >= 0) have passed, or when B turns write-inhibited,
-    is closed, or its FlashCopy relationships change. Returns ``(tracks sent,
-    status)``: 0 done, 1 time limit, 2 stopped for B's state (the caller
-    falls back to the per-update path, which reports why).
-    """
+cdef int _drain_pair(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
+                     double deadline, Py_ssize_t* sent) except -1:
+    """The body of :func:`pprc_drain` for one pair (``deadline``: a
+    ``monotonic()`` instant, or < 0 for none); stores the tracks sent in
+    ``sent`` and returns the status."""
     cdef Py_ssize_t n = A.n_tracks, a = 0, done = 0, resume = 0, got
     cdef void* hooked = <void*>B if _cow_hook is not None else NULL
     cdef int shift = A.track_shift, nrel, k, status = 0, version
@@ -1788,7 +1779,6 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
     cdef uint8_t* tgt_base[MAX_RELS]
     cdef uint64_t* tgt_to_copy[MAX_RELS]
     cdef uint64_t* tgt_changed[MAX_RELS]
-    cdef double deadline = monotonic() + seconds if seconds >= 0 else -1.0
     cdef unsigned long me = PyThread_get_thread_ident()
     cdef int tgt_fd[MAX_RELS]
     cdef int dst_fd, err = 0
@@ -1800,15 +1790,18 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
     try:
         if B._tgt_rel is not None or B.base == NULL or B._inhibits or A.base == NULL \
                 or B.thin or A._reads_allocate:
-            return 0, 2   # (thin: pprc_copy_tracks reserves blocks first)
+            sent[0] = 0
+            return 2      # (thin: pprc_copy_tracks reserves blocks first)
         rels = B._src_rels
         nrel = len(rels)
         if nrel > MAX_RELS:
-            return 0, 2
+            sent[0] = 0
+            return 2
         for k in range(nrel):
             r = <RelationshipBase>rels[k]
             if r.target.base == NULL or r.target.thin:
-                return 0, 2
+                sent[0] = 0
+                return 2
             tgt_base[k] = r.target.base
             tgt_to_copy[k] = r.to_copy.w
             tgt_changed[k] = r.src_changed.w if r.src_changed is not None else NULL
@@ -1854,8 +1847,210 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
             if deadline >= 0 and monotonic() > deadline:
                 status = 1
                 break
+    sent[0] = done
     if status == 3:         # the cow hook raised: what was sent stays sent
         raise_hook_error()
     if status == 4:         # a pwrite failed: what was sent stays sent, the rest owed
         raise_write_error(B, err, "a PPRC update (the tracks not applied stay owed)")
+    return status
+
+
+def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
+               double seconds=-1.0):
+    """Send every track set in ``owed`` from A to B as PPRC updates (the
+    in-process fast path of a consistency-group drain), without the GIL.
+
+    Works a chunk of at most ``chunk`` tracks at a time under A's and then
+    B's lock (the order every PPRC update uses), releasing both between
+    chunks so host writes to A wait at most one chunk. The caller must hold
+    neither lock. Stops early, with everything sent so far applied whole,
+    when ``seconds`` (if >= 0) have passed, or when B turns write-inhibited,
+    is closed, or its FlashCopy relationships change. Returns ``(tracks sent,
+    status)``: 0 done, 1 time limit, 2 stopped for B's state (the caller
+    falls back to the per-update path, which reports why).
+    """
+    cdef Py_ssize_t done = 0
+    cdef double deadline = monotonic() + seconds if seconds >= 0 else -1.0
+    cdef int status = _drain_pair(A, B, owed, chunk, deadline, &done)
     return done, status
+
+
+def pprc_drain_many(list primaries, list secondaries, list owed, Py_ssize_t chunk_bytes,
+                    double seconds=-1.0, Py_ssize_t start=0, list sent=None):
+    """:func:`pprc_drain` over many pairs in one call (a consistency
+    group's drain of a secondary group): pair ``k`` sends the tracks set in
+    ``owed[k]`` from ``primaries[k]`` to ``secondaries[k]``, for ``k`` from
+    ``start`` on, in order, each under its own locks as :func:`pprc_drain`
+    takes them, holding them for at most ``chunk_bytes`` of its tracks at a
+    time, with one time limit of ``seconds`` (if >= 0) for them all.
+
+    Appends to ``sent`` (if given) the tracks sent by each pair it tried.
+    Stops at the first pair whose status is not 0 (1: the time limit
+    passed; 2: B's state stopped it, and the caller drains that pair by the
+    per-update path, which says why). Returns ``(k, status)``: that pair's
+    index and status, or ``(len(primaries), 0)`` when every pair is done.
+    An exception (a copy-on-write hook, a failed pwrite) propagates from the
+    pair where it happened; the tracks sent stay sent.
+    """
+    cdef Py_ssize_t k, n = len(primaries), done
+    cdef double deadline = monotonic() + seconds if seconds >= 0 else -1.0
+    cdef int status
+    cdef VolumeBase A
+    if len(secondaries) != n or len(owed) != n:
+        raise ValueError("pprc_drain_many needs as many secondaries and bitmaps as primaries")
+    for k in range(start, n):
+        done = 0
+        A = <VolumeBase?>primaries[k]
+        status = _drain_pair(A, <VolumeBase?>secondaries[k], <TrackBitmap?>owed[k],
+                             max(1, chunk_bytes >> A.track_shift), deadline, &done)
+        if sent is not None:
+            sent.append(done)
+        if status:
+            return k, status
+    return n, 0
+
+
+# ---------------------------------------------------------------------------
+# Batched steps of a consistency group (a secondary group's share of it)
+# ---------------------------------------------------------------------------
+
+def first_closed(list volumes):
+    """The index of the first closed volume of ``volumes``, or -1."""
+    cdef Py_ssize_t k
+    for k in range(len(volumes)):
+        if (<VolumeBase?>volumes[k]).base == NULL:
+            return k
+    return -1
+
+
+def zero_bitmaps(list bitmaps):
+    """Clear every bitmap of ``bitmaps`` (one call for a store's pool)."""
+    cdef TrackBitmap bm
+    for o in bitmaps:
+        bm = <TrackBitmap?>o
+        memset(bm.w, 0, bm.n_words * 8)
+
+
+def prepare_revertible_many(list rels, Py_ssize_t start, sequence, list fresh):
+    """The in-memory step of ``FlashCopy.resync(revertible=True,
+    sequence=sequence)`` for ``rels[start:]``, in order, each under its
+    source's and target's locks: the revert image keeps the current
+    bitmaps and sequence, the new ``to_copy`` is ``to_copy | src_changed |
+    tgt_changed`` (into ``fresh[3k]``), the change bitmaps are the empty
+    ``fresh[3k+1]`` and ``fresh[3k+2]``, the source is write-inhibited.
+
+    The caller has checked what holds for the whole group (the sequence
+    number, a store that records nothing and is writable, no fault armed at
+    ``prepare``). Stops before the first relationship whose own state asks
+    for the per-relationship method (withdrawn, without change recording,
+    already revertible, a closed volume, a background copy to start),
+    which then raises or does the step as usual. Returns the index it
+    stopped at (``len(rels)`` when done).
+    """
+    cdef Py_ssize_t k, n = len(rels)
+    cdef RelationshipBase r
+    cdef VolumeBase S, T
+    cdef TrackBitmap out, sc, tc
+    if len(fresh) < 3 * n:
+        raise ValueError("prepare_revertible_many needs three fresh bitmaps per relationship")
+    for k in range(start, n):
+        o = rels[k]
+        r = <RelationshipBase?>o
+        S, T = r.source, r.target
+        if (not r.active or r.revertible or r.src_changed is None or r.tgt_changed is None
+                or S is None or T is None or S.base == NULL or T.base == NULL):
+            return k
+        out = <TrackBitmap?>fresh[3 * k]
+        sc = <TrackBitmap?>fresh[3 * k + 1]
+        tc = <TrackBitmap?>fresh[3 * k + 2]
+        if (out.n_bits != r.to_copy.n_bits or sc.n_bits != out.n_bits
+                or tc.n_bits != out.n_bits or r.src_changed.n_bits != out.n_bits
+                or r.tgt_changed.n_bits != out.n_bits):
+            raise ValueError("prepare_revertible_many: bitmaps of different sizes")
+        lock_two(S, T)
+        try:
+            if not r.active or r.revertible or S.base == NULL or T.base == NULL:
+                return k
+            bm_or3_words(out.w, r.to_copy.w, r.src_changed.w, r.tgt_changed.w, out.n_words)
+            o._revert_image = (r.to_copy, r.src_changed, r.tgt_changed, o.sequence)
+            r.revertible = True
+            S._inhibits += 1
+            r.to_copy = out
+            r.src_changed = sc
+            r.tgt_changed = tc
+            o.sequence = sequence
+            o._cursor = 0
+        finally:
+            unlock_two(S, T)
+    return n
+
+
+def end_revertible_many(list rels, Py_ssize_t start, bint commit, list dropped):
+    """The in-memory step of ``FlashCopy.commit()`` (``commit``) or
+    ``revert()`` for ``rels[start:]``, in order, each under its source's
+    and target's locks: the bitmaps that drop out (the revert image's on
+    commit, the current ones on revert) are appended to ``dropped`` for the
+    store's pool, and the source's write-inhibit is released.
+
+    As :func:`prepare_revertible_many`, the caller has checked the group
+    (a store that records nothing and is writable, no fault armed at
+    ``commit`` / ``revert``), and it stops before the first relationship
+    whose own state asks for the per-relationship method (withdrawn, not
+    revertible, a closed volume, a background copy to start). Returns the
+    index it stopped at (``len(rels)`` when done).
+    """
+    cdef Py_ssize_t k, n = len(rels)
+    cdef RelationshipBase r
+    cdef VolumeBase S, T
+    cdef tuple image
+    for k in range(start, n):
+        o = rels[k]
+        r = <RelationshipBase?>o
+        S, T = r.source, r.target
+        if (not r.active or not r.revertible or S is None or T is None
+                or S.base == NULL or T.base == NULL or o.background_copy):
+            return k
+        lock_two(S, T)
+        try:
+            image = o._revert_image
+            if not r.active or not r.revertible or image is None or S.base == NULL \
+                    or T.base == NULL:
+                return k
+            if commit:
+                dropped.extend(image[:3])
+            else:
+                dropped.append(r.to_copy)
+                dropped.append(r.src_changed)
+                dropped.append(r.tgt_changed)
+                r.to_copy, r.src_changed, r.tgt_changed, o.sequence = image
+            o._revert_image = None
+            r.revertible = False
+            S._inhibits -= 1
+        finally:
+            unlock_two(S, T)
+    return n
+
+
+def cg_end_many(list primaries, list hooks):
+    """Close the consistency group of every mirror hook after a drain that
+    succeeded (``PPRCPair._cg_end(True)``), each under its primary's lock:
+    the emptied CG bitmap becomes the spare, no CG is in flight. (A failed
+    drain goes through the per-pair method, which gives the tracks back.)"""
+    cdef Py_ssize_t k, n = len(hooks)
+    cdef VolumeBase A
+    cdef MirrorBase m
+    if len(primaries) != n:
+        raise ValueError("cg_end_many needs one primary per hook")
+    for k in range(n):
+        A = <VolumeBase?>primaries[k]
+        o = hooks[k]
+        m = <MirrorBase?>o
+        A._acquire()
+        try:
+            if m.cg is not None:
+                if o.side:
+                    o.side = {}
+                m.spare = m.cg
+                m.cg = None
+        finally:
+            A._release()
