@@ -588,6 +588,8 @@ class GlobalMirror:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.triplets: list[Triplet] = []
+        # (triplets, their volumes, their stores): what _require_writable checks
+        self._volumes_cache: tuple | None = None
         if _parts is not None:  # restored from a storage unit
             self.triplets = list(_parts)
             self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
@@ -1011,13 +1013,18 @@ class GlobalMirror:
     def _require_writable(self) -> None:
         """Refuse, before anything changes, when the session's units are
         closed or read-only, or one of its volumes is closed."""
-        for t in self.triplets:
-            for v in (t.a, t.b, t.c):
-                v.store.check_writable()
-        for t in self.triplets:
-            for v in (t.a, t.b, t.c):
-                if v.closed:
-                    raise VolumeClosedError(f"{v!r} is closed")
+        trips = self.triplets
+        cached = self._volumes_cache
+        if cached is None or cached[0] is not trips:
+            vols = [v for t in trips for v in (t.a, t.b, t.c)]
+            stores = list({id(v.store): v.store for v in vols}.values())
+            cached = self._volumes_cache = (trips, vols, stores)
+        _, vols, stores = cached
+        for store in stores:         # in the order of their first volume
+            store.check_writable()
+        k = _core.first_closed(vols)
+        if k >= 0:
+            raise VolumeClosedError(f"{vols[k]!r} is closed")
 
     def _require_not_recovered(self) -> None:
         # a CG drain would overwrite host writes at the recovered B volumes
