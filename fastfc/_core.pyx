@@ -532,6 +532,104 @@ cdef inline void words_op(int op, uint64_t* d, const uint64_t* s, Py_ssize_t n) 
 cdef Py_ssize_t STREAM_BYTES = 65536
 
 
+# -- copy threads (fastfc/_pool.h) -------------------------------------------
+cdef extern from "_pool.h" nogil:
+    ctypedef void (*fastfc_copy_fn)(uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil
+    int FASTFC_POOL_MAX
+    int fastfc_pool_set_threads(int n)
+    int fastfc_pool_copy(uint8_t* dst, const uint8_t* src, size_t n, size_t min_piece,
+                         fastfc_copy_fn fn)
+    int fastfc_pool_threads "fastfc_pool.threads"
+    unsigned long fastfc_pool_copies "fastfc_pool.copies"
+
+# A copy is split across the copy threads when it is at least two pieces of
+# this many bytes (a 4 MiB background-copy chunk: two threads of 2 MiB);
+# smaller copies stay on the calling thread.
+cdef size_t PAR_PIECE = 512 * 1024
+
+
+cdef void _stream_piece(uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil:
+    if n >= <size_t>STREAM_BYTES:
+        copy_stream(dst, src, n)
+    else:
+        memcpy(dst, src, n)
+
+
+cdef inline void copy_big(uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil:
+    """Copy ``n`` bytes, streaming (non-temporal) when large, split across
+    the copy threads when it is worth it (:func:`set_copy_threads`)."""
+    if n >= 2 * PAR_PIECE and fastfc_pool_threads > 1:
+        fastfc_pool_copy(dst, src, n, PAR_PIECE, _stream_piece)
+    elif n >= <size_t>STREAM_BYTES:
+        copy_stream(dst, src, n)
+    else:
+        memcpy(dst, src, n)
+
+
+def _default_copy_threads():
+    env = os.environ.get("FASTFC_COPY_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"FASTFC_COPY_THREADS must be a whole number, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"FASTFC_COPY_THREADS must be >= 1, got {n}")
+        return n
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, 4))
+
+
+def set_copy_threads(n=None):
+    """Set how many threads (the calling one included) split one large copy:
+    a background-copy chunk, a reverse restore, a drain run of 1 MiB or more.
+    ``None``: the default, ``FASTFC_COPY_THREADS`` if set, else the cores
+    this process may run on (at most 4). 1 copies on the calling thread
+    only. Returns the number set (at most 16)."""
+    if n is None:
+        n = _default_copy_threads()
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"copy threads must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"copy threads must be >= 1, got {n}")
+    return fastfc_pool_set_threads(n)
+
+
+def copy_threads():
+    """The number of copy threads (:func:`set_copy_threads`)."""
+    return fastfc_pool_threads
+
+
+def pool_copies():
+    """How many copies were split across copy threads so far (for tests)."""
+    return fastfc_pool_copies
+
+
+def _pool_copy(uint8_t[::1] dst, const uint8_t[::1] src):
+    """Copy ``src`` into the start of ``dst`` as large copies are made
+    (split across the copy threads when it is worth it); a test and
+    benchmark hook. Returns the threads that took part."""
+    cdef int k
+    cdef size_t n = src.shape[0]
+    if src.shape[0] > dst.shape[0]:
+        raise ValueError(f"dst holds {dst.shape[0]} bytes, src {src.shape[0]}")
+    if n == 0:
+        return 1
+    with nogil:
+        if n >= 2 * PAR_PIECE and fastfc_pool_threads > 1:
+            k = fastfc_pool_copy(&dst[0], &src[0], n, PAR_PIECE, _stream_piece)
+        else:
+            _stream_piece(&dst[0], &src[0], n)
+            k = 1
+    return k
+
+
+set_copy_threads()
+
+
 cdef Py_ssize_t copy_set_runs(uint8_t* dst, const uint8_t* src, uint64_t* w,
                               Py_ssize_t start, Py_ssize_t stop, Py_ssize_t budget,
                               int shift, Py_ssize_t* resume) noexcept nogil:
@@ -550,10 +648,7 @@ cdef Py_ssize_t copy_set_runs(uint8_t* dst, const uint8_t* src, uint64_t* w,
         b = bm_next_clear(w, lim, a)
         if b < 0:
             b = lim
-        if ((b - a) << shift) >= STREAM_BYTES:
-            copy_stream(dst + (a << shift), src + (a << shift), (b - a) << shift)
-        else:
-            memcpy(dst + (a << shift), src + (a << shift), (b - a) << shift)
+        copy_big(dst + (a << shift), src + (a << shift), (b - a) << shift)
         bm_clear_range(w, a, b)
         done += b - a
         a = bm_next_set(w, stop, b)
@@ -1520,10 +1615,8 @@ cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
                 return -2
         elif pages:
             copy_changed_pages(dst + (a << shift), src + (a << shift), (b - a) << shift)
-        elif ((b - a) << shift) >= STREAM_BYTES:   # B's copy is not read back soon
-            copy_stream(dst + (a << shift), src + (a << shift), (b - a) << shift)
-        else:
-            memcpy(dst + (a << shift), src + (a << shift), (b - a) << shift)
+        else:   # (streamed when large: B's copy is not read back soon)
+            copy_big(dst + (a << shift), src + (a << shift), (b - a) << shift)
         bm_clear_range(owed, a, b)
         done += b - a
         a = bm_next_set(owed, n, b)
