@@ -2143,7 +2143,32 @@ def cg_end_many(list primaries, list hooks):
             if m.cg is not None:
                 if o.side:
                     o.side = {}
+                o.cg_bytes = 0
                 m.spare = m.cg
                 m.cg = None
         finally:
             A._release()
+
+
+def pool_bitmaps(bitmaps, dict free, Py_ssize_t free_bytes, Py_ssize_t cap):
+    """Put the bitmaps of ``bitmaps`` (None skipped) in ``free`` (n_bits ->
+    list), while ``free_bytes`` stays within ``cap``; returns the new
+    ``free_bytes``. (A store's pool: one call for a CG's bitmaps.)"""
+    cdef TrackBitmap bm
+    cdef Py_ssize_t last = -1, nb
+    cdef list pool = None
+    for o in bitmaps:
+        if o is None:
+            continue
+        bm = <TrackBitmap?>o
+        nb = bm.n_words * 8
+        if free_bytes + nb > cap:
+            continue
+        if bm.n_bits != last or pool is None:
+            pool = free.get(bm.n_bits)
+            if pool is None:
+                pool = free[bm.n_bits] = []
+            last = bm.n_bits
+        pool.append(bm)
+        free_bytes += nb
+    return free_bytes

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import operator
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ from fastfc.copyservices.pprc import DIRECT_CHUNK_BYTES, PPRCPair
 from fastfc.names import check_name
 from fastfc.storage.link import Link, LocalLink
 from fastfc.storage.volume import Volume, locked
+
+_failed_over = operator.attrgetter("failed_over")
 
 MAX_DRAIN_FAILURES = 5     # consecutive drain-time failures before the limit is set aside
 RETRIES = 3                # attempts at one commit/revert before a volume counts as failed
@@ -643,6 +646,7 @@ class GlobalMirror:
         file instead of sending them at once."""
         self._ordered = self._store.durability == "power"
         self.groups = secondary_groups(self.triplets)
+        self._pairs = [t.pair for t in self.triplets]
         for g in self.groups:
             g.set_ordered(g.store.durability == "power")
 
@@ -734,10 +738,9 @@ class GlobalMirror:
         """Coordination: one C call (:func:`fastfc._core.coordinate_pairs`).
         The ``coordinate`` fault point and ``on_coordinate`` are hooks it
         calls while the writes are held, not a second implementation."""
-        pairs = [t.pair for t in self.triplets]
-        for p in pairs:      # no CG in flight, so no collision touches these
-            p.side = {}
-            p.cg_bytes = 0
+        pairs = self._pairs
+        # (each pair's side file and cg_bytes were emptied when its last CG
+        # ended: PPRCPair._cg_end, _core.cg_end_many)
         injected: list[FastFCError] = []
 
         def fault_point() -> None:
@@ -1028,7 +1031,7 @@ class GlobalMirror:
 
     def _require_not_recovered(self) -> None:
         # a CG drain would overwrite host writes at the recovered B volumes
-        if any(t.pair.failed_over for t in self.triplets):
+        if any(map(_failed_over, self._pairs)):
             raise StateError(f"session {self.name} was recovered (its pairs are failed "
                              "over): no consistency group can form")
 
@@ -1057,6 +1060,8 @@ class GlobalMirror:
             finally:
                 t.pair.remove()
         self.triplets = []
+        self.groups = []
+        self._pairs = []
 
     def close(self, *, discard: bool = False,
               on_copy: Callable[[int, int], None] | None = None) -> None:

@@ -104,10 +104,8 @@ class Store:
     def recycle(self, bitmaps) -> None:
         """Take back bitmaps that nothing references any more."""
         with self._free_lock:
-            for bm in bitmaps:
-                if bm is not None and self._free_bytes + bm.nbytes <= self.POOL_BYTES:
-                    self._free.setdefault(bm.n_bits, []).append(bm)
-                    self._free_bytes += bm.nbytes
+            self._free_bytes = _core.pool_bitmaps(bitmaps, self._free, self._free_bytes,
+                                                  self.POOL_BYTES)
 
     def transaction(self, sync: bool = True):
         """Group several saves into one durable commit (one fsync)."""
