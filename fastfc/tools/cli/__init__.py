@@ -5,7 +5,8 @@ closes them again: all state lives in the unit directories and no daemon runs
 in between. Copies therefore make progress only while a command runs:
 ``--wait`` (mkflash, resyncflash, mkpprc, resumepprc) and ``waitflash`` copy
 in the foreground with a progress bar, and ``formcg`` forms Global Mirror
-consistency groups.
+consistency groups. ``serve`` is the one command that stays: it holds its
+units and exports their volumes over NBD until SIGTERM or SIGINT.
 
 ``--unit`` names the local unit: the volumes of FlashCopy relationships, the
 primaries of PPRC pairs, the A volumes of Global Mirror sessions.
@@ -25,11 +26,12 @@ The modules, by what they drive: :mod:`.app` (the group, its options,
 errors and exit statuses, ``demo`` and ``bench``), :mod:`.units` (the units
 one invocation opens), :mod:`.params` (what the command line accepts),
 :mod:`.output` (tables, JSON, progress), and the commands: :mod:`.volumes`,
-:mod:`.flash`, :mod:`.pprc`, :mod:`.gmir`. A command module registers its
+:mod:`.flash`, :mod:`.pprc`, :mod:`.gmir`, :mod:`.serve` (the NBD server of
+:mod:`fastfc.tools.nbd`, with the seam for services beside it). A command module registers its
 commands on :func:`main` when imported; the help lists them in this order.
 """
 
 from .app import main
-from . import volumes, flash, pprc, gmir  # noqa: E402,F401  (registers the commands)
+from . import volumes, flash, pprc, gmir, serve  # noqa: E402,F401  (registers the commands)
 
 __all__ = ["main"]

@@ -1,0 +1,155 @@
+"""serve: export every volume of the open units over NBD until SIGTERM/SIGINT.
+
+The seam for other services (the control socket that carries the other
+``fastfc -u UNIT ...`` commands to a serving process) is :class:`Server`:
+its ``units`` are the open units, its ``lock`` serialises whatever changes
+them against the NBD server's export lookups, and ``services`` (context
+managers entered after the NBD server starts listening and left, in
+reverse order, before it stops) are where they run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import signal
+import ssl
+import sys
+import threading
+from typing import Any, Callable, ContextManager
+
+import click
+
+from fastfc.tools.nbd import NBDServer, exports_of
+
+from .app import main
+from .units import Units, pass_units
+
+try:     # the control socket (issue 11, part 2); absent until it is merged
+    from .control import hosting  # type: ignore[import-not-found,unused-ignore]
+except ImportError:
+    hosting = None
+
+
+class Server:
+    """One serving process: the open ``units``, the ``lock`` that serialises
+    changes to them against the NBD server's lookups, the NBD server, and
+    the other ``services`` running beside it (context managers)."""
+
+    def __init__(self, units: Units, *, tls: ssl.SSLContext | None = None) -> None:
+        self.units = units
+        self.lock = threading.RLock()
+        units.all()                     # open the local unit and its partners now
+        lookup, names = exports_of(lambda: list(self.units.open.values()))
+        self.nbd = NBDServer(lookup, names, self.lock, tls=tls)
+        self.services: list[Callable[[], ContextManager[Any]]] = []
+        if hosting is not None:
+            self.services.append(lambda: hosting(self.units, self.lock))
+
+    def flush(self) -> None:
+        with self.lock:
+            for unit in list(self.units.open.values()):
+                if not unit.readonly:
+                    unit.flush()
+
+
+def _tls_context(cert: str | None, key: str | None, psk: str | None) -> ssl.SSLContext | None:
+    if psk is not None:
+        raise click.ClickException(
+            "--tls-psk: Python's ssl module (3.11) offers no TLS-PSK server, so fastfc "
+            "serve cannot do PSK; use --tls-cert/--tls-key (X.509 certificates)")
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise click.ClickException(f"--tls-cert {cert} --tls-key {key}: {e}") from None
+    return ctx
+
+
+@main.command()
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Serve on this unix socket (mode 0600).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Serve on this TCP port too (0: any free port, printed).")
+@click.option("--bind", default="127.0.0.1", show_default=True, metavar="ADDR",
+              help="The address --port listens on.")
+@click.option("--allow-remote-plain", is_flag=True,
+              help="Allow plain (unencrypted) TCP on a non-loopback --bind address.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TLS certificate (PEM): clients must use NBD_OPT_STARTTLS.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The certificate's private key (PEM).")
+@click.option("--tls-psk", type=click.Path(dir_okay=False), default=None,
+              help="TLS with a pre-shared key: not available (Python's ssl has no PSK).")
+@pass_units
+def serve(units, socket_path, port, bind, allow_remote_plain, tls_cert, tls_key,
+          tls_psk) -> None:
+    """Export every volume over NBD, until SIGTERM or SIGINT.
+
+    Each volume of the unit(s) is an export named after it
+    (nbd+unix:///NAME?socket=PATH); volumes created while serving appear,
+    removed ones disappear. PPRC secondaries, targets with --tgtinhibit and
+    the C volumes of Global Mirror sessions are read-only. A write to a
+    write-inhibited volume fails with EPERM, a read of a volume with no
+    valid image with EIO. FLUSH syncs the volume, its FlashCopy targets and
+    bitmaps; a write is answered only once it is in the volume.
+
+    SIGTERM or SIGINT: stop accepting, finish the requests in flight, flush,
+    close the units, exit 0."""
+    if socket_path is None and port is None:
+        raise click.UsageError("give --socket PATH, or --port N (or both)")
+    tls = _tls_context(tls_cert, tls_key, tls_psk)
+    if port is not None and tls is None and not allow_remote_plain and not _loopback(bind):
+        raise click.ClickException(
+            f"--bind {bind} is not a loopback address: plain NBD there lets anyone on the "
+            "network read and write every volume; use --tls-cert/--tls-key, or say "
+            "--allow-remote-plain")
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server = Server(units, tls=tls)
+        nbd = server.nbd
+        if socket_path is not None:
+            nbd.listen_unix(socket_path)
+        bound = nbd.listen_tcp(bind, port) if port is not None else None
+        with contextlib.ExitStack() as services:
+            nbd.start()
+            try:
+                # other services (the control socket) run while the NBD server does
+                for service in server.services:
+                    services.enter_context(service())
+                where = [f"unix socket {socket_path}"] if socket_path else []
+                if bound is not None:
+                    where.append(f"tcp {bind}:{bound}" + (" (TLS)" if tls else ""))
+                names = [n for n, _ in nbd.names()]
+                click.echo(f"serving {len(names)} volume(s) over NBD on {' and '.join(where)}"
+                           f" (pid {os.getpid()})", err=True)
+                sys.stderr.flush()
+                while not stop.wait(0.5):
+                    pass
+                services.close()       # other services first: no command after this
+            finally:
+                nbd.stop()              # in-flight requests are answered first
+        server.flush()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _loopback(bind: str) -> bool:
+    if bind == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,592 @@
+"""An NBD server over fastfc volumes: every volume an export named after it.
+
+The server speaks the fixed newstyle handshake of the NBD protocol
+(https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md) with
+simple replies, and translates each request onto the volume's public I/O
+calls (:meth:`Volume.write`, :meth:`Volume.readinto`, :meth:`Volume.flush`):
+copy-on-write, read redirection, write inhibits and PPRC recording all
+happen there, once, as for any other host.
+
+Threads: one accepts on each listening socket; one per connection reads a
+request, carries it out and replies, in order. The socket calls and copies
+of 64 KiB or more run without the GIL. A write is replied to only once it
+is in the volume (so a SIGKILL of the server loses no write a client saw
+completed), and a volume's lock is never held across a socket call.
+
+Exports are looked up by name at ``NBD_OPT_GO`` (or ``EXPORT_NAME``)
+through the ``lookup`` callable under ``lock``; a volume created later is
+found then, and a volume removed (closed) while a client has it open
+answers every request with ``ESHUTDOWN``/``EIO`` instead of touching its
+memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import ssl
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from fastfc.errors import (FastFCError, InvalidImageError, NoSpaceError, VolumeClosedError,
+                           WriteInhibitedError)
+from fastfc.durable.unit import StorageUnit
+from fastfc.storage.volume import Volume
+
+log = logging.getLogger("fastfc.nbd")
+
+# -- protocol constants (proto.md) ---------------------------------------------------
+NBDMAGIC = 0x4E42444D41474943          # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054          # "IHAVEOPT"
+REPLY_MAGIC = 0x0003E889045565A9       # option reply
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+
+FLAG_FIXED_NEWSTYLE = 1 << 0
+FLAG_NO_ZEROES = 1 << 1
+
+OPT_EXPORT_NAME = 1
+OPT_ABORT = 2
+OPT_LIST = 3
+OPT_STARTTLS = 5
+OPT_INFO = 6
+OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+
+REP_ACK = 1
+REP_SERVER = 2
+REP_INFO = 3
+REP_ERR_UNSUP = (1 << 31) + 1
+REP_ERR_POLICY = (1 << 31) + 2
+REP_ERR_INVALID = (1 << 31) + 3
+REP_ERR_TLS_REQD = (1 << 31) + 5
+REP_ERR_UNKNOWN = (1 << 31) + 6
+REP_ERR_SHUTDOWN = (1 << 31) + 7
+
+INFO_EXPORT = 0
+INFO_NAME = 1
+INFO_DESCRIPTION = 2
+INFO_BLOCK_SIZE = 3
+
+TF_HAS_FLAGS = 1 << 0
+TF_READ_ONLY = 1 << 1
+TF_SEND_FLUSH = 1 << 2
+TF_SEND_FUA = 1 << 3
+TF_SEND_TRIM = 1 << 5
+TF_SEND_WRITE_ZEROES = 1 << 6
+TF_CAN_MULTI_CONN = 1 << 8
+
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_TRIM = 4
+CMD_WRITE_ZEROES = 6
+
+CMD_FLAG_FUA = 1 << 0
+CMD_FLAG_NO_HOLE = 1 << 1
+
+# errors as NBD numbers them (Linux values)
+E_PERM, E_IO, E_NOMEM, E_INVAL, E_NOSPC, E_OVERFLOW, E_NOTSUP, E_SHUTDOWN = \
+    1, 5, 12, 22, 28, 75, 95, 108
+
+MAX_REQUEST = 32 << 20                  # largest READ/WRITE payload accepted
+PREFERRED_BLOCK = 4096
+ZERO_CHUNK = MAX_REQUEST               # WRITE_ZEROES up to this size is one write
+
+_REQ = struct.Struct(">IHHQQI")
+_REPLY = struct.Struct(">IIQ")
+_OPT_HDR = struct.Struct(">QII")
+_OPT_REPLY = struct.Struct(">QIII")
+
+
+def error_number(e: BaseException) -> int:
+    """The NBD error a failed volume call is answered with."""
+    if isinstance(e, WriteInhibitedError):
+        return E_PERM
+    if isinstance(e, VolumeClosedError):
+        return E_SHUTDOWN
+    if isinstance(e, NoSpaceError):
+        return E_NOSPC
+    if isinstance(e, IndexError):
+        return E_INVAL
+    if isinstance(e, MemoryError):
+        return E_NOMEM
+    return E_IO      # InvalidImageError and anything else the volume refuses
+
+
+def sync_volume(vol: Volume) -> None:
+    """Make what was written to ``vol`` durable, in the order the unit's own
+    flush keeps (:meth:`StorageUnit.flush`): FlashCopy targets first (the
+    old tracks copy-on-write saved), then the bitmaps of the relationships
+    and pair the volume takes part in, then the volume itself if it is no
+    target. Only this volume's neighbourhood, not the whole unit."""
+    rels = list(vol.source_relationships)
+    tgt = vol.target_relationship
+    targets = [fc.target for fc in rels]
+    if tgt is not None:
+        targets.append(vol)
+    for t in targets:
+        t.flush()
+    maps: list[Any] = []
+    for fc in rels + ([tgt] if tgt is not None else []):
+        maps += [fc.to_copy, fc.src_changed, fc.tgt_changed]
+    pair = vol.mirror
+    if pair is not None:
+        maps += [getattr(pair, "oos", None), getattr(pair, "spare", None),
+                 getattr(pair, "cg", None)]
+    for bm in maps:
+        flush = getattr(bm, "flush", None)
+        if flush is not None:
+            flush()
+    if tgt is None:
+        vol.flush()
+
+
+@dataclass
+class Export:
+    """What a lookup gives the server for one export name."""
+    volume: Volume
+    read_only: bool
+    description: str = ""
+
+
+Lookup = Callable[[str], "Export | None"]
+
+
+class ProtocolError(Exception):
+    """The client broke the protocol: the connection is dropped."""
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
+    """Fill ``view`` from ``sock``; False on a clean end of stream before
+    the first byte, ProtocolError on one in the middle."""
+    n = len(view)
+    got = 0
+    flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
+    while got < n:
+        k = sock.recv_into(view[got:], n - got, flags)
+        if k == 0:
+            if got == 0:
+                return False
+            raise ProtocolError("the client closed the connection mid-message")
+        got += k
+    return True
+
+
+def _recv_bytes(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    if n and not _recv_exact(sock, memoryview(buf)):
+        raise ProtocolError("the client closed the connection")
+    return bytes(buf)
+
+
+class NBDServer:
+    """Serve volumes over NBD on unix and TCP sockets.
+
+    Parameters
+    ----------
+    lookup : callable
+        ``lookup(name) -> Export | None``: the export of that name now
+        (called under ``lock``).
+    names : callable
+        ``names() -> list of (name, description)`` for ``NBD_OPT_LIST``
+        (called under ``lock``).
+    lock : threading.RLock
+        Serialises the server's lookups against whatever else changes the
+        units (the command line).
+    tls : ssl.SSLContext, optional
+        Offer ``NBD_OPT_STARTTLS`` and require it before any export.
+    """
+
+    def __init__(self, lookup: Lookup, names: Callable[[], list[tuple[str, str]]],
+                 lock: threading.RLock, *, tls: ssl.SSLContext | None = None) -> None:
+        self.lookup = lookup
+        self.names = names
+        self.lock = lock
+        self.tls = tls
+        self._listeners: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._conns: dict[int, socket.socket] = {}
+        self._conns_lock = threading.Lock()
+        self._stopping = threading.Event()
+
+    # -- listening -------------------------------------------------------------
+    def listen_unix(self, path: str) -> None:
+        if os.path.exists(path):
+            import stat
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise FileExistsError(f"{path} exists and is not a socket: not replacing it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)      # a stale socket of a server that died
+            else:
+                raise OSError(errno.EADDRINUSE, f"{path}: another server is listening there")
+            finally:
+                probe.close()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)          # 0600 from the moment it exists
+        try:
+            s.bind(path)
+        finally:
+            os.umask(old)
+        s.listen(64)
+        self._listeners.append(s)
+        self._unix_path = path
+
+    def listen_tcp(self, bind: str, port: int) -> int:
+        infos = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM)
+        family, _, _, _, addr = infos[0]
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(addr)
+        s.listen(64)
+        self._listeners.append(s)
+        return int(s.getsockname()[1])
+
+    def start(self) -> None:
+        for s in self._listeners:
+            s.settimeout(0.2)
+            t = threading.Thread(target=self._accept_loop, args=(s,), daemon=True,
+                                 name=f"nbd-accept-{s.fileno()}")
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, let every connection finish the request it is
+        carrying out (its reply is sent), then close them all. A connection
+        still sending after ``grace`` seconds (its client reads nothing) is
+        cut off."""
+        self._stopping.set()
+        for t in list(self._threads):
+            if t.name.startswith("nbd-accept"):
+                t.join()
+        for s in self._listeners:
+            s.close()
+        path = getattr(self, "_unix_path", None)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        with self._conns_lock:
+            conns = list(self._conns.values())
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RD)    # the next recv ends; a reply still goes out
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        for t in list(self._threads):
+            t.join(max(0.0, deadline - time.monotonic()))
+        with self._conns_lock:
+            stuck = list(self._conns.values())
+        for c in stuck:       # a client that reads no replies: cut it off
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in list(self._threads):
+            t.join()
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                raise
+            conn.settimeout(None)
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t = threading.Thread(target=self._connection, args=(conn,), daemon=True,
+                                 name="nbd-conn")
+            with self._conns_lock:
+                if self._stopping.is_set():
+                    conn.close()
+                    return
+                self._conns[id(conn)] = conn
+                self._threads = [x for x in self._threads if x.is_alive()]
+                self._threads.append(t)
+            t.start()
+
+    # -- one connection ---------------------------------------------------------
+    def _connection(self, conn: socket.socket) -> None:
+        key = id(conn)
+        try:
+            sock, export = self._negotiate(conn, key)
+            if export is not None and not self._stopping.is_set():
+                self._transmit(sock, export)
+        except (ProtocolError, ConnectionError, ssl.SSLError) as e:
+            log.info("connection dropped: %s", e)
+        except OSError as e:
+            log.info("connection ended: %s", e)
+        except Exception:
+            log.exception("connection dropped by a server error")
+        finally:
+            with self._conns_lock:
+                current = self._conns.pop(key, conn)
+            for s in {id(current): current, id(conn): conn}.values():
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def _negotiate(self, sock: Any, key: int) -> tuple[Any, Export | None]:
+        sock.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
+                                 FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        (cflags,) = struct.unpack(">I", _recv_bytes(sock, 4))
+        if cflags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES):
+            raise ProtocolError(f"unknown client flags {cflags:#x}")
+        no_zeroes = bool(cflags & FLAG_NO_ZEROES)
+        tls_done = False
+        while True:
+            magic, opt, length = _OPT_HDR.unpack(_recv_bytes(sock, 16))
+            if magic != IHAVEOPT:
+                raise ProtocolError(f"bad option magic {magic:#x}")
+            if length > 65536 * 4:
+                raise ProtocolError(f"option {opt} with {length} bytes of data")
+            data = _recv_bytes(sock, length)
+
+            def reply(rtype: int, payload: bytes = b"") -> None:
+                sock.sendall(_OPT_REPLY.pack(REPLY_MAGIC, opt, rtype, len(payload)) + payload)
+
+            if opt == OPT_STARTTLS:
+                if self.tls is None or tls_done:
+                    reply(REP_ERR_UNSUP if self.tls is None else REP_ERR_INVALID)
+                    continue
+                if length:
+                    reply(REP_ERR_INVALID)
+                    continue
+                reply(REP_ACK)
+                sock = self.tls.wrap_socket(sock, server_side=True)
+                with self._conns_lock:       # stop() shuts the socket now in use
+                    self._conns[key] = sock
+                tls_done = True
+                continue
+            if self.tls is not None and not tls_done and opt != OPT_ABORT:
+                if opt == OPT_EXPORT_NAME:
+                    raise ProtocolError("EXPORT_NAME before STARTTLS on a TLS server")
+                reply(REP_ERR_TLS_REQD, b"this server requires TLS (NBD_OPT_STARTTLS)")
+                continue
+            if opt == OPT_ABORT:
+                try:
+                    reply(REP_ACK)
+                except OSError:
+                    pass
+                return sock, None
+            if opt == OPT_LIST:
+                if length:
+                    reply(REP_ERR_INVALID)
+                    continue
+                with self.lock:
+                    names = self.names()
+                for name, desc in names:
+                    n = name.encode()
+                    reply(REP_SERVER, struct.pack(">I", len(n)) + n + desc.encode())
+                reply(REP_ACK)
+                continue
+            if opt == OPT_EXPORT_NAME:
+                export = self._find(data.decode("utf-8", "replace"))
+                if export is None:
+                    raise ProtocolError(f"unknown export {data!r} (EXPORT_NAME)")
+                sock.sendall(struct.pack(">QH", export.volume.capacity, self._tflags(export))
+                             + (b"" if no_zeroes else bytes(124)))
+                return sock, export
+            if opt in (OPT_INFO, OPT_GO):
+                if length < 6:
+                    reply(REP_ERR_INVALID)
+                    continue
+                (nlen,) = struct.unpack_from(">I", data, 0)
+                if 4 + nlen + 2 > length:
+                    reply(REP_ERR_INVALID)
+                    continue
+                name = data[4:4 + nlen].decode("utf-8", "replace")
+                (nreq,) = struct.unpack_from(">H", data, 4 + nlen)
+                if 4 + nlen + 2 + 2 * nreq != length:
+                    reply(REP_ERR_INVALID)
+                    continue
+                export = self._find(name)
+                if export is None:
+                    reply(REP_ERR_UNKNOWN, f"no export (volume) named {name!r}".encode())
+                    continue
+                reqs = struct.unpack_from(f">{nreq}H", data, 4 + nlen + 2)
+                if INFO_NAME in reqs:
+                    reply(REP_INFO, struct.pack(">H", INFO_NAME) + name.encode())
+                if INFO_DESCRIPTION in reqs and export.description:
+                    reply(REP_INFO, struct.pack(">H", INFO_DESCRIPTION)
+                          + export.description.encode())
+                reply(REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, PREFERRED_BLOCK,
+                                            MAX_REQUEST))
+                reply(REP_INFO, struct.pack(">HQH", INFO_EXPORT, export.volume.capacity,
+                                            self._tflags(export)))
+                reply(REP_ACK)
+                if opt == OPT_GO:
+                    return sock, export
+                continue
+            reply(REP_ERR_UNSUP)       # STRUCTURED_REPLY, meta contexts, ...
+
+    def _find(self, name: str) -> Export | None:
+        if self._stopping.is_set():
+            return None
+        with self.lock:
+            return self.lookup(name)
+
+    @staticmethod
+    def _tflags(export: Export) -> int:
+        f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN
+        if export.read_only:
+            f |= TF_READ_ONLY
+        else:
+            f |= TF_SEND_WRITE_ZEROES
+        return f
+
+    def _transmit(self, sock: Any, export: Export) -> None:
+        vol = export.volume
+        read_only = export.read_only
+        hdr = bytearray(_REQ.size)
+        hview = memoryview(hdr)
+        buf = bytearray(0)
+        bview = memoryview(buf)
+        unpack = _REQ.unpack_from
+        pack = _REPLY.pack
+        while True:
+            if not _recv_exact(sock, hview):
+                return
+            magic, flags, cmd, handle, offset, length = unpack(hdr)
+            if magic != REQUEST_MAGIC:
+                raise ProtocolError(f"bad request magic {magic:#x}")
+            if cmd == CMD_WRITE:
+                if length > MAX_REQUEST:
+                    raise ProtocolError(f"a write of {length} bytes (limit {MAX_REQUEST})")
+                if length > len(buf):
+                    buf = bytearray(length)
+                    bview = memoryview(buf)
+                data = bview[:length]
+                if length and not _recv_exact(sock, data):
+                    raise ProtocolError("the client closed the connection mid-write")
+                err = 0
+                if read_only:
+                    err = E_PERM
+                else:
+                    try:
+                        vol.write(offset, data)
+                        if flags & CMD_FLAG_FUA:
+                            sync_volume(vol)
+                    except Exception as e:
+                        err = error_number(e)
+                sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
+            elif cmd == CMD_READ:
+                if length > MAX_REQUEST:
+                    sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_INVAL, handle))
+                    continue
+                if length > len(buf):
+                    buf = bytearray(length)
+                    bview = memoryview(buf)
+                data = bview[:length]
+                try:
+                    vol.readinto(offset, data)
+                except Exception as e:
+                    sock.sendall(pack(SIMPLE_REPLY_MAGIC, error_number(e), handle))
+                    continue
+                head = pack(SIMPLE_REPLY_MAGIC, 0, handle)
+                if length <= 65536:
+                    sock.sendall(head + data)
+                else:
+                    sock.sendall(head)
+                    sock.sendall(data)
+            elif cmd == CMD_FLUSH:
+                err = 0
+                try:
+                    sync_volume(vol)
+                except Exception as e:
+                    err = error_number(e)
+                sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
+            elif cmd == CMD_WRITE_ZEROES:
+                err = E_PERM if read_only else 0
+                if not err:
+                    try:
+                        self._write_zeroes(vol, offset, length)
+                        if flags & CMD_FLAG_FUA:
+                            sync_volume(vol)
+                    except Exception as e:
+                        err = error_number(e)
+                sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
+            elif cmd == CMD_DISC:
+                return
+            else:       # TRIM (not offered), CACHE, BLOCK_STATUS, ...
+                sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_INVAL if cmd == CMD_TRIM
+                                  else E_NOTSUP, handle))
+
+    @staticmethod
+    def _write_zeroes(vol: Volume, offset: int, length: int) -> None:
+        """Zeroes through the volume's write path (copy-on-write first),
+        checked whole before the first byte lands; up to 32 MiB in one write
+        (longer requests in writes of that size). The zero buffer is calloc'd:
+        untouched zero pages, no memory to speak of."""
+        if offset < 0 or length < 0 or offset + length > vol.capacity:
+            raise IndexError(f"{length} bytes at {offset} past the end")
+        vol.write(offset, b"")       # refusals (inhibit, closed) before any byte
+        zeros = bytes(min(length, ZERO_CHUNK))
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(ZERO_CHUNK, end - pos)
+            vol.write(pos, zeros[:n] if n < len(zeros) else zeros)
+            pos += n
+
+
+def exports_of(units: Callable[[], Iterable[StorageUnit]]
+               ) -> tuple[Lookup, Callable[[], list[tuple[str, str]]]]:
+    """``lookup`` and ``names`` over the storage units ``units()`` gives
+    when called (the first unit holding a name wins): read-only are PPRC
+    secondaries, targets with inhibit_target_write, and the C volumes of
+    Global Mirror sessions."""
+    def current() -> list[StorageUnit]:
+        return list(units())
+
+    def find(name: str) -> Export | None:
+        for u in current():
+            if name in u:
+                vol = u.volume(name)
+                if vol.closed:
+                    return None
+                return Export(vol, read_only=is_read_only(vol, current()),
+                              description=describe(vol))
+        return None
+
+    def names() -> list[tuple[str, str]]:
+        seen: dict[str, str] = {}
+        for u in current():
+            for vol in u.volumes():
+                if vol.name not in seen and not vol.closed:
+                    seen[vol.name] = describe(vol)
+        return list(seen.items())
+
+    return find, names
+
+
+def is_read_only(vol: Volume, units: Iterable[StorageUnit]) -> bool:
+    if vol.is_secondary:
+        return True
+    tgt = vol.target_relationship
+    if tgt is not None and tgt.inhibit_target_write:
+        return True
+    for u in units:
+        for gm in u.sessions.values():
+            if any(t.c is vol for t in gm.triplets):
+                return True
+    return False
+
+
+def describe(vol: Volume) -> str:
+    return f"{vol.n_tracks} tracks of {vol.track_size} B"
