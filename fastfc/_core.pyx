@@ -1858,94 +1858,145 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
         free(since)
 
 
-cdef int _drain_pair(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
-                     double deadline, Py_ssize_t* sent) except -1:
-    """The body of :func:`pprc_drain` for one pair (``deadline``: a
-    ``monotonic()`` instant, or < 0 for none); stores the tracks sent in
-    ``sent`` and returns the status."""
-    cdef Py_ssize_t n = A.n_tracks, a = 0, done = 0, resume = 0, got
-    cdef void* hooked = <void*>B if _cow_hook is not None else NULL
-    cdef int shift = A.track_shift, nrel, k, status = 0, version
+ctypedef struct DrainJob:
+    # one pair's share of a drain, as the nogil loop needs it: the volumes'
+    # lock fields and base pointers by address (a close sets base to NULL),
+    # the bitmap's words, B's FlashCopy targets as taken under B's lock
+    PyThread_type_lock alk
+    PyThread_type_lock blk
+    unsigned long* aowner
+    unsigned long* bowner
+    int* adepth
+    int* bdepth
+    uint8_t** abase
+    uint8_t** bbase
+    int* binhibits
+    int* bversion
+    int version
+    bint bfile
+    int dst_fd
+    uint64_t* w
+    Py_ssize_t n
+    Py_ssize_t chunk
+    int shift
+    int nrel
+    void* hooked
+    uint8_t* tgt_base[MAX_RELS]
+    uint64_t* tgt_to_copy[MAX_RELS]
+    uint64_t* tgt_changed[MAX_RELS]
+    int tgt_fd[MAX_RELS]
+    Py_ssize_t done
+    int err
+
+
+cdef int _drain_setup(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
+                      DrainJob* j) except -1:
+    """Fill ``j`` for the pair A -> B (GIL held; takes B's lock briefly).
+    Returns 0, or 2 when B's state asks for the per-update path."""
+    cdef Py_ssize_t n = A.n_tracks
+    cdef int k, nrel
     cdef RelationshipBase r
     cdef list rels
-    cdef uint64_t* w = owed.w
-    cdef uint8_t* tgt_base[MAX_RELS]
-    cdef uint64_t* tgt_to_copy[MAX_RELS]
-    cdef uint64_t* tgt_changed[MAX_RELS]
     cdef unsigned long me = PyThread_get_thread_ident()
-    cdef int tgt_fd[MAX_RELS]
-    cdef int dst_fd, err = 0
-    if owed.n_bits != n or B.n_tracks != n or B.track_shift != shift:
+    if owed.n_bits != n or B.n_tracks != n or B.track_shift != A.track_shift:
         raise ValueError("pprc_drain needs volumes and bitmap of one geometry")
     if A._owner == me or B._owner == me:
         raise RuntimeError("pprc_drain must run without the volumes' locks held")
+    j.done = 0
+    j.err = 0
     B._acquire()
     try:
         if B._tgt_rel is not None or B.base == NULL or B._inhibits or A.base == NULL \
                 or B.thin or A._reads_allocate:
-            sent[0] = 0
             return 2      # (thin: pprc_copy_tracks reserves blocks first)
         rels = B._src_rels
         nrel = len(rels)
         if nrel > MAX_RELS:
-            sent[0] = 0
             return 2
         for k in range(nrel):
             r = <RelationshipBase>rels[k]
             if r.target.base == NULL or r.target.thin:
-                sent[0] = 0
                 return 2
-            tgt_base[k] = r.target.base
-            tgt_to_copy[k] = r.to_copy.w
-            tgt_changed[k] = r.src_changed.w if r.src_changed is not None else NULL
+            j.tgt_base[k] = r.target.base
+            j.tgt_to_copy[k] = r.to_copy.w
+            j.tgt_changed[k] = r.src_changed.w if r.src_changed is not None else NULL
             # (a target closed later bumps the version: its fd is not used then)
-            tgt_fd[k] = r.target._fd if r.target._file_backed else -1
-        dst_fd = B._fd if B._file_backed else -1
-        version = B._rels_version
+            j.tgt_fd[k] = r.target._fd if r.target._file_backed else -1
+        j.nrel = nrel
+        j.dst_fd = B._fd if B._file_backed else -1
+        j.bfile = B._file_backed
+        j.version = B._rels_version
     finally:
         B._release()
-    with nogil:
-        while True:
-            PyThread_acquire_lock(A._lk, WAIT_LOCK)
-            A._owner = me
-            A._depth = 1
-            PyThread_acquire_lock(B._lk, WAIT_LOCK)
-            B._owner = me
-            B._depth = 1
-            a = bm_next_set(w, n, a)
-            if a < 0:
-                resume = -1
-            elif (A.base == NULL or B.base == NULL or B._inhibits
-                    or B._rels_version != version):
-                status = 2
+    j.alk = A._lk
+    j.blk = B._lk
+    j.aowner = &A._owner
+    j.bowner = &B._owner
+    j.adepth = &A._depth
+    j.bdepth = &B._depth
+    j.abase = &A.base
+    j.bbase = &B.base
+    j.binhibits = &B._inhibits
+    j.bversion = &B._rels_version
+    j.w = owed.w
+    j.n = n
+    j.chunk = chunk
+    j.shift = A.track_shift
+    j.hooked = <void*>B if _cow_hook is not None else NULL
+    return 0
+
+
+cdef int _drain_run(DrainJob* j, double deadline, unsigned long me) noexcept nogil:
+    """Send the pair's owed tracks, a chunk at a time under A's and then B's
+    lock (no GIL needed); ``j.done`` counts the tracks sent. Returns the
+    status of :func:`pprc_drain` (3: the cow hook raised, 4: a pwrite
+    failed, ``j.err`` its errno)."""
+    cdef Py_ssize_t a = 0, resume = 0, got
+    cdef int status = 0
+    while True:
+        PyThread_acquire_lock(j.alk, WAIT_LOCK)
+        j.aowner[0] = me
+        j.adepth[0] = 1
+        PyThread_acquire_lock(j.blk, WAIT_LOCK)
+        j.bowner[0] = me
+        j.bdepth[0] = 1
+        a = bm_next_set(j.w, j.n, a)
+        if a < 0:
+            resume = -1
+        elif (j.abase[0] == NULL or j.bbase[0] == NULL or j.binhibits[0]
+                or j.bversion[0] != j.version):
+            status = 2
+        else:
+            got = apply_runs(j.bbase[0], j.abase[0], j.w, a, j.n, j.chunk, j.shift, j.nrel,
+                             j.tgt_base, j.tgt_to_copy, j.tgt_changed, &resume,
+                             j.bfile, j.hooked, j.dst_fd, j.tgt_fd, &j.err)
+            if got == -2:
+                status = 4
+            elif got < 0:
+                status = 3
             else:
-                got = apply_runs(B.base, A.base, w, a, n, chunk, shift, nrel,
-                                 tgt_base, tgt_to_copy, tgt_changed, &resume,
-                                 B._file_backed, hooked, dst_fd, tgt_fd, &err)
-                if got == -2:
-                    status = 4
-                elif got < 0:
-                    status = 3
-                else:
-                    done += got
-            B._owner = 0
-            B._depth = 0
-            PyThread_release_lock(B._lk)
-            A._owner = 0
-            A._depth = 0
-            PyThread_release_lock(A._lk)
-            if status or resume < 0:
-                break
-            a = resume
-            if deadline >= 0 and monotonic() > deadline:
-                status = 1
-                break
-    sent[0] = done
+                j.done += got
+        j.bowner[0] = 0
+        j.bdepth[0] = 0
+        PyThread_release_lock(j.blk)
+        j.aowner[0] = 0
+        j.adepth[0] = 0
+        PyThread_release_lock(j.alk)
+        if status or resume < 0:
+            break
+        a = resume
+        if deadline >= 0 and monotonic() > deadline:
+            status = 1
+            break
+    return status
+
+
+cdef int _drain_raise(VolumeBase B, int status, DrainJob* j) except -1:
     if status == 3:         # the cow hook raised: what was sent stays sent
         raise_hook_error()
     if status == 4:         # a pwrite failed: what was sent stays sent, the rest owed
-        raise_write_error(B, err, "a PPRC update (the tracks not applied stay owed)")
-    return status
+        raise_write_error(B, j.err, "a PPRC update (the tracks not applied stay owed)")
+    return 0
 
 
 def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
@@ -1962,10 +2013,16 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
     status)``: 0 done, 1 time limit, 2 stopped for B's state (the caller
     falls back to the per-update path, which reports why).
     """
-    cdef Py_ssize_t done = 0
+    cdef DrainJob j
     cdef double deadline = monotonic() + seconds if seconds >= 0 else -1.0
-    cdef int status = _drain_pair(A, B, owed, chunk, deadline, &done)
-    return done, status
+    cdef unsigned long me = PyThread_get_thread_ident()
+    cdef int status = _drain_setup(A, B, owed, chunk, &j)
+    if status:
+        return 0, status
+    with nogil:
+        status = _drain_run(&j, deadline, me)
+    _drain_raise(B, status, &j)
+    return j.done, status
 
 
 def pprc_drain_many(list primaries, list secondaries, list owed, Py_ssize_t chunk_bytes,
@@ -1985,22 +2042,47 @@ def pprc_drain_many(list primaries, list secondaries, list owed, Py_ssize_t chun
     An exception (a copy-on-write hook, a failed pwrite) propagates from the
     pair where it happened; the tracks sent stay sent.
     """
-    cdef Py_ssize_t k, n = len(primaries), done
+    cdef Py_ssize_t k, m, n = len(primaries), stop
     cdef double deadline = monotonic() + seconds if seconds >= 0 else -1.0
-    cdef int status
+    cdef unsigned long me = PyThread_get_thread_ident()
+    cdef int status = 0
     cdef VolumeBase A
+    cdef DrainJob* jobs
     if len(secondaries) != n or len(owed) != n:
         raise ValueError("pprc_drain_many needs as many secondaries and bitmaps as primaries")
-    for k in range(start, n):
-        done = 0
-        A = <VolumeBase?>primaries[k]
-        status = _drain_pair(A, <VolumeBase?>secondaries[k], <TrackBitmap?>owed[k],
-                             max(1, chunk_bytes >> A.track_shift), deadline, &done)
+    if start >= n:
+        return n, 0
+    jobs = <DrainJob*>calloc(n - start, sizeof(DrainJob))
+    if jobs == NULL:
+        raise MemoryError("pprc_drain_many: out of memory")
+    try:
+        # every pair's setup with the GIL, up to the first that B's state stops
+        stop = n
+        for k in range(start, n):
+            A = <VolumeBase?>primaries[k]
+            if _drain_setup(A, <VolumeBase?>secondaries[k], <TrackBitmap?>owed[k],
+                            max(1, chunk_bytes >> A.track_shift), &jobs[k - start]):
+                stop = k
+                status = 2
+                break
+        # then the tracks of them all in one pass without the GIL
+        m = stop
+        with nogil:
+            for k in range(start, stop):
+                status = _drain_run(&jobs[k - start], deadline, me)
+                if status:
+                    m = k
+                    break
+            else:
+                status = 2 if stop < n else 0
         if sent is not None:
-            sent.append(done)
-        if status:
-            return k, status
-    return n, 0
+            for k in range(start, min(m + 1, n)):
+                sent.append(jobs[k - start].done)
+        if m < stop:
+            _drain_raise(<VolumeBase>secondaries[m], status, &jobs[m - start])
+        return m, status
+    finally:
+        free(jobs)
 
 
 # ---------------------------------------------------------------------------
