@@ -396,17 +396,18 @@ class SiteGlobalMirror(GlobalMirror):
             for (b, c), q in zip(mine, s.setup(name, mine)):
                 seqs[(s.key, c)] = q
         self.triplets = []
-        self._pairs: list[SitePair] = []    # the triplets' pairs, typed as what they are
+        self._site_pairs: list[SitePair] = []   # the triplets' pairs, typed as what they are
+        self._pairs = self._site_pairs          # type: ignore[assignment]  # (the base's name)
         try:
             for a, b, c in triplets:
                 pair = SitePair(a, b, b.site(), initial_copy=initial_copy)
-                self._pairs.append(pair)
+                self._site_pairs.append(pair)
                 self.triplets.append(Triplet(a, b, c, pair, None))   # type: ignore[arg-type]
         except Exception:
             self._teardown()
             raise
-        self.groups = [SiteGroup(s, [p for p in self._pairs if p.site.key == s.key],   # type: ignore[misc]
-                                 [t for t, p in zip(self.triplets, self._pairs)
+        self.groups = [SiteGroup(s, [p for p in self._site_pairs if p.site.key == s.key],   # type: ignore[misc]
+                                 [t for t, p in zip(self.triplets, self._site_pairs)
                                   if p.site.key == s.key])
                        for s in self.sites]
         self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
@@ -466,7 +467,7 @@ class SiteGlobalMirror(GlobalMirror):
             res.detail = f"{type(e).__name__}: {e}"
         finally:
             res.drain_time = time.perf_counter() - t
-            for pair in self._pairs:
+            for pair in self._site_pairs:
                 pair._cg_end(ok)
         if not ok:
             if res.cause is Cause.DRAIN_TIMEOUT:
@@ -604,7 +605,7 @@ class SiteGlobalMirror(GlobalMirror):
         for s in self.sites:
             for c, _, seq in s.status(self.name)["fcs"]:
                 got[(s.key, c)] = seq
-        return [got[(p.site.key, t.c.name)] for p, t in zip(self._pairs, self.triplets)]
+        return [got[(p.site.key, t.c.name)] for p, t in zip(self._site_pairs, self.triplets)]
 
     def _resolve(self) -> str:
         action, _ = reconcile_sites(self.sites, self.name, self._record)
@@ -628,10 +629,11 @@ class SiteGlobalMirror(GlobalMirror):
             return seq
 
     def _teardown(self) -> None:
-        for p in self._pairs:
+        for p in self._site_pairs:
             p.remove()
         self.triplets = []
-        self._pairs = []
+        self._site_pairs = []
+        self._pairs = self._site_pairs          # type: ignore[assignment]
 
     def close(self, *, discard: bool = False,
               on_copy: Callable[[int, int], None] | None = None) -> None:
