@@ -235,7 +235,7 @@ class _Child:
 
 def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
                  rounds: int = 3, jobs: int | None = None, iodepth: int = 16,
-                 log=lambda msg: None) -> dict:
+                 track_size: str = "64K", log=lambda msg: None) -> dict:
     """fio 4 KiB randwrite QD``iodepth`` on the first ``jobs`` A exports (one
     fio job, one connection, per export; default all), with the session's
     loop running in the server process and stopped, interleaved (round r
@@ -249,8 +249,10 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         tmp = Path(d)
         a, b, sock = tmp / "a", tmp / "b", tmp / "s"
         size = f"{size_mib}M"
-        _cli("-u", a, "mkvol", *(n[0] for n in names), "--size", size)
-        _cli("-u", b, "mkvol", *(x for n in names for x in n[1:]), "--size", size)
+        _cli("-u", a, "mkvol", *(n[0] for n in names), "--size", size,
+             "--track-size", track_size)
+        _cli("-u", b, "mkvol", *(x for n in names for x in n[1:]), "--size", size,
+             "--track-size", track_size)
         _cli("-u", a, "-r", b, "mkgmir", "S", *(":".join(n) for n in names))
         child = _Child(a, b, sock)
         args = []
@@ -294,16 +296,22 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
     cgs = sum(rep["cgs"] for rep in reports["with"])
     secs = sum(rep["seconds"] for rep in reports["with"])
     loop_cpu = sum(rep["loop_cpu"] for rep in reports["with"])
+    on_cpu = sum(rep["loop_on_cpu"] for rep in reports["with"])
+    runq = sum(rep["loop_runqueue"] for rep in reports["with"])
     failures: dict[str, int] = {}
     for rep in reports["with"]:
         for k, v in rep["failures"].items():
             failures[k] = failures.get(k, 0) + v
 
-    def pct(q: float) -> float:
-        return float(statistics.quantiles(rpo, n=100)[q - 1]) if len(rpo) >= 2 else \
-            (rpo[0] if rpo else float("nan"))
+    def pct(xs: list[float], q: int) -> float:
+        return float(statistics.quantiles(xs, n=100)[q - 1]) if len(xs) >= 2 else \
+            (xs[0] if xs else float("nan"))
+
+    phases = {k: sorted(x for rep in reports["with"] for x in rep["phases"][k])
+              for k in ("coordination", "drain", "flashcopy")}
     return {
         "triplets": triplets, "size_mib": size_mib, "jobs": jobs, "iodepth": iodepth,
+        "track_size": track_size,
         "seconds": seconds, "rounds": rounds,
         "iops_with": statistics.median(iops["with"]),
         "iops_without": statistics.median(iops["without"]),
@@ -311,13 +319,23 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         "cgs_per_s": cgs / secs if secs else float("nan"),
         "attempts": sum(rep["attempts"] for rep in reports["with"]), "cgs": cgs,
         "failures": failures,
-        "rpo_p50_ms": pct(50) * 1e3, "rpo_p99_ms": pct(99) * 1e3,
+        "rpo_p50_ms": pct(rpo, 50) * 1e3, "rpo_p99_ms": pct(rpo, 99) * 1e3,
         "rpo_max_ms": (rpo[-1] if rpo else float("nan")) * 1e3, "rpo_samples": len(rpo),
+        **{f"{k}_p{q}_ms": pct(v, q) * 1e3 for k, v in phases.items() for q in (50, 99)},
+        "drained_mb_s": sum(rep["bytes_drained"] for rep in reports["with"]) / secs / 1e6
+        if secs else float("nan"),
         # server CPU, in cores: the whole process, and the session's loop thread
         "server_cores_with": statistics.median(server_cores["with"]),
         "server_cores_without": statistics.median(server_cores["without"]),
         "loop_cores": loop_cpu / secs if secs else float("nan"),
-        "raw": {"iops": iops, "reports": [{k: v for k, v in rep.items() if k != "rpo"}
+        # the loop thread's wall time: on a CPU / in the run queue / asleep
+        # (waiting for the GIL or a volume's lock: it never sleeps by choice
+        # between CGs at CG interval 0 unless an attempt failed)
+        "loop_on_cpu": on_cpu / secs if secs else float("nan"),
+        "loop_runqueue": runq / secs if secs else float("nan"),
+        "loop_asleep": (secs - on_cpu - runq) / secs if secs else float("nan"),
+        "raw": {"iops": iops, "reports": [{k: v for k, v in rep.items()
+                                           if k not in ("rpo", "phases")}
                                           for m in reports for rep in reports[m]]},
     }
 
@@ -331,10 +349,11 @@ def main() -> None:
     ap.add_argument("--gm", action="store_true", help="run the Global Mirror part instead")
     ap.add_argument("--triplets", type=int, default=16)
     ap.add_argument("--jobs", type=int, default=None, help="fio jobs (A exports) [all]")
+    ap.add_argument("--track-size", default="64K", help="the volumes' track size [64K]")
     args = ap.parse_args()
     if args.gm:
         g = gm_under_fio(args.triplets, min(args.size_mib, 64), args.seconds, args.rounds,
-                         args.jobs, log=print)
+                         args.jobs, track_size=args.track_size, log=print)
         print(json.dumps({k: v for k, v in g.items() if k != "raw"}, indent=1))
         return
     if args.only:
