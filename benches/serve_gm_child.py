@@ -18,6 +18,9 @@ Commands, one a line on stdin; each answers one JSON line on stdout:
             its wall time it slept (the GIL, a volume's lock)
 ``stop``    stop the loop (after the attempt in flight)
 ``quit``    stop serving and exit
+
+``FASTFC_BENCH_LOOP_NICE=N`` (an experiment; root for N < 0) renices the
+loop's thread when it starts: is the loop short of CPU?
 """
 
 from __future__ import annotations
