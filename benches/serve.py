@@ -10,10 +10,10 @@ the load of a shared machine drifts between rounds more than within one.
 The CPU time each server used per request comes from ``/proc/PID/stat``.
 
 ``gm_under_fio`` (``--gm``): the same fio load (4 KiB randwrite QD16) on
-the A exports of a Global Mirror session (units A and B in /dev/shm, B and
-C in B), with the session's continuous loop running in the server process
-(``serve_gm_child.py``) and stopped, interleaved: client IOPS with / without,
-CG/s, RPO p99.
+the A exports of a Global Mirror session (two units in /dev/shm: A in one,
+B and C in the other), with the session's continuous loop running in the
+server process (``serve_gm_child.py``) and stopped, interleaved: client
+IOPS with / without, CG/s, RPO p99.
 
     python benches/serve.py [--rounds 3] [--seconds 3] [--size-mib 1024] [--gm]
 
