@@ -651,11 +651,14 @@ class Report:
             else:
                 label += " (fio nbd engine)"
             rr = d["raw"][w]
-            note = (f"server CPU per request: fastfc {cpu[w]['fastfc']:.1f} us, nbdkit "
-                    f"{cpu[w]['nbdkit memory']:.1f}, qemu-nbd {cpu[w]['qemu-nbd']:.1f}; "
-                    f"fastfc rounds {min(rr['fastfc']):.3g}..{max(rr['fastfc']):.3g} {unit}")
             for peer, target in (("nbdkit memory", nbdkit_target), ("qemu-nbd", 1.0)):
                 r = rat[peer]
+                per = sorted(f / p for f, p in zip(rr["fastfc"], rr[peer]))
+                note = (f"per-round ratios {per[0]:.2f}..{per[-1]:.2f}; {peer} rounds "
+                        f"{min(rr[peer]):.3g}..{max(rr[peer]):.3g} {unit}, fastfc "
+                        f"{min(rr['fastfc']):.3g}..{max(rr['fastfc']):.3g}; server CPU per "
+                        f"request: fastfc {cpu[w]['fastfc']:.1f} us, nbdkit "
+                        f"{cpu[w]['nbdkit memory']:.1f}, qemu-nbd {cpu[w]['qemu-nbd']:.1f}")
                 self.add(Row("serve", f"serve_{key}_{peer.split()[0].replace('-', '_')}",
                              f"fastfc serve vs {peer}: {label}, {where}",
                              f"{med['fastfc']:.3g} {unit}", f"{med[peer]:.3g} {unit} {peer}",
@@ -693,6 +696,11 @@ class Report:
                      note=(f"{g['cgs_per_s']:.0f} CG/s ({g['cgs']} of {g['attempts']} attempts"
                            f"{', failures ' + str(g['failures']) if g['failures'] else ''}); "
                            f"RPO max {g['rpo_max_ms']:.1f} ms over {g['rpo_samples']} samples; "
+                           f"drain p50/p99 {g['drain_p50_ms']:.2f}/{g['drain_p99_ms']:.1f} ms; "
+                           f"the loop thread's wall time: {g['loop_on_cpu']:.0%} on a CPU, "
+                           f"{g['loop_runqueue']:.0%} runnable waiting for one, "
+                           f"{g['loop_asleep']:.0%} asleep (the GIL, a volume's lock), load "
+                           f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
                            f"{cores}"),
                      headline="fastfc serve with Global Mirror under fio: RPO p99"
                      if not self.quick else ""))
