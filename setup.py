@@ -46,7 +46,7 @@ ext = Extension(
     "fastfc._core",
     ["fastfc/_core.pyx"],
     include_dirs=[np.get_include()],
-    depends=["fastfc/_bitops.pxd", "fastfc/_kernels.h"],
+    depends=["fastfc/_bitops.pxd", "fastfc/_kernels.h", "fastfc/_pool.h"],
     extra_compile_args=(["-O0", "-g"] if debug else ["-O3"]) + arch,
 )
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import statistics
+import threading
 import time
 from typing import Callable
 
@@ -23,7 +25,8 @@ import numpy as np
 
 from benches.cases import KiB, MiB, each_offset, fill_random, source_and_targets, touch
 from benches.engine_numpy import NpFlashCopy, NpGlobalMirror, NpVolume
-from fastfc import FlashCopy, FlashCopyState, GlobalMirror, Volume
+import fastfc
+from fastfc import FlashCopy, FlashCopyState, GlobalMirror, StorageUnit, Volume
 from fastfc._optional import require
 
 
@@ -314,10 +317,13 @@ def targets(quick: bool, log=print) -> dict:
 def gm_triplets(quick: bool, log=print) -> dict:
     """One consistency group (and its coordination hold and FlashCopy
     phase) against the number of triplets (1 MiB volumes, 4 KiB tracks,
-    4 tracks of each A changed before each CG)."""
-    counts = [1, 16, 256] if quick else [1, 4, 16, 64, 256]
+    4 tracks of each A changed before each CG, among its first 16, whose
+    pages in A, B and C are touched before timing: the curve measures the
+    CG, not the kernel giving fresh pages to 12 x 4,096 volumes)."""
+    counts = [1, 16, 256, 1024] if quick else [1, 4, 16, 64, 256, 1024, 4096]
     rounds = 5 if quick else 9
     n, ts = 256, 4096
+    hot = 16
     keys = ["fastfc CG", "fastfc coordination hold", "fastfc FlashCopy phase",
             "NumPy CG", "NumPy coordination hold", "NumPy FlashCopy phase"]
     series: dict[str, list[float]] = {k: [] for k in keys}
@@ -328,16 +334,22 @@ def gm_triplets(quick: bool, log=print) -> dict:
         gm = GlobalMirror([tuple(t) for t in vols], initial_copy=False)
         nvols = [tuple(NpVolume(n, ts) for _ in range(3)) for _ in range(c)]
         ngm = NpGlobalMirror(nvols)
+        for t in vols:
+            for v in t:
+                touch(v._raw_array()[:hot * ts])
+        for t in nvols:
+            for v in t:
+                touch(v.array[:hot * ts])
         rng = np.random.default_rng(c)
 
         def before(k):
             rows[:, 0] += 1
             if k == "fastfc":
                 for a, _, _ in vols:
-                    a.write_batch(rng.choice(n, 4, replace=False) * ts, rows)
+                    a.write_batch(rng.choice(hot, 4, replace=False) * ts, rows)
             else:
                 for a, _, _ in nvols:
-                    for o, r in zip((rng.choice(n, 4, replace=False) * ts).tolist(), rows):
+                    for o, r in zip((rng.choice(hot, 4, replace=False) * ts).tolist(), rows):
                         a.write(o, r)
         m = interleaved({"fastfc": gm.form_consistency_group, "NumPy": ngm.form_cg},
                         rounds, before)
@@ -355,7 +367,8 @@ def gm_triplets(quick: bool, log=print) -> dict:
         for t in vols:
             for v in t:
                 v.close()
-    return _curve("Global Mirror triplets (1 MiB volumes, 4 tracks changed per CG)",
+    return _curve(f"Global Mirror triplets (1 MiB volumes, 4 of 16 hot tracks changed per CG, "
+                  f"{fastfc.copy_threads()} copy threads)",
                   "triplets", counts, series, {
                       "fastfc CG": ("O(triplets)", 1.0),
                       "fastfc coordination hold": ("O(triplets)", 1.0),
@@ -420,6 +433,140 @@ def changed_fraction(quick: bool, log=print) -> dict:
                       "np.copyto (changed bytes)": ("O(changed x track)", 1.0)})
 
 
+def copy_threads(quick: bool, log=print) -> dict:
+    """Background copy of a whole relationship (64 KiB tracks) against its
+    size, with 1 and 2 copy threads, next to ``np.copyto`` on one thread and
+    on two (each copying half)."""
+    sizes = [16 * MiB, 64 * MiB, 256 * MiB] if quick else [64 * MiB, 256 * MiB, 1024 * MiB]
+    rounds = 3 if quick else 5
+    ts = 64 * KiB
+    keys = ["fastfc copy(), 1 copy thread", "fastfc copy(), 2 copy threads",
+            "np.copyto", "np.copyto, 2 threads"]
+    series: dict[str, list[float]] = {k: [] for k in keys}
+    was = fastfc.copy_threads()
+    try:
+        for size in sizes:
+            log(f"    copy threads: {size // MiB} MiB")
+            S, T = Volume(size // ts, ts, name="S"), Volume(size // ts, ts, name="T")
+            fill_random(S._raw_array(), seed=3)
+            touch(T._raw_array())
+            src, dst = S._raw_array(), T._raw_array()
+            st: dict = {}
+
+            def before(k):
+                dst[::4096] ^= 0xFF
+                if k.startswith("fastfc"):
+                    fastfc.set_copy_threads(1 if "1 copy" in k else 2)
+                    if "fc" in st and st["fc"].state is not FlashCopyState.WITHDRAWN:
+                        st["fc"].withdraw(force=True)
+                    st["fc"] = FlashCopy(S, T, background_copy=False)
+
+            def two():
+                h = src.size // 2
+                t = threading.Thread(target=np.copyto, args=(dst[:h], src[:h]))
+                t.start()
+                np.copyto(dst[h:], src[h:])
+                t.join()
+
+            fc_copy = lambda: st["fc"].copy()     # noqa: E731
+            m = interleaved({keys[0]: fc_copy, keys[1]: fc_copy,
+                             "np.copyto": lambda: np.copyto(dst, src),
+                             "np.copyto, 2 threads": two}, rounds, before)
+            for k in keys:
+                series[k].append(m[k])
+            S.close()
+            T.close()
+    finally:
+        fastfc.set_copy_threads(was)
+    return _curve("Copy threads: background copy of one relationship (64 KiB tracks)", "bytes",
+                  sizes, series, {k: ("O(bytes)", 1.0) for k in keys})
+
+
+def _median_of(fn: Callable[[], float], rounds: int) -> float:
+    return statistics.median(_no_gc(fn) for _ in range(rounds))
+
+
+def _no_gc(fn: Callable[[], float]) -> float:
+    """``fn()`` with the cyclic garbage collector off (a collection of the
+    objects a previous point left would land in this one's time)."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return fn()
+    finally:
+        if was:
+            gc.enable()
+
+
+def unit_open(quick: bool, log=print) -> dict:
+    """Opening a storage unit (tmpfs when there is one) against its rows:
+    ``10/3 x`` volumes of 4 tracks and ``x`` FlashCopy relationships (up to
+    10,000 volumes and 3,000 relationships)."""
+    import tempfile
+    rels = [100, 300, 1000] if quick else [300, 1000, 3000]
+    series: dict[str, list[float]] = {"fastfc open unit": [], "fastfc create relationships": []}
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    for r in rels:
+        nv = r * 10 // 3
+        log(f"    unit with {nv} volumes and {r} relationships")
+        with tempfile.TemporaryDirectory(dir=base) as d:
+            with StorageUnit(os.path.join(d, "u")) as u:
+                vols = [u.create_volume(f"v{i}", 4, 4096) for i in range(nv)]
+
+                def make() -> float:
+                    t0 = time.perf_counter()
+                    for i in range(r):
+                        FlashCopy(vols[2 * i], vols[2 * i + 1], background_copy=False)
+                    return time.perf_counter() - t0
+                series["fastfc create relationships"].append(_no_gc(make))
+                del vols
+
+            def once() -> float:
+                t = time.perf_counter()
+                StorageUnit(os.path.join(d, "u")).close()
+                return time.perf_counter() - t
+            series["fastfc open unit"].append(_median_of(once, 3))
+    return _curve("Metadata: a unit of 10/3 x volumes and x relationships", "relationships",
+                  rels, series, {k: ("O(rows)", 1.0) for k in series})
+
+
+def session_create(quick: bool, log=print) -> dict:
+    """Creating a Global Mirror session against its triplets: over in-memory
+    volumes (up to 3,000 triplets), and over the volumes of a storage unit
+    (up to 1,000: a unit keeps a file open for every volume and bitmap, and
+    a session over 3,000 triplets would need 24,000)."""
+    import tempfile
+    counts = [100, 300, 1000] if quick else [300, 1000, 3000]
+    series: dict[str, list[float]] = {"fastfc session over memory volumes": [],
+                                      "fastfc session over unit volumes": []}
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    for c in counts:
+        log(f"    session over {c} triplets")
+        trips = [tuple(Volume(4, 4096) for _ in range(3)) for _ in range(c)]
+
+        def memory() -> float:
+            t0 = time.perf_counter()
+            gm = GlobalMirror(trips, initial_copy=False)
+            dt = time.perf_counter() - t0
+            gm.close(discard=True)
+            return dt
+        series["fastfc session over memory volumes"].append(_median_of(memory, 3))
+        cu = c // 3
+        with tempfile.TemporaryDirectory(dir=base) as d:
+            with StorageUnit(os.path.join(d, "u")) as u:
+                vols = [u.create_volume(f"v{i}", 4, 4096) for i in range(3 * cu)]
+
+                def unit() -> float:
+                    t0 = time.perf_counter()
+                    GlobalMirror([tuple(vols[3 * i:3 * i + 3]) for i in range(cu)],
+                                 initial_copy=False)
+                    return time.perf_counter() - t0
+                series["fastfc session over unit volumes"].append(_no_gc(unit))
+    return _curve("Metadata: creating a Global Mirror session (unit volumes: x/3 triplets)",
+                  "triplets", counts, series, {k: ("O(triplets)", 1.0) for k in series})
+
+
 CURVES = {
     "volume_size": volume_size_metadata,
     "volume_size_copy": volume_size_copy,
@@ -427,6 +574,9 @@ CURVES = {
     "targets": targets,
     "gm_triplets": gm_triplets,
     "changed_fraction": changed_fraction,
+    "copy_threads": copy_threads,
+    "unit_open": unit_open,
+    "session_create": session_create,
 }
 
 
@@ -514,9 +664,12 @@ def plot(curves: dict[str, dict], path, title: str = "") -> None:
             style = "-o" if label.startswith("fastfc") else ("--s" if label.startswith("NumPy")
                                                            else ":^")
             color = f"C{ops.index(_operation(label)) % 10}"
-            ax.plot(c["x"], ys, style, color=color, label=f"{label}  [{text}]", markersize=4)
+            lo = c["fit_from"]
+            fitted = slope(c["x"][lo:], ys[lo:])
+            ax.plot(c["x"], ys, style, color=color,
+                    label=f"{label}  [{text}; slope {fitted:.2f}]", markersize=4)
         ax.set_xscale("log", base=2 if name != "changed_fraction" else 10)
-        if name in ("targets", "gm_triplets"):
+        if name in ("targets", "gm_triplets", "unit_open", "session_create"):
             ax.set_xticks(c["x"])
             ax.set_xticklabels([str(v) for v in c["x"]])
         ax.set_yscale("log")

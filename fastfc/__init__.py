@@ -7,7 +7,7 @@ kernels, the host I/O path) and ``errors``; ``volume`` and ``faults``;
 """
 
 from fastfc import faults
-from fastfc._core import TrackBitmap
+from fastfc._core import TrackBitmap, copy_threads, set_copy_threads
 from fastfc.errors import (CorruptUnitError, FastFCError, IncompleteCopyError,
                            InjectedFault, InvalidImageError, LimitError,
                            LinkDownError, NoSpaceError, ReadOnlyUnitError, StateError,
@@ -29,5 +29,5 @@ __all__ = [
     "FastFCError", "VolumeClosedError", "WriteInhibitedError", "StateError",
     "IncompleteCopyError", "LimitError", "InvalidImageError", "InjectedFault",
     "LinkDownError", "CorruptUnitError", "UnitClosedError", "UnitBusyError",
-    "ReadOnlyUnitError", "NoSpaceError",
+    "ReadOnlyUnitError", "NoSpaceError", "set_copy_threads", "copy_threads",
 ]

@@ -532,6 +532,104 @@ cdef inline void words_op(int op, uint64_t* d, const uint64_t* s, Py_ssize_t n) 
 cdef Py_ssize_t STREAM_BYTES = 65536
 
 
+# -- copy threads (fastfc/_pool.h) -------------------------------------------
+cdef extern from "_pool.h" nogil:
+    ctypedef void (*fastfc_copy_fn)(uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil
+    int FASTFC_POOL_MAX
+    int fastfc_pool_set_threads(int n)
+    int fastfc_pool_copy(uint8_t* dst, const uint8_t* src, size_t n, size_t min_piece,
+                         fastfc_copy_fn fn)
+    int fastfc_pool_threads "fastfc_pool.threads"
+    unsigned long fastfc_pool_copies "fastfc_pool.copies"
+
+# A copy is split across the copy threads when it is at least two pieces of
+# this many bytes (a 4 MiB background-copy chunk: two threads of 2 MiB);
+# smaller copies stay on the calling thread.
+cdef size_t PAR_PIECE = 512 * 1024
+
+
+cdef void _stream_piece(uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil:
+    if n >= <size_t>STREAM_BYTES:
+        copy_stream(dst, src, n)
+    else:
+        memcpy(dst, src, n)
+
+
+cdef inline void copy_big(uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil:
+    """Copy ``n`` bytes, streaming (non-temporal) when large, split across
+    the copy threads when it is worth it (:func:`set_copy_threads`)."""
+    if n >= 2 * PAR_PIECE and fastfc_pool_threads > 1:
+        fastfc_pool_copy(dst, src, n, PAR_PIECE, _stream_piece)
+    elif n >= <size_t>STREAM_BYTES:
+        copy_stream(dst, src, n)
+    else:
+        memcpy(dst, src, n)
+
+
+def _default_copy_threads():
+    env = os.environ.get("FASTFC_COPY_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"FASTFC_COPY_THREADS must be a whole number, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"FASTFC_COPY_THREADS must be >= 1, got {n}")
+        return n
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, 4))
+
+
+def set_copy_threads(n=None):
+    """Set how many threads (the calling one included) split one large copy:
+    a background-copy chunk, a reverse restore, a drain run of 1 MiB or more.
+    ``None``: the default, ``FASTFC_COPY_THREADS`` if set, else the cores
+    this process may run on (at most 4). 1 copies on the calling thread
+    only. Returns the number set (at most 16)."""
+    if n is None:
+        n = _default_copy_threads()
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"copy threads must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"copy threads must be >= 1, got {n}")
+    return fastfc_pool_set_threads(n)
+
+
+def copy_threads():
+    """The number of copy threads (:func:`set_copy_threads`)."""
+    return fastfc_pool_threads
+
+
+def pool_copies():
+    """How many copies were split across copy threads so far (for tests)."""
+    return fastfc_pool_copies
+
+
+def _pool_copy(uint8_t[::1] dst, const uint8_t[::1] src):
+    """Copy ``src`` into the start of ``dst`` as large copies are made
+    (split across the copy threads when it is worth it); a test and
+    benchmark hook. Returns the threads that took part."""
+    cdef int k
+    cdef size_t n = src.shape[0]
+    if src.shape[0] > dst.shape[0]:
+        raise ValueError(f"dst holds {dst.shape[0]} bytes, src {src.shape[0]}")
+    if n == 0:
+        return 1
+    with nogil:
+        if n >= 2 * PAR_PIECE and fastfc_pool_threads > 1:
+            k = fastfc_pool_copy(&dst[0], &src[0], n, PAR_PIECE, _stream_piece)
+        else:
+            _stream_piece(&dst[0], &src[0], n)
+            k = 1
+    return k
+
+
+set_copy_threads()
+
+
 cdef Py_ssize_t copy_set_runs(uint8_t* dst, const uint8_t* src, uint64_t* w,
                               Py_ssize_t start, Py_ssize_t stop, Py_ssize_t budget,
                               int shift, Py_ssize_t* resume) noexcept nogil:
@@ -550,10 +648,7 @@ cdef Py_ssize_t copy_set_runs(uint8_t* dst, const uint8_t* src, uint64_t* w,
         b = bm_next_clear(w, lim, a)
         if b < 0:
             b = lim
-        if ((b - a) << shift) >= STREAM_BYTES:
-            copy_stream(dst + (a << shift), src + (a << shift), (b - a) << shift)
-        else:
-            memcpy(dst + (a << shift), src + (a << shift), (b - a) << shift)
+        copy_big(dst + (a << shift), src + (a << shift), (b - a) << shift)
         bm_clear_range(w, a, b)
         done += b - a
         a = bm_next_set(w, stop, b)
@@ -1520,10 +1615,8 @@ cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
                 return -2
         elif pages:
             copy_changed_pages(dst + (a << shift), src + (a << shift), (b - a) << shift)
-        elif ((b - a) << shift) >= STREAM_BYTES:   # B's copy is not read back soon
-            copy_stream(dst + (a << shift), src + (a << shift), (b - a) << shift)
-        else:
-            memcpy(dst + (a << shift), src + (a << shift), (b - a) << shift)
+        else:   # (streamed when large: B's copy is not read back soon)
+            copy_big(dst + (a << shift), src + (a << shift), (b - a) << shift)
         bm_clear_range(owed, a, b)
         done += b - a
         a = bm_next_set(owed, n, b)
@@ -1765,6 +1858,147 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
         free(since)
 
 
+ctypedef struct DrainJob:
+    # one pair's share of a drain, as the nogil loop needs it: the volumes'
+    # lock fields and base pointers by address (a close sets base to NULL),
+    # the bitmap's words, B's FlashCopy targets as taken under B's lock
+    PyThread_type_lock alk
+    PyThread_type_lock blk
+    unsigned long* aowner
+    unsigned long* bowner
+    int* adepth
+    int* bdepth
+    uint8_t** abase
+    uint8_t** bbase
+    int* binhibits
+    int* bversion
+    int version
+    bint bfile
+    int dst_fd
+    uint64_t* w
+    Py_ssize_t n
+    Py_ssize_t chunk
+    int shift
+    int nrel
+    void* hooked
+    uint8_t* tgt_base[MAX_RELS]
+    uint64_t* tgt_to_copy[MAX_RELS]
+    uint64_t* tgt_changed[MAX_RELS]
+    int tgt_fd[MAX_RELS]
+    Py_ssize_t done
+    int err
+
+
+cdef int _drain_setup(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
+                      DrainJob* j) except -1:
+    """Fill ``j`` for the pair A -> B (GIL held; takes B's lock briefly).
+    Returns 0, or 2 when B's state asks for the per-update path."""
+    cdef Py_ssize_t n = A.n_tracks
+    cdef int k, nrel
+    cdef RelationshipBase r
+    cdef list rels
+    cdef unsigned long me = PyThread_get_thread_ident()
+    if owed.n_bits != n or B.n_tracks != n or B.track_shift != A.track_shift:
+        raise ValueError("pprc_drain needs volumes and bitmap of one geometry")
+    if A._owner == me or B._owner == me:
+        raise RuntimeError("pprc_drain must run without the volumes' locks held")
+    j.done = 0
+    j.err = 0
+    B._acquire()
+    try:
+        if B._tgt_rel is not None or B.base == NULL or B._inhibits or A.base == NULL \
+                or B.thin or A._reads_allocate:
+            return 2      # (thin: pprc_copy_tracks reserves blocks first)
+        rels = B._src_rels
+        nrel = len(rels)
+        if nrel > MAX_RELS:
+            return 2
+        for k in range(nrel):
+            r = <RelationshipBase>rels[k]
+            if r.target.base == NULL or r.target.thin:
+                return 2
+            j.tgt_base[k] = r.target.base
+            j.tgt_to_copy[k] = r.to_copy.w
+            j.tgt_changed[k] = r.src_changed.w if r.src_changed is not None else NULL
+            # (a target closed later bumps the version: its fd is not used then)
+            j.tgt_fd[k] = r.target._fd if r.target._file_backed else -1
+        j.nrel = nrel
+        j.dst_fd = B._fd if B._file_backed else -1
+        j.bfile = B._file_backed
+        j.version = B._rels_version
+    finally:
+        B._release()
+    j.alk = A._lk
+    j.blk = B._lk
+    j.aowner = &A._owner
+    j.bowner = &B._owner
+    j.adepth = &A._depth
+    j.bdepth = &B._depth
+    j.abase = &A.base
+    j.bbase = &B.base
+    j.binhibits = &B._inhibits
+    j.bversion = &B._rels_version
+    j.w = owed.w
+    j.n = n
+    j.chunk = chunk
+    j.shift = A.track_shift
+    j.hooked = <void*>B if _cow_hook is not None else NULL
+    return 0
+
+
+cdef int _drain_run(DrainJob* j, double deadline, unsigned long me) noexcept nogil:
+    """Send the pair's owed tracks, a chunk at a time under A's and then B's
+    lock (no GIL needed); ``j.done`` counts the tracks sent. Returns the
+    status of :func:`pprc_drain` (3: the cow hook raised, 4: a pwrite
+    failed, ``j.err`` its errno)."""
+    cdef Py_ssize_t a = 0, resume = 0, got
+    cdef int status = 0
+    while True:
+        PyThread_acquire_lock(j.alk, WAIT_LOCK)
+        j.aowner[0] = me
+        j.adepth[0] = 1
+        PyThread_acquire_lock(j.blk, WAIT_LOCK)
+        j.bowner[0] = me
+        j.bdepth[0] = 1
+        a = bm_next_set(j.w, j.n, a)
+        if a < 0:
+            resume = -1
+        elif (j.abase[0] == NULL or j.bbase[0] == NULL or j.binhibits[0]
+                or j.bversion[0] != j.version):
+            status = 2
+        else:
+            got = apply_runs(j.bbase[0], j.abase[0], j.w, a, j.n, j.chunk, j.shift, j.nrel,
+                             j.tgt_base, j.tgt_to_copy, j.tgt_changed, &resume,
+                             j.bfile, j.hooked, j.dst_fd, j.tgt_fd, &j.err)
+            if got == -2:
+                status = 4
+            elif got < 0:
+                status = 3
+            else:
+                j.done += got
+        j.bowner[0] = 0
+        j.bdepth[0] = 0
+        PyThread_release_lock(j.blk)
+        j.aowner[0] = 0
+        j.adepth[0] = 0
+        PyThread_release_lock(j.alk)
+        if status or resume < 0:
+            break
+        a = resume
+        if deadline >= 0 and monotonic() > deadline:
+            status = 1
+            break
+    return status
+
+
+cdef int _drain_raise(VolumeBase B, int status, DrainJob* j) except -1:
+    if status == 3:         # the cow hook raised: what was sent stays sent
+        raise_hook_error()
+    if status == 4:         # a pwrite failed: what was sent stays sent, the rest owed
+        raise_write_error(B, j.err, "a PPRC update (the tracks not applied stay owed)")
+    return 0
+
+
 def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
                double seconds=-1.0):
     """Send every track set in ``owed`` from A to B as PPRC updates (the
@@ -1779,83 +2013,244 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
     status)``: 0 done, 1 time limit, 2 stopped for B's state (the caller
     falls back to the per-update path, which reports why).
     """
-    cdef Py_ssize_t n = A.n_tracks, a = 0, done = 0, resume = 0, got
-    cdef void* hooked = <void*>B if _cow_hook is not None else NULL
-    cdef int shift = A.track_shift, nrel, k, status = 0, version
-    cdef RelationshipBase r
-    cdef list rels
-    cdef uint64_t* w = owed.w
-    cdef uint8_t* tgt_base[MAX_RELS]
-    cdef uint64_t* tgt_to_copy[MAX_RELS]
-    cdef uint64_t* tgt_changed[MAX_RELS]
+    cdef DrainJob j
     cdef double deadline = monotonic() + seconds if seconds >= 0 else -1.0
     cdef unsigned long me = PyThread_get_thread_ident()
-    cdef int tgt_fd[MAX_RELS]
-    cdef int dst_fd, err = 0
-    if owed.n_bits != n or B.n_tracks != n or B.track_shift != shift:
-        raise ValueError("pprc_drain needs volumes and bitmap of one geometry")
-    if A._owner == me or B._owner == me:
-        raise RuntimeError("pprc_drain must run without the volumes' locks held")
-    B._acquire()
-    try:
-        if B._tgt_rel is not None or B.base == NULL or B._inhibits or A.base == NULL \
-                or B.thin or A._reads_allocate:
-            return 0, 2   # (thin: pprc_copy_tracks reserves blocks first)
-        rels = B._src_rels
-        nrel = len(rels)
-        if nrel > MAX_RELS:
-            return 0, 2
-        for k in range(nrel):
-            r = <RelationshipBase>rels[k]
-            if r.target.base == NULL or r.target.thin:
-                return 0, 2
-            tgt_base[k] = r.target.base
-            tgt_to_copy[k] = r.to_copy.w
-            tgt_changed[k] = r.src_changed.w if r.src_changed is not None else NULL
-            # (a target closed later bumps the version: its fd is not used then)
-            tgt_fd[k] = r.target._fd if r.target._file_backed else -1
-        dst_fd = B._fd if B._file_backed else -1
-        version = B._rels_version
-    finally:
-        B._release()
+    cdef int status = _drain_setup(A, B, owed, chunk, &j)
+    if status:
+        return 0, status
     with nogil:
-        while True:
-            PyThread_acquire_lock(A._lk, WAIT_LOCK)
-            A._owner = me
-            A._depth = 1
-            PyThread_acquire_lock(B._lk, WAIT_LOCK)
-            B._owner = me
-            B._depth = 1
-            a = bm_next_set(w, n, a)
-            if a < 0:
-                resume = -1
-            elif (A.base == NULL or B.base == NULL or B._inhibits
-                    or B._rels_version != version):
+        status = _drain_run(&j, deadline, me)
+    _drain_raise(B, status, &j)
+    return j.done, status
+
+
+def pprc_drain_many(list primaries, list secondaries, list owed, Py_ssize_t chunk_bytes,
+                    double seconds=-1.0, Py_ssize_t start=0, list sent=None):
+    """:func:`pprc_drain` over many pairs in one call (a consistency
+    group's drain of a secondary group): pair ``k`` sends the tracks set in
+    ``owed[k]`` from ``primaries[k]`` to ``secondaries[k]``, for ``k`` from
+    ``start`` on, in order, each under its own locks as :func:`pprc_drain`
+    takes them, holding them for at most ``chunk_bytes`` of its tracks at a
+    time, with one time limit of ``seconds`` (if >= 0) for them all.
+
+    Appends to ``sent`` (if given) the tracks sent by each pair it tried.
+    Stops at the first pair whose status is not 0 (1: the time limit
+    passed; 2: B's state stopped it, and the caller drains that pair by the
+    per-update path, which says why). Returns ``(k, status)``: that pair's
+    index and status, or ``(len(primaries), 0)`` when every pair is done.
+    An exception (a copy-on-write hook, a failed pwrite) propagates from the
+    pair where it happened; the tracks sent stay sent.
+    """
+    cdef Py_ssize_t k, m, n = len(primaries), stop
+    cdef double deadline = monotonic() + seconds if seconds >= 0 else -1.0
+    cdef unsigned long me = PyThread_get_thread_ident()
+    cdef int status = 0
+    cdef VolumeBase A
+    cdef DrainJob* jobs
+    if len(secondaries) != n or len(owed) != n:
+        raise ValueError("pprc_drain_many needs as many secondaries and bitmaps as primaries")
+    if start >= n:
+        return n, 0
+    jobs = <DrainJob*>calloc(n - start, sizeof(DrainJob))
+    if jobs == NULL:
+        raise MemoryError("pprc_drain_many: out of memory")
+    try:
+        # every pair's setup with the GIL, up to the first that B's state stops
+        stop = n
+        for k in range(start, n):
+            A = <VolumeBase?>primaries[k]
+            if _drain_setup(A, <VolumeBase?>secondaries[k], <TrackBitmap?>owed[k],
+                            max(1, chunk_bytes >> A.track_shift), &jobs[k - start]):
+                stop = k
                 status = 2
+                break
+        # then the tracks of them all in one pass without the GIL
+        m = stop
+        with nogil:
+            for k in range(start, stop):
+                status = _drain_run(&jobs[k - start], deadline, me)
+                if status:
+                    m = k
+                    break
             else:
-                got = apply_runs(B.base, A.base, w, a, n, chunk, shift, nrel,
-                                 tgt_base, tgt_to_copy, tgt_changed, &resume,
-                                 B._file_backed, hooked, dst_fd, tgt_fd, &err)
-                if got == -2:
-                    status = 4
-                elif got < 0:
-                    status = 3
-                else:
-                    done += got
-            B._owner = 0
-            B._depth = 0
-            PyThread_release_lock(B._lk)
-            A._owner = 0
-            A._depth = 0
-            PyThread_release_lock(A._lk)
-            if status or resume < 0:
-                break
-            a = resume
-            if deadline >= 0 and monotonic() > deadline:
-                status = 1
-                break
-    if status == 3:         # the cow hook raised: what was sent stays sent
-        raise_hook_error()
-    if status == 4:         # a pwrite failed: what was sent stays sent, the rest owed
-        raise_write_error(B, err, "a PPRC update (the tracks not applied stay owed)")
-    return done, status
+                status = 2 if stop < n else 0
+        if sent is not None:
+            for k in range(start, min(m + 1, n)):
+                sent.append(jobs[k - start].done)
+        if m < stop:
+            _drain_raise(<VolumeBase>secondaries[m], status, &jobs[m - start])
+        return m, status
+    finally:
+        free(jobs)
+
+
+# ---------------------------------------------------------------------------
+# Batched steps of a consistency group (a secondary group's share of it)
+# ---------------------------------------------------------------------------
+
+def first_closed(list volumes):
+    """The index of the first closed volume of ``volumes``, or -1."""
+    cdef Py_ssize_t k
+    for k in range(len(volumes)):
+        if (<VolumeBase?>volumes[k]).base == NULL:
+            return k
+    return -1
+
+
+def zero_bitmaps(list bitmaps):
+    """Clear every bitmap of ``bitmaps`` (one call for a store's pool)."""
+    cdef TrackBitmap bm
+    for o in bitmaps:
+        bm = <TrackBitmap?>o
+        memset(bm.w, 0, bm.n_words * 8)
+
+
+def prepare_revertible_many(list rels, Py_ssize_t start, sequence, list fresh):
+    """The in-memory step of ``FlashCopy.resync(revertible=True,
+    sequence=sequence)`` for ``rels[start:]``, in order, each under its
+    source's and target's locks: the revert image keeps the current
+    bitmaps and sequence, the new ``to_copy`` is ``to_copy | src_changed |
+    tgt_changed`` (into ``fresh[3k]``), the change bitmaps are the empty
+    ``fresh[3k+1]`` and ``fresh[3k+2]``, the source is write-inhibited.
+
+    The caller has checked what holds for the whole group (the sequence
+    number, a store that records nothing and is writable, no fault armed at
+    ``prepare``). Stops before the first relationship whose own state asks
+    for the per-relationship method (withdrawn, without change recording,
+    already revertible, a closed volume, a background copy to start),
+    which then raises or does the step as usual. Returns the index it
+    stopped at (``len(rels)`` when done).
+    """
+    cdef Py_ssize_t k, n = len(rels)
+    cdef RelationshipBase r
+    cdef VolumeBase S, T
+    cdef TrackBitmap out, sc, tc
+    if len(fresh) < 3 * n:
+        raise ValueError("prepare_revertible_many needs three fresh bitmaps per relationship")
+    for k in range(start, n):
+        o = rels[k]
+        r = <RelationshipBase?>o
+        S, T = r.source, r.target
+        if (not r.active or r.revertible or r.src_changed is None or r.tgt_changed is None
+                or S is None or T is None or S.base == NULL or T.base == NULL):
+            return k
+        out = <TrackBitmap?>fresh[3 * k]
+        sc = <TrackBitmap?>fresh[3 * k + 1]
+        tc = <TrackBitmap?>fresh[3 * k + 2]
+        if (out.n_bits != r.to_copy.n_bits or sc.n_bits != out.n_bits
+                or tc.n_bits != out.n_bits or r.src_changed.n_bits != out.n_bits
+                or r.tgt_changed.n_bits != out.n_bits):
+            raise ValueError("prepare_revertible_many: bitmaps of different sizes")
+        lock_two(S, T)
+        try:
+            if not r.active or r.revertible or S.base == NULL or T.base == NULL:
+                return k
+            bm_or3_words(out.w, r.to_copy.w, r.src_changed.w, r.tgt_changed.w, out.n_words)
+            o._revert_image = (r.to_copy, r.src_changed, r.tgt_changed, o.sequence)
+            r.revertible = True
+            S._inhibits += 1
+            r.to_copy = out
+            r.src_changed = sc
+            r.tgt_changed = tc
+            o.sequence = sequence
+            o._cursor = 0
+        finally:
+            unlock_two(S, T)
+    return n
+
+
+def end_revertible_many(list rels, Py_ssize_t start, bint commit, list dropped):
+    """The in-memory step of ``FlashCopy.commit()`` (``commit``) or
+    ``revert()`` for ``rels[start:]``, in order, each under its source's
+    and target's locks: the bitmaps that drop out (the revert image's on
+    commit, the current ones on revert) are appended to ``dropped`` for the
+    store's pool, and the source's write-inhibit is released.
+
+    As :func:`prepare_revertible_many`, the caller has checked the group
+    (a store that records nothing and is writable, no fault armed at
+    ``commit`` / ``revert``), and it stops before the first relationship
+    whose own state asks for the per-relationship method (withdrawn, not
+    revertible, a closed volume, a background copy to start). Returns the
+    index it stopped at (``len(rels)`` when done).
+    """
+    cdef Py_ssize_t k, n = len(rels)
+    cdef RelationshipBase r
+    cdef VolumeBase S, T
+    cdef tuple image
+    for k in range(start, n):
+        o = rels[k]
+        r = <RelationshipBase?>o
+        S, T = r.source, r.target
+        if (not r.active or not r.revertible or S is None or T is None
+                or S.base == NULL or T.base == NULL or o.background_copy):
+            return k
+        lock_two(S, T)
+        try:
+            image = o._revert_image
+            if not r.active or not r.revertible or image is None or S.base == NULL \
+                    or T.base == NULL:
+                return k
+            if commit:
+                dropped.extend(image[:3])
+            else:
+                dropped.append(r.to_copy)
+                dropped.append(r.src_changed)
+                dropped.append(r.tgt_changed)
+                r.to_copy, r.src_changed, r.tgt_changed, o.sequence = image
+            o._revert_image = None
+            r.revertible = False
+            S._inhibits -= 1
+        finally:
+            unlock_two(S, T)
+    return n
+
+
+def cg_end_many(list primaries, list hooks):
+    """Close the consistency group of every mirror hook after a drain that
+    succeeded (``PPRCPair._cg_end(True)``), each under its primary's lock:
+    the emptied CG bitmap becomes the spare, no CG is in flight. (A failed
+    drain goes through the per-pair method, which gives the tracks back.)"""
+    cdef Py_ssize_t k, n = len(hooks)
+    cdef VolumeBase A
+    cdef MirrorBase m
+    if len(primaries) != n:
+        raise ValueError("cg_end_many needs one primary per hook")
+    for k in range(n):
+        A = <VolumeBase?>primaries[k]
+        o = hooks[k]
+        m = <MirrorBase?>o
+        A._acquire()
+        try:
+            if m.cg is not None:
+                if o.side:
+                    o.side = {}
+                o.cg_bytes = 0
+                m.spare = m.cg
+                m.cg = None
+        finally:
+            A._release()
+
+
+def pool_bitmaps(bitmaps, dict free, Py_ssize_t free_bytes, Py_ssize_t cap):
+    """Put the bitmaps of ``bitmaps`` (None skipped) in ``free`` (n_bits ->
+    list), while ``free_bytes`` stays within ``cap``; returns the new
+    ``free_bytes``. (A store's pool: one call for a CG's bitmaps.)"""
+    cdef TrackBitmap bm
+    cdef Py_ssize_t last = -1, nb
+    cdef list pool = None
+    for o in bitmaps:
+        if o is None:
+            continue
+        bm = <TrackBitmap?>o
+        nb = bm.n_words * 8
+        if free_bytes + nb > cap:
+            continue
+        if bm.n_bits != last or pool is None:
+            pool = free.get(bm.n_bits)
+            if pool is None:
+                pool = free[bm.n_bits] = []
+            last = bm.n_bits
+        pool.append(bm)
+        free_bytes += nb
+    return free_bytes

@@ -6,8 +6,9 @@ tmp_path, with the copy services set up by the command line before it
 starts. Those that change copy services *while* clients do I/O serve
 in-process (:class:`fastfc.tools.cli.serve.Server`, the very object the
 command runs) and drive the library under the server's lock, as the
-control socket will once it is merged (the tests marked ``control`` below
-then run through the command line too).
+control socket does; the last ones drive a running ``fastfc serve`` through
+the command line (tests/test_control.py checks that path command by
+command).
 
 The client tools come from apt (qemu-utils, libnbd-bin, fio, nbdkit). A
 missing tool skips a test on a developer machine and fails it, naming the
@@ -462,19 +463,8 @@ def volume_bytes_live(unit: Path, proc) -> np.ndarray:
     return np.fromfile(unit / "volumes" / "V.vol", np.uint8, count=256 * 1024)
 
 
-# -- the command line driving the live server (needs the control socket) ----------------
-def needs_control():
-    """The control socket (issue 11, part 2) carries other ``fastfc -u UNIT``
-    commands into a serving process; until it is merged these tests skip,
-    naming why."""
-    try:
-        import fastfc.tools.cli.control  # noqa: F401
-    except ImportError:
-        pytest.skip("fastfc.tools.cli.control (the control socket) is not merged yet")
-
-
+# -- the command line driving the live server (through its control socket) ------------
 def test_cli_drives_flashcopy_between_client_writes(tmp_path):
-    needs_control()
     need("qemu-io")
     unit, sock = tmp_path / "u", tmp_path / "s"
     make_unit(unit, "S", "T", size=MIB)

@@ -819,6 +819,46 @@ def test_a_failed_transaction_rolls_back_rows_and_bitmap_bookkeeping(tmp_path):
     unit.close()
 
 
+def _counted(store) -> dict[int, int]:
+    refs: dict[int, int] = {}
+    for fids in store._row_bitmaps.values():
+        for f in fids:
+            refs[f] = refs.get(f, 0) + 1
+    return refs
+
+
+def test_bitmap_reference_counts_follow_rows_through_commits_and_rollbacks(tmp_path):
+    """The store counts the rows referencing each bitmap file (a commit then
+    frees unreferenced files in O(changed rows), not O(rows)): the counts
+    always equal the rows' sets, after commits, a nested savepoint that is
+    released, a rollback of an enclosing transaction and a drop."""
+    unit = StorageUnit(tmp_path / "u")
+    vols = [unit.create_volume(f"v{i}", 8, 512) for i in range(6)]
+    store = unit.store
+    fcs = [FlashCopy(vols[2 * i], vols[2 * i + 1], record=True, background_copy=False)
+           for i in range(3)]
+    assert store._refs == _counted(store)
+    with store.transaction():
+        fcs[0].resync(revertible=True)
+        fcs[0].commit()
+    assert store._refs == _counted(store)
+    used = {k: set(v) for k, v in store._row_bitmaps.items()}
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            fcs[1].resync(revertible=True)
+            with store.transaction():
+                fcs[1].revert()
+            fcs[2].withdraw(force=True)
+            raise RuntimeError("the enclosing step fails")
+    assert store._row_bitmaps == used and store._refs == _counted(store)
+    fcs[1].resync()
+    fcs[0].withdraw(force=True)
+    assert store._refs == _counted(store)
+    live = set(store._refs)
+    assert all((store.bitmap_dir / f"{f}.bm").exists() for f in live)
+    unit.close()
+
+
 def test_nonsense_values_in_a_row_are_corruption(tmp_path):
     path = tmp_path / "u"
     with StorageUnit(path) as unit:

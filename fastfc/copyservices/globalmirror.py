@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import operator
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,11 +41,13 @@ import numpy as np
 from fastfc import _core, faults
 from fastfc.errors import (DrainAborted, FastFCError, InjectedFault, StateError,
                            VolumeClosedError)
-from fastfc.copyservices.flashcopy import FlashCopy
-from fastfc.copyservices.pprc import PPRCPair
+from fastfc.copyservices.flashcopy import FlashCopy, check_sequence
+from fastfc.copyservices.pprc import DIRECT_CHUNK_BYTES, PPRCPair
 from fastfc.names import check_name
 from fastfc.storage.link import Link, LocalLink
 from fastfc.storage.volume import Volume, locked
+
+_failed_over = operator.attrgetter("failed_over")
 
 MAX_DRAIN_FAILURES = 5     # consecutive drain-time failures before the limit is set aside
 RETRIES = 3                # attempts at one commit/revert before a volume counts as failed
@@ -203,6 +206,23 @@ class SecondaryGroup:
         self.triplets: list[Triplet] = list(triplets)
         self.ordered = False        # durability "power" at this store (set_ordered)
         self.prepared: list[FlashCopy] = []   # of the CG in flight
+        self._lists()
+
+    def _lists(self) -> None:
+        """The lists the batched kernels take (the triplets do not change)."""
+        trips = self.triplets
+        self._pairs = [t.pair for t in trips]
+        self._as = [t.a for t in trips]
+        self._bs = [t.b for t in trips]
+        self._fcs = [t.fc for t in trips]
+        links = {id(p.link): p.link for p in self._pairs}
+        self._link = links.popitem()[1] if len(links) == 1 else None
+        sizes = {t.b.n_tracks for t in trips}
+        self._one_size = sizes.pop() if len(sizes) == 1 else None
+        # the in-memory steps run batched when the store records nothing (a
+        # durable store records every step, per relationship, in its rows)
+        self._batched = (not self.store.durable
+                         and all(fc._store is self.store for fc in self._fcs))
 
     def __repr__(self) -> str:
         return f"<SecondaryGroup {self.store.ref} {len(self.triplets)} triplets>"
@@ -221,6 +241,9 @@ class SecondaryGroup:
         durability "power", in the barrier order of :meth:`_order_drain`, B
         images synced at the end). Returns the CG's bytes; raises
         :class:`DrainAborted` past the deadline, or what a link raises."""
+        if (self._batched and not self.ordered and self._link is not None
+                and self._link.direct() and not faults.armed_at("drain")):
+            return self._drain_batched(deadline, time_left)
         sent = 0
         ordered = self.ordered
         for trip in self.triplets:
@@ -234,9 +257,69 @@ class SecondaryGroup:
             self.store.sync(*(trip.b for trip in self.triplets))
         return sent
 
+    def _drain_batched(self, deadline: Callable[[], bool] | None,
+                       time_left: Callable[[], float] | None) -> int:
+        """The drain over an in-process link: the pairs' CGs in one kernel
+        call (:func:`fastfc._core.pprc_drain_many`), without the GIL while
+        tracks move, in triplet order. A pair with CG versions in its side
+        file, or whose B stops the kernel, is drained by its own method
+        (``PPRCPair._cg_drain``, which sends them or raises why not) before
+        the kernel goes on with the next pair."""
+        pairs = self._pairs
+        n = len(pairs)
+        link = self._link
+        assert link is not None          # drain() checked it
+        owed = []
+        for p in pairs:
+            assert p.cg is not None      # coordination began the CG of every pair
+            owed.append(p.cg)
+        sent = 0
+        locks: list = [p._drain_lock for p in pairs]
+        tracks: list[int] = []
+        k = 0
+        try:
+            for lk in locks:
+                lk.acquire()
+            while k < n:
+                if pairs[k].side:       # collisions B refused: the pair's own path
+                    st = 2
+                else:
+                    left = -1.0 if time_left is None else max(0.0, time_left())
+                    k, st = _core.pprc_drain_many(self._as, self._bs, owed, DIRECT_CHUNK_BYTES,
+                                                  left, k, tracks)
+                if st == 0:
+                    break
+                if st == 1:
+                    raise DrainAborted("drain time limit passed")
+                p = pairs[k]                 # B's state stopped the kernel
+                locks[k].release()
+                locks[k] = None
+                sent += p._cg_drain(deadline, time_left) - p.cg_bytes
+                if len(tracks) == k:         # (not tried by the kernel)
+                    tracks.append(0)
+                k += 1
+        finally:
+            for lk in locks:
+                if lk is not None:
+                    lk.release()
+            moved = 0
+            for p, t in zip(pairs, tracks):
+                nbytes = t * p.primary.track_size
+                p.bytes_sent += nbytes
+                moved += nbytes
+            link.account(moved, len(tracks))
+        for p in pairs:
+            sent += p.cg_bytes
+            if p.side:       # collisions while the kernel ran that B refused
+                sent += p._send_side_file()
+        return sent + moved
+
     def end_drain(self, ok: bool) -> None:
         """Close the CG of every pair (a failed drain gives its tracks back
         to the out-of-sync bitmaps)."""
+        if ok and self._batched:
+            _core.cg_end_many(self._as, self._pairs)
+            return
         for trip in self.triplets:
             trip.pair._cg_end(ok)
 
@@ -290,6 +373,8 @@ class SecondaryGroup:
         prepared: list[FlashCopy] = []
         self.prepared = prepared
         failure = None
+        if self._batched and not faults.armed_at("prepare"):
+            return self._prepare_batched(sequence, stop_at_failure)
         for trip in self.triplets:
             try:
                 trip.fc.resync(revertible=True, sequence=sequence)
@@ -301,6 +386,48 @@ class SecondaryGroup:
         if self.ordered:   # the prepared bitmaps before the decision
             self.store.sync(*(bm for fc in prepared
                               for bm in (fc.to_copy, fc.src_changed, fc.tgt_changed)))
+        return failure
+
+    def _fresh(self, count: int) -> list:
+        """Three empty bitmaps per relationship, for ``count`` of them."""
+        if self._one_size is not None:
+            return self.store.new_bitmaps(self._one_size, 3 * count)
+        out: list = []
+        for fc in self._fcs[:count]:
+            out += self.store.new_bitmaps(fc.source.n_tracks, 3)
+        return out
+
+    def _prepare_batched(self, sequence: int, stop_at_failure: bool) -> str | None:
+        """:meth:`prepare_all` on a store that records nothing: the
+        relationships in one kernel call
+        (:func:`fastfc._core.prepare_revertible_many`); one whose state asks
+        for it goes through ``FlashCopy.resync``, which raises as usual."""
+        check_sequence(sequence)      # as resync does, before anything changes
+        fcs = self._fcs
+        n = len(fcs)
+        fresh = self._fresh(n)
+        unused = []
+        prepared = self.prepared
+        failure = None
+        k = 0
+        while k < n:
+            start = k
+            k = _core.prepare_revertible_many(fcs, k, sequence, fresh)
+            prepared += fcs[start:k]
+            if k == n:
+                break
+            fc = fcs[k]
+            unused += fresh[3 * k:3 * k + 3]
+            k += 1
+            try:
+                fc.resync(revertible=True, sequence=sequence)
+                prepared.append(fc)
+            except FastFCError as e:
+                failure = f"prepare of {fc.source.name}: {type(e).__name__}: {e}"
+                if stop_at_failure:
+                    unused += fresh[3 * k:]
+                    break
+        self.store.recycle(unused)
         return failure
 
     def commit_all(self) -> list[str]:
@@ -315,11 +442,37 @@ class SecondaryGroup:
 
     def _finish(self, step: str) -> list[str]:
         errors = []
+        if self._batched and not faults.armed_at(step):
+            return self._finish_batched(step)
         for fc in self.prepared:
             try:
                 fc.commit() if step == "commit" else fc.revert()
             except FastFCError as e:
                 errors.append(f"{step} of {fc.source.name}: {type(e).__name__}: {e}")
+        self.prepared = []
+        return errors
+
+    def _finish_batched(self, step: str) -> list[str]:
+        """:meth:`commit_all` / :meth:`revert_all` on a store that records
+        nothing: one kernel call (:func:`fastfc._core.end_revertible_many`);
+        a relationship whose state asks for it goes through
+        ``FlashCopy.commit`` / ``revert``, which raises as usual."""
+        fcs = self.prepared
+        n = len(fcs)
+        dropped: list = []
+        errors = []
+        k = 0
+        while k < n:
+            k = _core.end_revertible_many(fcs, k, step == "commit", dropped)
+            if k == n:
+                break
+            fc = fcs[k]
+            k += 1
+            try:
+                fc.commit() if step == "commit" else fc.revert()
+            except FastFCError as e:
+                errors.append(f"{step} of {fc.source.name}: {type(e).__name__}: {e}")
+        self.store.recycle(dropped)
         self.prepared = []
         return errors
 
@@ -343,6 +496,8 @@ def secondary_groups(triplets: Sequence[Triplet]) -> list[SecondaryGroup]:
         if g is None:
             g = groups[id(t.b.store)] = SecondaryGroup(t.b.store, [])
         g.triplets.append(t)
+    for g in groups.values():
+        g._lists()
     return list(groups.values())
 
 
@@ -436,6 +591,8 @@ class GlobalMirror:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.triplets: list[Triplet] = []
+        # (triplets, their volumes, their stores): what _require_writable checks
+        self._volumes_cache: tuple | None = None
         if _parts is not None:  # restored from a storage unit
             self.triplets = list(_parts)
             self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
@@ -489,6 +646,7 @@ class GlobalMirror:
         file instead of sending them at once."""
         self._ordered = self._store.durability == "power"
         self.groups = secondary_groups(self.triplets)
+        self._pairs = [t.pair for t in self.triplets]
         for g in self.groups:
             g.set_ordered(g.store.durability == "power")
 
@@ -580,10 +738,9 @@ class GlobalMirror:
         """Coordination: one C call (:func:`fastfc._core.coordinate_pairs`).
         The ``coordinate`` fault point and ``on_coordinate`` are hooks it
         calls while the writes are held, not a second implementation."""
-        pairs = [t.pair for t in self.triplets]
-        for p in pairs:      # no CG in flight, so no collision touches these
-            p.side = {}
-            p.cg_bytes = 0
+        pairs = self._pairs
+        # (each pair's side file and cg_bytes were emptied when its last CG
+        # ended: PPRCPair._cg_end, _core.cg_end_many)
         injected: list[FastFCError] = []
 
         def fault_point() -> None:
@@ -859,17 +1016,22 @@ class GlobalMirror:
     def _require_writable(self) -> None:
         """Refuse, before anything changes, when the session's units are
         closed or read-only, or one of its volumes is closed."""
-        for t in self.triplets:
-            for v in (t.a, t.b, t.c):
-                v.store.check_writable()
-        for t in self.triplets:
-            for v in (t.a, t.b, t.c):
-                if v.closed:
-                    raise VolumeClosedError(f"{v!r} is closed")
+        trips = self.triplets
+        cached = self._volumes_cache
+        if cached is None or cached[0] is not trips:
+            vols = [v for t in trips for v in (t.a, t.b, t.c)]
+            stores = list({id(v.store): v.store for v in vols}.values())
+            cached = self._volumes_cache = (trips, vols, stores)
+        _, vols, stores = cached
+        for store in stores:         # in the order of their first volume
+            store.check_writable()
+        k = _core.first_closed(vols)
+        if k >= 0:
+            raise VolumeClosedError(f"{vols[k]!r} is closed")
 
     def _require_not_recovered(self) -> None:
         # a CG drain would overwrite host writes at the recovered B volumes
-        if any(t.pair.failed_over for t in self.triplets):
+        if any(map(_failed_over, self._pairs)):
             raise StateError(f"session {self.name} was recovered (its pairs are failed "
                              "over): no consistency group can form")
 
@@ -898,6 +1060,8 @@ class GlobalMirror:
             finally:
                 t.pair.remove()
         self.triplets = []
+        self.groups = []
+        self._pairs = []
 
     def close(self, *, discard: bool = False,
               on_copy: Callable[[int, int], None] | None = None) -> None:

@@ -374,6 +374,7 @@ class PPRCPair(_core.MirrorBase):
                     self.oos.set(t)
                 cg.fill(False)
             self.side = {}
+            self.cg_bytes = 0
             self.spare, self.cg = cg, None
 
     # -- lifecycle [pausepprc, resumepprc, failoverpprc, failbackpprc, rmpprc] ----

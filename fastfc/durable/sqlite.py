@@ -39,6 +39,8 @@ from fastfc.errors import (CorruptUnitError, InjectedFault, NoSpaceError, ReadOn
                            UnitClosedError)
 from fastfc.storage.store import Store
 
+_MISSING = object()    # an undo record's "the row had no bitmaps entry"
+
 SCHEMA_VERSION = 1
 
 
@@ -211,6 +213,13 @@ class SQLiteStore(Store):
         self._next_bitmap = 1 + max([int(p.stem) for p in self.bitmap_dir.glob("*.bm")
                                      if p.stem.isdigit()] or [0])
         self._row_bitmaps: dict[tuple[str, int], set[int]] = {}
+        # how many rows reference each bitmap file (what _row_bitmaps says,
+        # counted, so a commit finds a file unreferenced in O(1), not O(rows))
+        self._refs: dict[int, int] = {}
+        # per open transaction level: each row's bitmap set before the level
+        # first changed it (_MISSING: the row had none), to undo a rollback
+        # in O(rows it changed) rather than copying every row at each begin
+        self._undo: list[dict[tuple[str, int], object]] = []
         self._maps: dict[int, FileBitmap] = {}           # every mapped bitmap file
         self._pool: dict[int, list[FileBitmap]] = {}     # unreferenced, by n_bits
         self._garbage: set[int] = set()
@@ -313,7 +322,8 @@ class SQLiteStore(Store):
     def _transaction(self, level: int):
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE" if level == 0 else f"SAVEPOINT sp{level}")
-            saved = ({k: set(v) for k, v in self._row_bitmaps.items()}, set(self._garbage))
+            saved_garbage = set(self._garbage)
+            self._undo.append({})
             self._depth += 1
             try:
                 yield
@@ -327,12 +337,18 @@ class SQLiteStore(Store):
                 else:
                     self.db.execute(f"ROLLBACK TO sp{level}")
                     self.db.execute(f"RELEASE sp{level}")
-                self._row_bitmaps, self._garbage = saved
+                self._rollback_rows(self._undo.pop())
+                self._garbage = saved_garbage
                 if _is_full(e) and level == 0:
                     raise NoSpaceError(f"{self.dir / 'unit.db'}: {e}; the transaction was "
                                        "rolled back (free space and retry)") from e
                 raise
             self._depth -= 1
+            undo = self._undo.pop()
+            if self._undo:           # a savepoint released: its changes are the parent's
+                parent = self._undo[-1]
+                for k, v in undo.items():
+                    parent.setdefault(k, v)
             if level == 0:
                 if self.db.execute("PRAGMA synchronous").fetchone()[0] >= 2:
                     self.fsyncs += 1
@@ -410,12 +426,53 @@ class SQLiteStore(Store):
         self._maps[fid] = bm
         return bm
 
+    def _set_row(self, key: tuple[str, int], now: set[int] | None) -> set[int]:
+        """Set (None: drop) the bitmap files row ``key`` references, keeping
+        the reference counts and the open transaction's undo record; returns
+        what it referenced before."""
+        rows = self._row_bitmaps
+        old = rows.get(key)
+        if self._undo:
+            undo = self._undo[-1]
+            if key not in undo:
+                undo[key] = _MISSING if old is None else old
+        refs = self._refs
+        before = old or set()
+        after = now or set()
+        for fid in after - before:
+            refs[fid] = refs.get(fid, 0) + 1
+        for fid in before - after:
+            n = refs.get(fid, 0) - 1
+            if n > 0:
+                refs[fid] = n
+            else:
+                refs.pop(fid, None)
+        if now is None:
+            rows.pop(key, None)
+        else:
+            rows[key] = now
+        return before
+
+    def _rollback_rows(self, undo: dict) -> None:
+        """Put back the rows a rolled-back transaction level changed, and
+        count the references again (a rollback is rare: O(rows) is fine)."""
+        rows = self._row_bitmaps
+        for key, old in undo.items():
+            if old is _MISSING:
+                rows.pop(key, None)
+            else:
+                rows[key] = cast(set, old)
+        refs: dict[int, int] = {}
+        for fids in rows.values():
+            for fid in fids:
+                refs[fid] = refs.get(fid, 0) + 1
+        self._refs = refs
+
     def _track(self, key: tuple[str, int], bitmaps) -> None:
         """Remember which bitmap files a row references now; the ones it no
         longer references are deleted after the transaction commits."""
         now = {b.file_id for b in bitmaps if isinstance(b, FileBitmap)}
-        old = self._row_bitmaps.get(key, set())
-        self._row_bitmaps[key] = now
+        old = self._set_row(key, now)
         self._garbage |= old - now
 
     def _collect(self) -> None:
@@ -423,8 +480,8 @@ class SQLiteStore(Store):
         pool (a Global Mirror CG frees and needs the same sizes every time),
         or are deleted when the pool is full."""
         garbage = self._garbage
-        live = set().union(*self._row_bitmaps.values()) if self._row_bitmaps else set()
-        for fid in garbage - live:
+        refs = self._refs
+        for fid in [f for f in garbage if f not in refs]:
             bm = self._maps.pop(fid, None)
             pool = self._pool.setdefault(bm.n_bits, []) if bm is not None else None
             if pool is not None and len(pool) < POOL_PER_SIZE:
@@ -443,7 +500,7 @@ class SQLiteStore(Store):
         before its transaction committed). Not on a read-only unit."""
         if self.readonly:
             return
-        live = set().union(*self._row_bitmaps.values()) if self._row_bitmaps else set()
+        live = self._refs
         for p in self.bitmap_dir.glob("*.bm"):
             if p.stem.isdigit() and int(p.stem) not in live:
                 p.unlink()
@@ -471,7 +528,7 @@ class SQLiteStore(Store):
     def _load_bitmaps(self, kind: str, row: dict, keys, n_bits: int) -> None:
         """Map the bitmap files ``row`` names (in place: ids become bitmaps)
         and keep them alive as the row's until it changes."""
-        self._row_bitmaps[(kind, row["id"])] = {row[k] for k in keys if row[k] is not None}
+        self._set_row((kind, row["id"]), {row[k] for k in keys if row[k] is not None})
         for k in keys:
             row[k] = self.load_bitmap(row[k], n_bits)
 
@@ -511,7 +568,7 @@ class SQLiteStore(Store):
             if record_id is not None:
                 self.db.execute("DELETE FROM flashcopies WHERE id=?", (record_id,))
                 self._track(("fc", record_id), [])
-                self._row_bitmaps.pop(("fc", record_id), None)
+                self._set_row(("fc", record_id), None)
             self.db.execute("UPDATE volumes SET invalid=? WHERE name=?",
                             (int(target_flags["invalid"]), target_flags["name"]))
 
@@ -561,7 +618,7 @@ class SQLiteStore(Store):
         with self._atomic():
             self.db.execute("DELETE FROM pairs WHERE id=?", (record_id,))
             self._track(("pair", record_id), [])
-            self._row_bitmaps.pop(("pair", record_id), None)
+            self._set_row(("pair", record_id), None)
 
     def pair_rows(self) -> list[dict]:
         """The stored pairs as rows (bitmap file ids)."""

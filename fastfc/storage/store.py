@@ -20,6 +20,7 @@ import threading
 from contextlib import nullcontext
 from typing import Callable
 
+from fastfc import _core
 from fastfc._core import TrackBitmap
 
 
@@ -80,13 +81,31 @@ class Store:
         bm.fill(fill)
         return bm
 
+    def new_bitmaps(self, n_bits: int, count: int) -> list[TrackBitmap]:
+        """``count`` empty bitmaps of ``n_bits``, from the pool first (one
+        lock for them all): a consistency group's prepares take three per
+        relationship."""
+        if count <= 0:
+            return []
+        if type(self).new_bitmap is not Store.new_bitmap:   # a store that places them
+            return [self.new_bitmap(n_bits) for _ in range(count)]
+        with self._free_lock:
+            free = self._free.get(n_bits)
+            got = []
+            if free:
+                got = free[-count:]
+                del free[-count:]
+                if got:   # one size: n_bits
+                    self._free_bytes -= len(got) * got[0].nbytes
+        _core.zero_bitmaps(got)
+        got += [TrackBitmap(n_bits) for _ in range(count - len(got))]
+        return got
+
     def recycle(self, bitmaps) -> None:
         """Take back bitmaps that nothing references any more."""
         with self._free_lock:
-            for bm in bitmaps:
-                if bm is not None and self._free_bytes + bm.nbytes <= self.POOL_BYTES:
-                    self._free.setdefault(bm.n_bits, []).append(bm)
-                    self._free_bytes += bm.nbytes
+            self._free_bytes = _core.pool_bitmaps(bitmaps, self._free, self._free_bytes,
+                                                  self.POOL_BYTES)
 
     def transaction(self, sync: bool = True):
         """Group several saves into one durable commit (one fsync)."""

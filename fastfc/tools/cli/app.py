@@ -16,6 +16,7 @@ import click
 from fastfc._optional import require
 from fastfc.errors import FastFCError
 
+from . import control
 from .output import human
 from .units import Units
 
@@ -44,6 +45,12 @@ class FastFCGroup(click.Group):
         # bench runs the suite in a source checkout's benches/: not offered elsewhere
         return [name for name in self.commands
                 if name != "bench" or _source_checkout() is not None]
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        argv = list(args)       # as given: what a server holding the unit is sent
+        ctx = super().make_context(info_name, args, parent, **extra)
+        ctx.meta["fastfc.argv"] = argv
+        return ctx
 
     def invoke(self, ctx):
         try:
@@ -125,12 +132,41 @@ def main(ctx, unit, remote, wait, durability) -> None:
     only look (lsvol, read, lsflash, lspprc, showgmir) open units read-only
     and may run together; the others hold their units alone.
 
+    While a server (fastfc serve) holds the unit, a command is carried out
+    by that server, through UNIT/control.sock, with the same output and exit
+    status (serve itself, and commands that open no unit, run here).
+
     Names of volumes and sessions are 1-64 letters, digits, '_', '.', '-',
     starting with a letter or digit. ls* and show* commands take --json.
     Progress goes to stderr (plain lines when it is not a terminal).
     """
+    if isinstance(ctx.obj, control.Served):     # a server runs this for a client
+        if ctx.invoked_subcommand in control.LOCAL:
+            raise click.ClickException(f"{ctx.invoked_subcommand} is not carried out by "
+                                       "a server: run it where you are")
+        asked = ctx.get_parameter_source("durability") not in (
+            click.core.ParameterSource.DEFAULT, None)
+        ctx.obj = ctx.obj.units(unit, remote, durability if asked else None,
+                                looks_only=ctx.invoked_subcommand in READ_ONLY_COMMANDS)
+        return
+    if unit is not None and ctx.invoked_subcommand not in control.LOCAL:
+        status = _forward(ctx, unit)
+        if status is not None:
+            ctx.exit(status)
     ctx.obj = Units(unit, remote, readonly=ctx.invoked_subcommand in READ_ONLY_COMMANDS,
                     wait=wait, durability=durability)
+
+
+def _forward(ctx: click.Context, unit: str) -> int | None:
+    """The exit status of this command carried out by the server holding
+    ``unit``, its output copied here; None when no server holds it."""
+    root = ctx.find_root()
+    out, err = sys.stdout, sys.stderr
+    for stream in (out, err):
+        stream.flush()
+    return control.forward(unit, root.meta["fastfc.argv"], root.info_name or "fastfc",
+                           stdout=control.binary(out), stderr=control.binary(err),
+                           stdout_text=out, stderr_text=err)
 
 
 # -- commands that open no unit --------------------------------------------------------

@@ -14,8 +14,12 @@ import click
 def console(stderr: bool = False):
     """A rich console on the current stdout (or stderr). Piped output is
     not wrapped at 80 columns: a table row stays one line for grep."""
+    import sys
     from rich.console import Console
-    out = Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # bound now, not looked up at each write: under a server (control.py) the
+    # stream is routed by thread, and a live progress bar redraws from its own
+    out = Console(file=getattr(stream, "routed", stream), highlight=False)
     if not out.is_terminal and "COLUMNS" not in os.environ:
         out.width = 200
     return out

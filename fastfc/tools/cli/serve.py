@@ -4,8 +4,9 @@ The seam for other services (the control socket that carries the other
 ``fastfc -u UNIT ...`` commands to a serving process) is :class:`Server`:
 its ``units`` are the open units, its ``lock`` serialises whatever changes
 them against the NBD server's export lookups, and ``services`` (context
-managers entered after the NBD server starts listening and left, in
-reverse order, before it stops) are where they run.
+managers entered before the NBD server listens, so that a client that sees
+its socket finds them running, and left, in reverse order, before it
+stops) are where they run.
 """
 
 from __future__ import annotations
@@ -24,12 +25,8 @@ import click
 from fastfc.tools.nbd import NBDServer, exports_of
 
 from .app import main
+from .control import hosting
 from .units import Units, pass_units
-
-try:     # the control socket (issue 11, part 2); absent until it is merged
-    from .control import hosting  # type: ignore[import-not-found,unused-ignore]
-except ImportError:
-    hosting = None
 
 
 class Server:
@@ -43,9 +40,9 @@ class Server:
         units.all()                     # open the local unit and its partners now
         lookup, names = exports_of(lambda: list(self.units.open.values()))
         self.nbd = NBDServer(lookup, names, self.lock, tls=tls)
-        self.services: list[Callable[[], ContextManager[Any]]] = []
-        if hosting is not None:
-            self.services.append(lambda: hosting(self.units, self.lock))
+        # the control socket: other fastfc commands naming these units run here
+        self.services: list[Callable[[], ContextManager[Any]]] = [
+            lambda: hosting(self.units, self.lock)]
 
     def flush(self) -> None:
         with self.lock:
@@ -119,19 +116,21 @@ def serve(units, socket_path, port, bind, allow_remote_plain, tls_cert, tls_key,
     try:
         server = Server(units, tls=tls)
         nbd = server.nbd
-        if socket_path is not None:
-            nbd.listen_unix(socket_path)
-        bound = nbd.listen_tcp(bind, port) if port is not None else None
         with contextlib.ExitStack() as services:
+            # other services (the control socket) first: once the NBD socket
+            # exists, other fastfc commands naming these units reach this server
+            for service in server.services:
+                services.enter_context(service())
+            if socket_path is not None:
+                nbd.listen_unix(socket_path)
+            bound = nbd.listen_tcp(bind, port) if port is not None else None
             nbd.start()
             try:
-                # other services (the control socket) run while the NBD server does
-                for service in server.services:
-                    services.enter_context(service())
                 where = [f"unix socket {socket_path}"] if socket_path else []
                 if bound is not None:
                     where.append(f"tcp {bind}:{bound}" + (" (TLS)" if tls else ""))
-                names = [n for n, _ in nbd.names()]
+                with server.lock:       # commands may be changing the units already
+                    names = [n for n, _ in nbd.names()]
                 click.echo(f"serving {len(names)} volume(s) over NBD on {' and '.join(where)}"
                            f" (pid {os.getpid()})", err=True)
                 sys.stderr.flush()

@@ -25,17 +25,45 @@ class Units:
     Units are found by the paths given and by what the open units record as
     their partners (:meth:`StorageUnit.partner_units`); naming both units of
     a pair that moved apart with ``-u`` and ``-r`` re-links them.
+
+    ``cwd`` is the directory relative paths start from (default: this
+    process's). A command a server runs for a client (``control``) works on
+    units it borrows from the server (:meth:`borrowing`): it does not close
+    them.
     """
 
     def __init__(self, local: str | None, remote: str | None, *, readonly: bool = False,
-                 wait: float | None = None, durability: str = "process") -> None:
+                 wait: float | None = None, durability: str = "process",
+                 cwd: str | None = None) -> None:
         self.local_path = local
         self.durability = durability
         self.remote_path = remote
         self.readonly = readonly
         self.wait = wait
+        self.cwd = cwd
         self.open: dict[Path, StorageUnit] = {}
         self._partners_opened = False
+        self.borrowed = False
+        self._flush_on_close = True
+
+    @classmethod
+    def borrowing(cls, host: "Units", local: str | None, remote: str | None, *,
+                  cwd: str | None = None, looks_only: bool = False) -> "Units":
+        """A command's view of ``host``'s open units (a server's), naming
+        its own ``--unit`` and ``--remote-unit``. The units are shared, not
+        owned: :meth:`close` flushes them (unless the command ``looks_only``)
+        and leaves them open, and a unit this view opens joins ``host``
+        (read-write, at its durability), to be closed with it."""
+        units = cls(local, remote, readonly=host.readonly, wait=host.wait,
+                    durability=host.durability, cwd=cwd)
+        units.open = host.open
+        units.borrowed = True
+        units._flush_on_close = not looks_only
+        return units
+
+    def where(self, path: str) -> Path:
+        """``path`` as given, or, for a view with its own ``cwd``, from there."""
+        return Path(path) if self.cwd is None else Path(self.cwd, path)
 
     def local(self, create: bool = False) -> StorageUnit:
         """The ``--unit`` (created if ``create`` and missing)."""
@@ -64,7 +92,7 @@ class Units:
         return list(self.open.values())
 
     def _get(self, path: str | Path, create: bool) -> StorageUnit:
-        p = Path(path).resolve()
+        p = self.where(str(path)).resolve()
         if p in self.open:
             return self.open[p]
         exists = (p / "unit.db").exists()
@@ -91,6 +119,12 @@ class Units:
                 self._get(p, False)
 
     def close(self) -> None:
+        if self.borrowed:       # the server's units: what a close would make durable
+            if self._flush_on_close:
+                for unit in list(self.open.values()):
+                    if not unit.readonly:
+                        unit.flush()
+            return
         errors = []
         for unit in reversed(list(self.open.values())):
             try:

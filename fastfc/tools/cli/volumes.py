@@ -46,7 +46,7 @@ def mkvol(units, names, tracks, size, track_size, thin) -> None:
     if capacity > MAX_BYTES:
         raise click.ClickException(f"{n} tracks of {human(track_size)} is {capacity} bytes: "
                                    f"more than a volume can hold ({MAX_BYTES} bytes)")
-    where = Path(units.local_path) if units.local_path else None
+    where = units.where(units.local_path) if units.local_path else None
     if where is None:
         raise click.UsageError("no storage unit given: use --unit PATH (or set FASTFC_UNIT)")
     existing = where
@@ -56,7 +56,8 @@ def mkvol(units, names, tracks, size, track_size, thin) -> None:
     if not thin and capacity * len(names) > free:
         what = f"{len(names)} volumes of {human(capacity)}" if len(names) > 1 \
             else f"a volume of {human(capacity)}"
-        raise click.ClickException(f"{what} does not fit: the filesystem of {existing} has "
+        shown = units.local_path if existing == where else existing   # as the user named it
+        raise click.ClickException(f"{what} does not fit: the filesystem of {shown} has "
                                    f"{human(free)} free")
     new_unit = not (where / "unit.db").exists()
     new_dir = not where.exists()

@@ -1,0 +1,621 @@
+"""The control socket: ``fastfc`` commands carried out by the process that
+holds a unit (``fastfc serve``).
+
+While a server holds a unit, no other process can open it. So the server
+listens on ``UNIT/control.sock``, and every other ``fastfc -u UNIT ...``
+command sends its command line there instead of opening the unit: the server
+runs it, in its own process, against the units it already has open, and
+sends back what the command printed and its exit status, which the client
+reproduces byte for byte. With no server (no socket, or a stale one that
+refuses connections: its server was killed), the client opens the unit
+itself, as it always did.
+
+The server side is :func:`hosting`; the client side is :func:`forward`,
+called by the ``fastfc`` group before it opens a unit.
+
+What a forwarded command sees
+-----------------------------
+- Its own command line, parsed and checked by the server exactly as a direct
+  run parses it (usage errors included), the client's working directory for
+  relative unit paths, and the client's ``FASTFC_*`` and terminal
+  environment variables (``COLUMNS``, ``TERM``, ``NO_COLOR``, ...), set in
+  the server's ``os.environ`` while the command runs (commands run one at a
+  time, so they never see each other's).
+- The units the server holds, not closed when it ends (but flushed, as a
+  direct run's close flushes them). A unit the command needs that the
+  server does not hold (a new ``--remote-unit``, a partner) is opened by the
+  server read-write as a direct run would, and stays open with the server,
+  served like the others, since pairs now span it: the server closes it
+  when it stops.
+- One command at a time: each waits for ``lock``, which also serialises the
+  server's other work on the units (an NBD server's volume lookups).
+  ``--wait`` has nothing to wait for: a forwarded command queues for the
+  lock instead of failing on a busy unit.
+- ``--durability power`` on a unit the server opened at ``process`` is
+  refused (the units keep the level they were opened with); ``process`` on
+  a ``power`` server gets the stronger level.
+- Its output is sent as it is written (progress lines arrive while the
+  command runs). If the client goes away, or takes no output for
+  :data:`IO_TIMEOUT` seconds (suspended), the command still finishes: the
+  rest of its output is dropped and the client says the outcome is unknown. No command reads stdin, so none is sent.
+- ``serve``, ``demo`` and ``bench`` are never forwarded (:data:`LOCAL`).
+
+Security: the socket is created in a private (0700) directory inside the
+unit directory, given mode 0600 there and only then renamed to
+``control.sock``, so at that path it is 0600 from the moment it exists; the
+server also checks each peer's uid (``SO_PEERCRED``) and refuses any other
+user, root included.
+
+The wire format: the client sends one frame, the server sends frames back
+until an exit frame. A frame is a kind byte, a 4-byte big-endian length and
+that many bytes: ``q`` the request (JSON), ``o`` stdout bytes, ``e`` stderr
+bytes, ``x`` the exit status (JSON). Output is bytes, encoded with the
+client's stream encodings, so binary-safe and identical to a direct run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import select
+import socket
+import stat
+import struct
+import sys
+import tempfile
+import threading
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Iterator, cast
+
+import click
+
+from .units import Units
+
+SOCKET = "control.sock"
+
+#: Commands never forwarded: they open no unit, or are the server themselves.
+LOCAL = frozenset({"serve", "demo", "bench"})
+
+#: Environment variables a forwarded command takes from its client (besides
+#: every ``FASTFC_*``): what decides how output looks.
+ENV_KEYS = ("COLUMNS", "LINES", "TERM", "COLORTERM", "NO_COLOR", "FORCE_COLOR",
+            "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+
+MAX_REQUEST = 1 << 20        # a command line and its environment
+#: Seconds a client may take to send its request, or to take a piece of
+#: output: a client that stalls longer (suspended, say) loses the rest of
+#: the output, not the server its other work (commands hold ``lock``).
+IO_TIMEOUT = 10.0
+_HEADER = struct.Struct(">cI")
+
+
+def _env_wanted(key: str) -> bool:
+    return key.startswith("FASTFC_") or key in ENV_KEYS
+
+
+# -- frames ----------------------------------------------------------------------------
+def _send(sock: socket.socket, kind: bytes, payload: bytes) -> None:
+    sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    parts, left = [], n
+    while left:
+        got = sock.recv(min(left, 1 << 20))
+        if not got:
+            return None
+        parts.append(got)
+        left -= len(got)
+    return b"".join(parts)
+
+
+def _recv(sock: socket.socket, limit: int | None = None) -> tuple[bytes, bytes] | None:
+    """One frame, or None at a clean end of stream."""
+    head = _recv_exact(sock, _HEADER.size)
+    if head is None:
+        return None
+    kind, n = _HEADER.unpack(head)
+    if limit is not None and n > limit:
+        raise ValueError(f"a {n}-byte control frame is larger than {limit} bytes")
+    body = _recv_exact(sock, n)
+    if body is None:
+        return None
+    return kind, body
+
+
+@contextmanager
+def _reachable(path: Path) -> Iterator[str]:
+    """A name for ``path`` that fits in a unix socket address (108 bytes):
+    the path itself, or for a long one ``/proc/self/fd/N/NAME`` through a
+    descriptor of its directory (Linux)."""
+    name = os.fsencode(path)
+    if len(name) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+# -- the client ------------------------------------------------------------------------
+class ServerGone(click.ClickException):
+    """The server closed the connection before the command's exit status."""
+
+
+def forward(unit: str | os.PathLike, argv: list[str], prog_name: str, *,
+            stdout: IO[bytes], stderr: IO[bytes], stdout_text: Any = None,
+            stderr_text: Any = None) -> int | None:
+    """Have the server holding ``unit`` run ``prog_name argv``: copy what it
+    prints to ``stdout`` and ``stderr`` (binary streams) and return its exit
+    status. None when no server holds the unit (no ``control.sock``, or one
+    that refuses connections: then the caller opens the unit itself; a stale
+    socket is left where it is, it is the next server's to replace).
+
+    ``stdout_text`` and ``stderr_text`` are the text streams the command
+    would have written to (their encoding and whether they are a terminal
+    are sent along); default: ``sys.stdout`` and ``sys.stderr``.
+    """
+    path = Path(unit) / SOCKET
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except PermissionError as e:
+        raise PermissionError(e.errno, f"cannot reach the unit {unit}: {e.strerror}") \
+            from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            with _reachable(path) as address:
+                sock.connect(address)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None         # stale: its server is gone
+        except PermissionError as e:
+            raise PermissionError(
+                e.errno, f"cannot reach the server holding {unit}: its control socket "
+                f"{path} is not open to this user ({e.strerror})") from None
+        try:
+            _send(sock, b"q", json.dumps(_request(argv, prog_name, stdout_text, stderr_text,
+                                                  stdout, stderr)).encode())
+        except (BrokenPipeError, ConnectionResetError):
+            pass    # refused before reading it: what the server said is still there
+        while True:
+            frame = _recv(sock)
+            if frame is None:
+                raise ServerGone(
+                    f"the server holding {unit} closed the connection before the command "
+                    "finished: what it did is unknown (look with the ls* and show* "
+                    "commands)")
+            kind, body = frame
+            if kind == b"o":
+                stdout.write(body)
+                stdout.flush()
+            elif kind == b"e":
+                stderr.write(body)
+                stderr.flush()
+            elif kind == b"x":
+                status: int = json.loads(body)["status"]
+                return status
+            else:
+                raise ServerGone(f"the server holding {unit} sent a frame of unknown kind "
+                                 f"{kind!r}")
+    finally:
+        sock.close()
+
+
+def binary(text: Any) -> IO[bytes]:
+    """The binary stream under a text stream (``sys.stdout.buffer``), or
+    one that writes through the text stream when it has none."""
+    buffer = getattr(text, "buffer", None)
+    if buffer is not None:
+        return cast(IO[bytes], buffer)
+    return cast(IO[bytes], _ThroughText(text))
+
+
+class _ThroughText(io.RawIOBase):
+    def __init__(self, text: Any) -> None:
+        self._text = text
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._text.write(bytes(data).decode(getattr(self._text, "encoding", None) or "utf-8",
+                                            "surrogateescape"))
+        return len(data)
+
+    def flush(self) -> None:
+        self._text.flush()
+
+
+def _request(argv: list[str], prog_name: str, out: Any, err: Any,
+             out_bin: IO[bytes], err_bin: IO[bytes]) -> dict:
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    env = {k: v for k, v in os.environ.items() if _env_wanted(k)}
+    streams = {}
+    for name, text, binary in (("stdout", out, out_bin), ("stderr", err, err_bin)):
+        tty = _isatty(text)
+        streams[name] = {"encoding": getattr(text, "encoding", None) or "utf-8",
+                         "errors": getattr(text, "errors", None) or "strict",
+                         "tty": tty}
+        if tty and "COLUMNS" not in env:   # the server has no terminal to measure
+            try:
+                size = os.get_terminal_size(text.fileno())
+                if size.columns > 0 and size.lines > 0:     # 0 x 0: a terminal not sized
+                    env["COLUMNS"], env["LINES"] = str(size.columns), str(size.lines)
+            except (OSError, ValueError, AttributeError):
+                pass
+    return {"argv": list(argv), "prog_name": prog_name, "cwd": os.getcwd(), "env": env,
+            **streams}
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+# -- the server: output routed by thread -----------------------------------------------
+class _Router:
+    """Stands in for ``sys.stdout`` (or ``sys.stderr``) while a server hosts:
+    what a thread writes goes to the stream routed for that thread (the
+    client whose command it runs), else to the original stream. ``routed``
+    is that stream, for whoever must hand it to another thread (a progress
+    bar's refresh thread)."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+        self._local = threading.local()
+
+    @property
+    def routed(self) -> Any:
+        return getattr(self._local, "stream", None) or self.original
+
+    def route(self, stream: Any) -> None:
+        self._local.stream = stream
+
+    def write(self, s: Any) -> int:
+        return int(self.routed.write(s))
+
+    def flush(self) -> None:
+        self.routed.flush()
+
+    def isatty(self) -> bool:
+        return _isatty(self.routed)
+
+    def __getattr__(self, name: str) -> Any:    # encoding, errors, buffer, fileno, ...
+        return getattr(self.routed, name)
+
+
+class _Sink:
+    """Bytes to one client stream, each write sent as a frame at once. Once
+    the client is gone, writes are dropped: the command still finishes."""
+
+    def __init__(self, conn: socket.socket, kind: bytes, send_lock: threading.Lock) -> None:
+        self._conn, self._kind, self._lock = conn, kind, send_lock
+        self.gone = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"a bytes-like object is required, not {type(data).__name__}")
+        if data and not self.gone:
+            with self._lock:
+                try:
+                    _send(self._conn, self._kind, bytes(data))
+                except OSError:     # gone or stalled: end its stream (a frame may be cut)
+                    self.gone = True
+                    try:
+                        self._conn.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+
+class _ClientText:
+    """A text stream to a client: encoded as the client's own stream would
+    encode it, so the bytes are those of a direct run."""
+
+    def __init__(self, sink: _Sink, encoding: str, errors: str, tty: bool) -> None:
+        self.buffer = sink
+        self.encoding, self.errors, self._tty = encoding, errors, bool(tty)
+        self.closed = False
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        self.buffer.write(s.encode(self.encoding, self.errors))
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return self._tty
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        raise OSError("a forwarded command's output has no file descriptor")
+
+
+# -- the server ------------------------------------------------------------------------
+class Served:
+    """What a server hands the ``fastfc`` group (as ``obj``) for a command it
+    runs for a client: its units, and the client's working directory."""
+
+    def __init__(self, units: Units, cwd: str) -> None:
+        self.host, self.cwd = units, cwd
+
+    def units(self, local: str | None, remote: str | None, durability: str | None, *,
+              looks_only: bool = False) -> Units:
+        """The command's view of the served units (``durability``: the level
+        the command asked for explicitly, None if it did not; ``looks_only``:
+        a command that changes nothing, so nothing to flush after it)."""
+        if durability == "power" and self.host.durability != "power":
+            raise click.ClickException(
+                f"--durability power: the units are held by a server (pid {os.getpid()}) "
+                f"that opened them at durability {self.host.durability!r}; restart it with "
+                "--durability power")
+        return Units.borrowing(self.host, local, remote, cwd=self.cwd, looks_only=looks_only)
+
+
+class _Host:
+    def __init__(self, units: Units, lock: Any) -> None:
+        if units.readonly:
+            raise ValueError("a server hosts units it holds read-write, not read-only ones")
+        if not hasattr(socket, "SO_PEERCRED"):
+            raise OSError("a control socket needs SO_PEERCRED (Linux) to check its callers")
+        self.units, self.lock = units, lock
+        self._listeners: dict[Path, tuple[socket.socket, int]] = {}
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)    # a full pipe already wakes the loop
+        self._accepting: threading.Thread | None = None
+        self._routers: tuple[_Router, _Router] | None = None
+        self._guard = threading.Lock()      # _listeners, _threads
+
+    # -- lifetime ----------------------------------------------------------------------
+    def __enter__(self) -> "_Host":
+        out, err = _Router(sys.stdout), _Router(sys.stderr)
+        sys.stdout, sys.stderr = out, err
+        self._routers = (out, err)
+        try:
+            with self.lock:
+                self.publish()
+            self._accepting = threading.Thread(target=self._accept_loop,
+                                               name="fastfc-control", daemon=True)
+            self._accepting.start()
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        """No new connections; the commands already received finish."""
+        self._stopping = True
+        self._wake()
+        if self._accepting is not None:
+            self._accepting.join()
+        with self._guard:
+            listeners, self._listeners = self._listeners, {}
+        for directory, (sock, ino) in listeners.items():
+            sock.close()
+            _unlink_if(directory / SOCKET, ino)
+        while True:
+            with self._guard:
+                threads = [t for t in self._threads if t.is_alive()]
+            if not threads:
+                break
+            for t in threads:
+                t.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self._routers is not None:
+            out, err = self._routers
+            if sys.stdout is out:
+                sys.stdout = out.original
+            if sys.stderr is err:
+                sys.stderr = err.original
+
+    # -- sockets -----------------------------------------------------------------------
+    def publish(self) -> None:
+        """A control socket in each unit directory the server holds that has
+        none yet (units a command opened join). Call with ``lock`` held."""
+        for unit in list(self.units.open.values()):
+            if unit.path is None or unit.readonly:
+                continue
+            with self._guard:
+                if self._stopping or unit.path in self._listeners:
+                    continue
+            sock, ino = _listen(unit.path)
+            with self._guard:
+                self._listeners[unit.path] = (sock, ino)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"w")
+        except BlockingIOError:
+            pass
+
+    def _accept_loop(self) -> None:
+        while True:
+            with self._guard:
+                watched: list[Any] = [self._wake_r] + [s for s, _ in self._listeners.values()]
+            try:
+                ready, _, _ = select.select(watched, [], [])
+            except (OSError, ValueError):
+                ready = []
+            if self._wake_r in ready:
+                os.read(self._wake_r, 4096)
+            if self._stopping:
+                return
+            for s in ready:
+                if s == self._wake_r:
+                    continue
+                try:
+                    conn, _ = s.accept()
+                except OSError:
+                    continue
+                t = threading.Thread(target=self._serve_one, args=(conn,),
+                                     name="fastfc-control-command", daemon=True)
+                with self._guard:
+                    self._threads = [x for x in self._threads if x.is_alive()] + [t]
+                t.start()
+
+    # -- one command -------------------------------------------------------------------
+    def _serve_one(self, conn: socket.socket) -> None:
+        send_lock = threading.Lock()
+        try:
+            with conn:
+                conn.settimeout(IO_TIMEOUT)
+                pid, uid, _ = struct.unpack("3i", conn.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+                frame = _recv(conn, MAX_REQUEST)
+                if frame is None or frame[0] != b"q":
+                    return
+                if uid != os.geteuid():
+                    _send(conn, b"e", (f"Error: this server (pid {os.getpid()}, uid "
+                                       f"{os.geteuid()}) runs commands only for its own "
+                                       f"user, not uid {uid}\n").encode())
+                    _send(conn, b"x", b'{"status": 1}')
+                    return
+                request = json.loads(frame[1])
+                status = self._run(conn, request, send_lock)
+                with send_lock:
+                    _send(conn, b"x", json.dumps({"status": status}).encode())
+        except (OSError, ValueError):
+            pass    # the client went away, or sent garbage: nothing to answer
+
+    def _run(self, conn: socket.socket, request: dict, send_lock: threading.Lock) -> int:
+        argv = [str(a) for a in request["argv"]]
+        out = _ClientText(_Sink(conn, b"o", send_lock), **_stream_args(request["stdout"]))
+        err = _ClientText(_Sink(conn, b"e", send_lock), **_stream_args(request["stderr"]))
+        env = {str(k): str(v) for k, v in dict(request.get("env") or {}).items()
+               if _env_wanted(str(k))}
+        assert self._routers is not None
+        r_out, r_err = self._routers
+        with self.lock:
+            saved = {k: v for k, v in os.environ.items() if _env_wanted(k)}
+            r_out.route(out)
+            r_err.route(err)
+            try:
+                for k in saved:
+                    del os.environ[k]
+                os.environ.update(env)
+                status = _invoke(argv, str(request.get("prog_name") or "fastfc"),
+                                 Served(self.units, str(request["cwd"])), err)
+                try:
+                    self.publish()
+                except OSError as e:
+                    err.write(f"warning: no control socket for a unit the command "
+                              f"opened: {e}\n")
+                return status
+            finally:
+                r_out.route(None)
+                r_err.route(None)
+                for k in [k for k in os.environ if _env_wanted(k)]:
+                    del os.environ[k]
+                os.environ.update(saved)
+
+
+def _stream_args(d: dict) -> dict:
+    return {"encoding": str(d.get("encoding") or "utf-8"),
+            "errors": str(d.get("errors") or "strict"), "tty": bool(d.get("tty"))}
+
+
+def _invoke(argv: list[str], prog_name: str, served: Served, err: _ClientText) -> int:
+    """Run the command as ``fastfc`` run directly would (click's standalone
+    mode: usage errors, expected errors and exits as there), returning its
+    exit status."""
+    from . import main     # the group with every command registered
+    try:
+        main.main(args=argv, prog_name=prog_name, standalone_mode=True, obj=served)
+    except SystemExit as e:
+        if e.code is None:
+            return 0
+        if isinstance(e.code, int):
+            return e.code
+        err.write(f"{e.code}\n")
+        return 1
+    except BaseException:       # a bug: the traceback a direct run would print
+        err.write(traceback.format_exc())
+        return 1
+    return 0
+
+
+def _listen(directory: Path) -> tuple[socket.socket, int]:
+    """A listening socket at ``directory/control.sock``, mode 0600 from the
+    moment that name exists: bound in a private 0700 directory, made 0600
+    there, then renamed over whatever was there (a stale socket: this
+    process holds the unit, so no one else serves it)."""
+    private = Path(tempfile.mkdtemp(prefix=".control-", dir=directory))
+    tmp = private / "s"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _reachable(tmp) as address:
+            sock.bind(address)
+        os.chmod(tmp, 0o600)
+        sock.listen(64)
+        ino = os.stat(tmp).st_ino
+        os.rename(tmp, directory / SOCKET)
+    except BaseException:
+        sock.close()
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        private.rmdir()
+    return sock, ino
+
+
+def _unlink_if(path: Path, ino: int) -> None:
+    """Remove ``path`` if it is still the socket this process made."""
+    try:
+        if os.stat(path).st_ino == ino:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def hosting(units: Units, lock: Any) -> _Host:
+    """Carry out ``fastfc`` commands of other processes on ``units`` while
+    the ``with`` block runs.
+
+    ``units`` are the serving process's open units (read-write); ``lock``
+    (a ``threading.RLock``) serialises the commands against the server's
+    other work on them: take it to look units or volumes up. Each unit
+    directory held gets a ``control.sock`` (0600; removed on exit); a unit
+    a command opens joins. On exit no new command is accepted and those
+    received finish. While hosting, ``sys.stdout`` and ``sys.stderr`` are
+    routers that send each command's output to its client; replace them
+    and forwarded output is lost.
+    """
+    return _Host(units, lock)
