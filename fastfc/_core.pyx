@@ -921,8 +921,9 @@ cdef class VolumeBase:
     cdef public int _inhibits
     cdef public bint _secondary
     cdef public bint _invalid
-    # bumped whenever _src_rels changes, so a kernel that runs without the
-    # GIL on a copy of the list can tell it went stale
+    # bumped whenever _src_rels changes or one of them gets other bitmaps
+    # (resync, revert), so a kernel that runs without the GIL on a copy of
+    # the list and of their bitmaps' addresses can tell it went stale
     cdef public int _rels_version
     # memory-mapped file: PPRC updates write only the pages that change
     cdef public bint _file_backed
@@ -2153,6 +2154,7 @@ def prepare_revertible_many(list rels, Py_ssize_t start, sequence, list fresh):
             r.to_copy = out
             r.src_changed = sc
             r.tgt_changed = tc
+            S._rels_version += 1    # a drain that took the old bitmaps stops
             o.sequence = sequence
             o._cursor = 0
         finally:
@@ -2198,6 +2200,7 @@ def end_revertible_many(list rels, Py_ssize_t start, bint commit, list dropped):
                 dropped.append(r.src_changed)
                 dropped.append(r.tgt_changed)
                 r.to_copy, r.src_changed, r.tgt_changed, o.sequence = image
+                S._rels_version += 1
             o._revert_image = None
             r.revertible = False
             S._inhibits -= 1

@@ -1,0 +1,81 @@
+"""Adversarial review of issue 13's batched Global Mirror path and copy
+threads (r13): races that the batched kernels must survive.
+
+A drain kernel (``pprc_drain`` / ``pprc_drain_many``) takes B's FlashCopy
+relationships (their bitmaps, by address) once, at setup, and then moves
+tracks without the GIL, a chunk at a time, re-taking B's lock for each
+chunk. Anything that replaces a relationship's bitmaps meanwhile must make
+the kernel stop and hand the pair to the per-update path, which reads them
+afresh; else the copy-on-write to C and the change recording go to bitmaps
+the relationship no longer has (C's point-in-time image changes; the next
+resync misses tracks), or to freed memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastfc import FlashCopy, Volume, _core
+
+TS = 4096
+N = 8
+
+
+def _vols(name: str, seed: int):
+    a, b, c = (Volume(N, TS, name=f"{r}{name}") for r in "ABC")
+    rng = np.random.default_rng(seed)
+    for v in (a, b):
+        v._raw_array()[:] = rng.integers(0, 256, v.capacity, np.uint8)
+    return a, b, c
+
+
+@pytest.mark.parametrize("how", ["resync", "revertible_commit", "revertible_revert"])
+def test_drain_stops_when_a_relationship_of_b_changes_its_bitmaps(how):
+    """Pair 0's drain runs while another thread re-establishes B1 -> C1 (here:
+    the copy-on-write hook of pair 0 does it, deterministically, while pair
+    1's job is already set up); pair 1's drain must then copy-on-write B1's
+    tracks to C1 as of that resync: C1 keeps B1's image of that instant."""
+    a0, b0, c0 = _vols("0", 1)
+    a1, b1, c1 = _vols("1", 2)
+    vols = (a0, b0, c0, a1, b1, c1)
+    fc0 = FlashCopy(b0, c0, background_copy=False, record=True)
+    fc1 = FlashCopy(b1, c1, background_copy=False, record=True)
+    fc1.copy()                               # C1 holds B1; nothing left to copy
+    b1.write(0, np.full(N * TS, 7, np.uint8))     # every track of B1 changed since
+    before = c1.read(0, c1.capacity)         # C1's image (a revert goes back to it)
+    owed = [_core.TrackBitmap(N, fill=True), _core.TrackBitmap(N, fill=True)]
+    image: list[np.ndarray] = []
+    keep: list = []
+
+    def hook(volume):
+        if volume is b0 and not image:
+            keep.extend([fc1.to_copy, fc1.src_changed, fc1.tgt_changed])  # (no use-after-free)
+            if how == "resync":
+                fc1.resync()
+            else:
+                fc1.resync(revertible=True)
+                fc1.commit() if how == "revertible_commit" else fc1.revert()
+            image.append(b1.read(0, b1.capacity))
+
+    _core.set_cow_hook(hook)
+    try:
+        k, status = _core.pprc_drain_many([a0, a1], [b0, b1], owed, 1 << 20)
+    finally:
+        _core.set_cow_hook(None)
+    try:
+        assert image, "the hook did not run"
+        if status == 2:                       # the per-update path takes pair 1
+            assert k == 1
+            _core.pprc_copy_tracks(a1, b1, owed[1], 0, N)
+        assert not owed[1].any()
+        assert np.array_equal(b1.read(0, b1.capacity), a1.read(0, a1.capacity))
+        want = before if how == "revertible_revert" else image[0]
+        assert np.array_equal(c1.read(0, c1.capacity), want), \
+            "C1 lost its point-in-time image: the drain used bitmaps B1 -> C1 no longer has"
+        assert fc1.src_changed.all(), "the drain's writes to B1 were not recorded"
+    finally:
+        fc0.withdraw(force=True)
+        fc1.withdraw(force=True)
+        for v in vols:
+            v.close()
