@@ -79,3 +79,95 @@ def test_drain_stops_when_a_relationship_of_b_changes_its_bitmaps(how):
         fc1.withdraw(force=True)
         for v in vols:
             v.close()
+
+
+# ---------------------------------------------------------------------------
+# Stress: host writers while batched CGs form, the promise checked after each
+# ---------------------------------------------------------------------------
+
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import fastfc  # noqa: E402
+from fastfc.copyservices.globalmirror import GlobalMirror  # noqa: E402
+from fastfc.tools.testing import PromiseChecker, RandomWriters  # noqa: E402
+
+
+def _session(n_trip: int, n_tracks: int, track_size: int, **options):
+    A, B, C = ([fastfc.Volume(n_tracks, track_size, name=f"{r}{i}") for i in range(n_trip)]
+               for r in "ABC")
+    checker = PromiseChecker()
+    gm = GlobalMirror(list(zip(A, B, C)), on_coordinate=checker.on_coordinate, **options)
+    checker.attach(gm)
+    assert all(g._batched for g in gm.groups)       # memory volumes: the batched path
+    return gm, checker
+
+
+class _Count:
+    """Counts the calls of a kernel the session makes (it runs, not a fallback)."""
+
+    def __init__(self, monkeypatch, name: str) -> None:
+        self.calls = 0
+        real = getattr(_core, name)
+
+        def wrapped(*a, **k):
+            self.calls += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(_core, name, wrapped)
+
+
+def _cg_loop(gm, checker, writers, cgs: int) -> int:
+    committed = 0
+    with writers:
+        for _ in range(cgs):
+            r = gm.form_consistency_group()
+            committed += r.committed
+            checker.check()
+            assert gm.state.value != "fatal"
+    checker.check()
+    return committed
+
+
+@pytest.mark.slow
+def test_promise_under_writers_on_the_batched_path(monkeypatch):
+    """Two writer threads (unaligned writes of 1 byte .. 2 tracks: copy-on-
+    write, change recording, out-of-sync bits and collisions into the side
+    file) while 150 CGs form with no fault armed; every C on the newest
+    committed CG after each."""
+    drains = _Count(monkeypatch, "pprc_drain_many")
+    prepares = _Count(monkeypatch, "prepare_revertible_many")
+    ends = _Count(monkeypatch, "end_revertible_many")
+    gm, checker = _session(6, 16, 4096, max_coordination_time=0.2)
+    try:
+        w = RandomWriters([t.a for t in gm.triplets], threads=2, seed=13)
+        committed = _cg_loop(gm, checker, w, 400)
+        assert committed >= 300, committed
+        assert w.writes > 1000
+        assert drains.calls >= committed and prepares.calls >= committed
+        assert ends.calls >= committed
+        assert sum(t.pair.bytes_sent for t in gm.triplets) > 0
+    finally:
+        gm.close(discard=True)
+
+
+@pytest.mark.slow
+def test_promise_under_writers_with_two_copy_threads(monkeypatch):
+    """As above with ``set_copy_threads(2)`` and 256 KiB tracks, writes of up
+    to 2 tracks: the drain's runs of 1 MiB and more are split across the
+    copy threads while the writers wait on A's lock; no torn track in B or C."""
+    drains = _Count(monkeypatch, "pprc_drain_many")
+    old = fastfc.copy_threads()
+    fastfc.set_copy_threads(2)
+    gm, checker = _session(3, 16, 256 * 1024, max_coordination_time=0.2)
+    try:
+        assert gm.form_consistency_group().committed    # (the initial copy's splits)
+        checker.check()
+        split = _core.pool_copies()
+        w = RandomWriters([t.a for t in gm.triplets], threads=2, seed=5)
+        committed = _cg_loop(gm, checker, w, 40)
+        assert committed >= 25 and drains.calls >= committed
+        assert _core.pool_copies() > split, "no drain run was split across the copy threads"
+    finally:
+        fastfc.set_copy_threads(old)
+        gm.close(discard=True)
