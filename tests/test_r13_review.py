@@ -171,3 +171,61 @@ def test_promise_under_writers_with_two_copy_threads(monkeypatch):
     finally:
         fastfc.set_copy_threads(old)
         gm.close(discard=True)
+
+
+@pytest.mark.slow
+def test_snapshots_of_b_taken_while_batched_cgs_drain():
+    """A user keeps a second FlashCopy of each B (B -> D, nocopy, record) and
+    resyncs it in a loop while writers run and the session forms CGs: each
+    D must keep B's image of its resync instant (the drain's copy-on-write
+    follows the bitmaps the resync gave the relationship), and the C
+    volumes the promise."""
+    gm, checker = _session(4, 16, 4096, max_coordination_time=0.2)
+    ds = [fastfc.Volume(16, 4096, name=f"D{i}") for i in range(4)]
+    fcs = [FlashCopy(t.b, d, background_copy=False, record=True)
+           for t, d in zip(gm.triplets, ds)]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    resyncs = [0]
+
+    def snapshotter():
+        from fastfc.storage.volume import locked
+        rng = np.random.default_rng(3)
+        try:
+            while not stop.is_set():
+                i = int(rng.integers(len(fcs)))
+                b, d = fcs[i].source, ds[i]
+                with locked((b, d)):
+                    fcs[i].resync()
+                    image = b.read(0, b.capacity)
+                resyncs[0] += 1
+                time.sleep(0.0005)
+                got = d.read(0, d.capacity)
+                if not np.array_equal(got, image):
+                    bad = sorted(set((np.flatnonzero(got != image) // 4096).tolist()))
+                    raise AssertionError(f"D{i} lost its image on tracks {bad}")
+        except BaseException as e:
+            errors.append(e)
+
+    s = threading.Thread(target=snapshotter, daemon=True)
+    try:
+        with RandomWriters([t.a for t in gm.triplets], threads=2, seed=11):
+            s.start()
+            t0 = time.perf_counter()
+            n = 0
+            while time.perf_counter() - t0 < 2.0 and not errors:
+                gm.form_consistency_group()
+                checker.check()
+                n += 1
+            stop.set()
+            s.join()
+        if errors:
+            raise errors[0]
+        assert n >= 20 and resyncs[0] >= 20, (n, resyncs[0])
+    finally:
+        stop.set()
+        for fc in fcs:
+            fc.withdraw(force=True)
+        gm.close(discard=True)
+        for d in ds:
+            d.close()
