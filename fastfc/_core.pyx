@@ -2027,7 +2027,8 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
 
 
 def pprc_drain_many(list primaries, list secondaries, list owed, Py_ssize_t chunk_bytes,
-                    double seconds=-1.0, Py_ssize_t start=0, list sent=None):
+                    double seconds=-1.0, Py_ssize_t start=0, list sent=None,
+                    TrackBitmap link_down=None):
     """:func:`pprc_drain` over many pairs in one call (a consistency
     group's drain of a secondary group): pair ``k`` sends the tracks set in
     ``owed[k]`` from ``primaries[k]`` to ``secondaries[k]``, for ``k`` from
@@ -2037,8 +2038,9 @@ def pprc_drain_many(list primaries, list secondaries, list owed, Py_ssize_t chun
 
     Appends to ``sent`` (if given) the tracks sent by each pair it tried.
     Stops at the first pair whose status is not 0 (1: the time limit
-    passed; 2: B's state stopped it, and the caller drains that pair by the
-    per-update path, which says why). Returns ``(k, status)``: that pair's
+    passed; 2: B's state stopped it, or ``link_down`` (the link's
+    ``down_flag()``) had its bit set when the pair was to begin, and the
+    caller drains that pair by the per-update path, which says why). Returns ``(k, status)``: that pair's
     index and status, or ``(len(primaries), 0)`` when every pair is done.
     An exception (a copy-on-write hook, a failed pwrite) propagates from the
     pair where it happened; the tracks sent stay sent.
@@ -2049,6 +2051,9 @@ def pprc_drain_many(list primaries, list secondaries, list owed, Py_ssize_t chun
     cdef int status = 0
     cdef VolumeBase A
     cdef DrainJob* jobs
+    # a link that goes down stops the drain before the next pair, as the
+    # per-pair path (which asks link.direct() for each pair) would
+    cdef volatile uint64_t* down = NULL if link_down is None else link_down.w
     if len(secondaries) != n or len(owed) != n:
         raise ValueError("pprc_drain_many needs as many secondaries and bitmaps as primaries")
     if start >= n:
@@ -2070,6 +2075,10 @@ def pprc_drain_many(list primaries, list secondaries, list owed, Py_ssize_t chun
         m = stop
         with nogil:
             for k in range(start, stop):
+                if down != NULL and down[0] & 1:
+                    status = 2
+                    m = k
+                    break
                 status = _drain_run(&jobs[k - start], deadline, me)
                 if status:
                     m = k

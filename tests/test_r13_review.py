@@ -229,3 +229,80 @@ def test_snapshots_of_b_taken_while_batched_cgs_drain():
         gm.close(discard=True)
         for d in ds:
             d.close()
+
+
+# ---------------------------------------------------------------------------
+# Faults during a batched step: the same outcome as the per-relationship path
+# ---------------------------------------------------------------------------
+
+def _pair_of_sessions(n_trip: int = 4, n_tracks: int = 8):
+    out = []
+    for batched in (True, False):
+        trips = []
+        for i in range(n_trip):
+            a, b, c = (Volume(n_tracks, 512, name=f"{r}{i}") for r in "ABC")
+            a._raw_array()[:] = np.random.default_rng(i).integers(0, 256, a.capacity, np.uint8)
+            trips.append((a, b, c))
+        gm = GlobalMirror(trips, max_coordination_time=1.0)
+        assert gm.form_consistency_group().committed
+        for g in gm.groups:
+            assert g._batched
+            g._batched = batched
+        out.append((gm, trips))
+    return out
+
+
+def _state(gm) -> list:
+    out = []
+    for t in gm.triplets:
+        fc, p = t.fc, t.pair
+        out.append(([x.set_indices().tolist() for x in (fc.to_copy, fc.src_changed,
+                                                         fc.tgt_changed, p.oos)],
+                     fc.sequence, fc.revertible, t.b._inhibits, p.cg is None, dict(p.side),
+                     p.suspend_reason, t.b.array.tobytes(), t.c.read(0, t.c.capacity).tobytes()))
+    return out
+
+
+def _close(pair) -> None:
+    for gm, trips in pair:
+        gm.link.restore()
+        gm.close(discard=True)
+        for t in trips:
+            for v in t:
+                v.close()
+
+
+def test_link_down_during_a_batched_drain_as_the_per_pair_path():
+    """The link goes down while the drain moves pair 1's tracks (another
+    thread's ``link.fail()``; here the copy-on-write hook of B1 does it): the
+    per-relationship path sends no pair after that one and the CG fails with
+    LINK_DOWN; the batched drain must do the same, not deliver the rest."""
+    pair = _pair_of_sessions()
+    try:
+        results = []
+        for gm, trips in pair:
+            for a, _, _ in trips:
+                a.write(100, np.full(700, 9, np.uint8))
+            b1 = trips[1][1]
+
+            def hook(volume, gm=gm, b1=b1):
+                if volume is b1:
+                    gm.link.fail()
+
+            _core.set_cow_hook(hook)
+            try:
+                results.append(gm.form_consistency_group())
+            finally:
+                _core.set_cow_hook(None)
+        for r in results:
+            assert not r.committed and r.cause.value == "link_down", (r.cause, r.detail)
+        assert _state(pair[0][0]) == _state(pair[1][0])
+        for gm, _ in pair:          # back up: the next CG carries everything
+            gm.link.restore()
+            for t in gm.triplets:
+                t.pair.suspend_reason = None
+        for gm, _ in pair:
+            assert gm.form_consistency_group().committed
+        assert _state(pair[0][0]) == _state(pair[1][0])
+    finally:
+        _close(pair)
