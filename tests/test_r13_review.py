@@ -405,3 +405,84 @@ def test_state_changes_during_a_batched_drain_as_the_per_pair_path(what):
             for t in trips:
                 for v in t:
                     v.close()
+
+
+# ---------------------------------------------------------------------------
+# Copy threads: fork and interpreter exit with the pool's threads alive
+# ---------------------------------------------------------------------------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+
+def test_fork_while_the_copy_pool_is_busy():
+    """A thread keeps splitting copies across the pool while the main thread
+    forks: each child (without the parent's workers, its pool possibly
+    forked mid-copy) must split a copy of its own with fresh workers, right,
+    and exit; none may hang."""
+    old = fastfc.copy_threads()
+    fastfc.set_copy_threads(2)
+    src = np.random.default_rng(1).integers(0, 256, 4 << 20, np.uint8)
+    stop = threading.Event()
+
+    def busy():
+        dst = np.zeros_like(src)
+        while not stop.is_set():
+            _core._pool_copy(dst, src)
+
+    t = threading.Thread(target=busy, daemon=True)
+    t.start()
+    try:
+        for _ in range(10):
+            pid = os.fork()
+            if pid == 0:       # the child: no pytest, no exceptions out of here
+                code = 1
+                try:
+                    dst = np.zeros_like(src)
+                    k = _core._pool_copy(dst, src)
+                    code = 0 if (k == 2 and np.array_equal(dst, src)) else 3
+                finally:
+                    os._exit(code)
+            deadline = time.monotonic() + 20
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    pytest.fail("a child forked while the pool was busy hung")
+                time.sleep(0.005)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    finally:
+        stop.set()
+        t.join()
+        fastfc.set_copy_threads(old)
+
+
+def test_interpreter_exit_with_copy_threads_busy():
+    """Daemon threads copy through the pool (a background copy of a large
+    FlashCopy, split copies) when the interpreter exits: it exits 0, no
+    hang, no crash."""
+    code = """
+import threading, numpy as np, fastfc
+from fastfc import _core
+fastfc.set_copy_threads(2)
+src = np.ones(8 << 20, np.uint8)
+def busy():
+    dst = np.zeros_like(src)
+    while True:
+        _core._pool_copy(dst, src)
+for _ in range(2):
+    threading.Thread(target=busy, daemon=True).start()
+s = fastfc.Volume(64, 1 << 20, name="S"); t = fastfc.Volume(64, 1 << 20, name="T")
+fc = fastfc.FlashCopy(s, t)          # background copy on a daemon thread
+import time; time.sleep(0.05)
+print("ok", _core.pool_copies() > 0)
+"""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fastfc.__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.strip() == "ok True"
