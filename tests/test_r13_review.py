@@ -486,3 +486,53 @@ print("ok", _core.pool_copies() > 0)
                        timeout=60, env=env)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert r.stdout.strip() == "ok True"
+
+
+# ---------------------------------------------------------------------------
+# Lock order: a pair's lifecycle steps against a running drain
+# ---------------------------------------------------------------------------
+
+_LOCK_ORDER = """
+import sys, threading, time
+import fastfc
+from fastfc import _core
+B = fastfc.Volume(64, 4096, name="B")      # made first: B's volume id is below A's
+A = fastfc.Volume(64, 4096, name="A")
+stop = False
+n = [0, 0]
+def drainer():                  # a CG drain A -> B, one track per lock hold
+    bm = _core.TrackBitmap(64)
+    while not stop:
+        bm.fill(True)
+        _core.pprc_drain(A, B, bm, 1)
+        n[0] += 1
+def lifecycle():                # establish and remove the pair A -> B
+    while not stop:
+        p = fastfc.PPRCPair(A, B, initial_copy=False, background=False)
+        p.suspend()
+        p.remove()
+        n[1] += 1
+ts = [threading.Thread(target=f, daemon=True) for f in (drainer, lifecycle)]
+for t in ts:
+    t.start()
+time.sleep(1.0)
+stop = True
+for t in ts:
+    t.join(10)
+    if t.is_alive():
+        print("deadlock", n)
+        sys.exit(2)
+print("ok", n[0] > 10 and n[1] > 10)
+"""
+
+
+@pytest.mark.slow
+def test_pair_steps_take_the_primary_lock_first():
+    """A drain takes A's lock, then B's (as every PPRC update does); a pair's
+    establish / failover / failback / remove took both in volume-id order,
+    so with B's id below A's the two deadlocked (within 1 s here)."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fastfc.__file__)))
+    r = subprocess.run([sys.executable, "-c", _LOCK_ORDER], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert r.stdout.strip() == "ok True"
