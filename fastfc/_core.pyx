@@ -10,7 +10,9 @@ lock guards its data, its flags, and the bitmaps of every FlashCopy
 relationship in which it is the *source* (``to_copy``, ``src_changed``,
 ``tgt_changed``) and of the PPRC pair in which it is the primary. A target's
 data on tracks still to copy is only touched under the source's lock. When two
-locks are needed they are taken in volume-id order. Copies of a track or more
+locks are needed they are taken in volume-id order, except a PPRC pair's:
+the primary's, then the secondary's, always (an update, a drain, and the
+pair's own steps, ``pprc.pair_locked``). Copies of a track or more
 run with the GIL released; smaller copies keep it (it is cheaper), except into
 a volume on a disk (``_file_backed``), where any store may take a write fault
 into the filesystem: those run without the GIL whatever their size. PPRC
