@@ -536,3 +536,103 @@ def test_pair_steps_take_the_primary_lock_first():
                        timeout=120, env=env)
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
     assert r.stdout.strip() == "ok True"
+
+
+# ---------------------------------------------------------------------------
+# Copy threads under host writes: no torn track
+# ---------------------------------------------------------------------------
+
+MIB = 1 << 20
+
+
+def _uniform_writers(vol, stop: threading.Event, errors: list, seed: int) -> threading.Thread:
+    """Whole-track writes of one byte value each: a torn track (two values)
+    can only come from a copy racing a write."""
+    def run():
+        rng = np.random.default_rng(seed)
+        bufs = [np.full(vol.track_size, v, np.uint8) for v in range(200, 256)]
+        try:
+            while not stop.is_set():
+                t = int(rng.integers(vol.n_tracks))
+                vol.write(t * vol.track_size, bufs[int(rng.integers(len(bufs)))])
+        except BaseException as e:
+            errors.append(e)
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th
+
+
+def _torn(vol) -> list[int]:
+    img = vol.read(0, vol.capacity).reshape(vol.n_tracks, vol.track_size)
+    return [t for t in range(vol.n_tracks) if (img[t] != img[t, 0]).any()]
+
+
+@pytest.mark.slow
+def test_split_background_copy_and_reverse_restore_under_writers():
+    """Two copy threads, 1 MiB tracks (every background-copy chunk and
+    restore run is split): writers rewrite whole tracks of S while T's
+    background copy and then a reverse restore run; T keeps S's image of the
+    establish, no track of S or T is torn, the split path ran."""
+    old = fastfc.copy_threads()
+    fastfc.set_copy_threads(2)
+    S, T = Volume(24, MIB, name="S"), Volume(24, MIB, name="T")
+    try:
+        for t in range(S.n_tracks):
+            S._raw_array()[t * MIB:(t + 1) * MIB] = t
+        split = _core.pool_copies()
+        for rnd in range(3):
+            stop, errors = threading.Event(), []
+            ths = [_uniform_writers(S, stop, errors, rnd * 10 + i) for i in range(2)]
+            time.sleep(0.01)
+            with fastfc.storage.volume.locked((S, T)):
+                fc = FlashCopy(S, T, record=True, persistent=True)
+                image = S.read(0, S.capacity)
+            assert fc.wait(30)
+            fc.reverse_restore()      # S takes T's image back, tracks the writers changed
+            time.sleep(0.01)
+            stop.set()
+            for th in ths:
+                th.join()
+            if errors:
+                raise errors[0]
+            assert np.array_equal(T.read(0, T.capacity), image)
+            assert _torn(S) == [] and _torn(T) == []
+            fc.withdraw()
+        assert _core.pool_copies() > split
+    finally:
+        fastfc.set_copy_threads(old)
+        S.close()
+        T.close()
+
+
+def test_concurrent_split_copies_share_the_pool():
+    """Three threads split copies at once: one gets the pool, the others
+    copy on their own threads (no waiting on another copy); all right."""
+    old = fastfc.copy_threads()
+    fastfc.set_copy_threads(2)
+    errors: list = []
+    ks: set = set()
+
+    def run(seed):
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(30):
+                src = rng.integers(0, 256, int(rng.integers(1 * MIB, 3 * MIB)), np.uint8)
+                dst = np.zeros(3 * MIB, np.uint8)
+                ks.add(_core._pool_copy(dst, src))
+                assert np.array_equal(dst[:src.size], src) and not dst[src.size:].any()
+        except BaseException as e:
+            errors.append(e)
+
+    ths = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(3)]
+    try:
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join(60)
+            assert not th.is_alive(), "a copy waited on the pool forever"
+        if errors:
+            raise errors[0]
+        assert 2 in ks
+    finally:
+        fastfc.set_copy_threads(old)
