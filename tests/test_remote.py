@@ -303,13 +303,22 @@ def test_continuous_loop_with_a_unit_killed_and_restarted(tmp_path):
     gm.on_result = lambda res: None
     with RandomWriters([t[0] for t in trips], threads=2, seed=9):
         gm.start()
-        time.sleep(0.3)
+        end = time.monotonic() + 30           # a CG committed before the kill
+        while not gm.stats.successes and time.monotonic() < end:
+            time.sleep(0.01)
+        time.sleep(0.05)
         units[1].kill()                       # the loop keeps going: failures, no raise
         end = time.monotonic() + 10
-        while not sum(gm.stats.failures.values()) and time.monotonic() < end:
+
+        def failed() -> bool:                 # a failed attempt, or (a kill inside a
+            st = gm.stats                     # commit) FATAL, resolved, until clear_fatal
+            return bool(sum(st.failures.values())) or (
+                gm.state is GMState.FATAL and st.commit_failures_resolved > 0)
+
+        while not failed() and time.monotonic() < end:
             time.sleep(0.01)
         assert gm.state in (GMState.RUNNING, GMState.FATAL)
-        assert sum(gm.stats.failures.values()) > 0
+        assert failed()
         restart(tmp_path, units, 1)
         gm.clear_fatal()
         before = gm.stats.successes
