@@ -99,6 +99,10 @@ MAX_REQUEST = 32 << 20                  # largest READ/WRITE payload accepted
 PREFERRED_BLOCK = 4096
 ZERO_CHUNK = MAX_REQUEST               # WRITE_ZEROES up to this size is one write
 
+#: accept() errors that end one connection, not the server
+_ACCEPT_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                               errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
 _REQ = struct.Struct(">IHHQQI")
 _REPLY = struct.Struct(">IIQ")
 _OPT_HDR = struct.Struct(">QII")
@@ -202,10 +206,17 @@ class NBDServer:
         units (the command line).
     tls : ssl.SSLContext, optional
         Offer ``NBD_OPT_STARTTLS`` and require it before any export.
+    max_connections : int
+        Connections open at once; one more is closed as soon as accepted
+        (each holds a thread and up to a 32 MiB buffer).
+    handshake_timeout : float
+        Seconds a connection may spend in the handshake before it is
+        dropped (a client that connects and says nothing holds nothing).
     """
 
     def __init__(self, lookup: Lookup, names: Callable[[], list[tuple[str, str]]],
-                 lock: threading.RLock, *, tls: ssl.SSLContext | None = None) -> None:
+                 lock: threading.RLock, *, tls: ssl.SSLContext | None = None,
+                 max_connections: int = 1024, handshake_timeout: float = 30.0) -> None:
         self.lookup = lookup
         self.names = names
         self.lock = lock
@@ -215,6 +226,12 @@ class NBDServer:
         self._conns: dict[int, socket.socket] = {}
         self._conns_lock = threading.Lock()
         self._stopping = threading.Event()
+        # given back to take (and close) a client when out of descriptors
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        #: connections beyond this many are closed at once (each holds a thread)
+        self.max_connections = max_connections
+        #: seconds a client may take over the handshake (TLS included)
+        self.handshake_timeout = handshake_timeout
 
     # -- listening -------------------------------------------------------------
     def listen_unix(self, path: str) -> None:
@@ -295,6 +312,10 @@ class NBDServer:
                 pass
         for t in list(self._threads):
             t.join()
+        with self._conns_lock:
+            spare, self._spare_fd = self._spare_fd, -1
+        if spare >= 0:
+            os.close(spare)
 
     def _accept_loop(self, listener: socket.socket) -> None:
         while not self._stopping.is_set():
@@ -302,11 +323,26 @@ class NBDServer:
                 conn, _ = listener.accept()
             except socket.timeout:
                 continue
-            except OSError:
+            except OSError as e:
                 if self._stopping.is_set():
                     return
+                if e.errno in _ACCEPT_TRANSIENT:
+                    # out of descriptors or memory, or a client that gave up
+                    # while queued: refuse this one, keep serving the others
+                    log.warning("accept failed, still listening: %s", e)
+                    if e.errno in (errno.EMFILE, errno.ENFILE):
+                        self._refuse_one(listener)
+                    else:
+                        self._stopping.wait(0.05)
+                    continue
                 raise
-            conn.settimeout(None)
+            with self._conns_lock:
+                full = len(self._conns) >= self.max_connections
+            if full:
+                log.warning("%d connections open: refusing another", self.max_connections)
+                conn.close()
+                continue
+            conn.settimeout(self.handshake_timeout)    # until the export is chosen
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             t = threading.Thread(target=self._connection, args=(conn,), daemon=True,
@@ -320,12 +356,32 @@ class NBDServer:
                 self._threads.append(t)
             t.start()
 
+    def _refuse_one(self, listener: socket.socket) -> None:
+        """Out of descriptors: the queued client would wait for ever (accept
+        failing leaves it queued). Give back the spare descriptor kept for
+        this, take the client and close it at once, keep a spare again."""
+        with self._conns_lock:
+            spare, self._spare_fd = self._spare_fd, -1
+        if spare >= 0:
+            os.close(spare)
+            try:
+                conn, _ = listener.accept()
+                conn.close()
+            except OSError:
+                pass
+            try:
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass
+        self._stopping.wait(0.05)
+
     # -- one connection ---------------------------------------------------------
     def _connection(self, conn: socket.socket) -> None:
         key = id(conn)
         try:
             sock, export = self._negotiate(conn, key)
             if export is not None and not self._stopping.is_set():
+                sock.settimeout(None)      # transmission: a client may idle
                 self._transmit(sock, export)
         except (ProtocolError, ConnectionError, ssl.SSLError) as e:
             log.info("connection dropped: %s", e)
