@@ -95,3 +95,36 @@ def test_connection_cap_and_handshake_timeout(tmp_path):
         time.sleep(0.7)                                             # past the timeout
         assert working.request(nbd.CMD_WRITE, 0, 4, b"abcd")[0] == 0
         assert late.request(nbd.CMD_READ, 0, 4) == (0, b"abcd")
+
+
+# -- requests ---------------------------------------------------------------------------
+def test_requests_out_of_range_unknown_flags_and_commands(tmp_path):
+    """Error numbers as proto.md asks: EINVAL for a read past the end,
+    ENOSPC for a write past it (offsets of 2**63 and more included: they
+    answered EIO), EINVAL for an unknown command (was ENOTSUP) and for a
+    flag the command does not take (it was ignored and the write landed)."""
+    with served(tmp_path, "A", "B") as (server, path):
+        c = Client(path)
+        c.go("A")
+        assert c.request(nbd.CMD_WRITE, 0, 4, b"abcd")[0] == 0
+        for off in (1 << 63, (1 << 64) - 4, MIB):
+            assert c.request(nbd.CMD_READ, off, 4)[0] == nbd.E_INVAL, off
+            assert c.request(nbd.CMD_WRITE, off, 4, b"wxyz")[0] == nbd.E_NOSPC, off
+            assert c.request(nbd.CMD_WRITE_ZEROES, off, 4)[0] == nbd.E_NOSPC, off
+        assert c.request(nbd.CMD_READ, MIB, 0)[0] == 0                 # empty, at the end
+        assert c.request(nbd.CMD_READ, MIB + 1, 0)[0] == nbd.E_INVAL
+        assert c.request(nbd.CMD_READ, 0, 1 << 31)[0] == nbd.E_INVAL   # over the 32 MiB cap
+        for cmd in (5, 7, 8, 200, 0xFFFF):
+            assert c.request(cmd, 0, 4)[0] == nbd.E_INVAL, cmd
+        odd = 1 << 9
+        assert c.request(nbd.CMD_WRITE, 0, 4, b"WXYZ", flags=odd)[0] == nbd.E_INVAL
+        assert c.request(nbd.CMD_WRITE_ZEROES, 0, 4, flags=odd)[0] == nbd.E_INVAL
+        assert c.request(nbd.CMD_READ, 0, 4, flags=nbd.CMD_FLAG_NO_HOLE)[0] == nbd.E_INVAL
+        assert c.request(nbd.CMD_FLUSH, flags=odd)[0] == nbd.E_INVAL
+        # FUA is valid on every command (proto.md); NO_HOLE on WRITE_ZEROES
+        assert c.request(nbd.CMD_READ, 0, 4, flags=nbd.CMD_FLAG_FUA) == (0, b"abcd")
+        assert c.request(nbd.CMD_FLUSH, flags=nbd.CMD_FLAG_FUA)[0] == 0
+        assert c.request(nbd.CMD_WRITE_ZEROES, 8, 4,
+                         flags=nbd.CMD_FLAG_FUA | nbd.CMD_FLAG_NO_HOLE)[0] == 0
+        with server.lock:
+            assert bytes(server.units.local().volume("A").read(0, 4)) == b"abcd"  # no landing

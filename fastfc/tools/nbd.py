@@ -516,6 +516,7 @@ class NBDServer:
         bview = memoryview(buf)
         unpack = _REQ.unpack_from
         pack = _REPLY.pack
+        capacity = vol.capacity
         while True:
             if not _recv_exact(sock, hview):
                 return
@@ -532,8 +533,12 @@ class NBDServer:
                 if length and not _recv_exact(sock, data):
                     raise ProtocolError("the client closed the connection mid-write")
                 err = 0
-                if read_only:
+                if flags & ~CMD_FLAG_FUA:
+                    err = E_INVAL
+                elif read_only:
                     err = E_PERM
+                elif offset + length > capacity:
+                    err = E_NOSPC            # proto.md: a write past the end
                 else:
                     try:
                         vol.write(offset, data)
@@ -543,7 +548,7 @@ class NBDServer:
                         err = error_number(e)
                 sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
             elif cmd == CMD_READ:
-                if length > MAX_REQUEST:
+                if length > MAX_REQUEST or offset + length > capacity or flags & ~CMD_FLAG_FUA:
                     sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_INVAL, handle))
                     continue
                 if length > len(buf):
@@ -562,14 +567,19 @@ class NBDServer:
                     sock.sendall(head)
                     sock.sendall(data)
             elif cmd == CMD_FLUSH:
-                err = 0
-                try:
-                    sync_volume(vol)
-                except Exception as e:
-                    err = error_number(e)
+                err = E_INVAL if flags & ~CMD_FLAG_FUA else 0
+                if not err:
+                    try:
+                        sync_volume(vol)
+                    except Exception as e:
+                        err = error_number(e)
                 sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
             elif cmd == CMD_WRITE_ZEROES:
                 err = E_PERM if read_only else 0
+                if flags & ~(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE):
+                    err = E_INVAL
+                elif not err and offset + length > capacity:
+                    err = E_NOSPC
                 if not err:
                     try:
                         self._write_zeroes(vol, offset, length)
@@ -580,9 +590,8 @@ class NBDServer:
                 sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
             elif cmd == CMD_DISC:
                 return
-            else:       # TRIM (not offered), CACHE, BLOCK_STATUS, ...
-                sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_INVAL if cmd == CMD_TRIM
-                                  else E_NOTSUP, handle))
+            else:       # TRIM, CACHE (not offered), BLOCK_STATUS (not negotiated), ...
+                sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_INVAL, handle))
 
     @staticmethod
     def _write_zeroes(vol: Volume, offset: int, length: int) -> None:
