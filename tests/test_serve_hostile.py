@@ -128,3 +128,108 @@ def test_requests_out_of_range_unknown_flags_and_commands(tmp_path):
                          flags=nbd.CMD_FLAG_FUA | nbd.CMD_FLAG_NO_HOLE)[0] == 0
         with server.lock:
             assert bytes(server.units.local().volume("A").read(0, 4)) == b"abcd"  # no landing
+
+
+def test_a_write_cut_off_mid_payload_lands_nothing(tmp_path):
+    """A client that sends a WRITE header and part of its data, then goes:
+    the write before it landed and was answered; the cut one lands nothing."""
+    with served(tmp_path, "A") as (server, path):
+        c = Client(path)
+        c.go("A")
+        hdr = struct.Struct(">IHHQQI")
+        c.s.sendall(hdr.pack(nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 1, 0, 4096) + b"\x11" * 4096
+                    + hdr.pack(nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 2, 65536, 131072)
+                    + b"\x22" * 100000)
+        assert struct.unpack(">IIQ", c.recv(16)) == (nbd.SIMPLE_REPLY_MAGIC, 0, 1)
+        c.s.close()
+        time.sleep(0.2)
+        with server.lock:
+            v = server.units.local().volume("A")
+            assert bytes(v.read(0, 4096)) == b"\x11" * 4096
+            assert not v.read(65536, 131072).any()
+        assert Client(path).go("A")[-1][0] == nbd.REP_ACK          # the server goes on
+
+
+def test_a_client_that_reads_no_replies_stalls_only_itself(tmp_path):
+    """A client pipelining reads and never reading the replies blocks its
+    own connection's thread in send; other clients go on, and stop() cuts
+    it off after its grace period."""
+    with served(tmp_path, "A", size=4 * MIB) as (server, path):
+        stuck = Client(path)
+        stuck.go("A")
+        req = struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 1, 0, MIB)
+        stuck.s.settimeout(0.5)
+        sent = 0
+        try:
+            for _ in range(256):
+                stuck.s.sendall(req)
+                sent += 1
+        except (TimeoutError, socket.timeout):
+            pass
+        other = Client(path)
+        other.go("A")
+        for i in range(20):
+            assert other.request(nbd.CMD_WRITE, i * 4096, 4096, bytes([i]) * 4096)[0] == 0
+            assert other.request(nbd.CMD_READ, i * 4096, 4096) == (0, bytes([i]) * 4096)
+        t0 = time.monotonic()
+        server.nbd.stop(grace=0.5)
+        assert time.monotonic() - t0 < 5
+        assert not [t for t in threading.enumerate() if t.name == "nbd-conn"]
+
+
+@pytest.mark.slow
+def test_volumes_removed_under_load_many_times(tmp_path):
+    """A volume removed (as rmvol does, under the server's lock) while
+    clients write and read it in 256 KiB requests (the copies that run
+    without the GIL), 200 times: its clients get ESHUTDOWN, a target whose
+    source went gets EIO (no valid image), nothing touches freed memory
+    (the process would die), and the server serves on."""
+    with served(tmp_path, "A") as (server, path):
+        seen: set[int] = set()
+        errors: list[BaseException] = []
+        for it in range(200):
+            with server.lock:
+                u = server.units.local()
+                u.create_volume("V", 16)
+                if it % 2:
+                    fastfc.FlashCopy(u.volume("V"), u.volume("A"), background_copy=False)
+            clients = []
+            for k in range(3):
+                c = Client(path)
+                assert c.go("V" if k < 2 else "A")[-1][0] == nbd.REP_ACK
+                clients.append(c)
+            removed = threading.Event()
+
+            def io(k: int, c: Client) -> None:
+                try:
+                    blk = bytes([k + 1]) * 262144
+                    for i in range(10_000):
+                        off = (i * 262144) % MIB
+                        e1 = c.request(nbd.CMD_WRITE, off, len(blk), blk, handle=i)[0]
+                        e2 = c.request(nbd.CMD_READ, off, len(blk), handle=i)[0]
+                        seen.update((e1, e2))
+                        if removed.is_set() and (e1 or k == 2):
+                            return
+                except BaseException as e:      # noqa: BLE001 - reported below
+                    errors.append(e)
+
+            threads = [threading.Thread(target=io, args=(k, c)) for k, c in enumerate(clients)]
+            for t in threads:
+                t.start()
+            time.sleep(0.002)
+            with server.lock:
+                u = server.units.local()
+                for r in list(u.volume("V").relationships):
+                    r.withdraw(force=True)
+                u.remove_volume("V")
+            removed.set()
+            for t in threads:
+                t.join(30)
+                assert not t.is_alive()
+            assert not errors, errors
+            for c in clients:
+                c.s.close()
+        assert seen <= {0, nbd.E_SHUTDOWN, nbd.E_IO} and nbd.E_SHUTDOWN in seen, seen
+        c = Client(path)
+        assert c.go("A")[-1][0] == nbd.REP_ACK
+        assert c.request(nbd.CMD_WRITE, 0, 4, b"live")[0] == 0
