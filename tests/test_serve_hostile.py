@@ -20,7 +20,7 @@ import pytest
 import fastfc
 from fastfc.tools import nbd
 
-from test_serve import ROOT, need, wait_for
+from test_serve import ROOT, make_unit, need, run, serving, wait_for
 from test_serve_protocol import MIB, Client, served
 
 
@@ -233,3 +233,42 @@ def test_volumes_removed_under_load_many_times(tmp_path):
         c = Client(path)
         assert c.go("A")[-1][0] == nbd.REP_ACK
         assert c.request(nbd.CMD_WRITE, 0, 4, b"live")[0] == 0
+
+
+# -- TLS through real clients ------------------------------------------------------------
+def test_tls_through_nbdinfo_nbdcopy_and_qemu_io(tmp_path):
+    """``fastfc serve --tls-cert/--tls-key`` with libnbd's and QEMU's own
+    TLS (GnuTLS): nbdinfo, nbdcopy in and out, qemu-io; a plain client is
+    refused the export."""
+    need("nbdinfo", "nbdcopy", "qemu-io")
+    certs = tmp_path / "pki"
+    certs.mkdir()
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                        "-keyout", str(certs / "server-key.pem"),
+                        "-out", str(certs / "server-cert.pem")], capture_output=True)
+    if r.returncode:
+        pytest.fail(f"openssl could not make a certificate: {r.stderr!r}")
+    (certs / "ca-cert.pem").write_bytes((certs / "server-cert.pem").read_bytes())
+    unit, sock = tmp_path / "u", tmp_path / "s"
+    make_unit(unit, "A", size=MIB)
+    data = os.urandom(MIB)
+    (tmp_path / "in").write_bytes(data)
+    tls_uri = f"nbds+unix:///A?socket={sock}&tls-certificates={certs}"
+    with serving(unit, sock, "--tls-cert", certs / "server-cert.pem",
+                 "--tls-key", certs / "server-key.pem"):
+        out = run("nbdinfo", tls_uri).stdout
+        assert "with TLS" in out and "export-size: 1048576" in out, out
+        plain = run("nbdinfo", f"nbd+unix:///A?socket={sock}", check=False)
+        assert plain.returncode != 0
+        run("nbdcopy", tmp_path / "in", tls_uri)
+        run("nbdcopy", tls_uri, tmp_path / "out")
+        assert (tmp_path / "out").read_bytes() == data
+        q = run("qemu-io", "--object",
+                f"tls-creds-x509,id=tls0,dir={certs},endpoint=client", "--image-opts",
+                f"driver=nbd,path={sock},export=A,tls-creds=tls0,tls-hostname=localhost",
+                "-c", "write -P 0x5a 4096 4096", "-c", "read -P 0x5a 4096 4096")
+        assert "read 4096/4096" in q.stdout and "failed" not in q.stdout + q.stderr, q
+    with fastfc.StorageUnit(unit) as u:
+        got = bytes(u.volume("A").read(0, MIB))
+    assert got == data[:4096] + b"\x5a" * 4096 + data[8192:]
