@@ -5,6 +5,7 @@ before its fix), and the checks that found nothing, kept so they stay so.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -272,3 +273,79 @@ def test_tls_through_nbdinfo_nbdcopy_and_qemu_io(tmp_path):
     with fastfc.StorageUnit(unit) as u:
         got = bytes(u.volume("A").read(0, MIB))
     assert got == data[:4096] + b"\x5a" * 4096 + data[8192:]
+
+
+# -- the control socket --------------------------------------------------------------------
+def _raw_command(sock_path, payload: bytes, *, length: int | None = None
+                 ) -> tuple[bytes, int | None]:
+    """Send one request frame as is; what came back on stderr, and the exit
+    status (None: the server answered nothing)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(15)
+    s.connect(str(sock_path))
+    s.sendall(struct.pack(">cI", b"q", len(payload) if length is None else length) + payload)
+    got = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    s.close()
+    err, status, pos = b"", None, 0
+    while pos + 5 <= len(got):
+        kind, n = struct.unpack_from(">cI", got, pos)
+        body = got[pos + 5:pos + 5 + n]
+        pos += 5 + n
+        if kind == b"e":
+            err += body
+        elif kind == b"x":
+            status = json.loads(body)["status"]
+    return err, status
+
+
+def test_the_control_socket_answers_malformed_requests_and_runs_none(tmp_path):
+    """A request the fastfc client never sends (not JSON, no argv, an
+    environment variable that cannot be set, an unknown encoding, a frame
+    over the limit) is answered with an error naming the problem, and runs
+    nothing: it used to get no answer (a traceback in the server's log), and
+    an unknown encoding ran the command, failing at its first output."""
+    from fastfc.tools.cli import control
+    from fastfc.tools.cli.units import Units
+    unit = tmp_path / "u"
+    with fastfc.StorageUnit(unit) as u:
+        u.create_volume("A", 1)
+    stream = {"encoding": "utf-8", "errors": "strict", "tty": False}
+    good = {"argv": ["-u", str(unit), "mkvol", "N", "--tracks", "1"], "prog_name": "fastfc",
+            "cwd": str(tmp_path), "env": {}, "stdout": stream, "stderr": stream}
+    bad: list[tuple[bytes, str]] = [
+        (b"{{{", "not JSON"), (b"[1, 2]", "not a JSON object"),
+        (json.dumps({k: v for k, v in good.items() if k != "argv"}).encode(), "argv"),
+        (json.dumps(dict(good, argv="mkvol N")).encode(), "argv"),
+        (json.dumps(dict(good, cwd=None)).encode(), "cwd"),
+        (json.dumps(dict(good, env={"FASTFC_X\0": "1"})).encode(), "FASTFC_X"),
+        (json.dumps(dict(good, env={"FASTFC_X=Y": "1"})).encode(), "FASTFC_X=Y"),
+        (json.dumps(dict(good, stdout=dict(stream, encoding="no-such-codec"))).encode(),
+         "no-such-codec"),
+        (json.dumps(dict(good, stderr=dict(stream, errors="no-such-handler"))).encode(),
+         "no-such-handler"),
+    ]
+    units = Units(str(unit), None)
+    try:
+        units.local()                                       # held, as serve holds it
+        with control.hosting(units, threading.RLock()):
+            sock = unit / control.SOCKET
+            for payload, named in bad:
+                err, status = _raw_command(sock, payload)
+                assert status == 1 and b"malformed request" in err and named.encode() in err, \
+                    (payload, err)
+            err, status = _raw_command(sock, b"x" * 10, length=control.MAX_REQUEST + 1)
+            assert status == 1 and b"larger than" in err, err
+            assert "N" not in units.local()                 # none of them ran
+            err, status = _raw_command(sock, json.dumps(good).encode())
+            assert status == 0, err
+            assert "N" in units.local()
+    finally:
+        units.close()

@@ -55,6 +55,7 @@ client's stream encodings, so binary-safe and identical to a direct run.
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import os
@@ -496,16 +497,23 @@ class _Host:
                 conn.settimeout(IO_TIMEOUT)
                 pid, uid, _ = struct.unpack("3i", conn.getsockopt(
                     socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-                frame = _recv(conn, MAX_REQUEST)
+                try:
+                    frame = _recv(conn, MAX_REQUEST)
+                except ValueError as e:        # too large: say so, run nothing
+                    _refuse(conn, f"Error: this server runs no request: {e}\n")
+                    return
                 if frame is None or frame[0] != b"q":
                     return
                 if uid != os.geteuid():
-                    _send(conn, b"e", (f"Error: this server (pid {os.getpid()}, uid "
-                                       f"{os.geteuid()}) runs commands only for its own "
-                                       f"user, not uid {uid}\n").encode())
-                    _send(conn, b"x", b'{"status": 1}')
+                    _refuse(conn, f"Error: this server (pid {os.getpid()}, uid "
+                                  f"{os.geteuid()}) runs commands only for its own "
+                                  f"user, not uid {uid}\n")
                     return
-                request = json.loads(frame[1])
+                try:
+                    request = _checked_request(frame[1])
+                except ValueError as e:
+                    _refuse(conn, f"Error: a malformed request, not run: {e}\n")
+                    return
                 status = self._run(conn, request, send_lock)
                 with send_lock:
                     _send(conn, b"x", json.dumps({"status": status}).encode())
@@ -542,6 +550,46 @@ class _Host:
                 for k in [k for k in os.environ if _env_wanted(k)]:
                     del os.environ[k]
                 os.environ.update(saved)
+
+
+def _refuse(conn: socket.socket, message: str) -> None:
+    """Answer a request that is not run: the message and exit status 1."""
+    _send(conn, b"e", message.encode("utf-8", "replace"))
+    _send(conn, b"x", b'{"status": 1}')
+
+
+def _checked_request(body: bytes) -> dict:
+    """The request a client sent, checked whole before anything runs (the
+    ``fastfc`` client never sends a bad one; anything else may): ValueError
+    naming what is wrong."""
+    try:
+        request = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"not JSON ({e})") from None
+    if not isinstance(request, dict):
+        raise ValueError("not a JSON object")
+    argv = request.get("argv")
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise ValueError("argv is not a list of strings")
+    if not isinstance(request.get("cwd"), str):
+        raise ValueError("no working directory (cwd)")
+    env = request.get("env") or {}
+    if not isinstance(env, dict):
+        raise ValueError("env is not an object")
+    for k, v in env.items():
+        if not isinstance(v, str) or "\0" in k + v or "=" in k or not k:
+            raise ValueError(f"environment variable {k!r} cannot be set")
+    for name in ("stdout", "stderr"):
+        stream = request.get(name)
+        if not isinstance(stream, dict):
+            raise ValueError(f"no {name} description")
+        args = _stream_args(stream)
+        try:
+            codecs.lookup(args["encoding"])
+            codecs.lookup_error(args["errors"])
+        except LookupError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return request
 
 
 def _stream_args(d: dict) -> dict:
