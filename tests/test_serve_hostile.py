@@ -21,7 +21,7 @@ import pytest
 import fastfc
 from fastfc.tools import nbd
 
-from test_serve import ROOT, make_unit, need, run, serving, wait_for
+from test_serve import ROOT, fastfc_cli, make_unit, need, qemu_io, run, serving, wait_for
 from test_serve_protocol import MIB, Client, served
 
 
@@ -349,3 +349,74 @@ def test_the_control_socket_answers_malformed_requests_and_runs_none(tmp_path):
             assert "N" in units.local()
     finally:
         units.close()
+
+
+# -- a command that runs for a while -------------------------------------------------------
+def test_exports_are_found_while_a_command_holds_the_lock(tmp_path):
+    """A command holding the server's lock for long (``formcg --seconds``
+    holds it for its whole loop) used to block every new connection's
+    handshake (and NBD_OPT_LIST) until it ended."""
+    with served(tmp_path, "A") as (server, path):
+        server.nbd.lookup_wait = 0.2
+        held, release = threading.Event(), threading.Event()
+
+        def command() -> None:
+            with server.lock:
+                server.units.local().create_volume("NEW", 1)
+                held.set()
+                release.wait(20)
+
+        t = threading.Thread(target=command)
+        t.start()
+        try:
+            assert held.wait(10)
+            c = Client(path)                     # its socket times out after 10 s
+            listed = [d[4:4 + struct.unpack_from(">I", d)[0]]
+                      for r, d in c.option(nbd.OPT_LIST) if r == nbd.REP_SERVER]
+            assert sorted(listed) == [b"A", b"NEW"]
+            assert c.go("NEW")[-1][0] == nbd.REP_ACK
+            assert c.request(nbd.CMD_WRITE, 0, 4, b"abcd")[0] == 0
+        finally:
+            release.set()
+            t.join()
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_long_formcg_and_clients_connect_meanwhile(tmp_path):
+    """``formcg S --seconds 120`` forwarded to a running server: new NBD
+    clients connect while it runs (they waited for the whole loop), and a
+    SIGTERM of the server ends the loop (the server waited the full 120 s
+    before exiting), the client printing why, exit status 1; the server
+    exits 0 and every C is on one CG after reopening."""
+    need("nbdinfo", "qemu-io")
+    a, b, sock = tmp_path / "a", tmp_path / "b", tmp_path / "s"
+    make_unit(a, "A0", size=MIB)
+    make_unit(b, "B0", "C0", size=MIB)
+    fastfc_cli("-u", a, "-r", b, "mkgmir", "S", "A0:B0:C0")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with serving(a, sock, remote=b) as server:
+        formcg = subprocess.Popen([sys.executable, "-m", "fastfc", "-u", str(a), "-r", str(b),
+                                   "formcg", "S", "--seconds", "120"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.5)                      # the loop runs, holding the lock
+            assert formcg.poll() is None
+            t0 = time.monotonic()
+            r = run("nbdinfo", f"nbd+unix:///A0?socket={sock}", timeout=30)
+            assert "export-size: 1048576" in r.stdout
+            qemu_io(sock, "A0", "write -P 0x33 0 64k")
+            assert time.monotonic() - t0 < 15
+            t0 = time.monotonic()
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=60) == 0
+            assert time.monotonic() - t0 < 20
+            out, err = formcg.communicate(timeout=30)
+        finally:
+            if formcg.poll() is None:
+                formcg.kill()
+                formcg.wait()
+        assert formcg.returncode == 1, (out, err)
+        assert "the server holding the unit is stopping" in err, err
+        assert "consistency groups committed" in out, out
+    show = json.loads(fastfc_cli("-u", a, "-r", b, "showgmir", "S", "--json").stdout)
+    assert len(set(show["c_sequences"])) == 1 and show["successes"] >= 1, show

@@ -14,7 +14,8 @@ is in the volume (so a SIGKILL of the server loses no write a client saw
 completed), and a volume's lock is never held across a socket call.
 
 Exports are looked up by name at ``NBD_OPT_GO`` (or ``EXPORT_NAME``)
-through the ``lookup`` callable under ``lock``; a volume created later is
+through the ``lookup`` callable under ``lock`` (or without it, when a
+command has held it for long); a volume created later is
 found then, and a volume removed (closed) while a client has it open
 answers every request with ``ESHUTDOWN``/``EIO`` instead of touching its
 memory.
@@ -203,7 +204,8 @@ class NBDServer:
         (called under ``lock``).
     lock : threading.RLock
         Serialises the server's lookups against whatever else changes the
-        units (the command line).
+        units (the command line); a lookup waits at most
+        :attr:`lookup_wait` for it.
     tls : ssl.SSLContext, optional
         Offer ``NBD_OPT_STARTTLS`` and require it before any export.
     max_connections : int
@@ -232,6 +234,8 @@ class NBDServer:
         self.max_connections = max_connections
         #: seconds a client may take over the handshake (TLS included)
         self.handshake_timeout = handshake_timeout
+        #: seconds an export lookup waits for ``lock`` before looking without it
+        self.lookup_wait = 1.0
 
     # -- listening -------------------------------------------------------------
     def listen_unix(self, path: str) -> None:
@@ -445,8 +449,7 @@ class NBDServer:
                 if length:
                     reply(REP_ERR_INVALID)
                     continue
-                with self.lock:
-                    names = self.names()
+                names = self._looked_up(self.names)
                 for name, desc in names:
                     n = name.encode()
                     reply(REP_SERVER, struct.pack(">I", len(n)) + n + desc.encode())
@@ -495,8 +498,27 @@ class NBDServer:
     def _find(self, name: str) -> Export | None:
         if self._stopping.is_set():
             return None
-        with self.lock:
-            return self.lookup(name)
+        return self._looked_up(lambda: self.lookup(name))
+
+    def _looked_up(self, look: Callable[[], Any]) -> Any:
+        """``look()`` under ``lock``, or, when a command has held it longer
+        than :attr:`lookup_wait` (``formcg --seconds`` holds it for its whole
+        loop), without it: a lookup only reads the units (retried if a dict
+        changed under it), and what it finds is safe to use either way (a
+        volume closed since answers ESHUTDOWN; write refusals are the
+        volume's own)."""
+        if self.lock.acquire(timeout=self.lookup_wait):
+            try:
+                return look()
+            finally:
+                self.lock.release()
+        for attempt in range(100):
+            try:
+                return look()
+            except RuntimeError:        # changed size during iteration
+                if attempt == 99:
+                    raise
+                time.sleep(0.001)
 
     @staticmethod
     def _tflags(export: Export) -> int:

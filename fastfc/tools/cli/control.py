@@ -365,8 +365,12 @@ class Served:
     """What a server hands the ``fastfc`` group (as ``obj``) for a command it
     runs for a client: its units, and the client's working directory."""
 
-    def __init__(self, units: Units, cwd: str) -> None:
+    def __init__(self, units: Units, cwd: str, stopping: threading.Event | None = None
+                 ) -> None:
         self.host, self.cwd = units, cwd
+        #: set when the server stops: a command that runs for a while (formcg
+        #: --seconds) ends early instead of holding the server's shutdown
+        self.stopping = stopping
 
     def units(self, local: str | None, remote: str | None, durability: str | None, *,
               looks_only: bool = False) -> Units:
@@ -378,7 +382,9 @@ class Served:
                 f"--durability power: the units are held by a server (pid {os.getpid()}) "
                 f"that opened them at durability {self.host.durability!r}; restart it with "
                 "--durability power")
-        return Units.borrowing(self.host, local, remote, cwd=self.cwd, looks_only=looks_only)
+        units = Units.borrowing(self.host, local, remote, cwd=self.cwd, looks_only=looks_only)
+        units.stopping = self.stopping
+        return units
 
 
 class _Host:
@@ -391,6 +397,7 @@ class _Host:
         self._listeners: dict[Path, tuple[socket.socket, int]] = {}
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self.stopping = threading.Event()   # for the commands running (Served.stopping)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)    # a full pipe already wakes the loop
         self._accepting: threading.Thread | None = None
@@ -417,8 +424,10 @@ class _Host:
         self._stop()
 
     def _stop(self) -> None:
-        """No new connections; the commands already received finish."""
+        """No new connections; the commands already received finish (one
+        that runs for a while is told to end early: :attr:`Served.stopping`)."""
         self._stopping = True
+        self.stopping.set()
         self._wake()
         if self._accepting is not None:
             self._accepting.join()
@@ -537,7 +546,7 @@ class _Host:
                     del os.environ[k]
                 os.environ.update(env)
                 status = _invoke(argv, str(request.get("prog_name") or "fastfc"),
-                                 Served(self.units, str(request["cwd"])), err)
+                                 Served(self.units, str(request["cwd"]), self.stopping), err)
                 try:
                     self.publish()
                 except OSError as e:
