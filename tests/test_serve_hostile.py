@@ -494,3 +494,46 @@ def test_every_acknowledged_write_survives_a_stop_under_load(tmp_path, sig):
             (kk, gen), = words
             if slot in acked[k]:
                 assert kk == k and gen >= acked[k][slot], (k, slot, gen, acked[k][slot])
+
+
+# -- FLUSH and FUA order -------------------------------------------------------------------
+def test_fua_and_flush_sync_the_target_before_the_source_on_any_connection(
+        tmp_path, monkeypatch):
+    """A FUA write to a FlashCopy source, and a FLUSH sent on another
+    connection than the writes: the target (the old tracks copy-on-write
+    saved) is synced first, then the relationship's bitmaps, then the
+    source, and a third connection reads what the first wrote."""
+    from fastfc.durable.sqlite import FileBitmap
+    from fastfc.storage.volume import Volume
+    order: list[str] = []
+    vol_flush, map_flush = Volume.flush, FileBitmap.flush
+
+    def logged_vol(self: Volume) -> None:
+        order.append(self.name)
+        vol_flush(self)
+
+    def logged_map(self: FileBitmap) -> None:
+        order.append("bitmap")
+        map_flush(self)
+
+    monkeypatch.setattr(Volume, "flush", logged_vol)
+    monkeypatch.setattr(FileBitmap, "flush", logged_map)
+    with served(tmp_path, "S", "T") as (server, path):
+        with server.lock:
+            u = server.units.local()
+            u.volume("S").write(0, b"\x01" * 65536)
+            fastfc.FlashCopy(u.volume("S"), u.volume("T"), background_copy=False, record=True)
+        one, two, three = Client(path), Client(path), Client(path)
+        for c in (one, two, three):
+            assert c.go("S")[-1][0] == nbd.REP_ACK
+        order.clear()
+        assert one.request(nbd.CMD_WRITE, 0, 4, b"\x02" * 4, flags=nbd.CMD_FLAG_FUA)[0] == 0
+        assert order[0] == "T" and order[-1] == "S" and set(order[1:-1]) == {"bitmap"}, order
+        assert one.request(nbd.CMD_WRITE, 65536, 4, b"\x03" * 4)[0] == 0
+        order.clear()
+        assert two.request(nbd.CMD_FLUSH)[0] == 0
+        assert order[0] == "T" and order[-1] == "S" and set(order[1:-1]) == {"bitmap"}, order
+        assert three.request(nbd.CMD_READ, 0, 4) == (0, b"\x02" * 4)
+        assert three.request(nbd.CMD_READ, 65536, 4) == (0, b"\x03" * 4)
+        with server.lock:
+            assert bytes(u.volume("T").read(0, 4)) == b"\x01" * 4      # the old track
