@@ -26,7 +26,14 @@ durable_large  opt-in (only with ``--only durable_large``; about 3-5 min):
           FASTFC_BENCH_LARGE_GIB sets their total size [1.5 x RAM, within
           60 % of the free space], FASTFC_BENCH_LARGE_SECONDS the run [60]
 gm        the Global Mirror workload of issue 3 (``gm.py``) and the same on
-          the NumPy engine; the largest in memory, so it runs last
+          the NumPy engine; the largest in memory
+serve     ``fastfc serve`` (issue 11, ``serve.py``): fio and nbdcopy against it,
+          nbdkit's memory plugin and qemu-nbd, interleaved, one export in
+          /dev/shm each; then fio 4 KiB randwrite QD16 on the 16 A exports of
+          a Global Mirror session (units in /dev/shm) with the session's CG
+          loop running in the server and stopped, interleaved (needs fio,
+          nbdcopy, nbdkit, qemu-nbd: the section names the apt packages
+          missing)
 
 Ratios: for a speed figure (target ``>=``) ratio = baseline time / fastfc
 time (or fastfc rate / baseline rate); for a cost figure (target ``<=``)
@@ -67,11 +74,12 @@ from benches.cases import CASES, Case, Result, get_case, measure, metadata_rows 
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable", "gm",
-            "durable_large"]
+            "durable_large", "serve"]
 OPT_IN = {"durable_large"}     # run only when named in --only
 # GiB each section may hold at its peak (gm: its volumes, worked out there)
 SECTION_MEMORY = {"physical": 2.5, "core": 3, "engine": 2, "numba": 2, "qemu": 3,
-                  "scaling": 3, "durable": 7, "gm": 0, "durable_large": 2}
+                  "scaling": 3, "durable": 7, "gm": 0, "durable_large": 2,
+                  "serve": 5}
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"
 
@@ -602,6 +610,130 @@ class Report:
                      data=g))
 
 
+    # -- serve ------------------------------------------------------------
+    # (workload, target vs nbdkit memory, short name); every workload: >= 1 x qemu-nbd
+    SERVE_TARGETS = {"nbdcopy in (GB/s)": (1.0, "nbdcopy"),
+                     "4K randwrite QD16 (kIOPS)": (0.8, "randwrite_4k"),
+                     "4K randread QD16 (kIOPS)": (0.8, "randread_4k"),
+                     "1M seq write QD8 (GB/s)": (1.0, "seqwrite_1m")}
+
+    def serve(self) -> None:
+        """Issue 11: fastfc serve against nbdkit memory and qemu-nbd; the
+        same fio load with Global Mirror underneath."""
+        from benches import serve as sv
+        gone = sv.missing()
+        if gone:
+            self.skipped["serve"] = gone
+            self.log(f"  skipped: {gone}")
+            return
+        if self.quick:
+            cfg = dict(rounds=1, seconds=1.0, size=256 << 20)
+            gcfg = dict(triplets=16, size_mib=8, seconds=1.0, rounds=2)
+        else:
+            cfg = dict(rounds=5, seconds=3.0, size=1 << 30)
+            gcfg = dict(triplets=16, size_mib=64, seconds=4.0, rounds=4)
+        self.log(f"  fastfc serve, nbdkit memory, qemu-nbd: {cfg['rounds']} round(s)")
+        d = sv.run(log=self.log, **cfg)
+        self.raw["serve"] = d
+        size = f"{cfg['size'] >> 20} MiB" if cfg["size"] < 1 << 30 else \
+            f"{cfg['size'] >> 30} GiB"
+        where = (f"one {size} export in /dev/shm over a unix socket, {cfg['rounds']} "
+                 f"interleaved round(s) of {cfg['seconds']:g} s"
+                 f"{', quick' if self.quick else ''}")
+        cpu = d["cpu_us_per_request"]
+        for w, (nbdkit_target, key) in self.SERVE_TARGETS.items():
+            med, rat = d["medians"][w], d["ratios"][w]
+            label, unit = w.rsplit(" (", 1)
+            unit = unit.rstrip(")")
+            label = label.replace("4K", "4 KiB").replace("1M", "1 MiB")
+            if label.startswith("nbdcopy"):
+                label = f"nbdcopy {size} in"
+            else:
+                label += " (fio nbd engine)"
+            rr = d["raw"][w]
+            for peer, target in (("nbdkit memory", nbdkit_target), ("qemu-nbd", 1.0)):
+                r = rat[peer]
+                per = sorted(f / p for f, p in zip(rr["fastfc"], rr[peer]))
+                note = (f"per-round ratios {per[0]:.2f}..{per[-1]:.2f}; {peer} rounds "
+                        f"{min(rr[peer]):.3g}..{max(rr[peer]):.3g} {unit}, fastfc "
+                        f"{min(rr['fastfc']):.3g}..{max(rr['fastfc']):.3g}; server CPU per "
+                        f"request: fastfc {cpu[w]['fastfc']:.1f} us, nbdkit "
+                        f"{cpu[w]['nbdkit memory']:.1f}, qemu-nbd {cpu[w]['qemu-nbd']:.1f}")
+                self.add(Row("serve", f"serve_{key}_{peer.split()[0].replace('-', '_')}",
+                             f"fastfc serve vs {peer}: {label}, {where}",
+                             f"{med['fastfc']:.3g} {unit}", f"{med[peer]:.3g} {unit} {peer}",
+                             r, f">= {target:g}", r >= target, note=note,
+                             headline=f"fastfc serve / {peer}: {label}"
+                             if not self.quick else "",
+                             data={"samples": rr, "cpu_us_per_request": cpu[w]}))
+        self.log(f"  Global Mirror under fio: {gcfg['triplets']} triplets, {gcfg['rounds']} "
+                 f"round(s) with and without")
+        g = sv.gm_under_fio(log=self.log, **gcfg)
+        self.raw["serve_gm"] = g
+        w = (f"{g['triplets']} triplets x {g['size_mib']} MiB ({g['track_size'][:-1]} KiB "
+             f"tracks), units in "
+             f"/dev/shm; fio 4 KiB randwrite QD{g['iodepth']}, one job per A export "
+             f"({g['jobs']}); {g['rounds']} interleaved round(s) of {g['seconds']:g} s"
+             f"{', quick' if self.quick else ''}")
+        cores = (f"server CPU {g['server_cores_with']:.2f} cores with the loop "
+                 f"({g['loop_cores']:.2f} in the loop's thread), {g['server_cores_without']:.2f} "
+                 f"without, on {os.cpu_count()} CPUs shared with fio")
+        r = g["ratio"]
+        rr = g["round_ratios"]
+        self.add(Row("serve", "serve_gm_iops",
+                     f"fastfc serve: client IOPS with Global Mirror forming CGs in the server "
+                     f"vs with the session stopped ({w})",
+                     f"{g['iops_with'] / 1e3:.3g} kIOPS",
+                     f"{g['iops_without'] / 1e3:.3g} kIOPS session stopped", r, ">= 0.7",
+                     r >= 0.7, note=f"rounds {min(rr):.3g}..{max(rr):.3g}; {cores}",
+                     headline="fastfc serve: client IOPS with Global Mirror / without"
+                     if not self.quick else "", data=g))
+        rpo = g["rpo_p99_ms"]
+        self.add(Row("serve", "serve_gm_rpo",
+                     f"fastfc serve with Global Mirror under fio: RPO p99 ({w})",
+                     f"{rpo:.1f} ms", f"p50 {g['rpo_p50_ms']:.1f} ms", None, "<= 50 ms",
+                     rpo <= 50.0, score=50.0 / rpo if rpo else float("inf"),
+                     note=(f"{g['cgs_per_s']:.0f} CG/s ({g['cgs']} of {g['attempts']} attempts"
+                           f"{', failures ' + str(g['failures']) if g['failures'] else ''}); "
+                           f"RPO max {g['rpo_max_ms']:.1f} ms over {g['rpo_samples']} samples; "
+                           f"drain p50/p99 {g['drain_p50_ms']:.2f}/{g['drain_p99_ms']:.1f} ms; "
+                           f"the loop thread's wall time: {g['loop_on_cpu']:.0%} on a CPU, "
+                           f"{g['loop_runqueue']:.0%} runnable waiting for one, "
+                           f"{g['loop_asleep']:.0%} asleep (the GIL, a volume's lock), load "
+                           f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+                           f"{cores}"),
+                     headline="fastfc serve with Global Mirror under fio: RPO p99"
+                     if not self.quick else ""))
+        self.add(Row("serve", "serve_gm_cgs",
+                     f"fastfc serve with Global Mirror under fio: CGs per second ({w})",
+                     f"{g['cgs_per_s']:.1f} CG/s", "-", None,
+                     note=(f"the loop forms CGs back to back (CG interval 0); "
+                           f"{g['drained_mb_s']:.0f} MB/s drained to B (a 4 KiB write owes "
+                           f"its 64 KiB track); drain p50/p99 {g['drain_p50_ms']:.2f}/"
+                           f"{g['drain_p99_ms']:.1f} ms, FlashCopy {g['flashcopy_p50_ms']:.2f}/"
+                           f"{g['flashcopy_p99_ms']:.1f} ms; the loop thread's wall time: "
+                           f"{g['loop_on_cpu']:.0%} on a CPU, {g['loop_runqueue']:.0%} runnable "
+                           f"waiting for one, {g['loop_asleep']:.0%} asleep (the GIL, a "
+                           f"volume's lock); load average {os.getloadavg()[0]:.1f}")))
+        if self.quick:
+            return
+        # the same with 4 KiB tracks: a 4 KiB write owes 4 KiB, not 64 (no target)
+        self.log("  the same with 4 KiB tracks")
+        g4 = sv.gm_under_fio(log=self.log, track_size="4K", **gcfg)
+        self.raw["serve_gm_4k"] = g4
+        rr = g4["round_ratios"]
+        self.add(Row("serve", "serve_gm_iops_4k_tracks",
+                     f"the same with 4 KiB tracks: client IOPS with Global Mirror / session "
+                     f"stopped",
+                     f"{g4['iops_with'] / 1e3:.3g} kIOPS",
+                     f"{g4['iops_without'] / 1e3:.3g} kIOPS session stopped", g4["ratio"],
+                     note=(f"rounds {min(rr):.3g}..{max(rr):.3g}; RPO p99 "
+                           f"{g4['rpo_p99_ms']:.1f} ms, {g4['cgs_per_s']:.0f} CG/s, "
+                           f"{g4['drained_mb_s']:.0f} MB/s drained; loop thread "
+                           f"{g4['loop_on_cpu']:.0%} on a CPU, {g4['loop_runqueue']:.0%} in the "
+                           f"run queue"), data=g4))
+
+
 # --------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------
@@ -712,7 +844,8 @@ def readme_table(rep: Report, when: str, seconds: float, load: tuple[float, floa
         met = sum(bool(r.met) for r in rows)
         lines.append(f"| {label} | | | {lo:.3g} .. {hi:.3g}{after_range} | {target} "
                      f"| {met} of {len(rows)} |")
-    order = ["core", "physical", "engine", "numba", "qemu", "durable", "gm", "durable_large"]
+    order = ["core", "physical", "engine", "numba", "qemu", "durable", "gm", "durable_large",
+             "serve"]
     for sec in order:
         for r in heads:
             if r.section == sec:

@@ -10,7 +10,9 @@ lock guards its data, its flags, and the bitmaps of every FlashCopy
 relationship in which it is the *source* (``to_copy``, ``src_changed``,
 ``tgt_changed``) and of the PPRC pair in which it is the primary. A target's
 data on tracks still to copy is only touched under the source's lock. When two
-locks are needed they are taken in volume-id order. Copies of a track or more
+locks are needed they are taken in volume-id order, except a PPRC pair's:
+the primary's, then the secondary's, always (an update, a drain, and the
+pair's own steps, ``pprc.pair_locked``). Copies of a track or more
 run with the GIL released; smaller copies keep it (it is cheaper), except into
 a volume on a disk (``_file_backed``), where any store may take a write fault
 into the filesystem: those run without the GIL whatever their size. PPRC
@@ -921,8 +923,9 @@ cdef class VolumeBase:
     cdef public int _inhibits
     cdef public bint _secondary
     cdef public bint _invalid
-    # bumped whenever _src_rels changes, so a kernel that runs without the
-    # GIL on a copy of the list can tell it went stale
+    # bumped whenever _src_rels changes or one of them gets other bitmaps
+    # (resync, revert), so a kernel that runs without the GIL on a copy of
+    # the list and of their bitmaps' addresses can tell it went stale
     cdef public int _rels_version
     # memory-mapped file: PPRC updates write only the pages that change
     cdef public bint _file_backed
@@ -2026,7 +2029,8 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
 
 
 def pprc_drain_many(list primaries, list secondaries, list owed, Py_ssize_t chunk_bytes,
-                    double seconds=-1.0, Py_ssize_t start=0, list sent=None):
+                    double seconds=-1.0, Py_ssize_t start=0, list sent=None,
+                    TrackBitmap link_down=None):
     """:func:`pprc_drain` over many pairs in one call (a consistency
     group's drain of a secondary group): pair ``k`` sends the tracks set in
     ``owed[k]`` from ``primaries[k]`` to ``secondaries[k]``, for ``k`` from
@@ -2036,8 +2040,9 @@ def pprc_drain_many(list primaries, list secondaries, list owed, Py_ssize_t chun
 
     Appends to ``sent`` (if given) the tracks sent by each pair it tried.
     Stops at the first pair whose status is not 0 (1: the time limit
-    passed; 2: B's state stopped it, and the caller drains that pair by the
-    per-update path, which says why). Returns ``(k, status)``: that pair's
+    passed; 2: B's state stopped it, or ``link_down`` (the link's
+    ``down_flag()``) had its bit set when the pair was to begin, and the
+    caller drains that pair by the per-update path, which says why). Returns ``(k, status)``: that pair's
     index and status, or ``(len(primaries), 0)`` when every pair is done.
     An exception (a copy-on-write hook, a failed pwrite) propagates from the
     pair where it happened; the tracks sent stay sent.
@@ -2048,6 +2053,9 @@ def pprc_drain_many(list primaries, list secondaries, list owed, Py_ssize_t chun
     cdef int status = 0
     cdef VolumeBase A
     cdef DrainJob* jobs
+    # a link that goes down stops the drain before the next pair, as the
+    # per-pair path (which asks link.direct() for each pair) would
+    cdef volatile uint64_t* down = NULL if link_down is None else link_down.w
     if len(secondaries) != n or len(owed) != n:
         raise ValueError("pprc_drain_many needs as many secondaries and bitmaps as primaries")
     if start >= n:
@@ -2069,6 +2077,10 @@ def pprc_drain_many(list primaries, list secondaries, list owed, Py_ssize_t chun
         m = stop
         with nogil:
             for k in range(start, stop):
+                if down != NULL and down[0] & 1:
+                    status = 2
+                    m = k
+                    break
                 status = _drain_run(&jobs[k - start], deadline, me)
                 if status:
                     m = k
@@ -2153,6 +2165,7 @@ def prepare_revertible_many(list rels, Py_ssize_t start, sequence, list fresh):
             r.to_copy = out
             r.src_changed = sc
             r.tgt_changed = tc
+            S._rels_version += 1    # a drain that took the old bitmaps stops
             o.sequence = sequence
             o._cursor = 0
         finally:
@@ -2198,6 +2211,7 @@ def end_revertible_many(list rels, Py_ssize_t start, bint commit, list dropped):
                 dropped.append(r.src_changed)
                 dropped.append(r.tgt_changed)
                 r.to_copy, r.src_changed, r.tgt_changed, o.sequence = image
+                S._rels_version += 1
             o._revert_image = None
             r.revertible = False
             S._inhibits -= 1

@@ -4,12 +4,15 @@ here runs a benchmark (and nothing asserts on time)."""
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 import fastfc
@@ -94,3 +97,55 @@ def test_durable_large_is_opt_in() -> None:
     report = cli._load_benches(root)
     assert report.SECTIONS == cli.BENCH_SECTIONS
     assert report.OPT_IN == {"durable_large"}
+
+
+# -- the serve section (issue 11) ---------------------------------------------------
+SERVE_ROWS = {f"serve_{w}_{p}" for w in ("nbdcopy", "randwrite_4k", "randread_4k", "seqwrite_1m")
+              for p in ("nbdkit", "qemu_nbd")} | {"serve_gm_iops", "serve_gm_rpo", "serve_gm_cgs"}
+
+
+def test_serve_section_names_the_missing_packages(tmp_path, monkeypatch, capsys) -> None:
+    """Without the client tools the section is skipped, saying which apt
+    packages install them, and the bench goes on (exit 0)."""
+    root = cli._source_checkout()
+    assert root is not None
+    report = cli._load_benches(root)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert report.run(quick=True, out=tmp_path, only=["serve"], log=lambda m: None) == 0
+    out = capsys.readouterr().out
+    want = ("fio, nbdcopy, nbdkit, qemu-nbd not found on PATH: "
+            "apt-get install fio libnbd-bin nbdkit qemu-utils")
+    assert f"skipped serve: {want}" in out, out
+    doc = json.loads((tmp_path / "report-quick.json").read_text())
+    assert doc["skipped"] == {"serve": want} and doc["rows"] == []
+
+
+@pytest.mark.slow
+def test_serve_section_quick_end_to_end(tmp_path) -> None:
+    """``fastfc bench --quick --only serve``: every row with a measured figure
+    (fastfc serve, nbdkit memory and qemu-nbd; Global Mirror under fio)."""
+    missing = [t for t in ("fio", "nbdcopy", "nbdkit", "qemu-nbd") if shutil.which(t) is None]
+    if missing:
+        msg = f"{missing} not installed: apt-get install fio libnbd-bin nbdkit qemu-utils"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    root = cli._source_checkout()
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    res = subprocess.run([sys.executable, "-m", "fastfc", "bench", "--quick", "--only", "serve",
+                          "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((tmp_path / "report-quick.json").read_text())
+    assert doc["skipped"] == {}
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert set(rows) == SERVE_ROWS, sorted(rows)
+    for name, r in rows.items():
+        if name in ("serve_gm_rpo", "serve_gm_cgs"):
+            continue
+        assert r["ratio"] > 0 and math.isfinite(r["ratio"]), r
+        assert r["met"] is (r["ratio"] >= float(r["target"].split()[1])), r
+    g = doc["raw"]["serve_gm"]
+    assert g["cgs"] > 0 and g["failures"] == {} and g["iops_with"] > 0, g
+    assert 0 < g["rpo_p99_ms"] < 60_000 and rows["serve_gm_rpo"]["met"] is (g["rpo_p99_ms"] <= 50)
+    assert "serve_gm_iops" in res.stdout.split("notes:")[1]

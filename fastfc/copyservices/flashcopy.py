@@ -394,6 +394,9 @@ class FlashCopy(_core.RelationshipBase):
             self.to_copy = new_to_copy
             self.src_changed = store.new_bitmap(n)
             self.tgt_changed = store.new_bitmap(n)
+            # new bitmaps: a drain kernel that took the old ones by address
+            # (between its chunks, without the source's lock) must stop
+            self.source._rels_version += 1
             self.sequence = new_sequence
             self._cursor = 0
             self._save_or_undo(before)
@@ -426,6 +429,7 @@ class FlashCopy(_core.RelationshipBase):
             else:
                 dropped = (self.to_copy, self.src_changed, self.tgt_changed)
                 self.to_copy, self.src_changed, self.tgt_changed, self.sequence = image
+                self.source._rels_version += 1    # (as in resync: other bitmaps)
             self._revert_image = None
             self.revertible = False
             self.source._inhibits -= 1

@@ -274,6 +274,7 @@ class SecondaryGroup:
             assert p.cg is not None      # coordination began the CG of every pair
             owed.append(p.cg)
         sent = 0
+        down = link.down_flag()          # the link failing stops it between pairs
         locks: list = [p._drain_lock for p in pairs]
         tracks: list[int] = []
         k = 0
@@ -286,7 +287,7 @@ class SecondaryGroup:
                 else:
                     left = -1.0 if time_left is None else max(0.0, time_left())
                     k, st = _core.pprc_drain_many(self._as, self._bs, owed, DIRECT_CHUNK_BYTES,
-                                                  left, k, tracks)
+                                                  left, k, tracks, down)
                 if st == 0:
                     break
                 if st == 1:

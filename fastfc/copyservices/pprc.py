@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import enum
 import threading
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -30,6 +31,25 @@ from fastfc.errors import DrainAborted, FastFCError, LimitError, StateError, Vol
 from fastfc.storage.link import Link, LocalLink
 from fastfc.storage.store import Store
 from fastfc.storage.volume import Volume, check_pairable, locked
+
+
+@contextmanager
+def pair_locked(primary: Volume, secondary: Volume) -> Iterator[None]:
+    """Hold the primary's lock, then the secondary's: the order every PPRC
+    update takes them (the drain kernels, a collision under a host write),
+    whatever the volumes' ids. (``locked`` takes them in id order: with the
+    secondary's id below the primary's, a pair step against a running drain
+    would deadlock.)"""
+    primary._lock()
+    try:
+        secondary._lock()
+        try:
+            yield
+        finally:
+            secondary._unlock()
+    finally:
+        primary._unlock()
+
 
 SEND_CHUNK_BYTES = 1024 * 1024
 # The in-process fast path holds the primary's lock for at most this much.
@@ -92,7 +112,7 @@ class PPRCPair(_core.MirrorBase):
         self._setup(primary, secondary, link, pprc_mode, name)
         store = primary.store
         self.spare = store.new_bitmap(primary.n_tracks)
-        with locked((primary, secondary)):
+        with pair_locked(primary, secondary):
             _check_can_pair(primary, secondary)
             self.oos = store.new_bitmap(primary.n_tracks, fill=initial_copy)
             self.cg = None
@@ -410,7 +430,7 @@ class PPRCPair(_core.MirrorBase):
         """At the secondary site: make the secondary a usable (suspended)
         primary. Writes to it are recorded so that :meth:`failback` resyncs
         only the tracks changed on either side."""
-        with locked((self.primary, self.secondary)):
+        with pair_locked(self.primary, self.secondary):
             self._require_active()
             self._require_writable(self.secondary)
             before = (self.failed_over, self.suspend_reason)
@@ -439,7 +459,7 @@ class PPRCPair(_core.MirrorBase):
         secondary to the former primary, sending the tracks changed on
         either side since the failover."""
         A, B = self.primary, self.secondary
-        with locked((A, B)):
+        with pair_locked(A, B):
             self._require_active()
             if not self.failed_over:
                 raise StateError(f"{self!r} was not failed over")
@@ -477,7 +497,7 @@ class PPRCPair(_core.MirrorBase):
         """End the pair [rmpprc]: the secondary accepts host writes again."""
         self._require_writable(self.secondary)
         self.stop()
-        with locked((self.primary, self.secondary)):
+        with pair_locked(self.primary, self.secondary):
             if not self.active:
                 return
             if self.primary._mirror is self:

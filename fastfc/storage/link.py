@@ -54,6 +54,13 @@ class Link(ABC):
     def account(self, nbytes: int, sends: int) -> None:
         """Count bytes a pair moved directly (see :meth:`direct`)."""
 
+    def down_flag(self) -> _core.TrackBitmap | None:
+        """A one-bit bitmap whose bit is set while the link is down, for a
+        kernel that moves tracks of many pairs directly without the GIL to
+        look at between pairs (:func:`fastfc._core.pprc_drain_many`); None
+        when the link keeps none (the kernel then never stops for it)."""
+        return None
+
 
 class LocalLink(Link):
     """An in-process link.
@@ -80,6 +87,7 @@ class LocalLink(Link):
         self.latency = latency
         self.name = name
         self._up = True
+        self._down = _core.TrackBitmap(1)     # bit 0: down (see down_flag)
         self._lock = threading.Lock()
         self._next_free = 0.0  # when the wire is free again (bandwidth model)
         self.bytes_sent = 0
@@ -99,11 +107,16 @@ class LocalLink(Link):
             self.bytes_sent += nbytes
             self.sends += sends
 
+    def down_flag(self) -> _core.TrackBitmap:
+        return self._down
+
     def fail(self) -> None:
         self._up = False
+        self._down.set(0)
 
     def restore(self) -> None:
         self._up = True
+        self._down.clear(0)
 
     def send(self, secondary: _core.VolumeBase, offset: int, data: Any, *,
              key: object = None) -> None:

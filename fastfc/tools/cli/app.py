@@ -221,7 +221,7 @@ def _check_plot(plot: str) -> None:
 
 
 BENCH_SECTIONS = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable", "gm",
-                  "durable_large"]
+                  "durable_large", "serve"]
 
 
 @main.command()
