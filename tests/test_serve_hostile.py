@@ -537,3 +537,23 @@ def test_fua_and_flush_sync_the_target_before_the_source_on_any_connection(
         assert three.request(nbd.CMD_READ, 65536, 4) == (0, b"\x03" * 4)
         with server.lock:
             assert bytes(u.volume("T").read(0, 4)) == b"\x01" * 4      # the old track
+
+
+def test_options_with_bad_lengths(tmp_path):
+    """Option data that does not add up is refused (EINVAL) and the
+    handshake goes on; an option announcing more data than any option
+    needs drops the connection before reading it."""
+    with served(tmp_path, "A") as (server, path):
+        c = Client(path)
+        assert c.option(nbd.OPT_GO, struct.pack(">I", 0xFFFFFFF0) + b"xx")[-1][0] \
+            == nbd.REP_ERR_INVALID                              # name longer than the data
+        assert c.option(nbd.OPT_GO, struct.pack(">I", 1) + b"A" + struct.pack(">HH", 2, 1)
+                        )[-1][0] == nbd.REP_ERR_INVALID        # 2 info requests, 1 sent
+        assert c.option(nbd.OPT_INFO, b"\0\0")[-1][0] == nbd.REP_ERR_INVALID
+        assert c.option(nbd.OPT_LIST, b"zz")[-1][0] == nbd.REP_ERR_INVALID
+        assert c.option(nbd.OPT_STARTTLS, b"zz")[-1][0] == nbd.REP_ERR_UNSUP
+        assert c.option(999, b"zz")[-1][0] == nbd.REP_ERR_UNSUP
+        assert c.go("A")[-1][0] == nbd.REP_ACK                  # the handshake went on
+        d = Client(path)
+        d.s.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, 0xFFFFFFFF))
+        assert d.s.recv(100) == b""
