@@ -557,3 +557,53 @@ def test_options_with_bad_lengths(tmp_path):
         d = Client(path)
         d.s.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, 0xFFFFFFFF))
         assert d.s.recv(100) == b""
+
+
+@pytest.mark.slow
+def test_control_socket_out_of_descriptors_does_not_spin(tmp_path):
+    """With the server out of descriptors, a client queued on the control
+    socket made its accept loop spin (select ready, accept failing: 1.8 s
+    of CPU in 2 s); it now backs off, and serves once descriptors are free."""
+    unit, sock = tmp_path / "u", tmp_path / "s"
+    make_unit(unit, "A", size=MIB)
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    proc = subprocess.Popen([sys.executable, "-m", "fastfc", "-u", str(unit), "serve",
+                             "--socket", str(sock)], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            stderr=subprocess.DEVNULL, preexec_fn=few_descriptors,
+                            start_new_session=True)
+
+    def cpu_seconds() -> float:
+        fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    try:
+        wait_for(sock, proc)
+        clients = []
+        for _ in range(70):                      # take every descriptor the server has
+            s = _connect(str(sock), timeout=2.0)
+            clients.append(s)
+            assert len(s.recv(18, socket.MSG_PEEK)) in (0, 18)
+        probe = _connect(str(sock), timeout=5.0)
+        assert probe.recv(18) == b""             # refused: the server is at its limit
+        control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        control.connect(str(unit / "control.sock"))          # queued, not accepted
+        time.sleep(0.3)
+        c0 = cpu_seconds()
+        time.sleep(2.0)
+        assert cpu_seconds() - c0 < 0.5          # CPU time of the server, not wall time
+        for s in clients:
+            s.close()
+        control.close()
+        r = subprocess.run([sys.executable, "-m", "fastfc", "-u", str(unit), "lsvol"],
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0 and "A " in r.stdout, r
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -56,6 +56,7 @@ client's stream encodings, so binary-safe and identical to a direct run.
 from __future__ import annotations
 
 import codecs
+import errno
 import io
 import json
 import os
@@ -66,6 +67,7 @@ import struct
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -490,7 +492,11 @@ class _Host:
                     continue
                 try:
                     conn, _ = s.accept()
-                except OSError:
+                except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        # out of descriptors: the client stays queued and select
+                        # says ready at once again; back off instead of spinning
+                        time.sleep(0.1)
                     continue
                 t = threading.Thread(target=self._serve_one, args=(conn,),
                                      name="fastfc-control-command", daemon=True)
