@@ -607,3 +607,52 @@ def test_control_socket_out_of_descriptors_does_not_spin(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _certificate(directory) -> tuple[str, str]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                        "-keyout", str(key), "-out", str(cert)], capture_output=True)
+    if r.returncode:
+        pytest.fail(f"openssl could not make a certificate: {r.stderr!r}")
+    return str(cert), str(key)
+
+
+def test_a_stop_answers_a_tls_request_in_flight_encrypted(tmp_path, monkeypatch):
+    """stop() while a TLS connection carries out a READ: the reply goes out
+    through TLS. It went out in plain text (volume data on the wire, and a
+    reply the client could not read): ``SSLSocket.shutdown`` drops the TLS
+    state, so the sends after it bypassed it."""
+    import ssl
+    from fastfc.storage.volume import Volume
+    from fastfc.tools.cli.serve import _tls_context
+    cert, key = _certificate(tmp_path)
+    with served(tmp_path, "A", tls=_tls_context(cert, key, None)) as (server, path):
+        marker = b"PLAINTEXT-MARKER" * 4096
+        with server.lock:
+            server.units.local().volume("A").write(0, marker)
+        c = Client(path)
+        assert c.option(nbd.OPT_STARTTLS)[-1][0] == nbd.REP_ACK
+        c.s = ssl.create_default_context(cafile=cert).wrap_socket(c.s,
+                                                                  server_hostname="localhost")
+        assert c.go("A")[-1][0] == nbd.REP_ACK
+        reading = threading.Event()
+        readinto = Volume.readinto
+
+        def slow_readinto(self, offset, out):        # the request is in flight ...
+            reading.set()
+            time.sleep(0.5)
+            return readinto(self, offset, out)
+
+        monkeypatch.setattr(Volume, "readinto", slow_readinto)
+        stopper = threading.Thread(target=server.nbd.stop, kwargs={"grace": 5.0})
+        c.s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 9, 0,
+                                len(marker)))
+        assert reading.wait(10)
+        stopper.start()                              # ... when the server stops
+        magic, err, handle = struct.unpack(">IIQ", c.recv(16))
+        assert (magic, err, handle) == (nbd.SIMPLE_REPLY_MAGIC, 0, 9)
+        assert c.recv(len(marker)) == marker
+        stopper.join(10)
+        assert not stopper.is_alive()

@@ -301,7 +301,10 @@ class NBDServer:
             conns = list(self._conns.values())
         for c in conns:
             try:
-                c.shutdown(socket.SHUT_RD)    # the next recv ends; a reply still goes out
+                # the next recv ends; a reply still goes out. The plain
+                # socket's shutdown, not SSLSocket's: that one drops the TLS
+                # state, and the replies after it went out in clear text
+                socket.socket.shutdown(c, socket.SHUT_RD)
             except OSError:
                 pass
         deadline = time.monotonic() + grace
@@ -311,7 +314,7 @@ class NBDServer:
             stuck = list(self._conns.values())
         for c in stuck:       # a client that reads no replies: cut it off
             try:
-                c.shutdown(socket.SHUT_RDWR)
+                socket.socket.shutdown(c, socket.SHUT_RDWR)
             except OSError:
                 pass
         for t in list(self._threads):
