@@ -656,3 +656,40 @@ def test_a_stop_answers_a_tls_request_in_flight_encrypted(tmp_path, monkeypatch)
         assert c.recv(len(marker)) == marker
         stopper.join(10)
         assert not stopper.is_alive()
+
+
+def test_a_forwarded_command_gets_only_fastfc_and_terminal_variables(tmp_path, monkeypatch):
+    """The client's environment reaches the command it forwards only as its
+    FASTFC_* and terminal variables (PATH, LD_PRELOAD, PYTHONPATH, HOME are
+    the server's), and only while that command runs."""
+    from fastfc.tools.cli import control
+    from fastfc.tools.cli.units import Units
+    unit = tmp_path / "u"
+    make_unit(unit, "A", size=MIB)
+    seen: list[dict[str, str]] = []
+
+    def invoke(argv, prog_name, served, err) -> int:
+        seen.append(dict(os.environ))
+        return 0
+
+    monkeypatch.setattr(control, "_invoke", invoke)
+    monkeypatch.delenv("FASTFC_PROBE", raising=False)
+    before = dict(os.environ)
+    stream = {"encoding": "utf-8", "errors": "strict", "tty": False}
+    env = {"FASTFC_PROBE": "1", "COLUMNS": "77", "PATH": "/nope", "LD_PRELOAD": "/x.so",
+           "PYTHONPATH": "/evil", "HOME": "/elsewhere"}
+    units = Units(str(unit), None)
+    try:
+        units.local()
+        with control.hosting(units, threading.RLock()):
+            err, status = _raw_command(unit / control.SOCKET, json.dumps(
+                {"argv": ["lsvol"], "prog_name": "fastfc", "cwd": str(tmp_path), "env": env,
+                 "stdout": stream, "stderr": stream}).encode())
+    finally:
+        units.close()
+    assert status == 0, err
+    (during,) = seen
+    assert during["FASTFC_PROBE"] == "1" and during["COLUMNS"] == "77"
+    for k in ("PATH", "LD_PRELOAD", "PYTHONPATH", "HOME"):
+        assert during.get(k) == before.get(k), k
+    assert "FASTFC_PROBE" not in os.environ and os.environ.get("COLUMNS") == before.get("COLUMNS")
