@@ -693,3 +693,45 @@ def test_a_forwarded_command_gets_only_fastfc_and_terminal_variables(tmp_path, m
     for k in ("PATH", "LD_PRELOAD", "PYTHONPATH", "HOME"):
         assert during.get(k) == before.get(k), k
     assert "FASTFC_PROBE" not in os.environ and os.environ.get("COLUMNS") == before.get("COLUMNS")
+
+
+def test_tls_client_certificates(tmp_path):
+    """TLS alone encrypts but lets anyone connect: on a non-loopback address
+    ``serve`` now refuses it without ``--tls-client-ca`` (or an explicit
+    ``--allow-anonymous-tls``); with it, nbdinfo presenting a certificate the
+    CA signed gets the export, one with none is refused."""
+    need("nbdinfo")
+    pki = tmp_path / "pki"
+    (pki / "ok").mkdir(parents=True)
+    (pki / "anon").mkdir()
+
+    def openssl(*args: object) -> None:
+        r = subprocess.run(["openssl", *map(str, args)], capture_output=True)
+        if r.returncode:
+            pytest.fail(f"openssl {args[0]}: {r.stderr!r}")
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=ca",
+            "-keyout", pki / "ca-key.pem", "-out", pki / "ca-cert.pem")
+    for name, cn in (("server", "localhost"), ("client", "client")):
+        (pki / "ext").write_text(f"subjectAltName=DNS:{cn}\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
+                "-keyout", pki / f"{name}-key.pem", "-out", pki / f"{name}.csr")
+        openssl("x509", "-req", "-in", pki / f"{name}.csr", "-CA", pki / "ca-cert.pem",
+                "-CAkey", pki / "ca-key.pem", "-CAcreateserial", "-days", "1",
+                "-extfile", pki / "ext", "-out", pki / f"{name}-cert.pem")
+    for f in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+        (pki / "ok" / f).write_bytes((pki / f).read_bytes())
+    (pki / "anon" / "ca-cert.pem").write_bytes((pki / "ca-cert.pem").read_bytes())
+    unit, sock = tmp_path / "u", tmp_path / "s"
+    make_unit(unit, "A", size=MIB)
+    tls = ["--tls-cert", pki / "server-cert.pem", "--tls-key", pki / "server-key.pem"]
+    r = fastfc_cli("-u", unit, "serve", "--port", "0", "--bind", "0.0.0.0", *tls, check=False)
+    assert r.returncode == 1 and "--tls-client-ca" in r.stderr, r.stderr
+    r = fastfc_cli("-u", unit, "serve", "--socket", sock, "--tls-client-ca",
+                   pki / "ca-cert.pem", check=False)
+    assert r.returncode == 2 and "--tls-client-ca goes with" in r.stderr, r.stderr
+    with serving(unit, sock, *tls, "--tls-client-ca", pki / "ca-cert.pem"):
+        base = f"nbds+unix:///A?socket={sock}&tls-certificates="
+        out = run("nbdinfo", base + str(pki / "ok")).stdout
+        assert "export-size: 1048576" in out, out
+        assert run("nbdinfo", base + str(pki / "anon"), check=False).returncode != 0
