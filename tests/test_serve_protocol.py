@@ -186,6 +186,8 @@ def test_error_numbers_follow_the_volume(tmp_path):
         size, flags = c.export_flags(c.go("T"))
         assert flags & nbd.TF_READ_ONLY and not flags & nbd.TF_SEND_WRITE_ZEROES
         assert c.request(nbd.CMD_WRITE, 0, 4, b"wxyz")[0] == nbd.E_PERM
+        assert c.request(nbd.CMD_WRITE_ZEROES, 0, 4)[0] == nbd.E_PERM
+        assert c.request(nbd.CMD_WRITE_ZEROES, 0, 4, flags=nbd.CMD_FLAG_FUA)[0] == nbd.E_PERM
         # a removed volume: its open connections get ESHUTDOWN
         cu = Client(path)
         cu.go("S")
