@@ -71,6 +71,7 @@ def test_out_of_descriptors_refuses_one_client_not_all_later_ones(tmp_path):
             proc.wait()
 
 
+@pytest.mark.slow
 def test_connection_cap_and_handshake_timeout(tmp_path):
     """A connection beyond ``max_connections`` is closed at once; one that
     says nothing in the handshake is dropped after ``handshake_timeout``
@@ -695,6 +696,7 @@ def test_a_forwarded_command_gets_only_fastfc_and_terminal_variables(tmp_path, m
     assert "FASTFC_PROBE" not in os.environ and os.environ.get("COLUMNS") == before.get("COLUMNS")
 
 
+@pytest.mark.slow
 def test_tls_client_certificates(tmp_path):
     """TLS alone encrypts but lets anyone connect: on a non-loopback address
     ``serve`` now refuses it without ``--tls-client-ca`` (or an explicit
