@@ -122,10 +122,10 @@ def test_handshake_list_info_go_and_io(tmp_path):
         assert c.request(nbd.CMD_READ, 1100, 100) == (0, bytes(100))
         assert c.request(nbd.CMD_FLUSH)[0] == 0
         assert c.request(nbd.CMD_READ, MIB - 10, 11)[0] == nbd.E_INVAL     # past the end
-        assert c.request(nbd.CMD_WRITE, MIB - 1, 2, b"xy")[0] == nbd.E_INVAL
-        assert c.request(nbd.CMD_WRITE_ZEROES, MIB - 1, 2)[0] == nbd.E_INVAL
+        assert c.request(nbd.CMD_WRITE, MIB - 1, 2, b"xy")[0] == nbd.E_NOSPC
+        assert c.request(nbd.CMD_WRITE_ZEROES, MIB - 1, 2)[0] == nbd.E_NOSPC
         assert c.request(nbd.CMD_TRIM, 0, 4096)[0] == nbd.E_INVAL           # not offered
-        assert c.request(5, 0, 4096)[0] == nbd.E_NOTSUP                     # CACHE
+        assert c.request(5, 0, 4096)[0] == nbd.E_INVAL                      # CACHE
         with server.lock:
             v = server.units.local().volume("A")
             got = v.read(1000, len(payload))
@@ -186,6 +186,8 @@ def test_error_numbers_follow_the_volume(tmp_path):
         size, flags = c.export_flags(c.go("T"))
         assert flags & nbd.TF_READ_ONLY and not flags & nbd.TF_SEND_WRITE_ZEROES
         assert c.request(nbd.CMD_WRITE, 0, 4, b"wxyz")[0] == nbd.E_PERM
+        assert c.request(nbd.CMD_WRITE_ZEROES, 0, 4)[0] == nbd.E_PERM
+        assert c.request(nbd.CMD_WRITE_ZEROES, 0, 4, flags=nbd.CMD_FLAG_FUA)[0] == nbd.E_PERM
         # a removed volume: its open connections get ESHUTDOWN
         cu = Client(path)
         cu.go("S")

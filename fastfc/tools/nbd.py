@@ -14,7 +14,8 @@ is in the volume (so a SIGKILL of the server loses no write a client saw
 completed), and a volume's lock is never held across a socket call.
 
 Exports are looked up by name at ``NBD_OPT_GO`` (or ``EXPORT_NAME``)
-through the ``lookup`` callable under ``lock``; a volume created later is
+through the ``lookup`` callable under ``lock`` (or without it, when a
+command has held it for long); a volume created later is
 found then, and a volume removed (closed) while a client has it open
 answers every request with ``ESHUTDOWN``/``EIO`` instead of touching its
 memory.
@@ -98,6 +99,10 @@ E_PERM, E_IO, E_NOMEM, E_INVAL, E_NOSPC, E_OVERFLOW, E_NOTSUP, E_SHUTDOWN = \
 MAX_REQUEST = 32 << 20                  # largest READ/WRITE payload accepted
 PREFERRED_BLOCK = 4096
 ZERO_CHUNK = MAX_REQUEST               # WRITE_ZEROES up to this size is one write
+
+#: accept() errors that end one connection, not the server
+_ACCEPT_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                               errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
 _REQ = struct.Struct(">IHHQQI")
 _REPLY = struct.Struct(">IIQ")
@@ -199,13 +204,21 @@ class NBDServer:
         (called under ``lock``).
     lock : threading.RLock
         Serialises the server's lookups against whatever else changes the
-        units (the command line).
+        units (the command line); a lookup waits at most
+        :attr:`lookup_wait` for it.
     tls : ssl.SSLContext, optional
         Offer ``NBD_OPT_STARTTLS`` and require it before any export.
+    max_connections : int
+        Connections open at once; one more is closed as soon as accepted
+        (each holds a thread and up to a 32 MiB buffer).
+    handshake_timeout : float
+        Seconds a connection may spend in the handshake before it is
+        dropped (a client that connects and says nothing holds nothing).
     """
 
     def __init__(self, lookup: Lookup, names: Callable[[], list[tuple[str, str]]],
-                 lock: threading.RLock, *, tls: ssl.SSLContext | None = None) -> None:
+                 lock: threading.RLock, *, tls: ssl.SSLContext | None = None,
+                 max_connections: int = 1024, handshake_timeout: float = 30.0) -> None:
         self.lookup = lookup
         self.names = names
         self.lock = lock
@@ -215,6 +228,14 @@ class NBDServer:
         self._conns: dict[int, socket.socket] = {}
         self._conns_lock = threading.Lock()
         self._stopping = threading.Event()
+        # given back to take (and close) a client when out of descriptors
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        #: connections beyond this many are closed at once (each holds a thread)
+        self.max_connections = max_connections
+        #: seconds a client may take over the handshake (TLS included)
+        self.handshake_timeout = handshake_timeout
+        #: seconds an export lookup waits for ``lock`` before looking without it
+        self.lookup_wait = 1.0
 
     # -- listening -------------------------------------------------------------
     def listen_unix(self, path: str) -> None:
@@ -280,7 +301,10 @@ class NBDServer:
             conns = list(self._conns.values())
         for c in conns:
             try:
-                c.shutdown(socket.SHUT_RD)    # the next recv ends; a reply still goes out
+                # the next recv ends; a reply still goes out. The plain
+                # socket's shutdown, not SSLSocket's: that one drops the TLS
+                # state, and the replies after it went out in clear text
+                socket.socket.shutdown(c, socket.SHUT_RD)
             except OSError:
                 pass
         deadline = time.monotonic() + grace
@@ -290,11 +314,15 @@ class NBDServer:
             stuck = list(self._conns.values())
         for c in stuck:       # a client that reads no replies: cut it off
             try:
-                c.shutdown(socket.SHUT_RDWR)
+                socket.socket.shutdown(c, socket.SHUT_RDWR)
             except OSError:
                 pass
         for t in list(self._threads):
             t.join()
+        with self._conns_lock:
+            spare, self._spare_fd = self._spare_fd, -1
+        if spare >= 0:
+            os.close(spare)
 
     def _accept_loop(self, listener: socket.socket) -> None:
         while not self._stopping.is_set():
@@ -302,11 +330,26 @@ class NBDServer:
                 conn, _ = listener.accept()
             except socket.timeout:
                 continue
-            except OSError:
+            except OSError as e:
                 if self._stopping.is_set():
                     return
+                if e.errno in _ACCEPT_TRANSIENT:
+                    # out of descriptors or memory, or a client that gave up
+                    # while queued: refuse this one, keep serving the others
+                    log.warning("accept failed, still listening: %s", e)
+                    if e.errno in (errno.EMFILE, errno.ENFILE):
+                        self._refuse_one(listener)
+                    else:
+                        self._stopping.wait(0.05)
+                    continue
                 raise
-            conn.settimeout(None)
+            with self._conns_lock:
+                full = len(self._conns) >= self.max_connections
+            if full:
+                log.warning("%d connections open: refusing another", self.max_connections)
+                conn.close()
+                continue
+            conn.settimeout(self.handshake_timeout)    # until the export is chosen
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             t = threading.Thread(target=self._connection, args=(conn,), daemon=True,
@@ -320,12 +363,32 @@ class NBDServer:
                 self._threads.append(t)
             t.start()
 
+    def _refuse_one(self, listener: socket.socket) -> None:
+        """Out of descriptors: the queued client would wait for ever (accept
+        failing leaves it queued). Give back the spare descriptor kept for
+        this, take the client and close it at once, keep a spare again."""
+        with self._conns_lock:
+            spare, self._spare_fd = self._spare_fd, -1
+        if spare >= 0:
+            os.close(spare)
+            try:
+                conn, _ = listener.accept()
+                conn.close()
+            except OSError:
+                pass
+            try:
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass
+        self._stopping.wait(0.05)
+
     # -- one connection ---------------------------------------------------------
     def _connection(self, conn: socket.socket) -> None:
         key = id(conn)
         try:
             sock, export = self._negotiate(conn, key)
             if export is not None and not self._stopping.is_set():
+                sock.settimeout(None)      # transmission: a client may idle
                 self._transmit(sock, export)
         except (ProtocolError, ConnectionError, ssl.SSLError) as e:
             log.info("connection dropped: %s", e)
@@ -389,8 +452,7 @@ class NBDServer:
                 if length:
                     reply(REP_ERR_INVALID)
                     continue
-                with self.lock:
-                    names = self.names()
+                names = self._looked_up(self.names)
                 for name, desc in names:
                     n = name.encode()
                     reply(REP_SERVER, struct.pack(">I", len(n)) + n + desc.encode())
@@ -439,8 +501,27 @@ class NBDServer:
     def _find(self, name: str) -> Export | None:
         if self._stopping.is_set():
             return None
-        with self.lock:
-            return self.lookup(name)
+        return self._looked_up(lambda: self.lookup(name))
+
+    def _looked_up(self, look: Callable[[], Any]) -> Any:
+        """``look()`` under ``lock``, or, when a command has held it longer
+        than :attr:`lookup_wait` (``formcg --seconds`` holds it for its whole
+        loop), without it: a lookup only reads the units (retried if a dict
+        changed under it), and what it finds is safe to use either way (a
+        volume closed since answers ESHUTDOWN; write refusals are the
+        volume's own)."""
+        if self.lock.acquire(timeout=self.lookup_wait):
+            try:
+                return look()
+            finally:
+                self.lock.release()
+        for attempt in range(100):
+            try:
+                return look()
+            except RuntimeError:        # changed size during iteration
+                if attempt == 99:
+                    raise
+                time.sleep(0.001)
 
     @staticmethod
     def _tflags(export: Export) -> int:
@@ -460,6 +541,7 @@ class NBDServer:
         bview = memoryview(buf)
         unpack = _REQ.unpack_from
         pack = _REPLY.pack
+        capacity = vol.capacity
         while True:
             if not _recv_exact(sock, hview):
                 return
@@ -476,8 +558,12 @@ class NBDServer:
                 if length and not _recv_exact(sock, data):
                     raise ProtocolError("the client closed the connection mid-write")
                 err = 0
-                if read_only:
+                if flags & ~CMD_FLAG_FUA:
+                    err = E_INVAL
+                elif read_only:
                     err = E_PERM
+                elif offset + length > capacity:
+                    err = E_NOSPC            # proto.md: a write past the end
                 else:
                     try:
                         vol.write(offset, data)
@@ -487,7 +573,7 @@ class NBDServer:
                         err = error_number(e)
                 sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
             elif cmd == CMD_READ:
-                if length > MAX_REQUEST:
+                if length > MAX_REQUEST or offset + length > capacity or flags & ~CMD_FLAG_FUA:
                     sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_INVAL, handle))
                     continue
                 if length > len(buf):
@@ -506,14 +592,19 @@ class NBDServer:
                     sock.sendall(head)
                     sock.sendall(data)
             elif cmd == CMD_FLUSH:
-                err = 0
-                try:
-                    sync_volume(vol)
-                except Exception as e:
-                    err = error_number(e)
+                err = E_INVAL if flags & ~CMD_FLAG_FUA else 0
+                if not err:
+                    try:
+                        sync_volume(vol)
+                    except Exception as e:
+                        err = error_number(e)
                 sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
             elif cmd == CMD_WRITE_ZEROES:
                 err = E_PERM if read_only else 0
+                if flags & ~(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE):
+                    err = E_INVAL
+                elif not err and offset + length > capacity:
+                    err = E_NOSPC
                 if not err:
                     try:
                         self._write_zeroes(vol, offset, length)
@@ -524,9 +615,8 @@ class NBDServer:
                 sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
             elif cmd == CMD_DISC:
                 return
-            else:       # TRIM (not offered), CACHE, BLOCK_STATUS, ...
-                sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_INVAL if cmd == CMD_TRIM
-                                  else E_NOTSUP, handle))
+            else:       # TRIM, CACHE (not offered), BLOCK_STATUS (not negotiated), ...
+                sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_INVAL, handle))
 
     @staticmethod
     def _write_zeroes(vol: Volume, offset: int, length: int) -> None:

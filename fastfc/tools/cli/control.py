@@ -55,6 +55,8 @@ client's stream encodings, so binary-safe and identical to a direct run.
 
 from __future__ import annotations
 
+import codecs
+import errno
 import io
 import json
 import os
@@ -65,6 +67,7 @@ import struct
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -364,8 +367,12 @@ class Served:
     """What a server hands the ``fastfc`` group (as ``obj``) for a command it
     runs for a client: its units, and the client's working directory."""
 
-    def __init__(self, units: Units, cwd: str) -> None:
+    def __init__(self, units: Units, cwd: str, stopping: threading.Event | None = None
+                 ) -> None:
         self.host, self.cwd = units, cwd
+        #: set when the server stops: a command that runs for a while (formcg
+        #: --seconds) ends early instead of holding the server's shutdown
+        self.stopping = stopping
 
     def units(self, local: str | None, remote: str | None, durability: str | None, *,
               looks_only: bool = False) -> Units:
@@ -377,7 +384,9 @@ class Served:
                 f"--durability power: the units are held by a server (pid {os.getpid()}) "
                 f"that opened them at durability {self.host.durability!r}; restart it with "
                 "--durability power")
-        return Units.borrowing(self.host, local, remote, cwd=self.cwd, looks_only=looks_only)
+        units = Units.borrowing(self.host, local, remote, cwd=self.cwd, looks_only=looks_only)
+        units.stopping = self.stopping
+        return units
 
 
 class _Host:
@@ -390,6 +399,7 @@ class _Host:
         self._listeners: dict[Path, tuple[socket.socket, int]] = {}
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self.stopping = threading.Event()   # for the commands running (Served.stopping)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)    # a full pipe already wakes the loop
         self._accepting: threading.Thread | None = None
@@ -416,8 +426,10 @@ class _Host:
         self._stop()
 
     def _stop(self) -> None:
-        """No new connections; the commands already received finish."""
+        """No new connections; the commands already received finish (one
+        that runs for a while is told to end early: :attr:`Served.stopping`)."""
         self._stopping = True
+        self.stopping.set()
         self._wake()
         if self._accepting is not None:
             self._accepting.join()
@@ -480,7 +492,11 @@ class _Host:
                     continue
                 try:
                     conn, _ = s.accept()
-                except OSError:
+                except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        # out of descriptors: the client stays queued and select
+                        # says ready at once again; back off instead of spinning
+                        time.sleep(0.1)
                     continue
                 t = threading.Thread(target=self._serve_one, args=(conn,),
                                      name="fastfc-control-command", daemon=True)
@@ -496,16 +512,23 @@ class _Host:
                 conn.settimeout(IO_TIMEOUT)
                 pid, uid, _ = struct.unpack("3i", conn.getsockopt(
                     socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-                frame = _recv(conn, MAX_REQUEST)
+                try:
+                    frame = _recv(conn, MAX_REQUEST)
+                except ValueError as e:        # too large: say so, run nothing
+                    _refuse(conn, f"Error: this server runs no request: {e}\n")
+                    return
                 if frame is None or frame[0] != b"q":
                     return
                 if uid != os.geteuid():
-                    _send(conn, b"e", (f"Error: this server (pid {os.getpid()}, uid "
-                                       f"{os.geteuid()}) runs commands only for its own "
-                                       f"user, not uid {uid}\n").encode())
-                    _send(conn, b"x", b'{"status": 1}')
+                    _refuse(conn, f"Error: this server (pid {os.getpid()}, uid "
+                                  f"{os.geteuid()}) runs commands only for its own "
+                                  f"user, not uid {uid}\n")
                     return
-                request = json.loads(frame[1])
+                try:
+                    request = _checked_request(frame[1])
+                except ValueError as e:
+                    _refuse(conn, f"Error: a malformed request, not run: {e}\n")
+                    return
                 status = self._run(conn, request, send_lock)
                 with send_lock:
                     _send(conn, b"x", json.dumps({"status": status}).encode())
@@ -529,7 +552,7 @@ class _Host:
                     del os.environ[k]
                 os.environ.update(env)
                 status = _invoke(argv, str(request.get("prog_name") or "fastfc"),
-                                 Served(self.units, str(request["cwd"])), err)
+                                 Served(self.units, str(request["cwd"]), self.stopping), err)
                 try:
                     self.publish()
                 except OSError as e:
@@ -542,6 +565,46 @@ class _Host:
                 for k in [k for k in os.environ if _env_wanted(k)]:
                     del os.environ[k]
                 os.environ.update(saved)
+
+
+def _refuse(conn: socket.socket, message: str) -> None:
+    """Answer a request that is not run: the message and exit status 1."""
+    _send(conn, b"e", message.encode("utf-8", "replace"))
+    _send(conn, b"x", b'{"status": 1}')
+
+
+def _checked_request(body: bytes) -> dict:
+    """The request a client sent, checked whole before anything runs (the
+    ``fastfc`` client never sends a bad one; anything else may): ValueError
+    naming what is wrong."""
+    try:
+        request = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"not JSON ({e})") from None
+    if not isinstance(request, dict):
+        raise ValueError("not a JSON object")
+    argv = request.get("argv")
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise ValueError("argv is not a list of strings")
+    if not isinstance(request.get("cwd"), str):
+        raise ValueError("no working directory (cwd)")
+    env = request.get("env") or {}
+    if not isinstance(env, dict):
+        raise ValueError("env is not an object")
+    for k, v in env.items():
+        if not isinstance(v, str) or "\0" in k + v or "=" in k or not k:
+            raise ValueError(f"environment variable {k!r} cannot be set")
+    for name in ("stdout", "stderr"):
+        stream = request.get(name)
+        if not isinstance(stream, dict):
+            raise ValueError(f"no {name} description")
+        args = _stream_args(stream)
+        try:
+            codecs.lookup(args["encoding"])
+            codecs.lookup_error(args["errors"])
+        except LookupError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return request
 
 
 def _stream_args(d: dict) -> dict:

@@ -3,6 +3,7 @@ that counts a session's CGs across invocations."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import click
@@ -113,6 +114,7 @@ def formcg(units, session, count, seconds, injects) -> None:
     failed."""
     from fastfc import faults
     gm = units.session(session)
+    cut_short: float | None = None
     sent = drain_in_foreground([t.pair for t in gm.triplets if t.pair.suspend_reason is None])
     gm.count_global_copy(sent)
     results: list = []
@@ -123,7 +125,7 @@ def formcg(units, session, count, seconds, injects) -> None:
             for _ in range(count):
                 gm.form_consistency_group()
         else:
-            _run_loop(gm, seconds)
+            cut_short = _run_loop(gm, seconds, units.stopping)
     finally:
         gm.on_result = None
         if injects:
@@ -140,6 +142,10 @@ def formcg(units, session, count, seconds, injects) -> None:
     ok = sum(r.committed for r in results)
     click.echo(f"{ok} of {len(results)} consistency groups committed; "
                f"C volumes at CG {max(gm.c_sequences)}")
+    if cut_short is not None:
+        raise click.ClickException(
+            f"the server holding the unit is stopping: the loop ended after "
+            f"{cut_short:.1f} of {seconds:g} seconds")
     last = results[-1] if results else None
     if last is not None and not last.committed:
         raise click.ClickException(f"CG {last.sequence} failed: {last.cause.value}: "
@@ -166,17 +172,25 @@ def _arm_faults(gm: GlobalMirror, injects) -> None:
             raise click.BadParameter(str(e), param_hint="--inject") from None
 
 
-def _run_loop(gm: GlobalMirror, seconds: float) -> None:
+def _run_loop(gm: GlobalMirror, seconds: float, stopping: threading.Event | None
+              ) -> float | None:
+    """The session's loop for ``seconds``; ended early when ``stopping`` (a
+    server's command, its server stopping) is set: then the seconds it ran."""
     gm.start()
     try:
         with Progress(unit="s") as progress:
             task = progress.add("forming CGs", round(seconds, 1))
             end = time.monotonic() + seconds
             while (left := end - time.monotonic()) > 0:
-                time.sleep(min(0.1, left))
+                if stopping is not None:
+                    if stopping.wait(min(0.1, left)):
+                        return seconds - max(0.0, end - time.monotonic())
+                else:
+                    time.sleep(min(0.1, left))
                 st = gm.stats
                 progress.update(task, round(seconds - max(0.0, end - time.monotonic()), 1),
                                 description=f"CG {st.sequence}: {st.successes} committed")
+        return None
     finally:
         gm.stop()
 

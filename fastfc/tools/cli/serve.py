@@ -51,12 +51,15 @@ class Server:
                     unit.flush()
 
 
-def _tls_context(cert: str | None, key: str | None, psk: str | None) -> ssl.SSLContext | None:
+def _tls_context(cert: str | None, key: str | None, psk: str | None,
+                 client_ca: str | None = None) -> ssl.SSLContext | None:
     if psk is not None:
         raise click.ClickException(
             "--tls-psk: Python's ssl module (3.11) offers no TLS-PSK server, so fastfc "
             "serve cannot do PSK; use --tls-cert/--tls-key (X.509 certificates)")
     if cert is None and key is None:
+        if client_ca is not None:
+            raise click.UsageError("--tls-client-ca goes with --tls-cert/--tls-key")
         return None
     if cert is None or key is None:
         raise click.UsageError("--tls-cert and --tls-key go together")
@@ -66,6 +69,13 @@ def _tls_context(cert: str | None, key: str | None, psk: str | None) -> ssl.SSLC
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as e:
         raise click.ClickException(f"--tls-cert {cert} --tls-key {key}: {e}") from None
+    if client_ca is not None:
+        # clients prove who they are: a certificate this CA signed
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        try:
+            ctx.load_verify_locations(cafile=client_ca)
+        except (OSError, ssl.SSLError) as e:
+            raise click.ClickException(f"--tls-client-ca {client_ca}: {e}") from None
     return ctx
 
 
@@ -82,11 +92,17 @@ def _tls_context(cert: str | None, key: str | None, psk: str | None) -> ssl.SSLC
               help="TLS certificate (PEM): clients must use NBD_OPT_STARTTLS.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The certificate's private key (PEM).")
+@click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="FILE",
+              help="With --tls-cert: clients must present a certificate signed by this CA "
+                   "(PEM); without it TLS encrypts but anyone may connect.")
+@click.option("--allow-anonymous-tls", is_flag=True,
+              help="Allow TLS without --tls-client-ca on a non-loopback --bind address.")
 @click.option("--tls-psk", type=click.Path(dir_okay=False), default=None,
               help="TLS with a pre-shared key: not available (Python's ssl has no PSK).")
 @pass_units
 def serve(units, socket_path, port, bind, allow_remote_plain, tls_cert, tls_key,
-          tls_psk) -> None:
+          tls_client_ca, allow_anonymous_tls, tls_psk) -> None:
     """Export every volume over NBD, until SIGTERM or SIGINT.
 
     Each volume of the unit(s) is an export named after it
@@ -101,12 +117,20 @@ def serve(units, socket_path, port, bind, allow_remote_plain, tls_cert, tls_key,
     close the units, exit 0."""
     if socket_path is None and port is None:
         raise click.UsageError("give --socket PATH, or --port N (or both)")
-    tls = _tls_context(tls_cert, tls_key, tls_psk)
+    tls = _tls_context(tls_cert, tls_key, tls_psk, tls_client_ca)
     if port is not None and tls is None and not allow_remote_plain and not _loopback(bind):
         raise click.ClickException(
             f"--bind {bind} is not a loopback address: plain NBD there lets anyone on the "
-            "network read and write every volume; use --tls-cert/--tls-key, or say "
+            "network read and write every volume; use --tls-cert/--tls-key with "
+            "--tls-client-ca, or say "
             "--allow-remote-plain")
+    if (port is not None and tls is not None and tls_client_ca is None
+            and not allow_anonymous_tls and not _loopback(bind)):
+        raise click.ClickException(
+            f"--bind {bind} is not a loopback address: TLS without client certificates "
+            "encrypts, but lets anyone who reaches the port read and write every volume; "
+            "give --tls-client-ca FILE (clients present a certificate it signed), or say "
+            "--allow-anonymous-tls")
     stop = threading.Event()
 
     def on_signal(signum, frame) -> None:

@@ -3,6 +3,7 @@ the names a command line gives."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import click
@@ -44,6 +45,8 @@ class Units:
         self.open: dict[Path, StorageUnit] = {}
         self._partners_opened = False
         self.borrowed = False
+        #: a server's command (borrowed units): set when the server stops
+        self.stopping: threading.Event | None = None
         self._flush_on_close = True
 
     @classmethod
