@@ -234,7 +234,16 @@ def test_volumes_removed_under_load_many_times(tmp_path):
         assert seen <= {0, nbd.E_SHUTDOWN, nbd.E_IO} and nbd.E_SHUTDOWN in seen, seen
         c = Client(path)
         assert c.go("A")[-1][0] == nbd.REP_ACK
+        # the server serves on. A may hold no valid image now (a forced
+        # withdraw of V->A before client 2 had rewritten every track of A):
+        # then a partial write is refused, and a whole-volume write makes
+        # it valid again, as for any volume
+        invalid = server.units.local().volume("A")._invalid
+        assert c.request(nbd.CMD_WRITE, 0, 4, b"live")[0] == (nbd.E_IO if invalid else 0)
+        assert c.request(nbd.CMD_WRITE, 0, MIB, b"w" * MIB)[0] == 0
         assert c.request(nbd.CMD_WRITE, 0, 4, b"live")[0] == 0
+        err, data = c.request(nbd.CMD_READ, 0, 8)[:2]
+        assert err == 0 and bytes(data) == b"livewwww"
 
 
 # -- TLS through real clients ------------------------------------------------------------
@@ -350,6 +359,40 @@ def test_the_control_socket_answers_malformed_requests_and_runs_none(tmp_path):
             assert "N" in units.local()
     finally:
         units.close()
+
+
+def test_the_control_socket_answers_with_descriptors_past_1024(tmp_path):
+    """A server holding many volumes has more than 1,024 descriptors open,
+    so its control socket's may lie past what ``select.select`` can watch.
+    The accepting thread used select and, refused, spun without accepting:
+    every forwarded command hung (found when the whole suite ran in one
+    process, whose earlier tests had opened that many)."""
+    import resource
+    from fastfc.tools.cli import control
+    from fastfc.tools.cli.units import Units
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 2048")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    fill = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    unit = tmp_path / "u"
+    with fastfc.StorageUnit(unit) as u:
+        u.create_volume("A", 1)
+    stream = {"encoding": "utf-8", "errors": "strict", "tty": False}
+    good = {"argv": ["-u", str(unit), "mkvol", "N", "--tracks", "1"], "prog_name": "fastfc",
+            "cwd": str(tmp_path), "env": {}, "stdout": stream, "stderr": stream}
+    units = Units(str(unit), None)
+    try:
+        units.local()
+        with control.hosting(units, threading.RLock()):
+            err, status = _raw_command(unit / control.SOCKET, json.dumps(good).encode())
+            assert status == 0, err
+            assert "N" in units.local()
+    finally:
+        units.close()
+        for fd in fill:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # -- a command that runs for a while -------------------------------------------------------

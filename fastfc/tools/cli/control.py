@@ -478,17 +478,24 @@ class _Host:
     def _accept_loop(self) -> None:
         while True:
             with self._guard:
-                watched: list[Any] = [self._wake_r] + [s for s, _ in self._listeners.values()]
+                listeners = {s.fileno(): s for s, _ in self._listeners.values()}
+            # poll, not select: a server holding many volumes has descriptors
+            # past select's 1024, where select.select refuses to watch them
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            for fd in listeners:
+                poller.register(fd, select.POLLIN)
             try:
-                ready, _, _ = select.select(watched, [], [])
-            except (OSError, ValueError):
+                ready = [fd for fd, _ in poller.poll()]
+            except InterruptedError:
                 ready = []
             if self._wake_r in ready:
                 os.read(self._wake_r, 4096)
             if self._stopping:
                 return
-            for s in ready:
-                if s == self._wake_r:
+            for fd in ready:
+                s = listeners.get(fd)
+                if s is None:
                     continue
                 try:
                     conn, _ = s.accept()
