@@ -472,6 +472,9 @@ class SiteGlobalMirror(GlobalMirror):
         if not ok:
             if res.cause is Cause.DRAIN_TIMEOUT:
                 self._drain_failures += 1
+            # a unit that refused (or restarted) may hold a CG in doubt that
+            # it lost the outcome of: read every unit before the next CG
+            self._need_reconcile = True
             return self._count(res)
         self._drain_failures = 0
         t = time.perf_counter()
@@ -567,6 +570,9 @@ class SiteGlobalMirror(GlobalMirror):
                 errors.append(f"{decision} on {s.name}: {type(e).__name__}: {e}")
         if not errors:
             if failure is not None:
+                # a refused prepare may be a unit in doubt about an earlier
+                # CG (one that lost a commit's transaction): reconcile first
+                self._need_reconcile = True
                 res.cause, res.detail = Cause.PREPARE_FAILED, failure
             else:
                 res.committed = True
