@@ -69,3 +69,82 @@ def test_a_unit_that_lost_its_commit_is_reconciled_not_stuck(tmp_path, monkeypat
     assert gm.state is not GMState.FATAL
     assert len(set(gm.c_sequences)) == 1
     chk.check()
+
+
+# -- the seed's rule across units, every combination of unit states ----------
+# A unit's state for CG n (the previous CG n-1 committed everywhere):
+#   none      never prepared n (down during prepare)
+#   prepared  revertible with n (also: a unit that lost its commit or revert
+#             of n, which was not fsynced)
+#   committed committed n (and recorded so)
+#   reverted  reverted n (and recorded so)
+STATES = ("none", "prepared", "committed", "reverted")
+
+
+def _reachable(states, record):
+    if "committed" in states and ("reverted" in states or "none" in states):
+        return False            # one decision per sequence; commit needs every prepare
+    if record == "commit" and "none" in states:
+        return False            # a commit is recorded only after every prepare
+    if "committed" in states and record == "revert":
+        return False            # what commits was recorded "commit" first
+    return True
+
+
+def _expected(states, record):
+    if "committed" in states:
+        return "commit"
+    if "reverted" in states or "none" in states:
+        return "revert"
+    return "commit" if record == "commit" else "revert"     # all prepared: the record
+
+
+def _unit_in_state(path, name, state, record, first):
+    u = remote.LocalUnit.start(path, name=name)
+    srv = u.server
+    for v in ("b0", "c0", "b1", "c1"):
+        u.create_volume(v, 4, TS)
+    srv.setup("gm", [("b0", "c0"), ("b1", "c1")])
+    rows = lambda x: np.full((4, TS), x, np.uint8)          # noqa: E731
+    offs = np.arange(4, dtype=np.int64) * TS
+    srv.apply([("b0", offs, rows(1)), ("b1", offs, rows(1))])
+    assert srv.prepare("gm", 1) == "prepared" and srv.finish("gm", 1, "commit") == "commit"
+    srv.apply([("b0", offs, rows(2)), ("b1", offs, rows(2))])     # CG 2's data
+    if state != "none":
+        srv.prepare("gm", 2)
+    if state in ("committed", "reverted"):
+        srv.finish("gm", 2, "commit" if state == "committed" else "revert")
+    if first and record is not None:
+        srv.record_decision("gm", 2, record)
+    u.kill()                                                   # a crash, then reopened
+    return remote.LocalUnit.start(path, name=name)
+
+
+@pytest.mark.parametrize("n_units", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_reconcile_sites_every_combination_of_unit_states(tmp_path, n_units):
+    cases = 0
+    for states in itertools.product(STATES, repeat=n_units):
+        for record in (None, "commit", "revert"):
+            if not _reachable(states, record):
+                continue
+            cases += 1
+            local.stop_all()
+            d = tmp_path / f"{cases}"
+            units = [_unit_in_state(d / f"u{i}", f"u{i}", st, record, i == 0)
+                     for i, st in enumerate(states)]
+            sites = [u.site for u in units]
+            want = _expected(states, record)
+            action, n = sitemirror.reconcile_sites(sites, "gm")
+            if "prepared" in states:
+                assert (action, n) == (want, 2), (states, record, action)
+            else:               # nothing in doubt: the newest CG every C carries
+                assert (action, n) == ("nothing", 2 if want == "commit" else 1), (states, record)
+            seq, fill = (2, 2) if want == "commit" else (1, 1)
+            for u, st in zip(units, (s.status("gm") for s in sites)):
+                assert [(rev, q) for _, rev, q in st["fcs"]] == [(False, seq)] * 2, (states, record)
+                for c in ("c0", "c1"):
+                    img = u.volume(c).read(0, 4 * TS)
+                    assert (img == fill).all(), (states, record, u.name, c)
+            # reconciling again does nothing more
+            assert sitemirror.reconcile_sites(sites, "gm")[0] == "nothing"
+    assert cases >= (14 if n_units == 2 else 40)
