@@ -148,3 +148,57 @@ def test_reconcile_sites_every_combination_of_unit_states(tmp_path, n_units):
             # reconciling again does nothing more
             assert sitemirror.reconcile_sites(sites, "gm")[0] == "nothing"
     assert cases >= (14 if n_units == 2 else 40)
+
+
+# -- the link: host writes between gathering and landing ----------------------
+def _writes_during_apply(units, trips, rng, log):
+    """Every apply call first lets host writes hit the A volumes (after the
+    call's tracks were gathered, before they land on B)."""
+    def hook(where, i):
+        if where != "apply" or i != 0:
+            return
+        for _ in range(rng.integers(1, 4)):
+            a = trips[int(rng.integers(len(trips)))][0]
+            t = int(rng.integers(N))
+            k = int(rng.integers(1, 3))
+            k = min(k, N - t)
+            a.write(t * TS + int(rng.integers(TS // 2)),
+                    rng.integers(0, 256, k * TS // 2, dtype=np.uint8))
+            log.append((a.name, t))
+    for u in units:
+        u.server.kill_point = hook
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_writes_between_gather_and_send_never_land_stale(tmp_path, monkeypatch, seed):
+    """Small batches, several calls per unit per CG (several in flight), host
+    writes inside every send: each CG's C is A at its coordination instant,
+    and once writes stop B and C converge to A exactly (a stale version
+    landing after a newer one would stay on B)."""
+    monkeypatch.setattr(sitemirror, "BATCH_BYTES", 3 * TS)
+    monkeypatch.setattr(sitemirror, "HOLD_BYTES", 2 * TS)
+    monkeypatch.setattr(sitemirror, "MAX_INFLIGHT_BYTES", 5 * TS)
+    rng = np.random.default_rng(seed)
+    units, trips, gm, chk = make_session(tmp_path, n_trip=4, n_units=2)
+    assert gm.form_consistency_group().committed
+    log: list = []
+    _writes_during_apply(units, trips, rng, log)
+    for i in range(12):
+        for a, _, _ in trips:                      # owed tracks, to be gathered
+            t = int(rng.integers(N - 4))
+            a.write(t * TS, rng.integers(0, 256, 4 * TS, dtype=np.uint8))
+        if i % 3 == 2:                             # Global Copy between CGs
+            gm.groups[0].global_copy(2 * TS)
+            gm.groups[1].global_copy(2 * TS)
+        assert gm.form_consistency_group().committed
+        chk.check()
+    assert len(log) > 10
+    for u in units:
+        u.server.kill_point = None
+    for _ in range(2):
+        assert gm.form_consistency_group().committed
+    chk.check()
+    for a, b, c in trips:
+        img = a.read(0, a.capacity)
+        assert np.array_equal(b.read(0, b.capacity), img)
+        assert np.array_equal(c.read(0, c.capacity), img)
