@@ -202,3 +202,41 @@ def test_writes_between_gather_and_send_never_land_stale(tmp_path, monkeypatch, 
         img = a.read(0, a.capacity)
         assert np.array_equal(b.read(0, b.capacity), img)
         assert np.array_equal(c.read(0, c.capacity), img)
+
+
+# -- fencing: an orphan that still has the unit open --------------------------
+def test_an_orphaned_server_writes_nothing_after_a_new_owner_opened_the_unit(tmp_path):
+    """The old owner lost its host's lock view (a partition: the new owner
+    on another host got the lock) but still has every file open. Every call
+    it gets must refuse (FencedError) and change nothing."""
+    from fastfc.durable import unit as unit_mod
+    from fastfc.remote.server import FencedError, UnitServer
+    old = UnitServer(tmp_path / "u")
+    for v in ("b", "c", "x"):
+        old.create_volume(v, 4, TS)
+    old.setup("gm", [("b", "c")])
+    offs = np.arange(4, dtype=np.int64) * TS
+    old.apply([("b", offs, np.full((4, TS), 1, np.uint8))])
+    old.prepare("gm", 1)
+    # the partition: the old server keeps its files, the lock is taken over
+    old.unit._unit_lock.release()
+    with unit_mod._registry_lock:
+        del unit_mod._open_units[str(old.path)]
+    new = UnitServer(tmp_path / "u")
+    assert new.epoch == old.epoch + 1
+    before = {v: new.read(v, 0, 4 * TS).copy() for v in ("b", "c")}
+    st = new.status("gm")
+    calls = [("apply", ([("b", offs, np.full((4, TS), 9, np.uint8))],)),
+             ("prepare", ("gm", 1)), ("finish", ("gm", 1, "commit")),
+             ("finish", ("gm", 1, "revert")), ("record_decision", ("gm", 1, "commit")),
+             ("restore_b", ("gm",)), ("setup", ("gm2", [("x", "b")])),
+             ("create_volume", ("y", 4, TS)), ("read", ("b", 0, 4)), ("status", ("gm",)),
+             ("info", ())]
+    for method, args in calls:
+        with pytest.raises(FencedError, match="replaced"):
+            getattr(old, method)(*args)
+    for v in ("b", "c"):
+        assert np.array_equal(new.read(v, 0, 4 * TS), before[v])
+    assert new.status("gm") == st
+    assert new.finish("gm", 1, "commit") == "commit"
+    new.close()
