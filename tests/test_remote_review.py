@@ -240,3 +240,76 @@ def test_an_orphaned_server_writes_nothing_after_a_new_owner_opened_the_unit(tmp
     assert new.status("gm") == st
     assert new.finish("gm", 1, "commit") == "commit"
     new.close()
+
+
+# -- site-loss recovery ---------------------------------------------------------
+def _restart_all(tmp_path, n):
+    local.stop_all()
+    return [remote.LocalUnit.start(tmp_path / f"u{i}", name=f"u{i}") for i in range(n)]
+
+
+def test_recovery_after_the_primary_died_mid_drain_restores_b_to_c(tmp_path):
+    """The primary is lost while a CG's tracks are half sent (B holds some
+    newer tracks than C): every B must come back byte for byte as its C,
+    the last committed CG."""
+    units, trips, gm, chk = make_session(tmp_path, n_trip=4)
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        for a, _, _ in trips:
+            a.write(int(rng.integers(N)) * TS, rng.integers(0, 256, TS, dtype=np.uint8))
+        assert gm.form_consistency_group().committed
+    seq = chk.check()
+    images = chk.snapshots[seq]
+    for a, _, _ in trips:
+        a.write(0, rng.integers(0, 256, N * TS, dtype=np.uint8))
+    units[1].arm_kill("apply", 1)
+    assert not gm.form_consistency_group().committed
+    del gm, trips
+    units = _restart_all(tmp_path, 2)
+    assert remote.recover(units, "gm") == seq
+    for i in range(4):
+        u = units[i % 2]
+        b, c = u.volume(f"b{i}"), u.volume(f"c{i}")
+        assert np.array_equal(b.read(0, b.capacity), images[i])
+        assert np.array_equal(c.read(0, c.capacity), images[i])
+
+
+def test_recovery_twice_keeps_the_host_writes_made_after_the_first(tmp_path):
+    """recover() is the failover step; a second call (a retry, an operator
+    running it again) must not throw away what hosts wrote to B since."""
+    units, trips, gm, chk = make_session(tmp_path, n_trip=2)
+    assert gm.form_consistency_group().committed
+    seq = chk.check()
+    del gm, trips
+    units = _restart_all(tmp_path, 2)
+    assert remote.recover(units, "gm") == seq
+    b = units[0].server.unit.volume("b0")
+    b.write(0, b"acknowledged")
+    try:
+        remote.recover(units, "gm")
+    except fastfc.FastFCError:
+        pass                    # refusing is fine; losing the write is not
+    assert bytes(units[0].volume("b0").read(0, 12)) == b"acknowledged"
+
+
+def test_recovery_when_the_unit_holding_the_decision_is_lost(tmp_path):
+    """The decision lives on the first unit. If that unit is lost with the
+    primary, recovery over the others still ends them on one CG; if the lost
+    unit comes back having committed what the others reverted, recovery
+    refuses rather than restore from mixed CGs."""
+    units, trips, gm, chk = make_session(tmp_path, n_trip=6, n_units=3)
+    assert gm.form_consistency_group().committed
+    seq = chk.check()
+    for a, _, _ in trips:
+        a.write(0, b"new")
+    units[1].arm_kill("finish", 0)        # u0 committed (and holds the record), u1 died
+    res = gm.form_consistency_group()
+    assert res.committed and gm.state is GMState.FATAL
+    del gm, trips
+    local.stop_all()
+    rest = [remote.LocalUnit.start(tmp_path / f"u{i}", name=f"u{i}") for i in (1, 2)]
+    # u2 committed too (finish ran on it after u1 died): the rule commits u1
+    assert remote.recover(rest, "gm") == res.sequence
+    for u in rest:
+        assert [q for _, rev, q in u.site.status("gm")["fcs"]] == [res.sequence] * 2
+    assert seq < res.sequence

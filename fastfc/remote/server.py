@@ -265,6 +265,9 @@ class UnitServer:
                                   (session + UNIT_KEY,)))}
 
     def restore_b(self, session: str) -> None:
+        """Fast-reverse-restore each B of ``session`` from its C and let B
+        take host writes. Idempotent: a B restored before (which may hold
+        host writes since) is left alone."""
         self._fence()
         fcs = self._fcs(session)
         if any(fc.revertible for fc in fcs) or len({fc.sequence for fc in fcs}) > 1:
@@ -272,10 +275,13 @@ class UnitServer:
                              "one settled CG; recover the session first")
         for fc in fcs:
             b = fc.source
-            if b._secondary:
-                b._secondary = False
-                self.unit.store.set_volume_flags(b.flags_record())
+            if not b._secondary:
+                continue        # restored already: B may hold host writes since
+            # restore first, then let B take host writes: a crash between
+            # the two restores again (B took no writes yet)
             fc.reverse_restore()
+            b._secondary = False
+            self.unit.store.set_volume_flags(b.flags_record())
 
     def close(self) -> None:
         self.unit.close()
