@@ -313,3 +313,25 @@ def test_recovery_when_the_unit_holding_the_decision_is_lost(tmp_path):
     for u in rest:
         assert [q for _, rev, q in u.site.status("gm")["fcs"]] == [res.sequence] * 2
     assert seq < res.sequence
+
+
+# -- the in-process transport behaves as an actor: one call at a time ----------
+def test_local_unit_runs_one_call_at_a_time(tmp_path):
+    """A Ray actor runs its calls one by one; the in-process double must
+    too (a reader thread's call waits while the session's apply runs)."""
+    import threading
+    units, trips, gm, chk = make_session(tmp_path, n_trip=2, n_units=1)
+    c = trips[0][2]
+    state = {}
+
+    def hook(where, i):
+        if where == "apply" and "thread" not in state:
+            th = state["thread"] = threading.Thread(target=lambda: state.setdefault(
+                "read", c.read(0, 4)))
+            th.start()
+            th.join(0.2)
+            state["overlapped"] = "read" in state
+    units[0].server.kill_point = hook
+    assert gm.form_consistency_group().committed
+    state["thread"].join(5)
+    assert "read" in state and state["overlapped"] is False
