@@ -335,3 +335,34 @@ def test_local_unit_runs_one_call_at_a_time(tmp_path):
     assert gm.form_consistency_group().committed
     state["thread"].join(5)
     assert "read" in state and state["overlapped"] is False
+
+
+# -- sequences across a primary restart ------------------------------------------
+@pytest.mark.parametrize("where", ["prepare", "finish"])
+def test_a_new_session_process_reuses_no_settled_sequence_wrongly(tmp_path, where):
+    """The primary restarts (a new session object over the same units, new
+    A volumes copied in full) after a CG was reverted (prepare killed) or
+    half committed (finish killed on the second unit). The new session
+    settles it by the rule, never acts twice on a sequence a unit settled,
+    and its first attempt commits (it uses no sequence a unit settled)."""
+    units, trips, gm, chk = make_session(tmp_path)
+    assert gm.form_consistency_group().committed
+    units[1].arm_kill(where, 0)
+    res = gm.form_consistency_group()
+    assert res.committed is (where == "finish")
+    gm.close()
+    units[1] = remote.LocalUnit.start(tmp_path / "u1", name="u1")
+    trips2 = []
+    for i, (_, b, c) in enumerate(trips):
+        a = fastfc.Volume(N, TS, name=f"a{i}x")
+        a.write(0, np.full(N * TS, 50 + i, np.uint8))
+        trips2.append((a, b, c))
+    chk2 = PromiseChecker()
+    gm2 = fastfc.GlobalMirror(trips2, on_coordinate=chk2.on_coordinate)
+    chk2.attach(gm2)
+    assert len(set(gm2.c_sequences)) == 1 or where == "finish"
+    results = [gm2.form_consistency_group() for _ in range(2)]
+    assert results[-1].committed, results
+    assert all(r.committed for r in results), results     # no sequence reused
+    assert chk2.check() == results[-1].sequence > res.sequence
+    assert len(set(gm2.c_sequences)) == 1
