@@ -366,3 +366,32 @@ def test_a_new_session_process_reuses_no_settled_sequence_wrongly(tmp_path, wher
     assert all(r.committed for r in results), results     # no sequence reused
     assert chk2.check() == results[-1].sequence > res.sequence
     assert len(set(gm2.c_sequences)) == 1
+
+
+def test_remote_session_matches_the_local_one_on_the_same_writes(tmp_path, monkeypatch):
+    """The same write sequence through a local session (B, C in this
+    process) and a session over two units: after every CG the B and C
+    images and sequences are the same."""
+    monkeypatch.setattr(sitemirror, "BATCH_BYTES", 3 * TS)
+    units, trips, gm, _ = make_session(tmp_path, n_trip=4, n_units=2)
+    loc = []
+    for i, (a, _, _) in enumerate(trips):
+        a2 = fastfc.Volume(N, TS, name=f"la{i}")
+        a2.write(0, a.read(0, a.capacity))
+        loc.append((a2, fastfc.Volume(N, TS, name=f"lb{i}"), fastfc.Volume(N, TS, name=f"lc{i}")))
+    gl = fastfc.GlobalMirror(loc)
+    rng = np.random.default_rng(9)
+    for _ in range(8):
+        for (a, _, _), (a2, _, _) in zip(trips, loc):
+            for _ in range(3):
+                off = int(rng.integers(N * TS - 3 * TS))
+                data = rng.integers(0, 256, int(rng.integers(1, 3 * TS)), dtype=np.uint8)
+                a.write(off, data)
+                a2.write(off, data)
+        r1, r2 = gm.form_consistency_group(), gl.form_consistency_group()
+        assert r1.committed and r2.committed and r1.sequence == r2.sequence
+        for (_, b, c), (_, b2, c2) in zip(trips, loc):
+            assert np.array_equal(c.read(0, c.capacity), c2.read(0, c2.capacity))
+            assert np.array_equal(b.read(0, b.capacity), b2.read(0, b2.capacity))
+        assert gm.c_sequences == gl.c_sequences
+    gl.close()
