@@ -395,3 +395,21 @@ def test_remote_session_matches_the_local_one_on_the_same_writes(tmp_path, monke
             assert np.array_equal(b.read(0, b.capacity), b2.read(0, b2.capacity))
         assert gm.c_sequences == gl.c_sequences
     gl.close()
+
+
+def test_two_servers_that_read_the_same_epoch_still_fence(tmp_path, monkeypatch):
+    """Two hosts that do not share the OS lock open the unit at once and
+    both read epoch 0: the one whose epoch file was replaced must refuse."""
+    from fastfc.durable import unit as unit_mod
+    from fastfc.remote import server as server_mod
+    monkeypatch.setattr(server_mod, "_read_epoch", lambda path: 0)
+    old = server_mod.UnitServer(tmp_path / "u")
+    old.unit._unit_lock.release()
+    with unit_mod._registry_lock:
+        del unit_mod._open_units[str(old.path)]
+    new = server_mod.UnitServer(tmp_path / "u")
+    assert new.epoch == old.epoch == 1
+    with pytest.raises(server_mod.FencedError):
+        old.create_volume("v", 4, TS)
+    assert new.create_volume("v", 4, TS) == ("v", 4, TS)
+    new.close()
