@@ -183,18 +183,27 @@ class UnitServer:
                     or c._tgt_rel is not None or c._src_rels:
                 raise ValueError(f"{b.name} and {c.name} of unit {self.path} must be free "
                                  "volumes (no pair, no FlashCopy) to join a session")
-        with self.unit.store.transaction():
-            for b, c in vols:
-                if known is not None and isinstance(c._tgt_rel, FlashCopy):
-                    continue
-                FlashCopy(b, c, background_copy=False, record=True,
-                          inhibit_target_write=True, sequence=0)
-                b._secondary = True
-                self.unit.store.set_volume_flags(b.flags_record())
-                seqs.append(0)
         if known is None:
+            # the session's list first: a crash after the relationships
+            # were made must find them the session's when set up again
+            # (with the list written after, they were volumes in use)
             self._sessions[session] = names
             _write_atomic(self.path / SESSIONS_FILE, json.dumps(self._sessions))
+        try:
+            with self.unit.store.transaction():
+                for b, c in vols:
+                    if known is not None and isinstance(c._tgt_rel, FlashCopy):
+                        continue
+                    FlashCopy(b, c, background_copy=False, record=True,
+                              inhibit_target_write=True, sequence=0)
+                    b._secondary = True
+                    self.unit.store.set_volume_flags(b.flags_record())
+                    seqs.append(0)
+        except Exception:
+            if known is None:       # refused: the session is not this unit's
+                del self._sessions[session]
+                _write_atomic(self.path / SESSIONS_FILE, json.dumps(self._sessions))
+            raise
         return seqs
 
     def apply(self, updates: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> int:
