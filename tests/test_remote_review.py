@@ -449,3 +449,35 @@ def test_a_unit_killed_inside_setup_can_be_set_up_again(tmp_path, monkeypatch, a
     gm = fastfc.GlobalMirror([(a, b, c)])
     assert gm.form_consistency_group().committed
     assert gm.c_sequences == [1]
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_the_decision_holder_killed_while_recording(tmp_path, monkeypatch, before):
+    """The first unit dies while recording the decision, before or after the
+    record reached its store (the answer lost either way): the session
+    reverts; once the unit is back, reconciling ends every C on the previous
+    CG even with a "commit" record on it."""
+    units, trips, gm, chk = make_session(tmp_path)
+    assert gm.form_consistency_group().committed
+    seq = chk.check()
+    from fastfc.remote.server import KilledHere
+    srv = units[0].server
+    real = srv.record_decision
+
+    def record(session, sequence, decision):
+        if not before:
+            real(session, sequence, decision)
+        raise KilledHere("record")
+    monkeypatch.setattr(srv, "record_decision", record)
+    for a, _, _ in trips:
+        a.write(0, b"new")
+    res = gm.form_consistency_group()
+    assert not res.committed
+    units[0] = remote.LocalUnit.start(tmp_path / "u0", name="u0")
+    st = units[0].site.status("gm")
+    assert st["decisions"].get(res.sequence) == (None if before else "commit")
+    assert gm.clear_fatal() == "idle"
+    assert chk.check() == seq
+    assert gm.c_sequences == [seq] * 4
+    assert gm.form_consistency_group().committed
+    chk.check()
