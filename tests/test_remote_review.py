@@ -147,6 +147,11 @@ def test_reconcile_sites_every_combination_of_unit_states(tmp_path, n_units):
                     assert (img == fill).all(), (states, record, u.name, c)
             # reconciling again does nothing more
             assert sitemirror.reconcile_sites(sites, "gm")[0] == "nothing"
+            # site-loss recovery from here: every B back to its C, byte for byte
+            assert sitemirror.recover_sites(sites, "gm") == seq
+            for u in units:
+                for b in ("b0", "b1"):
+                    assert (u.volume(b).read(0, 4 * TS) == fill).all(), (states, record, b)
     assert cases >= (14 if n_units == 2 else 40)
 
 
