@@ -139,3 +139,46 @@ def test_ray_kills_keep_the_promise(ray_session, tmp_path):
             assert np.array_equal(v.read(0, v.capacity), images[i]), name
     for u in units:
         u.kill()
+
+
+def test_ray_a_hung_unit_times_out_and_answers_again(ray_session, tmp_path, monkeypatch):
+    """A unit whose process stops answering (SIGSTOP: a hung host) makes
+    proxy calls and CG attempts fail within the call timeout, never hang;
+    once it runs again (Ray may have reaped it: then started again) the same
+    proxy and session work. (r12)"""
+    import signal
+    from fastfc.remote import rayunit
+    remote = ray_session
+    monkeypatch.setattr(rayunit, "CALL_TIMEOUT", 1.5)
+    u = start(remote, tmp_path, 0)
+    a = fastfc.Volume(8, TS, name="a")
+    b, c = u.create_volume("b", 8, TS), u.create_volume("c", 8, TS)
+    gm = fastfc.GlobalMirror([(a, b, c)])
+    assert gm.form_consistency_group().committed
+    pid = u.info()["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        with pytest.raises(fastfc.FastFCError):
+            c.read(0, 10)
+        a.write(0, b"x" * 10)
+        res = gm.form_consistency_group()          # never raises, never hangs
+        assert not res.committed and res.cause is not None
+        assert time.monotonic() - t < 15
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(0.5)
+    try:
+        os.kill(pid, 0)
+    except OSError:     # Ray reaped the worker that stopped answering: restart it
+        u = start(remote, tmp_path, 0)
+    for _ in range(3):
+        res = gm.form_consistency_group()
+        if res.committed:
+            break
+        time.sleep(0.5)
+    assert res.committed, res
+    assert bytes(c.read(0, 10)) == b"x" * 10
+    assert gm.c_sequences == [res.sequence]
+    gm.close()
+    u.kill()

@@ -263,7 +263,8 @@ class _SitesLink:
 
 
 def reconcile_sites(sites: Sequence[SecondarySite], session: str,
-                    journal: Callable[[int, str], None] | None = None) -> tuple[str, int]:
+                    journal: Callable[[int, str], None] | None = None, *,
+                    seen: list[int] | None = None) -> tuple[str, int]:
     """End every C of ``session`` on one CG across ``sites``, by the seed's
     rule, from what the units hold (no unit settles an in-doubt CG alone).
 
@@ -273,9 +274,14 @@ def reconcile_sites(sites: Sequence[SecondarySite], session: str,
     session's recorded decision, and without one (every prepared
     relationship still revertible with one sequence) revert all. Returns ``(action, sequence)``: action "nothing", "commit"
     or "revert". Raises the unit's error if one is unreachable (nothing is
-    decided then).
+    decided then). ``seen``, if given, receives the highest sequence any
+    unit carries, settled or recorded (a new CG must use a higher one).
     """
     statuses = [s.status(session) for s in sites]
+    if seen is not None:
+        seen.append(max([0] + [int(q) for st in statuses for (_, _, q) in st["fcs"]]
+                        + [int(q) for st in statuses for q in st["settled"]]
+                        + [int(q) for st in statuses for q in st["decisions"]]))
     pending = {seq for st in statuses for (_, rev, seq) in st["fcs"] if rev}
     if not pending:
         return "nothing", max(seq for st in statuses for (_, _, seq) in st["fcs"])
@@ -427,11 +433,14 @@ class SiteGlobalMirror(GlobalMirror):
     def reconcile(self) -> str:
         """Settle a CG a failure left in doubt on some unit (every unit
         must answer), by the seed's rule; returns the action taken."""
-        action, n = reconcile_sites(self.sites, self.name, self._record)
+        seen: list[int] = []
+        action, n = reconcile_sites(self.sites, self.name, self._record, seen=seen)
         if action == "commit" and n > self.stats.sequence:
             self.stats.sequence = n
             self.stats.last_cg_time = self._coordinated.get(n, self.stats.last_cg_time)
-        self._next_sequence = max(self._next_sequence, n + 1)
+        # past every sequence a unit settled or recorded: a unit refuses to
+        # prepare one it settled (a session restarted after a revert)
+        self._next_sequence = max(self._next_sequence, n + 1, seen[0] + 1)
         self._need_reconcile = False
         return action
 
@@ -472,6 +481,9 @@ class SiteGlobalMirror(GlobalMirror):
         if not ok:
             if res.cause is Cause.DRAIN_TIMEOUT:
                 self._drain_failures += 1
+            # a unit that refused (or restarted) may hold a CG in doubt that
+            # it lost the outcome of: read every unit before the next CG
+            self._need_reconcile = True
             return self._count(res)
         self._drain_failures = 0
         t = time.perf_counter()
@@ -567,6 +579,9 @@ class SiteGlobalMirror(GlobalMirror):
                 errors.append(f"{decision} on {s.name}: {type(e).__name__}: {e}")
         if not errors:
             if failure is not None:
+                # a refused prepare may be a unit in doubt about an earlier
+                # CG (one that lost a commit's transaction): reconcile first
+                self._need_reconcile = True
                 res.cause, res.detail = Cause.PREPARE_FAILED, failure
             else:
                 res.committed = True

@@ -44,15 +44,19 @@ class LocalTransport(client.Transport):
     def call(self, unit: str, method: str, *args: Any) -> Pending:
         with _lock:
             u = _units.get(unit)
-        if u is None or u.server is None:
+        if u is None:
             return Done(error=UnitDownError(f"unit {unit} is down (not started, or killed)"))
-        try:
-            value = getattr(u.server, method)(*[_read_only(a) for a in args])
-        except KilledHere:
-            u._crash()
-            return Done(error=UnitDownError(f"unit {unit} died during {method}"))
-        except Exception as e:      # as over Ray: the caller's result() raises it
-            return Done(error=e)
+        with u.calls:               # as an actor: one call at a time
+            server = u.server
+            if server is None:
+                return Done(error=UnitDownError(f"unit {unit} is down (not started, or killed)"))
+            try:
+                value = getattr(server, method)(*[_read_only(a) for a in args])
+            except KilledHere:
+                u._crash()
+                return Done(error=UnitDownError(f"unit {unit} died during {method}"))
+            except Exception as e:      # as over Ray: the caller's result() raises it
+                return Done(error=e)
         return Done(_read_only(value))
 
 
@@ -70,6 +74,7 @@ class LocalUnit(UnitHandle):
         self.server: UnitServer | None = None
         self.path: str | None = None
         self._armed: tuple[str, int] | None = None
+        self.calls = threading.RLock()      # held while the server runs a call
 
     @classmethod
     def start(cls, path: str | os.PathLike, *, name: str) -> "LocalUnit":

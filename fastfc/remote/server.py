@@ -8,11 +8,13 @@ The same :class:`UnitServer` runs inside a Ray actor
 (:mod:`fastfc.remote.rayunit`) and in-process (:mod:`fastfc.remote.local`).
 
 **Fencing.** Opening takes the unit's OS lock (``unit.lock``) and then
-increments the epoch in ``remote.epoch`` (written and fsynced before the
-server answers any call). Every call first checks that the file still holds
-this server's epoch: a worker orphaned by a lost node, whose replacement
-opened the unit since, refuses every call with :class:`FencedError` rather
-than write.
+increments the epoch in ``remote.epoch``, with a token of this server's own
+(written and fsynced before the server answers any call). Every call first
+checks that the file still holds this server's epoch and token: a worker
+orphaned by a lost node, whose replacement opened the unit since, refuses
+every call with :class:`FencedError` rather than write. (The check precedes
+the call's work: a call already running when the replacement opens the
+unit finishes.)
 
 **Idempotence.** ``prepare``, ``finish`` are keyed by (session, CG
 sequence). What a unit carried out for a sequence is recorded in its
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence, cast
 
@@ -53,11 +56,16 @@ class KilledHere(BaseException):
     not an error a caller handles."""
 
 
-def _read_epoch(path: Path) -> int:
+def _read_owner(path: Path) -> str:
+    """The epoch file's text: ``"<epoch> <token>"`` of the unit's owner."""
     try:
-        return int((path / EPOCH_FILE).read_text() or 0)
+        return (path / EPOCH_FILE).read_text().strip()
     except FileNotFoundError:
-        return 0
+        return ""
+
+
+def _read_epoch(path: Path) -> int:
+    return int(_read_owner(path).split(" ")[0] or 0)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -90,7 +98,11 @@ class UnitServer:
         self.unit = StorageUnit(self.path)      # the OS lock: one owner per directory
         try:
             self.epoch = _read_epoch(self.path) + 1
-            _write_atomic(self.path / EPOCH_FILE, str(self.epoch))
+            # the epoch names the owner with a token of its own: two servers
+            # that opened the unit at once (hosts that do not share the OS
+            # lock) and read the same epoch still tell each other apart
+            self._owner = f"{self.epoch} {uuid.uuid4().hex}"
+            _write_atomic(self.path / EPOCH_FILE, self._owner)
             self._sessions: dict[str, list[list[str]]] = self._load_sessions()
         except BaseException:
             self.unit.close()
@@ -100,8 +112,9 @@ class UnitServer:
 
     # -- plumbing ------------------------------------------------------------
     def _fence(self) -> None:
-        now = _read_epoch(self.path)
-        if now != self.epoch:
+        owner = _read_owner(self.path)
+        if owner != self._owner:
+            now = owner.split(" ")[0]
             raise FencedError(f"unit {self.path} is owned by epoch {now}; this server "
                               f"(epoch {self.epoch}) was replaced and refuses every call")
 
@@ -170,18 +183,27 @@ class UnitServer:
                     or c._tgt_rel is not None or c._src_rels:
                 raise ValueError(f"{b.name} and {c.name} of unit {self.path} must be free "
                                  "volumes (no pair, no FlashCopy) to join a session")
-        with self.unit.store.transaction():
-            for b, c in vols:
-                if known is not None and isinstance(c._tgt_rel, FlashCopy):
-                    continue
-                FlashCopy(b, c, background_copy=False, record=True,
-                          inhibit_target_write=True, sequence=0)
-                b._secondary = True
-                self.unit.store.set_volume_flags(b.flags_record())
-                seqs.append(0)
         if known is None:
+            # the session's list first: a crash after the relationships
+            # were made must find them the session's when set up again
+            # (with the list written after, they were volumes in use)
             self._sessions[session] = names
             _write_atomic(self.path / SESSIONS_FILE, json.dumps(self._sessions))
+        try:
+            with self.unit.store.transaction():
+                for b, c in vols:
+                    if known is not None and isinstance(c._tgt_rel, FlashCopy):
+                        continue
+                    FlashCopy(b, c, background_copy=False, record=True,
+                              inhibit_target_write=True, sequence=0)
+                    b._secondary = True
+                    self.unit.store.set_volume_flags(b.flags_record())
+                    seqs.append(0)
+        except Exception:
+            if known is None:       # refused: the session is not this unit's
+                del self._sessions[session]
+                _write_atomic(self.path / SESSIONS_FILE, json.dumps(self._sessions))
+            raise
         return seqs
 
     def apply(self, updates: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> int:
@@ -265,6 +287,9 @@ class UnitServer:
                                   (session + UNIT_KEY,)))}
 
     def restore_b(self, session: str) -> None:
+        """Fast-reverse-restore each B of ``session`` from its C and let B
+        take host writes. Idempotent: a B restored before (which may hold
+        host writes since) is left alone."""
         self._fence()
         fcs = self._fcs(session)
         if any(fc.revertible for fc in fcs) or len({fc.sequence for fc in fcs}) > 1:
@@ -272,10 +297,13 @@ class UnitServer:
                              "one settled CG; recover the session first")
         for fc in fcs:
             b = fc.source
-            if b._secondary:
-                b._secondary = False
-                self.unit.store.set_volume_flags(b.flags_record())
+            if not b._secondary:
+                continue        # restored already: B may hold host writes since
+            # restore first, then let B take host writes: a crash between
+            # the two restores again (B took no writes yet)
             fc.reverse_restore()
+            b._secondary = False
+            self.unit.store.set_volume_flags(b.flags_record())
 
     def close(self) -> None:
         self.unit.close()

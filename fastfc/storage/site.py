@@ -107,7 +107,8 @@ class SecondarySite(ABC):
     @abstractmethod
     def restore_b(self, session: str) -> None:
         """Site-loss recovery: fast-reverse-restore each B from its C (the
-        C volumes must be on one settled CG) and let B take host writes."""
+        C volumes must be on one settled CG) and let B take host writes.
+        Idempotent: a B restored before keeps the host writes it took since."""
 
 
 class SiteVolume(ABC):
