@@ -986,12 +986,20 @@ class GlobalMirror:
                 self.fatal_reason = f"a CG attempt raised {type(e).__name__}: {e}"
                 self.state = GMState.FATAL
                 continue
-            if res.cause in (Cause.DRAIN_TIMEOUT, Cause.LINK_DOWN, Cause.DRAIN_ERROR):
-                self._catch_up()
-            elif self.cg_interval:
-                self._global_copy_for(self.cg_interval)
-            elif not res.committed:
-                self._stop.wait(0.001)
+            try:
+                if res.cause in (Cause.DRAIN_TIMEOUT, Cause.LINK_DOWN, Cause.DRAIN_ERROR):
+                    self._catch_up()
+                elif self.cg_interval:
+                    self._global_copy_for(self.cg_interval)
+                elif not res.committed:
+                    self._stop.wait(0.001)
+            except FastFCError:
+                # Global Copy between CGs failed (a link or a unit went down):
+                # the next attempt reports it, with its cause, and counts it
+                self._stop.wait(0.01)
+            except Exception as e:
+                self.fatal_reason = f"Global Copy between CGs raised {type(e).__name__}: {e}"
+                self.state = GMState.FATAL
 
     def _global_copy_for(self, seconds: float) -> None:
         """Between CGs: drain OOS tracks as Global Copy until ``seconds`` pass."""
