@@ -45,6 +45,12 @@ def make_units(tmp_path, n=2):
     return [remote.LocalUnit.start(tmp_path / f"u{i}", name=f"u{i}") for i in range(n)]
 
 
+# Host writes paced (bytes/s): every CG still takes writes mid-drain and
+# mid-prepare, while an unpaced pair of writers made each attempt drain
+# seconds of backlog on a loaded 2-core machine (a minute per kill test).
+PACE = 50e6
+
+
 def make_session(tmp_path, n_trip=4, n_units=2, **kw):
     units = make_units(tmp_path, n_units)
     trips = []
@@ -91,7 +97,7 @@ def test_session_is_a_site_session_and_keeps_the_promise(tmp_path):
     units, trips, gm, chk = make_session(tmp_path)
     assert isinstance(gm, sitemirror.SiteGlobalMirror)
     assert len(gm.sites) == 2
-    with RandomWriters([t[0] for t in trips], threads=2, seed=3):
+    with RandomWriters([t[0] for t in trips], threads=2, seed=3, pace=PACE):
         for _ in range(15):
             res = gm.form_consistency_group()
             assert res.committed, res
@@ -201,7 +207,7 @@ def test_fencing(tmp_path):
 
 def test_site_loss_recovery(tmp_path):
     units, trips, gm, chk = make_session(tmp_path, n_trip=6)
-    with RandomWriters([t[0] for t in trips], threads=2, seed=7):
+    with RandomWriters([t[0] for t in trips], threads=2, seed=7, pace=PACE):
         for _ in range(4):
             assert gm.form_consistency_group().committed
             chk.check()
@@ -301,7 +307,7 @@ def test_continuous_loop_with_a_unit_killed_and_restarted(tmp_path):
     import time
     units, trips, gm, chk = make_session(tmp_path, cg_interval=0.01)
     gm.on_result = lambda res: None
-    with RandomWriters([t[0] for t in trips], threads=2, seed=9):
+    with RandomWriters([t[0] for t in trips], threads=2, seed=9, pace=PACE):
         gm.start()
         end = time.monotonic() + 30           # a CG committed before the kill
         while not gm.stats.successes and time.monotonic() < end:
@@ -390,7 +396,7 @@ def test_random_kills_never_break_the_promise(tmp_path):
     rng = random.Random(12)
     units, trips, gm, chk = make_session(tmp_path, n_trip=6)
     kills = 0
-    with RandomWriters([t[0] for t in trips], threads=2, seed=4):
+    with RandomWriters([t[0] for t in trips], threads=2, seed=4, pace=PACE):
         for _ in range(30):
             if rng.random() < 0.6:
                 k = rng.randrange(2)
