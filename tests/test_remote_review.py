@@ -14,19 +14,15 @@ from fastfc.copyservices import sitemirror
 from fastfc.copyservices.globalmirror import GMState
 from fastfc.tools.testing import PromiseChecker
 
-pytest.importorskip("ray")
+# test_remote fails loudly under CI without Ray (skips elsewhere), and its
+# autouse fixture crashes every in-process unit after each test here too
+from test_remote import _clean_units  # noqa: E402,F401
 
 from fastfc import remote  # noqa: E402
 from fastfc.remote import local  # noqa: E402
 
 TS = 4096
 N = 16
-
-
-@pytest.fixture(autouse=True)
-def _clean_units():
-    yield
-    local.stop_all()
 
 
 def make_session(tmp_path, n_trip=4, n_units=2, **kw):
