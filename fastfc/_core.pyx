@@ -67,7 +67,7 @@ cdef Py_ssize_t NOGIL_BYTES = 65536
 # a thread that gives the GIL up waits for busy Python threads to hand it
 # back (up to the switch interval each time), far longer than a small scan.
 cdef Py_ssize_t NOGIL_WORDS = 8192
-# Host writes to a volume on a disk (measured, scripts/i10_measure.py):
+# Host writes to a volume on a disk (measured, scripts/durable_datapath_measure.py):
 # 0 store through the mapping without the GIL, 1 pwrite to its file without
 # the GIL, 2 pwrite with the GIL kept below NOGIL_BYTES, 3 store with the GIL
 # kept below NOGIL_BYTES (as in memory).

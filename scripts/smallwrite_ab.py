@@ -1,11 +1,11 @@
-"""Issue 10: same-run A/B of small host writes across builds.
+"""same-run A/B of small host writes across builds.
 
 Times ``Volume.write`` of --size bytes at random aligned offsets on a memory
 volume, a volume of a tmpfs unit (/dev/shm) and one of a disk unit, per
 build, in alternating order across repetitions; prints the median ns per
 write and new/old ratios.
 
-Usage: python scripts/i10_smallwrite_ab.py old=/tree/a new=/tree/b [--reps 7]
+Usage: python scripts/smallwrite_ab.py old=/tree/a new=/tree/b [--reps 7]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ for loc in locs:
     if loc == "memory":
         v = Volume(4096, 4096)
     else:
-        root = Path("/dev/shm/i10-sw" if loc == "tmpfs" else "/work/i10-sw")
+        root = Path("/dev/shm/smallwrite-ab" if loc == "tmpfs" else "/work/smallwrite-ab")
         shutil.rmtree(root, ignore_errors=True)
         u = StorageUnit(root)
         v = u.create_volume("v", 4096, 4096)

@@ -1,8 +1,8 @@
-"""i11 control socket: a command forwarded to fastfc serve holding its unit vs
+"""Control socket latency: a command forwarded to fastfc serve holding its unit vs
 the same command opening an identical unit itself, whole fastfc processes
 (what a shell user waits for), interleaved, medians of 8, one run.
 
-    PYTHONPATH=. .venv/bin/python scripts/i11_control_latency.py
+    PYTHONPATH=. .venv/bin/python scripts/control_latency.py
 """
 import statistics, subprocess, sys, tempfile, time
 from pathlib import Path

@@ -1,5 +1,5 @@
-"""Adversarial review of issue 13's batched Global Mirror path and copy
-threads (r13): races that the batched kernels must survive.
+"""Adversarial cases of the batched Global Mirror path and copy
+threads: races that the batched kernels must survive.
 
 A drain kernel (``pprc_drain`` / ``pprc_drain_many``) takes B's FlashCopy
 relationships (their bitmaps, by address) once, at setup, and then moves

@@ -1,12 +1,12 @@
-"""Issue 10: compare builds with scripts/i10_measure.py, interleaved.
+"""Compare builds with scripts/durable_datapath_measure.py, interleaved.
 
-Each repetition runs i10_measure.py once per build (alternating which goes
+Each repetition runs durable_datapath_measure.py once per build (alternating which goes
 first), each run measuring disk and tmpfs back to back; medians per build
 and variant, and the disk/tmpfs ratio, are printed at the end.
 
-Usage: python scripts/i10_ab_builds.py --build before=/path/to/tree:base \
+Usage: python scripts/durable_datapath_ab.py --build before=/path/to/tree:base \
            --build after=/work/wt-datapath:base,pwA [--reps 3] [--seconds 8]
-Each tree must hold a built fastfc and scripts/i10_measure.py.
+Each tree must hold a built fastfc and scripts/durable_datapath_measure.py.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def main(argv=None):
     ap.add_argument("--build", action="append", required=True, help="name=tree:variants")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--out", default="/work/i10-ab")
-    ap.add_argument("--extra", default="", help="more i10_measure.py arguments")
+    ap.add_argument("--out", default="/work/durable-datapath-ab")
+    ap.add_argument("--extra", default="", help="more durable_datapath_measure.py arguments")
     a = ap.parse_args(argv)
     builds = []
     for b in a.build:
@@ -43,7 +43,7 @@ def main(argv=None):
         order = builds if rep % 2 == 0 else builds[::-1]
         for name, tree, variants in order:
             js = out / f"{name}-{rep}.json"
-            cmd = [sys.executable, str(tree / "scripts/i10_measure.py"), "--reps", "1",
+            cmd = [sys.executable, str(tree / "scripts/durable_datapath_measure.py"), "--reps", "1",
                    "--seconds", str(a.seconds), "--variants", variants, "--json", str(js),
                    *a.extra.split()]
             env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")

@@ -1,4 +1,4 @@
-"""Review of issue 12 (r12): adversarial cases of the two-phase protocol
+"""Adversarial cases of the two-phase protocol
 across units, the link, fencing and site-loss recovery, on the in-process
 transport."""
 

@@ -34,7 +34,7 @@ coordinate), /proc/vmstat deltas and nr_dirty/nr_writeback samples, and a
 sampled kernel stack histogram (/proc/self/task/TID/stack every 2 ms, needs
 root) of the GM thread and the writer threads.
 
-Usage: PYTHONPATH=. python scripts/i10_measure.py [--reps 3] [--seconds 8]
+Usage: PYTHONPATH=. python scripts/durable_datapath_measure.py [--reps 3] [--seconds 8]
        [--variants base,nosync,anonbm,sfr] [--json out.json]
 """
 
@@ -67,7 +67,7 @@ from fastfc.copyservices.pprc import PPRCPair  # noqa: E402
 from fastfc.durable import sqlite as fsql  # noqa: E402
 from fastfc.tools.testing import RandomWriters  # noqa: E402
 
-LOCS = {"disk": Path("/work/i10-scratch"), "tmpfs": Path("/dev/shm/i10-scratch")}
+LOCS = {"disk": Path("/work/durable-datapath-scratch"), "tmpfs": Path("/dev/shm/durable-datapath-scratch")}
 
 # ---------------------------------------------------------------- instrumentation
 TIMES: dict[str, list[float]] = collections.defaultdict(list)
