@@ -1,4 +1,4 @@
-"""same-run A/B of small host writes across builds.
+"""Same-run A/B of small host writes across builds.
 
 Times ``Volume.write`` of --size bytes at random aligned offsets on a memory
 volume, a volume of a tmpfs unit (/dev/shm) and one of a disk unit, per
