@@ -173,6 +173,45 @@ def test_mkvol_numbers_too_large_create_nothing(fastfc, site1, tmp_path):
     assert not new.exists()
 
 
+def _tree(path: Path) -> dict[str, bytes | None]:
+    """Every entry under ``path`` with a file's bytes (None: a directory)."""
+    return {str(p.relative_to(path)): (None if p.is_dir() else p.read_bytes())
+            for p in sorted(path.rglob("*"))}
+
+
+def test_a_failed_mkvol_in_a_directory_of_files_leaves_every_file(tmp_path, monkeypatch):
+    """A directory holding the user's files is no unit: mkvol refuses it and
+    removes nothing (its clean-up of a half-made unit once wiped the whole
+    directory, so that ``-u .`` or ``-u ~`` would have)."""
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "important.txt").write_text("x\n")
+    (d / "sub" / "deep.txt").write_text("deep\n")
+    before = _tree(d)
+    assert "not empty and holds no unit.db" in one_line_error(
+        run("-u", d, "mkvol", "v", "--size", "1M"))
+    assert _tree(d) == before
+    monkeypatch.chdir(d)                                   # -u .
+    assert "not empty and holds no unit.db" in one_line_error(
+        run("-u", ".", "mkvol", "v", "--size", "1M"))
+    assert _tree(d) == before
+
+
+def test_a_failed_mkvol_removes_only_what_it_made(tmp_path):
+    """A volume the system refuses after the unit was made: the unit's own
+    entries go, by name; what was there before stays, and a directory the
+    command made goes only if it is empty then."""
+    huge = ["mkvol", "v", "--size", "100T", "--thin"]    # past the mmap limit
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "unit.lock").write_text("")                  # left by an earlier open
+    one_line_error(run("-u", empty, *huge))
+    assert listing(empty) == ["unit.lock"]
+    nested = tmp_path / "a" / "b" / "c"                    # mkvol makes a, b and c
+    one_line_error(run("-u", nested, *huge))
+    assert not (tmp_path / "a").exists()
+
+
 def test_mkvol_thin_is_sparse_and_a_size_the_filesystem_refuses_creates_nothing(
         fastfc, site1):
     make_volumes(fastfc, site1, "A")

@@ -661,6 +661,41 @@ def test_database_not_a_database_and_wrong_schema(tmp_path):
     assert_corrupt(path, "unit.db")
 
 
+def test_a_directory_that_is_no_unit_is_refused_and_left_as_it_was(tmp_path):
+    """The user's files are never touched: a directory of other files, or
+    one holding another program's SQLite database named unit.db, is refused
+    (read-write or read-only) and every byte stays; no unit entry is added
+    beside them but the lock."""
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "important.txt").write_text("x\n")
+    (d / "sub" / "deep.txt").write_text("deep\n")
+
+    def tree():
+        return {str(p.relative_to(d)): (None if p.is_dir() else p.read_bytes())
+                for p in sorted(d.rglob("*")) if p.name != "unit.lock"}
+
+    before = tree()
+    for ro in (False, True):
+        with pytest.raises(CorruptUnitError, match="unit.db"):
+            StorageUnit(d, readonly=ro)
+        assert tree() == before
+    other = sqlite3.connect(d / "unit.db")                 # not a fastfc database
+    other.execute("CREATE TABLE notes(body TEXT)")
+    other.execute("INSERT INTO notes VALUES('keep me')")
+    other.commit()
+    other.close()
+    before = tree()
+    for ro in (False, True):
+        with pytest.raises(CorruptUnitError, match="not a fastfc unit"):
+            StorageUnit(d, readonly=ro)
+        assert tree() == before
+    db = sqlite3.connect(d / "unit.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("notes",)]
+    db.close()
+
+
 def test_missing_database_or_directory_is_a_file(tmp_path):
     path = tmp_path / "u"
     make_unit(path)

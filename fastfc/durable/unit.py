@@ -195,12 +195,12 @@ class StorageUnit:
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         self._unit_lock = UnitLock(self.path, shared=self.readonly, wait=wait)
         try:
-            if not self.readonly:
-                (self.path / "volumes").mkdir(exist_ok=True)
             self.store = SQLiteStore(self.path, str(self.path), readonly=self.readonly,
                                      durability=self.durability,
                                      on_session_added=self._session_added,
                                      on_session_dropped=self._session_dropped)
+            if not self.readonly:
+                (self.path / "volumes").mkdir(exist_ok=True)
         except BaseException:
             self._unit_lock.release()
             raise
