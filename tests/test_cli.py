@@ -392,6 +392,25 @@ def test_rmpprc(fastfc, two_sites):
     assert "no PPRC pair A:B" in fastfc("rmpprc", "A:B", code=1).stderr
 
 
+def test_a_pair_within_one_unit_works_across_invocations(fastfc, site1):
+    """Without --remote-unit the secondary is in the local unit: the pair is
+    there in every later invocation, mirrors, and can be removed."""
+    make_volumes(fastfc, site1, "A", "B")
+    fastfc("mkpprc", "A:B", "--type", "mmir", "--wait")
+    assert rows(fastfc("lspprc"))["A:B"][:4] == ["A:B", "full duplex", "mmir", "0"]
+    fastfc("write", "A", "synchronous", "--offset", 7 * TS)
+    assert digest(fastfc, "B", site1) == digest(fastfc, "A", site1)
+    assert "PPRC secondary" in fastfc("write", "B", "no", code=1).stderr
+    fastfc("pausepprc", "A:B")
+    fastfc("write", "A", "paused", "--offset", 9 * TS)
+    assert rows(fastfc("lspprc"))["A:B"][1:4] == ["suspended", "mmir", "1"]
+    fastfc("resumepprc", "A:B", "--wait")
+    assert digest(fastfc, "B", site1) == digest(fastfc, "A", site1)
+    assert "removed pair A:B" in fastfc("rmpprc", "A:B", "--force").stdout
+    assert fastfc("lspprc").stdout.strip() == "no PPRC pairs"
+    fastfc("write", "B", "free again")
+
+
 def test_pprc_errors(fastfc, two_sites):
     site1, site2 = two_sites
     fastfc("mkpprc", "A:B", remote=site2, code=2)                  # --type is required
@@ -453,6 +472,31 @@ def test_global_mirror_session_across_invocations(fastfc, site1, site2):
                                                              code=1).stderr
     assert fastfc("lspprc").stdout.strip() == "no PPRC pairs"
     fastfc("write", "B0", "a plain volume again", unit=site2)
+
+
+def test_a_session_within_one_unit_works_across_invocations(fastfc, site1):
+    make_volumes(fastfc, site1, "A", "B", "C", "X", "Y")
+    fastfc("write", "A", "data", "--repeat", 300)
+    fastfc("mkgmir", "g", "A:B:C")
+    assert "1 of 1 consistency groups committed; C volumes at CG 1" in \
+        fastfc("formcg", "g").stdout
+    assert digest(fastfc, "C", site1) == digest(fastfc, "A", site1)
+    fastfc("write", "A", "later", "--offset", 3 * TS)
+    fastfc("formcg", "g", "--count", 2)
+    assert digest(fastfc, "C", site1) == digest(fastfc, "A", site1)
+    show = props(fastfc("showgmir", "g"))
+    assert show["CG sequence"] == "3" and show["Successful CGs"] == "3"
+    assert "GM g" in rows(fastfc("lsvol"))["C"][4]
+    assert "use rmgmir" in fastfc("rmpprc", "A:B", code=1).stderr
+    assert "removed Global Mirror session g" in fastfc("rmgmir", "g").stdout
+    assert fastfc("lspprc").stdout.strip() == "no PPRC pairs"
+    fastfc("write", "B", "a plain volume again")
+    fastfc("mkgmir", "h", "X:Y:C")                  # --force ends one too
+    fastfc("formcg", "h")
+    assert "removed Global Mirror session h" in fastfc("rmgmir", "h", "--force").stdout
+    fastfc("mkpprc", "X:Y", "--type", "gcp")       # and rmpprc --force a Global Copy pair
+    assert "removed pair X:Y" in fastfc("rmpprc", "X:Y", "--force").stdout
+    fastfc("write", "Y", "free")
 
 
 def test_formcg_with_injected_faults_exits_1_when_the_last_cg_fails(fastfc, site1, site2):

@@ -343,6 +343,56 @@ def test_pprc_pair_restored_with_its_out_of_sync_tracks(paths, mode):
         u2.volume("b").write(0, b"x")              # no longer a secondary
 
 
+def test_pair_within_one_unit_is_restored_and_mirrors_after_reopen(tmp_path):
+    """A pair with both volumes in one unit: the unit is its own partner.
+    After close and reopen the pair is back, a Metro Mirror write reaches B,
+    and removing the pair frees B."""
+    p = tmp_path / "u"
+    with StorageUnit(p) as u:
+        a, b = u.create_volume("a", N, TS), u.create_volume("b", N, TS)
+        a.write(0, rand(a.capacity, 1))
+        PPRCPair(a, b, mode="mmir", background=False, name="p").drain()
+        assert u.partner_units() == []
+    with StorageUnit(p) as u:
+        [pair] = u.pairs
+        a, b = u.volume("a"), u.volume("b")
+        assert pair.primary is a and pair.secondary is b and pair.name == "p"
+        assert u.pair_records == [] and u.partner_units() == []
+        track(a, 5, 2)                              # synchronous: on B at once
+        assert np.array_equal(image(b), image(a))
+        with pytest.raises(WriteInhibitedError):
+            b.write(0, b"x")
+        pair.remove()
+    with StorageUnit(p) as u:
+        assert u.pairs == [] and u.pair_records == []
+        u.volume("b").write(0, b"x")                # no longer a secondary
+
+
+def test_session_within_one_unit_is_restored_and_runs_after_reopen(tmp_path):
+    p = tmp_path / "u"
+    with StorageUnit(p) as u:
+        a, b, c = (u.create_volume(n, N, TS) for n in "abc")
+        a.write(0, rand(a.capacity, 1))
+        gm = GlobalMirror([(a, b, c)], name="g", max_coordination_time=1.0)
+        assert gm.form_consistency_group().committed
+    with StorageUnit(p) as u:
+        gm = u.session("g")
+        a, c = u.volume("a"), u.volume("c")
+        assert [t.a for t in gm.triplets] == [a] and gm.c_sequences == [1]
+        track(a, 3, 7)
+        res = gm.form_consistency_group()
+        assert res.committed and res.sequence == 2
+        assert np.array_equal(image(c), image(a))
+    with StorageUnit(p) as u:
+        gm = u.session("g")
+        assert gm.c_sequences == [2]
+        gm.close(discard=True)
+        assert u.sessions == {} and u.pairs == []
+    with StorageUnit(p) as u:
+        assert u.sessions == {} and u.pairs == [] and u.flashcopies == []
+        u.volume("b").write(0, b"x")
+
+
 def test_primary_opened_alone_records_host_writes(paths):
     """Writes to a primary whose secondary unit is not open must reach the
     secondary once it is (as with a suspended pair), never be lost."""

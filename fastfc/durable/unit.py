@@ -579,6 +579,8 @@ class StorageUnit:
         written before units had ids) is expected."""
         if not ref or self.path is None:
             return None
+        if ref == self.uuid:            # a pair or session within this unit
+            return self.path
         rel = self._sqlite.partners.get(ref)
         if rel is not None:
             return (self.path / rel).resolve()
@@ -594,6 +596,8 @@ class StorageUnit:
         partner, nor a partner to a copy."""
         if not ref:
             return None
+        if ref == self.uuid:            # a pair or session within this unit
+            return self
         linked = self._links.get(ref)
         if linked is not None and not linked._closed:
             return linked
@@ -661,6 +665,7 @@ class StorageUnit:
         refs.update(r["secondary_uuid"] for r in self._pair_rows if r["secondary_uuid"])
         for cfg in self.store.session_rows().values():
             refs.update(t[0] for t in cfg["triplets"] if t[0])
+        refs.discard(self.uuid)         # pairs and sessions within this unit
         found: list[Path] = []
         for ref in sorted(refs):
             unit = self._partner(ref)
