@@ -128,6 +128,42 @@ def test_rmflash_refusal_names_the_cli_way_out(fastfc, site1):
     assert "S:T" in rows(fastfc("lsflash"))
 
 
+def test_rmflash_of_a_session_flashcopy_is_refused_naming_rmgmir(fastfc, session):
+    site1, site2 = session
+    for force in ([], ["--force"]):
+        err = fastfc("rmflash", "B0:C0", *force, unit=site2, code=1).stderr
+        assert "session gm" in err and "rmgmir" in err
+    assert "B0:C0" in rows(fastfc("lsflash", unit=site2))
+    fastfc("formcg", "gm")                                  # the session still works
+    assert "GM gm" in rows(fastfc("lsvol", unit=site2))["C0"][4]
+
+
+def test_a_session_that_cannot_be_restored_leaves_the_units_usable(fastfc, session):
+    """Metadata naming a session whose C lost its FlashCopy: every command
+    still works, showgmir and rmgmir name the problem and rmgmir --force,
+    which removes what is left of the session."""
+    site1, site2 = session
+    db = sqlite3.connect(site2 / "unit.db")
+    assert db.execute("DELETE FROM flashcopies WHERE target='C1'").rowcount == 1
+    db.commit()
+    db.close()
+    assert "B0" in rows(fastfc("lsvol", unit=site2))
+    assert "A0" in rows(fastfc("lsvol"))
+    assert "B0:C0" in rows(fastfc("lsflash", unit=site2))
+    for cmd in (["showgmir", "gm"], ["formcg", "gm"], ["rmgmir", "gm"]):
+        err = one_line_error(run("-u", site1, *cmd))
+        assert "session 'gm' cannot be restored" in err and "C1" in err, err
+        assert "rmgmir --force gm" in err, err
+    out = fastfc("rmgmir", "gm", "--force").stdout
+    assert "removed Global Mirror session gm" in out
+    assert "FlashCopy B0:C0" in out and "pair A1:B1" in out
+    assert fastfc("lspprc").stdout.strip() == "no PPRC pairs"
+    assert fastfc("lsflash", unit=site2).stdout.strip() == "no FlashCopy relationships"
+    assert "no Global Mirror session named 'gm'" in one_line_error(run("-u", site1,
+                                                                       "showgmir", "gm"))
+    fastfc("write", "B1", "free again", unit=site2)
+
+
 # -- 6: names -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["../../escaped", "", ".hidden", "a/b", "x" * 65, "sp ace"])
 def test_mkgmir_refuses_a_bad_session_name_and_creates_nothing(fastfc, site1, site2, name):

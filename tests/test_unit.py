@@ -501,6 +501,92 @@ def test_session_loop_and_close_after_reopen(paths):
             u2.session("gm")
 
 
+def test_a_session_flashcopy_is_withdrawn_only_by_ending_the_session(paths):
+    p1, p2 = paths
+    u1, u2, gm = make_session(p1, p2, n=2)
+    assert gm.form_consistency_group().committed
+    fc = gm.triplets[0].fc
+    for force in (False, True):
+        with pytest.raises(StateError, match=r"session 'gm'.*GlobalMirror\.close\(\)"):
+            fc.withdraw(force=force)
+    assert fc.active and u2.volume("C0").target_relationship is fc
+    u1.close()
+    u2.close()
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:   # both units open as before
+        gm = u2.session("gm")
+        assert gm.form_consistency_group().committed
+        gm.close()
+        assert u2.flashcopies == [] and u1.pairs == []
+
+
+def _withdraw_behind_the_session(path, c_name):
+    """Damaged metadata: the session's row stays, the FlashCopy onto
+    ``c_name`` is gone (as a withdraw that bypassed the session left it)."""
+    db = sqlite3.connect(path / "unit.db")
+    assert db.execute("DELETE FROM flashcopies WHERE target=?", (c_name,)).rowcount == 1
+    db.commit()
+    db.close()
+
+
+def test_a_session_whose_flashcopy_is_gone_opens_degraded_and_can_be_removed(paths):
+    """A unit opens whatever its metadata says: the session that cannot be
+    restored is left unloaded, its problem named with the way to remove it,
+    and removing it takes away what is left (pairs, other FlashCopies)."""
+    p1, p2 = paths
+    u1, u2, gm = make_session(p1, p2, n=3)
+    assert gm.form_consistency_group().committed
+    u1.close()
+    u2.close()
+    _withdraw_behind_the_session(p2, "C1")
+    for ro in (True, False):                  # the unit alone, read-only too
+        with StorageUnit(p2, readonly=ro) as u2:
+            assert "C1" in u2.session_problems["gm"]
+            assert any("remove_session('gm')" in r for r in u2.recovered)
+            assert sorted(v.name for v in u2.volumes()) == ["B0", "B1", "B2",
+                                                           "C0", "C1", "C2"]
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        assert u2.sessions == {} and "C1" in u2.session_problems["gm"]
+        with pytest.raises(StateError, match=r"cannot be restored: .*C1.*"
+                                             r"remove_session\('gm'\)"):
+            u2.session("gm")
+        assert len(u1.pairs) == 3                 # the pairs are restored, as pairs
+        with pytest.raises(KeyError):
+            u2.remove_session("other")
+        removed = u2.remove_session("gm")
+        assert sorted(removed) == ["FlashCopy B0:C0", "FlashCopy B2:C2",
+                                   "pair A0:B0", "pair A1:B1", "pair A2:B2"]
+        assert u2.session_problems == {} and u1.pairs == [] and u2.flashcopies == []
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        assert u2.recovered == [] and u2.sessions == {} and u2.session_problems == {}
+        with pytest.raises(KeyError):
+            u2.session("gm")
+        for i in range(3):
+            u2.volume(f"B{i}").write(0, b"free")    # no longer secondaries
+
+
+def test_a_session_whose_pair_is_gone_opens_degraded_and_frees_its_b(paths):
+    p1, p2 = paths
+    u1, u2, gm = make_session(p1, p2, n=2)
+    assert gm.form_consistency_group().committed
+    u1.close()
+    u2.close()
+    db = sqlite3.connect(p1 / "unit.db")
+    assert db.execute("DELETE FROM pairs WHERE primary_name='A1'").rowcount == 1
+    db.commit()
+    db.close()
+    with StorageUnit(p2) as u2:                   # alone: it cannot tell yet
+        assert u2.session_problems == {}
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        assert u2.session_problems == {"gm": "pair A1:B1 is gone"}
+        with pytest.raises(WriteInhibitedError):
+            u2.volume("B1").write(0, b"x")
+        removed = u2.remove_session("gm")
+        assert sorted(removed) == ["FlashCopy B0:C0", "FlashCopy B1:C1", "pair A0:B0",
+                                   "the secondary role of B1"]
+    with StorageUnit(p2) as u2:
+        u2.volume("B1").write(0, b"free")
+
+
 def test_session_name_is_unique_in_a_unit(paths):
     p1, p2 = paths
     u1, u2, gm = make_session(p1, p2, n=1)

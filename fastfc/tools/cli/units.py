@@ -177,6 +177,14 @@ class Units:
                 return u.session(name)   # raises: its primary units are missing
         raise KeyError(f"no Global Mirror session named {name!r} in the open units")
 
+    def damaged_session(self, name: str) -> StorageUnit | None:
+        """The open unit recording session ``name`` as one it cannot restore
+        (:attr:`StorageUnit.session_problems`), if any."""
+        for u in self.all():
+            if name in u.session_problems:
+                return u
+        return None
+
     def session_of(self, pair: PPRCPair) -> GlobalMirror | None:
         for u in self.open.values():
             for gm in u.sessions.values():
