@@ -352,6 +352,35 @@ def test_partner_units_open_by_themselves(fastfc, two_sites, tmp_path):
     assert digest(fastfc, "B", site2) == digest(fastfc, "A", site1)
 
 
+def test_a_moved_pair_relinked_by_a_command_that_only_looks_stays_linked(
+        fastfc, two_sites, tmp_path):
+    """Naming both units of a pair that moved apart re-links them; a command
+    that opens them read-only records the link too, so the next command
+    finds the secondary without -r. While another command holds a unit the
+    link holds for the one command, with a note."""
+    site1, site2 = two_sites
+    fastfc("mkpprc", "A:B", "--type", "gcp", remote=site2)
+    moved = tmp_path / "moved" / "site2"
+    moved.parent.mkdir()
+    site2.rename(moved)
+    assert rows(fastfc("lspprc"))["A:B"][1] == "unknown"
+    r = fastfc("lspprc", remote=moved)
+    assert rows(r)["A:B"][1] == "copy pending" and r.stderr == ""
+    assert rows(fastfc("lspprc"))["A:B"][1] == "copy pending"    # found without -r
+    again = tmp_path / "again"
+    moved.rename(again)
+    with held_unit(again, readonly=True):
+        r = fastfc("lspprc", remote=again)
+        assert rows(r)["A:B"][1] == "copy pending"
+        assert "re-linked for this command only" in r.stderr
+    assert rows(fastfc("lspprc"))["A:B"][1] == "unknown"
+    fastfc("lsvol", remote=again)
+    assert rows(fastfc("lspprc"))["A:B"][1] == "copy pending"
+    fastfc("write", "A", "sent", "--offset", 2 * TS)
+    fastfc("resumepprc", "A:B", "--wait")
+    assert digest(fastfc, "B", again) == digest(fastfc, "A", site1)
+
+
 def test_failover_and_failback(fastfc, two_sites):
     site1, site2 = two_sites
     fastfc("mkpprc", "A:B", "--type", "mmir", "--wait", remote=site2)

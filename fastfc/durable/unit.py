@@ -791,6 +791,18 @@ class StorageUnit:
                 unit._restore_sessions()
         return True
 
+    def records_link(self, other: "StorageUnit") -> bool:
+        """Whether this unit and ``other`` (partners) each record where the
+        other is now, so that they find each other next time without
+        :meth:`relink` (read from the open units, nothing written)."""
+        self._require_open()
+        other._require_open()
+        if self.path is None or other.path is None or self.uuid is None or \
+                other.uuid is None:
+            return False
+        return all(a._sqlite.partners.get(b.uuid) == os.path.relpath(b.path, a.path)
+                   for a, b in ((self, other), (other, self)))
+
     def _references(self, other: "StorageUnit") -> bool:
         """Whether a pair or session of this unit involves ``other``."""
         if any(p.secondary.store is other.store for p in self.pairs):
