@@ -467,6 +467,40 @@ def test_showgmir_counts_the_cgs_of_a_killed_formcg(fastfc, site1, site2):
     assert show["CG attempts"] == show["Successful CGs"]
 
 
+def test_showgmir_counts_the_cg_recovery_committed_after_a_kill(fastfc, site1, site2):
+    """A formcg killed in the commit of CG 2: recovery commits it, and
+    showgmir counts it (attempts, successes and CG sequence agree)."""
+    make_volumes(fastfc, site1, "A")
+    make_volumes(fastfc, site2, "B", "C")
+    fastfc("mkgmir", "gm", "A:B:C", remote=site2)
+    fastfc("formcg", "gm")
+    fastfc("write", "A", "CG 2")
+    code = ("import os, sys\n"
+            "from fastfc import faults\n"
+            "from fastfc.tools.cli import main\n"
+            "faults.inject('commit', action=lambda: os.kill(os.getpid(), 9))\n"
+            "main(['-u', sys.argv[1], 'formcg', 'gm'])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-c", code, str(site1)], env=env,
+                       capture_output=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    show = props(fastfc("showgmir", "gm"))
+    assert show["CG sequence"] == "2" and show["C sequences"] == "2"
+    assert show["CG attempts"] == "2" and show["Successful CGs"] == "2"
+    assert digest(fastfc, "C", site2) == digest(fastfc, "A", site1)
+
+
+def test_a_session_whose_unit_is_away_is_named_with_that_unit(fastfc, session, tmp_path):
+    site1, site2 = session
+    site2.rename(tmp_path / "away")
+    for cmd in ("showgmir", "formcg", "rmgmir"):
+        err = one_line_error(run("-u", site1, cmd, "gm"))
+        assert f"not available: {site2}" in err and "secondary unit of A0:B0, A1:B1" in err
+    (tmp_path / "away").rename(site2)
+    assert props(fastfc("showgmir", "gm"))["CG attempts"] == "1"
+
+
 # -- scripting ------------------------------------------------------------------------------------
 def test_json_output_of_ls_and_show_commands(fastfc, session):
     site1, site2 = session

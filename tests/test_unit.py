@@ -646,6 +646,8 @@ def test_interrupted_cg_is_resolved_on_open(paths, crash_at, outcome):
     with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
         assert u2.recovered == []
         gm = u2.session("gm")
+        # a CG recovery committed counts as the attempt the crash cut short
+        assert gm.stats.attempts == gm.stats.successes == gm.stats.sequence == want_seq
         res = gm.form_consistency_group()
         assert res.committed and res.sequence == want_seq + 1
         assert_images(c_images_of(u2), a_images(gm))

@@ -692,6 +692,12 @@ class GlobalMirror:
                  _parts=list(triplets))
         if record.get("stats"):
             gm.stats.restore(record["stats"])
+            # CGs the C volumes carry beyond the counters were committed by an
+            # attempt that a killed process never counted (recovery finished it)
+            missed = max(gm.c_sequences) - gm.stats.sequence
+            if missed > 0:
+                gm.stats.attempts += missed
+                gm.stats.successes += missed
         gm.stats.sequence = max(gm.c_sequences)
         return gm
 

@@ -205,6 +205,19 @@ class Units:
         for u in units:
             if name in u.store.session_rows():
                 return u.session(name)   # raises: its primary units are missing
+        # a session is recorded with its B volumes: in the unit of a pair's
+        # secondary, which may be the one that is away
+        away: dict[str, list[str]] = {}
+        for u in units:
+            for row in u.pair_records:
+                away.setdefault(u.describe_partner(row["secondary_uuid"]), []).append(
+                    f"{row['primary_name']}:{row['secondary_name']}")
+        if away:
+            raise click.ClickException(
+                f"no Global Mirror session named {name!r} in the open units; it may be "
+                "recorded in a unit that is not available: " + "; ".join(
+                    f"{where}, the secondary unit of {', '.join(ids)}"
+                    for where, ids in sorted(away.items())))
         raise KeyError(f"no Global Mirror session named {name!r} in the open units")
 
     def damaged_session(self, name: str) -> StorageUnit | None:
