@@ -800,8 +800,9 @@ class StorageUnit:
         if self.path is None or other.path is None or self.uuid is None or \
                 other.uuid is None:
             return False
-        return all(a._sqlite.partners.get(b.uuid) == os.path.relpath(b.path, a.path)
-                   for a, b in ((self, other), (other, self)))
+        return (self._sqlite.partners.get(other.uuid) == os.path.relpath(other.path, self.path)
+                and other._sqlite.partners.get(self.uuid) == os.path.relpath(self.path,
+                                                                             other.path))
 
     def _references(self, other: "StorageUnit") -> bool:
         """Whether a pair or session of this unit involves ``other``."""
