@@ -519,7 +519,10 @@ class StorageUnit:
                 pair = a._mirror if isinstance(a._mirror, PPRCPair) else None
                 fc = cast("FlashCopy | None", c._tgt_rel)
                 if pair is None or pair.secondary is not b:
-                    self._damaged(name, f"pair {a_name}:{b_name} is gone")
+                    back = b._mirror
+                    self._damaged(name, f"pair {a_name}:{b_name} runs the other way "
+                                  f"({b_name}:{a_name})" if isinstance(back, PPRCPair)
+                                  and back.secondary is a else f"pair {a_name}:{b_name} is gone")
                     break
                 if fc is None or fc.source is not b:
                     self._damaged(name, f"C volume {c_name!r} has no FlashCopy from {b_name!r}")
