@@ -352,6 +352,35 @@ def test_partner_units_open_by_themselves(fastfc, two_sites, tmp_path):
     assert digest(fastfc, "B", site2) == digest(fastfc, "A", site1)
 
 
+def test_a_moved_pair_relinked_by_a_command_that_only_looks_stays_linked(
+        fastfc, two_sites, tmp_path):
+    """Naming both units of a pair that moved apart re-links them; a command
+    that opens them read-only records the link too, so the next command
+    finds the secondary without -r. While another command holds a unit the
+    link holds for the one command, with a note."""
+    site1, site2 = two_sites
+    fastfc("mkpprc", "A:B", "--type", "gcp", remote=site2)
+    moved = tmp_path / "moved" / "site2"
+    moved.parent.mkdir()
+    site2.rename(moved)
+    assert rows(fastfc("lspprc"))["A:B"][1] == "unknown"
+    r = fastfc("lspprc", remote=moved)
+    assert rows(r)["A:B"][1] == "copy pending" and r.stderr == ""
+    assert rows(fastfc("lspprc"))["A:B"][1] == "copy pending"    # found without -r
+    again = tmp_path / "again"
+    moved.rename(again)
+    with held_unit(again, readonly=True):
+        r = fastfc("lspprc", remote=again)
+        assert rows(r)["A:B"][1] == "copy pending"
+        assert "re-linked for this command only" in r.stderr
+    assert rows(fastfc("lspprc"))["A:B"][1] == "unknown"
+    fastfc("lsvol", remote=again)
+    assert rows(fastfc("lspprc"))["A:B"][1] == "copy pending"
+    fastfc("write", "A", "sent", "--offset", 2 * TS)
+    fastfc("resumepprc", "A:B", "--wait")
+    assert digest(fastfc, "B", again) == digest(fastfc, "A", site1)
+
+
 def test_failover_and_failback(fastfc, two_sites):
     site1, site2 = two_sites
     fastfc("mkpprc", "A:B", "--type", "mmir", "--wait", remote=site2)
@@ -390,6 +419,25 @@ def test_rmpprc(fastfc, two_sites):
     assert fastfc("lspprc").stdout.strip() == "no PPRC pairs"
     fastfc("write", "B", "free again", unit=site2)
     assert "no PPRC pair A:B" in fastfc("rmpprc", "A:B", code=1).stderr
+
+
+def test_a_pair_within_one_unit_works_across_invocations(fastfc, site1):
+    """Without --remote-unit the secondary is in the local unit: the pair is
+    there in every later invocation, mirrors, and can be removed."""
+    make_volumes(fastfc, site1, "A", "B")
+    fastfc("mkpprc", "A:B", "--type", "mmir", "--wait")
+    assert rows(fastfc("lspprc"))["A:B"][:4] == ["A:B", "full duplex", "mmir", "0"]
+    fastfc("write", "A", "synchronous", "--offset", 7 * TS)
+    assert digest(fastfc, "B", site1) == digest(fastfc, "A", site1)
+    assert "PPRC secondary" in fastfc("write", "B", "no", code=1).stderr
+    fastfc("pausepprc", "A:B")
+    fastfc("write", "A", "paused", "--offset", 9 * TS)
+    assert rows(fastfc("lspprc"))["A:B"][1:4] == ["suspended", "mmir", "1"]
+    fastfc("resumepprc", "A:B", "--wait")
+    assert digest(fastfc, "B", site1) == digest(fastfc, "A", site1)
+    assert "removed pair A:B" in fastfc("rmpprc", "A:B", "--force").stdout
+    assert fastfc("lspprc").stdout.strip() == "no PPRC pairs"
+    fastfc("write", "B", "free again")
 
 
 def test_pprc_errors(fastfc, two_sites):
@@ -453,6 +501,31 @@ def test_global_mirror_session_across_invocations(fastfc, site1, site2):
                                                              code=1).stderr
     assert fastfc("lspprc").stdout.strip() == "no PPRC pairs"
     fastfc("write", "B0", "a plain volume again", unit=site2)
+
+
+def test_a_session_within_one_unit_works_across_invocations(fastfc, site1):
+    make_volumes(fastfc, site1, "A", "B", "C", "X", "Y")
+    fastfc("write", "A", "data", "--repeat", 300)
+    fastfc("mkgmir", "g", "A:B:C")
+    assert "1 of 1 consistency groups committed; C volumes at CG 1" in \
+        fastfc("formcg", "g").stdout
+    assert digest(fastfc, "C", site1) == digest(fastfc, "A", site1)
+    fastfc("write", "A", "later", "--offset", 3 * TS)
+    fastfc("formcg", "g", "--count", 2)
+    assert digest(fastfc, "C", site1) == digest(fastfc, "A", site1)
+    show = props(fastfc("showgmir", "g"))
+    assert show["CG sequence"] == "3" and show["Successful CGs"] == "3"
+    assert "GM g" in rows(fastfc("lsvol"))["C"][4]
+    assert "use rmgmir" in fastfc("rmpprc", "A:B", code=1).stderr
+    assert "removed Global Mirror session g" in fastfc("rmgmir", "g").stdout
+    assert fastfc("lspprc").stdout.strip() == "no PPRC pairs"
+    fastfc("write", "B", "a plain volume again")
+    fastfc("mkgmir", "h", "X:Y:C")                  # --force ends one too
+    fastfc("formcg", "h")
+    assert "removed Global Mirror session h" in fastfc("rmgmir", "h", "--force").stdout
+    fastfc("mkpprc", "X:Y", "--type", "gcp")       # and rmpprc --force a Global Copy pair
+    assert "removed pair X:Y" in fastfc("rmpprc", "X:Y", "--force").stdout
+    fastfc("write", "Y", "free")
 
 
 def test_formcg_with_injected_faults_exits_1_when_the_last_cg_fails(fastfc, site1, site2):

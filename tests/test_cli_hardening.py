@@ -128,6 +128,42 @@ def test_rmflash_refusal_names_the_cli_way_out(fastfc, site1):
     assert "S:T" in rows(fastfc("lsflash"))
 
 
+def test_rmflash_of_a_session_flashcopy_is_refused_naming_rmgmir(fastfc, session):
+    site1, site2 = session
+    for force in ([], ["--force"]):
+        err = fastfc("rmflash", "B0:C0", *force, unit=site2, code=1).stderr
+        assert "session gm" in err and "rmgmir" in err
+    assert "B0:C0" in rows(fastfc("lsflash", unit=site2))
+    fastfc("formcg", "gm")                                  # the session still works
+    assert "GM gm" in rows(fastfc("lsvol", unit=site2))["C0"][4]
+
+
+def test_a_session_that_cannot_be_restored_leaves_the_units_usable(fastfc, session):
+    """Metadata naming a session whose C lost its FlashCopy: every command
+    still works, showgmir and rmgmir name the problem and rmgmir --force,
+    which removes what is left of the session."""
+    site1, site2 = session
+    db = sqlite3.connect(site2 / "unit.db")
+    assert db.execute("DELETE FROM flashcopies WHERE target='C1'").rowcount == 1
+    db.commit()
+    db.close()
+    assert "B0" in rows(fastfc("lsvol", unit=site2))
+    assert "A0" in rows(fastfc("lsvol"))
+    assert "B0:C0" in rows(fastfc("lsflash", unit=site2))
+    for cmd in (["showgmir", "gm"], ["formcg", "gm"], ["rmgmir", "gm"]):
+        err = one_line_error(run("-u", site1, *cmd))
+        assert "session 'gm' cannot be restored" in err and "C1" in err, err
+        assert "rmgmir --force gm" in err, err
+    out = fastfc("rmgmir", "gm", "--force").stdout
+    assert "removed Global Mirror session gm" in out
+    assert "FlashCopy B0:C0" in out and "pair A1:B1" in out
+    assert fastfc("lspprc").stdout.strip() == "no PPRC pairs"
+    assert fastfc("lsflash", unit=site2).stdout.strip() == "no FlashCopy relationships"
+    assert "no Global Mirror session named 'gm'" in one_line_error(run("-u", site1,
+                                                                       "showgmir", "gm"))
+    fastfc("write", "B1", "free again", unit=site2)
+
+
 # -- 6: names -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["../../escaped", "", ".hidden", "a/b", "x" * 65, "sp ace"])
 def test_mkgmir_refuses_a_bad_session_name_and_creates_nothing(fastfc, site1, site2, name):
@@ -171,6 +207,45 @@ def test_mkvol_numbers_too_large_create_nothing(fastfc, site1, tmp_path):
     new = tmp_path / "new-unit"                  # a refused mkvol makes no unit either
     one_line_error(run("-u", new, "mkvol", "H1", "--size", "100T"))
     assert not new.exists()
+
+
+def _tree(path: Path) -> dict[str, bytes | None]:
+    """Every entry under ``path`` with a file's bytes (None: a directory)."""
+    return {str(p.relative_to(path)): (None if p.is_dir() else p.read_bytes())
+            for p in sorted(path.rglob("*"))}
+
+
+def test_a_failed_mkvol_in_a_directory_of_files_leaves_every_file(tmp_path, monkeypatch):
+    """A directory holding the user's files is no unit: mkvol refuses it and
+    removes nothing (its clean-up of a half-made unit once wiped the whole
+    directory, so that ``-u .`` or ``-u ~`` would have)."""
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "important.txt").write_text("x\n")
+    (d / "sub" / "deep.txt").write_text("deep\n")
+    before = _tree(d)
+    assert "not empty and holds no unit.db" in one_line_error(
+        run("-u", d, "mkvol", "v", "--size", "1M"))
+    assert _tree(d) == before
+    monkeypatch.chdir(d)                                   # -u .
+    assert "not empty and holds no unit.db" in one_line_error(
+        run("-u", ".", "mkvol", "v", "--size", "1M"))
+    assert _tree(d) == before
+
+
+def test_a_failed_mkvol_removes_only_what_it_made(tmp_path):
+    """A volume the system refuses after the unit was made: the unit's own
+    entries go, by name; what was there before stays, and a directory the
+    command made goes only if it is empty then."""
+    huge = ["mkvol", "v", "--size", "100T", "--thin"]    # past the mmap limit
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "unit.lock").write_text("")                  # left by an earlier open
+    one_line_error(run("-u", empty, *huge))
+    assert listing(empty) == ["unit.lock"]
+    nested = tmp_path / "a" / "b" / "c"                    # mkvol makes a, b and c
+    one_line_error(run("-u", nested, *huge))
+    assert not (tmp_path / "a").exists()
 
 
 def test_mkvol_thin_is_sparse_and_a_size_the_filesystem_refuses_creates_nothing(
@@ -390,6 +465,40 @@ def test_showgmir_counts_the_cgs_of_a_killed_formcg(fastfc, site1, site2):
     show = props(fastfc("showgmir", "gm"))
     assert int(show["CG attempts"]) >= seen >= 3
     assert show["CG attempts"] == show["Successful CGs"]
+
+
+def test_showgmir_counts_the_cg_recovery_committed_after_a_kill(fastfc, site1, site2):
+    """A formcg killed in the commit of CG 2: recovery commits it, and
+    showgmir counts it (attempts, successes and CG sequence agree)."""
+    make_volumes(fastfc, site1, "A")
+    make_volumes(fastfc, site2, "B", "C")
+    fastfc("mkgmir", "gm", "A:B:C", remote=site2)
+    fastfc("formcg", "gm")
+    fastfc("write", "A", "CG 2")
+    code = ("import os, sys\n"
+            "from fastfc import faults\n"
+            "from fastfc.tools.cli import main\n"
+            "faults.inject('commit', action=lambda: os.kill(os.getpid(), 9))\n"
+            "main(['-u', sys.argv[1], 'formcg', 'gm'])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-c", code, str(site1)], env=env,
+                       capture_output=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    show = props(fastfc("showgmir", "gm"))
+    assert show["CG sequence"] == "2" and show["C sequences"] == "2"
+    assert show["CG attempts"] == "2" and show["Successful CGs"] == "2"
+    assert digest(fastfc, "C", site2) == digest(fastfc, "A", site1)
+
+
+def test_a_session_whose_unit_is_away_is_named_with_that_unit(fastfc, session, tmp_path):
+    site1, site2 = session
+    site2.rename(tmp_path / "away")
+    for cmd in ("showgmir", "formcg", "rmgmir"):
+        err = one_line_error(run("-u", site1, cmd, "gm"))
+        assert f"not available: {site2}" in err and "secondary unit of A0:B0, A1:B1" in err
+    (tmp_path / "away").rename(site2)
+    assert props(fastfc("showgmir", "gm"))["CG attempts"] == "1"
 
 
 # -- scripting ------------------------------------------------------------------------------------

@@ -343,6 +343,56 @@ def test_pprc_pair_restored_with_its_out_of_sync_tracks(paths, mode):
         u2.volume("b").write(0, b"x")              # no longer a secondary
 
 
+def test_pair_within_one_unit_is_restored_and_mirrors_after_reopen(tmp_path):
+    """A pair with both volumes in one unit: the unit is its own partner.
+    After close and reopen the pair is back, a Metro Mirror write reaches B,
+    and removing the pair frees B."""
+    p = tmp_path / "u"
+    with StorageUnit(p) as u:
+        a, b = u.create_volume("a", N, TS), u.create_volume("b", N, TS)
+        a.write(0, rand(a.capacity, 1))
+        PPRCPair(a, b, mode="mmir", background=False, name="p").drain()
+        assert u.partner_units() == []
+    with StorageUnit(p) as u:
+        [pair] = u.pairs
+        a, b = u.volume("a"), u.volume("b")
+        assert pair.primary is a and pair.secondary is b and pair.name == "p"
+        assert u.pair_records == [] and u.partner_units() == []
+        track(a, 5, 2)                              # synchronous: on B at once
+        assert np.array_equal(image(b), image(a))
+        with pytest.raises(WriteInhibitedError):
+            b.write(0, b"x")
+        pair.remove()
+    with StorageUnit(p) as u:
+        assert u.pairs == [] and u.pair_records == []
+        u.volume("b").write(0, b"x")                # no longer a secondary
+
+
+def test_session_within_one_unit_is_restored_and_runs_after_reopen(tmp_path):
+    p = tmp_path / "u"
+    with StorageUnit(p) as u:
+        a, b, c = (u.create_volume(n, N, TS) for n in "abc")
+        a.write(0, rand(a.capacity, 1))
+        gm = GlobalMirror([(a, b, c)], name="g", max_coordination_time=1.0)
+        assert gm.form_consistency_group().committed
+    with StorageUnit(p) as u:
+        gm = u.session("g")
+        a, c = u.volume("a"), u.volume("c")
+        assert [t.a for t in gm.triplets] == [a] and gm.c_sequences == [1]
+        track(a, 3, 7)
+        res = gm.form_consistency_group()
+        assert res.committed and res.sequence == 2
+        assert np.array_equal(image(c), image(a))
+    with StorageUnit(p) as u:
+        gm = u.session("g")
+        assert gm.c_sequences == [2]
+        gm.close(discard=True)
+        assert u.sessions == {} and u.pairs == []
+    with StorageUnit(p) as u:
+        assert u.sessions == {} and u.pairs == [] and u.flashcopies == []
+        u.volume("b").write(0, b"x")
+
+
 def test_primary_opened_alone_records_host_writes(paths):
     """Writes to a primary whose secondary unit is not open must reach the
     secondary once it is (as with a suspended pair), never be lost."""
@@ -451,6 +501,92 @@ def test_session_loop_and_close_after_reopen(paths):
             u2.session("gm")
 
 
+def test_a_session_flashcopy_is_withdrawn_only_by_ending_the_session(paths):
+    p1, p2 = paths
+    u1, u2, gm = make_session(p1, p2, n=2)
+    assert gm.form_consistency_group().committed
+    fc = gm.triplets[0].fc
+    for force in (False, True):
+        with pytest.raises(StateError, match=r"session 'gm'.*GlobalMirror\.close\(\)"):
+            fc.withdraw(force=force)
+    assert fc.active and u2.volume("C0").target_relationship is fc
+    u1.close()
+    u2.close()
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:   # both units open as before
+        gm = u2.session("gm")
+        assert gm.form_consistency_group().committed
+        gm.close()
+        assert u2.flashcopies == [] and u1.pairs == []
+
+
+def _withdraw_behind_the_session(path, c_name):
+    """Damaged metadata: the session's row stays, the FlashCopy onto
+    ``c_name`` is gone (as a withdraw that bypassed the session left it)."""
+    db = sqlite3.connect(path / "unit.db")
+    assert db.execute("DELETE FROM flashcopies WHERE target=?", (c_name,)).rowcount == 1
+    db.commit()
+    db.close()
+
+
+def test_a_session_whose_flashcopy_is_gone_opens_degraded_and_can_be_removed(paths):
+    """A unit opens whatever its metadata says: the session that cannot be
+    restored is left unloaded, its problem named with the way to remove it,
+    and removing it takes away what is left (pairs, other FlashCopies)."""
+    p1, p2 = paths
+    u1, u2, gm = make_session(p1, p2, n=3)
+    assert gm.form_consistency_group().committed
+    u1.close()
+    u2.close()
+    _withdraw_behind_the_session(p2, "C1")
+    for ro in (True, False):                  # the unit alone, read-only too
+        with StorageUnit(p2, readonly=ro) as u2:
+            assert "C1" in u2.session_problems["gm"]
+            assert any("remove_session('gm')" in r for r in u2.recovered)
+            assert sorted(v.name for v in u2.volumes()) == ["B0", "B1", "B2",
+                                                           "C0", "C1", "C2"]
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        assert u2.sessions == {} and "C1" in u2.session_problems["gm"]
+        with pytest.raises(StateError, match=r"cannot be restored: .*C1.*"
+                                             r"remove_session\('gm'\)"):
+            u2.session("gm")
+        assert len(u1.pairs) == 3                 # the pairs are restored, as pairs
+        with pytest.raises(KeyError):
+            u2.remove_session("other")
+        removed = u2.remove_session("gm")
+        assert sorted(removed) == ["FlashCopy B0:C0", "FlashCopy B2:C2",
+                                   "pair A0:B0", "pair A1:B1", "pair A2:B2"]
+        assert u2.session_problems == {} and u1.pairs == [] and u2.flashcopies == []
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        assert u2.recovered == [] and u2.sessions == {} and u2.session_problems == {}
+        with pytest.raises(KeyError):
+            u2.session("gm")
+        for i in range(3):
+            u2.volume(f"B{i}").write(0, b"free")    # no longer secondaries
+
+
+def test_a_session_whose_pair_is_gone_opens_degraded_and_frees_its_b(paths):
+    p1, p2 = paths
+    u1, u2, gm = make_session(p1, p2, n=2)
+    assert gm.form_consistency_group().committed
+    u1.close()
+    u2.close()
+    db = sqlite3.connect(p1 / "unit.db")
+    assert db.execute("DELETE FROM pairs WHERE primary_name='A1'").rowcount == 1
+    db.commit()
+    db.close()
+    with StorageUnit(p2) as u2:                   # alone: it cannot tell yet
+        assert u2.session_problems == {}
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        assert u2.session_problems == {"gm": "pair A1:B1 is gone"}
+        with pytest.raises(WriteInhibitedError):
+            u2.volume("B1").write(0, b"x")
+        removed = u2.remove_session("gm")
+        assert sorted(removed) == ["FlashCopy B0:C0", "FlashCopy B1:C1", "pair A0:B0",
+                                   "the secondary role of B1"]
+    with StorageUnit(p2) as u2:
+        u2.volume("B1").write(0, b"free")
+
+
 def test_session_name_is_unique_in_a_unit(paths):
     p1, p2 = paths
     u1, u2, gm = make_session(p1, p2, n=1)
@@ -510,6 +646,8 @@ def test_interrupted_cg_is_resolved_on_open(paths, crash_at, outcome):
     with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
         assert u2.recovered == []
         gm = u2.session("gm")
+        # a CG recovery committed counts as the attempt the crash cut short
+        assert gm.stats.attempts == gm.stats.successes == gm.stats.sequence == want_seq
         res = gm.form_consistency_group()
         assert res.committed and res.sequence == want_seq + 1
         assert_images(c_images_of(u2), a_images(gm))
@@ -659,6 +797,41 @@ def test_database_not_a_database_and_wrong_schema(tmp_path):
     assert_corrupt(path, "schema")
     (path / "unit.db").write_bytes(b"hello, world\n" * 100)
     assert_corrupt(path, "unit.db")
+
+
+def test_a_directory_that_is_no_unit_is_refused_and_left_as_it_was(tmp_path):
+    """The user's files are never touched: a directory of other files, or
+    one holding another program's SQLite database named unit.db, is refused
+    (read-write or read-only) and every byte stays; no unit entry is added
+    beside them but the lock."""
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "important.txt").write_text("x\n")
+    (d / "sub" / "deep.txt").write_text("deep\n")
+
+    def tree():
+        return {str(p.relative_to(d)): (None if p.is_dir() else p.read_bytes())
+                for p in sorted(d.rglob("*")) if p.name != "unit.lock"}
+
+    before = tree()
+    for ro in (False, True):
+        with pytest.raises(CorruptUnitError, match="unit.db"):
+            StorageUnit(d, readonly=ro)
+        assert tree() == before
+    other = sqlite3.connect(d / "unit.db")                 # not a fastfc database
+    other.execute("CREATE TABLE notes(body TEXT)")
+    other.execute("INSERT INTO notes VALUES('keep me')")
+    other.commit()
+    other.close()
+    before = tree()
+    for ro in (False, True):
+        with pytest.raises(CorruptUnitError, match="not a fastfc unit"):
+            StorageUnit(d, readonly=ro)
+        assert tree() == before
+    db = sqlite3.connect(d / "unit.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("notes",)]
+    db.close()
 
 
 def test_missing_database_or_directory_is_a_file(tmp_path):

@@ -131,6 +131,9 @@ class FlashCopy(_core.RelationshipBase):
         self.sequence = sequence
         self.revertible = False
         self.active = False
+        #: the Global Mirror session whose B->C relationship this is (set by
+        #: the session): only ending the session withdraws it
+        self.session: str | None = None
         # (to_copy, src_changed, tgt_changed, sequence) before a revertible resync
         self._revert_image: tuple[TrackBitmap, TrackBitmap | None, TrackBitmap | None,
                                   int] | None = None
@@ -496,6 +499,11 @@ class FlashCopy(_core.RelationshipBase):
         invalid (its reads then raise :class:`~fastfc.errors.InvalidImageError`)."""
         with locked((self.source, self.target)):
             self._require_active()
+            if self.session is not None:
+                raise StateError(
+                    f"{self!r} is the B->C relationship of Global Mirror session "
+                    f"{self.session!r}: withdrawing it alone would leave the session without "
+                    f"its C; end the session instead (GlobalMirror.close())")
             if self.revertible:
                 raise StateError(f"{self!r} is revertible; commit or revert before withdrawing")
             self._require_writable()

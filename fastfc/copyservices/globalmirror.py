@@ -606,6 +606,8 @@ class GlobalMirror:
         self._volumes_cache: tuple | None = None
         if _parts is not None:  # restored from a storage unit
             self.triplets = list(_parts)
+            for t in self.triplets:
+                t.fc.session = name
             self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
             self._store = self.triplets[0].b.store
             self._order_drains()
@@ -636,6 +638,7 @@ class GlobalMirror:
                 except Exception:
                     pair.remove()
                     raise
+                fc.session = name
                 self.triplets.append(Triplet(a, b, c, pair, fc))
         except Exception:
             made = [t.c for t in self.triplets]
@@ -689,6 +692,12 @@ class GlobalMirror:
                  _parts=list(triplets))
         if record.get("stats"):
             gm.stats.restore(record["stats"])
+            # CGs the C volumes carry beyond the counters were committed by an
+            # attempt that a killed process never counted (recovery finished it)
+            missed = max(gm.c_sequences) - gm.stats.sequence
+            if missed > 0:
+                gm.stats.attempts += missed
+                gm.stats.successes += missed
         gm.stats.sequence = max(gm.c_sequences)
         return gm
 
@@ -1073,6 +1082,7 @@ class GlobalMirror:
 
     def _teardown(self) -> None:
         for t in self.triplets:
+            t.fc.session = None         # the session itself ends it
             try:
                 if t.fc.active and not t.fc.revertible:
                     t.fc.withdraw(force=True)

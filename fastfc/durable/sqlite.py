@@ -146,8 +146,6 @@ class SQLiteStore(Store):
         if readonly and not existed:
             raise CorruptUnitError(f"{directory} holds no unit.db (a read-only open "
                                    "creates nothing)")
-        if not readonly:
-            self.bitmap_dir.mkdir(exist_ok=True)
         conn: sqlite3.Connection | None = None   # to close if the open fails
         try:
             if readonly:
@@ -155,6 +153,18 @@ class SQLiteStore(Store):
             else:
                 self.db = conn = sqlite3.connect(db, check_same_thread=False,
                                                  isolation_level=None)
+            if existed:
+                # someone else's database named unit.db: refused before
+                # anything (the journal mode, the tables) changes it
+                tables = {r[0] for r in self.db.execute(
+                    "SELECT name FROM sqlite_master WHERE type='table'")}
+                if tables and "meta" not in tables:
+                    raise CorruptUnitError(
+                        f"{db} is an SQLite database but not a fastfc unit's (it has no "
+                        f"meta table; tables: {', '.join(sorted(tables)[:5])}); "
+                        "nothing was changed")
+            if not readonly:
+                self.bitmap_dir.mkdir(exist_ok=True)
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=" +
                                 ("FULL" if durability == "power" else "NORMAL"))

@@ -65,6 +65,9 @@ _opening: set[str] = set()      # paths being opened by a thread right now
 _registry_lock = threading.RLock()
 
 
+#: how messages name the way to remove a session that cannot be restored
+_REMOVE_SESSION = "StorageUnit.remove_session({name!r})"
+
 #: The durability levels a unit can be opened with (``StorageUnit(durability=...)``).
 DURABILITY = ("process", "power")
 
@@ -155,6 +158,8 @@ class StorageUnit:
         self._links: dict[str, StorageUnit] = {}   # partners attached by relink()
         self.sessions: dict[str, GlobalMirror] = {}
         self.recovered: list[str] = []     # what opening had to resolve
+        # sessions whose rows cannot be restored (name -> what is wrong)
+        self._session_problems: dict[str, str] = {}
         self._closed = False
         self.uuid: str | None = None
         if self.path is None:
@@ -195,12 +200,12 @@ class StorageUnit:
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         self._unit_lock = UnitLock(self.path, shared=self.readonly, wait=wait)
         try:
-            if not self.readonly:
-                (self.path / "volumes").mkdir(exist_ok=True)
             self.store = SQLiteStore(self.path, str(self.path), readonly=self.readonly,
                                      durability=self.durability,
                                      on_session_added=self._session_added,
                                      on_session_dropped=self._session_dropped)
+            if not self.readonly:
+                (self.path / "volumes").mkdir(exist_ok=True)
         except BaseException:
             self._unit_lock.release()
             raise
@@ -325,6 +330,11 @@ class StorageUnit:
         try:
             return self.sessions[name]
         except KeyError:
+            problem = self._session_problems.get(name)
+            if problem is not None:
+                raise StateError(f"session {name!r} cannot be restored: {problem}; "
+                                 f"{_REMOVE_SESSION.format(name=name)} removes what is "
+                                 "left of it") from None
             pending = self.store.session_rows() if self.path is not None else {}
             if name in pending:
                 raise StateError(
@@ -332,6 +342,56 @@ class StorageUnit:
                     + "; ".join(sorted({self.describe_partner(t[0])
                                         for t in pending[name]['triplets']}))) from None
             raise KeyError(f"no Global Mirror session named {name!r} in this unit") from None
+
+    @property
+    def session_problems(self) -> dict[str, str]:
+        """Sessions recorded in this unit that could not be restored, by
+        name: what is wrong with them (a C volume whose FlashCopy was
+        withdrawn, a pair that was removed, a volume that is gone). The unit
+        opens regardless; :meth:`remove_session` removes what is left."""
+        return dict(self._session_problems)
+
+    def remove_session(self, name: str) -> list[str]:
+        """Remove a session that cannot be restored (see
+        :meth:`session_problems`) and what is left of it: its row, the
+        FlashCopy B->C of each of its triplets that still has one (withdrawn
+        at once: a C still reading tracks from its B turns invalid) and each
+        of its pairs A->B that is restored. Returns what was removed, for
+        messages. A pair whose primary unit is away stays recorded there
+        (it comes back as a plain pair: remove it then). A session that
+        works is ended with :meth:`GlobalMirror.close` instead."""
+        self._require_writable()
+        if name not in self._session_problems:
+            if name in self.sessions:
+                raise StateError(f"session {name!r} works: end it with GlobalMirror.close()")
+            raise KeyError(f"no damaged Global Mirror session named {name!r} in this unit")
+        cfg = self.store.session_rows().get(name)
+        removed: list[str] = []
+        for a_unit, a_name, b_name, c_name in (cfg["triplets"] if cfg else []):
+            b, c = self._volumes.get(b_name), self._volumes.get(c_name)
+            fc = c._tgt_rel if c is not None else None
+            if isinstance(fc, FlashCopy) and b is not None and fc.source is b:
+                fc.session = None
+                if fc.revertible:
+                    fc.revert()
+                fc.withdraw(force=True)
+                removed.append(f"FlashCopy {b_name}:{c_name}")
+            unit_a = self._partner(a_unit)
+            a = unit_a._volumes.get(a_name) if unit_a is not None else None
+            pair = a._mirror if a is not None else None
+            if isinstance(pair, PPRCPair) and pair.secondary is b:
+                pair.remove()
+                removed.append(f"pair {a_name}:{b_name}")
+            elif unit_a is not None and b is not None and b._secondary and \
+                    type(pair) is not MirrorBase:
+                # its pair is gone (its primary's unit is open and holds
+                # none): B is nobody's secondary and takes host writes again
+                b._secondary = False
+                self.store.set_volume_flags(b.flags_record())
+                removed.append(f"the secondary role of {b_name}")
+        self.store.drop_session(name)
+        del self._session_problems[name]
+        return removed
 
     # -- restore ---------------------------------------------------------------------
     def _restore_local(self) -> None:
@@ -386,8 +446,10 @@ class StorageUnit:
         by_target = {fc.target.name: fc for fc in self.flashcopies}
         for name, cfg in self.store.session_rows().items():
             fcs = [by_target.get(c) for (_, _, _, c) in cfg["triplets"]]
-            if any(fc is None for fc in fcs):
-                raise CorruptUnitError(f"session {name!r} names a C volume without its FlashCopy")
+            for (_, _, b, c), fc in zip(cfg["triplets"], fcs):
+                if fc is None or fc.source.name != b:
+                    self._damaged(name, f"C volume {c!r} has no FlashCopy from {b!r}")
+                    break
             pending = [fc for fc in fcs if fc is not None and fc.revertible]
             if not pending:
                 continue
@@ -420,25 +482,50 @@ class StorageUnit:
             PPRCPair.from_record(primary, secondary, row)
         self._pair_rows = left
 
+    def _damaged(self, name: str, problem: str) -> None:
+        """Session ``name`` cannot be restored: say so (in :attr:`recovered`
+        and :attr:`session_problems`) and leave it unloaded."""
+        if name in self._session_problems:
+            return
+        self._session_problems[name] = problem
+        self.recovered.append(f"session {name}: not restored: {problem}; "
+                              f"{_REMOVE_SESSION.format(name=name)} removes what is left of it")
+
     def _restore_sessions(self) -> None:
-        """Rebuild the sessions whose primary units (and pairs) are back."""
+        """Rebuild the sessions whose primary units (and pairs) are back.
+        A session whose rows do not fit what the units hold is left
+        unloaded, its problem named (:meth:`_damaged`)."""
         if self._closed or self.path is None:
             return
         for name, cfg in self.store.session_rows().items():
-            if name in self.sessions:
+            if name in self.sessions or name in self._session_problems:
                 continue
             parts = []
             for a_unit, a_name, b_name, c_name in cfg["triplets"]:
                 unit_a = self._partner(a_unit)
                 if unit_a is None:
                     break
-                a, b = unit_a._row_volume(a_name), self._row_volume(b_name)
-                c = self._row_volume(c_name)
-                # a restored pair (the hook of a pair still waiting has no
-                # secondary) and a FlashCopy (the only relationship there is)
+                missing = [(u, v) for u, v in ((unit_a, a_name), (self, b_name),
+                                               (self, c_name)) if v not in u._volumes]
+                if missing:
+                    self._damaged(name, ", ".join(f"volume {v!r} is not in unit {u.path}"
+                                                  for u, v in missing))
+                    break
+                a, b = unit_a._volumes[a_name], self._volumes[b_name]
+                c = self._volumes[c_name]
+                if type(a._mirror) is MirrorBase:
+                    break       # its pair waits for this unit to agree: not yet
+                # a restored pair and a FlashCopy (the only relationship there is)
                 pair = a._mirror if isinstance(a._mirror, PPRCPair) else None
                 fc = cast("FlashCopy | None", c._tgt_rel)
-                if pair is None or fc is None or pair.secondary is not b:
+                if pair is None or pair.secondary is not b:
+                    back = b._mirror
+                    self._damaged(name, f"pair {a_name}:{b_name} runs the other way "
+                                  f"({b_name}:{a_name})" if isinstance(back, PPRCPair)
+                                  and back.secondary is a else f"pair {a_name}:{b_name} is gone")
+                    break
+                if fc is None or fc.source is not b:
+                    self._damaged(name, f"C volume {c_name!r} has no FlashCopy from {b_name!r}")
                     break
                 parts.append(Triplet(a, b, c, pair, fc))
             else:
@@ -579,6 +666,8 @@ class StorageUnit:
         written before units had ids) is expected."""
         if not ref or self.path is None:
             return None
+        if ref == self.uuid:            # a pair or session within this unit
+            return self.path
         rel = self._sqlite.partners.get(ref)
         if rel is not None:
             return (self.path / rel).resolve()
@@ -594,6 +683,8 @@ class StorageUnit:
         partner, nor a partner to a copy."""
         if not ref:
             return None
+        if ref == self.uuid:            # a pair or session within this unit
+            return self
         linked = self._links.get(ref)
         if linked is not None and not linked._closed:
             return linked
@@ -661,6 +752,7 @@ class StorageUnit:
         refs.update(r["secondary_uuid"] for r in self._pair_rows if r["secondary_uuid"])
         for cfg in self.store.session_rows().values():
             refs.update(t[0] for t in cfg["triplets"] if t[0])
+        refs.discard(self.uuid)         # pairs and sessions within this unit
         found: list[Path] = []
         for ref in sorted(refs):
             unit = self._partner(ref)
@@ -701,6 +793,19 @@ class StorageUnit:
             for unit in units:
                 unit._restore_sessions()
         return True
+
+    def records_link(self, other: "StorageUnit") -> bool:
+        """Whether this unit and ``other`` (partners) each record where the
+        other is now, so that they find each other next time without
+        :meth:`relink` (read from the open units, nothing written)."""
+        self._require_open()
+        other._require_open()
+        if self.path is None or other.path is None or self.uuid is None or \
+                other.uuid is None:
+            return False
+        return (self._sqlite.partners.get(other.uuid) == os.path.relpath(other.path, self.path)
+                and other._sqlite.partners.get(self.uuid) == os.path.relpath(self.path,
+                                                                             other.path))
 
     def _references(self, other: "StorageUnit") -> bool:
         """Whether a pair or session of this unit involves ``other``."""

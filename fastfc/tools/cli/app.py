@@ -92,6 +92,8 @@ _CLI_WORDS = [
     (r"withdraw or remove those first", "rmflash, rmpprc or rmgmir first"),
     (r"clear_fatal\(\) first, or close\(discard=True\)", "formcg first, or rmgmir --force"),
     (r"; call copy\(\) instead", ""),
+    (r"end the session instead \(GlobalMirror\.close\(\)\)", "end the session instead: rmgmir"),
+    (r"StorageUnit\.remove_session\('([^']*)'\)", r"rmgmir --force \1"),
 ]
 
 

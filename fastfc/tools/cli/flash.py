@@ -169,6 +169,9 @@ def rmflash(units, specs, force) -> None:
     target would lose its point-in-time image (it turns invalid)."""
     rels = [units.flashcopy(*s) for s in specs]
     for fc in rels:       # refuse before withdrawing any
+        if fc.session is not None:
+            raise click.ClickException(f"FlashCopy {fc_id(fc)} belongs to Global Mirror "
+                                       f"session {fc.session}; use rmgmir")
         if fc.revertible:
             raise click.ClickException(f"FlashCopy {fc_id(fc)} is revertible; "
                                        "commitflash or revertflash first")

@@ -205,7 +205,17 @@ def rmgmir(units, session, force) -> None:
 
     Every C volume keeps its image of the last committed CG: the tracks it
     still reads from its B are copied B -> C first (progress on stderr).
-    --force skips that copy and leaves those C volumes invalid."""
+    --force skips that copy and leaves those C volumes invalid. A session
+    that cannot be restored (its metadata names a FlashCopy or pair that is
+    gone) is removed with --force: what is left of it goes."""
+    damaged = units.damaged_session(session)
+    if damaged is not None:
+        if not force:
+            units.session(session)      # refuses, naming the problem and rmgmir --force
+        removed = damaged.remove_session(session)
+        click.echo(f"removed Global Mirror session {session} (it could not be restored)"
+                   + (f": {', '.join(removed)}" if removed else ""))
+        return
     gm = units.session(session)
     need = gm.tracks_c_needs()
     cg = max(gm.c_sequences)

@@ -3,6 +3,7 @@ the names a command line gives."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.globalmirror import GlobalMirror
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.durable.unit import StorageUnit
-from fastfc.errors import ReadOnlyUnitError
+from fastfc.errors import FastFCError, ReadOnlyUnitError
 
 
 class Units:
@@ -78,9 +79,38 @@ class Units:
             if self.remote_path is not None:
                 remote = self._get(self.remote_path, False)
                 if remote is not unit:
-                    unit.relink(remote)     # units named together are partners
+                    # units named together are partners
+                    if unit.relink(remote) and not unit.records_link(remote):
+                        unit = self._record_link(unit, remote)
             self._open_partners()
         return unit
+
+    def _record_link(self, unit: StorageUnit, remote: StorageUnit) -> StorageUnit:
+        """Partners re-linked by a command that opened them read-only:
+        record the link as a writer, this once (as an interrupted CG is
+        resolved), so the next command finds them without -u/-r. If another
+        command has either unit open, the link holds for this command only,
+        and a note says so. Returns the local unit (reopened)."""
+        if self.borrowed or not (unit.readonly or remote.readonly):
+            return unit
+        paths = [p for p, u in self.open.items() if u is unit or u is remote]
+        for p in reversed(paths):
+            self.open.pop(p).close()
+        opened: list[StorageUnit] = []
+        try:
+            for p in paths:
+                opened.append(StorageUnit(p, wait=self.wait, durability=self.durability))
+        except (FastFCError, OSError, sqlite3.Error) as e:
+            for u in reversed(opened):
+                u.close()
+            opened = [self._get(p, False) for p in paths]
+            click.echo(f"note: {paths[0]} and {paths[1]} are re-linked for this command "
+                       f"only; the link could not be recorded ({e})", err=True)
+        for p, u in zip(paths, opened):
+            self.open[p] = u
+        local, other = (opened if opened[0].path == unit.path else opened[::-1])
+        local.relink(other)
+        return local
 
     def remote(self) -> StorageUnit:
         """The ``--remote-unit``, or the local unit when none is given."""
@@ -175,7 +205,28 @@ class Units:
         for u in units:
             if name in u.store.session_rows():
                 return u.session(name)   # raises: its primary units are missing
+        # a session is recorded with its B volumes: in the unit of a pair's
+        # secondary, which may be the one that is away
+        away: dict[str, list[str]] = {}
+        for u in units:
+            for row in u.pair_records:
+                away.setdefault(u.describe_partner(row["secondary_uuid"]), []).append(
+                    f"{row['primary_name']}:{row['secondary_name']}")
+        if away:
+            raise click.ClickException(
+                f"no Global Mirror session named {name!r} in the open units; it may be "
+                "recorded in a unit that is not available: " + "; ".join(
+                    f"{where}, the secondary unit of {', '.join(ids)}"
+                    for where, ids in sorted(away.items())))
         raise KeyError(f"no Global Mirror session named {name!r} in the open units")
+
+    def damaged_session(self, name: str) -> StorageUnit | None:
+        """The open unit recording session ``name`` as one it cannot restore
+        (:attr:`StorageUnit.session_problems`), if any."""
+        for u in self.all():
+            if name in u.session_problems:
+                return u
+        return None
 
     def session_of(self, pair: PPRCPair) -> GlobalMirror | None:
         for u in self.open.values():

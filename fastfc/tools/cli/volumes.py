@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from fastfc.copyservices.flashcopy import CHUNK_BYTES
 from fastfc.copyservices.pprc import PPRCPair
+from fastfc.durable.lock import LOCK_FILE
 
 from .app import main
 from .output import console, human, json_out, plural, table
@@ -60,7 +62,7 @@ def mkvol(units, names, tracks, size, track_size, thin) -> None:
         raise click.ClickException(f"{what} does not fit: the filesystem of {shown} has "
                                    f"{human(free)} free")
     new_unit = not (where / "unit.db").exists()
-    new_dir = not where.exists()
+    ours = _absent_unit_entries(where) if new_unit else None
     try:
         unit = units.local(create=True)
         for name in names:
@@ -75,24 +77,51 @@ def mkvol(units, names, tracks, size, track_size, thin) -> None:
                 unit.remove_volume(vol.name)
             raise
     except BaseException:
-        if new_unit:   # once the units are closed, take away the unit this made
+        if ours is not None:   # once the units are closed, take away what this made
             click.get_current_context().find_root().call_on_close(
-                lambda: _remove_new_unit(where, new_dir))
+                lambda: _remove_new_unit(*ours))
         raise
     for vol in made:
         click.echo(f"created volume {vol.name}: {plural(vol.n_tracks, 'track')} of "
                    f"{human(vol.track_size)} ({human(vol.capacity)})")
 
 
-def _remove_new_unit(path: Path, new_dir: bool) -> None:
-    """Undo the unit a failed mkvol created (it holds no volume)."""
-    if (path / "volumes").is_dir() and any((path / "volumes").iterdir()):
-        return
-    if new_dir:
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    for child in path.iterdir():
-        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+#: what opening a new unit creates in its directory (nothing else is ever removed)
+_UNIT_ENTRIES = ("unit.db", "unit.db-wal", "unit.db-shm", "unit.db-journal", LOCK_FILE,
+                 "volumes", "bitmaps")
+
+
+def _absent_unit_entries(where: Path) -> tuple[list[Path], list[Path]]:
+    """Before a new unit is made at ``where``: the unit's entries that are
+    not there yet, and the directories (``where`` and the parents it lacks,
+    deepest first) that do not exist yet. Only these may be taken away if
+    the command fails."""
+    dirs = []
+    p = where
+    while not os.path.lexists(p) and p != p.parent:
+        dirs.append(p)
+        p = p.parent
+    entries = [where / n for n in _UNIT_ENTRIES if not os.path.lexists(where / n)]
+    return entries, dirs
+
+
+def _remove_new_unit(entries: list[Path], dirs: list[Path]) -> None:
+    """Undo the unit a failed mkvol created (it holds no volume): remove by
+    name the unit's entries this command made, then the directories it made
+    if they are empty. Nothing that was there before is touched."""
+    vols = next((p for p in entries if p.name == "volumes"), None)
+    if vols is not None and vols.is_dir() and any(vols.iterdir()):
+        return      # a volume exists after all: keep the unit
+    for p in entries:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    for d in dirs:          # deepest first; one holding anything stays
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 @main.command()
