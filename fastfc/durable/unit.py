@@ -337,9 +337,8 @@ class StorageUnit:
                     f"session {name!r} needs its primary unit(s) open in this process: "
                     + "; ".join(sorted({self.describe_partner(t[0])
                                         for t in pending[name]['triplets']}))
-                    + f". With the primary lost, recover_session({name!r}) (fastfc "
-                    f"recovergmir {name}) makes its B volumes host-writable at the last "
-                    "consistency group") from None
+                    + f". With the primary lost, recover_session({name!r}) at this unit "
+                    "makes its B volumes host-writable at the last consistency group") from None
             raise KeyError(f"no Global Mirror session named {name!r} in this unit") from None
 
     def session_record(self, name: str) -> dict:

@@ -92,6 +92,7 @@ _CLI_WORDS = [
     (r"withdraw or remove those first", "rmflash, rmpprc or rmgmir first"),
     (r"clear_fatal\(\) first, or close\(discard=True\)", "formcg first, or rmgmir --force"),
     (r"; call copy\(\) instead", ""),
+    (r"recover_session\('([^']+)'\)", r"recovergmir \1"),
 ]
 
 
