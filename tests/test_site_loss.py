@@ -158,6 +158,13 @@ def test_site_loss_procedure_from_the_cli_at_the_secondary_alone(fastfc, tmp_pat
     assert changed_tracks(a0, b_now["B0"]) == {40, 41}
     assert lspprc(fastfc, site1)["A0:B0"]["primary_unit"] == str(site1)
 
+    # and protected by Global Mirror again
+    fastfc("rmpprc", "A0:B0", unit=site1)
+    fastfc("rmflash", "B0:C0", "--force", unit=site2)      # C0's old CG: not needed now
+    fastfc("mkgmir", "g2", "A0:B0:C0", unit=site1, remote=site2)
+    fastfc("formcg", "g2", unit=site1)
+    assert np.array_equal(image(site2, "C0"), a0)
+
 
 def test_failbackpprc_says_writes_on_the_old_primary_are_overwritten(fastfc, tmp_path):
     site1, site2 = tmp_path / "site1", tmp_path / "site2"

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 #: ``suspend_reason`` of the pair B->A that :func:`recover_session` records
 #: in the secondary unit: B failed over with its primary unit away.
-SITE_FAILOVER = "failover at the secondary (site loss)"
+SITE_FAILOVER = "failover (site loss)"
 
 
 def is_site_failover(row: dict) -> bool:
@@ -100,7 +100,7 @@ class _SessionSite(SecondarySite):
 
     def status(self, session: str) -> dict[str, Any]:
         fcs = self._fcs()
-        store = self.unit.store
+        store = self.unit._sqlite     # a session is recorded by a unit on disk
         seqs = {fc.sequence for fc in fcs}
         return {"fcs": [(fc.target.name, bool(fc.revertible), int(fc.sequence)) for fc in fcs],
                 "decisions": {q: d for q in seqs
@@ -129,9 +129,10 @@ class _SessionSite(SecondarySite):
         with unit.store.transaction():
             for (a_unit, a_name, b_name, _), fc in zip(self.triplets, fcs):
                 b = fc.source
-                if b_name in rows or not b.is_secondary:
-                    continue        # failed over before: B may hold host writes since
-                _record_failover(unit, b, a_unit, a_name, fc)
+                if not b.is_secondary:
+                    continue        # restored before: B may hold host writes since
+                if b_name not in rows:     # (a run a crash cut short recorded it)
+                    _record_failover(unit, b, a_unit, a_name, fc)
                 todo.append(fc)
         for fc in todo:
             # restore first, then let B take host writes: a crash between
@@ -165,10 +166,10 @@ def _record_failover(unit: "StorageUnit", b: "Volume", a_unit: str, a_name: str,
     oos.copy_from(fc.src_changed)
     oos.or_(fc.tgt_changed)
     oos.andnot(fc.to_copy)
-    rec = {"id": None, "primary_name": b.name, "secondary_unit": a_unit,
-           "secondary_name": a_name, "mode": "gcp", "suspend_reason": SITE_FAILOVER,
-           "failed_over": False, "name": f"{b.name}->{a_name}",
-           "oos": oos, "spare": None, "cg": None}
+    rec: dict[str, Any] = {"id": None, "primary_name": b.name, "secondary_unit": a_unit,
+                           "secondary_name": a_name, "mode": "gcp",
+                           "suspend_reason": SITE_FAILOVER, "failed_over": False,
+                           "name": f"{b.name}->{a_name}", "oos": oos, "spare": None, "cg": None}
     rec["id"] = unit.store.save_pair(rec)
     unit._pair_rows.append(unit._pending(rec))
     hook = MirrorBase()

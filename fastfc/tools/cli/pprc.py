@@ -97,7 +97,7 @@ def _away_oos(row: dict) -> int | None:
 
 def _away_reason(row: dict) -> str:
     if row["suspend_reason"] == SITE_FAILOVER:
-        return f"{SITE_FAILOVER}; secondary unit not available"
+        return f"{SITE_FAILOVER}; secondary unit away"
     return "secondary unit not available"
 
 
