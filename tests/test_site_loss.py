@@ -245,3 +245,23 @@ def test_recover_session_refuses_a_session_whose_primary_is_open(tmp_path):
         with pytest.raises(KeyError):
             u2.recover_session("other")
         assert u2.session("g").c_sequences == [1] and b.is_secondary
+
+
+def test_recover_session_cut_short_finishes_when_run_again(tmp_path, monkeypatch):
+    snaps = _session_with_a_cg_in_flight(tmp_path)
+
+    def crash(self):
+        raise KeyboardInterrupt("the process dies before the restore")
+
+    with StorageUnit(tmp_path / "site2") as u2:
+        with monkeypatch.context() as m:
+            m.setattr("fastfc.copyservices.flashcopy.FlashCopy.reverse_restore", crash)
+            with pytest.raises(KeyboardInterrupt):
+                u2.recover_session("g")
+        assert u2.volume("B").is_secondary          # no host write before the restore
+    with StorageUnit(tmp_path / "site2") as u2:
+        assert [r["out_of_sync"] for r in u2.pair_records] == [1]   # recorded first
+        assert u2.recover_session("g") == 1
+        b = u2.volume("B")
+        assert not b.is_secondary and np.array_equal(b.read(0, b.capacity), snaps[1])
+        assert [r["out_of_sync"] for r in u2.pair_records] == [1]
