@@ -265,3 +265,34 @@ def test_recover_session_cut_short_finishes_when_run_again(tmp_path, monkeypatch
         b = u2.volume("B")
         assert not b.is_secondary and np.array_equal(b.read(0, b.capacity), snaps[1])
         assert [r["out_of_sync"] for r in u2.pair_records] == [1]
+
+
+def test_rmpprc_force_forgets_a_failover_when_the_old_primary_is_lost_for_good(fastfc,
+                                                                              tmp_path):
+    site1, site2, site3 = tmp_path / "site1", tmp_path / "site2", tmp_path / "site3"
+    fastfc("mkvol", "A", "--tracks", N, "--track-size", TS, unit=site1)
+    fastfc("mkvol", "B", "C", "--tracks", N, "--track-size", TS, unit=site2)
+    fastfc("mkvol", "D", "--tracks", N, "--track-size", TS, unit=site3)
+    fastfc("mkgmir", "g", "A:B:C", unit=site1, remote=site2)
+    fastfc("write", "A", "protected", unit=site1)
+    fastfc("formcg", "g", unit=site1)
+    shutil.copytree(site1, tmp_path / "vault")
+    shutil.rmtree(site1)
+    fastfc("recovergmir", "g", unit=site2)
+    fastfc("write", "B", "site 2", "--offset", 3 * TS, unit=site2)
+    # B is still bound to the lost primary: no new pair until it is forgotten
+    assert "already in a PPRC pair" in fastfc("mkpprc", "B:D", "--type", "gcp", unit=site2,
+                                              remote=site3, code=1).stderr
+    r = fastfc("rmpprc", "B:A", unit=site2, code=1)
+    assert "1 track changed on B" in r.stderr and "rmpprc --force" in r.stderr
+    assert "B:A" in lspprc(fastfc, site2)
+    out = fastfc("rmpprc", "B:A", "--force", unit=site2).stdout
+    assert "removed pair B:A" in out and "1 track forgotten" in out
+    assert lspprc(fastfc, site2) == {}
+    fastfc("mkpprc", "B:D", "--type", "gcp", "--wait", unit=site2, remote=site3)
+    assert np.array_equal(image(site3, "D"), image(site2, "B"))
+    # a copy of the lost unit that turns up does not take B back
+    shutil.copytree(tmp_path / "vault", site1)
+    fastfc("write", "B", "still the primary", "--offset", 4 * TS, unit=site2)
+    with StorageUnit(site2) as u2, StorageUnit(site1) as u1:
+        assert not u2.volume("B").is_secondary and u1.pairs == []

@@ -48,6 +48,7 @@ from fastfc.copyservices.pprc import PPRCPair
 from fastfc.copyservices.sitemirror import recover_sites
 from fastfc.errors import StateError
 from fastfc.storage.site import Done, Pending, SecondarySite, Update
+from fastfc.storage.volume import locked
 
 if TYPE_CHECKING:
     from fastfc.durable.unit import StorageUnit
@@ -217,3 +218,31 @@ def restore_merged(primary_unit: "StorageUnit", secondary_unit: "StorageUnit",
     if not primary_unit.readonly and not secondary_unit.readonly:
         secondary_unit.store.drop_pair(b_row["id"])
     return pair
+
+
+def forget_failover(unit: "StorageUnit", b_name: str) -> int:
+    """The old primary is lost for good: forget the record of B's failover
+    at the secondary (:func:`recover_session`). B stays a host-writable
+    volume, no longer recording its changes; its pair with the old primary
+    is gone (a later pair from B copies in full). Unless another row names
+    it, the old primary's unit is forgotten as a partner too, so that a copy
+    of it that turns up does not take B back as its secondary (naming both
+    units, ``-u``/``-r`` or :meth:`StorageUnit.relink`, would). Returns the
+    tracks the record held."""
+    unit._require_writable()
+    rows = [r for r in unit._pair_rows if is_site_failover(r) and r["primary_name"] == b_name]
+    if not rows:
+        raise KeyError(f"volume {b_name!r} of unit {unit.path} was not failed over at the "
+                       "secondary alone (recover_session)")
+    row = rows[0]
+    b = unit._row_volume(b_name)
+    n = int(row["oos"].count())
+    with locked((b,)):
+        unit.store.drop_pair(row["id"])
+        unit._pair_rows.remove(row)
+        b._mirror = None
+    ref = row["secondary_uuid"]
+    if not any(r["secondary_uuid"] == ref for r in unit._pair_rows) and not any(
+            t[0] == ref for cfg in unit.store.session_rows().values() for t in cfg["triplets"]):
+        unit._sqlite.drop_partner(ref)
+    return n

@@ -50,7 +50,8 @@ from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.globalmirror import GlobalMirror, Triplet
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.durable.lock import LOCK_FILE, POLL, UnitLock
-from fastfc.durable.siteloss import is_site_failover, recover_session, restore_merged
+from fastfc.durable.siteloss import (forget_failover, is_site_failover, recover_session,
+                                     restore_merged)
 from fastfc.durable.sqlite import SQLiteStore, read_identity
 from fastfc.names import NAME, NAME_RULE
 from fastfc.storage.store import Store
@@ -376,6 +377,13 @@ class StorageUnit:
         the tracks changed on either side). Returns the CG sequence every B
         holds. See :mod:`fastfc.durable.siteloss`."""
         return recover_session(self, name)
+
+    def forget_failover(self, volume: str) -> int:
+        """After :meth:`recover_session`, the old primary lost for good:
+        forget the record of B's failover (the pair B->A and the tracks it
+        recorded, returned as a count); B stays host-writable, free to join
+        a new pair or session. See :func:`fastfc.durable.siteloss.forget_failover`."""
+        return forget_failover(self, volume)
 
     # -- restore ---------------------------------------------------------------------
     def _restore_local(self) -> None:

@@ -163,8 +163,22 @@ def rmpprc(units, specs, force) -> None:
 
     A pair with tracks out of sync is refused unless --force: its secondary
     lacks the latest writes to them (it holds no one image of the primary)
-    and the record of which tracks those are would be lost."""
-    pairs = [units.pair(*s) for s in specs]
+    and the record of which tracks those are would be lost.
+
+    B:A of a B failed over by recovergmir, its old primary's unit away,
+    needs --force: it forgets the tracks B changed (the old primary lost for
+    good; failbackpprc is then impossible) and frees B."""
+    local = units.local()
+    failed = {(r["primary_name"], r["secondary_name"]): r for r in local.pair_records
+              if r["suspend_reason"] == SITE_FAILOVER}
+    lost = [s for s in specs if tuple(s) in failed]
+    for b, a in lost:
+        if not force:
+            raise click.ClickException(
+                f"pair {b}:{a} records {plural(failed[(b, a)]['out_of_sync'], 'track')} "
+                f"changed on {b} since its site-loss recovery, for failbackpprc when the "
+                f"unit of {a} is back; rmpprc --force forgets them (that unit lost for good)")
+    pairs = [units.pair(*s) for s in specs if tuple(s) not in failed]
     for p in pairs:
         gm = units.session_of(p)
         if gm is not None:
@@ -176,6 +190,10 @@ def rmpprc(units, specs, force) -> None:
                 f"pair {pair_id(p)} has {oos} tracks out of sync: {p.secondary.name} lacks "
                 f"the latest writes to them, and removing the pair loses the record of "
                 f"which; resumepprc --wait {pair_id(p)} first, or rmpprc --force")
+    for b, a in lost:
+        n = local.forget_failover(b)
+        click.echo(f"removed pair {b}:{a}: {b} no longer records its changes for {a}, whose "
+                   f"unit is not available ({plural(n, 'track')} forgotten)")
     each(pairs, lambda p: p.remove(), lambda p, _: f"removed pair {pair_id(p)}")
 
 
