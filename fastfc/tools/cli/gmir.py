@@ -163,13 +163,14 @@ def formcg(units, session, count, seconds, injects) -> None:
 def _show_away(rec: dict, as_json: bool) -> None:
     """showgmir of a session whose primary unit(s) are not available."""
     log = rec["stats"] or {}
-    seqs = [t["c_sequence"] for t in rec["triplets"]]
+    seqs = [t["c_sequence"] for t in rec["triplets"]]   # None: a C without its FlashCopy
+    top = max((q for q in seqs if q is not None), default=None)
     missing = sorted({t["a_unit"] for t in rec["triplets"]})
     state = "primary unit(s) not available: " + "; ".join(missing)
     if as_json:
         json_out({
             "session": rec["name"], "state": "primary unavailable", "fatal_reason": None,
-            "primary_units": missing, "cg_sequence": max(seqs), "c_sequences": seqs,
+            "primary_units": missing, "cg_sequence": top, "c_sequences": seqs,
             "cg_interval": rec["cg_interval"],
             "max_coordination_time": rec["max_coordination_time"],
             "max_drain_time": rec["max_drain_time"], "attempts": log.get("attempts"),
@@ -185,7 +186,7 @@ def _show_away(rec: dict, as_json: bool) -> None:
     t.add_row("Session", rec["name"])
     t.add_row("State", state)
     t.add_row("Triplets", str(len(rec["triplets"])))
-    t.add_row("CG sequence", str(max(seqs)))
+    t.add_row("CG sequence", str(top))
     t.add_row("C sequences", str(seqs[0]) if len(set(seqs)) == 1 else " ".join(map(str, seqs)))
     if log:
         t.add_row("CG attempts", str(log["attempts"]))
