@@ -296,3 +296,13 @@ def test_rmpprc_force_forgets_a_failover_when_the_old_primary_is_lost_for_good(f
     fastfc("write", "B", "still the primary", "--offset", 4 * TS, unit=site2)
     with StorageUnit(site2) as u2, StorageUnit(site1) as u1:
         assert not u2.volume("B").is_secondary and u1.pairs == []
+
+
+def test_recover_session_at_durability_power(tmp_path):
+    snaps = _session_with_a_cg_in_flight(tmp_path)
+    with StorageUnit(tmp_path / "site2", durability="power") as u2:
+        syncs = u2.store.msyncs
+        assert u2.recover_session("g") == 1
+        assert u2.store.msyncs >= syncs + 2          # B and its record, before B's flag
+        b = u2.volume("B")
+        assert np.array_equal(b.read(0, b.capacity), snaps[1]) and not b.is_secondary

@@ -137,9 +137,12 @@ class _SessionSite(SecondarySite):
                 todo.append(fc)
         for fc in todo:
             # restore first, then let B take host writes: a crash between
-            # the two restores again (B took no writes yet)
+            # the two restores again (B took no writes yet); at durability
+            # "power" B's restored data is on the disk before its flag
             fc.reverse_restore()
             b = fc.source
+            if unit.durability == "power":
+                unit.store.sync(b, b.mirror.oos if b.mirror is not None else None)
             b._secondary = False
             unit.store.set_volume_flags(b.flags_record())
 
