@@ -182,10 +182,12 @@ def test_failbackpprc_says_writes_on_the_old_primary_are_overwritten(fastfc, tmp
 
 
 # -- the library: StorageUnit.recover_session ----------------------------------------
-def _session_with_a_cg_in_flight(tmp_path):
+def _session_with_a_cg_in_flight(tmp_path, keep=False):
     """Units site1 (A) and site2 (B, C) of session "g": CG 1 committed, then
-    CG 2 drained to B with its prepare refused (C stays on CG 1); the A
-    images at each coordination instant. The primary's unit is then gone."""
+    CG 2 drained to B with its prepare refused (C stays on CG 1), then a
+    write A never sends (track 5); the A images at each coordination
+    instant. The primary's unit is then gone (with ``keep``, a copy of it
+    stays in ``vault``)."""
     from fastfc import faults
     snaps: dict[int, np.ndarray] = {}
     with StorageUnit(tmp_path / "site1") as u1, StorageUnit(tmp_path / "site2") as u2:
@@ -202,6 +204,8 @@ def _session_with_a_cg_in_flight(tmp_path):
         finally:
             faults.clear()
         a.write(5 * TS, b"after every CG")
+    if keep:
+        shutil.copytree(tmp_path / "site1", tmp_path / "vault")
     shutil.rmtree(tmp_path / "site1")
     return snaps
 
@@ -306,3 +310,28 @@ def test_recover_session_at_durability_power(tmp_path):
         assert u2.store.msyncs >= syncs + 2          # B and its record, before B's flag
         b = u2.volume("B")
         assert np.array_equal(b.read(0, b.capacity), snaps[1]) and not b.is_secondary
+
+
+@pytest.mark.parametrize("primary_first", [True, False])
+def test_the_old_primary_back_restores_the_pair_failed_over_with_both_sides_changes(
+        tmp_path, primary_first):
+    snaps = _session_with_a_cg_in_flight(tmp_path, keep=True)
+    with StorageUnit(tmp_path / "site2") as u2:
+        assert u2.recover_session("g") == 1       # track 3 restored from C
+        u2.volume("B").write(7 * TS, b"site 2")
+    shutil.copytree(tmp_path / "vault", tmp_path / "site1")
+    order = ["site1", "site2"] if primary_first else ["site2", "site1"]
+    with StorageUnit(tmp_path / order[0]) as first, StorageUnit(tmp_path / order[1]) as second:
+        u1, u2 = (first, second) if primary_first else (second, first)
+        [pair] = u1.pairs
+        assert pair.failed_over and u2.pair_records == [] and u1.pair_records == []
+        # sent after CG 1 (3), never sent by A (5), written on B since (7)
+        assert pair.oos.set_indices().tolist() == [3, 5, 7]
+        pair.failback()
+        assert pair.drain() == 3 * TS
+        a, b = u1.volume("A"), u2.volume("B")
+        assert np.array_equal(a.read(0, a.capacity), b.read(0, b.capacity))
+        assert changed_tracks(b.read(0, b.capacity), snaps[1]) == {7}
+    with StorageUnit(tmp_path / "site2") as u2, StorageUnit(tmp_path / "site1") as u1:
+        assert [p.name for p in u2.pairs] == ["B->A"] and u1.pairs == []
+
