@@ -193,8 +193,6 @@ def recover_session(unit: "StorageUnit", name: str) -> int:
     site = _SessionSite(unit, name)
     seq = recover_sites([site], name)
     unit.store.drop_session(name)
-    unit.recovered.append(f"session {name}: recovered at the secondary: B holds CG {seq}, "
-                          "failed over")
     return seq
 
 
