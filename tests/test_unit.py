@@ -1057,3 +1057,18 @@ def test_an_in_memory_unit_has_no_partner_units():
     with StorageUnit() as u:
         u.create_volume("A", 4, 512)
         assert u.partner_units() == []
+
+
+def test_a_new_flashcopy_onto_an_invalid_target_keeps_it_valid_after_reopening(tmp_path):
+    # rmflash --force left C invalid; a new relationship gives it a valid
+    # image again, and the unit must record that (it used to reopen invalid)
+    with StorageUnit(tmp_path / "u") as u:
+        b, c = u.create_volume("B", 8, 4096), u.create_volume("C", 8, 4096)
+        b.write(0, b"image")
+        FlashCopy(b, c, background_copy=False).withdraw(force=True)
+        assert not c.valid
+        FlashCopy(b, c, background_copy=False, record=True)
+        assert c.valid
+    with StorageUnit(tmp_path / "u") as u:
+        c = u.volume("C")
+        assert c.valid and c.read(0, 5).tobytes() == b"image"

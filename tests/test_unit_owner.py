@@ -348,7 +348,9 @@ def test_a_moved_pair_is_relinked_by_naming_both_units(tmp_path):
 
     r = cli("-u", np1, "lspprc")            # moved apart: the partner is not found
     assert "secondary unit not available" in r.stdout
-    r = cli("-u", ns2, "showgmir", "gm")
+    r = cli("-u", ns2, "showgmir", "gm")     # shown, the primary named as missing
+    assert r.exit_code == 0 and "primary unit(s) not available" in r.stdout, r.stderr
+    r = cli("-u", ns2, "formcg", "gm")
     assert r.exit_code == 1 and "needs its primary unit" in r.stderr, r.stderr
     r = cli("-u", np1, "-r", ns2, "formcg", "gm")
     assert r.exit_code == 0, r.stderr

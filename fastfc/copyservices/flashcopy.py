@@ -159,7 +159,14 @@ class FlashCopy(_core.RelationshipBase):
             self.src_changed = store.new_bitmap(n)
             self.tgt_changed = store.new_bitmap(n)
         # recorded first: a store that refuses (a full disk) leaves no link
-        self._save()
+        if self.target._invalid:
+            # the new image is valid: recorded with the relationship, or a
+            # reopened unit finds the target invalid again
+            with store.transaction():
+                self._save()
+                store.set_volume_flags({**self.target.flags_record(), "invalid": False})
+        else:
+            self._save()
         self.active = True
         self.source._src_rels.append(self)
         self.source._rels_version += 1

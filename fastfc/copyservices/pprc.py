@@ -457,7 +457,10 @@ class PPRCPair(_core.MirrorBase):
     def failback(self) -> None:
         """After :meth:`failover`: mirror the other way, from the former
         secondary to the former primary, sending the tracks changed on
-        either side since the failover."""
+        either side since the failover. On those tracks the former primary
+        takes the former secondary's data: host writes made on the former
+        primary since the failover are overwritten (the out-of-sync count
+        before the resync says how many tracks are sent)."""
         A, B = self.primary, self.secondary
         with pair_locked(A, B):
             self._require_active()

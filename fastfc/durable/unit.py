@@ -50,6 +50,8 @@ from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.globalmirror import GlobalMirror, Triplet
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.durable.lock import LOCK_FILE, POLL, UnitLock
+from fastfc.durable.siteloss import (forget_failover, is_site_failover, recover_session,
+                                     restore_merged)
 from fastfc.durable.sqlite import SQLiteStore, read_identity
 from fastfc.names import NAME, NAME_RULE
 from fastfc.storage.store import Store
@@ -307,8 +309,13 @@ class StorageUnit:
         copies, without the bitmaps): ``id``, ``primary_name``,
         ``secondary_name``, ``mode``, ``suspend_reason``, ``failed_over``,
         ``name``, ``secondary_uuid`` (how the row names the secondary's
-        unit) and ``secondary_unit`` (where that unit is expected)."""
-        return [{k: v for k, v in r.items() if k not in _PAIR_MAPS} for r in self._pair_rows]
+        unit), ``secondary_unit`` (where that unit is expected) and
+        ``out_of_sync`` (tracks its bitmaps record). A B failed over at
+        the secondary alone (``recover_session``) is such a pair, B->A,
+        its ``suspend_reason`` :data:`~fastfc.durable.siteloss.SITE_FAILOVER`."""
+        return [{**{k: v for k, v in r.items() if k not in _PAIR_MAPS},
+                 "out_of_sync": sum(r[k].count() for k in _PAIR_MAPS if r[k] is not None)}
+                for r in self._pair_rows]
 
     def _session_added(self, session: GlobalMirror) -> None:
         """The store's listener: a new session whose B volumes live here."""
@@ -340,7 +347,9 @@ class StorageUnit:
                 raise StateError(
                     f"session {name!r} needs its primary unit(s) open in this process: "
                     + "; ".join(sorted({self.describe_partner(t[0])
-                                        for t in pending[name]['triplets']}))) from None
+                                        for t in pending[name]['triplets']}))
+                    + f". With the primary lost, recover_session({name!r}) at this unit "
+                    "makes its B volumes host-writable at the last consistency group") from None
             raise KeyError(f"no Global Mirror session named {name!r} in this unit") from None
 
     @property
@@ -392,6 +401,49 @@ class StorageUnit:
         self.store.drop_session(name)
         del self._session_problems[name]
         return removed
+
+    def session_record(self, name: str) -> dict:
+        """Session ``name`` as this unit records it, whether or not it is
+        restored (its primary units may be away): ``name``, ``cg_interval``,
+        ``max_coordination_time``, ``max_drain_time``, ``decide``, ``stats``
+        (the counters, or None), ``restored`` (whether :meth:`session` gives
+        it), and ``triplets``, one dict per triplet: ``a``, ``b``, ``c``
+        (names), ``a_unit`` (where A's unit is expected, and why it is not
+        attached when it is not), ``c_sequence`` and ``revertible`` (of its
+        B->C FlashCopy)."""
+        self._require_open()
+        rows = self.store.session_rows() if self.path is not None else {}
+        if name not in rows:
+            raise KeyError(f"no Global Mirror session named {name!r} in this unit")
+        cfg = rows[name]
+        trips = []
+        for a_unit, a, b, c in cfg["triplets"]:
+            fc = self._row_volume(c).target_relationship
+            trips.append({"a": a, "b": b, "c": c, "a_unit": self.describe_partner(a_unit),
+                          "c_sequence": None if fc is None else fc.sequence,
+                          "revertible": None if fc is None else bool(fc.revertible)})
+        return {**{k: v for k, v in cfg.items() if k != "triplets"}, "name": name,
+                "restored": name in self.sessions, "triplets": trips}
+
+    def recover_session(self, name: str) -> int:
+        """Site-loss recovery of session ``name`` at this unit (its
+        secondary) alone, its primary unit(s) lost: settle a consistency
+        group left in doubt by the seed's rule, fail each B over (a
+        suspended primary of a pair B->A recorded here, recording every
+        track B changes), fast-reverse-restore each C onto its B, let B take
+        host writes, and end the session (each B->C FlashCopy stays). When
+        the primary's unit is opened beside this one again, the pair A->B is
+        restored failed over (``failback()`` resyncs from B to A, sending
+        the tracks changed on either side). Returns the CG sequence every B
+        holds. See :mod:`fastfc.durable.siteloss`."""
+        return recover_session(self, name)
+
+    def forget_failover(self, volume: str) -> int:
+        """After :meth:`recover_session`, the old primary lost for good:
+        forget the record of B's failover (the pair B->A and the tracks it
+        recorded, returned as a count); B stays host-writable, free to join
+        a new pair or session. See :func:`fastfc.durable.siteloss.forget_failover`."""
+        return forget_failover(self, volume)
 
     # -- restore ---------------------------------------------------------------------
     def _restore_local(self) -> None:
@@ -474,12 +526,15 @@ class StorageUnit:
         left = []
         for row in self._pair_rows:
             sec_unit = self._partner(row["secondary_uuid"])
-            if sec_unit is None:
+            if sec_unit is None or is_site_failover(row):
+                # a B failed over at the secondary alone waits for its
+                # primary's unit to restore the pair (restore_merged)
                 left.append(row)
                 continue
             primary = self._row_volume(row["primary_name"])
             secondary = sec_unit._row_volume(row["secondary_name"])
-            PPRCPair.from_record(primary, secondary, row)
+            if restore_merged(self, sec_unit, row, primary, secondary) is None:
+                PPRCPair.from_record(primary, secondary, row)
         self._pair_rows = left
 
     def _damaged(self, name: str, problem: str) -> None:

@@ -94,6 +94,7 @@ _CLI_WORDS = [
     (r"; call copy\(\) instead", ""),
     (r"end the session instead \(GlobalMirror\.close\(\)\)", "end the session instead: rmgmir"),
     (r"StorageUnit\.remove_session\('([^']*)'\)", r"rmgmir --force \1"),
+    (r"recover_session\('([^']+)'\)", r"recovergmir \1"),
 ]
 
 

@@ -1,5 +1,5 @@
-"""Global Mirror: mkgmir, showgmir, formcg, rmgmir, and the session log
-that counts a session's CGs across invocations."""
+"""Global Mirror: mkgmir, showgmir, formcg, rmgmir, recovergmir (site loss),
+and the session log that counts a session's CGs across invocations."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 import click
 
 from fastfc.copyservices.globalmirror import Cause, GlobalMirror
+from fastfc.durable.siteloss import SITE_FAILOVER
 
 from .app import main
 from .output import Progress, console, human, json_out, ms, plural, table
@@ -48,7 +49,14 @@ def mkgmir(units, session, specs, cg_interval, coord_time, drain_time, decide) -
 @JSON
 @pass_units
 def showgmir(units, session, as_json) -> None:
-    """Show a Global Mirror session: CG sequence, C sequences, stats, state."""
+    """Show a Global Mirror session: CG sequence, C sequences, stats, state.
+
+    At the secondary unit alone (the primary unit away), what the secondary
+    records, with each A's unit named as missing."""
+    away = units.session_away(session)
+    if away is not None:
+        _show_away(away, as_json)
+        return
     gm = units.session(session)
     log = gm.stats.to_record()   # every attempt ever made: the store keeps them
     seqs = gm.c_sequences
@@ -150,6 +158,80 @@ def formcg(units, session, count, seconds, injects) -> None:
     if last is not None and not last.committed:
         raise click.ClickException(f"CG {last.sequence} failed: {last.cause.value}: "
                                    f"{last.detail}")
+
+
+def _show_away(rec: dict, as_json: bool) -> None:
+    """showgmir of a session whose primary unit(s) are not available."""
+    log = rec["stats"] or {}
+    seqs = [t["c_sequence"] for t in rec["triplets"]]   # None: a C without its FlashCopy
+    top = max((q for q in seqs if q is not None), default=None)
+    missing = sorted({t["a_unit"] for t in rec["triplets"]})
+    state = "primary unit(s) not available: " + "; ".join(missing)
+    if as_json:
+        json_out({
+            "session": rec["name"], "state": "primary unavailable", "fatal_reason": None,
+            "primary_units": missing, "cg_sequence": top, "c_sequences": seqs,
+            "cg_interval": rec["cg_interval"],
+            "max_coordination_time": rec["max_coordination_time"],
+            "max_drain_time": rec["max_drain_time"], "attempts": log.get("attempts"),
+            "successes": log.get("successes"), "failures": log.get("failures"),
+            "commit_failures_resolved": log.get("commit_failures_resolved"),
+            "last_cg_time": log.get("last_cg_time"), "rpo": None,
+            "bytes_drained": log.get("bytes_drained"), "out_of_sync": None,
+            "triplets": [{"a": t["a"], "b": t["b"], "c": t["c"], "pair_state": "unknown",
+                          "out_of_sync": None, "c_sequence": t["c_sequence"]}
+                         for t in rec["triplets"]]})
+        return
+    t = table("Property", "Value", show_header=False)
+    t.add_row("Session", rec["name"])
+    t.add_row("State", state)
+    t.add_row("Triplets", str(len(rec["triplets"])))
+    t.add_row("CG sequence", str(top))
+    t.add_row("C sequences", str(seqs[0]) if len(set(seqs)) == 1 else " ".join(map(str, seqs)))
+    if log:
+        t.add_row("CG attempts", str(log["attempts"]))
+        t.add_row("Successful CGs", str(log["successes"]))
+    console().print(t)
+    click.echo()
+    t = table("A", "B", "C", "Pair state", "Out of sync", "C seq")
+    for tr in rec["triplets"]:
+        t.add_row(tr["a"], tr["b"], tr["c"], "unknown (primary unit away)", "?",
+                  str(tr["c_sequence"]) + (" (revertible)" if tr["revertible"] else ""))
+    console().print(t)
+    click.echo(f"with the primary lost for good: recovergmir {rec['name']} makes the B "
+               "volumes host-writable at the last consistency group")
+
+
+@main.command()
+@click.argument("session", type=SESSION)
+@pass_units
+def recovergmir(units, session) -> None:
+    """Site loss: recover SESSION at its secondary unit alone (-u names it).
+
+    For a primary unit lost for good. Settles a consistency group left in
+    doubt (by its recorded decision), fails each B over (a suspended
+    primary of B:A, recording every track it changes), fast-reverse-restores
+    each C onto its B, so that B holds the last committed CG and accepts
+    host writes, and ends the session (each B:C FlashCopy stays: C keeps the
+    CG). When the old primary unit is back, failbackpprc A:B resyncs only
+    the changed tracks from B to A."""
+    unit = units.local()
+    if session in unit.sessions:
+        raise click.ClickException(
+            f"session {session} runs with its primary unit(s) open: recovergmir is for a "
+            "primary unit lost for good (use failoverpprc, or rmgmir, at a live site)")
+    rec = unit.session_record(session)
+    seq = unit.recover_session(session)
+    failed = {r["primary_name"]: r for r in unit.pair_records
+              if r["suspend_reason"] == SITE_FAILOVER}
+    click.echo(f"recovered Global Mirror session {session} at {unit.path.name}: "
+               f"B volumes at CG {seq}, host-writable; the session is ended")
+    for t in rec["triplets"]:
+        row = failed.get(t["b"])
+        n = row["out_of_sync"] if row is not None else 0
+        click.echo(f"  {t['b']}: restored from {t['c']} ({plural(n, 'track')} changed since "
+                   f"CG {seq}); failed over from {t['a']}, recording changes for "
+                   f"failbackpprc {t['a']}:{t['b']}")
 
 
 def _result_text(r) -> str:

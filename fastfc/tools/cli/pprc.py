@@ -7,6 +7,7 @@ from __future__ import annotations
 import click
 
 from fastfc.copyservices.pprc import SEND_CHUNK_BYTES, PPRCPair
+from fastfc.durable.siteloss import SITE_FAILOVER
 
 from .app import main
 from .output import Progress, console, each, json_out, pair_id, plural, table
@@ -46,6 +47,11 @@ def lspprc(units, specs, as_json) -> None:
         pairs = [p for u in units.all() for p in u.pairs]
     # pairs a unit records whose secondary unit could not be opened
     away = [] if specs else [(u, row) for u in units.all() for row in u.pair_records]
+    # pairs of sessions whose primary unit could not be opened (their rows
+    # are in the primary's unit): what the session's secondary knows of them
+    lost = [] if specs else [(u, t) for u in units.all() for name in u.store.session_rows()
+                             if name not in u.sessions
+                             for t in u.session_record(name)["triplets"]]
     if as_json:
         json_out([{"id": pair_id(p), "primary": p.primary.name, "secondary": p.secondary.name,
                    "state": p.state.value, "mode": p.mode.value,
@@ -54,9 +60,14 @@ def lspprc(units, specs, as_json) -> None:
                    "secondary_unit": str(p.secondary.unit.path)} for p in pairs]
                  + [{"id": f"{row['primary_name']}:{row['secondary_name']}",
                      "primary": row["primary_name"], "secondary": row["secondary_name"],
-                     "state": "unknown", "mode": row["mode"], "out_of_sync": None,
-                     "reason": "secondary unit not available", "primary_unit": str(u.path),
-                     "secondary_unit": row["secondary_unit"]} for u, row in away])
+                     "state": _away_state(row), "mode": row["mode"],
+                     "out_of_sync": _away_oos(row), "reason": _away_reason(row),
+                     "primary_unit": str(u.path),
+                     "secondary_unit": row["secondary_unit"]} for u, row in away]
+                 + [{"id": f"{t['a']}:{t['b']}", "primary": t["a"], "secondary": t["b"],
+                     "state": "unknown", "mode": "gcp", "out_of_sync": None,
+                     "reason": "primary unit not available", "primary_unit": t["a_unit"],
+                     "secondary_unit": str(u.path)} for u, t in lost])
         return
     t = table("ID", "State", "Type", "Out of sync", "Reason", "Primary unit",
               "Secondary unit")
@@ -65,10 +76,29 @@ def lspprc(units, specs, as_json) -> None:
                   p.suspend_reason or "-", p.primary.unit.path.name,
                   p.secondary.unit.path.name)
     for u, row in away:
-        t.add_row(f"{row['primary_name']}:{row['secondary_name']}", "unknown",
-                  row["mode"], "?", "secondary unit not available", u.path.name,
-                  row["secondary_unit"])
+        oos = _away_oos(row)
+        t.add_row(f"{row['primary_name']}:{row['secondary_name']}", _away_state(row),
+                  row["mode"], "?" if oos is None else str(oos), _away_reason(row),
+                  u.path.name, row["secondary_unit"])
+    for u, tr in lost:
+        t.add_row(f"{tr['a']}:{tr['b']}", "unknown", "gcp", "?",
+                  "primary unit not available", tr["a_unit"], u.path.name)
     console().print(t if t.rows else "no PPRC pairs")
+
+
+def _away_state(row: dict) -> str:
+    return "suspended" if row["suspend_reason"] == SITE_FAILOVER else "unknown"
+
+
+def _away_oos(row: dict) -> int | None:
+    """A B failed over at the secondary alone counts its changed tracks."""
+    return row["out_of_sync"] if row["suspend_reason"] == SITE_FAILOVER else None
+
+
+def _away_reason(row: dict) -> str:
+    if row["suspend_reason"] == SITE_FAILOVER:
+        return f"{SITE_FAILOVER}; secondary unit away"
+    return "secondary unit not available"
 
 
 @main.command()
@@ -107,10 +137,18 @@ def failoverpprc(units, specs) -> None:
 @click.option("--wait", is_flag=True, help="Send the changed tracks now.")
 @pass_units
 def failbackpprc(units, specs, wait) -> None:
-    """After failoverpprc: mirror the other way (SECONDARY to PRIMARY)."""
+    """After failoverpprc: mirror the other way (SECONDARY to PRIMARY).
+
+    The tracks changed on either side since the failover are sent from the
+    former secondary: writes made on the former primary since then (and,
+    after recovergmir, since the session's last consistency group) are
+    overwritten by the former secondary's data."""
     pairs = each([units.pair(*s) for s in specs], lambda p: p.failback(),
                  lambda p, _: f"failed back: pair {pair_id(p)}, "
-                              f"{plural(p.out_of_sync_tracks, 'track')} to send")
+                              f"{plural(p.out_of_sync_tracks, 'track')} to send; "
+                              f"on them {p.secondary.name} takes {p.primary.name}'s data: "
+                              f"writes made on {p.secondary.name} since the failover "
+                              "are overwritten")
     if wait:
         _send_now(pairs, "resync done")
 
@@ -125,8 +163,22 @@ def rmpprc(units, specs, force) -> None:
 
     A pair with tracks out of sync is refused unless --force: its secondary
     lacks the latest writes to them (it holds no one image of the primary)
-    and the record of which tracks those are would be lost."""
-    pairs = [units.pair(*s) for s in specs]
+    and the record of which tracks those are would be lost.
+
+    B:A of a B failed over by recovergmir, its old primary's unit away,
+    needs --force: it forgets the tracks B changed (the old primary lost for
+    good; failbackpprc is then impossible) and frees B."""
+    local = units.local()
+    failed = {(r["primary_name"], r["secondary_name"]): r for r in local.pair_records
+              if r["suspend_reason"] == SITE_FAILOVER}
+    lost = [s for s in specs if tuple(s) in failed]
+    for b, a in lost:
+        if not force:
+            raise click.ClickException(
+                f"pair {b}:{a} records {plural(failed[(b, a)]['out_of_sync'], 'track')} "
+                f"changed on {b} since its site-loss recovery, for failbackpprc when the "
+                f"unit of {a} is back; rmpprc --force forgets them (that unit lost for good)")
+    pairs = [units.pair(*s) for s in specs if tuple(s) not in failed]
     for p in pairs:
         gm = units.session_of(p)
         if gm is not None:
@@ -138,6 +190,10 @@ def rmpprc(units, specs, force) -> None:
                 f"pair {pair_id(p)} has {oos} tracks out of sync: {p.secondary.name} lacks "
                 f"the latest writes to them, and removing the pair loses the record of "
                 f"which; resumepprc --wait {pair_id(p)} first, or rmpprc --force")
+    for b, a in lost:
+        n = local.forget_failover(b)
+        click.echo(f"removed pair {b}:{a}: {b} no longer records its changes for {a}, whose "
+                   f"unit is not available ({plural(n, 'track')} forgotten)")
     each(pairs, lambda p: p.remove(), lambda p, _: f"removed pair {pair_id(p)}")
 
 

@@ -228,6 +228,20 @@ class Units:
                 return u
         return None
 
+    def session_away(self, name: str) -> dict | None:
+        """Session ``name`` as recorded by an open unit that cannot restore
+        it (its primary units are not available):
+        :meth:`StorageUnit.session_record`; None if it is restored or no
+        open unit records it, or one that records it cannot restore it
+        (:meth:`damaged_session`: :meth:`session` names the problem)."""
+        units = self.all()
+        if any(name in u.sessions or name in u.session_problems for u in units):
+            return None
+        for u in units:
+            if name in u.store.session_rows():
+                return u.session_record(name)
+        return None
+
     def session_of(self, pair: PPRCPair) -> GlobalMirror | None:
         for u in self.open.values():
             for gm in u.sessions.values():

@@ -1,0 +1,337 @@
+"""Site loss of a durable Global Mirror session: the storage administrator's
+procedure at the secondary unit alone (``recovergmir``, library
+``StorageUnit.recover_session``), and the incremental resynchronisation, in
+either direction, once the old primary unit is back.
+
+Every step of the procedure runs from the command line (click's CliRunner,
+one invocation per command, as in ``tests/test_cli.py``); the data is checked
+byte for byte through read-only opens of the units between commands, against
+the A images taken when each consistency group formed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fastfc import GlobalMirror, StorageUnit
+from fastfc.errors import StateError
+from fastfc.tools.cli import main
+
+TS = 4096
+N = 64          # tracks per volume
+
+
+@pytest.fixture
+def fastfc():
+    """``fastfc(*args, unit, remote=None, code=0)``: one command, its exit
+    status checked; returns the result."""
+    runner = CliRunner()
+
+    def run(*args, unit, remote=None, code=0):
+        opts = ["--unit", str(unit)] + (["--remote-unit", str(remote)] if remote else [])
+        result = runner.invoke(main, [*opts, *map(str, args)], catch_exceptions=False)
+        assert result.exit_code == code, (result.stdout, result.stderr)
+        return result
+
+    return run
+
+
+def image(path, name) -> np.ndarray:
+    """The logical image of volume ``name`` of the unit at ``path``."""
+    with StorageUnit(path, readonly=True) as u:
+        v = u.volume(name)
+        return v.read(0, v.capacity)
+
+
+def changed_tracks(x: np.ndarray, y: np.ndarray) -> set[int]:
+    return set(np.flatnonzero((x != y).reshape(N, TS).any(axis=1)).tolist())
+
+
+def lspprc(fastfc, unit) -> dict[str, dict]:
+    return {p["id"]: p for p in json.loads(fastfc("lspprc", "--json", unit=unit).stdout)}
+
+
+def test_site_loss_procedure_from_the_cli_at_the_secondary_alone(fastfc, tmp_path):
+    site1, site2, vault = tmp_path / "site1", tmp_path / "site2", tmp_path / "vault"
+    fastfc("mkvol", "A0", "A1", "--tracks", N, "--track-size", TS, unit=site1)
+    fastfc("mkvol", "B0", "B1", "C0", "C1", "--tracks", N, "--track-size", TS, unit=site2)
+    fastfc("write", "A0", "zero", "--repeat", 3000, unit=site1)
+    fastfc("write", "A1", "one", "--repeat", 3000, unit=site1)
+    fastfc("mkgmir", "g", "A0:B0:C0", "A1:B1:C1", unit=site1, remote=site2)
+    fastfc("formcg", "g", "--count", 2, unit=site1)
+    # no host write between the last CG and these reads: A's image of CG 2
+    cg2 = {a: image(site1, a) for a in ("A0", "A1")}
+
+    # after CG 2: a CG whose drain sends A0's and A1's new tracks to B and
+    # whose FlashCopy phase fails (C stays on CG 2), then a write A never sends
+    fastfc("write", "A0", "sent to B, never in a CG", "--offset", 10 * TS, unit=site1)
+    fastfc("write", "A1", "sent to B, never in a CG", "--offset", 11 * TS, unit=site1)
+    fastfc("formcg", "g", "--inject", "prepare:B1", unit=site1, code=1)
+    fastfc("write", "A0", "never sent", "--offset", 20 * TS, unit=site1)
+    assert changed_tracks(image(site2, "B0"), cg2["A0"]) == {10}
+    a_late = {"A0": image(site1, "A0"), "A1": image(site1, "A1")}
+
+    # the primary site is lost: its unit's directory is gone
+    shutil.copytree(site1, vault)
+    shutil.rmtree(site1)
+
+    # 1. at the secondary alone: the session and its pairs, the primary named missing
+    show = json.loads(fastfc("showgmir", "g", "--json", unit=site2).stdout)
+    assert show["state"] == "primary unavailable" and show["c_sequences"] == [2, 2]
+    assert str(site1) in show["primary_units"][0]
+    text = fastfc("showgmir", "g", unit=site2).stdout
+    assert "primary unit(s) not available" in text and "recovergmir g" in text
+    pairs = lspprc(fastfc, site2)
+    assert pairs["A0:B0"]["reason"] == "primary unit not available"
+    assert str(site1) in pairs["A1:B1"]["primary_unit"]
+    r = fastfc("write", "B0", "refused", unit=site2, code=1)
+    assert "secondary" in r.stderr
+    r = fastfc("formcg", "g", unit=site2, code=1)
+    assert "recovergmir g" in r.stderr
+
+    # 2. recover: B holds the last committed CG, fails over, accepts host writes
+    out = fastfc("recovergmir", "g", unit=site2).stdout
+    assert "B volumes at CG 2, host-writable" in out
+    assert "B0: restored from C0 (1 track changed since CG 2)" in out
+    assert "failbackpprc A0:B0" in out
+    for a, b, c in (("A0", "B0", "C0"), ("A1", "B1", "C1")):
+        assert np.array_equal(image(site2, b), cg2[a])
+        assert np.array_equal(image(site2, c), cg2[a])     # C keeps the CG
+    assert "no Global Mirror session named 'g'" in fastfc("showgmir", "g", unit=site2,
+                                                          code=1).stderr
+    pairs = lspprc(fastfc, site2)
+    assert pairs["B0:A0"]["state"] == "suspended" and pairs["B0:A0"]["out_of_sync"] == 1
+    assert "site loss" in pairs["B1:A1"]["reason"]
+    roles = {v["name"]: v["roles"] for v in
+             json.loads(fastfc("lsvol", "--json", unit=site2).stdout)}
+    assert "PPRC secondary" not in roles["B0"]
+    # run again (a crash after it, an operator who is not sure): nothing changes
+    fastfc("recovergmir", "g", unit=site2, code=1)
+
+    # 3. host writes on B are accepted, recorded, and survive reopening
+    fastfc("write", "B0", "written at site 2", "--offset", 30 * TS, unit=site2)
+    fastfc("write", "B1", "written at site 2", "--offset", 31 * TS, unit=site2)
+    assert lspprc(fastfc, site2)["B0:A0"]["out_of_sync"] == 2
+    b_now = {b: image(site2, b) for b in ("B0", "B1")}
+    assert changed_tracks(b_now["B0"], cg2["A0"]) == {30}
+
+    # 4. the old primary unit comes back (restored from its copy)
+    shutil.copytree(vault, site1)
+    pairs = lspprc(fastfc, site2)      # read-only: both sides' changes, merged
+    assert pairs["A0:B0"]["state"] == "suspended" and pairs["A0:B0"]["reason"] == "failover"
+    # tracks changed on either side since CG 2: sent to B after it (restored
+    # on B), never sent by A, written on B since the failover
+    assert pairs["A0:B0"]["out_of_sync"] == 3      # 10, 20, 30
+    assert pairs["A1:B1"]["out_of_sync"] == 2      # 11, 31
+
+    # failback from B to A: only the changed tracks move; A's own writes
+    # since CG 2 are overwritten, and the command says so
+    out = fastfc("failbackpprc", "A0:B0", "A1:B1", unit=site2).stdout
+    assert "failed back: pair B0:A0, 3 tracks to send" in out
+    assert "writes made on A0 since the failover are overwritten" in out
+    pairs = lspprc(fastfc, site2)
+    assert pairs["B0:A0"]["out_of_sync"] == 3 and pairs["B1:A1"]["out_of_sync"] == 2
+    assert pairs["B0:A0"]["primary_unit"] == str(site2)
+    fastfc("resumepprc", "B0:A0", "B1:A1", "--wait", unit=site2)
+    for a, b in (("A0", "B0"), ("A1", "B1")):
+        assert np.array_equal(image(site1, a), b_now[b])
+        assert np.array_equal(image(site2, b), b_now[b])
+    assert changed_tracks(a_late["A0"], b_now["B0"]) == {10, 20, 30}
+    assert lspprc(fastfc, site2)["B0:A0"]["out_of_sync"] == 0
+
+    # back to the original direction later (planned: B's writes sent first),
+    # fail over to A, write there, fail back A -> B: only the changed tracks
+    fastfc("write", "B0", "mirrored to A", "--offset", 40 * TS, unit=site2)
+    out = fastfc("resumepprc", "B0:A0", "--wait", unit=site2).stdout
+    assert "1 track out of sync" in out
+    fastfc("failoverpprc", "B0:A0", unit=site1)
+    fastfc("write", "A0", "site 1 again", "--offset", 41 * TS, unit=site1)
+    out = fastfc("failbackpprc", "B0:A0", "--wait", unit=site1).stdout
+    assert "failed back: pair A0:B0, 1 track to send" in out
+    a0 = image(site1, "A0")
+    assert np.array_equal(image(site2, "B0"), a0)
+    assert changed_tracks(a0, b_now["B0"]) == {40, 41}
+    assert lspprc(fastfc, site1)["A0:B0"]["primary_unit"] == str(site1)
+
+    # and protected by Global Mirror again
+    fastfc("rmpprc", "A0:B0", unit=site1)
+    fastfc("rmflash", "B0:C0", "--force", unit=site2)      # C0's old CG: not needed now
+    fastfc("mkgmir", "g2", "A0:B0:C0", unit=site1, remote=site2)
+    fastfc("formcg", "g2", unit=site1)
+    assert np.array_equal(image(site2, "C0"), a0)
+
+
+def test_failbackpprc_says_writes_on_the_old_primary_are_overwritten(fastfc, tmp_path):
+    site1, site2 = tmp_path / "site1", tmp_path / "site2"
+    fastfc("mkvol", "A", "--tracks", N, "--track-size", TS, unit=site1)
+    fastfc("mkvol", "B", "--tracks", N, "--track-size", TS, unit=site2)
+    fastfc("mkpprc", "A:B", "--type", "gcp", "--wait", unit=site1, remote=site2)
+    fastfc("failoverpprc", "A:B", unit=site1)
+    fastfc("write", "A", "lost on failback", unit=site1)
+    fastfc("write", "B", "the new primary", "--offset", 5 * TS, unit=site2)
+    out = fastfc("failbackpprc", "A:B", "--wait", unit=site1).stdout
+    assert "failed back: pair B:A, 2 tracks to send" in out
+    assert "writes made on A since the failover are overwritten" in out
+    assert np.array_equal(image(site1, "A"), image(site2, "B"))
+    assert not image(site1, "A")[:TS].any()
+
+
+# -- the library: StorageUnit.recover_session ----------------------------------------
+def _session_with_a_cg_in_flight(tmp_path, keep=False):
+    """Units site1 (A) and site2 (B, C) of session "g": CG 1 committed, then
+    CG 2 drained to B with its prepare refused (C stays on CG 1), then a
+    write A never sends (track 5); the A images at each coordination
+    instant. The primary's unit is then gone (with ``keep``, a copy of it
+    stays in ``vault``)."""
+    from fastfc import faults
+    snaps: dict[int, np.ndarray] = {}
+    with StorageUnit(tmp_path / "site1") as u1, StorageUnit(tmp_path / "site2") as u2:
+        a = u1.create_volume("A", N, TS)
+        b, c = u2.create_volume("B", N, TS), u2.create_volume("C", N, TS)
+        gm = GlobalMirror([(a, b, c)], name="g",
+                          on_coordinate=lambda q: snaps.__setitem__(q, a.read(0, a.capacity)))
+        a.write(0, b"cg one" * 1000)
+        assert gm.form_consistency_group().committed
+        a.write(3 * TS, b"cg two")
+        faults.inject("prepare", b)
+        try:
+            assert not gm.form_consistency_group().committed
+        finally:
+            faults.clear()
+        a.write(5 * TS, b"after every CG")
+    if keep:
+        shutil.copytree(tmp_path / "site1", tmp_path / "vault")
+    shutil.rmtree(tmp_path / "site1")
+    return snaps
+
+
+@pytest.mark.parametrize("decision", ["commit", None])
+def test_recover_session_settles_a_cg_in_doubt_by_the_recorded_decision(tmp_path, decision):
+    snaps = _session_with_a_cg_in_flight(tmp_path)
+    with StorageUnit(tmp_path / "site2") as u2:
+        with pytest.raises(StateError, match=r"recover_session\('g'\)"):
+            u2.session("g")
+        rec = u2.session_record("g")
+        assert not rec["restored"] and "no unit at" in rec["triplets"][0]["a_unit"]
+        # CG 2 prepared on the secondary, the session lost before it decided
+        # (or after it recorded "commit"): in doubt
+        fc = u2.volume("C").target_relationship
+        fc.resync(revertible=True, sequence=2)
+        if decision is not None:
+            u2.store.cg_decision("g", 2, decision)
+        seq = u2.recover_session("g")
+        want = 2 if decision == "commit" else 1
+        assert seq == want and fc.sequence == want and not fc.revertible
+        b = u2.volume("B")
+        assert np.array_equal(b.read(0, b.capacity), snaps[want])
+        assert np.array_equal(u2.volume("C").read(0, b.capacity), snaps[want])
+        assert "g" not in u2.store.session_rows() and not b.is_secondary
+        [row] = u2.pair_records
+        assert (row["primary_name"], row["secondary_name"]) == ("B", "A")
+        b.write(9 * TS, b"host write at site 2")
+    with StorageUnit(tmp_path / "site2") as u2:
+        [row] = u2.pair_records       # B's changes survive reopening, recorded
+        assert row["out_of_sync"] == (1 if want == 2 else 2)
+
+
+def test_recover_session_refuses_a_session_whose_primary_is_open(tmp_path):
+    with StorageUnit(tmp_path / "site1") as u1, StorageUnit(tmp_path / "site2") as u2:
+        a = u1.create_volume("A", N, TS)
+        b, c = u2.create_volume("B", N, TS), u2.create_volume("C", N, TS)
+        GlobalMirror([(a, b, c)], name="g").form_consistency_group()
+        with pytest.raises(StateError, match="primary unit"):
+            u2.recover_session("g")
+        with pytest.raises(KeyError):
+            u2.recover_session("other")
+        assert u2.session("g").c_sequences == [1] and b.is_secondary
+
+
+def test_recover_session_cut_short_finishes_when_run_again(tmp_path, monkeypatch):
+    snaps = _session_with_a_cg_in_flight(tmp_path)
+
+    def crash(self):
+        raise KeyboardInterrupt("the process dies before the restore")
+
+    with StorageUnit(tmp_path / "site2") as u2:
+        with monkeypatch.context() as m:
+            m.setattr("fastfc.copyservices.flashcopy.FlashCopy.reverse_restore", crash)
+            with pytest.raises(KeyboardInterrupt):
+                u2.recover_session("g")
+        assert u2.volume("B").is_secondary          # no host write before the restore
+    with StorageUnit(tmp_path / "site2") as u2:
+        assert [r["out_of_sync"] for r in u2.pair_records] == [1]   # recorded first
+        assert u2.recover_session("g") == 1
+        b = u2.volume("B")
+        assert not b.is_secondary and np.array_equal(b.read(0, b.capacity), snaps[1])
+        assert [r["out_of_sync"] for r in u2.pair_records] == [1]
+
+
+def test_rmpprc_force_forgets_a_failover_when_the_old_primary_is_lost_for_good(fastfc,
+                                                                              tmp_path):
+    site1, site2, site3 = tmp_path / "site1", tmp_path / "site2", tmp_path / "site3"
+    fastfc("mkvol", "A", "--tracks", N, "--track-size", TS, unit=site1)
+    fastfc("mkvol", "B", "C", "--tracks", N, "--track-size", TS, unit=site2)
+    fastfc("mkvol", "D", "--tracks", N, "--track-size", TS, unit=site3)
+    fastfc("mkgmir", "g", "A:B:C", unit=site1, remote=site2)
+    fastfc("write", "A", "protected", unit=site1)
+    fastfc("formcg", "g", unit=site1)
+    shutil.copytree(site1, tmp_path / "vault")
+    shutil.rmtree(site1)
+    fastfc("recovergmir", "g", unit=site2)
+    fastfc("write", "B", "site 2", "--offset", 3 * TS, unit=site2)
+    # B is still bound to the lost primary: no new pair until it is forgotten
+    assert "already in a PPRC pair" in fastfc("mkpprc", "B:D", "--type", "gcp", unit=site2,
+                                              remote=site3, code=1).stderr
+    r = fastfc("rmpprc", "B:A", unit=site2, code=1)
+    assert "1 track changed on B" in r.stderr and "rmpprc --force" in r.stderr
+    assert "B:A" in lspprc(fastfc, site2)
+    out = fastfc("rmpprc", "B:A", "--force", unit=site2).stdout
+    assert "removed pair B:A" in out and "1 track forgotten" in out
+    assert lspprc(fastfc, site2) == {}
+    fastfc("mkpprc", "B:D", "--type", "gcp", "--wait", unit=site2, remote=site3)
+    assert np.array_equal(image(site3, "D"), image(site2, "B"))
+    # a copy of the lost unit that turns up does not take B back
+    shutil.copytree(tmp_path / "vault", site1)
+    fastfc("write", "B", "still the primary", "--offset", 4 * TS, unit=site2)
+    with StorageUnit(site2) as u2, StorageUnit(site1) as u1:
+        assert not u2.volume("B").is_secondary and u1.pairs == []
+
+
+def test_recover_session_at_durability_power(tmp_path):
+    snaps = _session_with_a_cg_in_flight(tmp_path)
+    with StorageUnit(tmp_path / "site2", durability="power") as u2:
+        syncs = u2.store.msyncs
+        assert u2.recover_session("g") == 1
+        assert u2.store.msyncs >= syncs + 2          # B and its record, before B's flag
+        b = u2.volume("B")
+        assert np.array_equal(b.read(0, b.capacity), snaps[1]) and not b.is_secondary
+
+
+@pytest.mark.parametrize("primary_first", [True, False])
+def test_the_old_primary_back_restores_the_pair_failed_over_with_both_sides_changes(
+        tmp_path, primary_first):
+    snaps = _session_with_a_cg_in_flight(tmp_path, keep=True)
+    with StorageUnit(tmp_path / "site2") as u2:
+        assert u2.recover_session("g") == 1       # track 3 restored from C
+        u2.volume("B").write(7 * TS, b"site 2")
+    shutil.copytree(tmp_path / "vault", tmp_path / "site1")
+    order = ["site1", "site2"] if primary_first else ["site2", "site1"]
+    with StorageUnit(tmp_path / order[0]) as first, StorageUnit(tmp_path / order[1]) as second:
+        u1, u2 = (first, second) if primary_first else (second, first)
+        [pair] = u1.pairs
+        assert pair.failed_over and u2.pair_records == [] and u1.pair_records == []
+        # sent after CG 1 (3), never sent by A (5), written on B since (7)
+        assert pair.oos.set_indices().tolist() == [3, 5, 7]
+        pair.failback()
+        assert pair.drain() == 3 * TS
+        a, b = u1.volume("A"), u2.volume("B")
+        assert np.array_equal(a.read(0, a.capacity), b.read(0, b.capacity))
+        assert changed_tracks(b.read(0, b.capacity), snaps[1]) == {7}
+    with StorageUnit(tmp_path / "site2") as u2, StorageUnit(tmp_path / "site1") as u1:
+        assert [p.name for p in u2.pairs] == ["B->A"] and u1.pairs == []
+
