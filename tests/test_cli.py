@@ -89,7 +89,7 @@ def make_volumes(fastfc, unit, *names):
 COMMANDS = ["demo", "mkvol", "lsvol", "rmvol", "write", "read", "mkflash", "lsflash",
             "resyncflash", "waitflash", "commitflash", "revertflash", "reverseflash",
             "rmflash", "mkpprc", "lspprc", "pausepprc", "resumepprc", "failoverpprc",
-            "failbackpprc", "rmpprc", "mkgmir", "showgmir", "formcg", "rmgmir"]
+            "failbackpprc", "rmpprc", "mkgmir", "showgmir", "formcg", "rmgmir", "recovergmir"]
 
 
 def test_help_lists_every_command(fastfc):
