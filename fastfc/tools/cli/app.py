@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from fastfc import _core
 from fastfc._optional import require
 from fastfc.errors import FastFCError
 
@@ -47,6 +48,8 @@ class FastFCGroup(click.Group):
                 if name != "bench" or _source_checkout() is not None]
 
     def make_context(self, info_name, args, parent=None, **extra):
+        for problem in _core.environment_problems():     # before --help, too
+            raise click.UsageError(problem)
         argv = list(args)       # as given: what a server holding the unit is sent
         ctx = super().make_context(info_name, args, parent, **extra)
         ctx.meta["fastfc.argv"] = argv
