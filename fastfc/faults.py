@@ -50,6 +50,7 @@ from typing import Callable
 from dataclasses import dataclass
 
 from fastfc import _core
+from fastfc._numbers import check_real
 from fastfc.errors import InjectedFault
 
 POINTS = ("prepare", "commit", "revert", "coordinate", "drain", "link", "decision", "cow",
@@ -82,8 +83,8 @@ def inject(point: str, volume: object = None, *, times: int = 1, delay: float | 
         raise ValueError(f"unknown fault point {point!r}; choose one of {', '.join(POINTS)}")
     if times < 1:
         raise ValueError(f"times must be >= 1, got {times}")
-    if delay is not None and delay < 0:
-        raise ValueError(f"delay must be >= 0, got {delay}")
+    if delay is not None:
+        delay = check_real("delay", delay)
     _check_volume(point, volume)
     fault = Fault(point, volume, times, delay, after, action)
     with _lock:

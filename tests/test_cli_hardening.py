@@ -497,3 +497,18 @@ def test_sizes_in_petabytes_and_exabytes_are_read_up_to_the_largest_volume(fastf
     err = one_line_error(run("-u", site1, "mkvol", "V", "--size", "1P", "--thin"))
     assert "is not a size" not in err and "nothing was created" in err
     assert "too large" in one_line_error(run("-u", site1, "mkvol", "V", "--size", "8E"))
+
+
+@pytest.mark.parametrize("args", [
+    ["mkgmir", "g", "A:B:C", "--cg-interval", "nan"],
+    ["mkgmir", "g", "A:B:C", "--drain-time", "NaN"],
+    ["mkgmir", "g", "A:B:C", "--coord-time", "nan"],
+    ["formcg", "g", "--seconds", "nan"],
+    ["--wait", "nan", "lsvol"],
+    ["demo", "--seconds", "nan"], ["demo", "--rate", "nan"], ["demo", "--fault-every", "nan"],
+])
+def test_nan_is_not_a_number_of_seconds_or_a_rate(fastfc, site1, args):
+    make_volumes(fastfc, site1, "A", "B", "C")
+    before = listing(site1)
+    assert "is not a number" in usage_error(run("-u", site1, *args))
+    assert listing(site1) == before

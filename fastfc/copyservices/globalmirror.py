@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from fastfc import _core, faults
+from fastfc._numbers import check_real
 from fastfc.errors import (DrainAborted, FastFCError, InjectedFault, StateError,
                            VolumeClosedError)
 from fastfc.copyservices.flashcopy import FlashCopy, check_sequence
@@ -572,11 +573,10 @@ class GlobalMirror:
             raise ValueError("a Global Mirror session needs at least one (A, B, C) triplet")
         if decide not in ("after_all", "after_each"):
             raise ValueError(f"decide must be 'after_all' or 'after_each', got {decide!r}")
-        for what, value in (("cg_interval", cg_interval), ("max_drain_time", max_drain_time)):
-            if value < 0:
-                raise ValueError(f"{what} must be >= 0, got {value}")
-        if not max_coordination_time > 0:
-            raise ValueError(f"max_coordination_time must be > 0, got {max_coordination_time}")
+        cg_interval = check_real("cg_interval", cg_interval)
+        max_drain_time = check_real("max_drain_time", max_drain_time)
+        max_coordination_time = check_real("max_coordination_time", max_coordination_time,
+                                           positive=True)
         vols = [v for t in triplets for v in t]
         if any(not isinstance(v, Volume) for v in vols):
             raise TypeError("every triplet must hold three fastfc.Volume objects")

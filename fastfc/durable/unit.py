@@ -44,6 +44,7 @@ from typing import cast
 import numpy as np
 
 from fastfc._core import MirrorBase
+from fastfc._numbers import check_real
 from fastfc.errors import (CorruptUnitError, ReadOnlyUnitError, StateError, UnitBusyError,
                            UnitClosedError)
 from fastfc.copyservices.flashcopy import FlashCopy
@@ -147,6 +148,8 @@ class StorageUnit:
         if durability not in DURABILITY:
             raise ValueError(f"durability must be one of {', '.join(DURABILITY)}, "
                              f"got {durability!r}")
+        if wait is not None:
+            wait = check_real("wait", wait, infinite=True)
         self.path = Path(path).resolve() if path is not None else None
         self.readonly = bool(readonly)
         self.durability = durability

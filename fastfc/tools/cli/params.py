@@ -3,6 +3,7 @@ and the arguments and options that several commands share."""
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from fractions import Fraction
@@ -82,6 +83,17 @@ def _at_most(n: int, high: int, param, value) -> int:
         what = f"{param.get_error_hint(None)}" if param is not None else "value"
         raise click.ClickException(f"{what} {value} is too large (at most {high})")
     return n
+
+
+class Real(click.FloatRange):
+    """A number in a range, as :class:`click.FloatRange`, that is a number:
+    ``nan`` is refused (it passes every comparison of a range)."""
+
+    def convert(self, value, param, ctx):
+        n = super().convert(value, param, ctx)
+        if math.isnan(n):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return n
 
 
 class Name(click.ParamType):
