@@ -1552,6 +1552,14 @@ cdef class VolumeBase:
         return out
 
 
+# Cython records no annotation for a C-typed argument: the host I/O methods
+# get those of the stub (_core.pyi) here, for help(), inspect and type hints.
+VolumeBase.write.__annotations__ = {
+    "offset": "int", "data": "bytes | bytearray | memoryview | np.ndarray", "return": "None"}
+VolumeBase.read.__annotations__ = {"offset": "int", "length": "int", "return": "np.ndarray"}
+VolumeBase.readinto.__annotations__ = {
+    "offset": "int", "out": "bytearray | memoryview | np.ndarray", "return": "None"}
+
 
 cdef enum:
     MAX_RELS = 16    # FlashCopy targets per source the drain fast path takes (12 allowed)
