@@ -22,7 +22,8 @@ from .units import Units, pass_units
 @click.argument("names", nargs=-1, required=True, type=VOLUME)
 @click.option("--tracks", type=Count(low=1), help="Number of tracks.")
 @click.option("--size", type=POSITIVE_SIZE,
-              help="Capacity instead of --tracks (rounded up to tracks).")
+              help="Capacity instead of --tracks, e.g. 64M, 1.5G, 2T, 1P (binary units; "
+                   "rounded up to tracks).")
 @click.option("--track-size", type=TRACK_SIZE, default="64K", show_default=True,
               help="Bytes per track: a power of two, 512 to 16M.")
 @click.option("--thin", is_flag=True,
