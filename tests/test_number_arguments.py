@@ -82,3 +82,13 @@ def test_timeouts_refuse_nan_and_negative_and_take_inf_as_no_bound(bad, tmp_path
         StorageUnit(tmp_path / "u", wait=bad)
     assert not (tmp_path / "u").exists()
     StorageUnit(tmp_path / "u", wait=INF).close()
+
+
+@pytest.mark.parametrize("kwargs,exc", [
+    ({"times": NAN}, TypeError), ({"times": 1.5}, TypeError), ({"times": 0}, ValueError),
+    ({"after": NAN}, TypeError), ({"after": -1}, ValueError), ({"times": True}, TypeError),
+])
+def test_fault_counts_are_whole_numbers(kwargs, exc):
+    with pytest.raises(exc, match=f"^{next(iter(kwargs))} must be"):
+        faults.inject("coordinate", **kwargs)
+    assert not faults.armed_at("coordinate")

@@ -49,8 +49,9 @@ class FastFCGroup(click.Group):
                 if name != "bench" or _source_checkout() is not None]
 
     def make_context(self, info_name, args, parent=None, **extra):
-        for problem in _core.environment_problems():     # before --help, too
-            raise click.UsageError(problem)
+        problems = _core.environment_problems()   # a bad FASTFC_KERNELS or COPY_THREADS
+        if problems:                                # refused before --help, too
+            raise click.UsageError("; ".join(problems))
         argv = list(args)       # as given: what a server holding the unit is sent
         ctx = super().make_context(info_name, args, parent, **extra)
         ctx.meta["fastfc.argv"] = argv
