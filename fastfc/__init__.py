@@ -1,18 +1,35 @@
 """fastfc: FlashCopy and PPRC-style point-in-time copies and mirrors of
 NumPy-backed volumes, at memory speed.
 
-Layers, from the ground up: ``_core`` (Cython kernels: track bitmaps, copy
-kernels, the host I/O path) and ``errors``; ``volume`` and ``faults``;
-``flashcopy``; ``link`` and ``pprc`` (mirroring); ``globalmirror``; ``store`` and ``unit`` (durable storage units).
+The package is built in floors, from the ground up, each importing only the
+floors below it:
+
+- ``_core`` (Cython kernels: track bitmaps, copy kernels, the host I/O
+  path), ``errors`` (the exception hierarchy) and ``names``;
+- ``storage``: volumes (``storage.volume``), the metadata store every step
+  writes through (``store``), the links that carry PPRC updates (``link``)
+  and secondary sites (``site``); beside it ``faults``, fault injection;
+- ``copyservices``: FlashCopy (``copyservices.flashcopy``) and PPRC pairs
+  (``pprc``), and over them Global Mirror sessions (``globalmirror``;
+  ``sitemirror`` when the B and C volumes are in other processes);
+- ``durable``: storage units on disk (``durable.unit``, ``sqlite``,
+  ``lock``);
+- ``tools``: the ``fastfc`` command (``tools.cli``) and its NBD server
+  (``nbd``), the ``demo`` and the ``testing`` helpers; and ``remote``,
+  secondary units in Ray actors (``from fastfc import remote`` needs the
+  ``remote`` extra; ``import fastfc`` does not import it).
+
+What a user needs is importable from ``fastfc`` itself (``__all__``).
 """
 
 from fastfc import faults
 from fastfc._core import TrackBitmap, copy_threads, set_copy_threads
-from fastfc.errors import (CorruptUnitError, FastFCError, IncompleteCopyError,
-                           InjectedFault, InvalidImageError, LimitError,
-                           LinkDownError, NoSpaceError, ReadOnlyUnitError, StateError,
-                           UnitBusyError, UnitClosedError, VolumeClosedError,
-                           WriteInhibitedError)
+from fastfc._optional import MissingDependencyError
+from fastfc.errors import (AlreadyExistsError, CorruptUnitError, DrainAborted, FastFCError,
+                           FencedError, IncompleteCopyError, InjectedFault, InvalidImageError,
+                           LimitError, LinkDownError, NoSpaceError, ReadOnlyUnitError,
+                           StateError, UnitBusyError, UnitClosedError, UnitDownError,
+                           VolumeClosedError, WriteInhibitedError)
 from fastfc.copyservices.flashcopy import FlashCopy, FlashCopyState, establish_group
 from fastfc.copyservices.globalmirror import CGResult, GlobalMirror, GMState, GMStats
 from fastfc.storage.link import Link, LocalLink
@@ -29,5 +46,7 @@ __all__ = [
     "FastFCError", "VolumeClosedError", "WriteInhibitedError", "StateError",
     "IncompleteCopyError", "LimitError", "InvalidImageError", "InjectedFault",
     "LinkDownError", "CorruptUnitError", "UnitClosedError", "UnitBusyError",
-    "ReadOnlyUnitError", "NoSpaceError", "set_copy_threads", "copy_threads",
+    "ReadOnlyUnitError", "NoSpaceError", "DrainAborted", "AlreadyExistsError",
+    "UnitDownError", "FencedError", "MissingDependencyError",
+    "set_copy_threads", "copy_threads",
 ]

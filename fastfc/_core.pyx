@@ -54,6 +54,7 @@ from fastfc._bitops cimport *
 import errno as _errno
 import itertools
 import os
+import warnings
 
 import numpy as np
 
@@ -143,10 +144,42 @@ def _select_at_import():
         raise ImportError(
             f"this build of fastfc needs a CPU with {missing.decode()}; rebuild it for "
             "this machine with FASTFC_PORTABLE=1 pip install --no-binary fastfc fastfc")
-    level = os.environ.get("FASTFC_KERNELS", "avx512") or "avx512"
+    env = os.environ.get("FASTFC_KERNELS", "")
+    level = env.strip().lower() or "avx512"
     if level not in _LEVELS:
-        raise ImportError(f"FASTFC_KERNELS must be one of {', '.join(_LEVELS)}, got {level!r}")
+        _environment_problem(f"FASTFC_KERNELS must be one of {', '.join(_LEVELS)}, "
+                             f"got {env!r}")
+        level = "avx512"
     _use_kernels(level)
+
+
+# A bad FASTFC_KERNELS or FASTFC_COPY_THREADS does not stop the import: the
+# value is ignored (the default used), a RuntimeWarning says so at the first
+# volume made (not during the import, so that the command line, which refuses
+# such a value as a usage error, prints one line), and environment_problems()
+# names it.
+_environment_problems = []
+cdef bint _environment_unwarned = False
+
+
+cdef _environment_problem(str problem):
+    global _environment_unwarned
+    if problem not in _environment_problems:
+        _environment_problems.append(problem)
+        _environment_unwarned = True
+
+
+def environment_problems():
+    """What is wrong with the ``FASTFC_KERNELS`` and ``FASTFC_COPY_THREADS``
+    values this process saw (each ignored, its default used): one line each."""
+    return tuple(_environment_problems)
+
+
+cdef _warn_environment():
+    global _environment_unwarned
+    _environment_unwarned = False
+    for problem in _environment_problems:
+        warnings.warn(f"{problem}: ignored, the default is used", RuntimeWarning)
 
 
 _select_at_import()
@@ -569,15 +602,15 @@ cdef inline void copy_big(uint8_t* dst, const uint8_t* src, size_t n) noexcept n
 
 
 def _default_copy_threads():
-    env = os.environ.get("FASTFC_COPY_THREADS")
-    if env:
+    env = os.environ.get("FASTFC_COPY_THREADS", "")
+    if env.strip():
         try:
             n = int(env)
         except ValueError:
-            raise ValueError(f"FASTFC_COPY_THREADS must be a whole number, got {env!r}") from None
-        if n < 1:
-            raise ValueError(f"FASTFC_COPY_THREADS must be >= 1, got {n}")
-        return n
+            n = 0
+        if n >= 1:
+            return n
+        _environment_problem(f"FASTFC_COPY_THREADS must be a whole number >= 1, got {env!r}")
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -597,7 +630,7 @@ def set_copy_threads(n=None):
         raise TypeError(f"copy threads must be an int, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"copy threads must be >= 1, got {n}")
-    return fastfc_pool_set_threads(n)
+    return fastfc_pool_set_threads(min(n, 1024))     # the pool takes at most 16
 
 
 def copy_threads():
@@ -952,6 +985,8 @@ cdef class VolumeBase:
         self._mirror = None
         self._fd = -1
         self._space_version = -1
+        if _environment_unwarned:
+            _warn_environment()
 
     def __dealloc__(self):
         if self._lk != NULL:
@@ -1516,6 +1551,14 @@ cdef class VolumeBase:
             PyBuffer_Release(&view)
         return out
 
+
+# Cython records no annotation for a C-typed argument: the host I/O methods
+# get those of the stub (_core.pyi) here, for help(), inspect and type hints.
+VolumeBase.write.__annotations__ = {
+    "offset": "int", "data": "bytes | bytearray | memoryview | np.ndarray", "return": "None"}
+VolumeBase.read.__annotations__ = {"offset": "int", "length": "int", "return": "np.ndarray"}
+VolumeBase.readinto.__annotations__ = {
+    "offset": "int", "out": "bytearray | memoryview | np.ndarray", "return": "None"}
 
 
 cdef enum:

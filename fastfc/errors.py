@@ -70,6 +70,21 @@ class DrainAborted(FastFCError):
     """A consistency-group drain stopped before every track was sent."""
 
 
+class AlreadyExistsError(FastFCError, ValueError):
+    """A volume or a session of that name already exists in the unit. Also a
+    ``ValueError``, as this refusal was before it had a class of its own."""
+
+
+class UnitDownError(FastFCError):
+    """A secondary unit does not answer: its process died, was killed, or a
+    call to it timed out. Start it again (``SecondaryUnit.start``)."""
+
+
+class FencedError(FastFCError):
+    """A unit's server was replaced by a newer owner (a higher epoch): the
+    old one refuses every call."""
+
+
 class NoSpaceError(FastFCError):
     """The filesystem holding a volume, a bitmap or a unit's database has no
     room for the blocks a call needs. The call changed nothing: a create
@@ -94,4 +109,7 @@ __all__ = [
     "ReadOnlyUnitError",
     "NoSpaceError",
     "DrainAborted",
+    "AlreadyExistsError",
+    "UnitDownError",
+    "FencedError",
 ]

@@ -44,12 +44,14 @@ exception. Faults are process-wide and thread-safe; :func:`clear` disarms all.
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from typing import Callable
 from dataclasses import dataclass
 
 from fastfc import _core
+from fastfc._numbers import check_real
 from fastfc.errors import InjectedFault
 
 POINTS = ("prepare", "commit", "revert", "coordinate", "drain", "link", "decision", "cow",
@@ -80,10 +82,13 @@ def inject(point: str, volume: object = None, *, times: int = 1, delay: float | 
     """Arm a fault at ``point`` (see the module docstring); returns it."""
     if point not in POINTS:
         raise ValueError(f"unknown fault point {point!r}; choose one of {', '.join(POINTS)}")
-    if times < 1:
-        raise ValueError(f"times must be >= 1, got {times}")
-    if delay is not None and delay < 0:
-        raise ValueError(f"delay must be >= 0, got {delay}")
+    for what, n, low in (("times", times, 1), ("after", after, 0)):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"{what} must be an int, got {type(n).__name__}")
+        if n < low:
+            raise ValueError(f"{what} must be >= {low}, got {n}")
+    if delay is not None:
+        delay = check_real("delay", delay)
     _check_volume(point, volume)
     fault = Fault(point, volume, times, delay, after, action)
     with _lock:

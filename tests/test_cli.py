@@ -131,7 +131,7 @@ def test_mkvol_lsvol_rmvol(fastfc, site1):
 def test_mkvol_errors(fastfc, site1):
     fastfc("mkvol", "A", code=2)                                   # no size
     fastfc("mkvol", "A", "--tracks", 4, "--size", "1M", code=2)    # both
-    fastfc("mkvol", "A", "--tracks", 4, "--track-size", "3K", code=1)
+    fastfc("mkvol", "A", "--tracks", 4, "--track-size", "3K", code=2)
     fastfc("mkvol", "A", "--tracks", 4, "--track-size", "lots", code=2)
     fastfc("mkvol", "bad/name", "--tracks", 4, code=1)
     fastfc("mkvol", "A", "--tracks", 4)

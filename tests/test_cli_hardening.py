@@ -528,3 +528,96 @@ def test_help_documents_exit_codes():
     assert "Exit status:" in out
     for code in ("0  ", "1  ", "2  "):
         assert code in out
+
+
+# -- bad usage and a bad environment: one line, status 2 -------------------------------------------
+def usage_error(result) -> str:
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args", [["mkvol", "V", "--size", "1M"], ["lsvol"],
+                                  ["write", "V", "x"]])
+def test_a_unit_path_naming_a_file_is_a_usage_error(tmp_path, args):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me\n")
+    assert "--unit" in usage_error(run("-u", f, *args)) and "not a directory" in \
+        usage_error(run("-u", f, *args))
+    assert "--remote-unit" in usage_error(run("-u", tmp_path / "u", "-r", f, *args))
+    assert f.read_text() == "keep me\n" and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["notes.txt"]
+
+
+@pytest.mark.parametrize("var,value,allowed", [
+    ("FASTFC_COPY_THREADS", "many", "a whole number >= 1"),
+    ("FASTFC_COPY_THREADS", "0", "a whole number >= 1"),
+    ("FASTFC_KERNELS", "avx", "one of scalar, avx2, avx512"),
+])
+@pytest.mark.parametrize("args", [["--help"], ["lsvol"], ["mkvol", "V", "--size", "1M"]])
+def test_a_bad_environment_variable_is_one_line_and_status_2(tmp_path, var, value, allowed,
+                                                             args):
+    env = dict(os.environ, **{var: value})
+    out = subprocess.run([sys.executable, "-m", "fastfc", "-u", str(tmp_path / "u"), *args],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [f"Error: {var} must be {allowed}, got {value!r}"]
+    assert out.stdout == "" and not (tmp_path / "u").exists()
+
+
+@pytest.mark.parametrize("size", ["0", "0K", "0.0M"])
+def test_mkvol_size_zero_is_refused_as_usage(fastfc, site1, size):
+    assert "must be positive" in usage_error(run("-u", site1, "mkvol", "V", "--size", size))
+    assert not site1.exists()
+
+
+@pytest.mark.parametrize("track_size", ["3000", "256", "32M", "0", "1.5K"])
+def test_mkvol_a_track_size_not_a_power_of_two_in_range_is_a_usage_error(fastfc, site1,
+                                                                           track_size):
+    err = usage_error(run("-u", site1, "mkvol", "V", "--tracks", 4, "--track-size", track_size))
+    assert "--track-size" in err
+    assert "power of two from 512 to 16M" in err or "whole number of bytes" in err
+    assert not site1.exists()
+
+
+@pytest.mark.parametrize("size,track_size,tracks", [
+    ("1.5M", "64K", 24), ("1.5m", "512", 3072), ("2.5KiB", "512", 5), (".5G", "16M", 32),
+    ("1.25K", "1K", 2),          # whole bytes, rounded up to tracks as --size always is
+])
+def test_mkvol_takes_decimal_sizes_that_come_to_whole_bytes(fastfc, site1, size, track_size,
+                                                            tracks):
+    fastfc("mkvol", "V", "--size", size, "--track-size", track_size)
+    assert json.loads(fastfc("lsvol", "--json").stdout)[0]["tracks"] == tracks
+
+
+@pytest.mark.parametrize("size", ["1.5", "0.3K", "1.0000001M"])
+def test_a_size_that_is_not_whole_bytes_is_a_usage_error(fastfc, site1, size):
+    assert "whole number of bytes" in usage_error(run("-u", site1, "mkvol", "V", "--size", size))
+
+
+def test_sizes_in_petabytes_and_exabytes_are_read_up_to_the_largest_volume(fastfc, site1):
+    from fastfc.tools.cli.params import SIZE
+    assert SIZE.convert("1P", None, None) == 1 << 50
+    assert SIZE.convert("1.5E", None, None) == 3 << 59
+    assert SIZE.convert("7EiB", None, None) == 7 << 60
+    # parsed, then refused for what it is (no filesystem holds it), not for its suffix
+    err = one_line_error(run("-u", site1, "mkvol", "V", "--size", "1P", "--thin"))
+    assert "is not a size" not in err and "nothing was created" in err
+    assert "too large" in one_line_error(run("-u", site1, "mkvol", "V", "--size", "8E"))
+
+
+@pytest.mark.parametrize("args", [
+    ["mkgmir", "g", "A:B:C", "--cg-interval", "nan"],
+    ["mkgmir", "g", "A:B:C", "--drain-time", "NaN"],
+    ["mkgmir", "g", "A:B:C", "--coord-time", "nan"],
+    ["formcg", "g", "--seconds", "nan"],
+    ["--wait", "nan", "lsvol"],
+    ["demo", "--seconds", "nan"], ["demo", "--rate", "nan"], ["demo", "--fault-every", "nan"],
+])
+def test_nan_is_not_a_number_of_seconds_or_a_rate(fastfc, site1, args):
+    make_volumes(fastfc, site1, "A", "B", "C")
+    before = listing(site1)
+    assert "is not a number" in usage_error(run("-u", site1, *args))
+    assert listing(site1) == before

@@ -38,9 +38,39 @@ def test_default_follows_the_environment():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "3"
-    env["FASTFC_COPY_THREADS"] = "many"
-    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "FASTFC_COPY_THREADS must be a whole number" in bad.stderr
+
+
+@pytest.mark.parametrize("value", ["many", "0", "-2", "2.5", "3 threads"])
+def test_a_bad_environment_value_is_ignored_with_a_warning_naming_it(value):
+    """``import fastfc`` does not fail on a bad FASTFC_COPY_THREADS: the
+    default is used and a RuntimeWarning, at the first volume, names the
+    variable and what it takes."""
+    code = ("import warnings, fastfc\n"
+            "warnings.simplefilter('error')\n"       # nothing during the import
+            "from fastfc import _core\n"
+            "assert fastfc.copy_threads() == _core._default_copy_threads()\n"
+            "print(_core.environment_problems())\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    fastfc.Volume(4); fastfc.Volume(4)\n"
+            "print([(x.category.__name__, str(x.message)) for x in w])\n")
+    env = dict(os.environ, FASTFC_COPY_THREADS=value)
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    problem = f"FASTFC_COPY_THREADS must be a whole number >= 1, got {value!r}"
+    assert out.stdout.splitlines() == [
+        repr((problem,)),
+        repr([("RuntimeWarning", f"{problem}: ignored, the default is used")])]
+
+
+def test_a_huge_thread_count_is_capped_not_an_overflow(threads):
+    assert threads(1 << 70) == 16 and fastfc.copy_threads() == 16
+    code = "import fastfc; print(fastfc.copy_threads())"
+    env = dict(os.environ, FASTFC_COPY_THREADS="99999999999999999999999")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "16", out.stderr
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

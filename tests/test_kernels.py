@@ -14,6 +14,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -181,3 +182,29 @@ def test_wide_instructions_only_in_their_variants() -> None:
              if (c["evex"] and not f.endswith("_avx512"))
              or (c["vex"] and not f.endswith(("_avx2", "_avx512")))}
     assert not stray
+
+
+@pytest.mark.parametrize("value", ["avx", "sse", "AVX-512"])
+def test_a_bad_kernels_value_is_ignored_with_a_warning_naming_it(value):
+    """``import fastfc`` does not fail on a bad FASTFC_KERNELS: the best
+    variants run and a RuntimeWarning, at the first volume, names the variable
+    and the values it takes. A value in another case is read."""
+    code = ("import warnings, fastfc\n"
+            "from fastfc import _core\n"
+            "print(_core.kernels()['copy_stream'], _core.environment_problems())\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    fastfc.Volume(4)\n"
+            "print([str(x.message) for x in w if x.category is RuntimeWarning])\n")
+    env = dict(os.environ, FASTFC_KERNELS=value)
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    best = "avx512" if FEATURES["avx512f"] else "avx2" if FEATURES["avx2"] else "scalar"
+    problem = f"FASTFC_KERNELS must be one of scalar, avx2, avx512, got {value!r}"
+    assert out.stdout.splitlines() == [
+        f"{best} {(problem,)!r}", repr([f"{problem}: ignored, the default is used"])]
+    env["FASTFC_KERNELS"] = " Scalar "
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.splitlines() == ["scalar ()", "[]"], out.stderr

@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fastfc"
 # floor of each module or folder (by dotted name); the longest prefix wins
 FLOORS = {
     "fastfc._core": 1, "fastfc.errors": 1, "fastfc.names": 1, "fastfc._optional": 1,
+    "fastfc._numbers": 1,
     "fastfc.storage": 2, "fastfc.faults": 2,
     "fastfc.copyservices.flashcopy": 3, "fastfc.copyservices.pprc": 3,
     "fastfc.copyservices": 4,

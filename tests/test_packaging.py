@@ -87,3 +87,85 @@ def test_the_bench_report_says_so_before_measuring(monkeypatch, tmp_path) -> Non
     with pytest.raises(MissingDependencyError, match=r"fastfc\[plot\]"):
         report.run(quick=True, out=tmp_path / "out", only=["core"], log=lambda msg: None)
     assert not (tmp_path / "out").exists()
+
+
+# -- the front door: what ``fastfc`` exports and shows ---------------------------------------------
+def test_every_public_error_is_exported_from_fastfc() -> None:
+    import fastfc
+    import fastfc.errors
+    for name in (*fastfc.errors.__all__, "MissingDependencyError"):
+        assert name in fastfc.__all__ and issubclass(getattr(fastfc, name), FastFCError), name
+    for name in ("DrainAborted", "UnitDownError", "FencedError", "MissingDependencyError",
+                 "AlreadyExistsError"):
+        assert getattr(fastfc, name).__module__ in ("fastfc.errors", "fastfc._optional")
+    # the names the remote package gave them are the same classes
+    from fastfc.remote import client, server      # the dev extra brings Ray
+    assert client.UnitDownError is fastfc.UnitDownError
+    assert server.FencedError is fastfc.FencedError
+
+
+def test_already_exists_is_a_fastfc_error_and_still_a_value_error(tmp_path) -> None:
+    import fastfc
+    from fastfc import AlreadyExistsError, GlobalMirror, StorageUnit
+    assert issubclass(AlreadyExistsError, FastFCError) and issubclass(AlreadyExistsError,
+                                                                      ValueError)
+    for path in (None, tmp_path / "u"):
+        with StorageUnit(path) as u:
+            a, b, c, a2, b2, c2 = (u.create_volume(n, 4, 4096) for n in
+                                   ("A", "B", "C", "A2", "B2", "C2"))
+            with pytest.raises(AlreadyExistsError, match="volume 'A' already exists"):
+                u.create_volume("A", 4, 4096)
+            GlobalMirror([(a, b, c)], name="g")
+            if path is not None:    # a session name is the unit's to keep unique
+                with pytest.raises(AlreadyExistsError, match="session named 'g' already"):
+                    GlobalMirror([(a2, b2, c2)], name="g")
+                assert a2._mirror is None
+            with pytest.raises(ValueError):              # as callers caught it before
+                u.create_volume("B", 4, 4096)
+    assert fastfc.AlreadyExistsError is AlreadyExistsError
+
+
+def test_global_mirror_shows_the_parameters_it_takes() -> None:
+    import inspect
+    from fastfc import GlobalMirror
+    sig = inspect.signature(GlobalMirror)
+    params = sig.parameters
+    assert list(params)[:1] == ["triplets"]
+    assert params["triplets"].default is inspect.Parameter.empty
+    assert params["triplets"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    expected = {"cg_interval": 0.0, "max_coordination_time": 0.05, "max_drain_time": 0,
+                "on_coordinate": None, "on_result": None, "link": None, "name": "gm",
+                "decide": "after_all", "initial_copy": True, "journal": None}
+    for name, default in expected.items():
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert params[name].default == default, name
+    assert set(params) == {"triplets", *expected}       # nothing private, no *args
+    import pydoc
+    assert "GlobalMirror(triplets: " in pydoc.render_doc(GlobalMirror)
+
+
+def test_volume_host_io_has_type_hints() -> None:
+    import typing
+    import numpy as np
+    from fastfc import Volume
+    assert typing.get_type_hints(Volume.read) == {"offset": int, "length": int,
+                                                  "return": np.ndarray}
+    hints = typing.get_type_hints(Volume.write)
+    assert hints["offset"] is int and hints["return"] is type(None)
+    assert set(typing.get_args(hints["data"])) == {bytes, bytearray, memoryview, np.ndarray}
+
+
+def test_the_package_docstring_names_the_packages_there_are() -> None:
+    import fastfc
+    doc = fastfc.__doc__ or ""
+    packages = sorted(p.name for p in (ROOT / "fastfc").iterdir()
+                      if (p / "__init__.py").is_file())
+    assert packages == ["copyservices", "durable", "remote", "storage", "tools"]
+    for name in packages:                           # each package, by its name
+        assert f"``{name}``" in doc, name
+    modules = {".".join(p.relative_to(ROOT / "fastfc").with_suffix("").parts)
+               .removesuffix(".__init__")
+               for p in (ROOT / "fastfc").rglob("*.py*") if p.suffix in (".py", ".pyx")}
+    known = modules | {m.rsplit(".", 1)[-1] for m in modules} | set(packages) | {"fastfc"}
+    for named in re.findall(r"``([A-Za-z_][\w.]*)``", doc):     # and nothing that is not there
+        assert named in known or named == "__all__", named

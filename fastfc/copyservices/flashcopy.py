@@ -22,6 +22,7 @@ from typing import Sequence
 
 from fastfc import _core, faults
 from fastfc._core import TrackBitmap, combine_or3
+from fastfc._numbers import check_real
 from fastfc.errors import (IncompleteCopyError, LimitError, NoSpaceError, StateError,
                            VolumeClosedError, WriteInhibitedError)
 from fastfc.storage.store import Store
@@ -112,8 +113,8 @@ class FlashCopy(_core.RelationshipBase):
                    inhibit_target_write, copy_rate, sequence, store=None) -> None:
         if not isinstance(source, Volume) or not isinstance(target, Volume):
             raise TypeError("source and target must be fastfc.Volume objects")
-        if copy_rate is not None and not copy_rate > 0:
-            raise ValueError(f"copy_rate must be a positive number of bytes/s, got {copy_rate}")
+        if copy_rate is not None:
+            copy_rate = check_real("copy_rate (bytes/s)", copy_rate, positive=True)
         sequence = check_sequence(sequence)
         self.source = source
         self.target = target
@@ -357,11 +358,13 @@ class FlashCopy(_core.RelationshipBase):
         if not self.background_copy:
             raise StateError(f"{self!r} is NOCOPY: nothing copies in the background; "
                              "call copy() instead")
+        if timeout is not None:
+            timeout = check_real("timeout", timeout, infinite=True)
         if not self.to_copy.any():
             return True
         # nothing copies in a closed or read-only unit: waiting would never end
         self._require_writable()
-        self._done.wait(timeout)
+        self._done.wait(None if timeout == float("inf") else timeout)
         # a relationship withdrawn with tracks left (force) never completes
         return not self.to_copy.any()
 

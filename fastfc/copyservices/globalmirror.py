@@ -30,17 +30,19 @@ from __future__ import annotations
 
 import collections
 import enum
+import inspect
 import operator
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from fastfc import _core, faults
-from fastfc.errors import (DrainAborted, FastFCError, InjectedFault, StateError,
-                           VolumeClosedError)
+from fastfc._numbers import check_real
+from fastfc.errors import (AlreadyExistsError, DrainAborted, FastFCError, InjectedFault,
+                           StateError, VolumeClosedError)
 from fastfc.copyservices.flashcopy import FlashCopy, check_sequence
 from fastfc.copyservices.pprc import DIRECT_CHUNK_BYTES, PPRCPair
 from fastfc.names import check_name
@@ -503,6 +505,20 @@ def secondary_groups(triplets: Sequence[Triplet]) -> list[SecondaryGroup]:
     return list(groups.values())
 
 
+class _SignatureOfInit:
+    """What ``inspect.signature`` shows of a class whose ``__new__`` takes
+    ``*args, **kwargs`` (to pick a subclass): the public parameters of its
+    ``__init__``, not those of ``__new__``."""
+
+    def __get__(self, obj: object, cls: Any = None) -> inspect.Signature:
+        if obj is not None or cls is None:
+            raise AttributeError("__signature__")      # an instance is not called
+        sig = inspect.signature(cls.__init__)
+        return sig.replace(parameters=[p for name, p in sig.parameters.items()
+                                       if name != "self" and not name.startswith("_")],
+                           return_annotation=inspect.Signature.empty)
+
+
 class GlobalMirror:
     """A Global Mirror session over ``(A, B, C)`` triplets [mkgmir].
 
@@ -549,6 +565,8 @@ class GlobalMirror:
     (:attr:`stats`), after every attempt.
     """
 
+    __signature__ = _SignatureOfInit()
+
     def __new__(cls, triplets: Sequence = (), *args, **kwargs) -> "GlobalMirror":
         # B and C volumes on secondary sites (remote units): the session that
         # talks to them (fastfc.copyservices.sitemirror), same API
@@ -572,11 +590,10 @@ class GlobalMirror:
             raise ValueError("a Global Mirror session needs at least one (A, B, C) triplet")
         if decide not in ("after_all", "after_each"):
             raise ValueError(f"decide must be 'after_all' or 'after_each', got {decide!r}")
-        for what, value in (("cg_interval", cg_interval), ("max_drain_time", max_drain_time)):
-            if value < 0:
-                raise ValueError(f"{what} must be >= 0, got {value}")
-        if not max_coordination_time > 0:
-            raise ValueError(f"max_coordination_time must be > 0, got {max_coordination_time}")
+        cg_interval = check_real("cg_interval", cg_interval)
+        max_drain_time = check_real("max_drain_time", max_drain_time)
+        max_coordination_time = check_real("max_coordination_time", max_coordination_time,
+                                           positive=True)
         vols = [v for t in triplets for v in t]
         if any(not isinstance(v, Volume) for v in vols):
             raise TypeError("every triplet must hold three fastfc.Volume objects")
@@ -624,7 +641,7 @@ class GlobalMirror:
             if any(b.store is not self._store for _, b, _ in triplets):
                 raise ValueError("every B (and C) volume of a session must be in one storage unit")
             if name in self._store.session_rows():
-                raise ValueError(f"a session named {name!r} already exists in that unit")
+                raise AlreadyExistsError(f"a session named {name!r} already exists in that unit")
             if journal is None:
                 self.journal = self._store
         was_invalid = {id(v): v._invalid for v in vols}

@@ -27,6 +27,7 @@ import numpy as np
 
 from fastfc import _core
 from fastfc._core import TrackBitmap
+from fastfc._numbers import check_real
 from fastfc.errors import DrainAborted, FastFCError, LimitError, StateError, VolumeClosedError
 from fastfc.storage.link import Link, LocalLink
 from fastfc.storage.store import Store
@@ -557,7 +558,8 @@ class PPRCPair(_core.MirrorBase):
     def wait_synced(self, timeout: float | None = None) -> bool:
         """Wait until no track is out of sync (and the pair not suspended)."""
         import time
-        end = None if timeout is None else time.monotonic() + timeout
+        end = None if timeout is None else \
+            time.monotonic() + check_real("timeout", timeout, infinite=True)
         while self.out_of_sync_tracks or self.suspend_reason is not None:
             if end is not None and time.monotonic() > end:
                 return False

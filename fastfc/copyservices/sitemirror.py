@@ -36,6 +36,7 @@ import numpy as np
 
 from fastfc import faults
 from fastfc._core import MirrorBase, TrackBitmap
+from fastfc._numbers import check_real
 from fastfc.copyservices.globalmirror import (Cause, CGResult, GlobalMirror, GMState,
                                               GMStats, Triplet)
 from fastfc.errors import DrainAborted, FastFCError, LimitError, StateError, VolumeClosedError
@@ -351,11 +352,10 @@ class SiteGlobalMirror(GlobalMirror):
                              "pass link=None")
         if decide not in ("after_all", "after_each"):
             raise ValueError(f"decide must be 'after_all' or 'after_each', got {decide!r}")
-        for what, value in (("cg_interval", cg_interval), ("max_drain_time", max_drain_time)):
-            if value < 0:
-                raise ValueError(f"{what} must be >= 0, got {value}")
-        if not max_coordination_time > 0:
-            raise ValueError(f"max_coordination_time must be > 0, got {max_coordination_time}")
+        cg_interval = check_real("cg_interval", cg_interval)
+        max_drain_time = check_real("max_drain_time", max_drain_time)
+        max_coordination_time = check_real("max_coordination_time", max_coordination_time,
+                                           positive=True)
         for t in triplets:
             if len(t) != 3 or not isinstance(t[0], Volume) or not isinstance(t[1], SiteVolume) \
                     or not isinstance(t[2], SiteVolume):

@@ -44,8 +44,9 @@ from typing import cast
 import numpy as np
 
 from fastfc._core import MirrorBase
-from fastfc.errors import (CorruptUnitError, ReadOnlyUnitError, StateError, UnitBusyError,
-                           UnitClosedError)
+from fastfc._numbers import check_real
+from fastfc.errors import (AlreadyExistsError, CorruptUnitError, ReadOnlyUnitError, StateError,
+                           UnitBusyError, UnitClosedError)
 from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.globalmirror import GlobalMirror, Triplet
 from fastfc.copyservices.pprc import PPRCPair
@@ -152,6 +153,8 @@ class StorageUnit:
         if durability not in DURABILITY:
             raise ValueError(f"durability must be one of {', '.join(DURABILITY)}, "
                              f"got {durability!r}")
+        if wait is not None:
+            wait = check_real("wait", wait, infinite=True)
         self.path = Path(path).resolve() if path is not None else None
         self.readonly = bool(readonly)
         self.durability = durability
@@ -246,7 +249,7 @@ class StorageUnit:
         if not isinstance(name, str) or not NAME.match(name):
             raise ValueError(f"volume names are {NAME_RULE}, got {name!r}")
         if name in self._volumes:
-            raise ValueError(f"volume {name!r} already exists in this unit")
+            raise AlreadyExistsError(f"volume {name!r} already exists in this unit")
         if self.path is None:
             vol = Volume(n_tracks, track_size, name=name, store=self.store)
         else:

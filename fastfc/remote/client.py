@@ -14,13 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fastfc.errors import FastFCError
+from fastfc.errors import FastFCError, UnitDownError
 from fastfc.storage.site import Pending, SecondarySite, SiteVolume, Update
-
-
-class UnitDownError(FastFCError):
-    """A secondary unit does not answer: its process died, was killed, or a
-    call to it timed out. Start it again (``SecondaryUnit.start``)."""
 
 
 class Transport:

@@ -38,17 +38,12 @@ from fastfc import _core
 from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.durable.sqlite import SQLiteStore
 from fastfc.durable.unit import StorageUnit
-from fastfc.errors import FastFCError, StateError
+from fastfc.errors import FastFCError, FencedError, StateError
 
 EPOCH_FILE = "remote.epoch"
 SESSIONS_FILE = "remote.sessions.json"
 UNIT_KEY = "#unit"      # decision rows: what this unit carried out
 COORD_KEY = "#coord"    # decision rows: the session's recorded decision
-
-
-class FencedError(FastFCError):
-    """A unit's server was replaced by a newer owner (a higher epoch): the
-    old one refuses every call."""
 
 
 class KilledHere(BaseException):

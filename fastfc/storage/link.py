@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from fastfc import _core, faults
+from fastfc._numbers import check_real
 from fastfc.errors import LinkDownError
 
 
@@ -79,10 +80,9 @@ class LocalLink(Link):
 
     def __init__(self, *, bandwidth: float | None = None, latency: float = 0.0,
                  name: str = "link") -> None:
-        if bandwidth is not None and not bandwidth > 0:
-            raise ValueError(f"bandwidth must be a positive number of bytes/s, got {bandwidth}")
-        if latency < 0:
-            raise ValueError(f"latency must be >= 0, got {latency}")
+        if bandwidth is not None:
+            bandwidth = check_real("bandwidth (bytes/s)", bandwidth, positive=True)
+        latency = check_real("latency", latency)
         self.bandwidth = bandwidth
         self.latency = latency
         self.name = name

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import click
 
+from fastfc import _core
 from fastfc._optional import require
 from fastfc.errors import FastFCError
 
 from . import control
 from .output import human
+from .params import Real
 from .units import Units
 
 EXPECTED_ERRORS = (FastFCError, ValueError, KeyError, IndexError, OSError, sqlite3.Error,
@@ -47,6 +49,9 @@ class FastFCGroup(click.Group):
                 if name != "bench" or _source_checkout() is not None]
 
     def make_context(self, info_name, args, parent=None, **extra):
+        problems = _core.environment_problems()   # a bad FASTFC_KERNELS or COPY_THREADS
+        if problems:                                # refused before --help, too
+            raise click.UsageError("; ".join(problems))
         argv = list(args)       # as given: what a server holding the unit is sent
         ctx = super().make_context(info_name, args, parent, **extra)
         ctx.meta["fastfc.argv"] = argv
@@ -119,7 +124,7 @@ def _plain(message: str) -> str:
 @click.option("-r", "--remote-unit", "remote", envvar="FASTFC_REMOTE_UNIT", metavar="PATH",
               help="The unit holding PPRC secondaries and Global Mirror B and C volumes "
                    "(default: the local unit). [env FASTFC_REMOTE_UNIT]")
-@click.option("--wait", "wait", type=click.FloatRange(min=0), metavar="SECONDS",
+@click.option("--wait", "wait", type=Real(min=0), metavar="SECONDS",
               help="Wait up to SECONDS for a unit that another command has open "
                    "(default: fail at once).")
 @click.option("--durability", type=click.Choice(["process", "power"]), default="process",
@@ -174,15 +179,15 @@ def _forward(ctx: click.Context, unit: str) -> int | None:
 
 # -- commands that open no unit --------------------------------------------------------
 @main.command()
-@click.option("--seconds", type=click.FloatRange(min=0, min_open=True, max=7 * 86400),
+@click.option("--seconds", type=Real(min=0, min_open=True, max=7 * 86400),
               default=20.0, show_default=True, help="How long the workload runs (up to a week).")
 @click.option("--triplets", type=click.IntRange(1, 1024), default=16, show_default=True,
               help="(A, B, C) volume triplets, 1 to 1024.")
 @click.option("--size-mib", type=click.IntRange(1, 1 << 20), default=32, show_default=True,
               help="Size of each volume in MiB (all 3 x triplets live in memory).")
-@click.option("--rate", "rate_mbs", type=click.FloatRange(min=0, max=1e6), default=100.0,
+@click.option("--rate", "rate_mbs", type=Real(min=0, max=1e6), default=100.0,
               show_default=True, help="Combined host write rate in MB/s (0: as fast as possible).")
-@click.option("--fault-every", type=click.FloatRange(min=0, max=86400), default=1.0,
+@click.option("--fault-every", type=Real(min=0, max=86400), default=1.0,
               show_default=True, help="Seconds between injected faults (0: none).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the random workload and faults.")

@@ -13,7 +13,7 @@ from fastfc.durable.siteloss import SITE_FAILOVER
 
 from .app import main
 from .output import Progress, console, human, json_out, ms, plural, table
-from .params import JSON, SESSION, TRIPLET, Count
+from .params import JSON, SESSION, TRIPLET, Count, Real
 from .pprc import drain_in_foreground
 from .units import pass_units
 
@@ -21,12 +21,12 @@ from .units import pass_units
 @main.command()
 @click.argument("session", type=SESSION)
 @click.argument("specs", nargs=-1, required=True, type=TRIPLET)
-@click.option("--cg-interval", type=click.FloatRange(min=0, max=86400), default=0.0,
+@click.option("--cg-interval", type=Real(min=0, max=86400), default=0.0,
               show_default=True, help="Seconds between CGs when formcg runs for --seconds.")
-@click.option("--coord-time", type=click.FloatRange(min=0, min_open=True, max=60000),
+@click.option("--coord-time", type=Real(min=0, min_open=True, max=60000),
               default=50.0, show_default=True,
               help="Longest hold of host writes at coordination, ms.")
-@click.option("--drain-time", type=click.FloatRange(min=0, max=86400), default=0.0,
+@click.option("--drain-time", type=Real(min=0, max=86400), default=0.0,
               show_default=True,
               help="Longest drain, seconds (0: the larger of 240 and twice the interval).")
 @click.option("--decide", type=click.Choice(["after_all", "after_each"]), default="after_all",
@@ -109,7 +109,7 @@ def showgmir(units, session, as_json) -> None:
 @click.argument("session", type=SESSION)
 @click.option("--count", type=Count(low=1), default=1, show_default=True,
               help="Consistency groups to attempt, one after another.")
-@click.option("--seconds", type=click.FloatRange(min=0, min_open=True, max=7 * 86400),
+@click.option("--seconds", type=Real(min=0, min_open=True, max=7 * 86400),
               help="Instead of --count: run the session's continuous loop this long.")
 @click.option("--inject", "injects", multiple=True, metavar="POINT[:VOLUME]",
               help="Arm a fault for these attempts (fastfc.faults): prepare, commit or "

@@ -3,8 +3,10 @@ and the arguments and options that several commands share."""
 
 from __future__ import annotations
 
+import math
 import re
 import sys
+from fractions import Fraction
 
 import click
 
@@ -15,20 +17,44 @@ MAX_BYTES = sys.maxsize
 
 
 class Size(click.ParamType):
-    """A byte count: ``4096``, ``64K``, ``16MiB``, ``1G`` (binary units)."""
+    """A byte count: ``4096``, ``64K``, ``16MiB``, ``1.5G``, ``1P`` (binary
+    units, K to E; a fraction must come to whole bytes), at least ``low``;
+    a ``power_of_two`` up to ``high`` when asked (a track size)."""
 
     name = "size"
-    _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40,
+              "P": 1 << 50, "E": 1 << 60}
+
+    def __init__(self, low: int = 0, high: int = MAX_BYTES, power_of_two: bool = False) -> None:
+        self.low, self.high, self.power_of_two = low, high, power_of_two
 
     def convert(self, value, param, ctx):
         if isinstance(value, int):
             n = value
         else:
-            m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*", str(value), re.IGNORECASE)
+            m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGTPE]?)(?:I?B)?\s*", str(value),
+                             re.IGNORECASE)
             if not m:
-                self.fail(f"{value!r} is not a size (e.g. 4096, 64K, 16M, 1G)", param, ctx)
-            n = int(m.group(1)) * self._UNITS[m.group(2).upper()]
-        return _at_most(n, MAX_BYTES, param, value)
+                self.fail(f"{value!r} is not a size (e.g. 4096, 64K, 1.5M, 1G)", param, ctx)
+            exact = Fraction(m.group(1)) * self._UNITS[m.group(2).upper()]
+            if exact.denominator != 1:
+                self.fail(f"{value!r} is not a whole number of bytes", param, ctx)
+            n = int(exact)
+        if self.power_of_two and (n & (n - 1) or not self.low <= n <= self.high):
+            self.fail(f"{value!r} is not a power of two from {_short(self.low)} to "
+                      f"{_short(self.high)}", param, ctx)
+        if n < self.low:
+            self.fail(f"{value!r} is not a size of at least {self.low} bytes"
+                      if self.low > 1 else f"{value!r}: the size must be positive", param, ctx)
+        return _at_most(n, self.high, param, value)
+
+
+def _short(n: int) -> str:
+    """``n`` bytes as the shortest size this module reads, e.g. 16M."""
+    for unit in "EPTGMK":
+        if n % Size._UNITS[unit] == 0:
+            return f"{n // Size._UNITS[unit]}{unit}"
+    return str(n)
 
 
 class Count(click.ParamType):
@@ -57,6 +83,17 @@ def _at_most(n: int, high: int, param, value) -> int:
         what = f"{param.get_error_hint(None)}" if param is not None else "value"
         raise click.ClickException(f"{what} {value} is too large (at most {high})")
     return n
+
+
+class Real(click.FloatRange):
+    """A number in a range, as :class:`click.FloatRange`, that is a number:
+    ``nan`` is refused (it passes every comparison of a range)."""
+
+    def convert(self, value, param, ctx):
+        n = super().convert(value, param, ctx)
+        if math.isnan(n):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return n
 
 
 class Name(click.ParamType):
@@ -100,6 +137,8 @@ class Spec(click.ParamType):
 
 
 SIZE = Size()
+POSITIVE_SIZE = Size(low=1)
+TRACK_SIZE = Size(low=512, high=16 << 20, power_of_two=True)
 FLASH = Spec("SOURCE", "TARGET")
 PAIR = Spec("PRIMARY", "SECONDARY")
 TRIPLET = Spec("A", "B", "C")

@@ -49,6 +49,11 @@ class Units:
         #: a server's command (borrowed units): set when the server stops
         self.stopping: threading.Event | None = None
         self._flush_on_close = True
+        for path, flag in ((local, "--unit"), (remote, "--remote-unit")):
+            if path is not None and self.where(path).exists() and \
+                    not self.where(path).is_dir():
+                raise click.UsageError(f"{flag} {path} is not a directory: a storage unit "
+                                       "is a directory (mkvol creates one)")
 
     @classmethod
     def borrowing(cls, host: "Units", local: str | None, remote: str | None, *,

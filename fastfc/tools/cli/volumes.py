@@ -16,15 +16,17 @@ from fastfc.durable.lock import LOCK_FILE
 
 from .app import main
 from .output import console, human, json_out, plural, table
-from .params import JSON, MAX_BYTES, SIZE, VOLUME, Count
+from .params import JSON, MAX_BYTES, POSITIVE_SIZE, SIZE, TRACK_SIZE, VOLUME, Count
 from .units import Units, pass_units
 
 
 @main.command()
 @click.argument("names", nargs=-1, required=True, type=VOLUME)
 @click.option("--tracks", type=Count(low=1), help="Number of tracks.")
-@click.option("--size", type=SIZE, help="Capacity instead of --tracks (rounded up to tracks).")
-@click.option("--track-size", type=SIZE, default="64K", show_default=True,
+@click.option("--size", type=POSITIVE_SIZE,
+              help="Capacity instead of --tracks, e.g. 64M, 1.5G, 2T, 1P (binary units; "
+                   "rounded up to tracks).")
+@click.option("--track-size", type=TRACK_SIZE, default="64K", show_default=True,
               help="Bytes per track: a power of two, 512 to 16M.")
 @click.option("--thin", is_flag=True,
               help="Allocate blocks on first write instead of now (a full filesystem "
@@ -38,9 +40,6 @@ def mkvol(units, names, tracks, size, track_size, thin) -> None:
     Volumes are thick (every block allocated now) unless --thin."""
     if (tracks is None) == (size is None):
         raise click.UsageError("give exactly one of --tracks and --size")
-    if not (512 <= track_size <= 16 << 20 and track_size & (track_size - 1) == 0):
-        raise click.ClickException(f"--track-size {track_size} is not a power of two "
-                                   "from 512 to 16M")
     if len(set(names)) != len(names):
         raise click.ClickException("a volume name is given twice")
     n = tracks if tracks is not None else max(1, -(-size // track_size))
