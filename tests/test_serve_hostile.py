@@ -591,6 +591,45 @@ def test_sigterm_ends_a_long_formcg_and_clients_connect_meanwhile(tmp_path):
     assert len(set(show["c_sequences"])) == 1 and show["successes"] >= 1, show
 
 
+@pytest.mark.slow
+def test_ctrl_c_of_a_forwarded_formcg_stops_its_loop_in_the_server(tmp_path):
+    """Ctrl-C of ``formcg S --seconds 120`` forwarded to a server printed
+    "Aborted!" while the loop ran on in the server, holding its lock:
+    every later command waited the full 120 s. Now the client's hang-up
+    ends the loop: the next command runs at once and the session's CGs
+    stop forming."""
+    a, b, sock = tmp_path / "a", tmp_path / "b", tmp_path / "s"
+    make_unit(a, "A0", size=MIB)
+    make_unit(b, "B0", "C0", size=MIB)
+    fastfc_cli("-u", a, "-r", b, "mkgmir", "S", "A0:B0:C0")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with serving(a, sock, remote=b):
+        formcg = subprocess.Popen([sys.executable, "-m", "fastfc", "-u", str(a), "-r", str(b),
+                                   "formcg", "S", "--seconds", "120"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(2.0)                      # the loop runs, holding the lock
+            assert formcg.poll() is None
+            formcg.send_signal(signal.SIGINT)
+            _, err = formcg.communicate(timeout=30)
+            assert formcg.returncode != 0 and "Aborted!" in err, err
+            t0 = time.monotonic()
+            r = subprocess.run([sys.executable, "-m", "fastfc", "-u", str(a), "-r", str(b),
+                                "showgmir", "S", "--json"], env=env, capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            assert time.monotonic() - t0 < 20     # not the loop's 120 s
+            first = json.loads(r.stdout)["cg_sequence"]
+            time.sleep(1.0)
+            again = json.loads(fastfc_cli("-u", a, "-r", b, "showgmir", "S",
+                                          "--json").stdout)["cg_sequence"]
+            assert again == first, (first, again)        # no CG forms any more
+        finally:
+            if formcg.poll() is None:
+                formcg.kill()
+                formcg.wait()
+
+
 # -- stopping under load ------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL],
