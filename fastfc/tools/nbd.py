@@ -209,9 +209,10 @@ def _recv_bytes(sock: socket.socket, n: int) -> bytes:
 class BufferPool:
     """Request buffers larger than :data:`KEEP`, shared by every connection
     within a budget of ``budget`` bytes (buffers lent plus buffers kept for
-    reuse; a quarter of it at most is kept while no request runs). Each is an anonymous mapping of a power-of-two size: a buffer
-    dropped from the pool goes back to the system at once (munmap), whatever
-    the allocator would keep. ``_cond`` guards everything.
+    reuse; at most a quarter of it is kept while no request runs). Each is
+    an anonymous private mapping of a power-of-two size: a buffer dropped
+    from the pool goes back to the system at once (munmap), whatever the
+    allocator would keep. ``_cond`` guards everything.
     """
 
     def __init__(self, budget: int) -> None:

@@ -38,9 +38,9 @@ What a forwarded command sees
   command runs). If the client takes no output for :data:`IO_TIMEOUT`
   seconds (suspended), the command still finishes: the rest of its output
   is dropped and the client says the outcome is unknown. If the client
-  hangs up (Ctrl-C, killed), a command that runs for a while (``formcg
-  --seconds``) is told to end (:attr:`Served.stopping`) and one still
-  queued for the lock is not run; others finish. No command reads stdin,
+  hangs up (Ctrl-C, killed; or is cut off so), a command that runs for a
+  while (``formcg --seconds``) is told to end (:attr:`Served.stopping`)
+  and one still queued for the lock is not run; others finish. No command reads stdin,
   so none is sent.
 - ``serve``, ``demo`` and ``bench`` are never forwarded (:data:`LOCAL`).
 
@@ -699,8 +699,8 @@ class _Host:
         assert self._routers is not None
         r_out, r_err = self._routers
         with self.lock:
-            if cancel.is_set() and not self.stopping.is_set():   # its client left while it queued
-                return 130
+            if cancel.is_set() and not self.stopping.is_set():
+                return 130      # its client hung up while it queued: nobody to run it for
             saved = {k: v for k, v in os.environ.items() if _env_wanted(k)}
             r_out.route(out)
             r_err.route(err)
