@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -383,7 +384,8 @@ def test_a_long_unit_path_is_served(tmp_path, holders):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
 def test_other_users_are_refused(request):
     """A client of another uid: refused by the socket's mode (0600), and, if
-    the socket's owner were changed, by the server's SO_PEERCRED check."""
+    the socket's owner were changed, by the server's SO_PEERCRED check (the
+    fastfc client itself, seeing a server of another user, sends nothing)."""
     tmp_path = Path(tempfile.mkdtemp(prefix="fastfc-ctl-"))   # others may look in
     tmp_path.chmod(0o755)
     request.addfinalizer(lambda: shutil.rmtree(tmp_path, ignore_errors=True))
@@ -393,7 +395,7 @@ def test_other_users_are_refused(request):
     lock = threading.RLock()
     units.local()
 
-    def as_nobody() -> dict:
+    def as_nobody(raw: bool = False) -> dict:
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:    # the child: nobody, talking to the socket
@@ -402,14 +404,27 @@ def test_other_users_are_refused(request):
                 os.setgid(65534)
                 os.setuid(65534)
                 out, err = io.BytesIO(), io.BytesIO()
+                argv = ["-u", str(unit), "write", "a", "x"]
                 try:
-                    status = control.forward(unit, ["-u", str(unit), "write", "a", "x"],
-                                             "fastfc", stdout=out, stderr=err,
-                                             stdout_text=io.StringIO(),
-                                             stderr_text=io.StringIO())
-                    res = {"status": status, "err": err.getvalue().decode()}
+                    if raw:     # not the fastfc client: straight to the socket
+                        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                        s.connect(str(unit / control.SOCKET))
+                        control._send(s, b"q", json.dumps(control._request(
+                            argv, "fastfc", io.StringIO(), io.StringIO(), out, err)).encode())
+                        frames = []
+                        while (frame := control._recv(s)) is not None:
+                            frames.append(frame)
+                        res = {"status": json.loads(frames[-1][1])["status"],
+                               "err": b"".join(b for k, b in frames if k == b"e").decode()}
+                    else:
+                        status = control.forward(unit, argv, "fastfc", stdout=out,
+                                                 stderr=err, stdout_text=io.StringIO(),
+                                                 stderr_text=io.StringIO())
+                        res = {"status": status, "err": err.getvalue().decode()}
                 except OSError as e:
                     res = {"oserror": str(e)}
+                except control.UntrustedServer as e:
+                    res = {"untrusted": e.message}
                 os.write(w, json.dumps(res).encode())
             finally:
                 os._exit(0)
@@ -425,11 +440,141 @@ def test_other_users_are_refused(request):
             assert "not open to this user" in res["oserror"], res
             os.chown(unit / control.SOCKET, 65534, -1)
             res = as_nobody()
+            assert "is listened on by pid" in res["untrusted"] and "uid 0" in res["untrusted"]
+            res = as_nobody(raw=True)
             assert res.get("status") == 1, res
             assert "runs commands only for its own user, not uid 65534" in res["err"]
     finally:
         units.close()
     assert run("-u", unit, "read", "a", "--length", 16, code=0).stdout.count("base") == 1
+
+
+def test_a_socket_another_user_squats_gets_nothing(tmp_path):
+    """Another user who can write a unit directory puts a socket at
+    ``control.sock``: the client used to send it root's command line,
+    working directory and FASTFC_* variables, and print whatever it
+    answered. Now it checks who owns and listens on the socket first: the
+    squatter receives not one byte, its fake reply is not shown, and the
+    client says why (exit 1)."""
+    make_site(tmp_path / "s")
+    unit = tmp_path / "s" / "u"
+    path = unit / control.SOCKET
+    got_r, got_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:        # the squatter: nobody, listening at the unit's control.sock
+        try:
+            os.close(got_r)
+            os.close(ready_r)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(str(path))
+            os.chown(path, 65534, 65534)
+            os.setgid(65534)
+            os.setuid(65534)
+            s.listen(8)         # SO_PEERCRED: the credentials at listen()
+            os.write(ready_w, b"r")
+            s.settimeout(30)
+            got = 0
+            try:
+                conn, _ = s.accept()
+                conn.settimeout(10)
+                fake = json.dumps({"status": 0}).encode()
+                conn.sendall(b"o" + struct.pack(">I", 9) + b"all good\n"
+                             + b"x" + struct.pack(">I", len(fake)) + fake)
+                while data := conn.recv(65536):
+                    got += len(data)
+            except OSError:
+                pass
+            os.write(got_w, str(got).encode())
+        finally:
+            os._exit(0)
+    os.close(got_w)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"r"
+        r = subprocess.run([sys.executable, "-m", "fastfc", "-u", str(unit), "write", "a",
+                            "a secret payload"], capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, FASTFC_SECRET="hush"))
+        with os.fdopen(got_r, "rb") as f:
+            got = int(f.read() or b"-1")
+    finally:
+        os.waitpid(pid, 0)
+        os.close(ready_r)
+    assert got == 0, f"the squatter received {got} bytes"
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "all good" not in r.stdout
+    assert f"control socket {path}" in r.stderr and "uid 65534" in r.stderr, r.stderr
+    assert "sent it nothing" in r.stderr, r.stderr
+    path.unlink()
+    assert "a secret" not in run("-u", unit, "read", "a", "--length", 16, code=0).stdout
+
+
+def test_a_removed_control_socket_is_made_again(tmp_path, holders):
+    """``control.sock`` deleted under a running server used to lock the
+    command line out until the server restarted (commands opened the unit
+    themselves and found it held). The server makes it again."""
+    make_site(tmp_path / "s")
+    unit = tmp_path / "s" / "u"
+    holders(unit)
+    sock = unit / control.SOCKET
+    for _ in range(2):
+        sock.unlink()
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert time.monotonic() < deadline, "control.sock was not made again"
+            time.sleep(0.1)
+        assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o600
+        assert run("-u", unit, "write", "b", "again", code=0).stdout == \
+            "wrote 5 bytes to b at offset 0\n"
+
+
+def test_control_connections_are_capped_and_requests_have_a_deadline(tmp_path, monkeypatch):
+    """Connections were unbounded (each a thread), and a request could
+    trickle in a byte every IO_TIMEOUT for ever. Past ``max_connections`` a
+    new one is refused with a message; a request not in within IO_TIMEOUT
+    of connecting is dropped, however it trickles; then commands run."""
+    monkeypatch.setattr(control, "IO_TIMEOUT", 1.5)
+    make_site(tmp_path / "s")
+    unit = tmp_path / "s" / "u"
+    units = Units(str(unit), None)
+    units.local()
+
+    def fwd(*args: str) -> tuple[int | None, bytes]:
+        out, err = io.BytesIO(), io.BytesIO()
+        status = control.forward(unit, ["-u", str(unit), *args], "fastfc", stdout=out,
+                                 stderr=err, stdout_text=io.StringIO(),
+                                 stderr_text=io.StringIO())
+        return status, out.getvalue() + err.getvalue()
+
+    try:
+        with control.hosting(units, threading.RLock()) as host:
+            host.max_connections = 3
+            silent = []
+            for _ in range(3):
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                c.connect(str(unit / control.SOCKET))
+                c.settimeout(10)
+                silent.append(c)
+            time.sleep(0.3)
+            status, said = fwd("lsvol")
+            assert status == 1 and b"3 commands running or queued" in said, said
+            t0 = time.monotonic()
+            trickle = b"q" + struct.pack(">I", 100) + b"{" * 100
+            for i in range(12):          # a byte every 0.25 s of a request
+                try:
+                    silent[0].sendall(trickle[i:i + 1])
+                except OSError:
+                    break
+                time.sleep(0.25)
+            for c in silent:
+                assert c.recv(1) == b""          # dropped at the deadline
+            assert time.monotonic() - t0 < 3 * 1.5, time.monotonic() - t0
+            status, said = fwd("lsvol")
+            assert status == 0 and b"ga" in said, said
+            for c in silent:
+                c.close()
+    finally:
+        units.close()
 
 
 def test_commands_run_by_the_server_leave_its_units_open(tmp_path):

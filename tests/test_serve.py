@@ -418,7 +418,8 @@ def test_serve_refuses_bad_options(tmp_path):
     make_unit(unit, "V", size=MIB)
     r = fastfc_cli("-u", unit, "serve", check=False)
     assert r.returncode == 2 and "--socket" in r.stderr
-    r = fastfc_cli("-u", unit, "serve", "--port", "0", "--bind", "0.0.0.0", check=False)
+    r = fastfc_cli("-u", unit, "serve", "--port", "0", "--bind", "0.0.0.0",
+                   "--allow-plain-tcp", check=False)
     assert r.returncode == 1 and "--allow-remote-plain" in r.stderr
     psk = tmp_path / "psk"
     psk.write_text("x")
@@ -531,11 +532,33 @@ def test_sigkill_while_fio_writes_and_cgs_form(tmp_path):
     assert np.all(volume_bytes(a, "A1")[4096:8192] == 0x52)
 
 
+def test_plain_tcp_needs_an_explicit_flag_even_on_loopback(tmp_path):
+    """Loopback is no trust boundary on a shared host: plain TCP lets every
+    local user read and write every volume (the unix socket is 0600), so
+    ``--port`` without TLS is refused unless ``--allow-plain-tcp`` says so,
+    and the message names TLS with client certificates."""
+    unit = tmp_path / "u"
+    make_unit(unit, "V", size=MIB)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for bind in ("127.0.0.1", "::1", "localhost"):
+        try:
+            r = subprocess.run([sys.executable, "-m", "fastfc", "-u", str(unit), "serve",
+                                "--port", "0", "--bind", bind], env=env, capture_output=True,
+                               text=True, timeout=30)
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(f"--bind {bind}: served plain TCP: {e.stderr!r}") from None
+        assert r.returncode == 1, (bind, r.stderr)
+        assert "--allow-plain-tcp" in r.stderr and "--tls-client-ca" in r.stderr, r.stderr
+        assert "serving" not in r.stderr
+    help_text = fastfc_cli("serve", "--help").stdout
+    assert "--allow-plain-tcp" in help_text
+
+
 def test_tcp_on_loopback(tmp_path):
     need("qemu-io", "nbdinfo")
     unit, sock = tmp_path / "u", tmp_path / "s"
     make_unit(unit, "V", size=MIB)
-    with serving(unit, sock, "--port", "0") as proc:
+    with serving(unit, sock, "--port", "0", "--allow-plain-tcp") as proc:
         line = proc.stderr.readline()
         m = re.search(r"tcp 127\.0\.0\.1:(\d+)", line)
         assert m, line

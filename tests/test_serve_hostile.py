@@ -99,6 +99,131 @@ def test_connection_cap_and_handshake_timeout(tmp_path):
         assert late.request(nbd.CMD_READ, 0, 4) == (0, b"abcd")
 
 
+def _rss_anon(pid: int) -> int:
+    """A process's anonymous resident memory, in bytes (the volume's file
+    pages a read touches are not counted: they are the page cache's)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no RssAnon in /proc/{pid}/status")
+
+
+def _read_reply(s: socket.socket, length: int) -> tuple[int, bytes]:
+    """A read's reply: its error and its first 4 bytes (the rest dropped)."""
+    head = bytearray(16)
+    assert s.recv_into(head, 16, socket.MSG_WAITALL) == 16
+    magic, err, _ = struct.unpack(">IIQ", head)
+    assert magic == nbd.SIMPLE_REPLY_MAGIC
+    if err:
+        return err, b""
+    chunk = bytearray(MIB)
+    first, left = b"", length
+    while left:
+        n = s.recv_into(chunk, min(left, MIB))
+        assert n, "closed mid-reply"
+        if not first:
+            first = bytes(chunk[:4])
+        left -= n
+    return err, first
+
+
+@pytest.mark.slow
+def test_idle_connections_hold_no_large_buffers(tmp_path):
+    """Each connection kept a buffer as large as its largest request for its
+    life: 100 idle connections after one 32 MiB read each took a server from
+    38 MiB to 3.2 GiB. Now requests over 64 KiB borrow from one budget
+    shared by all connections (256 MiB): 40 connections reading 32 MiB
+    each, all at once, then idling, leave the server process within it."""
+    unit, sock = tmp_path / "u", tmp_path / "s"
+    n, size = 40, nbd.MAX_REQUEST
+    make_unit(unit, "A", size=size)
+    with serving(unit, sock) as proc:
+        clients = [Client(str(sock)) for _ in range(n)]
+        for c in clients:
+            c.s.settimeout(60)
+            assert c.go("A")[-1][0] == nbd.REP_ACK
+        assert clients[0].request(nbd.CMD_WRITE, 0, 4, b"abcd")[0] == 0
+        before = _rss_anon(proc.pid)
+        results: list = [None] * n
+
+        def read(k: int) -> None:
+            clients[k].s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ,
+                                             k, 0, size))
+            results[k] = _read_reply(clients[k].s, size)
+
+        threads = [threading.Thread(target=read, args=(k,)) for k in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [(0, b"abcd")] * n          # all answered, none refused
+        grown = _rss_anon(proc.pid) - before
+        # the budget (256 MiB), each connection's 64 KiB, slack for the interpreter
+        assert grown < 256 * MIB + n * 64 * 1024 + 32 * MIB, grown / MIB
+        assert clients[1].request(nbd.CMD_READ, 0, 4) == (0, b"abcd")
+        for c in clients:
+            c.s.close()
+
+
+def test_a_request_that_finds_the_budget_spent_waits_then_gets_enomem(tmp_path):
+    """A client that reads no reply holds its borrowed buffer: another
+    client's large request waits ``buffer_wait`` for the budget, then is
+    answered ENOMEM (a write's payload taken, the connection in step); small
+    requests never wait; once the buffer is back, large requests work."""
+    with served(tmp_path, "A", size=64 * MIB) as (server, path):
+        server.nbd.buffers = nbd.BufferPool(nbd.MAX_REQUEST)
+        server.nbd.buffer_wait = 0.5
+        hog, other = Client(path), Client(path)
+        assert hog.go("A")[-1][0] == nbd.REP_ACK
+        assert other.go("A")[-1][0] == nbd.REP_ACK
+        hog.s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 7, 0,
+                                  nbd.MAX_REQUEST))       # and reads nothing back
+        time.sleep(0.5)
+        assert other.request(nbd.CMD_READ, 0, 1 * MIB)[0] == nbd.E_NOMEM
+        assert other.request(nbd.CMD_WRITE, 0, 1 * MIB, b"w" * MIB)[0] == nbd.E_NOMEM
+        assert other.request(nbd.CMD_WRITE, 0, 4, b"wxyz")[0] == 0     # in step
+        assert other.request(nbd.CMD_READ, 0, 4) == (0, b"wxyz")
+        assert _read_reply(hog.s, nbd.MAX_REQUEST) == (0, bytes(4))    # read before
+        assert other.request(nbd.CMD_WRITE, 0, 1 * MIB, b"v" * MIB)[0] == 0
+        assert other.request(nbd.CMD_READ, 0, 1 * MIB) == (0, b"v" * MIB)
+
+
+@pytest.mark.slow
+def test_the_handshake_has_a_deadline_not_an_idle_timeout(tmp_path):
+    """The handshake timeout was per recv: a byte every 12 s kept a 30 s
+    handshake alive for minutes. Now it is a deadline from accept: a client
+    trickling a byte a second is cut off when it passes."""
+    with served(tmp_path, "A") as (server, path):
+        server.nbd.handshake_timeout = 3.0
+        s = _connect(path, timeout=20.0)
+        t0 = time.monotonic()
+        assert len(s.recv(18, socket.MSG_WAITALL)) == 18
+        message = struct.pack(">I", nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES) \
+            + struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_LIST, 0)
+        cut = None
+        for b in message[:14]:          # 14 s of bytes, one a second
+            try:
+                s.sendall(bytes([b]))
+            except OSError:
+                cut = time.monotonic() - t0
+                break
+            s.settimeout(1.0)
+            try:
+                if s.recv(1) == b"":
+                    cut = time.monotonic() - t0
+                    break
+            except socket.timeout:
+                pass
+            except OSError:
+                cut = time.monotonic() - t0
+                break
+        assert cut is not None, "a trickling handshake was never cut off"
+        assert 2.5 < cut < 6.0, cut
+        c = Client(path)                                   # the server serves on
+        assert c.go("A")[-1][0] == nbd.REP_ACK
+
+
 # -- requests ---------------------------------------------------------------------------
 def test_requests_out_of_range_unknown_flags_and_commands(tmp_path):
     """Error numbers as proto.md asks: EINVAL for a read past the end,
@@ -464,6 +589,45 @@ def test_sigterm_ends_a_long_formcg_and_clients_connect_meanwhile(tmp_path):
         assert "consistency groups committed" in out, out
     show = json.loads(fastfc_cli("-u", a, "-r", b, "showgmir", "S", "--json").stdout)
     assert len(set(show["c_sequences"])) == 1 and show["successes"] >= 1, show
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_forwarded_formcg_stops_its_loop_in_the_server(tmp_path):
+    """Ctrl-C of ``formcg S --seconds 120`` forwarded to a server printed
+    "Aborted!" while the loop ran on in the server, holding its lock:
+    every later command waited the full 120 s. Now the client's hang-up
+    ends the loop: the next command runs at once and the session's CGs
+    stop forming."""
+    a, b, sock = tmp_path / "a", tmp_path / "b", tmp_path / "s"
+    make_unit(a, "A0", size=MIB)
+    make_unit(b, "B0", "C0", size=MIB)
+    fastfc_cli("-u", a, "-r", b, "mkgmir", "S", "A0:B0:C0")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with serving(a, sock, remote=b):
+        formcg = subprocess.Popen([sys.executable, "-m", "fastfc", "-u", str(a), "-r", str(b),
+                                   "formcg", "S", "--seconds", "120"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(2.0)                      # the loop runs, holding the lock
+            assert formcg.poll() is None
+            formcg.send_signal(signal.SIGINT)
+            _, err = formcg.communicate(timeout=30)
+            assert formcg.returncode != 0 and "Aborted!" in err, err
+            t0 = time.monotonic()
+            r = subprocess.run([sys.executable, "-m", "fastfc", "-u", str(a), "-r", str(b),
+                                "showgmir", "S", "--json"], env=env, capture_output=True,
+                               text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            assert time.monotonic() - t0 < 20     # not the loop's 120 s
+            first = json.loads(r.stdout)["cg_sequence"]
+            time.sleep(1.0)
+            again = json.loads(fastfc_cli("-u", a, "-r", b, "showgmir", "S",
+                                          "--json").stdout)["cg_sequence"]
+            assert again == first, (first, again)        # no CG forms any more
+        finally:
+            if formcg.poll() is None:
+                formcg.kill()
+                formcg.wait()
 
 
 # -- stopping under load ------------------------------------------------------------------

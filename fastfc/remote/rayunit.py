@@ -30,11 +30,20 @@ START_TIMEOUT = 60.0
 
 
 class _UnitActor:
-    """The actor: a UnitServer, plus a kill point for crash tests."""
+    """The actor: a UnitServer, plus a kill point for crash tests.
+
+    The unit is opened by :meth:`open`, not in ``__init__``: an error in an
+    actor's creation reaches the caller only as ``ActorDiedError`` text,
+    while one of a method arrives as itself (``UnitBusyError`` naming the
+    holder, ``CorruptUnitError``, ...)."""
 
     def __init__(self, path: str) -> None:
         self._armed: tuple[str, int] | None = None
-        self.server = UnitServer(path, kill_point=self._kill_point)
+        self._path = path
+        self.server: UnitServer | None = None
+
+    def open(self) -> None:
+        self.server = UnitServer(self._path, kill_point=self._kill_point)
 
     def _kill_point(self, where: str, i: int) -> None:
         if self._armed == (where, i):
@@ -47,6 +56,8 @@ class _UnitActor:
         return socket.gethostname(), os.getpid()
 
     def call(self, method: str, *args: Any) -> Any:
+        if self.server is None:
+            raise FastFCError(f"unit {self._path} is not open yet")
         return getattr(self.server, method)(*args)
 
 
@@ -181,7 +192,7 @@ class SecondaryUnit(UnitHandle):
         _transport.forget(name)
         actor: Any = _Actor.options(**opts).remote(str(path))
         try:
-            ray.get(actor.host.remote(), timeout=START_TIMEOUT)
+            ray.get(actor.open.remote(), timeout=START_TIMEOUT)
         except (RayError, RayActorError) as e:
             ray.kill(actor, no_restart=True)
             raise _unwrap(e, name, "start") from None

@@ -13,6 +13,14 @@ of 64 KiB or more run without the GIL. A write is replied to only once it
 is in the volume (so a SIGKILL of the server loses no write a client saw
 completed), and a volume's lock is never held across a socket call.
 
+Memory: a connection keeps a 64 KiB buffer (:data:`KEEP`); a larger request
+borrows one from a pool shared by all connections, with a byte budget
+(``buffer_budget``, 256 MiB by default), and gives it back once answered.
+A request that finds the budget spent waits for it (``buffer_wait``
+seconds), then is answered ``ENOMEM``. So the server's buffers take at most
+``buffer_budget + max_connections * KEEP`` bytes, however many connections
+once sent large requests.
+
 Exports are looked up by name at ``NBD_OPT_GO`` (or ``EXPORT_NAME``)
 through the ``lookup`` callable under ``lock`` (or without it, when a
 command has held it for long); a volume created later is
@@ -23,8 +31,10 @@ memory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import mmap
 import os
 import socket
 import ssl
@@ -32,7 +42,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from fastfc.errors import (FastFCError, InvalidImageError, NoSpaceError, VolumeClosedError,
                            WriteInhibitedError)
@@ -97,6 +107,11 @@ E_PERM, E_IO, E_NOMEM, E_INVAL, E_NOSPC, E_OVERFLOW, E_NOTSUP, E_SHUTDOWN = \
     1, 5, 12, 22, 28, 75, 95, 108
 
 MAX_REQUEST = 32 << 20                  # largest READ/WRITE payload accepted
+#: a connection's own buffer: requests up to this size use it, larger ones
+#: draw on the server's shared budget (:class:`BufferPool`)
+KEEP = 64 << 10
+#: default budget of the shared request buffers, all connections together
+BUFFER_BUDGET = 256 << 20
 PREFERRED_BLOCK = 4096
 ZERO_CHUNK = MAX_REQUEST               # WRITE_ZEROES up to this size is one write
 
@@ -191,6 +206,95 @@ def _recv_bytes(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+class BufferPool:
+    """Request buffers larger than :data:`KEEP`, shared by every connection
+    within a budget of ``budget`` bytes (buffers lent plus buffers kept for
+    reuse; at most a quarter of it is kept while no request runs). Each is
+    an anonymous private mapping of a power-of-two size: a buffer dropped
+    from the pool goes back to the system at once (munmap), whatever the
+    allocator would keep. ``_cond`` guards everything.
+    """
+
+    def __init__(self, budget: int) -> None:
+        if budget < MAX_REQUEST:
+            raise ValueError(f"a buffer budget of {budget} bytes is less than one request "
+                             f"of the largest size ({MAX_REQUEST} bytes)")
+        self.budget = budget
+        self._cond = threading.Condition()
+        self._lent = 0
+        self._kept: list[mmap.mmap] = []
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (f"BufferPool(budget={self.budget}, lent={self._lent}, "
+                f"kept={sum(len(b) for b in self._kept)})")
+
+    @staticmethod
+    def size_for(n: int) -> int:
+        return max(KEEP * 2, 1 << (n - 1).bit_length())
+
+    def take(self, n: int, timeout: float) -> "mmap.mmap | None":
+        """A buffer of at least ``n`` bytes, or None when the budget stays
+        spent for ``timeout`` seconds (or the pool is closed)."""
+        size = self.size_for(n)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._lent + size > self.budget:
+                left = deadline - time.monotonic()
+                if self._closed or left <= 0:
+                    return None
+                self._cond.wait(left)
+            if self._closed:
+                return None
+            self._lent += size
+            for i, b in enumerate(self._kept):
+                if len(b) == size:
+                    return self._kept.pop(i)
+            # make room: drop kept buffers of other sizes, largest first
+            self._kept.sort(key=len)
+            while self._kept and self._lent + sum(len(b) for b in self._kept) > self.budget:
+                _unmap(self._kept.pop())
+        try:
+            return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except BaseException:
+            with self._cond:
+                self._lent -= size
+                self._cond.notify_all()
+            raise
+
+    def give(self, buf: "mmap.mmap") -> None:
+        """Give back a buffer :meth:`take` lent (no view of it left)."""
+        with self._cond:
+            self._lent -= len(buf)
+            if self._closed:
+                _unmap(buf)
+            else:
+                self._kept.append(buf)
+                # idle, the pool keeps at most a quarter of the budget
+                while sum(len(b) for b in self._kept) > self.budget // 4:
+                    self._kept.sort(key=len)
+                    _unmap(self._kept.pop())
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wake every waiter (it gets None) and free the kept buffers."""
+        with self._cond:
+            self._closed = True
+            kept, self._kept = self._kept, []
+            self._cond.notify_all()
+        for b in kept:
+            _unmap(b)
+
+
+def _unmap(buf: "mmap.mmap") -> None:
+    """Free a pool buffer now, or, if a view of it lives on (a traceback
+    holding a frame), when the last view goes."""
+    try:
+        buf.close()
+    except BufferError:
+        pass
+
+
 class NBDServer:
     """Serve volumes over NBD on unix and TCP sockets.
 
@@ -210,15 +314,23 @@ class NBDServer:
         Offer ``NBD_OPT_STARTTLS`` and require it before any export.
     max_connections : int
         Connections open at once; one more is closed as soon as accepted
-        (each holds a thread and up to a 32 MiB buffer).
+        (each holds a thread and a 64 KiB buffer).
     handshake_timeout : float
-        Seconds a connection may spend in the handshake before it is
-        dropped (a client that connects and says nothing holds nothing).
+        Seconds from accept by which a connection must have finished the
+        handshake (TLS included), however it trickles its bytes: a deadline,
+        not an idle timeout. Past it the connection is dropped.
+    buffer_budget : int
+        Bytes of request buffers over 64 KiB, all connections together
+        (:class:`BufferPool`); at least 32 MiB (one largest request).
+    buffer_wait : float
+        Seconds a request waits for the budget before it is answered
+        ``ENOMEM``.
     """
 
     def __init__(self, lookup: Lookup, names: Callable[[], list[tuple[str, str]]],
                  lock: threading.RLock, *, tls: ssl.SSLContext | None = None,
-                 max_connections: int = 1024, handshake_timeout: float = 30.0) -> None:
+                 max_connections: int = 1024, handshake_timeout: float = 30.0,
+                 buffer_budget: int = BUFFER_BUDGET, buffer_wait: float = 10.0) -> None:
         self.lookup = lookup
         self.names = names
         self.lock = lock
@@ -234,6 +346,12 @@ class NBDServer:
         self.max_connections = max_connections
         #: seconds a client may take over the handshake (TLS included)
         self.handshake_timeout = handshake_timeout
+        #: connection key -> the monotonic time its handshake must end by
+        self._handshakes: dict[int, float] = {}
+        #: the request buffers over KEEP bytes, shared by every connection
+        self.buffers = BufferPool(buffer_budget)
+        #: seconds a request waits for :attr:`buffers` before ENOMEM
+        self.buffer_wait = buffer_wait
         #: seconds an export lookup waits for ``lock`` before looking without it
         self.lookup_wait = 1.0
 
@@ -286,6 +404,7 @@ class NBDServer:
         still sending after ``grace`` seconds (its client reads nothing) is
         cut off."""
         self._stopping.set()
+        self.buffers.close()          # a request waiting for a buffer: ENOMEM now
         for t in list(self._threads):
             if t.name.startswith("nbd-accept"):
                 t.join()
@@ -326,6 +445,7 @@ class NBDServer:
 
     def _accept_loop(self, listener: socket.socket) -> None:
         while not self._stopping.is_set():
+            self._end_late_handshakes()
             try:
                 conn, _ = listener.accept()
             except socket.timeout:
@@ -359,9 +479,29 @@ class NBDServer:
                     conn.close()
                     return
                 self._conns[id(conn)] = conn
+                self._handshakes[id(conn)] = time.monotonic() + self.handshake_timeout
                 self._threads = [x for x in self._threads if x.is_alive()]
                 self._threads.append(t)
             t.start()
+
+    def _end_late_handshakes(self) -> None:
+        """Cut off every connection still in its handshake past its deadline
+        (each accepting thread looks, at least every 0.2 s): its next recv
+        ends, and the connection with it."""
+        now = time.monotonic()
+        with self._conns_lock:
+            late = [k for k, t in self._handshakes.items() if t <= now]
+            for k in late:
+                del self._handshakes[k]
+                c = self._conns.get(k)
+                if c is None:
+                    continue
+                log.info("handshake not done in %g s: dropping the connection",
+                         self.handshake_timeout)
+                try:
+                    socket.socket.shutdown(c, socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _refuse_one(self, listener: socket.socket) -> None:
         """Out of descriptors: the queued client would wait for ever (accept
@@ -387,6 +527,11 @@ class NBDServer:
         key = id(conn)
         try:
             sock, export = self._negotiate(conn, key)
+            with self._conns_lock:
+                if self._handshakes.pop(key, None) is None:
+                    # its deadline passed as the handshake ended: already cut off
+                    raise ProtocolError("the handshake took longer than "
+                                        f"{self.handshake_timeout} s")
             if export is not None and not self._stopping.is_set():
                 sock.settimeout(None)      # transmission: a client may idle
                 self._transmit(sock, export)
@@ -399,6 +544,7 @@ class NBDServer:
         finally:
             with self._conns_lock:
                 current = self._conns.pop(key, conn)
+                self._handshakes.pop(key, None)
             for s in {id(current): current, id(conn): conn}.values():
                 try:
                     s.close()
@@ -537,8 +683,7 @@ class NBDServer:
         read_only = export.read_only
         hdr = bytearray(_REQ.size)
         hview = memoryview(hdr)
-        buf = bytearray(0)
-        bview = memoryview(buf)
+        own = memoryview(bytearray(KEEP))     # this connection's: requests up to KEEP
         unpack = _REQ.unpack_from
         pack = _REPLY.pack
         capacity = vol.capacity
@@ -551,46 +696,47 @@ class NBDServer:
             if cmd == CMD_WRITE:
                 if length > MAX_REQUEST:
                     raise ProtocolError(f"a write of {length} bytes (limit {MAX_REQUEST})")
-                if length > len(buf):
-                    buf = bytearray(length)
-                    bview = memoryview(buf)
-                data = bview[:length]
-                if length and not _recv_exact(sock, data):
-                    raise ProtocolError("the client closed the connection mid-write")
-                err = 0
-                if flags & ~CMD_FLAG_FUA:
-                    err = E_INVAL
-                elif read_only:
-                    err = E_PERM
-                elif offset + length > capacity:
-                    err = E_NOSPC            # proto.md: a write past the end
-                else:
-                    try:
-                        vol.write(offset, data)
-                        if flags & CMD_FLAG_FUA:
-                            sync_volume(vol)
-                    except Exception as e:
-                        err = error_number(e)
+                with self._buffer(own, length) as data:
+                    if data is None:      # the budget stayed spent: take the payload, ENOMEM
+                        self._discard(sock, own, length)
+                        sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_NOMEM, handle))
+                        continue
+                    if length and not _recv_exact(sock, data):
+                        raise ProtocolError("the client closed the connection mid-write")
+                    err = 0
+                    if flags & ~CMD_FLAG_FUA:
+                        err = E_INVAL
+                    elif read_only:
+                        err = E_PERM
+                    elif offset + length > capacity:
+                        err = E_NOSPC            # proto.md: a write past the end
+                    else:
+                        try:
+                            vol.write(offset, data)
+                            if flags & CMD_FLAG_FUA:
+                                sync_volume(vol)
+                        except Exception as e:
+                            err = error_number(e)
                 sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
             elif cmd == CMD_READ:
                 if length > MAX_REQUEST or offset + length > capacity or flags & ~CMD_FLAG_FUA:
                     sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_INVAL, handle))
                     continue
-                if length > len(buf):
-                    buf = bytearray(length)
-                    bview = memoryview(buf)
-                data = bview[:length]
-                try:
-                    vol.readinto(offset, data)
-                except Exception as e:
-                    sock.sendall(pack(SIMPLE_REPLY_MAGIC, error_number(e), handle))
-                    continue
-                head = pack(SIMPLE_REPLY_MAGIC, 0, handle)
-                if length <= 65536:
-                    sock.sendall(head + data)
-                else:
-                    sock.sendall(head)
-                    sock.sendall(data)
+                with self._buffer(own, length) as data:
+                    if data is None:
+                        sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_NOMEM, handle))
+                        continue
+                    try:
+                        vol.readinto(offset, data)
+                    except Exception as e:
+                        sock.sendall(pack(SIMPLE_REPLY_MAGIC, error_number(e), handle))
+                        continue
+                    head = pack(SIMPLE_REPLY_MAGIC, 0, handle)
+                    if length <= 65536:
+                        sock.sendall(head + data)
+                    else:
+                        sock.sendall(head)
+                        sock.sendall(data)
             elif cmd == CMD_FLUSH:
                 err = E_INVAL if flags & ~CMD_FLAG_FUA else 0
                 if not err:
@@ -617,6 +763,42 @@ class NBDServer:
                 return
             else:       # TRIM, CACHE (not offered), BLOCK_STATUS (not negotiated), ...
                 sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_INVAL, handle))
+
+    @contextlib.contextmanager
+    def _buffer(self, own: memoryview, length: int) -> Iterator[memoryview | None]:
+        """``length`` bytes to carry one request in: the connection's own
+        buffer, or one borrowed from :attr:`buffers` and given back when the
+        request is done (None: the budget stayed spent for
+        :attr:`buffer_wait` seconds)."""
+        if length <= len(own):
+            yield own[:length]
+            return
+        buf = self.buffers.take(length, self.buffer_wait)
+        if buf is None:
+            log.warning("no buffer for a %d-byte request within %g s (budget %d bytes): "
+                        "ENOMEM", length, self.buffer_wait, self.buffers.budget)
+            yield None
+            return
+        whole = memoryview(buf)
+        data = whole[:length]
+        try:
+            yield data
+        finally:
+            for view in (data, whole):
+                try:
+                    view.release()
+                except BufferError:      # still lent out: freed when that ends
+                    pass
+            self.buffers.give(buf)
+
+    @staticmethod
+    def _discard(sock: Any, own: memoryview, length: int) -> None:
+        """Take (and drop) a write's payload this server cannot hold."""
+        while length:
+            n = min(length, len(own))
+            if not _recv_exact(sock, own[:n]):
+                raise ProtocolError("the client closed the connection mid-write")
+            length -= n
 
     @staticmethod
     def _write_zeroes(vol: Volume, offset: int, length: int) -> None:

@@ -35,16 +35,26 @@ What a forwarded command sees
   refused (the units keep the level they were opened with); ``process`` on
   a ``power`` server gets the stronger level.
 - Its output is sent as it is written (progress lines arrive while the
-  command runs). If the client goes away, or takes no output for
-  :data:`IO_TIMEOUT` seconds (suspended), the command still finishes: the
-  rest of its output is dropped and the client says the outcome is unknown. No command reads stdin, so none is sent.
+  command runs). If the client takes no output for :data:`IO_TIMEOUT`
+  seconds (suspended), the command still finishes: the rest of its output
+  is dropped and the client says the outcome is unknown. If the client
+  hangs up (Ctrl-C, killed; or is cut off so), a command that runs for a
+  while (``formcg --seconds``) is told to end (:attr:`Served.stopping`)
+  and one still queued for the lock is not run; others finish. No command reads stdin,
+  so none is sent.
 - ``serve``, ``demo`` and ``bench`` are never forwarded (:data:`LOCAL`).
 
 Security: the socket is created in a private (0700) directory inside the
 unit directory, given mode 0600 there and only then renamed to
 ``control.sock``, so at that path it is 0600 from the moment it exists; the
 server also checks each peer's uid (``SO_PEERCRED``) and refuses any other
-user, root included.
+user, root included. The client checks the server the same way before it
+sends anything: a socket another user owns or listens on (squatting a unit
+directory it can write to) gets nothing (:class:`UntrustedServer`). A
+request must be in within :data:`IO_TIMEOUT` of connecting (a deadline);
+past :data:`MAX_CONNECTIONS` connections a new one is refused with a
+message. A ``control.sock`` removed or replaced under a running server is
+made again within :data:`REPUBLISH_INTERVAL`.
 
 The wire format: the client sends one frame, the server sends frames back
 until an exit frame. A frame is a kind byte, a 4-byte big-endian length and
@@ -92,6 +102,13 @@ MAX_REQUEST = 1 << 20        # a command line and its environment
 #: output: a client that stalls longer (suspended, say) loses the rest of
 #: the output, not the server its other work (commands hold ``lock``).
 IO_TIMEOUT = 10.0
+#: Connections a server takes at once (commands running, queued for the lock,
+#: or still sending their request); one more is refused with a message.
+MAX_CONNECTIONS = 64
+#: Seconds between the accepting thread's looks at its sockets' names: a
+#: ``control.sock`` removed (or replaced) under a running server is made
+#: again within this.
+REPUBLISH_INTERVAL = 1.0
 _HEADER = struct.Struct(">cI")
 
 
@@ -104,9 +121,14 @@ def _send(sock: socket.socket, kind: bytes, payload: bytes) -> None:
     sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes | None:
     parts, left = [], n
     while left:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the request did not arrive in time")
+            sock.settimeout(remaining)
         got = sock.recv(min(left, 1 << 20))
         if not got:
             return None
@@ -115,15 +137,17 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     return b"".join(parts)
 
 
-def _recv(sock: socket.socket, limit: int | None = None) -> tuple[bytes, bytes] | None:
-    """One frame, or None at a clean end of stream."""
-    head = _recv_exact(sock, _HEADER.size)
+def _recv(sock: socket.socket, limit: int | None = None, deadline: float | None = None
+          ) -> tuple[bytes, bytes] | None:
+    """One frame, or None at a clean end of stream; ``socket.timeout`` if
+    it is not all in by ``deadline`` (``time.monotonic()``)."""
+    head = _recv_exact(sock, _HEADER.size, deadline)
     if head is None:
         return None
     kind, n = _HEADER.unpack(head)
     if limit is not None and n > limit:
         raise ValueError(f"a {n}-byte control frame is larger than {limit} bytes")
-    body = _recv_exact(sock, n)
+    body = _recv_exact(sock, n, deadline)
     if body is None:
         return None
     return kind, body
@@ -148,6 +172,40 @@ def _reachable(path: Path) -> Iterator[str]:
 # -- the client ------------------------------------------------------------------------
 class ServerGone(click.ClickException):
     """The server closed the connection before the command's exit status."""
+
+
+class UntrustedServer(click.ClickException):
+    """The control socket is not this user's (its file, or the process
+    listening on it): nothing was sent to it."""
+
+
+def _check_server(sock: socket.socket, path: Path, unit: str | os.PathLike) -> None:
+    """Refuse a control socket that another user made or listens on: it
+    would get this user's command line, working directory, environment and
+    payloads, and could answer anything. A server of this user is what
+    ``fastfc serve`` run by this user makes (and it serves only its user)."""
+    me = os.geteuid()
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    try:
+        owner = os.stat(path).st_uid
+    except OSError:
+        owner = uid
+    for what, who in (("is owned by", owner), (f"is listened on by pid {pid} of", uid)):
+        if who != me:
+            raise UntrustedServer(
+                f"the control socket {path} of unit {unit} {what} uid {who} ({_user(who)}), "
+                f"not this user (uid {me}): sent it nothing. A server of yours makes that "
+                "socket; if none holds the unit, remove the socket (and look into who "
+                "can write to the unit directory)")
+
+
+def _user(uid: int) -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, ImportError):
+        return "no such user"
 
 
 def forward(unit: str | os.PathLike, argv: list[str], prog_name: str, *,
@@ -183,6 +241,7 @@ def forward(unit: str | os.PathLike, argv: list[str], prog_name: str, *,
             raise PermissionError(
                 e.errno, f"cannot reach the server holding {unit}: its control socket "
                 f"{path} is not open to this user ({e.strerror})") from None
+        _check_server(sock, path, unit)
         try:
             _send(sock, b"q", json.dumps(_request(argv, prog_name, stdout_text, stderr_text,
                                                   stdout, stderr)).encode())
@@ -370,8 +429,9 @@ class Served:
     def __init__(self, units: Units, cwd: str, stopping: threading.Event | None = None
                  ) -> None:
         self.host, self.cwd = units, cwd
-        #: set when the server stops: a command that runs for a while (formcg
-        #: --seconds) ends early instead of holding the server's shutdown
+        #: set when the server stops or the client hangs up (Ctrl-C): a
+        #: command that runs for a while (formcg --seconds) ends early instead
+        #: of holding the server's shutdown, or its lock for nobody
         self.stopping = stopping
 
     def units(self, local: str | None, remote: str | None, durability: str | None, *,
@@ -405,6 +465,8 @@ class _Host:
         self._accepting: threading.Thread | None = None
         self._routers: tuple[_Router, _Router] | None = None
         self._guard = threading.Lock()      # _listeners, _threads
+        #: connections taken at once; one more is refused (each holds a thread)
+        self.max_connections = MAX_CONNECTIONS
 
     # -- lifetime ----------------------------------------------------------------------
     def __enter__(self) -> "_Host":
@@ -476,7 +538,11 @@ class _Host:
             pass
 
     def _accept_loop(self) -> None:
+        next_look = time.monotonic() + REPUBLISH_INTERVAL
         while True:
+            if time.monotonic() >= next_look:
+                self._republish()
+                next_look = time.monotonic() + REPUBLISH_INTERVAL
             with self._guard:
                 listeners = {s.fileno(): s for s, _ in self._listeners.values()}
             # poll, not select: a server holding many volumes has descriptors
@@ -486,7 +552,8 @@ class _Host:
             for fd in listeners:
                 poller.register(fd, select.POLLIN)
             try:
-                ready = [fd for fd, _ in poller.poll()]
+                wait = max(0.0, next_look - time.monotonic())
+                ready = [fd for fd, _ in poller.poll(wait * 1000)]
             except InterruptedError:
                 ready = []
             if self._wake_r in ready:
@@ -505,25 +572,73 @@ class _Host:
                         # says ready at once again; back off instead of spinning
                         time.sleep(0.1)
                     continue
+                with self._guard:
+                    self._threads = [x for x in self._threads if x.is_alive()]
+                    full = len(self._threads) >= self.max_connections
+                if full:
+                    self._turn_away(conn)
+                    continue
                 t = threading.Thread(target=self._serve_one, args=(conn,),
                                      name="fastfc-control-command", daemon=True)
                 with self._guard:
-                    self._threads = [x for x in self._threads if x.is_alive()] + [t]
+                    self._threads.append(t)
                 t.start()
+
+    def _turn_away(self, conn: socket.socket) -> None:
+        """One connection past :attr:`max_connections`: told so (if its
+        socket takes the message at once) and closed, no thread spent."""
+        try:
+            conn.setblocking(False)
+            _refuse(conn, f"Error: this server (pid {os.getpid()}) has "
+                          f"{self.max_connections} commands running or queued: not "
+                          "taking another now; try again\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def _republish(self) -> None:
+        """Make ``control.sock`` again where it was removed or replaced
+        under this server (the CLI would open the unit itself and find it
+        busy, until the server restarted)."""
+        with self._guard:
+            listeners = dict(self._listeners)
+        for directory, (old, ino) in listeners.items():
+            try:
+                if os.lstat(directory / SOCKET).st_ino == ino:
+                    continue
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            try:
+                sock, new_ino = _listen(directory)
+            except OSError as e:
+                print(f"fastfc serve: cannot make {directory / SOCKET} again: {e}",
+                      file=sys.stderr)
+                continue
+            with self._guard:
+                if self._stopping or self._listeners.get(directory) != (old, ino):
+                    sock.close()
+                    _unlink_if(directory / SOCKET, new_ino)
+                    continue
+                self._listeners[directory] = (sock, new_ino)
+            old.close()
 
     # -- one command -------------------------------------------------------------------
     def _serve_one(self, conn: socket.socket) -> None:
         send_lock = threading.Lock()
         try:
             with conn:
-                conn.settimeout(IO_TIMEOUT)
                 pid, uid, _ = struct.unpack("3i", conn.getsockopt(
                     socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
                 try:
-                    frame = _recv(conn, MAX_REQUEST)
+                    # all of it within IO_TIMEOUT, however it trickles in
+                    frame = _recv(conn, MAX_REQUEST, time.monotonic() + IO_TIMEOUT)
                 except ValueError as e:        # too large: say so, run nothing
                     _refuse(conn, f"Error: this server runs no request: {e}\n")
                     return
+                conn.settimeout(IO_TIMEOUT)
                 if frame is None or frame[0] != b"q":
                     return
                 if uid != os.geteuid():
@@ -542,7 +657,40 @@ class _Host:
         except (OSError, ValueError):
             pass    # the client went away, or sent garbage: nothing to answer
 
+    def _watch(self, conn: socket.socket, cancel: threading.Event,
+               done: threading.Event) -> None:
+        """Until ``done``: set ``cancel`` once the client hangs up (Ctrl-C,
+        killed: a client sends nothing after its request, so anything
+        readable is its end) or the server stops. A command that runs for
+        a while (``formcg --seconds``) then ends early, and releases
+        ``lock`` for the others."""
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR
+                        | getattr(select, "POLLRDHUP", 0))
+        while not done.is_set():
+            if self.stopping.is_set():
+                cancel.set()
+                return
+            try:
+                if poller.poll(100):
+                    cancel.set()
+                    return
+            except InterruptedError:
+                pass
+
     def _run(self, conn: socket.socket, request: dict, send_lock: threading.Lock) -> int:
+        cancel, done = threading.Event(), threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(conn, cancel, done),
+                                   name="fastfc-control-watch", daemon=True)
+        watcher.start()
+        try:
+            return self._run_one(conn, request, send_lock, cancel)
+        finally:
+            done.set()
+            watcher.join()
+
+    def _run_one(self, conn: socket.socket, request: dict, send_lock: threading.Lock,
+                 cancel: threading.Event) -> int:
         argv = [str(a) for a in request["argv"]]
         out = _ClientText(_Sink(conn, b"o", send_lock), **_stream_args(request["stdout"]))
         err = _ClientText(_Sink(conn, b"e", send_lock), **_stream_args(request["stderr"]))
@@ -551,6 +699,8 @@ class _Host:
         assert self._routers is not None
         r_out, r_err = self._routers
         with self.lock:
+            if cancel.is_set() and not self.stopping.is_set():
+                return 130      # its client hung up while it queued: nobody to run it for
             saved = {k: v for k, v in os.environ.items() if _env_wanted(k)}
             r_out.route(out)
             r_err.route(err)
@@ -559,7 +709,7 @@ class _Host:
                     del os.environ[k]
                 os.environ.update(env)
                 status = _invoke(argv, str(request.get("prog_name") or "fastfc"),
-                                 Served(self.units, str(request["cwd"]), self.stopping), err)
+                                 Served(self.units, str(request["cwd"]), cancel), err)
                 try:
                     self.publish()
                 except OSError as e:

@@ -86,8 +86,12 @@ def _tls_context(cert: str | None, key: str | None, psk: str | None,
               help="Serve on this TCP port too (0: any free port, printed).")
 @click.option("--bind", default="127.0.0.1", show_default=True, metavar="ADDR",
               help="The address --port listens on.")
+@click.option("--allow-plain-tcp", is_flag=True,
+              help="Serve --port without TLS: every local user (loopback is no trust "
+                   "boundary on a shared host) can read and write every volume.")
 @click.option("--allow-remote-plain", is_flag=True,
-              help="Allow plain (unencrypted) TCP on a non-loopback --bind address.")
+              help="With --allow-plain-tcp: allow it on a non-loopback --bind address "
+                   "(anyone on the network can read and write every volume).")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TLS certificate (PEM): clients must use NBD_OPT_STARTTLS.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -101,13 +105,15 @@ def _tls_context(cert: str | None, key: str | None, psk: str | None,
 @click.option("--tls-psk", type=click.Path(dir_okay=False), default=None,
               help="TLS with a pre-shared key: not available (Python's ssl has no PSK).")
 @pass_units
-def serve(units, socket_path, port, bind, allow_remote_plain, tls_cert, tls_key,
+def serve(units, socket_path, port, bind, allow_plain_tcp, allow_remote_plain, tls_cert, tls_key,
           tls_client_ca, allow_anonymous_tls, tls_psk) -> None:
     """Export every volume over NBD, until SIGTERM or SIGINT.
 
     Each volume of the unit(s) is an export named after it
     (nbd+unix:///NAME?socket=PATH); volumes created while serving appear,
-    removed ones disappear. PPRC secondaries, targets with --tgtinhibit and
+    removed ones disappear. Plain TCP (--port without TLS) is open to every
+    local user, so it needs --allow-plain-tcp; to share volumes, use TLS with
+    client certificates (--tls-client-ca). PPRC secondaries, targets with --tgtinhibit and
     the C volumes of Global Mirror sessions are read-only. A write to a
     write-inhibited volume fails with EPERM, a read of a volume with no
     valid image with EIO. FLUSH syncs the volume, its FlashCopy targets and
@@ -118,6 +124,12 @@ def serve(units, socket_path, port, bind, allow_remote_plain, tls_cert, tls_key,
     if socket_path is None and port is None:
         raise click.UsageError("give --socket PATH, or --port N (or both)")
     tls = _tls_context(tls_cert, tls_key, tls_psk, tls_client_ca)
+    if port is not None and tls is None and not allow_plain_tcp:
+        raise click.ClickException(
+            f"--port {port} without TLS: plain NBD lets every user of this host (loopback "
+            "is no trust boundary) read and write every volume. Share volumes with TLS and "
+            "client certificates (--tls-cert/--tls-key with --tls-client-ca), keep to the "
+            "0600 --socket, or say --allow-plain-tcp")
     if port is not None and tls is None and not allow_remote_plain and not _loopback(bind):
         raise click.ClickException(
             f"--bind {bind} is not a loopback address: plain NBD there lets anyone on the "
