@@ -489,6 +489,15 @@ def test_cli_drives_flashcopy_between_client_writes(tmp_path):
 
 
 @pytest.mark.slow
+def _fio_writes_coordinated(snaps) -> bool:
+    """Whether some coordination instant recorded by ``serve_child`` has fio's
+    writes (past the first MiB) in both A volumes."""
+    for f in sorted(snaps.glob("[0-9]*.npy"), key=lambda p: int(p.stem), reverse=True)[:1]:
+        images = np.load(f)
+        return all(images[k][MIB:].any() for k in range(len(images)))
+    return False
+
+
 def test_sigkill_while_fio_writes_and_cgs_form(tmp_path):
     """The kill-anywhere guarantee through the server: SIGKILL while fio
     writes to the A exports and CGs form; after reopening, every C is on
@@ -512,7 +521,13 @@ def test_sigkill_while_fio_writes_and_cgs_form(tmp_path):
              "--bs=4k", "--iodepth=16", "--offset=1M", "--size=3M", "--time_based",
              "--runtime=5"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for n in ("A0", "A1")]
-        time.sleep(1.0)
+        # kill once CGs have carried fio's writes: a coordination instant
+        # whose A images hold writes in both fio ranges (a condition, not a
+        # pace: a loaded machine only takes longer to get there)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _fio_writes_coordinated(snaps):
+            time.sleep(0.1)
+        time.sleep(0.3)                        # and kill while more CGs form
         os.killpg(child.pid, signal.SIGKILL)
         for f in fios:
             f.wait(timeout=60)                 # they fail: the server is gone
@@ -523,9 +538,10 @@ def test_sigkill_while_fio_writes_and_cgs_form(tmp_path):
     show = json.loads(fastfc_cli("-u", a, "-r", b, "showgmir", "S", "--json").stdout)
     seqs = set(show["c_sequences"])
     assert len(seqs) == 1 and show["successes"] >= 2, show     # every C on one CG
-    assert show["bytes_drained"] > 16 * MIB, show    # the writes flowed through CGs
     n = seqs.pop()
     images = np.load(snaps / f"{n}.npy")
+    assert _fio_writes_coordinated(snaps), "no CG carried fio's writes before the kill"
+    assert show["bytes_drained"] > MIB, show     # the writes flowed through CGs
     for k, c in enumerate(("C0", "C1")):
         assert np.array_equal(volume_bytes(b, c), images[k]), c
     assert np.all(volume_bytes(a, "A0")[:65536] == 0x51)
