@@ -53,6 +53,7 @@ from fastfc._bitops cimport *
 
 import errno as _errno
 import itertools
+import mmap as _mmap
 import os
 
 import numpy as np
@@ -72,6 +73,8 @@ cdef Py_ssize_t NOGIL_WORDS = 8192
 # the GIL, 2 pwrite with the GIL kept below NOGIL_BYTES, 3 store with the GIL
 # kept below NOGIL_BYTES (as in memory).
 cdef int HOST_MODE = 0
+# the page size: thin volumes on a disk write whole pages through (_write_through)
+cdef Py_ssize_t PAGE = _mmap.PAGESIZE
 
 
 def _set_host_mode(int mode):
@@ -1075,12 +1078,41 @@ cdef class VolumeBase:
                                           (<off_t>(e - c)) << shift)
                 if err:
                     raise_space(self, err, (e - c) << shift)
+                if self._file_backed:
+                    self._write_through(c << shift, e << shift)
                 bm_set_range(w, c, e)
                 c = bm_next_clear(w, b, e)
             done += b - a
             if m == NULL:
                 break
             a = bm_next_clear(m, stop, b) if clear else bm_next_set(m, stop, b)
+        return 0
+
+    cdef int _write_through(self, Py_ssize_t lo, Py_ssize_t hi) except -1:
+        """Thin volume on a disk filesystem, bytes [lo, hi) just given blocks:
+        write them through the descriptor, with their own bytes, whole pages.
+
+        A store through the mapping faults a whole page cache folio in and
+        the filesystem (ext4, xfs) then reserves blocks for every part of the
+        folio it has none for: for a folio that runs from a track with blocks
+        into a hole (a large folio from readahead; a page of several small
+        tracks), that reservation fails on a full filesystem, and a failed
+        page fault is SIGBUS. A ``pwrite`` asks only for its own range and
+        reports no room as an errno; once written (not merely fallocated,
+        which leaves unwritten extents) the pages need nothing more at a
+        fault. The volume's mapping also reads without readahead
+        (``MADV_RANDOM``), so that its own faults bring in single pages that
+        never straddle a hole. The pages are rewritten with the bytes they
+        hold: a track found partly written keeps its data."""
+        cdef int err
+        lo &= ~(PAGE - 1)
+        hi = (hi + PAGE - 1) & ~(PAGE - 1)
+        if hi > self.capacity:
+            hi = self.capacity
+        with nogil:
+            err = pwrite_all(self._fd, self.base + lo, hi - lo, <off_t>lo)
+        if err:
+            raise_space(self, err, hi - lo)
         return 0
 
     cdef inline bint _needs_space(self, RelationshipBase tr) except -1:

@@ -112,6 +112,12 @@ class Volume(_core.VolumeBase):
                 os.close(fd)
                 raise
             self._mm = mm
+            if thin and on_disk:
+                # no readahead through the mapping: a fault then brings in one
+                # page, never a large folio that runs on into a hole, which a
+                # later store would need blocks for inside the fault (SIGBUS
+                # on a full filesystem; see VolumeBase._write_through)
+                mm.madvise(mmap.MADV_RANDOM)
             if not (thin or on_disk):
                 os.close(fd)   # the mapping holds its own reference to the file
         # PPRC updates then write only the 4 KiB pages that change (with
