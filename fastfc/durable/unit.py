@@ -44,8 +44,8 @@ from typing import cast
 import numpy as np
 
 from fastfc._core import MirrorBase
-from fastfc.errors import (CorruptUnitError, ReadOnlyUnitError, StateError, UnitBusyError,
-                           UnitClosedError)
+from fastfc.errors import (CorruptUnitError, NoSpaceError, ReadOnlyUnitError, StateError,
+                           UnitBusyError, UnitClosedError)
 from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.globalmirror import GlobalMirror, Triplet
 from fastfc.copyservices.pprc import PPRCPair
@@ -486,10 +486,16 @@ class StorageUnit:
                 pass    # a stale partner entry is harmless; closing matters
             self._detach_partners()
         workers = [r._thread for r in self.flashcopies if r._thread is not None]
+        full: NoSpaceError | None = None
         if self.path is not None:
-            self.flush()
+            try:
+                self.flush()
+            except NoSpaceError as e:
+                full = e    # no room to checkpoint: the WAL keeps every row
         self._closed = True
         self._release_files(workers)
+        if full is not None:
+            raise full      # closed all the same (files and lock released)
 
     def _detach_partners(self) -> None:
         """Other open units let go of the sessions and pairs that span this
