@@ -965,14 +965,18 @@ cdef class VolumeBase:
 
         A thin file-backed volume passes its file descriptor (kept until
         close) and the bitmap of tracks whose blocks the file already has.
+        ``array`` may be read-only (a volume of a unit opened read-only maps
+        its file shared and read-only, so that no private copy of a volume
+        larger than memory is charged): such a volume must refuse every
+        path that stores into it.
         """
-        cdef uint8_t[::1] mv = array
+        cdef const uint8_t[::1] mv = array
         cdef int shift = 0
         while ((<Py_ssize_t>1) << shift) < track_size:
             shift += 1
         self._array = array
         self._ro = read_only(array)
-        self.base = &mv[0]
+        self.base = <uint8_t*>&mv[0]
         self.track_size = track_size
         self.track_shift = shift
         self.capacity = array.shape[0]

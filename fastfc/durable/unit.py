@@ -70,9 +70,12 @@ DURABILITY = ("process", "power")
 
 
 class ReadOnlyVolume(Volume):
-    """A volume of a unit opened read-only: a private (copy-on-write)
-    mapping of its file, opened for reading only, and every host write
-    refused with :class:`~fastfc.errors.ReadOnlyUnitError`."""
+    """A volume of a unit opened read-only: a shared, read-only mapping of
+    its file, opened for reading only, and every host write refused with
+    :class:`~fastfc.errors.ReadOnlyUnitError`. (Not a private copy-on-write
+    mapping: the kernel charges one of those in full against its commit
+    limit, so a volume larger than memory could not be opened.) Nothing
+    stores into it: a read-only unit runs no copy, pair or session."""
 
     def __init__(self, n_tracks: int, track_size: int, *, path, name: str,
                  store: Store) -> None:
@@ -80,7 +83,7 @@ class ReadOnlyVolume(Volume):
         self.name = name
         self.store = store
         with open(self.path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), n_tracks * track_size, access=mmap.ACCESS_COPY)
+            mm = mmap.mmap(f.fileno(), n_tracks * track_size, access=mmap.ACCESS_READ)
         self._mm = mm      # close() unmaps it once no array of it is left
         self._attach(np.frombuffer(mm, dtype=np.uint8), track_size)
         self._file_backed = False
