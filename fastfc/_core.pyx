@@ -53,7 +53,6 @@ from fastfc._bitops cimport *
 
 import errno as _errno
 import itertools
-import mmap as _mmap
 import os
 
 import numpy as np
@@ -73,8 +72,20 @@ cdef Py_ssize_t NOGIL_WORDS = 8192
 # the GIL, 2 pwrite with the GIL kept below NOGIL_BYTES, 3 store with the GIL
 # kept below NOGIL_BYTES (as in memory).
 cdef int HOST_MODE = 0
-# the page size: thin volumes on a disk write whole pages through (_write_through)
-cdef Py_ssize_t PAGE = _mmap.PAGESIZE
+def _largest_folio():
+    """The largest page-cache folio the kernel makes: a PMD (2 MiB on x86-64
+    and 4 KiB-page arm64), never less than 2 MiB here."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return max(2 << 20, int(f.read()))
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+#: A thin volume on a disk filesystem gets its blocks in aligned chunks of
+#: this many bytes (or whole tracks, if larger): see VolumeBase._reserve_runs.
+THIN_CHUNK = _largest_folio()
+cdef Py_ssize_t CHUNK = THIN_CHUNK
 
 
 def _set_host_mode(int mode):
@@ -1048,12 +1059,25 @@ cdef class VolumeBase:
         in ``m`` with ``clear``; every track when ``m`` is NULL) from
         ``start`` (below ``stop``), the first ``budget`` of them, before any
         byte lands there. Raises NoSpaceError when the filesystem is full. A
-        no-op otherwise."""
-        cdef Py_ssize_t a, b, c, e, lim, done = 0
+        no-op otherwise.
+
+        On a disk filesystem (ext4, xfs) the blocks come in whole aligned
+        chunks of THIN_CHUNK bytes, the largest page-cache folio. A store
+        through the mapping write-faults a whole folio (readahead makes them
+        up to 2 MiB, naturally aligned), and the filesystem reserves blocks,
+        inside the fault, for every part of the folio without any. With
+        blocks per track, a folio ran on from a reserved track into a hole:
+        on a full filesystem that reservation failed and the fault was
+        SIGBUS, fallocate of the track having succeeded. A folio never
+        straddles an allocated chunk and a hole; within fallocated (unwritten)
+        extents a fault needs nothing more (as on a thick volume)."""
+        cdef Py_ssize_t a, b, c, e, lim, done = 0, ct = 1
         cdef int err = 0, shift = self.track_shift
         cdef uint64_t* w
         if not self.thin or self._alloc is None:
             return 0
+        if self._file_backed and CHUNK > self.track_size:
+            ct = CHUNK >> shift      # tracks per chunk
         w = self._alloc.w
         if m == NULL:
             a = start
@@ -1071,52 +1095,29 @@ cdef class VolumeBase:
                 b = bm_next_set(m, lim, a) if clear else bm_next_clear(m, lim, a)
                 if b < 0:
                     b = lim
-            # reserve the tracks of [a, b) that have no blocks yet
+            # reserve the tracks of [a, b) that have no blocks yet (on a
+            # disk: the whole aligned chunks that hold them)
             c = bm_next_clear(w, b, a)
             while 0 <= c < b:
                 e = bm_next_set(w, b, c)
                 if e < 0:
                     e = b
+                if ct > 1:
+                    c -= c % ct
+                    e += (ct - e % ct) % ct
+                    if e > self.n_tracks:
+                        e = self.n_tracks
                 with nogil:
                     err = posix_fallocate(self._fd, (<off_t>c) << shift,
                                           (<off_t>(e - c)) << shift)
                 if err:
                     raise_space(self, err, (e - c) << shift)
-                if self._file_backed:
-                    self._write_through(c << shift, e << shift)
                 bm_set_range(w, c, e)
-                c = bm_next_clear(w, b, e)
+                c = bm_next_clear(w, b, e) if e < b else -1
             done += b - a
             if m == NULL:
                 break
             a = bm_next_clear(m, stop, b) if clear else bm_next_set(m, stop, b)
-        return 0
-
-    cdef int _write_through(self, Py_ssize_t lo, Py_ssize_t hi) except -1:
-        """Thin volume on a disk filesystem, bytes [lo, hi) just given blocks:
-        write them through the descriptor, with their own bytes, whole pages.
-
-        A store through the mapping faults a whole page cache folio in and
-        the filesystem (ext4, xfs) then reserves blocks for every part of the
-        folio it has none for: for a folio that runs from a track with blocks
-        into a hole (a large folio from readahead; a page of several small
-        tracks), that reservation fails on a full filesystem, and a failed
-        page fault is SIGBUS. A ``pwrite`` asks only for its own range and
-        reports no room as an errno; once written (not merely fallocated,
-        which leaves unwritten extents) the pages need nothing more at a
-        fault. The volume's mapping also reads without readahead
-        (``MADV_RANDOM``), so that its own faults bring in single pages that
-        never straddle a hole. The pages are rewritten with the bytes they
-        hold: a track found partly written keeps its data."""
-        cdef int err
-        lo &= ~(PAGE - 1)
-        hi = (hi + PAGE - 1) & ~(PAGE - 1)
-        if hi > self.capacity:
-            hi = self.capacity
-        with nogil:
-            err = pwrite_all(self._fd, self.base + lo, hi - lo, <off_t>lo)
-        if err:
-            raise_space(self, err, hi - lo)
         return 0
 
     cdef inline bint _needs_space(self, RelationshipBase tr) except -1:

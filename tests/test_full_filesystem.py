@@ -144,6 +144,42 @@ def test_thin_writes_until_the_filesystem_is_full_never_sigbus(disk_fs):
         assert not np.any(v.read(n * TRACK, TRACK))
 
 
+def test_scattered_thin_writes_with_readers_until_full_never_sigbus(disk_fs):
+    """Tracks far apart (holes between them), each written, read back over
+    a wide range around it (readahead brings large folios in), and written
+    again among the ones before, until the filesystem is full: a clean
+    NoSpaceError, never SIGBUS, and every acknowledged write reads back."""
+    r = run_child(f"""
+        import os, numpy as np, fastfc
+        u = fastfc.StorageUnit("u")
+        v = u.create_volume("T", 65536, {TRACK}, thin=True)     # 4 GiB
+        fd = os.open("u/volumes/T.vol", os.O_RDONLY)
+        step = 3 * (2 << 20) // {TRACK} + 1     # chunks of holes between
+        done = []
+        try:
+            for t in range(0, v.n_tracks, step):
+                lo = max(0, t - 64) * {TRACK}
+                os.pread(fd, 128 * {TRACK}, lo)               # readahead, another reader's
+                v.read(lo, min(128 * {TRACK}, v.capacity - lo))
+                v.write(t * {TRACK}, np.full({TRACK}, t % 251 + 1, np.uint8))
+                done.append(t)
+                for old in done[-8:]:
+                    v.write(old * {TRACK} + 4096, np.full(4096, old % 251 + 1, np.uint8))
+        except fastfc.NoSpaceError:
+            print(len(done))
+        else:
+            raise SystemExit("the filesystem never filled")
+        for t in done:
+            assert (v.read(t * {TRACK}, {TRACK}) == t % 251 + 1).all(), t
+        try:
+            u.close()
+        except fastfc.NoSpaceError:
+            pass
+    """, disk_fs)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert int(r.stdout.split()[0]) > 4
+
+
 def test_a_unit_on_a_full_filesystem_opens_read_write_to_free_space(disk_fs):
     """With every block taken, the unit still opens read-write (on main the
     holder's line in unit.lock and SQLite's files found no room), ``rmvol``
