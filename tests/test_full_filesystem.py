@@ -1,14 +1,16 @@
 """Full filesystems on real disks: ext4 and xfs, each a loop-mounted image the
 test makes (and unmounts) itself, not tmpfs.
 
-On a disk filesystem ``fallocate`` leaves *unwritten* extents. A store
-through the mapping into one may still need blocks inside the page fault
-(ext4 books the page as a delayed allocation, xfs reserves for the extent
-conversion) when the file has many extents, as a thin volume's file does; on
-a full filesystem that fault is SIGBUS, which kills the process (exit 135).
-These tests fill the filesystem and check that every path gives
-:class:`~fastfc.errors.NoSpaceError` instead, loses nothing, and that a unit
-on a full filesystem still opens read-write so that space can be freed.
+A store through a volume's mapping write-faults a whole page-cache folio
+(readahead makes them up to 2 MiB), and ext4 and xfs reserve blocks, inside
+the fault, for every part of the folio that has none. A thin volume with
+blocks per track had folios running on from a reserved track into a hole:
+on a full filesystem the fault failed, which is SIGBUS (exit 135), though
+``fallocate`` of the track had succeeded. These tests fill the filesystem
+and check that the library, the command line and ``fastfc serve`` give
+:class:`~fastfc.errors.NoSpaceError` (ENOSPC to an NBD client) instead, lose
+nothing, and that a unit on a full filesystem still opens read-write so that
+space can be freed, and closes with a clean error.
 
 Mounting needs root (CI runs as root) and mkfs.ext4 / mkfs.xfs (e2fsprogs,
 xfsprogs: ``.ci/run`` installs them). A missing tool skips on a developer
@@ -257,3 +259,33 @@ def test_close_on_a_full_filesystem_is_a_clean_error_and_loses_nothing(disk_fs):
             assert u.flashcopies[0].record
 
 
+
+
+def test_serve_thin_writes_until_the_filesystem_is_full(disk_fs):
+    """``fastfc serve`` with a thin volume written track by track through
+    NBD (qemu-io) until the filesystem is full: the server answers ENOSPC
+    and lives on (on main it died with SIGBUS, exit 135), and every write
+    it acknowledged is in the volume."""
+    from test_serve import need, serving, uri
+    need("qemu-io")
+    unit, sock = disk_fs / "u", disk_fs.parent / f"{disk_fs.name}.sock"
+    with StorageUnit(unit) as u:
+        u.create_volume("T", 16384, TRACK, thin=True)         # 1 GiB
+    n = SIZES[disk_fs.name] // TRACK + 64                     # more than the room
+    cmds = "".join(f"write -P {t % 251 + 1} {t * TRACK} {TRACK}\n" for t in range(n))
+    with serving(unit, sock) as proc:
+        r = subprocess.run(["qemu-io", "-f", "raw", uri(sock, "T")], input=cmds,
+                           capture_output=True, text=True, timeout=600)
+        out = r.stdout + r.stderr
+        assert proc.poll() is None, (proc.returncode, out[-2000:])
+        assert "No space left on device" in out, out[-2000:]
+        done = out.count(f"wrote {TRACK}/{TRACK} bytes")
+        assert done > 100, out[-2000:]
+    # acknowledged writes are in order until the first refusal (one client,
+    # one request at a time); some after it may land once room reappears
+    with StorageUnit(unit, readonly=True) as u:
+        v = u.volume("T")
+        written = [t for t in range(n) if v.read(t * TRACK, TRACK).any()]
+        assert len(written) >= done
+        for t in written:
+            assert np.array_equal(v.read(t * TRACK, TRACK), pattern(t)), t
