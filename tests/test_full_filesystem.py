@@ -261,6 +261,7 @@ def test_close_on_a_full_filesystem_is_a_clean_error_and_loses_nothing(disk_fs):
 
 
 
+@pytest.mark.slow
 def test_serve_thin_writes_until_the_filesystem_is_full(disk_fs):
     """``fastfc serve`` with a thin volume written track by track through
     NBD (qemu-io) until the filesystem is full: the server answers ENOSPC
