@@ -6,6 +6,9 @@ Layout of a unit directory::
                        pairs, Global Mirror sessions, CG decision records
     volumes/NAME.vol   each volume's bytes, memory-mapped
     bitmaps/ID.bm      each bitmap's words, memory-mapped
+    unit.lock          the owner's lock (see fastfc.durable.lock)
+    unit.reserve       room kept for metadata on a filesystem that fills up
+                       (see fastfc.durable.sqlite.RESERVE_FILE)
 
 Durability (see the README for the whole story):
 
