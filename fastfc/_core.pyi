@@ -8,6 +8,7 @@ import numpy.typing as npt
 
 HOST: int
 PPRC: int
+THIN_CHUNK: int
 
 def cpu_features() -> dict[str, bool]: ...
 def kernels() -> dict[str, str]: ...

@@ -73,6 +73,20 @@ cdef Py_ssize_t NOGIL_WORDS = 8192
 # the GIL, 2 pwrite with the GIL kept below NOGIL_BYTES, 3 store with the GIL
 # kept below NOGIL_BYTES (as in memory).
 cdef int HOST_MODE = 0
+def _largest_folio():
+    """The largest page-cache folio the kernel makes: a PMD (2 MiB on x86-64
+    and 4 KiB-page arm64), never less than 2 MiB here."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return max(2 << 20, int(f.read()))
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+#: A thin volume on a disk filesystem gets its blocks in aligned chunks of
+#: this many bytes (or whole tracks, if larger): see VolumeBase._reserve_runs.
+THIN_CHUNK = _largest_folio()
+cdef Py_ssize_t CHUNK = THIN_CHUNK
 
 
 def _set_host_mode(int mode):
@@ -997,14 +1011,18 @@ cdef class VolumeBase:
 
         A thin file-backed volume passes its file descriptor (kept until
         close) and the bitmap of tracks whose blocks the file already has.
+        ``array`` may be read-only (a volume of a unit opened read-only maps
+        its file shared and read-only, so that no private copy of a volume
+        larger than memory is charged): such a volume must refuse every
+        path that stores into it.
         """
-        cdef uint8_t[::1] mv = array
+        cdef const uint8_t[::1] mv = array
         cdef int shift = 0
         while ((<Py_ssize_t>1) << shift) < track_size:
             shift += 1
         self._array = array
         self._ro = read_only(array)
-        self.base = &mv[0]
+        self.base = <uint8_t*>&mv[0]
         self.track_size = track_size
         self.track_shift = shift
         self.capacity = array.shape[0]
@@ -1076,12 +1094,25 @@ cdef class VolumeBase:
         in ``m`` with ``clear``; every track when ``m`` is NULL) from
         ``start`` (below ``stop``), the first ``budget`` of them, before any
         byte lands there. Raises NoSpaceError when the filesystem is full. A
-        no-op otherwise."""
-        cdef Py_ssize_t a, b, c, e, lim, done = 0
+        no-op otherwise.
+
+        On a disk filesystem (ext4, xfs) the blocks come in whole aligned
+        chunks of THIN_CHUNK bytes, the largest page-cache folio. A store
+        through the mapping write-faults a whole folio (readahead makes them
+        up to 2 MiB, naturally aligned), and the filesystem reserves blocks,
+        inside the fault, for every part of the folio without any. With
+        blocks per track, a folio ran on from a reserved track into a hole:
+        on a full filesystem that reservation failed and the fault was
+        SIGBUS, fallocate of the track having succeeded. A folio never
+        straddles an allocated chunk and a hole; within fallocated (unwritten)
+        extents a fault needs nothing more (as on a thick volume)."""
+        cdef Py_ssize_t a, b, c, e, lim, done = 0, ct = 1
         cdef int err = 0, shift = self.track_shift
         cdef uint64_t* w
         if not self.thin or self._alloc is None:
             return 0
+        if self._file_backed and CHUNK > self.track_size:
+            ct = CHUNK >> shift      # tracks per chunk
         w = self._alloc.w
         if m == NULL:
             a = start
@@ -1099,19 +1130,25 @@ cdef class VolumeBase:
                 b = bm_next_set(m, lim, a) if clear else bm_next_clear(m, lim, a)
                 if b < 0:
                     b = lim
-            # reserve the tracks of [a, b) that have no blocks yet
+            # reserve the tracks of [a, b) that have no blocks yet (on a
+            # disk: the whole aligned chunks that hold them)
             c = bm_next_clear(w, b, a)
             while 0 <= c < b:
                 e = bm_next_set(w, b, c)
                 if e < 0:
                     e = b
+                if ct > 1:
+                    c -= c % ct
+                    e += (ct - e % ct) % ct
+                    if e > self.n_tracks:
+                        e = self.n_tracks
                 with nogil:
                     err = posix_fallocate(self._fd, (<off_t>c) << shift,
                                           (<off_t>(e - c)) << shift)
                 if err:
                     raise_space(self, err, (e - c) << shift)
                 bm_set_range(w, c, e)
-                c = bm_next_clear(w, b, e)
+                c = bm_next_clear(w, b, e) if e < b else -1
             done += b - a
             if m == NULL:
                 break

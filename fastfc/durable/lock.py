@@ -54,7 +54,7 @@ class UnitLock:
                 # with, and a read-only open creates no file
                 return
         else:
-            f = open(self.path, "a+b")
+            f = open(self.path, "a+b", buffering=0)   # unbuffered: a failed write leaves nothing to flush at close
         mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
         deadline = None if wait is None else time.monotonic() + max(0.0, float(wait))
         while True:
@@ -75,10 +75,19 @@ class UnitLock:
             info = dict(pid=os.getpid(), host=socket.gethostname(),
                         command=" ".join(sys.argv) or sys.executable,
                         since=time.strftime("%Y-%m-%d %H:%M:%S"))
-            f.seek(0)
-            f.truncate()
-            f.write(json.dumps(info).encode())
-            f.flush()
+            try:
+                f.seek(0)
+                f.truncate()
+                f.write(json.dumps(info).encode())
+                f.flush()
+            except OSError:
+                # no room for it (a full filesystem): the unit must still
+                # open, to free space; a refused opener then names the
+                # holder by pid (from /proc/locks) instead
+                try:
+                    f.truncate(0)
+                except OSError:
+                    pass
 
     def _busy_message(self, f: IO[bytes]) -> str:
         unit = self.path.parent

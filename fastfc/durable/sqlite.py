@@ -84,6 +84,52 @@ def _is_full(e: BaseException) -> bool:
         getattr(e, "sqlite_errorcode", None) == 13 or "full" in str(e))
 
 
+# Room kept for the metadata of a unit on a filesystem that fills up. A unit
+# opened read-write on a filesystem with room keeps RESERVE_FILE (real
+# blocks, written); when the filesystem is full, the next read-write open
+# (or a commit that finds no room) deletes it, so that SQLite has room for
+# its -shm and -wal files and a commit: the unit opens and ``rmvol`` can
+# free space. It is written again once there is room (4 times its size).
+RESERVE_FILE = "unit.reserve"
+RESERVE_BYTES = 1 << 20
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def release_reserve(directory: Path) -> bool:
+    """Delete the unit's reserve file; whether there was one."""
+    try:
+        (directory / RESERVE_FILE).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def keep_reserve(directory: Path) -> None:
+    """Write the unit's reserve file if it is missing and the filesystem has
+    room for it (best effort: a failure leaves no partial file)."""
+    path = directory / RESERVE_FILE
+    if path.exists() or _free_bytes(directory) < 4 * RESERVE_BYTES:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError:
+        return
+    try:
+        os.write(fd, bytes(RESERVE_BYTES))
+    except OSError:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        return
+    os.close(fd)
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS volumes(
@@ -146,6 +192,10 @@ class SQLiteStore(Store):
         if readonly and not existed:
             raise CorruptUnitError(f"{directory} holds no unit.db (a read-only open "
                                    "creates nothing)")
+        #: whether this open deleted the unit's reserve file to make room
+        self.released_reserve = False
+        if not readonly and _free_bytes(directory) < RESERVE_BYTES:
+            self.released_reserve = release_reserve(directory)
         conn: sqlite3.Connection | None = None   # to close if the open fails
         try:
             if readonly:
@@ -236,6 +286,8 @@ class SQLiteStore(Store):
         self._options_json: dict[tuple, str] = {}   # FlashCopy options -> their JSON
         self.fsyncs = 0   # commits, each one fsync of the WAL
         self.msyncs = 0   # volume and bitmap syncs (sync(): durability "power")
+        if not readonly:
+            keep_reserve(directory)
 
     @property
     def ref(self) -> str:
@@ -325,8 +377,31 @@ class SQLiteStore(Store):
         before a checkpoint and the database after it)."""
         self.check_writable()
         with self._lock:
-            self.db.execute("PRAGMA wal_checkpoint(FULL)")
+            try:
+                self.db.execute("PRAGMA wal_checkpoint(FULL)")
+            except sqlite3.OperationalError as e:
+                if not _is_full(e):
+                    raise
+                raise self._wal_kept(e) from e
             self.fsyncs += 1
+
+    def _wal_kept(self, e: BaseException) -> NoSpaceError:
+        """A checkpoint found no room to move the WAL into ``unit.db``: make
+        sure the committed rows are on the disk in the WAL (fsync), and say
+        so. Nothing is lost: the next open reads the WAL."""
+        wal = self.dir / "unit.db-wal"
+        try:
+            fd = os.open(wal, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        return NoSpaceError(
+            f"{self.dir / 'unit.db'}: no room to checkpoint ({e}); every committed "
+            f"change is safe in {wal.name} and goes into unit.db at the next open "
+            "with room (free space, e.g. remove a volume)")
 
     @contextmanager
     def _transaction(self, level: int):
@@ -350,8 +425,12 @@ class SQLiteStore(Store):
                 self._rollback_rows(self._undo.pop())
                 self._garbage = saved_garbage
                 if _is_full(e) and level == 0:
-                    raise NoSpaceError(f"{self.dir / 'unit.db'}: {e}; the transaction was "
-                                       "rolled back (free space and retry)") from e
+                    freed = release_reserve(self.dir)
+                    raise NoSpaceError(
+                        f"{self.dir / 'unit.db'}: {e}; the transaction was rolled back "
+                        + ("(the unit's reserve was released so that freeing space "
+                           "works: remove a volume, then retry)" if freed else
+                           "(free space and retry)")) from e
                 raise
             self._depth -= 1
             undo = self._undo.pop()
@@ -704,9 +783,17 @@ class SQLiteStore(Store):
             if self.closed:
                 return
             self.closed = True
+            full: NoSpaceError | None = None
             try:
                 if not self.readonly:
-                    self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    try:
+                        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    except sqlite3.OperationalError as e:
+                        if not _is_full(e):
+                            raise
+                        full = self._wal_kept(e)
+                    else:
+                        keep_reserve(self.dir)
             finally:
                 self.db.close()
                 # let go of the bitmap files: one that nothing else holds (a
@@ -714,6 +801,8 @@ class SQLiteStore(Store):
                 # now; one a relationship still holds stays mapped with it
                 self._maps.clear()
                 self._pool.clear()
+            if full is not None:
+                raise full
 
 
 def _connect_readonly(db: Path) -> sqlite3.Connection:

@@ -6,6 +6,9 @@ Layout of a unit directory::
                        pairs, Global Mirror sessions, CG decision records
     volumes/NAME.vol   each volume's bytes, memory-mapped
     bitmaps/ID.bm      each bitmap's words, memory-mapped
+    unit.lock          the owner's lock (see fastfc.durable.lock)
+    unit.reserve       room kept for metadata on a filesystem that fills up
+                       (see fastfc.durable.sqlite.RESERVE_FILE)
 
 Durability (see the README for the whole story):
 
@@ -45,8 +48,8 @@ import numpy as np
 
 from fastfc._core import MirrorBase
 from fastfc._numbers import check_real
-from fastfc.errors import (AlreadyExistsError, CorruptUnitError, ReadOnlyUnitError, StateError,
-                           UnitBusyError, UnitClosedError)
+from fastfc.errors import (AlreadyExistsError, CorruptUnitError, NoSpaceError, ReadOnlyUnitError,
+                           StateError, UnitBusyError, UnitClosedError)
 from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.globalmirror import GlobalMirror, Triplet
 from fastfc.copyservices.pprc import PPRCPair
@@ -76,9 +79,12 @@ DURABILITY = ("process", "power")
 
 
 class ReadOnlyVolume(Volume):
-    """A volume of a unit opened read-only: a private (copy-on-write)
-    mapping of its file, opened for reading only, and every host write
-    refused with :class:`~fastfc.errors.ReadOnlyUnitError`."""
+    """A volume of a unit opened read-only: a shared, read-only mapping of
+    its file, opened for reading only, and every host write refused with
+    :class:`~fastfc.errors.ReadOnlyUnitError`. (Not a private copy-on-write
+    mapping: the kernel charges one of those in full against its commit
+    limit, so a volume larger than memory could not be opened.) Nothing
+    stores into it: a read-only unit runs no copy, pair or session."""
 
     def __init__(self, n_tracks: int, track_size: int, *, path, name: str,
                  store: Store) -> None:
@@ -86,7 +92,7 @@ class ReadOnlyVolume(Volume):
         self.name = name
         self.store = store
         with open(self.path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), n_tracks * track_size, access=mmap.ACCESS_COPY)
+            mm = mmap.mmap(f.fileno(), n_tracks * track_size, access=mmap.ACCESS_READ)
         self._mm = mm      # close() unmaps it once no array of it is left
         self._attach(np.frombuffer(mm, dtype=np.uint8), track_size)
         self._file_backed = False
@@ -631,10 +637,16 @@ class StorageUnit:
                 pass    # a stale partner entry is harmless; closing matters
             self._detach_partners()
         workers = [r._thread for r in self.flashcopies if r._thread is not None]
+        full: NoSpaceError | None = None
         if self.path is not None:
-            self.flush()
+            try:
+                self.flush()
+            except NoSpaceError as e:
+                full = e    # no room to checkpoint: the WAL keeps every row
         self._closed = True
         self._release_files(workers)
+        if full is not None:
+            raise full      # closed all the same (files and lock released)
 
     def _detach_partners(self) -> None:
         """Other open units let go of the sessions and pairs that span this

@@ -48,7 +48,11 @@ class Volume(_core.VolumeBase):
         file stays sparse, and every path that lands data on the volume (host
         writes, copy-on-write, background copy, reverse restore, PPRC
         updates) first reserves the blocks of the tracks it touches for the
-        first time; a full filesystem then refuses the call with
+        first time (on a disk filesystem, of the aligned chunks of
+        ``_core.THIN_CHUNK`` bytes, 2 MiB, that hold them, so that no
+        page-cache folio spans blocks and a hole: a store into one would need
+        blocks inside the page fault, SIGBUS when there are none); a full
+        filesystem then refuses the call with
         ``NoSpaceError`` before any byte lands or any bitmap changes. On
         tmpfs, where reading a hole takes a page too, reads reserve as well
         (and :attr:`array` reserves the whole volume). When opening an
@@ -100,7 +104,11 @@ class Volume(_core.VolumeBase):
             on_disk = not _in_memory_fs(self.path)
             mm, fd = _map_file(self.path, n_tracks, track_size, bool(thin))
             try:
-                allocated = _allocated_tracks(fd, n_tracks, track_size) if thin else None
+                # on a disk a thin file gets blocks in whole chunks (see
+                # VolumeBase._reserve_runs): a chunk only partly allocated
+                # (by an older fastfc) counts as one still to reserve
+                unit = max(track_size, _core.THIN_CHUNK) if on_disk else track_size
+                allocated = _allocated_tracks(fd, n_tracks, track_size, unit) if thin else None
                 # the array's base holds an export of the mapping: close()
                 # unmaps it only once no array of it is left. A thin volume
                 # keeps its descriptor (to reserve blocks), a volume on a disk
@@ -266,9 +274,11 @@ def _map_file(path: Path, n_tracks: int, track_size: int, thin: bool) -> tuple[m
     return mm, fd
 
 
-def _allocated_tracks(fd: int, n_tracks: int, track_size: int) -> "_core.TrackBitmap":
+def _allocated_tracks(fd: int, n_tracks: int, track_size: int,
+                      unit: int) -> "_core.TrackBitmap":
     """The tracks of a thin volume's file that hold blocks already (from
-    ``SEEK_DATA``/``SEEK_HOLE``); others are reserved on first touch."""
+    ``SEEK_DATA``/``SEEK_HOLE``), counted in whole aligned ``unit`` bytes
+    (a track, or a chunk on a disk); others are reserved on first touch."""
     bm = _core.TrackBitmap(n_tracks)
     capacity = n_tracks * track_size
     pos = 0
@@ -281,7 +291,8 @@ def _allocated_tracks(fd: int, n_tracks: int, track_size: int) -> "_core.TrackBi
                     break   # only holes from pos on
                 raise
             hole = min(os.lseek(fd, data, os.SEEK_HOLE), capacity)
-            first, last = -(-data // track_size), hole // track_size
+            first = -(-data // unit) * unit // track_size
+            last = n_tracks if hole == capacity else hole // unit * unit // track_size
             if last > first:
                 bm.set_range(first, last)
             pos = hole
