@@ -48,6 +48,7 @@ import collections
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -421,3 +422,231 @@ def test_power_without_a_barrier_is_caught(work, monkeypatch, barrier):
     bad, tally = check_run(run)
     print(f"\npower without {barrier} syncs: " + _describe(bad, tally, len(run.cuts), limit=3))
     assert bad, f"no cut noticed the missing {barrier} barrier"
+
+
+# -- every path that changes B or C, not only the CG ------------------------------------
+# Global Copy between CGs (``PPRCPair.drain``: what ``formcg`` sends before its
+# first CG, the loop with ``cg_interval > 0`` and the catch-up after a failed
+# drain run), the loop with an interval and host writers on another thread,
+# closing the session (C takes the tracks it still reads from B), recovery at
+# the remote site (failover, fast reverse restore C -> B), failback, and
+# reopening a unit that a cut left with a CG in flight (recovery itself).
+# Cut instants: every callback the engine makes on these paths (a
+# copy-on-write into C, each sync at "power", the decision, between steps),
+# each taken with probability ``rate`` (a fixed seed picks which).
+
+@dataclass
+class Paths:
+    cuts: list
+    snaps: dict
+    recorder: PowerCutRecorder
+    fired: collections.Counter
+    results: list
+
+
+def run_paths(tmp: Path, durability: str, variants, seed: int = 0, rate: float = 0.5,
+              rounds: int = 2, loop_cgs: int = 3) -> Paths:
+    """Take the session through every path that changes B or C, cutting at a
+    random share (``rate``) of the instants the engine calls back at."""
+    root = tmp / "units"
+    p, s = root / "primary", root / "secondary"
+    rng = np.random.default_rng(seed)
+    cut_rng = np.random.default_rng(seed + 1)
+    pick = np.random.default_rng(seed + 2)
+    u1 = StorageUnit(p, durability=durability)
+    u2 = StorageUnit(s, durability=durability)
+    snaps: dict[int, list[np.ndarray]] = {}
+    cuts: list[Cut] = []
+    fired: collections.Counter = collections.Counter()
+    results: list = []
+    rec = None
+    try:
+        A = [u1.create_volume(f"A{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+        B = [u2.create_volume(f"B{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+        C = [u2.create_volume(f"C{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+        for a in A:
+            a.write(0, rng.integers(0, 256, a.capacity, dtype=np.uint8))
+        gm = GlobalMirror(list(zip(A, B, C)), name=SESSION, max_coordination_time=5.0,
+                          on_coordinate=lambda seq: snaps.__setitem__(
+                              seq, [a.array.copy() for a in A]))
+        snaps[0] = [c.read(0, c.capacity) for c in C]
+        for _ in range(2):
+            _writes(rng, A)
+            assert gm.form_consistency_group().committed
+        u1.flush()
+        u2.flush()
+        rec = PowerCutRecorder([p, s], volumes=A + B + C).start()
+        state = {"floor": gm.stats.sequence, "phase": "", "closed": False}
+        cut_lock = threading.Lock()
+
+        def take(point: str, always: bool = False) -> None:
+            with cut_lock:
+                label = f"{state['phase']}/{point}"
+                fired[label] += 1
+                if not always and pick.random() >= rate:
+                    return
+                seq = gm._next_sequence - 1
+                for variant in variants:
+                    dest = tmp / "cuts" / f"{len(cuts):04d}"
+                    rec.cut(dest, cut_rng, pages=variant[0], db=variant[1])
+                    cuts.append(Cut(f"{label}@CG{seq}", label, variant, dest,
+                                    state["floor"], seq, {"closed": state["closed"],
+                                                          "recovered": state["phase"]
+                                                          in ("recover", "failback")}))
+
+        def on_decision() -> None:
+            if durability == "power":
+                state["floor"] = gm._next_sequence - 1
+            take("decision")
+
+        def arm() -> None:
+            faults.clear()
+            for b in B:
+                faults.inject("cow", b, times=1 << 30, action=lambda: take("cow"))
+            faults.inject("barrier", times=1 << 30, action=lambda: take("barrier"))
+            faults.inject("decision", times=1 << 30, action=on_decision)
+
+        def form() -> None:
+            res = gm.form_consistency_group()
+            assert res.committed, res
+            if durability == "power":
+                state["floor"] = res.sequence
+
+        # Global Copy between CGs, in small sends, host writes between them
+        for r in range(rounds):
+            state["phase"] = "global copy"
+            _writes(rng, A)
+            arm()
+            for k in range(64):
+                sent = sum(t.pair.drain(2 * t.a.track_size) for t in gm.triplets)
+                take("between sends")
+                if not sent:
+                    break
+                if k % 3 == 0:
+                    _writes(rng, A)
+            state["phase"] = "cg"
+            form()
+            take("after CG")
+
+        # the continuous loop with an interval, host writers on their own thread
+        state["phase"] = "loop"
+        gm.cg_interval = 0.02
+        gm.on_result = results.append
+        stop = threading.Event()
+        wrng = np.random.default_rng(seed + 3)
+
+        def writer() -> None:
+            while not stop.is_set():
+                a = A[int(wrng.integers(N))]
+                n = int(wrng.integers(1, 2 * a.track_size))
+                a.write(int(wrng.integers(0, a.capacity - n + 1)),
+                        wrng.integers(0, 256, n, dtype=np.uint8))
+                time.sleep(0.001)
+        w = threading.Thread(target=writer, daemon=True)
+        arm()
+        w.start()
+        gm.start()
+        end = time.monotonic() + 60
+        while len(results) < loop_cgs and time.monotonic() < end:
+            time.sleep(0.005)
+        gm.stop()
+        stop.set()
+        w.join()
+        faults.clear()
+        assert results and all(r.committed for r in results), results
+        if durability == "power":
+            state["floor"] = gm.stats.sequence
+        gm.on_result = None
+        take("after loop", always=True)
+
+        # recovery at the remote site, then failback
+        state["phase"] = "recover"
+        arm()
+        assert gm.recover() == state["floor"]
+        take("after recover", always=True)
+        state["phase"] = "failback"
+        for t in gm.triplets:
+            t.pair.failback()
+            take("after failback")
+        for t in gm.triplets:
+            while t.pair.drain(2 * t.a.track_size):
+                take("between sends")
+        faults.clear()
+        rec.stop()
+        return Paths(cuts, snaps, rec, fired, results)
+    finally:
+        faults.clear()
+        if rec is not None and rec.active:
+            rec.stop()
+        u2.close()
+        u1.close()
+
+
+def check_paths_cut(cut: Cut, snaps: dict) -> list[str]:
+    """As :func:`check_cut`; a cut taken during or after recovery (the pairs
+    failed over, C restored onto B) must also give, after the reopened
+    session recovers (again), every B equal to its C."""
+    if cut.point.startswith("failback/"):
+        return _check_c_only(cut, snaps)
+    out = check_cut(cut, snaps)
+    if out or not cut.dirty.get("recovered"):
+        return out
+    with StorageUnit(cut.dest / "primary", durability="power"), \
+            StorageUnit(cut.dest / "secondary", durability="power") as u2:
+        gm = u2.sessions[SESSION]
+        by_target = {fc.target.name: fc for fc in u2.flashcopies}
+        seq = by_target["C0"].sequence
+        if not all(t.pair.failed_over for t in gm.triplets):
+            gm.recover()
+        for i in range(N):
+            b = u2.volume(f"B{i}")
+            if not np.array_equal(b.read(0, b.capacity), snaps[seq][i]):
+                out.append(f"recovered B: B{i} does not hold CG {seq}")
+    return out
+
+
+def _check_c_only(cut: Cut, snaps: dict) -> list[str]:
+    """After failback (B the primary, A its secondary) only C is the
+    promise's: each still reads the CG it held (no CG forms meanwhile)."""
+    out = []
+    with StorageUnit(cut.dest / "primary", durability="power"), \
+            StorageUnit(cut.dest / "secondary", durability="power") as u2:
+        for i in range(N):
+            c = u2.volume(f"C{i}")
+            if not np.array_equal(c.read(0, c.capacity), snaps[cut.floor][i]):
+                out.append(f"image: C{i} does not hold CG {cut.floor}")
+    return out
+
+
+def check_paths(run: Paths):
+    bad = []
+    tally: collections.Counter = collections.Counter()
+    for cut in run.cuts:
+        v = check_paths_cut(cut, run.snaps)
+        if v:
+            bad.append((cut, v))
+            for x in v:
+                tally[(cut.point, x.split(":")[0])] += 1
+        shutil.rmtree(cut.dest)
+    return bad, tally
+
+
+PATH_VARIANTS = [("random", "synced"), ("random", "synced"), ("all", "current")]
+
+
+def test_power_survives_cuts_on_every_path(work):
+    """At "power" a cut anywhere on the paths that change B or C (Global
+    Copy between CGs, the loop with an interval and writers, recovery at the
+    remote site, failback) leaves every C on one committed CG, at least the
+    newest whose decision was durable."""
+    t = time.perf_counter()
+    run = run_paths(work, "power", PATH_VARIANTS, rate=0.25)
+    t1 = time.perf_counter()
+    bad, tally = check_paths(run)
+    print(f"\npower, every path: {len(run.cuts)} cuts, {t1 - t:.1f} + "
+          f"{time.perf_counter() - t1:.1f} s; "
+          f"instants reached: {dict(run.fired)}")
+    assert not bad, _describe(bad, tally, len(run.cuts))
+    for where in ("global copy/cow", "global copy/between sends", "loop/cow",
+                  "loop/decision", "recover/after recover"):
+        assert run.fired[where], f"no instant {where!r} reached: {dict(run.fired)}"
