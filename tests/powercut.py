@@ -123,6 +123,7 @@ class PowerCutRecorder:
         # (at each observed instant: every sync, every cut), oldest first
         self.versions: dict[Path, dict[int, list[bytes]]] = {}
         self.observations = 0
+        self._observed: dict[Path, bytes] = {}   # file -> its content when last observed
         self._undo: list = []
         self.active = False
 
@@ -172,15 +173,17 @@ class PowerCutRecorder:
         recorder sees are observed: syncs and cuts; the versions a page took
         between two of them are not.)"""
         self.observations += 1
-        for d in self.dirs:
+        for d in self.dirs:            # (resolved: so are the paths under it)
             for p in self.files(d):
-                p = p.resolve()
                 if p.name in DB_FILES:
                     continue
                 cur = _read(p)
-                if cur is None:
+                if cur is None or self._observed.get(p) == cur:
                     continue
+                self._observed[p] = cur
                 base = self.synced.get(p, b"")
+                if cur == base:
+                    continue
                 seen = self.versions.setdefault(p, {})
                 for i in _differing_pages(base, cur):
                     page = cur[i * PAGE:(i + 1) * PAGE]

@@ -445,7 +445,7 @@ class Paths:
 
 
 def run_paths(tmp: Path, durability: str, variants, seed: int = 0, rate: float = 0.5,
-              rounds: int = 2, loop_cgs: int = 3) -> Paths:
+              rounds: int = 2, loop_cgs: int = 3, send_tracks: int = 2) -> Paths:
     """Take the session through every path that changes B or C, cutting at a
     random share (``rate``) of the instants the engine calls back at."""
     root = tmp / "units"
@@ -476,7 +476,7 @@ def run_paths(tmp: Path, durability: str, variants, seed: int = 0, rate: float =
         u1.flush()
         u2.flush()
         rec = PowerCutRecorder([p, s], volumes=A + B + C).start()
-        state = {"floor": gm.stats.sequence, "phase": "", "closed": False}
+        state = {"floor": gm.stats.sequence, "phase": ""}
         cut_lock = threading.Lock()
 
         def take(point: str, always: bool = False) -> None:
@@ -490,9 +490,9 @@ def run_paths(tmp: Path, durability: str, variants, seed: int = 0, rate: float =
                     dest = tmp / "cuts" / f"{len(cuts):04d}"
                     rec.cut(dest, cut_rng, pages=variant[0], db=variant[1])
                     cuts.append(Cut(f"{label}@CG{seq}", label, variant, dest,
-                                    state["floor"], seq, {"closed": state["closed"],
-                                                          "recovered": state["phase"]
-                                                          in ("recover", "failback")}))
+                                    state["floor"], seq,
+                                    {"c_seq": state.get("c_seq"),
+                                     "recovered": state["phase"] in ("recover", "failback")}))
 
         def on_decision() -> None:
             if durability == "power":
@@ -518,7 +518,7 @@ def run_paths(tmp: Path, durability: str, variants, seed: int = 0, rate: float =
             _writes(rng, A)
             arm()
             for k in range(64):
-                sent = sum(t.pair.drain(2 * t.a.track_size) for t in gm.triplets)
+                sent = sum(t.pair.drain(send_tracks * t.a.track_size) for t in gm.triplets)
                 take("between sends")
                 if not sent:
                     break
@@ -562,14 +562,15 @@ def run_paths(tmp: Path, durability: str, variants, seed: int = 0, rate: float =
         # recovery at the remote site, then failback
         state["phase"] = "recover"
         arm()
-        assert gm.recover() == state["floor"]
+        state["c_seq"] = gm.stats.sequence
+        assert gm.recover() == state["c_seq"]
         take("after recover", always=True)
         state["phase"] = "failback"
         for t in gm.triplets:
             t.pair.failback()
             take("after failback")
         for t in gm.triplets:
-            while t.pair.drain(2 * t.a.track_size):
+            while t.pair.drain(send_tracks * t.a.track_size):
                 take("between sends")
         faults.clear()
         rec.stop()
@@ -607,14 +608,16 @@ def check_paths_cut(cut: Cut, snaps: dict) -> list[str]:
 
 def _check_c_only(cut: Cut, snaps: dict) -> list[str]:
     """After failback (B the primary, A its secondary) only C is the
-    promise's: each still reads the CG it held (no CG forms meanwhile)."""
+    promise's: each still reads the CG it held at recovery (no CG forms
+    meanwhile)."""
     out = []
     with StorageUnit(cut.dest / "primary", durability="power"), \
             StorageUnit(cut.dest / "secondary", durability="power") as u2:
         for i in range(N):
             c = u2.volume(f"C{i}")
-            if not np.array_equal(c.read(0, c.capacity), snaps[cut.floor][i]):
-                out.append(f"image: C{i} does not hold CG {cut.floor}")
+            seq = cut.dirty["c_seq"]
+            if not np.array_equal(c.read(0, c.capacity), snaps[seq][i]):
+                out.append(f"image: C{i} does not hold CG {seq}")
     return out
 
 
@@ -634,19 +637,59 @@ def check_paths(run: Paths):
 PATH_VARIANTS = [("random", "synced"), ("random", "synced"), ("all", "current")]
 
 
-def test_power_survives_cuts_on_every_path(work):
-    """At "power" a cut anywhere on the paths that change B or C (Global
-    Copy between CGs, the loop with an interval and writers, recovery at the
-    remote site, failback) leaves every C on one committed CG, at least the
-    newest whose decision was durable."""
+def _paths(work, durability, variants, **kw):
     t = time.perf_counter()
-    run = run_paths(work, "power", PATH_VARIANTS, rate=0.25)
+    run = run_paths(work, durability, variants, **kw)
     t1 = time.perf_counter()
     bad, tally = check_paths(run)
-    print(f"\npower, every path: {len(run.cuts)} cuts, {t1 - t:.1f} + "
-          f"{time.perf_counter() - t1:.1f} s; "
-          f"instants reached: {dict(run.fired)}")
+    print(f"\n{durability}, every path: {len(run.cuts)} cuts, {t1 - t:.1f} + "
+          f"{time.perf_counter() - t1:.1f} s; instants reached: {dict(run.fired)}\n"
+          + _describe(bad, tally, len(run.cuts), limit=4))
+    return run, bad, tally
+
+
+PATH_INSTANTS = ("global copy/cow", "global copy/barrier", "global copy/between sends",
+                 "cg/barrier", "loop/cow", "loop/barrier", "loop/decision",
+                 "recover/after recover", "failback/between sends")
+
+
+def test_power_survives_cuts_on_every_path(work):
+    """At "power" a cut anywhere on the paths that change B or C (Global
+    Copy between CGs with host writes between sends, the CG after it, the
+    loop with an interval and a writer thread, recovery at the remote site,
+    failback) leaves every C on one committed CG, at least the newest whose
+    decision was durable; after recovery, every B on it too."""
+    run, bad, tally = _paths(work, "power", PATH_VARIANTS, rate=0.1, rounds=1,
+                             loop_cgs=2, send_tracks=4)
     assert not bad, _describe(bad, tally, len(run.cuts))
-    for where in ("global copy/cow", "global copy/between sends", "loop/cow",
-                  "loop/decision", "recover/after recover"):
-        assert run.fired[where], f"no instant {where!r} reached: {dict(run.fired)}"
+    missing = [w for w in PATH_INSTANTS if not run.fired[w]]
+    assert not missing, f"instants never reached: {missing}; reached: {dict(run.fired)}"
+
+
+@pytest.mark.slow
+def test_power_survives_more_cuts_on_every_path(work):
+    run, bad, tally = _paths(work, "power", PATH_VARIANTS, seed=5, rate=0.3)
+    assert not bad, _describe(bad, tally, len(run.cuts))
+
+
+def test_process_is_caught_on_every_path(work):
+    """The same paths at "process" (nothing synced between flushes): some cut
+    breaks the promise (the harness has teeth there), and none that keeps
+    every page and every commit (what a process kill leaves)."""
+    run, bad, tally = _paths(work, "process", PATH_VARIANTS, rate=0.1, rounds=1,
+                             loop_cgs=2, send_tracks=4)
+    assert bad, f"no violation in {len(run.cuts)} cuts at 'process': the harness cannot fail"
+    kill_like = [(c, v) for c, v in bad if c.variant == ("all", "current")]
+    assert not kill_like, "a cut that keeps every page (a process kill) breaks the promise:\n" + \
+        _describe(kill_like, collections.Counter(), len(run.cuts))
+
+
+def test_power_without_ordered_global_copy_is_caught(work, monkeypatch):
+    """At "power" with the ordering of Global Copy's sends skipped (PPRC
+    updates copy on write into C with no sync between them, as before the
+    ordering existed), cuts between CGs break the promise."""
+    from fastfc.copyservices.pprc import PPRCPair
+    monkeypatch.setattr(PPRCPair, "_order_send", lambda self, bitmap, start, stop: None)
+    run, bad, tally = _paths(work, "power", PATH_VARIANTS, rate=0.1, rounds=1,
+                             loop_cgs=2, send_tracks=4)
+    assert any(p.startswith("global copy/") for p, _ in tally), tally

@@ -22,8 +22,8 @@ from typing import Sequence
 
 from fastfc import _core, faults
 from fastfc._core import TrackBitmap, combine_or3
-from fastfc.errors import (IncompleteCopyError, LimitError, NoSpaceError, StateError,
-                           VolumeClosedError, WriteInhibitedError)
+from fastfc.errors import (IncompleteCopyError, InjectedFault, LimitError, NoSpaceError,
+                           StateError, VolumeClosedError, WriteInhibitedError)
 from fastfc.storage.store import Store
 from fastfc.storage.volume import Volume, check_pairable, locked
 
@@ -354,6 +354,46 @@ class FlashCopy(_core.RelationshipBase):
         self._done.wait(timeout)
         # a relationship withdrawn with tracks left (force) never completes
         return not self.to_copy.any()
+
+    # -- durability "power": ordered writes --------------------------------------
+    def make_overwritable(self, mask: TrackBitmap) -> None:
+        """Durability "power", before the source's tracks in ``mask`` are
+        overwritten (by PPRC updates, the only writer of a Global Mirror B):
+        make their change bits durable (so the next resync copies them), then
+        copy to the target the old tracks it still reads from the source and
+        make them durable, and only then clear their ``to_copy`` bits and
+        make that durable. Each step is on the disk before the next begins,
+        so a power cut anywhere leaves the target on its image: a cleared
+        bit on the disk always has its target data there, and a source track
+        on the disk newer than the image always has its change bit. The
+        write that follows then needs no copy-on-write for these tracks.
+
+        Takes the source and target locks (in volume-id order) for each step;
+        the caller may hold the lock of a PPRC primary writing the source."""
+        S, T = self.source, self.target
+        if not self.active or self.src_changed is None:
+            return
+        store = self._store
+        with locked((S, T)):
+            self.src_changed.or_(mask)
+            need = mask & self.to_copy
+        store.sync(self.src_changed)
+        if not need.any():
+            return
+        ts = S.track_size
+        with locked((S, T)):
+            T._reserve_tracks(need)       # a thin target gets its blocks first
+            raw, src = T._raw_array(), S.array
+            for t0, t1 in need.runs():
+                raw[t0 * ts:t1 * ts] = src[t0 * ts:t1 * ts]
+        try:
+            faults.hit("cow", S)          # crash and power-cut tests stop here
+        except InjectedFault:
+            pass
+        store.sync(T)
+        with locked((S, T)):
+            self.to_copy.andnot(need)
+        store.sync(self.to_copy)
 
     # -- incremental and revertible resync -----------------------------------
     def resync(self, *, revertible: bool = False, sequence: int | None = None) -> None:
