@@ -371,10 +371,12 @@ class PowerCutRecorder:
                 else:
                     if base is None:
                         base = bytes(len(cur))
+                    seen = self.versions.get(p, {})
                     diff = _differing_pages(base, cur)
+                    if pages == "random":   # also a page changed and changed back since
+                        diff = sorted(set(diff) | {i for i in seen if (i + 1) * PAGE <= len(cur)})
                     buf = bytearray(base[:len(cur)].ljust(len(cur), b"\0"))
                     take = []
-                    seen = self.versions.get(p, {})
                     for i in diff:
                         page = cur[i * PAGE:(i + 1) * PAGE]
                         if pages == "none":

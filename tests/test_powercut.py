@@ -559,12 +559,18 @@ def run_paths(tmp: Path, durability: str, variants, seed: int = 0, rate: float =
         gm.on_result = None
         take("after loop", always=True)
 
-        # recovery at the remote site, then failback
+        # recovery at the remote site (after Global Copy wrote B past the
+        # last CG, so the restore has tracks to copy back), then failback
         state["phase"] = "recover"
+        _writes(rng, A)
+        for t in gm.triplets:
+            t.pair.drain()
+        take("before recover", always=True)
         arm()
         state["c_seq"] = gm.stats.sequence
         assert gm.recover() == state["c_seq"]
-        take("after recover", always=True)
+        for _ in range(3):
+            take("after recover", always=True)
         state["phase"] = "failback"
         for t in gm.triplets:
             t.pair.failback()
@@ -650,7 +656,7 @@ def _paths(work, durability, variants, **kw):
 
 PATH_INSTANTS = ("global copy/cow", "global copy/barrier", "global copy/between sends",
                  "cg/barrier", "loop/cow", "loop/barrier", "loop/decision",
-                 "recover/after recover", "failback/between sends")
+                 "recover/barrier", "recover/after recover", "failback/between sends")
 
 
 def test_power_survives_cuts_on_every_path(work):

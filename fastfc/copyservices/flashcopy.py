@@ -515,18 +515,32 @@ class FlashCopy(_core.RelationshipBase):
             for other in S._src_rels:
                 if other is not self:
                     other.target._reserve_tracks(changed & other.to_copy)
-            for other in S._src_rels:
-                if other is not self:
-                    cow = changed & other.to_copy
-                    other._copy_tracks_where(cow, False)
-                    other.to_copy.andnot(changed)
-                    if other.src_changed is not None:
-                        other.src_changed.or_(changed)
+            others = [r for r in S._src_rels if r is not self]
+            # durability "power": each step on the disk before the next (the
+            # other targets' copies before their cleared bits, the restored
+            # source tracks before the change bits that name them clear)
+            store = self._store
+            ordered = store.durability == "power"
+            for other in others:
+                cow = changed & other.to_copy
+                other._copy_tracks_where(cow, False)
+            if ordered and others:
+                store.sync(*(r.target for r in others))
+            for other in others:
+                other.to_copy.andnot(changed)
+                if other.src_changed is not None:
+                    other.src_changed.or_(changed)
+            if ordered and others:
+                store.sync(*(bm for r in others for bm in (r.to_copy, r.src_changed)))
             copied = self._copy_tracks_where(mask, True)
             if S._mirror is not None and S._mirror.oos is not None:
                 S._mirror.oos.or_(changed)
+            if ordered:
+                store.sync(S, S._mirror.oos if S._mirror is not None else None)
             self.src_changed.fill(False)
             self.tgt_changed.fill(False)
+            if ordered:
+                store.sync(self.src_changed, self.tgt_changed)
             self._save()
         return copied
 
