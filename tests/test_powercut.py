@@ -445,9 +445,12 @@ class Paths:
 
 
 def run_paths(tmp: Path, durability: str, variants, seed: int = 0, rate: float = 0.5,
-              rounds: int = 2, loop_cgs: int = 3, send_tracks: int = 2) -> Paths:
+              rounds: int = 2, loop_cgs: int = 3, send_tracks: int = 2,
+              end: str = "recover") -> Paths:
     """Take the session through every path that changes B or C, cutting at a
-    random share (``rate``) of the instants the engine calls back at."""
+    random share (``rate``) of the instants the engine calls back at. ``end``:
+    "recover" (recovery at the remote site, then failback) or "close" (the
+    session ends; each C first takes the tracks it still reads from B)."""
     root = tmp / "units"
     p, s = root / "primary", root / "secondary"
     rng = np.random.default_rng(seed)
@@ -546,8 +549,8 @@ def run_paths(tmp: Path, durability: str, variants, seed: int = 0, rate: float =
         arm()
         w.start()
         gm.start()
-        end = time.monotonic() + 60
-        while len(results) < loop_cgs and time.monotonic() < end:
+        give_up = time.monotonic() + 60
+        while len(results) < loop_cgs and time.monotonic() < give_up:
             time.sleep(0.005)
         gm.stop()
         stop.set()
@@ -559,15 +562,26 @@ def run_paths(tmp: Path, durability: str, variants, seed: int = 0, rate: float =
         gm.on_result = None
         take("after loop", always=True)
 
-        # recovery at the remote site (after Global Copy wrote B past the
-        # last CG, so the restore has tracks to copy back), then failback
-        state["phase"] = "recover"
+        state["phase"] = end
+        if end == "close":        # C still reads from B the tracks of the last CG
+            _writes(rng, A)
+            form()
+            state["c_seq"] = gm.stats.sequence
+            assert any(fc.tracks_to_copy for fc in (t.fc for t in gm.triplets))
+            arm()
+            gm.close(on_copy=lambda done, total: take("between copies"))
+            faults.clear()
+            take("after close", always=True)
+            rec.stop()
+            return Paths(cuts, snaps, rec, fired, results)
+        state["c_seq"] = gm.stats.sequence
+        # recovery at the remote site, after Global Copy wrote B past the
+        # last CG (the restore has tracks to copy back), then failback
         _writes(rng, A)
         for t in gm.triplets:
             t.pair.drain()
-        take("before recover", always=True)
+        take(f"before {end}", always=True)
         arm()
-        state["c_seq"] = gm.stats.sequence
         assert gm.recover() == state["c_seq"]
         for _ in range(3):
             take("after recover", always=True)
@@ -593,7 +607,7 @@ def check_paths_cut(cut: Cut, snaps: dict) -> list[str]:
     """As :func:`check_cut`; a cut taken during or after recovery (the pairs
     failed over, C restored onto B) must also give, after the reopened
     session recovers (again), every B equal to its C."""
-    if cut.point.startswith("failback/"):
+    if cut.point.startswith(("failback/", "close/")):
         return _check_c_only(cut, snaps)
     out = check_cut(cut, snaps)
     if out or not cut.dirty.get("recovered"):
@@ -613,9 +627,9 @@ def check_paths_cut(cut: Cut, snaps: dict) -> list[str]:
 
 
 def _check_c_only(cut: Cut, snaps: dict) -> list[str]:
-    """After failback (B the primary, A its secondary) only C is the
-    promise's: each still reads the CG it held at recovery (no CG forms
-    meanwhile)."""
+    """After failback (B the primary, A its secondary), or while the session
+    ends, only C is the promise's: each still reads the CG it held (no CG
+    forms meanwhile)."""
     out = []
     with StorageUnit(cut.dest / "primary", durability="power"), \
             StorageUnit(cut.dest / "secondary", durability="power") as u2:
@@ -669,6 +683,19 @@ def test_power_survives_cuts_on_every_path(work):
                              loop_cgs=2, send_tracks=4)
     assert not bad, _describe(bad, tally, len(run.cuts))
     missing = [w for w in PATH_INSTANTS if not run.fired[w]]
+    assert not missing, f"instants never reached: {missing}; reached: {dict(run.fired)}"
+
+
+def test_power_survives_cuts_while_a_session_ends(work):
+    """At "power" a cut while a session ends (each C takes, by FlashCopy's
+    background-copy path, the tracks it still reads from B, then the
+    relationships and pairs go) leaves every C on the last CG."""
+    run, bad, tally = _paths(work, "power", PATH_VARIANTS, rate=0.1, rounds=1,
+                             loop_cgs=1, send_tracks=8, end="close")
+    assert not bad, _describe(bad, tally, len(run.cuts))
+    missing = [w for w in ("close/barrier", "close/cow", "close/between copies",
+                           "close/after close")
+               if not run.fired[w]]
     assert not missing, f"instants never reached: {missing}; reached: {dict(run.fired)}"
 
 

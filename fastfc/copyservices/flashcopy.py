@@ -258,9 +258,13 @@ class FlashCopy(_core.RelationshipBase):
         chunk = max(1, CHUNK_BYTES // self.source.track_size)
         total = 0
         wraps = 0
+        ordered = self._store.durability == "power"
         while max_tracks is None or total < max_tracks:
             budget = chunk if max_tracks is None else min(chunk, max_tracks - total)
-            done, resume = self._copy_chunk(self._cursor, budget)
+            if ordered:     # each chunk's data on the disk before its cleared bits
+                done, resume = self._copy_chunk_ordered(self._cursor, budget)
+            else:
+                done, resume = self._copy_chunk(self._cursor, budget)
             total += done
             if resume >= n:
                 self._cursor = 0
@@ -273,6 +277,30 @@ class FlashCopy(_core.RelationshipBase):
                     break
         self._end_if_complete()
         return total
+
+    def _copy_chunk_ordered(self, start: int, max_tracks: int) -> tuple[int, int]:
+        """As ``_copy_chunk`` at durability "power" (:meth:`_copy_ordered`):
+        the tracks still to copy in ``start:start + max_tracks``; returns
+        ``(tracks copied, resume position)``."""
+        S, T = self.source, self.target
+        n = S.n_tracks
+        while True:
+            with locked((S, T)):
+                if not self.active or self.revertible:
+                    return 0, start
+                if S.closed or T.closed:
+                    raise VolumeClosedError("background copy needs both volumes open")
+                mask = self.to_copy.copy()
+            start = mask.find_next_set(start)     # from the next track still to copy
+            if start < 0:
+                return 0, n
+            stop = min(n, start + max_tracks)
+            mask.clear_range(0, start)
+            mask.clear_range(stop, n)
+            done = self._copy_ordered(mask)
+            if done or stop >= n:      # (none: copies on write took them meanwhile)
+                return done, stop
+            start = stop
 
     def _end_if_complete(self) -> None:
         if self.persistent or not self.active:
@@ -373,15 +401,22 @@ class FlashCopy(_core.RelationshipBase):
         S, T = self.source, self.target
         if not self.active or self.src_changed is None:
             return
-        store = self._store
         with locked((S, T)):
             self.src_changed.or_(mask)
-            need = mask & self.to_copy
-        store.sync(self.src_changed)
-        if not need.any():
-            return
+        self._store.sync(self.src_changed)
+        self._copy_ordered(mask)
+
+    def _copy_ordered(self, mask: TrackBitmap) -> int:
+        """Durability "power": copy to the target the tracks of ``mask`` it
+        still needs, make them durable, and only then clear their
+        ``to_copy`` bits and make that durable (a cleared bit on the disk
+        always has its target data there). Returns the tracks copied."""
+        S, T = self.source, self.target
         ts = S.track_size
         with locked((S, T)):
+            need = mask & self.to_copy    # (a copy-on-write may have taken some)
+            if not need.any():
+                return 0
             T._reserve_tracks(need)       # a thin target gets its blocks first
             raw, src = T._raw_array(), S.array
             for t0, t1 in need.runs():
@@ -390,10 +425,12 @@ class FlashCopy(_core.RelationshipBase):
             faults.hit("cow", S)          # crash and power-cut tests stop here
         except InjectedFault:
             pass
+        store = self._store
         store.sync(T)
         with locked((S, T)):
             self.to_copy.andnot(need)
         store.sync(self.to_copy)
+        return need.count()
 
     # -- incremental and revertible resync -----------------------------------
     def resync(self, *, revertible: bool = False, sequence: int | None = None) -> None:
