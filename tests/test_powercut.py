@@ -726,3 +726,90 @@ def test_power_without_ordered_global_copy_is_caught(work, monkeypatch):
     run, bad, tally = _paths(work, "power", PATH_VARIANTS, rate=0.1, rounds=1,
                              loop_cgs=2, send_tracks=4)
     assert any(p.startswith("global copy/") for p, _ in tally), tally
+
+
+# -- recovery itself: a cut while a unit that a cut left with a CG in flight reopens ----
+def test_power_survives_cuts_during_recovery(work):
+    """Cut a session at durability "power" inside the FlashCopy phase of a
+    CG (right after its decision, and inside its commits: relationships
+    committed in memory, not in the database), power the copies on (reopen:
+    recovery carries out the recorded decision) and cut again at every
+    instant of that recovery (its commits, each sync, after the open, after
+    the close that follows): each second cut still holds the CG whose
+    decision was durable."""
+    rng = np.random.default_rng(11)
+    cut_rng = np.random.default_rng(12)
+    root = work / "units"
+    p, s = root / "primary", root / "secondary"
+    snaps: dict[int, list[np.ndarray]] = {}
+    first: list[Cut] = []
+    with StorageUnit(p, durability="power") as u1, StorageUnit(s, durability="power") as u2:
+        A = [u1.create_volume(f"A{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+        B = [u2.create_volume(f"B{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+        C = [u2.create_volume(f"C{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+        for a in A:
+            a.write(0, rng.integers(0, 256, a.capacity, dtype=np.uint8))
+        gm = GlobalMirror(list(zip(A, B, C)), name=SESSION, max_coordination_time=5.0,
+                          on_coordinate=lambda seq: snaps.__setitem__(
+                              seq, [a.array.copy() for a in A]))
+        snaps[0] = [c.read(0, c.capacity) for c in C]
+        for _ in range(2):
+            _writes(rng, A)
+            assert gm.form_consistency_group().committed
+        u1.flush()
+        u2.flush()
+
+        def take(point: str) -> None:
+            seq = gm._next_sequence - 1
+            for variant in (("random", "synced"), ("random", "synced"), ("all", "synced")):
+                dest = work / "first" / f"{len(first):03d}"
+                rec.cut(dest, cut_rng, pages=variant[0], db=variant[1])
+                first.append(Cut(f"{point}@CG{seq}", point, variant, dest, seq, seq))
+
+        with PowerCutRecorder([p, s], volumes=A + B + C) as rec:
+            _writes(rng, A)
+            faults.inject("decision", action=lambda: take("decision"))
+            faults.inject("commit", B[2], action=lambda: take("commit[2]"))
+            try:
+                assert gm.form_consistency_group().committed
+            finally:
+                faults.clear()
+    assert len(first) == 6
+    second: list[Cut] = []
+    for k, cut in enumerate(first):
+        cp, cs = cut.dest / "primary", cut.dest / "secondary"
+
+        def take2(point: str, cut=cut) -> None:
+            for variant in PATH_VARIANTS:
+                dest = work / "second" / f"{len(second):03d}"
+                rec2.cut(dest, cut_rng, pages=variant[0], db=variant[1])
+                second.append(Cut(f"recovery/{point} of {cut.label}", f"recovery/{point}",
+                                  variant, dest, cut.floor, cut.attempted))
+
+        with PowerCutRecorder([cp, cs]) as rec2:
+            faults.inject("commit", times=1 << 30, action=lambda: take2("commit"))
+            faults.inject("revert", times=1 << 30, action=lambda: take2("revert"))
+            faults.inject("barrier", times=1 << 30, action=lambda: take2("barrier"))
+            try:
+                u1 = StorageUnit(cp, durability="power")
+                u2 = StorageUnit(cs, durability="power")
+                recovered = list(u2.recovered)
+                take2("opened")
+                u2.close()
+                u1.close()
+                take2("closed")
+            finally:
+                faults.clear()
+        assert recovered, f"{cut.label}: nothing in flight to recover"
+    points = collections.Counter(c.point for c in second)
+    assert points["recovery/commit"], points
+    bad, tally = [], collections.Counter()
+    for cut in first + second:
+        v = check_cut(cut, snaps)
+        if v:
+            bad.append((cut, v))
+            for x in v:
+                tally[(cut.point, x.split(":")[0])] += 1
+    print(f"\nrecovery: {len(first)} first cuts, {len(second)} cuts during their recovery; "
+          f"{dict(points)}")
+    assert not bad, _describe(bad, tally, len(first) + len(second))
