@@ -444,6 +444,38 @@ class Paths:
     results: list
 
 
+def _loop(gm, A, arm, results: list, loop_cgs: int, seed: int) -> None:
+    """The session's continuous loop with an interval (Global Copy between
+    its CGs) until ``loop_cgs`` CGs formed, a host writer on its own thread."""
+    gm.cg_interval = 0.02
+    gm.on_result = results.append
+    stop = threading.Event()
+    wrng = np.random.default_rng(seed + 3)
+
+    def writer() -> None:
+        while not stop.is_set():
+            a = A[int(wrng.integers(N))]
+            n = int(wrng.integers(1, 2 * a.track_size))
+            a.write(int(wrng.integers(0, a.capacity - n + 1)),
+                    wrng.integers(0, 256, n, dtype=np.uint8))
+            time.sleep(0.001)
+    w = threading.Thread(target=writer, daemon=True)
+    arm()
+    w.start()
+    gm.start()
+    give_up = time.monotonic() + 60
+    try:
+        while len(results) < loop_cgs and time.monotonic() < give_up:
+            time.sleep(0.005)
+    finally:
+        gm.stop()
+        stop.set()
+        w.join()
+        faults.clear()
+        gm.on_result = None
+    assert results and all(r.committed for r in results), results
+
+
 def run_paths(tmp: Path, durability: str, variants, seed: int = 0, rate: float = 0.5,
               rounds: int = 2, loop_cgs: int = 3, send_tracks: int = 2,
               end: str = "recover") -> Paths:
@@ -533,36 +565,13 @@ def run_paths(tmp: Path, durability: str, variants, seed: int = 0, rate: float =
 
         # the continuous loop with an interval, host writers on their own thread
         state["phase"] = "loop"
-        gm.cg_interval = 0.02
-        gm.on_result = results.append
-        stop = threading.Event()
-        wrng = np.random.default_rng(seed + 3)
-
-        def writer() -> None:
-            while not stop.is_set():
-                a = A[int(wrng.integers(N))]
-                n = int(wrng.integers(1, 2 * a.track_size))
-                a.write(int(wrng.integers(0, a.capacity - n + 1)),
-                        wrng.integers(0, 256, n, dtype=np.uint8))
-                time.sleep(0.001)
-        w = threading.Thread(target=writer, daemon=True)
-        arm()
-        w.start()
-        gm.start()
-        give_up = time.monotonic() + 60
-        while len(results) < loop_cgs and time.monotonic() < give_up:
-            time.sleep(0.005)
-        gm.stop()
-        stop.set()
-        w.join()
-        faults.clear()
-        assert results and all(r.committed for r in results), results
-        if durability == "power":
-            state["floor"] = gm.stats.sequence
-        gm.on_result = None
-        take("after loop", always=True)
-
+        if loop_cgs:
+            _loop(gm, A, arm, results, loop_cgs, seed)
+            if durability == "power":
+                state["floor"] = gm.stats.sequence
+            take("after loop", always=True)
         state["phase"] = end
+        faults.clear()
         if end == "close":        # C still reads from B the tracks of the last CG
             _writes(rng, A)
             form()
@@ -680,7 +689,7 @@ def test_power_survives_cuts_on_every_path(work):
     failback) leaves every C on one committed CG, at least the newest whose
     decision was durable; after recovery, every B on it too."""
     run, bad, tally = _paths(work, "power", PATH_VARIANTS, rate=0.1, rounds=1,
-                             loop_cgs=2, send_tracks=4)
+                             loop_cgs=1, send_tracks=4)
     assert not bad, _describe(bad, tally, len(run.cuts))
     missing = [w for w in PATH_INSTANTS if not run.fired[w]]
     assert not missing, f"instants never reached: {missing}; reached: {dict(run.fired)}"
@@ -690,8 +699,8 @@ def test_power_survives_cuts_while_a_session_ends(work):
     """At "power" a cut while a session ends (each C takes, by FlashCopy's
     background-copy path, the tracks it still reads from B, then the
     relationships and pairs go) leaves every C on the last CG."""
-    run, bad, tally = _paths(work, "power", PATH_VARIANTS, rate=0.1, rounds=1,
-                             loop_cgs=1, send_tracks=8, end="close")
+    run, bad, tally = _paths(work, "power", PATH_VARIANTS, rate=0.5, rounds=0,
+                             loop_cgs=0, end="close")
     assert not bad, _describe(bad, tally, len(run.cuts))
     missing = [w for w in ("close/barrier", "close/cow", "close/between copies",
                            "close/after close")
@@ -723,8 +732,8 @@ def test_power_without_ordered_global_copy_is_caught(work, monkeypatch):
     ordering existed), cuts between CGs break the promise."""
     from fastfc.copyservices.pprc import PPRCPair
     monkeypatch.setattr(PPRCPair, "_order_send", lambda self, bitmap, start, stop: None)
-    run, bad, tally = _paths(work, "power", PATH_VARIANTS, rate=0.1, rounds=1,
-                             loop_cgs=2, send_tracks=4)
+    run, bad, tally = _paths(work, "power", PATH_VARIANTS, rate=0.2, rounds=1,
+                             loop_cgs=0, send_tracks=8, end="close")
     assert any(p.startswith("global copy/") for p, _ in tally), tally
 
 
@@ -761,7 +770,7 @@ def test_power_survives_cuts_during_recovery(work):
 
         def take(point: str) -> None:
             seq = gm._next_sequence - 1
-            for variant in (("random", "synced"), ("random", "synced"), ("all", "synced")):
+            for variant in (("random", "synced"), ("all", "synced")):
                 dest = work / "first" / f"{len(first):03d}"
                 rec.cut(dest, cut_rng, pages=variant[0], db=variant[1])
                 first.append(Cut(f"{point}@CG{seq}", point, variant, dest, seq, seq))
@@ -774,12 +783,15 @@ def test_power_survives_cuts_during_recovery(work):
                 assert gm.form_consistency_group().committed
             finally:
                 faults.clear()
-    assert len(first) == 6
+    assert len(first) == 4
     second: list[Cut] = []
+    pick = np.random.default_rng(13)
     for k, cut in enumerate(first):
         cp, cs = cut.dest / "primary", cut.dest / "secondary"
 
         def take2(point: str, cut=cut) -> None:
+            if point == "commit" and pick.random() >= 0.3:
+                return
             for variant in PATH_VARIANTS:
                 dest = work / "second" / f"{len(second):03d}"
                 rec2.cut(dest, cut_rng, pages=variant[0], db=variant[1])
