@@ -710,7 +710,7 @@ def test_power_survives_cuts_while_a_session_ends(work):
 
 @pytest.mark.slow
 def test_power_survives_more_cuts_on_every_path(work):
-    run, bad, tally = _paths(work, "power", PATH_VARIANTS, seed=5, rate=0.3)
+    run, bad, tally = _paths(work, "power", PATH_VARIANTS, seed=5, rate=0.15, send_tracks=3)
     assert not bad, _describe(bad, tally, len(run.cuts))
 
 
