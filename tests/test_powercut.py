@@ -6,8 +6,9 @@ writes change A between them. :class:`powercut.PowerCutRecorder` watches
 every sync point (msync of volumes and bitmaps, fsynced SQLite commits,
 checkpoints, fsync) and, at chosen instants, writes copies of both unit
 directories as a power cut could leave them: each volume and bitmap file is
-its last synced content plus a random subset of the 4 KiB pages that changed
-since (also none of them and all of them); the database is the last synced
+its last synced content where each 4 KiB page that changed since holds any
+of its versions since (the synced one, one observed at a sync or a cut since,
+the current one; also all synced and all current); the database is the last synced
 commit (also, once per instant, every commit). Instants (fault actions, run
 synchronously on the thread forming the CG):
 
@@ -34,12 +35,23 @@ kind of its ordering barriers (C data, B data, bitmaps) skipped. At "power"
 as it is there must be none. A cut that keeps every page and every commit
 (what a process kill leaves) must hold at any level: a check on the harness.
 
+Beyond the CG itself (:func:`run_paths`): every path that changes B or C,
+cut at a random share of the instants it calls back at (each copy into C,
+each sync at "power", each decision, between steps), with a fixed seed:
+Global Copy between CGs (``PPRCPair.drain``, as ``formcg`` before its first
+CG, the loop with an interval and the catch-up after a failed drain run it)
+with host writes between sends; the loop with ``cg_interval > 0`` and a
+writer thread; recovery at the remote site (failover, fast reverse restore:
+B must then hold the CG too) and failback; a session's close (C takes what
+it still reads from B by FlashCopy's copy path); and recovery itself (a
+unit a cut left mid-CG, cut again while it reopens).
+
 Not covered (see tests/powercut.py): torn writes inside a 4 KiB page; the
 drive's volatile cache and FUA (a sync is trusted to reach stable media);
 filesystem metadata (directory entries, file sizes) and journal replay;
 SQLite's own WAL recovery of a torn frame (SQLite is trusted: the database is
-taken whole as of a synced commit); real concurrency of writers during the
-cut (cuts happen at callback instants of one thread).
+taken whole as of a synced commit); a page version that lived only between
+two observed instants; instants inside a kernel call that makes no callback.
 """
 
 from __future__ import annotations
