@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol, cast
 
 import numpy as np
 
@@ -49,6 +49,13 @@ def pair_locked(primary: Volume, secondary: Volume) -> Iterator[None]:
             secondary._unlock()
     finally:
         primary._unlock()
+
+
+class _Overwritable(Protocol):
+    """What an ordered send needs of a secondary's FlashCopy relationships
+    (``FlashCopy.make_overwritable``)."""
+
+    def make_overwritable(self, mask: TrackBitmap) -> None: ...
 
 
 SEND_CHUNK_BYTES = 1024 * 1024
@@ -343,7 +350,7 @@ class PPRCPair(_core.MirrorBase):
         mask.clear_range(0, start)
         mask.clear_range(stop, mask.n_bits)
         for rel in list(self.secondary._src_rels):
-            rel.make_overwritable(mask)
+            cast(_Overwritable, rel).make_overwritable(mask)
 
     def drain(self, max_bytes: int | None = None) -> int:
         """Send out-of-sync tracks (Global Copy, initial copy, resync) in the
