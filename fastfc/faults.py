@@ -27,8 +27,10 @@ Points reached by the engine:
     before the first relationship is committed or reverted.
 ``cow``
     Inside a host write, after the copy-on-write of the old tracks to a
-    target and before the new data lands (``volume`` is the source). Use it
-    with ``action``; the I/O path ignores exceptions and delays here.
+    target and before the new data lands (``volume`` is the source); at
+    durability "power" also after an ordered copy to a target, before its
+    ``to_copy`` bits clear (a CG's or Global Copy's drain, a copy to the
+    target). Use it with ``action``; exceptions there are ignored.
 ``barrier``
     Right after each sync of a unit at durability "power" (a volume's or a
     bitmap's pages reached the disk), in order: ``after=k`` stops the world

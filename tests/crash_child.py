@@ -19,7 +19,10 @@ contents) and the session; later runs reopen the units and restore the
 session. Then writer threads write to every A, the session forms CGs on its
 loop thread, and the child prints ``READY``. With ``--point`` a fault is
 armed whose action kills the process when that point is reached; without
-one the child runs until the parent kills it. A child still alive after
+one the child runs until the parent kills it. With ``--then recover`` or
+``--then close`` the loop and the writers stop after ``--run-for`` seconds,
+the point is armed then, and the child recovers the session at the remote
+site or closes it (killing itself right after, if the point was not reached). A child still alive after
 ``--timeout`` seconds exits with status 3 (the point was never reached).
 
 Only the C volumes are checked, against the recorded snapshots: the A
@@ -49,7 +52,9 @@ N_TRACKS = 32
 TRACK = 4096
 SESSION = "gm"
 POINTS = ("none", "prepare", "commit", "revert", "decision", "drain", "link", "cow",
-          "coordinate", "resolve")
+          "coordinate", "resolve", "barrier", "copy")
+# what the child does after --run-for seconds of the loop (writers stopped)
+THEN = ("loop", "recover", "close")
 
 
 # -- helpers shared with the parent --------------------------------------------
@@ -143,6 +148,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cg-interval", type=float, default=0.0)
     ap.add_argument("--pace", type=float, default=4e6, help="host write bytes/s (all writers)")
     ap.add_argument("--timeout", type=float, default=30.0)
+    ap.add_argument("--then", choices=THEN, default="loop",
+                    help="after --run-for seconds, stop the loop and the writers and "
+                         "recover the session at the remote site (failover, reverse "
+                         "restore) or close it (each C first takes what it reads from B); "
+                         "the point is armed only then")
+    ap.add_argument("--run-for", type=float, default=0.3)
     args = ap.parse_args(argv)
     root = args.root
 
@@ -169,7 +180,10 @@ def main(argv=None) -> int:
         return action
 
     pt, k = args.point, args.after
-    if pt in ("prepare", "commit"):
+    on_copy = None
+    if args.then != "loop":
+        pass      # armed after the loop (below)
+    elif pt in ("prepare", "commit"):
         faults.inject(pt, B[i], after=k, action=kill(pt))
     elif pt == "revert":
         # another volume's prepare fails (attempt k+1), so this one is reverted
@@ -185,6 +199,8 @@ def main(argv=None) -> int:
         faults.inject("cow", B[i], after=k, action=kill(pt))
     elif pt == "coordinate":
         faults.inject("coordinate", after=k, action=kill(pt))
+    elif pt == "barrier":
+        faults.inject("barrier", after=k, action=kill(pt))
     elif pt == "resolve":
         # every commit of attempt k+1 fails, so the session resolves the CG by
         # reverting all (none committed); killed at this volume's revert
@@ -195,6 +211,26 @@ def main(argv=None) -> int:
     writers = RandomWriters(A, threads=2, seed=args.seed, pace=args.pace).start()
     gm.start()
     print("READY", gm.c_sequences, flush=True)
+    if args.then != "loop":
+        time.sleep(args.run_for)
+        writers.stop()
+        gm.stop()
+        if pt == "cow":
+            faults.inject("cow", B[i], after=k, action=kill(pt))
+        elif pt == "barrier":
+            faults.inject("barrier", after=k, action=kill(pt))
+        elif pt == "copy":
+            left = [k]
+
+            def on_copy(done: int, total: int) -> None:
+                if left[0] == 0:
+                    kill(pt)()
+                left[0] -= 1
+        if args.then == "recover":
+            gm.recover()
+        else:
+            gm.close(on_copy=on_copy)
+        kill(f"after {args.then}")()
     end = time.monotonic() + args.timeout
     while time.monotonic() < end:
         time.sleep(0.02)

@@ -7,8 +7,11 @@ disk is modelled per file instead:
 * a volume or bitmap file is its content as of its last *sync* (an msync of
   its mapping: ``Volume.flush``, ``FileBitmap.flush``, ``np.memmap.flush``,
   a flush of the volume's ``mmap``, or an ``os.fsync``/``os.fdatasync`` of
-  it), plus **any subset** of the 4 KiB pages that changed since (the kernel
-  may have written any dirty page back at any time, in any order);
+  it), where each 4 KiB page that changed since holds **any of its versions**
+  since that sync: the synced one, one the recorder observed since, or the
+  current one (the kernel may have written any dirty page back at any time,
+  in any order, and again later or not); versions are observed at every
+  sync and every cut (:meth:`PowerCutRecorder.observe`);
 * ``unit.db`` and ``unit.db-wal`` are the files as they were after the last
   *synced* SQLite commit (a commit made with ``PRAGMA synchronous`` >= 2, i.e.
   FULL) or ``sync_point()`` (``wal_checkpoint(FULL)``): the unsynced commits
@@ -38,7 +41,9 @@ What this model does **not** cover (the test is only as strong as it):
 * SQLite's own recovery of a torn WAL frame or a half-written checkpoint:
   the database is taken whole as of a synced commit (SQLite is trusted);
 * real concurrency: cuts are taken at instants where the engine calls back
-  (fault points, between CGs) from one thread; no writer runs during a cut;
+  (fault points, between CGs) from the thread changing B and C; host writers
+  on other threads may run meanwhile (they change A only), but a page version
+  that lived only between two observed instants is not among the choices;
 * a sync the recorder does not see (a C-level msync/fsync, or an mmap flushed
   through an object other than ``Volume._mm``) would make the model *more*
   pessimistic than the truth, never less: it could report false violations,
@@ -114,6 +119,11 @@ class PowerCutRecorder:
         self.durable_names: set[Path] = set()  # files whose directory entry is durable
         self.syncs: collections.Counter = collections.Counter()   # what was synced, by kind
         self.log: list[tuple[str, str]] = []   # (kind, file name) of every sync, in order
+        # file -> page -> the versions of that page seen since its last sync
+        # (at each observed instant: every sync, every cut), oldest first
+        self.versions: dict[Path, dict[int, list[bytes]]] = {}
+        self.observations = 0
+        self._observed: dict[Path, bytes] = {}   # file -> its content when last observed
         self._undo: list = []
         self.active = False
 
@@ -140,16 +150,46 @@ class PowerCutRecorder:
             return
         self.syncs[kind] += 1
         self.log.append((kind, str(path.relative_to(self.parent))))
+        self.observe()          # what every other file held at this instant
         now = _read(path)
         if now is None:
             return
         self.durable_names.add(path)
+        seen = self.versions.get(path, {})
         if size and path in self.synced:
             old = bytearray(self.synced[path])
             old[offset:offset + size] = now[offset:offset + size]
             self.synced[path] = bytes(old)
+            for i in [i for i in seen if offset <= i * PAGE and (i + 1) * PAGE <= offset + size]:
+                del seen[i]
         else:
             self.synced[path] = now
+            seen.clear()
+
+    def observe(self) -> None:
+        """Record the version every changed page of every volume and bitmap
+        file holds now: the kernel may write it back now, and a later version
+        may or may not follow it to the disk before a cut. (Only instants the
+        recorder sees are observed: syncs and cuts; the versions a page took
+        between two of them are not.)"""
+        self.observations += 1
+        for d in self.dirs:            # (resolved: so are the paths under it)
+            for p in self.files(d):
+                if p.name in DB_FILES:
+                    continue
+                cur = _read(p)
+                if cur is None or self._observed.get(p) == cur:
+                    continue
+                self._observed[p] = cur
+                base = self.synced.get(p, b"")
+                if cur == base:
+                    continue
+                seen = self.versions.setdefault(p, {})
+                for i in _differing_pages(base, cur):
+                    page = cur[i * PAGE:(i + 1) * PAGE]
+                    vs = seen.setdefault(i, [])
+                    if not vs or vs[-1] != page:
+                        vs.append(page)
 
     def refresh_db(self, store: SQLiteStore, kind: str) -> None:
         d = Path(store.dir).resolve()
@@ -297,13 +337,18 @@ class PowerCutRecorder:
     def cut(self, dest, rng: np.random.Generator, pages: str = "random",
             db: str = "synced") -> dict:
         """Write under ``dest`` a copy of every unit directory as a power cut
-        now could leave it. ``pages``: which changed pages of each volume or
-        bitmap file reached the disk — "random" (each with probability 1/2,
-        drawn per file from ``rng``), "none" or "all". ``db``: "synced" (the
-        last synced commit) or "current" (every commit reached the disk).
-        Returns what was chosen: per file, the changed pages and how many of
-        them were taken."""
+        now could leave it. ``pages``: what each changed page of each volume
+        or bitmap file holds on the disk — "random" (any of its versions
+        since its last sync, drawn uniformly from ``rng``: the synced one,
+        each one observed since (:meth:`observe`), the current one: any
+        write-back order), "none" (the synced one) or "all" (the current
+        one). ``db``: "synced" (the last synced commit) or "current" (every
+        commit reached the disk). Returns what was chosen: per file, the
+        changed pages and how many of them hold a version newer than the
+        synced one."""
         assert pages in ("random", "none", "all") and db in ("synced", "current")
+        if pages == "random":
+            self.observe()
         dest = Path(dest)
         report: dict[str, tuple[int, int]] = {}
         for d in self.dirs:
@@ -326,16 +371,24 @@ class PowerCutRecorder:
                 else:
                     if base is None:
                         base = bytes(len(cur))
+                    seen = self.versions.get(p, {})
                     diff = _differing_pages(base, cur)
-                    if pages == "all":
-                        take = diff
-                    elif pages == "none":
-                        take = []
-                    else:
-                        take = [i for i in diff if rng.random() < 0.5]
+                    if pages == "random":   # also a page changed and changed back since
+                        diff = sorted(set(diff) | {i for i in seen if (i + 1) * PAGE <= len(cur)})
                     buf = bytearray(base[:len(cur)].ljust(len(cur), b"\0"))
-                    for i in take:
-                        buf[i * PAGE:(i + 1) * PAGE] = cur[i * PAGE:(i + 1) * PAGE]
+                    take = []
+                    for i in diff:
+                        page = cur[i * PAGE:(i + 1) * PAGE]
+                        if pages == "none":
+                            continue
+                        if pages == "random":
+                            old = bytes(buf[i * PAGE:(i + 1) * PAGE])
+                            choices = [old] + [v for v in seen.get(i, ()) if v != page] + [page]
+                            page = choices[int(rng.integers(len(choices)))]
+                            if page == old:
+                                continue
+                        buf[i * PAGE:i * PAGE + len(page)] = page
+                        take.append(i)
                     content = bytes(buf)
                     if diff:
                         report[f"{d.name}/{rel}"] = (len(diff), len(take))

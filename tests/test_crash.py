@@ -5,7 +5,9 @@ A child process (tests/crash_child.py) runs the session under host writes
 and dies by SIGKILL, either through a fault hook at a named step of the
 protocol (each prepare, the decision, each commit, each revert, mid-drain,
 mid-send on the link, mid-copy-on-write, mid-coordination, inside the
-resolution of a failed commit) or at a random moment chosen by the parent.
+resolution of a failed commit, each sync of durability "power"; while the
+session recovers at the remote site or closes) or at a random moment chosen
+by the parent.
 The child records the A images of every coordination instant durably
 (fsync + atomic rename) before the CG goes on.
 
@@ -75,13 +77,13 @@ def _summary(request):
 # -- running the child ------------------------------------------------------------
 def run_child(root: Path, *, point: str = "none", index: int = 0, after: int = 0,
               seed: int = 0, cg_interval: float = 0.0, kill_after: float | None = None,
-              early_kill: bool = False, timeout: float = 30.0) -> None:
+              early_kill: bool = False, timeout: float = 30.0, then: str = "loop") -> None:
     """Run the child until it dies; assert that SIGKILL is what ended it.
     With ``kill_after`` the parent kills it that many seconds after it
     printed READY (after it started, if ``early_kill``)."""
     cmd = [sys.executable, str(CHILD), "--root", str(root), "--point", point,
            "--index", str(index), "--after", str(after), "--seed", str(seed),
-           "--cg-interval", str(cg_interval), "--timeout", str(timeout)]
+           "--cg-interval", str(cg_interval), "--timeout", str(timeout), "--then", then]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         if kill_after is not None:
@@ -247,6 +249,61 @@ def test_kill_at_named_point_with_durability_power(tmp_path, point, monkeypatch)
     seq, _ = check(tmp_path, secondary_first=True)
     in_flight_commits, _ = EXPECT[point]
     assert seq == (info["sequence"] if in_flight_commits else info["committed"]), (info, seq)
+
+
+# Killed while the session recovers at the remote site (failover, fast reverse
+# restore C -> B) or closes (each C first takes, by FlashCopy's copy path, the
+# tracks it still reads from B), after a loop with Global Copy between CGs
+# under host writes: (then, point, durability). "barrier" is each sync of the
+# "power" ordering; "copy" is between the copies of close (on_copy); "cow" is
+# after a copy into C, before its bits clear; "none" kills right after.
+ENDINGS = [("recover", "none", "process"), ("recover", "none", "power"),
+           ("recover", "barrier", "power"), ("close", "copy", "process"),
+           ("close", "copy", "power"), ("close", "cow", "power"),
+           ("close", "barrier", "power"), ("loop", "barrier", "power")]
+
+
+def check_ending(root: Path, then: str, info: dict) -> None:
+    """After a kill in recovery or close: every C reads the last committed CG;
+    a recovery finished after the reopen leaves every B on it too; a close
+    finished after the reopen leaves every C on it."""
+    seq = info["committed"]
+    p, s = cc.unit_dirs(root)
+    with StorageUnit(p) as u1, StorageUnit(s) as u2:
+        assert_images(root, seq, c_images(u2))
+        if then == "recover":
+            gm = u2.session(cc.SESSION)
+            if not all(t.pair.failed_over for t in gm.triplets):
+                assert gm.recover() == seq
+            assert_images(root, seq, [t.b.read(0, t.b.capacity) for t in gm.triplets])
+        elif cc.SESSION in u2.sessions:
+            u2.session(cc.SESSION).close()
+        assert_images(root, seq, c_images(u2))
+
+
+@pytest.mark.parametrize("then, point, durability", ENDINGS,
+                         ids=[f"{t}-{p}-{d}" for t, p, d in ENDINGS])
+def test_kill_while_the_session_recovers_or_closes(tmp_path, then, point, durability,
+                                                   monkeypatch):
+    monkeypatch.setenv("FASTFC_CRASH_DURABILITY", durability)
+    points = []
+    for rnd in range(2):
+        root = tmp_path / f"round{rnd}"
+        root.mkdir()
+        TALLY[f"{then}/{point}/{durability}"][0] += 1
+        run_child(root, point=point, index=rnd, after=rnd * 2, seed=rnd,
+                  cg_interval=0.005, then=then)
+        info = kill_info(root)
+        assert info is not None and info["point"] in (point, f"after {then}"), info
+        points.append(info["point"])
+        if then == "loop":
+            seq, _ = check(root, secondary_first=rnd == 0)
+            assert seq >= info["committed"], (info, seq)
+        else:
+            check_ending(root, then, info)
+        TALLY[f"{then}/{point}/{durability}"][1] += 1
+    if point != "none":      # the point was reached (not only the kill after the step)
+        assert point in points, points
 
 
 def test_kill_at_random_moments(tmp_path):

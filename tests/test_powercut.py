@@ -6,8 +6,9 @@ writes change A between them. :class:`powercut.PowerCutRecorder` watches
 every sync point (msync of volumes and bitmaps, fsynced SQLite commits,
 checkpoints, fsync) and, at chosen instants, writes copies of both unit
 directories as a power cut could leave them: each volume and bitmap file is
-its last synced content plus a random subset of the 4 KiB pages that changed
-since (also none of them and all of them); the database is the last synced
+its last synced content where each 4 KiB page that changed since holds any
+of its versions since (the synced one, one observed at a sync or a cut since,
+the current one; also all synced and all current); the database is the last synced
 commit (also, once per instant, every commit). Instants (fault actions, run
 synchronously on the thread forming the CG):
 
@@ -34,12 +35,23 @@ kind of its ordering barriers (C data, B data, bitmaps) skipped. At "power"
 as it is there must be none. A cut that keeps every page and every commit
 (what a process kill leaves) must hold at any level: a check on the harness.
 
+Beyond the CG itself (:func:`run_paths`): every path that changes B or C,
+cut at a random share of the instants it calls back at (each copy into C,
+each sync at "power", each decision, between steps), with a fixed seed:
+Global Copy between CGs (``PPRCPair.drain``, as ``formcg`` before its first
+CG, the loop with an interval and the catch-up after a failed drain run it)
+with host writes between sends; the loop with ``cg_interval > 0`` and a
+writer thread; recovery at the remote site (failover, fast reverse restore:
+B must then hold the CG too) and failback; a session's close (C takes what
+it still reads from B by FlashCopy's copy path); and recovery itself (a
+unit a cut left mid-CG, cut again while it reopens).
+
 Not covered (see tests/powercut.py): torn writes inside a 4 KiB page; the
 drive's volatile cache and FUA (a sync is trusted to reach stable media);
 filesystem metadata (directory entries, file sizes) and journal replay;
 SQLite's own WAL recovery of a torn frame (SQLite is trusted: the database is
-taken whole as of a synced commit); real concurrency of writers during the
-cut (cuts happen at callback instants of one thread).
+taken whole as of a synced commit); a page version that lived only between
+two observed instants; instants inside a kernel call that makes no callback.
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ import collections
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -421,3 +434,414 @@ def test_power_without_a_barrier_is_caught(work, monkeypatch, barrier):
     bad, tally = check_run(run)
     print(f"\npower without {barrier} syncs: " + _describe(bad, tally, len(run.cuts), limit=3))
     assert bad, f"no cut noticed the missing {barrier} barrier"
+
+
+# -- every path that changes B or C, not only the CG ------------------------------------
+# Global Copy between CGs (``PPRCPair.drain``: what ``formcg`` sends before its
+# first CG, the loop with ``cg_interval > 0`` and the catch-up after a failed
+# drain run), the loop with an interval and host writers on another thread,
+# closing the session (C takes the tracks it still reads from B), recovery at
+# the remote site (failover, fast reverse restore C -> B), failback, and
+# reopening a unit that a cut left with a CG in flight (recovery itself).
+# Cut instants: every callback the engine makes on these paths (a
+# copy-on-write into C, each sync at "power", the decision, between steps),
+# each taken with probability ``rate`` (a fixed seed picks which).
+
+@dataclass
+class Paths:
+    cuts: list
+    snaps: dict
+    recorder: PowerCutRecorder
+    fired: collections.Counter
+    results: list
+
+
+def _loop(gm, A, arm, results: list, loop_cgs: int, seed: int) -> None:
+    """The session's continuous loop with an interval (Global Copy between
+    its CGs) until ``loop_cgs`` CGs formed, a host writer on its own thread.
+    The second attempt's drain fails (an injected fault at A1, after triplet
+    0 drained its share): the loop catches up in Global Copy and goes on."""
+    gm.cg_interval = 0.02
+    gm.on_result = results.append
+    stop = threading.Event()
+    wrng = np.random.default_rng(seed + 3)
+
+    def writer() -> None:
+        while not stop.is_set():
+            a = A[int(wrng.integers(N))]
+            n = int(wrng.integers(1, 2 * a.track_size))
+            a.write(int(wrng.integers(0, a.capacity - n + 1)),
+                    wrng.integers(0, 256, n, dtype=np.uint8))
+            time.sleep(0.001)
+    w = threading.Thread(target=writer, daemon=True)
+    arm()
+    faults.inject("drain", A[1], after=1)
+    w.start()
+    gm.start()
+    give_up = time.monotonic() + 60
+    try:
+        while time.monotonic() < give_up:     # loop_cgs CGs, one after the catch-up
+            ok = [r.committed for r in results]
+            if False in ok and ok[ok.index(False):].count(True) and sum(ok) >= loop_cgs:
+                break
+            time.sleep(0.005)
+    finally:
+        gm.stop()
+        stop.set()
+        w.join()
+        faults.clear()
+        gm.on_result = None
+    failed = [r for r in results if not r.committed]
+    assert len(failed) == 1 and failed[0].cause.name == "DRAIN_ERROR", results
+    assert sum(r.committed for r in results) >= loop_cgs, results
+
+
+def run_paths(tmp: Path, durability: str, variants, seed: int = 0, rate: float = 0.5,
+              rounds: int = 2, loop_cgs: int = 3, send_tracks: int = 2,
+              end: str = "recover") -> Paths:
+    """Take the session through every path that changes B or C, cutting at a
+    random share (``rate``) of the instants the engine calls back at. ``end``:
+    "recover" (recovery at the remote site, then failback) or "close" (the
+    session ends; each C first takes the tracks it still reads from B)."""
+    root = tmp / "units"
+    p, s = root / "primary", root / "secondary"
+    rng = np.random.default_rng(seed)
+    cut_rng = np.random.default_rng(seed + 1)
+    pick = np.random.default_rng(seed + 2)
+    u1 = StorageUnit(p, durability=durability)
+    u2 = StorageUnit(s, durability=durability)
+    snaps: dict[int, list[np.ndarray]] = {}
+    cuts: list[Cut] = []
+    fired: collections.Counter = collections.Counter()
+    results: list = []
+    rec = None
+    try:
+        A = [u1.create_volume(f"A{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+        B = [u2.create_volume(f"B{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+        C = [u2.create_volume(f"C{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+        for a in A:
+            a.write(0, rng.integers(0, 256, a.capacity, dtype=np.uint8))
+        gm = GlobalMirror(list(zip(A, B, C)), name=SESSION, max_coordination_time=5.0,
+                          on_coordinate=lambda seq: snaps.__setitem__(
+                              seq, [a.array.copy() for a in A]))
+        snaps[0] = [c.read(0, c.capacity) for c in C]
+        for _ in range(2):
+            _writes(rng, A)
+            assert gm.form_consistency_group().committed
+        u1.flush()
+        u2.flush()
+        rec = PowerCutRecorder([p, s], volumes=A + B + C).start()
+        state = {"floor": gm.stats.sequence, "phase": ""}
+        cut_lock = threading.Lock()
+
+        def take(point: str, always: bool = False) -> None:
+            with cut_lock:
+                label = f"{state['phase']}/{point}"
+                fired[label] += 1
+                if not always and pick.random() >= rate:
+                    return
+                seq = gm._next_sequence - 1
+                for variant in variants:
+                    dest = tmp / "cuts" / f"{len(cuts):04d}"
+                    rec.cut(dest, cut_rng, pages=variant[0], db=variant[1])
+                    cuts.append(Cut(f"{label}@CG{seq}", label, variant, dest,
+                                    state["floor"], seq,
+                                    {"c_seq": state.get("c_seq"),
+                                     "recovered": state["phase"] in ("recover", "failback")}))
+
+        def on_decision() -> None:
+            if durability == "power":
+                state["floor"] = gm._next_sequence - 1
+            take("decision")
+
+        def arm() -> None:
+            faults.clear()
+            for b in B:
+                faults.inject("cow", b, times=1 << 30, action=lambda: take("cow"))
+            faults.inject("barrier", times=1 << 30, action=lambda: take("barrier"))
+            faults.inject("decision", times=1 << 30, action=on_decision)
+
+        def form() -> None:
+            res = gm.form_consistency_group()
+            assert res.committed, res
+            if durability == "power":
+                state["floor"] = res.sequence
+
+        # Global Copy between CGs, in small sends, host writes between them
+        for r in range(rounds):
+            state["phase"] = "global copy"
+            _writes(rng, A)
+            arm()
+            for k in range(64):
+                sent = sum(t.pair.drain(send_tracks * t.a.track_size) for t in gm.triplets)
+                take("between sends")
+                if not sent:
+                    break
+                if k % 3 == 0:
+                    _writes(rng, A)
+            state["phase"] = "cg"
+            form()
+            take("after CG")
+
+        # the continuous loop with an interval, host writers on their own thread
+        state["phase"] = "loop"
+        if loop_cgs:
+            _loop(gm, A, arm, results, loop_cgs, seed)
+            if durability == "power":
+                state["floor"] = gm.stats.sequence
+            take("after loop", always=True)
+        state["phase"] = end
+        faults.clear()
+        if end == "close":        # C still reads from B the tracks of the last CG
+            _writes(rng, A)
+            form()
+            state["c_seq"] = gm.stats.sequence
+            assert any(fc.tracks_to_copy for fc in (t.fc for t in gm.triplets))
+            arm()
+            gm.close(on_copy=lambda done, total: take("between copies"))
+            faults.clear()
+            take("after close", always=True)
+            rec.stop()
+            return Paths(cuts, snaps, rec, fired, results)
+        state["c_seq"] = gm.stats.sequence
+        # recovery at the remote site, after Global Copy wrote B past the
+        # last CG (the restore has tracks to copy back), then failback
+        _writes(rng, A)
+        for t in gm.triplets:
+            t.pair.drain()
+        take(f"before {end}", always=True)
+        arm()
+        assert gm.recover() == state["c_seq"]
+        for _ in range(3):
+            take("after recover", always=True)
+        state["phase"] = "failback"
+        for t in gm.triplets:
+            t.pair.failback()
+            take("after failback")
+        for t in gm.triplets:
+            while t.pair.drain(send_tracks * t.a.track_size):
+                take("between sends")
+        faults.clear()
+        rec.stop()
+        return Paths(cuts, snaps, rec, fired, results)
+    finally:
+        faults.clear()
+        if rec is not None and rec.active:
+            rec.stop()
+        u2.close()
+        u1.close()
+
+
+def check_paths_cut(cut: Cut, snaps: dict) -> list[str]:
+    """As :func:`check_cut`; a cut taken during or after recovery (the pairs
+    failed over, C restored onto B) must also give, after the reopened
+    session recovers (again), every B equal to its C."""
+    if cut.point.startswith(("failback/", "close/")):
+        return _check_c_only(cut, snaps)
+    out = check_cut(cut, snaps)
+    if out or not cut.dirty.get("recovered"):
+        return out
+    with StorageUnit(cut.dest / "primary", durability="power"), \
+            StorageUnit(cut.dest / "secondary", durability="power") as u2:
+        gm = u2.sessions[SESSION]
+        by_target = {fc.target.name: fc for fc in u2.flashcopies}
+        seq = by_target["C0"].sequence
+        if not all(t.pair.failed_over for t in gm.triplets):
+            gm.recover()
+        for i in range(N):
+            b = u2.volume(f"B{i}")
+            if not np.array_equal(b.read(0, b.capacity), snaps[seq][i]):
+                out.append(f"recovered B: B{i} does not hold CG {seq}")
+    return out
+
+
+def _check_c_only(cut: Cut, snaps: dict) -> list[str]:
+    """After failback (B the primary, A its secondary), or while the session
+    ends, only C is the promise's: each still reads the CG it held (no CG
+    forms meanwhile)."""
+    out = []
+    with StorageUnit(cut.dest / "primary", durability="power"), \
+            StorageUnit(cut.dest / "secondary", durability="power") as u2:
+        for i in range(N):
+            c = u2.volume(f"C{i}")
+            seq = cut.dirty["c_seq"]
+            if not np.array_equal(c.read(0, c.capacity), snaps[seq][i]):
+                out.append(f"image: C{i} does not hold CG {seq}")
+    return out
+
+
+def check_paths(run: Paths):
+    bad = []
+    tally: collections.Counter = collections.Counter()
+    for cut in run.cuts:
+        v = check_paths_cut(cut, run.snaps)
+        if v:
+            bad.append((cut, v))
+            for x in v:
+                tally[(cut.point, x.split(":")[0])] += 1
+        shutil.rmtree(cut.dest)
+    return bad, tally
+
+
+PATH_VARIANTS = [("random", "synced"), ("random", "synced"), ("all", "current")]
+
+
+def _paths(work, durability, variants, **kw):
+    t = time.perf_counter()
+    run = run_paths(work, durability, variants, **kw)
+    t1 = time.perf_counter()
+    bad, tally = check_paths(run)
+    print(f"\n{durability}, every path: {len(run.cuts)} cuts, {t1 - t:.1f} + "
+          f"{time.perf_counter() - t1:.1f} s; instants reached: {dict(run.fired)}\n"
+          + _describe(bad, tally, len(run.cuts), limit=4))
+    return run, bad, tally
+
+
+PATH_INSTANTS = ("global copy/cow", "global copy/barrier", "global copy/between sends",
+                 "cg/barrier", "loop/cow", "loop/barrier", "loop/decision",
+                 "recover/barrier", "recover/after recover", "failback/between sends")
+
+
+def test_power_survives_cuts_on_every_path(work):
+    """At "power" a cut anywhere on the paths that change B or C (Global
+    Copy between CGs with host writes between sends, the CG after it, the
+    loop with an interval and a writer thread, recovery at the remote site,
+    failback) leaves every C on one committed CG, at least the newest whose
+    decision was durable; after recovery, every B on it too."""
+    run, bad, tally = _paths(work, "power", PATH_VARIANTS, rate=0.1, rounds=1,
+                             loop_cgs=1, send_tracks=4)
+    assert not bad, _describe(bad, tally, len(run.cuts))
+    missing = [w for w in PATH_INSTANTS if not run.fired[w]]
+    assert not missing, f"instants never reached: {missing}; reached: {dict(run.fired)}"
+
+
+def test_power_survives_cuts_while_a_session_ends(work):
+    """At "power" a cut while a session ends (each C takes, by FlashCopy's
+    background-copy path, the tracks it still reads from B, then the
+    relationships and pairs go) leaves every C on the last CG."""
+    run, bad, tally = _paths(work, "power", PATH_VARIANTS, rate=0.5, rounds=0,
+                             loop_cgs=0, end="close")
+    assert not bad, _describe(bad, tally, len(run.cuts))
+    missing = [w for w in ("close/barrier", "close/cow", "close/between copies",
+                           "close/after close")
+               if not run.fired[w]]
+    assert not missing, f"instants never reached: {missing}; reached: {dict(run.fired)}"
+
+
+@pytest.mark.slow
+def test_power_survives_more_cuts_on_every_path(work):
+    run, bad, tally = _paths(work, "power", PATH_VARIANTS, seed=5, rate=0.15, send_tracks=3)
+    assert not bad, _describe(bad, tally, len(run.cuts))
+
+
+def test_process_is_caught_on_every_path(work):
+    """The same paths at "process" (nothing synced between flushes): some cut
+    breaks the promise (the harness has teeth there), and none that keeps
+    every page and every commit (what a process kill leaves)."""
+    run, bad, tally = _paths(work, "process", PATH_VARIANTS, rate=0.1, rounds=1,
+                             loop_cgs=2, send_tracks=4)
+    assert bad, f"no violation in {len(run.cuts)} cuts at 'process': the harness cannot fail"
+    kill_like = [(c, v) for c, v in bad if c.variant == ("all", "current")]
+    assert not kill_like, "a cut that keeps every page (a process kill) breaks the promise:\n" + \
+        _describe(kill_like, collections.Counter(), len(run.cuts))
+
+
+def test_power_without_ordered_global_copy_is_caught(work, monkeypatch):
+    """At "power" with the ordering of Global Copy's sends skipped (PPRC
+    updates copy on write into C with no sync between them, as before the
+    ordering existed), cuts between CGs break the promise."""
+    from fastfc.copyservices.pprc import PPRCPair
+    monkeypatch.setattr(PPRCPair, "_order_send", lambda self, bitmap, start, stop: None)
+    run, bad, tally = _paths(work, "power", PATH_VARIANTS, rate=0.2, rounds=1,
+                             loop_cgs=0, send_tracks=8, end="close")
+    assert any(p.startswith("global copy/") for p, _ in tally), tally
+
+
+# -- recovery itself: a cut while a unit that a cut left with a CG in flight reopens ----
+def test_power_survives_cuts_during_recovery(work):
+    """Cut a session at durability "power" inside the FlashCopy phase of a
+    CG (right after its decision, and inside its commits: relationships
+    committed in memory, not in the database), power the copies on (reopen:
+    recovery carries out the recorded decision) and cut again at every
+    instant of that recovery (its commits, each sync, after the open, after
+    the close that follows): each second cut still holds the CG whose
+    decision was durable."""
+    rng = np.random.default_rng(11)
+    cut_rng = np.random.default_rng(12)
+    root = work / "units"
+    p, s = root / "primary", root / "secondary"
+    snaps: dict[int, list[np.ndarray]] = {}
+    first: list[Cut] = []
+    with StorageUnit(p, durability="power") as u1, StorageUnit(s, durability="power") as u2:
+        A = [u1.create_volume(f"A{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+        B = [u2.create_volume(f"B{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+        C = [u2.create_volume(f"C{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+        for a in A:
+            a.write(0, rng.integers(0, 256, a.capacity, dtype=np.uint8))
+        gm = GlobalMirror(list(zip(A, B, C)), name=SESSION, max_coordination_time=5.0,
+                          on_coordinate=lambda seq: snaps.__setitem__(
+                              seq, [a.array.copy() for a in A]))
+        snaps[0] = [c.read(0, c.capacity) for c in C]
+        for _ in range(2):
+            _writes(rng, A)
+            assert gm.form_consistency_group().committed
+        u1.flush()
+        u2.flush()
+
+        def take(point: str) -> None:
+            seq = gm._next_sequence - 1
+            for variant in (("random", "synced"), ("all", "synced")):
+                dest = work / "first" / f"{len(first):03d}"
+                rec.cut(dest, cut_rng, pages=variant[0], db=variant[1])
+                first.append(Cut(f"{point}@CG{seq}", point, variant, dest, seq, seq))
+
+        with PowerCutRecorder([p, s], volumes=A + B + C) as rec:
+            _writes(rng, A)
+            faults.inject("decision", action=lambda: take("decision"))
+            faults.inject("commit", B[2], action=lambda: take("commit[2]"))
+            try:
+                assert gm.form_consistency_group().committed
+            finally:
+                faults.clear()
+    assert len(first) == 4
+    second: list[Cut] = []
+    pick = np.random.default_rng(13)
+    for k, cut in enumerate(first):
+        cp, cs = cut.dest / "primary", cut.dest / "secondary"
+
+        def take2(point: str, cut=cut) -> None:
+            if point == "commit" and pick.random() >= 0.3:
+                return
+            for variant in PATH_VARIANTS:
+                dest = work / "second" / f"{len(second):03d}"
+                rec2.cut(dest, cut_rng, pages=variant[0], db=variant[1])
+                second.append(Cut(f"recovery/{point} of {cut.label}", f"recovery/{point}",
+                                  variant, dest, cut.floor, cut.attempted))
+
+        with PowerCutRecorder([cp, cs]) as rec2:
+            faults.inject("commit", times=1 << 30, action=lambda: take2("commit"))
+            faults.inject("revert", times=1 << 30, action=lambda: take2("revert"))
+            faults.inject("barrier", times=1 << 30, action=lambda: take2("barrier"))
+            try:
+                u1 = StorageUnit(cp, durability="power")
+                u2 = StorageUnit(cs, durability="power")
+                recovered = list(u2.recovered)
+                take2("opened")
+                u2.close()
+                u1.close()
+                take2("closed")
+            finally:
+                faults.clear()
+        assert recovered, f"{cut.label}: nothing in flight to recover"
+    points = collections.Counter(c.point for c in second)
+    assert points["recovery/commit"], points
+    bad, tally = [], collections.Counter()
+    for cut in first + second:
+        v = check_cut(cut, snaps)
+        if v:
+            bad.append((cut, v))
+            for x in v:
+                tally[(cut.point, x.split(":")[0])] += 1
+    print(f"\nrecovery: {len(first)} first cuts, {len(second)} cuts during their recovery; "
+          f"{dict(points)}")
+    assert not bad, _describe(bad, tally, len(first) + len(second))

@@ -23,8 +23,8 @@ from typing import Sequence
 from fastfc import _core, faults
 from fastfc._core import TrackBitmap, combine_or3
 from fastfc._numbers import check_real
-from fastfc.errors import (IncompleteCopyError, LimitError, NoSpaceError, StateError,
-                           VolumeClosedError, WriteInhibitedError)
+from fastfc.errors import (IncompleteCopyError, InjectedFault, LimitError, NoSpaceError,
+                           StateError, VolumeClosedError, WriteInhibitedError)
 from fastfc.storage.store import Store
 from fastfc.storage.volume import Volume, check_pairable, locked
 
@@ -269,9 +269,13 @@ class FlashCopy(_core.RelationshipBase):
         chunk = max(1, CHUNK_BYTES // self.source.track_size)
         total = 0
         wraps = 0
+        ordered = self._store.durability == "power"
         while max_tracks is None or total < max_tracks:
             budget = chunk if max_tracks is None else min(chunk, max_tracks - total)
-            done, resume = self._copy_chunk(self._cursor, budget)
+            if ordered:     # each chunk's data on the disk before its cleared bits
+                done, resume = self._copy_chunk_ordered(self._cursor, budget)
+            else:
+                done, resume = self._copy_chunk(self._cursor, budget)
             total += done
             if resume >= n:
                 self._cursor = 0
@@ -284,6 +288,30 @@ class FlashCopy(_core.RelationshipBase):
                     break
         self._end_if_complete()
         return total
+
+    def _copy_chunk_ordered(self, start: int, max_tracks: int) -> tuple[int, int]:
+        """As ``_copy_chunk`` at durability "power" (:meth:`_copy_ordered`):
+        the tracks still to copy in ``start:start + max_tracks``; returns
+        ``(tracks copied, resume position)``."""
+        S, T = self.source, self.target
+        n = S.n_tracks
+        while True:
+            with locked((S, T)):
+                if not self.active or self.revertible:
+                    return 0, start
+                if S.closed or T.closed:
+                    raise VolumeClosedError("background copy needs both volumes open")
+                mask = self.to_copy.copy()
+            start = mask.find_next_set(start)     # from the next track still to copy
+            if start < 0:
+                return 0, n
+            stop = min(n, start + max_tracks)
+            mask.clear_range(0, start)
+            mask.clear_range(stop, n)
+            done = self._copy_ordered(mask)
+            if done or stop >= n:      # (none: copies on write took them meanwhile)
+                return done, stop
+            start = stop
 
     def _end_if_complete(self) -> None:
         if self.persistent or not self.active:
@@ -367,6 +395,55 @@ class FlashCopy(_core.RelationshipBase):
         self._done.wait(None if timeout == float("inf") else timeout)
         # a relationship withdrawn with tracks left (force) never completes
         return not self.to_copy.any()
+
+    # -- durability "power": ordered writes --------------------------------------
+    def make_overwritable(self, mask: TrackBitmap) -> None:
+        """Durability "power", before the source's tracks in ``mask`` are
+        overwritten (by PPRC updates, the only writer of a Global Mirror B):
+        make their change bits durable (so the next resync copies them), then
+        copy to the target the old tracks it still reads from the source and
+        make them durable, and only then clear their ``to_copy`` bits and
+        make that durable. Each step is on the disk before the next begins,
+        so a power cut anywhere leaves the target on its image: a cleared
+        bit on the disk always has its target data there, and a source track
+        on the disk newer than the image always has its change bit. The
+        write that follows then needs no copy-on-write for these tracks.
+
+        Takes the source and target locks (in volume-id order) for each step;
+        the caller may hold the lock of a PPRC primary writing the source."""
+        S, T = self.source, self.target
+        if not self.active or self.src_changed is None:
+            return
+        with locked((S, T)):
+            self.src_changed.or_(mask)
+        self._store.sync(self.src_changed)
+        self._copy_ordered(mask)
+
+    def _copy_ordered(self, mask: TrackBitmap) -> int:
+        """Durability "power": copy to the target the tracks of ``mask`` it
+        still needs, make them durable, and only then clear their
+        ``to_copy`` bits and make that durable (a cleared bit on the disk
+        always has its target data there). Returns the tracks copied."""
+        S, T = self.source, self.target
+        ts = S.track_size
+        with locked((S, T)):
+            need = mask & self.to_copy    # (a copy-on-write may have taken some)
+            if not need.any():
+                return 0
+            T._reserve_tracks(need)       # a thin target gets its blocks first
+            raw, src = T._raw_array(), S.array
+            for t0, t1 in need.runs():
+                raw[t0 * ts:t1 * ts] = src[t0 * ts:t1 * ts]
+        try:
+            faults.hit("cow", S)          # crash and power-cut tests stop here
+        except InjectedFault:
+            pass
+        store = self._store
+        store.sync(T)
+        with locked((S, T)):
+            self.to_copy.andnot(need)
+        store.sync(self.to_copy)
+        return need.count()
 
     # -- incremental and revertible resync -----------------------------------
     def resync(self, *, revertible: bool = False, sequence: int | None = None) -> None:
@@ -488,18 +565,32 @@ class FlashCopy(_core.RelationshipBase):
             for other in S._src_rels:
                 if other is not self:
                     other.target._reserve_tracks(changed & other.to_copy)
-            for other in S._src_rels:
-                if other is not self:
-                    cow = changed & other.to_copy
-                    other._copy_tracks_where(cow, False)
-                    other.to_copy.andnot(changed)
-                    if other.src_changed is not None:
-                        other.src_changed.or_(changed)
+            others = [r for r in S._src_rels if r is not self]
+            # durability "power": each step on the disk before the next (the
+            # other targets' copies before their cleared bits, the restored
+            # source tracks before the change bits that name them clear)
+            store = self._store
+            ordered = store.durability == "power"
+            for other in others:
+                cow = changed & other.to_copy
+                other._copy_tracks_where(cow, False)
+            if ordered and others:
+                store.sync(*(r.target for r in others))
+            for other in others:
+                other.to_copy.andnot(changed)
+                if other.src_changed is not None:
+                    other.src_changed.or_(changed)
+            if ordered and others:
+                store.sync(*(bm for r in others for bm in (r.to_copy, r.src_changed)))
             copied = self._copy_tracks_where(mask, True)
             if S._mirror is not None and S._mirror.oos is not None:
                 S._mirror.oos.or_(changed)
+            if ordered:
+                store.sync(S, S._mirror.oos if S._mirror is not None else None)
             self.src_changed.fill(False)
             self.tgt_changed.fill(False)
+            if ordered:
+                store.sync(self.src_changed, self.tgt_changed)
             self._save()
         return copied
 

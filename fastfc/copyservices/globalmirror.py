@@ -41,7 +41,7 @@ import numpy as np
 
 from fastfc import _core, faults
 from fastfc._numbers import check_real
-from fastfc.errors import (AlreadyExistsError, DrainAborted, FastFCError, InjectedFault,
+from fastfc.errors import (AlreadyExistsError, DrainAborted, FastFCError,
                            StateError, VolumeClosedError)
 from fastfc.copyservices.flashcopy import FlashCopy, check_sequence
 from fastfc.copyservices.pprc import DIRECT_CHUNK_BYTES, PPRCPair
@@ -328,43 +328,21 @@ class SecondaryGroup:
             trip.pair._cg_end(ok)
 
     def _order_drain(self, trip: Triplet) -> None:
-        """Durability "power", before B takes its share of the CG: make the
-        change bits of every CG track durable (so the next resync copies
-        them), then copy to C the old B tracks that C still reads from B and
-        make them durable, and only then clear their ``to_copy`` bits and make
-        that durable. Each step is on the disk before the next begins, so a
-        power cut anywhere in the drain leaves C on the prior CG: a cleared
-        bit on the disk always has its C data there, and a B track on the disk
-        newer than the prior CG always has its change bit. (The drain itself
-        then needs no copy-on-write for these tracks.)"""
-        pair, fc, b, c = trip.pair, trip.fc, trip.b, trip.c
+        """Durability "power", before B takes its share of the CG: the CG's
+        tracks (and those in the side file) made overwritable on B
+        (:meth:`FlashCopy.make_overwritable`: change bits, then C's copies of
+        the old tracks, then the cleared ``to_copy`` bits, each synced
+        before the next), so a power cut anywhere in the drain leaves C on
+        the prior CG. (The drain itself then needs no copy-on-write for
+        these tracks.)"""
+        pair, fc = trip.pair, trip.fc
         if not fc.active or fc.src_changed is None or pair.cg is None:
             return
-        store = self.store
         with locked((trip.a,)):          # collisions move CG tracks to the side file
             mask = pair.cg.copy()
             for t in pair.side:
                 mask.set(t)
-        with locked((b, c)):
-            fc.src_changed.or_(mask)
-            need = mask & fc.to_copy
-        store.sync(fc.src_changed)
-        if not need.any():
-            return
-        ts = b.track_size
-        with locked((b, c)):             # B takes PPRC updates only from this drain
-            c._reserve_tracks(need)      # a thin C gets its blocks first
-            raw, src = c._raw_array(), b.array
-            for t0, t1 in need.runs():
-                raw[t0 * ts:t1 * ts] = src[t0 * ts:t1 * ts]
-        try:
-            faults.hit("cow", b)         # crash and power-cut tests stop here
-        except InjectedFault:
-            pass
-        store.sync(c)
-        with locked((b, c)):
-            fc.to_copy.andnot(need)
-        store.sync(fc.to_copy)
+        fc.make_overwritable(mask)
 
     # -- FlashCopy phase -------------------------------------------------------
     def prepare_all(self, sequence: int, stop_at_failure: bool) -> str | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol, cast
 
 import numpy as np
 
@@ -50,6 +50,13 @@ def pair_locked(primary: Volume, secondary: Volume) -> Iterator[None]:
             secondary._unlock()
     finally:
         primary._unlock()
+
+
+class _Overwritable(Protocol):
+    """What an ordered send needs of a secondary's FlashCopy relationships
+    (``FlashCopy.make_overwritable``)."""
+
+    def make_overwritable(self, mask: TrackBitmap) -> None: ...
 
 
 SEND_CHUNK_BYTES = 1024 * 1024
@@ -275,10 +282,14 @@ class PPRCPair(_core.MirrorBase):
 
     # -- sending ---------------------------------------------------------------
     def _send_runs(self, bitmap: TrackBitmap, max_bytes: int,
-                   deadline: Callable[[], bool] | None = None) -> int:
+                   deadline: Callable[[], bool] | None = None, ordered: bool = False) -> int:
         """Send set tracks of ``bitmap`` from the cursor on, clearing each bit
         once the secondary holds it, until ``max_bytes`` went or none remain.
-        Returns bytes sent; raises what the link raises (bits stay set)."""
+        Returns bytes sent; raises what the link raises (bits stay set).
+
+        ``ordered`` (Global Copy at durability "power"): before each send,
+        the secondary's FlashCopy targets are made independent of the tracks
+        it may overwrite, on the disk (:meth:`_order_send`)."""
         A, ts = self.primary, self.primary.track_size
         n = A.n_tracks
         sent = 0
@@ -301,14 +312,21 @@ class PPRCPair(_core.MirrorBase):
                 if self.link.direct():
                     # in-process link, nothing to model: one kernel call moves
                     # up to DIRECT_CHUNK_BYTES of tracks A -> B
+                    k = min(budget, direct_chunk)
+                    stop = -1
+                    if ordered and self.secondary._src_rels:
+                        stop = min(n, a + k)     # the tracks this call may send
+                        self._order_send(bitmap, a, stop)
                     done, resume = _core.pprc_copy_tracks(
-                        A, self.secondary, bitmap, a, min(budget, direct_chunk))
+                        A, self.secondary, bitmap, a, k, stop)
                     self.link.account(done * ts, 1)
                     self._cursor = resume if resume < n else 0
                 else:
                     b = bitmap.find_next_clear(a)
                     b = n if b < 0 else b
                     b = min(b, a + chunk, a + budget)
+                    if ordered and self.secondary._src_rels:
+                        self._order_send(bitmap, a, b)
                     A._reserve_read(a, b)
                     self.link.send(self.secondary, a * ts, A.array[a * ts:b * ts], key=A)
                     bitmap.clear_range(a, b)
@@ -322,6 +340,19 @@ class PPRCPair(_core.MirrorBase):
                 raise DrainAborted("drain time limit passed")
         return sent
 
+    def _order_send(self, bitmap: TrackBitmap, start: int, stop: int) -> None:
+        """Durability "power": the tracks of ``bitmap`` in ``start:stop``
+        made overwritable on the secondary for each of its FlashCopy targets
+        (``FlashCopy.make_overwritable``: change bits, the targets' copies of
+        the old tracks, the cleared ``to_copy`` bits, each synced before the
+        next), before any of them is sent. The caller holds the primary's
+        lock (no bit of ``bitmap`` changes meanwhile)."""
+        mask = bitmap.copy()
+        mask.clear_range(0, start)
+        mask.clear_range(stop, mask.n_bits)
+        for rel in list(self.secondary._src_rels):
+            cast(_Overwritable, rel).make_overwritable(mask)
+
     def drain(self, max_bytes: int | None = None) -> int:
         """Send out-of-sync tracks (Global Copy, initial copy, resync) in the
         calling thread; returns bytes sent. A link failure suspends the pair."""
@@ -332,7 +363,8 @@ class PPRCPair(_core.MirrorBase):
             return 0
         with self._drain_lock:
             try:
-                return self._send_runs(self.oos, max_bytes or (1 << 62))
+                return self._send_runs(self.oos, max_bytes or (1 << 62),
+                                       ordered=self.ordered_drain)
             except (FastFCError, VolumeClosedError) as e:
                 if isinstance(e, DrainAborted):
                     raise
