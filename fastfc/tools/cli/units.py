@@ -200,6 +200,13 @@ class Units:
                     f"pair {primary}:{secondary} needs its secondary unit "
                     f"{local.describe_partner(row['secondary_uuid'])}, "
                     "which is not available")
+        for rec in local.secondary_records:
+            if rec["secondary_name"] == secondary and rec["primary_name"] in (primary, None):
+                raise click.ClickException(
+                    f"pair {primary}:{secondary} needs its primary's unit "
+                    f"{rec['primary_unit']}, which is not available; with it lost for good, "
+                    f"failoverpprc {primary}:{secondary} here makes {secondary} "
+                    "host-writable (or rmpprc --force frees it)")
         raise KeyError(f"no PPRC pair {primary}:{secondary} in the open units")
 
     def session(self, name: str) -> GlobalMirror:
