@@ -260,7 +260,7 @@ def test_recover_session_cut_short_finishes_when_run_again(tmp_path, monkeypatch
 
     with StorageUnit(tmp_path / "site2") as u2:
         with monkeypatch.context() as m:
-            m.setattr("fastfc.copyservices.flashcopy.FlashCopy.reverse_restore", crash)
+            m.setattr("fastfc.copyservices.flashcopy.FlashCopy._reverse_restore", crash)
             with pytest.raises(KeyboardInterrupt):
                 u2.recover_session("g")
         assert u2.volume("B").is_secondary          # no host write before the restore

@@ -113,7 +113,7 @@ class _SessionSite(SecondarySite):
         pending = [fc for fc in fcs if fc.revertible and fc.sequence == sequence]
         with self.unit.store.transaction():
             for fc in pending:
-                fc.commit() if decision == "commit" else fc.revert()
+                fc._end_revertible("commit" if decision == "commit" else "revert")
         return Done(decision)
 
     def record_decision(self, session: str, sequence: int, decision: str) -> None:
@@ -140,7 +140,7 @@ class _SessionSite(SecondarySite):
             # restore first, then let B take host writes: a crash between
             # the two restores again (B took no writes yet); at durability
             # "power" B's restored data is on the disk before its flag
-            fc.reverse_restore()
+            fc._reverse_restore()
             b = fc.source
             if unit.durability == "power":
                 unit.store.sync(b, b.mirror.oos if b.mirror is not None else None)

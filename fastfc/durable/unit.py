@@ -574,7 +574,7 @@ class StorageUnit:
             decision = self._sqlite.decision(name, seq)
             with self.store.transaction():
                 for fc in pending:
-                    fc.commit() if decision == "commit" else fc.revert()
+                    fc._end_revertible("commit" if decision == "commit" else "revert")
             self.recovered.append(f"session {name}: CG {seq} "
                                   f"{'committed' if decision == 'commit' else 'reverted'} "
                                   f"on {len(pending)} of {len(fcs)} volumes")
