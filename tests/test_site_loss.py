@@ -496,3 +496,35 @@ def test_an_older_pair_is_recorded_at_its_secondary_when_both_units_open(tmp_pat
         [rec] = u2.secondary_records
         assert (rec["primary_name"], rec["mode"]) == ("A", "gcp")
         assert u2.failover_pair("B")["name"] == "B->A"
+
+
+@pytest.mark.parametrize("failover_first", [False, True])
+def test_a_pair_ended_at_the_secondary_alone_stays_ended_when_its_primary_is_back(
+        tmp_path, failover_first):
+    """Another pair still links the two units: the copy of the lost unit
+    that turns up is attached, and must not take B0 back as its secondary
+    (B0's host writes since were recorded nowhere: a resync would miss them)."""
+    site1, site2, vault = tmp_path / "site1", tmp_path / "site2", tmp_path / "vault"
+    with StorageUnit(site1) as u1, StorageUnit(site2) as u2:
+        for i in range(2):
+            PPRCPair(u1.create_volume(f"A{i}", N, TS), u2.create_volume(f"B{i}", N, TS),
+                     mode="mmir", background=False).drain()
+    shutil.copytree(site1, vault)
+    shutil.rmtree(site1)
+    with StorageUnit(site2) as u2:
+        if failover_first:
+            u2.failover_pair("B0")
+            assert u2.forget_failover("B0") == 0
+        else:
+            assert u2.release_secondary("B0")["primary_name"] == "A0"
+        assert [r["secondary_name"] for r in u2.secondary_records] == ["B1"]
+        u2.volume("B0").write(0, b"site 2 only")
+    shutil.copytree(vault, site1)
+    with StorageUnit(site1) as u1, StorageUnit(site2) as u2:
+        assert [p.name for p in u1.pairs] == ["A1->B1"] and u1.pair_records == []
+        assert any("A0:B0: ended at the unit of B0" in r for r in u1.recovered)
+        assert not u2.volume("B0").is_secondary
+        u1.volume("A0").write(0, b"site 1 only")        # A0 is no longer mirrored
+        assert bytes(u2.volume("B0").read(0, 11)) == b"site 2 only"
+    with StorageUnit(site1) as u1, StorageUnit(site2) as u2:
+        assert [p.name for p in u1.pairs] == ["A1->B1"] and u1.recovered == []

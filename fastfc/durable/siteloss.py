@@ -301,6 +301,35 @@ def restore_merged(primary_unit: "StorageUnit", secondary_unit: "StorageUnit",
     return pair
 
 
+def ended_at_secondary(primary_unit: "StorageUnit", secondary_unit: "StorageUnit",
+                       row: dict, a: "Volume", b: "Volume") -> bool:
+    """Whether the pair ``row`` of ``primary_unit`` (A->B, not failed over)
+    was ended at its secondary's unit alone while this unit was lost
+    (:func:`release_secondary`, or :func:`forget_failover` after a failover
+    there): B is nobody's secondary and its unit, which records its
+    secondaries, records no such pair. Restoring it would make B a secondary
+    again and overwrite host writes it took since, unrecorded. So the pair
+    ends here too (its row dropped when this unit can write, a note in
+    :attr:`~fastfc.durable.unit.StorageUnit.recovered`); A takes host writes
+    unmirrored."""
+    if row["failed_over"] or b.is_secondary or \
+            not getattr(secondary_unit.store, "records_secondaries", False):
+        return False
+    rec = secondary_unit.store.secondary_records().get(b.name)
+    if rec is not None and rec["primary_unit"] == primary_unit.store.ref and \
+            rec["primary_name"] == a.name:
+        return False
+    if primary_unit.readonly:
+        return True     # looked at only: the row stays, A records its writes
+    with locked((a,)):
+        primary_unit.store.drop_pair(row["id"])
+        a._mirror = None
+    primary_unit.recovered.append(
+        f"pair {a.name}:{b.name}: ended at the unit of {b.name} ({secondary_unit.path}) "
+        f"while this one was away; ended here too, {a.name} is no longer mirrored")
+    return True
+
+
 def forget_failover(unit: "StorageUnit", b_name: str) -> int:
     """The old primary is lost for good: forget the record of B's failover
     at the secondary (:func:`recover_session`). B stays a host-writable

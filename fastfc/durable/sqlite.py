@@ -227,6 +227,9 @@ class SQLiteStore(Store):
         self._secondaries: dict[str, dict] = {
             r["name"]: {k: v for k, v in r.items() if k != "name"}
             for r in self._rows("secondaries")} if "secondaries" in self._tables else {}
+        #: whether this unit records its secondaries' pairs (one made by an
+        #: older fastfc, opened read-only, does not)
+        self.records_secondaries = "secondaries" in self._tables
         self._depth = 0
         self._next_bitmap = 1 + max([int(p.stem) for p in self.bitmap_dir.glob("*.bm")
                                      if p.stem.isdigit()] or [0])

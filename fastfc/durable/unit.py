@@ -51,8 +51,9 @@ from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.globalmirror import GlobalMirror, Triplet
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.durable.lock import LOCK_FILE, POLL, UnitLock
-from fastfc.durable.siteloss import (failover_alone, forget_failover, is_site_failover,
-                                     recover_session, release_secondary, restore_merged)
+from fastfc.durable.siteloss import (ended_at_secondary, failover_alone, forget_failover,
+                                     is_site_failover, recover_session, release_secondary,
+                                     restore_merged)
 from fastfc.durable.sqlite import SQLiteStore, read_identity
 from fastfc.names import NAME, NAME_RULE
 from fastfc.storage.store import Store
@@ -593,8 +594,13 @@ class StorageUnit:
                 continue
             primary = self._row_volume(row["primary_name"])
             secondary = sec_unit._row_volume(row["secondary_name"])
-            if restore_merged(self, sec_unit, row, primary, secondary) is None:
-                PPRCPair.from_record(primary, secondary, row)
+            if restore_merged(self, sec_unit, row, primary, secondary) is not None:
+                continue
+            if ended_at_secondary(self, sec_unit, row, primary, secondary):
+                if self.readonly:
+                    left.append(row)
+                continue
+            PPRCPair.from_record(primary, secondary, row)
         self._pair_rows = left
 
     def _damaged(self, name: str, problem: str) -> None:
