@@ -75,7 +75,8 @@ def _run(seed: int, n_trip: int, decide: str, steps: int, sizes=None) -> None:
                     a = trips[i][0]
                     a.write(min(t, a.n_tracks - 1) * TS + 7, np.full(100, v, np.uint8))
                 if odd >= 0:
-                    gm.triplets[odd].fc._resync(revertible=True, sequence=10 ** 6)  # a session step
+                    # (a session's step: a user's is refused)
+                    gm.triplets[odd].fc._resync(revertible=True, sequence=10 ** 6)
             res = [gm.form_consistency_group() for gm, _ in pair]
             assert _result(res[0]) == _result(res[1])
             if odd >= 0:

@@ -94,6 +94,8 @@ def test_site_loss_procedure_from_the_cli_at_the_secondary_alone(fastfc, tmp_pat
     assert "secondary" in r.stderr
     r = fastfc("formcg", "g", unit=site2, code=1)
     assert "recovergmir g" in r.stderr
+    r = fastfc("failoverpprc", "A0:B0", unit=site2, code=1)
+    assert "session g" in r.stderr and "recovergmir g" in r.stderr
 
     # 2. recover: B holds the last committed CG, fails over, accepts host writes
     out = fastfc("recovergmir", "g", unit=site2).stdout
