@@ -96,6 +96,10 @@ def test_site_loss_procedure_from_the_cli_at_the_secondary_alone(fastfc, tmp_pat
     assert "recovergmir g" in r.stderr
     r = fastfc("failoverpprc", "A0:B0", unit=site2, code=1)
     assert "session g" in r.stderr and "recovergmir g" in r.stderr
+    for cmd in (["resyncflash"], ["revertflash"], ["reverseflash"]):
+        r = fastfc(*cmd, "B0:C0", unit=site2, code=1)       # C0 holds the CG to recover
+        assert "Global Mirror session 'g'" in r.stderr
+    assert "session g" in fastfc("rmflash", "--force", "B0:C0", unit=site2, code=1).stderr
 
     # 2. recover: B holds the last committed CG, fails over, accepts host writes
     out = fastfc("recovergmir", "g", unit=site2).stdout
@@ -105,6 +109,8 @@ def test_site_loss_procedure_from_the_cli_at_the_secondary_alone(fastfc, tmp_pat
     for a, b, c in (("A0", "B0", "C0"), ("A1", "B1", "C1")):
         assert np.array_equal(image(site2, b), cg2[a])
         assert np.array_equal(image(site2, c), cg2[a])     # C keeps the CG
+    with StorageUnit(site2, readonly=True) as u2:       # B0:C0 is the user's now
+        assert u2.volume("C0").target_relationship.session is None
     assert "no Global Mirror session named 'g'" in fastfc("showgmir", "g", unit=site2,
                                                           code=1).stderr
     pairs = lspprc(fastfc, site2)
@@ -224,7 +230,7 @@ def test_recover_session_settles_a_cg_in_doubt_by_the_recorded_decision(tmp_path
         # CG 2 prepared on the secondary, the session lost before it decided
         # (or after it recorded "commit"): in doubt
         fc = u2.volume("C").target_relationship
-        fc.resync(revertible=True, sequence=2)
+        fc._resync(revertible=True, sequence=2)       # the session's prepare (its step)
         if decision is not None:
             u2.store.cg_decision("g", 2, decision)
         seq = u2.recover_session("g")

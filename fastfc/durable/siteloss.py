@@ -273,6 +273,10 @@ def recover_session(unit: "StorageUnit", name: str) -> int:
     site = _SessionSite(unit, name)
     seq = recover_sites([site], name)
     unit.store.drop_session(name)
+    for _, _, _, c_name in site.triplets:      # each B->C stays, the user's now
+        fc = unit.volume(c_name).target_relationship
+        if isinstance(fc, FlashCopy) and fc.session == name:
+            fc.session = None
     return seq
 
 

@@ -542,6 +542,15 @@ class StorageUnit:
             self._row_volume(rec["primary_name"])._mirror = hook
         st.collect_orphans()
         self._resolve_interrupted_cgs()
+        # a session's B->C relationships are its own while it is recorded,
+        # restored or not (its primary's unit away): a user's step on one is
+        # refused (FlashCopy.withdraw, resync, ...), recover_session lets go
+        for name, cfg in st.session_rows().items():
+            for _, _, b_name, c_name in cfg["triplets"]:
+                c = self._volumes.get(c_name)
+                fc = c._tgt_rel if c is not None else None
+                if isinstance(fc, FlashCopy) and fc.source.name == b_name:
+                    fc.session = name
 
     def _row_n_tracks(self, name: str) -> int:
         return self._row_volume(name).n_tracks
