@@ -138,6 +138,21 @@ def test_rmflash_of_a_session_flashcopy_is_refused_naming_rmgmir(fastfc, session
     assert "GM gm" in rows(fastfc("lsvol", unit=site2))["C0"][4]
 
 
+@pytest.mark.parametrize("cmd", [["resyncflash"], ["resyncflash", "--revertible"],
+                                 ["reverseflash"], ["commitflash"], ["revertflash"]])
+def test_flash_steps_on_a_session_flashcopy_are_refused_naming_rmgmir(fastfc, session, cmd):
+    site1, site2 = session
+    fastfc("write", "A0", "after the CG", "--offset", 2 * TS)
+    fastfc("formcg", "gm")                  # C0 holds CG 2; B0 == A0
+    before = {v: digest(fastfc, v, site2) for v in ("B0", "C0")}
+    err = one_line_error(run("--unit", site2, *cmd, "B0:C0"))
+    assert "session 'gm'" in err and "rmgmir" in err
+    assert {v: digest(fastfc, v, site2) for v in ("B0", "C0")} == before
+    fastfc("write", "A0", "later", "--offset", 3 * TS)
+    fastfc("formcg", "gm")                                  # the session still works
+    assert json.loads(fastfc("showgmir", "gm", "--json").stdout)["cg_sequence"] == 3
+
+
 def test_a_session_that_cannot_be_restored_leaves_the_units_usable(fastfc, session):
     """Metadata naming a session whose C lost its FlashCopy: every command
     still works, showgmir and rmgmir name the problem and rmgmir --force,

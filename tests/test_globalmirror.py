@@ -189,6 +189,28 @@ def test_c_keeps_its_cg_while_b_moves_on():
     assert check_promise(s) == 1
 
 
+@pytest.mark.parametrize("step", ["resync", "resync_revertible", "reverse_restore", "commit",
+                                  "revert"])
+def test_a_user_step_on_a_session_flashcopy_is_refused(step):
+    s = Session(n_triplets=2)
+    s.cg()
+    s.write(0, 3, 7)
+    s.cg()
+    s.write(1, 5, 8)              # B moves on at the next drain; C stays on CG 2
+    fc = s.gm.triplets[0].fc
+    calls = {"resync": lambda: fc.resync(), "resync_revertible":
+             lambda: fc.resync(revertible=True), "reverse_restore": fc.reverse_restore,
+             "commit": fc.commit, "revert": fc.revert}
+    before = (fc.sequence, fc.revertible, image(s.B[0]), image(s.C[0]))
+    with pytest.raises(StateError, match="session .*rmgmir"):
+        calls[step]()
+    after = (fc.sequence, fc.revertible, image(s.B[0]), image(s.C[0]))
+    assert before[:2] == after[:2] and all(np.array_equal(x, y)
+                                           for x, y in zip(before[2:], after[2:]))
+    assert check_promise(s) == 2
+    assert s.cg().committed and check_promise(s) == 3       # the session's own steps work
+
+
 # ---------------------------------------------------------------------------
 # Prepare failures (claims 7 and 8)
 # ---------------------------------------------------------------------------

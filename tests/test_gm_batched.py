@@ -75,14 +75,15 @@ def _run(seed: int, n_trip: int, decide: str, steps: int, sizes=None) -> None:
                     a = trips[i][0]
                     a.write(min(t, a.n_tracks - 1) * TS + 7, np.full(100, v, np.uint8))
                 if odd >= 0:
-                    gm.triplets[odd].fc.resync(revertible=True, sequence=10 ** 6)
+                    # (a session's step: a user's is refused)
+                    gm.triplets[odd].fc._resync(revertible=True, sequence=10 ** 6)
             res = [gm.form_consistency_group() for gm, _ in pair]
             assert _result(res[0]) == _result(res[1])
             if odd >= 0:
                 for gm, _ in pair:     # the hand-made revertible one: put it back
                     fc = gm.triplets[odd].fc
                     if fc.revertible:
-                        fc.revert()
+                        fc._end_revertible("revert")
             assert _state(*pair[0]) == _state(*pair[1])
             for gm, _ in pair:
                 assert gm.state.value != "fatal"

@@ -339,7 +339,7 @@ def _act(what: str, gm, trips) -> None:
     elif what == "arm_commit":
         faults.inject("commit", trips[3][1])
     elif what == "revertible_by_hand":
-        gm.triplets[2].fc.resync(revertible=True, sequence=10 ** 6)
+        gm.triplets[2].fc._resync(revertible=True, sequence=10 ** 6)  # a session step
 
 
 def _attempt(gm) -> tuple:
@@ -397,7 +397,7 @@ def test_state_changes_during_a_batched_drain_as_the_per_pair_path(what):
             gm.link.restore()
             fc = gm.triplets[2].fc
             if fc.active and fc.revertible:
-                fc.revert()
+                fc._end_revertible("revert")
             try:
                 gm.close(discard=True)
             except Exception:

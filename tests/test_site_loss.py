@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fastfc import GlobalMirror, StorageUnit
-from fastfc.errors import StateError
+from fastfc import GlobalMirror, PPRCPair, StorageUnit
+from fastfc.errors import StateError, WriteInhibitedError
 from fastfc.tools.cli import main
 
 TS = 4096
@@ -93,6 +94,12 @@ def test_site_loss_procedure_from_the_cli_at_the_secondary_alone(fastfc, tmp_pat
     assert "secondary" in r.stderr
     r = fastfc("formcg", "g", unit=site2, code=1)
     assert "recovergmir g" in r.stderr
+    r = fastfc("failoverpprc", "A0:B0", unit=site2, code=1)
+    assert "session g" in r.stderr and "recovergmir g" in r.stderr
+    for cmd in (["resyncflash"], ["revertflash"], ["reverseflash"]):
+        r = fastfc(*cmd, "B0:C0", unit=site2, code=1)       # C0 holds the CG to recover
+        assert "Global Mirror session 'g'" in r.stderr
+    assert "session g" in fastfc("rmflash", "--force", "B0:C0", unit=site2, code=1).stderr
 
     # 2. recover: B holds the last committed CG, fails over, accepts host writes
     out = fastfc("recovergmir", "g", unit=site2).stdout
@@ -102,6 +109,8 @@ def test_site_loss_procedure_from_the_cli_at_the_secondary_alone(fastfc, tmp_pat
     for a, b, c in (("A0", "B0", "C0"), ("A1", "B1", "C1")):
         assert np.array_equal(image(site2, b), cg2[a])
         assert np.array_equal(image(site2, c), cg2[a])     # C keeps the CG
+    with StorageUnit(site2, readonly=True) as u2:       # B0:C0 is the user's now
+        assert u2.volume("C0").target_relationship.session is None
     assert "no Global Mirror session named 'g'" in fastfc("showgmir", "g", unit=site2,
                                                           code=1).stderr
     pairs = lspprc(fastfc, site2)
@@ -221,7 +230,7 @@ def test_recover_session_settles_a_cg_in_doubt_by_the_recorded_decision(tmp_path
         # CG 2 prepared on the secondary, the session lost before it decided
         # (or after it recorded "commit"): in doubt
         fc = u2.volume("C").target_relationship
-        fc.resync(revertible=True, sequence=2)
+        fc._resync(revertible=True, sequence=2)       # the session's prepare (its step)
         if decision is not None:
             u2.store.cg_decision("g", 2, decision)
         seq = u2.recover_session("g")
@@ -259,7 +268,7 @@ def test_recover_session_cut_short_finishes_when_run_again(tmp_path, monkeypatch
 
     with StorageUnit(tmp_path / "site2") as u2:
         with monkeypatch.context() as m:
-            m.setattr("fastfc.copyservices.flashcopy.FlashCopy.reverse_restore", crash)
+            m.setattr("fastfc.copyservices.flashcopy.FlashCopy._reverse_restore", crash)
             with pytest.raises(KeyboardInterrupt):
                 u2.recover_session("g")
         assert u2.volume("B").is_secondary          # no host write before the restore
@@ -335,3 +344,195 @@ def test_the_old_primary_back_restores_the_pair_failed_over_with_both_sides_chan
     with StorageUnit(tmp_path / "site2") as u2, StorageUnit(tmp_path / "site1") as u1:
         assert [p.name for p in u2.pairs] == ["B->A"] and u1.pairs == []
 
+
+
+# -- a plain pair (in no session) whose primary's unit is lost -------------------------
+@pytest.mark.parametrize("mode", ["mmir", "gcp"])
+def test_plain_pair_site_loss_from_the_cli_at_the_secondary_alone(fastfc, tmp_path, mode):
+    site1, site2, vault = tmp_path / "site1", tmp_path / "site2", tmp_path / "vault"
+    fastfc("mkvol", "A", "--tracks", N, "--track-size", TS, unit=site1)
+    fastfc("mkvol", "B", "--tracks", N, "--track-size", TS, unit=site2)
+    fastfc("write", "A", "mirrored", "--repeat", 3000, unit=site1)
+    fastfc("mkpprc", "A:B", "--type", mode, "--wait", unit=site1, remote=site2)
+    # Metro Mirror sends it before the write completes; Global Copy never sends it
+    fastfc("write", "A", "late", "--offset", 20 * TS, unit=site1)
+    shutil.copytree(site1, vault)
+    shutil.rmtree(site1)
+
+    # at the secondary alone: the pair is listed, its primary's unit named missing
+    pairs = lspprc(fastfc, site2)
+    assert pairs["A:B"]["reason"] == "primary unit not available"
+    assert pairs["A:B"]["mode"] == mode and str(site1) in pairs["A:B"]["primary_unit"]
+    assert "primary unit not available" in fastfc("lspprc", unit=site2).stdout
+    assert "secondary" in fastfc("write", "B", "refused", unit=site2, code=1).stderr
+    r = fastfc("failbackpprc", "A:B", unit=site2, code=1)
+    assert "not available" in r.stderr and "failoverpprc A:B" in r.stderr
+
+    out = fastfc("failoverpprc", "A:B", unit=site2).stdout
+    assert "B accepts host writes" in out and "failbackpprc A:B" in out
+    fastfc("write", "B", "written at site 2", "--offset", 30 * TS, unit=site2)
+    pairs = lspprc(fastfc, site2)       # another invocation: B's record was reopened
+    assert pairs["B:A"]["state"] == "suspended" and pairs["B:A"]["out_of_sync"] == 1
+    assert "site loss" in pairs["B:A"]["reason"] and "A:B" not in pairs
+    roles = {v["name"]: v["roles"] for v in
+             json.loads(fastfc("lsvol", "--json", unit=site2).stdout)}
+    assert "PPRC secondary" not in roles["B"]
+    b_now = image(site2, "B")
+    assert bytes(b_now[30 * TS:30 * TS + 17]) == b"written at site 2"
+    fastfc("failoverpprc", "B:A", unit=site2, code=1)      # once is enough
+
+    # the old primary's unit is back: the pair is failed over, both sides' changes
+    shutil.copytree(vault, site1)
+    pairs = lspprc(fastfc, site2)
+    assert pairs["A:B"]["state"] == "suspended" and pairs["A:B"]["reason"] == "failover"
+    changed = 2 if mode == "gcp" else 1       # (20, never sent) and 30
+    assert pairs["A:B"]["out_of_sync"] == changed
+    out = fastfc("failbackpprc", "A:B", "--wait", unit=site2).stdout
+    assert f"failed back: pair B:A, {plural(changed)} to send" in out
+    assert np.array_equal(image(site1, "A"), b_now)
+    assert np.array_equal(image(site2, "B"), b_now)
+    assert lspprc(fastfc, site2)["B:A"]["out_of_sync"] == 0
+
+
+def plural(n: int) -> str:
+    return f"{n} track" + ("" if n == 1 else "s")
+
+
+@pytest.mark.parametrize("mode", ["mmir", "gcp"])
+def test_failover_pair_at_the_secondary_alone_then_failback_sends_only_changed_tracks(
+        tmp_path, mode):
+    site1, site2, vault = tmp_path / "site1", tmp_path / "site2", tmp_path / "vault"
+    with StorageUnit(site1) as u1, StorageUnit(site2) as u2:
+        a, b = u1.create_volume("A", N, TS), u2.create_volume("B", N, TS)
+        a.write(0, b"x" * (8 * TS))
+        pair = PPRCPair(a, b, mode=mode, background=False)
+        pair.drain()
+        a.write(9 * TS, b"late")        # sent at once by Metro Mirror only
+        a_late = a.read(0, a.capacity)
+    shutil.copytree(site1, vault)
+    shutil.rmtree(site1)
+    with StorageUnit(site2) as u2:
+        [rec] = u2.secondary_records
+        assert (rec["primary_name"], rec["secondary_name"], rec["mode"]) == ("A", "B", mode)
+        assert str(site1) in rec["primary_unit"]
+        with pytest.raises(WriteInhibitedError):
+            u2.volume("B").write(0, b"no")
+        row = u2.failover_pair("B")
+        assert row["name"] == "B->A" and row["out_of_sync"] == 0
+        assert u2.secondary_records == [] and not u2.volume("B").is_secondary
+        u2.volume("B").write(12 * TS, b"site 2")
+        with pytest.raises(StateError, match="failed over"):
+            u2.failover_pair("B")
+    with StorageUnit(site2) as u2:           # B's writes and their record survive
+        assert [r["out_of_sync"] for r in u2.pair_records] == [1]
+        b = u2.volume("B")
+        assert bytes(b.read(12 * TS, 6)) == b"site 2"
+        b_now = b.read(0, b.capacity)
+    shutil.copytree(vault, site1)
+    with StorageUnit(site1) as u1, StorageUnit(site2) as u2:
+        [pair] = u1.pairs
+        assert pair.failed_over and u2.pair_records == []
+        expected = [9, 12] if mode == "gcp" else [12]
+        assert pair.oos.set_indices().tolist() == expected
+        pair.failback()
+        assert pair.drain() == len(expected) * TS
+        a, b = u1.volume("A"), u2.volume("B")
+        assert np.array_equal(a.read(0, a.capacity), b_now)
+        assert np.array_equal(b.read(0, b.capacity), b_now)
+        assert changed_tracks(a_late, b_now) == set(expected)
+    with StorageUnit(site2) as u2, StorageUnit(site1) as u1:    # and B->A after reopening
+        assert [p.name for p in u2.pairs] == ["B->A"] and u1.secondary_records == []
+
+
+def test_rmpprc_force_at_the_secondary_alone_frees_b_for_good(fastfc, tmp_path):
+    site1, site2, site3 = tmp_path / "site1", tmp_path / "site2", tmp_path / "site3"
+    fastfc("mkvol", "A", "--tracks", N, "--track-size", TS, unit=site1)
+    fastfc("mkvol", "B", "--tracks", N, "--track-size", TS, unit=site2)
+    fastfc("mkvol", "D", "--tracks", N, "--track-size", TS, unit=site3)
+    fastfc("write", "A", "mirrored", unit=site1)
+    fastfc("mkpprc", "A:B", "--type", "gcp", "--wait", unit=site1, remote=site2)
+    shutil.copytree(site1, tmp_path / "vault")
+    shutil.rmtree(site1)
+    r = fastfc("rmpprc", "A:B", unit=site2, code=1)
+    assert "not available" in r.stderr and "rmpprc --force A:B" in r.stderr
+    out = fastfc("rmpprc", "A:B", "--force", unit=site2).stdout
+    assert "removed pair A:B" in out
+    assert lspprc(fastfc, site2) == {}
+    fastfc("write", "B", "site 2", "--offset", 3 * TS, unit=site2)
+    fastfc("mkpprc", "B:D", "--type", "gcp", "--wait", unit=site2, remote=site3)
+    assert np.array_equal(image(site3, "D"), image(site2, "B"))
+    # a copy of the lost unit that turns up does not take B back
+    shutil.copytree(tmp_path / "vault", site1)
+    with StorageUnit(site2) as u2, StorageUnit(site1) as u1:
+        assert not u2.volume("B").is_secondary and u1.pairs == []
+        assert [r["name"] for r in u2.pair_records] == ["B->D"]   # site3 not open
+
+
+def test_a_secondary_of_a_pair_made_before_secondaries_recorded_it(fastfc, tmp_path):
+    site1, site2 = tmp_path / "site1", tmp_path / "site2"
+    fastfc("mkvol", "A", "--tracks", N, "--track-size", TS, unit=site1)
+    fastfc("mkvol", "B", "--tracks", N, "--track-size", TS, unit=site2)
+    fastfc("mkpprc", "A:B", "--type", "mmir", "--wait", unit=site1, remote=site2)
+    # B's unit as an older fastfc left it: no record of its pair
+    db = sqlite3.connect(site2 / "unit.db")
+    with db:
+        db.execute("DROP TABLE secondaries")
+    db.close()
+    shutil.rmtree(site1)
+    pairs = lspprc(fastfc, site2)
+    assert "unknown pair" in pairs["?:B"]["reason"] and pairs["?:B"]["primary"] is None
+    r = fastfc("failoverpprc", "A:B", unit=site2, code=1)
+    assert "does not know its primary" in r.stderr and "rmpprc --force" in r.stderr
+    fastfc("rmpprc", "A:B", "--force", unit=site2)
+    fastfc("write", "B", "free", unit=site2)
+    assert lspprc(fastfc, site2) == {}
+
+
+def test_an_older_pair_is_recorded_at_its_secondary_when_both_units_open(tmp_path):
+    site1, site2 = tmp_path / "site1", tmp_path / "site2"
+    with StorageUnit(site1) as u1, StorageUnit(site2) as u2:
+        PPRCPair(u1.create_volume("A", N, TS), u2.create_volume("B", N, TS), mode="gcp",
+                 background=False)
+    db = sqlite3.connect(site2 / "unit.db")
+    with db:
+        db.execute("DELETE FROM secondaries")
+    db.close()
+    with StorageUnit(site2) as u2, StorageUnit(site1) as u1:
+        assert u1.pairs and u2.secondary_records == []
+    shutil.rmtree(site1)
+    with StorageUnit(site2) as u2:
+        [rec] = u2.secondary_records
+        assert (rec["primary_name"], rec["mode"]) == ("A", "gcp")
+        assert u2.failover_pair("B")["name"] == "B->A"
+
+
+@pytest.mark.parametrize("failover_first", [False, True])
+def test_a_pair_ended_at_the_secondary_alone_stays_ended_when_its_primary_is_back(
+        tmp_path, failover_first):
+    """Another pair still links the two units: the copy of the lost unit
+    that turns up is attached, and must not take B0 back as its secondary
+    (B0's host writes since were recorded nowhere: a resync would miss them)."""
+    site1, site2, vault = tmp_path / "site1", tmp_path / "site2", tmp_path / "vault"
+    with StorageUnit(site1) as u1, StorageUnit(site2) as u2:
+        for i in range(2):
+            PPRCPair(u1.create_volume(f"A{i}", N, TS), u2.create_volume(f"B{i}", N, TS),
+                     mode="mmir", background=False).drain()
+    shutil.copytree(site1, vault)
+    shutil.rmtree(site1)
+    with StorageUnit(site2) as u2:
+        if failover_first:
+            u2.failover_pair("B0")
+            assert u2.forget_failover("B0") == 0
+        else:
+            assert u2.release_secondary("B0")["primary_name"] == "A0"
+        assert [r["secondary_name"] for r in u2.secondary_records] == ["B1"]
+        u2.volume("B0").write(0, b"site 2 only")
+    shutil.copytree(vault, site1)
+    with StorageUnit(site1) as u1, StorageUnit(site2) as u2:
+        assert [p.name for p in u1.pairs] == ["A1->B1"] and u1.pair_records == []
+        assert any("A0:B0: ended at the unit of B0" in r for r in u1.recovered)
+        assert not u2.volume("B0").is_secondary
+        u1.volume("A0").write(0, b"site 1 only")        # A0 is no longer mirrored
+        assert bytes(u2.volume("B0").read(0, 11)) == b"site 2 only"
+    with StorageUnit(site1) as u1, StorageUnit(site2) as u2:
+        assert [p.name for p in u1.pairs] == ["A1->B1"] and u1.recovered == []

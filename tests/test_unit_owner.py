@@ -165,7 +165,7 @@ def test_read_only_open_of_a_directory_nobody_can_write(tmp_path):
 def test_read_only_open_refuses_a_cg_that_needs_resolving(tmp_path):
     p, s = make_site(tmp_path)
     with StorageUnit(p) as u1, StorageUnit(s) as u2:
-        u2.session("gm").triplets[0].fc.resync(revertible=True, sequence=2)
+        u2.session("gm").triplets[0].fc._resync(revertible=True, sequence=2)  # its prepare
         u2.store.close()    # "crash": nothing resolves it
         u2._closed = True
         u2._release_files()

@@ -456,6 +456,24 @@ class FlashCopy(_core.RelationshipBase):
         refused), target writes are refused and no background copy runs,
         until :meth:`commit` or :meth:`revert`.
         """
+        self._refuse_in_session("resyncflash")
+        self._resync(revertible=revertible, sequence=sequence)
+
+    def _refuse_in_session(self, step: str) -> None:
+        """A user's step on a Global Mirror session's B->C relationship is
+        refused (as :meth:`withdraw` is): resyncing, reversing, committing or
+        reverting C alone would disturb the session's consistency groups. The
+        session (and its recovery) runs them through the same bodies
+        (``_resync``, ``_end_revertible``, ``_reverse_restore``)."""
+        if self.session is not None:
+            raise StateError(
+                f"{self!r} is the B->C relationship of Global Mirror session "
+                f"{self.session!r}: {step} of it alone would disturb the session's "
+                "consistency groups; the session runs its FlashCopy steps (end the session "
+                "first: GlobalMirror.close(), rmgmir)")
+
+    def _resync(self, *, revertible: bool = False, sequence: int | None = None) -> None:
+        """The body of :meth:`resync`, which a session calls."""
         if not self.record:
             raise StateError(f"{self!r} was established without record=True; "
                              "incremental resync needs change recording")
@@ -495,12 +513,14 @@ class FlashCopy(_core.RelationshipBase):
     def commit(self) -> None:
         """Keep the revertible image [commitflash / Withdraw-FlashCopy-commit]:
         drop the revert image and release the source write-inhibit. O(1)."""
+        self._refuse_in_session("commitflash")
         self._end_revertible("commit")
 
     def revert(self) -> None:
         """Return to the image before the revertible resync [revertflash /
         Withdraw-FlashCopy-revert]: restore the previous bitmaps and sequence
         number and release the source write-inhibit. O(1)."""
+        self._refuse_in_session("revertflash")
         self._end_revertible("revert")
 
     def _end_revertible(self, step: str) -> None:
@@ -537,6 +557,11 @@ class FlashCopy(_core.RelationshipBase):
         clear and the relationship stands. Returns the tracks copied. Other
         targets of the source receive copy-on-write first, as for a host write.
         """
+        self._refuse_in_session("reverseflash")
+        return self._reverse_restore()
+
+    def _reverse_restore(self) -> int:
+        """The body of :meth:`reverse_restore`, which a session calls."""
         if not self.record:
             raise StateError(f"{self!r} needs record=True for reverse restore")
         S = self.source

@@ -359,7 +359,7 @@ class SecondaryGroup:
             return self._prepare_batched(sequence, stop_at_failure)
         for trip in self.triplets:
             try:
-                trip.fc.resync(revertible=True, sequence=sequence)
+                trip.fc._resync(revertible=True, sequence=sequence)
                 prepared.append(trip.fc)
             except FastFCError as e:
                 failure = f"prepare of {trip.b.name}: {type(e).__name__}: {e}"
@@ -402,7 +402,7 @@ class SecondaryGroup:
             unused += fresh[3 * k:3 * k + 3]
             k += 1
             try:
-                fc.resync(revertible=True, sequence=sequence)
+                fc._resync(revertible=True, sequence=sequence)
                 prepared.append(fc)
             except FastFCError as e:
                 failure = f"prepare of {fc.source.name}: {type(e).__name__}: {e}"
@@ -428,7 +428,7 @@ class SecondaryGroup:
             return self._finish_batched(step)
         for fc in self.prepared:
             try:
-                fc.commit() if step == "commit" else fc.revert()
+                fc._end_revertible("commit" if step == "commit" else "revert")
             except FastFCError as e:
                 errors.append(f"{step} of {fc.source.name}: {type(e).__name__}: {e}")
         self.prepared = []
@@ -451,7 +451,7 @@ class SecondaryGroup:
             fc = fcs[k]
             k += 1
             try:
-                fc.commit() if step == "commit" else fc.revert()
+                fc._end_revertible("commit" if step == "commit" else "revert")
             except FastFCError as e:
                 errors.append(f"{step} of {fc.source.name}: {type(e).__name__}: {e}")
         self.store.recycle(dropped)
@@ -872,7 +872,7 @@ class GlobalMirror:
         for fc in pending:
             for _ in range(RETRIES):
                 try:
-                    fc.commit() if action == "commit" else fc.revert()
+                    fc._end_revertible("commit" if action == "commit" else "revert")
                     break
                 except FastFCError:
                     continue
@@ -1072,7 +1072,7 @@ class GlobalMirror:
                                  "resolve the session first")
             for t in self.triplets:
                 t.pair.failover()
-                t.fc.reverse_restore()
+                t.fc._reverse_restore()
             return seqs.pop()
 
     def _teardown(self) -> None:

@@ -128,7 +128,9 @@ class PPRCPair(_core.MirrorBase):
             secondary._secondary = True
             self.active = True
             self._persist()
-            secondary.store.set_volume_flags(secondary.flags_record())
+            with secondary.store.transaction():
+                secondary.store.set_volume_flags(secondary.flags_record())
+                self._record_secondary()
         if background:
             self.start()
 
@@ -182,6 +184,14 @@ class PPRCPair(_core.MirrorBase):
         only, and recovery sends the union of every bitmap the row names."""
         self._store_id = self.primary.store.save_pair(self.to_record(), self.secondary.store)
 
+    def _record_secondary(self) -> None:
+        """Record in the secondary's store what it needs of this pair when
+        the primary's unit is lost (the pair's row is the primary's): its
+        primary's unit and name, and the mode."""
+        self.secondary.store.save_secondary(self.secondary.name, {
+            "primary_unit": self.primary.store.ref, "primary_name": self.primary.name,
+            "mode": self.mode.value})
+
     def _suspended(self, reason: str) -> None:
         self.suspend_reason = reason
         self._persist()
@@ -214,6 +224,10 @@ class PPRCPair(_core.MirrorBase):
         pair.active = True
         if not primary.store.readonly:   # a read-only unit only looks
             pair._persist()
+        if not secondary.store.readonly:
+            # a pair from before secondaries recorded it (or a unit moved):
+            # recorded now, once (nothing is written when it is so recorded)
+            pair._record_secondary()
         return pair
 
     # -- state ---------------------------------------------------------------
@@ -526,7 +540,10 @@ class PPRCPair(_core.MirrorBase):
             self.suspend_reason = None
             self.name = f"{B.name}->{A.name}"
             self._persist()
-            A.store.set_volume_flags(A.flags_record())
+            with A.store.transaction():
+                A.store.set_volume_flags(A.flags_record())
+                self._record_secondary()
+            B.store.save_secondary(B.name, None)
         self._wake.set()
 
     def remove(self) -> None:
@@ -543,7 +560,9 @@ class PPRCPair(_core.MirrorBase):
             self.secondary._secondary = False
             self.active = False
             self.primary.store.drop_pair(self._store_id)
-            self.secondary.store.set_volume_flags(self.secondary.flags_record())
+            with self.secondary.store.transaction():
+                self.secondary.store.set_volume_flags(self.secondary.flags_record())
+                self.secondary.store.save_secondary(self.secondary.name, None)
 
     def _require_active(self) -> None:
         if not self.active:

@@ -113,7 +113,7 @@ class _SessionSite(SecondarySite):
         pending = [fc for fc in fcs if fc.revertible and fc.sequence == sequence]
         with self.unit.store.transaction():
             for fc in pending:
-                fc.commit() if decision == "commit" else fc.revert()
+                fc._end_revertible("commit" if decision == "commit" else "revert")
         return Done(decision)
 
     def record_decision(self, session: str, sequence: int, decision: str) -> None:
@@ -133,13 +133,14 @@ class _SessionSite(SecondarySite):
                 if not b.is_secondary:
                     continue        # restored before: B may hold host writes since
                 if b_name not in rows:     # (a run a crash cut short recorded it)
-                    _record_failover(unit, b, a_unit, a_name, fc)
+                    _record_failover(unit, b, a_unit, a_name, _restored_tracks(unit, fc),
+                                     "gcp")
                 todo.append(fc)
         for fc in todo:
             # restore first, then let B take host writes: a crash between
             # the two restores again (B took no writes yet); at durability
             # "power" B's restored data is on the disk before its flag
-            fc.reverse_restore()
+            fc._reverse_restore()
             b = fc.source
             if unit.durability == "power":
                 unit.store.sync(b, b.mirror.oos if b.mirror is not None else None)
@@ -160,18 +161,26 @@ class _SessionSite(SecondarySite):
         return self._recovery_only()
 
 
-def _record_failover(unit: "StorageUnit", b: "Volume", a_unit: str, a_name: str,
-                     fc: FlashCopy) -> None:
-    """Record B as a suspended primary of a pair B->A (A's unit named by its
-    ``a_unit`` ref), its out-of-sync bitmap holding the tracks the restore
-    from C is about to bring back, and hook B's host writes into it."""
+def _restored_tracks(unit: "StorageUnit", fc: FlashCopy):
+    """The tracks a fast reverse restore of ``fc`` brings back from C onto
+    B, as a new bitmap of ``unit``'s store."""
     assert fc.src_changed is not None and fc.tgt_changed is not None   # record=True
-    oos = unit.store.new_bitmap(b.n_tracks)
+    oos = unit.store.new_bitmap(fc.source.n_tracks)
     oos.copy_from(fc.src_changed)
     oos.or_(fc.tgt_changed)
     oos.andnot(fc.to_copy)
+    return oos
+
+
+def _record_failover(unit: "StorageUnit", b: "Volume", a_unit: str, a_name: str,
+                     oos: Any, mode: str) -> None:
+    """Record B as a suspended primary of a pair B->A (A's unit named by its
+    ``a_unit`` ref), its out-of-sync bitmap ``oos`` (the tracks B differs in
+    from the image A's unit last knew of it), and hook B's host writes into
+    it: the one failover at the secondary alone, of a session's B and of a
+    plain pair's."""
     rec: dict[str, Any] = {"id": None, "primary_name": b.name, "secondary_unit": a_unit,
-                           "secondary_name": a_name, "mode": "gcp",
+                           "secondary_name": a_name, "mode": mode,
                            "suspend_reason": SITE_FAILOVER, "failed_over": False,
                            "name": f"{b.name}->{a_name}", "oos": oos, "spare": None, "cg": None}
     rec["id"] = unit.store.save_pair(rec)
@@ -179,6 +188,77 @@ def _record_failover(unit: "StorageUnit", b: "Volume", a_unit: str, a_name: str,
     hook = MirrorBase()
     hook.oos = oos
     b._mirror = hook
+
+
+def failover_alone(unit: "StorageUnit", b_name: str) -> dict:
+    """``failoverpprc`` of a plain pair (in no session) at its secondary
+    unit alone, its primary's unit lost: B becomes a suspended primary of a
+    pair B->A recorded in this unit, recording every track it changes from
+    now on, and takes host writes. When the old primary's unit is opened
+    beside this one, :func:`restore_merged` restores the pair A->B failed
+    over (``failback()`` then resyncs only the tracks changed on either
+    side). Returns the record of B->A (as ``StorageUnit.pair_records``)."""
+    unit._require_writable()
+    b = unit.volume(b_name)
+    rec = next((r for r in unit.secondary_records if r["secondary_name"] == b_name), None)
+    if rec is None:
+        if any(is_site_failover(r) and r["primary_name"] == b_name for r in unit._pair_rows):
+            raise StateError(f"{b!r} was failed over at the secondary alone before: it takes "
+                             "host writes, recording them for the old primary")
+        if any(t[2] == b_name for cfg in unit.store.session_rows().values()
+               for t in cfg["triplets"]):
+            raise StateError(f"{b!r} is a B volume of a Global Mirror session: "
+                             "recover_session (recovergmir) recovers it")
+        raise StateError(f"{b!r} is not the secondary of a pair whose primary's unit is away")
+    if rec["primary_uuid"] is None:
+        raise StateError(
+            f"{b!r} is the secondary of a pair made before a secondary recorded its pair: "
+            "this unit does not know its primary, so it cannot fail it over alone. Open the "
+            "primary's unit beside this one once (the pair is then recorded here), or, the "
+            f"primary lost for good, release_secondary({b_name!r}) (rmpprc --force) frees it")
+    with locked((b,)):
+        with unit.store.transaction():
+            _record_failover(unit, b, rec["primary_uuid"], rec["primary_name"],
+                             unit.store.new_bitmap(b.n_tracks), rec["mode"])
+            b._secondary = False
+            unit.store.set_volume_flags(b.flags_record())
+    return next(r for r in unit.pair_records
+                if is_site_failover(r) and r["primary_name"] == b_name)
+
+
+def release_secondary(unit: "StorageUnit", b_name: str) -> dict:
+    """``rmpprc --force`` of a plain pair at its secondary unit alone, the
+    primary's unit lost for good: B is nobody's secondary any more and takes
+    host writes; it holds what the primary last sent (a Global Copy pair's
+    latest writes may never have come). The old primary's unit is forgotten
+    as a partner unless something else here names it, so that a copy of it
+    that turns up does not take B back. Returns what was known of the pair
+    (as ``StorageUnit.secondary_records``)."""
+    unit._require_writable()
+    b = unit.volume(b_name)
+    rec = next((r for r in unit.secondary_records if r["secondary_name"] == b_name), None)
+    if rec is None:
+        raise StateError(f"{b!r} is not the secondary of a pair whose primary's unit is away")
+    with locked((b,)):
+        with unit.store.transaction():
+            b._secondary = False
+            unit.store.set_volume_flags(b.flags_record())
+            unit.store.save_secondary(b_name, None)
+    if rec["primary_uuid"] is not None:
+        _forget_partner(unit, rec["primary_uuid"])
+    return rec
+
+
+def _forget_partner(unit: "StorageUnit", ref: str) -> None:
+    """Forget partner ``ref`` when no pair, session or secondary of
+    ``unit`` names it any more."""
+    if any(r["secondary_uuid"] == ref for r in unit._pair_rows):
+        return
+    if any(t[0] == ref for cfg in unit.store.session_rows().values() for t in cfg["triplets"]):
+        return
+    if any(r["primary_unit"] == ref for r in unit.store.secondary_records().values()):
+        return
+    unit._sqlite.drop_partner(ref)
 
 
 def recover_session(unit: "StorageUnit", name: str) -> int:
@@ -193,6 +273,10 @@ def recover_session(unit: "StorageUnit", name: str) -> int:
     site = _SessionSite(unit, name)
     seq = recover_sites([site], name)
     unit.store.drop_session(name)
+    for _, _, _, c_name in site.triplets:      # each B->C stays, the user's now
+        fc = unit.volume(c_name).target_relationship
+        if isinstance(fc, FlashCopy) and fc.session == name:
+            fc.session = None
     return seq
 
 
@@ -221,6 +305,35 @@ def restore_merged(primary_unit: "StorageUnit", secondary_unit: "StorageUnit",
     return pair
 
 
+def ended_at_secondary(primary_unit: "StorageUnit", secondary_unit: "StorageUnit",
+                       row: dict, a: "Volume", b: "Volume") -> bool:
+    """Whether the pair ``row`` of ``primary_unit`` (A->B, not failed over)
+    was ended at its secondary's unit alone while this unit was lost
+    (:func:`release_secondary`, or :func:`forget_failover` after a failover
+    there): B is nobody's secondary and its unit, which records its
+    secondaries, records no such pair. Restoring it would make B a secondary
+    again and overwrite host writes it took since, unrecorded. So the pair
+    ends here too (its row dropped when this unit can write, a note in
+    :attr:`~fastfc.durable.unit.StorageUnit.recovered`); A takes host writes
+    unmirrored."""
+    if row["failed_over"] or b.is_secondary or \
+            not getattr(secondary_unit.store, "records_secondaries", False):
+        return False
+    rec = secondary_unit.store.secondary_records().get(b.name)
+    if rec is not None and rec["primary_unit"] == primary_unit.store.ref and \
+            rec["primary_name"] == a.name:
+        return False
+    if primary_unit.readonly:
+        return True     # looked at only: the row stays, A records its writes
+    with locked((a,)):
+        primary_unit.store.drop_pair(row["id"])
+        a._mirror = None
+    primary_unit.recovered.append(
+        f"pair {a.name}:{b.name}: ended at the unit of {b.name} ({secondary_unit.path}) "
+        f"while this one was away; ended here too, {a.name} is no longer mirrored")
+    return True
+
+
 def forget_failover(unit: "StorageUnit", b_name: str) -> int:
     """The old primary is lost for good: forget the record of B's failover
     at the secondary (:func:`recover_session`). B stays a host-writable
@@ -239,11 +352,10 @@ def forget_failover(unit: "StorageUnit", b_name: str) -> int:
     b = unit._row_volume(b_name)
     n = int(row["oos"].count())
     with locked((b,)):
-        unit.store.drop_pair(row["id"])
+        with unit.store.transaction():
+            unit.store.drop_pair(row["id"])
+            unit.store.save_secondary(b_name, None)
         unit._pair_rows.remove(row)
         b._mirror = None
-    ref = row["secondary_uuid"]
-    if not any(r["secondary_uuid"] == ref for r in unit._pair_rows) and not any(
-            t[0] == ref for cfg in unit.store.session_rows().values() for t in cfg["triplets"]):
-        unit._sqlite.drop_partner(ref)
+    _forget_partner(unit, row["secondary_uuid"])
     return n

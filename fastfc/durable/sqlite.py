@@ -150,6 +150,9 @@ CREATE TABLE IF NOT EXISTS decisions(
     session TEXT NOT NULL, sequence INTEGER NOT NULL, decision TEXT NOT NULL,
     PRIMARY KEY(session, sequence));
 CREATE TABLE IF NOT EXISTS partners(uuid TEXT PRIMARY KEY, path TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS secondaries(
+    name TEXT PRIMARY KEY, primary_unit TEXT NOT NULL, primary_name TEXT NOT NULL,
+    mode TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS session_stats(
     name TEXT PRIMARY KEY, attempts INTEGER NOT NULL, successes INTEGER NOT NULL,
     failures TEXT NOT NULL, commit_failures_resolved INTEGER NOT NULL,
@@ -269,6 +272,14 @@ class SQLiteStore(Store):
             # volumes are thin (the default); older readers ignore the column
             self.db.execute("ALTER TABLE volumes ADD COLUMN thin INTEGER NOT NULL DEFAULT 1")
         self._lock = threading.RLock()
+        # what each PPRC secondary here knows of its pair (the pair's row is
+        # with its primary): a unit made before this record has none
+        self._secondaries: dict[str, dict] = {
+            r["name"]: {k: v for k, v in r.items() if k != "name"}
+            for r in self._rows("secondaries")} if "secondaries" in self._tables else {}
+        #: whether this unit records its secondaries' pairs (one made by an
+        #: older fastfc, opened read-only, does not)
+        self.records_secondaries = "secondaries" in self._tables
         self._depth = 0
         self._next_bitmap = 1 + max([int(p.stem) for p in self.bitmap_dir.glob("*.bm")
                                      if p.stem.isdigit()] or [0])
@@ -605,6 +616,22 @@ class SQLiteStore(Store):
     def set_volume_flags(self, flags: dict) -> None:
         self._exec("UPDATE volumes SET secondary=?, invalid=? WHERE name=?",
                    (int(flags["secondary"]), int(flags["invalid"]), flags["name"]))
+
+    def save_secondary(self, name: str, record: dict | None) -> None:
+        if self._secondaries.get(name) == record:
+            return      # so recorded: restoring a pair writes nothing
+        if record is None:
+            self._exec("DELETE FROM secondaries WHERE name=?", (name,))
+            self._secondaries.pop(name, None)
+            return
+        rec = {"primary_unit": record["primary_unit"], "primary_name": record["primary_name"],
+               "mode": record["mode"]}
+        self._exec("INSERT OR REPLACE INTO secondaries VALUES(?,?,?,?)",
+                   (name, rec["primary_unit"], rec["primary_name"], rec["mode"]))
+        self._secondaries[name] = rec
+
+    def secondary_records(self) -> dict[str, dict]:
+        return {k: dict(v) for k, v in self._secondaries.items()}
 
     def volume_records(self) -> list[dict]:
         """Every stored volume: name, n_tracks, track_size, secondary,

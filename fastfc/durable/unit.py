@@ -54,7 +54,8 @@ from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.globalmirror import GlobalMirror, Triplet
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.durable.lock import LOCK_FILE, POLL, UnitLock
-from fastfc.durable.siteloss import (forget_failover, is_site_failover, recover_session,
+from fastfc.durable.siteloss import (ended_at_secondary, failover_alone, forget_failover,
+                                     is_site_failover, recover_session, release_secondary,
                                      restore_merged)
 from fastfc.durable.sqlite import SQLiteStore, read_identity
 from fastfc.names import NAME, NAME_RULE
@@ -326,6 +327,61 @@ class StorageUnit:
                  "out_of_sync": sum(r[k].count() for k in _PAIR_MAPS if r[k] is not None)}
                 for r in self._pair_rows]
 
+    @property
+    def secondary_records(self) -> list[dict]:
+        """The PPRC pairs (in no Global Mirror session) whose secondary
+        volume is in this unit and whose primary's unit is not attached (lost,
+        or away): what this unit knows of each from the record it keeps of
+        its secondaries (a pair's row is its primary's), as dicts:
+        ``primary_name``, ``secondary_name``, ``mode``, ``primary_uuid`` (how
+        the record names the primary's unit) and ``primary_unit`` (where
+        that unit is expected, and why it is not attached). A secondary of a
+        pair made before secondaries kept this record has them None but
+        ``secondary_name``: the secondary of an unknown pair. With the
+        primary lost, :meth:`failover_pair` or :meth:`release_secondary`."""
+        self._require_open()
+        if self.path is None:
+            return []           # a memory unit is never apart from its pairs
+        recs = self.store.secondary_records()
+        with _registry_lock:
+            units = [u for u in _open_units.values() if not u._closed]
+        live = {id(p.secondary) for u in units for p in u.pairs}
+        in_sessions = {t[2] for cfg in self.store.session_rows().values()
+                       for t in cfg["triplets"]}
+        out = []
+        for name, v in self._volumes.items():
+            if not v._secondary or id(v) in live or name in in_sessions:
+                continue
+            rec = recs.get(name)
+            ref = rec["primary_unit"] if rec is not None else None
+            out.append({"primary_name": rec["primary_name"] if rec is not None else None,
+                        "secondary_name": name, "mode": rec["mode"] if rec is not None else None,
+                        "primary_uuid": ref,
+                        "primary_unit": self.describe_partner(ref) if ref is not None
+                        else "unknown (a pair made before secondaries recorded it)"})
+        return out
+
+    def failover_pair(self, volume: str) -> dict:
+        """``failoverpprc`` at this unit alone, the primary's unit of the
+        pair whose secondary is ``volume`` lost (see
+        :attr:`secondary_records`): ``volume`` becomes a suspended primary of
+        a pair back to the old primary, recorded here, recording every track
+        it changes, and takes host writes. When the old primary's unit is
+        opened beside this one, the pair is restored failed over and
+        ``failback()`` resyncs only the tracks changed on either side.
+        Returns the new pair's record (as :attr:`pair_records`). See
+        :func:`fastfc.durable.siteloss.failover_alone`."""
+        return failover_alone(self, volume)
+
+    def release_secondary(self, volume: str) -> dict:
+        """``rmpprc --force`` at this unit alone, the primary's unit of the
+        pair whose secondary is ``volume`` lost for good: ``volume`` is
+        nobody's secondary any more and takes host writes (holding what the
+        primary last sent). Returns what was known of the pair (as
+        :attr:`secondary_records`). See
+        :func:`fastfc.durable.siteloss.release_secondary`."""
+        return release_secondary(self, volume)
+
     def _session_added(self, session: GlobalMirror) -> None:
         """The store's listener: a new session whose B volumes live here."""
         self.sessions[session.name] = session
@@ -405,7 +461,9 @@ class StorageUnit:
                 # its pair is gone (its primary's unit is open and holds
                 # none): B is nobody's secondary and takes host writes again
                 b._secondary = False
-                self.store.set_volume_flags(b.flags_record())
+                with self.store.transaction():
+                    self.store.set_volume_flags(b.flags_record())
+                    self.store.save_secondary(b_name, None)
                 removed.append(f"the secondary role of {b_name}")
         self.store.drop_session(name)
         del self._session_problems[name]
@@ -490,6 +548,15 @@ class StorageUnit:
             self._row_volume(rec["primary_name"])._mirror = hook
         st.collect_orphans()
         self._resolve_interrupted_cgs()
+        # a session's B->C relationships are its own while it is recorded,
+        # restored or not (its primary's unit away): a user's step on one is
+        # refused (FlashCopy.withdraw, resync, ...), recover_session lets go
+        for name, cfg in st.session_rows().items():
+            for _, _, b_name, c_name in cfg["triplets"]:
+                c = self._volumes.get(c_name)
+                fc = c._tgt_rel if c is not None else None
+                if isinstance(fc, FlashCopy) and fc.source.name == b_name:
+                    fc.session = name
 
     def _row_n_tracks(self, name: str) -> int:
         return self._row_volume(name).n_tracks
@@ -523,7 +590,7 @@ class StorageUnit:
             decision = self._sqlite.decision(name, seq)
             with self.store.transaction():
                 for fc in pending:
-                    fc.commit() if decision == "commit" else fc.revert()
+                    fc._end_revertible("commit" if decision == "commit" else "revert")
             self.recovered.append(f"session {name}: CG {seq} "
                                   f"{'committed' if decision == 'commit' else 'reverted'} "
                                   f"on {len(pending)} of {len(fcs)} volumes")
@@ -542,8 +609,13 @@ class StorageUnit:
                 continue
             primary = self._row_volume(row["primary_name"])
             secondary = sec_unit._row_volume(row["secondary_name"])
-            if restore_merged(self, sec_unit, row, primary, secondary) is None:
-                PPRCPair.from_record(primary, secondary, row)
+            if restore_merged(self, sec_unit, row, primary, secondary) is not None:
+                continue
+            if ended_at_secondary(self, sec_unit, row, primary, secondary):
+                if self.readonly:
+                    left.append(row)
+                continue
+            PPRCPair.from_record(primary, secondary, row)
         self._pair_rows = left
 
     def _damaged(self, name: str, problem: str) -> None:

@@ -233,13 +233,13 @@ class UnitServer:
                     self._point("prepare", i)
                     if fc.revertible and fc.sequence == sequence:
                         continue
-                    fc.resync(revertible=True, sequence=sequence)
+                    fc._resync(revertible=True, sequence=sequence)
                     done.append(fc)
         except FastFCError:
             with self.unit.store.transaction(sync=False):
                 for fc in done:
                     if fc.revertible:
-                        fc.revert()
+                        fc._end_revertible("revert")
             raise
         return "prepared"
 
@@ -262,7 +262,7 @@ class UnitServer:
         with self.unit.store.transaction(sync=False):
             for i, fc in enumerate(pending):
                 self._point("finish", i)
-                fc.commit() if outcome == "commit" else fc.revert()
+                fc._end_revertible("commit" if outcome == "commit" else "revert")
             self.unit.store.cg_decision(session + UNIT_KEY, sequence, outcome)
         return outcome
 
@@ -296,7 +296,7 @@ class UnitServer:
                 continue        # restored already: B may hold host writes since
             # restore first, then let B take host writes: a crash between
             # the two restores again (B took no writes yet)
-            fc.reverse_restore()
+            fc._reverse_restore()
             b._secondary = False
             self.unit.store.set_volume_flags(b.flags_record())
 

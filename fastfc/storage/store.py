@@ -137,6 +137,17 @@ class Store:
     def set_volume_flags(self, flags: dict) -> None:
         """Record a volume's flags (``Volume.flags_record()``)."""
 
+    def save_secondary(self, name: str, record: dict | None) -> None:
+        """Record (None: forget) what PPRC secondary ``name`` knows of its
+        pair, whose row its primary's store keeps: ``primary_unit`` (the
+        primary's store ``ref``), ``primary_name``, ``mode``. With the
+        primary's unit lost, the secondary's unit still lists the pair and
+        can fail it over (nothing in memory: a memory unit is never apart)."""
+
+    def secondary_records(self) -> dict[str, dict]:
+        """What :meth:`save_secondary` recorded, by secondary volume name."""
+        return {}
+
     def add_session(self, record: dict, session, partners=()) -> None:
         """Record a new Global Mirror session (``GlobalMirror.to_record()``)
         whose A volumes ``partners`` (stores) record, and tell the listener."""

@@ -52,6 +52,9 @@ def lspprc(units, specs, as_json) -> None:
     lost = [] if specs else [(u, t) for u in units.all() for name in u.store.session_rows()
                              if name not in u.sessions
                              for t in u.session_record(name)["triplets"]]
+    # plain pairs whose primary unit could not be opened: what each
+    # secondary's unit records of them
+    alone = [] if specs else [(u, r) for u in units.all() for r in u.secondary_records]
     if as_json:
         json_out([{"id": pair_id(p), "primary": p.primary.name, "secondary": p.secondary.name,
                    "state": p.state.value, "mode": p.mode.value,
@@ -67,7 +70,12 @@ def lspprc(units, specs, as_json) -> None:
                  + [{"id": f"{t['a']}:{t['b']}", "primary": t["a"], "secondary": t["b"],
                      "state": "unknown", "mode": "gcp", "out_of_sync": None,
                      "reason": "primary unit not available", "primary_unit": t["a_unit"],
-                     "secondary_unit": str(u.path)} for u, t in lost])
+                     "secondary_unit": str(u.path)} for u, t in lost]
+                 + [{"id": _alone_id(r), "primary": r["primary_name"],
+                     "secondary": r["secondary_name"], "state": "unknown", "mode": r["mode"],
+                     "out_of_sync": None, "reason": _alone_reason(r),
+                     "primary_unit": r["primary_unit"], "secondary_unit": str(u.path)}
+                    for u, r in alone])
         return
     t = table("ID", "State", "Type", "Out of sync", "Reason", "Primary unit",
               "Secondary unit")
@@ -83,7 +91,40 @@ def lspprc(units, specs, as_json) -> None:
     for u, tr in lost:
         t.add_row(f"{tr['a']}:{tr['b']}", "unknown", "gcp", "?",
                   "primary unit not available", tr["a_unit"], u.path.name)
+    for u, r in alone:
+        t.add_row(_alone_id(r), "unknown", r["mode"] or "?", "?", _alone_reason(r),
+                  r["primary_unit"], u.path.name)
     console().print(t if t.rows else "no PPRC pairs")
+
+
+def _alone_id(rec: dict) -> str:
+    return f"{rec['primary_name'] or '?'}:{rec['secondary_name']}"
+
+
+def _alone_reason(rec: dict) -> str:
+    if rec["primary_name"] is None:
+        return ("secondary of an unknown pair (made before secondaries recorded their pair); "
+                "primary unit not available")
+    return "primary unit not available"
+
+
+def _alone(units, specs) -> tuple[list, dict]:
+    """Split ``specs`` into those naming a live pair and those naming a
+    pair the local unit knows only as its secondary, its primary's unit not
+    available (:attr:`StorageUnit.secondary_records`), by secondary name.
+    Such a pair is named A:B, or B:A (DS8000: at the secondary, the pair
+    B->A that failover makes)."""
+    recs = {r["secondary_name"]: r for r in units.local().secondary_records}
+    live, alone = [], {}
+    for a, b in specs:
+        for x, y in ((a, b), (b, a)):
+            r = recs.get(y)
+            if r is not None and r["primary_name"] in (x, None):
+                alone[y] = r
+                break
+        else:
+            live.append((a, b))
+    return live, alone
 
 
 def _away_state(row: dict) -> str:
@@ -127,8 +168,22 @@ def resumepprc(units, specs, wait) -> None:
 @PAIRS
 @pass_units
 def failoverpprc(units, specs) -> None:
-    """Make secondaries usable primaries (their writes are recorded)."""
-    each([units.pair(*s) for s in specs], lambda p: p.failover(),
+    """Make secondaries usable primaries (their writes are recorded).
+
+    At a secondary's unit alone (-u), its primary's unit lost, A:B (or B:A)
+    makes B a suspended primary of B:A recording every track it changes;
+    when A's unit is back, failbackpprc A:B resyncs only the changed
+    tracks."""
+    live, alone = _alone(units, specs)
+    pairs = [units.pair(*s) for s in live]
+    local = units.local()
+    for b, r in alone.items():
+        row = local.failover_pair(b)
+        click.echo(f"failed over {r['primary_name']}:{b} at {local.path.name} alone (the "
+                   f"primary's unit {r['primary_unit']} is not available): {b} accepts host "
+                   f"writes, recorded as pair {b}:{row['secondary_name']} for failbackpprc "
+                   f"{r['primary_name']}:{b} when that unit is back")
+    each(pairs, lambda p: p.failover(),
          lambda p, _: f"failed over {pair_id(p)}: {p.secondary.name} accepts host writes")
 
 
@@ -167,7 +222,22 @@ def rmpprc(units, specs, force) -> None:
 
     B:A of a B failed over by recovergmir, its old primary's unit away,
     needs --force: it forgets the tracks B changed (the old primary lost for
-    good; failbackpprc is then impossible) and frees B."""
+    good; failbackpprc is then impossible) and frees B.
+
+    A:B at the unit of B alone, A's unit lost for good (not failed over),
+    needs --force too: B holds what A last sent (a Global Copy pair's
+    latest writes may never have come) and takes host writes again. A
+    secondary of a pair made before secondaries recorded their pair (lspprc
+    shows ?:B) is named with any primary name."""
+    live, alone = _alone(units, specs)
+    for b, r in alone.items():
+        if not force:
+            raise click.ClickException(
+                f"pair {_alone_id(r)}: the unit of its primary ({r['primary_unit']}) is not "
+                f"available, and {b} may lack writes it never sent; rmpprc --force "
+                f"{_alone_id(r).replace('?', 'A')} frees {b} for good (or failoverpprc, "
+                "to resync incrementally when that unit is back)")
+    specs = live
     local = units.local()
     failed = {(r["primary_name"], r["secondary_name"]): r for r in local.pair_records
               if r["suspend_reason"] == SITE_FAILOVER}
@@ -194,6 +264,10 @@ def rmpprc(units, specs, force) -> None:
         n = local.forget_failover(b)
         click.echo(f"removed pair {b}:{a}: {b} no longer records its changes for {a}, whose "
                    f"unit is not available ({plural(n, 'track')} forgotten)")
+    for b, r in alone.items():
+        local.release_secondary(b)
+        click.echo(f"removed pair {_alone_id(r)} at {local.path.name} alone: {b} accepts "
+                   f"host writes (the primary's unit {r['primary_unit']} is not available)")
     each(pairs, lambda p: p.remove(), lambda p, _: f"removed pair {pair_id(p)}")
 
 

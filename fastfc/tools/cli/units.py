@@ -200,6 +200,20 @@ class Units:
                     f"pair {primary}:{secondary} needs its secondary unit "
                     f"{local.describe_partner(row['secondary_uuid'])}, "
                     "which is not available")
+        for rec in local.secondary_records:
+            if rec["secondary_name"] == secondary and rec["primary_name"] in (primary, None):
+                raise click.ClickException(
+                    f"pair {primary}:{secondary} needs its primary's unit "
+                    f"{rec['primary_unit']}, which is not available; with it lost for good, "
+                    f"failoverpprc {primary}:{secondary} here makes {secondary} "
+                    "host-writable (or rmpprc --force frees it)")
+        for name, cfg in local.store.session_rows().items():
+            if name not in local.sessions and any(list(t[1:3]) == [primary, secondary]
+                                                  for t in cfg["triplets"]):
+                raise click.ClickException(
+                    f"pair {primary}:{secondary} belongs to Global Mirror session {name}, "
+                    "whose primary unit is not available; with it lost for good, "
+                    f"recovergmir {name} here fails it over at the last consistency group")
         raise KeyError(f"no PPRC pair {primary}:{secondary} in the open units")
 
     def session(self, name: str) -> GlobalMirror:
