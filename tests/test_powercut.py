@@ -165,6 +165,32 @@ def _writes(rng: np.random.Generator, A) -> None:
             a.write(off, rng.integers(0, 256, n, dtype=np.uint8))
 
 
+def _session_at_cg2(u1: StorageUnit, u2: StorageUnit, rng: np.random.Generator,
+                    snaps: dict[int, list[np.ndarray]]):
+    """The volumes (GEOMETRY) and the session every power-cut run starts
+    from: A random, two CGs committed (the initial copy, then one with
+    copy-on-writes ahead), every unit flushed (disk == memory), the A images
+    of each coordination instant in ``snaps`` (C's at 0)."""
+    A = [u1.create_volume(f"A{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+    B = [u2.create_volume(f"B{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+    C = [u2.create_volume(f"C{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
+    for a in A:
+        a.write(0, rng.integers(0, 256, a.capacity, dtype=np.uint8))
+
+    def on_coordinate(seq: int) -> None:
+        snaps[seq] = [a.array.copy() for a in A]
+
+    gm = GlobalMirror(list(zip(A, B, C)), name=SESSION, max_coordination_time=5.0,
+                      on_coordinate=on_coordinate)
+    snaps[0] = [c.read(0, c.capacity) for c in C]
+    for _ in range(2):
+        _writes(rng, A)
+        assert gm.form_consistency_group().committed
+    u1.flush()
+    u2.flush()
+    return A, B, C, gm
+
+
 def run_session(tmp: Path, durability: str, plan, variants, seed: int = 0) -> Run:
     """Form ``len(plan)`` CGs under the recorder, cutting at the planned
     instants; the cut copies are checked later (:func:`check_cut`)."""
@@ -178,23 +204,7 @@ def run_session(tmp: Path, durability: str, plan, variants, seed: int = 0) -> Ru
     cuts: list[Cut] = []
     fired: collections.Counter = collections.Counter()
     try:
-        A = [u1.create_volume(f"A{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
-        B = [u2.create_volume(f"B{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
-        C = [u2.create_volume(f"C{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
-        for a in A:
-            a.write(0, rng.integers(0, 256, a.capacity, dtype=np.uint8))
-
-        def on_coordinate(seq: int) -> None:
-            snaps[seq] = [a.array.copy() for a in A]
-
-        gm = GlobalMirror(list(zip(A, B, C)), name=SESSION, max_coordination_time=5.0,
-                          on_coordinate=on_coordinate)
-        snaps[0] = [c.read(0, c.capacity) for c in C]
-        for _ in range(2):         # the initial copy, then a CG with copy-on-writes ahead
-            _writes(rng, A)
-            assert gm.form_consistency_group().committed
-        u1.flush()
-        u2.flush()
+        A, B, C, gm = _session_at_cg2(u1, u2, rng, snaps)
         rec = PowerCutRecorder([p, s], volumes=A + B + C).start()
         state = {"floor": gm.stats.sequence}
 
@@ -516,20 +526,7 @@ def run_paths(tmp: Path, durability: str, variants, seed: int = 0, rate: float =
     results: list = []
     rec = None
     try:
-        A = [u1.create_volume(f"A{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
-        B = [u2.create_volume(f"B{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
-        C = [u2.create_volume(f"C{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
-        for a in A:
-            a.write(0, rng.integers(0, 256, a.capacity, dtype=np.uint8))
-        gm = GlobalMirror(list(zip(A, B, C)), name=SESSION, max_coordination_time=5.0,
-                          on_coordinate=lambda seq: snaps.__setitem__(
-                              seq, [a.array.copy() for a in A]))
-        snaps[0] = [c.read(0, c.capacity) for c in C]
-        for _ in range(2):
-            _writes(rng, A)
-            assert gm.form_consistency_group().committed
-        u1.flush()
-        u2.flush()
+        A, B, C, gm = _session_at_cg2(u1, u2, rng, snaps)
         rec = PowerCutRecorder([p, s], volumes=A + B + C).start()
         state = {"floor": gm.stats.sequence, "phase": ""}
         cut_lock = threading.Lock()
@@ -773,20 +770,7 @@ def test_power_survives_cuts_during_recovery(work):
     snaps: dict[int, list[np.ndarray]] = {}
     first: list[Cut] = []
     with StorageUnit(p, durability="power") as u1, StorageUnit(s, durability="power") as u2:
-        A = [u1.create_volume(f"A{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
-        B = [u2.create_volume(f"B{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
-        C = [u2.create_volume(f"C{i}", n, ts) for i, (ts, n) in enumerate(GEOMETRY)]
-        for a in A:
-            a.write(0, rng.integers(0, 256, a.capacity, dtype=np.uint8))
-        gm = GlobalMirror(list(zip(A, B, C)), name=SESSION, max_coordination_time=5.0,
-                          on_coordinate=lambda seq: snaps.__setitem__(
-                              seq, [a.array.copy() for a in A]))
-        snaps[0] = [c.read(0, c.capacity) for c in C]
-        for _ in range(2):
-            _writes(rng, A)
-            assert gm.form_consistency_group().committed
-        u1.flush()
-        u2.flush()
+        A, B, C, gm = _session_at_cg2(u1, u2, rng, snaps)
 
         def take(point: str) -> None:
             seq = gm._next_sequence - 1
