@@ -599,24 +599,23 @@ class StorageUnit:
         """Rebuild the pairs whose secondary unit is open now."""
         if self._closed or self.path is None:
             return
-        left = []
-        for row in self._pair_rows:
+        for row in list(self._pair_rows):
+            if not any(r is row for r in self._pair_rows):
+                continue    # a failover record merged into its pair (in this unit)
             sec_unit = self._partner(row["secondary_uuid"])
             if sec_unit is None or is_site_failover(row):
-                # a B failed over at the secondary alone waits for its
-                # primary's unit to restore the pair (restore_merged)
-                left.append(row)
+                # a B failed over keeps its record until its primary's unit
+                # restores the pair (restore_merged)
                 continue
             primary = self._row_volume(row["primary_name"])
             secondary = sec_unit._row_volume(row["secondary_name"])
-            if restore_merged(self, sec_unit, row, primary, secondary) is not None:
-                continue
-            if ended_at_secondary(self, sec_unit, row, primary, secondary):
-                if self.readonly:
-                    left.append(row)
-                continue
-            PPRCPair.from_record(primary, secondary, row)
-        self._pair_rows = left
+            if restore_merged(self, sec_unit, row, primary, secondary) is None:
+                if ended_at_secondary(self, sec_unit, row, primary, secondary):
+                    if self.readonly:
+                        continue
+                else:
+                    PPRCPair.from_record(primary, secondary, row)
+            self._pair_rows = [r for r in self._pair_rows if r is not row]
 
     def _damaged(self, name: str, problem: str) -> None:
         """Session ``name`` cannot be restored: say so (in :attr:`recovered`
@@ -685,6 +684,8 @@ class StorageUnit:
         maps = [bm for fc in self.flashcopies for bm in (fc.to_copy, fc.src_changed,
                                                          fc.tgt_changed)]
         maps += [bm for pair in self.pairs for bm in (pair.oos, pair.spare, pair.cg)]
+        # what a pair waiting for its partner, or a failed-over B, records in
+        maps += [v._mirror.oos for v in vols if type(v._mirror) is MirrorBase]
         for bm in maps:
             if bm is not None and hasattr(bm, "flush"):
                 bm.flush()
@@ -728,6 +729,13 @@ class StorageUnit:
         writes in the out-of-sync bitmap meanwhile."""
         with _registry_lock:
             others = [u for u in _open_units.values() if u is not self]
+        for pair in self.pairs:
+            # a failed-over B in another unit keeps recording its host writes
+            # in its record there, listed (and merged again) until this unit is back
+            rec = pair.failover_record
+            other_b = pair.secondary.unit if rec is not None else None
+            if other_b is not None and other_b is not self and other_b in others:
+                other_b._pair_rows.append(other_b._pending(dict(rec)))
         for other in others:
             for name, s in list(other.sessions.items()):
                 if any(t.a.store is self.store for t in s.triplets):
