@@ -654,3 +654,108 @@ def test_failover_with_both_units_open_then_b_alone_from_the_cli(fastfc, tmp_pat
     assert np.array_equal(image(site1, "A"), image(site2, "B"))
     assert lspprc(fastfc, site2) == {"B:A": lspprc(fastfc, site2)["B:A"]}
     assert lspprc(fastfc, site2)["B:A"]["out_of_sync"] == 0
+
+
+# -- rmgmir at the secondary alone: the session ends there, B stays a secondary ----------
+def _session_with_its_primary_lost(fastfc, tmp_path):
+    """Session g (A0:B0:C0) with CG 1 committed, then a write on A (track
+    10) never sent; then site1 is lost (a copy of it in ``vault``). Returns
+    the three paths and A's image at CG 1."""
+    site1, site2, vault = tmp_path / "site1", tmp_path / "site2", tmp_path / "vault"
+    fastfc("mkvol", "A0", "--tracks", N, "--track-size", TS, unit=site1)
+    fastfc("mkvol", "B0", "C0", "--tracks", N, "--track-size", TS, unit=site2)
+    fastfc("write", "A0", "zero", "--repeat", 3000, unit=site1)
+    fastfc("mkgmir", "g", "A0:B0:C0", unit=site1, remote=site2)
+    fastfc("formcg", "g", unit=site1)
+    cg1 = image(site1, "A0")
+    fastfc("write", "A0", "after CG 1, never sent", "--offset", 10 * TS, unit=site1)
+    shutil.copytree(site1, vault)
+    shutil.rmtree(site1)
+    return site1, site2, vault, cg1
+
+
+def decisions(unit) -> int:
+    with sqlite3.connect(unit / "unit.db") as db:
+        return db.execute("SELECT count(*) FROM decisions").fetchone()[0]
+
+
+def test_a_session_at_the_secondary_alone_names_both_ways_out(fastfc, tmp_path):
+    site1, site2, vault, cg1 = _session_with_its_primary_lost(fastfc, tmp_path)
+    with StorageUnit(site2) as u2:
+        with pytest.raises(StateError) as e:
+            u2.session("g")
+        msg = str(e.value)
+        assert str(site1) in msg and "recover_session('g')" in msg
+        assert "StorageUnit.remove_session('g', copy=True)" in msg
+        assert "StorageUnit.remove_session('g')" in msg
+    err = fastfc("formcg", "g", unit=site2, code=1).stderr
+    assert "recovergmir g" in err and "rmgmir g" in err and "rmgmir --force g" in err
+
+
+def test_rmgmir_at_the_secondary_alone_ends_the_session_there(fastfc, tmp_path):
+    site1, site2, vault, cg1 = _session_with_its_primary_lost(fastfc, tmp_path)
+    assert decisions(site2) > 0
+    out = fastfc("rmgmir", "g", unit=site2).stdout
+    assert "removed Global Mirror session g at site2" in out
+    assert "C0 keep CG 1" in out and "copied from B" in out
+    assert "failoverpprc or rmpprc --force" in out
+    # the session, its decisions and its B->C are gone; C keeps CG 1
+    assert "no Global Mirror session named 'g'" in fastfc("showgmir", "g", unit=site2,
+                                                          code=1).stderr
+    assert decisions(site2) == 0
+    assert "no FlashCopy relationships" in fastfc("lsflash", unit=site2).stdout
+    assert np.array_equal(image(site2, "C0"), cg1)
+    assert np.array_equal(image(site2, "B0"), cg1)
+    # B stays the secondary of its recorded pair: failed over at B alone
+    pairs = lspprc(fastfc, site2)
+    assert pairs["A0:B0"]["reason"] == "primary unit not available"
+    assert "secondary" in fastfc("write", "B0", "refused", unit=site2, code=1).stderr
+    fastfc("failoverpprc", "A0:B0", unit=site2)
+    fastfc("write", "B0", "site 2", "--offset", 30 * TS, unit=site2)
+    b_now = image(site2, "B0")
+    # the old primary back: the pair failed over, failback sends both sides' changes
+    shutil.copytree(vault, site1)
+    pairs = lspprc(fastfc, site2)
+    assert pairs["A0:B0"]["reason"] == "failover" and pairs["A0:B0"]["out_of_sync"] == 2
+    out = fastfc("failbackpprc", "A0:B0", "--wait", unit=site2).stdout
+    assert "failed back: pair B0:A0, 2 tracks to send" in out
+    assert np.array_equal(image(site1, "A0"), b_now)
+    assert np.array_equal(image(site2, "B0"), b_now)
+    assert "no Global Mirror session named 'g'" in fastfc("showgmir", "g", unit=site1,
+                                                          code=1).stderr
+
+
+def test_rmgmir_force_at_the_secondary_alone_withdraws_at_once(fastfc, tmp_path):
+    site1, site2, vault, cg1 = _session_with_its_primary_lost(fastfc, tmp_path)
+    with StorageUnit(site2, readonly=True) as u2:
+        need = u2.volume("C0").target_relationship.tracks_to_copy
+    assert need > 0
+    out = fastfc("rmgmir", "g", "--force", unit=site2).stdout
+    assert "removed Global Mirror session g at site2" in out
+    assert f"invalid now (their image of CG 1 was not copied from B): C0 ({plural(need)})" \
+        in out
+    fastfc("read", "C0", unit=site2, code=1)
+    assert "no FlashCopy relationships" in fastfc("lsflash", unit=site2).stdout
+    assert decisions(site2) == 0
+    # B is the secondary of its recorded pair: rmpprc --force at B alone frees it
+    assert "A0:B0" in lspprc(fastfc, site2)
+    assert "removed pair A0:B0" in fastfc("rmpprc", "A0:B0", "--force", unit=site2).stdout
+    fastfc("write", "B0", "free", unit=site2)
+    assert lspprc(fastfc, site2) == {}
+
+
+def test_remove_session_at_the_secondary_alone_keeps_b_a_recorded_secondary(tmp_path):
+    snaps = _session_with_a_cg_in_flight(tmp_path)
+    with StorageUnit(tmp_path / "site2") as u2:
+        assert u2.secondary_records == []           # B0 is the session's
+        assert u2.remove_session("g", copy=True) == ["FlashCopy B:C"]
+        c = u2.volume("C")
+        assert c.target_relationship is None
+        assert np.array_equal(c.read(0, c.capacity), snaps[1])     # C keeps CG 1
+        assert u2.store.session_rows() == {} and u2.session_problems == {}
+        [rec] = u2.secondary_records
+        assert (rec["primary_name"], rec["secondary_name"]) == ("A", "B")
+        with pytest.raises(KeyError):
+            u2.remove_session("g")
+        u2.failover_pair("B")
+        u2.volume("B").write(0, b"site 2")
