@@ -690,6 +690,8 @@ def test_a_session_at_the_secondary_alone_names_both_ways_out(fastfc, tmp_path):
         assert "StorageUnit.remove_session('g')" in msg
     err = fastfc("formcg", "g", unit=site2, code=1).stderr
     assert "recovergmir g" in err and "rmgmir g" in err and "rmgmir --force g" in err
+    out = fastfc("showgmir", "g", unit=site2).stdout
+    assert "recovergmir g" in out and "rmgmir g [--force]" in out
 
 
 def test_rmgmir_at_the_secondary_alone_ends_the_session_there(fastfc, tmp_path):

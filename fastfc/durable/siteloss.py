@@ -32,7 +32,15 @@ restored from a copy, or back from being away), :func:`restore_merged`
 turns the two records into the state ``PPRCPair.failover()`` leaves at a
 live site: the pair A->B failed over, recorded in A's unit, its out-of-sync
 bitmap the union of the tracks A changed since it last sent them and the
-tracks B changed since the last CG. ``failbackpprc`` then resynchronises
+tracks B changed since the last CG. A live failover leaves the same record
+in B's unit (:func:`~fastfc.copyservices.pprc.record_failover`), so B's
+host writes are recorded there whatever happens to A's unit; the record is
+kept until the pair fails back or is removed.
+
+Ending a session at the secondary alone instead (``rmgmir``) is
+``StorageUnit.remove_session``: each B stays the secondary of its recorded
+pair, which :func:`failover_alone` or :func:`release_secondary` then fail
+over or free. ``failbackpprc`` then resynchronises
 incrementally from B to A (A's writes since the last CG are overwritten by
 B's image), and ``failoverpprc``/``failbackpprc`` on the new pair B->A go
 back to the original direction later.
@@ -201,8 +209,8 @@ def failover_alone(unit: "StorageUnit", b_name: str) -> dict:
     rec = next((r for r in unit.secondary_records if r["secondary_name"] == b_name), None)
     if rec is None:
         if any(is_site_failover(r) and r["primary_name"] == b_name for r in unit._pair_rows):
-            raise StateError(f"{b!r} was failed over at the secondary alone before: it takes "
-                             "host writes, recording them for the old primary")
+            raise StateError(f"{b!r} was failed over before: it takes host writes, "
+                             "recording them for the old primary")
         if any(t[2] == b_name for cfg in unit.store.session_rows().values()
                for t in cfg["triplets"]):
             raise StateError(f"{b!r} is a B volume of a Global Mirror session: "

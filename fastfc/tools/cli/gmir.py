@@ -199,7 +199,9 @@ def _show_away(rec: dict, as_json: bool) -> None:
                   str(tr["c_sequence"]) + (" (revertible)" if tr["revertible"] else ""))
     console().print(t)
     click.echo(f"with the primary lost for good: recovergmir {rec['name']} makes the B "
-               "volumes host-writable at the last consistency group")
+               "volumes host-writable at the last consistency group; or rmgmir "
+               f"{rec['name']} [--force] ends the session here, each B staying the secondary "
+               "of its recorded pair")
 
 
 @main.command()
