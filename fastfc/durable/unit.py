@@ -763,8 +763,8 @@ class StorageUnit:
             # a failed-over B in another unit keeps recording its host writes
             # in its record there, listed (and merged again) until this unit is back
             rec = pair.failover_record
-            other_b = pair.secondary.unit if rec is not None else None
-            if other_b is not None and other_b is not self and other_b in others:
+            other_b = pair.secondary.unit
+            if rec is not None and other_b is not self and other_b in others:
                 other_b._pair_rows.append(other_b._pending(dict(rec)))
         for other in others:
             for name, s in list(other.sessions.items()):
