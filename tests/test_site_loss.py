@@ -536,3 +536,228 @@ def test_a_pair_ended_at_the_secondary_alone_stays_ended_when_its_primary_is_bac
         assert bytes(u2.volume("B0").read(0, 11)) == b"site 2 only"
     with StorageUnit(site1) as u1, StorageUnit(site2) as u2:
         assert [p.name for p in u1.pairs] == ["A1->B1"] and u1.recovered == []
+
+
+# -- a pair failed over live, its primary's unit closed or lost since --------------------
+def _failed_over_live(site1, site2, mode="gcp"):
+    """A->B mirrored (tracks 0-7), failed over with both units open, then a
+    write on A after the failover (track 20): the failover of a live site."""
+    with StorageUnit(site1) as u1, StorageUnit(site2) as u2:
+        a, b = u1.create_volume("A", N, TS), u2.create_volume("B", N, TS)
+        a.write(0, b"x" * (8 * TS))
+        pair = PPRCPair(a, b, mode=mode, background=False)
+        pair.drain()
+        pair.failover()
+        a.write(20 * TS, b"A after the failover")
+
+
+def _failback_and_compare(site1, site2, expected):
+    """Both units open: the pair A->B is failed over and sends exactly the
+    tracks ``expected`` on failback; A and B are then equal byte for byte."""
+    with StorageUnit(site1) as u1, StorageUnit(site2) as u2:
+        [pair] = u1.pairs
+        assert pair.failed_over and u1.pair_records == [] and u2.pair_records == []
+        pair.failback()
+        assert pair.out_of_sync_tracks == len(expected)
+        assert pair.oos.set_indices().tolist() == sorted(expected)
+        assert pair.drain() == len(expected) * TS
+        a, b = u1.volume("A"), u2.volume("B")
+        assert np.array_equal(a.read(0, a.capacity), b.read(0, b.capacity))
+        b_now = b.read(0, b.capacity)
+    with StorageUnit(site2) as u2, StorageUnit(site1) as u1:   # B->A, nothing else left
+        assert [p.name for p in u2.pairs] == ["B->A"] and u2.pair_records == []
+        assert u1.pair_records == [] and u1.pairs == []
+        assert np.array_equal(u1.volume("A").read(0, N * TS), b_now)
+
+
+@pytest.mark.parametrize("mode", ["mmir", "gcp"])
+def test_a_live_failover_records_b_writes_made_with_its_primary_unit_closed(tmp_path, mode):
+    site1, site2 = tmp_path / "site1", tmp_path / "site2"
+    _failed_over_live(site1, site2, mode)
+    with StorageUnit(site2) as u2:          # B's unit alone: B's writes are recorded here
+        [row] = u2.pair_records
+        assert row["name"] == "B->A" and row["out_of_sync"] == 0
+        u2.volume("B").write(30 * TS, b"B with A's unit closed")
+        assert [r["out_of_sync"] for r in u2.pair_records] == [1]
+    with StorageUnit(site2) as u2:
+        assert [r["out_of_sync"] for r in u2.pair_records] == [1]
+    _failback_and_compare(site1, site2, {20, 30})
+
+
+def test_b_writes_after_a_live_failover_survive_the_primary_unit_restored_from_a_copy(
+        tmp_path):
+    site1, site2, vault = tmp_path / "site1", tmp_path / "site2", tmp_path / "vault"
+    _failed_over_live(site1, site2)
+    shutil.copytree(site1, vault)       # A's unit as it was right after the failover
+    with StorageUnit(site1) as u1, StorageUnit(site2) as u2:    # both open
+        [pair] = u1.pairs
+        assert pair.failed_over
+        u2.volume("B").write(31 * TS, b"B with both units open")
+        u1.volume("A").write(21 * TS, b"A, lost with its unit")
+    shutil.rmtree(site1)                # the primary's unit is lost ...
+    shutil.copytree(vault, site1)       # ... and restored from its copy
+    _failback_and_compare(site1, site2, {20, 31})
+
+
+def test_b_writes_after_a_live_failover_are_recorded_when_a_unit_closes_first(tmp_path):
+    site1, site2 = tmp_path / "site1", tmp_path / "site2"
+    _failed_over_live(site1, site2)
+    u2 = StorageUnit(site2)
+    try:
+        u1 = StorageUnit(site1)
+        [pair] = u1.pairs
+        u2.volume("B").write(32 * TS, b"both open")
+        u1.close()                      # A's unit goes away, B's stays open
+        assert [(r["name"], r["out_of_sync"]) for r in u2.pair_records] == [("B->A", 1)]
+        u2.volume("B").write(33 * TS, b"A's unit closed")
+        assert [r["out_of_sync"] for r in u2.pair_records] == [2]
+        u1 = StorageUnit(site1)         # back: the pair failed over, both sides' changes
+        [pair] = u1.pairs
+        assert pair.failed_over and u2.pair_records == []
+        assert pair.oos.set_indices().tolist() == [20, 32, 33]
+        u1.close()
+    finally:
+        u2.close()
+    _failback_and_compare(site1, site2, {20, 32, 33})
+
+
+def test_a_pair_failed_over_live_then_removed_leaves_no_record_at_b(tmp_path):
+    site1, site2 = tmp_path / "site1", tmp_path / "site2"
+    _failed_over_live(site1, site2)
+    with StorageUnit(site1) as u1, StorageUnit(site2) as u2:
+        [pair] = u1.pairs
+        pair.remove()
+    with StorageUnit(site2) as u2:
+        assert u2.pair_records == [] and u2.secondary_records == []
+        u2.volume("B").write(0, b"free")
+
+
+def test_failover_with_both_units_open_then_b_alone_from_the_cli(fastfc, tmp_path):
+    site1, site2, away = tmp_path / "site1", tmp_path / "site2", tmp_path / "away"
+    fastfc("mkvol", "A", "--tracks", N, "--track-size", TS, unit=site1)
+    fastfc("mkvol", "B", "--tracks", N, "--track-size", TS, unit=site2)
+    fastfc("write", "A", "mirrored", "--repeat", 3000, unit=site1)
+    fastfc("mkpprc", "A:B", "--type", "gcp", "--wait", unit=site1, remote=site2)
+    fastfc("failoverpprc", "A:B", unit=site1)               # both units open
+    fastfc("write", "A", "A after the failover", "--offset", 20 * TS, unit=site1)
+    fastfc("write", "B", "B, both open", "--offset", 30 * TS, unit=site2)
+    site1.rename(away)                  # the primary's unit is away
+    fastfc("write", "B", "B alone", "--offset", 31 * TS, unit=site2)
+    pairs = lspprc(fastfc, site2)
+    assert pairs["B:A"]["state"] == "suspended" and pairs["B:A"]["out_of_sync"] == 2
+    away.rename(site1)                  # back
+    pairs = lspprc(fastfc, site2)
+    assert pairs["A:B"]["reason"] == "failover" and pairs["A:B"]["out_of_sync"] == 3
+    assert "B:A" not in pairs
+    out = fastfc("failbackpprc", "A:B", "--wait", unit=site2).stdout
+    assert "failed back: pair B:A, 3 tracks to send" in out
+    assert np.array_equal(image(site1, "A"), image(site2, "B"))
+    assert lspprc(fastfc, site2) == {"B:A": lspprc(fastfc, site2)["B:A"]}
+    assert lspprc(fastfc, site2)["B:A"]["out_of_sync"] == 0
+
+
+# -- rmgmir at the secondary alone: the session ends there, B stays a secondary ----------
+def _session_with_its_primary_lost(fastfc, tmp_path):
+    """Session g (A0:B0:C0) with CG 1 committed, then a write on A (track
+    10) never sent; then site1 is lost (a copy of it in ``vault``). Returns
+    the three paths and A's image at CG 1."""
+    site1, site2, vault = tmp_path / "site1", tmp_path / "site2", tmp_path / "vault"
+    fastfc("mkvol", "A0", "--tracks", N, "--track-size", TS, unit=site1)
+    fastfc("mkvol", "B0", "C0", "--tracks", N, "--track-size", TS, unit=site2)
+    fastfc("write", "A0", "zero", "--repeat", 3000, unit=site1)
+    fastfc("mkgmir", "g", "A0:B0:C0", unit=site1, remote=site2)
+    fastfc("formcg", "g", unit=site1)
+    cg1 = image(site1, "A0")
+    fastfc("write", "A0", "after CG 1, never sent", "--offset", 10 * TS, unit=site1)
+    shutil.copytree(site1, vault)
+    shutil.rmtree(site1)
+    return site1, site2, vault, cg1
+
+
+def decisions(unit) -> int:
+    with sqlite3.connect(unit / "unit.db") as db:
+        return db.execute("SELECT count(*) FROM decisions").fetchone()[0]
+
+
+def test_a_session_at_the_secondary_alone_names_both_ways_out(fastfc, tmp_path):
+    site1, site2, vault, cg1 = _session_with_its_primary_lost(fastfc, tmp_path)
+    with StorageUnit(site2) as u2:
+        with pytest.raises(StateError) as e:
+            u2.session("g")
+        msg = str(e.value)
+        assert str(site1) in msg and "recover_session('g')" in msg
+        assert "StorageUnit.remove_session('g', copy=True)" in msg
+        assert "StorageUnit.remove_session('g')" in msg
+    err = fastfc("formcg", "g", unit=site2, code=1).stderr
+    assert "recovergmir g" in err and "rmgmir g" in err and "rmgmir --force g" in err
+    out = fastfc("showgmir", "g", unit=site2).stdout
+    assert "recovergmir g" in out and "rmgmir g [--force]" in out
+
+
+def test_rmgmir_at_the_secondary_alone_ends_the_session_there(fastfc, tmp_path):
+    site1, site2, vault, cg1 = _session_with_its_primary_lost(fastfc, tmp_path)
+    assert decisions(site2) > 0
+    out = fastfc("rmgmir", "g", unit=site2).stdout
+    assert "removed Global Mirror session g at site2" in out
+    assert "C0 keep CG 1" in out and "copied from B" in out
+    assert "failoverpprc or rmpprc --force" in out
+    # the session, its decisions and its B->C are gone; C keeps CG 1
+    assert "no Global Mirror session named 'g'" in fastfc("showgmir", "g", unit=site2,
+                                                          code=1).stderr
+    assert decisions(site2) == 0
+    assert "no FlashCopy relationships" in fastfc("lsflash", unit=site2).stdout
+    assert np.array_equal(image(site2, "C0"), cg1)
+    assert np.array_equal(image(site2, "B0"), cg1)
+    # B stays the secondary of its recorded pair: failed over at B alone
+    pairs = lspprc(fastfc, site2)
+    assert pairs["A0:B0"]["reason"] == "primary unit not available"
+    assert "secondary" in fastfc("write", "B0", "refused", unit=site2, code=1).stderr
+    fastfc("failoverpprc", "A0:B0", unit=site2)
+    fastfc("write", "B0", "site 2", "--offset", 30 * TS, unit=site2)
+    b_now = image(site2, "B0")
+    # the old primary back: the pair failed over, failback sends both sides' changes
+    shutil.copytree(vault, site1)
+    pairs = lspprc(fastfc, site2)
+    assert pairs["A0:B0"]["reason"] == "failover" and pairs["A0:B0"]["out_of_sync"] == 2
+    out = fastfc("failbackpprc", "A0:B0", "--wait", unit=site2).stdout
+    assert "failed back: pair B0:A0, 2 tracks to send" in out
+    assert np.array_equal(image(site1, "A0"), b_now)
+    assert np.array_equal(image(site2, "B0"), b_now)
+    assert "no Global Mirror session named 'g'" in fastfc("showgmir", "g", unit=site1,
+                                                          code=1).stderr
+
+
+def test_rmgmir_force_at_the_secondary_alone_withdraws_at_once(fastfc, tmp_path):
+    site1, site2, vault, cg1 = _session_with_its_primary_lost(fastfc, tmp_path)
+    with StorageUnit(site2, readonly=True) as u2:
+        need = u2.volume("C0").target_relationship.tracks_to_copy
+    assert need > 0
+    out = fastfc("rmgmir", "g", "--force", unit=site2).stdout
+    assert "removed Global Mirror session g at site2" in out
+    assert f"invalid now (their image of CG 1 was not copied from B): C0 ({plural(need)})" \
+        in out
+    fastfc("read", "C0", unit=site2, code=1)
+    assert "no FlashCopy relationships" in fastfc("lsflash", unit=site2).stdout
+    assert decisions(site2) == 0
+    # B is the secondary of its recorded pair: rmpprc --force at B alone frees it
+    assert "A0:B0" in lspprc(fastfc, site2)
+    assert "removed pair A0:B0" in fastfc("rmpprc", "A0:B0", "--force", unit=site2).stdout
+    fastfc("write", "B0", "free", unit=site2)
+    assert lspprc(fastfc, site2) == {}
+
+
+def test_remove_session_at_the_secondary_alone_keeps_b_a_recorded_secondary(tmp_path):
+    snaps = _session_with_a_cg_in_flight(tmp_path)
+    with StorageUnit(tmp_path / "site2") as u2:
+        assert u2.secondary_records == []           # B0 is the session's
+        assert u2.remove_session("g", copy=True) == ["FlashCopy B:C"]
+        c = u2.volume("C")
+        assert c.target_relationship is None
+        assert np.array_equal(c.read(0, c.capacity), snaps[1])     # C keeps CG 1
+        assert u2.store.session_rows() == {} and u2.session_problems == {}
+        [rec] = u2.secondary_records
+        assert (rec["primary_name"], rec["secondary_name"]) == ("A", "B")
+        with pytest.raises(KeyError):
+            u2.remove_session("g")
+        u2.failover_pair("B")
+        u2.volume("B").write(0, b"site 2")

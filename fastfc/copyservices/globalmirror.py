@@ -469,6 +469,27 @@ class SecondaryGroup:
         return sum(t.pair.oos.count() for t in self.triplets)
 
 
+def copy_to_c(fcs: Sequence[FlashCopy],
+              on_copy: Callable[[int, int], None] | None = None) -> None:
+    """Copy B -> C the tracks each C of a session's B->C relationships
+    ``fcs`` still reads from its B, so that it keeps its image when the
+    relationship is withdrawn (ending a session, :meth:`GlobalMirror.close`,
+    or at its secondary alone, ``StorageUnit.remove_session(copy=True)``).
+    ``on_copy(copied, total)`` reports the progress in tracks."""
+    fcs = [fc for fc in fcs if fc.active]
+    total = sum(fc.tracks_to_copy for fc in fcs)
+    done = 0
+    for fc in fcs:
+        chunk = max(1, (4 << 20) // fc.source.track_size)
+        while fc.active and fc.to_copy.any():
+            n = fc.copy(chunk)
+            done += n
+            if on_copy is not None:
+                on_copy(done, total)
+            if not n and fc.to_copy.any():
+                raise StateError(f"could not copy {fc.source.name} -> {fc.target.name}")
+
+
 def secondary_groups(triplets: Sequence[Triplet]) -> list[SecondaryGroup]:
     """The triplets grouped by the store holding their B (and C) volumes,
     groups in the order of their first triplet, triplets in session order."""
@@ -1124,18 +1145,7 @@ class GlobalMirror:
         return {t.c.name: t.fc.tracks_to_copy for t in self.triplets if t.fc.active}
 
     def _copy_to_c(self, on_copy) -> None:
-        fcs = [t.fc for t in self.triplets if t.fc.active]
-        total = sum(fc.tracks_to_copy for fc in fcs)
-        done = 0
-        for fc in fcs:
-            chunk = max(1, (4 << 20) // fc.source.track_size)
-            while fc.active and fc.to_copy.any():
-                n = fc.copy(chunk)
-                done += n
-                if on_copy is not None:
-                    on_copy(done, total)
-                if not n and fc.to_copy.any():
-                    raise StateError(f"could not copy {fc.source.name} -> {fc.target.name}")
+        copy_to_c([t.fc for t in self.triplets], on_copy)
 
     def __enter__(self) -> "GlobalMirror":
         return self

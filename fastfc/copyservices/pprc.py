@@ -34,6 +34,31 @@ from fastfc.storage.store import Store
 from fastfc.storage.volume import Volume, check_pairable, locked
 
 
+#: ``suspend_reason`` of the record a failed-over secondary's store keeps of
+#: its failover (:func:`record_failover`): a pair B->A, listed while A's
+#: unit is away (its primary's unit lost, or only closed).
+FAILOVER_RECORD = "failover (site loss)"
+
+
+def record_failover(b: Volume, a_ref: str, a_name: str, mode: str,
+                    oos: TrackBitmap) -> dict[str, Any]:
+    """Record in B's store that B was failed over from A (A's unit named by
+    its store's ``ref``): a suspended pair B->A whose out-of-sync bitmap
+    ``oos`` (of B's store) holds the tracks B differs in from the image A's
+    unit last knew of it, B's host writes since included. Kept by B's own
+    unit, so it records B's writes whether or not A's unit is open; it is
+    dropped when the pair fails back or is removed. Returns the record (as
+    :meth:`PPRCPair.to_record`, its ``id`` set). The one record of a
+    failover at B, made live (:meth:`PPRCPair.failover`) or at the
+    secondary alone (``fastfc.durable.siteloss``)."""
+    rec: dict[str, Any] = {"id": None, "primary_name": b.name, "secondary_unit": a_ref,
+                           "secondary_name": a_name, "mode": mode,
+                           "suspend_reason": FAILOVER_RECORD, "failed_over": False,
+                           "name": f"{b.name}->{a_name}", "oos": oos, "spare": None, "cg": None}
+    rec["id"] = b.store.save_pair(rec)
+    return rec
+
+
 @contextmanager
 def pair_locked(primary: Volume, secondary: Volume) -> Iterator[None]:
     """Hold the primary's lock, then the secondary's: the order every PPRC
@@ -153,6 +178,8 @@ class PPRCPair(_core.MirrorBase):
         self.cg_bytes = 0       # bytes of the CG in flight that collisions sent
         self.failed_over = False
         self._reverse_hook: _core.MirrorBase | None = None
+        # B's record of the failover (record_failover), kept by B's store
+        self._failover_record: dict[str, Any] | None = None
         self._drain_lock = threading.Lock()
         self._cursor = 0
         self._wake = threading.Event()
@@ -198,11 +225,14 @@ class PPRCPair(_core.MirrorBase):
 
     @classmethod
     def from_record(cls, primary: Volume, secondary: Volume, record: dict[str, Any],
-                    link: Link | None = None) -> "PPRCPair":
+                    link: Link | None = None, *,
+                    failover_record: dict[str, Any] | None = None) -> "PPRCPair":
         """Rebuild a pair from a record (:meth:`to_record`, as a store gives
         it back). Tracks of a CG that was in flight go back to the
         out-of-sync bitmap (sending a track again is harmless; missing one
-        is not)."""
+        is not). A failed-over pair's secondary records its host writes in
+        ``failover_record`` (:func:`record_failover`, as its store gives it
+        back), or in a new one."""
         pair = cls.__new__(cls)
         pair._setup(primary, secondary, link, PPRCMode(record["mode"]), record["name"])
         pair.suspend_reason = record["suspend_reason"]
@@ -219,8 +249,8 @@ class PPRCPair(_core.MirrorBase):
         primary._mirror = pair
         if not pair.failed_over:
             secondary._secondary = True
-        elif secondary._mirror is None:
-            pair._hook_reverse_writes()
+        elif failover_record is not None or secondary._mirror is None:
+            pair._hook_reverse_writes(failover_record)
         pair.active = True
         if not primary.store.readonly:   # a read-only unit only looks
             pair._persist()
@@ -488,18 +518,37 @@ class PPRCPair(_core.MirrorBase):
                 self.failed_over, self.suspend_reason = before
                 raise
             self.secondary._secondary = False
-            self.secondary.store.set_volume_flags(self.secondary.flags_record())
-            if self.secondary._mirror is None:
-                self._hook_reverse_writes()
+            with self.secondary.store.transaction():
+                self.secondary.store.set_volume_flags(self.secondary.flags_record())
+                if self.secondary._mirror is None:
+                    self._hook_reverse_writes()
 
-    def _hook_reverse_writes(self) -> None:
-        """Record host writes to the failed-over secondary in the pair's own
-        OOS bitmap, which the unit keeps: :meth:`failback` sends the union of
-        both sides' changes, even after the units were closed and reopened."""
+    def _hook_reverse_writes(self, record: dict[str, Any] | None = None) -> None:
+        """Record host writes to the failed-over secondary in the bitmap of
+        its failover record (``record``, or a new one, :func:`
+        record_failover`), which the secondary's own store keeps:
+        :meth:`failback` sends the union of both sides' changes, even after
+        the units were closed and reopened, either of them alone in between,
+        or the primary's unit restored from a copy. (A secondary in a unit
+        open read-only takes no writes: the pair's bitmap serves.)"""
+        A, B = self.primary, self.secondary
+        if record is None and not B.store.readonly:
+            record = record_failover(B, A.store.ref, A.name, self.mode.value,
+                                     B.store.new_bitmap(B.n_tracks))
         hook = _core.MirrorBase()
-        hook.oos = self.oos
+        hook.oos = record["oos"] if record is not None else self.oos
+        self._failover_record = None if record is None else {
+            k: record[k] for k in ("id", "primary_name", "secondary_name", "mode",
+                                   "suspend_reason", "failed_over", "name", "oos", "spare",
+                                   "cg")} | {"secondary_unit": A.store.ref}
         self._reverse_hook = hook
-        self.secondary._mirror = hook
+        B._mirror = hook
+
+    @property
+    def failover_record(self) -> dict[str, Any] | None:
+        """B's record of this pair's failover (:func:`record_failover`),
+        None unless failed over."""
+        return self._failover_record
 
     def failback(self) -> None:
         """After :meth:`failover`: mirror the other way, from the former
@@ -526,6 +575,7 @@ class PPRCPair(_core.MirrorBase):
             if self._reverse_hook is not None:
                 assert self._reverse_hook.oos is not None   # the hook is made with it
                 oos.or_(self._reverse_hook.oos)
+            failover_id = (self._failover_record or {}).get("id")
             A.store.drop_pair(self._store_id)
             self._store_id = None
             self.spare = new_store.new_bitmap(A.n_tracks)
@@ -536,10 +586,13 @@ class PPRCPair(_core.MirrorBase):
             self.oos = oos
             self.side = {}
             self._reverse_hook = None
+            self._failover_record = None
             self.failed_over = False
             self.suspend_reason = None
             self.name = f"{B.name}->{A.name}"
-            self._persist()
+            with new_store.transaction():
+                new_store.drop_pair(failover_id)    # the pair's row has it all now
+                self._persist()
             with A.store.transaction():
                 A.store.set_volume_flags(A.flags_record())
                 self._record_secondary()
@@ -563,6 +616,9 @@ class PPRCPair(_core.MirrorBase):
             with self.secondary.store.transaction():
                 self.secondary.store.set_volume_flags(self.secondary.flags_record())
                 self.secondary.store.save_secondary(self.secondary.name, None)
+                if self._failover_record is not None:
+                    self.secondary.store.drop_pair(self._failover_record["id"])
+                    self._failover_record = None
 
     def _require_active(self) -> None:
         if not self.active:

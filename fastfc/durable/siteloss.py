@@ -32,7 +32,15 @@ restored from a copy, or back from being away), :func:`restore_merged`
 turns the two records into the state ``PPRCPair.failover()`` leaves at a
 live site: the pair A->B failed over, recorded in A's unit, its out-of-sync
 bitmap the union of the tracks A changed since it last sent them and the
-tracks B changed since the last CG. ``failbackpprc`` then resynchronises
+tracks B changed since the last CG. A live failover leaves the same record
+in B's unit (:func:`~fastfc.copyservices.pprc.record_failover`), so B's
+host writes are recorded there whatever happens to A's unit; the record is
+kept until the pair fails back or is removed.
+
+Ending a session at the secondary alone instead (``rmgmir``) is
+``StorageUnit.remove_session``: each B stays the secondary of its recorded
+pair, which :func:`failover_alone` or :func:`release_secondary` then fail
+over or free. ``failbackpprc`` then resynchronises
 incrementally from B to A (A's writes since the last CG are overwritten by
 B's image), and ``failoverpprc``/``failbackpprc`` on the new pair B->A go
 back to the original direction later.
@@ -44,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from fastfc._core import MirrorBase
 from fastfc.copyservices.flashcopy import FlashCopy
-from fastfc.copyservices.pprc import PPRCPair
+from fastfc.copyservices.pprc import FAILOVER_RECORD, PPRCPair, record_failover
 from fastfc.copyservices.sitemirror import recover_sites
 from fastfc.errors import StateError
 from fastfc.storage.site import Done, Pending, SecondarySite, Update
@@ -54,14 +62,16 @@ if TYPE_CHECKING:
     from fastfc.durable.unit import StorageUnit
     from fastfc.storage.volume import Volume
 
-#: ``suspend_reason`` of the pair B->A that :func:`recover_session` records
-#: in the secondary unit: B failed over with its primary unit away.
-SITE_FAILOVER = "failover (site loss)"
+#: ``suspend_reason`` of the pair B->A that a B failed over keeps in its own
+#: unit (:func:`~fastfc.copyservices.pprc.record_failover`): at the secondary
+#: alone (:func:`recover_session`, :func:`failover_alone`), or live
+#: (``PPRCPair.failover()``), its primary's unit away since.
+SITE_FAILOVER = FAILOVER_RECORD
 
 
 def is_site_failover(row: dict) -> bool:
-    """Whether a pair row is the record of a B failed over at the secondary
-    alone (:func:`recover_session`)."""
+    """Whether a pair row is the record of a B failed over, kept in B's unit
+    (see :data:`SITE_FAILOVER`)."""
     return row.get("suspend_reason") == SITE_FAILOVER
 
 
@@ -179,11 +189,7 @@ def _record_failover(unit: "StorageUnit", b: "Volume", a_unit: str, a_name: str,
     from the image A's unit last knew of it), and hook B's host writes into
     it: the one failover at the secondary alone, of a session's B and of a
     plain pair's."""
-    rec: dict[str, Any] = {"id": None, "primary_name": b.name, "secondary_unit": a_unit,
-                           "secondary_name": a_name, "mode": mode,
-                           "suspend_reason": SITE_FAILOVER, "failed_over": False,
-                           "name": f"{b.name}->{a_name}", "oos": oos, "spare": None, "cg": None}
-    rec["id"] = unit.store.save_pair(rec)
+    rec = record_failover(b, a_unit, a_name, mode, oos)
     unit._pair_rows.append(unit._pending(rec))
     hook = MirrorBase()
     hook.oos = oos
@@ -203,8 +209,8 @@ def failover_alone(unit: "StorageUnit", b_name: str) -> dict:
     rec = next((r for r in unit.secondary_records if r["secondary_name"] == b_name), None)
     if rec is None:
         if any(is_site_failover(r) and r["primary_name"] == b_name for r in unit._pair_rows):
-            raise StateError(f"{b!r} was failed over at the secondary alone before: it takes "
-                             "host writes, recording them for the old primary")
+            raise StateError(f"{b!r} was failed over before: it takes host writes, "
+                             "recording them for the old primary")
         if any(t[2] == b_name for cfg in unit.store.session_rows().values()
                for t in cfg["triplets"]):
             raise StateError(f"{b!r} is a B volume of a Global Mirror session: "
@@ -282,14 +288,16 @@ def recover_session(unit: "StorageUnit", name: str) -> int:
 
 def restore_merged(primary_unit: "StorageUnit", secondary_unit: "StorageUnit",
                    row: dict, a: "Volume", b: "Volume") -> PPRCPair | None:
-    """Restore the pair ``row`` of ``primary_unit`` (A->B) whose B
-    ``secondary_unit`` failed over alone (:func:`recover_session`), as
-    ``PPRCPair.failover()`` leaves a pair: failed over, B's host writes
-    recorded in its out-of-sync bitmap, which also holds every track B
-    changed since the last CG (B's record). B's record is then dropped when
-    both units can write (A's row, saved failed over, holds it all; a crash
-    in between merges again). None (nothing done) when B has no such
-    record."""
+    """Restore the pair ``row`` of ``primary_unit`` (A->B) whose B keeps a
+    record of its failover in ``secondary_unit`` (failed over at the
+    secondary alone, :func:`recover_session` or :func:`failover_alone`; or
+    live, ``PPRCPair.failover()``, with A's unit closed or lost and restored
+    from a copy since), as ``PPRCPair.failover()`` leaves a pair: failed
+    over, its out-of-sync bitmap merged with B's record (every track B
+    changed since A's unit last knew its image). B's record stays, B's host
+    writes recorded in it, until the pair fails back or is removed: whatever
+    happens to A's unit meanwhile, B's unit knows what B changed. None
+    (nothing done) when B has no such record."""
     b_rows = [r for r in secondary_unit._pair_rows
               if is_site_failover(r) and r["primary_name"] == b.name
               and r["secondary_name"] == a.name and r["secondary_uuid"] == primary_unit.uuid]
@@ -297,11 +305,9 @@ def restore_merged(primary_unit: "StorageUnit", secondary_unit: "StorageUnit",
         return None
     b_row = b_rows[0]
     row["oos"].or_(b_row["oos"])
-    b._mirror = None      # from_record hooks B's writes into the pair's bitmap
-    pair = PPRCPair.from_record(a, b, dict(row, failed_over=True, suspend_reason="failover"))
-    secondary_unit._pair_rows.remove(b_row)
-    if not primary_unit.readonly and not secondary_unit.readonly:
-        secondary_unit.store.drop_pair(b_row["id"])
+    pair = PPRCPair.from_record(a, b, dict(row, failed_over=True, suspend_reason="failover"),
+                                failover_record=b_row)
+    secondary_unit._pair_rows = [r for r in secondary_unit._pair_rows if r is not b_row]
     return pair
 
 

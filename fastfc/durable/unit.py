@@ -42,7 +42,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import cast
+from typing import Callable, cast
 
 import numpy as np
 
@@ -51,7 +51,7 @@ from fastfc._numbers import check_real
 from fastfc.errors import (AlreadyExistsError, CorruptUnitError, NoSpaceError, ReadOnlyUnitError,
                            StateError, UnitBusyError, UnitClosedError)
 from fastfc.copyservices.flashcopy import FlashCopy
-from fastfc.copyservices.globalmirror import GlobalMirror, Triplet
+from fastfc.copyservices.globalmirror import GlobalMirror, Triplet, copy_to_c
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.durable.lock import LOCK_FILE, POLL, UnitLock
 from fastfc.durable.siteloss import (ended_at_secondary, failover_alone, forget_failover,
@@ -414,7 +414,11 @@ class StorageUnit:
                     + "; ".join(sorted({self.describe_partner(t[0])
                                         for t in pending[name]['triplets']}))
                     + f". With the primary lost, recover_session({name!r}) at this unit "
-                    "makes its B volumes host-writable at the last consistency group") from None
+                    "makes its B volumes host-writable at the last consistency group; or "
+                    f"StorageUnit.remove_session({name!r}, copy=True) ends the session here "
+                    "(each C keeps its image, the tracks it reads from B copied first; "
+                    f"{_REMOVE_SESSION.format(name=name)} withdraws at once), each B "
+                    "staying the secondary of its recorded pair") from None
             raise KeyError(f"no Global Mirror session named {name!r} in this unit") from None
 
     @property
@@ -425,26 +429,52 @@ class StorageUnit:
         opens regardless; :meth:`remove_session` removes what is left."""
         return dict(self._session_problems)
 
-    def remove_session(self, name: str) -> list[str]:
-        """Remove a session that cannot be restored (see
-        :meth:`session_problems`) and what is left of it: its row, the
-        FlashCopy B->C of each of its triplets that still has one (withdrawn
-        at once: a C still reading tracks from its B turns invalid) and each
-        of its pairs A->B that is restored. Returns what was removed, for
-        messages. A pair whose primary unit is away stays recorded there
-        (it comes back as a plain pair: remove it then). A session that
-        works is ended with :meth:`GlobalMirror.close` instead."""
+    def remove_session(self, name: str, *, copy: bool = False,
+                       on_copy: Callable[[int, int], None] | None = None) -> list[str]:
+        """End a session this unit cannot run, and remove what is left of
+        it: one that cannot be restored (see :meth:`session_problems`), or,
+        at its secondary unit alone, one whose primary unit(s) are not
+        available (lost for good: ``rmgmir`` there). Its row and CG
+        decisions go, and so do the FlashCopy B->C of each of its triplets
+        that still has one, and each of its pairs A->B that is restored.
+        ``copy=False`` withdraws each B->C at once (a C still reading tracks
+        from its B turns invalid: ``rmgmir --force``); ``copy=True`` first
+        copies those tracks B -> C (``on_copy(copied, total)`` reports the
+        progress), so every C keeps its image of the last committed CG, as
+        :meth:`GlobalMirror.close` does (``rmgmir``). Returns what was
+        removed, for messages.
+
+        A pair whose primary's unit is away stays recorded there and here:
+        B stays its secondary (it comes back as a plain pair when that unit
+        is opened beside this one), and with the primary lost,
+        :meth:`failover_pair` or :meth:`release_secondary` at this unit
+        alone fail it over or free it. A session that works is ended with
+        :meth:`GlobalMirror.close` instead."""
         self._require_writable()
         if name not in self._session_problems:
             if name in self.sessions:
                 raise StateError(f"session {name!r} works: end it with GlobalMirror.close()")
-            raise KeyError(f"no damaged Global Mirror session named {name!r} in this unit")
+            if self.path is None or name not in self.store.session_rows():
+                raise KeyError(f"no Global Mirror session named {name!r} in this unit "
+                               "that it cannot restore")
         cfg = self.store.session_rows().get(name)
         removed: list[str] = []
-        for a_unit, a_name, b_name, c_name in (cfg["triplets"] if cfg else []):
+        trips = cfg["triplets"] if cfg else []
+        fcs: list[FlashCopy | None] = []
+        for _, _, b_name, c_name in trips:
             b, c = self._volumes.get(b_name), self._volumes.get(c_name)
             fc = c._tgt_rel if c is not None else None
-            if isinstance(fc, FlashCopy) and b is not None and fc.source is b:
+            fcs.append(fc if isinstance(fc, FlashCopy) and b is not None and fc.source is b
+                       else None)
+        if copy:
+            if any(fc is not None and fc.revertible for fc in fcs):
+                raise StateError(f"session {name!r}: a C volume is still revertible (the C "
+                                 "volumes are not on one CG); nothing copied. "
+                                 f"{_REMOVE_SESSION.format(name=name)} withdraws at once")
+            copy_to_c([fc for fc in fcs if fc is not None], on_copy)
+        for (a_unit, a_name, b_name, c_name), fc in zip(trips, fcs):
+            b = self._volumes.get(b_name)
+            if fc is not None:
                 fc.session = None
                 if fc.revertible:
                     fc.revert()
@@ -466,7 +496,7 @@ class StorageUnit:
                     self.store.save_secondary(b_name, None)
                 removed.append(f"the secondary role of {b_name}")
         self.store.drop_session(name)
-        del self._session_problems[name]
+        self._session_problems.pop(name, None)
         return removed
 
     def session_record(self, name: str) -> dict:
@@ -599,24 +629,23 @@ class StorageUnit:
         """Rebuild the pairs whose secondary unit is open now."""
         if self._closed or self.path is None:
             return
-        left = []
-        for row in self._pair_rows:
+        for row in list(self._pair_rows):
+            if not any(r is row for r in self._pair_rows):
+                continue    # a failover record merged into its pair (in this unit)
             sec_unit = self._partner(row["secondary_uuid"])
             if sec_unit is None or is_site_failover(row):
-                # a B failed over at the secondary alone waits for its
-                # primary's unit to restore the pair (restore_merged)
-                left.append(row)
+                # a B failed over keeps its record until its primary's unit
+                # restores the pair (restore_merged)
                 continue
             primary = self._row_volume(row["primary_name"])
             secondary = sec_unit._row_volume(row["secondary_name"])
-            if restore_merged(self, sec_unit, row, primary, secondary) is not None:
-                continue
-            if ended_at_secondary(self, sec_unit, row, primary, secondary):
-                if self.readonly:
-                    left.append(row)
-                continue
-            PPRCPair.from_record(primary, secondary, row)
-        self._pair_rows = left
+            if restore_merged(self, sec_unit, row, primary, secondary) is None:
+                if ended_at_secondary(self, sec_unit, row, primary, secondary):
+                    if self.readonly:
+                        continue
+                else:
+                    PPRCPair.from_record(primary, secondary, row)
+            self._pair_rows = [r for r in self._pair_rows if r is not row]
 
     def _damaged(self, name: str, problem: str) -> None:
         """Session ``name`` cannot be restored: say so (in :attr:`recovered`
@@ -685,6 +714,8 @@ class StorageUnit:
         maps = [bm for fc in self.flashcopies for bm in (fc.to_copy, fc.src_changed,
                                                          fc.tgt_changed)]
         maps += [bm for pair in self.pairs for bm in (pair.oos, pair.spare, pair.cg)]
+        # what a pair waiting for its partner, or a failed-over B, records in
+        maps += [v._mirror.oos for v in vols if type(v._mirror) is MirrorBase]
         for bm in maps:
             if bm is not None and hasattr(bm, "flush"):
                 bm.flush()
@@ -728,6 +759,13 @@ class StorageUnit:
         writes in the out-of-sync bitmap meanwhile."""
         with _registry_lock:
             others = [u for u in _open_units.values() if u is not self]
+        for pair in self.pairs:
+            # a failed-over B in another unit keeps recording its host writes
+            # in its record there, listed (and merged again) until this unit is back
+            rec = pair.failover_record
+            other_b = pair.secondary.unit
+            if rec is not None and other_b is not self and other_b in others:
+                other_b._pair_rows.append(other_b._pending(dict(rec)))
         for other in others:
             for name, s in list(other.sessions.items()):
                 if any(t.a.store is self.store for t in s.triplets):

@@ -98,6 +98,7 @@ _CLI_WORDS = [
     (r"clear_fatal\(\) first, or close\(discard=True\)", "formcg first, or rmgmir --force"),
     (r"; call copy\(\) instead", ""),
     (r"end the session instead \(GlobalMirror\.close\(\)\)", "end the session instead: rmgmir"),
+    (r"StorageUnit\.remove_session\('([^']*)', copy=True\)", r"rmgmir \1"),
     (r"StorageUnit\.remove_session\('([^']*)'\)", r"rmgmir --force \1"),
     (r"recover_session\('([^']+)'\)", r"recovergmir \1"),
 ]

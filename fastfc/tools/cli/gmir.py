@@ -199,7 +199,9 @@ def _show_away(rec: dict, as_json: bool) -> None:
                   str(tr["c_sequence"]) + (" (revertible)" if tr["revertible"] else ""))
     console().print(t)
     click.echo(f"with the primary lost for good: recovergmir {rec['name']} makes the B "
-               "volumes host-writable at the last consistency group")
+               "volumes host-writable at the last consistency group; or rmgmir "
+               f"{rec['name']} [--force] ends the session here, each B staying the secondary "
+               "of its recorded pair")
 
 
 @main.command()
@@ -232,6 +234,37 @@ def recovergmir(units, session) -> None:
         click.echo(f"  {t['b']}: restored from {t['c']} ({plural(n, 'track')} changed since "
                    f"CG {seq}); failed over from {t['a']}, recording changes for "
                    f"failbackpprc {t['a']}:{t['b']}")
+
+
+def _remove_alone(unit, session: str, force: bool) -> None:
+    """rmgmir at the secondary unit alone: StorageUnit.remove_session."""
+    rec = unit.session_record(session)
+    fcs = {t["c"]: unit.volume(t["c"]).target_relationship for t in rec["triplets"]}
+    need = {c: fc.tracks_to_copy if fc is not None and fc.active else 0
+            for c, fc in fcs.items()}
+    cg = max((t["c_sequence"] or 0) for t in rec["triplets"]) if rec["triplets"] else 0
+    cs = ", ".join(need)
+    if force:
+        unit.remove_session(session)
+    else:
+        ts = unit.volume(rec["triplets"][0]["b"]).track_size
+        with Progress() as progress:
+            task = progress.add(f"copying to {cs}", sum(need.values()), size=ts)
+            unit.remove_session(session, copy=True,
+                                on_copy=lambda done, total: progress.update(task, done))
+    click.echo(f"removed Global Mirror session {session} at {unit.path.name} "
+               "(its primary unit(s) not available)")
+    lost = {c: n for c, n in need.items() if n}
+    if force and lost:
+        click.echo("invalid now (their image of CG {} was not copied from B): {}".format(
+            cg, ", ".join(f"{c} ({plural(n, 'track')})" for c, n in lost.items())))
+    else:
+        copied = sum(need.values())
+        click.echo(f"{cs} keep CG {cg}" + (f" ({plural(copied, 'track')} copied from B)"
+                                           if copied else ""))
+    pairs = ", ".join(f"{t['a']}:{t['b']}" for t in rec["triplets"])
+    click.echo(f"the B volumes stay secondaries of their pairs ({pairs}), their primary unit "
+               "away: failoverpprc or rmpprc --force at this unit fails them over or frees them")
 
 
 def _result_text(r) -> str:
@@ -289,7 +322,14 @@ def rmgmir(units, session, force) -> None:
     still reads from its B are copied B -> C first (progress on stderr).
     --force skips that copy and leaves those C volumes invalid. A session
     that cannot be restored (its metadata names a FlashCopy or pair that is
-    gone) is removed with --force: what is left of it goes."""
+    gone) is removed with --force: what is left of it goes.
+
+    At the secondary unit alone (the primary unit lost for good), the
+    session ends there the same way: its record and CG decisions go, each
+    B->C FlashCopy is withdrawn (C copied first, unless --force). Each B
+    stays the secondary of its pair, recorded here: failoverpprc or rmpprc
+    --force at this unit then fail it over or free it. (recovergmir instead
+    brings the last CG back onto B.)"""
     damaged = units.damaged_session(session)
     if damaged is not None:
         if not force:
@@ -297,6 +337,10 @@ def rmgmir(units, session, force) -> None:
         removed = damaged.remove_session(session)
         click.echo(f"removed Global Mirror session {session} (it could not be restored)"
                    + (f": {', '.join(removed)}" if removed else ""))
+        return
+    alone = units.session_unit_away(session)
+    if alone is not None:
+        _remove_alone(alone, session, force)
         return
     gm = units.session(session)
     need = gm.tracks_c_needs()

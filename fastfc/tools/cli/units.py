@@ -261,6 +261,13 @@ class Units:
                 return u.session_record(name)
         return None
 
+    def session_unit_away(self, name: str) -> StorageUnit | None:
+        """The open unit recording session ``name`` whose primary units are
+        not available (:meth:`session_away`), if any."""
+        if self.session_away(name) is None:
+            return None
+        return next(u for u in self.all() if name in u.store.session_rows())
+
     def session_of(self, pair: PPRCPair) -> GlobalMirror | None:
         for u in self.open.values():
             for gm in u.sessions.values():
