@@ -21,7 +21,7 @@ def console(stderr: bool = False):
     # stream is routed by thread, and a live progress bar redraws from its own
     out = Console(file=getattr(stream, "routed", stream), highlight=False)
     if not out.is_terminal and "COLUMNS" not in os.environ:
-        out.width = 200
+        out.width = 1000     # long unit paths too: a row is one line, whatever it holds
     return out
 
 
