@@ -843,11 +843,48 @@ def test_missing_database_or_directory_is_a_file(tmp_path):
     assert_corrupt(tmp_path / "f", "not a directory")
 
 
-def test_missing_volume_file(tmp_path):
+def live_bitmap_files(path):
+    """The bitmap files of a closed unit, and the ids its rows name."""
+    named = bitmap_ids(path, "flashcopies", ("to_copy", "src_changed", "tgt_changed",
+                                             "rv_to_copy", "rv_src_changed", "rv_tgt_changed"))
+    named += bitmap_ids(path, "pairs", ("oos", "spare", "cg"))
+    return sorted(int(p.stem) for p in (path / "bitmaps").glob("*.bm")), sorted(named)
+
+
+def assert_clean_reopen(path, other):
+    """After the leftovers are removed: both units open with nothing to
+    report, and every bitmap file is one a row names."""
+    with StorageUnit(path) as u, StorageUnit(other):
+        assert u.recovered == [] and u.volume_problems == {}
+        assert u.relationship_problems == {} and u.session_problems == {}
+    files, named = live_bitmap_files(path)
+    assert files == named
+
+
+def test_missing_volume_file_opens_degraded_and_its_row_can_be_removed(tmp_path):
+    """A volume file gone: the unit opens without that volume, naming it and
+    the relationship that names it; every other volume and the pair work;
+    the relationship's row, then the volume's, are removed."""
     path = tmp_path / "u"
-    make_unit(path)
+    other = make_unit(path)
     (path / "volumes" / "t.vol").unlink()
-    assert_corrupt(path, "t.vol", "missing")
+    with StorageUnit(path) as u, StorageUnit(other) as o:
+        assert "t" not in u and "t.vol" in u.volume_problems["t"]
+        assert "missing" in u.volume_problems["t"]
+        assert "'t'" in u.relationship_problems["FlashCopy a:t"]
+        assert any("remove_volume('t')" in r for r in u.recovered)
+        assert any("remove_flashcopy('a', 't')" in r for r in u.recovered)
+        assert u.flashcopies == [] and len(u.pairs) == 1
+        a = u.volume("a")
+        a.write(0, rand(TS, 7))
+        u.pairs[0].drain()                          # the pair works: sent to b
+        assert np.array_equal(o.volume("b").read(0, TS), rand(TS, 7))
+        with pytest.raises(StateError, match="FlashCopy a:t"):
+            u.remove_volume("t")                    # its relationship's row first
+        assert u.remove_flashcopy("a", "t") is False
+        u.remove_volume("t")
+        assert u.volume_problems == {} and u.relationship_problems == {}
+    assert_clean_reopen(path, other)
 
 
 @pytest.mark.parametrize("size", [0, N * TS - 1, N * TS + 1, 2 * N * TS])
@@ -865,9 +902,14 @@ def test_volume_file_of_the_wrong_size(tmp_path, size):
     ("pairs", ("oos",)),
 ])
 @pytest.mark.parametrize("damage", ["missing", "short", "long"])
-def test_damaged_bitmap_file(tmp_path, table, cols, damage):
+def test_damaged_bitmap_file_opens_degraded_and_its_row_can_be_removed(tmp_path, table, cols,
+                                                                        damage):
+    """A relationship or pair whose bitmap file is missing or of the wrong
+    size is left unloaded and named; the rest of the unit works; its row is
+    removed (a FlashCopy target whose image was incomplete stays invalid,
+    a pair's secondary takes host writes again) and the unit reopens clean."""
     path = tmp_path / "u"
-    make_unit(path)
+    other = make_unit(path)
     for fid in bitmap_ids(path, table, cols):
         file = path / "bitmaps" / f"{fid}.bm"
         if damage == "missing":
@@ -875,28 +917,81 @@ def test_damaged_bitmap_file(tmp_path, table, cols, damage):
         else:
             with open(file, "r+b") as f:
                 f.truncate(0 if damage == "short" else 16)
-    msg = assert_corrupt(path, "bitmap file")
-    assert ("missing" if damage == "missing" else "bytes") in msg
+    key = "FlashCopy a:t" if table == "flashcopies" else "pair a:b"
+    with StorageUnit(other) as o, StorageUnit(path) as u:
+        problem = u.relationship_problems[key]
+        assert "bitmap file" in problem
+        assert ("missing" if damage == "missing" else "bytes") in problem
+        assert list(u.relationship_problems) == [key]
+        assert any(r.startswith(key) and "remove_" in r for r in u.recovered)
+        a, t, b = u.volume("a"), u.volume("t"), o.volume("b")
+        if table == "flashcopies":
+            assert u.flashcopies == [] and len(u.pairs) == 1
+            assert not t.valid          # it read 8 tracks from a: its image is lost
+            with pytest.raises(InvalidImageError):
+                t.read(0, TS)
+            assert u.remove_flashcopy("a", "t") is True
+        else:
+            assert u.pairs == [] and len(u.flashcopies) == 1
+            assert b._secondary
+            u.remove_pair("a", "b")
+            assert not b._secondary
+            b.write(0, rand(TS, 9))                 # b takes host writes again
+        a.write(0, rand(TS, 8))                     # a takes host writes
+        assert u.relationship_problems == {}
+    assert_clean_reopen(path, other)
+    if table == "flashcopies":
+        with StorageUnit(path) as u:
+            assert not u.volume("t").valid          # recorded invalid
 
 
-def test_damaged_unit_is_refused_when_opened_with_its_partner(tmp_path):
+def test_pair_with_a_missing_bitmap_opens_degraded_beside_its_partner(tmp_path):
     path = tmp_path / "u"
     other = make_unit(path)
     for fid in bitmap_ids(path, "pairs", ("oos",)):
         (path / "bitmaps" / f"{fid}.bm").unlink()
     with StorageUnit(other) as o:                   # the secondary opens fine
-        assert_corrupt(path, "bitmap file")
-        assert o.volume("b")._secondary
+        with StorageUnit(path) as u:
+            assert "bitmap file" in u.relationship_problems["pair a:b"]
+            assert o.volume("b")._secondary and u.volume("a").mirror is None
+            with pytest.raises(KeyError):
+                u.remove_pair("b", "a")             # no such damaged pair
+            u.remove_pair("a", "b")
+        assert not o.volume("b")._secondary
+    assert_clean_reopen(path, other)
 
 
-def test_row_naming_a_missing_volume(tmp_path):
+@pytest.mark.parametrize("table, column", [("flashcopies", "target"),
+                                           ("flashcopies", "source"),
+                                           ("pairs", "primary_name"),
+                                           ("pairs", "secondary_name")])
+def test_row_naming_a_missing_volume_opens_degraded(tmp_path, table, column):
+    """A relationship or pair row naming a volume the unit (or the partner)
+    does not hold is left unloaded and named; its row is removed."""
     path = tmp_path / "u"
-    make_unit(path)
+    other = make_unit(path)
     db = sqlite3.connect(path / "unit.db")
-    db.execute("UPDATE flashcopies SET target='ghost'")
+    db.execute(f"UPDATE {table} SET {column}='ghost'")
     db.commit()
     db.close()
-    assert_corrupt(path, "ghost")
+    names = {"target": ("a", "ghost"), "source": ("ghost", "t"),
+             "primary_name": ("ghost", "b"), "secondary_name": ("a", "ghost")}[column]
+    key = ("FlashCopy " if table == "flashcopies" else "pair ") + ":".join(names)
+    with StorageUnit(path) as u, StorageUnit(other) as o:
+        assert list(u.relationship_problems) == [key]
+        assert "'ghost'" in u.relationship_problems[key]
+        u.volume("a").write(0, rand(TS, 5))
+        if table == "flashcopies":
+            assert u.flashcopies == [] and len(u.pairs) == 1
+            # a target that read tracks from a source that is gone is invalid
+            assert u.volume("t").valid is (column == "target")
+            assert u.remove_flashcopy(*names) is (column == "source")
+        else:
+            assert u.pairs == [] and len(u.flashcopies) == 1
+            u.remove_pair(*names)
+            if column == "primary_name":
+                assert not o.volume("b")._secondary     # its pair's row is gone
+    assert_clean_reopen(path, other)
 
 
 def test_files_left_by_a_create_that_died(tmp_path):

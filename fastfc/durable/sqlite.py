@@ -5,7 +5,7 @@ storage unit (only a unit makes one): metadata in SQLite (WAL mode,
 ``synchronous=FULL``), bitmaps in memory-mapped files, one per bitmap.
 Records go in and out (see :mod:`fastfc.storage.store`); the unit reads
 back what it restores through public methods (:meth:`SQLiteStore.volume_records`,
-:meth:`~SQLiteStore.flash_records`, :meth:`~SQLiteStore.pair_records`,
+:meth:`~SQLiteStore.flash_record`, :meth:`~SQLiteStore.pair_record`,
 :meth:`~SQLiteStore.session_rows`) and runs no SQL itself.
 
 Why bitmaps in files: the I/O path flips bits in place (copy-on-write clears
@@ -692,16 +692,39 @@ class SQLiteStore(Store):
         """The stored relationships as rows (bitmap file ids, options as JSON)."""
         return self._rows("flashcopies")
 
-    def flash_records(self, n_tracks: Callable[[str], int]) -> list[dict]:
-        """The stored relationships as records (``FlashCopy.from_record``),
-        their bitmaps mapped; ``n_tracks(name)`` is a volume's track count."""
-        rows = self.flash_rows()
-        for row in rows:
-            self._load_bitmaps("fc", row, self._FLASH_MAPS, n_tracks(row["source"]))
-            if row["to_copy"] is None:
-                raise CorruptUnitError(f"FlashCopy {row['id']} has no to_copy bitmap")
-            row["options"] = json.loads(row["options"])
-        return rows
+    def flash_record(self, row: dict, n_bits: int) -> dict:
+        """A stored relationship's row (:meth:`flash_rows`) as a record
+        (``FlashCopy.from_record``), in place: its bitmaps mapped
+        (``n_bits``: its source's track count). A missing or damaged bitmap
+        file raises :class:`~fastfc.errors.CorruptUnitError`; the row's
+        files are kept all the same (:meth:`keep_bitmaps`)."""
+        self._load_bitmaps("fc", row, self._FLASH_MAPS, n_bits)
+        if row["to_copy"] is None:
+            raise CorruptUnitError(f"FlashCopy {row['id']} has no to_copy bitmap")
+        row["options"] = json.loads(row["options"])
+        return row
+
+    def flash_image_complete(self, row: dict) -> bool:
+        """Whether the relationship of ``row`` (a row of :meth:`flash_rows`,
+        bitmap file ids) had given its target the whole image: not
+        revertible, and its to_copy bitmap file there and empty. Read from
+        the file, without mapping it (its source may be gone)."""
+        if row["revertible"] or row["to_copy"] is None:
+            return False
+        path = self.bitmap_dir / f"{row['to_copy']}.bm"
+        try:
+            words = np.fromfile(path, dtype=np.uint64)
+        except OSError:
+            return False
+        return words.size > 0 and not words.any()
+
+    def keep_bitmaps(self, kind: str, row: dict) -> None:
+        """Keep the bitmap files a row that is not restored names (``kind``
+        "fc" or "pair"), unmapped: they are not orphans, and go when the row
+        is dropped (:meth:`drop_flash`, :meth:`drop_pair`)."""
+        keys = self._FLASH_MAPS if kind == "fc" else self._PAIR_MAPS
+        self._set_row((kind, row["id"]), {row[k] for k in keys
+                                          if isinstance(row[k], int)})
 
     # -- PPRC pairs ----------------------------------------------------------------
     _PAIR_MAPS = ("oos", "spare", "cg")
@@ -740,16 +763,16 @@ class SQLiteStore(Store):
         """The stored pairs as rows (bitmap file ids)."""
         return self._rows("pairs")
 
-    def pair_records(self, n_tracks: Callable[[str], int]) -> list[dict]:
-        """The stored pairs as records (``PPRCPair.from_record``), their
-        bitmaps mapped (and kept until the pair is restored, or forever if
-        it never is); ``n_tracks(name)`` is a volume's track count."""
-        rows = self.pair_rows()
-        for row in rows:
-            self._load_bitmaps("pair", row, self._PAIR_MAPS, n_tracks(row["primary_name"]))
-            if row["oos"] is None:
-                raise CorruptUnitError(f"PPRC pair {row['id']} has no out-of-sync bitmap")
-        return rows
+    def pair_record(self, row: dict, n_bits: int) -> dict:
+        """A stored pair's row (:meth:`pair_rows`) as a record
+        (``PPRCPair.from_record``), in place: its bitmaps mapped (and kept
+        until the pair is restored, or forever if it never is; ``n_bits``:
+        its primary's track count). A missing or damaged bitmap file raises
+        :class:`~fastfc.errors.CorruptUnitError`."""
+        self._load_bitmaps("pair", row, self._PAIR_MAPS, n_bits)
+        if row["oos"] is None:
+            raise CorruptUnitError(f"PPRC pair {row['id']} has no out-of-sync bitmap")
+        return row
 
     # -- Global Mirror sessions ------------------------------------------------------
     def add_session(self, record: dict, session, partners=()) -> None:

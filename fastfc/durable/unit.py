@@ -74,6 +74,10 @@ _registry_lock = threading.RLock()
 
 #: how messages name the way to remove a session that cannot be restored
 _REMOVE_SESSION = "StorageUnit.remove_session({name!r})"
+#: ... a FlashCopy relationship, a PPRC pair or a volume that cannot be restored
+_REMOVE_FLASHCOPY = "StorageUnit.remove_flashcopy({source!r}, {target!r})"
+_REMOVE_PAIR = "StorageUnit.remove_pair({primary!r}, {secondary!r})"
+_REMOVE_VOLUME = "StorageUnit.remove_volume({name!r})"
 
 #: The durability levels a unit can be opened with (``StorageUnit(durability=...)``).
 DURABILITY = ("process", "power")
@@ -117,8 +121,15 @@ class StorageUnit:
     Opening an existing unit restores its volumes, FlashCopy relationships,
     PPRC pairs and Global Mirror sessions (pairs and sessions that span two
     units come back once both are open), after resolving any consistency
-    group a crash interrupted. A damaged unit raises
-    :class:`~fastfc.errors.CorruptUnitError` and is not used.
+    group a crash interrupted. A damaged database (not SQLite, failing its
+    check, another schema, rows whose values make no sense) raises
+    :class:`~fastfc.errors.CorruptUnitError` and is not used. Rows that no
+    longer fit what the unit holds (a volume file gone, a relationship or
+    pair naming a missing volume or bitmap file, a session that cannot run)
+    do not stop it from opening: each is left unloaded, named in
+    :attr:`recovered` and :attr:`volume_problems`,
+    :attr:`relationship_problems` or :attr:`session_problems` with the call
+    that removes it.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, readonly: bool = False,
@@ -172,6 +183,12 @@ class StorageUnit:
         self.recovered: list[str] = []     # what opening had to resolve
         # sessions whose rows cannot be restored (name -> what is wrong)
         self._session_problems: dict[str, str] = {}
+        # volume rows whose files are missing (name -> what is wrong)
+        self._volume_problems: dict[str, str] = {}
+        # FlashCopy and pair rows that cannot be restored, by (source, target)
+        # and (primary, secondary): the row (bitmap file ids) and what is wrong
+        self._flash_damage: dict[tuple[str, str], tuple[dict, str]] = {}
+        self._pair_damage: dict[tuple[str, str], tuple[dict, str]] = {}
         self._closed = False
         self.uuid: str | None = None
         if self.path is None:
@@ -290,8 +307,13 @@ class StorageUnit:
         return name in self._volumes
 
     def remove_volume(self, name: str) -> None:
-        """Delete a volume that takes part in no relationship or pair."""
+        """Delete a volume that takes part in no relationship or pair. A
+        volume whose file is missing (see :attr:`volume_problems`) loses its
+        row, once no relationship, pair or session row names it."""
         self._require_writable()
+        if name in self._volume_problems:
+            self._remove_missing_volume(name)
+            return
         vol = self.volume(name)
         if vol.relationships or vol._mirror is not None or vol._secondary:
             raise StateError(f"{vol!r} is in a FlashCopy relationship or PPRC pair; "
@@ -301,6 +323,86 @@ class StorageUnit:
         if self.path is not None:
             self._sqlite.remove_volume(name)
             self._volume_file(name).unlink(missing_ok=True)
+
+    def _remove_missing_volume(self, name: str) -> None:
+        users = [f"FlashCopy {s}:{t}" for s, t in self._flash_damage if name in (s, t)]
+        users += [f"pair {p}:{s}" for (p, s), (row, _) in self._pair_damage.items()
+                  if p == name or (s == name and row["secondary_unit"] == self.uuid)]
+        users += [f"session {n}" for n, cfg in self.store.session_rows().items()
+                  if any(name in (b, c) or (name == a and u == self.uuid)
+                         for u, a, b, c in cfg["triplets"])]
+        if users:
+            raise StateError(f"volume {name!r} (its file missing) is still named by "
+                             f"{', '.join(users)}; remove those first")
+        with self.store.transaction():
+            self._sqlite.remove_volume(name)
+            self.store.save_secondary(name, None)
+        del self._volume_problems[name]
+
+    @property
+    def volume_problems(self) -> dict[str, str]:
+        """Volumes recorded in this unit that could not be opened (their
+        file is missing), by name: what is wrong. The unit opens without
+        them; :meth:`remove_volume` removes the row."""
+        return dict(self._volume_problems)
+
+    @property
+    def relationship_problems(self) -> dict[str, str]:
+        """FlashCopy relationships and PPRC pairs recorded in this unit that
+        could not be restored (a volume or bitmap file missing), keyed
+        ``"FlashCopy SOURCE:TARGET"`` and ``"pair PRIMARY:SECONDARY"``: what
+        is wrong. The unit opens without them (a FlashCopy target whose image
+        was incomplete reads as invalid); :meth:`remove_flashcopy` and
+        :meth:`remove_pair` remove their rows."""
+        out = {f"FlashCopy {s}:{t}": why for (s, t), (_, why) in self._flash_damage.items()}
+        out.update({f"pair {p}:{s}": why for (p, s), (_, why) in self._pair_damage.items()})
+        return out
+
+    def remove_flashcopy(self, source: str, target: str) -> bool:
+        """Remove the row of FlashCopy ``source:target``, which could not be
+        restored (see :attr:`relationship_problems`; ``rmflash --force``). A
+        target whose image was incomplete (tracks it still read from the
+        source, or a revertible one) stays invalid. Returns whether the
+        target is invalid (False when it is missing too)."""
+        self._require_writable()
+        key = (source, target)
+        if key not in self._flash_damage:
+            raise KeyError(f"no FlashCopy {source}:{target} in this unit that it cannot "
+                           "restore")
+        for n, cfg in self.store.session_rows().items():
+            if any((b, c) == key for _, _, b, c in cfg["triplets"]):
+                raise StateError(f"FlashCopy {source}:{target} belongs to Global Mirror "
+                                 f"session {n!r}; {_REMOVE_SESSION.format(name=n)} first")
+        row, _ = self._flash_damage[key]
+        tgt = self._volumes.get(target)
+        invalid = tgt is not None and bool(tgt._invalid)
+        self._sqlite.drop_flash(row["id"], {"name": target, "invalid": invalid})
+        del self._flash_damage[key]
+        return invalid
+
+    def remove_pair(self, primary: str, secondary: str) -> None:
+        """Remove the row of PPRC pair ``primary:secondary``, which could not
+        be restored (see :attr:`relationship_problems`; ``rmpprc --force``).
+        Its primary, if here, takes part in no pair; its secondary, if its
+        unit is open read-write beside this one, takes host writes again."""
+        self._require_writable()
+        key = (primary, secondary)
+        if key not in self._pair_damage:
+            raise KeyError(f"no PPRC pair {primary}:{secondary} in this unit that it cannot "
+                           "restore")
+        row, _ = self._pair_damage[key]
+        sec_unit = self._partner(row["secondary_unit"])
+        b = sec_unit._volumes.get(secondary) if sec_unit is not None else None
+        if sec_unit is not None and b is not None and b._secondary and b._mirror is None \
+                and not sec_unit.readonly \
+                and not any(secondary in t[2:] for cfg in sec_unit.store.session_rows().values()
+                            for t in cfg["triplets"]):
+            b._secondary = False
+            with sec_unit.store.transaction():
+                sec_unit.store.set_volume_flags(b.flags_record())
+                sec_unit.store.save_secondary(secondary, None)
+        self._sqlite.drop_pair(row["id"])
+        del self._pair_damage[key]
 
     def _volume_file(self, name: str) -> Path:
         assert self.path is not None   # a unit on disk (callers check)
@@ -549,7 +651,11 @@ class StorageUnit:
             name, n_tracks, track_size = rec["name"], rec["n_tracks"], rec["track_size"]
             file = self._volume_file(name)
             if not file.exists():
-                raise CorruptUnitError(f"volume file {file} is missing")
+                why = f"volume file {file} is missing"
+                self._volume_problems[name] = why
+                self.recovered.append(f"volume {name}: not opened: {why}; "
+                                      f"{_REMOVE_VOLUME.format(name=name)} removes its row")
+                continue
             size = file.stat().st_size
             if size != n_tracks * track_size:
                 raise CorruptUnitError(f"volume file {file} holds {size} bytes; the unit "
@@ -564,12 +670,44 @@ class StorageUnit:
             vol._secondary = bool(rec["secondary"])
             vol._invalid = bool(rec["invalid"])
             self._volumes[name] = vol
-        n_tracks_of = self._row_n_tracks
-        for rec in st.flash_records(n_tracks_of):
-            FlashCopy.from_record(self._row_volume(rec["source"]),
-                                  self._row_volume(rec["target"]), rec)
+        for row in st.flash_rows():
+            key = (row["source"], row["target"])
+            complete = st.flash_image_complete(row)
+            problem: str | None = self._missing_volumes(key)
+            if problem is None:
+                try:
+                    rec = st.flash_record(dict(row), self._volumes[key[0]].n_tracks)
+                except CorruptUnitError as e:
+                    problem = str(e)
+                else:
+                    FlashCopy.from_record(self._volumes[key[0]], self._volumes[key[1]], rec)
+                    continue
+            st.keep_bitmaps("fc", row)
+            self._flash_damage.setdefault(key, (row, problem))
+            tgt = self._volumes.get(key[1])
+            if tgt is not None and not complete:
+                tgt._invalid = True     # it read tracks from its source
+            self.recovered.append(
+                f"FlashCopy {key[0]}:{key[1]}: not restored: {problem}"
+                + (f"; {key[1]} is invalid (its image was incomplete)"
+                   if tgt is not None and not complete else "")
+                + f"; {_REMOVE_FLASHCOPY.format(source=key[0], target=key[1])} "
+                "removes its row")
         # their bitmaps stay alive (the store keeps them as the rows') until restored
-        self._pair_rows = [self._pending(rec) for rec in st.pair_records(n_tracks_of)]
+        self._pair_rows = []
+        for row in st.pair_rows():
+            key = (row["primary_name"], row["secondary_name"])
+            problem = self._missing_volumes(key[:1])
+            if problem is None:
+                try:
+                    rec = st.pair_record(dict(row), self._volumes[key[0]].n_tracks)
+                except CorruptUnitError as e:
+                    problem = str(e)
+                else:
+                    self._pair_rows.append(self._pending(rec))
+                    continue
+            st.keep_bitmaps("pair", row)
+            self._pair_damaged(key, row, problem)
         for rec in self._pair_rows:
             # until the secondary unit is open too, host writes to the primary
             # are recorded in the pair's out-of-sync bitmap, as when suspended
@@ -588,8 +726,24 @@ class StorageUnit:
                 if isinstance(fc, FlashCopy) and fc.source.name == b_name:
                     fc.session = name
 
-    def _row_n_tracks(self, name: str) -> int:
-        return self._row_volume(name).n_tracks
+    def _missing_volumes(self, names) -> str | None:
+        """What is wrong when volumes a row names are not in this unit."""
+        gone = [n for n in names if n not in self._volumes]
+        if not gone:
+            return None
+        return ", ".join(f"volume {n!r} is not in this unit"
+                         + (" (its file is missing)" if n in self._volume_problems else "")
+                         for n in gone)
+
+    def _pair_damaged(self, key: tuple[str, str], row: dict, problem: str) -> None:
+        """Pair ``key`` cannot be restored: say so (in :attr:`recovered` and
+        :attr:`relationship_problems`) and leave it unloaded."""
+        if key in self._pair_damage:
+            return
+        self._pair_damage[key] = (row, problem)
+        self.recovered.append(f"pair {key[0]}:{key[1]}: not restored: {problem}; "
+                              f"{_REMOVE_PAIR.format(primary=key[0], secondary=key[1])} "
+                              "removes its row")
 
     def _row_volume(self, name: str) -> Volume:
         try:
@@ -638,6 +792,19 @@ class StorageUnit:
                 # restores the pair (restore_merged)
                 continue
             primary = self._row_volume(row["primary_name"])
+            if row["secondary_name"] not in sec_unit._volumes:
+                problem = (f"volume {row['secondary_name']!r} is not in unit {sec_unit.path}"
+                           + (" (its file is missing)" if row["secondary_name"] in
+                              sec_unit._volume_problems else ""))
+                if type(primary._mirror) is MirrorBase:
+                    primary._mirror = None      # it records for no pair
+                self._pair_rows = [r for r in self._pair_rows if r is not row]
+                ids = {k: (v.file_id if v is not None else None)
+                       for k, v in row.items() if k in _PAIR_MAPS}
+                self._pair_damaged((row["primary_name"], row["secondary_name"]),
+                                   dict(row, secondary_unit=row["secondary_uuid"], **ids),
+                                   problem)
+                continue
             secondary = sec_unit._row_volume(row["secondary_name"])
             if restore_merged(self, sec_unit, row, primary, secondary) is None:
                 if ended_at_secondary(self, sec_unit, row, primary, secondary):
