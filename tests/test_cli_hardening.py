@@ -636,3 +636,56 @@ def test_nan_is_not_a_number_of_seconds_or_a_rate(fastfc, site1, args):
     before = listing(site1)
     assert "is not a number" in usage_error(run("-u", site1, *args))
     assert listing(site1) == before
+
+
+# -- a unit opens whatever its rows name, degraded ----------------------------------------------
+def test_a_missing_source_volume_file_opens_the_unit_naming_what_removes_it(fastfc, site1):
+    """The .vol file of a FlashCopy source is gone: lsvol, lsflash and the
+    other volumes work, the missing volume and the relationship are named
+    with the commands that remove them; rmflash --force leaves the target
+    (which still read tracks from that source) invalid; then rmvol removes
+    the volume's row and the unit opens clean."""
+    make_volumes(fastfc, site1, "S", "T", "X")
+    fastfc("write", "S", "source", "--repeat", 100)
+    fastfc("mkflash", "S:T", "--nocp")
+    (site1 / "volumes" / "S.vol").unlink()
+    r = fastfc("lsvol")
+    assert sorted(rows(r)) == ["T", "X"] and "INVALID" in rows(r)["T"][4]
+    assert "volume S of unit" in r.stderr and "S.vol is missing" in r.stderr
+    assert "rmvol S removes" in r.stderr and "rmflash --force S:T removes" in r.stderr
+    r = fastfc("lsflash")
+    assert r.stdout.strip() == "no FlashCopy relationships"
+    assert "FlashCopy S:T" in r.stderr and "rmflash --force S:T" in r.stderr
+    fastfc("write", "X", "still works")
+    assert "rmflash --force S:T" in fastfc("rmvol", "S", code=1).stderr
+    assert "rmflash --force S:T" in fastfc("rmflash", "S:T", code=1).stderr
+    out = fastfc("rmflash", "--force", "S:T").stdout
+    assert "removed FlashCopy S:T" in out and "T is invalid" in out
+    assert "removed volume S" in fastfc("rmvol", "S").stdout
+    r = fastfc("lsvol")
+    assert r.stderr == "" and sorted(rows(r)) == ["T", "X"]
+    assert "INVALID" in rows(r)["T"][4]             # recorded: its image is lost
+    assert fastfc("lsflash").stderr == ""
+
+
+def test_a_pair_whose_bitmap_file_is_missing_is_named_and_rmpprc_force_removes_it(fastfc,
+                                                                                   site1):
+    make_volumes(fastfc, site1, "A", "B")
+    fastfc("mkpprc", "A:B", "--type", "mmir")
+    db = sqlite3.connect(site1 / "unit.db")
+    (fid,), = db.execute("SELECT oos FROM pairs").fetchall()
+    db.close()
+    (site1 / "bitmaps" / f"{fid}.bm").unlink()
+    r = fastfc("lspprc")
+    assert r.stdout.strip() == "no PPRC pairs"
+    assert "pair A:B" in r.stderr and f"{fid}.bm is missing" in r.stderr
+    assert "rmpprc --force A:B removes" in r.stderr
+    r = fastfc("lsvol")
+    assert "pair A:B" in r.stderr and "PPRC secondary" in rows(r)["B"][4]
+    fastfc("write", "A", "primary works")
+    assert "rmpprc --force A:B" in fastfc("rmpprc", "A:B", code=1).stderr
+    assert "removed pair A:B" in fastfc("rmpprc", "--force", "A:B").stdout
+    r = fastfc("lspprc")
+    assert r.stderr == "" and r.stdout.strip() == "no PPRC pairs"
+    fastfc("write", "B", "a host write")            # B is nobody's secondary now
+    assert fastfc("lsvol").stderr == ""

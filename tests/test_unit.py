@@ -954,6 +954,7 @@ def test_pair_with_a_missing_bitmap_opens_degraded_beside_its_partner(tmp_path):
         with StorageUnit(path) as u:
             assert "bitmap file" in u.relationship_problems["pair a:b"]
             assert o.volume("b")._secondary and u.volume("a").mirror is None
+            assert o.secondary_records == []        # u names the pair's damage
             with pytest.raises(KeyError):
                 u.remove_pair("b", "a")             # no such damaged pair
             u.remove_pair("a", "b")

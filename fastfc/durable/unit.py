@@ -325,15 +325,20 @@ class StorageUnit:
             self._volume_file(name).unlink(missing_ok=True)
 
     def _remove_missing_volume(self, name: str) -> None:
-        users = [f"FlashCopy {s}:{t}" for s, t in self._flash_damage if name in (s, t)]
-        users += [f"pair {p}:{s}" for (p, s), (row, _) in self._pair_damage.items()
+        users = [(f"FlashCopy {s}:{t}", _REMOVE_FLASHCOPY.format(source=s, target=t))
+                 for s, t in self._flash_damage if name in (s, t)]
+        users += [(f"pair {p}:{s}", _REMOVE_PAIR.format(primary=p, secondary=s))
+                  for (p, s), (row, _) in self._pair_damage.items()
                   if p == name or (s == name and row["secondary_unit"] == self.uuid)]
-        users += [f"session {n}" for n, cfg in self.store.session_rows().items()
+        users += [(f"session {n}", _REMOVE_SESSION.format(name=n))
+                  for n, cfg in self.store.session_rows().items()
                   if any(name in (b, c) or (name == a and u == self.uuid)
                          for u, a, b, c in cfg["triplets"])]
         if users:
             raise StateError(f"volume {name!r} (its file missing) is still named by "
-                             f"{', '.join(users)}; remove those first")
+                             + ", ".join(what for what, _ in users) + "; remove "
+                             + ("it" if len(users) == 1 else "them") + " first: "
+                             + ", ".join(call for _, call in users))
         with self.store.transaction():
             self._sqlite.remove_volume(name)
             self.store.save_secondary(name, None)
@@ -440,7 +445,9 @@ class StorageUnit:
         that unit is expected, and why it is not attached). A secondary of a
         pair made before secondaries kept this record has them None but
         ``secondary_name``: the secondary of an unknown pair. With the
-        primary lost, :meth:`failover_pair` or :meth:`release_secondary`."""
+        primary lost, :meth:`failover_pair` or :meth:`release_secondary`. A
+        pair whose primary's unit is open but cannot restore it is not
+        listed here: that unit names it (:attr:`relationship_problems`)."""
         self._require_open()
         if self.path is None:
             return []           # a memory unit is never apart from its pairs
@@ -456,6 +463,10 @@ class StorageUnit:
                 continue
             rec = recs.get(name)
             ref = rec["primary_unit"] if rec is not None else None
+            owner = self._partner(ref) if ref is not None else None
+            if rec is not None and owner is not None and \
+                    (rec["primary_name"], name) in owner._pair_damage:
+                continue    # its primary's unit is here and names the pair's damage
             out.append({"primary_name": rec["primary_name"] if rec is not None else None,
                         "secondary_name": name, "mode": rec["mode"] if rec is not None else None,
                         "primary_uuid": ref,

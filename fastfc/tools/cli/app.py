@@ -101,7 +101,28 @@ _CLI_WORDS = [
     (r"StorageUnit\.remove_session\('([^']*)', copy=True\)", r"rmgmir \1"),
     (r"StorageUnit\.remove_session\('([^']*)'\)", r"rmgmir --force \1"),
     (r"recover_session\('([^']+)'\)", r"recovergmir \1"),
+    (r"StorageUnit\.remove_flashcopy\('([^']*)', '([^']*)'\)", r"rmflash --force \1:\2"),
+    (r"StorageUnit\.remove_pair\('([^']*)', '([^']*)'\)", r"rmpprc --force \1:\2"),
+    (r"StorageUnit\.remove_volume\('([^']*)'\)", r"rmvol \1"),
 ]
+
+
+def warn_problems(units: Units, *kinds: str) -> None:
+    """Name on stderr what the open units recorded but could not load, and
+    the command that removes it: ``kinds`` among "volume", "FlashCopy",
+    "pair" (see :attr:`StorageUnit.volume_problems` and
+    :attr:`StorageUnit.relationship_problems`)."""
+    remedy = {"FlashCopy": "rmflash --force", "pair": "rmpprc --force"}
+    for u in units.all():
+        found = [("volume", name, why) for name, why in u.volume_problems.items()]
+        for what, why in u.relationship_problems.items():
+            kind, ident = what.split(" ", 1)
+            found.append((kind, ident, why))
+        for kind, ident, why in sorted(found):
+            if kind in kinds:
+                cmd = f"{remedy[kind]} {ident}" if kind in remedy else f"rmvol {ident}"
+                click.echo(f"warning: {kind} {ident} of unit {u.path} is not loaded: "
+                           f"{_plain(why)}; {cmd} removes its row", err=True)
 
 
 def _plain(message: str) -> str:

@@ -11,7 +11,7 @@ import click
 from fastfc.copyservices.flashcopy import CHUNK_BYTES, MAX_SEQUENCE, FlashCopy, establish_group
 from fastfc.errors import FastFCError
 
-from .app import main
+from .app import main, warn_problems
 from .output import Progress, console, each, eta, fc_id, human, json_out, plural, table
 from .params import FLASH, FLASHES, JSON, SIZE, Count
 from .units import pass_units
@@ -59,6 +59,7 @@ def mkflash(units, specs, nocp, record, persist, inhibit, copy_rate, seq, wait) 
 @pass_units
 def lsflash(units, specs, as_json) -> None:
     """List FlashCopy relationships (all of the unit's, or SOURCE:TARGET ones)."""
+    warn_problems(units, "FlashCopy")
     rels = [units.flashcopy(*s) for s in specs] if specs else units.local().flashcopies
     rels = sorted(rels, key=fc_id)
     if as_json:
@@ -166,8 +167,20 @@ def rmflash(units, specs, force) -> None:
     """Withdraw FlashCopy relationships.
 
     A relationship with tracks left to copy is refused unless --force: its
-    target would lose its point-in-time image (it turns invalid)."""
-    rels = [units.flashcopy(*s) for s in specs]
+    target would lose its point-in-time image (it turns invalid).
+
+    A relationship the unit could not restore (its source, target or a
+    bitmap file missing: lsflash names it) needs --force: its row goes,
+    and a target whose image was incomplete stays invalid."""
+    unit = units.local()
+    damaged = [s for s in specs if f"FlashCopy {s[0]}:{s[1]}" in unit.relationship_problems]
+    if damaged and not force:
+        s, t = damaged[0]
+        raise click.ClickException(
+            f"FlashCopy {s}:{t} is not restored "
+            f"({unit.relationship_problems[f'FlashCopy {s}:{t}']}); rmflash --force {s}:{t} "
+            "removes its row")
+    rels = [units.flashcopy(*s) for s in specs if s not in damaged]
     for fc in rels:       # refuse before withdrawing any
         if fc.session is not None:
             raise click.ClickException(f"FlashCopy {fc_id(fc)} belongs to Global Mirror "
@@ -181,6 +194,10 @@ def rmflash(units, specs, force) -> None:
                 f"FlashCopy {fc_id(fc)} still has {left} tracks to copy: withdrawing it "
                 f"loses {fc.target.name}'s point-in-time image ({fc.target.name} turns "
                 f"invalid); waitflash {fc_id(fc)} first, or rmflash --force")
+    for s, t in damaged:
+        invalid = unit.remove_flashcopy(s, t)
+        click.echo(f"removed FlashCopy {s}:{t}, which was not restored"
+                   + (f"; {t} is invalid (its image was incomplete)" if invalid else ""))
     for fc in rels:
         left = fc.tracks_to_copy
         fc.withdraw(force=force)

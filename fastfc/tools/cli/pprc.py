@@ -9,7 +9,7 @@ import click
 from fastfc.copyservices.pprc import SEND_CHUNK_BYTES, PPRCPair
 from fastfc.durable.siteloss import SITE_FAILOVER
 
-from .app import main
+from .app import main, warn_problems
 from .output import Progress, console, each, json_out, pair_id, plural, table
 from .params import JSON, PAIR, PAIRS
 from .units import pass_units
@@ -41,6 +41,7 @@ def mkpprc(units, specs, mode, nocp, wait) -> None:
 @pass_units
 def lspprc(units, specs, as_json) -> None:
     """List PPRC pairs of the open units (or the PRIMARY:SECONDARY ones)."""
+    warn_problems(units, "pair")
     if specs:
         pairs = [units.pair(*s) for s in specs]
     else:
@@ -228,7 +229,22 @@ def rmpprc(units, specs, force) -> None:
     needs --force too: B holds what A last sent (a Global Copy pair's
     latest writes may never have come) and takes host writes again. A
     secondary of a pair made before secondaries recorded their pair (lspprc
-    shows ?:B) is named with any primary name."""
+    shows ?:B) is named with any primary name.
+
+    A pair the unit could not restore (a volume or bitmap file missing:
+    lspprc names it) needs --force: its row goes, and its secondary, if
+    its unit is open, takes host writes again."""
+    local = units.local()
+    damaged = [tuple(s) for s in specs if f"pair {s[0]}:{s[1]}" in local.relationship_problems]
+    if damaged and not force:
+        a, b = damaged[0]
+        raise click.ClickException(
+            f"pair {a}:{b} is not restored ({local.relationship_problems[f'pair {a}:{b}']}); "
+            f"rmpprc --force {a}:{b} removes its row")
+    for a, b in damaged:
+        local.remove_pair(a, b)
+        click.echo(f"removed pair {a}:{b}, which was not restored")
+    specs = [s for s in specs if tuple(s) not in damaged]
     live, alone = _alone(units, specs)
     for b, r in alone.items():
         if not force:

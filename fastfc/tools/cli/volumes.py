@@ -15,7 +15,7 @@ from fastfc.copyservices.pprc import PPRCPair
 from fastfc.durable.lock import LOCK_FILE
 from fastfc.durable.sqlite import RESERVE_FILE
 
-from .app import main
+from .app import main, warn_problems
 from .output import console, human, json_out, plural, table
 from .params import JSON, MAX_BYTES, POSITIVE_SIZE, SIZE, TRACK_SIZE, VOLUME, Count
 from .units import Units, pass_units
@@ -130,6 +130,7 @@ def _remove_new_unit(entries: list[Path], dirs: list[Path]) -> None:
 def lsvol(units, as_json) -> None:
     """List the unit's volumes [lsfbvol]."""
     unit = units.local()
+    warn_problems(units, "volume", "FlashCopy", "pair")
     vols = sorted(unit.volumes(), key=lambda v: v.name)
     if as_json:
         json_out([{"name": v.name, "tracks": v.n_tracks, "track_size": v.track_size,
@@ -171,7 +172,8 @@ def rmvol(units, names, force) -> None:
 
     A volume that holds data (any byte not zero) is refused unless --force."""
     unit = units.local()
-    vols = [unit.volume(name) for name in names]
+    missing = [name for name in names if name in unit.volume_problems]
+    vols = [unit.volume(name) for name in names if name not in missing]
     for v in vols:
         if v.relationships or v.mirror is not None or v.is_secondary or _pending_pair(v):
             raise click.ClickException(
@@ -185,7 +187,8 @@ def rmvol(units, names, force) -> None:
                     f"of {v.capacity}): rmvol --force deletes it")
     for name in names:
         unit.remove_volume(name)
-        click.echo(f"removed volume {name}")
+        click.echo(f"removed volume {name}" + (" (its file was missing)" if name in missing
+                                               else ""))
 
 
 def _first_data(vol) -> int | None:
