@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from fastfc import (CorruptUnitError, FlashCopy, FlashCopyState, GlobalMirror,
-                    InvalidImageError, LimitError, PPRCPair, StateError, StorageUnit,
-                    Volume, VolumeClosedError, WriteInhibitedError, faults)
+                    InvalidImageError, LimitError, PPRCPair, ReadOnlyUnitError, StateError,
+                    StorageUnit, Volume, VolumeClosedError, WriteInhibitedError, faults)
 from fastfc.copyservices.globalmirror import RETRIES
 from helpers import image, rand
 
@@ -868,6 +868,13 @@ def test_missing_volume_file_opens_degraded_and_its_row_can_be_removed(tmp_path)
     path = tmp_path / "u"
     other = make_unit(path)
     (path / "volumes" / "t.vol").unlink()
+    with StorageUnit(path, readonly=True) as r:     # a look opens it too, changing nothing
+        assert list(r.volume_problems) == ["t"] and list(r.relationship_problems) == [
+            "FlashCopy a:t"]
+        with pytest.raises(ReadOnlyUnitError):
+            r.remove_flashcopy("a", "t")
+        with pytest.raises(ReadOnlyUnitError):
+            r.remove_volume("t")
     with StorageUnit(path) as u, StorageUnit(other) as o:
         assert "t" not in u and "t.vol" in u.volume_problems["t"]
         assert "missing" in u.volume_problems["t"]
