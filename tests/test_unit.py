@@ -564,6 +564,32 @@ def test_a_session_whose_flashcopy_is_gone_opens_degraded_and_can_be_removed(pat
             u2.volume(f"B{i}").write(0, b"free")    # no longer secondaries
 
 
+def test_a_session_flashcopy_with_a_missing_bitmap_is_removed_after_its_session(paths):
+    """A session's B->C whose bitmap file is gone: the session and the
+    FlashCopy are both named; the FlashCopy's row goes only once the session
+    is removed, and its C (which read tracks from B) stays invalid."""
+    p1, p2 = paths
+    u1, u2, gm = make_session(p1, p2, n=2)
+    assert gm.form_consistency_group().committed
+    u1.close()
+    u2.close()
+    db = sqlite3.connect(p2 / "unit.db")
+    (fid,), = db.execute("SELECT to_copy FROM flashcopies WHERE target='C1'").fetchall()
+    db.close()
+    (p2 / "bitmaps" / f"{fid}.bm").unlink()
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        assert "C1" in u2.session_problems["gm"]
+        assert "bitmap file" in u2.relationship_problems["FlashCopy B1:C1"]
+        assert not u2.volume("C1").valid and u2.volume("C0").valid
+        with pytest.raises(StateError, match=r"session 'gm'.*remove_session\('gm'\)"):
+            u2.remove_flashcopy("B1", "C1")
+        u2.remove_session("gm")
+        assert u2.remove_flashcopy("B1", "C1") is True
+    with StorageUnit(p1) as u1, StorageUnit(p2) as u2:
+        assert u2.recovered == [] and u2.relationship_problems == {}
+        assert not u2.volume("C1").valid
+
+
 def test_a_session_whose_pair_is_gone_opens_degraded_and_frees_its_b(paths):
     p1, p2 = paths
     u1, u2, gm = make_session(p1, p2, n=2)
