@@ -327,3 +327,43 @@ def test_kill_at_random_moments(tmp_path):
         last = seq + 1
         TALLY["random"][1] += unchecked
         unchecked = 0
+
+
+# -- a live failover killed between its two units' writes ------------------------------
+FAILOVER_CHILD = Path(__file__).with_name("failover_child.py")
+
+
+@pytest.mark.parametrize("durability", ["process", "power"])
+@pytest.mark.parametrize("victim", ["primary", "secondary"])
+def test_kill_between_the_two_units_writes_of_a_failover(tmp_path, victim, durability):
+    """``PPRCPair.failover()`` with both units open writes each unit's store:
+    A's pair row (failed over) and B's flags and record of the failover. A
+    kill at the first write to one unit (``victim``) leaves the other's half
+    recorded alone, or neither. Reopened, the two units agree: the pair is
+    failed over and B takes host writes (recorded for failback), or it is
+    not and B is still a secondary. A half failover recorded by A alone left
+    B a secondary under a failed-over pair: its host writes refused."""
+    import failover_child as fc
+    cmd = [sys.executable, str(FAILOVER_CHILD), "--root", str(tmp_path), "--victim", victim,
+           "--durability", durability]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
+    with StorageUnit(tmp_path / "primary", durability=durability) as u1, \
+            StorageUnit(tmp_path / "secondary", durability=durability) as u2:
+        a, b = u1.volume("A"), u2.volume("B")
+        pairs = u1.pairs
+        assert len(pairs) == 1 and not u2.pairs
+        pair = pairs[0]
+        assert (pair.primary, pair.secondary) == (a, b)
+        assert b.is_secondary is not pair.failed_over, (pair, b.is_secondary)
+        b_image = b.read(0, b.capacity)
+        if not pair.failed_over:
+            pair.failover()
+        b.write(5 * fc.TRACK, fc.data(50, fc.TRACK))      # a host write at B
+        b_image[5 * fc.TRACK:6 * fc.TRACK] = fc.data(50, fc.TRACK)
+        pair.failback()
+        # B's write, and A's tracks B never had, go from B to A
+        assert set(pair.oos.set_indices().tolist()) >= {5, *fc.OWED}
+        pair.drain()
+        assert np.array_equal(b.read(0, b.capacity), b_image)
+        assert np.array_equal(a.read(0, a.capacity), b_image)

@@ -249,6 +249,15 @@ class PPRCPair(_core.MirrorBase):
         primary._mirror = pair
         if not pair.failed_over:
             secondary._secondary = True
+        elif secondary._secondary and not secondary.store.readonly:
+            # a failover cut short between its two units' writes (:meth:`
+            # failover` records A's row first): the primary's row wins, B's
+            # half is made now (B took no host write as a secondary)
+            secondary._secondary = False
+            with secondary.store.transaction():
+                secondary.store.set_volume_flags(secondary.flags_record())
+                if failover_record is not None or secondary._mirror is None:
+                    pair._hook_reverse_writes(failover_record)
         elif failover_record is not None or secondary._mirror is None:
             pair._hook_reverse_writes(failover_record)
         pair.active = True
@@ -506,7 +515,12 @@ class PPRCPair(_core.MirrorBase):
     def failover(self) -> None:
         """At the secondary site: make the secondary a usable (suspended)
         primary. Writes to it are recorded so that :meth:`failback` resyncs
-        only the tracks changed on either side."""
+        only the tracks changed on either side.
+
+        Recorded by both units, the primary's pair row first, then the
+        secondary's flags and record of the failover (one transaction): a
+        crash between the two leaves the primary's half alone, which the
+        reopened units complete (:meth:`from_record`)."""
         with pair_locked(self.primary, self.secondary):
             self._require_active()
             self._require_writable(self.secondary)
