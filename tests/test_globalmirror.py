@@ -834,6 +834,27 @@ def test_failback_after_recover_sends_the_tracks_the_restore_changed_on_b():
         assert np.array_equal(image(a), image(b))
 
 
+def test_recover_again_keeps_the_host_writes_b_took_since():
+    """recover() run a second time (a retry, an operator running it again)
+    restored every B from its C again, throwing away the host writes B had
+    acknowledged since the first."""
+    s = Session()
+    gm = s.gm
+    assert s.cg().committed
+    for i in range(3):
+        s.write(i, 5, 40 + i)
+    for t in gm.triplets:
+        t.pair.drain()                                    # B past CG 1
+    assert gm.recover() == 1
+    for i, b in enumerate(s.B):
+        assert np.array_equal(image(b), s.snaps[1][i])
+        b.write(5 * TS, rand(TS, 90 + i))
+    assert gm.recover() == 1
+    for i, b in enumerate(s.B):
+        assert np.array_equal(b.read(5 * TS, TS), rand(TS, 90 + i))
+    check_promise(s)
+
+
 def test_recover_while_the_loop_runs():
     s = Session(n_triplets=3, n_tracks=8, keep=True)
     gm = s.gm
