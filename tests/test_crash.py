@@ -368,20 +368,32 @@ def test_kill_between_the_two_units_writes_of_a_failover(tmp_path, victim, durab
         assert np.array_equal(a.read(0, a.capacity), b_image)
 
 
+@pytest.mark.parametrize("alone", [False, True], ids=["both", "alone"])
 @pytest.mark.parametrize("durability", ["process", "power"])
 @pytest.mark.parametrize("index", [0, 1])
-def test_kill_before_a_restore_of_recover_then_recover_again(tmp_path, index, durability):
+def test_kill_before_a_restore_of_recover_then_recover_again(tmp_path, index, durability,
+                                                             alone):
     """``GlobalMirror.recover()`` killed before the fast reverse restore of
     triplet ``index``: reopened, a B not yet restored still refuses host
     writes (it holds no CG image), and recover() run again restores it
     while a B restored before keeps the host writes it took since (a second
-    recover() threw them away, restoring that B from its C again)."""
+    recover() threw them away, restoring that B from its C again). At the
+    secondary alone (``alone``), recover_session restores every B not yet
+    restored (it skipped a B failed over but not restored)."""
     import failover_child as fc
     cmd = [sys.executable, str(FAILOVER_CHILD), "--root", str(tmp_path), "--session",
            "--index", str(index), "--durability", durability]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
     cg = np.load(tmp_path / "cg.npy")
+    if alone:       # the primary site lost now: recovery at the secondary alone
+        with StorageUnit(tmp_path / "secondary", durability=durability) as u2:
+            B = [u2.volume(f"B{i}") for i in range(2)]
+            assert [b.is_secondary for b in B] == [i >= index for i in range(2)]
+            assert u2.recover_session("g") == 2
+            for b, want in zip(B, cg):
+                assert np.array_equal(b.read(0, b.capacity), want)
+        return
     with StorageUnit(tmp_path / "primary", durability=durability) as u1, \
             StorageUnit(tmp_path / "secondary", durability=durability) as u2:
         gm = u2.session("g")
