@@ -273,8 +273,7 @@ def check_ending(root: Path, then: str, info: dict) -> None:
         assert_images(root, seq, c_images(u2))
         if then == "recover":
             gm = u2.session(cc.SESSION)
-            if not all(t.pair.failed_over for t in gm.triplets):
-                assert gm.recover() == seq
+            assert gm.recover() == seq       # again: the B volumes restored before are kept
             assert_images(root, seq, [t.b.read(0, t.b.capacity) for t in gm.triplets])
         elif cc.SESSION in u2.sessions:
             u2.session(cc.SESSION).close()
@@ -327,3 +326,88 @@ def test_kill_at_random_moments(tmp_path):
         last = seq + 1
         TALLY["random"][1] += unchecked
         unchecked = 0
+
+
+# -- a live failover killed between its two units' writes ------------------------------
+FAILOVER_CHILD = Path(__file__).with_name("failover_child.py")
+
+
+@pytest.mark.parametrize("durability", ["process", "power"])
+@pytest.mark.parametrize("victim", ["primary", "secondary"])
+def test_kill_between_the_two_units_writes_of_a_failover(tmp_path, victim, durability):
+    """``PPRCPair.failover()`` with both units open writes each unit's store:
+    A's pair row (failed over) and B's flags and record of the failover. A
+    kill at the first write to one unit (``victim``) leaves the other's half
+    recorded alone, or neither. Reopened, the two units agree: the pair is
+    failed over and B takes host writes (recorded for failback), or it is
+    not and B is still a secondary. A half failover recorded by A alone left
+    B a secondary under a failed-over pair: its host writes refused."""
+    import failover_child as fc
+    cmd = [sys.executable, str(FAILOVER_CHILD), "--root", str(tmp_path), "--victim", victim,
+           "--durability", durability]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
+    with StorageUnit(tmp_path / "primary", durability=durability) as u1, \
+            StorageUnit(tmp_path / "secondary", durability=durability) as u2:
+        a, b = u1.volume("A"), u2.volume("B")
+        pairs = u1.pairs
+        assert len(pairs) == 1 and not u2.pairs
+        pair = pairs[0]
+        assert (pair.primary, pair.secondary) == (a, b)
+        assert b.is_secondary is not pair.failed_over, (pair, b.is_secondary)
+        b_image = b.read(0, b.capacity)
+        if not pair.failed_over:
+            pair.failover()
+        b.write(5 * fc.TRACK, fc.data(50, fc.TRACK))      # a host write at B
+        b_image[5 * fc.TRACK:6 * fc.TRACK] = fc.data(50, fc.TRACK)
+        pair.failback()
+        # B's write, and A's tracks B never had, go from B to A
+        assert set(pair.oos.set_indices().tolist()) >= {5, *fc.OWED}
+        pair.drain()
+        assert np.array_equal(b.read(0, b.capacity), b_image)
+        assert np.array_equal(a.read(0, a.capacity), b_image)
+
+
+@pytest.mark.parametrize("alone", [False, True], ids=["both", "alone"])
+@pytest.mark.parametrize("durability", ["process", "power"])
+@pytest.mark.parametrize("index", [0, 1])
+def test_kill_before_a_restore_of_recover_then_recover_again(tmp_path, index, durability,
+                                                             alone):
+    """``GlobalMirror.recover()`` killed before the fast reverse restore of
+    triplet ``index``: reopened, a B not yet restored still refuses host
+    writes (it holds no CG image), and recover() run again restores it
+    while a B restored before keeps the host writes it took since (a second
+    recover() threw them away, restoring that B from its C again). At the
+    secondary alone (``alone``), recover_session restores every B not yet
+    restored (it skipped a B failed over but not restored)."""
+    import failover_child as fc
+    cmd = [sys.executable, str(FAILOVER_CHILD), "--root", str(tmp_path), "--session",
+           "--index", str(index), "--durability", durability]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
+    cg = np.load(tmp_path / "cg.npy")
+    if alone:       # the primary site lost now: recovery at the secondary alone
+        with StorageUnit(tmp_path / "secondary", durability=durability) as u2:
+            B = [u2.volume(f"B{i}") for i in range(2)]
+            assert [b.is_secondary for b in B] == [i >= index for i in range(2)]
+            assert u2.recover_session("g") == 2
+            for b, want in zip(B, cg):
+                assert np.array_equal(b.read(0, b.capacity), want)
+        return
+    with StorageUnit(tmp_path / "primary", durability=durability) as u1, \
+            StorageUnit(tmp_path / "secondary", durability=durability) as u2:
+        gm = u2.session("g")
+        B = [t.b for t in gm.triplets]
+        assert [b.is_secondary for b in B] == [i >= index for i in range(2)]
+        for i in range(index):                    # restored: on the CG, writable
+            assert np.array_equal(B[i].read(0, B[i].capacity), cg[i])
+            B[i].write(5 * fc.TRACK, fc.data(60 + i, fc.TRACK))
+            cg[i][5 * fc.TRACK:6 * fc.TRACK] = fc.data(60 + i, fc.TRACK)
+        assert gm.recover() == 2
+        for b, want in zip(B, cg):
+            assert not b.is_secondary
+            assert np.array_equal(b.read(0, b.capacity), want)
+        for t in gm.triplets:                     # and failback makes A == B
+            t.pair.failback()
+            t.pair.drain()
+            assert np.array_equal(t.a.read(0, t.a.capacity), t.b.read(0, t.b.capacity))

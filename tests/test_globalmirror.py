@@ -803,6 +803,58 @@ def test_recover_puts_the_last_committed_cg_on_b():
     check_promise(s)
 
 
+def test_failback_after_recover_sends_the_tracks_the_restore_changed_on_b():
+    """recover() puts CG 2 back on B over tracks A had sent to B since (a
+    drained CG whose FlashCopy phase failed): failback must send B's
+    restored tracks, with B's host writes and A's unsent tracks, so that A
+    and B end identical (else A keeps its post-CG data on those tracks)."""
+    s = Session()
+    gm = s.gm
+    assert s.cg().committed
+    for i in range(3):
+        s.write(i, 1 + i, i)
+    assert s.cg().committed                               # CG 2
+    for i in range(3):
+        for t in (4, 8):
+            s.write(i, t, 30 + 3 * i + t)                 # drained to B, never in a CG
+    faults.inject("prepare", volume=s.B[1])
+    assert not s.cg().committed
+    assert all(np.array_equal(image(a), image(b)) for a, b in zip(s.A, s.B))
+    s.write(0, 12, 70)                                    # never sent to B
+    assert gm.recover() == 2
+    for i, b in enumerate(s.B):
+        b.write(6 * TS, rand(TS, 80 + i))
+    for i, t in enumerate(gm.triplets):
+        t.pair.failback()
+        assert set(t.pair.oos.set_indices().tolist()) == {4, 6, 8} | ({12} if i == 0 else set())
+        t.pair.drain()
+        assert t.pair.out_of_sync_tracks == 0
+    for a, b, want in zip(s.A, s.B, s.snaps[2]):
+        assert np.array_equal(image(b)[:6 * TS], want[:6 * TS])
+        assert np.array_equal(image(a), image(b))
+
+
+def test_recover_again_keeps_the_host_writes_b_took_since():
+    """recover() run a second time (a retry, an operator running it again)
+    restored every B from its C again, throwing away the host writes B had
+    acknowledged since the first."""
+    s = Session()
+    gm = s.gm
+    assert s.cg().committed
+    for i in range(3):
+        s.write(i, 5, 40 + i)
+    for t in gm.triplets:
+        t.pair.drain()                                    # B past CG 1
+    assert gm.recover() == 1
+    for i, b in enumerate(s.B):
+        assert np.array_equal(image(b), s.snaps[1][i])
+        b.write(5 * TS, rand(TS, 90 + i))
+    assert gm.recover() == 1
+    for i, b in enumerate(s.B):
+        assert np.array_equal(b.read(5 * TS, TS), rand(TS, 90 + i))
+    check_promise(s)
+
+
 def test_recover_while_the_loop_runs():
     s = Session(n_triplets=3, n_tracks=8, keep=True)
     gm = s.gm

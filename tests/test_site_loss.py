@@ -761,3 +761,69 @@ def test_remove_session_at_the_secondary_alone_keeps_b_a_recorded_secondary(tmp_
             u2.remove_session("g")
         u2.failover_pair("B")
         u2.volume("B").write(0, b"site 2")
+
+
+@pytest.mark.parametrize("between", ["nothing", "reopen", "secondary alone"])
+def test_failback_after_a_live_recover_sends_the_tracks_the_restore_changed_on_b(
+        tmp_path, between):
+    """A live ``GlobalMirror.recover()`` (both units open) restores CG 2 onto
+    B over tracks A had sent to B since (a drained CG whose FlashCopy phase
+    failed). Failback, at once, after both units were reopened, or after
+    B's unit took host writes alone, sends those tracks with B's writes and
+    A's unsent ones: A and B end identical, byte for byte."""
+    from fastfc import faults
+    p, s = tmp_path / "site1", tmp_path / "site2"
+    rng = np.random.default_rng(7)
+
+    def data(n):
+        return rng.integers(0, 256, n, dtype=np.uint8)
+
+    with StorageUnit(p, durability="power") as u1, StorageUnit(s, durability="power") as u2:
+        A = [u1.create_volume(f"A{i}", N, TS) for i in range(2)]
+        B = [u2.create_volume(f"B{i}", N, TS) for i in range(2)]
+        C = [u2.create_volume(f"C{i}", N, TS) for i in range(2)]
+        for a in A:
+            a.write(0, data(a.capacity))
+        gm = GlobalMirror(list(zip(A, B, C)), name="g")
+        assert gm.form_consistency_group().committed
+        for a in A:
+            a.write(3 * TS, data(TS))
+        assert gm.form_consistency_group().committed             # CG 2
+        cg2 = [a.read(0, a.capacity) for a in A]
+        for a in A:
+            for t in (5, 9):
+                a.write(t * TS, data(TS))                        # drained to B, in no CG
+        faults.inject("prepare", volume=B[1])
+        try:
+            assert not gm.form_consistency_group().committed
+        finally:
+            faults.clear()
+        A[0].write(20 * TS, data(TS))                            # never sent to B
+        assert gm.recover() == 2
+        assert all(np.array_equal(b.read(0, b.capacity), want) for b, want in zip(B, cg2))
+        if between == "nothing":
+            for b in B:
+                b.write(7 * TS, data(TS))
+            for t in gm.triplets:
+                t.pair.failback()
+                t.pair.drain()
+            for a, b in zip(A, B):
+                assert np.array_equal(a.read(0, a.capacity), b.read(0, b.capacity))
+            return
+    if between == "secondary alone":
+        with StorageUnit(s, durability="power") as u2:
+            for i in range(2):
+                u2.volume(f"B{i}").write(7 * TS, data(TS))
+    with StorageUnit(p, durability="power") as u1, StorageUnit(s, durability="power") as u2:
+        if between == "reopen":
+            for i in range(2):
+                u2.volume(f"B{i}").write(7 * TS, data(TS))
+        pairs = sorted(u1.pairs, key=lambda pr: pr.name)
+        assert [pr.failed_over for pr in pairs] == [True, True]
+        for i, pair in enumerate(pairs):
+            pair.failback()
+            assert set(pair.oos.set_indices().tolist()) == {5, 7, 9} | ({20} if i == 0 else set())
+            pair.drain()
+        for i in range(2):
+            a, b = u1.volume(f"A{i}"), u2.volume(f"B{i}")
+            assert np.array_equal(a.read(0, a.capacity), b.read(0, b.capacity))

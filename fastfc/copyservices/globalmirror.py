@@ -1082,7 +1082,11 @@ class GlobalMirror:
     def recover(self) -> int:
         """At the remote site: fail each pair over and fast-reverse-restore
         each C onto its B, so the B volumes hold the newest committed CG,
-        ready to become primaries. Returns that CG's sequence number."""
+        ready to become primaries. Returns that CG's sequence number.
+
+        Safe to run again (a retry, after a crash part way): a B restored
+        before, which may hold host writes since, is left alone; a B whose
+        pair failed over but whose restore did not finish is restored."""
         self._require_writable()
         self.stop()
         with self._lock:
@@ -1092,8 +1096,12 @@ class GlobalMirror:
                 raise StateError(f"C volumes are not on one CG (sequences {sorted(seqs)}); "
                                  "resolve the session first")
             for t in self.triplets:
-                t.pair.failover()
+                if t.pair.failed_over and not t.b._secondary:
+                    continue        # restored before: B may hold host writes since
+                # B takes host writes only once restored (its flag last)
+                t.pair._failover_to_restore()
                 t.fc._reverse_restore()
+                t.pair._release_secondary()
             return seqs.pop()
 
     def _teardown(self) -> None:

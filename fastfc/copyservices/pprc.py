@@ -249,6 +249,18 @@ class PPRCPair(_core.MirrorBase):
         primary._mirror = pair
         if not pair.failed_over:
             secondary._secondary = True
+        elif secondary._secondary and failover_record is None and \
+                not secondary.store.readonly:
+            # a failover cut short between its two units' writes (:meth:`
+            # failover` records A's row first): the primary's row wins, B's
+            # half is made now (B took no host write as a secondary). (B
+            # flagged a secondary beside its record of the failover waits
+            # for its restore: :meth:`_failover_to_restore`.)
+            secondary._secondary = False
+            with secondary.store.transaction():
+                secondary.store.set_volume_flags(secondary.flags_record())
+                if failover_record is not None or secondary._mirror is None:
+                    pair._hook_reverse_writes(failover_record)
         elif failover_record is not None or secondary._mirror is None:
             pair._hook_reverse_writes(failover_record)
         pair.active = True
@@ -506,7 +518,12 @@ class PPRCPair(_core.MirrorBase):
     def failover(self) -> None:
         """At the secondary site: make the secondary a usable (suspended)
         primary. Writes to it are recorded so that :meth:`failback` resyncs
-        only the tracks changed on either side."""
+        only the tracks changed on either side.
+
+        Recorded by both units, the primary's pair row first, then the
+        secondary's flags and record of the failover (one transaction): a
+        crash between the two leaves the primary's half alone, which the
+        reopened units complete (:meth:`from_record`)."""
         with pair_locked(self.primary, self.secondary):
             self._require_active()
             self._require_writable(self.secondary)
@@ -522,6 +539,40 @@ class PPRCPair(_core.MirrorBase):
                 self.secondary.store.set_volume_flags(self.secondary.flags_record())
                 if self.secondary._mirror is None:
                     self._hook_reverse_writes()
+
+    def _failover_to_restore(self) -> None:
+        """:meth:`failover` for a session's recovery, which restores B from
+        its C before B takes host writes: B's record of the failover first
+        (B still flagged a secondary), then the primary's pair row. B's
+        flag is cleared by :meth:`_release_secondary` once B is restored,
+        so that a B still flagged a secondary under a failed-over pair is
+        one whose restore has yet to run (or to run again, after a crash).
+        Nothing changes when the pair is failed over and B hooked already."""
+        A, B = self.primary, self.secondary
+        with pair_locked(A, B):
+            self._require_active()
+            self._require_writable(B)
+            hooked = B._mirror is not None and B._mirror is self._reverse_hook
+            if self.failed_over and hooked:
+                return
+            if B._mirror is None:
+                self._hook_reverse_writes()
+            before = (self.failed_over, self.suspend_reason)
+            self.failed_over = True
+            try:
+                self._suspended("failover")
+            except BaseException:
+                self.failed_over, self.suspend_reason = before
+                raise
+
+    def _release_secondary(self) -> None:
+        """After :meth:`_failover_to_restore` and B's restore: B takes host
+        writes. (At durability "power" the restore synced B's restored data
+        and its record of the failover, before this flag.)"""
+        B = self.secondary
+        with locked((B,)):
+            B._secondary = False
+            B.store.set_volume_flags(B.flags_record())
 
     def _hook_reverse_writes(self, record: dict[str, Any] | None = None) -> None:
         """Record host writes to the failed-over secondary in the bitmap of
