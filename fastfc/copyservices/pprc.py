@@ -334,6 +334,11 @@ class PPRCPair(_core.MirrorBase):
         for t in range(t0, t1):
             if cg.test(t):
                 self.side[t] = arr[t * ts:(t + 1) * ts].copy()
+                # the write about to land sets this bit too, but only after
+                # this returns: a process killed in between (the side file is
+                # memory) must still find the track owed, so the bit is set
+                # before the CG's bit is cleared
+                self.oos.set(t)
                 cg.clear(t)
 
     # -- sending ---------------------------------------------------------------
