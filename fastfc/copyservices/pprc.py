@@ -532,18 +532,24 @@ class PPRCPair(_core.MirrorBase):
         with pair_locked(self.primary, self.secondary):
             self._require_active()
             self._require_writable(self.secondary)
-            before = (self.failed_over, self.suspend_reason)
-            self.failed_over = True
-            try:
-                self._suspended("failover")
-            except BaseException:
-                self.failed_over, self.suspend_reason = before
-                raise
+            self._mark_failed_over()
             self.secondary._secondary = False
             with self.secondary.store.transaction():
                 self.secondary.store.set_volume_flags(self.secondary.flags_record())
                 if self.secondary._mirror is None:
                     self._hook_reverse_writes()
+
+    def _mark_failed_over(self) -> None:
+        """The pair's half of a failover: failed over and suspended (its row
+        recorded), or, if recording it fails, as it was. Callers hold both
+        volumes' locks."""
+        before = (self.failed_over, self.suspend_reason)
+        self.failed_over = True
+        try:
+            self._suspended("failover")
+        except BaseException:
+            self.failed_over, self.suspend_reason = before
+            raise
 
     def _failover_to_restore(self) -> None:
         """:meth:`failover` for a session's recovery, which restores B from
@@ -562,13 +568,7 @@ class PPRCPair(_core.MirrorBase):
                 return
             if B._mirror is None:
                 self._hook_reverse_writes()
-            before = (self.failed_over, self.suspend_reason)
-            self.failed_over = True
-            try:
-                self._suspended("failover")
-            except BaseException:
-                self.failed_over, self.suspend_reason = before
-                raise
+            self._mark_failed_over()
 
     def _release_secondary(self) -> None:
         """After :meth:`_failover_to_restore` and B's restore: B takes host
