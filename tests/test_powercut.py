@@ -307,12 +307,18 @@ def _check_open(u2: StorageUnit, cut: Cut, snaps: dict) -> list[str]:
 
 
 def check_run(run: Run) -> tuple[list[tuple[Cut, list[str]]], collections.Counter]:
-    """Check every cut; returns the violating cuts and a tally of violations
-    by (instant, invariant)."""
+    """Check every cut of a CG run (:func:`check_cut`)."""
+    return _check_cuts(run.cuts, run.snaps, check_cut)
+
+
+def _check_cuts(cuts, snaps, check) -> tuple[list[tuple[Cut, list[str]]], collections.Counter]:
+    """Check every cut with ``check`` (each cut copy removed once checked);
+    returns the violating cuts and a tally of violations by (instant,
+    invariant)."""
     bad = []
     tally: collections.Counter = collections.Counter()
-    for cut in run.cuts:
-        v = check_cut(cut, run.snaps)
+    for cut in cuts:
+        v = check(cut, snaps)
         if v:
             bad.append((cut, v))
             for x in v:
@@ -668,16 +674,8 @@ def _check_c_only(cut: Cut, snaps: dict) -> list[str]:
 
 
 def check_paths(run: Paths):
-    bad = []
-    tally: collections.Counter = collections.Counter()
-    for cut in run.cuts:
-        v = check_paths_cut(cut, run.snaps)
-        if v:
-            bad.append((cut, v))
-            for x in v:
-                tally[(cut.point, x.split(":")[0])] += 1
-        shutil.rmtree(cut.dest)
-    return bad, tally
+    """Check every cut of a run over every path (:func:`check_paths_cut`)."""
+    return _check_cuts(run.cuts, run.snaps, check_paths_cut)
 
 
 PATH_VARIANTS = [("random", "synced"), ("random", "synced"), ("all", "current")]
