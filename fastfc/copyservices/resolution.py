@@ -1,0 +1,58 @@
+"""The seed's resolution rule: how an interrupted consistency group ends.
+
+A CG whose FlashCopy phase did not finish (a commit or revert failed on
+some volume, a process died between the decision and the last commit, a
+unit was unreachable) leaves some B->C relationships revertible with the
+new CG's sequence number, and others committed (carrying it, no longer
+revertible) or reverted (carrying the previous one). Every C must end on
+one CG. The rule, as IBM documents it for Global Mirror:
+
+- nothing revertible: nothing to do;
+- else, for the newest pending sequence ``n``: if any relationship carries
+  ``n`` without being revertible, or a unit reports it carried out a commit
+  of ``n``, some C already holds the new CG: **commit** the rest;
+- else, if a unit reports it reverted ``n``: **revert** the rest;
+- else follow the recorded decision for ``n`` ("commit" commits), and
+  without one **revert** (no C holds the new CG yet, so reverting keeps
+  every C on the prior CG).
+
+One definition, used by the live session (``GlobalMirror``), by a unit
+reopened after a crash, by cross-unit reconciliation and by the unit
+server of a remote secondary.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+NOTHING, COMMIT, REVERT = "nothing", "commit", "revert"
+
+
+def resolve(relationships: Iterable[tuple[bool, int]], *,
+            settled: Iterable[Mapping[int, str]] = (),
+            decision: str | None = None) -> tuple[str, int | None]:
+    """Decide how an interrupted CG ends.
+
+    ``relationships``: ``(revertible, sequence)`` of every B->C relationship
+    of the session (over all units that answer). ``settled``: per unit, the
+    outcome it already carried out by sequence (``{sequence: "commit" |
+    "revert"}``). ``decision``: the session's recorded decision for the
+    pending sequence, if any ("commit" or "revert").
+
+    Returns ``(action, sequence)``: ``("nothing", None)`` when no
+    relationship is revertible, else ``("commit" | "revert", n)`` for the
+    newest pending sequence ``n``.
+    """
+    rels = [(bool(rev), int(seq)) for rev, seq in relationships]
+    pending = [seq for rev, seq in rels if rev]
+    if not pending:
+        return NOTHING, None
+    n = max(pending)
+    outcomes = [s.get(n) for s in settled]
+    if any(not rev and seq == n for rev, seq in rels) or COMMIT in outcomes:
+        return COMMIT, n
+    if REVERT in outcomes:
+        return REVERT, n
+    if decision not in (None, COMMIT, REVERT):
+        raise ValueError(f"decision must be 'commit', 'revert' or None, got {decision!r}")
+    return (COMMIT if decision == COMMIT else REVERT), n
