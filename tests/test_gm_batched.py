@@ -1,6 +1,6 @@
 """The batched steps of a consistency group against the per-relationship path.
 
-A secondary group (:class:`~fastfc.copyservices.globalmirror.SecondaryGroup`)
+A secondary group (:class:`~fastfc.copyservices.groups.SecondaryGroup`)
 whose store records nothing drains its pairs in one kernel call
 (``_core.pprc_drain_many``), prepares, commits and reverts its relationships
 in one call each (``prepare_revertible_many``, ``end_revertible_many``) and
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from fastfc import GlobalMirror, Volume, _core, faults
-from fastfc.copyservices.globalmirror import SecondaryGroup
+from fastfc.copyservices.groups import SecondaryGroup
 
 TS = 512
 

@@ -227,7 +227,7 @@ class SitePair(MirrorBase):
 
 class SiteGroup:
     """The triplets whose B and C one secondary site holds: the session's
-    seam (:class:`~fastfc.copyservices.globalmirror.SecondaryGroup`) for a
+    seam (:class:`~fastfc.copyservices.groups.SecondaryGroup`) for a
     unit reached by calls. The session drives the CG phases of all groups at
     once (one call per unit in flight on every unit); between CGs the loop
     asks each group for Global Copy and its backlog."""
