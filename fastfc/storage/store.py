@@ -122,6 +122,13 @@ class Store:
         returns the id of its row (None in memory)."""
         return None
 
+    def save_flashes(self, records: list[dict]) -> list[int | None]:
+        """Record a batch of FlashCopy relationships (``FlashCopy.to_record()``
+        each), the steps of one consistency group on this store, as one
+        change: returns the id of each row, in order. (Memory keeps nothing:
+        its callers build no records.)"""
+        return [self.save_flash(r) for r in records]
+
     def drop_flash(self, record_id: int | None, target_flags: dict) -> None:
         """Forget relationship ``record_id`` and record its target's flags
         (``Volume.flags_record()``) in the same commit."""
