@@ -125,27 +125,45 @@ class PowerCutRecorder:
         self.observations = 0
         self._observed: dict[Path, bytes] = {}   # file -> its content when last observed
         self._undo: list = []
+        self._resolved: dict[str, Path] = {}
+        self._units: dict[str, Path | None] = {}
+        self._named: dict[tuple, set[str]] = {}   # database files -> _named_files of them
         self.active = False
 
     # -- which files -----------------------------------------------------------
+    def _resolve(self, path) -> Path:
+        """``Path(path).resolve()``, remembered (the units' files do not move
+        while they are recorded; resolving walks every component each time)."""
+        key = os.fspath(path)
+        real = self._resolved.get(key)
+        if real is None:
+            real = self._resolved[key] = Path(path).resolve()
+        return real
+
     def _unit_of(self, path: Path) -> Path | None:
-        path = Path(path).resolve()
-        for d in self.dirs:
-            if path == d or d in path.parents:
-                return d
-        return None
+        key = os.fspath(path)
+        if key not in self._units:
+            real = self._resolve(path)
+            self._units[key] = next((d for d in self.dirs
+                                     if real == d or d in real.parents), None)
+        return self._units[key]
 
     def files(self, d: Path) -> list[Path]:
         """The files of unit directory ``d`` the model covers (on disk now)."""
-        out = [d / n for n in DB_FILES if (d / n).exists()]
-        out += sorted((d / "volumes").glob("*.vol")) + sorted((d / "bitmaps").glob("*.bm"))
+        out = [d / n for n in DB_FILES if os.path.exists(os.path.join(d, n))]
+        for sub, ext in (("volumes", ".vol"), ("bitmaps", ".bm")):
+            try:
+                names = sorted(e.name for e in os.scandir(d / sub) if e.name.endswith(ext))
+            except FileNotFoundError:
+                continue
+            out += [d / sub / n for n in names]
         return out
 
     # -- recording ---------------------------------------------------------------
     def refresh(self, path, kind: str, offset: int = 0, size: int = 0) -> None:
         """``path`` was synced (a range of it when ``size``): what it holds
         now is on the disk."""
-        path = Path(path).resolve()
+        path = self._resolve(path)
         if self._unit_of(path) is None:
             return
         self.syncs[kind] += 1
@@ -192,7 +210,7 @@ class PowerCutRecorder:
                         vs.append(page)
 
     def refresh_db(self, store: SQLiteStore, kind: str) -> None:
-        d = Path(store.dir).resolve()
+        d = self._resolve(store.dir)
         if d not in self.dirs:
             return
         self.syncs[kind] += 1
@@ -209,15 +227,15 @@ class PowerCutRecorder:
         """A directory was fsynced: the names in it now are durable."""
         for p in d.iterdir():
             if p.is_file() and p.name not in IGNORED:
-                self.durable_names.add(p.resolve())
+                self.durable_names.add(self._resolve(p))
 
     def start(self) -> "PowerCutRecorder":
         """Snapshot every file (call right after ``flush()`` of every unit)
         and watch the sync points."""
         for d in self.dirs:
             for p in self.files(d):
-                self.synced[p.resolve()] = _read(p)
-                self.durable_names.add(p.resolve())
+                self.synced[self._resolve(p)] = _read(p)
+                self.durable_names.add(self._resolve(p))
         rec = self
 
         def patch(owner, name, new):
@@ -324,7 +342,7 @@ class PowerCutRecorder:
         out = {}
         for d in self.dirs:
             for p in self.files(d):
-                p = p.resolve()
+                p = self._resolve(p)
                 if p.name in DB_FILES:
                     continue
                 cur = _read(p) or b""
@@ -355,12 +373,17 @@ class PowerCutRecorder:
             out = dest / d.relative_to(self.parent)
             (out / "volumes").mkdir(parents=True)
             (out / "bitmaps").mkdir()
+            db_files = []
             for n in DB_FILES:
                 content = self.synced.get(d / n) if db == "synced" else _read(d / n)
+                db_files.append(content)
                 if content is not None:
                     (out / n).write_bytes(content)
-            named = _named_files(out)
-            current = {p.resolve() for p in self.files(d)}
+            # the variants of one instant mostly share the database: read its names once
+            named = self._named.get(tuple(db_files))
+            if named is None:
+                named = self._named[tuple(db_files)] = _named_files(out)
+            current = {self._resolve(p) for p in self.files(d)}
             known = {p for p in self.synced if self._unit_of(p) == d}
             for p in sorted((current | known) - {d / n for n in DB_FILES}):
                 rel = p.relative_to(d)
