@@ -15,9 +15,10 @@ profile leaving them out is an error, so CI cannot pass without them.
 from __future__ import annotations
 
 import os
+import unittest
 
 import pytest
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, is_hypothesis_test, settings
 
 from fastfc import faults
 
@@ -27,8 +28,8 @@ PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrin
 
 settings.register_profile(
     "dev",
-    max_examples=40,
-    stateful_step_count=40,
+    max_examples=25,
+    stateful_step_count=25,
     deadline=None,
     phases=PHASES,
 )
@@ -63,8 +64,23 @@ def pytest_configure(config):
 _left_out: list = []
 
 
+def _long(item) -> bool:
+    """A test that takes seconds: marked slow, or a Hypothesis test (under
+    the ``ci`` profile, hundreds of examples)."""
+    if item.get_closest_marker("slow"):
+        return True
+    cls = getattr(item, "cls", None)
+    return is_hypothesis_test(getattr(item, "obj", None)) or (
+        cls is not None and issubclass(cls, unittest.TestCase)
+        and hasattr(cls, "settings") and hasattr(cls, "runTest"))   # a state machine
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--run-slow"):
+        # the long tests first: the xdist workers (``--dist worksteal``) then
+        # share the short ones at the end, instead of one worker finishing a
+        # long test alone while the other has nothing left
+        items.sort(key=lambda item: not _long(item))
         return
     slow = [item for item in items if item.get_closest_marker("slow")]
     if slow:
