@@ -5,7 +5,8 @@ variable: ``dev`` (quick, the default) or ``ci`` (thorough; ``.ci/run`` sets
 it). Neither has a deadline: the machine is shared and noisy, and a slow
 example is not a wrong one.
 
-Tests marked ``slow`` (the crash, promise and stub tests: seconds each) are
+Tests marked ``slow`` (crash, promise, power-cut, serve, full-filesystem,
+stub and mypy tests: seconds each) are
 left out of a plain ``pytest -q``, the quick loop, and run with
 ``--run-slow``, as the README's test command and ``.ci/run`` do. They are
 deselected, not skipped, and the summary says how many; under the ``ci``
@@ -92,7 +93,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_terminal_summary(terminalreporter):
     if _left_out:
         terminalreporter.write_line(
-            f"{len(_left_out)} slow tests not run (crash, promise, stub, mypy): "
+            f"{len(_left_out)} slow tests not run (crash, promise, power cut, serve, mypy...): "
             "pass --run-slow to run them, as CI does")
 
 

@@ -312,6 +312,7 @@ fastfc.tools.cli.main()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc")
 def test_under_a_memory_limit_big_io_streams_and_the_rest_is_one_line(tmp_path):
     unit = tmp_path / "u"

@@ -34,6 +34,8 @@ import fastfc
 from fastfc import NoSpaceError, StorageUnit
 
 ROOT = Path(__file__).resolve().parent.parent
+# each test makes, loop-mounts and fills a filesystem of its own: seconds each
+pytestmark = pytest.mark.slow
 TRACK = 65536
 # mkfs.xfs refuses a filesystem under 300 MiB
 SIZES = {"ext4": 64 << 20, "xfs": 320 << 20}
@@ -261,7 +263,6 @@ def test_close_on_a_full_filesystem_is_a_clean_error_and_loses_nothing(disk_fs):
 
 
 
-@pytest.mark.slow
 def test_serve_thin_writes_until_the_filesystem_is_full(disk_fs):
     """``fastfc serve`` with a thin volume written track by track through
     NBD (qemu-io) until the filesystem is full: the server answers ENOSPC

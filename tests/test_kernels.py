@@ -184,6 +184,7 @@ def test_wide_instructions_only_in_their_variants() -> None:
     assert not stray
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["avx", "sse", "AVX-512"])
 def test_a_bad_kernels_value_is_ignored_with_a_warning_naming_it(value):
     """``import fastfc`` does not fail on a bad FASTFC_KERNELS: the best

@@ -378,6 +378,10 @@ def test_power_fsyncs_every_commit(tmp_path):
 
 
 # -- the promise under power cuts ---------------------------------------------------
+# The first two are seconds each and the slow ones below cover more of the
+# same (more instants, more variants, other seeds): all run in CI; the quick
+# loop keeps the cheaper checks on every path, with their teeth.
+@pytest.mark.slow
 def test_process_durability_is_caught(work):
     """The harness has teeth: at durability "process" nothing is synced
     between flushes, and some cut must break the promise."""
@@ -402,6 +406,7 @@ def _power(tmp_path, plan, variants, seed=0):
     assert not bad, _describe(bad, tally, len(run.cuts))
 
 
+@pytest.mark.slow
 def test_power_durability_survives_cuts(work):
     _power(work, POWER_PLAN, VARIANTS)
 
@@ -697,6 +702,7 @@ PATH_INSTANTS = ("global copy/cow", "global copy/barrier", "global copy/between 
                  "recover/barrier", "recover/after recover", "failback/between sends")
 
 
+@pytest.mark.slow
 def test_power_survives_cuts_on_every_path(work):
     """At "power" a cut anywhere on the paths that change B or C (Global
     Copy between CGs with host writes between sends, the CG after it, the
@@ -710,6 +716,7 @@ def test_power_survives_cuts_on_every_path(work):
     assert not missing, f"instants never reached: {missing}; reached: {dict(run.fired)}"
 
 
+@pytest.mark.slow
 def test_power_survives_cuts_while_a_session_ends(work):
     """At "power" a cut while a session ends (each C takes, by FlashCopy's
     background-copy path, the tracks it still reads from B, then the

@@ -21,6 +21,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fastfc import StorageUnit
 
@@ -48,6 +49,7 @@ def cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fastfc", *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=300)
 
+@pytest.mark.slow
 
 def test_read_only_open_of_volumes_larger_than_memory(tmp_path):
     site1, site2 = tmp_path / "site1", tmp_path / "site2"

@@ -226,6 +226,7 @@ def test_fio_nbd_engine_with_verify(tmp_path):
             assert "verify" not in r.stderr.lower(), r.stderr
 
 
+@pytest.mark.slow
 # -- the I/O semantics -----------------------------------------------------------------
 def test_write_inhibited_volume_fails_with_eperm(tmp_path):
     need("qemu-io")
@@ -243,6 +244,7 @@ def test_write_inhibited_volume_fails_with_eperm(tmp_path):
         qemu_io(sock, "S", "read -P 0 0 1M")
     assert np.array_equal(volume_bytes(unit, "S"), before)     # nothing landed
 
+@pytest.mark.slow
 
 def test_invalid_image_read_fails_with_eio(tmp_path):
     need("qemu-io")
@@ -257,6 +259,7 @@ def test_invalid_image_read_fails_with_eio(tmp_path):
         qemu_io(sock, "T", "write -P 0x66 0 1M")         # a whole write makes it valid
         qemu_io(sock, "T", "read -P 0x66 0 1M")
 
+@pytest.mark.slow
 
 def test_secondaries_and_c_volumes_are_read_only(tmp_path):
     need("qemu-io", "nbdinfo")
@@ -412,6 +415,7 @@ def test_sigkill_keeps_completed_writes_and_one_cg(tmp_path):
     assert np.all(volume_bytes(b, "C0")[:65536] == 0x32)
     assert np.all(volume_bytes(b, "C1")[4096:8192] == 0x33)
 
+@pytest.mark.slow
 
 def test_serve_refuses_bad_options(tmp_path):
     unit = tmp_path / "u"
@@ -464,6 +468,7 @@ def volume_bytes_live(unit: Path, proc) -> np.ndarray:
     return np.fromfile(unit / "volumes" / "V.vol", np.uint8, count=256 * 1024)
 
 
+@pytest.mark.slow
 # -- the command line driving the live server (through its control socket) ------------
 def test_cli_drives_flashcopy_between_client_writes(tmp_path):
     need("qemu-io")
@@ -497,6 +502,7 @@ def _fio_writes_coordinated(snaps) -> bool:
         return all(images[k][MIB:].any() for k in range(len(images)))
     return False
 
+@pytest.mark.slow
 
 def test_sigkill_while_fio_writes_and_cgs_form(tmp_path):
     """The kill-anywhere guarantee through the server: SIGKILL while fio
@@ -547,6 +553,7 @@ def test_sigkill_while_fio_writes_and_cgs_form(tmp_path):
     assert np.all(volume_bytes(a, "A0")[:65536] == 0x51)
     assert np.all(volume_bytes(a, "A1")[4096:8192] == 0x52)
 
+@pytest.mark.slow
 
 def test_plain_tcp_needs_an_explicit_flag_even_on_loopback(tmp_path):
     """Loopback is no trust boundary on a shared host: plain TCP lets every

@@ -56,6 +56,7 @@ def changed_tracks(x: np.ndarray, y: np.ndarray) -> set[int]:
 def lspprc(fastfc, unit) -> dict[str, dict]:
     return {p["id"]: p for p in json.loads(fastfc("lspprc", "--json", unit=unit).stdout)}
 
+@pytest.mark.slow
 
 def test_site_loss_procedure_from_the_cli_at_the_secondary_alone(fastfc, tmp_path):
     site1, site2, vault = tmp_path / "site1", tmp_path / "site2", tmp_path / "vault"
