@@ -139,7 +139,7 @@ def is_private(name: str) -> bool:
 
 def core_sources():
     """The core's Cython files (one ``.pyx``, its ``.pxi`` and ``.pxd`` parts)."""
-    return sorted(p for ext in ("pyx", "pxi", "pxd") for p in PACKAGE.glob(f"*.{ext}"))
+    return sorted(p for ext in ("pyx", "pxi", "pxd") for p in PACKAGE.rglob(f"*.{ext}"))
 
 
 def core_privates() -> dict[str, set[str]]:
