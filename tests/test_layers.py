@@ -117,14 +117,15 @@ def test_no_module_reaches_a_floor_above_its_own(module, path):
 #
 # Which class an ``x`` is, the check cannot always tell; it takes ``x._name``
 # as the module's own when
-#   - the method that reaches belongs to a class that defines ``_name``
-#     itself (another instance of the same class), or
 #   - ``x`` is a parameter annotated with a class of the module's floor
 #     that defines ``_name``, or
+#   - the method that reaches belongs to a class that defines ``_name``
+#     itself (another instance of the same class), or
 #   - a class of the same module defines ``_name`` (a module's classes share
-#     their privates) -- except the core's protocol names on floors 4 and up,
-#     where a reach for a volume's ``_lock`` must not hide behind a lock of
-#     the module's own.
+#     their privates);
+# the last two not for the core's protocol names on floors 4 and up, where a
+# reach for a volume's ``_lock`` must not hide behind a lock of the module's
+# own.
 # Otherwise the reach counts against every other floor that defines the name.
 # Private module-level names (``from fastfc.x import _y``, ``x._y``) of
 # another floor are reaches too.
@@ -279,14 +280,16 @@ def private_reaches(info: ModuleInfo, infos, defs) -> list[tuple[int, str, str]]
             others = {f: c for f, c in defs.get(name, {}).items() if f != own}
             if own in CORE_PROTOCOL_FLOORS and name in core_names:
                 others = {}      # the core's protocol, for the floors that subclass its bases
-            if others and cls is not None and name in info.classes.get(cls, ()):
-                others = {}      # another instance of the reaching class
+            # (on floors 4 and up a name of the core's protocol is taken as
+            # the core's, even where a class of the module has one of its own)
+            protocol = own not in CORE_PROTOCOL_FLOORS and name in core_names
             if others and isinstance(node.value, ast.Name) and any(
                     class_floor.get(c) == own and name in class_names.get(c, ())
                     for c in params.get(node.value.id, ())):
                 others = {}      # a parameter annotated with a class of this floor
-            if others and name in own_module and not (own not in CORE_PROTOCOL_FLOORS
-                                                      and name in core_names):
+            if others and not protocol and cls is not None and name in info.classes.get(cls, ()):
+                others = {}      # another instance of the reaching class
+            if others and not protocol and name in own_module:
                 others = {}      # a private of the module's own classes
             if others:
                 reach(node, others)
@@ -349,11 +352,14 @@ def test_a_reach_into_another_floors_privates_is_caught():
         class Holder:
             def __init__(self):
                 self._kept = 1
+                self._lock = None
             def same(self, other: "Holder"):
                 return other._kept        # another instance of its own class
+            def hold(self, volume):
+                volume._lock()            # the core's, though Holder has a _lock too
         """
     assert reaches("fastfc.tools.made_up", tool) == {
-        "unit._closed", "vol._mirror", "vol._lock", "fc._resync"}
+        "unit._closed", "vol._mirror", "vol._lock", "fc._resync", "volume._lock"}
     # the core's protocol is open to the floors that subclass its bases
     engine = "def link(volume, rel):\n    volume._src_rels.append(rel); volume._lock()\n"
     assert reaches("fastfc.storage.made_up", engine) == set()
