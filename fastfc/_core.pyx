@@ -5,7 +5,7 @@ Everything here is private; the public classes in ``fastfc.storage.volume`` and
 ``fastfc.copyservices.flashcopy`` subclass the ``cdef`` bases so that a host read or write
 is one C method from the Python call to the ``memcpy``.
 
-Locking (see DESIGN-NOTES): each volume has one re-entrant lock. A volume's
+Locking (docs/design.md, "Locking"): each volume has one re-entrant lock. A volume's
 lock guards its data, its flags, and the bitmaps of every FlashCopy
 relationship in which it is the *source* (``to_copy``, ``src_changed``,
 ``tgt_changed``) and of the PPRC pair in which it is the primary. A target's
@@ -61,8 +61,8 @@ import numpy as np
 from fastfc.errors import (InvalidImageError, NoSpaceError, StateError,
                            VolumeClosedError, WriteInhibitedError)
 
-# Copies of at least this many bytes release the GIL (DESIGN-NOTES: below it
-# the release costs more than it frees).
+# Copies of at least this many bytes release the GIL (docs/design.md, "When
+# copies release the GIL": below it the release costs more than it frees).
 cdef Py_ssize_t NOGIL_BYTES = 65536
 # Bitmap operations release the GIL only from this many words (64 KiB) up:
 # a thread that gives the GIL up waits for busy Python threads to hand it
