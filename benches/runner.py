@@ -1026,7 +1026,7 @@ def run(quick: bool = False, out: Path | None = None, only: list[str] | None = N
     require("matplotlib", extra="plot", feature="the benchmark report (its plots)")
     out = Path(out) if out is not None else REPO / "bench-results"
     out.mkdir(parents=True, exist_ok=True)
-    unit_dir = Path(unit_dir) if unit_dir is not None else out / "units"
+    unit_dir = Path(unit_dir) if unit_dir is not None else REPO / "bench-results" / "units"
     suites = [s for s in SUITES if (s in only if only else s not in OPT_IN)
               and s not in (skip or [])]
     rep = Report(quick, out, log, unit_dir, cases)
@@ -1130,7 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="directory for report.md, report.json and the "
                     "plots [default: bench-results/ in the checkout]")
     ap.add_argument("--unit-dir", type=Path, help="where the durable suites put their storage "
-                    "units: a directory on a real disk [default: OUT/units]")
+                    "units: a directory on a real disk [default: bench-results/units in the checkout]")
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     a = ap.parse_args(argv)
     bad = [s for s in a.suites + a.skip if s not in SUITES]
