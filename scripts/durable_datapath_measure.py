@@ -1,4 +1,4 @@
-"""Issue 10 measurement: durable Global Mirror on disk (ext4) vs tmpfs.
+"""Durable Global Mirror on disk (ext4) vs tmpfs: a measurement script.
 
 16 triplets x 64 MiB, 4 KiB tracks, every volume written whole first; two
 writers of 4 KiB random writes paced to --rate MB/s in all; GM forming CGs

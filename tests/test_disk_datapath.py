@@ -1,4 +1,4 @@
-"""The data path of volumes on a disk (issue 10): host writes store without
+"""The data path of volumes on a disk: host writes store without
 the GIL, PPRC updates reach B and C's files with pwrite (C's copy-on-write
 first) instead of stores through the mapping. What the syscalls write must
 read back through the mapping, survive close and reopen, and a failed

@@ -81,8 +81,8 @@ def test_require_names_the_extra(monkeypatch) -> None:
     assert require("json", extra="none").__name__ == "json"
 
 
-def test_the_bench_report_says_so_before_measuring(monkeypatch, tmp_path) -> None:
-    report = pytest.importorskip("benches.report")
+def test_the_benchmark_runner_says_so_before_measuring(monkeypatch, tmp_path) -> None:
+    report = pytest.importorskip("benches.runner")
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingDependencyError, match=r"fastfc\[plot\]"):
         report.run(quick=True, out=tmp_path / "out", only=["core"], log=lambda msg: None)

@@ -1,4 +1,4 @@
-"""Secondary units behind calls (issue 12), on the in-process transport:
+"""Secondary units behind calls, on the in-process transport:
 the same server and session code as over Ray, without Ray's start-up.
 
 Every test that forms CGs checks the promise (tests/reference-style

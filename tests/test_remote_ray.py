@@ -1,4 +1,4 @@
-"""Secondary units as real Ray actors (issue 12): one ``ray.init`` per test
+"""Secondary units as real Ray actors: one ``ray.init`` per test
 session; actor processes SIGKILLed mid-drain, mid-prepare, between
 commits and at a random instant; the promise checked after every attempt,
 after reconciling, and after site-loss recovery. Slow (Ray's start-up)."""
