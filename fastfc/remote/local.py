@@ -1,7 +1,8 @@
 """The in-process transport: a secondary unit served in this process, with
 the behaviour of the Ray one (calls by unit name, a killed unit refuses
 every call until started again, arrays handed over read-only as from Ray's
-object store). Most tests run on it.
+object store). Most tests run on it. It needs no Ray: ``from fastfc import
+remote`` and :class:`LocalUnit` work without it installed.
 
 ``LocalUnit.kill()`` is a crash as far as the unit's files go: the server
 is dropped without resolving anything (its volumes and SQLite file stay
@@ -105,8 +106,7 @@ class LocalUnit(UnitHandle):
         if s is not None:
             # a crash: nothing flushed, nothing resolved; the files and the
             # lock let go as a dead process's would
-            s.unit._release_files()
-            s.unit._closed = True
+            s.abandon()
 
     def kill(self) -> None:
         """Crash the unit: every call fails until :meth:`start`."""

@@ -15,14 +15,15 @@ import socket
 import time
 from typing import Any
 
-import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
-
+from fastfc._optional import require
 from fastfc.errors import FastFCError
 from fastfc.remote import client
 from fastfc.remote.client import UnitDownError, UnitHandle
 from fastfc.remote.server import KilledHere, UnitServer
 from fastfc.storage.site import Pending
+
+ray = require("ray", "remote", "fastfc.remote.SecondaryUnit")
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError  # noqa: E402
 
 NAMESPACE = "fastfc"
 CALL_TIMEOUT = 30.0      # seconds any call may take before the unit counts as down
