@@ -468,3 +468,51 @@ def test_random_kills_never_break_the_promise(tmp_path):
             assert gm.state is GMState.IDLE
             chk.check()
     assert kills >= 5
+
+
+def test_kill_points_are_the_shared_steps_fault_points_and_leave_none_armed(tmp_path):
+    """The FlashCopy phase runs in the shared step (FlashCopyGroup); a kill
+    point is reached before each relationship's prepare and commit, in
+    order, and nothing stays armed after the call."""
+    from fastfc import faults
+    units, trips, gm, chk = make_session(tmp_path, n_trip=6)
+    seen = []
+    units[0].server.kill_point = lambda where, i: seen.append((where, i))
+    assert gm.form_consistency_group().committed
+    assert [s for s in seen if s[0] != "apply"] == [
+        ("prepare", 0), ("prepare", 1), ("prepare", 2), ("finish", 0), ("finish", 1),
+        ("finish", 2)]
+    assert faults.armed() == []
+    f1, f2 = faults.inject("prepare"), faults.inject("prepare")
+    faults.disarm(f1)
+    assert len(faults.armed()) == 1 and faults.armed()[0] is f2
+    faults.disarm(f1)                       # not armed: nothing happens
+    faults.disarm(f2)
+    assert faults.armed() == []
+
+
+def test_a_unit_that_kept_its_sessions_in_a_file_serves_on(tmp_path):
+    """A unit written by an earlier fastfc (the session's membership in a
+    JSON file beside unit.db) is opened by the server with its session:
+    the session forms CGs on it, and its CG records are kept."""
+    import json
+    import sqlite3
+    units, trips, gm, chk = make_session(tmp_path)
+    for _ in range(2):
+        assert gm.form_consistency_group().committed
+    settled = units[0].site.status("gm")["settled"]
+    for i, u in enumerate(units):
+        members = u.server.unit.served_sessions()
+        u.kill()
+        db = sqlite3.connect(tmp_path / f"u{i}" / "unit.db")
+        db.execute("DROP TABLE served_sessions")
+        db.commit()
+        db.close()
+        (tmp_path / f"u{i}" / "remote.sessions.json").write_text(
+            json.dumps({k: [list(p) for p in v] for k, v in members.items()}))
+        restart(tmp_path, units, i)
+        assert not (tmp_path / f"u{i}" / "remote.sessions.json").exists()
+    assert units[0].site.status("gm")["settled"] == settled
+    for _ in range(2):
+        assert gm.form_consistency_group().committed
+        chk.check()
