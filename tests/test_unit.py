@@ -1355,3 +1355,40 @@ def test_a_damaged_served_sessions_file_is_refused_clearly(tmp_path):
     (path / "remote.sessions.json").write_text('{"gm": [["B0", 5]]}')
     with pytest.raises(CorruptUnitError, match="other than text"):
         StorageUnit(path)
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_remove_served_session_frees_its_volumes(tmp_path, copy):
+    with _served(tmp_path / "u") as u:
+        u.serve_session("gm", [("B0", "C0"), ("B1", "C1")])
+        u.record_cg_outcome("gm", 1, "commit")
+        u.record_cg_decision("gm", 1, "commit")
+        u.volume("B0").write_batch(np.array([0], np.int64), np.full((1, TS), 7, np.uint8),
+                                   _core.PPRC)
+        fcs = u.served_flashcopies("gm")
+        fcs[0].resync(revertible=True, sequence=1)       # CG 1: C0 reads the 7s from B0
+        fcs[0].commit()
+        fcs[1].resync(revertible=True, sequence=2)
+        with pytest.raises(KeyError, match="no session named 'other'"):
+            u.remove_served_session("other")
+        if copy:
+            with pytest.raises(StateError, match="revertible"):
+                u.remove_served_session("gm", copy=True)
+            assert u.served_sessions() and fcs[1].revertible        # nothing changed
+            fcs[1].revert()
+        removed = u.remove_served_session("gm", copy=copy)
+        assert removed == ["FlashCopy B0:C0", "FlashCopy B1:C1", "the secondary role of B0",
+                           "the secondary role of B1"]
+        assert u.served_sessions() == {} and u.cg_outcomes("gm") == {}
+        assert u.cg_decisions("gm") == {}
+        for v in ("B0", "C0", "B1", "C1"):
+            assert not u.volume(v).relationships and not u.volume(v).is_secondary
+        u.volume("B0").write(0, b"host")
+        if copy:
+            assert (u.volume("C0").read(0, TS) == 7).all()
+        else:
+            assert not u.volume("C0").valid
+        # free again: the session can be served anew
+        assert u.serve_session("gm", [("B0", "C0"), ("B1", "C1")]) == [0, 0]
+    with StorageUnit(tmp_path / "u") as u:
+        assert u.served_sessions() == {"gm": [("B0", "C0"), ("B1", "C1")]}

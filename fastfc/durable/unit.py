@@ -923,8 +923,8 @@ class StorageUnit:
         known = self.served_sessions().get(name)
         if known is not None and known != names:
             raise ValueError(f"unit {self.path} holds session {name!r} with other "
-                             f"volumes ({[list(p) for p in known]}); remove it first or use "
-                             "another name")
+                             f"volumes ({[list(p) for p in known]}); remove it first "
+                             "(StorageUnit.remove_served_session) or use another name")
         vols = [(self.volume(b), self.volume(c)) for b, c in names]
         seqs, todo = [], []
         for b, c in vols:
@@ -1019,6 +1019,50 @@ class StorageUnit:
             self.store.set_volume_flags(b.flags_record())
             done.append(b.name)
         return done
+
+    def remove_served_session(self, name: str, *, copy: bool = False,
+                              on_copy: Callable[[int, int], None] | None = None) -> list[str]:
+        """End served session ``name`` at this unit (its primary is done with
+        it, or lost for good): withdraw each B->C FlashCopy (a revertible one
+        is reverted first), let each B take host writes, and forget the
+        session's membership and CG records. ``copy=False`` withdraws at
+        once (a C still reading tracks from its B turns invalid);
+        ``copy=True`` first copies those tracks B -> C (``on_copy(copied,
+        total)`` reports the progress; refused while a C is revertible), so
+        every C keeps its image. Returns what was removed, for messages.
+        KeyError if the unit serves no such session."""
+        self._require_writable()
+        pairs = self.served_sessions().get(name)
+        if pairs is None:
+            raise KeyError(f"unit {self.path} serves no session named {name!r}")
+        fcs: list[FlashCopy] = []
+        bs: list[Volume] = []
+        for b_name, c_name in pairs:
+            b = self._volumes.get(b_name)
+            c = self._volumes.get(c_name)
+            fc = c.target_relationship if c is not None else None
+            if b is not None:
+                bs.append(b)
+            if isinstance(fc, FlashCopy) and fc.source is b:
+                fcs.append(fc)
+        if copy:
+            if any(fc.revertible for fc in fcs):
+                raise StateError(f"served session {name!r}: a C volume is still revertible "
+                                 "(the C volumes are not on one CG); nothing copied")
+            copy_to_c(fcs, on_copy)
+        removed = []
+        for fc in fcs:
+            if fc.revertible:
+                fc.revert()
+            fc.withdraw(force=True)
+            removed.append(f"FlashCopy {fc.source.name}:{fc.target.name}")
+        for b in bs:
+            if b.is_secondary and b.mirror is None:
+                b._secondary = False
+                self.store.set_volume_flags(b.flags_record())
+                removed.append(f"the secondary role of {b.name}")
+        self._sqlite.drop_served_session(name)
+        return removed
 
     def abandon(self) -> None:
         """Let go of the unit as a process killed now would: nothing is
