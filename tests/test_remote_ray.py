@@ -1,7 +1,7 @@
 """Secondary units as real Ray actors (the real transport; every other
 remote behaviour is tested on the in-process one, tests/test_remote*.py):
-one ``ray.init`` per test session; actor processes SIGKILLed mid-drain, mid-prepare, between
-commits and at a random instant; the promise checked after every attempt,
+one ``ray.init`` per test session; actor processes SIGKILLed mid-drain,
+mid-prepare, between commits and at a random instant; the promise checked after every attempt,
 after reconciling, and after site-loss recovery. Slow (Ray's start-up)."""
 
 from __future__ import annotations
