@@ -478,6 +478,7 @@ def test_kill_points_are_the_shared_steps_fault_points_and_leave_none_armed(tmp_
     units, trips, gm, chk = make_session(tmp_path, n_trip=6)
     seen = []
     units[0].server.kill_point = lambda where, i: seen.append((where, i))
+    units[0].server.kill_armed = None          # always (LocalUnit's: while one is armed)
     assert gm.form_consistency_group().committed
     assert [s for s in seen if s[0] != "apply"] == [
         ("prepare", 0), ("prepare", 1), ("prepare", 2), ("finish", 0), ("finish", 1),

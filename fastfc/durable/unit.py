@@ -190,6 +190,8 @@ class StorageUnit:
         self._flash_damage: dict[tuple[str, str], tuple[dict, str]] = {}
         self._pair_damage: dict[tuple[str, str], tuple[dict, str]] = {}
         self._closed = False
+        # the sessions served to a primary elsewhere, as unit.db says (None: read again)
+        self._served: dict[str, list[tuple[str, str]]] | None = None
         self.uuid: str | None = None
         if self.path is None:
             if self.readonly:
@@ -894,7 +896,11 @@ class StorageUnit:
         another process: each one's B->C pairs (volume names), in the
         session's order."""
         self._require_open()
-        return self._sqlite.served_sessions() if self.path is not None else {}
+        if self.path is None:
+            return {}
+        if self._served is None:
+            self._served = self._sqlite.served_sessions()
+        return {k: list(v) for k, v in self._served.items()}
 
     def serve_session(self, name: str, pairs) -> list[int]:
         """Join session ``name`` as its secondary for the B->C ``pairs``
@@ -942,14 +948,17 @@ class StorageUnit:
             seqs.append(0)
         if known is not None and not todo:
             return seqs
-        with self.store.transaction():
-            if known is None:
-                self._sqlite.add_served_session(name, names)
-            for b, c in todo:
-                FlashCopy(b, c, background_copy=False, record=True,
-                          inhibit_target_write=True, sequence=0)
-                b._secondary = True
-                self.store.set_volume_flags(b.flags_record())
+        try:
+            with self.store.transaction():
+                if known is None:
+                    self._sqlite.add_served_session(name, names)
+                for b, c in todo:
+                    FlashCopy(b, c, background_copy=False, record=True,
+                              inhibit_target_write=True, sequence=0)
+                    b._secondary = True
+                    self.store.set_volume_flags(b.flags_record())
+        finally:
+            self._served = None
         return seqs
 
     def served_flashcopies(self, name: str) -> list[FlashCopy]:
@@ -1061,7 +1070,10 @@ class StorageUnit:
                 b._secondary = False
                 self.store.set_volume_flags(b.flags_record())
                 removed.append(f"the secondary role of {b.name}")
-        self._sqlite.drop_served_session(name)
+        try:
+            self._sqlite.drop_served_session(name)
+        finally:
+            self._served = None
         return removed
 
     def abandon(self) -> None:

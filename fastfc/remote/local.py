@@ -88,7 +88,7 @@ class LocalUnit(UnitHandle):
             elif u.server is not None:
                 raise FastFCError(f"unit {name} is running already")
         u.path = str(path)
-        u.server = UnitServer(path, kill_point=u._kill_point)
+        u.server = UnitServer(path, kill_point=u._kill_point, kill_armed=u._kill_armed)
         u.info()
         return u
 
@@ -96,6 +96,9 @@ class LocalUnit(UnitHandle):
         if self._armed == (where, i):
             self._armed = None
             raise KilledHere(where)
+
+    def _kill_armed(self, where: str) -> bool:
+        return self._armed is not None and self._armed[0] == where
 
     def arm_kill(self, where: str, i: int) -> None:
         """Crash the unit inside its next ``where`` call, before step ``i``."""

@@ -44,11 +44,15 @@ class _UnitActor:
         self.server: UnitServer | None = None
 
     def open(self) -> None:
-        self.server = UnitServer(self._path, kill_point=self._kill_point)
+        self.server = UnitServer(self._path, kill_point=self._kill_point,
+                                 kill_armed=self._kill_armed)
 
     def _kill_point(self, where: str, i: int) -> None:
         if self._armed == (where, i):
             os.kill(os.getpid(), signal.SIGKILL)     # a crash, mid-call
+
+    def _kill_armed(self, where: str) -> bool:
+        return self._armed is not None and self._armed[0] == where
 
     def arm_kill(self, where: str, i: int) -> None:
         self._armed = (where, i)

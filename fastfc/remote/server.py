@@ -91,13 +91,18 @@ class UnitServer:
         FlashCopy step of the session's i-th relationship (the engine's
         ``prepare``/``commit``/``revert`` fault point of its B, reached
         inside the shared step).
+    kill_armed : callable, optional
+        ``kill_armed(where)``: whether ``kill_point`` may act inside a
+        ``where`` call now; ``prepare`` and ``finish`` arm their stop points
+        (engine faults) only then. None: whenever there is a kill point.
 
     One thread at a time (a Ray actor runs its calls one by one; the
     in-process transport calls it from the session's thread).
     """
 
     def __init__(self, path: str | os.PathLike, *,
-                 kill_point: Callable[[str, int], None] | None = None) -> None:
+                 kill_point: Callable[[str, int], None] | None = None,
+                 kill_armed: Callable[[str], bool] | None = None) -> None:
         self.path = Path(path).resolve()
         self.unit = StorageUnit(self.path)      # the OS lock: one owner per directory
         try:
@@ -111,6 +116,7 @@ class UnitServer:
             self.unit.close()
             raise
         self.kill_point = kill_point
+        self.kill_armed = kill_armed
 
     # -- plumbing ------------------------------------------------------------
     def _fence(self) -> None:
@@ -129,8 +135,9 @@ class UnitServer:
         """While the shared FlashCopy step runs: ``kill_point(where, i)``
         just before the step of ``fcs[i]`` (at the engine's fault ``point``
         of its B, before anything of it changes). Nothing is armed without a
-        kill point."""
-        if self.kill_point is None:
+        kill point, or while ``kill_armed`` says it would not act."""
+        if self.kill_point is None or (self.kill_armed is not None
+                                       and not self.kill_armed(where)):
             yield
             return
         armed = [faults.inject(point, fc.source, action=partial(self._point, where, i))
