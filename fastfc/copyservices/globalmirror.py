@@ -244,6 +244,8 @@ class GlobalMirror:
     volumes' locks.
     """
 
+    link: Link      # over secondary sites: whether every unit answers (``up``)
+
     def __init__(self, triplets: Sequence[tuple[Volume, Volume, Volume]], *,
                  link: Link | None = None, cg_interval: float = 0.0,
                  max_coordination_time: float = 0.05, max_drain_time: float = 0,
@@ -256,9 +258,11 @@ class GlobalMirror:
             raise ValueError("a Global Mirror session needs at least one (A, B, C) triplet")
         self._configure(name, cg_interval, max_coordination_time, max_drain_time, decide,
                         on_coordinate, on_result)
+        secs: Sequence[Secondary]
         if any(len(t) == 3 and isinstance(t[1], SiteVolume) for t in triplets):
-            trips, secs, self.link, top = sitemirror.connect(
+            trips, secs, sites, top = sitemirror.connect(
                 triplets, name=name, link=link, initial_copy=initial_copy)
+            self.link = sites       # type: ignore[assignment]  # (the loop asks it .up)
         else:
             self.link = link if link is not None else LocalLink(name=f"{name}-link")
             trips = local_secondary.connect(triplets, name=name, link=self.link,
@@ -299,7 +303,7 @@ class GlobalMirror:
         # coordination instants of recent CGs (a CG a reconciliation commits)
         self._coordinated: dict[int, float | None] = {}
 
-    def _adopt(self, triplets: list[Triplet], secondaries: list[Secondary], journal,
+    def _adopt(self, triplets: list[Triplet], secondaries: Sequence[Secondary], journal,
                top: int) -> None:
         """Take the triplets and their secondaries; the CG sequence goes on
         from ``top``, the newest one a C carries."""

@@ -40,6 +40,8 @@ class InProcessSecondary(Secondary):
     unit reopened later decides the same (``StorageUnit`` reads that
     record)."""
 
+    group: SecondaryGroup
+
     def __init__(self, group: SecondaryGroup) -> None:
         self.group = group
         self.triplets = group.triplets

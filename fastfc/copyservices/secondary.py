@@ -25,11 +25,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from fastfc.copyservices.resolution import COMMIT, NOTHING, REVERT, pending_sequence, resolve
 from fastfc.errors import FastFCError
 from fastfc.storage.site import Pending
+from fastfc.storage.store import Store
 
 #: ``deadline()``: whether the drain's time limit passed; ``time_left()``: seconds left
 Deadline = Callable[[], bool] | None
@@ -66,9 +67,9 @@ class Secondary(ABC):
 
     name: str
     triplets: list
-    store: object
-    group: object
-    journal: object | None = None
+    store: Store
+    group: Any
+    journal: Any = None
     inflight_bytes: int = 1 << 62
     reconcile_first: bool = False
 
@@ -165,8 +166,8 @@ def plan(statuses: Sequence[Status], *, consult_decisions: bool) -> tuple[str, i
     reverted."""
     rels = [(rev, seq) for st in statuses for (_, rev, seq) in st.relationships]
     decision = None
-    if consult_decisions:
-        n = pending_sequence(rels)
+    n = pending_sequence(rels)
+    if consult_decisions and n is not None:
         recorded = {st.decisions.get(n) for st in statuses}
         decision = COMMIT if COMMIT in recorded else REVERT if REVERT in recorded else None
     return resolve(rels, settled=[st.settled for st in statuses], decision=decision)

@@ -396,9 +396,9 @@ def connect(triplets: Sequence[tuple[Any, Any, Any]], *, name: str, link: Any,
     if link is not None:
         raise ValueError("a session over secondary sites picks its links itself: "
                          "pass link=None")
-    for t in triplets:
-        if len(t) != 3 or not isinstance(t[0], Volume) or not isinstance(t[1], SiteVolume) \
-                or not isinstance(t[2], SiteVolume):
+    for trip in triplets:
+        if len(trip) != 3 or not isinstance(trip[0], Volume) \
+                or not isinstance(trip[1], SiteVolume) or not isinstance(trip[2], SiteVolume):
             raise TypeError("with remote volumes every triplet must be (local Volume, "
                             "remote B, remote C)")
     if len({id(t[0]) for t in triplets}) != len(triplets) or \
@@ -416,18 +416,19 @@ def connect(triplets: Sequence[tuple[Any, Any, Any]], *, name: str, link: Any,
     for s in sites.values():
         mine = [(b.name, c.name) for _, b, c in triplets if b.site().key == s.key]
         seqs += s.setup(name, mine)
-    made: list[Triplet] = []
+    pairs: list[SitePair] = []
     try:
-        for a, b, c in triplets:
-            pair = SitePair(a, b, b.site(), initial_copy=initial_copy)
-            made.append(Triplet(a, b, c, pair, None))   # type: ignore[arg-type]
+        for a, b, _ in triplets:
+            pairs.append(SitePair(a, b, b.site(), initial_copy=initial_copy))
     except Exception:
-        for t in made:
-            t.pair.remove()
+        for p in pairs:
+            p.remove()
         raise
+    made = [Triplet(a, b, c, p, None)       # type: ignore[arg-type]  # (no FlashCopy here)
+            for (a, b, c), p in zip(triplets, pairs)]
     store = Store()         # the session records nothing on the primary side
-    groups = [SiteGroup(s, name, [t.pair for t in made if t.pair.site.key == key],
-                        [t for t in made if t.pair.site.key == key], store)
+    groups = [SiteGroup(s, name, [p for p in pairs if p.site.key == key],
+                        [t for t, p in zip(made, pairs) if p.site.key == key], store)
               for key, s in sites.items()]
     return made, groups, SitesLink(list(sites.values())), max(seqs)
 
