@@ -490,13 +490,15 @@ class GlobalMirror:
         call answered before this returns or raises. Returns the bytes;
         raises the first failure (DrainAborted past the deadline)."""
         secs = self._secondaries
-        window = min(g.inflight_bytes for g in secs)
+        window = secs[0].inflight_bytes
+        for g in secs:
+            window = min(window, g.inflight_bytes)
         inflight: collections.deque[tuple[Pending, int]] = collections.deque()
         in_bytes = total = 0
         try:
             for g in secs:
                 g.begin_drain()
-            sending = [g.drain(deadline, time_left) for g in secs]
+            sending = [iter(g.drain(deadline, time_left)) for g in secs]
             while sending:
                 for calls in list(sending):
                     got = next(calls, None)
@@ -541,11 +543,10 @@ class GlobalMirror:
                 asked.append(g)
                 calls.append(g.prepare(seq, after_each))
                 if after_each:
-                    failure = self._prepared(g, calls.pop())
+                    failure = self._prepare_failed(asked[-1:], calls)
                     if failure is not None:
                         break
-            for g, call in zip(asked, calls):
-                failure = self._prepared(g, call) or failure
+            failure = self._prepare_failed(asked, calls) or failure
             decision = "commit" if failure is None else "revert"
             try:
                 self._record(seq, decision)
@@ -603,12 +604,17 @@ class GlobalMirror:
         self._count(res)
 
     @staticmethod
-    def _prepared(g: Secondary, call: Pending) -> str | None:
-        """What a prepare call says failed (None: prepared)."""
-        try:
-            return call.result()
-        except FastFCError as e:
-            return f"prepare on {g.name}: {type(e).__name__}: {e}"
+    def _prepare_failed(asked: list[Secondary], calls: list[Pending]) -> str | None:
+        """What the prepare calls say failed (the last failure; None: every
+        one prepared). The calls are answered and dropped."""
+        failure = None
+        for g, call in zip(asked, calls):
+            try:
+                failure = call.result() or failure
+            except FastFCError as e:
+                failure = f"prepare on {g.name}: {type(e).__name__}: {e}"
+        calls.clear()
+        return failure
 
     def _record(self, seq: int, decision: str) -> None:
         if self.journal is not None:

@@ -13,7 +13,7 @@ has ended when it returns (its result is a
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.groups import SecondaryGroup, Triplet, copy_to_c, secondary_groups
@@ -53,16 +53,16 @@ class InProcessSecondary(Secondary):
         return f"<InProcessSecondary {self.group!r}>"
 
     # -- the drain -------------------------------------------------------------
-    def drain(self, deadline: Deadline, time_left: TimeLeft) -> Iterator[tuple[Pending, int]]:
+    def drain(self, deadline: Deadline, time_left: TimeLeft) -> Iterable[tuple[Pending, int]]:
+        """The whole drain, now: one call, ended."""
         n = self.group.drain(deadline, time_left)
-        yield Done(n), n
+        return ((Done(n), n),)
 
     def end_drain(self, ok: bool) -> None:
         self.group.end_drain(ok)
 
     # -- the FlashCopy phase -------------------------------------------------------
     def prepare(self, sequence: int, stop_at_failure: bool) -> Pending:
-        self.group.prepared = []
         return Done(self.group.prepare_all(sequence, stop_at_failure))
 
     def finish(self, sequence: int, decision: str) -> Pending:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from fastfc.copyservices.resolution import COMMIT, NOTHING, REVERT, pending_sequence, resolve
 from fastfc.errors import FastFCError
@@ -78,10 +78,12 @@ class Secondary(ABC):
         """Before any group sends: fault points and what a failure gives back."""
 
     @abstractmethod
-    def drain(self, deadline: Deadline, time_left: TimeLeft) -> Iterator[tuple[Pending, int]]:
-        """Send the CG's tracks to B: yields ``(call, bytes)`` per call sent.
-        Raises :class:`~fastfc.errors.DrainAborted` past the deadline, or
-        what the transport raises."""
+    def drain(self, deadline: Deadline, time_left: TimeLeft) -> Iterable[tuple[Pending, int]]:
+        """Send the CG's tracks to B: ``(call, bytes)`` per call sent, as
+        the session iterates (a unit reached by calls sends one batch per
+        step, so the session interleaves the units). Raises
+        :class:`~fastfc.errors.DrainAborted` past the deadline, or what the
+        transport raises."""
 
     @abstractmethod
     def end_drain(self, ok: bool) -> None:
