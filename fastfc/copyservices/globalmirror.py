@@ -627,7 +627,16 @@ class GlobalMirror:
         (:func:`~fastfc.copyservices.secondary.resolve_groups`), the action
         recorded before anything is settled. Raises if a unit does not
         answer (nothing is decided then); what did not settle is in the
-        result's ``errors`` (the session stays FATAL)."""
+        result's ``errors`` (the session stays FATAL).
+
+        Groups in this process report no recorded decision, so the rule
+        runs with ``decision=None`` there: a commit that failed on every
+        relationship (no C holds the new CG) is resolved by reverting, as
+        the session always did and its tests assert; the action is recorded
+        first, so a unit reopened later finds it and agrees. Units reached
+        by calls report the decision the coordinator recorded, and a CG in
+        doubt there follows it (some of them may have committed already
+        without being able to say so)."""
         return resolve_groups(self._secondaries, self._record)
 
     def reconcile(self) -> str:
