@@ -500,18 +500,19 @@ class GlobalMirror:
                 g.begin_drain()
             sending = [iter(g.drain(deadline, time_left)) for g in secs]
             while sending:
-                for calls in list(sending):
-                    got = next(calls, None)
-                    if got is None:
-                        sending.remove(calls)
-                        continue
-                    inflight.append(got)
-                    in_bytes += got[1]
-                    total += got[1]
-                    while in_bytes > window:
-                        call, n = inflight.popleft()
-                        call.result()
-                        in_bytes -= n
+                going = []
+                for calls in sending:       # one call of each unit in turn
+                    for got in calls:
+                        inflight.append(got)
+                        in_bytes += got[1]
+                        total += got[1]
+                        while in_bytes > window:
+                            call, n = inflight.popleft()
+                            call.result()
+                            in_bytes -= n
+                        going.append(calls)
+                        break
+                sending = going
             while inflight:
                 call, n = inflight.popleft()
                 call.result()

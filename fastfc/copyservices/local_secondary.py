@@ -26,6 +26,11 @@ from fastfc.storage.volume import Volume
 
 RETRIES = 3                # attempts at one commit/revert before a volume counts as failed
 
+# ended calls, shared (their values never change): a CG step in this process
+# makes no call object of its own
+_ENDED = Done(None)
+_NO_FAILURES = Done(())
+
 
 class InProcessSecondary(Secondary):
     """A :class:`~fastfc.copyservices.groups.SecondaryGroup` (``group``)
@@ -56,18 +61,20 @@ class InProcessSecondary(Secondary):
     def drain(self, deadline: Deadline, time_left: TimeLeft) -> Iterable[tuple[Pending, int]]:
         """The whole drain, now: one call, ended."""
         n = self.group.drain(deadline, time_left)
-        return ((Done(n), n),)
+        return ((_ENDED, n),)
 
     def end_drain(self, ok: bool) -> None:
         self.group.end_drain(ok)
 
     # -- the FlashCopy phase -------------------------------------------------------
     def prepare(self, sequence: int, stop_at_failure: bool) -> Pending:
-        return Done(self.group.prepare_all(sequence, stop_at_failure))
+        failure = self.group.prepare_all(sequence, stop_at_failure)
+        return _ENDED if failure is None else Done(failure)
 
     def finish(self, sequence: int, decision: str) -> Pending:
         g = self.group
-        return Done(g.commit_all() if decision == "commit" else g.revert_all())
+        failed = g.commit_all() if decision == "commit" else g.revert_all()
+        return Done(failed) if failed else _NO_FAILURES
 
     # -- resolution --------------------------------------------------------------
     def status(self) -> Status:
