@@ -490,14 +490,10 @@ class GlobalMirror:
         call answered before this returns or raises. Returns the bytes;
         raises the first failure (DrainAborted past the deadline)."""
         secs = self._secondaries
-        window = secs[0].inflight_bytes
-        for g in secs:
-            window = min(window, g.inflight_bytes)
+        window = min([g.inflight_bytes for g in secs])
         inflight: collections.deque[tuple[Pending, int]] = collections.deque()
         in_bytes = total = 0
         try:
-            for g in secs:
-                g.begin_drain()
             sending = [iter(g.drain(deadline, time_left)) for g in secs]
             while sending:
                 going = []

@@ -74,14 +74,12 @@ class Secondary(ABC):
     reconcile_first: bool = False
 
     # -- the drain -------------------------------------------------------------
-    def begin_drain(self) -> None:
-        """Before any group sends: fault points and what a failure gives back."""
-
     @abstractmethod
     def drain(self, deadline: Deadline, time_left: TimeLeft) -> Iterable[tuple[Pending, int]]:
         """Send the CG's tracks to B: ``(call, bytes)`` per call sent, as
         the session iterates (a unit reached by calls sends one batch per
-        step, so the session interleaves the units). Raises
+        step, so the session interleaves the units; what the call itself
+        does comes first, for every unit before any sends). Raises
         :class:`~fastfc.errors.DrainAborted` past the deadline, or what the
         transport raises."""
 

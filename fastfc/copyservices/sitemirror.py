@@ -290,15 +290,18 @@ class SiteGroup(Secondary):
         return f"<SiteGroup {self.site.name} {len(self.pairs)} triplets>"
 
     # -- the drain -------------------------------------------------------------
-    def begin_drain(self) -> None:
+    def drain(self, deadline: Deadline, time_left: TimeLeft) -> Iterator[tuple[Pending, int]]:
+        """The fault points, and each pair's CG tracks noted (what a failure
+        gives back), now; then, as the session iterates, one apply call per
+        batch of about ``BATCH_BYTES``, gathered from the pairs in turn, the
+        deadline checked after each call sent."""
         for p in self.pairs:
             faults.hit("drain", p.primary)
         for p in self.pairs:
             p._begin_drain()
+        return self._batches(deadline)
 
-    def drain(self, deadline: Deadline, time_left: TimeLeft) -> Iterator[tuple[Pending, int]]:
-        """One apply call per batch of about ``BATCH_BYTES``, gathered from
-        the pairs in turn; the deadline is checked after each call sent."""
+    def _batches(self, deadline: Deadline) -> Iterator[tuple[Pending, int]]:
         pairs = list(self.pairs)
         while pairs:
             updates: list[Update] = []
