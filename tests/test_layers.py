@@ -123,3 +123,78 @@ def test_remote_reaches_no_private_of_the_floors_below():
                     and name not in own:
                 wrong.append(f"{path.name}:{node.lineno}: .{name}")
     assert not wrong, "fastfc.remote reaches into privates below it:\n" + "\n".join(wrong)
+
+
+def type_checking_lines(tree: ast.AST) -> set[int]:
+    """Lines of the imports under ``if TYPE_CHECKING:`` (never run)."""
+    lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for inner in node.body:
+                for sub in ast.walk(inner):
+                    if isinstance(sub, (ast.Import, ast.ImportFrom)):
+                        lines.add(sub.lineno)
+    return lines
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the fastfc modules it imports when it runs, at the top of
+    the file or late inside a function (``from fastfc.x import y`` names
+    module ``fastfc.x.y`` when there is one, else ``fastfc.x``); imports for
+    type checkers alone do not count. The package's front door (``fastfc``)
+    is left out: it re-exports every floor."""
+    mods = {name: path for name, path in modules()}
+    known = set(mods) | {"fastfc._core"}
+    graph: dict[str, set[str]] = {}
+    for module, path in mods.items():
+        deps = set()
+        tree = ast.parse(path.read_text())
+        skip = type_checking_lines(tree)
+        for line, name in imported(tree, module):
+            if not name.startswith("fastfc.") or line in skip:
+                continue
+            target = name if name in known else name.rsplit(".", 1)[0]
+            if target in known and target != module:
+                deps.add(target)
+        graph[module] = deps
+    return graph
+
+
+def cycle_in(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle (a list of modules, the first repeated last), or None."""
+    state: dict[str, int] = {}     # 1 on the path, 2 done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                return path[path.index(d):] + [d]
+            if d not in state:
+                found = visit(d)
+                if found:
+                    return found
+        path.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            found = visit(m)
+            if found:
+                return found
+    return None
+
+
+def test_no_modules_import_each_other():
+    """The import graph of fastfc's modules, top-level and function-level
+    imports alike, has no cycle: no two modules import each other, directly
+    or through others."""
+    found = cycle_in(import_graph())
+    assert found is None, "import cycle: " + " -> ".join(found)
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert cycle_in({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle_in({"a": {"b"}, "b": set()}) is None

@@ -152,8 +152,10 @@ def test_remote_volume_proxy(tmp_path):
 
 def test_session_is_a_site_session_and_keeps_the_promise(tmp_path):
     units, trips, gm, chk = make_session(tmp_path)
-    assert isinstance(gm, sitemirror.SiteGlobalMirror)
-    assert len(gm.sites) == 2
+    # one GlobalMirror class: the B and C volumes are reached through one
+    # SiteGroup (a secondary through calls) per unit
+    assert type(gm) is fastfc.GlobalMirror
+    assert len(gm.groups) == 2 and all(isinstance(g, sitemirror.SiteGroup) for g in gm.groups)
     with RandomWriters([t[0] for t in trips], threads=2, seed=3, pace=PACE):
         for _ in range(15):
             res = gm.form_consistency_group()

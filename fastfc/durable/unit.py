@@ -53,6 +53,7 @@ from fastfc.errors import (AlreadyExistsError, CorruptUnitError, NoSpaceError, R
 from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.globalmirror import GlobalMirror, Triplet, copy_to_c
 from fastfc.copyservices.pprc import PPRCPair
+from fastfc.copyservices.resolution import pending_sequence, resolve
 from fastfc.durable.lock import LOCK_FILE, POLL, UnitLock
 from fastfc.durable.siteloss import (ended_at_secondary, failover_alone, forget_failover,
                                      is_site_failover, recover_session, release_secondary,
@@ -766,8 +767,10 @@ class StorageUnit:
                                    "which it does not hold") from None
 
     def _resolve_interrupted_cgs(self) -> None:
-        """A CG whose FlashCopy phase a crash interrupted: commit the rest if
-        its decision record says commit, otherwise revert all."""
+        """A CG whose FlashCopy phase a crash interrupted: ended by the seed's
+        rule (:func:`~fastfc.copyservices.resolution.resolve`) with the
+        decision recorded for it: commit the rest if its record says commit
+        (or a relationship committed it), otherwise revert all."""
         by_target = {fc.target.name: fc for fc in self.flashcopies}
         for name, cfg in self.store.session_rows().items():
             fcs = [by_target.get(c) for (_, _, _, c) in cfg["triplets"]]
@@ -775,21 +778,22 @@ class StorageUnit:
                 if fc is None or fc.source.name != b:
                     self._damaged(name, f"C volume {c!r} has no FlashCopy from {b!r}")
                     break
-            pending = [fc for fc in fcs if fc is not None and fc.revertible]
-            if not pending:
+            rels = [(fc.revertible, fc.sequence) for fc in fcs if fc is not None]
+            seq = pending_sequence(rels)
+            if seq is None:
                 continue
-            seq = pending[0].sequence
+            pending = [fc for fc in fcs if fc is not None and fc.revertible]
             if self.readonly:
                 raise ReadOnlyUnitError(
                     f"storage unit {self.path}: consistency group {seq} of session {name!r} "
                     "was interrupted and must be resolved on disk; open the unit "
                     "read-write once, then read-only opens work again")
-            decision = self._sqlite.decision(name, seq)
+            action, _ = resolve(rels, decision=self._sqlite.decision(name, seq))
             with self.store.transaction():
                 for fc in pending:
-                    fc._end_revertible("commit" if decision == "commit" else "revert")
+                    fc._end_revertible(action)
             self.recovered.append(f"session {name}: CG {seq} "
-                                  f"{'committed' if decision == 'commit' else 'reverted'} "
+                                  f"{'committed' if action == 'commit' else 'reverted'} "
                                   f"on {len(pending)} of {len(fcs)} volumes")
 
     def _restore_pairs(self) -> None:
