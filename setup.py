@@ -16,6 +16,7 @@ shows which).
 """
 import os
 import platform
+from pathlib import Path
 
 import numpy as np
 from Cython.Build import cythonize
@@ -46,7 +47,10 @@ ext = Extension(
     "fastfc._core",
     ["fastfc/_core.pyx"],
     include_dirs=[np.get_include()],
-    depends=["fastfc/_bitops.pxd", "fastfc/_kernels.h", "fastfc/_pool.h"],
+    # _core.pyx includes the .pxi files (one per job of the module); a change to
+    # any of them rebuilds it
+    depends=["fastfc/_bitops.pxd", "fastfc/_kernels.h", "fastfc/_pool.h",
+             *sorted(str(p) for p in Path("fastfc").glob("*.pxi"))],
     extra_compile_args=(["-O0", "-g"] if debug else ["-O3"]) + arch,
 )
 

@@ -10,8 +10,10 @@ floors below it:
   writes through (``store``), the links that carry PPRC updates (``link``)
   and secondary sites (``site``); beside it ``faults``, fault injection;
 - ``copyservices``: FlashCopy (``copyservices.flashcopy``) and PPRC pairs
-  (``pprc``), and over them Global Mirror sessions (``globalmirror``;
-  ``sitemirror`` when the B and C volumes are in other processes);
+  (``pprc``), and over them Global Mirror sessions (``globalmirror``), which
+  drive their B and C volumes through one interface (``secondary``): in
+  this process (``local_secondary``) or in other processes (``sitemirror``);
+  ``resolution`` holds the rule that ends an interrupted consistency group;
 - ``durable``: storage units on disk (``durable.unit``, ``sqlite``,
   ``lock``);
 - ``tools``: the ``fastfc`` command (``tools.cli``) and its NBD server

@@ -17,9 +17,18 @@ group (CG) is formed in three phases:
    *commit* all (releasing the inhibits), else *revert* all, so the C
    volumes keep the prior CG whole.
 
-A failure inside commit or revert is resolved by the rule IBM documents
-(:meth:`GlobalMirror._resolve`); the session then turns FATAL until the
-operator calls :meth:`GlobalMirror.clear_fatal`.
+The A volumes are in this process. The session drives the B and C volumes
+through a small interface, one :class:`~fastfc.copyservices.secondary.
+Secondary` per unit holding them: in this process (memory or a storage
+unit, :mod:`fastfc.copyservices.local_secondary`) or through calls (a
+remote unit, :mod:`fastfc.copyservices.sitemirror`), chosen by where the
+B and C volumes are. Drain and FlashCopy calls go to every unit at once.
+
+A failure inside commit or revert is resolved by the seed's rule
+(:func:`fastfc.copyservices.resolution.resolve`, over every unit:
+:func:`~fastfc.copyservices.secondary.resolve_groups`); the session then
+turns FATAL until the operator calls :meth:`GlobalMirror.clear_fatal`. A
+unit that did not answer is reconciled by the same rule before the next CG.
 
 The promise: after every attempt, the logical images of all C volumes equal
 the A images at one coordination instant (the newest committed), and all C
@@ -30,31 +39,32 @@ from __future__ import annotations
 
 import collections
 import enum
-import inspect
 import operator
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from fastfc import _core, faults
 from fastfc._numbers import check_real
-from fastfc.errors import (AlreadyExistsError, DrainAborted, FastFCError,
-                           StateError, VolumeClosedError)
-from fastfc.copyservices.flashcopy import FlashCopy
-from fastfc.copyservices.groups import Triplet, copy_to_c, secondary_groups
-from fastfc.copyservices.pprc import PPRCPair
+from fastfc.copyservices import local_secondary, sitemirror
+from fastfc.copyservices.groups import Triplet, copy_to_c
+from fastfc.copyservices.local_secondary import RETRIES
+from fastfc.copyservices.secondary import Resolution, Secondary, resolve_groups
+from fastfc.errors import DrainAborted, FastFCError, StateError, VolumeClosedError
 from fastfc.names import check_name
 from fastfc.storage.link import Link, LocalLink
-from fastfc.storage.site import SiteVolume
+from fastfc.storage.site import Pending, SiteVolume
 from fastfc.storage.volume import Volume
+
+__all__ = ["Cause", "CGResult", "GlobalMirror", "GMState", "GMStats", "MAX_DRAIN_FAILURES",
+           "RETRIES", "Triplet", "copy_to_c"]
 
 _failed_over = operator.attrgetter("failed_over")
 
 MAX_DRAIN_FAILURES = 5     # consecutive drain-time failures before the limit is set aside
-RETRIES = 3                # attempts at one commit/revert before a volume counts as failed
 
 
 class GMState(enum.Enum):
@@ -178,19 +188,6 @@ class GMStats:
             f"{k}_{q}": v for k, d in self.phase_percentiles().items() for q, v in d.items()}}
 
 
-class _SignatureOfInit:
-    """What ``inspect.signature`` shows of a class whose ``__new__`` takes
-    ``*args, **kwargs`` (to pick a subclass): the public parameters of its
-    ``__init__``, not those of ``__new__``."""
-
-    def __get__(self, obj: object, cls: Any = None) -> inspect.Signature:
-        if obj is not None or cls is None:
-            raise AttributeError("__signature__")      # an instance is not called
-        sig = inspect.signature(cls.__init__)
-        return sig.replace(parameters=[p for name, p in sig.parameters.items()
-                                       if name != "self" and not name.startswith("_")],
-                           return_annotation=inspect.Signature.empty)
-
 
 class GlobalMirror:
     """A Global Mirror session over ``(A, B, C)`` triplets [mkgmir].
@@ -199,9 +196,13 @@ class GlobalMirror:
     ----------
     triplets : sequence of (Volume, Volume, Volume)
         Each A is mirrored to its B by Global Copy, each B FlashCopied to its
-        C. All nine roles are distinct volumes.
+        C. All nine roles are distinct volumes. The A volumes are in this
+        process; B and C are too (memory or a storage unit), or all on
+        secondary sites (:class:`~fastfc.storage.site.SiteVolume` proxies of
+        remote units, each B with its C on one unit).
     link : Link, optional
         The transport for every pair (one new unlimited LocalLink if None).
+        Must be None over secondary sites (each unit is its own link).
     cg_interval : float
         Seconds between CGs in the continuous loop (0: form continuously).
         Between CGs the pairs drain as Global Copy.
@@ -231,23 +232,19 @@ class GlobalMirror:
     journal : object, optional
         Receives ``cg_decision(session_name, sequence, decision)`` before any
         relationship is committed or reverted. Defaults to the metadata store
-        of the unit holding the B and C volumes, when they are on one.
+        of the unit holding the B and C volumes, when they are on one in this
+        process, or to the first secondary site.
 
     The session is recorded by the store of its B volumes (handed to them by
     their storage unit), which tells the unit of it; so are its counters
     (:attr:`stats`), after every attempt.
+
+    Locking: ``_lock`` keeps two attempts (and operator actions) apart; the
+    pairs' state is guarded by each A's lock, the relationships' by their
+    volumes' locks.
     """
 
-    __signature__ = _SignatureOfInit()
-
-    def __new__(cls, triplets: Sequence = (), *args, **kwargs) -> "GlobalMirror":
-        # B and C volumes on secondary sites (remote units): the session that
-        # talks to them (fastfc.copyservices.sitemirror), same API
-        if cls is GlobalMirror and any(
-                len(t) == 3 and isinstance(t[1], SiteVolume) for t in triplets):
-            from fastfc.copyservices.sitemirror import SiteGlobalMirror
-            return super().__new__(SiteGlobalMirror)
-        return super().__new__(cls)
+    link: Link      # over secondary sites: whether every unit answers (``up``)
 
     def __init__(self, triplets: Sequence[tuple[Volume, Volume, Volume]], *,
                  link: Link | None = None, cg_interval: float = 0.0,
@@ -255,32 +252,42 @@ class GlobalMirror:
                  decide: str = "after_all",
                  on_coordinate: Callable[[int], None] | None = None,
                  on_result: Callable[[CGResult], None] | None = None,
-                 journal=None, name: str = "gm", initial_copy: bool = True,
-                 _parts: list | None = None) -> None:
-        if _parts is None:   # a restored session keeps the name it was stored under
-            check_name("session", name)
+                 journal=None, name: str = "gm", initial_copy: bool = True) -> None:
+        check_name("session", name)
         if not triplets:
             raise ValueError("a Global Mirror session needs at least one (A, B, C) triplet")
+        self._configure(name, cg_interval, max_coordination_time, max_drain_time, decide,
+                        on_coordinate, on_result)
+        secs: Sequence[Secondary]
+        if any(len(t) == 3 and isinstance(t[1], SiteVolume) for t in triplets):
+            trips, secs, sites, top = sitemirror.connect(
+                triplets, name=name, link=link, initial_copy=initial_copy)
+            self.link = sites       # type: ignore[assignment]  # (the loop asks it .up)
+        else:
+            self.link = link if link is not None else LocalLink(name=f"{name}-link")
+            trips = local_secondary.connect(triplets, name=name, link=self.link,
+                                            initial_copy=initial_copy)
+            secs, top = local_secondary.secondaries(trips), 0
+        self._adopt(trips, secs, journal, top)
+        self._store.add_session(self.to_record(), self,
+                                partners=[t.a.store for t in self.triplets])
+
+    def _configure(self, name, cg_interval, max_coordination_time, max_drain_time, decide,
+                   on_coordinate, on_result) -> None:
+        """Check and take the parameters; the session's empty state."""
         if decide not in ("after_all", "after_each"):
             raise ValueError(f"decide must be 'after_all' or 'after_each', got {decide!r}")
         cg_interval = check_real("cg_interval", cg_interval)
         max_drain_time = check_real("max_drain_time", max_drain_time)
         max_coordination_time = check_real("max_coordination_time", max_coordination_time,
                                            positive=True)
-        vols = [v for t in triplets for v in t]
-        if any(not isinstance(v, Volume) for v in vols):
-            raise TypeError("every triplet must hold three fastfc.Volume objects")
-        if len({id(v) for v in vols}) != len(vols):
-            raise ValueError("every volume may appear in a session only once")
         self.name = name
-        self.link = link if link is not None else LocalLink(name=f"{name}-link")
         self.cg_interval = float(cg_interval)
         self.max_coordination_time = float(max_coordination_time)
         self.max_drain_time = float(max_drain_time)
         self.decide = decide
         self.on_coordinate = on_coordinate
         self.on_result = on_result
-        self.journal = journal
         self.stats = GMStats()
         self.state = GMState.IDLE
         self.fatal_reason: str | None = None
@@ -291,68 +298,34 @@ class GlobalMirror:
         self._lock = threading.Lock()     # one attempt at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.triplets: list[Triplet] = []
-        # (triplets, their volumes, their stores): what _require_writable checks
+        # (triplets, their local volumes, their stores): what _require_writable checks
         self._volumes_cache: tuple | None = None
-        if _parts is not None:  # restored from a storage unit
-            self.triplets = list(_parts)
-            for t in self.triplets:
-                t.fc.session = name
-            self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
-            self._store = self.triplets[0].b.store
-            self._order_drains()
-            self.journal = journal if journal is not None else self._store
-            top = max(self.c_sequences)
-            self._next_sequence = top + 1
-            self.stats.sequence = top
-            self._committed_once = top > 0
-            return
-        self._store = triplets[0][1].store
-        for v in vols:
-            v.store.check_writable()
-        if self._store.durable:
-            if any(b.store is not self._store for _, b, _ in triplets):
-                raise ValueError("every B (and C) volume of a session must be in one storage unit")
-            if name in self._store.session_rows():
-                raise AlreadyExistsError(f"a session named {name!r} already exists in that unit")
-            if journal is None:
-                self.journal = self._store
-        was_invalid = {id(v): v._invalid for v in vols}
-        try:
-            for a, b, c in triplets:
-                pair = PPRCPair(a, b, self.link, mode="gcp", background=False,
-                                initial_copy=initial_copy)
-                try:
-                    fc = FlashCopy(b, c, background_copy=False, record=True,
-                                   inhibit_target_write=True, sequence=0)
-                except Exception:
-                    pair.remove()
-                    raise
-                fc.session = name
-                self.triplets.append(Triplet(a, b, c, pair, fc))
-        except Exception:
-            made = [t.c for t in self.triplets]
-            self._teardown()
-            for c in made:  # nothing was copied: a refused session leaves C as it was
-                c._invalid = was_invalid[id(c)]
-            raise
-        self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
-        self._order_drains()
-        self._store.add_session(self.to_record(), self,
-                                partners=[t.a.store for t in self.triplets])
+        # coordination instants of recent CGs (a CG a reconciliation commits)
+        self._coordinated: dict[int, float | None] = {}
 
-    def _order_drains(self) -> None:
-        """Group the triplets by the store of their B and C
-        (:class:`SecondaryGroup`, the unit of the drain and the FlashCopy
-        phase) and fix each group's durability "power" ordering (fixed when
-        the unit holding B was opened): B is written by the ordered drain
-        only, after its barriers, so collisions save CG versions in the side
-        file instead of sending them at once."""
-        self._ordered = self._store.durability == "power"
-        self.groups = secondary_groups(self.triplets)
+    def _adopt(self, triplets: list[Triplet], secondaries: Sequence[Secondary], journal,
+               top: int) -> None:
+        """Take the triplets and their secondaries; the CG sequence goes on
+        from ``top``, the newest one a C carries."""
+        self.triplets: list[Triplet] = list(triplets)
+        self._secondaries = list(secondaries)
         self._pairs = [t.pair for t in self.triplets]
-        for g in self.groups:
-            g.set_ordered(g.store.durability == "power")
+        self._primaries = sorted((t.a for t in self.triplets), key=lambda v: v.vid)
+        self._store = self._secondaries[0].store
+        self.journal = journal if journal is not None else self._secondaries[0].journal
+        self._next_sequence = top + 1
+        self.stats.sequence = top
+        self._committed_once = top > 0
+        # a unit reached by calls may hold a CG in doubt: read every unit first
+        self._need_reconcile = any(g.reconcile_first for g in secondaries)
+
+    @property
+    def groups(self) -> list:
+        """The triplets by the unit holding their B and C: the
+        :class:`~fastfc.copyservices.groups.SecondaryGroup` of each store in
+        this process, the :class:`~fastfc.copyservices.sitemirror.SiteGroup`
+        of each secondary site."""
+        return [g.group for g in self._secondaries]
 
     # -- records -----------------------------------------------------------------
     def to_record(self) -> dict:
@@ -373,13 +346,18 @@ class GlobalMirror:
                     link: Link | None = None) -> "GlobalMirror":
         """Rebuild a session from a record (:meth:`to_record`, as a store
         gives it back; ``stats`` may be None) over its restored
-        ``triplets`` (pairs and relationships in place). The CG sequence is
-        the newest one every C carries."""
-        gm = cls([(t.a, t.b, t.c) for t in triplets], name=record["name"], link=link,
-                 cg_interval=record["cg_interval"],
-                 max_coordination_time=record["max_coordination_time"],
-                 max_drain_time=record["max_drain_time"], decide=record["decide"],
-                 _parts=list(triplets))
+        ``triplets`` (pairs and relationships in place, in this process).
+        The CG sequence is the newest one every C carries. The session
+        keeps the name it was stored under."""
+        gm = cls.__new__(cls)
+        gm._configure(record["name"], record["cg_interval"], record["max_coordination_time"],
+                      record["max_drain_time"], record["decide"], None, None)
+        trips = list(triplets)
+        gm.link = link if link is not None else LocalLink(name=f"{gm.name}-link")
+        for t in trips:
+            t.fc.session = gm.name
+        gm._adopt(trips, local_secondary.secondaries(trips), None,
+                  max(t.fc.sequence for t in trips))
         if record.get("stats"):
             gm.stats.restore(record["stats"])
             # CGs the C volumes carry beyond the counters were committed by an
@@ -406,22 +384,30 @@ class GlobalMirror:
         self._require_not_recovered()
         if self.state is GMState.FATAL:
             return self._count(CGResult(seq, False, Cause.FATAL, self.fatal_reason or ""))
+        if self._need_reconcile:
+            try:
+                self.reconcile()
+            except FastFCError as e:
+                return self._count(CGResult(seq, False, Cause.LINK_DOWN,
+                                            f"reconciling the units: {type(e).__name__}: {e}"))
+            seq = self._next_sequence
         self._next_sequence += 1
         res = CGResult(seq, False)
 
         # 1. coordinate
         if not self._coordinate(res):
             return self._count(res)
+        self._coordinated[seq] = res.coordinated_at
+        self._coordinated.pop(seq - 64, None)
 
-        # 2. drain, one call per secondary group
+        # 2. drain, every unit at once
         t = time.perf_counter()
         limit = self._drain_limit()
         deadline = None if limit is None else (lambda: time.perf_counter() - t > limit)
         time_left = None if limit is None else (lambda: limit - (time.perf_counter() - t))
         ok = False
         try:
-            for group in self.groups:
-                res.bytes_drained += group.drain(deadline, time_left)
+            res.bytes_drained = self._drain(deadline, time_left)
             ok = True
         except DrainAborted as e:
             res.cause, res.detail = Cause.DRAIN_TIMEOUT, str(e)
@@ -430,11 +416,14 @@ class GlobalMirror:
             res.detail = f"{type(e).__name__}: {e}"
         finally:
             res.drain_time = time.perf_counter() - t
-            for group in self.groups:
-                group.end_drain(ok)
+            for g in self._secondaries:
+                g.end_drain(ok)
         if not ok:
             if res.cause is Cause.DRAIN_TIMEOUT:
                 self._drain_failures += 1
+            # a unit that refused (or restarted) may hold a CG in doubt that
+            # it lost the outcome of: read every unit before the next CG
+            self._need_reconcile = True
             return self._count(res)
         self._drain_failures = 0
 
@@ -495,83 +484,175 @@ class GlobalMirror:
             return max(240.0, 2 * self.cg_interval)
         return self.max_drain_time
 
+    def _drain(self, deadline, time_left) -> int:
+        """Send every CG track: the units' calls interleaved (one batch of
+        each unit in turn), at most ``inflight_bytes`` unanswered, every
+        call answered before this returns or raises. Returns the bytes;
+        raises the first failure (DrainAborted past the deadline)."""
+        secs = self._secondaries
+        window = min([g.inflight_bytes for g in secs])
+        inflight: collections.deque[tuple[Pending, int]] = collections.deque()
+        in_bytes = total = 0
+        try:
+            sending = [iter(g.drain(deadline, time_left)) for g in secs]
+            while sending:
+                going = []
+                for calls in sending:       # one call of each unit in turn
+                    for got in calls:
+                        inflight.append(got)
+                        in_bytes += got[1]
+                        total += got[1]
+                        while in_bytes > window:
+                            call, n = inflight.popleft()
+                            call.result()
+                            in_bytes -= n
+                        going.append(calls)
+                        break
+                sending = going
+            while inflight:
+                call, n = inflight.popleft()
+                call.result()
+        finally:
+            for call, _ in inflight:    # answered or failed: nothing left running
+                try:
+                    call.result()
+                except FastFCError:
+                    pass
+        return total
+
     def _flashcopy_phase(self, res: CGResult) -> None:
         seq = res.sequence
+        secs = self._secondaries
         failure = None
-        stop_at_failure = self.decide == "after_each"
-        # On a storage unit the prepares and the decision record share one
-        # durable commit, and the commits (or reverts) another that needs no
-        # fsync: a crash before the first leaves nothing prepared; after it,
-        # recovery carries out the recorded decision, whether or not the
-        # second reached the disk. One fsync per CG, whatever its size. The
-        # session's counters are one more row of the second commit.
-        for group in self.groups:
-            group.prepared = []
+        after_each = self.decide == "after_each"
+        # On a storage unit in this process the prepares and the decision
+        # record share one durable commit, and the commits (or reverts)
+        # another that needs no fsync: a crash before the first leaves
+        # nothing prepared; after it, recovery carries out the recorded
+        # decision, whether or not the second reached the disk. One fsync
+        # per CG, whatever its size. The session's counters are one more row
+        # of the second commit. (Over secondary sites the store records
+        # nothing: each unit keeps its own, keyed by the sequence.)
+        asked: list[Secondary] = []
         with self._store.transaction():
-            for group in self.groups:
-                failed = group.prepare_all(seq, stop_at_failure)
-                if failed is not None:
-                    failure = failed
-                if failure is not None and stop_at_failure:
-                    break
+            calls = []
+            for g in secs:      # after_each: one unit at a time, up to the first failure
+                asked.append(g)
+                calls.append(g.prepare(seq, after_each))
+                if after_each:
+                    failure = self._prepare_failed(asked[-1:], calls)
+                    if failure is not None:
+                        break
+            failure = self._prepare_failed(asked, calls) or failure
             decision = "commit" if failure is None else "revert"
-            if self.journal is not None:
-                self.journal.cg_decision(self.name, seq, decision)
+            try:
+                self._record(seq, decision)
+            except FastFCError as e:
+                # nothing commits without a recorded decision; a revert
+                # needs none (without one, every reader of the units reverts)
+                if decision == "commit":
+                    failure = f"recording the decision: {type(e).__name__}: {e}"
+                    decision = "revert"
         try:
             faults.hit("decision")   # crash tests stop the world here
         except FastFCError:
             pass                     # the decision stands; carry it out
-        errors: list[str] = []
+        failed: list[str] = []       # relationships that refused their step
+        unanswered: list[str] = []   # units that did not carry it out
         with self._store.transaction(sync=False):
-            for group in self.groups:
-                errors += group.commit_all() if decision == "commit" else group.revert_all()
-            if not errors:
+            calls = [g.finish(seq, decision) for g in asked]
+            for g, call in zip(asked, calls):
+                try:
+                    failed += call.result()
+                except FastFCError as e:
+                    unanswered.append(f"{decision} on {g.name}: {type(e).__name__}: {e}")
+            if not failed and not unanswered:
                 if failure is not None:
+                    # a refused prepare may be a unit in doubt about an earlier
+                    # CG (one that lost a commit's transaction): reconcile first
+                    self._need_reconcile = True
                     res.cause, res.detail = Cause.PREPARE_FAILED, failure
                 else:
                     res.committed = True
                 self._count(res)
-        if errors:
-            outcome = self._resolve()
+                return
+        self._need_reconcile = True
+        if unanswered:
+            # in doubt on a unit that did not answer: the recorded decision
+            # stands, and the unit carries it out when every unit answers again
+            # (the next attempt's reconciliation, or clear_fatal)
+            detail = "; ".join(failed + unanswered)
+            if decision == "commit":
+                self.state = GMState.FATAL
+                self.fatal_reason = detail + " -> to be resolved by commit"
+                res.cause, res.committed = Cause.COMMIT_FAILED, True
+            else:
+                res.cause = Cause.PREPARE_FAILED if failure else Cause.REVERT_FAILED
+            res.detail = (failure + "; " if failure else "") + detail
+        else:
+            # relationships here refused their step: resolve at once (with
+            # retries); FATAL until the operator clears it
+            outcome = self._resolve().action
             self.state = GMState.FATAL
-            self.fatal_reason = "; ".join(errors) + f" -> resolved by {outcome}"
+            self.fatal_reason = "; ".join(failed) + f" -> resolved by {outcome}"
             res.cause = Cause.COMMIT_FAILED if decision == "commit" else Cause.REVERT_FAILED
             res.detail = self.fatal_reason
             res.committed = outcome == "commit"
-            self._count(res)
+        self._count(res)
 
-    def _resolve(self) -> str:
-        """End every C on one CG after a failure inside commit or revert.
+    @staticmethod
+    def _prepare_failed(asked: list[Secondary], calls: list[Pending]) -> str | None:
+        """What the prepare calls say failed (the last failure; None: every
+        one prepared). The calls are answered and dropped."""
+        failure = None
+        for g, call in zip(asked, calls):
+            try:
+                failure = call.result() or failure
+            except FastFCError as e:
+                failure = f"prepare on {g.name}: {type(e).__name__}: {e}"
+        calls.clear()
+        return failure
 
-        IBM's rule: if every relationship is still revertible with the same
-        sequence number, none has committed: revert all. If some have already
-        committed (sequence numbers differ, or only some are revertible, and
-        the non-revertible ones carry the new number), commit the rest. A
-        relationship that was reverted carries the old number again, so when
-        none carries the new one outside the revertible ones, revert the rest.
-        Each step is retried; what still fails leaves the session FATAL.
-        """
-        fcs = [t.fc for t in self.triplets]
-        pending = [fc for fc in fcs if fc.revertible]
-        if not pending:
-            return "nothing"
-        new_seq = pending[0].sequence
-        committed = any(not fc.revertible and fc.sequence == new_seq for fc in fcs)
-        action = "commit" if committed else "revert"
+    def _record(self, seq: int, decision: str) -> None:
         if self.journal is not None:
-            # the recorded decision may say the opposite (a commit that failed
-            # everywhere is resolved by reverting): a crash from here on must be
-            # resolved the same way, and a later attempt with this sequence
-            # number must not find a stale "commit"
-            self.journal.cg_decision(self.name, new_seq, action)
-        for fc in pending:
-            for _ in range(RETRIES):
-                try:
-                    fc._end_revertible("commit" if action == "commit" else "revert")
-                    break
-                except FastFCError:
-                    continue
-        return action
+            self.journal.cg_decision(self.name, seq, decision)
+
+    # -- resolution --------------------------------------------------------------
+    def _resolve(self) -> Resolution:
+        """End every C on one CG after a failure inside commit or revert, by
+        the seed's rule over every unit
+        (:func:`~fastfc.copyservices.secondary.resolve_groups`), the action
+        recorded before anything is settled. Raises if a unit does not
+        answer (nothing is decided then); what did not settle is in the
+        result's ``errors`` (the session stays FATAL).
+
+        Groups in this process report no recorded decision, so the rule
+        runs with ``decision=None`` there: a commit that failed on every
+        relationship (no C holds the new CG) is resolved by reverting, as
+        the session always did and its tests assert; the action is recorded
+        first, so a unit reopened later finds it and agrees. Units reached
+        by calls report the decision the coordinator recorded, and a CG in
+        doubt there follows it (some of them may have committed already
+        without being able to say so)."""
+        return resolve_groups(self._secondaries, self._record)
+
+    def reconcile(self) -> str:
+        """Settle a CG a failure left in doubt (every unit must answer), by
+        the seed's rule; returns the action taken. Raises
+        :class:`~fastfc.errors.StateError` if a unit did not settle."""
+        res = self._resolve()
+        if res.errors:
+            raise StateError(f"CG {res.sequence} of {self.name!r} not resolved: "
+                             + "; ".join(res.errors))
+        if res.action == "commit" and res.sequence > self.stats.sequence:
+            self.stats.sequence = res.sequence
+            self.stats.last_cg_time = self._coordinated.get(res.sequence,
+                                                            self.stats.last_cg_time)
+        # past every sequence a unit settled or recorded: a unit refuses to
+        # prepare one it settled (a session restarted after a revert)
+        self._next_sequence = max(self._next_sequence, res.sequence + 1, res.top + 1)
+        self._need_reconcile = False
+        return res.action
 
     def _count(self, res: CGResult) -> CGResult:
         """Count an attempt in the counters and record them in the store:
@@ -628,12 +709,13 @@ class GlobalMirror:
 
     # -- operator actions ------------------------------------------------------
     def clear_fatal(self) -> str:
-        """Operator action after a FATAL state: finish the resolution (retrying
-        commit or revert) and, if every relationship is settled, allow CGs
-        again. Returns the state."""
+        """Operator action after a FATAL state: finish the resolution (every
+        unit must answer; relationships here are retried) and, if every
+        relationship is settled, allow CGs again. Returns the state."""
         with self._lock:
-            self._resolve()
-            if any(t.fc.revertible for t in self.triplets):
+            try:
+                self.reconcile()
+            except FastFCError:
                 return self.state.value
             self.fatal_reason = None
             self.state = GMState.RUNNING if self._thread is not None else GMState.IDLE
@@ -646,8 +728,17 @@ class GlobalMirror:
 
     @property
     def c_sequences(self) -> list[int]:
-        """The CG sequence number each C volume carries."""
-        return [t.fc.sequence for t in self.triplets]
+        """The CG sequence number each C volume carries, in triplet order
+        (one call per secondary site; raises if a unit does not answer)."""
+        secs = self._secondaries
+        if len(secs) == 1:
+            return secs[0].c_sequences()
+        at = {id(t): i for i, t in enumerate(self.triplets)}
+        out = [0] * len(self.triplets)
+        for g in secs:
+            for t, q in zip(g.triplets, g.c_sequences()):
+                out[at[id(t)]] = q
+        return out
 
     # -- the continuous loop -----------------------------------------------------
     def start(self) -> None:
@@ -704,7 +795,7 @@ class GlobalMirror:
         """Between CGs: drain OOS tracks as Global Copy until ``seconds`` pass."""
         end = time.perf_counter() + seconds
         while not self._stop.is_set() and time.perf_counter() < end:
-            sent = sum(g.global_copy(4 << 20) for g in self.groups)
+            sent = sum(g.global_copy(4 << 20) for g in self._secondaries)
             if not sent:
                 self._stop.wait(min(0.005, max(0.0, end - time.perf_counter())))
 
@@ -722,22 +813,23 @@ class GlobalMirror:
             for t in self.triplets:
                 if t.pair.suspend_reason is not None and not t.pair.failed_over:
                     t.pair.suspend_reason = None
-            left = sum(g.backlog() for g in self.groups)
+            left = sum(g.backlog() for g in self._secondaries)
             if backlog is None:
                 backlog = left
             if left <= backlog // 4:
                 return
-            if not sum(g.global_copy(4 << 20) for g in self.groups):
+            if not sum(g.global_copy(4 << 20) for g in self._secondaries):
                 return
 
     # -- recovery --------------------------------------------------------------
     def _require_writable(self) -> None:
-        """Refuse, before anything changes, when the session's units are
-        closed or read-only, or one of its volumes is closed."""
+        """Refuse, before anything changes, when the units of the session's
+        volumes in this process are closed or read-only, or one of those
+        volumes is closed."""
         trips = self.triplets
         cached = self._volumes_cache
         if cached is None or cached[0] is not trips:
-            vols = [v for t in trips for v in (t.a, t.b, t.c)]
+            vols = [v for t in trips for v in (t.a, t.b, t.c) if isinstance(v, Volume)]
             stores = list({id(v.store): v.store for v in vols}.values())
             cached = self._volumes_cache = (trips, vols, stores)
         _, vols, stores = cached
@@ -765,30 +857,15 @@ class GlobalMirror:
         self.stop()
         with self._lock:
             self._resolve()
-            seqs = set(self.c_sequences)
-            if len(seqs) != 1 or any(t.fc.revertible for t in self.triplets):
+            secs = self._secondaries
+            statuses = [g.status() for g in secs]
+            seqs = {q for st in statuses for (_, _, q) in st.relationships}
+            if len(seqs) != 1 or any(rev for st in statuses for (_, rev, _) in st.relationships):
                 raise StateError(f"C volumes are not on one CG (sequences {sorted(seqs)}); "
                                  "resolve the session first")
-            for t in self.triplets:
-                if t.pair.failed_over and not t.b._secondary:
-                    continue        # restored before: B may hold host writes since
-                # B takes host writes only once restored (its flag last)
-                t.pair._failover_to_restore()
-                t.fc._reverse_restore()
-                t.pair._release_secondary()
+            for g in secs:
+                g.restore_b()
             return seqs.pop()
-
-    def _teardown(self) -> None:
-        for t in self.triplets:
-            t.fc.session = None         # the session itself ends it
-            try:
-                if t.fc.active and not t.fc.revertible:
-                    t.fc.withdraw(force=True)
-            finally:
-                t.pair.remove()
-        self.triplets = []
-        self.groups = []
-        self._pairs = []
 
     def close(self, *, discard: bool = False,
               on_copy: Callable[[int, int], None] | None = None) -> None:
@@ -800,7 +877,8 @@ class GlobalMirror:
         relationship is withdrawn without force. That copy is O(data); with
         ``discard=True`` the relationships are withdrawn at once and every C
         that still needed tracks turns invalid (its reads raise
-        :class:`~fastfc.errors.InvalidImageError`).
+        :class:`~fastfc.errors.InvalidImageError`). Over secondary sites the
+        units keep their B->C relationships (and each C its last CG).
 
         Refused (nothing changes) while a relationship is still revertible
         after the resolution of a failed commit or revert, unless ``discard``.
@@ -809,25 +887,30 @@ class GlobalMirror:
             self._require_writable()
         self.stop()
         with self._lock:
-            self._resolve()
+            secs = self._secondaries
+            if any(g.stuck() for g in secs):
+                self._resolve()
             if not discard:
-                stuck = [t.fc for t in self.triplets if t.fc.active and t.fc.revertible]
+                stuck = [c for g in secs for c in g.stuck()]
                 if stuck:
                     raise StateError(
-                        f"session {self.name}: {', '.join(fc.target.name for fc in stuck)} "
+                        f"session {self.name}: {', '.join(stuck)} "
                         "still revertible (the C volumes are not on one CG); clear_fatal() "
                         "first, or close(discard=True) to withdraw and invalidate them")
-                self._copy_to_c(on_copy)
-            self._teardown()
+            for g in secs:
+                g.close(discard=discard, on_copy=on_copy)
+            self.triplets = []
+            self._secondaries = []
+            self._pairs = []
             self._store.drop_session(self.name, self)
 
     def tracks_c_needs(self) -> dict[str, int]:
         """Per C volume (by name), the tracks it still reads from its B: what
         :meth:`close` copies first, or what ``close(discard=True)`` loses."""
-        return {t.c.name: t.fc.tracks_to_copy for t in self.triplets if t.fc.active}
-
-    def _copy_to_c(self, on_copy) -> None:
-        copy_to_c([t.fc for t in self.triplets], on_copy)
+        out: dict[str, int] = {}
+        for g in self._secondaries:
+            out.update(g.tracks_c_needs())
+        return out
 
     def __enter__(self) -> "GlobalMirror":
         return self

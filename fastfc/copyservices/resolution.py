@@ -44,10 +44,9 @@ def resolve(relationships: Iterable[tuple[bool, int]], *,
     newest pending sequence ``n``.
     """
     rels = [(bool(rev), int(seq)) for rev, seq in relationships]
-    pending = [seq for rev, seq in rels if rev]
-    if not pending:
+    n = pending_sequence(rels)
+    if n is None:
         return NOTHING, None
-    n = max(pending)
     outcomes = [s.get(n) for s in settled]
     if any(not rev and seq == n for rev, seq in rels) or COMMIT in outcomes:
         return COMMIT, n
@@ -56,3 +55,12 @@ def resolve(relationships: Iterable[tuple[bool, int]], *,
     if decision not in (None, COMMIT, REVERT):
         raise ValueError(f"decision must be 'commit', 'revert' or None, got {decision!r}")
     return (COMMIT if decision == COMMIT else REVERT), n
+
+
+def pending_sequence(relationships: Iterable[tuple[bool, int]]) -> int | None:
+    """The newest sequence a revertible relationship carries (the CG
+    :func:`resolve` decides about), None when none is revertible: what a
+    caller needs to look up the recorded decision it passes to
+    :func:`resolve`."""
+    pending = [int(seq) for rev, seq in relationships if rev]
+    return max(pending) if pending else None

@@ -1,0 +1,160 @@
+# Included by _core.pyx: coordinate_pairs, the start of a consistency group
+# across primaries, and its helpers.
+
+cdef inline double monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+# Coordinations carried out (tests prove the production path runs).
+cdef long long _coordinations = 0
+
+
+def coordinations():
+    """How many consistency groups :func:`coordinate_pairs` has begun."""
+    return _coordinations
+
+
+cdef inline void set_owner(list vols, Py_ssize_t n, unsigned long me) noexcept:
+    """Mark raw-taken locks as held by thread ``me`` (re-entrant for hooks),
+    or (``me`` 0) as held by no Python-visible owner again."""
+    cdef Py_ssize_t i
+    cdef VolumeBase v
+    for i in range(n):
+        v = <VolumeBase>vols[i]
+        v._owner = me
+        v._depth = 1 if me else 0
+
+
+cdef inline void undo_begin(list hooks, Py_ssize_t nh) noexcept:
+    cdef Py_ssize_t k
+    cdef MirrorBase m
+    for k in range(nh):
+        m = <MirrorBase>hooks[k]
+        m.spare = m.oos
+        m.oos = m.cg
+        m.cg = None
+
+
+def coordinate_pairs(list primaries, list hooks, double timeout, before=None, after=None):
+    """Hold host writes on every primary at one instant and begin a
+    consistency group on every mirror hook, in one C call. The only
+    coordination there is: Global Mirror runs it with or without hooks.
+
+    Takes the primaries' locks in the order given (volume-id order); calls
+    ``before()`` if given (the ``coordinate`` fault point); swaps each hook's
+    ``oos`` for its (empty) ``spare``, the old ``oos`` becoming ``cg``; calls
+    ``after()`` if given (``on_coordinate``: the primaries' locks count as
+    this thread's, so it may read them); releases. Without hooks the hold
+    runs no Python bytecode.
+
+    The locks are taken with non-blocking tries. When one is busy, the
+    locks taken by tries are released at once and the busy one is waited
+    for (GIL released) and then kept, so that a writer that keeps winning
+    it cannot starve the coordination; kept locks later in the order are
+    given back first, so waiting never breaks the lock order. The pass
+    then starts again, until ``timeout`` seconds have passed.
+
+    Returns ``(status, seconds)``: status 0 done (seconds: the hold, from
+    the first lock held to the end of the swap), 1 the locks could not all
+    be taken in time, 2 they were, but the hold (``before()`` included)
+    lasted longer than ``timeout``. Nothing changes unless 0. If ``before``
+    or ``after`` raises, nothing changes and the exception propagates
+    (after the locks are released).
+    """
+    global _coordinations
+    cdef Py_ssize_t i, k, n = len(primaries), nh = len(hooks), busy
+    cdef VolumeBase v
+    cdef MirrorBase m
+    cdef double t0 = monotonic(), start, hold = 0.0, left
+    cdef long long us
+    cdef bint got, swapped
+    cdef unsigned long me = PyThread_get_thread_ident()
+    cdef char* held           # per primary: 0 free, 1 taken by a try, 2 kept
+    cdef double* since        # when a kept lock was taken
+    for k in range(nh):
+        m = <MirrorBase>hooks[k]
+        if m.oos is None or m.spare is None or m.cg is not None:
+            raise StateError("a pair is not ready to begin a consistency group")
+    for i in range(n):
+        v = <VolumeBase>primaries[i]
+        if v._owner == me:
+            raise RuntimeError("coordination must not run with a primary's lock held")
+        if v.base == NULL:
+            raise VolumeClosedError(f"{v!r} is closed")
+    held = <char*>calloc(n + 1, 1)
+    since = <double*>calloc(n + 1, sizeof(double))
+    if held == NULL or since == NULL:
+        free(held)
+        free(since)
+        raise MemoryError("coordination: out of memory")
+    try:
+        while True:
+            # one pass, GIL held throughout: the hold
+            start = monotonic()
+            busy = -1
+            for i in range(n):
+                if held[i]:
+                    if since[i] < start:
+                        start = since[i]
+                    continue
+                v = <VolumeBase>primaries[i]
+                if not PyThread_acquire_lock(v._lk, NOWAIT_LOCK):
+                    busy = i
+                    break
+                held[i] = 1
+            if busy < 0:
+                swapped = 0
+                set_owner(primaries, n, me)
+                try:
+                    for i in range(n):      # closed while we waited for a lock
+                        v = <VolumeBase>primaries[i]
+                        if v.base == NULL:
+                            raise VolumeClosedError(f"{v!r} is closed")
+                    if before is not None:
+                        before()
+                    for k in range(nh):
+                        m = <MirrorBase>hooks[k]
+                        m.cg = m.oos
+                        m.oos = m.spare
+                        m.spare = None
+                    swapped = 1
+                    hold = monotonic() - start
+                    if hold > timeout:
+                        undo_begin(hooks, nh)
+                        swapped = 0
+                        return 2, hold
+                    if after is not None:
+                        after()
+                    _coordinations += 1
+                    return 0, hold
+                except BaseException:
+                    if swapped:          # no CG left begun: its tracks stay owed
+                        undo_begin(hooks, nh)
+                    raise
+                finally:
+                    set_owner(primaries, n, 0)
+            # a writer holds lock ``busy``: give back what the tries took and
+            # the kept locks after it, then wait for it outside the hold
+            for i in range(n - 1, -1, -1):
+                if held[i] == 1 or (held[i] == 2 and i > busy):
+                    PyThread_release_lock((<VolumeBase>primaries[i])._lk)
+                    held[i] = 0
+            left = timeout - (monotonic() - t0)
+            if left <= 0:
+                return 1, monotonic() - t0
+            us = <long long>(left * 1e6)
+            v = <VolumeBase>primaries[busy]
+            with nogil:
+                got = PyThread_acquire_lock_timed(v._lk, us, 0) == PY_LOCK_ACQUIRED
+            if not got:
+                return 1, monotonic() - t0
+            held[busy] = 2
+            since[busy] = monotonic()
+    finally:
+        for i in range(n - 1, -1, -1):
+            if held[i]:
+                PyThread_release_lock((<VolumeBase>primaries[i])._lk)
+        free(held)
+        free(since)

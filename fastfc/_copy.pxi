@@ -1,0 +1,344 @@
+# Included by _core.pyx: kernel selection (_kernels.h), the environment's
+# problems, the copy kernels and the copy threads (_pool.h), the pwrite helpers,
+# and the buffers a host read or write borrows.
+
+# --------------------------------------------------------------------------
+# Kernel selection (_kernels.h): the build targets a baseline ISA; the AVX2
+# and AVX-512 variants of the word and copy kernels are picked here, once.
+# --------------------------------------------------------------------------
+
+_LEVELS = ("scalar", "avx2", "avx512")
+
+
+def cpu_features():
+    """The CPU features the kernel variants use, as ``{name: bool}``."""
+    cdef int f = fastfc_cpu_features()
+    return {"avx2": bool(f & FASTFC_HAS_AVX2), "avx512f": bool(f & FASTFC_HAS_AVX512F),
+            "avx512vpopcntdq": bool(f & FASTFC_HAS_VPOPCNTDQ)}
+
+
+def kernels():
+    """The variant each dispatched kernel runs, ``{kernel: "scalar" | "avx2" |
+    "avx512"}``."""
+    return {fastfc_kernel_names[i].decode(): fastfc_level_names[fastfc_k.level[i]].decode()
+            for i in range(FASTFC_N_KERNELS)}
+
+
+def _use_kernels(str level="avx512"):
+    """Pick the best variants up to ``level`` that this CPU runs and return
+    :func:`kernels`. For tests and benchmarks; no kernel may be running in
+    another thread meanwhile."""
+    if level not in _LEVELS:
+        raise ValueError(f"level must be one of {', '.join(_LEVELS)}, got {level!r}")
+    fastfc_select_kernels(_LEVELS.index(level))
+    return kernels()
+
+
+def build_baseline():
+    """The instruction sets the build assumes everywhere (setup.py's
+    ``-march``), e.g. ``("sse4.2", "popcnt")`` for x86-64-v2; empty when it
+    assumes nothing past the architecture's base."""
+    return tuple([fastfc_baseline_names[i].decode() for i in range(fastfc_baseline_count())])
+
+
+def _copy_stream(uint8_t[::1] dst, const uint8_t[::1] src):
+    """Copy ``src`` into the start of ``dst`` with the current copy_stream
+    variant (a test hook)."""
+    if src.shape[0] > dst.shape[0]:
+        raise ValueError(f"dst holds {dst.shape[0]} bytes, src {src.shape[0]}")
+    if src.shape[0] == 0:
+        return
+    with nogil:
+        copy_stream(&dst[0], &src[0], src.shape[0])
+
+
+def _select_at_import():
+    cdef const char* missing = fastfc_missing_baseline()
+    if missing != NULL:
+        raise ImportError(
+            f"this build of fastfc needs a CPU with {missing.decode()}; rebuild it for "
+            "this machine with FASTFC_PORTABLE=1 pip install --no-binary fastfc fastfc")
+    env = os.environ.get("FASTFC_KERNELS", "")
+    level = env.strip().lower() or "avx512"
+    if level not in _LEVELS:
+        _environment_problem(f"FASTFC_KERNELS must be one of {', '.join(_LEVELS)}, "
+                             f"got {env!r}")
+        level = "avx512"
+    _use_kernels(level)
+
+
+# A bad FASTFC_KERNELS or FASTFC_COPY_THREADS does not stop the import: the
+# value is ignored (the default used), a RuntimeWarning says so at the first
+# volume made (not during the import, so that the command line, which refuses
+# such a value as a usage error, prints one line), and environment_problems()
+# names it.
+_environment_problems = []
+cdef bint _environment_unwarned = False
+
+
+cdef _environment_problem(str problem):
+    global _environment_unwarned
+    if problem not in _environment_problems:
+        _environment_problems.append(problem)
+        _environment_unwarned = True
+
+
+def environment_problems():
+    """What is wrong with the ``FASTFC_KERNELS`` and ``FASTFC_COPY_THREADS``
+    values this process saw (each ignored, its default used): one line each."""
+    return tuple(_environment_problems)
+
+
+cdef _warn_environment():
+    global _environment_unwarned
+    _environment_unwarned = False
+    for problem in _environment_problems:
+        warnings.warn(f"{problem}: ignored, the default is used", RuntimeWarning)
+
+
+_select_at_import()
+
+
+# --------------------------------------------------------------------------
+# Copy kernels (no GIL)
+# --------------------------------------------------------------------------
+
+# copy_stream (from _bitops.pxd / _kernels.h) copies with non-temporal stores:
+# a track copied to a FlashCopy target or a secondary is not read back soon.
+
+# Runs of at least this many bytes are copied with streaming stores
+# (copy_stream); shorter ones with memcpy, whose cached stores win when the
+# destination is in cache anyway.
+cdef Py_ssize_t STREAM_BYTES = 65536
+
+
+# -- copy threads (fastfc/_pool.h) -------------------------------------------
+cdef extern from "_pool.h" nogil:
+    ctypedef void (*fastfc_copy_fn)(uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil
+    int FASTFC_POOL_MAX
+    int fastfc_pool_set_threads(int n)
+    int fastfc_pool_copy(uint8_t* dst, const uint8_t* src, size_t n, size_t min_piece,
+                         fastfc_copy_fn fn)
+    int fastfc_pool_threads "fastfc_pool.threads"
+    unsigned long fastfc_pool_copies "fastfc_pool.copies"
+
+# A copy is split across the copy threads when it is at least two pieces of
+# this many bytes (a 4 MiB background-copy chunk: two threads of 2 MiB);
+# smaller copies stay on the calling thread.
+cdef size_t PAR_PIECE = 512 * 1024
+
+
+cdef void _stream_piece(uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil:
+    if n >= <size_t>STREAM_BYTES:
+        copy_stream(dst, src, n)
+    else:
+        memcpy(dst, src, n)
+
+
+cdef inline void copy_big(uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil:
+    """Copy ``n`` bytes, streaming (non-temporal) when large, split across
+    the copy threads when it is worth it (:func:`set_copy_threads`)."""
+    if n >= 2 * PAR_PIECE and fastfc_pool_threads > 1:
+        fastfc_pool_copy(dst, src, n, PAR_PIECE, _stream_piece)
+    elif n >= <size_t>STREAM_BYTES:
+        copy_stream(dst, src, n)
+    else:
+        memcpy(dst, src, n)
+
+
+def _default_copy_threads():
+    env = os.environ.get("FASTFC_COPY_THREADS", "")
+    if env.strip():
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return n
+        _environment_problem(f"FASTFC_COPY_THREADS must be a whole number >= 1, got {env!r}")
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, 4))
+
+
+def set_copy_threads(n=None):
+    """Set how many threads (the calling one included) split one large copy:
+    a background-copy chunk, a reverse restore, a drain run of 1 MiB or more.
+    ``None``: the default, ``FASTFC_COPY_THREADS`` if set, else the cores
+    this process may run on (at most 4). 1 copies on the calling thread
+    only. Returns the number set (at most 16)."""
+    if n is None:
+        n = _default_copy_threads()
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"copy threads must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"copy threads must be >= 1, got {n}")
+    return fastfc_pool_set_threads(min(n, 1024))     # the pool takes at most 16
+
+
+def copy_threads():
+    """The number of copy threads (:func:`set_copy_threads`)."""
+    return fastfc_pool_threads
+
+
+def pool_copies():
+    """How many copies were split across copy threads so far (for tests)."""
+    return fastfc_pool_copies
+
+
+def _pool_copy(uint8_t[::1] dst, const uint8_t[::1] src):
+    """Copy ``src`` into the start of ``dst`` as large copies are made
+    (split across the copy threads when it is worth it); a test and
+    benchmark hook. Returns the threads that took part."""
+    cdef int k
+    cdef size_t n = src.shape[0]
+    if src.shape[0] > dst.shape[0]:
+        raise ValueError(f"dst holds {dst.shape[0]} bytes, src {src.shape[0]}")
+    if n == 0:
+        return 1
+    with nogil:
+        if n >= 2 * PAR_PIECE and fastfc_pool_threads > 1:
+            k = fastfc_pool_copy(&dst[0], &src[0], n, PAR_PIECE, _stream_piece)
+        else:
+            _stream_piece(&dst[0], &src[0], n)
+            k = 1
+    return k
+
+
+set_copy_threads()
+
+
+cdef Py_ssize_t copy_set_runs(uint8_t* dst, const uint8_t* src, uint64_t* w,
+                              Py_ssize_t start, Py_ssize_t stop, Py_ssize_t budget,
+                              int shift, Py_ssize_t* resume) noexcept nogil:
+    """Copy the runs of set tracks in ``[start, stop)`` from src to dst and
+    clear their bits, until ``budget`` tracks are copied. Returns the number
+    of tracks copied; ``resume[0]`` is where to carry on (``stop`` if done)."""
+    cdef Py_ssize_t done = 0, a, b, lim
+    a = bm_next_set(w, stop, start)
+    while 0 <= a < stop and done < budget:
+        # the run ends at the first clear bit, or where the budget does: look
+        # no further (a chunk of a long all-set bitmap scans O(chunk), not
+        # O(rest of the bitmap))
+        lim = a + (budget - done)
+        if lim > stop:
+            lim = stop
+        b = bm_next_clear(w, lim, a)
+        if b < 0:
+            b = lim
+        copy_big(dst + (a << shift), src + (a << shift), (b - a) << shift)
+        bm_clear_range(w, a, b)
+        done += b - a
+        a = bm_next_set(w, stop, b)
+    resume[0] = a if 0 <= a < stop else stop
+    return done
+
+
+cdef void copy_redirected(uint8_t* dst, const uint8_t* own, const uint8_t* other,
+                          const uint64_t* w, Py_ssize_t offset, Py_ssize_t n,
+                          int shift) noexcept nogil:
+    """Read ``n`` bytes at ``offset`` of a target: each track from ``other``
+    (the source) where its bit is set in ``w``, else from ``own``."""
+    cdef Py_ssize_t pos = offset, end = offset + n, t, piece_end
+    cdef const uint8_t* base
+    while pos < end:
+        t = pos >> shift
+        piece_end = (t + 1) << shift
+        # extend over following tracks with the same bit value
+        while piece_end < end and bm_test(w, piece_end >> shift) == bm_test(w, t):
+            piece_end += (<Py_ssize_t>1) << shift
+        if piece_end > end:
+            piece_end = end
+        base = other if bm_test(w, t) else own
+        memcpy(dst + (pos - offset), base + pos, piece_end - pos)
+        pos = piece_end
+
+
+cdef int pwrite_all(int fd, const uint8_t* buf, Py_ssize_t n, off_t off) noexcept nogil:
+    """Write ``n`` bytes at ``off`` of ``fd`` (retrying short writes and
+    EINTR). Returns 0, or the errno of the failure."""
+    cdef ssize_t got
+    while n > 0:
+        got = pwrite(fd, buf, <size_t>n, off)
+        if got < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        if got == 0:
+            return EIO
+        buf += got
+        off += got
+        n -= got
+    return 0
+
+
+cdef int put_changed_pages(int fd, const uint8_t* cur, const uint8_t* src, Py_ssize_t n,
+                           off_t off) noexcept nogil:
+    """Make the file bytes ``[off, off + n)`` of ``fd`` (mapped at ``cur``)
+    equal to ``src``, writing only the 4 KiB pages that differ, each run of
+    them with one ``pwrite``. A syscall write lands in the page cache the
+    mapping shows, without the write fault (``page_mkwrite``, TLB shootdown)
+    a store to a page writeback has cleaned takes. Returns 0 or an errno
+    (the pages before the failing run written)."""
+    cdef Py_ssize_t pos = 0, step, run = -1
+    cdef int err
+    while pos < n:
+        step = n - pos if n - pos < 4096 else 4096
+        if memcmp(cur + pos, src + pos, step) != 0:
+            if run < 0:
+                run = pos
+        elif run >= 0:
+            err = pwrite_all(fd, src + run, pos - run, off + run)
+            if err:
+                return err
+            run = -1
+        pos += step
+    if run >= 0:
+        return pwrite_all(fd, src + run, n - run, off + run)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# Buffers
+# --------------------------------------------------------------------------
+
+cdef int get_read_buffer(object data, Py_buffer* view) except -1:
+    """Borrow ``data`` as contiguous bytes; TypeError/ValueError otherwise."""
+    try:
+        PyObject_GetBuffer(data, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+    except BufferError as e:
+        raise ValueError(f"data must be C-contiguous: {e}") from None
+    except TypeError:
+        raise TypeError(
+            f"data must be bytes-like or a uint8 array, not {type(data).__name__}") from None
+    if view.itemsize != 1 or (view.format != NULL and not (
+            view.format[0] == b'B' and view.format[1] == 0)):
+        fmt = view.format.decode() if view.format != NULL else "?"
+        PyBuffer_Release(view)
+        raise TypeError(f"data must be uint8 bytes, got a buffer of format {fmt!r}")
+    return 0
+
+
+def as_offsets(offsets):
+    """Byte offsets of a batch as int64; TypeError unless they are integers
+    (a float offset must not be truncated to some other place)."""
+    a = np.asarray(offsets)
+    if a.size and a.dtype.kind not in "iu":
+        raise TypeError(f"offsets must be integers, got an array of {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+cdef int get_write_buffer(object out, Py_buffer* view) except -1:
+    try:
+        PyObject_GetBuffer(out, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE)
+    except BufferError as e:
+        raise ValueError(f"out must be a writable C-contiguous buffer: {e}") from None
+    except TypeError:
+        raise TypeError(f"out must be a writable uint8 buffer, not {type(out).__name__}") from None
+    if view.itemsize != 1 or (view.format != NULL and not (
+            view.format[0] == b'B' and view.format[1] == 0)):
+        PyBuffer_Release(view)
+        raise TypeError("out must be a uint8 buffer")
+    return 0
