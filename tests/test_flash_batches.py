@@ -187,6 +187,34 @@ def test_batches_read_back_as_the_same_rows_as_single_saves(tmp_path_factory, op
         single.store.close()
 
 
+def test_batches_over_overlapping_relationships_keep_their_order(tmp_path):
+    """A batch of some of a group's relationships, then the whole group
+    again: the newest state of each wins, in the log and after a kill."""
+    batched, single = Side(tmp_path / "b"), Side(tmp_path / "s")
+    try:
+        for side in (batched, single):
+            side.ids = [None] * 3
+            for i in range(3):
+                side.ids[i] = side.store.save_flash(side.record(i, _fields(1)))
+        steps = [([0, 1, 2], 2), ([1], 3), ([0, 1, 2], 4), ([2], 5), ([0, 2], 6), ([0, 1, 2], 7),
+                 ([1], 8)]
+        for k, (rels, seq) in enumerate(steps):
+            batched.store.save_flashes([batched.record(i, _fields(seq)) for i in rels])
+            for i in rels:
+                single.store.save_flash(single.record(i, _fields(seq)))
+            want = single.rows()
+            assert batched.read_only() == want, steps[:k + 1]
+            assert batched.killed(tmp_path / f"k{k}") == want, steps[:k + 1]
+    finally:
+        batched.store.close()
+        single.store.close()
+
+
+def _fields(seq: int) -> dict:
+    return {"options": OPTS[0], "sequence": seq, "revertible": seq % 2 == 0,
+            **{k: (seq + j) % N_MAPS for j, k in enumerate(MAPS)}, "rv_sequence": seq - 1}
+
+
 def test_a_batch_that_names_a_relationship_twice_is_refused_whole(tmp_path):
     side = Side(tmp_path / "u")
     try:
