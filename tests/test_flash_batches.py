@@ -311,3 +311,27 @@ def test_a_session_recorded_in_batches_reopens_as_one_recorded_row_by_row(tmp_pa
     batched = _session_run(tmp_path / "batched", True, monkeypatch)
     assert single["stats"][0] < single["stats"][1]       # some CGs reverted
     assert batched == single
+
+
+def test_a_groups_fresh_bitmaps_come_from_the_pool_cleared_then_from_new_files(tmp_path):
+    """``SQLiteStore.new_bitmaps`` (a group's prepares take three per
+    relationship): recycled files first, every one cleared, then new files;
+    no file handed out twice."""
+    side = Side(tmp_path / "u")
+    store = side.store
+    try:
+        for m in side.maps:                # dirty, then recycled (no row names them)
+            m.set_range(0, N_BITS)
+        with store.transaction():
+            store._garbage |= {m.file_id for m in side.maps}
+        pooled = {m.file_id for m in store._pool.get(N_BITS, [])}
+        assert pooled == {m.file_id for m in side.maps}
+        got = store.new_bitmaps(N_BITS, N_MAPS + 3)
+        ids = [b.file_id for b in got]
+        assert len(set(ids)) == len(ids) == N_MAPS + 3
+        assert set(ids[:N_MAPS]) == pooled and not set(ids[N_MAPS:]) & pooled
+        assert all(not b.any() and b.n_bits == N_BITS for b in got)
+        assert all((store.bitmap_dir / f"{i}.bm").exists() for i in ids)
+        assert store.new_bitmaps(N_BITS, 0) == []
+    finally:
+        store.close()

@@ -42,7 +42,7 @@ from typing import cast
 
 import numpy as np
 
-from fastfc import faults
+from fastfc import _core, faults
 from fastfc._core import TrackBitmap
 from fastfc.errors import (CorruptUnitError, InjectedFault, NoSpaceError, ReadOnlyUnitError,
                            UnitClosedError)
@@ -545,6 +545,24 @@ class SQLiteStore(Store):
         bm.file_id, bm.path, bm._mm = fid, path, words
         self._maps[fid] = bm
         return bm
+
+    def new_bitmaps(self, n_bits: int, count: int) -> list[TrackBitmap]:
+        """``count`` empty bitmaps of ``n_bits`` (:meth:`new_bitmap` each):
+        recycled ones from the pool under one lock, cleared in one call,
+        then new files for the rest."""
+        if count <= 0:
+            return []
+        if self.readonly:
+            return [TrackBitmap(n_bits) for _ in range(count)]
+        got: list[TrackBitmap] = []
+        with self._lock:
+            pool = self._pool.get(n_bits)
+            if pool:
+                got = pool[-count:]
+                del pool[-count:]
+        _core.zero_bitmaps(got)
+        got += [self.new_bitmap(n_bits) for _ in range(count - len(got))]
+        return got
 
     def load_bitmap(self, fid: int | None, n_bits: int) -> FileBitmap | None:
         if fid is None:
