@@ -630,9 +630,13 @@ class SQLiteStore(Store):
     def _track(self, key: tuple[str, int], bitmaps) -> None:
         """Remember which bitmap files a row references now; the ones it no
         longer references are deleted after the transaction commits."""
-        now = {b.file_id for b in bitmaps if isinstance(b, FileBitmap)}
+        self._track_files(key, {b.file_id for b in bitmaps if isinstance(b, FileBitmap)})
+
+    def _track_files(self, key: tuple[str, int], now: set[int]) -> None:
+        """:meth:`_track` with the row's bitmap file ids."""
         old = self._set_row(key, now)
-        self._garbage |= old - now
+        if old:
+            self._garbage |= old - now
 
     def _collect(self) -> None:
         """After a commit: bitmaps no row references any more go back to the
@@ -788,18 +792,19 @@ class SQLiteStore(Store):
         options as stored). Inside a transaction."""
         rows = []
         ids = []
-        track = self._track
+        track = self._track_files
         null = _LOG_NULL
+        keys = self._FLASH_MAPS
         for r in records:
             rid = r["id"]
-            maps = (r["to_copy"], r["src_changed"], r["tgt_changed"],
-                    r["rv_to_copy"], r["rv_src_changed"], r["rv_tgt_changed"])
+            fids = [getattr(r[k], "file_id", null) for k in keys]
             rvs = r["rv_sequence"]
-            rows.append((rid, r["sequence"], 1 if r["revertible"] else 0,
-                         *[m.file_id if isinstance(m, FileBitmap) else null for m in maps],
+            rows.append((rid, r["sequence"], 1 if r["revertible"] else 0, *fids,
                          null if rvs is None else rvs))
             ids.append(rid)
-            track(("fc", rid), maps)
+            now = set(fids)
+            now.discard(null)
+            track(("fc", rid), now)
         body = np.array(rows, dtype="<i8").tobytes()
         latest = self._log_latest
         prev = latest.get(ids[0])
