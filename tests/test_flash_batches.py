@@ -335,3 +335,23 @@ def test_a_groups_fresh_bitmaps_come_from_the_pool_cleared_then_from_new_files(t
         assert store.new_bitmaps(N_BITS, 0) == []
     finally:
         store.close()
+
+
+def test_cgs_of_more_triplets_than_the_pool_size_reuse_their_bitmap_files(tmp_path,
+                                                                          monkeypatch):
+    """A commit drops three bitmap files per relationship and the next
+    prepare takes as many: the pool keeps them all, even past its nominal
+    size, so steady CGs create (and delete) no files."""
+    import fastfc.durable.sqlite as sqlite_mod
+    monkeypatch.setattr(sqlite_mod, "POOL_PER_SIZE", 4)
+    with StorageUnit(tmp_path / "p") as u1, StorageUnit(tmp_path / "s") as u2:
+        trips = [(u1.create_volume(f"A{i}", 8, 4096), u2.create_volume(f"B{i}", 8, 4096),
+                  u2.create_volume(f"C{i}", 8, 4096)) for i in range(6)]
+        gm = GlobalMirror(trips, initial_copy=False, max_coordination_time=1.0)
+        for _ in range(2):
+            assert gm.form_consistency_group().committed
+        files = sorted(p.name for p in (tmp_path / "s" / "bitmaps").glob("*.bm"))
+        for _ in range(3):
+            assert gm.form_consistency_group().committed
+        assert sorted(p.name for p in (tmp_path / "s" / "bitmaps").glob("*.bm")) == files
+        gm.close(discard=True)

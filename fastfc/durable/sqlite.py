@@ -641,13 +641,17 @@ class SQLiteStore(Store):
     def _collect(self) -> None:
         """After a commit: bitmaps no row references any more go back to the
         pool (a Global Mirror CG frees and needs the same sizes every time),
-        or are deleted when the pool is full."""
+        or are deleted when the pool is full. The pool keeps at least as many
+        per size as rows reference files in all (a CG of many triplets drops
+        three per relationship at its commit and takes as many at the next
+        prepare: fewer would make it delete and create files every CG)."""
         garbage = self._garbage
         refs = self._refs
+        cap = max(POOL_PER_SIZE, len(refs))
         for fid in [f for f in garbage if f not in refs]:
             bm = self._maps.pop(fid, None)
             pool = self._pool.setdefault(bm.n_bits, []) if bm is not None else None
-            if pool is not None and len(pool) < POOL_PER_SIZE:
+            if pool is not None and len(pool) < cap:
                 assert bm is not None   # a pool is looked up for a bitmap only
                 self._maps[fid] = bm
                 pool.append(bm)
