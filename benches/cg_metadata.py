@@ -17,7 +17,9 @@ the secondary B and C. Statements are counted on both units' connections
 
 Modes: ``memory`` (volumes of no unit), ``shm-single`` and ``shm-batched``
 (units in /dev/shm), ``disk-single`` and ``disk-batched`` (units under
-``--disk``). "batched" routes each group's steps through ``save_flashes``
+``--disk``); with ``--baseline-tree DIR`` also ``shm-baseline`` and
+``disk-baseline``: "single" on the fastfc of another checkout (its built
+extension in place), e.g. the commit before the FlashCopy log. "batched" routes each group's steps through ``save_flashes``
 with the test shim ``tests/batched_saves.py`` while the CG path itself does
 not (it is a no-op once it does).
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -36,6 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("memory", "shm-single", "shm-batched", "disk-single", "disk-batched")
+# with --baseline-tree: the per-relationship modes run on another checkout
+BASELINE_MODES = ("shm-baseline", "disk-baseline")
 
 
 def child(mode: str, n: int, cgs: int, disk: str) -> dict:
@@ -102,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--disk", default="/var/tmp",
                     help="a directory on the disk for the disk modes")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--baseline-tree", type=Path,
+                    help="a checkout whose fastfc the *-baseline modes import")
     ap.add_argument("--child", nargs=4, metavar=("MODE", "N", "CGS", "DISK"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -110,6 +117,8 @@ def main(argv=None) -> int:
         print(json.dumps(child(mode, int(n), int(cgs), disk)))
         return 0
     Path(args.disk).mkdir(parents=True, exist_ok=True)
+    if args.baseline_tree is not None:
+        args.modes = list(args.modes) + [m for m in BASELINE_MODES if m not in args.modes]
     results: dict = {}
     for rnd in range(args.rounds):
         for n in args.triplets:
@@ -118,9 +127,14 @@ def main(argv=None) -> int:
                 # CG counts sized for about --seconds (memory forms CGs fastest)
                 per_s = {"memory": 2000, "shm": 400, "disk": 150}[mode.split("-")[0]]
                 cgs = max(20, int(args.seconds * per_s * 16 / max(n, 16)))
-                out = subprocess.run([sys.executable, "-m", "benches.cg_metadata", "--child",
-                                      mode, str(n), str(cgs), args.disk], cwd=ROOT,
-                                     capture_output=True, text=True, timeout=900)
+                env = None
+                run_mode = mode
+                if mode.endswith("baseline"):
+                    env = dict(os.environ, PYTHONPATH=str(args.baseline_tree))
+                    run_mode = mode.replace("baseline", "single")
+                out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
+                                      run_mode, str(n), str(cgs), args.disk], cwd=ROOT, env=env,
+                                     capture_output=True, text=True, timeout=1800)
                 if out.returncode:
                     raise SystemExit(f"{mode} n={n} failed:\n{out.stderr}")
                 r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -138,15 +152,18 @@ def main(argv=None) -> int:
             print(f"  {m:13s} {med(m, n, 'cgs_per_s'):9.1f} ({med(m, n, 'cgs_per_s', min):9.1f})"
                   f"  {med(m, n, 'stmts_per_cg'):7.1f}")
         ratios = [("shm-batched", "memory"), ("shm-single", "memory"),
+                  ("shm-baseline", "memory"), ("disk-baseline", "shm-baseline"),
+                  ("shm-batched", "shm-baseline"), ("disk-batched", "disk-baseline"),
                   ("shm-batched", "shm-single"), ("disk-batched", "shm-batched"),
                   ("disk-single", "shm-single"), ("disk-batched", "disk-single")]
         for a, b in ratios:
             if a in have and b in have:
                 print(f"  CG/s {a} / {b}: {med(a, n, 'cgs_per_s') / med(b, n, 'cgs_per_s'):.3f}"
                       f" (per-round min {min(x['cgs_per_s'] / y['cgs_per_s'] for x, y in zip(results[(a, n)], results[(b, n)])):.3f})")
-        if "shm-single" in have and "shm-batched" in have:
-            print(f"  statements/CG batched / single: "
-                  f"{med('shm-batched', n, 'stmts_per_cg') / med('shm-single', n, 'stmts_per_cg'):.3f}")
+        for base in ("shm-single", "shm-baseline"):
+            if base in have and "shm-batched" in have:
+                print(f"  statements/CG shm-batched / {base}: "
+                      f"{med('shm-batched', n, 'stmts_per_cg') / med(base, n, 'stmts_per_cg'):.3f}")
     if args.json:
         args.json.write_text(json.dumps({f"{m}/{n}": v for (m, n), v in results.items()},
                                         indent=1))
