@@ -558,7 +558,7 @@ class SQLiteStore(Store):
         with self._lock:
             pool = self._pool.get(n_bits)
             if pool:
-                got = pool[-count:]
+                got = list(pool[-count:])
                 del pool[-count:]
         _core.zero_bitmaps(got)
         got += [self.new_bitmap(n_bits) for _ in range(count - len(got))]
@@ -817,7 +817,8 @@ class SQLiteStore(Store):
             # the same relationships as the newest row naming any of them
             self.db.execute("UPDATE flash_log SET body=? WHERE step=?", (body, prev))
             return
-        step = self.db.execute("INSERT INTO flash_log(body) VALUES(?)", (body,)).lastrowid
+        step = cast(int, self.db.execute("INSERT INTO flash_log(body) VALUES(?)",
+                                         (body,)).lastrowid)
         live = self._log_live
         for i in ids:
             p = latest.get(i)
