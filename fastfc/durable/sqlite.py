@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import json
+import operator
 import os
 import sqlite3
 import threading
@@ -586,31 +587,41 @@ class SQLiteStore(Store):
         return bm
 
     def _set_row(self, key: tuple[str, int], now: set[int] | None) -> set[int]:
-        """Set (None: drop) the bitmap files row ``key`` references, keeping
-        the reference counts and the open transaction's undo record; returns
-        what it referenced before."""
+        """Set (None: drop) the bitmap files row ``key`` references (see
+        :meth:`_set_rows`); returns those it no longer references."""
+        return self._set_rows(((key, now),))
+
+    def _set_rows(self, items) -> set[int]:
+        """Set (None: drop) the bitmap files each row references (``items``:
+        ``(key, set of file ids or None)``), keeping the reference counts
+        and the open transaction's undo record; returns the files the rows
+        no longer reference."""
         rows = self._row_bitmaps
-        old = rows.get(key)
-        if self._undo:
-            undo = self._undo[-1]
-            if key not in undo:
-                undo[key] = _MISSING if old is None else old
+        undo = self._undo[-1] if self._undo else None
         refs = self._refs
-        before = old or set()
-        after = now or set()
-        for fid in after - before:
-            refs[fid] = refs.get(fid, 0) + 1
-        for fid in before - after:
-            n = refs.get(fid, 0) - 1
-            if n > 0:
-                refs[fid] = n
+        gone: set[int] = set()
+        for key, now in items:
+            old = rows.get(key)
+            if undo is not None and key not in undo:
+                undo[key] = _MISSING if old is None else old
+            if now is None:
+                rows.pop(key, None)
             else:
-                refs.pop(fid, None)
-        if now is None:
-            rows.pop(key, None)
-        else:
-            rows[key] = now
-        return before
+                rows[key] = now
+            if old == now:
+                continue
+            before = old or set()
+            after = now or set()
+            for fid in after - before:
+                refs[fid] = refs.get(fid, 0) + 1
+            for fid in before - after:
+                gone.add(fid)
+                n = refs.get(fid, 0) - 1
+                if n > 0:
+                    refs[fid] = n
+                else:
+                    refs.pop(fid, None)
+        return gone
 
     def _rollback_rows(self, undo: dict) -> None:
         """Put back the rows a rolled-back transaction level changed, and
@@ -634,9 +645,9 @@ class SQLiteStore(Store):
 
     def _track_files(self, key: tuple[str, int], now: set[int]) -> None:
         """:meth:`_track` with the row's bitmap file ids."""
-        old = self._set_row(key, now)
-        if old:
-            self._garbage |= old - now
+        gone = self._set_row(key, now)
+        if gone:
+            self._garbage |= gone
 
     def _collect(self) -> None:
         """After a commit: bitmaps no row references any more go back to the
@@ -796,19 +807,22 @@ class SQLiteStore(Store):
         options as stored). Inside a transaction."""
         rows = []
         ids = []
-        track = self._track_files
+        files = []
         null = _LOG_NULL
-        keys = self._FLASH_MAPS
+        maps_of = operator.itemgetter(*self._FLASH_MAPS)
         for r in records:
             rid = r["id"]
-            fids = [getattr(r[k], "file_id", null) for k in keys]
+            fids = [getattr(m, "file_id", null) for m in maps_of(r)]
             rvs = r["rv_sequence"]
             rows.append((rid, r["sequence"], 1 if r["revertible"] else 0, *fids,
                          null if rvs is None else rvs))
             ids.append(rid)
             now = set(fids)
             now.discard(null)
-            track(("fc", rid), now)
+            files.append((("fc", rid), now))
+        gone = self._set_rows(files)
+        if gone:
+            self._garbage |= gone
         body = np.array(rows, dtype="<i8").tobytes()
         latest = self._log_latest
         prev = latest.get(ids[0])
