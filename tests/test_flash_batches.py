@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastfc import GlobalMirror, StorageUnit, faults
+from fastfc import FlashCopy, GlobalMirror, StorageUnit, faults
 from fastfc.durable.sqlite import SQLiteStore
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -355,3 +355,30 @@ def test_cgs_of_more_triplets_than_the_pool_size_reuse_their_bitmap_files(tmp_pa
             assert gm.form_consistency_group().committed
         assert sorted(p.name for p in (tmp_path / "s" / "bitmaps").glob("*.bm")) == files
         gm.close(discard=True)
+
+
+def test_a_unit_from_before_the_flashcopy_log_opens_and_is_upgraded_read_write(tmp_path):
+    """Schema 1 (no flash_log table): read-only opens read it as it is; the
+    first read-write open adds the table and records schema 2, which a
+    fastfc that knows no log refuses."""
+    import sqlite3
+    path = tmp_path / "u"
+    with StorageUnit(path) as u:
+        s, t = u.create_volume("S", 8, 4096), u.create_volume("T", 8, 4096)
+        FlashCopy(s, t, background_copy=False, record=True)
+    db = sqlite3.connect(path / "unit.db")
+    db.execute("DROP TABLE flash_log")
+    db.execute("UPDATE meta SET value='1' WHERE key='schema'")
+    db.commit()
+    db.close()
+    with StorageUnit(path, readonly=True) as u:
+        assert [fc.target.name for fc in u.flashcopies] == ["T"]
+    db = sqlite3.connect(path / "unit.db")
+    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("1",)
+    db.close()
+    with StorageUnit(path) as u:
+        assert [fc.target.name for fc in u.flashcopies] == ["T"]
+    db = sqlite3.connect(path / "unit.db")
+    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+    assert db.execute("SELECT count(*) FROM flash_log").fetchone() == (0,)
+    db.close()
