@@ -47,12 +47,15 @@ import numpy as np
 from fastfc import GlobalMirror, GMState, StorageUnit, faults
 from fastfc.tools.testing import RandomWriters
 
+sys.path.insert(0, str(Path(__file__).parent))
+import batched_saves  # noqa: E402
+
 N_TRIPLETS = 3
 N_TRACKS = 32
 TRACK = 4096
 SESSION = "gm"
 POINTS = ("none", "prepare", "commit", "revert", "decision", "drain", "link", "cow",
-          "coordinate", "resolve", "barrier", "copy")
+          "coordinate", "resolve", "barrier", "copy", "statement")
 # what the child does after --run-for seconds of the loop (writers stopped)
 THEN = ("loop", "recover", "close")
 
@@ -60,6 +63,8 @@ THEN = ("loop", "recover", "close")
 # -- helpers shared with the parent --------------------------------------------
 # the units' durability level (the kill-anywhere guarantee holds at both)
 DURABILITY = os.environ.get("FASTFC_CRASH_DURABILITY", "process")
+# each group's FlashCopy step recorded as one batch (tests/batched_saves.py)
+BATCHED = os.environ.get("FASTFC_CRASH_BATCHED", "1") == "1"
 
 def unit_dirs(root: Path) -> tuple[Path, Path]:
     return root / "primary", root / "secondary"
@@ -156,6 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--run-for", type=float, default=0.3)
     args = ap.parse_args(argv)
     root = args.root
+    if BATCHED:
+        batched_saves.install()
 
     if not (root / "ready").exists():
         create(root, args.seed)
@@ -170,11 +177,11 @@ def main(argv=None) -> int:
     B = [t.b for t in gm.triplets]
     i = args.index % len(A)
 
-    def kill(point: str):
+    def kill(point: str, **more):
         def action() -> None:
             # the CG attempt in flight (the loop thread holds the session lock)
             info = {"point": point, "sequence": gm._next_sequence - 1,
-                    "committed": gm.stats.sequence}
+                    "committed": gm.stats.sequence, **more}
             (root / "kill.json").write_text(json.dumps(info))
             os.kill(os.getpid(), signal.SIGKILL)
         return action
@@ -201,6 +208,16 @@ def main(argv=None) -> int:
         faults.inject("coordinate", after=k, action=kill(pt))
     elif pt == "barrier":
         faults.inject("barrier", after=k, action=kill(pt))
+    elif pt == "statement":
+        # before the secondary unit's SQL statement number k (from 0, once
+        # the loop starts): between any two statements of its transactions
+        left = [k]
+
+        def on_statement(sql: str) -> None:
+            if left[0] == 0:
+                kill(pt, sql=sql[:40])()
+            left[0] -= 1
+        u2.store.db.set_trace_callback(on_statement)
     elif pt == "resolve":
         # every commit of attempt k+1 fails, so the session resolves the CG by
         # reverting all (none committed); killed at this volume's revert

@@ -292,8 +292,8 @@ class PowerCutRecorder:
         txn = SQLiteStore._transaction
 
         @contextmanager
-        def transaction(store, level):
-            with txn(store, level):
+        def transaction(store, level, *args, **kwargs):
+            with txn(store, level, *args, **kwargs):
                 yield
             if level == 0 and store.db.execute("PRAGMA synchronous").fetchone()[0] >= 2:
                 rec.refresh_db(store, "sqlite commit (fsynced)")

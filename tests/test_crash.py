@@ -234,6 +234,32 @@ def test_kill_at_named_point(tmp_path, point, index):
         TALLY[point][1] += 1
 
 
+# the secondary unit's statements of two CGs and a bit (about 8 per CG)
+STATEMENTS = int(os.environ.get("FASTFC_CRASH_STATEMENTS", "18"))
+
+
+def test_kill_between_any_two_statements_of_a_cg(tmp_path):
+    """Killed before each of the secondary unit's SQL statements in turn
+    (its transactions: the prepare batch and the decision, the commit batch
+    and the counters, a fold of the FlashCopy log): every C comes back on
+    one CG, the one in flight or the one before it."""
+    committed_before = 0
+    killed_at = []
+    for k in range(STATEMENTS):
+        TALLY["statement"][0] += 1
+        run_child(tmp_path, point="statement", after=k, seed=k)
+        info = kill_info(tmp_path)
+        assert info is not None and info["point"] == "statement", info
+        killed_at.append(info["sql"].split("=")[0])
+        seq, _ = check(tmp_path, secondary_first=k % 2 == 0)
+        assert info["committed"] >= committed_before
+        assert seq in (info["committed"], info["sequence"]), (info, seq)
+        committed_before = seq + 1                # the parent's CG
+        TALLY["statement"][1] += 1
+    if cc.BATCHED:      # the kills met the batch record, both steps of a CG
+        assert sum("flash_log" in s for s in killed_at) >= 2, killed_at
+
+
 @pytest.mark.parametrize("point", ["drain", "cow", "decision", "commit"])
 def test_kill_at_named_point_with_durability_power(tmp_path, point, monkeypatch):
     """The kill-anywhere guarantee at durability "power" too: its ordered

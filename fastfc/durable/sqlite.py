@@ -16,12 +16,22 @@ cache, so after reopening, every FlashCopy target reads as its exact
 point-in-time image. SQLite holds which bitmap plays which role, sequence
 numbers, states and consistency-group decisions; swapping bitmaps on commit
 or revert is one row update, still O(1).
+
+A consistency group's FlashCopy step over many relationships (prepare,
+commit or revert of a group, :meth:`SQLiteStore.save_flashes`) is one row of
+the FlashCopy log, ``flash_log``: every relationship's sequence, flag and
+bitmap file ids packed in one blob, replacing the group's previous row in
+place. So a CG costs the unit a handful of statements whatever its size.
+The log is folded into the ``flashcopies`` rows when a relationship it names
+is saved or dropped alone, when it has many rows, and at open and close;
+readers see the rows with the log applied (:meth:`SQLiteStore.flash_rows`).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import operator
 import os
 import sqlite3
 import threading
@@ -33,7 +43,7 @@ from typing import cast
 
 import numpy as np
 
-from fastfc import faults
+from fastfc import _core, faults
 from fastfc._core import TrackBitmap
 from fastfc.errors import (CorruptUnitError, InjectedFault, NoSpaceError, ReadOnlyUnitError,
                            UnitClosedError)
@@ -41,7 +51,17 @@ from fastfc.storage.store import Store
 
 _MISSING = object()    # an undo record's "the row had no bitmaps entry"
 
-SCHEMA_VERSION = 1
+#: 2: FlashCopy batches in ``flash_log`` (a unit with a non-empty log must
+#: not be read by a fastfc that reads only the ``flashcopies`` rows)
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)   # a schema-1 unit is upgraded by its first read-write open
+
+# the FlashCopy log's columns: one little-endian int64 each, per relationship
+_LOG_COLUMNS = ("id", "sequence", "revertible", "to_copy", "src_changed", "tgt_changed",
+                "rv_to_copy", "rv_src_changed", "rv_tgt_changed", "rv_sequence")
+_LOG_WIDTH = len(_LOG_COLUMNS)
+_LOG_NULL = -1                 # None (no bitmap file, no revert sequence)
+_LOG_ROWS_MAX = 64             # more log rows than this are folded into flashcopies
 
 
 class FileBitmap(TrackBitmap):
@@ -153,6 +173,7 @@ CREATE TABLE IF NOT EXISTS partners(uuid TEXT PRIMARY KEY, path TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS secondaries(
     name TEXT PRIMARY KEY, primary_unit TEXT NOT NULL, primary_name TEXT NOT NULL,
     mode TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS flash_log(step INTEGER PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS session_stats(
     name TEXT PRIMARY KEY, attempts INTEGER NOT NULL, successes INTEGER NOT NULL,
     failures TEXT NOT NULL, commit_failures_resolved INTEGER NOT NULL,
@@ -308,9 +329,15 @@ class SQLiteStore(Store):
                 raise CorruptUnitError(f"{db} holds no unit metadata (empty or truncated), "
                                        f"but {directory} holds volume or bitmap files")
             self.db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) != SCHEMA_VERSION:
+        elif int(row[0]) not in READABLE_SCHEMAS:
             self.db.close()
-            raise CorruptUnitError(f"{db} has schema {row[0]}; this fastfc reads {SCHEMA_VERSION}")
+            raise CorruptUnitError(f"{db} has schema {row[0]}; this fastfc reads "
+                                   f"{', '.join(map(str, READABLE_SCHEMAS))}")
+        elif int(row[0]) != SCHEMA_VERSION and not readonly:
+            # a unit from before the FlashCopy log: its table exists now
+            # (_SCHEMA), and a fastfc that would not read it must refuse
+            # the unit from here on
+            self.db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
         row = self.db.execute("SELECT value FROM meta WHERE key='uuid'").fetchone()
         if row is None and not readonly:
             # a unit made before units had an id gets one the first time it
@@ -359,6 +386,20 @@ class SQLiteStore(Store):
         self._pool: dict[int, list[FileBitmap]] = {}     # unreferenced, by n_bits
         self._garbage: set[int] = set()
         self._options_json: dict[tuple, str] = {}   # FlashCopy options -> their JSON
+        # the FlashCopy log (save_flashes): the log row holding each logged
+        # relationship's newest state, each row's relationship ids, and for
+        # how many of them each row is still the newest (a row that is so
+        # for none is deleted)
+        self._log_latest: dict[int, int] = {}
+        self._log_ids: dict[int, list[int]] = {}
+        self._log_live: dict[int, int] = {}
+        #: each flashcopies row's options as last written (a batch that
+        #: changes them is saved row by row)
+        self._fc_options: dict[int, dict] = {}
+        self._trimmed: dict[str, int] = {}   # session -> the decision that last trimmed
+        self._has_log = "flash_log" in self._tables
+        if self._has_log:
+            self._load_log_index()
         self.fsyncs = 0   # commits, each one fsync of the WAL
         self.msyncs = 0   # volume and bitmap syncs (sync(): durability "power")
         if not readonly:
@@ -426,7 +467,7 @@ class SQLiteStore(Store):
             if level == 0 and not sync and self.durability == "power":
                 self.db.execute("PRAGMA synchronous=NORMAL")
             try:
-                with self._transaction(level):
+                with self._transaction(level, fsync=sync):
                     yield
             finally:
                 if level == 0 and not sync and self.durability == "power":
@@ -479,7 +520,7 @@ class SQLiteStore(Store):
             "with room (free space, e.g. remove a volume)")
 
     @contextmanager
-    def _transaction(self, level: int):
+    def _transaction(self, level: int, fsync: bool = False):
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE" if level == 0 else f"SAVEPOINT sp{level}")
             saved_garbage = set(self._garbage)
@@ -499,6 +540,7 @@ class SQLiteStore(Store):
                     self.db.execute(f"RELEASE sp{level}")
                 self._rollback_rows(self._undo.pop())
                 self._garbage = saved_garbage
+                self._rollback_log()
                 if _is_full(e) and level == 0:
                     freed = release_reserve(self.dir)
                     raise NoSpaceError(
@@ -514,7 +556,7 @@ class SQLiteStore(Store):
                 for k, v in undo.items():
                     parent.setdefault(k, v)
             if level == 0:
-                if self.db.execute("PRAGMA synchronous").fetchone()[0] >= 2:
+                if fsync:        # synchronous=FULL: the commit fsynced the WAL
                     self.fsyncs += 1
                 self._collect()
             else:
@@ -569,6 +611,24 @@ class SQLiteStore(Store):
         self._maps[fid] = bm
         return bm
 
+    def new_bitmaps(self, n_bits: int, count: int) -> list[TrackBitmap]:
+        """``count`` empty bitmaps of ``n_bits`` (:meth:`new_bitmap` each):
+        recycled ones from the pool under one lock, cleared in one call,
+        then new files for the rest."""
+        if count <= 0:
+            return []
+        if self.readonly:
+            return [TrackBitmap(n_bits) for _ in range(count)]
+        got: list[TrackBitmap] = []
+        with self._lock:
+            pool = self._pool.get(n_bits)
+            if pool:
+                got = list(pool[-count:])
+                del pool[-count:]
+        _core.zero_bitmaps(got)
+        got += [self.new_bitmap(n_bits) for _ in range(count - len(got))]
+        return got
+
     def load_bitmap(self, fid: int | None, n_bits: int) -> FileBitmap | None:
         if fid is None:
             return None
@@ -591,31 +651,41 @@ class SQLiteStore(Store):
         return bm
 
     def _set_row(self, key: tuple[str, int], now: set[int] | None) -> set[int]:
-        """Set (None: drop) the bitmap files row ``key`` references, keeping
-        the reference counts and the open transaction's undo record; returns
-        what it referenced before."""
+        """Set (None: drop) the bitmap files row ``key`` references (see
+        :meth:`_set_rows`); returns those it no longer references."""
+        return self._set_rows(((key, now),))
+
+    def _set_rows(self, items) -> set[int]:
+        """Set (None: drop) the bitmap files each row references (``items``:
+        ``(key, set of file ids or None)``), keeping the reference counts
+        and the open transaction's undo record; returns the files the rows
+        no longer reference."""
         rows = self._row_bitmaps
-        old = rows.get(key)
-        if self._undo:
-            undo = self._undo[-1]
-            if key not in undo:
-                undo[key] = _MISSING if old is None else old
+        undo = self._undo[-1] if self._undo else None
         refs = self._refs
-        before = old or set()
-        after = now or set()
-        for fid in after - before:
-            refs[fid] = refs.get(fid, 0) + 1
-        for fid in before - after:
-            n = refs.get(fid, 0) - 1
-            if n > 0:
-                refs[fid] = n
+        gone: set[int] = set()
+        for key, now in items:
+            old = rows.get(key)
+            if undo is not None and key not in undo:
+                undo[key] = _MISSING if old is None else old
+            if now is None:
+                rows.pop(key, None)
             else:
-                refs.pop(fid, None)
-        if now is None:
-            rows.pop(key, None)
-        else:
-            rows[key] = now
-        return before
+                rows[key] = now
+            if old == now:
+                continue
+            before = old or set()
+            after = now or set()
+            for fid in after - before:
+                refs[fid] = refs.get(fid, 0) + 1
+            for fid in before - after:
+                gone.add(fid)
+                n = refs.get(fid, 0) - 1
+                if n > 0:
+                    refs[fid] = n
+                else:
+                    refs.pop(fid, None)
+        return gone
 
     def _rollback_rows(self, undo: dict) -> None:
         """Put back the rows a rolled-back transaction level changed, and
@@ -635,20 +705,28 @@ class SQLiteStore(Store):
     def _track(self, key: tuple[str, int], bitmaps) -> None:
         """Remember which bitmap files a row references now; the ones it no
         longer references are deleted after the transaction commits."""
-        now = {b.file_id for b in bitmaps if isinstance(b, FileBitmap)}
-        old = self._set_row(key, now)
-        self._garbage |= old - now
+        self._track_files(key, {b.file_id for b in bitmaps if isinstance(b, FileBitmap)})
+
+    def _track_files(self, key: tuple[str, int], now: set[int]) -> None:
+        """:meth:`_track` with the row's bitmap file ids."""
+        gone = self._set_row(key, now)
+        if gone:
+            self._garbage |= gone
 
     def _collect(self) -> None:
         """After a commit: bitmaps no row references any more go back to the
         pool (a Global Mirror CG frees and needs the same sizes every time),
-        or are deleted when the pool is full."""
+        or are deleted when the pool is full. The pool keeps at least as many
+        per size as rows reference files in all (a CG of many triplets drops
+        three per relationship at its commit and takes as many at the next
+        prepare: fewer would make it delete and create files every CG)."""
         garbage = self._garbage
         refs = self._refs
+        cap = max(POOL_PER_SIZE, len(refs))
         for fid in [f for f in garbage if f not in refs]:
             bm = self._maps.pop(fid, None)
             pool = self._pool.setdefault(bm.n_bits, []) if bm is not None else None
-            if pool is not None and len(pool) < POOL_PER_SIZE:
+            if pool is not None and len(pool) < cap:
                 assert bm is not None   # a pool is looked up for a bitmap only
                 self._maps[fid] = bm
                 pool.append(bm)
@@ -717,6 +795,9 @@ class SQLiteStore(Store):
                    "rv_to_copy", "rv_src_changed", "rv_tgt_changed")
 
     def save_flash(self, record: dict) -> int:
+        """Record one relationship in its ``flashcopies`` row (a relationship
+        the FlashCopy log names has the log folded into the rows first, so
+        that the row is its newest state)."""
         maps = [record[k] for k in self._FLASH_MAPS]
         ids = [getattr(m, "file_id", None) for m in maps]
         opts = record["options"]
@@ -728,6 +809,8 @@ class SQLiteStore(Store):
                 self._options_json[key] = options
         rid = record["id"]
         with self._atomic():
+            if rid is not None and rid in self._log_latest:
+                self._fold_log()
             if rid is None:
                 rid = self.db.execute(
                     "INSERT INTO flashcopies(source, target, options, sequence, revertible)"
@@ -741,11 +824,152 @@ class SQLiteStore(Store):
                 (options, record["sequence"], int(record["revertible"]), *ids,
                  record["rv_sequence"], rid))
             self._track(("fc", rid), maps)
+            self._fc_options[rid] = dict(opts)
         return rid
+
+    def save_flashes(self, records: list[dict]) -> list[int | None]:
+        """Record a batch of relationships (one consistency group's step on
+        this unit) as one row of the FlashCopy log, whatever their number:
+        each relationship's id, sequence, revertible flag, bitmap file ids
+        and revert sequence, packed (``_LOG_COLUMNS``). The log is folded
+        into the ``flashcopies`` rows when a relationship it names is saved
+        or dropped alone, when it grows past ``_LOG_ROWS_MAX`` rows, when
+        the unit is opened and when it is closed; until then
+        :meth:`flash_rows` reads the rows with the log applied.
+
+        The batch's newest log row replaces the previous one in place when
+        that one names the same relationships and nothing newer does (a
+        session's groups: one statement per step); else it is a new row,
+        and a row that no longer holds any relationship's newest state is
+        deleted. A record with no row yet (id None), or whose options differ
+        from its row's, is saved by :meth:`save_flash`, in the same commit.
+        """
+        if not records:
+            return []
+        named = [r["id"] for r in records if r["id"] is not None]
+        if len(set(named)) != len(named):
+            twice = sorted({i for i in named if named.count(i) > 1})
+            raise ValueError(f"a batch of FlashCopy records names row(s) {twice} more than "
+                             "once; give each relationship's record once")
+        with self._atomic():
+            out: list[int | None] = []
+            logged = []
+            fc_options = self._fc_options
+            for r in records:
+                rid = r["id"]
+                if rid is None or fc_options.get(rid) != r["options"]:
+                    rid = self.save_flash(r)
+                else:
+                    logged.append(r)
+                out.append(rid)
+            if logged:
+                self._log_batch(logged)
+        return out
+
+    def _log_batch(self, records: list[dict]) -> None:
+        """The FlashCopy log row of ``records`` (each with a row already, its
+        options as stored). Inside a transaction."""
+        rows = []
+        ids = []
+        files = []
+        null = _LOG_NULL
+        maps_of = operator.itemgetter(*self._FLASH_MAPS)
+        for r in records:
+            rid = r["id"]
+            fids = [getattr(m, "file_id", null) for m in maps_of(r)]
+            rvs = r["rv_sequence"]
+            rows.append((rid, r["sequence"], 1 if r["revertible"] else 0, *fids,
+                         null if rvs is None else rvs))
+            ids.append(rid)
+            now = set(fids)
+            now.discard(null)
+            files.append((("fc", rid), now))
+        gone = self._set_rows(files)
+        if gone:
+            self._garbage |= gone
+        body = np.array(rows, dtype="<i8").tobytes()
+        latest = self._log_latest
+        prev = latest.get(ids[0])
+        if (prev is not None and len(self._log_ids[prev]) == len(ids)
+                and all(latest.get(i) == prev for i in ids)):
+            # the same relationships as the newest row naming any of them
+            self.db.execute("UPDATE flash_log SET body=? WHERE step=?", (body, prev))
+            return
+        step = cast(int, self.db.execute("INSERT INTO flash_log(body) VALUES(?)",
+                                         (body,)).lastrowid)
+        live = self._log_live
+        for i in ids:
+            p = latest.get(i)
+            if p is not None:
+                live[p] -= 1
+                if not live[p]:
+                    self.db.execute("DELETE FROM flash_log WHERE step=?", (p,))
+                    del live[p], self._log_ids[p]
+            latest[i] = step
+        live[step] = len(ids)
+        self._log_ids[step] = ids
+        if len(live) > _LOG_ROWS_MAX:
+            self._fold_log()
+
+    @staticmethod
+    def _log_entries(bodies) -> dict[int, tuple]:
+        """The newest logged state of each relationship in log row bodies
+        (oldest first): id -> the values of ``_LOG_COLUMNS[1:]``, None for
+        ``_LOG_NULL`` where a column may be None."""
+        newest: dict[int, tuple] = {}
+        for body in bodies:
+            if len(body) % (8 * _LOG_WIDTH):
+                raise CorruptUnitError(f"a FlashCopy log row holds {len(body)} bytes, "
+                                       f"not a multiple of {8 * _LOG_WIDTH}")
+            for v in np.frombuffer(body, dtype="<i8").reshape(-1, _LOG_WIDTH).tolist():
+                newest[v[0]] = (v[1], v[2], *[None if x == _LOG_NULL else x for x in v[3:]])
+        return newest
+
+    def _fold_log(self) -> None:
+        """Write the log's newest state of each relationship it names into
+        the ``flashcopies`` rows and empty the log. Inside a transaction."""
+        bodies = [b for (b,) in self.db.execute("SELECT body FROM flash_log ORDER BY step")]
+        newest = self._log_entries(bodies)
+        self.db.executemany(
+            "UPDATE flashcopies SET sequence=?, revertible=?, to_copy=?, src_changed=?,"
+            " tgt_changed=?, rv_to_copy=?, rv_src_changed=?, rv_tgt_changed=?, rv_sequence=?"
+            " WHERE id=?", [(*v, rid) for rid, v in newest.items()])
+        self.db.execute("DELETE FROM flash_log")
+        self._log_latest.clear()
+        self._log_ids.clear()
+        self._log_live.clear()
+
+    def _load_log_index(self) -> None:
+        """The log's bookkeeping (:attr:`_log_latest` and the rest) from the
+        database: at open, and after a rollback."""
+        latest: dict[int, int] = {}
+        ids_of: dict[int, list[int]] = {}
+        live: dict[int, int] = {}
+        for step, body in self.db.execute("SELECT step, body FROM flash_log ORDER BY step"):
+            ids = np.frombuffer(body, dtype="<i8")[::_LOG_WIDTH].tolist()
+            ids_of[step] = ids
+            live[step] = 0
+            for i in ids:
+                p = latest.get(i)
+                if p is not None:
+                    live[p] -= 1
+                latest[i] = step
+                live[step] += 1
+        self._log_latest, self._log_ids, self._log_live = latest, ids_of, live
+
+    def _rollback_log(self) -> None:
+        """After a rollback: the log's bookkeeping as the database has it,
+        and no options known (they are read again as rows are saved)."""
+        self._fc_options.clear()
+        if self._has_log:
+            self._load_log_index()
 
     def drop_flash(self, record_id: int | None, target_flags: dict) -> None:
         with self._atomic():
             if record_id is not None:
+                if record_id in self._log_latest:
+                    self._fold_log()   # (a later row could take its id)
+                self._fc_options.pop(record_id, None)
                 self.db.execute("DELETE FROM flashcopies WHERE id=?", (record_id,))
                 self._track(("fc", record_id), [])
                 self._set_row(("fc", record_id), None)
@@ -753,8 +977,33 @@ class SQLiteStore(Store):
                             (int(target_flags["invalid"]), target_flags["name"]))
 
     def flash_rows(self) -> list[dict]:
-        """The stored relationships as rows (bitmap file ids, options as JSON)."""
-        return self._rows("flashcopies")
+        """The stored relationships as rows (bitmap file ids, options as JSON),
+        each at its newest state: the FlashCopy log is folded into the rows
+        first (read-write), or applied to what is read (read-only, or a
+        filesystem with no room for the fold)."""
+        if self._has_log and not self.readonly:
+            with self._lock:
+                if self._log_live:
+                    try:
+                        with self.transaction(sync=False):
+                            self._fold_log()
+                    except NoSpaceError:
+                        pass             # applied below; the log stays, intact
+        rows = self._rows("flashcopies")
+        if self._has_log:
+            newest = self._log_entries(
+                b for (b,) in self.query("SELECT body FROM flash_log ORDER BY step"))
+            cols = _LOG_COLUMNS[1:]
+            for row in rows:
+                v = newest.get(row["id"])
+                if v is not None:
+                    row.update(zip(cols, v))
+        for row in rows:
+            try:
+                self._fc_options[row["id"]] = json.loads(row["options"])
+            except (TypeError, ValueError):
+                pass                     # (flash_record says what is wrong)
+        return rows
 
     def flash_record(self, row: dict, n_bits: int) -> dict:
         """A stored relationship's row (:meth:`flash_rows`) as a record
@@ -883,9 +1132,13 @@ class SQLiteStore(Store):
         with self._atomic():
             self.db.execute("INSERT OR REPLACE INTO decisions VALUES(?,?,?)",
                             (session, sequence, decision))
-            # keep the table small: only the newest decisions matter
-            self.db.execute("DELETE FROM decisions WHERE session=? AND sequence < ?",
-                            (session, sequence - 16))
+            # keep the table small: only the newest decisions matter (the
+            # 16 newest and at most 16 before them: trimmed every 16 CGs)
+            trimmed = self._trimmed.get(session)
+            if trimmed is None or not 0 <= sequence - trimmed < 16:
+                self.db.execute("DELETE FROM decisions WHERE session=? AND sequence < ?",
+                                (session, sequence - 16))
+                self._trimmed[session] = sequence
 
     def decision(self, session: str, sequence: int) -> str | None:
         row = self.query("SELECT decision FROM decisions WHERE session=? AND sequence=?",
@@ -934,6 +1187,14 @@ class SQLiteStore(Store):
             full: NoSpaceError | None = None
             try:
                 if not self.readonly:
+                    if self._log_live and not self._depth:
+                        # a closed unit's flashcopies rows are its whole record
+                        # (a fold that finds no room leaves the log, as correct)
+                        try:
+                            with self._transaction(0, fsync=self.durability == "power"):
+                                self._fold_log()
+                        except (NoSpaceError, sqlite3.OperationalError):
+                            pass
                     try:
                         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                     except sqlite3.OperationalError as e:

@@ -124,9 +124,11 @@ class Store:
 
     def save_flashes(self, records: list[dict]) -> list[int | None]:
         """Record a batch of FlashCopy relationships (``FlashCopy.to_record()``
-        each), the steps of one consistency group on this store, as one
-        change: returns the id of each row, in order. (Memory keeps nothing:
-        its callers build no records.)"""
+        each, each relationship at most once), the steps of one consistency
+        group on this store, as one change: returns the id of each row, in
+        order. A storage unit records it in a few statements whatever its
+        size (:class:`~fastfc.durable.sqlite.SQLiteStore`: one row of its
+        FlashCopy log). (Memory keeps nothing: its callers build no records.)"""
         return [self.save_flash(r) for r in records]
 
     def drop_flash(self, record_id: int | None, target_flags: dict) -> None:
