@@ -1,16 +1,16 @@
-"""The batched steps of a consistency group against the per-relationship path.
+"""The batched steps of a consistency group against the same steps one at a time.
 
 A secondary group (:class:`~fastfc.copyservices.groups.SecondaryGroup`)
-whose store records nothing drains its pairs in one kernel call
-(``_core.pprc_drain_many``), prepares, commits and reverts its relationships
-in one call each (``prepare_revertible_many``, ``end_revertible_many``) and
-closes the CG of every pair in one more (``cg_end_many``). The per-
-relationship path is the one every durable store takes and every armed fault
-point forces. Here two sessions over identical volumes run the same random
-writes, CG attempts and relationship states, one batched and one with its
-groups switched to the per-relationship path; after every attempt each
-result, every bitmap, sequence number, write-inhibit and every volume's
-bytes must be equal.
+drains its pairs in one kernel call (``_core.pprc_drain_many``), prepares,
+commits and reverts its relationships in one call each
+(``prepare_revertible_many``, ``end_revertible_many``) and closes the CG of
+every pair in one more (``cg_end_many``), whatever its store and whatever
+fault is armed; a pair's or a relationship's own method runs the same step
+as a batch of one. Here two sessions over identical volumes run the same
+random writes, CG attempts and relationship states, one as it runs and one
+with its groups calling each pair's and relationship's own method in turn
+(``helpers.one_at_a_time``); after every attempt each result, every bitmap,
+sequence number, write-inhibit and every volume's bytes must be equal.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from fastfc import GlobalMirror, Volume, _core, faults
+from fastfc import GlobalMirror, StorageUnit, Volume, _core, faults
 from fastfc.copyservices.groups import SecondaryGroup
+from helpers import one_at_a_time
 
 TS = 512
 
@@ -34,9 +35,8 @@ def _session(n_trip: int, n_tracks: int, batched: bool, decide: str,
         a._raw_array()[:] = np.random.default_rng(i).integers(0, 256, a.capacity, np.uint8)
         trips.append((a, b, c))
     gm = GlobalMirror(trips, decide=decide, max_coordination_time=1.0)
-    for g in gm.groups:
-        assert g._batched            # memory: the batched path
-        g._batched = batched
+    if not batched:
+        one_at_a_time(gm)
     return gm, trips
 
 
@@ -105,18 +105,117 @@ def test_batched_cg_with_volumes_of_several_sizes():
     _run(7, 4, "after_all", steps=8, sizes=[8, 3, 8, 1])
 
 
-def test_an_armed_fault_takes_the_per_relationship_path():
-    """A fault at prepare fires for its volume in the batched group too (the
-    group hands the step to the per-relationship path), and the CG reverts."""
+class _Count:
+    """Counts the calls of a kernel (``_core.<name>``) and the relationships
+    or pairs it was handed."""
+
+    def __init__(self, monkeypatch, name: str) -> None:
+        self.calls = 0
+        real = getattr(_core, name)
+
+        def wrapped(*a, **k):
+            self.calls += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(_core, name, wrapped)
+
+
+_KERNELS = ("pprc_drain_many", "prepare_revertible_many", "end_revertible_many",
+            "cg_end_many")
+
+
+@pytest.mark.parametrize("point", ["none", "prepare", "commit", "drain", "link"])
+def test_an_armed_fault_runs_the_same_kernels(monkeypatch, point):
+    """With a fault armed at any point the group runs the same kernel calls
+    as with none (one per step, the drain resumed past the pair that failed
+    only when the CG goes on): arming a fault never changes which code runs.
+    The fault fires for its volume from inside the loop, and the CG fails
+    (or, at a commit, is resolved)."""
     gm, trips = _session(4, 8, True, "after_all")
     try:
-        faults.inject("prepare", volume=trips[2][1])
+        assert gm.form_consistency_group().committed
+        for a, _, _ in trips:
+            a.write(0, np.full(3 * TS, 5, np.uint8))
+        counts = {name: _Count(monkeypatch, name) for name in _KERNELS}
+        if point == "drain":
+            faults.inject("drain", volume=trips[2][0])
+        elif point == "link":
+            faults.inject("link", after=2)
+        elif point != "none":
+            faults.inject(point, volume=trips[2][1])
         r = gm.form_consistency_group()
-        assert not r.committed and "prepare of B2: InjectedFault" in r.detail
+        calls = {name: c.calls for name, c in counts.items()}
+        if point == "none":
+            assert r.committed
+            assert calls == dict.fromkeys(_KERNELS, 1)
+        else:
+            # (a commit that fails is resolved by committing the rest)
+            assert r.committed == (point == "commit") and r.cause.value != "none", r
+            assert faults.fired_log()[-1][0] == point
+            assert calls["pprc_drain_many"] == 1 and calls["cg_end_many"] == 1
+            if point in ("prepare", "commit"):
+                # the loop skips B2 and goes on (a second call); a prepare
+                # that failed reverts the CG; a commit that failed is retried
+                # by the resolution through B2's own commit: the same kernel,
+                # a batch of one
+                assert calls["prepare_revertible_many"] == (2 if point == "prepare" else 1)
+                assert calls["end_revertible_many"] == (1 if point == "prepare" else 3)
+                want = "prepare of B2: InjectedFault" if point == "prepare" else \
+                    "commit of B2: InjectedFault"
+                assert want in r.detail, r.detail
+            else:          # the drain failed: no FlashCopy phase
+                assert calls["prepare_revertible_many"] == 0
         assert all(not t.fc.revertible for t in gm.triplets)
+        faults.clear()
+        gm.link.restore()
+        for t in gm.triplets:
+            t.pair.suspend_reason = None
+        if gm.state.value == "fatal":
+            gm.clear_fatal()
         assert gm.form_consistency_group().committed
     finally:
         faults.clear()
+        gm.close(discard=True)
+
+
+def test_groups_and_link_choose_no_path_by_an_armed_fault():
+    """No path is chosen by a fault being armed: the group and link modules
+    neither ask whether one is, nor keep a switch between two paths."""
+    import inspect
+    from fastfc.copyservices import groups
+    from fastfc.storage import link
+    for mod in (groups, link):
+        src = inspect.getsource(mod)
+        assert "armed_at" not in src and "_batched" not in src, mod.__name__
+
+
+def test_a_durable_unit_runs_the_kernels_and_records_each_step_once(tmp_path, monkeypatch):
+    """A session over a storage unit's volumes takes the same kernel calls as
+    one in memory, and its store records each FlashCopy step of a group in
+    one ``save_flashes`` call (no ``save_flash`` per relationship)."""
+    with StorageUnit(tmp_path / "p") as pu, StorageUnit(tmp_path / "s") as su:
+        trips = []
+        for i in range(4):
+            a = pu.create_volume(f"A{i}", 8, TS)
+            b, c = su.create_volume(f"B{i}", 8, TS), su.create_volume(f"C{i}", 8, TS)
+            trips.append((a, b, c))
+        gm = GlobalMirror(trips, name="gm", max_coordination_time=1.0)
+        assert gm.form_consistency_group().committed
+        for a, _, _ in trips:
+            a.write(TS, np.full(TS, 3, np.uint8))
+        counts = {name: _Count(monkeypatch, name) for name in _KERNELS}
+        store = trips[0][1].store
+        batches, singles = [], []
+        real_many, real_one = store.save_flashes, store.save_flash
+        monkeypatch.setattr(store, "save_flashes",
+                            lambda recs: batches.append(len(recs)) or real_many(recs))
+        monkeypatch.setattr(store, "save_flash",
+                            lambda rec: singles.append(rec["id"]) or real_one(rec))
+        assert gm.form_consistency_group().committed
+        assert {n: c.calls for n, c in counts.items()} == dict.fromkeys(_KERNELS, 1)
+        assert batches == [4, 4]      # the prepares, then the commits
+        # (Store.save_flashes loops save_flash unless the store's is faster)
+        assert len(singles) in (0, 8)
         gm.close(discard=True)
 
 
