@@ -242,3 +242,81 @@ def test_kernels_refuse_bitmaps_of_another_size():
             _core.pprc_drain_many([trips[0][0]], [], [], 1 << 20)
     finally:
         gm.close(discard=True)
+
+
+def _unit_or_memory_session(tmp_path, durable: bool, n_trip: int, sizes: list[int]):
+    units = []
+    if durable:
+        pu, su = StorageUnit(tmp_path / "p"), StorageUnit(tmp_path / "s")
+        units = [pu, su]
+
+        def make(tag, i, n):
+            u = pu if tag == "A" else su
+            return u.create_volume(f"{tag}{i}", n, TS)
+    else:
+        def make(tag, i, n):
+            return Volume(n, TS, name=f"{tag}{i}")
+    trips = [tuple(make(tag, i, sizes[i]) for tag in "ABC") for i in range(n_trip)]
+    gm = GlobalMirror(trips, name="gm", max_coordination_time=1.0)
+    return gm, trips, units
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_durable_session_gives_the_c_images_of_one_in_memory(tmp_path, seed):
+    """The same writes, CG attempts and faults (a prepare, a commit, a drain,
+    a link cut) on a session over storage units and on one in memory: after
+    every attempt the results, every C's image, every sequence number, every
+    write-inhibit and every B's bytes are equal (one path, whatever the
+    store)."""
+    rng = np.random.default_rng(seed)
+    n_trip = 4
+    sizes = [int(rng.integers(1, 12)) for _ in range(n_trip)]
+    sides = [_unit_or_memory_session(tmp_path / str(d), d, n_trip, sizes) for d in (True, False)]
+    outcomes = set()
+    try:
+        for step in range(12):
+            writes = [(int(rng.integers(n_trip)), int(rng.integers(0, 12 * TS)),
+                       int(rng.integers(1, 3 * TS)), int(rng.integers(1 << 30)))
+                      for _ in range(int(rng.integers(0, 6)))]
+            fault = str(rng.choice(["none", "none", "prepare", "commit", "drain", "link"]))
+            pick = int(rng.integers(n_trip))
+            results = []
+            for gm, trips, _ in sides:
+                for i, off, length, s in writes:
+                    a = trips[i][0]
+                    off = off % a.capacity
+                    a.write(off, np.random.default_rng(s).integers(
+                        0, 256, min(length, a.capacity - off), np.uint8))
+                if fault in ("prepare", "commit"):
+                    faults.inject(fault, volume=trips[pick][1])
+                elif fault == "drain":
+                    faults.inject("drain", volume=trips[pick][0])
+                elif fault == "link":
+                    faults.inject("link", after=pick)
+                try:
+                    r = gm.form_consistency_group()
+                finally:
+                    faults.clear()
+                results.append((r.sequence, r.committed, r.cause, r.detail, r.bytes_drained))
+                gm.link.restore()
+                for t in gm.triplets:
+                    if t.pair.suspend_reason is not None:
+                        t.pair.resume()
+                if gm.state.value == "fatal":
+                    gm.clear_fatal()
+            assert results[0] == results[1], (step, fault)
+            outcomes.add(results[0][1])
+            (g0, t0, _), (g1, t1, _) = sides
+            assert g0.c_sequences == g1.c_sequences
+            for (a0, b0, c0), (a1, b1, c1), x0, x1 in zip(t0, t1, g0.triplets, g1.triplets):
+                assert np.array_equal(c0.read(0, c0.capacity), c1.read(0, c1.capacity)), c0.name
+                assert np.array_equal(b0.array, b1.array), b0.name
+                assert (x0.fc.revertible, b0._inhibits, x0.fc.sequence) == \
+                    (x1.fc.revertible, b1._inhibits, x1.fc.sequence)
+        assert outcomes == {True, False}      # (CGs committed and CGs failed)
+    finally:
+        faults.clear()
+        for gm, trips, units in sides:
+            gm.close(discard=True)
+            for u in units:
+                u.close()
