@@ -6,8 +6,8 @@ builds a :class:`Bench`: the arrays and relationships, pre-faulted, and the
 callables to time. :func:`measure` times fastfc and its baselines *in the
 same run*, interleaved round by round (the machine is shared and noisy), and
 reports medians and their ratio. The pytest-benchmark suite
-(``test_bench_core.py``) and the plain runner (``run.py``) both use this
-registry, and so can a later ``python -m fastfc bench``.
+(``test_bench_core.py``) and the runner's ``core`` suite
+(``python -m benches core``) both use this registry.
 
 Ratios
 ------

@@ -77,7 +77,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if not rows:
         return
     tr = terminalreporter
-    tr.section("fastfc ratios (medians; benches/run.py interleaves for steadier figures)")
+    tr.section("fastfc ratios (medians; python -m benches interleaves for steadier figures)")
     tr.write_line(f"{'figure':24} {'fastfc':>12} {'baseline':>12} {'ratio':>7} "
                   f"{'target':>8}  met?   baseline is")
     for name, f, b, bname, ratio, target, met in rows:

@@ -1,4 +1,4 @@
-"""Durable units at disk speed (issue 10): Global Mirror in steady state on
+"""Durable units at disk speed: Global Mirror in steady state on
 storage units on this machine's disk and in tmpfs, at both durability levels;
 and (opt-in) a unit whose volumes together exceed the machine's memory.
 

@@ -1,4 +1,4 @@
-"""Benchmark cases against the other engines a user could pick (issue 4):
+"""Benchmark cases against the other engines a user could pick:
 the pure-NumPy engine (``engine_numpy.py``), numba-jitted kernels
 (``numba_copy.py``, ``numba_kernels.py``) and the physical limit
 (``np.copyto`` / libc ``memcpy`` on one and two threads).
@@ -6,9 +6,9 @@ the pure-NumPy engine (``engine_numpy.py``), numba-jitted kernels
 Same machinery as ``cases.py`` (:class:`~benches.cases.Case`,
 :class:`~benches.cases.Bench`, :func:`~benches.cases.measure`: fastfc and its
 baselines timed interleaved in one run, medians, ratios), but kept in their
-own lists so that ``run.py`` and ``test_bench_core.py`` are unchanged;
-``test_bench_engine.py`` runs these under pytest-benchmark and
-``report.py`` runs everything. Every speed figure here is "higher is
+own lists, apart from the ``core`` suite's;
+``test_bench_engine.py`` runs these under pytest-benchmark and the runner's
+``physical``, ``engine`` and ``numba`` suites interleaved. Every speed figure here is "higher is
 better": ratio = baseline time / fastfc time.
 
 ``quick`` keeps every size (the figures depend on them) and runs fewer

@@ -1,5 +1,5 @@
 """A straightforward pure-NumPy FlashCopy / Global Mirror engine: the baseline
-that fastfc is judged against (issue 4).
+that fastfc is judged against.
 
 This is what a user would write without fastfc: each volume a ``uint8``
 array viewed as ``(tracks, track_size)``, each bitmap a ``bool`` array (one

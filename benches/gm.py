@@ -1,27 +1,20 @@
-"""Global Mirror benchmark (issue 3): a session of many triplets under 4 KiB
+"""Global Mirror benchmark: a session of many triplets under 4 KiB
 random writes, measured against its own baselines in the same run.
 
 Figures: coordination hold p99, FlashCopy phase (all volumes) p99, CGs per
 second, RPO p99 (paced writers), and host write throughput with Global
 Mirror running relative to the same unpaced writers without it.
 
-Usage::
-
-    .venv/bin/python benches/gm.py [--triplets 64] [--size-mib 64] [--seconds 10]
+The ``gm`` suite of ``python -m benches`` runs it (``mirror_cases.py``
+puts it beside the same session on the NumPy engine).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fastfc import GlobalMirror, Volume  # noqa: E402
-from fastfc.tools.testing import RandomWriters, run_under_writers  # noqa: E402
+from fastfc import GlobalMirror, Volume
+from fastfc.tools.testing import RandomWriters, run_under_writers
 
 
 def make_triplets(n: int, size_mib: int, track_size: int = 65536):
@@ -103,42 +96,3 @@ def three_runs(trips, seconds: float, rate_mbs: float, session=run_session,
     paced = session(trips, seconds, rate_mbs * 1e6)
     log(f"    {who}: unpaced session ({seconds / 2:g} s)")
     return {"alone_mb_s": alone, "paced": paced, "unpaced": session(trips, seconds / 2, None)}
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--triplets", type=int, default=64)
-    ap.add_argument("--size-mib", type=int, default=64)
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--rate", type=float, default=200.0, help="paced write rate, MB/s")
-    args = ap.parse_args(argv)
-
-    trips = make_triplets(args.triplets, args.size_mib)
-    # baseline first: the same unpaced writers on the A volumes, no mirroring
-    r = three_runs(trips, args.seconds, args.rate)
-    alone, paced, under = r["alone_mb_s"], r["paced"], r["unpaced"]
-
-    rows = [
-        ("coordination hold p99", f"{paced['coord_p99_ms']:.3f} ms", "<= 1 ms",
-         paced["coord_p99_ms"] <= 1.0),
-        (f"FlashCopy phase p99 ({args.triplets} vols)", f"{paced['flash_p99_ms']:.2f} ms",
-         "<= 5 ms", paced["flash_p99_ms"] <= 5.0),
-        ("CGs per second", f"{paced['cgs_per_s']:.1f}", ">= 20", paced["cgs_per_s"] >= 20),
-        ("RPO p99", f"{paced['rpo_p99_ms']:.1f} ms", "<= 250 ms", paced["rpo_p99_ms"] <= 250),
-        ("host writes under GM / alone (unpaced)",
-         f"{under['write_mb_s']:.0f} / {alone:.0f} MB/s = {under['write_mb_s'] / alone:.2f} x",
-         ">= 0.5 x", under["write_mb_s"] / alone >= 0.5),
-    ]
-    print(f"Global Mirror: {args.triplets} triplets x {args.size_mib} MiB, 4 KiB random writes "
-          f"on 2 threads at {args.rate:.0f} MB/s (paced run wrote "
-          f"{paced['write_mb_s']:.0f} MB/s), CG interval 0, {args.seconds:.0f} s")
-    w = max(len(r[0]) for r in rows)
-    for name, value, target, met in rows:
-        print(f"  {name.ljust(w)}  {value:>28}  target {target:<9}  {'met' if met else 'NOT met'}")
-    print(f"  drain p50/p99: {paced['drain_p50_ms']:.2f}/{paced['drain_p99_ms']:.2f} ms, "
-          f"FlashCopy p50 {paced['flash_p50_ms']:.2f} ms, failures {paced['failures']}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

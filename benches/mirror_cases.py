@@ -1,15 +1,15 @@
-"""Global Mirror figures for the report: the session under host writes
-(issue 3), against the pure-NumPy engine's session on the same volumes, and
-durable storage units against memory (issue 5).
+"""Global Mirror figures for the runner's ``gm`` and ``durable`` suites: the
+session under host writes, against the pure-NumPy engine's session on the
+same volumes, and durable storage units against memory.
 
-Issue 3: ``triplets`` triplets of ``size_mib`` MiB, two writer threads of
+``global_mirror``: ``triplets`` triplets of ``size_mib`` MiB, two writer threads of
 4 KiB random writes paced at ``rate`` MB/s combined, CG interval 0. fastfc's
 session is measured first (``benches/gm.py``: host write throughput alone,
 then the paced session, then an unpaced one); then the same three runs of
 :class:`~benches.engine_numpy.NpGlobalMirror` over the very same arrays, so
 no more memory is needed.
 
-Issue 5: the same workload (fewer triplets: the volumes are files) with the
+``durable``: the same workload (fewer triplets: the volumes are files) with the
 volumes in two :class:`fastfc.StorageUnit` directories on a real disk,
 against the same volumes in memory; and the fsyncs per consistency group at
 two volume sizes (``SQLiteStore.fsyncs``).
@@ -32,7 +32,7 @@ from fastfc import GlobalMirror, StorageUnit
 
 
 # --------------------------------------------------------------------------
-# Issue 3: fastfc's session and the NumPy engine's, same volumes
+# fastfc's session and the NumPy engine's, same volumes
 # --------------------------------------------------------------------------
 
 def _np_session(triplets, seconds: float, rate: float | None) -> dict:
@@ -45,7 +45,7 @@ def _np_session(triplets, seconds: float, rate: float | None) -> dict:
 
 def global_mirror(triplets: int, size_mib: int, seconds: float, rate_mbs: float,
                   log=print) -> dict:
-    """Issue 3's workload on fastfc, then on the NumPy engine (same arrays)."""
+    """The Global Mirror workload on fastfc, then on the NumPy engine (same arrays)."""
     trips = make_triplets(triplets, size_mib)
     try:
         ours = three_runs(trips, seconds, rate_mbs, log=log)
@@ -65,7 +65,7 @@ def global_mirror(triplets: int, size_mib: int, seconds: float, rate_mbs: float,
 
 
 # --------------------------------------------------------------------------
-# Issue 5: durable storage units against memory
+# Durable storage units against memory
 # --------------------------------------------------------------------------
 
 def filesystem_of(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""The real peer: QEMU's block layer, driven over QMP (issue 4).
+"""The real peer: QEMU's block layer, driven over QMP.
 
 ``qemu-storage-daemon`` (Debian package ``qemu-system-common``) runs a
 ``blockdev-backup`` job between two raw files: ``sync=full`` copies every
@@ -7,7 +7,7 @@ writes that set its bits go through QEMU, over an NBD export of the source).
 The job is timed from the QMP command to its ``BLOCK_JOB_COMPLETED`` event,
 at QEMU's default settings and at its best ``x-perf`` tuning
 (``use-copy-range``, ``max-workers``, ``max-chunk``), found by a small grid
-search in the same run. ``benches/report.py`` compares it with fastfc on
+search in the same run. The runner's ``qemu`` suite compares it with fastfc on
 file-backed volumes over the very same files and with ``np.copyto`` of the
 same bytes.
 

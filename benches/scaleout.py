@@ -1,4 +1,4 @@
-"""Scale-out (issue 12): a Global Mirror session whose B and C volumes live
+"""Scale-out: a Global Mirror session whose B and C volumes live
 in secondary units served by Ray actors, against the same session in one
 process, in one run.
 
@@ -13,13 +13,11 @@ is timed alone: its drain gives the drain throughput, against
 threads of 4 KiB writes paced to ``rate_mbs`` MB/s in all while the session
 forms CGs continuously (CG interval 0) for ``seconds``.
 
-Usage: ``python -m benches.scaleout [--quick]``, or the ``scaleout``
-section of ``python -m fastfc bench``.
+Run it as the ``scaleout`` suite: ``python -m benches [--quick] scaleout``.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import shutil
 import tempfile
@@ -147,26 +145,3 @@ def scaleout(*, triplets: int = 32, size_mib: int = 32, units: int = 2, seconds:
                                  "initial_drain_bps", "pace_ratio")},
             "drain_vs_copyto": dist["initial_drain_bps"] / copyto,
             "drain_vs_copyto_one_process": local["initial_drain_bps"] / copyto}
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="16 x 16 MiB, 2 s")
-    a = ap.parse_args(argv)
-    cfg = dict(triplets=16, size_mib=16, seconds=2.0) if a.quick else {}
-    r = scaleout(**cfg)   # type: ignore[arg-type]
-    c, lo, di = r["config"], r["one_process"], r["scaled_out"]
-    print(f"{c['units']} units x {c['triplets']} triplets x {c['size_mib']} MiB, 4 KiB tracks, "
-          f"writers 4 KiB at {c['rate_mbs']:.0f} MB/s, {c['seconds']:g} s")
-    print(f"{'figure':28} {'scaled out':>12} {'one process':>12} {'ratio':>8}")
-    for k in ("cgs_per_s", "rpo_p99_ms", "rpo_p50_ms", "flash_p50_ms", "flash_p99_ms",
-              "drain_p50_ms", "initial_drain_bps", "pace_ratio", "failures"):
-        ratio = di[k] / lo[k] if lo[k] else float("nan")
-        print(f"{k:28} {di[k]:12.4g} {lo[k]:12.4g} {ratio:8.3f}")
-    print(f"drain / np.copyto ({r['copyto_bps'] / 1e9:.2f} GB/s): scaled out "
-          f"{r['drain_vs_copyto']:.3f}, one process {r['drain_vs_copyto_one_process']:.3f}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

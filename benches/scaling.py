@@ -1,4 +1,4 @@
-"""Scaling curves (issue 4): how the cost of fastfc's operations grows with
+"""Scaling curves: how the cost of fastfc's operations grows with
 volume size, track size, number of targets, number of Global Mirror
 triplets and the fraction of changed tracks, next to the pure-NumPy engine
 (and ``np.copyto`` where bytes move), each curve labelled with the expected

@@ -1,4 +1,4 @@
-"""``fastfc serve`` against nbdkit's memory plugin and qemu-nbd (issue 11).
+"""``fastfc serve`` against nbdkit's memory plugin and qemu-nbd.
 
 One export each (1 GiB by default), over a unix socket, everything in
 memory (tmpfs): fastfc serves a unit in /dev/shm, qemu-nbd a raw file in
@@ -9,13 +9,13 @@ order) and each server's figure is the median of its rounds; a ratio
 the load of a shared machine drifts between rounds more than within one.
 The CPU time each server used per request comes from ``/proc/PID/stat``.
 
-``gm_under_fio`` (``--gm``): the same fio load (4 KiB randwrite QD16) on
+``gm_under_fio``: the same fio load (4 KiB randwrite QD16) on
 the A exports of a Global Mirror session (two units in /dev/shm: A in one,
 B and C in the other), with the session's continuous loop running in the
 server process (``serve_gm_child.py``) and stopped, interleaved: client
 IOPS with / without, CG/s, RPO p99.
 
-    python benches/serve.py [--rounds 3] [--seconds 3] [--size-mib 1024] [--gm]
+Run both as the ``serve`` suite: ``python -m benches [--quick] serve``.
 
 Needs fio (nbd engine), nbdcopy (libnbd-bin), nbdkit and qemu-nbd
 (qemu-utils): ``apt-get install fio libnbd-bin nbdkit qemu-utils``.
@@ -23,7 +23,6 @@ Needs fio (nbd engine), nbdcopy (libnbd-bin), nbdkit and qemu-nbd
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -338,40 +337,3 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
                                            if k not in ("rpo", "phases")}
                                           for m in reports for rep in reports[m]]},
     }
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--only", action="append", choices=list(WORKLOADS), default=None)
-    ap.add_argument("--gm", action="store_true", help="run the Global Mirror part instead")
-    ap.add_argument("--triplets", type=int, default=16)
-    ap.add_argument("--jobs", type=int, default=None, help="fio jobs (A exports) [all]")
-    ap.add_argument("--track-size", default="64K", help="the volumes' track size [64K]")
-    args = ap.parse_args()
-    if args.gm:
-        g = gm_under_fio(args.triplets, min(args.size_mib, 64), args.seconds, args.rounds,
-                         args.jobs, track_size=args.track_size, log=print)
-        print(json.dumps({k: v for k, v in g.items() if k != "raw"}, indent=1))
-        return
-    if args.only:
-        for w in list(WORKLOADS):
-            if w not in args.only:
-                del WORKLOADS[w]
-    out = run(args.rounds, args.seconds, args.size_mib << 20)
-    print(f"{'workload':28} {'fastfc':>9} {'nbdkit':>9} {'qemu-nbd':>9} "
-          f"{'/nbdkit':>8} {'/qemu':>8}")
-    for w, m in out["medians"].items():
-        f, k, q = m["fastfc"], m["nbdkit memory"], m["qemu-nbd"]
-        r = out["ratios"][w]
-        print(f"{w:28} {f:9.2f} {k:9.2f} {q:9.2f} {r['nbdkit memory']:8.2f} "
-              f"{r['qemu-nbd']:8.2f}")
-    print("(values: medians over rounds; ratios: medians of the per-round ratios)")
-    print("server CPU per request (us): " + json.dumps(out["cpu_us_per_request"]))
-    print(json.dumps(out["raw"]))
-
-
-if __name__ == "__main__":
-    main()

@@ -3,8 +3,8 @@
 Run with ``.venv/bin/python -m pytest benches --benchmark-only``. Each case
 times fastfc and then each of its baselines as adjacent tests in one
 benchmark group; the session ends with a table of ratios (medians, see
-``conftest.py``). ``benches/run.py`` measures the same cases interleaved
-round by round, which is the steadier figure on a noisy machine.
+``conftest.py``). ``python -m benches core`` measures the same cases
+interleaved round by round, which is the steadier figure on a noisy machine.
 
 ``benches/`` is outside the test paths (``pyproject.toml``: testpaths =
 tests), so a plain ``pytest`` never runs these; nothing here asserts on time.

@@ -4,8 +4,8 @@ fastfc against the pure-NumPy engine, numba kernels and the physical limit.
 Run with ``.venv/bin/python -m pytest benches --benchmark-only`` (together
 with ``test_bench_core.py``). As there, each case times fastfc and then each
 baseline as adjacent tests in one benchmark group, and the session ends with
-the table of ratios (``conftest.py``); ``python -m fastfc bench`` measures
-the same cases interleaved round by round. Nothing here asserts on time.
+the table of ratios (``conftest.py``); ``python -m benches engine numba
+physical`` measures the same cases interleaved round by round. Nothing here asserts on time.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Everything here is private; the public classes in ``fastfc.storage.volume`` and
 ``fastfc.copyservices.flashcopy`` subclass the ``cdef`` bases so that a host read or write
 is one C method from the Python call to the ``memcpy``.
 
-Locking (see DESIGN-NOTES): each volume has one re-entrant lock. A volume's
+Locking (docs/design.md, "Locking"): each volume has one re-entrant lock. A volume's
 lock guards its data, its flags, and the bitmaps of every FlashCopy
 relationship in which it is the *source* (``to_copy``, ``src_changed``,
 ``tgt_changed``) and of the PPRC pair in which it is the primary. A target's
@@ -61,18 +61,16 @@ import numpy as np
 from fastfc.errors import (InvalidImageError, NoSpaceError, StateError,
                            VolumeClosedError, WriteInhibitedError)
 
-# Copies of at least this many bytes release the GIL (DESIGN-NOTES: below it
-# the release costs more than it frees).
+# Copies of at least this many bytes release the GIL (docs/design.md, "When
+# copies release the GIL": below it the release costs more than it frees).
 cdef Py_ssize_t NOGIL_BYTES = 65536
 # Bitmap operations release the GIL only from this many words (64 KiB) up:
 # a thread that gives the GIL up waits for busy Python threads to hand it
 # back (up to the switch interval each time), far longer than a small scan.
 cdef Py_ssize_t NOGIL_WORDS = 8192
-# Host writes to a volume on a disk (measured, scripts/durable_datapath_measure.py):
-# 0 store through the mapping without the GIL, 1 pwrite to its file without
-# the GIL, 2 pwrite with the GIL kept below NOGIL_BYTES, 3 store with the GIL
-# kept below NOGIL_BYTES (as in memory).
-cdef int HOST_MODE = 0
+# Host writes to a volume on a disk store through the mapping without the GIL,
+# whatever their size (docs/design.md, "Host writes to volumes on a disk":
+# pwrite, or keeping the GIL below NOGIL_BYTES, measured worse).
 def _largest_folio():
     """The largest page-cache folio the kernel makes: a PMD (2 MiB on x86-64
     and 4 KiB-page arm64), never less than 2 MiB here."""
@@ -88,19 +86,6 @@ def _largest_folio():
 THIN_CHUNK = _largest_folio()
 cdef Py_ssize_t CHUNK = THIN_CHUNK
 
-
-def _set_host_mode(int mode):
-    """Measurement switch: how host writes reach disk-backed volumes."""
-    global HOST_MODE
-    if not 0 <= mode <= 3:
-        raise ValueError("mode is 0..3")
-    HOST_MODE = mode
-
-
-def _set_host_pwrite(bint on):
-    """Measurement switch: host writes to disk-backed volumes with pwrite
-    (mode 1) or stores (mode 0)."""
-    _set_host_mode(1 if on else 0)
 
 
 # Origins of a write: a host, or a PPRC update arriving at a secondary.

@@ -36,17 +36,13 @@ cdef inline void unlock_two(VolumeBase a, VolumeBase b) noexcept:
         b._release()
 
 
-cdef inline int land_write(uint8_t* base, int fd, bint use_pwrite, uint64_t* oos,
-                           Py_ssize_t t0, Py_ssize_t t1, const uint8_t* src,
-                           Py_ssize_t n, Py_ssize_t offset) noexcept nogil:
+cdef inline void land_write(uint8_t* base, uint64_t* oos, Py_ssize_t t0, Py_ssize_t t1,
+                            const uint8_t* src, Py_ssize_t n, Py_ssize_t offset) noexcept nogil:
     """The end of a host write: the out-of-sync bits (if any), then the data,
-    through the mapping or with ``pwrite``. Returns 0 or an errno."""
+    through the mapping."""
     if oos != NULL:
         bm_set_range(oos, t0, t1)
-    if use_pwrite:
-        return pwrite_all(fd, src, n, offset)
     memcpy(base + offset, src, n)
-    return 0
 
 
 cdef class VolumeBase:
@@ -442,13 +438,10 @@ cdef class VolumeBase:
         cdef uint64_t* w
         cdef uint64_t* oos = NULL
         cdef bint pending = 0, whole_tracks = 0
-        cdef int err = 0
         # a volume on a disk: every store into it may fault (writeback cleans
         # its pages; ext4's page_mkwrite), so it runs without the GIL whatever
         # its size; in memory a small copy keeps it (cheaper than releasing)
         cdef bint on_disk = self._file_backed
-        cdef bint use_pwrite = on_disk and (HOST_MODE == 1 or HOST_MODE == 2) and self._fd >= 0
-        cdef bint free_gil = on_disk and (HOST_MODE == 0 or HOST_MODE == 1)
         self._check_range(offset, n)
         tr = self._lock_io()
         if tr is not None:
@@ -475,7 +468,7 @@ cdef class VolumeBase:
                 if bm_any_range(w, t0, t1):
                     # copy-on-write: the target takes the old tracks first
                     if ((t1 - t0) << shift) >= NOGIL_BYTES or (
-                            r.target._file_backed and HOST_MODE != 3):
+                            r.target._file_backed):
                         with nogil:
                             copy_set_runs(r.target.base, self.base, w, t0, t1, t1 - t0,
                                           shift, &resume)
@@ -496,7 +489,7 @@ cdef class VolumeBase:
                                 whole_tracks = 1   # cleared once the data is in
                             else:
                                 # partial write of a virtual track: fetch it first
-                                if self.track_size >= NOGIL_BYTES or free_gil:
+                                if self.track_size >= NOGIL_BYTES or on_disk:
                                     with nogil:
                                         memcpy(self.base + ts, S.base + ts, self.track_size)
                                 else:
@@ -510,16 +503,11 @@ cdef class VolumeBase:
             if m is not None and m.oos is not None:
                 oos = m.oos.w
                 pending = bm_any_range(oos, t0, t1)
-            if n >= NOGIL_BYTES or free_gil:
+            if n >= NOGIL_BYTES or on_disk:
                 with nogil:
-                    err = land_write(self.base, self._fd, use_pwrite, oos, t0, t1,
-                                     src, n, offset)
+                    land_write(self.base, oos, t0, t1, src, n, offset)
             else:
-                err = land_write(self.base, self._fd, use_pwrite, oos, t0, t1,
-                                 src, n, offset)
-            if err:
-                # the bits over-mark (safe); the bytes may be partly in
-                raise_write_error(self, err, f"a write of {n} bytes")
+                land_write(self.base, oos, t0, t1, src, n, offset)
             if whole_tracks:
                 for t in range(t0, t1):
                     ts = t << shift

@@ -125,6 +125,13 @@ def clear() -> None:
         _core.set_faults_armed(False)
 
 
+def disarm(fault: Fault) -> None:
+    """Disarm one fault (as :func:`inject` returned it), if it is still armed."""
+    with _lock:
+        _armed[:] = [f for f in _armed if f is not fault]
+        _core.set_cow_hook(_cow_hook if any(f.point == "cow" for f in _armed) else None)
+
+
 def armed() -> list[Fault]:
     with _lock:
         return list(_armed)

@@ -28,7 +28,7 @@ def main(argv=None):
     ap.add_argument("--build", action="append", required=True, help="name=tree:variants")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--out", default="/work/durable-datapath-ab")
+    ap.add_argument("--out", default="bench-results/durable-datapath-ab")
     ap.add_argument("--extra", default="", help="more durable_datapath_measure.py arguments")
     a = ap.parse_args(argv)
     builds = []

@@ -1,4 +1,4 @@
-"""Issue 10 measurement: durable Global Mirror on disk (ext4) vs tmpfs.
+"""Durable Global Mirror on disk (ext4) vs tmpfs: a measurement script.
 
 16 triplets x 64 MiB, 4 KiB tracks, every volume written whole first; two
 writers of 4 KiB random writes paced to --rate MB/s in all; GM forming CGs
@@ -15,8 +15,9 @@ Variants (scratch monkeypatches, measurement only):
            on the B and C volume files every 20 ms (smoothed writeback)
   sfrall   the same on A, B and C volume files
   pwA      host writes to disk-backed volumes with pwrite, not stores through
-           the mapping, without the GIL (_core._set_host_mode(1); builds that
-           have it; their default, mode 0, stores without the GIL)
+           the mapping, without the GIL (_core._set_host_mode(1); only builds
+           from before the switch was removed have it: fastfc now always
+           stores without the GIL, the old default mode 0, which measured best)
   pwAg     the same with pwrite, the GIL kept for writes below 64 KiB (mode 2)
   gil      stores, the GIL kept for writes below 64 KiB as in memory (mode 3)
   y1       the protocol thread gives the GIL up (time.sleep(0)) between CGs

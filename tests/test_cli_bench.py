@@ -1,5 +1,7 @@
-"""``fastfc bench``: the thin command in front of benches/report.py. Nothing
-here runs a benchmark (and nothing asserts on time)."""
+"""The benchmarks' one runner, ``python -m benches`` in a checkout, and the
+installed package's distance from it: ``fastfc bench`` only says where the
+benchmarks went and imports nothing from ``benches/``. The runner is run as
+a subprocess on a tiny quick configuration; nothing here asserts on time."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,53 +21,47 @@ from click.testing import CliRunner
 import fastfc
 import fastfc.tools.cli.app as cli
 
-
-def test_bench_help_lists_the_sections() -> None:
-    res = CliRunner().invoke(cli.main, ["bench", "--help"])
-    assert res.exit_code == 0, res.output
-    assert "--quick" in res.output and "--update-readme" in res.output
-    for section in cli.BENCH_SECTIONS:
-        assert section in res.output
+ROOT = Path(fastfc.__file__).resolve().parent.parent
+SUITES = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable", "durable_steady",
+          "gm", "scaleout", "serve", "durable_large"]
 
 
-def _installed(monkeypatch, tmp_path) -> None:
-    """Make cli.py look as if it were installed in site-packages."""
-    monkeypatch.setattr(cli, "_package_dir", lambda: tmp_path / "site-packages" / "fastfc")
+def benches(*args: str, timeout: float = 600, env: dict | None = None):
+    """``python -m benches ARGS`` in the checkout."""
+    return subprocess.run([sys.executable, "-m", "benches", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=timeout, env=env)
 
 
-def test_bench_is_listed_in_a_source_checkout() -> None:
+# -- fastfc bench: a pointer, nothing more ----------------------------------------------------
+def test_bench_says_where_the_benchmarks_went() -> None:
+    for args in (["bench"], ["bench", "--quick", "--only", "gm"], ["bench", "--help"]):
+        res = CliRunner().invoke(cli.main, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert res.output == f"Error: {cli.BENCH_MOVED}\n", res.output
+        assert "python -m benches" in res.output
+
+
+def test_bench_is_not_listed() -> None:
     res = CliRunner().invoke(cli.main, ["--help"])
-    assert res.exit_code == 0 and "bench" in res.output
+    assert res.exit_code == 0 and "mkvol" in res.output
+    assert "bench" not in res.output
 
 
-def test_bench_is_not_listed_when_installed(monkeypatch, tmp_path) -> None:
-    _installed(monkeypatch, tmp_path)
-    res = CliRunner().invoke(cli.main, ["--help"])
-    assert res.exit_code == 0, res.output
-    assert "mkvol" in res.output and "bench" not in res.output
+def test_the_package_never_names_the_benchmark_directory() -> None:
+    """No module of the installed package loads, imports or finds ``benches``."""
+    pkg = Path(fastfc.__file__).parent
+    sources = [p for ext in ("py", "pyx", "pxi", "pxd") for p in pkg.rglob(f"*.{ext}")]
+    assert sources
+    for p in sources:
+        text = p.read_text()
+        for bad in ("import benches", "from benches", '"benches"', "'benches'"):
+            assert bad not in text, f"{p} mentions {bad!r}"
 
 
-def test_bench_says_when_the_suite_is_absent(monkeypatch, tmp_path) -> None:
-    _installed(monkeypatch, tmp_path)
-    res = CliRunner().invoke(cli.main, ["bench", "--quick"])
-    assert res.exit_code == 1
-    assert len(res.output.strip().splitlines()) == 1, res.output
-    assert "needs a source checkout" in res.output and "benches/" in res.output
-
-
-def test_a_checkout_needs_pyproject_too(monkeypatch, tmp_path) -> None:
-    """A stray benches/ next to site-packages' fastfc is not a checkout."""
-    (tmp_path / "benches").mkdir()
-    (tmp_path / "benches" / "report.py").write_text("")
-    monkeypatch.setattr(cli, "_package_dir", lambda: tmp_path / "fastfc")
-    assert cli._source_checkout() is None
-    (tmp_path / "pyproject.toml").write_text("")
-    assert cli._source_checkout() == tmp_path
-
-
-def test_an_installed_layout_hides_and_refuses_bench(tmp_path) -> None:
-    """The real thing: the package copied alone into a site directory and run
-    from elsewhere, as from a wheel."""
+def test_an_installed_layout_points_to_the_runner(tmp_path) -> None:
+    """The package copied alone into a site directory and run from elsewhere,
+    as from a wheel: ``fastfc bench`` says where the benchmarks went, on one
+    line, with status 2, and no ``benches`` module was imported."""
     site = tmp_path / "site"
     shutil.copytree(Path(fastfc.__file__).parent, site / "fastfc",
                     ignore=shutil.ignore_patterns("__pycache__", "*.c", "*.html"))
@@ -77,52 +74,90 @@ def test_an_installed_layout_hides_and_refuses_bench(tmp_path) -> None:
     assert helped.returncode == 0, helped.stderr
     assert "mkvol" in helped.stdout and "bench" not in helped.stdout
     refused = run([sys.executable, "-m", "fastfc", "bench", "--quick"])
-    assert refused.returncode == 1
+    assert refused.returncode == 2
     assert refused.stdout == ""
-    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-    assert "needs a source checkout" in refused.stderr
+    assert refused.stderr.strip().splitlines() == [f"Error: {cli.BENCH_MOVED}"]
+    code = ("import sys\nfrom click.testing import CliRunner\nimport fastfc.tools.cli.app as a\n"
+            "r = CliRunner().invoke(a.main, ['bench'])\nassert r.exit_code == 2, r.output\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'benches'))\n")
+    imported = run([sys.executable, "-c", code])
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == "[]"
 
 
-def test_bench_refuses_an_unknown_section() -> None:
-    res = CliRunner().invoke(cli.main, ["bench", "--only", "nonsense"])
-    assert res.exit_code == 2
+# -- python -m benches -------------------------------------------------------------------------
+def test_the_runner_lists_its_suites_and_cases() -> None:
+    res = benches("--list", timeout=120)
+    assert res.returncode == 0, res.stderr
+    listed = [m.group(1) for m in re.finditer(r"^([a-z_]+)  ", res.stdout, re.M)]
+    assert listed == SUITES, res.stdout
+    from benches.cases import CASES
+    for c in CASES:
+        assert f"  {c.name} " in res.stdout
+
+
+def test_the_runner_refuses_an_unknown_suite(tmp_path) -> None:
+    for args in (["nonsense"], ["core", "--skip", "nonsense"]):
+        res = benches(*args, "--out", str(tmp_path / "out"), timeout=120)
+        assert res.returncode == 2, res.stderr
+        assert "unknown suite(s) nonsense" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_runner_quick_on_one_case(tmp_path) -> None:
+    """``python -m benches --quick core --case count_2p20``: one figure, a
+    ratio against its baseline from the same run, in report-quick.md and
+    report-quick.json under --out; the README is left as it was."""
+    readme = (ROOT / "README.md").read_bytes()
+    out = tmp_path / "out"
+    res = benches("--quick", "core", "--case", "count_2p20", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((out / "report-quick.json").read_text())
+    assert doc["quick"] is True and doc["suites"] == ["core"] and doc["skipped"] == {}
+    [row] = doc["rows"]
+    assert row["name"] == "count_2p20" and row["suite"] == "core"
+    assert row["ratio"] > 0 and math.isfinite(row["ratio"]), row
+    case = doc["cases"]["count_2p20"]
+    assert case["samples_s"]["fastfc"] and len(case["samples_s"]) >= 2, case   # and baselines
+    md = (out / "report-quick.md").read_text()
+    assert md.startswith("# fastfc benchmarks (quick)\n")
+    assert "## core" in md and row["figure"] in md
+    assert f"report: {out / 'report-quick.md'}" in res.stdout
+    assert (ROOT / "README.md").read_bytes() == readme
 
 
 def test_durable_large_is_opt_in() -> None:
-    """The section past memory runs only when named (it writes tens of GiB)."""
-    res = CliRunner().invoke(cli.main, ["bench", "--help"])
-    assert "durable_large" in res.output and "FASTFC_BENCH_LARGE_GIB" in " ".join(res.output.split())
-    root = cli._source_checkout()
-    assert root is not None
-    report = cli._load_benches(root)
-    assert report.SECTIONS == cli.BENCH_SECTIONS
-    assert report.OPT_IN == {"durable_large"}
+    """The suite past memory runs only when named (it writes tens of GiB)."""
+    from benches import runner
+    assert runner.SUITES == SUITES and runner.OPT_IN == {"durable_large"}
+    res = benches("--help", timeout=120)
+    assert res.returncode == 0
+    assert "durable_large" in res.stdout and "FASTFC_BENCH_LARGE_GIB" in res.stdout
 
 
-# -- the serve section (issue 11) ---------------------------------------------------
+# -- the serve suite ----------------------------------------------------------------------------
 SERVE_ROWS = {f"serve_{w}_{p}" for w in ("nbdcopy", "randwrite_4k", "randread_4k", "seqwrite_1m")
               for p in ("nbdkit", "qemu_nbd")} | {"serve_gm_iops", "serve_gm_rpo", "serve_gm_cgs"}
 
 
-def test_serve_section_names_the_missing_packages(tmp_path, monkeypatch, capsys) -> None:
-    """Without the client tools the section is skipped, saying which apt
-    packages install them, and the bench goes on (exit 0)."""
-    root = cli._source_checkout()
-    assert root is not None
-    report = cli._load_benches(root)
+def test_serve_suite_names_the_missing_packages(tmp_path, monkeypatch, capsys) -> None:
+    """Without the client tools the suite is skipped, saying which apt
+    packages install them, and the run goes on (exit 0)."""
+    from benches import runner
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert report.run(quick=True, out=tmp_path, only=["serve"], log=lambda m: None) == 0
+    assert runner.run(quick=True, out=tmp_path, only=["serve"], log=lambda m: None) == 0
     out = capsys.readouterr().out
     want = ("fio, nbdcopy, nbdkit, qemu-nbd not found on PATH: "
             "apt-get install fio libnbd-bin nbdkit qemu-utils")
     assert f"skipped serve: {want}" in out, out
     doc = json.loads((tmp_path / "report-quick.json").read_text())
     assert doc["skipped"] == {"serve": want} and doc["rows"] == []
+    assert f"Skipped serve: {want}" in (tmp_path / "report-quick.md").read_text()
 
 
 @pytest.mark.slow
-def test_serve_section_quick_end_to_end(tmp_path) -> None:
-    """``fastfc bench --quick --only serve``: every row with a measured figure
+def test_serve_suite_quick_end_to_end(tmp_path) -> None:
+    """``python -m benches --quick serve``: every row with a measured figure
     (fastfc serve, nbdkit memory and qemu-nbd; Global Mirror under fio)."""
     missing = [t for t in ("fio", "nbdcopy", "nbdkit", "qemu-nbd") if shutil.which(t) is None]
     if missing:
@@ -130,11 +165,7 @@ def test_serve_section_quick_end_to_end(tmp_path) -> None:
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
-    root = cli._source_checkout()
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    res = subprocess.run([sys.executable, "-m", "fastfc", "bench", "--quick", "--only", "serve",
-                          "--out", str(tmp_path)], capture_output=True, text=True, env=env,
-                         cwd=root, timeout=600)
+    res = benches("--quick", "serve", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads((tmp_path / "report-quick.json").read_text())
     assert doc["skipped"] == {}

@@ -1,4 +1,4 @@
-"""Issue 8, hardening of the command line, the demo and library checks.
+"""Hardening of the command line, the demo and library checks.
 
 Each test here failed on the code before it: a traceback or a wrong exit
 status where one line and status 1 are promised, a file or a session left by

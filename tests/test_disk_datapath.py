@@ -1,4 +1,4 @@
-"""The data path of volumes on a disk (issue 10): host writes store without
+"""The data path of volumes on a disk: host writes store without
 the GIL, PPRC updates reach B and C's files with pwrite (C's copy-on-write
 first) instead of stores through the mapping. What the syscalls write must
 read back through the mapping, survive close and reopen, and a failed
@@ -186,29 +186,24 @@ def test_a_failed_pwrite_leaves_the_tracks_owed(disk_dir):
 
 def test_host_writes_on_disk_release_the_gil_and_keep_cow_order(disk_dir):
     """Small host writes to a disk-backed source with a FlashCopy target on
-    disk: copy-on-write first, data second, both read back; with pwrite for
-    host writes on as well (the measured alternative)."""
-    for pw in (False, True):
-        _core._set_host_pwrite(pw)
-        try:
-            u = StorageUnit(disk_dir / f"h{int(pw)}")
-            S, T = u.create_volume("S", 8, 4096), u.create_volume("T", 8, 4096)
-            S.write(0, rand(S.capacity, 5))
-            snap = image(S)
-            fc = FlashCopy(S, T, background_copy=False, record=True)
-            for k in range(8):
-                S.write(k * 4096 + 100, rand(200, 10 + k))
-            batch = np.stack([rand(512, 40 + k) for k in range(3)])
-            S.write_batch([0, 4096 * 5 + 512, 4096 * 7], batch)
-            assert np.array_equal(image(T), snap)
-            assert np.array_equal(np.asarray(T.array), snap)   # all copied on write
-            want = snap.copy()
-            for k in range(8):
-                want[k * 4096 + 100:k * 4096 + 300] = rand(200, 10 + k)
-            for off, row in zip([0, 4096 * 5 + 512, 4096 * 7], batch):
-                want[off:off + 512] = row
-            assert np.array_equal(image(S), want)
-            assert fc.src_changed.count() == 8
-            u.close()
-        finally:
-            _core._set_host_pwrite(False)
+    disk (stores through the mapping without the GIL): copy-on-write first,
+    data second, both read back."""
+    u = StorageUnit(disk_dir / "h")
+    S, T = u.create_volume("S", 8, 4096), u.create_volume("T", 8, 4096)
+    S.write(0, rand(S.capacity, 5))
+    snap = image(S)
+    fc = FlashCopy(S, T, background_copy=False, record=True)
+    for k in range(8):
+        S.write(k * 4096 + 100, rand(200, 10 + k))
+    batch = np.stack([rand(512, 40 + k) for k in range(3)])
+    S.write_batch([0, 4096 * 5 + 512, 4096 * 7], batch)
+    assert np.array_equal(image(T), snap)
+    assert np.array_equal(np.asarray(T.array), snap)   # all copied on write
+    want = snap.copy()
+    for k in range(8):
+        want[k * 4096 + 100:k * 4096 + 300] = rand(200, 10 + k)
+    for off, row in zip([0, 4096 * 5 + 512, 4096 * 7], batch):
+        want[off:off + 512] = row
+    assert np.array_equal(image(S), want)
+    assert fc.src_changed.count() == 8
+    u.close()

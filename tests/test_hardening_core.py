@@ -1,4 +1,4 @@
-"""Issue 8 (core): memory safety after close, no writable public view, space
+"""Hardening of the core: memory safety after close, no writable public view, space
 on a full filesystem (thick by default, thin with reservation), writes to an
 invalid volume, and the message for an offset past the end.
 

@@ -89,3 +89,37 @@ def test_no_module_reaches_a_floor_above_its_own(module, path):
             wrong.append(f"line {node.lineno}: reaches up for .{attr} (floor "
                          f"{UPWARD_ATTRIBUTES[attr]})")
     assert not wrong, f"{module} (floor {own}):\n" + "\n".join(wrong)
+
+
+def test_remote_reaches_no_private_of_the_floors_below():
+    """fastfc.remote (a server over durable units and its transports) uses
+    the public calls of units, volumes and relationships: every ``._name``
+    it reads or sets is one of its own (defined in fastfc/remote), never a
+    private of a unit, volume or relationship (``unit._volumes``,
+    ``b._secondary``, ``fc._resync``, ``unit._closed``, ...)."""
+    files = sorted((PACKAGE / "remote").glob("*.py"))
+    trees = {path: ast.parse(path.read_text()) for path in files}
+    own: set[str] = set()
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                own.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                own.add(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
+                    and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                own.add(node.attr)
+    wrong = []
+    for path, tree in trees.items():
+        for node in ast.walk(tree):
+            name = None
+            if isinstance(node, ast.Attribute):
+                name = node.attr
+            elif (isinstance(node, ast.Call) and getattr(node.func, "id", None)
+                  in ("getattr", "hasattr", "setattr") and len(node.args) >= 2
+                  and isinstance(node.args[1], ast.Constant)):
+                name = node.args[1].value
+            if isinstance(name, str) and name.startswith("_") and not name.startswith("__") \
+                    and name not in own:
+                wrong.append(f"{path.name}:{node.lineno}: .{name}")
+    assert not wrong, "fastfc.remote reaches into privates below it:\n" + "\n".join(wrong)

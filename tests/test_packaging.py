@@ -81,8 +81,8 @@ def test_require_names_the_extra(monkeypatch) -> None:
     assert require("json", extra="none").__name__ == "json"
 
 
-def test_the_bench_report_says_so_before_measuring(monkeypatch, tmp_path) -> None:
-    report = pytest.importorskip("benches.report")
+def test_the_benchmark_runner_says_so_before_measuring(monkeypatch, tmp_path) -> None:
+    report = pytest.importorskip("benches.runner")
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingDependencyError, match=r"fastfc\[plot\]"):
         report.run(quick=True, out=tmp_path / "out", only=["core"], log=lambda msg: None)
@@ -169,3 +169,24 @@ def test_the_package_docstring_names_the_packages_there_are() -> None:
     known = modules | {m.rsplit(".", 1)[-1] for m in modules} | set(packages) | {"fastfc"}
     for named in re.findall(r"``([A-Za-z_][\w.]*)``", doc):     # and nothing that is not there
         assert named in known or named == "__all__", named
+
+
+def test_every_file_core_includes_ships_and_rebuilds_it() -> None:
+    """``_core.pyx`` is split into ``.pxi`` files by job: each one it includes
+    exists, is package data (so an sdist builds) and is a dependency of the
+    extension in setup.py (so a change to it rebuilds ``_core``)."""
+    import fnmatch
+    tomllib = pytest.importorskip("tomllib")
+    core = (ROOT / "fastfc" / "_core.pyx").read_text()
+    included = re.findall(r'^include "([^"]+)"$', core, flags=re.M)
+    assert len(included) >= 6, included
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["fastfc"]
+    setup = (ROOT / "setup.py").read_text()
+    assert 'Path("fastfc").glob("*.pxi")' in setup
+    for name in included:
+        assert (ROOT / "fastfc" / name).is_file(), name
+        assert name.endswith(".pxi") and any(fnmatch.fnmatch(name, p) for p in patterns), name
+    assert sorted(p.name for p in (ROOT / "fastfc").glob("*.pxi")) == sorted(included)
+    for path in (ROOT / "fastfc").glob("*.pxi"):        # none has grown into a second _core
+        assert len(path.read_text().splitlines()) <= 750, path.name

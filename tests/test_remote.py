@@ -1,5 +1,5 @@
-"""Secondary units behind calls (issue 12), on the in-process transport:
-the same server and session code as over Ray, without Ray's start-up.
+"""Secondary units behind calls, on the in-process transport: the same
+server and session code as over Ray, without Ray (nor its start-up).
 
 Every test that forms CGs checks the promise (tests/reference-style
 snapshots taken at each coordination instant by PromiseChecker) after
@@ -22,11 +22,7 @@ from fastfc.copyservices import sitemirror
 from fastfc.copyservices.globalmirror import Cause, GMState
 from fastfc.tools.testing import PromiseChecker, RandomWriters
 
-if os.environ.get("CI"):
-    import ray  # noqa: F401  (CI installs the remote extra: fail loudly without it)
-else:
-    pytest.importorskip("ray")
-
+# the in-process transport needs no Ray (tests/test_remote_ray.py runs the real one)
 from fastfc import remote  # noqa: E402
 from fastfc.remote import local  # noqa: E402
 from fastfc.remote.server import EPOCH_FILE  # noqa: E402
@@ -74,6 +70,67 @@ def test_import_fastfc_does_not_import_ray():
     code = "import sys, fastfc; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True,
                    env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+# A meta-path finder that makes ``ray`` unimportable, as on a machine
+# without the remote extra.
+NO_RAY = """
+import sys
+
+class _NoRay:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _NoRay())
+"""
+
+
+def test_the_in_process_double_runs_without_ray(tmp_path):
+    """With ``ray`` unimportable: ``from fastfc import remote`` works, a
+    session over LocalUnits forms CGs and survives a unit killed mid-finish,
+    site-loss recovery works, and only SecondaryUnit asks for Ray (a clear
+    MissingDependencyError naming the extra)."""
+    code = NO_RAY + f"""
+import numpy as np
+import fastfc
+from fastfc import remote
+from fastfc.tools.testing import PromiseChecker
+path = {str(tmp_path)!r}
+units = [remote.LocalUnit.start(f"{{path}}/u{{i}}", name=f"u{{i}}") for i in range(2)]
+trips = []
+for i in range(4):
+    u = units[i % 2]
+    a = fastfc.Volume(8, 4096, name=f"a{{i}}")
+    a.write(0, np.full(4096, i + 1, np.uint8))
+    trips.append((a, u.create_volume(f"b{{i}}", 8, 4096), u.create_volume(f"c{{i}}", 8, 4096)))
+chk = PromiseChecker()
+gm = fastfc.GlobalMirror(trips, on_coordinate=chk.on_coordinate)
+chk.attach(gm)
+for _ in range(3):
+    assert gm.form_consistency_group().committed
+    chk.check()
+units[1].arm_kill("finish", 1)
+res = gm.form_consistency_group()
+assert res.committed and not units[1].up
+units[1] = remote.LocalUnit.start(f"{{path}}/u1", name="u1")
+gm.clear_fatal()
+assert chk.check() == res.sequence
+assert remote.recover(units, "gm") == res.sequence
+assert "ray" not in sys.modules
+try:
+    remote.SecondaryUnit
+except fastfc.MissingDependencyError as e:
+    assert "fastfc[remote]" in str(e), e
+else:
+    raise AssertionError("SecondaryUnit without ray")
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 def test_remote_volume_proxy(tmp_path):
@@ -411,3 +468,52 @@ def test_random_kills_never_break_the_promise(tmp_path):
             assert gm.state is GMState.IDLE
             chk.check()
     assert kills >= 5
+
+
+def test_kill_points_are_the_shared_steps_fault_points_and_leave_none_armed(tmp_path):
+    """The FlashCopy phase runs in the shared step (FlashCopyGroup); a kill
+    point is reached before each relationship's prepare and commit, in
+    order, and nothing stays armed after the call."""
+    from fastfc import faults
+    units, trips, gm, chk = make_session(tmp_path, n_trip=6)
+    seen = []
+    units[0].server.kill_point = lambda where, i: seen.append((where, i))
+    units[0].server.kill_armed = None          # always (LocalUnit's: while one is armed)
+    assert gm.form_consistency_group().committed
+    assert [s for s in seen if s[0] != "apply"] == [
+        ("prepare", 0), ("prepare", 1), ("prepare", 2), ("finish", 0), ("finish", 1),
+        ("finish", 2)]
+    assert faults.armed() == []
+    f1, f2 = faults.inject("prepare"), faults.inject("prepare")
+    faults.disarm(f1)
+    assert len(faults.armed()) == 1 and faults.armed()[0] is f2
+    faults.disarm(f1)                       # not armed: nothing happens
+    faults.disarm(f2)
+    assert faults.armed() == []
+
+
+def test_a_unit_that_kept_its_sessions_in_a_file_serves_on(tmp_path):
+    """A unit written by an earlier fastfc (the session's membership in a
+    JSON file beside unit.db) is opened by the server with its session:
+    the session forms CGs on it, and its CG records are kept."""
+    import json
+    import sqlite3
+    units, trips, gm, chk = make_session(tmp_path)
+    for _ in range(2):
+        assert gm.form_consistency_group().committed
+    settled = units[0].site.status("gm")["settled"]
+    for i, u in enumerate(units):
+        members = u.server.unit.served_sessions()
+        u.kill()
+        db = sqlite3.connect(tmp_path / f"u{i}" / "unit.db")
+        db.execute("DROP TABLE served_sessions")
+        db.commit()
+        db.close()
+        (tmp_path / f"u{i}" / "remote.sessions.json").write_text(
+            json.dumps({k: [list(p) for p in v] for k, v in members.items()}))
+        restart(tmp_path, units, i)
+        assert not (tmp_path / f"u{i}" / "remote.sessions.json").exists()
+    assert units[0].site.status("gm")["settled"] == settled
+    for _ in range(2):
+        assert gm.form_consistency_group().committed
+        chk.check()

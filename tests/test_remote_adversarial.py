@@ -416,35 +416,33 @@ def test_two_servers_that_read_the_same_epoch_still_fence(tmp_path, monkeypatch)
     new.close()
 
 
-@pytest.mark.parametrize("at", ["sessions-file", "flags"])
+@pytest.mark.parametrize("at", ["membership", "flags"])
 def test_a_unit_killed_inside_setup_can_be_set_up_again(tmp_path, monkeypatch, at):
-    """A crash inside ``setup`` (writing the session's list, or inside its
-    transaction) must leave a unit on which the session can be set up when
-    it is started again (not volumes "in use" by a session it never
-    recorded)."""
+    """A crash inside ``setup`` (writing the session's membership, or later
+    inside its transaction) must leave a unit on which the session can be
+    set up when it is started again (not volumes "in use" by a session it
+    never recorded)."""
     from fastfc.remote import server as server_mod
     units = [remote.LocalUnit.start(tmp_path / "u0", name="u0")]
     a = fastfc.Volume(N, TS, name="a")
     b, c = units[0].create_volume("b", N, TS), units[0].create_volume("c", N, TS)
-    real_write, real_flags = server_mod._write_atomic, None
-
-    def write(path, text):
-        if at == "sessions-file" and path.name == server_mod.SESSIONS_FILE:
-            raise server_mod.KilledHere("setup")
-        real_write(path, text)
-    monkeypatch.setattr(server_mod, "_write_atomic", write)
     store = units[0].server.unit.store
-    real_flags = store.set_volume_flags
+    real_add, real_flags = store.add_served_session, store.set_volume_flags
+
+    def add(name, pairs):
+        if at == "membership":
+            raise server_mod.KilledHere("setup")
+        real_add(name, pairs)
 
     def flags(rec):
         real_flags(rec)
         if at == "flags":
             raise server_mod.KilledHere("setup")
+    monkeypatch.setattr(store, "add_served_session", add)
     monkeypatch.setattr(store, "set_volume_flags", flags)
     with pytest.raises(fastfc.FastFCError):
         fastfc.GlobalMirror([(a, b, c)])
     assert not units[0].up
-    monkeypatch.setattr(server_mod, "_write_atomic", real_write)
     assert a._mirror is None
     remote.LocalUnit.start(tmp_path / "u0", name="u0")
     gm = fastfc.GlobalMirror([(a, b, c)])

@@ -1,6 +1,7 @@
-"""Secondary units as real Ray actors (issue 12): one ``ray.init`` per test
-session; actor processes SIGKILLed mid-drain, mid-prepare, between
-commits and at a random instant; the promise checked after every attempt,
+"""Secondary units as real Ray actors (the real transport; every other
+remote behaviour is tested on the in-process one, tests/test_remote*.py):
+one ``ray.init`` per test session; actor processes SIGKILLed mid-drain,
+mid-prepare, between commits and at a random instant; the promise checked after every attempt,
 after reconciling, and after site-loss recovery. Slow (Ray's start-up)."""
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def test_ray_a_hung_unit_times_out_and_answers_again(ray_session, tmp_path, monk
     """A unit whose process stops answering (SIGSTOP: a hung host) makes
     proxy calls and CG attempts fail within the call timeout, never hang;
     once it runs again (Ray may have reaped it: then started again) the same
-    proxy and session work. (r12)"""
+    proxy and session work."""
     import signal
     from fastfc.remote import rayunit
     remote = ray_session

@@ -1,4 +1,4 @@
-"""The store handed down (issue 9): volumes get their unit's store when they
+"""The store handed down: volumes get their unit's store when they
 are made, relationships and sessions take theirs from their volumes, a unit
 learns of its sessions through its store, and a session's counters are kept
 by the store, one row inside the CG's commit, across reopening."""

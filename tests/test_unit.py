@@ -19,7 +19,8 @@ import pytest
 
 from fastfc import (CorruptUnitError, FlashCopy, FlashCopyState, GlobalMirror,
                     InvalidImageError, LimitError, PPRCPair, ReadOnlyUnitError, StateError,
-                    StorageUnit, Volume, VolumeClosedError, WriteInhibitedError, faults)
+                    StorageUnit, UnitClosedError, Volume, VolumeClosedError,
+                    WriteInhibitedError, _core, faults)
 from fastfc.copyservices.globalmirror import RETRIES
 from helpers import image, rand
 
@@ -1201,3 +1202,193 @@ def test_a_new_flashcopy_onto_an_invalid_target_keeps_it_valid_after_reopening(t
     with StorageUnit(tmp_path / "u") as u:
         c = u.volume("C")
         assert c.valid and c.read(0, 5).tobytes() == b"image"
+
+
+# -- sessions served to a primary in another process (fastfc.remote) -----------
+def _served(path, pairs=(("B0", "C0"), ("B1", "C1"))):
+    u = StorageUnit(path)
+    for b, c in pairs:
+        for name in (b, c):
+            if name not in u:
+                u.create_volume(name, N, TS)
+    return u
+
+
+def test_serve_session_records_membership_makes_the_journal_and_holds_b(tmp_path):
+    with _served(tmp_path / "u") as u:
+        assert u.served_sessions() == {}
+        assert u.serve_session("gm", [("B0", "C0"), ("B1", "C1")]) == [0, 0]
+        assert u.served_sessions() == {"gm": [("B0", "C0"), ("B1", "C1")]}
+        fcs = u.served_flashcopies("gm")
+        assert [(fc.source.name, fc.target.name, fc.sequence) for fc in fcs] == \
+            [("B0", "C0", 0), ("B1", "C1", 0)]
+        assert all(fc.record and not fc.background_copy for fc in fcs)
+        with pytest.raises(WriteInhibitedError):
+            u.volume("B0").write(0, b"host")          # a secondary: PPRC updates only
+        # again with the same pairs: found, nothing new
+        assert u.serve_session("gm", [("B0", "C0"), ("B1", "C1")]) == [0, 0]
+        assert u.served_flashcopies("gm") == fcs
+        # the same name with other pairs, volumes in use, missing ones: refused
+        u.create_volume("B2", N, TS)
+        u.create_volume("C2", N, TS)
+        with pytest.raises(ValueError, match="other volumes"):
+            u.serve_session("gm", [("B2", "C2")])
+        with pytest.raises(ValueError, match="free volumes"):
+            u.serve_session("gm2", [("B2", "C2"), ("B0", "C0")])
+        with pytest.raises(KeyError, match="nope"):
+            u.serve_session("gm2", [("B2", "nope")])
+        with pytest.raises(ValueError, match="twice"):
+            u.serve_session("gm2", [("B2", "C2"), ("C2", "B2")])
+        with pytest.raises(StateError, match="no session"):
+            u.served_flashcopies("gm2")
+        assert not u.volume("B2").relationships and not u.volume("B2").is_secondary
+        assert set(u.served_sessions()) == {"gm"}
+    with StorageUnit(tmp_path / "u") as u:       # all of it in unit.db
+        assert u.served_sessions() == {"gm": [("B0", "C0"), ("B1", "C1")]}
+        assert u.volume("B1").is_secondary
+        assert [fc.sequence for fc in u.served_flashcopies("gm")] == [0, 0]
+        assert not u.recovered
+    with StorageUnit() as m:
+        m.create_volume("B", N, TS)
+        m.create_volume("C", N, TS)
+        with pytest.raises(StateError, match="memory unit"):
+            m.serve_session("gm", [("B", "C")])
+        assert m.served_sessions() == {}
+
+
+def test_served_cg_decisions_and_outcomes_are_kept_apart_and_survive_reopening(tmp_path):
+    with _served(tmp_path / "u") as u:
+        u.serve_session("gm", [("B0", "C0")])
+        u.record_cg_decision("gm", 3, "commit")
+        u.record_cg_outcome("gm", 2, "revert")
+        u.record_cg_outcome("gm", 3, "commit")
+        with pytest.raises(ValueError, match="commit' or 'revert"):
+            u.record_cg_outcome("gm", 4, "maybe")
+        assert u.cg_decisions("gm") == {3: "commit"}
+        assert u.cg_outcomes("gm") == {2: "revert", 3: "commit"}
+        assert u.cg_outcome("gm", 3) == "commit" and u.cg_outcome("gm", 4) is None
+        assert u.cg_decisions("other") == {} and u.cg_outcomes("other") == {}
+    with StorageUnit(tmp_path / "u", readonly=True) as u:
+        assert u.cg_decisions("gm") == {3: "commit"}
+        assert u.cg_outcomes("gm") == {2: "revert", 3: "commit"}
+        assert u.served_sessions() == {"gm": [("B0", "C0")]}
+
+
+def test_restore_served_secondaries_gives_b_its_c_image_and_host_writes(tmp_path):
+    with _served(tmp_path / "u") as u:
+        u.serve_session("gm", [("B0", "C0"), ("B1", "C1")])
+        fcs = u.served_flashcopies("gm")
+        b0 = u.volume("B0")
+        b0.write_batch(np.array([0], np.int64), np.full((1, TS), 7, np.uint8), _core.PPRC)
+        for fc in fcs:                          # CG 1: C holds the 7s
+            fc.resync(revertible=True, sequence=1)
+            fc.commit()
+        b0.write_batch(np.array([0], np.int64), np.full((1, TS), 9, np.uint8), _core.PPRC)
+        fcs[0].resync(revertible=True, sequence=2)          # CG 2 in doubt: refused
+        with pytest.raises(StateError, match="one settled CG"):
+            u.restore_served_secondaries("gm")
+        assert b0.is_secondary
+        fcs[0].revert()
+        assert u.restore_served_secondaries("gm") == ["B0", "B1"]
+        assert (b0.read(0, TS) == 7).all() and (u.volume("C0").read(0, TS) == 7).all()
+        b0.write(0, b"host")                    # takes host writes now
+        assert u.restore_served_secondaries("gm") == []     # again: B left alone
+        assert b0.read(0, 4).tobytes() == b"host"
+    with StorageUnit(tmp_path / "u") as u:
+        assert not u.volume("B0").is_secondary
+
+
+def test_abandon_lets_go_as_a_crash_would(tmp_path):
+    u = _served(tmp_path / "u")
+    u.serve_session("gm", [("B0", "C0")])
+    fc = u.served_flashcopies("gm")[0]
+    fc.resync(revertible=True, sequence=1)      # in doubt, as a crash leaves it
+    u.abandon()
+    u.abandon()                                 # idempotent
+    with pytest.raises(UnitClosedError):
+        u.volume("B0")
+    with StorageUnit(tmp_path / "u") as again:  # the lock is free; nothing resolved
+        fc = again.served_flashcopies("gm")[0]
+        assert fc.revertible and fc.sequence == 1
+
+
+def _write_as_an_earlier_fastfc(path, sessions):
+    """The layout an earlier fastfc left: no ``served_sessions`` table, the
+    membership in a JSON file beside unit.db."""
+    import json
+    db = sqlite3.connect(path / "unit.db")
+    db.execute("DROP TABLE served_sessions")
+    db.commit()
+    db.close()
+    (path / "remote.sessions.json").write_text(json.dumps(sessions))
+
+
+def test_a_unit_whose_served_sessions_were_kept_in_a_file_keeps_them(tmp_path):
+    path = tmp_path / "u"
+    with _served(path) as u:
+        u.serve_session("gm", [("B0", "C0"), ("B1", "C1")])
+        u.record_cg_outcome("gm", 1, "commit")
+    _write_as_an_earlier_fastfc(path, {"gm": [["B0", "C0"], ["B1", "C1"]]})
+    # read-only: read from the file, nothing changed
+    with StorageUnit(path, readonly=True) as u:
+        assert u.served_sessions() == {"gm": [("B0", "C0"), ("B1", "C1")]}
+    assert (path / "remote.sessions.json").exists()
+    with StorageUnit(path) as u:                 # read-write: moved into unit.db
+        assert u.served_sessions() == {"gm": [("B0", "C0"), ("B1", "C1")]}
+        assert [fc.target.name for fc in u.served_flashcopies("gm")] == ["C0", "C1"]
+        assert u.cg_outcome("gm", 1) == "commit"
+        assert u.serve_session("gm", [("B0", "C0"), ("B1", "C1")]) == [0, 0]
+    assert not (path / "remote.sessions.json").exists()
+    with StorageUnit(path) as u:
+        assert u.served_sessions() == {"gm": [("B0", "C0"), ("B1", "C1")]}
+
+
+def test_a_damaged_served_sessions_file_is_refused_clearly(tmp_path):
+    path = tmp_path / "u"
+    with _served(path) as u:
+        u.serve_session("gm", [("B0", "C0")])
+    _write_as_an_earlier_fastfc(path, {})
+    (path / "remote.sessions.json").write_text("{not json")
+    with pytest.raises(CorruptUnitError, match="remote.sessions.json"):
+        StorageUnit(path)
+    assert (path / "remote.sessions.json").read_text() == "{not json"
+    (path / "remote.sessions.json").write_text('{"gm": [["B0", 5]]}')
+    with pytest.raises(CorruptUnitError, match="other than text"):
+        StorageUnit(path)
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_remove_served_session_frees_its_volumes(tmp_path, copy):
+    with _served(tmp_path / "u") as u:
+        u.serve_session("gm", [("B0", "C0"), ("B1", "C1")])
+        u.record_cg_outcome("gm", 1, "commit")
+        u.record_cg_decision("gm", 1, "commit")
+        u.volume("B0").write_batch(np.array([0], np.int64), np.full((1, TS), 7, np.uint8),
+                                   _core.PPRC)
+        fcs = u.served_flashcopies("gm")
+        fcs[0].resync(revertible=True, sequence=1)       # CG 1: C0 reads the 7s from B0
+        fcs[0].commit()
+        fcs[1].resync(revertible=True, sequence=2)
+        with pytest.raises(KeyError, match="no session named 'other'"):
+            u.remove_served_session("other")
+        if copy:
+            with pytest.raises(StateError, match="revertible"):
+                u.remove_served_session("gm", copy=True)
+            assert u.served_sessions() and fcs[1].revertible        # nothing changed
+            fcs[1].revert()
+        removed = u.remove_served_session("gm", copy=copy)
+        assert removed == ["FlashCopy B0:C0", "FlashCopy B1:C1", "the secondary role of B0",
+                           "the secondary role of B1"]
+        assert u.served_sessions() == {} and u.cg_outcomes("gm") == {}
+        assert u.cg_decisions("gm") == {}
+        for v in ("B0", "C0", "B1", "C1"):
+            assert not u.volume(v).relationships and not u.volume(v).is_secondary
+        u.volume("B0").write(0, b"host")
+        if copy:
+            assert (u.volume("C0").read(0, TS) == 7).all()
+        else:
+            assert not u.volume("C0").valid
+        # free again: the session can be served anew
+        assert u.serve_session("gm", [("B0", "C0"), ("B1", "C1")]) == [0, 0]
+    with StorageUnit(tmp_path / "u") as u:
+        assert u.served_sessions() == {"gm": [("B0", "C0"), ("B1", "C1")]}

@@ -1,4 +1,4 @@
-"""Hardening of storage units (issue 8): one owner per unit across
+"""Hardening of storage units: one owner per unit across
 processes, read-only opens, refusals that change nothing, and units that
 can be copied and moved.
 """

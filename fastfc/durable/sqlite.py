@@ -159,6 +159,63 @@ CREATE TABLE IF NOT EXISTS session_stats(
     bytes_drained INTEGER NOT NULL, last_cg_time REAL, sequence INTEGER NOT NULL);
 """
 
+#: The sessions a unit serves to a primary in another process
+#: (:mod:`fastfc.remote`): each one's B->C pairs, in the session's order.
+#: A table of its own, made (and filled from the file an earlier fastfc kept
+#: beside ``unit.db``) by :func:`_migrate_served_sessions`.
+_SERVED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS served_sessions(
+    session TEXT NOT NULL, position INTEGER NOT NULL, b TEXT NOT NULL, c TEXT NOT NULL,
+    PRIMARY KEY(session, position));
+"""
+#: where a unit written by an earlier fastfc kept its served sessions:
+#: JSON, ``{session: [[b, c], ...]}``, beside ``unit.db``
+LEGACY_SESSIONS_FILE = "remote.sessions.json"
+
+
+def _read_legacy_sessions(directory: Path) -> dict[str, list[tuple[str, str]]]:
+    """The served sessions in an earlier fastfc's file (none if it is absent)."""
+    path = directory / LEGACY_SESSIONS_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    try:
+        raw = json.loads(text)
+        out = {str(name): [(str(b), str(c)) for b, c in pairs] for name, pairs in raw.items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CorruptUnitError(f"{path} (the sessions this unit serves, as an earlier "
+                               f"fastfc kept them) is damaged: {type(e).__name__}: {e}") from None
+    for name, pairs in out.items():
+        if not all(isinstance(x, str) for p in raw[name] for x in p):
+            raise CorruptUnitError(f"{path}: session {name!r} names volumes by something "
+                                   "other than text")
+    return out
+
+
+def _migrate_served_sessions(db: sqlite3.Connection, directory: Path) -> None:
+    """Schema step of a read-write open: make the ``served_sessions`` table,
+    and move the sessions an earlier fastfc kept in
+    :data:`LEGACY_SESSIONS_FILE` into it (one transaction; the file goes
+    once they are committed; a row already in the table wins, so a crash
+    between the two repeats nothing wrongly)."""
+    db.executescript(_SERVED_SCHEMA)
+    legacy = _read_legacy_sessions(directory)
+    if legacy:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            known = {r[0] for r in db.execute("SELECT DISTINCT session FROM served_sessions")}
+            for name, pairs in legacy.items():
+                if name not in known:
+                    db.executemany("INSERT INTO served_sessions VALUES(?,?,?,?)",
+                                   [(name, i, b, c) for i, (b, c) in enumerate(pairs)])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    (directory / LEGACY_SESSIONS_FILE).unlink(missing_ok=True)
+
+
 POOL_PER_SIZE = 1024   # recycled bitmap files kept per bitmap size
 
 
@@ -271,6 +328,13 @@ class SQLiteStore(Store):
             # a unit made before thick volumes: its files are sparse, so its
             # volumes are thin (the default); older readers ignore the column
             self.db.execute("ALTER TABLE volumes ADD COLUMN thin INTEGER NOT NULL DEFAULT 1")
+        if not readonly:
+            try:
+                _migrate_served_sessions(self.db, directory)
+            except BaseException:
+                self.db.close()
+                raise
+            self._tables.add("served_sessions")
         self._lock = threading.RLock()
         # what each PPRC secondary here knows of its pair (the pair's row is
         # with its primary): a unit made before this record has none
@@ -827,6 +891,40 @@ class SQLiteStore(Store):
         row = self.query("SELECT decision FROM decisions WHERE session=? AND sequence=?",
                          (session, sequence))
         return row[0][0] if row else None
+
+    # -- sessions served to a primary in another process (fastfc.remote) --------
+    def served_sessions(self) -> dict[str, list[tuple[str, str]]]:
+        """Each served session's B->C pairs (volume names), in order. A unit
+        opened read-only that an earlier fastfc wrote reads its file."""
+        out: dict[str, list[tuple[str, str]]] = {}
+        if "served_sessions" in self._tables:
+            for name, b, c in self.query("SELECT session, b, c FROM served_sessions "
+                                         "ORDER BY session, position"):
+                out.setdefault(name, []).append((b, c))
+        if self.readonly:
+            for name, pairs in _read_legacy_sessions(self.dir).items():
+                out.setdefault(name, pairs)
+        return out
+
+    def add_served_session(self, name: str, pairs: list[tuple[str, str]]) -> None:
+        """Record served session ``name`` with its B->C ``pairs`` (part of
+        an open transaction, else its own)."""
+        with self._atomic():
+            self.db.executemany("INSERT INTO served_sessions VALUES(?,?,?,?)",
+                                [(name, i, b, c) for i, (b, c) in enumerate(pairs)])
+
+    def drop_served_session(self, name: str) -> None:
+        """Forget served session ``name``: its pairs and its CG records
+        (``name`` followed by ``#``)."""
+        with self.transaction():
+            self.db.execute("DELETE FROM served_sessions WHERE session=?", (name,))
+            self.db.execute("DELETE FROM decisions WHERE session >= ? AND session < ?",
+                            (name + "#", name + "$"))
+
+    def decisions_of(self, session: str) -> dict[int, str]:
+        """Every CG decision recorded under ``session``, by sequence."""
+        return {int(q): d for q, d in self.query(
+            "SELECT sequence, decision FROM decisions WHERE session=?", (session,))}
 
     def close(self) -> None:
         with self._lock:

@@ -190,6 +190,8 @@ class StorageUnit:
         self._flash_damage: dict[tuple[str, str], tuple[dict, str]] = {}
         self._pair_damage: dict[tuple[str, str], tuple[dict, str]] = {}
         self._closed = False
+        # the sessions served to a primary elsewhere, as unit.db says (None: read again)
+        self._served: dict[str, list[tuple[str, str]]] | None = None
         self.uuid: str | None = None
         if self.path is None:
             if self.readonly:
@@ -877,6 +879,227 @@ class StorageUnit:
                     t.pair.link = link
                 self.sessions[name] = GlobalMirror.from_record(dict(cfg, name=name), parts,
                                                                link=link)
+
+    # == sessions served to a primary in another process ===============================
+    # What fastfc.remote's UnitServer needs of the unit, as public calls: the
+    # unit is the secondary of a Global Mirror session whose primary (and
+    # whose session object) live in another process. The unit records the
+    # session's membership (its B->C pairs), the session's CG decisions and
+    # what this unit carried out per CG, in unit.db. Opening the unit does not
+    # settle such a session's CG: the session (or recovery over all its units)
+    # does, by the seed's rule.
+    _DECISION_KEY = "#coord"   # decision rows: the session's recorded decision
+    _OUTCOME_KEY = "#unit"     # decision rows: what this unit carried out
+
+    def served_sessions(self) -> dict[str, list[tuple[str, str]]]:
+        """The sessions this unit serves as a secondary to a primary in
+        another process: each one's B->C pairs (volume names), in the
+        session's order."""
+        self._require_open()
+        if self.path is None:
+            return {}
+        if self._served is None:
+            self._served = self._sqlite.served_sessions()
+        return {k: list(v) for k, v in self._served.items()}
+
+    def serve_session(self, name: str, pairs) -> list[int]:
+        """Join session ``name`` as its secondary for the B->C ``pairs``
+        (volume names): in one transaction, record the membership, establish
+        each B->C FlashCopy (change recording, no background copy, C
+        refusing writes, sequence 0) and hold each B as a secondary (it
+        refuses host writes; PPRC updates land). Called again with the same
+        pairs (a retry, a restarted primary), it finds them and changes
+        nothing. Returns each C's CG sequence.
+
+        Raises ValueError if the unit serves ``name`` with other pairs, or a
+        volume is not free (in a pair, a FlashCopy or another session),
+        KeyError naming a missing volume; nothing is changed then."""
+        self._require_writable()
+        if self.path is None:
+            raise StateError("a memory unit serves no session to another process "
+                             "(open the unit on a directory)")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a session name is a non-empty string, got {name!r}")
+        names = [(str(b), str(c)) for b, c in pairs]
+        if not names:
+            raise ValueError(f"session {name!r} needs at least one B->C pair")
+        flat = [v for p in names for v in p]
+        if len(set(flat)) != len(flat):
+            raise ValueError(f"session {name!r}: a volume appears twice in {names}")
+        known = self.served_sessions().get(name)
+        if known is not None and known != names:
+            raise ValueError(f"unit {self.path} holds session {name!r} with other "
+                             f"volumes ({[list(p) for p in known]}); remove it first "
+                             "(StorageUnit.remove_served_session) or use another name")
+        vols = [(self.volume(b), self.volume(c)) for b, c in names]
+        seqs, todo = [], []
+        for b, c in vols:
+            fc = c.target_relationship
+            if known is not None and isinstance(fc, FlashCopy) and fc.source is b:
+                seqs.append(fc.sequence)
+                continue
+            if b.mirror is not None or b.is_secondary or b.relationships or c.relationships:
+                raise ValueError(f"{b.name} and {c.name} of unit {self.path} must be free "
+                                 "volumes (no pair, no FlashCopy) to join a session")
+            if (b.n_tracks, b.track_size) != (c.n_tracks, c.track_size):
+                raise ValueError(f"{b.name} and {c.name} of unit {self.path} differ in "
+                                 "geometry (tracks, track size)")
+            todo.append((b, c))
+            seqs.append(0)
+        if known is not None and not todo:
+            return seqs
+        try:
+            with self.store.transaction():
+                if known is None:
+                    self._sqlite.add_served_session(name, names)
+                for b, c in todo:
+                    FlashCopy(b, c, background_copy=False, record=True,
+                              inhibit_target_write=True, sequence=0)
+                    b._secondary = True
+                    self.store.set_volume_flags(b.flags_record())
+        finally:
+            self._served = None
+        return seqs
+
+    def served_flashcopies(self, name: str) -> list[FlashCopy]:
+        """The B->C FlashCopy relationships of served session ``name``, in
+        its order. StateError if the unit serves no such session, or one of
+        them is gone."""
+        self._require_open()
+        pairs = self.served_sessions().get(name)
+        if pairs is None:
+            raise StateError(f"unit {self.path} holds no session {name!r}")
+        out = []
+        for b, c in pairs:
+            fc = self.volume(c).target_relationship
+            if not isinstance(fc, FlashCopy) or fc.source is not self.volume(b):
+                raise StateError(f"unit {self.path}: {b}->{c} has no FlashCopy")
+            out.append(fc)
+        return out
+
+    def record_cg_decision(self, name: str, sequence: int, decision: str) -> None:
+        """Record the decision ("commit" or "revert") served session
+        ``name`` made for CG ``sequence`` (the session keeps it on its first
+        unit, before any unit carries it out)."""
+        self._served_record(name + self._DECISION_KEY, sequence, decision)
+
+    def cg_decisions(self, name: str) -> dict[int, str]:
+        """The decisions recorded by :meth:`record_cg_decision`, by sequence
+        (the newest few)."""
+        return self._served_rows(name + self._DECISION_KEY)
+
+    def record_cg_outcome(self, name: str, sequence: int, outcome: str) -> None:
+        """Record what this unit carried out ("commit" or "revert") for CG
+        ``sequence`` of served session ``name``. Inside the transaction that
+        carries it out, it is durable with it."""
+        self._served_record(name + self._OUTCOME_KEY, sequence, outcome)
+
+    def cg_outcome(self, name: str, sequence: int) -> str | None:
+        """What this unit carried out for CG ``sequence`` of served session
+        ``name`` ("commit", "revert"), or None."""
+        self._require_open()
+        return self._sqlite.decision(name + self._OUTCOME_KEY, int(sequence)) \
+            if self.path is not None else None
+
+    def cg_outcomes(self, name: str) -> dict[int, str]:
+        """What this unit carried out for served session ``name``, by sequence
+        (the newest few)."""
+        return self._served_rows(name + self._OUTCOME_KEY)
+
+    def restore_served_secondaries(self, name: str) -> list[str]:
+        """Site-loss failover of served session ``name`` at this unit: fast-
+        reverse-restore each B from its C, then let B take host writes
+        (restore first: a crash between the two restores again). A B that
+        takes host writes already (restored before, it may hold host writes
+        since) is left alone. Refused (StateError, nothing changed) unless
+        every C is on one settled CG. Returns the B volumes restored."""
+        self._require_writable()
+        fcs = self.served_flashcopies(name)
+        if any(fc.revertible for fc in fcs) or len({fc.sequence for fc in fcs}) > 1:
+            raise StateError(f"unit {self.path}: the C volumes of {name!r} are not on "
+                             "one settled CG; recover the session first")
+        done = []
+        for fc in fcs:
+            b = fc.source
+            if not b.is_secondary:
+                continue
+            fc.reverse_restore()
+            b._secondary = False
+            self.store.set_volume_flags(b.flags_record())
+            done.append(b.name)
+        return done
+
+    def remove_served_session(self, name: str, *, copy: bool = False,
+                              on_copy: Callable[[int, int], None] | None = None) -> list[str]:
+        """End served session ``name`` at this unit (its primary is done with
+        it, or lost for good): withdraw each B->C FlashCopy (a revertible one
+        is reverted first), let each B take host writes, and forget the
+        session's membership and CG records. ``copy=False`` withdraws at
+        once (a C still reading tracks from its B turns invalid);
+        ``copy=True`` first copies those tracks B -> C (``on_copy(copied,
+        total)`` reports the progress; refused while a C is revertible), so
+        every C keeps its image. Returns what was removed, for messages.
+        KeyError if the unit serves no such session."""
+        self._require_writable()
+        pairs = self.served_sessions().get(name)
+        if pairs is None:
+            raise KeyError(f"unit {self.path} serves no session named {name!r}")
+        fcs: list[FlashCopy] = []
+        bs: list[Volume] = []
+        for b_name, c_name in pairs:
+            b = self._volumes.get(b_name)
+            c = self._volumes.get(c_name)
+            fc = c.target_relationship if c is not None else None
+            if b is not None:
+                bs.append(b)
+            if isinstance(fc, FlashCopy) and fc.source is b:
+                fcs.append(fc)
+        if copy:
+            if any(fc.revertible for fc in fcs):
+                raise StateError(f"served session {name!r}: a C volume is still revertible "
+                                 "(the C volumes are not on one CG); nothing copied")
+            copy_to_c(fcs, on_copy)
+        removed = []
+        for fc in fcs:
+            if fc.revertible:
+                fc.revert()
+            fc.withdraw(force=True)
+            removed.append(f"FlashCopy {fc.source.name}:{fc.target.name}")
+        for b in bs:
+            if b.is_secondary and b.mirror is None:
+                b._secondary = False
+                self.store.set_volume_flags(b.flags_record())
+                removed.append(f"the secondary role of {b.name}")
+        try:
+            self._sqlite.drop_served_session(name)
+        finally:
+            self._served = None
+        return removed
+
+    def abandon(self) -> None:
+        """Let go of the unit as a process killed now would: nothing is
+        stopped, flushed or resolved (volumes and unit.db stay as the last
+        completed step left them); the files and the lock are released and
+        the object is closed. For in-process doubles of a crash (the next
+        open recovers as after a real one)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._release_files()
+
+    def _served_record(self, key: str, sequence: int, value: str) -> None:
+        self._require_writable()
+        if value not in ("commit", "revert"):
+            raise ValueError(f"a CG ends as 'commit' or 'revert', got {value!r}")
+        if self.path is None:
+            raise StateError("a memory unit serves no session to another process")
+        self._sqlite.cg_decision(key, int(sequence), value)
+
+    def _served_rows(self, key: str) -> dict[int, str]:
+        self._require_open()
+        return self._sqlite.decisions_of(key) if self.path is not None else {}
+
+    # == (end of sessions served to a primary in another process) ====================
 
     # -- lifecycle ---------------------------------------------------------------------
     def flush(self) -> None:

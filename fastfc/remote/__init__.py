@@ -1,7 +1,9 @@
 """Secondary storage units on other processes and hosts, through Ray.
 
-``from fastfc import remote`` imports Ray (``pip install 'fastfc[remote]'``);
-``import fastfc`` does not.
+Ray (``pip install 'fastfc[remote]'``) is imported only for what needs it:
+:class:`SecondaryUnit` (and :mod:`fastfc.remote.rayunit`). ``import fastfc``,
+``from fastfc import remote`` and the in-process double :class:`LocalUnit`
+run without it.
 
 * :meth:`SecondaryUnit.start` (path, name=...) starts a Ray actor holding a
   durable :class:`~fastfc.StorageUnit`; ``create_volume`` gives
@@ -14,17 +16,24 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from fastfc._optional import require
+from fastfc.copyservices.sitemirror import reconcile_sites, recover_sites
+from fastfc.remote.client import RemoteVolume, UnitDownError, UnitHandle
+from fastfc.remote.local import LocalUnit
+from fastfc.remote.server import FencedError, UnitServer
 
-require("ray", "remote", "fastfc.remote")
+if TYPE_CHECKING:
+    from fastfc.remote.rayunit import SecondaryUnit
 
-from fastfc.copyservices.sitemirror import reconcile_sites, recover_sites  # noqa: E402
-from fastfc.remote.client import RemoteVolume, UnitDownError, UnitHandle  # noqa: E402
-from fastfc.remote.local import LocalUnit  # noqa: E402
-from fastfc.remote.rayunit import SecondaryUnit  # noqa: E402
-from fastfc.remote.server import FencedError, UnitServer  # noqa: E402
+
+def __getattr__(name: str) -> Any:
+    """``SecondaryUnit`` imports Ray on first use (a clear
+    :class:`~fastfc.MissingDependencyError` without it)."""
+    if name == "SecondaryUnit":
+        from fastfc.remote.rayunit import SecondaryUnit
+        return SecondaryUnit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def recover(units: Sequence[UnitHandle], session: str = "gm") -> int:

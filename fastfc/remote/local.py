@@ -1,7 +1,8 @@
 """The in-process transport: a secondary unit served in this process, with
 the behaviour of the Ray one (calls by unit name, a killed unit refuses
 every call until started again, arrays handed over read-only as from Ray's
-object store). Most tests run on it.
+object store). Most tests run on it. It needs no Ray: ``from fastfc import
+remote`` and :class:`LocalUnit` work without it installed.
 
 ``LocalUnit.kill()`` is a crash as far as the unit's files go: the server
 is dropped without resolving anything (its volumes and SQLite file stay
@@ -87,7 +88,7 @@ class LocalUnit(UnitHandle):
             elif u.server is not None:
                 raise FastFCError(f"unit {name} is running already")
         u.path = str(path)
-        u.server = UnitServer(path, kill_point=u._kill_point)
+        u.server = UnitServer(path, kill_point=u._kill_point, kill_armed=u._kill_armed)
         u.info()
         return u
 
@@ -95,6 +96,9 @@ class LocalUnit(UnitHandle):
         if self._armed == (where, i):
             self._armed = None
             raise KilledHere(where)
+
+    def _kill_armed(self, where: str) -> bool:
+        return self._armed is not None and self._armed[0] == where
 
     def arm_kill(self, where: str, i: int) -> None:
         """Crash the unit inside its next ``where`` call, before step ``i``."""
@@ -105,8 +109,7 @@ class LocalUnit(UnitHandle):
         if s is not None:
             # a crash: nothing flushed, nothing resolved; the files and the
             # lock let go as a dead process's would
-            s.unit._release_files()
-            s.unit._closed = True
+            s.abandon()
 
     def kill(self) -> None:
         """Crash the unit: every call fails until :meth:`start`."""

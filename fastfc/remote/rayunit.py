@@ -15,14 +15,15 @@ import socket
 import time
 from typing import Any
 
-import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
-
+from fastfc._optional import require
 from fastfc.errors import FastFCError
 from fastfc.remote import client
 from fastfc.remote.client import UnitDownError, UnitHandle
 from fastfc.remote.server import KilledHere, UnitServer
 from fastfc.storage.site import Pending
+
+ray = require("ray", "remote", "fastfc.remote.SecondaryUnit")
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError  # noqa: E402
 
 NAMESPACE = "fastfc"
 CALL_TIMEOUT = 30.0      # seconds any call may take before the unit counts as down
@@ -43,11 +44,15 @@ class _UnitActor:
         self.server: UnitServer | None = None
 
     def open(self) -> None:
-        self.server = UnitServer(self._path, kill_point=self._kill_point)
+        self.server = UnitServer(self._path, kill_point=self._kill_point,
+                                 kill_armed=self._kill_armed)
 
     def _kill_point(self, where: str, i: int) -> None:
         if self._armed == (where, i):
             os.kill(os.getpid(), signal.SIGKILL)     # a crash, mid-call
+
+    def _kill_armed(self, where: str) -> bool:
+        return self._armed is not None and self._armed[0] == where
 
     def arm_kill(self, where: str, i: int) -> None:
         self._armed = (where, i)

@@ -1,6 +1,6 @@
 """The ``fastfc`` group: its global options, the units each invocation
 opens, expected errors as one line and an exit status, and the commands
-that open no unit (``demo``, ``bench``)."""
+that open no unit (``demo``; ``bench`` only says where the benchmarks went)."""
 
 from __future__ import annotations
 
@@ -44,9 +44,7 @@ class FastFCGroup(click.Group):
     Commands are listed in the order they are defined (by subject)."""
 
     def list_commands(self, ctx):
-        # bench runs the suite in a source checkout's benches/: not offered elsewhere
-        return [name for name in self.commands
-                if name != "bench" or _source_checkout() is not None]
+        return list(self.commands)
 
     def make_context(self, info_name, args, parent=None, **extra):
         problems = _core.environment_problems()   # a bad FASTFC_KERNELS or COPY_THREADS
@@ -250,76 +248,17 @@ def _check_plot(plot: str) -> None:
         raise click.ClickException(f"--plot {plot}: cannot write that file")
 
 
-BENCH_SECTIONS = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable", "gm",
-                  "scaleout", "durable_large", "serve"]
+BENCH_MOVED = ("fastfc bench is gone: the benchmarks run from a source checkout, "
+               "with `python -m benches` (`python -m benches --help` lists the suites)")
 
 
-@main.command()
-@click.option("--quick", is_flag=True, help="About a minute: fewer rounds, smaller sizes.")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Directory for report.json and the plots [default: bench-results/].")
-@click.option("--only", multiple=True, type=click.Choice(BENCH_SECTIONS),
-              help="Run only this section (repeatable). durable_large (units past "
-                   "memory on the disk, minutes; FASTFC_BENCH_LARGE_GIB, "
-                   "FASTFC_BENCH_LARGE_SECONDS) runs only when named here.")
-@click.option("--skip", multiple=True, type=click.Choice(BENCH_SECTIONS),
-              help="Skip this section (repeatable).")
-@click.option("--unit-dir", type=click.Path(file_okay=False), default=None,
-              help="Where the durable section puts storage units (a real disk) "
-                   "[default: bench-results/units].")
-@click.option("--update-readme", is_flag=True, help="Rewrite the README's benchmark table.")
-@click.option("--strict", is_flag=True, help="Exit with status 1 if a target is missed.")
-def bench(quick, out, only, skip, unit_dir, update_readme, strict) -> None:
-    """Run every benchmark against same-run baselines and print the table.
+@main.command(hidden=True, add_help_option=False,
+              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def bench() -> None:
+    """Where the benchmarks went: one line pointing to ``python -m benches``.
 
-    Needs a source checkout: the suite lives in the repository's benches/
-    directory, next to the fastfc package (an installed fastfc does not list
-    this command).
+    The installed package knows nothing of a checkout's benchmarks: this
+    command imports nothing from it and runs nothing.
     """
-    root = _source_checkout()
-    if root is None:
-        raise click.ClickException(
-            "fastfc bench needs a source checkout: the benchmark suite (benches/) ships "
-            f"with the repository, not with the installed package in "
-            f"{_package_dir()}; run it from a clone (pip install -e '.[dev]')")
-    run = _load_benches(root).run
-    sys.exit(run(quick=quick, out=out, only=list(only), skip=list(skip),
-                 update=update_readme, unit_dir=unit_dir, strict=strict))
-
-
-def _package_dir() -> Path:
-    """The directory of the fastfc package this runs from."""
-    import fastfc
-    return Path(fastfc.__file__).resolve().parent
-
-
-def _source_checkout() -> Path | None:
-    """The source checkout this fastfc runs from: the directory above the
-    package, when it holds pyproject.toml and benches/report.py. None for an
-    installed package."""
-    root = _package_dir().parent
-    if (root / "pyproject.toml").is_file() and (root / "benches" / "report.py").is_file():
-        return root
-    return None
-
-
-def _load_benches(root: Path):
-    """``benches.report`` of the checkout at ``root``, imported as the package
-    ``benches`` without putting the checkout on sys.path."""
-    import importlib
-    import importlib.util
-    pkg = sys.modules.get("benches")
-    if pkg is None:
-        spec = importlib.util.spec_from_file_location(
-            "benches", root / "benches" / "__init__.py",
-            submodule_search_locations=[str(root / "benches")])
-        if spec is None or spec.loader is None:
-            raise click.ClickException(f"cannot load the benchmark suite in {root / 'benches'}")
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules["benches"] = pkg
-        spec.loader.exec_module(pkg)
-    elif Path(pkg.__path__[0]).resolve() != (root / "benches").resolve():
-        raise click.ClickException(
-            f"another benches package is already imported (from {pkg.__path__[0]}), "
-            f"not the one of this checkout ({root / 'benches'})")
-    return importlib.import_module("benches.report")
+    click.echo(f"Error: {BENCH_MOVED}", err=True)
+    sys.exit(2)

@@ -1,42 +1,43 @@
-"""fastfc's benchmark report: every benchmark, its baselines measured in the
-same run, one table (``python -m fastfc bench``; or run this file).
+"""fastfc's benchmark runner: every suite, each figure a ratio against a
+baseline measured in the same run (``python -m benches`` in a checkout).
 
-Sections, in the order they run (``--only`` / ``--skip`` pick some):
+Suites, in the order they run (name some to run only those; ``--list``):
 
 physical  the physical limit: ``np.copyto`` / libc ``memcpy`` on one and two
           threads, and fastfc copying on two worker threads
-core      the cases of ``cases.py`` (what ``run.py`` and
-          ``pytest benches --benchmark-only`` run)
+core      the cases of ``cases.py`` (also a pytest-benchmark suite:
+          ``pytest benches/test_bench_core.py --benchmark-only``); ``--case``
+          picks some by name
 engine    fastfc against the pure-NumPy engine (``engine_numpy.py``) on
-          4 KiB-track workloads
+          4 KiB-track workloads (``engine_cases.py``)
 numba     fastfc against numba-jitted kernels (copy runs, copy-on-write,
           bitmap count and scan)
-qemu      the real peer: QEMU's ``blockdev-backup`` (full and incremental)
-          between raw files in /dev/shm, default and tuned, against fastfc on
-          file-backed volumes over the same files (skipped without QEMU)
+qemu      the real peer (``qemu_peer.py``): QEMU's ``blockdev-backup`` (full
+          and incremental) between raw files in /dev/shm, default and tuned,
+          against fastfc on file-backed volumes over the same files (skipped
+          without QEMU)
 scaling   cost against volume size, track size, targets, Global Mirror
-          triplets and the fraction of changed tracks (plotted)
-durable   Global Mirror on storage units on a disk against memory, and
-          fsyncs per consistency group at two volume sizes (issue 5); then
-          the steady state at both durability levels, units on the disk and
-          in tmpfs interleaved (issue 10, ``durable_steady.py``)
-durable_large  opt-in (only with ``--only durable_large``; about 3-5 min):
-          units whose volumes exceed the machine's memory, on the disk, under
-          random writes, against the disk's own random-write speed;
-          FASTFC_BENCH_LARGE_GIB sets their total size [1.5 x RAM, within
-          60 % of the free space], FASTFC_BENCH_LARGE_SECONDS the run [60]
-gm        the Global Mirror workload of issue 3 (``gm.py``) and the same on
-          the NumPy engine; the largest in memory
-scaleout  issue 12 (``scaleout.py``): 2 secondary units as Ray actors x 32
-          triplets x 32 MiB under 200 MB/s of 4 KiB writes, against the same
-          session in one process (skipped without Ray)
-serve     ``fastfc serve`` (issue 11, ``serve.py``): fio and nbdcopy against it,
-          nbdkit's memory plugin and qemu-nbd, interleaved, one export in
-          /dev/shm each; then fio 4 KiB randwrite QD16 on the 16 A exports of
-          a Global Mirror session (units in /dev/shm) with the session's CG
-          loop running in the server and stopped, interleaved (needs fio,
-          nbdcopy, nbdkit, qemu-nbd: the section names the apt packages
-          missing)
+          triplets and the fraction of changed tracks (``scaling.py``, plotted)
+durable   Global Mirror on storage units on a disk and in tmpfs against memory,
+          and fsyncs per consistency group at two volume sizes
+          (``mirror_cases.durable``)
+durable_steady  the steady state at both durability levels, units on the disk
+          and in tmpfs interleaved (``durable_steady.py``)
+gm        Global Mirror in memory against the same session on the NumPy
+          engine (``gm.py``, ``mirror_cases.global_mirror``)
+scaleout  2 secondary units as Ray actors against the same session in one
+          process (``scaleout.py``; skipped without Ray)
+serve     ``fastfc serve`` (``serve.py``): fio and nbdcopy against it, nbdkit's
+          memory plugin and qemu-nbd, interleaved, one export in /dev/shm
+          each; then fio 4 KiB randwrite QD16 on the A exports of a Global
+          Mirror session with its CG loop running and stopped, interleaved
+          (skipped, naming the apt packages, without fio, nbdcopy, nbdkit,
+          qemu-nbd)
+durable_large  opt-in (only when named; about 3-5 min): units whose volumes
+          exceed the machine's memory, on the disk, under random writes,
+          against the disk's own random-write speed; FASTFC_BENCH_LARGE_GIB
+          sets their total size [1.5 x RAM, within 60 % of the free space],
+          FASTFC_BENCH_LARGE_SECONDS the run [60]
 
 Ratios: for a speed figure (target ``>=``) ratio = baseline time / fastfc
 time (or fastfc rate / baseline rate); for a cost figure (target ``<=``)
@@ -44,10 +45,10 @@ ratio = fastfc time / baseline time. A target with a unit (``<= 1 ms``) is
 absolute: ``met`` judges the fastfc value, and the ratio against the
 baseline of the same run is shown beside it.
 
-The raw results (every sample) go to ``OUT/report.json`` and the plots to
-``OUT/*.png`` (``-quick`` in the names of a quick run); ``--update-readme``
-rewrites the README's table between ``<!-- bench-table:start -->`` and
-``<!-- bench-table:end -->``.
+The report goes to ``OUT/report.md`` (the table) and ``OUT/report.json``
+(every sample), the plots to ``OUT/*.png`` (``-quick`` in the names of a
+quick run); OUT is ``bench-results/`` unless ``--out`` says otherwise. The
+runner writes nothing else.
 """
 
 from __future__ import annotations
@@ -65,26 +66,21 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import fastfc  # noqa: E402
-from fastfc import _core  # noqa: E402
-from fastfc._optional import require  # noqa: E402
-from benches.cases import CASES, Case, Result, get_case, measure, metadata_rows  # noqa: E402
+import fastfc
+from fastfc import _core
+from fastfc._optional import require
+from benches.cases import CASES, Case, Result, get_case, measure, metadata_rows
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable", "gm",
-            "scaleout", "durable_large", "serve"]
-OPT_IN = {"durable_large"}     # run only when named in --only
-# GiB each section may hold at its peak (gm: its volumes, worked out there)
-SECTION_MEMORY = {"physical": 2.5, "core": 3, "engine": 2, "numba": 2, "qemu": 3,
-                  "scaling": 3, "durable": 7, "gm": 0, "scaleout": 4, "durable_large": 2,
-                  "serve": 5}
-README_START = "<!-- bench-table:start -->"
-README_END = "<!-- bench-table:end -->"
+SUITES = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable",
+          "durable_steady", "gm", "scaleout", "serve", "durable_large"]
+OPT_IN = {"durable_large"}     # run only when named
+# GiB each suite may hold at its peak (gm: its volumes, worked out there)
+SUITE_MEMORY = {"physical": 2.5, "core": 3, "engine": 2, "numba": 2, "qemu": 3,
+                "scaling": 3, "durable": 7, "durable_steady": 7, "gm": 0, "scaleout": 4,
+                "durable_large": 2, "serve": 5}
 
 
 # --------------------------------------------------------------------------
@@ -95,7 +91,7 @@ README_END = "<!-- bench-table:end -->"
 class Row:
     """One line of the report."""
 
-    section: str
+    suite: str
     name: str
     figure: str
     fastfc: str
@@ -104,8 +100,8 @@ class Row:
     target: str = "-"
     met: bool | None = None
     note: str = ""
-    headline: str = ""          # label in the README table ("" = not a headline)
-    check: bool = False         # a complexity check (scaling), not an issue's target
+    headline: str = ""          # label in the headline table ("" = not a headline)
+    check: bool = False         # a complexity check (scaling), not a target
     score: float | None = None  # >= 1: target met, by how much (absolute targets)
     data: dict = field(default_factory=dict)
 
@@ -158,11 +154,11 @@ def _ratio_text(r: float | None) -> str:
     return f"{r:.3g}" if r < 100 else f"{r:.0f}"
 
 
-def row_from_result(section: str, r: Result, headline: str = "", figure: str | None = None,
+def row_from_result(suite: str, r: Result, headline: str = "", figure: str | None = None,
                     target: str | None = None) -> Row:
     c = r.case
     rr = sorted(r.round_ratios())
-    return Row(section, c.name, figure or c.figure,
+    return Row(suite, c.name, figure or c.figure,
                per_op(r.fastfc_s, r.ops, r.nbytes),
                f"{per_op(r.baseline_s, r.ops, r.nbytes)} {r.baseline_name}",
                r.ratio, target if target is not None else c.target_text,
@@ -171,23 +167,25 @@ def row_from_result(section: str, r: Result, headline: str = "", figure: str | N
                data=r.as_dict())
 
 
-def role_row(section: str, r: Result, role: str, name: str, figure: str, target: float,
+def role_row(suite: str, r: Result, role: str, name: str, figure: str, target: float,
              headline: str = "") -> Row:
     """fastfc against one named baseline role of a measured case (speed)."""
     ratio = r.median(role) / r.fastfc_s
-    return Row(section, name, figure, per_op(r.fastfc_s, r.ops, r.nbytes),
+    return Row(suite, name, figure, per_op(r.fastfc_s, r.ops, r.nbytes),
                f"{per_op(r.median(role), r.ops, r.nbytes)} {role}", ratio,
                f">= {target:g}", ratio >= target, headline=headline,
                data={"case": r.case.name, "role": role})
 
 
 # --------------------------------------------------------------------------
-# Sections
+# Suites
 # --------------------------------------------------------------------------
 
 class Report:
-    def __init__(self, quick: bool, out: Path, log, unit_dir: Path) -> None:
+    def __init__(self, quick: bool, out: Path, log, unit_dir: Path,
+                 cases: list[str] | None = None) -> None:
         self.quick = quick
+        self.cases = cases or []    # core: only the cases whose name contains one of these
         self.out = out
         self.log = log
         self.unit_dir = unit_dir
@@ -210,9 +208,9 @@ class Report:
         gc.collect()
         return r
 
-    def wait_for_memory(self, section: str, need: int, timeout: float = 600.0) -> bool:
+    def wait_for_memory(self, suite: str, need: int, timeout: float = 600.0) -> bool:
         """Wait until ``need`` bytes are available (the machine is shared);
-        False, with the section marked skipped, if they never are."""
+        False, with the suite marked skipped, if they never are."""
         deadline = time.monotonic() + timeout
         said = False
         while True:
@@ -222,7 +220,7 @@ class Report:
             if time.monotonic() > deadline:
                 msg = (f"needs {need / 2**30:.1f} GiB of memory, only {have / 2**30:.1f} GiB "
                        f"available after waiting {timeout:.0f} s")
-                self.skipped[section] = msg
+                self.skipped[suite] = msg
                 self.log(f"  skipped: {msg}")
                 return False
             if not said:
@@ -257,8 +255,12 @@ class Report:
                  "incr_copy_10pct": "incremental copy of 10% of the tracks, vs np.copyto",
                  "write_4k_3tgt_copied": "4 KiB write, 3 targets (cost vs slice assignment)"}
         for c in CASES:
+            if self.cases and not any(s in c.name for s in self.cases):
+                continue
             r = self._measure(c)
             self.add(row_from_result("core", r, heads.get(c.name, "")))
+        if self.cases and not any(s in "metadata_bytes" for s in self.cases):
+            return
         meta = metadata_rows()
         worst = max(m["metadata_bytes"] / m["allowance_bytes"] for m in meta)
         big = [m for m in meta if m["tracks"] == max(x["tracks"] for x in meta)]
@@ -283,7 +285,7 @@ class Report:
                              "NumPy engine here")
                 row.data["ceiling"] = ceiling
             self.add(row)
-        ratios = [row.ratio for row in self.rows if row.section == "engine"]
+        ratios = [row.ratio for row in self.rows if row.suite == "engine"]
         self.raw["engine_geomean"] = float(np.exp(np.mean(np.log(ratios))))
 
     def copyto_speed(self) -> float | None:
@@ -441,10 +443,9 @@ class Report:
                      "<= 1", ratio <= 1.0,
                      note=f"{big['ms_per_cg']:.1f} vs {small['ms_per_cg']:.1f} ms per CG",
                      headline="fsyncs per CG, 2^20 vs 2^10 tracks" if not self.quick else ""))
-        self.durable_steady()
 
     def durable_steady(self) -> None:
-        """Issue 10: the steady state at both levels, disk and tmpfs interleaved."""
+        """The steady state at both durability levels, disk and tmpfs interleaved."""
         from benches import durable_steady as ds
         if self.quick:
             cfg = dict(triplets=16, size_mib=16, seconds=1.5, rate_mbs=200.0, reps=1)
@@ -472,7 +473,7 @@ class Report:
                     f"dirtied, /proc/self/io)")
         dev = d["device"] or "no block device"
         r = rt["disk_tmpfs_cg_rate_process"]
-        self.add(Row("durable", "durable_steady_cg_rate",
+        self.add(Row("durable_steady", "durable_steady_cg_rate",
                      f"steady state, durability process: CG rate on the disk vs tmpfs ({w})",
                      f"{dp['cgs_per_s']:.1f} CG/s", f"{tp['cgs_per_s']:.1f} CG/s on tmpfs",
                      r, ">= 0.5", r >= 0.5,
@@ -483,14 +484,14 @@ class Report:
                      headline="steady state, durability process: CG rate, disk / tmpfs",
                      data={"disk": dp, "tmpfs": tp}))
         r = dp["pace_ratio"]
-        self.add(Row("durable", "durable_steady_writers",
+        self.add(Row("durable_steady", "durable_steady_writers",
                      "steady state, durability process, on the disk: writers' rate vs their pace",
                      f"{dp['write_mb_s']:.0f} MB/s", f"{cfg['rate_mbs']:.0f} MB/s pace", r,
                      ">= 0.95", r >= 0.95,
                      note=f"on tmpfs {tp['write_mb_s']:.0f} MB/s ({tp['pace_ratio']:.2f} x)",
                      headline="steady state, process: writers on disk / pace"))
         rpo = dp["rpo_p99_ms"]
-        self.add(Row("durable", "durable_steady_rpo",
+        self.add(Row("durable_steady", "durable_steady_rpo",
                      "steady state, durability process, on the disk: RPO p99",
                      f"{rpo:.1f} ms", f"{tp['rpo_p99_ms']:.1f} ms on tmpfs",
                      rpo / tp["rpo_p99_ms"] if tp["rpo_p99_ms"] else None, "<= 100 ms",
@@ -504,21 +505,21 @@ class Report:
                  f"and {dw['fsyncs_per_cg']:.1f} fsync per CG, in order), so a CG costs the "
                  f"disk's time to write its dirty pages synchronously; more host writes per CG "
                  f"make each CG larger, not more frequent")
-        self.add(Row("durable", "durable_steady_power_cg_rate",
+        self.add(Row("durable_steady", "durable_steady_power_cg_rate",
                      "steady state, durability power, on the disk: CG rate vs process",
                      f"{dw['cgs_per_s']:.1f} CG/s", f"{dp['cgs_per_s']:.1f} CG/s at process",
                      rt["power_process_cg_rate_disk"],
                      note=(f"on tmpfs {tw['cgs_per_s']:.1f} CG/s (disk / tmpfs "
                            f"{rt['disk_tmpfs_cg_rate_power']:.3g}); {phases(dw)}; writers "
                            f"{dw['pace_ratio']:.2f} x pace; {bound}")))
-        self.add(Row("durable", "durable_steady_power_rpo",
+        self.add(Row("durable_steady", "durable_steady_power_rpo",
                      "steady state, durability power, on the disk: RPO p99 vs process",
                      f"{dw['rpo_p99_ms']:.1f} ms", f"{rpo:.1f} ms at process",
                      rt["power_process_rpo_disk"],
                      note=f"RPO p50 {dw['rpo_p50_ms']:.1f} ms; on tmpfs p99 "
                           f"{tw['rpo_p99_ms']:.1f} ms"))
         mib = 2**20
-        self.add(Row("durable", "durable_steady_power_bytes",
+        self.add(Row("durable_steady", "durable_steady_power_bytes",
                      "steady state, durability power, on the disk: bytes written to the disk "
                      "per CG vs process",
                      f"{dw.get('dev_bytes_per_cg', float('nan')) / mib:.2f} MiB/CG",
@@ -532,7 +533,7 @@ class Report:
 
     # -- durable_large ----------------------------------------------------
     def durable_large(self) -> None:
-        """Issue 10: a unit past memory (opt-in)."""
+        """A unit past memory (opt-in)."""
         from benches import durable_steady as ds
         gib = os.environ.get("FASTFC_BENCH_LARGE_GIB")
         seconds = float(os.environ.get("FASTFC_BENCH_LARGE_SECONDS", "60"))
@@ -615,7 +616,7 @@ class Report:
 
     # -- scaleout -----------------------------------------------------------
     def scaleout(self) -> None:
-        """Issue 12: secondary units as Ray actors against one process."""
+        """Secondary units as Ray actors against one process."""
         try:
             import ray  # noqa: F401
         except ImportError:
@@ -663,7 +664,7 @@ class Report:
                      "1M seq write QD8 (GB/s)": (1.0, "seqwrite_1m")}
 
     def serve(self) -> None:
-        """Issue 11: fastfc serve against nbdkit memory and qemu-nbd; the
+        """fastfc serve against nbdkit memory and qemu-nbd; the
         same fio load with Global Mirror underneath."""
         from benches import serve as sv
         gone = sv.missing()
@@ -849,9 +850,9 @@ def print_table(rows: list[Row], console=None) -> None:
         t = Table(*header, show_lines=False, header_style="bold")
         last = None
         for r in rows:
-            if r.section != last:
-                t.add_row(f"[bold]{r.section}[/]", "", "", "", "", "")
-                last = r.section
+            if r.suite != last:
+                t.add_row(f"[bold]{r.suite}[/]", "", "", "", "", "")
+                last = r.suite
             style = {True: "green", False: "yellow" if r.check else "bold red",
                      None: "dim"}[r.met]
             t.add_row(r.figure, r.fastfc, r.baseline, _ratio_text(r.ratio), r.target,
@@ -867,17 +868,22 @@ def print_table(rows: list[Row], console=None) -> None:
         print("  ".join(str(v).ljust(w) for v, w in zip(vals, widths)))
 
 
-def readme_table(rep: Report, when: str, seconds: float, load: tuple[float, float]) -> str:
+def markdown(rep: Report, when: str, seconds: float, load: tuple[float, float],
+             suites: list[str]) -> str:
+    """The report as Markdown: the headline figures, then every row by suite,
+    the notes and what was skipped."""
     heads = [r for r in rep.rows if r.headline]
-    engine = [r for r in rep.rows if r.section == "engine"]
-    nb = [r for r in rep.rows if r.section == "numba"]
-    lines = [f"Measured by `python -m fastfc bench{' --quick' if rep.quick else ''} "
-             f"--update-readme` on {when} ({seconds / 60:.0f} min"
+    engine = [r for r in rep.rows if r.suite == "engine"]
+    nb = [r for r in rep.rows if r.suite == "numba"]
+    lines = [f"# fastfc benchmarks{' (quick)' if rep.quick else ''}", "",
+             f"Measured by `python -m benches{' --quick' if rep.quick else ''} "
+             f"{' '.join(suites)}` on {when} "
+             f"(commit {_git_commit() or 'unknown'}; {seconds / 60:.0f} min"
              f"{', quick: fewer rounds and smaller sizes' if rep.quick else ''}), on "
              f"{machine()} (load average {load[0]:.1f} .. {load[1]:.1f}: a shared machine). "
              "Each ratio is against a baseline timed in the same run; "
-             "`bench-results/report.json` keeps every sample.", "",
-             "| figure | fastfc | baseline | ratio | target | met? |",
+             f"`report{'-quick' if rep.quick else ''}.json` beside this file keeps every sample.",
+             "", "| figure | fastfc | baseline | ratio | target | met? |",
              "|---|---|---|---|---|---|"]
 
     def line(label, r):
@@ -889,11 +895,12 @@ def readme_table(rep: Report, when: str, seconds: float, load: tuple[float, floa
         met = sum(bool(r.met) for r in rows)
         lines.append(f"| {label} | | | {lo:.3g} .. {hi:.3g}{after_range} | {target} "
                      f"| {met} of {len(rows)} |")
-    order = ["core", "physical", "engine", "numba", "qemu", "durable", "gm", "durable_large",
+    order = ["core", "physical", "engine", "numba", "qemu", "durable", "durable_steady", "gm",
+             "scaleout", "durable_large",
              "serve"]
     for sec in order:
         for r in heads:
-            if r.section == sec:
+            if r.suite == sec:
                 line(r.headline, r)
         if sec == "engine" and engine:
             span(f"vs the pure-NumPy engine, {len(engine)} workloads on 4 KiB tracks", engine,
@@ -901,10 +908,11 @@ def readme_table(rep: Report, when: str, seconds: float, load: tuple[float, floa
         if sec == "numba" and nb:
             span(f"vs numba kernels: copy runs, copy-on-write, count, find-next "
                  f"({len(nb)} figures)", nb, ">= 1")
+    if lines[-1] == "|---|---|---|---|---|---|":      # no headline figure in this run
+        del lines[-3:]
     targets = [r for r in rep.rows if r.met is not None and not r.check]
     lines += ["", f"{sum(bool(r.met) for r in targets)} of {len(targets)} targets met in that "
-              "run; `python -m fastfc bench` prints the full table (with the physical limit, "
-              "every case, the scaling slopes and notes on each miss) and saves the plots."]
+              "run; every figure follows, by suite."]
     why = []
     ceilings = [r.data["ceiling"] for r in engine if "ceiling" in r.data]
     if engine and ceilings:
@@ -923,16 +931,18 @@ def readme_table(rep: Report, when: str, seconds: float, load: tuple[float, floa
             why.append(f"{r.headline}: {r.note}.")
     if why:
         lines += [""] + [f"- {w}" for w in why]
-    return "\n".join(lines)
-
-
-def update_readme(text: str, path: Path = REPO / "README.md") -> None:
-    doc = path.read_text()
-    a, b = doc.find(README_START), doc.find(README_END)
-    if a < 0 or b < a:
-        raise RuntimeError(f"{path} has no {README_START} ... {README_END} markers")
-    doc = doc[:a + len(README_START)] + "\n" + text + "\n" + doc[b:]
-    path.write_text(doc)
+    last = None
+    for r in rep.rows:
+        if r.suite != last:
+            lines += ["", f"## {r.suite}", "", "| figure | fastfc | baseline | ratio | target "
+                      "| met? | note |", "|---|---|---|---|---|---|---|"]
+            last = r.suite
+        cells = (r.figure, r.fastfc, r.baseline, _ratio_text(r.ratio), r.target, r.met_text,
+                 r.note)
+        lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+    for s, msg in rep.skipped.items():
+        lines += ["", f"Skipped {s}: {msg}"]
+    return "\n".join(lines) + "\n"
 
 
 def plot_summary(rows: list[Row], path: Path, title: str) -> None:
@@ -946,7 +956,7 @@ def plot_summary(rows: list[Row], path: Path, title: str) -> None:
         if score is None or r.check:
             continue
         label = r.figure if len(r.figure) <= 80 else r.figure[:77] + "..."
-        sel.append((f"[{r.section}] {label}", score, r.met))
+        sel.append((f"[{r.suite}] {label}", score, r.met))
     if not sel:
         return
     import textwrap
@@ -1000,33 +1010,35 @@ def plot_peer(q: dict, phys: Result | None, path: Path, title: str) -> None:
 # --------------------------------------------------------------------------
 
 def run(quick: bool = False, out: Path | None = None, only: list[str] | None = None,
-        skip: list[str] | None = None, update: bool = False, unit_dir: Path | None = None,
-        strict: bool = False, log=None) -> int:
-    """Run the report; returns the exit status (1 with ``strict`` when a
-    target is missed)."""
+        skip: list[str] | None = None, unit_dir: Path | None = None, strict: bool = False,
+        cases: list[str] | None = None, log=None) -> int:
+    """Run the suites named in ``only`` (every suite but the opt-in ones when
+    empty) except those in ``skip``, and write the report to ``out``; returns
+    the exit status (1 with ``strict`` when a target is missed). ``cases``
+    narrows the core suite to the cases whose name contains one of them."""
     def _log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
     log = log or _log
+    bad = [s for s in (only or []) + (skip or []) if s not in SUITES]
+    if bad:
+        raise ValueError(f"unknown suite(s) {', '.join(bad)}; suites: {', '.join(SUITES)}")
     # the report ends with plots: say now, not after minutes of measuring
-    require("matplotlib", extra="plot", feature="fastfc bench (its plots)")
+    require("matplotlib", extra="plot", feature="the benchmark report (its plots)")
     out = Path(out) if out is not None else REPO / "bench-results"
     out.mkdir(parents=True, exist_ok=True)
     unit_dir = Path(unit_dir) if unit_dir is not None else REPO / "bench-results" / "units"
-    bad = [s for s in (only or []) + (skip or []) if s not in SECTIONS]
-    if bad:
-        raise ValueError(f"unknown section(s) {', '.join(bad)}; sections: {', '.join(SECTIONS)}")
-    sections = [s for s in SECTIONS if (s in only if only else s not in OPT_IN)
-                and s not in (skip or [])]
-    rep = Report(quick, out, log, unit_dir)
+    suites = [s for s in SUITES if (s in only if only else s not in OPT_IN)
+              and s not in (skip or [])]
+    rep = Report(quick, out, log, unit_dir, cases)
     load0 = os.getloadavg()
     started = time.perf_counter()
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    log(f"fastfc bench{' --quick' if quick else ''}: {', '.join(sections)}")
+    log(f"python -m benches{' --quick' if quick else ''}: {', '.join(suites)}")
     log(machine())
-    for s in sections:
+    for s in suites:
         log(f"[{s}]")
         t0 = time.perf_counter()
-        if s != "gm" and not rep.wait_for_memory(s, SECTION_MEMORY[s] * 2**30):
+        if s != "gm" and not rep.wait_for_memory(s, SUITE_MEMORY[s] * 2**30):
             continue          # (gm works out its own need)
         getattr(rep, s)()
         rep.timings[s] = time.perf_counter() - t0
@@ -1034,7 +1046,7 @@ def run(quick: bool = False, out: Path | None = None, only: list[str] | None = N
     seconds = time.perf_counter() - started
     load = (load0[0], os.getloadavg()[0])
     suffix = "-quick" if quick else ""
-    title = f"fastfc bench{' --quick' if quick else ''}, {when} - {machine()}"
+    title = f"python -m benches{' --quick' if quick else ''}, {when} - {machine()}"
     if rep.rows:
         p = out / f"summary{suffix}.png"
         plot_summary(rep.rows, p, title)
@@ -1044,7 +1056,7 @@ def run(quick: bool = False, out: Path | None = None, only: list[str] | None = N
         plot_peer(rep.raw["qemu"], rep.results.get("physical_2threads"), p, title)
         rep.plots.append(str(p))
     doc = {"machine": machine(), "date": when, "commit": _git_commit(), "quick": quick,
-           "sections": sections, "seconds": seconds, "section_seconds": rep.timings,
+           "suites": suites, "seconds": seconds, "suite_seconds": rep.timings,
            "load_average": {"start": load[0], "end": load[1]},
            "skipped": rep.skipped, "plots": rep.plots,
            "rows": [asdict(r) for r in rep.rows],
@@ -1053,13 +1065,13 @@ def run(quick: bool = False, out: Path | None = None, only: list[str] | None = N
     path = out / f"report{suffix}.json"
     path.write_text(json.dumps(doc, indent=1, default=_json_default))
 
-    print(f"fastfc bench{' --quick (fewer rounds, smaller sizes where noted)' if quick else ''}"
+    print(f"fastfc benchmarks{' --quick (fewer rounds, smaller sizes where noted)' if quick else ''}"
           f" - {when}")
     print(f"{machine()}; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end")
     print("ratio: speed figures (>=) = baseline time / fastfc time; cost figures (<=) = "
           "fastfc time / baseline time; targets with a unit are absolute\n")
     print_table(rep.rows)
-    notes = [r for r in rep.rows if r.note and r.section != "scaling"]
+    notes = [r for r in rep.rows if r.note and r.suite != "scaling"]
     if notes:
         print("\nnotes:")
         for r in notes:
@@ -1080,9 +1092,9 @@ def run(quick: bool = False, out: Path | None = None, only: list[str] | None = N
         print(f"plot: {p}")
     print(f"run time: {seconds:.0f} s (" + ", ".join(
         f"{k} {v:.0f} s" for k, v in rep.timings.items()) + ")")
-    if update:
-        update_readme(readme_table(rep, when, seconds, load))
-        print(f"README.md: table between {README_START} and {README_END} rewritten")
+    md = out / f"report{suffix}.md"
+    md.write_text(markdown(rep, when, seconds, load, suites))
+    print(f"report: {md}")
     return 1 if strict and missed else 0  # (scaling checks never fail the run)
 
 
@@ -1101,25 +1113,34 @@ def _json_default(o):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m benches",
+                                 description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("suites", nargs="*", metavar="SUITE",
+                    help="run only these suites (durable_large runs only when named) "
+                         "[default: every other suite]")
+    ap.add_argument("--list", action="store_true", help="list the suites and the core cases")
     ap.add_argument("--quick", action="store_true",
-                    help="about a minute: fewer rounds, smaller sizes where noted")
-    ap.add_argument("--out", type=Path, help="directory for report.json and the plots "
-                    "[default: bench-results/ in the repository]")
-    ap.add_argument("--only", action="append", choices=SECTIONS, help="run only this section "
-                    "(repeatable; durable_large runs only when named here)")
-    ap.add_argument("--skip", action="append", choices=SECTIONS, help="skip this section "
-                    "(repeatable)")
-    ap.add_argument("--unit-dir", type=Path, help="where the durable section puts its storage "
-                    "units: a directory on a real disk [default: bench-results/units]")
-    ap.add_argument("--update-readme", action="store_true",
-                    help="rewrite the README's benchmark table with these results")
+                    help="fewer rounds, smaller sizes where noted")
+    ap.add_argument("--skip", action="append", default=[], metavar="SUITE",
+                    help="skip this suite (repeatable)")
+    ap.add_argument("--case", action="append", default=[], metavar="NAME",
+                    help="core: only the cases whose name contains NAME (repeatable)")
+    ap.add_argument("--out", type=Path, help="directory for report.md, report.json and the "
+                    "plots [default: bench-results/ in the checkout]")
+    ap.add_argument("--unit-dir", type=Path, help="where the durable suites put their storage "
+                    "units: a directory on a real disk [default: bench-results/units in the checkout]")
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     a = ap.parse_args(argv)
-    return run(a.quick, a.out, a.only, a.skip, a.update_readme, a.unit_dir, a.strict)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    bad = [s for s in a.suites + a.skip if s not in SUITES]
+    if bad:
+        ap.error(f"unknown suite(s) {', '.join(bad)}; suites: {', '.join(SUITES)}")
+    if a.list:
+        print("suites (in the order they run):")
+        print(next(p for p in __doc__.split("\n\n") if p.startswith("physical ")))
+        print("\ncore cases (--case):")
+        for c in CASES:
+            print(f"  {c.name:24} {c.target_text:6} {c.figure}  [vs {c.baseline_desc}]")
+        return 0
+    return run(a.quick, a.out, a.suites, a.skip, a.unit_dir, a.strict, a.case)
