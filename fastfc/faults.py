@@ -130,6 +130,7 @@ def disarm(fault: Fault) -> None:
     with _lock:
         _armed[:] = [f for f in _armed if f is not fault]
         _core.set_cow_hook(_cow_hook if any(f.point == "cow" for f in _armed) else None)
+        _core.set_faults_armed(bool(_armed))
 
 
 def armed() -> list[Fault]:
