@@ -320,3 +320,63 @@ def test_a_durable_session_gives_the_c_images_of_one_in_memory(tmp_path, seed):
             gm.close(discard=True)
             for u in units:
                 u.close()
+
+
+@pytest.mark.parametrize("step", ["prepare", "commit"])
+def test_a_store_that_refuses_a_step_leaves_memory_as_it_was(tmp_path, monkeypatch, step):
+    """The unit's store refuses the batch of a group's prepares (or commits):
+    the whole batch is undone in memory (bitmaps, sequence numbers, revert
+    images, write-inhibits as they were before the step), the attempt says
+    why, and the next CG commits."""
+    from fastfc import NoSpaceError
+    with StorageUnit(tmp_path / "p") as pu, StorageUnit(tmp_path / "s") as su:
+        trips = []
+        for i in range(3):
+            a = pu.create_volume(f"A{i}", 8, TS)
+            b, c = su.create_volume(f"B{i}", 8, TS), su.create_volume(f"C{i}", 8, TS)
+            trips.append((a, b, c))
+        gm = GlobalMirror(trips, name="gm", max_coordination_time=1.0)
+        assert gm.form_consistency_group().committed
+        for a, _, _ in trips:
+            a.write(2 * TS, np.full(TS, 9, np.uint8))
+        store = trips[0][1].store
+        real = store.save_flashes
+        calls = []
+
+        def refuse(records):
+            calls.append(len(records))
+            if len(calls) == (1 if step == "prepare" else 2):
+                raise NoSpaceError("injected: the unit's disk is full")
+            return real(records)
+
+        monkeypatch.setattr(store, "save_flashes", refuse)
+        fcs = [t.fc for t in gm.triplets]
+
+        def state():
+            return [(fc.sequence, fc.revertible, id(fc.to_copy), id(fc.src_changed),
+                     id(fc.tgt_changed), fc._revert_image and tuple(map(id, fc._revert_image[:3])),
+                     fc.source._inhibits, fc._cursor) for fc in fcs]
+
+        before = state()
+        r = gm.form_consistency_group()
+        if step == "prepare":
+            assert not r.committed and r.cause.value == "prepare_failed", r
+            assert "prepare of B0: NoSpaceError: injected" in r.detail
+            assert state() == before                 # every prepare undone
+            assert calls == [3]                      # (nothing prepared: nothing reverted)
+        else:
+            # undone in memory: every one still revertible with the new
+            # number, none committed, so the session resolves the CG by
+            # reverting each relationship alone (its own step and save)
+            assert "commit of B0: NoSpaceError: injected" in r.detail, r
+            assert "resolved by revert" in r.detail
+            assert not r.committed and gm.state.value == "fatal"
+            assert not any(fc.revertible for fc in fcs)
+            assert {fc.sequence for fc in fcs} == {before[0][0]}
+            assert [x[2:5] for x in state()] == [x[2:5] for x in before]
+            gm.clear_fatal()
+        for fc in fcs:
+            assert fc.source._inhibits == 0
+        monkeypatch.setattr(store, "save_flashes", real)
+        assert gm.form_consistency_group().committed
+        gm.close(discard=True)
