@@ -282,7 +282,9 @@ def prepare_revertible_many(list rels, Py_ssize_t start, long long sequence, lis
 
     Returns ``(k, error)``: ``(len(rels), None)`` when every relationship
     is done, else the index of the first that was not, with the exception
-    that says why (refused by its state, or raised by a callback); the
+    that says why (refused by its state, or raised by a callback), or None
+    when its fresh slots were None (a caller that gives bitmaps only to a
+    step that looks able to run, so that a refused one creates none); the
     relationships before it are done. The caller checks the sequence number.
     """
     cdef Py_ssize_t k, n = len(rels)
@@ -295,13 +297,16 @@ def prepare_revertible_many(list rels, Py_ssize_t start, long long sequence, lis
         r = <RelationshipBase?>rels[k]
         S, T = r.source, r.target
         if r.record and r.active:
-            out = <TrackBitmap?>fresh[3 * k]
-            sc = <TrackBitmap?>fresh[3 * k + 1]
-            tc = <TrackBitmap?>fresh[3 * k + 2]
-            if (out is None or sc is None or tc is None or out.n_bits != r.to_copy.n_bits
-                    or sc.n_bits != out.n_bits or tc.n_bits != out.n_bits
-                    or r.src_changed.n_bits != out.n_bits
-                    or r.tgt_changed.n_bits != out.n_bits):
+            x = fresh[3 * k]
+            out = None if x is None else <TrackBitmap?>x
+            x = fresh[3 * k + 1]
+            sc = None if x is None else <TrackBitmap?>x
+            x = fresh[3 * k + 2]
+            tc = None if x is None else <TrackBitmap?>x
+            if (out is not None and sc is not None and tc is not None and (
+                    out.n_bits != r.to_copy.n_bits or sc.n_bits != out.n_bits
+                    or tc.n_bits != out.n_bits or r.src_changed.n_bits != out.n_bits
+                    or r.tgt_changed.n_bits != out.n_bits)):
                 raise ValueError("prepare_revertible_many: bitmaps of different sizes")
         lock_two(S, T)
         try:
@@ -313,6 +318,8 @@ def prepare_revertible_many(list rels, Py_ssize_t start, long long sequence, lis
                 err = e
             if err is not None:
                 return k, err
+            if out is None or sc is None or tc is None or not r.record or not r.active:
+                return k, None       # no fresh bitmaps given: the caller's to give
             r._prepare_step(out, sc, tc, sequence, revertible)
             if after is not None:
                 try:

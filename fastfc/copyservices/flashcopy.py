@@ -487,14 +487,22 @@ class FlashCopy(_core.RelationshipBase):
                 raise ValueError(f"{self!r} is at the largest sequence number; give sequence=")
             new_sequence = self.sequence + 1 if sequence is None else sequence
         store = self._store
-        fresh = (store.new_bitmaps(self.source.n_tracks, 3) if self.record and self.active
-                 else [None, None, None])
+        # fresh bitmaps only for a step that looks able to run: a refused one
+        # must leave a unit as it was (a durable store's bitmaps are files)
+        fresh: list = [None, None, None]
+        if (self.record and self.active and not self.revertible and not self.source.closed
+                and not self.target.closed and not store.readonly and not store.closed):
+            fresh = store.new_bitmaps(self.source.n_tracks, 3)
         before, after = self._step_hooks()
-        _, err = _core.prepare_revertible_many([self], 0, new_sequence, fresh, revertible,
-                                               faults.hit, before, after)
-        if err is not None:
-            store.recycle([b for b in fresh if b is not None])
-            raise err
+        while True:
+            k, err = _core.prepare_revertible_many([self], 0, new_sequence, fresh, revertible,
+                                                   faults.hit, before, after)
+            if err is not None:
+                store.recycle([b for b in fresh if b is not None])
+                raise err
+            if k == 1:
+                break
+            fresh = store.new_bitmaps(self.source.n_tracks, 3)   # (it became able meanwhile)
         self._start_background()
 
     def _step_hooks(self) -> tuple:
