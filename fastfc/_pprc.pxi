@@ -35,6 +35,20 @@ cdef int call_cow_hook(void* volume) noexcept with gil:
     return 0
 
 
+cdef int call_run_hook(void* hook, void* key) noexcept with gil:
+    """Call a link's fault point (``Link.fault_point(key)``, fastfc.faults
+    point "link") before a run of tracks moves, as a send would; an
+    exception it raises is kept for :func:`raise_hook_error` and -1
+    returned."""
+    global _hook_error
+    try:
+        (<object>hook)(<object>key)
+    except BaseException as e:
+        _hook_error = e
+        return -1
+    return 0
+
+
 cdef int raise_hook_error() except -1:
     global _hook_error
     e, _hook_error = _hook_error, None
@@ -48,7 +62,8 @@ cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
                            int nrel, uint8_t** tgt_base, uint64_t** tgt_to_copy,
                            uint64_t** tgt_changed, Py_ssize_t* resume,
                            bint pages, void* hooked, int dst_fd, int* tgt_fd,
-                           int* err) noexcept nogil:
+                           int* err, void* run_hook=NULL, void* key=NULL,
+                           Py_ssize_t* runs=NULL) noexcept nogil:
     """Copy the runs set in ``owed`` from ``a`` on (below ``n``, at most
     ``max_tracks``) from src to dst, each after copy-on-write of dst's old
     tracks to its FlashCopy targets and with change recording, clearing the
@@ -62,7 +77,9 @@ cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
     was called for not applied), -2 if a ``pwrite`` failed (``err[0]`` its
     errno; the run it was in stays owed, its bits set, a track's to_copy bit
     cleared only once its old data is in the target); ``resume[0]`` is where
-    to carry on."""
+    to carry on. ``run_hook(key)`` (a link's fault point), while a fault is
+    armed, is called before each run as before a send (-1 if it raised, the
+    run not applied); ``runs[0]`` counts the runs applied (the sends)."""
     cdef Py_ssize_t b, t, done = 0, res2
     cdef int k, e
     while 0 <= a < n and done < max_tracks:
@@ -71,6 +88,9 @@ cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
             b = n
         if b - a > max_tracks - done:
             b = a + (max_tracks - done)
+        if run_hook != NULL and _faults_armed and call_run_hook(run_hook, key) < 0:
+            resume[0] = a
+            return -1
         for k in range(nrel):
             if tgt_changed[k] != NULL:
                 bm_set_range(tgt_changed[k], a, b)
@@ -109,13 +129,15 @@ cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
             copy_big(dst + (a << shift), src + (a << shift), (b - a) << shift)
         bm_clear_range(owed, a, b)
         done += b - a
+        if runs != NULL:
+            runs[0] += 1
         a = bm_next_set(owed, n, b)
     resume[0] = a if 0 <= a < n else -1
     return done
 
 
 def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t start,
-                     Py_ssize_t max_tracks, Py_ssize_t stop=-1):
+                     Py_ssize_t max_tracks, Py_ssize_t stop=-1, run_hook=None):
     """Apply A's tracks set in ``owed`` (from ``start`` on, at most
     ``max_tracks``) to B as PPRC updates, clearing their bits: the in-process
     fast path of a Global Copy drain.
@@ -127,7 +149,9 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
     block: re-taking the GIL after every track would queue behind busy
     Python threads (a convoy). Returns ``(tracks sent, resume)``, resume being
     ``A.n_tracks`` when no set bit is left after ``start``. ``stop``
-    (default: the end) bounds the tracks considered.
+    (default: the end) bounds the tracks considered. ``run_hook(A)`` (the
+    link's fault point) is called before each run while a fault is armed;
+    what it raises propagates, the runs before it applied.
     """
     cdef Py_ssize_t n = A.n_tracks, a, done = 0, resume = -1
     cdef int shift = A.track_shift, nrel, k
@@ -178,7 +202,8 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
         with nogil:
             done = apply_runs(B.base, A.base, w, a, n, max_tracks, shift, nrel,
                               tgt_base, tgt_to_copy, tgt_changed, &resume,
-                              B._file_backed, hooked, dst_fd, tgt_fd, &err)
+                              B._file_backed, hooked, dst_fd, tgt_fd, &err,
+                              <void*>run_hook if run_hook is not None else NULL, <void*>A)
         if done == -2:
             raise_write_error(B, err, "a PPRC update (the tracks not applied stay owed)")
         if done < 0:
@@ -211,6 +236,9 @@ ctypedef struct DrainJob:
     int shift
     int nrel
     void* hooked
+    void* run_hook
+    void* akey
+    Py_ssize_t runs
     uint8_t* tgt_base[MAX_RELS]
     uint64_t* tgt_to_copy[MAX_RELS]
     uint64_t* tgt_changed[MAX_RELS]
@@ -220,7 +248,7 @@ ctypedef struct DrainJob:
 
 
 cdef int _drain_setup(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
-                      DrainJob* j) except -1:
+                      DrainJob* j, object run_hook=None) except -1:
     """Fill ``j`` for the pair A -> B (GIL held; takes B's lock briefly).
     Returns 0, or 2 when B's state asks for the per-update path."""
     cdef Py_ssize_t n = A.n_tracks
@@ -234,6 +262,9 @@ cdef int _drain_setup(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t c
         raise RuntimeError("pprc_drain must run without the volumes' locks held")
     j.done = 0
     j.err = 0
+    j.runs = 0
+    j.run_hook = <void*>run_hook if run_hook is not None else NULL
+    j.akey = <void*>A
     B._acquire()
     try:
         if B._tgt_rel is not None or B.base == NULL or B._inhibits or A.base == NULL \
@@ -299,7 +330,8 @@ cdef int _drain_run(DrainJob* j, double deadline, unsigned long me) noexcept nog
         else:
             got = apply_runs(j.bbase[0], j.abase[0], j.w, a, j.n, j.chunk, j.shift, j.nrel,
                              j.tgt_base, j.tgt_to_copy, j.tgt_changed, &resume,
-                             j.bfile, j.hooked, j.dst_fd, j.tgt_fd, &j.err)
+                             j.bfile, j.hooked, j.dst_fd, j.tgt_fd, &j.err,
+                             j.run_hook, j.akey, &j.runs)
             if got == -2:
                 status = 4
             elif got < 0:
@@ -322,7 +354,7 @@ cdef int _drain_run(DrainJob* j, double deadline, unsigned long me) noexcept nog
 
 
 cdef int _drain_raise(VolumeBase B, int status, DrainJob* j) except -1:
-    if status == 3:         # the cow hook raised: what was sent stays sent
+    if status == 3:         # a hook raised: what was sent stays sent
         raise_hook_error()
     if status == 4:         # a pwrite failed: what was sent stays sent, the rest owed
         raise_write_error(B, j.err, "a PPRC update (the tracks not applied stay owed)")
@@ -330,7 +362,7 @@ cdef int _drain_raise(VolumeBase B, int status, DrainJob* j) except -1:
 
 
 def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
-               double seconds=-1.0):
+               double seconds=-1.0, run_hook=None):
     """Send every track set in ``owed`` from A to B as PPRC updates (the
     in-process fast path of a consistency-group drain), without the GIL.
 
@@ -341,12 +373,13 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
     when ``seconds`` (if >= 0) have passed, or when B turns write-inhibited,
     is closed, or its FlashCopy relationships change. Returns ``(tracks sent,
     status)``: 0 done, 1 time limit, 2 stopped for B's state (the caller
-    falls back to the per-update path, which reports why).
+    falls back to the per-update path, which reports why). ``run_hook`` as
+    for :func:`pprc_drain_many`.
     """
     cdef DrainJob j
     cdef double deadline = monotonic() + seconds if seconds >= 0 else -1.0
     cdef unsigned long me = PyThread_get_thread_ident()
-    cdef int status = _drain_setup(A, B, owed, chunk, &j)
+    cdef int status = _drain_setup(A, B, owed, chunk, &j, run_hook)
     if status:
         return 0, status
     with nogil:
@@ -357,33 +390,46 @@ def pprc_drain(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t chunk,
 
 def pprc_drain_many(list primaries, list secondaries, list owed, Py_ssize_t chunk_bytes,
                     double seconds=-1.0, Py_ssize_t start=0, list sent=None,
-                    TrackBitmap link_down=None):
+                    TrackBitmap link_down=None, fault=None, before=None, run_hook=None,
+                    list runs=None, list hooks=None, bint direct=True):
     """:func:`pprc_drain` over many pairs in one call (a consistency
-    group's drain of a secondary group): pair ``k`` sends the tracks set in
-    ``owed[k]`` from ``primaries[k]`` to ``secondaries[k]``, for ``k`` from
-    ``start`` on, in order, each under its own locks as :func:`pprc_drain`
-    takes them, holding them for at most ``chunk_bytes`` of its tracks at a
-    time, with one time limit of ``seconds`` (if >= 0) for them all.
+    group's drain of a secondary group; a pair's own CG drain is a batch of
+    one): pair ``k`` sends the tracks set in ``owed[k]`` from
+    ``primaries[k]`` to ``secondaries[k]``, for ``k`` from ``start`` on, in
+    order, each under its own locks as :func:`pprc_drain` takes them,
+    holding them for at most ``chunk_bytes`` of its tracks at a time, with
+    one time limit of ``seconds`` (if >= 0) for them all.
 
-    Appends to ``sent`` (if given) the tracks sent by each pair it tried.
-    Stops at the first pair whose status is not 0 (1: the time limit
-    passed; 2: B's state stopped it, or ``link_down`` (the link's
-    ``down_flag()``) had its bit set when the pair was to begin, and the
-    caller drains that pair by the per-update path, which says why). Returns ``(k, status)``: that pair's
-    index and status, or ``(len(primaries), 0)`` when every pair is done.
-    An exception (a copy-on-write hook, a failed pwrite) propagates from the
+    Before pair ``k`` begins: ``fault("drain", primaries[k])`` while a fault
+    is armed (fastfc.faults' ``hit``), then ``before(k)`` if given (a
+    durability "power" drain's barriers), each with the GIL; then the time
+    limit and ``link_down`` (the link's ``down_flag()``) are looked at.
+    ``run_hook(primary)`` (the link's fault point) is called before each run
+    of tracks while a fault is armed, as before a send.
+
+    Appends to ``sent`` (if given) the tracks sent by each pair it tried,
+    and to ``runs`` (if given) the runs (sends) each applied. Stops at the
+    first pair whose status is not 0 (1: the time limit passed; 2: the pair
+    is the caller's to drain by its own method, which says why if it cannot:
+    B's state stopped it, the link was down, ``hooks[k]`` (the pairs, if
+    given) had CG versions in its side file at the start, or ``direct`` is
+    false (the link moves no tracks itself)). Returns ``(k, status)``: that
+    pair's index and status, or ``(len(primaries), 0)`` when every pair is
+    done. An exception (a callback, a failed pwrite) propagates from the
     pair where it happened; the tracks sent stay sent.
     """
+    global _hook_error
     cdef Py_ssize_t k, m, n = len(primaries), stop
     cdef double deadline = monotonic() + seconds if seconds >= 0 else -1.0
     cdef unsigned long me = PyThread_get_thread_ident()
     cdef int status = 0
     cdef VolumeBase A
     cdef DrainJob* jobs
+    cdef bint gil_hooks = before is not None or fault is not None
     # a link that goes down stops the drain before the next pair, as the
     # per-pair path (which asks link.direct() for each pair) would
     cdef volatile uint64_t* down = NULL if link_down is None else link_down.w
-    if len(secondaries) != n or len(owed) != n:
+    if len(secondaries) != n or len(owed) != n or (hooks is not None and len(hooks) != n):
         raise ValueError("pprc_drain_many needs as many secondaries and bitmaps as primaries")
     if start >= n:
         return n, 0
@@ -392,19 +438,36 @@ def pprc_drain_many(list primaries, list secondaries, list owed, Py_ssize_t chun
         raise MemoryError("pprc_drain_many: out of memory")
     try:
         # every pair's setup with the GIL, up to the first that B's state stops
-        stop = n
-        for k in range(start, n):
+        stop = n if direct else start
+        for k in range(start, stop):
             A = <VolumeBase?>primaries[k]
-            if _drain_setup(A, <VolumeBase?>secondaries[k], <TrackBitmap?>owed[k],
-                            max(1, chunk_bytes >> A.track_shift), &jobs[k - start]):
+            if (hooks is not None and (<MirrorBase?>hooks[k]).side) or _drain_setup(
+                    A, <VolumeBase?>secondaries[k], <TrackBitmap?>owed[k],
+                    max(1, chunk_bytes >> A.track_shift), &jobs[k - start], run_hook):
                 stop = k
-                status = 2
                 break
         # then the tracks of them all in one pass without the GIL
-        m = stop
+        m = n
         with nogil:
-            for k in range(start, stop):
-                if down != NULL and down[0] & 1:
+            for k in range(start, n):
+                if gil_hooks and (before is not None or _faults_armed):
+                    with gil:
+                        try:
+                            if fault is not None and _faults_armed:
+                                fault("drain", primaries[k])
+                            if before is not None:
+                                before(k)
+                        except BaseException as e:
+                            _hook_error = e
+                            status = 3
+                    if status:
+                        m = k
+                        break
+                if deadline >= 0 and monotonic() > deadline:
+                    status = 1
+                    m = k
+                    break
+                if k >= stop or (down != NULL and down[0] & 1):
                     status = 2
                     m = k
                     break
@@ -412,12 +475,13 @@ def pprc_drain_many(list primaries, list secondaries, list owed, Py_ssize_t chun
                 if status:
                     m = k
                     break
-            else:
-                status = 2 if stop < n else 0
         if sent is not None:
             for k in range(start, min(m + 1, n)):
                 sent.append(jobs[k - start].done)
-        if m < stop:
+        if runs is not None:
+            for k in range(start, min(m + 1, n)):
+                runs.append(jobs[k - start].runs)
+        if m < n:
             _drain_raise(<VolumeBase>secondaries[m], status, &jobs[m - start])
         return m, status
     finally:

@@ -5,6 +5,20 @@
 # Volumes, relationships and mirror hooks
 # --------------------------------------------------------------------------
 
+# Set by fastfc.faults (set_faults_armed): whether any fault is armed. A step
+# calls its fault-point callback (faults.hit) only then: unarmed, the
+# callback would return at once, so the test is its fast path moved into C,
+# where a loop without the GIL can make it too. Which code runs never depends
+# on it.
+cdef bint _faults_armed = False
+
+
+def set_faults_armed(bint on):
+    """Tell the kernels whether a fault is armed (fastfc.faults keeps it)."""
+    global _faults_armed
+    _faults_armed = on
+
+
 cdef class MirrorBase:
     """Primary-side hook of a PPRC pair, consulted by every host write.
 
@@ -15,12 +29,17 @@ cdef class MirrorBase:
     ``sync``: Metro Mirror; each write calls ``_sync_write(offset, length,
     pending)`` before it completes, with the primary's lock held; ``pending``
     tells whether a track of the write was already out of sync before it.
+    ``side``: the CG versions of tracks saved on collision (track -> bytes),
+    ``cg_bytes``: bytes of the CG in flight that collisions sent early; both
+    emptied when the CG ends (:meth:`_cg_end_step`).
     """
 
     cdef public TrackBitmap oos
     cdef public TrackBitmap cg
     cdef public TrackBitmap spare
     cdef public bint sync
+    cdef public dict side
+    cdef public long long cg_bytes
 
     def _collide(self, Py_ssize_t t0, Py_ssize_t t1):
         pass
@@ -28,9 +47,32 @@ cdef class MirrorBase:
     def _sync_write(self, Py_ssize_t offset, Py_ssize_t length, bint pending):
         pass
 
+    cdef int _cg_end_step(self, bint ok) except -1:
+        """Close the CG in flight (if any): a failed drain (``ok`` false)
+        gives its tracks, those in the side file too, back to ``oos``; the
+        emptied CG bitmap becomes the spare. The primary's lock is held."""
+        cdef TrackBitmap cg = self.cg
+        if cg is None:
+            return 0
+        if not ok:
+            words_op(OP_OR, self.oos.w, cg.w, cg.n_words)
+            if self.side:
+                for t in self.side:
+                    self.oos.set(t)
+            memset(cg.w, 0, cg.n_words * 8)
+        if self.side:
+            self.side = {}
+        self.cg_bytes = 0
+        self.spare = cg
+        self.cg = None
+        return 0
+
 
 cdef class RelationshipBase:
-    """The bitmaps and flags of a FlashCopy relationship, read by the I/O path.
+    """The bitmaps and flags of a FlashCopy relationship, read by the I/O path,
+    and the steps that change them (resync, commit, revert), which a
+    relationship's own methods run as a batch of one and a consistency group
+    as one batch (:func:`prepare_revertible_many`, :func:`end_revertible_many`).
 
     All fields are guarded by the source volume's lock.
     """
@@ -43,6 +85,32 @@ cdef class RelationshipBase:
     cdef public bint inhibit_target_write
     cdef public bint revertible
     cdef public bint active
+    cdef public bint record
+    cdef public bint background_copy
+    cdef public long long sequence
+    # where background copy carries on
+    cdef public Py_ssize_t _cursor
+    # the revert image of a revertible resync (none while rv_to_copy is None)
+    cdef TrackBitmap rv_to_copy
+    cdef TrackBitmap rv_src_changed
+    cdef TrackBitmap rv_tgt_changed
+    cdef long long rv_sequence
+
+    @property
+    def _revert_image(self):
+        """``(to_copy, src_changed, tgt_changed, sequence)`` as they were
+        before a revertible resync, or None."""
+        if self.rv_to_copy is None:
+            return None
+        return (self.rv_to_copy, self.rv_src_changed, self.rv_tgt_changed, self.rv_sequence)
+
+    @_revert_image.setter
+    def _revert_image(self, image):
+        if image is None:
+            self.rv_to_copy = self.rv_src_changed = self.rv_tgt_changed = None
+            self.rv_sequence = 0
+        else:
+            self.rv_to_copy, self.rv_src_changed, self.rv_tgt_changed, self.rv_sequence = image
 
     def _copy_chunk(self, Py_ssize_t start, Py_ssize_t max_tracks):
         """Copy up to ``max_tracks`` set tracks from ``start`` on, under the
@@ -84,9 +152,95 @@ cdef class RelationshipBase:
             done = copy_set_runs(dst, src, mask.w, 0, n, n, shift, &resume)
         return done
 
+    # -- the steps (locks held; the checks first, in the order the methods
+    # have always made them, then the change, which cannot fail) -----------
+    cdef object _closed_volume(self):
+        for v in (self.source, self.target):
+            if (<VolumeBase>v).base == NULL:
+                return VolumeClosedError(f"{v!r} is closed")
+        return None
+
+    cdef object _prepare_refusal(self, object before):
+        """Why a resync cannot run now (the exception), or None. Calls
+        ``before(self)`` (the store's check, a durable store's undo record)
+        where the store is checked. Locks held."""
+        if not self.record:
+            return StateError(f"{self!r} was established without record=True; "
+                              "incremental resync needs change recording")
+        if not self.active:
+            return StateError(f"{self!r} has been withdrawn")
+        if self.revertible:
+            return StateError(f"{self!r} is already revertible; commit or revert first")
+        if before is not None:
+            before(self)
+        return self._closed_volume()
+
+    cdef int _prepare_step(self, TrackBitmap out, TrackBitmap sc, TrackBitmap tc,
+                           long long sequence, bint revertible) except -1:
+        """Resync: ``to_copy | src_changed | tgt_changed`` into ``out``, the
+        empty ``sc`` and ``tc`` the change bitmaps, ``sequence`` the number;
+        with ``revertible`` the bitmaps and number as they were are kept as
+        the revert image and the source is write-inhibited. Locks held."""
+        bm_or3_words(out.w, self.to_copy.w, self.src_changed.w, self.tgt_changed.w,
+                     out.n_words)
+        if revertible:
+            self.rv_to_copy = self.to_copy
+            self.rv_src_changed = self.src_changed
+            self.rv_tgt_changed = self.tgt_changed
+            self.rv_sequence = self.sequence
+            self.revertible = True
+            self.source._inhibits += 1
+        self.to_copy = out
+        self.src_changed = sc
+        self.tgt_changed = tc
+        # new bitmaps: a drain kernel that took the old ones by address
+        # (between its chunks, without the source's lock) must stop
+        self.source._rels_version += 1
+        self.sequence = sequence
+        self._cursor = 0
+        return 0
+
+    cdef object _end_refusal(self, bint commit, object before):
+        """Why a commit (``commit``) or revert cannot run now, or None;
+        ``before(self)`` where the store is checked. Locks held."""
+        if not self.active:
+            return StateError(f"{self!r} has been withdrawn")
+        if not self.revertible or self.rv_to_copy is None:
+            return StateError(f"cannot {'commit' if commit else 'revert'} {self!r}: it is "
+                              "not revertible (resync(revertible=True) first)")
+        if before is not None:
+            before(self)
+        return self._closed_volume()
+
+    cdef int _end_step(self, bint commit, list dropped) except -1:
+        """Commit (keep the new image) or revert (restore the revert image),
+        by reference; the bitmaps that drop out go to ``dropped`` (if not
+        None); the source's write-inhibit is released. Locks held."""
+        if commit:
+            if dropped is not None:
+                dropped.append(self.rv_to_copy)
+                dropped.append(self.rv_src_changed)
+                dropped.append(self.rv_tgt_changed)
+        else:
+            if dropped is not None:
+                dropped.append(self.to_copy)
+                dropped.append(self.src_changed)
+                dropped.append(self.tgt_changed)
+            self.to_copy = self.rv_to_copy
+            self.src_changed = self.rv_src_changed
+            self.tgt_changed = self.rv_tgt_changed
+            self.sequence = self.rv_sequence
+            self.source._rels_version += 1     # (as in resync: other bitmaps)
+        self.rv_to_copy = self.rv_src_changed = self.rv_tgt_changed = None
+        self.rv_sequence = 0
+        self.revertible = False
+        self.source._inhibits -= 1
+        return 0
+
 
 # ---------------------------------------------------------------------------
-# Batched steps of a consistency group (a secondary group's share of it)
+# The steps of a consistency group, batched: a relationship's or a pair's
+# own method is a batch of one of the same loop
 # ---------------------------------------------------------------------------
 
 def first_closed(list volumes):
@@ -106,21 +260,32 @@ def zero_bitmaps(list bitmaps):
         memset(bm.w, 0, bm.n_words * 8)
 
 
-def prepare_revertible_many(list rels, Py_ssize_t start, sequence, list fresh):
-    """The in-memory step of ``FlashCopy.resync(revertible=True,
-    sequence=sequence)`` for ``rels[start:]``, in order, each under its
-    source's and target's locks: the revert image keeps the current
-    bitmaps and sequence, the new ``to_copy`` is ``to_copy | src_changed |
-    tgt_changed`` (into ``fresh[3k]``), the change bitmaps are the empty
-    ``fresh[3k+1]`` and ``fresh[3k+2]``, the source is write-inhibited.
+def prepare_revertible_many(list rels, Py_ssize_t start, long long sequence, list fresh,
+                            bint revertible=True, fault=None, before=None, after=None):
+    """Resync ``rels[start:]`` (revertibly unless ``revertible`` is false)
+    with ``sequence``, in order, each under its source's and target's locks:
+    ``FlashCopy.resync`` for a batch (a relationship's own resync is a batch
+    of one). With ``revertible`` the revert image keeps the current bitmaps
+    and sequence and the source is write-inhibited. The new ``to_copy`` is
+    ``to_copy | src_changed | tgt_changed``, written into ``fresh[3k]``; the
+    change bitmaps become the empty ``fresh[3k+1]`` and ``fresh[3k+2]``. The
+    slots a relationship took are set to None.
 
-    The caller has checked what holds for the whole group (the sequence
-    number, a store that records nothing and is writable, no fault armed at
-    ``prepare``). Stops before the first relationship whose own state asks
-    for the per-relationship method (withdrawn, without change recording,
-    already revertible, a closed volume, a background copy to start),
-    which then raises or does the step as usual. Returns the index it
-    stopped at (``len(rels)`` when done).
+    For each relationship, under its locks and before anything of it
+    changes: its state is checked (change recording, withdrawn, already
+    revertible), ``before(rel)`` is called if given (it may raise: the
+    store's check, a durable store's record for an undo), the volumes must
+    be open, and (revertible) ``fault("prepare", source)`` is called while
+    any fault is armed (fastfc.faults' ``hit``). After its change, with the
+    locks still held, ``after(rel)`` is called if given (a relationship's
+    own step records itself there, undoing the change if the store refuses).
+
+    Returns ``(k, error)``: ``(len(rels), None)`` when every relationship
+    is done, else the index of the first that was not, with the exception
+    that says why (refused by its state, or raised by a callback), or None
+    when its fresh slots were None (a caller that gives bitmaps only to a
+    step that looks able to run, so that a refused one creates none); the
+    relationships before it are done. The caller checks the sequence number.
     """
     cdef Py_ssize_t k, n = len(rels)
     cdef RelationshipBase r
@@ -129,90 +294,96 @@ def prepare_revertible_many(list rels, Py_ssize_t start, sequence, list fresh):
     if len(fresh) < 3 * n:
         raise ValueError("prepare_revertible_many needs three fresh bitmaps per relationship")
     for k in range(start, n):
-        o = rels[k]
-        r = <RelationshipBase?>o
+        r = <RelationshipBase?>rels[k]
         S, T = r.source, r.target
-        if (not r.active or r.revertible or r.src_changed is None or r.tgt_changed is None
-                or S is None or T is None or S.base == NULL or T.base == NULL):
-            return k
-        out = <TrackBitmap?>fresh[3 * k]
-        sc = <TrackBitmap?>fresh[3 * k + 1]
-        tc = <TrackBitmap?>fresh[3 * k + 2]
-        if (out.n_bits != r.to_copy.n_bits or sc.n_bits != out.n_bits
-                or tc.n_bits != out.n_bits or r.src_changed.n_bits != out.n_bits
-                or r.tgt_changed.n_bits != out.n_bits):
-            raise ValueError("prepare_revertible_many: bitmaps of different sizes")
+        if r.record and r.active:
+            x = fresh[3 * k]
+            out = None if x is None else <TrackBitmap?>x
+            x = fresh[3 * k + 1]
+            sc = None if x is None else <TrackBitmap?>x
+            x = fresh[3 * k + 2]
+            tc = None if x is None else <TrackBitmap?>x
+            if (out is not None and sc is not None and tc is not None and (
+                    out.n_bits != r.to_copy.n_bits or sc.n_bits != out.n_bits
+                    or tc.n_bits != out.n_bits or r.src_changed.n_bits != out.n_bits
+                    or r.tgt_changed.n_bits != out.n_bits)):
+                raise ValueError("prepare_revertible_many: bitmaps of different sizes")
         lock_two(S, T)
         try:
-            if not r.active or r.revertible or S.base == NULL or T.base == NULL:
-                return k
-            bm_or3_words(out.w, r.to_copy.w, r.src_changed.w, r.tgt_changed.w, out.n_words)
-            o._revert_image = (r.to_copy, r.src_changed, r.tgt_changed, o.sequence)
-            r.revertible = True
-            S._inhibits += 1
-            r.to_copy = out
-            r.src_changed = sc
-            r.tgt_changed = tc
-            S._rels_version += 1    # a drain that took the old bitmaps stops
-            o.sequence = sequence
-            o._cursor = 0
+            try:
+                err = r._prepare_refusal(before)
+                if err is None and revertible and fault is not None and _faults_armed:
+                    fault("prepare", S)
+            except BaseException as e:
+                err = e
+            if err is not None:
+                return k, err
+            if out is None or sc is None or tc is None or not r.record or not r.active:
+                return k, None       # no fresh bitmaps given: the caller's to give
+            r._prepare_step(out, sc, tc, sequence, revertible)
+            if after is not None:
+                try:
+                    after(r)
+                except BaseException as e:
+                    return k, e
+            fresh[3 * k] = fresh[3 * k + 1] = fresh[3 * k + 2] = None
         finally:
             unlock_two(S, T)
-    return n
+    return n, None
 
 
-def end_revertible_many(list rels, Py_ssize_t start, bint commit, list dropped):
-    """The in-memory step of ``FlashCopy.commit()`` (``commit``) or
-    ``revert()`` for ``rels[start:]``, in order, each under its source's
-    and target's locks: the bitmaps that drop out (the revert image's on
-    commit, the current ones on revert) are appended to ``dropped`` for the
-    store's pool, and the source's write-inhibit is released.
+def end_revertible_many(list rels, Py_ssize_t start, bint commit, list dropped,
+                        fault=None, before=None, after=None):
+    """Commit (``commit``) or revert ``rels[start:]``, in order, each under
+    its source's and target's locks: ``FlashCopy.commit`` / ``revert`` for a
+    batch (a relationship's own commit or revert is a batch of one). The
+    bitmaps that drop out (the revert image's on commit, the current ones on
+    revert) are appended to ``dropped`` (if not None), for the store's pool;
+    the source's write-inhibit is released.
 
-    As :func:`prepare_revertible_many`, the caller has checked the group
-    (a store that records nothing and is writable, no fault armed at
-    ``commit`` / ``revert``), and it stops before the first relationship
-    whose own state asks for the per-relationship method (withdrawn, not
-    revertible, a closed volume, a background copy to start). Returns the
-    index it stopped at (``len(rels)`` when done).
+    For each relationship, under its locks and before anything of it
+    changes: its state is checked (withdrawn, not revertible), ``before(rel)``
+    is called if given, the volumes must be open, and ``fault("commit" or
+    "revert", source)`` is called while any fault is armed; ``after(rel)``
+    after its change, locks held. Returns ``(k, error)`` as
+    :func:`prepare_revertible_many` does. Starting a background
+    copy is the caller's (after the locks are let go).
     """
     cdef Py_ssize_t k, n = len(rels)
     cdef RelationshipBase r
     cdef VolumeBase S, T
-    cdef tuple image
+    point = "commit" if commit else "revert"
     for k in range(start, n):
-        o = rels[k]
-        r = <RelationshipBase?>o
+        r = <RelationshipBase?>rels[k]
         S, T = r.source, r.target
-        if (not r.active or not r.revertible or S is None or T is None
-                or S.base == NULL or T.base == NULL or o.background_copy):
-            return k
         lock_two(S, T)
         try:
-            image = o._revert_image
-            if not r.active or not r.revertible or image is None or S.base == NULL \
-                    or T.base == NULL:
-                return k
-            if commit:
-                dropped.extend(image[:3])
-            else:
-                dropped.append(r.to_copy)
-                dropped.append(r.src_changed)
-                dropped.append(r.tgt_changed)
-                r.to_copy, r.src_changed, r.tgt_changed, o.sequence = image
-                S._rels_version += 1
-            o._revert_image = None
-            r.revertible = False
-            S._inhibits -= 1
+            try:
+                err = r._end_refusal(commit, before)
+                if err is None and fault is not None and _faults_armed:
+                    fault(point, S)
+            except BaseException as e:
+                err = e
+            if err is not None:
+                return k, err
+            r._end_step(commit, dropped)
+            if after is not None:
+                try:
+                    after(r)
+                except BaseException as e:
+                    if dropped is not None:
+                        del dropped[len(dropped) - 3:]    # back in the relationship
+                    return k, e
         finally:
             unlock_two(S, T)
-    return n
+    return n, None
 
 
-def cg_end_many(list primaries, list hooks):
-    """Close the consistency group of every mirror hook after a drain that
-    succeeded (``PPRCPair._cg_end(True)``), each under its primary's lock:
-    the emptied CG bitmap becomes the spare, no CG is in flight. (A failed
-    drain goes through the per-pair method, which gives the tracks back.)"""
+def cg_end_many(list primaries, list hooks, bint ok=True):
+    """Close the consistency group of every mirror hook, each under its
+    primary's lock (``PPRCPair._cg_end`` is a batch of one): a failed drain
+    (``ok`` false) gives the CG's tracks back to the out-of-sync bitmap; the
+    emptied CG bitmap becomes the spare, no CG is in flight."""
     cdef Py_ssize_t k, n = len(hooks)
     cdef VolumeBase A
     cdef MirrorBase m
@@ -220,16 +391,10 @@ def cg_end_many(list primaries, list hooks):
         raise ValueError("cg_end_many needs one primary per hook")
     for k in range(n):
         A = <VolumeBase?>primaries[k]
-        o = hooks[k]
-        m = <MirrorBase?>o
+        m = <MirrorBase?>hooks[k]
         A._acquire()
         try:
-            if m.cg is not None:
-                if o.side:
-                    o.side = {}
-                o.cg_bytes = 0
-                m.spare = m.cg
-                m.cg = None
+            m._cg_end_step(ok)
         finally:
             A._release()
 

@@ -96,6 +96,7 @@ def inject(point: str, volume: object = None, *, times: int = 1, delay: float | 
     with _lock:
         _armed.append(fault)
         _core.set_cow_hook(_cow_hook if any(f.point == "cow" for f in _armed) else None)
+        _core.set_faults_armed(True)
     return fault
 
 
@@ -121,6 +122,7 @@ def clear() -> None:
     with _lock:
         _armed.clear()
         _core.set_cow_hook(None)
+        _core.set_faults_armed(False)
 
 
 def disarm(fault: Fault) -> None:
@@ -128,6 +130,7 @@ def disarm(fault: Fault) -> None:
     with _lock:
         _armed[:] = [f for f in _armed if f is not fault]
         _core.set_cow_hook(_cow_hook if any(f.point == "cow" for f in _armed) else None)
+        _core.set_faults_armed(bool(_armed))
 
 
 def armed() -> list[Fault]:
@@ -136,7 +139,10 @@ def armed() -> list[Fault]:
 
 
 def armed_at(point: str) -> bool:
-    """Whether a fault is armed at ``point`` (cheap when none is armed)."""
+    """Whether a fault is armed at ``point`` (cheap when none is armed). The
+    engine never chooses its path by it: a step calls its fault points as
+    callbacks (the kernels call them only while a fault is armed, which
+    :func:`inject` and :func:`clear` tell them: ``_core.set_faults_armed``)."""
     if not _armed:
         return False
     with _lock:
@@ -162,6 +168,7 @@ def hit(point: str, volume: object = None) -> None:
                 fault.fired += 1
                 if fault.fired >= fault.times:
                     _armed.remove(fault)
+                    _core.set_faults_armed(bool(_armed))
                 _log.append((point, getattr(volume, "name", str(volume))))
                 break
         else:

@@ -41,3 +41,60 @@ def held_unit(path, readonly: bool = False, hold: float | None = None):
     finally:
         child.stdin.close()
         child.wait(timeout=60)
+
+
+def one_at_a_time(gm) -> None:
+    """Make every secondary group of session ``gm`` run each pair's and
+    relationship's own method, one after another in triplet order, as
+    batches of one (``PPRCPair._cg_drain`` / ``_cg_end``,
+    ``FlashCopy._resync`` / ``_end_revertible``), with the fault points hit
+    between them: the reference a group's one loop over them all must equal
+    (results, bitmaps, sequence numbers, side files and every byte)."""
+    from fastfc import faults
+    from fastfc.errors import DrainAborted, FastFCError
+
+    for group in gm.groups:
+        flash = group.flash
+
+        def drain(deadline, time_left, group=group):
+            sent = 0
+            for trip in group.triplets:
+                faults.hit("drain", trip.a)
+                if deadline is not None and deadline():
+                    raise DrainAborted("drain time limit passed")
+                sent += trip.pair._cg_drain(deadline, time_left)
+            return sent
+
+        def end_drain(ok, group=group):
+            for trip in group.triplets:
+                trip.pair._cg_end(ok)
+
+        def prepare_all(sequence, stop_at_failure, flash=flash):
+            prepared = []
+            flash.prepared = prepared
+            failure = None
+            for fc in flash.relationships:
+                try:
+                    fc._resync(revertible=True, sequence=sequence)
+                    prepared.append(fc)
+                except FastFCError as e:
+                    failure = f"prepare of {fc.source.name}: {type(e).__name__}: {e}"
+                    if stop_at_failure:
+                        break
+            return failure
+
+        def finish(step, flash=flash):
+            errors = []
+            for fc in flash.prepared:
+                try:
+                    fc._end_revertible(step)
+                except FastFCError as e:
+                    errors.append(f"{step} of {fc.source.name}: {type(e).__name__}: {e}")
+            flash.prepared = []
+            return errors
+
+        group.drain = drain
+        group.end_drain = end_drain
+        group.prepare_all = prepare_all
+        group.commit_all = lambda finish=finish: finish("commit")
+        group.revert_all = lambda finish=finish: finish("revert")

@@ -1,16 +1,16 @@
-"""The batched steps of a consistency group against the per-relationship path.
+"""The batched steps of a consistency group against the same steps one at a time.
 
 A secondary group (:class:`~fastfc.copyservices.groups.SecondaryGroup`)
-whose store records nothing drains its pairs in one kernel call
-(``_core.pprc_drain_many``), prepares, commits and reverts its relationships
-in one call each (``prepare_revertible_many``, ``end_revertible_many``) and
-closes the CG of every pair in one more (``cg_end_many``). The per-
-relationship path is the one every durable store takes and every armed fault
-point forces. Here two sessions over identical volumes run the same random
-writes, CG attempts and relationship states, one batched and one with its
-groups switched to the per-relationship path; after every attempt each
-result, every bitmap, sequence number, write-inhibit and every volume's
-bytes must be equal.
+drains its pairs in one kernel call (``_core.pprc_drain_many``), prepares,
+commits and reverts its relationships in one call each
+(``prepare_revertible_many``, ``end_revertible_many``) and closes the CG of
+every pair in one more (``cg_end_many``), whatever its store and whatever
+fault is armed; a pair's or a relationship's own method runs the same step
+as a batch of one. Here two sessions over identical volumes run the same
+random writes, CG attempts and relationship states, one as it runs and one
+with its groups calling each pair's and relationship's own method in turn
+(``helpers.one_at_a_time``); after every attempt each result, every bitmap,
+sequence number, write-inhibit and every volume's bytes must be equal.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from fastfc import GlobalMirror, Volume, _core, faults
+from fastfc import GlobalMirror, StorageUnit, Volume, _core, faults
 from fastfc.copyservices.groups import SecondaryGroup
+from helpers import one_at_a_time
 
 TS = 512
 
@@ -34,9 +35,8 @@ def _session(n_trip: int, n_tracks: int, batched: bool, decide: str,
         a._raw_array()[:] = np.random.default_rng(i).integers(0, 256, a.capacity, np.uint8)
         trips.append((a, b, c))
     gm = GlobalMirror(trips, decide=decide, max_coordination_time=1.0)
-    for g in gm.groups:
-        assert g._batched            # memory: the batched path
-        g._batched = batched
+    if not batched:
+        one_at_a_time(gm)
     return gm, trips
 
 
@@ -105,18 +105,117 @@ def test_batched_cg_with_volumes_of_several_sizes():
     _run(7, 4, "after_all", steps=8, sizes=[8, 3, 8, 1])
 
 
-def test_an_armed_fault_takes_the_per_relationship_path():
-    """A fault at prepare fires for its volume in the batched group too (the
-    group hands the step to the per-relationship path), and the CG reverts."""
+class _Count:
+    """Counts the calls of a kernel (``_core.<name>``) and the relationships
+    or pairs it was handed."""
+
+    def __init__(self, monkeypatch, name: str) -> None:
+        self.calls = 0
+        real = getattr(_core, name)
+
+        def wrapped(*a, **k):
+            self.calls += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(_core, name, wrapped)
+
+
+_KERNELS = ("pprc_drain_many", "prepare_revertible_many", "end_revertible_many",
+            "cg_end_many")
+
+
+@pytest.mark.parametrize("point", ["none", "prepare", "commit", "drain", "link"])
+def test_an_armed_fault_runs_the_same_kernels(monkeypatch, point):
+    """With a fault armed at any point the group runs the same kernel calls
+    as with none (one per step, the drain resumed past the pair that failed
+    only when the CG goes on): arming a fault never changes which code runs.
+    The fault fires for its volume from inside the loop, and the CG fails
+    (or, at a commit, is resolved)."""
     gm, trips = _session(4, 8, True, "after_all")
     try:
-        faults.inject("prepare", volume=trips[2][1])
+        assert gm.form_consistency_group().committed
+        for a, _, _ in trips:
+            a.write(0, np.full(3 * TS, 5, np.uint8))
+        counts = {name: _Count(monkeypatch, name) for name in _KERNELS}
+        if point == "drain":
+            faults.inject("drain", volume=trips[2][0])
+        elif point == "link":
+            faults.inject("link", after=2)
+        elif point != "none":
+            faults.inject(point, volume=trips[2][1])
         r = gm.form_consistency_group()
-        assert not r.committed and "prepare of B2: InjectedFault" in r.detail
+        calls = {name: c.calls for name, c in counts.items()}
+        if point == "none":
+            assert r.committed
+            assert calls == dict.fromkeys(_KERNELS, 1)
+        else:
+            # (a commit that fails is resolved by committing the rest)
+            assert r.committed == (point == "commit") and r.cause.value != "none", r
+            assert faults.fired_log()[-1][0] == point
+            assert calls["pprc_drain_many"] == 1 and calls["cg_end_many"] == 1
+            if point in ("prepare", "commit"):
+                # the loop skips B2 and goes on (a second call); a prepare
+                # that failed reverts the CG; a commit that failed is retried
+                # by the resolution through B2's own commit: the same kernel,
+                # a batch of one
+                assert calls["prepare_revertible_many"] == (2 if point == "prepare" else 1)
+                assert calls["end_revertible_many"] == (1 if point == "prepare" else 3)
+                want = "prepare of B2: InjectedFault" if point == "prepare" else \
+                    "commit of B2: InjectedFault"
+                assert want in r.detail, r.detail
+            else:          # the drain failed: no FlashCopy phase
+                assert calls["prepare_revertible_many"] == 0
         assert all(not t.fc.revertible for t in gm.triplets)
+        faults.clear()
+        gm.link.restore()
+        for t in gm.triplets:
+            t.pair.suspend_reason = None
+        if gm.state.value == "fatal":
+            gm.clear_fatal()
         assert gm.form_consistency_group().committed
     finally:
         faults.clear()
+        gm.close(discard=True)
+
+
+def test_groups_and_link_choose_no_path_by_an_armed_fault():
+    """No path is chosen by a fault being armed: the group and link modules
+    neither ask whether one is, nor keep a switch between two paths."""
+    import inspect
+    from fastfc.copyservices import groups
+    from fastfc.storage import link
+    for mod in (groups, link):
+        src = inspect.getsource(mod)
+        assert "armed_at" not in src and "_batched" not in src, mod.__name__
+
+
+def test_a_durable_unit_runs_the_kernels_and_records_each_step_once(tmp_path, monkeypatch):
+    """A session over a storage unit's volumes takes the same kernel calls as
+    one in memory, and its store records each FlashCopy step of a group in
+    one ``save_flashes`` call (no ``save_flash`` per relationship)."""
+    with StorageUnit(tmp_path / "p") as pu, StorageUnit(tmp_path / "s") as su:
+        trips = []
+        for i in range(4):
+            a = pu.create_volume(f"A{i}", 8, TS)
+            b, c = su.create_volume(f"B{i}", 8, TS), su.create_volume(f"C{i}", 8, TS)
+            trips.append((a, b, c))
+        gm = GlobalMirror(trips, name="gm", max_coordination_time=1.0)
+        assert gm.form_consistency_group().committed
+        for a, _, _ in trips:
+            a.write(TS, np.full(TS, 3, np.uint8))
+        counts = {name: _Count(monkeypatch, name) for name in _KERNELS}
+        store = trips[0][1].store
+        batches, singles = [], []
+        real_many, real_one = store.save_flashes, store.save_flash
+        monkeypatch.setattr(store, "save_flashes",
+                            lambda recs: batches.append(len(recs)) or real_many(recs))
+        monkeypatch.setattr(store, "save_flash",
+                            lambda rec: singles.append(rec["id"]) or real_one(rec))
+        assert gm.form_consistency_group().committed
+        assert {n: c.calls for n, c in counts.items()} == dict.fromkeys(_KERNELS, 1)
+        assert batches == [4, 4]      # the prepares, then the commits
+        # (Store.save_flashes loops save_flash unless the store's is faster)
+        assert len(singles) in (0, 8)
         gm.close(discard=True)
 
 
@@ -142,4 +241,142 @@ def test_kernels_refuse_bitmaps_of_another_size():
         with pytest.raises(ValueError, match="as many secondaries"):
             _core.pprc_drain_many([trips[0][0]], [], [], 1 << 20)
     finally:
+        gm.close(discard=True)
+
+
+def _unit_or_memory_session(tmp_path, durable: bool, n_trip: int, sizes: list[int]):
+    units = []
+    if durable:
+        pu, su = StorageUnit(tmp_path / "p"), StorageUnit(tmp_path / "s")
+        units = [pu, su]
+
+        def make(tag, i, n):
+            u = pu if tag == "A" else su
+            return u.create_volume(f"{tag}{i}", n, TS)
+    else:
+        def make(tag, i, n):
+            return Volume(n, TS, name=f"{tag}{i}")
+    trips = [tuple(make(tag, i, sizes[i]) for tag in "ABC") for i in range(n_trip)]
+    gm = GlobalMirror(trips, name="gm", max_coordination_time=1.0)
+    return gm, trips, units
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_durable_session_gives_the_c_images_of_one_in_memory(tmp_path, seed):
+    """The same writes, CG attempts and faults (a prepare, a commit, a drain,
+    a link cut) on a session over storage units and on one in memory: after
+    every attempt the results, every C's image, every sequence number, every
+    write-inhibit and every B's bytes are equal (one path, whatever the
+    store)."""
+    rng = np.random.default_rng(seed)
+    n_trip = 4
+    sizes = [int(rng.integers(1, 12)) for _ in range(n_trip)]
+    sides = [_unit_or_memory_session(tmp_path / str(d), d, n_trip, sizes) for d in (True, False)]
+    outcomes = set()
+    try:
+        for step in range(12):
+            writes = [(int(rng.integers(n_trip)), int(rng.integers(0, 12 * TS)),
+                       int(rng.integers(1, 3 * TS)), int(rng.integers(1 << 30)))
+                      for _ in range(int(rng.integers(0, 6)))]
+            fault = str(rng.choice(["none", "none", "prepare", "commit", "drain", "link"]))
+            pick = int(rng.integers(n_trip))
+            results = []
+            for gm, trips, _ in sides:
+                for i, off, length, s in writes:
+                    a = trips[i][0]
+                    off = off % a.capacity
+                    a.write(off, np.random.default_rng(s).integers(
+                        0, 256, min(length, a.capacity - off), np.uint8))
+                if fault in ("prepare", "commit"):
+                    faults.inject(fault, volume=trips[pick][1])
+                elif fault == "drain":
+                    faults.inject("drain", volume=trips[pick][0])
+                elif fault == "link":
+                    faults.inject("link", after=pick)
+                try:
+                    r = gm.form_consistency_group()
+                finally:
+                    faults.clear()
+                results.append((r.sequence, r.committed, r.cause, r.detail, r.bytes_drained))
+                gm.link.restore()
+                for t in gm.triplets:
+                    if t.pair.suspend_reason is not None:
+                        t.pair.resume()
+                if gm.state.value == "fatal":
+                    gm.clear_fatal()
+            assert results[0] == results[1], (step, fault)
+            outcomes.add(results[0][1])
+            (g0, t0, _), (g1, t1, _) = sides
+            assert g0.c_sequences == g1.c_sequences
+            for (a0, b0, c0), (a1, b1, c1), x0, x1 in zip(t0, t1, g0.triplets, g1.triplets):
+                assert np.array_equal(c0.read(0, c0.capacity), c1.read(0, c1.capacity)), c0.name
+                assert np.array_equal(b0.array, b1.array), b0.name
+                assert (x0.fc.revertible, b0._inhibits, x0.fc.sequence) == \
+                    (x1.fc.revertible, b1._inhibits, x1.fc.sequence)
+        assert outcomes == {True, False}      # (CGs committed and CGs failed)
+    finally:
+        faults.clear()
+        for gm, trips, units in sides:
+            gm.close(discard=True)
+            for u in units:
+                u.close()
+
+
+@pytest.mark.parametrize("step", ["prepare", "commit"])
+def test_a_store_that_refuses_a_step_leaves_memory_as_it_was(tmp_path, monkeypatch, step):
+    """The unit's store refuses the batch of a group's prepares (or commits):
+    the whole batch is undone in memory (bitmaps, sequence numbers, revert
+    images, write-inhibits as they were before the step), the attempt says
+    why, and the next CG commits."""
+    from fastfc import NoSpaceError
+    with StorageUnit(tmp_path / "p") as pu, StorageUnit(tmp_path / "s") as su:
+        trips = []
+        for i in range(3):
+            a = pu.create_volume(f"A{i}", 8, TS)
+            b, c = su.create_volume(f"B{i}", 8, TS), su.create_volume(f"C{i}", 8, TS)
+            trips.append((a, b, c))
+        gm = GlobalMirror(trips, name="gm", max_coordination_time=1.0)
+        assert gm.form_consistency_group().committed
+        for a, _, _ in trips:
+            a.write(2 * TS, np.full(TS, 9, np.uint8))
+        store = trips[0][1].store
+        real = store.save_flashes
+        calls = []
+
+        def refuse(records):
+            calls.append(len(records))
+            if len(calls) == (1 if step == "prepare" else 2):
+                raise NoSpaceError("injected: the unit's disk is full")
+            return real(records)
+
+        monkeypatch.setattr(store, "save_flashes", refuse)
+        fcs = [t.fc for t in gm.triplets]
+
+        def state():
+            return [(fc.sequence, fc.revertible, id(fc.to_copy), id(fc.src_changed),
+                     id(fc.tgt_changed), fc._revert_image and tuple(map(id, fc._revert_image[:3])),
+                     fc.source._inhibits, fc._cursor) for fc in fcs]
+
+        before = state()
+        r = gm.form_consistency_group()
+        if step == "prepare":
+            assert not r.committed and r.cause.value == "prepare_failed", r
+            assert "prepare of B0: NoSpaceError: injected" in r.detail
+            assert state() == before                 # every prepare undone
+            assert calls == [3]                      # (nothing prepared: nothing reverted)
+        else:
+            # undone in memory: every one still revertible with the new
+            # number, none committed, so the session resolves the CG by
+            # reverting each relationship alone (its own step and save)
+            assert "commit of B0: NoSpaceError: injected" in r.detail, r
+            assert "resolved by revert" in r.detail
+            assert not r.committed and gm.state.value == "fatal"
+            assert not any(fc.revertible for fc in fcs)
+            assert {fc.sequence for fc in fcs} == {before[0][0]}
+            assert [x[2:5] for x in state()] == [x[2:5] for x in before]
+            gm.clear_fatal()
+        for fc in fcs:
+            assert fc.source._inhibits == 0
+        monkeypatch.setattr(store, "save_flashes", real)
+        assert gm.form_consistency_group().committed
         gm.close(discard=True)

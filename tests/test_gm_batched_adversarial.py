@@ -99,7 +99,6 @@ def _session(n_trip: int, n_tracks: int, track_size: int, **options):
     checker = PromiseChecker()
     gm = GlobalMirror(list(zip(A, B, C)), on_coordinate=checker.on_coordinate, **options)
     checker.attach(gm)
-    assert all(g._batched for g in gm.groups)       # memory volumes: the batched path
     return gm, checker
 
 
@@ -232,8 +231,11 @@ def test_snapshots_of_b_taken_while_batched_cgs_drain():
 
 
 # ---------------------------------------------------------------------------
-# Faults during a batched step: the same outcome as the per-relationship path
+# Faults during a batched step: the same outcome as each pair's and
+# relationship's own method in turn (helpers.one_at_a_time)
 # ---------------------------------------------------------------------------
+
+from helpers import one_at_a_time  # noqa: E402
 
 def _pair_of_sessions(n_trip: int = 4, n_tracks: int = 8):
     out = []
@@ -245,9 +247,8 @@ def _pair_of_sessions(n_trip: int = 4, n_tracks: int = 8):
             trips.append((a, b, c))
         gm = GlobalMirror(trips, max_coordination_time=1.0)
         assert gm.form_consistency_group().committed
-        for g in gm.groups:
-            assert g._batched
-            g._batched = batched
+        if not batched:
+            one_at_a_time(gm)      # each pair's and relationship's own method in turn
         out.append((gm, trips))
     return out
 
@@ -338,6 +339,10 @@ def _act(what: str, gm, trips) -> None:
         faults.inject("prepare", trips[2][1])
     elif what == "arm_commit":
         faults.inject("commit", trips[3][1])
+    elif what == "arm_drain":
+        faults.inject("drain", trips[2][0])
+    elif what == "arm_link":
+        faults.inject("link", after=1)
     elif what == "revertible_by_hand":
         gm.triplets[2].fc._resync(revertible=True, sequence=10 ** 6)  # a session step
 
@@ -350,12 +355,11 @@ def _attempt(gm) -> tuple:
     return (r.committed, r.cause, r.detail, r.bytes_drained)
 
 
-# (not "drain" armed mid-drain: the batched group asks faults.armed_at("drain")
-# once, before its one kernel call; a fault armed after that fires at the next
-# CG, as one armed just after the drain would. The per-pair path hits it at
-# the next pair. Fault points are test hooks; this is noted, not changed.)
+# ("drain" and "link" armed mid-drain too: the kernel calls the fault points
+# of the pairs after it, as each pair's own drain does)
 @pytest.mark.parametrize("what", ["close_c", "close_b", "close_a2", "withdraw", "arm_prepare",
-                                  "arm_commit", "revertible_by_hand"])
+                                  "arm_commit", "arm_drain", "arm_link",
+                                  "revertible_by_hand"])
 def test_state_changes_during_a_batched_drain_as_the_per_pair_path(what):
     """Mid-drain (while pair 0 moves its tracks; the copy-on-write hook of B0
     stands in for another thread) a volume is closed, a relationship

@@ -21,7 +21,7 @@ import time
 from typing import Sequence
 
 from fastfc import _core, faults
-from fastfc._core import TrackBitmap, combine_or3
+from fastfc._core import TrackBitmap
 from fastfc._numbers import check_real
 from fastfc.errors import (IncompleteCopyError, InjectedFault, LimitError, NoSpaceError,
                            StateError, VolumeClosedError, WriteInhibitedError)
@@ -135,9 +135,9 @@ class FlashCopy(_core.RelationshipBase):
         #: the Global Mirror session whose B->C relationship this is (set by
         #: the session): only ending the session withdraws it
         self.session: str | None = None
-        # (to_copy, src_changed, tgt_changed, sequence) before a revertible resync
-        self._revert_image: tuple[TrackBitmap, TrackBitmap | None, TrackBitmap | None,
-                                  int] | None = None
+        # (to_copy, src_changed, tgt_changed, sequence) before a revertible
+        # resync: RelationshipBase._revert_image, where the steps keep it
+        self._revert_image = None
         self._cursor = 0
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
@@ -473,42 +473,55 @@ class FlashCopy(_core.RelationshipBase):
                 "first: GlobalMirror.close(), rmgmir)")
 
     def _resync(self, *, revertible: bool = False, sequence: int | None = None) -> None:
-        """The body of :meth:`resync`, which a session calls."""
-        if not self.record:
-            raise StateError(f"{self!r} was established without record=True; "
-                             "incremental resync needs change recording")
-        if sequence is not None:
-            sequence = check_sequence(sequence)
-        elif self.sequence >= MAX_SEQUENCE:
-            raise ValueError(f"{self!r} is at the largest sequence number; give sequence=")
-        new_sequence = self.sequence + 1 if sequence is None else sequence
-        with locked((self.source, self.target)):
-            self._require_active()
-            if self.revertible:
-                raise StateError(f"{self!r} is already revertible; commit or revert first")
-            self._require_writable()
-            if revertible:
-                faults.hit("prepare", self.source)
-            n = self.source.n_tracks
-            store = self._store
-            new_to_copy = combine_or3(self.to_copy, self.src_changed, self.tgt_changed,
-                                      store.new_bitmap(n))
-            before = self._snapshot()
-            if revertible:
-                self._revert_image = (self.to_copy, self.src_changed, self.tgt_changed,
-                                      self.sequence)
-                self.revertible = True
-                self.source._inhibits += 1
-            self.to_copy = new_to_copy
-            self.src_changed = store.new_bitmap(n)
-            self.tgt_changed = store.new_bitmap(n)
-            # new bitmaps: a drain kernel that took the old ones by address
-            # (between its chunks, without the source's lock) must stop
-            self.source._rels_version += 1
-            self.sequence = new_sequence
-            self._cursor = 0
-            self._save_or_undo(before)
+        """The body of :meth:`resync`, which a session calls: the step a
+        consistency group runs for its relationships
+        (:func:`fastfc._core.prepare_revertible_many`), as a batch of one.
+        Its checks, fault point (``prepare``) and change run under the
+        source's and target's locks; so does the save, undone if the store
+        refuses."""
+        new_sequence = self.sequence
+        if self.record:      # (without change recording the step refuses first)
+            if sequence is not None:
+                sequence = check_sequence(sequence)
+            elif self.sequence >= MAX_SEQUENCE:
+                raise ValueError(f"{self!r} is at the largest sequence number; give sequence=")
+            new_sequence = self.sequence + 1 if sequence is None else sequence
+        store = self._store
+        # fresh bitmaps only for a step that looks able to run: a refused one
+        # must leave a unit as it was (a durable store's bitmaps are files)
+        fresh: list = [None, None, None]
+        if (self.record and self.active and not self.revertible and not self.source.closed
+                and not self.target.closed and not store.readonly and not store.closed):
+            fresh = store.new_bitmaps(self.source.n_tracks, 3)
+        before, after = self._step_hooks()
+        while True:
+            k, err = _core.prepare_revertible_many([self], 0, new_sequence, fresh, revertible,
+                                                   faults.hit, before, after)
+            if err is not None:
+                store.recycle([b for b in fresh if b is not None])
+                raise err
+            if k == 1:
+                break
+            fresh = store.new_bitmaps(self.source.n_tracks, 3)   # (it became able meanwhile)
         self._start_background()
+
+    def _step_hooks(self) -> tuple:
+        """The callbacks of a step of this relationship alone: before it
+        (locks held), the store's check; after it (locks still held), the
+        relationship recorded, or the step undone if the store refuses."""
+        store = self._store
+        if not store.durable:
+            return (lambda rel: store.check_writable()), None
+        snap: list[tuple] = []
+
+        def before(rel: "FlashCopy") -> None:
+            store.check_writable()
+            snap.append(rel._snapshot())
+
+        def after(rel: "FlashCopy") -> None:
+            rel._save_or_undo(snap[-1])
+
+        return before, after
 
     def commit(self) -> None:
         """Keep the revertible image [commitflash / Withdraw-FlashCopy-commit]:
@@ -526,25 +539,16 @@ class FlashCopy(_core.RelationshipBase):
     def _end_revertible(self, step: str) -> None:
         """Commit or revert (``step``): the bitmaps that drop out are the
         revert image's (commit) or the current ones (revert); swapped by
-        reference, recorded, recycled."""
-        with locked((self.source, self.target)):
-            self._require_revertible(step)
-            image = self._revert_image
-            assert image is not None   # revertible: it has one
-            self._require_writable()
-            faults.hit(step, self.source)
-            before = self._snapshot()
-            if step == "commit":
-                dropped = image[:3]
-            else:
-                dropped = (self.to_copy, self.src_changed, self.tgt_changed)
-                self.to_copy, self.src_changed, self.tgt_changed, self.sequence = image
-                self.source._rels_version += 1    # (as in resync: other bitmaps)
-            self._revert_image = None
-            self.revertible = False
-            self.source._inhibits -= 1
-            self._save_or_undo(before)
-            self._store.recycle(dropped)
+        reference, recorded, recycled. The step a consistency group runs
+        for its relationships (:func:`fastfc._core.end_revertible_many`),
+        as a batch of one."""
+        dropped: list[TrackBitmap] = []
+        before, after = self._step_hooks()
+        _, err = _core.end_revertible_many([self], 0, step == "commit", dropped, faults.hit,
+                                           before, after)
+        if err is not None:
+            raise err
+        self._store.recycle(dropped)
         self._start_background()
 
     # -- reverse restore and withdraw ---------------------------------------
@@ -665,8 +669,18 @@ class FlashCopy(_core.RelationshipBase):
             self._store_id = store.save_flash(self.to_record())
 
     def _snapshot(self) -> tuple:
+        """What a step changes, as it is (for :meth:`_restore`)."""
         return (self.to_copy, self.src_changed, self.tgt_changed, self.sequence,
-                self._revert_image, self.revertible, self.source._inhibits, self._cursor)
+                self._revert_image, self.revertible, self._cursor)
+
+    def _restore(self, before: tuple) -> None:
+        """Put back the state ``before`` (from :meth:`_snapshot`): a step
+        undone. The source's write-inhibit follows. Locks held."""
+        revertible = self.revertible
+        (self.to_copy, self.src_changed, self.tgt_changed, self.sequence,
+         self._revert_image, self.revertible, self._cursor) = before
+        self.source._inhibits += int(self.revertible) - int(revertible)
+        self.source._rels_version += 1        # (other bitmaps again)
 
     def _save_or_undo(self, before: tuple) -> None:
         """Save the relationship; if the store fails, put back the state
@@ -675,9 +689,7 @@ class FlashCopy(_core.RelationshipBase):
         try:
             self._save()
         except BaseException:
-            (self.to_copy, self.src_changed, self.tgt_changed, self.sequence,
-             self._revert_image, self.revertible, self.source._inhibits,
-             self._cursor) = before
+            self._restore(before)
             raise
 
     # -- checks ---------------------------------------------------------------
@@ -696,11 +708,34 @@ class FlashCopy(_core.RelationshipBase):
         self._store.check_writable()
         self._require_open()
 
-    def _require_revertible(self, what: str) -> None:
-        self._require_active()
-        if not self.revertible:
-            raise StateError(f"cannot {what} {self!r}: it is not revertible "
-                             "(resync(revertible=True) first)")
+
+def record_steps(fcs: Sequence[FlashCopy], snapshots: Sequence[tuple]) -> None:
+    """Record the relationships ``fcs`` that one batched step changed (a
+    consistency group's prepares, commits or reverts at one store): one
+    ``save_flashes`` call per store. If a store refuses, every one of them
+    is put back as it was before the step (``snapshots``: each one's
+    :meth:`FlashCopy._snapshot`, taken under its locks by the step) and the
+    store's exception propagates: memory never holds what the store does
+    not. A store that keeps nothing is not called."""
+    by_store: dict[int, list[int]] = {}
+    for i, fc in enumerate(fcs):
+        if fc._store.durable:
+            by_store.setdefault(id(fc._store), []).append(i)
+    saved: list[int] = []
+    try:
+        for idx in by_store.values():
+            store = fcs[idx[0]]._store
+            ids = store.save_flashes([fcs[i].to_record() for i in idx])
+            for i, rid in zip(idx, ids):
+                fcs[i]._store_id = rid
+            saved += idx
+    except BaseException:
+        done = set(saved)   # (other stores' saves stand: their rows are the state)
+        for i, fc in enumerate(fcs):
+            if i not in done:
+                with locked((fc.source, fc.target)):
+                    fc._restore(snapshots[i])
+        raise
 
 
 def _check_can_establish(rels: Sequence[FlashCopy]) -> None:

@@ -13,8 +13,9 @@ from typing import Callable, Sequence
 
 from fastfc import _core, faults
 from fastfc.errors import DrainAborted, FastFCError, StateError
-from fastfc.copyservices.flashcopy import FlashCopy, check_sequence
+from fastfc.copyservices.flashcopy import FlashCopy, check_sequence, record_steps
 from fastfc.copyservices.pprc import DIRECT_CHUNK_BYTES, PPRCPair
+from fastfc.storage.store import Store
 from fastfc.storage.volume import Volume, locked
 
 
@@ -37,6 +38,14 @@ class FlashCopyGroup:
     recorded, :meth:`commit_all` or :meth:`revert_all` ends what it
     prepared. A session's :class:`SecondaryGroup` runs it after the drain;
     a unit that serves a remote session runs it alone.
+
+    Each is one kernel loop over the relationships, whatever the store
+    (:func:`fastfc._core.prepare_revertible_many`,
+    :func:`~fastfc._core.end_revertible_many`: the steps that
+    ``FlashCopy.resync``, ``commit`` and ``revert`` run as a batch of one),
+    with the fault points as callbacks; a store that keeps records gets the
+    changed relationships in one ``save_flashes`` call per step, or, if it
+    refuses, the step is undone in memory (:func:`record_steps`).
     """
 
     def __init__(self, store, fcs: Sequence[FlashCopy]) -> None:
@@ -46,14 +55,22 @@ class FlashCopyGroup:
         self.set_relationships(fcs)
 
     def set_relationships(self, fcs: Sequence[FlashCopy]) -> None:
-        """The relationships, in order (the lists the batched kernels take)."""
+        """The relationships, in order (the lists the kernels take)."""
         self._fcs = list(fcs)
         sizes = {fc.source.n_tracks for fc in self._fcs}
-        self._one_size = sizes.pop() if len(sizes) == 1 else None
-        # the in-memory steps run batched when the store records nothing (a
-        # durable store records every step, per relationship, in its rows)
-        self._batched = (not self.store.durable
-                         and all(fc._store is self.store for fc in self._fcs))
+        stores = {id(fc.store): fc.store for fc in self._fcs}
+        one_store = not stores or (len(stores) == 1 and self.store in stores.values())
+        self._one_size = sizes.pop() if len(sizes) == 1 and one_store else None
+        # the store's check and a record for the undo, before each step of a
+        # relationship (none where the stores keep nothing and always can)
+        self._checked = any(s.durable or type(s).check_writable is not Store.check_writable
+                            for s in stores.values())
+        self._durable = any(s.durable for s in stores.values())
+        self._background = any(fc.background_copy for fc in self._fcs)
+        # three fresh bitmaps per relationship for its next prepare; a
+        # relationship that refused keeps its own for the next CG
+        self._slots: list = [None] * (3 * len(self._fcs))
+        self._kept = False
 
     @property
     def relationships(self) -> list[FlashCopy]:
@@ -62,6 +79,35 @@ class FlashCopyGroup:
     def __repr__(self) -> str:
         return f"<FlashCopyGroup {self.store.ref} {len(self._fcs)} relationships>"
 
+    def _fresh(self) -> list:
+        """The slots, every one that a prepare took filled again."""
+        if not self._kept:
+            if self._one_size is not None:
+                return self.store.new_bitmaps(self._one_size, 3 * len(self._fcs))
+            out: list = []
+            for fc in self._fcs:
+                out += fc.store.new_bitmaps(fc.source.n_tracks, 3)
+            return out
+        slots = self._slots
+        for i, fc in enumerate(self._fcs):
+            if slots[3 * i] is None:
+                slots[3 * i:3 * i + 3] = fc.store.new_bitmaps(fc.source.n_tracks, 3)
+        return slots
+
+    def _before(self, snapshots: list | None) -> Callable | None:
+        """The callback the kernels call before each relationship's step
+        (under its locks): its store's check, and (stores that keep
+        records) its state as it was, for an undo."""
+        if not self._checked:
+            return None
+        if snapshots is None:
+            return lambda fc: fc.store.check_writable()
+
+        def before(fc: FlashCopy) -> None:
+            fc.store.check_writable()
+            snapshots.append(fc._snapshot())
+        return before
+
     def prepare_all(self, sequence: int, stop_at_failure: bool) -> str | None:
         """Prepare every B->C relationship revertibly with CG ``sequence``
         (write-inhibiting each B), in order; at durability "power"
@@ -69,64 +115,48 @@ class FlashCopyGroup:
         every prepare succeeded, else the last failure (it stops at the first if
         ``stop_at_failure``). The prepared relationships are kept in
         :attr:`prepared` for :meth:`commit_all` / :meth:`revert_all`."""
-        prepared: list[FlashCopy] = []
-        self.prepared = prepared
-        failure = None
-        if self._batched and not faults.armed_at("prepare"):
-            return self._prepare_batched(sequence, stop_at_failure)
-        for fc in self._fcs:
-            try:
-                fc._resync(revertible=True, sequence=sequence)
-                prepared.append(fc)
-            except FastFCError as e:
-                failure = f"prepare of {fc.source.name}: {type(e).__name__}: {e}"
-                if stop_at_failure:
-                    break
-        if self.ordered:   # the prepared bitmaps before the decision
-            self.store.sync(*(bm for fc in prepared
-                              for bm in (fc.to_copy, fc.src_changed, fc.tgt_changed)))
-        return failure
-
-    def _fresh(self, count: int) -> list:
-        """Three empty bitmaps per relationship, for ``count`` of them."""
-        if self._one_size is not None:
-            return self.store.new_bitmaps(self._one_size, 3 * count)
-        out: list = []
-        for fc in self._fcs[:count]:
-            out += self.store.new_bitmaps(fc.source.n_tracks, 3)
-        return out
-
-    def _prepare_batched(self, sequence: int, stop_at_failure: bool) -> str | None:
-        """:meth:`prepare_all` on a store that records nothing: the
-        relationships in one kernel call
-        (:func:`fastfc._core.prepare_revertible_many`); one whose state asks
-        for it goes through ``FlashCopy.resync``, which raises as usual."""
-        check_sequence(sequence)      # as resync does, before anything changes
+        sequence = check_sequence(sequence)     # as resync does, before anything changes
         fcs = self._fcs
         n = len(fcs)
-        fresh = self._fresh(n)
-        unused = []
-        prepared = self.prepared
+        prepared: list[FlashCopy] = []
+        self.prepared = prepared
+        snapshots: list | None = [] if self._durable else None
+        before = self._before(snapshots)
+        slots = self._slots = self._fresh()
+        self._kept = False
         failure = None
+        error: BaseException | None = None
         k = 0
         while k < n:
             start = k
-            k = _core.prepare_revertible_many(fcs, k, sequence, fresh)
+            k, err = _core.prepare_revertible_many(fcs, k, sequence, slots, True, faults.hit,
+                                                   before)
             prepared += fcs[start:k]
-            if k == n:
+            if snapshots is not None:
+                del snapshots[len(prepared):]   # (one taken before a refusal)
+            if err is None:
                 break
-            fc = fcs[k]
-            unused += fresh[3 * k:3 * k + 3]
+            self._kept = True
+            if not isinstance(err, FastFCError):
+                error = err
+                break
+            failure = f"prepare of {fcs[k].source.name}: {type(err).__name__}: {err}"
             k += 1
+            if stop_at_failure:
+                break
+        if k < n:
+            self._kept = True
+        if snapshots is not None and prepared:
             try:
-                fc._resync(revertible=True, sequence=sequence)
-                prepared.append(fc)
+                record_steps(prepared, snapshots)
             except FastFCError as e:
-                failure = f"prepare of {fc.source.name}: {type(e).__name__}: {e}"
-                if stop_at_failure:
-                    unused += fresh[3 * k:]
-                    break
-        self.store.recycle(unused)
+                failure = f"prepare of {prepared[0].source.name}: {type(e).__name__}: {e}"
+                prepared.clear()
+        if error is not None:
+            raise error
+        if self.ordered:   # the prepared bitmaps before the decision
+            self.store.sync(*(bm for fc in prepared
+                              for bm in (fc.to_copy, fc.src_changed, fc.tgt_changed)))
         return failure
 
     def commit_all(self) -> list[str]:
@@ -140,39 +170,43 @@ class FlashCopyGroup:
         return self._finish("revert")
 
     def _finish(self, step: str) -> list[str]:
-        errors = []
-        if self._batched and not faults.armed_at(step):
-            return self._finish_batched(step)
-        for fc in self.prepared:
-            try:
-                fc._end_revertible("commit" if step == "commit" else "revert")
-            except FastFCError as e:
-                errors.append(f"{step} of {fc.source.name}: {type(e).__name__}: {e}")
-        self.prepared = []
-        return errors
-
-    def _finish_batched(self, step: str) -> list[str]:
-        """:meth:`commit_all` / :meth:`revert_all` on a store that records
-        nothing: one kernel call (:func:`fastfc._core.end_revertible_many`);
-        a relationship whose state asks for it goes through
-        ``FlashCopy.commit`` / ``revert``, which raises as usual."""
         fcs = self.prepared
         n = len(fcs)
+        snapshots: list | None = [] if self._durable else None
+        before = self._before(snapshots)
+        commit = step == "commit"
         dropped: list = []
+        done: list[FlashCopy] = []
         errors = []
+        error: BaseException | None = None
         k = 0
         while k < n:
-            k = _core.end_revertible_many(fcs, k, step == "commit", dropped)
-            if k == n:
+            start = k
+            k, err = _core.end_revertible_many(fcs, k, commit, dropped, faults.hit, before)
+            done += fcs[start:k]
+            if snapshots is not None:
+                del snapshots[len(done):]
+            if err is None:
                 break
-            fc = fcs[k]
+            if not isinstance(err, FastFCError):
+                error = err
+                break
+            errors.append(f"{step} of {fcs[k].source.name}: {type(err).__name__}: {err}")
             k += 1
-            try:
-                fc._end_revertible("commit" if step == "commit" else "revert")
-            except FastFCError as e:
-                errors.append(f"{step} of {fc.source.name}: {type(e).__name__}: {e}")
-        self.store.recycle(dropped)
         self.prepared = []
+        if snapshots is not None and done:
+            try:
+                record_steps(done, snapshots)
+            except FastFCError as e:
+                # undone: every one of them is still revertible
+                errors.insert(0, f"{step} of {done[0].source.name}: {type(e).__name__}: {e}")
+                done, dropped = [], []
+        self.store.recycle(dropped)
+        if self._background:
+            for fc in done:
+                fc._start_background()
+        if error is not None:
+            raise error
         return errors
 
 
@@ -210,7 +244,6 @@ class SecondaryGroup:
         links = {id(p.link): p.link for p in self._pairs}
         self._link = links.popitem()[1] if len(links) == 1 else None
         self.flash.set_relationships(self._fcs)
-        self._batched = self.flash._batched
 
     def __repr__(self) -> str:
         return f"<SecondaryGroup {self.store.ref} {len(self.triplets)} triplets>"
@@ -226,67 +259,54 @@ class SecondaryGroup:
     # -- drain -------------------------------------------------------------------
     def drain(self, deadline: Callable[[], bool] | None,
               time_left: Callable[[], float] | None) -> int:
-        """Send every CG track of the group's pairs to their B volumes (at
-        durability "power", in the barrier order of :meth:`_order_drain`, B
-        images synced at the end). Returns the CG's bytes; raises
-        :class:`DrainAborted` past the deadline, or what a link raises."""
-        if (self._batched and not self.ordered and self._link is not None
-                and self._link.direct() and not faults.armed_at("drain")):
-            return self._drain_batched(deadline, time_left)
-        sent = 0
-        ordered = self.ordered
-        for trip in self.triplets:
-            faults.hit("drain", trip.a)
-            if deadline is not None and deadline():
-                raise DrainAborted("drain time limit passed")
-            if ordered:
-                self._order_drain(trip)
-            sent += trip.pair._cg_drain(deadline, time_left)
-        if ordered:   # the CG's B images on the disk before any prepare names them
-            self.store.sync(*(trip.b for trip in self.triplets))
-        return sent
+        """Send every CG track of the group's pairs to their B volumes, in
+        triplet order (at durability "power", each pair after the barriers
+        of :meth:`_order_drain`, B images synced at the end). Returns the
+        CG's bytes; raises :class:`DrainAborted` past the deadline, or what a
+        link raises.
 
-    def _drain_batched(self, deadline: Callable[[], bool] | None,
-                       time_left: Callable[[], float] | None) -> int:
-        """The drain over an in-process link: the pairs' CGs in one kernel
-        call (:func:`fastfc._core.pprc_drain_many`), without the GIL while
-        tracks move, in triplet order. A pair with CG versions in its side
-        file, or whose B stops the kernel, is drained by its own method
-        (``PPRCPair._cg_drain``, which sends them or raises why not) before
-        the kernel goes on with the next pair."""
+        One kernel loop over the pairs (:func:`fastfc._core.pprc_drain_many`,
+        a pair's own CG drain being a batch of one), which calls the
+        ``drain`` fault point (and the ordered drain's barriers) before each
+        pair and moves the tracks without the GIL where the link is in this
+        process. A pair the kernel hands back (CG versions in its side file,
+        B's state, a link that moves no tracks itself or went down) is
+        drained by its own method (``PPRCPair._cg_drain``, which sends them
+        or raises why not) before the loop goes on with the next pair."""
         pairs = self._pairs
         n = len(pairs)
         link = self._link
-        assert link is not None          # drain() checked it
+        direct = link is not None and link.direct()
         owed = []
         for p in pairs:
             assert p.cg is not None      # coordination began the CG of every pair
             owed.append(p.cg)
+        ordered = self.ordered
+        trips = self.triplets
+        before = (lambda k: self._order_drain(trips[k])) if ordered else None
+        run_hook = link.fault_point if link is not None else None
+        down = link.down_flag() if link is not None else None
         sent = 0
-        down = link.down_flag()          # the link failing stops it between pairs
         locks: list = [p._drain_lock for p in pairs]
         tracks: list[int] = []
+        runs: list[int] = []
         k = 0
         try:
             for lk in locks:
                 lk.acquire()
             while k < n:
-                if pairs[k].side:       # collisions B refused: the pair's own path
-                    st = 2
-                else:
-                    left = -1.0 if time_left is None else max(0.0, time_left())
-                    k, st = _core.pprc_drain_many(self._as, self._bs, owed, DIRECT_CHUNK_BYTES,
-                                                  left, k, tracks, down)
+                left = -1.0 if time_left is None else max(0.0, time_left())
+                k, st = _core.pprc_drain_many(self._as, self._bs, owed, DIRECT_CHUNK_BYTES,
+                                              left, k, tracks, down, faults.hit, before,
+                                              run_hook, runs, pairs, direct)
                 if st == 0:
                     break
                 if st == 1:
                     raise DrainAborted("drain time limit passed")
-                p = pairs[k]                 # B's state stopped the kernel
+                p = pairs[k]                 # the pair's own method drains it
                 locks[k].release()
                 locks[k] = None
                 sent += p._cg_drain(deadline, time_left) - p.cg_bytes
-                if len(tracks) == k:         # (not tried by the kernel)
-                    tracks.append(0)
                 k += 1
         finally:
             for lk in locks:
@@ -297,21 +317,22 @@ class SecondaryGroup:
                 nbytes = t * p.primary.track_size
                 p.bytes_sent += nbytes
                 moved += nbytes
-            link.account(moved, len(tracks))
+            if link is not None and moved:
+                link.account(moved, sum(runs))
         for p in pairs:
             sent += p.cg_bytes
             if p.side:       # collisions while the kernel ran that B refused
                 sent += p._send_side_file()
+        if ordered:   # the CG's B images on the disk before any prepare names them
+            self.store.sync(*(trip.b for trip in self.triplets))
         return sent + moved
 
     def end_drain(self, ok: bool) -> None:
-        """Close the CG of every pair (a failed drain gives its tracks back
-        to the out-of-sync bitmaps)."""
-        if ok and self._batched:
-            _core.cg_end_many(self._as, self._pairs)
-            return
-        for trip in self.triplets:
-            trip.pair._cg_end(ok)
+        """Close the CG of every pair, in one kernel call
+        (:func:`fastfc._core.cg_end_many`; a pair's own ``_cg_end`` is a
+        batch of one): a failed drain gives its tracks back to the
+        out-of-sync bitmaps."""
+        _core.cg_end_many(self._as, self._pairs, ok)
 
     def _order_drain(self, trip: Triplet) -> None:
         """Durability "power", before B takes its share of the CG: the CG's

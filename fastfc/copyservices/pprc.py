@@ -320,7 +320,8 @@ class PPRCPair(_core.MirrorBase):
         A, ts = self.primary, self.primary.track_size
         if self.link.direct() and not self.ordered_drain:
             try:
-                done, _ = _core.pprc_copy_tracks(A, self.secondary, self.cg, t0, t1 - t0, t1)
+                done, _ = _core.pprc_copy_tracks(A, self.secondary, self.cg, t0, t1 - t0, t1,
+                                                 self.link.fault_point)
             except FastFCError:
                 pass  # B refused it: keep the CG version instead
             else:
@@ -379,7 +380,7 @@ class PPRCPair(_core.MirrorBase):
                         stop = min(n, a + k)     # the tracks this call may send
                         self._order_send(bitmap, a, stop)
                     done, resume = _core.pprc_copy_tracks(
-                        A, self.secondary, bitmap, a, k, stop)
+                        A, self.secondary, bitmap, a, k, stop, self.link.fault_point)
                     self.link.account(done * ts, 1)
                     self._cursor = resume if resume < n else 0
                 else:
@@ -443,14 +444,21 @@ class PPRCPair(_core.MirrorBase):
             # a session drains a pair between coordination and _cg_end: a CG is open
             assert self.cg is not None
             if self.link.direct():
-                # in-process link: the whole CG in one kernel call, without the GIL
+                # in-process link: the whole CG in one kernel call, without the
+                # GIL (a secondary group's drain of one pair)
                 left = -1.0 if time_left is None else max(0.0, time_left())
                 ts = self.primary.track_size
-                tracks, status = _core.pprc_drain(self.primary, self.secondary, self.cg,
-                                                  max(1, DIRECT_CHUNK_BYTES // ts), left)
-                self.link.account(tracks * ts, 1)
-                self.bytes_sent += tracks * ts
-                sent += tracks * ts
+                tracks: list[int] = []
+                runs: list[int] = []
+                try:
+                    _, status = _core.pprc_drain_many(
+                        [self.primary], [self.secondary], [self.cg], DIRECT_CHUNK_BYTES, left,
+                        0, tracks, run_hook=self.link.fault_point, runs=runs)
+                finally:
+                    nbytes = sum(tracks) * ts
+                    self.link.account(nbytes, sum(runs))
+                    self.bytes_sent += nbytes
+                    sent += nbytes
                 if status == 1:
                     raise DrainAborted("drain time limit passed")
                 # status 2: B changed state; the per-update path says why
@@ -478,18 +486,8 @@ class PPRCPair(_core.MirrorBase):
     def _cg_end(self, ok: bool) -> None:
         """Close the CG. A failed drain gives its tracks back to OOS, to be
         sent with their current content later."""
-        with locked((self.primary,)):
-            cg = self.cg
-            if cg is None:
-                return
-            if not ok:
-                self.oos.or_(cg)
-                for t in self.side:
-                    self.oos.set(t)
-                cg.fill(False)
-            self.side = {}
-            self.cg_bytes = 0
-            self.spare, self.cg = cg, None
+        # (a secondary group's end of the CG of one pair)
+        _core.cg_end_many([self.primary], [self], ok)
 
     # -- lifecycle [pausepprc, resumepprc, failoverpprc, failbackpprc, rmpprc] ----
     def suspend(self, reason: str = "host") -> None:

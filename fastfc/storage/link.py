@@ -55,6 +55,13 @@ class Link(ABC):
     def account(self, nbytes: int, sends: int) -> None:
         """Count bytes a pair moved directly (see :meth:`direct`)."""
 
+    def fault_point(self, key: object = None) -> None:
+        """The link's fault point, reached before every send and, where the
+        pair moves tracks directly (:meth:`direct`), by the kernel before
+        each run it moves, as a send: an injected fault there takes the link
+        down and raises :class:`~fastfc.errors.LinkDownError`. ``key`` (the
+        primary volume) selects the fault. Nothing by default."""
+
     def down_flag(self) -> _core.TrackBitmap | None:
         """A one-bit bitmap whose bit is set while the link is down, for a
         kernel that moves tracks of many pairs directly without the GIL to
@@ -99,8 +106,10 @@ class LocalLink(Link):
 
     def direct(self) -> bool:
         # a subclass that overrides send() wants every update to go through it
+        # (an injected link fault does not change this: the kernels that move
+        # tracks directly reach the link's fault point before each run)
         return (self._up and not self.bandwidth and not self.latency
-                and type(self).send is LocalLink.send and not faults.armed_at("link"))
+                and type(self).send is LocalLink.send)
 
     def account(self, nbytes: int, sends: int) -> None:
         with self._lock:
@@ -118,13 +127,16 @@ class LocalLink(Link):
         self._up = True
         self._down.clear(0)
 
-    def send(self, secondary: _core.VolumeBase, offset: int, data: Any, *,
-             key: object = None) -> None:
+    def fault_point(self, key: object = None) -> None:
         try:
             faults.hit("link", key)
         except Exception:
             self.fail()
             raise LinkDownError(f"{self.name} failed (injected) during a send") from None
+
+    def send(self, secondary: _core.VolumeBase, offset: int, data: Any, *,
+             key: object = None) -> None:
+        self.fault_point(key)
         if not self._up:
             raise LinkDownError(f"{self.name} is down")
         nbytes = len(data)

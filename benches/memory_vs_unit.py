@@ -1,0 +1,104 @@
+"""CG/s of one Global Mirror session in memory and on storage units in
+tmpfs, in this interpreter's fastfc: the ratio a unit's CG path costs.
+
+``python -m benches.memory_vs_unit CASE SECONDS`` prints one JSON line:
+CGs per second and RPO p99 of a session forming CGs back to back under two
+writers of 4 KiB random writes paced at 200 MB/s in all. CASE is one of
+
+- ``mem16``: 16 triplets x 64 MiB in memory, 4 KiB tracks;
+- ``unit16``: the same on two storage units in /dev/shm (A in one, B and C
+  in the other) at durability "process", every volume written whole first;
+- ``mem64``: 64 triplets x 64 MiB in memory, 64 KiB tracks.
+
+Run it under two checkouts' interpreters, alternating, and compare ratios
+measured in the same run (the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from fastfc import GlobalMirror, StorageUnit, Volume
+from fastfc.tools.testing import run_under_writers
+
+MIB = 1 << 20
+
+
+def _figures(gm, trips, seconds: float) -> dict:
+    writers, elapsed = run_under_writers(gm, [t[0] for t in trips], seconds, threads=2,
+                                         seed=1, io_size=4096, pace=200e6)
+    st = gm.stats
+    ph = st.phase_percentiles()
+    return {"cgs_per_s": st.successes / elapsed, "rpo_p99_ms": ph["rpo"]["p99"] * 1e3,
+            "flash_p50_ms": ph["flashcopy"]["p50"] * 1e3,
+            "drain_p50_ms": ph["drain"]["p50"] * 1e3,
+            "write_mb_s": writers.bytes / elapsed / 1e6, "attempts": st.attempts}
+
+
+def memory(n: int, track: int, seconds: float) -> dict:
+    nt = 64 * MIB // track
+    data = np.random.default_rng(7).integers(0, 256, 64 * MIB, dtype=np.uint8)
+    trips = []
+    for i in range(n):
+        a, b, c = (Volume(nt, track, name=f"{r}{i}") for r in "ABC")
+        a._raw_array()[:] = data
+        b._raw_array()[:] = data
+        trips.append((a, b, c))
+    gm = GlobalMirror(trips, cg_interval=0.0, initial_copy=False)
+    try:
+        return _figures(gm, trips, seconds)
+    finally:
+        gm.close(discard=True)
+        for t in trips:
+            for v in t:
+                v.close()
+
+
+def units(n: int, seconds: float) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="fastfc-mvu-", dir="/dev/shm"))
+    try:
+        track = 4096
+        nt = 64 * MIB // track
+        data = np.random.default_rng(7).integers(0, 256, 64 * MIB, dtype=np.uint8)
+        with StorageUnit(root / "prim") as p, StorageUnit(root / "sec") as s:
+            for i in range(n):
+                for unit, name in ((p, f"A{i}"), (s, f"B{i}"), (s, f"C{i}")):
+                    unit.create_volume(name, nt, track)._raw_array()[:] = data
+        p = StorageUnit(root / "prim", durability="process")
+        s = StorageUnit(root / "sec", durability="process")
+        try:
+            trips = [(p.volume(f"A{i}"), s.volume(f"B{i}"), s.volume(f"C{i}")) for i in range(n)]
+            gm = GlobalMirror(trips, cg_interval=0.0, initial_copy=False)
+            try:
+                return _figures(gm, trips, seconds)
+            finally:
+                gm.close(discard=True)
+        finally:
+            p.close()
+            s.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    case, seconds = argv[0], float(argv[1])
+    if case == "mem16":
+        out = memory(16, 4096, seconds)
+    elif case == "unit16":
+        out = units(16, seconds)
+    elif case == "mem64":
+        out = memory(64, 65536, seconds)
+    else:
+        raise SystemExit(f"unknown case {case!r}: mem16, unit16 or mem64")
+    print(json.dumps({"case": case, **out}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
