@@ -47,9 +47,6 @@ import numpy as np
 from fastfc import GlobalMirror, GMState, StorageUnit, faults
 from fastfc.tools.testing import RandomWriters
 
-sys.path.insert(0, str(Path(__file__).parent))
-import batched_saves  # noqa: E402
-
 N_TRIPLETS = 3
 N_TRACKS = 32
 TRACK = 4096
@@ -63,8 +60,6 @@ THEN = ("loop", "recover", "close")
 # -- helpers shared with the parent --------------------------------------------
 # the units' durability level (the kill-anywhere guarantee holds at both)
 DURABILITY = os.environ.get("FASTFC_CRASH_DURABILITY", "process")
-# each group's FlashCopy step recorded as one batch (tests/batched_saves.py)
-BATCHED = os.environ.get("FASTFC_CRASH_BATCHED", "1") == "1"
 
 def unit_dirs(root: Path) -> tuple[Path, Path]:
     return root / "primary", root / "secondary"
@@ -161,8 +156,6 @@ def main(argv=None) -> int:
     ap.add_argument("--run-for", type=float, default=0.3)
     args = ap.parse_args(argv)
     root = args.root
-    if BATCHED:
-        batched_saves.install()
 
     if not (root / "ready").exists():
         create(root, args.seed)

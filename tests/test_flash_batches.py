@@ -6,14 +6,14 @@ The model: the same operations recorded batch by batch in one store and
 record by record (``save_flash``) in another must read back the same rows,
 while both are open (read-only view), after a kill (a copy of the files as
 the page cache holds them) and after a clean close. Then a session on units:
-its groups' steps recorded as batches (``tests/batched_saves.py``) reopen
-to the same relationships as the same session recorded per relationship.
+its groups' steps recorded as batches (as the CG path records them) reopen
+to the same relationships as the same session recorded per relationship
+(``Store.save_flashes``'s plain loop over ``save_flash``).
 """
 
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +23,8 @@ from hypothesis import strategies as st
 
 from fastfc import FlashCopy, GlobalMirror, StorageUnit, faults
 from fastfc.durable.sqlite import SQLiteStore
+from fastfc.storage.store import Store
 
-sys.path.insert(0, str(Path(__file__).parent))
-import batched_saves  # noqa: E402
 
 N_RELS = 5
 N_MAPS = 10
@@ -237,7 +236,6 @@ def test_a_session_step_is_a_handful_of_statements_whatever_its_size(tmp_path, m
     """With the groups' steps recorded as batches, a CG on units at
     durability "process" makes the same number of SQL statements at 2 and
     at 12 triplets."""
-    batched_saves.install(monkeypatch)
     counts = []
     for n in (2, 12):
         u1, u2 = StorageUnit(tmp_path / f"p{n}"), StorageUnit(tmp_path / f"s{n}")
@@ -267,8 +265,8 @@ def _session_run(root: Path, batched: bool, monkeypatch) -> dict:
     (a prepare fails), killed (its files copied while open) and reopened:
     what the reopened secondary unit holds."""
     with monkeypatch.context() as m:
-        if batched:
-            batched_saves.install(m)
+        if not batched:     # each relationship's row saved by itself
+            m.setattr(SQLiteStore, "save_flashes", Store.save_flashes)
         (root / "run").mkdir()
         u1, u2 = StorageUnit(root / "run" / "p"), StorageUnit(root / "run" / "s")
         rng = np.random.default_rng(5)
@@ -303,8 +301,6 @@ def _session_run(root: Path, batched: bool, monkeypatch) -> dict:
 
 def test_a_session_recorded_in_batches_reopens_as_one_recorded_row_by_row(tmp_path,
                                                                           monkeypatch):
-    if not batched_saves.needed():
-        pytest.skip("the CG path records batches itself: both runs would be batched")
     (tmp_path / "single").mkdir()
     (tmp_path / "batched").mkdir()
     single = _session_run(tmp_path / "single", False, monkeypatch)
