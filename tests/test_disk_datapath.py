@@ -263,3 +263,39 @@ def test_a_small_host_write_to_a_disk_volume_dirties_only_its_pages(disk_dir):
     dirtied = _dirtied_bytes() - before
     assert dirtied <= 2 * 64 * 4096, f"{dirtied} bytes dirtied by 64 writes of 4 KiB"
     u.close()
+
+
+def _rchar() -> int:
+    """Bytes this thread has read with syscalls (reading this file adds its
+    own few hundred)."""
+    with open("/proc/thread-self/io") as f:
+        return int(next(ln for ln in f if ln.startswith("rchar")).split()[1])
+
+
+def test_large_reads_of_a_disk_volume_go_through_the_file(disk_dir):
+    """The mapping of a disk volume reads no ahead, so a large host read
+    takes the file's read path (batched I/O for uncached pages): what it
+    returns is what stores through the mapping and pwrite landed, also when
+    the pages were dropped from the cache; a small read stays a copy."""
+    u = StorageUnit(disk_dir / "r")
+    v = u.create_volume("V", 256, 4096)
+    data = rand(v.capacity, 6)
+    v.write(0, data)                               # stores through the mapping
+    before = _rchar()
+    assert np.array_equal(v.read(0, v.capacity), data)
+    assert _rchar() - before >= v.capacity         # read from the file
+    v.flush()
+    fd = _fd_of(v.path)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)      # cold cache
+    assert np.array_equal(v.read(4096 * 3, 200 * 4096), data[4096 * 3:4096 * 203])
+    small = rand(100, 7)
+    v.write(5000, small)
+    out = np.empty(65536, np.uint8)
+    v.readinto(0, out)
+    assert np.array_equal(out[5000:5100], small)
+    before = _rchar()
+    assert np.array_equal(v.read(5000, 100), small)
+    assert _rchar() - before < 4096                # a small read copies
+    got = v.read_batch([0, 65536 * 2], 65536)
+    assert np.array_equal(got[1], data[65536 * 2:65536 * 3])
+    u.close()
