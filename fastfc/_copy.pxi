@@ -274,6 +274,28 @@ cdef int pwrite_all(int fd, const uint8_t* buf, Py_ssize_t n, off_t off) noexcep
     return 0
 
 
+cdef extern from "<unistd.h>" nogil:
+    ssize_t pread(int fd, void* buf, size_t count, off_t offset)
+
+
+cdef int pread_all(int fd, uint8_t* buf, Py_ssize_t n, off_t off) noexcept nogil:
+    """Read ``n`` bytes at ``off`` of ``fd`` (retrying short reads and EINTR).
+    Returns 0, or the errno of the failure (EIO for a read past the end)."""
+    cdef ssize_t got
+    while n > 0:
+        got = pread(fd, buf, <size_t>n, off)
+        if got < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        if got == 0:
+            return EIO
+        buf += got
+        off += got
+        n -= got
+    return 0
+
+
 cdef int put_changed_pages(int fd, const uint8_t* cur, const uint8_t* src, Py_ssize_t n,
                            off_t off) noexcept nogil:
     """Make the file bytes ``[off, off + n)`` of ``fd`` (mapped at ``cur``)

@@ -551,7 +551,7 @@ cdef class VolumeBase:
         cdef VolumeBase S = None
         cdef Py_ssize_t t0, t1
         cdef const uint64_t* w
-        cdef int shift = self.track_shift
+        cdef int shift = self.track_shift, err = 0
         self._check_range(offset, n)
         tr = self._lock_io()
         if tr is not None:
@@ -584,6 +584,15 @@ cdef class VolumeBase:
                         copy_redirected(dst, self.base, S.base, w, offset, n, shift)
                 else:
                     copy_redirected(dst, self.base, S.base, w, offset, n, shift)
+            elif n >= NOGIL_BYTES and self._file_backed and self._fd >= 0:
+                # a volume on a disk: a large read goes through the file, so
+                # that uncached pages come in batched I/O (the mapping is
+                # advised random: its faults read one page at a time)
+                with nogil:
+                    err = pread_all(self._fd, dst, n, offset)
+                if err:
+                    raise OSError(err, f"reading {n} bytes at {offset} of {self!r}: "
+                                       f"{os.strerror(err)}")
             elif n >= NOGIL_BYTES:
                 with nogil:
                     memcpy(dst, self.base + offset, n)

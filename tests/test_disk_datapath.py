@@ -207,3 +207,95 @@ def test_host_writes_on_disk_release_the_gil_and_keep_cow_order(disk_dir):
     assert np.array_equal(image(S), want)
     assert fc.src_changed.count() == 8
     u.close()
+
+
+def _vm_flags(array: np.ndarray) -> list[str]:
+    """The kernel's VmFlags of the mapping that holds ``array``'s first byte."""
+    addr = array.__array_interface__["data"][0]
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    raise AssertionError("no mapping holds the volume")
+
+
+def _dirtied_bytes() -> int:
+    """Bytes this thread has dirtied in the page cache (task I/O accounting)."""
+    with open("/proc/thread-self/io") as f:
+        return int(next(ln for ln in f if ln.startswith("write_bytes")).split()[1])
+
+
+def test_a_volume_on_a_disk_faults_without_read_ahead(disk_dir, tmp_path):
+    """A disk volume's mapping is advised random (VmFlags ``rr``), so its
+    faults build single-page folios; a volume in memory is not a mapping."""
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("no /proc/self/smaps")
+    u = StorageUnit(disk_dir / "m")
+    v = u.create_volume("V", 64, 4096)
+    assert "rr" in _vm_flags(np.asarray(v.array))
+    u.close()
+    u = StorageUnit(disk_dir / "m")          # reopened: advised again
+    assert "rr" in _vm_flags(np.asarray(u.volume("V").array))
+    u.close()
+
+
+def test_a_small_host_write_to_a_disk_volume_dirties_only_its_pages(disk_dir):
+    """After a volume on a disk was written whole and flushed (its pages
+    clean, as writeback leaves them), each 4 KiB host store into a clean page
+    dirties about that page in the page cache, not the large folio a
+    read-ahead fault would have built around it (up to 2 MiB on ext4, all
+    of it written back)."""
+    if not os.path.exists("/proc/thread-self/io"):
+        pytest.skip("no per-task I/O accounting")
+    u = StorageUnit(disk_dir / "d")
+    v = u.create_volume("V", 16384, 4096)         # 64 MiB: read-ahead ramps up
+    v.write(0, rand(v.capacity, 3))               # faults the whole file in
+    v.flush()                                     # every page clean again
+    pages = np.random.default_rng(4).choice(v.n_tracks, 64, replace=False)
+    before = _dirtied_bytes()
+    for k, t in enumerate(pages):
+        v.write(int(t) * 4096, rand(4096, 100 + k))
+    dirtied = _dirtied_bytes() - before
+    assert dirtied <= 2 * 64 * 4096, f"{dirtied} bytes dirtied by 64 writes of 4 KiB"
+    u.close()
+
+
+def _rchar() -> int:
+    """Bytes this thread has read with syscalls (reading this file adds its
+    own few hundred)."""
+    with open("/proc/thread-self/io") as f:
+        return int(next(ln for ln in f if ln.startswith("rchar")).split()[1])
+
+
+def test_large_reads_of_a_disk_volume_go_through_the_file(disk_dir):
+    """The mapping of a disk volume reads no ahead, so a large host read
+    takes the file's read path (batched I/O for uncached pages): what it
+    returns is what stores through the mapping and pwrite landed, also when
+    the pages were dropped from the cache; a small read stays a copy."""
+    u = StorageUnit(disk_dir / "r")
+    v = u.create_volume("V", 256, 4096)
+    data = rand(v.capacity, 6)
+    v.write(0, data)                               # stores through the mapping
+    before = _rchar()
+    assert np.array_equal(v.read(0, v.capacity), data)
+    assert _rchar() - before >= v.capacity         # read from the file
+    v.flush()
+    fd = _fd_of(v.path)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)      # cold cache
+    assert np.array_equal(v.read(4096 * 3, 200 * 4096), data[4096 * 3:4096 * 203])
+    small = rand(100, 7)
+    v.write(5000, small)
+    out = np.empty(65536, np.uint8)
+    v.readinto(0, out)
+    assert np.array_equal(out[5000:5100], small)
+    before = _rchar()
+    assert np.array_equal(v.read(5000, 100), small)
+    assert _rchar() - before < 4096                # a small read copies
+    got = v.read_batch([0, 65536 * 2], 65536)
+    assert np.array_equal(got[1], data[65536 * 2:65536 * 3])
+    u.close()

@@ -120,6 +120,8 @@ class Volume(_core.VolumeBase):
                 os.close(fd)
                 raise
             self._mm = mm
+            if on_disk:
+                _page_sized_cache(mm, fd)
             if not (thin or on_disk):
                 os.close(fd)   # the mapping holds its own reference to the file
         # PPRC updates then write only the 4 KiB pages that change (with
@@ -272,6 +274,25 @@ def _map_file(path: Path, n_tracks: int, track_size: int, thin: bool) -> tuple[m
         path.unlink(missing_ok=True)
         raise
     return mm, fd
+
+
+def _page_sized_cache(mm: mmap.mmap, fd: int) -> None:
+    """Keep the page cache of a volume file on a disk in 4 KiB folios.
+
+    The kernel builds large folios (up to 2 MiB) for a file that is read
+    ahead, and a mapping's faults read ahead. On ext4 a store into a clean
+    page of a large folio then write-faults the whole folio
+    (``page_mkwrite`` walks and dirties every block of it), and writeback
+    writes all of it: a 4 KiB host write costs the disk up to 2 MiB, and a
+    4 KiB ``pwrite`` into such a folio walks its 512 block heads twice.
+    Faults without read-ahead (``MADV_RANDOM``) and reads without it
+    (``POSIX_FADV_RANDOM``) create single pages, so a write costs what it
+    writes. Best effort: a system without the advice keeps its default."""
+    try:
+        mm.madvise(mmap.MADV_RANDOM)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    except (AttributeError, OSError):
+        pass
 
 
 def _allocated_tracks(fd: int, n_tracks: int, track_size: int,
