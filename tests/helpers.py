@@ -46,7 +46,7 @@ def held_unit(path, readonly: bool = False, hold: float | None = None):
 def one_at_a_time(gm) -> None:
     """Make every secondary group of session ``gm`` run each pair's and
     relationship's own method, one after another in triplet order, as
-    batches of one (``PPRCPair._cg_drain`` / ``_cg_end``,
+    batches of one (``PPRCPair.cg_drain`` / ``_cg_end``,
     ``FlashCopy._resync`` / ``_end_revertible``), with the fault points hit
     between them: the reference a group's one loop over them all must equal
     (results, bitmaps, sequence numbers, side files and every byte)."""
@@ -62,7 +62,7 @@ def one_at_a_time(gm) -> None:
                 faults.hit("drain", trip.a)
                 if deadline is not None and deadline():
                     raise DrainAborted("drain time limit passed")
-                sent += trip.pair._cg_drain(deadline, time_left)
+                sent += trip.pair.cg_drain(deadline, time_left)
             return sent
 
         def end_drain(ok, group=group):

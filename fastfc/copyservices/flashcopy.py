@@ -106,7 +106,7 @@ class FlashCopy(_core.RelationshipBase):
         with locked((source, target)):
             _check_can_establish([self])
             self._install()
-        self._start_background()
+        self.start_background()
 
     # -- establish ----------------------------------------------------------
     def _configure(self, source, target, *, background_copy, record, persistent,
@@ -212,7 +212,7 @@ class FlashCopy(_core.RelationshipBase):
         source._rels_version += 1
         target._tgt_rel = fc
         if not fc._store.readonly:   # a read-only unit only looks
-            fc._start_background()
+            fc.start_background()
         return fc
 
     @property
@@ -321,7 +321,7 @@ class FlashCopy(_core.RelationshipBase):
                 self._unlink()
                 self._done.set()
 
-    def _start_background(self) -> None:
+    def start_background(self) -> None:
         if not (self.background_copy and self.active and not self.revertible):
             return
         with self._bg_lock:
@@ -503,7 +503,7 @@ class FlashCopy(_core.RelationshipBase):
             if k == 1:
                 break
             fresh = store.new_bitmaps(self.source.n_tracks, 3)   # (it became able meanwhile)
-        self._start_background()
+        self.start_background()
 
     def _step_hooks(self) -> tuple:
         """The callbacks of a step of this relationship alone: before it
@@ -516,7 +516,7 @@ class FlashCopy(_core.RelationshipBase):
 
         def before(rel: "FlashCopy") -> None:
             store.check_writable()
-            snap.append(rel._snapshot())
+            snap.append(rel.step_state())
 
         def after(rel: "FlashCopy") -> None:
             rel._save_or_undo(snap[-1])
@@ -549,7 +549,7 @@ class FlashCopy(_core.RelationshipBase):
         if err is not None:
             raise err
         self._store.recycle(dropped)
-        self._start_background()
+        self.start_background()
 
     # -- reverse restore and withdraw ---------------------------------------
     def reverse_restore(self) -> int:
@@ -668,13 +668,13 @@ class FlashCopy(_core.RelationshipBase):
         if store.durable:
             self._store_id = store.save_flash(self.to_record())
 
-    def _snapshot(self) -> tuple:
-        """What a step changes, as it is (for :meth:`_restore`)."""
+    def step_state(self) -> tuple:
+        """What a step changes, as it is (for :meth:`undo_step`)."""
         return (self.to_copy, self.src_changed, self.tgt_changed, self.sequence,
                 self._revert_image, self.revertible, self._cursor)
 
-    def _restore(self, before: tuple) -> None:
-        """Put back the state ``before`` (from :meth:`_snapshot`): a step
+    def undo_step(self, before: tuple) -> None:
+        """Put back the state ``before`` (from :meth:`step_state`): a step
         undone. The source's write-inhibit follows. Locks held."""
         revertible = self.revertible
         (self.to_copy, self.src_changed, self.tgt_changed, self.sequence,
@@ -684,12 +684,12 @@ class FlashCopy(_core.RelationshipBase):
 
     def _save_or_undo(self, before: tuple) -> None:
         """Save the relationship; if the store fails, put back the state
-        ``before`` (from :meth:`_snapshot`), so that memory never holds what
+        ``before`` (from :meth:`step_state`), so that memory never holds what
         the store does not."""
         try:
             self._save()
         except BaseException:
-            self._restore(before)
+            self.undo_step(before)
             raise
 
     # -- checks ---------------------------------------------------------------
@@ -714,7 +714,7 @@ def record_steps(fcs: Sequence[FlashCopy], snapshots: Sequence[tuple]) -> None:
     consistency group's prepares, commits or reverts at one store): one
     ``save_flashes`` call per store. If a store refuses, every one of them
     is put back as it was before the step (``snapshots``: each one's
-    :meth:`FlashCopy._snapshot`, taken under its locks by the step) and the
+    :meth:`FlashCopy.step_state`, taken under its locks by the step) and the
     store's exception propagates: memory never holds what the store does
     not. A store that keeps nothing is not called."""
     by_store: dict[int, list[int]] = {}
@@ -734,7 +734,7 @@ def record_steps(fcs: Sequence[FlashCopy], snapshots: Sequence[tuple]) -> None:
         for i, fc in enumerate(fcs):
             if i not in done:
                 with locked((fc.source, fc.target)):
-                    fc._restore(snapshots[i])
+                    fc.undo_step(snapshots[i])
         raise
 
 
@@ -789,7 +789,7 @@ def establish_group(pairs: Sequence[tuple[Volume, Volume]], **options) -> list[F
         for r in rels:
             r._install()
     for r in rels:
-        r._start_background()
+        r.start_background()
     return rels
 
 

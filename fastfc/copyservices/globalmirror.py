@@ -449,7 +449,6 @@ class GlobalMirror:
                 injected.append(e)
                 raise
 
-        before = fault_point if faults.armed_at("coordinate") else None
         after = None
         if self.on_coordinate is not None:
             on_coordinate, seq = self.on_coordinate, res.sequence
@@ -457,7 +456,7 @@ class GlobalMirror:
         try:
             status, seconds = _core.coordinate_pairs(self._primaries, pairs,
                                                      self.max_coordination_time,
-                                                     before, after)
+                                                     fault_point, after)
         except FastFCError as e:
             if not injected or e is not injected[0]:
                 raise

@@ -105,7 +105,7 @@ class FlashCopyGroup:
 
         def before(fc: FlashCopy) -> None:
             fc.store.check_writable()
-            snapshots.append(fc._snapshot())
+            snapshots.append(fc.step_state())
         return before
 
     def prepare_all(self, sequence: int, stop_at_failure: bool) -> str | None:
@@ -204,7 +204,7 @@ class FlashCopyGroup:
         self.store.recycle(dropped)
         if self._background:
             for fc in done:
-                fc._start_background()
+                fc.start_background()
         if error is not None:
             raise error
         return errors
@@ -271,7 +271,7 @@ class SecondaryGroup:
         pair and moves the tracks without the GIL where the link is in this
         process. A pair the kernel hands back (CG versions in its side file,
         B's state, a link that moves no tracks itself or went down) is
-        drained by its own method (``PPRCPair._cg_drain``, which sends them
+        drained by its own method (``PPRCPair.cg_drain``, which sends them
         or raises why not) before the loop goes on with the next pair."""
         pairs = self._pairs
         n = len(pairs)
@@ -287,7 +287,7 @@ class SecondaryGroup:
         run_hook = link.fault_point if link is not None else None
         down = link.down_flag() if link is not None else None
         sent = 0
-        locks: list = [p._drain_lock for p in pairs]
+        locks: list = [p.drain_lock for p in pairs]
         tracks: list[int] = []
         runs: list[int] = []
         k = 0
@@ -306,7 +306,7 @@ class SecondaryGroup:
                 p = pairs[k]                 # the pair's own method drains it
                 locks[k].release()
                 locks[k] = None
-                sent += p._cg_drain(deadline, time_left) - p.cg_bytes
+                sent += p.cg_drain(deadline, time_left) - p.cg_bytes
                 k += 1
         finally:
             for lk in locks:
@@ -322,7 +322,7 @@ class SecondaryGroup:
         for p in pairs:
             sent += p.cg_bytes
             if p.side:       # collisions while the kernel ran that B refused
-                sent += p._send_side_file()
+                sent += p.send_side_file()
         if ordered:   # the CG's B images on the disk before any prepare names them
             self.store.sync(*(trip.b for trip in self.triplets))
         return sent + moved

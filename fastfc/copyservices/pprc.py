@@ -180,7 +180,7 @@ class PPRCPair(_core.MirrorBase):
         self._reverse_hook: _core.MirrorBase | None = None
         # B's record of the failover (record_failover), kept by B's store
         self._failover_record: dict[str, Any] | None = None
-        self._drain_lock = threading.Lock()
+        self.drain_lock = threading.Lock()
         self._cursor = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -423,7 +423,7 @@ class PPRCPair(_core.MirrorBase):
         self.primary.store.check_writable()
         if self.suspend_reason is not None:
             return 0
-        with self._drain_lock:
+        with self.drain_lock:
             try:
                 return self._send_runs(self.oos, max_bytes or (1 << 62),
                                        ordered=self.ordered_drain)
@@ -434,13 +434,13 @@ class PPRCPair(_core.MirrorBase):
                 return 0
 
     # -- consistency groups (driven by a Global Mirror session) ----------------
-    def _cg_drain(self, deadline: Callable[[], bool] | None = None,
+    def cg_drain(self, deadline: Callable[[], bool] | None = None,
                   time_left: Callable[[], float] | None = None) -> int:
         """Send the CG: side-file versions first, then the CG bitmap's tracks.
         Raises on a link failure or when ``deadline()`` turns true. Returns
         the CG's bytes, those that collisions sent early included."""
-        with self._drain_lock:
-            sent = self._send_side_file()
+        with self.drain_lock:
+            sent = self.send_side_file()
             # a session drains a pair between coordination and _cg_end: a CG is open
             assert self.cg is not None
             if self.link.direct():
@@ -465,10 +465,10 @@ class PPRCPair(_core.MirrorBase):
             sent += self._send_runs(self.cg, 1 << 62, deadline)
             # collisions during the runs saved more CG versions; once the CG
             # bitmap is empty no new collision can happen
-            sent += self._send_side_file()
+            sent += self.send_side_file()
         return sent + self.cg_bytes
 
-    def _send_side_file(self) -> int:
+    def send_side_file(self) -> int:
         A, ts = self.primary, self.primary.track_size
         sent = 0
         while self.side:
