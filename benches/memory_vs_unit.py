@@ -8,6 +8,8 @@ writers of 4 KiB random writes paced at 200 MB/s in all. CASE is one of
 - ``mem16``: 16 triplets x 64 MiB in memory, 4 KiB tracks;
 - ``unit16``: the same on two storage units in /dev/shm (A in one, B and C
   in the other) at durability "process", every volume written whole first;
+- ``unit16disk``: ``unit16`` with the units on the disk (``/var/tmp``), the
+  files synced before the run (clean pages, as a unit in use has);
 - ``mem64``: 64 triplets x 64 MiB in memory, 64 KiB tracks.
 
 Run it under two checkouts' interpreters, alternating, and compare ratios
@@ -17,6 +19,7 @@ measured in the same run (the machine is shared and noisy).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -60,8 +63,8 @@ def memory(n: int, track: int, seconds: float) -> dict:
                 v.close()
 
 
-def units(n: int, seconds: float) -> dict:
-    root = Path(tempfile.mkdtemp(prefix="fastfc-mvu-", dir="/dev/shm"))
+def units(n: int, seconds: float, where: str = "/dev/shm") -> dict:
+    root = Path(tempfile.mkdtemp(prefix="fastfc-mvu-", dir=where))
     try:
         track = 4096
         nt = 64 * MIB // track
@@ -70,6 +73,7 @@ def units(n: int, seconds: float) -> dict:
             for i in range(n):
                 for unit, name in ((p, f"A{i}"), (s, f"B{i}"), (s, f"C{i}")):
                     unit.create_volume(name, nt, track)._raw_array()[:] = data
+        os.sync()
         p = StorageUnit(root / "prim", durability="process")
         s = StorageUnit(root / "sec", durability="process")
         try:
@@ -92,10 +96,12 @@ def main(argv: list[str]) -> int:
         out = memory(16, 4096, seconds)
     elif case == "unit16":
         out = units(16, seconds)
+    elif case == "unit16disk":
+        out = units(16, seconds, "/var/tmp")
     elif case == "mem64":
         out = memory(64, 65536, seconds)
     else:
-        raise SystemExit(f"unknown case {case!r}: mem16, unit16 or mem64")
+        raise SystemExit(f"unknown case {case!r}: mem16, unit16, unit16disk or mem64")
     print(json.dumps({"case": case, **out}))
     return 0
 
