@@ -381,7 +381,7 @@ def end_revertible_many(list rels, Py_ssize_t start, bint commit, list dropped,
 
 def cg_end_many(list primaries, list hooks, bint ok=True):
     """Close the consistency group of every mirror hook, each under its
-    primary's lock (``PPRCPair._cg_end`` is a batch of one): a failed drain
+    primary's lock (``PPRCPair.cg_end`` is a batch of one): a failed drain
     (``ok`` false) gives the CG's tracks back to the out-of-sync bitmap; the
     emptied CG bitmap becomes the spare, no CG is in flight."""
     cdef Py_ssize_t k, n = len(hooks)

@@ -30,7 +30,7 @@ Variants (scratch monkeypatches, measurement only):
 
 Per run it records the GM thread's minor faults / context switches per CG
 (getrusage(RUSAGE_THREAD) in on_result), time inside the protocol's steps
-(wrapped: resync, commit, SQL COMMIT, new_bitmap, cg_drain, _cg_end,
+(wrapped: resync, commit, SQL COMMIT, new_bitmap, cg_drain, cg_end,
 coordinate), /proc/vmstat deltas and nr_dirty/nr_writeback samples, and a
 sampled kernel stack histogram (/proc/self/task/TID/stack every 2 ms, needs
 root) of the GM thread and the writer threads.
@@ -88,7 +88,7 @@ def _wrap(cls, name, label=None):
 
 
 for cls, name in ((FlashCopy, "resync"), (FlashCopy, "commit"), (PPRCPair, "cg_drain"),
-                  (PPRCPair, "_cg_end"), (GlobalMirror, "_coordinate"),
+                  (PPRCPair, "cg_end"), (GlobalMirror, "_coordinate"),
                   (GlobalMirror, "_flashcopy_phase"),
                   (fsql.SQLiteStore, "cg_decision"), (fsql.SQLiteStore, "save_session_stats"),
                   (fsql.SQLiteStore, "save_flash")):

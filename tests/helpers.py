@@ -46,7 +46,7 @@ def held_unit(path, readonly: bool = False, hold: float | None = None):
 def one_at_a_time(gm) -> None:
     """Make every secondary group of session ``gm`` run each pair's and
     relationship's own method, one after another in triplet order, as
-    batches of one (``PPRCPair.cg_drain`` / ``_cg_end``,
+    batches of one (``PPRCPair.cg_drain`` / ``cg_end``,
     ``FlashCopy._resync`` / ``_end_revertible``), with the fault points hit
     between them: the reference a group's one loop over them all must equal
     (results, bitmaps, sequence numbers, side files and every byte)."""
@@ -67,7 +67,7 @@ def one_at_a_time(gm) -> None:
 
         def end_drain(ok, group=group):
             for trip in group.triplets:
-                trip.pair._cg_end(ok)
+                trip.pair.cg_end(ok)
 
         def prepare_all(sequence, stop_at_failure, flash=flash):
             prepared = []

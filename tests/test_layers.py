@@ -20,6 +20,7 @@ FLOORS = {
     "fastfc._numbers": 1,
     "fastfc.storage": 2, "fastfc.faults": 2,
     "fastfc.copyservices.flashcopy": 3, "fastfc.copyservices.pprc": 3,
+    "fastfc.copyservices.sitepair": 3,
     "fastfc.copyservices": 4,
     "fastfc.durable": 5,
     "fastfc.tools": 6, "fastfc.__main__": 6,
@@ -371,34 +372,6 @@ def test_a_reach_into_another_floors_privates_is_caught():
     assert reaches("fastfc.tools.made_up", own) == {"unit._require_writable"}
 
 
-# TEMPORARY, for the lead to remove: the reaches left in modules that other
-# branches are rewriting (Global Mirror's secondary step and site mirror, the
-# durable units). Each entry is exactly what the check finds in that module
-# today; the test below fails if a module reaches for anything else, and also
-# once a module is clean, so that its entry goes. Not an allowlist: the list
-# must end empty, and then go with this comment.
-TEMPORARY_KNOWN_REACHES: dict[str, set[str]] = {
-    "fastfc.copyservices.local_secondary": {
-        "fc._end_revertible", "t.b._secondary", "t.c._invalid", "t.fc._reverse_restore",
-        "t.pair._failover_to_restore", "t.pair._release_secondary", "v._invalid",
-    },
-    "fastfc.copyservices.sitemirror": {
-        "A._lock", "A._reserve_read", "A._unlock", "a._lock", "a._mirror", "a._secondary",
-        "a._tgt_rel", "a._unlock",
-    },
-    "fastfc.durable.siteloss": {
-        "a._mirror", "b._mirror", "b._secondary", "fc._end_revertible", "fc._reverse_restore",
-    },
-    "fastfc.durable.unit": {
-        "A._lock", "A._mirror", "A._unlock", "a._mirror", "b._mirror", "b._secondary",
-        "c._tgt_rel", "fc._end_revertible", "pair._cg_end", "primary._mirror", "r._thread",
-        "self._row_volume(rec['primary_name'])._mirror", "tgt._invalid", "v._mirror",
-        "v._secondary", "v._src_rels", "v._tgt_rel", "vol._invalid", "vol._mirror",
-        "vol._secondary",
-    },
-}
-
-
 @pytest.mark.parametrize("module,path", list(modules()), ids=lambda x: str(x))
 def test_no_module_reaches_into_another_floors_privates(module, path):
     infos, defs = _parsed()
@@ -407,13 +380,6 @@ def test_no_module_reaches_into_another_floors_privates(module, path):
     report = (f"{module} (floor {info.floor}) uses privates of another floor (make what "
               "it needs public there):\n" + "\n".join(f"line {line}: {expr} ({where})"
                                                       for line, expr, where in wrong))
-    known = TEMPORARY_KNOWN_REACHES.get(module)
-    if known is not None:
-        found = {expr for _, expr, _ in wrong}
-        assert found, f"{module} no longer reaches: remove it from TEMPORARY_KNOWN_REACHES"
-        assert found == known, (f"{report}\n(TEMPORARY_KNOWN_REACHES lists {sorted(known)}; "
-                                f"new: {sorted(found - known)}, gone: {sorted(known - found)})")
-        pytest.xfail(f"known reaches, temporarily: {len(wrong)} lines")
     assert not wrong, report
 
 

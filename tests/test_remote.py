@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import fastfc
-from fastfc.copyservices import sitemirror
+from fastfc.copyservices import sitemirror, sitepair
 from fastfc.copyservices.globalmirror import Cause, GMState
 from fastfc.tools.testing import PromiseChecker, RandomWriters
 
@@ -306,7 +306,7 @@ def test_site_loss_recovery_reverts_an_undecided_cg(tmp_path):
 def test_drain_sends_outside_a_lock_and_collisions_keep_the_cg(tmp_path, monkeypatch):
     """A host write to a CG track not yet gathered, made while a batch is on
     its way (so A's lock is free), must not reach B before the CG version."""
-    monkeypatch.setattr(sitemirror, "BATCH_BYTES", 2 * TS)   # 2 tracks per call
+    monkeypatch.setattr(sitepair, "BATCH_BYTES", 2 * TS)   # 2 tracks per call
     units, trips, gm, chk = make_session(tmp_path, n_trip=2, n_units=1)
     assert gm.form_consistency_group().committed
     a = trips[0][0]

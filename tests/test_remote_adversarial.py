@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fastfc
-from fastfc.copyservices import sitemirror
+from fastfc.copyservices import sitemirror, sitepair
 from fastfc.copyservices.globalmirror import GMState
 from fastfc.tools.testing import PromiseChecker
 
@@ -176,8 +176,8 @@ def test_writes_between_gather_and_send_never_land_stale(tmp_path, monkeypatch, 
     writes inside every send: each CG's C is A at its coordination instant,
     and once writes stop B and C converge to A exactly (a stale version
     landing after a newer one would stay on B)."""
-    monkeypatch.setattr(sitemirror, "BATCH_BYTES", 3 * TS)
-    monkeypatch.setattr(sitemirror, "HOLD_BYTES", 2 * TS)
+    monkeypatch.setattr(sitepair, "BATCH_BYTES", 3 * TS)
+    monkeypatch.setattr(sitepair, "HOLD_BYTES", 2 * TS)
     monkeypatch.setattr(sitemirror, "MAX_INFLIGHT_BYTES", 5 * TS)
     rng = np.random.default_rng(seed)
     units, trips, gm, chk = make_session(tmp_path, n_trip=4, n_units=2)
@@ -373,7 +373,7 @@ def test_remote_session_matches_the_local_one_on_the_same_writes(tmp_path, monke
     """The same write sequence through a local session (B, C in this
     process) and a session over two units: after every CG the B and C
     images and sequences are the same."""
-    monkeypatch.setattr(sitemirror, "BATCH_BYTES", 3 * TS)
+    monkeypatch.setattr(sitepair, "BATCH_BYTES", 3 * TS)
     units, trips, gm, _ = make_session(tmp_path, n_trip=4, n_units=2)
     loc = []
     for i, (a, _, _) in enumerate(trips):

@@ -321,6 +321,12 @@ class FlashCopy(_core.RelationshipBase):
                 self._unlink()
                 self._done.set()
 
+    @property
+    def background_worker(self) -> threading.Thread | None:
+        """The thread of the background copy, if one was started (a unit
+        closing waits for it to stop)."""
+        return self._thread
+
     def start_background(self) -> None:
         if not (self.background_copy and self.active and not self.revertible):
             return
@@ -459,13 +465,13 @@ class FlashCopy(_core.RelationshipBase):
         self._refuse_in_session("resyncflash")
         self._resync(revertible=revertible, sequence=sequence)
 
-    def _refuse_in_session(self, step: str) -> None:
+    def _refuse_in_session(self, step: str, session: str | None = None) -> None:
         """A user's step on a Global Mirror session's B->C relationship is
         refused (as :meth:`withdraw` is): resyncing, reversing, committing or
-        reverting C alone would disturb the session's consistency groups. The
-        session (and its recovery) runs them through the same bodies
-        (``_resync``, ``_end_revertible``, ``_reverse_restore``)."""
-        if self.session is not None:
+        reverting C alone would disturb the session's consistency groups.
+        The session itself (and its recovery, or the unit that resolves its
+        interrupted CG) names itself (``session=``) and is not refused."""
+        if self.session is not None and session != self.session:
             raise StateError(
                 f"{self!r} is the B->C relationship of Global Mirror session "
                 f"{self.session!r}: {step} of it alone would disturb the session's "
@@ -523,17 +529,20 @@ class FlashCopy(_core.RelationshipBase):
 
         return before, after
 
-    def commit(self) -> None:
+    def commit(self, *, session: str | None = None) -> None:
         """Keep the revertible image [commitflash / Withdraw-FlashCopy-commit]:
-        drop the revert image and release the source write-inhibit. O(1)."""
-        self._refuse_in_session("commitflash")
+        drop the revert image and release the source write-inhibit. O(1).
+        ``session``: the Global Mirror session whose relationship this is,
+        when that session (or what resolves its CG) takes the step."""
+        self._refuse_in_session("commitflash", session)
         self._end_revertible("commit")
 
-    def revert(self) -> None:
+    def revert(self, *, session: str | None = None) -> None:
         """Return to the image before the revertible resync [revertflash /
         Withdraw-FlashCopy-revert]: restore the previous bitmaps and sequence
-        number and release the source write-inhibit. O(1)."""
-        self._refuse_in_session("revertflash")
+        number and release the source write-inhibit. O(1). ``session``: as
+        for :meth:`commit`."""
+        self._refuse_in_session("revertflash", session)
         self._end_revertible("revert")
 
     def _end_revertible(self, step: str) -> None:
@@ -552,7 +561,7 @@ class FlashCopy(_core.RelationshipBase):
         self.start_background()
 
     # -- reverse restore and withdraw ---------------------------------------
-    def reverse_restore(self) -> int:
+    def reverse_restore(self, *, session: str | None = None) -> int:
         """Make the source take the target's image [reverseflash, fast
         reverse restore]: copy target -> source only the tracks that are on
         the target and changed on either side since the last establish.
@@ -560,8 +569,9 @@ class FlashCopy(_core.RelationshipBase):
         Afterwards both volumes hold the same image, the change bitmaps are
         clear and the relationship stands. Returns the tracks copied. Other
         targets of the source receive copy-on-write first, as for a host write.
+        ``session``: as for :meth:`commit` (a session's recovery restores B).
         """
-        self._refuse_in_session("reverseflash")
+        self._refuse_in_session("reverseflash", session)
         return self._reverse_restore()
 
     def _reverse_restore(self) -> int:

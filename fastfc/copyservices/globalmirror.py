@@ -439,7 +439,7 @@ class GlobalMirror:
         calls while the writes are held, not a second implementation."""
         pairs = self._pairs
         # (each pair's side file and cg_bytes were emptied when its last CG
-        # ended: PPRCPair._cg_end, _core.cg_end_many)
+        # ended: PPRCPair.cg_end, _core.cg_end_many)
         injected: list[FastFCError] = []
 
         def fault_point() -> None:

@@ -329,7 +329,7 @@ class SecondaryGroup:
 
     def end_drain(self, ok: bool) -> None:
         """Close the CG of every pair, in one kernel call
-        (:func:`fastfc._core.cg_end_many`; a pair's own ``_cg_end`` is a
+        (:func:`fastfc._core.cg_end_many`; a pair's own ``cg_end`` is a
         batch of one): a failed drain gives its tracks back to the
         out-of-sync bitmaps."""
         _core.cg_end_many(self._as, self._pairs, ok)

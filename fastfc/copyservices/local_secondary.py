@@ -91,7 +91,8 @@ class InProcessSecondary(Secondary):
                 continue
             for _ in range(RETRIES):
                 try:
-                    fc._end_revertible(action)
+                    # the step of the session this secondary serves (its name on fc)
+                    (fc.commit if action == "commit" else fc.revert)(session=fc.session)
                     break
                 except FastFCError:
                     continue
@@ -112,12 +113,12 @@ class InProcessSecondary(Secondary):
     # -- recovery and the end -------------------------------------------------------
     def restore_b(self) -> None:
         for t in self.triplets:
-            if t.pair.failed_over and not t.b._secondary:
+            if t.pair.failed_over and not t.b.is_secondary:
                 continue        # restored before: B may hold host writes since
             # B takes host writes only once restored (its flag last)
-            t.pair._failover_to_restore()
-            t.fc._reverse_restore()
-            t.pair._release_secondary()
+            t.pair.failover_to_restore()
+            t.fc.reverse_restore(session=t.fc.session)
+            t.pair.release_secondary()
 
     def stuck(self) -> list[str]:
         return [t.fc.target.name for t in self.triplets if t.fc.active and t.fc.revertible]
@@ -163,7 +164,7 @@ def connect(triplets: Sequence[tuple[Volume, Volume, Volume]], *, name: str,
             raise ValueError("every B (and C) volume of a session must be in one storage unit")
         if name in store.session_rows():
             raise AlreadyExistsError(f"a session named {name!r} already exists in that unit")
-    was_invalid = {id(v): v._invalid for v in vols}
+    was_invalid = {id(v): (not v.valid) for v in vols}
     made: list[Triplet] = []
     try:
         for a, b, c in triplets:
@@ -180,7 +181,7 @@ def connect(triplets: Sequence[tuple[Volume, Volume, Volume]], *, name: str,
     except Exception:
         teardown(made)
         for t in made:  # nothing was copied: a refused session leaves C as it was
-            t.c._invalid = was_invalid[id(t.c)]
+            t.c.set_flags(valid=not was_invalid[id(t.c)])
         raise
     return made
 

@@ -255,7 +255,7 @@ class PPRCPair(_core.MirrorBase):
             # failover` records A's row first): the primary's row wins, B's
             # half is made now (B took no host write as a secondary). (B
             # flagged a secondary beside its record of the failover waits
-            # for its restore: :meth:`_failover_to_restore`.)
+            # for its restore: :meth:`failover_to_restore`.)
             secondary._secondary = False
             with secondary.store.transaction():
                 secondary.store.set_volume_flags(secondary.flags_record())
@@ -441,7 +441,7 @@ class PPRCPair(_core.MirrorBase):
         the CG's bytes, those that collisions sent early included."""
         with self.drain_lock:
             sent = self.send_side_file()
-            # a session drains a pair between coordination and _cg_end: a CG is open
+            # a session drains a pair between coordination and cg_end: a CG is open
             assert self.cg is not None
             if self.link.direct():
                 # in-process link: the whole CG in one kernel call, without the
@@ -483,7 +483,7 @@ class PPRCPair(_core.MirrorBase):
             self.bytes_sent += ts
         return sent
 
-    def _cg_end(self, ok: bool) -> None:
+    def cg_end(self, ok: bool) -> None:
         """Close the CG. A failed drain gives its tracks back to OOS, to be
         sent with their current content later."""
         # (a secondary group's end of the CG of one pair)
@@ -549,11 +549,11 @@ class PPRCPair(_core.MirrorBase):
             self.failed_over, self.suspend_reason = before
             raise
 
-    def _failover_to_restore(self) -> None:
+    def failover_to_restore(self) -> None:
         """:meth:`failover` for a session's recovery, which restores B from
         its C before B takes host writes: B's record of the failover first
         (B still flagged a secondary), then the primary's pair row. B's
-        flag is cleared by :meth:`_release_secondary` once B is restored,
+        flag is cleared by :meth:`release_secondary` once B is restored,
         so that a B still flagged a secondary under a failed-over pair is
         one whose restore has yet to run (or to run again, after a crash).
         Nothing changes when the pair is failed over and B hooked already."""
@@ -568,8 +568,8 @@ class PPRCPair(_core.MirrorBase):
                 self._hook_reverse_writes()
             self._mark_failed_over()
 
-    def _release_secondary(self) -> None:
-        """After :meth:`_failover_to_restore` and B's restore: B takes host
+    def release_secondary(self) -> None:
+        """After :meth:`failover_to_restore` and B's restore: B takes host
         writes. (At durability "power" the restore synced B's restored data
         and its record of the failover, before this flag.)"""
         B = self.secondary

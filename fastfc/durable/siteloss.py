@@ -123,7 +123,7 @@ class _SessionSite(SecondarySite):
         pending = [fc for fc in fcs if fc.revertible and fc.sequence == sequence]
         with self.unit.store.transaction():
             for fc in pending:
-                fc._end_revertible("commit" if decision == "commit" else "revert")
+                (fc.commit if decision == "commit" else fc.revert)(session=session)
         return Done(decision)
 
     def record_decision(self, session: str, sequence: int, decision: str) -> None:
@@ -150,11 +150,11 @@ class _SessionSite(SecondarySite):
             # restore first, then let B take host writes: a crash between
             # the two restores again (B took no writes yet); at durability
             # "power" B's restored data is on the disk before its flag
-            fc._reverse_restore()
+            fc.reverse_restore(session=session)
             b = fc.source
             if unit.durability == "power":
                 unit.store.sync(b, b.mirror.oos if b.mirror is not None else None)
-            b._secondary = False
+            b.set_flags(secondary=False)
             unit.store.set_volume_flags(b.flags_record())
 
     # a session does not run through this site: recovery only
@@ -193,7 +193,7 @@ def _record_failover(unit: "StorageUnit", b: "Volume", a_unit: str, a_name: str,
     unit._pair_rows.append(unit._pending(rec))
     hook = MirrorBase()
     hook.oos = oos
-    b._mirror = hook
+    b.set_mirror(hook)
 
 
 def failover_alone(unit: "StorageUnit", b_name: str) -> dict:
@@ -226,7 +226,7 @@ def failover_alone(unit: "StorageUnit", b_name: str) -> dict:
         with unit.store.transaction():
             _record_failover(unit, b, rec["primary_uuid"], rec["primary_name"],
                              unit.store.new_bitmap(b.n_tracks), rec["mode"])
-            b._secondary = False
+            b.set_flags(secondary=False)
             unit.store.set_volume_flags(b.flags_record())
     return next(r for r in unit.pair_records
                 if is_site_failover(r) and r["primary_name"] == b_name)
@@ -247,7 +247,7 @@ def release_secondary(unit: "StorageUnit", b_name: str) -> dict:
         raise StateError(f"{b!r} is not the secondary of a pair whose primary's unit is away")
     with locked((b,)):
         with unit.store.transaction():
-            b._secondary = False
+            b.set_flags(secondary=False)
             unit.store.set_volume_flags(b.flags_record())
             unit.store.save_secondary(b_name, None)
     if rec["primary_uuid"] is not None:
@@ -333,7 +333,7 @@ def ended_at_secondary(primary_unit: "StorageUnit", secondary_unit: "StorageUnit
         return True     # looked at only: the row stays, A records its writes
     with locked((a,)):
         primary_unit.store.drop_pair(row["id"])
-        a._mirror = None
+        a.set_mirror(None)
     primary_unit.recovered.append(
         f"pair {a.name}:{b.name}: ended at the unit of {b.name} ({secondary_unit.path}) "
         f"while this one was away; ended here too, {a.name} is no longer mirrored")
@@ -362,6 +362,6 @@ def forget_failover(unit: "StorageUnit", b_name: str) -> int:
             unit.store.drop_pair(row["id"])
             unit.store.save_secondary(b_name, None)
         unit._pair_rows.remove(row)
-        b._mirror = None
+        b.set_mirror(None)
     _forget_partner(unit, row["secondary_uuid"])
     return n

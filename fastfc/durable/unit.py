@@ -61,7 +61,7 @@ from fastfc.durable.siteloss import (ended_at_secondary, failover_alone, forget_
 from fastfc.durable.sqlite import SQLiteStore, read_identity
 from fastfc.names import NAME, NAME_RULE
 from fastfc.storage.store import Store
-from fastfc.storage.volume import DEFAULT_TRACK, Volume
+from fastfc.storage.volume import DEFAULT_TRACK, Volume, locked
 
 
 _PAIR_MAPS = ("oos", "spare", "cg")   # a pair record's bitmaps
@@ -318,7 +318,7 @@ class StorageUnit:
             self._remove_missing_volume(name)
             return
         vol = self.volume(name)
-        if vol.relationships or vol._mirror is not None or vol._secondary:
+        if vol.relationships or vol.mirror is not None or vol.is_secondary:
             raise StateError(f"{vol!r} is in a FlashCopy relationship or PPRC pair; "
                              "withdraw or remove those first")
         vol.close()
@@ -383,7 +383,7 @@ class StorageUnit:
                                  f"session {n!r}; {_REMOVE_SESSION.format(name=n)} first")
         row, _ = self._flash_damage[key]
         tgt = self._volumes.get(target)
-        invalid = tgt is not None and bool(tgt._invalid)
+        invalid = tgt is not None and not tgt.valid
         self._sqlite.drop_flash(row["id"], {"name": target, "invalid": invalid})
         del self._flash_damage[key]
         return invalid
@@ -401,11 +401,11 @@ class StorageUnit:
         row, _ = self._pair_damage[key]
         sec_unit = self._partner(row["secondary_unit"])
         b = sec_unit._volumes.get(secondary) if sec_unit is not None else None
-        if sec_unit is not None and b is not None and b._secondary and b._mirror is None \
+        if sec_unit is not None and b is not None and b.is_secondary and b.mirror is None \
                 and not sec_unit.readonly \
                 and not any(secondary in t[2:] for cfg in sec_unit.store.session_rows().values()
                             for t in cfg["triplets"]):
-            b._secondary = False
+            b.set_flags(secondary=False)
             with sec_unit.store.transaction():
                 sec_unit.store.set_volume_flags(b.flags_record())
                 sec_unit.store.save_secondary(secondary, None)
@@ -420,7 +420,7 @@ class StorageUnit:
     @property
     def pairs(self) -> list[PPRCPair]:
         """PPRC pairs whose primary is in this unit."""
-        return [v._mirror for v in self._volumes.values() if isinstance(v._mirror, PPRCPair)]
+        return [v.mirror for v in self._volumes.values() if isinstance(v.mirror, PPRCPair)]
 
     @property
     def pair_records(self) -> list[dict]:
@@ -462,7 +462,7 @@ class StorageUnit:
                        for t in cfg["triplets"]}
         out = []
         for name, v in self._volumes.items():
-            if not v._secondary or id(v) in live or name in in_sessions:
+            if not v.is_secondary or id(v) in live or name in in_sessions:
                 continue
             rec = recs.get(name)
             ref = rec["primary_unit"] if rec is not None else None
@@ -511,7 +511,8 @@ class StorageUnit:
     def flashcopies(self) -> list[FlashCopy]:
         """FlashCopy relationships among this unit's volumes."""
         # a volume's source relationships are FlashCopies (the base class says RelationshipBase)
-        return cast("list[FlashCopy]", [r for v in self._volumes.values() for r in v._src_rels])
+        return cast("list[FlashCopy]", [r for v in self._volumes.values()
+                                        for r in v.source_relationships])
 
     def session(self, name: str) -> GlobalMirror:
         """The Global Mirror session ``name`` recorded in this unit."""
@@ -579,7 +580,7 @@ class StorageUnit:
         fcs: list[FlashCopy | None] = []
         for _, _, b_name, c_name in trips:
             b, c = self._volumes.get(b_name), self._volumes.get(c_name)
-            fc = c._tgt_rel if c is not None else None
+            fc = c.target_relationship if c is not None else None
             fcs.append(fc if isinstance(fc, FlashCopy) and b is not None and fc.source is b
                        else None)
         if copy:
@@ -598,15 +599,15 @@ class StorageUnit:
                 removed.append(f"FlashCopy {b_name}:{c_name}")
             unit_a = self._partner(a_unit)
             a = unit_a._volumes.get(a_name) if unit_a is not None else None
-            pair = a._mirror if a is not None else None
+            pair = a.mirror if a is not None else None
             if isinstance(pair, PPRCPair) and pair.secondary is b:
                 pair.remove()
                 removed.append(f"pair {a_name}:{b_name}")
-            elif unit_a is not None and b is not None and b._secondary and \
+            elif unit_a is not None and b is not None and b.is_secondary and \
                     type(pair) is not MirrorBase:
                 # its pair is gone (its primary's unit is open and holds
                 # none): B is nobody's secondary and takes host writes again
-                b._secondary = False
+                b.set_flags(secondary=False)
                 with self.store.transaction():
                     self.store.set_volume_flags(b.flags_record())
                     self.store.save_secondary(b_name, None)
@@ -681,8 +682,7 @@ class StorageUnit:
                 vol = Volume(n_tracks, track_size, path=file, name=name,
                              thin=bool(rec["thin"]), store=st)
             vol.unit = self
-            vol._secondary = bool(rec["secondary"])
-            vol._invalid = bool(rec["invalid"])
+            vol.set_flags(secondary=bool(rec["secondary"]), valid=not rec["invalid"])
             self._volumes[name] = vol
         for row in st.flash_rows():
             key = (row["source"], row["target"])
@@ -700,7 +700,7 @@ class StorageUnit:
             self._flash_damage.setdefault(key, (row, problem))
             tgt = self._volumes.get(key[1])
             if tgt is not None and not complete:
-                tgt._invalid = True     # it read tracks from its source
+                tgt.set_flags(valid=False)     # it read tracks from its source
             self.recovered.append(
                 f"FlashCopy {key[0]}:{key[1]}: not restored: {problem}"
                 + (f"; {key[1]} is invalid (its image was incomplete)"
@@ -727,7 +727,7 @@ class StorageUnit:
             # are recorded in the pair's out-of-sync bitmap, as when suspended
             hook = MirrorBase()
             hook.oos = rec["oos"]
-            self._row_volume(rec["primary_name"])._mirror = hook
+            self._row_volume(rec["primary_name"]).set_mirror(hook)
         st.collect_orphans()
         self._resolve_interrupted_cgs()
         # a session's B->C relationships are its own while it is recorded,
@@ -736,7 +736,7 @@ class StorageUnit:
         for name, cfg in st.session_rows().items():
             for _, _, b_name, c_name in cfg["triplets"]:
                 c = self._volumes.get(c_name)
-                fc = c._tgt_rel if c is not None else None
+                fc = c.target_relationship if c is not None else None
                 if isinstance(fc, FlashCopy) and fc.source.name == b_name:
                     fc.session = name
 
@@ -791,7 +791,7 @@ class StorageUnit:
             action, _ = resolve(rels, decision=self._sqlite.decision(name, seq))
             with self.store.transaction():
                 for fc in pending:
-                    fc._end_revertible(action)
+                    (fc.commit if action == "commit" else fc.revert)(session=name)
             self.recovered.append(f"session {name}: CG {seq} "
                                   f"{'committed' if action == 'commit' else 'reverted'} "
                                   f"on {len(pending)} of {len(fcs)} volumes")
@@ -813,8 +813,8 @@ class StorageUnit:
                 problem = (f"volume {row['secondary_name']!r} is not in unit {sec_unit.path}"
                            + (" (its file is missing)" if row["secondary_name"] in
                               sec_unit._volume_problems else ""))
-                if type(primary._mirror) is MirrorBase:
-                    primary._mirror = None      # it records for no pair
+                if type(primary.mirror) is MirrorBase:
+                    primary.set_mirror(None)      # it records for no pair
                 self._pair_rows = [r for r in self._pair_rows if r is not row]
                 ids = {k: (v.file_id if v is not None else None)
                        for k, v in row.items() if k in _PAIR_MAPS}
@@ -862,13 +862,13 @@ class StorageUnit:
                     break
                 a, b = unit_a._volumes[a_name], self._volumes[b_name]
                 c = self._volumes[c_name]
-                if type(a._mirror) is MirrorBase:
+                if type(a.mirror) is MirrorBase:
                     break       # its pair waits for this unit to agree: not yet
                 # a restored pair and a FlashCopy (the only relationship there is)
-                pair = a._mirror if isinstance(a._mirror, PPRCPair) else None
-                fc = cast("FlashCopy | None", c._tgt_rel)
+                pair = a.mirror if isinstance(a.mirror, PPRCPair) else None
+                fc = cast("FlashCopy | None", c.target_relationship)
                 if pair is None or pair.secondary is not b:
-                    back = b._mirror
+                    back = b.mirror
                     self._damaged(name, f"pair {a_name}:{b_name} runs the other way "
                                   f"({b_name}:{a_name})" if isinstance(back, PPRCPair)
                                   and back.secondary is a else f"pair {a_name}:{b_name} is gone")
@@ -959,7 +959,7 @@ class StorageUnit:
                 for b, c in todo:
                     FlashCopy(b, c, background_copy=False, record=True,
                               inhibit_target_write=True, sequence=0)
-                    b._secondary = True
+                    b.set_flags(secondary=True)
                     self.store.set_volume_flags(b.flags_record())
         finally:
             self._served = None
@@ -1028,7 +1028,7 @@ class StorageUnit:
             if not b.is_secondary:
                 continue
             fc.reverse_restore()
-            b._secondary = False
+            b.set_flags(secondary=False)
             self.store.set_volume_flags(b.flags_record())
             done.append(b.name)
         return done
@@ -1071,7 +1071,7 @@ class StorageUnit:
             removed.append(f"FlashCopy {fc.source.name}:{fc.target.name}")
         for b in bs:
             if b.is_secondary and b.mirror is None:
-                b._secondary = False
+                b.set_flags(secondary=False)
                 self.store.set_volume_flags(b.flags_record())
                 removed.append(f"the secondary role of {b.name}")
         try:
@@ -1113,19 +1113,19 @@ class StorageUnit:
         protects."""
         self._require_open()
         vols = list(self._volumes.values())
-        targets = [v for v in vols if v._tgt_rel is not None]
+        targets = [v for v in vols if v.target_relationship is not None]
         for v in targets:
             v.flush()
         maps = [bm for fc in self.flashcopies for bm in (fc.to_copy, fc.src_changed,
                                                          fc.tgt_changed)]
         maps += [bm for pair in self.pairs for bm in (pair.oos, pair.spare, pair.cg)]
         # what a pair waiting for its partner, or a failed-over B, records in
-        maps += [v._mirror.oos for v in vols if type(v._mirror) is MirrorBase]
+        maps += [v.mirror.oos for v in vols if type(v.mirror) is MirrorBase]
         for bm in maps:
             if bm is not None and hasattr(bm, "flush"):
                 bm.flush()
         for v in vols:
-            if v._tgt_rel is None:
+            if v.target_relationship is None:
                 v.flush()
         if self.path is not None and not self.readonly:
             self._sqlite.sync_point()   # metadata last: it never names data not on disk
@@ -1144,7 +1144,7 @@ class StorageUnit:
             except (sqlite3.Error, OSError, ReadOnlyUnitError):
                 pass    # a stale partner entry is harmless; closing matters
             self._detach_partners()
-        workers = [r._thread for r in self.flashcopies if r._thread is not None]
+        workers = [w for w in (r.background_worker for r in self.flashcopies) if w is not None]
         full: NoSpaceError | None = None
         if self.path is not None:
             try:
@@ -1180,18 +1180,14 @@ class StorageUnit:
                 if pair.secondary.store is not self.store:
                     continue
                 pair.stop()
-                A = pair.primary
-                A._lock()
-                try:
+                with locked((pair.primary,)):
                     if pair.cg is not None:     # no session runs: not mid-drain
-                        pair._cg_end(False)
+                        pair.cg_end(False)
                     row = other._pending(pair.to_record())
                     hook = MirrorBase()
                     hook.oos = pair.oos
-                    A._mirror = hook
+                    pair.primary.set_mirror(hook)
                     pair.active = False
-                finally:
-                    A._unlock()
                 other._pair_rows.append(row)
 
     def _release_files(self, workers=()) -> None:

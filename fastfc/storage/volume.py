@@ -216,6 +216,24 @@ class Volume(_core.VolumeBase):
         """Whether this volume is a PPRC secondary (it refuses host writes)."""
         return bool(self._secondary)
 
+    def set_flags(self, *, secondary: bool | None = None, valid: bool | None = None) -> None:
+        """Set the flags a store records (:meth:`flags_record`): whether the
+        volume is a PPRC secondary (it then refuses host writes) and whether
+        it holds a valid image. For the steps that own them (a pair's
+        failover and its recovery, a unit restoring its rows, a refused
+        session putting a C back as it was); the caller records them."""
+        if secondary is not None:
+            self._secondary = bool(secondary)
+        if valid is not None:
+            self._invalid = not valid
+
+    def set_mirror(self, hook) -> None:
+        """Make ``hook`` (a PPRC pair's mirror hook, ``fastfc._core.MirrorBase``,
+        or None) the one every host write of this volume consults: how a
+        unit keeps recording a primary's writes while its pair waits for its
+        secondary's unit. The caller holds the volume's lock (``locked``)."""
+        self._mirror = hook
+
     @property
     def write_inhibited(self) -> bool:
         return bool(self._inhibits)
