@@ -194,16 +194,18 @@ def test_no_module_chooses_a_path_by_an_armed_fault():
         assert "armed_at" not in src and "_batched" not in src, mod.__name__
 
 
+def _unit_triplets(pu, su, n: int) -> list:
+    """``n`` triplets of 8-track volumes: A in unit ``pu``, B and C in ``su``."""
+    return [(pu.create_volume(f"A{i}", 8, TS), su.create_volume(f"B{i}", 8, TS),
+             su.create_volume(f"C{i}", 8, TS)) for i in range(n)]
+
+
 def test_a_durable_unit_runs_the_kernels_and_records_each_step_once(tmp_path, monkeypatch):
     """A session over a storage unit's volumes takes the same kernel calls as
     one in memory, and its store records each FlashCopy step of a group in
     one ``save_flashes`` call (no ``save_flash`` per relationship)."""
     with StorageUnit(tmp_path / "p") as pu, StorageUnit(tmp_path / "s") as su:
-        trips = []
-        for i in range(4):
-            a = pu.create_volume(f"A{i}", 8, TS)
-            b, c = su.create_volume(f"B{i}", 8, TS), su.create_volume(f"C{i}", 8, TS)
-            trips.append((a, b, c))
+        trips = _unit_triplets(pu, su, 4)
         gm = GlobalMirror(trips, name="gm", max_coordination_time=1.0)
         assert gm.form_consistency_group().committed
         for a, _, _ in trips:
@@ -335,11 +337,7 @@ def test_a_store_that_refuses_a_step_leaves_memory_as_it_was(tmp_path, monkeypat
     why, and the next CG commits."""
     from fastfc import NoSpaceError
     with StorageUnit(tmp_path / "p") as pu, StorageUnit(tmp_path / "s") as su:
-        trips = []
-        for i in range(3):
-            a = pu.create_volume(f"A{i}", 8, TS)
-            b, c = su.create_volume(f"B{i}", 8, TS), su.create_volume(f"C{i}", 8, TS)
-            trips.append((a, b, c))
+        trips = _unit_triplets(pu, su, 3)
         gm = GlobalMirror(trips, name="gm", max_coordination_time=1.0)
         assert gm.form_consistency_group().committed
         for a, _, _ in trips:
