@@ -71,9 +71,7 @@ def run_session(triplets, seconds: float, rate: float | None, io_size: int = 409
     gm = GlobalMirror(triplets, cg_interval=0.0, initial_copy=False)
     out = session_figures(gm, [t[0] for t in triplets], seconds, rate, seed=1, io_size=io_size,
                           settle=gm.form_consistency_group)
-    for t in gm.triplets:
-        t.fc.withdraw(force=True)
-        t.pair.remove()
+    gm.close(discard=True)   # (the session's own pairs and FlashCopies go)
     return out
 
 
