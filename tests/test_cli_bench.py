@@ -180,3 +180,22 @@ def test_serve_suite_quick_end_to_end(tmp_path) -> None:
     assert g["cgs"] > 0 and g["failures"] == {} and g["iops_with"] > 0, g
     assert 0 < g["rpo_p99_ms"] < 60_000 and rows["serve_gm_rpo"]["met"] is (g["rpo_p99_ms"] <= 50)
     assert "serve_gm_iops" in res.stdout.split("notes:")[1]
+
+
+def test_the_gm_suite_runs_its_sessions_one_after_another_on_the_same_volumes() -> None:
+    """``benches.gm.three_runs`` runs a paced and an unpaced session on one
+    set of triplets: each session ends so that the next can begin (a session
+    that left its B->C relationships behind made the second one fail)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benches import gm
+    finally:
+        sys.path.remove(str(ROOT))
+    trips = gm.make_triplets(2, 1, track_size=4096)
+    try:
+        out = gm.three_runs(trips, 0.2, 50.0)
+    finally:
+        gm.close_triplets(trips)
+    for run in ("paced", "unpaced"):
+        assert out[run]["attempts"] > 0 and not out[run]["failures"], out[run]
+    assert out["alone_mb_s"] > 0
