@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -330,3 +334,42 @@ def test_closed_volume_refuses_io(tmp_path, file_backed):
         v.read(v.capacity, 1)
     if file_backed:
         assert path.read_bytes() == bytes(ref)
+
+
+def _resident_bytes_of_mapping(path) -> int:
+    """Rss of this process's mapping of ``path`` (from /proc/self/smaps)."""
+    rss, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:
+                inside = line.rstrip().endswith(str(path))
+            elif inside and head[0] == "Rss:":
+                rss += int(head[1]) * 1024
+    return rss
+
+
+def test_a_full_volume_on_tmpfs_maps_every_page_when_it_opens(tmp_path_factory):
+    """A full volume in memory (tmpfs) has every page in its mapping as soon
+    as it opens, so that no host write takes a first-touch fault (with its
+    lock held); a thin one maps none (a read fault on a tmpfs hole would
+    take a page). Its host stores run without the GIL, as on a disk."""
+    d = Path(tempfile.mkdtemp(prefix="fastfc-test-", dir="/dev/shm"))
+    try:
+        full = Volume(256, 4096, path=d / "full.vol")
+        thin = Volume(256, 4096, path=d / "thin.vol", thin=True)
+        try:
+            assert _resident_bytes_of_mapping(d / "full.vol") == full.capacity
+            assert _resident_bytes_of_mapping(d / "thin.vol") == 0
+            assert full._maps_file and thin._maps_file
+            assert not Volume(4, 4096)._maps_file
+        finally:
+            full.close()
+            thin.close()
+        again = Volume(256, 4096, path=d / "full.vol")     # reopened
+        try:
+            assert _resident_bytes_of_mapping(d / "full.vol") == again.capacity
+        finally:
+            again.close()
+    finally:
+        shutil.rmtree(d)
