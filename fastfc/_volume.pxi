@@ -448,7 +448,7 @@ cdef class VolumeBase:
         # each give the GIL up, gets it back between two host writes instead
         # of a switch interval later. In anonymous memory a small copy keeps
         # the GIL (cheaper than releasing it).
-        cdef bint in_file = self._maps_file
+        cdef bint on_disk = self._maps_file
         self._check_range(offset, n)
         tr = self._lock_io()
         if tr is not None:
@@ -496,7 +496,7 @@ cdef class VolumeBase:
                                 whole_tracks = 1   # cleared once the data is in
                             else:
                                 # partial write of a virtual track: fetch it first
-                                if self.track_size >= NOGIL_BYTES or in_file:
+                                if self.track_size >= NOGIL_BYTES or on_disk:
                                     with nogil:
                                         memcpy(self.base + ts, S.base + ts, self.track_size)
                                 else:
@@ -510,7 +510,7 @@ cdef class VolumeBase:
             if m is not None and m.oos is not None:
                 oos = m.oos.w
                 pending = bm_any_range(oos, t0, t1)
-            if n >= NOGIL_BYTES or in_file:
+            if n >= NOGIL_BYTES or on_disk:
                 with nogil:
                     land_write(self.base, oos, t0, t1, src, n, offset)
             else:
