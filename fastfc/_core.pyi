@@ -148,7 +148,6 @@ class VolumeBase:
     _invalid: bool
     _rels_version: int
     _file_backed: bool
-    _maps_file: bool
     _reads_allocate: bool
     @property
     def n_tracks(self) -> int: ...

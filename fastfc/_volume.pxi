@@ -76,9 +76,6 @@ cdef class VolumeBase:
     cdef public int _rels_version
     # memory-mapped file: PPRC updates write only the pages that change
     cdef public bint _file_backed
-    # a shared mapping of a file (tmpfs or a disk): a store into it may take a
-    # fault, so host stores and copy-on-writes into it run without the GIL
-    cdef public bint _maps_file
     # thin (sparse) file: blocks are reserved (fallocate) on first touch of a
     # track, before any byte lands; _alloc marks the tracks that have them
     cdef readonly bint thin
@@ -441,14 +438,10 @@ cdef class VolumeBase:
         cdef uint64_t* w
         cdef uint64_t* oos = NULL
         cdef bint pending = 0, whole_tracks = 0
-        # a volume in a file: every store into it may fault (on a disk
-        # writeback cleans its pages, ext4's page_mkwrite; on tmpfs a page
-        # the mapping has not touched yet), so it runs without the GIL
-        # whatever its size: the Global Mirror thread, whose SQLite calls
-        # each give the GIL up, gets it back between two host writes instead
-        # of a switch interval later. In anonymous memory a small copy keeps
-        # the GIL (cheaper than releasing it).
-        cdef bint on_disk = self._maps_file
+        # a volume on a disk: every store into it may fault (writeback cleans
+        # its pages; ext4's page_mkwrite), so it runs without the GIL whatever
+        # its size; in memory a small copy keeps it (cheaper than releasing)
+        cdef bint on_disk = self._file_backed
         self._check_range(offset, n)
         tr = self._lock_io()
         if tr is not None:
@@ -475,7 +468,7 @@ cdef class VolumeBase:
                 if bm_any_range(w, t0, t1):
                     # copy-on-write: the target takes the old tracks first
                     if ((t1 - t0) << shift) >= NOGIL_BYTES or (
-                            r.target._maps_file):
+                            r.target._file_backed):
                         with nogil:
                             copy_set_runs(r.target.base, self.base, w, t0, t1, t1 - t0,
                                           shift, &resume)

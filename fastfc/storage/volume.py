@@ -132,7 +132,6 @@ class Volume(_core.VolumeBase):
         # clean page costs no writeback. In memory (tmpfs included) a
         # whole-track copy is cheaper than comparing.
         self._file_backed = self.path is not None and on_disk
-        self._maps_file = self.path is not None
         # on tmpfs a read fault on a hole takes a page as a write does
         self._reads_allocate = bool(thin) and not self._file_backed
 
