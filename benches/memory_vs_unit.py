@@ -5,7 +5,8 @@ tmpfs, in this interpreter's fastfc: the ratio a unit's CG path costs.
 CGs per second and RPO p99 of a session forming CGs back to back under two
 writers of 4 KiB random writes paced at 200 MB/s in all. CASE is one of
 
-- ``mem16``: 16 triplets x 64 MiB in memory, 4 KiB tracks;
+- ``mem16``: 16 triplets x 64 MiB in memory, 4 KiB tracks, every volume
+  written whole first;
 - ``unit16``: the same on two storage units in /dev/shm (A in one, B and C
   in the other) at durability "process", every volume written whole first;
 - ``unit16disk``: ``unit16`` with the units on the disk (``/var/tmp``), the
@@ -49,10 +50,10 @@ def memory(n: int, track: int, seconds: float) -> dict:
     data = np.random.default_rng(7).integers(0, 256, 64 * MIB, dtype=np.uint8)
     trips = []
     for i in range(n):
-        a, b, c = (Volume(nt, track, name=f"{r}{i}") for r in "ABC")
-        a._raw_array()[:] = data
-        b._raw_array()[:] = data
-        trips.append((a, b, c))
+        trip = tuple(Volume(nt, track, name=f"{r}{i}") for r in "ABC")
+        for v in trip:      # every page in use, as in the units' case
+            v._raw_array()[:] = data
+        trips.append(trip)
     gm = GlobalMirror(trips, cg_interval=0.0, initial_copy=False)
     try:
         return _figures(gm, trips, seconds)
