@@ -663,7 +663,12 @@ def test_volume_closed_while_the_session_loop_drains(which):
     try:
         with RandomWriters([t.a for t in others], threads=2, seed=9, io_size=256 * 1024):
             gm.start()
-            time.sleep(0.3)
+            # a committed CG first (what the other Cs must stay on), then
+            # the close lands among the CGs that follow
+            deadline = time.monotonic() + 60
+            while gm.stats.successes < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)
             vol.close()
             time.sleep(0.2)
             gm.stop()
