@@ -16,6 +16,8 @@ profile leaving them out is an error, so CI cannot pass without them.
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 import unittest
 
 import pytest
@@ -43,6 +45,20 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
+    # An environment that keeps byte code out of the source tree (as some
+    # sandboxes and CI images do) made every process compile fastfc and
+    # every xdist worker rewrite the tests' asserts from source: seconds per
+    # worker, and a third of a second per ``python -m fastfc`` the CLI, serve
+    # and crash tests start (hundreds). The byte code goes to a cache outside
+    # the tree instead (PYTHONPYCACHEPREFIX, inherited by the workers and the
+    # children), so the tree stays clean as that environment wants.
+    _prefix = os.path.join(tempfile.gettempdir(), f"fastfc-tests-pycache-{os.getuid()}")
+    os.environ["PYTHONPYCACHEPREFIX"] = _prefix
+    del os.environ["PYTHONDONTWRITEBYTECODE"]
+    sys.pycache_prefix = _prefix
+    sys.dont_write_bytecode = False
 
 if "PYTEST_XDIST_WORKER" in os.environ:
     # pytest-xdist's workers (``-n 2``, as the README's test command runs)
