@@ -16,9 +16,11 @@ profile leaving them out is an error, so CI cannot pass without them.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import unittest
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, is_hypothesis_test, settings
@@ -119,3 +121,24 @@ def _no_armed_faults():
     faults.clear()
     yield
     faults.clear()
+
+
+@pytest.fixture
+def tmpfs_tmp_path(tmp_path_factory, monkeypatch):
+    """A directory of the test's own on tmpfs (/dev/shm; a plain temporary
+    directory where there is none), for tests whose storage units would
+    otherwise spend most of their time in fsyncs on a busy disk (the fsyncs
+    and msyncs are still made: tmpfs completes them at once). Volumes there
+    still take the disk's I/O path, as under ``tmp_path``: the check that
+    picks the in-memory path is patched for this process (its children, if
+    any, see tmpfs). A module opts in by overriding ``tmp_path`` with it."""
+    if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
+        yield tmp_path_factory.mktemp("tmp")
+        return
+    import fastfc.storage.volume as volume
+    monkeypatch.setattr(volume, "_in_memory_fs", lambda path: False)
+    d = Path(tempfile.mkdtemp(prefix="fastfc-tests-", dir="/dev/shm"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
