@@ -131,12 +131,16 @@ def tmpfs_tmp_path(tmp_path_factory, monkeypatch):
     and msyncs are still made: tmpfs completes them at once). Volumes there
     still take the disk's I/O path, as under ``tmp_path``: the check that
     picks the in-memory path is patched for this process (its children, if
-    any, see tmpfs). A module opts in by overriding ``tmp_path`` with it."""
+    any, see tmpfs, but for the test helpers run as children,
+    tests/crash_child.py and tests/failover_child.py, which take the disk's
+    path too under FASTFC_TESTS_TMPFS_AS_DISK). A module opts in by
+    overriding ``tmp_path`` with it."""
     if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
         yield tmp_path_factory.mktemp("tmp")
         return
     import fastfc.storage.volume as volume
     monkeypatch.setattr(volume, "_in_memory_fs", lambda path: False)
+    monkeypatch.setenv("FASTFC_TESTS_TMPFS_AS_DISK", "1")
     d = Path(tempfile.mkdtemp(prefix="fastfc-tests-", dir="/dev/shm"))
     try:
         yield d
