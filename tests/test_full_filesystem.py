@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -54,7 +55,13 @@ def disk_fs(request, tmp_path):
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
-    img, mnt = tmp_path / f"{kind}.img", tmp_path / kind
+    # the image on tmpfs when there is one: the filesystem the tests see is
+    # still a real ext4 or xfs (loop-mounted; block reservation, delayed
+    # allocation, ENOSPC are the filesystem's own), only the loop device's
+    # backing file is in memory, so its syncs do not wait for a busy disk
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    img_dir = Path(tempfile.mkdtemp(prefix="fastfc-fs-", dir=shm)) if shm else tmp_path
+    img, mnt = img_dir / f"{kind}.img", tmp_path / kind
     mnt.mkdir()
     with open(img, "wb") as f:
         f.truncate(SIZES[kind])
@@ -70,6 +77,8 @@ def disk_fs(request, tmp_path):
         if os.path.ismount(mnt):
             subprocess.run(["umount", "-l", str(mnt)], check=True)
         img.unlink()
+        if img_dir != tmp_path:
+            img_dir.rmdir()
 
 
 def fill_up(d: Path, leave: int = 0) -> None:
