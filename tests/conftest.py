@@ -16,7 +16,11 @@ profile leaving them out is an error, so CI cannot pass without them.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
 import unittest
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, is_hypothesis_test, settings
@@ -43,6 +47,20 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
+    # An environment that keeps byte code out of the source tree (as some
+    # sandboxes and CI images do) made every process compile fastfc and
+    # every xdist worker rewrite the tests' asserts from source: seconds per
+    # worker, and a third of a second per ``python -m fastfc`` the CLI, serve
+    # and crash tests start (hundreds). The byte code goes to a cache outside
+    # the tree instead (PYTHONPYCACHEPREFIX, inherited by the workers and the
+    # children), so the tree stays clean as that environment wants.
+    _prefix = os.path.join(tempfile.gettempdir(), f"fastfc-tests-pycache-{os.getuid()}")
+    os.environ["PYTHONPYCACHEPREFIX"] = _prefix
+    del os.environ["PYTHONDONTWRITEBYTECODE"]
+    sys.pycache_prefix = _prefix
+    sys.dont_write_bytecode = False
 
 if "PYTEST_XDIST_WORKER" in os.environ:
     # pytest-xdist's workers (``-n 2``, as the README's test command runs)
@@ -103,3 +121,28 @@ def _no_armed_faults():
     faults.clear()
     yield
     faults.clear()
+
+
+@pytest.fixture
+def tmpfs_tmp_path(tmp_path_factory, monkeypatch):
+    """A directory of the test's own on tmpfs (/dev/shm; a plain temporary
+    directory where there is none), for tests whose storage units would
+    otherwise spend most of their time in fsyncs on a busy disk (the fsyncs
+    and msyncs are still made: tmpfs completes them at once). Volumes there
+    still take the disk's I/O path, as under ``tmp_path``: the check that
+    picks the in-memory path is patched for this process (its children, if
+    any, see tmpfs, but for the test helpers run as children,
+    tests/crash_child.py and tests/failover_child.py, which take the disk's
+    path too under FASTFC_TESTS_TMPFS_AS_DISK). A module opts in by
+    overriding ``tmp_path`` with it."""
+    if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
+        yield tmp_path_factory.mktemp("tmp")
+        return
+    import fastfc.storage.volume as volume
+    monkeypatch.setattr(volume, "_in_memory_fs", lambda path: False)
+    monkeypatch.setenv("FASTFC_TESTS_TMPFS_AS_DISK", "1")
+    d = Path(tempfile.mkdtemp(prefix="fastfc-tests-", dir="/dev/shm"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

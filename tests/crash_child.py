@@ -47,6 +47,12 @@ import numpy as np
 from fastfc import GlobalMirror, GMState, StorageUnit, faults
 from fastfc.tools.testing import RandomWriters
 
+if os.environ.get("FASTFC_TESTS_TMPFS_AS_DISK"):
+    # the parent keeps the units on tmpfs for speed (conftest.tmpfs_tmp_path):
+    # volumes take the disk's I/O path here too, as they do in the parent
+    import fastfc.storage.volume as _volume
+    _volume._in_memory_fs = lambda path: False
+
 N_TRIPLETS = 3
 N_TRACKS = 32
 TRACK = 4096

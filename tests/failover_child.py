@@ -30,6 +30,12 @@ import numpy as np
 from fastfc import GlobalMirror, PPRCPair, StorageUnit
 from fastfc.copyservices.flashcopy import FlashCopy
 
+if os.environ.get("FASTFC_TESTS_TMPFS_AS_DISK"):
+    # the parent keeps the units on tmpfs for speed (conftest.tmpfs_tmp_path):
+    # volumes take the disk's I/O path here too, as they do in the parent
+    import fastfc.storage.volume as _volume
+    _volume._in_memory_fs = lambda path: False
+
 N_TRACKS = 16
 TRACK = 4096
 OWED = (3, 7)          # tracks A writes after the full copy, never sent to B

@@ -364,18 +364,45 @@ class PowerCutRecorder:
         commit reached the disk). Returns what was chosen: per file, the
         changed pages and how many of them hold a version newer than the
         synced one."""
-        assert pages in ("random", "none", "all") and db in ("synced", "current")
-        if pages == "random":
-            self.observe()
-        dest = Path(dest)
+        return self.cuts([(dest, pages, db)], rng)[0]
+
+    def cuts(self, variants, rng: np.random.Generator) -> list[dict]:
+        """Several cut copies of this one instant: ``variants`` is a list of
+        ``(dest, pages, db)``, each written as :meth:`cut` would write it
+        (the same draws from ``rng``, in the same order, as that many calls
+        of :meth:`cut`); the files are read, and their changed pages found,
+        once for all of them. Returns :meth:`cut`'s report for each."""
+        for _, pages, db in variants:
+            assert pages in ("random", "none", "all") and db in ("synced", "current")
+        if any(pages == "random" for _, pages, _ in variants):
+            self.observe()     # (once: a second observe at one instant adds nothing)
+        units = []
+        for d in self.dirs:    # what the instant holds, read once
+            current = {self._resolve(p) for p in self.files(d)}
+            known = {p for p in self.synced if self._unit_of(p) == d}
+            files = []
+            for p in sorted((current | known) - {d / n for n in DB_FILES}):
+                cur = _read(p)
+                base = self.synced.get(p)
+                diff = None
+                if cur is not None:
+                    base = bytes(len(cur)) if base is None else base
+                    diff = _differing_pages(base, cur)
+                files.append((p, p.relative_to(d), cur, base, diff))
+            units.append((d, [_read(d / n) for n in DB_FILES], files))
+        return [self._write_cut(Path(dest), rng, pages, db, units)
+                for dest, pages, db in variants]
+
+    def _write_cut(self, dest: Path, rng: np.random.Generator, pages: str, db: str,
+                   units) -> dict:
         report: dict[str, tuple[int, int]] = {}
-        for d in self.dirs:
+        for d, db_now, files in units:
             out = dest / d.relative_to(self.parent)
             (out / "volumes").mkdir(parents=True)
             (out / "bitmaps").mkdir()
             db_files = []
-            for n in DB_FILES:
-                content = self.synced.get(d / n) if db == "synced" else _read(d / n)
+            for n, now in zip(DB_FILES, db_now):
+                content = self.synced.get(d / n) if db == "synced" else now
                 db_files.append(content)
                 if content is not None:
                     (out / n).write_bytes(content)
@@ -383,19 +410,11 @@ class PowerCutRecorder:
             named = self._named.get(tuple(db_files))
             if named is None:
                 named = self._named[tuple(db_files)] = _named_files(out)
-            current = {self._resolve(p) for p in self.files(d)}
-            known = {p for p in self.synced if self._unit_of(p) == d}
-            for p in sorted((current | known) - {d / n for n in DB_FILES}):
-                rel = p.relative_to(d)
-                cur = _read(p)
-                base = self.synced.get(p)
+            for p, rel, cur, base, diff in files:
                 if cur is None:            # deleted since it was synced: maybe not yet
                     content = base
                 else:
-                    if base is None:
-                        base = bytes(len(cur))
                     seen = self.versions.get(p, {})
-                    diff = _differing_pages(base, cur)
                     if pages == "random":   # also a page changed and changed back since
                         diff = sorted(set(diff) | {i for i in seen if (i + 1) * PAGE <= len(cur)})
                     buf = bytearray(base[:len(cur)].ljust(len(cur), b"\0"))

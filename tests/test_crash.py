@@ -74,6 +74,15 @@ def _summary(request):
         reporter.write_line(line)
 
 
+@pytest.fixture
+def tmp_path(tmpfs_tmp_path):
+    """The units live on tmpfs (conftest.tmpfs_tmp_path; the children take
+    the disk's I/O path there too): a SIGKILL leaves the page cache as it
+    is, on tmpfs as on a disk, and on a busy disk the units' syncs took
+    most of the time."""
+    return tmpfs_tmp_path
+
+
 # -- running the child ------------------------------------------------------------
 def run_child(root: Path, *, point: str = "none", index: int = 0, after: int = 0,
               seed: int = 0, cg_interval: float = 0.0, kill_after: float | None = None,

@@ -22,6 +22,14 @@ TS = 4096
 N = 8
 
 
+@pytest.fixture
+def tmp_path(tmpfs_tmp_path):
+    """This module's units live on tmpfs (conftest.tmpfs_tmp_path): none of
+    its tests is about the disk, and on a busy disk their fsyncs took most
+    of their time."""
+    return tmpfs_tmp_path
+
+
 def session(tmp_path, durability, n=2):
     u1 = StorageUnit(tmp_path / "a", durability=durability)
     u2 = StorageUnit(tmp_path / "b", durability=durability)

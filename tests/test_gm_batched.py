@@ -26,6 +26,14 @@ from helpers import one_at_a_time
 TS = 512
 
 
+@pytest.fixture
+def tmp_path(tmpfs_tmp_path):
+    """This module's units live on tmpfs (conftest.tmpfs_tmp_path): none of
+    its tests is about the disk, and on a busy disk their fsyncs took most
+    of their time."""
+    return tmpfs_tmp_path
+
+
 def _session(n_trip: int, n_tracks: int, batched: bool, decide: str,
              sizes: list[int] | None = None) -> tuple[GlobalMirror, list]:
     trips = []

@@ -31,6 +31,14 @@ TS = 4096
 N = 32
 
 
+@pytest.fixture
+def tmp_path(tmpfs_tmp_path):
+    """This module's units live on tmpfs (conftest.tmpfs_tmp_path): none of
+    its tests is about the disk, and on a busy disk their fsyncs took most
+    of their time."""
+    return tmpfs_tmp_path
+
+
 @pytest.fixture(autouse=True)
 def _clean_units():
     yield

@@ -25,6 +25,14 @@ TS = 4096
 N = 16
 
 
+@pytest.fixture
+def tmp_path(tmpfs_tmp_path):
+    """This module's units live on tmpfs (conftest.tmpfs_tmp_path): none of
+    its tests is about the disk, and on a busy disk their fsyncs took most
+    of their time."""
+    return tmpfs_tmp_path
+
+
 def make_session(tmp_path, n_trip=4, n_units=2, **kw):
     units = [remote.LocalUnit.start(tmp_path / f"u{i}", name=f"u{i}") for i in range(n_units)]
     trips = []

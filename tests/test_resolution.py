@@ -21,6 +21,14 @@ RELS = st.lists(st.tuples(st.booleans(), st.integers(0, 6)), max_size=8)
 SETTLED = st.lists(st.dictionaries(st.integers(0, 6), OUTCOMES, max_size=3), max_size=3)
 
 
+@pytest.fixture
+def tmp_path(tmpfs_tmp_path):
+    """This module's units live on tmpfs (conftest.tmpfs_tmp_path): none of
+    its tests is about the disk, and on a busy disk their fsyncs took most
+    of their time."""
+    return tmpfs_tmp_path
+
+
 def plain_rule(rels, settled, decision):
     """The rule as IBM states it, written out plainly: nothing in doubt,
     nothing to do; else for the newest CG in doubt, if any C already holds

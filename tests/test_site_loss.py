@@ -28,6 +28,14 @@ N = 64          # tracks per volume
 
 
 @pytest.fixture
+def tmp_path(tmpfs_tmp_path):
+    """This module's units live on tmpfs (conftest.tmpfs_tmp_path): none of
+    its tests is about the disk, and on a busy disk their fsyncs took most
+    of their time."""
+    return tmpfs_tmp_path
+
+
+@pytest.fixture
 def fastfc():
     """``fastfc(*args, unit, remote=None, code=0)``: one command, its exit
     status checked; returns the result."""

@@ -26,6 +26,14 @@ TS = 512
 N = 8
 
 
+@pytest.fixture
+def tmp_path(tmpfs_tmp_path):
+    """This module's units live on tmpfs (conftest.tmpfs_tmp_path): none of
+    its tests is about the disk, and on a busy disk their fsyncs took most
+    of their time."""
+    return tmpfs_tmp_path
+
+
 def snapshot(path) -> dict:
     """Every file of a unit directory: name -> (mtime_ns, sha256)."""
     out = {}
