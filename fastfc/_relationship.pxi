@@ -41,6 +41,15 @@ cdef class MirrorBase:
     cdef public dict side
     cdef public long long cg_bytes
 
+    @property
+    def out_of_sync_tracks(self):
+        """Tracks still owed to the secondary: out of sync, and (a CG in
+        flight) the CG's tracks not yet sent and those in the side file."""
+        n = self.oos.count()
+        if self.cg is not None:
+            n += self.cg.count() + len(self.side)
+        return n
+
     def _collide(self, Py_ssize_t t0, Py_ssize_t t1):
         pass
 

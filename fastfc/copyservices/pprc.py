@@ -281,13 +281,6 @@ class PPRCPair(_core.MirrorBase):
             return PPRCState.COPY_PENDING
         return PPRCState.FULL_DUPLEX
 
-    @property
-    def out_of_sync_tracks(self) -> int:
-        n = self.oos.count()
-        if self.cg is not None:
-            n += self.cg.count() + len(self.side)
-        return n
-
     def __repr__(self) -> str:
         reason = f" ({self.suspend_reason})" if self.suspend_reason else ""
         return (f"<PPRCPair {self.name} {self.mode.value} {self.state.value}{reason} "

@@ -70,13 +70,6 @@ class SitePair(MirrorBase):
         finally:
             a._unlock()
 
-    @property
-    def out_of_sync_tracks(self) -> int:
-        n = self.oos.count()
-        if self.cg is not None:
-            n += self.cg.count() + len(self.side)
-        return n
-
     def __repr__(self) -> str:
         return f"<SitePair {self.name} oos={self.out_of_sync_tracks}>"
 
