@@ -98,3 +98,19 @@ def one_at_a_time(gm) -> None:
         group.prepare_all = prepare_all
         group.commit_all = lambda finish=finish: finish("commit")
         group.revert_all = lambda finish=finish: finish("revert")
+
+
+class KernelCalls:
+    """Counts the calls of a kernel (``_core.<name>``) for the rest of a test
+    (``monkeypatch`` undoes it): the session runs it, not a fallback."""
+
+    def __init__(self, monkeypatch, name: str) -> None:
+        from fastfc import _core
+        self.calls = 0
+        real = getattr(_core, name)
+
+        def wrapped(*a, **k):
+            self.calls += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(_core, name, wrapped)

@@ -21,7 +21,7 @@ from hypothesis import given, strategies as st
 
 from fastfc import GlobalMirror, StorageUnit, Volume, _core, faults
 from fastfc.copyservices.groups import SecondaryGroup
-from helpers import one_at_a_time
+from helpers import KernelCalls, one_at_a_time
 
 TS = 512
 
@@ -113,21 +113,6 @@ def test_batched_cg_with_volumes_of_several_sizes():
     _run(7, 4, "after_all", steps=8, sizes=[8, 3, 8, 1])
 
 
-class _Count:
-    """Counts the calls of a kernel (``_core.<name>``) and the relationships
-    or pairs it was handed."""
-
-    def __init__(self, monkeypatch, name: str) -> None:
-        self.calls = 0
-        real = getattr(_core, name)
-
-        def wrapped(*a, **k):
-            self.calls += 1
-            return real(*a, **k)
-
-        monkeypatch.setattr(_core, name, wrapped)
-
-
 _KERNELS = ("pprc_drain_many", "prepare_revertible_many", "end_revertible_many",
             "cg_end_many")
 
@@ -144,7 +129,7 @@ def test_an_armed_fault_runs_the_same_kernels(monkeypatch, point):
         assert gm.form_consistency_group().committed
         for a, _, _ in trips:
             a.write(0, np.full(3 * TS, 5, np.uint8))
-        counts = {name: _Count(monkeypatch, name) for name in _KERNELS}
+        counts = {name: KernelCalls(monkeypatch, name) for name in _KERNELS}
         if point == "drain":
             faults.inject("drain", volume=trips[2][0])
         elif point == "link":
@@ -218,7 +203,7 @@ def test_a_durable_unit_runs_the_kernels_and_records_each_step_once(tmp_path, mo
         assert gm.form_consistency_group().committed
         for a, _, _ in trips:
             a.write(TS, np.full(TS, 3, np.uint8))
-        counts = {name: _Count(monkeypatch, name) for name in _KERNELS}
+        counts = {name: KernelCalls(monkeypatch, name) for name in _KERNELS}
         store = trips[0][1].store
         batches, singles = [], []
         real_many, real_one = store.save_flashes, store.save_flash

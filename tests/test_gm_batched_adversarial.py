@@ -91,6 +91,7 @@ import time  # noqa: E402
 import fastfc  # noqa: E402
 from fastfc.copyservices.globalmirror import GlobalMirror  # noqa: E402
 from fastfc.tools.testing import PromiseChecker, RandomWriters  # noqa: E402
+from helpers import KernelCalls  # noqa: E402
 
 
 def _session(n_trip: int, n_tracks: int, track_size: int, **options):
@@ -100,20 +101,6 @@ def _session(n_trip: int, n_tracks: int, track_size: int, **options):
     gm = GlobalMirror(list(zip(A, B, C)), on_coordinate=checker.on_coordinate, **options)
     checker.attach(gm)
     return gm, checker
-
-
-class _Count:
-    """Counts the calls of a kernel the session makes (it runs, not a fallback)."""
-
-    def __init__(self, monkeypatch, name: str) -> None:
-        self.calls = 0
-        real = getattr(_core, name)
-
-        def wrapped(*a, **k):
-            self.calls += 1
-            return real(*a, **k)
-
-        monkeypatch.setattr(_core, name, wrapped)
 
 
 def _cg_loop(gm, checker, writers, cgs: int) -> int:
@@ -134,9 +121,9 @@ def test_promise_under_writers_on_the_batched_path(monkeypatch):
     write, change recording, out-of-sync bits and collisions into the side
     file) while 150 CGs form with no fault armed; every C on the newest
     committed CG after each."""
-    drains = _Count(monkeypatch, "pprc_drain_many")
-    prepares = _Count(monkeypatch, "prepare_revertible_many")
-    ends = _Count(monkeypatch, "end_revertible_many")
+    drains = KernelCalls(monkeypatch, "pprc_drain_many")
+    prepares = KernelCalls(monkeypatch, "prepare_revertible_many")
+    ends = KernelCalls(monkeypatch, "end_revertible_many")
     gm, checker = _session(6, 16, 4096, max_coordination_time=0.2)
     try:
         w = RandomWriters([t.a for t in gm.triplets], threads=2, seed=13)
@@ -155,7 +142,7 @@ def test_promise_under_writers_with_two_copy_threads(monkeypatch):
     """As above with ``set_copy_threads(2)`` and 256 KiB tracks, writes of up
     to 2 tracks: the drain's runs of 1 MiB and more are split across the
     copy threads while the writers wait on A's lock; no torn track in B or C."""
-    drains = _Count(monkeypatch, "pprc_drain_many")
+    drains = KernelCalls(monkeypatch, "pprc_drain_many")
     old = fastfc.copy_threads()
     fastfc.set_copy_threads(2)
     gm, checker = _session(3, 16, 256 * 1024, max_coordination_time=0.2)
