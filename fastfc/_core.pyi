@@ -58,15 +58,20 @@ def prepare_revertible_many(rels: list[_R], start: int, sequence: int,
                             fault: Callable[[str, Any], object] | None = ...,
                             before: Callable[[Any], object] | None = ...,
                             after: Callable[[Any], object] | None = ...,
+                            snapshots: list[tuple] | None = ...,
                             ) -> tuple[int, BaseException | None]: ...
 def end_revertible_many(rels: list[_R], start: int, commit: bool,
                         dropped: list[TrackBitmap] | None,
                         fault: Callable[[str, Any], object] | None = ...,
                         before: Callable[[Any], object] | None = ...,
                         after: Callable[[Any], object] | None = ...,
+                        snapshots: list[tuple] | None = ...,
                         ) -> tuple[int, BaseException | None]: ...
 def pool_bitmaps(bitmaps: Any, free: dict[int, list[TrackBitmap]], free_bytes: int,
                  cap: int) -> int: ...
+def log_rows(rels: list[_R], ids: list[int], rows: dict[Any, set[int]],
+             refs: dict[int, int], undo: dict | None, missing: object,
+             null: int) -> tuple[bytes, set[int]]: ...
 def cg_end_many(primaries: list[_V], hooks: list[_M], ok: bool = ...) -> None: ...
 
 class TrackBitmap:
@@ -138,6 +143,7 @@ class RelationshipBase:
     sequence: int
     _cursor: int
     _revert_image: tuple[TrackBitmap, TrackBitmap | None, TrackBitmap | None, int] | None
+    def step_state(self) -> tuple: ...
     def _copy_chunk(self, start: int, max_tracks: int) -> tuple[int, int]: ...
     def _copy_tracks_where(self, mask: TrackBitmap, to_source: bool) -> int: ...
 

@@ -121,6 +121,15 @@ cdef class RelationshipBase:
         else:
             self.rv_to_copy, self.rv_src_changed, self.rv_tgt_changed, self.rv_sequence = image
 
+    cpdef tuple step_state(self):
+        """What a step changes, as it is (for ``FlashCopy.undo_step``):
+        ``(to_copy, src_changed, tgt_changed, sequence, revert image,
+        revertible, cursor)``."""
+        image = None if self.rv_to_copy is None else (
+            self.rv_to_copy, self.rv_src_changed, self.rv_tgt_changed, self.rv_sequence)
+        return (self.to_copy, self.src_changed, self.tgt_changed, self.sequence,
+                image, self.revertible, self._cursor)
+
     def _copy_chunk(self, Py_ssize_t start, Py_ssize_t max_tracks):
         """Copy up to ``max_tracks`` set tracks from ``start`` on, under the
         locks; return ``(tracks copied, resume position)``."""
@@ -270,7 +279,8 @@ def zero_bitmaps(list bitmaps):
 
 
 def prepare_revertible_many(list rels, Py_ssize_t start, long long sequence, list fresh,
-                            bint revertible=True, fault=None, before=None, after=None):
+                            bint revertible=True, fault=None, before=None, after=None,
+                            list snapshots=None):
     """Resync ``rels[start:]`` (revertibly unless ``revertible`` is false)
     with ``sequence``, in order, each under its source's and target's locks:
     ``FlashCopy.resync`` for a batch (a relationship's own resync is a batch
@@ -288,6 +298,8 @@ def prepare_revertible_many(list rels, Py_ssize_t start, long long sequence, lis
     any fault is armed (fastfc.faults' ``hit``). After its change, with the
     locks still held, ``after(rel)`` is called if given (a relationship's
     own step records itself there, undoing the change if the store refuses).
+    With ``snapshots`` (a list), each relationship's :meth:`step_state` is
+    appended to it just before its change (a durable store's undo record).
 
     Returns ``(k, error)``: ``(len(rels), None)`` when every relationship
     is done, else the index of the first that was not, with the exception
@@ -329,6 +341,8 @@ def prepare_revertible_many(list rels, Py_ssize_t start, long long sequence, lis
                 return k, err
             if out is None or sc is None or tc is None or not r.record or not r.active:
                 return k, None       # no fresh bitmaps given: the caller's to give
+            if snapshots is not None:
+                snapshots.append(r.step_state())
             r._prepare_step(out, sc, tc, sequence, revertible)
             if after is not None:
                 try:
@@ -342,7 +356,7 @@ def prepare_revertible_many(list rels, Py_ssize_t start, long long sequence, lis
 
 
 def end_revertible_many(list rels, Py_ssize_t start, bint commit, list dropped,
-                        fault=None, before=None, after=None):
+                        fault=None, before=None, after=None, list snapshots=None):
     """Commit (``commit``) or revert ``rels[start:]``, in order, each under
     its source's and target's locks: ``FlashCopy.commit`` / ``revert`` for a
     batch (a relationship's own commit or revert is a batch of one). The
@@ -354,8 +368,8 @@ def end_revertible_many(list rels, Py_ssize_t start, bint commit, list dropped,
     changes: its state is checked (withdrawn, not revertible), ``before(rel)``
     is called if given, the volumes must be open, and ``fault("commit" or
     "revert", source)`` is called while any fault is armed; ``after(rel)``
-    after its change, locks held. Returns ``(k, error)`` as
-    :func:`prepare_revertible_many` does. Starting a background
+    after its change, locks held; ``snapshots`` as for
+    :func:`prepare_revertible_many`. Returns ``(k, error)`` as it does. Starting a background
     copy is the caller's (after the locks are let go).
     """
     cdef Py_ssize_t k, n = len(rels)
@@ -375,6 +389,8 @@ def end_revertible_many(list rels, Py_ssize_t start, bint commit, list dropped,
                 err = e
             if err is not None:
                 return k, err
+            if snapshots is not None:
+                snapshots.append(r.step_state())
             r._end_step(commit, dropped)
             if after is not None:
                 try:
@@ -430,3 +446,100 @@ def pool_bitmaps(bitmaps, dict free, Py_ssize_t free_bytes, Py_ssize_t cap):
         pool.append(bm)
         free_bytes += nb
     return free_bytes
+
+
+# ---------------------------------------------------------------------------
+# A durable store's record of a batched step (the FlashCopy log's row body
+# and the bookkeeping of which bitmap files each row names), built in one
+# call: per relationship in Python it was most of a unit's CG cost
+# ---------------------------------------------------------------------------
+
+cdef inline void _put_le64(unsigned char* p, int64_t v) noexcept:
+    cdef uint64_t u = <uint64_t>v
+    cdef int i
+    for i in range(8):
+        p[i] = <unsigned char>(u & 0xff)
+        u >>= 8
+
+
+def log_rows(list rels, list ids, dict rows, dict refs, undo, missing, int64_t null):
+    """A durable store's record of one batched step of the relationships
+    ``rels`` (whose rows have the ids ``ids``): the FlashCopy log row's body
+    and the bookkeeping of which bitmap files each row names. Each of
+    ``rels`` is a relationship, or its record (``FlashCopy.to_record()``:
+    what a store is handed by callers that build records).
+
+    Returns ``(body, gone)``. ``body`` packs, per relationship, ten
+    little-endian int64: its id, ``sequence``, ``revertible`` (0 or 1), the
+    ``file_id`` of ``to_copy``, ``src_changed``, ``tgt_changed`` and of the
+    revert image's three (``null`` for none, or a bitmap without one), and
+    the revert image's sequence (``null`` when not revertible).
+
+    The bookkeeping is the store's (``SQLiteStore._set_rows``, done here for
+    the key ``("fc", id)`` of each relationship): ``rows`` maps a row's key
+    to the set of file ids it names, ``refs`` a file id to how many rows
+    name it; ``undo`` (a dict, or None outside a transaction) gets a key's
+    old set (``missing`` when it had none) the first time the key changes.
+    ``gone`` is the set of file ids some row stopped naming.
+    """
+    cdef Py_ssize_t n = len(rels), k, j
+    cdef bytearray out
+    cdef unsigned char* p
+    cdef RelationshipBase r
+    cdef dict rec
+    cdef set now, before, gone = set()
+    cdef int64_t fid
+    cdef tuple bms
+    if len(ids) != n:
+        raise ValueError("log_rows needs one row id per relationship")
+    out = bytearray(n * 80)
+    p = out
+    for k in range(n):
+        rid = ids[k]
+        o = rels[k]
+        _put_le64(p, rid)
+        if isinstance(o, RelationshipBase):
+            r = <RelationshipBase>o
+            _put_le64(p + 8, r.sequence)
+            _put_le64(p + 16, 1 if r.revertible else 0)
+            bms = (r.to_copy, r.src_changed, r.tgt_changed,
+                   r.rv_to_copy, r.rv_src_changed, r.rv_tgt_changed)
+            rvs = None if r.rv_to_copy is None else r.rv_sequence
+        else:
+            rec = <dict?>o
+            _put_le64(p + 8, rec["sequence"])
+            _put_le64(p + 16, 1 if rec["revertible"] else 0)
+            bms = (rec["to_copy"], rec["src_changed"], rec["tgt_changed"],
+                   rec["rv_to_copy"], rec["rv_src_changed"], rec["rv_tgt_changed"])
+            rvs = rec["rv_sequence"]
+        now = set()
+        for j in range(6):
+            f = None if bms[j] is None else getattr(bms[j], "file_id", None)
+            if f is None:
+                fid = null
+            else:
+                fid = f
+                now.add(f)
+            _put_le64(p + 24 + 8 * j, fid)
+        _put_le64(p + 72, null if rvs is None else rvs)
+        p += 80
+        key = ("fc", rid)
+        old = rows.get(key)
+        if undo is not None and key not in undo:
+            undo[key] = missing if old is None else old
+        rows[key] = now
+        if old is not None and old == now:
+            continue
+        before = set() if old is None else old
+        for f in now:
+            if f not in before:
+                refs[f] = refs.get(f, 0) + 1
+        for f in before:
+            if f not in now:
+                gone.add(f)
+                c = refs.get(f, 0) - 1
+                if c > 0:
+                    refs[f] = c
+                else:
+                    refs.pop(f, None)
+    return bytes(out), gone

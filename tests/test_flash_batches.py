@@ -14,6 +14,7 @@ to the same relationships as the same session recorded per relationship
 from __future__ import annotations
 
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastfc import FlashCopy, GlobalMirror, StorageUnit, faults
+from fastfc import FlashCopy, GlobalMirror, StorageUnit, Volume, _core, faults
+from fastfc._core import TrackBitmap
 from fastfc.durable.sqlite import SQLiteStore
 from fastfc.storage.store import Store
 
@@ -381,3 +383,85 @@ def test_a_unit_from_before_the_flashcopy_log_opens_and_is_upgraded_read_write(t
     assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
     assert db.execute("SELECT count(*) FROM flash_log").fetchone() == (0,)
     db.close()
+
+
+class _Tagged(TrackBitmap):
+    """A bitmap with a file id, as a unit's bitmap files have."""
+
+
+def _bitmap(fid):
+    if fid == "plain":
+        return TrackBitmap(8)         # a bitmap without a file
+    if fid is None:
+        return None
+    bm = _Tagged(8)
+    bm.file_id = fid
+    return bm
+
+
+_fids = st.one_of(st.none(), st.just("plain"), st.integers(0, 7))
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=st.lists(st.tuples(
+           st.integers(0, 5),                                  # row id
+           st.integers(0, 2**40), st.booleans(),               # sequence, revertible
+           st.tuples(*[_fids] * 3), st.one_of(st.none(), st.tuples(*[_fids] * 3)),
+           st.integers(0, 2**40)),                             # the revert image's sequence
+           min_size=1, max_size=6, unique_by=lambda s: s[0]),
+       old=st.dictionaries(st.integers(0, 5), st.frozensets(st.integers(0, 9), max_size=4),
+                           max_size=5),
+       in_transaction=st.booleans(), as_records=st.booleans())
+def test_a_log_rows_body_and_its_file_bookkeeping_match_a_plain_model(
+        steps, old, in_transaction, as_records):
+    """``_core.log_rows`` (a unit's CG step record, built in one core call
+    from the relationships or their records) against a plain model: each
+    relationship's ten columns packed as little-endian int64, and the files
+    each row names counted again from scratch."""
+    missing = object()
+    rows = {("fc", rid): set(f) for rid, f in old.items()}
+    refs: dict[int, int] = {}
+    for f in rows.values():
+        for x in f:
+            refs[x] = refs.get(x, 0) + 1
+    undo = {} if in_transaction else None
+    want_rows = {k: set(v) for k, v in rows.items()}
+    want_undo: dict = {}
+    want_gone: set = set()
+    body = b""
+    rels, ids = [], []
+    src, tgt = Volume(8, 4096), Volume(8, 4096)
+    for rid, seq, rev, cur, image, rvs in steps:
+        maps = [_bitmap(f) for f in cur + (image or (None, None, None))]
+        if image is not None and maps[3] is None:
+            image = None            # (a revert image has its to_copy)
+            maps[3:] = [None] * 3
+        fc = FlashCopy.__new__(FlashCopy)
+        fc.source, fc.target = src, tgt
+        fc.to_copy, fc.src_changed, fc.tgt_changed = maps[:3]
+        fc._revert_image = None if image is None else (*maps[3:], rvs)
+        fc.sequence, fc.revertible = seq, rev
+        fc._store_id, fc._options = rid, {}
+        rels.append(fc.to_record() if as_records else fc)
+        ids.append(rid)
+        fids = [getattr(m, "file_id", None) for m in maps]
+        body += struct.pack("<10q", rid, seq, int(rev), *[-1 if f is None else f for f in fids],
+                            -1 if image is None else rvs)
+        key = ("fc", rid)
+        now = {f for f in fids if f is not None}
+        if key not in want_undo:
+            want_undo[key] = set(want_rows[key]) if key in want_rows else missing
+        want_gone |= want_rows.get(key, set()) - now
+        want_rows[key] = now
+    want_refs: dict[int, int] = {}
+    for f in want_rows.values():
+        for x in f:
+            want_refs[x] = want_refs.get(x, 0) + 1
+
+    got_body, got_gone = _core.log_rows(rels, ids, rows, refs, undo, missing, -1)
+    assert got_body == body
+    assert got_gone == want_gone
+    assert rows == want_rows
+    assert refs == want_refs
+    if in_transaction:
+        assert undo == want_undo

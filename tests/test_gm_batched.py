@@ -196,7 +196,7 @@ def _unit_triplets(pu, su, n: int) -> list:
 def test_a_durable_unit_runs_the_kernels_and_records_each_step_once(tmp_path, monkeypatch):
     """A session over a storage unit's volumes takes the same kernel calls as
     one in memory, and its store records each FlashCopy step of a group in
-    one ``save_flashes`` call (no ``save_flash`` per relationship)."""
+    one ``save_steps`` call (no ``save_flash`` per relationship)."""
     with StorageUnit(tmp_path / "p") as pu, StorageUnit(tmp_path / "s") as su:
         trips = _unit_triplets(pu, su, 4)
         gm = GlobalMirror(trips, name="gm", max_coordination_time=1.0)
@@ -206,15 +206,15 @@ def test_a_durable_unit_runs_the_kernels_and_records_each_step_once(tmp_path, mo
         counts = {name: KernelCalls(monkeypatch, name) for name in _KERNELS}
         store = trips[0][1].store
         batches, singles = [], []
-        real_many, real_one = store.save_flashes, store.save_flash
-        monkeypatch.setattr(store, "save_flashes",
-                            lambda recs: batches.append(len(recs)) or real_many(recs))
+        real_many, real_one = store.save_steps, store.save_flash
+        monkeypatch.setattr(store, "save_steps", lambda rels, ids, options: batches.append(
+            len(rels)) or real_many(rels, ids, options))
         monkeypatch.setattr(store, "save_flash",
                             lambda rec: singles.append(rec["id"]) or real_one(rec))
         assert gm.form_consistency_group().committed
         assert {n: c.calls for n, c in counts.items()} == dict.fromkeys(_KERNELS, 1)
         assert batches == [4, 4]      # the prepares, then the commits
-        # (Store.save_flashes loops save_flash unless the store's is faster)
+        # (Store.save_steps loops save_flash unless the store's is faster)
         assert len(singles) in (0, 8)
         gm.close(discard=True)
 
@@ -336,16 +336,16 @@ def test_a_store_that_refuses_a_step_leaves_memory_as_it_was(tmp_path, monkeypat
         for a, _, _ in trips:
             a.write(2 * TS, np.full(TS, 9, np.uint8))
         store = trips[0][1].store
-        real = store.save_flashes
+        real = store.save_steps
         calls = []
 
-        def refuse(records):
-            calls.append(len(records))
+        def refuse(rels, ids, options):
+            calls.append(len(rels))
             if len(calls) == (1 if step == "prepare" else 2):
                 raise NoSpaceError("injected: the unit's disk is full")
-            return real(records)
+            return real(rels, ids, options)
 
-        monkeypatch.setattr(store, "save_flashes", refuse)
+        monkeypatch.setattr(store, "save_steps", refuse)
         fcs = [t.fc for t in gm.triplets]
 
         def state():
@@ -373,6 +373,6 @@ def test_a_store_that_refuses_a_step_leaves_memory_as_it_was(tmp_path, monkeypat
             gm.clear_fatal()
         for fc in fcs:
             assert fc.source._inhibits == 0
-        monkeypatch.setattr(store, "save_flashes", real)
+        monkeypatch.setattr(store, "save_steps", real)
         assert gm.form_consistency_group().committed
         gm.close(discard=True)

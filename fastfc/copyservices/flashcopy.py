@@ -678,11 +678,6 @@ class FlashCopy(_core.RelationshipBase):
         if store.durable:
             self._store_id = store.save_flash(self.to_record())
 
-    def step_state(self) -> tuple:
-        """What a step changes, as it is (for :meth:`undo_step`)."""
-        return (self.to_copy, self.src_changed, self.tgt_changed, self.sequence,
-                self._revert_image, self.revertible, self._cursor)
-
     def undo_step(self, before: tuple) -> None:
         """Put back the state ``before`` (from :meth:`step_state`): a step
         undone. The source's write-inhibit follows. Locks held."""
@@ -722,7 +717,7 @@ class FlashCopy(_core.RelationshipBase):
 def record_steps(fcs: Sequence[FlashCopy], snapshots: Sequence[tuple]) -> None:
     """Record the relationships ``fcs`` that one batched step changed (a
     consistency group's prepares, commits or reverts at one store): one
-    ``save_flashes`` call per store. If a store refuses, every one of them
+    ``save_steps`` call per store. If a store refuses, every one of them
     is put back as it was before the step (``snapshots``: each one's
     :meth:`FlashCopy.step_state`, taken under its locks by the step) and the
     store's exception propagates: memory never holds what the store does
@@ -735,9 +730,11 @@ def record_steps(fcs: Sequence[FlashCopy], snapshots: Sequence[tuple]) -> None:
     try:
         for idx in by_store.values():
             store = fcs[idx[0]]._store
-            ids = store.save_flashes([fcs[i].to_record() for i in idx])
-            for i, rid in zip(idx, ids):
-                fcs[i]._store_id = rid
+            step = [fcs[i] for i in idx]
+            ids = store.save_steps(step, [fc._store_id for fc in step],
+                                   [fc._options for fc in step])
+            for fc, rid in zip(step, ids):
+                fc._store_id = rid
             saved += idx
     except BaseException:
         done = set(saved)   # (other stores' saves stand: their rows are the state)

@@ -94,19 +94,14 @@ class FlashCopyGroup:
                 slots[3 * i:3 * i + 3] = fc.store.new_bitmaps(fc.source.n_tracks, 3)
         return slots
 
-    def _before(self, snapshots: list | None) -> Callable | None:
+    def _before(self) -> Callable | None:
         """The callback the kernels call before each relationship's step
-        (under its locks): its store's check, and (stores that keep
-        records) its state as it was, for an undo."""
+        (under its locks): its store's check. (A store that keeps records
+        also gets each one's state as it was, for an undo: the kernels'
+        ``snapshots``.)"""
         if not self._checked:
             return None
-        if snapshots is None:
-            return lambda fc: fc.store.check_writable()
-
-        def before(fc: FlashCopy) -> None:
-            fc.store.check_writable()
-            snapshots.append(fc.step_state())
-        return before
+        return lambda fc: fc.store.check_writable()
 
     def prepare_all(self, sequence: int, stop_at_failure: bool) -> str | None:
         """Prepare every B->C relationship revertibly with CG ``sequence``
@@ -121,7 +116,7 @@ class FlashCopyGroup:
         prepared: list[FlashCopy] = []
         self.prepared = prepared
         snapshots: list | None = [] if self._durable else None
-        before = self._before(snapshots)
+        before = self._before()
         slots = self._slots = self._fresh()
         self._kept = False
         failure = None
@@ -130,10 +125,8 @@ class FlashCopyGroup:
         while k < n:
             start = k
             k, err = _core.prepare_revertible_many(fcs, k, sequence, slots, True, faults.hit,
-                                                   before)
+                                                   before, None, snapshots)
             prepared += fcs[start:k]
-            if snapshots is not None:
-                del snapshots[len(prepared):]   # (one taken before a refusal)
             if err is None:
                 break
             self._kept = True
@@ -173,7 +166,7 @@ class FlashCopyGroup:
         fcs = self.prepared
         n = len(fcs)
         snapshots: list | None = [] if self._durable else None
-        before = self._before(snapshots)
+        before = self._before()
         commit = step == "commit"
         dropped: list = []
         done: list[FlashCopy] = []
@@ -182,10 +175,9 @@ class FlashCopyGroup:
         k = 0
         while k < n:
             start = k
-            k, err = _core.end_revertible_many(fcs, k, commit, dropped, faults.hit, before)
+            k, err = _core.end_revertible_many(fcs, k, commit, dropped, faults.hit, before,
+                                               None, snapshots)
             done += fcs[start:k]
-            if snapshots is not None:
-                del snapshots[len(done):]
             if err is None:
                 break
             if not isinstance(err, FastFCError):

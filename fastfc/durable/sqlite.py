@@ -29,13 +29,10 @@ readers see the rows with the log applied (:meth:`SQLiteStore.flash_rows`).
 
 from __future__ import annotations
 
-import array
 import errno
 import json
-import operator
 import os
 import sqlite3
-import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -59,22 +56,12 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)   # a schema-1 unit is upgraded by its first read-write open
 
 # the FlashCopy log's columns: one little-endian int64 each, per relationship
+# (built by _core.log_rows, in this order)
 _LOG_COLUMNS = ("id", "sequence", "revertible", "to_copy", "src_changed", "tgt_changed",
                 "rv_to_copy", "rv_src_changed", "rv_tgt_changed", "rv_sequence")
 _LOG_WIDTH = len(_LOG_COLUMNS)
 _LOG_NULL = -1                 # None (no bitmap file, no revert sequence)
-_LOG_FIELDS = operator.itemgetter(*_LOG_COLUMNS)    # a record's, in the log's order
 _LOG_ROWS_MAX = 64             # more log rows than this are folded into flashcopies
-
-
-def _pack_log(values: list[int]) -> bytes:
-    """A FlashCopy log body: ``values`` as little-endian int64 (``array``
-    packs a few hundred ints in a microsecond or two, where ``np.array`` of
-    a list of tuples takes tens)."""
-    packed = array.array("q", values)
-    if sys.byteorder != "little":
-        packed.byteswap()
-    return packed.tobytes()
 
 
 class FileBitmap(TrackBitmap):
@@ -876,31 +863,32 @@ class SQLiteStore(Store):
                     logged.append(r)
                 out.append(rid)
             if logged:
-                self._log_batch(logged)
+                self._log_batch(logged, [r["id"] for r in logged])
         return out
 
-    def _log_batch(self, records: list[dict]) -> None:
-        """The FlashCopy log row of ``records`` (each with a row already, its
-        options as stored). Inside a transaction."""
-        null = _LOG_NULL
-        fields = _LOG_FIELDS
-        flat: list[int] = []
-        ids = []
-        files = []
-        for r in records:
-            rid, seq, rev, m0, m1, m2, m3, m4, m5, rvs = fields(r)
-            fids = (getattr(m0, "file_id", null), getattr(m1, "file_id", null),
-                    getattr(m2, "file_id", null), getattr(m3, "file_id", null),
-                    getattr(m4, "file_id", null), getattr(m5, "file_id", null))
-            flat += (rid, seq, 1 if rev else 0, *fids, null if rvs is None else rvs)
-            ids.append(rid)
-            now = set(fids)
-            now.discard(null)
-            files.append((("fc", rid), now))
-        gone = self._set_rows(files)
+    def save_steps(self, rels: list, ids: list[int | None],
+                   options: list[dict]) -> list[int | None]:
+        """:meth:`save_flashes` for relationships after a batched step, read
+        in one core call (no record built) when every one has a row whose
+        options are these; else their records go to :meth:`save_flashes`."""
+        fc_options = self._fc_options
+        for rid, opts in zip(ids, options):
+            if rid is None or fc_options.get(rid) != opts:
+                return self.save_flashes([r.to_record() for r in rels])
+        if rels:
+            with self._atomic():
+                self._log_batch(rels, ids)
+        return ids
+
+    def _log_batch(self, rels: list, ids: list[int]) -> None:
+        """The FlashCopy log row of relationships ``rels`` or their records
+        (each with a row already, ``ids``, its options as stored). Inside a
+        transaction."""
+        body, gone = _core.log_rows(rels, ids, self._row_bitmaps, self._refs,
+                                    self._undo[-1] if self._undo else None, _MISSING,
+                                    _LOG_NULL)
         if gone:
             self._garbage |= gone
-        body = _pack_log(flat)
         latest = self._log_latest
         prev = latest.get(ids[0])
         if (prev is not None and len(self._log_ids[prev]) == len(ids)

@@ -131,6 +131,16 @@ class Store:
         FlashCopy log). (Memory keeps nothing: its callers build no records.)"""
         return [self.save_flash(r) for r in records]
 
+    def save_steps(self, rels: list, ids: list[int | None],
+                   options: list[dict]) -> list[int | None]:
+        """Record the FlashCopy relationships ``rels`` after one batched step
+        (a consistency group's prepares, commits or reverts here): their row
+        ids (None: no row yet) and options as the caller knows them. As
+        :meth:`save_flashes` of their records, which a store may skip by
+        reading the relationships' bitmaps and numbers itself. (Memory keeps
+        nothing: its callers do not call.)"""
+        return self.save_flashes([r.to_record() for r in rels])
+
     def drop_flash(self, record_id: int | None, target_flags: dict) -> None:
         """Forget relationship ``record_id`` and record its target's flags
         (``Volume.flags_record()``) in the same commit."""
