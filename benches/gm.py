@@ -2,8 +2,9 @@
 random writes, measured against its own baselines in the same run.
 
 Figures: coordination hold p99, FlashCopy phase (all volumes) p99, CGs per
-second, RPO p99 (paced writers), and host write throughput with Global
-Mirror running relative to the same unpaced writers without it.
+second, RPO p99 (paced writers), host write throughput with Global
+Mirror running relative to the same unpaced writers without it, and the
+bytes copied into B and C per byte the hosts wrote.
 
 The ``gm`` suite of ``python -m benches`` runs it (``mirror_cases.py``
 puts it beside the same session on the NumPy engine).
@@ -34,16 +35,35 @@ def close_triplets(triplets) -> None:
             v.close()
 
 
+def copy_counts(gm) -> tuple[int, int] | None:
+    """Bytes hosts wrote into a session's A volumes and bytes the engine
+    copied into its B and C volumes (drains, copy-on-write, background
+    copy), so far; None for a session whose B and C are not in this process
+    (their counters are the units')."""
+    trips = getattr(gm, "triplets", None)
+    if trips is None or not all(hasattr(t.b, "copied_bytes") for t in trips):
+        return None
+    return (sum(t.a.host_bytes for t in trips),
+            sum(t.b.copied_bytes + t.c.copied_bytes for t in trips))
+
+
 def session_figures(gm, primaries, seconds: float, rate: float | None, *, seed: int,
                     io_size: int = 4096, settle=None) -> dict:
     """Run ``gm`` (fastfc's :class:`GlobalMirror` or the NumPy engine's
     session) for ``seconds`` under two writer threads of ``io_size`` random
     writes on ``primaries``, paced at ``rate`` bytes/s combined (None:
-    unpaced); then ``settle()`` if given; return the figures."""
+    unpaced); then ``settle()`` if given; return the figures, with
+    ``copied_per_host_byte``: the bytes copied into B and C per byte the
+    hosts wrote (fastfc's sessions in this process; None otherwise)."""
+    before = copy_counts(gm) if isinstance(gm, GlobalMirror) else None
     writers, elapsed = run_under_writers(gm, primaries, seconds, threads=2, seed=seed,
                                          io_size=io_size, pace=rate)
     if settle is not None:
         settle()
+    after = copy_counts(gm) if before is not None else None
+    amplification = None
+    if before is not None and after is not None and after[0] > before[0]:
+        amplification = (after[1] - before[1]) / (after[0] - before[0])
     if isinstance(gm, GlobalMirror):
         st = gm.stats
         p, successes, attempts, failures = (st.phase_percentiles(), st.successes, st.attempts,
@@ -61,6 +81,7 @@ def session_figures(gm, primaries, seconds: float, rate: float | None, *, seed: 
         "drain_p99_ms": p["drain"]["p99"] * 1e3,
         "rpo_p99_ms": p["rpo"]["p99"] * 1e3,
         "write_mb_s": writers.bytes / elapsed / 1e6,
+        "copied_per_host_byte": amplification,
         "elapsed_s": elapsed,
     }
 

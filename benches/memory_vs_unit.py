@@ -31,18 +31,26 @@ import numpy as np
 from fastfc import GlobalMirror, StorageUnit, Volume
 from fastfc.tools.testing import run_under_writers
 
+from benches.gm import copy_counts
+
 MIB = 1 << 20
 
 
 def _figures(gm, trips, seconds: float) -> dict:
+    before = copy_counts(gm)
     writers, elapsed = run_under_writers(gm, [t[0] for t in trips], seconds, threads=2,
                                          seed=1, io_size=4096, pace=200e6)
+    after = copy_counts(gm)
     st = gm.stats
     ph = st.phase_percentiles()
+    copied = None
+    if before and after and after[0] > before[0]:
+        copied = (after[1] - before[1]) / (after[0] - before[0])
     return {"cgs_per_s": st.successes / elapsed, "rpo_p99_ms": ph["rpo"]["p99"] * 1e3,
             "flash_p50_ms": ph["flashcopy"]["p50"] * 1e3,
             "drain_p50_ms": ph["drain"]["p50"] * 1e3,
-            "write_mb_s": writers.bytes / elapsed / 1e6, "attempts": st.attempts}
+            "write_mb_s": writers.bytes / elapsed / 1e6, "attempts": st.attempts,
+            "copied_per_host_byte": copied}
 
 
 def memory(n: int, track: int, seconds: float) -> dict:

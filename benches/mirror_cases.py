@@ -120,8 +120,11 @@ def _session(trips, seconds: float, rate: float | None, units=()) -> dict:
         out["fsyncs_per_attempt"] = fsyncs / max(1, out["attempts"])
     if v0 and v1:
         page = 4096
-        out["pages_dirtied_mb_s"] = (v1["nr_dirtied"] - v0["nr_dirtied"]) * page / elapsed / 1e6
+        dirtied = (v1["nr_dirtied"] - v0["nr_dirtied"]) * page
+        out["pages_dirtied_mb_s"] = dirtied / elapsed / 1e6
         out["written_back_mb_s"] = (v1["nr_written"] - v0["nr_written"]) * page / elapsed / 1e6
+        if units and out["write_mb_s"] > 0:   # (the whole machine's pages: a noisy upper bound)
+            out["dirtied_per_host_byte"] = dirtied / (out["write_mb_s"] * 1e6 * elapsed)
     gm.close()
     return out
 

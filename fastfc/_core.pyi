@@ -148,6 +148,8 @@ class RelationshipBase:
     def _copy_tracks_where(self, mask: TrackBitmap, to_source: bool) -> int: ...
 
 class VolumeBase:
+    host_bytes: int
+    copied_bytes: int
     _src_rels: list[RelationshipBase]
     _tgt_rel: RelationshipBase | None
     _mirror: MirrorBase | None

@@ -63,7 +63,8 @@ cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
                            uint64_t** tgt_changed, Py_ssize_t* resume,
                            bint pages, void* hooked, int dst_fd, int* tgt_fd,
                            int* err, void* run_hook=NULL, void* key=NULL,
-                           Py_ssize_t* runs=NULL) noexcept nogil:
+                           Py_ssize_t* runs=NULL, long long* dst_bytes=NULL,
+                           long long** tgt_bytes=NULL) noexcept nogil:
     """Copy the runs set in ``owed`` from ``a`` on (below ``n``, at most
     ``max_tracks``) from src to dst, each after copy-on-write of dst's old
     tracks to its FlashCopy targets and with change recording, clearing the
@@ -79,7 +80,9 @@ cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
     cleared only once its old data is in the target); ``resume[0]`` is where
     to carry on. ``run_hook(key)`` (a link's fault point), while a fault is
     armed, is called before each run as before a send (-1 if it raised, the
-    run not applied); ``runs[0]`` counts the runs applied (the sends)."""
+    run not applied); ``runs[0]`` counts the runs applied (the sends).
+    ``dst_bytes[0]`` and ``tgt_bytes[k][0]`` (if not NULL) count the bytes
+    copied into dst and into each target (the volumes' ``copied_bytes``)."""
     cdef Py_ssize_t b, t, done = 0, res2
     cdef int k, e
     while 0 <= a < n and done < max_tracks:
@@ -111,8 +114,13 @@ cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
                                 copy_changed_pages(tgt_base[k] + (t << shift),
                                                    dst + (t << shift), (<Py_ssize_t>1) << shift)
                             bm_clear(tgt_to_copy[k], t)
+                            if tgt_bytes != NULL:
+                                tgt_bytes[k][0] += (<long long>1) << shift
                 else:
-                    copy_set_runs(tgt_base[k], dst, tgt_to_copy[k], a, b, b - a, shift, &res2)
+                    res2 = copy_set_runs(tgt_base[k], dst, tgt_to_copy[k], a, b, b - a, shift,
+                                         &res2)
+                    if tgt_bytes != NULL:
+                        tgt_bytes[k][0] += (<long long>res2) << shift
                 if hooked != NULL and call_cow_hook(hooked) < 0:
                     resume[0] = a
                     return -1
@@ -128,6 +136,8 @@ cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
         else:   # (streamed when large: B's copy is not read back soon)
             copy_big(dst + (a << shift), src + (a << shift), (b - a) << shift)
         bm_clear_range(owed, a, b)
+        if dst_bytes != NULL:
+            dst_bytes[0] += (<long long>(b - a)) << shift
         done += b - a
         if runs != NULL:
             runs[0] += 1
@@ -163,6 +173,7 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
     cdef uint64_t* tgt_to_copy[MAX_RELS]
     cdef uint64_t* tgt_changed[MAX_RELS]
     cdef int tgt_fd[MAX_RELS]
+    cdef long long* tgt_bytes[MAX_RELS]
     cdef int dst_fd, err = 0
     if owed.n_bits != n or B.n_tracks != n or B.track_shift != shift:
         raise ValueError("pprc_copy_tracks needs volumes and bitmap of one geometry")
@@ -188,6 +199,7 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
             tgt_to_copy[k] = r.to_copy.w
             tgt_changed[k] = r.src_changed.w if r.src_changed is not None else NULL
             tgt_fd[k] = r.target._fd if r.target._file_backed else -1
+            tgt_bytes[k] = &r.target.copied_bytes
         dst_fd = B._fd if B._file_backed else -1
         # thin volumes: the blocks of every track this call may write (on B,
         # and on B's targets for their copy-on-write) before any byte lands
@@ -203,7 +215,8 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
             done = apply_runs(B.base, A.base, w, a, n, max_tracks, shift, nrel,
                               tgt_base, tgt_to_copy, tgt_changed, &resume,
                               B._file_backed, hooked, dst_fd, tgt_fd, &err,
-                              <void*>run_hook if run_hook is not None else NULL, <void*>A)
+                              <void*>run_hook if run_hook is not None else NULL, <void*>A,
+                              NULL, &B.copied_bytes, tgt_bytes)
         if done == -2:
             raise_write_error(B, err, "a PPRC update (the tracks not applied stay owed)")
         if done < 0:
@@ -243,6 +256,8 @@ ctypedef struct DrainJob:
     uint64_t* tgt_to_copy[MAX_RELS]
     uint64_t* tgt_changed[MAX_RELS]
     int tgt_fd[MAX_RELS]
+    long long* tgt_bytes[MAX_RELS]
+    long long* dst_bytes
     Py_ssize_t done
     int err
 
@@ -283,8 +298,10 @@ cdef int _drain_setup(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t c
             j.tgt_changed[k] = r.src_changed.w if r.src_changed is not None else NULL
             # (a target closed later bumps the version: its fd is not used then)
             j.tgt_fd[k] = r.target._fd if r.target._file_backed else -1
+            j.tgt_bytes[k] = &r.target.copied_bytes
         j.nrel = nrel
         j.dst_fd = B._fd if B._file_backed else -1
+        j.dst_bytes = &B.copied_bytes
         j.bfile = B._file_backed
         j.version = B._rels_version
     finally:
@@ -331,7 +348,7 @@ cdef int _drain_run(DrainJob* j, double deadline, unsigned long me) noexcept nog
             got = apply_runs(j.bbase[0], j.abase[0], j.w, a, j.n, j.chunk, j.shift, j.nrel,
                              j.tgt_base, j.tgt_to_copy, j.tgt_changed, &resume,
                              j.bfile, j.hooked, j.dst_fd, j.tgt_fd, &j.err,
-                             j.run_hook, j.akey, &j.runs)
+                             j.run_hook, j.akey, &j.runs, j.dst_bytes, j.tgt_bytes)
             if got == -2:
                 status = 4
             elif got < 0:

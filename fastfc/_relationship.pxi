@@ -151,6 +151,7 @@ cdef class RelationshipBase:
                 S._reserve_runs(w, start, n, max_tracks)
             with nogil:
                 done = copy_set_runs(T.base, S.base, w, start, n, max_tracks, shift, &resume)
+            T.copied_bytes += done << shift
         finally:
             unlock_two(S, T)
         return done, resume
@@ -168,6 +169,10 @@ cdef class RelationshipBase:
         T._reserve_runs(mask.w, 0, n, n)
         with nogil:
             done = copy_set_runs(dst, src, mask.w, 0, n, n, shift, &resume)
+        if to_source:
+            S.copied_bytes += done << shift
+        else:
+            T.copied_bytes += done << shift
         return done
 
     # -- the steps (locks held; the checks first, in the order the methods

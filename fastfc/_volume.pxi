@@ -88,6 +88,13 @@ cdef class VolumeBase:
     # _space_version (so a write to a thick volume tests flags, not targets)
     cdef bint _thin_targets
     cdef int _space_version
+    # bytes counted for the benchmarks' amplification figures, under this
+    # volume's lock (or its FlashCopy source's, which guards its tracks to
+    # copy): written by hosts; and copied in by the engine (copy-on-write
+    # from its source, PPRC updates and drains from its primary, background
+    # copy, a virtual track fetched for a partial write, a restore)
+    cdef public long long host_bytes
+    cdef public long long copied_bytes
 
     def __cinit__(self, *args, **kwargs):
         self._lk = PyThread_allocate_lock()
@@ -431,7 +438,7 @@ cdef class VolumeBase:
                     int origin) except -1:
         cdef RelationshipBase tr = None, r
         cdef VolumeBase S = None
-        cdef Py_ssize_t t0, t1, t, ts, k, resume, ntr
+        cdef Py_ssize_t t0, t1, t, ts, k, resume, ntr, done
         cdef int shift = self.track_shift
         cdef MirrorBase m
         cdef list rels
@@ -470,11 +477,12 @@ cdef class VolumeBase:
                     if ((t1 - t0) << shift) >= NOGIL_BYTES or (
                             r.target._file_backed):
                         with nogil:
-                            copy_set_runs(r.target.base, self.base, w, t0, t1, t1 - t0,
-                                          shift, &resume)
+                            done = copy_set_runs(r.target.base, self.base, w, t0, t1,
+                                                 t1 - t0, shift, &resume)
                     else:
-                        copy_set_runs(r.target.base, self.base, w, t0, t1, t1 - t0,
-                                      shift, &resume)
+                        done = copy_set_runs(r.target.base, self.base, w, t0, t1, t1 - t0,
+                                             shift, &resume)
+                    r.target.copied_bytes += done << shift
                     if _cow_hook is not None:
                         _cow_hook(self)
                 if r.src_changed is not None:
@@ -494,6 +502,7 @@ cdef class VolumeBase:
                                         memcpy(self.base + ts, S.base + ts, self.track_size)
                                 else:
                                     memcpy(self.base + ts, S.base + ts, self.track_size)
+                                self.copied_bytes += self.track_size
                                 bm_clear(w, t)
                 if tr.tgt_changed is not None:
                     bm_set_range(tr.tgt_changed.w, t0, t1)
@@ -508,6 +517,10 @@ cdef class VolumeBase:
                     land_write(self.base, oos, t0, t1, src, n, offset)
             else:
                 land_write(self.base, oos, t0, t1, src, n, offset)
+            if origin == ORIGIN_HOST:
+                self.host_bytes += n
+            else:
+                self.copied_bytes += n
             if whole_tracks:
                 for t in range(t0, t1):
                     ts = t << shift
