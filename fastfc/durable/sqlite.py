@@ -877,7 +877,7 @@ class SQLiteStore(Store):
                 return self.save_flashes([r.to_record() for r in rels])
         if rels:
             with self._atomic():
-                self._log_batch(rels, ids)
+                self._log_batch(rels, cast(list[int], ids))   # (none is None: checked above)
         return ids
 
     def _log_batch(self, rels: list, ids: list[int]) -> None:
