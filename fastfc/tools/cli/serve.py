@@ -26,6 +26,7 @@ from fastfc.tools.nbd import NBDServer, exports_of
 
 from .app import main
 from .control import hosting
+from .loops import SessionLoops
 from .units import Units, pass_units
 
 
@@ -41,7 +42,12 @@ class Server:
         lookup, names = exports_of(lambda: list(self.units.open.values()))
         self.nbd = NBDServer(lookup, names, self.lock, tls=tls)
         # the control socket: other fastfc commands naming these units run here
+        # Global Mirror loops (resumegmir) run here, beside the commands
+        self.loops = units.loops = SessionLoops()
+        # the sessions recorded as running resume first; then the control
+        # socket, through which other fastfc commands naming these units run here
         self.services: list[Callable[[], ContextManager[Any]]] = [
+            lambda: self.loops.serving(self.units, self.lock),
             lambda: hosting(self.units, self.lock)]
 
     def flush(self) -> None:
@@ -169,6 +175,8 @@ def serve(units, socket_path, port, bind, allow_plain_tcp, allow_remote_plain, t
                     names = [n for n, _ in nbd.names()]
                 click.echo(f"serving {len(names)} volume(s) over NBD on {' and '.join(where)}"
                            f" (pid {os.getpid()})", err=True)
+                for note in server.loops.notes:
+                    click.echo(note, err=True)
                 sys.stderr.flush()
                 while not stop.wait(0.5):
                     pass
