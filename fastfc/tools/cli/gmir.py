@@ -196,16 +196,16 @@ def resumegmir(units, session) -> None:
             f"{units.local_path}: start one (fastfc -u {units.local_path} serve --socket "
             f"PATH), then resumegmir {session}; or form CGs in the foreground with formcg "
             f"{session} --seconds SECONDS")
+    if gm.state is GMState.FATAL and gm.clear_fatal() == GMState.FATAL.value:
+        raise click.ClickException(
+            f"Global Mirror session {session} is fatal ({gm.fatal_reason}) and its last "
+            "consistency group could not be settled: not resumed (rmgmir --force ends it)")
     if loops.running(gm):
         if not unit.session_record(session)["running"]:
             unit.configure_session(session, running=True)
         click.echo(f"Global Mirror session {session} is already running in this server "
                    f"(CG {gm.stats.sequence}); pausegmir {session} stops it")
         return
-    if gm.state is GMState.FATAL and gm.clear_fatal() == GMState.FATAL.value:
-        raise click.ClickException(
-            f"Global Mirror session {session} is fatal ({gm.fatal_reason}) and its last "
-            "consistency group could not be settled: not resumed (rmgmir --force ends it)")
     loops.start(gm)
     try:
         unit.configure_session(session, running=True)

@@ -2,7 +2,8 @@
 
 The seam for other services (the control socket that carries the other
 ``fastfc -u UNIT ...`` commands to a serving process) is :class:`Server`:
-its ``units`` are the open units, its ``lock`` serialises whatever changes
+its ``units`` are the open units, its ``loops`` the Global Mirror loops
+it runs (``resumegmir``), its ``lock`` serialises whatever changes
 them against the NBD server's export lookups, and ``services`` (context
 managers entered before the NBD server listens, so that a client that sees
 its socket finds them running, and left, in reverse order, before it
@@ -125,8 +126,12 @@ def serve(units, socket_path, port, bind, allow_plain_tcp, allow_remote_plain, t
     valid image with EIO. FLUSH syncs the volume, its FlashCopy targets and
     bitmaps; a write is answered only once it is in the volume.
 
-    SIGTERM or SIGINT: stop accepting, finish the requests in flight, flush,
-    close the units, exit 0."""
+    Global Mirror sessions the units record as running (resumegmir) resume
+    before the server listens, a line on stderr naming each.
+
+    SIGTERM or SIGINT: stop accepting, finish the requests in flight, stop
+    the sessions' loops (they resume with the next server), flush, close
+    the units, exit 0."""
     if socket_path is None and port is None:
         raise click.UsageError("give --socket PATH, or --port N (or both)")
     tls = _tls_context(tls_cert, tls_key, tls_psk, tls_client_ca)
