@@ -261,3 +261,37 @@ def test_sessions_run_in_the_server_and_survive_restarts(units):
         cli(a, "rmgmir", "S")                   # paused: removed, each C keeping its CG
         assert "S" not in sessions(a)
     assert "resumed" not in proc.stderr.read()
+
+
+# -- the record: StorageUnit.configure_session ----------------------------------------
+def test_configure_session_records_running_and_bounds(tmp_path):
+    from fastfc import GlobalMirror, StorageUnit
+    with StorageUnit(tmp_path / "u") as u:
+        a, b, c = (u.create_volume(n, 4, 4096) for n in ("A", "B", "C"))
+        gm = GlobalMirror([(a, b, c)], name="S", cg_interval=0.5)
+        gm.form_consistency_group()
+        assert u.session_record("S")["running"] is False
+        rec = u.configure_session("S", running=True, max_drain_time=7)
+        assert rec["running"] is True and rec["max_drain_time"] == 7.0
+        assert (gm.cg_interval, gm.max_drain_time) == (0.5, 7.0)
+        # bad values: refused, nothing changed
+        for bad in ({"cg_interval": -1}, {"max_coordination_time": 0},
+                    {"max_drain_time": float("nan")}, {"cg_interval": "1"}):
+            with pytest.raises((ValueError, TypeError)):
+                u.configure_session("S", running=False, **bad)
+        assert u.session_record("S")["running"] is True and gm.cg_interval == 0.5
+        with pytest.raises(KeyError):
+            u.configure_session("nope", running=True)
+        gm.form_consistency_group()
+    with StorageUnit(tmp_path / "u") as u:       # kept, and the counters with it
+        rec = u.session_record("S")
+        assert rec["running"] is True and rec["max_drain_time"] == 7.0
+        assert rec["cg_interval"] == 0.5 and rec["stats"]["successes"] == 2
+        gm = u.session("S")
+        assert gm.max_drain_time == 7.0 and gm.stats.successes == 2
+        u.configure_session("S", running=False, cg_interval=0)
+    with StorageUnit(tmp_path / "u", readonly=True) as u:
+        rec = u.session_record("S")
+        assert rec["running"] is False and rec["cg_interval"] == 0.0
+        with pytest.raises(Exception, match="read-only"):
+            u.configure_session("S", running=True)
