@@ -152,7 +152,8 @@ def lsgmir(units, as_json) -> None:
             rec = u.session_record(name)
             seqs = [t["c_sequence"] for t in rec["triplets"]]
             gm = u.sessions.get(name)
-            row = {"session": name, "unit": str(u.path), "triplets": len(rec["triplets"]),
+            row = {"session": name, "unit": str(u.path), "state": None,
+                   "triplets": len(rec["triplets"]),
                    "cg_sequence": max((q for q in seqs if q is not None), default=None),
                    "rpo": None, "cg_per_second": None, "cg_interval": rec["cg_interval"],
                    "resumes_when_served": False}

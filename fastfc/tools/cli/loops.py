@@ -23,7 +23,11 @@ from fastfc.durable.unit import StorageUnit
 
 class SessionLoops:
     """The sessions whose loops this server runs: each with when it started
-    and its committed CGs then (for CGs per second)."""
+    and its committed CGs then (for CGs per second).
+
+    ``_guard`` guards that table only; starting and stopping a loop
+    happen outside it (the server runs one command at a time, under its
+    own lock, which the loops never take)."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
@@ -65,6 +69,11 @@ class SessionLoops:
         since, successes = run
         spent = time.monotonic() - since
         return (gm.stats.successes - successes) / spent if spent > 0 else 0.0
+
+    def __repr__(self) -> str:
+        with self._guard:
+            names = sorted(gm.name for gm in self._runs)
+        return f"<SessionLoops running {', '.join(names) or 'none'}>"
 
     def stop_all(self) -> None:
         with self._guard:
