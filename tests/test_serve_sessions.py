@@ -191,6 +191,18 @@ def test_without_a_server(units):
     # a foreground formcg still works without a server
     cli(a, "formcg", "S", "--count", "2")
     assert show(a)["cg_sequence"] == 2
+    # recorded as running (its server gone): pausegmir here clears the record
+    from fastfc import StorageUnit
+    with StorageUnit(a), StorageUnit(b) as u:    # the session needs both
+        u.configure_session("S", running=True)
+    assert sessions(a)["S"]["resumes_when_served"]
+    assert "resumes when served" in cli(a, "lsgmir").stdout
+    assert "resumes when fastfc serve holds the unit" in cli(a, "showgmir", "S").stdout
+    out = cli(a, "pausegmir", "S").stdout
+    assert "paused Global Mirror session S: every C volume at CG 2" in out
+    assert "no server ran it" in out
+    assert not sessions(a)["S"]["resumes_when_served"]
+    assert "already paused" in cli(a, "pausegmir", "S").stdout
 
 
 @pytest.mark.slow
