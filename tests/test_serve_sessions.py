@@ -218,6 +218,8 @@ def test_sessions_run_in_the_server_and_survive_restarts(units):
             rises(a)                            # no foreground command forms them
             vols = {v["name"] for v in json.loads(cli(a, "lsvol", "--json").stdout)}
             assert vols == {"A0", "A1", "A2"}     # answered while the loop runs
+            cli(a, "mkvol", "X", "--tracks", "4")   # commands that change the units too
+            cli(a, "rmvol", "X")
             rows = sessions(a)
             assert rows["S"]["state"] == "running" and rows["P"]["state"] == "paused"
             assert rows["S"]["rpo"] is not None and rows["S"]["cg_per_second"] is not None
