@@ -309,3 +309,36 @@ def test_configure_session_records_running_and_bounds(tmp_path):
         assert rec["running"] is False and rec["cg_interval"] == 0.0
         with pytest.raises(Exception, match="read-only"):
             u.configure_session("S", running=True)
+
+
+def test_a_host_that_is_no_server_runs_no_loops(tmp_path):
+    """control.hosting in another program (no fastfc serve, no loops):
+    resumegmir says the process runs no session loops; pausegmir and
+    lsgmir work as without a server."""
+    import io
+    from fastfc import GlobalMirror, StorageUnit
+    from fastfc.tools.cli import control
+    from fastfc.tools.cli.units import Units
+    unit = tmp_path / "u"
+    with StorageUnit(unit) as u:
+        GlobalMirror([tuple(u.create_volume(n, 4, 4096) for n in ("A", "B", "C"))],
+                     name="S")
+    units = Units(str(unit), None)
+    units.local()
+
+    def fwd(*args: str) -> tuple[int | None, str]:
+        out, err = io.BytesIO(), io.BytesIO()
+        status = control.forward(unit, ["-u", str(unit), *args], "fastfc", stdout=out,
+                                 stderr=err, stdout_text=io.StringIO(),
+                                 stderr_text=io.StringIO())
+        return status, (out.getvalue() + err.getvalue()).decode()
+
+    try:
+        with control.hosting(units, threading.RLock()):
+            status, said = fwd("resumegmir", "S")
+            assert status == 1 and "runs no session loops" in said, said
+            assert fwd("pausegmir", "S") == (0, "Global Mirror session S is already paused\n")
+            status, said = fwd("lsgmir", "--json")
+            assert status == 0 and json.loads(said)[0]["state"] == "paused"
+    finally:
+        units.close()

@@ -191,6 +191,10 @@ def resumegmir(units, session) -> None:
     records it). Needs fastfc serve; formcg forms CGs in the foreground."""
     unit, gm = units.session_unit(session)
     loops = units.loops
+    if loops is None and units.borrowed:     # hosted by a program that is no server
+        raise click.ClickException(
+            f"resumegmir runs session {session}'s loop in fastfc serve; the process holding "
+            f"{units.local_path} (pid {os.getpid()}) runs no session loops")
     if loops is None:
         raise click.ClickException(
             f"resumegmir runs session {session}'s loop in a server, and no server holds "
