@@ -203,6 +203,13 @@ def test_without_a_server(units):
     assert "no server ran it" in out
     assert not sessions(a)["S"]["resumes_when_served"]
     assert "already paused" in cli(a, "pausegmir", "S").stdout
+    # the primary unit away: lsgmir at the secondary says so
+    a.rename(a.with_name("away"))
+    rows = {r["session"]: r for r in json.loads(fastfc_cli("-u", b, "lsgmir", "--json").stdout)}
+    assert rows["S"]["state"] == rows["P"]["state"] == "primary unavailable"
+    assert rows["S"]["cg_sequence"] == 2 and rows["S"]["triplets"] == 2
+    r = fastfc_cli("-u", b, "resumegmir", "S", check=False)
+    assert r.returncode == 1 and "needs its primary" in r.stderr, r.stderr
 
 
 @pytest.mark.slow
