@@ -620,8 +620,9 @@ class StorageUnit:
         """Session ``name`` as this unit records it, whether or not it is
         restored (its primary units may be away): ``name``, ``cg_interval``,
         ``max_coordination_time``, ``max_drain_time``, ``decide``, ``stats``
-        (the counters, or None), ``restored`` (whether :meth:`session` gives
-        it), and ``triplets``, one dict per triplet: ``a``, ``b``, ``c``
+        (the counters, or None), ``running`` (whether a server is to run its
+        loop: :meth:`configure_session`), ``restored`` (whether
+        :meth:`session` gives it), and ``triplets``, one dict per triplet: ``a``, ``b``, ``c``
         (names), ``a_unit`` (where A's unit is expected, and why it is not
         attached when it is not), ``c_sequence`` and ``revertible`` (of its
         B->C FlashCopy)."""
@@ -637,7 +638,39 @@ class StorageUnit:
                           "c_sequence": None if fc is None else fc.sequence,
                           "revertible": None if fc is None else bool(fc.revertible)})
         return {**{k: v for k, v in cfg.items() if k != "triplets"}, "name": name,
+                "running": bool(cfg.get("running", False)),
                 "restored": name in self.sessions, "triplets": trips}
+
+    def configure_session(self, name: str, *, running: bool | None = None,
+                          cg_interval: float | None = None,
+                          max_coordination_time: float | None = None,
+                          max_drain_time: float | None = None) -> dict:
+        """Change what this unit records of session ``name`` (restored
+        here), durably, and return its record (:meth:`session_record`).
+
+        ``running``: whether a server runs the session's loop; a server
+        opening the unit starts the loop of each session recorded so (the
+        caller starts or stops the loop itself). ``cg_interval``,
+        ``max_coordination_time``, ``max_drain_time``: the session's
+        bounds, as :class:`GlobalMirror` takes them; a running loop uses
+        them from its next CG. None leaves a setting as it is. Bad values
+        raise before anything changes."""
+        self._require_writable()
+        gm = self.session(name)
+        bounds = {k: check_real(k, v, positive=k == "max_coordination_time")
+                  for k, v in (("cg_interval", cg_interval),
+                               ("max_coordination_time", max_coordination_time),
+                               ("max_drain_time", max_drain_time)) if v is not None}
+        with self.store.transaction():      # its lock: no counters saved in between
+            cfg = self.store.session_rows()[name]
+            stats = cfg.pop("stats") or gm.stats.to_record()
+            cfg.update(bounds)
+            if running is not None:
+                cfg["running"] = bool(running)
+            self.store.add_session({**cfg, "name": name, "stats": stats}, gm)
+        for k, v in bounds.items():
+            setattr(gm, k, v)
+        return self.session_record(name)
 
     def recover_session(self, name: str) -> int:
         """Site-loss recovery of session ``name`` at this unit (its

@@ -8,7 +8,10 @@ in the foreground with a progress bar, and ``formcg`` forms Global Mirror
 consistency groups. ``serve`` is the one command that stays: it holds its
 units and exports their volumes over NBD until SIGTERM or SIGINT. While a
 server holds a unit, the other commands naming it are sent to that server
-and carried out there, with the same output and exit status (:mod:`.control`).
+and carried out there, with the same output and exit status (:mod:`.control`),
+and ``resumegmir`` runs a session's loop in the server until ``pausegmir``
+(:mod:`.loops`; recorded in the unit, so a server that opens it again
+resumes the session).
 
 ``--unit`` names the local unit: the volumes of FlashCopy relationships, the
 primaries of PPRC pairs, the A volumes of Global Mirror sessions.
@@ -28,7 +31,8 @@ The modules, by what they drive: :mod:`.app` (the group, its options,
 errors and exit statuses, ``demo`` and ``bench``), :mod:`.units` (the units
 one invocation opens), :mod:`.params` (what the command line accepts),
 :mod:`.output` (tables, JSON, progress), :mod:`.control` (commands carried
-out by the process that holds a unit), and the commands: :mod:`.volumes`,
+out by the process that holds a unit), :mod:`.loops` (the Global Mirror
+loops a server runs), and the commands: :mod:`.volumes`,
 :mod:`.flash`, :mod:`.pprc`, :mod:`.gmir`, :mod:`.serve` (the NBD server of
 :mod:`fastfc.tools.nbd`, with the seam for services beside it). A command
 module registers its commands on :func:`main` when imported; the help lists

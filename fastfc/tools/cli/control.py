@@ -28,7 +28,9 @@ What a forwarded command sees
   served like the others, since pairs now span it: the server closes it
   when it stops.
 - One command at a time: each waits for ``lock``, which also serialises the
-  server's other work on the units (an NBD server's volume lookups).
+  server's other work on the units (an NBD server's volume lookups). A
+  Global Mirror loop the server runs (``resumegmir``: :mod:`.loops`) takes
+  no part in it: commands run while it forms CGs.
   ``--wait`` has nothing to wait for: a forwarded command queues for the
   lock instead of failing on a busy unit.
 - ``--durability power`` on a unit the server opened at ``process`` is

@@ -1,14 +1,17 @@
-"""Global Mirror: mkgmir, showgmir, formcg, rmgmir, recovergmir (site loss),
-and the session log that counts a session's CGs across invocations."""
+"""Global Mirror: mkgmir, lsgmir, showgmir, chgmir, resumegmir and
+pausegmir (the session's loop in a server), formcg (CGs in the foreground),
+rmgmir, recovergmir (site loss), and the session log that counts a
+session's CGs across invocations."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import click
 
-from fastfc.copyservices.globalmirror import Cause, GlobalMirror
+from fastfc.copyservices.globalmirror import Cause, GlobalMirror, GMState
 from fastfc.durable.siteloss import SITE_FAILOVER
 
 from .app import main
@@ -22,7 +25,8 @@ from .units import pass_units
 @click.argument("session", type=SESSION)
 @click.argument("specs", nargs=-1, required=True, type=TRIPLET)
 @click.option("--cg-interval", type=Real(min=0, max=86400), default=0.0,
-              show_default=True, help="Seconds between CGs when formcg runs for --seconds.")
+              show_default=True,
+              help="Seconds between CGs in the session's loop (resumegmir, formcg --seconds).")
 @click.option("--coord-time", type=Real(min=0, min_open=True, max=60000),
               default=50.0, show_default=True,
               help="Longest hold of host writes at coordination, ms.")
@@ -41,7 +45,7 @@ def mkgmir(units, session, specs, cg_interval, coord_time, drain_time, decide) -
                  max_coordination_time=coord_time / 1e3, max_drain_time=drain_time,
                  decide=decide)
     click.echo(f"created Global Mirror session {session}: {plural(len(triplets), 'triplet')}; "
-               "formcg forms its consistency groups")
+               "formcg forms its consistency groups (resumegmir, under fastfc serve)")
 
 
 @main.command()
@@ -57,7 +61,8 @@ def showgmir(units, session, as_json) -> None:
     if away is not None:
         _show_away(away, as_json)
         return
-    gm = units.session(session)
+    unit, gm = units.session_unit(session)
+    loop = _loop_state(units, unit, gm)
     log = gm.stats.to_record()   # every attempt ever made: the store keeps them
     seqs = gm.c_sequences
     when = log["last_cg_time"]
@@ -65,6 +70,8 @@ def showgmir(units, session, as_json) -> None:
     if as_json:
         json_out({
             "session": gm.name, "state": gm.state.value, "fatal_reason": gm.fatal_reason,
+            "loop": loop["state"], "resumes_when_served": loop["resumes_when_served"],
+            "cg_per_second": loop["cg_per_second"],
             "cg_sequence": max(seqs), "c_sequences": seqs,
             "cg_interval": gm.cg_interval, "max_coordination_time": gm.max_coordination_time,
             "max_drain_time": gm.max_drain_time, "attempts": log["attempts"],
@@ -80,6 +87,7 @@ def showgmir(units, session, as_json) -> None:
     t = table("Property", "Value", show_header=False)
     t.add_row("Session", gm.name)
     t.add_row("State", gm.state.value + (f" ({gm.fatal_reason})" if gm.fatal_reason else ""))
+    t.add_row("Loop", _loop_text(loop))
     t.add_row("Triplets", str(len(gm.triplets)))
     t.add_row("CG sequence", str(max(seqs)))
     t.add_row("C sequences", str(seqs[0]) if len(set(seqs)) == 1 else " ".join(map(str, seqs)))
@@ -105,6 +113,176 @@ def showgmir(units, session, as_json) -> None:
     console().print(t)
 
 
+def _loop_state(units, unit, gm: GlobalMirror) -> dict:
+    """Whether the session's loop runs in this process (a server's:
+    resumegmir), what the unit records, and its CGs per second here."""
+    loops = units.loops
+    here = loops is not None and loops.running(gm)
+    recorded = bool(unit.session_record(gm.name)["running"])
+    if gm.state is GMState.FATAL:
+        state = "fatal"
+    else:
+        state = "running" if here else "paused"
+    return {"state": state, "here": here, "recorded": recorded,
+            "resumes_when_served": recorded and not here,
+            "cg_per_second": loops.rate(gm) if here and loops is not None else None}
+
+
+def _loop_text(loop: dict) -> str:
+    if loop["here"]:
+        return f"{loop['state']} in this server (pid {os.getpid()})"
+    if loop["resumes_when_served"]:
+        return f"{loop['state']}; recorded as running: resumes when fastfc serve holds the unit"
+    return loop["state"] + ("" if loop["state"] == "fatal" else " (resumegmir starts it)")
+
+
+@main.command()
+@JSON
+@pass_units
+def lsgmir(units, as_json) -> None:
+    """List the Global Mirror sessions of the unit(s): state (running in a
+    server, paused, fatal), triplets, the last CG, RPO now and CGs per
+    second while running.
+
+    A session recorded as running whose unit no server holds is paused
+    until fastfc serve opens the unit (then it resumes)."""
+    rows = []
+    for u in units.all():
+        for name in u.store.session_rows():
+            rec = u.session_record(name)
+            seqs = [t["c_sequence"] for t in rec["triplets"]]
+            gm = u.sessions.get(name)
+            row = {"session": name, "unit": str(u.path), "state": None,
+                   "triplets": len(rec["triplets"]),
+                   "cg_sequence": max((q for q in seqs if q is not None), default=None),
+                   "rpo": None, "cg_per_second": None, "cg_interval": rec["cg_interval"],
+                   "resumes_when_served": False}
+            if gm is None:
+                row["state"] = ("not restored" if name in u.session_problems
+                                else "primary unavailable")
+            else:
+                loop = _loop_state(units, u, gm)
+                row.update(state=loop["state"], cg_per_second=loop["cg_per_second"],
+                           resumes_when_served=loop["resumes_when_served"])
+                if loop["here"]:
+                    row["rpo"] = gm.stats.rpo
+            rows.append(row)
+    if as_json:
+        json_out(rows)
+        return
+    t = table("Session", "State", "Triplets", "CG", "RPO", "CG/s", "Unit")
+    for r in rows:
+        state = r["state"] + (" (resumes when served)" if r["resumes_when_served"] else "")
+        t.add_row(r["session"], state, str(r["triplets"]),
+                  "-" if r["cg_sequence"] is None else str(r["cg_sequence"]),
+                  "-" if r["rpo"] is None else f"{r['rpo']:.3f} s",
+                  "-" if r["cg_per_second"] is None else f"{r['cg_per_second']:.1f}",
+                  r["unit"])
+    console().print(t)
+
+
+@main.command()
+@click.argument("session", type=SESSION)
+@pass_units
+def resumegmir(units, session) -> None:
+    """Start forming consistency groups of SESSION in the server holding
+    its units, until pausegmir: the session's loop runs in the server, not
+    in this command, and keeps running when the server restarts (the unit
+    records it). Needs fastfc serve; formcg forms CGs in the foreground."""
+    unit, gm = units.session_unit(session)
+    loops = units.loops
+    if loops is None and units.borrowed:     # hosted by a program that is no server
+        raise click.ClickException(
+            f"resumegmir runs session {session}'s loop in fastfc serve; the process holding "
+            f"{units.local_path} (pid {os.getpid()}) runs no session loops")
+    if loops is None:
+        raise click.ClickException(
+            f"resumegmir runs session {session}'s loop in a server, and no server holds "
+            f"{units.local_path}: start one (fastfc -u {units.local_path} serve --socket "
+            f"PATH), then resumegmir {session}; or form CGs in the foreground with formcg "
+            f"{session} --seconds SECONDS")
+    if gm.state is GMState.FATAL and gm.clear_fatal() == GMState.FATAL.value:
+        raise click.ClickException(
+            f"Global Mirror session {session} is fatal ({gm.fatal_reason}) and its last "
+            "consistency group could not be settled: not resumed (rmgmir --force ends it)")
+    if loops.running(gm):
+        if not unit.session_record(session)["running"]:
+            unit.configure_session(session, running=True)
+        click.echo(f"Global Mirror session {session} is already running in this server "
+                   f"(CG {gm.stats.sequence}); pausegmir {session} stops it")
+        return
+    loops.start(gm)
+    try:
+        unit.configure_session(session, running=True)
+    except BaseException:
+        loops.stop(gm)
+        raise
+    click.echo(f"resumed Global Mirror session {session}: the server (pid {os.getpid()}) "
+               f"forms its consistency groups from CG {gm.stats.sequence + 1}, and resumes "
+               f"them when it restarts; pausegmir {session} stops it")
+
+
+@main.command()
+@click.argument("session", type=SESSION)
+@pass_units
+def pausegmir(units, session) -> None:
+    """Stop forming consistency groups of SESSION (after the CG in flight):
+    the session stays defined, every C volume on its last committed CG, and
+    does not resume when a server opens the unit. resumegmir starts it
+    again."""
+    unit, gm = units.session_unit(session)
+    loops = units.loops
+    here = loops is not None and loops.running(gm)
+    recorded = unit.session_record(session)["running"]
+    if not here and not recorded:
+        click.echo(f"Global Mirror session {session} is already paused")
+        return
+    if here:
+        assert loops is not None
+        loops.stop(gm)
+    if recorded:
+        unit.configure_session(session, running=False)
+    seqs = gm.c_sequences
+    at = (f"every C volume at CG {seqs[0]}" if len(set(seqs)) == 1
+          else f"C sequences {' '.join(map(str, seqs))}")
+    click.echo(f"paused Global Mirror session {session}: {at}"
+               + ("" if here else " (no server ran it: it no longer resumes when served)"))
+
+
+@main.command()
+@click.argument("session", type=SESSION)
+@click.option("--cg-interval", type=Real(min=0, max=86400), default=None,
+              help="Seconds between CGs in the session's loop.")
+@click.option("--coord-time", type=Real(min=0, min_open=True, max=60000), default=None,
+              help="Longest hold of host writes at coordination, ms.")
+@click.option("--drain-time", type=Real(min=0, max=86400), default=None,
+              help="Longest drain, seconds (0: the larger of 240 and twice the interval).")
+@pass_units
+def chgmir(units, session, cg_interval, coord_time, drain_time) -> None:
+    """Change the intervals and bounds of SESSION (as mkgmir sets them),
+    recorded in its unit. A running session uses them from its next CG."""
+    if cg_interval is None and coord_time is None and drain_time is None:
+        raise click.UsageError("give at least one of --cg-interval, --coord-time, --drain-time")
+    unit, gm = units.session_unit(session)
+    before = (gm.cg_interval, gm.max_coordination_time, gm.max_drain_time)
+    unit.configure_session(session, cg_interval=cg_interval,
+                           max_coordination_time=None if coord_time is None
+                           else coord_time / 1e3, max_drain_time=drain_time)
+    said = []
+    for what, old, new, show in (
+            ("CG interval", before[0], gm.cg_interval, lambda v: f"{v:g} s"),
+            ("max coordination time", before[1], gm.max_coordination_time,
+             lambda v: f"{v * 1e3:g} ms"),
+            ("max drain time", before[2], gm.max_drain_time,
+             lambda v: f"{v:g} s" if v else "default")):
+        if old != new:
+            said.append(f"{what} {show(new)} (was {show(old)})")
+    running = units.loops is not None and units.loops.running(gm)
+    click.echo(f"changed Global Mirror session {session}: "
+               + ("; ".join(said) or "nothing (the values are the same)")
+               + ("; the running loop uses them from its next CG" if running and said else ""))
+
+
 @main.command()
 @click.argument("session", type=SESSION)
 @click.option("--count", type=Count(low=1), default=1, show_default=True,
@@ -122,6 +300,11 @@ def formcg(units, session, count, seconds, injects) -> None:
     failed."""
     from fastfc import faults
     gm = units.session(session)
+    if units.loops is not None and units.loops.running(gm):
+        raise click.ClickException(
+            f"Global Mirror session {session} runs in this server (resumegmir): its loop "
+            f"forms the consistency groups; pausegmir {session} first to form them with "
+            "formcg (showgmir watches the loop)")
     cut_short: float | None = None
     sent = drain_in_foreground([t.pair for t in gm.triplets if t.pair.suspend_reason is None])
     gm.count_global_copy(sent)
@@ -343,6 +526,10 @@ def rmgmir(units, session, force) -> None:
         _remove_alone(alone, session, force)
         return
     gm = units.session(session)
+    if units.loops is not None and units.loops.running(gm):
+        raise click.ClickException(
+            f"Global Mirror session {session} is running (resumegmir): pausegmir {session} "
+            "first, then rmgmir")
     need = gm.tracks_c_needs()
     cg = max(gm.c_sequences)
     cs = ", ".join(need)

@@ -2,7 +2,8 @@
 
 The seam for other services (the control socket that carries the other
 ``fastfc -u UNIT ...`` commands to a serving process) is :class:`Server`:
-its ``units`` are the open units, its ``lock`` serialises whatever changes
+its ``units`` are the open units, its ``loops`` the Global Mirror loops
+it runs (``resumegmir``), its ``lock`` serialises whatever changes
 them against the NBD server's export lookups, and ``services`` (context
 managers entered before the NBD server listens, so that a client that sees
 its socket finds them running, and left, in reverse order, before it
@@ -26,6 +27,7 @@ from fastfc.tools.nbd import NBDServer, exports_of
 
 from .app import main
 from .control import hosting
+from .loops import SessionLoops
 from .units import Units, pass_units
 
 
@@ -41,7 +43,12 @@ class Server:
         lookup, names = exports_of(lambda: list(self.units.open.values()))
         self.nbd = NBDServer(lookup, names, self.lock, tls=tls)
         # the control socket: other fastfc commands naming these units run here
+        # Global Mirror loops (resumegmir) run here, beside the commands
+        self.loops = units.loops = SessionLoops()
+        # the sessions recorded as running resume first; then the control
+        # socket, through which other fastfc commands naming these units run here
         self.services: list[Callable[[], ContextManager[Any]]] = [
+            lambda: self.loops.serving(self.units, self.lock),
             lambda: hosting(self.units, self.lock)]
 
     def flush(self) -> None:
@@ -119,8 +126,12 @@ def serve(units, socket_path, port, bind, allow_plain_tcp, allow_remote_plain, t
     valid image with EIO. FLUSH syncs the volume, its FlashCopy targets and
     bitmaps; a write is answered only once it is in the volume.
 
-    SIGTERM or SIGINT: stop accepting, finish the requests in flight, flush,
-    close the units, exit 0."""
+    Global Mirror sessions the units record as running (resumegmir) resume
+    before the server listens, a line on stderr naming each.
+
+    SIGTERM or SIGINT: stop accepting, finish the requests in flight, stop
+    the sessions' loops (they resume with the next server), flush, close
+    the units, exit 0."""
     if socket_path is None and port is None:
         raise click.UsageError("give --socket PATH, or --port N (or both)")
     tls = _tls_context(tls_cert, tls_key, tls_psk, tls_client_ca)
@@ -169,6 +180,8 @@ def serve(units, socket_path, port, bind, allow_plain_tcp, allow_remote_plain, t
                     names = [n for n, _ in nbd.names()]
                 click.echo(f"serving {len(names)} volume(s) over NBD on {' and '.join(where)}"
                            f" (pid {os.getpid()})", err=True)
+                for note in server.loops.notes:
+                    click.echo(note, err=True)
                 sys.stderr.flush()
                 while not stop.wait(0.5):
                     pass

@@ -15,6 +15,8 @@ from fastfc.copyservices.pprc import PPRCPair
 from fastfc.durable.unit import StorageUnit
 from fastfc.errors import FastFCError, ReadOnlyUnitError
 
+from .loops import SessionLoops
+
 
 class Units:
     """The storage units one invocation works on, opened on first use and
@@ -48,6 +50,9 @@ class Units:
         self.borrowed = False
         #: a server's command (borrowed units): set when the server stops
         self.stopping: threading.Event | None = None
+        #: in a server: the Global Mirror loops it runs (resumegmir); None
+        #: when this process serves nothing
+        self.loops: SessionLoops | None = None
         self._flush_on_close = True
         for path, flag in ((local, "--unit"), (remote, "--remote-unit")):
             if path is not None and self.where(path).exists() and \
@@ -66,6 +71,7 @@ class Units:
         units = cls(local, remote, readonly=host.readonly, wait=host.wait,
                     durability=host.durability, cwd=cwd)
         units.open = host.open
+        units.loops = host.loops
         units.borrowed = True
         units._flush_on_close = not looks_only
         return units
@@ -238,6 +244,12 @@ class Units:
                     f"{where}, the secondary unit of {', '.join(ids)}"
                     for where, ids in sorted(away.items())))
         raise KeyError(f"no Global Mirror session named {name!r} in the open units")
+
+    def session_unit(self, name: str) -> tuple[StorageUnit, GlobalMirror]:
+        """Session ``name`` and the open unit recording it (:meth:`session`
+        finds it, or says why not)."""
+        gm = self.session(name)
+        return next(u for u in self.all() if u.sessions.get(name) is gm), gm
 
     def damaged_session(self, name: str) -> StorageUnit | None:
         """The open unit recording session ``name`` as one it cannot restore
