@@ -59,6 +59,7 @@ cdef extern from "_kernels.h":
         int how
         double seconds[3]
         double cost
+        unsigned long runs[3]
     fastfc_copy_state fastfc_copy
     void fastfc_copy_with(int kind, uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil
     int fastfc_copy_decide(const double* seconds, int n, int dflt, double margin) noexcept nogil

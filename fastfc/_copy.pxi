@@ -99,6 +99,12 @@ def copy_kernel(bint choose=True):
 _copy_forced_by = "forced"
 
 
+def _copy_runs():
+    """How many large runs each copy kernel has copied so far, ``{kernel:
+    count}`` (for tests: the kernel chosen is the one used)."""
+    return {COPY_KERNELS[k]: fastfc_copy.runs[k] for k in range(FASTFC_N_COPY)}
+
+
 def _use_copy(str kernel, str why="forced by _use_copy"):
     """Copy large runs with ``kernel`` (one of :data:`COPY_KERNELS`) from now
     on, or ``"auto"``: measure again at the next large copy. For tests and
