@@ -433,3 +433,15 @@ def test_a_bad_fastfc_copy_is_ignored_with_a_warning_naming_it():
     out = subprocess.run([sys.executable, "-W", "error", "-c", _COPY_ENV_CODE], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.splitlines()[2:] == ["()", "[]"], out.stderr
+
+
+@pytest.mark.slow
+def test_the_command_refuses_a_bad_fastfc_copy_as_a_usage_error(tmp_path):
+    """As for a bad FASTFC_KERNELS (test_cli_hardening): one line, status 2."""
+    env = dict(os.environ, FASTFC_COPY="fast")
+    out = subprocess.run([sys.executable, "-m", "fastfc", "-u", str(tmp_path / "u"), "lsvol"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "Error: FASTFC_COPY must be one of auto, memcpy, stream, stream1, got 'fast'"]
+    assert out.stdout == "" and not (tmp_path / "u").exists()
