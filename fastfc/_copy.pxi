@@ -254,6 +254,8 @@ cdef inline void copy_big(uint8_t* dst, const uint8_t* src, size_t n) noexcept n
     """Copy ``n`` bytes, with the measured kernel (:func:`copy_kernel`) when
     large, split across the copy threads when it is worth it
     (:func:`set_copy_threads`)."""
+    if n >= <size_t>STREAM_BYTES and fastfc_copy.state != 2:
+        fastfc_copy_choose()     # once, on this thread alone, before any split
     if n >= 2 * PAR_PIECE and fastfc_pool_threads > 1:
         fastfc_pool_copy(dst, src, n, PAR_PIECE, _stream_piece)
     elif n >= <size_t>STREAM_BYTES:
@@ -315,6 +317,8 @@ def _pool_copy(uint8_t[::1] dst, const uint8_t[::1] src):
     if n == 0:
         return 1
     with nogil:
+        if n >= <size_t>STREAM_BYTES and fastfc_copy.state != 2:
+            fastfc_copy_choose()     # as copy_big does
         if n >= 2 * PAR_PIECE and fastfc_pool_threads > 1:
             k = fastfc_pool_copy(&dst[0], &src[0], n, PAR_PIECE, _stream_piece)
         else:
