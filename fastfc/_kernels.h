@@ -478,7 +478,7 @@ enum { FASTFC_COPY_UNCHOSEN = 0, FASTFC_COPY_MEASURED = 1, FASTFC_COPY_FORCED = 
 
 #define FASTFC_CAL_BYTES ((size_t)16 << 20)   /* source and destination: 32 MiB */
 #define FASTFC_CAL_PIECE ((size_t)2 << 20)    /* a copy thread's piece of a 4 MiB chunk */
-#define FASTFC_CAL_ROUNDS 3
+#define FASTFC_CAL_ROUNDS 5
 #define FASTFC_COPY_MARGIN 0.15               /* at least 15% faster than memcpy */
 
 typedef struct {
