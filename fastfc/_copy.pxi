@@ -69,7 +69,7 @@ def copy_kernel(bint choose=True):
     ``memcpy`` is the C library's; ``stream`` non-temporal stores in four
     4 KiB streams; ``stream1`` non-temporal stores in one stream. Unless
     ``FASTFC_COPY`` names one, the first large copy of the process measures
-    the three (``cost_ms``, about 30 ms, once) and keeps the fastest, memcpy
+    the three (``cost_ms``, about 40 ms, once) and keeps the fastest, memcpy
     unless another is at least ``COPY_MARGIN`` faster. ``choose=True``
     measures now if that has not happened yet."""
     if choose:
