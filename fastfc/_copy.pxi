@@ -180,11 +180,11 @@ def _select_at_import():
     _use_kernels(level)
 
 
-# A bad FASTFC_KERNELS, FASTFC_COPY or FASTFC_COPY_THREADS does not stop the import: the
-# value is ignored (the default used), a RuntimeWarning says so at the first
-# volume made (not during the import, so that the command line, which refuses
-# such a value as a usage error, prints one line), and environment_problems()
-# names it.
+# A bad FASTFC_KERNELS, FASTFC_COPY or FASTFC_COPY_THREADS does not stop the
+# import: the value is ignored (the default used), a RuntimeWarning says so at
+# the first volume made (not during the import, so that the command line, which
+# refuses such a value as a usage error, prints one line), and
+# environment_problems() names it.
 _environment_problems = []
 cdef bint _environment_unwarned = False
 
@@ -198,7 +198,8 @@ cdef _environment_problem(str problem):
 
 def environment_problems():
     """What is wrong with the ``FASTFC_KERNELS``, ``FASTFC_COPY`` and
-    ``FASTFC_COPY_THREADS`` values this process saw (each ignored, its default used): one line each."""
+    ``FASTFC_COPY_THREADS`` values this process saw (each ignored, its
+    default used): one line each."""
     return tuple(_environment_problems)
 
 

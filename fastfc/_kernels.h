@@ -14,6 +14,10 @@
    scripts/isa_count.py checks that in the built .so. Elsewhere (not x86, or a
    compiler without target attributes) only the scalar kernels exist.
 
+   Which kernel copies a large run (memcpy, or streaming stores in four streams
+   or one) is no vector level: it is timed on this machine at the first large
+   copy (the end of this file, "Which kernel copies a large run").
+
    Bit i of a bitmap lives in word i >> 6 at position i & 63. */
 #ifndef FASTFC_KERNELS_H
 #define FASTFC_KERNELS_H
