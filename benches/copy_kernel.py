@@ -11,7 +11,7 @@ variant's (higher is faster), from the minimum and the median times:
 - ``big path, <kernel>``: ``_core._pool_copy`` of the whole buffer, the
   path of a large copy (split over the copy threads from 1 MiB), with that
   kernel; ``4 MiB chunks``: the same path a 4 MiB chunk at a time, as a
-  background copy goes;
+  background copy goes (and with the chosen kernel on one thread: no split);
 - small copies: ``_core._pool_copy`` of 4 KiB and 64 KiB pieces walking a
   64 MiB buffer, against ``np.copyto`` of the same pieces.
 
@@ -49,6 +49,7 @@ def large(nbytes: int, rounds: int) -> None:
     src = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
     dst = np.ones(nbytes, dtype=np.uint8)
     chosen = _core.copy_kernel()["kernel"]
+    pool_threads = _core.copy_threads()
 
     def pool(kernel: str):
         def run():
@@ -56,11 +57,16 @@ def large(nbytes: int, rounds: int) -> None:
             _core._pool_copy(dst, src)
         return run
 
-    def chunks(kernel: str):
+    def chunks(kernel: str, threads: int | None = None):
         def run():
             _core._use_copy(kernel)
-            for o in range(0, nbytes, CHUNK):
-                _core._pool_copy(dst[o:o + CHUNK], src[o:o + CHUNK])
+            if threads is not None:
+                _core.set_copy_threads(threads)
+            try:
+                for o in range(0, nbytes, CHUNK):
+                    _core._pool_copy(dst[o:o + CHUNK], src[o:o + CHUNK])
+            finally:
+                _core.set_copy_threads(pool_threads)
         return run
 
     variants = {"np.copyto": lambda: np.copyto(dst, src),
@@ -70,7 +76,9 @@ def large(nbytes: int, rounds: int) -> None:
     for k in KERNELS:
         variants[f"big path, {k}, {_core.copy_threads()} threads"] = pool(k)
     for k in KERNELS:
-        variants[f"4 MiB chunks, {k}"] = chunks(k)
+        variants[f"4 MiB chunks, {k}, {pool_threads} threads"] = chunks(k)
+    if pool_threads > 1:
+        variants[f"4 MiB chunks, {chosen}, 1 thread"] = chunks(chosen, 1)
     times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for r in range(rounds):
