@@ -807,13 +807,22 @@ def machine() -> str:
 
 
 def kernel_summary() -> str:
-    """Which kernel variants ran, e.g. ``kernels avx512 on x86-64 sse4.2+popcnt``."""
+    """Which kernel variants ran, e.g. ``kernels avx512, built for
+    sse4.2+popcnt; copy memcpy (...)``."""
     picked = _core.kernels()
     levels = sorted(set(picked.values()), key=["scalar", "avx2", "avx512"].index)
     mixed = "" if len(levels) == 1 else " (" + ", ".join(
         f"{k} {v}" for k, v in picked.items()) + ")"
     base = "+".join(_core.build_baseline()) or "base ISA"
-    return f"kernels {levels[-1]}{mixed}, built for {base}"
+    return f"kernels {levels[-1]}{mixed}, built for {base}; {copy_summary()}"
+
+
+def copy_summary() -> str:
+    """Which copy kernel large runs use and why, e.g. ``copy stream1 (measured:
+    0.55 x memcpy's time ...; ms/GiB memcpy 150, stream 420, stream1 85)``."""
+    c = _core.copy_kernel()
+    times = ", ".join(f"{k} {ms:.0f}" for k, ms in c["ms_per_gib"].items())
+    return f"copy {c['kernel']} ({c['why']}{'; ms/GiB ' + times if times else ''})"
 
 
 def available_memory() -> int | None:

@@ -15,6 +15,8 @@ cdef extern from "_kernels.h":
     void bm_words_op "fastfc_words_op"(int op, uint64_t* d, const uint64_t* s, Py_ssize_t n) noexcept nogil
     void bm_or3_words "fastfc_or3_words"(uint64_t* r, const uint64_t* a, const uint64_t* b, const uint64_t* c, Py_ssize_t n) noexcept nogil
     void copy_stream "fastfc_copy_stream"(uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil
+    # a large run, with the copy chosen for this CPU (measured at first use)
+    void copy_large "fastfc_copy_large"(uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil
     enum:
         FASTFC_SCALAR
         FASTFC_AVX2
@@ -28,15 +30,42 @@ cdef extern from "_kernels.h":
         FASTFC_HAS_AVX512F
         FASTFC_HAS_VPOPCNTDQ
     ctypedef struct fastfc_kernel_table:
-        int level[5]
+        int level[6]
     fastfc_kernel_table fastfc_k
     const char* fastfc_level_names[3]
-    const char* fastfc_kernel_names[5]
+    const char* fastfc_kernel_names[6]
     int fastfc_cpu_features() noexcept nogil
     const char* fastfc_missing_baseline() noexcept nogil
     int fastfc_select_kernels(int max_level) noexcept nogil
     const char* fastfc_baseline_names[8]
     int fastfc_baseline_count() noexcept nogil
+    # the copy of large runs (see the header)
+    enum:
+        FASTFC_N_COPY
+        FASTFC_COPY_MEMCPY
+        FASTFC_COPY_UNCHOSEN
+        FASTFC_COPY_MEASURED
+        FASTFC_COPY_FORCED
+        FASTFC_COPY_NO_BUFFER
+        FASTFC_COPY_NO_STREAMS
+        FASTFC_CAL_ROUNDS
+    size_t FASTFC_CAL_BYTES
+    size_t FASTFC_CAL_PIECE
+    double FASTFC_COPY_MARGIN
+    const char* fastfc_copy_names[3]
+    ctypedef struct fastfc_copy_state:
+        int kind
+        int state
+        int how
+        double seconds[3]
+        double cost
+        unsigned long runs[3]
+    fastfc_copy_state fastfc_copy
+    void fastfc_copy_with(int kind, uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil
+    int fastfc_copy_decide(const double* seconds, int n, int dflt, double margin) noexcept nogil
+    int fastfc_copy_choose() noexcept nogil
+    void fastfc_copy_force(int kind) noexcept nogil
+    void fastfc_copy_init() noexcept nogil
 
 cdef inline uint64_t low_mask(Py_ssize_t nbits) noexcept nogil:
     """Mask of the nbits lowest bits, 0 <= nbits <= 64."""

@@ -52,6 +52,119 @@ def _copy_stream(uint8_t[::1] dst, const uint8_t[::1] src):
         copy_stream(&dst[0], &src[0], src.shape[0])
 
 
+# -- the copy of large runs (_kernels.h, "Which kernel copies a large run") ---
+
+COPY_KERNELS = ("memcpy", "stream", "stream1")
+_COPY_HOW = {FASTFC_COPY_UNCHOSEN: "not chosen yet", FASTFC_COPY_FORCED: "forced",
+             FASTFC_COPY_NO_BUFFER: "default: no memory to measure in",
+             FASTFC_COPY_NO_STREAMS: "default: no streaming stores on this CPU"}
+COPY_MARGIN = FASTFC_COPY_MARGIN
+
+
+def copy_kernel(bint choose=True):
+    """How runs of 64 KiB or more are copied: ``{"kernel": "memcpy" |
+    "stream" | "stream1", "why": ..., "ms_per_gib": {candidate: ms},
+    "cost_ms": ...}``.
+
+    ``memcpy`` is the C library's; ``stream`` non-temporal stores in four
+    4 KiB streams; ``stream1`` non-temporal stores in one stream. Unless
+    ``FASTFC_COPY`` names one, the first large copy of the process measures
+    the three (``cost_ms``, about 40 ms, once) and keeps the fastest, memcpy
+    unless another is at least ``COPY_MARGIN`` faster. ``choose=True``
+    measures now if that has not happened yet."""
+    if choose:
+        with nogil:
+            fastfc_copy_choose()
+    cdef int k
+    cdef double scale = (1 << 30) / <double>FASTFC_CAL_BYTES * 1e3
+    times = {fastfc_copy_names[k].decode(): round(fastfc_copy.seconds[k] * scale, 1)
+             for k in range(FASTFC_N_COPY) if fastfc_copy.seconds[k] > 0}
+    if fastfc_copy.how == FASTFC_COPY_MEASURED:
+        kind = fastfc_copy_names[fastfc_copy.kind].decode()
+        if kind == "memcpy":
+            why = (f"measured: no candidate {COPY_MARGIN:.0%} faster than memcpy")
+        else:
+            why = f"measured: {times[kind] / times['memcpy']:.2f} x memcpy's time"
+        why += (f" ({FASTFC_CAL_ROUNDS} rounds over {FASTFC_CAL_BYTES >> 20} MiB in "
+                f"{FASTFC_CAL_PIECE >> 20} MiB pieces)")
+    elif fastfc_copy.how == FASTFC_COPY_FORCED:
+        why = _copy_forced_by
+    else:
+        why = _COPY_HOW[fastfc_copy.how]
+    chosen = fastfc_copy.state == 2
+    return {"kernel": fastfc_copy_names[fastfc_copy.kind].decode() if chosen else None,
+            "why": why, "ms_per_gib": times, "cost_ms": round(fastfc_copy.cost * 1e3, 1)}
+
+
+_copy_forced_by = "forced"
+
+
+def _copy_runs():
+    """How many large runs each copy kernel has copied so far, ``{kernel:
+    count}`` (for tests: the kernel chosen is the one used)."""
+    return {COPY_KERNELS[k]: fastfc_copy.runs[k] for k in range(FASTFC_N_COPY)}
+
+
+def _use_copy(str kernel, str why="forced by _use_copy"):
+    """Copy large runs with ``kernel`` (one of :data:`COPY_KERNELS`) from now
+    on, or ``"auto"``: measure again at the next large copy. For tests and
+    benchmarks; no copy may be running in another thread meanwhile. Returns
+    :func:`copy_kernel` without choosing."""
+    global _copy_forced_by
+    if kernel == "auto":
+        fastfc_copy_force(-1)
+    elif kernel in COPY_KERNELS:
+        _copy_forced_by = why
+        fastfc_copy_force(COPY_KERNELS.index(kernel))
+    else:
+        raise ValueError(f"copy kernel must be one of auto, {', '.join(COPY_KERNELS)}, "
+                         f"got {kernel!r}")
+    return copy_kernel(choose=False)
+
+
+def _decide_copy(seconds, str default="memcpy", double margin=COPY_MARGIN):
+    """The copy kernel the measurement would keep, given ``{kernel: best
+    seconds}`` (a candidate missing or <= 0: not measured): the fastest if
+    it beats ``default`` by more than ``margin``, else ``default``. Pure (the
+    C decision itself), for tests with made-up times."""
+    cdef double t[3]
+    cdef int k
+    unknown = set(seconds) - set(COPY_KERNELS)
+    if unknown or default not in COPY_KERNELS:
+        raise ValueError(f"copy kernels are {', '.join(COPY_KERNELS)}, got "
+                         f"{sorted(unknown) or default!r}")
+    for k in range(FASTFC_N_COPY):
+        t[k] = float(seconds.get(COPY_KERNELS[k], 0.0))
+    return COPY_KERNELS[fastfc_copy_decide(t, FASTFC_N_COPY, COPY_KERNELS.index(default),
+                                           margin)]
+
+
+def _copy_with(str kernel, uint8_t[::1] dst, const uint8_t[::1] src):
+    """Copy ``src`` into the start of ``dst`` with the named copy kernel,
+    whatever is chosen (a test and benchmark hook)."""
+    if kernel not in COPY_KERNELS:
+        raise ValueError(f"copy kernel must be one of {', '.join(COPY_KERNELS)}, got {kernel!r}")
+    cdef int k = COPY_KERNELS.index(kernel)
+    if src.shape[0] > dst.shape[0]:
+        raise ValueError(f"dst holds {dst.shape[0]} bytes, src {src.shape[0]}")
+    if src.shape[0] == 0:
+        return
+    with nogil:
+        fastfc_copy_with(k, &dst[0], &src[0], src.shape[0])
+
+
+def _select_copy_at_import():
+    fastfc_copy_init()
+    env = os.environ.get("FASTFC_COPY", "")
+    kernel = env.strip().lower() or "auto"
+    if kernel != "auto" and kernel not in COPY_KERNELS:
+        _environment_problem(f"FASTFC_COPY must be one of auto, {', '.join(COPY_KERNELS)}, "
+                             f"got {env!r}")
+        kernel = "auto"
+    if kernel != "auto":
+        _use_copy(kernel, why="forced by FASTFC_COPY")
+
+
 def _select_at_import():
     cdef const char* missing = fastfc_missing_baseline()
     if missing != NULL:
@@ -67,11 +180,11 @@ def _select_at_import():
     _use_kernels(level)
 
 
-# A bad FASTFC_KERNELS or FASTFC_COPY_THREADS does not stop the import: the
-# value is ignored (the default used), a RuntimeWarning says so at the first
-# volume made (not during the import, so that the command line, which refuses
-# such a value as a usage error, prints one line), and environment_problems()
-# names it.
+# A bad FASTFC_KERNELS, FASTFC_COPY or FASTFC_COPY_THREADS does not stop the
+# import: the value is ignored (the default used), a RuntimeWarning says so at
+# the first volume made (not during the import, so that the command line, which
+# refuses such a value as a usage error, prints one line), and
+# environment_problems() names it.
 _environment_problems = []
 cdef bint _environment_unwarned = False
 
@@ -84,8 +197,9 @@ cdef _environment_problem(str problem):
 
 
 def environment_problems():
-    """What is wrong with the ``FASTFC_KERNELS`` and ``FASTFC_COPY_THREADS``
-    values this process saw (each ignored, its default used): one line each."""
+    """What is wrong with the ``FASTFC_KERNELS``, ``FASTFC_COPY`` and
+    ``FASTFC_COPY_THREADS`` values this process saw (each ignored, its
+    default used): one line each."""
     return tuple(_environment_problems)
 
 
@@ -97,18 +211,20 @@ cdef _warn_environment():
 
 
 _select_at_import()
+_select_copy_at_import()
 
 
 # --------------------------------------------------------------------------
 # Copy kernels (no GIL)
 # --------------------------------------------------------------------------
 
-# copy_stream (from _bitops.pxd / _kernels.h) copies with non-temporal stores:
-# a track copied to a FlashCopy target or a secondary is not read back soon.
+# copy_large (from _bitops.pxd / _kernels.h) copies with the kernel measured
+# fastest on this CPU (copy_kernel()): memcpy, or non-temporal stores where
+# they win (a track copied to a FlashCopy target or a secondary is not read
+# back soon).
 
-# Runs of at least this many bytes are copied with streaming stores
-# (copy_stream); shorter ones with memcpy, whose cached stores win when the
-# destination is in cache anyway.
+# Runs of at least this many bytes are copied with copy_large; shorter ones
+# with memcpy, whose cached stores win when the destination is in cache anyway.
 cdef Py_ssize_t STREAM_BYTES = 65536
 
 
@@ -130,18 +246,21 @@ cdef size_t PAR_PIECE = 512 * 1024
 
 cdef void _stream_piece(uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil:
     if n >= <size_t>STREAM_BYTES:
-        copy_stream(dst, src, n)
+        copy_large(dst, src, n)
     else:
         memcpy(dst, src, n)
 
 
 cdef inline void copy_big(uint8_t* dst, const uint8_t* src, size_t n) noexcept nogil:
-    """Copy ``n`` bytes, streaming (non-temporal) when large, split across
-    the copy threads when it is worth it (:func:`set_copy_threads`)."""
+    """Copy ``n`` bytes, with the measured kernel (:func:`copy_kernel`) when
+    large, split across the copy threads when it is worth it
+    (:func:`set_copy_threads`)."""
+    if n >= <size_t>STREAM_BYTES and fastfc_copy.state != 2:
+        fastfc_copy_choose()     # once, on this thread alone, before any split
     if n >= 2 * PAR_PIECE and fastfc_pool_threads > 1:
         fastfc_pool_copy(dst, src, n, PAR_PIECE, _stream_piece)
     elif n >= <size_t>STREAM_BYTES:
-        copy_stream(dst, src, n)
+        copy_large(dst, src, n)
     else:
         memcpy(dst, src, n)
 
@@ -199,6 +318,8 @@ def _pool_copy(uint8_t[::1] dst, const uint8_t[::1] src):
     if n == 0:
         return 1
     with nogil:
+        if n >= <size_t>STREAM_BYTES and fastfc_copy.state != 2:
+            fastfc_copy_choose()     # as copy_big does
         if n >= 2 * PAR_PIECE and fastfc_pool_threads > 1:
             k = fastfc_pool_copy(&dst[0], &src[0], n, PAR_PIECE, _stream_piece)
         else:

@@ -14,6 +14,10 @@
    scripts/isa_count.py checks that in the built .so. Elsewhere (not x86, or a
    compiler without target attributes) only the scalar kernels exist.
 
+   Which kernel copies a large run (memcpy, or streaming stores in four streams
+   or one) is no vector level: it is timed on this machine at the first large
+   copy (the end of this file, "Which kernel copies a large run").
+
    Bit i of a bitmap lives in word i >> 6 at position i & 63. */
 #ifndef FASTFC_KERNELS_H
 #define FASTFC_KERNELS_H
@@ -258,6 +262,33 @@ static FASTFC_TARGET_AVX512 Py_ssize_t fastfc_first_nonzero_word_avx512(const ui
             memcpy(dst + i, src + i, n - i);                                          \
     }
 
+/* One linear stream, the next lines prefetched 1 KiB ahead for one use
+   (prefetchnta): on an AMD EPYC (Zen 3, under KVM) the four-stream loop above
+   ran at 0.3-0.5x np.copyto while this one matched it. */
+#define FASTFC_PREFETCH_AHEAD 1024
+#define FASTFC_COPY_STREAM1(SUFFIX, ATTR, VEC)                                        \
+    static ATTR void fastfc_copy_stream1_##SUFFIX(uint8_t *dst, const uint8_t *src, size_t n) \
+    {                                                                                 \
+        size_t head = (size_t)(-(uintptr_t)dst) & (VEC - 1);                          \
+        size_t i;                                                                     \
+        if (n < head + 4 * FASTFC_PAGE) {                                             \
+            memcpy(dst, src, n);                                                      \
+            return;                                                                   \
+        }                                                                             \
+        if (head) {                     /* align the destination */                   \
+            memcpy(dst, src, head);                                                   \
+            dst += head; src += head; n -= head;                                      \
+        }                                                                             \
+        for (i = 0; i + FASTFC_STEP <= n; i += FASTFC_STEP) {                         \
+            __builtin_prefetch(src + i + FASTFC_PREFETCH_AHEAD, 0, 0);                \
+            __builtin_prefetch(src + i + FASTFC_PREFETCH_AHEAD + 64, 0, 0);           \
+            fastfc_stream_step_##SUFFIX(dst + i, src + i);                            \
+        }                                                                             \
+        _mm_sfence();   /* streamed stores are weakly ordered: publish them */        \
+        if (n > i)                                                                    \
+            memcpy(dst + i, src + i, n - i);                                          \
+    }
+
 #ifdef FASTFC_X86
 #define FASTFC_LOADU_128(p) _mm_loadu_si128((const __m128i *)(p))
 #define FASTFC_STREAM_128(p, v) _mm_stream_si128((__m128i *)(p), (v))
@@ -268,8 +299,15 @@ static FASTFC_TARGET_AVX512 Py_ssize_t fastfc_first_nonzero_word_avx512(const ui
 FASTFC_COPY_STREAM(scalar, , 16, __m128i, FASTFC_LOADU_128, FASTFC_STREAM_128)   /* SSE2 */
 FASTFC_COPY_STREAM(avx2, FASTFC_TARGET_AVX2, 32, __m256i, FASTFC_LOADU_256, FASTFC_STREAM_256)
 FASTFC_COPY_STREAM(avx512, FASTFC_TARGET_AVX512, 64, __m512i, FASTFC_LOADU_512, FASTFC_STREAM_512)
+FASTFC_COPY_STREAM1(scalar, , 16)
+FASTFC_COPY_STREAM1(avx2, FASTFC_TARGET_AVX2, 32)
+FASTFC_COPY_STREAM1(avx512, FASTFC_TARGET_AVX512, 64)
 #else
 static void fastfc_copy_stream_scalar(uint8_t *dst, const uint8_t *src, size_t n)
+{
+    memcpy(dst, src, n);
+}
+static void fastfc_copy_stream1_scalar(uint8_t *dst, const uint8_t *src, size_t n)
 {
     memcpy(dst, src, n);
 }
@@ -285,23 +323,27 @@ typedef struct {
     void (*or3_words)(uint64_t *, const uint64_t *, const uint64_t *, const uint64_t *,
                       Py_ssize_t);
     void (*copy_stream)(uint8_t *, const uint8_t *, size_t);
+    void (*copy_stream1)(uint8_t *, const uint8_t *, size_t);
     /* the level of each kernel above, in the same order */
-    int level[5];
+    int level[6];
 } fastfc_kernel_table;
 
-#define FASTFC_N_KERNELS 5
+#define FASTFC_N_KERNELS 6
 static const char *const fastfc_kernel_names[FASTFC_N_KERNELS] = {
-    "popcount_words", "first_nonzero_word", "words_op", "or3_words", "copy_stream"};
+    "popcount_words", "first_nonzero_word", "words_op", "or3_words", "copy_stream",
+    "copy_stream1"};
 
 static fastfc_kernel_table fastfc_k = {
     fastfc_popcount_words_scalar, fastfc_first_nonzero_word_scalar, fastfc_words_op_scalar,
-    fastfc_or3_words_scalar, fastfc_copy_stream_scalar, {0, 0, 0, 0, 0}};
+    fastfc_or3_words_scalar, fastfc_copy_stream_scalar, fastfc_copy_stream1_scalar,
+    {0, 0, 0, 0, 0, 0}};
 
 #define fastfc_popcount_words(w, n) (fastfc_k.popcount_words((w), (n)))
 #define fastfc_first_nonzero_word(w, k, n) (fastfc_k.first_nonzero_word((w), (k), (n)))
 #define fastfc_words_op(op, d, s, n) (fastfc_k.words_op((op), (d), (s), (n)))
 #define fastfc_or3_words(r, a, b, c, n) (fastfc_k.or3_words((r), (a), (b), (c), (n)))
 #define fastfc_copy_stream(d, s, n) (fastfc_k.copy_stream((d), (s), (n)))
+#define fastfc_copy_stream1(d, s, n) (fastfc_k.copy_stream1((d), (s), (n)))
 
 /* CPU features the variants need: bit 0 AVX2, bit 1 AVX-512F, bit 2
    AVX-512 VPOPCNTDQ (each only when the OS saves the vector state too). */
@@ -375,7 +417,8 @@ static int fastfc_select_kernels(int max_level)
 {
     fastfc_kernel_table t = {
         fastfc_popcount_words_scalar, fastfc_first_nonzero_word_scalar, fastfc_words_op_scalar,
-        fastfc_or3_words_scalar, fastfc_copy_stream_scalar, {0, 0, 0, 0, 0}};
+        fastfc_or3_words_scalar, fastfc_copy_stream_scalar, fastfc_copy_stream1_scalar,
+    {0, 0, 0, 0, 0, 0}};
     int top = FASTFC_SCALAR;
 #ifdef FASTFC_X86
     int f = fastfc_cpu_features(), i;
@@ -385,6 +428,7 @@ static int fastfc_select_kernels(int max_level)
         t.words_op = fastfc_words_op_avx2;
         t.or3_words = fastfc_or3_words_avx2;
         t.copy_stream = fastfc_copy_stream_avx2;
+        t.copy_stream1 = fastfc_copy_stream1_avx2;
         for (i = 0; i < FASTFC_N_KERNELS; i++)
             t.level[i] = FASTFC_AVX2;
         top = FASTFC_AVX2;
@@ -399,6 +443,7 @@ static int fastfc_select_kernels(int max_level)
         t.words_op = fastfc_words_op_avx512;
         t.or3_words = fastfc_or3_words_avx512;
         t.copy_stream = fastfc_copy_stream_avx512;
+        t.copy_stream1 = fastfc_copy_stream1_avx512;
         for (i = 1; i < FASTFC_N_KERNELS; i++)
             t.level[i] = FASTFC_AVX512;
         top = FASTFC_AVX512;
@@ -408,6 +453,196 @@ static int fastfc_select_kernels(int max_level)
 #endif
     fastfc_k = t;
     return top;
+}
+
+
+/* ---------------------------------------------------------------------------
+   Which kernel copies a large run, measured on this CPU.
+
+   Streaming stores win or lose by machine: on an Intel Xeon (avx512) the
+   four-stream kernel ran 1.86x np.copyto, on an AMD EPYC (avx2, under KVM)
+   0.26x. So the first large copy of the process (or copy_kernel()) times the
+   candidates on a buffer past the L3 cache, in the pieces a copy thread is
+   handed, and keeps the fastest. The measurement must survive a shared,
+   noisy machine: the candidates take turns, each round in another order, the
+   best of FASTFC_CAL_ROUNDS counts, and one beats the default (memcpy,
+   which the C library tunes for the CPU itself) only by FASTFC_COPY_MARGIN.
+   FASTFC_COPY names one and skips the measurement (_copy.pxi). */
+#include <stdlib.h>
+#include <time.h>
+#include <pthread.h>
+#include <sys/mman.h>
+
+enum { FASTFC_COPY_MEMCPY = 0, FASTFC_COPY_STREAM = 1, FASTFC_COPY_STREAM1 = 2, FASTFC_N_COPY = 3 };
+static const char *const fastfc_copy_names[FASTFC_N_COPY] = {"memcpy", "stream", "stream1"};
+
+/* how the copy was chosen */
+enum { FASTFC_COPY_UNCHOSEN = 0, FASTFC_COPY_MEASURED = 1, FASTFC_COPY_FORCED = 2,
+       FASTFC_COPY_NO_BUFFER = 3, FASTFC_COPY_NO_STREAMS = 4 };
+
+#define FASTFC_CAL_BYTES ((size_t)16 << 20)   /* source and destination: 32 MiB */
+#define FASTFC_CAL_PIECE ((size_t)2 << 20)    /* a copy thread's piece of a 4 MiB chunk */
+#define FASTFC_CAL_ROUNDS 5
+#define FASTFC_COPY_MARGIN 0.15               /* at least 15% faster than memcpy */
+
+typedef struct {
+    int kind;                     /* FASTFC_COPY_*, valid once state == 2 */
+    int state;                    /* 0 unchosen, 1 being measured, 2 chosen */
+    int how;                      /* FASTFC_COPY_MEASURED, ... */
+    double seconds[FASTFC_N_COPY];  /* best time of each for FASTFC_CAL_BYTES; 0 unmeasured */
+    double cost;                  /* seconds the measurement took, buffers included */
+    unsigned long runs[FASTFC_N_COPY];  /* large runs each copied (a counter for tests) */
+} fastfc_copy_state;
+static fastfc_copy_state fastfc_copy = {FASTFC_COPY_MEMCPY, 0, FASTFC_COPY_UNCHOSEN, {0, 0, 0}, 0,
+                                        {0, 0, 0}};
+
+static inline void fastfc_copy_with(int kind, uint8_t *dst, const uint8_t *src, size_t n)
+{
+    if (kind == FASTFC_COPY_STREAM)
+        fastfc_copy_stream(dst, src, n);
+    else if (kind == FASTFC_COPY_STREAM1)
+        fastfc_copy_stream1(dst, src, n);
+    else
+        memcpy(dst, src, n);
+}
+
+/* The candidate to use, given each one's best time (<= 0: not measured):
+   the fastest, if it beats the default's time by more than ``margin`` (a
+   fraction); else the default. A pure function, tested with made-up times. */
+static int fastfc_copy_decide(const double *seconds, int n, int dflt, double margin)
+{
+    int best = dflt, i;
+    if (dflt < 0 || dflt >= n || !(seconds[dflt] > 0))
+        return dflt;
+    for (i = 0; i < n; i++)
+        if (seconds[i] > 0 && seconds[i] < seconds[best])
+            best = i;
+    if (best != dflt && !(seconds[best] < seconds[dflt] * (1.0 - margin)))
+        best = dflt;
+    return best;
+}
+
+static double fastfc_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Time every candidate (seconds[k]: best of the rounds for FASTFC_CAL_BYTES).
+   The buffers are fresh anonymous memory with huge pages allowed and start
+   16 bytes into a page, as a NumPy array's data does. A candidate more than
+   twice as slow as the best after the first round sits the others out (never
+   the default: a blip can then only keep the default, not pick a slow one).
+   Returns 0, or -1 when the buffers could not be had. */
+static int fastfc_copy_measure(double *seconds, int dflt)
+{
+    size_t span = 2 * FASTFC_CAL_BYTES + 4096, off;
+    uint8_t *base, *src, *dst;
+    int r, j, k;
+    double fastest = 0;
+    base = (uint8_t *)mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == (uint8_t *)MAP_FAILED)
+        return -1;
+#ifdef MADV_HUGEPAGE
+    madvise(base, span, MADV_HUGEPAGE);
+#endif
+    src = base + 16;
+    dst = base + FASTFC_CAL_BYTES + 4096 + 16;
+    memset(base, 0x5a, span);   /* real pages, not the shared zero page */
+    for (k = 0; k < FASTFC_N_COPY; k++)
+        seconds[k] = 0;
+    for (r = 0; r < FASTFC_CAL_ROUNDS; r++) {
+        for (j = 0; j < FASTFC_N_COPY; j++) {
+            double t;
+            k = (r + j) % FASTFC_N_COPY;   /* each round in another order */
+            if (r > 0 && k != dflt && seconds[k] > 2 * fastest)
+                continue;
+            t = fastfc_now();
+            for (off = 0; off + FASTFC_CAL_PIECE <= FASTFC_CAL_BYTES; off += FASTFC_CAL_PIECE)
+                fastfc_copy_with(k, dst + off, src + off, FASTFC_CAL_PIECE - 16);
+            t = fastfc_now() - t;
+            if (seconds[k] == 0 || t < seconds[k])
+                seconds[k] = t;
+        }
+        for (k = 0; k < FASTFC_N_COPY; k++)
+            if (fastest == 0 || seconds[k] < fastest)
+                fastest = seconds[k];
+    }
+    munmap(base, span);
+    return 0;
+}
+
+/* Choose the copy now (measuring it unless there are no streaming kernels)
+   if nobody has; returns the kind. A thread that finds another measuring
+   copies with memcpy meanwhile rather than wait. */
+static int fastfc_copy_choose(void)
+{
+    int expected = 0;
+    if (__atomic_load_n(&fastfc_copy.state, __ATOMIC_ACQUIRE) == 2)
+        return fastfc_copy.kind;
+    if (!__atomic_compare_exchange_n(&fastfc_copy.state, &expected, 1, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_ACQUIRE))
+        return expected == 2 ? fastfc_copy.kind : FASTFC_COPY_MEMCPY;
+    {
+        double t0 = fastfc_now();
+#ifdef FASTFC_X86
+        if (fastfc_copy_measure(fastfc_copy.seconds, FASTFC_COPY_MEMCPY) == 0) {
+            fastfc_copy.kind = fastfc_copy_decide(fastfc_copy.seconds, FASTFC_N_COPY,
+                                                  FASTFC_COPY_MEMCPY, FASTFC_COPY_MARGIN);
+            fastfc_copy.how = FASTFC_COPY_MEASURED;
+        } else {
+            fastfc_copy.kind = FASTFC_COPY_MEMCPY;
+            fastfc_copy.how = FASTFC_COPY_NO_BUFFER;
+        }
+#else
+        fastfc_copy.kind = FASTFC_COPY_MEMCPY;
+        fastfc_copy.how = FASTFC_COPY_NO_STREAMS;
+#endif
+        fastfc_copy.cost = fastfc_now() - t0;
+    }
+    __atomic_store_n(&fastfc_copy.state, 2, __ATOMIC_RELEASE);
+    return fastfc_copy.kind;
+}
+
+/* Use ``kind`` from now on (FASTFC_COPY, tests); -1: measure again at the
+   next large copy. No copy may be running in another thread meanwhile. */
+static void fastfc_copy_force(int kind)
+{
+    int k;
+    for (k = 0; k < FASTFC_N_COPY; k++)
+        fastfc_copy.seconds[k] = 0;
+    fastfc_copy.cost = 0;
+    if (kind < 0) {
+        fastfc_copy.how = FASTFC_COPY_UNCHOSEN;
+        fastfc_copy.kind = FASTFC_COPY_MEMCPY;
+        __atomic_store_n(&fastfc_copy.state, 0, __ATOMIC_RELEASE);
+        return;
+    }
+    fastfc_copy.kind = kind;
+    fastfc_copy.how = FASTFC_COPY_FORCED;
+    __atomic_store_n(&fastfc_copy.state, 2, __ATOMIC_RELEASE);
+}
+
+/* A child forked while its parent measured has no measuring thread. */
+static void fastfc_copy_after_fork(void)
+{
+    if (fastfc_copy.state == 1)
+        fastfc_copy.state = 0;
+}
+
+static void fastfc_copy_init(void)
+{
+    pthread_atfork(NULL, NULL, fastfc_copy_after_fork);
+}
+
+/* Copy a large run (>= STREAM_BYTES) with the chosen kernel. */
+static inline void fastfc_copy_large(uint8_t *dst, const uint8_t *src, size_t n)
+{
+    int kind = __atomic_load_n(&fastfc_copy.state, __ATOMIC_ACQUIRE) == 2
+                   ? fastfc_copy.kind : fastfc_copy_choose();
+    __atomic_fetch_add(&fastfc_copy.runs[kind], 1, __ATOMIC_RELAXED);
+    fastfc_copy_with(kind, dst, src, n);
 }
 
 #endif /* FASTFC_KERNELS_H */
