@@ -43,8 +43,6 @@ if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCAC
 import pytest
 from hypothesis import HealthCheck, Phase, is_hypothesis_test, settings
 
-from fastfc import faults
-
 # No "explain" phase: on a failing state machine it replays hundreds of
 # variants and can take minutes; the shrunk example is what we read.
 PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
@@ -122,6 +120,9 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(autouse=True)
 def _no_armed_faults():
     """No test sees (or leaves behind) a fault another test armed."""
+    # imported here, not at the top: under xdist the controlling process,
+    # which runs no test, then starts its workers without importing fastfc
+    from fastfc import faults
     faults.clear()
     yield
     faults.clear()
