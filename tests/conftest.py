@@ -22,10 +22,26 @@ import tempfile
 import unittest
 from pathlib import Path
 
+if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
+    # An environment that keeps byte code out of the source tree (as some
+    # sandboxes and CI images do) made every process compile fastfc and
+    # every xdist worker rewrite the tests' asserts from source: seconds per
+    # worker, and a third of a second per ``python -m fastfc`` the CLI, serve
+    # and crash tests start (hundreds). The byte code goes to a cache outside
+    # the tree instead (PYTHONPYCACHEPREFIX, inherited by the workers and the
+    # children), so the tree stays clean as that environment wants. This
+    # comes before the imports below: pytest rewrites the asserts of its
+    # plugins' packages too (Hypothesis: ninety modules, about two seconds),
+    # and caches them only when byte code may be written, so imported first
+    # they were rewritten again at every start of the controlling process.
+    _prefix = os.path.join(tempfile.gettempdir(), f"fastfc-tests-pycache-{os.getuid()}")
+    os.environ["PYTHONPYCACHEPREFIX"] = _prefix
+    del os.environ["PYTHONDONTWRITEBYTECODE"]
+    sys.pycache_prefix = _prefix
+    sys.dont_write_bytecode = False
+
 import pytest
 from hypothesis import HealthCheck, Phase, is_hypothesis_test, settings
-
-from fastfc import faults
 
 # No "explain" phase: on a failing state machine it replays hundreds of
 # variants and can take minutes; the shrunk example is what we read.
@@ -47,20 +63,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
-
-if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
-    # An environment that keeps byte code out of the source tree (as some
-    # sandboxes and CI images do) made every process compile fastfc and
-    # every xdist worker rewrite the tests' asserts from source: seconds per
-    # worker, and a third of a second per ``python -m fastfc`` the CLI, serve
-    # and crash tests start (hundreds). The byte code goes to a cache outside
-    # the tree instead (PYTHONPYCACHEPREFIX, inherited by the workers and the
-    # children), so the tree stays clean as that environment wants.
-    _prefix = os.path.join(tempfile.gettempdir(), f"fastfc-tests-pycache-{os.getuid()}")
-    os.environ["PYTHONPYCACHEPREFIX"] = _prefix
-    del os.environ["PYTHONDONTWRITEBYTECODE"]
-    sys.pycache_prefix = _prefix
-    sys.dont_write_bytecode = False
 
 if "PYTEST_XDIST_WORKER" in os.environ:
     # pytest-xdist's workers (``-n 2``, as the README's test command runs)
@@ -118,6 +120,9 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(autouse=True)
 def _no_armed_faults():
     """No test sees (or leaves behind) a fault another test armed."""
+    # imported here, not at the top: under xdist the controlling process,
+    # which runs no test, then starts its workers without importing fastfc
+    from fastfc import faults
     faults.clear()
     yield
     faults.clear()

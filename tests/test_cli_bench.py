@@ -32,6 +32,20 @@ def benches(*args: str, timeout: float = 600, env: dict | None = None):
                           text=True, cwd=ROOT, timeout=timeout, env=env)
 
 
+def runner_main(capsys, *args: str) -> tuple[int | str | None, str, str]:
+    """``python -m benches ARGS`` in this process: ``benches.runner.main``,
+    which ``benches/__main__.py`` calls (the quick case below runs it as a
+    process); its exit status, stdout and stderr. A child for each of these
+    only spent a second importing the runner (matplotlib, numba)."""
+    from benches import runner
+    try:
+        code = runner.main(list(args))
+    except SystemExit as e:         # argparse: --help, a usage error
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 # -- fastfc bench: a pointer, nothing more ----------------------------------------------------
 def test_bench_says_where_the_benchmarks_went() -> None:
     for args in (["bench"], ["bench", "--quick", "--only", "gm"], ["bench", "--help"]):
@@ -86,21 +100,21 @@ def test_an_installed_layout_points_to_the_runner(tmp_path) -> None:
 
 
 # -- python -m benches -------------------------------------------------------------------------
-def test_the_runner_lists_its_suites_and_cases() -> None:
-    res = benches("--list", timeout=120)
-    assert res.returncode == 0, res.stderr
-    listed = [m.group(1) for m in re.finditer(r"^([a-z_]+)  ", res.stdout, re.M)]
-    assert listed == SUITES, res.stdout
+def test_the_runner_lists_its_suites_and_cases(capsys) -> None:
+    code, out, err = runner_main(capsys, "--list")
+    assert code == 0, err
+    listed = [m.group(1) for m in re.finditer(r"^([a-z_]+)  ", out, re.M)]
+    assert listed == SUITES, out
     from benches.cases import CASES
     for c in CASES:
-        assert f"  {c.name} " in res.stdout
+        assert f"  {c.name} " in out
 
 
-def test_the_runner_refuses_an_unknown_suite(tmp_path) -> None:
+def test_the_runner_refuses_an_unknown_suite(tmp_path, capsys) -> None:
     for args in (["nonsense"], ["core", "--skip", "nonsense"]):
-        res = benches(*args, "--out", str(tmp_path / "out"), timeout=120)
-        assert res.returncode == 2, res.stderr
-        assert "unknown suite(s) nonsense" in res.stderr
+        code, out, err = runner_main(capsys, *args, "--out", str(tmp_path / "out"))
+        assert code == 2, err
+        assert "unknown suite(s) nonsense" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -126,13 +140,13 @@ def test_the_runner_quick_on_one_case(tmp_path) -> None:
     assert (ROOT / "README.md").read_bytes() == readme
 
 
-def test_durable_large_is_opt_in() -> None:
+def test_durable_large_is_opt_in(capsys) -> None:
     """The suite past memory runs only when named (it writes tens of GiB)."""
     from benches import runner
     assert runner.SUITES == SUITES and runner.OPT_IN == {"durable_large"}
-    res = benches("--help", timeout=120)
-    assert res.returncode == 0
-    assert "durable_large" in res.stdout and "FASTFC_BENCH_LARGE_GIB" in res.stdout
+    code, out, _ = runner_main(capsys, "--help")
+    assert code == 0
+    assert "durable_large" in out and "FASTFC_BENCH_LARGE_GIB" in out
 
 
 # -- the serve suite ----------------------------------------------------------------------------

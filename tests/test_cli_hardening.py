@@ -30,6 +30,19 @@ from test_cli import fastfc, site1, site2  # noqa: F401  (fixtures)
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture
+def tmp_path(request, tmp_path):
+    """This module's units live on tmpfs (conftest.tmpfs_tmp_path): its
+    commands run in this process, where volumes there take the disk's I/O
+    path all the same, and on a busy disk their fsyncs and msyncs took about
+    half of the module's time. Tests marked ``on_disk`` keep the disk's
+    ``tmp_path``: their children open the units (a child sees tmpfs as
+    memory) or their point is the disk's filesystem (its size limits)."""
+    if request.node.get_closest_marker("on_disk"):
+        return tmp_path
+    return request.getfixturevalue("tmpfs_tmp_path")
+
+
 def listing(path: Path) -> list[str]:
     """Every file under ``path`` (relative), for "nothing created" checks."""
     if not path.exists():
@@ -209,6 +222,7 @@ def test_global_mirror_checks_its_name_before_creating_anything(name, exc):
 
 
 # -- 8: one line, status 1, nothing created -------------------------------------------------------
+@pytest.mark.on_disk
 def test_mkvol_numbers_too_large_create_nothing(fastfc, site1, tmp_path):
     make_volumes(fastfc, site1, "A")
     before = listing(site1)
@@ -230,6 +244,7 @@ def _tree(path: Path) -> dict[str, bytes | None]:
             for p in sorted(path.rglob("*"))}
 
 
+@pytest.mark.on_disk
 def test_a_failed_mkvol_in_a_directory_of_files_leaves_every_file(tmp_path, monkeypatch):
     """A directory holding the user's files is no unit: mkvol refuses it and
     removes nothing (its clean-up of a half-made unit once wiped the whole
@@ -248,6 +263,7 @@ def test_a_failed_mkvol_in_a_directory_of_files_leaves_every_file(tmp_path, monk
     assert _tree(d) == before
 
 
+@pytest.mark.on_disk
 def test_a_failed_mkvol_removes_only_what_it_made(tmp_path):
     """A volume the system refuses after the unit was made: the unit's own
     entries go, by name; what was there before stays, and a directory the
@@ -263,6 +279,7 @@ def test_a_failed_mkvol_removes_only_what_it_made(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.on_disk
 def test_mkvol_thin_is_sparse_and_a_size_the_filesystem_refuses_creates_nothing(
         fastfc, site1):
     make_volumes(fastfc, site1, "A")
@@ -312,6 +329,7 @@ fastfc.tools.cli.main()
 """
 
 
+@pytest.mark.on_disk
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc")
 def test_under_a_memory_limit_big_io_streams_and_the_rest_is_one_line(tmp_path):
@@ -453,6 +471,7 @@ def test_formcg_says_what_went_to_b_and_showgmir_agrees(fastfc, site1, site2):
     assert props(fastfc("showgmir", "gm"))["Sent to B"] == f"{N * TS // 1024} KiB"
 
 
+@pytest.mark.on_disk
 def test_showgmir_counts_the_cgs_of_a_killed_formcg(fastfc, site1, site2):
     make_volumes(fastfc, site1, "A")
     make_volumes(fastfc, site2, "B", "C")
@@ -483,6 +502,7 @@ def test_showgmir_counts_the_cgs_of_a_killed_formcg(fastfc, site1, site2):
     assert show["CG attempts"] == show["Successful CGs"]
 
 
+@pytest.mark.on_disk
 def test_showgmir_counts_the_cg_recovery_committed_after_a_kill(fastfc, site1, site2):
     """A formcg killed in the commit of CG 2: recovery commits it, and
     showgmir counts it (attempts, successes and CG sequence agree)."""
@@ -567,6 +587,7 @@ def test_a_unit_path_naming_a_file_is_a_usage_error(tmp_path, args):
         ["notes.txt"]
 
 
+@pytest.mark.on_disk
 @pytest.mark.parametrize("var,value,allowed", [
     ("FASTFC_COPY_THREADS", "many", "a whole number >= 1"),
     ("FASTFC_COPY_THREADS", "0", "a whole number >= 1"),
@@ -613,6 +634,7 @@ def test_a_size_that_is_not_whole_bytes_is_a_usage_error(fastfc, site1, size):
     assert "whole number of bytes" in usage_error(run("-u", site1, "mkvol", "V", "--size", size))
 
 
+@pytest.mark.on_disk
 def test_sizes_in_petabytes_and_exabytes_are_read_up_to_the_largest_volume(fastfc, site1):
     from fastfc.tools.cli.params import SIZE
     assert SIZE.convert("1P", None, None) == 1 << 50

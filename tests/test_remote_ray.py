@@ -6,6 +6,7 @@ after reconciling, and after site-loss recovery. Slow (Ray's start-up)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import random
@@ -21,10 +22,18 @@ from fastfc.tools.testing import PromiseChecker, RandomWriters
 
 pytestmark = pytest.mark.slow
 
-if os.environ.get("CI"):
-    import ray        # CI installs the remote extra: fail loudly without it
-else:
-    ray = pytest.importorskip("ray")
+# Ray is imported by the first test that uses it (``ray_session``), not when
+# the module is collected: the import costs each xdist worker most of a
+# second, and the quick loop collects this module too (then deselects it).
+if not os.environ.get("CI") and importlib.util.find_spec("ray") is None:
+    pytest.skip("could not import 'ray': No module named 'ray'", allow_module_level=True)
+
+
+def _ray():
+    if os.environ.get("CI"):
+        import ray    # CI installs the remote extra: fail loudly without it
+        return ray
+    return pytest.importorskip("ray")
 
 TS = 4096
 N = 64
@@ -32,6 +41,7 @@ N = 64
 
 @pytest.fixture(scope="session")
 def ray_session():
+    ray = _ray()
     ray.init(num_cpus=2, include_dashboard=False, namespace="fastfc", log_to_driver=False)
     from fastfc import remote
     yield remote
