@@ -27,6 +27,7 @@ from fastfc.tools.nbd import NBDServer, exports_of
 
 from .app import main
 from .control import hosting
+from .copies import CopyDrivers
 from .loops import SessionLoops
 from .units import Units, pass_units
 
@@ -45,10 +46,14 @@ class Server:
         # the control socket: other fastfc commands naming these units run here
         # Global Mirror loops (resumegmir) run here, beside the commands
         self.loops = units.loops = SessionLoops()
+        # background copies (FlashCopy, PPRC initial copy, resync and Global
+        # Copy) move on here, with no command running
+        self.copies = units.copies = CopyDrivers()
         # the sessions recorded as running resume first; then the control
         # socket, through which other fastfc commands naming these units run here
         self.services: list[Callable[[], ContextManager[Any]]] = [
             lambda: self.loops.serving(self.units, self.lock),
+            lambda: self.copies.serving(self.units, self.lock),
             lambda: hosting(self.units, self.lock)]
 
     def flush(self) -> None:
