@@ -80,7 +80,9 @@ def test_flashcopy_copies_in_the_server_and_keeps_its_image(tmp_path):
     image = fill(a, "S", 1)
     with serving(a, sock):
         out = cli(a, "mkflash", "--persist", "S:T").stdout
-        assert "S:T: the background copy runs in this server" in out
+        # the words of a direct run (a forwarded command prints what it prints)
+        assert ("S:T: the background copy continues while fastfc serve runs for this "
+                "unit, or run waitflash S:T") in out
         # the source changes after the establish: the target keeps its image
         nbd_write(sock, "S", 0, b"\xee" * (64 * KIB))
         nbd_write(sock, "S", 8 * MIB, b"\xdd" * TRACK)
@@ -127,7 +129,7 @@ def test_a_resync_copies_in_the_server(tmp_path):
     with serving(a, sock):
         nbd_write(sock, "S", 0, b"\x07" * MIB)
         out = cli(a, "resyncflash", "--revertible", "S:T").stdout
-        assert "runs in this server" not in out      # revertible: nothing copies
+        assert "fastfc serve" not in out      # revertible: nothing copies
         time.sleep(0.3)
         assert lsflash(a)["S:T"]["state"] == "revertible"
         rows = json.loads(cli(a, "commitflash", "--json", "S:T").stdout)
@@ -163,7 +165,9 @@ def test_metro_mirror_reaches_full_duplex_and_mirrors_writes(two):
     a, b, sock = two
     with serving(a, sock, remote=b):
         out = cli(a, "mkpprc", "--type", "mmir", "A:B", remote=b).stdout
-        assert "A:B: this server sends the out-of-sync tracks in the background" in out
+        assert ("A:B: the copy continues while fastfc serve runs for this unit, or run "
+                "resumepprc --wait A:B") in out
+        assert lspprc(a)["A:B"]["moved_on_by"] in ("server", None)     # None: in sync
         row = until(lambda: lspprc(a)["A:B"], lambda r: r["state"] == "full duplex")
         assert row["out_of_sync"] == 0 and row["note"] is None
         nbd_write(sock, "A", 4 * MIB, b"\x5a" * (2 * TRACK))

@@ -135,25 +135,32 @@ class CopyDrivers:
 
 
 def moved_on_by(thing: FlashCopy | PPRCPair, copies: CopyDrivers | None,
-                units: Iterable[StorageUnit] = ()) -> tuple[str | None, str | None]:
+                units: Iterable[StorageUnit] = (), left: int | None = None
+                ) -> tuple[str | None, str | None]:
     """What moves the copy of ``thing`` on: ``(driver, note)``. ``driver``
     is ``"server"`` (this server's background work), ``"session"`` (a
     Global Mirror session's loop) or None (nothing: it waits for a
-    command or a server); ``note`` says so in words, None when nothing is
-    left to copy and no write is to be mirrored later. ``copies``: the
-    server's drivers, None outside a server."""
+    command or a server); ``note`` says what moves it on in words, None when
+    nothing is left to copy and no write is to be mirrored later. The note
+    is the same in a server and outside one (a command a server carries out
+    prints what a direct run prints): the copy moves on while ``fastfc
+    serve`` runs for the unit, or when a command copies in the foreground.
+    ``copies``: the server's drivers, None outside a server. ``left``: a FlashCopy's tracks
+    to copy as the command that made them said (its worker may have copied
+    some or all of them since: what the command prints does not depend on
+    how far it got); None: as it stands now."""
     if isinstance(thing, FlashCopy):
         if thing.session is not None:
             return SESSION, f"Global Mirror session {thing.session} copies it in its CGs"
-        if not thing.active or thing.revertible or not thing.tracks_to_copy:
+        pending = thing.tracks_to_copy if left is None else left
+        if thing.revertible or not pending or (left is None and not thing.active):
             return None, None
         if not thing.background_copy:
             return None, (f"NOCOPY: tracks move only by copy-on-write; waitflash "
                           f"{fc_id(thing)} copies the rest")
-        if copies is not None:
-            return SERVER, "the background copy runs in this server"
-        return None, (f"the background copy continues while fastfc serve runs for this "
-                      f"unit, or run waitflash {fc_id(thing)}")
+        return (SERVER if copies is not None else None), (
+            f"the background copy continues while fastfc serve runs for this unit, or "
+            f"run waitflash {fc_id(thing)}")
     pair = thing
     if session_pair(pair, units):
         return SESSION, "its Global Mirror session's loop sends its tracks (resumegmir)"
@@ -162,9 +169,8 @@ def moved_on_by(thing: FlashCopy | PPRCPair, copies: CopyDrivers | None,
     gcp = pair.mode is PPRCMode.GLOBAL_COPY
     if not pair.out_of_sync_tracks and not gcp:
         return None, None
-    if copies is not None:
-        return SERVER, "this server sends the out-of-sync tracks in the background"
     what = "host writes are sent" if gcp and not pair.out_of_sync_tracks else \
         "the copy continues"
-    return None, (f"{what} while fastfc serve runs for this unit, or run resumepprc "
-                  f"--wait {pair_id(pair)}")
+    return (SERVER if copies is not None else None), (
+        f"{what} while fastfc serve runs for this unit, or run resumepprc --wait "
+        f"{pair_id(pair)}")

@@ -58,7 +58,7 @@ def mkflash(units, specs, nocp, record, persist, inhibit, copy_rate, seq, wait,
                       f"{plural(fc.source.n_tracks, 'track')} to copy")
     if wait:
         _finish_copies(rels, as_json)
-    _moving_on(units, rels, as_json)
+    _moving_on(units, rels, as_json, [0 if wait else fc.source.n_tracks for fc in rels])
 
 
 @main.command()
@@ -109,15 +109,17 @@ def resyncflash(units, specs, revertible, seq, wait, as_json) -> None:
     if wait:
         _check_wait([(_marked(fc), fc.source.track_size, fc.copy_rate)
                      for fc in rels if fc.background_copy])
+    left = []
     for fc in rels:
         marked = _marked(fc)
+        left.append(0 if wait else marked)
         fc.resync(revertible=revertible, sequence=seq)
         how = "revertible, " if revertible else ""
         _say(as_json, f"resynced {fc_id(fc)}: {how}sequence {fc.sequence}, "
                       f"{plural(marked, 'track')} to copy")
     if wait:
         _finish_copies([fc for fc in rels if fc.background_copy], as_json)
-    _moving_on(units, rels, as_json)
+    _moving_on(units, rels, as_json, left)
 
 
 def _marked(fc: FlashCopy) -> int:
@@ -147,10 +149,11 @@ def waitflash(units, specs) -> None:
 def commitflash(units, specs, as_json) -> None:
     """Keep the new image of revertible relationships (the changed tracks
     then copy in the background: see mkflash)."""
-    rels = each([units.flashcopy(*s) for s in specs], lambda fc: fc.commit(),
-                lambda fc, _: None if as_json else
-                f"committed {fc_id(fc)}: sequence {fc.sequence}")
-    _moving_on(units, rels, as_json)
+    rels = [units.flashcopy(*s) for s in specs]
+    left = [fc.tracks_to_copy for fc in rels]    # a revertible one copies nothing yet
+    each(rels, lambda fc: fc.commit(),
+         lambda fc, _: None if as_json else f"committed {fc_id(fc)}: sequence {fc.sequence}")
+    _moving_on(units, rels, as_json, left)
 
 
 @main.command()
@@ -250,28 +253,30 @@ def _say(as_json: bool, line: str) -> None:
         click.echo(line)
 
 
-def _moved(units, fc: FlashCopy) -> dict:
+def _moved(units, fc: FlashCopy, left: int | None = None) -> dict:
     """What moves the copy of ``fc`` on, as --json says it: ``moved_on_by``
     ("server", "session" or null: nothing, until a command or a server
-    copies) and ``note`` (that in words; null when nothing is left)."""
-    by, note = moved_on_by(fc, units.copies)
+    copies) and ``note`` (that in words; null when nothing is left).
+    ``left``: as :func:`~.copies.moved_on_by` takes it."""
+    by, note = moved_on_by(fc, units.copies, left=left)
     return {"moved_on_by": by, "note": note}
 
 
-def _row(units, fc: FlashCopy) -> dict:
+def _row(units, fc: FlashCopy, left: int) -> dict:
     """What --json says of ``fc`` after a command that changed it."""
     return {"id": fc_id(fc), "state": fc.state.value, "tracks_to_copy": fc.tracks_to_copy,
-            "sequence": fc.sequence, **_moved(units, fc)}
+            "sequence": fc.sequence, **_moved(units, fc, left)}
 
 
-def _moving_on(units, rels: list[FlashCopy], as_json: bool) -> None:
-    """After a command that leaves copies to do: what moves each on (a
-    line per relationship with tracks left, or the JSON rows)."""
+def _moving_on(units, rels: list[FlashCopy], as_json: bool, left: list[int]) -> None:
+    """After a command that left ``left`` tracks to copy of each of
+    ``rels``: what moves each on (a line per relationship with tracks
+    left, or the JSON rows)."""
     if as_json:
-        json_out([_row(units, fc) for fc in rels])
+        json_out([_row(units, fc, n) for fc, n in zip(rels, left)])
         return
-    for fc in rels:
-        _, note = moved_on_by(fc, units.copies)
+    for fc, n in zip(rels, left):
+        _, note = moved_on_by(fc, units.copies, left=n)
         if note is not None and fc.session is None:
             click.echo(f"{fc_id(fc)}: {note}")
 
