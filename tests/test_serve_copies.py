@@ -14,6 +14,7 @@ command copies in the foreground: no --wait, no waitflash.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -260,3 +261,41 @@ def test_a_sessions_pairs_are_its_loops_alone(tmp_path):
         image = volume_bytes_served(sock, "A0", MIB)
     # the C volume holds a CG: the write, made before the last CGs formed
     assert np.array_equal(volume_bytes(b, "C0"), image)
+
+
+def _agents() -> set[str]:
+    """The PPRC pairs whose agents (drain threads) run in this process."""
+    return {t.name.removeprefix("fastfc-pprc-") for t in threading.enumerate()
+            if t.name.startswith("fastfc-pprc-")}
+
+
+def test_the_drivers_leave_session_pairs_alone(tmp_path):
+    """In process: the server's drivers start the agent of a plain pair, not
+    of a session's (paused or running: its loop alone sends its tracks), and
+    stop what they started."""
+    from fastfc.tools.cli.copies import CopyDrivers
+    from fastfc.tools.cli.units import Units
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_unit(a, "A0", "P", size=MIB, track_size=TRACK)
+    make_unit(b, "B0", "C0", "Q", size=MIB, track_size=TRACK)
+    cli(a, "mkgmir", "S", "A0:B0:C0", remote=b)
+    cli(a, "mkpprc", "--type", "gcp", "P:Q", remote=b)
+    units = Units(str(a), str(b))
+    drivers = CopyDrivers()
+    try:
+        units.local()
+        before = _agents()
+        drivers.drive(units.all())
+        assert _agents() - before == {"P->Q"}
+        assert "P->Q" in repr(drivers)
+        drivers.drive(units.all())          # again: nothing more
+        assert _agents() - before == {"P->Q"}
+        pair = units.pair("P", "Q")
+        until(lambda: pair.out_of_sync_tracks, lambda n: n == 0, 30)
+        s = units.session("S")
+        assert s.triplets[0].pair.out_of_sync_tracks == 256     # nothing sent it
+        drivers.stop_all()
+        assert _agents() == before
+    finally:
+        drivers.stop_all()
+        units.close()
