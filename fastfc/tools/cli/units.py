@@ -172,7 +172,13 @@ class Units:
             if self._flush_on_close and self.copies is not None:
                 # the copies the command made, resumed or restored (a unit it
                 # opened) move on in the server from now on
-                self.copies.drive(list(self.open.values()))
+                try:
+                    self.copies.drive(list(self.open.values()))
+                except (FastFCError, OSError, sqlite3.Error) as e:
+                    # the command's work is done (and said); the copies wait
+                    click.echo(f"warning: the server did not start the background "
+                               f"copies: {e}; waitflash or --wait copies in the "
+                               "foreground", err=True)
             if self._flush_on_close:
                 for unit in list(self.open.values()):
                     if not unit.readonly:
