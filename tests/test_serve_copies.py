@@ -276,26 +276,26 @@ def test_the_drivers_leave_session_pairs_alone(tmp_path):
     from fastfc.tools.cli.copies import CopyDrivers
     from fastfc.tools.cli.units import Units
     a, b = tmp_path / "a", tmp_path / "b"
-    make_unit(a, "A0", "P", size=MIB, track_size=TRACK)
-    make_unit(b, "B0", "C0", "Q", size=MIB, track_size=TRACK)
-    cli(a, "mkgmir", "S", "A0:B0:C0", remote=b)
-    cli(a, "mkpprc", "--type", "gcp", "P:Q", remote=b)
+    make_unit(a, "GA7", "P7", size=MIB, track_size=TRACK)
+    make_unit(b, "GB7", "GC7", "Q7", size=MIB, track_size=TRACK)
+    cli(a, "mkgmir", "S", "GA7:GB7:GC7", remote=b)
+    cli(a, "mkpprc", "--type", "gcp", "P7:Q7", remote=b)
     units = Units(str(a), str(b))
     drivers = CopyDrivers()
     try:
         units.local()
-        before = _agents()
         drivers.drive(units.all())
-        assert _agents() - before == {"P->Q"}
-        assert "P->Q" in repr(drivers)
+        assert "P7->Q7" in _agents() and "GA7->GB7" not in _agents()
+        assert "P7->Q7" in repr(drivers)
         drivers.drive(units.all())          # again: nothing more
-        assert _agents() - before == {"P->Q"}
-        pair = units.pair("P", "Q")
+        assert [t.name for t in threading.enumerate()].count("fastfc-pprc-P7->Q7") == 1
+        assert "GA7->GB7" not in _agents()
+        pair = units.pair("P7", "Q7")
         until(lambda: pair.out_of_sync_tracks, lambda n: n == 0, 30)
         s = units.session("S")
         assert s.triplets[0].pair.out_of_sync_tracks == 256     # nothing sent it
         drivers.stop_all()
-        assert _agents() == before
+        assert "P7->Q7" not in _agents()
     finally:
         drivers.stop_all()
         units.close()
