@@ -2,16 +2,18 @@
 
 Every invocation opens the storage unit(s) it is given, runs one command and
 closes them again: all state lives in the unit directories and no daemon runs
-in between. Copies therefore make progress only while a command runs:
-``--wait`` (mkflash, resyncflash, mkpprc, resumepprc) and ``waitflash`` copy
-in the foreground with a progress bar, and ``formcg`` forms Global Mirror
-consistency groups. ``serve`` is the one command that stays: it holds its
+in between. Without a server, copies therefore make progress only while a
+command runs: ``--wait`` (mkflash, resyncflash, mkpprc, resumepprc) and
+``waitflash`` copy in the foreground with a progress bar, and ``formcg``
+forms Global Mirror consistency groups; a command that leaves a copy
+unfinished says what moves it on. ``serve`` is the one command that stays: it holds its
 units and exports their volumes over NBD until SIGTERM or SIGINT. While a
 server holds a unit, the other commands naming it are sent to that server
 and carried out there, with the same output and exit status (:mod:`.control`),
 and ``resumegmir`` runs a session's loop in the server until ``pausegmir``
 (:mod:`.loops`; recorded in the unit, so a server that opens it again
-resumes the session).
+resumes the session). In a server, background copies (FlashCopy, PPRC
+initial copy, resync and Global Copy) move on by themselves (:mod:`.copies`).
 
 ``--unit`` names the local unit: the volumes of FlashCopy relationships, the
 primaries of PPRC pairs, the A volumes of Global Mirror sessions.
@@ -32,7 +34,7 @@ errors and exit statuses, ``demo`` and ``bench``), :mod:`.units` (the units
 one invocation opens), :mod:`.params` (what the command line accepts),
 :mod:`.output` (tables, JSON, progress), :mod:`.control` (commands carried
 out by the process that holds a unit), :mod:`.loops` (the Global Mirror
-loops a server runs), and the commands: :mod:`.volumes`,
+loops a server runs), :mod:`.copies` (the background copies it moves on), and the commands: :mod:`.volumes`,
 :mod:`.flash`, :mod:`.pprc`, :mod:`.gmir`, :mod:`.serve` (the NBD server of
 :mod:`fastfc.tools.nbd`, with the seam for services beside it). A command
 module registers its commands on :func:`main` when imported; the help lists

@@ -12,6 +12,7 @@ from fastfc.copyservices.flashcopy import CHUNK_BYTES, MAX_SEQUENCE, FlashCopy, 
 from fastfc.errors import FastFCError
 
 from .app import main, warn_problems
+from .copies import moved_on_by
 from .output import Progress, console, each, eta, fc_id, human, json_out, plural, table
 from .params import FLASH, FLASHES, JSON, SIZE, Count
 from .units import pass_units
@@ -33,9 +34,15 @@ MAX_WAIT_SECONDS = 24 * 3600
               help="Sequence number.")
 @click.option("--wait", is_flag=True,
               help="Copy every track now (at --copy-rate, progress and ETA on stderr).")
+@JSON
 @pass_units
-def mkflash(units, specs, nocp, record, persist, inhibit, copy_rate, seq, wait) -> None:
-    """Establish FlashCopy SOURCE:TARGET relationships (several: at one instant)."""
+def mkflash(units, specs, nocp, record, persist, inhibit, copy_rate, seq, wait,
+            as_json) -> None:
+    """Establish FlashCopy SOURCE:TARGET relationships (several: at one instant).
+
+    In COPY mode the background copy runs in fastfc serve (at --copy-rate),
+    with no other command; without a server it moves on only while a
+    command copies (--wait, waitflash), as the output says."""
     if wait and nocp:
         raise click.UsageError("--wait copies in COPY mode; it cannot go with --nocp")
     unit = units.local()
@@ -46,11 +53,12 @@ def mkflash(units, specs, nocp, record, persist, inhibit, copy_rate, seq, wait) 
                            inhibit_target_write=inhibit, copy_rate=copy_rate or None,
                            sequence=seq)
     for fc in rels:
-        click.echo(f"established FlashCopy {fc_id(fc)}: sequence {fc.sequence}, "
-                   f"{'NOCOPY' if nocp else 'COPY'}, {plural(fc.source.n_tracks, 'track')} "
-                   "to copy")
+        _say(as_json, f"established FlashCopy {fc_id(fc)}: sequence {fc.sequence}, "
+                      f"{'NOCOPY' if nocp else 'COPY'}, "
+                      f"{plural(fc.source.n_tracks, 'track')} to copy")
     if wait:
-        _finish_copies(rels)
+        _finish_copies(rels, as_json)
+    _moving_on(units, rels, as_json, [0 if wait else fc.source.n_tracks for fc in rels])
 
 
 @main.command()
@@ -69,7 +77,7 @@ def lsflash(units, specs, as_json) -> None:
                    "revertible": fc.revertible, "background_copy": fc.background_copy,
                    "record": fc.record, "persistent": fc.persistent,
                    "inhibit_target_write": fc.inhibit_target_write,
-                   "copy_rate": fc.copy_rate} for fc in rels])
+                   "copy_rate": fc.copy_rate, **_moved(units, fc)} for fc in rels])
         return
     t = table("ID", "State", "Seq", "To copy", "Revertible", "Options")
     for fc in rels:
@@ -91,8 +99,9 @@ def lsflash(units, specs, as_json) -> None:
 @click.option("--seq", type=Count(0, MAX_SEQUENCE),
               help="New sequence number [default: the old one + 1].")
 @click.option("--wait", is_flag=True, help="Copy the changed tracks now (COPY mode).")
+@JSON
 @pass_units
-def resyncflash(units, specs, revertible, seq, wait) -> None:
+def resyncflash(units, specs, revertible, seq, wait, as_json) -> None:
     """Incremental re-establish: the targets take their sources' current image."""
     if wait and revertible:
         raise click.UsageError("nothing copies while revertible: --wait needs commitflash")
@@ -100,14 +109,17 @@ def resyncflash(units, specs, revertible, seq, wait) -> None:
     if wait:
         _check_wait([(_marked(fc), fc.source.track_size, fc.copy_rate)
                      for fc in rels if fc.background_copy])
+    left = []
     for fc in rels:
         marked = _marked(fc)
+        left.append(0 if wait else marked)
         fc.resync(revertible=revertible, sequence=seq)
         how = "revertible, " if revertible else ""
-        click.echo(f"resynced {fc_id(fc)}: {how}sequence {fc.sequence}, "
-                   f"{plural(marked, 'track')} to copy")
+        _say(as_json, f"resynced {fc_id(fc)}: {how}sequence {fc.sequence}, "
+                      f"{plural(marked, 'track')} to copy")
     if wait:
-        _finish_copies([fc for fc in rels if fc.background_copy])
+        _finish_copies([fc for fc in rels if fc.background_copy], as_json)
+    _moving_on(units, rels, as_json, left)
 
 
 def _marked(fc: FlashCopy) -> int:
@@ -132,11 +144,16 @@ def waitflash(units, specs) -> None:
 
 @main.command()
 @FLASHES
+@JSON
 @pass_units
-def commitflash(units, specs) -> None:
-    """Keep the new image of revertible relationships."""
-    each([units.flashcopy(*s) for s in specs], lambda fc: fc.commit(),
-         lambda fc, _: f"committed {fc_id(fc)}: sequence {fc.sequence}")
+def commitflash(units, specs, as_json) -> None:
+    """Keep the new image of revertible relationships (the changed tracks
+    then copy in the background: see mkflash)."""
+    rels = [units.flashcopy(*s) for s in specs]
+    left = [fc.tracks_to_copy for fc in rels]    # a revertible one copies nothing yet
+    each(rels, lambda fc: fc.commit(),
+         lambda fc, _: None if as_json else f"committed {fc_id(fc)}: sequence {fc.sequence}")
+    _moving_on(units, rels, as_json, left)
 
 
 @main.command()
@@ -217,16 +234,51 @@ def _check_wait(copies, flag: str = "--wait") -> None:
         raise click.ClickException(
             f"{flag} would copy {human(size)} at --copy-rate {human(rate)}/s for "
             f"{eta(seconds)} (more than {eta(MAX_WAIT_SECONDS)}); raise --copy-rate, or "
-            "leave out --wait (copies move only while a command runs: waitflash later)")
+            "leave out --wait (the copy then runs in the background while fastfc serve "
+            "runs for the unit, or waitflash later)")
 
 
-def _finish_copies(rels: list[FlashCopy]) -> None:
+def _finish_copies(rels: list[FlashCopy], as_json: bool = False) -> None:
     t = time.perf_counter()
     _copy_in_foreground(rels)
     took = time.perf_counter() - t
     for fc in rels:
         ended = "; relationship ended (not persistent)" if not fc.active else ""
-        click.echo(f"copied {fc_id(fc)} in {took:.2f} s{ended}")
+        _say(as_json, f"copied {fc_id(fc)} in {took:.2f} s{ended}")
+
+
+def _say(as_json: bool, line: str) -> None:
+    """A line of a command's human output (none with --json)."""
+    if not as_json:
+        click.echo(line)
+
+
+def _moved(units, fc: FlashCopy, left: int | None = None) -> dict:
+    """What moves the copy of ``fc`` on, as --json says it: ``moved_on_by``
+    ("server", "session" or null: nothing, until a command or a server
+    copies) and ``note`` (that in words; null when nothing is left).
+    ``left``: as :func:`~.copies.moved_on_by` takes it."""
+    by, note = moved_on_by(fc, units.copies, left=left)
+    return {"moved_on_by": by, "note": note}
+
+
+def _row(units, fc: FlashCopy, left: int) -> dict:
+    """What --json says of ``fc`` after a command that changed it."""
+    return {"id": fc_id(fc), "state": fc.state.value, "tracks_to_copy": fc.tracks_to_copy,
+            "sequence": fc.sequence, **_moved(units, fc, left)}
+
+
+def _moving_on(units, rels: list[FlashCopy], as_json: bool, left: list[int]) -> None:
+    """After a command that left ``left`` tracks to copy of each of
+    ``rels``: what moves each on (a line per relationship with tracks
+    left, or the JSON rows)."""
+    if as_json:
+        json_out([_row(units, fc, n) for fc, n in zip(rels, left)])
+        return
+    for fc, n in zip(rels, left):
+        _, note = moved_on_by(fc, units.copies, left=n)
+        if note is not None and fc.session is None:
+            click.echo(f"{fc_id(fc)}: {note}")
 
 
 def _copy_in_foreground(rels: list[FlashCopy]) -> None:

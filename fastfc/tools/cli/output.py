@@ -81,9 +81,12 @@ def pair_id(pair) -> str:
 def each(items: list, step, said) -> list:
     """Do ``step`` to each item in turn, saying ``said(item, what step
     returned)`` after each: one line per relationship or pair, so a failure
-    midway leaves the ones before it said. Returns ``items``."""
+    midway leaves the ones before it said (nothing if it says None: --json).
+    Returns ``items``."""
     for item in items:
-        click.echo(said(item, step(item)))
+        line = said(item, step(item))
+        if line is not None:
+            click.echo(line)
     return items
 
 

@@ -10,6 +10,7 @@ from fastfc.copyservices.pprc import SEND_CHUNK_BYTES, PPRCPair
 from fastfc.durable.siteloss import SITE_FAILOVER
 
 from .app import main, warn_problems
+from .copies import moved_on_by
 from .output import Progress, console, each, json_out, pair_id, plural, table
 from .params import JSON, PAIR, PAIRS
 from .units import pass_units
@@ -21,18 +22,27 @@ from .units import pass_units
               help="Metro Mirror (synchronous) or Global Copy (asynchronous).")
 @click.option("--nocp", is_flag=True, help="No initial copy: the volumes already match.")
 @click.option("--wait", is_flag=True, help="Do the initial copy now, with a progress bar.")
+@JSON
 @pass_units
-def mkpprc(units, specs, mode, nocp, wait) -> None:
-    """Establish PPRC pairs PRIMARY:SECONDARY (secondaries in --remote-unit)."""
+def mkpprc(units, specs, mode, nocp, wait, as_json) -> None:
+    """Establish PPRC pairs PRIMARY:SECONDARY (secondaries in --remote-unit).
+
+    The initial copy (and, for Global Copy, the host writes) are sent in
+    the background while fastfc serve runs for the unit, with no other
+    command; without a server only while a command sends (--wait,
+    resumepprc --wait), as the output says."""
     local, remote = units.local(), units.remote()
     vols = [(local.volume(a), remote.volume(b)) for a, b in specs]
     pairs = []
     for a, b in vols:
+        # a server's drivers start the pair's agent when the command ends
+        # (.copies); a process that serves nothing has no thread to leave
         pairs.append(PPRCPair(a, b, mode=mode, initial_copy=not nocp, background=False))
-        click.echo(f"established PPRC pair {pair_id(pairs[-1])} ({mode}): "
-                   f"{plural(pairs[-1].out_of_sync_tracks, 'track')} to copy")
+        _say(as_json, f"established PPRC pair {pair_id(pairs[-1])} ({mode}): "
+                      f"{plural(pairs[-1].out_of_sync_tracks, 'track')} to copy")
     if wait:
-        _send_now(pairs, "initial copy done")
+        _send_now(pairs, "initial copy done", as_json)
+    _moving_on(units, pairs, as_json)
 
 
 @main.command()
@@ -61,7 +71,8 @@ def lspprc(units, specs, as_json) -> None:
                    "state": p.state.value, "mode": p.mode.value,
                    "out_of_sync": p.out_of_sync_tracks, "reason": p.suspend_reason,
                    "primary_unit": str(p.primary.unit.path),
-                   "secondary_unit": str(p.secondary.unit.path)} for p in pairs]
+                   "secondary_unit": str(p.secondary.unit.path), **_moved(units, p)}
+                  for p in pairs]
                  + [{"id": f"{row['primary_name']}:{row['secondary_name']}",
                      "primary": row["primary_name"], "secondary": row["secondary_name"],
                      "state": _away_state(row), "mode": row["mode"],
@@ -155,14 +166,17 @@ def pausepprc(units, specs) -> None:
 @main.command()
 @PAIRS
 @click.option("--wait", is_flag=True, help="Resync the out-of-sync tracks now.")
+@JSON
 @pass_units
-def resumepprc(units, specs, wait) -> None:
-    """Resume suspended pairs; --wait sends their out-of-sync tracks now."""
+def resumepprc(units, specs, wait, as_json) -> None:
+    """Resume suspended pairs; --wait sends their out-of-sync tracks now
+    (in fastfc serve they are sent in the background anyway)."""
     pairs = each([units.pair(*s) for s in specs], lambda p: p.resume(),
-                 lambda p, _: f"resumed {pair_id(p)}: "
-                              f"{plural(p.out_of_sync_tracks, 'track')} out of sync")
+                 lambda p, _: None if as_json else f"resumed {pair_id(p)}: "
+                 f"{plural(p.out_of_sync_tracks, 'track')} out of sync")
     if wait:
-        _send_now(pairs, "resync done")
+        _send_now(pairs, "resync done", as_json)
+    _moving_on(units, pairs, as_json)
 
 
 @main.command()
@@ -191,8 +205,9 @@ def failoverpprc(units, specs) -> None:
 @main.command()
 @PAIRS
 @click.option("--wait", is_flag=True, help="Send the changed tracks now.")
+@JSON
 @pass_units
-def failbackpprc(units, specs, wait) -> None:
+def failbackpprc(units, specs, wait, as_json) -> None:
     """After failoverpprc: mirror the other way (SECONDARY to PRIMARY).
 
     The tracks changed on either side since the failover are sent from the
@@ -200,13 +215,14 @@ def failbackpprc(units, specs, wait) -> None:
     after recovergmir, since the session's last consistency group) are
     overwritten by the former secondary's data."""
     pairs = each([units.pair(*s) for s in specs], lambda p: p.failback(),
-                 lambda p, _: f"failed back: pair {pair_id(p)}, "
+                 lambda p, _: None if as_json else f"failed back: pair {pair_id(p)}, "
                               f"{plural(p.out_of_sync_tracks, 'track')} to send; "
                               f"on them {p.secondary.name} takes {p.primary.name}'s data: "
                               f"writes made on {p.secondary.name} since the failover "
                               "are overwritten")
     if wait:
-        _send_now(pairs, "resync done")
+        _send_now(pairs, "resync done", as_json)
+    _moving_on(units, pairs, as_json)
 
 
 @main.command()
@@ -288,10 +304,38 @@ def rmpprc(units, specs, force) -> None:
 
 
 # -- sending in the foreground ---------------------------------------------------------
-def _send_now(pairs: list[PPRCPair], done: str) -> None:
+def _send_now(pairs: list[PPRCPair], done: str, as_json: bool = False) -> None:
     """--wait: send the pairs' out-of-sync tracks now and say how they stand."""
     drain_in_foreground(pairs)
-    click.echo(f"{done}: " + ", ".join(f"{pair_id(p)} {p.state.value}" for p in pairs))
+    _say(as_json, f"{done}: " + ", ".join(f"{pair_id(p)} {p.state.value}" for p in pairs))
+
+
+def _say(as_json: bool, line: str) -> None:
+    """A line of a command's human output (none with --json)."""
+    if not as_json:
+        click.echo(line)
+
+
+def _moved(units, pair: PPRCPair) -> dict:
+    """What moves ``pair``'s copy on, as --json says it: ``moved_on_by``
+    ("server", "session" or null: nothing, until a command or a server
+    sends) and ``note`` (that in words; null when nothing is to send)."""
+    by, note = moved_on_by(pair, units.copies, units.open.values())
+    return {"moved_on_by": by, "note": note}
+
+
+def _moving_on(units, pairs: list[PPRCPair], as_json: bool) -> None:
+    """After a command that leaves tracks to send: what sends them (a line
+    per pair, or the JSON rows)."""
+    if as_json:
+        json_out([{"id": pair_id(p), "state": p.state.value, "mode": p.mode.value,
+                   "out_of_sync": p.out_of_sync_tracks, "reason": p.suspend_reason,
+                   **_moved(units, p)} for p in pairs])
+        return
+    for p in pairs:
+        by, note = moved_on_by(p, units.copies, units.open.values())
+        if note is not None and by != "session":
+            click.echo(f"{pair_id(p)}: {note}")
 
 
 def drain_in_foreground(pairs: list[PPRCPair]) -> int:

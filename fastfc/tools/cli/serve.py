@@ -3,7 +3,8 @@
 The seam for other services (the control socket that carries the other
 ``fastfc -u UNIT ...`` commands to a serving process) is :class:`Server`:
 its ``units`` are the open units, its ``loops`` the Global Mirror loops
-it runs (``resumegmir``), its ``lock`` serialises whatever changes
+it runs (``resumegmir``), its ``copies`` the background copies it moves
+on (:mod:`.copies`), its ``lock`` serialises whatever changes
 them against the NBD server's export lookups, and ``services`` (context
 managers entered before the NBD server listens, so that a client that sees
 its socket finds them running, and left, in reverse order, before it
@@ -27,6 +28,7 @@ from fastfc.tools.nbd import NBDServer, exports_of
 
 from .app import main
 from .control import hosting
+from .copies import CopyDrivers
 from .loops import SessionLoops
 from .units import Units, pass_units
 
@@ -45,10 +47,14 @@ class Server:
         # the control socket: other fastfc commands naming these units run here
         # Global Mirror loops (resumegmir) run here, beside the commands
         self.loops = units.loops = SessionLoops()
+        # background copies (FlashCopy, PPRC initial copy, resync and Global
+        # Copy) move on here, with no command running
+        self.copies = units.copies = CopyDrivers()
         # the sessions recorded as running resume first; then the control
         # socket, through which other fastfc commands naming these units run here
         self.services: list[Callable[[], ContextManager[Any]]] = [
             lambda: self.loops.serving(self.units, self.lock),
+            lambda: self.copies.serving(self.units, self.lock),
             lambda: hosting(self.units, self.lock)]
 
     def flush(self) -> None:
@@ -129,9 +135,14 @@ def serve(units, socket_path, port, bind, allow_plain_tcp, allow_remote_plain, t
     Global Mirror sessions the units record as running (resumegmir) resume
     before the server listens, a line on stderr naming each.
 
+    Background copies move on in the server with no other command: COPY-mode
+    FlashCopy relationships (at their --copy-rate), PPRC initial copy, resync
+    and Global Copy, for those the units restore and those commands make.
+
     SIGTERM or SIGINT: stop accepting, finish the requests in flight, stop
-    the sessions' loops (they resume with the next server), flush, close
-    the units, exit 0."""
+    the sessions' loops (they resume with the next server) and the
+    background copies (the next server carries on), flush, close the units,
+    exit 0."""
     if socket_path is None and port is None:
         raise click.UsageError("give --socket PATH, or --port N (or both)")
     tls = _tls_context(tls_cert, tls_key, tls_psk, tls_client_ca)

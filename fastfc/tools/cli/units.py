@@ -15,6 +15,7 @@ from fastfc.copyservices.pprc import PPRCPair
 from fastfc.durable.unit import StorageUnit
 from fastfc.errors import FastFCError, ReadOnlyUnitError
 
+from .copies import CopyDrivers
 from .loops import SessionLoops
 
 
@@ -53,6 +54,9 @@ class Units:
         #: in a server: the Global Mirror loops it runs (resumegmir); None
         #: when this process serves nothing
         self.loops: SessionLoops | None = None
+        #: in a server: the copies it moves on in the background (mkflash,
+        #: mkpprc, ...: :mod:`.copies`); None when this process serves nothing
+        self.copies: CopyDrivers | None = None
         self._flush_on_close = True
         for path, flag in ((local, "--unit"), (remote, "--remote-unit")):
             if path is not None and self.where(path).exists() and \
@@ -72,6 +76,7 @@ class Units:
                     durability=host.durability, cwd=cwd)
         units.open = host.open
         units.loops = host.loops
+        units.copies = host.copies
         units.borrowed = True
         units._flush_on_close = not looks_only
         return units
@@ -164,6 +169,16 @@ class Units:
 
     def close(self) -> None:
         if self.borrowed:       # the server's units: what a close would make durable
+            if self._flush_on_close and self.copies is not None:
+                # the copies the command made, resumed or restored (a unit it
+                # opened) move on in the server from now on
+                try:
+                    self.copies.drive(list(self.open.values()))
+                except (FastFCError, OSError, sqlite3.Error) as e:
+                    # the command's work is done (and said); the copies wait
+                    click.echo(f"warning: the server did not start the background "
+                               f"copies: {e}; waitflash or --wait copies in the "
+                               "foreground", err=True)
             if self._flush_on_close:
                 for unit in list(self.open.values()):
                     if not unit.readonly:
