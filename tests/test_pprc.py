@@ -825,3 +825,27 @@ def test_a_raising_cow_hook_stops_the_drain_with_nothing_half_applied():
     assert a._lock(0) and b._lock(0)                  # no lock left held
     a._unlock()
     b._unlock()
+
+
+def test_an_idle_pairs_agent_looks_less_often_and_still_sends_new_writes(monkeypatch):
+    """A pair with nothing to send backs its agent off (every 10 ms, then up
+    to every 100 ms), so many idle pairs cost a server little; a write
+    after the idle spell is still sent without anyone asking."""
+    from fastfc.copyservices import pprc as pprc_mod
+    a, b, _, pair = make_pair(synced=True)
+    calls = []
+    real = pair.drain
+    monkeypatch.setattr(pair, "drain", lambda n=None: calls.append(n) or real(n))
+    pair.start()
+    try:
+        time.sleep(1.0)
+        # at a fixed 10 ms it would look about 100 times in a second
+        assert len(calls) <= 1.0 / pprc_mod.AGENT_IDLE_MAX + 8, len(calls)
+        a.write(3 * TS, np.full(TS, 5, np.uint8))
+        deadline = time.monotonic() + 10
+        while pair.out_of_sync_tracks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pair.out_of_sync_tracks == 0
+        assert np.array_equal(image(b), image(a))
+    finally:
+        pair.stop()
