@@ -24,7 +24,7 @@ def _ops():
                     max_size=25)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=min(60, settings.default.max_examples), deadline=None)
 @given(ops=_ops())
 def test_the_counters_match_the_tracks_each_step_must_move(ops):
     """A -> B by Global Copy, B -> C by a NOCOPY FlashCopy with change

@@ -402,7 +402,7 @@ def _bitmap(fid):
 _fids = st.one_of(st.none(), st.just("plain"), st.integers(0, 7))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=min(150, settings.default.max_examples), deadline=None)
 @given(steps=st.lists(st.tuples(
            st.integers(0, 5),                                  # row id
            st.integers(0, 2**40), st.booleans(),               # sequence, revertible
