@@ -638,7 +638,12 @@ def test_every_acknowledged_write_survives_a_stop_under_load(tmp_path, sig):
     """Eight clients write (pipelined, two requests in flight each) while the
     server gets SIGTERM, SIGINT or SIGKILL: SIGTERM and SIGINT exit 0 within
     the grace period; after reopening the unit, every write a client saw
-    acknowledged is there whole, and no block holds a mix of two writes."""
+    acknowledged is there (or a later write to its block), and after SIGTERM
+    and SIGINT no block holds a mix of two writes. A SIGKILL may land while
+    a write still in flight is being copied into the volume (NBD promises
+    nothing of a write it did not acknowledge), so after it a block may hold
+    its last write torn with the next one to that block, the one in flight:
+    never a third write, never one older than the acknowledged."""
     unit, sock = tmp_path / "u", tmp_path / "s"
     make_unit(unit, "V", size=4 * MIB)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -698,6 +703,13 @@ def test_every_acknowledged_write_survives_a_stop_under_load(tmp_path, sig):
     for k in range(8):
         for slot in range(k * 32, k * 32 + 32):
             words = set(struct.iter_unpack(">II", data[slot * blk:(slot + 1) * blk]))
+            if sig == signal.SIGKILL and len(words) == 2:
+                # (a write to this block, torn by the kill, over the one before
+                # it: the client's next write to a block is 32 writes later)
+                (k1, g1), (k2, g2) = sorted(words, key=lambda w: w[1])
+                assert k1 == k2 == k and g2 - g1 == 32, (k, slot, sorted(words))
+                assert acked[k].get(slot, 0) < g2, (k, slot, g2, "was acknowledged whole")
+                words = {(k1, g1)}
             assert len(words) == 1, (k, slot, sorted(words)[:4])      # whole, one write
             (kk, gen), = words
             if slot in acked[k]:
