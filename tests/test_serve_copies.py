@@ -94,10 +94,10 @@ def test_flashcopy_copies_in_the_server_and_keeps_its_image(tmp_path):
 
 def test_copy_rate_holds_and_the_next_server_finishes(tmp_path):
     a, sock = tmp_path / "a", tmp_path / "s"
-    n = 2048
+    n = 1024
     make_unit(a, "S", "T", size=n * TRACK, track_size=TRACK)
     image = fill(a, "S", 2)
-    rate = 512 * KIB     # 128 tracks a second: 16 s for the volume
+    rate = 512 * KIB     # 128 tracks a second: 8 s for the volume
     with serving(a, sock):
         start = time.monotonic()
         cli(a, "mkflash", "--persist", "--copy-rate", "512K", "S:T")
