@@ -956,3 +956,36 @@ def test_tls_client_certificates(tmp_path):
         out = run("nbdinfo", base + str(pki / "ok")).stdout
         assert "export-size: 1048576" in out, out
         assert run("nbdinfo", base + str(pki / "anon"), check=False).returncode != 0
+
+
+def test_the_nbd_socket_name_appears_only_once_it_listens(tmp_path, monkeypatch):
+    """A client that saw the socket's name and connected between the bind
+    and the listen was refused (a test's server, started under load, failed
+    that way). The socket is bound and listening under a private name, mode
+    0600, and only then renamed into place; nothing else is left beside it."""
+    path = str(tmp_path / "s")
+    seen = []
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if dst == path:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(src)           # refused unless it listens already
+                seen.append(oct(os.stat(src).st_mode & 0o777))
+            finally:
+                probe.close()
+            assert not os.path.exists(path)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    server = nbd.NBDServer(lambda name: None, lambda: [], threading.RLock())
+    try:
+        server.listen_unix(path)
+        assert seen == ["0o600"]
+        assert sorted(os.listdir(tmp_path)) == ["s"]
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.connect(path)
+        probe.close()
+    finally:
+        server.stop()

@@ -37,6 +37,7 @@ import logging
 import mmap
 import os
 import socket
+import tempfile
 import ssl
 import struct
 import threading
@@ -295,6 +296,44 @@ def _unmap(buf: "mmap.mmap") -> None:
         pass
 
 
+def _listen_unix_at(path: str) -> socket.socket:
+    """A socket listening at ``path``, mode 0600 from the moment it exists,
+    that a client finds listening as soon as it sees the name: bound and
+    listening in a private directory beside ``path``, then renamed there
+    (bound at ``path`` itself only when the longer private name does not fit
+    in a socket address). A client that connected between a bind and the
+    listen at ``path`` was refused."""
+    private = tempfile.mkdtemp(prefix=".nbd-", dir=os.path.dirname(path) or ".")
+    tmp = os.path.join(private, "s")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)          # 0600 from the moment it exists
+        try:
+            try:
+                s.bind(tmp)
+                where = tmp
+            except OSError:
+                if len(os.fsencode(tmp)) < 108:
+                    raise
+                s.bind(path)           # (too long a name for the private one)
+                where = path
+        finally:
+            os.umask(old)
+        s.listen(64)
+        if where != path:
+            os.rename(tmp, path)
+        return s
+    except BaseException:
+        s.close()
+        raise
+    finally:
+        try:
+            os.unlink(tmp)             # (gone once renamed)
+        except OSError:
+            pass
+        os.rmdir(private)
+
+
 class NBDServer:
     """Serve volumes over NBD on unix and TCP sockets.
 
@@ -370,14 +409,7 @@ class NBDServer:
                 raise OSError(errno.EADDRINUSE, f"{path}: another server is listening there")
             finally:
                 probe.close()
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)          # 0600 from the moment it exists
-        try:
-            s.bind(path)
-        finally:
-            os.umask(old)
-        s.listen(64)
-        self._listeners.append(s)
+        self._listeners.append(_listen_unix_at(path))
         self._unix_path = path
 
     def listen_tcp(self, bind: str, port: int) -> int:
