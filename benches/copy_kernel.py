@@ -39,6 +39,18 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def _interleaved(variants: dict, rounds: int) -> dict[str, list[float]]:
+    """Each variant's times over ``rounds`` rounds, the order rotated per
+    round (the machine is shared: neighbours' noise falls on all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(rounds):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            times[name].append(_timed(variants[name]))
+    return times
+
+
 def _report(name: str, times: list[float], base: list[float]) -> str:
     lo = min(base) / min(times)
     med = statistics.median(base) / statistics.median(times)
@@ -79,12 +91,8 @@ def large(nbytes: int, rounds: int) -> None:
         variants[f"4 MiB chunks, {k}, {pool_threads} threads"] = chunks(k)
     if pool_threads > 1:
         variants[f"4 MiB chunks, {chosen}, 1 thread"] = chunks(chosen, 1)
-    times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
-    for r in range(rounds):
-        for j in range(len(names)):
-            name = names[(r + j) % len(names)]
-            times[name].append(_timed(variants[name]))
+    times = _interleaved(variants, rounds)
     _core._use_copy(chosen, why="restored by the benchmark")
     assert np.array_equal(dst, src)
     print(f"\n{nbytes / 2**30:g} GiB, {rounds} rounds; ratio = np.copyto time / time "
@@ -113,12 +121,8 @@ def small(piece: int, rounds: int, span: int = 64 << 20) -> None:
             ct(dst[o:o + piece], src[o:o + piece])
 
     variants = {"np.copyto": numpy, **{f"_pool_copy, {k}": fast(k) for k in KERNELS}}
-    times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
-    for r in range(rounds):
-        for j in range(len(names)):
-            name = names[(r + j) % len(names)]
-            times[name].append(_timed(variants[name]))
+    times = _interleaved(variants, rounds)
     _core._use_copy(chosen, why="restored by the benchmark")
     print(f"\n{piece // 1024} KiB pieces over {span >> 20} MiB, {rounds} rounds "
           "(a kernel below 64 KiB is always memcpy)")
