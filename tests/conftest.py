@@ -96,40 +96,12 @@ def _long(item) -> bool:
         and hasattr(cls, "settings") and hasattr(cls, "runTest"))   # a state machine
 
 
-# The longest tests under ``--run-slow`` (a fresh-clone CI run, 2026-12-07:
-# 20-56 s each), started first of the long ones; the order is all this
-# changes. A state machine of the ``ci`` profile comes next, then the rest.
-_LONGEST = ("test_model.py::TestFlashCopyModel", "test_remote_ray.py::test_ray_kills_keep",
-            "test_ctrl_c_of_a_forwarded_formcg", "test_serve_suite_quick_end_to_end",
-            "test_sessions_run_in_the_server_and_survive_restarts",
-            "test_gm_model.py::TestGlobalMirrorModel", "test_power_durability_survives_more_cuts",
-            "test_power_survives_more_cuts_on_every_path")
-
-
-def _order(item) -> tuple[int, int]:
-    for k, name in enumerate(_LONGEST):     # (longest first)
-        if name in item.nodeid:
-            return 0, k
-    if not _long(item):
-        return 3, 0
-    cls = getattr(item, "cls", None)
-    machine = cls is not None and issubclass(cls, unittest.TestCase)
-    return (1 if machine else 2), 0
-
-
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--run-slow"):
-        # ``--dist worksteal`` hands each of the two workers one contiguous
-        # half of the collection, and an idle worker steals from the end of
-        # the other's queue. So the long tests, longest first, are dealt
-        # alternately to the starts of the two halves, and the short ones
-        # fill both halves' ends, where either worker can take them.
-        items.sort(key=_order)
-        longs = [item for item in items if _order(item)[0] < 3]
-        shorts = items[len(longs):]
-        first, second = longs[0::2], longs[1::2]
-        cut = max(0, len(items) // 2 - len(first))
-        items[:] = first + shorts[:cut] + second + shorts[cut:]
+        # the long tests first: the xdist workers (``--dist worksteal``) then
+        # share the short ones at the end, instead of one worker finishing a
+        # long test alone while the other has nothing left
+        items.sort(key=lambda item: not _long(item))
         return
     slow = [item for item in items if item.get_closest_marker("slow")]
     if slow:
