@@ -221,6 +221,20 @@ static FASTFC_TARGET_AVX512 Py_ssize_t fastfc_first_nonzero_word_avx512(const ui
 #define FASTFC_PAGE 4096
 #define FASTFC_STEP 128   /* bytes per page stream per step: two cache lines */
 
+/* The start of a streaming copy: a copy too short to stream (under four
+   pages past the destination's alignment) is a memcpy and returns; else the
+   destination's unaligned head is copied and dst, src and n move past it. */
+#define FASTFC_STREAM_HEAD(VEC)                                                       \
+        size_t head = (size_t)(-(uintptr_t)dst) & (VEC - 1);                          \
+        if (n < head + 4 * FASTFC_PAGE) {                                             \
+            memcpy(dst, src, n);                                                      \
+            return;                                                                   \
+        }                                                                             \
+        if (head) {                     /* align the destination */                   \
+            memcpy(dst, src, head);                                                   \
+            dst += head; src += head; n -= head;                                      \
+        }
+
 #define FASTFC_COPY_STREAM(SUFFIX, ATTR, VEC, VEC_T, LOADU, STREAM)                   \
     static inline ATTR void fastfc_stream_step_##SUFFIX(uint8_t *dst, const uint8_t *src) \
     {                                                                                 \
@@ -233,17 +247,9 @@ static FASTFC_TARGET_AVX512 Py_ssize_t fastfc_first_nonzero_word_avx512(const ui
     }                                                                                 \
     static ATTR void fastfc_copy_stream_##SUFFIX(uint8_t *dst, const uint8_t *src, size_t n) \
     {                                                                                 \
-        size_t head = (size_t)(-(uintptr_t)dst) & (VEC - 1);                          \
         size_t off, i;                                                                \
         int p;                                                                        \
-        if (n < head + 4 * FASTFC_PAGE) {                                             \
-            memcpy(dst, src, n);                                                      \
-            return;                                                                   \
-        }                                                                             \
-        if (head) {                     /* align the destination */                   \
-            memcpy(dst, src, head);                                                   \
-            dst += head; src += head; n -= head;                                      \
-        }                                                                             \
+        FASTFC_STREAM_HEAD(VEC)                                                       \
         while (n >= 4 * FASTFC_PAGE) {                                                \
             for (off = 0; off < FASTFC_PAGE; off += FASTFC_STEP) {                    \
                 for (p = 0; p < 4; p++) {                                             \
@@ -269,16 +275,8 @@ static FASTFC_TARGET_AVX512 Py_ssize_t fastfc_first_nonzero_word_avx512(const ui
 #define FASTFC_COPY_STREAM1(SUFFIX, ATTR, VEC)                                        \
     static ATTR void fastfc_copy_stream1_##SUFFIX(uint8_t *dst, const uint8_t *src, size_t n) \
     {                                                                                 \
-        size_t head = (size_t)(-(uintptr_t)dst) & (VEC - 1);                          \
         size_t i;                                                                     \
-        if (n < head + 4 * FASTFC_PAGE) {                                             \
-            memcpy(dst, src, n);                                                      \
-            return;                                                                   \
-        }                                                                             \
-        if (head) {                     /* align the destination */                   \
-            memcpy(dst, src, head);                                                   \
-            dst += head; src += head; n -= head;                                      \
-        }                                                                             \
+        FASTFC_STREAM_HEAD(VEC)                                                       \
         for (i = 0; i + FASTFC_STEP <= n; i += FASTFC_STEP) {                         \
             __builtin_prefetch(src + i + FASTFC_PREFETCH_AHEAD, 0, 0);                \
             __builtin_prefetch(src + i + FASTFC_PREFETCH_AHEAD + 64, 0, 0);           \
