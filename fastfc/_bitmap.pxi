@@ -154,6 +154,70 @@ cdef class TrackBitmap:
         c += __builtin_popcountll(self.w[b] & low_mask(((stop - 1) & 63) + 1))
         return c
 
+    def count_groups(self, Py_ssize_t group):
+        """Number of groups of ``group`` bits (a power of two; bit ``i`` is in
+        group ``i // group``) with any bit set: the tracks with a grain set,
+        when the bits are grains and ``group`` the grains per track."""
+        cdef Py_ssize_t k, j, n = self.n_words, per
+        cdef long long c = 0
+        cdef uint64_t x, lanes
+        cdef int s
+        if group < 1 or group & (group - 1):
+            raise ValueError(f"group must be a power of two, got {group}")
+        if group == 1:
+            return self.count()
+        if group < 64:
+            lanes = 0
+            for s in range(0, 64, group):
+                lanes |= (<uint64_t>1) << s
+            for k in range(n):
+                x = self.w[k]
+                if x:
+                    s = 1
+                    while s < group:
+                        x |= x >> s
+                        s <<= 1
+                    c += __builtin_popcountll(x & lanes)
+            return c
+        per = group >> 6
+        k = 0
+        while k < n:
+            for j in range(k, min(k + per, n)):
+                if self.w[j]:
+                    c += 1
+                    break
+            k += per
+        return c
+
+    def any_groups(self, Py_ssize_t group):
+        """A bitmap of ``ceil(n_bits / group)`` bits: bit ``g`` set when any
+        bit of group ``g`` is (the tracks with a grain set)."""
+        cdef Py_ssize_t i, g
+        if group < 1 or group & (group - 1):
+            raise ValueError(f"group must be a power of two, got {group}")
+        cdef TrackBitmap out = TrackBitmap((self.n_bits + group - 1) // group)
+        i = bm_next_set(self.w, self.n_bits, 0)
+        while i >= 0:
+            g = i // group
+            bm_set(out.w, g)
+            i = bm_next_set(self.w, self.n_bits, (g + 1) * group) if (g + 1) * group < self.n_bits else -1
+        return out
+
+    def spread(self, Py_ssize_t group):
+        """The inverse of :meth:`any_groups`: a bitmap of ``n_bits * group``
+        bits with every bit of group ``g`` set when bit ``g`` is."""
+        if group < 1 or group & (group - 1):
+            raise ValueError(f"group must be a power of two, got {group}")
+        cdef TrackBitmap out = TrackBitmap(self.n_bits * group)
+        cdef Py_ssize_t a = bm_next_set(self.w, self.n_bits, 0), b
+        while a >= 0:
+            b = bm_next_clear(self.w, self.n_bits, a)
+            if b < 0:
+                b = self.n_bits
+            bm_set_range(out.w, a * group, b * group)
+            a = bm_next_set(self.w, self.n_bits, b) if b < self.n_bits else -1
+        return out
+
     def any(self):
         """Whether any bit is set."""
         return bm_next_set(self.w, self.n_bits, 0) >= 0

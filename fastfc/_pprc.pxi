@@ -158,13 +158,13 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
     recording before the data lands. The whole batch runs in one ``nogil``
     block: re-taking the GIL after every track would queue behind busy
     Python threads (a convoy). Returns ``(tracks sent, resume)``, resume being
-    ``A.n_tracks`` when no set bit is left after ``start``. ``stop``
+    ``A.n_grains`` when no set bit is left after ``start``. ``stop``
     (default: the end) bounds the tracks considered. ``run_hook(A)`` (the
     link's fault point) is called before each run while a fault is armed;
     what it raises propagates, the runs before it applied.
     """
-    cdef Py_ssize_t n = A.n_tracks, a, done = 0, resume = -1
-    cdef int shift = A.track_shift, nrel, k
+    cdef Py_ssize_t n = A.n_grains, a, done = 0, resume = -1
+    cdef int shift = A.grain_shift, nrel, k
     cdef void* hooked
     cdef RelationshipBase r
     cdef list rels
@@ -175,7 +175,7 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
     cdef int tgt_fd[MAX_RELS]
     cdef long long* tgt_bytes[MAX_RELS]
     cdef int dst_fd, err = 0
-    if owed.n_bits != n or B.n_tracks != n or B.track_shift != shift:
+    if owed.n_bits != n or B.n_grains != n or B.grain_shift != shift:
         raise ValueError("pprc_copy_tracks needs volumes and bitmap of one geometry")
     if A.base == NULL:
         raise VolumeClosedError(f"{A!r} is closed")
@@ -187,7 +187,7 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
             raise StateError(f"{B!r} is a FlashCopy target and cannot take PPRC updates")
         a = bm_next_set(w, n, start)
         if a < 0 or a >= n:
-            return 0, A.n_tracks
+            return 0, A.n_grains
         B._check_writable(0, n, ORIGIN_PPRC)
         rels = B._src_rels
         nrel = len(rels)
@@ -223,7 +223,7 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
             raise_hook_error()
     finally:
         B._release()
-    return done, (resume if resume >= 0 else A.n_tracks)
+    return done, (resume if resume >= 0 else A.n_grains)
 
 
 ctypedef struct DrainJob:
@@ -266,12 +266,12 @@ cdef int _drain_setup(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t c
                       DrainJob* j, object run_hook=None) except -1:
     """Fill ``j`` for the pair A -> B (GIL held; takes B's lock briefly).
     Returns 0, or 2 when B's state asks for the per-update path."""
-    cdef Py_ssize_t n = A.n_tracks
+    cdef Py_ssize_t n = A.n_grains
     cdef int k, nrel
     cdef RelationshipBase r
     cdef list rels
     cdef unsigned long me = PyThread_get_thread_ident()
-    if owed.n_bits != n or B.n_tracks != n or B.track_shift != A.track_shift:
+    if owed.n_bits != n or B.n_grains != n or B.grain_shift != A.grain_shift:
         raise ValueError("pprc_drain needs volumes and bitmap of one geometry")
     if A._owner == me or B._owner == me:
         raise RuntimeError("pprc_drain must run without the volumes' locks held")
@@ -319,7 +319,7 @@ cdef int _drain_setup(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t c
     j.w = owed.w
     j.n = n
     j.chunk = chunk
-    j.shift = A.track_shift
+    j.shift = A.grain_shift
     j.hooked = <void*>B if _cow_hook is not None else NULL
     return 0
 
@@ -460,7 +460,7 @@ def pprc_drain_many(list primaries, list secondaries, list owed, Py_ssize_t chun
             A = <VolumeBase?>primaries[k]
             if (hooks is not None and (<MirrorBase?>hooks[k]).side) or _drain_setup(
                     A, <VolumeBase?>secondaries[k], <TrackBitmap?>owed[k],
-                    max(1, chunk_bytes >> A.track_shift), &jobs[k - start], run_hook):
+                    max(1, chunk_bytes >> A.grain_shift), &jobs[k - start], run_hook):
                 stop = k
                 break
         # then the tracks of them all in one pass without the GIL

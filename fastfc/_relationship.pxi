@@ -43,12 +43,20 @@ cdef class MirrorBase:
 
     @property
     def out_of_sync_tracks(self):
-        """Tracks still owed to the secondary: out of sync, and (a CG in
-        flight) the CG's tracks not yet sent and those in the side file."""
-        n = self.oos.count()
-        if self.cg is not None:
-            n += self.cg.count() + len(self.side)
-        return n
+        """Tracks still owed to the secondary, in whole or in part: out of
+        sync, and (a CG in flight) the CG's tracks not yet sent and those in
+        the side file. (The bitmaps are in grains; a subclass names its
+        ``primary`` volume, whose geometry converts them.)"""
+        cdef Py_ssize_t per = 1
+        primary = getattr(self, "primary", None)
+        if primary is not None and primary.n_tracks:
+            per = primary.n_grains // primary.n_tracks
+        if self.cg is None:
+            return self.oos.count_groups(per)
+        owed = self.oos | self.cg
+        for g in self.side:
+            owed.set(g)
+        return owed.count_groups(per)
 
     def _collide(self, Py_ssize_t t0, Py_ssize_t t1):
         pass
@@ -143,8 +151,8 @@ cdef class RelationshipBase:
                 return 0, start
             if S.base == NULL or T.base == NULL:
                 raise VolumeClosedError("background copy needs both volumes open")
-            n = S.n_tracks
-            shift = S.track_shift
+            n = S.n_grains
+            shift = S.grain_shift
             w = self.to_copy.w
             T._reserve_runs(w, start, n, max_tracks)
             if S._reads_allocate:
@@ -163,8 +171,8 @@ cdef class RelationshipBase:
         cdef Py_ssize_t resume, done
         cdef uint8_t* dst = S.base if to_source else T.base
         cdef const uint8_t* src = T.base if to_source else S.base
-        cdef Py_ssize_t n = S.n_tracks
-        cdef int shift = S.track_shift
+        cdef Py_ssize_t n = S.n_grains
+        cdef int shift = S.grain_shift
         S._reserve_runs(mask.w, 0, n, n)   # no-op unless thin
         T._reserve_runs(mask.w, 0, n, n)
         with nogil:

@@ -17,6 +17,18 @@ cdef int raise_space(VolumeBase v, int err, Py_ssize_t nbytes) except -1:
     raise OSError(err, f"reserving {nbytes} bytes for {v!r}: {os.strerror(err)}")
 
 
+#: The default grain: the engine's unit of change tracking and copying under
+#: any larger track (a host write of 4 KiB copies 4 KiB, not a whole track).
+GRAIN = 4096
+
+
+cdef inline int log2_exact(Py_ssize_t n) noexcept:
+    cdef int shift = 0
+    while ((<Py_ssize_t>1) << shift) < n:
+        shift += 1
+    return shift
+
+
 cdef inline int lock_two(VolumeBase a, VolumeBase b) except -1:
     """Acquire two volumes' locks (b may be None) in volume-id order."""
     if b is None or b is a:
@@ -56,6 +68,12 @@ cdef class VolumeBase:
     cdef readonly Py_ssize_t track_size
     cdef readonly Py_ssize_t capacity
     cdef readonly int track_shift
+    # the grain: the unit the engine tracks, copies and redirects (a divisor
+    # of the track, 4 KiB by default): every bitmap of the engine has one bit
+    # per grain, so a 4 KiB write into a 64 KiB track copies 4 KiB
+    cdef readonly Py_ssize_t n_grains
+    cdef readonly Py_ssize_t grain_size
+    cdef readonly int grain_shift
     cdef readonly long long vid
     cdef uint8_t* base
     cdef object _array
@@ -113,31 +131,40 @@ cdef class VolumeBase:
         if self._lk != NULL:
             PyThread_free_lock(self._lk)
 
-    def _attach(self, array, Py_ssize_t track_size, int fd=-1, TrackBitmap allocated=None):
+    def _attach(self, array, Py_ssize_t track_size, int fd=-1, TrackBitmap allocated=None,
+                Py_ssize_t grain_size=0):
         """Adopt ``array`` (1-D C-contiguous uint8) as the backing store.
 
-        A thin file-backed volume passes its file descriptor (kept until
-        close) and the bitmap of tracks whose blocks the file already has.
-        ``array`` may be read-only (a volume of a unit opened read-only maps
-        its file shared and read-only, so that no private copy of a volume
-        larger than memory is charged): such a volume must refuse every
-        path that stores into it.
+        ``grain_size`` (a power of two dividing ``track_size``; 0: the
+        smaller of the track and :data:`GRAIN`) is the unit of the engine's
+        bitmaps. A thin file-backed volume passes its file descriptor (kept
+        until close) and the bitmap of grains whose blocks the file already
+        has. ``array`` may be read-only (a volume of a unit opened read-only
+        maps its file shared and read-only, so that no private copy of a
+        volume larger than memory is charged): such a volume must refuse
+        every path that stores into it.
         """
         cdef const uint8_t[::1] mv = array
-        cdef int shift = 0
-        while ((<Py_ssize_t>1) << shift) < track_size:
-            shift += 1
+        if grain_size == 0:
+            grain_size = track_size if track_size < GRAIN else GRAIN
+        if (grain_size <= 0 or grain_size & (grain_size - 1) or grain_size > track_size
+                or track_size & (track_size - 1)):
+            raise ValueError(f"the grain ({grain_size} bytes) must be a power of two "
+                             f"that divides the track ({track_size} bytes)")
         self._array = array
         self._ro = read_only(array)
         self.base = <uint8_t*>&mv[0]
         self.track_size = track_size
-        self.track_shift = shift
+        self.track_shift = log2_exact(track_size)
+        self.grain_size = grain_size
+        self.grain_shift = log2_exact(grain_size)
         self.capacity = array.shape[0]
-        self.n_tracks = self.capacity >> shift
+        self.n_tracks = self.capacity >> self.track_shift
+        self.n_grains = self.capacity >> self.grain_shift
         self.thin = allocated is not None
-        if self.thin and (fd < 0 or allocated.n_bits != self.n_tracks):
+        if self.thin and (fd < 0 or allocated.n_bits != self.n_grains):
             raise ValueError("a thin volume needs its file descriptor and a bitmap "
-                             "of n_tracks bits")
+                             "of n_grains bits")
         self._fd = fd
         self._alloc = allocated
 
@@ -181,7 +208,7 @@ cdef class VolumeBase:
         if self._reads_allocate:
             # a view reads anywhere: on tmpfs a hole read takes a page, so a
             # thin volume there gets them all first (NoSpaceError if it can't)
-            self._reserve_runs(NULL, 0, self.n_tracks, self.n_tracks)
+            self._reserve_runs(NULL, 0, self.n_grains, self.n_grains)
         return self._ro
 
     def _raw_array(self):
@@ -191,7 +218,7 @@ cdef class VolumeBase:
         if self.base == NULL:
             raise VolumeClosedError(f"{self!r} is closed")
         if self._reads_allocate:
-            self._reserve_runs(NULL, 0, self.n_tracks, self.n_tracks)
+            self._reserve_runs(NULL, 0, self.n_grains, self.n_grains)
         return self._array
 
     # -- space (thin volumes) ------------------------------------------------
@@ -214,11 +241,11 @@ cdef class VolumeBase:
         straddles an allocated chunk and a hole; within fallocated (unwritten)
         extents a fault needs nothing more (as on a thick volume)."""
         cdef Py_ssize_t a, b, c, e, lim, done = 0, ct = 1
-        cdef int err = 0, shift = self.track_shift
+        cdef int err = 0, shift = self.grain_shift
         cdef uint64_t* w
         if not self.thin or self._alloc is None:
             return 0
-        if self._file_backed and CHUNK > self.track_size:
+        if self._file_backed and CHUNK > self.grain_size:
             ct = CHUNK >> shift      # tracks per chunk
         w = self._alloc.w
         if m == NULL:
@@ -247,8 +274,8 @@ cdef class VolumeBase:
                 if ct > 1:
                     c -= c % ct
                     e += (ct - e % ct) % ct
-                    if e > self.n_tracks:
-                        e = self.n_tracks
+                    if e > self.n_grains:
+                        e = self.n_grains
                 with nogil:
                     err = posix_fallocate(self._fd, (<off_t>c) << shift,
                                           (<off_t>(e - c)) << shift)
@@ -280,7 +307,7 @@ cdef class VolumeBase:
         copy-on-write moves, and (tmpfs) on the source of this target for a
         partly written track it fetches. Lock held."""
         cdef RelationshipBase r
-        cdef int shift = self.track_shift
+        cdef int shift = self.grain_shift
         cdef Py_ssize_t t0 = offset >> shift, t1 = ((offset + n - 1) >> shift) + 1
         if self.thin:
             self._reserve_runs(NULL, t0, t1, t1 - t0)
@@ -291,9 +318,9 @@ cdef class VolumeBase:
         if r is not None and r.source._reads_allocate:
             # a partly written track still on the source is fetched from it
             # (only the first and the last track can be partly written)
-            if offset & (self.track_size - 1):
+            if offset & (self.grain_size - 1):
                 r.source._reserve_runs(r.to_copy.w, t0, t0 + 1, 1)
-            if (offset + n) & (self.track_size - 1):
+            if (offset + n) & (self.grain_size - 1):
                 r.source._reserve_runs(r.to_copy.w, t1 - 1, t1, 1)
         return 0
 
@@ -301,16 +328,16 @@ cdef class VolumeBase:
         """Thin volume: blocks for every track set in ``mask`` before data
         lands there (``read``: before it is read, which needs them only on a
         memory filesystem). A no-op for a thick volume. Lock held."""
-        if mask.n_bits != self.n_tracks:
+        if mask.n_bits != self.n_grains:
             raise ValueError("the mask must have one bit per track")
         if read and not self._reads_allocate:
             return
-        self._reserve_runs(mask.w, 0, self.n_tracks, self.n_tracks)
+        self._reserve_runs(mask.w, 0, self.n_grains, self.n_grains)
 
     def _reserve_read(self, Py_ssize_t t0, Py_ssize_t t1):
         """Before tracks [t0, t1) are read through :attr:`array` (the PPRC
         send paths): a thin volume on a memory filesystem reserves them."""
-        if self._reads_allocate and 0 <= t0 <= t1 <= self.n_tracks:
+        if self._reads_allocate and 0 <= t0 <= t1 <= self.n_grains:
             self._reserve_runs(NULL, t0, t1, t1 - t0)
 
     @property
@@ -439,7 +466,7 @@ cdef class VolumeBase:
         cdef RelationshipBase tr = None, r
         cdef VolumeBase S = None
         cdef Py_ssize_t t0, t1, t, ts, k, resume, ntr, done
-        cdef int shift = self.track_shift
+        cdef int shift = self.grain_shift
         cdef MirrorBase m
         cdef list rels
         cdef uint64_t* w
@@ -493,16 +520,16 @@ cdef class VolumeBase:
                     for t in range(t0, t1):
                         if bm_test(w, t):
                             ts = t << shift
-                            if offset <= ts and offset + n >= ts + self.track_size:
+                            if offset <= ts and offset + n >= ts + self.grain_size:
                                 whole_tracks = 1   # cleared once the data is in
                             else:
                                 # partial write of a virtual track: fetch it first
-                                if self.track_size >= NOGIL_BYTES or on_disk:
+                                if self.grain_size >= NOGIL_BYTES or on_disk:
                                     with nogil:
-                                        memcpy(self.base + ts, S.base + ts, self.track_size)
+                                        memcpy(self.base + ts, S.base + ts, self.grain_size)
                                 else:
-                                    memcpy(self.base + ts, S.base + ts, self.track_size)
-                                self.copied_bytes += self.track_size
+                                    memcpy(self.base + ts, S.base + ts, self.grain_size)
+                                self.copied_bytes += self.grain_size
                                 bm_clear(w, t)
                 if tr.tgt_changed is not None:
                     bm_set_range(tr.tgt_changed.w, t0, t1)
@@ -524,7 +551,7 @@ cdef class VolumeBase:
             if whole_tracks:
                 for t in range(t0, t1):
                     ts = t << shift
-                    if offset <= ts and offset + n >= ts + self.track_size:
+                    if offset <= ts and offset + n >= ts + self.grain_size:
                         bm_clear(tr.to_copy.w, t)
             if origin == ORIGIN_HOST and self._invalid:
                 self._invalid = False      # the whole volume was rewritten
@@ -564,7 +591,7 @@ cdef class VolumeBase:
         cdef VolumeBase S = None
         cdef Py_ssize_t t0, t1
         cdef const uint64_t* w
-        cdef int shift = self.track_shift, err = 0
+        cdef int shift = self.grain_shift, err = 0
         self._check_range(offset, n)
         tr = self._lock_io()
         if tr is not None:
@@ -670,8 +697,8 @@ cdef class VolumeBase:
             try:
                 for i in range(k):
                     off = offs[i]
-                    self._check_writable(off >> self.track_shift,
-                                         ((off + L - 1) >> self.track_shift) + 1 if L else 0,
+                    self._check_writable(off >> self.grain_shift,
+                                         ((off + L - 1) >> self.grain_shift) + 1 if L else 0,
                                          origin)
                     if self._invalid:
                         self._check_valid_write(off, L)

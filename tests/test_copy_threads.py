@@ -97,8 +97,9 @@ def test_background_copy_and_reverse_restore_split_large_runs(threads, n):
     S._raw_array()[:] = s0
     before = _core.pool_copies()
     fc = FlashCopy(S, T, background_copy=False, record=True, persistent=True)
-    S.write(5 * ts + 100, np.full(7, 9, np.uint8))   # a copy-on-write first
-    assert fc.copy() == 159
+    S.write(5 * ts + 100, np.full(7, 9, np.uint8))   # a copy-on-write first (one grain)
+    assert fc.copy() == 160      # 159 tracks and 15 of the 16 grains of track 5
+    assert T.copied_bytes == S.capacity
     assert (T.array == s0).all()
     assert (_core.pool_copies() > before) == (n > 1)
     # the source changes everywhere; reverse restore takes T's image back

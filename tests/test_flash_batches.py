@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from fastfc import FlashCopy, GlobalMirror, StorageUnit, Volume, _core, faults
 from fastfc._core import TrackBitmap
+from fastfc.durable.sqlite import SCHEMA_VERSION
 from fastfc.durable.sqlite import SQLiteStore
 from fastfc.storage.store import Store
 
@@ -360,7 +361,7 @@ def test_cgs_of_more_triplets_than_the_pool_size_reuse_their_bitmap_files(tmp_pa
 
 def test_a_unit_from_before_the_flashcopy_log_opens_and_is_upgraded_read_write(tmp_path):
     """Schema 1 (no flash_log table): read-only opens read it as it is; the
-    first read-write open adds the table and records schema 2, which a
+    first read-write open adds the table and records the current schema, which a
     fastfc that knows no log refuses."""
     import sqlite3
     path = tmp_path / "u"
@@ -380,7 +381,7 @@ def test_a_unit_from_before_the_flashcopy_log_opens_and_is_upgraded_read_write(t
     with StorageUnit(path) as u:
         assert [fc.target.name for fc in u.flashcopies] == ["T"]
     db = sqlite3.connect(path / "unit.db")
-    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (str(SCHEMA_VERSION),)
     assert db.execute("SELECT count(*) FROM flash_log").fetchone() == (0,)
     db.close()
 

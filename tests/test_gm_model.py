@@ -25,7 +25,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from fastfc import GlobalMirror, Volume, _core, faults
 from fastfc.copyservices.globalmirror import Cause, GMState
 
-TS = 512
+# (track, grain): a grain as large as the track, or 4 to 8 grains per track
+# (the engine's bitmaps, drains and copy-on-write work per grain)
+GEOMETRIES = [(512, 512), (2048, 512), (4096, 512)]
 
 FAULTS = ("none", "prepare", "commit", "revert", "coordinate", "drain", "link",
           "write_in_drain")
@@ -34,13 +36,14 @@ FAULTS = ("none", "prepare", "commit", "revert", "coordinate", "drain", "link",
 class GlobalMirrorMachine(RuleBasedStateMachine):
 
     @initialize(n=st.integers(1, 4), n_tracks=st.integers(1, 12),
+                geometry=st.sampled_from(GEOMETRIES),
                 decide=st.sampled_from(["after_all", "after_each"]))
-    def setup(self, n, n_tracks, decide):
+    def setup(self, n, n_tracks, geometry, decide):
         faults.clear()
-        self.n, self.cap = n, n_tracks * TS
-        self.A = [Volume(n_tracks, TS, name=f"A{i}") for i in range(n)]
-        self.B = [Volume(n_tracks, TS, name=f"B{i}") for i in range(n)]
-        self.C = [Volume(n_tracks, TS, name=f"C{i}") for i in range(n)]
+        ts, grain = geometry
+        self.n, self.cap = n, n_tracks * ts
+        self.A, self.B, self.C = ([Volume(n_tracks, ts, name=f"{r}{i}", grain_size=grain)
+                                   for i in range(n)] for r in "ABC")
         self.gm = GlobalMirror(list(zip(self.A, self.B, self.C)), decide=decide)
         assert self.gm.on_coordinate is None
         self.images = [np.zeros(self.cap, np.uint8) for _ in range(n)]   # the A's

@@ -365,21 +365,21 @@ def test_revertible_resync_while_the_worker_starts_a_chunk():
     s, t = volume(31, "s"), Volume(N_TRACKS, TS, name="t")
     about_to_copy, go = threading.Event(), threading.Event()
     worker_errors = []
-    real_copy = FlashCopy.copy
+    real_copy = FlashCopy._copy_grains      # what the worker calls, per chunk
     worker = []
 
-    def paused_copy(self, max_tracks=None):
+    def paused_copy(self, max_grains=None):
         if threading.current_thread() is not threading.main_thread() \
                 and not about_to_copy.is_set():
             worker.append(threading.current_thread())
             about_to_copy.set()
             go.wait(10)
-        return real_copy(self, max_tracks)
+        return real_copy(self, max_grains)
 
     old_hook = threading.excepthook
     threading.excepthook = lambda a: worker_errors.append(a.exc_value)
     try:
-        FlashCopy.copy = paused_copy
+        FlashCopy._copy_grains = paused_copy
         r = FlashCopy(s, t, record=True)
         assert about_to_copy.wait(10)
         t_raw = t.array.tobytes()
@@ -392,7 +392,7 @@ def test_revertible_resync_while_the_worker_starts_a_chunk():
         assert t.array.tobytes() == t_raw            # nothing copied while revertible
         assert r.revertible and r.tracks_to_copy == N_TRACKS
     finally:
-        FlashCopy.copy = real_copy
+        FlashCopy._copy_grains = real_copy
         threading.excepthook = old_hook
     r.commit()
     assert r.wait(10)

@@ -153,7 +153,7 @@ class FlashCopy(_core.RelationshipBase):
     def _install(self) -> None:
         """Create the bitmaps, link into both volumes and record the
         relationship in the source's storage unit. Locks held."""
-        n = self.source.n_tracks
+        n = self.source.n_grains
         store = self._store
         self.to_copy = store.new_bitmap(n, fill=True)
         if self.record:
@@ -223,10 +223,11 @@ class FlashCopy(_core.RelationshipBase):
     # -- properties ---------------------------------------------------------
     @property
     def tracks_to_copy(self) -> int:
-        """Tracks whose target content still lives on the source."""
+        """Tracks whose target content still lives on the source, in whole
+        or in part (a track with any grain still to copy)."""
         if not self.active:
             return 0
-        return self.to_copy.count()
+        return self.to_copy.count_groups(self.source.n_grains // self.source.n_tracks)
 
     @property
     def state(self) -> FlashCopyState:
@@ -256,22 +257,31 @@ class FlashCopy(_core.RelationshipBase):
         """Do background-copy work in the calling thread: copy up to
         ``max_tracks`` tracks (all, if None) that the target still needs.
 
-        Returns the number of tracks copied. The source lock is held for at
-        most ``CHUNK_BYTES`` at a time, with the GIL released during the copy.
+        Returns the work done in tracks: the grains copied over the grains
+        per track, rounded up (a track that copy-on-write had partly copied
+        already takes less). The source lock is held for at most
+        ``CHUNK_BYTES`` at a time, with the GIL released during the copy.
         """
         if max_tracks is not None and max_tracks < 0:
             raise ValueError(f"max_tracks must be >= 0, got {max_tracks}")
+        per = self.source.n_grains // self.source.n_tracks
+        grains = self._copy_grains(None if max_tracks is None else max_tracks * per)
+        return -(-grains // per)
+
+    def _copy_grains(self, max_grains: int | None) -> int:
+        """:meth:`copy` in grains: copy up to ``max_grains`` grains (all, if
+        None) that the target still needs; returns the grains copied."""
         self._require_active()
         self._require_writable()
         if self.revertible:
             raise StateError(f"{self!r} is revertible: no copying until commit or revert")
-        n = self.source.n_tracks
-        chunk = max(1, CHUNK_BYTES // self.source.track_size)
+        n = self.source.n_grains
+        chunk = max(1, CHUNK_BYTES // self.source.grain_size)
         total = 0
         wraps = 0
         ordered = self._store.durability == "power"
-        while max_tracks is None or total < max_tracks:
-            budget = chunk if max_tracks is None else min(chunk, max_tracks - total)
+        while max_grains is None or total < max_grains:
+            budget = chunk if max_grains is None else min(chunk, max_grains - total)
             if ordered:     # each chunk's data on the disk before its cleared bits
                 done, resume = self._copy_chunk_ordered(self._cursor, budget)
             else:
@@ -289,12 +299,12 @@ class FlashCopy(_core.RelationshipBase):
         self._end_if_complete()
         return total
 
-    def _copy_chunk_ordered(self, start: int, max_tracks: int) -> tuple[int, int]:
+    def _copy_chunk_ordered(self, start: int, max_grains: int) -> tuple[int, int]:
         """As ``_copy_chunk`` at durability "power" (:meth:`_copy_ordered`):
-        the tracks still to copy in ``start:start + max_tracks``; returns
-        ``(tracks copied, resume position)``."""
+        the grains still to copy in ``start:start + max_grains``; returns
+        ``(grains copied, resume position)``."""
         S, T = self.source, self.target
-        n = S.n_tracks
+        n = S.n_grains
         while True:
             with locked((S, T)):
                 if not self.active or self.revertible:
@@ -305,7 +315,7 @@ class FlashCopy(_core.RelationshipBase):
             start = mask.find_next_set(start)     # from the next track still to copy
             if start < 0:
                 return 0, n
-            stop = min(n, start + max_tracks)
+            stop = min(n, start + max_grains)
             mask.clear_range(0, start)
             mask.clear_range(stop, n)
             done = self._copy_ordered(mask)
@@ -360,7 +370,7 @@ class FlashCopy(_core.RelationshipBase):
                 self._done.set()
 
     def _background_pass(self) -> None:
-        ts = self.source.track_size
+        ts = self.source.grain_size
         step = max(1, CHUNK_BYTES // ts)
         if self.copy_rate:
             step = max(1, min(step, int(self.copy_rate * 0.02) // ts))
@@ -370,7 +380,7 @@ class FlashCopy(_core.RelationshipBase):
             while self.active and not self.revertible:
                 if self.source.closed or self.target.closed:
                     return
-                done = self.copy(step)
+                done = self._copy_grains(step)
                 copied += done
                 if not self.active or not self.to_copy.any():
                     break
@@ -431,7 +441,7 @@ class FlashCopy(_core.RelationshipBase):
         ``to_copy`` bits and make that durable (a cleared bit on the disk
         always has its target data there). Returns the tracks copied."""
         S, T = self.source, self.target
-        ts = S.track_size
+        ts = S.grain_size
         with locked((S, T)):
             need = mask & self.to_copy    # (a copy-on-write may have taken some)
             if not need.any():
@@ -498,7 +508,7 @@ class FlashCopy(_core.RelationshipBase):
         fresh: list = [None, None, None]
         if (self.record and self.active and not self.revertible and not self.source.closed
                 and not self.target.closed and not store.readonly and not store.closed):
-            fresh = store.new_bitmaps(self.source.n_tracks, 3)
+            fresh = store.new_bitmaps(self.source.n_grains, 3)
         before, after = self._step_hooks()
         while True:
             k, err = _core.prepare_revertible_many([self], 0, new_sequence, fresh, revertible,
@@ -508,7 +518,7 @@ class FlashCopy(_core.RelationshipBase):
                 raise err
             if k == 1:
                 break
-            fresh = store.new_bitmaps(self.source.n_tracks, 3)   # (it became able meanwhile)
+            fresh = store.new_bitmaps(self.source.n_grains, 3)   # (it became able meanwhile)
         self.start_background()
 
     def _step_hooks(self) -> tuple:
@@ -567,7 +577,8 @@ class FlashCopy(_core.RelationshipBase):
         the target and changed on either side since the last establish.
 
         Afterwards both volumes hold the same image, the change bitmaps are
-        clear and the relationship stands. Returns the tracks copied. Other
+        clear and the relationship stands. Returns the tracks copied (in
+        whole or in part: those with a grain copied). Other
         targets of the source receive copy-on-write first, as for a host write.
         ``session``: as for :meth:`commit` (a session's recovery restores B).
         """
@@ -621,7 +632,8 @@ class FlashCopy(_core.RelationshipBase):
                     other.src_changed.or_(changed)
             if ordered and others:
                 store.sync(*(bm for r in others for bm in (r.to_copy, r.src_changed)))
-            copied = self._copy_tracks_where(mask, True)
+            copied = mask.count_groups(S.n_grains // S.n_tracks)
+            self._copy_tracks_where(mask, True)
             if S._mirror is not None and S._mirror.oos is not None:
                 S._mirror.oos.or_(changed)
             if ordered:
@@ -647,7 +659,7 @@ class FlashCopy(_core.RelationshipBase):
             if self.revertible:
                 raise StateError(f"{self!r} is revertible; commit or revert before withdrawing")
             self._require_writable()
-            remaining = self.to_copy.count()
+            remaining = self.tracks_to_copy
             if remaining and not force:
                 raise IncompleteCopyError(
                     f"{self!r} still has {remaining} tracks to copy; copy() or wait() "

@@ -57,7 +57,7 @@ class FlashCopyGroup:
     def set_relationships(self, fcs: Sequence[FlashCopy]) -> None:
         """The relationships, in order (the lists the kernels take)."""
         self._fcs = list(fcs)
-        sizes = {fc.source.n_tracks for fc in self._fcs}
+        sizes = {fc.source.n_grains for fc in self._fcs}
         stores = {id(fc.store): fc.store for fc in self._fcs}
         one_store = not stores or (len(stores) == 1 and self.store in stores.values())
         self._one_size = sizes.pop() if len(sizes) == 1 and one_store else None
@@ -86,12 +86,12 @@ class FlashCopyGroup:
                 return self.store.new_bitmaps(self._one_size, 3 * len(self._fcs))
             out: list = []
             for fc in self._fcs:
-                out += fc.store.new_bitmaps(fc.source.n_tracks, 3)
+                out += fc.store.new_bitmaps(fc.source.n_grains, 3)
             return out
         slots = self._slots
         for i, fc in enumerate(self._fcs):
             if slots[3 * i] is None:
-                slots[3 * i:3 * i + 3] = fc.store.new_bitmaps(fc.source.n_tracks, 3)
+                slots[3 * i:3 * i + 3] = fc.store.new_bitmaps(fc.source.n_grains, 3)
         return slots
 
     def _before(self) -> Callable | None:
@@ -306,7 +306,7 @@ class SecondaryGroup:
                     lk.release()
             moved = 0
             for p, t in zip(pairs, tracks):
-                nbytes = t * p.primary.track_size
+                nbytes = t * p.primary.grain_size
                 p.bytes_sent += nbytes
                 moved += nbytes
             if link is not None and moved:
@@ -372,7 +372,7 @@ class SecondaryGroup:
         return sum(t.pair.drain(max_bytes) for t in self.triplets)
 
     def backlog(self) -> int:
-        """Out-of-sync tracks of the group's pairs."""
+        """Out-of-sync grains of the group's pairs (a measure of the work left)."""
         return sum(t.pair.oos.count() for t in self.triplets)
 
 

@@ -148,10 +148,10 @@ class PPRCPair(_core.MirrorBase):
         secondary.store.check_writable()
         self._setup(primary, secondary, link, pprc_mode, name)
         store = primary.store
-        self.spare = store.new_bitmap(primary.n_tracks)
+        self.spare = store.new_bitmap(primary.n_grains)
         with pair_locked(primary, secondary):
             _check_can_pair(primary, secondary)
-            self.oos = store.new_bitmap(primary.n_tracks, fill=initial_copy)
+            self.oos = store.new_bitmap(primary.n_grains, fill=initial_copy)
             self.cg = None
             primary._mirror = self
             secondary._secondary = True
@@ -247,7 +247,7 @@ class PPRCPair(_core.MirrorBase):
             if extra is not None:
                 oos.or_(extra)
         if spare is None:
-            spare = primary.store.new_bitmap(primary.n_tracks)
+            spare = primary.store.new_bitmap(primary.n_grains)
         spare.fill(False)
         pair.oos, pair.spare, pair.cg = oos, spare, None
         primary._mirror = pair
@@ -304,7 +304,7 @@ class PPRCPair(_core.MirrorBase):
             except (FastFCError, VolumeClosedError) as e:
                 self._suspended(f"{type(e).__name__}: {e}")
             else:
-                ts = self.primary.track_size
+                ts = self.primary.grain_size
                 self.oos.clear_range(offset // ts, (offset + length - 1) // ts + 1)
                 return
         self._wake.set()
@@ -314,7 +314,7 @@ class PPRCPair(_core.MirrorBase):
         consistency group: send their CG version first (in-process link), or
         save it in the side file for the drain to send."""
         assert self.cg is not None   # the I/O path calls it for CG tracks only
-        A, ts = self.primary, self.primary.track_size
+        A, ts = self.primary, self.primary.grain_size
         if self.link.direct() and not self.ordered_drain:
             try:
                 done, _ = _core.pprc_copy_tracks(A, self.secondary, self.cg, t0, t1 - t0, t1,
@@ -349,8 +349,8 @@ class PPRCPair(_core.MirrorBase):
         ``ordered`` (Global Copy at durability "power"): before each send,
         the secondary's FlashCopy targets are made independent of the tracks
         it may overwrite, on the disk (:meth:`_order_send`)."""
-        A, ts = self.primary, self.primary.track_size
-        n = A.n_tracks
+        A, ts = self.primary, self.primary.grain_size
+        n = A.n_grains
         sent = 0
         chunk = max(1, SEND_CHUNK_BYTES // ts)
         direct_chunk = max(1, DIRECT_CHUNK_BYTES // ts)
@@ -444,7 +444,7 @@ class PPRCPair(_core.MirrorBase):
                 # in-process link: the whole CG in one kernel call, without the
                 # GIL (a secondary group's drain of one pair)
                 left = -1.0 if time_left is None else max(0.0, time_left())
-                ts = self.primary.track_size
+                ts = self.primary.grain_size
                 tracks: list[int] = []
                 runs: list[int] = []
                 try:
@@ -466,7 +466,7 @@ class PPRCPair(_core.MirrorBase):
         return sent + self.cg_bytes
 
     def send_side_file(self) -> int:
-        A, ts = self.primary, self.primary.track_size
+        A, ts = self.primary, self.primary.grain_size
         sent = 0
         while self.side:
             A._lock()
@@ -585,7 +585,7 @@ class PPRCPair(_core.MirrorBase):
         A, B = self.primary, self.secondary
         if record is None and not B.store.readonly:
             record = record_failover(B, A.store.ref, A.name, self.mode.value,
-                                     B.store.new_bitmap(B.n_tracks))
+                                     B.store.new_bitmap(B.n_grains))
         hook = _core.MirrorBase()
         hook.oos = record["oos"] if record is not None else self.oos
         self._failover_record = None if record is None else {
@@ -618,7 +618,7 @@ class PPRCPair(_core.MirrorBase):
             self._require_writable(B)
             # the pair is recorded with its new primary, B, from now on
             new_store = B.store
-            oos = new_store.new_bitmap(A.n_tracks)
+            oos = new_store.new_bitmap(A.n_grains)
             oos.copy_from(self.oos)
             if self.cg is not None:
                 oos.or_(self.cg)
@@ -629,7 +629,7 @@ class PPRCPair(_core.MirrorBase):
             failover_id = (self._failover_record or {}).get("id")
             A.store.drop_pair(self._store_id)
             self._store_id = None
-            self.spare = new_store.new_bitmap(A.n_tracks)
+            self.spare = new_store.new_bitmap(A.n_grains)
             B._mirror = self
             A._mirror = None
             A._secondary = True

@@ -130,7 +130,7 @@ class SiteGroup(Secondary):
                 p = pairs[0]
                 assert p.cg is not None
                 n, done = p.gather(p.cg, updates,
-                                   max(sitepair.BATCH_BYTES - pos, p.primary.track_size if not pos else 0),
+                                   max(sitepair.BATCH_BYTES - pos, p.primary.grain_size if not pos else 0),
                                    None, side=True)
                 pos += n
                 if done:

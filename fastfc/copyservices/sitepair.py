@@ -35,9 +35,10 @@ class SitePair(MirrorBase):
 
     def __init__(self, a: Volume, b: SiteVolume, site: SecondarySite, *,
                  initial_copy: bool = True) -> None:
-        if a.n_tracks != b.n_tracks or a.track_size != b.track_size:
+        if (a.n_tracks, a.track_size, a.grain_size) != (b.n_tracks, b.track_size, b.grain_size):
             raise ValueError(f"{a!r} and {b.name} differ in geometry "
-                             f"({a.n_tracks}x{a.track_size} vs {b.n_tracks}x{b.track_size})")
+                             f"({a.n_tracks}x{a.track_size} grain {a.grain_size} vs "
+                             f"{b.n_tracks}x{b.track_size} grain {b.grain_size})")
         self.primary, self.remote, self.site = a, b, site
         self.name = f"{a.name}->{site.name}:{b.name}"
         self.sync = False
@@ -47,15 +48,15 @@ class SitePair(MirrorBase):
         self.suspend_reason: str | None = None
         self.failed_over = False
         self._cursor = 0
-        self.taken = TrackBitmap(a.n_tracks)
-        self.spare = TrackBitmap(a.n_tracks)
+        self.taken = TrackBitmap(a.n_grains)
+        self.spare = TrackBitmap(a.n_grains)
         a._lock()
         try:
             if a._mirror is not None or a._secondary:
                 raise LimitError(f"{a!r} is already in a PPRC pair")
             if a._tgt_rel is not None:
                 raise LimitError(f"{a!r} is a FlashCopy target and cannot be a PPRC primary")
-            self.oos = TrackBitmap(a.n_tracks, fill=initial_copy)
+            self.oos = TrackBitmap(a.n_grains, fill=initial_copy)
             self.cg = None
             a._mirror = self
         finally:
@@ -76,7 +77,7 @@ class SitePair(MirrorBase):
     def _collide(self, t0: int, t1: int) -> None:
         """A host write is about to overwrite CG tracks not yet gathered:
         keep their CG version in the side file (A's lock held)."""
-        A, ts, cg = self.primary, self.primary.track_size, self.cg
+        A, ts, cg = self.primary, self.primary.grain_size, self.cg
         assert cg is not None
         A._reserve_read(t0, t1)
         arr = A.array
@@ -92,7 +93,7 @@ class SitePair(MirrorBase):
         ``budget`` bytes, clearing their bits (and setting the span in
         ``taken``); at most ``HOLD_BYTES`` per hold of A's lock. Returns the
         bytes gathered and whether nothing is left."""
-        A, ts = self.primary, self.primary.track_size
+        A, ts = self.primary, self.primary.grain_size
         hold = max(1, HOLD_BYTES // ts)
         name = self.remote.name
         got = 0
@@ -133,7 +134,7 @@ class SitePair(MirrorBase):
         again and the pair suspends. Returns bytes sent."""
         if self.suspend_reason is not None or self.failed_over:
             return 0
-        taken = TrackBitmap(self.primary.n_tracks)
+        taken = TrackBitmap(self.primary.n_grains)
         updates: list[Update] = []
         got, _ = self.gather(self.oos, updates, min(max_bytes or BATCH_BYTES, BATCH_BYTES),
                              taken, side=False)

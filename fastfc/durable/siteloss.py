@@ -175,7 +175,7 @@ def _restored_tracks(unit: "StorageUnit", fc: FlashCopy):
     """The tracks a fast reverse restore of ``fc`` brings back from C onto
     B, as a new bitmap of ``unit``'s store."""
     assert fc.src_changed is not None and fc.tgt_changed is not None   # record=True
-    oos = unit.store.new_bitmap(fc.source.n_tracks)
+    oos = unit.store.new_bitmap(fc.source.n_grains)
     oos.copy_from(fc.src_changed)
     oos.or_(fc.tgt_changed)
     oos.andnot(fc.to_copy)
@@ -225,7 +225,7 @@ def failover_alone(unit: "StorageUnit", b_name: str) -> dict:
     with locked((b,)):
         with unit.store.transaction():
             _record_failover(unit, b, rec["primary_uuid"], rec["primary_name"],
-                             unit.store.new_bitmap(b.n_tracks), rec["mode"])
+                             unit.store.new_bitmap(b.n_grains), rec["mode"])
             b.set_flags(secondary=False)
             unit.store.set_volume_flags(b.flags_record())
     return next(r for r in unit.pair_records
@@ -356,7 +356,7 @@ def forget_failover(unit: "StorageUnit", b_name: str) -> int:
                        "secondary alone (recover_session)")
     row = rows[0]
     b = unit._row_volume(b_name)
-    n = int(row["oos"].count())
+    n = int(row["oos"].count_groups(b.n_grains // b.n_tracks))
     with locked((b,)):
         with unit.store.transaction():
             unit.store.drop_pair(row["id"])

@@ -52,8 +52,11 @@ _MISSING = object()    # an undo record's "the row had no bitmaps entry"
 
 #: 2: FlashCopy batches in ``flash_log`` (a unit with a non-empty log must
 #: not be read by a fastfc that reads only the ``flashcopies`` rows)
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)   # a schema-1 unit is upgraded by its first read-write open
+#: 3: volumes with a grain (``volumes.grain_size``; NULL: the track): the
+#: bitmaps of a volume with a grain smaller than its track have a bit per
+#: grain, which a fastfc reading a bit per track would misread
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, 3)   # an older unit is upgraded by its first read-write open
 
 # the FlashCopy log's columns: one little-endian int64 each, per relationship
 # (built by _core.log_rows, in this order)
@@ -155,7 +158,7 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS volumes(
     name TEXT PRIMARY KEY, n_tracks INTEGER NOT NULL, track_size INTEGER NOT NULL,
     secondary INTEGER NOT NULL DEFAULT 0, invalid INTEGER NOT NULL DEFAULT 0,
-    thin INTEGER NOT NULL DEFAULT 1);
+    thin INTEGER NOT NULL DEFAULT 1, grain_size INTEGER);
 CREATE TABLE IF NOT EXISTS flashcopies(
     id INTEGER PRIMARY KEY, source TEXT NOT NULL, target TEXT NOT NULL,
     options TEXT NOT NULL, sequence INTEGER NOT NULL, revertible INTEGER NOT NULL,
@@ -355,6 +358,11 @@ class SQLiteStore(Store):
             # a unit made before thick volumes: its files are sparse, so its
             # volumes are thin (the default); older readers ignore the column
             self.db.execute("ALTER TABLE volumes ADD COLUMN thin INTEGER NOT NULL DEFAULT 1")
+        if not readonly and "grain_size" not in {
+                r[1] for r in self.db.execute("PRAGMA table_info(volumes)")}:
+            # a unit made before grains: its volumes keep a bit per track
+            # (NULL), their bitmap files as they are
+            self.db.execute("ALTER TABLE volumes ADD COLUMN grain_size INTEGER")
         if not readonly:
             try:
                 _migrate_served_sessions(self.db, directory)
@@ -748,9 +756,10 @@ class SQLiteStore(Store):
                 p.unlink()
 
     # -- volumes -----------------------------------------------------------------
-    def add_volume(self, name: str, n_tracks: int, track_size: int, thin: bool = False) -> None:
-        self._exec("INSERT INTO volumes(name, n_tracks, track_size, thin) VALUES(?,?,?,?)",
-                   (name, n_tracks, track_size, int(thin)))
+    def add_volume(self, name: str, n_tracks: int, track_size: int, thin: bool = False,
+                   grain_size: int | None = None) -> None:
+        self._exec("INSERT INTO volumes(name, n_tracks, track_size, thin, grain_size) "
+                   "VALUES(?,?,?,?,?)", (name, n_tracks, track_size, int(thin), grain_size))
 
     def remove_volume(self, name: str) -> None:
         self._exec("DELETE FROM volumes WHERE name=?", (name,))
@@ -777,10 +786,13 @@ class SQLiteStore(Store):
 
     def volume_records(self) -> list[dict]:
         """Every stored volume: name, n_tracks, track_size, secondary,
-        invalid, thin (a unit made before thick volumes has thin ones)."""
+        invalid, thin (a unit made before thick volumes has thin ones),
+        grain_size (a unit made before grains has a bit per track)."""
         rows = self._rows("volumes")
         for r in rows:
             r.setdefault("thin", 1)
+            if r.get("grain_size") is None:
+                r["grain_size"] = r["track_size"]
         return rows
 
     def _load_bitmaps(self, kind: str, row: dict, keys, n_bits: int) -> None:

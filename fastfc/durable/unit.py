@@ -93,14 +93,15 @@ class ReadOnlyVolume(Volume):
     stores into it: a read-only unit runs no copy, pair or session."""
 
     def __init__(self, n_tracks: int, track_size: int, *, path, name: str,
-                 store: Store) -> None:
+                 store: Store, grain_size: int | None = None) -> None:
         self.path = Path(path)
         self.name = name
         self.store = store
         with open(self.path, "rb") as f:
             mm = mmap.mmap(f.fileno(), n_tracks * track_size, access=mmap.ACCESS_READ)
         self._mm = mm      # close() unmaps it once no array of it is left
-        self._attach(np.frombuffer(mm, dtype=np.uint8), track_size)
+        self._attach(np.frombuffer(mm, dtype=np.uint8), track_size,
+                     grain_size=grain_size or 0)
         self._file_backed = False
         self._reads_allocate = False
 
@@ -263,7 +264,7 @@ class StorageUnit:
 
     # -- volumes -----------------------------------------------------------------
     def create_volume(self, name: str, n_tracks: int, track_size: int = DEFAULT_TRACK, *,
-                      thin: bool = False) -> Volume:
+                      thin: bool = False, grain_size: int | None = None) -> Volume:
         """Create a zero-filled volume named ``name`` in this unit.
 
         Thick by default: its file gets every block now, and a filesystem
@@ -271,22 +272,24 @@ class StorageUnit:
         file and no row. ``thin=True`` keeps the file sparse and reserves
         blocks on first write (see :class:`~fastfc.storage.volume.Volume`); the choice
         is recorded and holds after reopening. In a memory unit ``thin`` has
-        no effect."""
+        no effect. ``grain_size``: see :class:`~fastfc.storage.volume.Volume`
+        (recorded with the volume)."""
         self._require_writable()
         if not isinstance(name, str) or not NAME.match(name):
             raise ValueError(f"volume names are {NAME_RULE}, got {name!r}")
         if name in self._volumes:
             raise AlreadyExistsError(f"volume {name!r} already exists in this unit")
         if self.path is None:
-            vol = Volume(n_tracks, track_size, name=name, store=self.store)
+            vol = Volume(n_tracks, track_size, name=name, store=self.store,
+                         grain_size=grain_size)
         else:
             file = self._volume_file(name)
             if file.exists():
                 file.unlink()   # left by a create that died before its row
             vol = Volume(n_tracks, track_size, path=file, name=name, thin=thin,
-                         store=self.store)
+                         store=self.store, grain_size=grain_size)
             try:
-                self._sqlite.add_volume(name, n_tracks, track_size, thin)
+                self._sqlite.add_volume(name, n_tracks, track_size, thin, vol.grain_size)
             except BaseException:
                 vol.close()
                 file.unlink()
@@ -434,8 +437,13 @@ class StorageUnit:
         the secondary alone (``recover_session``) is such a pair, B->A,
         its ``suspend_reason`` :data:`~fastfc.durable.siteloss.SITE_FAILOVER`."""
         return [{**{k: v for k, v in r.items() if k not in _PAIR_MAPS},
-                 "out_of_sync": sum(r[k].count() for k in _PAIR_MAPS if r[k] is not None)}
-                for r in self._pair_rows]
+                 "out_of_sync": self._tracks_owed(r)} for r in self._pair_rows]
+
+    def _tracks_owed(self, row: dict) -> int:
+        """The tracks a pair row's bitmaps record (in whole or in part)."""
+        v = self._volumes.get(row["primary_name"])
+        per = v.n_grains // v.n_tracks if v is not None else 1
+        return sum(row[k].count_groups(per) for k in _PAIR_MAPS if row[k] is not None)
 
     @property
     def secondary_records(self) -> list[dict]:
@@ -710,10 +718,11 @@ class StorageUnit:
                                        f"records {n_tracks} tracks of {track_size} bytes")
             vol: Volume
             if self.readonly:
-                vol = ReadOnlyVolume(n_tracks, track_size, path=file, name=name, store=st)
+                vol = ReadOnlyVolume(n_tracks, track_size, path=file, name=name, store=st,
+                                     grain_size=rec["grain_size"])
             else:
                 vol = Volume(n_tracks, track_size, path=file, name=name,
-                             thin=bool(rec["thin"]), store=st)
+                             thin=bool(rec["thin"]), store=st, grain_size=rec["grain_size"])
             vol.unit = self
             vol.set_flags(secondary=bool(rec["secondary"]), valid=not rec["invalid"])
             self._volumes[name] = vol
@@ -723,7 +732,7 @@ class StorageUnit:
             problem: str | None = self._missing_volumes(key)
             if problem is None:
                 try:
-                    rec = st.flash_record(dict(row), self._volumes[key[0]].n_tracks)
+                    rec = st.flash_record(dict(row), self._volumes[key[0]].n_grains)
                 except CorruptUnitError as e:
                     problem = str(e)
                 else:
@@ -747,7 +756,7 @@ class StorageUnit:
             problem = self._missing_volumes(key[:1])
             if problem is None:
                 try:
-                    rec = st.pair_record(dict(row), self._volumes[key[0]].n_tracks)
+                    rec = st.pair_record(dict(row), self._volumes[key[0]].n_grains)
                 except CorruptUnitError as e:
                     problem = str(e)
                 else:
@@ -978,9 +987,10 @@ class StorageUnit:
             if b.mirror is not None or b.is_secondary or b.relationships or c.relationships:
                 raise ValueError(f"{b.name} and {c.name} of unit {self.path} must be free "
                                  "volumes (no pair, no FlashCopy) to join a session")
-            if (b.n_tracks, b.track_size) != (c.n_tracks, c.track_size):
+            if (b.n_tracks, b.track_size, b.grain_size) != (c.n_tracks, c.track_size,
+                                                            c.grain_size):
                 raise ValueError(f"{b.name} and {c.name} of unit {self.path} differ in "
-                                 "geometry (tracks, track size)")
+                                 "geometry (tracks, track size, grain)")
             todo.append((b, c))
             seqs.append(0)
         if known is not None and not todo:

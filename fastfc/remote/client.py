@@ -150,12 +150,15 @@ class RemoteVolume(SiteVolume):
     unit is down, calls raise :class:`UnitDownError` (a
     :class:`~fastfc.errors.FastFCError`), never hang."""
 
-    def __init__(self, kind: str, unit: str, name: str, n_tracks: int, track_size: int) -> None:
+    def __init__(self, kind: str, unit: str, name: str, n_tracks: int, track_size: int,
+                 grain_size: int) -> None:
         self.kind, self.unit = kind, unit
         self.name, self.n_tracks, self.track_size = name, int(n_tracks), int(track_size)
+        self.grain_size = int(grain_size)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (RemoteVolume, (self.kind, self.unit, self.name, self.n_tracks, self.track_size))
+        return (RemoteVolume, (self.kind, self.unit, self.name, self.n_tracks, self.track_size,
+                               self.grain_size))
 
     def site(self) -> UnitSite:
         return transport(self.kind).site(self.unit)
@@ -180,15 +183,16 @@ class UnitHandle:
     def _site(self) -> UnitSite:
         return transport(self.kind).site(self.name)
 
-    def create_volume(self, name: str, n_tracks: int, track_size: int = 65536) -> RemoteVolume:
+    def create_volume(self, name: str, n_tracks: int, track_size: int = 65536,
+                      grain_size: int | None = None) -> RemoteVolume:
         """Create a zero-filled volume in the unit; returns its proxy."""
-        n, nt, ts = self._site()._now("create_volume", name, int(n_tracks), int(track_size))
-        return RemoteVolume(self.kind, self.name, n, nt, ts)
+        geometry = self._site()._now("create_volume", name, int(n_tracks), int(track_size),
+                                     None if grain_size is None else int(grain_size))
+        return RemoteVolume(self.kind, self.name, *geometry)
 
     def volume(self, name: str) -> RemoteVolume:
         """The proxy of an existing volume of the unit."""
-        n, nt, ts = self._site()._now("volume", name)
-        return RemoteVolume(self.kind, self.name, n, nt, ts)
+        return RemoteVolume(self.kind, self.name, *self._site()._now("volume", name))
 
     def info(self) -> dict[str, Any]:
         """``epoch``, ``pid`` and ``path`` of the unit's server."""

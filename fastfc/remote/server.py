@@ -153,15 +153,16 @@ class UnitServer:
         self._fence()
         return {"epoch": self.epoch, "pid": os.getpid(), "path": str(self.path)}
 
-    def create_volume(self, name: str, n_tracks: int, track_size: int) -> tuple[str, int, int]:
+    def create_volume(self, name: str, n_tracks: int, track_size: int,
+                      grain_size: int | None = None) -> tuple[str, int, int, int]:
         self._fence()
-        v = self.unit.create_volume(name, n_tracks, track_size)
-        return v.name, v.n_tracks, v.track_size
+        v = self.unit.create_volume(name, n_tracks, track_size, grain_size=grain_size)
+        return v.name, v.n_tracks, v.track_size, v.grain_size
 
-    def volume(self, name: str) -> tuple[str, int, int]:
+    def volume(self, name: str) -> tuple[str, int, int, int]:
         self._fence()
         v = self.unit.volume(name)
-        return v.name, v.n_tracks, v.track_size
+        return v.name, v.n_tracks, v.track_size, v.grain_size
 
     def read(self, name: str, offset: int, length: int) -> np.ndarray:
         self._fence()

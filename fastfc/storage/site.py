@@ -118,6 +118,11 @@ class SiteVolume(ABC):
     name: str
     n_tracks: int
     track_size: int
+    grain_size: int     # the unit of the bitmaps (see Volume)
+
+    @property
+    def n_grains(self) -> int:
+        return self.capacity // self.grain_size
 
     @property
     def capacity(self) -> int:

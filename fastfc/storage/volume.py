@@ -57,7 +57,14 @@ class Volume(_core.VolumeBase):
         tmpfs, where reading a hole takes a page too, reads reserve as well
         (and :attr:`array` reserves the whole volume). When opening an
         existing file, say how it was made (a storage unit records it); its
-        tracks that hold data are found with ``SEEK_DATA``.
+        grains that hold data are found with ``SEEK_DATA``.
+    grain_size : int, optional
+        The unit in which the engine records changes and copies (its bitmaps
+        have one bit per grain): a power of two from 512 B up to the track.
+        Default: the track, or 4 KiB (``_core.GRAIN``) when the track is
+        larger, so that a 4 KiB write into a 64 KiB track copies 4 KiB to a
+        FlashCopy target or a PPRC secondary, not 64 KiB. The track stays the
+        unit users see (sizes, ``tracks_to_copy``, the command line).
 
     Notes
     -----
@@ -81,7 +88,8 @@ class Volume(_core.VolumeBase):
 
     def __init__(self, n_tracks: int, track_size: int = DEFAULT_TRACK, *,
                  path: str | os.PathLike | None = None, name: str | None = None,
-                 thin: bool = False, store: Store | None = None) -> None:
+                 thin: bool = False, store: Store | None = None,
+                 grain_size: int | None = None) -> None:
         n_tracks = _as_int(n_tracks, "n_tracks")
         track_size = _as_int(track_size, "track_size")
         if n_tracks < 1:
@@ -90,7 +98,15 @@ class Volume(_core.VolumeBase):
             raise ValueError(
                 f"track_size must be a power of two from {MIN_TRACK} to {MAX_TRACK}, "
                 f"got {track_size}")
+        if grain_size is None:
+            grain_size = min(track_size, _core.GRAIN)
+        grain_size = _as_int(grain_size, "grain_size")
+        if not (MIN_TRACK <= grain_size <= track_size) or grain_size & (grain_size - 1):
+            raise ValueError(
+                f"grain_size must be a power of two from {MIN_TRACK} to the track size "
+                f"({track_size}), got {grain_size}")
         capacity = n_tracks * track_size
+        n_grains = capacity // grain_size
         if store is not None:
             self.store = store
         self.path = Path(path) if path is not None else None
@@ -99,7 +115,8 @@ class Volume(_core.VolumeBase):
         if self.path is None:
             if thin:
                 raise ValueError("thin applies to file-backed volumes (give a path)")
-            self._attach(np.zeros(capacity, dtype=np.uint8), track_size)
+            self._attach(np.zeros(capacity, dtype=np.uint8), track_size,
+                         grain_size=grain_size)
         else:
             on_disk = not _in_memory_fs(self.path)
             mm, fd = _map_file(self.path, n_tracks, track_size, bool(thin))
@@ -107,15 +124,15 @@ class Volume(_core.VolumeBase):
                 # on a disk a thin file gets blocks in whole chunks (see
                 # VolumeBase._reserve_runs): a chunk only partly allocated
                 # (by an older fastfc) counts as one still to reserve
-                unit = max(track_size, _core.THIN_CHUNK) if on_disk else track_size
-                allocated = _allocated_tracks(fd, n_tracks, track_size, unit) if thin else None
+                unit = max(grain_size, _core.THIN_CHUNK) if on_disk else grain_size
+                allocated = _allocated_grains(fd, n_grains, grain_size, unit) if thin else None
                 # the array's base holds an export of the mapping: close()
                 # unmaps it only once no array of it is left. A thin volume
                 # keeps its descriptor (to reserve blocks), a volume on a disk
                 # too (PPRC updates reach it with pwrite, not stores through
                 # the mapping); close() closes it.
                 self._attach(np.frombuffer(mm, dtype=np.uint8), track_size,
-                             fd if thin or on_disk else -1, allocated)
+                             fd if thin or on_disk else -1, allocated, grain_size)
             except BaseException:
                 os.close(fd)
                 raise
@@ -335,13 +352,13 @@ def _map_every_page(mm: mmap.mmap) -> None:
         pass
 
 
-def _allocated_tracks(fd: int, n_tracks: int, track_size: int,
+def _allocated_grains(fd: int, n_grains: int, grain_size: int,
                       unit: int) -> "_core.TrackBitmap":
-    """The tracks of a thin volume's file that hold blocks already (from
+    """The grains of a thin volume's file that hold blocks already (from
     ``SEEK_DATA``/``SEEK_HOLE``), counted in whole aligned ``unit`` bytes
-    (a track, or a chunk on a disk); others are reserved on first touch."""
-    bm = _core.TrackBitmap(n_tracks)
-    capacity = n_tracks * track_size
+    (a grain, or a chunk on a disk); others are reserved on first touch."""
+    bm = _core.TrackBitmap(n_grains)
+    capacity = n_grains * grain_size
     pos = 0
     try:
         while pos < capacity:
@@ -352,13 +369,13 @@ def _allocated_tracks(fd: int, n_tracks: int, track_size: int,
                     break   # only holes from pos on
                 raise
             hole = min(os.lseek(fd, data, os.SEEK_HOLE), capacity)
-            first = -(-data // unit) * unit // track_size
-            last = n_tracks if hole == capacity else hole // unit * unit // track_size
+            first = -(-data // unit) * unit // grain_size
+            last = n_grains if hole == capacity else hole // unit * unit // grain_size
             if last > first:
                 bm.set_range(first, last)
             pos = hole
     except OSError:
-        bm.fill(False)   # no SEEK_DATA here: reserve every track on first touch
+        bm.fill(False)   # no SEEK_DATA here: reserve every grain on first touch
     return bm
 
 
@@ -415,3 +432,7 @@ def check_pairable(a: Volume, b: Volume, what: str) -> None:
         raise ValueError(
             f"{a!r} and {b!r} differ in geometry; a {what} needs the same number "
             "and size of tracks")
+    if a.grain_size != b.grain_size:
+        raise ValueError(
+            f"{a!r} and {b!r} differ in grain ({a.grain_size} and {b.grain_size} "
+            f"bytes); a {what} needs the same grain on both")

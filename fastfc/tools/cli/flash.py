@@ -127,7 +127,8 @@ def _marked(fc: FlashCopy) -> int:
     if not fc.record:
         return 0
     assert fc.src_changed is not None and fc.tgt_changed is not None   # record=True keeps both
-    return (fc.to_copy | fc.src_changed | fc.tgt_changed).count()
+    return (fc.to_copy | fc.src_changed | fc.tgt_changed).count_groups(
+        fc.source.n_grains // fc.source.n_tracks)
 
 
 @main.command()
