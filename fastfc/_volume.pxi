@@ -342,11 +342,19 @@ cdef class VolumeBase:
 
     @property
     def allocated_tracks(self):
-        """Thin volume: how many tracks have blocks in the file (None for a
-        thick or in-memory volume)."""
+        """Thin volume: how many tracks have blocks in the file, in whole or
+        in part (None for a thick or in-memory volume)."""
         if not self.thin or self._alloc is None:
             return None
-        return self._alloc.count()
+        return self._alloc.count_groups(self.n_grains // self.n_tracks)
+
+    @property
+    def allocated_bytes(self):
+        """Thin volume: the bytes of the grains that have blocks in the file
+        (None for a thick or in-memory volume)."""
+        if not self.thin or self._alloc is None:
+            return None
+        return self._alloc.count() * self.grain_size
 
     # -- locking -----------------------------------------------------------
     cdef inline int _acquire(self) except -1:
