@@ -18,11 +18,12 @@ from fastfc import GlobalMirror, Volume
 from fastfc.tools.testing import RandomWriters, run_under_writers
 
 
-def make_triplets(n: int, size_mib: int, track_size: int = 65536):
+def make_triplets(n: int, size_mib: int, track_size: int = 65536,
+                  grain_size: int | None = None):
     n_tracks = size_mib * 2**20 // track_size
 
     def vol(tag, i):
-        v = Volume(n_tracks, track_size, name=f"{tag}{i:03d}")
+        v = Volume(n_tracks, track_size, name=f"{tag}{i:03d}", grain_size=grain_size)
         v._raw_array().fill(0)   # fault the pages in before timing
         return v
 
