@@ -82,14 +82,17 @@ def filesystem_of(path: Path) -> str:
 
 
 def _unit_triplets(root: Path, n: int, n_tracks: int, track: int, thin: bool = False,
-                   durability: str = "process"):
+                   durability: str = "process", grain: int | None = None):
     a_unit = StorageUnit(root / "site1", durability=durability)
     b_unit = StorageUnit(root / "site2", durability=durability)
     trips = []
     for i in range(n):
-        trips.append((a_unit.create_volume(f"A{i:03d}", n_tracks, track, thin=thin),
-                      b_unit.create_volume(f"B{i:03d}", n_tracks, track, thin=thin),
-                      b_unit.create_volume(f"C{i:03d}", n_tracks, track, thin=thin)))
+        trips.append((a_unit.create_volume(f"A{i:03d}", n_tracks, track, thin=thin,
+                                           grain_size=grain),
+                      b_unit.create_volume(f"B{i:03d}", n_tracks, track, thin=thin,
+                                           grain_size=grain),
+                      b_unit.create_volume(f"C{i:03d}", n_tracks, track, thin=thin,
+                                           grain_size=grain)))
     return (a_unit, b_unit), trips
 
 
@@ -148,8 +151,8 @@ def fsync_latency(directory: Path, n: int = 20) -> float:
 
 
 def _units_session(root: Path, triplets: int, n_tracks: int, track: int, seconds: float,
-                   rate: float | None) -> dict:
-    units, trips = _unit_triplets(root, triplets, n_tracks, track)
+                   rate: float | None, grain: int | None = None) -> dict:
+    units, trips = _unit_triplets(root, triplets, n_tracks, track, grain=grain)
     try:
         for t in trips:
             for v in t:

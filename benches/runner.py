@@ -75,12 +75,12 @@ from benches.cases import CASES, Case, Result, get_case, measure, metadata_rows
 
 REPO = Path(__file__).resolve().parent.parent
 SUITES = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable",
-          "durable_steady", "gm", "scaleout", "serve", "durable_large"]
+          "durable_steady", "gm", "grain", "scaleout", "serve", "durable_large"]
 OPT_IN = {"durable_large"}     # run only when named
 # GiB each suite may hold at its peak (gm: its volumes, worked out there)
 SUITE_MEMORY = {"physical": 2.5, "core": 3, "engine": 2, "numba": 2, "qemu": 3,
                 "scaling": 3, "durable": 7, "durable_steady": 7, "gm": 0, "scaleout": 4,
-                "durable_large": 2, "serve": 5}
+                "durable_large": 2, "serve": 5, "grain": 0}
 
 
 # --------------------------------------------------------------------------
@@ -613,6 +613,85 @@ class Report:
                      headline="host writes under Global Mirror / alone" if not self.quick else "",
                      data=g))
 
+
+    # -- grain ----------------------------------------------------------------
+    def grain(self) -> None:
+        """The 4 KiB grain under 64 KiB tracks against a grain of the track."""
+        from benches import grain as gr
+        rate, secs = 200.0, (2.0 if self.quick else 4.0)
+        rounds = 1 if self.quick else 2
+        configs = ([(16, 16), (256, 1), (1024, 1)] if self.quick
+                   else [(16, 64), (1024, 1), (4096, 1)])
+        raw: dict = {"memory": {}, "summary": gr.find_next_set()}
+        self.raw["grain"] = raw
+        for n, mib in configs:
+            need = 2 * n * mib * 3 * 2**20 + 2**30
+            if not self.wait_for_memory("grain", need):
+                return
+            d = gr.memory(n, mib, secs, rate, rounds, log=self.log)
+            raw["memory"][f"{n}x{mib}"] = d
+            g, t = d["median"][str(gr.GRAINS[0])], d["median"][str(gr.GRAINS[1])]
+            w = (f"{n} triplets x {mib} MiB in memory, 64 KiB tracks, 2 writers of 4 KiB at "
+                 f"{rate:.0f} MB/s, CG interval 0, median of {rounds}"
+                 f"{' (quick)' if self.quick else ''}")
+            base = "grain of the track"
+            amp = g["copied_per_host_byte"]
+            self.add(Row("grain", f"grain_copied_{n}", f"bytes copied into B and C per host "
+                         f"byte: {w}", f"{amp:.2f}", f"{t['copied_per_host_byte']:.2f} {base}",
+                         amp / t["copied_per_host_byte"], "<= 2.2 (bytes)", amp <= 2.2,
+                         score=2.2 / amp if amp else float("inf"),
+                         headline=("bytes copied into B and C per host byte (1,024 triplets)"
+                                   if n == 1024 and not self.quick else ""),
+                         data=d))
+            cg_target = {1024: 150.0, 4096: 40.0}.get(n)
+            met = None
+            if cg_target is not None and not self.quick:
+                met = (g["cgs_per_s"] >= cg_target and g["pace"] >= 0.95
+                       and (n != 1024 or g["rpo_p99_ms"] <= 20.0))
+            target = "-" if cg_target is None else (
+                f">= {cg_target:g} CG/s" + (", RPO p99 <= 20 ms" if n == 1024 else "")
+                + ", writers >= 0.95 x pace")
+            self.add(Row("grain", f"grain_cgs_{n}", f"Global Mirror CGs per second: {w}",
+                         f"{g['cgs_per_s']:.0f} CG/s, RPO p99 {g['rpo_p99_ms']:.1f} ms, "
+                         f"writers {g['pace']:.2f} x pace",
+                         f"{t['cgs_per_s']:.0f} CG/s, RPO p99 {t['rpo_p99_ms']:.1f} ms, "
+                         f"writers {t['pace']:.2f} x pace ({base})",
+                         g["cgs_per_s"] / t["cgs_per_s"] if t["cgs_per_s"] else float("nan"),
+                         target, met,
+                         score=(g["cgs_per_s"] / cg_target if cg_target and met is not None
+                                else None),
+                         headline=(f"Global Mirror CG/s, {n:,} triplets x 1 MiB, 64 KiB tracks"
+                                   if cg_target and not self.quick else ""),
+                         data=d))
+        n, mib = (4, 16) if self.quick else (16, 64)
+        d = gr.disk(self.unit_dir, n, mib, secs, rate, rounds, log=self.log)
+        raw["disk"] = d
+        g, t = d["median"][str(gr.GRAINS[0])], d["median"][str(gr.GRAINS[1])]
+        b, tb = g.get("disk_per_host_byte"), t.get("disk_per_host_byte")
+        w = (f"{n} triplets x {mib} MiB on storage units on the disk ({d['config']['device']}), "
+             f"durability process, 64 KiB tracks, 2 writers of 4 KiB at {rate:.0f} MB/s, "
+             f"to the end of a sync{' (quick)' if self.quick else ''}")
+        if b is not None and tb is not None:
+            self.add(Row("grain", "grain_disk_bytes", f"bytes written to the disk per host "
+                         f"byte: {w}", f"{b:.2f}", f"{tb:.2f} grain of the track",
+                         b / tb if tb else float("nan"), "<= 4 (bytes)", b <= 4.0,
+                         score=4.0 / b if b else float("inf"),
+                         note=(f"{g['cgs_per_s']:.0f} CG/s, RPO p99 {g['rpo_p99_ms']:.1f} ms "
+                               f"(grain of the track: {t['cgs_per_s']:.0f} CG/s, "
+                               f"{t['rpo_p99_ms']:.1f} ms); bytes copied into B and C per host "
+                               f"byte {g['copied_per_host_byte']:.2f} "
+                               f"({t['copied_per_host_byte']:.2f}); pages this process "
+                               f"dirtied per host byte {g.get('proc_per_host_byte', 0):.2f}"),
+                         headline="bytes to the disk per host byte, disk units" if not self.quick
+                         else "", data=d))
+        s = raw["summary"]
+        self.add(Row("grain", "grain_find_next_set",
+                     "finding the next set bit of a TiB volume's bitmap (2^28 grains of "
+                     "4 KiB), the one set bit the last", f"{s['summary_s'] * 1e3:.3f} ms",
+                     f"{s['words_s'] * 1e3:.3f} ms scanning the words",
+                     s["summary_s"] / s["words_s"], "<= 1 ms", s["summary_s"] <= 1e-3,
+                     score=1e-3 / s["summary_s"] if s["summary_s"] else float("inf"),
+                     data=s))
 
     # -- scaleout -----------------------------------------------------------
     def scaleout(self) -> None:

@@ -23,7 +23,7 @@ import fastfc.tools.cli.app as cli
 
 ROOT = Path(fastfc.__file__).resolve().parent.parent
 SUITES = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable", "durable_steady",
-          "gm", "scaleout", "serve", "durable_large"]
+          "gm", "grain", "scaleout", "serve", "durable_large"]
 
 
 def benches(*args: str, timeout: float = 600, env: dict | None = None):
