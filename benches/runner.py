@@ -25,6 +25,10 @@ durable_steady  the steady state at both durability levels, units on the disk
           and in tmpfs interleaved (``durable_steady.py``)
 gm        Global Mirror in memory against the same session on the NumPy
           engine (``gm.py``, ``mirror_cases.global_mirror``)
+grain     64 KiB tracks under 4 KiB writes: the 4 KiB grain against a grain
+          of the track, at 16, 1,024 and 4,096 triplets in memory and on disk
+          units (bytes copied and bytes to the disk per host byte), and the
+          bitmap summaries (``grain.py``)
 scaleout  2 secondary units as Ray actors against the same session in one
           process (``scaleout.py``; skipped without Ray)
 serve     ``fastfc serve`` (``serve.py``): fio and nbdcopy against it, nbdkit's
