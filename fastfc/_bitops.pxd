@@ -162,3 +162,63 @@ cdef inline Py_ssize_t bm_next_clear(const uint64_t* w, Py_ssize_t n_bits, Py_ss
         if k >= n_words:
             return -1
         word = ~w[k]
+
+
+# -- summaries ---------------------------------------------------------------
+# A large bitmap keeps a summary: one bit per word, set when the word may be
+# nonzero. Every path that sets bits marks their words (bms_mark); paths
+# that clear bits leave the summary as it is (a stale bit costs a look at a
+# zero word, never a missed bit); clearing a whole bitmap clears its summary.
+# A scan (bms_next_set) skips the words whose summary bit is clear.
+
+cdef inline void bms_mark(uint64_t* s, Py_ssize_t start, Py_ssize_t stop) noexcept nogil:
+    """The words that hold bits [start, stop) may be nonzero (s may be NULL)."""
+    if s != NULL and stop > start:
+        bm_set_range(s, start >> 6, ((stop - 1) >> 6) + 1)
+
+cdef inline void bms_set_range(uint64_t* w, uint64_t* s, Py_ssize_t start,
+                               Py_ssize_t stop) noexcept nogil:
+    """Set bits [start, stop) and mark their words in the summary ``s``."""
+    bm_set_range(w, start, stop)
+    bms_mark(s, start, stop)
+
+cdef inline void bms_rebuild(const uint64_t* w, uint64_t* s, Py_ssize_t n_words) noexcept nogil:
+    """Make the summary exact: a bit for each nonzero word, none for others."""
+    cdef Py_ssize_t k
+    cdef uint64_t acc = 0
+    for k in range(n_words):
+        if w[k]:
+            acc |= (<uint64_t>1) << (k & 63)
+        if (k & 63) == 63 or k == n_words - 1:
+            s[k >> 6] = acc
+            acc = 0
+
+# stale summary bits a scan follows before it scans the words themselves
+cdef enum:
+    STALE_LOOKS = 16
+
+cdef inline Py_ssize_t bms_next_set(const uint64_t* w, const uint64_t* s, Py_ssize_t n_bits,
+                                    Py_ssize_t start) noexcept nogil:
+    """bm_next_set through the summary ``s`` (NULL: the plain scan)."""
+    cdef Py_ssize_t n_words, k, j
+    cdef uint64_t word
+    cdef int stale = 0
+    if s == NULL:
+        return bm_next_set(w, n_bits, start)
+    if start >= n_bits or start < 0:
+        return -1
+    n_words = (n_bits + 63) >> 6
+    k = start >> 6
+    word = w[k] & ~low_mask(start & 63)
+    if word:
+        return (k << 6) + __builtin_ctzll(word)
+    while True:
+        j = bm_next_set(s, n_words, k + 1)
+        if j < 0:
+            return -1
+        if w[j]:
+            return (j << 6) + __builtin_ctzll(w[j])
+        stale += 1
+        if stale >= STALE_LOOKS:      # a summary gone stale: the words, as without one
+            return bm_next_set(w, n_bits, j << 6)
+        k = j

@@ -68,6 +68,8 @@ cdef Py_ssize_t NOGIL_BYTES = 65536
 # a thread that gives the GIL up waits for busy Python threads to hand it
 # back (up to the switch interval each time), far longer than a small scan.
 cdef Py_ssize_t NOGIL_WORDS = 8192
+#: Bitmaps of this many words or more keep a summary (see TrackBitmap)
+cdef Py_ssize_t SUMMARY_WORDS = 64
 # Host writes to a volume on a disk store through the mapping without the GIL,
 # whatever their size (docs/design.md, "Host writes to volumes on a disk":
 # pwrite, or keeping the GIL below NOGIL_BYTES, measured worse).

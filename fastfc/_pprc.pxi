@@ -60,7 +60,8 @@ cdef int raise_hook_error() except -1:
 cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
                            Py_ssize_t a, Py_ssize_t n, Py_ssize_t max_tracks, int shift,
                            int nrel, uint8_t** tgt_base, uint64_t** tgt_to_copy,
-                           uint64_t** tgt_changed, Py_ssize_t* resume,
+                           uint64_t** tgt_changed, uint64_t** tgt_changed_s,
+                           Py_ssize_t* resume,
                            bint pages, void* hooked, int dst_fd, int* tgt_fd,
                            int* err, void* run_hook=NULL, void* key=NULL,
                            Py_ssize_t* runs=NULL, long long* dst_bytes=NULL,
@@ -96,7 +97,7 @@ cdef Py_ssize_t apply_runs(uint8_t* dst, const uint8_t* src, uint64_t* owed,
             return -1
         for k in range(nrel):
             if tgt_changed[k] != NULL:
-                bm_set_range(tgt_changed[k], a, b)
+                bms_set_range(tgt_changed[k], tgt_changed_s[k], a, b)
             if bm_any_range(tgt_to_copy[k], a, b):
                 if pages:
                     for t in range(a, b):
@@ -172,6 +173,7 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
     cdef uint8_t* tgt_base[MAX_RELS]
     cdef uint64_t* tgt_to_copy[MAX_RELS]
     cdef uint64_t* tgt_changed[MAX_RELS]
+    cdef uint64_t* tgt_changed_s[MAX_RELS]
     cdef int tgt_fd[MAX_RELS]
     cdef long long* tgt_bytes[MAX_RELS]
     cdef int dst_fd, err = 0
@@ -198,6 +200,7 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
             tgt_base[k] = r.target.base
             tgt_to_copy[k] = r.to_copy.w
             tgt_changed[k] = r.src_changed.w if r.src_changed is not None else NULL
+            tgt_changed_s[k] = r.src_changed.s if r.src_changed is not None else NULL
             tgt_fd[k] = r.target._fd if r.target._file_backed else -1
             tgt_bytes[k] = &r.target.copied_bytes
         dst_fd = B._fd if B._file_backed else -1
@@ -213,7 +216,7 @@ def pprc_copy_tracks(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t st
         hooked = <void*>B if _cow_hook is not None else NULL
         with nogil:
             done = apply_runs(B.base, A.base, w, a, n, max_tracks, shift, nrel,
-                              tgt_base, tgt_to_copy, tgt_changed, &resume,
+                              tgt_base, tgt_to_copy, tgt_changed, tgt_changed_s, &resume,
                               B._file_backed, hooked, dst_fd, tgt_fd, &err,
                               <void*>run_hook if run_hook is not None else NULL, <void*>A,
                               NULL, &B.copied_bytes, tgt_bytes)
@@ -255,6 +258,7 @@ ctypedef struct DrainJob:
     uint8_t* tgt_base[MAX_RELS]
     uint64_t* tgt_to_copy[MAX_RELS]
     uint64_t* tgt_changed[MAX_RELS]
+    uint64_t* tgt_changed_s[MAX_RELS]
     int tgt_fd[MAX_RELS]
     long long* tgt_bytes[MAX_RELS]
     long long* dst_bytes
@@ -296,6 +300,7 @@ cdef int _drain_setup(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t c
             j.tgt_base[k] = r.target.base
             j.tgt_to_copy[k] = r.to_copy.w
             j.tgt_changed[k] = r.src_changed.w if r.src_changed is not None else NULL
+            j.tgt_changed_s[k] = r.src_changed.s if r.src_changed is not None else NULL
             # (a target closed later bumps the version: its fd is not used then)
             j.tgt_fd[k] = r.target._fd if r.target._file_backed else -1
             j.tgt_bytes[k] = &r.target.copied_bytes
@@ -346,7 +351,7 @@ cdef int _drain_run(DrainJob* j, double deadline, unsigned long me) noexcept nog
             status = 2
         else:
             got = apply_runs(j.bbase[0], j.abase[0], j.w, a, j.n, j.chunk, j.shift, j.nrel,
-                             j.tgt_base, j.tgt_to_copy, j.tgt_changed, &resume,
+                             j.tgt_base, j.tgt_to_copy, j.tgt_changed, j.tgt_changed_s, &resume,
                              j.bfile, j.hooked, j.dst_fd, j.tgt_fd, &j.err,
                              j.run_hook, j.akey, &j.runs, j.dst_bytes, j.tgt_bytes)
             if got == -2:

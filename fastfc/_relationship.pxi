@@ -72,11 +72,13 @@ cdef class MirrorBase:
         if cg is None:
             return 0
         if not ok:
-            words_op(OP_OR, self.oos.w, cg.w, cg.n_words)
+            self.oos.or_(cg)
             if self.side:
                 for t in self.side:
                     self.oos.set(t)
             memset(cg.w, 0, cg.n_words * 8)
+            if cg.s != NULL:
+                memset(cg.s, 0, ((cg.n_words + 63) >> 6) * 8)
         if self.side:
             self.side = {}
         self.cg_bytes = 0
@@ -214,6 +216,9 @@ cdef class RelationshipBase:
         the revert image and the source is write-inhibited. Locks held."""
         bm_or3_words(out.w, self.to_copy.w, self.src_changed.w, self.tgt_changed.w,
                      out.n_words)
+        if out.s != NULL:
+            bm_or3_words(out.s, self.to_copy.s, self.src_changed.s, self.tgt_changed.s,
+                         (out.n_words + 63) >> 6)
         if revertible:
             self.rv_to_copy = self.to_copy
             self.rv_src_changed = self.src_changed
@@ -289,6 +294,8 @@ def zero_bitmaps(list bitmaps):
     for o in bitmaps:
         bm = <TrackBitmap?>o
         memset(bm.w, 0, bm.n_words * 8)
+        if bm.s != NULL:
+            memset(bm.s, 0, ((bm.n_words + 63) >> 6) * 8)
 
 
 def prepare_revertible_many(list rels, Py_ssize_t start, long long sequence, list fresh,

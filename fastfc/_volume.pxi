@@ -48,12 +48,13 @@ cdef inline void unlock_two(VolumeBase a, VolumeBase b) noexcept:
         b._release()
 
 
-cdef inline void land_write(uint8_t* base, uint64_t* oos, Py_ssize_t t0, Py_ssize_t t1,
-                            const uint8_t* src, Py_ssize_t n, Py_ssize_t offset) noexcept nogil:
-    """The end of a host write: the out-of-sync bits (if any), then the data,
-    through the mapping."""
+cdef inline void land_write(uint8_t* base, uint64_t* oos, uint64_t* oos_s, Py_ssize_t t0,
+                            Py_ssize_t t1, const uint8_t* src, Py_ssize_t n,
+                            Py_ssize_t offset) noexcept nogil:
+    """The end of a host write: the out-of-sync bits (if any, and their
+    summary ``oos_s``), then the data, through the mapping."""
     if oos != NULL:
-        bm_set_range(oos, t0, t1)
+        bms_set_range(oos, oos_s, t0, t1)
     memcpy(base + offset, src, n)
 
 
@@ -281,7 +282,7 @@ cdef class VolumeBase:
                                           (<off_t>(e - c)) << shift)
                 if err:
                     raise_space(self, err, (e - c) << shift)
-                bm_set_range(w, c, e)
+                bms_set_range(w, self._alloc.s, c, e)
                 c = bm_next_clear(w, b, e) if e < b else -1
             done += b - a
             if m == NULL:
@@ -479,6 +480,7 @@ cdef class VolumeBase:
         cdef list rels
         cdef uint64_t* w
         cdef uint64_t* oos = NULL
+        cdef uint64_t* oos_s = NULL
         cdef bint pending = 0, whole_tracks = 0
         # a volume on a disk: every store into it may fault (writeback cleans
         # its pages; ext4's page_mkwrite), so it runs without the GIL whatever
@@ -521,7 +523,7 @@ cdef class VolumeBase:
                     if _cow_hook is not None:
                         _cow_hook(self)
                 if r.src_changed is not None:
-                    bm_set_range(r.src_changed.w, t0, t1)
+                    bms_set_range(r.src_changed.w, r.src_changed.s, t0, t1)
             if tr is not None:
                 w = tr.to_copy.w
                 if bm_any_range(w, t0, t1):
@@ -540,18 +542,19 @@ cdef class VolumeBase:
                                 self.copied_bytes += self.grain_size
                                 bm_clear(w, t)
                 if tr.tgt_changed is not None:
-                    bm_set_range(tr.tgt_changed.w, t0, t1)
+                    bms_set_range(tr.tgt_changed.w, tr.tgt_changed.s, t0, t1)
             # Metadata is recorded before the data lands, so that a process
             # killed mid-write (bitmaps live in memory-mapped files on a
             # storage unit) never holds a changed track that no bitmap names.
             if m is not None and m.oos is not None:
                 oos = m.oos.w
+                oos_s = m.oos.s
                 pending = bm_any_range(oos, t0, t1)
             if n >= NOGIL_BYTES or on_disk:
                 with nogil:
-                    land_write(self.base, oos, t0, t1, src, n, offset)
+                    land_write(self.base, oos, oos_s, t0, t1, src, n, offset)
             else:
-                land_write(self.base, oos, t0, t1, src, n, offset)
+                land_write(self.base, oos, oos_s, t0, t1, src, n, offset)
             if origin == ORIGIN_HOST:
                 self.host_bytes += n
             else:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from fastfc import TrackBitmap
+from fastfc._core import combine_or3
 
 SIZES = [0, 1, 63, 64, 65, 129, 1000, 4097]
 
@@ -488,9 +489,12 @@ def test_any_bitmap_scans_like_a_list(bools, data):
 # ---------------------------------------------------------------------------
 
 class BitmapMachine(RuleBasedStateMachine):
-    """A TrackBitmap and a ``set`` of indices take the same operations."""
+    """A TrackBitmap and a ``set`` of indices take the same operations.
+    From 4,096 bits a bitmap keeps a summary (a bit per word): clearing bits
+    leaves it stale, which scans must see through."""
 
-    @initialize(n=st.sampled_from([1, 2, 63, 64, 65, 127, 128, 300, 700]))
+    @initialize(n=st.sampled_from([1, 2, 63, 64, 65, 127, 128, 300, 700,
+                                   4095, 4096, 4097, 64 * 64 * 3 + 5]))
     def start(self, n):
         self.n = n
         self.bm = TrackBitmap(n)
@@ -527,10 +531,14 @@ class BitmapMachine(RuleBasedStateMachine):
     @rule(data=st.data(), op=st.sampled_from(["or_", "and_", "andnot", "copy_from",
                                               "|", "&", "-"]))
     def combine(self, data, op):
-        other_set = data.draw(st.sets(st.integers(0, self.n - 1), max_size=self.n))
+        other_set = data.draw(st.sets(st.integers(0, self.n - 1), max_size=min(self.n, 80)))
+        a = data.draw(st.integers(0, self.n))
+        b = data.draw(st.integers(a, min(self.n, a + data.draw(st.sampled_from([0, 70, 5000])))))
         other = TrackBitmap(self.n)
         for i in other_set:
             other.set(i)
+        other.set_range(a, b)
+        other_set |= set(range(a, b))
         if op in ("|", "&", "-"):
             result = {"|": self.bm.__or__, "&": self.bm.__and__, "-": self.bm.__sub__}[op](other)
             expect = {"|": self.ref | other_set, "&": self.ref & other_set,
@@ -541,6 +549,20 @@ class BitmapMachine(RuleBasedStateMachine):
         self.ref = {"or_": self.ref | other_set, "and_": self.ref & other_set,
                     "andnot": self.ref - other_set, "copy_from": set(other_set)}[op]
         assert set(np.flatnonzero(other.to_bools()).tolist()) == other_set
+
+    @rule(data=st.data())
+    def combine_three(self, data):
+        sets = [data.draw(st.sets(st.integers(0, self.n - 1), max_size=min(self.n, 40)))
+                for _ in range(2)]
+        b, c = TrackBitmap(self.n), TrackBitmap(self.n)
+        for bm, bits in zip((b, c), sets):
+            for i in bits:
+                bm.set(i)
+        out = combine_or3(self.bm, b, c)
+        expect = self.ref | sets[0] | sets[1]
+        assert set(out.set_indices().tolist()) == expect
+        assert out.find_next_set(0) == (min(expect) if expect else -1)
+        assert list(out.runs()) == ref_runs([i in expect for i in range(self.n)], 0, self.n)
 
     @rule(data=st.data())
     def test_bit(self, data):
