@@ -629,7 +629,7 @@ class Report:
         raw: dict = {"memory": {}, "summary": gr.find_next_set()}
         self.raw["grain"] = raw
         for n, mib in configs:
-            need = 2 * n * mib * 3 * 2**20 + 2**30
+            need = n * mib * 3 * 2**20 + 2**30      # one session at a time
             if not self.wait_for_memory("grain", need):
                 return
             d = gr.memory(n, mib, secs, rate, rounds, log=self.log)
