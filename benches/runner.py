@@ -667,27 +667,31 @@ class Report:
                          headline=(f"Global Mirror CG/s, {n:,} triplets x 1 MiB, 64 KiB tracks"
                                    if cg_target and not self.quick else ""),
                          data=d))
-        n, mib = (4, 16) if self.quick else (16, 64)
-        d = gr.disk(self.unit_dir, n, mib, secs, rate, rounds, log=self.log)
-        raw["disk"] = d
-        g, t = d["median"][str(gr.GRAINS[0])], d["median"][str(gr.GRAINS[1])]
-        b, tb = g.get("disk_per_host_byte"), t.get("disk_per_host_byte")
-        w = (f"{n} triplets x {mib} MiB on storage units on the disk ({d['config']['device']}), "
-             f"durability process, 64 KiB tracks, 2 writers of 4 KiB at {rate:.0f} MB/s, "
-             f"to the end of a sync{' (quick)' if self.quick else ''}")
-        if b is not None and tb is not None:
-            self.add(Row("grain", "grain_disk_bytes", f"bytes written to the disk per host "
+        raw["disk"] = {}
+        for n, mib in ([(4, 16)] if self.quick else [(16, 64), (1024, 1)]):
+            d = gr.disk(self.unit_dir, n, mib, secs, rate, rounds, log=self.log)
+            raw["disk"][f"{n}x{mib}"] = d
+            g, t = d["median"][str(gr.GRAINS[0])], d["median"][str(gr.GRAINS[1])]
+            b, tb = g.get("disk_per_host_byte"), t.get("disk_per_host_byte")
+            w = (f"{n} triplets x {mib} MiB on storage units on the disk "
+                 f"({d['config']['device']}), durability process, 64 KiB tracks, 2 writers of "
+                 f"4 KiB at {rate:.0f} MB/s, to the end of a sync"
+                 f"{' (quick)' if self.quick else ''}")
+            if b is None or tb is None:
+                continue
+            self.add(Row("grain", f"grain_disk_bytes_{n}", f"bytes written to the disk per host "
                          f"byte: {w}", f"{b:.2f}", f"{tb:.2f} grain of the track",
                          b / tb if tb else float("nan"), "<= 4 (bytes)", b <= 4.0,
                          score=4.0 / b if b else float("inf"),
-                         note=(f"{g['cgs_per_s']:.0f} CG/s, RPO p99 {g['rpo_p99_ms']:.1f} ms "
-                               f"(grain of the track: {t['cgs_per_s']:.0f} CG/s, "
-                               f"{t['rpo_p99_ms']:.1f} ms); bytes copied into B and C per host "
+                         note=(f"{g['cgs_per_s']:.0f} CG/s, RPO p99 {g['rpo_p99_ms']:.1f} ms, "
+                               f"writers {g['pace']:.2f} x pace (grain of the track: "
+                               f"{t['cgs_per_s']:.0f} CG/s, {t['rpo_p99_ms']:.1f} ms, "
+                               f"{t['pace']:.2f} x pace); bytes copied into B and C per host "
                                f"byte {g['copied_per_host_byte']:.2f} "
                                f"({t['copied_per_host_byte']:.2f}); pages this process "
                                f"dirtied per host byte {g.get('proc_per_host_byte', 0):.2f}"),
-                         headline="bytes to the disk per host byte, disk units" if not self.quick
-                         else "", data=d))
+                         headline=(f"bytes to the disk per host byte, disk units, {n} triplets"
+                                   if n == 16 and not self.quick else ""), data=d))
         s = raw["summary"]
         self.add(Row("grain", "grain_find_next_set",
                      "finding the next set bit of a TiB volume's bitmap (2^28 grains of "
