@@ -1,0 +1,62 @@
+"""The operator's guide (docs/guide/) builds, and its walk-throughs run as
+written: every command, what it prints and its exit status
+(tests/guide.py says how a page states them)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import guide
+
+ROOT = Path(__file__).resolve().parent.parent
+GUIDE = ROOT / "docs" / "guide" / "index.md"
+WALKS = guide.walkthroughs(GUIDE.read_text())
+
+
+def test_the_guide_has_walkthroughs():
+    assert len(WALKS) >= 2 and all(w.steps for w in WALKS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("walk", WALKS, ids=[w.title for w in WALKS])
+def test_walkthrough(walk, tmp_path):
+    for tool in ("qemu-io",):
+        if any(s.command.startswith(tool) for s in walk.steps):
+            assert shutil.which(tool), f"{tool} is needed (apt-get install qemu-utils)"
+    guide.run(walk, tmp_path)
+
+
+@pytest.mark.slow
+def test_the_guide_builds(tmp_path):
+    """``mkdocs build --strict``: every page renders, no broken link."""
+    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q",
+                        "-f", str(ROOT / "mkdocs.yml"), "-d", str(tmp_path / "site")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "site" / "index.html").exists()
+
+
+# -- the runner itself ------------------------------------------------------------------
+def test_the_matcher():
+    m = guide.matches
+    assert m(["a", "b"], ["a", "b"]) and not m(["a", "b"], ["a", "c"])
+    assert m(["...", "b"], ["x", "y", "b"]) and m(["...", "b"], ["b"])
+    assert m(["a ... c"], ["a bbb c"]) and not m(["a ... c"], ["a bbb d"])
+    assert m(["a", "..."], ["a"]) and not m(["a"], ["a", "b"])
+    assert m(["x (1.0)"], ["x (1.0)"]) and not m(["x (1.0)"], ["x (1x0)"])
+
+
+def test_a_walkthrough_that_differs_fails(tmp_path):
+    walk = guide.walkthroughs("## w\n```console\n$ echo one\ntwo\n```\n")[0]
+    with pytest.raises(AssertionError, match="line 3: `echo one`"):
+        guide.run(walk, tmp_path)
+    walk = guide.walkthroughs("## w\n```console\n$ false\n```\n")[0]
+    with pytest.raises(AssertionError, match="exited 1"):
+        guide.run(walk, tmp_path)
+    walk = guide.walkthroughs("## w\n```console\n$ false\n[exit 1]\n$ echo a b\na ...\n```\n")[0]
+    guide.run(walk, tmp_path)
