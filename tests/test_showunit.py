@@ -127,3 +127,9 @@ def test_showunit_through_fastfc_serve(tmp_path):
         fastfc_cli("-u", unit, "pausegmir", "S")
         out = fastfc_cli("-u", unit, "showunit").stdout
         assert f"holds it (pid {proc.pid})" in out
+
+
+def test_help_lists_showunit():
+    r = CliRunner().invoke(main, ["--help"])
+    assert "showunit" in r.stdout and "showunit" in r.stdout.split("Commands:")[1]
+    assert "Usage: " in CliRunner().invoke(main, ["showunit", "--help"]).stdout

@@ -142,7 +142,9 @@ def teardown(triplets: Sequence[Triplet]) -> None:
             if t.fc.active and not t.fc.revertible:
                 t.fc.withdraw(force=True)
         finally:
-            if not t.adopted:
+            if t.adopted:
+                t.pair.ordered_drain = False    # a pair of its own drains as it did
+            else:
                 t.pair.remove()
 
 

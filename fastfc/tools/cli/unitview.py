@@ -48,17 +48,20 @@ def showunit(units, as_json) -> None:
 def unit_view(units: Units, unit: StorageUnit) -> dict:
     """What showunit shows of ``unit`` (its --json)."""
     server = units.loops is not None       # carried out by the server holding it
-    return {"path": str(unit.path),
+    top = unit.path
+    if top is None:
+        raise ValueError("showunit shows a storage unit on disk; this one is in memory")
+    return {"path": str(top),
             "durability": {"open_at": unit.durability, "created_with": None},
             "server": {"held": server, "pid": os.getpid() if server else None},
             "readonly": unit.readonly,
-            "volumes": _volumes(unit),
+            "volumes": _volumes(unit, top),
             "flashcopies": _count(fc.state.value for fc in unit.flashcopies),
             "pairs": _count([p.state.value for p in unit.pairs]
                             + ["secondary unit away"] * len(unit.pair_records)),
             "secondary_of": sum(v.is_secondary for v in unit.volumes()),
             "sessions": _sessions(units, unit),
-            "space": _space(unit)}
+            "space": _space(top)}
 
 
 def _count(states) -> dict:
@@ -66,13 +69,13 @@ def _count(states) -> dict:
     return {"total": sum(by.values()), "by_state": dict(sorted(by.items()))}
 
 
-def _volumes(unit: StorageUnit) -> dict:
+def _volumes(unit: StorageUnit, top: Path) -> dict:
     """Count, capacity, thin or full (as unit.db records each), and the
     bytes each volume's file holds on the disk (its allocated blocks)."""
     thin = {r["name"]: bool(r["thin"]) for r in unit.volume_records()}
     rows = []
     for v in sorted(unit.volumes(), key=lambda v: v.name):
-        st = os.stat(unit.path / "volumes" / f"{v.name}.vol")
+        st = os.stat(top / "volumes" / f"{v.name}.vol")
         rows.append({"name": v.name, "capacity": v.capacity,
                      "thin": thin.get(v.name, False),
                      "allocated": st.st_blocks * 512})
@@ -113,20 +116,20 @@ def _sessions(units: Units, here: StorageUnit) -> list[dict]:
     return sorted(out, key=lambda s: s["session"])
 
 
-def _space(unit: StorageUnit) -> dict:
+def _space(top: Path) -> dict:
     """The filesystem's free and total bytes (statvfs of the unit
     directory) and the bytes the unit's files take on it (their allocated
     blocks), by kind, with their apparent sizes."""
-    fs = os.statvfs(unit.path)
+    fs = os.statvfs(top)
     kinds = {k: {"files": 0, "bytes": 0, "apparent": 0}
              for k in ("volumes", "bitmaps", "metadata", "reserve", "other")}
-    for folder, files in _walk(unit.path):
+    for folder, files in _walk(top):
         for f in files:
             try:
                 st = os.lstat(folder / f)
             except FileNotFoundError:       # gone since the listing (a WAL file)
                 continue
-            k = _kind(unit.path, folder, f)
+            k = _kind(top, folder, f)
             kinds[k]["files"] += 1
             kinds[k]["bytes"] += st.st_blocks * 512
             kinds[k]["apparent"] += st.st_size
