@@ -244,8 +244,8 @@ def _session_of(pair: PPRCPair) -> str | None:
     """The session ``pair`` belongs to, if any: one recorded by its
     secondary's store, or one whose B->C relationship runs from its B."""
     for sname, cfg in pair.secondary.store.session_rows().items():
-        if any(t[1] == pair.primary.name and t[2] == pair.secondary.name
-               for t in cfg["triplets"]):
+        if any(list(t[:3]) == [pair.primary.store.ref, pair.primary.name,
+                                pair.secondary.name] for t in cfg["triplets"]):
             return sname
     for fc in pair.secondary.relationships:
         if fc.source is pair.secondary and getattr(fc, "session", None) is not None:
