@@ -218,6 +218,17 @@ class GlobalMirror:
     initial_copy : bool
         Send every track in the first CG (default). ``False`` asserts that
         each B already holds its A's data.
+    adopt : bool
+        Take over the Global Copy pair A->B of each triplet whose A is
+        already a primary (the DS8000 way: pairs made and synced first,
+        then the session), instead of refusing it: its out-of-sync bitmap
+        carries on, so the first CG sends only what the pair had not sent
+        yet. Refused, before anything changes: a pair from A to another
+        volume, a Metro Mirror pair, a suspended or failed-over pair, a
+        pair in another session
+        (:func:`~fastfc.copyservices.local_secondary.adoptable`). Closing
+        the session leaves an adopted pair (a Global Copy pair again).
+        Volumes in this process only (not over secondary sites).
     on_coordinate : callable, optional
         ``on_coordinate(sequence)``, called while host writes are held on
         every A (its run time is not counted in the coordination bound).
@@ -252,7 +263,8 @@ class GlobalMirror:
                  decide: str = "after_all",
                  on_coordinate: Callable[[int], None] | None = None,
                  on_result: Callable[[CGResult], None] | None = None,
-                 journal=None, name: str = "gm", initial_copy: bool = True) -> None:
+                 journal=None, name: str = "gm", initial_copy: bool = True,
+                 adopt: bool = False) -> None:
         check_name("session", name)
         if not triplets:
             raise ValueError("a Global Mirror session needs at least one (A, B, C) triplet")
@@ -266,7 +278,7 @@ class GlobalMirror:
         else:
             self.link = link if link is not None else LocalLink(name=f"{name}-link")
             trips = local_secondary.connect(triplets, name=name, link=self.link,
-                                            initial_copy=initial_copy)
+                                            initial_copy=initial_copy, adopt=adopt)
             secs, top = local_secondary.secondaries(trips), 0
         self._adopt(trips, secs, journal, top)
         self._store.add_session(self.to_record(), self,
@@ -332,14 +344,19 @@ class GlobalMirror:
         """What a store records of this session: ``name``, ``cg_interval``,
         ``max_coordination_time``, ``max_drain_time``, ``decide``,
         ``triplets`` (``[a_unit, a, b, c]``: how a row names the A volume's
-        unit, its store's ``ref``, and the three volume names) and ``stats``
-        (:meth:`GMStats.to_record`)."""
-        return {"name": self.name, "cg_interval": self.cg_interval,
-                "max_coordination_time": self.max_coordination_time,
-                "max_drain_time": self.max_drain_time, "decide": self.decide,
-                "triplets": [[t.a.store.ref, t.a.name, t.b.name, t.c.name]
-                             for t in self.triplets],
-                "stats": self.stats.to_record()}
+        unit, its store's ``ref``, and the three volume names), ``stats``
+        (:meth:`GMStats.to_record`) and, when the session adopted pairs,
+        ``adopted`` (the B volumes of those pairs, which closing it leaves)."""
+        record = {"name": self.name, "cg_interval": self.cg_interval,
+                  "max_coordination_time": self.max_coordination_time,
+                  "max_drain_time": self.max_drain_time, "decide": self.decide,
+                  "triplets": [[t.a.store.ref, t.a.name, t.b.name, t.c.name]
+                               for t in self.triplets],
+                  "stats": self.stats.to_record()}
+        adopted = [t.b.name for t in self.triplets if t.adopted]
+        if adopted:
+            record["adopted"] = adopted
+        return record
 
     @classmethod
     def from_record(cls, record: dict, triplets: Sequence[Triplet], *,
@@ -354,8 +371,10 @@ class GlobalMirror:
                       record["max_drain_time"], record["decide"], None, None)
         trips = list(triplets)
         gm.link = link if link is not None else LocalLink(name=f"{gm.name}-link")
+        adopted = set(record.get("adopted") or ())
         for t in trips:
             t.fc.session = gm.name
+            t.adopted = t.b.name in adopted
         gm._adopt(trips, local_secondary.secondaries(trips), None,
                   max(t.fc.sequence for t in trips))
         if record.get("stats"):

@@ -20,10 +20,16 @@ from fastfc.storage.volume import Volume, locked
 
 
 class Triplet:
-    """One volume's chain: A (primary), B (secondary), C (journal)."""
+    """One volume's chain: A (primary), B (secondary), C (journal).
 
-    def __init__(self, a: Volume, b: Volume, c: Volume, pair: PPRCPair, fc: FlashCopy):
+    ``adopted``: the A->B pair existed before the session (a Global Copy
+    pair the session took over): ending the session leaves it, a pair of
+    its own."""
+
+    def __init__(self, a: Volume, b: Volume, c: Volume, pair: PPRCPair, fc: FlashCopy,
+                 adopted: bool = False):
         self.a, self.b, self.c, self.pair, self.fc = a, b, c, pair, fc
+        self.adopted = adopted
 
     def __repr__(self) -> str:
         return f"<Triplet {self.a.name}->{self.b.name}->{self.c.name}>"

@@ -17,9 +17,9 @@ from typing import Callable, Iterable, Sequence
 
 from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.groups import SecondaryGroup, Triplet, copy_to_c, secondary_groups
-from fastfc.copyservices.pprc import PPRCPair
+from fastfc.copyservices.pprc import PPRCMode, PPRCPair
 from fastfc.copyservices.secondary import Deadline, Secondary, Status, TimeLeft
-from fastfc.errors import AlreadyExistsError, FastFCError
+from fastfc.errors import AlreadyExistsError, FastFCError, StateError
 from fastfc.storage.link import Link
 from fastfc.storage.site import Done, Pending
 from fastfc.storage.volume import Volume
@@ -133,24 +133,34 @@ class InProcessSecondary(Secondary):
 
 
 def teardown(triplets: Sequence[Triplet]) -> None:
-    """Remove each triplet's pair and (unless still revertible) withdraw its
-    B->C relationship."""
+    """Remove each triplet's pair (an adopted one stays, a Global Copy pair
+    of its own again) and (unless still revertible) withdraw its B->C
+    relationship."""
     for t in triplets:
         t.fc.session = None         # the session itself ends it
         try:
             if t.fc.active and not t.fc.revertible:
                 t.fc.withdraw(force=True)
         finally:
-            t.pair.remove()
+            if t.adopted:
+                t.pair.ordered_drain = False    # a pair of its own drains as it did
+            else:
+                t.pair.remove()
 
 
 def connect(triplets: Sequence[tuple[Volume, Volume, Volume]], *, name: str,
-            link: Link, initial_copy: bool) -> list[Triplet]:
+            link: Link, initial_copy: bool, adopt: bool = False) -> list[Triplet]:
     """Make each triplet's A->B Global Copy pair over ``link`` and its B->C
     FlashCopy (NOCOPY, change recording, target write-inhibited), after
     checking every volume's unit takes changes and, on a storage unit, that
     every B and C is in one unit with no session ``name`` yet. A refusal
-    leaves every volume as it was."""
+    leaves every volume as it was.
+
+    ``adopt``: a triplet whose A is already the primary of a pair takes that
+    pair over (:func:`adoptable` says which pairs qualify, and refuses the
+    others): its out-of-sync bitmap carries on (no initial copy: tracks
+    already sent are not sent again), its agent stops (the session drives
+    it), it moves onto ``link``, and ending the session leaves it."""
     vols = [v for t in triplets for v in t]
     if any(not isinstance(v, Volume) for v in vols):
         raise TypeError("every triplet must hold three fastfc.Volume objects")
@@ -164,26 +174,83 @@ def connect(triplets: Sequence[tuple[Volume, Volume, Volume]], *, name: str,
             raise ValueError("every B (and C) volume of a session must be in one storage unit")
         if name in store.session_rows():
             raise AlreadyExistsError(f"a session named {name!r} already exists in that unit")
+    # every refusal before anything changes
+    taken = [adoptable(a, b) if adopt else None for a, b, _ in triplets]
     was_invalid = {id(v): (not v.valid) for v in vols}
     made: list[Triplet] = []
+    moved: list[tuple[PPRCPair, Link, bool]] = []    # adopted: (pair, its link, agent ran)
     try:
-        for a, b, c in triplets:
-            pair = PPRCPair(a, b, link, mode="gcp", background=False,
-                            initial_copy=initial_copy)
+        for (a, b, c), old in zip(triplets, taken):
+            if old is not None:
+                moved.append((old, old.link, old.running))
+                old.stop()          # its agent: the session drives it from now on
+                old.link = link
+                pair = old
+            else:
+                pair = PPRCPair(a, b, link, mode="gcp", background=False,
+                                initial_copy=initial_copy)
             try:
                 fc = FlashCopy(b, c, background_copy=False, record=True,
                                inhibit_target_write=True, sequence=0)
             except Exception:
-                pair.remove()
+                if old is None:
+                    pair.remove()
                 raise
             fc.session = name
-            made.append(Triplet(a, b, c, pair, fc))
+            made.append(Triplet(a, b, c, pair, fc, adopted=old is not None))
     except Exception:
         teardown(made)
         for t in made:  # nothing was copied: a refused session leaves C as it was
             t.c.set_flags(valid=not was_invalid[id(t.c)])
+        for pair, old_link, ran in moved:      # adopted pairs: as they were
+            pair.link = old_link
+            if ran:
+                pair.start()
         raise
     return made
+
+
+def adoptable(a: Volume, b: Volume) -> PPRCPair | None:
+    """The pair A->B a new session over (A, B, C) takes over: None when A is
+    the primary of no pair (the session makes one). Refused, naming the
+    problem: a pair from A to another volume, a Metro Mirror (synchronous)
+    pair, a suspended or failed-over pair (resume it first), a pair that
+    already belongs to a Global Mirror session."""
+    pair = a.mirror
+    if not isinstance(pair, PPRCPair) or not pair.active:
+        return None             # a new pair refuses what is wrong (a hook, a secondary)
+    ident = f"{a.name}:{b.name}"
+    if pair.secondary is not b:
+        raise ValueError(f"{a.name} is the primary of pair {a.name}:{pair.secondary.name}, "
+                         f"not of {ident}: a session adopts only the pair its triplet names "
+                         f"(A:B), or makes one when A is in no pair")
+    if pair.mode is not PPRCMode.GLOBAL_COPY:
+        raise StateError(f"pair {ident} is Metro Mirror (synchronous): a Global Mirror "
+                         "session adopts Global Copy (asynchronous) pairs only; end it and "
+                         "make it Global Copy (mkpprc --type gcp), or let the session make "
+                         "the pair")
+    if pair.failed_over:
+        raise StateError(f"pair {ident} is failed over: fail it back first (failbackpprc)")
+    if pair.suspend_reason is not None:
+        raise StateError(f"pair {ident} is suspended ({pair.suspend_reason}): resume it first "
+                         "(resumepprc), then the session adopts it")
+    owner = _session_of(pair)
+    if owner is not None:
+        raise StateError(f"pair {ident} already belongs to Global Mirror session {owner}")
+    return pair
+
+
+def _session_of(pair: PPRCPair) -> str | None:
+    """The session ``pair`` belongs to, if any: one recorded by its
+    secondary's store, or one whose B->C relationship runs from its B."""
+    for sname, cfg in pair.secondary.store.session_rows().items():
+        if any(list(t[:3]) == [pair.primary.store.ref, pair.primary.name,
+                                pair.secondary.name] for t in cfg["triplets"]):
+            return sname
+    for fc in pair.secondary.relationships:
+        if fc.source is pair.secondary and getattr(fc, "session", None) is not None:
+            return fc.session
+    return None
 
 
 def secondaries(triplets: Sequence[Triplet]) -> list[InProcessSecondary]:

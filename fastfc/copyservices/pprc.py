@@ -694,6 +694,11 @@ class PPRCPair(_core.MirrorBase):
                                         name=f"fastfc-pprc-{self.name}")
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """Whether the pair's agent (:meth:`start`) runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()

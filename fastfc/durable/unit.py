@@ -309,6 +309,18 @@ class StorageUnit:
     def volumes(self) -> list[Volume]:
         return list(self._volumes.values())
 
+    def volume_records(self) -> list[dict]:
+        """What the unit records of each volume (its open volumes in memory):
+        ``name``, ``n_tracks``, ``track_size``, ``thin``, ``grain_size``
+        (:meth:`SQLiteStore.volume_records`). A unit opened read-only maps
+        every volume alike: ``thin`` is the record's word."""
+        self._require_open()
+        if self.path is None:
+            return [{"name": v.name, "n_tracks": v.n_tracks, "track_size": v.track_size,
+                     "thin": bool(v.thin), "grain_size": v.grain_size}
+                    for v in self._volumes.values()]
+        return self._sqlite.volume_records()
+
     def __contains__(self, name: str) -> bool:
         return name in self._volumes
 

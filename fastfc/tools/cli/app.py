@@ -36,7 +36,8 @@ Exit status:
 
 # Commands that only look: their units are opened read-only (a shared lock,
 # so they run alongside each other, and nothing in the unit changes).
-READ_ONLY_COMMANDS = {"lsvol", "read", "lsflash", "lspprc", "showgmir", "lsgmir"}
+READ_ONLY_COMMANDS = {"lsvol", "read", "lsflash", "lspprc", "showgmir", "lsgmir",
+                      "showunit"}
 
 
 class FastFCGroup(click.Group):
@@ -157,7 +158,7 @@ def main(ctx, unit, remote, wait, durability) -> None:
 
     Each command opens the storage unit(s), does its work and closes them:
     state persists in the unit directories between commands. Commands that
-    only look (lsvol, read, lsflash, lspprc, showgmir, lsgmir) open units read-only
+    only look (lsvol, read, lsflash, lspprc, showgmir, lsgmir, showunit) open units read-only
     and may run together; the others hold their units alone.
 
     While a server (fastfc serve) holds the unit, a command is carried out

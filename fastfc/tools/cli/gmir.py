@@ -12,10 +12,11 @@ import time
 import click
 
 from fastfc.copyservices.globalmirror import Cause, GlobalMirror, GMState
+from fastfc.copyservices.pprc import PPRCPair
 from fastfc.durable.siteloss import SITE_FAILOVER
 
 from .app import main
-from .output import Progress, console, human, json_out, ms, plural, table
+from .output import Progress, console, human, json_out, ms, pair_id, plural, table
 from .params import JSON, SESSION, TRIPLET, Count, Real
 from .pprc import drain_in_foreground
 from .units import pass_units
@@ -38,14 +39,34 @@ from .units import pass_units
 @pass_units
 def mkgmir(units, session, specs, cg_interval, coord_time, drain_time, decide) -> None:
     """Create Global Mirror session SESSION over A:B:C triplets (A in --unit;
-    B and C in --remote-unit)."""
+    B and C in --remote-unit).
+
+    A triplet whose A:B is already a Global Copy pair (mkpprc --type gcp,
+    the DS8000 way: make the pairs, let them copy, then the session) takes
+    that pair over: no new initial copy, the tracks it already sent are not
+    sent again; the first CG sends what it had not sent yet. Refused, with
+    nothing changed: a pair from A to another volume, a Metro Mirror
+    (mmir) pair, a suspended pair (resumepprc it first), a pair in another
+    session. Other triplets get a new pair (every track sent in the first
+    CG). rmgmir leaves adopted pairs as Global Copy pairs."""
     local, remote = units.local(), units.remote()
     triplets = [(local.volume(a), remote.volume(b), remote.volume(c)) for a, b, c in specs]
+    backlog = _adopted_backlog(triplets)
     GlobalMirror(triplets, name=session, cg_interval=cg_interval,
                  max_coordination_time=coord_time / 1e3, max_drain_time=drain_time,
-                 decide=decide)
+                 decide=decide, adopt=True)
+    for ident, tracks in backlog.items():
+        click.echo(f"adopted Global Copy pair {ident}: {plural(tracks, 'track')} out of sync "
+                   "(no initial copy)")
     click.echo(f"created Global Mirror session {session}: {plural(len(triplets), 'triplet')}; "
                "formcg forms its consistency groups (resumegmir, under fastfc serve)")
+
+
+def _adopted_backlog(triplets) -> dict[str, int]:
+    """The pairs a new session over ``triplets`` takes over (A the primary
+    of a pair), by PRIMARY:SECONDARY, with the tracks each has yet to send."""
+    return {pair_id(a.mirror): a.mirror.out_of_sync_tracks for a, _, _ in triplets
+            if isinstance(a.mirror, PPRCPair) and a.mirror.active}
 
 
 @main.command()
@@ -499,11 +520,13 @@ def _run_loop(gm: GlobalMirror, seconds: float, stopping: threading.Event | None
               help="Withdraw at once: C volumes that still read tracks from B turn invalid.")
 @pass_units
 def rmgmir(units, session, force) -> None:
-    """End a Global Mirror session: remove its pairs and FlashCopies.
+    """End a Global Mirror session: remove its FlashCopies and the pairs it made.
 
     Every C volume keeps its image of the last committed CG: the tracks it
     still reads from its B are copied B -> C first (progress on stderr).
-    --force skips that copy and leaves those C volumes invalid. A session
+    --force skips that copy and leaves those C volumes invalid. Pairs the
+    session adopted (mkgmir over existing Global Copy pairs) stay, Global
+    Copy pairs again (rmpprc ends them); the pairs it made go. A session
     that cannot be restored (its metadata names a FlashCopy or pair that is
     gone) is removed with --force: what is left of it goes.
 
@@ -533,6 +556,7 @@ def rmgmir(units, session, force) -> None:
     need = gm.tracks_c_needs()
     cg = max(gm.c_sequences)
     cs = ", ".join(need)
+    kept = [pair_id(t.pair) for t in gm.triplets if t.adopted]
     if force:
         gm.close(discard=True)
     else:
@@ -540,7 +564,9 @@ def rmgmir(units, session, force) -> None:
         with Progress() as progress:
             task = progress.add(f"copying to {cs}", sum(need.values()), size=ts)
             gm.close(on_copy=lambda done, total: progress.update(task, done))
-    click.echo(f"removed Global Mirror session {session}")
+    click.echo(f"removed Global Mirror session {session}"
+               + (f"; its adopted pairs stay Global Copy pairs: {', '.join(kept)}"
+                  if kept else ""))
     lost = {c: n for c, n in need.items() if n}
     if force and lost:
         click.echo("invalid now (their image of CG {} was not copied from B): {}".format(
