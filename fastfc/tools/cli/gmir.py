@@ -232,7 +232,7 @@ def _render(info: dict):
         t.add_row("CG/s", _rate_text(info))
         t.add_row("RPO", "-" if info["rpo"] is None else f"{info['rpo']:.3f} s")
         t.add_row("RPO p50 / p99", "-" if info["rpo_p50"] is None else
-                  f"{info['rpo_p50']:.3f} s / {info['rpo_p99']:.3f} s (after each of the last "
+                  f"{_secs(info['rpo_p50'])} / {_secs(info['rpo_p99'])} (after each of the last "
                   f"{plural(info['rpo_samples_count'], 'attempt')} in this process)")
         t.add_row("RPO alert", _alert_text(info))
         t.add_row("Sent to B", human(info["bytes_drained"]))
@@ -243,6 +243,10 @@ def _render(info: dict):
     for row in rows:
         trips.add_row(*row)
     return Group(t, "", trips)
+
+
+def _secs(v: float) -> str:
+    return f"{v * 1e3:.2f} ms" if v < 1 else f"{v:.3f} s"
 
 
 def _failure_text(f: dict | None) -> str:
