@@ -123,8 +123,26 @@ def units(tmp_path):
     return a, b, tmp_path / "nbd.sock"
 
 
-def cli(a: Path, *args, check=True):
-    return fastfc_cli("-u", a, *args, check=check)
+def cli(a: Path, *args, check=True) -> subprocess.CompletedProcess:
+    """``fastfc -u a ARGS`` run in this process (no interpreter to start):
+    sent to the server holding ``a`` when one does, as the fastfc client
+    sends it (:func:`control.forward`), else run as a direct command."""
+    import io
+    from click.testing import CliRunner
+    from fastfc.tools.cli import control, main
+    argv = ["-u", str(a), *map(str, args)]
+    out, err = io.BytesIO(), io.BytesIO()
+    status = control.forward(a, argv, "fastfc", stdout=out, stderr=err,
+                             stdout_text=io.StringIO(), stderr_text=io.StringIO())
+    if status is None:
+        r = CliRunner().invoke(main, argv)
+        status, out_text, err_text = r.exit_code, r.stdout, r.stderr
+    else:
+        out_text, err_text = out.getvalue().decode(), err.getvalue().decode()
+    result = subprocess.CompletedProcess(argv, status, out_text, err_text)
+    if check:
+        assert status == 0, (args, out_text, err_text)
+    return result
 
 
 def show(a: Path) -> dict:
@@ -183,6 +201,8 @@ def test_metrics_of_a_running_session_and_its_exports(units):
         assert len(line) == 1 and "session S" in line[0] and "1e-06 s" in line[0], line
         s = show(a)
         assert s["rpo_alert"] == 1e-6 and s["rpo_alerting"] is True and s["rpo_alerts"] == 1
+        assert 0 <= s["rpo_p50"] <= s["rpo_p99"] < 60 and s["cg_per_second"] > 0
+        assert s["bytes_drained"] >= 25 * BLOCK and s["last_failure"] is None
         assert "ALERTING" in cli(a, "showgmir", "S").stdout
         # a threshold it stays within: the alert goes off (the count stays)
         cli(a, "chgmir", "S", "--rpo-alert", "3600")

@@ -83,7 +83,8 @@ def showgmir(units, session, as_json, watch) -> None:
     """Show a Global Mirror session: CG sequence, C sequences, state, the
     loop (running in a server, paused), CGs per second (since its loop
     started in this server; with --watch also since the last redraw), RPO
-    now and its p50/p99 (the RPO after each attempt, in this process), the
+    now and its p50/p99 (the RPO after each attempt, while its loop runs
+    in this server), the
     last failed attempt and its cause, bytes sent to B, the RPO alert
     threshold (mkgmir/chgmir --rpo-alert) and whether it is alerting.
 
@@ -162,7 +163,9 @@ def _session_info(units, session: str) -> dict:
     log = gm.stats.to_record()   # every attempt ever made: the store keeps them
     seqs = gm.c_sequences
     when = log["last_cg_time"]
-    rpo = gm.stats.rpo_percentiles()
+    # the samples of this process: shown for the loop running here (a run
+    # elsewhere, or a formcg ended, would make it differ from a direct run's)
+    rpo = gm.stats.rpo_percentiles() if loop["here"] else None
     alert = units.loops.alert(gm) if loop["here"] and units.loops is not None else None
     return {
         "session": gm.name, "state": gm.state.value, "fatal_reason": gm.fatal_reason,
@@ -231,9 +234,9 @@ def _render(info: dict):
         t.add_row("Last CG formed", "-" if when is None else _when(when))
         t.add_row("CG/s", _rate_text(info))
         t.add_row("RPO", "-" if info["rpo"] is None else f"{info['rpo']:.3f} s")
-        t.add_row("RPO p50 / p99", "-" if info["rpo_p50"] is None else
-                  f"{_secs(info['rpo_p50'])} / {_secs(info['rpo_p99'])} (after each of the last "
-                  f"{plural(info['rpo_samples_count'], 'attempt')} in this process)")
+        t.add_row("RPO p50 / p99", "- (while the loop runs here)" if info["rpo_p50"] is None
+                  else f"{_secs(info['rpo_p50'])} / {_secs(info['rpo_p99'])} (after each of "
+                  f"the last {plural(info['rpo_samples_count'], 'attempt')} here)")
         t.add_row("RPO alert", _alert_text(info))
         t.add_row("Sent to B", human(info["bytes_drained"]))
         t.add_row("Out of sync", plural(info["out_of_sync"], "track"))
