@@ -400,4 +400,15 @@ def test_watch_forwarded_to_the_server_ends_there_on_ctrl_c(units):
         # the server ended it: the next command runs (the watch held the command lock)
         r = cli(a, "lsgmir", "--json")
         assert json.loads(r.stdout)[0]["state"] == "running"
-        cli(a, "pausegmir", "S")
+        # a watch the server runs ends when the server stops, and says so
+        proc = _watch(a, "0.1", "--json")
+        out = Lines(proc)
+        until(lambda: len(out.lines) >= 2)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    assert proc.returncode == 0 and "the server holding the unit stops" in err, err

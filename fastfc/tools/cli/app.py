@@ -204,7 +204,7 @@ def _forward(ctx: click.Context, unit: str) -> int | None:
         # hung up); a live display there hid this terminal's cursor
         try:
             if out.isatty():
-                out.write("\x1b[?25h")
+                out.write("\x1b[?25h\n")
                 out.flush()
         except (AttributeError, ValueError, OSError):
             pass

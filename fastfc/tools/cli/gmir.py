@@ -123,7 +123,11 @@ def showgmir(units, session, as_json, watch) -> None:
                 sys.stdout.flush()
                 if stopping is not None:
                     if stopping.wait(watch):
-                        return      # the client hung up (Ctrl-C), or the server stops
+                        # the client hung up (Ctrl-C: this line goes nowhere),
+                        # or the server stops
+                        click.echo("showgmir --watch ends: the server holding the unit "
+                                   "stops", err=True)
+                        return
                 else:
                     time.sleep(watch)
     except KeyboardInterrupt:       # Ctrl-C: how a watch ends
