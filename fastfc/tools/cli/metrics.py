@@ -37,6 +37,8 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
+import click
+
 from fastfc.copyservices.globalmirror import Cause, GlobalMirror
 from fastfc.tools.nbd import LATENCY_BUCKETS, OPS, NBDServer, RequestCounters
 
@@ -227,7 +229,6 @@ def serving(units: Any, loops: SessionLoops | None, nbd: NBDServer, host: str,
     server = MetricsServer(lambda: exposition(sessions_of(units), loops, nbd.counters()),
                            host, port)
     server.start()
-    import click
     click.echo(f"metrics on {server.url}", err=True)
     log.info("metrics on %s", server.url)
     try:
