@@ -118,10 +118,15 @@ class GMStats:
 
     The counters (:meth:`to_record`: ``sequence``, ``attempts``,
     ``successes``, ``failures``, ``commit_failures_resolved``,
-    ``last_cg_time``, ``bytes_drained``) of a session in a storage unit are
-    recorded after every attempt and restored when the unit reopens the
-    session: they count every attempt ever made. Phase times and RPO samples
-    are this process's only."""
+    ``last_cg_time``, ``bytes_drained``, ``last_failure``) of a session in a
+    storage unit are recorded after every attempt and restored when the
+    unit reopens the session: they count every attempt ever made. Phase
+    times and RPO samples are this process's only.
+
+    ``last_failure``: the newest attempt that failed, or whose commit step
+    failed (resolved by commit): ``{"time": time.time() when it was
+    counted, "sequence", "cause": a Cause value, "detail"}``; None if none
+    has."""
 
     sequence: int = 0                        # CG sequence number of the newest committed CG
     attempts: int = 0
@@ -132,6 +137,7 @@ class GMStats:
     commit_failures_resolved: int = 0
     last_cg_time: float | None = None        # time.time() of that CG's coordination instant
     bytes_drained: int = 0
+    last_failure: dict | None = None
     coordination_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10000))
     drain_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10000))
     flash_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10000))
@@ -157,10 +163,12 @@ class GMStats:
         return {"sequence": self.sequence, "attempts": self.attempts,
                 "successes": self.successes, "failures": dict(self.failures),
                 "commit_failures_resolved": self.commit_failures_resolved,
-                "last_cg_time": self.last_cg_time, "bytes_drained": self.bytes_drained}
+                "last_cg_time": self.last_cg_time, "bytes_drained": self.bytes_drained,
+                "last_failure": self.last_failure}
 
     def restore(self, record: dict) -> None:
-        """Take the counters of ``record`` (:meth:`to_record`)."""
+        """Take the counters of ``record`` (:meth:`to_record`; one from
+        before ``last_failure`` was kept has none)."""
         self.sequence = record["sequence"]
         self.attempts = record["attempts"]
         self.successes = record["successes"]
@@ -168,6 +176,8 @@ class GMStats:
         self.commit_failures_resolved = record["commit_failures_resolved"]
         self.last_cg_time = record["last_cg_time"]
         self.bytes_drained = record["bytes_drained"]
+        failure = record.get("last_failure")
+        self.last_failure = dict(failure) if failure else None
 
     def count(self, res: "CGResult") -> None:
         """Count one attempt's result in the counters."""
@@ -181,6 +191,16 @@ class GMStats:
             self.commit_failures_resolved += 1     # a committed CG: not a failure
         elif res.cause is not None:
             self.failures[res.cause.value] += 1
+        if res.cause is not None:
+            self.last_failure = {"time": time.time(), "sequence": res.sequence,
+                                 "cause": res.cause.value, "detail": res.detail}
+
+    def rpo_percentiles(self) -> dict[str, float] | None:
+        """p50, p99 and max of this process's RPO samples (one after each
+        attempt: seconds from the newest committed CG's coordination to the
+        attempt's end); None before the first sample."""
+        samples = list(self.rpo_samples)     # (the loop's thread appends meanwhile)
+        return _percentiles(samples) if samples else None
 
     def as_dict(self) -> dict:
         """The counters, the RPO and the phase-time percentiles."""

@@ -181,6 +181,7 @@ CREATE TABLE IF NOT EXISTS session_stats(
     name TEXT PRIMARY KEY, attempts INTEGER NOT NULL, successes INTEGER NOT NULL,
     failures TEXT NOT NULL, commit_failures_resolved INTEGER NOT NULL,
     bytes_drained INTEGER NOT NULL, last_cg_time REAL, sequence INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS session_failures(name TEXT PRIMARY KEY, failure TEXT NOT NULL);
 """
 
 #: The sessions a unit serves to a primary in another process
@@ -405,6 +406,9 @@ class SQLiteStore(Store):
         #: changes them is saved row by row)
         self._fc_options: dict[int, dict] = {}
         self._trimmed: dict[str, int] = {}   # session -> the decision that last trimmed
+        #: session -> the last failure its row in session_failures holds (absent:
+        #: not known, written at the next save)
+        self._failures_saved: dict[str, dict | None] = {}
         self._has_log = "flash_log" in self._tables
         if self._has_log:
             self._load_log_index()
@@ -548,6 +552,7 @@ class SQLiteStore(Store):
                     self.db.execute(f"RELEASE sp{level}")
                 self._rollback_rows(self._undo.pop())
                 self._garbage = saved_garbage
+                self._failures_saved.clear()     # not known now: written at the next save
                 self._rollback_log()
                 if _is_full(e) and level == 0:
                     freed = release_reserve(self.dir)
@@ -1112,18 +1117,32 @@ class SQLiteStore(Store):
         super().add_session(record, session, partners)
 
     def save_session_stats(self, name: str, stats: dict) -> None:
+        # the last failure in a table of its own (a fastfc that does not know
+        # it writes session_stats as before), written only when it changes
+        failure = stats.get("last_failure")
         with self._atomic(sync=False):
             self.db.execute(
                 "INSERT OR REPLACE INTO session_stats VALUES(?,?,?,?,?,?,?,?)",
                 (name, stats["attempts"], stats["successes"], json.dumps(stats["failures"]),
                  stats["commit_failures_resolved"], stats["bytes_drained"],
                  stats["last_cg_time"], stats["sequence"]))
+            if failure != self._failures_saved.get(name, _MISSING) \
+                    and "session_failures" in self._tables:
+                if failure:
+                    self.db.execute("INSERT OR REPLACE INTO session_failures VALUES(?,?)",
+                                    (name, json.dumps(failure)))
+                else:
+                    self.db.execute("DELETE FROM session_failures WHERE name=?", (name,))
+                self._failures_saved[name] = dict(failure) if failure else None
 
     def drop_session(self, name: str, session=None) -> None:
         with self.transaction():
             self.db.execute("DELETE FROM sessions WHERE name=?", (name,))
             self.db.execute("DELETE FROM decisions WHERE session=?", (name,))
             self.db.execute("DELETE FROM session_stats WHERE name=?", (name,))
+            if "session_failures" in self._tables:
+                self.db.execute("DELETE FROM session_failures WHERE name=?", (name,))
+            self._failures_saved.pop(name, None)
         super().drop_session(name, session)
 
     def session_rows(self) -> dict[str, dict]:
@@ -1133,11 +1152,15 @@ class SQLiteStore(Store):
         rows = {n: json.loads(c) for n, c in self.query("SELECT name, config FROM sessions")}
         stats = {r["name"]: r for r in self._rows("session_stats")} \
             if "session_stats" in self._tables else {}
+        failures = dict(self.query("SELECT name, failure FROM session_failures")) \
+            if "session_failures" in self._tables else {}
         for name, cfg in rows.items():
             st = stats.get(name)
             if st is not None:
                 st = {k: v for k, v in st.items() if k != "name"}
                 st["failures"] = json.loads(st["failures"])
+                failure = failures.get(name)
+                st["last_failure"] = json.loads(failure) if failure else None
             cfg["stats"] = st
         return rows
 

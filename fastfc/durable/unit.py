@@ -659,12 +659,14 @@ class StorageUnit:
                           "revertible": None if fc is None else bool(fc.revertible)})
         return {**{k: v for k, v in cfg.items() if k != "triplets"}, "name": name,
                 "running": bool(cfg.get("running", False)),
+                "rpo_alert": cfg.get("rpo_alert") or None,
                 "restored": name in self.sessions, "triplets": trips}
 
     def configure_session(self, name: str, *, running: bool | None = None,
                           cg_interval: float | None = None,
                           max_coordination_time: float | None = None,
-                          max_drain_time: float | None = None) -> dict:
+                          max_drain_time: float | None = None,
+                          rpo_alert: float | None = None) -> dict:
         """Change what this unit records of session ``name`` (restored
         here), durably, and return its record (:meth:`session_record`).
 
@@ -673,18 +675,23 @@ class StorageUnit:
         caller starts or stops the loop itself). ``cg_interval``,
         ``max_coordination_time``, ``max_drain_time``: the session's
         bounds, as :class:`GlobalMirror` takes them; a running loop uses
-        them from its next CG. None leaves a setting as it is. Bad values
-        raise before anything changes."""
+        them from its next CG. ``rpo_alert``: seconds of RPO above which a
+        server running the session's loop raises an alert (0 clears it; the
+        server is told by its caller). None leaves a setting as it is. Bad
+        values raise before anything changes."""
         self._require_writable()
         gm = self.session(name)
         bounds = {k: check_real(k, v, positive=k == "max_coordination_time")
                   for k, v in (("cg_interval", cg_interval),
                                ("max_coordination_time", max_coordination_time),
                                ("max_drain_time", max_drain_time)) if v is not None}
+        alert = None if rpo_alert is None else check_real("rpo_alert", rpo_alert)
         with self.store.transaction():      # its lock: no counters saved in between
             cfg = self.store.session_rows()[name]
             stats = cfg.pop("stats") or gm.stats.to_record()
             cfg.update(bounds)
+            if alert is not None:
+                cfg["rpo_alert"] = float(alert) or None
             if running is not None:
                 cfg["running"] = bool(running)
             self.store.add_session({**cfg, "name": name, "stats": stats}, gm)

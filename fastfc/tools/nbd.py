@@ -31,6 +31,7 @@ memory.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import logging
@@ -124,6 +125,59 @@ _REQ = struct.Struct(">IHHQQI")
 _REPLY = struct.Struct(">IIQ")
 _OPT_HDR = struct.Struct(">QII")
 _OPT_REPLY = struct.Struct(">QIII")
+
+
+#: the requests counted per export (:class:`RequestCounters`), by op index
+OPS = ("read", "write", "flush", "write_zeroes")
+#: upper bounds (seconds) of the request-latency histogram's buckets (+Inf after)
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                   0.1, 0.25, 0.5, 1.0, 2.5)
+_READ, _WRITE, _FLUSH, _ZEROES = range(4)
+
+
+class RequestCounters:
+    """Requests of one connection (or, summed, of an export): per op
+    (:data:`OPS`), how many were answered, how many with an error, the
+    bytes of those answered without, and their latency (from the request's
+    header in to its reply out) as a histogram over
+    :data:`LATENCY_BUCKETS` and a sum.
+
+    A connection's counters are written by its thread alone, plain integer
+    adds (no lock, nothing allocated but the numbers); a reader (a metrics
+    scrape) sees values a moment old, never a torn one."""
+
+    __slots__ = ("requests", "errors", "bytes", "buckets", "seconds")
+
+    def __init__(self) -> None:
+        self.requests = [0] * len(OPS)
+        self.errors = [0] * len(OPS)
+        self.bytes = [0] * len(OPS)
+        self.buckets = [[0] * (len(LATENCY_BUCKETS) + 1) for _ in OPS]
+        self.seconds = [0.0] * len(OPS)
+
+    def add(self, op: int, nbytes: int, err: int, seconds: float) -> None:
+        """One request answered (``err`` its NBD error, 0: none)."""
+        self.requests[op] += 1
+        if err:
+            self.errors[op] += 1
+        else:
+            self.bytes[op] += nbytes
+        self.buckets[op][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.seconds[op] += seconds
+
+    def merge(self, other: "RequestCounters") -> None:
+        """Add ``other``'s counts to these."""
+        for i in range(len(OPS)):
+            self.requests[i] += other.requests[i]
+            self.errors[i] += other.errors[i]
+            self.bytes[i] += other.bytes[i]
+            self.seconds[i] += other.seconds[i]
+            for k, n in enumerate(other.buckets[i]):
+                self.buckets[i][k] += n
+
+    def __repr__(self) -> str:
+        return "RequestCounters(" + ", ".join(
+            f"{op}={self.requests[i]}/{self.bytes[i]}B" for i, op in enumerate(OPS)) + ")"
 
 
 def error_number(e: BaseException) -> int:
@@ -393,6 +447,11 @@ class NBDServer:
         self.buffer_wait = buffer_wait
         #: seconds an export lookup waits for ``lock`` before looking without it
         self.lookup_wait = 1.0
+        # request counters (:meth:`counters`): each open connection's, with
+        # its export's name, and those of closed connections summed by export
+        # (both under _conns_lock)
+        self._live_counters: dict[int, tuple[str, RequestCounters]] = {}
+        self._done_counters: dict[str, RequestCounters] = {}
 
     # -- listening -------------------------------------------------------------
     def listen_unix(self, path: str) -> None:
@@ -566,7 +625,10 @@ class NBDServer:
                                         f"{self.handshake_timeout} s")
             if export is not None and not self._stopping.is_set():
                 sock.settimeout(None)      # transmission: a client may idle
-                self._transmit(sock, export)
+                counters = RequestCounters()
+                with self._conns_lock:
+                    self._live_counters[key] = (export.volume.name, counters)
+                self._transmit(sock, export, counters)
         except (ProtocolError, ConnectionError, ssl.SSLError) as e:
             log.info("connection dropped: %s", e)
         except OSError as e:
@@ -577,6 +639,9 @@ class NBDServer:
             with self._conns_lock:
                 current = self._conns.pop(key, conn)
                 self._handshakes.pop(key, None)
+                done = self._live_counters.pop(key, None)
+                if done is not None:
+                    self._done_counters.setdefault(done[0], RequestCounters()).merge(done[1])
             for s in {id(current): current, id(conn): conn}.values():
                 try:
                     s.close()
@@ -676,6 +741,16 @@ class NBDServer:
                 continue
             reply(REP_ERR_UNSUP)       # STRUCTURED_REPLY, meta contexts, ...
 
+    def counters(self) -> dict[str, RequestCounters]:
+        """Every export's requests since the server started, by export
+        name: its closed connections' and its open ones' (a moment old)."""
+        with self._conns_lock:
+            out: dict[str, RequestCounters] = {}
+            for name, c in list(self._done_counters.items()) + list(
+                    self._live_counters.values()):
+                out.setdefault(name, RequestCounters()).merge(c)
+        return out
+
     def _find(self, name: str) -> Export | None:
         if self._stopping.is_set():
             return None
@@ -710,8 +785,12 @@ class NBDServer:
             f |= TF_SEND_WRITE_ZEROES
         return f
 
-    def _transmit(self, sock: Any, export: Export) -> None:
+    def _transmit(self, sock: Any, export: Export, counters: RequestCounters) -> None:
+        """Requests in, replies out, in order, each counted in ``counters``
+        as it is answered."""
         vol = export.volume
+        note = counters.add
+        clock = time.perf_counter
         read_only = export.read_only
         hdr = bytearray(_REQ.size)
         hview = memoryview(hdr)
@@ -722,6 +801,7 @@ class NBDServer:
         while True:
             if not _recv_exact(sock, hview):
                 return
+            t0 = clock()
             magic, flags, cmd, handle, offset, length = unpack(hdr)
             if magic != REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic {magic:#x}")
@@ -732,6 +812,7 @@ class NBDServer:
                     if data is None:      # the budget stayed spent: take the payload, ENOMEM
                         self._discard(sock, own, length)
                         sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_NOMEM, handle))
+                        note(_WRITE, length, E_NOMEM, clock() - t0)
                         continue
                     if length and not _recv_exact(sock, data):
                         raise ProtocolError("the client closed the connection mid-write")
@@ -750,18 +831,23 @@ class NBDServer:
                         except Exception as e:
                             err = error_number(e)
                 sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
+                note(_WRITE, length, err, clock() - t0)
             elif cmd == CMD_READ:
                 if length > MAX_REQUEST or offset + length > capacity or flags & ~CMD_FLAG_FUA:
                     sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_INVAL, handle))
+                    note(_READ, length, E_INVAL, clock() - t0)
                     continue
                 with self._buffer(own, length) as data:
                     if data is None:
                         sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_NOMEM, handle))
+                        note(_READ, length, E_NOMEM, clock() - t0)
                         continue
                     try:
                         vol.readinto(offset, data)
                     except Exception as e:
-                        sock.sendall(pack(SIMPLE_REPLY_MAGIC, error_number(e), handle))
+                        err = error_number(e)
+                        sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
+                        note(_READ, length, err, clock() - t0)
                         continue
                     head = pack(SIMPLE_REPLY_MAGIC, 0, handle)
                     if length <= 65536:
@@ -769,6 +855,7 @@ class NBDServer:
                     else:
                         sock.sendall(head)
                         sock.sendall(data)
+                note(_READ, length, 0, clock() - t0)
             elif cmd == CMD_FLUSH:
                 err = E_INVAL if flags & ~CMD_FLAG_FUA else 0
                 if not err:
@@ -777,6 +864,7 @@ class NBDServer:
                     except Exception as e:
                         err = error_number(e)
                 sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
+                note(_FLUSH, 0, err, clock() - t0)
             elif cmd == CMD_WRITE_ZEROES:
                 err = E_PERM if read_only else 0
                 if flags & ~(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE):
@@ -791,6 +879,7 @@ class NBDServer:
                     except Exception as e:
                         err = error_number(e)
                 sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
+                note(_ZEROES, length, err, clock() - t0)
             elif cmd == CMD_DISC:
                 return
             else:       # TRIM, CACHE (not offered), BLOCK_STATUS (not negotiated), ...

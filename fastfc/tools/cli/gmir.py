@@ -5,7 +5,10 @@ session's CGs across invocations."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import sys
 import threading
 import time
 
@@ -22,6 +25,20 @@ from .pprc import drain_in_foreground
 from .units import pass_units
 
 
+class _Threshold(Real):
+    """Seconds of RPO, or ``off`` (0): an RPO alert threshold."""
+
+    name = "seconds"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().lower() == "off":
+            return 0.0
+        return super().convert(value, param, ctx)
+
+
+RPO_ALERT = _Threshold(min=0, max=30 * 86400)
+
+
 @main.command()
 @click.argument("session", type=SESSION)
 @click.argument("specs", nargs=-1, required=True, type=TRIPLET)
@@ -36,8 +53,12 @@ from .units import pass_units
               help="Longest drain, seconds (0: the larger of 240 and twice the interval).")
 @click.option("--decide", type=click.Choice(["after_all", "after_each"]), default="after_all",
               show_default=True, help="Decide after every prepare, or at the first failure.")
+@click.option("--rpo-alert", type=RPO_ALERT, default=None, metavar="SECONDS",
+              help="Alert when the RPO goes above SECONDS while a server runs the session "
+                   "(a WARNING log line and a metric; 0 or off: none).")
 @pass_units
-def mkgmir(units, session, specs, cg_interval, coord_time, drain_time, decide) -> None:
+def mkgmir(units, session, specs, cg_interval, coord_time, drain_time, decide,
+           rpo_alert) -> None:
     """Create Global Mirror session SESSION over A:B:C triplets (A in --unit;
     B and C in --remote-unit).
 
@@ -55,6 +76,8 @@ def mkgmir(units, session, specs, cg_interval, coord_time, drain_time, decide) -
     GlobalMirror(triplets, name=session, cg_interval=cg_interval,
                  max_coordination_time=coord_time / 1e3, max_drain_time=drain_time,
                  decide=decide, adopt=True)
+    if rpo_alert:
+        units.session_unit(session)[0].configure_session(session, rpo_alert=rpo_alert)
     for ident, tracks in backlog.items():
         click.echo(f"adopted Global Copy pair {ident}: {plural(tracks, 'track')} out of sync "
                    "(no initial copy)")
@@ -72,66 +95,213 @@ def _adopted_backlog(triplets) -> dict[str, int]:
 @main.command()
 @click.argument("session", type=SESSION)
 @JSON
+@click.option("--watch", type=Real(min=0.05, max=86400), is_flag=False, flag_value=1.0,
+              default=None, metavar="[SECONDS]",
+              help="Show it again every SECONDS (default 1) until Ctrl-C: redrawn in place "
+                   "on a terminal, else one table (with --json, one JSON line) each time.")
 @pass_units
-def showgmir(units, session, as_json) -> None:
-    """Show a Global Mirror session: CG sequence, C sequences, stats, state.
+def showgmir(units, session, as_json, watch) -> None:
+    """Show a Global Mirror session: CG sequence, C sequences, state, the
+    loop (running in a server, paused), CGs per second (since its loop
+    started in this server; with --watch also since the last redraw), RPO
+    now and its p50/p99 (the RPO after each attempt, while its loop runs
+    in this server), the
+    last failed attempt and its cause, bytes sent to B, the RPO alert
+    threshold (mkgmir/chgmir --rpo-alert) and whether it is alerting.
 
     At the secondary unit alone (the primary unit away), what the secondary
-    records, with each A's unit named as missing."""
+    records, with each A's unit named as missing.
+
+    --watch ends on Ctrl-C (status 0), and when the server running it
+    (a forwarded command) stops."""
+    if watch is None:
+        _show(units, session, as_json)
+        return
+    stopping = units.stopping
+    out = console()
+    last: tuple[float, int] | None = None
+    try:
+        with contextlib.ExitStack() as stack:
+            live = None
+            if out.is_terminal and not as_json:
+                from rich.live import Live
+                live = stack.enter_context(Live(console=out, auto_refresh=False))
+            while True:
+                info = _session_info(units, session)
+                now = time.monotonic()
+                if last is not None and info.get("successes") is not None and now > last[0]:
+                    info["cg_per_second_recent"] = (info["successes"] - last[1]) / (now - last[0])
+                    info["recent_seconds"] = now - last[0]
+                if info.get("successes") is not None:
+                    last = (now, info["successes"])
+                if as_json:
+                    click.echo(json.dumps(_public(info)))
+                elif live is not None:
+                    live.update(_render(info), refresh=True)
+                else:
+                    out.print(_render(info))
+                    click.echo()
+                sys.stdout.flush()
+                if stopping is not None:
+                    if stopping.wait(watch):
+                        # the client hung up (Ctrl-C: this line goes nowhere),
+                        # or the server stops
+                        click.echo("showgmir --watch ends: the server holding the unit "
+                                   "stops", err=True)
+                        return
+                else:
+                    time.sleep(watch)
+    except KeyboardInterrupt:       # Ctrl-C: how a watch ends
+        return
+
+
+def _show(units, session: str, as_json: bool) -> None:
+    info = _session_info(units, session)
+    if as_json:
+        json_out(_public(info))
+        return
+    console().print(_render(info))
+    if info["away"]:
+        click.echo(f"with the primary lost for good: recovergmir {info['session']} makes the "
+                   "B volumes host-writable at the last consistency group; or rmgmir "
+                   f"{info['session']} [--force] ends the session here, each B staying the "
+                   "secondary of its recorded pair")
+
+
+#: what showgmir --json leaves out of what _session_info gathers
+_PRIVATE = ("away", "away_rows", "loop_text", "recent_seconds", "rpo_samples_count")
+
+
+def _public(info: dict) -> dict:
+    return {k: v for k, v in info.items() if k not in _PRIVATE}
+
+
+def _session_info(units, session: str) -> dict:
+    """Everything showgmir shows of ``session``, as --json gives it (plus
+    what only the table uses: :data:`_PRIVATE`)."""
     away = units.session_away(session)
     if away is not None:
-        _show_away(away, as_json)
-        return
+        return _away_info(away)
     unit, gm = units.session_unit(session)
     loop = _loop_state(units, unit, gm)
+    rec = unit.session_record(gm.name)
     log = gm.stats.to_record()   # every attempt ever made: the store keeps them
     seqs = gm.c_sequences
     when = log["last_cg_time"]
-    out_of_sync = sum(tr.pair.out_of_sync_tracks for tr in gm.triplets)
-    if as_json:
-        json_out({
-            "session": gm.name, "state": gm.state.value, "fatal_reason": gm.fatal_reason,
-            "loop": loop["state"], "resumes_when_served": loop["resumes_when_served"],
-            "cg_per_second": loop["cg_per_second"],
-            "cg_sequence": max(seqs), "c_sequences": seqs,
-            "cg_interval": gm.cg_interval, "max_coordination_time": gm.max_coordination_time,
-            "max_drain_time": gm.max_drain_time, "attempts": log["attempts"],
-            "successes": log["successes"], "failures": log["failures"],
-            "commit_failures_resolved": log["commit_failures_resolved"],
-            "last_cg_time": when, "rpo": None if when is None else time.time() - when,
-            "bytes_drained": log["bytes_drained"], "out_of_sync": out_of_sync,
-            "triplets": [{"a": tr.a.name, "b": tr.b.name, "c": tr.c.name,
-                          "pair_state": tr.pair.state.value,
-                          "out_of_sync": tr.pair.out_of_sync_tracks,
-                          "c_sequence": tr.fc.sequence} for tr in gm.triplets]})
-        return
+    # the samples of this process: shown for the loop running here (a run
+    # elsewhere, or a formcg ended, would make it differ from a direct run's)
+    rpo = gm.stats.rpo_percentiles() if loop["here"] else None
+    alert = units.loops.alert(gm) if loop["here"] and units.loops is not None else None
+    return {
+        "session": gm.name, "state": gm.state.value, "fatal_reason": gm.fatal_reason,
+        "loop": loop["state"], "resumes_when_served": loop["resumes_when_served"],
+        "cg_per_second": loop["cg_per_second"], "cg_per_second_recent": None,
+        "cg_sequence": max(seqs), "c_sequences": seqs,
+        "cg_interval": gm.cg_interval, "max_coordination_time": gm.max_coordination_time,
+        "max_drain_time": gm.max_drain_time, "attempts": log["attempts"],
+        "successes": log["successes"], "failures": log["failures"],
+        "commit_failures_resolved": log["commit_failures_resolved"],
+        "last_cg_time": when, "rpo": None if when is None else time.time() - when,
+        "rpo_p50": None if rpo is None else rpo["p50"],
+        "rpo_p99": None if rpo is None else rpo["p99"],
+        "last_failure": log["last_failure"],
+        "rpo_alert": rec["rpo_alert"],
+        "rpo_alerting": None if alert is None or rec["rpo_alert"] is None else alert.alerting,
+        "rpo_alerts": None if alert is None else alert.alerts,
+        "bytes_drained": log["bytes_drained"],
+        "out_of_sync": sum(tr.pair.out_of_sync_tracks for tr in gm.triplets),
+        "triplets": [{"a": tr.a.name, "b": tr.b.name, "c": tr.c.name,
+                      "pair_state": tr.pair.state.value,
+                      "out_of_sync": tr.pair.out_of_sync_tracks,
+                      "c_sequence": tr.fc.sequence} for tr in gm.triplets],
+        "away": False, "loop_text": _loop_text(loop),
+        "rpo_samples_count": len(gm.stats.rpo_samples)}
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _render(info: dict):
+    """The property table and the triplets of a session (``_session_info``)."""
+    from rich.console import Group
+    seqs = info["c_sequences"]
     t = table("Property", "Value", show_header=False)
-    t.add_row("Session", gm.name)
-    t.add_row("State", gm.state.value + (f" ({gm.fatal_reason})" if gm.fatal_reason else ""))
-    t.add_row("Loop", _loop_text(loop))
-    t.add_row("Triplets", str(len(gm.triplets)))
-    t.add_row("CG sequence", str(max(seqs)))
+    t.add_row("Session", info["session"])
+    if info["away"]:
+        t.add_row("State", "primary unit(s) not available: " + "; ".join(info["primary_units"]))
+    else:
+        t.add_row("State", info["state"] + (f" ({info['fatal_reason']})"
+                                            if info["fatal_reason"] else ""))
+        t.add_row("Loop", info["loop_text"])
+    t.add_row("Triplets", str(len(info["triplets"])))
+    t.add_row("CG sequence", str(info["cg_sequence"]))
     t.add_row("C sequences", str(seqs[0]) if len(set(seqs)) == 1 else " ".join(map(str, seqs)))
-    t.add_row("CG interval", f"{gm.cg_interval:g} s")
-    t.add_row("Max coordination time", f"{gm.max_coordination_time * 1e3:g} ms")
-    t.add_row("Max drain time", f"{gm.max_drain_time:g} s" if gm.max_drain_time else "default")
-    t.add_row("CG attempts", str(log["attempts"]))
-    t.add_row("Successful CGs", str(log["successes"]))
-    t.add_row("Failed CGs", ", ".join(f"{k} {v}" for k, v in sorted(log["failures"].items()))
-              or "0")
-    t.add_row("Commit failures resolved", str(log["commit_failures_resolved"]))
-    t.add_row("Last CG formed", "-" if when is None else
-              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)))
-    t.add_row("RPO", "-" if when is None else f"{time.time() - when:.1f} s")
-    t.add_row("Sent to B", human(log["bytes_drained"]))
-    t.add_row("Out of sync", plural(out_of_sync, "track"))
-    console().print(t)
-    click.echo()
-    t = table("A", "B", "C", "Pair state", "Out of sync", "C seq")
-    for tr in gm.triplets:
-        t.add_row(tr.a.name, tr.b.name, tr.c.name, tr.pair.state.value,
-                  str(tr.pair.out_of_sync_tracks), str(tr.fc.sequence))
-    console().print(t)
+    if info["away"]:
+        if info["attempts"] is not None:
+            t.add_row("CG attempts", str(info["attempts"]))
+            t.add_row("Successful CGs", str(info["successes"]))
+        if info["last_failure"]:
+            t.add_row("Last failure", _failure_text(info["last_failure"]))
+        rows = info["away_rows"]
+    else:
+        t.add_row("CG interval", f"{info['cg_interval']:g} s")
+        t.add_row("Max coordination time", f"{info['max_coordination_time'] * 1e3:g} ms")
+        t.add_row("Max drain time", f"{info['max_drain_time']:g} s"
+                  if info["max_drain_time"] else "default")
+        t.add_row("CG attempts", str(info["attempts"]))
+        t.add_row("Successful CGs", str(info["successes"]))
+        t.add_row("Failed CGs", ", ".join(f"{k} {v}" for k, v in sorted(info["failures"].items()))
+                  or "0")
+        t.add_row("Commit failures resolved", str(info["commit_failures_resolved"]))
+        t.add_row("Last failure", _failure_text(info["last_failure"]))
+        when = info["last_cg_time"]
+        t.add_row("Last CG formed", "-" if when is None else _when(when))
+        t.add_row("CG/s", _rate_text(info))
+        t.add_row("RPO", "-" if info["rpo"] is None else f"{info['rpo']:.3f} s")
+        t.add_row("RPO p50 / p99", "- (while the loop runs here)" if info["rpo_p50"] is None
+                  else f"{_secs(info['rpo_p50'])} / {_secs(info['rpo_p99'])} (after each of "
+                  f"the last {plural(info['rpo_samples_count'], 'attempt')} here)")
+        t.add_row("RPO alert", _alert_text(info))
+        t.add_row("Sent to B", human(info["bytes_drained"]))
+        t.add_row("Out of sync", plural(info["out_of_sync"], "track"))
+        rows = [(tr["a"], tr["b"], tr["c"], tr["pair_state"], str(tr["out_of_sync"]),
+                 str(tr["c_sequence"])) for tr in info["triplets"]]
+    trips = table("A", "B", "C", "Pair state", "Out of sync", "C seq")
+    for row in rows:
+        trips.add_row(*row)
+    return Group(t, "", trips)
+
+
+def _secs(v: float) -> str:
+    return f"{v * 1e3:.2f} ms" if v < 1 else f"{v:.3f} s"
+
+
+def _failure_text(f: dict | None) -> str:
+    if not f:
+        return "none"
+    return (f"{_when(f['time'])}: CG {f['sequence']} {f['cause']}"
+            + (f" ({f['detail']})" if f.get("detail") else ""))
+
+
+def _rate_text(info: dict) -> str:
+    if info["cg_per_second"] is None:
+        return "- (the loop does not run here)"
+    text = f"{info['cg_per_second']:.1f} since the loop started here"
+    if info.get("cg_per_second_recent") is not None:
+        text += (f"; {info['cg_per_second_recent']:.1f} in the last "
+                 f"{info['recent_seconds']:.1f} s")
+    return text
+
+
+def _alert_text(info: dict) -> str:
+    if info["rpo_alert"] is None:
+        return "off (mkgmir or chgmir --rpo-alert SECONDS sets one)"
+    text = f"above {info['rpo_alert']:g} s"
+    if info["rpo_alerting"] is None:
+        return text + " (watched while a server runs the loop)"
+    return text + (": ALERTING" if info["rpo_alerting"] else ": ok") + \
+        f" ({plural(info['rpo_alerts'], 'alert')} in this server)"
 
 
 def _loop_state(units, unit, gm: GlobalMirror) -> dict:
@@ -232,7 +402,7 @@ def resumegmir(units, session) -> None:
         click.echo(f"Global Mirror session {session} is already running in this server "
                    f"(CG {gm.stats.sequence}); pausegmir {session} stops it")
         return
-    loops.start(gm)
+    loops.start(gm, unit.session_record(session)["rpo_alert"])
     try:
         unit.configure_session(session, running=True)
     except BaseException:
@@ -278,24 +448,35 @@ def pausegmir(units, session) -> None:
               help="Longest hold of host writes at coordination, ms.")
 @click.option("--drain-time", type=Real(min=0, max=86400), default=None,
               help="Longest drain, seconds (0: the larger of 240 and twice the interval).")
+@click.option("--rpo-alert", type=RPO_ALERT, default=None, metavar="SECONDS",
+              help="Alert when the RPO goes above SECONDS while a server runs the session "
+                   "(0 or off: no alert).")
 @pass_units
-def chgmir(units, session, cg_interval, coord_time, drain_time) -> None:
+def chgmir(units, session, cg_interval, coord_time, drain_time, rpo_alert) -> None:
     """Change the intervals and bounds of SESSION (as mkgmir sets them),
-    recorded in its unit. A running session uses them from its next CG."""
-    if cg_interval is None and coord_time is None and drain_time is None:
-        raise click.UsageError("give at least one of --cg-interval, --coord-time, --drain-time")
+    and its RPO alert threshold, recorded in its unit. A running session
+    uses them from its next CG (the alert from the server's next look)."""
+    if cg_interval is None and coord_time is None and drain_time is None and rpo_alert is None:
+        raise click.UsageError("give at least one of --cg-interval, --coord-time, "
+                               "--drain-time, --rpo-alert")
     unit, gm = units.session_unit(session)
-    before = (gm.cg_interval, gm.max_coordination_time, gm.max_drain_time)
-    unit.configure_session(session, cg_interval=cg_interval,
-                           max_coordination_time=None if coord_time is None
-                           else coord_time / 1e3, max_drain_time=drain_time)
+    before = (gm.cg_interval, gm.max_coordination_time, gm.max_drain_time,
+              unit.session_record(session)["rpo_alert"])
+    rec = unit.configure_session(session, cg_interval=cg_interval,
+                                 max_coordination_time=None if coord_time is None
+                                 else coord_time / 1e3, max_drain_time=drain_time,
+                                 rpo_alert=rpo_alert)
+    if units.loops is not None and rpo_alert is not None:
+        units.loops.set_rpo_alert(gm, rec["rpo_alert"])
     said = []
     for what, old, new, show in (
             ("CG interval", before[0], gm.cg_interval, lambda v: f"{v:g} s"),
             ("max coordination time", before[1], gm.max_coordination_time,
              lambda v: f"{v * 1e3:g} ms"),
             ("max drain time", before[2], gm.max_drain_time,
-             lambda v: f"{v:g} s" if v else "default")):
+             lambda v: f"{v:g} s" if v else "default"),
+            ("RPO alert", before[3], rec["rpo_alert"],
+             lambda v: f"above {v:g} s" if v else "off")):
         if old != new:
             said.append(f"{what} {show(new)} (was {show(old)})")
     running = units.loops is not None and units.loops.running(gm)
@@ -364,48 +545,31 @@ def formcg(units, session, count, seconds, injects) -> None:
                                    f"{last.detail}")
 
 
-def _show_away(rec: dict, as_json: bool) -> None:
-    """showgmir of a session whose primary unit(s) are not available."""
+def _away_info(rec: dict) -> dict:
+    """showgmir of a session whose primary unit(s) are not available: what
+    its secondary unit records."""
     log = rec["stats"] or {}
     seqs = [t["c_sequence"] for t in rec["triplets"]]   # None: a C without its FlashCopy
-    top = max((q for q in seqs if q is not None), default=None)
     missing = sorted({t["a_unit"] for t in rec["triplets"]})
-    state = "primary unit(s) not available: " + "; ".join(missing)
-    if as_json:
-        json_out({
-            "session": rec["name"], "state": "primary unavailable", "fatal_reason": None,
-            "primary_units": missing, "cg_sequence": top, "c_sequences": seqs,
-            "cg_interval": rec["cg_interval"],
-            "max_coordination_time": rec["max_coordination_time"],
-            "max_drain_time": rec["max_drain_time"], "attempts": log.get("attempts"),
-            "successes": log.get("successes"), "failures": log.get("failures"),
-            "commit_failures_resolved": log.get("commit_failures_resolved"),
-            "last_cg_time": log.get("last_cg_time"), "rpo": None,
-            "bytes_drained": log.get("bytes_drained"), "out_of_sync": None,
-            "triplets": [{"a": t["a"], "b": t["b"], "c": t["c"], "pair_state": "unknown",
-                          "out_of_sync": None, "c_sequence": t["c_sequence"]}
-                         for t in rec["triplets"]]})
-        return
-    t = table("Property", "Value", show_header=False)
-    t.add_row("Session", rec["name"])
-    t.add_row("State", state)
-    t.add_row("Triplets", str(len(rec["triplets"])))
-    t.add_row("CG sequence", str(top))
-    t.add_row("C sequences", str(seqs[0]) if len(set(seqs)) == 1 else " ".join(map(str, seqs)))
-    if log:
-        t.add_row("CG attempts", str(log["attempts"]))
-        t.add_row("Successful CGs", str(log["successes"]))
-    console().print(t)
-    click.echo()
-    t = table("A", "B", "C", "Pair state", "Out of sync", "C seq")
-    for tr in rec["triplets"]:
-        t.add_row(tr["a"], tr["b"], tr["c"], "unknown (primary unit away)", "?",
-                  str(tr["c_sequence"]) + (" (revertible)" if tr["revertible"] else ""))
-    console().print(t)
-    click.echo(f"with the primary lost for good: recovergmir {rec['name']} makes the B "
-               "volumes host-writable at the last consistency group; or rmgmir "
-               f"{rec['name']} [--force] ends the session here, each B staying the secondary "
-               "of its recorded pair")
+    return {
+        "session": rec["name"], "state": "primary unavailable", "fatal_reason": None,
+        "primary_units": missing,
+        "cg_sequence": max((q for q in seqs if q is not None), default=None),
+        "c_sequences": seqs, "cg_interval": rec["cg_interval"],
+        "max_coordination_time": rec["max_coordination_time"],
+        "max_drain_time": rec["max_drain_time"], "attempts": log.get("attempts"),
+        "successes": log.get("successes"), "failures": log.get("failures"),
+        "commit_failures_resolved": log.get("commit_failures_resolved"),
+        "last_cg_time": log.get("last_cg_time"), "rpo": None,
+        "last_failure": log.get("last_failure"), "rpo_alert": rec.get("rpo_alert"),
+        "bytes_drained": log.get("bytes_drained"), "out_of_sync": None,
+        "triplets": [{"a": t["a"], "b": t["b"], "c": t["c"], "pair_state": "unknown",
+                      "out_of_sync": None, "c_sequence": t["c_sequence"]}
+                     for t in rec["triplets"]],
+        "away": True, "away_rows": [
+            (t["a"], t["b"], t["c"], "unknown (primary unit away)", "?",
+             str(t["c_sequence"]) + (" (revertible)" if t["revertible"] else ""))
+            for t in rec["triplets"]]}
 
 
 @main.command()

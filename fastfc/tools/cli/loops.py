@@ -8,30 +8,64 @@ takes none of the server's locks: forwarded commands (``showgmir``,
 runs is recorded in the unit that records the session
 (:meth:`StorageUnit.configure_session`), so a server that opens the unit
 again (after a stop, a kill or a power cut) resumes it.
+
+RPO alerts: a session may carry a threshold (``mkgmir``/``chgmir
+--rpo-alert``, recorded in its unit). While its loop runs here, a watcher
+thread looks at its RPO every :data:`ALERT_EVERY` seconds: when the RPO goes
+above the threshold, one WARNING line on the ``fastfc.gmir`` logger (and the
+alert is on, counted); when it is back within it, one INFO line. Before
+the session's first committed CG, its RPO for the alert is the time since
+its loop started here (it is at least that far behind).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 from fastfc.copyservices.globalmirror import GlobalMirror
 from fastfc.durable.unit import StorageUnit
 
 
+log = logging.getLogger("fastfc.gmir")
+
+#: seconds between the alert watcher's looks at the running sessions' RPO
+ALERT_EVERY = 0.1
+
+
+@dataclass
+class RPOAlert:
+    """A session's RPO alert in this server: its ``threshold`` (seconds,
+    None: none), whether it is ``alerting`` now (and ``since``, the
+    ``time.time()`` it went on), and how many ``alerts`` it raised here."""
+
+    threshold: float | None = None
+    alerting: bool = False
+    since: float | None = None
+    alerts: int = 0
+
+
 class SessionLoops:
     """The sessions whose loops this server runs: each with when it started
-    and its committed CGs then (for CGs per second).
+    and its committed CGs then (for CGs per second), and each session's
+    RPO alert (:class:`RPOAlert`, kept while the server runs).
 
-    ``_guard`` guards that table only; starting and stopping a loop
+    ``_guard`` guards those tables only; starting and stopping a loop
     happen outside it (the server runs one command at a time, under its
-    own lock, which the loops never take)."""
+    own lock, which the loops never take). The alert watcher thread runs
+    while a loop does; it takes ``_guard`` only to read and change the
+    alerts, and logs outside it."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
         self._runs: dict[GlobalMirror, tuple[float, int]] = {}
+        self._alerts: dict[GlobalMirror, RPOAlert] = {}
+        self._watcher: threading.Thread | None = None
+        self._done = threading.Event()
         #: what resuming the recorded sessions said (for the server's log)
         self.notes: list[str] = []
 
@@ -39,25 +73,100 @@ class SessionLoops:
         with self._guard:
             return gm in self._runs
 
-    def start(self, gm: GlobalMirror) -> bool:
-        """Start the loop of ``gm``; False if it runs here already."""
+    def start(self, gm: GlobalMirror, rpo_alert: float | None = None) -> bool:
+        """Start the loop of ``gm``, with its RPO alert threshold
+        (seconds; None or 0: none); False if it runs here already."""
         with self._guard:
             if gm in self._runs:
                 return False
         gm.start()
         with self._guard:
             self._runs[gm] = (time.monotonic(), gm.stats.successes)
+            self._alerts.setdefault(gm, RPOAlert()).threshold = rpo_alert or None
+            if self._watcher is None:
+                self._done.clear()
+                self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                                 name="fastfc-gm-alerts")
+                self._watcher.start()
         return True
 
     def stop(self, gm: GlobalMirror) -> bool:
         """Stop the loop of ``gm`` after its attempt in flight; False if it
-        did not run here."""
+        did not run here. An alert on ends (an INFO line says so)."""
         with self._guard:
             run = self._runs.pop(gm, None)
         if run is None:
             return False
         gm.stop()
+        self._alert_off(gm, "its loop stopped")
         return True
+
+    # -- RPO alerts --------------------------------------------------------------------
+    def set_rpo_alert(self, gm: GlobalMirror, threshold: float | None) -> None:
+        """A new threshold for ``gm`` (None or 0: none), from the next look."""
+        with self._guard:
+            self._alerts.setdefault(gm, RPOAlert()).threshold = threshold or None
+        if not threshold:
+            self._alert_off(gm, "its threshold was removed")
+
+    def alert(self, gm: GlobalMirror) -> RPOAlert | None:
+        """A copy of ``gm``'s alert here (None: never started nor set here)."""
+        with self._guard:
+            a = self._alerts.get(gm)
+            return None if a is None else replace(a)
+
+    def alerts(self) -> dict[GlobalMirror, RPOAlert]:
+        """A copy of every session's alert here."""
+        with self._guard:
+            return {gm: replace(a) for gm, a in self._alerts.items()}
+
+    def _rpo(self, gm: GlobalMirror, started: float) -> float:
+        rpo = gm.stats.rpo
+        return time.monotonic() - started if rpo is None else rpo
+
+    def check_alerts(self) -> None:
+        """One look at every running session's RPO against its threshold
+        (the watcher's; a test may call it)."""
+        with self._guard:
+            runs = [(gm, since, self._alerts[gm].threshold)
+                    for gm, (since, _) in self._runs.items() if gm in self._alerts]
+        for gm, started, threshold in runs:
+            if threshold is None:
+                continue
+            rpo = self._rpo(gm, started)
+            above = rpo > threshold
+            with self._guard:
+                a = self._alerts[gm]
+                if a.alerting == above or a.threshold != threshold or gm not in self._runs:
+                    continue
+                a.alerting = above
+                if above:
+                    a.alerts += 1
+                    a.since, was = time.time(), None
+                else:
+                    a.since, was = None, a.since
+            if above:
+                log.warning("Global Mirror session %s: RPO %.3f s is above its alert "
+                            "threshold %g s", gm.name, rpo, threshold)
+            else:
+                log.info("Global Mirror session %s: RPO %.3f s is back within its alert "
+                         "threshold %g s (above it for %.1f s)", gm.name, rpo, threshold,
+                         time.time() - (was or time.time()))
+
+    def _alert_off(self, gm: GlobalMirror, why: str) -> None:
+        with self._guard:
+            a = self._alerts.get(gm)
+            if a is None or not a.alerting:
+                return
+            a.alerting, a.since = False, None
+        log.info("Global Mirror session %s: RPO alert off: %s", gm.name, why)
+
+    def _watch(self) -> None:
+        while not self._done.wait(ALERT_EVERY):
+            try:
+                self.check_alerts()
+            except Exception:       # a session closed under it: the next look
+                log.exception("RPO alert watcher")
 
     def rate(self, gm: GlobalMirror) -> float | None:
         """Committed CGs per second since the loop started here (None if it
@@ -78,8 +187,13 @@ class SessionLoops:
     def stop_all(self) -> None:
         with self._guard:
             runs, self._runs = list(self._runs), {}
+            watcher, self._watcher = self._watcher, None
+        self._done.set()
+        if watcher is not None:
+            watcher.join()
         for gm in runs:
             gm.stop()
+            self._alert_off(gm, "the server stops")
 
     def resume_recorded(self, units: list[StorageUnit]) -> None:
         """Start every session the ``units`` record as running (notes say
@@ -98,7 +212,7 @@ class SessionLoops:
                         f"restored in {unit.path}: not resumed (showgmir {name} says why)")
                     continue
                 try:
-                    self.start(gm)
+                    self.start(gm, cfg.get("rpo_alert"))
                 except Exception as e:      # one session's trouble stops no other
                     self.notes.append(f"Global Mirror session {name} is recorded as running "
                                       f"but did not resume: {e}")

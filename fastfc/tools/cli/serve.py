@@ -29,6 +29,7 @@ from fastfc.tools.nbd import NBDServer, exports_of
 from .app import main
 from .control import hosting
 from .copies import CopyDrivers
+from . import metrics
 from .loops import SessionLoops
 from .units import Units, pass_units
 
@@ -117,9 +118,14 @@ def _tls_context(cert: str | None, key: str | None, psk: str | None,
               help="Allow TLS without --tls-client-ca on a non-loopback --bind address.")
 @click.option("--tls-psk", type=click.Path(dir_okay=False), default=None,
               help="TLS with a pre-shared key: not available (Python's ssl has no PSK).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, metavar="PORT",
+              help="Serve GET /metrics (Prometheus text format) on this TCP port (0: any "
+                   "free port, printed).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, metavar="ADDR",
+              help="The address --metrics-port listens on.")
 @pass_units
 def serve(units, socket_path, port, bind, allow_plain_tcp, allow_remote_plain, tls_cert, tls_key,
-          tls_client_ca, allow_anonymous_tls, tls_psk) -> None:
+          tls_client_ca, allow_anonymous_tls, tls_psk, metrics_port, metrics_host) -> None:
     """Export every volume over NBD, until SIGTERM or SIGINT.
 
     Each volume of the unit(s) is an export named after it
@@ -142,7 +148,11 @@ def serve(units, socket_path, port, bind, allow_plain_tcp, allow_remote_plain, t
     SIGTERM or SIGINT: stop accepting, finish the requests in flight, stop
     the sessions' loops (they resume with the next server) and the
     background copies (the next server carries on), flush, close the units,
-    exit 0."""
+    exit 0.
+
+    --metrics-port: per session RPO, CGs by outcome and cause, bytes
+    drained and RPO alerts, per export requests, bytes and latency, at
+    http://ADDR:PORT/metrics (:mod:`fastfc.tools.cli.metrics`)."""
     if socket_path is None and port is None:
         raise click.UsageError("give --socket PATH, or --port N (or both)")
     tls = _tls_context(tls_cert, tls_key, tls_psk, tls_client_ca)
@@ -174,6 +184,9 @@ def serve(units, socket_path, port, bind, allow_plain_tcp, allow_remote_plain, t
     try:
         server = Server(units, tls=tls)
         nbd = server.nbd
+        if metrics_port is not None:
+            server.services.append(lambda: metrics.serving(
+                server.units, server.loops, server.nbd, metrics_host, metrics_port))
         with contextlib.ExitStack() as services:
             # other services (the control socket) first: once the NBD socket
             # exists, other fastfc commands naming these units reach this server
