@@ -43,7 +43,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from fastfc.errors import (FastFCError, InvalidImageError, NoSpaceError, VolumeClosedError,
                            WriteInhibitedError)
@@ -345,9 +345,10 @@ class NBDServer:
     names : callable
         ``names() -> list of (name, description)`` for ``NBD_OPT_LIST``
         (called under ``lock``).
-    lock : threading.RLock
+    lock : threading.RLock, or any lock with ``acquire(timeout=)`` and ``release()``
         Serialises the server's lookups against whatever else changes the
-        units (the command line); a lookup waits at most
+        units (the command line: ``fastfc serve`` hands the shared side of
+        its readers-writer command lock); a lookup waits at most
         :attr:`lookup_wait` for it.
     tls : ssl.SSLContext, optional
         Offer ``NBD_OPT_STARTTLS`` and require it before any export.
@@ -367,7 +368,7 @@ class NBDServer:
     """
 
     def __init__(self, lookup: Lookup, names: Callable[[], list[tuple[str, str]]],
-                 lock: threading.RLock, *, tls: ssl.SSLContext | None = None,
+                 lock: "LookupLock", *, tls: ssl.SSLContext | None = None,
                  max_connections: int = 1024, handshake_timeout: float = 30.0,
                  buffer_budget: int = BUFFER_BUDGET, buffer_wait: float = 10.0) -> None:
         self.lookup = lookup
@@ -557,6 +558,9 @@ class NBDServer:
     # -- one connection ---------------------------------------------------------
     def _connection(self, conn: socket.socket) -> None:
         key = id(conn)
+        who = _peer(conn)
+        started = time.monotonic()
+        log.info("NBD connection from %s", who)
         try:
             sock, export = self._negotiate(conn, key)
             with self._conns_lock:
@@ -565,15 +569,19 @@ class NBDServer:
                     raise ProtocolError("the handshake took longer than "
                                         f"{self.handshake_timeout} s")
             if export is not None and not self._stopping.is_set():
+                log.info("NBD connection from %s: export %s", who,
+                         getattr(getattr(export, "volume", None), "name", "?"))
                 sock.settimeout(None)      # transmission: a client may idle
                 self._transmit(sock, export)
         except (ProtocolError, ConnectionError, ssl.SSLError) as e:
-            log.info("connection dropped: %s", e)
+            log.info("NBD connection from %s dropped: %s", who, e)
         except OSError as e:
-            log.info("connection ended: %s", e)
+            log.info("NBD connection from %s ended: %s", who, e)
         except Exception:
-            log.exception("connection dropped by a server error")
+            log.exception("NBD connection from %s dropped by a server error", who)
         finally:
+            log.info("NBD connection from %s closed after %.3f s", who,
+                     time.monotonic() - started)
             with self._conns_lock:
                 current = self._conns.pop(key, conn)
                 self._handshakes.pop(key, None)
@@ -894,3 +902,25 @@ def is_read_only(vol: Volume, units: Iterable[StorageUnit]) -> bool:
 
 def describe(vol: Volume) -> str:
     return f"{vol.n_tracks} tracks of {vol.track_size} B"
+
+
+class LookupLock(Protocol):
+    """What :class:`NBDServer` takes around its lookups."""
+
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+def _peer(conn: socket.socket) -> str:
+    """Who is at the other end of ``conn``, for the log: an address, or
+    for a unix socket the peer's pid and uid."""
+    try:
+        if conn.family == socket.AF_UNIX:
+            pid, uid, _ = struct.unpack("3i", conn.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            return f"pid {pid} uid {uid}"
+        host, port = conn.getpeername()[:2]
+        return f"{host}:{port}"
+    except (OSError, AttributeError, struct.error, ValueError):
+        return "an unknown peer"
