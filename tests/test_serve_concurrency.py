@@ -362,3 +362,61 @@ def test_the_server_logs_connections_and_its_stop(tmp_path, level):
     ]
     for what in said:
         assert (what in log) == (level == "info"), (what, log)
+
+
+# -- the client's Ctrl-C, against a stand-in server ------------------------------------
+@pytest.mark.parametrize("answer, says", [
+    ({"status": 1, "stopped": True}, "the command was stopped in the server holding"),
+    ({"status": 130, "not_run": True}, "did not run the command (it was waiting for its turn)"),
+    ({"status": 0}, "had finished the command before it could stop it (exit status 0"),
+    (None, "did not say whether it stopped the command: its outcome is unknown"),
+])
+def test_ctrl_c_of_a_client_asks_the_server_and_says_what_became_of_it(
+        tmp_path, monkeypatch, answer, says):
+    """Ctrl-C while a forwarded command runs: the client sends ``c``, waits
+    up to CANCEL_WAIT for the exit frame (output meanwhile still copied),
+    says in one line what the server did with the command (or that nobody
+    knows), and returns 130."""
+    import socket
+    main_thread = threading.main_thread().ident
+    assert main_thread == threading.get_ident()
+    monkeypatch.setattr(control, "CANCEL_WAIT", 0.5)
+    unit = tmp_path / "u"
+    unit.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(unit / control.SOCKET))
+    listener.listen(1)
+    got: list = []
+
+    def stand_in() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            got.append(control._recv(conn)[0])
+            control._send(conn, b"e", b"working\n")
+            time.sleep(0.2)
+            signal.pthread_kill(main_thread, signal.SIGINT)    # the user's Ctrl-C
+            frame = control._recv(conn, deadline=time.monotonic() + 10)
+            got.append(frame[0] if frame else None)
+            if answer is not None:
+                control._send(conn, b"e", b"left: 3 tracks\n")
+                control._send(conn, b"x", json.dumps(answer).encode())
+            else:
+                time.sleep(1.5)                 # no answer in time
+
+    t = threading.Thread(target=stand_in, daemon=True)
+    t.start()
+    out, err = io.BytesIO(), io.BytesIO()
+    try:
+        status = control.forward(unit, ["-u", str(unit), "waitflash", "X:Y"], "fastfc",
+                                 stdout=out, stderr=err, stdout_text=io.StringIO(),
+                                 stderr_text=io.StringIO())
+    finally:
+        t.join(10)
+        listener.close()
+    assert status == 130
+    assert got == [b"q", b"c"]
+    lines = err.getvalue().decode().splitlines()
+    assert lines[0] == "working"
+    assert lines[-1].startswith("fastfc: Ctrl-C: ") and says in lines[-1], lines
+    assert ("left: 3 tracks" in lines) == (answer is not None)
+    assert len(lines) == (3 if answer is not None else 2)

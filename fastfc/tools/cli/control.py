@@ -1193,8 +1193,10 @@ def hosting(units: Units, lock: Any) -> _Host:
     the ``with`` block runs.
 
     ``units`` are the serving process's open units (read-write); ``lock``
-    (a ``threading.RLock``) serialises the commands against the server's
-    other work on them: take it to look units or volumes up. Each unit
+    (a :class:`CommandLock`; a ``threading.RLock`` also does, every command
+    then taking it alone) orders the commands against each other and the
+    server's other work on them: take it exclusive to change units, shared
+    to look units or volumes up. Each unit
     directory held gets a ``control.sock`` (0600; removed on exit); a unit
     a command opens joins. On exit no new command is accepted and those
     received finish. While hosting, ``sys.stdout`` and ``sys.stderr`` are
