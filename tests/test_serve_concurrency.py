@@ -154,11 +154,18 @@ def probe():
         with unlocked():
             GATE.wait(30)
         click.echo(f"after {os.environ.get('COLUMNS')} {console().width}")
+    @main.command("holdprobe", hidden=True)
+    @pass_units
+    def holdprobe(units) -> None:
+        units.local()
+        click.echo("holding")
+        GATE.wait(30)           # the lock held: others queue
     GATE.clear()
     try:
         yield
     finally:
         main.commands.pop("envprobe", None)
+        main.commands.pop("holdprobe", None)
         GATE.set()
 
 
@@ -195,6 +202,48 @@ def test_concurrent_commands_each_see_their_own_environment(tmp_path, probe):
         assert out.data == f"before {cols} {cols}\nafter {cols} {cols}\n".encode()
     assert control.os.environ is os.environ and not isinstance(os.environ,
                                                                control._EnvRouter)
+
+
+def test_a_command_whose_client_stops_it_while_queued_is_not_run(tmp_path, probe):
+    """Ctrl-C of a changing command waiting for its turn: it is not run
+    (the exit frame says ``not_run``, status 130) and changes nothing."""
+    import socket
+    unit = tmp_path / "u"
+    make_unit(unit, "A0", size=MIB)
+    units = Units(str(unit), None)
+    units.local()
+    held = Collected()
+    exits: list = []
+    try:
+        with control.hosting(units, control.CommandLock()):
+            t = threading.Thread(target=lambda: exits.append(
+                send(unit, ["-u", str(unit), "holdprobe"], {}, held)))
+            t.start()
+            held.wait_for(b"holding")
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(unit / control.SOCKET))
+                stream = {"encoding": "utf-8", "errors": "strict", "tty": False}
+                control._send(s, b"q", json.dumps({
+                    "argv": ["-u", str(unit), "mkvol", "NEW", "--tracks", "2"],
+                    "prog_name": "fastfc", "cwd": os.getcwd(), "env": {},
+                    "stdout": stream, "stderr": stream}).encode())
+                time.sleep(0.3)                 # queued behind holdprobe
+                control._send(s, b"c", b"")     # Ctrl-C
+                time.sleep(0.3)
+                GATE.set()
+                out = Collected()
+                reply = control._replies(s, unit, out, out,
+                                         deadline=time.monotonic() + 30)
+            finally:
+                s.close()
+            t.join(30)
+            assert "NEW" not in units.local()
+    finally:
+        units.close()
+    assert reply == {"status": 130, "not_run": True}, out.data
+    assert out.data == b""
+    assert exits and exits[0]["status"] == 0
 
 
 # -- a real server under a long command ----------------------------------------------
