@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import queue
 import signal
@@ -469,3 +470,47 @@ def test_ctrl_c_of_a_client_asks_the_server_and_says_what_became_of_it(
     assert lines[-1].startswith("fastfc: Ctrl-C: ") and says in lines[-1], lines
     assert ("left: 3 tracks" in lines) == (answer is not None)
     assert len(lines) == (3 if answer is not None else 2)
+
+
+def test_a_stderr_nobody_reads_never_stalls_the_server(monkeypatch):
+    """The server's log lines go out on a thread of their own: with stderr
+    stalled (a full pipe), logging still returns at once; lines past the
+    queue's limit are dropped and a line says how many once it flows."""
+    from fastfc.tools.cli import serve
+    flowing = threading.Event()
+    written: list[str] = []
+
+    class Stalled:
+        def write(self, s: str) -> int:
+            flowing.wait(30)
+            written.append(s)
+            return len(s)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Stalled())
+    monkeypatch.setattr(serve._LogLines, "LIMIT", 5)
+    handler = serve._LogLines()
+    logger = logging.getLogger("fastfc.test-stalled")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        def log() -> None:          # 1 taken by the writer, 5 queued, the rest dropped
+            for i in range(20):
+                logger.warning("line %d", i)
+
+        t = threading.Thread(target=log)
+        t.start()
+        t.join(20)
+        assert not t.is_alive() and not flowing.is_set()    # done, stderr still stalled
+        flowing.set()
+        handler.close(wait=10)
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    text = "".join(written)
+    assert text.startswith("line 0\n"), text
+    assert "log lines dropped: stderr did not take them" in text, text
+    kept = [ln for ln in text.splitlines() if ln.startswith("line ")]
+    assert 5 <= len(kept) <= 7 and len(kept) < 20

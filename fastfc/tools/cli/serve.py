@@ -18,6 +18,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import queue
 import signal
 import ssl
 import sys
@@ -230,35 +231,73 @@ def serve(units, socket_path, port, bind, log_level, allow_plain_tcp, allow_remo
         for s, h in old.items():
             signal.signal(s, h)
         if handler is not None:
-            logging.getLogger("fastfc").removeHandler(handler)
+            handler.close()
 
 
-def _log_to_stderr(level: str) -> logging.Handler | None:
+def _log_to_stderr(level: str) -> "_LogLines | None":
     """The ``fastfc`` loggers (``fastfc.serve``, ``fastfc.control``,
     ``fastfc.nbd``) to stderr at ``level``, one line a record: time, level,
-    logger. The handler added, to be removed when the server stops (None
-    if the process configured logging already: a test, an embedding)."""
+    logger. The handler added, to be closed when the server stops (None if
+    the process configured logging already: a test, an embedding)."""
     logger = logging.getLogger("fastfc")
     logger.setLevel(getattr(logging, level.upper()))
     if logger.handlers:
         return None
-    handler = logging.StreamHandler(_Stderr())
+    handler = _LogLines()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     return handler
 
 
-class _Stderr:
-    """The server's own stderr, even while forwarded commands' output is
-    routed by thread (a log line from a command's thread is the server's,
-    not its client's)."""
+class _LogLines(logging.Handler):
+    """Log lines written to the server's own stderr by a thread of their
+    own (even while forwarded commands' output is routed by thread: a line
+    from a command's thread is the server's, not its client's). A stderr
+    nobody reads (a full pipe) never stalls the server: past
+    :attr:`LIMIT` lines waiting, lines are dropped, and a line says how
+    many once stderr takes them again."""
 
-    def write(self, s: str) -> int:
-        stream = getattr(sys.stderr, "original", sys.stderr)
-        return int(stream.write(s))
+    LIMIT = 10000
 
-    def flush(self) -> None:
-        getattr(sys.stderr, "original", sys.stderr).flush()
+    def __init__(self) -> None:
+        super().__init__()
+        self._lines: queue.Queue[str | None] = queue.Queue(self.LIMIT)
+        self._dropped = 0
+        self._thread = threading.Thread(target=self._write, name="fastfc-log", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            self._lines.put_nowait(line)
+        except queue.Full:
+            self._dropped += 1
+
+    def _write(self) -> None:
+        while (line := self._lines.get()) is not None:
+            stream = getattr(sys.stderr, "original", sys.stderr)
+            try:
+                dropped, self._dropped = self._dropped, 0
+                if dropped:
+                    stream.write(f"({dropped} log lines dropped: stderr did not take them)\n")
+                stream.write(line + "\n")
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+
+    def close(self, wait: float = 2.0) -> None:
+        """Write what is queued (for up to ``wait`` seconds), then stop."""
+        logging.getLogger("fastfc").removeHandler(self)
+        try:
+            self._lines.put(None, timeout=wait)
+        except queue.Full:
+            pass
+        self._thread.join(wait)
+        super().close()
 
 
 def _loopback(bind: str) -> bool:
