@@ -510,7 +510,6 @@ def test_a_stderr_nobody_reads_never_stalls_the_server(monkeypatch):
         logger.removeHandler(handler)
         logger.propagate = True
     text = "".join(written)
-    assert text.startswith("line 0\n"), text
-    assert "log lines dropped: stderr did not take them" in text, text
     kept = [ln for ln in text.splitlines() if ln.startswith("line ")]
-    assert 5 <= len(kept) <= 7 and len(kept) < 20
+    assert kept == [f"line {i}" for i in range(len(kept))] and len(kept) in (5, 6), text
+    assert f"({20 - len(kept)} log lines dropped: stderr did not take them)" in text, text
