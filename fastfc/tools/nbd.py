@@ -691,10 +691,10 @@ class NBDServer:
 
     def _looked_up(self, look: Callable[[], Any]) -> Any:
         """``look()`` under ``lock``, or, when a command has held it longer
-        than :attr:`lookup_wait` (a long changing command), without it: a lookup only reads the units (retried if a dict
-        changed under it), and what it finds is safe to use either way (a
-        volume closed since answers ESHUTDOWN; write refusals are the
-        volume's own)."""
+        than :attr:`lookup_wait` (a long changing command), without it: a
+        lookup only reads the units (retried if a dict changed under it),
+        and what it finds is safe to use either way (a volume closed since
+        answers ESHUTDOWN; write refusals are the volume's own)."""
         if self.lock.acquire(timeout=self.lookup_wait):
             try:
                 return look()
