@@ -293,7 +293,7 @@ def site(tmp_path):
 
 
 def test_lookers_and_changers_run_while_formcg_runs_and_ctrl_c_stops_it(site):
-    """While a forwarded ``formcg --seconds 30`` forms CGs and an NBD client
+    """While a forwarded ``formcg --seconds 60`` forms CGs and an NBD client
     writes to A0: lsvol, showgmir and lsflash answer (correctly) and a
     changing command (mkvol) runs, all before formcg ends. Ctrl-C of formcg
     then stops its loop in the server: the client says so in one line and
@@ -317,7 +317,7 @@ def test_lookers_and_changers_run_while_formcg_runs_and_ctrl_c_stops_it(site):
 
         wt = threading.Thread(target=write, daemon=True)
         wt.start()
-        formcg = popen("-u", a, "-r", b, "formcg", "S", "--seconds", "30")
+        formcg = popen("-u", a, "-r", b, "formcg", "S", "--seconds", "60")
         try:
             err_lines = Lines(formcg.stderr)
             err_lines.first("CG ")      # its loop runs in the server: a progress line

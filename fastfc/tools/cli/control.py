@@ -44,7 +44,10 @@ What a forwarded command sees
   lock: a unit's SQLite store under its store lock, bitmaps and counters
   as the engine publishes them; the units' table (``Units.open``) changes
   only under the exclusive lock, or, when a looker opens a unit the server
-  does not hold yet, under the narrow ``Units`` opening lock.
+  does not hold yet, under the narrow ``Units`` opening lock. A changing
+  command on a session whose ``formcg`` loop runs meets what it meets
+  beside a ``resumegmir`` loop: the session's own lock (one attempt at a
+  time), and its refusals (a second loop: "already running").
   ``--wait`` (for a busy unit) has nothing to wait for: a forwarded command
   queues for the lock instead of failing on a busy unit.
 - ``--durability power`` on a unit the server opened at ``process`` is
@@ -77,7 +80,10 @@ past :data:`MAX_CONNECTIONS` connections a new one is refused with a
 message. A ``control.sock`` removed or replaced under a running server is
 made again within :data:`REPUBLISH_INTERVAL`.
 
-The wire format: the client sends one frame, the server sends frames back
+Each connection is logged (logger ``fastfc.control``, at info: the peer's
+pid and uid, the command line, its exit status and seconds taken).
+
+The wire format: the client sends a request frame, the server sends frames back
 until an exit frame. A frame is a kind byte, a 4-byte big-endian length and
 that many bytes: ``q`` the request (JSON), ``o`` stdout bytes, ``e`` stderr
 bytes, ``x`` the exit status (JSON: ``status``, and ``stopped`` or
