@@ -314,15 +314,18 @@ def test_a_stale_socket_falls_back_to_opening_the_unit(tmp_path, holders):
     assert not sock.exists()
 
 
-def test_concurrent_commands_are_serialised(tmp_path):
-    """Commands sent at once run one at a time: of eight clients making the
-    same volume exactly one does it, the others are told it exists; their
-    writes at distinct offsets all land. A volume a command makes is in the
-    server's own units at once (where an NBD server looks it up)."""
+@pytest.mark.parametrize("lock_type", [threading.RLock, control.CommandLock])
+def test_concurrent_commands_are_serialised(tmp_path, lock_type):
+    """Changing commands sent at once run one at a time (under a plain
+    lock, and under the server's readers-writer lock): of eight clients
+    making the same volume exactly one does it, the others are told it
+    exists; their writes at distinct offsets all land. A volume a command
+    makes is in the server's own units at once (where an NBD server looks
+    it up)."""
     make_site(tmp_path / "s")
     unit = tmp_path / "s" / "u"
     units = Units(str(unit), None)
-    lock = threading.RLock()
+    lock = lock_type()
     units.local()
     results: dict[int, tuple[int, bytes, bytes]] = {}
 

@@ -595,9 +595,12 @@ def test_sigterm_ends_a_long_formcg_and_clients_connect_meanwhile(tmp_path):
 def test_ctrl_c_of_a_forwarded_formcg_stops_its_loop_in_the_server(tmp_path):
     """Ctrl-C of ``formcg S --seconds 120`` forwarded to a server printed
     "Aborted!" while the loop ran on in the server, holding its lock:
-    every later command waited the full 120 s. Now the client's hang-up
-    ends the loop: the next command runs at once and the session's CGs
-    stop forming."""
+    every later command waited the full 120 s. Now Ctrl-C asks the server
+    to stop it: the loop ends there, the client says so in one line and
+    exits 130, the next command runs at once and the session's CGs stop
+    forming. The signal goes once the client printed its first progress
+    line (before, under load, it could land while the client was still
+    starting, before it had sent anything)."""
     a, b, sock = tmp_path / "a", tmp_path / "b", tmp_path / "s"
     make_unit(a, "A0", size=MIB)
     make_unit(b, "B0", "C0", size=MIB)
@@ -608,11 +611,15 @@ def test_ctrl_c_of_a_forwarded_formcg_stops_its_loop_in_the_server(tmp_path):
                                    "formcg", "S", "--seconds", "120"], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            time.sleep(2.0)                      # the loop runs, holding the lock
+            first = formcg.stderr.readline()     # type: ignore[union-attr]
+            assert first.startswith("CG "), first   # a progress line: the loop runs
             assert formcg.poll() is None
             formcg.send_signal(signal.SIGINT)
             _, err = formcg.communicate(timeout=30)
-            assert formcg.returncode != 0 and "Aborted!" in err, err
+            assert formcg.returncode == 130, err
+            assert "stopped (Ctrl-C): the loop ended after" in err, err
+            assert err.rstrip().splitlines()[-1].startswith(
+                "fastfc: Ctrl-C: the command was stopped in the server holding"), err
             t0 = time.monotonic()
             r = subprocess.run([sys.executable, "-m", "fastfc", "-u", str(a), "-r", str(b),
                                 "showgmir", "S", "--json"], env=env, capture_output=True,

@@ -44,7 +44,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from fastfc.errors import (FastFCError, InvalidImageError, NoSpaceError, VolumeClosedError,
                            WriteInhibitedError)
@@ -399,9 +399,10 @@ class NBDServer:
     names : callable
         ``names() -> list of (name, description)`` for ``NBD_OPT_LIST``
         (called under ``lock``).
-    lock : threading.RLock
+    lock : threading.RLock, or any lock with ``acquire(timeout=)`` and ``release()``
         Serialises the server's lookups against whatever else changes the
-        units (the command line); a lookup waits at most
+        units (the command line: ``fastfc serve`` hands the shared side of
+        its readers-writer command lock); a lookup waits at most
         :attr:`lookup_wait` for it.
     tls : ssl.SSLContext, optional
         Offer ``NBD_OPT_STARTTLS`` and require it before any export.
@@ -421,7 +422,7 @@ class NBDServer:
     """
 
     def __init__(self, lookup: Lookup, names: Callable[[], list[tuple[str, str]]],
-                 lock: threading.RLock, *, tls: ssl.SSLContext | None = None,
+                 lock: "LookupLock", *, tls: ssl.SSLContext | None = None,
                  max_connections: int = 1024, handshake_timeout: float = 30.0,
                  buffer_budget: int = BUFFER_BUDGET, buffer_wait: float = 10.0) -> None:
         self.lookup = lookup
@@ -616,6 +617,9 @@ class NBDServer:
     # -- one connection ---------------------------------------------------------
     def _connection(self, conn: socket.socket) -> None:
         key = id(conn)
+        who = _peer(conn)
+        started = time.monotonic()
+        log.info("NBD connection from %s", who)
         try:
             sock, export = self._negotiate(conn, key)
             with self._conns_lock:
@@ -624,18 +628,22 @@ class NBDServer:
                     raise ProtocolError("the handshake took longer than "
                                         f"{self.handshake_timeout} s")
             if export is not None and not self._stopping.is_set():
+                log.info("NBD connection from %s: export %s", who,
+                         getattr(getattr(export, "volume", None), "name", "?"))
                 sock.settimeout(None)      # transmission: a client may idle
                 counters = RequestCounters()
                 with self._conns_lock:
                     self._live_counters[key] = (export.volume.name, counters)
                 self._transmit(sock, export, counters)
         except (ProtocolError, ConnectionError, ssl.SSLError) as e:
-            log.info("connection dropped: %s", e)
+            log.info("NBD connection from %s dropped: %s", who, e)
         except OSError as e:
-            log.info("connection ended: %s", e)
+            log.info("NBD connection from %s ended: %s", who, e)
         except Exception:
-            log.exception("connection dropped by a server error")
+            log.exception("NBD connection from %s dropped by a server error", who)
         finally:
+            log.info("NBD connection from %s closed after %.3f s", who,
+                     time.monotonic() - started)
             with self._conns_lock:
                 current = self._conns.pop(key, conn)
                 self._handshakes.pop(key, None)
@@ -758,11 +766,10 @@ class NBDServer:
 
     def _looked_up(self, look: Callable[[], Any]) -> Any:
         """``look()`` under ``lock``, or, when a command has held it longer
-        than :attr:`lookup_wait` (``formcg --seconds`` holds it for its whole
-        loop), without it: a lookup only reads the units (retried if a dict
-        changed under it), and what it finds is safe to use either way (a
-        volume closed since answers ESHUTDOWN; write refusals are the
-        volume's own)."""
+        than :attr:`lookup_wait` (a long changing command), without it: a
+        lookup only reads the units (retried if a dict changed under it),
+        and what it finds is safe to use either way (a volume closed since
+        answers ESHUTDOWN; write refusals are the volume's own)."""
         if self.lock.acquire(timeout=self.lookup_wait):
             try:
                 return look()
@@ -983,3 +990,25 @@ def is_read_only(vol: Volume, units: Iterable[StorageUnit]) -> bool:
 
 def describe(vol: Volume) -> str:
     return f"{vol.n_tracks} tracks of {vol.track_size} B"
+
+
+class LookupLock(Protocol):
+    """What :class:`NBDServer` takes around its lookups."""
+
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+def _peer(conn: socket.socket) -> str:
+    """Who is at the other end of ``conn``, for the log: an address, or
+    for a unix socket the peer's pid and uid."""
+    try:
+        if conn.family == socket.AF_UNIX:
+            pid, uid, _ = struct.unpack("3i", conn.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            return f"pid {pid} uid {uid}"
+        host, port = conn.getpeername()[:2]
+        return f"{host}:{port}"
+    except (OSError, AttributeError, struct.error, ValueError):
+        return "an unknown peer"

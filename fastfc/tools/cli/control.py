@@ -18,21 +18,38 @@ What a forwarded command sees
 - Its own command line, parsed and checked by the server exactly as a direct
   run parses it (usage errors included), the client's working directory for
   relative unit paths, and the client's ``FASTFC_*`` and terminal
-  environment variables (``COLUMNS``, ``TERM``, ``NO_COLOR``, ...), set in
-  the server's ``os.environ`` while the command runs (commands run one at a
-  time, so they never see each other's).
+  environment variables (``COLUMNS``, ``TERM``, ``NO_COLOR``, ...): while
+  a server hosts, ``os.environ`` is routed by thread (:class:`_EnvRouter`),
+  so each command reads its own client's values however many run at once
+  (and a rich console takes a copy of them when made, for its own threads).
 - The units the server holds, not closed when it ends (but flushed, as a
   direct run's close flushes them). A unit the command needs that the
   server does not hold (a new ``--remote-unit``, a partner) is opened by the
   server read-write as a direct run would, and stays open with the server,
   served like the others, since pairs now span it: the server closes it
   when it stops.
-- One command at a time: each waits for ``lock``, which also serialises the
-  server's other work on the units (an NBD server's volume lookups). A
-  Global Mirror loop the server runs (``resumegmir``: :mod:`.loops`) takes
-  no part in it: commands run while it forms CGs.
-  ``--wait`` has nothing to wait for: a forwarded command queues for the
-  lock instead of failing on a busy unit.
+- The server's command lock (:class:`CommandLock`, a readers-writer lock):
+  a command that only looks (``READ_ONLY_COMMANDS``: ``lsvol``, ``showgmir``,
+  ``lsflash``, ...) takes it shared, so such commands run together; any
+  other takes it exclusive, so changing commands run one at a time, each
+  seeing the units as the one before left them (a waiting changing command
+  goes before newly arriving lookers, so lookers cannot starve it). A long
+  command lets go of it (:func:`.units.unlocked`) while it waits or works
+  on objects that keep their own locks: ``formcg --seconds`` while its
+  loop forms CGs, ``waitflash`` and ``--wait`` while they copy or send
+  step by step; so a looker answers while they run, as it does while a
+  session's loop (``resumegmir``: :mod:`.loops`) or a background copy
+  (:mod:`.copies`) runs, which never take the lock. What a looker reads
+  while those run is read under the object's own lock, never the command
+  lock: a unit's SQLite store under its store lock, bitmaps and counters
+  as the engine publishes them; the units' table (``Units.open``) changes
+  only under the exclusive lock, or, when a looker opens a unit the server
+  does not hold yet, under the narrow ``Units`` opening lock. A changing
+  command on a session whose ``formcg`` loop runs meets what it meets
+  beside a ``resumegmir`` loop: the session's own lock (one attempt at a
+  time), and its refusals (a second loop: "already running").
+  ``--wait`` (for a busy unit) has nothing to wait for: a forwarded command
+  queues for the lock instead of failing on a busy unit.
 - ``--durability power`` on a unit the server opened at ``process`` is
   refused (the units keep the level they were opened with); ``process`` on
   a ``power`` server gets the stronger level.
@@ -40,10 +57,15 @@ What a forwarded command sees
   command runs). If the client takes no output for :data:`IO_TIMEOUT`
   seconds (suspended), the command still finishes: the rest of its output
   is dropped and the client says the outcome is unknown. If the client
-  hangs up (Ctrl-C, killed; or is cut off so), a command that runs for a
-  while (``formcg --seconds``) is told to end (:attr:`Served.stopping`)
-  and one still queued for the lock is not run; others finish. No command reads stdin,
-  so none is sent.
+  hangs up (killed; or is cut off so), or asks it to stop (Ctrl-C: the
+  client sends a ``c`` frame), a command that runs for a while
+  (``formcg --seconds``, ``waitflash``, ``--wait``) is told to end
+  (:attr:`Served.stopping`, :func:`.units.interrupted`) and one still
+  queued for the lock is not run; others finish. The exit frame says
+  whether the command stopped early so (``stopped``), and the client prints
+  one line saying so (or that the outcome is unknown, when no answer comes
+  within :data:`CANCEL_WAIT`) and exits 130. No command reads stdin, so
+  none is sent.
 - ``serve``, ``demo`` and ``bench`` are never forwarded (:data:`LOCAL`).
 
 Security: the socket is created in a private (0700) directory inside the
@@ -58,10 +80,15 @@ past :data:`MAX_CONNECTIONS` connections a new one is refused with a
 message. A ``control.sock`` removed or replaced under a running server is
 made again within :data:`REPUBLISH_INTERVAL`.
 
-The wire format: the client sends one frame, the server sends frames back
+Each connection is logged (logger ``fastfc.control``, at info: the peer's
+pid and uid, the command line, its exit status and seconds taken).
+
+The wire format: the client sends a request frame, the server sends frames back
 until an exit frame. A frame is a kind byte, a 4-byte big-endian length and
 that many bytes: ``q`` the request (JSON), ``o`` stdout bytes, ``e`` stderr
-bytes, ``x`` the exit status (JSON). Output is bytes, encoded with the
+bytes, ``x`` the exit status (JSON: ``status``, and ``stopped`` or
+``not_run`` after a ``c``), and from the client after its request, ``c``:
+stop the command (Ctrl-C). Output is bytes, encoded with the
 client's stream encodings, so binary-safe and identical to a direct run.
 """
 
@@ -71,6 +98,7 @@ import codecs
 import errno
 import io
 import json
+import logging
 import os
 import select
 import socket
@@ -81,13 +109,17 @@ import tempfile
 import threading
 import time
 import traceback
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
+from collections.abc import MutableMapping
 from typing import IO, Any, Iterator, cast
 
 import click
 
-from .units import Units
+from .units import Running, Units, running
+
+log = logging.getLogger("fastfc.control")
 
 SOCKET = "control.sock"
 
@@ -111,7 +143,159 @@ MAX_CONNECTIONS = 64
 #: ``control.sock`` removed (or replaced) under a running server is made
 #: again within this.
 REPUBLISH_INTERVAL = 1.0
+#: Seconds a client waits, after Ctrl-C, for the server to say it stopped
+#: the command; then it says the outcome is unknown.
+CANCEL_WAIT = 2.0
 _HEADER = struct.Struct(">cI")
+
+
+# -- the command lock ------------------------------------------------------------------
+class CommandLock:
+    """A readers-writer lock: taken exclusive (``with lock``,
+    :meth:`acquire`, :meth:`release`: reentrant, as the ``threading.RLock``
+    it replaces) by what changes the units, shared (:meth:`shared`,
+    reentrant, also by the thread holding it exclusive) by what only looks.
+    A thread waiting to take it exclusive goes before threads that come to
+    take it shared after it (no starving the writers); a thread holding it
+    shared cannot take it exclusive (RuntimeError: that would deadlock).
+    :meth:`released` lets go of what this thread holds for a block."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._writer: int | None = None
+        self._depth = 0
+        self._readers: dict[int, int] = {}
+        self._writers_waiting = 0
+
+    # exclusive
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me:
+                self._depth += 1
+                return True
+            if me in self._readers:
+                raise RuntimeError("this thread holds the command lock shared: it cannot "
+                                   "take it exclusive")
+            deadline = None if timeout < 0 else time.monotonic() + timeout
+            self._writers_waiting += 1
+            try:
+                while self._writer is not None or self._readers:
+                    if not blocking:
+                        return False
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._cond.wait(left)
+            finally:
+                self._writers_waiting -= 1
+                if self._writer is None:
+                    self._cond.notify_all()     # readers held back by this waiter
+            self._writer, self._depth = me, 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            if self._writer != threading.get_ident():
+                raise RuntimeError("release of a command lock this thread does not hold")
+            self._depth -= 1
+            if not self._depth:
+                self._writer = None
+                self._cond.notify_all()
+
+    def __enter__(self) -> "CommandLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # shared
+    def acquire_shared(self, blocking: bool = True, timeout: float = -1) -> bool:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me or me in self._readers:
+                self._readers[me] = self._readers.get(me, 0) + 1
+                return True
+            deadline = None if timeout < 0 else time.monotonic() + timeout
+            while self._writer is not None or self._writers_waiting:
+                if not blocking:
+                    return False
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+            self._readers[me] = 1
+            return True
+
+    def release_shared(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            n = self._readers.get(me)
+            if not n:
+                raise RuntimeError("release of a shared hold this thread does not have")
+            if n > 1:
+                self._readers[me] = n - 1
+            else:
+                del self._readers[me]
+                self._cond.notify_all()
+
+    @contextmanager
+    def shared(self) -> Iterator["CommandLock"]:
+        self.acquire_shared()
+        try:
+            yield self
+        finally:
+            self.release_shared()
+
+    def reader(self) -> "_SharedView":
+        """This lock as a lock taken shared (``acquire``/``release``,
+        ``with``): for what only looks up (an NBD server's exports)."""
+        return _SharedView(self)
+
+    @contextmanager
+    def released(self) -> Iterator[None]:
+        """Let go of whatever this thread holds of the lock for the block;
+        take the same back after (a long command's wait)."""
+        me = threading.get_ident()
+        with self._cond:
+            depth = self._depth if self._writer == me else 0
+            shared = self._readers.pop(me, 0)
+            if depth:
+                self._writer, self._depth = None, 0
+            if depth or shared:
+                self._cond.notify_all()
+        try:
+            yield
+        finally:
+            if depth:
+                self.acquire()
+                with self._cond:
+                    self._depth = depth
+                    if shared:
+                        self._readers[me] = shared
+            elif shared:
+                self.acquire_shared()
+                with self._cond:
+                    self._readers[me] = shared
+
+
+class _SharedView:
+    def __init__(self, lock: CommandLock) -> None:
+        self._lock = lock
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire_shared(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release_shared()
+
+    def __enter__(self) -> "_SharedView":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _env_wanted(key: str) -> bool:
@@ -249,28 +433,69 @@ def forward(unit: str | os.PathLike, argv: list[str], prog_name: str, *,
                                                   stdout, stderr)).encode())
         except (BrokenPipeError, ConnectionResetError):
             pass    # refused before reading it: what the server said is still there
-        while True:
-            frame = _recv(sock)
-            if frame is None:
-                raise ServerGone(
-                    f"the server holding {unit} closed the connection before the command "
-                    "finished: what it did is unknown (look with the ls* and show* "
-                    "commands)")
-            kind, body = frame
-            if kind == b"o":
-                stdout.write(body)
-                stdout.flush()
-            elif kind == b"e":
-                stderr.write(body)
-                stderr.flush()
-            elif kind == b"x":
-                status: int = json.loads(body)["status"]
-                return status
-            else:
-                raise ServerGone(f"the server holding {unit} sent a frame of unknown kind "
-                                 f"{kind!r}")
+        try:
+            return int(_replies(sock, unit, stdout, stderr)["status"])
+        except KeyboardInterrupt:
+            return _stop_in_server(sock, unit, stdout, stderr)
     finally:
         sock.close()
+
+
+def _replies(sock: socket.socket, unit: str | os.PathLike, stdout: IO[bytes],
+             stderr: IO[bytes], deadline: float | None = None) -> dict:
+    """Copy the server's output frames until its exit frame: that (JSON)."""
+    while True:
+        frame = _recv(sock, deadline=deadline)
+        if frame is None:
+            raise ServerGone(
+                f"the server holding {unit} closed the connection before the command "
+                "finished: what it did is unknown (look with the ls* and show* "
+                "commands)")
+        kind, body = frame
+        if kind == b"o":
+            stdout.write(body)
+            stdout.flush()
+        elif kind == b"e":
+            stderr.write(body)
+            stderr.flush()
+        elif kind == b"x":
+            return cast(dict, json.loads(body))
+        else:
+            raise ServerGone(f"the server holding {unit} sent a frame of unknown kind "
+                             f"{kind!r}")
+
+
+def _stop_in_server(sock: socket.socket, unit: str | os.PathLike, stdout: IO[bytes],
+                    stderr: IO[bytes]) -> int:
+    """Ctrl-C of a forwarded command: ask the server to stop it, wait up to
+    :data:`CANCEL_WAIT` for its answer (its output still copied), say in
+    one line what became of it; exit status 130."""
+    line = (f"fastfc: Ctrl-C: the server holding {unit} did not say whether it stopped "
+            "the command: its outcome is unknown (look with the ls* and show* commands)")
+    try:
+        try:
+            _send(sock, b"c", b"")
+        except OSError:
+            pass        # gone already: its answer may still be there to read
+        reply = _replies(sock, unit, stdout, stderr, time.monotonic() + CANCEL_WAIT)
+        status = reply.get("status")
+        if reply.get("not_run"):
+            line = (f"fastfc: Ctrl-C: the server holding {unit} did not run the command "
+                    "(it was waiting for its turn): nothing changed")
+        elif reply.get("stopped"):
+            line = (f"fastfc: Ctrl-C: the command was stopped in the server holding {unit} "
+                    f"(exit status {status} there; what it left is said above)")
+        else:
+            line = (f"fastfc: Ctrl-C: the server holding {unit} had finished the command "
+                    f"before it could stop it (exit status {status} there)")
+    except (KeyboardInterrupt, OSError, ValueError, ServerGone):
+        pass            # a second Ctrl-C, no answer in time, or the server gone
+    try:
+        stderr.write((line + "\n").encode("utf-8", "replace"))
+        stderr.flush()
+    except (OSError, ValueError):
+        pass
+    return 130
 
 
 def binary(text: Any) -> IO[bytes]:
@@ -359,6 +584,60 @@ class _Router:
         return getattr(self.routed, name)
 
 
+class _EnvRouter(MutableMapping):
+    """Stands in for ``os.environ`` while a server hosts: the variables a
+    forwarded command takes from its client (``FASTFC_*``, ``COLUMNS``,
+    ``TERM``, ...: :func:`_env_wanted`) are read from, and set in, that
+    command's own copy in the thread that runs it; every other variable,
+    and every variable in other threads, is the process's. Concurrent
+    commands so never see each other's."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+        self._local = threading.local()
+
+    def _mine(self) -> dict | None:
+        return cast("dict | None", getattr(self._local, "env", None))
+
+    def route(self, env: dict | None) -> None:
+        self._local.env = env
+
+    def __getitem__(self, key: str) -> str:
+        mine = self._mine()
+        if mine is not None and _env_wanted(key):
+            return cast(str, mine[key])
+        return cast(str, self.original[key])
+
+    def __setitem__(self, key: str, value: str) -> None:
+        mine = self._mine()
+        if mine is not None and _env_wanted(key):
+            mine[key] = str(value)
+        else:
+            self.original[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        mine = self._mine()
+        if mine is not None and _env_wanted(key):
+            del mine[key]
+        else:
+            del self.original[key]
+
+    def __iter__(self) -> Iterator[str]:
+        mine = self._mine()
+        if mine is None:
+            return iter(list(self.original))
+        return iter([k for k in list(self.original) if not _env_wanted(k)] + list(mine))
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+    def copy(self) -> dict:
+        return dict(self)
+
+    def __getattr__(self, name: str) -> Any:    # encodekey, ... of os._Environ
+        return getattr(self.original, name)
+
+
 class _Sink:
     """Bytes to one client stream, each write sent as a frame at once. Once
     the client is gone, writes are dropped: the command still finishes."""
@@ -426,21 +705,30 @@ class _ClientText:
 # -- the server ------------------------------------------------------------------------
 class Served:
     """What a server hands the ``fastfc`` group (as ``obj``) for a command it
-    runs for a client: its units, and the client's working directory."""
+    runs for a client: its units, and the client's working directory.
+    :meth:`units` takes the server's command lock for the command (shared
+    for one that only looks, else exclusive); the server lets go of it when
+    the command ends (:meth:`done`)."""
 
-    def __init__(self, units: Units, cwd: str, stopping: threading.Event | None = None
-                 ) -> None:
+    def __init__(self, units: Units, cwd: str, stopping: threading.Event | None = None,
+                 lock: Any = None, asked: threading.Event | None = None) -> None:
         self.host, self.cwd = units, cwd
         #: set when the server stops or the client hangs up (Ctrl-C): a
         #: command that runs for a while (formcg --seconds) ends early instead
-        #: of holding the server's shutdown, or its lock for nobody
+        #: of holding the server's shutdown
         self.stopping = stopping
+        self._lock = lock
+        self._asked = asked     # the client's Ctrl-C (or hang-up) alone
+        self._held: str | None = None
+        #: the command was not run: its client hung up while it waited
+        self.not_run = False
 
     def units(self, local: str | None, remote: str | None, durability: str | None, *,
               looks_only: bool = False) -> Units:
         """The command's view of the served units (``durability``: the level
         the command asked for explicitly, None if it did not; ``looks_only``:
         a command that changes nothing, so nothing to flush after it)."""
+        self._take(looks_only)
         if durability == "power" and self.host.durability != "power":
             raise click.ClickException(
                 f"--durability power: the units are held by a server (pid {os.getpid()}) "
@@ -449,6 +737,56 @@ class Served:
         units = Units.borrowing(self.host, local, remote, cwd=self.cwd, looks_only=looks_only)
         units.stopping = self.stopping
         return units
+
+    def _take(self, shared: bool) -> None:
+        lock = self._lock
+        if lock is None or self._held is not None:
+            return
+        if shared and hasattr(lock, "acquire_shared"):
+            lock.acquire_shared()
+            self._held = "shared"
+        else:
+            lock.acquire()
+            self._held = "exclusive"
+        if self._asked is not None and self._asked.is_set():
+            # its client hung up (or pressed Ctrl-C) while it waited for its
+            # turn: nobody to run it for
+            self.not_run = True
+            raise click.exceptions.Exit(130)
+
+    def release(self) -> Any:
+        """The :func:`.units.unlocked` hook: let go of the lock for a block."""
+        lock = self._lock
+        if self._held is None or not hasattr(lock, "released"):
+            return contextlib.nullcontext()
+        return lock.released()
+
+    def done(self) -> None:
+        """The command ended: let go of the lock it took."""
+        held, self._held = self._held, None
+        if held == "shared":
+            self._lock.release_shared()
+        elif held == "exclusive":
+            self._lock.release()
+
+
+class _Seen(threading.Event):
+    """An event that remembers whether anyone saw it set (a command that
+    polled it and so stopped early)."""
+
+    seen = False
+
+    def is_set(self) -> bool:
+        got = super().is_set()
+        if got:
+            self.seen = True
+        return got
+
+    def wait(self, timeout: float | None = None) -> bool:
+        got = super().wait(timeout)
+        if got:
+            self.seen = True
+        return got
 
 
 class _Host:
@@ -467,6 +805,8 @@ class _Host:
         self._accepting: threading.Thread | None = None
         self._routers: tuple[_Router, _Router] | None = None
         self._guard = threading.Lock()      # _listeners, _threads
+        self._publishing = threading.Lock()     # one publish at a time
+        self._env: _EnvRouter | None = None
         #: connections taken at once; one more is refused (each holds a thread)
         self.max_connections = MAX_CONNECTIONS
 
@@ -475,6 +815,8 @@ class _Host:
         out, err = _Router(sys.stdout), _Router(sys.stderr)
         sys.stdout, sys.stderr = out, err
         self._routers = (out, err)
+        self._env = _EnvRouter(os.environ)
+        setattr(os, "environ", self._env)
         try:
             with self.lock:
                 self.publish()
@@ -517,11 +859,17 @@ class _Host:
                 sys.stdout = out.original
             if sys.stderr is err:
                 sys.stderr = err.original
+        if self._env is not None and os.environ is self._env:
+            setattr(os, "environ", self._env.original)
 
     # -- sockets -----------------------------------------------------------------------
     def publish(self) -> None:
         """A control socket in each unit directory the server holds that has
-        none yet (units a command opened join). Call with ``lock`` held."""
+        none yet (units a command opened join)."""
+        with self._publishing:
+            self._publish()
+
+    def _publish(self) -> None:
         for unit in list(self.units.open.values()):
             if unit.path is None or unit.readonly:
                 continue
@@ -630,20 +978,26 @@ class _Host:
     # -- one command -------------------------------------------------------------------
     def _serve_one(self, conn: socket.socket) -> None:
         send_lock = threading.Lock()
+        started = time.monotonic()
+        who = "a client"
         try:
             with conn:
                 pid, uid, _ = struct.unpack("3i", conn.getsockopt(
                     socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+                who = f"pid {pid} uid {uid}"
                 try:
                     # all of it within IO_TIMEOUT, however it trickles in
                     frame = _recv(conn, MAX_REQUEST, time.monotonic() + IO_TIMEOUT)
                 except ValueError as e:        # too large: say so, run nothing
+                    log.warning("control connection from %s: refused: %s", who, e)
                     _refuse(conn, f"Error: this server runs no request: {e}\n")
                     return
                 conn.settimeout(IO_TIMEOUT)
                 if frame is None or frame[0] != b"q":
+                    log.info("control connection from %s: closed without a request", who)
                     return
                 if uid != os.geteuid():
+                    log.warning("control connection from %s: refused: another user", who)
                     _refuse(conn, f"Error: this server (pid {os.getpid()}, uid "
                                   f"{os.geteuid()}) runs commands only for its own "
                                   f"user, not uid {uid}\n")
@@ -651,79 +1005,92 @@ class _Host:
                 try:
                     request = _checked_request(frame[1])
                 except ValueError as e:
+                    log.warning("control connection from %s: a malformed request: %s", who, e)
                     _refuse(conn, f"Error: a malformed request, not run: {e}\n")
                     return
-                status = self._run(conn, request, send_lock)
+                line = " ".join([str(request.get("prog_name") or "fastfc"),
+                                 *request["argv"]])
+                log.info("control connection from %s: %s", who, line)
+                status, how = self._run(conn, request, send_lock)
+                log.info("control connection from %s: %s: exit status %d%s in %.3f s",
+                         who, line, status, {"stopped": ", stopped early (Ctrl-C)",
+                                             "not_run": ", not run (Ctrl-C while queued)"
+                                             }.get(how or "", ""),
+                         time.monotonic() - started)
                 with send_lock:
-                    _send(conn, b"x", json.dumps({"status": status}).encode())
-        except (OSError, ValueError):
-            pass    # the client went away, or sent garbage: nothing to answer
+                    _send(conn, b"x", json.dumps({"status": status, **(
+                        {how: True} if how else {})}).encode())
+        except (OSError, ValueError) as e:
+            # the client went away, or sent garbage: nothing to answer
+            log.info("control connection from %s: ended: %s", who, e or type(e).__name__)
 
-    def _watch(self, conn: socket.socket, cancel: threading.Event,
-               done: threading.Event) -> None:
-        """Until ``done``: set ``cancel`` once the client hangs up (Ctrl-C,
-        killed: a client sends nothing after its request, so anything
-        readable is its end) or the server stops. A command that runs for
-        a while (``formcg --seconds``) then ends early, and releases
-        ``lock`` for the others."""
+    def _watch(self, conn: socket.socket, stopping: threading.Event,
+               asked: threading.Event, done: threading.Event) -> None:
+        """Until ``done``: set ``asked`` and ``stopping`` once the client
+        asks to stop the command (a ``c`` frame: Ctrl-C) or hangs up
+        (killed: a client sends nothing else after its request, so anything
+        else readable is its end); ``stopping`` alone once the server stops.
+        A command that runs for a while (``formcg --seconds``, ``waitflash``)
+        then ends early."""
         poller = select.poll()
         poller.register(conn.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR
                         | getattr(select, "POLLRDHUP", 0))
         while not done.is_set():
             if self.stopping.is_set():
-                cancel.set()
-                return
+                stopping.set()
             try:
                 if poller.poll(100):
-                    cancel.set()
+                    asked.set()
+                    stopping.set()
                     return
             except InterruptedError:
                 pass
 
-    def _run(self, conn: socket.socket, request: dict, send_lock: threading.Lock) -> int:
-        cancel, done = threading.Event(), threading.Event()
-        watcher = threading.Thread(target=self._watch, args=(conn, cancel, done),
+    def _run(self, conn: socket.socket, request: dict, send_lock: threading.Lock
+             ) -> tuple[int, str | None]:
+        """The command's exit status, and whether it stopped early at its
+        client's asking (``"stopped"``) or was not run (``"not_run"``)."""
+        stopping, asked, done = _Seen(), threading.Event(), threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(conn, stopping, asked, done),
                                    name="fastfc-control-watch", daemon=True)
         watcher.start()
         try:
-            return self._run_one(conn, request, send_lock, cancel)
+            return self._run_one(conn, request, send_lock, stopping, asked)
         finally:
             done.set()
             watcher.join()
 
     def _run_one(self, conn: socket.socket, request: dict, send_lock: threading.Lock,
-                 cancel: threading.Event) -> int:
+                 stopping: "_Seen", asked: threading.Event) -> tuple[int, str | None]:
         argv = [str(a) for a in request["argv"]]
         out = _ClientText(_Sink(conn, b"o", send_lock), **_stream_args(request["stdout"]))
         err = _ClientText(_Sink(conn, b"e", send_lock), **_stream_args(request["stderr"]))
         env = {str(k): str(v) for k, v in dict(request.get("env") or {}).items()
                if _env_wanted(str(k))}
-        assert self._routers is not None
+        assert self._routers is not None and self._env is not None
         r_out, r_err = self._routers
-        with self.lock:
-            if cancel.is_set() and not self.stopping.is_set():
-                return 130      # its client hung up while it queued: nobody to run it for
-            saved = {k: v for k, v in os.environ.items() if _env_wanted(k)}
-            r_out.route(out)
-            r_err.route(err)
+        served = Served(self.units, str(request["cwd"]), stopping, self.lock, asked)
+        hooks = Running(asked, served.release)
+        r_out.route(out)
+        r_err.route(err)
+        self._env.route(env)
+        try:
+            with running(hooks):
+                status = _invoke(argv, str(request.get("prog_name") or "fastfc"), served, err)
+            if served.not_run:
+                return status, "not_run"
             try:
-                for k in saved:
-                    del os.environ[k]
-                os.environ.update(env)
-                status = _invoke(argv, str(request.get("prog_name") or "fastfc"),
-                                 Served(self.units, str(request["cwd"]), cancel), err)
-                try:
-                    self.publish()
-                except OSError as e:
-                    err.write(f"warning: no control socket for a unit the command "
-                              f"opened: {e}\n")
-                return status
-            finally:
-                r_out.route(None)
-                r_err.route(None)
-                for k in [k for k in os.environ if _env_wanted(k)]:
-                    del os.environ[k]
-                os.environ.update(saved)
+                self.publish()
+            except OSError as e:
+                err.write(f"warning: no control socket for a unit the command "
+                          f"opened: {e}\n")
+            stopped = asked.is_set() and (hooks.heeded or stopping.seen)
+            return status, ("stopped" if stopped else None)
+        finally:
+            served.done()
+            r_out.route(None)
+            r_err.route(None)
+            self._env.route(None)
 
 
 def _refuse(conn: socket.socket, message: str) -> None:
@@ -832,8 +1199,10 @@ def hosting(units: Units, lock: Any) -> _Host:
     the ``with`` block runs.
 
     ``units`` are the serving process's open units (read-write); ``lock``
-    (a ``threading.RLock``) serialises the commands against the server's
-    other work on them: take it to look units or volumes up. Each unit
+    (a :class:`CommandLock`; a ``threading.RLock`` also does, every command
+    then taking it alone) orders the commands against each other and the
+    server's other work on them: take it exclusive to change units, shared
+    to look units or volumes up. Each unit
     directory held gets a ``control.sock`` (0600; removed on exit); a unit
     a command opens joins. On exit no new command is accepted and those
     received finish. While hosting, ``sys.stdout`` and ``sys.stderr`` are

@@ -15,7 +15,7 @@ from .app import main, warn_problems
 from .copies import moved_on_by
 from .output import Progress, console, each, eta, fc_id, human, json_out, plural, table
 from .params import FLASH, FLASHES, JSON, SIZE, Count
-from .units import pass_units
+from .units import interrupted, pass_units, unlocked
 
 # A --wait whose copy would take longer than this at its --copy-rate is refused.
 MAX_WAIT_SECONDS = 24 * 3600
@@ -286,8 +286,11 @@ def _copy_in_foreground(rels: list[FlashCopy]) -> None:
     """Finish the background copy of ``rels`` in this process, with progress
     on stderr. A relationship's ``copy_rate`` holds: a track at a time, and
     no faster than the rate allows (its worker thread may copy alongside;
-    progress counts what either copied, so together they keep to the rate)."""
-    with Progress() as progress:
+    progress counts what either copied, so together they keep to the rate).
+    In a server: other commands run meanwhile, and its client's Ctrl-C
+    stops it between steps (what is left is said; the copy moves on in the
+    background)."""
+    with unlocked(), Progress() as progress:
         for fc in rels:
             total = fc.tracks_to_copy
             ts = fc.source.track_size
@@ -298,6 +301,10 @@ def _copy_in_foreground(rels: list[FlashCopy]) -> None:
                 step = max(1, min(step, int(rate * 0.05) // ts))
             start = time.perf_counter()
             while fc.active and fc.tracks_to_copy:
+                if interrupted():
+                    raise click.ClickException(
+                        f"stopped (Ctrl-C): {fc_id(fc)} has {plural(fc.tracks_to_copy, 'track')}"
+                        " left to copy; " + (moved_on_by(fc, None)[1] or "nothing copies it"))
                 if rate:
                     ahead = (total - fc.tracks_to_copy) * ts / rate \
                         - (time.perf_counter() - start)

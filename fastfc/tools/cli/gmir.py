@@ -22,7 +22,7 @@ from .app import main
 from .output import Progress, console, human, json_out, ms, pair_id, plural, table
 from .params import JSON, SESSION, TRIPLET, Count, Real
 from .pprc import drain_in_foreground
-from .units import pass_units
+from .units import interrupted, pass_units, unlocked
 
 
 class _Threshold(Real):
@@ -518,7 +518,8 @@ def formcg(units, session, count, seconds, injects) -> None:
             for _ in range(count):
                 gm.form_consistency_group()
         else:
-            cut_short = _run_loop(gm, seconds, units.stopping)
+            with unlocked():    # the loop runs on its own: other commands meanwhile
+                cut_short = _run_loop(gm, seconds, units.stopping)
     finally:
         gm.on_result = None
         if injects:
@@ -536,9 +537,11 @@ def formcg(units, session, count, seconds, injects) -> None:
     click.echo(f"{ok} of {len(results)} consistency groups committed; "
                f"C volumes at CG {max(gm.c_sequences)}")
     if cut_short is not None:
+        why = "stopped (Ctrl-C)" if interrupted() else \
+            "the server holding the unit is stopping"
         raise click.ClickException(
-            f"the server holding the unit is stopping: the loop ended after "
-            f"{cut_short:.1f} of {seconds:g} seconds")
+            f"{why}: the loop ended after {cut_short:.1f} of {seconds:g} seconds, "
+            "no CG in flight")
     last = results[-1] if results else None
     if last is not None and not last.committed:
         raise click.ClickException(f"CG {last.sequence} failed: {last.cause.value}: "

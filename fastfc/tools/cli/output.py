@@ -19,7 +19,10 @@ def console(stderr: bool = False):
     stream = sys.stderr if stderr else sys.stdout
     # bound now, not looked up at each write: under a server (control.py) the
     # stream is routed by thread, and a live progress bar redraws from its own
-    out = Console(file=getattr(stream, "routed", stream), highlight=False)
+    # the environment as this thread sees it now (a server's command sees its
+    # client's COLUMNS, TERM, ...), for the console's own threads too
+    out = Console(file=getattr(stream, "routed", stream), highlight=False,
+                  _environ=dict(os.environ))
     if not out.is_terminal and "COLUMNS" not in os.environ:
         out.width = 1000     # long unit paths too: a row is one line, whatever it holds
     return out

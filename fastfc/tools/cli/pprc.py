@@ -13,7 +13,7 @@ from .app import main, warn_problems
 from .copies import moved_on_by
 from .output import Progress, console, each, json_out, pair_id, plural, table
 from .params import JSON, PAIR, PAIRS
-from .units import pass_units
+from .units import interrupted, pass_units, unlocked
 
 
 @main.command()
@@ -340,13 +340,18 @@ def _moving_on(units, pairs: list[PPRCPair], as_json: bool) -> None:
 
 def drain_in_foreground(pairs: list[PPRCPair]) -> int:
     """Send every out-of-sync track of ``pairs`` now, with progress on
-    stderr. Returns the bytes sent."""
+    stderr. Returns the bytes sent. In a server: other commands run
+    meanwhile, and its client's Ctrl-C stops it between steps."""
     sent = 0
-    with Progress() as progress:
+    with unlocked(), Progress() as progress:
         for pair in pairs:
             total = pair.out_of_sync_tracks
             task = progress.add(pair_id(pair), total, size=pair.primary.track_size)
             while pair.out_of_sync_tracks and pair.suspend_reason is None:
+                if interrupted():
+                    raise click.ClickException(
+                        f"stopped (Ctrl-C): pair {pair_id(pair)} has "
+                        f"{plural(pair.out_of_sync_tracks, 'track')} left to send")
                 n = pair.drain(4 * SEND_CHUNK_BYTES)
                 if not n:
                     break

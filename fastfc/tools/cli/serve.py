@@ -4,8 +4,9 @@ The seam for other services (the control socket that carries the other
 ``fastfc -u UNIT ...`` commands to a serving process) is :class:`Server`:
 its ``units`` are the open units, its ``loops`` the Global Mirror loops
 it runs (``resumegmir``), its ``copies`` the background copies it moves
-on (:mod:`.copies`), its ``lock`` serialises whatever changes
-them against the NBD server's export lookups, and ``services`` (context
+on (:mod:`.copies`), its ``lock`` (a :class:`~.control.CommandLock`:
+exclusive for whatever changes them, shared for commands that only look
+and the NBD server's export lookups), and ``services`` (context
 managers entered before the NBD server listens, so that a client that sees
 its socket finds them running, and left, in reverse order, before it
 stops) are where they run.
@@ -15,11 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
+import queue
 import signal
 import ssl
 import sys
 import threading
+import time
 from typing import Any, Callable, ContextManager
 
 import click
@@ -27,24 +31,29 @@ import click
 from fastfc.tools.nbd import NBDServer, exports_of
 
 from .app import main
-from .control import hosting
+from .control import CommandLock, hosting
 from .copies import CopyDrivers
 from . import metrics
 from .loops import SessionLoops
 from .units import Units, pass_units
 
+log = logging.getLogger("fastfc.serve")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
 
 class Server:
-    """One serving process: the open ``units``, the ``lock`` that serialises
-    changes to them against the NBD server's lookups, the NBD server, and
-    the other ``services`` running beside it (context managers)."""
+    """One serving process: the open ``units``, the ``lock`` taken
+    exclusive to change them and shared to look (the NBD server's lookups,
+    commands that only look), the NBD server, and the other ``services``
+    running beside it (context managers)."""
 
     def __init__(self, units: Units, *, tls: ssl.SSLContext | None = None) -> None:
         self.units = units
-        self.lock = threading.RLock()
+        self.lock = CommandLock()
         units.all()                     # open the local unit and its partners now
         lookup, names = exports_of(lambda: list(self.units.open.values()))
-        self.nbd = NBDServer(lookup, names, self.lock, tls=tls)
+        self.nbd = NBDServer(lookup, names, self.lock.reader(), tls=tls)
         # the control socket: other fastfc commands naming these units run here
         # Global Mirror loops (resumegmir) run here, beside the commands
         self.loops = units.loops = SessionLoops()
@@ -100,6 +109,9 @@ def _tls_context(cert: str | None, key: str | None, psk: str | None,
               help="Serve on this TCP port too (0: any free port, printed).")
 @click.option("--bind", default="127.0.0.1", show_default=True, metavar="ADDR",
               help="The address --port listens on.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
+              help="What the server logs to stderr: info logs each control and NBD "
+                   "connection, the start and the stop; warning only what went wrong.")
 @click.option("--allow-plain-tcp", is_flag=True,
               help="Serve --port without TLS: every local user (loopback is no trust "
                    "boundary on a shared host) can read and write every volume.")
@@ -124,8 +136,9 @@ def _tls_context(cert: str | None, key: str | None, psk: str | None,
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, metavar="ADDR",
               help="The address --metrics-port listens on.")
 @pass_units
-def serve(units, socket_path, port, bind, allow_plain_tcp, allow_remote_plain, tls_cert, tls_key,
-          tls_client_ca, allow_anonymous_tls, tls_psk, metrics_port, metrics_host) -> None:
+def serve(units, socket_path, port, bind, log_level, allow_plain_tcp, allow_remote_plain,
+          tls_cert, tls_key, tls_client_ca, allow_anonymous_tls, tls_psk, metrics_port,
+          metrics_host) -> None:
     """Export every volume over NBD, until SIGTERM or SIGINT.
 
     Each volume of the unit(s) is an export named after it
@@ -175,9 +188,13 @@ def serve(units, socket_path, port, bind, allow_plain_tcp, allow_remote_plain, t
             "encrypts, but lets anyone who reaches the port read and write every volume; "
             "give --tls-client-ca FILE (clients present a certificate it signed), or say "
             "--allow-anonymous-tls")
+    handler = _log_to_stderr(log_level)
     stop = threading.Event()
+    why: list[str] = []
+    started = time.monotonic()
 
     def on_signal(signum, frame) -> None:
+        why.append(signal.Signals(signum).name)
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -200,22 +217,101 @@ def serve(units, socket_path, port, bind, allow_plain_tcp, allow_remote_plain, t
                 where = [f"unix socket {socket_path}"] if socket_path else []
                 if bound is not None:
                     where.append(f"tcp {bind}:{bound}" + (" (TLS)" if tls else ""))
-                with server.lock:       # commands may be changing the units already
+                with server.lock.shared():  # commands may be changing the units already
                     names = [n for n, _ in nbd.names()]
+                    held = [str(u.path) for u in server.units.open.values()]
                 click.echo(f"serving {len(names)} volume(s) over NBD on {' and '.join(where)}"
                            f" (pid {os.getpid()})", err=True)
                 for note in server.loops.notes:
                     click.echo(note, err=True)
                 sys.stderr.flush()
+                log.info("started (pid %d): units %s; %d export(s): %s; NBD on %s; a "
+                         "control socket in each unit directory", os.getpid(),
+                         ", ".join(held), len(names), ", ".join(names) or "none",
+                         " and ".join(where))
+                for note in server.loops.notes:
+                    log.info("%s", note)
                 while not stop.wait(0.5):
                     pass
+                log.info("stopping (%s): no new commands or NBD connections; finishing "
+                         "those in flight", why[0] if why else "asked")
                 services.close()       # other services first: no command after this
             finally:
                 nbd.stop()              # in-flight requests are answered first
         server.flush()
+        log.info("stopped (%s) after %.1f s: the units are flushed and closed",
+                 why[0] if why else "asked", time.monotonic() - started)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if handler is not None:
+            handler.close()
+
+
+def _log_to_stderr(level: str) -> "_LogLines | None":
+    """The ``fastfc`` loggers (``fastfc.serve``, ``fastfc.control``,
+    ``fastfc.nbd``) to stderr at ``level``, one line a record: time, level,
+    logger. The handler added, to be closed when the server stops (None if
+    the process configured logging already: a test, an embedding)."""
+    logger = logging.getLogger("fastfc")
+    logger.setLevel(getattr(logging, level.upper()))
+    if logger.handlers:
+        return None
+    handler = _LogLines()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    return handler
+
+
+class _LogLines(logging.Handler):
+    """Log lines written to the server's own stderr by a thread of their
+    own (even while forwarded commands' output is routed by thread: a line
+    from a command's thread is the server's, not its client's). A stderr
+    nobody reads (a full pipe) never stalls the server: past
+    :attr:`LIMIT` lines waiting, lines are dropped, and a line says how
+    many once stderr takes them again."""
+
+    LIMIT = 10000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lines: queue.Queue[str | None] = queue.Queue(self.LIMIT)
+        self._dropped = 0
+        self._thread = threading.Thread(target=self._write, name="fastfc-log", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            self._lines.put_nowait(line)
+        except queue.Full:
+            self._dropped += 1
+
+    def _write(self) -> None:
+        while (line := self._lines.get()) is not None:
+            stream = getattr(sys.stderr, "original", sys.stderr)
+            try:
+                dropped, self._dropped = self._dropped, 0
+                if dropped:
+                    stream.write(f"({dropped} log lines dropped: stderr did not take them)\n")
+                stream.write(line + "\n")
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+
+    def close(self, wait: float = 2.0) -> None:
+        """Write what is queued (for up to ``wait`` seconds), then stop."""
+        logging.getLogger("fastfc").removeHandler(self)
+        try:
+            self._lines.put(None, timeout=wait)
+        except queue.Full:
+            pass
+        self._thread.join(wait)
+        super().close()
 
 
 def _loopback(bind: str) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Callable, ContextManager, Iterator
 
 import click
 
@@ -58,6 +60,10 @@ class Units:
         #: mkpprc, ...: :mod:`.copies`); None when this process serves nothing
         self.copies: CopyDrivers | None = None
         self._flush_on_close = True
+        #: taken to open a unit into ``open`` (shared with a server's
+        #: commands' views: commands that only look run at once, and may
+        #: each open a partner the server does not hold yet)
+        self._opening = threading.RLock()
         for path, flag in ((local, "--unit"), (remote, "--remote-unit")):
             if path is not None and self.where(path).exists() and \
                     not self.where(path).is_dir():
@@ -75,6 +81,7 @@ class Units:
         units = cls(local, remote, readonly=host.readonly, wait=host.wait,
                     durability=host.durability, cwd=cwd)
         units.open = host.open
+        units._opening = host._opening
         units.loops = host.loops
         units.copies = host.copies
         units.borrowed = True
@@ -89,6 +96,11 @@ class Units:
         """The ``--unit`` (created if ``create`` and missing)."""
         if self.local_path is None:
             raise click.UsageError("no storage unit given: use --unit PATH (or set FASTFC_UNIT)")
+        with self._opening:
+            return self._local(create)
+
+    def _local(self, create: bool) -> StorageUnit:
+        assert self.local_path is not None
         unit = self._get(self.local_path, create)
         if not self._partners_opened:
             self._partners_opened = True
@@ -141,6 +153,10 @@ class Units:
         return list(self.open.values())
 
     def _get(self, path: str | Path, create: bool) -> StorageUnit:
+        with self._opening:
+            return self._get_locked(path, create)
+
+    def _get_locked(self, path: str | Path, create: bool) -> StorageUnit:
         p = self.where(str(path)).resolve()
         if p in self.open:
             return self.open[p]
@@ -304,3 +320,53 @@ class Units:
 
 
 pass_units = click.make_pass_decorator(Units)
+
+
+# -- the command a server runs in this thread ------------------------------------------
+class Running:
+    """What a server (:mod:`.control`) tells the command it runs in a
+    thread: ``cancel``, set when its client asks it to stop (Ctrl-C, or a
+    hang-up), and ``release``, a context manager that lets go of the
+    server's command lock for its block (taking it back after)."""
+
+    def __init__(self, cancel: threading.Event,
+                 release: Callable[[], ContextManager[object]]) -> None:
+        self.cancel, self.release = cancel, release
+        #: whether the command stopped early because ``cancel`` was set
+        #: (:func:`interrupted` said so): what the server tells its client
+        self.heeded = False
+
+
+_running = threading.local()
+
+
+@contextmanager
+def running(hooks: Running) -> Iterator[Running]:
+    """``hooks`` for the command this thread runs, during the block."""
+    _running.hooks = hooks
+    try:
+        yield hooks
+    finally:
+        _running.hooks = None
+
+
+def interrupted() -> bool:
+    """Whether the client of the command this thread runs for a server
+    asked it to stop (Ctrl-C): a long command (waitflash, ``--wait``) polls
+    this between steps and stops, saying what it left. Always False outside
+    a server (there Ctrl-C is a KeyboardInterrupt)."""
+    hooks = getattr(_running, "hooks", None)
+    if hooks is None or not hooks.cancel.is_set():
+        return False
+    hooks.heeded = True
+    return True
+
+
+def unlocked() -> ContextManager[object]:
+    """For a long command, around a stretch that waits or copies step by
+    step on objects that manage their own locks (a relationship's copy, a
+    pair's drain, a session's loop: what a server's background threads
+    do without its command lock): the server's command lock is let go,
+    so other commands run meanwhile. Outside a server: nothing."""
+    hooks = getattr(_running, "hooks", None)
+    return nullcontext() if hooks is None else hooks.release()
