@@ -143,9 +143,15 @@ def showgmir(units, session, as_json, watch) -> None:
                     click.echo()
                 sys.stdout.flush()
                 if stopping is not None:
-                    if stopping.wait(watch):
-                        # the client hung up (Ctrl-C: this line goes nowhere),
-                        # or the server stops
+                    # between redraws the server's command lock is let go:
+                    # a watch never holds other commands back
+                    with unlocked():
+                        ended = stopping.wait(watch)
+                    if interrupted():       # the client's Ctrl-C: how a watch ends
+                        return
+                    if ended:
+                        # the client hung up (this line goes nowhere), or the
+                        # server stops
                         click.echo("showgmir --watch ends: the server holding the unit "
                                    "stops", err=True)
                         return
