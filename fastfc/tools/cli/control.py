@@ -111,6 +111,9 @@ MAX_CONNECTIONS = 64
 #: ``control.sock`` removed (or replaced) under a running server is made
 #: again within this.
 REPUBLISH_INTERVAL = 1.0
+#: Milliseconds between a command's watcher's looks at whether the server
+#: stops (the end of the command and its client's hanging up wake it at once).
+WATCH_INTERVAL_MS = 100
 _HEADER = struct.Struct(">cI")
 
 
@@ -660,36 +663,48 @@ class _Host:
             pass    # the client went away, or sent garbage: nothing to answer
 
     def _watch(self, conn: socket.socket, cancel: threading.Event,
-               done: threading.Event) -> None:
-        """Until ``done``: set ``cancel`` once the client hangs up (Ctrl-C,
-        killed: a client sends nothing after its request, so anything
-        readable is its end) or the server stops. A command that runs for
-        a while (``formcg --seconds``) then ends early, and releases
-        ``lock`` for the others."""
+               done: threading.Event, woken: int) -> None:
+        """Until ``done`` (its end also written to ``woken``, a pipe's read
+        end, so the command's status goes out at once, not after a poll
+        period): set ``cancel`` once the client hangs up (Ctrl-C, killed: a
+        client sends nothing after its request, so anything readable is its
+        end) or the server stops. A command that runs for a while
+        (``formcg --seconds``) then ends early, and releases ``lock`` for
+        the others."""
         poller = select.poll()
         poller.register(conn.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR
                         | getattr(select, "POLLRDHUP", 0))
+        poller.register(woken, select.POLLIN)
         while not done.is_set():
             if self.stopping.is_set():
                 cancel.set()
                 return
             try:
-                if poller.poll(100):
-                    cancel.set()
-                    return
+                ready = [fd for fd, _ in poller.poll(WATCH_INTERVAL_MS)]
             except InterruptedError:
-                pass
+                continue
+            if done.is_set():
+                return
+            if any(fd != woken for fd in ready):
+                cancel.set()
+                return
 
     def _run(self, conn: socket.socket, request: dict, send_lock: threading.Lock) -> int:
         cancel, done = threading.Event(), threading.Event()
-        watcher = threading.Thread(target=self._watch, args=(conn, cancel, done),
-                                   name="fastfc-control-watch", daemon=True)
-        watcher.start()
+        woken, wake = os.pipe()
         try:
-            return self._run_one(conn, request, send_lock, cancel)
+            watcher = threading.Thread(target=self._watch, args=(conn, cancel, done, woken),
+                                       name="fastfc-control-watch", daemon=True)
+            watcher.start()
+            try:
+                return self._run_one(conn, request, send_lock, cancel)
+            finally:
+                done.set()
+                os.write(wake, b"d")
+                watcher.join()
         finally:
-            done.set()
-            watcher.join()
+            os.close(woken)
+            os.close(wake)
 
     def _run_one(self, conn: socket.socket, request: dict, send_lock: threading.Lock,
                  cancel: threading.Event) -> int:
