@@ -751,8 +751,7 @@ class Report:
                      "1M seq write QD8 (GB/s)": (1.0, "seqwrite_1m")}
 
     def serve(self) -> None:
-        """fastfc serve against nbdkit memory and qemu-nbd; the
-        same fio load with Global Mirror underneath."""
+        """fastfc serve against nbdkit memory and qemu-nbd."""
         from benches import serve as sv
         gone = sv.missing()
         if gone:
