@@ -887,6 +887,18 @@ class Report:
                            f"{g['answer_idle_p99_ms']:.1f} idle; {loads}"),
                      headline="a read-only fastfc command under a session and fio: p99"
                      if head else ""))
+        lp = g["lean_p99_ms"]
+        self.add(Row("serve_gm", f"serve_gm_readonly_lean{tag}",
+                     f"the same read-only commands through a client importing only the "
+                     f"standard library (benches/serve_lean_client.py, not the product) under "
+                     f"the same load: p99, against fastfc's client",
+                     f"{lp:.0f} ms", f"{c:.0f} ms fastfc client", lp / c if c else None,
+                     note=(f"p50 {g['lean_p50_ms']:.0f} ms over {g['lean_samples']} commands; "
+                           f"idle server {g['lean_idle_p50_ms']:.0f}/"
+                           f"{g['lean_idle_p99_ms']:.0f} ms p50/p99 (fastfc's client "
+                           f"{g['idle_p50_ms']:.0f}/{g['idle_p99_ms']:.0f}): what the client "
+                           f"spends before it forwards (importing the engine) is the rest; "
+                           f"{loads}")))
         a = g["answer_with_p99_ms"]
         self.add(Row("serve_gm", f"serve_gm_answer{tag}",
                      f"the server's answer to showgmir --json through the control socket (no "

@@ -216,6 +216,19 @@ def timed_cli(*args) -> float:
     return time.perf_counter() - t
 
 
+def timed_lean(*args) -> float:
+    """Seconds ``serve_lean_client.py ARGS`` took: a forwarding client that
+    imports only the standard library (the floor of a client's cost)."""
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, str(ROOT / "benches" / "serve_lean_client.py"),
+                          *map(str, args)], capture_output=True, text=True, timeout=300)
+    took = time.perf_counter() - t
+    if out.returncode != 0:
+        raise RuntimeError(f"serve_lean_client.py {' '.join(map(str, args))}: status "
+                           f"{out.returncode}: {out.stderr.strip()}")
+    return took
+
+
 def ask(unit: Path, *args: str) -> tuple[float, str]:
     """``fastfc -u UNIT ARGS`` forwarded to the server holding ``unit`` from
     this process, through the control socket the client uses
@@ -285,12 +298,16 @@ class Sampler:
 
 class ClientLoop:
     """A thread running the read-only commands (``READ_ONLY``) as client
-    processes, ``fastfc -u UNIT ...``, one after another, in turn: the
-    seconds each took, by command."""
+    processes, ``fastfc -u UNIT ...``, one after another, in turn, each
+    beside the same command through ``serve_lean_client.py`` (after it, or
+    before it when ``lean_first``): the seconds each took, by command
+    (``took``; the lean client's ``lean``). A command counts if it started
+    before the loop was told to stop."""
 
-    def __init__(self, unit: Path) -> None:
-        self.unit = unit
+    def __init__(self, unit: Path, lean_first: bool = False) -> None:
+        self.unit, self.lean_first = unit, lean_first
         self.took: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
+        self.lean: list[float] = []
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -298,9 +315,14 @@ class ClientLoop:
     def _run(self) -> None:
         try:
             i = 0
-            while not self._stop.is_set():
-                cmd = READ_ONLY[i % len(READ_ONLY)]
-                self.took[cmd[0]].append(timed_cli("-u", self.unit, *cmd))
+            while True:
+                cmd = READ_ONLY[i // 2 % len(READ_ONLY)]
+                if self._stop.is_set():
+                    return
+                if (i % 2 == 0) != self.lean_first:
+                    self.took[cmd[0]].append(timed_cli("-u", self.unit, *cmd))
+                else:
+                    self.lean.append(timed_lean("-u", self.unit, *cmd))
                 i += 1
         except BaseException as e:      # noqa: BLE001 - reported by __exit__
             self.error = e
@@ -340,6 +362,11 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
     ``idle``  no fio, the session paused: each read-only command and
         ``fastfc --help`` ``idle_reps`` times (the client's own cost), and
         the forwarded ``showgmir`` answer alone
+
+    Each read-only command run as ``fastfc`` is followed by the same command
+    through ``serve_lean_client.py``, a client that imports only the
+    standard library: what a client could cost that forwarded before
+    importing the engine.
     """
     gone = missing(GM_TOOLS)
     if gone:
@@ -372,6 +399,7 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         clients: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
         idle: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
         idle["--help"] = []
+        lean: dict[str, list[float]] = {"load": [], "idle": []}
         loads: list[float] = []
 
         def resume() -> None:
@@ -394,10 +422,11 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
             s0, c0 = show(a), cpu_seconds(server.pid)
             t = time.perf_counter()
             if mode == "clients":
-                with ClientLoop(a) as loop:
+                with ClientLoop(a, lean_first=len(iops["clients"]) % 2 == 1) as loop:
                     doc = fio_json([*common, *args])
                 for k, v in loop.took.items():
                     clients[k] += v
+                lean["load"] += loop.lean
             else:
                 with Sampler(a, sample_every) as sampler:
                     doc = fio_json([*common, *args])
@@ -439,6 +468,7 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
                     idle["--help"].append(timed_cli("--help"))
                     for cmd in READ_ONLY:
                         idle[cmd[0]].append(timed_cli("-u", a, *cmd))
+                        lean["idle"].append(timed_lean("-u", a, *cmd))
                     for _ in range(10):
                         answer["idle"].append(ask(a, "showgmir", "S", "--json")[0])
         finally:
@@ -495,6 +525,11 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         "idle_by_command": {k: {"p50_ms": pct(v, 50) * ms, "p99_ms": pct(v, 99) * ms,
                                 "n": len(v)} for k, v in idle.items()},
         "help_p50_ms": pct(idle["--help"], 50) * ms,
+        # the same commands through serve_lean_client.py (a client importing
+        # only the standard library): under the same load, and idle
+        "lean_p50_ms": pct(lean["load"], 50) * ms, "lean_p99_ms": pct(lean["load"], 99) * ms,
+        "lean_idle_p50_ms": pct(lean["idle"], 50) * ms,
+        "lean_idle_p99_ms": pct(lean["idle"], 99) * ms, "lean_samples": len(lean["load"]),
         # the latency under load against the idle server's, and the part above it
         "client_ratio": client_p99 / pct(idle_cmds, 99) if idle_cmds else float("nan"),
         "client_above_idle_p99_ms": (client_p99 - idle_p50) * ms,
@@ -502,5 +537,5 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         "server_cores_without": statistics.median(w["server_cores"] for w in windows
                                                   if w["mode"] == "without"),
         "raw": {"iops": iops, "windows": windows, "rpo": rpo, "answer": answer,
-                "clients": clients, "idle": idle},
+                "clients": clients, "idle": idle, "lean": lean},
     }

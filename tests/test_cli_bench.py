@@ -154,7 +154,7 @@ def test_durable_large_is_opt_in(capsys) -> None:
 SERVE_ROWS = {f"serve_{w}_{p}" for w in ("nbdcopy", "randwrite_4k", "randread_4k", "seqwrite_1m")
               for p in ("nbdkit", "qemu_nbd")}
 SERVE_GM_ROWS = {"serve_gm_iops", "serve_gm_rpo", "serve_gm_cgs", "serve_gm_readonly",
-                 "serve_gm_answer"}
+                 "serve_gm_readonly_lean", "serve_gm_answer"}
 
 
 def test_serve_suite_names_the_missing_packages(tmp_path, monkeypatch, capsys) -> None:
@@ -241,6 +241,7 @@ def test_serve_gm_suite_quick_end_to_end(tmp_path) -> None:
     assert math.isclose(rows["serve_gm_readonly"]["ratio"],
                         g["client_p99_ms"] / g["idle_p99_ms"])
     assert all(len(raw["answer"][m]) > 0 for m in ("with", "without", "idle"))
+    assert len(raw["lean"]["idle"]) == 6 and g["lean_samples"] == len(raw["lean"]["load"]) > 0
     assert "serve_gm_readonly" in res.stdout.split("notes:")[1]
 
 
