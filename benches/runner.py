@@ -33,10 +33,14 @@ scaleout  2 secondary units as Ray actors against the same session in one
           process (``scaleout.py``; skipped without Ray)
 serve     ``fastfc serve`` (``serve.py``): fio and nbdcopy against it, nbdkit's
           memory plugin and qemu-nbd, interleaved, one export in /dev/shm
-          each; then fio 4 KiB randwrite QD16 on the A exports of a Global
-          Mirror session with its CG loop running and stopped, interleaved
-          (skipped, naming the apt packages, without fio, nbdcopy, nbdkit,
-          qemu-nbd)
+          each (skipped, naming the apt packages, without fio, nbdcopy,
+          nbdkit, qemu-nbd)
+serve_gm  a Global Mirror session in ``fastfc serve`` (``resumegmir``) under
+          fio 4 KiB randwrite QD16 on its A exports (``serve.py``): client
+          IOPS with it running / paused, CG/s, RPO p50/p99, and read-only
+          commands (``lsvol``, ``showgmir``, ``lsflash``) as client processes
+          under that load against the idle server; 64 KiB and 4 KiB tracks
+          (skipped without fio)
 durable_large  opt-in (only when named; about 3-5 min): units whose volumes
           exceed the machine's memory, on the disk, under random writes,
           against the disk's own random-write speed; FASTFC_BENCH_LARGE_GIB
@@ -79,12 +83,12 @@ from benches.cases import CASES, Case, Result, get_case, measure, metadata_rows
 
 REPO = Path(__file__).resolve().parent.parent
 SUITES = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable",
-          "durable_steady", "gm", "grain", "scaleout", "serve", "durable_large"]
+          "durable_steady", "gm", "grain", "scaleout", "serve", "serve_gm", "durable_large"]
 OPT_IN = {"durable_large"}     # run only when named
 # GiB each suite may hold at its peak (gm: its volumes, worked out there)
 SUITE_MEMORY = {"physical": 2.5, "core": 3, "engine": 2, "numba": 2, "qemu": 3,
                 "scaling": 3, "durable": 7, "durable_steady": 7, "gm": 0, "scaleout": 4,
-                "durable_large": 2, "serve": 5, "grain": 0}
+                "durable_large": 2, "serve": 5, "serve_gm": 1, "grain": 0}
 
 
 # --------------------------------------------------------------------------
@@ -751,8 +755,7 @@ class Report:
                      "1M seq write QD8 (GB/s)": (1.0, "seqwrite_1m")}
 
     def serve(self) -> None:
-        """fastfc serve against nbdkit memory and qemu-nbd; the
-        same fio load with Global Mirror underneath."""
+        """fastfc serve against nbdkit memory and qemu-nbd."""
         from benches import serve as sv
         gone = sv.missing()
         if gone:
@@ -799,72 +802,115 @@ class Report:
                              headline=f"fastfc serve / {peer}: {label}"
                              if not self.quick else "",
                              data={"samples": rr, "cpu_us_per_request": cpu[w]}))
-        self.log(f"  Global Mirror under fio: {gcfg['triplets']} triplets, {gcfg['rounds']} "
-                 f"round(s) with and without")
-        g = sv.gm_under_fio(log=self.log, **gcfg)
-        self.raw["serve_gm"] = g
-        w = (f"{g['triplets']} triplets x {g['size_mib']} MiB ({g['track_size'][:-1]} KiB "
-             f"tracks), units in "
-             f"/dev/shm; fio 4 KiB randwrite QD{g['iodepth']}, one job per A export "
-             f"({g['jobs']}); {g['rounds']} interleaved round(s) of {g['seconds']:g} s"
-             f"{', quick' if self.quick else ''}")
-        cores = (f"server CPU {g['server_cores_with']:.2f} cores with the loop "
-                 f"({g['loop_cores']:.2f} in the loop's thread), {g['server_cores_without']:.2f} "
-                 f"without, on {os.cpu_count()} CPUs shared with fio")
-        r = g["ratio"]
-        rr = g["round_ratios"]
-        self.add(Row("serve", "serve_gm_iops",
-                     f"fastfc serve: client IOPS with Global Mirror forming CGs in the server "
-                     f"vs with the session stopped ({w})",
+
+    # -- serve_gm ---------------------------------------------------------
+    def serve_gm(self) -> None:
+        """A Global Mirror session in fastfc serve (resumegmir) under fio:
+        client IOPS with it running / paused, CG/s, RPO, and read-only
+        commands' latency under that load / on the idle server."""
+        from benches import serve as sv
+        gone = sv.missing(sv.GM_TOOLS)
+        if gone:
+            self.skipped["serve_gm"] = gone
+            self.log(f"  skipped: {gone}")
+            return
+        if self.quick:
+            gcfg = dict(triplets=16, size_mib=8, seconds=1.0, rounds=2, idle_reps=1)
+        else:
+            gcfg = dict(triplets=16, size_mib=64, seconds=4.0, rounds=5, idle_reps=3)
+        tracks = ["64K"] if self.quick else ["64K", "4K"]
+        for track in tracks:
+            self.log(f"  Global Mirror under fio in fastfc serve: {gcfg['triplets']} triplets, "
+                     f"{track}B tracks, {gcfg['rounds']} round(s)")
+            g = sv.gm_under_fio(log=self.log, track_size=track, **gcfg)
+            self._serve_gm_rows(g, "" if track == "64K" else "_4k_tracks")
+
+    def _serve_gm_rows(self, g: dict, tag: str) -> None:
+        self.raw[f"serve_gm{tag}"] = g
+        kib = g["track_size"][:-1]
+        load = g["load_average"]
+        w = (f"{g['triplets']} triplets x {g['size_mib']} MiB ({kib} KiB tracks), fastfc -u A "
+             f"-r B serve, units in /dev/shm, session started by resumegmir; fio 4 KiB "
+             f"randwrite QD{g['iodepth']}, one job per A export ({g['jobs']}); {g['rounds']} "
+             f"interleaved round(s) of {g['seconds']:g} s{', quick' if self.quick else ''}")
+        loads = (f"load average {load['min']:.1f}..{load['max']:.1f} (median "
+                 f"{load['median']:.1f}) on {os.cpu_count()} CPUs")
+        cores = (f"server CPU {g['server_cores_with']:.2f} cores with the session, "
+                 f"{g['server_cores_without']:.2f} paused")
+        r, rr = g["ratio"], g["round_ratios"]
+        head = not self.quick and not tag
+        self.add(Row("serve_gm", f"serve_gm_iops{tag}",
+                     f"fastfc serve: client IOPS with the Global Mirror session running vs "
+                     f"paused ({w})",
                      f"{g['iops_with'] / 1e3:.3g} kIOPS",
-                     f"{g['iops_without'] / 1e3:.3g} kIOPS session stopped", r, ">= 0.7",
-                     r >= 0.7, note=f"rounds {min(rr):.3g}..{max(rr):.3g}; {cores}",
-                     headline="fastfc serve: client IOPS with Global Mirror / without"
-                     if not self.quick else "", data=g))
+                     f"{g['iops_without'] / 1e3:.3g} kIOPS session paused", r, ">= 0.7",
+                     r >= 0.7, note=f"per-round ratios {min(rr):.3g}..{max(rr):.3g}; {cores}; "
+                                    f"{loads}",
+                     headline="fastfc serve: client IOPS with a Global Mirror session / paused"
+                     if head else "", data={k: v for k, v in g.items() if k != "raw"}))
         rpo = g["rpo_p99_ms"]
-        self.add(Row("serve", "serve_gm_rpo",
-                     f"fastfc serve with Global Mirror under fio: RPO p99 ({w})",
+        cg = g["round_cgs_per_s"]
+        self.add(Row("serve_gm", f"serve_gm_rpo{tag}",
+                     f"fastfc serve with a Global Mirror session under fio: RPO p99, showgmir "
+                     f"--json's rpo sampled every {g['sample_every_ms']:.0f} ms ({w})",
                      f"{rpo:.1f} ms", f"p50 {g['rpo_p50_ms']:.1f} ms", None, "<= 50 ms",
                      rpo <= 50.0, score=50.0 / rpo if rpo else float("inf"),
-                     note=(f"{g['cgs_per_s']:.0f} CG/s ({g['cgs']} of {g['attempts']} attempts"
+                     note=(f"{g['cgs_per_s']:.0f} CG/s (rounds {min(cg):.0f}..{max(cg):.0f}; "
+                           f"{g['cgs']} of {g['attempts']} attempts"
                            f"{', failures ' + str(g['failures']) if g['failures'] else ''}); "
                            f"RPO max {g['rpo_max_ms']:.1f} ms over {g['rpo_samples']} samples; "
-                           f"drain p50/p99 {g['drain_p50_ms']:.2f}/{g['drain_p99_ms']:.1f} ms; "
-                           f"the loop thread's wall time: {g['loop_on_cpu']:.0%} on a CPU, "
-                           f"{g['loop_runqueue']:.0%} runnable waiting for one, "
-                           f"{g['loop_asleep']:.0%} asleep (the GIL, a volume's lock), load "
-                           f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
-                           f"{cores}"),
-                     headline="fastfc serve with Global Mirror under fio: RPO p99"
-                     if not self.quick else ""))
-        self.add(Row("serve", "serve_gm_cgs",
-                     f"fastfc serve with Global Mirror under fio: CGs per second ({w})",
-                     f"{g['cgs_per_s']:.1f} CG/s", "-", None,
-                     note=(f"the loop forms CGs back to back (CG interval 0); "
-                           f"{g['drained_mb_s']:.0f} MB/s drained to B (a 4 KiB write owes "
-                           f"its 64 KiB track); drain p50/p99 {g['drain_p50_ms']:.2f}/"
-                           f"{g['drain_p99_ms']:.1f} ms, FlashCopy {g['flashcopy_p50_ms']:.2f}/"
-                           f"{g['flashcopy_p99_ms']:.1f} ms; the loop thread's wall time: "
-                           f"{g['loop_on_cpu']:.0%} on a CPU, {g['loop_runqueue']:.0%} runnable "
-                           f"waiting for one, {g['loop_asleep']:.0%} asleep (the GIL, a "
-                           f"volume's lock); load average {os.getloadavg()[0]:.1f}")))
-        if self.quick:
-            return
-        # the same with 4 KiB tracks: a 4 KiB write owes 4 KiB, not 64 (no target)
-        self.log("  the same with 4 KiB tracks")
-        g4 = sv.gm_under_fio(log=self.log, track_size="4K", **gcfg)
-        self.raw["serve_gm_4k"] = g4
-        rr = g4["round_ratios"]
-        self.add(Row("serve", "serve_gm_iops_4k_tracks",
-                     f"the same with 4 KiB tracks: client IOPS with Global Mirror / session "
-                     f"stopped",
-                     f"{g4['iops_with'] / 1e3:.3g} kIOPS",
-                     f"{g4['iops_without'] / 1e3:.3g} kIOPS session stopped", g4["ratio"],
-                     note=(f"rounds {min(rr):.3g}..{max(rr):.3g}; RPO p99 "
-                           f"{g4['rpo_p99_ms']:.1f} ms, {g4['cgs_per_s']:.0f} CG/s, "
-                           f"{g4['drained_mb_s']:.0f} MB/s drained; loop thread "
-                           f"{g4['loop_on_cpu']:.0%} on a CPU, {g4['loop_runqueue']:.0%} in the "
-                           f"run queue"), data=g4))
+                           f"{g['drained_mb_s']:.0f} MB/s drained to B; {loads}"),
+                     headline="fastfc serve with a Global Mirror session under fio: RPO p99"
+                     if head else ""))
+        self.add(Row("serve_gm", f"serve_gm_cgs{tag}",
+                     f"fastfc serve with a Global Mirror session under fio: CGs per second "
+                     f"({w})", f"{g['cgs_per_s']:.1f} CG/s", "-", None,
+                     note=(f"CG interval 0 (back to back); {g['drained_mb_s']:.0f} MB/s drained "
+                           f"to B (a 4 KiB write owes its {kib} KiB track); {cores}")))
+        c = g["client_p99_ms"]
+        by = g["client_by_command"]
+        idle = g["idle_by_command"]
+        per = "; ".join(f"{k} {by[k]['p50_ms']:.0f}/{by[k]['p99_ms']:.0f} ms (idle "
+                        f"{idle[k]['p50_ms']:.0f}/{idle[k]['p99_ms']:.0f})" for k in by)
+        self.add(Row("serve_gm", f"serve_gm_readonly{tag}",
+                     f"a read-only command (fastfc -u A lsvol/showgmir/lsflash --json, a client "
+                     f"process) while the session runs and fio writes: p99, against the same "
+                     f"commands on the idle server ({w})",
+                     f"{c:.0f} ms", f"{g['idle_p99_ms']:.0f} ms idle server",
+                     g["client_ratio"], "<= 100 ms", c <= 100.0,
+                     score=100.0 / c if c else float("inf"),
+                     note=(f"p50 {g['client_p50_ms']:.0f} ms over {g['client_samples']} "
+                           f"commands; above the idle server's p50: {g['client_above_idle_p99_ms']:.0f} ms "
+                           f"at p99; fastfc --help (the client's start alone) "
+                           f"{g['help_p50_ms']:.0f} ms p50; p50/p99 by command: {per}; the "
+                           f"server's answer (showgmir --json through the control socket, no "
+                           f"client process) p50/p99 {g['answer_with_p50_ms']:.1f}/"
+                           f"{g['answer_with_p99_ms']:.1f} ms with the session and fio, "
+                           f"{g['answer_without_p50_ms']:.1f}/{g['answer_without_p99_ms']:.1f} "
+                           f"fio alone, {g['answer_idle_p50_ms']:.1f}/"
+                           f"{g['answer_idle_p99_ms']:.1f} idle; {loads}"),
+                     headline="a read-only fastfc command under a session and fio: p99"
+                     if head else ""))
+        lp = g["lean_p99_ms"]
+        self.add(Row("serve_gm", f"serve_gm_readonly_lean{tag}",
+                     f"the same read-only commands through a client importing only the "
+                     f"standard library (benches/serve_lean_client.py, not the product) under "
+                     f"the same load: p99, against fastfc's client",
+                     f"{lp:.0f} ms", f"{c:.0f} ms fastfc client", lp / c if c else None,
+                     note=(f"p50 {g['lean_p50_ms']:.0f} ms over {g['lean_samples']} commands; "
+                           f"idle server {g['lean_idle_p50_ms']:.0f}/"
+                           f"{g['lean_idle_p99_ms']:.0f} ms p50/p99 (fastfc's client "
+                           f"{g['idle_p50_ms']:.0f}/{g['idle_p99_ms']:.0f}): what the client "
+                           f"spends before it forwards (importing the engine) is the rest; "
+                           f"{loads}")))
+        a = g["answer_with_p99_ms"]
+        self.add(Row("serve_gm", f"serve_gm_answer{tag}",
+                     f"the server's answer to showgmir --json through the control socket (no "
+                     f"client process) while the session runs and fio writes: p99, against "
+                     f"the idle server ({w})",
+                     f"{a:.1f} ms", f"{g['answer_idle_p99_ms']:.1f} ms idle server",
+                     a / g["answer_idle_p99_ms"] if g["answer_idle_p99_ms"] else None,
+                     note=f"p50 {g['answer_with_p50_ms']:.1f} ms; {loads}"))
 
 
 # --------------------------------------------------------------------------
@@ -993,7 +1039,7 @@ def markdown(rep: Report, when: str, seconds: float, load: tuple[float, float],
                      f"| {met} of {len(rows)} |")
     order = ["core", "physical", "engine", "numba", "qemu", "durable", "durable_steady", "gm",
              "scaleout", "durable_large",
-             "serve"]
+             "serve", "serve_gm"]
     for sec in order:
         for r in heads:
             if r.suite == sec:

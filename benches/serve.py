@@ -9,13 +9,17 @@ order) and each server's figure is the median of its rounds; a ratio
 the load of a shared machine drifts between rounds more than within one.
 The CPU time each server used per request comes from ``/proc/PID/stat``.
 
-``gm_under_fio``: the same fio load (4 KiB randwrite QD16) on
-the A exports of a Global Mirror session (two units in /dev/shm: A in one,
-B and C in the other), with the session's continuous loop running in the
-server process (``serve_gm_child.py``) and stopped, interleaved: client
-IOPS with / without, CG/s, RPO p99.
+``gm_under_fio``: the same fio load (4 KiB randwrite QD16) on the A
+exports of a Global Mirror session run by the product: ``fastfc serve``
+holds two units in /dev/shm (A in one, B and C in the other),
+``fastfc resumegmir`` / ``pausegmir`` start and stop the session's loop in
+it; interleaved: client IOPS with the session running / paused, CG/s, RPO
+p50/p99 (``showgmir --json`` sampled), and the latency of read-only
+commands (``lsvol``, ``showgmir``, ``lsflash``) run as ``fastfc`` clients
+under that load against the same commands on the idle server.
 
-Run both as the ``serve`` suite: ``python -m benches [--quick] serve``.
+The table is the ``serve`` suite, the session the ``serve_gm`` suite:
+``python -m benches [--quick] serve serve_gm``.
 
 Needs fio (nbd engine), nbdcopy (libnbd-bin), nbdkit and qemu-nbd
 (qemu-utils): ``apt-get install fio libnbd-bin nbdkit qemu-utils``.
@@ -31,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -189,56 +194,180 @@ def run(rounds: int, seconds: float, size: int, log=lambda msg: None) -> dict:
 
 
 # --------------------------------------------------------------------------
-# the same fio load with Global Mirror forming CGs underneath
+# the same fio load with a Global Mirror session running in fastfc serve
 # --------------------------------------------------------------------------
 
-def _cli(*args) -> None:
+READ_ONLY = (("lsvol", "--json"), ("showgmir", "S", "--json"), ("lsflash", "--json"))
+
+
+def cli(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """``fastfc ARGS``, a client process, as a user runs it."""
     out = subprocess.run([sys.executable, "-m", "fastfc", *map(str, args)], env=_env(),
-                         capture_output=True, text=True)
-    if out.returncode != 0:
+                         capture_output=True, text=True, timeout=300)
+    if check and out.returncode != 0:
         raise RuntimeError(f"fastfc {' '.join(map(str, args))}: {out.stderr.strip()}")
+    return out
 
 
-class _Child:
-    """``serve_gm_child.py``: the serve command's Server with session S."""
+def timed_cli(*args) -> float:
+    """Seconds ``fastfc ARGS`` took, start of the client process to its exit."""
+    t = time.perf_counter()
+    cli(*args)
+    return time.perf_counter() - t
 
-    def __init__(self, a: Path, b: Path, sock: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "benches" / "serve_gm_child.py"), str(a), str(b),
-             str(sock)], env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, start_new_session=True)
-        self.read()
 
-    def read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(timeout=30)
-            raise RuntimeError(f"serve_gm_child.py exited with {self.proc.returncode}: "
-                               f"{self.proc.stderr.read().strip()[-2000:]}")
-        return json.loads(line)
+def timed_lean(*args) -> float:
+    """Seconds ``serve_lean_client.py ARGS`` took: a forwarding client that
+    imports only the standard library (the floor of a client's cost)."""
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, str(ROOT / "benches" / "serve_lean_client.py"),
+                          *map(str, args)], capture_output=True, text=True, timeout=300)
+    took = time.perf_counter() - t
+    if out.returncode != 0:
+        raise RuntimeError(f"serve_lean_client.py {' '.join(map(str, args))}: status "
+                           f"{out.returncode}: {out.stderr.strip()}")
+    return took
 
-    def ask(self, cmd: str) -> dict:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self.read()
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.ask("quit")
-                self.proc.wait(timeout=60)
-            except (OSError, RuntimeError, subprocess.TimeoutExpired, ValueError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
+def ask(unit: Path, *args: str) -> tuple[float, str]:
+    """``fastfc -u UNIT ARGS`` forwarded to the server holding ``unit`` from
+    this process, through the control socket the client uses
+    (``control.forward``), without starting a client: (seconds, stdout)."""
+    import io
+
+    from fastfc.tools.cli import control
+    out, err = io.BytesIO(), io.BytesIO()
+    t = time.perf_counter()
+    status = control.forward(unit, ["-u", str(unit), *args], "fastfc", stdout=out, stderr=err,
+                             stdout_text=io.StringIO(), stderr_text=io.StringIO())
+    took = time.perf_counter() - t
+    if status != 0:
+        raise RuntimeError(f"fastfc -u {unit} {' '.join(args)} (forwarded): status {status}: "
+                           f"{err.getvalue().decode().strip()}")
+    return took, out.getvalue().decode()
+
+
+def show(unit: Path) -> dict:
+    return json.loads(ask(unit, "showgmir", "S", "--json")[1])
+
+
+def pct(xs: list[float], q: int) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    if len(xs) == 1:
+        return xs[0]
+    return float(statistics.quantiles(xs, n=100, method="inclusive")[q - 1])
+
+
+class Sampler:
+    """A thread asking the server ``showgmir S --json`` every ``every``
+    seconds through the control socket: each answer's ``rpo`` (the session's
+    RPO at that instant) and how long the answer took."""
+
+    def __init__(self, unit: Path, every: float) -> None:
+        self.unit, self.every = unit, every
+        self.rpo: list[float] = []
+        self.latency: list[float] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                took, out = ask(self.unit, "showgmir", "S", "--json")
+                self.latency.append(took)
+                rpo = json.loads(out)["rpo"]
+                if rpo is not None:
+                    self.rpo.append(rpo)
+                self._stop.wait(max(0.0, self.every - took))
+        except BaseException as e:      # noqa: BLE001 - reported by stop()
+            self.error = e
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        if self.error is not None and exc[0] is None:
+            raise RuntimeError(f"showgmir sampling failed: {self.error}") from self.error
+
+
+class ClientLoop:
+    """A thread running the read-only commands (``READ_ONLY``) as client
+    processes, ``fastfc -u UNIT ...``, one after another, in turn, each
+    beside the same command through ``serve_lean_client.py`` (after it, or
+    before it when ``lean_first``): the seconds each took, by command
+    (``took``; the lean client's ``lean``). A command counts if it started
+    before the loop was told to stop."""
+
+    def __init__(self, unit: Path, lean_first: bool = False) -> None:
+        self.unit, self.lean_first = unit, lean_first
+        self.took: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
+        self.lean: list[float] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            i = 0
+            while True:
+                cmd = READ_ONLY[i // 2 % len(READ_ONLY)]
+                if self._stop.is_set():
+                    return
+                if (i % 2 == 0) != self.lean_first:
+                    self.took[cmd[0]].append(timed_cli("-u", self.unit, *cmd))
+                else:
+                    self.lean.append(timed_lean("-u", self.unit, *cmd))
+                i += 1
+        except BaseException as e:      # noqa: BLE001 - reported by __exit__
+            self.error = e
+
+    def __enter__(self) -> "ClientLoop":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+        if self.error is not None and exc[0] is None:
+            raise RuntimeError(f"a read-only command failed: {self.error}") from self.error
 
 
 def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
                  rounds: int = 3, jobs: int | None = None, iodepth: int = 16,
-                 track_size: str = "64K", log=lambda msg: None) -> dict:
-    """fio 4 KiB randwrite QD``iodepth`` on the first ``jobs`` A exports (one
-    fio job, one connection, per export; default all), with the session's
-    loop running in the server process and stopped, interleaved (round r
-    runs ``with`` first when r is odd). Units in /dev/shm."""
+                 track_size: str = "64K", sample_every: float = 0.02, idle_reps: int = 3,
+                 log=lambda msg: None) -> dict:
+    """A Global Mirror session run by the product: ``fastfc -u A -r B serve``
+    holds the units (A in one, B and C in the other, both in /dev/shm),
+    ``fastfc -u A resumegmir S`` starts the session's loop in the server and
+    ``pausegmir S`` stops it; fio 4 KiB randwrite QD``iodepth`` writes the
+    first ``jobs`` A exports (one job, one connection, each; default all).
+
+    Each round (the machine is shared: the windows of a round run back to
+    back, in an order that alternates between rounds) has four windows:
+
+    ``with`` / ``without``  fio with the session running / paused (client
+        IOPS); a thread asks the server ``showgmir S --json`` every
+        ``sample_every`` s through the control socket: the session's RPO at
+        that instant, the answer's latency; CGs and server CPU from before
+        and after
+    ``clients``  fio with the session running, and the read-only commands
+        (``READ_ONLY``) run as ``fastfc`` client processes one after
+        another: their latency from the client's start to its exit
+    ``idle``  no fio, the session paused: each read-only command and
+        ``fastfc --help`` ``idle_reps`` times (the client's own cost), and
+        the forwarded ``showgmir`` answer alone
+
+    Each read-only command run as ``fastfc`` is followed by the same command
+    through ``serve_lean_client.py``, a client that imports only the
+    standard library: what a client could cost that forwarded before
+    importing the engine.
+    """
     gone = missing(GM_TOOLS)
     if gone:
         raise RuntimeError(gone)
@@ -246,94 +375,167 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
     names = [(f"A{i:03d}", f"B{i:03d}", f"C{i:03d}") for i in range(triplets)]
     with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
         tmp = Path(d)
-        a, b, sock = tmp / "a", tmp / "b", tmp / "s"
+        a, b, sock = tmp / "a", tmp / "b", tmp / "nbd.sock"
         size = f"{size_mib}M"
-        _cli("-u", a, "mkvol", *(n[0] for n in names), "--size", size,
-             "--track-size", track_size)
-        _cli("-u", b, "mkvol", *(x for n in names for x in n[1:]), "--size", size,
-             "--track-size", track_size)
-        _cli("-u", a, "-r", b, "mkgmir", "S", *(":".join(n) for n in names))
-        child = _Child(a, b, sock)
+        cli("-u", a, "mkvol", *(n[0] for n in names), "--size", size, "--track-size",
+            track_size)
+        cli("-u", b, "mkvol", *(x for n in names for x in n[1:]), "--size", size,
+            "--track-size", track_size)
+        cli("-u", a, "-r", b, "mkgmir", "S", *(":".join(n) for n in names))
+        server = subprocess.Popen(
+            [sys.executable, "-m", "fastfc", "-u", str(a), "-r", str(b), "serve", "--socket",
+             str(sock)], env=_env(), start_new_session=True, stderr=subprocess.PIPE, text=True)
         args = []
         for n in names[:jobs]:
             args += [f"--name={n[0]}", f"--uri=nbd+unix:///{n[0]}?socket={sock}"]
         common = ["--ioengine=nbd", "--rw=randwrite", "--bs=4k", f"--iodepth={iodepth}",
                   f"--size={size_mib}M", "--time_based", f"--runtime={seconds}",
                   "--group_reporting"]
-        iops: dict[str, list[float]] = {"with": [], "without": []}
-        reports: dict[str, list[dict]] = {"with": [], "without": []}
-        server_cores: dict[str, list[float]] = {"with": [], "without": []}
+        modes = ("with", "without", "clients")
+        iops: dict[str, list[float]] = {m: [] for m in modes}
+        windows: list[dict] = []
+        rpo: list[float] = []
+        answer: dict[str, list[float]] = {m: [] for m in ("with", "without", "idle")}
+        clients: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
+        idle: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
+        idle["--help"] = []
+        lean: dict[str, list[float]] = {"load": [], "idle": []}
+        loads: list[float] = []
+
+        def resume() -> None:
+            before = show(a)["successes"]
+            cli("-u", a, "resumegmir", "S")
+            deadline = time.monotonic() + 120
+            while True:      # the backlog of the paused window drained: two CGs
+                s = show(a)
+                if s["fatal_reason"]:
+                    raise RuntimeError(f"the session failed: {s['fatal_reason']}")
+                if s["successes"] >= before + 2:
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the session formed no CG in 120 s: {s}")
+                time.sleep(0.005)
+
+        def window(mode: str) -> None:
+            if mode != "without":
+                resume()
+            s0, c0 = show(a), cpu_seconds(server.pid)
+            t = time.perf_counter()
+            if mode == "clients":
+                with ClientLoop(a, lean_first=len(iops["clients"]) % 2 == 1) as loop:
+                    doc = fio_json([*common, *args])
+                for k, v in loop.took.items():
+                    clients[k] += v
+                lean["load"] += loop.lean
+            else:
+                with Sampler(a, sample_every) as sampler:
+                    doc = fio_json([*common, *args])
+                answer[mode] += sampler.latency
+                if mode == "with":
+                    rpo.extend(sampler.rpo)
+            spent = time.perf_counter() - t
+            s1, c1 = show(a), cpu_seconds(server.pid)
+            if mode != "without":
+                cli("-u", a, "pausegmir", "S")
+            if s1["fatal_reason"]:
+                raise RuntimeError(f"the session failed: {s1['fatal_reason']}")
+            iops[mode].append(doc["jobs"][0]["write"]["iops"])
+            failures = {k: v - s0["failures"].get(k, 0) for k, v in s1["failures"].items()
+                        if v - s0["failures"].get(k, 0)}
+            windows.append({"mode": mode, "seconds": spent, "iops": iops[mode][-1],
+                            "cgs": s1["successes"] - s0["successes"],
+                            "attempts": s1["attempts"] - s0["attempts"], "failures": failures,
+                            "bytes_drained": s1["bytes_drained"] - s0["bytes_drained"],
+                            "server_cores": (c1 - c0) / spent,
+                            "load": os.getloadavg()[0]})
+
         try:
+            wait_socket(str(sock), server)
+            wait_socket(str(a / "control.sock"), server)
             # the volumes start zero: write them once, so no run sees a first touch
             fio_json(["--ioengine=nbd", "--rw=write", "--bs=1m", "--iodepth=4",
                       f"--size={size_mib}M", *args])
-            child.ask("start")
-            child.ask("stop")        # B and C in step with A: every run starts alike
+            resume()         # B and C in step with A: every window starts alike
+            cli("-u", a, "pausegmir", "S")
             for r in range(rounds):
                 log(f"    round {r + 1} of {rounds}")
-                order = ["with", "without"] if r % 2 else ["without", "with"]
+                loads.append(os.getloadavg()[0])
+                order = ["with", "without", "clients"] if r % 2 else \
+                    ["without", "with", "clients"]
                 for mode in order:
-                    if mode == "with":
-                        started = child.ask("start")
-                        if not started["started"]:
-                            raise RuntimeError(f"the session formed no CG: {started}")
-                    child.ask("mark")
-                    doc = fio_json([*common, *args])
-                    rep = child.ask("report")
-                    if mode == "with":
-                        child.ask("stop")
-                    if rep.get("fatal_reason"):
-                        raise RuntimeError(f"the session failed: {rep['fatal_reason']}")
-                    w = doc["jobs"][0]["write"]
-                    iops[mode].append(w["iops"])
-                    reports[mode].append(rep)
-                    server_cores[mode].append(rep["cpu"] / rep["seconds"])
+                    window(mode)
+                for _ in range(idle_reps):
+                    idle["--help"].append(timed_cli("--help"))
+                    for cmd in READ_ONLY:
+                        idle[cmd[0]].append(timed_cli("-u", a, *cmd))
+                        lean["idle"].append(timed_lean("-u", a, *cmd))
+                    for _ in range(10):
+                        answer["idle"].append(ask(a, "showgmir", "S", "--json")[0])
         finally:
-            child.close()
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGTERM)
+                try:
+                    server.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(server.pid, signal.SIGKILL)
+                    server.wait(timeout=30)
     ratios = [w / wo for w, wo in zip(iops["with"], iops["without"])]
-    rpo = sorted(x for rep in reports["with"] for x in rep["rpo"])
-    cgs = sum(rep["cgs"] for rep in reports["with"])
-    secs = sum(rep["seconds"] for rep in reports["with"])
-    loop_cpu = sum(rep["loop_cpu"] for rep in reports["with"])
-    on_cpu = sum(rep["loop_on_cpu"] for rep in reports["with"])
-    runq = sum(rep["loop_runqueue"] for rep in reports["with"])
+    withs = [w for w in windows if w["mode"] == "with"]
+    secs = sum(w["seconds"] for w in withs)
+    cgs = sum(w["cgs"] for w in withs)
     failures: dict[str, int] = {}
-    for rep in reports["with"]:
-        for k, v in rep["failures"].items():
+    for w in withs:
+        for k, v in w["failures"].items():
             failures[k] = failures.get(k, 0) + v
-
-    def pct(xs: list[float], q: int) -> float:
-        return float(statistics.quantiles(xs, n=100)[q - 1]) if len(xs) >= 2 else \
-            (xs[0] if xs else float("nan"))
-
-    phases = {k: sorted(x for rep in reports["with"] for x in rep["phases"][k])
-              for k in ("coordination", "drain", "flashcopy")}
+    ms = 1e3
+    every = [x for v in clients.values() for x in v]
+    idle_cmds = [x for k, v in idle.items() if k != "--help" for x in v]
+    idle_p50 = pct(idle_cmds, 50)
+    client_p99 = pct(every, 99)
     return {
         "triplets": triplets, "size_mib": size_mib, "jobs": jobs, "iodepth": iodepth,
-        "track_size": track_size,
-        "seconds": seconds, "rounds": rounds,
+        "track_size": track_size, "seconds": seconds, "rounds": rounds,
+        "sample_every_ms": sample_every * ms,
+        "load_average": {"min": min(loads), "median": statistics.median(loads),
+                         "max": max(loads)},
+        # client IOPS: the session running / paused (one ratio per round)
         "iops_with": statistics.median(iops["with"]),
         "iops_without": statistics.median(iops["without"]),
+        "iops_clients": statistics.median(iops["clients"]),
         "ratio": statistics.median(ratios), "round_ratios": ratios,
-        "cgs_per_s": cgs / secs if secs else float("nan"),
-        "attempts": sum(rep["attempts"] for rep in reports["with"]), "cgs": cgs,
-        "failures": failures,
-        "rpo_p50_ms": pct(rpo, 50) * 1e3, "rpo_p99_ms": pct(rpo, 99) * 1e3,
-        "rpo_max_ms": (rpo[-1] if rpo else float("nan")) * 1e3, "rpo_samples": len(rpo),
-        **{f"{k}_p{q}_ms": pct(v, q) * 1e3 for k, v in phases.items() for q in (50, 99)},
-        "drained_mb_s": sum(rep["bytes_drained"] for rep in reports["with"]) / secs / 1e6
+        # the session in the fio windows, from showgmir --json before and after
+        "cgs_per_s": cgs / secs if secs else float("nan"), "cgs": cgs,
+        "round_cgs_per_s": [w["cgs"] / w["seconds"] for w in withs],
+        "attempts": sum(w["attempts"] for w in withs), "failures": failures,
+        "drained_mb_s": sum(w["bytes_drained"] for w in withs) / secs / 1e6
         if secs else float("nan"),
-        # server CPU, in cores: the whole process, and the session's loop thread
-        "server_cores_with": statistics.median(server_cores["with"]),
-        "server_cores_without": statistics.median(server_cores["without"]),
-        "loop_cores": loop_cpu / secs if secs else float("nan"),
-        # the loop thread's wall time: on a CPU / in the run queue / asleep
-        # (waiting for the GIL or a volume's lock: it never sleeps by choice
-        # between CGs at CG interval 0 unless an attempt failed)
-        "loop_on_cpu": on_cpu / secs if secs else float("nan"),
-        "loop_runqueue": runq / secs if secs else float("nan"),
-        "loop_asleep": (secs - on_cpu - runq) / secs if secs else float("nan"),
-        "raw": {"iops": iops, "reports": [{k: v for k, v in rep.items()
-                                           if k not in ("rpo", "phases")}
-                                          for m in reports for rep in reports[m]]},
+        # RPO: showgmir's rpo, sampled every sample_every s
+        "rpo_p50_ms": pct(rpo, 50) * ms, "rpo_p99_ms": pct(rpo, 99) * ms,
+        "rpo_max_ms": max(rpo, default=float("nan")) * ms, "rpo_samples": len(rpo),
+        # the server's answer to showgmir --json (control socket, no client
+        # process): under fio with / without the session, and idle
+        **{f"answer_{m}_p{q}_ms": pct(v, q) * ms for m, v in answer.items() for q in (50, 99)},
+        # the read-only commands as client processes: under fio with the
+        # session running, and against the idle server; fastfc --help
+        "client_p50_ms": pct(every, 50) * ms, "client_p99_ms": client_p99 * ms,
+        "client_max_ms": max(every, default=float("nan")) * ms, "client_samples": len(every),
+        "client_by_command": {k: {"p50_ms": pct(v, 50) * ms, "p99_ms": pct(v, 99) * ms,
+                                  "n": len(v)} for k, v in clients.items()},
+        "idle_p50_ms": idle_p50 * ms, "idle_p99_ms": pct(idle_cmds, 99) * ms,
+        "idle_by_command": {k: {"p50_ms": pct(v, 50) * ms, "p99_ms": pct(v, 99) * ms,
+                                "n": len(v)} for k, v in idle.items()},
+        "help_p50_ms": pct(idle["--help"], 50) * ms,
+        # the same commands through serve_lean_client.py (a client importing
+        # only the standard library): under the same load, and idle
+        "lean_p50_ms": pct(lean["load"], 50) * ms, "lean_p99_ms": pct(lean["load"], 99) * ms,
+        "lean_idle_p50_ms": pct(lean["idle"], 50) * ms,
+        "lean_idle_p99_ms": pct(lean["idle"], 99) * ms, "lean_samples": len(lean["load"]),
+        # the latency under load against the idle server's, and the part above it
+        "client_ratio": client_p99 / pct(idle_cmds, 99) if idle_cmds else float("nan"),
+        "client_above_idle_p99_ms": (client_p99 - idle_p50) * ms,
+        "server_cores_with": statistics.median(w["server_cores"] for w in withs),
+        "server_cores_without": statistics.median(w["server_cores"] for w in windows
+                                                  if w["mode"] == "without"),
+        "raw": {"iops": iops, "windows": windows, "rpo": rpo, "answer": answer,
+                "clients": clients, "idle": idle, "lean": lean},
     }

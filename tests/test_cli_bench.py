@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ import fastfc.tools.cli.app as cli
 
 ROOT = Path(fastfc.__file__).resolve().parent.parent
 SUITES = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable", "durable_steady",
-          "gm", "grain", "scaleout", "serve", "durable_large"]
+          "gm", "grain", "scaleout", "serve", "serve_gm", "durable_large"]
 
 
 def benches(*args: str, timeout: float = 600, env: dict | None = None):
@@ -151,7 +152,9 @@ def test_durable_large_is_opt_in(capsys) -> None:
 
 # -- the serve suite ----------------------------------------------------------------------------
 SERVE_ROWS = {f"serve_{w}_{p}" for w in ("nbdcopy", "randwrite_4k", "randread_4k", "seqwrite_1m")
-              for p in ("nbdkit", "qemu_nbd")} | {"serve_gm_iops", "serve_gm_rpo", "serve_gm_cgs"}
+              for p in ("nbdkit", "qemu_nbd")}
+SERVE_GM_ROWS = {"serve_gm_iops", "serve_gm_rpo", "serve_gm_cgs", "serve_gm_readonly",
+                 "serve_gm_readonly_lean", "serve_gm_answer"}
 
 
 def test_serve_suite_names_the_missing_packages(tmp_path, monkeypatch, capsys) -> None:
@@ -172,7 +175,7 @@ def test_serve_suite_names_the_missing_packages(tmp_path, monkeypatch, capsys) -
 @pytest.mark.slow
 def test_serve_suite_quick_end_to_end(tmp_path) -> None:
     """``python -m benches --quick serve``: every row with a measured figure
-    (fastfc serve, nbdkit memory and qemu-nbd; Global Mirror under fio)."""
+    (fastfc serve, nbdkit memory and qemu-nbd)."""
     missing = [t for t in ("fio", "nbdcopy", "nbdkit", "qemu-nbd") if shutil.which(t) is None]
     if missing:
         msg = f"{missing} not installed: apt-get install fio libnbd-bin nbdkit qemu-utils"
@@ -186,14 +189,60 @@ def test_serve_suite_quick_end_to_end(tmp_path) -> None:
     rows = {r["name"]: r for r in doc["rows"]}
     assert set(rows) == SERVE_ROWS, sorted(rows)
     for name, r in rows.items():
-        if name in ("serve_gm_rpo", "serve_gm_cgs"):
-            continue
         assert r["ratio"] > 0 and math.isfinite(r["ratio"]), r
         assert r["met"] is (r["ratio"] >= float(r["target"].split()[1])), r
+
+
+def test_serve_gm_suite_names_the_missing_fio(tmp_path, monkeypatch, capsys) -> None:
+    from benches import runner
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert runner.run(quick=True, out=tmp_path, only=["serve_gm"], log=lambda m: None) == 0
+    want = "fio not found on PATH: apt-get install fio"
+    assert f"skipped serve_gm: {want}" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "report-quick.json").read_text())
+    assert doc["skipped"] == {"serve_gm": want} and doc["rows"] == []
+
+
+@pytest.mark.slow
+def test_serve_gm_suite_quick_end_to_end(tmp_path) -> None:
+    """``python -m benches --quick serve_gm``: the session run by fastfc serve
+    (resumegmir) formed CGs under fio with no failure, and every figure of
+    the report is there and consistent with its samples (nothing on time)."""
+    if shutil.which("fio") is None:
+        if os.environ.get("CI"):
+            pytest.fail("fio not installed: apt-get install fio")
+        pytest.skip("fio not installed: apt-get install fio")
+    res = benches("--quick", "serve_gm", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((tmp_path / "report-quick.json").read_text())
+    assert doc["skipped"] == {}
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert set(rows) == SERVE_GM_ROWS, sorted(rows)
     g = doc["raw"]["serve_gm"]
+    assert g["track_size"] == "64K" and g["rounds"] == 2 and g["triplets"] == 16
+    raw = g["raw"]
+    # every window ran: running, paused, and running with the client commands
+    assert [w["mode"] for w in raw["windows"]].count("with") == 2
+    assert {w["mode"] for w in raw["windows"]} == {"with", "without", "clients"}
     assert g["cgs"] > 0 and g["failures"] == {} and g["iops_with"] > 0, g
-    assert 0 < g["rpo_p99_ms"] < 60_000 and rows["serve_gm_rpo"]["met"] is (g["rpo_p99_ms"] <= 50)
-    assert "serve_gm_iops" in res.stdout.split("notes:")[1]
+    assert all(w["cgs"] == 0 for w in raw["windows"] if w["mode"] == "without")
+    assert all(w["cgs"] > 0 for w in raw["windows"] if w["mode"] != "without")
+    assert len(g["round_ratios"]) == 2 and g["ratio"] == statistics.median(g["round_ratios"])
+    assert rows["serve_gm_iops"]["met"] is (g["ratio"] >= 0.7)
+    # RPO: showgmir --json's rpo, sampled while the session ran
+    assert g["rpo_samples"] == len(raw["rpo"]) > 0
+    assert 0 <= g["rpo_p50_ms"] <= g["rpo_p99_ms"] <= g["rpo_max_ms"] < 60_000
+    assert rows["serve_gm_rpo"]["met"] is (g["rpo_p99_ms"] <= 50)
+    # the read-only commands as clients, under load and on the idle server
+    assert set(raw["clients"]) == {"lsvol", "showgmir", "lsflash"}
+    assert g["client_samples"] == sum(map(len, raw["clients"].values())) > 0
+    assert all(len(raw["idle"][k]) == 2 for k in ("lsvol", "showgmir", "lsflash", "--help"))
+    assert rows["serve_gm_readonly"]["met"] is (g["client_p99_ms"] <= 100)
+    assert math.isclose(rows["serve_gm_readonly"]["ratio"],
+                        g["client_p99_ms"] / g["idle_p99_ms"])
+    assert all(len(raw["answer"][m]) > 0 for m in ("with", "without", "idle"))
+    assert len(raw["lean"]["idle"]) == 6 and g["lean_samples"] == len(raw["lean"]["load"]) > 0
+    assert "serve_gm_readonly" in res.stdout.split("notes:")[1]
 
 
 def test_the_gm_suite_runs_its_sessions_one_after_another_on_the_same_volumes() -> None:

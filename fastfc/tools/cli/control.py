@@ -146,6 +146,9 @@ REPUBLISH_INTERVAL = 1.0
 #: Seconds a client waits, after Ctrl-C, for the server to say it stopped
 #: the command; then it says the outcome is unknown.
 CANCEL_WAIT = 2.0
+#: Milliseconds between a command's watcher's looks at whether the server
+#: stops (the end of the command and its client's hanging up wake it at once).
+WATCH_INTERVAL_MS = 100
 _HEADER = struct.Struct(">cI")
 
 
@@ -1025,40 +1028,53 @@ class _Host:
             log.info("control connection from %s: ended: %s", who, e or type(e).__name__)
 
     def _watch(self, conn: socket.socket, stopping: threading.Event,
-               asked: threading.Event, done: threading.Event) -> None:
-        """Until ``done``: set ``asked`` and ``stopping`` once the client
-        asks to stop the command (a ``c`` frame: Ctrl-C) or hangs up
-        (killed: a client sends nothing else after its request, so anything
-        else readable is its end); ``stopping`` alone once the server stops.
-        A command that runs for a while (``formcg --seconds``, ``waitflash``)
-        then ends early."""
+               asked: threading.Event, done: threading.Event, woken: int) -> None:
+        """Until ``done`` (its end also written to ``woken``, a pipe's read
+        end, so the command's status goes out at once, not after a poll
+        period): set ``asked`` and ``stopping`` once the client asks to stop
+        the command (a ``c`` frame: Ctrl-C) or hangs up (killed: a client
+        sends nothing else after its request, so anything else readable is
+        its end); ``stopping`` alone once the server stops. A command that
+        runs for a while (``formcg --seconds``, ``waitflash``) then ends
+        early."""
         poller = select.poll()
         poller.register(conn.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR
                         | getattr(select, "POLLRDHUP", 0))
+        poller.register(woken, select.POLLIN)
         while not done.is_set():
             if self.stopping.is_set():
                 stopping.set()
             try:
-                if poller.poll(100):
-                    asked.set()
-                    stopping.set()
-                    return
+                ready = [fd for fd, _ in poller.poll(WATCH_INTERVAL_MS)]
             except InterruptedError:
-                pass
+                continue
+            if done.is_set():
+                return
+            if any(fd != woken for fd in ready):
+                asked.set()
+                stopping.set()
+                return
 
     def _run(self, conn: socket.socket, request: dict, send_lock: threading.Lock
              ) -> tuple[int, str | None]:
         """The command's exit status, and whether it stopped early at its
         client's asking (``"stopped"``) or was not run (``"not_run"``)."""
         stopping, asked, done = _Seen(), threading.Event(), threading.Event()
-        watcher = threading.Thread(target=self._watch, args=(conn, stopping, asked, done),
-                                   name="fastfc-control-watch", daemon=True)
-        watcher.start()
+        woken, wake = os.pipe()
         try:
-            return self._run_one(conn, request, send_lock, stopping, asked)
+            watcher = threading.Thread(target=self._watch,
+                                       args=(conn, stopping, asked, done, woken),
+                                       name="fastfc-control-watch", daemon=True)
+            watcher.start()
+            try:
+                return self._run_one(conn, request, send_lock, stopping, asked)
+            finally:
+                done.set()
+                os.write(wake, b"d")
+                watcher.join()
         finally:
-            done.set()
-            watcher.join()
+            os.close(woken)
+            os.close(wake)
 
     def _run_one(self, conn: socket.socket, request: dict, send_lock: threading.Lock,
                  stopping: "_Seen", asked: threading.Event) -> tuple[int, str | None]:
