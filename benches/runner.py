@@ -866,7 +866,7 @@ class Report:
                      f"fastfc serve with a Global Mirror session under fio: CGs per second "
                      f"({w})", f"{g['cgs_per_s']:.1f} CG/s", "-", None,
                      note=(f"CG interval 0 (back to back); {g['drained_mb_s']:.0f} MB/s drained "
-                           f"to B (a 4 KiB write owes its {kib} KiB track); {cores}")))
+                           f"to B (a 4 KiB write owes its 4 KiB grain); {cores}")))
         c = g["client_p99_ms"]
         by = g["client_by_command"]
         idle = g["idle_by_command"]
