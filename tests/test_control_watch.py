@@ -6,6 +6,8 @@ a status that waited for it would hold each call for that long."""
 
 from __future__ import annotations
 
+import pytest
+
 import io
 import json
 import socket
@@ -64,6 +66,7 @@ def test_the_exit_status_does_not_wait_for_the_watcher(tmp_path, monkeypatch):
         assert status == 1 and "nope" in said
 
 
+@pytest.mark.slow
 def test_a_client_that_hangs_up_still_cancels_its_command(tmp_path, monkeypatch):
     """Queued behind the server's lock, its client gone: the command is
     not run (the watcher saw the hang-up without waiting its interval)."""

@@ -242,6 +242,7 @@ def test_cli_refusals_leave_the_units_as_they_were(tmp_path, make_pair, want):
     assert after == before
 
 
+@pytest.mark.slow
 def test_mkgmir_adopts_through_fastfc_serve(tmp_path):
     site1, site2, sock = tmp_path / "s1", tmp_path / "s2", tmp_path / "sock"
     cli_volumes(site1, site2)

@@ -205,6 +205,7 @@ def test_concurrent_commands_each_see_their_own_environment(tmp_path, probe):
                                                                control._EnvRouter)
 
 
+@pytest.mark.slow
 def test_a_command_whose_client_stops_it_while_queued_is_not_run(tmp_path, probe):
     """Ctrl-C of a changing command waiting for its turn: it is not run
     (the exit frame says ``not_run``, status 130) and changes nothing."""
@@ -292,6 +293,7 @@ def site(tmp_path):
     return a, b, tmp_path / "nbd.sock"
 
 
+@pytest.mark.slow
 def test_lookers_and_changers_run_while_formcg_runs_and_ctrl_c_stops_it(site):
     """While a forwarded ``formcg --seconds 60`` forms CGs and an NBD client
     writes to A0: lsvol, showgmir and lsflash answer (correctly) and a
@@ -357,6 +359,7 @@ def test_lookers_and_changers_run_while_formcg_runs_and_ctrl_c_stops_it(site):
         assert again["attempts"] == first["attempts"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_of_a_forwarded_waitflash_stops_it_in_the_server(site):
     """Ctrl-C of ``waitflash`` (a copy at 64 KiB/s of 1 MiB): the copy in
     the foreground stops between steps, saying what it left; the client
@@ -387,6 +390,7 @@ def test_ctrl_c_of_a_forwarded_waitflash_stops_it_in_the_server(site):
 
 
 # -- the log -------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("level", ["info", "warning"])
 def test_the_server_logs_connections_and_its_stop(tmp_path, level):
     """--log-level info: a line for each control connection (who, the
@@ -421,6 +425,7 @@ def test_the_server_logs_connections_and_its_stop(tmp_path, level):
     ({"status": 0}, "had finished the command before it could stop it (exit status 0"),
     (None, "did not say whether it stopped the command: its outcome is unknown"),
 ])
+@pytest.mark.slow
 def test_ctrl_c_of_a_client_asks_the_server_and_says_what_became_of_it(
         tmp_path, monkeypatch, answer, says):
     """Ctrl-C while a forwarded command runs: the client sends ``c``, waits

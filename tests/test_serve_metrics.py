@@ -150,6 +150,7 @@ def show(a: Path) -> dict:
 
 
 # -- the metrics endpoint ------------------------------------------------------------
+@pytest.mark.slow
 def test_metrics_of_a_running_session_and_its_exports(units):
     a, b, sock = units
     with serving(a, sock, "--metrics-port", "0", remote=b) as proc:
@@ -218,6 +219,7 @@ def test_metrics_of_a_running_session_and_its_exports(units):
         assert value(scrape(url), "fastfc_gm_running", session="S") == 0
 
 
+@pytest.mark.slow
 def test_a_metrics_port_in_use_is_refused(units):
     """--metrics-port N on a port in use: the server says so and exits 1."""
     import socket
@@ -382,6 +384,7 @@ def test_watch_without_a_server_redraws_until_ctrl_c(units):
     assert "Traceback" not in err and "Aborted" not in err, err
 
 
+@pytest.mark.slow
 def test_watch_forwarded_to_the_server_ends_there_on_ctrl_c(units):
     a, b, sock = units
     with serving(a, sock, remote=b):

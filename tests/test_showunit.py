@@ -11,6 +11,8 @@ file with huge pages (a 4 KiB write allocating 2 MiB).
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 from pathlib import Path
@@ -130,6 +132,7 @@ def test_showunit_runs_beside_a_command_that_looks(tmp_path):
         cli(unit, "mkvol", "Z", "--tracks", 1, code=1)
 
 
+@pytest.mark.slow
 def test_showunit_through_fastfc_serve(tmp_path):
     unit, sock = tmp_path / "u", tmp_path / "sock"
     build(unit)
