@@ -201,7 +201,6 @@ cdef inline Py_ssize_t bms_next_set(const uint64_t* w, const uint64_t* s, Py_ssi
                                     Py_ssize_t start) noexcept nogil:
     """bm_next_set through the summary ``s`` (NULL: the plain scan)."""
     cdef Py_ssize_t n_words, k, j
-    cdef uint64_t word
     cdef int stale = 0
     if s == NULL:
         return bm_next_set(w, n_bits, start)
@@ -209,9 +208,9 @@ cdef inline Py_ssize_t bms_next_set(const uint64_t* w, const uint64_t* s, Py_ssi
         return -1
     n_words = (n_bits + 63) >> 6
     k = start >> 6
-    word = w[k] & ~low_mask(start & 63)
-    if word:
-        return (k << 6) + __builtin_ctzll(word)
+    j = bm_next_set(w, min(n_bits, (k + 1) << 6), start)   # the rest of start's word
+    if j >= 0:
+        return j
     while True:
         j = bm_next_set(s, n_words, k + 1)
         if j < 0:
