@@ -49,8 +49,8 @@ cdef class MirrorBase:
         ``primary`` volume, whose geometry converts them.)"""
         cdef Py_ssize_t per = 1
         primary = getattr(self, "primary", None)
-        if primary is not None and primary.n_tracks:
-            per = primary.n_grains // primary.n_tracks
+        if primary is not None:
+            per = primary.grains_per_track
         if self.cg is None:
             return self.oos.count_groups(per)
         owed = self.oos | self.cg

@@ -69,12 +69,12 @@ cdef class VolumeBase:
     cdef readonly Py_ssize_t track_size
     cdef readonly Py_ssize_t capacity
     cdef readonly int track_shift
-    # the grain: the unit the engine tracks, copies and redirects (a divisor
-    # of the track, 4 KiB by default): every bitmap of the engine has one bit
-    # per grain, so a 4 KiB write into a 64 KiB track copies 4 KiB
+    # the grain (a divisor of the track, 4 KiB by default): every bitmap of
+    # the engine has a bit per grain; a 4 KiB write copies 4 KiB, not a track
     cdef readonly Py_ssize_t n_grains
     cdef readonly Py_ssize_t grain_size
     cdef readonly int grain_shift
+    cdef readonly Py_ssize_t grains_per_track
     cdef readonly long long vid
     cdef uint8_t* base
     cdef object _array
@@ -162,6 +162,7 @@ cdef class VolumeBase:
         self.capacity = array.shape[0]
         self.n_tracks = self.capacity >> self.track_shift
         self.n_grains = self.capacity >> self.grain_shift
+        self.grains_per_track = track_size >> self.grain_shift
         self.thin = allocated is not None
         if self.thin and (fd < 0 or allocated.n_bits != self.n_grains):
             raise ValueError("a thin volume needs its file descriptor and a bitmap "
@@ -347,12 +348,11 @@ cdef class VolumeBase:
         in part (None for a thick or in-memory volume)."""
         if not self.thin or self._alloc is None:
             return None
-        return self._alloc.count_groups(self.n_grains // self.n_tracks)
+        return self._alloc.count_groups(self.grains_per_track)
 
     @property
     def allocated_bytes(self):
-        """Thin volume: the bytes of the grains that have blocks in the file
-        (None for a thick or in-memory volume)."""
+        """Thin volume: the bytes of its grains with blocks (else None)."""
         if not self.thin or self._alloc is None:
             return None
         return self._alloc.count() * self.grain_size

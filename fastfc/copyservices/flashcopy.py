@@ -227,7 +227,7 @@ class FlashCopy(_core.RelationshipBase):
         or in part (a track with any grain still to copy)."""
         if not self.active:
             return 0
-        return self.to_copy.count_groups(self.source.n_grains // self.source.n_tracks)
+        return self.to_copy.count_groups(self.source.grains_per_track)
 
     @property
     def state(self) -> FlashCopyState:
@@ -264,7 +264,7 @@ class FlashCopy(_core.RelationshipBase):
         """
         if max_tracks is not None and max_tracks < 0:
             raise ValueError(f"max_tracks must be >= 0, got {max_tracks}")
-        per = self.source.n_grains // self.source.n_tracks
+        per = self.source.grains_per_track
         grains = self._copy_grains(None if max_tracks is None else max_tracks * per)
         return -(-grains // per)
 
@@ -632,7 +632,7 @@ class FlashCopy(_core.RelationshipBase):
                     other.src_changed.or_(changed)
             if ordered and others:
                 store.sync(*(bm for r in others for bm in (r.to_copy, r.src_changed)))
-            copied = mask.count_groups(S.n_grains // S.n_tracks)
+            copied = mask.count_groups(S.grains_per_track)
             self._copy_tracks_where(mask, True)
             if S._mirror is not None and S._mirror.oos is not None:
                 S._mirror.oos.or_(changed)

@@ -356,7 +356,7 @@ def forget_failover(unit: "StorageUnit", b_name: str) -> int:
                        "secondary alone (recover_session)")
     row = rows[0]
     b = unit._row_volume(b_name)
-    n = int(row["oos"].count_groups(b.n_grains // b.n_tracks))
+    n = int(row["oos"].count_groups(b.grains_per_track))
     with locked((b,)):
         with unit.store.transaction():
             unit.store.drop_pair(row["id"])

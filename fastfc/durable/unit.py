@@ -454,7 +454,7 @@ class StorageUnit:
     def _tracks_owed(self, row: dict) -> int:
         """The tracks a pair row's bitmaps record (in whole or in part)."""
         v = self._volumes.get(row["primary_name"])
-        per = v.n_grains // v.n_tracks if v is not None else 1
+        per = v.grains_per_track if v is not None else 1
         return sum(row[k].count_groups(per) for k in _PAIR_MAPS if row[k] is not None)
 
     @property

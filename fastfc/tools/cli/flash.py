@@ -128,7 +128,7 @@ def _marked(fc: FlashCopy) -> int:
         return 0
     assert fc.src_changed is not None and fc.tgt_changed is not None   # record=True keeps both
     return (fc.to_copy | fc.src_changed | fc.tgt_changed).count_groups(
-        fc.source.n_grains // fc.source.n_tracks)
+        fc.source.grains_per_track)
 
 
 @main.command()
