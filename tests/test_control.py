@@ -47,7 +47,15 @@ class Holder:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
         try:
-            return self.proc.wait(timeout=30)
+            try:
+                return self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                # where it hangs: SIGABRT makes faulthandler dump every thread
+                os.kill(self.proc.pid, signal.SIGABRT)
+                _, err = self.proc.communicate(timeout=30)
+                raise AssertionError(f"fastfc serve did not stop within 30 s of "
+                                     f"{signal.Signals(sig).name}; its threads:\n"
+                                     f"{err[-20000:]}") from None
         finally:
             for stream in (self.proc.stdout, self.proc.stderr):
                 if stream is not None:
@@ -62,7 +70,8 @@ def start_holder(unit: Path, remote: Path | None = None) -> Holder:
     args = [sys.executable, "-m", "fastfc", "-u", str(unit),
             *(["-r", str(remote)] if remote else []), "serve", "--socket", str(nbd)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, text=True)
+                            start_new_session=True, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     line = proc.stderr.readline()    # type: ignore[union-attr]
     if not line.startswith("serving "):
         proc.kill()
@@ -735,7 +744,11 @@ def test_a_server_stopped_mid_command(tmp_path, holders):
 
         t = threading.Thread(target=client)
         t.start()
-        time.sleep(0.5)     # the copy runs (32 KiB at 24 KiB/s)
+        deadline = time.monotonic() + 30
+        while not out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)    # the server took the command: it said established
+        assert out.getvalue().startswith(b"established FlashCopy a:b"), err.getvalue()
+        time.sleep(0.3)     # the copy runs (32 KiB at 24 KiB/s)
         h.stop(sig)
         t.join(60)
         if sig == signal.SIGTERM:
