@@ -7,19 +7,25 @@ calls (:meth:`Volume.write`, :meth:`Volume.readinto`, :meth:`Volume.flush`):
 copy-on-write, read redirection, write inhibits and PPRC recording all
 happen there, once, as for any other host.
 
-Threads: one accepts on each listening socket; one per connection reads a
-request, carries it out and replies, in order. The socket calls and copies
+Threads: one accepts on each listening socket; one per connection reads
+requests, carries them out and replies, in order. The socket calls and copies
 of 64 KiB or more run without the GIL. A write is replied to only once it
 is in the volume (so a SIGKILL of the server loses no write a client saw
 completed), and a volume's lock is never held across a socket call.
 
-Memory: a connection keeps a 64 KiB buffer (:data:`KEEP`); a larger request
-borrows one from a pool shared by all connections, with a byte budget
-(``buffer_budget``, 256 MiB by default), and gives it back once answered.
-A request that finds the budget spent waits for it (``buffer_wait``
-seconds), then is answered ``ENOMEM``. So the server's buffers take at most
-``buffer_budget + max_connections * KEEP`` bytes, however many connections
-once sent large requests.
+Memory: a connection keeps a receive buffer of :data:`RECV_BUFFER` bytes
+(a write of up to :data:`KEEP` bytes lands from it) and a 64 KiB buffer for
+reads up to :data:`KEEP`; a larger request borrows one from a pool shared
+by all connections, with a byte budget (``buffer_budget``, 256 MiB by
+default), and gives it back once answered. A request that finds the budget
+spent waits for it (``buffer_wait`` seconds), then is answered ``ENOMEM``.
+So the server's buffers take at most ``buffer_budget + max_connections *
+(KEEP + RECV_BUFFER)`` bytes, however many connections once sent large
+requests.
+
+Requests are taken in batches: one ``recv`` takes whatever a client has
+sent, the whole requests in it are carried out in order, and their replies
+go out in one send before the connection waits for its client again.
 
 Exports are looked up by name at ``NBD_OPT_GO`` (or ``EXPORT_NAME``)
 through the ``lookup`` callable under ``lock`` (or without it, when a
@@ -112,6 +118,9 @@ MAX_REQUEST = 32 << 20                  # largest READ/WRITE payload accepted
 #: a connection's own buffer: requests up to this size use it, larger ones
 #: draw on the server's shared budget (:class:`BufferPool`)
 KEEP = 64 << 10
+#: a connection's receive buffer: one recv takes up to this much of what the
+#: client sent (a batch of requests; at least one whole request of KEEP bytes)
+RECV_BUFFER = KEEP + 4096
 #: default budget of the shared request buffers, all connections together
 BUFFER_BUDGET = 256 << 20
 PREFERRED_BLOCK = 4096
@@ -794,111 +803,208 @@ class NBDServer:
 
     def _transmit(self, sock: Any, export: Export, counters: RequestCounters) -> None:
         """Requests in, replies out, in order, each counted in ``counters``
-        as it is answered."""
+        as it is answered.
+
+        In batches: one ``recv`` takes whatever the client has sent (up to
+        :data:`RECV_BUFFER` bytes), every whole request in it is carried
+        out, and their replies go out together in one send before the
+        connection next waits for its client (a request cut short, a large
+        request, or the end of the batch). A client with many requests in
+        flight then costs the server a few socket calls (each a hand-over of
+        the GIL) per batch rather than four per request."""
         vol = export.volume
         note = counters.add
         clock = time.perf_counter
         read_only = export.read_only
-        hdr = bytearray(_REQ.size)
-        hview = memoryview(hdr)
-        own = memoryview(bytearray(KEEP))     # this connection's: requests up to KEEP
+        rbuf = bytearray(RECV_BUFFER)         # requests as they come in
+        rview = memoryview(rbuf)
+        room = len(rbuf)
+        own = memoryview(bytearray(KEEP))     # this connection's: reads up to KEEP
+        out = bytearray()                     # the replies of the batch so far
+        answered: list[tuple[int, int, int, float]] = []   # theirs: op, bytes, error, t0
         unpack = _REQ.unpack_from
         pack = _REPLY.pack
         capacity = vol.capacity
-        while True:
-            if not _recv_exact(sock, hview):
-                return
-            t0 = clock()
-            magic, flags, cmd, handle, offset, length = unpack(hdr)
-            if magic != REQUEST_MAGIC:
-                raise ProtocolError(f"bad request magic {magic:#x}")
-            if cmd == CMD_WRITE:
-                if length > MAX_REQUEST:
-                    raise ProtocolError(f"a write of {length} bytes (limit {MAX_REQUEST})")
-                with self._buffer(own, length) as data:
-                    if data is None:      # the budget stayed spent: take the payload, ENOMEM
-                        self._discard(sock, own, length)
-                        sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_NOMEM, handle))
-                        note(_WRITE, length, E_NOMEM, clock() - t0)
+        hsize = _REQ.size
+        start = end = 0                       # rbuf[start:end]: received, not carried out
+
+        def send_replies() -> None:
+            sock.sendall(out)
+            now = clock()
+            for op, n, err, t in answered:
+                note(op, n, err, now - t)
+            out.clear()
+            answered.clear()
+
+        try:
+            while True:
+                while end - start >= hsize:
+                    magic, flags, cmd, handle, offset, length = unpack(rbuf, start)
+                    if magic != REQUEST_MAGIC:
+                        raise ProtocolError(f"bad request magic {magic:#x}")
+                    t0 = clock()
+                    if cmd == CMD_WRITE:
+                        if length > MAX_REQUEST:
+                            raise ProtocolError(f"a write of {length} bytes (limit {MAX_REQUEST})")
+                        if length > KEEP:          # its own buffer, from the shared budget
+                            if out:
+                                send_replies()
+                            start = self._large_write(sock, export, rview, start + hsize, end,
+                                                      flags, handle, offset, length, counters,
+                                                      t0)
+                            continue
+                        if end - start < hsize + length:
+                            break                  # the rest of its data is still to come
+                        data = rview[start + hsize:start + hsize + length]
+                        start += hsize + length
+                        err = self._write(vol, data, flags, offset, read_only, capacity)
+                        out += pack(SIMPLE_REPLY_MAGIC, err, handle)
+                        answered.append((_WRITE, length, err, t0))
                         continue
-                    if length and not _recv_exact(sock, data):
-                        raise ProtocolError("the client closed the connection mid-write")
-                    err = 0
-                    if flags & ~CMD_FLAG_FUA:
-                        err = E_INVAL
-                    elif read_only:
-                        err = E_PERM
-                    elif offset + length > capacity:
-                        err = E_NOSPC            # proto.md: a write past the end
-                    else:
-                        try:
-                            vol.write(offset, data)
-                            if flags & CMD_FLAG_FUA:
+                    start += hsize
+                    if cmd == CMD_READ:
+                        if length > MAX_REQUEST or offset + length > capacity or \
+                                flags & ~CMD_FLAG_FUA:
+                            out += pack(SIMPLE_REPLY_MAGIC, E_INVAL, handle)
+                            answered.append((_READ, length, E_INVAL, t0))
+                        elif length <= KEEP:
+                            data = own[:length]
+                            try:
+                                vol.readinto(offset, data)
+                            except Exception as e:
+                                err = error_number(e)
+                                out += pack(SIMPLE_REPLY_MAGIC, err, handle)
+                                answered.append((_READ, length, err, t0))
+                            else:
+                                out += pack(SIMPLE_REPLY_MAGIC, 0, handle)
+                                out += data
+                                answered.append((_READ, length, 0, t0))
+                        else:
+                            if out:
+                                send_replies()
+                            self._large_read(sock, vol, handle, offset, length, counters, t0)
+                    elif cmd == CMD_FLUSH:
+                        err = E_INVAL if flags & ~CMD_FLAG_FUA else 0
+                        if not err:
+                            try:
                                 sync_volume(vol)
-                        except Exception as e:
-                            err = error_number(e)
-                sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
-                note(_WRITE, length, err, clock() - t0)
-            elif cmd == CMD_READ:
-                if length > MAX_REQUEST or offset + length > capacity or flags & ~CMD_FLAG_FUA:
-                    sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_INVAL, handle))
-                    note(_READ, length, E_INVAL, clock() - t0)
-                    continue
-                with self._buffer(own, length) as data:
-                    if data is None:
-                        sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_NOMEM, handle))
-                        note(_READ, length, E_NOMEM, clock() - t0)
-                        continue
-                    try:
-                        vol.readinto(offset, data)
-                    except Exception as e:
-                        err = error_number(e)
-                        sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
-                        note(_READ, length, err, clock() - t0)
-                        continue
-                    head = pack(SIMPLE_REPLY_MAGIC, 0, handle)
-                    if length <= 65536:
-                        sock.sendall(head + data)
-                    else:
-                        sock.sendall(head)
-                        sock.sendall(data)
-                note(_READ, length, 0, clock() - t0)
-            elif cmd == CMD_FLUSH:
-                err = E_INVAL if flags & ~CMD_FLAG_FUA else 0
-                if not err:
-                    try:
-                        sync_volume(vol)
-                    except Exception as e:
-                        err = error_number(e)
-                sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
-                note(_FLUSH, 0, err, clock() - t0)
-            elif cmd == CMD_WRITE_ZEROES:
-                err = E_PERM if read_only else 0
-                if flags & ~(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE):
-                    err = E_INVAL
-                elif not err and offset + length > capacity:
-                    err = E_NOSPC
-                if not err:
-                    try:
-                        self._write_zeroes(vol, offset, length)
-                        if flags & CMD_FLAG_FUA:
-                            sync_volume(vol)
-                    except Exception as e:
-                        err = error_number(e)
-                sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
-                note(_ZEROES, length, err, clock() - t0)
-            elif cmd == CMD_DISC:
+                            except Exception as e:
+                                err = error_number(e)
+                        out += pack(SIMPLE_REPLY_MAGIC, err, handle)
+                        answered.append((_FLUSH, 0, err, t0))
+                    elif cmd == CMD_WRITE_ZEROES:
+                        err = E_PERM if read_only else 0
+                        if flags & ~(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE):
+                            err = E_INVAL
+                        elif not err and offset + length > capacity:
+                            err = E_NOSPC
+                        if not err:
+                            try:
+                                self._write_zeroes(vol, offset, length)
+                                if flags & CMD_FLAG_FUA:
+                                    sync_volume(vol)
+                            except Exception as e:
+                                err = error_number(e)
+                        out += pack(SIMPLE_REPLY_MAGIC, err, handle)
+                        answered.append((_ZEROES, length, err, t0))
+                    elif cmd == CMD_DISC:
+                        return
+                    else:   # TRIM, CACHE (not offered), BLOCK_STATUS (not negotiated), ...
+                        out += pack(SIMPLE_REPLY_MAGIC, E_INVAL, handle)
+                # every whole request carried out: answer them, then wait for more
+                if out:
+                    send_replies()
+                if start == end:
+                    start = end = 0
+                elif room - start < hsize + KEEP:  # keep room for a whole request
+                    rbuf[:end - start] = rbuf[start:end]
+                    start, end = 0, end - start
+                k = sock.recv_into(rview[end:], room - end)
+                if k == 0:
+                    if end - start >= hsize:     # a small write's header, not all its data
+                        raise ProtocolError("the client closed the connection mid-write")
+                    if end > start:
+                        raise ProtocolError("the client closed the connection mid-message")
+                    return
+                end += k
+        finally:
+            if out:               # carried out before a disconnect or a protocol error
+                try:
+                    send_replies()
+                except OSError:
+                    pass
+
+    @staticmethod
+    def _write(vol: Volume, data: memoryview, flags: int, offset: int, read_only: bool,
+               capacity: int) -> int:
+        """Carry out one WRITE whose data is all in ``data``: its NBD error (0: none)."""
+        if flags & ~CMD_FLAG_FUA:
+            return E_INVAL
+        if read_only:
+            return E_PERM
+        if offset + len(data) > capacity:
+            return E_NOSPC            # proto.md: a write past the end
+        try:
+            vol.write(offset, data)
+            if flags & CMD_FLAG_FUA:
+                sync_volume(vol)
+        except Exception as e:
+            return error_number(e)
+        return 0
+
+    def _large_write(self, sock: Any, export: Export, rview: memoryview, at: int, end: int,
+                     flags: int, handle: int, offset: int, length: int,
+                     counters: RequestCounters, t0: float) -> int:
+        """A WRITE of more than KEEP bytes, whose data begins at ``rview[at:end]``
+        (the rest still to come): in a buffer borrowed from the budget
+        (ENOMEM, its data taken and dropped, if the budget stays spent),
+        answered at once. Returns where the next request begins in ``rview``
+        (``end`` if this one's data went past it)."""
+        here = min(end - at, length)
+        with self._buffer(None, length) as data:
+            if data is None:      # the budget stayed spent: take the payload, ENOMEM
+                # (all of rview from ``at`` on is this request's: a scratch now)
+                self._discard(sock, rview, length - here)
+                sock.sendall(_REPLY.pack(SIMPLE_REPLY_MAGIC, E_NOMEM, handle))
+                counters.add(_WRITE, length, E_NOMEM, time.perf_counter() - t0)
+                return at + here
+            data[:here] = rview[at:at + here]
+            if length > here and not _recv_exact(sock, data[here:]):
+                raise ProtocolError("the client closed the connection mid-write")
+            err = self._write(export.volume, data, flags, offset, export.read_only,
+                              export.volume.capacity)
+        sock.sendall(_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle))
+        counters.add(_WRITE, length, err, time.perf_counter() - t0)
+        return at + here
+
+    def _large_read(self, sock: Any, vol: Volume, handle: int, offset: int, length: int,
+                    counters: RequestCounters, t0: float) -> None:
+        """A READ of more than KEEP bytes (in range), in a buffer borrowed
+        from the budget (ENOMEM if it stays spent), answered at once."""
+        pack = _REPLY.pack
+        with self._buffer(None, length) as data:
+            if data is None:
+                sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_NOMEM, handle))
+                counters.add(_READ, length, E_NOMEM, time.perf_counter() - t0)
                 return
-            else:       # TRIM, CACHE (not offered), BLOCK_STATUS (not negotiated), ...
-                sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_INVAL, handle))
+            try:
+                vol.readinto(offset, data)
+            except Exception as e:
+                err = error_number(e)
+                sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
+                counters.add(_READ, length, err, time.perf_counter() - t0)
+                return
+            sock.sendall(pack(SIMPLE_REPLY_MAGIC, 0, handle))
+            sock.sendall(data)
+        counters.add(_READ, length, 0, time.perf_counter() - t0)
 
     @contextlib.contextmanager
-    def _buffer(self, own: memoryview, length: int) -> Iterator[memoryview | None]:
+    def _buffer(self, own: memoryview | None, length: int) -> Iterator[memoryview | None]:
         """``length`` bytes to carry one request in: the connection's own
-        buffer, or one borrowed from :attr:`buffers` and given back when the
-        request is done (None: the budget stayed spent for
-        :attr:`buffer_wait` seconds)."""
-        if length <= len(own):
+        buffer (if given and large enough), or one borrowed from
+        :attr:`buffers` and given back when the request is done (None: the
+        budget stayed spent for :attr:`buffer_wait` seconds)."""
+        if own is not None and length <= len(own):
             yield own[:length]
             return
         buf = self.buffers.take(length, self.buffer_wait)
