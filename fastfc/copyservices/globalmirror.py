@@ -43,7 +43,7 @@ import operator
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -65,6 +65,8 @@ __all__ = ["Cause", "CGResult", "GlobalMirror", "GMState", "GMStats", "MAX_DRAIN
 _failed_over = operator.attrgetter("failed_over")
 
 MAX_DRAIN_FAILURES = 5     # consecutive drain-time failures before the limit is set aside
+#: seconds a CG attempt waits for its session's ``turn`` before it goes on without it
+TURN_WAIT = 0.1
 
 
 class GMState(enum.Enum):
@@ -328,6 +330,10 @@ class GlobalMirror:
         self._drain_failures = 0
         self._committed_once = False
         self._lock = threading.Lock()     # one attempt at a time
+        #: a lock each CG attempt holds, shared with whatever should not
+        #: compete with the attempts for the CPU and the GIL (a server's
+        #: request threads take it around their work); None: none
+        self.turn: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # (triplets, their local volumes, their stores): what _require_writable checks
@@ -410,10 +416,19 @@ class GlobalMirror:
 
     # -- one consistency group ---------------------------------------------------
     def form_consistency_group(self) -> CGResult:
-        """Make one CG attempt synchronously and return its result."""
+        """Make one CG attempt synchronously and return its result.
+
+        With :attr:`turn` set, the attempt holds it (waiting for it at most
+        :data:`TURN_WAIT` seconds, then going on without it)."""
         self._require_writable()
         with self._lock:
-            result = self._attempt()
+            turn = self.turn
+            took = turn is not None and turn.acquire(timeout=TURN_WAIT)
+            try:
+                result = self._attempt()
+            finally:
+                if took:
+                    turn.release()
         self._account(result)
         return result
 

@@ -9,6 +9,16 @@ runs is recorded in the unit that records the session
 (:meth:`StorageUnit.configure_session`), so a server that opens the unit
 again (after a stop, a kill or a power cut) resumes it.
 
+Turns: in a server, a session whose B and C volumes are in the serving
+process takes the server's turn (:class:`~fastfc.tools.nbd.Turn`, which
+the NBD connections take around each batch of requests while such a
+session runs) around each CG attempt: the attempt then runs without the
+request threads competing with it for the GIL and the CPU, so that the
+RPO does not wait behind them; the requests wait for at most one attempt.
+Back-to-back attempts leave the turn to the waiting requests for a while
+(:class:`SessionTurn`), so that they hold it for at most
+:data:`TURN_SHARE` of the time.
+
 RPO alerts: a session may carry a threshold (``mkgmir``/``chgmir
 --rpo-alert``, recorded in its unit). While its loop runs here, a watcher
 thread looks at its RPO every :data:`ALERT_EVERY` seconds: when the RPO goes
@@ -29,12 +39,52 @@ from typing import Any, Iterator
 
 from fastfc.copyservices.globalmirror import GlobalMirror
 from fastfc.durable.unit import StorageUnit
+from fastfc.storage.volume import Volume
 
 
 log = logging.getLogger("fastfc.gmir")
 
 #: seconds between the alert watcher's looks at the running sessions' RPO
 ALERT_EVERY = 0.1
+#: the part of the server's turn a session's back-to-back CG attempts hold
+#: at most while request threads wait for it (:class:`SessionTurn`)
+TURN_SHARE = 0.25
+#: the longest rest (seconds) between two such attempts
+MAX_REST = 0.01
+
+
+class SessionTurn:
+    """The server's turn (:class:`~fastfc.tools.nbd.Turn`) as a session's
+    CG attempts take it: an attempt that found others waiting for the turn
+    when it gave it back leaves it to them for a while before the next
+    attempt asks again, so that back-to-back attempts (a CG interval of 0)
+    hold it for at most :attr:`share` of the time the turn is wanted
+    (resting at most :data:`MAX_REST` seconds between attempts)."""
+
+    def __init__(self, turn: Any, share: float | None = None) -> None:
+        self.turn = turn
+        self.share = TURN_SHARE if share is None else share
+        self._took = 0.0
+        self._rest_until = 0.0
+
+    def __repr__(self) -> str:
+        return f"<SessionTurn of {self.turn!r}, share {self.share:g}>"
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        rest = self._rest_until - time.monotonic()
+        if rest > 0:
+            time.sleep(rest)
+        got = self.turn.acquire(blocking, timeout)
+        if got:
+            self._took = time.monotonic()
+        return got
+
+    def release(self) -> bool:
+        now = time.monotonic()
+        held = now - self._took
+        handed = self.turn.release()
+        self._rest_until = now + min(MAX_REST, held * (1 / self.share - 1)) if handed else 0.0
+        return handed
 
 
 @dataclass
@@ -60,8 +110,14 @@ class SessionLoops:
     while a loop does; it takes ``_guard`` only to read and change the
     alerts, and logs outside it."""
 
-    def __init__(self) -> None:
+    def __init__(self, turn: Any = None) -> None:
+        #: the server's turn (a lock its request threads take around their
+        #: work, :class:`~fastfc.tools.nbd.NBDServer`): a session whose B and
+        #: C volumes are in this process holds it around each CG attempt,
+        #: so that its loop does not wait on the GIL and the CPU behind them
+        self.turn = turn
         self._guard = threading.Lock()
+        self._turns: dict[GlobalMirror, SessionTurn] = {}
         self._runs: dict[GlobalMirror, tuple[float, int]] = {}
         self._alerts: dict[GlobalMirror, RPOAlert] = {}
         self._watcher: threading.Thread | None = None
@@ -79,7 +135,17 @@ class SessionLoops:
         with self._guard:
             if gm in self._runs:
                 return False
-        gm.start()
+        turn = SessionTurn(self.turn) if self.turn is not None and self._local(gm) else None
+        gm.turn = turn
+        try:
+            gm.start()
+        except BaseException:
+            gm.turn = None
+            raise
+        if turn is not None:
+            with self._guard:
+                self.turn.active += 1
+                self._turns[gm] = turn
         with self._guard:
             self._runs[gm] = (time.monotonic(), gm.stats.successes)
             self._alerts.setdefault(gm, RPOAlert()).threshold = rpo_alert or None
@@ -90,6 +156,21 @@ class SessionLoops:
                 self._watcher.start()
         return True
 
+    def _drop_turn(self, gm: GlobalMirror) -> None:
+        """``gm``'s loop stopped: it takes no more turns."""
+        gm.turn = None
+        with self._guard:
+            if self._turns.pop(gm, None) is not None:
+                self.turn.active -= 1
+
+    @staticmethod
+    def _local(gm: GlobalMirror) -> bool:
+        """Whether every B and C of ``gm`` is a volume in this process (its
+        attempts then wait on nothing but this process: a drain to another
+        site could hold the turn, and the request threads with it, for as
+        long as the link takes)."""
+        return all(isinstance(v, Volume) for t in gm.triplets for v in (t.b, t.c))
+
     def stop(self, gm: GlobalMirror) -> bool:
         """Stop the loop of ``gm`` after its attempt in flight; False if it
         did not run here. An alert on ends (an INFO line says so)."""
@@ -98,6 +179,7 @@ class SessionLoops:
         if run is None:
             return False
         gm.stop()
+        self._drop_turn(gm)
         self._alert_off(gm, "its loop stopped")
         return True
 
@@ -193,6 +275,7 @@ class SessionLoops:
             watcher.join()
         for gm in runs:
             gm.stop()
+            self._drop_turn(gm)
             self._alert_off(gm, "the server stops")
 
     def resume_recorded(self, units: list[StorageUnit]) -> None:

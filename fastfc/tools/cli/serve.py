@@ -28,7 +28,7 @@ from typing import Any, Callable, ContextManager
 
 import click
 
-from fastfc.tools.nbd import NBDServer, exports_of
+from fastfc.tools.nbd import NBDServer, Turn, exports_of
 
 from .app import main
 from .control import CommandLock, hosting
@@ -53,10 +53,13 @@ class Server:
         self.lock = CommandLock()
         units.all()                     # open the local unit and its partners now
         lookup, names = exports_of(lambda: list(self.units.open.values()))
-        self.nbd = NBDServer(lookup, names, self.lock.reader(), tls=tls)
+        # turns: the NBD connections carry out their requests one batch at a
+        # time, and a Global Mirror session's CG attempt takes a turn too
+        self.turn = Turn()
+        self.nbd = NBDServer(lookup, names, self.lock.reader(), tls=tls, turn=self.turn)
         # the control socket: other fastfc commands naming these units run here
         # Global Mirror loops (resumegmir) run here, beside the commands
-        self.loops = units.loops = SessionLoops()
+        self.loops = units.loops = SessionLoops(self.turn)
         # background copies (FlashCopy, PPRC initial copy, resync and Global
         # Copy) move on here, with no command running
         self.copies = units.copies = CopyDrivers()
