@@ -124,6 +124,8 @@ KEEP = 64 << 10
 RECV_BUFFER = KEEP + 4096
 #: seconds a batch waits for the server's turn before it goes on without it
 TURN_WAIT = 0.1
+#: request batches carried out at once while a session takes turns (:class:`Turn`)
+TURN_BATCHES = 2
 #: default budget of the shared request buffers, all connections together
 BUFFER_BUDGET = 256 << 20
 PREFERRED_BLOCK = 4096
@@ -363,72 +365,91 @@ def _unmap(buf: "mmap.mmap") -> None:
 
 
 class Turn:
-    """Whose turn it is to carry out work in the server: a lock handed
-    over in the order it was asked for, taken by the NBD connections
-    around the small requests of each batch (:class:`NBDServer`, ``turn``)
-    and by ``fastfc serve``'s Global Mirror sessions around each CG attempt
-    (:class:`~fastfc.tools.cli.loops.SessionTurn`), while :attr:`active`
-    (a session runs; the connections take no turn otherwise).
+    """Whose turn it is to carry out work in the server: places handed
+    over in the order they were asked for. While :attr:`active` (a Global
+    Mirror session takes turns; the connections take none otherwise), the
+    NBD connections each take a place around the small requests of a batch
+    (:class:`NBDServer`, ``turn``), at most :attr:`batches` at once, and
+    ``fastfc serve``'s session takes every place around each CG attempt
+    (``alone``; :class:`~fastfc.tools.cli.loops.SessionTurn`).
 
-    One request thread works at a time then (they would serialise on the
-    GIL anyway), and the others wait on the turn without the GIL instead of
-    competing with the session's loop for the GIL and the CPU: an attempt
-    waits for the batches asked for before it, one per connection at most,
-    and a batch for at most one attempt. Without turns a session loop spent
-    70% of its slowest attempts runnable, waiting for a CPU, behind 16
-    request threads. A plain lock would not do: its release wakes a waiter
-    and the request threads, many and quick to come back, take it again
-    ahead of the woken one; :meth:`release` hands the turn to the longest
-    waiting instead, who has it without taking anything more."""
+    A couple of request threads work at a time then (they would serialise
+    on the GIL anyway; the second wakes while the first works), and the
+    others wait on the turn without the GIL instead of competing with the
+    session's loop for the GIL and the CPU: an attempt waits for the
+    batches asked for before it, one per connection at most, and a batch
+    for at most one attempt. Without turns, a session loop spent 70% of its
+    slowest attempts runnable, waiting for a CPU, behind 16 request
+    threads. A plain lock would not do: its release wakes a waiter, and the
+    request threads, many and quick to come back, take it again ahead of
+    the woken one; :meth:`release` hands the places to the longest waiting
+    instead, who has them without taking anything more."""
 
-    def __init__(self) -> None:
+    def __init__(self, batches: int | None = None) -> None:
+        #: how many batches may be carried out at once (a CG attempt takes
+        #: every place): the next batch's thread wakes while one runs
+        self.batches = TURN_BATCHES if batches is None else batches
         self._mutex = threading.Lock()
-        self._held = False
-        self._waiting: collections.deque[Any] = collections.deque()   # their locks, in order
+        self._free = self.batches
+        self._waiting: collections.deque[list] = collections.deque()   # [lock, places], in order
         #: how many sessions take turns now: the connections take it only then
         self.active = 0
 
     def __repr__(self) -> str:
-        return (f"<Turn {'held' if self._held else 'free'}, {len(self._waiting)} waiting, "
-                f"{self.active} session(s)>")
+        return (f"<Turn {self.batches - self._free} of {self.batches} place(s) taken, "
+                f"{len(self._waiting)} waiting, {self.active} session(s)>")
 
     def locked(self) -> bool:
-        return self._held
+        """Whether any place is taken."""
+        return self._free < self.batches
 
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        """Take the turn after whoever asked before; False if it is not
-        had within ``timeout`` seconds (-1: no limit)."""
+    def acquire(self, blocking: bool = True, timeout: float = -1, *,
+                alone: bool = False) -> bool:
+        """Take a place (``alone``: every place, as a CG attempt does)
+        after whoever asked before; False if not had within ``timeout``
+        seconds (-1: no limit)."""
+        places = self.batches if alone else 1
         with self._mutex:
-            if not self._held:
-                self._held = True
+            if not self._waiting and self._free >= places:
+                self._free -= places
                 return True
             if not blocking:
                 return False
             mine = threading.Lock()
             mine.acquire()
-            self._waiting.append(mine)
+            entry = [mine, places]
+            self._waiting.append(entry)
         if mine.acquire(timeout=timeout):
-            return True                  # handed over: held for us
+            return True                  # handed over: taken for us
         with self._mutex:
             try:
-                self._waiting.remove(mine)
-                return False
+                self._waiting.remove(entry)
             except ValueError:
                 pass                     # handed over as we gave up: ours after all
+            else:
+                self._hand_over()        # (those behind may fit now)
+                return False
         mine.acquire()
         return True
 
-    def release(self) -> bool:
-        """Hand the turn to the longest waiting (True: someone waited), or
-        free it (False)."""
+    def release(self, *, alone: bool = False) -> bool:
+        """Give back a place (``alone``: every place) to the longest
+        waiting; True if someone waited for it."""
         with self._mutex:
-            if not self._held:
+            places = self.batches if alone else 1
+            if self._free + places > self.batches:
                 raise RuntimeError("release of a turn not held")
-            if self._waiting:
-                self._waiting.popleft().release()    # still held: theirs now
-                return True
-            self._held = False
-            return False
+            self._free += places
+            waited = bool(self._waiting)
+            self._hand_over()
+            return waited
+
+    def _hand_over(self) -> None:
+        """Give the free places to the waiting, in order, while the first fits."""
+        while self._waiting and self._waiting[0][1] <= self._free:
+            lock, places = self._waiting.popleft()
+            self._free -= places
+            lock.release()
 
     def __enter__(self) -> "Turn":
         self.acquire()

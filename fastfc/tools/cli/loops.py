@@ -74,7 +74,7 @@ class SessionTurn:
         rest = self._rest_until - time.monotonic()
         if rest > 0:
             time.sleep(rest)
-        got = self.turn.acquire(blocking, timeout)
+        got = self.turn.acquire(blocking, timeout, alone=True)
         if got:
             self._took = time.monotonic()
         return got
@@ -82,7 +82,7 @@ class SessionTurn:
     def release(self) -> bool:
         now = time.monotonic()
         held = now - self._took
-        handed = self.turn.release()
+        handed = self.turn.release(alone=True)
         self._rest_until = now + min(MAX_REST, held * (1 / self.share - 1)) if handed else 0.0
         return handed
 
