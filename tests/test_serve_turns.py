@@ -330,3 +330,36 @@ def test_a_session_running_in_a_server_takes_turns_and_stops_taking_them(tmp_pat
         res = gm.form_consistency_group()        # (no turn: a foreground attempt)
         assert res.committed
         gm.close()
+
+
+def test_many_reads_in_one_batch_go_out_in_bounded_sends(tmp_path):
+    """2,000 pipelined 64 KiB reads (28 bytes each: thousands fit in one
+    recv) are all answered, in order, without the server holding the
+    replies of the whole batch (125 MiB) at once."""
+    import tracemalloc
+    n = 2000
+    with served(tmp_path, "A", size=4 * MIB) as (server, path):
+        with server.lock:
+            server.units.local().volume("A").write(0, b"\x42" * nbd.KEEP)
+        c = Client(path)
+        c.s.settimeout(60)
+        c.go("A")
+        stream = b"".join(_req(nbd.CMD_READ, h, 0, nbd.KEEP) for h in range(n))
+        seen: list[int] = []
+
+        def read() -> None:
+            for h, err, data in (_replies(c, [(h, nbd.KEEP)])[0] for h in range(n)):
+                assert err == 0 and data == b"\x42" * nbd.KEEP
+                seen.append(h)
+
+        tracemalloc.start()
+        try:
+            r = threading.Thread(target=read)
+            r.start()
+            c.s.sendall(stream)
+            r.join(120)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert seen == list(range(n))
+        assert peak < 32 * MIB, peak / MIB

@@ -14,14 +14,15 @@ is in the volume (so a SIGKILL of the server loses no write a client saw
 completed), and a volume's lock is never held across a socket call.
 
 Memory: a connection keeps a receive buffer of :data:`RECV_BUFFER` bytes
-(a write of up to :data:`KEEP` bytes lands from it) and a 64 KiB buffer for
-reads up to :data:`KEEP`; a larger request borrows one from a pool shared
+(a write of up to :data:`KEEP` bytes lands from it), a 64 KiB buffer for
+reads up to :data:`KEEP` and the replies of a batch (about
+:data:`REPLY_LIMIT` bytes at most); a larger request borrows one from a pool shared
 by all connections, with a byte budget (``buffer_budget``, 256 MiB by
 default), and gives it back once answered. A request that finds the budget
 spent waits for it (``buffer_wait`` seconds), then is answered ``ENOMEM``.
 So the server's buffers take at most ``buffer_budget + max_connections *
-(KEEP + RECV_BUFFER)`` bytes, however many connections once sent large
-requests.
+(KEEP + RECV_BUFFER + REPLY_LIMIT + KEEP)`` bytes, however many
+connections once sent large requests.
 
 Requests are taken in batches: one ``recv`` takes whatever a client has
 sent, the whole requests in it are carried out in order, and their replies
@@ -122,6 +123,9 @@ KEEP = 64 << 10
 #: a connection's receive buffer: one recv takes up to this much of what the
 #: client sent (a batch of requests; at least one whole request of KEEP bytes)
 RECV_BUFFER = KEEP + 4096
+#: replies held back for one send at most (bytes): many reads in one batch
+#: go out in sends of about this size
+REPLY_LIMIT = 4 * KEEP
 #: seconds a batch waits for the server's turn before it goes on without it
 TURN_WAIT = 0.1
 #: request batches carried out at once while a session takes turns (:class:`Turn`)
@@ -1011,6 +1015,8 @@ class NBDServer:
                                 out += pack(SIMPLE_REPLY_MAGIC, 0, handle)
                                 out += data
                                 answered.append((_READ, length, 0, t0))
+                                if len(out) >= REPLY_LIMIT:
+                                    send_replies()     # (many reads in one batch)
                         else:
                             give_turn()
                             if out:
