@@ -439,6 +439,7 @@ def test_power_durability_survives_more_cuts(work, seed):
 
 
 @pytest.mark.slow
+@pytest.mark.soak     # more cuts than the test before it makes
 def test_process_durability_is_caught_often(work):
     """More cuts at "process": the violations show at several instants."""
     run = run_session(work, "process", SLOW_PLAN, SLOW_VARIANTS, seed=7)
@@ -753,6 +754,7 @@ def test_power_survives_cuts_while_a_session_ends(work):
 
 
 @pytest.mark.slow
+@pytest.mark.soak     # more cuts than the test before it makes
 def test_power_survives_more_cuts_on_every_path(work):
     run, bad, tally = _paths(work, "power", PATH_VARIANTS, seed=5, rate=0.15, send_tracks=3)
     assert not bad, _describe(bad, tally, len(run.cuts))

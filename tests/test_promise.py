@@ -32,8 +32,11 @@ def make_session(n_triplets, n_tracks, track_size, **options):
     return gm, checker
 
 
-@pytest.mark.parametrize("decide", ["after_all", "after_each"])
-@pytest.mark.parametrize("track_size,n_tracks", [(512, 24), (4096, 8)])
+# each decision mode and each geometry once (the other two pairings: --run-soak)
+@pytest.mark.parametrize("decide,track_size,n_tracks", [
+    ("after_each", 512, 24), ("after_all", 4096, 8),
+    pytest.param("after_all", 512, 24, marks=pytest.mark.soak),
+    pytest.param("after_each", 4096, 8, marks=pytest.mark.soak)])
 def test_promise_under_random_faults(decide, track_size, n_tracks):
     attempts = 250 if CI else 80
     gm, checker = make_session(6, n_tracks, track_size, decide=decide,
