@@ -117,19 +117,14 @@ from typing import IO, Any, Iterator, cast
 
 import click
 
+import fastfc_client
+from fastfc_client import (ENV_KEYS, LOCAL, SOCKET, _HEADER, _reachable, _recv,  # noqa: F401
+                           _recv_exact, _replies, _request, _send, _isatty)
+from fastfc_client import env_wanted as _env_wanted
+
 from .units import Running, Units, running
 
 log = logging.getLogger("fastfc.control")
-
-SOCKET = "control.sock"
-
-#: Commands never forwarded: they open no unit, or are the server themselves.
-LOCAL = frozenset({"serve", "demo", "bench"})
-
-#: Environment variables a forwarded command takes from its client (besides
-#: every ``FASTFC_*``): what decides how output looks.
-ENV_KEYS = ("COLUMNS", "LINES", "TERM", "COLORTERM", "NO_COLOR", "FORCE_COLOR",
-            "TTY_COMPATIBLE", "TTY_INTERACTIVE")
 
 MAX_REQUEST = 1 << 20        # a command line and its environment
 #: Seconds a client may take to send its request, or to take a piece of
@@ -145,11 +140,10 @@ MAX_CONNECTIONS = 64
 REPUBLISH_INTERVAL = 1.0
 #: Seconds a client waits, after Ctrl-C, for the server to say it stopped
 #: the command; then it says the outcome is unknown.
-CANCEL_WAIT = 2.0
+CANCEL_WAIT = fastfc_client.CANCEL_WAIT
 #: Milliseconds between a command's watcher's looks at whether the server
 #: stops (the end of the command and its client's hanging up wake it at once).
 WATCH_INTERVAL_MS = 100
-_HEADER = struct.Struct(">cI")
 
 
 # -- the command lock ------------------------------------------------------------------
@@ -301,63 +295,6 @@ class _SharedView:
         self.release()
 
 
-def _env_wanted(key: str) -> bool:
-    return key.startswith("FASTFC_") or key in ENV_KEYS
-
-
-# -- frames ----------------------------------------------------------------------------
-def _send(sock: socket.socket, kind: bytes, payload: bytes) -> None:
-    sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
-
-
-def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes | None:
-    parts, left = [], n
-    while left:
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("the request did not arrive in time")
-            sock.settimeout(remaining)
-        got = sock.recv(min(left, 1 << 20))
-        if not got:
-            return None
-        parts.append(got)
-        left -= len(got)
-    return b"".join(parts)
-
-
-def _recv(sock: socket.socket, limit: int | None = None, deadline: float | None = None
-          ) -> tuple[bytes, bytes] | None:
-    """One frame, or None at a clean end of stream; ``socket.timeout`` if
-    it is not all in by ``deadline`` (``time.monotonic()``)."""
-    head = _recv_exact(sock, _HEADER.size, deadline)
-    if head is None:
-        return None
-    kind, n = _HEADER.unpack(head)
-    if limit is not None and n > limit:
-        raise ValueError(f"a {n}-byte control frame is larger than {limit} bytes")
-    body = _recv_exact(sock, n, deadline)
-    if body is None:
-        return None
-    return kind, body
-
-
-@contextmanager
-def _reachable(path: Path) -> Iterator[str]:
-    """A name for ``path`` that fits in a unix socket address (108 bytes):
-    the path itself, or for a long one ``/proc/self/fd/N/NAME`` through a
-    descriptor of its directory (Linux)."""
-    name = os.fsencode(path)
-    if len(name) < 100:
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
-
-
 # -- the client ------------------------------------------------------------------------
 class ServerGone(click.ClickException):
     """The server closed the connection before the command's exit status."""
@@ -366,35 +303,6 @@ class ServerGone(click.ClickException):
 class UntrustedServer(click.ClickException):
     """The control socket is not this user's (its file, or the process
     listening on it): nothing was sent to it."""
-
-
-def _check_server(sock: socket.socket, path: Path, unit: str | os.PathLike) -> None:
-    """Refuse a control socket that another user made or listens on: it
-    would get this user's command line, working directory, environment and
-    payloads, and could answer anything. A server of this user is what
-    ``fastfc serve`` run by this user makes (and it serves only its user)."""
-    me = os.geteuid()
-    pid, uid, _ = struct.unpack("3i", sock.getsockopt(
-        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    try:
-        owner = os.stat(path).st_uid
-    except OSError:
-        owner = uid
-    for what, who in (("is owned by", owner), (f"is listened on by pid {pid} of", uid)):
-        if who != me:
-            raise UntrustedServer(
-                f"the control socket {path} of unit {unit} {what} uid {who} ({_user(who)}), "
-                f"not this user (uid {me}): sent it nothing. A server of yours makes that "
-                "socket; if none holds the unit, remove the socket (and look into who "
-                "can write to the unit directory)")
-
-
-def _user(uid: int) -> str:
-    try:
-        import pwd
-        return pwd.getpwuid(uid).pw_name
-    except (KeyError, ImportError):
-        return "no such user"
 
 
 def forward(unit: str | os.PathLike, argv: list[str], prog_name: str, *,
@@ -409,96 +317,19 @@ def forward(unit: str | os.PathLike, argv: list[str], prog_name: str, *,
     ``stdout_text`` and ``stderr_text`` are the text streams the command
     would have written to (their encoding and whether they are a terminal
     are sent along); default: ``sys.stdout`` and ``sys.stderr``.
+
+    The client side is :mod:`fastfc_client`'s (the ``fastfc`` console
+    script forwards through it without importing the engine); its errors
+    are raised here as click's: :class:`ServerGone`, :class:`UntrustedServer`.
     """
-    path = Path(unit) / SOCKET
     try:
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            return None
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except PermissionError as e:
-        raise PermissionError(e.errno, f"cannot reach the unit {unit}: {e.strerror}") \
-            from None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        try:
-            with _reachable(path) as address:
-                sock.connect(address)
-        except (ConnectionRefusedError, FileNotFoundError):
-            return None         # stale: its server is gone
-        except PermissionError as e:
-            raise PermissionError(
-                e.errno, f"cannot reach the server holding {unit}: its control socket "
-                f"{path} is not open to this user ({e.strerror})") from None
-        _check_server(sock, path, unit)
-        try:
-            _send(sock, b"q", json.dumps(_request(argv, prog_name, stdout_text, stderr_text,
-                                                  stdout, stderr)).encode())
-        except (BrokenPipeError, ConnectionResetError):
-            pass    # refused before reading it: what the server said is still there
-        try:
-            return int(_replies(sock, unit, stdout, stderr)["status"])
-        except KeyboardInterrupt:
-            return _stop_in_server(sock, unit, stdout, stderr)
-    finally:
-        sock.close()
-
-
-def _replies(sock: socket.socket, unit: str | os.PathLike, stdout: IO[bytes],
-             stderr: IO[bytes], deadline: float | None = None) -> dict:
-    """Copy the server's output frames until its exit frame: that (JSON)."""
-    while True:
-        frame = _recv(sock, deadline=deadline)
-        if frame is None:
-            raise ServerGone(
-                f"the server holding {unit} closed the connection before the command "
-                "finished: what it did is unknown (look with the ls* and show* "
-                "commands)")
-        kind, body = frame
-        if kind == b"o":
-            stdout.write(body)
-            stdout.flush()
-        elif kind == b"e":
-            stderr.write(body)
-            stderr.flush()
-        elif kind == b"x":
-            return cast(dict, json.loads(body))
-        else:
-            raise ServerGone(f"the server holding {unit} sent a frame of unknown kind "
-                             f"{kind!r}")
-
-
-def _stop_in_server(sock: socket.socket, unit: str | os.PathLike, stdout: IO[bytes],
-                    stderr: IO[bytes]) -> int:
-    """Ctrl-C of a forwarded command: ask the server to stop it, wait up to
-    :data:`CANCEL_WAIT` for its answer (its output still copied), say in
-    one line what became of it; exit status 130."""
-    line = (f"fastfc: Ctrl-C: the server holding {unit} did not say whether it stopped "
-            "the command: its outcome is unknown (look with the ls* and show* commands)")
-    try:
-        try:
-            _send(sock, b"c", b"")
-        except OSError:
-            pass        # gone already: its answer may still be there to read
-        reply = _replies(sock, unit, stdout, stderr, time.monotonic() + CANCEL_WAIT)
-        status = reply.get("status")
-        if reply.get("not_run"):
-            line = (f"fastfc: Ctrl-C: the server holding {unit} did not run the command "
-                    "(it was waiting for its turn): nothing changed")
-        elif reply.get("stopped"):
-            line = (f"fastfc: Ctrl-C: the command was stopped in the server holding {unit} "
-                    f"(exit status {status} there; what it left is said above)")
-        else:
-            line = (f"fastfc: Ctrl-C: the server holding {unit} had finished the command "
-                    f"before it could stop it (exit status {status} there)")
-    except (KeyboardInterrupt, OSError, ValueError, ServerGone):
-        pass            # a second Ctrl-C, no answer in time, or the server gone
-    try:
-        stderr.write((line + "\n").encode("utf-8", "replace"))
-        stderr.flush()
-    except (OSError, ValueError):
-        pass
-    return 130
+        return fastfc_client.forward(unit, argv, prog_name, stdout=stdout, stderr=stderr,
+                                     stdout_text=stdout_text, stderr_text=stderr_text,
+                                     cancel_wait=CANCEL_WAIT)
+    except fastfc_client.ServerGone as e:
+        raise ServerGone(str(e)) from None
+    except fastfc_client.UntrustedServer as e:
+        raise UntrustedServer(str(e)) from None
 
 
 def binary(text: Any) -> IO[bytes]:
