@@ -357,35 +357,6 @@ class _ThroughText(io.RawIOBase):
         self._text.flush()
 
 
-def _request(argv: list[str], prog_name: str, out: Any, err: Any,
-             out_bin: IO[bytes], err_bin: IO[bytes]) -> dict:
-    out = sys.stdout if out is None else out
-    err = sys.stderr if err is None else err
-    env = {k: v for k, v in os.environ.items() if _env_wanted(k)}
-    streams = {}
-    for name, text, binary in (("stdout", out, out_bin), ("stderr", err, err_bin)):
-        tty = _isatty(text)
-        streams[name] = {"encoding": getattr(text, "encoding", None) or "utf-8",
-                         "errors": getattr(text, "errors", None) or "strict",
-                         "tty": tty}
-        if tty and "COLUMNS" not in env:   # the server has no terminal to measure
-            try:
-                size = os.get_terminal_size(text.fileno())
-                if size.columns > 0 and size.lines > 0:     # 0 x 0: a terminal not sized
-                    env["COLUMNS"], env["LINES"] = str(size.columns), str(size.lines)
-            except (OSError, ValueError, AttributeError):
-                pass
-    return {"argv": list(argv), "prog_name": prog_name, "cwd": os.getcwd(), "env": env,
-            **streams}
-
-
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError, OSError):
-        return False
-
-
 # -- the server: output routed by thread -----------------------------------------------
 class _Router:
     """Stands in for ``sys.stdout`` (or ``sys.stderr``) while a server hosts:
