@@ -237,6 +237,7 @@ def test_the_lean_client_imports_neither_click_nor_numpy_nor_the_engine(tmp_path
     assert heavy == [] and "fastfc_client" in modules
 
 
+@pytest.mark.slow
 def test_without_a_server_it_is_the_full_command_line(tmp_path):
     """No control socket (and a stale one): the full command line opens
     the unit itself; usage errors are its own."""

@@ -141,9 +141,12 @@ REPUBLISH_INTERVAL = 1.0
 #: Seconds a client waits, after Ctrl-C, for the server to say it stopped
 #: the command; then it says the outcome is unknown.
 CANCEL_WAIT = fastfc_client.CANCEL_WAIT
-#: Milliseconds between a command's watcher's looks at whether the server
-#: stops (the end of the command and its client's hanging up wake it at once).
+#: Milliseconds between the watcher's looks at the connections of the
+#: commands running (a command about to wait wakes it at once: :class:`_Watcher`).
 WATCH_INTERVAL_MS = 100
+#: Seconds the watcher goes on looking after the last command ended, before
+#: it sleeps until a command comes (a busy server's commands never wake it).
+WATCH_IDLE = 10.0
 
 
 # -- the command lock ------------------------------------------------------------------
@@ -516,8 +519,12 @@ class Served:
     the command ends (:meth:`done`)."""
 
     def __init__(self, units: Units, cwd: str, stopping: threading.Event | None = None,
-                 lock: Any = None, asked: threading.Event | None = None) -> None:
+                 lock: Any = None, asked: threading.Event | None = None,
+                 hurry: Any = None) -> None:
         self.host, self.cwd = units, cwd
+        #: called before the command waits (for the lock, or letting go of
+        #: it): the watcher looks at its client at once, not at its next turn
+        self._hurry = hurry
         #: set when the server stops or the client hangs up (Ctrl-C): a
         #: command that runs for a while (formcg --seconds) ends early instead
         #: of holding the server's shutdown
@@ -548,10 +555,14 @@ class Served:
         if lock is None or self._held is not None:
             return
         if shared and hasattr(lock, "acquire_shared"):
-            lock.acquire_shared()
+            if not lock.acquire_shared(blocking=False):
+                self._waits()
+                lock.acquire_shared()
             self._held = "shared"
         else:
-            lock.acquire()
+            if not lock.acquire(blocking=False):
+                self._waits()
+                lock.acquire()
             self._held = "exclusive"
         if self._asked is not None and self._asked.is_set():
             # its client hung up (or pressed Ctrl-C) while it waited for its
@@ -559,8 +570,14 @@ class Served:
             self.not_run = True
             raise click.exceptions.Exit(130)
 
+    def _waits(self) -> None:
+        if self._hurry is not None:
+            self._hurry()
+
     def release(self) -> Any:
-        """The :func:`.units.unlocked` hook: let go of the lock for a block."""
+        """The :func:`.units.unlocked` hook: let go of the lock for a block
+        (a long command's wait: its client's Ctrl-C is looked for at once)."""
+        self._waits()
         lock = self._lock
         if self._held is None or not hasattr(lock, "released"):
             return contextlib.nullcontext()
@@ -594,6 +611,134 @@ class _Seen(threading.Event):
         return got
 
 
+class _Watched:
+    """A command's connection under watch: its client's Ctrl-C or hang-up
+    sets ``asked`` and ``stopping``; the server's stop, ``stopping``."""
+
+    __slots__ = ("conn", "fd", "stopping", "asked", "fired")
+
+    def __init__(self, conn: socket.socket, stopping: threading.Event,
+                 asked: threading.Event) -> None:
+        self.conn, self.fd = conn, conn.fileno()
+        self.stopping, self.asked = stopping, asked
+        self.fired = False
+
+
+class _Watcher:
+    """One thread watching the connections of every command a server runs:
+    a command's client sends nothing after its request but a ``c`` (Ctrl-C),
+    so anything readable (or a hang-up) asks its command to stop. One thread
+    for all, not one per command: starting and joining a thread for each
+    command cost a command under load (two CPUs, NBD clients writing, a
+    session forming CGs) several waits for the GIL of 5 to 50 ms each.
+
+    :meth:`watch` registers a connection without waking the thread: it
+    looks at its connections every :data:`WATCH_INTERVAL_MS` while it has
+    any (and for :data:`WATCH_IDLE` seconds after the last), and a command
+    that is about to wait (queued for the lock, or a long command letting
+    go of it) wakes it at once (:meth:`hurry`), so a client that hangs up
+    or presses Ctrl-C while its command waits is seen at once. A short
+    command ends before it is looked at: Ctrl-C then finds it finished."""
+
+    def __init__(self, server_stopping: threading.Event) -> None:
+        self._server_stopping = server_stopping
+        self._entries: dict[int, _Watched] = {}
+        self._guard = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._asleep = True         # in a poll without a timeout (or not started)
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="fastfc-control-watch",
+                                        daemon=True)
+        self._thread.start()
+
+    def watch(self, conn: socket.socket, stopping: threading.Event,
+              asked: threading.Event) -> _Watched:
+        entry = _Watched(conn, stopping, asked)
+        with self._guard:
+            self._entries[entry.fd] = entry
+            wake = self._asleep
+            self._asleep = False
+        if self._server_stopping.is_set():
+            stopping.set()
+        if wake:
+            self.hurry()
+        return entry
+
+    def forget(self, entry: _Watched) -> None:
+        """The command ended (before its connection closes): no longer
+        watched (the thread drops it at its next look)."""
+        with self._guard:
+            if self._entries.get(entry.fd) is entry:
+                del self._entries[entry.fd]
+            entry.fired = True
+
+    def hurry(self) -> None:
+        """Look at the connections now (a command is about to wait)."""
+        try:
+            os.write(self._wake_w, b"w")
+        except BlockingIOError:
+            pass            # a full pipe wakes it already
+
+    def server_stops(self) -> None:
+        """The server stops: every command watched is told to end early."""
+        with self._guard:
+            entries = list(self._entries.values())
+        for e in entries:
+            e.stopping.set()
+        self.hurry()
+
+    def close(self) -> None:
+        with self._guard:
+            self._closed = True
+        self.hurry()
+        self._thread.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _loop(self) -> None:
+        idle_since: float | None = None
+        while True:
+            with self._guard:
+                if self._closed:
+                    return
+                watched = {fd: e for fd, e in self._entries.items() if not e.fired}
+                now = time.monotonic()
+                if watched:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = now
+                sleep = idle_since is not None and now - idle_since >= WATCH_IDLE
+                self._asleep = sleep
+            if self._server_stopping.is_set():
+                for e in watched.values():
+                    e.stopping.set()
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            for fd in watched:
+                poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR
+                                | getattr(select, "POLLRDHUP", 0))
+            try:
+                ready = poller.poll(None if sleep else WATCH_INTERVAL_MS)
+            except InterruptedError:
+                continue
+            for fd, events in ready:
+                if fd == self._wake_r:
+                    os.read(self._wake_r, 4096)
+                    continue
+                if events & select.POLLNVAL:
+                    continue
+                hit = watched.get(fd)
+                with self._guard:
+                    # the command still runs, on this connection (not a new
+                    # one that took a closed one's descriptor meanwhile)
+                    if hit is None or self._entries.get(fd) is not hit or hit.fired:
+                        continue
+                    hit.fired = True
+                hit.asked.set()
+                hit.stopping.set()
+
+
 class _Host:
     def __init__(self, units: Units, lock: Any) -> None:
         if units.readonly:
@@ -612,6 +757,7 @@ class _Host:
         self._guard = threading.Lock()      # _listeners, _threads
         self._publishing = threading.Lock()     # one publish at a time
         self._env: _EnvRouter | None = None
+        self._watcher: _Watcher | None = None
         #: connections taken at once; one more is refused (each holds a thread)
         self.max_connections = MAX_CONNECTIONS
 
@@ -623,6 +769,7 @@ class _Host:
         self._env = _EnvRouter(os.environ)
         setattr(os, "environ", self._env)
         try:
+            self._watcher = _Watcher(self.stopping)
             with self.lock:
                 self.publish()
             self._accepting = threading.Thread(target=self._accept_loop,
@@ -641,6 +788,8 @@ class _Host:
         that runs for a while is told to end early: :attr:`Served.stopping`)."""
         self._stopping = True
         self.stopping.set()
+        if self._watcher is not None:
+            self._watcher.server_stops()
         self._wake()
         if self._accepting is not None:
             self._accepting.join()
@@ -656,6 +805,8 @@ class _Host:
                 break
             for t in threads:
                 t.join()
+        if self._watcher is not None:
+            self._watcher.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         if self._routers is not None:
@@ -675,6 +826,7 @@ class _Host:
             self._publish()
 
     def _publish(self) -> None:
+        added = False
         for unit in list(self.units.open.values()):
             if unit.path is None or unit.readonly:
                 continue
@@ -684,7 +836,9 @@ class _Host:
             sock, ino = _listen(unit.path)
             with self._guard:
                 self._listeners[unit.path] = (sock, ino)
-        self._wake()
+            added = True
+        if added:       # the accepting thread polls the new socket too
+            self._wake()
 
     def _wake(self) -> None:
         try:
@@ -829,54 +983,22 @@ class _Host:
             # the client went away, or sent garbage: nothing to answer
             log.info("control connection from %s: ended: %s", who, e or type(e).__name__)
 
-    def _watch(self, conn: socket.socket, stopping: threading.Event,
-               asked: threading.Event, done: threading.Event, woken: int) -> None:
-        """Until ``done`` (its end also written to ``woken``, a pipe's read
-        end, so the command's status goes out at once, not after a poll
-        period): set ``asked`` and ``stopping`` once the client asks to stop
-        the command (a ``c`` frame: Ctrl-C) or hangs up (killed: a client
-        sends nothing else after its request, so anything else readable is
-        its end); ``stopping`` alone once the server stops. A command that
-        runs for a while (``formcg --seconds``, ``waitflash``) then ends
-        early."""
-        poller = select.poll()
-        poller.register(conn.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR
-                        | getattr(select, "POLLRDHUP", 0))
-        poller.register(woken, select.POLLIN)
-        while not done.is_set():
-            if self.stopping.is_set():
-                stopping.set()
-            try:
-                ready = [fd for fd, _ in poller.poll(WATCH_INTERVAL_MS)]
-            except InterruptedError:
-                continue
-            if done.is_set():
-                return
-            if any(fd != woken for fd in ready):
-                asked.set()
-                stopping.set()
-                return
-
     def _run(self, conn: socket.socket, request: dict, send_lock: threading.Lock
              ) -> tuple[int, str | None]:
         """The command's exit status, and whether it stopped early at its
-        client's asking (``"stopped"``) or was not run (``"not_run"``)."""
-        stopping, asked, done = _Seen(), threading.Event(), threading.Event()
-        woken, wake = os.pipe()
+        client's asking (``"stopped"``) or was not run (``"not_run"``).
+        Meanwhile the server's watcher (:class:`_Watcher`) sets ``asked``
+        and ``stopping`` once the client asks to stop the command (a ``c``
+        frame: Ctrl-C) or hangs up (killed), ``stopping`` alone once the
+        server stops: a command that runs for a while (``formcg
+        --seconds``, ``waitflash``) then ends early."""
+        stopping, asked = _Seen(), threading.Event()
+        assert self._watcher is not None
+        watched = self._watcher.watch(conn, stopping, asked)
         try:
-            watcher = threading.Thread(target=self._watch,
-                                       args=(conn, stopping, asked, done, woken),
-                                       name="fastfc-control-watch", daemon=True)
-            watcher.start()
-            try:
-                return self._run_one(conn, request, send_lock, stopping, asked)
-            finally:
-                done.set()
-                os.write(wake, b"d")
-                watcher.join()
+            return self._run_one(conn, request, send_lock, stopping, asked)
         finally:
-            os.close(woken)
-            os.close(wake)
+            self._watcher.forget(watched)
 
     def _run_one(self, conn: socket.socket, request: dict, send_lock: threading.Lock,
                  stopping: "_Seen", asked: threading.Event) -> tuple[int, str | None]:
@@ -887,7 +1009,9 @@ class _Host:
                if _env_wanted(str(k))}
         assert self._routers is not None and self._env is not None
         r_out, r_err = self._routers
-        served = Served(self.units, str(request["cwd"]), stopping, self.lock, asked)
+        assert self._watcher is not None
+        served = Served(self.units, str(request["cwd"]), stopping, self.lock, asked,
+                        self._watcher.hurry)
         hooks = Running(asked, served.release)
         r_out.route(out)
         r_err.route(err)
