@@ -1145,6 +1145,9 @@ class SQLiteStore(Store):
             self._failures_saved.pop(name, None)
         super().drop_session(name, session)
 
+    def session_configs(self) -> dict[str, dict]:
+        return {n: json.loads(c) for n, c in self.query("SELECT name, config FROM sessions")}
+
     def session_rows(self) -> dict[str, dict]:
         """Recorded sessions by name: their configuration, and ``stats``
         (``GMStats.to_record()``, None for a session from before sessions

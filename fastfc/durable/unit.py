@@ -652,9 +652,12 @@ class StorageUnit:
             raise KeyError(f"no Global Mirror session named {name!r} in this unit")
         cfg = rows[name]
         trips = []
+        described: dict[str, str] = {}      # a session's A volumes share a unit or two
         for a_unit, a, b, c in cfg["triplets"]:
             fc = self._row_volume(c).target_relationship
-            trips.append({"a": a, "b": b, "c": c, "a_unit": self.describe_partner(a_unit),
+            if a_unit not in described:
+                described[a_unit] = self.describe_partner(a_unit)
+            trips.append({"a": a, "b": b, "c": c, "a_unit": described[a_unit],
                           "c_sequence": None if fc is None else fc.sequence,
                           "revertible": None if fc is None else bool(fc.revertible)})
         return {**{k: v for k, v in cfg.items() if k != "triplets"}, "name": name,
@@ -1393,7 +1396,7 @@ class StorageUnit:
             return []          # an in-memory unit has no partners on disk
         refs = set(self._sqlite.partners)
         refs.update(r["secondary_uuid"] for r in self._pair_rows if r["secondary_uuid"])
-        for cfg in self.store.session_rows().values():
+        for cfg in self.store.session_configs().values():
             refs.update(t[0] for t in cfg["triplets"] if t[0])
         refs.discard(self.uuid)         # pairs and sessions within this unit
         found: list[Path] = []
