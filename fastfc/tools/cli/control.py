@@ -460,7 +460,7 @@ class _Sink:
         if data and not self.gone:
             with self._lock:
                 try:
-                    _send(self._conn, self._kind, bytes(data))
+                    _send_now(self._conn, self._kind, bytes(data))
                 except OSError:     # gone or stalled: end its stream (a frame may be cut)
                     self.gone = True
                     try:
@@ -944,14 +944,14 @@ class _Host:
                 pid, uid, _ = struct.unpack("3i", conn.getsockopt(
                     socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
                 who = f"pid {pid} uid {uid}"
+                conn.settimeout(IO_TIMEOUT)
                 try:
                     # all of it within IO_TIMEOUT, however it trickles in
-                    frame = _recv(conn, MAX_REQUEST, time.monotonic() + IO_TIMEOUT)
+                    frame = _read_frame(conn, MAX_REQUEST, time.monotonic() + IO_TIMEOUT)
                 except ValueError as e:        # too large: say so, run nothing
                     log.warning("control connection from %s: refused: %s", who, e)
                     _refuse(conn, f"Error: this server runs no request: {e}\n")
                     return
-                conn.settimeout(IO_TIMEOUT)
                 if frame is None or frame[0] != b"q":
                     log.info("control connection from %s: closed without a request", who)
                     return
@@ -977,7 +977,7 @@ class _Host:
                                              }.get(how or "", ""),
                          time.monotonic() - started)
                 with send_lock:
-                    _send(conn, b"x", json.dumps({"status": status, **(
+                    _send_now(conn, b"x", json.dumps({"status": status, **(
                         {how: True} if how else {})}).encode())
         except (OSError, ValueError) as e:
             # the client went away, or sent garbage: nothing to answer
@@ -1033,6 +1033,66 @@ class _Host:
             r_out.route(None)
             r_err.route(None)
             self._env.route(None)
+
+
+# -- a command's connection, at the server: few system calls --------------------------
+# Under load (NBD clients writing, a session forming CGs) each system call a
+# command's thread makes lets go of the GIL and then waits for it again,
+# often for milliseconds: the connection has a timeout, so the socket is
+# non-blocking underneath, and these try the call once, directly, where
+# socket.recv and sendall would first poll (two waits, and a third to set a
+# timeout before each read).
+def _read_exact(conn: socket.socket, n: int, deadline: float) -> bytes | None:
+    """``n`` bytes of ``conn`` (non-blocking: it has a timeout), waiting
+    while none are there, all by ``deadline``; None at the end of stream."""
+    fd = conn.fileno()
+    parts, left = [], n
+    while left:
+        try:
+            got = os.read(fd, min(left, 1 << 20))
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the request did not arrive in time") from None
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poller.poll(remaining * 1000)
+            continue
+        if not got:
+            return None
+        parts.append(got)
+        left -= len(got)
+    return b"".join(parts)
+
+
+def _read_frame(conn: socket.socket, limit: int, deadline: float
+                ) -> tuple[bytes, bytes] | None:
+    """One frame (no byte past it: a ``c`` may follow), or None at a clean
+    end of stream; ``socket.timeout`` if it is not all in by ``deadline``,
+    ValueError if it is larger than ``limit``."""
+    head = _read_exact(conn, _HEADER.size, deadline)
+    if head is None:
+        return None
+    kind, n = _HEADER.unpack(head)
+    if n > limit:
+        raise ValueError(f"a {n}-byte control frame is larger than {limit} bytes")
+    body = _read_exact(conn, n, deadline) if n else b""
+    if body is None:
+        return None
+    return kind, body
+
+
+def _send_now(conn: socket.socket, kind: bytes, payload: bytes) -> None:
+    """A frame to ``conn`` (non-blocking: it has a timeout): written at once
+    when the socket takes it, the rest sent as :func:`_send` would (within
+    the timeout)."""
+    data = _HEADER.pack(kind, len(payload)) + payload
+    try:
+        done = os.write(conn.fileno(), data)
+    except BlockingIOError:
+        done = 0
+    if done < len(data):
+        conn.sendall(memoryview(data)[done:])
 
 
 def _refuse(conn: socket.socket, message: str) -> None:
