@@ -15,8 +15,11 @@ holds two units in /dev/shm (A in one, B and C in the other),
 ``fastfc resumegmir`` / ``pausegmir`` start and stop the session's loop in
 it; interleaved: client IOPS with the session running / paused, CG/s, RPO
 p50/p99 (``showgmir --json`` sampled), and the latency of read-only
-commands (``lsvol``, ``showgmir``, ``lsflash``) run as ``fastfc`` clients
-under that load against the same commands on the idle server.
+commands (``lsvol``, ``showgmir``, ``lsflash``) run as client processes
+under that load: through the ``fastfc`` console script's front door
+(``fastfc_client``, which forwards without importing the engine) and
+through the full command line (``python -m fastfc``) in turn, and against
+the same commands on the idle server.
 
 The table is the ``serve`` suite, the session the ``serve_gm`` suite:
 ``python -m benches [--quick] serve serve_gm``.
@@ -200,33 +203,35 @@ def run(rounds: int, seconds: float, size: int, log=lambda msg: None) -> dict:
 READ_ONLY = (("lsvol", "--json"), ("showgmir", "S", "--json"), ("lsflash", "--json"))
 
 
-def cli(*args, check: bool = True) -> subprocess.CompletedProcess:
-    """``fastfc ARGS``, a client process, as a user runs it."""
-    out = subprocess.run([sys.executable, "-m", "fastfc", *map(str, args)], env=_env(),
+#: the full command line: click, NumPy and the engine imported before the
+#: command is forwarded (``python -m fastfc``)
+FULL_CLIENT = ("-m", "fastfc")
+#: what the ``fastfc`` console script runs (``fastfc_client.main``): a
+#: command for a unit a server holds is forwarded with the standard library
+CONSOLE_CLIENT = ("-m", "fastfc_client")
+
+
+def cli(*args, check: bool = True, client=FULL_CLIENT) -> subprocess.CompletedProcess:
+    """``fastfc ARGS``, a client process (``client``: the full command line,
+    or the console script's front door)."""
+    out = subprocess.run([sys.executable, *client, *map(str, args)], env=_env(),
                          capture_output=True, text=True, timeout=300)
     if check and out.returncode != 0:
         raise RuntimeError(f"fastfc {' '.join(map(str, args))}: {out.stderr.strip()}")
     return out
 
 
-def timed_cli(*args) -> float:
+def timed_cli(*args, client=FULL_CLIENT) -> float:
     """Seconds ``fastfc ARGS`` took, start of the client process to its exit."""
     t = time.perf_counter()
-    cli(*args)
+    cli(*args, client=client)
     return time.perf_counter() - t
 
 
-def timed_lean(*args) -> float:
-    """Seconds ``serve_lean_client.py ARGS`` took: a forwarding client that
-    imports only the standard library (the floor of a client's cost)."""
-    t = time.perf_counter()
-    out = subprocess.run([sys.executable, str(ROOT / "benches" / "serve_lean_client.py"),
-                          *map(str, args)], capture_output=True, text=True, timeout=300)
-    took = time.perf_counter() - t
-    if out.returncode != 0:
-        raise RuntimeError(f"serve_lean_client.py {' '.join(map(str, args))}: status "
-                           f"{out.returncode}: {out.stderr.strip()}")
-    return took
+def timed_console(*args) -> float:
+    """Seconds ``fastfc ARGS`` took as the console script runs it
+    (``fastfc_client``: forwarded without importing the engine)."""
+    return timed_cli(*args, client=CONSOLE_CLIENT)
 
 
 def ask(unit: Path, *args: str) -> tuple[float, str]:
@@ -299,15 +304,16 @@ class Sampler:
 class ClientLoop:
     """A thread running the read-only commands (``READ_ONLY``) as client
     processes, ``fastfc -u UNIT ...``, one after another, in turn, each
-    beside the same command through ``serve_lean_client.py`` (after it, or
-    before it when ``lean_first``): the seconds each took, by command
-    (``took``; the lean client's ``lean``). A command counts if it started
-    before the loop was told to stop."""
+    through the full command line and through the console script's front
+    door (``fastfc_client``; after the full one, or before it when
+    ``lean_first``): the seconds each took, by command (``took``, the full
+    command line; ``lean``, the console script). A command counts if it
+    started before the loop was told to stop."""
 
     def __init__(self, unit: Path, lean_first: bool = False) -> None:
         self.unit, self.lean_first = unit, lean_first
         self.took: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
-        self.lean: list[float] = []
+        self.lean: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -322,7 +328,7 @@ class ClientLoop:
                 if (i % 2 == 0) != self.lean_first:
                     self.took[cmd[0]].append(timed_cli("-u", self.unit, *cmd))
                 else:
-                    self.lean.append(timed_lean("-u", self.unit, *cmd))
+                    self.lean[cmd[0]].append(timed_console("-u", self.unit, *cmd))
                 i += 1
         except BaseException as e:      # noqa: BLE001 - reported by __exit__
             self.error = e
@@ -363,10 +369,10 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         ``fastfc --help`` ``idle_reps`` times (the client's own cost), and
         the forwarded ``showgmir`` answer alone
 
-    Each read-only command run as ``fastfc`` is followed by the same command
-    through ``serve_lean_client.py``, a client that imports only the
-    standard library: what a client could cost that forwarded before
-    importing the engine.
+    Each read-only command runs through the full command line (``python
+    -m fastfc``: click, NumPy and the engine imported before it forwards)
+    and through the console script's front door (``fastfc_client``: the
+    standard library alone), in turn: the two clients in the same windows.
     """
     gone = missing(GM_TOOLS)
     if gone:
@@ -399,7 +405,9 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         clients: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
         idle: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
         idle["--help"] = []
-        lean: dict[str, list[float]] = {"load": [], "idle": []}
+        lean: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
+        lean_idle: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
+        lean_idle["start"] = []     # python -c 'import fastfc_client': the client's own start
         loads: list[float] = []
 
         def resume() -> None:
@@ -426,7 +434,8 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
                     doc = fio_json([*common, *args])
                 for k, v in loop.took.items():
                     clients[k] += v
-                lean["load"] += loop.lean
+                for k, v in loop.lean.items():
+                    lean[k] += v
             else:
                 with Sampler(a, sample_every) as sampler:
                     doc = fio_json([*common, *args])
@@ -466,9 +475,11 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
                     window(mode)
                 for _ in range(idle_reps):
                     idle["--help"].append(timed_cli("--help"))
+                    lean_idle["start"].append(timed_cli(
+                        client=("-c", "import fastfc_client")))
                     for cmd in READ_ONLY:
                         idle[cmd[0]].append(timed_cli("-u", a, *cmd))
-                        lean["idle"].append(timed_lean("-u", a, *cmd))
+                        lean_idle[cmd[0]].append(timed_console("-u", a, *cmd))
                     for _ in range(10):
                         answer["idle"].append(ask(a, "showgmir", "S", "--json")[0])
         finally:
@@ -489,6 +500,8 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
             failures[k] = failures.get(k, 0) + v
     ms = 1e3
     every = [x for v in clients.values() for x in v]
+    lean_every = [x for v in lean.values() for x in v]
+    lean_idle_cmds = [x for k, v in lean_idle.items() if k != "start" for x in v]
     idle_cmds = [x for k, v in idle.items() if k != "--help" for x in v]
     idle_p50 = pct(idle_cmds, 50)
     client_p99 = pct(every, 99)
@@ -525,11 +538,20 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         "idle_by_command": {k: {"p50_ms": pct(v, 50) * ms, "p99_ms": pct(v, 99) * ms,
                                 "n": len(v)} for k, v in idle.items()},
         "help_p50_ms": pct(idle["--help"], 50) * ms,
-        # the same commands through serve_lean_client.py (a client importing
-        # only the standard library): under the same load, and idle
-        "lean_p50_ms": pct(lean["load"], 50) * ms, "lean_p99_ms": pct(lean["load"], 99) * ms,
-        "lean_idle_p50_ms": pct(lean["idle"], 50) * ms,
-        "lean_idle_p99_ms": pct(lean["idle"], 99) * ms, "lean_samples": len(lean["load"]),
+        # the same commands through the console script's front door
+        # (fastfc_client: forwarded without importing the engine), in the
+        # same windows: under the same load, and idle; its start alone
+        "lean_p50_ms": pct(lean_every, 50) * ms, "lean_p99_ms": pct(lean_every, 99) * ms,
+        "lean_max_ms": max(lean_every, default=float("nan")) * ms,
+        "lean_samples": len(lean_every),
+        "lean_by_command": {k: {"p50_ms": pct(v, 50) * ms, "p99_ms": pct(v, 99) * ms,
+                                "n": len(v)} for k, v in lean.items()},
+        "lean_idle_p50_ms": pct(lean_idle_cmds, 50) * ms,
+        "lean_idle_p99_ms": pct(lean_idle_cmds, 99) * ms,
+        "lean_start_p50_ms": pct(lean_idle["start"], 50) * ms,
+        # the console script's p99 against the full command line's, same windows
+        "lean_ratio": pct(lean_every, 99) / client_p99 if every and lean_every
+        else float("nan"),
         # the latency under load against the idle server's, and the part above it
         "client_ratio": client_p99 / pct(idle_cmds, 99) if idle_cmds else float("nan"),
         "client_above_idle_p99_ms": (client_p99 - idle_p50) * ms,
@@ -537,5 +559,5 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         "server_cores_without": statistics.median(w["server_cores"] for w in windows
                                                   if w["mode"] == "without"),
         "raw": {"iops": iops, "windows": windows, "rpo": rpo, "answer": answer,
-                "clients": clients, "idle": idle, "lean": lean},
+                "clients": clients, "idle": idle, "lean": lean, "lean_idle": lean_idle},
     }
