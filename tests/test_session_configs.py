@@ -24,8 +24,15 @@ def test_session_configs_follow_every_write_and_rollback(tmp_path):
         gm = GlobalMirror([(a, b, c)], name="g", cg_interval=1.0)
         assert store.session_configs() == _configs_in_table(store)
         assert store.session_configs()["g"]["cg_interval"] == 1.0
-        u.configure_session("g", cg_interval=2.0)
+        u.configure_session("g", cg_interval=2.0, running=True, rpo_alert=0.5)
         assert store.session_configs()["g"]["cg_interval"] == 2.0
+        record = u.session_record("g")
+        settings = u.session_settings("g")
+        assert settings == {k: v for k, v in record.items()
+                            if k not in ("stats", "restored", "triplets")}
+        assert (settings["running"], settings["rpo_alert"]) == (True, 0.5)
+        with pytest.raises(KeyError, match="no Global Mirror session named 'nosuch'"):
+            u.session_settings("nosuch")
         # read inside a transaction that is then rolled back: what it read
         # there (its own uncommitted change) is not what is kept
         with pytest.raises(RuntimeError):

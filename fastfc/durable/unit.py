@@ -665,6 +665,23 @@ class StorageUnit:
                 "rpo_alert": cfg.get("rpo_alert") or None,
                 "restored": name in self.sessions, "triplets": trips}
 
+    def session_settings(self, name: str) -> dict:
+        """Session ``name``'s settings as this unit records them: the
+        :meth:`session_record` of it without its counters and triplets
+        (``name``, ``cg_interval``, ``max_coordination_time``,
+        ``max_drain_time``, ``decide``, ``running``, ``rpo_alert``, ...),
+        read from memory between writes of them (a server's ``showgmir``
+        does not wait for the store lock its session's loop holds while it
+        commits)."""
+        self._require_open()
+        rows = self.store.session_configs() if self.path is not None else {}
+        if name not in rows:
+            raise KeyError(f"no Global Mirror session named {name!r} in this unit")
+        cfg = rows[name]
+        return {**{k: v for k, v in cfg.items() if k not in ("triplets", "stats")},
+                "name": name, "running": bool(cfg.get("running", False)),
+                "rpo_alert": cfg.get("rpo_alert") or None}
+
     def configure_session(self, name: str, *, running: bool | None = None,
                           cg_interval: float | None = None,
                           max_coordination_time: float | None = None,

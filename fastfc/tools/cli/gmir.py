@@ -189,7 +189,7 @@ def _session_info(units, session: str) -> dict:
     if away is not None:
         return _away_info(away)
     unit, gm = units.session_unit(session)
-    rec = unit.session_record(gm.name)
+    rec = unit.session_settings(gm.name)
     loop = _loop_state(units, unit, gm, rec)
     log = gm.stats.to_record()   # every attempt ever made: the store keeps them
     seqs = gm.c_sequences
@@ -313,8 +313,8 @@ def _alert_text(info: dict) -> str:
 def _loop_state(units, unit, gm: GlobalMirror, record: dict | None = None) -> dict:
     """Whether the session's loop runs in this process (a server's:
     resumegmir), what the unit records (``record``: its
-    ``session_record``, when the caller has read it), and its CGs per
-    second here."""
+    ``session_record`` or ``session_settings``, when the caller has read
+    it), and its CGs per second here."""
     loops = units.loops
     here = loops is not None and loops.running(gm)
     if record is None:
