@@ -39,7 +39,8 @@ serve_gm  a Global Mirror session in ``fastfc serve`` (``resumegmir``) under
           fio 4 KiB randwrite QD16 on its A exports (``serve.py``): client
           IOPS with it running / paused, CG/s, RPO p50/p99, and read-only
           commands (``lsvol``, ``showgmir``, ``lsflash``) as client processes
-          under that load against the idle server; 64 KiB and 4 KiB tracks
+          under that load (the console script's lean front door and the full
+          command line) against the idle server; 64 KiB and 4 KiB tracks
           (skipped without fio)
 durable_large  opt-in (only when named; about 3-5 min): units whose volumes
           exceed the machine's memory, on the disk, under random writes,
@@ -886,7 +887,7 @@ class Report:
                      f"process, as the fastfc console script runs it: fastfc_client forwards "
                      f"it without importing the engine) while the session runs and fio "
                      f"writes: p99, against the same commands through the full command line "
-                     f"(python -m fastfc) in the same windows ({w})",
+                     f"(python -m fastfc) in windows of its own, same run ({w})",
                      f"{lp:.0f} ms", f"{c:.0f} ms full command line", g["lean_ratio"],
                      "<= 100 ms", lp <= 100.0, score=100.0 / lp if lp else float("inf"),
                      note=(f"p50 {g['lean_p50_ms']:.0f} ms over {g['lean_samples']} commands "

@@ -303,17 +303,15 @@ class Sampler:
 
 class ClientLoop:
     """A thread running the read-only commands (``READ_ONLY``) as client
-    processes, ``fastfc -u UNIT ...``, one after another, in turn, each
-    through the full command line and through the console script's front
-    door (``fastfc_client``; after the full one, or before it when
-    ``lean_first``): the seconds each took, by command (``took``, the full
-    command line; ``lean``, the console script). A command counts if it
-    started before the loop was told to stop."""
+    processes, ``fastfc -u UNIT ...``, one after another, in turn, through
+    ``client`` (:data:`FULL_CLIENT`, the full command line, or
+    :data:`CONSOLE_CLIENT`, the console script's front door): the seconds
+    each took, by command (``took``). A command counts if it started before
+    the loop was told to stop."""
 
-    def __init__(self, unit: Path, lean_first: bool = False) -> None:
-        self.unit, self.lean_first = unit, lean_first
+    def __init__(self, unit: Path, client=FULL_CLIENT) -> None:
+        self.unit, self.client = unit, client
         self.took: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
-        self.lean: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -322,13 +320,10 @@ class ClientLoop:
         try:
             i = 0
             while True:
-                cmd = READ_ONLY[i // 2 % len(READ_ONLY)]
+                cmd = READ_ONLY[i % len(READ_ONLY)]
                 if self._stop.is_set():
                     return
-                if (i % 2 == 0) != self.lean_first:
-                    self.took[cmd[0]].append(timed_cli("-u", self.unit, *cmd))
-                else:
-                    self.lean[cmd[0]].append(timed_console("-u", self.unit, *cmd))
+                self.took[cmd[0]].append(timed_cli("-u", self.unit, *cmd, client=self.client))
                 i += 1
         except BaseException as e:      # noqa: BLE001 - reported by __exit__
             self.error = e
@@ -355,24 +350,26 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
     first ``jobs`` A exports (one job, one connection, each; default all).
 
     Each round (the machine is shared: the windows of a round run back to
-    back, in an order that alternates between rounds) has four windows:
+    back, in an order that alternates between rounds) has five windows:
 
     ``with`` / ``without``  fio with the session running / paused (client
         IOPS); a thread asks the server ``showgmir S --json`` every
         ``sample_every`` s through the control socket: the session's RPO at
         that instant, the answer's latency; CGs and server CPU from before
         and after
-    ``clients``  fio with the session running, and the read-only commands
-        (``READ_ONLY``) run as ``fastfc`` client processes one after
-        another: their latency from the client's start to its exit
+    ``clients`` / ``lean``  fio with the session running, and the
+        read-only commands (``READ_ONLY``) run as client processes one
+        after another: through the full command line (``python -m
+        fastfc``: click, NumPy and the engine imported before it forwards)
+        / through the console script's front door (``fastfc_client``: the
+        standard library alone); their latency from the client's start to
+        its exit. Each client in windows of its own: the full one's imports
+        would load the machine the lean one runs on
     ``idle``  no fio, the session paused: each read-only command and
         ``fastfc --help`` ``idle_reps`` times (the client's own cost), and
         the forwarded ``showgmir`` answer alone
 
-    Each read-only command runs through the full command line (``python
-    -m fastfc``: click, NumPy and the engine imported before it forwards)
-    and through the console script's front door (``fastfc_client``: the
-    standard library alone), in turn: the two clients in the same windows.
+    The idle commands run through both clients.
     """
     gone = missing(GM_TOOLS)
     if gone:
@@ -397,7 +394,7 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         common = ["--ioengine=nbd", "--rw=randwrite", "--bs=4k", f"--iodepth={iodepth}",
                   f"--size={size_mib}M", "--time_based", f"--runtime={seconds}",
                   "--group_reporting"]
-        modes = ("with", "without", "clients")
+        modes = ("with", "without", "clients", "lean")
         iops: dict[str, list[float]] = {m: [] for m in modes}
         windows: list[dict] = []
         rpo: list[float] = []
@@ -429,13 +426,12 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
                 resume()
             s0, c0 = show(a), cpu_seconds(server.pid)
             t = time.perf_counter()
-            if mode == "clients":
-                with ClientLoop(a, lean_first=len(iops["clients"]) % 2 == 1) as loop:
+            if mode in ("clients", "lean"):
+                with ClientLoop(a, FULL_CLIENT if mode == "clients" else CONSOLE_CLIENT
+                                ) as loop:
                     doc = fio_json([*common, *args])
                 for k, v in loop.took.items():
-                    clients[k] += v
-                for k, v in loop.lean.items():
-                    lean[k] += v
+                    (clients if mode == "clients" else lean)[k] += v
             else:
                 with Sampler(a, sample_every) as sampler:
                     doc = fio_json([*common, *args])
@@ -469,8 +465,8 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
             for r in range(rounds):
                 log(f"    round {r + 1} of {rounds}")
                 loads.append(os.getloadavg()[0])
-                order = ["with", "without", "clients"] if r % 2 else \
-                    ["without", "with", "clients"]
+                order = ["with", "without", "clients", "lean"] if r % 2 else \
+                    ["without", "with", "lean", "clients"]
                 for mode in order:
                     window(mode)
                 for _ in range(idle_reps):
@@ -515,6 +511,7 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         "iops_with": statistics.median(iops["with"]),
         "iops_without": statistics.median(iops["without"]),
         "iops_clients": statistics.median(iops["clients"]),
+        "iops_lean": statistics.median(iops["lean"]),
         "ratio": statistics.median(ratios), "round_ratios": ratios,
         # the session in the fio windows, from showgmir --json before and after
         "cgs_per_s": cgs / secs if secs else float("nan"), "cgs": cgs,
@@ -549,7 +546,7 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         "lean_idle_p50_ms": pct(lean_idle_cmds, 50) * ms,
         "lean_idle_p99_ms": pct(lean_idle_cmds, 99) * ms,
         "lean_start_p50_ms": pct(lean_idle["start"], 50) * ms,
-        # the console script's p99 against the full command line's, same windows
+        # the console script's p99 against the full command line's, same run
         "lean_ratio": pct(lean_every, 99) / client_p99 if every and lean_every
         else float("nan"),
         # the latency under load against the idle server's, and the part above it
