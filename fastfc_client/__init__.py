@@ -198,20 +198,20 @@ def run_forwarded(unit: str, args: list[str], prog_name: str, command: str, *,
     for stream in (out, err):
         stream.flush()
     try:
-        sock = connect(unit)
-    except (OSError, UntrustedServer):
-        return None     # the full command line says what is wrong
-    if sock is None:
-        return None
-    try:
+        try:
+            sock = connect(unit)
+        except (OSError, UntrustedServer):
+            return None     # the full command line says what is wrong
+        if sock is None:
+            return None
         try:
             return exchange(sock, unit, args, prog_name, stdout=out_bin, stderr=err_bin,
                             stdout_text=out, stderr_text=err)
         finally:
             sock.close()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:       # outside the exchange's own (connecting, say)
         if not watching(command, args):
-            _aborted()
+            _aborted(err)
             return 1
         try:
             if out.isatty():
@@ -221,13 +221,13 @@ def run_forwarded(unit: str, args: list[str], prog_name: str, command: str, *,
             pass
         return 0
     except ServerGone as e:
-        _click_error(str(e))
+        _click_error(str(e), err)
         return 1
     except Exception as e:      # what the full command line reports in one line
         from fastfc.tools.cli.app import EXPECTED_ERRORS, _one_line
         if not isinstance(e, EXPECTED_ERRORS):
             raise
-        _click_error(_one_line(e))
+        _click_error(_one_line(e), err)
         return 1
 
 
@@ -238,19 +238,19 @@ def watching(command: str | None, args: list[str]) -> bool:
                                        for a in args)
 
 
-def _click_error(message: str) -> None:
-    """``Error: message`` on stderr, as click shows an error (imported
+def _click_error(message: str, err: Any) -> None:
+    """``Error: message`` on ``err``, as click shows an error (imported
     only on this path)."""
     import click
-    click.ClickException(message).show()
+    click.ClickException(message).show(file=err)
 
 
-def _aborted() -> None:
+def _aborted(err: Any) -> None:
     """What click's standalone mode says of a Ctrl-C it catches: a blank
     line (closing the terminal's ``^C``), then ``Aborted!``."""
     import click
-    click.echo(file=sys.stderr)
-    click.echo("Aborted!", file=sys.stderr)
+    click.echo(file=err)
+    click.echo("Aborted!", file=err)
 
 
 # -- the client side of the control socket ---------------------------------------------
