@@ -11,7 +11,9 @@ refuses connections: its server was killed), the client opens the unit
 itself, as it always did.
 
 The server side is :func:`hosting`; the client side is :func:`forward`,
-called by the ``fastfc`` group before it opens a unit.
+called by the ``fastfc`` group before it opens a unit, over
+:mod:`fastfc_client`'s (the ``fastfc`` console script forwards through that
+before it imports click, NumPy or the engine).
 
 What a forwarded command sees
 -----------------------------
@@ -102,7 +104,6 @@ import logging
 import os
 import select
 import socket
-import stat
 import struct
 import sys
 import tempfile
