@@ -50,7 +50,7 @@ import numpy as np
 from fastfc import _core, faults
 from fastfc._numbers import check_real
 from fastfc.copyservices import local_secondary, sitemirror
-from fastfc.copyservices.groups import Triplet, copy_to_c
+from fastfc.copyservices.groups import SecondaryGroup, Triplet, copy_to_c
 from fastfc.copyservices.local_secondary import RETRIES
 from fastfc.copyservices.secondary import Resolution, Secondary, resolve_groups
 from fastfc.errors import DrainAborted, FastFCError, StateError, VolumeClosedError
@@ -350,6 +350,21 @@ class GlobalMirror:
         self._committed_once = top > 0
         # a unit reached by calls may hold a CG in doubt: read every unit first
         self._need_reconcile = any(g.reconcile_first for g in secondaries)
+        self._sparse_groups()
+
+    def _sparse_groups(self) -> None:
+        """Whether a CG visits only the pairs with tracks out of sync (and
+        the relationships that changed): every group in this process, in
+        memory (:attr:`SecondaryGroup.sparse`). Then ``_where[k]`` is the
+        group of the session's triplet ``k`` and its index there."""
+        groups = [getattr(g, "group", None) for g in self._secondaries]
+        self._sparse = bool(groups) and all(
+            isinstance(g, SecondaryGroup) and g.sparse for g in groups)
+        self._begun: list[int] = []
+        self._where: list[tuple[SecondaryGroup, int]] = []
+        if self._sparse:
+            at = {id(t): (g, k) for g in groups for k, t in enumerate(g.triplets)}
+            self._where = [at[id(t)] for t in self.triplets]
 
     @property
     def groups(self) -> list:
@@ -492,10 +507,11 @@ class GlobalMirror:
         if self.on_coordinate is not None:
             on_coordinate, seq = self.on_coordinate, res.sequence
             after = lambda: on_coordinate(seq)
+        begun = self._begun if self._sparse else None
         try:
             status, seconds = _core.coordinate_pairs(self._primaries, pairs,
                                                      self.max_coordination_time,
-                                                     fault_point, after)
+                                                     fault_point, after, begun)
         except FastFCError as e:
             if not injected or e is not injected[0]:
                 raise
@@ -505,6 +521,7 @@ class GlobalMirror:
         if status != 1:          # the writes were held (too long, if 2)
             res.coordinated_at = time.time()
         if status == 0:
+            self._hand_begun(begun)
             return True
         res.cause = Cause.COORDINATION_TIMEOUT
         if status == 1:
@@ -514,6 +531,22 @@ class GlobalMirror:
             res.detail = (f"held writes {seconds * 1e3:.1f} ms > "
                           f"{self.max_coordination_time * 1e3:.1f} ms")
         return False
+
+    def _hand_begun(self, begun: list[int] | None) -> None:
+        """Tell each group the pairs on which the CG began (sparse)."""
+        if begun is None:
+            return
+        groups = [g.group for g in self._secondaries]
+        if len(groups) == 1:            # (its triplets are the session's, in order)
+            groups[0].begin(begun)
+            return
+        per: dict[int, list[int]] = {id(g): [] for g in groups}
+        where = self._where
+        for k in begun:
+            g, j = where[k]
+            per[id(g)].append(j)
+        for g in groups:
+            g.begin(per[id(g)])
 
     def _drain_limit(self) -> float | None:
         if not self._committed_once or self._drain_failures >= MAX_DRAIN_FAILURES:

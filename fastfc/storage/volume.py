@@ -255,7 +255,8 @@ class Volume(_core.VolumeBase):
 
     @property
     def write_inhibited(self) -> bool:
-        return bool(self._inhibits)
+        # (or a session's FlashCopy phase holds the B of a relationship it did not step)
+        return bool(self._inhibits) or _core.source_gated(self._src_rels)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.n_tracks}x{self.track_size}B"
