@@ -16,17 +16,6 @@ def coordinations():
     return _coordinations
 
 
-cdef inline void set_owner(list vols, Py_ssize_t n, unsigned long me) noexcept:
-    """Mark raw-taken locks as held by thread ``me`` (re-entrant for hooks),
-    or (``me`` 0) as held by no Python-visible owner again."""
-    cdef Py_ssize_t i
-    cdef VolumeBase v
-    for i in range(n):
-        v = <VolumeBase>vols[i]
-        v._owner = me
-        v._depth = 1 if me else 0
-
-
 cdef inline void undo_begin(list hooks, Py_ssize_t nh, list begun) noexcept:
     cdef Py_ssize_t k, i
     cdef MirrorBase m
@@ -74,7 +63,7 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
     (after the locks are released).
     """
     global _coordinations
-    cdef Py_ssize_t i, k, n = len(primaries), nh = len(hooks), busy
+    cdef Py_ssize_t i, k, n = len(primaries), nh = len(hooks), busy, closed
     cdef VolumeBase v
     cdef MirrorBase m
     cdef double t0 = monotonic(), start, hold = 0.0, left
@@ -119,12 +108,20 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
                 held[i] = 1
             if busy < 0:
                 swapped = 0
-                set_owner(primaries, n, me)
+                # the locks count as this thread's (re-entrant for the hooks),
+                # in one pass with the look for a volume closed while we
+                # waited for a lock; the owners are cleared as the locks are
+                # released (finally, below)
+                closed = -1
+                for i in range(n):
+                    v = <VolumeBase>primaries[i]
+                    v._owner = me
+                    v._depth = 1
+                    if v.base == NULL and closed < 0:
+                        closed = i
                 try:
-                    for i in range(n):      # closed while we waited for a lock
-                        v = <VolumeBase>primaries[i]
-                        if v.base == NULL:
-                            raise VolumeClosedError(f"{v!r} is closed")
+                    if closed >= 0:
+                        raise VolumeClosedError(f"{primaries[closed]!r} is closed")
                     if before is not None:
                         before()
                     for k in range(nh):
@@ -151,8 +148,6 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
                     if swapped:          # no CG left begun: its tracks stay owed
                         undo_begin(hooks, nh, begun)
                     raise
-                finally:
-                    set_owner(primaries, n, 0)
             # a writer holds lock ``busy``: give back what the tries took and
             # the kept locks after it, then wait for it outside the hold
             for i in range(n - 1, -1, -1):
@@ -173,6 +168,9 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
     finally:
         for i in range(n - 1, -1, -1):
             if held[i]:
-                PyThread_release_lock((<VolumeBase>primaries[i])._lk)
+                v = <VolumeBase>primaries[i]
+                v._owner = 0         # (held by no Python-visible owner again)
+                v._depth = 0
+                PyThread_release_lock(v._lk)
         free(held)
         free(since)

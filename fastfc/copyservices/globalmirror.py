@@ -51,6 +51,7 @@ from fastfc import _core, faults
 from fastfc._numbers import check_real
 from fastfc.copyservices import local_secondary, sitemirror
 from fastfc.copyservices.groups import SecondaryGroup, Triplet, copy_to_c
+from fastfc.copyservices.pprc import PPRCPair
 from fastfc.copyservices.local_secondary import RETRIES
 from fastfc.copyservices.secondary import Resolution, Secondary, resolve_groups
 from fastfc.errors import DrainAborted, FastFCError, StateError, VolumeClosedError
@@ -357,11 +358,12 @@ class GlobalMirror:
         the relationships that changed): every group in this process, in
         memory (:attr:`SecondaryGroup.sparse`). Then ``_where[k]`` is the
         group of the session's triplet ``k`` and its index there."""
-        groups = [getattr(g, "group", None) for g in self._secondaries]
-        self._sparse = bool(groups) and all(
-            isinstance(g, SecondaryGroup) and g.sparse for g in groups)
+        groups = [g.group for g in self._secondaries if isinstance(g.group, SecondaryGroup)]
+        self._sparse = (bool(groups) and len(groups) == len(self._secondaries)
+                        and all(g.sparse for g in groups))
         self._begun: list[int] = []
         self._where: list[tuple[SecondaryGroup, int]] = []
+        self._failovers_seen: int | None = None
         if self._sparse:
             at = {id(t): (g, k) for g in groups for k, t in enumerate(g.triplets)}
             self._where = [at[id(t)] for t in self.triplets]
@@ -912,9 +914,14 @@ class GlobalMirror:
 
     def _require_not_recovered(self) -> None:
         # a CG drain would overwrite host writes at the recovered B volumes
+        # (pairs in this process: none failed over since the last look, no look)
+        mark = PPRCPair.failovers if self._sparse else None
+        if mark is not None and mark == self._failovers_seen:
+            return
         if any(map(_failed_over, self._pairs)):
             raise StateError(f"session {self.name} was recovered (its pairs are failed "
                              "over): no consistency group can form")
+        self._failovers_seen = mark
 
     def recover(self) -> int:
         """At the remote site: fail each pair over and fast-reverse-restore

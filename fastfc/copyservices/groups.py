@@ -226,7 +226,7 @@ class FlashCopyGroup:
         failure = None
         error: BaseException | None = None
         k = 0
-        while k < n:
+        while True:         # (one kernel call at least: a batch may be empty)
             start = k
             k, err = _core.prepare_revertible_many(fcs, k, sequence, slots, True, faults.hit,
                                                    before, None, snapshots)
@@ -239,7 +239,7 @@ class FlashCopyGroup:
                 break
             failure = f"prepare of {fcs[k].source.name}: {type(err).__name__}: {err}"
             k += 1
-            if stop_at_failure:
+            if stop_at_failure or k >= n:
                 break
         if k < n:
             self._kept = True
@@ -281,7 +281,7 @@ class FlashCopyGroup:
         errors = []
         error: BaseException | None = None
         k = 0
-        while k < n:
+        while True:         # (one kernel call at least: a batch may be empty)
             start = k
             k, err = _core.end_revertible_many(fcs, k, commit, dropped, faults.hit, before,
                                                None, snapshots)
@@ -293,6 +293,8 @@ class FlashCopyGroup:
                 break
             errors.append(f"{step} of {fcs[k].source.name}: {type(err).__name__}: {err}")
             k += 1
+            if k >= n:
+                break
         self.prepared = []
         if snapshots is not None and done:
             try:
@@ -463,7 +465,7 @@ class SecondaryGroup:
         try:
             for lk in locks:
                 lk.acquire()
-            while k < n:
+            while True:     # (one kernel call at least: a batch may be empty)
                 left = -1.0 if time_left is None else max(0.0, time_left())
                 k, st = _core.pprc_drain_many(as_, bs, owed, DIRECT_CHUNK_BYTES,
                                               left, k, tracks, down, faults.hit, before,
@@ -477,6 +479,8 @@ class SecondaryGroup:
                 locks[k] = None
                 sent += p.cg_drain(deadline, time_left) - p.cg_bytes
                 k += 1
+                if k >= n:
+                    break
         finally:
             for lk in locks:
                 if lk is not None:

@@ -133,6 +133,21 @@ class PPRCPair(_core.MirrorBase):
     # the spare as cg)
     oos: TrackBitmap
 
+    #: bumped whenever a pair (any) is failed over: a session that found
+    #: none of its pairs failed over need not look again until it moves
+    failovers = 0
+
+    @property
+    def failed_over(self) -> bool:
+        """Whether the pair was failed over [failoverpprc]."""
+        return self._failed_over
+
+    @failed_over.setter
+    def failed_over(self, value: bool) -> None:
+        if value:
+            PPRCPair.failovers += 1
+        self._failed_over = bool(value)
+
     def __init__(self, primary: Volume, secondary: Volume, link: Link | None = None, *,
                  mode: str = "gcp", initial_copy: bool = True, background: bool = True,
                  name: str | None = None) -> None:
