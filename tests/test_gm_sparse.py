@@ -201,14 +201,16 @@ def test_an_idle_b_is_write_inhibited_while_the_phase_is_in_flight():
         faults.inject("prepare", volume=trips[1][1],
                       action=lambda: seen.append([b.write_inhibited for _, b, _ in trips]))
         assert gm.form_consistency_group().committed
-        assert seen == [[True, False, True]]      # B1 is inhibited by its own prepare next
+        # every B, B1 too (its own prepare, next, inhibits it in turn)
+        assert seen == [[True, True, True]]
         assert not any(b.write_inhibited for _, b, _ in trips)
     finally:
         faults.clear()
         gm.close(discard=True)
 
 
-_FAULTS = ["none", "none", "none", "prepare", "commit", "revert", "drain", "link"]
+_FAULTS = ["none", "none", "none", "prepare", "commit", "revert", "drain", "link",
+           "link_down"]
 
 
 def _state(gm: GlobalMirror) -> list:
@@ -263,6 +265,8 @@ def test_a_sparse_session_equals_one_that_steps_every_triplet(seed, n_trip, deci
                     faults.inject("drain", volume=trips[pick][0])
                 elif fault == "link":
                     faults.inject("link")
+                elif fault == "link_down":
+                    gm.link.fail()
                 try:
                     r = gm.form_consistency_group()
                 finally:

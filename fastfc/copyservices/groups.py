@@ -9,7 +9,7 @@ pairs and runs the FlashCopy phase of its B->C relationships
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from fastfc import _core, faults
 from fastfc.errors import DrainAborted, FastFCError, StateError
@@ -135,12 +135,15 @@ class FlashCopyGroup:
 
     # -- sparse steps ------------------------------------------------------------
     def mark_changed(self, k: int) -> None:
-        """Relationship ``k``'s B takes (or took) tracks: it leaves the cell
-        (keeping its number) and is stepped at the next CG."""
-        fc = self._fcs[k]
-        if fc.seq_cell is not None:
-            fc.sequence = fc.sequence
+        """Relationship ``k``'s B takes (or took) tracks: it is stepped at
+        the next CG. (Until then it may follow the cell still: its C holds
+        B's image at its last step, which every CG up to that one found
+        there, as copy-on-write keeps it while B moves on.)"""
         self.changed.add(k)
+
+    def mark_all_changed(self, ks: Iterable[int]) -> None:
+        """:meth:`mark_changed` of each of ``ks``."""
+        self.changed.update(ks)
 
     def _to_step(self) -> list[int]:
         """The indices a sparse CG steps, in order: the changed ones (those
@@ -167,24 +170,35 @@ class FlashCopyGroup:
                     self.mark_changed(k)
         return sorted(self.changed)
 
-    def settled(self, sequence: int | None, commit: bool) -> None:
+    def settled(self, sequence: int | None, commit: bool,
+                committed: Sequence[FlashCopy] = ()) -> None:
         """After the group's relationships were committed (``commit``) on CG
         ``sequence``, or reverted: the followers take that number (a
         commit), and every relationship marked that is settled on the
-        cell's number with nothing changed since joins the cell again."""
+        cell's number with nothing changed since joins the cell again.
+        (``committed``: those this step committed, whose change bitmaps
+        are the empty ones their prepare gave them: no need to look.)"""
         if not self.sparse:
             return
         cell = self._cell
         cell.inhibit = False
         if commit and sequence is not None and sequence > cell.value:
             cell.value = sequence
-        for k in sorted(self.changed):
-            fc = self._fcs[k]
-            if (fc.active and not fc.revertible and fc.sequence == cell.value
+        value = cell.value
+        changed = self.changed
+        index = self._by_source
+        for fc in committed:
+            if fc.sequence == value and fc.active:
+                fc.seq_cell = cell
+                changed.discard(index[id(fc.source)])
+        fcs = self._fcs
+        for k in sorted(changed):
+            fc = fcs[k]
+            if (fc.active and not fc.revertible and fc.sequence == value
                     and fc.src_changed is not None and fc.tgt_changed is not None
                     and not fc.src_changed.any() and not fc.tgt_changed.any()):
                 fc.seq_cell = cell
-                self.changed.discard(k)
+                changed.discard(k)
 
     def _before(self) -> Callable | None:
         """The callback the kernels call before each relationship's step
@@ -245,6 +259,7 @@ class FlashCopyGroup:
             self._kept = True
         if self.sparse:       # the slots no prepare took
             self.store.recycle([bm for bm in slots if bm is not None])
+            self._cell.left.clear()      # (those it stepped: they are in changed)
             if error is not None:
                 self._cell.inhibit = False
         if snapshots is not None and prepared:
@@ -314,7 +329,8 @@ class FlashCopyGroup:
                 # commit that failed on every relationship of the group, none
                 # following, leaves it on the previous CG, as it would stepped)
                 followers = len(self.changed) < len(self._fcs)
-                self.settled(self._in_flight, commit and (not errors or followers))
+                self.settled(self._in_flight, commit and (not errors or followers),
+                             done if commit else ())
         if error is not None:
             raise error
         return errors
@@ -380,8 +396,8 @@ class SecondaryGroup:
         would if every pair had begun one."""
         if begun is None or not self.sparse:
             self.begun = None
-            for k in range(len(self._pairs) if self.flash.sparse else 0):
-                self.flash.mark_changed(k)
+            if self.flash.sparse:
+                self.flash.mark_all_changed(range(len(self._pairs)))
             return
         extra: set[int] = set()
         link = self._link
@@ -404,18 +420,20 @@ class SecondaryGroup:
                     if p.cg is None and p.spare is not None:
                         p.cg, p.spare = p.spare, None
             begun = sorted(extra.union(begun))
-        flash = self.flash
-        for k in begun:
-            flash.mark_changed(k)
+        self.flash.mark_all_changed(begun)
+        if len(begun) == len(self._pairs):      # every pair: the group's own lists
+            self.begun = None
+            return
         self.begun = list(begun)
+        ks = self.begun
+        self._lists_begun = ([self._pairs[k] for k in ks], [self._as[k] for k in ks],
+                             [self._bs[k] for k in ks], [self.triplets[k] for k in ks])
 
     def _begun_lists(self) -> tuple[list, list, list, list[Triplet]]:
         """(pairs, A volumes, B volumes, triplets) of the CG in flight."""
         if self.begun is None:
             return self._pairs, self._as, self._bs, self.triplets
-        ks = self.begun
-        return ([self._pairs[k] for k in ks], [self._as[k] for k in ks],
-                [self._bs[k] for k in ks], [self.triplets[k] for k in ks])
+        return self._lists_begun
 
     def __repr__(self) -> str:
         return f"<SecondaryGroup {self.store.ref} {len(self.triplets)} triplets>"
