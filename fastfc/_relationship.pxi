@@ -126,6 +126,22 @@ cdef inline bint gated(list rels) noexcept:
     return False
 
 
+def follow_cell(list rels, SequenceCell cell):
+    """Make each relationship of ``rels`` that is active, not revertible
+    and on the cell's number follow ``cell`` (a group's step, after a
+    commit); returns how many did not (a list of their indices)."""
+    cdef RelationshipBase r
+    cdef Py_ssize_t k
+    cdef list left = []
+    for k in range(len(rels)):
+        r = <RelationshipBase?>rels[k]
+        if r.active and not r.revertible and r._seq() == cell.value:
+            r.seq_cell = cell
+        else:
+            left.append(k)
+    return left
+
+
 def source_gated(list rels):
     """:func:`gated` for Python (``Volume.write_inhibited``)."""
     return gated(rels)

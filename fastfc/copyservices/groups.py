@@ -186,12 +186,20 @@ class FlashCopyGroup:
             cell.value = sequence
         value = cell.value
         changed = self.changed
-        index = self._by_source
-        for fc in committed:
-            if fc.sequence == value and fc.active:
-                fc.seq_cell = cell
-                changed.discard(index[id(fc.source)])
         fcs = self._fcs
+        stepped = self._stepped
+        if committed:
+            if len(committed) == len(stepped):   # (every one it stepped: their indices)
+                ks = stepped
+            else:
+                index = self._by_source
+                ks = [index[id(fc.source)] for fc in committed]
+            left = _core.follow_cell(list(committed), cell)   # (in one C loop)
+            if len(left) == 0 and len(ks) == len(changed):
+                changed.clear()
+            else:
+                gone = set(left)
+                changed.difference_update(k for j, k in enumerate(ks) if j not in gone)
         for k in sorted(changed):
             fc = fcs[k]
             if (fc.active and not fc.revertible and fc.sequence == value
@@ -222,7 +230,8 @@ class FlashCopyGroup:
             # the B of every relationship left on the cell is write-inhibited
             # until the phase ends, as a prepared one's is
             self._cell.inhibit = True
-            fcs = [self._fcs[k] for k in stepped]
+            fcs = (self._fcs if len(stepped) == len(self._fcs)
+                   else [self._fcs[k] for k in stepped])
             if self._one_size is not None:
                 slots = self.store.new_bitmaps(self._one_size, 3 * len(fcs))
             else:
@@ -258,7 +267,9 @@ class FlashCopyGroup:
         if k < n:
             self._kept = True
         if self.sparse:       # the slots no prepare took
-            self.store.recycle([bm for bm in slots if bm is not None])
+            unused = [bm for bm in slots if bm is not None]
+            if unused:
+                self.store.recycle(unused)
             self._cell.left.clear()      # (those it stepped: they are in changed)
             if error is not None:
                 self._cell.inhibit = False
