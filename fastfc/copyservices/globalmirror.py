@@ -463,6 +463,7 @@ class GlobalMirror:
         time_left = None if limit is None else (lambda: limit - (time.perf_counter() - t))
         ok = False
         try:
+            self._hand_begun(self._begun if self._sparse else None)
             res.bytes_drained = self._drain(deadline, time_left)
             ok = True
         except DrainAborted as e:
@@ -523,7 +524,6 @@ class GlobalMirror:
         if status != 1:          # the writes were held (too long, if 2)
             res.coordinated_at = time.time()
         if status == 0:
-            self._hand_begun(begun)
             return True
         res.cause = Cause.COORDINATION_TIMEOUT
         if status == 1:

@@ -62,8 +62,11 @@ class FlashCopyGroup:
     already holds the CG's image, and they *follow* the group's
     :class:`~fastfc._core.SequenceCell` (``seq_cell``): their ``sequence``
     is the cell's, which a committed CG sets once. A relationship leaves the
-    cell when it is marked (keeping the number), and joins it again once it
-    is settled on the cell's number with nothing changed. An idle CG then
+    cell when it is stepped (a marked one follows it until then: its C still
+    holds B's image of its last step, kept by copy-on-write), and joins it
+    again once it is settled on the cell's number with nothing changed
+    since (the cell's ``left`` names any that a step of its own took out,
+    for the next CG to step). An idle CG then
     costs the group O(1), not O(relationships). Every promise holds as with
     every relationship stepped: each C on one CG, one sequence number; the
     seed's rule reads the followers as committed on the previous CG while a
@@ -423,20 +426,27 @@ class SecondaryGroup:
                     k = self._by_primary.get(id(f.volume), -1)
                     if k >= 0:
                         extra.add(k)
+        self._set_begun(begun)
         if extra:
-            extra.difference_update(begun)
-            for k in extra:         # an empty CG, as coordination begins on an idle pair
-                p = self._pairs[k]
-                with locked((p.primary,)):
-                    if p.cg is None and p.spare is not None:
-                        p.cg, p.spare = p.spare, None
-            begun = sorted(extra.union(begun))
-        self.flash.mark_all_changed(begun)
+            done = list(begun)
+            try:
+                for k in sorted(extra.difference(begun)):
+                    p = self._pairs[k]      # an empty CG, as coordination begins on an idle pair
+                    with locked((p.primary,)):
+                        if p.cg is None and p.spare is not None:
+                            p.cg, p.spare = p.spare, None
+                            done.append(k)
+            finally:        # (the CG's end ends what began, whatever raised)
+                if len(done) > len(begun):
+                    self._set_begun(sorted(done))
+        self.flash.mark_all_changed(range(len(self._pairs)) if self.begun is None
+                                    else self.begun)
+
+    def _set_begun(self, begun: list[int]) -> None:
         if len(begun) == len(self._pairs):      # every pair: the group's own lists
             self.begun = None
             return
-        self.begun = list(begun)
-        ks = self.begun
+        ks = self.begun = list(begun)
         self._lists_begun = ([self._pairs[k] for k in ks], [self._as[k] for k in ks],
                              [self._bs[k] for k in ks], [self.triplets[k] for k in ks])
 
