@@ -333,6 +333,9 @@ class GlobalMirror:
         self._thread: threading.Thread | None = None
         # (triplets, their local volumes, their stores): what _require_writable checks
         self._volumes_cache: tuple | None = None
+        # Volume.closes when _require_writable last found none of them closed
+        self._closes_seen = -1
+        self._volumes_cache_seen: tuple | None = None
         # coordination instants of recent CGs (a CG a reconciliation commits)
         self._coordinated: dict[int, float | None] = {}
 
@@ -908,9 +911,13 @@ class GlobalMirror:
         _, vols, stores = cached
         for store in stores:         # in the order of their first volume
             store.check_writable()
+        closes = Volume.closes       # (no volume closed since the last look: none is)
+        if closes == self._closes_seen and cached is self._volumes_cache_seen:
+            return
         k = _core.first_closed(vols)
         if k >= 0:
             raise VolumeClosedError(f"{vols[k]!r} is closed")
+        self._closes_seen, self._volumes_cache_seen = closes, cached
 
     def _require_not_recovered(self) -> None:
         # a CG drain would overwrite host writes at the recovered B volumes
