@@ -27,8 +27,10 @@ gm        Global Mirror in memory against the same session on the NumPy
           engine (``gm.py``, ``mirror_cases.global_mirror``)
 grain     64 KiB tracks under 4 KiB writes: the 4 KiB grain against a grain
           of the track, at 16, 1,024 and 4,096 triplets in memory and on disk
-          units (bytes copied and bytes to the disk per host byte), and the
-          bitmap summaries (``grain.py``)
+          units (bytes copied and bytes to the disk per host byte), the
+          bitmap summaries, and the cost of an idle (or mostly idle) CG at
+          4,096 triplets against 16, against every triplet stepped
+          (``grain.py``)
 scaleout  2 secondary units as Ray actors against the same session in one
           process (``scaleout.py``; skipped without Ray)
 serve     ``fastfc serve`` (``serve.py``): fio and nbdcopy against it, nbdkit's
@@ -697,6 +699,33 @@ class Report:
                                f"dirtied per host byte {g.get('proc_per_host_byte', 0):.2f}"),
                          headline=(f"bytes to the disk per host byte, disk units, {n} triplets"
                                    if n == 16 and not self.quick else ""), data=d))
+        counts = (16, 256, 1024) if self.quick else (16, 1024, 4096)
+        ic = raw["idle_cg"] = gr.idle_cg(counts, cgs=50 if self.quick else 200,
+                                         rounds=1 if self.quick else 3, log=self.log)
+        lo, hi = counts[0], counts[-1]
+        f = ic["figures"]
+        for case, what in (("idle", "nothing written"),
+                           ("few", f"{ic['config']['written']} triplets written (4 KiB each) "
+                                   "before each CG")):
+            mine, base = ic["ratios"][f"{case}/sparse"], ic["ratios"][f"{case}/stepped"]
+
+            def ms(mode, n, q="min_s"):
+                return f[f"{case}/{mode}/{n}"][q] * 1e3
+            self.add(Row(
+                "grain", f"grain_{case}_cg_{hi}_over_{lo}",
+                f"a Global Mirror CG attempt in memory, {hi:,} triplets against {lo} "
+                f"({what}; 1-track volumes of 64 KiB, 4 KiB grains; min over "
+                f"{f[f'{case}/sparse/{hi}']['samples']} CGs)"
+                f"{' (quick)' if self.quick else ''}",
+                f"{mine['min_s']:.1f} x ({hi}: {ms('sparse', hi):.3f} ms, {lo}: "
+                f"{ms('sparse', lo):.3f} ms)",
+                f"{base['min_s']:.0f} x ({hi}: {ms('stepped', hi):.3f} ms, {lo}: "
+                f"{ms('stepped', lo):.3f} ms) every triplet stepped",
+                mine["min_s"] / base["min_s"], "-", None,
+                note=(f"medians: {mine['median_s']:.1f} x against {base['median_s']:.0f} x; "
+                      + ", ".join(f"{n}: {ms('sparse', n):.3f} ms ({ms('stepped', n):.3f})"
+                                  for n in counts)),
+                data=ic))
         s = raw["summary"]
         self.add(Row("grain", "grain_find_next_set",
                      "finding the next set bit of a TiB volume's bitmap (2^28 grains of "
