@@ -16,6 +16,7 @@ profile leaving them out is an error, so CI cannot pass without them.
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import sys
 import tempfile
@@ -42,6 +43,13 @@ if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCAC
 
 import pytest
 from hypothesis import HealthCheck, Phase, is_hypothesis_test, settings
+
+# A run started in the background by a shell without job control (``cmd &``
+# in a script) ignores SIGINT, and every process it starts inherits that: the
+# tests that press Ctrl-C on a client or a server they start would see nothing
+# happen. Python's own handler here makes the children start with the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # No "explain" phase: on a failing state machine it replays hundreds of
 # variants and can take minutes; the shrunk example is what we read.
