@@ -10,7 +10,10 @@ bytes written to the disk per host byte (the block device's sectors written
 from the run's start to the end of an ``os.sync()`` after it, and this
 process's ``write_bytes``). And the bitmap summaries: finding the next set
 bit of a TiB volume's bitmap of 4 KiB grains (2^28 bits), with the summary
-against a scan of the words.
+against a scan of the words. And an idle CG (:func:`idle_cg`): the cost of
+a CG attempt with nothing written, or a few triplets written, at 4,096
+triplets against 16, as the session runs (only what changed is visited)
+and with every triplet stepped.
 
 ``python -m benches grain`` runs it (``--quick``: smaller).
 """
@@ -23,9 +26,11 @@ import shutil
 import statistics
 import tempfile
 import time
+
+import numpy as np
 from pathlib import Path
 
-from fastfc import GlobalMirror, StorageUnit, TrackBitmap
+from fastfc import GlobalMirror, StorageUnit, TrackBitmap, Volume
 from fastfc.tools.testing import run_under_writers
 
 from benches.durable_steady import block_device, proc_write_bytes, sectors_written
@@ -131,6 +136,78 @@ def disk(root: Path, triplets: int, size_mib: int, seconds: float, rate_mbs: flo
                        "device": dev, "dir": str(work)},
             "runs": {str(g): v for g, v in runs.items()},
             "median": {str(g): _medians(v) for g, v in runs.items()}}
+
+
+def _every_triplet_stepped(gm: GlobalMirror) -> None:
+    """Make ``gm`` begin a CG on every pair and step every relationship (the
+    path of storage units, and of every session before sparse CGs): the
+    baseline of :func:`idle_cg`."""
+    gm._sparse = False
+    for g in gm.groups:
+        g.flash.sparse = False
+        for t in g.triplets:
+            t.pair.on_sent = None
+
+
+def idle_cg(counts=(16, 1024, 4096), written: int = 4, cgs: int = 200, rounds: int = 3,
+            log=print) -> dict:
+    """Seconds per CG attempt of a session in memory (1-track volumes of 64
+    KiB, 4 KiB grains) at each triplet count: idle (nothing written), and
+    "few written" (``written`` triplets get a 4 KiB write before each CG;
+    only the CG is timed), each as it runs (a CG visits the pairs with
+    tracks out of sync and the relationships that changed) and with every
+    triplet stepped (the baseline), interleaved in ``rounds``. Per figure
+    the min and median over every CG of every round."""
+    times: dict = {}
+    for r in range(rounds):
+        for n in counts:
+            for mode in (("sparse", "stepped") if r % 2 == 0 else ("stepped", "sparse")):
+                trips = [tuple(_volume(tag, i) for tag in "ABC") for i in range(n)]
+                # (a loaded machine may hold 4,096 locks longer than 50 ms)
+                gm = GlobalMirror(trips, initial_copy=False, max_coordination_time=1.0)
+                if mode == "stepped":
+                    _every_triplet_stepped(gm)
+                try:
+                    for _ in range(3):
+                        assert gm.form_consistency_group().committed
+                    rng = np.random.default_rng(r)
+                    data = np.full(4096, 7, np.uint8)
+                    for case in ("idle", "few"):
+                        got = times.setdefault(f"{case}/{mode}/{n}", [])
+                        for _ in range(cgs if n <= 1024 else max(cgs // 4, 20)):
+                            if case == "few":
+                                for i in rng.choice(n, size=min(written, n), replace=False):
+                                    trips[i][0].write(int(rng.integers(16)) * 4096, data)
+                            t = time.perf_counter()
+                            res = gm.form_consistency_group()
+                            got.append(time.perf_counter() - t)
+                            assert res.committed, res
+                finally:
+                    gm.close(discard=True)
+                    close_triplets(trips)
+                    del trips, gm
+                    gc.collect()
+            log(f"    idle CG, {n} triplets, round {r + 1}: "
+                + ", ".join(f"{k.split('/')[0]} {k.split('/')[1]} "
+                            f"{min(v) * 1e3:.3f} ms" for k, v in times.items()
+                            if k.endswith(f"/{n}")))
+    out: dict = {"config": {"counts": list(counts), "written": written, "cgs": cgs,
+                            "rounds": rounds, "track": TRACK, "grain": 4096,
+                            "tracks_per_volume": 1},
+                 "figures": {k: {"min_s": min(v), "median_s": statistics.median(v),
+                                 "samples": len(v)} for k, v in times.items()}}
+    f = out["figures"]
+    lo, hi = min(counts), max(counts)
+    out["ratios"] = {f"{case}/{mode}": {
+        q: f[f"{case}/{mode}/{hi}"][q] / f[f"{case}/{mode}/{lo}"][q] for q in ("min_s", "median_s")}
+        for case in ("idle", "few") for mode in ("sparse", "stepped")}
+    return out
+
+
+def _volume(tag: str, i: int) -> Volume:
+    v = Volume(1, TRACK, name=f"{tag}{i:04d}", grain_size=4096)
+    v._raw_array().fill(0)
+    return v
 
 
 def find_next_set(bits: int = 1 << 28, repeats: int = 7) -> dict:

@@ -27,8 +27,10 @@ gm        Global Mirror in memory against the same session on the NumPy
           engine (``gm.py``, ``mirror_cases.global_mirror``)
 grain     64 KiB tracks under 4 KiB writes: the 4 KiB grain against a grain
           of the track, at 16, 1,024 and 4,096 triplets in memory and on disk
-          units (bytes copied and bytes to the disk per host byte), and the
-          bitmap summaries (``grain.py``)
+          units (bytes copied and bytes to the disk per host byte), the
+          bitmap summaries, and the cost of an idle (or mostly idle) CG at
+          4,096 triplets against 16, against every triplet stepped
+          (``grain.py``)
 scaleout  2 secondary units as Ray actors against the same session in one
           process (``scaleout.py``; skipped without Ray)
 serve     ``fastfc serve`` (``serve.py``): fio and nbdcopy against it, nbdkit's
@@ -39,7 +41,8 @@ serve_gm  a Global Mirror session in ``fastfc serve`` (``resumegmir``) under
           fio 4 KiB randwrite QD16 on its A exports (``serve.py``): client
           IOPS with it running / paused, CG/s, RPO p50/p99, and read-only
           commands (``lsvol``, ``showgmir``, ``lsflash``) as client processes
-          under that load against the idle server; 64 KiB and 4 KiB tracks
+          under that load (the console script's lean front door and the full
+          command line) against the idle server; 64 KiB and 4 KiB tracks
           (skipped without fio)
 durable_large  opt-in (only when named; about 3-5 min): units whose volumes
           exceed the machine's memory, on the disk, under random writes,
@@ -696,6 +699,33 @@ class Report:
                                f"dirtied per host byte {g.get('proc_per_host_byte', 0):.2f}"),
                          headline=(f"bytes to the disk per host byte, disk units, {n} triplets"
                                    if n == 16 and not self.quick else ""), data=d))
+        counts = (16, 256, 1024) if self.quick else (16, 1024, 4096)
+        ic = raw["idle_cg"] = gr.idle_cg(counts, cgs=50 if self.quick else 200,
+                                         rounds=1 if self.quick else 3, log=self.log)
+        lo, hi = counts[0], counts[-1]
+        f = ic["figures"]
+        for case, what in (("idle", "nothing written"),
+                           ("few", f"{ic['config']['written']} triplets written (4 KiB each) "
+                                   "before each CG")):
+            mine, base = ic["ratios"][f"{case}/sparse"], ic["ratios"][f"{case}/stepped"]
+
+            def ms(mode, n, q="min_s"):
+                return f[f"{case}/{mode}/{n}"][q] * 1e3
+            self.add(Row(
+                "grain", f"grain_{case}_cg_{hi}_over_{lo}",
+                f"a Global Mirror CG attempt in memory, {hi:,} triplets against {lo} "
+                f"({what}; 1-track volumes of 64 KiB, 4 KiB grains; min over "
+                f"{f[f'{case}/sparse/{hi}']['samples']} CGs)"
+                f"{' (quick)' if self.quick else ''}",
+                f"{mine['min_s']:.1f} x ({hi}: {ms('sparse', hi):.3f} ms, {lo}: "
+                f"{ms('sparse', lo):.3f} ms)",
+                f"{base['min_s']:.0f} x ({hi}: {ms('stepped', hi):.3f} ms, {lo}: "
+                f"{ms('stepped', lo):.3f} ms) every triplet stepped",
+                mine["min_s"] / base["min_s"], "-", None,
+                note=(f"medians: {mine['median_s']:.1f} x against {base['median_s']:.0f} x; "
+                      + ", ".join(f"{n}: {ms('sparse', n):.3f} ms ({ms('stepped', n):.3f})"
+                                  for n in counts)),
+                data=ic))
         s = raw["summary"]
         self.add(Row("grain", "grain_find_next_set",
                      "finding the next set bit of a TiB volume's bitmap (2^28 grains of "
@@ -872,37 +902,42 @@ class Report:
         idle = g["idle_by_command"]
         per = "; ".join(f"{k} {by[k]['p50_ms']:.0f}/{by[k]['p99_ms']:.0f} ms (idle "
                         f"{idle[k]['p50_ms']:.0f}/{idle[k]['p99_ms']:.0f})" for k in by)
+        lp = g["lean_p99_ms"]
+        lby = g["lean_by_command"]
+        lper = "; ".join(f"{k} {lby[k]['p50_ms']:.0f}/{lby[k]['p99_ms']:.0f} ms" for k in lby)
+        answer = (f"the server's answer (showgmir --json through the control socket, no "
+                  f"client process) p50/p99 {g['answer_with_p50_ms']:.1f}/"
+                  f"{g['answer_with_p99_ms']:.1f} ms with the session and fio, "
+                  f"{g['answer_without_p50_ms']:.1f}/{g['answer_without_p99_ms']:.1f} "
+                  f"fio alone, {g['answer_idle_p50_ms']:.1f}/"
+                  f"{g['answer_idle_p99_ms']:.1f} idle")
         self.add(Row("serve_gm", f"serve_gm_readonly{tag}",
                      f"a read-only command (fastfc -u A lsvol/showgmir/lsflash --json, a client "
-                     f"process) while the session runs and fio writes: p99, against the same "
-                     f"commands on the idle server ({w})",
-                     f"{c:.0f} ms", f"{g['idle_p99_ms']:.0f} ms idle server",
-                     g["client_ratio"], "<= 100 ms", c <= 100.0,
-                     score=100.0 / c if c else float("inf"),
-                     note=(f"p50 {g['client_p50_ms']:.0f} ms over {g['client_samples']} "
-                           f"commands; above the idle server's p50: {g['client_above_idle_p99_ms']:.0f} ms "
-                           f"at p99; fastfc --help (the client's start alone) "
-                           f"{g['help_p50_ms']:.0f} ms p50; p50/p99 by command: {per}; the "
-                           f"server's answer (showgmir --json through the control socket, no "
-                           f"client process) p50/p99 {g['answer_with_p50_ms']:.1f}/"
-                           f"{g['answer_with_p99_ms']:.1f} ms with the session and fio, "
-                           f"{g['answer_without_p50_ms']:.1f}/{g['answer_without_p99_ms']:.1f} "
-                           f"fio alone, {g['answer_idle_p50_ms']:.1f}/"
-                           f"{g['answer_idle_p99_ms']:.1f} idle; {loads}"),
+                     f"process, as the fastfc console script runs it: fastfc_client forwards "
+                     f"it without importing the engine) while the session runs and fio "
+                     f"writes: p99, against the same commands through the full command line "
+                     f"(python -m fastfc) in windows of its own, same run ({w})",
+                     f"{lp:.0f} ms", f"{c:.0f} ms full command line", g["lean_ratio"],
+                     "<= 100 ms", lp <= 100.0, score=100.0 / lp if lp else float("inf"),
+                     note=(f"p50 {g['lean_p50_ms']:.0f} ms over {g['lean_samples']} commands "
+                           f"(full command line p50 {g['client_p50_ms']:.0f} ms over "
+                           f"{g['client_samples']}); p50/p99 by command: {lper}; idle server "
+                           f"{g['lean_idle_p50_ms']:.0f}/{g['lean_idle_p99_ms']:.0f} ms p50/p99; "
+                           f"the client's start alone (python -c 'import fastfc_client') "
+                           f"{g['lean_start_p50_ms']:.0f} ms p50, the full command line's "
+                           f"(fastfc --help) {g['help_p50_ms']:.0f} ms; {answer}; {loads}"),
                      headline="a read-only fastfc command under a session and fio: p99"
-                     if head else ""))
-        lp = g["lean_p99_ms"]
-        self.add(Row("serve_gm", f"serve_gm_readonly_lean{tag}",
-                     f"the same read-only commands through a client importing only the "
-                     f"standard library (benches/serve_lean_client.py, not the product) under "
-                     f"the same load: p99, against fastfc's client",
-                     f"{lp:.0f} ms", f"{c:.0f} ms fastfc client", lp / c if c else None,
-                     note=(f"p50 {g['lean_p50_ms']:.0f} ms over {g['lean_samples']} commands; "
-                           f"idle server {g['lean_idle_p50_ms']:.0f}/"
-                           f"{g['lean_idle_p99_ms']:.0f} ms p50/p99 (fastfc's client "
-                           f"{g['idle_p50_ms']:.0f}/{g['idle_p99_ms']:.0f}): what the client "
-                           f"spends before it forwards (importing the engine) is the rest; "
-                           f"{loads}")))
+                     if head else "", data={k: g[k] for k in g if k.startswith("lean_")}))
+        self.add(Row("serve_gm", f"serve_gm_readonly_full{tag}",
+                     f"the same read-only commands through the full command line (python -m "
+                     f"fastfc: click, NumPy and the engine imported before it forwards) under "
+                     f"the same load: p99, against the same commands on the idle server",
+                     f"{c:.0f} ms", f"{g['idle_p99_ms']:.0f} ms idle server",
+                     g["client_ratio"],
+                     note=(f"p50 {g['client_p50_ms']:.0f} ms over {g['client_samples']} "
+                           f"commands; above the idle server's p50: "
+                           f"{g['client_above_idle_p99_ms']:.0f} ms at p99; p50/p99 by "
+                           f"command: {per}; {loads}")))
         a = g["answer_with_p99_ms"]
         self.add(Row("serve_gm", f"serve_gm_answer{tag}",
                      f"the server's answer to showgmir --json through the control socket (no "

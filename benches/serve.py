@@ -15,8 +15,11 @@ holds two units in /dev/shm (A in one, B and C in the other),
 ``fastfc resumegmir`` / ``pausegmir`` start and stop the session's loop in
 it; interleaved: client IOPS with the session running / paused, CG/s, RPO
 p50/p99 (``showgmir --json`` sampled), and the latency of read-only
-commands (``lsvol``, ``showgmir``, ``lsflash``) run as ``fastfc`` clients
-under that load against the same commands on the idle server.
+commands (``lsvol``, ``showgmir``, ``lsflash``) run as client processes
+under that load: through the ``fastfc`` console script's front door
+(``fastfc_client``, which forwards without importing the engine) and
+through the full command line (``python -m fastfc``) in turn, and against
+the same commands on the idle server.
 
 The table is the ``serve`` suite, the session the ``serve_gm`` suite:
 ``python -m benches [--quick] serve serve_gm``.
@@ -200,33 +203,35 @@ def run(rounds: int, seconds: float, size: int, log=lambda msg: None) -> dict:
 READ_ONLY = (("lsvol", "--json"), ("showgmir", "S", "--json"), ("lsflash", "--json"))
 
 
-def cli(*args, check: bool = True) -> subprocess.CompletedProcess:
-    """``fastfc ARGS``, a client process, as a user runs it."""
-    out = subprocess.run([sys.executable, "-m", "fastfc", *map(str, args)], env=_env(),
+#: the full command line: click, NumPy and the engine imported before the
+#: command is forwarded (``python -m fastfc``)
+FULL_CLIENT = ("-m", "fastfc")
+#: what the ``fastfc`` console script runs (``fastfc_client.main``): a
+#: command for a unit a server holds is forwarded with the standard library
+CONSOLE_CLIENT = ("-m", "fastfc_client")
+
+
+def cli(*args, check: bool = True, client=FULL_CLIENT) -> subprocess.CompletedProcess:
+    """``fastfc ARGS``, a client process (``client``: the full command line,
+    or the console script's front door)."""
+    out = subprocess.run([sys.executable, *client, *map(str, args)], env=_env(),
                          capture_output=True, text=True, timeout=300)
     if check and out.returncode != 0:
         raise RuntimeError(f"fastfc {' '.join(map(str, args))}: {out.stderr.strip()}")
     return out
 
 
-def timed_cli(*args) -> float:
+def timed_cli(*args, client=FULL_CLIENT) -> float:
     """Seconds ``fastfc ARGS`` took, start of the client process to its exit."""
     t = time.perf_counter()
-    cli(*args)
+    cli(*args, client=client)
     return time.perf_counter() - t
 
 
-def timed_lean(*args) -> float:
-    """Seconds ``serve_lean_client.py ARGS`` took: a forwarding client that
-    imports only the standard library (the floor of a client's cost)."""
-    t = time.perf_counter()
-    out = subprocess.run([sys.executable, str(ROOT / "benches" / "serve_lean_client.py"),
-                          *map(str, args)], capture_output=True, text=True, timeout=300)
-    took = time.perf_counter() - t
-    if out.returncode != 0:
-        raise RuntimeError(f"serve_lean_client.py {' '.join(map(str, args))}: status "
-                           f"{out.returncode}: {out.stderr.strip()}")
-    return took
+def timed_console(*args) -> float:
+    """Seconds ``fastfc ARGS`` took as the console script runs it
+    (``fastfc_client``: forwarded without importing the engine)."""
+    return timed_cli(*args, client=CONSOLE_CLIENT)
 
 
 def ask(unit: Path, *args: str) -> tuple[float, str]:
@@ -298,16 +303,15 @@ class Sampler:
 
 class ClientLoop:
     """A thread running the read-only commands (``READ_ONLY``) as client
-    processes, ``fastfc -u UNIT ...``, one after another, in turn, each
-    beside the same command through ``serve_lean_client.py`` (after it, or
-    before it when ``lean_first``): the seconds each took, by command
-    (``took``; the lean client's ``lean``). A command counts if it started
-    before the loop was told to stop."""
+    processes, ``fastfc -u UNIT ...``, one after another, in turn, through
+    ``client`` (:data:`FULL_CLIENT`, the full command line, or
+    :data:`CONSOLE_CLIENT`, the console script's front door): the seconds
+    each took, by command (``took``). A command counts if it started before
+    the loop was told to stop."""
 
-    def __init__(self, unit: Path, lean_first: bool = False) -> None:
-        self.unit, self.lean_first = unit, lean_first
+    def __init__(self, unit: Path, client=FULL_CLIENT) -> None:
+        self.unit, self.client = unit, client
         self.took: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
-        self.lean: list[float] = []
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -316,13 +320,10 @@ class ClientLoop:
         try:
             i = 0
             while True:
-                cmd = READ_ONLY[i // 2 % len(READ_ONLY)]
+                cmd = READ_ONLY[i % len(READ_ONLY)]
                 if self._stop.is_set():
                     return
-                if (i % 2 == 0) != self.lean_first:
-                    self.took[cmd[0]].append(timed_cli("-u", self.unit, *cmd))
-                else:
-                    self.lean.append(timed_lean("-u", self.unit, *cmd))
+                self.took[cmd[0]].append(timed_cli("-u", self.unit, *cmd, client=self.client))
                 i += 1
         except BaseException as e:      # noqa: BLE001 - reported by __exit__
             self.error = e
@@ -349,24 +350,26 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
     first ``jobs`` A exports (one job, one connection, each; default all).
 
     Each round (the machine is shared: the windows of a round run back to
-    back, in an order that alternates between rounds) has four windows:
+    back, in an order that alternates between rounds) has five windows:
 
     ``with`` / ``without``  fio with the session running / paused (client
         IOPS); a thread asks the server ``showgmir S --json`` every
         ``sample_every`` s through the control socket: the session's RPO at
         that instant, the answer's latency; CGs and server CPU from before
         and after
-    ``clients``  fio with the session running, and the read-only commands
-        (``READ_ONLY``) run as ``fastfc`` client processes one after
-        another: their latency from the client's start to its exit
+    ``clients`` / ``lean``  fio with the session running, and the
+        read-only commands (``READ_ONLY``) run as client processes one
+        after another: through the full command line (``python -m
+        fastfc``: click, NumPy and the engine imported before it forwards)
+        / through the console script's front door (``fastfc_client``: the
+        standard library alone); their latency from the client's start to
+        its exit. Each client in windows of its own: the full one's imports
+        would load the machine the lean one runs on
     ``idle``  no fio, the session paused: each read-only command and
         ``fastfc --help`` ``idle_reps`` times (the client's own cost), and
         the forwarded ``showgmir`` answer alone
 
-    Each read-only command run as ``fastfc`` is followed by the same command
-    through ``serve_lean_client.py``, a client that imports only the
-    standard library: what a client could cost that forwarded before
-    importing the engine.
+    The idle commands run through both clients.
     """
     gone = missing(GM_TOOLS)
     if gone:
@@ -391,7 +394,7 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         common = ["--ioengine=nbd", "--rw=randwrite", "--bs=4k", f"--iodepth={iodepth}",
                   f"--size={size_mib}M", "--time_based", f"--runtime={seconds}",
                   "--group_reporting"]
-        modes = ("with", "without", "clients")
+        modes = ("with", "without", "clients", "lean")
         iops: dict[str, list[float]] = {m: [] for m in modes}
         windows: list[dict] = []
         rpo: list[float] = []
@@ -399,7 +402,9 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         clients: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
         idle: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
         idle["--help"] = []
-        lean: dict[str, list[float]] = {"load": [], "idle": []}
+        lean: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
+        lean_idle: dict[str, list[float]] = {c[0]: [] for c in READ_ONLY}
+        lean_idle["start"] = []     # python -c 'import fastfc_client': the client's own start
         loads: list[float] = []
 
         def resume() -> None:
@@ -421,12 +426,12 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
                 resume()
             s0, c0 = show(a), cpu_seconds(server.pid)
             t = time.perf_counter()
-            if mode == "clients":
-                with ClientLoop(a, lean_first=len(iops["clients"]) % 2 == 1) as loop:
+            if mode in ("clients", "lean"):
+                with ClientLoop(a, FULL_CLIENT if mode == "clients" else CONSOLE_CLIENT
+                                ) as loop:
                     doc = fio_json([*common, *args])
                 for k, v in loop.took.items():
-                    clients[k] += v
-                lean["load"] += loop.lean
+                    (clients if mode == "clients" else lean)[k] += v
             else:
                 with Sampler(a, sample_every) as sampler:
                     doc = fio_json([*common, *args])
@@ -460,15 +465,17 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
             for r in range(rounds):
                 log(f"    round {r + 1} of {rounds}")
                 loads.append(os.getloadavg()[0])
-                order = ["with", "without", "clients"] if r % 2 else \
-                    ["without", "with", "clients"]
+                order = ["with", "without", "clients", "lean"] if r % 2 else \
+                    ["without", "with", "lean", "clients"]
                 for mode in order:
                     window(mode)
                 for _ in range(idle_reps):
                     idle["--help"].append(timed_cli("--help"))
+                    lean_idle["start"].append(timed_cli(
+                        client=("-c", "import fastfc_client")))
                     for cmd in READ_ONLY:
                         idle[cmd[0]].append(timed_cli("-u", a, *cmd))
-                        lean["idle"].append(timed_lean("-u", a, *cmd))
+                        lean_idle[cmd[0]].append(timed_console("-u", a, *cmd))
                     for _ in range(10):
                         answer["idle"].append(ask(a, "showgmir", "S", "--json")[0])
         finally:
@@ -489,6 +496,8 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
             failures[k] = failures.get(k, 0) + v
     ms = 1e3
     every = [x for v in clients.values() for x in v]
+    lean_every = [x for v in lean.values() for x in v]
+    lean_idle_cmds = [x for k, v in lean_idle.items() if k != "start" for x in v]
     idle_cmds = [x for k, v in idle.items() if k != "--help" for x in v]
     idle_p50 = pct(idle_cmds, 50)
     client_p99 = pct(every, 99)
@@ -502,6 +511,7 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         "iops_with": statistics.median(iops["with"]),
         "iops_without": statistics.median(iops["without"]),
         "iops_clients": statistics.median(iops["clients"]),
+        "iops_lean": statistics.median(iops["lean"]),
         "ratio": statistics.median(ratios), "round_ratios": ratios,
         # the session in the fio windows, from showgmir --json before and after
         "cgs_per_s": cgs / secs if secs else float("nan"), "cgs": cgs,
@@ -525,11 +535,20 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         "idle_by_command": {k: {"p50_ms": pct(v, 50) * ms, "p99_ms": pct(v, 99) * ms,
                                 "n": len(v)} for k, v in idle.items()},
         "help_p50_ms": pct(idle["--help"], 50) * ms,
-        # the same commands through serve_lean_client.py (a client importing
-        # only the standard library): under the same load, and idle
-        "lean_p50_ms": pct(lean["load"], 50) * ms, "lean_p99_ms": pct(lean["load"], 99) * ms,
-        "lean_idle_p50_ms": pct(lean["idle"], 50) * ms,
-        "lean_idle_p99_ms": pct(lean["idle"], 99) * ms, "lean_samples": len(lean["load"]),
+        # the same commands through the console script's front door
+        # (fastfc_client: forwarded without importing the engine), in the
+        # same windows: under the same load, and idle; its start alone
+        "lean_p50_ms": pct(lean_every, 50) * ms, "lean_p99_ms": pct(lean_every, 99) * ms,
+        "lean_max_ms": max(lean_every, default=float("nan")) * ms,
+        "lean_samples": len(lean_every),
+        "lean_by_command": {k: {"p50_ms": pct(v, 50) * ms, "p99_ms": pct(v, 99) * ms,
+                                "n": len(v)} for k, v in lean.items()},
+        "lean_idle_p50_ms": pct(lean_idle_cmds, 50) * ms,
+        "lean_idle_p99_ms": pct(lean_idle_cmds, 99) * ms,
+        "lean_start_p50_ms": pct(lean_idle["start"], 50) * ms,
+        # the console script's p99 against the full command line's, same run
+        "lean_ratio": pct(lean_every, 99) / client_p99 if every and lean_every
+        else float("nan"),
         # the latency under load against the idle server's, and the part above it
         "client_ratio": client_p99 / pct(idle_cmds, 99) if idle_cmds else float("nan"),
         "client_above_idle_p99_ms": (client_p99 - idle_p50) * ms,
@@ -537,5 +556,5 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         "server_cores_without": statistics.median(w["server_cores"] for w in windows
                                                   if w["mode"] == "without"),
         "raw": {"iops": iops, "windows": windows, "rpo": rpo, "answer": answer,
-                "clients": clients, "idle": idle, "lean": lean},
+                "clients": clients, "idle": idle, "lean": lean, "lean_idle": lean_idle},
     }

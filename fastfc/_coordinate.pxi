@@ -16,28 +16,21 @@ def coordinations():
     return _coordinations
 
 
-cdef inline void set_owner(list vols, Py_ssize_t n, unsigned long me) noexcept:
-    """Mark raw-taken locks as held by thread ``me`` (re-entrant for hooks),
-    or (``me`` 0) as held by no Python-visible owner again."""
-    cdef Py_ssize_t i
-    cdef VolumeBase v
-    for i in range(n):
-        v = <VolumeBase>vols[i]
-        v._owner = me
-        v._depth = 1 if me else 0
-
-
-cdef inline void undo_begin(list hooks, Py_ssize_t nh) noexcept:
-    cdef Py_ssize_t k
+cdef inline void undo_begin(list hooks, Py_ssize_t nh, list begun) noexcept:
+    cdef Py_ssize_t k, i
     cdef MirrorBase m
-    for k in range(nh):
+    for i in range(nh if begun is None else len(begun)):
+        k = i if begun is None else <Py_ssize_t>begun[i]
         m = <MirrorBase>hooks[k]
         m.spare = m.oos
         m.oos = m.cg
         m.cg = None
+    if begun is not None:
+        del begun[:]
 
 
-def coordinate_pairs(list primaries, list hooks, double timeout, before=None, after=None):
+def coordinate_pairs(list primaries, list hooks, double timeout, before=None, after=None,
+                     list begun=None):
     """Hold host writes on every primary at one instant and begin a
     consistency group on every mirror hook, in one C call. The only
     coordination there is: Global Mirror runs it with or without hooks.
@@ -56,6 +49,12 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
     given back first, so waiting never breaks the lock order. The pass
     then starts again, until ``timeout`` seconds have passed.
 
+    ``begun`` (a list, emptied first): begin a CG only on the hooks with a
+    track out of sync (a hook with none has nothing for the CG: it keeps
+    its ``oos``, ``cg`` stays None) and append their indices to it, in
+    order; the caller's drain then visits only those. Without it every
+    hook begins one.
+
     Returns ``(status, seconds)``: status 0 done (seconds: the hold, from
     the first lock held to the end of the swap), 1 the locks could not all
     be taken in time, 2 they were, but the hold (``before()`` included)
@@ -64,7 +63,7 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
     (after the locks are released).
     """
     global _coordinations
-    cdef Py_ssize_t i, k, n = len(primaries), nh = len(hooks), busy
+    cdef Py_ssize_t i, k, n = len(primaries), nh = len(hooks), busy, closed
     cdef VolumeBase v
     cdef MirrorBase m
     cdef double t0 = monotonic(), start, hold = 0.0, left
@@ -73,6 +72,7 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
     cdef unsigned long me = PyThread_get_thread_ident()
     cdef char* held           # per primary: 0 free, 1 taken by a try, 2 kept
     cdef double* since        # when a kept lock was taken
+    cdef TrackBitmap oos
     for k in range(nh):
         m = <MirrorBase>hooks[k]
         if m.oos is None or m.spare is None or m.cg is not None:
@@ -89,6 +89,8 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
         free(held)
         free(since)
         raise MemoryError("coordination: out of memory")
+    if begun is not None:
+        del begun[:]
     try:
         while True:
             # one pass, GIL held throughout: the hold
@@ -106,23 +108,36 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
                 held[i] = 1
             if busy < 0:
                 swapped = 0
-                set_owner(primaries, n, me)
+                # the locks count as this thread's (re-entrant for the hooks),
+                # in one pass with the look for a volume closed while we
+                # waited for a lock; the owners are cleared as the locks are
+                # released (finally, below)
+                closed = -1
+                for i in range(n):
+                    v = <VolumeBase>primaries[i]
+                    v._owner = me
+                    v._depth = 1
+                    if v.base == NULL and closed < 0:
+                        closed = i
                 try:
-                    for i in range(n):      # closed while we waited for a lock
-                        v = <VolumeBase>primaries[i]
-                        if v.base == NULL:
-                            raise VolumeClosedError(f"{v!r} is closed")
+                    if closed >= 0:
+                        raise VolumeClosedError(f"{primaries[closed]!r} is closed")
                     if before is not None:
                         before()
                     for k in range(nh):
                         m = <MirrorBase>hooks[k]
+                        if begun is not None:
+                            oos = m.oos
+                            if bms_next_set(oos.w, oos.s, oos.n_bits, 0) < 0:
+                                continue
+                            begun.append(k)
                         m.cg = m.oos
                         m.oos = m.spare
                         m.spare = None
                     swapped = 1
                     hold = monotonic() - start
                     if hold > timeout:
-                        undo_begin(hooks, nh)
+                        undo_begin(hooks, nh, begun)
                         swapped = 0
                         return 2, hold
                     if after is not None:
@@ -131,10 +146,8 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
                     return 0, hold
                 except BaseException:
                     if swapped:          # no CG left begun: its tracks stay owed
-                        undo_begin(hooks, nh)
+                        undo_begin(hooks, nh, begun)
                     raise
-                finally:
-                    set_owner(primaries, n, 0)
             # a writer holds lock ``busy``: give back what the tries took and
             # the kept locks after it, then wait for it outside the hold
             for i in range(n - 1, -1, -1):
@@ -155,6 +168,9 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
     finally:
         for i in range(n - 1, -1, -1):
             if held[i]:
-                PyThread_release_lock((<VolumeBase>primaries[i])._lk)
+                v = <VolumeBase>primaries[i]
+                v._owner = 0         # (held by no Python-visible owner again)
+                v._depth = 0
+                PyThread_release_lock(v._lk)
         free(held)
         free(since)

@@ -48,7 +48,8 @@ _M = TypeVar("_M", bound=MirrorBase)
 
 def coordinate_pairs(primaries: list[_V], hooks: list[_M],
                      timeout: float, before: Callable[[], object] | None = ...,
-                     after: Callable[[], object] | None = ...) -> tuple[int, float]: ...
+                     after: Callable[[], object] | None = ...,
+                     begun: list[int] | None = ...) -> tuple[int, float]: ...
 def coordinations() -> int: ...
 def pprc_drain_many(primaries: list[_V], secondaries: list[_V], owed: list[TrackBitmap],
                     chunk_bytes: int, seconds: float = ..., start: int = ...,
@@ -141,6 +142,15 @@ class MirrorBase:
     def _collide(self, t0: int, t1: int) -> None: ...
     def _sync_write(self, offset: int, length: int, pending: bool) -> None: ...
 
+class SequenceCell:
+    value: int
+    inhibit: bool
+    left: list[RelationshipBase]
+    def __init__(self, value: int = ...) -> None: ...
+
+def source_gated(rels: list[Any]) -> bool: ...
+def follow_cell(rels: list[Any], cell: SequenceCell) -> list[int]: ...
+
 class RelationshipBase:
     source: VolumeBase
     target: VolumeBase
@@ -153,6 +163,7 @@ class RelationshipBase:
     record: bool
     background_copy: bool
     sequence: int
+    seq_cell: SequenceCell | None
     _cursor: int
     _revert_image: tuple[TrackBitmap, TrackBitmap | None, TrackBitmap | None, int] | None
     def step_state(self) -> tuple: ...

@@ -287,7 +287,7 @@ cdef int _drain_setup(VolumeBase A, VolumeBase B, TrackBitmap owed, Py_ssize_t c
     B._acquire()
     try:
         if B._tgt_rel is not None or B.base == NULL or B._inhibits or A.base == NULL \
-                or B.thin or A._reads_allocate:
+                or B.thin or A._reads_allocate or gated(B._src_rels):
             return 2      # (thin: pprc_copy_tracks reserves blocks first)
         rels = B._src_rels
         nrel = len(rels)

@@ -87,6 +87,66 @@ cdef class MirrorBase:
         return 0
 
 
+cdef class SequenceCell:
+    """The CG sequence number that the B->C relationships of one secondary
+    group carry together when a consistency group did not step them (their
+    B did not change, so their C already holds that CG's image): a
+    relationship whose ``seq_cell`` is this cell reports its ``value`` as
+    its ``sequence``, and a CG committed on the group sets it once, whatever
+    the number of relationships that follow it. Guarded by the session's
+    attempt lock (:class:`~fastfc.copyservices.groups.FlashCopyGroup`)."""
+
+    cdef public long long value
+    # set while the group's FlashCopy phase is in flight: the B of every
+    # relationship that follows the cell is write-inhibited, as the B of a
+    # prepared relationship is (its own inhibit)
+    cdef public bint inhibit
+    # the relationships that left the cell (a step or a number of their
+    # own) since the group last looked: it steps them at its next CG
+    cdef public list left
+
+    def __init__(self, long long value=0):
+        self.value = value
+        self.inhibit = False
+        self.left = []
+
+    def __repr__(self):
+        return f"<SequenceCell {self.value}{' inhibit' if self.inhibit else ''}>"
+
+
+cdef inline bint gated(list rels) noexcept:
+    """Whether a relationship of ``rels`` (a volume's, as source) follows a
+    :class:`SequenceCell` whose phase is in flight: the volume is
+    write-inhibited then. Lock held."""
+    cdef RelationshipBase r
+    for o in rels:
+        r = <RelationshipBase>o
+        if r.seq_cell is not None and r.seq_cell.inhibit:
+            return True
+    return False
+
+
+def follow_cell(list rels, SequenceCell cell):
+    """Make each relationship of ``rels`` that is active, not revertible
+    and on the cell's number follow ``cell`` (a group's step, after a
+    commit); returns how many did not (a list of their indices)."""
+    cdef RelationshipBase r
+    cdef Py_ssize_t k
+    cdef list left = []
+    for k in range(len(rels)):
+        r = <RelationshipBase?>rels[k]
+        if r.active and not r.revertible and r._seq() == cell.value:
+            r.seq_cell = cell
+        else:
+            left.append(k)
+    return left
+
+
+def source_gated(list rels):
+    """:func:`gated` for Python (``Volume.write_inhibited``)."""
+    return gated(rels)
+
+
 cdef class RelationshipBase:
     """The bitmaps and flags of a FlashCopy relationship, read by the I/O path,
     and the steps that change them (resync, commit, revert), which a
@@ -106,7 +166,9 @@ cdef class RelationshipBase:
     cdef public bint active
     cdef public bint record
     cdef public bint background_copy
-    cdef public long long sequence
+    # the sequence number: its own, or (seq_cell not None) its group's
+    cdef long long _sequence
+    cdef public SequenceCell seq_cell
     # where background copy carries on
     cdef public Py_ssize_t _cursor
     # the revert image of a revertible resync (none while rv_to_copy is None)
@@ -114,6 +176,27 @@ cdef class RelationshipBase:
     cdef TrackBitmap rv_src_changed
     cdef TrackBitmap rv_tgt_changed
     cdef long long rv_sequence
+
+    @property
+    def sequence(self):
+        """The sequence number (set at each establish or resync): the
+        relationship's own, or while it follows a :class:`SequenceCell`
+        (``seq_cell``), the cell's. Setting it gives the relationship its
+        own number again."""
+        return self._seq()
+
+    @sequence.setter
+    def sequence(self, long long value):
+        self._sequence = value
+        self._leave_cell()
+
+    cdef inline void _leave_cell(self) noexcept:
+        if self.seq_cell is not None:
+            self.seq_cell.left.append(self)
+            self.seq_cell = None
+
+    cdef inline long long _seq(self) noexcept:
+        return self.seq_cell.value if self.seq_cell is not None else self._sequence
 
     @property
     def _revert_image(self):
@@ -137,7 +220,7 @@ cdef class RelationshipBase:
         revertible, cursor)``."""
         image = None if self.rv_to_copy is None else (
             self.rv_to_copy, self.rv_src_changed, self.rv_tgt_changed, self.rv_sequence)
-        return (self.to_copy, self.src_changed, self.tgt_changed, self.sequence,
+        return (self.to_copy, self.src_changed, self.tgt_changed, self._seq(),
                 image, self.revertible, self._cursor)
 
     def _copy_chunk(self, Py_ssize_t start, Py_ssize_t max_tracks):
@@ -223,7 +306,7 @@ cdef class RelationshipBase:
             self.rv_to_copy = self.to_copy
             self.rv_src_changed = self.src_changed
             self.rv_tgt_changed = self.tgt_changed
-            self.rv_sequence = self.sequence
+            self.rv_sequence = self._seq()
             self.revertible = True
             self.source._inhibits += 1
         self.to_copy = out
@@ -232,7 +315,8 @@ cdef class RelationshipBase:
         # new bitmaps: a drain kernel that took the old ones by address
         # (between its chunks, without the source's lock) must stop
         self.source._rels_version += 1
-        self.sequence = sequence
+        self._sequence = sequence
+        self._leave_cell()
         self._cursor = 0
         return 0
 
@@ -265,7 +349,8 @@ cdef class RelationshipBase:
             self.to_copy = self.rv_to_copy
             self.src_changed = self.rv_src_changed
             self.tgt_changed = self.rv_tgt_changed
-            self.sequence = self.rv_sequence
+            self._sequence = self.rv_sequence
+            self.seq_cell = None
             self.source._rels_version += 1     # (as in resync: other bitmaps)
         self.rv_to_copy = self.rv_src_changed = self.rv_tgt_changed = None
         self.rv_sequence = 0
@@ -520,7 +605,7 @@ def log_rows(list rels, list ids, dict rows, dict refs, undo, missing, int64_t n
         _put_le64(p, rid)
         if isinstance(o, RelationshipBase):
             r = <RelationshipBase>o
-            _put_le64(p + 8, r.sequence)
+            _put_le64(p + 8, r._seq())
             _put_le64(p + 16, 1 if r.revertible else 0)
             bms = (r.to_copy, r.src_changed, r.tgt_changed,
                    r.rv_to_copy, r.rv_src_changed, r.rv_tgt_changed)

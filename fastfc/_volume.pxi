@@ -435,7 +435,7 @@ cdef class VolumeBase:
         cdef RelationshipBase r
         if self.base == NULL:
             raise VolumeClosedError(f"{self!r} is closed")
-        if self._inhibits:
+        if self._inhibits or (self._src_rels and gated(self._src_rels)):
             raise WriteInhibitedError(
                 f"{self!r} is write-inhibited: it is the source of a revertible "
                 "FlashCopy; commit or revert it first")

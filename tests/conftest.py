@@ -16,6 +16,7 @@ profile leaving them out is an error, so CI cannot pass without them.
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import sys
 import tempfile
@@ -42,6 +43,13 @@ if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCAC
 
 import pytest
 from hypothesis import HealthCheck, Phase, is_hypothesis_test, settings
+
+# A run started in the background by a shell without job control (``cmd &``
+# in a script) ignores SIGINT, and every process it starts inherits that: the
+# tests that press Ctrl-C on a client or a server they start would see nothing
+# happen. Python's own handler here makes the children start with the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # No "explain" phase: on a failing state machine it replays hundreds of
 # variants and can take minutes; the shrunk example is what we read.
@@ -75,14 +83,20 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true",
                      help="also run the tests marked slow (crash, promise, stub, mypy)")
+    parser.addoption("--run-soak", action="store_true",
+                     help="also run the tests marked soak (more seeds of randomized checks "
+                          "CI runs once; implies --run-slow)")
 
 
 def pytest_configure(config):
+    if config.getoption("--run-soak"):
+        config.option.run_slow = True
     if os.environ.get("HYPOTHESIS_PROFILE") == "ci" and not config.getoption("--run-slow"):
         raise pytest.UsageError("HYPOTHESIS_PROFILE=ci runs every test: add --run-slow")
 
 
 _left_out: list = []
+_soak_left_out: list = []
 
 
 def _long(item) -> bool:
@@ -97,6 +111,12 @@ def _long(item) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--run-soak"):
+        soak = [item for item in items if item.get_closest_marker("soak")]
+        if soak:
+            items[:] = [item for item in items if not item.get_closest_marker("soak")]
+            config.hook.pytest_deselected(items=soak)
+            _soak_left_out[:] = soak
     if config.getoption("--run-slow"):
         # the long tests first: the xdist workers (``--dist worksteal``) then
         # share the short ones at the end, instead of one worker finishing a
@@ -111,6 +131,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if _soak_left_out:
+        terminalreporter.write_line(
+            f"{len(_soak_left_out)} soak tests not run (more seeds of randomized checks this "
+            "run makes once): pass --run-soak to run them too")
     if _left_out:
         terminalreporter.write_line(
             f"{len(_left_out)} slow tests not run (crash, promise, power cut, serve, mypy...): "

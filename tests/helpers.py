@@ -62,6 +62,8 @@ def one_at_a_time(gm) -> None:
                 faults.hit("drain", trip.a)
                 if deadline is not None and deadline():
                     raise DrainAborted("drain time limit passed")
+                if trip.pair.cg is None:    # no CG began on it: nothing out of sync
+                    continue
                 sent += trip.pair.cg_drain(deadline, time_left)
             return sent
 

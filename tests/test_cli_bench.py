@@ -154,7 +154,7 @@ def test_durable_large_is_opt_in(capsys) -> None:
 SERVE_ROWS = {f"serve_{w}_{p}" for w in ("nbdcopy", "randwrite_4k", "randread_4k", "seqwrite_1m")
               for p in ("nbdkit", "qemu_nbd")}
 SERVE_GM_ROWS = {"serve_gm_iops", "serve_gm_rpo", "serve_gm_cgs", "serve_gm_readonly",
-                 "serve_gm_readonly_lean", "serve_gm_answer"}
+                 "serve_gm_readonly_full", "serve_gm_answer"}
 
 
 def test_serve_suite_names_the_missing_packages(tmp_path, monkeypatch, capsys) -> None:
@@ -221,9 +221,9 @@ def test_serve_gm_suite_quick_end_to_end(tmp_path) -> None:
     g = doc["raw"]["serve_gm"]
     assert g["track_size"] == "64K" and g["rounds"] == 2 and g["triplets"] == 16
     raw = g["raw"]
-    # every window ran: running, paused, and running with the client commands
+    # every window ran: running, paused, and running with each client's commands
     assert [w["mode"] for w in raw["windows"]].count("with") == 2
-    assert {w["mode"] for w in raw["windows"]} == {"with", "without", "clients"}
+    assert {w["mode"] for w in raw["windows"]} == {"with", "without", "clients", "lean"}
     assert g["cgs"] > 0 and g["failures"] == {} and g["iops_with"] > 0, g
     assert all(w["cgs"] == 0 for w in raw["windows"] if w["mode"] == "without")
     assert all(w["cgs"] > 0 for w in raw["windows"] if w["mode"] != "without")
@@ -233,15 +233,19 @@ def test_serve_gm_suite_quick_end_to_end(tmp_path) -> None:
     assert g["rpo_samples"] == len(raw["rpo"]) > 0
     assert 0 <= g["rpo_p50_ms"] <= g["rpo_p99_ms"] <= g["rpo_max_ms"] < 60_000
     assert rows["serve_gm_rpo"]["met"] is (g["rpo_p99_ms"] <= 50)
-    # the read-only commands as clients, under load and on the idle server
-    assert set(raw["clients"]) == {"lsvol", "showgmir", "lsflash"}
+    # the read-only commands through the console script (the target) and the
+    # full command line, under load and on the idle server
+    for kind in ("clients", "lean", "lean_idle"):
+        assert {"lsvol", "showgmir", "lsflash"} <= set(raw[kind]), kind
     assert g["client_samples"] == sum(map(len, raw["clients"].values())) > 0
+    assert g["lean_samples"] == sum(map(len, raw["lean"].values())) > 0
     assert all(len(raw["idle"][k]) == 2 for k in ("lsvol", "showgmir", "lsflash", "--help"))
-    assert rows["serve_gm_readonly"]["met"] is (g["client_p99_ms"] <= 100)
-    assert math.isclose(rows["serve_gm_readonly"]["ratio"],
+    assert all(len(raw["lean_idle"][k]) == 2 for k in ("lsvol", "showgmir", "lsflash", "start"))
+    assert rows["serve_gm_readonly"]["met"] is (g["lean_p99_ms"] <= 100)
+    assert math.isclose(rows["serve_gm_readonly"]["ratio"], g["lean_ratio"])
+    assert math.isclose(rows["serve_gm_readonly_full"]["ratio"],
                         g["client_p99_ms"] / g["idle_p99_ms"])
     assert all(len(raw["answer"][m]) > 0 for m in ("with", "without", "idle"))
-    assert len(raw["lean"]["idle"]) == 6 and g["lean_samples"] == len(raw["lean"]["load"]) > 0
     assert "serve_gm_readonly" in res.stdout.split("notes:")[1]
 
 

@@ -29,11 +29,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import fastfc_client
+
 from fastfc.tools.cli import main
 from fastfc.tools.cli import control
 from fastfc.tools.cli.units import Units
 
 TS = "4K"
+ROOT = Path(__file__).resolve().parent.parent
+FULL = [sys.executable, "-m", "fastfc"]
 
 
 # -- a holder process ------------------------------------------------------------------
@@ -184,27 +188,56 @@ def _normal(text: bytes, base: Path, timed: bool) -> bytes:
     return text
 
 
+def run_lean(*args) -> tuple[int, bytes, bytes, bool]:
+    """One ``fastfc`` invocation as the console script's front door
+    (:mod:`fastfc_client`) makes it, in this process: forwarded by it when
+    it forwards, else the full command line (CliRunner, as :func:`run`).
+    (status, stdout, stderr, whether it forwarded)."""
+    argv = [str(a) for a in args]
+    found = fastfc_client._parse(argv, os.environ, main.name)
+    if found is not None:
+        out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+                    for _ in range(2))
+        status = fastfc_client.run_forwarded(found[0], argv, main.name, found[1],
+                                             stdout=out, stderr=err)
+        if status is not None:
+            return status, out.buffer.getvalue(), err.buffer.getvalue(), True
+    r = run(*argv)
+    return r.exit_code, r.stdout_bytes, r.stderr_bytes, False
+
+
 @pytest.mark.slow
 def test_every_command_forwarded_gives_the_output_of_a_direct_run(tmp_path, holders,
                                                                  monkeypatch):
-    """Each command, run on a unit a holder holds and on an identical unit
-    nobody holds: the same stdout, stderr (bytes) and exit status."""
-    held, direct = tmp_path / "held", tmp_path / "direct"
-    make_site(held)
-    make_site(direct)
+    """Each command, run on a unit a holder holds (through the full command
+    line, and on another holder's through the console script's lean front
+    door) and on an identical unit nobody holds: the same stdout, stderr
+    (bytes) and exit status."""
+    held, lean, direct = tmp_path / "held", tmp_path / "lean", tmp_path / "direct"
+    for base in (held, lean, direct):
+        make_site(base)
     holders(held / "u")
+    holders(lean / "u")
     statuses = set()
+    not_forwarded = []
     for args, remote, timed in SCENARIO:
         opts = ["-u", "u"] + (["-r", "r"] if remote else [])
         got = {}
-        for base in (held, direct):
+        for base in (held, lean, direct):
             monkeypatch.chdir(base)     # relative unit paths: the client's cwd counts
-            r = run(*opts, *args)
-            got[base] = (r.exit_code, _normal(r.stdout_bytes, base, timed),
-                         _normal(r.stderr_bytes, base, timed))
+            if base == lean:
+                status, out, err, forwarded = run_lean(*opts, *args)
+                if not forwarded:
+                    not_forwarded.append(args)
+            else:
+                r = run(*opts, *args)
+                status, out, err = r.exit_code, r.stdout_bytes, r.stderr_bytes
+            got[base] = (status, _normal(out, base, timed), _normal(err, base, timed))
         assert got[held] == got[direct], args
+        assert got[lean] == got[direct], args
         statuses.add(got[held][0])
     assert statuses == {0, 1, 2}
+    assert not_forwarded == [["nosuchcommand"]]     # a usage error: the full command line's
     # the pair's partner unit r joined the holder: it is served too
     assert stat.S_ISSOCK(os.stat(held / "r" / control.SOCKET).st_mode)
     assert not (direct / "u" / control.SOCKET).exists()
@@ -220,23 +253,25 @@ def test_the_fastfc_command_itself_forwards(tmp_path, holders):
     h = holders(held / "u")
     commands = [["write", "a", "grüße ✓", "--offset", 300], ["read", "a", "--length", 320],
                 ["lsvol"], ["mkflash", "a:nosuch"], ["lsvol", "--nope"]]
+    lean = [sys.executable, "-m", "fastfc_client"]     # the console script's front door
     for args in commands:
         got = []
-        for base in (held, direct):
-            env = dict(os.environ, FASTFC_UNIT="u")
-            p = subprocess.run([sys.executable, "-m", "fastfc", *map(str, args)], cwd=base,
+        # the held unit twice: the full command line, then the lean front
+        # door (the write writes the same bytes again)
+        for base, client in ((held, FULL), (held, lean), (direct, FULL)):
+            env = dict(os.environ, FASTFC_UNIT="u", PYTHONPATH=str(ROOT))
+            p = subprocess.run([*client, *map(str, args)], cwd=base,
                                env=env, capture_output=True, timeout=60)
             got.append((p.returncode, p.stdout.replace(str(base).encode(), b"BASE"),
                         p.stderr.replace(str(base).encode(), b"BASE")))
-        assert got[0] == got[1], args
+        assert got[0] == got[1] == got[2], args
     assert [g for g in got][0][0] == 2
     # on a terminal (colours, its width): the same bytes too
     for size in ((30, 100), (0, 0)):
         got = []
-        for base in (held, direct):
-            got.append(_on_a_terminal([sys.executable, "-m", "fastfc", "-u", "u", "lsvol"],
-                                      base, size))
-        assert got[0] == got[1] and b"\x1b[" in got[0][1], got
+        for base, client in ((held, FULL), (held, lean), (direct, FULL)):
+            got.append(_on_a_terminal([*client, "-u", "u", "lsvol"], base, size))
+        assert got[0] == got[1] == got[2] and b"\x1b[" in got[0][1], got
     assert h.proc.poll() is None
 
 

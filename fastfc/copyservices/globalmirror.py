@@ -50,7 +50,8 @@ import numpy as np
 from fastfc import _core, faults
 from fastfc._numbers import check_real
 from fastfc.copyservices import local_secondary, sitemirror
-from fastfc.copyservices.groups import Triplet, copy_to_c
+from fastfc.copyservices.groups import SecondaryGroup, Triplet, copy_to_c
+from fastfc.copyservices.pprc import PPRCPair
 from fastfc.copyservices.local_secondary import RETRIES
 from fastfc.copyservices.secondary import Resolution, Secondary, resolve_groups
 from fastfc.errors import DrainAborted, FastFCError, StateError, VolumeClosedError
@@ -338,6 +339,9 @@ class GlobalMirror:
         self._thread: threading.Thread | None = None
         # (triplets, their local volumes, their stores): what _require_writable checks
         self._volumes_cache: tuple | None = None
+        # Volume.closes when _require_writable last found none of them closed
+        self._closes_seen = -1
+        self._volumes_cache_seen: tuple | None = None
         # coordination instants of recent CGs (a CG a reconciliation commits)
         self._coordinated: dict[int, float | None] = {}
 
@@ -356,6 +360,22 @@ class GlobalMirror:
         self._committed_once = top > 0
         # a unit reached by calls may hold a CG in doubt: read every unit first
         self._need_reconcile = any(g.reconcile_first for g in secondaries)
+        self._sparse_groups()
+
+    def _sparse_groups(self) -> None:
+        """Whether a CG visits only the pairs with tracks out of sync (and
+        the relationships that changed): every group in this process, in
+        memory (:attr:`SecondaryGroup.sparse`). Then ``_where[k]`` is the
+        group of the session's triplet ``k`` and its index there."""
+        groups = [g.group for g in self._secondaries if isinstance(g.group, SecondaryGroup)]
+        self._sparse = (bool(groups) and len(groups) == len(self._secondaries)
+                        and all(g.sparse for g in groups))
+        self._begun: list[int] = []
+        self._where: list[tuple[SecondaryGroup, int]] = []
+        self._failovers_seen: int | None = None
+        if self._sparse:
+            at = {id(t): (g, k) for g in groups for k, t in enumerate(g.triplets)}
+            self._where = [at[id(t)] for t in self.triplets]
 
     @property
     def groups(self) -> list:
@@ -461,6 +481,7 @@ class GlobalMirror:
         time_left = None if limit is None else (lambda: limit - (time.perf_counter() - t))
         ok = False
         try:
+            self._hand_begun(self._begun if self._sparse else None)
             res.bytes_drained = self._drain(deadline, time_left)
             ok = True
         except DrainAborted as e:
@@ -507,10 +528,11 @@ class GlobalMirror:
         if self.on_coordinate is not None:
             on_coordinate, seq = self.on_coordinate, res.sequence
             after = lambda: on_coordinate(seq)
+        begun = self._begun if self._sparse else None
         try:
             status, seconds = _core.coordinate_pairs(self._primaries, pairs,
                                                      self.max_coordination_time,
-                                                     fault_point, after)
+                                                     fault_point, after, begun)
         except FastFCError as e:
             if not injected or e is not injected[0]:
                 raise
@@ -529,6 +551,22 @@ class GlobalMirror:
             res.detail = (f"held writes {seconds * 1e3:.1f} ms > "
                           f"{self.max_coordination_time * 1e3:.1f} ms")
         return False
+
+    def _hand_begun(self, begun: list[int] | None) -> None:
+        """Tell each group the pairs on which the CG began (sparse)."""
+        if begun is None:
+            return
+        groups = [g.group for g in self._secondaries]
+        if len(groups) == 1:            # (its triplets are the session's, in order)
+            groups[0].begin(begun)
+            return
+        per: dict[int, list[int]] = {id(g): [] for g in groups}
+        where = self._where
+        for k in begun:
+            g, j = where[k]
+            per[id(g)].append(j)
+        for g in groups:
+            g.begin(per[id(g)])
 
     def _drain_limit(self) -> float | None:
         if not self._committed_once or self._drain_failures >= MAX_DRAIN_FAILURES:
@@ -888,15 +926,24 @@ class GlobalMirror:
         _, vols, stores = cached
         for store in stores:         # in the order of their first volume
             store.check_writable()
+        closes = Volume.closes       # (no volume closed since the last look: none is)
+        if closes == self._closes_seen and cached is self._volumes_cache_seen:
+            return
         k = _core.first_closed(vols)
         if k >= 0:
             raise VolumeClosedError(f"{vols[k]!r} is closed")
+        self._closes_seen, self._volumes_cache_seen = closes, cached
 
     def _require_not_recovered(self) -> None:
         # a CG drain would overwrite host writes at the recovered B volumes
+        # (pairs in this process: none failed over since the last look, no look)
+        mark = PPRCPair.failovers if self._sparse else None
+        if mark is not None and mark == self._failovers_seen:
+            return
         if any(map(_failed_over, self._pairs)):
             raise StateError(f"session {self.name} was recovered (its pairs are failed "
                              "over): no consistency group can form")
+        self._failovers_seen = mark
 
     def recover(self) -> int:
         """At the remote site: fail each pair over and fast-reverse-restore

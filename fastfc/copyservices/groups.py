@@ -9,7 +9,7 @@ pairs and runs the FlashCopy phase of its B->C relationships
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from fastfc import _core, faults
 from fastfc.errors import DrainAborted, FastFCError, StateError
@@ -52,6 +52,28 @@ class FlashCopyGroup:
     with the fault points as callbacks; a store that keeps records gets the
     changed relationships in one ``save_flashes`` call per step, or, if it
     refuses, the step is undone in memory (:func:`record_steps`).
+
+    **Sparse steps** (``sparse``: relationships whose stores keep nothing
+    and check nothing, i.e. in memory): a CG steps only the relationships
+    that may have changed since their last step (:attr:`changed`: marked by
+    :meth:`mark_changed` when their B is to take or took tracks, a step that
+    did not commit, or a fault armed at their step), in order. The others
+    did not change: their B is as it was at their last step, so their C
+    already holds the CG's image, and they *follow* the group's
+    :class:`~fastfc._core.SequenceCell` (``seq_cell``): their ``sequence``
+    is the cell's, which a committed CG sets once. A relationship leaves the
+    cell when it is stepped (a marked one follows it until then: its C still
+    holds B's image of its last step, kept by copy-on-write), and joins it
+    again once it is settled on the cell's number with nothing changed
+    since (the cell's ``left`` names any that a step of its own took out,
+    for the next CG to step). An idle CG then
+    costs the group O(1), not O(relationships). Every promise holds as with
+    every relationship stepped: each C on one CG, one sequence number; the
+    seed's rule reads the followers as committed on the previous CG while a
+    phase is in flight (what they hold), and a commit that settles the CG
+    moves them on with the cell (:meth:`settled`). Stores that record
+    (storage units) keep stepping every relationship: their records carry
+    each relationship's own number.
     """
 
     def __init__(self, store, fcs: Sequence[FlashCopy]) -> None:
@@ -77,6 +99,20 @@ class FlashCopyGroup:
         # relationship that refused keeps its own for the next CG
         self._slots: list = [None] * (3 * len(self._fcs))
         self._kept = False
+        # (a SecondaryGroup turns sparse steps on: it marks what changes)
+        self.sparse = False
+        self.can_be_sparse = not self._checked and not self._durable
+        # sparse: the cell the unchanged relationships follow, the indices
+        # of those that do not follow it (stepped at the next CG), each
+        # relationship's index by its source (faults name the source)
+        self._cell = _core.SequenceCell(max([fc.sequence for fc in self._fcs], default=0))
+        self.changed: set[int] = set(range(len(self._fcs)))
+        self._by_source = {id(fc.source): k for k, fc in enumerate(self._fcs)}
+        self._stepped: list[int] = []
+        self._in_flight: int | None = None
+        for fc in self._fcs:
+            if fc.seq_cell is not None:
+                fc.sequence = fc.sequence       # its own number (of a cell elsewhere)
 
     @property
     def relationships(self) -> list[FlashCopy]:
@@ -100,6 +136,81 @@ class FlashCopyGroup:
                 slots[3 * i:3 * i + 3] = fc.store.new_bitmaps(fc.source.n_grains, 3)
         return slots
 
+    # -- sparse steps ------------------------------------------------------------
+    def mark_changed(self, k: int) -> None:
+        """Relationship ``k``'s B takes (or took) tracks: it is stepped at
+        the next CG. (Until then it may follow the cell still: its C holds
+        B's image at its last step, which every CG up to that one found
+        there, as copy-on-write keeps it while B moves on.)"""
+        self.changed.add(k)
+
+    def mark_all_changed(self, ks: Iterable[int]) -> None:
+        """:meth:`mark_changed` of each of ``ks``."""
+        self.changed.update(ks)
+
+    def _to_step(self) -> list[int]:
+        """The indices a sparse CG steps, in order: the changed ones (those
+        marked, and any that left the cell by a step of its own), and those
+        whose step a fault names (every one for a fault armed for any
+        volume): a fault fires where it would if every relationship were
+        stepped."""
+        cell = self._cell
+        if cell.left:
+            index = self._by_source
+            for fc in cell.left:
+                k = index.get(id(fc.source), -1)
+                if k >= 0 and self._fcs[k] is fc:
+                    self.changed.add(k)
+            cell.left.clear()
+        for f in faults.armed():
+            if f.point in ("prepare", "commit", "revert"):
+                if f.volume is None:
+                    for k in range(len(self._fcs)):
+                        self.mark_changed(k)
+                    break
+                k = self._by_source.get(id(f.volume), -1)
+                if k >= 0:
+                    self.mark_changed(k)
+        return sorted(self.changed)
+
+    def settled(self, sequence: int | None, commit: bool,
+                committed: Sequence[FlashCopy] = ()) -> None:
+        """After the group's relationships were committed (``commit``) on CG
+        ``sequence``, or reverted: the followers take that number (a
+        commit), and every relationship marked that is settled on the
+        cell's number with nothing changed since joins the cell again.
+        (``committed``: those this step committed, whose change bitmaps
+        are the empty ones their prepare gave them: no need to look.)"""
+        if not self.sparse:
+            return
+        cell = self._cell
+        cell.inhibit = False
+        if commit and sequence is not None and sequence > cell.value:
+            cell.value = sequence
+        value = cell.value
+        changed = self.changed
+        fcs = self._fcs
+        stepped = self._stepped
+        if committed:
+            if len(committed) == len(stepped):   # (every one it stepped: their indices)
+                ks = stepped
+            else:
+                index = self._by_source
+                ks = [index[id(fc.source)] for fc in committed]
+            left = _core.follow_cell(list(committed), cell)   # (in one C loop)
+            if len(left) == 0 and len(ks) == len(changed):
+                changed.clear()
+            else:
+                gone = set(left)
+                changed.difference_update(k for j, k in enumerate(ks) if j not in gone)
+        for k in sorted(changed):
+            fc = fcs[k]
+            if (fc.active and not fc.revertible and fc.sequence == value
+                    and fc.src_changed is not None and fc.tgt_changed is not None
+                    and not fc.src_changed.any() and not fc.tgt_changed.any()):
+                fc.seq_cell = cell
+                changed.discard(k)
+
     def _before(self) -> Callable | None:
         """The callback the kernels call before each relationship's step
         (under its locks): its store's check. (A store that keeps records
@@ -117,18 +228,31 @@ class FlashCopyGroup:
         ``stop_at_failure``). The prepared relationships are kept in
         :attr:`prepared` for :meth:`commit_all` / :meth:`revert_all`."""
         sequence = check_sequence(sequence)     # as resync does, before anything changes
-        fcs = self._fcs
+        if self.sparse:
+            stepped = self._stepped = self._to_step()
+            # the B of every relationship left on the cell is write-inhibited
+            # until the phase ends, as a prepared one's is
+            self._cell.inhibit = True
+            fcs = (self._fcs if len(stepped) == len(self._fcs)
+                   else [self._fcs[k] for k in stepped])
+            if self._one_size is not None:
+                slots = self.store.new_bitmaps(self._one_size, 3 * len(fcs))
+            else:
+                slots = [bm for fc in fcs for bm in fc.store.new_bitmaps(fc.source.n_grains, 3)]
+        else:
+            fcs = self._fcs
+            slots = self._slots = self._fresh()
+        self._in_flight = sequence
         n = len(fcs)
         prepared: list[FlashCopy] = []
         self.prepared = prepared
         snapshots: list | None = [] if self._durable else None
         before = self._before()
-        slots = self._slots = self._fresh()
         self._kept = False
         failure = None
         error: BaseException | None = None
         k = 0
-        while k < n:
+        while True:         # (one kernel call at least: a batch may be empty)
             start = k
             k, err = _core.prepare_revertible_many(fcs, k, sequence, slots, True, faults.hit,
                                                    before, None, snapshots)
@@ -141,10 +265,17 @@ class FlashCopyGroup:
                 break
             failure = f"prepare of {fcs[k].source.name}: {type(err).__name__}: {err}"
             k += 1
-            if stop_at_failure:
+            if stop_at_failure or k >= n:
                 break
         if k < n:
             self._kept = True
+        if self.sparse:       # the slots no prepare took
+            unused = [bm for bm in slots if bm is not None]
+            if unused:
+                self.store.recycle(unused)
+            self._cell.left.clear()      # (those it stepped: they are in changed)
+            if error is not None:
+                self._cell.inhibit = False
         if snapshots is not None and prepared:
             try:
                 record_steps(prepared, snapshots)
@@ -179,7 +310,7 @@ class FlashCopyGroup:
         errors = []
         error: BaseException | None = None
         k = 0
-        while k < n:
+        while True:         # (one kernel call at least: a batch may be empty)
             start = k
             k, err = _core.end_revertible_many(fcs, k, commit, dropped, faults.hit, before,
                                                None, snapshots)
@@ -191,6 +322,8 @@ class FlashCopyGroup:
                 break
             errors.append(f"{step} of {fcs[k].source.name}: {type(err).__name__}: {err}")
             k += 1
+            if k >= n:
+                break
         self.prepared = []
         if snapshots is not None and done:
             try:
@@ -203,6 +336,15 @@ class FlashCopyGroup:
         if self._background:
             for fc in done:
                 fc.start_background()
+        if self.sparse:
+            self._cell.inhibit = False          # the phase has ended
+            if error is None:
+                # the followers commit with the rest: they hold the CG (a
+                # commit that failed on every relationship of the group, none
+                # following, leaves it on the previous CG, as it would stepped)
+                followers = len(self.changed) < len(self._fcs)
+                self.settled(self._in_flight, commit and (not errors or followers),
+                             done if commit else ())
         if error is not None:
             raise error
         return errors
@@ -230,6 +372,8 @@ class SecondaryGroup:
         self.triplets: list[Triplet] = list(triplets)
         self.ordered = False        # durability "power" at this store (set_ordered)
         self.flash = FlashCopyGroup(store, [])
+        # the pairs (indices) on which the CG in flight began (None: every one)
+        self.begun: list[int] | None = None
         self._lists()
 
     def _lists(self) -> None:
@@ -242,6 +386,75 @@ class SecondaryGroup:
         links = {id(p.link): p.link for p in self._pairs}
         self._link = links.popitem()[1] if len(links) == 1 else None
         self.flash.set_relationships(self._fcs)
+        self.flash.sparse = self.flash.can_be_sparse
+        self._by_primary = {id(a): k for k, a in enumerate(self._as)}
+        flash = self.flash
+        for k, p in enumerate(self._pairs):
+            # Global Copy to B outside a CG (the loop between CGs, a CLI's
+            # backlog): its relationship is stepped at the next CG
+            p.on_sent = (lambda k=k: flash.mark_changed(k)) if flash.sparse else None
+
+    @property
+    def sparse(self) -> bool:
+        """Whether a CG may visit only the pairs and relationships that
+        changed (:class:`FlashCopyGroup`'s sparse steps; not at durability
+        "power", whose drain orders every pair's barriers)."""
+        return self.flash.sparse and not self.ordered
+
+    def begin(self, begun: list[int] | None) -> None:
+        """The pairs on which coordination began the CG (indices, in order;
+        None: every pair). Their relationships are marked changed (their B
+        takes the CG's tracks). A pair that a drain fault names (any pair,
+        for a fault armed for any volume), or every pair while the link is
+        down, begins an empty CG too, so that the drain reaches it as it
+        would if every pair had begun one."""
+        if begun is None or not self.sparse:
+            self.begun = None
+            if self.flash.sparse:
+                self.flash.mark_all_changed(range(len(self._pairs)))
+            return
+        extra: set[int] = set()
+        link = self._link
+        if link is None or not link.up:
+            extra.update(range(len(self._pairs)))
+        else:
+            for f in faults.armed():
+                if f.point == "drain":
+                    if f.volume is None:
+                        extra.update(range(len(self._pairs)))
+                        break
+                    k = self._by_primary.get(id(f.volume), -1)
+                    if k >= 0:
+                        extra.add(k)
+        self._set_begun(begun)
+        if extra:
+            done = list(begun)
+            try:
+                for k in sorted(extra.difference(begun)):
+                    p = self._pairs[k]      # an empty CG, as coordination begins on an idle pair
+                    with locked((p.primary,)):
+                        if p.cg is None and p.spare is not None:
+                            p.cg, p.spare = p.spare, None
+                            done.append(k)
+            finally:        # (the CG's end ends what began, whatever raised)
+                if len(done) > len(begun):
+                    self._set_begun(sorted(done))
+        self.flash.mark_all_changed(range(len(self._pairs)) if self.begun is None
+                                    else self.begun)
+
+    def _set_begun(self, begun: list[int]) -> None:
+        if len(begun) == len(self._pairs):      # every pair: the group's own lists
+            self.begun = None
+            return
+        ks = self.begun = list(begun)
+        self._lists_begun = ([self._pairs[k] for k in ks], [self._as[k] for k in ks],
+                             [self._bs[k] for k in ks], [self.triplets[k] for k in ks])
+
+    def _begun_lists(self) -> tuple[list, list, list, list[Triplet]]:
+        """(pairs, A volumes, B volumes, triplets) of the CG in flight."""
+        if self.begun is None:
+            return self._pairs, self._as, self._bs, self.triplets
+        return self._lists_begun
 
     def __repr__(self) -> str:
         return f"<SecondaryGroup {self.store.ref} {len(self.triplets)} triplets>"
@@ -271,16 +484,15 @@ class SecondaryGroup:
         B's state, a link that moves no tracks itself or went down) is
         drained by its own method (``PPRCPair.cg_drain``, which sends them
         or raises why not) before the loop goes on with the next pair."""
-        pairs = self._pairs
+        pairs, as_, bs, trips = self._begun_lists()
         n = len(pairs)
         link = self._link
         direct = link is not None and link.direct()
         owed = []
         for p in pairs:
-            assert p.cg is not None      # coordination began the CG of every pair
+            assert p.cg is not None      # coordination began the CG of every such pair
             owed.append(p.cg)
         ordered = self.ordered
-        trips = self.triplets
         before = (lambda k: self._order_drain(trips[k])) if ordered else None
         run_hook = link.fault_point if link is not None else None
         down = link.down_flag() if link is not None else None
@@ -292,9 +504,9 @@ class SecondaryGroup:
         try:
             for lk in locks:
                 lk.acquire()
-            while k < n:
+            while True:     # (one kernel call at least: a batch may be empty)
                 left = -1.0 if time_left is None else max(0.0, time_left())
-                k, st = _core.pprc_drain_many(self._as, self._bs, owed, DIRECT_CHUNK_BYTES,
+                k, st = _core.pprc_drain_many(as_, bs, owed, DIRECT_CHUNK_BYTES,
                                               left, k, tracks, down, faults.hit, before,
                                               run_hook, runs, pairs, direct)
                 if st == 0:
@@ -306,6 +518,8 @@ class SecondaryGroup:
                 locks[k] = None
                 sent += p.cg_drain(deadline, time_left) - p.cg_bytes
                 k += 1
+                if k >= n:
+                    break
         finally:
             for lk in locks:
                 if lk is not None:
@@ -329,8 +543,9 @@ class SecondaryGroup:
         """Close the CG of every pair, in one kernel call
         (:func:`fastfc._core.cg_end_many`; a pair's own ``cg_end`` is a
         batch of one): a failed drain gives its tracks back to the
-        out-of-sync bitmaps."""
-        _core.cg_end_many(self._as, self._pairs, ok)
+        out-of-sync bitmaps. (Sparse: those on which it began.)"""
+        pairs, as_, _, _ = self._begun_lists()
+        _core.cg_end_many(as_, pairs, ok)
 
     def _order_drain(self, trip: Triplet) -> None:
         """Durability "power", before B takes its share of the CG: the CG's
@@ -374,7 +589,8 @@ class SecondaryGroup:
     # -- Global Copy between CGs ---------------------------------------------------
     def global_copy(self, max_bytes: int) -> int:
         """Drain out-of-sync tracks of every pair as Global Copy (at most
-        ``max_bytes`` per pair); returns the bytes sent."""
+        ``max_bytes`` per pair); returns the bytes sent. (A pair that sends
+        marks its relationship changed: ``PPRCPair.on_sent``.)"""
         return sum(t.pair.drain(max_bytes) for t in self.triplets)
 
     def backlog(self) -> int:

@@ -98,6 +98,8 @@ class InProcessSecondary(Secondary):
                     continue
             if fc.revertible:
                 left.append(f"{action} of {fc.source.name} failed {RETRIES} times")
+        # the relationships the CG did not step follow it (a commit moves them on)
+        self.group.flash.settled(sequence, action == "commit")
         return Done(left)
 
     def c_sequences(self) -> list[int]:
@@ -138,6 +140,8 @@ def teardown(triplets: Sequence[Triplet]) -> None:
     relationship."""
     for t in triplets:
         t.fc.session = None         # the session itself ends it
+        t.fc.sequence = t.fc.sequence     # its own number (no group's cell moves it)
+        t.pair.on_sent = None
         try:
             if t.fc.active and not t.fc.revertible:
                 t.fc.withdraw(force=True)

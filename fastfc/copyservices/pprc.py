@@ -133,6 +133,21 @@ class PPRCPair(_core.MirrorBase):
     # the spare as cg)
     oos: TrackBitmap
 
+    #: bumped whenever a pair (any) is failed over: a session that found
+    #: none of its pairs failed over need not look again until it moves
+    failovers = 0
+
+    @property
+    def failed_over(self) -> bool:
+        """Whether the pair was failed over [failoverpprc]."""
+        return self._failed_over
+
+    @failed_over.setter
+    def failed_over(self, value: bool) -> None:
+        if value:
+            PPRCPair.failovers += 1
+        self._failed_over = bool(value)
+
     def __init__(self, primary: Volume, secondary: Volume, link: Link | None = None, *,
                  mode: str = "gcp", initial_copy: bool = True, background: bool = True,
                  name: str | None = None) -> None:
@@ -180,6 +195,9 @@ class PPRCPair(_core.MirrorBase):
         self.ordered_drain = False
         self.bytes_sent = 0
         self.cg_bytes = 0       # bytes of the CG in flight that collisions sent
+        # called once a Global Copy drain (:meth:`drain`) sent to B, or may
+        # have (it failed part way): a session's group steps B's FlashCopy then
+        self.on_sent: Callable[[], None] | None = None
         self.failed_over = False
         self._reverse_hook: _core.MirrorBase | None = None
         # B's record of the failover (record_failover), kept by B's store
@@ -421,14 +439,19 @@ class PPRCPair(_core.MirrorBase):
         if self.suspend_reason is not None:
             return 0
         with self.drain_lock:
+            sent = -1       # (-1: it may have sent some, then failed)
             try:
-                return self._send_runs(self.oos, max_bytes or (1 << 62),
+                sent = self._send_runs(self.oos, max_bytes or (1 << 62),
                                        ordered=self.ordered_drain)
+                return sent
             except (FastFCError, VolumeClosedError) as e:
                 if isinstance(e, DrainAborted):
                     raise
                 self._suspended(f"{type(e).__name__}: {e}")
                 return 0
+            finally:
+                if sent and self.on_sent is not None:
+                    self.on_sent()
 
     # -- consistency groups (driven by a Global Mirror session) ----------------
     def cg_drain(self, deadline: Callable[[], bool] | None = None,

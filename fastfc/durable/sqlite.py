@@ -409,6 +409,9 @@ class SQLiteStore(Store):
         #: session -> the last failure its row in session_failures holds (absent:
         #: not known, written at the next save)
         self._failures_saved: dict[str, dict | None] = {}
+        #: the sessions table (name -> config JSON) as last committed, or
+        #: None: read once, forgotten by each write of it and each rollback
+        self._configs: dict[str, str] | None = None
         self._has_log = "flash_log" in self._tables
         if self._has_log:
             self._load_log_index()
@@ -552,6 +555,7 @@ class SQLiteStore(Store):
                     self.db.execute(f"RELEASE sp{level}")
                 self._rollback_rows(self._undo.pop())
                 self._garbage = saved_garbage
+                self._configs = None
                 self._failures_saved.clear()     # not known now: written at the next save
                 self._rollback_log()
                 if _is_full(e) and level == 0:
@@ -1111,6 +1115,7 @@ class SQLiteStore(Store):
             self.link_partner(p)
         config = {k: v for k, v in record.items() if k not in ("name", "stats")}
         with self.transaction():
+            self._configs = None
             self.db.execute("INSERT OR REPLACE INTO sessions VALUES(?, ?)",
                             (record["name"], json.dumps(config)))
             self.save_session_stats(record["name"], record["stats"])
@@ -1137,6 +1142,7 @@ class SQLiteStore(Store):
 
     def drop_session(self, name: str, session=None) -> None:
         with self.transaction():
+            self._configs = None
             self.db.execute("DELETE FROM sessions WHERE name=?", (name,))
             self.db.execute("DELETE FROM decisions WHERE session=?", (name,))
             self.db.execute("DELETE FROM session_stats WHERE name=?", (name,))
@@ -1144,6 +1150,21 @@ class SQLiteStore(Store):
                 self.db.execute("DELETE FROM session_failures WHERE name=?", (name,))
             self._failures_saved.pop(name, None)
         super().drop_session(name, session)
+
+    def session_configs(self) -> dict[str, dict]:
+        """Kept between writes of the sessions table (in this store, the
+        unit's one writer): a command that only looks reads it without
+        waiting for the store lock, which a session's loop holds while it
+        commits each CG."""
+        rows = self._configs
+        if rows is None:
+            with self._lock:
+                rows = self._configs
+                if rows is None:
+                    rows = dict(self.db.execute("SELECT name, config FROM sessions").fetchall())
+                    if not self._depth:      # committed: a transaction's own rows are not
+                        self._configs = rows
+        return {n: json.loads(c) for n, c in rows.items()}
 
     def session_rows(self) -> dict[str, dict]:
         """Recorded sessions by name: their configuration, and ``stats``

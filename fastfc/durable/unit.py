@@ -652,15 +652,35 @@ class StorageUnit:
             raise KeyError(f"no Global Mirror session named {name!r} in this unit")
         cfg = rows[name]
         trips = []
+        described: dict[str, str] = {}      # a session's A volumes share a unit or two
         for a_unit, a, b, c in cfg["triplets"]:
             fc = self._row_volume(c).target_relationship
-            trips.append({"a": a, "b": b, "c": c, "a_unit": self.describe_partner(a_unit),
+            if a_unit not in described:
+                described[a_unit] = self.describe_partner(a_unit)
+            trips.append({"a": a, "b": b, "c": c, "a_unit": described[a_unit],
                           "c_sequence": None if fc is None else fc.sequence,
                           "revertible": None if fc is None else bool(fc.revertible)})
         return {**{k: v for k, v in cfg.items() if k != "triplets"}, "name": name,
                 "running": bool(cfg.get("running", False)),
                 "rpo_alert": cfg.get("rpo_alert") or None,
                 "restored": name in self.sessions, "triplets": trips}
+
+    def session_settings(self, name: str) -> dict:
+        """Session ``name``'s settings as this unit records them: the
+        :meth:`session_record` of it without its counters and triplets
+        (``name``, ``cg_interval``, ``max_coordination_time``,
+        ``max_drain_time``, ``decide``, ``running``, ``rpo_alert``, ...),
+        read from memory between writes of them (a server's ``showgmir``
+        does not wait for the store lock its session's loop holds while it
+        commits)."""
+        self._require_open()
+        rows = self.store.session_configs() if self.path is not None else {}
+        if name not in rows:
+            raise KeyError(f"no Global Mirror session named {name!r} in this unit")
+        cfg = rows[name]
+        return {**{k: v for k, v in cfg.items() if k not in ("triplets", "stats")},
+                "name": name, "running": bool(cfg.get("running", False)),
+                "rpo_alert": cfg.get("rpo_alert") or None}
 
     def configure_session(self, name: str, *, running: bool | None = None,
                           cg_interval: float | None = None,
@@ -1393,7 +1413,7 @@ class StorageUnit:
             return []          # an in-memory unit has no partners on disk
         refs = set(self._sqlite.partners)
         refs.update(r["secondary_uuid"] for r in self._pair_rows if r["secondary_uuid"])
-        for cfg in self.store.session_rows().values():
+        for cfg in self.store.session_configs().values():
             refs.update(t[0] for t in cfg["triplets"] if t[0])
         refs.discard(self.uuid)         # pairs and sessions within this unit
         found: list[Path] = []

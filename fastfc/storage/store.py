@@ -187,6 +187,11 @@ class Store:
         """Recorded sessions by name (none in memory)."""
         return {}
 
+    def session_configs(self) -> dict[str, dict]:
+        """Recorded sessions' configurations by name: :meth:`session_rows`
+        without their counters (one read where those take three)."""
+        return {}
+
     def cg_decision(self, session: str, sequence: int, decision: str) -> None:
         pass
 

@@ -23,6 +23,10 @@ DEFAULT_TRACK = 65536
 class Volume(_core.VolumeBase):
     """A volume of ``n_tracks * track_size`` bytes.
 
+    ``Volume.closes`` counts the calls of :meth:`close` (of any volume): a
+    caller that found none of its volumes closed need not look again while
+    it stays the same.
+
     Parameters
     ----------
     n_tracks : int
@@ -81,6 +85,7 @@ class Volume(_core.VolumeBase):
 
     #: The metadata store handed to this volume when it was made (see ``store``).
     store: Store = MEMORY
+    closes = 0           # calls of close(), every volume's
     #: The storage unit holding this volume, if any: set by the unit, for the
     #: tools; nothing below the unit reads it (it reads :attr:`store`).
     # (a StorageUnit: a floor above this module, so typed Any, not named)
@@ -172,6 +177,7 @@ class Volume(_core.VolumeBase):
         volume's memory (from :attr:`array`) is still alive: then the mapping
         stays until the last such array is gone, so none ever points at
         unmapped memory."""
+        Volume.closes += 1          # (before: a look that saw none closed may be stale)
         fd = self._detach()
         if fd is None:
             return
@@ -255,7 +261,8 @@ class Volume(_core.VolumeBase):
 
     @property
     def write_inhibited(self) -> bool:
-        return bool(self._inhibits)
+        # (or a session's FlashCopy phase holds the B of a relationship it did not step)
+        return bool(self._inhibits) or _core.source_gated(self._src_rels)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.n_tracks}x{self.track_size}B"

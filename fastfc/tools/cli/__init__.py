@@ -9,7 +9,9 @@ forms Global Mirror consistency groups; a command that leaves a copy
 unfinished says what moves it on. ``serve`` is the one command that stays: it holds its
 units and exports their volumes over NBD until SIGTERM or SIGINT. While a
 server holds a unit, the other commands naming it are sent to that server
-and carried out there, with the same output and exit status (:mod:`.control`),
+and carried out there, with the same output and exit status (:mod:`.control`;
+the ``fastfc`` console script does so before it imports any of this:
+:mod:`fastfc_client`),
 and ``resumegmir`` runs a session's loop in the server until ``pausegmir``
 (:mod:`.loops`; recorded in the unit, so a server that opens it again
 resumes the session). In a server, background copies (FlashCopy, PPRC

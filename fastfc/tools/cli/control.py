@@ -11,7 +11,9 @@ refuses connections: its server was killed), the client opens the unit
 itself, as it always did.
 
 The server side is :func:`hosting`; the client side is :func:`forward`,
-called by the ``fastfc`` group before it opens a unit.
+called by the ``fastfc`` group before it opens a unit, over
+:mod:`fastfc_client`'s (the ``fastfc`` console script forwards through that
+before it imports click, NumPy or the engine).
 
 What a forwarded command sees
 -----------------------------
@@ -102,7 +104,6 @@ import logging
 import os
 import select
 import socket
-import stat
 import struct
 import sys
 import tempfile
@@ -117,19 +118,14 @@ from typing import IO, Any, Iterator, cast
 
 import click
 
+import fastfc_client
+from fastfc_client import (ENV_KEYS, LOCAL, SOCKET, _HEADER, _reachable, _recv,  # noqa: F401
+                           _recv_exact, _replies, _request, _send, _isatty)
+from fastfc_client import env_wanted as _env_wanted
+
 from .units import Running, Units, running
 
 log = logging.getLogger("fastfc.control")
-
-SOCKET = "control.sock"
-
-#: Commands never forwarded: they open no unit, or are the server themselves.
-LOCAL = frozenset({"serve", "demo", "bench"})
-
-#: Environment variables a forwarded command takes from its client (besides
-#: every ``FASTFC_*``): what decides how output looks.
-ENV_KEYS = ("COLUMNS", "LINES", "TERM", "COLORTERM", "NO_COLOR", "FORCE_COLOR",
-            "TTY_COMPATIBLE", "TTY_INTERACTIVE")
 
 MAX_REQUEST = 1 << 20        # a command line and its environment
 #: Seconds a client may take to send its request, or to take a piece of
@@ -145,11 +141,13 @@ MAX_CONNECTIONS = 64
 REPUBLISH_INTERVAL = 1.0
 #: Seconds a client waits, after Ctrl-C, for the server to say it stopped
 #: the command; then it says the outcome is unknown.
-CANCEL_WAIT = 2.0
-#: Milliseconds between a command's watcher's looks at whether the server
-#: stops (the end of the command and its client's hanging up wake it at once).
+CANCEL_WAIT = fastfc_client.CANCEL_WAIT
+#: Milliseconds between the watcher's looks at the connections of the
+#: commands running (a command about to wait wakes it at once: :class:`_Watcher`).
 WATCH_INTERVAL_MS = 100
-_HEADER = struct.Struct(">cI")
+#: Seconds the watcher goes on looking after the last command ended, before
+#: it sleeps until a command comes (a busy server's commands never wake it).
+WATCH_IDLE = 10.0
 
 
 # -- the command lock ------------------------------------------------------------------
@@ -301,63 +299,6 @@ class _SharedView:
         self.release()
 
 
-def _env_wanted(key: str) -> bool:
-    return key.startswith("FASTFC_") or key in ENV_KEYS
-
-
-# -- frames ----------------------------------------------------------------------------
-def _send(sock: socket.socket, kind: bytes, payload: bytes) -> None:
-    sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
-
-
-def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes | None:
-    parts, left = [], n
-    while left:
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("the request did not arrive in time")
-            sock.settimeout(remaining)
-        got = sock.recv(min(left, 1 << 20))
-        if not got:
-            return None
-        parts.append(got)
-        left -= len(got)
-    return b"".join(parts)
-
-
-def _recv(sock: socket.socket, limit: int | None = None, deadline: float | None = None
-          ) -> tuple[bytes, bytes] | None:
-    """One frame, or None at a clean end of stream; ``socket.timeout`` if
-    it is not all in by ``deadline`` (``time.monotonic()``)."""
-    head = _recv_exact(sock, _HEADER.size, deadline)
-    if head is None:
-        return None
-    kind, n = _HEADER.unpack(head)
-    if limit is not None and n > limit:
-        raise ValueError(f"a {n}-byte control frame is larger than {limit} bytes")
-    body = _recv_exact(sock, n, deadline)
-    if body is None:
-        return None
-    return kind, body
-
-
-@contextmanager
-def _reachable(path: Path) -> Iterator[str]:
-    """A name for ``path`` that fits in a unix socket address (108 bytes):
-    the path itself, or for a long one ``/proc/self/fd/N/NAME`` through a
-    descriptor of its directory (Linux)."""
-    name = os.fsencode(path)
-    if len(name) < 100:
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
-
-
 # -- the client ------------------------------------------------------------------------
 class ServerGone(click.ClickException):
     """The server closed the connection before the command's exit status."""
@@ -366,35 +307,6 @@ class ServerGone(click.ClickException):
 class UntrustedServer(click.ClickException):
     """The control socket is not this user's (its file, or the process
     listening on it): nothing was sent to it."""
-
-
-def _check_server(sock: socket.socket, path: Path, unit: str | os.PathLike) -> None:
-    """Refuse a control socket that another user made or listens on: it
-    would get this user's command line, working directory, environment and
-    payloads, and could answer anything. A server of this user is what
-    ``fastfc serve`` run by this user makes (and it serves only its user)."""
-    me = os.geteuid()
-    pid, uid, _ = struct.unpack("3i", sock.getsockopt(
-        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    try:
-        owner = os.stat(path).st_uid
-    except OSError:
-        owner = uid
-    for what, who in (("is owned by", owner), (f"is listened on by pid {pid} of", uid)):
-        if who != me:
-            raise UntrustedServer(
-                f"the control socket {path} of unit {unit} {what} uid {who} ({_user(who)}), "
-                f"not this user (uid {me}): sent it nothing. A server of yours makes that "
-                "socket; if none holds the unit, remove the socket (and look into who "
-                "can write to the unit directory)")
-
-
-def _user(uid: int) -> str:
-    try:
-        import pwd
-        return pwd.getpwuid(uid).pw_name
-    except (KeyError, ImportError):
-        return "no such user"
 
 
 def forward(unit: str | os.PathLike, argv: list[str], prog_name: str, *,
@@ -409,96 +321,19 @@ def forward(unit: str | os.PathLike, argv: list[str], prog_name: str, *,
     ``stdout_text`` and ``stderr_text`` are the text streams the command
     would have written to (their encoding and whether they are a terminal
     are sent along); default: ``sys.stdout`` and ``sys.stderr``.
+
+    The client side is :mod:`fastfc_client`'s (the ``fastfc`` console
+    script forwards through it without importing the engine); its errors
+    are raised here as click's: :class:`ServerGone`, :class:`UntrustedServer`.
     """
-    path = Path(unit) / SOCKET
     try:
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            return None
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except PermissionError as e:
-        raise PermissionError(e.errno, f"cannot reach the unit {unit}: {e.strerror}") \
-            from None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        try:
-            with _reachable(path) as address:
-                sock.connect(address)
-        except (ConnectionRefusedError, FileNotFoundError):
-            return None         # stale: its server is gone
-        except PermissionError as e:
-            raise PermissionError(
-                e.errno, f"cannot reach the server holding {unit}: its control socket "
-                f"{path} is not open to this user ({e.strerror})") from None
-        _check_server(sock, path, unit)
-        try:
-            _send(sock, b"q", json.dumps(_request(argv, prog_name, stdout_text, stderr_text,
-                                                  stdout, stderr)).encode())
-        except (BrokenPipeError, ConnectionResetError):
-            pass    # refused before reading it: what the server said is still there
-        try:
-            return int(_replies(sock, unit, stdout, stderr)["status"])
-        except KeyboardInterrupt:
-            return _stop_in_server(sock, unit, stdout, stderr)
-    finally:
-        sock.close()
-
-
-def _replies(sock: socket.socket, unit: str | os.PathLike, stdout: IO[bytes],
-             stderr: IO[bytes], deadline: float | None = None) -> dict:
-    """Copy the server's output frames until its exit frame: that (JSON)."""
-    while True:
-        frame = _recv(sock, deadline=deadline)
-        if frame is None:
-            raise ServerGone(
-                f"the server holding {unit} closed the connection before the command "
-                "finished: what it did is unknown (look with the ls* and show* "
-                "commands)")
-        kind, body = frame
-        if kind == b"o":
-            stdout.write(body)
-            stdout.flush()
-        elif kind == b"e":
-            stderr.write(body)
-            stderr.flush()
-        elif kind == b"x":
-            return cast(dict, json.loads(body))
-        else:
-            raise ServerGone(f"the server holding {unit} sent a frame of unknown kind "
-                             f"{kind!r}")
-
-
-def _stop_in_server(sock: socket.socket, unit: str | os.PathLike, stdout: IO[bytes],
-                    stderr: IO[bytes]) -> int:
-    """Ctrl-C of a forwarded command: ask the server to stop it, wait up to
-    :data:`CANCEL_WAIT` for its answer (its output still copied), say in
-    one line what became of it; exit status 130."""
-    line = (f"fastfc: Ctrl-C: the server holding {unit} did not say whether it stopped "
-            "the command: its outcome is unknown (look with the ls* and show* commands)")
-    try:
-        try:
-            _send(sock, b"c", b"")
-        except OSError:
-            pass        # gone already: its answer may still be there to read
-        reply = _replies(sock, unit, stdout, stderr, time.monotonic() + CANCEL_WAIT)
-        status = reply.get("status")
-        if reply.get("not_run"):
-            line = (f"fastfc: Ctrl-C: the server holding {unit} did not run the command "
-                    "(it was waiting for its turn): nothing changed")
-        elif reply.get("stopped"):
-            line = (f"fastfc: Ctrl-C: the command was stopped in the server holding {unit} "
-                    f"(exit status {status} there; what it left is said above)")
-        else:
-            line = (f"fastfc: Ctrl-C: the server holding {unit} had finished the command "
-                    f"before it could stop it (exit status {status} there)")
-    except (KeyboardInterrupt, OSError, ValueError, ServerGone):
-        pass            # a second Ctrl-C, no answer in time, or the server gone
-    try:
-        stderr.write((line + "\n").encode("utf-8", "replace"))
-        stderr.flush()
-    except (OSError, ValueError):
-        pass
-    return 130
+        return fastfc_client.forward(unit, argv, prog_name, stdout=stdout, stderr=stderr,
+                                     stdout_text=stdout_text, stderr_text=stderr_text,
+                                     cancel_wait=CANCEL_WAIT)
+    except fastfc_client.ServerGone as e:
+        raise ServerGone(str(e)) from None
+    except fastfc_client.UntrustedServer as e:
+        raise UntrustedServer(str(e)) from None
 
 
 def binary(text: Any) -> IO[bytes]:
@@ -524,35 +359,6 @@ class _ThroughText(io.RawIOBase):
 
     def flush(self) -> None:
         self._text.flush()
-
-
-def _request(argv: list[str], prog_name: str, out: Any, err: Any,
-             out_bin: IO[bytes], err_bin: IO[bytes]) -> dict:
-    out = sys.stdout if out is None else out
-    err = sys.stderr if err is None else err
-    env = {k: v for k, v in os.environ.items() if _env_wanted(k)}
-    streams = {}
-    for name, text, binary in (("stdout", out, out_bin), ("stderr", err, err_bin)):
-        tty = _isatty(text)
-        streams[name] = {"encoding": getattr(text, "encoding", None) or "utf-8",
-                         "errors": getattr(text, "errors", None) or "strict",
-                         "tty": tty}
-        if tty and "COLUMNS" not in env:   # the server has no terminal to measure
-            try:
-                size = os.get_terminal_size(text.fileno())
-                if size.columns > 0 and size.lines > 0:     # 0 x 0: a terminal not sized
-                    env["COLUMNS"], env["LINES"] = str(size.columns), str(size.lines)
-            except (OSError, ValueError, AttributeError):
-                pass
-    return {"argv": list(argv), "prog_name": prog_name, "cwd": os.getcwd(), "env": env,
-            **streams}
-
-
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError, OSError):
-        return False
 
 
 # -- the server: output routed by thread -----------------------------------------------
@@ -655,7 +461,7 @@ class _Sink:
         if data and not self.gone:
             with self._lock:
                 try:
-                    _send(self._conn, self._kind, bytes(data))
+                    _send_now(self._conn, self._kind, bytes(data))
                 except OSError:     # gone or stalled: end its stream (a frame may be cut)
                     self.gone = True
                     try:
@@ -714,8 +520,12 @@ class Served:
     the command ends (:meth:`done`)."""
 
     def __init__(self, units: Units, cwd: str, stopping: threading.Event | None = None,
-                 lock: Any = None, asked: threading.Event | None = None) -> None:
+                 lock: Any = None, asked: threading.Event | None = None,
+                 hurry: Any = None) -> None:
         self.host, self.cwd = units, cwd
+        #: called before the command waits (for the lock, or letting go of
+        #: it): the watcher looks at its client at once, not at its next turn
+        self._hurry = hurry
         #: set when the server stops or the client hangs up (Ctrl-C): a
         #: command that runs for a while (formcg --seconds) ends early instead
         #: of holding the server's shutdown
@@ -746,10 +556,14 @@ class Served:
         if lock is None or self._held is not None:
             return
         if shared and hasattr(lock, "acquire_shared"):
-            lock.acquire_shared()
+            if not lock.acquire_shared(blocking=False):
+                self._waits()
+                lock.acquire_shared()
             self._held = "shared"
         else:
-            lock.acquire()
+            if not lock.acquire(blocking=False):
+                self._waits()
+                lock.acquire()
             self._held = "exclusive"
         if self._asked is not None and self._asked.is_set():
             # its client hung up (or pressed Ctrl-C) while it waited for its
@@ -757,8 +571,14 @@ class Served:
             self.not_run = True
             raise click.exceptions.Exit(130)
 
+    def _waits(self) -> None:
+        if self._hurry is not None:
+            self._hurry()
+
     def release(self) -> Any:
-        """The :func:`.units.unlocked` hook: let go of the lock for a block."""
+        """The :func:`.units.unlocked` hook: let go of the lock for a block
+        (a long command's wait: its client's Ctrl-C is looked for at once)."""
+        self._waits()
         lock = self._lock
         if self._held is None or not hasattr(lock, "released"):
             return contextlib.nullcontext()
@@ -792,6 +612,134 @@ class _Seen(threading.Event):
         return got
 
 
+class _Watched:
+    """A command's connection under watch: its client's Ctrl-C or hang-up
+    sets ``asked`` and ``stopping``; the server's stop, ``stopping``."""
+
+    __slots__ = ("conn", "fd", "stopping", "asked", "fired")
+
+    def __init__(self, conn: socket.socket, stopping: threading.Event,
+                 asked: threading.Event) -> None:
+        self.conn, self.fd = conn, conn.fileno()
+        self.stopping, self.asked = stopping, asked
+        self.fired = False
+
+
+class _Watcher:
+    """One thread watching the connections of every command a server runs:
+    a command's client sends nothing after its request but a ``c`` (Ctrl-C),
+    so anything readable (or a hang-up) asks its command to stop. One thread
+    for all, not one per command: starting and joining a thread for each
+    command cost a command under load (two CPUs, NBD clients writing, a
+    session forming CGs) several waits for the GIL of 5 to 50 ms each.
+
+    :meth:`watch` registers a connection without waking the thread: it
+    looks at its connections every :data:`WATCH_INTERVAL_MS` while it has
+    any (and for :data:`WATCH_IDLE` seconds after the last), and a command
+    that is about to wait (queued for the lock, or a long command letting
+    go of it) wakes it at once (:meth:`hurry`), so a client that hangs up
+    or presses Ctrl-C while its command waits is seen at once. A short
+    command ends before it is looked at: Ctrl-C then finds it finished."""
+
+    def __init__(self, server_stopping: threading.Event) -> None:
+        self._server_stopping = server_stopping
+        self._entries: dict[int, _Watched] = {}
+        self._guard = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._asleep = True         # in a poll without a timeout (or not started)
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="fastfc-control-watch",
+                                        daemon=True)
+        self._thread.start()
+
+    def watch(self, conn: socket.socket, stopping: threading.Event,
+              asked: threading.Event) -> _Watched:
+        entry = _Watched(conn, stopping, asked)
+        with self._guard:
+            self._entries[entry.fd] = entry
+            wake = self._asleep
+            self._asleep = False
+        if self._server_stopping.is_set():
+            stopping.set()
+        if wake:
+            self.hurry()
+        return entry
+
+    def forget(self, entry: _Watched) -> None:
+        """The command ended (before its connection closes): no longer
+        watched (the thread drops it at its next look)."""
+        with self._guard:
+            if self._entries.get(entry.fd) is entry:
+                del self._entries[entry.fd]
+            entry.fired = True
+
+    def hurry(self) -> None:
+        """Look at the connections now (a command is about to wait)."""
+        try:
+            os.write(self._wake_w, b"w")
+        except BlockingIOError:
+            pass            # a full pipe wakes it already
+
+    def server_stops(self) -> None:
+        """The server stops: every command watched is told to end early."""
+        with self._guard:
+            entries = list(self._entries.values())
+        for e in entries:
+            e.stopping.set()
+        self.hurry()
+
+    def close(self) -> None:
+        with self._guard:
+            self._closed = True
+        self.hurry()
+        self._thread.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _loop(self) -> None:
+        idle_since: float | None = None
+        while True:
+            with self._guard:
+                if self._closed:
+                    return
+                watched = {fd: e for fd, e in self._entries.items() if not e.fired}
+                now = time.monotonic()
+                if watched:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = now
+                sleep = idle_since is not None and now - idle_since >= WATCH_IDLE
+                self._asleep = sleep
+            if self._server_stopping.is_set():
+                for e in watched.values():
+                    e.stopping.set()
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            for fd in watched:
+                poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR
+                                | getattr(select, "POLLRDHUP", 0))
+            try:
+                ready = poller.poll(None if sleep else WATCH_INTERVAL_MS)
+            except InterruptedError:
+                continue
+            for fd, events in ready:
+                if fd == self._wake_r:
+                    os.read(self._wake_r, 4096)
+                    continue
+                if events & select.POLLNVAL:
+                    continue
+                hit = watched.get(fd)
+                with self._guard:
+                    # the command still runs, on this connection (not a new
+                    # one that took a closed one's descriptor meanwhile)
+                    if hit is None or self._entries.get(fd) is not hit or hit.fired:
+                        continue
+                    hit.fired = True
+                hit.asked.set()
+                hit.stopping.set()
+
+
 class _Host:
     def __init__(self, units: Units, lock: Any) -> None:
         if units.readonly:
@@ -810,6 +758,7 @@ class _Host:
         self._guard = threading.Lock()      # _listeners, _threads
         self._publishing = threading.Lock()     # one publish at a time
         self._env: _EnvRouter | None = None
+        self._watcher: _Watcher | None = None
         #: connections taken at once; one more is refused (each holds a thread)
         self.max_connections = MAX_CONNECTIONS
 
@@ -821,6 +770,7 @@ class _Host:
         self._env = _EnvRouter(os.environ)
         setattr(os, "environ", self._env)
         try:
+            self._watcher = _Watcher(self.stopping)
             with self.lock:
                 self.publish()
             self._accepting = threading.Thread(target=self._accept_loop,
@@ -839,6 +789,8 @@ class _Host:
         that runs for a while is told to end early: :attr:`Served.stopping`)."""
         self._stopping = True
         self.stopping.set()
+        if self._watcher is not None:
+            self._watcher.server_stops()
         self._wake()
         if self._accepting is not None:
             self._accepting.join()
@@ -854,6 +806,8 @@ class _Host:
                 break
             for t in threads:
                 t.join()
+        if self._watcher is not None:
+            self._watcher.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         if self._routers is not None:
@@ -873,6 +827,7 @@ class _Host:
             self._publish()
 
     def _publish(self) -> None:
+        added = False
         for unit in list(self.units.open.values()):
             if unit.path is None or unit.readonly:
                 continue
@@ -882,7 +837,9 @@ class _Host:
             sock, ino = _listen(unit.path)
             with self._guard:
                 self._listeners[unit.path] = (sock, ino)
-        self._wake()
+            added = True
+        if added:       # the accepting thread polls the new socket too
+            self._wake()
 
     def _wake(self) -> None:
         try:
@@ -988,14 +945,14 @@ class _Host:
                 pid, uid, _ = struct.unpack("3i", conn.getsockopt(
                     socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
                 who = f"pid {pid} uid {uid}"
+                conn.settimeout(IO_TIMEOUT)
                 try:
                     # all of it within IO_TIMEOUT, however it trickles in
-                    frame = _recv(conn, MAX_REQUEST, time.monotonic() + IO_TIMEOUT)
+                    frame = _read_frame(conn, MAX_REQUEST, time.monotonic() + IO_TIMEOUT)
                 except ValueError as e:        # too large: say so, run nothing
                     log.warning("control connection from %s: refused: %s", who, e)
                     _refuse(conn, f"Error: this server runs no request: {e}\n")
                     return
-                conn.settimeout(IO_TIMEOUT)
                 if frame is None or frame[0] != b"q":
                     log.info("control connection from %s: closed without a request", who)
                     return
@@ -1021,60 +978,28 @@ class _Host:
                                              }.get(how or "", ""),
                          time.monotonic() - started)
                 with send_lock:
-                    _send(conn, b"x", json.dumps({"status": status, **(
+                    _send_now(conn, b"x", json.dumps({"status": status, **(
                         {how: True} if how else {})}).encode())
         except (OSError, ValueError) as e:
             # the client went away, or sent garbage: nothing to answer
             log.info("control connection from %s: ended: %s", who, e or type(e).__name__)
 
-    def _watch(self, conn: socket.socket, stopping: threading.Event,
-               asked: threading.Event, done: threading.Event, woken: int) -> None:
-        """Until ``done`` (its end also written to ``woken``, a pipe's read
-        end, so the command's status goes out at once, not after a poll
-        period): set ``asked`` and ``stopping`` once the client asks to stop
-        the command (a ``c`` frame: Ctrl-C) or hangs up (killed: a client
-        sends nothing else after its request, so anything else readable is
-        its end); ``stopping`` alone once the server stops. A command that
-        runs for a while (``formcg --seconds``, ``waitflash``) then ends
-        early."""
-        poller = select.poll()
-        poller.register(conn.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR
-                        | getattr(select, "POLLRDHUP", 0))
-        poller.register(woken, select.POLLIN)
-        while not done.is_set():
-            if self.stopping.is_set():
-                stopping.set()
-            try:
-                ready = [fd for fd, _ in poller.poll(WATCH_INTERVAL_MS)]
-            except InterruptedError:
-                continue
-            if done.is_set():
-                return
-            if any(fd != woken for fd in ready):
-                asked.set()
-                stopping.set()
-                return
-
     def _run(self, conn: socket.socket, request: dict, send_lock: threading.Lock
              ) -> tuple[int, str | None]:
         """The command's exit status, and whether it stopped early at its
-        client's asking (``"stopped"``) or was not run (``"not_run"``)."""
-        stopping, asked, done = _Seen(), threading.Event(), threading.Event()
-        woken, wake = os.pipe()
+        client's asking (``"stopped"``) or was not run (``"not_run"``).
+        Meanwhile the server's watcher (:class:`_Watcher`) sets ``asked``
+        and ``stopping`` once the client asks to stop the command (a ``c``
+        frame: Ctrl-C) or hangs up (killed), ``stopping`` alone once the
+        server stops: a command that runs for a while (``formcg
+        --seconds``, ``waitflash``) then ends early."""
+        stopping, asked = _Seen(), threading.Event()
+        assert self._watcher is not None
+        watched = self._watcher.watch(conn, stopping, asked)
         try:
-            watcher = threading.Thread(target=self._watch,
-                                       args=(conn, stopping, asked, done, woken),
-                                       name="fastfc-control-watch", daemon=True)
-            watcher.start()
-            try:
-                return self._run_one(conn, request, send_lock, stopping, asked)
-            finally:
-                done.set()
-                os.write(wake, b"d")
-                watcher.join()
+            return self._run_one(conn, request, send_lock, stopping, asked)
         finally:
-            os.close(woken)
-            os.close(wake)
+            self._watcher.forget(watched)
 
     def _run_one(self, conn: socket.socket, request: dict, send_lock: threading.Lock,
                  stopping: "_Seen", asked: threading.Event) -> tuple[int, str | None]:
@@ -1085,7 +1010,9 @@ class _Host:
                if _env_wanted(str(k))}
         assert self._routers is not None and self._env is not None
         r_out, r_err = self._routers
-        served = Served(self.units, str(request["cwd"]), stopping, self.lock, asked)
+        assert self._watcher is not None
+        served = Served(self.units, str(request["cwd"]), stopping, self.lock, asked,
+                        self._watcher.hurry)
         hooks = Running(asked, served.release)
         r_out.route(out)
         r_err.route(err)
@@ -1107,6 +1034,66 @@ class _Host:
             r_out.route(None)
             r_err.route(None)
             self._env.route(None)
+
+
+# -- a command's connection, at the server: few system calls --------------------------
+# Under load (NBD clients writing, a session forming CGs) each system call a
+# command's thread makes lets go of the GIL and then waits for it again,
+# often for milliseconds: the connection has a timeout, so the socket is
+# non-blocking underneath, and these try the call once, directly, where
+# socket.recv and sendall would first poll (two waits, and a third to set a
+# timeout before each read).
+def _read_exact(conn: socket.socket, n: int, deadline: float) -> bytes | None:
+    """``n`` bytes of ``conn`` (non-blocking: it has a timeout), waiting
+    while none are there, all by ``deadline``; None at the end of stream."""
+    fd = conn.fileno()
+    parts, left = [], n
+    while left:
+        try:
+            got = os.read(fd, min(left, 1 << 20))
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the request did not arrive in time") from None
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poller.poll(remaining * 1000)
+            continue
+        if not got:
+            return None
+        parts.append(got)
+        left -= len(got)
+    return b"".join(parts)
+
+
+def _read_frame(conn: socket.socket, limit: int, deadline: float
+                ) -> tuple[bytes, bytes] | None:
+    """One frame (no byte past it: a ``c`` may follow), or None at a clean
+    end of stream; ``socket.timeout`` if it is not all in by ``deadline``,
+    ValueError if it is larger than ``limit``."""
+    head = _read_exact(conn, _HEADER.size, deadline)
+    if head is None:
+        return None
+    kind, n = _HEADER.unpack(head)
+    if n > limit:
+        raise ValueError(f"a {n}-byte control frame is larger than {limit} bytes")
+    body = _read_exact(conn, n, deadline) if n else b""
+    if body is None:
+        return None
+    return kind, body
+
+
+def _send_now(conn: socket.socket, kind: bytes, payload: bytes) -> None:
+    """A frame to ``conn`` (non-blocking: it has a timeout): written at once
+    when the socket takes it, the rest sent as :func:`_send` would (within
+    the timeout)."""
+    data = _HEADER.pack(kind, len(payload)) + payload
+    try:
+        done = os.write(conn.fileno(), data)
+    except BlockingIOError:
+        done = 0
+    if done < len(data):
+        conn.sendall(memoryview(data)[done:])
 
 
 def _refuse(conn: socket.socket, message: str) -> None:

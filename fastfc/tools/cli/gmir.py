@@ -189,8 +189,8 @@ def _session_info(units, session: str) -> dict:
     if away is not None:
         return _away_info(away)
     unit, gm = units.session_unit(session)
-    loop = _loop_state(units, unit, gm)
-    rec = unit.session_record(gm.name)
+    rec = unit.session_settings(gm.name)
+    loop = _loop_state(units, unit, gm, rec)
     log = gm.stats.to_record()   # every attempt ever made: the store keeps them
     seqs = gm.c_sequences
     when = log["last_cg_time"]
@@ -310,12 +310,16 @@ def _alert_text(info: dict) -> str:
         f" ({plural(info['rpo_alerts'], 'alert')} in this server)"
 
 
-def _loop_state(units, unit, gm: GlobalMirror) -> dict:
+def _loop_state(units, unit, gm: GlobalMirror, record: dict | None = None) -> dict:
     """Whether the session's loop runs in this process (a server's:
-    resumegmir), what the unit records, and its CGs per second here."""
+    resumegmir), what the unit records (``record``: its
+    ``session_record`` or ``session_settings``, when the caller has read
+    it), and its CGs per second here."""
     loops = units.loops
     here = loops is not None and loops.running(gm)
-    recorded = bool(unit.session_record(gm.name)["running"])
+    if record is None:
+        record = unit.session_record(gm.name)
+    recorded = bool(record["running"])
     if gm.state is GMState.FATAL:
         state = "fatal"
     else:

@@ -4,6 +4,7 @@ the names a command line gives."""
 from __future__ import annotations
 
 import sqlite3
+import stat
 import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -65,8 +66,7 @@ class Units:
         #: each open a partner the server does not hold yet)
         self._opening = threading.RLock()
         for path, flag in ((local, "--unit"), (remote, "--remote-unit")):
-            if path is not None and self.where(path).exists() and \
-                    not self.where(path).is_dir():
+            if path is not None and _not_a_directory(self.where(path)):
                 raise click.UsageError(f"{flag} {path} is not a directory: a storage unit "
                                        "is a directory (mkvol creates one)")
 
@@ -323,6 +323,17 @@ pass_units = click.make_pass_decorator(Units)
 
 
 # -- the command a server runs in this thread ------------------------------------------
+def _not_a_directory(path: Path) -> bool:
+    """``path.exists() and not path.is_dir()`` with one ``stat`` where it
+    succeeds (in a server under load, each system call of a command waits
+    for the GIL again); its errors as those two give them."""
+    try:
+        st = path.stat()
+    except (OSError, ValueError):
+        return path.exists() and not path.is_dir()
+    return not stat.S_ISDIR(st.st_mode)
+
+
 class Running:
     """What a server (:mod:`.control`) tells the command it runs in a
     thread: ``cancel``, set when its client asks it to stop (Ctrl-C, or a
