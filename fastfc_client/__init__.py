@@ -213,13 +213,7 @@ def run_forwarded(unit: str, args: list[str], prog_name: str, command: str, *,
         if not watching(command, args):
             _aborted(err)
             return 1
-        try:
-            if out.isatty():
-                out.write("\x1b[?25h\n")
-                out.flush()
-        except (AttributeError, ValueError, OSError):
-            pass
-        return 0
+        return watch_ended(out)
     except ServerGone as e:
         _click_error(str(e), err)
         return 1
@@ -236,6 +230,19 @@ def watching(command: str | None, args: list[str]) -> bool:
     (with status 0)."""
     return command in WATCHING and any(a == "--watch" or a.startswith("--watch=")
                                        for a in args)
+
+
+def watch_ended(out: Any) -> int:
+    """A --watch ended by Ctrl-C (the server ends its side: the client hung
+    up): the cursor a live display hid on this terminal is shown again;
+    the exit status, 0."""
+    try:
+        if out.isatty():
+            out.write("\x1b[?25h\n")
+            out.flush()
+    except (AttributeError, ValueError, OSError):
+        pass
+    return 0
 
 
 def _click_error(message: str, err: Any) -> None:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import click
+from fastfc_client import watch_ended, watching
 
 from fastfc import _core
 from fastfc._optional import require
@@ -199,26 +200,9 @@ def _forward(ctx: click.Context, unit: str) -> int | None:
                                stdout=control.binary(out), stderr=control.binary(err),
                                stdout_text=out, stderr_text=err)
     except KeyboardInterrupt:
-        if not _watching(ctx.invoked_subcommand, argv):
+        if not watching(ctx.invoked_subcommand, argv):
             raise
-        # Ctrl-C is how a watch ends (the server ends its side: the client
-        # hung up); a live display there hid this terminal's cursor
-        try:
-            if out.isatty():
-                out.write("\x1b[?25h\n")
-                out.flush()
-        except (AttributeError, ValueError, OSError):
-            pass
-        return 0
-
-
-#: commands whose --watch runs until Ctrl-C, which ends them with status 0
-WATCHING = {"showgmir"}
-
-
-def _watching(command: str | None, argv: list[str]) -> bool:
-    return command in WATCHING and any(a == "--watch" or a.startswith("--watch=")
-                                       for a in argv)
+        return watch_ended(out)     # Ctrl-C is how a watch ends
 
 
 # -- commands that open no unit --------------------------------------------------------
