@@ -42,6 +42,16 @@ def _trips(n: int, seed: int = 0) -> list:
     return out
 
 
+def _snapshots(trips: list) -> tuple[dict, "object"]:
+    """``(snaps, on_coordinate)``: the callback records every A's image at
+    each CG's instant in ``snaps`` (by sequence), what each C must hold."""
+    snaps: dict = {}
+
+    def on_coordinate(seq: int) -> None:
+        snaps[seq] = [a.read(0, a.capacity) for a, _, _ in trips]
+    return snaps, on_coordinate
+
+
 def _linear(gm: GlobalMirror) -> None:
     """Make ``gm`` step every pair and relationship, as a session over a
     storage unit does (the path before sparse CGs)."""
@@ -112,9 +122,7 @@ def test_a_cg_steps_only_the_written_triplets(monkeypatch):
     try:
         assert gm.form_consistency_group().committed
         rec = Recorder(monkeypatch)
-        snaps = {}
-        gm.on_coordinate = lambda seq: snaps.__setitem__(seq, [a.read(0, a.capacity)
-                                                              for a, _, _ in trips])
+        snaps, gm.on_coordinate = _snapshots(trips)
         for written in ([5], [0, 63], [7, 8, 9, 40], []):
             for i in written:
                 trips[i][0].write(3 * TS + 1, np.full(100, 9 + i, np.uint8))
@@ -138,9 +146,8 @@ def test_global_copy_between_cgs_is_stepped_at_the_next_cg():
     out of sync at coordination, yet its B changed: the CG steps its
     relationship (``PPRCPair.on_sent``), so C holds the new data."""
     trips = _trips(4)
-    snaps = {}
-    gm = GlobalMirror(trips, initial_copy=False, on_coordinate=lambda seq: snaps.__setitem__(
-        seq, [a.read(0, a.capacity) for a, _, _ in trips]))
+    snaps, on_coordinate = _snapshots(trips)
+    gm = GlobalMirror(trips, initial_copy=False, on_coordinate=on_coordinate)
     try:
         assert gm.form_consistency_group().committed
         trips[2][0].write(TS, np.full(TS, 77, np.uint8))
@@ -300,9 +307,8 @@ def test_a_sparse_session_equals_one_that_steps_every_triplet(seed, n_trip, deci
 
 def test_recovery_after_idle_cgs_restores_every_b_to_the_last_cg():
     trips = _trips(6)
-    snaps = {}
-    gm = GlobalMirror(trips, initial_copy=False, on_coordinate=lambda seq: snaps.__setitem__(
-        seq, [a.read(0, a.capacity) for a, _, _ in trips]))
+    snaps, on_coordinate = _snapshots(trips)
+    gm = GlobalMirror(trips, initial_copy=False, on_coordinate=on_coordinate)
     try:
         assert gm.form_consistency_group().committed
         trips[4][0].write(0, np.full(TS, 3, np.uint8))
