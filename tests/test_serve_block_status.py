@@ -24,7 +24,8 @@ from fastfc import StorageUnit
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.tools import nbd, nbd_status as ns
 
-from test_serve import need, qemu_io, run, serving_here, uri
+import guide
+from test_serve import ROOT, need, qemu_io, run, serving_here, uri
 from test_serve_protocol import Client
 
 MIB = 1 << 20
@@ -504,3 +505,12 @@ def test_incremental_backup_moves_only_the_changes(tmp_path):
         assert np.array_equal(np.fromfile(backup, np.uint8), S.read(0, cap))
         # and the recording starts again: nothing changed since the resync
         assert nbdinfo_map(sock, "T", "qemu:dirty-bitmap:T") == [(0, cap, False)]
+
+
+@pytest.mark.slow
+def test_the_incremental_backup_walkthrough(tmp_path):
+    """docs/guide/incremental-backup.md runs as written."""
+    need("nbdinfo", "nbdcopy", "qemu-img", "qemu-io")
+    walks = guide.walkthroughs((ROOT / "docs" / "guide" / "incremental-backup.md").read_text())
+    assert len(walks) == 1 and len(walks[0].steps) >= 10
+    guide.run(walks[0], tmp_path)
