@@ -452,6 +452,16 @@ def test_maps_of_the_clients_agree_with_the_engine(tmp_path, seed):
                 if not data:
                     assert not image[off:off + length].any()
                     assert not pprc_model[off // gs:(off + length) // gs].any()
+            # the target: its own file where copied, the source's where it reads from it
+            alloc = nbdinfo_map(sock, "T")
+            assert qemu_map(sock, "T") == alloc
+            image = T.read(0, T.capacity)
+            for off, length, data in alloc:
+                if not data:
+                    assert not image[off:off + length].any()
+                    assert not fc_model[off // gs:(off + length) // gs].any() or \
+                        not T.target_relationship.to_copy.any_range(off // gs,
+                                                                    (off + length) // gs)
 
         scribble(40)
         check()
@@ -481,10 +491,13 @@ def test_incremental_backup_moves_only_the_changes(tmp_path):
         with server.lock:
             T.target_relationship.withdraw(force=True)
             S.write(0, rng.integers(0, 256, cap // 3, dtype=np.uint8))
-            fastfc.FlashCopy(S, T, background_copy=True, record=True).wait()
-        # the full backup
+            fastfc.FlashCopy(S, T, background_copy=False, record=True)   # a snapshot
+        # the full backup: nbdcopy reads only what base:allocation calls data
+        # (T reads from S, thin, 2/3 holes)
         run("nbdcopy", uri(sock, "T"), backup)
         assert np.array_equal(np.fromfile(backup, np.uint8), T.read(0, cap))
+        read = server.nbd.counters()["T"].bytes[nbd.OPS.index("read")]
+        assert cap // 3 <= read < cap // 2, read
         # host writes to 1% of the source's grains
         grains = rng.choice(cap // gs, cap // gs // 100, replace=False)
         qemu_io(sock, "S", *(f"write -P {int(g % 250) + 1} {int(g) * gs} {gs}" for g in grains))

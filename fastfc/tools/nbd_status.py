@@ -10,9 +10,9 @@ The contexts of an export (a volume V), each answering
 ``base:allocation``
     Holes (``NBD_STATE_HOLE | NBD_STATE_ZERO``): the grains of a thin
     volume whose file has no blocks there (``SEEK_DATA``/``SEEK_HOLE`` on
-    its file) and that read from that file (a FlashCopy target's grains
-    still read from its source count as data). Thick and in-memory
-    volumes report all data (status 0): always true, if less useful.
+    its file); a FlashCopy target's grains still read from its source
+    (``to_copy``) have the source's status. Thick and in-memory volumes
+    report all data (status 0): always true, if less useful.
 ``qemu:dirty-bitmap:T``
     For each FlashCopy with change recording in which V is the source or
     the target, named after its target T: the grains written on the
@@ -45,7 +45,7 @@ import errno
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -306,19 +306,30 @@ class Allocation(Context):
         vol = self.volume
         if vol.closed:
             raise VolumeClosedError(f"{vol.name} was removed")
-        path = getattr(vol, "path", None)
-        if not vol.thin or path is None:
-            return Status(np.ones(g1 - g0, dtype=bool), 0, STATE_HOLE | STATE_ZERO)
-        gs = vol.grain_size
-        data, more_bytes = _file_data(path, g0 * gs, g1 * gs, vol.capacity, gs)
+        # the grains still read from a FlashCopy source (to_copy) have the
+        # source's status. Bits first, files after: a file only gains
+        # blocks, so each grain's answer held when the bits were read (or
+        # says data, which is always true)
+        owed = None
         rel = vol.target_relationship
         if rel is not None and rel.active:
-            # grains still read from the source are data here, whatever T's file holds
             with locked((rel.source, vol)):
                 if vol.target_relationship is rel:
                     owed = _bits([_words(rel.to_copy, g0, g1)], g0, g1)
-                    data |= owed
-                    more_bytes = 0 if rel.to_copy.find_next_set(g1) >= 0 else more_bytes
+            if owed is None:            # (it changed meanwhile: all data)
+                return Status(np.ones(g1 - g0, dtype=bool), 0, STATE_HOLE | STATE_ZERO)
+        path = getattr(vol, "path", None)
+        gs = vol.grain_size
+        if vol.thin and path is not None:
+            data, more_bytes = _file_data(path, g0 * gs, g1 * gs, vol.capacity, gs)
+        else:
+            data, more_bytes = np.ones(g1 - g0, dtype=bool), 0
+        if owed is not None and rel is not None:
+            if owed.any():
+                src = Allocation(rel.source).status(g0, g1).marked \
+                    if rel.source.n_grains == vol.n_grains else True
+                data = np.where(owed, src, data)
+            more_bytes = 0
         more = more_bytes // gs
         if data.size and data[-1]:
             more = 0
@@ -417,7 +428,7 @@ def descriptors(st: Status, g0: int, gs: int, offset: int, end: int, capacity: i
     return out
 
 
-def block_status(handle: int, vol: Volume, selected: list[tuple[int, Context]],
+def block_status(handle: int, vol: Volume, selected: Sequence[tuple[int, Context]],
                  offset: int, length: int, flags: int,
                  error_number: Callable[[BaseException], int],
                  unselected: Iterable[str] = ()) -> bytes:
