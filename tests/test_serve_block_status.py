@@ -527,3 +527,37 @@ def test_the_incremental_backup_walkthrough(tmp_path):
     walks = guide.walkthroughs((ROOT / "docs" / "guide" / "incremental-backup.md").read_text())
     assert len(walks) == 1 and len(walks[0].steps) >= 10
     guide.run(walks[0], tmp_path)
+
+
+def test_block_status_over_tls(tmp_path):
+    """On a TLS server nothing is negotiated before STARTTLS; after it,
+    structured replies and contexts as in clear text."""
+    import ssl
+    import subprocess
+    from test_serve_protocol import served
+    from fastfc.tools.cli.serve import _tls_context
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+                        "1", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                       capture_output=True)
+    if r.returncode:
+        pytest.fail(f"openssl could not make a certificate: {r.stderr!r}")
+    with served(tmp_path, "A", tls=_tls_context(str(cert), str(key), None)) as (server, path):
+        c = Client(path)
+        assert c.option(nbd.OPT_STRUCTURED_REPLY)[-1][0] == nbd.REP_ERR_TLS_REQD
+        r = meta_option(c, ns.OPT_SET_META_CONTEXT, meta_data("A", ["base:allocation"]))
+        assert r[-1][0] == nbd.REP_ERR_TLS_REQD
+        assert c.option(nbd.OPT_STARTTLS)[-1][0] == nbd.REP_ACK
+        c.s = ssl.create_default_context(cafile=str(cert)).wrap_socket(
+            c.s, server_hostname="localhost")
+        r = meta_option(c, ns.OPT_SET_META_CONTEXT, meta_data("A", ["base:allocation"]))
+        assert r[-1][0] == nbd.REP_ERR_INVALID          # structured replies first
+        assert c.option(nbd.OPT_STRUCTURED_REPLY)[-1][0] == nbd.REP_ACK
+        r = meta_option(c, ns.OPT_SET_META_CONTEXT, meta_data("A", ["base:allocation"]))
+        assert r[-1][0] == nbd.REP_ACK and r[0][0] == ns.REP_META_CONTEXT
+        assert c.go("A")[-1][0] == nbd.REP_ACK
+        [desc] = status(c, 0, MIB).values()
+        assert desc == [(MIB, 0)]                       # a thick volume: all data
+        send(c, nbd.CMD_READ, 0, 5, handle=4)
+        [(fl, rtype, body)] = chunks(c, 4)
+        assert rtype == ns.REPLY_TYPE_OFFSET_DATA and body == bytes(8) + bytes(5)
