@@ -2,10 +2,10 @@
 
 The server speaks the fixed newstyle handshake of the NBD protocol
 (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md) with
-simple replies, or structured replies and block status (metadata contexts
-``base:allocation`` and ``qemu:dirty-bitmap:NAME``: :mod:`.nbd_status`)
-for a client that negotiates them, and translates each request onto the volume's public I/O
-calls (:meth:`Volume.write`, :meth:`Volume.readinto`, :meth:`Volume.flush`):
+simple replies, or structured replies and block status (metadata
+contexts ``base:allocation`` and ``qemu:dirty-bitmap:NAME``:
+:mod:`.nbd_status`) for a client that negotiates them, and translates
+each request onto the volume's public I/O calls (:meth:`Volume.write`, :meth:`Volume.readinto`, :meth:`Volume.flush`):
 copy-on-write, read redirection, write inhibits and PPRC recording all
 happen there, once, as for any other host.
 
@@ -62,7 +62,7 @@ from fastfc.durable.unit import StorageUnit
 from fastfc.storage.volume import Volume
 from fastfc.tools import nbd_status
 from fastfc.tools.nbd_status import (CMD_BLOCK_STATUS, OPT_LIST_META_CONTEXT,
-                                     OPT_SET_META_CONTEXT, REP_META_CONTEXT)
+                                     OPT_SET_META_CONTEXT)
 
 log = logging.getLogger("fastfc.nbd")
 
@@ -807,9 +807,8 @@ class NBDServer:
         no_zeroes = bool(cflags & FLAG_NO_ZEROES)
         tls_done = False
         structured = False
-        # the last SET_META_CONTEXT: its export's name, the (id, name) of the
-        # contexts it selected, the names asked for that the export lacks
-        meta: tuple[str, list[tuple[int, str]], list[str]] | None = None
+        # the last SET_META_CONTEXT's selection (nbd_status.meta_context_option)
+        meta: nbd_status.Selection | None = None
         export_name = ""
 
         def negotiated(export: Export) -> Negotiated:
@@ -876,39 +875,12 @@ class NBDServer:
                 reply(REP_ACK)
                 continue
             if opt in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
-                setting = opt == OPT_SET_META_CONTEXT
-                if setting:
-                    meta = None        # (proto.md: replaced, even when it fails)
-                if not structured:
-                    reply(REP_ERR_INVALID, b"metadata contexts need structured replies: "
-                                           b"NBD_OPT_STRUCTURED_REPLY first")
-                    continue
-                try:
-                    name, queries = nbd_status.parse_meta_option(data)
-                except ValueError as e:
-                    reply(REP_ERR_INVALID, str(e).encode())
-                    continue
-                export = self._find(name)
-                if export is None:
-                    reply(REP_ERR_UNKNOWN, f"no export (volume) named {name!r}".encode())
-                    continue
-                vol = export.volume
-                have = self._looked_up(lambda: nbd_status.contexts_of(vol))
-                chosen = nbd_status.match_contexts(queries, have, listing=not setting)
-                if setting and len(chosen) > nbd_status.MAX_CONTEXTS:
-                    reply(nbd_status.REP_ERR_TOO_BIG,
-                          f"{len(chosen)} contexts (at most {nbd_status.MAX_CONTEXTS})".encode())
-                    continue
-                picked = [(i + 1 if setting else 0, n) for i, n in enumerate(chosen)]
-                for ctx_id, n in picked:
-                    reply(REP_META_CONTEXT, struct.pack(">I", ctx_id) + n.encode())
-                reply(REP_ACK)
-                if setting:
-                    missing = [q for q in queries if q not in chosen]
-                    if missing:
-                        log.info("NBD export %s offers no metadata context %s (it offers %s)",
-                                 name, ", ".join(missing), ", ".join(have))
-                    meta = (name, picked, missing)
+                replies, selection = nbd_status.meta_context_option(
+                    opt, data, structured, self._find, self._looked_up)
+                for rtype, payload in replies:
+                    reply(rtype, payload)
+                if opt == OPT_SET_META_CONTEXT:
+                    meta = selection      # (proto.md: replaced, even when it fails)
                 continue
             if opt == OPT_EXPORT_NAME:
                 export_name = data.decode("utf-8", "replace")

@@ -42,6 +42,7 @@ replies when a server answers ``NBD_REP_ERR_UNSUP``.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ import numpy as np
 
 from fastfc.errors import VolumeClosedError
 from fastfc.storage.volume import Volume, locked
+
+log = logging.getLogger("fastfc.nbd")
 
 # -- protocol constants (proto.md) ---------------------------------------------------
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
@@ -176,6 +179,50 @@ def match_contexts(queries: Iterable[str], available: Iterable[str], *,
                 out.append(n)
                 break
     return out
+
+
+#: what a SET_META_CONTEXT selected: the export's name, the (id, name) of
+#: the contexts, the names asked for that the export does not offer
+Selection = tuple[str, list[tuple[int, str]], list[str]]
+
+_REP_ERR_INVALID = (1 << 31) + 3
+_REP_ERR_UNKNOWN = (1 << 31) + 6
+
+
+def meta_context_option(opt: int, data: bytes, structured: bool,
+                        find: Callable[[str], Any], looked_up: Callable[[Callable[[], Any]], Any]
+                        ) -> tuple[list[tuple[int, bytes]], Selection | None]:
+    """The replies (type, payload) to a ``LIST_META_CONTEXT`` or
+    ``SET_META_CONTEXT`` option, and (SET) what it selected (None: nothing,
+    after an error). ``find(name)`` is the server's export lookup,
+    ``looked_up(f)`` runs ``f`` under its lookup lock."""
+    setting = opt == OPT_SET_META_CONTEXT
+    if not structured:
+        return [(_REP_ERR_INVALID, b"metadata contexts need structured replies: "
+                                   b"NBD_OPT_STRUCTURED_REPLY first")], None
+    try:
+        name, queries = parse_meta_option(data)
+    except ValueError as e:
+        return [(_REP_ERR_INVALID, str(e).encode())], None
+    export = find(name)
+    if export is None:
+        return [(_REP_ERR_UNKNOWN, f"no export (volume) named {name!r}".encode())], None
+    vol = export.volume
+    have = looked_up(lambda: contexts_of(vol))
+    chosen = match_contexts(queries, have, listing=not setting)
+    if setting and len(chosen) > MAX_CONTEXTS:
+        return [(REP_ERR_TOO_BIG, f"{len(chosen)} contexts (at most {MAX_CONTEXTS})".encode())
+                ], None
+    picked = [(i + 1 if setting else 0, n) for i, n in enumerate(chosen)]
+    replies = [(REP_META_CONTEXT, struct.pack(">I", i) + n.encode()) for i, n in picked]
+    replies.append((1, b""))                  # NBD_REP_ACK
+    if not setting:
+        return replies, None
+    missing = [q for q in queries if q not in chosen]
+    if missing:
+        log.info("NBD export %s offers no metadata context %s (it offers %s)",
+                 name, ", ".join(missing), ", ".join(have))
+    return replies, (name, picked, missing)
 
 
 # -- the contexts ------------------------------------------------------------------
