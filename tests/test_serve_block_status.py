@@ -402,6 +402,14 @@ def test_a_withdrawn_relationship_answers_an_error(tmp_path):
             volume(server, "T").target_relationship.withdraw()
         err, msg = status(c, 0, 4096)
         assert err == nbd.E_IO and "withdrawn" in msg
+        # a new FlashCopy onto T: the same name shows its recording
+        with server.lock:
+            fastfc.FlashCopy(volume(server, "S"), volume(server, "T"), background_copy=False,
+                             record=True)
+        volume(server, "S").write(8192, b"w")
+        [desc] = status(c, 0, 16 * TRACK).values()
+        gs = volume(server, "S").grain_size
+        assert desc[:2] == [(8192 // gs * gs, 0), (gs, 1)]
 
 
 # -- the real clients -------------------------------------------------------------------
