@@ -5,9 +5,10 @@ The server speaks the fixed newstyle handshake of the NBD protocol
 simple replies, or structured replies and block status (metadata
 contexts ``base:allocation`` and ``qemu:dirty-bitmap:NAME``:
 :mod:`.nbd_status`) for a client that negotiates them, and translates
-each request onto the volume's public I/O calls (:meth:`Volume.write`, :meth:`Volume.readinto`, :meth:`Volume.flush`):
-copy-on-write, read redirection, write inhibits and PPRC recording all
-happen there, once, as for any other host.
+each request onto the volume's public I/O calls (:meth:`Volume.write`,
+:meth:`Volume.readinto`, :meth:`Volume.flush`): copy-on-write, read
+redirection, write inhibits and PPRC recording all happen there, once, as
+for any other host.
 
 Threads: one accepts on each listening socket; one per connection reads
 requests, carries them out and replies, in order. The socket calls and copies
