@@ -20,6 +20,12 @@ The contexts of an export (a volume V), each answering
     incrementally resynced (``src_changed | tgt_changed``), status
     ``NBD_STATE_DIRTY`` (1). These are the only grains where T's image
     and S's current image may differ.
+``qemu:dirty-bitmap:T@last-resync``
+    Once this server has run an incremental resync of that FlashCopy: the
+    grains that resync took in (:attr:`FlashCopy.last_resync_changes`),
+    where T's image differs from its image before it. Fixed at the
+    resync's instant, so a backup that resyncs first, then lists this and
+    copies those grains from T, races no host write.
 ``qemu:dirty-bitmap:B``
     When V is the primary of a PPRC pair with secondary B (unless a
     FlashCopy target of V has that name too): the grains B does not have
@@ -83,6 +89,8 @@ STATE_DIRTY = 1 << 0          # qemu:dirty-bitmap:
 
 BASE_ALLOCATION = "base:allocation"
 DIRTY_BITMAP = "qemu:dirty-bitmap:"
+#: the suffix of a FlashCopy's last-resync bitmap (no volume name holds "@")
+LAST_RESYNC = "@last-resync"
 
 #: descriptors in one BLOCK_STATUS chunk at most (proto.md: SHOULD NOT
 #: exceed 2^20); a reply cut there covers less than was asked
@@ -313,6 +321,33 @@ class FlashCopyChanges(Context):
         return Status(marked, STATE_DIRTY, 0, more)
 
 
+class LastResyncChanges(Context):
+    """``qemu:dirty-bitmap:T@last-resync``: the grains the last
+    incremental resync of the FlashCopy onto ``target`` took in
+    (:attr:`FlashCopy.last_resync_changes`): where the target's image
+    differs from its image before that resync. A bitmap made once, at the
+    resync's instant, and never changed: read without a lock."""
+
+    def __init__(self, target: Volume) -> None:
+        self.target = target
+        self.name = DIRTY_BITMAP + target.name + LAST_RESYNC
+
+    def status(self, g0: int, g1: int) -> Status:
+        T = self.target
+        rel = T.target_relationship
+        last = None if rel is None or not rel.active else rel.last_resync_changes
+        if last is None:
+            raise ContextError(E_IO, f"{self.name}: no incremental resync of a FlashCopy onto "
+                                  f"{T.name} known to this server any more")
+        bm = last[1]
+        n = T.n_grains
+        more = _next_set([bm], g1, n) - g1 if g1 < n else 0
+        marked = _bits([_words(bm, g0, g1)], g0, g1)
+        if marked.size and marked[-1]:
+            more = 0
+        return Status(marked, STATE_DIRTY, 0, more)
+
+
 class MirrorOutOfSync(Context):
     """``qemu:dirty-bitmap:B``: what the PPRC pair from ``primary`` to its
     secondary B still owes B."""
@@ -429,6 +464,9 @@ def contexts_of(vol: Volume) -> dict[str, Context]:
     for rel in rels:
         if rel.active and getattr(rel, "record", False) and rel.src_changed is not None:
             out.setdefault(DIRTY_BITMAP + rel.target.name, FlashCopyChanges(rel.target))
+            if rel.last_resync_changes is not None:
+                out.setdefault(DIRTY_BITMAP + rel.target.name + LAST_RESYNC,
+                               LastResyncChanges(rel.target))
     pair = vol.mirror
     if pair is not None and getattr(pair, "active", True):
         out.setdefault(DIRTY_BITMAP + pair.secondary.name,
