@@ -39,16 +39,16 @@ if TYPE_CHECKING:   # typing and contextlib cost a start without them a tenth
 SOCKET = "control.sock"
 
 #: Commands never forwarded: they open no unit, or are the server themselves.
-LOCAL = frozenset({"serve", "demo", "bench"})
+LOCAL = frozenset({"serve", "demo", "bench", "applydiff"})
 
 #: The commands a server carries out: every command of the full command
 #: line but :data:`LOCAL` (tests/test_client.py holds the two to each other).
 FORWARDED = frozenset({
-    "chgmir", "commitflash", "failbackpprc", "failoverpprc", "formcg", "lsflash", "lsgmir",
-    "lspprc", "lsvol", "mkflash", "mkgmir", "mkpprc", "mkvol", "pausegmir", "pausepprc",
-    "read", "recovergmir", "resumegmir", "resumepprc", "resyncflash", "reverseflash",
-    "revertflash", "rmflash", "rmgmir", "rmpprc", "rmvol", "showgmir", "showunit",
-    "waitflash", "write"})
+    "chgmir", "commitflash", "diffflash", "failbackpprc", "failoverpprc", "formcg",
+    "lsflash", "lsgmir", "lspprc", "lsvol", "mkflash", "mkgmir", "mkpprc", "mkvol",
+    "pausegmir", "pausepprc", "read", "recovergmir", "resumegmir", "resumepprc",
+    "resyncflash", "reverseflash", "revertflash", "rmflash", "rmgmir", "rmpprc", "rmvol",
+    "showgmir", "showunit", "waitflash", "write"})
 
 #: Environment variables a forwarded command takes from its client (besides
 #: every ``FASTFC_*``): what decides how output looks.

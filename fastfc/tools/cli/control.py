@@ -67,8 +67,8 @@ What a forwarded command sees
   whether the command stopped early so (``stopped``), and the client prints
   one line saying so (or that the outcome is unknown, when no answer comes
   within :data:`CANCEL_WAIT`) and exits 130. No command reads stdin, so
-  none is sent.
-- ``serve``, ``demo`` and ``bench`` are never forwarded (:data:`LOCAL`).
+  none is sent (``applydiff``, which does, opens no unit).
+- ``serve``, ``demo``, ``bench`` and ``applydiff`` are never forwarded (:data:`LOCAL`).
 
 Security: the socket is created in a private (0700) directory inside the
 unit directory, given mode 0600 there and only then renamed to
@@ -1160,8 +1160,9 @@ def long_group_options(argv: list[str], group: click.Group) -> list[str]:
     while i < len(out) and out[i].startswith("-") and out[i] != "--":
         opt = out[i]
         if opt in takes_value and i + 1 < len(out):
-            if takes_value[opt] is not None:
-                out[i] = takes_value[opt]
+            spelled = takes_value[opt]
+            if spelled is not None:
+                out[i] = spelled
             i += 2
         else:
             i += 1

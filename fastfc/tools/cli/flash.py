@@ -4,12 +4,16 @@ revertflash, reverseflash, rmflash, and the copy in the foreground that
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sys
 import time
 
 import click
 
 from fastfc.copyservices.flashcopy import CHUNK_BYTES, MAX_SEQUENCE, FlashCopy, establish_group
 from fastfc.errors import FastFCError
+from fastfc.storage.volume import locked
 
 from .app import main, warn_problems
 from .copies import moved_on_by
@@ -324,3 +328,145 @@ def _copy(fc: FlashCopy, tracks: int) -> None:
     except FastFCError:
         if fc.active:
             raise
+
+
+# -- the diff stream --------------------------------------------------------------------
+@main.command()
+@click.argument("spec", type=FLASH)
+@click.option("--full", is_flag=True,
+              help="Every byte of the target's image, with no resync (the first backup).")
+@click.option("--resume", "resume", metavar="STATE",
+              help="Send again what the state file applydiff left (IMAGE.fastfc-diff) "
+                   "says is missing, from the same image.")
+@click.option("-o", "--output", metavar="FILE", help="Write the stream here, not to stdout.")
+@pass_units
+def diffflash(units, spec, full, resume, output) -> None:
+    """Write a diff stream of a FlashCopy target: resync SOURCE:TARGET
+    incrementally and stream the grains the resync took in, from the
+    target's new image; applydiff applies it to a copy elsewhere.
+
+    The relationship needs change recording (mkflash --record). --full
+    streams the whole image instead (no resync); --resume STATE finishes a
+    stream applydiff got in part. Host writes to the source go on meanwhile
+    (the target keeps its image); a host write to the target stops the
+    stream."""
+    from fastfc.tools import diffstream as ds
+    if sum(map(bool, (full, resume))) > 1:
+        raise click.UsageError("give at most one of --full and --resume")
+    fc = units.flashcopy(*spec)
+    if not fc.record:
+        raise click.ClickException(f"{fc_id(fc)} has no change recording (mkflash --record): "
+                                   "what changed is not known")
+    S, T = fc.source, fc.target
+    if resume:
+        state = _resume_state(units, resume, fc)
+        extents = ds.partial_extents(state)
+        part = state["partial"]
+        header = ds.Header(stream=part["stream"], source=S.name, target=T.name,
+                           sequence=part["sequence"], base=part["base"], size=T.capacity,
+                           grain=T.grain_size, kind=part["kind"], extents=extents)
+        _unchanged_since(fc, header, "was resynced")
+    elif full:
+        header = ds.Header(stream=ds.new_id(), source=S.name, target=T.name,
+                           sequence=fc.sequence, base=None, size=T.capacity,
+                           grain=T.grain_size, kind="full", extents=ds.whole(T.capacity))
+    else:
+        base = fc.sequence
+        fc.resync()
+        seq, grains = fc.last_resync_changes
+        header = ds.Header(stream=ds.new_id(), source=S.name, target=T.name, sequence=seq,
+                           base=base, size=T.capacity, grain=T.grain_size,
+                           kind="incremental",
+                           extents=ds.extents_of(grains.runs(), T.grain_size, T.capacity))
+
+    def read(off: int, n: int):
+        data = T.read(off, n)
+        _unchanged_since(fc, header, "was", (off, n))
+        return data
+
+    out = sys.stdout.buffer if output is None else None
+    if out is not None and sys.stdout.isatty():
+        raise click.UsageError("diffflash writes a binary stream: redirect stdout to a file "
+                               "or a pipe, or give -o FILE")
+    with contextlib.ExitStack() as stack:
+        if out is None:
+            out = stack.enter_context(open(units.where(output), "wb"))
+        sent = ds.write_stream(out, header, read)
+    frm = "" if header.base is None else f" from sequence {header.base}"
+    click.echo(f"streamed {fc_id(fc)} ({header.kind}{', resumed' if resume else ''}): "
+               f"sequence {header.sequence}{frm}, {plural(len(header.extents), 'extent')}, "
+               f"{human(sent)}", err=True)
+
+
+def _resume_state(units, path: str, fc: FlashCopy) -> dict:
+    from fastfc.tools import diffstream as ds
+    p = units.where(path)
+    try:
+        state = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"{path}: not a state file applydiff wrote ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != ds.FORMAT or \
+            not state.get("partial"):
+        raise click.ClickException(f"{path} records no stream applied in part: "
+                                   "nothing to resume")
+    if (state.get("source"), state.get("target")) != (fc.source.name, fc.target.name):
+        raise click.ClickException(f"{path} is a stream of {state.get('source')}:"
+                                   f"{state.get('target')}, not {fc_id(fc)}")
+    return state
+
+
+def _unchanged_since(fc: FlashCopy, header, what: str, extent=None) -> None:
+    """Refuse (before the bytes go out) a target whose image is no longer
+    the stream's: resynced, withdrawn, or written by a host where the
+    stream reads (``extent``, or anywhere the stream has left to send)."""
+    T = fc.target
+    gs = T.grain_size
+    with locked((fc.source, T)):
+        if not fc.active or fc.sequence != header.sequence:
+            raise click.ClickException(
+                f"{fc_id(fc)} {what} since the stream's resync (sequence {header.sequence}, "
+                f"now {fc.sequence if fc.active else 'withdrawn'}): its image is not the "
+                "stream's any more; send a full stream (diffflash --full)")
+        spans = [extent] if extent is not None else header.extents
+        assert fc.tgt_changed is not None      # record=True keeps it
+        for off, n in spans:
+            if fc.tgt_changed.any_range(off // gs, -(-(off + n) // gs)):
+                raise click.ClickException(
+                    f"{T.name} was written by a host at offset {off} or after, where the "
+                    "stream reads: its image is not the stream's any more; send a full "
+                    "stream (diffflash --full)")
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--create", is_flag=True, help="A full stream may make IMAGE (of its size).")
+def applydiff(image, create) -> None:
+    """Apply a diff stream (diffflash) from stdin to IMAGE, a copy elsewhere
+    (a raw image file or a block device).
+
+    IMAGE.fastfc-diff records what the image holds: the sequence of the
+    target it is a copy of, and, while a stream is applied in part, what
+    is left (diffflash --resume sends it). A stream that does not start
+    from what the image holds is refused, with nothing written."""
+    from pathlib import Path
+
+    from fastfc.tools import diffstream as ds
+    if sys.stdin.isatty():
+        raise click.UsageError("applydiff reads a stream from stdin: pipe diffflash into it")
+    try:
+        with Progress(unit="bytes") as progress:
+            task = None
+
+            def show(done: int, total: int) -> None:
+                nonlocal task
+                if task is None:
+                    task = progress.add(Path(image).name, total, size=1)
+                progress.update(task, done)
+
+            got = ds.apply_stream(sys.stdin.buffer, Path(image), create=create, progress=show)
+    except ds.StreamError as e:
+        raise click.ClickException(str(e)) from None
+    h = got.header
+    frm = "" if h.base is None else f" from sequence {h.base}"
+    click.echo(f"applied {h.kind} stream of {h.source}:{h.target} to {image}: sequence "
+               f"{h.sequence}{frm}, {plural(got.extents, 'extent')}, {human(got.bytes)}")
