@@ -245,14 +245,59 @@ class ContextError(Exception):
 
 @dataclass
 class Status:
-    """One context's answer over grains ``[g0, g0 + len(marked))``:
-    ``marked`` (bool per grain) takes ``on`` as its status, the others
-    ``off``; ``more`` grains past the end have the last grain's status too
-    (0: unknown), so the final extent may run on past the request."""
-    marked: np.ndarray
+    """One context's answer over ``n`` grains from ``g0``: the status
+    changes at each grain of ``cuts`` (ascending, in ``(0, n)``); grain 0
+    is marked (status ``on``) if ``first``, else ``off``; ``more`` grains
+    past the end have the last grain's status too (0: unknown), so the
+    final extent may run on past the request."""
+    cuts: np.ndarray
+    first: bool
+    n: int
     on: int
     off: int
     more: int = 0
+
+    @classmethod
+    def of_bools(cls, marked: np.ndarray, on: int, off: int, more: int = 0) -> "Status":
+        """From a bool per grain (marked: ``on``)."""
+        cuts = np.flatnonzero(marked[1:] != marked[:-1]) + 1
+        return cls(cuts, bool(marked[0]) if marked.size else False, int(marked.size),
+                   on, off, more)
+
+    @classmethod
+    def of_words(cls, words_list: list[np.ndarray], g0: int, g1: int, on: int, off: int,
+                 more: int = 0) -> "Status":
+        """From the words (copies, from word ``g0 >> 6``) of bitmaps whose
+        OR marks a grain, in time proportional to the words plus the
+        changes of status: only words where a bit differs from the one
+        before it are looked at bit by bit."""
+        acc = words_list[0]
+        for w in words_list[1:]:
+            acc = acc | w
+        s = g0 - ((g0 >> 6) << 6)          # grain g0's bit in acc
+        n = g1 - g0
+        carry = np.empty_like(acc)
+        if acc.size:
+            carry[0] = acc[0] & np.uint64(1)          # no change before bit 0
+            carry[1:] = acc[:-1] >> np.uint64(63)
+        flips = acc ^ ((acc << np.uint64(1)) | carry)  # bit i: bit i != bit i - 1
+        nz = np.flatnonzero(flips)
+        idx = np.flatnonzero(np.unpackbits(flips[nz].view(np.uint8), bitorder="little"))
+        pos = nz[idx >> 6].astype(np.int64) * 64 + (idx & 63)
+        cuts = pos[(pos > s) & (pos < s + n)] - s
+        first = bool((int(acc[0]) >> s) & 1) if n else False
+        return cls(cuts, first, n, on, off, more)
+
+    @property
+    def marked(self) -> np.ndarray:
+        """A bool per grain: marked (status ``on``)."""
+        lengths = np.diff(np.concatenate(([0], self.cuts, [self.n])))
+        return np.repeat((np.arange(lengths.size) % 2 == 0) == self.first, lengths)
+
+    @property
+    def last(self) -> bool:
+        """Whether the last grain is marked."""
+        return self.first ^ bool(self.cuts.size & 1)
 
 
 class Context:
@@ -315,10 +360,10 @@ class FlashCopyChanges(Context):
             more = 0
             if g1 < n:   # a clean end runs on to the next change
                 more = _next_set(maps, g1, n) - g1
-        marked = _bits(words, g0, g1)
-        if marked.size and marked[-1]:
-            more = 0
-        return Status(marked, STATE_DIRTY, 0, more)
+        st = Status.of_words(words, g0, g1, STATE_DIRTY, 0, more)
+        if st.n and st.last:
+            st.more = 0
+        return st
 
 
 class LastResyncChanges(Context):
@@ -342,10 +387,10 @@ class LastResyncChanges(Context):
         bm = last[1]
         n = T.n_grains
         more = _next_set([bm], g1, n) - g1 if g1 < n else 0
-        marked = _bits([_words(bm, g0, g1)], g0, g1)
-        if marked.size and marked[-1]:
-            more = 0
-        return Status(marked, STATE_DIRTY, 0, more)
+        st = Status.of_words([_words(bm, g0, g1)], g0, g1, STATE_DIRTY, 0, more)
+        if st.n and st.last:
+            st.more = 0
+        return st
 
 
 class MirrorOutOfSync(Context):
@@ -370,10 +415,10 @@ class MirrorOutOfSync(Context):
             words = [_words(bm, g0, g1) for bm in maps]
             n = P.n_grains
             more = _next_set(maps, g1, n) - g1 if g1 < n else 0
-        marked = _bits(words, g0, g1)
-        if marked.size and marked[-1]:
-            more = 0
-        return Status(marked, STATE_DIRTY, 0, more)
+        st = Status.of_words(words, g0, g1, STATE_DIRTY, 0, more)
+        if st.n and st.last:
+            st.more = 0
+        return st
 
 
 class Allocation(Context):
@@ -399,7 +444,8 @@ class Allocation(Context):
                 if vol.target_relationship is rel:
                     owed = _bits([_words(rel.to_copy, g0, g1)], g0, g1)
             if owed is None:            # (it changed meanwhile: all data)
-                return Status(np.ones(g1 - g0, dtype=bool), 0, STATE_HOLE | STATE_ZERO)
+                return Status.of_bools(np.ones(g1 - g0, dtype=bool), 0,
+                                       STATE_HOLE | STATE_ZERO)
         path = getattr(vol, "path", None)
         gs = vol.grain_size
         if vol.thin and path is not None:
@@ -415,7 +461,7 @@ class Allocation(Context):
         more = more_bytes // gs
         if data.size and data[-1]:
             more = 0
-        return Status(data, 0, STATE_HOLE | STATE_ZERO, more)
+        return Status.of_bools(data, 0, STATE_HOLE | STATE_ZERO, more)
 
 
 def _file_data(path: Any, start: int, stop: int, capacity: int,
@@ -481,11 +527,9 @@ def descriptors(st: Status, g0: int, gs: int, offset: int, end: int, capacity: i
     ``[offset, end)``: consecutive from ``offset``, the runs of equal
     status coalesced; the final one may run on past ``end`` (its status
     holds there too) unless ``req_one``; at most :data:`MAX_EXTENTS`."""
-    m = st.marked
-    n = m.size
-    cut = np.flatnonzero(m[1:] != m[:-1]) + 1
-    starts = np.concatenate(([0], cut))
-    stops = np.concatenate((cut, [n]))
+    n = st.n
+    starts = np.concatenate(([0], st.cuts))
+    stops = np.concatenate((st.cuts, [n]))
     if req_one:
         starts, stops = starts[:1], stops[:1]
     elif starts.size > MAX_EXTENTS:
@@ -509,7 +553,8 @@ def descriptors(st: Status, g0: int, gs: int, offset: int, end: int, capacity: i
         hi[-1] = min(int(hi[-1]), end)
     out = np.empty((starts.size, 2), dtype=">u4")
     out[:, 0] = hi - lo
-    out[:, 1] = np.where(m[starts], st.on, st.off)
+    marked = (np.arange(starts.size) & 1) == (0 if st.first else 1)
+    out[:, 1] = np.where(marked, st.on, st.off)
     return out
 
 
