@@ -624,3 +624,31 @@ def test_block_status_over_tls(tmp_path):
         send(c, nbd.CMD_READ, 0, 5, handle=4)
         [(fl, rtype, body)] = chunks(c, 4)
         assert rtype == ns.REPLY_TYPE_OFFSET_DATA and body == bytes(8) + bytes(5)
+
+
+def test_status_from_words_equals_the_bits():
+    """``Status.of_words`` (only the words where a bit changes expanded)
+    against the bits themselves: random bitmaps of runs and of scattered
+    bits, ORed, any start and end (not word-aligned)."""
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        n = int(rng.integers(1, 700))
+        maps = []
+        for _ in range(int(rng.integers(1, 3))):
+            bm = fastfc.TrackBitmap(n)
+            for _ in range(int(rng.integers(0, 8))):
+                a = int(rng.integers(0, n))
+                bm.set_range(a, min(n, a + int(rng.integers(1, 150))))
+            for i in rng.integers(0, n, int(rng.integers(0, 10))):
+                bm.set(int(i))
+            maps.append(bm)
+        bools = np.zeros(n, dtype=bool)
+        for bm in maps:
+            bools |= bm.to_bools()
+        g0 = int(rng.integers(0, n))
+        g1 = int(rng.integers(g0 + 1, n + 1))
+        st = ns.Status.of_words([ns._words(bm, g0, g1) for bm in maps], g0, g1, 1, 0)
+        assert st.n == g1 - g0
+        assert np.array_equal(st.marked, bools[g0:g1]), (n, g0, g1)
+        assert st.last == bools[g1 - 1]
+        assert np.array_equal(st.marked, ns.Status.of_bools(bools[g0:g1], 1, 0).marked)
