@@ -310,8 +310,9 @@ class CGJournal:
     mapping), as SQLite's WAL at ``synchronous=NORMAL`` does: what the
     durability promises. Not used at "power", which fsyncs each decision."""
 
-    def __init__(self, path: Path, size: int = JOURNAL_BYTES) -> None:
+    def __init__(self, path: Path, size: int | None = None) -> None:
         self.path = path
+        size = JOURNAL_BYTES if size is None else size
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             if os.fstat(fd).st_size != size:
