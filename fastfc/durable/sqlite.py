@@ -398,6 +398,18 @@ class CGJournal:
             self.path.unlink(missing_ok=True)
 
 
+class _Inside:
+    """:meth:`SQLiteStore._atomic` inside the open transaction: nothing to do."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+_INSIDE = _Inside()
+
 POOL_PER_SIZE = 1024   # recycled bitmap files kept per bitmap size
 
 
@@ -415,6 +427,8 @@ class SQLiteStore(Store):
     _jtx: list | None = None        # a deferred transaction's statements
     _jfolding = False               # the open SQL transaction folds the journal
     _trace: Callable[[str], None] | None = None
+    _owner: int | None = None       # the thread of the open transaction
+    _failures_json: tuple[dict, str] | None = None   # counters' failures, as last dumped
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -737,6 +751,8 @@ class SQLiteStore(Store):
             saved_garbage = set(self._garbage)
             self._undo.append({})
             self._depth += 1
+            owner = self._owner
+            self._owner = threading.get_ident()     # (the lock's holder)
             try:
                 yield
                 if level == 0:
@@ -750,6 +766,7 @@ class SQLiteStore(Store):
                                 cast(CGJournal, journal).generation + 1)
             except BaseException as e:
                 self._depth -= 1
+                self._owner = owner
                 if level == 0:
                     self._jtx = None
                     self._jfolding = False
@@ -776,6 +793,7 @@ class SQLiteStore(Store):
                            "(free space and retry)")) from e
                 raise
             self._depth -= 1
+            self._owner = owner
             undo = self._undo.pop()
             if self._undo:           # a savepoint released: its changes are the parent's
                 parent = self._undo[-1]
@@ -907,12 +925,19 @@ class SQLiteStore(Store):
         else:
             path.unlink(missing_ok=True)
 
-    @contextmanager
     def _atomic(self, sync: bool = True):
         """For a save of one or two statements: its own transaction when none
         is open (``sync`` as for :meth:`transaction`), else part of the open
         one without a savepoint (a statement is atomic by itself, and the
-        enclosing transaction's rollback also undoes the bitmap bookkeeping)."""
+        enclosing transaction's rollback also undoes the bitmap bookkeeping).
+        Inside a transaction of this thread (the CG path) no context manager
+        is made."""
+        if self._depth and self._owner == threading.get_ident():
+            return _INSIDE
+        return self._atomic_cm(sync)
+
+    @contextmanager
+    def _atomic_cm(self, sync: bool):
         with self._lock:
             if self._depth:
                 yield
@@ -1457,8 +1482,12 @@ class SQLiteStore(Store):
         # it writes session_stats as before), written only when it changes
         failure = stats.get("last_failure")
         with self._atomic(sync=False):
+            failures = stats["failures"]
+            cached = self._failures_json
+            if cached is None or cached[0] != failures:
+                cached = self._failures_json = (dict(failures), json.dumps(failures))
             self._put(_J_STATS,
-                      (name, stats["attempts"], stats["successes"], json.dumps(stats["failures"]),
+                      (name, stats["attempts"], stats["successes"], cached[1],
                        stats["commit_failures_resolved"], stats["bytes_drained"],
                        stats["last_cg_time"], stats["sequence"]))
             if failure != self._failures_saved.get(name, _MISSING) \
