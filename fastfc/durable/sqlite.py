@@ -891,7 +891,9 @@ class SQLiteStore(Store):
         """At open: the CG journal's entries not folded yet go into unit.db
         (read-write), or into an in-memory copy of it that this store reads
         (read-only: nothing on the disk changes). Read-write at durability
-        "process", the journal is then kept for the CGs to come; otherwise
+        "process", the journal is then kept for the CGs to come, when the
+        filesystem has room for it (a unit that released its reserve, or
+        cannot have the journal's blocks, records CGs in SQLite); otherwise
         its file goes."""
         path = directory / JOURNAL_FILE
         conn = self._conn
@@ -919,11 +921,16 @@ class SQLiteStore(Store):
                     conn.execute("ROLLBACK")
                 raise
             folded = gen
-        if self.durability == "process":
-            self._journal = CGJournal(path)
-            self._journal.restart(folded + 1)
-        else:
-            path.unlink(missing_ok=True)
+        if self.durability == "process" and not self.released_reserve and (
+                path.exists() or _free_bytes(directory) >= JOURNAL_BYTES + 4 * RESERVE_BYTES):
+            try:
+                self._journal = CGJournal(path)
+            except NoSpaceError:
+                pass          # (a filesystem with no room: the CGs' records go to SQLite)
+            else:
+                self._journal.restart(folded + 1)
+                return
+        path.unlink(missing_ok=True)
 
     def _atomic(self, sync: bool = True):
         """For a save of one or two statements: its own transaction when none
