@@ -301,7 +301,8 @@ class PowerCutRecorder:
         def transaction(store, level, *args, **kwargs):
             with txn(store, level, *args, **kwargs):
                 yield
-            if level == 0 and store.db.execute("PRAGMA synchronous").fetchone()[0] >= 2:
+            # (the connection itself: ``store.db`` would fold the CG journal)
+            if level == 0 and store._conn.execute("PRAGMA synchronous").fetchone()[0] >= 2:
                 rec.refresh_db(store, "sqlite commit (fsynced)")
         patch(SQLiteStore, "_transaction", transaction)
 

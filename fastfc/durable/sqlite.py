@@ -1098,16 +1098,24 @@ class SQLiteStore(Store):
         three per relationship at its commit and takes as many at the next
         prepare: fewer would make it delete and create files every CG)."""
         garbage = self._garbage
+        if not garbage:
+            return
         refs = self._refs
+        maps = self._maps
+        pools = self._pool
         cap = max(POOL_PER_SIZE, len(refs))
-        for fid in [f for f in garbage if f not in refs]:
-            bm = self._maps.pop(fid, None)
-            pool = self._pool.setdefault(bm.n_bits, []) if bm is not None else None
-            if pool is not None and len(pool) < cap:
-                assert bm is not None   # a pool is looked up for a bitmap only
-                self._maps[fid] = bm
-                pool.append(bm)
+        for fid in garbage:
+            if fid in refs:
                 continue
+            bm = maps.get(fid)
+            if bm is not None:
+                pool = pools.get(bm.n_bits)
+                if pool is None:
+                    pool = pools[bm.n_bits] = []
+                if len(pool) < cap:
+                    pool.append(bm)
+                    continue
+                del maps[fid]
             try:
                 (self.bitmap_dir / f"{fid}.bm").unlink()
             except FileNotFoundError:
