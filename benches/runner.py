@@ -37,6 +37,12 @@ serve     ``fastfc serve`` (``serve.py``): fio and nbdcopy against it, nbdkit's
           memory plugin and qemu-nbd, interleaved, one export in /dev/shm
           each (skipped, naming the apt packages, without fio, nbdcopy,
           nbdkit, qemu-nbd)
+nbd_map   changed-block export (``nbd_map.py``): listing the changed
+          extents (``nbdinfo --map=qemu:dirty-bitmap:T``) of a thin volume
+          on the disk with 1 % of its tracks written, against reading it
+          whole (``nbdcopy --no-extents``); an incremental backup of it
+          against a full copy, bytes moved and time; FASTFC_BENCH_MAP_GIB
+          sets the volume's size [16; quick 1] (skipped without libnbd-bin)
 serve_gm  a Global Mirror session in ``fastfc serve`` (``resumegmir``) under
           fio 4 KiB randwrite QD16 on its A exports (``serve.py``): client
           IOPS with it running / paused, CG/s, RPO p50/p99, and read-only
@@ -70,6 +76,7 @@ import gc
 import json
 import math
 import os
+import statistics
 import platform
 import subprocess
 import sys
@@ -86,12 +93,13 @@ from benches.cases import CASES, Case, Result, get_case, measure, metadata_rows
 
 REPO = Path(__file__).resolve().parent.parent
 SUITES = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable",
-          "durable_steady", "gm", "grain", "scaleout", "serve", "serve_gm", "durable_large"]
+          "durable_steady", "gm", "grain", "scaleout", "serve", "nbd_map", "serve_gm",
+          "durable_large"]
 OPT_IN = {"durable_large"}     # run only when named
 # GiB each suite may hold at its peak (gm: its volumes, worked out there)
 SUITE_MEMORY = {"physical": 2.5, "core": 3, "engine": 2, "numba": 2, "qemu": 3,
                 "scaling": 3, "durable": 7, "durable_steady": 7, "gm": 0, "scaleout": 4,
-                "durable_large": 2, "serve": 5, "serve_gm": 1, "grain": 0}
+                "durable_large": 2, "serve": 5, "nbd_map": 0.5, "serve_gm": 1, "grain": 0}
 
 
 # --------------------------------------------------------------------------
@@ -832,6 +840,50 @@ class Report:
                              headline=f"fastfc serve / {peer}: {label}"
                              if not self.quick else "",
                              data={"samples": rr, "cpu_us_per_request": cpu[w]}))
+
+    # -- nbd_map ----------------------------------------------------------
+    def nbd_map(self) -> None:
+        """Changed-block export: listing the changes of a thin volume with 1 %
+        changed vs reading it whole; an incremental backup vs a full copy."""
+        from benches import nbd_map as nm
+        gone = nm.missing()
+        if gone:
+            self.skipped["nbd_map"] = gone
+            self.log(f"  skipped: {gone}")
+            return
+        gib = float(os.environ.get("FASTFC_BENCH_MAP_GIB", "1" if self.quick else "16"))
+        self.unit_dir.mkdir(parents=True, exist_ok=True)
+        self.log(f"  changed blocks over NBD: a {gib:g} GiB thin volume on the disk")
+        d = nm.run(int(gib * (1 << 30)), repeats=2 if self.quick else 3, log=self.log,
+                   where=str(self.unit_dir))
+        self.raw["nbd_map"] = d
+        size = f"{gib:g} GiB thin volume on the disk, 1 % of its 64 KiB tracks written"
+        lst, whole = statistics.median(d["list_s"]), statistics.median(d["read_whole_s"])
+        self.add(Row("nbd_map", "nbd_map_list",
+                     f"listing the changed extents (nbdinfo --map=qemu:dirty-bitmap:T) vs "
+                     f"reading the volume whole (nbdcopy --no-extents), {size}",
+                     f"{lst:.3f} s", f"{whole:.2f} s read whole", d["list_ratio"], ">= 20",
+                     d["list_ratio"] >= 20,
+                     note=f"{d['listed_extents']} extents, {d['listed_bytes']} bytes listed "
+                          f"(= {d['changed_bytes']} written); list runs "
+                          f"{', '.join(f'{x:.3f}' for x in d['list_s'])} s, read whole "
+                          f"{', '.join(f'{x:.2f}' for x in d['read_whole_s'])} s",
+                     headline="" if self.quick else "listing 1 % changed vs reading whole"))
+        self.add(Row("nbd_map", "nbd_map_incremental_time",
+                     f"incremental backup (list, resyncflash, copy the changed extents) vs a "
+                     f"full copy of the same volume, {size}",
+                     f"{d['incr_s']:.2f} s", f"{d['full_s']:.2f} s full copy",
+                     d["incr_speedup"], ">= 20", d["incr_speedup"] >= 20,
+                     note=f"list {d['incr_list_s']:.3f} s, resyncflash (front door) "
+                          f"{d['incr_resync_s']:.2f} s; {d['checked_extents']} extents "
+                          "checked against the source",
+                     headline="" if self.quick else "incremental backup vs full copy: time"))
+        frac = d["incr_fraction"]
+        self.add(Row("nbd_map", "nbd_map_incremental_bytes",
+                     f"bytes the incremental backup moves over NBD / a full copy's, {size}",
+                     f"{d['incr_bytes']} B", f"{d['full_bytes']} B full copy", frac,
+                     "<= 0.011", frac <= 0.011,
+                     note=f"{100 * frac:.3f} % of the volume"))
 
     # -- serve_gm ---------------------------------------------------------
     def serve_gm(self) -> None:

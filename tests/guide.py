@@ -48,14 +48,15 @@ class Walkthrough:
     steps: list[Step] = field(default_factory=list)
 
 
-def walkthroughs(text: str) -> list[Walkthrough]:
-    """The walk-throughs of a Markdown text, in order."""
+def walkthroughs(text: str, page: str = "") -> list[Walkthrough]:
+    """The walk-throughs of a Markdown text, in order (titled ``page: title``
+    when ``page`` is given)."""
     out: list[Walkthrough] = []
     current: Walkthrough | None = None
     in_block = False
     for n, line in enumerate(text.splitlines(), 1):
         if not in_block and line.startswith("## "):
-            current = Walkthrough(line[3:].strip())
+            current = Walkthrough(f"{page}: {line[3:].strip()}" if page else line[3:].strip())
             continue
         if line.startswith("```"):
             if in_block:

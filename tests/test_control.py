@@ -794,3 +794,27 @@ def test_a_server_stopped_mid_command(tmp_path, holders):
             assert got[0].exit_code == 1
             assert "closed the connection before the command finished" in str(got[0])
             assert out.getvalue().startswith(b"established FlashCopy a:b")
+
+
+def test_the_server_spells_short_group_options_long_up_to_the_command(monkeypatch):
+    """The server parses ``-u PATH -r PATH`` as ``--unit --remote-unit``
+    (click tries a short option as a long one first and builds a
+    ``NoSuchOption`` for each: a difflib search and gettext's file lookups);
+    anything click would report differently is left as typed."""
+    from fastfc.tools.cli.control import long_group_options as spelled
+    assert spelled(["-u", "a", "-r", "b", "--wait", "3", "lsvol", "-u", "x"], main) == \
+        ["--unit", "a", "--remote-unit", "b", "--wait", "3", "lsvol", "-u", "x"]
+    assert spelled(["--durability", "power", "-r", "b", "showgmir", "-r"], main) == \
+        ["--durability", "power", "--remote-unit", "b", "showgmir", "-r"]
+    for kept in (["-u"], ["-uPATH", "lsvol"], ["-h"], ["--", "-u", "a"], ["-x", "a"]):
+        assert spelled(kept, main) == kept
+    built = []
+    import click.exceptions
+    init = click.exceptions.NoSuchOption.__init__
+    monkeypatch.setattr(click.exceptions.NoSuchOption, "__init__",
+                        lambda self, *a, **k: (built.append(a), init(self, *a, **k))[1])
+    main.make_context("fastfc", spelled(["-u", "a", "-r", "b", "lsvol"], main),
+                      resilient_parsing=True)
+    assert built == []
+    main.make_context("fastfc", ["-u", "a", "-r", "b", "lsvol"], resilient_parsing=True)
+    assert len(built) == 2          # what the spelling saves: one per short option

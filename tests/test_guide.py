@@ -14,12 +14,20 @@ import pytest
 import guide
 
 ROOT = Path(__file__).resolve().parent.parent
-GUIDE = ROOT / "docs" / "guide" / "index.md"
-WALKS = guide.walkthroughs(GUIDE.read_text())
+PAGES = sorted((ROOT / "docs" / "guide").glob("*.md"))
+#: every page's walk-throughs, each titled with its page
+WALKS = [w for page in PAGES for w in guide.walkthroughs(page.read_text(), page.stem)]
 
 
 def test_the_guide_has_walkthroughs():
-    assert len(WALKS) >= 2 and all(w.steps for w in WALKS)
+    assert len(WALKS) >= 3 and all(w.steps for w in WALKS)
+    assert {w.title.split(": ")[0] for w in WALKS} >= {"running", "monitoring"}
+
+
+def test_every_page_is_in_the_nav():
+    """A page left out of mkdocs.yml's nav is built but found by no reader."""
+    nav = (ROOT / "mkdocs.yml").read_text()
+    assert [p.name for p in PAGES if f": {p.name}" not in nav] == []
 
 
 @pytest.mark.slow

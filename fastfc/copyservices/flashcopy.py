@@ -138,6 +138,8 @@ class FlashCopy(_core.RelationshipBase):
         # (to_copy, src_changed, tgt_changed, sequence) before a revertible
         # resync: RelationshipBase._revert_image, where the steps keep it
         self._revert_image = None
+        #: (sequence, grains) of the last incremental resync: see last_resync_changes
+        self._last_resync: tuple[int, TrackBitmap] | None = None
         self._cursor = 0
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
@@ -238,6 +240,20 @@ class FlashCopy(_core.RelationshipBase):
         if self.to_copy.any():
             return FlashCopyState.COPYING if self.background_copy else FlashCopyState.NOCOPY
         return FlashCopyState.COPIED
+
+    @property
+    def last_resync_changes(self) -> "tuple[int, TrackBitmap] | None":
+        """What the last incremental resync (:meth:`resync`, not
+        revertible) took in: ``(sequence, grains)``, the sequence number it
+        gave the target and the grains written on the source or the target
+        between the target's previous image and that one (the change
+        recording it consumed, a copy taken under the locks at the resync's
+        instant). Exactly the grains where those two images may differ, so
+        an incremental backup of the target copies them and nothing else.
+        None until such a resync in this process (it is not recorded in a
+        unit: a reopened unit, or a new server, knows it again after the
+        next resync)."""
+        return self._last_resync
 
     @property
     def metadata_bytes(self) -> int:
@@ -510,9 +526,26 @@ class FlashCopy(_core.RelationshipBase):
                 and not self.target.closed and not store.readonly and not store.closed):
             fresh = store.new_bitmaps(self.source.n_grains, 3)
         before, after = self._step_hooks()
+        snaps: list[tuple] | None = None
+        if self.record and not revertible:
+            # the grains it consumes, copied at its instant (locks held), before
+            # a durable store takes the old bitmaps back into its pool
+            snaps = []
+            saved = after
+
+            def after(rel: "FlashCopy") -> None:
+                previous = rel._last_resync
+                state = snaps[-1]
+                rel._last_resync = (new_sequence, state[1] | state[2])
+                if saved is not None:
+                    try:
+                        saved(rel)
+                    except BaseException:
+                        rel._last_resync = previous
+                        raise
         while True:
             k, err = _core.prepare_revertible_many([self], 0, new_sequence, fresh, revertible,
-                                                   faults.hit, before, after)
+                                                   faults.hit, before, after, snaps)
             if err is not None:
                 store.recycle([b for b in fresh if b is not None])
                 raise err

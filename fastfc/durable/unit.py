@@ -13,7 +13,7 @@ Layout of a unit directory::
     unit.reserve       room kept for metadata on a filesystem that fills up
                        (see fastfc.durable.sqlite.RESERVE_FILE)
 
-Durability (see the README for the whole story):
+Durability (see docs/guide/durability.md for the whole story):
 
 * every protocol step (establish, resync, revertible resync, commit, revert,
   withdraw, reverse restore, pair state change, CG decision) is committed to
@@ -145,8 +145,8 @@ class StorageUnit:
         Parameters
         ----------
         durability : {"process", "power"}
-            What a protocol step survives once its call returns (see the
-            README's Durability section). ``"process"`` (default): a process
+            What a protocol step survives once its call returns (see
+            docs/guide/durability.md). ``"process"`` (default): a process
             killed at any instant loses nothing and leaves every C volume on
             one consistency group; power loss is covered at :meth:`flush`
             points; no step waits for the disk (no fsync per step or per CG).

@@ -2,10 +2,13 @@
 
 The server speaks the fixed newstyle handshake of the NBD protocol
 (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md) with
-simple replies, and translates each request onto the volume's public I/O
-calls (:meth:`Volume.write`, :meth:`Volume.readinto`, :meth:`Volume.flush`):
-copy-on-write, read redirection, write inhibits and PPRC recording all
-happen there, once, as for any other host.
+simple replies, or structured replies and block status (metadata
+contexts ``base:allocation`` and ``qemu:dirty-bitmap:NAME``:
+:mod:`.nbd_status`) for a client that negotiates them, and translates
+each request onto the volume's public I/O calls (:meth:`Volume.write`,
+:meth:`Volume.readinto`, :meth:`Volume.flush`): copy-on-write, read
+redirection, write inhibits and PPRC recording all happen there, once, as
+for any other host.
 
 Threads: one accepts on each listening socket; one per connection reads
 requests, carries them out and replies, in order. The socket calls and copies
@@ -58,6 +61,9 @@ from fastfc.errors import (FastFCError, InvalidImageError, NoSpaceError, VolumeC
                            WriteInhibitedError)
 from fastfc.durable.unit import StorageUnit
 from fastfc.storage.volume import Volume
+from fastfc.tools import nbd_status
+from fastfc.tools.nbd_status import (CMD_BLOCK_STATUS, OPT_LIST_META_CONTEXT,
+                                     OPT_SET_META_CONTEXT)
 
 log = logging.getLogger("fastfc.nbd")
 
@@ -250,6 +256,17 @@ class Export:
 
 
 Lookup = Callable[[str], "Export | None"]
+
+
+@dataclass
+class Negotiated:
+    """What a connection's client negotiated beside its export: structured
+    replies, and the metadata contexts it selected (by id) for
+    ``NBD_CMD_BLOCK_STATUS``; ``unselected`` names those it asked for that
+    the export does not offer (for the error a BLOCK_STATUS then gets)."""
+    structured: bool = False
+    contexts: tuple[tuple[int, "nbd_status.Context"], ...] = ()
+    unselected: tuple[str, ...] = ()
 
 
 class ProtocolError(Exception):
@@ -747,7 +764,7 @@ class NBDServer:
         started = time.monotonic()
         log.info("NBD connection from %s", who)
         try:
-            sock, export = self._negotiate(conn, key)
+            sock, export, negotiated = self._negotiate(conn, key)
             with self._conns_lock:
                 if self._handshakes.pop(key, None) is None:
                     # its deadline passed as the handshake ended: already cut off
@@ -760,7 +777,7 @@ class NBDServer:
                 counters = RequestCounters()
                 with self._conns_lock:
                     self._live_counters[key] = (export.volume.name, counters)
-                self._transmit(sock, export, counters)
+                self._transmit(sock, export, counters, negotiated)
         except (ProtocolError, ConnectionError, ssl.SSLError) as e:
             log.info("NBD connection from %s dropped: %s", who, e)
         except OSError as e:
@@ -782,7 +799,7 @@ class NBDServer:
                 except OSError:
                     pass
 
-    def _negotiate(self, sock: Any, key: int) -> tuple[Any, Export | None]:
+    def _negotiate(self, sock: Any, key: int) -> tuple[Any, Export | None, Negotiated]:
         sock.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
                                  FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         (cflags,) = struct.unpack(">I", _recv_bytes(sock, 4))
@@ -790,6 +807,21 @@ class NBDServer:
             raise ProtocolError(f"unknown client flags {cflags:#x}")
         no_zeroes = bool(cflags & FLAG_NO_ZEROES)
         tls_done = False
+        structured = False
+        # the last SET_META_CONTEXT's selection (nbd_status.meta_context_option)
+        meta: nbd_status.Selection | None = None
+        export_name = ""
+
+        def negotiated(export: Export) -> Negotiated:
+            """What the transmission phase keeps: the contexts selected for
+            this very export (by name: a SET for another name selects none)."""
+            if not structured:
+                return Negotiated()
+            if meta is None or meta[0] != export_name:
+                return Negotiated(True)
+            have = self._looked_up(lambda: nbd_status.contexts_of(export.volume))
+            return Negotiated(True, tuple((i, have[n]) for i, n in meta[1] if n in have),
+                              tuple(meta[2]))
         while True:
             magic, opt, length = _OPT_HDR.unpack(_recv_bytes(sock, 16))
             if magic != IHAVEOPT:
@@ -813,6 +845,7 @@ class NBDServer:
                 with self._conns_lock:       # stop() shuts the socket now in use
                     self._conns[key] = sock
                 tls_done = True
+                structured, meta = False, None   # (proto.md: nothing kept across it)
                 continue
             if self.tls is not None and not tls_done and opt != OPT_ABORT:
                 if opt == OPT_EXPORT_NAME:
@@ -824,7 +857,7 @@ class NBDServer:
                     reply(REP_ACK)
                 except OSError:
                     pass
-                return sock, None
+                return sock, None, Negotiated()
             if opt == OPT_LIST:
                 if length:
                     reply(REP_ERR_INVALID)
@@ -835,13 +868,29 @@ class NBDServer:
                     reply(REP_SERVER, struct.pack(">I", len(n)) + n + desc.encode())
                 reply(REP_ACK)
                 continue
+            if opt == OPT_STRUCTURED_REPLY:
+                if length:
+                    reply(REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")
+                    continue
+                structured = True
+                reply(REP_ACK)
+                continue
+            if opt in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
+                replies, selection = nbd_status.meta_context_option(
+                    opt, data, structured, self._find, self._looked_up)
+                for rtype, payload in replies:
+                    reply(rtype, payload)
+                if opt == OPT_SET_META_CONTEXT:
+                    meta = selection      # (proto.md: replaced, even when it fails)
+                continue
             if opt == OPT_EXPORT_NAME:
-                export = self._find(data.decode("utf-8", "replace"))
+                export_name = data.decode("utf-8", "replace")
+                export = self._find(export_name)
                 if export is None:
                     raise ProtocolError(f"unknown export {data!r} (EXPORT_NAME)")
                 sock.sendall(struct.pack(">QH", export.volume.capacity, self._tflags(export))
                              + (b"" if no_zeroes else bytes(124)))
-                return sock, export
+                return sock, export, negotiated(export)
             if opt in (OPT_INFO, OPT_GO):
                 if length < 6:
                     reply(REP_ERR_INVALID)
@@ -871,9 +920,10 @@ class NBDServer:
                                             self._tflags(export)))
                 reply(REP_ACK)
                 if opt == OPT_GO:
-                    return sock, export
+                    export_name = name
+                    return sock, export, negotiated(export)
                 continue
-            reply(REP_ERR_UNSUP)       # STRUCTURED_REPLY, meta contexts, ...
+            reply(REP_ERR_UNSUP)       # EXTENDED_HEADERS (nbd_status), ...
 
     def counters(self) -> dict[str, RequestCounters]:
         """Every export's requests since the server started, by export
@@ -918,9 +968,12 @@ class NBDServer:
             f |= TF_SEND_WRITE_ZEROES
         return f
 
-    def _transmit(self, sock: Any, export: Export, counters: RequestCounters) -> None:
+    def _transmit(self, sock: Any, export: Export, counters: RequestCounters,
+                  negotiated: Negotiated | None = None) -> None:
         """Requests in, replies out, in order, each counted in ``counters``
-        as it is answered.
+        as it is answered (READ and BLOCK_STATUS in structured replies
+        when ``negotiated`` says so; the others in simple replies, which
+        proto.md allows for replies without data).
 
         In batches: one ``recv`` takes whatever the client has sent (up to
         :data:`RECV_BUFFER` bytes), every whole request in it is carried
@@ -942,6 +995,10 @@ class NBDServer:
         unpack = _REQ.unpack_from
         pack = _REPLY.pack
         capacity = vol.capacity
+        neg = negotiated if negotiated is not None else Negotiated()
+        structured = neg.structured
+        data_header = nbd_status.data_header
+        error_chunk = nbd_status.error_chunk
         hsize = _REQ.size
         start = end = 0                       # rbuf[start:end]: received, not carried out
         turns = self.turn                     # taken while turns.active
@@ -998,8 +1055,15 @@ class NBDServer:
                     if cmd == CMD_READ:
                         if length > MAX_REQUEST or offset + length > capacity or \
                                 flags & ~CMD_FLAG_FUA:
-                            out += pack(SIMPLE_REPLY_MAGIC, E_INVAL, handle)
+                            if structured:
+                                out += error_chunk(handle, E_INVAL, _bad_read(
+                                    offset, length, flags, capacity))
+                            else:
+                                out += pack(SIMPLE_REPLY_MAGIC, E_INVAL, handle)
                             answered.append((_READ, length, E_INVAL, t0))
+                        elif structured and length == 0:    # (a data chunk has >= 1 byte)
+                            out += nbd_status.none_chunk(handle)
+                            answered.append((_READ, 0, 0, t0))
                         elif length <= KEEP:
                             if not tried and turns is not None and turns.active:
                                 held = turns.acquire(timeout=wait)
@@ -1009,10 +1073,16 @@ class NBDServer:
                                 vol.readinto(offset, data)
                             except Exception as e:
                                 err = error_number(e)
-                                out += pack(SIMPLE_REPLY_MAGIC, err, handle)
+                                if structured:
+                                    out += error_chunk(handle, err, f"read: {e}")
+                                else:
+                                    out += pack(SIMPLE_REPLY_MAGIC, err, handle)
                                 answered.append((_READ, length, err, t0))
                             else:
-                                out += pack(SIMPLE_REPLY_MAGIC, 0, handle)
+                                if structured:
+                                    out += data_header(handle, offset, length)
+                                else:
+                                    out += pack(SIMPLE_REPLY_MAGIC, 0, handle)
                                 out += data
                                 answered.append((_READ, length, 0, t0))
                                 if len(out) >= REPLY_LIMIT:
@@ -1021,7 +1091,8 @@ class NBDServer:
                             give_turn()
                             if out:
                                 send_replies()
-                            self._large_read(sock, vol, handle, offset, length, counters, t0)
+                            self._large_read(sock, vol, handle, offset, length, counters, t0,
+                                             structured)
                     elif cmd == CMD_FLUSH:
                         give_turn()
                         err = E_INVAL if flags & ~CMD_FLAG_FUA else 0
@@ -1048,9 +1119,16 @@ class NBDServer:
                                 err = error_number(e)
                         out += pack(SIMPLE_REPLY_MAGIC, err, handle)
                         answered.append((_ZEROES, length, err, t0))
+                    elif cmd == CMD_BLOCK_STATUS and structured:
+                        give_turn()            # (it takes the volumes' locks)
+                        out += nbd_status.block_status(handle, vol, neg.contexts, offset,
+                                                       length, flags, error_number,
+                                                       neg.unselected)
+                        if len(out) >= REPLY_LIMIT:
+                            send_replies()
                     elif cmd == CMD_DISC:
                         return
-                    else:   # TRIM, CACHE (not offered), BLOCK_STATUS (not negotiated), ...
+                    else:   # TRIM, CACHE (not offered), BLOCK_STATUS (no structured replies)
                         out += pack(SIMPLE_REPLY_MAGIC, E_INVAL, handle)
                 # every whole request carried out: answer them, then wait for more
                 give_turn()
@@ -1122,23 +1200,33 @@ class NBDServer:
         return at + here
 
     def _large_read(self, sock: Any, vol: Volume, handle: int, offset: int, length: int,
-                    counters: RequestCounters, t0: float) -> None:
+                    counters: RequestCounters, t0: float, structured: bool = False) -> None:
         """A READ of more than KEEP bytes (in range), in a buffer borrowed
-        from the budget (ENOMEM if it stays spent), answered at once."""
+        from the budget (ENOMEM if it stays spent), answered at once (in
+        one data chunk if ``structured``)."""
         pack = _REPLY.pack
+
+        def failed(err: int, message: str) -> None:
+            if structured:
+                sock.sendall(nbd_status.error_chunk(handle, err, message))
+            else:
+                sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
+            counters.add(_READ, length, err, time.perf_counter() - t0)
+
         with self._buffer(None, length) as data:
             if data is None:
-                sock.sendall(pack(SIMPLE_REPLY_MAGIC, E_NOMEM, handle))
-                counters.add(_READ, length, E_NOMEM, time.perf_counter() - t0)
+                failed(E_NOMEM, f"no buffer for a read of {length} bytes now (the server's "
+                                f"budget of {self.buffers.budget} bytes is in use)")
                 return
             try:
                 vol.readinto(offset, data)
             except Exception as e:
-                err = error_number(e)
-                sock.sendall(pack(SIMPLE_REPLY_MAGIC, err, handle))
-                counters.add(_READ, length, err, time.perf_counter() - t0)
+                failed(error_number(e), f"read: {e}")
                 return
-            sock.sendall(pack(SIMPLE_REPLY_MAGIC, 0, handle))
+            if structured:
+                sock.sendall(nbd_status.data_header(handle, offset, length))
+            else:
+                sock.sendall(pack(SIMPLE_REPLY_MAGIC, 0, handle))
             sock.sendall(data)
         counters.add(_READ, length, 0, time.perf_counter() - t0)
 
@@ -1193,6 +1281,15 @@ class NBDServer:
             n = min(ZERO_CHUNK, end - pos)
             vol.write(pos, zeros[:n] if n < len(zeros) else zeros)
             pos += n
+
+
+def _bad_read(offset: int, length: int, flags: int, capacity: int) -> str:
+    """Why a READ is refused (EINVAL), for the error chunk's message."""
+    if flags & ~CMD_FLAG_FUA:
+        return f"read with unknown command flags {flags:#x}"
+    if length > MAX_REQUEST:
+        return f"a read of {length} bytes (at most {MAX_REQUEST})"
+    return f"a read of {length} bytes at {offset}: the export has {capacity} bytes"
 
 
 def exports_of(units: Callable[[], Iterable[StorageUnit]]

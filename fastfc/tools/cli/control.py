@@ -1141,13 +1141,41 @@ def _stream_args(d: dict) -> dict:
             "errors": str(d.get("errors") or "strict"), "tty": bool(d.get("tty"))}
 
 
+def long_group_options(argv: list[str], group: click.Group) -> list[str]:
+    """``argv`` with the group's short options that take a value (``-u
+    PATH``, ``-r PATH``) spelled long, up to the command's name: the same
+    command to click, parsed without the ``NoSuchOption`` (a difflib search
+    and gettext's look for four catalogue files) that click builds for each
+    short option it first tries as a long one. A short option without its
+    value, or joined to it (``-uPATH``), is left as typed, so every usage
+    error reads as a direct run's."""
+    takes_value: dict[str, str | None] = {}
+    for p in group.params:
+        if isinstance(p, click.Option) and not p.is_flag and not p.count:
+            longs = [o for o in p.opts if o.startswith("--")]
+            for o in p.opts:
+                takes_value[o] = longs[0] if longs and not o.startswith("--") else None
+    out = list(argv)
+    i = 0
+    while i < len(out) and out[i].startswith("-") and out[i] != "--":
+        opt = out[i]
+        if opt in takes_value and i + 1 < len(out):
+            if takes_value[opt] is not None:
+                out[i] = takes_value[opt]
+            i += 2
+        else:
+            i += 1
+    return out
+
+
 def _invoke(argv: list[str], prog_name: str, served: Served, err: _ClientText) -> int:
     """Run the command as ``fastfc`` run directly would (click's standalone
     mode: usage errors, expected errors and exits as there), returning its
     exit status."""
     from . import main     # the group with every command registered
     try:
-        main.main(args=argv, prog_name=prog_name, standalone_mode=True, obj=served)
+        main.main(args=long_group_options(argv, main), prog_name=prog_name,
+                  standalone_mode=True, obj=served)
     except SystemExit as e:
         if e.code is None:
             return 0

@@ -149,4 +149,5 @@ SESSION = Name("session")
 FLASHES = click.argument("specs", nargs=-1, required=True, type=FLASH)
 PAIRS = click.argument("specs", nargs=-1, required=True, type=PAIR)
 JSON = click.option("--json", "as_json", is_flag=True,
-                    help="Print JSON instead of a table (see the README for the shape).")
+                    help="Print JSON instead of a table (its shape: the operator's guide, "
+                         "docs/guide/cli.md, Scripting).")

@@ -154,6 +154,12 @@ def serve(units, socket_path, port, bind, log_level, allow_plain_tcp, allow_remo
     valid image with EIO. FLUSH syncs the volume, its FlashCopy targets and
     bitmaps; a write is answered only once it is in the volume.
 
+    Block status, to clients that negotiate structured replies (nbdinfo
+    --map, qemu-img map, nbdcopy): base:allocation (the holes of thin
+    volumes), qemu:dirty-bitmap:T (the grains a FlashCopy with --record
+    onto T has recorded, on its source and target) and qemu:dirty-bitmap:B
+    (a PPRC pair's out-of-sync grains, on its primary; B its secondary).
+
     Global Mirror sessions the units record as running (resumegmir) resume
     before the server listens, a line on stderr naming each.
 
