@@ -11,7 +11,12 @@ writers of 4 KiB random writes paced at 200 MB/s in all. CASE is one of
   in the other) at durability "process", every volume written whole first;
 - ``unit16disk``: ``unit16`` with the units on the disk (``/var/tmp``), the
   files synced before the run (clean pages, as a unit in use has);
-- ``mem64``: 64 triplets x 64 MiB in memory, 64 KiB tracks.
+- ``mem64``: 64 triplets x 64 MiB in memory, 64 KiB tracks;
+- ``mem16idle``, ``unit16idle``: what a CG costs the protocol thread
+  without writers (16 triplets x 16 MiB, 4 KiB tracks, in memory or on
+  units in /dev/shm at "process", one 4 KiB host write before each CG):
+  its CPU time per CG in microseconds, the minimum (and median) of
+  30 x 150 CGs (SECONDS is ignored).
 
 Run it under two checkouts' interpreters, alternating, and compare ratios
 measured in the same run (the machine is shared and noisy).
@@ -99,6 +104,42 @@ def units(n: int, seconds: float, where: str = "/dev/shm") -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def idle(kind: str, n: int = 16, reps: int = 30, cgs: int = 150) -> dict:
+    """The protocol thread's CPU time per CG, no writers (see the module)."""
+    import statistics
+    import time
+    nt = 4096
+    root = Path(tempfile.mkdtemp(prefix="fastfc-mvu-", dir="/dev/shm"))
+    units: tuple = ()
+    try:
+        if kind == "mem":
+            trips = [tuple(Volume(nt, 4096) for _ in range(3)) for _ in range(n)]
+        else:
+            p = StorageUnit(root / "p", durability="process")
+            s = StorageUnit(root / "s", durability="process")
+            units = (p, s)
+            trips = [(p.create_volume(f"A{i}", nt, 4096), s.create_volume(f"B{i}", nt, 4096),
+                      s.create_volume(f"C{i}", nt, 4096)) for i in range(n)]
+        gm = GlobalMirror(trips, cg_interval=0.0, initial_copy=False, max_coordination_time=1.0)
+        for _ in range(5):
+            gm.form_consistency_group()
+        data = np.full(4096, 7, np.uint8)
+        As = [t[0] for t in trips]
+        per_cg = []
+        for _ in range(reps):
+            t = time.thread_time()
+            for k in range(cgs):
+                As[k % n].write((k * 4096) % (nt * 4096), data)
+                assert gm.form_consistency_group().committed
+            per_cg.append((time.thread_time() - t) / cgs * 1e6)
+        gm.close(discard=True)
+        return {"us_per_cg_min": min(per_cg), "us_per_cg_median": statistics.median(per_cg)}
+    finally:
+        for u in units:
+            u.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main(argv: list[str]) -> int:
     case, seconds = argv[0], float(argv[1])
     if case == "mem16":
@@ -109,8 +150,11 @@ def main(argv: list[str]) -> int:
         out = units(16, seconds, "/var/tmp")
     elif case == "mem64":
         out = memory(64, 65536, seconds)
+    elif case in ("mem16idle", "unit16idle"):
+        out = idle(case[:-len("16idle")])
     else:
-        raise SystemExit(f"unknown case {case!r}: mem16, unit16, unit16disk or mem64")
+        raise SystemExit(f"unknown case {case!r}: mem16, unit16, unit16disk, mem64, "
+                         "mem16idle or unit16idle")
     print(json.dumps({"case": case, **out}))
     return 0
 

@@ -208,15 +208,16 @@ def main(argv=None) -> int:
     elif pt == "barrier":
         faults.inject("barrier", after=k, action=kill(pt))
     elif pt == "statement":
-        # before the secondary unit's SQL statement number k (from 0, once
-        # the loop starts): between any two statements of its transactions
+        # before the secondary unit's statement number k (from 0, once the
+        # loop starts; SQL, or one kept for the CG journal, or the journal's
+        # append): between any two statements of its transactions
         left = [k]
 
         def on_statement(sql: str) -> None:
             if left[0] == 0:
                 kill(pt, sql=sql[:40])()
             left[0] -= 1
-        u2.store.db.set_trace_callback(on_statement)
+        u2.store.set_trace_callback(on_statement)   # (SQL and the CG journal's)
     elif pt == "resolve":
         # every commit of attempt k+1 fails, so the session resolves the CG by
         # reverting all (none committed); killed at this volume's revert

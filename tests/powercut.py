@@ -67,6 +67,10 @@ from fastfc.storage.volume import Volume
 
 PAGE = 4096
 DB_FILES = ("unit.db", "unit.db-wal")
+# the CG journal (durability "process"): a memory-mapped file, modelled as
+# the volume and bitmap files are (its pages as of its last msync, or any
+# version since)
+JOURNAL = "unit.journal"
 IGNORED = ("unit.lock", "unit.db-shm")
 
 
@@ -151,6 +155,8 @@ class PowerCutRecorder:
     def files(self, d: Path) -> list[Path]:
         """The files of unit directory ``d`` the model covers (on disk now)."""
         out = [d / n for n in DB_FILES if os.path.exists(os.path.join(d, n))]
+        if os.path.exists(os.path.join(d, JOURNAL)):
+            out.append(d / JOURNAL)
         for sub, ext in (("volumes", ".vol"), ("bitmaps", ".bm")):
             try:
                 names = sorted(e.name for e in os.scandir(d / sub) if e.name.endswith(ext))
@@ -295,7 +301,8 @@ class PowerCutRecorder:
         def transaction(store, level, *args, **kwargs):
             with txn(store, level, *args, **kwargs):
                 yield
-            if level == 0 and store.db.execute("PRAGMA synchronous").fetchone()[0] >= 2:
+            # (the connection itself: ``store.db`` would fold the CG journal)
+            if level == 0 and store._conn.execute("PRAGMA synchronous").fetchone()[0] >= 2:
                 rec.refresh_db(store, "sqlite commit (fsynced)")
         patch(SQLiteStore, "_transaction", transaction)
 

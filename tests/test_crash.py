@@ -250,8 +250,9 @@ STATEMENTS = int(os.environ.get("FASTFC_CRASH_STATEMENTS", "18"))
 def test_kill_between_any_two_statements_of_a_cg(tmp_path):
     """Killed before each of the secondary unit's SQL statements in turn
     (its transactions: the prepare batch and the decision, the commit batch
-    and the counters, a fold of the FlashCopy log): every C comes back on
-    one CG, the one in flight or the one before it."""
+    and the counters, a fold of the FlashCopy log; at durability "process"
+    the statements kept for the CG journal and each append to it): every C
+    comes back on one CG, the one in flight or the one before it."""
     committed_before = 0
     killed_at = []
     for k in range(STATEMENTS):

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from fastfc import FlashCopy, GlobalMirror, StorageUnit, Volume, _core, faults
 from fastfc._core import TrackBitmap
-from fastfc.durable.sqlite import SCHEMA_VERSION
+from fastfc.durable.sqlite import JOURNAL_FILE, SCHEMA_VERSION
 from fastfc.durable.sqlite import SQLiteStore
 from fastfc.storage.store import Store
 
@@ -68,9 +68,10 @@ class Side:
 
     def killed(self, where: Path) -> dict[int, tuple]:
         """The rows a unit opened after a kill now would read: a copy of the
-        database files (the page cache holds every committed transaction)."""
+        database files and the CG journal (the page cache holds every
+        committed transaction)."""
         where.mkdir()
-        for name in ("unit.db", "unit.db-wal"):
+        for name in ("unit.db", "unit.db-wal", JOURNAL_FILE):
             if (self.path / name).exists():
                 shutil.copy(self.path / name, where / name)
         (where / "bitmaps").mkdir()
@@ -252,11 +253,11 @@ def test_a_session_step_is_a_handful_of_statements_whatever_its_size(tmp_path, m
             assert gm.form_consistency_group().committed
             seen: list[str] = []
             for u in (u1, u2):
-                u.store.db.set_trace_callback(seen.append)
+                u.store.set_trace_callback(seen.append)   # (SQL and the CG journal's)
             for _ in range(4):
                 assert gm.form_consistency_group().committed
             for u in (u1, u2):
-                u.store.db.set_trace_callback(None)
+                u.store.set_trace_callback(None)
             counts.append(len(seen) / 4)
             gm.close(discard=True)
         finally:

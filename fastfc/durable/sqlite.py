@@ -31,10 +31,14 @@ from __future__ import annotations
 
 import errno
 import json
+import marshal
+import mmap
 import os
+import struct
 import sqlite3
 import threading
 import uuid
+import zlib
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,8 +59,10 @@ _MISSING = object()    # an undo record's "the row had no bitmaps entry"
 #: 3: volumes with a grain (``volumes.grain_size``; NULL: the track): the
 #: bitmaps of a volume with a grain smaller than its track have a bit per
 #: grain, which a fastfc reading a bit per track would misread
-SCHEMA_VERSION = 3
-READABLE_SCHEMAS = (1, 2, 3)   # an older unit is upgraded by its first read-write open
+#: 4: the CG journal (``unit.journal``, durability "process"): a unit killed
+#: with records in it must not be read by a fastfc that reads only unit.db
+SCHEMA_VERSION = 4
+READABLE_SCHEMAS = (1, 2, 3, 4)   # an older unit is upgraded by its first read-write open
 
 # the FlashCopy log's columns: one little-endian int64 each, per relationship
 # (built by _core.log_rows, in this order)
@@ -241,6 +247,169 @@ def _migrate_served_sessions(db: sqlite3.Connection, directory: Path) -> None:
     (directory / LEGACY_SESSIONS_FILE).unlink(missing_ok=True)
 
 
+# -- the CG journal (durability "process") ---------------------------------------
+#: The statements a transaction may leave in the CG journal instead of SQLite
+#: (a consistency group's records): the journal holds each one's index here
+#: and its arguments. Per statement: its SQL, the table it writes, and which
+#: arguments key a row it replaces whole (None: not a whole-row replace), so
+#: that a fold runs only the last replace of each row (:func:`_compact`).
+_DEFERRED = (
+    ("UPDATE flash_log SET body=? WHERE step=?", "flash_log", (1,)),
+    ("INSERT INTO flash_log(step, body) VALUES(?,?)", "flash_log", None),
+    ("DELETE FROM flash_log WHERE step=?", "flash_log", None),
+    ("INSERT OR REPLACE INTO decisions VALUES(?,?,?)", "decisions", (0, 1)),
+    ("DELETE FROM decisions WHERE session=? AND sequence < ?", "decisions", None),
+    ("INSERT OR REPLACE INTO session_stats VALUES(?,?,?,?,?,?,?,?)", "session_stats", (0,)),
+    ("INSERT OR REPLACE INTO session_failures VALUES(?,?)", "session_failures", None),
+    ("DELETE FROM session_failures WHERE name=?", "session_failures", None),
+)
+_SQL_INDEX = {sql: i for i, (sql, _, _) in enumerate(_DEFERRED)}
+_J_LOG_UPDATE, _J_LOG_INSERT, _J_LOG_DELETE, _J_DECISION, _J_TRIM, _J_STATS, \
+    _J_FAILURE, _J_NO_FAILURE = range(len(_DEFERRED))
+
+JOURNAL_FILE = "unit.journal"
+JOURNAL_BYTES = 1 << 20
+_J_HEAD = struct.Struct("<IIQ")     # payload bytes, CRC-32, generation
+
+
+def _compact(statements: list) -> list:
+    """The journal's statements (``(index, args)``, in order) with each
+    whole-row replace dropped that a later replace of the same row follows
+    with no other statement on its table between: what a fold runs."""
+    keep = [True] * len(statements)
+    last: dict[tuple, int] = {}          # (index, key) -> position of its newest replace
+    for k, (i, args) in enumerate(statements):
+        _, table, key = _DEFERRED[i]
+        if key is None:                  # anything else on the table orders its rows
+            for rk in [rk for rk in last if _DEFERRED[rk[0]][1] == table]:
+                del last[rk]
+            continue
+        rk = (i, *(args[j] for j in key))
+        prev = last.get(rk)
+        if prev is not None:
+            keep[prev] = False
+        last[rk] = k
+    return [st for st, kept in zip(statements, keep) if kept]
+
+
+class CGJournal:
+    """An append-only, memory-mapped record of a unit's transactions at
+    durability "process" (``unit.journal``): a transaction made only of a
+    consistency group's records (:data:`_DEFERRED`: FlashCopy-log rows, the
+    decision, the counters) is one entry here instead of an SQLite commit.
+    An entry is its statements (``marshal``), checked by a CRC-32 over its
+    length, generation and payload, so that a process killed inside an
+    append leaves an entry no reader takes. The store runs the entries'
+    statements into ``unit.db`` (a *fold*: one SQLite transaction, which
+    also records the folded generation in ``meta``) when the journal is
+    full, before any other SQL, at :meth:`SQLiteStore.sync_point`, at
+    close and at the next open; the entries of a generation up to the one
+    ``meta`` names are folded already and skipped.
+
+    A kill leaves every completed append in the page cache (a shared
+    mapping), as SQLite's WAL at ``synchronous=NORMAL`` does: what the
+    durability promises. Not used at "power", which fsyncs each decision."""
+
+    def __init__(self, path: Path, size: int | None = None) -> None:
+        self.path = path
+        size = JOURNAL_BYTES if size is None else size
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, size)     # (no SIGBUS on a full filesystem)
+            self.mm: mmap.mmap | None = mmap.mmap(fd, size)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceError(f"{path}: the filesystem has no room for the CG "
+                                   f"journal's {size} bytes ({e.strerror})") from None
+            raise
+        os.close(fd)
+        self.size = size
+        self.generation = 0     # of the entries appended now
+        self.pos = 0
+        #: the statements of the entries not folded yet, in order
+        self.pending: list = []
+
+    @staticmethod
+    def read(path: Path, folded: int) -> tuple[int, list]:
+        """The entries of ``path`` not folded (generation ``folded`` + 1, from
+        the start, up to the first that is not one): ``(generation, their
+        statements)``; ``(folded + 1, [])`` without a file."""
+        gen = folded + 1
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return gen, []
+        out: list = []
+        pos = 0
+        while pos + _J_HEAD.size <= len(data):
+            n, crc, g = _J_HEAD.unpack_from(data, pos)
+            end = pos + _J_HEAD.size + n
+            if g != gen or n == 0 or end > len(data):
+                break
+            payload = data[pos + _J_HEAD.size:end]
+            if zlib.crc32(payload, zlib.crc32(struct.pack("<IQ", n, g))) != crc:
+                break                   # a torn append (or what an older one left)
+            try:
+                statements = marshal.loads(payload)
+            except (ValueError, EOFError, TypeError) as e:
+                raise CorruptUnitError(f"{path}: an entry passes its check but does not "
+                                       f"read: {e}") from None
+            for i, args in statements:
+                if not 0 <= i < len(_DEFERRED):
+                    raise CorruptUnitError(f"{path}: an entry names statement {i}")
+            out += statements
+            pos = (end + 7) & ~7
+        return gen, out
+
+    def append(self, statements: list) -> bool:
+        """Append one entry (a transaction's statements); False, writing
+        nothing, if it does not fit (fold, then append again)."""
+        payload = marshal.dumps(statements)
+        n = len(payload)
+        start = self.pos
+        end = start + _J_HEAD.size + n
+        if end > self.size:
+            return False
+        mm = self.mm
+        assert mm is not None
+        gen = self.generation
+        mm[start + _J_HEAD.size:end] = payload      # the payload, then its header
+        mm[start:start + _J_HEAD.size] = _J_HEAD.pack(
+            n, zlib.crc32(payload, zlib.crc32(struct.pack("<IQ", n, gen))), gen)
+        self.pos = (end + 7) & ~7
+        self.pending += statements
+        return True
+
+    def restart(self, generation: int) -> None:
+        """After a fold of every entry: append from the start, generation
+        ``generation`` (the folded one + 1)."""
+        self.generation = generation
+        self.pos = 0
+        self.pending = []
+
+    def close(self, remove: bool) -> None:
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+        if remove:
+            self.path.unlink(missing_ok=True)
+
+
+class _Inside:
+    """:meth:`SQLiteStore._atomic` inside the open transaction: nothing to do."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+_INSIDE = _Inside()
+
 POOL_PER_SIZE = 1024   # recycled bitmap files kept per bitmap size
 
 
@@ -252,7 +421,30 @@ class SQLiteStore(Store):
     """
 
     durable = True
-    db: sqlite3.Connection
+    _conn: sqlite3.Connection
+    # (class defaults: __init__ reads the database before it sets them)
+    _journal: CGJournal | None = None
+    _jtx: list | None = None        # a deferred transaction's statements
+    _jfolding = False               # the open SQL transaction folds the journal
+    _trace: Callable[[str], None] | None = None
+    _owner: int | None = None       # the thread of the open transaction
+    _failures_json: tuple[dict, str] | None = None   # counters' failures, as last dumped
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The unit's SQLite connection, with every record in it: a
+        transaction that so far went to the CG journal (:class:`CGJournal`)
+        becomes an SQLite one first (its statements and the journal's run
+        in it), and outside a transaction the journal is folded first. (The
+        CG path writes through :meth:`_put` and does not come here.)"""
+        j = self._journal
+        if j is not None and (self._jtx is not None or (j.pending and not self._jfolding)):
+            self._materialize()
+        return self._conn
+
+    @db.setter
+    def db(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
 
     def recycle(self, bitmaps) -> None:
         """File bitmaps go back to the pool when no row names them (see
@@ -412,6 +604,8 @@ class SQLiteStore(Store):
         #: the sessions table (name -> config JSON) as last committed, or
         #: None: read once, forgotten by each write of it and each rollback
         self._configs: dict[str, str] | None = None
+        self._next_step = 1      # the FlashCopy log's next row (numbered here)
+        self._recover_journal(directory)
         self._has_log = "flash_log" in self._tables
         if self._has_log:
             self._load_log_index()
@@ -536,28 +730,60 @@ class SQLiteStore(Store):
 
     @contextmanager
     def _transaction(self, level: int, fsync: bool = False):
+        """A transaction (``level`` 0) or a savepoint in one. At durability
+        "process" a transaction starts *deferred*: the CG path's statements
+        (:meth:`_put`) are kept, and its commit is one append to the CG
+        journal; anything else that needs SQLite in it (:attr:`db`, a
+        savepoint) makes it an SQLite transaction first (:meth:`_materialize`)."""
         with self._lock:
-            self.db.execute("BEGIN IMMEDIATE" if level == 0 else f"SAVEPOINT sp{level}")
+            conn = self._conn
+            journal = self._journal
+            deferred = level == 0 and journal is not None
+            log_before = None
+            if deferred:
+                self._jtx = []
+                log_before = (dict(self._log_latest), dict(self._log_ids),
+                              dict(self._log_live))
+            else:
+                if self._jtx is not None:
+                    self._materialize()       # a savepoint needs the SQL transaction
+                conn.execute("BEGIN IMMEDIATE" if level == 0 else f"SAVEPOINT sp{level}")
             saved_garbage = set(self._garbage)
             self._undo.append({})
             self._depth += 1
+            owner = self._owner
+            self._owner = threading.get_ident()     # (the lock's holder)
             try:
                 yield
                 if level == 0:
-                    self.db.execute("COMMIT")
+                    if self._jtx is not None:
+                        self._journal_commit()
+                    else:
+                        conn.execute("COMMIT")
+                        if self._jfolding:
+                            self._jfolding = False
+                            cast(CGJournal, journal).restart(
+                                cast(CGJournal, journal).generation + 1)
             except BaseException as e:
                 self._depth -= 1
+                self._owner = owner
                 if level == 0:
-                    if self.db.in_transaction:
-                        self.db.execute("ROLLBACK")
+                    self._jtx = None
+                    self._jfolding = False
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
                 else:
-                    self.db.execute(f"ROLLBACK TO sp{level}")
-                    self.db.execute(f"RELEASE sp{level}")
+                    conn.execute(f"ROLLBACK TO sp{level}")
+                    conn.execute(f"RELEASE sp{level}")
                 self._rollback_rows(self._undo.pop())
                 self._garbage = saved_garbage
                 self._configs = None
                 self._failures_saved.clear()     # not known now: written at the next save
-                self._rollback_log()
+                self._fc_options.clear()         # (read again as rows are saved)
+                if log_before is not None:       # the log's bookkeeping as committed
+                    self._log_latest, self._log_ids, self._log_live = log_before
+                else:
+                    self._rollback_log()
                 if _is_full(e) and level == 0:
                     freed = release_reserve(self.dir)
                     raise NoSpaceError(
@@ -567,6 +793,7 @@ class SQLiteStore(Store):
                            "(free space and retry)")) from e
                 raise
             self._depth -= 1
+            self._owner = owner
             undo = self._undo.pop()
             if self._undo:           # a savepoint released: its changes are the parent's
                 parent = self._undo[-1]
@@ -577,14 +804,147 @@ class SQLiteStore(Store):
                     self.fsyncs += 1
                 self._collect()
             else:
-                self.db.execute(f"RELEASE sp{level}")
+                conn.execute(f"RELEASE sp{level}")
 
-    @contextmanager
+    # -- the CG journal (durability "process") -----------------------------------
+    def set_trace_callback(self, callback: Callable[[str], None] | None) -> None:
+        """Call ``callback`` with each statement this unit records: SQLite's
+        (``sqlite3``'s trace callback) and, before it is kept, each one
+        going to the CG journal (``"JOURNAL <sql>"``), and ``"JOURNAL
+        COMMIT"`` before each append (None: stop)."""
+        self._trace = callback
+        self._conn.set_trace_callback(callback)
+
+    def _put(self, i: int, args: tuple) -> None:
+        """Run CG-path statement ``i`` (:data:`_DEFERRED`) with ``args`` in
+        the open transaction: kept for the journal while it is deferred."""
+        jtx = self._jtx
+        if jtx is not None:
+            if self._trace is not None:
+                self._trace("JOURNAL " + _DEFERRED[i][0])
+            jtx.append((i, args))
+        else:
+            self._conn.execute(_DEFERRED[i][0], args)
+
+    def _run(self, statements: list) -> None:
+        """Run journaled statements (compacted: :func:`_compact`) on the connection."""
+        conn = self._conn
+        for i, args in _compact(statements):
+            conn.execute(_DEFERRED[i][0], args)
+
+    def _mark_folded(self, generation: int) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO meta VALUES('journal', ?)", (str(generation),))
+
+    def _journal_commit(self) -> None:
+        """Commit the deferred transaction: one journal append; when it does
+        not fit, the journal's entries and it in one SQLite commit."""
+        stmts = cast(list, self._jtx)
+        journal = cast(CGJournal, self._journal)
+        if not stmts:
+            self._jtx = None
+            return
+        if self._trace is not None:
+            self._trace("JOURNAL COMMIT")
+        try:
+            appended = journal.append(stmts)
+        except ValueError:      # (marshal: a value it does not take; SQLite may)
+            appended = False
+        if appended:
+            self._jtx = None
+            return
+        self._materialize()
+        self._conn.execute("COMMIT")
+        self._jfolding = False
+        journal.restart(journal.generation + 1)
+
+    def _materialize(self) -> None:
+        """Make the records SQLite's: in a deferred transaction, begin the
+        SQLite one with the journal's statements and the transaction's so
+        far (its commit then empties the journal); outside one, fold the
+        journal in a transaction of its own."""
+        with self._lock:
+            journal = self._journal
+            if journal is None:
+                return
+            conn = self._conn
+            if self._jtx is not None:
+                stmts, self._jtx = self._jtx, None
+                conn.execute("BEGIN IMMEDIATE")
+                self._jfolding = True
+                self._run(journal.pending + stmts)
+                self._mark_folded(journal.generation)
+            elif journal.pending and not self._jfolding:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._run(journal.pending)
+                    self._mark_folded(journal.generation)
+                    conn.execute("COMMIT")
+                except BaseException as e:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    if _is_full(e):
+                        raise self._wal_kept(e) from e
+                    raise
+                journal.restart(journal.generation + 1)
+
+    def _recover_journal(self, directory: Path) -> None:
+        """At open: the CG journal's entries not folded yet go into unit.db
+        (read-write), or into an in-memory copy of it that this store reads
+        (read-only: nothing on the disk changes). Read-write at durability
+        "process", the journal is then kept for the CGs to come, when the
+        filesystem has room for it (a unit that released its reserve, or
+        cannot have the journal's blocks, records CGs in SQLite); otherwise
+        its file goes."""
+        path = directory / JOURNAL_FILE
+        conn = self._conn
+        row = conn.execute("SELECT value FROM meta WHERE key='journal'").fetchone()
+        folded = int(row[0]) if row else 0
+        gen, statements = CGJournal.read(path, folded)
+        if self.readonly:
+            if statements:
+                mem = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+                conn.backup(mem)
+                conn.close()
+                self._conn = mem
+                mem.execute("BEGIN")
+                self._run(statements)
+                mem.execute("COMMIT")
+            return
+        if statements:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._run(statements)
+                self._mark_folded(gen)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            folded = gen
+        if self.durability == "process" and not self.released_reserve and (
+                path.exists() or _free_bytes(directory) >= JOURNAL_BYTES + 4 * RESERVE_BYTES):
+            try:
+                self._journal = CGJournal(path)
+            except NoSpaceError:
+                pass          # (a filesystem with no room: the CGs' records go to SQLite)
+            else:
+                self._journal.restart(folded + 1)
+                return
+        path.unlink(missing_ok=True)
+
     def _atomic(self, sync: bool = True):
         """For a save of one or two statements: its own transaction when none
         is open (``sync`` as for :meth:`transaction`), else part of the open
         one without a savepoint (a statement is atomic by itself, and the
-        enclosing transaction's rollback also undoes the bitmap bookkeeping)."""
+        enclosing transaction's rollback also undoes the bitmap bookkeeping).
+        Inside a transaction of this thread (the CG path) no context manager
+        is made."""
+        if self._depth and self._owner == threading.get_ident():
+            return _INSIDE
+        return self._atomic_cm(sync)
+
+    @contextmanager
+    def _atomic_cm(self, sync: bool):
         with self._lock:
             if self._depth:
                 yield
@@ -738,16 +1098,24 @@ class SQLiteStore(Store):
         three per relationship at its commit and takes as many at the next
         prepare: fewer would make it delete and create files every CG)."""
         garbage = self._garbage
+        if not garbage:
+            return
         refs = self._refs
+        maps = self._maps
+        pools = self._pool
         cap = max(POOL_PER_SIZE, len(refs))
-        for fid in [f for f in garbage if f not in refs]:
-            bm = self._maps.pop(fid, None)
-            pool = self._pool.setdefault(bm.n_bits, []) if bm is not None else None
-            if pool is not None and len(pool) < cap:
-                assert bm is not None   # a pool is looked up for a bitmap only
-                self._maps[fid] = bm
-                pool.append(bm)
+        for fid in garbage:
+            if fid in refs:
                 continue
+            bm = maps.get(fid)
+            if bm is not None:
+                pool = pools.get(bm.n_bits)
+                if pool is None:
+                    pool = pools[bm.n_bits] = []
+                if len(pool) < cap:
+                    pool.append(bm)
+                    continue
+                del maps[fid]
             try:
                 (self.bitmap_dir / f"{fid}.bm").unlink()
             except FileNotFoundError:
@@ -915,17 +1283,18 @@ class SQLiteStore(Store):
         if (prev is not None and len(self._log_ids[prev]) == len(ids)
                 and all(latest.get(i) == prev for i in ids)):
             # the same relationships as the newest row naming any of them
-            self.db.execute("UPDATE flash_log SET body=? WHERE step=?", (body, prev))
+            self._put(_J_LOG_UPDATE, (body, prev))
             return
-        step = cast(int, self.db.execute("INSERT INTO flash_log(body) VALUES(?)",
-                                         (body,)).lastrowid)
+        step = self._next_step
+        self._next_step += 1
+        self._put(_J_LOG_INSERT, (step, body))
         live = self._log_live
         for i in ids:
             p = latest.get(i)
             if p is not None:
                 live[p] -= 1
                 if not live[p]:
-                    self.db.execute("DELETE FROM flash_log WHERE step=?", (p,))
+                    self._put(_J_LOG_DELETE, (p,))
                     del live[p], self._log_ids[p]
             latest[i] = step
         live[step] = len(ids)
@@ -978,6 +1347,8 @@ class SQLiteStore(Store):
                 latest[i] = step
                 live[step] += 1
         self._log_latest, self._log_ids, self._log_live = latest, ids_of, live
+        if ids_of:
+            self._next_step = max(self._next_step, max(ids_of) + 1)
 
     def _rollback_log(self) -> None:
         """After a rollback: the log's bookkeeping as the database has it,
@@ -1126,18 +1497,20 @@ class SQLiteStore(Store):
         # it writes session_stats as before), written only when it changes
         failure = stats.get("last_failure")
         with self._atomic(sync=False):
-            self.db.execute(
-                "INSERT OR REPLACE INTO session_stats VALUES(?,?,?,?,?,?,?,?)",
-                (name, stats["attempts"], stats["successes"], json.dumps(stats["failures"]),
-                 stats["commit_failures_resolved"], stats["bytes_drained"],
-                 stats["last_cg_time"], stats["sequence"]))
+            failures = stats["failures"]
+            cached = self._failures_json
+            if cached is None or cached[0] != failures:
+                cached = self._failures_json = (dict(failures), json.dumps(failures))
+            self._put(_J_STATS,
+                      (name, stats["attempts"], stats["successes"], cached[1],
+                       stats["commit_failures_resolved"], stats["bytes_drained"],
+                       stats["last_cg_time"], stats["sequence"]))
             if failure != self._failures_saved.get(name, _MISSING) \
                     and "session_failures" in self._tables:
                 if failure:
-                    self.db.execute("INSERT OR REPLACE INTO session_failures VALUES(?,?)",
-                                    (name, json.dumps(failure)))
+                    self._put(_J_FAILURE, (name, json.dumps(failure)))
                 else:
-                    self.db.execute("DELETE FROM session_failures WHERE name=?", (name,))
+                    self._put(_J_NO_FAILURE, (name,))
                 self._failures_saved[name] = dict(failure) if failure else None
 
     def drop_session(self, name: str, session=None) -> None:
@@ -1187,14 +1560,12 @@ class SQLiteStore(Store):
 
     def cg_decision(self, session: str, sequence: int, decision: str) -> None:
         with self._atomic():
-            self.db.execute("INSERT OR REPLACE INTO decisions VALUES(?,?,?)",
-                            (session, sequence, decision))
+            self._put(_J_DECISION, (session, sequence, decision))
             # keep the table small: only the newest decisions matter (the
             # 16 newest and at most 16 before them: trimmed every 16 CGs)
             trimmed = self._trimmed.get(session)
             if trimmed is None or not 0 <= sequence - trimmed < 16:
-                self.db.execute("DELETE FROM decisions WHERE session=? AND sequence < ?",
-                                (session, sequence - 16))
+                self._put(_J_TRIM, (session, sequence - 16))
                 self._trimmed[session] = sequence
 
     def decision(self, session: str, sequence: int) -> str | None:
@@ -1252,16 +1623,24 @@ class SQLiteStore(Store):
                                 self._fold_log()
                         except (NoSpaceError, sqlite3.OperationalError):
                             pass
+                    if not self._depth:
+                        try:
+                            self._materialize()     # the CG journal into unit.db
+                        except NoSpaceError as e:
+                            full = e                # (kept: the next open folds it)
                     try:
-                        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                     except sqlite3.OperationalError as e:
                         if not _is_full(e):
                             raise
                         full = self._wal_kept(e)
                     else:
-                        keep_reserve(self.dir)
+                        if full is None:
+                            keep_reserve(self.dir)
             finally:
-                self.db.close()
+                self._conn.close()
+                if self._journal is not None:
+                    self._journal.close(remove=not self._journal.pending)
                 # let go of the bitmap files: one that nothing else holds (a
                 # pooled or dropped bitmap) is unmapped and its file closed
                 # now; one a relationship still holds stays mapped with it

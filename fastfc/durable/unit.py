@@ -6,6 +6,9 @@ Layout of a unit directory::
                        pairs, Global Mirror sessions, CG decision records
     volumes/NAME.vol   each volume's bytes, memory-mapped
     bitmaps/ID.bm      each bitmap's words, memory-mapped
+    unit.journal       at durability "process", while open: the CG journal,
+                       consistency groups' records appended (memory-mapped)
+                       and folded into unit.db (see fastfc.durable.sqlite.CGJournal)
     unit.lock          the owner's lock (see fastfc.durable.lock)
     unit.reserve       room kept for metadata on a filesystem that fills up
                        (see fastfc.durable.sqlite.RESERVE_FILE)
@@ -14,7 +17,9 @@ Durability (see docs/guide/durability.md for the whole story):
 
 * every protocol step (establish, resync, revertible resync, commit, revert,
   withdraw, reverse restore, pair state change, CG decision) is committed to
-  SQLite before its call returns;
+  SQLite before its call returns (at durability "process" a consistency
+  group's records are appended to the CG journal instead, which the next
+  open folds into SQLite);
 * host data and bitmaps live in shared memory mappings, so a process killed
   at any instant loses nothing it wrote; :meth:`StorageUnit.flush` makes them
   durable against power loss as well (FlashCopy targets and bitmaps first,

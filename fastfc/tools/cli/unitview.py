@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from fastfc.copyservices.globalmirror import GMState
+from fastfc.durable.sqlite import JOURNAL_FILE
 from fastfc.durable.unit import StorageUnit
 
 from .app import main
@@ -24,7 +25,7 @@ from .units import Units, pass_units
 
 #: how showunit sorts a unit directory's files (the rest count as "other")
 _KINDS = (("volumes", "volumes"), ("bitmaps", "bitmaps"))
-_METADATA = ("unit.db", "unit.db-wal", "unit.db-shm", "unit.db-journal")
+_METADATA = ("unit.db", "unit.db-wal", "unit.db-shm", "unit.db-journal", JOURNAL_FILE)
 _RESERVE = "unit.reserve"
 
 

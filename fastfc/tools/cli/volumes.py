@@ -13,7 +13,7 @@ import numpy as np
 from fastfc.copyservices.flashcopy import CHUNK_BYTES
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.durable.lock import LOCK_FILE
-from fastfc.durable.sqlite import RESERVE_FILE
+from fastfc.durable.sqlite import JOURNAL_FILE, RESERVE_FILE
 
 from .app import main, warn_problems
 from .output import console, human, json_out, plural, table
@@ -87,8 +87,8 @@ def mkvol(units, names, tracks, size, track_size, thin) -> None:
 
 
 #: what opening a new unit creates in its directory (nothing else is ever removed)
-_UNIT_ENTRIES = ("unit.db", "unit.db-wal", "unit.db-shm", "unit.db-journal", LOCK_FILE,
-                 RESERVE_FILE, "volumes", "bitmaps")
+_UNIT_ENTRIES = ("unit.db", "unit.db-wal", "unit.db-shm", "unit.db-journal", JOURNAL_FILE,
+                 LOCK_FILE, RESERVE_FILE, "volumes", "bitmaps")
 
 
 def _absent_unit_entries(where: Path) -> tuple[list[Path], list[Path]]:
