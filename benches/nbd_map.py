@@ -184,6 +184,28 @@ def _env() -> dict:
     return env
 
 
+def _serve(unit: Path, sock: str) -> subprocess.Popen:
+    """``fastfc -u UNIT serve --socket SOCK``, once it listens."""
+    proc = subprocess.Popen([sys.executable, "-m", "fastfc", "-u", str(unit), "serve",
+                             "--socket", sock], env=_env(), start_new_session=True,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(sock):
+        assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+        time.sleep(0.05)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, as an operator stops it (SIGKILL after two minutes)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _cli(unit: Path, *args: str) -> None:
     """A command to the serving process, as the ``fastfc`` console script
     sends it (``fastfc_client``: forwarded without importing the engine)."""
@@ -206,13 +228,7 @@ def run(size: int, repeats: int = 3, log=print, where: str | None = None) -> dic
             T = u.create_volume("T", n_tracks, TRACK, thin=True)
             FlashCopy(S, T, background_copy=False, record=True)
         d["setup_s"] = time.perf_counter() - t0
-        proc = subprocess.Popen([sys.executable, "-m", "fastfc", "-u", str(unit), "serve",
-                                 "--socket", sock], env=_env(), start_new_session=True,
-                                stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while not os.path.exists(sock):
-            assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
-            time.sleep(0.05)
+        proc = _serve(unit, sock)
         uri = f"nbd+unix:///T?socket={sock}"
         backup = tmp / "backup.img"
         fd = os.open(backup, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -289,12 +305,7 @@ def run(size: int, repeats: int = 3, log=print, where: str | None = None) -> dic
             os.close(fd)
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
     d["list_ratio"] = statistics.median(d["read_whole_s"]) / statistics.median(d["list_s"])
     d["incr_speedup"] = d["full_s"] / d["incr_s"]
@@ -347,13 +358,7 @@ def list_large(size: int = 1 << 40, changed: str = "track", repeats: int = 3, lo
                                    g1 * S.grain_size, T.capacity, False)
                 walks.append(time.perf_counter() - t0)
             d["server_s"] = walks
-        proc = subprocess.Popen([sys.executable, "-m", "fastfc", "-u", str(unit), "serve",
-                                 "--socket", sock], env=_env(), start_new_session=True,
-                                stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while not os.path.exists(sock):
-            assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
-            time.sleep(0.05)
+        proc = _serve(unit, sock)
         uri = f"nbd+unix:///T?socket={sock}"
         lists = []
         for _ in range(repeats):
@@ -370,12 +375,7 @@ def list_large(size: int = 1 << 40, changed: str = "track", repeats: int = 3, lo
             f"{min(lists):.3f} s (server's share {min(d['server_s']):.3f} s)")
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
     return d
 
