@@ -596,15 +596,9 @@ def test_block_status_over_tls(tmp_path):
     """On a TLS server nothing is negotiated before STARTTLS; after it,
     structured replies and contexts as in clear text."""
     import ssl
-    import subprocess
-    from test_serve_protocol import served
+    from test_serve_protocol import self_signed, served
     from fastfc.tools.cli.serve import _tls_context
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
-                        "1", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-                       capture_output=True)
-    if r.returncode:
-        pytest.fail(f"openssl could not make a certificate: {r.stderr!r}")
+    cert, key = self_signed(tmp_path)
     with served(tmp_path, "A", tls=_tls_context(str(cert), str(key), None)) as (server, path):
         c = Client(path)
         assert c.option(nbd.OPT_STRUCTURED_REPLY)[-1][0] == nbd.REP_ERR_TLS_REQD

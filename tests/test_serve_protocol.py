@@ -11,6 +11,7 @@ import struct
 import subprocess
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,13 +232,19 @@ def test_many_connections_write_at_once(tmp_path):
         assert np.array_equal(data, np.repeat(np.arange(1, 5, dtype=np.uint8), MIB))
 
 
-def test_tls_with_certificates(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+def self_signed(where: Path) -> tuple[Path, Path]:
+    """A certificate for localhost and its key, made by openssl in ``where``."""
+    cert, key = where / "cert.pem", where / "key.pem"
     r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
                         "1", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
                        capture_output=True)
     if r.returncode:
         pytest.fail(f"openssl could not make a certificate: {r.stderr!r}")
+    return cert, key
+
+
+def test_tls_with_certificates(tmp_path):
+    cert, key = self_signed(tmp_path)
     with served(tmp_path, "A", tls=_tls_context(str(cert), str(key), None)) as (server, path):
         c = Client(path)
         assert c.go("A")[-1][0] == nbd.REP_ERR_TLS_REQD         # nothing before TLS
