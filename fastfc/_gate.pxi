@@ -2,6 +2,9 @@
 # _release, _lock), and the write gate of a Global Mirror session that every
 # taking of a primary's lock passes first.
 
+cdef extern from "<unistd.h>" nogil:
+    int usleep(unsigned int usec)
+
 
 cdef class WriteGate:
     """One gate for the primaries (A volumes) of a Global Mirror session in
@@ -40,6 +43,7 @@ cdef class WriteGate:
     cdef unsigned long closer
     cdef readonly Py_ssize_t inflight
     cdef bint waiting
+    cdef Py_ssize_t waiters             # threads held at the gate now
     cdef PyThread_type_lock turnstile   # held while closed: waiters pass through it
     cdef PyThread_type_lock drained     # released when the last one in flight leaves
     cdef list volumes
@@ -145,18 +149,23 @@ cdef int gate_pass(WriteGate g, Py_ssize_t slot, unsigned long me, double timeou
     closed (by another thread, and this one holds none of its locks), for
     at most ``timeout`` seconds if >= 0. Returns 1 (in flight from now on,
     the slot marked), or 0 (timed out)."""
-    cdef double end = monotonic() + timeout if timeout >= 0 else -1.0
+    cdef double end
     cdef long long us = -1
     cdef int got
-    while g.closed and g.closer != me and not gate_held_by(g, me):
-        if end >= 0:
-            us = <long long>((end - monotonic()) * 1e6)
-            if us <= 0:
-                return 0
-        with nogil:
-            got = PyThread_acquire_lock_timed(g.turnstile, us, 0) == PY_LOCK_ACQUIRED
-            if got:
-                PyThread_release_lock(g.turnstile)
+    if g.closed and g.closer != me and not gate_held_by(g, me):
+        end = monotonic() + timeout if timeout >= 0 else -1.0
+        g.waiters += 1
+        while g.closed and g.closer != me and not gate_held_by(g, me):
+            if end >= 0:
+                us = <long long>((end - monotonic()) * 1e6)
+                if us <= 0:
+                    g.waiters -= 1
+                    return 0
+            with nogil:
+                got = PyThread_acquire_lock_timed(g.turnstile, us, 0) == PY_LOCK_ACQUIRED
+                if got:
+                    PyThread_release_lock(g.turnstile)
+        g.waiters -= 1
     g.inflight += 1
     gate_mark(g, slot)
     return 1
@@ -171,12 +180,20 @@ cdef inline void gate_leave(WriteGate g) noexcept:
 
 cdef int gate_close(WriteGate g, unsigned long me, double end) except -1:
     """Close ``g`` (this thread passes it still) and wait until nothing is in
-    flight, until ``end`` (monotonic). Returns 1 drained, 0 past ``end``
-    (the gate is left closed: the caller opens it)."""
+    flight, until ``end`` (monotonic). Threads still held by the last
+    closing pass before it closes. Returns 1 drained, 0 past ``end`` (the
+    gate may be left closed: the caller opens it)."""
     cdef long long us
     cdef bint got
     if g.closed:
         raise StateError("the write gate is closed already: one coordination at a time")
+    # threads the last hold kept waiting pass first (woken, they wait for
+    # the GIL only), as a writer waiting for a lock gets it once let go
+    while g.waiters > 0:
+        if monotonic() >= end:
+            return 0
+        with nogil:
+            usleep(20)
     if not PyThread_acquire_lock(g.turnstile, NOWAIT_LOCK):
         with nogil:       # (a waiter passing through it lets it go at once)
             PyThread_acquire_lock(g.turnstile, WAIT_LOCK)
