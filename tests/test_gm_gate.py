@@ -297,17 +297,23 @@ def test_a_thread_holding_a_primary_lock_passes_the_closed_gate():
     gm = GlobalMirror(trips, initial_copy=False, max_coordination_time=2.0)
     a1, a2 = trips[1][0], trips[2][0]
     took, go = threading.Event(), threading.Event()
+    gate = gm._gate
 
     def nested() -> None:
         a1._lock()
-        took.set()
-        while not gm._gate.closed:
-            time.sleep(0.001)
-        assert a2._lock(1.0)
-        a2.write(0, np.full(5, 6, np.uint8))
-        a2._unlock()
-        a1._unlock()
-        go.set()
+        try:
+            took.set()
+            end = time.monotonic() + 2
+            while not gate.closed and time.monotonic() < end:
+                time.sleep(0.001)
+            if a2._lock(1.0):
+                try:
+                    a2.write(0, np.full(5, 6, np.uint8))
+                finally:
+                    a2._unlock()
+                go.set()
+        finally:
+            a1._unlock()
 
     try:
         assert gm.form_consistency_group().committed
@@ -358,3 +364,45 @@ def test_coordinating_with_a_primary_lock_held_is_refused(gated):
         assert gm.form_consistency_group().committed
     finally:
         _close(gm, trips)
+
+
+def test_the_checks_catch_writes_that_pass_no_gate():
+    """The checks above are not vacuous: with the primaries let go of the
+    gate (coordination closes a gate that holds nothing, and looks at no
+    pair), writers land during the hold, and a C or an image breaks."""
+    trips = _trips(24)
+    snaps: dict[int, list] = {}
+    logs: list[list] = [[] for _ in range(3)]
+
+    def on_coordinate(seq: int) -> None:
+        snaps[seq] = [a.read(0, a.capacity) for a, _, _ in trips]
+        time.sleep(0.003)
+
+    gm = GlobalMirror(trips, initial_copy=False, on_coordinate=on_coordinate,
+                      max_coordination_time=2.0)
+    assert gm.form_consistency_group().committed
+    gm._gate.detach()
+    stop = threading.Event()
+    vols = [a for a, _, _ in trips]
+    threads = [threading.Thread(target=_writer, args=(vols, w, w, stop, logs[w]))
+               for w in range(3)]
+    for th in threads:
+        th.start()
+    caught = False
+    try:
+        for _ in range(60):
+            res = gm.form_consistency_group()
+            try:
+                for w in range(3):
+                    _check_prefix(snaps[res.sequence], list(logs[w]), w)
+                for (_, _, c), img in zip(trips, snaps[res.sequence]):
+                    assert np.array_equal(c.read(0, c.capacity), img)
+            except AssertionError:
+                caught = True
+                break
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+        _close(gm, trips)
+    assert caught
