@@ -11,9 +11,21 @@ cdef inline double monotonic() noexcept nogil:
 cdef long long _coordinations = 0
 
 
+# Primaries whose locks coordinations took (tests prove a gated one takes
+# only those of the pairs that changed).
+cdef long long _coordination_locks = 0
+
+
 def coordinations():
     """How many consistency groups :func:`coordinate_pairs` has begun."""
     return _coordinations
+
+
+def coordination_locks():
+    """How many primaries' locks :func:`coordinate_pairs` has taken, or
+    tried to: every primary's without a write gate, with one only those of
+    the pairs marked on it."""
+    return _coordination_locks
 
 
 cdef inline void undo_begin(list hooks, Py_ssize_t nh, list begun) noexcept:
@@ -30,7 +42,7 @@ cdef inline void undo_begin(list hooks, Py_ssize_t nh, list begun) noexcept:
 
 
 def coordinate_pairs(list primaries, list hooks, double timeout, before=None, after=None,
-                     list begun=None):
+                     list begun=None, WriteGate gate=None):
     """Hold host writes on every primary at one instant and begin a
     consistency group on every mirror hook, in one C call. The only
     coordination there is: Global Mirror runs it with or without hooks.
@@ -55,6 +67,17 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
     order; the caller's drain then visits only those. Without it every
     hook begins one.
 
+    ``gate`` (a :class:`WriteGate` over ``primaries``, in that order, and
+    ``hooks``; needs ``begun``): the writes are held by closing the gate,
+    which every taking of a primary's lock passes, and waiting for those in
+    flight to end, in place of taking every primary's lock; only the pairs
+    marked on the gate since the last coordination are looked at, and
+    their primaries' locks taken as above (a pair not marked has no track
+    out of sync). The same instant, at O(pairs that changed). ``after()``
+    may read any primary (the gate lets this thread pass). The hold counts
+    from the moment nothing is in flight; waiting for that counts as
+    waiting for a lock.
+
     Returns ``(status, seconds)``: status 0 done (seconds: the hold, from
     the first lock held to the end of the swap), 1 the locks could not all
     be taken in time, 2 they were, but the hold (``before()`` included)
@@ -62,39 +85,95 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
     or ``after`` raises, nothing changes and the exception propagates
     (after the locks are released).
     """
-    global _coordinations
-    cdef Py_ssize_t i, k, n = len(primaries), nh = len(hooks), busy, closed
+    global _coordination_locks
+    cdef Py_ssize_t i, k, n = len(primaries), nh = len(hooks), nd
+    cdef unsigned long me = PyThread_get_thread_ident()
+    cdef double t0 = monotonic(), start
+    cdef list slots, locked, ks
+    if gate is None:
+        ready(primaries, hooks, None, me)
+        if begun is not None:
+            del begun[:]
+        _coordination_locks += n
+        return hold_and_begin(primaries, hooks, None, timeout, before, after, begun, t0, me,
+                              -1.0)
+    if begun is None:
+        raise ValueError("a gated coordination begins CGs only where tracks are out of "
+                         "sync: pass begun")
+    if gate.size != n or nh != n:
+        raise ValueError(f"the write gate has {gate.size} primaries, not {n} (or "
+                         f"{nh} hooks)")
+    if gate.closed:
+        raise StateError("the write gate is closed already: one coordination at a time")
+    del begun[:]
+    try:
+        if not gate_close(gate, me, t0 + timeout):
+            if gate_held_by(gate, me):
+                raise RuntimeError("coordination must not run with a primary's lock held")
+            return 1, monotonic() - t0
+        start = monotonic()
+        nd = gate.n_dirty
+        slots = sorted([gate.dirty[i] for i in range(nd)])     # volume-id order
+        locked = [gate.volumes[i] for i in slots]
+        ks = sorted([gate.hook_of[i] for i in slots])
+        ready(locked, hooks, ks, me)
+        _coordination_locks += len(locked)
+        result = hold_and_begin(locked, hooks, ks, timeout, before, after, begun, t0, me,
+                                start)
+        if result[0] == 0:
+            gate_unmark(gate, nd)
+        return result
+    finally:
+        if gate.closer == me:
+            gate_open(gate)
+
+
+cdef int ready(list primaries, list hooks, list ks, unsigned long me) except -1:
+    """Refuse to coordinate hooks (``ks``: those indices; None: all) not
+    ready to begin a CG, or primaries closed or locked by this thread."""
+    cdef Py_ssize_t i, k
     cdef VolumeBase v
     cdef MirrorBase m
-    cdef double t0 = monotonic(), start, hold = 0.0, left
-    cdef long long us
-    cdef bint got, swapped
-    cdef unsigned long me = PyThread_get_thread_ident()
-    cdef char* held           # per primary: 0 free, 1 taken by a try, 2 kept
-    cdef double* since        # when a kept lock was taken
-    cdef TrackBitmap oos
-    for k in range(nh):
+    for i in range(len(hooks) if ks is None else len(ks)):
+        k = i if ks is None else <Py_ssize_t>ks[i]
         m = <MirrorBase>hooks[k]
         if m.oos is None or m.spare is None or m.cg is not None:
             raise StateError("a pair is not ready to begin a consistency group")
-    for i in range(n):
+    for i in range(len(primaries)):
         v = <VolumeBase>primaries[i]
         if v._owner == me:
             raise RuntimeError("coordination must not run with a primary's lock held")
         if v.base == NULL:
             raise VolumeClosedError(f"{v!r} is closed")
+    return 0
+
+
+cdef hold_and_begin(list primaries, list hooks, list ks, double timeout, before, after,
+                    list begun, double t0, unsigned long me, double held_since):
+    """The hold of :func:`coordinate_pairs` over ``primaries`` (taking their
+    locks) and the hooks ``ks`` (indices; None: every hook), the hold
+    counting from ``held_since`` at the latest (if >= 0: a gate closed)."""
+    global _coordinations
+    cdef Py_ssize_t i, j, k, n = len(primaries), nh, busy, closed
+    cdef VolumeBase v
+    cdef MirrorBase m
+    cdef double start, hold = 0.0, left
+    cdef long long us
+    cdef bint got, swapped
+    cdef char* held           # per primary: 0 free, 1 taken by a try, 2 kept
+    cdef double* since        # when a kept lock was taken
+    cdef TrackBitmap oos
+    nh = len(hooks) if ks is None else len(ks)
     held = <char*>calloc(n + 1, 1)
     since = <double*>calloc(n + 1, sizeof(double))
     if held == NULL or since == NULL:
         free(held)
         free(since)
         raise MemoryError("coordination: out of memory")
-    if begun is not None:
-        del begun[:]
     try:
         while True:
             # one pass, GIL held throughout: the hold
-            start = monotonic()
+            start = monotonic() if held_since < 0 else held_since
             busy = -1
             for i in range(n):
                 if held[i]:
@@ -124,7 +203,8 @@ def coordinate_pairs(list primaries, list hooks, double timeout, before=None, af
                         raise VolumeClosedError(f"{primaries[closed]!r} is closed")
                     if before is not None:
                         before()
-                    for k in range(nh):
+                    for j in range(nh):
+                        k = j if ks is None else <Py_ssize_t>ks[j]
                         m = <MirrorBase>hooks[k]
                         if begun is not None:
                             oos = m.oos

@@ -113,11 +113,13 @@ def set_cow_hook(hook):
 
 
 cdef class VolumeBase
+cdef class WriteGate
 
 
 include "_bitmap.pxi"
 include "_copy.pxi"
 include "_relationship.pxi"
 include "_volume.pxi"
+include "_gate.pxi"
 include "_pprc.pxi"
 include "_coordinate.pxi"

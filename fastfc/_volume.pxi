@@ -82,6 +82,11 @@ cdef class VolumeBase:
     cdef PyThread_type_lock _lk
     cdef unsigned long _owner
     cdef int _depth
+    # the write gate of the Global Mirror session it is a primary of (and
+    # its slot there), and the gate passed for the lock held now
+    cdef WriteGate _gate
+    cdef Py_ssize_t _gate_slot
+    cdef WriteGate _held_gate
     # relationships and flags, guarded by this volume's lock
     cdef public list _src_rels
     cdef public RelationshipBase _tgt_rel
@@ -357,42 +362,17 @@ cdef class VolumeBase:
             return None
         return self._alloc.count() * self.grain_size
 
-    # -- locking -----------------------------------------------------------
+    # -- locking (fastfc/_gate.pxi: a primary passes its session's gate) -----
     cdef inline int _acquire(self) except -1:
-        cdef unsigned long me = PyThread_get_thread_ident()
-        if self._owner == me:
-            self._depth += 1
-            return 0
-        if not PyThread_acquire_lock(self._lk, NOWAIT_LOCK):
-            with nogil:
-                PyThread_acquire_lock(self._lk, WAIT_LOCK)
-        self._owner = me
-        self._depth = 1
+        volume_acquire(self)
         return 0
 
     cdef inline void _release(self) noexcept:
-        self._depth -= 1
-        if self._depth == 0:
-            self._owner = 0
-            PyThread_release_lock(self._lk)
+        volume_release(self)
 
     def _lock(self, double timeout=-1.0):
         """Acquire this volume's (re-entrant) lock; False on timeout."""
-        cdef unsigned long me = PyThread_get_thread_ident()
-        cdef long long us
-        cdef int ok
-        if self._owner == me:
-            self._depth += 1
-            return True
-        if not PyThread_acquire_lock(self._lk, NOWAIT_LOCK):
-            us = -1 if timeout < 0 else <long long>(timeout * 1e6)
-            with nogil:
-                ok = PyThread_acquire_lock_timed(self._lk, us, 0) == PY_LOCK_ACQUIRED
-            if not ok:
-                return False
-        self._owner = me
-        self._depth = 1
-        return True
+        return volume_acquire(self, timeout) == 1
 
     def _unlock(self):
         if self._owner != PyThread_get_thread_ident():

@@ -373,9 +373,17 @@ class GlobalMirror:
         self._begun: list[int] = []
         self._where: list[tuple[SecondaryGroup, int]] = []
         self._failovers_seen: int | None = None
+        self._gate: _core.WriteGate | None = None
         if self._sparse:
             at = {id(t): (g, k) for g in groups for k, t in enumerate(g.triplets)}
             self._where = [at[id(t)] for t in self.triplets]
+            # the primaries pass one gate, which coordination closes in place
+            # of taking every primary's lock (and which knows the pairs that
+            # may have tracks out of sync): an idle CG is O(1)
+            pair_of = {id(t.a): k for k, t in enumerate(self.triplets)}
+            gate = _core.WriteGate(self._primaries, [pair_of[id(a)] for a in self._primaries])
+            gate.attach()
+            self._gate = gate
 
     @property
     def groups(self) -> list:
@@ -532,7 +540,8 @@ class GlobalMirror:
         try:
             status, seconds = _core.coordinate_pairs(self._primaries, pairs,
                                                      self.max_coordination_time,
-                                                     fault_point, after, begun)
+                                                     fault_point, after, begun,
+                                                     self._gate if self._sparse else None)
         except FastFCError as e:
             if not injected or e is not injected[0]:
                 raise
@@ -999,6 +1008,9 @@ class GlobalMirror:
                         "first, or close(discard=True) to withdraw and invalidate them")
             for g in secs:
                 g.close(discard=discard, on_copy=on_copy)
+            if self._gate is not None:
+                self._gate.detach()
+                self._gate = None
             self.triplets = []
             self._secondaries = []
             self._pairs = []

@@ -23,9 +23,9 @@ DEFAULT_TRACK = 65536
 class Volume(_core.VolumeBase):
     """A volume of ``n_tracks * track_size`` bytes.
 
-    ``Volume.closes`` counts the calls of :meth:`close` (of any volume): a
-    caller that found none of its volumes closed need not look again while
-    it stays the same.
+    ``Volume.closes`` changes with every call of :meth:`close` (of any
+    volume), as it begins and once the volume is closed: a caller that found
+    none of its volumes closed need not look again while it stays the same.
 
     Parameters
     ----------
@@ -179,6 +179,7 @@ class Volume(_core.VolumeBase):
         unmapped memory."""
         Volume.closes += 1          # (before: a look that saw none closed may be stale)
         fd = self._detach()
+        Volume.closes += 1          # (and after: so may one made while it waited for the lock)
         if fd is None:
             return
         mm, self._mm = self._mm, None
