@@ -117,13 +117,16 @@ def pytest_collection_modifyitems(config, items):
             items[:] = [item for item in items if not item.get_closest_marker("soak")]
             config.hook.pytest_deselected(items=soak)
             _soak_left_out[:] = soak
-    if not config.getoption("--run-slow"):
-        slow = [item for item in items if item.get_closest_marker("slow")]
-        if slow:
-            items[:] = [item for item in items if not item.get_closest_marker("slow")]
-            config.hook.pytest_deselected(items=slow)
-            _left_out[:] = slow
-    items[:] = _in_running_order(items)
+    if config.getoption("--run-slow"):
+        items[:] = _in_running_order(items)
+        return
+    # (the quick loop keeps the collection order: ordered as above it took
+    # 65.6-67.1 s against 60.5-63.5 s, back to back on a quiet machine)
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        config.hook.pytest_deselected(items=slow)
+        _left_out[:] = slow
 
 
 # Seconds each of the longest tests takes (under the ``ci`` profile, --run-slow,
