@@ -47,11 +47,6 @@ import numpy as np
 from fastfc import GlobalMirror, GMState, StorageUnit, faults
 from fastfc.tools.testing import RandomWriters
 
-if os.environ.get("FASTFC_TESTS_TMPFS_AS_DISK"):
-    # the parent keeps the units on tmpfs for speed (conftest.tmpfs_tmp_path):
-    # volumes take the disk's I/O path here too, as they do in the parent
-    import fastfc.storage.volume as _volume
-    _volume._in_memory_fs = lambda path: False
 
 N_TRIPLETS = 3
 N_TRACKS = 32
@@ -66,6 +61,19 @@ THEN = ("loop", "recover", "close")
 # -- helpers shared with the parent --------------------------------------------
 # the units' durability level (the kill-anywhere guarantee holds at both)
 DURABILITY = os.environ.get("FASTFC_CRASH_DURABILITY", "process")
+
+
+def configure() -> None:
+    """What the environment asks of this child, read when it starts (by
+    ``main``, not at import: tests/test_crash.py forks its children from a
+    server that imported this module once, before their environments)."""
+    global DURABILITY
+    DURABILITY = os.environ.get("FASTFC_CRASH_DURABILITY", "process")
+    if os.environ.get("FASTFC_TESTS_TMPFS_AS_DISK"):
+        # the parent keeps the units on tmpfs for speed (conftest.tmpfs_tmp_path):
+        # volumes take the disk's I/O path here too, as they do in the parent
+        import fastfc.storage.volume as _volume
+        _volume._in_memory_fs = lambda path: False
 
 def unit_dirs(root: Path) -> tuple[Path, Path]:
     return root / "primary", root / "secondary"
@@ -145,6 +153,7 @@ def create(root: Path, seed: int) -> None:
 
 # -- the child ------------------------------------------------------------------
 def main(argv=None) -> int:
+    configure()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--point", choices=POINTS, default="none")
@@ -260,6 +269,20 @@ def main(argv=None) -> int:
     print(f"not killed within {args.timeout} s: {gm!r} armed={faults.armed()}",
           file=sys.stderr, flush=True)
     os._exit(3)
+
+
+def forked_main(module: str, argv: list, env: dict, out: str, err: str) -> None:
+    """``python tests/<module>.py ARGV`` in a child forked from a server that
+    imported the module (tests/test_crash.py): the parent's environment
+    ``env``, stdout and stderr to the files ``out`` and ``err``."""
+    import importlib
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.exit(importlib.import_module(module).main(argv))
 
 
 if __name__ == "__main__":

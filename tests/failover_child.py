@@ -30,11 +30,15 @@ import numpy as np
 from fastfc import GlobalMirror, PPRCPair, StorageUnit
 from fastfc.copyservices.flashcopy import FlashCopy
 
-if os.environ.get("FASTFC_TESTS_TMPFS_AS_DISK"):
-    # the parent keeps the units on tmpfs for speed (conftest.tmpfs_tmp_path):
-    # volumes take the disk's I/O path here too, as they do in the parent
-    import fastfc.storage.volume as _volume
-    _volume._in_memory_fs = lambda path: False
+def configure() -> None:
+    """What the environment asks of this child, read when it starts (by
+    ``main``, not at import: tests/test_crash.py forks its children from a
+    server that imported this module once, before their environments)."""
+    if os.environ.get("FASTFC_TESTS_TMPFS_AS_DISK"):
+        # the parent keeps the units on tmpfs for speed (conftest.tmpfs_tmp_path):
+        # volumes take the disk's I/O path here too, as they do in the parent
+        import fastfc.storage.volume as _volume
+        _volume._in_memory_fs = lambda path: False
 
 N_TRACKS = 16
 TRACK = 4096
@@ -81,6 +85,7 @@ def session(root: Path, index: int, dur: str) -> int:
 
 
 def main(argv=None) -> int:
+    configure()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--victim", choices=("primary", "secondary"), default="primary")

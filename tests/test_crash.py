@@ -1,7 +1,8 @@
 """Crash tests: a Global Mirror session over file-backed storage units is
 killed with SIGKILL, and reopening the units must keep the promise.
 
-A child process (tests/crash_child.py) runs the session under host writes
+A child process (tests/crash_child.py, forked from a server that imported it
+once: see run_child) runs the session under host writes
 and dies by SIGKILL, either through a fault hook at a named step of the
 protocol (each prepare, the decision, each commit, each revert, mid-drain,
 mid-send on the link, mid-copy-on-write, mid-coordination, inside the
@@ -28,10 +29,12 @@ from __future__ import annotations
 
 import collections
 import json
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +48,6 @@ import crash_child as cc  # noqa: E402
 
 pytestmark = pytest.mark.slow     # child processes killed and recovered: about 30 s
 
-CHILD = Path(__file__).with_name("crash_child.py")
 ROUNDS = int(os.environ.get("FASTFC_CRASH_ROUNDS", "3"))
 RANDOM_KILLS = int(os.environ.get("FASTFC_CRASH_RANDOM", "20"))
 N = cc.N_TRIPLETS
@@ -84,31 +86,93 @@ def tmp_path(tmpfs_tmp_path):
 
 
 # -- running the child ------------------------------------------------------------
+# The children are forked from a server that imported crash_child and
+# failover_child (fastfc, NumPy) once per worker (multiprocessing's
+# forkserver): a fresh interpreter spent about half a second importing them,
+# per child, and the module starts well over a hundred. Each child is still a
+# process of its own (its own units' locks, threads, mappings) ended by a
+# SIGKILL; it reads its environment when it starts (``configure()``), and its
+# stdout and stderr go to files the parent reads.
+_FORKSERVER = None
+
+
+def _forkserver():
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["crash_child", "failover_child"])
+        # the server imports them from tests/ (Python 3.11's forkserver does
+        # not apply the sys.path it is handed before preloading: a module it
+        # cannot import is skipped silently, and each child imported it again)
+        here = str(Path(__file__).parent)
+        old = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = here + (os.pathsep + old if old else "")
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            if old is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = old
+        _FORKSERVER = ctx
+    return _FORKSERVER
+
+
+def start_child(module: str, argv: list):
+    """Start ``tests/<module>.py ARGV`` forked from the server; returns the
+    process and the paths of its stdout and stderr."""
+    fd, out = tempfile.mkstemp(prefix=f"fastfc-{module}-", suffix=".out")
+    os.close(fd)
+    err = out[:-4] + ".err"
+    proc = _forkserver().Process(target=cc.forked_main,
+                                 args=(module, argv, dict(os.environ), out, err), daemon=True)
+    proc.start()
+    return proc, Path(out), Path(err)
+
+
+def finish_child(proc, out: Path, err: Path, timeout: float) -> tuple[int | None, str, str]:
+    """Wait for the child (killed after ``timeout`` s); its exit status
+    (negative: the signal that ended it) and its stdout and stderr."""
+    proc.join(timeout)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+        code = None
+    else:
+        code = proc.exitcode
+    texts = [p.read_text(errors="replace") if p.exists() else "" for p in (out, err)]
+    out.unlink(missing_ok=True)
+    err.unlink(missing_ok=True)
+    return code, texts[0], texts[1]
+
+
 def run_child(root: Path, *, point: str = "none", index: int = 0, after: int = 0,
               seed: int = 0, cg_interval: float = 0.0, kill_after: float | None = None,
               early_kill: bool = False, timeout: float = 30.0, then: str = "loop") -> None:
     """Run the child until it dies; assert that SIGKILL is what ended it.
     With ``kill_after`` the parent kills it that many seconds after it
     printed READY (after it started, if ``early_kill``)."""
-    cmd = [sys.executable, str(CHILD), "--root", str(root), "--point", point,
-           "--index", str(index), "--after", str(after), "--seed", str(seed),
-           "--cg-interval", str(cg_interval), "--timeout", str(timeout), "--then", then]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = ["--root", str(root), "--point", point,
+            "--index", str(index), "--after", str(after), "--seed", str(seed),
+            "--cg-interval", str(cg_interval), "--timeout", str(timeout), "--then", then]
+    proc, out, err = start_child("crash_child", argv)
     try:
         if kill_after is not None:
             if not early_kill:
-                line = proc.stdout.readline()     # the parent's clock starts at READY
+                # the parent's clock starts at READY
+                end = time.monotonic() + timeout + 30
+                while (not out.read_bytes().startswith(b"READY") and proc.is_alive()
+                       and time.monotonic() < end):
+                    time.sleep(0.001)
+                line = out.read_text()
                 assert line.startswith("READY"), f"child did not start: {line!r}"
             time.sleep(kill_after)
-            proc.send_signal(signal.SIGKILL)
-        out, err = proc.communicate(timeout=timeout + 30)
-    finally:
-        if proc.poll() is None:
             proc.kill()
-            proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, (
-        f"child {' '.join(cmd[2:])} ended with {proc.returncode}, not SIGKILL\n"
-        f"stdout: {out}\nstderr: {err}")
+    finally:
+        code, stdout, stderr = finish_child(proc, out, err, timeout + 30)
+    assert code == -signal.SIGKILL, (
+        f"child {' '.join(argv)} ended with {code}, not SIGKILL\n"
+        f"stdout: {stdout}\nstderr: {stderr}")
 
 
 def kill_info(root: Path) -> dict | None:
@@ -365,7 +429,6 @@ def test_kill_at_random_moments(tmp_path):
 
 
 # -- a live failover killed between its two units' writes ------------------------------
-FAILOVER_CHILD = Path(__file__).with_name("failover_child.py")
 
 
 @pytest.mark.parametrize("durability", ["process", "power"])
@@ -379,10 +442,10 @@ def test_kill_between_the_two_units_writes_of_a_failover(tmp_path, victim, durab
     not and B is still a secondary. A half failover recorded by A alone left
     B a secondary under a failed-over pair: its host writes refused."""
     import failover_child as fc
-    cmd = [sys.executable, str(FAILOVER_CHILD), "--root", str(tmp_path), "--victim", victim,
-           "--durability", durability]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
+    code, out, err = finish_child(*start_child(
+        "failover_child", ["--root", str(tmp_path), "--victim", victim,
+                           "--durability", durability]), timeout=120)
+    assert code == -signal.SIGKILL, (code, out, err)
     with StorageUnit(tmp_path / "primary", durability=durability) as u1, \
             StorageUnit(tmp_path / "secondary", durability=durability) as u2:
         a, b = u1.volume("A"), u2.volume("B")
@@ -417,10 +480,10 @@ def test_kill_before_a_restore_of_recover_then_recover_again(tmp_path, index, du
     secondary alone (``alone``), recover_session restores every B not yet
     restored (it skipped a B failed over but not restored)."""
     import failover_child as fc
-    cmd = [sys.executable, str(FAILOVER_CHILD), "--root", str(tmp_path), "--session",
-           "--index", str(index), "--durability", durability]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
+    code, out, err = finish_child(*start_child(
+        "failover_child", ["--root", str(tmp_path), "--session", "--index", str(index),
+                           "--durability", durability]), timeout=120)
+    assert code == -signal.SIGKILL, (code, out, err)
     cg = np.load(tmp_path / "cg.npy")
     if alone:       # the primary site lost now: recovery at the secondary alone
         with StorageUnit(tmp_path / "secondary", durability=durability) as u2:
