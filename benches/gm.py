@@ -87,10 +87,12 @@ def session_figures(gm, primaries, seconds: float, rate: float | None, *, seed: 
     }
 
 
-def run_session(triplets, seconds: float, rate: float | None, io_size: int = 4096) -> dict:
+def run_session(triplets, seconds: float, rate: float | None, io_size: int = 4096,
+                max_coordination_time: float = 0.05) -> dict:
     """Run GM for ``seconds`` under writers; return the figures. B catches
     up with A at the end and the volumes are left free for the next run."""
-    gm = GlobalMirror(triplets, cg_interval=0.0, initial_copy=False)
+    gm = GlobalMirror(triplets, cg_interval=0.0, initial_copy=False,
+                      max_coordination_time=max_coordination_time)
     out = session_figures(gm, [t[0] for t in triplets], seconds, rate, seed=1, io_size=io_size,
                           settle=gm.form_consistency_group)
     gm.close(discard=True)   # (the session's own pairs and FlashCopies go)
