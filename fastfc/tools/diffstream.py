@@ -186,9 +186,13 @@ def read_header(inp: IO[bytes]) -> Header:
 
 
 def load_state(image: Path) -> dict[str, Any] | None:
+    """The state file of ``image`` (None: there is none)."""
     p = state_path(image)
-    if not p.exists():
-        return None
+    return read_state(p) if p.exists() else None
+
+
+def read_state(p: Path) -> dict[str, Any]:
+    """A state file applydiff wrote; StreamError if it is not one."""
     try:
         s = json.loads(p.read_text())
     except (OSError, ValueError) as e:

@@ -5,7 +5,6 @@ revertflash, reverseflash, rmflash, and the copy in the foreground that
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 
@@ -400,13 +399,11 @@ def diffflash(units, spec, full, resume, output) -> None:
 
 def _resume_state(units, path: str, fc: FlashCopy) -> dict:
     from fastfc.tools import diffstream as ds
-    p = units.where(path)
     try:
-        state = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f"{path}: not a state file applydiff wrote ({e})") from None
-    if not isinstance(state, dict) or state.get("format") != ds.FORMAT or \
-            not state.get("partial"):
+        state = ds.read_state(units.where(path))
+    except ds.StreamError as e:
+        raise click.ClickException(str(e)) from None
+    if not state.get("partial"):
         raise click.ClickException(f"{path} records no stream applied in part: "
                                    "nothing to resume")
     if (state.get("source"), state.get("target")) != (fc.source.name, fc.target.name):
