@@ -85,11 +85,24 @@ def _groups_model(bits: list[bool], group: int) -> list[bool]:
     return [any(bits[i:i + group]) for i in range(0, len(bits), group)]
 
 
+def _bits(n: int) -> st.SearchStrategy[list[bool]]:
+    """``n`` bits, sparse, dense or random: a few draws each (a list of
+    ``n`` booleans drawn one by one costs thousands of draws at n = 3,072)."""
+    def at(positions: set[int], value: bool) -> list[bool]:
+        return [(i in positions) == value for i in range(n)]
+    positions = st.sets(st.integers(0, n - 1), max_size=min(n, 40))
+    return st.one_of(
+        positions.map(lambda p: at(p, True)),          # a few bits set
+        positions.map(lambda p: at(p, False)),         # all but a few
+        st.binary(min_size=(n + 7) // 8, max_size=(n + 7) // 8).map(
+            lambda b: np.unpackbits(np.frombuffer(b, np.uint8))[:n].astype(bool).tolist()))
+
+
 @settings(max_examples=min(200, settings.default.max_examples), deadline=None)
 @given(group=st.sampled_from([1, 2, 4, 16, 32, 64, 128, 256]), data=st.data())
 def test_group_counts_and_conversions_match_a_list_of_bools(group, data):
     n = group * data.draw(st.integers(1, 12), label="groups")
-    bits = data.draw(st.lists(st.booleans(), min_size=n, max_size=n), label="bits")
+    bits = data.draw(_bits(n), label="bits")
     bm = TrackBitmap.from_bools(np.array(bits))
     groups = _groups_model(bits, group)
     assert bm.count_groups(group) == sum(groups)
