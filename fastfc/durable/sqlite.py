@@ -78,14 +78,22 @@ class FileBitmap(TrackBitmap):
 
     file_id: int
     path: Path
-    _mm: np.memmap    # the mapping (writable: private)
+    _mm: mmap.mmap    # the mapping the words are a view of
 
     def flush(self) -> None:
         """Write the words to the file (``msync``)."""
         self._mm.flush()
 
 
-def _map_bitmap(path: Path, n_words: int, create: bool) -> np.memmap:
+def _words_of(fd: int, n_words: int, access: int) -> tuple[mmap.mmap, np.ndarray]:
+    """Map ``n_words`` words of the file open as ``fd``: the mapping and its
+    words (``np.memmap`` does the same in about four times the time: a
+    unit's open maps every bitmap it has)."""
+    mm = mmap.mmap(fd, n_words * 8, access=access)
+    return mm, np.frombuffer(mm, dtype=np.uint64, count=n_words)
+
+
+def _map_bitmap(path: Path, n_words: int, create: bool) -> tuple[mmap.mmap, np.ndarray]:
     """Map a bitmap file with every block allocated (a bit set by the I/O
     path must never need a block the filesystem cannot give: that would be
     SIGBUS). A new file that cannot get its blocks is removed."""
@@ -103,8 +111,10 @@ def _map_bitmap(path: Path, n_words: int, create: bool) -> np.memmap:
             raise NoSpaceError(f"bitmap file {path}: the filesystem has no room for "
                                f"{n_words * 8} bytes ({e.strerror})") from None
         raise
-    os.close(fd)
-    return np.memmap(path, dtype=np.uint64, mode="r+", shape=(n_words,))
+    try:
+        return _words_of(fd, n_words, mmap.ACCESS_WRITE)
+    finally:
+        os.close(fd)
 
 
 def _is_full(e: BaseException) -> bool:
@@ -982,9 +992,9 @@ class SQLiteStore(Store):
             fid = self._next_bitmap
             self._next_bitmap += 1
         path = self.bitmap_dir / f"{fid}.bm"
-        words = _map_bitmap(path, max((n_bits + 63) // 64, 1), create=True)
+        mm, words = _map_bitmap(path, max((n_bits + 63) // 64, 1), create=True)
         bm = FileBitmap(n_bits, fill=fill, words=words)
-        bm.file_id, bm.path, bm._mm = fid, path, words
+        bm.file_id, bm.path, bm._mm = fid, path, mm
         self._maps[fid] = bm
         return bm
 
@@ -1019,11 +1029,15 @@ class SQLiteStore(Store):
         if self.readonly:
             # a private mapping (the process may set bits, as a restore does;
             # the file never changes)
-            words = np.memmap(path, dtype=np.uint64, mode="c", shape=(n_words,))
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                mm, words = _words_of(fd, n_words, mmap.ACCESS_COPY)
+            finally:
+                os.close(fd)
         else:
-            words = _map_bitmap(path, n_words, create=False)
+            mm, words = _map_bitmap(path, n_words, create=False)
         bm = FileBitmap(n_bits, words=words)
-        bm.file_id, bm.path, bm._mm = fid, path, words
+        bm.file_id, bm.path, bm._mm = fid, path, mm
         self._maps[fid] = bm
         return bm
 
