@@ -213,3 +213,78 @@ def test_ray_a_hung_unit_times_out_and_answers_again(ray_session, tmp_path, monk
     assert gm.c_sequences == [res.sequence]
     gm.close()
     u.kill()
+
+
+# -- units that live on their own ------------------------------------------------------
+
+def _child(code: str, address: str, **kw):
+    """Run ``code`` in a new Python process connected to this test's Ray
+    cluster (``ray.init(address=...)``: a second driver, as a primary
+    process on another host would be)."""
+    import subprocess
+    import sys
+    head = (f"import ray; ray.init(address={address!r}, namespace='fastfc', "
+            "log_to_driver=False)\n")
+    return subprocess.Popen([sys.executable, "-c", head + code], **kw)
+
+
+def test_units_outlive_the_process_that_started_them(ray_session, tmp_path):
+    """A unit started (detached, the default) by a process that then dies
+    (SIGKILL) keeps running: another process finds it by name, reads its
+    volumes and stops it; ``stop`` ends its process and frees its name.
+    One started with ``detached=False`` dies with its process (the old
+    behaviour, so the check can fail)."""
+    import signal
+    import subprocess
+    ray = _ray()
+    remote = ray_session
+    address = ray.get_runtime_context().gcs_address
+    names = [f"{tmp_path.name}-free", f"{tmp_path.name}-owned"]
+    code = f"""
+import sys, time
+import numpy as np
+from fastfc import remote
+for name, path, detached in [({names[0]!r}, {str(tmp_path / 'u0')!r}, True),
+                             ({names[1]!r}, {str(tmp_path / 'u1')!r}, False)]:
+    u = remote.SecondaryUnit.start(path, name=name, detached=detached)
+    u.create_volume("v", 8, {TS})
+    u.site.apply([("v", np.array([0]), np.full((1, {TS}), 7, np.uint8))]).result()
+print("ready", flush=True)
+time.sleep(600)
+"""
+    p = _child(code, address, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        u = remote.SecondaryUnit.attach(names[0])
+        pid = u.info()["pid"]
+        owned_pid = remote.SecondaryUnit.attach(names[1]).info()["pid"]
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+        end = time.monotonic() + 30         # the owned unit goes with its owner
+        while time.monotonic() < end:
+            try:
+                os.kill(owned_pid, 0)
+            except OSError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the unit owned by the dead process still runs")
+        with pytest.raises(remote.UnitDownError):
+            remote.SecondaryUnit.attach(names[1])
+        # the detached one serves on, in the same process
+        u = remote.SecondaryUnit.attach(names[0])
+        assert u.info()["pid"] == pid
+        assert bytes(u.volume("v").read(0, 4)) == b"\x07" * 4
+        assert remote.stop_units(names[0], names[1]) == [names[0]]
+        with pytest.raises(OSError):
+            os.kill(pid, 0)
+        with pytest.raises(remote.UnitDownError):
+            remote.SecondaryUnit.attach(names[0])
+        # stopped cleanly: it opens again with nothing to recover, same data
+        u = remote.SecondaryUnit.start(tmp_path / "u0", name=names[0])
+        assert bytes(u.volume("v").read(0, 4)) == b"\x07" * 4
+        u.stop()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -6,8 +6,10 @@ Ray (``pip install 'fastfc[remote]'``) is imported only for what needs it:
 run without it.
 
 * :meth:`SecondaryUnit.start` (path, name=...) starts a Ray actor holding a
-  durable :class:`~fastfc.StorageUnit`; ``create_volume`` gives
-  :class:`RemoteVolume` proxies; ``kill()`` crashes it.
+  durable :class:`~fastfc.StorageUnit`, detached from the process that
+  started it; ``create_volume`` gives :class:`RemoteVolume` proxies;
+  :meth:`SecondaryUnit.attach` (name) finds a running one; ``stop()`` ends
+  it (:func:`stop_units` by name), ``kill()`` crashes it.
 * ``fastfc.GlobalMirror([(A, B, C), ...])`` with local A and remote B, C
   runs the session across units (:mod:`fastfc.copyservices.sitemirror`).
 * :func:`recover` is site-loss recovery over the secondary units alone.
@@ -24,15 +26,15 @@ from fastfc.remote.local import LocalUnit
 from fastfc.remote.server import FencedError, UnitServer
 
 if TYPE_CHECKING:
-    from fastfc.remote.rayunit import SecondaryUnit
+    from fastfc.remote.rayunit import SecondaryUnit, stop_units
 
 
 def __getattr__(name: str) -> Any:
     """``SecondaryUnit`` imports Ray on first use (a clear
     :class:`~fastfc.MissingDependencyError` without it)."""
-    if name == "SecondaryUnit":
-        from fastfc.remote.rayunit import SecondaryUnit
-        return SecondaryUnit
+    if name in ("SecondaryUnit", "stop_units"):
+        from fastfc.remote import rayunit
+        return getattr(rayunit, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -47,5 +49,5 @@ def recover(units: Sequence[UnitHandle], session: str = "gm") -> int:
     return recover_sites([u.site for u in units], session)
 
 
-__all__ = ["SecondaryUnit", "LocalUnit", "RemoteVolume", "UnitDownError", "FencedError",
+__all__ = ["SecondaryUnit", "stop_units", "LocalUnit", "RemoteVolume", "UnitDownError", "FencedError",
            "UnitServer", "recover", "reconcile_sites", "recover_sites"]
