@@ -16,10 +16,11 @@ import numpy as np
 from fastfc._core import MirrorBase, TrackBitmap
 from fastfc.errors import FastFCError, LimitError, VolumeClosedError
 from fastfc.storage.site import SecondarySite, SiteVolume, Update
-from fastfc.storage.volume import Volume
+from fastfc.storage.volume import Volume, grain_digests
 
 BATCH_BYTES = 16 << 20           # gathered tracks per apply call (>= 1 MiB)
 HOLD_BYTES = 1 << 20             # copied per hold of A's lock while gathering
+DIGEST_GRAINS = 1 << 16          # grains compared per digests call (1 MiB of digests)
 
 
 class SitePair(MirrorBase):
@@ -61,6 +62,35 @@ class SitePair(MirrorBase):
             a._mirror = self
         finally:
             a._unlock()
+
+    def resync_by_digests(self) -> int:
+        """Continue from a B that holds what it holds (a resumed session):
+        compare each grain of A with B's by digest (each side digests its
+        own; only the digests travel, ``DIGEST_GRAINS`` grains per call)
+        and mark every grain that differs out of sync. Exact whatever
+        happened meanwhile (a primary that died mid-drain, a recovery that
+        put B back to its C, host writes to B since): the first CG sends
+        those grains and nothing else. The pair is A's mirror hook already,
+        so a host write meanwhile marks its grains itself. Returns the
+        grains marked."""
+        A = self.primary
+        n = A.n_grains
+        differ = np.zeros(n, np.bool_)
+        for g0 in range(0, n, DIGEST_GRAINS):
+            g1 = min(n, g0 + DIGEST_GRAINS)
+            call = self.site.digests(self.remote.name, g0, g1)
+            mine = grain_digests(A, g0, g1)      # while the unit digests B's
+            theirs = np.asarray(call.result())
+            if theirs.shape != mine.shape:
+                raise FastFCError(f"{self.site.name}:{self.remote.name} gave digests of shape "
+                                  f"{theirs.shape} for grains {g0}..{g1}, expected {mine.shape}")
+            differ[g0:g1] = (mine != theirs).any(axis=1)
+        A._lock()
+        try:
+            self.oos.or_(TrackBitmap.from_bools(differ))
+        finally:
+            A._unlock()
+        return int(differ.sum())
 
     def remove(self) -> None:
         a = self.primary
