@@ -288,3 +288,110 @@ time.sleep(600)
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+PRIMARY = """
+import json, os, sys
+import numpy as np
+import fastfc
+from fastfc import remote
+from fastfc.tools.testing import RandomWriters
+base, pre, n, ts = {base!r}, {pre!r}, {n}, {ts}
+units = [remote.SecondaryUnit.start(f"{{base}}/u{{i}}", name=f"{{pre}}-u{{i}}") for i in range(2)]
+p = fastfc.StorageUnit(f"{{base}}/primary")
+trips = []
+for i in range(4):
+    u = units[i % 2]
+    trips.append((p.create_volume(f"a{{i}}", n, ts), u.create_volume(f"b{{i}}", n, ts),
+                  u.create_volume(f"c{{i}}", n, ts)))
+
+def snapshot(seq):
+    # host writes to every A are held: the raw arrays are the CG's images
+    tmp = f"{{base}}/snap-{{seq}}.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, np.stack([a.array for a, _, _ in trips]))
+    os.replace(tmp, f"{{base}}/snap-{{seq}}.npy")
+
+gm = fastfc.GlobalMirror(trips, on_coordinate=snapshot)
+print(json.dumps([u.info()["pid"] for u in units]), flush=True)
+writers = RandomWriters([a for a, _, _ in trips], threads=2, seed=5, pace=2e6).start()
+done = 0
+while True:
+    if gm.form_consistency_group().committed:
+        done += 1
+        if done == 3:
+            print("forming", flush=True)
+"""
+
+ATTACH = """
+import json
+import fastfc
+from fastfc import remote
+p = fastfc.StorageUnit({base!r} + "/primary")
+gm = remote.attach(p, "gm")
+marked = sum(t.pair.oos.count() for t in gm.triplets)
+res = gm.form_consistency_group()
+print(json.dumps({{"committed": res.committed, "sequence": res.sequence, "marked": marked,
+                  "bytes": res.bytes_drained, "c": gm.c_sequences}}), flush=True)
+p.close()
+"""
+
+
+def test_the_primary_killed_mid_formation_then_recovered_and_attached(ray_session, tmp_path):
+    """The done-when test: a primary process (a second Ray driver) forms
+    CGs against units it started, with host writes, and is SIGKILLed at a
+    random instant; the units stay up (same processes); ``remote.recover``
+    runs against them and every B and C holds one whole CG (the A images
+    that primary saved at that CG's coordination instant); then a new
+    primary process attaches and forms the next CG, sending only the
+    grains where A and B differ (no initial copy), after which every C
+    equals its A."""
+    import json
+    import signal
+    import subprocess
+    ray = _ray()
+    remote = ray_session
+    address = ray.get_runtime_context().gcs_address
+    n = 1024                      # 4 MiB per volume
+    pre = tmp_path.name
+    names = [f"{pre}-u{i}" for i in range(2)]
+    p = _child(PRIMARY.format(base=str(tmp_path), pre=pre, n=n, ts=TS), address,
+               stdout=subprocess.PIPE, text=True)
+    try:
+        pids = json.loads(p.stdout.readline())
+        assert p.stdout.readline().strip() == "forming"
+        time.sleep(random.Random(7).uniform(0.0, 0.4))
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+        # the units stay up, in the same processes
+        units = [remote.SecondaryUnit.attach(name) for name in names]
+        assert [u.info()["pid"] for u in units] == pids
+        seq = remote.recover(units, "gm")
+        assert seq >= 3
+        images = np.load(tmp_path / f"snap-{seq}.npy")
+        for i in range(4):
+            u = units[i % 2]
+            for v in (u.volume(f"b{i}"), u.volume(f"c{i}")):
+                assert np.array_equal(v.read(0, v.capacity), images[i]), v
+        # what the new primary must send: where A (as the killed primary
+        # left it) differs from B (restored to the CG)
+        with fastfc.StorageUnit(tmp_path / "primary") as prim:
+            now = np.stack([prim.volume(f"a{i}").read(0, n * TS) for i in range(4)])
+        differ = int((now.reshape(4, n, TS) != images.reshape(4, n, TS)).any(axis=2).sum())
+        assert 0 < differ < 4 * n // 4, differ          # a fraction of the grains
+        q = _child(ATTACH.format(base=str(tmp_path)), address, stdout=subprocess.PIPE,
+                   text=True)
+        out = json.loads(q.stdout.readline())
+        assert q.wait(timeout=120) == 0
+        assert out["committed"] and out["sequence"] == seq + 1, out
+        assert out["c"] == [seq + 1] * 4
+        assert out["marked"] == differ
+        assert out["bytes"] == differ * TS             # no initial copy
+        for i in range(4):
+            c = units[i % 2].volume(f"c{i}")
+            assert np.array_equal(c.read(0, c.capacity), now[i])
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        remote.stop_units(*names)
