@@ -178,6 +178,15 @@ def test_attach_after_site_loss_recovery_makes_b_secondary_again(tmp_path):
     p = fastfc.StorageUnit(tmp_path / "primary")
     expect = differing_grains(p, units, 4)
     assert expect == [1, 1, 1, 0]
+    # refused (the primary's record newer than the units): the units
+    # change nothing, each B takes host writes still
+    rec = p.store.site_sessions()["gm"]
+    p.store.save_site_stats("gm", {**rec["stats"], "sequence": 9})
+    with pytest.raises(fastfc.StateError, match="older than CG 9"):
+        remote.attach(p, "gm")
+    assert not units[0].server.unit.volume("b0").is_secondary
+    assert not units[1].server.unit.volume("b1").is_secondary
+    p.store.save_site_stats("gm", rec["stats"])
     gm = remote.attach(p, "gm")
     assert units[0].server.unit.volume("b0").is_secondary
     with pytest.raises(fastfc.FastFCError):

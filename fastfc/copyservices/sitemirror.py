@@ -268,10 +268,11 @@ def connect(triplets: Sequence[tuple[Any, Any, Any]], *, name: str, link: Any,
     recorded session: the triplets must be the recorded ones; each unit
     must serve the session with the recorded B->C pairs, its C volumes on a
     CG no older than the recorded one (``SecondarySite.rejoin``, which
-    holds each B as a secondary again); then, instead of an initial copy,
-    each pair marks out of sync the grains where A and B differ
-    (:meth:`SitePair.resync_by_digests`). Nothing is changed on the primary
-    side when a check refuses."""
+    then holds each B as a secondary again); then, instead of an initial
+    copy, each pair marks out of sync the grains where A and B differ
+    (:meth:`SitePair.resync_by_digests`). A refusal changes nothing on the
+    primary side, nor on the unit that refuses (units asked before it hold
+    their B volumes as secondaries again: the safe state)."""
     if link is not None:
         raise ValueError("a session over secondary sites picks its links itself: "
                          "pass link=None")
@@ -311,15 +312,12 @@ def connect(triplets: Sequence[tuple[Any, Any, Any]], *, name: str, link: Any,
         raise StateError(f"a session {name!r} over secondary units is recorded in the A "
                          "volumes' unit: resume it (fastfc.remote.attach, or "
                          "GlobalMirror(..., resume=True)), or end it first")
+    stats = recorded.get("stats") if recorded is not None else None
+    committed = int(stats["sequence"]) if stats else 0
     seqs: list[int] = []
     for s in sites.values():
         mine = [(b.name, c.name) for _, b, c in triplets if b.site().key == s.key]
-        seqs += s.rejoin(name, mine) if resume else s.setup(name, mine)
-    stats = recorded.get("stats") if recorded is not None else None
-    if stats and max(seqs) < stats["sequence"]:
-        raise StateError(f"session {name!r}: the primary's record says CG {stats['sequence']} "
-                         f"committed, the units' C volumes carry at most CG {max(seqs)} (units "
-                         "restored from an older copy?): the records disagree; not resumed")
+        seqs += s.rejoin(name, mine, committed) if resume else s.setup(name, mine)
     pairs: list[SitePair] = []
     try:
         for a, b, _ in triplets:

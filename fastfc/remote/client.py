@@ -103,8 +103,9 @@ class UnitSite(SecondarySite):
     def restore_b(self, session: str) -> None:
         self._now("restore_b", session)
 
-    def rejoin(self, session: str, pairs: Sequence[tuple[str, str]]) -> list[int]:
-        return list(self._now("rejoin", session, [list(p) for p in pairs]))
+    def rejoin(self, session: str, pairs: Sequence[tuple[str, str]],
+               min_sequence: int = 0) -> list[int]:
+        return list(self._now("rejoin", session, [list(p) for p in pairs], int(min_sequence)))
 
     def digests(self, name: str, start: int, stop: int) -> Pending:
         return self._call("digests", name, int(start), int(stop))

@@ -258,12 +258,15 @@ class UnitServer:
                 "decisions": self.unit.cg_decisions(session),
                 "settled": self.unit.cg_outcomes(session)}
 
-    def rejoin(self, session: str, pairs: Sequence[tuple[str, str]]) -> list[int]:
+    def rejoin(self, session: str, pairs: Sequence[tuple[str, str]],
+               min_sequence: int = 0) -> list[int]:
         """A new primary continues ``session``: check the unit serves it
-        with exactly ``pairs`` and hold each B as a secondary again
+        with exactly ``pairs``, no C older than ``min_sequence``, and hold
+        each B as a secondary again
         (:meth:`StorageUnit.rejoin_served_session`); C's sequences."""
         self._fence()
-        return self.unit.rejoin_served_session(session, [(str(b), str(c)) for b, c in pairs])
+        return self.unit.rejoin_served_session(session, [(str(b), str(c)) for b, c in pairs],
+                                               int(min_sequence))
 
     def digests(self, name: str, start: int, stop: int) -> np.ndarray:
         """The digest of each grain ``start``..``stop`` of volume ``name``
