@@ -270,9 +270,10 @@ def connect(triplets: Sequence[tuple[Any, Any, Any]], *, name: str, link: Any,
     CG no older than the recorded one (``SecondarySite.rejoin``, which
     then holds each B as a secondary again); then, instead of an initial
     copy, each pair marks out of sync the grains where A and B differ
-    (:meth:`SitePair.resync_by_digests`). A refusal changes nothing on the
-    primary side, nor on the unit that refuses (units asked before it hold
-    their B volumes as secondaries again: the safe state)."""
+    (:func:`~fastfc.copyservices.sitepair.resync_by_digests`). A refusal
+    changes nothing on the primary side, nor on the unit that refuses
+    (units asked before it hold their B volumes as secondaries again: the
+    safe state)."""
     if link is not None:
         raise ValueError("a session over secondary sites picks its links itself: "
                          "pass link=None")
@@ -323,8 +324,7 @@ def connect(triplets: Sequence[tuple[Any, Any, Any]], *, name: str, link: Any,
         for a, b, _ in triplets:
             pairs.append(SitePair(a, b, b.site(), initial_copy=initial_copy and not resume))
         if resume:
-            for p in pairs:
-                p.resync_by_digests()
+            sitepair.resync_by_digests(pairs)
     except Exception:
         for p in pairs:
             p.remove()

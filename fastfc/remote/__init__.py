@@ -103,5 +103,6 @@ def forget_session(primary: Any, session: str) -> bool:
     return known
 
 
-__all__ = ["attach", "forget_session", "SecondaryUnit", "stop_units", "LocalUnit", "RemoteVolume", "UnitDownError", "FencedError",
-           "UnitServer", "recover", "reconcile_sites", "recover_sites"]
+__all__ = ["attach", "forget_session", "SecondaryUnit", "stop_units", "LocalUnit",
+           "RemoteVolume", "UnitDownError", "FencedError", "UnitServer", "recover",
+           "reconcile_sites", "recover_sites"]

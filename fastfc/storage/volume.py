@@ -431,17 +431,15 @@ def grain_digests(volume: Any, start: int = 0, stop: int | None = None) -> np.nd
     stop = n if stop is None else int(stop)
     if not 0 <= start <= stop <= n:
         raise IndexError(f"grains {start}..{stop} outside 0..{n} of {volume!r}")
-    out = np.empty((stop - start, DIGEST_BYTES), np.uint8)
     per = max(1, _DIGEST_CHUNK // g)
     blake = hashlib.blake2b
+    parts = []
     for k0 in range(start, stop, per):
         k1 = min(stop, k0 + per)
-        data = volume.read(k0 * g, (k1 - k0) * g)
-        view = np.ascontiguousarray(data).data.cast("B")
-        for j in range(k1 - k0):
-            out[k0 - start + j] = np.frombuffer(
-                blake(view[j * g:(j + 1) * g], digest_size=DIGEST_BYTES).digest(), np.uint8)
-    return out
+        view = np.ascontiguousarray(volume.read(k0 * g, (k1 - k0) * g)).data.cast("B")
+        parts.append(b"".join([blake(view[j:j + g], digest_size=DIGEST_BYTES).digest()
+                               for j in range(0, (k1 - k0) * g, g)]))
+    return np.frombuffer(b"".join(parts), np.uint8).reshape(stop - start, DIGEST_BYTES)
 
 
 @contextmanager
