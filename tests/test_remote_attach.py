@@ -299,3 +299,21 @@ def test_digests_compare_what_the_grains_hold(tmp_path):
     assert np.array_equal(grain_digests(v, 3, 9), dv[3:9])
     with pytest.raises(IndexError):
         grain_digests(v, 0, N + 1)
+
+
+def test_local_units_are_found_by_name_and_stopped(tmp_path):
+    """The in-process double's attach and stop, as the Ray unit's."""
+    with pytest.raises(remote.UnitDownError):
+        remote.LocalUnit.attach("nobody")
+    u = remote.LocalUnit.start(tmp_path / "u", name="u")
+    u.create_volume("v", 4, TS)
+    u.site.apply([("v", np.array([0]), np.full((1, TS), 9, np.uint8))]).result()
+    assert remote.LocalUnit.attach("u") is u
+    u.stop()
+    assert not u.up
+    with pytest.raises(remote.UnitDownError):
+        remote.LocalUnit.attach("u")
+    with pytest.raises(remote.UnitDownError):
+        u.volume("v")
+    u = remote.LocalUnit.start(tmp_path / "u", name="u")     # closed cleanly: opens again
+    assert bytes(u.volume("v").read(0, 2)) == b"\x09\x09"
