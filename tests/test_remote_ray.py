@@ -383,8 +383,10 @@ def test_the_primary_killed_mid_formation_then_recovered_and_attached(ray_sessio
                    text=True)
         out = json.loads(q.stdout.readline())
         assert q.wait(timeout=120) == 0
-        assert out["committed"] and out["sequence"] == seq + 1, out
-        assert out["c"] == [seq + 1] * 4
+        # (past every sequence a unit settled or recorded: the killed
+        # primary's CG in flight, reverted by the recovery, may hold seq + 1)
+        assert out["committed"] and out["sequence"] > seq, out
+        assert out["c"] == [out["sequence"]] * 4
         assert out["marked"] == differ
         assert out["bytes"] == differ * TS             # no initial copy
         for i in range(4):
