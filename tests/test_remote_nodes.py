@@ -27,7 +27,7 @@ if not os.environ.get("CI") and importlib.util.find_spec("ray") is None:
 
 #: Ray ends a process that cannot reach the cluster's GCS (on the head) for
 #: this long (default 60 s): short here, so the test need not wait a minute
-GCS_TIMEOUT = 5
+GCS_TIMEOUT = 8
 
 #: the operator at site B: a Ray driver of its own
 DRIVER = r"""
