@@ -145,3 +145,74 @@ def scaleout(*, triplets: int = 32, size_mib: int = 32, units: int = 2, seconds:
                                  "initial_drain_bps", "pace_ratio")},
             "drain_vs_copyto": dist["initial_drain_bps"] / copyto,
             "drain_vs_copyto_one_process": local["initial_drain_bps"] / copyto}
+
+
+def attach_cost(*, triplets: int = 8, size_mib: int = 32, units: int = 2,
+                changed: float = 0.01, repeats: int = 3, log=print) -> dict[str, Any]:
+    """What a new primary's attach costs against the initial copy it
+    replaces, in one run: a session over ``units`` Ray units (A volumes in a
+    primary storage unit in tmpfs, random data) forms its first CG (the
+    initial copy, timed); the primary process is then "lost" (its unit let
+    go as a crash would), ``changed`` of the grains are written, and a new
+    primary attaches (``remote.attach``: both sides digest their volumes)
+    and forms its first CG. Per repeat (fresh units each): the initial
+    copy's seconds, attach's, the first CG's after it, and the bytes each
+    sent. Not part of the ``scaleout`` suite: run it as
+    ``python -c 'from benches.scaleout import attach_cost; print(attach_cost())'``."""
+    import ray
+    from fastfc import remote
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, namespace="fastfc", log_to_driver=False)
+    n = size_mib * 2**20 // TRACK
+    rng = np.random.default_rng(1)
+    runs = []
+    try:
+        for r in range(repeats):
+            root = _tmp_root()
+            hs = [remote.SecondaryUnit.start(root / f"u{i}", name=f"attach-{root.name}-u{i}")
+                  for i in range(units)]
+            try:
+                p = fastfc.StorageUnit(root / "primary")
+                trips = []
+                for i in range(triplets):
+                    h = hs[i % units]
+                    a = p.create_volume(f"a{i}", n, TRACK)
+                    a.write(0, rng.integers(0, 256, n * TRACK, dtype=np.uint8))
+                    trips.append((a, h.create_volume(f"b{i}", n, TRACK),
+                                  h.create_volume(f"c{i}", n, TRACK)))
+                gm = fastfc.GlobalMirror(trips)
+                first = gm.form_consistency_group()
+                assert first.committed, first
+                init_s = first.drain_time + first.flash_time + first.coordination_time
+                p.abandon()                   # the primary is lost
+                del gm, trips
+                p = fastfc.StorageUnit(root / "primary")
+                k = max(1, int(n * changed))
+                for i in range(triplets):
+                    v = p.volume(f"a{i}")
+                    for t in rng.choice(n, k, replace=False):
+                        v.write(int(t) * TRACK, rng.integers(0, 256, TRACK, dtype=np.uint8))
+                t = time.perf_counter()
+                gm = remote.attach(p, "gm")
+                attach_s = time.perf_counter() - t
+                res = gm.form_consistency_group()
+                assert res.committed, res
+                cg_s = res.drain_time + res.flash_time + res.coordination_time
+                runs.append({"initial_copy_s": init_s, "initial_bytes": first.bytes_drained,
+                             "attach_s": attach_s, "first_cg_s": cg_s,
+                             "first_cg_bytes": res.bytes_drained})
+                log(f"  attach_cost {r}: {runs[-1]}")
+                gm.close()
+                p.close()
+            finally:
+                for h in hs:
+                    h.kill()
+                shutil.rmtree(root, ignore_errors=True)
+    finally:
+        if started:
+            ray.shutdown()
+    ratio = sorted((x["attach_s"] + x["first_cg_s"]) / x["initial_copy_s"] for x in runs)
+    return {"runs": runs, "attach_and_first_cg_vs_initial_copy": {
+                "min": ratio[0], "median": ratio[len(ratio) // 2]},
+            "bytes_vs_initial_copy": runs[0]["first_cg_bytes"] / runs[0]["initial_bytes"]}

@@ -213,3 +213,187 @@ def test_ray_a_hung_unit_times_out_and_answers_again(ray_session, tmp_path, monk
     assert gm.c_sequences == [res.sequence]
     gm.close()
     u.kill()
+
+
+# -- units that live on their own ------------------------------------------------------
+
+def _child(code: str, address: str, **kw):
+    """Run ``code`` in a new Python process connected to this test's Ray
+    cluster (``ray.init(address=...)``: a second driver, as a primary
+    process on another host would be)."""
+    import subprocess
+    import sys
+    head = (f"import ray; ray.init(address={address!r}, namespace='fastfc', "
+            "log_to_driver=False)\n")
+    return subprocess.Popen([sys.executable, "-c", head + code], **kw)
+
+
+def test_units_outlive_the_process_that_started_them(ray_session, tmp_path):
+    """A unit started (detached, the default) by a process that then dies
+    (SIGKILL) keeps running: another process finds it by name, reads its
+    volumes and stops it; ``stop`` ends its process and frees its name.
+    One started with ``detached=False`` dies with its process (the old
+    behaviour, so the check can fail)."""
+    import signal
+    import subprocess
+    ray = _ray()
+    remote = ray_session
+    address = ray.get_runtime_context().gcs_address
+    names = [f"{tmp_path.name}-free", f"{tmp_path.name}-owned"]
+    code = f"""
+import sys, time
+import numpy as np
+from fastfc import remote
+for name, path, detached in [({names[0]!r}, {str(tmp_path / 'u0')!r}, True),
+                             ({names[1]!r}, {str(tmp_path / 'u1')!r}, False)]:
+    u = remote.SecondaryUnit.start(path, name=name, detached=detached)
+    u.create_volume("v", 8, {TS})
+    u.site.apply([("v", np.array([0]), np.full((1, {TS}), 7, np.uint8))]).result()
+print("ready", flush=True)
+time.sleep(600)
+"""
+    p = _child(code, address, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        u = remote.SecondaryUnit.attach(names[0])
+        pid = u.info()["pid"]
+        owned_pid = remote.SecondaryUnit.attach(names[1]).info()["pid"]
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+        end = time.monotonic() + 30         # the owned unit goes with its owner
+        while time.monotonic() < end:
+            try:
+                os.kill(owned_pid, 0)
+            except OSError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the unit owned by the dead process still runs")
+        with pytest.raises(remote.UnitDownError):
+            remote.SecondaryUnit.attach(names[1])
+        # the detached one serves on, in the same process
+        u = remote.SecondaryUnit.attach(names[0])
+        assert u.info()["pid"] == pid
+        assert bytes(u.volume("v").read(0, 4)) == b"\x07" * 4
+        assert remote.stop_units(names[0], names[1]) == [names[0]]
+        with pytest.raises(OSError):
+            os.kill(pid, 0)
+        with pytest.raises(remote.UnitDownError):
+            remote.SecondaryUnit.attach(names[0])
+        # stopped cleanly: it opens again with nothing to recover, same data
+        u = remote.SecondaryUnit.start(tmp_path / "u0", name=names[0])
+        assert bytes(u.volume("v").read(0, 4)) == b"\x07" * 4
+        u.stop()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+PRIMARY = """
+import json, os, sys
+import numpy as np
+import fastfc
+from fastfc import remote
+from fastfc.tools.testing import RandomWriters
+base, pre, n, ts = {base!r}, {pre!r}, {n}, {ts}
+units = [remote.SecondaryUnit.start(f"{{base}}/u{{i}}", name=f"{{pre}}-u{{i}}") for i in range(2)]
+p = fastfc.StorageUnit(f"{{base}}/primary")
+trips = []
+for i in range(4):
+    u = units[i % 2]
+    trips.append((p.create_volume(f"a{{i}}", n, ts), u.create_volume(f"b{{i}}", n, ts),
+                  u.create_volume(f"c{{i}}", n, ts)))
+
+def snapshot(seq):
+    # host writes to every A are held: the raw arrays are the CG's images
+    tmp = f"{{base}}/snap-{{seq}}.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, np.stack([a.array for a, _, _ in trips]))
+    os.replace(tmp, f"{{base}}/snap-{{seq}}.npy")
+
+gm = fastfc.GlobalMirror(trips, on_coordinate=snapshot)
+print(json.dumps([u.info()["pid"] for u in units]), flush=True)
+writers = RandomWriters([a for a, _, _ in trips], threads=2, seed=5, pace=2e6).start()
+done = 0
+while True:
+    if gm.form_consistency_group().committed:
+        done += 1
+        if done == 3:
+            print("forming", flush=True)
+"""
+
+ATTACH = """
+import json
+import fastfc
+from fastfc import remote
+p = fastfc.StorageUnit({base!r} + "/primary")
+gm = remote.attach(p, "gm")
+marked = sum(t.pair.oos.count() for t in gm.triplets)
+res = gm.form_consistency_group()
+print(json.dumps({{"committed": res.committed, "sequence": res.sequence, "marked": marked,
+                  "bytes": res.bytes_drained, "c": gm.c_sequences}}), flush=True)
+p.close()
+"""
+
+
+def test_the_primary_killed_mid_formation_then_recovered_and_attached(ray_session, tmp_path):
+    """The done-when test: a primary process (a second Ray driver) forms
+    CGs against units it started, with host writes, and is SIGKILLed at a
+    random instant; the units stay up (same processes); ``remote.recover``
+    runs against them and every B and C holds one whole CG (the A images
+    that primary saved at that CG's coordination instant); then a new
+    primary process attaches and forms the next CG, sending only the
+    grains where A and B differ (no initial copy), after which every C
+    equals its A."""
+    import json
+    import signal
+    import subprocess
+    ray = _ray()
+    remote = ray_session
+    address = ray.get_runtime_context().gcs_address
+    n = 1024                      # 4 MiB per volume
+    pre = tmp_path.name
+    names = [f"{pre}-u{i}" for i in range(2)]
+    p = _child(PRIMARY.format(base=str(tmp_path), pre=pre, n=n, ts=TS), address,
+               stdout=subprocess.PIPE, text=True)
+    try:
+        pids = json.loads(p.stdout.readline())
+        assert p.stdout.readline().strip() == "forming"
+        time.sleep(random.Random(7).uniform(0.0, 0.4))
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+        # the units stay up, in the same processes
+        units = [remote.SecondaryUnit.attach(name) for name in names]
+        assert [u.info()["pid"] for u in units] == pids
+        seq = remote.recover(units, "gm")
+        assert seq >= 3
+        images = np.load(tmp_path / f"snap-{seq}.npy")
+        for i in range(4):
+            u = units[i % 2]
+            for v in (u.volume(f"b{i}"), u.volume(f"c{i}")):
+                assert np.array_equal(v.read(0, v.capacity), images[i]), v
+        # what the new primary must send: where A (as the killed primary
+        # left it) differs from B (restored to the CG)
+        with fastfc.StorageUnit(tmp_path / "primary") as prim:
+            now = np.stack([prim.volume(f"a{i}").read(0, n * TS) for i in range(4)])
+        differ = int((now.reshape(4, n, TS) != images.reshape(4, n, TS)).any(axis=2).sum())
+        assert 0 < differ < 4 * n // 4, differ          # a fraction of the grains
+        q = _child(ATTACH.format(base=str(tmp_path)), address, stdout=subprocess.PIPE,
+                   text=True)
+        out = json.loads(q.stdout.readline())
+        assert q.wait(timeout=120) == 0
+        # (past every sequence a unit settled or recorded: the killed
+        # primary's CG in flight, reverted by the recovery, may hold seq + 1)
+        assert out["committed"] and out["sequence"] > seq, out
+        assert out["c"] == [out["sequence"]] * 4
+        assert out["marked"] == differ
+        assert out["bytes"] == differ * TS             # no initial copy
+        for i in range(4):
+            c = units[i % 2].volume(f"c{i}")
+            assert np.array_equal(c.read(0, c.capacity), now[i])
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        remote.stop_units(*names)

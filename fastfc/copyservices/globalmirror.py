@@ -252,6 +252,16 @@ class GlobalMirror:
         (:func:`~fastfc.copyservices.local_secondary.adoptable`). Closing
         the session leaves an adopted pair (a Global Copy pair again).
         Volumes in this process only (not over secondary sites).
+    resume : bool
+        Over secondary sites, with every A volume in one storage unit (where
+        the session is recorded): continue the session recorded there under
+        ``name`` (a new primary process after the old one died; the
+        triplets must be the recorded ones, the units must serve it with
+        the same pairs). Its counters and CG sequence go on, and instead of
+        an initial copy the first CG sends only the grains where A and B
+        differ (found by digests, each side reading its own). Without it, a
+        session of that name recorded there is refused.
+        :func:`fastfc.remote.attach` builds the triplets from the record.
     on_coordinate : callable, optional
         ``on_coordinate(sequence)``, called while host writes are held on
         every A (its run time is not counted in the coordination bound).
@@ -287,23 +297,30 @@ class GlobalMirror:
                  on_coordinate: Callable[[int], None] | None = None,
                  on_result: Callable[[CGResult], None] | None = None,
                  journal=None, name: str = "gm", initial_copy: bool = True,
-                 adopt: bool = False) -> None:
+                 adopt: bool = False, resume: bool = False) -> None:
         check_name("session", name)
         if not triplets:
             raise ValueError("a Global Mirror session needs at least one (A, B, C) triplet")
         self._configure(name, cg_interval, max_coordination_time, max_drain_time, decide,
                         on_coordinate, on_result)
         secs: Sequence[Secondary]
+        stats = None
         if any(len(t) == 3 and isinstance(t[1], SiteVolume) for t in triplets):
-            trips, secs, sites, top = sitemirror.connect(
-                triplets, name=name, link=link, initial_copy=initial_copy)
+            trips, secs, sites, top, stats = sitemirror.connect(
+                triplets, name=name, link=link, initial_copy=initial_copy, resume=resume)
             self.link = sites       # type: ignore[assignment]  # (the loop asks it .up)
         else:
+            if resume:
+                raise ValueError("resume continues a session over secondary sites (remote "
+                                 "B and C volumes); a session in storage units is restored "
+                                 "when its unit opens")
             self.link = link if link is not None else LocalLink(name=f"{name}-link")
             trips = local_secondary.connect(triplets, name=name, link=self.link,
                                             initial_copy=initial_copy, adopt=adopt)
             secs, top = local_secondary.secondaries(trips), 0
         self._adopt(trips, secs, journal, top)
+        if stats:
+            self._restore_stats(stats)
         self._store.add_session(self.to_record(), self,
                                 partners=[t.a.store for t in self.triplets])
 
@@ -432,15 +449,22 @@ class GlobalMirror:
         gm._adopt(trips, local_secondary.secondaries(trips), None,
                   max(t.fc.sequence for t in trips))
         if record.get("stats"):
-            gm.stats.restore(record["stats"])
-            # CGs the C volumes carry beyond the counters were committed by an
-            # attempt that a killed process never counted (recovery finished it)
-            missed = max(gm.c_sequences) - gm.stats.sequence
-            if missed > 0:
-                gm.stats.attempts += missed
-                gm.stats.successes += missed
+            gm._restore_stats(record["stats"], max(gm.c_sequences))
         gm.stats.sequence = max(gm.c_sequences)
         return gm
+
+    def _restore_stats(self, stats: dict, top: int | None = None) -> None:
+        """Take recorded counters; ``top`` (default: the CG sequence the
+        session goes on from) is the newest CG a C carries."""
+        top = self.stats.sequence if top is None else top
+        self.stats.restore(stats)
+        # CGs the C volumes carry beyond the counters were committed by an
+        # attempt that a killed process never counted (recovery finished it)
+        missed = top - self.stats.sequence
+        if missed > 0:
+            self.stats.attempts += missed
+            self.stats.successes += missed
+        self.stats.sequence = max(top, self.stats.sequence)
 
     # -- one consistency group ---------------------------------------------------
     def form_consistency_group(self) -> CGResult:

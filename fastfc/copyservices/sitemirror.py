@@ -33,6 +33,7 @@ site lost) and fast-reverse-restores every B from its C.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 from fastfc import faults
@@ -209,13 +210,70 @@ class SitesLink:
         return f"<sites {', '.join(s.name for s in self.sites)}>"
 
 
+class SiteRecord(Store):
+    """The primary side's durable record of a session over secondary sites,
+    kept by the store (the storage unit) of its A volumes: the session's
+    store. It records the session's triplets (``[A name, site key, B name,
+    C name]``: the key is ``[transport, unit name]`` for a unit of
+    :mod:`fastfc.remote`), settings and counters (after every attempt,
+    without an fsync) in ``store`` (:meth:`Store.save_site_session`), so a
+    new primary process can continue the session (``resume``). Nothing else
+    of a CG is recorded on the primary side (the units record the CG
+    protocol): its transactions are empty."""
+
+    durable = True
+
+    def __init__(self, store: Store, name: str, triplets: list[list[Any]]) -> None:
+        super().__init__()
+        self.inner, self.name, self.triplets = store, name, triplets
+
+    def __repr__(self) -> str:
+        return f"<SiteRecord {self.name} in {self.inner!r}>"
+
+    @contextmanager
+    def transaction(self, sync: bool = True) -> Iterator[None]:
+        yield
+
+    def add_session(self, record: dict, session: Any, partners: Any = ()) -> None:
+        keep = ("cg_interval", "max_coordination_time", "max_drain_time", "decide")
+        self.inner.save_site_session(self.name, {**{k: record[k] for k in keep},
+                                                 "triplets": self.triplets,
+                                                 "stats": record["stats"]})
+
+    def save_session_stats(self, name: str, stats: dict) -> None:
+        self.inner.save_site_stats(name, stats)
+
+    def drop_session(self, name: str, session: Any = None) -> None:
+        self.inner.drop_site_session(name)
+
+
+def _site_key(site: SecondarySite) -> list[Any]:
+    key = site.key
+    return list(key) if isinstance(key, tuple) else [key]
+
+
 def connect(triplets: Sequence[tuple[Any, Any, Any]], *, name: str, link: Any,
-            initial_copy: bool) -> tuple[list[Triplet], list[SiteGroup], SitesLink, int]:
+            initial_copy: bool, resume: bool = False
+            ) -> tuple[list[Triplet], list[SiteGroup], SitesLink, int, dict | None]:
     """Set a session ``name`` up on the units holding the triplets' B and C
     volumes (``SecondarySite.setup``) and pair each local A with its B.
     Returns the triplets, one :class:`SiteGroup` per unit (in the order
-    their triplets first appear), the link (every unit) and the newest CG
-    sequence a C carries. ``link`` must be None: each unit is its own link."""
+    their triplets first appear), the link (every unit), the newest CG
+    sequence a C carries, and the counters a resumed session recorded
+    (else None). ``link`` must be None: each unit is its own link.
+
+    When every A volume is in one storage unit, the session is recorded
+    there (:class:`SiteRecord`); a session of that name recorded there
+    already must be resumed (or forgotten). ``resume``: continue that
+    recorded session: the triplets must be the recorded ones; each unit
+    must serve the session with the recorded B->C pairs, its C volumes on a
+    CG no older than the recorded one (``SecondarySite.rejoin``, which
+    then holds each B as a secondary again); then, instead of an initial
+    copy, each pair marks out of sync the grains where A and B differ
+    (:func:`~fastfc.copyservices.sitepair.resync_by_digests`). A refusal
+    changes nothing on the primary side, nor on the unit that refuses
+    (units asked before it hold their B volumes as secondaries again: the
+    safe state)."""
     if link is not None:
         raise ValueError("a session over secondary sites picks its links itself: "
                          "pass link=None")
@@ -235,25 +293,50 @@ def connect(triplets: Sequence[tuple[Any, Any, Any]], *, name: str, link: Any,
         sites.setdefault(s.key, s)
     for a, _, _ in triplets:
         a.store.check_writable()
+    a_stores = {id(a.store): a.store for a, _, _ in triplets}
+    primary = next(iter(a_stores.values())) if len(a_stores) == 1 else None
+    if primary is not None and not primary.durable:
+        primary = None
+    described = [[a.name, _site_key(b.site()), b.name, c.name] for a, b, c in triplets]
+    recorded = primary.site_sessions().get(name) if primary is not None else None
+    if resume:
+        if primary is None:
+            raise ValueError("resume continues a session recorded in the storage unit of its "
+                             "A volumes: every A must be a volume of that one unit")
+        if recorded is None:
+            raise StateError(f"no session {name!r} over secondary units is recorded in "
+                             f"{primary.ref or 'the A volumes unit'}: nothing to resume")
+        if recorded["triplets"] != described:
+            raise ValueError(f"session {name!r} was recorded with triplets "
+                             f"{recorded['triplets']}, not {described}")
+    elif recorded is not None:
+        raise StateError(f"a session {name!r} over secondary units is recorded in the A "
+                         "volumes' unit: resume it (fastfc.remote.attach, or "
+                         "GlobalMirror(..., resume=True)), or end it first")
+    stats = recorded.get("stats") if recorded is not None else None
+    committed = int(stats["sequence"]) if stats else 0
     seqs: list[int] = []
     for s in sites.values():
         mine = [(b.name, c.name) for _, b, c in triplets if b.site().key == s.key]
-        seqs += s.setup(name, mine)
+        seqs += s.rejoin(name, mine, committed) if resume else s.setup(name, mine)
     pairs: list[SitePair] = []
     try:
         for a, b, _ in triplets:
-            pairs.append(SitePair(a, b, b.site(), initial_copy=initial_copy))
+            pairs.append(SitePair(a, b, b.site(), initial_copy=initial_copy and not resume))
+        if resume:
+            sitepair.resync_by_digests(pairs)
     except Exception:
         for p in pairs:
             p.remove()
         raise
     made = [Triplet(a, b, c, p, None)       # type: ignore[arg-type]  # (no FlashCopy here)
             for (a, b, c), p in zip(triplets, pairs)]
-    store = Store()         # the session records nothing on the primary side
+    # recorded by the A volumes' unit, if they are in one; else nowhere
+    store = SiteRecord(primary, name, described) if primary is not None else Store()
     groups = [SiteGroup(s, name, [p for p in pairs if p.site.key == key],
                         [t for t, p in zip(made, pairs) if p.site.key == key], store)
               for key, s in sites.items()]
-    return made, groups, SitesLink(list(sites.values())), max(seqs)
+    return made, groups, SitesLink(list(sites.values())), max(seqs), stats
 
 
 def reconcile_sites(sites: Sequence[SecondarySite], session: str,

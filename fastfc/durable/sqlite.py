@@ -198,6 +198,8 @@ CREATE TABLE IF NOT EXISTS session_stats(
     failures TEXT NOT NULL, commit_failures_resolved INTEGER NOT NULL,
     bytes_drained INTEGER NOT NULL, last_cg_time REAL, sequence INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS session_failures(name TEXT PRIMARY KEY, failure TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS site_sessions(
+    name TEXT PRIMARY KEY, record TEXT NOT NULL, stats TEXT);
 """
 
 #: The sessions a unit serves to a primary in another process
@@ -1615,6 +1617,41 @@ class SQLiteStore(Store):
             self.db.execute("DELETE FROM served_sessions WHERE session=?", (name,))
             self.db.execute("DELETE FROM decisions WHERE session >= ? AND session < ?",
                             (name + "#", name + "$"))
+
+    # -- sessions over secondary sites whose A volumes this unit holds ------------
+    def save_site_session(self, name: str, record: dict) -> None:
+        record = dict(record)
+        stats = record.pop("stats", None)
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO site_sessions VALUES(?,?,?)",
+                            (name, json.dumps(record),
+                             None if stats is None else json.dumps(stats)))
+
+    def save_site_stats(self, name: str, stats: dict) -> None:
+        with self._atomic(sync=False):
+            self.db.execute("UPDATE site_sessions SET stats=? WHERE name=?",
+                            (json.dumps(stats), name))
+
+    def site_sessions(self) -> dict[str, dict]:
+        """A unit written before site sessions were recorded has none."""
+        if "site_sessions" not in self._tables:
+            return {}
+        out = {}
+        for name, record, stats in self.query("SELECT name, record, stats FROM site_sessions"):
+            try:
+                rec = json.loads(record)
+                rec["stats"] = None if stats is None else json.loads(stats)
+            except ValueError as e:
+                raise CorruptUnitError(f"unit {self.dir}: the record of session {name!r} "
+                                       f"over secondary units is damaged: {e}") from None
+            out[name] = rec
+        return out
+
+    def drop_site_session(self, name: str) -> None:
+        if "site_sessions" not in self._tables:
+            return
+        with self.transaction():
+            self.db.execute("DELETE FROM site_sessions WHERE name=?", (name,))
 
     def decisions_of(self, session: str) -> dict[int, str]:
         """Every CG decision recorded under ``session``, by sequence."""

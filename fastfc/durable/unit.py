@@ -1120,6 +1120,41 @@ class StorageUnit:
             done.append(b.name)
         return done
 
+    def rejoin_served_session(self, name: str, pairs, min_sequence: int = 0) -> list[int]:
+        """A primary continues served session ``name`` (a new primary
+        process attached to it): check the unit serves it with exactly the
+        B->C ``pairs`` (volume names, in order), each C on CG
+        ``min_sequence`` or a newer one (what the primary recorded as
+        committed), and hold each B as a secondary again (one a site-loss
+        recovery let take host writes refuses them from now on; the primary
+        sends what B differs in). Returns each C's CG sequence. StateError
+        (nothing changed) if the unit serves no such session, serves it
+        with other pairs, or holds an older CG."""
+        self._require_writable()
+        names = [(str(b), str(c)) for b, c in pairs]
+        known = self.served_sessions().get(name)
+        if known is None:
+            raise StateError(f"unit {self.path} serves no session {name!r}: the primary's "
+                             "record names a session this unit does not hold")
+        if known != names:
+            raise StateError(f"unit {self.path} serves session {name!r} with "
+                             f"{[list(p) for p in known]}, the primary's record names "
+                             f"{[list(p) for p in names]}: the records disagree")
+        fcs = self.served_flashcopies(name)
+        old = [fc.target.name for fc in fcs if fc.sequence < min_sequence]
+        if old:
+            raise StateError(f"unit {self.path}: {', '.join(old)} of session {name!r} hold a CG "
+                             f"older than CG {min_sequence}, which the primary's record says "
+                             "committed (a unit restored from an older copy?): the records "
+                             "disagree")
+        back = [fc.source for fc in fcs if not fc.source.is_secondary]
+        if back:
+            with self.store.transaction():
+                for b in back:
+                    b.set_flags(secondary=True)
+                    self.store.set_volume_flags(b.flags_record())
+        return [int(fc.sequence) for fc in fcs]
+
     def remove_served_session(self, name: str, *, copy: bool = False,
                               on_copy: Callable[[int, int], None] | None = None) -> list[str]:
         """End served session ``name`` at this unit (its primary is done with

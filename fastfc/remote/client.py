@@ -103,6 +103,13 @@ class UnitSite(SecondarySite):
     def restore_b(self, session: str) -> None:
         self._now("restore_b", session)
 
+    def rejoin(self, session: str, pairs: Sequence[tuple[str, str]],
+               min_sequence: int = 0) -> list[int]:
+        return list(self._now("rejoin", session, [list(p) for p in pairs], int(min_sequence)))
+
+    def digests(self, name: str, start: int, stop: int) -> Pending:
+        return self._call("digests", name, int(start), int(stop))
+
     def _saw_epoch(self, epoch: int) -> None:
         if self.epoch is not None and epoch != self.epoch:
             self.restarts += 1
@@ -115,7 +122,7 @@ class UnitSite(SecondarySite):
 # a session's calls: whatever the unit raised reaches the session as a
 # FastFCError (a CG attempt fails with a cause, it never raises)
 _SESSION_CALLS = {"apply", "prepare", "finish", "record_decision", "status", "restore_b",
-                  "setup"}
+                  "setup", "rejoin", "digests"}
 
 
 class _Tracked(Pending):

@@ -92,6 +92,24 @@ class LocalUnit(UnitHandle):
         u.info()
         return u
 
+    @classmethod
+    def attach(cls, name: str) -> "LocalUnit":
+        """The unit running under ``name`` (as :meth:`SecondaryUnit.attach`);
+        UnitDownError if none is."""
+        with _lock:
+            u = _units.get(name)
+        if u is None or u.server is None:
+            raise UnitDownError(f"unit {name} is not running")
+        return u
+
+    def stop(self) -> None:
+        """Close the unit cleanly (nothing left to recover at the next
+        open); calls fail until :meth:`start`."""
+        with self.calls:
+            s, self.server = self.server, None
+            if s is not None:
+                s.close()
+
     def _kill_point(self, where: str, i: int) -> None:
         if self._armed == (where, i):
             self._armed = None

@@ -1,10 +1,20 @@
 """Secondary units as Ray actors.
 
-Each unit is a named, detached-free actor (``max_restarts=0``: a crash is
-seen within milliseconds as a dead actor, never as a silent retry) holding
-a :class:`~fastfc.remote.server.UnitServer`. Callers find it by name in the
-``fastfc`` namespace on every call after a failure, so proxies survive a
-restart. Every ``ray.get`` has a timeout (:data:`CALL_TIMEOUT`).
+Each unit is a named actor in the ``fastfc`` namespace (``max_restarts=0``:
+a crash is seen within milliseconds as a dead actor, never as a silent
+retry) holding a :class:`~fastfc.remote.server.UnitServer`. Callers find it
+by name on every call after a failure, so proxies survive a restart. Every
+``ray.get`` has a timeout (:data:`CALL_TIMEOUT`).
+
+**Units live on their own.** A unit is a *detached* actor by default: it
+belongs to the Ray cluster, not to the process that started it, so it keeps
+serving reads, recovery (:func:`fastfc.remote.recover`) and failover when
+that process (the primary) dies, and a new primary finds it by name
+(:meth:`SecondaryUnit.attach`). Nothing ends it but :meth:`SecondaryUnit.stop`
+(a clean close), :meth:`SecondaryUnit.kill` (a crash), :func:`stop_units`,
+or the end of the cluster. (A cluster that ``ray.init()`` started inside
+the primary's process ends with it, units and all: for site loss the
+cluster runs on its own, ``ray start``; see docs/guide/remote.md.)
 """
 
 from __future__ import annotations
@@ -59,6 +69,14 @@ class _UnitActor:
 
     def host(self) -> tuple[str, int]:
         return socket.gethostname(), os.getpid()
+
+    def close(self) -> None:
+        """Close the unit cleanly (what :meth:`SecondaryUnit.stop` asks
+        before it ends the actor): nothing is left for the next open to
+        recover."""
+        if self.server is not None:
+            s, self.server = self.server, None
+            s.close()
 
     def call(self, method: str, *args: Any) -> Any:
         if self.server is None:
@@ -166,7 +184,7 @@ class SecondaryUnit(UnitHandle):
     @classmethod
     def start(cls, path: str | os.PathLike, *, name: str,
               resources: dict[str, float] | None = None,
-              node_id: str | None = None) -> "SecondaryUnit":
+              node_id: str | None = None, detached: bool = True) -> "SecondaryUnit":
         """Start an actor holding the durable unit at ``path`` (created if
         missing) under ``name``, calling ``ray.init()`` if needed (an
         existing cluster: call ``ray.init(address=...)`` first, or set
@@ -174,9 +192,15 @@ class SecondaryUnit(UnitHandle):
         with its own files. ``resources`` (e.g. ``{"node:10.0.0.2": 0.01}``)
         or ``node_id`` place it on another node; ``path`` is a path on that
         node. Called again after :meth:`kill`, it reopens the unit in a new
-        actor under the same name."""
+        actor under the same name.
+
+        ``detached`` (default): the actor outlives this process (see the
+        module's docstring); end it with :meth:`stop`. ``detached=False``:
+        owned by this process, it dies with it."""
         _ensure_ray()
         opts: dict[str, Any] = {"name": name, "namespace": NAMESPACE, "num_cpus": 0}
+        if detached:
+            opts["lifetime"] = "detached"
         if resources:
             opts["resources"] = resources
         if node_id is not None:
@@ -206,6 +230,34 @@ class SecondaryUnit(UnitHandle):
         u.info()
         return u
 
+    @classmethod
+    def attach(cls, name: str) -> "SecondaryUnit":
+        """The unit running under ``name`` (started by any process of this
+        Ray cluster, alive or not): what a new primary process calls.
+        Raises :class:`UnitDownError` if no unit of that name answers."""
+        _transport.forget(name)
+        u = cls(name)
+        u.info()
+        return u
+
+    def stop(self) -> None:
+        """End the unit cleanly: close its storage unit (nothing left to
+        recover at the next open), end its actor and free its name. A unit
+        that is down already is left as it is (its name freed)."""
+        try:
+            h = _transport.handle(self.name)
+        except UnitDownError:
+            return
+        try:
+            host, pid = ray.get(h.host.remote(), timeout=CALL_TIMEOUT)
+            ray.get(h.close.remote(), timeout=CALL_TIMEOUT)
+        except (RayError, RayActorError):
+            host, pid = None, None      # down or hung: ended below all the same
+        ray.kill(h, no_restart=True)
+        _transport.forget(self.name)
+        _wait_gone(host, pid)
+        _wait_name_free(self.name)
+
     def arm_kill(self, where: str, i: int) -> None:
         """Crash the actor's process (SIGKILL) inside its next ``where``
         call (``apply``, ``prepare``, ``finish``), before step ``i``."""
@@ -228,13 +280,7 @@ class SecondaryUnit(UnitHandle):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            end = time.monotonic() + 10
-            while time.monotonic() < end:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.01)
+            _wait_gone(host, pid)
         ray.kill(h, no_restart=True)   # on another node: Ray kills it; frees the name
         _transport.forget(self.name)
         _wait_name_free(self.name)
@@ -246,6 +292,19 @@ class SecondaryUnit(UnitHandle):
         except FastFCError:
             return False
         return True
+
+
+def _wait_gone(host: str | None, pid: int | None, timeout: float = 10.0) -> None:
+    """Wait for a unit's process to end, if it ran on this host."""
+    if host != socket.gethostname() or pid is None:
+        return
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
 
 
 def _wait_name_free(name: str, timeout: float = 10.0) -> None:
@@ -264,4 +323,19 @@ def shutdown_units(*units: SecondaryUnit) -> None:
         u.kill()
 
 
-__all__ = ["SecondaryUnit", "KilledHere", "shutdown_units"]
+def stop_units(*names: str) -> list[str]:
+    """Stop (:meth:`SecondaryUnit.stop`) the units running under ``names``;
+    returns those that were running. Units are detached: whatever started
+    them, this ends them."""
+    stopped = []
+    for name in names:
+        try:
+            u = SecondaryUnit.attach(name)
+        except UnitDownError:
+            continue
+        u.stop()
+        stopped.append(name)
+    return stopped
+
+
+__all__ = ["SecondaryUnit", "KilledHere", "shutdown_units", "stop_units"]

@@ -47,6 +47,7 @@ from fastfc.copyservices.groups import FlashCopyGroup
 from fastfc.copyservices.resolution import COMMIT, NOTHING, REVERT, resolve
 from fastfc.durable.unit import StorageUnit
 from fastfc.errors import FastFCError, FencedError, StateError
+from fastfc.storage.volume import grain_digests
 
 EPOCH_FILE = "remote.epoch"
 
@@ -256,6 +257,22 @@ class UnitServer:
                 "fcs": [(fc.target.name, bool(fc.revertible), int(fc.sequence)) for fc in fcs],
                 "decisions": self.unit.cg_decisions(session),
                 "settled": self.unit.cg_outcomes(session)}
+
+    def rejoin(self, session: str, pairs: Sequence[tuple[str, str]],
+               min_sequence: int = 0) -> list[int]:
+        """A new primary continues ``session``: check the unit serves it
+        with exactly ``pairs``, no C older than ``min_sequence``, and hold
+        each B as a secondary again
+        (:meth:`StorageUnit.rejoin_served_session`); C's sequences."""
+        self._fence()
+        return self.unit.rejoin_served_session(session, [(str(b), str(c)) for b, c in pairs],
+                                               int(min_sequence))
+
+    def digests(self, name: str, start: int, stop: int) -> np.ndarray:
+        """The digest of each grain ``start``..``stop`` of volume ``name``
+        (:func:`~fastfc.storage.volume.grain_digests`)."""
+        self._fence()
+        return grain_digests(self.unit.volume(name), int(start), int(stop))
 
     def restore_b(self, session: str) -> None:
         """Fast-reverse-restore each B of ``session`` from its C and let B

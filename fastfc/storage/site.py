@@ -110,6 +110,21 @@ class SecondarySite(ABC):
         C volumes must be on one settled CG) and let B take host writes.
         Idempotent: a B restored before keeps the host writes it took since."""
 
+    def rejoin(self, session: str, pairs: Sequence[tuple[str, str]],
+               min_sequence: int = 0) -> list[int]:
+        """A new primary continues ``session``: check the unit serves it
+        with exactly the ``(B, C)`` pairs, every C on CG ``min_sequence``
+        (what the primary recorded as committed) or a newer one, then hold
+        each B as a secondary again (after a site-loss recovery let it take
+        host writes); return each C's CG sequence. Raises, changing
+        nothing, if the unit's record disagrees."""
+        raise NotImplementedError(f"{type(self).__name__} does not serve a resumed session")
+
+    def digests(self, name: str, start: int, stop: int) -> Pending:
+        """The digest of each grain ``start``..``stop`` of volume ``name``
+        (:func:`~fastfc.storage.volume.grain_digests`): a uint8 array."""
+        raise NotImplementedError(f"{type(self).__name__} does not digest its volumes")
+
 
 class SiteVolume(ABC):
     """A volume of a :class:`SecondarySite` (a proxy): geometry, reads of

@@ -195,6 +195,26 @@ class Store:
     def cg_decision(self, session: str, sequence: int, decision: str) -> None:
         pass
 
+    # -- sessions over secondary sites, recorded by their A volumes' store ----------
+    def save_site_session(self, name: str, record: dict) -> None:
+        """Record (replace) the primary side of session ``name``, whose B
+        and C volumes live on secondary sites (remote units) and whose A
+        volumes this store holds: ``record`` is JSON-able (the triplets by
+        name and unit, the settings, the counters; see
+        :mod:`fastfc.copyservices.sitemirror`). Memory keeps nothing."""
+
+    def save_site_stats(self, name: str, stats: dict) -> None:
+        """Record the counters (``GMStats.to_record()``) of site session
+        ``name``, without an fsync."""
+
+    def site_sessions(self) -> dict[str, dict]:
+        """The recorded sessions over secondary sites by name (none in
+        memory)."""
+        return {}
+
+    def drop_site_session(self, name: str) -> None:
+        """Forget site session ``name`` (nothing if it is not recorded)."""
+
 
 #: The store of every volume that no storage unit holds.
 MEMORY = Store()
