@@ -29,7 +29,12 @@ connections once sent large requests.
 
 Requests are taken in batches: one ``recv`` takes whatever a client has
 sent, the whole requests in it are carried out in order, and their replies
-go out in one send before the connection waits for its client again.
+go out in one send before the connection waits for its client again. The
+small READs and WRITEs of a batch (up to :data:`KEEP` bytes, in range, no
+flag but a read's FUA) are carried out in the core, a run of them in one C
+call (:func:`fastfc._core.nbd_batch`) through the same volume calls, with
+their replies and counts; every other request, and a volume's refusal, is
+this module's, as before (:attr:`NBDServer.core_batches`).
 
 Exports are looked up by name at ``NBD_OPT_GO`` (or ``EXPORT_NAME``)
 through the ``lookup`` callable under ``lock`` (or without it, when a
@@ -534,6 +539,13 @@ class NBDServer:
         serve`` shares it with its Global Mirror sessions. None: no turns.
     """
 
+    #: whether the small READs and WRITEs of a batch are carried out in the
+    #: core, one C call for a run of them (:func:`fastfc._core.nbd_batch`);
+    #: False (on a server, or on the class before a server starts): each in
+    #: this module's loop (the same replies, bytes and counts: the tests and
+    #: benchmarks compare the two)
+    core_batches = True
+
     def __init__(self, lookup: Lookup, names: Callable[[], list[tuple[str, str]]],
                  lock: "LookupLock", *, tls: ssl.SSLContext | None = None,
                  max_connections: int = 1024, handshake_timeout: float = 30.0,
@@ -567,11 +579,6 @@ class NBDServer:
         self.turn = turn
         #: seconds a batch waits for :attr:`turn` before it goes on without it
         self.turn_wait = TURN_WAIT
-        #: whether the small READs and WRITEs of a batch are carried out in
-        #: the core, one C call for a run of them (:func:`fastfc._core.nbd_batch`);
-        #: False: each in this module's loop (the same replies, bytes and
-        #: counts: the tests and benchmarks compare the two)
-        self.core_batches = True
         # request counters (:meth:`counters`): each open connection's, with
         # its export's name, and those of closed connections summed by export
         # (both under _conns_lock)
