@@ -34,6 +34,55 @@ FIGURES = ("iops_with", "iops_without", "ratio", "rpo_p50_ms", "rpo_p99_ms",
            "server_cores_without")
 
 
+def plain(builds: dict[str, dict], reps: int, seconds: float, size_mib: int = 256,
+          jobs: int = 4) -> dict[str, dict[str, list[float]]]:
+    """Plain serving, no session: fio 4 KiB randwrite and randread QD16, one
+    job (connection) per volume of ``jobs``, against ``fastfc serve`` of each
+    build in turn; kIOPS per build and workload, one a repetition."""
+    import signal
+    import subprocess
+    import tempfile
+    import time
+    from pathlib import Path
+    got: dict[str, dict[str, list[float]]] = {b: {"randwrite": [], "randread": []}
+                                              for b in builds}
+    names = [f"V{i}" for i in range(jobs)]
+    for rep in range(reps):
+        for b in (list(builds) if rep % 2 == 0 else list(builds)[::-1]):
+            cfg = builds[b]
+            with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+                unit, sock = Path(d) / "u", Path(d) / "nbd.sock"
+                sv.cli("-u", unit, "mkvol", *names, "--size", f"{size_mib}M")
+                env = sv._env()
+                if cfg.get("server_path"):
+                    env["PYTHONPATH"] = cfg["server_path"] + os.pathsep + env["PYTHONPATH"]
+                server = subprocess.Popen(
+                    [sys.executable, *cfg.get("server", sv.FULL_CLIENT), "-u", str(unit),
+                     "serve", "--socket", str(sock)], env=env, start_new_session=True,
+                    stderr=subprocess.DEVNULL, cwd=cfg.get("server_path"))
+                try:
+                    sv.wait_socket(str(sock), server)
+                    time.sleep(0.5)
+                    args = []
+                    for n in names:
+                        args += [f"--name={n}", f"--uri=nbd+unix:///{n}?socket={sock}"]
+                    sv.fio_json(["--ioengine=nbd", "--rw=write", "--bs=1m", "--iodepth=4",
+                                 f"--size={size_mib}M", *args])
+                    for rw in ("randwrite", "randread"):
+                        doc = sv.fio_json(["--ioengine=nbd", f"--rw={rw}", "--bs=4k",
+                                           "--iodepth=16", f"--size={size_mib}M",
+                                           "--time_based", f"--runtime={seconds}",
+                                           "--group_reporting", *args])
+                        side = doc["jobs"][0]["write" if rw == "randwrite" else "read"]
+                        got[b][rw].append(side["iops"] / 1e3)
+                finally:
+                    os.killpg(server.pid, signal.SIGTERM)
+                    server.wait(timeout=60)
+            print(f"  plain {b}: " + ", ".join(f"{k} {v[-1]:.1f} k" for k, v in got[b].items()),
+                  file=sys.stderr, flush=True)
+    return got
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--old", help="a tree of the baseline (its _core built in place)")
@@ -45,10 +94,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--track", default="64K")
     ap.add_argument("--builds", default="main,python,core")
     ap.add_argument("--json")
+    ap.add_argument("--plain", action="store_true",
+                    help="plain serving (no session) instead: randwrite / randread kIOPS")
     args = ap.parse_args(argv)
     builds = {"core": dict(), "python": dict(server=PYTHON_LOOP),
               "main": dict(server_path=os.path.abspath(args.old)) if args.old else None}
     order = [b for b in args.builds.split(",") if builds.get(b) is not None]
+    if args.plain:
+        res = plain({b: builds[b] for b in order}, args.reps, args.seconds)
+        base = "main" if "main" in order else order[0]
+        for b in order:
+            for rw, xs in res[b].items():
+                rs = [x / y for x, y in zip(xs, res[base][rw])]
+                print(f"{b:7s} {rw:9s} kIOPS min {min(xs):6.1f} median "
+                      f"{statistics.median(xs):6.1f}; / {base} per rep "
+                      f"{', '.join(f'{r:.2f}' for r in rs)} (median "
+                      f"{statistics.median(rs):.2f})")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     got: dict[str, list[dict]] = {b: [] for b in order}
     for rep in range(args.reps):
         for b in (order if rep % 2 == 0 else order[::-1]):
