@@ -385,7 +385,13 @@ class Turn:
     threads. A plain lock would not do: its release wakes a waiter, and the
     request threads, many and quick to come back, take it again ahead of
     the woken one; :meth:`release` hands the places to the longest waiting
-    instead, who has them without taking anything more."""
+    instead, who has them without taking anything more.
+
+    The runs of small requests the core carries out (:func:`fastfc._core.nbd_batch`)
+    take it the same way: they hold the GIL while they run (the volume path
+    they share with every host raises Python exceptions and calls Python
+    hooks), so a connection working competes with the loop as before, only
+    for less time per request."""
 
     def __init__(self, batches: int | None = None) -> None:
         #: how many batches may be carried out at once (a CG attempt takes
@@ -969,7 +975,16 @@ class NBDServer:
         connection next waits for its client (a request cut short, a large
         request, or the end of the batch). A client with many requests in
         flight then costs the server a few socket calls (each a hand-over of
-        the GIL) per batch rather than four per request."""
+        the GIL) per batch rather than four per request.
+
+        A run of small READs and WRITEs is carried out by one call of
+        :func:`fastfc._core.nbd_batch` (unless :attr:`core_batches` is off
+        or a volume's I/O methods are replaced): it stops at the first
+        request it does not take, which this loop carries out as before,
+        before the first one it takes while the turn is still to be asked
+        for (asked here, the request's latency counting from then), once
+        the replies reach :data:`REPLY_LIMIT`, and at a request the volume
+        refused (answered here from the exception, as before)."""
         vol = export.volume
         note = counters.add
         clock = time.perf_counter
