@@ -1048,7 +1048,7 @@ class NBDServer:
                             tried = True
                         elif why == _core.NBD_FULL:
                             send_replies()         # (many reads in one batch)
-                        else:                      # NBD_FAILED: the volume refused it
+                        elif failed is not None:   # NBD_FAILED: the volume refused it
                             e, op, handle, length, t0 = failed
                             err = error_number(e)
                             if op == _READ and structured:
