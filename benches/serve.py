@@ -342,7 +342,9 @@ class ClientLoop:
 def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
                  rounds: int = 3, jobs: int | None = None, iodepth: int = 16,
                  track_size: str = "64K", sample_every: float = 0.02, idle_reps: int = 3,
-                 log=lambda msg: None) -> dict:
+                 log=lambda msg: None, modes: tuple[str, ...] = ("with", "without", "clients",
+                                                                  "lean"),
+                 server: tuple[str, ...] = FULL_CLIENT, server_path: str | None = None) -> dict:
     """A Global Mirror session run by the product: ``fastfc -u A -r B serve``
     holds the units (A in one, B and C in the other, both in /dev/shm),
     ``fastfc -u A resumegmir S`` starts the session's loop in the server and
@@ -370,6 +372,10 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         the forwarded ``showgmir`` answer alone
 
     The idle commands run through both clients.
+
+    ``modes``: the windows a round runs (``with`` and ``without`` at least);
+    ``server``: the interpreter's arguments that start ``fastfc`` for the
+    server (another build: ``server_path`` first on its ``PYTHONPATH``).
     """
     gone = missing(GM_TOOLS)
     if gone:
@@ -385,17 +391,20 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         cli("-u", b, "mkvol", *(x for n in names for x in n[1:]), "--size", size,
             "--track-size", track_size)
         cli("-u", a, "-r", b, "mkgmir", "S", *(":".join(n) for n in names))
+        server_env = _env()
+        if server_path is not None:
+            server_env["PYTHONPATH"] = server_path + os.pathsep + server_env["PYTHONPATH"]
         server = subprocess.Popen(
-            [sys.executable, "-m", "fastfc", "-u", str(a), "-r", str(b), "serve", "--socket",
-             str(sock)], env=_env(), start_new_session=True, stderr=subprocess.PIPE, text=True)
+            [sys.executable, *server, "-u", str(a), "-r", str(b), "serve", "--socket",
+             str(sock)], env=server_env, start_new_session=True, stderr=subprocess.PIPE,
+            text=True, cwd=server_path)
         args = []
         for n in names[:jobs]:
             args += [f"--name={n[0]}", f"--uri=nbd+unix:///{n[0]}?socket={sock}"]
         common = ["--ioengine=nbd", "--rw=randwrite", "--bs=4k", f"--iodepth={iodepth}",
                   f"--size={size_mib}M", "--time_based", f"--runtime={seconds}",
                   "--group_reporting"]
-        modes = ("with", "without", "clients", "lean")
-        iops: dict[str, list[float]] = {m: [] for m in modes}
+        iops: dict[str, list[float]] = {m: [] for m in ("with", "without", "clients", "lean")}
         windows: list[dict] = []
         rpo: list[float] = []
         answer: dict[str, list[float]] = {m: [] for m in ("with", "without", "idle")}
@@ -467,7 +476,7 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
                 loads.append(os.getloadavg()[0])
                 order = ["with", "without", "clients", "lean"] if r % 2 else \
                     ["without", "with", "lean", "clients"]
-                for mode in order:
+                for mode in (m for m in order if m in modes):
                     window(mode)
                 for _ in range(idle_reps):
                     idle["--help"].append(timed_cli("--help"))
@@ -510,8 +519,8 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
         # client IOPS: the session running / paused (one ratio per round)
         "iops_with": statistics.median(iops["with"]),
         "iops_without": statistics.median(iops["without"]),
-        "iops_clients": statistics.median(iops["clients"]),
-        "iops_lean": statistics.median(iops["lean"]),
+        "iops_clients": statistics.median(iops["clients"]) if iops["clients"] else None,
+        "iops_lean": statistics.median(iops["lean"]) if iops["lean"] else None,
         "ratio": statistics.median(ratios), "round_ratios": ratios,
         # the session in the fio windows, from showgmir --json before and after
         "cgs_per_s": cgs / secs if secs else float("nan"), "cgs": cgs,

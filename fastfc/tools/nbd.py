@@ -29,7 +29,12 @@ connections once sent large requests.
 
 Requests are taken in batches: one ``recv`` takes whatever a client has
 sent, the whole requests in it are carried out in order, and their replies
-go out in one send before the connection waits for its client again.
+go out in one send before the connection waits for its client again. The
+small READs and WRITEs of a batch (up to :data:`KEEP` bytes, in range, no
+flag but a read's FUA) are carried out in the core, a run of them in one C
+call (:func:`fastfc._core.nbd_batch`) through the same volume calls, with
+their replies and counts; every other request, and a volume's refusal, is
+this module's, as before (:attr:`NBDServer.core_batches`).
 
 Exports are looked up by name at ``NBD_OPT_GO`` (or ``EXPORT_NAME``)
 through the ``lookup`` callable under ``lock`` (or without it, when a
@@ -41,7 +46,6 @@ memory.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import contextlib
 import errno
@@ -57,6 +61,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
+from fastfc import _core
 from fastfc.errors import (FastFCError, InvalidImageError, NoSpaceError, VolumeClosedError,
                            WriteInhibitedError)
 from fastfc.durable.unit import StorageUnit
@@ -154,54 +159,30 @@ _OPT_REPLY = struct.Struct(">QIII")
 #: the requests counted per export (:class:`RequestCounters`), by op index
 OPS = ("read", "write", "flush", "write_zeroes")
 #: upper bounds (seconds) of the request-latency histogram's buckets (+Inf after)
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                   0.1, 0.25, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS: tuple[float, ...] = _core.NBD_LATENCY_BUCKETS
 _READ, _WRITE, _FLUSH, _ZEROES = range(4)
 
 
-class RequestCounters:
+class RequestCounters(_core.RequestTally):
     """Requests of one connection (or, summed, of an export): per op
     (:data:`OPS`), how many were answered, how many with an error, the
     bytes of those answered without, and their latency (from the request's
     header in to its reply out) as a histogram over
-    :data:`LATENCY_BUCKETS` and a sum.
+    :data:`LATENCY_BUCKETS` and a sum (lists, read as ``requests``,
+    ``errors``, ``bytes``, ``buckets``, ``seconds``).
 
-    A connection's counters are written by its thread alone, plain integer
-    adds (no lock, nothing allocated but the numbers); a reader (a metrics
-    scrape) sees values a moment old, never a torn one."""
+    The counts live in C arrays (:class:`fastfc._core.RequestTally`), where
+    the batches the core carries out (:func:`fastfc._core.nbd_batch`) note
+    theirs too. A connection's counters are written by its thread alone
+    (no lock, nothing allocated); a reader (a metrics scrape) sees values a
+    moment old, never a torn one."""
 
-    __slots__ = ("requests", "errors", "bytes", "buckets", "seconds")
-
-    def __init__(self) -> None:
-        self.requests = [0] * len(OPS)
-        self.errors = [0] * len(OPS)
-        self.bytes = [0] * len(OPS)
-        self.buckets = [[0] * (len(LATENCY_BUCKETS) + 1) for _ in OPS]
-        self.seconds = [0.0] * len(OPS)
-
-    def add(self, op: int, nbytes: int, err: int, seconds: float) -> None:
-        """One request answered (``err`` its NBD error, 0: none)."""
-        self.requests[op] += 1
-        if err:
-            self.errors[op] += 1
-        else:
-            self.bytes[op] += nbytes
-        self.buckets[op][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.seconds[op] += seconds
-
-    def merge(self, other: "RequestCounters") -> None:
-        """Add ``other``'s counts to these."""
-        for i in range(len(OPS)):
-            self.requests[i] += other.requests[i]
-            self.errors[i] += other.errors[i]
-            self.bytes[i] += other.bytes[i]
-            self.seconds[i] += other.seconds[i]
-            for k, n in enumerate(other.buckets[i]):
-                self.buckets[i][k] += n
+    __slots__ = ()
 
     def __repr__(self) -> str:
+        requests, nbytes = self.requests, self.bytes
         return "RequestCounters(" + ", ".join(
-            f"{op}={self.requests[i]}/{self.bytes[i]}B" for i, op in enumerate(OPS)) + ")"
+            f"{op}={requests[i]}/{nbytes[i]}B" for i, op in enumerate(OPS)) + ")"
 
 
 def error_number(e: BaseException) -> int:
@@ -404,7 +385,13 @@ class Turn:
     threads. A plain lock would not do: its release wakes a waiter, and the
     request threads, many and quick to come back, take it again ahead of
     the woken one; :meth:`release` hands the places to the longest waiting
-    instead, who has them without taking anything more."""
+    instead, who has them without taking anything more.
+
+    The runs of small requests the core carries out (:func:`fastfc._core.nbd_batch`)
+    take it the same way: they hold the GIL while they run (the volume path
+    they share with every host raises Python exceptions and calls Python
+    hooks), so a connection working competes with the loop as before, only
+    for less time per request."""
 
     def __init__(self, batches: int | None = None) -> None:
         #: how many batches may be carried out at once (a CG attempt takes
@@ -557,6 +544,13 @@ class NBDServer:
         :attr:`turn_wait` seconds (then going on without it). ``fastfc
         serve`` shares it with its Global Mirror sessions. None: no turns.
     """
+
+    #: whether the small READs and WRITEs of a batch are carried out in the
+    #: core, one C call for a run of them (:func:`fastfc._core.nbd_batch`);
+    #: False (on a server, or on the class before a server starts): each in
+    #: this module's loop (the same replies, bytes and counts: the tests and
+    #: benchmarks compare the two)
+    core_batches = True
 
     def __init__(self, lookup: Lookup, names: Callable[[], list[tuple[str, str]]],
                  lock: "LookupLock", *, tls: ssl.SSLContext | None = None,
@@ -981,7 +975,16 @@ class NBDServer:
         connection next waits for its client (a request cut short, a large
         request, or the end of the batch). A client with many requests in
         flight then costs the server a few socket calls (each a hand-over of
-        the GIL) per batch rather than four per request."""
+        the GIL) per batch rather than four per request.
+
+        A run of small READs and WRITEs is carried out by one call of
+        :func:`fastfc._core.nbd_batch` (unless :attr:`core_batches` is off
+        or a volume's I/O methods are replaced): it stops at the first
+        request it does not take, which this loop carries out as before,
+        before the first one it takes while the turn is still to be asked
+        for (asked here, the request's latency counting from then), once
+        the replies reach :data:`REPLY_LIMIT`, and at a request the volume
+        refused (answered here from the exception, as before)."""
         vol = export.volume
         note = counters.add
         clock = time.perf_counter
@@ -1017,12 +1020,44 @@ class NBDServer:
             now = clock()
             for op, n, err, t in answered:
                 note(op, n, err, now - t)
+            counters.settle(now)               # (those the core carried out)
             out.clear()
             answered.clear()
 
+        batch = _core.nbd_batch
+        asked_at = -1.0                       # when the turn was asked for the core's next
+        declined = False                      # the core handed back the request at start
         try:
             while True:
+                # the core carries out the small requests unless a volume's
+                # I/O methods are replaced (a test's or a fault's hook)
+                fast = self.core_batches and isinstance(vol, _core.VolumeBase) and \
+                    _plain_io(vol)
                 while end - start >= hsize:
+                    if fast and not declined:
+                        start, why, failed = batch(
+                            vol, rbuf, start, end, out, counters, structured, read_only,
+                            not tried and turns is not None and turns.active, asked_at,
+                            KEEP, REPLY_LIMIT)
+                        asked_at = -1.0
+                        if why == _core.NBD_DECLINED:
+                            declined = True        # (the next one is this loop's)
+                        elif why == _core.NBD_TURN:
+                            asked_at = clock()
+                            held = turns.acquire(timeout=wait)
+                            tried = True
+                        elif why == _core.NBD_FULL:
+                            send_replies()         # (many reads in one batch)
+                        elif failed is not None:   # NBD_FAILED: the volume refused it
+                            e, op, handle, length, t0 = failed
+                            err = error_number(e)
+                            if op == _READ and structured:
+                                out += error_chunk(handle, err, f"read: {e}")
+                            else:
+                                out += pack(SIMPLE_REPLY_MAGIC, err, handle)
+                            answered.append((op, length, err, t0))
+                        continue
+                    declined = False
                     magic, flags, cmd, handle, offset, length = unpack(rbuf, start)
                     if magic != REQUEST_MAGIC:
                         raise ProtocolError(f"bad request magic {magic:#x}")
@@ -1141,6 +1176,7 @@ class NBDServer:
                     rbuf[:end - start] = rbuf[start:end]
                     start, end = 0, end - start
                 k = sock.recv_into(rview[end:], room - end)
+                declined = False
                 if k == 0:
                     if end - start >= hsize:     # a small write's header, not all its data
                         raise ProtocolError("the client closed the connection mid-write")
@@ -1281,6 +1317,21 @@ class NBDServer:
             n = min(ZERO_CHUNK, end - pos)
             vol.write(pos, zeros[:n] if n < len(zeros) else zeros)
             pos += n
+
+
+_PLAIN_WRITE = _core.VolumeBase.write
+_PLAIN_READINTO = _core.VolumeBase.readinto
+
+
+def _plain_io(vol: Volume) -> bool:
+    """Whether ``vol``'s host reads and writes are the core's own (no hook
+    replaced :meth:`Volume.write` or :meth:`Volume.readinto`, on its class
+    or on it): then :func:`fastfc._core.nbd_batch` may carry them out."""
+    cls = type(vol)
+    if cls.write is not _PLAIN_WRITE or cls.readinto is not _PLAIN_READINTO:
+        return False
+    d = getattr(vol, "__dict__", None)
+    return not d or ("write" not in d and "readinto" not in d)
 
 
 def _bad_read(offset: int, length: int, flags: int, capacity: int) -> str:
