@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import struct
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -557,17 +558,30 @@ def test_an_incremental_backup_under_writes_races_none(tmp_path):
         gs, cap = S.grain_size, S.capacity
         run("nbdcopy", uri(sock, "T"), backup)
         stop = threading.Event()
+        written = [0]          # the writer's writes so far
 
         def writer() -> None:
             rng = np.random.default_rng(3)
             while not stop.is_set():
                 g = int(rng.integers(0, cap // gs))
                 S.write(g * gs, rng.integers(1, 256, gs, dtype=np.uint8))
+                written[0] += 1
+
+        def wait_for_writes(seen: int) -> int:
+            """Until the writer wrote since ``seen`` (a loaded machine may
+            not have run it between two resyncs)."""
+            deadline = time.monotonic() + 30
+            while written[0] == seen:
+                assert time.monotonic() < deadline, "the writer wrote nothing in 30 s"
+                time.sleep(0.001)
+            return written[0]
 
         w = threading.Thread(target=writer)
         w.start()
         try:
+            seen = 0
             for _ in range(3):
+                seen = wait_for_writes(seen)
                 before = np.fromfile(backup, np.uint8)
                 with server.lock:
                     T.target_relationship.resync()
