@@ -114,6 +114,8 @@ def set_cow_hook(hook):
 
 cdef class VolumeBase
 cdef class WriteGate
+cdef class PointChainBase
+cdef class PointRestoreBase
 
 
 include "_bitmap.pxi"
@@ -123,3 +125,4 @@ include "_volume.pxi"
 include "_gate.pxi"
 include "_pprc.pxi"
 include "_coordinate.pxi"
+include "_points.pxi"

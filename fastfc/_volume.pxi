@@ -119,6 +119,12 @@ cdef class VolumeBase:
     # copy, a virtual track fetched for a partial write, a restore)
     cdef public long long host_bytes
     cdef public long long copied_bytes
+    # recovery points (fastfc/_points.pxi): the chain of this volume's
+    # points, which every write saves into first; and, while this volume
+    # takes a point's image, the restore that its reads go through (it is
+    # read-only until then). Both None for a volume without either.
+    cdef public PointChainBase _chain
+    cdef public PointRestoreBase _restoring
 
     def __cinit__(self, *args, **kwargs):
         self._lk = PyThread_allocate_lock()
@@ -422,6 +428,10 @@ cdef class VolumeBase:
         if origin == ORIGIN_HOST and self._secondary:
             raise WriteInhibitedError(
                 f"{self!r} is a PPRC secondary and refuses host writes")
+        if self._restoring is not None:
+            raise WriteInhibitedError(
+                f"{self!r} is taking a recovery point's image and is read-only until "
+                "the restore's copy completes (wait() or copy() on the restore)")
         r = self._tgt_rel
         if r is not None:
             if r.revertible:
@@ -482,6 +492,9 @@ cdef class VolumeBase:
             ntr = len(rels)
             if self._needs_space(tr):
                 self._reserve_write(offset, n)
+            if self._chain is not None:
+                # the newest recovery point takes the old grains it lacks
+                self._chain._save(self.base, t0, t1)
             # ---- from here on nothing refuses: the write is applied whole
             m = self._mirror
             if m is not None and m.cg is not None and bm_any_range(m.cg.w, t0, t1):
@@ -584,6 +597,8 @@ cdef class VolumeBase:
         cdef const uint64_t* w
         cdef int shift = self.grain_shift, err = 0
         self._check_range(offset, n)
+        if self._restoring is not None and self._read_restoring(offset, dst, n):
+            return 0
         tr = self._lock_io()
         if tr is not None:
             S = tr.source
@@ -632,6 +647,28 @@ cdef class VolumeBase:
         finally:
             unlock_two(self, S)
         return 0
+
+    cdef bint _read_restoring(self, Py_ssize_t offset, uint8_t* dst,
+                              Py_ssize_t n) except -1:
+        """A read while this volume takes a recovery point's image: through
+        the restore, under both volumes' locks. False if the restore ended
+        meanwhile (the caller reads as usual)."""
+        cdef PointRestoreBase rs = self._restoring
+        cdef VolumeBase S
+        if rs is None:
+            return False
+        S = rs.chain.volume
+        lock_two(self, S)
+        try:
+            if self._restoring is not rs:
+                return False
+            if self.base == NULL:
+                raise VolumeClosedError(f"{self!r} is closed")
+            if n:
+                rs._read(offset, dst, n)
+            return True
+        finally:
+            unlock_two(self, S)
 
     def read(self, Py_ssize_t offset, Py_ssize_t length):
         """Return ``length`` bytes at ``offset`` as a new uint8 array: the

@@ -1,0 +1,534 @@
+# Included by _core.pyx: recovery points (a chain of thin, cascaded NOCOPY
+# copies of one volume), the copy-on-write into the newest point that the
+# host write path calls, and the read-through restore onto a recovery volume.
+#
+# docs/guide/recovery-points.md explains the design; in short:
+# - A chain's points are ordered oldest .. newest. Only the newest receives
+#   copy-on-write: a write to grain g that the newest point does not hold
+#   saves the old grain there once, then lands. So a write copies at most
+#   one grain once, however many points the chain holds.
+# - A point holds the grains that changed between it and the next point:
+#   a grain -> slot table (open addressing) into the chain's slot pool.
+# - Point i's image at grain g: the first of points i, i+1, .., newest that
+#   holds g, else the live volume. ``held`` (a bit per grain, set when some
+#   point may hold it) sends every other grain to the volume at once.
+# - Expiring the oldest point drops its grains (no newer point reads them);
+#   expiring another merges the grains its older neighbour lacks into it
+#   (the values are the neighbour's own at those grains), dropping the rest.
+#
+# Locking: the chain, its points' tables and its pool are guarded by the
+# volume's lock (as a FlashCopy source's bitmaps are). A restore onto a
+# recovery volume holds both volumes' locks in volume-id order.
+
+from cpython.list cimport PyList_GET_ITEM
+from libc.stdlib cimport malloc, realloc
+
+# slots per pool chunk (a chunk is allocated whole, then handed out a slot
+# at a time; freed slots are reused before a new chunk is made)
+cdef enum:
+    POOL_SHIFT = 8
+    POOL_CHUNK = 1 << POOL_SHIFT
+
+
+cdef struct GrainTable:
+    int64_t* keys        # grain, or -1 for an empty entry
+    int64_t* slots
+    Py_ssize_t cap       # a power of two, or 0 before the first entry
+    Py_ssize_t count
+    int bits
+
+
+cdef inline Py_ssize_t tab_home(int64_t g, int bits) noexcept nogil:
+    return <Py_ssize_t>((<uint64_t>g * <uint64_t>0x9E3779B97F4A7C15ULL) >> (64 - bits))
+
+
+cdef inline int64_t tab_get(const GrainTable* t, int64_t g) noexcept nogil:
+    """The slot of grain ``g`` in ``t``, or -1."""
+    cdef Py_ssize_t i, mask
+    cdef int64_t k
+    if t.count == 0:
+        return -1
+    mask = t.cap - 1
+    i = tab_home(g, t.bits)
+    while True:
+        k = t.keys[i]
+        if k == g:
+            return t.slots[i]
+        if k < 0:
+            return -1
+        i = (i + 1) & mask
+
+
+cdef inline void tab_insert(GrainTable* t, int64_t g, int64_t slot) noexcept nogil:
+    """Put a grain the table does not hold (room is the caller's)."""
+    cdef Py_ssize_t mask = t.cap - 1
+    cdef Py_ssize_t i = tab_home(g, t.bits)
+    while t.keys[i] >= 0:
+        i = (i + 1) & mask
+    t.keys[i] = g
+    t.slots[i] = slot
+    t.count += 1
+
+
+cdef int tab_reserve(GrainTable* t, Py_ssize_t more) except -1:
+    """Room for ``more`` further entries at a load of at most 1/2."""
+    cdef Py_ssize_t need = (t.count + more) * 2, cap = 16, i
+    cdef int bits = 4
+    cdef GrainTable n
+    if need <= t.cap:
+        return 0
+    while cap < need:
+        cap <<= 1
+        bits += 1
+    n.keys = <int64_t*>malloc(cap * sizeof(int64_t))
+    n.slots = <int64_t*>malloc(cap * sizeof(int64_t))
+    if n.keys == NULL or n.slots == NULL:
+        free(n.keys)
+        free(n.slots)
+        raise MemoryError("no memory for a recovery point's grain table")
+    memset(n.keys, 0xff, cap * sizeof(int64_t))
+    n.cap, n.bits, n.count = cap, bits, 0
+    for i in range(t.cap):
+        if t.keys[i] >= 0:
+            tab_insert(&n, t.keys[i], t.slots[i])
+    free(t.keys)
+    free(t.slots)
+    t[0] = n
+    return 0
+
+
+cdef inline void tab_free(GrainTable* t) noexcept nogil:
+    free(t.keys)
+    free(t.slots)
+    t.keys = t.slots = NULL
+    t.cap = t.count = 0
+    t.bits = 0
+
+
+cdef class PointBase:
+    """One recovery point: the grains that changed between it and the next
+    point of its chain (their old contents, in the chain's slot pool).
+
+    Guarded by the chain's volume's lock. ``index`` is its place in the
+    chain (0: the oldest); ``seq`` a number that only grows along a chain;
+    ``pins`` counts the restores reading through it (it cannot expire while
+    any is running); ``expired`` is set once it is gone.
+    """
+
+    cdef GrainTable tab
+    cdef readonly long long seq
+    cdef readonly Py_ssize_t index
+    cdef readonly bint expired
+    cdef public int pins
+    cdef readonly PointChainBase chain
+
+    def __dealloc__(self):
+        tab_free(&self.tab)
+
+    @property
+    def saved_grains(self):
+        """How many grains this point holds."""
+        return self.tab.count
+
+    @property
+    def table_bytes(self):
+        """The bytes of its grain table."""
+        return self.tab.cap * 2 * sizeof(int64_t)
+
+    def saved(self):
+        """The grains it holds, sorted (an int64 array; tests and tools)."""
+        cdef Py_ssize_t i, k = 0
+        out = np.empty(self.tab.count, dtype=np.int64)
+        cdef int64_t[::1] o = out
+        for i in range(self.tab.cap):
+            if self.tab.keys[i] >= 0:
+                o[k] = self.tab.keys[i]
+                k += 1
+        out.sort()
+        return out
+
+
+cdef class PointChainBase:
+    """The recovery points of one volume, oldest first, and their slot pool.
+
+    Made by :meth:`_attach` onto a volume (which then calls :meth:`_save`
+    from every write); guarded by that volume's lock.
+    """
+
+    cdef readonly VolumeBase volume
+    cdef readonly list points
+    cdef PointBase newest
+    cdef readonly TrackBitmap held
+    cdef readonly Py_ssize_t grain_size
+    cdef int shift
+    cdef long long next_seq
+    # the slot pool: chunks of POOL_CHUNK grains, and the free slots
+    cdef uint8_t** chunks
+    cdef Py_ssize_t n_chunks, chunks_cap
+    cdef int64_t* free_slots
+    cdef Py_ssize_t n_free, free_cap
+    cdef int64_t next_slot
+
+    def __cinit__(self, *args, **kwargs):
+        self.points = []
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        for i in range(self.n_chunks):
+            free(self.chunks[i])
+        free(self.chunks)
+        free(self.free_slots)
+
+    def _attach(self, VolumeBase volume):
+        """Become ``volume``'s chain (its lock held by the caller)."""
+        if volume.base == NULL:
+            raise VolumeClosedError(f"{volume!r} is closed")
+        if volume._chain is not None:
+            raise StateError(f"{volume!r} already has a chain of recovery points")
+        self.volume = volume
+        self.grain_size = volume.grain_size
+        self.shift = volume.grain_shift
+        self.held = TrackBitmap(volume.n_grains)
+        volume._chain = self
+
+    # -- the pool ------------------------------------------------------------
+    cdef inline uint8_t* _slot(self, int64_t s) noexcept nogil:
+        return self.chunks[s >> POOL_SHIFT] + ((s & (POOL_CHUNK - 1)) << self.shift)
+
+    cdef int64_t _alloc_slot(self) except -1:
+        cdef uint8_t* c
+        cdef void* p
+        cdef Py_ssize_t cap
+        if self.n_free:
+            self.n_free -= 1
+            return self.free_slots[self.n_free]
+        if (self.next_slot >> POOL_SHIFT) >= self.n_chunks:
+            if self.n_chunks == self.chunks_cap:
+                cap = self.chunks_cap * 2 if self.chunks_cap else 16
+                p = realloc(self.chunks, cap * sizeof(uint8_t*))
+                if p == NULL:
+                    raise MemoryError("no memory for the recovery points' pool")
+                self.chunks = <uint8_t**>p
+                self.chunks_cap = cap
+            c = <uint8_t*>malloc(POOL_CHUNK << self.shift)
+            if c == NULL:
+                raise MemoryError("no memory for the recovery points' pool")
+            self.chunks[self.n_chunks] = c
+            self.n_chunks += 1
+        self.next_slot += 1
+        return self.next_slot - 1
+
+    cdef int _free_slot(self, int64_t s) except -1:
+        cdef void* p
+        cdef Py_ssize_t cap
+        if self.n_free == self.free_cap:
+            cap = self.free_cap * 2 if self.free_cap else 256
+            p = realloc(self.free_slots, cap * sizeof(int64_t))
+            if p == NULL:
+                raise MemoryError("no memory for the recovery points' free list")
+            self.free_slots = <int64_t*>p
+            self.free_cap = cap
+        self.free_slots[self.n_free] = s
+        self.n_free += 1
+        return 0
+
+    @property
+    def pool_bytes(self):
+        """Bytes of grain data the pool holds in use (freed slots excluded)."""
+        return (self.next_slot - self.n_free) << self.shift
+
+    @property
+    def reserved_bytes(self):
+        """Bytes the pool has allocated (its chunks, in use or free)."""
+        return (self.n_chunks * POOL_CHUNK) << self.shift
+
+    # -- copy-on-write (the host write path) ----------------------------------
+    cdef int _save(self, const uint8_t* base, Py_ssize_t g0, Py_ssize_t g1) except -1:
+        """Before grains [g0, g1) of the volume change: the newest point
+        takes the old content of each one it does not hold yet. Lock held."""
+        cdef PointBase p = self.newest
+        cdef Py_ssize_t g
+        cdef int64_t s
+        cdef int shift = self.shift
+        if p is None:
+            return 0
+        for g in range(g0, g1):
+            if tab_get(&p.tab, g) >= 0:
+                continue
+            tab_reserve(&p.tab, 1)
+            s = self._alloc_slot()
+            memcpy(self._slot(s), base + (g << shift), self.grain_size)
+            tab_insert(&p.tab, g, s)
+            bms_set_range(self.held.w, self.held.s, g, g + 1)
+        return 0
+
+    cdef int _save_mask(self, const uint8_t* base, const uint64_t* w) except -1:
+        """:meth:`_save` for every grain set in ``w`` (a bitmap of the
+        volume's grains). Lock held."""
+        cdef Py_ssize_t n = self.volume.n_grains, a, b
+        if self.newest is None:
+            return 0
+        a = bm_next_set(w, n, 0)
+        while a >= 0:
+            b = bm_next_clear(w, n, a)
+            if b < 0:
+                b = n
+            self._save(base, a, b)
+            a = bm_next_set(w, n, b)
+        return 0
+
+    # -- reading a point ------------------------------------------------------
+    cdef inline const uint8_t* _resolve(self, Py_ssize_t k, Py_ssize_t g) noexcept:
+        """Where point ``k``'s grain ``g`` is: in the first of points k ..
+        newest that holds it, else on the volume. Lock held."""
+        cdef Py_ssize_t j, n
+        cdef int64_t s
+        cdef PointBase p
+        if bm_test(self.held.w, g):
+            n = len(self.points)
+            for j in range(k, n):
+                p = <PointBase>PyList_GET_ITEM(self.points, j)
+                s = tab_get(&p.tab, g)
+                if s >= 0:
+                    return self._slot(s)
+        return self.volume.base + (g << self.shift)
+
+    cdef int _read_point(self, PointBase p, Py_ssize_t offset, uint8_t* dst,
+                         Py_ssize_t n) except -1:
+        """Copy point ``p``'s image of bytes [offset, offset + n). Lock held."""
+        cdef Py_ssize_t pos = offset, end = offset + n, g, piece
+        cdef int shift = self.shift
+        cdef Py_ssize_t k = p.index
+        while pos < end:
+            g = pos >> shift
+            piece = ((g + 1) << shift) - pos
+            if piece > end - pos:
+                piece = end - pos
+            memcpy(dst + (pos - offset), self._resolve(k, g) + (pos - (g << shift)), piece)
+            pos += piece
+        return 0
+
+    def _read(self, PointBase p, Py_ssize_t offset, Py_ssize_t length):
+        """Point ``p``'s bytes [offset, offset + length) as a new array."""
+        cdef Py_buffer view
+        cdef VolumeBase v = self.volume
+        if p.chain is not self or p.expired:
+            raise StateError(f"{p!r} has expired")
+        v._check_range(offset, length)
+        out = np.empty(length, dtype=np.uint8)
+        get_write_buffer(out, &view)
+        v._acquire()
+        try:
+            if v.base == NULL:
+                raise VolumeClosedError(f"{v!r} is closed: its recovery points read through it")
+            if p.expired:
+                raise StateError(f"{p!r} has expired")
+            if v._reads_allocate and length:
+                v._reserve_runs(NULL, offset >> self.shift,
+                                ((offset + length - 1) >> self.shift) + 1, v.n_grains)
+            self._read_point(p, offset, <uint8_t*>view.buf, length)
+        finally:
+            v._release()
+            PyBuffer_Release(&view)
+        return out
+
+    # -- taking and expiring (the volume's lock held by the caller) ----------
+    def _take(self, PointBase p):
+        """Make ``p`` (fresh) the newest point: O(1), nothing moves."""
+        if p.chain is not None:
+            raise StateError(f"{p!r} belongs to a chain already")
+        if self.volume.base == NULL:
+            raise VolumeClosedError(f"{self.volume!r} is closed")
+        p.chain = self
+        p.seq = self.next_seq
+        self.next_seq += 1
+        p.index = len(self.points)
+        self.points.append(p)
+        self.newest = p
+
+    def _expire(self, PointBase p):
+        """Remove ``p``: the oldest drops its grains; another gives the
+        grains its older neighbour lacks to it and drops the rest. Every
+        other point's image stays as it was."""
+        cdef PointBase q = None
+        cdef Py_ssize_t i, k
+        cdef int64_t g, s
+        if p.chain is not self or p.expired:
+            raise StateError(f"{p!r} has expired already")
+        k = p.index
+        if k > 0:
+            q = <PointBase>self.points[k - 1]
+            # room first: nothing is moved unless all of it can be
+            tab_reserve(&q.tab, p.tab.count)
+            if self.n_free + p.tab.count > self.free_cap:
+                self._grow_free(p.tab.count)
+        elif self.n_free + p.tab.count > self.free_cap:
+            self._grow_free(p.tab.count)
+        for i in range(p.tab.cap):
+            g = p.tab.keys[i]
+            if g < 0:
+                continue
+            s = p.tab.slots[i]
+            if q is not None and tab_get(&q.tab, g) < 0:
+                tab_insert(&q.tab, g, s)
+            else:
+                self.free_slots[self.n_free] = s
+                self.n_free += 1
+        tab_free(&p.tab)
+        del self.points[k]
+        for i in range(k, len(self.points)):
+            (<PointBase>self.points[i]).index = i
+        p.expired = True
+        p.index = -1
+        self.newest = (<PointBase>self.points[len(self.points) - 1]) if self.points else None
+        if not self.points:
+            # nothing held any more: the next point starts clean
+            self.held.fill(False)
+            self._release_pool()
+
+    cdef int _grow_free(self, Py_ssize_t more) except -1:
+        cdef Py_ssize_t cap = self.free_cap if self.free_cap else 256
+        cdef void* q
+        while cap < self.n_free + more:
+            cap *= 2
+        q = realloc(self.free_slots, cap * sizeof(int64_t))
+        if q == NULL:
+            raise MemoryError("no memory for the recovery points' free list")
+        self.free_slots = <int64_t*>q
+        self.free_cap = cap
+        return 0
+
+    cdef void _release_pool(self) noexcept:
+        cdef Py_ssize_t i
+        for i in range(self.n_chunks):
+            free(self.chunks[i])
+        self.n_chunks = 0
+        self.next_slot = 0
+        self.n_free = 0
+
+    def _detach(self):
+        """Stop being the volume's chain (no point left). Lock held."""
+        if self.points:
+            raise StateError(f"{self.volume!r} still holds {len(self.points)} recovery points")
+        if self.volume._chain is self:
+            self.volume._chain = None
+
+
+cdef class PointRestoreBase:
+    """A recovery volume taking a point's image: ``to_copy`` marks its
+    grains still read through the chain; background copy fills them in.
+    While it runs the recovery volume is read-only. Fields guarded by the
+    locks of both volumes (taken in volume-id order)."""
+
+    cdef readonly PointBase point
+    cdef readonly PointChainBase chain
+    cdef readonly VolumeBase target
+    cdef readonly TrackBitmap to_copy
+    cdef readonly bint active
+    cdef public Py_ssize_t _cursor
+
+    def _start(self, PointBase point, VolumeBase target, TrackBitmap to_copy):
+        """Begin: every grain of ``target`` reads through the chain (its
+        ``to_copy``, all set, given). Both volumes' locks held."""
+        cdef PointChainBase c = point.chain
+        if c is None or point.expired:
+            raise StateError(f"{point!r} has expired")
+        if to_copy.n_bits != target.n_grains:
+            raise ValueError("to_copy needs a bit per grain of the recovery volume")
+        self.point = point
+        self.chain = c
+        self.target = target
+        self.to_copy = to_copy
+        self.active = True
+        point.pins += 1
+        target._restoring = self
+
+    cdef void _end(self) noexcept:
+        self.active = False
+        self.point.pins -= 1
+        if self.target._restoring is self:
+            self.target._restoring = None
+
+    def _finish(self):
+        """End the restore if nothing is left to copy; whether it ended.
+        Both locks held."""
+        if self.active and not self.to_copy.any():
+            self._end()
+        return not self.active
+
+    def _abandon(self):
+        """End the restore now (the target's image is then incomplete: the
+        caller marks it invalid). Both locks held."""
+        if self.active:
+            self._end()
+
+    cdef int _read(self, Py_ssize_t offset, uint8_t* dst, Py_ssize_t n) except -1:
+        """A read of the recovery volume: grains still to copy through the
+        chain, the others from the volume. Both locks held."""
+        cdef PointChainBase c = self.chain
+        cdef VolumeBase T = self.target
+        cdef Py_ssize_t pos = offset, end = offset + n, g, piece
+        cdef int shift = T.grain_shift
+        cdef Py_ssize_t k = self.point.index
+        cdef const uint64_t* w = self.to_copy.w
+        cdef const uint8_t* src
+        if c.volume.base == NULL:
+            raise VolumeClosedError(
+                f"{c.volume!r} is closed: the restore onto {T!r} reads through it")
+        if c.volume._reads_allocate and n:
+            c.volume._reserve_runs(NULL, offset >> shift, ((end - 1) >> shift) + 1,
+                                   c.volume.n_grains)
+        while pos < end:
+            g = pos >> shift
+            piece = ((g + 1) << shift) - pos
+            if piece > end - pos:
+                piece = end - pos
+            src = c._resolve(k, g) if bm_test(w, g) else T.base + (g << shift)
+            memcpy(dst + (pos - offset), src + (pos - (g << shift)), piece)
+            pos += piece
+        return 0
+
+    def _copy_chunk(self, Py_ssize_t start, Py_ssize_t budget):
+        """Copy up to ``budget`` grains still to copy from ``start`` on into
+        the recovery volume; ``(grains copied, resume position)``. Both
+        locks held by the caller."""
+        cdef PointChainBase c = self.chain
+        cdef VolumeBase S = c.volume, T = self.target
+        cdef Py_ssize_t n = T.n_grains, a, b, e, done = 0, lim
+        cdef int shift = T.grain_shift
+        cdef Py_ssize_t k = self.point.index
+        cdef uint64_t* w = self.to_copy.w
+        cdef const uint64_t* h = c.held.w
+        if not self.active:
+            return 0, start
+        if S.base == NULL or T.base == NULL:
+            raise VolumeClosedError("a restore needs both volumes open")
+        T._reserve_runs(w, start, n, budget)
+        if S._reads_allocate:
+            S._reserve_runs(w, start, n, budget)
+        a = bm_next_set(w, n, start)
+        while a >= 0 and done < budget:
+            lim = a + (budget - done)
+            if lim > n:
+                lim = n
+            b = bm_next_clear(w, lim, a)
+            if b < 0:
+                b = lim
+            # [a, b): grains to copy; runs no point holds come off the volume
+            while a < b:
+                if bm_test(h, a):
+                    memcpy(T.base + (a << shift), c._resolve(k, a), c.grain_size)
+                    e = a + 1
+                else:
+                    e = bm_next_set(h, b, a)
+                    if e < 0:
+                        e = b
+                    with nogil:
+                        copy_big(T.base + (a << shift), S.base + (a << shift),
+                                 (e - a) << shift)
+                bm_clear_range(w, a, e)
+                done += e - a
+                a = e
+            a = bm_next_set(w, n, b)
+        T.copied_bytes += done << shift
+        return done, (a if a >= 0 else n)
