@@ -28,7 +28,9 @@ is the first of points *i* .. newest that holds it, else the live volume.
 
 Points live in memory (durable points in storage units are not built yet).
 A volume with points cannot be a FlashCopy target or a PPRC secondary (their
-images change by paths that do not pass the write path's copy-on-write).
+images change by paths that do not pass the write path's copy-on-write). A
+chain stays on its volume when its last point expires (with its clock); it
+costs a write nothing then but a test, and refuses nothing.
 
 Locking: a chain and its points are guarded by the volume's lock; a restore
 holds the volume's and the recovery volume's locks in volume-id order.
@@ -140,8 +142,6 @@ class PointChain(_core.PointChainBase):
     def _remove(self, point: "RecoveryPoint") -> None:
         """Expire ``point`` (checked by the caller; the lock held)."""
         self._expire(point)
-        if not self.points:
-            self._detach()       # a volume without points is a plain volume again
 
     # -- what tools show ------------------------------------------------------------
     @property
@@ -313,10 +313,7 @@ def take_points(volumes: Sequence[Volume], *, retain_for: float = 0.0,
                             f"{type(v).__name__}")
     with locked(volumes):
         for v in volumes:
-            if v._chain is None:
-                _check_can_hold_points(v)
-            elif v.closed:
-                raise VolumeClosedError(f"{v!r} is closed")
+            _check_can_hold_points(v)
         chains = [v._chain if v._chain is not None else PointChain(v, clock=clock or time.time)
                   for v in volumes]
         points = []
