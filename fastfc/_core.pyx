@@ -58,7 +58,7 @@ import warnings
 
 import numpy as np
 
-from fastfc.errors import (InvalidImageError, NoSpaceError, StateError,
+from fastfc.errors import (InvalidImageError, LimitError, NoSpaceError, StateError,
                            VolumeClosedError, WriteInhibitedError)
 
 # Copies of at least this many bytes release the GIL (docs/design.md, "When

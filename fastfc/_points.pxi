@@ -23,11 +23,19 @@
 from cpython.list cimport PyList_GET_ITEM
 from libc.stdlib cimport malloc, realloc
 
-# slots per pool chunk (a chunk is allocated whole, then handed out a slot
-# at a time; freed slots are reused before a new chunk is made)
+cdef extern from "<stdlib.h>" nogil:
+    int posix_memalign(void** memptr, size_t alignment, size_t size)
+
+cdef extern from "<sys/mman.h>" nogil:
+    int madvise(void* addr, size_t length, int advice)
+    int MADV_HUGEPAGE
+
+# A pool chunk is 2 MiB (or one grain, if larger), aligned and advised for a
+# huge page: it is allocated whole, then handed out a slot at a time (freed
+# slots are reused first). Its first touch then faults one huge page, not a
+# page per grain, which a copy-on-write of 4 KiB would otherwise pay each.
 cdef enum:
-    POOL_SHIFT = 8
-    POOL_CHUNK = 1 << POOL_SHIFT
+    POOL_CHUNK_SHIFT = 21
 
 
 cdef struct GrainTable:
@@ -121,6 +129,12 @@ cdef class PointBase:
     cdef readonly bint expired
     cdef public int pins
     cdef readonly PointChainBase chain
+    # when it was taken and until when it is kept (its chain's clock), its
+    # label, and the points taken with it at the same instant
+    cdef public double taken_at
+    cdef public double retain_until
+    cdef public object name
+    cdef public tuple group
 
     def __dealloc__(self):
         tab_free(&self.tab)
@@ -161,13 +175,15 @@ cdef class PointChainBase:
     cdef readonly TrackBitmap held
     cdef readonly Py_ssize_t grain_size
     cdef int shift
+    cdef int pshift          # log2 of the slots per pool chunk
     cdef long long next_seq
-    # the slot pool: chunks of POOL_CHUNK grains, and the free slots
+    # the slot pool: chunks of 2 MiB (1 << pshift grains), and the free slots
     cdef uint8_t** chunks
     cdef Py_ssize_t n_chunks, chunks_cap
     cdef int64_t* free_slots
     cdef Py_ssize_t n_free, free_cap
     cdef int64_t next_slot
+    cdef Py_ssize_t kept_chunks   # reserved (_reserve_pool): kept when emptied
 
     def __cinit__(self, *args, **kwargs):
         self.points = []
@@ -188,35 +204,62 @@ cdef class PointChainBase:
         self.volume = volume
         self.grain_size = volume.grain_size
         self.shift = volume.grain_shift
+        self.pshift = POOL_CHUNK_SHIFT - self.shift if self.shift < POOL_CHUNK_SHIFT else 0
         self.held = TrackBitmap(volume.n_grains)
         volume._chain = self
 
     # -- the pool ------------------------------------------------------------
     cdef inline uint8_t* _slot(self, int64_t s) noexcept nogil:
-        return self.chunks[s >> POOL_SHIFT] + ((s & (POOL_CHUNK - 1)) << self.shift)
+        return self.chunks[s >> self.pshift] + ((s & ((1 << self.pshift) - 1)) << self.shift)
 
     cdef int64_t _alloc_slot(self) except -1:
-        cdef uint8_t* c
-        cdef void* p
-        cdef Py_ssize_t cap
         if self.n_free:
             self.n_free -= 1
             return self.free_slots[self.n_free]
-        if (self.next_slot >> POOL_SHIFT) >= self.n_chunks:
-            if self.n_chunks == self.chunks_cap:
-                cap = self.chunks_cap * 2 if self.chunks_cap else 16
-                p = realloc(self.chunks, cap * sizeof(uint8_t*))
-                if p == NULL:
-                    raise MemoryError("no memory for the recovery points' pool")
-                self.chunks = <uint8_t**>p
-                self.chunks_cap = cap
-            c = <uint8_t*>malloc(POOL_CHUNK << self.shift)
-            if c == NULL:
-                raise MemoryError("no memory for the recovery points' pool")
-            self.chunks[self.n_chunks] = c
-            self.n_chunks += 1
+        if (self.next_slot >> self.pshift) >= self.n_chunks:
+            self._new_chunk()
         self.next_slot += 1
         return self.next_slot - 1
+
+    cdef uint8_t* _new_chunk(self) except NULL:
+        """Add a chunk to the pool; returns it."""
+        cdef uint8_t* c = NULL
+        cdef void* p
+        cdef Py_ssize_t cap
+        cdef size_t size = (<size_t>1) << (self.pshift + self.shift)
+        if self.n_chunks == self.chunks_cap:
+            cap = self.chunks_cap * 2 if self.chunks_cap else 16
+            p = realloc(self.chunks, cap * sizeof(uint8_t*))
+            if p == NULL:
+                raise MemoryError("no memory for the recovery points' pool")
+            self.chunks = <uint8_t**>p
+            self.chunks_cap = cap
+        if posix_memalign(<void**>&c, <size_t>1 << POOL_CHUNK_SHIFT, size) != 0:
+            raise MemoryError("no memory for the recovery points' pool")
+        madvise(c, size, MADV_HUGEPAGE)
+        self.chunks[self.n_chunks] = c
+        self.n_chunks += 1
+        return c
+
+    def _reserve_pool(self, Py_ssize_t nbytes):
+        """Make room now for ``nbytes`` more of grains than the pool has free:
+        chunks allocated and touched (their page faults paid here, not by
+        the writes that copy into them), and kept when the points expire.
+        Returns the bytes of room. Lock held."""
+        cdef Py_ssize_t need, room
+        cdef uint8_t* c
+        cdef size_t size = (<size_t>1) << (self.pshift + self.shift)
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        need = (nbytes + self.grain_size - 1) >> self.shift
+        room = (self.n_chunks << self.pshift) - self.next_slot + self.n_free
+        while room < need:
+            c = self._new_chunk()
+            with nogil:
+                memset(c, 0, size)
+            room += 1 << self.pshift
+        self.kept_chunks = self.n_chunks
+        return room << self.shift
 
     cdef int _free_slot(self, int64_t s) except -1:
         cdef void* p
@@ -240,7 +283,7 @@ cdef class PointChainBase:
     @property
     def reserved_bytes(self):
         """Bytes the pool has allocated (its chunks, in use or free)."""
-        return (self.n_chunks * POOL_CHUNK) << self.shift
+        return (self.n_chunks << self.pshift) << self.shift
 
     # -- copy-on-write (the host write path) ----------------------------------
     cdef int _save(self, const uint8_t* base, Py_ssize_t g0, Py_ssize_t g1) except -1:
@@ -399,10 +442,12 @@ cdef class PointChainBase:
         return 0
 
     cdef void _release_pool(self) noexcept:
+        """No point left: free the chunks beyond those reserved."""
         cdef Py_ssize_t i
-        for i in range(self.n_chunks):
+        for i in range(self.kept_chunks, self.n_chunks):
             free(self.chunks[i])
-        self.n_chunks = 0
+        if self.n_chunks > self.kept_chunks:
+            self.n_chunks = self.kept_chunks
         self.next_slot = 0
         self.n_free = 0
 
@@ -532,3 +577,66 @@ cdef class PointRestoreBase:
             a = bm_next_set(w, n, b)
         T.copied_bytes += done << shift
         return done, (a if a >= 0 else n)
+
+
+def take_many(list volumes, type cls, double now, double retain_for, object name):
+    """Take a point (a new ``cls``, a :class:`PointBase`) on the chain of
+    every volume of ``volumes`` (sorted by volume id, each with a chain; a
+    volume twice is refused) at one instant: every lock is held while the points are
+    taken. Each volume is checked first (open, not a FlashCopy target, not a
+    PPRC secondary, not taking a point's image, valid): all are taken or
+    none. Returns the points, in the order of ``volumes``."""
+    cdef Py_ssize_t k, n = len(volumes), held = 0
+    cdef VolumeBase v
+    cdef PointChainBase c
+    cdef PointBase p
+    cdef list out = []
+    cdef tuple group
+    for k in range(n):
+        v = <VolumeBase?>volumes[k]
+        if v._chain is None:
+            raise ValueError(f"{v!r} has no chain of recovery points")
+        if k and v is volumes[k - 1]:
+            raise ValueError(f"{v!r} appears twice in take_points")
+        if k and v.vid < (<VolumeBase>volumes[k - 1]).vid:
+            raise ValueError("take_many needs the volumes sorted by volume id")
+    try:
+        for k in range(n):
+            (<VolumeBase>volumes[k])._acquire()
+            held += 1
+        for k in range(n):
+            v = <VolumeBase>volumes[k]
+            if v.base == NULL:
+                raise VolumeClosedError(f"{v!r} is closed")
+            if v._tgt_rel is not None:
+                raise LimitError(f"{v!r} is a FlashCopy target; recovery points of a target "
+                                 "are not supported (take them of its source)")
+            if v._secondary:
+                raise LimitError(f"{v!r} is a PPRC secondary; recovery points of a "
+                                 "secondary are not supported")
+            if v._restoring is not None:
+                raise StateError(f"{v!r} is taking a recovery point's image; wait for its "
+                                 "restore to complete")
+            if v._invalid:
+                raise StateError(f"{v!r} holds no valid image")
+        for k in range(n):
+            v = <VolumeBase>volumes[k]
+            c = v._chain
+            p = <PointBase?>cls.__new__(cls)
+            p.taken_at = now
+            p.retain_until = now + retain_for
+            p.name = name
+            p.chain = c
+            p.seq = c.next_seq
+            c.next_seq += 1
+            p.index = len(c.points)
+            c.points.append(p)
+            c.newest = p
+            out.append(p)
+        group = tuple(out)
+        for k in range(n):
+            (<PointBase>out[k]).group = group
+    finally:
+        for k in range(held - 1, -1, -1):
+            (<VolumeBase>volumes[k])._release()
+    return out

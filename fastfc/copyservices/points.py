@@ -39,6 +39,7 @@ holds the volume's and the recovery volume's locks in volume-id order.
 from __future__ import annotations
 
 import math
+import operator
 import threading
 import time
 from typing import Callable, Sequence
@@ -143,6 +144,16 @@ class PointChain(_core.PointChainBase):
         """Expire ``point`` (checked by the caller; the lock held)."""
         self._expire(point)
 
+    def reserve(self, nbytes: int) -> int:
+        """Provision room for ``nbytes`` of saved grains now (as a DS8000
+        provisions Safeguarded capacity): the pool's memory is allocated and
+        touched here, so copy-on-write into it never waits for fresh pages,
+        and it is kept when points expire. Returns the bytes of room free."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)):
+            raise TypeError(f"nbytes must be an integer, got {type(nbytes).__name__}")
+        with locked([self.volume]):
+            return self._reserve_pool(int(nbytes))
+
     # -- what tools show ------------------------------------------------------------
     @property
     def space_bytes(self) -> int:
@@ -160,16 +171,12 @@ class RecoveryPoint(_core.PointBase):
     """One immutable image of a volume (see the module docstring).
 
     ``taken_at`` and ``retain_until`` are on the chain's clock; ``name`` is a
-    label; ``group`` the points taken with it at the same instant.
+    label; ``group`` the points taken with it at the same instant. Made by
+    :func:`take_points` (or :meth:`PointChain.take`), never directly.
     """
 
+    __slots__ = ()
     chain: PointChain
-
-    def __init__(self, *, name: str | None, taken_at: float, retain_until: float) -> None:
-        self.name = name
-        self.taken_at = taken_at
-        self.retain_until = retain_until
-        self.group: tuple[RecoveryPoint, ...] = (self,)
 
     @property
     def volume(self) -> Volume:
@@ -302,8 +309,6 @@ def take_points(volumes: Sequence[Volume], *, retain_for: float = 0.0,
     volumes = list(volumes)
     if not volumes:
         raise ValueError("take_points needs at least one volume")
-    if len({id(v) for v in volumes}) != len(volumes):
-        raise ValueError("a volume appears twice in take_points")
     retain_for = check_real("retain_for (seconds)", retain_for)
     if not retain_for >= 0:
         raise ValueError(f"retain_for must be >= 0 seconds, got {retain_for}")
@@ -311,21 +316,20 @@ def take_points(volumes: Sequence[Volume], *, retain_for: float = 0.0,
         if not isinstance(v, Volume):
             raise TypeError(f"recovery points are taken of fastfc.Volume objects, not "
                             f"{type(v).__name__}")
-    with locked(volumes):
-        for v in volumes:
-            _check_can_hold_points(v)
-        chains = [v._chain if v._chain is not None else PointChain(v, clock=clock or time.time)
-                  for v in volumes]
-        points = []
-        for c in chains:
-            now = c.clock()
-            p = RecoveryPoint(name=name, taken_at=now, retain_until=now + retain_for)
-            c._take(p)
-            points.append(p)
-        group = tuple(points)
-        for p in points:
-            p.group = group
+        if v._chain is None:
+            PointChain.of(v, clock=clock)     # (checks it can hold points)
+    ordered = sorted(volumes, key=_by_vid)
+    # one instant, one time: the first volume's chain's clock
+    now = volumes[0]._chain.clock()
+    # (checks that no volume appears twice: they would be neighbours here)
+    points = _core.take_many(ordered, RecoveryPoint, now, retain_for, name)
+    if ordered != volumes:          # (element by element: volumes compare by identity)
+        at = {id(v): p for v, p in zip(ordered, points)}
+        points = [at[id(v)] for v in volumes]
     return points
+
+
+_by_vid = operator.attrgetter("vid")
 
 
 class PointRestore(_core.PointRestoreBase):
