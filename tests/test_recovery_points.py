@@ -456,3 +456,14 @@ def test_points_under_writers():
     for rs, t, image in restores:
         assert rs.wait(30)
         assert t.read(0, t.capacity).tobytes() == image
+
+
+def test_the_guides_ransomware_drill_runs(capsys):
+    """docs/guide/recovery-points.md's drill runs as written and prints
+    what its comments say."""
+    from pathlib import Path
+    page = (Path(__file__).resolve().parent.parent / "docs" / "guide"
+            / "recovery-points.md").read_text()
+    code = page.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "recovery-points.md", "exec"), {})
+    assert capsys.readouterr().out.split("\n") == ["ImmutablePointError"] * 3 + ["hour 3", ""]
