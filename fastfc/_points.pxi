@@ -40,7 +40,8 @@ cdef enum:
 
 cdef struct GrainTable:
     int64_t* keys        # grain, or -1 for an empty entry
-    int64_t* slots
+    int64_t* slots       # its slot in the pool (the chain's latest: a seq)
+    int64_t* prevs       # the seq of the point that held it before, or -1
     Py_ssize_t cap       # a power of two, or 0 before the first entry
     Py_ssize_t count
     int bits
@@ -50,8 +51,8 @@ cdef inline Py_ssize_t tab_home(int64_t g, int bits) noexcept nogil:
     return <Py_ssize_t>((<uint64_t>g * <uint64_t>0x9E3779B97F4A7C15ULL) >> (64 - bits))
 
 
-cdef inline int64_t tab_get(const GrainTable* t, int64_t g) noexcept nogil:
-    """The slot of grain ``g`` in ``t``, or -1."""
+cdef inline Py_ssize_t tab_find(const GrainTable* t, int64_t g) noexcept nogil:
+    """The entry of grain ``g`` in ``t``, or -1."""
     cdef Py_ssize_t i, mask
     cdef int64_t k
     if t.count == 0:
@@ -61,13 +62,19 @@ cdef inline int64_t tab_get(const GrainTable* t, int64_t g) noexcept nogil:
     while True:
         k = t.keys[i]
         if k == g:
-            return t.slots[i]
+            return i
         if k < 0:
             return -1
         i = (i + 1) & mask
 
 
-cdef inline void tab_insert(GrainTable* t, int64_t g, int64_t slot) noexcept nogil:
+cdef inline int64_t tab_get(const GrainTable* t, int64_t g) noexcept nogil:
+    """The slot of grain ``g`` in ``t``, or -1."""
+    cdef Py_ssize_t i = tab_find(t, g)
+    return t.slots[i] if i >= 0 else -1
+
+
+cdef inline void tab_insert(GrainTable* t, int64_t g, int64_t slot, int64_t prev) noexcept nogil:
     """Put a grain the table does not hold (room is the caller's)."""
     cdef Py_ssize_t mask = t.cap - 1
     cdef Py_ssize_t i = tab_home(g, t.bits)
@@ -75,6 +82,7 @@ cdef inline void tab_insert(GrainTable* t, int64_t g, int64_t slot) noexcept nog
         i = (i + 1) & mask
     t.keys[i] = g
     t.slots[i] = slot
+    t.prevs[i] = prev
     t.count += 1
 
 
@@ -90,17 +98,20 @@ cdef int tab_reserve(GrainTable* t, Py_ssize_t more) except -1:
         bits += 1
     n.keys = <int64_t*>malloc(cap * sizeof(int64_t))
     n.slots = <int64_t*>malloc(cap * sizeof(int64_t))
-    if n.keys == NULL or n.slots == NULL:
+    n.prevs = <int64_t*>malloc(cap * sizeof(int64_t))
+    if n.keys == NULL or n.slots == NULL or n.prevs == NULL:
         free(n.keys)
         free(n.slots)
+        free(n.prevs)
         raise MemoryError("no memory for a recovery point's grain table")
     memset(n.keys, 0xff, cap * sizeof(int64_t))
     n.cap, n.bits, n.count = cap, bits, 0
     for i in range(t.cap):
         if t.keys[i] >= 0:
-            tab_insert(&n, t.keys[i], t.slots[i])
+            tab_insert(&n, t.keys[i], t.slots[i], t.prevs[i])
     free(t.keys)
     free(t.slots)
+    free(t.prevs)
     t[0] = n
     return 0
 
@@ -108,7 +119,8 @@ cdef int tab_reserve(GrainTable* t, Py_ssize_t more) except -1:
 cdef inline void tab_free(GrainTable* t) noexcept nogil:
     free(t.keys)
     free(t.slots)
-    t.keys = t.slots = NULL
+    free(t.prevs)
+    t.keys = t.slots = t.prevs = NULL
     t.cap = t.count = 0
     t.bits = 0
 
@@ -147,7 +159,7 @@ cdef class PointBase:
     @property
     def table_bytes(self):
         """The bytes of its grain table."""
-        return self.tab.cap * 2 * sizeof(int64_t)
+        return self.tab.cap * 3 * sizeof(int64_t)
 
     def saved(self):
         """The grains it holds, sorted (an int64 array; tests and tools)."""
@@ -173,6 +185,10 @@ cdef class PointChainBase:
     cdef readonly list points
     cdef PointBase newest
     cdef readonly TrackBitmap held
+    # grain -> the seq of the newest point that took it (its ``slots``); an
+    # expired seq stands for the newest live point at or before it, which
+    # holds the grain now (an expiry merges into the older neighbour)
+    cdef GrainTable latest
     cdef readonly Py_ssize_t grain_size
     cdef int shift
     cdef int pshift          # log2 of the slots per pool chunk
@@ -194,6 +210,7 @@ cdef class PointChainBase:
             free(self.chunks[i])
         free(self.chunks)
         free(self.free_slots)
+        tab_free(&self.latest)
 
     def _attach(self, VolumeBase volume):
         """Become ``volume``'s chain (its lock held by the caller)."""
@@ -293,15 +310,23 @@ cdef class PointChainBase:
         cdef Py_ssize_t g
         cdef int64_t s
         cdef int shift = self.shift
+        cdef Py_ssize_t e
         if p is None:
             return 0
         for g in range(g0, g1):
             if tab_get(&p.tab, g) >= 0:
                 continue
             tab_reserve(&p.tab, 1)
+            tab_reserve(&self.latest, 1)
             s = self._alloc_slot()
             memcpy(self._slot(s), base + (g << shift), self.grain_size)
-            tab_insert(&p.tab, g, s)
+            e = tab_find(&self.latest, g)
+            if e >= 0:
+                tab_insert(&p.tab, g, s, self.latest.slots[e])
+                self.latest.slots[e] = p.seq
+            else:
+                tab_insert(&p.tab, g, s, -1)
+                tab_insert(&self.latest, g, p.seq, -1)
             bms_set_range(self.held.w, self.held.s, g, g + 1)
         return 0
 
@@ -321,20 +346,68 @@ cdef class PointChainBase:
         return 0
 
     # -- reading a point ------------------------------------------------------
+    cdef inline Py_ssize_t _at_or_before(self, int64_t seq) noexcept:
+        """The index of the newest live point whose seq is at most ``seq``,
+        or -1."""
+        cdef Py_ssize_t lo = 0, hi = len(self.points), mid
+        if seq >= self.next_seq - 1 and hi:
+            return hi - 1
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if (<PointBase>PyList_GET_ITEM(self.points, mid)).seq <= seq:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo - 1
+
     cdef inline const uint8_t* _resolve(self, Py_ssize_t k, Py_ssize_t g) noexcept:
         """Where point ``k``'s grain ``g`` is: in the first of points k ..
-        newest that holds it, else on the volume. Lock held."""
-        cdef Py_ssize_t j, n
+        newest that holds it, else on the volume. The points that hold a
+        grain are linked newest to oldest (``prevs``): the walk visits only
+        those newer than point k, each found by a binary search. Lock held."""
+        cdef Py_ssize_t j, e
+        cdef int64_t seq
+        cdef PointBase p
+        cdef const uint8_t* found = NULL
+        if not bm_test(self.held.w, g):
+            return self.volume.base + (g << self.shift)
+        e = tab_find(&self.latest, g)
+        seq = self.latest.slots[e] if e >= 0 else -1
+        while seq >= 0:
+            j = self._at_or_before(seq)
+            if j < k:
+                break
+            p = <PointBase>PyList_GET_ITEM(self.points, j)
+            e = tab_find(&p.tab, g)
+            if e < 0:
+                return self._resolve_scan(k, g)     # (never: the links hold)
+            found = self._slot(p.tab.slots[e])
+            seq = p.tab.prevs[e]
+        if found != NULL:
+            return found
+        return self.volume.base + (g << self.shift)
+
+    cdef const uint8_t* _resolve_scan(self, Py_ssize_t k, Py_ssize_t g) noexcept:
+        """:meth:`_resolve` by looking at every point from k on."""
+        cdef Py_ssize_t j, n = len(self.points)
         cdef int64_t s
         cdef PointBase p
-        if bm_test(self.held.w, g):
-            n = len(self.points)
-            for j in range(k, n):
-                p = <PointBase>PyList_GET_ITEM(self.points, j)
-                s = tab_get(&p.tab, g)
-                if s >= 0:
-                    return self._slot(s)
+        for j in range(k, n):
+            p = <PointBase>PyList_GET_ITEM(self.points, j)
+            s = tab_get(&p.tab, g)
+            if s >= 0:
+                return self._slot(s)
         return self.volume.base + (g << self.shift)
+
+    def _check_links(self):
+        """Whether every grain of every point resolves the same through the
+        links as by looking at every point (tests). Lock held."""
+        cdef Py_ssize_t k, i
+        for k in range(len(self.points)):
+            for i in range(self.volume.n_grains):
+                if self._resolve(k, i) != self._resolve_scan(k, i):
+                    return False
+        return True
 
     cdef int _read_point(self, PointBase p, Py_ssize_t offset, uint8_t* dst,
                          Py_ssize_t n) except -1:
@@ -413,7 +486,7 @@ cdef class PointChainBase:
                 continue
             s = p.tab.slots[i]
             if q is not None and tab_get(&q.tab, g) < 0:
-                tab_insert(&q.tab, g, s)
+                tab_insert(&q.tab, g, s, p.tab.prevs[i])
             else:
                 self.free_slots[self.n_free] = s
                 self.n_free += 1
@@ -427,6 +500,7 @@ cdef class PointChainBase:
         if not self.points:
             # nothing held any more: the next point starts clean
             self.held.fill(False)
+            tab_free(&self.latest)
             self._release_pool()
 
     cdef int _grow_free(self, Py_ssize_t more) except -1:
@@ -457,6 +531,28 @@ cdef class PointChainBase:
             raise StateError(f"{self.volume!r} still holds {len(self.points)} recovery points")
         if self.volume._chain is self:
             self.volume._chain = None
+
+
+cdef bint restore_read(VolumeBase v, Py_ssize_t offset, uint8_t* dst, Py_ssize_t n) except -1:
+    """A read of ``v`` while it takes a recovery point's image: through its
+    restore, under both volumes' locks. False if the restore ended meanwhile
+    (the caller reads as usual)."""
+    cdef PointRestoreBase rs = v._restoring
+    cdef VolumeBase S
+    if rs is None:
+        return False
+    S = rs.chain.volume
+    lock_two(v, S)
+    try:
+        if v._restoring is not rs:
+            return False
+        if v.base == NULL:
+            raise VolumeClosedError(f"{v!r} is closed")
+        if n:
+            rs._read(offset, dst, n)
+        return True
+    finally:
+        unlock_two(v, S)
 
 
 cdef class PointRestoreBase:

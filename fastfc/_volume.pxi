@@ -119,10 +119,8 @@ cdef class VolumeBase:
     # copy, a virtual track fetched for a partial write, a restore)
     cdef public long long host_bytes
     cdef public long long copied_bytes
-    # recovery points (fastfc/_points.pxi): the chain of this volume's
-    # points, which every write saves into first; and, while this volume
-    # takes a point's image, the restore that its reads go through (it is
-    # read-only until then). Both None for a volume without either.
+    # recovery points (_points.pxi): this volume's chain, which each write
+    # saves into first; the restore its reads go through (read-only till done)
     cdef public PointChainBase _chain
     cdef public PointRestoreBase _restoring
 
@@ -597,7 +595,7 @@ cdef class VolumeBase:
         cdef const uint64_t* w
         cdef int shift = self.grain_shift, err = 0
         self._check_range(offset, n)
-        if self._restoring is not None and self._read_restoring(offset, dst, n):
+        if self._restoring is not None and restore_read(self, offset, dst, n):
             return 0
         tr = self._lock_io()
         if tr is not None:
@@ -647,28 +645,6 @@ cdef class VolumeBase:
         finally:
             unlock_two(self, S)
         return 0
-
-    cdef bint _read_restoring(self, Py_ssize_t offset, uint8_t* dst,
-                              Py_ssize_t n) except -1:
-        """A read while this volume takes a recovery point's image: through
-        the restore, under both volumes' locks. False if the restore ended
-        meanwhile (the caller reads as usual)."""
-        cdef PointRestoreBase rs = self._restoring
-        cdef VolumeBase S
-        if rs is None:
-            return False
-        S = rs.chain.volume
-        lock_two(self, S)
-        try:
-            if self._restoring is not rs:
-                return False
-            if self.base == NULL:
-                raise VolumeClosedError(f"{self!r} is closed")
-            if n:
-                rs._read(offset, dst, n)
-            return True
-        finally:
-            unlock_two(self, S)
 
     def read(self, Py_ssize_t offset, Py_ssize_t length):
         """Return ``length`` bytes at ``offset`` as a new uint8 array: the

@@ -281,6 +281,11 @@ class RecoveryPointsModel(RuleBasedStateMachine):
             mine = [e[0] for e in self.points if e[1] == i]
             chain = v._chain
             assert (chain.points if chain is not None else []) == mine
+            if chain is not None:
+                # the links between a grain's holders find what a look at
+                # every point finds
+                with locked([v]):
+                    assert chain._check_links()
 
     @invariant()
     def space_is_changed_grains(self):
