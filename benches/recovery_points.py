@@ -1,10 +1,12 @@
 """Recovery points: the issue's four figures, each as a ratio against a
 baseline measured in the same run.
 
-- :func:`write_cost`: a 4 KiB random host write to a volume holding 1,000
-  points against the same write to a volume with none (interleaved rounds;
-  the writes land on a fresh interval, so nearly every one is the first to
-  its grain since the newest point and copies it: the worst case).
+- :func:`write_steady`: a 4 KiB random host write to a volume holding 1,000
+  points in a steady retention window (each interval takes a point and
+  expires the oldest) against the same write to a volume with none.
+- :func:`write_cost`: the worst case: 20,000 writes into one fresh interval
+  (nearly every one the first to its grain, copied into memory the pool has
+  not used before: provisioned ahead with ``PointChain.reserve``, or not).
 - :func:`take_cost`: taking a point of N volumes at one instant against the
   FlashCopy phase of a Global Mirror CG over N triplets (the session's own
   phase times), N = 16 and 256.
@@ -91,6 +93,51 @@ def write_cost(points: int = 1000, mib: int = 256, writes: int = 20000, rounds: 
     log(f"    4 KiB write{'' if reserve else ' (pool not reserved)'}: none "
         f"{out['none_median_us']:.2f} us, {points} points "
         f"{out['points_median_us']:.2f} us (x{out['ratio']:.2f})")
+    plain.close()
+    held.close()
+    return out
+
+
+def write_steady(points: int = 1000, mib: int = 256, per_interval: int = 200,
+                 intervals: int = 200, log=print) -> dict:
+    """A 4 KiB write with ``points`` points held in a steady state: each
+    interval takes a point and expires the oldest (a retention window), with
+    ``per_interval`` random writes in it (copy-on-write for the first to
+    each grain). Each interval's writes are timed against the same writes to
+    a volume with no points, one right after the other (in turn first), so
+    that the machine's drift falls on both; the ratio is the median of the
+    intervals' ratios."""
+    rng = np.random.default_rng(5)
+    plain, held = _volume(mib), _volume(mib)
+    _hold_points(held, points, per_interval, rng)        # the window, full
+    chain = held._chain
+    data = np.full(GRAIN, 9, dtype=np.uint8)
+    times: dict[str, list[float]] = {"none": [], "points": []}
+    saved = 0           # grains the timed writes copied into the newest point
+    for i in range(intervals):
+        offsets = [int(o) for o in rng.integers(0, held.n_grains, per_interval) * GRAIN]
+        take_points([held])
+        chain.expire_oldest()
+        for name in (("none", "points") if i % 2 == 0 else ("points", "none")):
+            write = (plain if name == "none" else held).write
+            t0 = time.perf_counter()
+            for off in offsets:
+                write(off, data)
+            times[name].append((time.perf_counter() - t0) / per_interval)
+        saved += chain.points[-1].saved_grains
+    ratios = [p / n for p, n in zip(times["points"], times["none"])]
+    out = {"points": points, "mib": mib, "per_interval": per_interval,
+           "intervals": intervals, "held": len(chain.points),
+           "copied_per_write": saved / (intervals * per_interval),
+           "none_us": [x * 1e6 for x in times["none"]],
+           "points_us": [x * 1e6 for x in times["points"]], "ratios": ratios}
+    out["none_median_us"] = statistics.median(out["none_us"])
+    out["points_median_us"] = statistics.median(out["points_us"])
+    out["ratio"] = statistics.median(ratios)
+    out["ratio_min"] = min(out["points_us"]) / min(out["none_us"])
+    log(f"    4 KiB write, steady window of {points} points: none "
+        f"{out['none_median_us']:.2f} us, points {out['points_median_us']:.2f} us "
+        f"(x{out['ratio']:.2f}; {out['copied_per_write']:.2f} grains copied per write)")
     plain.close()
     held.close()
     return out
@@ -197,6 +244,7 @@ def space(points: int = 1000, mib: int = 256, changed: int = 256, log=print) -> 
     out = {"points": points, "mib": mib, "changed_per_point": changed,
            "changed_bytes": changed_grains * GRAIN, "points_bytes": sum(per_point),
            "chain_bytes": total, "bitmap_bytes": chain.held.nbytes,
+           "links_bytes": chain.links_bytes, "chain_ratio": total / (changed_grains * GRAIN),
            "ratio": sum(per_point) / (changed_grains * GRAIN),
            "worst_point_ratio": max(b / (changed * GRAIN) for b in per_point)}
     log(f"    space: {points} points x {changed} changed grains: x{out['ratio']:.4f} of the "
@@ -211,6 +259,9 @@ def run(quick: bool = False, unit_dir: Path | None = None, log=print) -> dict:
     restore is kept, it is a bitmap)."""
     root = Path(unit_dir) if unit_dir is not None else Path(tempfile.gettempdir())
     return {
+        "write_steady": write_steady(points=1000, mib=64 if quick else 256,
+                                     per_interval=100 if quick else 200,
+                                     intervals=50 if quick else 200, log=log),
         "write": write_cost(points=1000, mib=64 if quick else 256,
                             writes=5000 if quick else 20000, rounds=3 if quick else 5, log=log),
         "write_cold": write_cost(points=1000, mib=64 if quick else 256,

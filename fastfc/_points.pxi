@@ -298,6 +298,11 @@ cdef class PointChainBase:
         return (self.next_slot - self.n_free) << self.shift
 
     @property
+    def links_bytes(self):
+        """The bytes of the table of each grain's newest holder."""
+        return self.latest.cap * 3 * sizeof(int64_t)
+
+    @property
     def reserved_bytes(self):
         """Bytes the pool has allocated (its chunks, in use or free)."""
         return (self.n_chunks << self.pshift) << self.shift
@@ -556,30 +561,32 @@ cdef bint restore_read(VolumeBase v, Py_ssize_t offset, uint8_t* dst, Py_ssize_t
 
 
 cdef class PointRestoreBase:
-    """A recovery volume taking a point's image: ``to_copy`` marks its
-    grains still read through the chain; background copy fills them in.
-    While it runs the recovery volume is read-only. Fields guarded by the
-    locks of both volumes (taken in volume-id order)."""
+    """A recovery volume taking a point's image: ``copied`` marks its grains
+    already on it (the others read through the chain); background copy
+    fills them in. A fresh bitmap is all clear, which costs no page until a
+    bit is set: starting a restore touches nothing. While it runs the
+    recovery volume is read-only. Fields guarded by the locks of both
+    volumes (taken in volume-id order)."""
 
     cdef readonly PointBase point
     cdef readonly PointChainBase chain
     cdef readonly VolumeBase target
-    cdef readonly TrackBitmap to_copy
+    cdef readonly TrackBitmap copied
     cdef readonly bint active
     cdef public Py_ssize_t _cursor
 
-    def _start(self, PointBase point, VolumeBase target, TrackBitmap to_copy):
+    def _start(self, PointBase point, VolumeBase target, TrackBitmap copied):
         """Begin: every grain of ``target`` reads through the chain (its
-        ``to_copy``, all set, given). Both volumes' locks held."""
+        ``copied``, all clear, given). Both volumes' locks held."""
         cdef PointChainBase c = point.chain
         if c is None or point.expired:
             raise StateError(f"{point!r} has expired")
-        if to_copy.n_bits != target.n_grains:
-            raise ValueError("to_copy needs a bit per grain of the recovery volume")
+        if copied.n_bits != target.n_grains:
+            raise ValueError("copied needs a bit per grain of the recovery volume")
         self.point = point
         self.chain = c
         self.target = target
-        self.to_copy = to_copy
+        self.copied = copied
         self.active = True
         point.pins += 1
         target._restoring = self
@@ -590,10 +597,15 @@ cdef class PointRestoreBase:
         if self.target._restoring is self:
             self.target._restoring = None
 
+    @property
+    def grains_to_copy(self):
+        """Grains not yet on the recovery volume."""
+        return self.copied.n_bits - self.copied.count() if self.active else 0
+
     def _finish(self):
         """End the restore if nothing is left to copy; whether it ended.
         Both locks held."""
-        if self.active and not self.to_copy.any():
+        if self.active and bm_next_clear(self.copied.w, self.copied.n_bits, 0) < 0:
             self._end()
         return not self.active
 
@@ -604,14 +616,14 @@ cdef class PointRestoreBase:
             self._end()
 
     cdef int _read(self, Py_ssize_t offset, uint8_t* dst, Py_ssize_t n) except -1:
-        """A read of the recovery volume: grains still to copy through the
+        """A read of the recovery volume: grains not yet copied through the
         chain, the others from the volume. Both locks held."""
         cdef PointChainBase c = self.chain
         cdef VolumeBase T = self.target
         cdef Py_ssize_t pos = offset, end = offset + n, g, piece
         cdef int shift = T.grain_shift
         cdef Py_ssize_t k = self.point.index
-        cdef const uint64_t* w = self.to_copy.w
+        cdef const uint64_t* w = self.copied.w
         cdef const uint8_t* src
         if c.volume.base == NULL:
             raise VolumeClosedError(
@@ -624,13 +636,13 @@ cdef class PointRestoreBase:
             piece = ((g + 1) << shift) - pos
             if piece > end - pos:
                 piece = end - pos
-            src = c._resolve(k, g) if bm_test(w, g) else T.base + (g << shift)
+            src = T.base + (g << shift) if bm_test(w, g) else c._resolve(k, g)
             memcpy(dst + (pos - offset), src + (pos - (g << shift)), piece)
             pos += piece
         return 0
 
     def _copy_chunk(self, Py_ssize_t start, Py_ssize_t budget):
-        """Copy up to ``budget`` grains still to copy from ``start`` on into
+        """Copy up to ``budget`` grains not yet copied from ``start`` on into
         the recovery volume; ``(grains copied, resume position)``. Both
         locks held by the caller."""
         cdef PointChainBase c = self.chain
@@ -638,21 +650,21 @@ cdef class PointRestoreBase:
         cdef Py_ssize_t n = T.n_grains, a, b, e, done = 0, lim
         cdef int shift = T.grain_shift
         cdef Py_ssize_t k = self.point.index
-        cdef uint64_t* w = self.to_copy.w
+        cdef uint64_t* w = self.copied.w
         cdef const uint64_t* h = c.held.w
         if not self.active:
             return 0, start
         if S.base == NULL or T.base == NULL:
             raise VolumeClosedError("a restore needs both volumes open")
-        T._reserve_runs(w, start, n, budget)
+        T._reserve_runs(w, start, n, budget, True)
         if S._reads_allocate:
-            S._reserve_runs(w, start, n, budget)
-        a = bm_next_set(w, n, start)
+            S._reserve_runs(w, start, n, budget, True)
+        a = bm_next_clear(w, n, start)
         while a >= 0 and done < budget:
             lim = a + (budget - done)
             if lim > n:
                 lim = n
-            b = bm_next_clear(w, lim, a)
+            b = bm_next_set(w, lim, a)
             if b < 0:
                 b = lim
             # [a, b): grains to copy; runs no point holds come off the volume
@@ -667,10 +679,10 @@ cdef class PointRestoreBase:
                     with nogil:
                         copy_big(T.base + (a << shift), S.base + (a << shift),
                                  (e - a) << shift)
-                bm_clear_range(w, a, e)
+                bms_set_range(w, self.copied.s, a, e)
                 done += e - a
                 a = e
-            a = bm_next_set(w, n, b)
+            a = bm_next_clear(w, n, b)
         T.copied_bytes += done << shift
         return done, (a if a >= 0 else n)
 

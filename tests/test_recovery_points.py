@@ -88,7 +88,7 @@ class RecoveryPointsModel(RuleBasedStateMachine):
         """What a refused call must not change."""
         return (tuple(v.read(0, v.capacity).tobytes() for v in self.vols),
                 tuple((p.expired, p.retain_until, p.saved_grains) for p, *_ in self.points),
-                tuple((r.active, r.to_copy.count()) for r, _, _ in self.restores))
+                tuple((r.active, r.copied.count()) for r, _, _ in self.restores))
 
     def refused(self, call, exc_type):
         before = self.state()
@@ -213,13 +213,14 @@ class RecoveryPointsModel(RuleBasedStateMachine):
     @rule(data=st.data(), force=st.booleans())
     def restore_withdraw(self, data, force):
         r, entry, target = data.draw(st.sampled_from([x for x in self.restores if x[0].active]))
-        if r.to_copy.any() and not force:
+        if r.grains_to_copy and not force:
             self.refused(r.withdraw, IncompleteCopyError)
             return
+        left = r.grains_to_copy
         r.withdraw(force=force)
         self.restores.remove((r, entry, target))
         assert not r.active
-        assert target.valid == (not force or not r.to_copy.any())
+        assert target.valid == (not force or not left)
 
     @precondition(lambda self: self.points)
     @rule(data=st.data(), quiesced=st.booleans())

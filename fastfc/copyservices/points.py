@@ -158,9 +158,9 @@ class PointChain(_core.PointChainBase):
     @property
     def space_bytes(self) -> int:
         """Bytes the points use: grains held, grain tables, and the chain's
-        bitmap of held grains."""
+        bitmap of held grains and table of each grain's newest holder."""
         return (self.pool_bytes + sum(p.table_bytes for p in self.points)
-                + self.held.nbytes)
+                + self.held.nbytes + self.links_bytes)
 
     def __repr__(self) -> str:
         return (f"<PointChain of {self.volume!r}: {len(self.points)} points, "
@@ -370,7 +370,7 @@ class PointRestore(_core.PointRestoreBase):
                                  "holds recovery points or is being restored; a recovery "
                                  "volume must be free")
             target._invalid = False
-            self._start(point, target, TrackBitmap(target.n_grains, fill=True))
+            self._start(point, target, TrackBitmap(target.n_grains))
         if background_copy:
             self._worker = threading.Thread(target=self._background, daemon=True,
                                             name=f"restore {point!r} -> {target.name}")
@@ -382,7 +382,11 @@ class PointRestore(_core.PointRestoreBase):
 
     @property
     def tracks_to_copy(self) -> int:
-        return self.to_copy.count_groups(self.target.grains_per_track)
+        """Tracks with a grain not yet on the recovery volume (O(bitmap))."""
+        if not self.active:
+            return 0
+        left = TrackBitmap(self.copied.n_bits, fill=True).andnot(self.copied)
+        return left.count_groups(self.target.grains_per_track)
 
     @property
     def state(self) -> str:
@@ -438,7 +442,7 @@ class PointRestore(_core.PointRestoreBase):
         with locked([self.source, self.target]):
             if not self.active:
                 return
-            if self.to_copy.any():
+            if self.grains_to_copy:
                 if not force:
                     raise IncompleteCopyError(
                         f"{self!r} still has tracks to copy; copy() or wait() first, or "
