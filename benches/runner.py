@@ -50,6 +50,12 @@ serve_gm  a Global Mirror session in ``fastfc serve`` (``resumegmir``) under
           under that load (the console script's lean front door and the full
           command line) against the idle server; 64 KiB and 4 KiB tracks
           (skipped without fio)
+recovery_points  recovery points (``recovery_points.py``): a 4 KiB host
+          write with 1,000 points held vs none (a steady retention window;
+          and the worst case, a fresh interval, pool provisioned or not);
+          taking a point of 16 and 256 volumes vs a CG's FlashCopy phase;
+          restoring a point of a 1 TiB thin volume on the disk (vs a
+          FlashCopy establish); the points' bytes vs their changed grains'
 durable_large  opt-in (only when named; about 3-5 min): units whose volumes
           exceed the machine's memory, on the disk, under random writes,
           against the disk's own random-write speed; FASTFC_BENCH_LARGE_GIB
@@ -94,12 +100,13 @@ from benches.cases import CASES, Case, Result, get_case, measure, metadata_rows
 REPO = Path(__file__).resolve().parent.parent
 SUITES = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable",
           "durable_steady", "gm", "grain", "scaleout", "serve", "nbd_map", "serve_gm",
-          "durable_large"]
+          "recovery_points", "durable_large"]
 OPT_IN = {"durable_large"}     # run only when named
 # GiB each suite may hold at its peak (gm: its volumes, worked out there)
 SUITE_MEMORY = {"physical": 2.5, "core": 3, "engine": 2, "numba": 2, "qemu": 3,
                 "scaling": 3, "durable": 7, "durable_steady": 7, "gm": 0, "scaleout": 4,
-                "durable_large": 2, "serve": 5, "nbd_map": 0.5, "serve_gm": 1, "grain": 0}
+                "durable_large": 2, "serve": 5, "nbd_map": 0.5, "serve_gm": 1, "grain": 0,
+                "recovery_points": 2}
 
 
 # --------------------------------------------------------------------------
@@ -842,6 +849,77 @@ class Report:
                              data={"samples": rr, "cpu_us_per_request": cpu[w]}))
 
     # -- nbd_map ----------------------------------------------------------
+    def recovery_points(self) -> None:
+        """Recovery points: a write with 1,000 points held vs none, a take vs
+        a CG's FlashCopy phase, restoring a 1 TiB thin volume, space per
+        point vs its changed grains (benches/recovery_points.py)."""
+        from benches import recovery_points as rp
+        self.unit_dir.mkdir(parents=True, exist_ok=True)
+        d = rp.run(quick=self.quick, unit_dir=self.unit_dir, log=self.log)
+        self.raw["recovery_points"] = d
+        q = " (quick)" if self.quick else ""
+        w = d["write_steady"]
+        self.add(Row("recovery_points", "points_write_steady",
+                     f"4 KiB random host write with {w['held']} recovery points held vs none, "
+                     f"steady retention window (each interval of {w['per_interval']} writes "
+                     f"takes a point and expires the oldest), {w['mib']} MiB in memory, 64 KiB "
+                     f"tracks, 4 KiB grain; median of {w['intervals']} intervals' ratios, each "
+                     f"timed beside its baseline{q}",
+                     f"{w['points_median_us']:.2f} us", f"{w['none_median_us']:.2f} us none",
+                     w["ratio"], "<= 2", w["ratio"] <= 2,
+                     note=f"min/min ratio {w['ratio_min']:.2f}; {w['copied_per_write']:.2f} "
+                          "grains copied (copy-on-write) per write",
+                     headline="" if self.quick else "host write, 1,000 points held vs none",
+                     data=w))
+        for key, how in (("write", "pool provisioned (PointChain.reserve)"),
+                         ("write_cold", "pool not provisioned: fresh pages fault in")):
+            w = d[key]
+            self.add(Row("recovery_points", f"points_{key}",
+                         f"worst case: 4 KiB random host write with {w['held']} recovery points "
+                         f"held vs none, {w['writes']} writes into one fresh interval, each the "
+                         f"first to its grain (copy-on-write into memory the pool has not used "
+                         f"before), {w['mib']} MiB in memory, {how}; median of "
+                         f"{w['rounds']}{q}",
+                         f"{w['points_median_us']:.2f} us", f"{w['none_median_us']:.2f} us none",
+                         w["ratio"], note=f"min/min ratio {w['ratio_min']:.2f}; the new "
+                         "interval's grain table grows into fresh pages too", data=w))
+        for t in d["take"]:
+            n = t["volumes"]
+            self.add(Row("recovery_points", f"points_take_{n}",
+                         f"taking a recovery point of {n} volumes at one instant vs the "
+                         f"FlashCopy phase of a Global Mirror CG over {n} triplets (1 MiB, "
+                         f"in memory), median of {t['cgs']}{q}",
+                         f"{t['take_median_ms']:.3f} ms",
+                         f"{t['flash_median_ms']:.3f} ms FlashCopy phase", t["ratio"], "<= 1",
+                         t["ratio"] <= 1,
+                         headline=("take a point vs a CG's FlashCopy phase (256 volumes)"
+                                   if n == 256 and not self.quick else ""),
+                         data=t))
+        r = d["restore"]
+        self.add(Row("recovery_points", "points_restore_1tib",
+                     f"restoring a recovery point of a 1 TiB thin volume (2^24 tracks of 64 KiB, "
+                     f"on the disk) onto a 1 TiB thin recovery volume (readable on return) vs "
+                     f"establishing a FlashCopy between them; median of {r['rounds']}{q}",
+                     f"{r['restore_median_ms']:.1f} ms",
+                     f"{r['establish_median_ms']:.1f} ms FlashCopy establish", r["ratio"],
+                     "<= 100 ms", r["restore_median_ms"] <= 100,
+                     score=100 / r["restore_median_ms"] if r["restore_median_ms"] else None,
+                     headline="" if self.quick else "restore a point of a 1 TiB volume",
+                     data=r))
+        sp = d["space"]
+        self.add(Row("recovery_points", "points_space",
+                     f"bytes of {sp['points']} recovery points vs the bytes of the grains "
+                     f"changed between them ({sp['changed_per_point']} random 4 KiB grains per "
+                     f"point, {sp['mib']} MiB volume){q}",
+                     f"{sp['points_bytes']} B", f"{sp['changed_bytes']} B changed", sp["ratio"],
+                     "<= 1.05", sp["ratio"] <= 1.05,
+                     note=f"worst point x{sp['worst_point_ratio']:.4f}; plus, once per volume, "
+                          f"the chain's bitmap of held grains ({sp['bitmap_bytes']} B) and table "
+                          f"of each grain's newest holder ({sp['links_bytes']} B): the whole "
+                          f"chain x{sp['chain_ratio']:.4f}",
+                     headline="" if self.quick else "space per point vs changed grains",
+                     data=sp))
+
     def nbd_map(self) -> None:
         """Changed-block export: listing the changes of a thin volume with 1 %
         changed vs reading it whole; an incremental backup vs a full copy."""

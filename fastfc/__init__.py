@@ -28,11 +28,14 @@ from fastfc import faults
 from fastfc._core import TrackBitmap, copy_threads, set_copy_threads
 from fastfc._optional import MissingDependencyError
 from fastfc.errors import (AlreadyExistsError, CorruptUnitError, DrainAborted, FastFCError,
-                           FencedError, IncompleteCopyError, InjectedFault, InvalidImageError,
+                           FencedError, ImmutablePointError, IncompleteCopyError,
+                           InjectedFault, InvalidImageError,
                            LimitError, LinkDownError, NoSpaceError, ReadOnlyUnitError,
                            StateError, UnitBusyError, UnitClosedError, UnitDownError,
                            VolumeClosedError, WriteInhibitedError)
 from fastfc.copyservices.flashcopy import FlashCopy, FlashCopyState, establish_group
+from fastfc.copyservices.points import (PointChain, PointRestore, RecoveryPoint,
+                                        take_points)
 from fastfc.copyservices.globalmirror import CGResult, GlobalMirror, GMState, GMStats
 from fastfc.storage.link import Link, LocalLink
 from fastfc.copyservices.pprc import PPRCMode, PPRCPair, PPRCState
@@ -51,4 +54,5 @@ __all__ = [
     "ReadOnlyUnitError", "NoSpaceError", "DrainAborted", "AlreadyExistsError",
     "UnitDownError", "FencedError", "MissingDependencyError",
     "set_copy_threads", "copy_threads",
+    "PointChain", "RecoveryPoint", "PointRestore", "take_points", "ImmutablePointError",
 ]

@@ -58,7 +58,7 @@ import warnings
 
 import numpy as np
 
-from fastfc.errors import (InvalidImageError, NoSpaceError, StateError,
+from fastfc.errors import (InvalidImageError, LimitError, NoSpaceError, StateError,
                            VolumeClosedError, WriteInhibitedError)
 
 # Copies of at least this many bytes release the GIL (docs/design.md, "When
@@ -114,6 +114,8 @@ def set_cow_hook(hook):
 
 cdef class VolumeBase
 cdef class WriteGate
+cdef class PointChainBase
+cdef class PointRestoreBase
 
 
 include "_bitmap.pxi"
@@ -123,4 +125,5 @@ include "_volume.pxi"
 include "_gate.pxi"
 include "_pprc.pxi"
 include "_coordinate.pxi"
+include "_points.pxi"
 include "_nbd.pxi"

@@ -260,6 +260,9 @@ cdef class RelationshipBase:
         cdef int shift = S.grain_shift
         S._reserve_runs(mask.w, 0, n, n)   # no-op unless thin
         T._reserve_runs(mask.w, 0, n, n)
+        if to_source and S._chain is not None:
+            # the source's recovery points keep the grains it loses
+            S._chain._save_mask(S.base, mask.w)
         with nogil:
             done = copy_set_runs(dst, src, mask.w, 0, n, n, shift, &resume)
         if to_source:

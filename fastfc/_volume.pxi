@@ -119,6 +119,10 @@ cdef class VolumeBase:
     # copy, a virtual track fetched for a partial write, a restore)
     cdef public long long host_bytes
     cdef public long long copied_bytes
+    # recovery points (_points.pxi): this volume's chain, which each write
+    # saves into first; the restore its reads go through (read-only till done)
+    cdef public PointChainBase _chain
+    cdef public PointRestoreBase _restoring
 
     def __cinit__(self, *args, **kwargs):
         self._lk = PyThread_allocate_lock()
@@ -422,6 +426,10 @@ cdef class VolumeBase:
         if origin == ORIGIN_HOST and self._secondary:
             raise WriteInhibitedError(
                 f"{self!r} is a PPRC secondary and refuses host writes")
+        if self._restoring is not None:
+            raise WriteInhibitedError(
+                f"{self!r} is taking a recovery point's image and is read-only until "
+                "the restore's copy completes (wait() or copy() on the restore)")
         r = self._tgt_rel
         if r is not None:
             if r.revertible:
@@ -482,6 +490,9 @@ cdef class VolumeBase:
             ntr = len(rels)
             if self._needs_space(tr):
                 self._reserve_write(offset, n)
+            if self._chain is not None:
+                # the newest recovery point takes the old grains it lacks
+                self._chain._save(self.base, t0, t1)
             # ---- from here on nothing refuses: the write is applied whole
             m = self._mirror
             if m is not None and m.cg is not None and bm_any_range(m.cg.w, t0, t1):
@@ -584,6 +595,8 @@ cdef class VolumeBase:
         cdef const uint64_t* w
         cdef int shift = self.grain_shift, err = 0
         self._check_range(offset, n)
+        if self._restoring is not None and restore_read(self, offset, dst, n):
+            return 0
         tr = self._lock_io()
         if tr is not None:
             S = tr.source

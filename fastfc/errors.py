@@ -113,3 +113,9 @@ __all__ = [
     "UnitDownError",
     "FencedError",
 ]
+
+
+class ImmutablePointError(FastFCError):
+    """An attempt to change a recovery point before it expires: a write to
+    it, a retention made shorter, or an expiry it is not due for (its
+    retention runs, or a restore still reads through it)."""

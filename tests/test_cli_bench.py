@@ -24,7 +24,8 @@ import fastfc.tools.cli.app as cli
 
 ROOT = Path(fastfc.__file__).resolve().parent.parent
 SUITES = ["physical", "core", "engine", "numba", "qemu", "scaling", "durable", "durable_steady",
-          "gm", "grain", "scaleout", "serve", "nbd_map", "serve_gm", "durable_large"]
+          "gm", "grain", "scaleout", "serve", "nbd_map", "serve_gm", "recovery_points",
+          "durable_large"]
 
 
 def benches(*args: str, timeout: float = 600, env: dict | None = None):

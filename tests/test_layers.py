@@ -20,7 +20,7 @@ FLOORS = {
     "fastfc._numbers": 1,
     "fastfc.storage": 2, "fastfc.faults": 2,
     "fastfc.copyservices.flashcopy": 3, "fastfc.copyservices.pprc": 3,
-    "fastfc.copyservices.sitepair": 3,
+    "fastfc.copyservices.sitepair": 3, "fastfc.copyservices.points": 3,
     "fastfc.copyservices": 4,
     "fastfc.durable": 5,
     "fastfc.tools": 6, "fastfc.__main__": 6,

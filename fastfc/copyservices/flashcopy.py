@@ -808,6 +808,13 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
             raise LimitError(f"{s!r} is a FlashCopy target; cascading is not supported")
         if t._mirror is not None or t._secondary:
             raise LimitError(f"{t!r} is in a PPRC pair and cannot be a FlashCopy target")
+        if t._chain is not None and t._chain.points:
+            raise LimitError(f"{t!r} holds recovery points and cannot be a FlashCopy target "
+                             "(its image would change outside the write path)")
+        for v in (s, t):
+            if v._restoring is not None:
+                raise StateError(f"{v!r} is taking a recovery point's image; wait for "
+                                 "its restore to complete")
         if len(s._src_rels) + new_sources[id(s)] > MAX_TARGETS:
             raise LimitError(f"{s!r} would have more than {MAX_TARGETS} FlashCopy targets")
         if s._inhibits:

@@ -638,6 +638,8 @@ class PPRCPair(_core.MirrorBase):
                 raise StateError(f"{self!r} was not failed over")
             if A._tgt_rel is not None:
                 raise LimitError(f"{A!r} is a FlashCopy target and cannot become a secondary")
+            if A._chain is not None and A._chain.points:
+                raise LimitError(f"{A!r} holds recovery points and cannot become a secondary")
             self._require_writable(B)
             # the pair is recorded with its new primary, B, from now on
             new_store = B.store
@@ -773,3 +775,9 @@ def _check_can_pair(primary: Volume, secondary: Volume) -> None:
         raise LimitError(f"{primary!r} is a FlashCopy target and cannot be a PPRC primary")
     if secondary._tgt_rel is not None:
         raise LimitError(f"{secondary!r} is a FlashCopy target and cannot be a PPRC secondary")
+    if secondary._chain is not None and secondary._chain.points:
+        raise LimitError(f"{secondary!r} holds recovery points and cannot be a PPRC secondary")
+    for v in (primary, secondary):
+        if v._restoring is not None:
+            raise StateError(f"{v!r} is taking a recovery point's image; wait for its "
+                             "restore to complete")
