@@ -542,6 +542,7 @@ def test_incremental_backup_moves_only_the_changes(tmp_path):
         assert nbdinfo_map(sock, "T", "qemu:dirty-bitmap:T") == [(0, cap, False)]
 
 
+@pytest.mark.slow     # three resyncs copied by qemu-img under a writer: seconds
 def test_an_incremental_backup_under_writes_races_none(tmp_path):
     """While a host writes to the source all along: resync, list the
     grains the resync took in (``@last-resync``), copy them from the
