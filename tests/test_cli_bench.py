@@ -120,6 +120,7 @@ def test_the_runner_refuses_an_unknown_suite(tmp_path, capsys) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow     # a quick benchmark run: 7-16 s
 def test_the_runner_quick_on_one_case(tmp_path) -> None:
     """``python -m benches --quick core --case count_2p20``: one figure, a
     ratio against its baseline from the same run, in report-quick.md and

@@ -463,7 +463,7 @@ def _drop(kind: str):
     return sync
 
 
-@pytest.mark.parametrize("barrier", ["C data",
+@pytest.mark.parametrize("barrier", [pytest.param("C data", marks=pytest.mark.slow),
                                      pytest.param("B data", marks=pytest.mark.slow),
                                      pytest.param("bitmaps", marks=pytest.mark.slow)])
 def test_power_without_a_barrier_is_caught(work, monkeypatch, barrier):
