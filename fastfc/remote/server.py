@@ -118,6 +118,7 @@ class UnitServer:
             raise
         self.kill_point = kill_point
         self.kill_armed = kill_armed
+        self._applied: str | None = None    # the token of the last apply, if it wrote all
 
     # -- plumbing ------------------------------------------------------------
     def _fence(self) -> None:
@@ -176,10 +177,14 @@ class UnitServer:
         self._fence()
         return self.unit.serve_session(session, [(str(b), str(c)) for b, c in pairs])
 
-    def apply(self, updates: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> int:
+    def apply(self, updates: Sequence[tuple[str, np.ndarray, np.ndarray]],
+              token: str | None = None) -> int:
         """PPRC updates: for each ``(name, offsets, rows)``, ``rows[i]`` to
         volume ``name`` at ``offsets[i]`` (one locked batch per piece).
-        Returns bytes written."""
+        Returns bytes written. ``token``: names the batch, for a
+        ``prepare(..., after=token)`` sent right behind it (it prepares only
+        if this call wrote every update)."""
+        self._applied = None
         self._fence()
         volume = self.unit.volume
         n = 0
@@ -187,14 +192,24 @@ class UnitServer:
             self._point("apply", i)
             volume(name).write_batch(offsets, rows, _core.PPRC)
             n += rows.size
+        self._applied = token
         return n
 
-    def prepare(self, session: str, sequence: int) -> str:
+    def prepare(self, session: str, sequence: int, after: str | None = None) -> str:
         """Revertible resync of the session's B->C with ``sequence`` (the
         shared step, :meth:`FlashCopyGroup.prepare_all`), one durable commit.
         Refused (nothing left prepared) if a relationship refuses;
-        "prepared" when done or already so."""
+        "prepared" when done or already so.
+
+        ``after``: the token of the drain's last batch, sent just before
+        this call without waiting for its answer (the prepare rides behind
+        the drain). Refused, changing nothing, unless that ``apply`` is the
+        last call this server carried out and it wrote every update (one
+        that failed, or a server started since, refuses)."""
         self._fence()
+        if after is not None and self._applied != after:
+            raise FastFCError(f"unit {self.path}: the drain's last batch ({after}) was not "
+                              f"written whole here; CG {sequence} not prepared")
         settled = self.unit.cg_outcome(session, sequence)
         if settled is not None:
             raise StateError(f"CG {sequence} of {session!r} was settled ({settled}) "
