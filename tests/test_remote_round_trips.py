@@ -185,3 +185,27 @@ def test_after_each_prepares_after_the_drain_one_unit_at_a_time(tmp_path, monkey
     sent = [(e[1], e[2]) for e in log if e[0] == "send"]
     assert ("u1", "prepare") not in sent
     assert all(len(e[3]) == 1 for e in log if e[0] == "send" and e[2] == "apply")
+
+
+def test_the_batch_token_is_kept_per_session_and_a_failed_batch_forgets_it(tmp_path):
+    units, trips, gm, chk = make_session(tmp_path)
+    assert gm.form_consistency_group().committed
+    srv = units[0].server
+    seq = gm._next_sequence
+    rows = trips[0][0].read(0, TS).reshape(1, TS)      # what B holds already
+    srv.apply([("b0", np.array([0]), rows)], f"gm/{seq}/one")
+    srv.apply([], "another/7/two")                 # another session's batch in between
+    assert srv.prepare("gm", seq, f"gm/{seq}/one") == "prepared"
+    assert srv.finish("gm", seq, "revert") == "revert"
+    srv.apply([("b0", np.array([0]), rows)], f"gm/{seq + 1}/three")
+    srv.apply([("b0", np.array([0]), rows)], f"gm/{seq + 1}/four")     # a later batch
+    with pytest.raises(fastfc.FastFCError, match="not written whole"):
+        srv.prepare("gm", seq + 1, f"gm/{seq + 1}/three")
+    with pytest.raises(KeyError):
+        srv.apply([("nope", np.array([0]), rows)], "another/8/five")   # fails: forgets all
+    with pytest.raises(fastfc.FastFCError, match="not written whole"):
+        srv.prepare("gm", seq + 1, f"gm/{seq + 1}/four")
+    assert not any(rev for _, rev, _ in srv.status("gm")["fcs"])       # nothing prepared
+    gm._next_sequence = seq + 2
+    assert gm.form_consistency_group().committed
+    chk.check()
