@@ -216,3 +216,142 @@ def attach_cost(*, triplets: int = 8, size_mib: int = 32, units: int = 2,
     return {"runs": runs, "attach_and_first_cg_vs_initial_copy": {
                 "min": ratio[0], "median": ratio[len(ratio) // 2]},
             "bytes_vs_initial_copy": runs[0]["first_cg_bytes"] / runs[0]["initial_bytes"]}
+
+
+def data_path(*, mib: int = 16, repeats: int = 10, log=print) -> dict[str, Any]:
+    """The ways bulk data could reach a unit, one message of ``mib`` MiB at a
+    time, in one run (best of ``repeats``, MiB/s): ``np.copyto`` (the
+    baseline); a Ray actor call carrying the drain's shape (pieces of 1 MiB
+    of 4 KiB rows, as ``SiteGroup`` sends them) and one contiguous array,
+    each sent and answered; a Unix socket stream into a reused buffer in
+    another process (what a direct stream beside Ray would cost at best:
+    no framing, no fencing). Not part of the ``scaleout`` suite: run it as
+    ``python -c 'from benches.scaleout import data_path; print(data_path())'``."""
+    import os
+    import socket
+
+    import ray
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, namespace="fastfc", log_to_driver=False)
+    nbytes = mib << 20
+
+    def best(fn) -> float:
+        t_best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            t_best = min(t_best, time.perf_counter() - t)
+        return nbytes / t_best / 2**20
+
+    out: dict[str, float] = {}
+    try:
+        src = np.ones(nbytes, np.uint8)
+        dst = np.empty_like(src)
+        out["np_copyto"] = best(lambda: np.copyto(dst, src))
+
+        @ray.remote(num_cpus=0)
+        class Sink:
+            def take(self, updates) -> int:
+                return sum(int(rows.size) for _, _, rows in updates)
+
+        sink = Sink.remote()
+        per = 1 << 20
+        pieces = [("b", np.arange(per // TRACK, dtype=np.int64) * TRACK,
+                   src[i:i + per].reshape(-1, TRACK)) for i in range(0, nbytes, per)]
+        one = [("b", np.arange(nbytes // TRACK, dtype=np.int64) * TRACK,
+                src.reshape(-1, TRACK))]
+        ray.get(sink.take.remote(pieces))
+        out["ray_call_1mib_pieces"] = best(lambda: ray.get(sink.take.remote(pieces)))
+        out["ray_call_contiguous"] = best(lambda: ray.get(sink.take.remote(one)))
+        ray.kill(sink)
+
+        a, b = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:                        # the receiving side: into one reused buffer
+            try:
+                a.close()
+                buf = memoryview(np.empty(nbytes, np.uint8))
+                for _ in range(repeats + 1):
+                    got = 0
+                    while got < nbytes:
+                        got += b.recv_into(buf[got:], nbytes - got)
+                    b.sendall(b"k")
+            finally:
+                os._exit(0)
+        b.close()
+        view = memoryview(src)
+
+        def stream() -> None:
+            a.sendall(view)
+            a.recv(1)
+        stream()
+        out["unix_socket_stream"] = best(stream)
+        a.close()
+        os.waitpid(pid, 0)
+    finally:
+        if started:
+            ray.shutdown()
+    log(f"  data_path ({mib} MiB messages, MiB/s): {out}")
+    return {"mib_per_s": out,
+            "vs_copyto": {k: v / out["np_copyto"] for k, v in out.items()}}
+
+
+def small_cgs(*, triplets: int = 8, units: int = 2, cgs: int = 300, log=print) -> dict[str, Any]:
+    """Where a small CG's time goes over Ray units: ``triplets`` triplets of
+    1 MiB over ``units`` units, one 64-byte write per triplet before each
+    of ``cgs`` CGs, no writer threads (the round trips and the units' work,
+    not the data): each CG's time and its FlashCopy phase's, p50/p99 (ms),
+    and CG/s. The same CGs with the units in this process
+    (:class:`~fastfc.remote.LocalUnit`, no Ray) are the baseline. Not part
+    of the ``scaleout`` suite: run it as ``python -c 'from benches.scaleout
+    import small_cgs; print(small_cgs())'``."""
+    import ray
+    from fastfc import remote
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, namespace="fastfc", log_to_driver=False)
+    n = 256
+    out: dict[str, Any] = {}
+    try:
+        for kind in ("ray", "in_process"):
+            root = _tmp_root()
+            if kind == "ray":
+                hs: list = [remote.SecondaryUnit.start(root / f"u{i}", name=f"small-{root.name}-u{i}")
+                            for i in range(units)]
+            else:
+                hs = [remote.LocalUnit.start(root / f"u{i}", name=f"small-{root.name}-u{i}")
+                      for i in range(units)]
+            try:
+                trips = [(fastfc.Volume(n, TRACK, name=f"a{i}"),
+                          hs[i % units].create_volume(f"b{i}", n, TRACK),
+                          hs[i % units].create_volume(f"c{i}", n, TRACK))
+                         for i in range(triplets)]
+                gm = fastfc.GlobalMirror(trips)
+                assert gm.form_consistency_group().committed
+                total, flash = [], []
+                t0 = time.perf_counter()
+                for k in range(cgs):
+                    for a, _, _ in trips:
+                        a.write((k % n) * TRACK, b"x" * 64)
+                    t = time.perf_counter()
+                    res = gm.form_consistency_group()
+                    if not res.committed:
+                        raise RuntimeError(f"CG failed: {res.cause} {res.detail}")
+                    total.append(time.perf_counter() - t)
+                    flash.append(res.flash_time)
+                elapsed = time.perf_counter() - t0
+                gm.close()
+                q = lambda v, p: float(np.percentile(v, p)) * 1e3     # noqa: E731
+                out[kind] = {"cg_p50_ms": q(total, 50), "cg_p99_ms": q(total, 99),
+                             "flash_p50_ms": q(flash, 50), "flash_p99_ms": q(flash, 99),
+                             "cgs_per_s": cgs / elapsed}
+            finally:
+                for h in hs:
+                    h.kill()
+                shutil.rmtree(root, ignore_errors=True)
+    finally:
+        if started:
+            ray.shutdown()
+    log(f"  small_cgs: {out}")
+    return out

@@ -122,7 +122,10 @@ def test_ray_kills_keep_the_promise(ray_session, tmp_path):
     writers = RandomWriters([t[0] for t in trips], threads=2, seed=11).start()
     try:
         cgs(3)
+        # (the prepare is sent right behind the last batch: "prepare", 0
+        # kills the unit at the first step of the call after it)
         for unit, where, i, cause in [(0, "apply", 1, Cause.LINK_DOWN),
+                                      (0, "prepare", 0, Cause.PREPARE_FAILED),
                                       (1, "prepare", 1, Cause.PREPARE_FAILED),
                                       (1, "finish", 0, Cause.COMMIT_FAILED),
                                       (0, "finish", 1, Cause.COMMIT_FAILED)]:

@@ -514,6 +514,9 @@ class GlobalMirror:
         ok = False
         try:
             self._hand_begun(self._begun if self._sparse else None)
+            if self.decide == "after_all":      # every unit prepares: behind its drain
+                for g in self._secondaries:
+                    g.prepare_behind_drain(seq)
             res.bytes_drained = self._drain(deadline, time_left)
             ok = True
         except DrainAborted as e:

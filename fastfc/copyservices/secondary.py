@@ -83,6 +83,12 @@ class Secondary(ABC):
         :class:`~fastfc.errors.DrainAborted` past the deadline, or what the
         transport raises."""
 
+    def prepare_behind_drain(self, sequence: int) -> None:
+        """Ask for the next drain to send the prepare of CG ``sequence``
+        right behind its last batch (a unit reached by calls; nothing here
+        by default): :meth:`prepare` then answers that call, and a failed
+        drain (:meth:`end_drain`) reverts it."""
+
     @abstractmethod
     def end_drain(self, ok: bool) -> None:
         """Close the CG of every pair (a failed drain gives its tracks back)."""

@@ -18,10 +18,16 @@ session's :class:`~fastfc.copyservices.secondary.Secondary` for that unit:
   ``MAX_INFLIGHT_BYTES`` unanswered, so the units receive their batches in
   parallel.
 * **FlashCopy**, a two-phase protocol across units: ``prepare`` on every
-  unit at once (one call each), the decision recorded durably (by the
-  session's ``journal``, by default the first unit), then ``finish``
-  (commit all or revert all) on every unit at once. Every call is keyed by
-  the CG sequence and idempotent on the unit.
+  unit at once (one call each, sent right behind the unit's last drain
+  batch without waiting for its answer, so it costs no round trip of its
+  own; with ``decide="after_each"`` after the drain, one unit at a time),
+  the decision recorded durably (by the session's ``journal``, by default
+  the first unit), then ``finish`` (commit all or revert all) on every
+  unit at once: two round trips after the drain, the least the protocol
+  allows (a unit commits only once the decision is durable where recovery
+  reads it, and whether to commit is known only when that record
+  answered). Every call is keyed by the CG sequence and idempotent on the
+  unit.
 
 Recovery spans units (:func:`reconcile_sites`): a unit that restarted never
 settles an in-doubt CG alone; before the next CG the session reads every
@@ -33,6 +39,7 @@ site lost) and fast-reverse-restores every B from its C.
 
 from __future__ import annotations
 
+import uuid
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -42,7 +49,8 @@ from fastfc.copyservices import sitepair
 from fastfc.copyservices.sitepair import SitePair
 from fastfc.copyservices.secondary import (Deadline, Secondary, Status, TimeLeft,
                                            resolve_groups)
-from fastfc.errors import DrainAborted, StateError
+from fastfc.copyservices.resolution import REVERT
+from fastfc.errors import DrainAborted, FastFCError, StateError
 from fastfc.storage.site import Pending, SecondarySite, SiteVolume, Update
 from fastfc.storage.store import Store
 from fastfc.storage.volume import Volume
@@ -106,6 +114,8 @@ class SiteGroup(Secondary):
         self.store = store if store is not None else Store()   # nothing recorded here
         self.journal = _UnitJournal(site)
         self.group = self
+        self._ride: int | None = None       # the CG whose prepare rides behind the drain
+        self._early: tuple[int, Pending] | None = None   # that prepare, once sent
 
     def __repr__(self) -> str:
         return f"<SiteGroup {self.site.name} {len(self.pairs)} triplets>"
@@ -120,9 +130,17 @@ class SiteGroup(Secondary):
             faults.hit("drain", p.primary)
         for p in self.pairs:
             p.begin_drain()
-        return self._batches(deadline)
+        ride, self._ride = self._ride, None
+        return self._batches(deadline, ride)
 
-    def _batches(self, deadline: Deadline) -> Iterator[tuple[Pending, int]]:
+    def prepare_behind_drain(self, sequence: int) -> None:
+        self._ride = sequence
+
+    def _batches(self, deadline: Deadline, ride: int | None) -> Iterator[tuple[Pending, int]]:
+        """The apply calls; with ``ride`` (a CG sequence), the prepare of
+        that CG sent right behind the last one, without waiting for its
+        answer (or alone, if there was nothing to send): it prepares only if
+        that batch was written whole (``after``, the batch's token)."""
         pairs = list(self.pairs)
         while pairs:
             updates: list[Update] = []
@@ -139,16 +157,44 @@ class SiteGroup(Secondary):
                 elif not n:
                     break       # this call is full
             if updates:
-                yield self.site.apply(updates), pos
+                if ride is not None and not pairs:      # the last batch
+                    token = f"{self.session}/{ride}/{uuid.uuid4().hex[:12]}"
+                    call = self.site.apply(updates, token)
+                    self._early = (ride, self.site.prepare(self.session, ride, token))
+                    ride = None
+                    yield call, pos
+                else:
+                    yield self.site.apply(updates), pos
             if deadline is not None and deadline():
                 raise DrainAborted("drain time limit passed")
+        if ride is not None:        # nothing to send: the prepare alone, at once
+            self._early = (ride, self.site.prepare(self.session, ride))
 
     def end_drain(self, ok: bool) -> None:
+        """Close each pair's CG. A failed drain whose prepare was sent
+        behind this unit's last batch reverts it here (no decision needed:
+        without one every reader of the units reverts), so B takes Global
+        Copy again; a unit that does not answer is read by the next
+        attempt's reconciliation."""
+        self._ride = None
         for p in self.pairs:
             p.cg_end(ok)
+        if ok or self._early is None:
+            return
+        (sequence, call), self._early = self._early, None
+        try:
+            call.result()
+            self.site.finish(self.session, sequence, REVERT).result()
+        except FastFCError:
+            pass
 
     # -- the FlashCopy phase -------------------------------------------------------
     def prepare(self, sequence: int, stop_at_failure: bool) -> Pending:
+        """The prepare sent behind the drain, if it was for ``sequence``;
+        else one sent now."""
+        early, self._early = self._early, None
+        if early is not None and early[0] == sequence:
+            return _Prepared(early[1])
         return _Prepared(self.site.prepare(self.session, sequence))
 
     def finish(self, sequence: int, decision: str) -> Pending:

@@ -164,10 +164,10 @@ class _SessionSite(SecondarySite):
     def setup(self, session: str, pairs: Sequence[tuple[str, str]]) -> list[int]:
         return self._recovery_only()
 
-    def apply(self, updates: Sequence[Update]) -> Pending:
+    def apply(self, updates: Sequence[Update], token: str | None = None) -> Pending:
         return self._recovery_only()
 
-    def prepare(self, session: str, sequence: int) -> Pending:
+    def prepare(self, session: str, sequence: int, after: str | None = None) -> Pending:
         return self._recovery_only()
 
 

@@ -83,11 +83,15 @@ class UnitSite(SecondarySite):
     def setup(self, session: str, pairs: Sequence[tuple[str, str]]) -> list[int]:
         return list(self._now("setup", session, [list(p) for p in pairs]))
 
-    def apply(self, updates: Sequence[Update]) -> Pending:
-        return self._call("apply", list(updates))
+    def apply(self, updates: Sequence[Update], token: str | None = None) -> Pending:
+        if token is None:
+            return self._call("apply", list(updates))
+        return self._call("apply", list(updates), token)
 
-    def prepare(self, session: str, sequence: int) -> Pending:
-        return self._call("prepare", session, sequence)
+    def prepare(self, session: str, sequence: int, after: str | None = None) -> Pending:
+        if after is None:
+            return self._call("prepare", session, sequence)
+        return self._call("prepare", session, sequence, after)
 
     def finish(self, session: str, sequence: int, decision: str) -> Pending:
         return self._call("finish", session, sequence, decision)

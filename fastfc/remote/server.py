@@ -118,6 +118,8 @@ class UnitServer:
             raise
         self.kill_point = kill_point
         self.kill_armed = kill_armed
+        # per session: the token of its last apply, if that wrote every update
+        self._applied: dict[str, str] = {}
 
     # -- plumbing ------------------------------------------------------------
     def _fence(self) -> None:
@@ -176,25 +178,50 @@ class UnitServer:
         self._fence()
         return self.unit.serve_session(session, [(str(b), str(c)) for b, c in pairs])
 
-    def apply(self, updates: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> int:
+    def apply(self, updates: Sequence[tuple[str, np.ndarray, np.ndarray]],
+              token: str | None = None) -> int:
         """PPRC updates: for each ``(name, offsets, rows)``, ``rows[i]`` to
         volume ``name`` at ``offsets[i]`` (one locked batch per piece).
-        Returns bytes written."""
-        self._fence()
-        volume = self.unit.volume
-        n = 0
-        for i, (name, offsets, rows) in enumerate(updates):
-            self._point("apply", i)
-            volume(name).write_batch(offsets, rows, _core.PPRC)
-            n += rows.size
+        Returns bytes written. ``token`` (``"<session>/<sequence>/<nonce>"``)
+        names the batch, for a ``prepare(..., after=token)`` sent right
+        behind it (it prepares only if this call wrote every update). The
+        last token is kept per session, so another session's batches in
+        between do not matter; a call that fails forgets every one."""
+        key = None if token is None else token.rsplit("/", 2)[0]
+        if key is not None:
+            self._applied.pop(key, None)
+        try:
+            self._fence()
+            volume = self.unit.volume
+            n = 0
+            for i, (name, offsets, rows) in enumerate(updates):
+                self._point("apply", i)
+                volume(name).write_batch(offsets, rows, _core.PPRC)
+                n += rows.size
+        except BaseException:
+            self._applied.clear()
+            raise
+        if key is not None:
+            self._applied[key] = token
         return n
 
-    def prepare(self, session: str, sequence: int) -> str:
+    def prepare(self, session: str, sequence: int, after: str | None = None) -> str:
         """Revertible resync of the session's B->C with ``sequence`` (the
         shared step, :meth:`FlashCopyGroup.prepare_all`), one durable commit.
         Refused (nothing left prepared) if a relationship refuses;
-        "prepared" when done or already so."""
+        "prepared" when done or already so.
+
+        ``after``: the token of the drain's last batch, sent just before
+        this call without waiting for its answer (the prepare rides behind
+        the drain). Refused, changing nothing, unless that ``apply`` is the
+        session's last one this server carried out and it wrote every update
+        (one that failed, a later batch of the session, or a server started
+        since: refused). Ray runs one caller's calls in order; the token
+        makes a prepare that overtook its batch refuse all the same."""
         self._fence()
+        if after is not None and self._applied.get(after.rsplit("/", 2)[0]) != after:
+            raise FastFCError(f"unit {self.path}: the drain's last batch ({after}) was not "
+                              f"written whole here; CG {sequence} not prepared")
         settled = self.unit.cg_outcome(session, sequence)
         if settled is not None:
             raise StateError(f"CG {sequence} of {session!r} was settled ({settled}) "

@@ -76,14 +76,18 @@ class SecondarySite(ABC):
         return each C's CG sequence."""
 
     @abstractmethod
-    def apply(self, updates: Sequence[Update]) -> Pending:
+    def apply(self, updates: Sequence[Update], token: str | None = None) -> Pending:
         """Write each update's rows to its B volume as PPRC updates (B's
-        write-inhibit and copy-on-write to C apply)."""
+        write-inhibit and copy-on-write to C apply). ``token`` names the
+        call for a ``prepare(after=token)`` sent right behind it."""
 
     @abstractmethod
-    def prepare(self, session: str, sequence: int) -> Pending:
+    def prepare(self, session: str, sequence: int, after: str | None = None) -> Pending:
         """Revertible resync of every B->C of the session on this unit with
-        ``sequence``. Idempotent; refused for a sequence already settled."""
+        ``sequence``. Idempotent; refused for a sequence already settled.
+        ``after``: sent right behind ``apply(..., token=after)`` without
+        waiting for its answer; the unit prepares only if that call wrote
+        every update and was its last one."""
 
     @abstractmethod
     def finish(self, session: str, sequence: int, decision: str) -> Pending:
