@@ -244,15 +244,15 @@ class SecondaryUnit(UnitHandle):
         """End the unit cleanly: close its storage unit (nothing left to
         recover at the next open), end its actor and free its name. A unit
         that is down already is left as it is (its name freed)."""
-        try:
-            h = _transport.handle(self.name)
-        except UnitDownError:
+        found = self._actor_and_process()
+        if found is None:
             return
-        try:
-            host, pid = ray.get(h.host.remote(), timeout=CALL_TIMEOUT)
-            ray.get(h.close.remote(), timeout=CALL_TIMEOUT)
-        except (RayError, RayActorError):
-            host, pid = None, None      # down or hung: ended below all the same
+        h, host, pid = found
+        if pid is not None:
+            try:
+                ray.get(h.close.remote(), timeout=CALL_TIMEOUT)
+            except (RayError, RayActorError):
+                pass                    # down or hung: ended below all the same
         ray.kill(h, no_restart=True)
         _transport.forget(self.name)
         _wait_gone(host, pid)
@@ -267,14 +267,10 @@ class SecondaryUnit(UnitHandle):
     def kill(self) -> None:
         """SIGKILL the actor's process (a crash) and return once it is gone
         and its name free for :meth:`start`."""
-        try:
-            h = _transport.handle(self.name)
-        except UnitDownError:
+        found = self._actor_and_process()
+        if found is None:
             return
-        try:
-            host, pid = ray.get(h.host.remote(), timeout=CALL_TIMEOUT)
-        except (RayError, RayActorError):
-            host, pid = None, None
+        h, host, pid = found
         if host == socket.gethostname() and pid is not None:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -284,6 +280,19 @@ class SecondaryUnit(UnitHandle):
         ray.kill(h, no_restart=True)   # on another node: Ray kills it; frees the name
         _transport.forget(self.name)
         _wait_name_free(self.name)
+
+    def _actor_and_process(self) -> "tuple[Any, str | None, int | None] | None":
+        """The unit's actor and where its process runs (host, pid; both
+        None if it does not answer), or None if no actor has the name."""
+        try:
+            h = _transport.handle(self.name)
+        except UnitDownError:
+            return None
+        try:
+            host, pid = ray.get(h.host.remote(), timeout=CALL_TIMEOUT)
+        except (RayError, RayActorError):
+            host, pid = None, None
+        return h, host, pid
 
     @property
     def up(self) -> bool:

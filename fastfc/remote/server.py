@@ -201,7 +201,7 @@ class UnitServer:
         except BaseException:
             self._applied.clear()
             raise
-        if key is not None:
+        if key is not None and token is not None:
             self._applied[key] = token
         return n
 
