@@ -58,7 +58,7 @@ from fastfc.errors import (AlreadyExistsError, CorruptUnitError, NoSpaceError, R
 from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.globalmirror import GlobalMirror, Triplet, copy_to_c
 from fastfc.copyservices.pprc import PPRCPair
-from fastfc.copyservices.resolution import pending_sequence, resolve
+from fastfc.copyservices.resolution import group_sequence, pending_sequence, resolve
 from fastfc.durable.lock import LOCK_FILE, POLL, UnitLock
 from fastfc.durable.siteloss import (ended_at_secondary, failover_alone, forget_failover,
                                      is_site_failover, recover_session, release_secondary,
@@ -866,21 +866,41 @@ class StorageUnit:
                     break
             rels = [(fc.revertible, fc.sequence) for fc in fcs if fc is not None]
             seq = pending_sequence(rels)
-            if seq is None:
-                continue
-            pending = [fc for fc in fcs if fc is not None and fc.revertible]
-            if self.readonly:
-                raise ReadOnlyUnitError(
-                    f"storage unit {self.path}: consistency group {seq} of session {name!r} "
-                    "was interrupted and must be resolved on disk; open the unit "
-                    "read-write once, then read-only opens work again")
-            action, _ = resolve(rels, decision=self._sqlite.decision(name, seq))
-            with self.store.transaction():
-                for fc in pending:
-                    (fc.commit if action == "commit" else fc.revert)(session=name)
-            self.recovered.append(f"session {name}: CG {seq} "
-                                  f"{'committed' if action == 'commit' else 'reverted'} "
-                                  f"on {len(pending)} of {len(fcs)} volumes")
+            if seq is not None:
+                pending = [fc for fc in fcs if fc is not None and fc.revertible]
+                if self.readonly:
+                    raise ReadOnlyUnitError(
+                        f"storage unit {self.path}: consistency group {seq} of session "
+                        f"{name!r} was interrupted and must be resolved on disk; open the "
+                        "unit read-write once, then read-only opens work again")
+                action, _ = resolve(rels, decision=self._sqlite.decision(name, seq))
+                with self.store.transaction():
+                    for fc in pending:
+                        (fc.commit if action == "commit" else fc.revert)(session=name)
+                self.recovered.append(f"session {name}: CG {seq} "
+                                      f"{'committed' if action == 'commit' else 'reverted'} "
+                                      f"on {len(pending)} of {len(fcs)} volumes")
+            self._lift_unstepped(name, cfg, [fc for fc in fcs if fc is not None])
+
+    def _lift_unstepped(self, name: str, cfg: dict, fcs: list[FlashCopy]) -> None:
+        """The relationships of session ``name`` that its newest CGs did not
+        step (their B did not change: sparse steps) carry the session's
+        committed CG (:func:`~fastfc.copyservices.resolution.group_sequence`),
+        which their records do not name: give it to them, and record it
+        (a unit opened read-only gives it in memory only)."""
+        rels = [(fc.revertible, fc.sequence) for fc in fcs]
+        stats = cfg.get("stats") or {}
+        top = group_sequence(rels, recorded=stats.get("sequence") or 0,
+                             decisions=self._sqlite.decisions_of(name))
+        lifted = [fc for fc in fcs
+                  if fc.active and not fc.revertible and fc.sequence < top]
+        if not lifted:
+            return
+        for fc in lifted:
+            fc.sequence = top
+        if not self.readonly:
+            with self.store.transaction(sync=False):
+                self.store.save_flashes([fc.to_record() for fc in lifted])
 
     def _restore_pairs(self) -> None:
         """Rebuild the pairs whose secondary unit is open now."""
