@@ -157,10 +157,12 @@ class FlashCopyGroup:
 
     def _to_step(self) -> list[int]:
         """The indices a sparse CG steps, in order: the changed ones (those
-        marked, and any that left the cell by a step of its own), and those
-        whose step a fault names (every one for a fault armed for any
-        volume): a fault fires where it would if every relationship were
-        stepped."""
+        marked, and any that left the cell by a step of its own), or every
+        one while a fault is armed at a step of the FlashCopy phase (for
+        any volume): the phase then runs as it would with every
+        relationship stepped, so a fault fires where it would, and what a
+        failure leaves (which relationships are prepared, reverted or
+        committed, what a unit's reopen reports) is what it leaves there."""
         cell = self._cell
         if cell.left:
             index = self._by_source
@@ -171,13 +173,8 @@ class FlashCopyGroup:
             cell.left.clear()
         for f in faults.armed():
             if f.point in ("prepare", "commit", "revert"):
-                if f.volume is None:
-                    for k in range(len(self._fcs)):
-                        self.mark_changed(k)
-                    break
-                k = self._by_source.get(id(f.volume), -1)
-                if k >= 0:
-                    self.mark_changed(k)
+                self.mark_all_changed(range(len(self._fcs)))
+                break
         return sorted(self.changed)
 
     def settled(self, sequence: int | None, commit: bool,

@@ -866,41 +866,50 @@ class StorageUnit:
                     break
             rels = [(fc.revertible, fc.sequence) for fc in fcs if fc is not None]
             seq = pending_sequence(rels)
-            if seq is not None:
-                pending = [fc for fc in fcs if fc is not None and fc.revertible]
-                if self.readonly:
-                    raise ReadOnlyUnitError(
-                        f"storage unit {self.path}: consistency group {seq} of session "
-                        f"{name!r} was interrupted and must be resolved on disk; open the "
-                        "unit read-write once, then read-only opens work again")
-                action, _ = resolve(rels, decision=self._sqlite.decision(name, seq))
-                with self.store.transaction():
-                    for fc in pending:
-                        (fc.commit if action == "commit" else fc.revert)(session=name)
-                self.recovered.append(f"session {name}: CG {seq} "
-                                      f"{'committed' if action == 'commit' else 'reverted'} "
-                                      f"on {len(pending)} of {len(fcs)} volumes")
-            self._lift_unstepped(name, cfg, [fc for fc in fcs if fc is not None])
+            if seq is None:
+                self._lift_unstepped(name, cfg, fcs)
+                continue
+            pending = [fc for fc in fcs if fc is not None and fc.revertible]
+            if self.readonly:
+                raise ReadOnlyUnitError(
+                    f"storage unit {self.path}: consistency group {seq} of session {name!r} "
+                    "was interrupted and must be resolved on disk; open the unit "
+                    "read-write once, then read-only opens work again")
+            action, _ = resolve(rels, decision=self._sqlite.decision(name, seq))
+            with self.store.transaction():
+                for fc in pending:
+                    (fc.commit if action == "commit" else fc.revert)(session=name)
+            on = len(pending)
+            if action == "commit":      # (those the CG did not step hold it too)
+                on += sum(1 for q in self._lift_unstepped(name, cfg, fcs) if q == seq)
+            else:
+                self._lift_unstepped(name, cfg, fcs)
+            self.recovered.append(f"session {name}: CG {seq} "
+                                  f"{'committed' if action == 'commit' else 'reverted'} "
+                                  f"on {on} of {len(fcs)} volumes")
 
-    def _lift_unstepped(self, name: str, cfg: dict, fcs: list[FlashCopy]) -> None:
+    def _lift_unstepped(self, name: str, cfg: dict,
+                        fcs: list[FlashCopy | None]) -> list[int]:
         """The relationships of session ``name`` that its newest CGs did not
         step (their B did not change: sparse steps) carry the session's
         committed CG (:func:`~fastfc.copyservices.resolution.group_sequence`),
         which their records do not name: give it to them, and record it
-        (a unit opened read-only gives it in memory only)."""
-        rels = [(fc.revertible, fc.sequence) for fc in fcs]
+        (a unit opened read-only gives it in memory only). Returns the
+        number each one lifted carries now."""
+        live = [fc for fc in fcs if fc is not None]
+        rels = [(fc.revertible, fc.sequence) for fc in live]
         stats = cfg.get("stats") or {}
         top = group_sequence(rels, recorded=stats.get("sequence") or 0,
                              decisions=self._sqlite.decisions_of(name))
-        lifted = [fc for fc in fcs
-                  if fc.active and not fc.revertible and fc.sequence < top]
+        lifted = [fc for fc in live if fc.active and not fc.revertible and fc.sequence < top]
         if not lifted:
-            return
+            return []
         for fc in lifted:
             fc.sequence = top
         if not self.readonly:
             with self.store.transaction(sync=False):
                 self.store.save_flashes([fc.to_record() for fc in lifted])
+        return [top] * len(lifted)
 
     def _restore_pairs(self) -> None:
         """Rebuild the pairs whose secondary unit is open now."""
