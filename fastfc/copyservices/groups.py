@@ -158,8 +158,8 @@ class FlashCopyGroup:
     def _to_step(self) -> list[int]:
         """The indices a sparse CG steps, in order: the changed ones (those
         marked, and any that left the cell by a step of its own), or every
-        one while a fault is armed at a step of the FlashCopy phase (for
-        any volume): the phase then runs as it would with every
+        one while a fault is armed at a step of the FlashCopy phase (a
+        prepare, the decision, a commit or a revert; for any volume): the phase then runs as it would with every
         relationship stepped, so a fault fires where it would, and what a
         failure leaves (which relationships are prepared, reverted or
         committed, what a unit's reopen reports) is what it leaves there."""
@@ -172,7 +172,7 @@ class FlashCopyGroup:
                     self.changed.add(k)
             cell.left.clear()
         for f in faults.armed():
-            if f.point in ("prepare", "commit", "revert"):
+            if f.point in ("prepare", "decision", "commit", "revert"):
                 self.mark_all_changed(range(len(self._fcs)))
                 break
         return sorted(self.changed)
