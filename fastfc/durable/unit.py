@@ -26,7 +26,11 @@ Durability (see docs/guide/durability.md for the whole story):
   then the other volumes);
 * opening a unit resolves a Global Mirror consistency group that was in
   flight by its decision record: commit the rest if "commit" was recorded,
-  otherwise revert all.
+  otherwise revert all; then every relationship of the session that its
+  newest CGs did not step (at "process" a CG steps and records only the
+  triplets whose B changed) takes the session's committed CG
+  (:func:`~fastfc.copyservices.resolution.group_sequence`), which its C
+  already holds.
 
 One owner: opening a unit takes ``unit.lock`` (see :mod:`fastfc.durable.lock`),
 exclusive for a read-write open, shared for ``readonly=True``, until close.
