@@ -58,6 +58,7 @@ def test_a_cg_at_process_runs_no_sql_statement_whatever_its_size(tmp_path, n):
         for u in (u1, u2):
             u.store.set_trace_callback(everything.append)
         try:
+            trips[n - 1][0].write(0, b"y" * TS)
             assert gm.form_consistency_group().committed
         finally:
             for u in (u1, u2):
@@ -65,6 +66,31 @@ def test_a_cg_at_process_runs_no_sql_statement_whatever_its_size(tmp_path, n):
         assert everything.count("JOURNAL COMMIT") == 2, everything
         assert len(everything) == 6, everything     # 2 log rows, decision, counters
         assert u2.store._journal.pos > appends
+        gm.close(discard=True)
+
+
+@pytest.mark.parametrize("n", [2, 16])
+def test_a_cg_records_only_the_relationships_it_steps(tmp_path, n):
+    """At "process" a CG steps (and records) only the B->C relationships
+    whose B changed: a CG over one changed triplet records one log row per
+    step naming that one relationship, and a CG over none records no log
+    row (the decision and the counters only), whatever the size."""
+    with StorageUnit(tmp_path / "p") as u1, StorageUnit(tmp_path / "s") as u2:
+        gm, trips = _session(u1, u2, n)
+        assert gm.form_consistency_group().committed
+        assert gm.form_consistency_group().committed
+        everything: list[str] = []
+        u2.store.set_trace_callback(everything.append)
+        try:
+            assert gm.form_consistency_group().committed
+        finally:
+            u2.store.set_trace_callback(None)
+        assert not any("flash" in s.lower() for s in everything), everything
+        assert len(everything) == 4, everything     # decision, counters, 2 commits
+        before = [t.fc.sequence for t in gm.triplets]
+        trips[0][0].write(0, b"z" * TS)
+        assert gm.form_consistency_group().committed
+        assert gm.c_sequences == [before[0] + 1] * n
         gm.close(discard=True)
 
 

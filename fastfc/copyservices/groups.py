@@ -71,9 +71,17 @@ class FlashCopyGroup:
     every relationship stepped: each C on one CG, one sequence number; the
     seed's rule reads the followers as committed on the previous CG while a
     phase is in flight (what they hold), and a commit that settles the CG
-    moves them on with the cell (:meth:`settled`). Stores that record
-    (storage units) keep stepping every relationship: their records carry
-    each relationship's own number.
+    moves them on with the cell (:meth:`settled`).
+
+    At a store that records (a storage unit at durability "process"), a
+    follower's record keeps the number of its own last step, and the CG's
+    records name only the relationships it stepped: what a reopen reads
+    for the others is the session's committed sequence, recorded with the
+    CG's commit (the session's counters, ``save_session_stats``) and by its
+    decision record; the unit's reopen lifts each settled relationship of
+    the session to it (``StorageUnit`` and
+    :func:`fastfc.copyservices.resolution.group_sequence`). At durability
+    "power" (``ordered``) every relationship is stepped.
     """
 
     def __init__(self, store, fcs: Sequence[FlashCopy]) -> None:
@@ -101,7 +109,6 @@ class FlashCopyGroup:
         self._kept = False
         # (a SecondaryGroup turns sparse steps on: it marks what changes)
         self.sparse = False
-        self.can_be_sparse = not self._checked and not self._durable
         # sparse: the cell the unchanged relationships follow, the indices
         # of those that do not follow it (stepped at the next CG), each
         # relationship's index by its source (faults name the source)
@@ -150,10 +157,12 @@ class FlashCopyGroup:
 
     def _to_step(self) -> list[int]:
         """The indices a sparse CG steps, in order: the changed ones (those
-        marked, and any that left the cell by a step of its own), and those
-        whose step a fault names (every one for a fault armed for any
-        volume): a fault fires where it would if every relationship were
-        stepped."""
+        marked, and any that left the cell by a step of its own), or every
+        one while a fault is armed at a step of the FlashCopy phase (a
+        prepare, the decision, a commit or a revert; for any volume): the phase then runs as it would with every
+        relationship stepped, so a fault fires where it would, and what a
+        failure leaves (which relationships are prepared, reverted or
+        committed, what a unit's reopen reports) is what it leaves there."""
         cell = self._cell
         if cell.left:
             index = self._by_source
@@ -163,14 +172,9 @@ class FlashCopyGroup:
                     self.changed.add(k)
             cell.left.clear()
         for f in faults.armed():
-            if f.point in ("prepare", "commit", "revert"):
-                if f.volume is None:
-                    for k in range(len(self._fcs)):
-                        self.mark_changed(k)
-                    break
-                k = self._by_source.get(id(f.volume), -1)
-                if k >= 0:
-                    self.mark_changed(k)
+            if f.point in ("prepare", "decision", "commit", "revert"):
+                self.mark_all_changed(range(len(self._fcs)))
+                break
         return sorted(self.changed)
 
     def settled(self, sequence: int | None, commit: bool,
@@ -386,9 +390,17 @@ class SecondaryGroup:
         links = {id(p.link): p.link for p in self._pairs}
         self._link = links.popitem()[1] if len(links) == 1 else None
         self.flash.set_relationships(self._fcs)
-        self.flash.sparse = self.flash.can_be_sparse
         self._by_primary = {id(a): k for k, a in enumerate(self._as)}
+        self._set_sparse()
+
+    def _set_sparse(self) -> None:
+        """Sparse steps on, unless at durability "power" (:attr:`sparse`)."""
         flash = self.flash
+        flash.sparse = not self.ordered
+        if not flash.sparse:
+            for fc in flash.relationships:
+                if fc.seq_cell is not None:
+                    fc.sequence = fc.sequence     # its own number again
         for k, p in enumerate(self._pairs):
             # Global Copy to B outside a CG (the loop between CGs, a CLI's
             # backlog): its relationship is stepped at the next CG
@@ -466,6 +478,7 @@ class SecondaryGroup:
         self.flash.ordered = ordered
         for trip in self.triplets:
             trip.pair.ordered_drain = ordered
+        self._set_sparse()
 
     # -- drain -------------------------------------------------------------------
     def drain(self, deadline: Callable[[], bool] | None,

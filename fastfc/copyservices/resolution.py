@@ -57,6 +57,32 @@ def resolve(relationships: Iterable[tuple[bool, int]], *,
     return (COMMIT if decision == COMMIT else REVERT), n
 
 
+def group_sequence(relationships: Iterable[tuple[bool, int]], *, recorded: int = 0,
+                   decisions: Mapping[int, str] | None = None) -> int:
+    """The CG that every settled relationship of a session holds, once
+    :func:`resolve` has ended an interrupted one: what a unit reopened
+    reads for a relationship that the session's newest CGs did not step.
+
+    A CG steps only the relationships whose B changed (sparse steps); the
+    others' records keep the number of their own last step, while their C
+    already holds every later CG's image (their B did not change since).
+    That number is the newest of: ``recorded``, the session's committed
+    sequence recorded with a CG's commit (its counters); the newest CG
+    whose recorded decision (``decisions``, by sequence) is "commit" (a
+    decision is recorded before anything commits, and overwritten by the
+    action a resolution takes); the number a relationship that is not
+    revertible carries (it committed that CG).
+    """
+    top = int(recorded or 0)
+    for rev, seq in relationships:
+        if not rev and seq > top:
+            top = int(seq)
+    for seq, decision in (decisions or {}).items():
+        if decision == COMMIT and seq > top:
+            top = int(seq)
+    return top
+
+
 def pending_sequence(relationships: Iterable[tuple[bool, int]]) -> int | None:
     """The newest sequence a revertible relationship carries (the CG
     :func:`resolve` decides about), None when none is revertible: what a

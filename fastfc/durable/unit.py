@@ -26,7 +26,11 @@ Durability (see docs/guide/durability.md for the whole story):
   then the other volumes);
 * opening a unit resolves a Global Mirror consistency group that was in
   flight by its decision record: commit the rest if "commit" was recorded,
-  otherwise revert all.
+  otherwise revert all; then every relationship of the session that its
+  newest CGs did not step (at "process" a CG steps and records only the
+  triplets whose B changed) takes the session's committed CG
+  (:func:`~fastfc.copyservices.resolution.group_sequence`), which its C
+  already holds.
 
 One owner: opening a unit takes ``unit.lock`` (see :mod:`fastfc.durable.lock`),
 exclusive for a read-write open, shared for ``readonly=True``, until close.
@@ -58,7 +62,7 @@ from fastfc.errors import (AlreadyExistsError, CorruptUnitError, NoSpaceError, R
 from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.globalmirror import GlobalMirror, Triplet, copy_to_c
 from fastfc.copyservices.pprc import PPRCPair
-from fastfc.copyservices.resolution import pending_sequence, resolve
+from fastfc.copyservices.resolution import group_sequence, pending_sequence, resolve
 from fastfc.durable.lock import LOCK_FILE, POLL, UnitLock
 from fastfc.durable.siteloss import (ended_at_secondary, failover_alone, forget_failover,
                                      is_site_failover, recover_session, release_secondary,
@@ -867,6 +871,7 @@ class StorageUnit:
             rels = [(fc.revertible, fc.sequence) for fc in fcs if fc is not None]
             seq = pending_sequence(rels)
             if seq is None:
+                self._lift_unstepped(name, cfg, fcs)
                 continue
             pending = [fc for fc in fcs if fc is not None and fc.revertible]
             if self.readonly:
@@ -878,9 +883,37 @@ class StorageUnit:
             with self.store.transaction():
                 for fc in pending:
                     (fc.commit if action == "commit" else fc.revert)(session=name)
+            on = len(pending)
+            if action == "commit":      # (those the CG did not step hold it too)
+                on += sum(1 for q in self._lift_unstepped(name, cfg, fcs) if q == seq)
+            else:
+                self._lift_unstepped(name, cfg, fcs)
             self.recovered.append(f"session {name}: CG {seq} "
                                   f"{'committed' if action == 'commit' else 'reverted'} "
-                                  f"on {len(pending)} of {len(fcs)} volumes")
+                                  f"on {on} of {len(fcs)} volumes")
+
+    def _lift_unstepped(self, name: str, cfg: dict,
+                        fcs: list[FlashCopy | None]) -> list[int]:
+        """The relationships of session ``name`` that its newest CGs did not
+        step (their B did not change: sparse steps) carry the session's
+        committed CG (:func:`~fastfc.copyservices.resolution.group_sequence`),
+        which their records do not name: give it to them, and record it
+        (a unit opened read-only gives it in memory only). Returns the
+        number each one lifted carries now."""
+        live = [fc for fc in fcs if fc is not None]
+        rels = [(fc.revertible, fc.sequence) for fc in live]
+        stats = cfg.get("stats") or {}
+        top = group_sequence(rels, recorded=stats.get("sequence") or 0,
+                             decisions=self._sqlite.decisions_of(name))
+        lifted = [fc for fc in live if fc.active and not fc.revertible and fc.sequence < top]
+        if not lifted:
+            return []
+        for fc in lifted:
+            fc.sequence = top
+        if not self.readonly:
+            with self.store.transaction(sync=False):
+                self.store.save_flashes([fc.to_record() for fc in lifted])
+        return [top] * len(lifted)
 
     def _restore_pairs(self) -> None:
         """Rebuild the pairs whose secondary unit is open now."""
