@@ -134,7 +134,13 @@ def test_ray_kills_keep_the_promise(ray_session, tmp_path):
                 a.write(N // 2 * TS, b'y')
             units[unit].arm_kill(where, i)
             res = gm.form_consistency_group()        # never raises
-            assert res.cause is cause, (where, res)
+            # A prepare rides right behind the unit's last drain batch: a unit
+            # killed in it may die before Ray has delivered that batch's
+            # answer, and the session then sees the batch lost (link_down)
+            # rather than the prepare failed; either way nothing committed,
+            # and the promise is checked just after (back).
+            seen_as = {cause, Cause.LINK_DOWN} if where == "prepare" else {cause}
+            assert res.cause in seen_as and not res.committed, (where, res)
             back(unit)
             cgs(2)
         # at a random instant, while CGs form back to back
