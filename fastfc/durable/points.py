@@ -37,14 +37,11 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from fastfc.copyservices.points import PointChain, PointRestore, RecoveryPoint, take_points
-from fastfc.errors import CorruptUnitError, StateError
-from fastfc.storage.volume import Volume, locked
+from fastfc.errors import CorruptUnitError, ReadOnlyUnitError, StateError
+from fastfc.storage.volume import Volume
 
 if TYPE_CHECKING:
     from fastfc.durable.unit import StorageUnit
-
-LOG_SAVE, LOG_TAKE, LOG_EXPIRE = 1, 2, 3
-
 
 class UnitPoints:
     """The durable recovery points of one storage unit (``unit.points``)."""
@@ -54,6 +51,11 @@ class UnitPoints:
         self._lock = threading.RLock()
         self._fds: dict[str, tuple[int, int]] = {}     # volume -> (pool fd, log fd)
         self._restores: dict[str, PointRestore] = {}
+
+    def _writable(self) -> None:
+        if self.unit.readonly:
+            raise ReadOnlyUnitError(f"storage unit {self.unit.path} is open read-only; "
+                                    "open it read-write to change its recovery points")
 
     # -- files ----------------------------------------------------------------
     @property
@@ -90,12 +92,12 @@ class UnitPoints:
     def chain(self, volume: Volume) -> PointChain:
         """``volume``'s chain, made durable (files created) if it has none."""
         if volume.name in self._fds:
-            return volume._chain
+            return PointChain.chain_of(volume)
         if self.unit.path is None:
             return PointChain.of(volume)
         chain = PointChain(volume)
         pfd, lfd = self._open_files(volume.name, fresh=True)
-        chain._durable(pfd, lfd)
+        chain.make_durable(pfd, lfd)
         return chain
 
     # -- the API ------------------------------------------------------------------
@@ -103,7 +105,7 @@ class UnitPoints:
              name: str | None = None) -> list[RecoveryPoint]:
         """Take a point of each volume of ``names`` at one instant (their
         locks held together); each row is committed before its point is taken."""
-        self.unit._require_writable()
+        self._writable()
         names = list(names)
         if not names:
             raise ValueError("recovery points need at least one volume")
@@ -141,8 +143,9 @@ class UnitPoints:
         vols = [self.unit.volume(volume)] if volume is not None else self.unit.volumes()
         out: list[RecoveryPoint] = []
         for v in vols:
-            if v._chain is not None:
-                out.extend(v._chain.points)
+            c = PointChain.chain_of(v)
+            if c is not None:
+                out.extend(c.points)
         return out
 
     def point(self, volume: str, seq: int) -> RecoveryPoint:
@@ -154,7 +157,7 @@ class UnitPoints:
     def expire(self, volume: str, seq: int) -> None:
         """Expire a point: refused before its retention ends (the check is
         :meth:`RecoveryPoint.expire`'s); logged, then its row deleted."""
-        self.unit._require_writable()
+        self._writable()
         with self._lock:
             p = self.point(volume, seq)
             p.expire()
@@ -165,7 +168,7 @@ class UnitPoints:
 
     def retain(self, volume: str, seq: int, until: float) -> None:
         """Keep a point until ``until`` (seconds since the epoch) at least."""
-        self.unit._require_writable()
+        self._writable()
         with self._lock:
             p = self.point(volume, seq)
             p.retain(until)
@@ -179,7 +182,7 @@ class UnitPoints:
         """Make volume ``to`` (created, thin, same geometry) take the point's
         image now; the copy runs in the background. A kill before it
         completes is redone on opening."""
-        self.unit._require_writable()
+        self._writable()
         with self._lock:
             p = self.point(volume, seq)
             src = p.volume
@@ -198,7 +201,7 @@ class UnitPoints:
 
         def forget() -> None:
             r.wait()
-            if not r.active and not target._invalid and not self.unit._closed:
+            if not r.active:
                 try:
                     self._forget_restore(target.name)
                 except Exception:
@@ -209,7 +212,7 @@ class UnitPoints:
     def restore_onto_source(self, volume: str, seq: int) -> int:
         """Put the point's image back on its own volume (the caller says it
         is quiesced). Recorded first; a kill midway is redone on opening."""
-        self.unit._require_writable()
+        self._writable()
         with self._lock:
             p = self.point(volume, seq)
             self._record_restore(volume, volume, seq)
@@ -271,33 +274,18 @@ class UnitPoints:
         pfd, lfd = self._open_files(vol.name, fresh=False)
         os.ftruncate(lfd, len(recs) * 24)
         chain = PointChain(vol)
-        chain._durable(pfd, -1)
-        by_seq: dict[int, RecoveryPoint] = {}
-        with locked([vol]):
-            for kind, a, b in recs.tolist():
-                if kind == LOG_SAVE:
-                    chain._replay_save(a, b)
-                elif kind == LOG_TAKE:
-                    p = RecoveryPoint()
-                    chain._take(p)
-                    if p.seq != a:
-                        raise CorruptUnitError(f"{log}: point #{a} taken as #{p.seq}")
-                    by_seq[a] = p
-                elif kind == LOG_EXPIRE:
-                    p = by_seq.pop(a, None)
-                    if p is None:
-                        raise CorruptUnitError(f"{log}: point #{a} expired but not held")
-                    chain._expire(p)
-                else:
-                    raise CorruptUnitError(f"{log}: unknown record {kind}")
-            chain._set_log(lfd)
-            for seq, p in list(by_seq.items()):
-                row = rows.get(seq)
-                if row is None:     # taken, never recorded: its take had not returned
-                    chain._expire(p)
-                    del by_seq[seq]
-                    continue
-                p.name, p.taken_at, p.retain_until = row[0], row[1], row[2]
+        chain.make_durable(pfd, -1)
+        try:
+            by_seq = chain.replay(recs, lfd)
+        except ValueError as e:
+            raise CorruptUnitError(f"{log}: {e}") from None
+        for seq, p in list(by_seq.items()):
+            row = rows.get(seq)
+            if row is None:     # taken, never recorded: its take had not returned
+                chain.drop(p)
+                del by_seq[seq]
+                continue
+            p.name, p.taken_at, p.retain_until = row[0], row[1], row[2]
         return set(by_seq)
 
     def _redo_restore(self, target: str, vname: str, seq: int) -> None:
@@ -331,8 +319,9 @@ class UnitPoints:
                 r.wait(0)
         for name in self._fds:
             v = self.unit._volumes.get(name)
-            if v is not None and v._chain is not None:
-                v._chain._stop_log()
+            c = PointChain.chain_of(v) if v is not None else None
+            if c is not None:
+                c.stop_log()
         for pfd, lfd in self._fds.values():
             os.close(pfd)
             os.close(lfd)

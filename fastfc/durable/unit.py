@@ -344,9 +344,9 @@ class StorageUnit:
         if vol.relationships or vol.mirror is not None or vol.is_secondary:
             raise StateError(f"{vol!r} is in a FlashCopy relationship or PPRC pair; "
                              "withdraw or remove those first")
-        if vol._chain is not None and vol._chain.points:
-            raise StateError(f"{vol!r} holds {len(vol._chain.points)} recovery points; "
-                             "expire them first")
+        held = self.points.points(name)
+        if held:
+            raise StateError(f"{vol!r} holds {len(held)} recovery points; expire them first")
         vol.close()
         self.points.drop_files(name)
         del self._volumes[name]
