@@ -26,7 +26,8 @@ is the first of points *i* .. newest that holds it, else the live volume.
   changed since the point (through the write path, so newer points keep
   their images).
 
-Points live in memory (durable points in storage units are not built yet).
+Points live in memory; a storage unit makes its volumes' chains durable
+(:mod:`fastfc.durable.points`: the pool in a file, every change logged).
 A volume with points cannot be a FlashCopy target or a PPRC secondary (their
 images change by paths that do not pass the write path's copy-on-write). A
 chain stays on its volume when its last point expires (with its clock); it
