@@ -24,6 +24,8 @@ from test_crash import _forkserver, finish_child
 
 import points_child
 
+pytestmark = pytest.mark.slow     # child processes killed and reopened: about 10 s
+
 
 def run_points_child(root: Path, seed: int, kill_after: float) -> None:
     fd, out = tempfile.mkstemp(prefix="fastfc-points-", suffix=".out")

@@ -141,10 +141,10 @@ class PointChain(_core.PointChainBase):
                         raise ValueError(f"point #{a} of the log was taken as #{p.seq}")
                     by_seq[a] = p
                 elif kind == 3:
-                    p = by_seq.pop(a, None)
-                    if p is None:
+                    gone = by_seq.pop(a, None)
+                    if gone is None:
                         raise ValueError(f"point #{a} of the log expired but is not held")
-                    self._expire(p)
+                    self._expire(gone)
                 else:
                     raise ValueError(f"unknown record kind {kind} in the log")
             self._set_log(log_fd)

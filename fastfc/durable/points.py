@@ -92,7 +92,9 @@ class UnitPoints:
     def chain(self, volume: Volume) -> PointChain:
         """``volume``'s chain, made durable (files created) if it has none."""
         if volume.name in self._fds:
-            return PointChain.chain_of(volume)
+            chain = PointChain.chain_of(volume)
+            assert chain is not None    # (files are opened for a chain only)
+            return chain
         if self.unit.path is None:
             return PointChain.of(volume)
         chain = PointChain(volume)
