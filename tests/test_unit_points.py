@@ -11,8 +11,8 @@ from fastfc import StorageUnit
 from fastfc.errors import ImmutablePointError, ReadOnlyUnitError, StateError
 
 
-def _unit(path):
-    u = StorageUnit(path)
+def _unit(path, durability="process"):
+    u = StorageUnit(path, durability=durability)
     for n in ("a", "b"):
         u.create_volume(n, 8, 16384, grain_size=4096)
     return u
@@ -24,9 +24,10 @@ def _scribble(vol, rng, n=6):
         vol.write(off, rng.integers(0, 256, min(3000, vol.capacity - off), dtype=np.uint8))
 
 
-def test_points_survive_a_reopen_with_images_names_and_retention(tmp_path):
+@pytest.mark.parametrize("durability", ["process", "power"])
+def test_points_survive_a_reopen_with_images_names_and_retention(tmp_path, durability):
     rng = np.random.default_rng(3)
-    u = _unit(tmp_path)
+    u = _unit(tmp_path, durability)
     images = {}
     for i in range(6):
         _scribble(u.volume("a"), rng)
