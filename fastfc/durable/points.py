@@ -54,6 +54,7 @@ class UnitPoints:
         self._lock = threading.RLock()
         self._fds: dict[str, tuple[int, int]] = {}     # volume -> (pool fd, log fd)
         self._restores: dict[str, PointRestore] = {}
+        self._closed = False
 
     def _writable(self) -> None:
         if self.unit.readonly:
@@ -207,8 +208,10 @@ class UnitPoints:
         self._restores[target.name] = r
 
         def forget() -> None:
-            r.wait()
-            if not r.active:
+            while not r.wait(0.1):
+                if self._closed:
+                    return      # the unit closed under the copy: opening redoes it
+            if not r.active and not self._closed:
                 try:
                     self._forget_restore(target.name)
                 except Exception:
@@ -331,9 +334,7 @@ class UnitPoints:
             os.fsync(lfd)
 
     def close(self) -> None:
-        for r in self._restores.values():
-            if r.active:
-                r.wait(0)
+        self._closed = True
         for name in self._fds:
             v = self.unit._volumes.get(name)
             c = PointChain.chain_of(v) if v is not None else None
