@@ -29,6 +29,28 @@ cdef extern from "<stdlib.h>" nogil:
 cdef extern from "<sys/mman.h>" nogil:
     int madvise(void* addr, size_t length, int advice)
     int MADV_HUGEPAGE
+    void* mmap(void* addr, size_t length, int prot, int flags, int fd, off_t offset)
+    int munmap(void* addr, size_t length)
+    int PROT_READ, PROT_WRITE, MAP_SHARED
+    void* MAP_FAILED
+
+cdef extern from "<unistd.h>" nogil:
+    int ftruncate(int fd, off_t length)
+    off_t lseek(int fd, off_t offset, int whence)
+    int SEEK_END
+    ssize_t write(int fd, const void* buf, size_t count)
+
+# Durable chains (storage units) keep their pool in a file (chunk i at
+# offset i << POOL_CHUNK_SHIFT, mapped shared) and log what changes their
+# tables, in order, to a second file: records of three int64s.
+# LOG_SAVE (grain, slot): the newest point took ``grain`` into ``slot`` (its
+# bytes are in the pool before the record is written, and the record before
+# the host write lands); LOG_TAKE (seq, 0) a point was taken; LOG_EXPIRE
+# (seq, 0) it expired. Replaying the log rebuilds the chain exactly.
+cdef enum:
+    LOG_SAVE = 1
+    LOG_TAKE = 2
+    LOG_EXPIRE = 3
 
 # A pool chunk is 2 MiB (or one grain, if larger), aligned and advised for a
 # huge page: it is allocated whole, then handed out a slot at a time (freed
@@ -200,14 +222,18 @@ cdef class PointChainBase:
     cdef Py_ssize_t n_free, free_cap
     cdef int64_t next_slot
     cdef Py_ssize_t kept_chunks   # reserved (_reserve_pool): kept when emptied
+    # durable chains: the pool's file and the log's (-1: in memory)
+    cdef int pool_fd, log_fd
 
     def __cinit__(self, *args, **kwargs):
         self.points = []
+        self.pool_fd = -1
+        self.log_fd = -1
 
     def __dealloc__(self):
         cdef Py_ssize_t i
         for i in range(self.n_chunks):
-            free(self.chunks[i])
+            self._drop_chunk(self.chunks[i])
         free(self.chunks)
         free(self.free_slots)
         tab_free(&self.latest)
@@ -251,9 +277,20 @@ cdef class PointChainBase:
                 raise MemoryError("no memory for the recovery points' pool")
             self.chunks = <uint8_t**>p
             self.chunks_cap = cap
-        if posix_memalign(<void**>&c, <size_t>1 << POOL_CHUNK_SHIFT, size) != 0:
-            raise MemoryError("no memory for the recovery points' pool")
-        madvise(c, size, MADV_HUGEPAGE)
+        if self.pool_fd >= 0:
+            # (grown only: a reopened pool maps the chunks its file holds)
+            if (lseek(self.pool_fd, 0, SEEK_END) < <off_t>(self.n_chunks + 1) * <off_t>size
+                    and ftruncate(self.pool_fd, <off_t>(self.n_chunks + 1) * <off_t>size) != 0):
+                raise OSError(errno, "cannot grow the recovery points' pool file")
+            p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, self.pool_fd,
+                     <off_t>self.n_chunks * <off_t>size)
+            if p == MAP_FAILED:
+                raise OSError(errno, "cannot map the recovery points' pool file")
+            c = <uint8_t*>p
+        else:
+            if posix_memalign(<void**>&c, <size_t>1 << POOL_CHUNK_SHIFT, size) != 0:
+                raise MemoryError("no memory for the recovery points' pool")
+            madvise(c, size, MADV_HUGEPAGE)
         self.chunks[self.n_chunks] = c
         self.n_chunks += 1
         return c
@@ -316,6 +353,8 @@ cdef class PointChainBase:
         cdef int64_t s
         cdef int shift = self.shift
         cdef Py_ssize_t e
+        cdef int64_t rec[3 * 64]
+        cdef Py_ssize_t nrec = 0
         if p is None:
             return 0
         for g in range(g0, g1):
@@ -325,6 +364,16 @@ cdef class PointChainBase:
             tab_reserve(&self.latest, 1)
             s = self._alloc_slot()
             memcpy(self._slot(s), base + (g << shift), self.grain_size)
+            if self.log_fd >= 0:
+                # the grain's bytes are in the pool; the record follows, and
+                # the host write only after the records are written
+                rec[3 * nrec] = LOG_SAVE
+                rec[3 * nrec + 1] = g
+                rec[3 * nrec + 2] = s
+                nrec += 1
+                if nrec == 64:
+                    self._log(rec, nrec)
+                    nrec = 0
             e = tab_find(&self.latest, g)
             if e >= 0:
                 tab_insert(&p.tab, g, s, self.latest.slots[e])
@@ -333,6 +382,7 @@ cdef class PointChainBase:
                 tab_insert(&p.tab, g, s, -1)
                 tab_insert(&self.latest, g, p.seq, -1)
             bms_set_range(self.held.w, self.held.s, g, g + 1)
+        self._log(rec, nrec)
         return 0
 
     cdef int _save_mask(self, const uint8_t* base, const uint64_t* w) except -1:
@@ -460,6 +510,7 @@ cdef class PointChainBase:
             raise StateError(f"{p!r} belongs to a chain already")
         if self.volume.base == NULL:
             raise VolumeClosedError(f"{self.volume!r} is closed")
+        self._log_take()
         p.chain = self
         p.seq = self.next_seq
         self.next_seq += 1
@@ -474,6 +525,7 @@ cdef class PointChainBase:
         cdef PointBase q = None
         cdef Py_ssize_t i, k
         cdef int64_t g, s
+        cdef int64_t rec[3]
         if p.chain is not self or p.expired:
             raise StateError(f"{p!r} has expired already")
         k = p.index
@@ -485,6 +537,11 @@ cdef class PointChainBase:
                 self._grow_free(p.tab.count)
         elif self.n_free + p.tab.count > self.free_cap:
             self._grow_free(p.tab.count)
+        if self.log_fd >= 0:
+            rec[0] = LOG_EXPIRE
+            rec[1] = p.seq
+            rec[2] = 0
+            self._log(rec, 1)
         for i in range(p.tab.cap):
             g = p.tab.keys[i]
             if g < 0:
@@ -520,13 +577,103 @@ cdef class PointChainBase:
         self.free_cap = cap
         return 0
 
+    cdef void _drop_chunk(self, uint8_t* c) noexcept:
+        if self.pool_fd >= 0:
+            munmap(c, (<size_t>1) << (self.pshift + self.shift))
+        else:
+            free(c)
+
+    cdef int _log(self, const int64_t* rec, Py_ssize_t n) except -1:
+        """Append ``n`` records (3 int64s each) to the log, if durable."""
+        cdef const uint8_t* b = <const uint8_t*>rec
+        cdef size_t left = <size_t>n * 3 * sizeof(int64_t)
+        cdef ssize_t w
+        if self.log_fd < 0 or n == 0:
+            return 0
+        while left:
+            w = write(self.log_fd, b, left)
+            if w < 0:
+                if errno == EINTR:
+                    continue
+                raise OSError(errno, "cannot write the recovery points' log")
+            b += w
+            left -= w
+        return 0
+
+    cdef int _log_take(self) except -1:
+        """Log that the point of seq ``next_seq`` is taken (durable chains)."""
+        cdef int64_t rec[3]
+        if self.log_fd >= 0:
+            rec[0] = LOG_TAKE
+            rec[1] = self.next_seq
+            rec[2] = 0
+            self._log(rec, 1)
+        return 0
+
+    def _durable(self, int pool_fd, int log_fd):
+        """Keep the pool in ``pool_fd``'s file and log changes to
+        ``log_fd`` (opened for append) from now on. Before any chunk."""
+        if self.n_chunks:
+            raise StateError("a chain's pool can be put in a file only while it is empty")
+        self.pool_fd = pool_fd
+        self.log_fd = log_fd
+
+    def _stop_log(self):
+        """Write no more log records (replay, or a chain being closed)."""
+        self.log_fd = -1
+
+    def _set_log(self, int log_fd):
+        self.log_fd = log_fd
+
+    @property
+    def next_point_seq(self):
+        """The seq the next point taken will get."""
+        return self.next_seq
+
+    def _replay_save(self, int64_t g, int64_t s):
+        """Replay a LOG_SAVE record: the newest point holds grain ``g`` in
+        slot ``s`` (its bytes are in the pool file). Lock held."""
+        cdef PointBase p = self.newest
+        cdef Py_ssize_t e, i
+        if p is None:
+            raise StateError("a recovery points' log saves a grain before any point")
+        if g < 0 or g >= self.volume.n_grains or s < 0:
+            raise ValueError(f"a recovery points' log record is out of range ({g}, {s})")
+        if tab_get(&p.tab, g) >= 0:
+            return
+        while (s >> self.pshift) >= self.n_chunks:
+            self._new_chunk()
+        if s >= self.next_slot:
+            for i in range(self.next_slot, s):
+                self._free_slot(i)
+            self.next_slot = s + 1
+        else:
+            for i in range(self.n_free - 1, -1, -1):
+                if self.free_slots[i] == s:
+                    self.free_slots[i] = self.free_slots[self.n_free - 1]
+                    self.n_free -= 1
+                    break
+        tab_reserve(&p.tab, 1)
+        tab_reserve(&self.latest, 1)
+        e = tab_find(&self.latest, g)
+        if e >= 0:
+            tab_insert(&p.tab, g, s, self.latest.slots[e])
+            self.latest.slots[e] = p.seq
+        else:
+            tab_insert(&p.tab, g, s, -1)
+            tab_insert(&self.latest, g, p.seq, -1)
+        bms_set_range(self.held.w, self.held.s, g, g + 1)
+
     cdef void _release_pool(self) noexcept:
         """No point left: free the chunks beyond those reserved."""
         cdef Py_ssize_t i
         for i in range(self.kept_chunks, self.n_chunks):
-            free(self.chunks[i])
+            self._drop_chunk(self.chunks[i])
         if self.n_chunks > self.kept_chunks:
             self.n_chunks = self.kept_chunks
+            if self.pool_fd >= 0:
+                ftruncate(self.pool_fd, <off_t>self.kept_chunks
+                          << <off_t>(self.pshift + self.shift))
         self.next_slot = 0
         self.n_free = 0
 
@@ -727,6 +874,10 @@ def take_many(list volumes, type cls, double now, double retain_for, object name
                                  "restore to complete")
             if v._invalid:
                 raise StateError(f"{v!r} holds no valid image")
+        for k in range(n):
+            # a durable chain logs the take before the point exists (and
+            # before any grain is saved into it)
+            (<PointChainBase>(<VolumeBase>volumes[k])._chain)._log_take()
         for k in range(n):
             v = <VolumeBase>volumes[k]
             c = v._chain

@@ -45,10 +45,10 @@ LOCAL = frozenset({"serve", "demo", "bench", "applydiff"})
 #: line but :data:`LOCAL` (tests/test_client.py holds the two to each other).
 FORWARDED = frozenset({
     "chgmir", "commitflash", "diffflash", "failbackpprc", "failoverpprc", "formcg",
-    "lsflash", "lsgmir", "lspprc", "lsvol", "mkflash", "mkgmir", "mkpprc", "mkvol",
-    "pausegmir", "pausepprc", "read", "recovergmir", "resumegmir", "resumepprc",
-    "resyncflash", "reverseflash", "revertflash", "rmflash", "rmgmir", "rmpprc", "rmvol",
-    "showgmir", "showunit", "waitflash", "write"})
+    "lsflash", "lsgmir", "lspoint", "lspprc", "lsvol", "mkflash", "mkgmir", "mkpoint",
+    "mkpprc", "mkvol", "pausegmir", "pausepprc", "read", "recovergmir", "restorepoint",
+    "resumegmir", "resumepprc", "resyncflash", "reverseflash", "revertflash", "rmflash",
+    "rmgmir", "rmpoint", "rmpprc", "rmvol", "showgmir", "showunit", "waitflash", "write"})
 
 #: Environment variables a forwarded command takes from its client (besides
 #: every ``FASTFC_*``): what decides how output looks.

@@ -26,7 +26,8 @@ is the first of points *i* .. newest that holds it, else the live volume.
   changed since the point (through the write path, so newer points keep
   their images).
 
-Points live in memory (durable points in storage units are not built yet).
+Points live in memory; a storage unit makes its volumes' chains durable
+(:mod:`fastfc.durable.points`: the pool in a file, every change logged).
 A volume with points cannot be a FlashCopy target or a PPRC secondary (their
 images change by paths that do not pass the write path's copy-on-write). A
 chain stays on its volume when its last point expires (with its clock); it
@@ -103,6 +104,59 @@ class PointChain(_core.PointChainBase):
             if clock is not None:
                 chain.clock = clock
             return chain
+
+    @staticmethod
+    def chain_of(volume: Volume) -> "PointChain | None":
+        """``volume``'s chain, or None."""
+        return volume._chain
+
+    # -- durable chains (storage units: fastfc.durable.points) ------------------
+    def make_durable(self, pool_fd: int, log_fd: int) -> None:
+        """Keep the grain pool in ``pool_fd``'s file (mapped shared) and log
+        every change of the chain to ``log_fd`` (opened to append) from now
+        on: records of three int64s (see fastfc/_points.pxi). While empty."""
+        with locked([self.volume]):
+            self._durable(pool_fd, log_fd)
+
+    def stop_log(self) -> None:
+        """Log nothing more (its file is being closed)."""
+        with locked([self.volume]):
+            self._stop_log()
+
+    def replay(self, records: np.ndarray, log_fd: int) -> dict[int, "RecoveryPoint"]:
+        """Rebuild a fresh chain (made durable with log fd -1) from its log's
+        ``records`` (an (n, 3) int64 array), then log to ``log_fd``. Returns
+        the live points by seq. A record that does not fit raises ValueError."""
+        by_seq: dict[int, RecoveryPoint] = {}
+        with locked([self.volume]):
+            if self.points or self.next_point_seq:
+                raise StateError(f"{self!r} is not fresh; only a fresh chain replays a log")
+            for kind, a, b in records.tolist():
+                if kind == 1:
+                    self._replay_save(a, b)
+                elif kind == 2:
+                    p = RecoveryPoint()
+                    self._take(p)
+                    if p.seq != a:
+                        raise ValueError(f"point #{a} of the log was taken as #{p.seq}")
+                    by_seq[a] = p
+                elif kind == 3:
+                    gone = by_seq.pop(a, None)
+                    if gone is None:
+                        raise ValueError(f"point #{a} of the log expired but is not held")
+                    self._expire(gone)
+                else:
+                    raise ValueError(f"unknown record kind {kind} in the log")
+            self._set_log(log_fd)
+            for p in self.points:
+                p.group = (p,)
+        return by_seq
+
+    def drop(self, point: "RecoveryPoint") -> None:
+        """Expire ``point`` whatever its retention: a point whose take never
+        returned (a durable unit found it in the log without its record)."""
+        with locked([self.volume]):
+            self._remove(point)
 
     # -- taking ----------------------------------------------------------------
     def take(self, *, retain_for: float = 0.0, name: str | None = None) -> "RecoveryPoint":

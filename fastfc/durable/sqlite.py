@@ -61,8 +61,11 @@ _MISSING = object()    # an undo record's "the row had no bitmaps entry"
 #: grain, which a fastfc reading a bit per track would misread
 #: 4: the CG journal (``unit.journal``, durability "process"): a unit killed
 #: with records in it must not be read by a fastfc that reads only unit.db
-SCHEMA_VERSION = 4
-READABLE_SCHEMAS = (1, 2, 3, 4)   # an older unit is upgraded by its first read-write open
+#: 5: durable recovery points (tables points, point_restores; files under
+#: points/): a fastfc without them would let a point's volume be written
+#: without copy-on-write
+SCHEMA_VERSION = 5
+READABLE_SCHEMAS = (1, 2, 3, 4, 5)   # an older unit is upgraded by its first read-write open
 
 # the FlashCopy log's columns: one little-endian int64 each, per relationship
 # (built by _core.log_rows, in this order)
@@ -200,6 +203,11 @@ CREATE TABLE IF NOT EXISTS session_stats(
 CREATE TABLE IF NOT EXISTS session_failures(name TEXT PRIMARY KEY, failure TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS site_sessions(
     name TEXT PRIMARY KEY, record TEXT NOT NULL, stats TEXT);
+CREATE TABLE IF NOT EXISTS points(
+    volume TEXT NOT NULL, seq INTEGER NOT NULL, name TEXT, taken_at REAL NOT NULL,
+    retain_until REAL NOT NULL, grp TEXT NOT NULL, PRIMARY KEY(volume, seq));
+CREATE TABLE IF NOT EXISTS point_restores(
+    target TEXT PRIMARY KEY, volume TEXT NOT NULL, seq INTEGER NOT NULL);
 """
 
 #: The sessions a unit serves to a primary in another process

@@ -64,6 +64,7 @@ from fastfc.copyservices.globalmirror import GlobalMirror, Triplet, copy_to_c
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.copyservices.resolution import group_sequence, pending_sequence, resolve
 from fastfc.durable.lock import LOCK_FILE, POLL, UnitLock
+from fastfc.durable.points import UnitPoints
 from fastfc.durable.siteloss import (ended_at_secondary, failover_alone, forget_failover,
                                      is_site_failover, recover_session, release_secondary,
                                      restore_merged)
@@ -204,6 +205,7 @@ class StorageUnit:
         # the sessions served to a primary elsewhere, as unit.db says (None: read again)
         self._served: dict[str, list[tuple[str, str]]] | None = None
         self.uuid: str | None = None
+        self.points = UnitPoints(self)     # durable recovery points
         if self.path is None:
             if self.readonly:
                 raise ValueError("an in-memory unit cannot be opened read-only")
@@ -254,6 +256,7 @@ class StorageUnit:
         self.uuid = self.store.uuid
         try:
             self._restore_local()
+            self.points.reopen()
         except (ValueError, TypeError, KeyError) as e:
             # a row whose values make no sense (bad JSON, NULLs, a mode
             # that does not exist): damaged metadata, not a caller's error
@@ -345,7 +348,11 @@ class StorageUnit:
         if vol.relationships or vol.mirror is not None or vol.is_secondary:
             raise StateError(f"{vol!r} is in a FlashCopy relationship or PPRC pair; "
                              "withdraw or remove those first")
+        held = self.points.points(name)
+        if held:
+            raise StateError(f"{vol!r} holds {len(held)} recovery points; expire them first")
         vol.close()
+        self.points.drop_files(name)
         del self._volumes[name]
         if self.path is not None:
             self._sqlite.remove_volume(name)
@@ -1271,6 +1278,8 @@ class StorageUnit:
         targets = [v for v in vols if v.target_relationship is not None]
         for v in targets:
             v.flush()
+        if self.path is not None:
+            self.points.flush()     # copy-on-write grains before the overwrites
         maps = [bm for fc in self.flashcopies for bm in (fc.to_copy, fc.src_changed,
                                                          fc.tgt_changed)]
         maps += [bm for pair in self.pairs for bm in (pair.oos, pair.spare, pair.cg)]
@@ -1348,6 +1357,7 @@ class StorageUnit:
     def _release_files(self, workers=()) -> None:
         for v in self._volumes.values():
             v.close()
+        self.points.close()
         # background-copy workers stop at their next chunk once the volumes are
         # closed, but one may be ending its relationship (a row to delete): the
         # store closes after them

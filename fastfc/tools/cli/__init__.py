@@ -37,13 +37,13 @@ one invocation opens), :mod:`.params` (what the command line accepts),
 :mod:`.output` (tables, JSON, progress), :mod:`.control` (commands carried
 out by the process that holds a unit), :mod:`.loops` (the Global Mirror
 loops a server runs), :mod:`.copies` (the background copies it moves on), and the commands: :mod:`.volumes`,
-:mod:`.flash`, :mod:`.pprc`, :mod:`.gmir`, :mod:`.unitview` (showunit), :mod:`.serve` (the NBD server of
+:mod:`.flash`, :mod:`.pprc`, :mod:`.gmir`, :mod:`.points`, :mod:`.unitview` (showunit), :mod:`.serve` (the NBD server of
 :mod:`fastfc.tools.nbd`, with the seam for services beside it). A command
 module registers its commands on :func:`main` when imported; the help lists
 them in this order.
 """
 
 from .app import main
-from . import volumes, flash, pprc, gmir, unitview, serve  # noqa: E402,F401  (registers the commands)
+from . import volumes, flash, pprc, gmir, points, unitview, serve  # noqa: E402,F401  (registers the commands)
 
 __all__ = ["main"]
