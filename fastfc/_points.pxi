@@ -224,6 +224,9 @@ cdef class PointChainBase:
     cdef Py_ssize_t kept_chunks   # reserved (_reserve_pool): kept when emptied
     # durable chains: the pool's file and the log's (-1: in memory)
     cdef int pool_fd, log_fd
+    # a log write failed: the tables may hold grains the log does not name,
+    # so nothing more is saved (host writes refused) until the unit reopens
+    cdef readonly bint log_failed
 
     def __cinit__(self, *args, **kwargs):
         self.points = []
@@ -357,6 +360,11 @@ cdef class PointChainBase:
         cdef Py_ssize_t nrec = 0
         if p is None:
             return 0
+        if self.log_failed:
+            raise OSError(EIO,
+                          f"the recovery points' log of {self.volume!r} could not be "
+                          "written earlier: the volume refuses writes until its unit is "
+                          "opened again (every point reads as logged)")
         for g in range(g0, g1):
             if tab_get(&p.tab, g) >= 0:
                 continue
@@ -588,6 +596,7 @@ cdef class PointChainBase:
         cdef const uint8_t* b = <const uint8_t*>rec
         cdef size_t left = <size_t>n * 3 * sizeof(int64_t)
         cdef ssize_t w
+        cdef int err
         if self.log_fd < 0 or n == 0:
             return 0
         while left:
@@ -595,7 +604,11 @@ cdef class PointChainBase:
             if w < 0:
                 if errno == EINTR:
                     continue
-                raise OSError(errno, "cannot write the recovery points' log")
+                err = errno
+                self.log_failed = True
+                raise OSError(err, f"cannot write the recovery points' log of "
+                                   f"{self.volume!r}: {os.strerror(err)}; the volume "
+                                   "refuses writes until its unit is opened again")
             b += w
             left -= w
         return 0

@@ -99,3 +99,54 @@ def test_bad_requests_are_refused_by_name(tmp_path):
             u.points.take(["zz"])
         with pytest.raises(KeyError, match="no recovery point"):
             u.points.expire("a", 7)
+
+
+def _fd_of(path) -> int:
+    """This process's descriptor open on ``path``."""
+    import os
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == str(path):
+                return int(name)
+        except OSError:
+            pass
+    raise AssertionError(f"{path} is not open")
+
+
+def test_a_failed_log_write_refuses_the_write_and_every_later_one(tmp_path):
+    """A log write that fails (a full disk, an I/O error) refuses the host
+    write whole, and every later write to that volume until the unit is
+    opened again: the point's table may hold grains its log does not name,
+    and a later save into them would go unlogged. After the reopen every
+    point reads its image at the take."""
+    import os
+    u = _unit(tmp_path)
+    a = u.volume("a")
+    a.write(0, np.full(a.capacity, 1, np.uint8))
+    u.points.take(["a"], name="before")
+    image = a.read(0, a.capacity)
+    log = (tmp_path / "points" / "a.log").resolve()
+    fd = _fd_of(log)
+    saved = os.dup(fd)
+    ro = os.open(log, os.O_RDONLY)
+    os.dup2(ro, fd)                      # the log's writes now fail (EBADF)
+    try:
+        with pytest.raises(OSError, match="cannot write the recovery points' log"):
+            a.write(4096, np.full(8192, 2, np.uint8))
+        assert np.array_equal(a.read(0, a.capacity), image)      # refused whole
+        os.dup2(saved, fd)               # the log writable again: still refused
+        with pytest.raises(OSError, match="refuses writes until its unit is opened again"):
+            a.write(4096, np.full(4096, 3, np.uint8))
+        assert np.array_equal(a.read(0, a.capacity), image)
+        u.volume("b").write(0, b"other volumes take writes")
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(ro)
+    u.close()
+    with StorageUnit(tmp_path) as u:
+        a = u.volume("a")
+        (p,) = u.points.points("a")
+        assert np.array_equal(p.image(), image)
+        a.write(4096, np.full(8192, 4, np.uint8))        # writable again
+        assert np.array_equal(p.image(), image)
