@@ -118,15 +118,5 @@ def main(argv=None) -> int:
                 unit.points.restore("a", p.seq, target)
 
 
-def forked_main(argv: list, env: dict, out: str, err: str) -> None:
-    os.environ.clear()
-    os.environ.update(env)
-    for fd, path in ((1, out), (2, err)):
-        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(f, fd)
-        os.close(f)
-    sys.exit(main(argv))
-
-
 if __name__ == "__main__":
     sys.exit(main())

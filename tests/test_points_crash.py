@@ -22,7 +22,7 @@ from fastfc import StorageUnit
 
 from test_crash import _forkserver, finish_child
 
-import points_child
+import crash_child
 
 pytestmark = pytest.mark.slow     # child processes killed and reopened: about 10 s
 
@@ -31,8 +31,8 @@ def run_points_child(root: Path, seed: int, kill_after: float) -> None:
     fd, out = tempfile.mkstemp(prefix="fastfc-points-", suffix=".out")
     os.close(fd)
     err = out[:-4] + ".err"
-    proc = _forkserver().Process(target=points_child.forked_main,
-                                 args=(["--root", str(root), "--seed", str(seed)],
+    proc = _forkserver().Process(target=crash_child.forked_main,
+                                 args=("points_child", ["--root", str(root), "--seed", str(seed)],
                                        dict(os.environ), out, err), daemon=True)
     proc.start()
     end = time.monotonic() + 60
