@@ -22,6 +22,8 @@ import gc
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,33 @@ def _tmp_root() -> Path:
     shm = Path("/dev/shm")
     return Path(tempfile.mkdtemp(prefix="fastfc-scaleout-",
                                  dir=str(shm) if shm.is_dir() else None))
+
+
+@contextmanager
+def _ray() -> Iterator[Any]:
+    """Ray for a bench: the running one, or one started here (2 CPUs) and
+    shut down after."""
+    import ray
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, namespace="fastfc", log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@contextmanager
+def _units(start: Callable[..., Any], root: Path, prefix: str, n: int) -> Iterator[list]:
+    """``n`` units started by ``start`` (``SecondaryUnit.start`` or
+    ``LocalUnit.start``) in ``root``, killed after."""
+    hs = [start(root / f"u{i}", name=f"{prefix}-{root.name}-u{i}") for i in range(n)]
+    try:
+        yield hs
+    finally:
+        for h in hs:
+            h.kill()
 
 
 def _copyto_bps(nbytes: int) -> float:
@@ -97,15 +126,9 @@ def one_process(root: Path, triplets: int, size_mib: int, seconds: float,
 
 def scaled_out(root: Path, triplets: int, size_mib: int, seconds: float, rate_mbs: float,
                units: int) -> dict[str, float]:
-    import ray
     from fastfc import remote
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, namespace="fastfc", log_to_driver=False)
     n = size_mib * 2**20 // TRACK
-    hs = [remote.SecondaryUnit.start(root / f"u{i}", name=f"bench-{root.name}-u{i}")
-          for i in range(units)]
-    try:
+    with _ray(), _units(remote.SecondaryUnit.start, root, "bench", units) as hs:
         trips = []
         for i in range(triplets):
             h = hs[i % units]
@@ -115,11 +138,6 @@ def scaled_out(root: Path, triplets: int, size_mib: int, seconds: float, rate_mb
         out = _run(gm, [t[0] for t in trips], seconds, rate_mbs)
         gm.close()
         return out
-    finally:
-        for h in hs:
-            h.kill()
-        if started:
-            ray.shutdown()
 
 
 def scaleout(*, triplets: int = 32, size_mib: int = 32, units: int = 2, seconds: float = 5.0,
@@ -159,59 +177,49 @@ def attach_cost(*, triplets: int = 8, size_mib: int = 32, units: int = 2,
     copy's seconds, attach's, the first CG's after it, and the bytes each
     sent. Not part of the ``scaleout`` suite: run it as
     ``python -c 'from benches.scaleout import attach_cost; print(attach_cost())'``."""
-    import ray
     from fastfc import remote
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, namespace="fastfc", log_to_driver=False)
     n = size_mib * 2**20 // TRACK
     rng = np.random.default_rng(1)
     runs = []
-    try:
+    with _ray():
         for r in range(repeats):
             root = _tmp_root()
-            hs = [remote.SecondaryUnit.start(root / f"u{i}", name=f"attach-{root.name}-u{i}")
-                  for i in range(units)]
             try:
-                p = fastfc.StorageUnit(root / "primary")
-                trips = []
-                for i in range(triplets):
-                    h = hs[i % units]
-                    a = p.create_volume(f"a{i}", n, TRACK)
-                    a.write(0, rng.integers(0, 256, n * TRACK, dtype=np.uint8))
-                    trips.append((a, h.create_volume(f"b{i}", n, TRACK),
-                                  h.create_volume(f"c{i}", n, TRACK)))
-                gm = fastfc.GlobalMirror(trips)
-                first = gm.form_consistency_group()
-                assert first.committed, first
-                init_s = first.drain_time + first.flash_time + first.coordination_time
-                p.abandon()                   # the primary is lost
-                del gm, trips
-                p = fastfc.StorageUnit(root / "primary")
-                k = max(1, int(n * changed))
-                for i in range(triplets):
-                    v = p.volume(f"a{i}")
-                    for t in rng.choice(n, k, replace=False):
-                        v.write(int(t) * TRACK, rng.integers(0, 256, TRACK, dtype=np.uint8))
-                t = time.perf_counter()
-                gm = remote.attach(p, "gm")
-                attach_s = time.perf_counter() - t
-                res = gm.form_consistency_group()
-                assert res.committed, res
-                cg_s = res.drain_time + res.flash_time + res.coordination_time
-                runs.append({"initial_copy_s": init_s, "initial_bytes": first.bytes_drained,
-                             "attach_s": attach_s, "first_cg_s": cg_s,
-                             "first_cg_bytes": res.bytes_drained})
-                log(f"  attach_cost {r}: {runs[-1]}")
-                gm.close()
-                p.close()
+                with _units(remote.SecondaryUnit.start, root, "attach", units) as hs:
+                    p = fastfc.StorageUnit(root / "primary")
+                    trips = []
+                    for i in range(triplets):
+                        h = hs[i % units]
+                        a = p.create_volume(f"a{i}", n, TRACK)
+                        a.write(0, rng.integers(0, 256, n * TRACK, dtype=np.uint8))
+                        trips.append((a, h.create_volume(f"b{i}", n, TRACK),
+                                      h.create_volume(f"c{i}", n, TRACK)))
+                    gm = fastfc.GlobalMirror(trips)
+                    first = gm.form_consistency_group()
+                    assert first.committed, first
+                    init_s = first.drain_time + first.flash_time + first.coordination_time
+                    p.abandon()                   # the primary is lost
+                    del gm, trips
+                    p = fastfc.StorageUnit(root / "primary")
+                    k = max(1, int(n * changed))
+                    for i in range(triplets):
+                        v = p.volume(f"a{i}")
+                        for t in rng.choice(n, k, replace=False):
+                            v.write(int(t) * TRACK, rng.integers(0, 256, TRACK, dtype=np.uint8))
+                    t = time.perf_counter()
+                    gm = remote.attach(p, "gm")
+                    attach_s = time.perf_counter() - t
+                    res = gm.form_consistency_group()
+                    assert res.committed, res
+                    cg_s = res.drain_time + res.flash_time + res.coordination_time
+                    runs.append({"initial_copy_s": init_s, "initial_bytes": first.bytes_drained,
+                                 "attach_s": attach_s, "first_cg_s": cg_s,
+                                 "first_cg_bytes": res.bytes_drained})
+                    log(f"  attach_cost {r}: {runs[-1]}")
+                    gm.close()
+                    p.close()
             finally:
-                for h in hs:
-                    h.kill()
                 shutil.rmtree(root, ignore_errors=True)
-    finally:
-        if started:
-            ray.shutdown()
     ratio = sorted((x["attach_s"] + x["first_cg_s"]) / x["initial_copy_s"] for x in runs)
     return {"runs": runs, "attach_and_first_cg_vs_initial_copy": {
                 "min": ratio[0], "median": ratio[len(ratio) // 2]},
@@ -230,10 +238,6 @@ def data_path(*, mib: int = 16, repeats: int = 10, log=print) -> dict[str, Any]:
     import os
     import socket
 
-    import ray
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, namespace="fastfc", log_to_driver=False)
     nbytes = mib << 20
 
     def best(fn) -> float:
@@ -245,7 +249,7 @@ def data_path(*, mib: int = 16, repeats: int = 10, log=print) -> dict[str, Any]:
         return nbytes / t_best / 2**20
 
     out: dict[str, float] = {}
-    try:
+    with _ray() as ray:
         src = np.ones(nbytes, np.uint8)
         dst = np.empty_like(src)
         out["np_copyto"] = best(lambda: np.copyto(dst, src))
@@ -289,9 +293,6 @@ def data_path(*, mib: int = 16, repeats: int = 10, log=print) -> dict[str, Any]:
         out["unix_socket_stream"] = best(stream)
         a.close()
         os.waitpid(pid, 0)
-    finally:
-        if started:
-            ray.shutdown()
     log(f"  data_path ({mib} MiB messages, MiB/s): {out}")
     return {"mib_per_s": out,
             "vs_copyto": {k: v / out["np_copyto"] for k, v in out.items()}}
@@ -306,52 +307,39 @@ def small_cgs(*, triplets: int = 8, units: int = 2, cgs: int = 300, log=print) -
     (:class:`~fastfc.remote.LocalUnit`, no Ray) are the baseline. Not part
     of the ``scaleout`` suite: run it as ``python -c 'from benches.scaleout
     import small_cgs; print(small_cgs())'``."""
-    import ray
     from fastfc import remote
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, namespace="fastfc", log_to_driver=False)
     n = 256
     out: dict[str, Any] = {}
-    try:
+    with _ray():
         for kind in ("ray", "in_process"):
             root = _tmp_root()
-            if kind == "ray":
-                hs: list = [remote.SecondaryUnit.start(root / f"u{i}", name=f"small-{root.name}-u{i}")
-                            for i in range(units)]
-            else:
-                hs = [remote.LocalUnit.start(root / f"u{i}", name=f"small-{root.name}-u{i}")
-                      for i in range(units)]
+            start = remote.SecondaryUnit.start if kind == "ray" else remote.LocalUnit.start
             try:
-                trips = [(fastfc.Volume(n, TRACK, name=f"a{i}"),
-                          hs[i % units].create_volume(f"b{i}", n, TRACK),
-                          hs[i % units].create_volume(f"c{i}", n, TRACK))
-                         for i in range(triplets)]
-                gm = fastfc.GlobalMirror(trips)
-                assert gm.form_consistency_group().committed
-                total, flash = [], []
-                t0 = time.perf_counter()
-                for k in range(cgs):
-                    for a, _, _ in trips:
-                        a.write((k % n) * TRACK, b"x" * 64)
-                    t = time.perf_counter()
-                    res = gm.form_consistency_group()
-                    if not res.committed:
-                        raise RuntimeError(f"CG failed: {res.cause} {res.detail}")
-                    total.append(time.perf_counter() - t)
-                    flash.append(res.flash_time)
-                elapsed = time.perf_counter() - t0
-                gm.close()
-                q = lambda v, p: float(np.percentile(v, p)) * 1e3     # noqa: E731
-                out[kind] = {"cg_p50_ms": q(total, 50), "cg_p99_ms": q(total, 99),
-                             "flash_p50_ms": q(flash, 50), "flash_p99_ms": q(flash, 99),
-                             "cgs_per_s": cgs / elapsed}
+                with _units(start, root, "small", units) as hs:
+                    trips = [(fastfc.Volume(n, TRACK, name=f"a{i}"),
+                              hs[i % units].create_volume(f"b{i}", n, TRACK),
+                              hs[i % units].create_volume(f"c{i}", n, TRACK))
+                             for i in range(triplets)]
+                    gm = fastfc.GlobalMirror(trips)
+                    assert gm.form_consistency_group().committed
+                    total, flash = [], []
+                    t0 = time.perf_counter()
+                    for k in range(cgs):
+                        for a, _, _ in trips:
+                            a.write((k % n) * TRACK, b"x" * 64)
+                        t = time.perf_counter()
+                        res = gm.form_consistency_group()
+                        if not res.committed:
+                            raise RuntimeError(f"CG failed: {res.cause} {res.detail}")
+                        total.append(time.perf_counter() - t)
+                        flash.append(res.flash_time)
+                    elapsed = time.perf_counter() - t0
+                    gm.close()
+                    q = lambda v, p: float(np.percentile(v, p)) * 1e3     # noqa: E731
+                    out[kind] = {"cg_p50_ms": q(total, 50), "cg_p99_ms": q(total, 99),
+                                 "flash_p50_ms": q(flash, 50), "flash_p99_ms": q(flash, 99),
+                                 "cgs_per_s": cgs / elapsed}
             finally:
-                for h in hs:
-                    h.kill()
                 shutil.rmtree(root, ignore_errors=True)
-    finally:
-        if started:
-            ray.shutdown()
     log(f"  small_cgs: {out}")
     return out
