@@ -317,3 +317,33 @@ def test_local_units_are_found_by_name_and_stopped(tmp_path):
         u.volume("v")
     u = remote.LocalUnit.start(tmp_path / "u", name="u")     # closed cleanly: opens again
     assert bytes(u.volume("v").read(0, 2)) == b"\x09\x09"
+
+
+def test_an_a_volume_a_record_names_is_not_removed_until_the_session_is_forgotten(tmp_path):
+    """A crashed primary's unit, reopened, has no pair on its A volumes
+    (the pairs lived in the dead process): only the session's record says
+    that a new primary resumes from them, so removing one is refused, with
+    the call that forgets the record, and nothing changes; also when the
+    volume's file is missing."""
+    units = start_units(tmp_path)
+    p, trips, gm, chk = primary_session(tmp_path, units, n_trip=2)
+    assert gm.form_consistency_group().committed
+    die(p)
+    p = fastfc.StorageUnit(tmp_path / "primary")
+    assert p.volume("a0").mirror is None                  # nothing else holds it
+    image = p.volume("a0").read(0, N * TS)
+    with pytest.raises(fastfc.StateError,
+                       match=r"A volume of session 'gm' over secondary units.*"
+                             r"forget_session\(unit, 'gm'\)"):
+        p.remove_volume("a0")
+    assert np.array_equal(p.volume("a0").read(0, N * TS), image)
+    p.close()
+    (tmp_path / "primary" / "volumes" / "a1.vol").unlink()
+    p = fastfc.StorageUnit(tmp_path / "primary")
+    with pytest.raises(fastfc.StateError, match=r"session gm over secondary units"):
+        p.remove_volume("a1")
+    assert remote.forget_session(p, "gm")
+    p.remove_volume("a0")
+    p.remove_volume("a1")
+    assert p.volumes() == []
+    p.close()

@@ -89,6 +89,8 @@ _REMOVE_SESSION = "StorageUnit.remove_session({name!r})"
 _REMOVE_FLASHCOPY = "StorageUnit.remove_flashcopy({source!r}, {target!r})"
 _REMOVE_PAIR = "StorageUnit.remove_pair({primary!r}, {secondary!r})"
 _REMOVE_VOLUME = "StorageUnit.remove_volume({name!r})"
+#: ... the record of a session over secondary units that names an A volume
+_FORGET_SITE_SESSION = "fastfc.remote.forget_session(unit, {name!r})"
 
 #: The durability levels a unit can be opened with (``StorageUnit(durability=...)``).
 DURABILITY = ("process", "power")
@@ -351,12 +353,26 @@ class StorageUnit:
         held = self.points.points(name)
         if held:
             raise StateError(f"{vol!r} holds {len(held)} recovery points; expire them first")
+        recorded = self._site_sessions_of(name)
+        if recorded:
+            raise StateError(
+                f"{vol!r} is the A volume of session{'s' if len(recorded) > 1 else ''} "
+                f"{', '.join(map(repr, recorded))} over secondary units, which a new primary "
+                "process resumes from this unit; forget "
+                + ("it" if len(recorded) == 1 else "them") + " first: "
+                + ", ".join(_FORGET_SITE_SESSION.format(name=n) for n in recorded))
         vol.close()
         self.points.drop_files(name)
         del self._volumes[name]
         if self.path is not None:
             self._sqlite.remove_volume(name)
             self._volume_file(name).unlink(missing_ok=True)
+
+    def _site_sessions_of(self, name: str) -> list[str]:
+        """The recorded sessions over secondary units whose A volumes
+        include ``name``."""
+        return sorted(n for n, rec in self.store.site_sessions().items()
+                      if any(t[0] == name for t in rec["triplets"]))
 
     def _remove_missing_volume(self, name: str) -> None:
         users = [(f"FlashCopy {s}:{t}", _REMOVE_FLASHCOPY.format(source=s, target=t))
@@ -368,6 +384,8 @@ class StorageUnit:
                   for n, cfg in self.store.session_rows().items()
                   if any(name in (b, c) or (name == a and u == self.uuid)
                          for u, a, b, c in cfg["triplets"])]
+        users += [(f"session {n} over secondary units", _FORGET_SITE_SESSION.format(name=n))
+                  for n in self._site_sessions_of(name)]
         if users:
             raise StateError(f"volume {name!r} (its file missing) is still named by "
                              + ", ".join(what for what, _ in users) + "; remove "
