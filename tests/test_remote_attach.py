@@ -7,6 +7,8 @@ primary a real process that is SIGKILLed."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -338,6 +340,17 @@ def test_an_a_volume_a_record_names_is_not_removed_until_the_session_is_forgotte
         p.remove_volume("a0")
     assert np.array_equal(p.volume("a0").read(0, N * TS), image)
     p.close()
+    # the command line lists the record and says how to resume it
+    from click.testing import CliRunner
+    from fastfc.tools.cli import main
+    unit = ["--unit", str(tmp_path / "primary")]
+    out = CliRunner().invoke(main, [*unit, "lsgmir", "--json"], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    [row] = json.loads(out.stdout)
+    assert (row["session"], row["state"], row["triplets"], row["cg_sequence"]) == \
+        ("gm", "over secondary units", 2, 1)
+    out = CliRunner().invoke(main, [*unit, "showgmir", "gm"], catch_exceptions=False)
+    assert out.exit_code == 1 and "fastfc.remote.attach(unit, 'gm')" in out.stderr
     (tmp_path / "primary" / "volumes" / "a1.vol").unlink()
     p = fastfc.StorageUnit(tmp_path / "primary")
     with pytest.raises(fastfc.StateError, match=r"session gm over secondary units"):

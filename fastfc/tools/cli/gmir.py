@@ -346,7 +346,10 @@ def lsgmir(units, as_json) -> None:
     second while running.
 
     A session recorded as running whose unit no server holds is paused
-    until fastfc serve opens the unit (then it resumes)."""
+    until fastfc serve opens the unit (then it resumes). A session over
+    secondary units (fastfc.remote), recorded in the unit of its A
+    volumes, is listed as "over secondary units": its primary process runs
+    it, and a new one resumes it (fastfc.remote.attach)."""
     rows = []
     for u in units.all():
         for name in u.store.session_rows():
@@ -368,6 +371,13 @@ def lsgmir(units, as_json) -> None:
                 if loop["here"]:
                     row["rpo"] = gm.stats.rpo
             rows.append(row)
+        for name, rec in u.store.site_sessions().items():
+            stats = rec.get("stats") or {}
+            rows.append({"session": name, "unit": str(u.path), "state": "over secondary units",
+                         "triplets": len(rec["triplets"]),
+                         "cg_sequence": stats.get("sequence"), "rpo": None,
+                         "cg_per_second": None, "cg_interval": rec["cg_interval"],
+                         "resumes_when_served": False})
     if as_json:
         json_out(rows)
         return

@@ -261,6 +261,12 @@ class Units:
         for u in units:
             if name in u.store.session_rows():
                 return u.session(name)   # raises: its primary units are missing
+        for u in units:
+            if name in u.store.site_sessions():
+                raise click.ClickException(
+                    f"session {name!r} runs over secondary units (fastfc.remote) from a primary "
+                    f"process, which records it in {u.path}: lsgmir lists it; a new primary "
+                    f"process resumes it with fastfc.remote.attach(unit, {name!r})")
         # a session is recorded with its B volumes: in the unit of a pair's
         # secondary, which may be the one that is away
         away: dict[str, list[str]] = {}
