@@ -111,9 +111,9 @@ def _run(gm: Any, primaries: list, seconds: float, rate_mbs: float) -> dict[str,
 
 
 def one_process(root: Path, triplets: int, size_mib: int, seconds: float,
-                rate_mbs: float) -> dict[str, float]:
+                rate_mbs: float, durability: str = "process") -> dict[str, float]:
     n = size_mib * 2**20 // TRACK
-    unit = fastfc.StorageUnit(root / "local")
+    unit = fastfc.StorageUnit(root / "local", durability=durability)
     try:
         trips = [(fastfc.Volume(n, TRACK, name=f"a{i}"),
                   unit.create_volume(f"b{i}", n, TRACK), unit.create_volume(f"c{i}", n, TRACK))
@@ -342,4 +342,72 @@ def small_cgs(*, triplets: int = 8, units: int = 2, cgs: int = 300, log=print) -
             finally:
                 shutil.rmtree(root, ignore_errors=True)
     log(f"  small_cgs: {out}")
+    return out
+
+
+def power_vs_process(*, triplets: int = 32, size_mib: int = 32, units: int = 2,
+                     seconds: float = 5.0, rate_mbs: float = 200.0, disk: bool = False,
+                     pairs: int = 2, log=print) -> dict[str, Any]:
+    """The scaled-out session over in-process units
+    (:class:`~fastfc.remote.LocalUnit`, no Ray: what the units' durability
+    costs, without the transport's noise) with its units at durability
+    "process" and at "power", alternating, ``pairs`` times each, in one
+    run: the figures of each session, and the ratios power / process of
+    the medians (``ratios``) and of each pair (``pair_ratios``); and the
+    same session in one process (one unit holding every B and C, at the
+    same level) after each, as the reference (``one_process``,
+    ``one_process_ratios``). ``disk``:
+    the units in a temporary directory of the disk (``/var/tmp``) rather
+    than tmpfs, where the syncs cost what they cost. Not part of the
+    ``scaleout`` suite: run it as ``python -c 'from benches.scaleout import
+    power_vs_process; power_vs_process()'``."""
+    from functools import partial
+    from fastfc import remote
+    n = size_mib * 2**20 // TRACK
+    keys = ("cgs_per_s", "rpo_p99_ms", "flash_p50_ms", "flash_p99_ms", "initial_drain_bps",
+            "pace_ratio")
+    out: dict[str, Any] = {"config": {"triplets": triplets, "size_mib": size_mib,
+                                      "units": units, "seconds": seconds,
+                                      "rate_mbs": rate_mbs, "disk": disk},
+                           "process": [], "power": [],
+                           "one_process": {"process": [], "power": []}}
+    for durability in ("process", "power") * pairs:
+        root = (Path(tempfile.mkdtemp(prefix="fastfc-scaleout-", dir="/var/tmp")) if disk
+                else _tmp_root())
+        gc.collect()
+        log(f"  power_vs_process: {units} in-process units at {durability!r}, "
+            f"{triplets} x {size_mib} MiB, {seconds:g} s")
+        try:
+            start = partial(remote.LocalUnit.start, durability=durability)
+            with _units(start, root, f"durability-{durability}", units) as hs:
+                trips = [(fastfc.Volume(n, TRACK, name=f"a{i}"),
+                          hs[i % units].create_volume(f"b{i}", n, TRACK),
+                          hs[i % units].create_volume(f"c{i}", n, TRACK))
+                         for i in range(triplets)]
+                gm = fastfc.GlobalMirror(trips)
+                figures = _run(gm, [t[0] for t in trips], seconds, rate_mbs)
+                out[durability].append(figures)
+                log(f"    {durability}: " + ", ".join(f"{k} {figures[k]:.3g}" for k in keys))
+                gm.close()
+            gc.collect()
+            ref = one_process(root, triplets, size_mib, seconds, rate_mbs, durability)
+            out["one_process"][durability].append(ref)
+            log(f"    one process, {durability}: "
+                + ", ".join(f"{k} {ref[k]:.3g}" for k in keys))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def ratio(power: float, process: float) -> float:
+        return power / process if process else float("nan")
+    med = {d: {k: float(np.median([f[k] for f in out[d]])) for k in keys}
+           for d in ("process", "power")}
+    out["ratios"] = {k: ratio(med["power"][k], med["process"][k]) for k in keys}
+    out["pair_ratios"] = [{k: ratio(pw[k], pr[k]) for k in keys}
+                          for pr, pw in zip(out["process"], out["power"])]
+    ref = {d: {k: float(np.median([f[k] for f in out["one_process"][d]])) for k in keys}
+           for d in ("process", "power")}
+    out["one_process_ratios"] = {k: ratio(ref["power"][k], ref["process"][k]) for k in keys}
+    log(f"  power_vs_process: medians {med}; ratios power / process {out['ratios']}; "
+        f"per pair {out['pair_ratios']}; one process: medians {ref}, ratios "
+        f"{out['one_process_ratios']}")
     return out

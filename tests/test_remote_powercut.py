@@ -209,6 +209,23 @@ class Rig:
             u.kill()
 
 
+def test_a_units_durability_is_checked_and_reported(work):
+    """``durability`` other than "process" or "power" is refused before
+    anything starts (no unit, no directory); the level reaches the unit's
+    storage and ``info()`` reports it; a restart takes the level given."""
+    with pytest.raises(ValueError, match="durability must be one of process, power"):
+        remote.LocalUnit.start(work / "u", name="bad", durability="disk")
+    assert not (work / "u").exists()
+    with pytest.raises(local.UnitDownError):
+        remote.LocalUnit.attach("bad")
+    u = remote.LocalUnit.start(work / "u", name="u", durability="power")
+    assert u.info()["durability"] == "power"
+    assert u.server.unit.durability == "power"
+    u.kill()
+    u = remote.LocalUnit.start(work / "u", name="u")
+    assert u.info()["durability"] == "process"
+
+
 # -- copies: cut, reopen, recover, check ---------------------------------------------------
 @dataclass
 class Copies:

@@ -1127,6 +1127,7 @@ class StorageUnit:
         written are synced before the call returns. So a power cut anywhere
         leaves each C on its image, and an update the caller saw answered
         (and stopped owing) is on the disk."""
+        self._require_writable()
         vols = [self.volume(name) for name, _, _ in updates]
         ordered = self.durability == "power"
         if ordered:
