@@ -1152,7 +1152,7 @@ class StorageUnit:
         refuse, nothing changed."""
         touched: dict[int, tuple[Volume, np.ndarray]] = {}
         for vol, (_, offsets, rows) in zip(vols, updates):
-            rels = vol._src_rels
+            rels = vol.source_relationships
             if not rels or any(r.revertible for r in rels):
                 continue
             if id(vol) not in touched:
@@ -1174,8 +1174,8 @@ class StorageUnit:
             if not grains.any():
                 continue
             mask = TrackBitmap.from_bools(grains)
-            for rel in list(vol._src_rels):
-                rel.make_overwritable(mask)
+            for rel in vol.source_relationships:
+                cast(FlashCopy, rel).make_overwritable(mask)
 
     def record_cg_decision(self, name: str, sequence: int, decision: str) -> None:
         """Record the decision ("commit" or "revert") served session
