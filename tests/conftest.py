@@ -146,7 +146,7 @@ KNOWN_SECONDS = {
     "test_serve_sessions.py::test_without_a_server": 18,
     "test_serve_copies.py::test_a_sessions_pairs_are_its_loops_alone": 16,
     "test_bitmap.py::TestBitmapMachine::runTest": 13,
-    "test_remote_powercut.py::test_power_units_survive_more_live_cuts": 15,
+    "test_remote_powercut.py::test_power_units_survive_more_live_cuts": 28,
     "test_cli_bench.py::test_the_runner_quick_on_one_case": 11,
     "test_cli_bench.py::test_serve_suite_quick_end_to_end": 11,
     "test_powercut.py::test_power_durability_survives_cuts": 11,
