@@ -31,7 +31,10 @@ Two kinds of power cut:
   was cut) and forms CGs: after each, every C holds exactly the newest
   committed CG (:class:`~fastfc.tools.testing.PromiseChecker`). This also
   catches a unit that loses an update it answered (the primary stopped
-  owing it, so a later CG would miss it).
+  owing it, so a later CG would miss it). Some runs cut a unit again after
+  the restart (every unit flushed, the recorder started anew), also at the
+  first instant of the recovery that settles the CG the first cut left in
+  doubt.
 
 The harness has teeth: at durability "process" copies break the promise,
 and at "power" with the unit's ordering (``StorageUnit._order_updates``) or
