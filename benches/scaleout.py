@@ -111,9 +111,9 @@ def _run(gm: Any, primaries: list, seconds: float, rate_mbs: float) -> dict[str,
 
 
 def one_process(root: Path, triplets: int, size_mib: int, seconds: float,
-                rate_mbs: float) -> dict[str, float]:
+                rate_mbs: float, durability: str = "process") -> dict[str, float]:
     n = size_mib * 2**20 // TRACK
-    unit = fastfc.StorageUnit(root / "local")
+    unit = fastfc.StorageUnit(root / "local", durability=durability)
     try:
         trips = [(fastfc.Volume(n, TRACK, name=f"a{i}"),
                   unit.create_volume(f"b{i}", n, TRACK), unit.create_volume(f"c{i}", n, TRACK))
@@ -342,4 +342,126 @@ def small_cgs(*, triplets: int = 8, units: int = 2, cgs: int = 300, log=print) -
             finally:
                 shutil.rmtree(root, ignore_errors=True)
     log(f"  small_cgs: {out}")
+    return out
+
+
+def _fixed_cgs(gm: Any, primaries: list, cgs: int, sizes: tuple[int, ...],
+               seed: int) -> dict[str, Any]:
+    """The initial copy, then ``cgs`` CGs for each of ``sizes`` (interleaved):
+    before each, that many 4 KiB writes at random tracks of every A, made
+    in this thread (no writer threads: on a loaded machine their share of
+    the GIL, not the session, decided how much each CG carried). Per size:
+    CG/s over the CGs' own time, each CG's time and its FlashCopy phase's
+    (p50/p99, ms)."""
+    first = gm.form_consistency_group()
+    if not first.committed:
+        raise RuntimeError(f"the initial copy failed: {first.cause} {first.detail}")
+    rng = np.random.default_rng(seed)
+    block = np.full(TRACK, 7, np.uint8)
+    times: dict[int, list[float]] = {w: [] for w in sizes}
+    flash: dict[int, list[float]] = {w: [] for w in sizes}
+    for k in range(cgs * len(sizes)):
+        w = sizes[k % len(sizes)]
+        for a in primaries:
+            for t in rng.integers(0, a.n_tracks, w).tolist():
+                a.write(t * TRACK, block)
+        t0 = time.perf_counter()
+        res = gm.form_consistency_group()
+        times[w].append(time.perf_counter() - t0)
+        if not res.committed:
+            raise RuntimeError(f"CG failed: {res.cause} {res.detail}")
+        flash[w].append(res.flash_time)
+    q = lambda v, p: float(np.percentile(v, p)) * 1e3     # noqa: E731
+    out: dict[str, Any] = {"initial_drain_bps": first.bytes_drained / first.drain_time}
+    for w in sizes:
+        out[f"{w}_writes"] = {"cgs_per_s": len(times[w]) / sum(times[w]),
+                              "cg_p50_ms": q(times[w], 50), "cg_p99_ms": q(times[w], 99),
+                              "flash_p50_ms": q(flash[w], 50),
+                              "flash_p99_ms": q(flash[w], 99)}
+    return out
+
+
+def power_vs_process(*, triplets: int = 32, size_mib: int = 32, units: int = 2,
+                     cgs: int = 30, sizes: tuple[int, ...] = (1, 50), disk: bool = False,
+                     pairs: int = 2, log=print) -> dict[str, Any]:
+    """What durability "power" costs secondary units: the scaled-out
+    session over in-process units (:class:`~fastfc.remote.LocalUnit`, no
+    Ray, so the transport's noise is not in it) with its units at
+    "process" and at "power", alternating, ``pairs`` times each, in one
+    run; after each, the same session in one process (one unit holding
+    every B and C, at the same level) as the reference. Each session:
+    the initial copy, then ``cgs`` CGs per entry of ``sizes``, each after
+    that many 4 KiB writes at random tracks of every A (50: about what a
+    CG took at 200 MB/s and 30 CG/s; 1: the CG's fixed cost).
+    Returns every session's figures and the ratios power / process of
+    the medians (``ratios``; ``one_process_ratios`` for the reference).
+    ``disk``: the units in a temporary directory of the disk
+    (``/var/tmp``) rather than tmpfs, where the syncs cost what they
+    cost. Not part of the ``scaleout`` suite: run it as ``python -c 'from
+    benches.scaleout import power_vs_process; power_vs_process()'``."""
+    from functools import partial
+    from fastfc import remote
+    n = size_mib * 2**20 // TRACK
+    out: dict[str, Any] = {"config": {"triplets": triplets, "size_mib": size_mib,
+                                      "units": units, "cgs": cgs, "sizes": sizes,
+                                      "disk": disk, "pairs": pairs}}
+    runs: dict[tuple[str, str], list[dict]] = {}
+
+    def show(what: str, figures: dict) -> None:
+        log(f"    {what}: initial drain {figures['initial_drain_bps'] / 1e6:.0f} MB/s; "
+            + "; ".join(f"{w} writes: " + ", ".join(f"{k} {v:.3g}"
+                                                   for k, v in figures[f"{w}_writes"].items())
+                        for w in sizes))
+    for k, durability in enumerate(("process", "power") * pairs):
+        root = (Path(tempfile.mkdtemp(prefix="fastfc-scaleout-", dir="/var/tmp")) if disk
+                else _tmp_root())
+        log(f"  power_vs_process: {units} in-process units at {durability!r}, "
+            f"{triplets} x {size_mib} MiB")
+        try:
+            gc.collect()
+            start = partial(remote.LocalUnit.start, durability=durability)
+            with _units(start, root, f"durability-{durability}", units) as hs:
+                trips = [(fastfc.Volume(n, TRACK, name=f"a{i}"),
+                          hs[i % units].create_volume(f"b{i}", n, TRACK),
+                          hs[i % units].create_volume(f"c{i}", n, TRACK))
+                         for i in range(triplets)]
+                gm = fastfc.GlobalMirror(trips)
+                figures = _fixed_cgs(gm, [t[0] for t in trips], cgs, sizes, seed=k)
+                gm.close()
+            runs.setdefault(("units", durability), []).append(figures)
+            show(f"units, {durability}", figures)
+            gc.collect()
+            unit = fastfc.StorageUnit(root / "local", durability=durability)
+            try:
+                trips = [(fastfc.Volume(n, TRACK, name=f"a{i}"),
+                          unit.create_volume(f"b{i}", n, TRACK),
+                          unit.create_volume(f"c{i}", n, TRACK)) for i in range(triplets)]
+                gm = fastfc.GlobalMirror(trips)
+                figures = _fixed_cgs(gm, [t[0] for t in trips], cgs, sizes, seed=k)
+                gm.close()
+            finally:
+                unit.close()
+            runs.setdefault(("one_process", durability), []).append(figures)
+            show(f"one process, {durability}", figures)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def median(where: str, durability: str, key: str, w: int | None) -> float:
+        vals = [f[key] if w is None else f[f"{w}_writes"][key] for f in runs[where, durability]]
+        return float(np.median(vals))
+    keys = ("cgs_per_s", "cg_p50_ms", "cg_p99_ms", "flash_p50_ms", "flash_p99_ms")
+    for where in ("units", "one_process"):
+        med = {d: {"initial_drain_bps": median(where, d, "initial_drain_bps", None),
+                   **{f"{w}_writes": {k: median(where, d, k, w) for k in keys} for w in sizes}}
+               for d in ("process", "power")}
+        out[where] = {"runs": {d: runs[where, d] for d in ("process", "power")},
+                      "medians": med}
+        out["ratios" if where == "units" else "one_process_ratios"] = {
+            "initial_drain_bps": med["power"]["initial_drain_bps"]
+            / med["process"]["initial_drain_bps"],
+            **{f"{w}_writes": {k: med["power"][f"{w}_writes"][k]
+                               / med["process"][f"{w}_writes"][k] for k in keys}
+               for w in sizes}}
+    log(f"  power_vs_process: ratios power / process, units: {out['ratios']}; "
+        f"one process: {out['one_process_ratios']}")
     return out

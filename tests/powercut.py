@@ -378,10 +378,15 @@ class PowerCutRecorder:
         ``(dest, pages, db)``, each written as :meth:`cut` would write it
         (the same draws from ``rng``, in the same order, as that many calls
         of :meth:`cut`); the files are read, and their changed pages found,
-        once for all of them. Returns :meth:`cut`'s report for each."""
-        for _, pages, db in variants:
+        once for all of them. Returns :meth:`cut`'s report for each.
+
+        A variant may name, fourth, the unit directories that lose power
+        (``(dest, pages, db, dirs)``): the others are copied as they are
+        (every page and every commit: a unit whose power stayed on, stopped
+        at this instant)."""
+        for pages, db in (v[1:3] for v in variants):
             assert pages in ("random", "none", "all") and db in ("synced", "current")
-        if any(pages == "random" for _, pages, _ in variants):
+        if any(v[1] == "random" for v in variants):
             self.observe()     # (once: a second observe at one instant adds nothing)
         units = []
         for d in self.dirs:    # what the instant holds, read once
@@ -397,13 +402,18 @@ class PowerCutRecorder:
                     diff = _differing_pages(base, cur)
                 files.append((p, p.relative_to(d), cur, base, diff))
             units.append((d, [_read(d / n) for n in DB_FILES], files))
-        return [self._write_cut(Path(dest), rng, pages, db, units)
-                for dest, pages, db in variants]
+        return [self._write_cut(Path(dest), rng, pages, db, units,
+                                None if not rest else {Path(x).resolve() for x in rest[0]})
+                for dest, pages, db, *rest in variants]
 
-    def _write_cut(self, dest: Path, rng: np.random.Generator, pages: str, db: str,
-                   units) -> dict:
+    def _write_cut(self, dest: Path, rng: np.random.Generator, pages_cut: str, db_cut: str,
+                   units, cut_dirs: set[Path] | None = None) -> dict:
         report: dict[str, tuple[int, int]] = {}
         for d, db_now, files in units:
+            pages, db = pages_cut, db_cut
+            on = cut_dirs is not None and d not in cut_dirs
+            if on:                  # its power stayed on: memory as it is
+                pages, db = "all", "current"
             out = dest / d.relative_to(self.parent)
             (out / "volumes").mkdir(parents=True)
             (out / "bitmaps").mkdir()
@@ -442,7 +452,7 @@ class PowerCutRecorder:
                     if diff:
                         report[f"{d.name}/{rel}"] = (len(diff), len(take))
                 durable = p in self.durable_names or str(rel) in named
-                if content is None or (not durable and rng.random() < 0.5):
+                if content is None or (not on and not durable and rng.random() < 0.5):
                     continue               # its directory entry never reached the disk
                 (out / rel).write_bytes(content)
         return report

@@ -410,3 +410,45 @@ def test_the_primary_killed_mid_formation_then_recovered_and_attached(ray_sessio
             p.kill()
             p.wait()
         remote.stop_units(*names)
+
+
+def test_ray_units_at_power(ray_session, tmp_path):
+    """Units started at durability "power" in their actors (the ordered
+    path runs there: its syncs are counted by the unit's store) keep the
+    promise when killed mid-apply and mid-finish and started again at
+    "power"; ``info()`` reports the level. (Power cuts themselves are
+    simulated over in-process units: tests/test_remote_powercut.py.)"""
+    remote = ray_session
+
+    def up(i):
+        return remote.SecondaryUnit.start(tmp_path / f"u{i}", name=f"{tmp_path.name}-u{i}",
+                                          durability="power")
+    with pytest.raises(ValueError, match="durability"):
+        remote.SecondaryUnit.start(tmp_path / "x", name=f"{tmp_path.name}-x",
+                                   durability="disk")
+    units = [up(i) for i in range(2)]
+    assert all(u.info()["durability"] == "power" for u in units)
+    trips = []
+    for i in range(4):
+        u = units[i % 2]
+        trips.append((fastfc.Volume(N, TS, name=f"a{i}"), u.create_volume(f"b{i}", N, TS),
+                      u.create_volume(f"c{i}", N, TS)))
+    chk = PromiseChecker()
+    gm = fastfc.GlobalMirror(trips, on_coordinate=chk.on_coordinate)
+    chk.attach(gm)
+    for k, (unit, where, i) in enumerate([(None, None, 0), (0, "apply", 1), (1, "finish", 0)]):
+        for a, _, _ in trips:
+            a.write(k * TS, b"x" * 100)
+            a.write(N // 2 * TS, bytes([k]) * 50)
+        if unit is not None:
+            units[unit].arm_kill(where, i)
+        gm.form_consistency_group()
+        if unit is not None:
+            units[unit] = up(unit)
+            gm.clear_fatal()
+        res = gm.form_consistency_group()
+        assert res.committed, res
+        chk.check()
+    assert all(u.info()["durability"] == "power" for u in units)
+    for u in units:
+        u.kill()

@@ -55,7 +55,7 @@ from typing import Callable, cast
 
 import numpy as np
 
-from fastfc._core import MirrorBase
+from fastfc._core import PPRC, MirrorBase, TrackBitmap
 from fastfc._numbers import check_real
 from fastfc.errors import (AlreadyExistsError, CorruptUnitError, NoSpaceError, ReadOnlyUnitError,
                            StateError, UnitBusyError, UnitClosedError)
@@ -1125,6 +1125,75 @@ class StorageUnit:
                 raise StateError(f"unit {self.path}: {b}->{c} has no FlashCopy")
             out.append(fc)
         return out
+
+    def apply_updates(self, updates, before: Callable[[int], None] | None = None) -> int:
+        """PPRC updates to served secondaries (a remote primary's drain and
+        Global Copy): for each ``(name, offsets, rows)``, ``rows[i]`` to
+        volume ``name`` at byte ``offsets[i]``, one locked batch per piece
+        (``Volume.write_batch`` as PPRC updates: B's write-inhibit and its
+        copy-on-write to C apply). ``before(i)``, if given, is called before
+        the i-th piece is written (crash tests stop there). Returns the
+        bytes written.
+
+        At durability "power" this is the ordered drain of a unit in one
+        process, on the unit's side: first, for each volume the call writes
+        and each FlashCopy whose source it is (a served B->C), the tracks it
+        will overwrite are made overwritable
+        (:meth:`FlashCopy.make_overwritable`: change bits, then C's copies
+        of the old tracks, then the cleared ``to_copy`` bits, each synced
+        before the next); then the pieces are written; then the volumes
+        written are synced before the call returns. So a power cut anywhere
+        leaves each C on its image, and an update the caller saw answered
+        (and stopped owing) is on the disk."""
+        self._require_writable()
+        vols = [self.volume(name) for name, _, _ in updates]
+        ordered = self.durability == "power"
+        if ordered:
+            self._order_updates(vols, updates)
+        n = 0
+        for i, (vol, (_, offsets, rows)) in enumerate(zip(vols, updates)):
+            if before is not None:
+                before(i)
+            vol.write_batch(offsets, rows, PPRC)
+            n += rows.size
+        if ordered:     # what the caller stops owing once answered, on the disk first
+            self.store.sync(*{id(v): v for v in vols}.values())
+        return n
+
+    def _order_updates(self, vols: list[Volume], updates) -> None:
+        """Durability "power", before :meth:`apply_updates` writes: every
+        track it will overwrite made overwritable for each FlashCopy whose
+        source is written (:meth:`FlashCopy.make_overwritable`, per volume
+        and relationship, as the ordered drain of a session in one process
+        does per pair). A write the volume would refuse (a source a
+        revertible CG holds write-inhibited) is left for ``write_batch`` to
+        refuse, nothing changed."""
+        touched: dict[int, tuple[Volume, np.ndarray]] = {}
+        for vol, (_, offsets, rows) in zip(vols, updates):
+            rels = vol.source_relationships
+            if not rels or any(r.revertible for r in rels):
+                continue
+            if id(vol) not in touched:
+                touched[id(vol)] = (vol, np.zeros(vol.n_grains, dtype=bool))
+            grains = touched[id(vol)][1]
+            offs = np.asarray(offsets, dtype=np.int64)
+            length = int(rows.shape[1]) if rows.ndim == 2 else 0
+            if not length or not len(offs):
+                continue
+            gs = vol.grain_size
+            start = np.clip(offs // gs, 0, vol.n_grains)
+            stop = np.clip((offs + length - 1) // gs + 1, 0, vol.n_grains)
+            if int((stop - start).max()) == 1:
+                grains[start] = True
+            else:
+                for t0, t1 in zip(start.tolist(), stop.tolist()):
+                    grains[t0:t1] = True
+        for vol, grains in touched.values():
+            if not grains.any():
+                continue
+            mask = TrackBitmap.from_bools(grains)
+            for rel in vol.source_relationships:
+                cast(FlashCopy, rel).make_overwritable(mask)
 
     def record_cg_decision(self, name: str, sequence: int, decision: str) -> None:
         """Record the decision ("commit" or "revert") served session

@@ -9,7 +9,9 @@ run without it.
   durable :class:`~fastfc.StorageUnit`, detached from the process that
   started it; ``create_volume`` gives :class:`RemoteVolume` proxies;
   :meth:`SecondaryUnit.attach` (name) finds a running one; ``stop()`` ends
-  it (:func:`stop_units` by name), ``kill()`` crashes it.
+  it (:func:`stop_units` by name), ``kill()`` crashes it. ``durability=
+  "power"`` makes the unit keep every C on one CG through a power cut of
+  its host too (:class:`UnitServer`; "process" by default).
 * ``fastfc.GlobalMirror([(A, B, C), ...])`` with local A and remote B, C
   runs the session across units (:mod:`fastfc.copyservices.sitemirror`).
 * :func:`recover` is site-loss recovery over the secondary units alone.

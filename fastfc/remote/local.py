@@ -22,7 +22,7 @@ import numpy as np
 from fastfc.errors import FastFCError
 from fastfc.remote import client
 from fastfc.remote.client import UnitDownError, UnitHandle
-from fastfc.remote.server import KilledHere, UnitServer
+from fastfc.remote.server import KilledHere, UnitServer, check_durability
 from fastfc.storage.site import Done, Pending
 
 _units: dict[str, "LocalUnit"] = {}
@@ -78,9 +78,12 @@ class LocalUnit(UnitHandle):
         self.calls = threading.RLock()      # held while the server runs a call
 
     @classmethod
-    def start(cls, path: str | os.PathLike, *, name: str) -> "LocalUnit":
+    def start(cls, path: str | os.PathLike, *, name: str,
+              durability: str = "process") -> "LocalUnit":
         """Open (or create) the unit at ``path`` under ``name``; again after
-        :meth:`kill`, reopen it."""
+        :meth:`kill`, reopen it. ``durability``: the unit's, "process" or
+        "power" (see :class:`~fastfc.remote.server.UnitServer`)."""
+        check_durability(durability)
         with _lock:
             u = _units.get(name)
             if u is None:
@@ -88,7 +91,8 @@ class LocalUnit(UnitHandle):
             elif u.server is not None:
                 raise FastFCError(f"unit {name} is running already")
         u.path = str(path)
-        u.server = UnitServer(path, kill_point=u._kill_point, kill_armed=u._kill_armed)
+        u.server = UnitServer(path, durability=durability, kill_point=u._kill_point,
+                              kill_armed=u._kill_armed)
         u.info()
         return u
 

@@ -29,7 +29,7 @@ from fastfc._optional import require
 from fastfc.errors import FastFCError
 from fastfc.remote import client
 from fastfc.remote.client import UnitDownError, UnitHandle
-from fastfc.remote.server import KilledHere, UnitServer
+from fastfc.remote.server import KilledHere, UnitServer, check_durability
 from fastfc.storage.site import Pending
 
 ray = require("ray", "remote", "fastfc.remote.SecondaryUnit")
@@ -48,14 +48,15 @@ class _UnitActor:
     while one of a method arrives as itself (``UnitBusyError`` naming the
     holder, ``CorruptUnitError``, ...)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, durability: str = "process") -> None:
         self._armed: tuple[str, int] | None = None
         self._path = path
+        self._durability = durability
         self.server: UnitServer | None = None
 
     def open(self) -> None:
-        self.server = UnitServer(self._path, kill_point=self._kill_point,
-                                 kill_armed=self._kill_armed)
+        self.server = UnitServer(self._path, durability=self._durability,
+                                 kill_point=self._kill_point, kill_armed=self._kill_armed)
 
     def _kill_point(self, where: str, i: int) -> None:
         if self._armed == (where, i):
@@ -184,7 +185,8 @@ class SecondaryUnit(UnitHandle):
     @classmethod
     def start(cls, path: str | os.PathLike, *, name: str,
               resources: dict[str, float] | None = None,
-              node_id: str | None = None, detached: bool = True) -> "SecondaryUnit":
+              node_id: str | None = None, detached: bool = True,
+              durability: str = "process") -> "SecondaryUnit":
         """Start an actor holding the durable unit at ``path`` (created if
         missing) under ``name``, calling ``ray.init()`` if needed (an
         existing cluster: call ``ray.init(address=...)`` first, or set
@@ -196,7 +198,13 @@ class SecondaryUnit(UnitHandle):
 
         ``detached`` (default): the actor outlives this process (see the
         module's docstring); end it with :meth:`stop`. ``detached=False``:
-        owned by this process, it dies with it."""
+        owned by this process, it dies with it.
+
+        ``durability``: the unit's, ``"process"`` (default) or ``"power"``
+        (every call that changes B or C is on the disk before it answers,
+        in the order that keeps every C on one CG through a power cut of
+        the unit's host; see :class:`~fastfc.remote.server.UnitServer`)."""
+        check_durability(durability)
         _ensure_ray()
         opts: dict[str, Any] = {"name": name, "namespace": NAMESPACE, "num_cpus": 0}
         if detached:
@@ -219,7 +227,7 @@ class SecondaryUnit(UnitHandle):
             else:
                 raise FastFCError(f"unit {name} is running already")
         _transport.forget(name)
-        actor: Any = _Actor.options(**opts).remote(str(path))
+        actor: Any = _Actor.options(**opts).remote(str(path), durability)
         try:
             ray.get(actor.open.remote(), timeout=START_TIMEOUT)
         except (RayError, RayActorError) as e:

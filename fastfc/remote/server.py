@@ -41,15 +41,23 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from fastfc import _core, faults
+from fastfc import faults
 from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.groups import FlashCopyGroup
 from fastfc.copyservices.resolution import COMMIT, NOTHING, REVERT, resolve
-from fastfc.durable.unit import StorageUnit
+from fastfc.durable.unit import DURABILITY, StorageUnit
 from fastfc.errors import FastFCError, FencedError, StateError
 from fastfc.storage.volume import grain_digests
 
 EPOCH_FILE = "remote.epoch"
+
+
+def check_durability(durability: str) -> None:
+    """ValueError naming the levels unless ``durability`` is one of
+    :data:`~fastfc.durable.unit.DURABILITY` (checked before a unit starts)."""
+    if durability not in DURABILITY:
+        raise ValueError(f"durability must be one of {', '.join(DURABILITY)}, "
+                         f"got {durability!r}")
 
 
 class KilledHere(BaseException):
@@ -85,6 +93,18 @@ class UnitServer:
     ----------
     path : str or os.PathLike
         The unit's directory (created if missing).
+    durability : {"process", "power"}
+        The unit's (:class:`~fastfc.StorageUnit`'s ``durability``). At
+        ``"power"`` every call that changes B or C runs the unit's ordered
+        path: ``apply`` makes the tracks it overwrites overwritable first
+        (:meth:`StorageUnit.apply_updates`: C's copies of the old tracks
+        and the bitmaps, each synced in order) and syncs B before it
+        answers; ``prepare`` syncs the prepared bitmaps, then commits with
+        an fsync before it answers; ``record_decision`` and ``finish``
+        are fsynced before they answer (a unit that lost an answered commit
+        would hold a CG in doubt older than the one the others prepared
+        since). So a power cut of the unit at any instant leaves
+        every C on one CG once the units are reconciled.
     kill_point : callable, optional
         ``kill_point(where, i)`` called inside ``apply``/``prepare``/``finish``
         before the i-th step (crash tests stop the world there): the i-th
@@ -101,11 +121,13 @@ class UnitServer:
     in-process transport calls it from the session's thread).
     """
 
-    def __init__(self, path: str | os.PathLike, *,
+    def __init__(self, path: str | os.PathLike, *, durability: str = "process",
                  kill_point: Callable[[str, int], None] | None = None,
                  kill_armed: Callable[[str], bool] | None = None) -> None:
         self.path = Path(path).resolve()
-        self.unit = StorageUnit(self.path)      # the OS lock: one owner per directory
+        # the OS lock: one owner per directory
+        self.unit = StorageUnit(self.path, durability=durability)
+        self.durability = durability
         try:
             self.epoch = _read_epoch(self.path) + 1
             # the epoch names the owner with a token of its own: two servers
@@ -154,7 +176,8 @@ class UnitServer:
     # -- calls: volumes --------------------------------------------------------
     def info(self) -> dict[str, Any]:
         self._fence()
-        return {"epoch": self.epoch, "pid": os.getpid(), "path": str(self.path)}
+        return {"epoch": self.epoch, "pid": os.getpid(), "path": str(self.path),
+                "durability": self.durability}
 
     def create_volume(self, name: str, n_tracks: int, track_size: int,
                       grain_size: int | None = None) -> tuple[str, int, int, int]:
@@ -192,12 +215,7 @@ class UnitServer:
             self._applied.pop(key, None)
         try:
             self._fence()
-            volume = self.unit.volume
-            n = 0
-            for i, (name, offsets, rows) in enumerate(updates):
-                self._point("apply", i)
-                volume(name).write_batch(offsets, rows, _core.PPRC)
-                n += rows.size
+            n = self.unit.apply_updates(updates, before=partial(self._point, "apply"))
         except BaseException:
             self._applied.clear()
             raise
@@ -231,6 +249,9 @@ class UnitServer:
         if not todo:
             return "prepared"
         group = FlashCopyGroup(self.unit.store, todo)
+        # durability "power": the prepared bitmaps synced before the commit
+        # (B's data was synced by each apply before it answered)
+        group.ordered = self.durability == "power"
         with self._stop_points("prepare", "prepare", fcs):
             with self.unit.store.transaction():
                 failure = group.prepare_all(sequence, stop_at_failure=True)
@@ -264,7 +285,11 @@ class UnitServer:
         group = FlashCopyGroup(self.unit.store, pending)
         group.prepared = list(pending)
         with self._stop_points("finish", outcome, pending):
-            with self.unit.store.transaction(sync=False):
+            # fsynced at durability "power" (no fsync at "process"): once
+            # answered, the session may prepare the next CG on the other
+            # units, and a unit that lost this commit would hold a CG in
+            # doubt older than theirs, which reconciling cannot settle
+            with self.unit.store.transaction(sync=True):
                 errors = group.commit_all() if outcome == COMMIT else group.revert_all()
                 if not errors:
                     self.unit.record_cg_outcome(session, sequence, outcome)
