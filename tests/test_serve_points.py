@@ -234,3 +234,73 @@ def test_a_recovery_volume_is_served_read_only_until_its_copy_completes(tmp_path
         assert not flags & nbd.TF_READ_ONLY
         assert c2.request(nbd.CMD_WRITE, 0, 4, b"mine")[0] == 0
         assert c2.request(nbd.CMD_READ, 0, 4) == (0, b"mine")
+
+
+# -- real clients -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_points_copied_by_nbdcopy_and_qemu_img_under_host_writes(tmp_path):
+    need("nbdcopy", "qemu-img", "qemu-io", "nbdinfo")
+    unit, sock = tmp_path / "u", tmp_path / "s"
+    make_unit(unit, "A", n_tracks=64)
+    with serving_here(unit, sock) as server:
+        A = server.units.local().volume("A")
+        with writing(A, seed=3) as (paused, idle, counts):
+            taken = [take_at_rest(server, paused, idle, "A") for _ in range(3)]
+            for k, (p, image) in enumerate(taken):
+                out = tmp_path / f"p{k}.img"
+                if k % 2:
+                    run("qemu-img", "convert", "-f", "raw", "-O", "raw",
+                        uri(sock, f"A%23{p.seq}"), out)
+                else:
+                    run("nbdcopy", uri(sock, f"A%23{p.seq}"), out)
+                got = np.fromfile(out, dtype=np.uint8)
+                assert got.size == A.capacity and np.array_equal(got, image), p.seq
+            r = qemu_io(sock, "A%230", "write -P 1 0 4k", check=False)  # refused at open
+            assert r.returncode != 0 and "Permission denied" in r.stderr, r.stderr
+            qemu_io(sock, "A%230", "read 0 64k", read_only=True)
+        listed = json.loads(run("nbdinfo", "--list", "--json", uri(sock, "")).stdout)
+        ro = {e["export-name"]: e["is_read_only"] for e in listed["exports"]}
+        assert ro == {"A": False, "A#0": True, "A#1": True, "A#2": True}
+
+
+@pytest.mark.slow
+def test_point_verbs_run_in_a_running_server(tmp_path):
+    """mkpoint, lspoint, rmpoint and restorepoint forwarded to ``fastfc
+    serve`` (which holds the unit): they act on the served volumes at once,
+    between client writes, and what they make is served."""
+    need("qemu-io", "nbdinfo", "qemu-img")
+    unit, sock = tmp_path / "u", tmp_path / "s"
+    make_unit(unit, "A", n_tracks=16)
+    with serving(unit, sock):
+        qemu_io(sock, "A", "write -P 0x11 0 1M")
+        out = fastfc_cli("-u", unit, "mkpoint", "A", "--name", "good", "--retain", "3600").stdout
+        assert out == "took recovery point A#0, retained 3600 s\n"
+        qemu_io(sock, "A", "write -P 0x99 0 512k")
+        assert fastfc_cli("-u", unit, "mkpoint", "A").stdout == "took recovery point A#1\n"
+        qemu_io(sock, "A", "write -P 0x77 0 64k")
+        rows = json.loads(fastfc_cli("-u", unit, "lspoint", "--json").stdout)
+        assert [(r["point"], r["name"]) for r in rows] == [("A#0", "good"), ("A#1", None)]
+        qemu_io(sock, "A%230", "read -P 0x11 0 1M", read_only=True)
+        qemu_io(sock, "A%231", "read -P 0x99 0 512k", "read -P 0x11 512k 512k",
+                read_only=True)
+        r = fastfc_cli("-u", unit, "rmpoint", "A#0", "A#1", check=False)
+        assert r.returncode == 1 and "A#0 is retained" in r.stderr
+        assert "expired recovery point A#1" in fastfc_cli("-u", unit, "rmpoint", "A#1").stdout
+        assert qemu_io(sock, "A%231", "read 0 4k", check=False, read_only=True).returncode
+        out = fastfc_cli("-u", unit, "restorepoint", "A#0", "--to", "R").stdout
+        assert re.fullmatch(r"restored A#0 onto new volume R(: \d+ tracks? to copy in the "
+                            r"server; read-only until then)?\n", out), out
+        qemu_io(sock, "R", "read -P 0x11 0 1M", read_only=True)
+        fastfc_cli("-u", unit, "restorepoint", "A#0", "--to", "R2", "--wait")
+        assert "is_read_only: false" in run("nbdinfo", uri(sock, "R2")).stdout
+        qemu_io(sock, "R2", "write -P 0x22 0 4k")
+        out = fastfc_cli("-u", unit, "restorepoint", "A#0", "--onto-source").stdout
+        assert out.startswith("restored A#0 onto A (")
+        qemu_io(sock, "A", "read -P 0x11 0 1M")
+        r = run("qemu-img", "compare", "-f", "raw", "-F", "raw", uri(sock, "A"),
+                uri(sock, "A%230"))
+        assert "Images are identical" in r.stdout
+    with StorageUnit(unit) as u:          # all of it in the unit after the server
+        assert [p.seq for p in u.points.points("A")] == [0]
+        assert u.volume("R").read(0, 4).tobytes() == b"\x11" * 4
+        assert u.volume("R2").read(0, 4).tobytes() == b"\x22" * 4
