@@ -15,12 +15,11 @@ of another image), and a new ``NBD_OPT_GO`` finds no such export. Expiry
 is not held up by readers: retention is what keeps a point, and a client
 left connected must not keep one past it.
 
-``base:allocation`` of a point: a grain some point holds (this one or any
-other: the chain's bitmap of held grains, one test per grain) is data; any
-other grain reads from V, and has V's own status there (a hole of a thin
-volume's file stays a hole in every point: a write there would have given
-the newest point the grain). The bitmap is read first, V's file after (a
-file only gains blocks): a grain reported a hole was one at both instants.
+``base:allocation`` of a point is its volume's
+(:class:`~fastfc.tools.nbd_status.PointAllocation`): a grain a point holds
+was written after the point, so V's file has blocks there (data, always
+true); a hole in V's file now (a file only gains blocks) was a hole, all
+zeroes, at every point's instant.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import numpy as np
 
 from fastfc.copyservices.points import RecoveryPoint
 from fastfc.errors import StateError, VolumeClosedError, WriteInhibitedError
-from fastfc.storage.volume import locked
 
 if TYPE_CHECKING:
     from fastfc.durable.unit import StorageUnit
@@ -105,18 +103,6 @@ class PointImage:
         sync); refused once the point expired, as any request is then."""
         if self.closed:
             raise VolumeClosedError(f"recovery point {self.name} has expired")
-
-    def held_bits(self, g0: int, g1: int) -> np.ndarray:
-        """Which grains of ``[g0, g1)`` any point of the chain holds (bools),
-        read under the volume's lock."""
-        chain = self.point.chain
-        with locked([self.volume]):
-            if self.closed or chain is None:
-                raise VolumeClosedError(f"recovery point {self.name} has expired")
-            words = np.array(chain.held.words[g0 >> 6:(g1 + 63) >> 6], dtype=np.uint64)
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little").astype(bool)
-        first = g0 & ~63
-        return bits[g0 - first:g1 - first]
 
 
 def describe_point(point: RecoveryPoint) -> str:

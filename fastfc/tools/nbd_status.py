@@ -13,6 +13,9 @@ The contexts of an export (a volume V), each answering
     its file); a FlashCopy target's grains still read from its source
     (``to_copy``) have the source's status. Thick and in-memory volumes
     report all data (status 0): always true, if less useful.
+    A recovery point's export (``V#N``) has its volume's status (see
+    :class:`PointAllocation`); a recovery volume whose restore still copies
+    has, for its grains not copied yet, its point's.
 ``qemu:dirty-bitmap:T``
     For each FlashCopy with change recording in which V is the source or
     the target, named after its target T: the grains written on the
@@ -468,9 +471,10 @@ class Allocation(Context):
 
 
 class PointAllocation(Context):
-    """``base:allocation`` of a recovery point's export (see
-    :mod:`fastfc.tools.nbd_points`): a grain some point holds is data, any
-    other has its volume's status (the held bits read before the file)."""
+    """``base:allocation`` of a recovery point's export: its volume's. A
+    grain a point holds was written since, so the volume's file has blocks
+    there (data); a hole of the file now was one, all zeroes, at the
+    point's instant (a file only gains blocks: TRIM is not offered)."""
 
     name = BASE_ALLOCATION
 
@@ -478,9 +482,9 @@ class PointAllocation(Context):
         self.image = image
 
     def status(self, g0: int, g1: int) -> Status:
-        held = self.image.held_bits(g0, g1)
-        live = Allocation(self.image.volume).status(g0, g1)
-        return Status.of_bools(held | live.marked, 0, STATE_HOLE | STATE_ZERO)
+        if self.image.closed:
+            raise VolumeClosedError(f"recovery point {self.image.name} has expired")
+        return Allocation(self.image.volume).status(g0, g1)
 
 
 def _restoring_status(vol: Volume, g0: int, g1: int) -> Status:
