@@ -88,7 +88,7 @@ class PointImage:
             if self.point.expired:
                 raise VolumeClosedError(f"recovery point {self.name} has expired") from None
             raise
-        view[:] = memoryview(data)
+        np.asarray(view)[:] = data
 
     def read(self, offset: int, length: int) -> np.ndarray:
         buf = np.empty(length, dtype=np.uint8)
