@@ -24,6 +24,7 @@ import pytest
 from fastfc import StorageUnit
 from fastfc.errors import ImmutablePointError
 from fastfc.tools import nbd, nbd_status as ns
+from fastfc.tools.cli.volumes import _roles
 
 from test_serve import fastfc_cli, need, qemu_io, run, serving, serving_here, uri
 from test_serve_block_status import expand, raw_client, status
@@ -213,6 +214,8 @@ def test_a_recovery_volume_is_served_read_only_until_its_copy_completes(tmp_path
             restore = p.restore(R, background_copy=False)
         replies = Client(str(sock)).option(nbd.OPT_LIST)
         assert any(b"taking recovery point A#0" in d for t, d in replies)
+        assert _roles(R, server.units) == [
+            "restoring A#0 (64 tracks to copy; read-only until then)"]     # (lsvol's)
         c = Client(str(sock))
         size, flags = c.export_flags(c.go("R"))
         assert flags & nbd.TF_READ_ONLY
@@ -227,7 +230,7 @@ def test_a_recovery_volume_is_served_read_only_until_its_copy_completes(tmp_path
             assert hole.sum() >= n // 2 if step == 0 else True
             restore.copy(max_tracks=16)                      # part of the copy, served
         restore.copy()
-        assert not restore.active
+        assert not restore.active and _roles(R, server.units) == []
         assert read_all(c, R.capacity, 65536) == image.tobytes()
         c2 = Client(str(sock))
         size, flags = c2.export_flags(c2.go("R"))            # a volume as any other now
