@@ -13,17 +13,24 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import struct
+import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from fastfc import StorageUnit
 from fastfc.errors import ImmutablePointError
 from fastfc.tools import nbd, nbd_status as ns
+from fastfc.tools.cli.serve import Server
+from fastfc.tools.cli.units import Units
 from fastfc.tools.cli.volumes import _roles
 
 from test_serve import fastfc_cli, need, qemu_io, run, serving, serving_here, uri
@@ -307,3 +314,142 @@ def test_point_verbs_run_in_a_running_server(tmp_path):
         assert [p.seq for p in u.points.points("A")] == [0]
         assert u.volume("R").read(0, 4).tobytes() == b"\x11" * 4
         assert u.volume("R2").read(0, 4).tobytes() == b"\x22" * 4
+
+
+# -- a model: points served while host writes, takes, expiries and restores run ---------------
+class ServedPointsModel(RuleBasedStateMachine):
+    """Host writes (through NBD and the library), takes, expiries and
+    restores at random, with clients connected to points and recovery
+    volumes: every read of a point's export is its image at its take (the
+    model's copy), every write to it is refused, an expired point's open
+    connection gets ESHUTDOWN and its name no GO, a retained point or one a
+    restore reads through refuses to expire, and a recovery volume reads
+    its point's image, read-only until its copy completes."""
+
+    N_TRACKS = 8
+
+    @initialize()
+    def start(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="served-points-"))
+        make_unit(self.dir / "u", "A", n_tracks=self.N_TRACKS)
+        self.units = Units(str(self.dir / "u"), None)
+        self.server = Server(self.units)
+        self.sock = str(self.dir / "s")
+        self.server.nbd.listen_unix(self.sock)
+        self.server.nbd.start()
+        self.unit = self.units.local()
+        self.A = self.unit.volume("A")
+        self.live = np.zeros(self.A.capacity, dtype=np.uint8)
+        self.images: dict[int, np.ndarray] = {}
+        self.retained: set[int] = set()
+        self.expired: set[int] = set()
+        self.conns: list[tuple[int, Client]] = []
+        self.host = Client(self.sock)
+        self.host.go("A")
+        self.restores: list = []          # (seq, restore, volume name)
+
+    def teardown(self):
+        if not hasattr(self, "server"):
+            return
+        for _, c in self.conns:
+            c.s.close()
+        self.host.s.close()
+        self.server.nbd.stop()
+        self.units.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _range(self, data, piece):
+        cap = self.A.capacity
+        off = data.draw(st.integers(0, cap - 1))
+        return off, data.draw(st.integers(1, min(piece, cap - off)))
+
+    @rule(data=st.data(), value=st.integers(0, 255), through_nbd=st.booleans())
+    def host_write(self, data, value, through_nbd):
+        off, n = self._range(data, 3 * TRACK)
+        if through_nbd:
+            assert self.host.request(nbd.CMD_WRITE, off, n, bytes([value]) * n)[0] == 0
+        else:
+            self.A.write(off, np.full(n, value, np.uint8))
+        self.live[off:off + n] = value
+
+    @rule(retain=st.booleans())
+    def take(self, retain):
+        with self.server.lock:
+            (p,) = self.unit.points.take(["A"], retain_for=3600 if retain else 0)
+        self.images[p.seq] = self.live.copy()
+        if retain:
+            self.retained.add(p.seq)
+
+    @precondition(lambda self: self.images)
+    @rule(data=st.data())
+    def connect(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.images)))
+        c = Client(self.sock)
+        replies = c.go(f"A#{seq}")
+        if seq in self.expired:
+            assert replies[-1][0] == nbd.REP_ERR_UNKNOWN
+            c.s.close()
+            return
+        size, flags = c.export_flags(replies)
+        assert size == self.A.capacity and flags & nbd.TF_READ_ONLY
+        self.conns.append((seq, c))
+
+    @precondition(lambda self: self.conns)
+    @rule(data=st.data(), write=st.booleans())
+    def use_a_point(self, data, write):
+        seq, c = data.draw(st.sampled_from(self.conns))
+        off, n = self._range(data, 3 * TRACK)
+        if write:
+            assert c.request(nbd.CMD_WRITE, off, n, b"\x01" * n)[0] == nbd.E_PERM
+            return
+        err, got = c.request(nbd.CMD_READ, off, n)
+        if seq in self.expired:
+            assert err == nbd.E_SHUTDOWN
+        else:
+            assert err == 0 and got == self.images[seq][off:off + n].tobytes()
+
+    @precondition(lambda self: set(self.images) - self.expired)
+    @rule(data=st.data())
+    def expire(self, data):
+        seq = data.draw(st.sampled_from(sorted(set(self.images) - self.expired)))
+        pinned = any(s == seq and r.active for s, r, _ in self.restores)
+        with self.server.lock:
+            if seq in self.retained or pinned:
+                with pytest.raises(ImmutablePointError):
+                    self.unit.points.expire("A", seq)
+            else:
+                self.unit.points.expire("A", seq)
+                self.expired.add(seq)
+
+    @precondition(lambda self: set(self.images) - self.expired and len(self.restores) < 3)
+    @rule(data=st.data())
+    def restore(self, data):
+        seq = data.draw(st.sampled_from(sorted(set(self.images) - self.expired)))
+        name = f"R{len(self.restores)}"
+        with self.server.lock:
+            R = self.unit.create_volume(name, self.N_TRACKS, TRACK, thin=True)
+            r = self.unit.points.point("A", seq).restore(R, background_copy=False)
+        self.restores.append((seq, r, name))
+
+    @precondition(lambda self: self.restores)
+    @rule(data=st.data(), tracks=st.integers(0, 8))
+    def read_a_recovery_volume(self, data, tracks):
+        seq, r, name = data.draw(st.sampled_from(self.restores))
+        c = Client(self.sock)
+        size, flags = c.export_flags(c.go(name))
+        assert bool(flags & nbd.TF_READ_ONLY) == r.active
+        off, n = self._range(data, 3 * TRACK)
+        assert c.request(nbd.CMD_READ, off, n) == (0, self.images[seq][off:off + n].tobytes())
+        if r.active:
+            assert c.request(nbd.CMD_WRITE, off, 1, b"\x01")[0] == nbd.E_PERM
+        c.s.close()
+        with self.server.lock:
+            r.copy(max_tracks=tracks)
+
+
+# a server started and stopped per example (0.2 s): seconds, so slow, and
+# bounded under the ci profile too
+TestServedPointsModel = pytest.mark.slow(ServedPointsModel.TestCase)
+TestServedPointsModel.settings = settings(
+    settings.default, max_examples=min(30, settings.default.max_examples),
+    stateful_step_count=min(30, settings.default.stateful_step_count))
