@@ -1,4 +1,6 @@
-"""An NBD server over fastfc volumes: every volume an export named after it.
+"""An NBD server over fastfc volumes: every volume an export named after it,
+and every recovery point one named ``VOLUME#SEQ``, read-only
+(:mod:`.nbd_points`).
 
 The server speaks the fixed newstyle handshake of the NBD protocol
 (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md) with
