@@ -15,11 +15,14 @@ of another image), and a new ``NBD_OPT_GO`` finds no such export. Expiry
 is not held up by readers: retention is what keeps a point, and a client
 left connected must not keep one past it.
 
-``base:allocation`` of a point is its volume's
-(:class:`~fastfc.tools.nbd_status.PointAllocation`): a grain a point holds
-was written after the point, so V's file has blocks there (data, always
-true); a hole in V's file now (a file only gains blocks) was a hole, all
-zeroes, at every point's instant.
+``base:allocation`` of a point
+(:class:`~fastfc.tools.nbd_status.PointAllocation`): a grain some point
+holds (the chain's bitmap of held grains, one test per grain) is data;
+any other reads as V reads it now, and has V's own status (a hole of V's
+file now, a file only gaining blocks, was a hole at the point's instant).
+The bitmap is read before V's status and again after, so a grain a point
+took meanwhile (a FlashCopy step onto V saving what it changes, which may
+be no block of V's file: a grain V read from its source) is data too.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 
 from fastfc.copyservices.points import RecoveryPoint
 from fastfc.errors import StateError, VolumeClosedError, WriteInhibitedError
+from fastfc.storage.volume import locked
 
 if TYPE_CHECKING:
     from fastfc.durable.unit import StorageUnit
@@ -103,6 +107,19 @@ class PointImage:
         sync); refused once the point expired, as any request is then."""
         if self.closed:
             raise VolumeClosedError(f"recovery point {self.name} has expired")
+
+
+    def held_bits(self, g0: int, g1: int) -> np.ndarray:
+        """Which grains of ``[g0, g1)`` any point of the chain holds (a bool
+        per grain), read under the volume's lock."""
+        chain = self.point.chain
+        with locked([self.volume]):
+            if self.closed or chain is None:
+                raise VolumeClosedError(f"recovery point {self.name} has expired")
+            words = np.array(chain.held.words[g0 >> 6:(g1 + 63) >> 6], dtype=np.uint64)
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little").astype(bool)
+        first = g0 & ~63
+        return bits[g0 - first:g1 - first]
 
 
 def describe_point(point: RecoveryPoint) -> str:

@@ -13,9 +13,10 @@ The contexts of an export (a volume V), each answering
     its file); a FlashCopy target's grains still read from its source
     (``to_copy``) have the source's status. Thick and in-memory volumes
     report all data (status 0): always true, if less useful.
-    A recovery point's export (``V#N``) has its volume's status (see
-    :class:`PointAllocation`); a recovery volume whose restore still copies
-    has, for its grains not copied yet, its point's.
+    A recovery point's export (``V#N``): a grain a point holds is data,
+    any other has its volume's status (:class:`PointAllocation`); a
+    recovery volume whose restore still copies has, for its grains not
+    copied yet, its point's.
 ``qemu:dirty-bitmap:T``
     For each FlashCopy with change recording in which V is the source or
     the target, named after its target T: the grains written on the
@@ -471,10 +472,11 @@ class Allocation(Context):
 
 
 class PointAllocation(Context):
-    """``base:allocation`` of a recovery point's export: its volume's. A
-    grain a point holds was written since, so the volume's file has blocks
-    there (data); a hole of the file now was one, all zeroes, at the
-    point's instant (a file only gains blocks: TRIM is not offered)."""
+    """``base:allocation`` of a recovery point's export: a grain some point
+    of the chain holds is data; any other has its volume's status (a hole
+    of the file now was one, all zeroes, at the point's instant: a file
+    only gains blocks, TRIM is not offered). The held grains are read
+    before the volume's status and after (see :mod:`.nbd_points`)."""
 
     name = BASE_ALLOCATION
 
@@ -482,9 +484,10 @@ class PointAllocation(Context):
         self.image = image
 
     def status(self, g0: int, g1: int) -> Status:
-        if self.image.closed:
-            raise VolumeClosedError(f"recovery point {self.image.name} has expired")
-        return Allocation(self.image.volume).status(g0, g1)
+        before = self.image.held_bits(g0, g1)
+        live = Allocation(self.image.volume).status(g0, g1).marked
+        after = self.image.held_bits(g0, g1)
+        return Status.of_bools(before | live | after, 0, STATE_HOLE | STATE_ZERO)
 
 
 def _restoring_status(vol: Volume, g0: int, g1: int) -> Status:
