@@ -154,6 +154,8 @@ KNOWN_SECONDS = {
     "test_resolution.py::test_resolve_is_the_plain_rule": 10,
     "test_flash_batches.py::test_batches_read_back_as_the_same_rows_as_single_saves": 8,
     "test_serve_copies.py::test_copy_rate_holds_and_the_next_server_finishes": 8,
+    "test_serve_points.py::test_point_verbs_run_in_a_running_server": 7,
+    "test_serve_points.py::TestServedPointsModel::runTest": 12,
     "test_serve_copies.py::test_without_a_server_commands_say_what_moves_the_copy_on": 8,
     "test_stub.py::test_core_stub_matches_the_extension": 8,
     "test_serve_concurrency.py::test_lookers_and_changers_run_while_formcg_runs_and_ctrl_c_stops_it": 7,

@@ -239,6 +239,13 @@ class Volume(_core.VolumeBase):
         return self._mirror
 
     @property
+    def restoring(self):
+        """The restore giving this volume a recovery point's image while
+        its copy runs (a ``PointRestore``: the volume is read-only until it
+        completes), or None."""
+        return self._restoring
+
+    @property
     def is_secondary(self) -> bool:
         """Whether this volume is a PPRC secondary (it refuses host writes)."""
         return bool(self._secondary)

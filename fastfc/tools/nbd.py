@@ -1,4 +1,6 @@
-"""An NBD server over fastfc volumes: every volume an export named after it.
+"""An NBD server over fastfc volumes: every volume an export named after it,
+and every recovery point one named ``VOLUME#SEQ``, read-only
+(:mod:`.nbd_points`).
 
 The server speaks the fixed newstyle handshake of the NBD protocol
 (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md) with
@@ -67,6 +69,7 @@ from fastfc.errors import (FastFCError, InvalidImageError, NoSpaceError, VolumeC
 from fastfc.durable.unit import StorageUnit
 from fastfc.storage.volume import Volume
 from fastfc.tools import nbd_status
+from fastfc.tools.nbd_points import POINT_SEP, describe_point, find_point, point_names
 from fastfc.tools.nbd_status import (CMD_BLOCK_STATUS, OPT_LIST_META_CONTEXT,
                                      OPT_SET_META_CONTEXT)
 
@@ -1347,12 +1350,20 @@ def exports_of(units: Callable[[], Iterable[StorageUnit]]
                ) -> tuple[Lookup, Callable[[], list[tuple[str, str]]]]:
     """``lookup`` and ``names`` over the storage units ``units()`` gives
     when called (the first unit holding a name wins): read-only are PPRC
-    secondaries, targets with inhibit_target_write, and the C volumes of
-    Global Mirror sessions."""
+    secondaries, targets with inhibit_target_write, the C volumes of
+    Global Mirror sessions and recovery volumes whose restore still copies.
+    A recovery point is the export ``VOLUME#SEQ``, read-only
+    (:mod:`.nbd_points`)."""
     def current() -> list[StorageUnit]:
         return list(units())
 
     def find(name: str) -> Export | None:
+        if POINT_SEP in name:                # VOLUME#SEQ: a recovery point, read-only
+            image = find_point(current(), name)
+            if image is None:
+                return None
+            return Export(image, read_only=True,  # type: ignore[arg-type]
+                          description=describe_point(image.point))
         for u in current():
             if name in u:
                 vol = u.volume(name)
@@ -1368,13 +1379,15 @@ def exports_of(units: Callable[[], Iterable[StorageUnit]]
             for vol in u.volumes():
                 if vol.name not in seen and not vol.closed:
                     seen[vol.name] = describe(vol)
+            for name, text in point_names(u):
+                seen.setdefault(name, text)
         return list(seen.items())
 
     return find, names
 
 
 def is_read_only(vol: Volume, units: Iterable[StorageUnit]) -> bool:
-    if vol.is_secondary:
+    if vol.is_secondary or vol.restoring is not None:
         return True
     tgt = vol.target_relationship
     if tgt is not None and tgt.inhibit_target_write:
@@ -1387,6 +1400,10 @@ def is_read_only(vol: Volume, units: Iterable[StorageUnit]) -> bool:
 
 
 def describe(vol: Volume) -> str:
+    rs = vol.restoring
+    if rs is not None:
+        return (f"{vol.n_tracks} tracks of {vol.track_size} B, taking recovery point "
+                f"{rs.point.volume.name}#{rs.point.seq} (read-only until its copy completes)")
     return f"{vol.n_tracks} tracks of {vol.track_size} B"
 
 

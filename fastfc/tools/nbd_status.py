@@ -13,6 +13,10 @@ The contexts of an export (a volume V), each answering
     its file); a FlashCopy target's grains still read from its source
     (``to_copy``) have the source's status. Thick and in-memory volumes
     report all data (status 0): always true, if less useful.
+    A recovery point's export (``V#N``): a grain a point holds is data,
+    any other has its volume's status (:class:`PointAllocation`); a
+    recovery volume whose restore still copies has, for its grains not
+    copied yet, its point's.
 ``qemu:dirty-bitmap:T``
     For each FlashCopy with change recording in which V is the source or
     the target, named after its target T: the grains written on the
@@ -58,6 +62,7 @@ import numpy as np
 
 from fastfc.errors import VolumeClosedError
 from fastfc.storage.volume import Volume, locked
+from fastfc.tools.nbd_points import PointImage
 
 log = logging.getLogger("fastfc.nbd")
 
@@ -438,6 +443,8 @@ class Allocation(Context):
         # blocks, so each grain's answer held when the bits were read (or
         # says data, which is always true)
         owed = None
+        if isinstance(vol, Volume) and vol.restoring is not None:
+            return _restoring_status(vol, g0, g1)
         rel = vol.target_relationship
         if rel is not None and rel.active:
             with locked((rel.source, vol)):
@@ -462,6 +469,54 @@ class Allocation(Context):
         if data.size and data[-1]:
             more = 0
         return Status.of_bools(data, 0, STATE_HOLE | STATE_ZERO, more)
+
+
+class PointAllocation(Context):
+    """``base:allocation`` of a recovery point's export: a grain some point
+    of the chain holds is data; any other has its volume's status (a hole
+    of the file now was one, all zeroes, at the point's instant: a file
+    only gains blocks, TRIM is not offered). The held grains are read
+    before the volume's status and after (see :mod:`.nbd_points`)."""
+
+    name = BASE_ALLOCATION
+
+    def __init__(self, image: PointImage) -> None:
+        self.image = image
+
+    def status(self, g0: int, g1: int) -> Status:
+        before = self.image.held_bits(g0, g1)
+        live = Allocation(self.image.volume).status(g0, g1).marked
+        after = self.image.held_bits(g0, g1)
+        return Status.of_bools(before | live | after, 0, STATE_HOLE | STATE_ZERO)
+
+
+def _restoring_status(vol: Volume, g0: int, g1: int) -> Status:
+    """``base:allocation`` of a recovery volume whose restore still copies:
+    the grains not copied yet read through the point and have its status;
+    the others the volume's file's (the copy bits first: a grain copied
+    stays copied, and its file then has blocks there)."""
+    rs = vol.restoring
+    owed = None
+    if rs is not None:
+        with locked((rs.point.volume, vol)):
+            if vol.restoring is rs:
+                owed = ~_bits([_words(rs.copied, g0, g1)], g0, g1)
+    if owed is None:                # (it completed meanwhile: the file says it all)
+        return Allocation(vol).status(g0, g1)
+    gs = vol.grain_size
+    path = getattr(vol, "path", None)
+    if vol.thin and path is not None:
+        data, _ = _file_data(path, g0 * gs, g1 * gs, vol.capacity, gs)
+    else:
+        data = np.ones(g1 - g0, dtype=bool)
+    if owed.any():
+        assert rs is not None
+        try:
+            point = PointAllocation(PointImage(rs.point)).status(g0, g1).marked
+        except VolumeClosedError:
+            point = np.ones(g1 - g0, dtype=bool)     # (all data: always true)
+        data = np.where(owed, point, data)
+    return Status.of_bools(data, 0, STATE_HOLE | STATE_ZERO)
 
 
 def _file_data(path: Any, start: int, stop: int, capacity: int,
@@ -502,6 +557,8 @@ def _file_data(path: Any, start: int, stop: int, capacity: int,
 
 def contexts_of(vol: Volume) -> dict[str, Context]:
     """Every metadata context export ``vol`` offers, by name."""
+    if isinstance(vol, PointImage):
+        return {BASE_ALLOCATION: PointAllocation(vol)}
     out: dict[str, Context] = {BASE_ALLOCATION: Allocation(vol)}
     rels = list(vol.source_relationships)
     tgt = vol.target_relationship

@@ -14,7 +14,7 @@ import click
 from .app import main
 from .output import console, human, json_out, plural, table
 from .params import JSON, VOLUME
-from .units import pass_units
+from .units import pass_units, unlocked
 
 
 def _point_ref(text: str) -> tuple[str, int]:
@@ -109,14 +109,21 @@ def rmpoint(units, points) -> None:
 @click.option("--onto-source", is_flag=True,
               help="Put the image back on the point's own volume (it must be quiesced: "
                    "no host writes, its session paused or ended).")
+@click.option("--wait", "wait_copy", is_flag=True,
+              help="With --to in a server: return once the copy completes.")
 @pass_units
-def restorepoint(units, point, to, onto_source) -> None:
+def restorepoint(units, point, to, onto_source, wait_copy) -> None:
     """Restore a recovery point onto a new volume or its own [recoversgc].
 
-    The copy completes before the command returns (a kill midway is redone
-    when the unit next opens)."""
+    --to: the new volume has the point's image at once, read-only until its
+    copy completes. Under fastfc serve the copy runs in the server and the
+    command returns at once (--wait: when it completes); without a server
+    it completes before the command returns. A kill midway is redone when
+    the unit next opens."""
     if (to is None) == (not onto_source):
         raise click.UsageError("give exactly one of --to NEWVOL and --onto-source")
+    if wait_copy and onto_source:
+        raise click.UsageError("--wait goes with --to (--onto-source always completes first)")
     unit = units.local()
     p = _find(unit, point)
     ref = f"{p.volume.name}#{p.seq}"
@@ -127,5 +134,14 @@ def restorepoint(units, point, to, onto_source) -> None:
     if to in unit:
         raise click.ClickException(f"volume {to!r} already exists in this unit")
     r = unit.points.restore(p.volume.name, p.seq, to)
-    r.wait()
+    if units.borrowed and not wait_copy:
+        # (in a server: the copy goes on there; the new volume is served read-only)
+        left = r.tracks_to_copy
+        if left:
+            click.echo(f"restored {ref} onto new volume {to}: {plural(left, 'track')} to "
+                       "copy in the server; read-only until then")
+            return
+    else:
+        with unlocked():
+            r.wait()
     click.echo(f"restored {ref} onto new volume {to}")

@@ -158,6 +158,10 @@ def _roles(v, units: Units) -> list[str]:
               if any(v in (t.a, t.b, t.c) for t in gm.triplets)]
     if v.write_inhibited:
         roles.append("write-inhibited")
+    rs = v.restoring
+    if rs is not None:
+        roles.append(f"restoring {rs.point.volume.name}#{rs.point.seq} "
+                     f"({plural(rs.tracks_to_copy, 'track')} to copy; read-only until then)")
     if not v.valid:
         roles.append("INVALID")
     return roles
