@@ -114,25 +114,29 @@ def _fd_of(path) -> int:
 
 
 def test_a_failed_log_write_refuses_the_write_and_every_later_one(tmp_path):
-    """A log write that fails (a full disk, an I/O error) refuses the host
+    """A log that cannot grow (a full disk, an I/O error) refuses the host
     write whole, and every later write to that volume until the unit is
     opened again: the point's table may hold grains its log does not name,
     and a later save into them would go unlogged. After the reopen every
     point reads its image at the take."""
     import os
+    from fastfc.copyservices.points import PointChain, take_points
     u = _unit(tmp_path)
     a = u.volume("a")
     a.write(0, np.full(a.capacity, 1, np.uint8))
     u.points.take(["a"], name="before")
     image = a.read(0, a.capacity)
+    chain = PointChain.chain_of(a)
+    while chain.log_room > 1:            # (points the unit never recorded: dropped)
+        take_points([a])
     log = (tmp_path / "points" / "a.log").resolve()
     fd = _fd_of(log)
     saved = os.dup(fd)
     ro = os.open(log, os.O_RDONLY)
-    os.dup2(ro, fd)                      # the log's writes now fail (EBADF)
+    os.dup2(ro, fd)                      # the log cannot grow now (EBADF)
     try:
         with pytest.raises(OSError, match="cannot write the recovery points' log"):
-            a.write(4096, np.full(8192, 2, np.uint8))
+            a.write(4096, np.full(12288, 2, np.uint8))
         assert np.array_equal(a.read(0, a.capacity), image)      # refused whole
         os.dup2(saved, fd)               # the log writable again: still refused
         with pytest.raises(OSError, match="refuses writes until its unit is opened again"):
