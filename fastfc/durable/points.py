@@ -168,9 +168,7 @@ class UnitPoints:
             try:
                 with locked(vols):
                     if self._ordered:
-                        # the image on the disk before the take is logged
-                        for v in vols:
-                            v.flush()
+                        self._sync_images(vols)
                     points = take_points(vols, retain_for=retain_for, name=name,
                                          clock=time.time)
             except BaseException:
@@ -183,6 +181,13 @@ class UnitPoints:
                     raise StateError(f"{p!r} took seq {p.seq}, recorded as {s}")
                 p.taken_at, p.retain_until = now, now + float(retain_for)
             return points
+
+    @staticmethod
+    def _sync_images(vols: Sequence[Volume]) -> None:
+        """Durability "power", before a take is logged (the volumes' locks
+        held): their images on the disk, which its unheld grains read."""
+        for v in vols:
+            v.flush()
 
     def points(self, volume: str | None = None) -> list[RecoveryPoint]:
         """The live points of ``volume`` (every volume's if None), oldest first."""
@@ -331,9 +336,10 @@ class UnitPoints:
         format (24-byte records, no header: rewritten on opening)."""
         raw = log.read_bytes()
         words = np.frombuffer(raw[: len(raw) // 8 * 8], dtype=np.int64)
-        if len(words) and words[0] != _core.LOG_MAGIC:
+        if len(words) and words[0] not in (0, _core.LOG_MAGIC):
             recs = words[: len(words) // 3 * 3].reshape(-1, 3)    # a torn last one dropped
             return np.ascontiguousarray(recs), True
+        # (all zeros at its start: a new log whose header never reached the disk)
         return _core.point_log_records(np.ascontiguousarray(words)), False
 
     def _replay(self, vol: Volume, rows: dict[int, tuple]) -> set[int]:
