@@ -154,3 +154,146 @@ def test_a_failed_log_write_refuses_the_write_and_every_later_one(tmp_path):
         assert np.array_equal(p.image(), image)
         a.write(4096, np.full(8192, 4, np.uint8))        # writable again
         assert np.array_equal(p.image(), image)
+
+
+def _points_files(path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted((path / "points").iterdir())}
+
+
+def test_a_read_only_open_loads_the_points_and_changes_nothing(tmp_path):
+    rng = np.random.default_rng(5)
+    u = _unit(tmp_path)
+    images = {}
+    for i in range(4):
+        _scribble(u.volume("a"), rng)
+        images[i] = u.volume("a").read(0, u.volume("a").capacity)
+        u.points.take(["a"], name=f"p{i}", retain_for=3600 if i == 0 else 0)
+    _scribble(u.volume("a"), rng, 10)
+    u.points.expire("a", 2)
+    from fastfc.copyservices.points import take_points
+    take_points([u.volume("a")])        # logged, never recorded: dropped on opening
+    u.close()
+    before = _points_files(tmp_path)
+    with StorageUnit(tmp_path, readonly=True) as u:
+        assert [(p.seq, p.name) for p in u.points.points("a")] == [(0, "p0"), (1, "p1"),
+                                                                  (3, "p3")]
+        for p in u.points.points("a"):
+            assert np.array_equal(p.image(), images[p.seq])
+        assert u.points.points("a")[0].retain_until > u.points.points("a")[0].taken_at
+        with pytest.raises(ReadOnlyUnitError):
+            u.points.expire("a", 1)
+    assert _points_files(tmp_path) == before
+    with StorageUnit(tmp_path) as u:        # read-write: the same points
+        assert [p.seq for p in u.points.points("a")] == [0, 1, 3]
+
+
+def test_lspoint_opens_the_unit_read_only(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from fastfc.tools.cli import main
+    with _unit(tmp_path) as u:
+        u.points.take(["a"], name="first")
+    opened = []
+    real = StorageUnit.__init__
+
+    def init(self, *a, **kw):
+        opened.append(kw.get("readonly", False))
+        real(self, *a, **kw)
+    monkeypatch.setattr(StorageUnit, "__init__", init)
+    res = CliRunner().invoke(main, ["-u", str(tmp_path), "lspoint", "--json"])
+    assert res.exit_code == 0, res.output
+    assert '"a#0"' in res.output and '"first"' in res.output
+    assert opened == [True]
+
+
+def test_the_log_is_compacted_at_a_read_write_open(tmp_path, monkeypatch):
+    """A log much longer than its chain needs is rewritten when the unit
+    opens read-write (a new file synced, then renamed over it): the points,
+    their seqs (with the gaps of expired ones) and images are the same, and
+    the next point taken continues the seqs."""
+    from fastfc.durable import points as dp
+    monkeypatch.setattr(dp, "COMPACT_MIN_RECORDS", 32)
+    rng = np.random.default_rng(6)
+    u = _unit(tmp_path)
+    a = u.volume("a")
+    images = {}
+    for i in range(12):
+        _scribble(a, rng, 4)
+        images[i] = a.read(0, a.capacity)
+        u.points.take(["a"])
+        if i >= 2:
+            u.points.expire("a", i - 2)     # keep the newest two
+    _scribble(a, rng, 4)
+    live = [p.seq for p in u.points.points("a")]
+    assert live == [10, 11]
+    records = u.points.points("a")[0].chain.log_records
+    u.close()
+    (tmp_path / "points" / "a.log.new").write_bytes(b"left by a kill mid-compaction")
+    size = (tmp_path / "points" / "a.log").stat().st_size
+    with StorageUnit(tmp_path) as u:
+        chain = u.points.points("a")[0].chain
+        assert chain.log_records < records // 2
+        assert [p.seq for p in u.points.points("a")] == live
+        for p in u.points.points("a"):
+            assert np.array_equal(p.image(), images[p.seq])
+        assert not (tmp_path / "points" / "a.log.new").exists()
+        assert (tmp_path / "points" / "a.log").stat().st_size <= size
+        assert u.points.take(["a"])[0].seq == 12
+        images[12] = u.volume("a").read(0, u.volume("a").capacity)
+        _scribble(u.volume("a"), rng, 4)
+    with StorageUnit(tmp_path) as u:
+        assert [p.seq for p in u.points.points("a")] == live + [12]
+        for p in u.points.points("a"):
+            assert np.array_equal(p.image(), images[p.seq])
+
+
+def test_a_compaction_that_fails_leaves_the_old_log(tmp_path, monkeypatch):
+    from fastfc.durable import points as dp
+    monkeypatch.setattr(dp, "COMPACT_MIN_RECORDS", 8)
+    rng = np.random.default_rng(7)
+    with _unit(tmp_path) as u:
+        for i in range(6):
+            _scribble(u.volume("a"), rng)
+            u.points.take(["a"])
+        for i in range(4):
+            u.points.expire("a", i)
+        image = u.points.point("a", 5).image()
+    real = _core_point_log_bytes()
+
+    def broken(recs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("fastfc._core.point_log_bytes", broken)
+    with StorageUnit(tmp_path) as u:
+        assert any("not compacted" in r for r in u.recovered)
+        assert np.array_equal(u.points.point("a", 5).image(), image)
+        u.points.take(["a"])                # the old log takes records still
+    monkeypatch.setattr("fastfc._core.point_log_bytes", real)
+    with StorageUnit(tmp_path) as u:
+        assert [p.seq for p in u.points.points("a")] == [4, 5, 6]
+        assert np.array_equal(u.points.point("a", 5).image(), image)
+
+
+def _core_point_log_bytes():
+    from fastfc import _core
+    return _core.point_log_bytes
+
+
+def test_a_log_of_the_first_format_is_rewritten_on_opening(tmp_path):
+    """Units written before the log was mapped kept 24-byte records with
+    no header: opening replays them and rewrites the log."""
+    from fastfc import _core
+    rng = np.random.default_rng(8)
+    with _unit(tmp_path) as u:
+        images = {}
+        for i in range(3):
+            _scribble(u.volume("a"), rng)
+            images[i] = u.volume("a").read(0, u.volume("a").capacity)
+            u.points.take(["a"])
+        _scribble(u.volume("a"), rng)
+    log = tmp_path / "points" / "a.log"
+    words = np.frombuffer(log.read_bytes(), dtype=np.int64)
+    recs = _core.point_log_records(words.copy())
+    log.write_bytes(recs.astype(np.int64).tobytes())       # the first format
+    with StorageUnit(tmp_path) as u:
+        for p in u.points.points("a"):
+            assert np.array_equal(p.image(), images[p.seq])
+    assert int(np.frombuffer(log.read_bytes()[:8], np.int64)[0]) == _core.LOG_MAGIC

@@ -383,24 +383,35 @@ class UnitPoints:
         name = chain.volume.name
         _, log = self._files(name)
         new = log.with_name(log.name + ".new")
-        fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.write(fd, _core.point_log_bytes(recs))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                data = memoryview(_core.point_log_bytes(recs))
+                while data:
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            lfd = os.open(new, os.O_RDWR)
+        except OSError as e:
+            new.unlink(missing_ok=True)
+            if force:
+                raise
+            # (the old log stays, whole and open: the next open tries again)
+            self.unit.recovered.append(f"recovery points of {name}: the log was not "
+                                       f"compacted ({e})")
+            return False
+        pfd, old = self._fds[name]
+        chain.stop_log()
+        os.close(old)
+        self._fds[name] = (pfd, lfd)
+        chain.open_log(lfd, len(recs), ordered=self._ordered)
         os.replace(new, log)
         dfd = os.open(self._dir, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-        pfd, old = self._fds[name]
-        chain.stop_log()
-        os.close(old)
-        lfd = os.open(log, os.O_RDWR)
-        self._fds[name] = (pfd, lfd)
-        chain.open_log(lfd, len(recs), ordered=self._ordered)
         os.fsync(lfd)       # (the log, as its name now names it, is on the disk)
         return True
 
