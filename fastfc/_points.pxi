@@ -275,9 +275,10 @@ cdef class PointChainBase:
                                      "log says")
                 if ftruncate(self.pool_fd, <off_t>(self.n_chunks + 1) * <off_t>size) != 0:
                     raise OSError(errno, "cannot grow the recovery points' pool file")
+            # (populated: the chunk's pages in one call, not a fault per grain saved)
             p = mmap(NULL, size, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE if self.pool_private else MAP_SHARED, self.pool_fd,
-                     <off_t>self.n_chunks * <off_t>size)
+                     MAP_PRIVATE if self.pool_private else MAP_SHARED | MAP_POPULATE,
+                     self.pool_fd, <off_t>self.n_chunks * <off_t>size)
             if p == MAP_FAILED:
                 raise OSError(errno, "cannot map the recovery points' pool file")
             c = <uint8_t*>p
