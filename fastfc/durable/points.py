@@ -307,8 +307,8 @@ class UnitPoints:
         if self._dir.exists():
             names |= {p.stem for p in self._dir.glob("*.log")}
             if not ro:
-                for stale in self._dir.glob("*.log.new"):
-                    stale.unlink()      # (a compaction a kill cut short)
+                for left in self._dir.glob("*.log.new"):
+                    left.unlink()       # (a compaction a kill cut short)
         stale: list[tuple[str, int]] = []
         for vname in sorted(names):
             mine = rows.get(vname, {})
