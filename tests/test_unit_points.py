@@ -297,3 +297,28 @@ def test_a_log_of_the_first_format_is_rewritten_on_opening(tmp_path):
         for p in u.points.points("a"):
             assert np.array_equal(p.image(), images[p.seq])
     assert int(np.frombuffer(log.read_bytes()[:8], np.int64)[0]) == _core.LOG_MAGIC
+
+
+@pytest.mark.parametrize("durability", ["process", "power"])
+def test_the_first_bad_record_ends_the_log_and_what_follows_is_zeroed(tmp_path, durability):
+    """A record a cut tore (all zeros, or failing its check) ends the log:
+    the records behind it are never read, and opening zeroes them before a
+    new record follows, so none of them reads as valid behind it later."""
+    from fastfc.copyservices.points import PointChain
+    rng = np.random.default_rng(9)
+    with _unit(tmp_path, durability) as u:
+        u.points.take(["a"])
+        _scribble(u.volume("a"), rng, 8)
+        assert PointChain.chain_of(u.volume("a")).log_records > 4
+    log = tmp_path / "points" / "a.log"
+    words = np.frombuffer(log.read_bytes(), np.int64).copy()
+    words[3 * 4 + 1] ^= 1                        # record 3 fails its check
+    log.write_bytes(words.tobytes())
+    with StorageUnit(tmp_path, durability=durability) as u:
+        chain = PointChain.chain_of(u.volume("a"))
+        assert chain.log_records == 2            # the take and one grain
+        assert not np.frombuffer(log.read_bytes(), np.int64)[3 * 4:].any()
+        u.points.take(["a"])
+        assert chain.log_records == 3
+    with StorageUnit(tmp_path, durability=durability) as u:
+        assert [p.seq for p in u.points.points("a")] == [0, 1]

@@ -360,6 +360,11 @@ class UnitPoints:
             raise CorruptUnitError(f"{log}: {e}") from None
         if lfd >= 0 and not first_format:
             chain.open_log(lfd, len(recs), ordered=self._ordered)
+            if self._ordered:
+                # what followed the last valid record was zeroed: on the disk
+                # before a record is appended (a record a cut tore, and any
+                # after it, must not read as valid behind the next one)
+                os.fdatasync(lfd)
         for seq, p in list(by_seq.items()):
             row = rows.get(seq)
             if row is None:     # taken, never recorded: its take had not returned
