@@ -322,3 +322,20 @@ def test_the_first_bad_record_ends_the_log_and_what_follows_is_zeroed(tmp_path, 
         assert chain.log_records == 3
     with StorageUnit(tmp_path, durability=durability) as u:
         assert [p.seq for p in u.points.points("a")] == [0, 1]
+
+
+def test_points_taken_after_every_point_expired_survive_a_reopen(tmp_path):
+    """When the last point expires the pool is emptied (its file cut back)
+    and the next points save into its first slots again: replaying that
+    log must not cut the file back (the later records name those slots)."""
+    rng = np.random.default_rng(10)
+    with _unit(tmp_path) as u:
+        u.points.take(["a"])
+        _scribble(u.volume("a"), rng, 6)
+        u.points.expire("a", 0)
+        image = u.volume("a").read(0, u.volume("a").capacity)
+        u.points.take(["a"])
+        _scribble(u.volume("a"), rng, 6)
+        assert u.points.point("a", 1).saved_grains
+    with StorageUnit(tmp_path) as u:
+        assert np.array_equal(u.points.point("a", 1).image(), image)
