@@ -4,6 +4,9 @@ baseline measured in the same run.
 - :func:`write_steady`: a 4 KiB random host write to a volume holding 1,000
   points in a steady retention window (each interval takes a point and
   expires the oldest) against the same write to a volume with none.
+- :func:`write_durable`: the same steady window with the points durable in
+  a storage unit on tmpfs (the pool and log files mapped shared), against
+  the same write to another volume of that unit with none.
 - :func:`write_cost`: the worst case: 20,000 writes into one fresh interval
   (nearly every one the first to its grain, copied into memory the pool has
   not used before: provisioned ahead with ``PointChain.reserve``, or not).
@@ -23,6 +26,7 @@ baseline measured in the same run.
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import statistics
 import tempfile
@@ -140,6 +144,69 @@ def write_steady(points: int = 1000, mib: int = 256, per_interval: int = 200,
         f"(x{out['ratio']:.2f}; {out['copied_per_write']:.2f} grains copied per write)")
     plain.close()
     held.close()
+    return out
+
+
+def write_durable(points: int = 1000, mib: int = 64, per_interval: int = 200,
+                  intervals: int = 100, durability: str = "process", root: Path | None = None,
+                  log=print) -> dict:
+    """:func:`write_steady` with the points durable: two volumes of one
+    storage unit on tmpfs (``/dev/shm`` when there is one, else ``root``),
+    one holding ``points`` points (``unit.points``: the pool and log in files
+    mapped shared, every saved grain logged), the other none. Each interval
+    takes a point and expires the oldest through the unit, then times the
+    same random 4 KiB writes on both, in turn first; the ratio is the median
+    of the intervals' ratios."""
+    from fastfc import StorageUnit
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else (root or Path(tempfile.gettempdir()))
+    work = Path(tempfile.mkdtemp(prefix="fastfc-points-unit-", dir=base))
+    rng = np.random.default_rng(6)
+    data = np.full(GRAIN, 9, dtype=np.uint8)
+    try:
+        with StorageUnit(work / "unit", durability=durability) as u:
+            vols = {}
+            for name in ("plain", "held"):
+                v = vols[name] = u.create_volume(name, mib * 2**20 // TRACK, TRACK,
+                                                 grain_size=GRAIN)
+                v.write(0, np.ones(v.capacity, dtype=np.uint8))
+            held = vols["held"]
+            for _ in range(points):                      # the window, full
+                u.points.take(["held"])
+                for off in rng.integers(0, held.n_grains, per_interval) * GRAIN:
+                    held.write(int(off), data)
+            times: dict[str, list[float]] = {"none": [], "points": []}
+            saved = 0
+            for i in range(intervals):
+                offsets = [int(o) for o in rng.integers(0, held.n_grains, per_interval) * GRAIN]
+                u.points.take(["held"])
+                u.points.expire("held", u.points.points("held")[0].seq)
+                for name in (("none", "points") if i % 2 == 0 else ("points", "none")):
+                    write = vols["plain" if name == "none" else "held"].write
+                    t0 = time.perf_counter()
+                    for off in offsets:
+                        write(off, data)
+                    times[name].append((time.perf_counter() - t0) / per_interval)
+                saved += u.points.points("held")[-1].saved_grains
+            chain = held._chain
+            out = {"points": points, "mib": mib, "per_interval": per_interval,
+                   "intervals": intervals, "durability": durability,
+                   "held": len(chain.points), "tmpfs": base == shm,
+                   "log_records": chain.log_records,
+                   "copied_per_write": saved / (intervals * per_interval),
+                   "none_us": [x * 1e6 for x in times["none"]],
+                   "points_us": [x * 1e6 for x in times["points"]]}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ratios = [p / n for p, n in zip(out["points_us"], out["none_us"])]
+    out["ratios"] = ratios
+    out["none_median_us"] = statistics.median(out["none_us"])
+    out["points_median_us"] = statistics.median(out["points_us"])
+    out["ratio"] = statistics.median(ratios)
+    out["ratio_min"] = min(out["points_us"]) / min(out["none_us"])
+    log(f"    4 KiB write, {points} durable points held in a unit ({durability}): none "
+        f"{out['none_median_us']:.2f} us, points {out['points_median_us']:.2f} us "
+        f"(x{out['ratio']:.2f}; {out['copied_per_write']:.2f} grains copied per write)")
     return out
 
 
@@ -262,6 +329,9 @@ def run(quick: bool = False, unit_dir: Path | None = None, log=print) -> dict:
         "write_steady": write_steady(points=1000, mib=64 if quick else 256,
                                      per_interval=100 if quick else 200,
                                      intervals=50 if quick else 200, log=log),
+        "write_durable": write_durable(points=1000, mib=64,
+                                       per_interval=100 if quick else 200,
+                                       intervals=30 if quick else 100, root=root, log=log),
         "write": write_cost(points=1000, mib=64 if quick else 256,
                             writes=5000 if quick else 20000, rounds=3 if quick else 5, log=log),
         "write_cold": write_cost(points=1000, mib=64 if quick else 256,

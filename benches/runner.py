@@ -51,8 +51,9 @@ serve_gm  a Global Mirror session in ``fastfc serve`` (``resumegmir``) under
           command line) against the idle server; 64 KiB and 4 KiB tracks
           (skipped without fio)
 recovery_points  recovery points (``recovery_points.py``): a 4 KiB host
-          write with 1,000 points held vs none (a steady retention window;
-          and the worst case, a fresh interval, pool provisioned or not);
+          write with 1,000 points held vs none (a steady retention window,
+          in memory and durable in a unit on tmpfs; and the worst case, a
+          fresh interval, pool provisioned or not);
           taking a point of 16 and 256 volumes vs a CG's FlashCopy phase;
           restoring a point of a 1 TiB thin volume on the disk (vs a
           FlashCopy establish); the points' bytes vs their changed grains'
@@ -870,6 +871,21 @@ class Report:
                      note=f"min/min ratio {w['ratio_min']:.2f}; {w['copied_per_write']:.2f} "
                           "grains copied (copy-on-write) per write",
                      headline="" if self.quick else "host write, 1,000 points held vs none",
+                     data=w))
+        w = d["write_durable"]
+        where = "tmpfs" if w["tmpfs"] else "the disk"
+        self.add(Row("recovery_points", "points_write_durable",
+                     f"4 KiB random host write with {w['held']} durable recovery points held "
+                     f"vs none, two volumes of one storage unit on {where} (durability "
+                     f"{w['durability']}; the pool and log files mapped shared), steady "
+                     f"retention window (each interval of {w['per_interval']} writes takes a "
+                     f"point and expires the oldest through the unit), {w['mib']} MiB, 64 KiB "
+                     f"tracks, 4 KiB grain; median of {w['intervals']} intervals' ratios{q}",
+                     f"{w['points_median_us']:.2f} us", f"{w['none_median_us']:.2f} us none",
+                     w["ratio"], "<= 2", w["ratio"] <= 2,
+                     note=f"min/min ratio {w['ratio_min']:.2f}; {w['copied_per_write']:.2f} "
+                          f"grains copied and logged per write; log {w['log_records']} records",
+                     headline="" if self.quick else "host write, 1,000 durable points vs none",
                      data=w))
         for key, how in (("write", "pool provisioned (PointChain.reserve)"),
                          ("write_cold", "pool not provisioned: fresh pages fault in")):

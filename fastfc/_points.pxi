@@ -29,28 +29,11 @@ cdef extern from "<stdlib.h>" nogil:
 cdef extern from "<sys/mman.h>" nogil:
     int madvise(void* addr, size_t length, int advice)
     int MADV_HUGEPAGE
-    void* mmap(void* addr, size_t length, int prot, int flags, int fd, off_t offset)
-    int munmap(void* addr, size_t length)
-    int PROT_READ, PROT_WRITE, MAP_SHARED
-    void* MAP_FAILED
-
-cdef extern from "<unistd.h>" nogil:
-    int ftruncate(int fd, off_t length)
-    off_t lseek(int fd, off_t offset, int whence)
-    int SEEK_END
-    ssize_t write(int fd, const void* buf, size_t count)
 
 # Durable chains (storage units) keep their pool in a file (chunk i at
-# offset i << POOL_CHUNK_SHIFT, mapped shared) and log what changes their
-# tables, in order, to a second file: records of three int64s.
-# LOG_SAVE (grain, slot): the newest point took ``grain`` into ``slot`` (its
-# bytes are in the pool before the record is written, and the record before
-# the host write lands); LOG_TAKE (seq, 0) a point was taken; LOG_EXPIRE
-# (seq, 0) it expired. Replaying the log rebuilds the chain exactly.
-cdef enum:
-    LOG_SAVE = 1
-    LOG_TAKE = 2
-    LOG_EXPIRE = 3
+# offset i << POOL_CHUNK_SHIFT, mapped shared; privately in a read-only
+# unit) and log what changes their tables, in order, to a second file
+# (_points_log.pxi). Replaying the log rebuilds the chain exactly.
 
 # A pool chunk is 2 MiB (or one grain, if larger), aligned and advised for a
 # huge page: it is allocated whole, then handed out a slot at a time (freed
@@ -222,8 +205,11 @@ cdef class PointChainBase:
     cdef Py_ssize_t n_free, free_cap
     cdef int64_t next_slot
     cdef Py_ssize_t kept_chunks   # reserved (_reserve_pool): kept when emptied
-    # durable chains: the pool's file and the log's (-1: in memory)
-    cdef int pool_fd, log_fd
+    # durable chains: the pool's file (-1: in memory; mapped privately if
+    # ``pool_private``: a read-only unit) and the log (_points_log.pxi)
+    cdef int pool_fd
+    cdef bint pool_private
+    cdef PointLog log
     # a log write failed: the tables may hold grains the log does not name,
     # so nothing more is saved (host writes refused) until the unit reopens
     cdef readonly bint log_failed
@@ -231,7 +217,7 @@ cdef class PointChainBase:
     def __cinit__(self, *args, **kwargs):
         self.points = []
         self.pool_fd = -1
-        self.log_fd = -1
+        self.log.fd = -1
 
     def __dealloc__(self):
         cdef Py_ssize_t i
@@ -240,6 +226,7 @@ cdef class PointChainBase:
         free(self.chunks)
         free(self.free_slots)
         tab_free(&self.latest)
+        log_unmap(&self.log)
 
     def _attach(self, VolumeBase volume):
         """Become ``volume``'s chain (its lock held by the caller)."""
@@ -282,11 +269,16 @@ cdef class PointChainBase:
             self.chunks_cap = cap
         if self.pool_fd >= 0:
             # (grown only: a reopened pool maps the chunks its file holds)
-            if (lseek(self.pool_fd, 0, SEEK_END) < <off_t>(self.n_chunks + 1) * <off_t>size
-                    and ftruncate(self.pool_fd, <off_t>(self.n_chunks + 1) * <off_t>size) != 0):
-                raise OSError(errno, "cannot grow the recovery points' pool file")
-            p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, self.pool_fd,
-                     <off_t>self.n_chunks * <off_t>size)
+            if lseek(self.pool_fd, 0, SEEK_END) < <off_t>(self.n_chunks + 1) * <off_t>size:
+                if self.pool_private:
+                    raise ValueError("the recovery points' pool file is shorter than its "
+                                     "log says")
+                if ftruncate(self.pool_fd, <off_t>(self.n_chunks + 1) * <off_t>size) != 0:
+                    raise OSError(errno, "cannot grow the recovery points' pool file")
+            # (populated: the chunk's pages in one call, not a fault per grain saved)
+            p = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE if self.pool_private else MAP_SHARED | MAP_POPULATE,
+                     self.pool_fd, <off_t>self.n_chunks * <off_t>size)
             if p == MAP_FAILED:
                 raise OSError(errno, "cannot map the recovery points' pool file")
             c = <uint8_t*>p
@@ -356,7 +348,7 @@ cdef class PointChainBase:
         cdef int64_t s
         cdef int shift = self.shift
         cdef Py_ssize_t e
-        cdef int64_t rec[3 * 64]
+        cdef int64_t saved[2 * 64]
         cdef Py_ssize_t nrec = 0
         if p is None:
             return 0
@@ -372,15 +364,14 @@ cdef class PointChainBase:
             tab_reserve(&self.latest, 1)
             s = self._alloc_slot()
             memcpy(self._slot(s), base + (g << shift), self.grain_size)
-            if self.log_fd >= 0:
-                # the grain's bytes are in the pool; the record follows, and
+            if self.log.fd >= 0:
+                # the grain's bytes are in the pool; its record follows, and
                 # the host write only after the records are written
-                rec[3 * nrec] = LOG_SAVE
-                rec[3 * nrec + 1] = g
-                rec[3 * nrec + 2] = s
+                saved[2 * nrec] = g
+                saved[2 * nrec + 1] = s
                 nrec += 1
                 if nrec == 64:
-                    self._log(rec, nrec)
+                    self._log_saves(saved, nrec)
                     nrec = 0
             e = tab_find(&self.latest, g)
             if e >= 0:
@@ -390,7 +381,27 @@ cdef class PointChainBase:
                 tab_insert(&p.tab, g, s, -1)
                 tab_insert(&self.latest, g, p.seq, -1)
             bms_set_range(self.held.w, self.held.s, g, g + 1)
-        self._log(rec, nrec)
+        if nrec:
+            self._log_saves(saved, nrec)
+        return 0
+
+    cdef int _log_saves(self, const int64_t* saved, Py_ssize_t n) except -1:
+        """Log ``n`` saved (grain, slot) pairs. Ordered (durability "power"):
+        the pool on the disk first, then the records, synced. A failure
+        leaves the chain failed (see ``log_failed``)."""
+        cdef Py_ssize_t i
+        try:
+            if self.log.ordered:
+                log_sync_fd(self.pool_fd)
+            for i in range(n):
+                log_append(&self.log, LOG_SAVE, saved[2 * i], saved[2 * i + 1])
+            if self.log.ordered:
+                log_sync_fd(self.log.fd)
+        except OSError as e:
+            self.log_failed = True
+            raise OSError(e.errno, f"cannot write the recovery points' log of "
+                                   f"{self.volume!r}: {e.strerror}; the volume "
+                                   "refuses writes until its unit is opened again") from None
         return 0
 
     cdef int _save_mask(self, const uint8_t* base, const uint64_t* w) except -1:
@@ -533,7 +544,6 @@ cdef class PointChainBase:
         cdef PointBase q = None
         cdef Py_ssize_t i, k
         cdef int64_t g, s
-        cdef int64_t rec[3]
         if p.chain is not self or p.expired:
             raise StateError(f"{p!r} has expired already")
         k = p.index
@@ -545,11 +555,8 @@ cdef class PointChainBase:
                 self._grow_free(p.tab.count)
         elif self.n_free + p.tab.count > self.free_cap:
             self._grow_free(p.tab.count)
-        if self.log_fd >= 0:
-            rec[0] = LOG_EXPIRE
-            rec[1] = p.seq
-            rec[2] = 0
-            self._log(rec, 1)
+        if self.log.fd >= 0:
+            self._log_one(LOG_EXPIRE, p.seq)
         for i in range(p.tab.cap):
             g = p.tab.keys[i]
             if g < 0:
@@ -591,52 +598,60 @@ cdef class PointChainBase:
         else:
             free(c)
 
-    cdef int _log(self, const int64_t* rec, Py_ssize_t n) except -1:
-        """Append ``n`` records (3 int64s each) to the log, if durable."""
-        cdef const uint8_t* b = <const uint8_t*>rec
-        cdef size_t left = <size_t>n * 3 * sizeof(int64_t)
-        cdef ssize_t w
-        cdef int err
-        if self.log_fd < 0 or n == 0:
-            return 0
-        while left:
-            w = write(self.log_fd, b, left)
-            if w < 0:
-                if errno == EINTR:
-                    continue
-                err = errno
-                self.log_failed = True
-                raise OSError(err, f"cannot write the recovery points' log of "
-                                   f"{self.volume!r}: {os.strerror(err)}; the volume "
-                                   "refuses writes until its unit is opened again")
-            b += w
-            left -= w
+    cdef int _log_one(self, int64_t kind, int64_t a) except -1:
+        """Log a take or an expiry (synced when ordered: before the lock is
+        released, so no slot it frees is reused before the disk says so)."""
+        try:
+            log_append(&self.log, kind, a, 0)
+            if self.log.ordered:
+                log_sync_fd(self.log.fd)
+        except OSError as e:
+            self.log_failed = True
+            raise OSError(e.errno, f"cannot write the recovery points' log of "
+                                   f"{self.volume!r}: {e.strerror}; the volume "
+                                   "refuses writes until its unit is opened again") from None
         return 0
 
     cdef int _log_take(self) except -1:
         """Log that the point of seq ``next_seq`` is taken (durable chains)."""
-        cdef int64_t rec[3]
-        if self.log_fd >= 0:
-            rec[0] = LOG_TAKE
-            rec[1] = self.next_seq
-            rec[2] = 0
-            self._log(rec, 1)
+        if self.log.fd >= 0:
+            self._log_one(LOG_TAKE, self.next_seq)
         return 0
 
-    def _durable(self, int pool_fd, int log_fd):
-        """Keep the pool in ``pool_fd``'s file and log changes to
-        ``log_fd`` (opened for append) from now on. Before any chunk."""
+    def _durable(self, int pool_fd, bint private=False):
+        """Keep the pool in ``pool_fd``'s file (mapped privately if
+        ``private``: a read-only unit). Before any chunk; the log is
+        opened by :meth:`_open_log`."""
         if self.n_chunks:
             raise StateError("a chain's pool can be put in a file only while it is empty")
         self.pool_fd = pool_fd
-        self.log_fd = log_fd
+        self.pool_private = private
+
+    def _open_log(self, int log_fd, Py_ssize_t valid, bint ordered):
+        """Append to the log file ``log_fd`` after its ``valid`` records (0:
+        a new log) from now on; ``ordered``: durability "power"."""
+        log_open(&self.log, log_fd, valid)
+        self.log.ordered = ordered
 
     def _stop_log(self):
-        """Write no more log records (replay, or a chain being closed)."""
-        self.log_fd = -1
+        """Write no more log records (a chain being closed)."""
+        log_unmap(&self.log)
 
-    def _set_log(self, int log_fd):
-        self.log_fd = log_fd
+    @property
+    def log_records(self):
+        """Records in the log (the header excluded; 0 if not logging)."""
+        return self.log.n - 1 if self.log.fd >= 0 else 0
+
+    @property
+    def log_room(self):
+        """Records the log's mapping holds before it must grow."""
+        return self.log.cap - self.log.n if self.log.fd >= 0 else 0
+
+    def _replay_next_seq(self, int64_t seq):
+        """Replay a LOG_NEXT_SEQ record: the next point taken gets ``seq``."""
+        if seq < self.next_seq:
+            raise ValueError(f"a recovery points' log sets the next seq back ({seq})")
+        self.next_seq = seq
 
     @property
     def next_point_seq(self):
@@ -684,7 +699,8 @@ cdef class PointChainBase:
             self._drop_chunk(self.chunks[i])
         if self.n_chunks > self.kept_chunks:
             self.n_chunks = self.kept_chunks
-            if self.pool_fd >= 0:
+            # (not while a log replays: later records name slots the file holds)
+            if self.pool_fd >= 0 and self.log.fd >= 0:
                 ftruncate(self.pool_fd, <off_t>self.kept_chunks
                           << <off_t>(self.pshift + self.shift))
         self.next_slot = 0

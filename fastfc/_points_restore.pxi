@@ -220,3 +220,39 @@ def take_many(list volumes, type cls, double now, double retain_for, object name
         for k in range(held - 1, -1, -1):
             (<VolumeBase>volumes[k])._release()
     return out
+
+
+def point_log_compacted(PointChainBase chain):
+    """The shortest log that rebuilds ``chain``: per live point, oldest
+    first, the seq it follows on (if a gap), its take and its grains.
+    An (n, 3) int64 array. Its volume's lock held."""
+    cdef PointBase p
+    cdef Py_ssize_t i, k = 0, n = 1, k0
+    cdef int64_t prev = 0
+    for p in chain.points:
+        n += 2 + p.tab.count
+    out = np.zeros((n, 3), dtype=np.int64)
+    cdef int64_t[:, ::1] o = out
+    for p in chain.points:
+        if p.seq != prev:
+            o[k, 0] = LOG_NEXT_SEQ
+            o[k, 1] = p.seq
+            k += 1
+        o[k, 0] = LOG_TAKE
+        o[k, 1] = p.seq
+        k += 1
+        k0 = k
+        for i in range(p.tab.cap):
+            if p.tab.keys[i] >= 0:
+                o[k, 0] = LOG_SAVE
+                o[k, 1] = p.tab.keys[i]
+                o[k, 2] = p.tab.slots[i]
+                k += 1
+        # by slot: a replay then mostly appends to the pool
+        out[k0:k] = out[k0:k][np.argsort(out[k0:k, 2], kind="stable")]
+        prev = p.seq + 1
+    if chain.next_seq != prev:
+        o[k, 0] = LOG_NEXT_SEQ
+        o[k, 1] = chain.next_seq
+        k += 1
+    return out[:k].copy()

@@ -161,6 +161,8 @@ KNOWN_SECONDS = {
     "test_serve_concurrency.py::test_lookers_and_changers_run_while_formcg_runs_and_ctrl_c_stops_it": 7,
     "test_powercut.py::test_power_survives_cuts_on_every_path": 7,
     "test_remote_powercut.py::test_power_units_survive_more_cuts": 8,
+    "test_points_powercut.py::test_durable_points_survive_a_power_cut_before_every_sync": 18,
+    "test_points_powercut.py::test_durable_points_survive_a_power_cut_at_any_sync": 4,
     "test_full_filesystem.py::test_scattered_thin_writes_with_readers_until_full_never_sigbus": 6,
     "test_serve_copies.py::test_global_copy_drains_and_keeps_draining": 6,
     "test_resolution.py::test_the_action_ends_every_c_on_one_cg": 6,

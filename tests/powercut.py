@@ -12,6 +12,8 @@ disk is modelled per file instead:
   current one (the kernel may have written any dirty page back at any time,
   in any order, and again later or not); versions are observed at every
   sync and every cut (:meth:`PowerCutRecorder.observe`);
+* recovery points' files (``points/V.pool``, ``points/V.log``: mapped
+  shared, fsynced) are modelled as the volume files are;
 * ``unit.db`` and ``unit.db-wal`` are the files as they were after the last
   *synced* SQLite commit (a commit made with ``PRAGMA synchronous`` >= 2, i.e.
   FULL) or ``sync_point()`` (``wal_checkpoint(FULL)``): the unsynced commits
@@ -157,7 +159,8 @@ class PowerCutRecorder:
         out = [d / n for n in DB_FILES if os.path.exists(os.path.join(d, n))]
         if os.path.exists(os.path.join(d, JOURNAL)):
             out.append(d / JOURNAL)
-        for sub, ext in (("volumes", ".vol"), ("bitmaps", ".bm")):
+        for sub, ext in (("volumes", ".vol"), ("bitmaps", ".bm"), ("points", ".pool"),
+                         ("points", ".log")):
             try:
                 names = sorted(e.name for e in os.scandir(d / sub) if e.name.endswith(ext))
             except FileNotFoundError:
@@ -417,6 +420,7 @@ class PowerCutRecorder:
             out = dest / d.relative_to(self.parent)
             (out / "volumes").mkdir(parents=True)
             (out / "bitmaps").mkdir()
+            (out / "points").mkdir()
             db_files = []
             for n, now in zip(DB_FILES, db_now):
                 content = self.synced.get(d / n) if db == "synced" else now
@@ -494,6 +498,11 @@ def _named_files(unit_dir: Path) -> set[str]:
                 ids.update(v for r in rows for v in r if v is not None)
             try:
                 names = {f"volumes/{r[0]}.vol" for r in db.execute("SELECT name FROM volumes")}
+            except sqlite3.Error:
+                pass
+            try:        # a volume's recovery points: its pool and log exist before its rows
+                names |= {f"points/{r[0]}{ext}" for r in
+                          db.execute("SELECT DISTINCT volume FROM points") for ext in (".pool", ".log")}
             except sqlite3.Error:
                 pass
             return names | {f"bitmaps/{i}.bm" for i in ids}

@@ -114,25 +114,29 @@ def _fd_of(path) -> int:
 
 
 def test_a_failed_log_write_refuses_the_write_and_every_later_one(tmp_path):
-    """A log write that fails (a full disk, an I/O error) refuses the host
+    """A log that cannot grow (a full disk, an I/O error) refuses the host
     write whole, and every later write to that volume until the unit is
     opened again: the point's table may hold grains its log does not name,
     and a later save into them would go unlogged. After the reopen every
     point reads its image at the take."""
     import os
+    from fastfc.copyservices.points import PointChain, take_points
     u = _unit(tmp_path)
     a = u.volume("a")
     a.write(0, np.full(a.capacity, 1, np.uint8))
     u.points.take(["a"], name="before")
     image = a.read(0, a.capacity)
+    chain = PointChain.chain_of(a)
+    while chain.log_room > 1:            # (points the unit never recorded: dropped)
+        take_points([a])
     log = (tmp_path / "points" / "a.log").resolve()
     fd = _fd_of(log)
     saved = os.dup(fd)
     ro = os.open(log, os.O_RDONLY)
-    os.dup2(ro, fd)                      # the log's writes now fail (EBADF)
+    os.dup2(ro, fd)                      # the log cannot grow now (EBADF)
     try:
         with pytest.raises(OSError, match="cannot write the recovery points' log"):
-            a.write(4096, np.full(8192, 2, np.uint8))
+            a.write(4096, np.full(12288, 2, np.uint8))
         assert np.array_equal(a.read(0, a.capacity), image)      # refused whole
         os.dup2(saved, fd)               # the log writable again: still refused
         with pytest.raises(OSError, match="refuses writes until its unit is opened again"):
@@ -150,3 +154,188 @@ def test_a_failed_log_write_refuses_the_write_and_every_later_one(tmp_path):
         assert np.array_equal(p.image(), image)
         a.write(4096, np.full(8192, 4, np.uint8))        # writable again
         assert np.array_equal(p.image(), image)
+
+
+def _points_files(path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted((path / "points").iterdir())}
+
+
+def test_a_read_only_open_loads_the_points_and_changes_nothing(tmp_path):
+    rng = np.random.default_rng(5)
+    u = _unit(tmp_path)
+    images = {}
+    for i in range(4):
+        _scribble(u.volume("a"), rng)
+        images[i] = u.volume("a").read(0, u.volume("a").capacity)
+        u.points.take(["a"], name=f"p{i}", retain_for=3600 if i == 0 else 0)
+    _scribble(u.volume("a"), rng, 10)
+    u.points.expire("a", 2)
+    from fastfc.copyservices.points import take_points
+    take_points([u.volume("a")])        # logged, never recorded: dropped on opening
+    u.close()
+    before = _points_files(tmp_path)
+    with StorageUnit(tmp_path, readonly=True) as u:
+        assert [(p.seq, p.name) for p in u.points.points("a")] == [(0, "p0"), (1, "p1"),
+                                                                  (3, "p3")]
+        for p in u.points.points("a"):
+            assert np.array_equal(p.image(), images[p.seq])
+        assert u.points.points("a")[0].retain_until > u.points.points("a")[0].taken_at
+        with pytest.raises(ReadOnlyUnitError):
+            u.points.expire("a", 1)
+    assert _points_files(tmp_path) == before
+    with StorageUnit(tmp_path) as u:        # read-write: the same points
+        assert [p.seq for p in u.points.points("a")] == [0, 1, 3]
+
+
+def test_lspoint_opens_the_unit_read_only(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from fastfc.tools.cli import main
+    with _unit(tmp_path) as u:
+        u.points.take(["a"], name="first")
+    opened = []
+    real = StorageUnit.__init__
+
+    def init(self, *a, **kw):
+        opened.append(kw.get("readonly", False))
+        real(self, *a, **kw)
+    monkeypatch.setattr(StorageUnit, "__init__", init)
+    res = CliRunner().invoke(main, ["-u", str(tmp_path), "lspoint", "--json"])
+    assert res.exit_code == 0, res.output
+    assert '"a#0"' in res.output and '"first"' in res.output
+    assert opened == [True]
+
+
+def test_the_log_is_compacted_at_a_read_write_open(tmp_path, monkeypatch):
+    """A log much longer than its chain needs is rewritten when the unit
+    opens read-write (a new file synced, then renamed over it): the points,
+    their seqs (with the gaps of expired ones) and images are the same, and
+    the next point taken continues the seqs."""
+    from fastfc.durable import points as dp
+    monkeypatch.setattr(dp, "COMPACT_MIN_RECORDS", 32)
+    rng = np.random.default_rng(6)
+    u = _unit(tmp_path)
+    a = u.volume("a")
+    images = {}
+    for i in range(12):
+        _scribble(a, rng, 4)
+        images[i] = a.read(0, a.capacity)
+        u.points.take(["a"])
+        if i >= 2:
+            u.points.expire("a", i - 2)     # keep the newest two
+    _scribble(a, rng, 4)
+    live = [p.seq for p in u.points.points("a")]
+    assert live == [10, 11]
+    records = u.points.points("a")[0].chain.log_records
+    u.close()
+    (tmp_path / "points" / "a.log.new").write_bytes(b"left by a kill mid-compaction")
+    size = (tmp_path / "points" / "a.log").stat().st_size
+    with StorageUnit(tmp_path) as u:
+        chain = u.points.points("a")[0].chain
+        assert chain.log_records < records // 2
+        assert [p.seq for p in u.points.points("a")] == live
+        for p in u.points.points("a"):
+            assert np.array_equal(p.image(), images[p.seq])
+        assert not (tmp_path / "points" / "a.log.new").exists()
+        assert (tmp_path / "points" / "a.log").stat().st_size <= size
+        assert u.points.take(["a"])[0].seq == 12
+        images[12] = u.volume("a").read(0, u.volume("a").capacity)
+        _scribble(u.volume("a"), rng, 4)
+    with StorageUnit(tmp_path) as u:
+        assert [p.seq for p in u.points.points("a")] == live + [12]
+        for p in u.points.points("a"):
+            assert np.array_equal(p.image(), images[p.seq])
+
+
+def test_a_compaction_that_fails_leaves_the_old_log(tmp_path, monkeypatch):
+    from fastfc.durable import points as dp
+    monkeypatch.setattr(dp, "COMPACT_MIN_RECORDS", 8)
+    rng = np.random.default_rng(7)
+    with _unit(tmp_path) as u:
+        for i in range(6):
+            _scribble(u.volume("a"), rng)
+            u.points.take(["a"])
+        for i in range(4):
+            u.points.expire("a", i)
+        image = u.points.point("a", 5).image()
+    real = _core_point_log_bytes()
+
+    def broken(recs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("fastfc._core.point_log_bytes", broken)
+    with StorageUnit(tmp_path) as u:
+        assert any("not compacted" in r for r in u.recovered)
+        assert np.array_equal(u.points.point("a", 5).image(), image)
+        u.points.take(["a"])                # the old log takes records still
+    monkeypatch.setattr("fastfc._core.point_log_bytes", real)
+    with StorageUnit(tmp_path) as u:
+        assert [p.seq for p in u.points.points("a")] == [4, 5, 6]
+        assert np.array_equal(u.points.point("a", 5).image(), image)
+
+
+def _core_point_log_bytes():
+    from fastfc import _core
+    return _core.point_log_bytes
+
+
+def test_a_log_of_the_first_format_is_rewritten_on_opening(tmp_path):
+    """Units written before the log was mapped kept 24-byte records with
+    no header: opening replays them and rewrites the log."""
+    from fastfc import _core
+    rng = np.random.default_rng(8)
+    with _unit(tmp_path) as u:
+        images = {}
+        for i in range(3):
+            _scribble(u.volume("a"), rng)
+            images[i] = u.volume("a").read(0, u.volume("a").capacity)
+            u.points.take(["a"])
+        _scribble(u.volume("a"), rng)
+    log = tmp_path / "points" / "a.log"
+    words = np.frombuffer(log.read_bytes(), dtype=np.int64)
+    recs = _core.point_log_records(words.copy())
+    log.write_bytes(recs.astype(np.int64).tobytes())       # the first format
+    with StorageUnit(tmp_path) as u:
+        for p in u.points.points("a"):
+            assert np.array_equal(p.image(), images[p.seq])
+    assert int(np.frombuffer(log.read_bytes()[:8], np.int64)[0]) == _core.LOG_MAGIC
+
+
+@pytest.mark.parametrize("durability", ["process", "power"])
+def test_the_first_bad_record_ends_the_log_and_what_follows_is_zeroed(tmp_path, durability):
+    """A record a cut tore (all zeros, or failing its check) ends the log:
+    the records behind it are never read, and opening zeroes them before a
+    new record follows, so none of them reads as valid behind it later."""
+    from fastfc.copyservices.points import PointChain
+    rng = np.random.default_rng(9)
+    with _unit(tmp_path, durability) as u:
+        u.points.take(["a"])
+        _scribble(u.volume("a"), rng, 8)
+        assert PointChain.chain_of(u.volume("a")).log_records > 4
+    log = tmp_path / "points" / "a.log"
+    words = np.frombuffer(log.read_bytes(), np.int64).copy()
+    words[3 * 4 + 1] ^= 1                        # record 3 fails its check
+    log.write_bytes(words.tobytes())
+    with StorageUnit(tmp_path, durability=durability) as u:
+        chain = PointChain.chain_of(u.volume("a"))
+        assert chain.log_records == 2            # the take and one grain
+        assert not np.frombuffer(log.read_bytes(), np.int64)[3 * 4:].any()
+        u.points.take(["a"])
+        assert chain.log_records == 3
+    with StorageUnit(tmp_path, durability=durability) as u:
+        assert [p.seq for p in u.points.points("a")] == [0, 1]
+
+
+def test_points_taken_after_every_point_expired_survive_a_reopen(tmp_path):
+    """When the last point expires the pool is emptied (its file cut back)
+    and the next points save into its first slots again: replaying that
+    log must not cut the file back (the later records name those slots)."""
+    rng = np.random.default_rng(10)
+    with _unit(tmp_path) as u:
+        u.points.take(["a"])
+        _scribble(u.volume("a"), rng, 6)
+        u.points.expire("a", 0)
+        image = u.volume("a").read(0, u.volume("a").capacity)
+        u.points.take(["a"])
+        _scribble(u.volume("a"), rng, 6)
+        assert u.points.point("a", 1).saved_grains
+    with StorageUnit(tmp_path) as u:
+        assert np.array_equal(u.points.point("a", 1).image(), image)

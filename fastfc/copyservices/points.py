@@ -111,22 +111,37 @@ class PointChain(_core.PointChainBase):
         return volume._chain
 
     # -- durable chains (storage units: fastfc.durable.points) ------------------
-    def make_durable(self, pool_fd: int, log_fd: int) -> None:
-        """Keep the grain pool in ``pool_fd``'s file (mapped shared) and log
-        every change of the chain to ``log_fd`` (opened to append) from now
-        on: records of three int64s (see fastfc/_points.pxi). While empty."""
+    def make_durable(self, pool_fd: int, *, private: bool = False) -> None:
+        """Keep the grain pool in ``pool_fd``'s file (mapped shared; privately
+        if ``private``: a read-only unit). While empty. The log is opened by
+        :meth:`open_log`."""
         with locked([self.volume]):
-            self._durable(pool_fd, log_fd)
+            self._durable(pool_fd, private)
+
+    def open_log(self, log_fd: int, valid: int = 0, *, ordered: bool = False) -> None:
+        """Log every change of the chain to the file ``log_fd`` from now on
+        (mapped shared, grown in chunks: see fastfc/_points_log.pxi), after
+        its first ``valid`` records (0: a new log). ``ordered`` (durability
+        "power"): each save syncs the pool, then its records, before the
+        host write lands; a take or an expiry syncs its record."""
+        with locked([self.volume]):
+            self._open_log(log_fd, valid, ordered)
 
     def stop_log(self) -> None:
         """Log nothing more (its file is being closed)."""
         with locked([self.volume]):
             self._stop_log()
 
-    def replay(self, records: np.ndarray, log_fd: int) -> dict[int, "RecoveryPoint"]:
-        """Rebuild a fresh chain (made durable with log fd -1) from its log's
-        ``records`` (an (n, 3) int64 array), then log to ``log_fd``. Returns
-        the live points by seq. A record that does not fit raises ValueError."""
+    def compacted_log(self) -> np.ndarray:
+        """The shortest log that rebuilds this chain as it is: an (n, 3)
+        int64 array of records (:meth:`replay` takes it)."""
+        with locked([self.volume]):
+            return _core.point_log_compacted(self)
+
+    def replay(self, records: np.ndarray) -> dict[int, "RecoveryPoint"]:
+        """Rebuild a fresh chain (its pool made durable, no log open) from
+        its log's ``records`` (an (n, 3) int64 array). Returns the live
+        points by seq. A record that does not fit raises ValueError."""
         by_seq: dict[int, RecoveryPoint] = {}
         with locked([self.volume]):
             if self.points or self.next_point_seq:
@@ -145,9 +160,10 @@ class PointChain(_core.PointChainBase):
                     if gone is None:
                         raise ValueError(f"point #{a} of the log expired but is not held")
                     self._expire(gone)
+                elif kind == 4:
+                    self._replay_next_seq(a)
                 else:
                     raise ValueError(f"unknown record kind {kind} in the log")
-            self._set_log(log_fd)
             for p in self.points:
                 p.group = (p,)
         return by_seq

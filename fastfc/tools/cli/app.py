@@ -38,7 +38,7 @@ Exit status:
 # Commands that only look: their units are opened read-only (a shared lock,
 # so they run alongside each other, and nothing in the unit changes).
 READ_ONLY_COMMANDS = {"lsvol", "read", "lsflash", "lspprc", "showgmir", "lsgmir",
-                      "showunit"}
+                      "showunit", "lspoint"}
 
 
 class FastFCGroup(click.Group):
