@@ -69,8 +69,11 @@ class FlashCopy(_core.RelationshipBase):
     ----------
     source, target : Volume
         Same geometry. A source has at most 12 targets; a volume is the target
-        of at most one relationship; cascading (a target that is also a
-        source) is refused.
+        of at most one relationship. A target may be the source of another
+        relationship (a cascade, S -> T1 -> T2, in memory): T2 holds T1's
+        logical image at its establish, whatever later happens to T1 (host
+        writes, resync, revert, withdraw of S -> T1 or a new FlashCopy onto
+        it: T2 takes the grains it still needs first).
     background_copy : bool
         COPY mode (default): a worker thread copies every track. NOCOPY
         (``False``): tracks move only by copy-on-write or :meth:`copy`.
@@ -157,6 +160,10 @@ class FlashCopy(_core.RelationshipBase):
         relationship in the source's storage unit. Locks held."""
         n = self.source.n_grains
         store = self._store
+        if self.target._src_rels:
+            # a cascade formed onto a source: its targets take every grain
+            # they still read through it before its image becomes the source's
+            _core.save_before_change(self.target, None)
         self.to_copy = store.new_bitmap(n, fill=True)
         if self.record:
             self.src_changed = store.new_bitmap(n)
@@ -623,10 +630,21 @@ class FlashCopy(_core.RelationshipBase):
         if not self.record:
             raise StateError(f"{self!r} needs record=True for reverse restore")
         S = self.source
-        with locked([S, self.target] + [r.target for r in S._src_rels]):
+        # (a source that is a target too: the volumes above it, whose
+        # grains its other targets may take and whose bitmaps change)
+        with locked([S, self.target] + [r.target for r in S._src_rels]
+                    + _core.volume_chain(S)):
             self._require_active()
             if self.revertible:
                 raise StateError(f"{self!r} is revertible; commit or revert first")
+            if S._tgt_rel is not None and S._tgt_rel.revertible:
+                raise WriteInhibitedError(
+                    f"{S!r} is the target of a revertible FlashCopy; commit or revert "
+                    "it first")
+            if S._invalid:
+                raise StateError(f"{S!r} holds no valid image (a FlashCopy onto it was "
+                                 "withdrawn before completing); a restore of some tracks "
+                                 "cannot make it whole")
             if S._inhibits:
                 # the restore writes S: it must not land while another
                 # relationship of S is revertible (its images read from S)
@@ -682,7 +700,9 @@ class FlashCopy(_core.RelationshipBase):
         """End the relationship [rmflash]. If tracks remain to copy the target
         holds no valid image: refused unless ``force``, which marks the target
         invalid (its reads then raise :class:`~fastfc.errors.InvalidImageError`)."""
-        with locked((self.source, self.target)):
+        # (the chain above the target: a cascade's forced withdraw copies
+        # grains from the volumes above it to the target's own targets)
+        with locked(_core.volume_chain(self.target) + [self.source]):
             self._require_active()
             if self.session is not None:
                 raise StateError(
@@ -697,6 +717,11 @@ class FlashCopy(_core.RelationshipBase):
                 raise IncompleteCopyError(
                     f"{self!r} still has {remaining} tracks to copy; copy() or wait() "
                     "first, or withdraw(force=True) to invalidate the target")
+            if remaining and self.target._src_rels:
+                # the target's own targets take what they still read through
+                # it from the source before its image becomes invalid
+                _core.check_image_change(self.target, self.to_copy)
+                _core.save_before_change(self.target, self.to_copy)
             self._unlink(invalidate=bool(remaining))
         self._done.set()
 
@@ -802,10 +827,7 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
         r._store.check_writable()
         if t._tgt_rel is not None or id(t) in new_targets:
             raise LimitError(f"{t!r} is already the target of a FlashCopy")
-        if t._src_rels or id(t) in new_sources:
-            raise LimitError(f"{t!r} is a FlashCopy source; cascading is not supported")
-        if s._tgt_rel is not None or id(s) in new_targets:
-            raise LimitError(f"{s!r} is a FlashCopy target; cascading is not supported")
+        _check_cascade(r, new_sources, new_targets)
         if t._mirror is not None or t._secondary:
             raise LimitError(f"{t!r} is in a PPRC pair and cannot be a FlashCopy target")
         if t._chain is not None and t._chain.points:
@@ -826,6 +848,31 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
             raise LimitError(f"{s!r} and {t!r} are in different storage units; a FlashCopy "
                              "stays within one unit")
         new_targets.add(id(t))
+
+
+def _check_cascade(r: FlashCopy, new_sources: dict[int, int], new_targets: set[int]) -> None:
+    """Refuse a new relationship that would make a cascade the engine does
+    not keep: one formed within a group (its instant would be ambiguous), a
+    cycle, a chain of more than MAX_CHAIN volumes, one in a storage unit
+    (its durable records do not follow cascades yet), or one onto a source
+    whose image cannot change now. Locks held."""
+    s, t = r.source, r.target
+    if id(t) in new_sources or id(s) in new_targets:
+        raise LimitError(f"{t if id(t) in new_sources else s!r} is both a source and a "
+                         "target of this group; establish a cascade's levels one at a time")
+    if not (t._src_rels or s._tgt_rel is not None):
+        return
+    if r._store.durable:
+        raise LimitError(f"{s!r} -> {t!r} would be a cascaded FlashCopy (a target that is "
+                         "also a source), which a storage unit does not record; cascades "
+                         "are for in-memory volumes")
+    above = _core.volume_chain(s)
+    if any(v is t for v in above):
+        raise LimitError(f"{s!r} -> {t!r} would make a cycle of FlashCopy relationships")
+    if len(above) + 1 > _core.MAX_CHAIN:
+        raise LimitError(f"a FlashCopy chain holds at most {_core.MAX_CHAIN} volumes")
+    if t._src_rels:
+        _core.check_image_change(t, None)
 
 
 def establish_group(pairs: Sequence[tuple[Volume, Volume]], **options) -> list[FlashCopy]:
