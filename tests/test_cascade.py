@@ -229,14 +229,77 @@ def test_refused_cascades_change_nothing(tmp_path):
     b.commit()
     a.resync()
     assert image(t1) == image(s) and image(t2) == before[1]
-    # a storage unit does not record cascades
-    unit = StorageUnit(tmp_path / "unit")
+    # a unit at durability "power" does not take cascades
+    unit = StorageUnit(tmp_path / "unit", durability="power")
     try:
         x, y, z = (unit.create_volume(n, 8, track_size=1024) for n in "xyz")
         FlashCopy(x, y, background_copy=False)
-        with pytest.raises(LimitError, match="storage unit"):
+        with pytest.raises(LimitError, match="power"):
             FlashCopy(y, z, background_copy=False)
         assert z.target_relationship is None and y.source_relationships == []
+    finally:
+        unit.close()
+
+
+def test_a_cascade_in_a_unit_survives_close_and_reopen(tmp_path):
+    """In a unit the chain is recorded as its relationships; reopened, every
+    image is as it was, and the background copies (started once the whole
+    chain is back) complete with the right bytes."""
+    from fastfc import StorageUnit
+    unit = StorageUnit(tmp_path / "unit")
+    s, t1, t2, t3 = (unit.create_volume(n, 64, track_size=1024) for n in
+                     ("s", "t1", "t2", "t3"))
+    fill(s, 0, s.capacity, 1)
+    a = FlashCopy(s, t1, background_copy=False, record=True)
+    fill(s, 0, 5000, 2)
+    FlashCopy(t1, t2, background_copy=False, record=True)
+    FlashCopy(t2, t3, background_copy=False)
+    fill(t1, 4000, 3000, 3)
+    a.resync()
+    images = [image(v) for v in (s, t1, t2, t3)]
+    assert images[2] == images[3] == bytes([1]) * s.capacity
+    unit.close()
+    unit = StorageUnit(tmp_path / "unit")
+    try:
+        vols = [unit.volume(n) for n in ("s", "t1", "t2", "t3")]
+        assert [image(v) for v in vols] == images
+        for v in vols[1:]:
+            fc = v.target_relationship
+            fc.background_copy = True
+            fc.start_background()
+            assert fc.wait(20)
+        assert [image(v) for v in vols] == images
+        assert vols[3].array.tobytes() == images[3]
+    finally:
+        unit.close()
+
+
+def test_a_reopened_unit_starts_a_chain_copying_only_once_it_is_whole(tmp_path):
+    """The chain's lowest relationship is the unit's first row (established
+    first, the cascade built upwards) and still has grains to copy through
+    the volumes above: rebuilt first, its background copy must not start
+    before the relationships above it are back."""
+    from fastfc import StorageUnit
+    unit = StorageUnit(tmp_path / "unit")
+    s, t1, t2, t3 = (unit.create_volume(n, 256, track_size=1024) for n in
+                     ("s", "t1", "t2", "t3"))
+    fill(s, 0, s.capacity, 1)
+    low = FlashCopy(t2, t3, record=True)         # COPY, recorded as such
+    assert low.wait(20)
+    mid = FlashCopy(t1, t2, background_copy=False, record=True)
+    FlashCopy(s, t1, background_copy=False, record=True)
+    low.background_copy = False                  # (no copy in this process)
+    mid.resync()                                 # T2 reads through T1, S
+    low.resync()                                 # T3 through T2, T1, S
+    assert low.to_copy.all()
+    expected = image(s)
+    assert image(t3) == expected and t3.array.tobytes() != expected
+    unit.close()
+    unit = StorageUnit(tmp_path / "unit")
+    try:
+        t3 = unit.volume("t3")
+        assert t3.target_relationship.wait(20)
+        assert t3.array.tobytes() == expected and image(t3) == expected
     finally:
         unit.close()
 
@@ -265,3 +328,27 @@ def test_an_invalid_middle_refuses_resync_of_its_targets():
     assert image(t2) == img
     b.copy()
     assert image(t2) == img and b.tracks_to_copy == 0
+
+
+def test_a_global_mirror_c_as_a_flashcopy_source():
+    """C of a Global Mirror session may be the source of a FlashCopy: D keeps
+    C's image (a consistency group's) while later CGs change C, and the
+    session keeps its promise."""
+    from test_globalmirror import Session, check_promise
+    s = Session(2)
+    assert s.cg().committed
+    c = s.C[0]
+    d = Volume(c.n_tracks, c.track_size)
+    fc = FlashCopy(c, d, background_copy=False, record=True)
+    held = image(c)
+    for k in range(4):
+        s.write(0, k, seed=k)
+        s.write(1, k + 1, seed=10 + k)
+        assert s.cg().committed
+        assert image(d) == held
+        check_promise(s)
+    assert image(c) != held
+    fc.resync()                         # D takes C's image of the last CG
+    assert image(d) == image(c)
+    s.gm.close()
+    assert image(d) == image(c)

@@ -70,7 +70,8 @@ class FlashCopy(_core.RelationshipBase):
     source, target : Volume
         Same geometry. A source has at most 12 targets; a volume is the target
         of at most one relationship. A target may be the source of another
-        relationship (a cascade, S -> T1 -> T2, in memory): T2 holds T1's
+        relationship (a cascade, S -> T1 -> T2; not in a unit at durability
+        "power"): T2 holds T1's
         logical image at its establish, whatever later happens to T1 (host
         writes, resync, revert, withdraw of S -> T1 or a new FlashCopy onto
         it: T2 takes the grains it still needs first).
@@ -201,9 +202,11 @@ class FlashCopy(_core.RelationshipBase):
 
     @classmethod
     def from_record(cls, source: Volume, target: Volume, record: dict, *,
-                    store: Store | None = None) -> "FlashCopy":
+                    store: Store | None = None, start: bool = True) -> "FlashCopy":
         """Rebuild a relationship from a record (:meth:`to_record`, as a
-        store gives it back) between ``source`` and ``target``."""
+        store gives it back) between ``source`` and ``target``. ``start``
+        false: no background copy yet (a unit rebuilding a cascade starts
+        them once every relationship of the chain is in place)."""
         fc = cls.__new__(cls)
         fc._configure(source, target, sequence=record["sequence"], store=store,
                       **record["options"])
@@ -220,7 +223,7 @@ class FlashCopy(_core.RelationshipBase):
         source._src_rels.append(fc)
         source._rels_version += 1
         target._tgt_rel = fc
-        if not fc._store.readonly:   # a read-only unit only looks
+        if start and not fc._store.readonly:   # a read-only unit only looks
             fc.start_background()
         return fc
 
@@ -853,8 +856,9 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
 def _check_cascade(r: FlashCopy, new_sources: dict[int, int], new_targets: set[int]) -> None:
     """Refuse a new relationship that would make a cascade the engine does
     not keep: one formed within a group (its instant would be ambiguous), a
-    cycle, a chain of more than MAX_CHAIN volumes, one in a storage unit
-    (its durable records do not follow cascades yet), or one onto a source
+    cycle, a chain of more than MAX_CHAIN volumes, one in a storage unit at
+    durability "power" (its ordered writes do not cover a cascade's
+    copies), or one onto a source
     whose image cannot change now. Locks held."""
     s, t = r.source, r.target
     if id(t) in new_sources or id(s) in new_targets:
@@ -862,10 +866,11 @@ def _check_cascade(r: FlashCopy, new_sources: dict[int, int], new_targets: set[i
                          "target of this group; establish a cascade's levels one at a time")
     if not (t._src_rels or s._tgt_rel is not None):
         return
-    if r._store.durable:
+    if r._store.durability == "power":
         raise LimitError(f"{s!r} -> {t!r} would be a cascaded FlashCopy (a target that is "
-                         "also a source), which a storage unit does not record; cascades "
-                         "are for in-memory volumes")
+                         "also a source): not at durability \"power\", whose ordered "
+                         "writes do not cover a cascade's copies (open the unit at "
+                         "\"process\")")
     above = _core.volume_chain(s)
     if any(v is t for v in above):
         raise LimitError(f"{s!r} -> {t!r} would make a cycle of FlashCopy relationships")
