@@ -10,6 +10,7 @@ other tests pin single cases, the copy counts, thin targets and threads.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -23,6 +24,8 @@ from fastfc.errors import VolumeClosedError
 from test_model import FlashCopyModel
 
 GRAIN = 512
+#: kills of the unit test's child (tests/cascade_child.py)
+KILL_ROUNDS = int(os.environ.get("FASTFC_CASCADE_KILLS", "8"))
 
 
 def vol(n=8, seed=None, **kw):
@@ -352,3 +355,45 @@ def test_a_global_mirror_c_as_a_flashcopy_source():
     assert image(d) == image(c)
     s.gm.close()
     assert image(d) == image(c)
+
+
+@pytest.mark.slow
+def test_a_cascade_in_a_unit_survives_kills(tmp_path):
+    """SIGKILL at random moments of a child working the top of a chain
+    (tests/cascade_child.py): reopened, T2 and T3 still hold the image T1
+    had when the chain was built, and the chain is whole."""
+    import random
+    import signal
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import cascade_child
+    import crash_child
+    from fastfc import StorageUnit
+    from test_crash import _forkserver, finish_child
+
+    held = cascade_child.build(tmp_path, seed=7)
+    rnd = random.Random(7)
+    for round_ in range(KILL_ROUNDS):
+        fd, out = tempfile.mkstemp(prefix="fastfc-cascade-", suffix=".out")
+        os.close(fd)
+        err = out[:-4] + ".err"
+        proc = _forkserver().Process(
+            target=crash_child.forked_main,
+            args=("cascade_child", ["--root", str(tmp_path), "--seed", str(round_)],
+                  dict(os.environ), out, err), daemon=True)
+        proc.start()
+        end = time.monotonic() + 60
+        while (not Path(out).read_bytes().startswith(b"READY") and proc.is_alive()
+               and time.monotonic() < end):
+            time.sleep(0.001)
+        time.sleep(rnd.uniform(0.0, 0.25))
+        proc.kill()
+        code, stdout, stderr = finish_child(proc, Path(out), Path(err), 60)
+        assert code == -signal.SIGKILL, f"child ended with {code}\n{stdout}\n{stderr}"
+        with StorageUnit(tmp_path / "unit") as unit:
+            t2, t3 = unit.volume("t2"), unit.volume("t3")
+            assert t2.target_relationship.source is unit.volume("t1")
+            assert t3.target_relationship.source is t2
+            assert image(t2) == held and image(t3) == held, f"round {round_}"
