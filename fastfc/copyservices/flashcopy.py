@@ -305,7 +305,9 @@ class FlashCopy(_core.RelationshipBase):
         chunk = max(1, CHUNK_BYTES // self.source.grain_size)
         total = 0
         wraps = 0
-        ordered = self._store.durability == "power"
+        # (a source that is a target too reads through its chain: the
+        # kernel's copy; a cascade is established only below "power")
+        ordered = self._store.durability == "power" and self.source._tgt_rel is None
         while max_grains is None or total < max_grains:
             budget = chunk if max_grains is None else min(chunk, max_grains - total)
             if ordered:     # each chunk's data on the disk before its cleared bits
