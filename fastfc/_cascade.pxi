@@ -121,9 +121,11 @@ cdef inline void unlock_io(VolumeBase v, RelationshipBase tr) noexcept:
 cdef inline VolumeBase logical_holder(VolumeBase v, Py_ssize_t g):
     """The volume whose own grain ``g`` is ``v``'s logical grain ``g``."""
     cdef RelationshipBase r = v._tgt_rel
-    while r is not None and bm_test(r.to_copy.w, g):
+    cdef Py_ssize_t k = 0
+    while r is not None and bm_test(r.to_copy.w, g) and k < _max_chain:
         v = r.source
         r = v._tgt_rel
+        k += 1
     return v
 
 

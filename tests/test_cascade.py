@@ -177,8 +177,16 @@ def test_background_copy_down_a_chain_with_writers():
         except Exception as e:      # noqa: BLE001 - reported below
             errors.append(e)
 
+    def reader(v):
+        try:
+            while not stop.is_set():
+                off = int(np.random.default_rng().integers(0, v.capacity - 5000))
+                assert v.read(off, 5000).tobytes() == img[off:off + 5000]
+        except Exception as e:      # noqa: BLE001 - reported below
+            errors.append(e)
+
     threads = [threading.Thread(target=writer, args=(v, k)) for k, v in
-               ((11, s), (12, t1))]
+               ((11, s), (12, t1))] + [threading.Thread(target=reader, args=(t3,))]
     for th in threads:
         th.start()
     try:

@@ -14,11 +14,12 @@ target locks in volume-id order (:func:`locked`).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import numbers
 import threading
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from fastfc import _core, faults
 from fastfc._core import TrackBitmap
@@ -107,7 +108,7 @@ class FlashCopy(_core.RelationshipBase):
         self._configure(source, target, background_copy=background_copy, record=record,
                         persistent=persistent, inhibit_target_write=inhibit_target_write,
                         copy_rate=copy_rate, sequence=sequence, store=store)
-        with locked((source, target)):
+        with _locked_with_chains([(source, target)]):
             _check_can_establish([self])
             self._install()
         self.start_background()
@@ -855,6 +856,22 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
         new_targets.add(id(t))
 
 
+@contextlib.contextmanager
+def _locked_with_chains(pairs: Sequence[tuple[Volume, Volume]]) -> Iterator[None]:
+    """Hold the locks of every pair's target and of its source's chain (the
+    source and the volumes above it), as they are under the locks. Two
+    establishes that would close one cycle between them each lock a volume
+    of the other's chain, so one sees the other's relationship."""
+    while True:
+        chains = [_core.volume_chain(s) for s, _ in pairs]
+        with locked([v for c in chains for v in c] + [t for _, t in pairs]):
+            now = [_core.volume_chain(s) for s, _ in pairs]
+            if all(len(a) == len(b) and all(x is y for x, y in zip(a, b))
+                   for a, b in zip(now, chains)):
+                yield
+                return
+
+
 def _check_cascade(r: FlashCopy, new_sources: dict[int, int], new_targets: set[int]) -> None:
     """Refuse a new relationship that would make a cascade the engine does
     not keep: one formed within a group (its instant would be ambiguous), a
@@ -896,8 +913,7 @@ def establish_group(pairs: Sequence[tuple[Volume, Volume]], **options) -> list[F
         r = FlashCopy.__new__(FlashCopy)
         r._configure(source, target, **{**_DEFAULTS, **options})
         rels.append(r)
-    volumes = [v for pair in pairs for v in pair]
-    with locked(volumes):
+    with _locked_with_chains(pairs):
         _check_can_establish(rels)
         for r in rels:
             r._install()
