@@ -812,8 +812,8 @@ class StorageUnit:
         # a cascade's background copies start once every relationship of its
         # chain is in place (a copy out of a middle volume reads through it)
         if not self.readonly:
-            for fc in rebuilt:
-                fc.start_background()
+            for rel in rebuilt:
+                rel.start_background()
         # their bitmaps stay alive (the store keeps them as the rows') until restored
         self._pair_rows = []
         for row in st.pair_rows():
