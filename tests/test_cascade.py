@@ -405,3 +405,40 @@ def test_a_cascade_in_a_unit_survives_kills(tmp_path):
             assert t2.target_relationship.source is unit.volume("t1")
             assert t3.target_relationship.source is t2
             assert image(t2) == held and image(t3) == held, f"round {round_}"
+
+
+def test_revertible_resync_and_revert_above_a_middle():
+    s, t1, t2 = vol(seed=1), vol(seed=2), vol(seed=3)
+    a = FlashCopy(s, t1, background_copy=False, record=True)
+    b = FlashCopy(t1, t2, background_copy=False, record=True)
+    held = image(t1)
+    fill(s, 1000, 3000, 4)                   # S changes: T1 (and T2) keep the old image
+    a.resync(revertible=True)                # T1 takes S's image, revertibly
+    assert image(t1) == image(s) and image(t2) == held
+    with pytest.raises(WriteInhibitedError):
+        b.reverse_restore()                  # T1 is the target of a revertible one
+    a.revert()                               # T1 back to its image; T2 unchanged
+    assert image(t1) == held == image(t2)
+    a.resync(revertible=True)
+    a.commit()
+    assert image(t1) == image(s) and image(t2) == held
+    b.resync()                               # T2 takes T1's image now
+    assert image(t2) == image(s)
+
+
+def test_reverse_restore_onto_a_middle_volume():
+    """R -> S -> T and S -> X: T's image restored onto S (the middle) is S's
+    change: R -> S counts it as written on its target, X keeps S's old
+    image, R is untouched."""
+    r, s, t, x = vol(seed=1), vol(seed=2), vol(seed=3), vol(seed=4)
+    above = FlashCopy(r, s, background_copy=False, record=True)
+    fc = FlashCopy(s, t, background_copy=False, record=True)
+    other = FlashCopy(s, x, background_copy=False)
+    old_s, old_r = image(s), image(r)
+    fill(t, 2000, 1500, 9)                   # T's image changes (grains copied from R)
+    restored = image(t)
+    assert fc.reverse_restore() > 0
+    assert image(s) == restored and image(x) == old_s and image(r) == old_r
+    assert above.tgt_changed.any_range(2000 // GRAIN, (3500 - 1) // GRAIN + 1)
+    above.resync()                           # S takes R's image again
+    assert image(s) == old_r and image(t) == restored and image(x) == old_s
