@@ -442,3 +442,38 @@ def test_reverse_restore_onto_a_middle_volume():
     assert above.tgt_changed.any_range(2000 // GRAIN, (3500 - 1) // GRAIN + 1)
     above.resync()                           # S takes R's image again
     assert image(s) == old_r and image(t) == restored and image(x) == old_s
+
+
+def test_a_global_mirror_c_on_units_as_a_flashcopy_source(tmpfs_tmp_path):
+    """The same on storage units at durability "process": D, in C's unit,
+    keeps C's image of one CG through later CGs and a close and reopen of
+    both units."""
+    from fastfc import GlobalMirror, StorageUnit
+    root = tmpfs_tmp_path
+    u1, u2 = StorageUnit(root / "a"), StorageUnit(root / "b")
+    rng = np.random.default_rng(3)
+    try:
+        A = [u1.create_volume(f"A{i}", 8, 4096) for i in range(2)]
+        B = [u2.create_volume(f"B{i}", 8, 4096) for i in range(2)]
+        C = [u2.create_volume(f"C{i}", 8, 4096) for i in range(2)]
+        D = u2.create_volume("D", 8, 4096)
+        gm = GlobalMirror(list(zip(A, B, C)), name="gm")
+        for a in A:
+            a.write(0, rng.integers(0, 256, a.capacity, dtype=np.uint8))
+        assert gm.form_consistency_group().committed
+        FlashCopy(C[0], D, background_copy=False, record=True)
+        held = image(C[0])
+        for _ in range(4):
+            for a in A:
+                a.write(int(rng.integers(0, 8)) * 4096, rng.integers(0, 256, 4096,
+                                                                    dtype=np.uint8))
+            assert gm.form_consistency_group().committed
+            assert image(D) == held
+        last = [image(a) for a in A]
+        assert [image(c) for c in C] == last
+    finally:
+        u1.close()
+        u2.close()
+    with StorageUnit(root / "a"), StorageUnit(root / "b") as u2:
+        assert image(u2.volume("D")) == held
+        assert [image(u2.volume(f"C{i}")) for i in range(2)] == last
