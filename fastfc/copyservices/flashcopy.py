@@ -108,7 +108,7 @@ class FlashCopy(_core.RelationshipBase):
         self._configure(source, target, background_copy=background_copy, record=record,
                         persistent=persistent, inhibit_target_write=inhibit_target_write,
                         copy_rate=copy_rate, sequence=sequence, store=store)
-        with _locked_with_chains([(source, target)]):
+        with _locked_with_chains([source], [target]):
             _check_can_establish([self])
             self._install()
         self.start_background()
@@ -638,8 +638,7 @@ class FlashCopy(_core.RelationshipBase):
         S = self.source
         # (a source that is a target too: the volumes above it, whose
         # grains its other targets may take and whose bitmaps change)
-        with locked([S, self.target] + [r.target for r in S._src_rels]
-                    + _core.volume_chain(S)):
+        with _locked_with_chains([S], [self.target] + [r.target for r in S._src_rels]):
             self._require_active()
             if self.revertible:
                 raise StateError(f"{self!r} is revertible; commit or revert first")
@@ -708,7 +707,7 @@ class FlashCopy(_core.RelationshipBase):
         invalid (its reads then raise :class:`~fastfc.errors.InvalidImageError`)."""
         # (the chain above the target: a cascade's forced withdraw copies
         # grains from the volumes above it to the target's own targets)
-        with locked(_core.volume_chain(self.target) + [self.source]):
+        with _locked_with_chains([self.target], [self.source]):
             self._require_active()
             if self.session is not None:
                 raise StateError(
@@ -857,15 +856,17 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
 
 
 @contextlib.contextmanager
-def _locked_with_chains(pairs: Sequence[tuple[Volume, Volume]]) -> Iterator[None]:
-    """Hold the locks of every pair's target and of its source's chain (the
-    source and the volumes above it), as they are under the locks. Two
-    establishes that would close one cycle between them each lock a volume
-    of the other's chain, so one sees the other's relationship."""
+def _locked_with_chains(tops: Sequence[Volume], extra: Sequence[Volume] = ()
+                        ) -> Iterator[None]:
+    """Hold the locks of the volumes of ``extra`` and of every volume of
+    ``tops``' chains (each one and the volumes above it), as the chains are
+    under the locks. (An establish holds its source's: two establishes that
+    would close one cycle between them each lock a volume of the other's
+    chain, so one sees the other's relationship.)"""
     while True:
-        chains = [_core.volume_chain(s) for s, _ in pairs]
-        with locked([v for c in chains for v in c] + [t for _, t in pairs]):
-            now = [_core.volume_chain(s) for s, _ in pairs]
+        chains = [_core.volume_chain(v) for v in tops]
+        with locked([v for c in chains for v in c] + list(extra)):
+            now = [_core.volume_chain(v) for v in tops]
             if all(len(a) == len(b) and all(x is y for x, y in zip(a, b))
                    for a, b in zip(now, chains)):
                 yield
@@ -913,7 +914,7 @@ def establish_group(pairs: Sequence[tuple[Volume, Volume]], **options) -> list[F
         r = FlashCopy.__new__(FlashCopy)
         r._configure(source, target, **{**_DEFAULTS, **options})
         rels.append(r)
-    with _locked_with_chains(pairs):
+    with _locked_with_chains([s for s, _ in pairs], [t for _, t in pairs]):
         _check_can_establish(rels)
         for r in rels:
             r._install()
