@@ -856,8 +856,8 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
 
 
 @contextlib.contextmanager
-def _locked_with_chains(tops: Sequence[Volume], extra: Sequence[Volume] = ()
-                        ) -> Iterator[None]:
+def _locked_with_chains(tops: Sequence[_core.VolumeBase],
+                        extra: Sequence[_core.VolumeBase] = ()) -> Iterator[None]:
     """Hold the locks of the volumes of ``extra`` and of every volume of
     ``tops``' chains (each one and the volumes above it), as the chains are
     under the locks. (An establish holds its source's: two establishes that
