@@ -477,3 +477,22 @@ def test_a_global_mirror_c_on_units_as_a_flashcopy_source(tmpfs_tmp_path):
     with StorageUnit(root / "a"), StorageUnit(root / "b") as u2:
         assert image(u2.volume("D")) == held
         assert [image(u2.volume(f"C{i}")) for i in range(2)] == last
+
+
+def test_a_unit_reopened_without_the_top_of_a_chain_invalidates_what_read_through_it(tmp_path):
+    """S's file lost: S -> T1 is not restored and T1, whose grains were on
+    S, is invalid; T2 still read through T1 and is invalid too; T3 had
+    copied everything and keeps its image."""
+    from fastfc import StorageUnit
+    unit = StorageUnit(tmp_path / "unit")
+    s, t1, t2, t3 = (unit.create_volume(n, 8, track_size=1024) for n in ("s", "t1", "t2", "t3"))
+    fill(s, 0, s.capacity, 1)
+    FlashCopy(s, t1, background_copy=False)
+    FlashCopy(t1, t2, background_copy=False)
+    FlashCopy(t1, t3, background_copy=False).copy()
+    unit.close()
+    (tmp_path / "unit" / "volumes" / "s.vol").unlink()
+    with StorageUnit(tmp_path / "unit") as unit:
+        assert [unit.volume(n).valid for n in ("t1", "t2", "t3")] == [False, False, True]
+        assert image(unit.volume("t3")) == bytes([1]) * s.capacity
+        assert any("t2 is invalid" in line for line in unit.recovered)
