@@ -230,7 +230,7 @@ cdef class RelationshipBase:
         cdef Py_ssize_t done = 0, resume = 0, n
         cdef uint64_t* w
         cdef int shift
-        lock_two(S, T)
+        cdef bint chain = lock_rel(S, T)
         try:
             if not self.active or self.revertible:
                 return 0, start
@@ -242,11 +242,15 @@ cdef class RelationshipBase:
             T._reserve_runs(w, start, n, max_tracks)
             if S._reads_allocate:
                 S._reserve_runs(w, start, n, max_tracks)
-            with nogil:
-                done = copy_set_runs(T.base, S.base, w, start, n, max_tracks, shift, &resume)
+            if chain:      # the source is a target too: its logical grains
+                done = copy_logical(T.base, S, w, start, n, max_tracks, True, &resume)
+            else:
+                with nogil:
+                    done = copy_set_runs(T.base, S.base, w, start, n, max_tracks, shift,
+                                         &resume)
             T.copied_bytes += done << shift
         finally:
-            unlock_two(S, T)
+            unlock_rel(S, T, chain)
         return done, resume
 
     def _copy_tracks_where(self, TrackBitmap mask, bint to_source):
@@ -263,6 +267,16 @@ cdef class RelationshipBase:
         if to_source and S._chain is not None:
             # the source's recovery points keep the grains it loses
             S._chain._save_mask(S.base, mask.w)
+        if S._tgt_rel is not None:
+            # a cascade (the chain's locks held): the source's logical grains
+            # go to the target; grains written onto the source are its own now
+            if not to_source:
+                done = copy_logical(dst, S, mask.w, 0, n, n, True, &resume)
+                T.copied_bytes += done << shift
+                return done
+            S._tgt_rel.to_copy.andnot(mask)
+            if S._tgt_rel.tgt_changed is not None:
+                S._tgt_rel.tgt_changed.or_(mask)
         with nogil:
             done = copy_set_runs(dst, src, mask.w, 0, n, n, shift, &resume)
         if to_source:
@@ -290,9 +304,21 @@ cdef class RelationshipBase:
             return StateError(f"{self!r} has been withdrawn")
         if self.revertible:
             return StateError(f"{self!r} is already revertible; commit or revert first")
+        if self.source._invalid:     # (a cascade's middle volume)
+            return StateError(f"{self.source!r} holds no valid image (a FlashCopy onto it "
+                              "was withdrawn before completing)")
         if before is not None:
             before(self)
-        return self._closed_volume()
+        err = self._closed_volume()
+        if err is None and self.target._src_rels:
+            err = cascade_refusal(self.target, self._resync_changes())
+        return err
+
+    cdef TrackBitmap _resync_changes(self):
+        """The grains where a resync changes the target's logical image
+        (changed since the last establish and on the target): its own
+        targets take them first (a cascade)."""
+        return (self.src_changed | self.tgt_changed).andnot(self.to_copy)
 
     cdef int _prepare_step(self, TrackBitmap out, TrackBitmap sc, TrackBitmap tc,
                            long long sequence, bint revertible) except -1:
@@ -300,6 +326,8 @@ cdef class RelationshipBase:
         empty ``sc`` and ``tc`` the change bitmaps, ``sequence`` the number;
         with ``revertible`` the bitmaps and number as they were are kept as
         the revert image and the source is write-inhibited. Locks held."""
+        if self.target._src_rels:
+            cascade_save(self.target, self._resync_changes())
         bm_or3_words(out.w, self.to_copy.w, self.src_changed.w, self.tgt_changed.w,
                      out.n_words)
         if out.s != NULL:
@@ -333,7 +361,10 @@ cdef class RelationshipBase:
                               "not revertible (resync(revertible=True) first)")
         if before is not None:
             before(self)
-        return self._closed_volume()
+        err = self._closed_volume()
+        if err is None and not commit and self.target._src_rels:
+            err = cascade_refusal(self.target, self.to_copy.copy().andnot(self.rv_to_copy))
+        return err
 
     cdef int _end_step(self, bint commit, list dropped) except -1:
         """Commit (keep the new image) or revert (restore the revert image),
@@ -345,6 +376,8 @@ cdef class RelationshipBase:
                 dropped.append(self.rv_src_changed)
                 dropped.append(self.rv_tgt_changed)
         else:
+            if self.target._src_rels:     # its targets keep the image it leaves
+                cascade_save(self.target, self.to_copy.copy().andnot(self.rv_to_copy))
             if dropped is not None:
                 dropped.append(self.to_copy)
                 dropped.append(self.src_changed)
@@ -420,6 +453,7 @@ def prepare_revertible_many(list rels, Py_ssize_t start, long long sequence, lis
     cdef RelationshipBase r
     cdef VolumeBase S, T
     cdef TrackBitmap out, sc, tc
+    cdef bint chain
     if len(fresh) < 3 * n:
         raise ValueError("prepare_revertible_many needs three fresh bitmaps per relationship")
     for k in range(start, n):
@@ -437,7 +471,7 @@ def prepare_revertible_many(list rels, Py_ssize_t start, long long sequence, lis
                     or tc.n_bits != out.n_bits or r.src_changed.n_bits != out.n_bits
                     or r.tgt_changed.n_bits != out.n_bits)):
                 raise ValueError("prepare_revertible_many: bitmaps of different sizes")
-        lock_two(S, T)
+        chain = lock_rel(S, T)
         try:
             try:
                 err = r._prepare_refusal(before)
@@ -459,7 +493,7 @@ def prepare_revertible_many(list rels, Py_ssize_t start, long long sequence, lis
                     return k, e
             fresh[3 * k] = fresh[3 * k + 1] = fresh[3 * k + 2] = None
         finally:
-            unlock_two(S, T)
+            unlock_rel(S, T, chain)
     return n, None
 
 
@@ -483,11 +517,12 @@ def end_revertible_many(list rels, Py_ssize_t start, bint commit, list dropped,
     cdef Py_ssize_t k, n = len(rels)
     cdef RelationshipBase r
     cdef VolumeBase S, T
+    cdef bint chain
     point = "commit" if commit else "revert"
     for k in range(start, n):
         r = <RelationshipBase?>rels[k]
         S, T = r.source, r.target
-        lock_two(S, T)
+        chain = lock_rel(S, T)
         try:
             try:
                 err = r._end_refusal(commit, before)
@@ -508,7 +543,7 @@ def end_revertible_many(list rels, Py_ssize_t start, bint commit, list dropped,
                         del dropped[len(dropped) - 3:]    # back in the relationship
                     return k, e
         finally:
-            unlock_two(S, T)
+            unlock_rel(S, T, chain)
     return n, None
 
 

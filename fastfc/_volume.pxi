@@ -1,5 +1,5 @@
 # Included by _core.pyx: the host I/O path (VolumeBase) and the helpers it
-# shares with the other kernels (write errors, two-volume locking).
+# shares with the other kernels (write errors; the locking is _cascade.pxi's).
 
 cdef int raise_write_error(VolumeBase v, int err, str what) except -1:
     """Raise the error for a failed ``pwrite`` to ``v``'s file."""
@@ -27,25 +27,6 @@ cdef inline int log2_exact(Py_ssize_t n) noexcept:
     while ((<Py_ssize_t>1) << shift) < n:
         shift += 1
     return shift
-
-
-cdef inline int lock_two(VolumeBase a, VolumeBase b) except -1:
-    """Acquire two volumes' locks (b may be None) in volume-id order."""
-    if b is None or b is a:
-        a._acquire()
-    elif a.vid < b.vid:
-        a._acquire()
-        b._acquire()
-    else:
-        b._acquire()
-        a._acquire()
-    return 0
-
-
-cdef inline void unlock_two(VolumeBase a, VolumeBase b) noexcept:
-    a._release()
-    if b is not None and b is not a:
-        b._release()
 
 
 cdef inline void land_write(uint8_t* base, uint64_t* oos, uint64_t* oos_s, Py_ssize_t t0,
@@ -202,7 +183,7 @@ cdef class VolumeBase:
                 tr.source._rels_version += 1
             return fd
         finally:
-            unlock_two(self, tr.source if tr is not None else None)
+            unlock_io(self, tr)
 
     @property
     def closed(self):
@@ -448,14 +429,19 @@ cdef class VolumeBase:
         return 0
 
     cdef RelationshipBase _lock_io(self):
-        """Lock self and, if self is a FlashCopy target, its source; return
-        that relationship (or None)."""
+        """Lock self and, if self is a FlashCopy target, its source (and the
+        volumes above it, if that is a target too); return that relationship
+        (or None). :func:`unlock_io` releases them."""
         cdef RelationshipBase r
         while True:
             r = self._tgt_rel
             lock_two(self, r.source if r is not None else None)
             if self._tgt_rel is r:
-                return r
+                if r is None or r.source._tgt_rel is None:
+                    return r
+                unlock_two(self, r.source)     # a cascade: the whole chain
+                lock_chain(self)
+                return self._tgt_rel
             unlock_two(self, r.source if r is not None else None)
 
     cdef int _write(self, Py_ssize_t offset, const uint8_t* src, Py_ssize_t n,
@@ -469,6 +455,7 @@ cdef class VolumeBase:
         cdef uint64_t* w
         cdef uint64_t* oos = NULL
         cdef uint64_t* oos_s = NULL
+        cdef const uint8_t* hb
         cdef bint pending = 0, whole_tracks = 0
         # a volume on a disk: every store into it may fault (writeback cleans
         # its pages; ext4's page_mkwrite), so it runs without the GIL whatever
@@ -497,6 +484,8 @@ cdef class VolumeBase:
             m = self._mirror
             if m is not None and m.cg is not None and bm_any_range(m.cg.w, t0, t1):
                 m._collide(t0, t1)
+            if tr is not None and ntr and bm_any_range(tr.to_copy.w, t0, t1):
+                cascade_cow(self, t0, t1)    # a middle volume: its logical grains
             for k in range(ntr):
                 r = <RelationshipBase>rels[k]
                 w = r.to_copy.w
@@ -525,11 +514,12 @@ cdef class VolumeBase:
                                 whole_tracks = 1   # cleared once the data is in
                             else:
                                 # partial write of a virtual track: fetch it first
+                                hb = holder_base(S, t)
                                 if self.grain_size >= NOGIL_BYTES or on_disk:
                                     with nogil:
-                                        memcpy(self.base + ts, S.base + ts, self.grain_size)
+                                        memcpy(self.base + ts, hb + ts, self.grain_size)
                                 else:
-                                    memcpy(self.base + ts, S.base + ts, self.grain_size)
+                                    memcpy(self.base + ts, hb + ts, self.grain_size)
                                 self.copied_bytes += self.grain_size
                                 bm_clear(w, t)
                 if tr.tgt_changed is not None:
@@ -561,7 +551,7 @@ cdef class VolumeBase:
             if m is not None and m.sync:
                 m._sync_write(offset, n, pending)
         finally:
-            unlock_two(self, S)
+            unlock_io(self, tr)
         return 0
 
     def write(self, Py_ssize_t offset, data):
@@ -623,7 +613,9 @@ cdef class VolumeBase:
                 if S.base == NULL:
                     raise VolumeClosedError(f"source {S!r} of this target is closed")
                 w = tr.to_copy.w
-                if n >= NOGIL_BYTES:
+                if S._tgt_rel is not None:
+                    read_logical(dst, self, offset, n)     # a cascade
+                elif n >= NOGIL_BYTES:
                     with nogil:
                         copy_redirected(dst, self.base, S.base, w, offset, n, shift)
                 else:
@@ -643,7 +635,7 @@ cdef class VolumeBase:
             else:
                 memcpy(dst, self.base + offset, n)
         finally:
-            unlock_two(self, S)
+            unlock_io(self, tr)
         return 0
 
     def read(self, Py_ssize_t offset, Py_ssize_t length):
@@ -713,7 +705,7 @@ cdef class VolumeBase:
                 for i in range(k):
                     self._write(offs[i], <const uint8_t*>view.buf + i * L, L, origin)
             finally:
-                unlock_two(self, tr.source if tr is not None else None)
+                unlock_io(self, tr)
         finally:
             PyBuffer_Release(&view)
 

@@ -136,6 +136,7 @@ def pytest_collection_modifyitems(config, items):
 KNOWN_SECONDS = {
     "test_model.py::TestFlashCopyModel::runTest": 79,
     "test_gm_model.py::TestGlobalMirrorModel::runTest": 44,
+    "test_cascade.py::TestCascadeModel::runTest": 88,
     "test_serve_sessions.py::test_sessions_run_in_the_server_and_survive_restarts": 35,
     "test_cli_bench.py::test_serve_gm_suite_quick_end_to_end": 29,
     "test_powercut.py::test_power_durability_survives_more_cuts": 24,

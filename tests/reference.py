@@ -5,7 +5,10 @@ of its source's image taken at establish; a host write changes the image of
 the volume written and no other; a revertible resync saves the previous
 target image and revert puts it back; reverse restore copies the target's
 image onto the source; a withdraw that leaves tracks behind makes the target
-invalid. There are no bitmaps, no copy-on-write, no redirected reads: the
+invalid. A target may be the source of another (a cascade): every image
+is its own bytes, so a change of a middle volume's image (its resync,
+revert, a new FlashCopy onto it, or a forced withdraw that leaves it
+invalid) leaves its targets' images as they were. There are no bitmaps, no copy-on-write, no redirected reads: the
 model cannot share a bug with the engine's track bookkeeping.
 
 What the model cannot know without tracking tracks is how far a physical
@@ -159,11 +162,25 @@ class RefFlashCopy:
         self._require_active()
         if self.revertible:
             raise StateError("already revertible")
+        if self.source.image is None:
+            raise StateError("the source holds no valid image")
+
+    def image_changes(self, changes: bool) -> None:
+        """The target's image is about to change (``changes``: at some
+        track): refused while it is the source of a revertible FlashCopy;
+        its own targets count it as a change of their source."""
+        if not changes:
+            return
+        if self.target.write_inhibited:
+            raise WriteInhibitedError("the target is the source of a revertible FlashCopy")
+        for r in self.target.targets:
+            r.touched()
 
     def resync(self, *, revertible: bool = False, sequence: int | None = None,
                fault: bool = False) -> None:
         new_sequence = self.sequence + 1 if sequence is None else int(sequence)
         self.check_resync()
+        self.image_changes(self.changed)
         if revertible and fault:
             raise InjectedFault("prepare")
         if revertible:
@@ -189,6 +206,8 @@ class RefFlashCopy:
 
     def revert(self, *, fault: bool = False) -> None:
         self.check_revertible()
+        assert self._saved is not None
+        self.image_changes(self._saved[3])
         if fault:
             raise InjectedFault("revert")
         self.target.image, self.sequence, self.remaining, self.changed = self._saved
@@ -203,10 +222,17 @@ class RefFlashCopy:
             raise StateError("revertible")
         if self.source.write_inhibited:
             raise WriteInhibitedError("the source is write-inhibited")
+        above = self.source.source_rel
+        if above is not None and above.revertible:
+            raise WriteInhibitedError("the source is the target of a revertible FlashCopy")
+        if self.source.image is None:
+            raise StateError("the source holds no valid image")
         if self.changed:
             for other in self.source.targets:
                 if other is not self:
                     other.touched()      # the restore is a write to their source
+            if above is not None:
+                above.touched()          # ... and to the target of the one above
         self.source.image = bytearray(self.target.image)
         self.changed = False
 
@@ -220,6 +246,7 @@ class RefFlashCopy:
             raise AssertionError("withdraw with UNKNOWN progress needs tracks_left")
         if left and not force:
             raise IncompleteCopyError("tracks left to copy")
+        self.image_changes(bool(left))
         if left:
             self.target.image = None
         self._unlink()
@@ -242,16 +269,24 @@ def establish_group(pairs, **options) -> list[RefFlashCopy]:
             raise ValueError("geometry differs")
         if t.source_rel is not None or any(t is x for x in new_targets):
             raise LimitError("already a target")
-        if t.targets or any(t is x for x in sources_in_group):
-            raise LimitError("a source cannot be a target (no cascading)")
-        if s.source_rel is not None or any(s is x for x in new_targets):
-            raise LimitError("a target cannot be a source (no cascading)")
+        if any(t is x for x in sources_in_group) or any(s is x for x in new_targets):
+            raise LimitError("a cascade's levels are established one at a time")
+        above = s
+        while above is not None:
+            if above is t:
+                raise LimitError("a cycle of FlashCopy relationships")
+            above = above.source_rel.source if above.source_rel is not None else None
+        if t.targets and t.write_inhibited:
+            raise WriteInhibitedError("the target is the source of a revertible FlashCopy")
         if len(s.targets) + sum(x is s for x in sources_in_group) > MAX_TARGETS:
             raise LimitError("too many targets")
         if s.write_inhibited:
             raise StateError("source write-inhibited")
         new_targets.append(t)
     rels = [RefFlashCopy(s, t, **options) for s, t in pairs]
+    for s, t in pairs:
+        for r in t.targets:
+            r.touched()              # a new image onto a source: a change of it
     for r in rels:
         r._install()
     return rels

@@ -410,11 +410,12 @@ def test_target_of_two_refused():
     refused(LimitError, lambda: nocopy(a, t), [a, b, t], [r])
 
 
-def test_cascading_refused():
+def test_cascade_cycle_refused():
     a, b, c = vol(seed=1), vol(seed=2), vol(seed=3)
-    r = nocopy(a, b)
-    refused(LimitError, lambda: nocopy(b, c), [a, b, c], [r])    # target as source
-    refused(LimitError, lambda: nocopy(c, a), [a, b, c], [r])    # source as target
+    r1 = nocopy(a, b)
+    r2 = nocopy(b, c)                                              # a cascade
+    refused(LimitError, lambda: nocopy(c, a), [a, b, c], [r1, r2])  # a cycle
+    refused(LimitError, lambda: nocopy(b, a), [a, b, c], [r1, r2])
 
 
 def test_geometry_and_argument_errors():
@@ -808,9 +809,10 @@ def test_establish_group_is_all_or_nothing(bad):
         pairs.append((vol(seed=7), x))
     elif bad == "twice":
         pairs.append((x, b))
-    elif bad == "cascade":
-        rels.append(nocopy(x, vol(seed=8)))
-        pairs.append((vol(seed=9), x))
+    elif bad == "cascade":       # a cycle through a cascade made before
+        y = vol(seed=8)
+        rels.append(nocopy(x, y))
+        pairs.append((y, x))
     elif bad == "cascade_in_group":
         pairs.append((b, x))
     elif bad == "closed":

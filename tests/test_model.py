@@ -112,6 +112,7 @@ class FlashCopyModel(RuleBasedStateMachine):
         assert type(e_exc) is type(m_exc), f"engine raised {e_exc!r}, model raised {m_exc!r}"
         if e_exc is not None:
             assert self.snapshot() == before, f"refused call ({e_exc!r}) changed state"
+        self.settle()      # (a cascade's change of a middle volume touches its targets)
         return result, e_exc
 
     def settle(self):

@@ -14,11 +14,12 @@ target locks in volume-id order (:func:`locked`).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import numbers
 import threading
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from fastfc import _core, faults
 from fastfc._core import TrackBitmap
@@ -69,8 +70,12 @@ class FlashCopy(_core.RelationshipBase):
     ----------
     source, target : Volume
         Same geometry. A source has at most 12 targets; a volume is the target
-        of at most one relationship; cascading (a target that is also a
-        source) is refused.
+        of at most one relationship. A target may be the source of another
+        relationship (a cascade, S -> T1 -> T2; not in a unit at durability
+        "power"): T2 holds T1's
+        logical image at its establish, whatever later happens to T1 (host
+        writes, resync, revert, withdraw of S -> T1 or a new FlashCopy onto
+        it: T2 takes the grains it still needs first).
     background_copy : bool
         COPY mode (default): a worker thread copies every track. NOCOPY
         (``False``): tracks move only by copy-on-write or :meth:`copy`.
@@ -103,7 +108,7 @@ class FlashCopy(_core.RelationshipBase):
         self._configure(source, target, background_copy=background_copy, record=record,
                         persistent=persistent, inhibit_target_write=inhibit_target_write,
                         copy_rate=copy_rate, sequence=sequence, store=store)
-        with locked((source, target)):
+        with _locked_with_chains([source], [target]):
             _check_can_establish([self])
             self._install()
         self.start_background()
@@ -157,6 +162,10 @@ class FlashCopy(_core.RelationshipBase):
         relationship in the source's storage unit. Locks held."""
         n = self.source.n_grains
         store = self._store
+        if self.target._src_rels:
+            # a cascade formed onto a source: its targets take every grain
+            # they still read through it before its image becomes the source's
+            _core.save_before_change(self.target, None)
         self.to_copy = store.new_bitmap(n, fill=True)
         if self.record:
             self.src_changed = store.new_bitmap(n)
@@ -194,9 +203,11 @@ class FlashCopy(_core.RelationshipBase):
 
     @classmethod
     def from_record(cls, source: Volume, target: Volume, record: dict, *,
-                    store: Store | None = None) -> "FlashCopy":
+                    store: Store | None = None, start: bool = True) -> "FlashCopy":
         """Rebuild a relationship from a record (:meth:`to_record`, as a
-        store gives it back) between ``source`` and ``target``."""
+        store gives it back) between ``source`` and ``target``. ``start``
+        false: no background copy yet (a unit rebuilding a cascade starts
+        them once every relationship of the chain is in place)."""
         fc = cls.__new__(cls)
         fc._configure(source, target, sequence=record["sequence"], store=store,
                       **record["options"])
@@ -213,7 +224,7 @@ class FlashCopy(_core.RelationshipBase):
         source._src_rels.append(fc)
         source._rels_version += 1
         target._tgt_rel = fc
-        if not fc._store.readonly:   # a read-only unit only looks
+        if start and not fc._store.readonly:   # a read-only unit only looks
             fc.start_background()
         return fc
 
@@ -295,7 +306,9 @@ class FlashCopy(_core.RelationshipBase):
         chunk = max(1, CHUNK_BYTES // self.source.grain_size)
         total = 0
         wraps = 0
-        ordered = self._store.durability == "power"
+        # (a source that is a target too reads through its chain: the
+        # kernel's copy; a cascade is established only below "power")
+        ordered = self._store.durability == "power" and self.source._tgt_rel is None
         while max_grains is None or total < max_grains:
             budget = chunk if max_grains is None else min(chunk, max_grains - total)
             if ordered:     # each chunk's data on the disk before its cleared bits
@@ -623,10 +636,20 @@ class FlashCopy(_core.RelationshipBase):
         if not self.record:
             raise StateError(f"{self!r} needs record=True for reverse restore")
         S = self.source
-        with locked([S, self.target] + [r.target for r in S._src_rels]):
+        # (a source that is a target too: the volumes above it, whose
+        # grains its other targets may take and whose bitmaps change)
+        with _locked_with_chains([S], [self.target] + [r.target for r in S._src_rels]):
             self._require_active()
             if self.revertible:
                 raise StateError(f"{self!r} is revertible; commit or revert first")
+            if S._tgt_rel is not None and S._tgt_rel.revertible:
+                raise WriteInhibitedError(
+                    f"{S!r} is the target of a revertible FlashCopy; commit or revert "
+                    "it first")
+            if S._invalid:
+                raise StateError(f"{S!r} holds no valid image (a FlashCopy onto it was "
+                                 "withdrawn before completing); a restore of some tracks "
+                                 "cannot make it whole")
             if S._inhibits:
                 # the restore writes S: it must not land while another
                 # relationship of S is revertible (its images read from S)
@@ -682,7 +705,9 @@ class FlashCopy(_core.RelationshipBase):
         """End the relationship [rmflash]. If tracks remain to copy the target
         holds no valid image: refused unless ``force``, which marks the target
         invalid (its reads then raise :class:`~fastfc.errors.InvalidImageError`)."""
-        with locked((self.source, self.target)):
+        # (the chain above the target: a cascade's forced withdraw copies
+        # grains from the volumes above it to the target's own targets)
+        with _locked_with_chains([self.target], [self.source]):
             self._require_active()
             if self.session is not None:
                 raise StateError(
@@ -697,6 +722,11 @@ class FlashCopy(_core.RelationshipBase):
                 raise IncompleteCopyError(
                     f"{self!r} still has {remaining} tracks to copy; copy() or wait() "
                     "first, or withdraw(force=True) to invalidate the target")
+            if remaining and self.target._src_rels:
+                # the target's own targets take what they still read through
+                # it from the source before its image becomes invalid
+                _core.check_image_change(self.target, self.to_copy)
+                _core.save_before_change(self.target, self.to_copy)
             self._unlink(invalidate=bool(remaining))
         self._done.set()
 
@@ -802,10 +832,7 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
         r._store.check_writable()
         if t._tgt_rel is not None or id(t) in new_targets:
             raise LimitError(f"{t!r} is already the target of a FlashCopy")
-        if t._src_rels or id(t) in new_sources:
-            raise LimitError(f"{t!r} is a FlashCopy source; cascading is not supported")
-        if s._tgt_rel is not None or id(s) in new_targets:
-            raise LimitError(f"{s!r} is a FlashCopy target; cascading is not supported")
+        _check_cascade(r, new_sources, new_targets)
         if t._mirror is not None or t._secondary:
             raise LimitError(f"{t!r} is in a PPRC pair and cannot be a FlashCopy target")
         if t._chain is not None and t._chain.points:
@@ -828,6 +855,51 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
         new_targets.add(id(t))
 
 
+@contextlib.contextmanager
+def _locked_with_chains(tops: Sequence[_core.VolumeBase],
+                        extra: Sequence[_core.VolumeBase] = ()) -> Iterator[None]:
+    """Hold the locks of the volumes of ``extra`` and of every volume of
+    ``tops``' chains (each one and the volumes above it), as the chains are
+    under the locks. (An establish holds its source's: two establishes that
+    would close one cycle between them each lock a volume of the other's
+    chain, so one sees the other's relationship.)"""
+    while True:
+        chains = [_core.volume_chain(v) for v in tops]
+        with locked([v for c in chains for v in c] + list(extra)):
+            now = [_core.volume_chain(v) for v in tops]
+            if all(len(a) == len(b) and all(x is y for x, y in zip(a, b))
+                   for a, b in zip(now, chains)):
+                yield
+                return
+
+
+def _check_cascade(r: FlashCopy, new_sources: dict[int, int], new_targets: set[int]) -> None:
+    """Refuse a new relationship that would make a cascade the engine does
+    not keep: one formed within a group (its instant would be ambiguous), a
+    cycle, a chain of more than MAX_CHAIN volumes, one in a storage unit at
+    durability "power" (its ordered writes do not cover a cascade's
+    copies), or one onto a source
+    whose image cannot change now. Locks held."""
+    s, t = r.source, r.target
+    if id(t) in new_sources or id(s) in new_targets:
+        raise LimitError(f"{t if id(t) in new_sources else s!r} is both a source and a "
+                         "target of this group; establish a cascade's levels one at a time")
+    if not (t._src_rels or s._tgt_rel is not None):
+        return
+    if r._store.durability == "power":
+        raise LimitError(f"{s!r} -> {t!r} would be a cascaded FlashCopy (a target that is "
+                         "also a source): not at durability \"power\", whose ordered "
+                         "writes do not cover a cascade's copies (open the unit at "
+                         "\"process\")")
+    above = _core.volume_chain(s)
+    if any(v is t for v in above):
+        raise LimitError(f"{s!r} -> {t!r} would make a cycle of FlashCopy relationships")
+    if len(above) + 1 > _core.MAX_CHAIN:
+        raise LimitError(f"a FlashCopy chain holds at most {_core.MAX_CHAIN} volumes")
+    if t._src_rels:
+        _core.check_image_change(t, None)
+
+
 def establish_group(pairs: Sequence[tuple[Volume, Volume]], **options) -> list[FlashCopy]:
     """Establish several relationships at one instant [mkflash -freeze].
 
@@ -842,8 +914,7 @@ def establish_group(pairs: Sequence[tuple[Volume, Volume]], **options) -> list[F
         r = FlashCopy.__new__(FlashCopy)
         r._configure(source, target, **{**_DEFAULTS, **options})
         rels.append(r)
-    volumes = [v for pair in pairs for v in pair]
-    with locked(volumes):
+    with _locked_with_chains([s for s, _ in pairs], [t for _, t in pairs]):
         _check_can_establish(rels)
         for r in rels:
             r._install()

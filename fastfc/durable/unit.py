@@ -799,6 +799,8 @@ class StorageUnit:
             vol.unit = self
             vol.set_flags(secondary=bool(rec["secondary"]), valid=not rec["invalid"])
             self._volumes[name] = vol
+        rebuilt: list[FlashCopy] = []
+        incomplete: set[int] = set()      # (ids of targets made invalid here)
         for row in st.flash_rows():
             key = (row["source"], row["target"])
             complete = st.flash_image_complete(row)
@@ -809,19 +811,27 @@ class StorageUnit:
                 except CorruptUnitError as e:
                     problem = str(e)
                 else:
-                    FlashCopy.from_record(self._volumes[key[0]], self._volumes[key[1]], rec)
+                    rebuilt.append(FlashCopy.from_record(
+                        self._volumes[key[0]], self._volumes[key[1]], rec, start=False))
                     continue
             st.keep_bitmaps("fc", row)
             self._flash_damage.setdefault(key, (row, problem))
             tgt = self._volumes.get(key[1])
             if tgt is not None and not complete:
                 tgt.set_flags(valid=False)     # it read tracks from its source
+                incomplete.add(id(tgt))
             self.recovered.append(
                 f"FlashCopy {key[0]}:{key[1]}: not restored: {problem}"
                 + (f"; {key[1]} is invalid (its image was incomplete)"
                    if tgt is not None and not complete else "")
                 + f"; {_REMOVE_FLASHCOPY.format(source=key[0], target=key[1])} "
                 "removes its row")
+        self._invalid_below_damage(rebuilt, incomplete)
+        # a cascade's background copies start once every relationship of its
+        # chain is in place (a copy out of a middle volume reads through it)
+        if not self.readonly:
+            for rel in rebuilt:
+                rel.start_background()
         # their bitmaps stay alive (the store keeps them as the rows') until restored
         self._pair_rows = []
         for row in st.pair_rows():
@@ -854,6 +864,25 @@ class StorageUnit:
                 fc = c.target_relationship if c is not None else None
                 if isinstance(fc, FlashCopy) and fc.source.name == b_name:
                     fc.session = name
+
+    def _invalid_below_damage(self, rebuilt: list, bad: set[int]) -> None:
+        """A cascade below a FlashCopy that could not be restored: a target
+        that still reads grains through a volume made invalid here (``bad``,
+        ids: its image was incomplete) is invalid too, and so on down the
+        chain."""
+        grew = True
+        while grew:
+            grew = False
+            for fc in rebuilt:
+                t = fc.target
+                if id(fc.source) in bad and id(t) not in bad and fc.to_copy.any():
+                    t.set_flags(valid=False)
+                    bad.add(id(t))
+                    grew = True
+                    self.recovered.append(
+                        f"FlashCopy {fc.source.name}:{t.name}: {t.name} is invalid (it "
+                        f"still read grains through {fc.source.name}, whose image was "
+                        "incomplete)")
 
     def _missing_volumes(self, names) -> str | None:
         """What is wrong when volumes a row names are not in this unit."""
