@@ -157,6 +157,9 @@ class FlashCopy(_core.RelationshipBase):
         relationship in the source's storage unit. Locks held."""
         n = self.source.n_grains
         store = self._store
+        if self.target._chain is not None:
+            # the target's recovery points keep its image (all of it changes)
+            _core.save_point_grains(self.target, TrackBitmap(n, fill=True))
         self.to_copy = store.new_bitmap(n, fill=True)
         if self.record:
             self.src_changed = store.new_bitmap(n)
@@ -703,6 +706,10 @@ class FlashCopy(_core.RelationshipBase):
     def _unlink(self, invalidate: bool = False) -> None:
         """End the relationship: the store first, so that a store that
         refuses leaves the relationship as it was."""
+        if self.target._chain is not None and self.to_copy.any():
+            # the grains the target still read from the source: its recovery
+            # points keep them (the target reads its own, or nothing, after)
+            _core.save_point_grains(self.target, self.to_copy)
         was_invalid = self.target._invalid
         self.target._invalid = was_invalid or invalidate
         try:
@@ -727,6 +734,10 @@ class FlashCopy(_core.RelationshipBase):
         """Put back the state ``before`` (from :meth:`step_state`): a step
         undone. The source's write-inhibit follows. Locks held."""
         revertible = self.revertible
+        if self.target._chain is not None:
+            # the grains whose to_copy bit the undo flips change image
+            _core.save_point_grains(self.target, (self.to_copy - before[0])
+                                     | (before[0] - self.to_copy))
         (self.to_copy, self.src_changed, self.tgt_changed, self.sequence,
          self._revert_image, self.revertible, self._cursor) = before
         self.source._inhibits += int(self.revertible) - int(revertible)
@@ -808,9 +819,6 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
             raise LimitError(f"{s!r} is a FlashCopy target; cascading is not supported")
         if t._mirror is not None or t._secondary:
             raise LimitError(f"{t!r} is in a PPRC pair and cannot be a FlashCopy target")
-        if t._chain is not None and t._chain.points:
-            raise LimitError(f"{t!r} holds recovery points and cannot be a FlashCopy target "
-                             "(its image would change outside the write path)")
         for v in (s, t):
             if v._restoring is not None:
                 raise StateError(f"{v!r} is taking a recovery point's image; wait for "
