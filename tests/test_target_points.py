@@ -31,6 +31,13 @@ geometry = st.one_of(
 splits = st.sampled_from([1, 2, 8])
 
 
+class Image(bytes):
+    """A point's image in the model (shown short in a failing example)."""
+
+    def __repr__(self) -> str:
+        return f"<image of {len(self)} bytes #{hash(bytes(self)) & 0xffff:04x}>"
+
+
 def span(data, capacity: int) -> tuple[int, int]:
     offset = data.draw(st.integers(0, capacity - 1), label="offset")
     length = data.draw(st.integers(1, capacity - offset), label="length")
@@ -66,7 +73,7 @@ class TargetPointsModel(RuleBasedStateMachine):
     # -- helpers -------------------------------------------------------------
     def take_c_alone(self):
         p = take_points([self.C])[0]
-        self.points.append([p, "C", bytes(self.img["C"])])
+        self.points.append([p, "C", Image(self.img["C"])])
 
     def revertible(self) -> bool:
         return self.fc is not None and self.fc.revertible
@@ -155,8 +162,8 @@ class TargetPointsModel(RuleBasedStateMachine):
             self.take_c_alone()
             return
         ps, pc = take_points([self.S, self.C])
-        self.points.append([ps, "S", bytes(self.img["S"])])
-        self.points.append([pc, "C", bytes(self.img["C"])])
+        self.points.append([ps, "S", Image(self.img["S"])])
+        self.points.append([pc, "C", Image(self.img["C"])])
 
     @precondition(lambda self: self.points)
     @rule(data=st.data())
