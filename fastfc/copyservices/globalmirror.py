@@ -51,6 +51,8 @@ from fastfc import _core, faults
 from fastfc._numbers import check_real
 from fastfc.copyservices import local_secondary, sitemirror
 from fastfc.copyservices.groups import SecondaryGroup, Triplet, copy_to_c
+from fastfc.copyservices.point_schedule import (MemoryKeeper, PointSchedule, ScheduledPoints,
+                                                point_cg, point_name)
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.copyservices.local_secondary import RETRIES
 from fastfc.copyservices.secondary import Resolution, Secondary, resolve_groups
@@ -278,6 +280,12 @@ class GlobalMirror:
         relationship is committed or reverted. Defaults to the metadata store
         of the unit holding the B and C volumes, when they are on one in this
         process, or to the first secondary site.
+    points : PointSchedule, optional
+        Take recovery points of every C volume at one instant after a CG
+        commits, on this schedule (every N CGs or T seconds), and expire
+        them as it says (:mod:`fastfc.copyservices.point_schedule`); None:
+        none. :meth:`set_point_schedule` changes it, :meth:`take_points`
+        takes points at once. C volumes in this process only.
 
     The session is recorded by the store of its B volumes (handed to them by
     their storage unit), which tells the unit of it; so are its counters
@@ -297,10 +305,17 @@ class GlobalMirror:
                  on_coordinate: Callable[[int], None] | None = None,
                  on_result: Callable[[CGResult], None] | None = None,
                  journal=None, name: str = "gm", initial_copy: bool = True,
-                 adopt: bool = False, resume: bool = False) -> None:
+                 adopt: bool = False, resume: bool = False,
+                 points: PointSchedule | None = None) -> None:
         check_name("session", name)
         if not triplets:
             raise ValueError("a Global Mirror session needs at least one (A, B, C) triplet")
+        if points is not None:
+            if not isinstance(points, PointSchedule):
+                raise TypeError(f"points must be a PointSchedule, not {type(points).__name__}")
+            if any(len(t) == 3 and isinstance(t[2], SiteVolume) for t in triplets):
+                raise ValueError("a point schedule takes points of C volumes in this process; "
+                                 "over secondary sites take them at the units")
         self._configure(name, cg_interval, max_coordination_time, max_drain_time, decide,
                         on_coordinate, on_result)
         secs: Sequence[Secondary]
@@ -319,6 +334,7 @@ class GlobalMirror:
                                             initial_copy=initial_copy, adopt=adopt)
             secs, top = local_secondary.secondaries(trips), 0
         self._adopt(trips, secs, journal, top)
+        self._set_schedule(points)
         if stats:
             self._restore_stats(stats)
         self._store.add_session(self.to_record(), self,
@@ -361,6 +377,10 @@ class GlobalMirror:
         self._volumes_cache_seen: tuple | None = None
         # coordination instants of recent CGs (a CG a reconciliation commits)
         self._coordinated: dict[int, float | None] = {}
+        #: who keeps the scheduled points (take, expire): a storage unit
+        #: holding the C volumes sets its durable one; None: in memory
+        self.point_keeper: Any = None
+        self._points: ScheduledPoints | None = None
 
     def _adopt(self, triplets: list[Triplet], secondaries: Sequence[Secondary], journal,
                top: int) -> None:
@@ -427,6 +447,8 @@ class GlobalMirror:
         adopted = [t.b.name for t in self.triplets if t.adopted]
         if adopted:
             record["adopted"] = adopted
+        if self._points is not None:
+            record["points"] = self._points.schedule.to_record()
         return record
 
     @classmethod
@@ -448,6 +470,7 @@ class GlobalMirror:
             t.adopted = t.b.name in adopted
         gm._adopt(trips, local_secondary.secondaries(trips), None,
                   max(t.fc.sequence for t in trips))
+        gm._set_schedule(PointSchedule.from_record(record.get("points")))
         if record.get("stats"):
             gm._restore_stats(record["stats"], max(gm.c_sequences))
         gm.stats.sequence = max(gm.c_sequences)
@@ -537,9 +560,12 @@ class GlobalMirror:
             return self._count(res)
         self._drain_failures = 0
 
-        # 3. FlashCopy: prepare all, decide, commit all or revert all (counted there)
+        # 3. FlashCopy: prepare all, decide, commit all or revert all (counted
+        # there); then the scheduled recovery points of the C volumes, if due
         t = time.perf_counter()
         self._flashcopy_phase(res)
+        if res.committed and self._points is not None and self.state is not GMState.FATAL:
+            self._points.after_commit(seq, [t.c for t in self.triplets], self._keeper())
         res.flash_time = time.perf_counter() - t
         return res
 
@@ -835,6 +861,76 @@ class GlobalMirror:
             self.on_result(res)
 
     # -- operator actions ------------------------------------------------------
+    # -- recovery points of the C volumes -------------------------------------------
+    @property
+    def point_schedule(self) -> PointSchedule | None:
+        """The session's :class:`PointSchedule`, or None."""
+        return None if self._points is None else self._points.schedule
+
+    @property
+    def point_status(self) -> dict | None:
+        """The schedule at work: ``schedule``, ``last_cg`` (the CG of the
+        last take), ``taken`` and ``expired`` (since this object was made),
+        ``error`` (the last failure to take or expire, None after a take
+        succeeds); None without a schedule."""
+        return None if self._points is None else self._points.status()
+
+    def set_point_schedule(self, schedule: PointSchedule | None) -> None:
+        """Take points of the C volumes on ``schedule`` from the next CG on
+        (None: stop; the points held stay until they are expired by hand).
+        A storage unit's session records it with
+        ``StorageUnit.configure_session(points=)`` (chgmir), which calls this."""
+        if schedule is not None and not isinstance(schedule, PointSchedule):
+            raise TypeError(f"schedule must be a PointSchedule, not {type(schedule).__name__}")
+        if schedule is not None and any(isinstance(t.c, SiteVolume) for t in self.triplets):
+            raise ValueError("a point schedule takes points of C volumes in this process")
+        with self._lock:
+            self._set_schedule(schedule)
+
+    def _set_schedule(self, schedule: PointSchedule | None) -> None:
+        if schedule is None:
+            self._points = None
+            return
+        if self._points is not None:
+            self._points.schedule = schedule
+            return
+        sp = ScheduledPoints(self.name, schedule)
+        # the CG of the newest point the session holds (a reopened unit's)
+        held = [cg[1] for t in self.triplets for p in sp.mine(t.c)
+                if (cg := point_cg(p.name)) is not None]
+        sp.last_cg = max(held) if held else None
+        self._points = sp
+
+    def _keeper(self) -> Any:
+        if self.point_keeper is not None:
+            return self.point_keeper
+        return MemoryKeeper([t.c for t in self.triplets])
+
+    def take_points(self, *, retain_for: float | None = None) -> list:
+        """Take a recovery point of every C volume now, at one instant (on
+        demand), named for the CG they hold (``SESSION@cgSEQ``): between
+        attempts every C holds the last committed CG. Refused while the C
+        volumes are not on one CG. ``retain_for``: seconds (default: the
+        schedule's retention, or 0). Returns the points, in triplet order;
+        a schedule expires its own points after."""
+        self._require_writable()
+        if any(isinstance(t.c, SiteVolume) for t in self.triplets):
+            raise ValueError("take_points takes points of C volumes in this process")
+        with self._lock:
+            seqs = set(self.c_sequences)
+            if len(seqs) != 1 or any(t.fc.revertible for t in self.triplets):
+                raise StateError(f"session {self.name}: the C volumes are not on one CG "
+                                 f"(sequences {sorted(seqs)}); resolve the session first")
+            seq = seqs.pop()
+            if retain_for is None:
+                retain_for = 0.0 if self._points is None else self._points.schedule.retain_seconds
+            cs = [t.c for t in self.triplets]
+            points = self._keeper().take([c.name for c in cs], retain_for=retain_for,
+                                         name=point_name(self.name, seq))
+            if self._points is not None:
+                self._points.expire(cs, self._keeper())
+            return points
+
     def clear_fatal(self) -> str:
         """Operator action after a FATAL state: finish the resolution (every
         unit must answer; relationships here are retried) and, if every

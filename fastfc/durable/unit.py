@@ -537,6 +537,13 @@ class StorageUnit:
     def _session_added(self, session: GlobalMirror) -> None:
         """The store's listener: a new session whose B volumes live here."""
         self.sessions[session.name] = session
+        self._keep_session_points(session)
+
+    def _keep_session_points(self, session: GlobalMirror) -> None:
+        """The recovery points a session's schedule takes of its C volumes
+        (which live here with its B volumes) are this unit's: durable."""
+        if all(self._volumes.get(t.c.name) is t.c for t in session.triplets):
+            session.point_keeper = self.points
 
     def _session_dropped(self, session: GlobalMirror) -> None:
         """The store's listener: a session whose B volumes live here ended."""
@@ -1009,6 +1016,7 @@ class StorageUnit:
                     t.pair.link = link
                 self.sessions[name] = GlobalMirror.from_record(dict(cfg, name=name), parts,
                                                                link=link)
+                self._keep_session_points(self.sessions[name])
 
     # == sessions served to a primary in another process ===============================
     # What fastfc.remote's UnitServer needs of the unit, as public calls: the
