@@ -52,7 +52,7 @@ from fastfc._numbers import check_real
 from fastfc.copyservices import local_secondary, sitemirror
 from fastfc.copyservices.groups import SecondaryGroup, Triplet, copy_to_c
 from fastfc.copyservices.point_schedule import (MemoryKeeper, PointSchedule, ScheduledPoints,
-                                                point_cg, point_name)
+                                                point_cg, point_name, session_points)
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.copyservices.local_secondary import RETRIES
 from fastfc.copyservices.secondary import Resolution, Secondary, resolve_groups
@@ -900,6 +900,13 @@ class GlobalMirror:
                 if (cg := point_cg(p.name)) is not None]
         sp.last_cg = max(held) if held else None
         self._points = sp
+
+    def scheduled_points(self, k: int = 0) -> list:
+        """The recovery points the session took (on its schedule or by
+        :meth:`take_points`) of triplet ``k``'s C, oldest first."""
+        if not self.triplets or isinstance(self.triplets[k].c, SiteVolume):
+            return []
+        return session_points(self.name, self.triplets[k].c)
 
     def _keeper(self) -> Any:
         if self.point_keeper is not None:

@@ -55,6 +55,20 @@ def point_cg(name: object) -> tuple[str, int] | None:
     return None if m is None else (m["session"], int(m["seq"]))
 
 
+def session_points(session: str, volume: Volume) -> list[RecoveryPoint]:
+    """The points of ``volume`` that session ``session`` took (named for a
+    CG of it), oldest first."""
+    chain = PointChain.chain_of(volume)
+    if chain is None:
+        return []
+    out = []
+    for p in chain.points:
+        cg = point_cg(p.name)
+        if cg is not None and cg[0] == session:
+            out.append(p)
+    return out
+
+
 @dataclass(frozen=True)
 class PointSchedule:
     """When a Global Mirror session takes points of its C volumes and how
@@ -201,15 +215,7 @@ class ScheduledPoints:
 
     def mine(self, volume: Volume) -> list[RecoveryPoint]:
         """The schedule's points of ``volume``, oldest first."""
-        chain = PointChain.chain_of(volume)
-        if chain is None:
-            return []
-        out = []
-        for p in chain.points:
-            cg = point_cg(p.name)
-            if cg is not None and cg[0] == self.session:
-                out.append(p)
-        return out
+        return session_points(self.session, volume)
 
     def expire(self, volumes: Sequence[Volume], keeper: Any) -> int:
         """Expire the points the schedule no longer keeps (never one still

@@ -15,6 +15,7 @@ import time
 import click
 
 from fastfc.copyservices.globalmirror import Cause, GlobalMirror, GMState
+from fastfc.copyservices.point_schedule import PointSchedule, point_cg
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.durable.siteloss import SITE_FAILOVER
 
@@ -39,6 +40,53 @@ class _Threshold(Real):
 RPO_ALERT = _Threshold(min=0, max=30 * 86400)
 
 
+def _points_options(command):
+    """The options of a session's schedule of recovery points of its C
+    volumes (mkgmir, chgmir)."""
+    for option in reversed((
+            click.option("--points-every-cgs", type=Count(low=1), default=None, metavar="N",
+                         help="Take a recovery point of every C volume (one instant) after "
+                              "every N-th committed CG."),
+            click.option("--points-every-seconds", type=Real(min=0, min_open=True,
+                                                             max=365 * 86400),
+                         default=None, metavar="SECONDS",
+                         help="... or after the first CG committed SECONDS after the last "
+                              "take."),
+            click.option("--points-retain", type=Real(min=0, max=100 * 365 * 86400),
+                         default=None, metavar="SECONDS",
+                         help="Seconds each scheduled point is immutable (without "
+                              "--points-keep: then it expires)."),
+            click.option("--points-keep", type=Count(low=1), default=None, metavar="K",
+                         help="Keep at most K scheduled points per C (the oldest expire "
+                              "once retained long enough)."))):
+        command = option(command)
+    return command
+
+
+def _schedule(current: PointSchedule | None, every_cgs, every_seconds, retain,
+              keep) -> PointSchedule | None:
+    """The schedule the options give (over ``current``: options not given
+    keep its values), or None if no option is given."""
+    if every_cgs is None and every_seconds is None and retain is None and keep is None:
+        return None
+    base = current.to_record() if current is not None else {}
+    if every_cgs is not None or every_seconds is not None:
+        base["every_cgs"], base["every_seconds"] = every_cgs, every_seconds
+    if retain is not None:
+        base["retain_seconds"] = retain
+    if keep is not None:
+        base["keep"] = keep
+    try:
+        return PointSchedule(every_cgs=base.get("every_cgs"),
+                             every_seconds=base.get("every_seconds"),
+                             retain_seconds=base.get("retain_seconds", 0.0),
+                             keep=base.get("keep"))
+    except (TypeError, ValueError) as e:
+        raise click.UsageError(f"recovery point schedule: {e} (--points-every-cgs or "
+                               "--points-every-seconds, and --points-keep or "
+                               "--points-retain)") from None
+
+
 @main.command()
 @click.argument("session", type=SESSION)
 @click.argument("specs", nargs=-1, required=True, type=TRIPLET)
@@ -56,9 +104,11 @@ RPO_ALERT = _Threshold(min=0, max=30 * 86400)
 @click.option("--rpo-alert", type=RPO_ALERT, default=None, metavar="SECONDS",
               help="Alert when the RPO goes above SECONDS while a server runs the session "
                    "(a WARNING log line and a metric; 0 or off: none).")
+@_points_options
 @pass_units
 def mkgmir(units, session, specs, cg_interval, coord_time, drain_time, decide,
-           rpo_alert) -> None:
+           rpo_alert, points_every_cgs, points_every_seconds, points_retain,
+           points_keep) -> None:
     """Create Global Mirror session SESSION over A:B:C triplets (A in --unit;
     B and C in --remote-unit).
 
@@ -69,13 +119,18 @@ def mkgmir(units, session, specs, cg_interval, coord_time, drain_time, decide,
     nothing changed: a pair from A to another volume, a Metro Mirror
     (mmir) pair, a suspended pair (resumepprc it first), a pair in another
     session. Other triplets get a new pair (every track sent in the first
-    CG). rmgmir leaves adopted pairs as Global Copy pairs."""
+    CG). rmgmir leaves adopted pairs as Global Copy pairs.
+
+    --points-*: a schedule of recovery points of the C volumes (lspoint
+    lists them, named SESSION@cgSEQ; chgmir changes it)."""
+    schedule = _schedule(None, points_every_cgs, points_every_seconds, points_retain,
+                         points_keep)
     local, remote = units.local(), units.remote()
     triplets = [(local.volume(a), remote.volume(b), remote.volume(c)) for a, b, c in specs]
     backlog = _adopted_backlog(triplets)
     GlobalMirror(triplets, name=session, cg_interval=cg_interval,
                  max_coordination_time=coord_time / 1e3, max_drain_time=drain_time,
-                 decide=decide, adopt=True)
+                 decide=decide, adopt=True, points=schedule)
     if rpo_alert:
         units.session_unit(session)[0].configure_session(session, rpo_alert=rpo_alert)
     for ident, tracks in backlog.items():
@@ -83,6 +138,8 @@ def mkgmir(units, session, specs, cg_interval, coord_time, drain_time, decide,
                    "(no initial copy)")
     click.echo(f"created Global Mirror session {session}: {plural(len(triplets), 'triplet')}; "
                "formcg forms its consistency groups (resumegmir, under fastfc serve)")
+    if schedule is not None:
+        click.echo(f"recovery points of its C volumes: {schedule.describe()}")
 
 
 def _adopted_backlog(triplets) -> dict[str, int]:
@@ -221,7 +278,39 @@ def _session_info(units, session: str) -> dict:
                       "out_of_sync": tr.pair.out_of_sync_tracks,
                       "c_sequence": tr.fc.sequence} for tr in gm.triplets],
         "away": False, "loop_text": _loop_text(loop),
-        "rpo_samples_count": len(gm.stats.rpo_samples)}
+        "rpo_samples_count": len(gm.stats.rpo_samples),
+        "points": _points_info(gm, unit)}
+
+
+def _points_info(gm: GlobalMirror, unit) -> dict | None:
+    """The session's schedule of recovery points of its C volumes, with what
+    it holds (its points of the first C: every C holds the same CGs; None
+    from a unit opened read-only, which does not load its points)."""
+    status = gm.point_status
+    if status is None:
+        return None
+    if unit.readonly:
+        return {**status, "held": None, "oldest_cg": None, "newest_cg": None}
+    held = [cg for cg in (point_cg(p.name) for p in gm.scheduled_points())
+            if cg is not None]
+    return {**status, "held": len(held), "oldest_cg": min((q for _, q in held), default=None),
+            "newest_cg": max((q for _, q in held), default=None)}
+
+
+def _points_text(info: dict) -> str:
+    pts = info.get("points")
+    if pts is None:
+        return "none (mkgmir or chgmir --points-every-cgs N / --points-every-seconds T)"
+    text = pts["describe"]
+    if pts["held"] is None:
+        text += " (lspoint lists the points)"
+    else:
+        text += f"; {plural(pts['held'], 'point')} per C"
+    if pts["held"]:
+        text += f" (CG {pts['oldest_cg']} .. {pts['newest_cg']})"
+    if pts["error"]:
+        text += f"; last failure: {pts['error']}"
+    return text
 
 
 def _when(t: float) -> str:
@@ -269,6 +358,7 @@ def _render(info: dict):
                   else f"{_secs(info['rpo_p50'])} / {_secs(info['rpo_p99'])} (after each of "
                   f"the last {plural(info['rpo_samples_count'], 'attempt')} here)")
         t.add_row("RPO alert", _alert_text(info))
+        t.add_row("Recovery points", _points_text(info))
         t.add_row("Sent to B", human(info["bytes_drained"]))
         t.add_row("Out of sync", plural(info["out_of_sync"], "track"))
         rows = [(tr["a"], tr["b"], tr["c"], tr["pair_state"], str(tr["out_of_sync"]),
@@ -461,21 +551,36 @@ def pausegmir(units, session) -> None:
 @click.option("--rpo-alert", type=RPO_ALERT, default=None, metavar="SECONDS",
               help="Alert when the RPO goes above SECONDS while a server runs the session "
                    "(0 or off: no alert).")
+@_points_options
+@click.option("--no-points", is_flag=True,
+              help="Stop taking recovery points of the C volumes (those held stay).")
 @pass_units
-def chgmir(units, session, cg_interval, coord_time, drain_time, rpo_alert) -> None:
+def chgmir(units, session, cg_interval, coord_time, drain_time, rpo_alert, points_every_cgs,
+           points_every_seconds, points_retain, points_keep, no_points) -> None:
     """Change the intervals and bounds of SESSION (as mkgmir sets them),
-    and its RPO alert threshold, recorded in its unit. A running session
-    uses them from its next CG (the alert from the server's next look)."""
-    if cg_interval is None and coord_time is None and drain_time is None and rpo_alert is None:
+    its RPO alert threshold and its schedule of recovery points (the
+    --points-* options not given keep their values), recorded in its unit.
+    A running session uses them from its next CG (the alert from the
+    server's next look)."""
+    given_points = any(v is not None for v in (points_every_cgs, points_every_seconds,
+                                                points_retain, points_keep))
+    if (cg_interval is None and coord_time is None and drain_time is None and rpo_alert is None
+            and not given_points and not no_points):
         raise click.UsageError("give at least one of --cg-interval, --coord-time, "
-                               "--drain-time, --rpo-alert")
+                               "--drain-time, --rpo-alert, --points-*, --no-points")
+    if no_points and given_points:
+        raise click.UsageError("--no-points and --points-* contradict each other")
     unit, gm = units.session_unit(session)
+    old_points = gm.point_schedule
+    new_points = _schedule(old_points, points_every_cgs, points_every_seconds, points_retain,
+                           points_keep)
     before = (gm.cg_interval, gm.max_coordination_time, gm.max_drain_time,
               unit.session_record(session)["rpo_alert"])
     rec = unit.configure_session(session, cg_interval=cg_interval,
                                  max_coordination_time=None if coord_time is None
                                  else coord_time / 1e3, max_drain_time=drain_time,
-                                 rpo_alert=rpo_alert)
+                                 rpo_alert=rpo_alert,
+                                 points=False if no_points else new_points)
     if units.loops is not None and rpo_alert is not None:
         units.loops.set_rpo_alert(gm, rec["rpo_alert"])
     said = []
@@ -486,7 +591,9 @@ def chgmir(units, session, cg_interval, coord_time, drain_time, rpo_alert) -> No
             ("max drain time", before[2], gm.max_drain_time,
              lambda v: f"{v:g} s" if v else "default"),
             ("RPO alert", before[3], rec["rpo_alert"],
-             lambda v: f"above {v:g} s" if v else "off")):
+             lambda v: f"above {v:g} s" if v else "off"),
+            ("recovery points", old_points, gm.point_schedule,
+             lambda v: v.describe() if v is not None else "none")):
         if old != new:
             said.append(f"{what} {show(new)} (was {show(old)})")
     running = units.loops is not None and units.loops.running(gm)
