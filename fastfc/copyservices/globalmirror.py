@@ -52,7 +52,7 @@ from fastfc._numbers import check_real
 from fastfc.copyservices import local_secondary, sitemirror
 from fastfc.copyservices.groups import SecondaryGroup, Triplet, copy_to_c
 from fastfc.copyservices.point_schedule import (MemoryKeeper, PointSchedule, ScheduledPoints,
-                                                point_cg, point_name, session_points)
+                                                point_name, session_points)
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.copyservices.local_secondary import RETRIES
 from fastfc.copyservices.secondary import Resolution, Secondary, resolve_groups
@@ -381,6 +381,7 @@ class GlobalMirror:
         #: holding the C volumes sets its durable one; None: in memory
         self.point_keeper: Any = None
         self._points: ScheduledPoints | None = None
+        self._memory_keeper: MemoryKeeper | None = None
 
     def _adopt(self, triplets: list[Triplet], secondaries: Sequence[Secondary], journal,
                top: int) -> None:
@@ -894,12 +895,8 @@ class GlobalMirror:
         if self._points is not None:
             self._points.schedule = schedule
             return
-        sp = ScheduledPoints(self.name, schedule)
-        # the CG of the newest point the session holds (a reopened unit's)
-        held = [cg[1] for t in self.triplets for p in sp.mine(t.c)
-                if (cg := point_cg(p.name)) is not None]
-        sp.last_cg = max(held) if held else None
-        self._points = sp
+        # (it finds the points the session holds: a reopened unit's)
+        self._points = ScheduledPoints(self.name, schedule, [t.c for t in self.triplets])
 
     def scheduled_points(self, k: int = 0) -> list:
         """The recovery points the session took (on its schedule or by
@@ -911,7 +908,10 @@ class GlobalMirror:
     def _keeper(self) -> Any:
         if self.point_keeper is not None:
             return self.point_keeper
-        return MemoryKeeper([t.c for t in self.triplets])
+        cs = [t.c for t in self.triplets]
+        if self._memory_keeper is None or self._memory_keeper.volumes != cs:
+            self._memory_keeper = MemoryKeeper(cs)
+        return self._memory_keeper
 
     def take_points(self, *, retain_for: float | None = None) -> list:
         """Take a recovery point of every C volume now, at one instant (on
@@ -932,11 +932,13 @@ class GlobalMirror:
             if retain_for is None:
                 retain_for = 0.0 if self._points is None else self._points.schedule.retain_seconds
             cs = [t.c for t in self.triplets]
-            points = self._keeper().take([c.name for c in cs], retain_for=retain_for,
-                                         name=point_name(self.name, seq))
-            if self._points is not None:
-                self._points.expire(cs, self._keeper())
-            return points
+            if self._points is not None and retain_for == self._points.schedule.retain_seconds:
+                points = self._points.take(seq, cs, self._keeper())    # (one of its groups)
+                if not points:
+                    raise StateError(f"session {self.name}: {self._points.error}")
+                return points
+            return self._keeper().take([c.name for c in cs], retain_for=retain_for,
+                                       name=point_name(self.name, seq))
 
     def clear_fatal(self) -> str:
         """Operator action after a FATAL state: finish the resolution (every

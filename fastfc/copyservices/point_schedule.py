@@ -17,8 +17,9 @@ retention ends (it is immutable until then), nor while a restore reads it.
 
 The points are kept by a *keeper*: in memory by default; a storage unit
 holding the C volumes hands the session its durable one
-(:attr:`GlobalMirror.point_keeper`: ``take(names, retain_for=, name=)`` and
-``expire(volume name, seq)``), so the schedule's points are durable there.
+(:attr:`GlobalMirror.point_keeper`: ``take(names, retain_for=, name=)``,
+``expire(volume name, seq)`` and optionally ``expire_group(points)``, all
+or none at once), so the schedule's points are durable there.
 
 A take that fails (a C closed, invalid, a unit read-only) does not fail the
 CG: the error is kept (:attr:`ScheduledPoints.error`) and the next due CG
@@ -27,6 +28,7 @@ tries again.
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 import time
@@ -34,7 +36,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from fastfc._numbers import check_real
-from fastfc.copyservices.points import PointChain, RecoveryPoint, take_points
+from fastfc.copyservices.points import (PointChain, RecoveryPoint, expire_points,
+                                        take_points)
 from fastfc.errors import FastFCError
 from fastfc.storage.volume import Volume
 
@@ -147,12 +150,16 @@ class MemoryKeeper:
     """Points of volumes in memory (the default keeper): by volume name."""
 
     def __init__(self, volumes: Sequence[Volume]) -> None:
+        self.volumes = list(volumes)
         self._by_name = {v.name: v for v in volumes}
 
     def take(self, names: Sequence[str], *, retain_for: float = 0.0,
              name: str | None = None) -> list[RecoveryPoint]:
         return take_points([self._by_name[n] for n in names], retain_for=retain_for,
                            name=name, clock=time.time)
+
+    def expire_group(self, points: Sequence[RecoveryPoint]) -> None:
+        expire_points(points)
 
     def expire(self, volume: str, seq: int) -> None:
         chain = PointChain.chain_of(self._by_name[volume])
@@ -164,18 +171,29 @@ class MemoryKeeper:
 
 
 class ScheduledPoints:
-    """A session's schedule at work: when it last took, what went wrong.
-    Its caller (the session) keeps attempts apart."""
+    """A session's schedule at work: when it last took, the groups of
+    points it holds (oldest first: the points of every C taken at one CG),
+    what went wrong. Its caller (the session) keeps attempts apart."""
 
-    def __init__(self, session: str, schedule: PointSchedule) -> None:
+    def __init__(self, session: str, schedule: PointSchedule,
+                 volumes: Sequence[Volume] = ()) -> None:
         self.session = session
         self.schedule = schedule
-        self.last_cg: int | None = None
         self.last_time: float | None = None
         self.taken = 0
         self.expired = 0
         #: the last take's or expiry's failure (None once one succeeds)
         self.error: str | None = None
+        # the points the session holds (a reopened unit's too), by CG
+        by_cg: dict[int, list[RecoveryPoint]] = {}
+        for v in volumes:
+            for p in session_points(session, v):
+                cg = point_cg(p.name)
+                assert cg is not None
+                by_cg.setdefault(cg[1], []).append(p)
+        self.groups: collections.deque[list[RecoveryPoint]] = collections.deque(
+            by_cg[q] for q in sorted(by_cg))
+        self.last_cg: int | None = max(by_cg) if by_cg else None
 
     def due(self, sequence: int, now: float) -> bool:
         s = self.schedule
@@ -198,43 +216,58 @@ class ScheduledPoints:
             self.last_time = now
         return took
 
-    def take(self, sequence: int, volumes: Sequence[Volume], keeper: Any) -> bool:
+    def take(self, sequence: int, volumes: Sequence[Volume], keeper: Any) -> list:
         """Take the points of CG ``sequence`` now (the caller says every C
-        holds it), then expire; whether they were taken."""
+        holds it), then expire; the points ([] if the take failed)."""
         try:
-            keeper.take([v.name for v in volumes], retain_for=self.schedule.retain_seconds,
-                        name=point_name(self.session, sequence))
+            points = keeper.take([v.name for v in volumes],
+                                 retain_for=self.schedule.retain_seconds,
+                                 name=point_name(self.session, sequence))
         except (FastFCError, OSError, ValueError) as e:
             self.error = f"taking the points of CG {sequence}: {type(e).__name__}: {e}"
-            return False
+            return []
+        self.groups.append(list(points))
         self.last_cg = sequence
         self.taken += 1
         self.error = None
-        self.expire(volumes, keeper)
-        return True
+        self.expire(keeper)
+        return points
 
     def mine(self, volume: Volume) -> list[RecoveryPoint]:
         """The schedule's points of ``volume``, oldest first."""
         return session_points(self.session, volume)
 
-    def expire(self, volumes: Sequence[Volume], keeper: Any) -> int:
-        """Expire the points the schedule no longer keeps (never one still
-        retained or read by a restore); how many expired."""
+    def expire(self, keeper: Any) -> int:
+        """Expire the groups the schedule no longer keeps, oldest first
+        (beyond ``keep``, or past their retention without it), stopping at
+        the first group still retained or read by a restore (retentions
+        only grow along the groups); how many points expired."""
         keep = self.schedule.keep
         now = time.time()
         done = 0
-        for v in volumes:
-            mine = self.mine(v)
-            over = mine if keep is None else mine[:max(0, len(mine) - keep)]
-            for p in over:
-                if p.retain_until > now or p.pins:
-                    continue
-                try:
-                    keeper.expire(v.name, p.seq)
-                except (FastFCError, OSError, KeyError) as e:
-                    self.error = f"expiring {p!r}: {type(e).__name__}: {e}"
-                    continue
-                done += 1
+        groups = self.groups
+        while groups:
+            group = [p for p in groups[0] if not p.expired]   # (some expired by hand)
+            if not group:
+                groups.popleft()
+                continue
+            if keep is not None and len(groups) <= keep:
+                break
+            if any(p.retain_until > now or p.pins for p in group):
+                break
+            try:
+                if hasattr(keeper, "expire_group"):
+                    keeper.expire_group(group)      # (one lock hold, one record)
+                else:
+                    for p in group:
+                        keeper.expire(p.volume.name, p.seq)
+            except (FastFCError, OSError, KeyError) as e:
+                self.error = f"expiring CG points {group!r}: {type(e).__name__}: {e}"
+                groups[0] = [q for q in group if not q.expired]
+                done += len(group) - len(groups[0])
+                break
+            done += len(group)
+            groups.popleft()
         self.expired += done
         return done
 

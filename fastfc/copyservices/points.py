@@ -386,6 +386,23 @@ def take_points(volumes: Sequence[Volume], *, retain_for: float = 0.0,
     return points
 
 
+def expire_points(points: Sequence[RecoveryPoint]) -> None:
+    """Expire every point of ``points`` (of distinct volumes: a group taken
+    at one instant, say) under their volumes' locks held together: all, or
+    none if one cannot expire (its retention runs, a restore reads it)."""
+    points = list(points)
+    for p in points:
+        if not isinstance(p, RecoveryPoint) or p.chain is None:
+            raise TypeError(f"expire_points takes points that were taken, not {p!r}")
+    with locked([p.chain.volume for p in points]):
+        for p in points:
+            err = p._refusal(p.chain.clock())
+            if err is not None:
+                raise err
+        for p in points:
+            p.chain._remove(p)
+
+
 _by_vid = operator.attrgetter("vid")
 
 
