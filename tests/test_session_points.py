@@ -18,7 +18,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from fastfc import GlobalMirror, ImmutablePointError, PointChain, Volume, faults
+from fastfc import GlobalMirror, ImmutablePointError, PointChain, StateError, Volume, faults
 from fastfc.copyservices.point_schedule import PointSchedule, point_cg
 
 N, TS = 16, 1024
@@ -177,3 +177,33 @@ def test_a_unit_keeps_the_schedule_and_the_points(tmp_path):
         assert [p.name for p in su.points.points("c")] == ["g@cg3", "g@cg4"]
         assert held[1].image()[:10].tobytes() == bytes([3]) * 10
         gm.stop()
+
+
+def test_restoring_the_session_to_a_points_cg():
+    A, C, gm = session(2, PointSchedule(every_cgs=1, keep=10))
+    rng = random.Random(5)
+    for a in A:
+        a.write(0, rng.randbytes(a.capacity))
+    assert gm.form_consistency_group().committed
+    good_seq = gm.stats.sequence
+    good = [a.read(0, a.capacity).tobytes() for a in A]
+    for _ in range(3):                 # garbage, mirrored through CGs onto B and C
+        for a in A:
+            off = rng.randrange(0, a.capacity - 5000)
+            a.write(off, b"\x66" * 5000)
+        assert gm.form_consistency_group().committed
+    A[0].write(100, b"\x77" * 300)     # and some not yet in a CG
+    with pytest.raises(StateError, match="quiesced"):
+        gm.restore_point(good_seq)
+    with pytest.raises(StateError, match="no recovery point"):
+        gm.restore_point(999, quiesced=True)
+    before = [[p.image().tobytes() for p in scheduled(c)] for c in C]
+    assert gm.restore_point(good_seq, quiesced=True) > 0
+    assert [a.read(0, a.capacity).tobytes() for a in A] == good
+    assert gm.form_consistency_group().committed
+    for i, t in enumerate(gm.triplets):
+        assert t.b.read(0, t.b.capacity).tobytes() == good[i]
+        assert t.c.read(0, t.c.capacity).tobytes() == good[i]
+    # every point held before keeps its image
+    assert [[p.image().tobytes() for p in scheduled(c)][:len(b)]
+            for c, b in zip(C, before)] == before

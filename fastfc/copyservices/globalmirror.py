@@ -60,7 +60,7 @@ from fastfc.errors import DrainAborted, FastFCError, StateError, VolumeClosedErr
 from fastfc.names import check_name
 from fastfc.storage.link import Link, LocalLink
 from fastfc.storage.site import Pending, SiteVolume
-from fastfc.storage.volume import Volume
+from fastfc.storage.volume import Volume, locked
 
 __all__ = ["Cause", "CGResult", "GlobalMirror", "GMState", "GMStats", "MAX_DRAIN_FAILURES",
            "RETRIES", "Triplet", "copy_to_c"]
@@ -898,6 +898,42 @@ class GlobalMirror:
         # (it finds the points the session holds: a reopened unit's)
         self._points = ScheduledPoints(self.name, schedule, [t.c for t in self.triplets])
 
+    def restore_point(self, sequence: int, *, quiesced: bool = False) -> int:
+        """Put the session back to CG ``sequence``, from the recovery points
+        it holds of every C at that CG: each A is written (through its
+        write path) with its C's point image where the two may differ (the
+        grains C changed since the point, and those A has out of sync), so
+        the next CG carries that image on to every B and C, consistently.
+        The session must be paused (its loop stopped: :meth:`stop`) and the
+        caller must say no host writes reach the A volumes
+        (``quiesced=True``). Returns the grains written. Every point,
+        older or newer, keeps its image (the writes reach C by the session's
+        own FlashCopy steps). For an ended session restore each point
+        itself (``RecoveryPoint.restore_onto_source`` for C, ``restore``
+        onto a free volume)."""
+        if quiesced is not True:
+            raise StateError(
+                f"restoring session {self.name} to CG {sequence} needs its A volumes "
+                "quiesced (no host writes): pass quiesced=True to say they are")
+        self._require_writable()
+        if any(isinstance(t.c, SiteVolume) for t in self.triplets):
+            raise ValueError("restore_point restores from C volumes in this process")
+        if self._thread is not None:
+            raise StateError(f"session {self.name} is running; pause it (stop()) first")
+        with self._lock:
+            name = point_name(self.name, sequence)
+            points = []
+            for t in self.triplets:
+                found = [p for p in session_points(self.name, t.c) if p.name == name]
+                if not found:
+                    raise StateError(f"session {self.name} holds no recovery point of "
+                                     f"{t.c.name} at CG {sequence}")
+                points.append(found[-1])
+            written = 0
+            for t, p in zip(self.triplets, points):
+                written += _restore_onto_primary(p, t.a, t.pair)
+            return written
+
     def scheduled_points(self, k: int = 0) -> list:
         """The recovery points the session took (on its schedule or by
         :meth:`take_points`) of triplet ``k``'s C, oldest first."""
@@ -1166,3 +1202,22 @@ class GlobalMirror:
         return (f"<GlobalMirror {self.name} {self.state.value} {len(self.triplets)} triplets "
                 f"cg={self.stats.sequence} ok={self.stats.successes} "
                 f"failed={sum(self.stats.failures.values())}>")
+
+
+def _restore_onto_primary(point, a: Volume, pair: PPRCPair) -> int:
+    """Write ``point``'s image (of a C) onto ``a`` where they may differ:
+    the grains any point from ``point`` on holds (C changed since it) and
+    those ``a`` has out of sync (it changed since the last CG). Returns the
+    grains written."""
+    chain = point.chain
+    with locked([chain.volume]):
+        changed = np.zeros(a.n_grains, dtype=bool)
+        for p in chain.points[point.index:]:
+            changed[p.saved()] = True
+    with locked([a]):
+        changed |= pair.oos.to_bools() if pair.oos is not None else False
+    g = a.grain_size
+    runs = _core.TrackBitmap.from_bools(changed).runs()
+    for start, stop in runs:
+        a.write(start * g, point.read(start * g, (stop - start) * g))
+    return int(changed.sum())
