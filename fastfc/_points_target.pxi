@@ -99,23 +99,34 @@ cdef VolumeBase lock_through(VolumeBase a, VolumeBase b):
     in volume-id order (``a`` may be None). Returns that source (or None),
     for :func:`unlock_through`."""
     cdef RelationshipBase r
-    cdef VolumeBase s
-    cdef list vs
+    cdef VolumeBase s, x, y, z
     while True:
         r = b._tgt_rel
         s = r.source if r is not None else None
-        vs = [b]
-        if a is not None and a is not b:
-            vs.append(a)
-        if s is not None and s is not a and s is not b:
-            vs.append(s)
-        vs.sort(key=_vid_of)
-        for x in vs:
-            (<VolumeBase>x)._acquire()
+        if s is a or s is b:
+            s = None
+        x, y, z = b, (a if a is not b else None), s
+        # volume-id order, the Nones last (at most three volumes)
+        if y is None:
+            y, z = z, None
+        if y is not None and y.vid < x.vid:
+            x, y = y, x
+        if z is not None and z.vid < y.vid:
+            y, z = z, y
+            if y.vid < x.vid:
+                x, y = y, x
+        x._acquire()
+        if y is not None:
+            y._acquire()
+        if z is not None:
+            z._acquire()
         if b._tgt_rel is r:
             return s
-        for x in reversed(vs):
-            (<VolumeBase>x)._release()
+        if z is not None:
+            z._release()
+        if y is not None:
+            y._release()
+        x._release()
 
 
 cdef void unlock_through(VolumeBase a, VolumeBase b, VolumeBase s) noexcept:
@@ -124,10 +135,6 @@ cdef void unlock_through(VolumeBase a, VolumeBase b, VolumeBase s) noexcept:
     if a is not None and a is not b:
         a._release()
     b._release()
-
-
-def _vid_of(VolumeBase v):
-    return v.vid
 
 
 def locked_through(VolumeBase a, VolumeBase b):

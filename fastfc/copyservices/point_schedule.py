@@ -211,7 +211,7 @@ class ScheduledPoints:
         now = time.monotonic()
         if not self.due(sequence, now):
             return False
-        took = self.take(sequence, volumes, keeper)
+        took = bool(self.take(sequence, volumes, keeper))
         if took:
             self.last_time = now
         return took
