@@ -207,3 +207,73 @@ def test_restoring_the_session_to_a_points_cg():
     # every point held before keeps its image
     assert [[p.image().tobytes() for p in scheduled(c)][:len(b)]
             for c, b in zip(C, before)] == before
+
+
+def test_points_of_a_running_session_under_writers_and_readers():
+    """The session's loop runs (a point of every C after each CG, 4 kept)
+    while writers write the A volumes and a reader reads and restores the
+    points: each point read equals its A's image at the CG's coordination
+    (captured while the writes are held), and nothing deadlocks."""
+    import threading
+    at_cg: dict[int, list[bytes]] = {}
+    A = [Volume(N, TS, name=f"a{i}") for i in range(2)]
+    B = [Volume(N, TS, name=f"b{i}") for i in range(2)]
+    C = [Volume(N, TS, name=f"c{i}") for i in range(2)]
+    gm = GlobalMirror(list(zip(A, B, C)), name="run",
+                      points=PointSchedule(every_cgs=1, keep=4),
+                      on_coordinate=lambda seq: at_cg.__setitem__(
+                          seq, [a._raw_array().tobytes() for a in A]))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    checked = [0]
+
+    def writer(i):
+        rng = random.Random(i)
+        try:
+            while not stop.is_set():
+                off = rng.randrange(0, A[i].capacity - 600)
+                A[i].write(off, rng.randbytes(rng.randrange(1, 600)))
+        except BaseException as e:      # pragma: no cover - reported below
+            errors.append(e)
+
+    def reader():
+        try:
+            while not stop.is_set():
+                for i, c in enumerate(C):
+                    for p in scheduled(c):
+                        try:
+                            img = p.image().tobytes()
+                        except Exception:
+                            if p.expired:
+                                continue
+                            raise
+                        assert img == at_cg[point_cg(p.name)[1]][i], p
+                        checked[0] += 1
+                ps = scheduled(C[0])
+                if ps:
+                    try:
+                        r = ps[-1].restore(Volume(N, TS), background_copy=False)
+                    except Exception:
+                        if ps[-1].expired:
+                            continue
+                        raise
+                    r.copy()
+                    assert r.target.read(0, N * TS).tobytes() == \
+                        at_cg[point_cg(ps[-1].name)[1]][0]
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    threads.append(threading.Thread(target=reader))
+    gm.start()
+    for t in threads:
+        t.start()
+    import time
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    gm.stop()
+    assert not errors, errors
+    assert gm.stats.successes > 2 and checked[0] > 0
+    assert gm.point_status["error"] is None
