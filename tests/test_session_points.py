@@ -277,3 +277,17 @@ def test_points_of_a_running_session_under_writers_and_readers():
     assert not errors, errors
     assert gm.stats.successes > 2 and checked[0] > 0
     assert gm.point_status["error"] is None
+
+
+def test_the_guides_session_points_run(capsys):
+    """docs/guide/recovery-points.md's session block runs as written and
+    prints what its comments say."""
+    from pathlib import Path
+    page = (Path(__file__).resolve().parent.parent / "docs" / "guide"
+            / "recovery-points.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in page.split("```python\n")[1:]]
+    code = next(b for b in blocks if "PointSchedule" in b)
+    exec(compile(code, "recovery-points.md", "exec"), {})
+    assert capsys.readouterr().out.split("\n") == [
+        "['prod@cg3', 'prod@cg5', 'prod@cg7']", "every 2 CGs, at most 3 kept",
+        "b'CG 5' b'\\x00'", ""]
