@@ -74,6 +74,14 @@ class SessionPointsModel(RuleBasedStateMachine):
         seq = point_cg(points[0].name)[1]
         assert seq == max(self.at_cg)
 
+    @precondition(lambda self: scheduled(self.C[0]))
+    @rule(data=st.data())
+    def restore_session(self, data):
+        p = data.draw(st.sampled_from(scheduled(self.C[0])))
+        seq = point_cg(p.name)[1]
+        self.gm.restore_point(seq, quiesced=True)
+        assert [a.read(0, a.capacity).tobytes() for a in self.A] == self.at_cg[seq]
+
     @invariant()
     def points_hold_their_cg(self):
         if not hasattr(self, "gm"):

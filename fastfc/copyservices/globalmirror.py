@@ -902,9 +902,9 @@ class GlobalMirror:
         """Put the session back to CG ``sequence``, from the recovery points
         it holds of every C at that CG: each A is written (through its
         write path) with its C's point image where the two may differ (the
-        grains C changed since the point, and those A has out of sync), so
-        the next CG carries that image on to every B and C, consistently.
-        The session must be paused (its loop stopped: :meth:`stop`) and the
+        grains C changed since the point, those B changed since C's last
+        CG and those A has out of sync), so the next CG carries that image
+        on to every B and C, consistently. The session must be paused (its loop stopped: :meth:`stop`) and the
         caller must say no host writes reach the A volumes
         (``quiesced=True``). Returns the grains written. Every point,
         older or newer, keeps its image (the writes reach C by the session's
@@ -931,7 +931,7 @@ class GlobalMirror:
                 points.append(found[-1])
             written = 0
             for t, p in zip(self.triplets, points):
-                written += _restore_onto_primary(p, t.a, t.pair)
+                written += _restore_onto_primary(p, t)
             return written
 
     def scheduled_points(self, k: int = 0) -> list:
@@ -1204,20 +1204,25 @@ class GlobalMirror:
                 f"failed={sum(self.stats.failures.values())}>")
 
 
-def _restore_onto_primary(point, a: Volume, pair: PPRCPair) -> int:
-    """Write ``point``'s image (of a C) onto ``a`` where they may differ:
-    the grains any point from ``point`` on holds (C changed since it) and
-    those ``a`` has out of sync (it changed since the last CG). Returns the
+def _restore_onto_primary(point, t: Triplet) -> int:
+    """Write ``point``'s image (of ``t``'s C) onto ``t``'s A where they may
+    differ: the grains any point from ``point`` on holds (C changed since
+    it), those B changed since C's last CG (a CG drained but reverted, say)
+    and those A has out of sync (changed since the last drain). Returns the
     grains written."""
+    a, fc, pair = t.a, t.fc, t.pair
     chain = point.chain
-    with locked([chain.volume]):
+    with locked([fc.source, fc.target]):
         changed = np.zeros(a.n_grains, dtype=bool)
         for p in chain.points[point.index:]:
             changed[p.saved()] = True
+        for bm in (fc.src_changed, fc.tgt_changed):
+            if bm is not None:
+                changed |= bm.to_bools()
     with locked([a]):
-        changed |= pair.oos.to_bools() if pair.oos is not None else False
+        if pair.oos is not None:
+            changed |= pair.oos.to_bools()
     g = a.grain_size
-    runs = _core.TrackBitmap.from_bools(changed).runs()
-    for start, stop in runs:
+    for start, stop in _core.TrackBitmap.from_bools(changed).runs():
         a.write(start * g, point.read(start * g, (stop - start) * g))
     return int(changed.sum())
