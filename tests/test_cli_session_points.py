@@ -64,3 +64,24 @@ def test_a_session_schedule_through_the_command_line(fastfc):
     err = fastfc("chgmir", "g", "--points-every-cgs", 1, code=2).stderr
     assert "needs retain_seconds > 0" in err
     assert props(fastfc("showgmir", "g"))["Recovery points"].startswith("none")
+
+
+def test_restoregmir_puts_the_session_back_to_a_cg(fastfc, tmp_path):
+    from fastfc import StorageUnit
+    fastfc("mkvol", "A", "B", "C", "--tracks", 8)
+    fastfc("write", "A", "good data", "--offset", 0)
+    fastfc("mkgmir", "g", "A:B:C", "--points-every-cgs", 1, "--points-keep", 5)
+    fastfc("formcg", "g")                              # CG 1: good
+    fastfc("write", "A", "ENCRYPTED", "--offset", 0)
+    fastfc("formcg", "g", "--count", 2)                # CGs 2, 3: garbage on B and C
+    assert "--quiesced" in fastfc("restoregmir", "g", 1, code=2).stderr
+    err = fastfc("restoregmir", "g", 9, "--quiesced", code=1).stderr
+    assert "holds no recovery point of C at CG 9" in err
+    out = fastfc("restoregmir", "g", 1, "--quiesced").stdout
+    assert "restored Global Mirror session g to CG 1: 1 grain written onto its A volumes" in out
+    fastfc("formcg", "g")
+    with StorageUnit(tmp_path / "u") as unit:
+        for v in "ABC":
+            assert unit.volume(v).read(0, 9).tobytes() == b"good data", v
+        assert [p.name for p in unit.points.points("C")] == [
+            "g@cg1", "g@cg2", "g@cg3", "g@cg4"]

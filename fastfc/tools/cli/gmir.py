@@ -1,6 +1,7 @@
 """Global Mirror: mkgmir, lsgmir, showgmir, chgmir, resumegmir and
 pausegmir (the session's loop in a server), formcg (CGs in the foreground),
-rmgmir, recovergmir (site loss), and the session log that counts a
+rmgmir, recovergmir (site loss), restoregmir (back to a CG from the
+recovery points of the C volumes), and the session log that counts a
 session's CGs across invocations."""
 
 from __future__ import annotations
@@ -538,6 +539,32 @@ def pausegmir(units, session) -> None:
           else f"C sequences {' '.join(map(str, seqs))}")
     click.echo(f"paused Global Mirror session {session}: {at}"
                + ("" if here else " (no server ran it: it no longer resumes when served)"))
+
+
+@main.command()
+@click.argument("session", type=SESSION)
+@click.argument("cg", type=Count(low=1))
+@click.option("--quiesced", is_flag=True,
+              help="Say that no host writes reach the A volumes (required).")
+@pass_units
+def restoregmir(units, session, cg, quiesced) -> None:
+    """Put SESSION back to consistency group CG from the recovery points it
+    holds of every C volume at that CG (lspoint lists them, named
+    SESSION@cgCG): each A volume is written where it may differ from its
+    C's point, and the next CG (formcg, resumegmir) carries the image on to
+    every B and C. The session must be paused (pausegmir) and the A
+    volumes quiesced. Every point keeps its image."""
+    if not quiesced:
+        raise click.UsageError("restoregmir writes the A volumes: stop their host writes and "
+                               "say so with --quiesced")
+    unit, gm = units.session_unit(session)
+    if (units.loops is not None and units.loops.running(gm)) or \
+            unit.session_record(session)["running"]:
+        raise click.ClickException(f"session {session} is running: pausegmir {session} first")
+    written = gm.restore_point(cg, quiesced=True)
+    click.echo(f"restored Global Mirror session {session} to CG {cg}: "
+               f"{plural(written, 'grain')} written onto its A volumes; the next CG carries "
+               "them to B and C")
 
 
 @main.command()
