@@ -10,8 +10,10 @@
 # - A point holds the grains that changed between it and the next point:
 #   a grain -> slot table (open addressing) into the chain's slot pool.
 # - Point i's image at grain g: the first of points i, i+1, .., newest that
-#   holds g, else the live volume. ``held`` (a bit per grain, set when some
-#   point may hold it) sends every other grain to the volume at once.
+#   holds g, else the live volume's logical image (a FlashCopy target's grain
+#   still to copy is on its source: _points_target.pxi). ``held`` (a bit per
+#   grain, set when some point may hold it) sends every other grain to the
+#   volume at once.
 # - Expiring the oldest point drops its grains (no newer point reads them);
 #   expiring another merges the grains its older neighbour lacks into it
 #   (the values are the neighbour's own at those grains), dropping the rest.
