@@ -185,6 +185,11 @@ def test_a_unit_keeps_the_schedule_and_the_points(tmp_path):
         assert [p.name for p in su.points.points("c")] == ["g@cg3", "g@cg4"]
         assert held[1].image()[:10].tobytes() == bytes([3]) * 10
         gm.stop()
+    with StorageUnit(tmp_path / "p") as pu, StorageUnit(tmp_path / "s") as su:
+        # the expiry of CG 2's point is durable too (its log record, its row)
+        held = su.points.points("c")
+        assert [p.name for p in held] == ["g@cg3", "g@cg4"]
+        assert [p.image()[:10].tobytes() for p in held] == [bytes([3]) * 10, b"\x09" * 10]
 
 
 def test_restoring_the_session_to_a_points_cg():

@@ -17,9 +17,9 @@ retention ends (it is immutable until then), nor while a restore reads it.
 
 The points are kept by a *keeper*: in memory by default; a storage unit
 holding the C volumes hands the session its durable one
-(:attr:`GlobalMirror.point_keeper`: ``take(names, retain_for=, name=)``,
-``expire(volume name, seq)`` and optionally ``expire_group(points)``, all
-or none at once), so the schedule's points are durable there.
+(:attr:`GlobalMirror.point_keeper`: ``take(names, retain_for=, name=)``
+and ``expire_group(points)``, all or none at once), so the schedule's
+points are durable there.
 
 A take that fails (a C closed, invalid, a unit read-only) does not fail the
 CG: the error is kept (:attr:`ScheduledPoints.error`) and the next due CG
@@ -161,14 +161,6 @@ class MemoryKeeper:
     def expire_group(self, points: Sequence[RecoveryPoint]) -> None:
         expire_points(points)
 
-    def expire(self, volume: str, seq: int) -> None:
-        chain = PointChain.chain_of(self._by_name[volume])
-        for p in chain.points if chain is not None else ():
-            if p.seq == seq:
-                p.expire()
-                return
-        raise KeyError(f"volume {volume!r} holds no recovery point #{seq}")
-
 
 class ScheduledPoints:
     """A session's schedule at work: when it last took, the groups of
@@ -256,11 +248,7 @@ class ScheduledPoints:
             if any(p.retain_until > now or p.pins for p in group):
                 break
             try:
-                if hasattr(keeper, "expire_group"):
-                    keeper.expire_group(group)      # (one lock hold, one record)
-                else:
-                    for p in group:
-                        keeper.expire(p.volume.name, p.seq)
+                keeper.expire_group(group)      # (one lock hold, one record)
             except (FastFCError, OSError, KeyError) as e:
                 self.error = f"expiring CG points {group!r}: {type(e).__name__}: {e}"
                 groups[0] = [q for q in group if not q.expired]
