@@ -37,6 +37,7 @@ from fastfc.copyservices.flashcopy import FlashCopy, FlashCopyState, establish_g
 from fastfc.copyservices.points import (PointChain, PointRestore, RecoveryPoint,
                                         take_points)
 from fastfc.copyservices.globalmirror import CGResult, GlobalMirror, GMState, GMStats
+from fastfc.copyservices.point_schedule import PointSchedule
 from fastfc.storage.link import Link, LocalLink
 from fastfc.copyservices.pprc import PPRCMode, PPRCPair, PPRCState
 from fastfc.durable.unit import StorageUnit
@@ -55,4 +56,5 @@ __all__ = [
     "UnitDownError", "FencedError", "MissingDependencyError",
     "set_copy_threads", "copy_threads",
     "PointChain", "RecoveryPoint", "PointRestore", "take_points", "ImmutablePointError",
+    "PointSchedule",
 ]

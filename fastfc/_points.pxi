@@ -10,8 +10,10 @@
 # - A point holds the grains that changed between it and the next point:
 #   a grain -> slot table (open addressing) into the chain's slot pool.
 # - Point i's image at grain g: the first of points i, i+1, .., newest that
-#   holds g, else the live volume. ``held`` (a bit per grain, set when some
-#   point may hold it) sends every other grain to the volume at once.
+#   holds g, else the live volume's logical image (a FlashCopy target's grain
+#   still to copy is on its source: _points_target.pxi). ``held`` (a bit per
+#   grain, set when some point may hold it) sends every other grain to the
+#   volume at once.
 # - Expiring the oldest point drops its grains (no newer point reads them);
 #   expiring another merges the grains its older neighbour lacks into it
 #   (the values are the neighbour's own at those grains), dropping the rest.
@@ -340,10 +342,23 @@ cdef class PointChainBase:
         return (self.n_chunks << self.pshift) << self.shift
 
     # -- copy-on-write (the host write path) ----------------------------------
+    cdef inline const uint8_t* _live(self, Py_ssize_t g) noexcept:
+        """Where the volume's logical grain ``g`` is now: on its FlashCopy
+        source while a target still reads it there, else on the volume.
+        The volume's lock (and a target's source's) held."""
+        cdef RelationshipBase r = self.volume._tgt_rel
+        if r is not None and bm_test(r.to_copy.w, g):
+            return r.source.base + (g << self.shift)
+        return self.volume.base + (g << self.shift)
+
     cdef int _save(self, const uint8_t* base, Py_ssize_t g0, Py_ssize_t g1) except -1:
-        """Before grains [g0, g1) of the volume change: the newest point
-        takes the old content of each one it does not hold yet. Lock held."""
+        """Before grains [g0, g1) of the volume's logical image change: the
+        newest point takes the old content of each one it does not hold yet
+        (``base``: the volume's mapping; a FlashCopy target's grain still to
+        copy is read on its source). Lock held (a target's source's too)."""
         cdef PointBase p = self.newest
+        cdef RelationshipBase tr = self.volume._tgt_rel
+        cdef const uint8_t* src
         cdef Py_ssize_t g
         cdef int64_t s
         cdef int shift = self.shift
@@ -363,7 +378,10 @@ cdef class PointChainBase:
             tab_reserve(&p.tab, 1)
             tab_reserve(&self.latest, 1)
             s = self._alloc_slot()
-            memcpy(self._slot(s), base + (g << shift), self.grain_size)
+            src = base + (g << shift)
+            if tr is not None and bm_test(tr.to_copy.w, g):
+                src = tr.source.base + (g << shift)
+            memcpy(self._slot(s), src, self.grain_size)
             if self.log.fd >= 0:
                 # the grain's bytes are in the pool; its record follows, and
                 # the host write only after the records are written
@@ -444,7 +462,7 @@ cdef class PointChainBase:
         cdef PointBase p
         cdef const uint8_t* found = NULL
         if not bm_test(self.held.w, g):
-            return self.volume.base + (g << self.shift)
+            return self._live(g)
         e = tab_find(&self.latest, g)
         seq = self.latest.slots[e] if e >= 0 else -1
         while seq >= 0:
@@ -459,7 +477,7 @@ cdef class PointChainBase:
             seq = p.tab.prevs[e]
         if found != NULL:
             return found
-        return self.volume.base + (g << self.shift)
+        return self._live(g)
 
     cdef const uint8_t* _resolve_scan(self, Py_ssize_t k, Py_ssize_t g) noexcept:
         """:meth:`_resolve` by looking at every point from k on."""
@@ -471,7 +489,7 @@ cdef class PointChainBase:
             s = tab_get(&p.tab, g)
             if s >= 0:
                 return self._slot(s)
-        return self.volume.base + (g << self.shift)
+        return self._live(g)
 
     def _check_links(self):
         """Whether every grain of every point resolves the same through the
@@ -502,15 +520,19 @@ cdef class PointChainBase:
         """Point ``p``'s bytes [offset, offset + length) as a new array."""
         cdef Py_buffer view
         cdef VolumeBase v = self.volume
+        cdef RelationshipBase tr
         if p.chain is not self or p.expired:
             raise StateError(f"{p!r} has expired")
         v._check_range(offset, length)
         out = np.empty(length, dtype=np.uint8)
         get_write_buffer(out, &view)
-        v._acquire()
+        tr = v._lock_io()      # (a target's points read through to its source)
         try:
             if v.base == NULL:
                 raise VolumeClosedError(f"{v!r} is closed: its recovery points read through it")
+            if tr is not None and tr.source.base == NULL:
+                raise VolumeClosedError(f"{tr.source!r} is closed: the recovery points of "
+                                        f"its FlashCopy target {v!r} read through it")
             if p.expired:
                 raise StateError(f"{p!r} has expired")
             if v._reads_allocate and length:
@@ -518,7 +540,7 @@ cdef class PointChainBase:
                                 ((offset + length - 1) >> self.shift) + 1, v.n_grains)
             self._read_point(p, offset, <uint8_t*>view.buf, length)
         finally:
-            v._release()
+            unlock_io(v, tr)
             PyBuffer_Release(&view)
         return out
 

@@ -11,11 +11,11 @@ cdef bint restore_read(VolumeBase v, Py_ssize_t offset, uint8_t* dst, Py_ssize_t
     restore, under both volumes' locks. False if the restore ended meanwhile
     (the caller reads as usual)."""
     cdef PointRestoreBase rs = v._restoring
-    cdef VolumeBase S
+    cdef VolumeBase S, F
     if rs is None:
         return False
     S = rs.chain.volume
-    lock_two(v, S)
+    F = lock_through(v, S)       # (a point of a target reads through to its source)
     try:
         if v._restoring is not rs:
             return False
@@ -25,7 +25,7 @@ cdef bint restore_read(VolumeBase v, Py_ssize_t offset, uint8_t* dst, Py_ssize_t
             rs._read(offset, dst, n)
         return True
     finally:
-        unlock_two(v, S)
+        unlock_through(v, S, F)
 
 
 cdef class PointRestoreBase:
@@ -96,6 +96,10 @@ cdef class PointRestoreBase:
         if c.volume.base == NULL:
             raise VolumeClosedError(
                 f"{c.volume!r} is closed: the restore onto {T!r} reads through it")
+        if c.volume._tgt_rel is not None and c.volume._tgt_rel.source.base == NULL:
+            raise VolumeClosedError(
+                f"{c.volume._tgt_rel.source!r} is closed: the restore onto {T!r} reads "
+                "through it")
         if c.volume._reads_allocate and n:
             c.volume._reserve_runs(NULL, offset >> shift, ((end - 1) >> shift) + 1,
                                    c.volume.n_grains)
@@ -120,10 +124,12 @@ cdef class PointRestoreBase:
         cdef Py_ssize_t k = self.point.index
         cdef uint64_t* w = self.copied.w
         cdef const uint64_t* h = c.held.w
+        cdef RelationshipBase tr = S._tgt_rel
         if not self.active:
             return 0, start
-        if S.base == NULL or T.base == NULL:
-            raise VolumeClosedError("a restore needs both volumes open")
+        if S.base == NULL or T.base == NULL or (tr is not None and tr.source.base == NULL):
+            raise VolumeClosedError("a restore needs both volumes open (and the source "
+                                    "of a FlashCopy target it reads)")
         T._reserve_runs(w, start, n, budget, True)
         if S._reads_allocate:
             S._reserve_runs(w, start, n, budget, True)
@@ -144,9 +150,14 @@ cdef class PointRestoreBase:
                     e = bm_next_set(h, b, a)
                     if e < 0:
                         e = b
-                    with nogil:
-                        copy_big(T.base + (a << shift), S.base + (a << shift),
-                                 (e - a) << shift)
+                    if tr is not None:
+                        # a target's grains still on its source are read there
+                        copy_redirected(T.base + (a << shift), S.base, tr.source.base,
+                                        tr.to_copy.w, a << shift, (e - a) << shift, shift)
+                    else:
+                        with nogil:
+                            copy_big(T.base + (a << shift), S.base + (a << shift),
+                                     (e - a) << shift)
                 bms_set_range(w, self.copied.s, a, e)
                 done += e - a
                 a = e
@@ -159,9 +170,8 @@ def take_many(list volumes, type cls, double now, double retain_for, object name
     """Take a point (a new ``cls``, a :class:`PointBase`) on the chain of
     every volume of ``volumes`` (sorted by volume id, each with a chain; a
     volume twice is refused) at one instant: every lock is held while the points are
-    taken. Each volume is checked first (open, not a FlashCopy target, not a
-    PPRC secondary, not taking a point's image, valid): all are taken or
-    none. Returns the points, in the order of ``volumes``."""
+    taken. Each volume is checked first (open, not a PPRC secondary, not
+    taking a point's image, valid): all are taken or none. Returns the points, in the order of ``volumes``."""
     cdef Py_ssize_t k, n = len(volumes), held = 0
     cdef VolumeBase v
     cdef PointChainBase c
@@ -184,9 +194,6 @@ def take_many(list volumes, type cls, double now, double retain_for, object name
             v = <VolumeBase>volumes[k]
             if v.base == NULL:
                 raise VolumeClosedError(f"{v!r} is closed")
-            if v._tgt_rel is not None:
-                raise LimitError(f"{v!r} is a FlashCopy target; recovery points of a target "
-                                 "are not supported (take them of its source)")
             if v._secondary:
                 raise LimitError(f"{v!r} is a PPRC secondary; recovery points of a "
                                  "secondary are not supported")

@@ -483,6 +483,13 @@ def prepare_revertible_many(list rels, Py_ssize_t start, long long sequence, lis
                 return k, err
             if out is None or sc is None or tc is None or not r.record or not r.active:
                 return k, None       # no fresh bitmaps given: the caller's to give
+            if T._chain is not None:
+                # the target's recovery points keep the grains it will read
+                # from the source (_points_target.pxi)
+                try:
+                    save_flips(T._chain, r.to_copy, r.to_copy, r.src_changed, r.tgt_changed)
+                except BaseException as e:
+                    return k, e
             if snapshots is not None:
                 snapshots.append(r.step_state())
             r._prepare_step(out, sc, tc, sequence, revertible)
@@ -530,6 +537,11 @@ def end_revertible_many(list rels, Py_ssize_t start, bint commit, list dropped,
                     fault(point, S)
             except BaseException as e:
                 err = e
+            if err is None and not commit and T._chain is not None:
+                try:    # the target's recovery points keep the grains it gives back
+                    save_flips(T._chain, r.to_copy, r.rv_to_copy, None, None)
+                except BaseException as e:
+                    err = e
             if err is not None:
                 return k, err
             if snapshots is not None:

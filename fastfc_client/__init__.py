@@ -46,9 +46,10 @@ LOCAL = frozenset({"serve", "demo", "bench", "applydiff"})
 FORWARDED = frozenset({
     "chgmir", "commitflash", "diffflash", "failbackpprc", "failoverpprc", "formcg",
     "lsflash", "lsgmir", "lspoint", "lspprc", "lsvol", "mkflash", "mkgmir", "mkpoint",
-    "mkpprc", "mkvol", "pausegmir", "pausepprc", "read", "recovergmir", "restorepoint",
-    "resumegmir", "resumepprc", "resyncflash", "reverseflash", "revertflash", "rmflash",
-    "rmgmir", "rmpoint", "rmpprc", "rmvol", "showgmir", "showunit", "waitflash", "write"})
+    "mkpprc", "mkvol", "pausegmir", "pausepprc", "read", "recovergmir", "restoregmir",
+    "restorepoint", "resumegmir", "resumepprc", "resyncflash", "reverseflash", "revertflash",
+    "rmflash", "rmgmir", "rmpoint", "rmpprc", "rmvol", "showgmir", "showunit", "waitflash",
+    "write"})
 
 #: Environment variables a forwarded command takes from its client (besides
 #: every ``FASTFC_*``): what decides how output looks.

@@ -136,7 +136,7 @@ def test_global_mirror_shows_the_parameters_it_takes() -> None:
     expected = {"cg_interval": 0.0, "max_coordination_time": 0.05, "max_drain_time": 0,
                 "on_coordinate": None, "on_result": None, "link": None, "name": "gm",
                 "decide": "after_all", "initial_copy": True, "journal": None,
-                "adopt": False, "resume": False}
+                "adopt": False, "resume": False, "points": None}
     for name, default in expected.items():
         assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
         assert params[name].default == default, name

@@ -27,12 +27,13 @@ import crash_child
 pytestmark = pytest.mark.slow     # child processes killed and reopened: about 10 s
 
 
-def run_points_child(root: Path, seed: int, kill_after: float) -> None:
+def run_points_child(root: Path, seed: int, kill_after: float,
+                     child: str = "points_child") -> None:
     fd, out = tempfile.mkstemp(prefix="fastfc-points-", suffix=".out")
     os.close(fd)
     err = out[:-4] + ".err"
     proc = _forkserver().Process(target=crash_child.forked_main,
-                                 args=("points_child", ["--root", str(root), "--seed", str(seed)],
+                                 args=(child, ["--root", str(root), "--seed", str(seed)],
                                        dict(os.environ), out, err), daemon=True)
     proc.start()
     end = time.monotonic() + 60
@@ -86,4 +87,40 @@ def test_kill_while_taking_expiring_and_restoring_points(tmp_path, seed):
     for round_ in range(4):
         run_points_child(tmp_path, seed * 100 + round_, float(rng.uniform(0.2, 1.0)))
         total += check(tmp_path)
+    assert total > 0
+
+
+def check_session(root: Path) -> int:
+    """Reopen the unit: every point the session's schedule holds of each C
+    reads its A's image at that CG's coordination; the points checked."""
+    from fastfc.copyservices.point_schedule import point_cg
+    checked = 0
+    with StorageUnit(root / "unit") as unit:
+        gm = unit.session("s")
+        assert gm.point_schedule is not None
+        for i in range(2):
+            held = gm.scheduled_points(i)
+            assert len(held) <= 5 or any(p.pins for p in held)
+            for p in held:
+                seq = point_cg(p.name)[1]
+                img = np.load(root / "images" / f"{seq}_{i}.npy")
+                assert np.array_equal(p.image(), img), f"{p!r} does not read CG {seq}"
+                checked += 1
+        assert [point_cg(p.name) for p in gm.scheduled_points(0)] == \
+            [point_cg(p.name) for p in gm.scheduled_points(1)]
+    return checked
+
+
+def test_kill_a_session_taking_points_on_its_schedule(tmp_path):
+    """A session whose schedule takes a point of every C after each CG is
+    killed at random moments (mid-CG too: prepares, commits, takes and
+    expiries, the resyncs' saves into the newest points), several times over
+    the same unit: after each reopen every scheduled point reads its CG."""
+    rng = np.random.default_rng(7)
+    total = 0
+    for round_ in range(4):
+        run_points_child(tmp_path, 700 + round_, float(rng.uniform(0.3, 1.0)),
+                         child="session_points_child")
+        total += check_session(tmp_path)
+    print(f"{total} scheduled points checked")
     assert total > 0

@@ -238,7 +238,7 @@ class RecoveryPointsModel(RuleBasedStateMachine):
     def bad_input(self, data):
         n, ts, g = self.geom
         case = data.draw(st.sampled_from(["empty", "twice", "negative", "nan", "geometry",
-                                          "itself", "type", "fc_target"]))
+                                          "itself", "type"]))
         if case == "empty":
             self.refused(lambda: take_points([]), ValueError)
         elif case == "twice":
@@ -250,12 +250,6 @@ class RecoveryPointsModel(RuleBasedStateMachine):
                          ValueError)
         elif case == "type":
             self.refused(lambda: take_points([b"not a volume"]), TypeError)
-        elif case == "fc_target":
-            # a volume with points refuses to become a FlashCopy target
-            v = self.vols[0]
-            if v._chain is not None and v._chain.points:
-                self.refused(lambda: FlashCopy(self.vols[1], v, background_copy=False),
-                             LimitError)
         elif self.points:
             p = self.points[0][0]
             if case == "geometry":
@@ -390,15 +384,18 @@ def test_restore_refuses_a_busy_recovery_volume():
         p.restore_onto_source()
 
 
-def test_a_volume_with_points_cannot_be_a_target_or_points_of_a_target():
+def test_a_target_holds_points_and_a_volume_with_points_becomes_a_target():
+    # (the model of a target's points is tests/test_target_points.py)
     s, t = Volume(2, 512), Volume(2, 512)
+    s.write(0, b"s" * s.capacity)
     FlashCopy(s, t, background_copy=False)
-    with pytest.raises(LimitError, match="FlashCopy target"):
-        take_points([t])
+    assert take_points([t])[0].image().tobytes() == b"s" * s.capacity
     u = Volume(2, 512)
-    take_points([u])
-    with pytest.raises(LimitError, match="recovery points"):
-        FlashCopy(s, u, background_copy=False)
+    u.write(0, b"u" * u.capacity)
+    p = take_points([u])[0]
+    FlashCopy(s, u, background_copy=False)
+    assert u.read(0, u.capacity).tobytes() == b"s" * s.capacity
+    assert p.image().tobytes() == b"u" * u.capacity
 
 
 def test_reverse_restore_onto_a_source_keeps_its_points():

@@ -166,6 +166,9 @@ class FlashCopy(_core.RelationshipBase):
             # a cascade formed onto a source: its targets take every grain
             # they still read through it before its image becomes the source's
             _core.save_before_change(self.target, None)
+        if self.target._chain is not None:
+            # the target's recovery points keep its image (all of it changes)
+            _core.save_point_grains(self.target, TrackBitmap(n, fill=True))
         self.to_copy = store.new_bitmap(n, fill=True)
         if self.record:
             self.src_changed = store.new_bitmap(n)
@@ -733,6 +736,10 @@ class FlashCopy(_core.RelationshipBase):
     def _unlink(self, invalidate: bool = False) -> None:
         """End the relationship: the store first, so that a store that
         refuses leaves the relationship as it was."""
+        if self.target._chain is not None and self.to_copy.any():
+            # the grains the target still read from the source: its recovery
+            # points keep them (the target reads its own, or nothing, after)
+            _core.save_point_grains(self.target, self.to_copy)
         was_invalid = self.target._invalid
         self.target._invalid = was_invalid or invalidate
         try:
@@ -757,6 +764,10 @@ class FlashCopy(_core.RelationshipBase):
         """Put back the state ``before`` (from :meth:`step_state`): a step
         undone. The source's write-inhibit follows. Locks held."""
         revertible = self.revertible
+        if self.target._chain is not None:
+            # the grains whose to_copy bit the undo flips change image
+            _core.save_point_grains(self.target, (self.to_copy - before[0])
+                                     | (before[0] - self.to_copy))
         (self.to_copy, self.src_changed, self.tgt_changed, self.sequence,
          self._revert_image, self.revertible, self._cursor) = before
         self.source._inhibits += int(self.revertible) - int(revertible)
@@ -835,9 +846,6 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
         _check_cascade(r, new_sources, new_targets)
         if t._mirror is not None or t._secondary:
             raise LimitError(f"{t!r} is in a PPRC pair and cannot be a FlashCopy target")
-        if t._chain is not None and t._chain.points:
-            raise LimitError(f"{t!r} holds recovery points and cannot be a FlashCopy target "
-                             "(its image would change outside the write path)")
         for v in (s, t):
             if v._restoring is not None:
                 raise StateError(f"{v!r} is taking a recovery point's image; wait for "
@@ -886,6 +894,14 @@ def _check_cascade(r: FlashCopy, new_sources: dict[int, int], new_targets: set[i
                          "target of this group; establish a cascade's levels one at a time")
     if not (t._src_rels or s._tgt_rel is not None):
         return
+    # a point of a target reads its uncopied grains one level up only
+    # (copyservices/points.py): no cascade may form above a volume holding points
+    held = [v for v in [t] + [q.target for q in t._src_rels]
+            if v._chain is not None and v._chain.points and (v is not t or s._tgt_rel is not None)]
+    if held:
+        raise LimitError(f"{s!r} -> {t!r} would make a cascade above {held[0]!r}, which holds "
+                         "recovery points: points of a volume with a cascade above it are "
+                         "not supported")
     if r._store.durability == "power":
         raise LimitError(f"{s!r} -> {t!r} would be a cascaded FlashCopy (a target that is "
                          "also a source): not at durability \"power\", whose ordered "

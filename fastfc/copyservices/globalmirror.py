@@ -51,6 +51,8 @@ from fastfc import _core, faults
 from fastfc._numbers import check_real
 from fastfc.copyservices import local_secondary, sitemirror
 from fastfc.copyservices.groups import SecondaryGroup, Triplet, copy_to_c
+from fastfc.copyservices.point_schedule import (MemoryKeeper, PointSchedule, ScheduledPoints,
+                                                point_name, session_points)
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.copyservices.local_secondary import RETRIES
 from fastfc.copyservices.secondary import Resolution, Secondary, resolve_groups
@@ -58,7 +60,7 @@ from fastfc.errors import DrainAborted, FastFCError, StateError, VolumeClosedErr
 from fastfc.names import check_name
 from fastfc.storage.link import Link, LocalLink
 from fastfc.storage.site import Pending, SiteVolume
-from fastfc.storage.volume import Volume
+from fastfc.storage.volume import Volume, locked
 
 __all__ = ["Cause", "CGResult", "GlobalMirror", "GMState", "GMStats", "MAX_DRAIN_FAILURES",
            "RETRIES", "Triplet", "copy_to_c"]
@@ -278,6 +280,12 @@ class GlobalMirror:
         relationship is committed or reverted. Defaults to the metadata store
         of the unit holding the B and C volumes, when they are on one in this
         process, or to the first secondary site.
+    points : PointSchedule, optional
+        Take recovery points of every C volume at one instant after a CG
+        commits, on this schedule (every N CGs or T seconds), and expire
+        them as it says (:mod:`fastfc.copyservices.point_schedule`); None:
+        none. :meth:`set_point_schedule` changes it, :meth:`take_points`
+        takes points at once. C volumes in this process only.
 
     The session is recorded by the store of its B volumes (handed to them by
     their storage unit), which tells the unit of it; so are its counters
@@ -297,10 +305,17 @@ class GlobalMirror:
                  on_coordinate: Callable[[int], None] | None = None,
                  on_result: Callable[[CGResult], None] | None = None,
                  journal=None, name: str = "gm", initial_copy: bool = True,
-                 adopt: bool = False, resume: bool = False) -> None:
+                 adopt: bool = False, resume: bool = False,
+                 points: PointSchedule | None = None) -> None:
         check_name("session", name)
         if not triplets:
             raise ValueError("a Global Mirror session needs at least one (A, B, C) triplet")
+        if points is not None:
+            if not isinstance(points, PointSchedule):
+                raise TypeError(f"points must be a PointSchedule, not {type(points).__name__}")
+            if any(len(t) == 3 and isinstance(t[2], SiteVolume) for t in triplets):
+                raise ValueError("a point schedule takes points of C volumes in this process; "
+                                 "over secondary sites take them at the units")
         self._configure(name, cg_interval, max_coordination_time, max_drain_time, decide,
                         on_coordinate, on_result)
         secs: Sequence[Secondary]
@@ -319,6 +334,7 @@ class GlobalMirror:
                                             initial_copy=initial_copy, adopt=adopt)
             secs, top = local_secondary.secondaries(trips), 0
         self._adopt(trips, secs, journal, top)
+        self._set_schedule(points)
         if stats:
             self._restore_stats(stats)
         self._store.add_session(self.to_record(), self,
@@ -361,6 +377,11 @@ class GlobalMirror:
         self._volumes_cache_seen: tuple | None = None
         # coordination instants of recent CGs (a CG a reconciliation commits)
         self._coordinated: dict[int, float | None] = {}
+        #: who keeps the scheduled points (take, expire): a storage unit
+        #: holding the C volumes sets its durable one; None: in memory
+        self.point_keeper: Any = None
+        self._points: ScheduledPoints | None = None
+        self._memory_keeper: MemoryKeeper | None = None
 
     def _adopt(self, triplets: list[Triplet], secondaries: Sequence[Secondary], journal,
                top: int) -> None:
@@ -427,6 +448,8 @@ class GlobalMirror:
         adopted = [t.b.name for t in self.triplets if t.adopted]
         if adopted:
             record["adopted"] = adopted
+        if self._points is not None:
+            record["points"] = self._points.schedule.to_record()
         return record
 
     @classmethod
@@ -448,6 +471,7 @@ class GlobalMirror:
             t.adopted = t.b.name in adopted
         gm._adopt(trips, local_secondary.secondaries(trips), None,
                   max(t.fc.sequence for t in trips))
+        gm._set_schedule(PointSchedule.from_record(record.get("points")))
         if record.get("stats"):
             gm._restore_stats(record["stats"], max(gm.c_sequences))
         gm.stats.sequence = max(gm.c_sequences)
@@ -537,9 +561,12 @@ class GlobalMirror:
             return self._count(res)
         self._drain_failures = 0
 
-        # 3. FlashCopy: prepare all, decide, commit all or revert all (counted there)
+        # 3. FlashCopy: prepare all, decide, commit all or revert all (counted
+        # there); then the scheduled recovery points of the C volumes, if due
         t = time.perf_counter()
         self._flashcopy_phase(res)
+        if res.committed and self._points is not None and self.state is not GMState.FATAL:
+            self._points.after_commit(seq, [t.c for t in self.triplets], self._keeper())
         res.flash_time = time.perf_counter() - t
         return res
 
@@ -835,6 +862,120 @@ class GlobalMirror:
             self.on_result(res)
 
     # -- operator actions ------------------------------------------------------
+    # -- recovery points of the C volumes -------------------------------------------
+    @property
+    def point_schedule(self) -> PointSchedule | None:
+        """The session's :class:`PointSchedule`, or None."""
+        return None if self._points is None else self._points.schedule
+
+    @property
+    def point_status(self) -> dict | None:
+        """The schedule at work: ``schedule``, ``last_cg`` (the CG of the
+        last take), ``taken`` and ``expired`` (since this object was made),
+        ``error`` (the last failure to take or expire, None after a take
+        succeeds); None without a schedule."""
+        return None if self._points is None else self._points.status()
+
+    def set_point_schedule(self, schedule: PointSchedule | None) -> None:
+        """Take points of the C volumes on ``schedule`` from the next CG on
+        (None: stop; the points held stay until they are expired by hand).
+        A storage unit's session records it with
+        ``StorageUnit.configure_session(points=)`` (chgmir), which calls this."""
+        if schedule is not None and not isinstance(schedule, PointSchedule):
+            raise TypeError(f"schedule must be a PointSchedule, not {type(schedule).__name__}")
+        if schedule is not None and any(isinstance(t.c, SiteVolume) for t in self.triplets):
+            raise ValueError("a point schedule takes points of C volumes in this process")
+        with self._lock:
+            self._set_schedule(schedule)
+
+    def _set_schedule(self, schedule: PointSchedule | None) -> None:
+        if schedule is None:
+            self._points = None
+            return
+        if self._points is not None:
+            self._points.schedule = schedule
+            return
+        # (it finds the points the session holds: a reopened unit's)
+        self._points = ScheduledPoints(self.name, schedule, [t.c for t in self.triplets])
+
+    def restore_point(self, sequence: int, *, quiesced: bool = False) -> int:
+        """Put the session back to CG ``sequence``, from the recovery points
+        it holds of every C at that CG: each A is written (through its
+        write path) with its C's point image where the two may differ (the
+        grains C changed since the point, those B changed since C's last
+        CG and those A has out of sync), so the next CG carries that image
+        on to every B and C, consistently. The session must be paused (its loop stopped: :meth:`stop`) and the
+        caller must say no host writes reach the A volumes
+        (``quiesced=True``). Returns the grains written. Every point,
+        older or newer, keeps its image (the writes reach C by the session's
+        own FlashCopy steps). For an ended session restore each point
+        itself (``RecoveryPoint.restore_onto_source`` for C, ``restore``
+        onto a free volume)."""
+        if quiesced is not True:
+            raise StateError(
+                f"restoring session {self.name} to CG {sequence} needs its A volumes "
+                "quiesced (no host writes): pass quiesced=True to say they are")
+        self._require_writable()
+        if any(isinstance(t.c, SiteVolume) for t in self.triplets):
+            raise ValueError("restore_point restores from C volumes in this process")
+        if self._thread is not None:
+            raise StateError(f"session {self.name} is running; pause it (stop()) first")
+        with self._lock:
+            name = point_name(self.name, sequence)
+            points = []
+            for t in self.triplets:
+                found = [p for p in session_points(self.name, t.c) if p.name == name]
+                if not found:
+                    raise StateError(f"session {self.name} holds no recovery point of "
+                                     f"{t.c.name} at CG {sequence}")
+                points.append(found[-1])
+            written = 0
+            for t, p in zip(self.triplets, points):
+                written += _restore_onto_primary(p, t)
+            return written
+
+    def scheduled_points(self, k: int = 0) -> list:
+        """The recovery points the session took (on its schedule or by
+        :meth:`take_points`) of triplet ``k``'s C, oldest first."""
+        if not self.triplets or isinstance(self.triplets[k].c, SiteVolume):
+            return []
+        return session_points(self.name, self.triplets[k].c)
+
+    def _keeper(self) -> Any:
+        if self.point_keeper is not None:
+            return self.point_keeper
+        cs = [t.c for t in self.triplets]
+        if self._memory_keeper is None or self._memory_keeper.volumes != cs:
+            self._memory_keeper = MemoryKeeper(cs)
+        return self._memory_keeper
+
+    def take_points(self, *, retain_for: float | None = None) -> list:
+        """Take a recovery point of every C volume now, at one instant (on
+        demand), named for the CG they hold (``SESSION@cgSEQ``): between
+        attempts every C holds the last committed CG. Refused while the C
+        volumes are not on one CG. ``retain_for``: seconds (default: the
+        schedule's retention, or 0). Returns the points, in triplet order;
+        a schedule expires its own points after."""
+        self._require_writable()
+        if any(isinstance(t.c, SiteVolume) for t in self.triplets):
+            raise ValueError("take_points takes points of C volumes in this process")
+        with self._lock:
+            seqs = set(self.c_sequences)
+            if len(seqs) != 1 or any(t.fc.revertible for t in self.triplets):
+                raise StateError(f"session {self.name}: the C volumes are not on one CG "
+                                 f"(sequences {sorted(seqs)}); resolve the session first")
+            seq = seqs.pop()
+            if retain_for is None:
+                retain_for = 0.0 if self._points is None else self._points.schedule.retain_seconds
+            cs = [t.c for t in self.triplets]
+            if self._points is not None and retain_for == self._points.schedule.retain_seconds:
+                points = self._points.take(seq, cs, self._keeper())    # (one of its groups)
+                if not points:
+                    raise StateError(f"session {self.name}: {self._points.error}")
+                return points
+            return self._keeper().take([c.name for c in cs], retain_for=retain_for,
+                                       name=point_name(self.name, seq))
+
     def clear_fatal(self) -> str:
         """Operator action after a FATAL state: finish the resolution (every
         unit must answer; relationships here are retried) and, if every
@@ -1061,3 +1202,27 @@ class GlobalMirror:
         return (f"<GlobalMirror {self.name} {self.state.value} {len(self.triplets)} triplets "
                 f"cg={self.stats.sequence} ok={self.stats.successes} "
                 f"failed={sum(self.stats.failures.values())}>")
+
+
+def _restore_onto_primary(point, t: Triplet) -> int:
+    """Write ``point``'s image (of ``t``'s C) onto ``t``'s A where they may
+    differ: the grains any point from ``point`` on holds (C changed since
+    it), those B changed since C's last CG (a CG drained but reverted, say)
+    and those A has out of sync (changed since the last drain). Returns the
+    grains written."""
+    a, fc, pair = t.a, t.fc, t.pair
+    chain = point.chain
+    with locked([fc.source, fc.target]):
+        changed = np.zeros(a.n_grains, dtype=bool)
+        for p in chain.points[point.index:]:
+            changed[p.saved()] = True
+        for bm in (fc.src_changed, fc.tgt_changed):
+            if bm is not None:
+                changed |= bm.to_bools()
+    with locked([a]):
+        if pair.oos is not None:
+            changed |= pair.oos.to_bools()
+    g = a.grain_size
+    for start, stop in _core.TrackBitmap.from_bools(changed).runs():
+        a.write(start * g, point.read(start * g, (stop - start) * g))
+    return int(changed.sum())

@@ -28,8 +28,13 @@ is the first of points *i* .. newest that holds it, else the live volume.
 
 Points live in memory; a storage unit makes its volumes' chains durable
 (:mod:`fastfc.durable.points`: the pool in a file, every change logged).
-A volume with points cannot be a FlashCopy target or a PPRC secondary (their
-images change by paths that do not pass the write path's copy-on-write). A
+A volume with points can be a FlashCopy target (the C of a Global Mirror
+session): a point reads the target's logical image (through to its source
+where a grain is still to copy), and a step that changes that image without
+a host write (a resync or establish, a revert, a withdraw) first has the
+newest point take the grains it changes (fastfc/_points_target.pxi). A
+volume with points cannot be a PPRC secondary (its image changes by PPRC
+updates that the session's FlashCopy, not a point, is for). A
 chain stays on its volume when its last point expires (with its clock); it
 costs a write nothing then but a test, and refuses nothing.
 
@@ -39,11 +44,12 @@ holds the volume's and the recovery volume's locks in volume-id order.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -65,9 +71,6 @@ def _check_can_hold_points(volume: Volume) -> None:
                         f"{type(volume).__name__}")
     if volume.closed:
         raise VolumeClosedError(f"{volume!r} is closed")
-    if volume._tgt_rel is not None:
-        raise LimitError(f"{volume!r} is a FlashCopy target; recovery points of a target "
-                         "are not supported (take them of its source)")
     if volume._secondary:
         raise LimitError(f"{volume!r} is a PPRC secondary; recovery points of a secondary "
                          "are not supported")
@@ -76,6 +79,19 @@ def _check_can_hold_points(volume: Volume) -> None:
                          "restore to complete")
     if volume._invalid:
         raise StateError(f"{volume!r} holds no valid image")
+    _check_not_below_a_cascade(volume)
+
+
+def _check_not_below_a_cascade(volume: Volume) -> None:
+    """A point of a FlashCopy target reads the grains the target has not
+    copied yet on its source; where that source is itself a target (a
+    cascade above the volume) they would be one level further up, which
+    points do not follow: refused."""
+    r = volume._tgt_rel
+    if r is not None and r.source._tgt_rel is not None:
+        raise LimitError(f"{volume!r} is the target of {r.source!r}, itself a FlashCopy "
+                         "target: recovery points of a volume with a cascade above it are "
+                         "not supported")
 
 
 class PointChain(_core.PointChainBase):
@@ -348,7 +364,7 @@ class RecoveryPoint(_core.PointBase):
                 f"restoring {self!r} onto its volume needs the volume quiesced (no host "
                 "writes, its session paused or ended): pass quiesced=True to say it is")
         V = self.volume
-        with locked([V]):
+        with _locked_through(None, V):
             self._require_live()
             if V.closed:
                 raise VolumeClosedError(f"{V!r} is closed")
@@ -388,6 +404,8 @@ def take_points(volumes: Sequence[Volume], *, retain_for: float = 0.0,
                             f"{type(v).__name__}")
         if v._chain is None:
             PointChain.of(v, clock=clock)     # (checks it can hold points)
+        else:
+            _check_not_below_a_cascade(v)
     ordered = sorted(volumes, key=_by_vid)
     # one instant, one time: the first volume's chain's clock
     now = volumes[0]._chain.clock()
@@ -399,7 +417,36 @@ def take_points(volumes: Sequence[Volume], *, retain_for: float = 0.0,
     return points
 
 
+def expire_points(points: Sequence[RecoveryPoint]) -> None:
+    """Expire every point of ``points`` (of distinct volumes: a group taken
+    at one instant, say) under their volumes' locks held together: all, or
+    none if one cannot expire (its retention runs, a restore reads it)."""
+    points = list(points)
+    for p in points:
+        if not isinstance(p, RecoveryPoint) or p.chain is None:
+            raise TypeError(f"expire_points takes points that were taken, not {p!r}")
+    with locked([p.chain.volume for p in points]):
+        for p in points:
+            err = p._refusal(p.chain.clock())
+            if err is not None:
+                raise err
+        for p in points:
+            p.chain._remove(p)
+
+
 _by_vid = operator.attrgetter("vid")
+
+
+@contextlib.contextmanager
+def _locked_through(other: Volume | None, volume: Volume) -> Iterator[None]:
+    """Hold ``volume``'s lock, ``other``'s (None: none) and, while
+    ``volume`` is a FlashCopy target, its source's (a point of a target
+    reads through to it), in volume-id order."""
+    source = _core.locked_through(other, volume)
+    try:
+        yield
+    finally:
+        _core.unlocked_through(other, volume, source)
 
 
 class PointRestore(_core.PointRestoreBase):
@@ -479,7 +526,7 @@ class PointRestore(_core.PointRestoreBase):
             step = chunk if budget is None else min(chunk, budget - done)
             if step <= 0:
                 break
-            with locked([self.source, self.target]):
+            with _locked_through(self.target, self.source):
                 if not self.active:
                     break
                 n, resume = self._copy_chunk(self._cursor, step)

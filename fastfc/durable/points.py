@@ -54,7 +54,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from fastfc import _core
-from fastfc.copyservices.points import PointChain, PointRestore, RecoveryPoint, take_points
+from fastfc.copyservices.points import (PointChain, PointRestore, RecoveryPoint, expire_points,
+                                        take_points)
 from fastfc.errors import CorruptUnitError, ReadOnlyUnitError, StateError
 from fastfc.storage.volume import Volume, locked
 
@@ -216,6 +217,23 @@ class UnitPoints:
                 st = self.unit._sqlite
                 with st.transaction():
                     st.db.execute("DELETE FROM points WHERE volume=? AND seq=?", (volume, seq))
+
+    def expire_group(self, points: Sequence[RecoveryPoint]) -> None:
+        """Expire ``points`` (of distinct volumes of this unit: a Global
+        Mirror session's points of its C volumes at one CG) all at once, or
+        none if one is retained or read by a restore; logged, then their
+        rows deleted in one transaction."""
+        self._writable()
+        with self._lock:
+            refs = [(p.volume.name, p.seq) for p in points]
+            for v, s in refs:
+                self.point(v, s)        # (each one of this unit's, live)
+            expire_points(points)
+            self._sync_logs([v for v, _ in refs])
+            if self.unit.path is not None:
+                st = self.unit._sqlite
+                with st.transaction():
+                    st.db.executemany("DELETE FROM points WHERE volume=? AND seq=?", refs)
 
     def retain(self, volume: str, seq: int, until: float) -> None:
         """Keep a point until ``until`` (seconds since the epoch) at least."""

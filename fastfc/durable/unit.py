@@ -61,6 +61,7 @@ from fastfc.errors import (AlreadyExistsError, CorruptUnitError, NoSpaceError, R
                            StateError, UnitBusyError, UnitClosedError)
 from fastfc.copyservices.flashcopy import FlashCopy
 from fastfc.copyservices.globalmirror import GlobalMirror, Triplet, copy_to_c
+from fastfc.copyservices.point_schedule import PointSchedule
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.copyservices.resolution import group_sequence, pending_sequence, resolve
 from fastfc.durable.lock import LOCK_FILE, POLL, UnitLock
@@ -555,6 +556,13 @@ class StorageUnit:
     def _session_added(self, session: GlobalMirror) -> None:
         """The store's listener: a new session whose B volumes live here."""
         self.sessions[session.name] = session
+        self._keep_session_points(session)
+
+    def _keep_session_points(self, session: GlobalMirror) -> None:
+        """The recovery points a session's schedule takes of its C volumes
+        (which live here with its B volumes) are this unit's: durable."""
+        if all(self._volumes.get(t.c.name) is t.c for t in session.triplets):
+            session.point_keeper = self.points
 
     def _session_dropped(self, session: GlobalMirror) -> None:
         """The store's listener: a session whose B volumes live here ended."""
@@ -720,7 +728,8 @@ class StorageUnit:
                           cg_interval: float | None = None,
                           max_coordination_time: float | None = None,
                           max_drain_time: float | None = None,
-                          rpo_alert: float | None = None) -> dict:
+                          rpo_alert: float | None = None,
+                          points: "PointSchedule | bool | None" = None) -> dict:
         """Change what this unit records of session ``name`` (restored
         here), durably, and return its record (:meth:`session_record`).
 
@@ -731,8 +740,10 @@ class StorageUnit:
         bounds, as :class:`GlobalMirror` takes them; a running loop uses
         them from its next CG. ``rpo_alert``: seconds of RPO above which a
         server running the session's loop raises an alert (0 clears it; the
-        server is told by its caller). None leaves a setting as it is. Bad
-        values raise before anything changes."""
+        server is told by its caller). ``points``: the session's
+        :class:`~fastfc.copyservices.point_schedule.PointSchedule` of
+        recovery points of its C volumes (False: none). None leaves a
+        setting as it is. Bad values raise before anything changes."""
         self._require_writable()
         gm = self.session(name)
         bounds = {k: check_real(k, v, positive=k == "max_coordination_time")
@@ -740,6 +751,13 @@ class StorageUnit:
                                ("max_coordination_time", max_coordination_time),
                                ("max_drain_time", max_drain_time)) if v is not None}
         alert = None if rpo_alert is None else check_real("rpo_alert", rpo_alert)
+        if points is True or not (points is None or points is False
+                                  or isinstance(points, PointSchedule)):
+            raise TypeError(f"points must be a PointSchedule, False (none) or None (as it "
+                            f"is), not {points!r}")
+        if isinstance(points, PointSchedule) and not all(
+                self._volumes.get(t.c.name) is t.c for t in gm.triplets):
+            raise ValueError(f"session {name!r}: a point schedule needs its C volumes here")
         with self.store.transaction():      # its lock: no counters saved in between
             cfg = self.store.session_rows()[name]
             stats = cfg.pop("stats") or gm.stats.to_record()
@@ -748,9 +766,15 @@ class StorageUnit:
                 cfg["rpo_alert"] = float(alert) or None
             if running is not None:
                 cfg["running"] = bool(running)
+            if points is False:
+                cfg.pop("points", None)
+            elif points is not None:
+                cfg["points"] = points.to_record()
             self.store.add_session({**cfg, "name": name, "stats": stats}, gm)
         for k, v in bounds.items():
             setattr(gm, k, v)
+        if points is not None:
+            gm.set_point_schedule(points or None)
         return self.session_record(name)
 
     def recover_session(self, name: str) -> int:
@@ -1056,6 +1080,7 @@ class StorageUnit:
                     t.pair.link = link
                 self.sessions[name] = GlobalMirror.from_record(dict(cfg, name=name), parts,
                                                                link=link)
+                self._keep_session_points(self.sessions[name])
 
     # == sessions served to a primary in another process ===============================
     # What fastfc.remote's UnitServer needs of the unit, as public calls: the

@@ -1,6 +1,7 @@
 """Global Mirror: mkgmir, lsgmir, showgmir, chgmir, resumegmir and
 pausegmir (the session's loop in a server), formcg (CGs in the foreground),
-rmgmir, recovergmir (site loss), and the session log that counts a
+rmgmir, recovergmir (site loss), restoregmir (back to a CG from the
+recovery points of the C volumes), and the session log that counts a
 session's CGs across invocations."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import click
 
 from fastfc.copyservices.globalmirror import Cause, GlobalMirror, GMState
+from fastfc.copyservices.point_schedule import PointSchedule, point_cg
 from fastfc.copyservices.pprc import PPRCPair
 from fastfc.durable.siteloss import SITE_FAILOVER
 
@@ -39,6 +41,53 @@ class _Threshold(Real):
 RPO_ALERT = _Threshold(min=0, max=30 * 86400)
 
 
+def _points_options(command):
+    """The options of a session's schedule of recovery points of its C
+    volumes (mkgmir, chgmir)."""
+    for option in reversed((
+            click.option("--points-every-cgs", type=Count(low=1), default=None, metavar="N",
+                         help="Take a recovery point of every C volume (one instant) after "
+                              "every N-th committed CG."),
+            click.option("--points-every-seconds", type=Real(min=0, min_open=True,
+                                                             max=365 * 86400),
+                         default=None, metavar="SECONDS",
+                         help="... or after the first CG committed SECONDS after the last "
+                              "take."),
+            click.option("--points-retain", type=Real(min=0, max=100 * 365 * 86400),
+                         default=None, metavar="SECONDS",
+                         help="Seconds each scheduled point is immutable (without "
+                              "--points-keep: then it expires)."),
+            click.option("--points-keep", type=Count(low=1), default=None, metavar="K",
+                         help="Keep at most K scheduled points per C (the oldest expire "
+                              "once retained long enough)."))):
+        command = option(command)
+    return command
+
+
+def _schedule(current: PointSchedule | None, every_cgs, every_seconds, retain,
+              keep) -> PointSchedule | None:
+    """The schedule the options give (over ``current``: options not given
+    keep its values), or None if no option is given."""
+    if every_cgs is None and every_seconds is None and retain is None and keep is None:
+        return None
+    base = current.to_record() if current is not None else {}
+    if every_cgs is not None or every_seconds is not None:
+        base["every_cgs"], base["every_seconds"] = every_cgs, every_seconds
+    if retain is not None:
+        base["retain_seconds"] = retain
+    if keep is not None:
+        base["keep"] = keep
+    try:
+        return PointSchedule(every_cgs=base.get("every_cgs"),
+                             every_seconds=base.get("every_seconds"),
+                             retain_seconds=base.get("retain_seconds", 0.0),
+                             keep=base.get("keep"))
+    except (TypeError, ValueError) as e:
+        raise click.UsageError(f"recovery point schedule: {e} (--points-every-cgs or "
+                               "--points-every-seconds, and --points-keep or "
+                               "--points-retain)") from None
+
+
 @main.command()
 @click.argument("session", type=SESSION)
 @click.argument("specs", nargs=-1, required=True, type=TRIPLET)
@@ -56,9 +105,11 @@ RPO_ALERT = _Threshold(min=0, max=30 * 86400)
 @click.option("--rpo-alert", type=RPO_ALERT, default=None, metavar="SECONDS",
               help="Alert when the RPO goes above SECONDS while a server runs the session "
                    "(a WARNING log line and a metric; 0 or off: none).")
+@_points_options
 @pass_units
 def mkgmir(units, session, specs, cg_interval, coord_time, drain_time, decide,
-           rpo_alert) -> None:
+           rpo_alert, points_every_cgs, points_every_seconds, points_retain,
+           points_keep) -> None:
     """Create Global Mirror session SESSION over A:B:C triplets (A in --unit;
     B and C in --remote-unit).
 
@@ -69,13 +120,18 @@ def mkgmir(units, session, specs, cg_interval, coord_time, drain_time, decide,
     nothing changed: a pair from A to another volume, a Metro Mirror
     (mmir) pair, a suspended pair (resumepprc it first), a pair in another
     session. Other triplets get a new pair (every track sent in the first
-    CG). rmgmir leaves adopted pairs as Global Copy pairs."""
+    CG). rmgmir leaves adopted pairs as Global Copy pairs.
+
+    --points-*: a schedule of recovery points of the C volumes (lspoint
+    lists them, named SESSION@cgSEQ; chgmir changes it)."""
+    schedule = _schedule(None, points_every_cgs, points_every_seconds, points_retain,
+                         points_keep)
     local, remote = units.local(), units.remote()
     triplets = [(local.volume(a), remote.volume(b), remote.volume(c)) for a, b, c in specs]
     backlog = _adopted_backlog(triplets)
     GlobalMirror(triplets, name=session, cg_interval=cg_interval,
                  max_coordination_time=coord_time / 1e3, max_drain_time=drain_time,
-                 decide=decide, adopt=True)
+                 decide=decide, adopt=True, points=schedule)
     if rpo_alert:
         units.session_unit(session)[0].configure_session(session, rpo_alert=rpo_alert)
     for ident, tracks in backlog.items():
@@ -83,6 +139,8 @@ def mkgmir(units, session, specs, cg_interval, coord_time, drain_time, decide,
                    "(no initial copy)")
     click.echo(f"created Global Mirror session {session}: {plural(len(triplets), 'triplet')}; "
                "formcg forms its consistency groups (resumegmir, under fastfc serve)")
+    if schedule is not None:
+        click.echo(f"recovery points of its C volumes: {schedule.describe()}")
 
 
 def _adopted_backlog(triplets) -> dict[str, int]:
@@ -221,7 +279,39 @@ def _session_info(units, session: str) -> dict:
                       "out_of_sync": tr.pair.out_of_sync_tracks,
                       "c_sequence": tr.fc.sequence} for tr in gm.triplets],
         "away": False, "loop_text": _loop_text(loop),
-        "rpo_samples_count": len(gm.stats.rpo_samples)}
+        "rpo_samples_count": len(gm.stats.rpo_samples),
+        "points": _points_info(gm, unit)}
+
+
+def _points_info(gm: GlobalMirror, unit) -> dict | None:
+    """The session's schedule of recovery points of its C volumes, with what
+    it holds (its points of the first C: every C holds the same CGs; None
+    from a unit opened read-only, which does not load its points)."""
+    status = gm.point_status
+    if status is None:
+        return None
+    if unit.readonly:
+        return {**status, "held": None, "oldest_cg": None, "newest_cg": None}
+    held = [cg for cg in (point_cg(p.name) for p in gm.scheduled_points())
+            if cg is not None]
+    return {**status, "held": len(held), "oldest_cg": min((q for _, q in held), default=None),
+            "newest_cg": max((q for _, q in held), default=None)}
+
+
+def _points_text(info: dict) -> str:
+    pts = info.get("points")
+    if pts is None:
+        return "none (mkgmir or chgmir --points-every-cgs N / --points-every-seconds T)"
+    text = pts["describe"]
+    if pts["held"] is None:
+        text += " (lspoint lists the points)"
+    else:
+        text += f"; {plural(pts['held'], 'point')} per C"
+    if pts["held"]:
+        text += f" (CG {pts['oldest_cg']} .. {pts['newest_cg']})"
+    if pts["error"]:
+        text += f"; last failure: {pts['error']}"
+    return text
 
 
 def _when(t: float) -> str:
@@ -269,6 +359,7 @@ def _render(info: dict):
                   else f"{_secs(info['rpo_p50'])} / {_secs(info['rpo_p99'])} (after each of "
                   f"the last {plural(info['rpo_samples_count'], 'attempt')} here)")
         t.add_row("RPO alert", _alert_text(info))
+        t.add_row("Recovery points", _points_text(info))
         t.add_row("Sent to B", human(info["bytes_drained"]))
         t.add_row("Out of sync", plural(info["out_of_sync"], "track"))
         rows = [(tr["a"], tr["b"], tr["c"], tr["pair_state"], str(tr["out_of_sync"]),
@@ -462,6 +553,32 @@ def pausegmir(units, session) -> None:
 
 @main.command()
 @click.argument("session", type=SESSION)
+@click.argument("cg", type=Count(low=1))
+@click.option("--quiesced", is_flag=True,
+              help="Say that no host writes reach the A volumes (required).")
+@pass_units
+def restoregmir(units, session, cg, quiesced) -> None:
+    """Put SESSION back to consistency group CG from the recovery points it
+    holds of every C volume at that CG (lspoint lists them, named
+    SESSION@cgCG): each A volume is written where it may differ from its
+    C's point, and the next CG (formcg, resumegmir) carries the image on to
+    every B and C. The session must be paused (pausegmir) and the A
+    volumes quiesced. Every point keeps its image."""
+    if not quiesced:
+        raise click.UsageError("restoregmir writes the A volumes: stop their host writes and "
+                               "say so with --quiesced")
+    unit, gm = units.session_unit(session)
+    if (units.loops is not None and units.loops.running(gm)) or \
+            unit.session_record(session)["running"]:
+        raise click.ClickException(f"session {session} is running: pausegmir {session} first")
+    written = gm.restore_point(cg, quiesced=True)
+    click.echo(f"restored Global Mirror session {session} to CG {cg}: "
+               f"{plural(written, 'grain')} written onto its A volumes; the next CG carries "
+               "them to B and C")
+
+
+@main.command()
+@click.argument("session", type=SESSION)
 @click.option("--cg-interval", type=Real(min=0, max=86400), default=None,
               help="Seconds between CGs in the session's loop.")
 @click.option("--coord-time", type=Real(min=0, min_open=True, max=60000), default=None,
@@ -471,21 +588,36 @@ def pausegmir(units, session) -> None:
 @click.option("--rpo-alert", type=RPO_ALERT, default=None, metavar="SECONDS",
               help="Alert when the RPO goes above SECONDS while a server runs the session "
                    "(0 or off: no alert).")
+@_points_options
+@click.option("--no-points", is_flag=True,
+              help="Stop taking recovery points of the C volumes (those held stay).")
 @pass_units
-def chgmir(units, session, cg_interval, coord_time, drain_time, rpo_alert) -> None:
+def chgmir(units, session, cg_interval, coord_time, drain_time, rpo_alert, points_every_cgs,
+           points_every_seconds, points_retain, points_keep, no_points) -> None:
     """Change the intervals and bounds of SESSION (as mkgmir sets them),
-    and its RPO alert threshold, recorded in its unit. A running session
-    uses them from its next CG (the alert from the server's next look)."""
-    if cg_interval is None and coord_time is None and drain_time is None and rpo_alert is None:
+    its RPO alert threshold and its schedule of recovery points (the
+    --points-* options not given keep their values), recorded in its unit.
+    A running session uses them from its next CG (the alert from the
+    server's next look)."""
+    given_points = any(v is not None for v in (points_every_cgs, points_every_seconds,
+                                                points_retain, points_keep))
+    if (cg_interval is None and coord_time is None and drain_time is None and rpo_alert is None
+            and not given_points and not no_points):
         raise click.UsageError("give at least one of --cg-interval, --coord-time, "
-                               "--drain-time, --rpo-alert")
+                               "--drain-time, --rpo-alert, --points-*, --no-points")
+    if no_points and given_points:
+        raise click.UsageError("--no-points and --points-* contradict each other")
     unit, gm = units.session_unit(session)
+    old_points = gm.point_schedule
+    new_points = _schedule(old_points, points_every_cgs, points_every_seconds, points_retain,
+                           points_keep)
     before = (gm.cg_interval, gm.max_coordination_time, gm.max_drain_time,
               unit.session_record(session)["rpo_alert"])
     rec = unit.configure_session(session, cg_interval=cg_interval,
                                  max_coordination_time=None if coord_time is None
                                  else coord_time / 1e3, max_drain_time=drain_time,
-                                 rpo_alert=rpo_alert)
+                                 rpo_alert=rpo_alert,
+                                 points=False if no_points else new_points)
     if units.loops is not None and rpo_alert is not None:
         units.loops.set_rpo_alert(gm, rec["rpo_alert"])
     said = []
@@ -496,7 +628,9 @@ def chgmir(units, session, cg_interval, coord_time, drain_time, rpo_alert) -> No
             ("max drain time", before[2], gm.max_drain_time,
              lambda v: f"{v:g} s" if v else "default"),
             ("RPO alert", before[3], rec["rpo_alert"],
-             lambda v: f"above {v:g} s" if v else "off")):
+             lambda v: f"above {v:g} s" if v else "off"),
+            ("recovery points", old_points, gm.point_schedule,
+             lambda v: v.describe() if v is not None else "none")):
         if old != new:
             said.append(f"{what} {show(new)} (was {show(old)})")
     running = units.loops is not None and units.loops.running(gm)

@@ -11,6 +11,8 @@ import time
 
 import click
 
+from fastfc.copyservices.point_schedule import point_cg
+
 from .app import main
 from .output import console, human, json_out, plural, table
 from .params import JSON, VOLUME
@@ -59,7 +61,9 @@ def mkpoint(units, volumes, name, retain) -> None:
 @JSON
 @pass_units
 def lspoint(units, volume, as_json) -> None:
-    """List the recovery points (of VOLUME, or of every volume) [lssgc]."""
+    """List the recovery points (of VOLUME, or of every volume) [lssgc]:
+    the CG column names the Global Mirror session CG a session's schedule
+    (mkgmir/chgmir --points-*) took a point at."""
     unit = units.local()
     if volume is not None and volume not in unit:
         raise click.ClickException(f"no volume named {volume!r} in this unit")
@@ -67,14 +71,17 @@ def lspoint(units, volume, as_json) -> None:
     now = time.time()
     rows = [{"point": f"{p.volume.name}#{p.seq}", "volume": p.volume.name, "seq": p.seq,
              "name": p.name, "taken_at": p.taken_at, "retain_until": p.retain_until,
-             "saved_grains": p.saved_grains, "space_bytes": p.space_bytes} for p in pts]
+             "saved_grains": p.saved_grains, "space_bytes": p.space_bytes,
+             "session": (cg := point_cg(p.name)) and cg[0], "cg": cg and cg[1]}
+            for p in pts]
     if as_json:
         json_out(rows)
         return
-    t = table("Point", "Name", "Taken", "Retained", "Space")
+    t = table("Point", "Name", "CG", "Taken", "Retained", "Space")
     for r in rows:
         left = r["retain_until"] - now
         t.add_row(r["point"], r["name"] or "-",
+                  "-" if r["cg"] is None else f"{r['cg']} of {r['session']}",
                   time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["taken_at"])),
                   f"{left:.0f} s more" if left > 0 else "-", human(r["space_bytes"]))
     console().print(t if t.rows else "no recovery points")
