@@ -228,8 +228,7 @@ class UnitPoints:
             refs = [(p.volume.name, p.seq) for p in points]
             for v, s in refs:
                 self.point(v, s)        # (each one of this unit's, live)
-            expire_points(points)
-            self._sync_logs([v for v, _ in refs])
+            expire_points(points)     # (each expiry logged; at "power" synced)
             if self.unit.path is not None:
                 st = self.unit._sqlite
                 with st.transaction():
