@@ -469,7 +469,10 @@ for _ in range(2):
     threading.Thread(target=busy, daemon=True).start()
 s = fastfc.Volume(64, 1 << 20, name="S"); t = fastfc.Volume(64, 1 << 20, name="T")
 fc = fastfc.FlashCopy(s, t)          # background copy on a daemon thread
-import time; time.sleep(0.05)
+import time
+end = time.monotonic() + 20       # until the pool is copying (a loaded machine may take a while)
+while _core.pool_copies() == 0 and time.monotonic() < end:
+    time.sleep(0.01)
 print("ok", _core.pool_copies() > 0)
 """
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fastfc.__file__)))
