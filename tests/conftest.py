@@ -73,7 +73,7 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 if "PYTEST_XDIST_WORKER" in os.environ:
-    # pytest-xdist's workers (``-n 2``, as the README's test command runs)
+    # pytest-xdist's workers (``-n 3``, as the README's test command runs)
     # are started with COLUMNS=80 and LINES=24; a test's own run of the
     # command line then wraps its tables where a plain pytest run does not
     for var in ("COLUMNS", "LINES"):
