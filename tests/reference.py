@@ -271,10 +271,12 @@ def establish_group(pairs, **options) -> list[RefFlashCopy]:
             raise LimitError("already a target")
         if any(t is x for x in sources_in_group) or any(s is x for x in new_targets):
             raise LimitError("a cascade's levels are established one at a time")
-        above = s
+        above, seen = s, []
         while above is not None:
             if above is t:
                 raise LimitError("a cycle of FlashCopy relationships")
+            assert not any(above is x for x in seen), "the model holds a cycle"
+            seen.append(above)
             above = above.source_rel.source if above.source_rel is not None else None
         if t.targets and t.write_inhibited:
             raise WriteInhibitedError("the target is the source of a revertible FlashCopy")

@@ -285,3 +285,43 @@ def test_a_forced_withdraw_keeps_the_targets_points():
     fc.withdraw(force=True)
     assert not c.valid
     assert p.image().tobytes() == b"a" * c.capacity
+
+
+def test_no_point_of_a_volume_with_a_cascade_above_it():
+    """A point of a target reads the grains the target has not copied one
+    level up only, so points of a volume with a cascade above it are
+    refused, and so is a cascade that would form above a volume holding
+    points, each with nothing changed; one level (a target whose source is
+    no target) is allowed."""
+    from fastfc import LimitError
+
+    def vol(name, fill=0):
+        v = Volume(8, 4096, name=name)
+        v.write(0, bytes([fill]) * v.capacity)
+        return v
+
+    # S -> T1 -> T2: no point of T2
+    S, T1, T2 = vol("S", 1), vol("T1"), vol("T2")
+    FlashCopy(S, T1, background_copy=False)
+    FlashCopy(T1, T2, background_copy=False)
+    for group in ([T2], [S, T2]):
+        with pytest.raises(LimitError, match="cascade above it"):
+            take_points(group)
+    assert S._chain is None or not S._chain.points
+    # T1 holds points (its source S is no target): S may not become a target
+    S, T1 = vol("S", 2), vol("T1")
+    FlashCopy(S, T1, background_copy=False)
+    p = take_points([T1])[0]
+    with pytest.raises(LimitError, match=r"cascade above <.*T1"):
+        FlashCopy(vol("X"), S, background_copy=False)
+    assert S._tgt_rel is None
+    # V holds points: a target may not become its source; a plain volume may
+    V, Y, Z = vol("V", 3), vol("Y"), vol("Z", 4)
+    FlashCopy(Z, Y, background_copy=False)
+    q = take_points([V])[0]
+    with pytest.raises(LimitError, match=r"cascade above <.*V"):
+        FlashCopy(Y, V, background_copy=False)
+    assert V._tgt_rel is None
+    FlashCopy(vol("W", 5), V, background_copy=False)
+    assert p.read(0, 4096).tobytes() == bytes([2]) * 4096
+    assert q.read(0, 4096).tobytes() == bytes([3]) * 4096
