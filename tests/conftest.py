@@ -136,6 +136,9 @@ def pytest_collection_modifyitems(config, items):
 KNOWN_SECONDS = {
     "test_model.py::TestFlashCopyModel::runTest": 79,
     "test_gm_model.py::TestGlobalMirrorModel::runTest": 44,
+    "test_serve_points.py::TestServedPointsModel::runTest": 12,
+    "test_target_points.py::TestTargetPointsModel::runTest": 10,
+    "test_remote_powercut.py::test_power_units_survive_more_cuts": 9,
     "test_cascade.py::TestCascadeModel::runTest": 88,
     "test_serve_sessions.py::test_sessions_run_in_the_server_and_survive_restarts": 35,
     "test_cli_bench.py::test_serve_gm_suite_quick_end_to_end": 29,
@@ -161,7 +164,6 @@ KNOWN_SECONDS = {
     "test_stub.py::test_core_stub_matches_the_extension": 8,
     "test_serve_concurrency.py::test_lookers_and_changers_run_while_formcg_runs_and_ctrl_c_stops_it": 7,
     "test_powercut.py::test_power_survives_cuts_on_every_path": 7,
-    "test_remote_powercut.py::test_power_units_survive_more_cuts": 8,
     "test_points_powercut.py::test_durable_points_survive_a_power_cut_before_every_sync": 18,
     "test_points_powercut.py::test_durable_points_survive_a_power_cut_at_any_sync": 4,
     "test_full_filesystem.py::test_scattered_thin_writes_with_readers_until_full_never_sigbus": 6,

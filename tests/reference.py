@@ -285,6 +285,15 @@ def establish_group(pairs, **options) -> list[RefFlashCopy]:
         if s.write_inhibited:
             raise StateError("source write-inhibited")
         new_targets.append(t)
+    for s, t in pairs:      # a cycle the group's relationships close together
+        above, seen = s, []
+        while above is not None and not any(above is x for x in seen):
+            seen.append(above)
+            if above is t:
+                raise LimitError("a cycle of FlashCopy relationships within the group")
+            group = [x for x, y in pairs if y is above]
+            above = group[0] if group else (above.source_rel.source
+                                            if above.source_rel is not None else None)
     rels = [RefFlashCopy(s, t, **options) for s, t in pairs]
     for s, t in pairs:
         for r in t.targets:

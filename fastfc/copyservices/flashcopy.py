@@ -861,6 +861,31 @@ def _check_can_establish(rels: Sequence[FlashCopy]) -> None:
             raise LimitError(f"{s!r} and {t!r} are in different storage units; a FlashCopy "
                              "stays within one unit")
         new_targets.add(id(t))
+    _check_group_chains(rels)
+
+
+def _check_group_chains(rels: Sequence[FlashCopy]) -> None:
+    """Refuse a cycle (or a chain over MAX_CHAIN volumes) that several
+    relationships of one group close together, each one refused by nothing
+    above, as it was checked against the relationships that exist: 3 -> 1
+    exists and a group makes 1 -> 0 and 2 -> 3 while 0 -> 2 exists. Locks held."""
+    up = {id(r.target): r.source for r in rels}
+    if len(rels) < 2:
+        return
+    for r in rels:
+        v: _core.VolumeBase | None = r.source
+        steps, seen = 1, set()
+        while v is not None and id(v) not in seen:   # (a cycle r is not on: found at its own)
+            seen.add(id(v))
+            if v is r.target:
+                raise LimitError(f"{r.source!r} -> {r.target!r} would make a cycle of FlashCopy "
+                                 "relationships with the others of its group")
+            steps += 1
+            if steps > _core.MAX_CHAIN:
+                raise LimitError(f"a FlashCopy chain holds at most {_core.MAX_CHAIN} volumes")
+            above = up.get(id(v))
+            v = above if above is not None else (v._tgt_rel.source if v._tgt_rel is not None
+                                                 else None)
 
 
 @contextlib.contextmanager
