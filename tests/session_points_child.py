@@ -18,7 +18,6 @@ Run by tests/test_points_crash.py.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 from pathlib import Path
@@ -26,20 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from fastfc import GlobalMirror, PointSchedule, StorageUnit
+from points_child import _atomic
 
 N_TRACKS = 8
 TRACK = 16384
 GRAIN = 4096
 SESSION = "s"
-
-
-def _atomic(path: Path, data: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -64,7 +55,8 @@ def main(argv=None) -> int:
 
     def coordinated(seq: int) -> None:
         for i, a in enumerate(A):
-            _atomic(root / "images" / f"{seq}_{i}.npy", a._raw_array().copy())
+            _atomic(root / "images" / f"{seq}_{i}.npy",
+                    lambda f, d=a._raw_array().copy(): np.save(f, d))
 
     gm.on_coordinate = coordinated
 
