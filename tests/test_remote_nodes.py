@@ -121,12 +121,16 @@ op = subprocess.Popen([sys.executable, driver, base, cluster.address, site_a.nod
                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
-def gone(pid):
+def state(pid):        # the process's state letter (ps's STAT); None once it is gone
     try:
-        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return True
-    return False
+        return None
+
+
+def gone(pid):
+    return state(pid) in (None, "Z")      # (an exited child not reaped yet: gone)
 
 
 try:
@@ -142,7 +146,9 @@ try:
     t = time.monotonic()
     cluster.remove_node(cluster.head_node, allow_graceful=False)
     while not (all(gone(p) for p in pids) and op.poll() is not None):
-        assert time.monotonic() - t < 60, "units or driver still running"
+        assert time.monotonic() - t < 60, "still running after 60 s: " + ", ".join(
+            f"{what} {p} state {state(p)}" for what, p in
+            [*(("unit", p) for p in pids), ("driver", op.pid)] if not gone(p))
         time.sleep(0.2)
     print(f"head lost: units and driver ended after {time.monotonic() - t:.1f} s", flush=True)
     # the units' directories hold what they held: reopened (here without
