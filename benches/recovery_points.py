@@ -91,17 +91,32 @@ def write_cost(points: int = 1000, mib: int = 256, writes: int = 20000, rounds: 
             runs[name].append(_time_writes(plain if name == "none" else held, offsets))
         chain.expire_oldest()   # keep `points` held
     out = {"points": points, "mib": mib, "writes": writes, "rounds": rounds,
-           "reserved": reserve, "held": len(chain.points),
-           "none_us": [x * 1e6 for x in runs["none"]], "points_us": [x * 1e6 for x in runs["points"]]}
-    out["none_median_us"] = statistics.median(out["none_us"])
-    out["points_median_us"] = statistics.median(out["points_us"])
-    out["ratio"] = out["points_median_us"] / out["none_median_us"]
-    out["ratio_min"] = min(out["points_us"]) / min(out["none_us"])
+           "reserved": reserve, "held": len(chain.points)}
+    _write_figures(out, runs, paired=False)
     log(f"    4 KiB write{'' if reserve else ' (pool not reserved)'}: none "
         f"{out['none_median_us']:.2f} us, {points} points "
         f"{out['points_median_us']:.2f} us (x{out['ratio']:.2f})")
     plain.close()
     held.close()
+    return out
+
+
+def _write_figures(out: dict, times: dict, paired: bool) -> dict:
+    """Add to ``out`` the figures of a write timed with points held and with
+    none (``times``: seconds per write, keys "points" and "none"): each in
+    us, their medians, the ratio (with ``paired``, the median of the ratios
+    of runs timed side by side; else the ratio of the medians) and the
+    min/min ratio."""
+    out["none_us"] = [x * 1e6 for x in times["none"]]
+    out["points_us"] = [x * 1e6 for x in times["points"]]
+    out["none_median_us"] = statistics.median(out["none_us"])
+    out["points_median_us"] = statistics.median(out["points_us"])
+    if paired:
+        out["ratios"] = [p / n for p, n in zip(times["points"], times["none"])]
+        out["ratio"] = statistics.median(out["ratios"])
+    else:
+        out["ratio"] = out["points_median_us"] / out["none_median_us"]
+    out["ratio_min"] = min(out["points_us"]) / min(out["none_us"])
     return out
 
 
@@ -132,16 +147,10 @@ def write_steady(points: int = 1000, mib: int = 256, per_interval: int = 200,
                 write(off, data)
             times[name].append((time.perf_counter() - t0) / per_interval)
         saved += chain.points[-1].saved_grains
-    ratios = [p / n for p, n in zip(times["points"], times["none"])]
     out = {"points": points, "mib": mib, "per_interval": per_interval,
            "intervals": intervals, "held": len(chain.points),
-           "copied_per_write": saved / (intervals * per_interval),
-           "none_us": [x * 1e6 for x in times["none"]],
-           "points_us": [x * 1e6 for x in times["points"]], "ratios": ratios}
-    out["none_median_us"] = statistics.median(out["none_us"])
-    out["points_median_us"] = statistics.median(out["points_us"])
-    out["ratio"] = statistics.median(ratios)
-    out["ratio_min"] = min(out["points_us"]) / min(out["none_us"])
+           "copied_per_write": saved / (intervals * per_interval)}
+    _write_figures(out, times, paired=True)
     log(f"    4 KiB write, steady window of {points} points: none "
         f"{out['none_median_us']:.2f} us, points {out['points_median_us']:.2f} us "
         f"(x{out['ratio']:.2f}; {out['copied_per_write']:.2f} grains copied per write)")
@@ -196,17 +205,10 @@ def write_durable(points: int = 1000, mib: int = 64, per_interval: int = 200,
                    "intervals": intervals, "durability": durability,
                    "held": len(chain.points), "tmpfs": base == shm,
                    "log_records": chain.log_records,
-                   "copied_per_write": saved / (intervals * per_interval),
-                   "none_us": [x * 1e6 for x in times["none"]],
-                   "points_us": [x * 1e6 for x in times["points"]]}
+                   "copied_per_write": saved / (intervals * per_interval)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ratios = [p / n for p, n in zip(out["points_us"], out["none_us"])]
-    out["ratios"] = ratios
-    out["none_median_us"] = statistics.median(out["none_us"])
-    out["points_median_us"] = statistics.median(out["points_us"])
-    out["ratio"] = statistics.median(ratios)
-    out["ratio_min"] = min(out["points_us"]) / min(out["none_us"])
+    _write_figures(out, times, paired=True)
     log(f"    4 KiB write, {points} durable points held in a unit ({durability}): none "
         f"{out['none_median_us']:.2f} us, points {out['points_median_us']:.2f} us "
         f"(x{out['ratio']:.2f}; {out['copied_per_write']:.2f} grains copied per write)")

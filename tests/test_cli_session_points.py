@@ -7,12 +7,12 @@ unit)."""
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 from click.testing import CliRunner
 
 from fastfc.tools.cli import main
+from test_cli import props
 
 
 @pytest.fixture
@@ -28,15 +28,6 @@ def fastfc(tmp_path):
         return r
 
     return run
-
-
-def props(result) -> dict[str, str]:
-    out = {}
-    for line in result.stdout.splitlines():
-        cells = re.split(r"\s{2,}", line.strip())
-        if len(cells) == 2:
-            out[cells[0]] = cells[1]
-    return out
 
 
 def test_a_session_schedule_through_the_command_line(fastfc):

@@ -52,6 +52,20 @@ def start(remote, tmp_path, i):
     return remote.SecondaryUnit.start(tmp_path / f"u{i}", name=f"{tmp_path.name}-u{i}")
 
 
+def checked_session(units, n):
+    """A session over ``n`` triplets (A in memory, B and C on ``units`` in
+    turn) and its PromiseChecker, attached."""
+    trips = []
+    for i in range(n):
+        u = units[i % len(units)]
+        trips.append((fastfc.Volume(N, TS, name=f"a{i}"), u.create_volume(f"b{i}", N, TS),
+                      u.create_volume(f"c{i}", N, TS)))
+    chk = PromiseChecker()
+    gm = fastfc.GlobalMirror(trips, on_coordinate=chk.on_coordinate)
+    chk.attach(gm)
+    return trips, gm, chk
+
+
 def test_a_unit_started_on_a_busy_path_says_it_is_busy(ray_session, tmp_path):
     """A second actor on a path a unit holds reported ``UnitDownError
     (ActorDiedError during start)``, hiding the ``UnitBusyError`` naming
@@ -98,14 +112,7 @@ def test_ray_unit_contract(ray_session, tmp_path):
 def test_ray_kills_keep_the_promise(ray_session, tmp_path):
     remote = ray_session
     units = [start(remote, tmp_path, i) for i in range(2)]
-    trips = []
-    for i in range(6):
-        u = units[i % 2]
-        trips.append((fastfc.Volume(N, TS, name=f"a{i}"), u.create_volume(f"b{i}", N, TS),
-                      u.create_volume(f"c{i}", N, TS)))
-    chk = PromiseChecker()
-    gm = fastfc.GlobalMirror(trips, on_coordinate=chk.on_coordinate)
-    chk.attach(gm)
+    trips, gm, chk = checked_session(units, 6)
 
     def cgs(n):
         for _ in range(n):
@@ -428,14 +435,7 @@ def test_ray_units_at_power(ray_session, tmp_path):
                                    durability="disk")
     units = [up(i) for i in range(2)]
     assert all(u.info()["durability"] == "power" for u in units)
-    trips = []
-    for i in range(4):
-        u = units[i % 2]
-        trips.append((fastfc.Volume(N, TS, name=f"a{i}"), u.create_volume(f"b{i}", N, TS),
-                      u.create_volume(f"c{i}", N, TS)))
-    chk = PromiseChecker()
-    gm = fastfc.GlobalMirror(trips, on_coordinate=chk.on_coordinate)
-    chk.attach(gm)
+    trips, gm, chk = checked_session(units, 4)
     for k, (unit, where, i) in enumerate([(None, None, 0), (0, "apply", 1), (1, "finish", 0)]):
         for a, _, _ in trips:
             a.write(k * TS, b"x" * 100)
