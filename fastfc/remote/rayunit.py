@@ -14,7 +14,9 @@ that process (the primary) dies, and a new primary finds it by name
 (a clean close), :meth:`SecondaryUnit.kill` (a crash), :func:`stop_units`,
 or the end of the cluster. (A cluster that ``ray.init()`` started inside
 the primary's process ends with it, units and all: for site loss the
-cluster runs on its own, ``ray start``; see docs/guide/remote.md.)
+cluster runs on its own, ``ray start``; see docs/guide/remote.md.) A unit
+whose cluster's GCS stays unreachable for Ray's reconnect timeout ends
+itself (:func:`watch_cluster`), freeing its directory for a new cluster.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from fastfc._optional import require
 from fastfc.errors import FastFCError
@@ -57,6 +61,9 @@ class _UnitActor:
     def open(self) -> None:
         self.server = UnitServer(self._path, durability=self._durability,
                                  kill_point=self._kill_point, kill_armed=self._kill_armed)
+        host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
+        threading.Thread(target=watch_cluster, args=((host, int(port)), gcs_timeout()),
+                         name="fastfc-gcs-watch", daemon=True).start()
 
     def _kill_point(self, where: str, i: int) -> None:
         if self._armed == (where, i):
@@ -86,6 +93,37 @@ class _UnitActor:
 
 
 _Actor = ray.remote(max_restarts=0, max_task_retries=0)(_UnitActor)
+
+
+def gcs_timeout() -> float:
+    """How long a Ray process may go without reaching its cluster's GCS
+    before it ends: Ray's ``gcs_rpc_server_reconnect_timeout_s`` (60 s
+    unless ``RAY_gcs_rpc_server_reconnect_timeout_s`` says otherwise)."""
+    return float(os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", 60))
+
+
+def watch_cluster(gcs: tuple[str, int], timeout: float, *, every: float = 1.0,
+                  end: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGKILL)
+                  ) -> None:
+    """A unit's own check of its cluster: once the GCS at ``gcs`` has
+    refused or ignored connections for ``timeout`` seconds, ``end`` the
+    process (default: at once, as a crash, which every unit survives), so
+    that the unit's lock is free for a unit started on its directory by a
+    new cluster. Ray ends a process that lost the GCS only when that
+    process next needs it: an idle unit's worker was seen still running a
+    minute after its head's node was lost, holding the lock."""
+    last_seen = time.monotonic()
+    while True:
+        try:
+            socket.create_connection(gcs, timeout=min(every, 5.0)).close()
+            last_seen = time.monotonic()
+        except OSError:
+            if time.monotonic() - last_seen >= timeout:
+                print(f"fastfc unit: the cluster's GCS at {gcs[0]}:{gcs[1]} has not "
+                      f"answered for {timeout:g} s: ending", file=sys.stderr, flush=True)
+                end()
+                return
+        time.sleep(every)
 
 
 def _ensure_ray() -> None:
