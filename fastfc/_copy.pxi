@@ -443,6 +443,65 @@ cdef int put_changed_pages(int fd, const uint8_t* cur, const uint8_t* src, Py_ss
     return 0
 
 
+from libc.errno cimport EINVAL
+
+cdef extern from "<sys/mman.h>" nogil:
+    int mincore(void* addr, size_t length, unsigned char* vec)
+    int c_madvise "madvise"(void* addr, size_t length, int advice)
+
+cdef enum:
+    POPULATE_READ = 22      # MADV_POPULATE_READ (Linux 5.14)
+    RESIDENT_SPAN = 1 << 26  # bytes looked at per mincore call
+
+
+def map_resident_pages(mapping):
+    """Map, in this process's page table, every page of the file mapping
+    ``mapping`` (a writable ``mmap``) that is in the page cache now, and no
+    other: ``mincore`` finds them, ``MADV_POPULATE_READ`` maps each run of
+    them (read-only until a store: the page stays clean). Returns the number
+    of pages mapped, or -1 when this kernel has no such advice (nothing else
+    changes). No page is read from the disk but those evicted in between."""
+    cdef Py_buffer view
+    cdef Py_ssize_t page = 4096, n, pos, span, i, run, mapped = 0
+    cdef unsigned char* vec
+    cdef uint8_t* base
+    cdef int bad = 0
+    PyObject_GetBuffer(mapping, &view, PyBUF_WRITABLE)
+    try:
+        base = <uint8_t*>view.buf
+        n = view.len
+        vec = <unsigned char*>calloc(RESIDENT_SPAN // page, 1)
+        if vec == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                pos = 0
+                while pos < n and not bad:
+                    span = n - pos if n - pos < RESIDENT_SPAN else RESIDENT_SPAN
+                    if mincore(base + pos, <size_t>span, vec) != 0:
+                        break
+                    run = -1
+                    for i in range((span + page - 1) // page + 1):
+                        if i < (span + page - 1) // page and vec[i] & 1:
+                            if run < 0:
+                                run = i
+                        elif run >= 0:
+                            if c_madvise(base + pos + run * page,
+                                         <size_t>((i - run) * page), POPULATE_READ) != 0:
+                                bad = errno == EINVAL
+                                if bad:
+                                    break
+                            else:
+                                mapped += i - run
+                            run = -1
+                    pos += span
+        finally:
+            free(vec)
+    finally:
+        PyBuffer_Release(&view)
+    return -1 if bad else mapped
+
+
 # --------------------------------------------------------------------------
 # Buffers
 # --------------------------------------------------------------------------
