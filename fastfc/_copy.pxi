@@ -483,7 +483,7 @@ cdef long cached_pages(int fd, Py_ssize_t off, Py_ssize_t n) noexcept nogil:
 
 def map_resident_pages(mapping, int fd):
     """Map, in this process's page table, every page of the file mapping
-    ``mapping`` (a writable ``mmap`` of ``fd`` from offset 0) that is in the
+    ``mapping`` (an ``mmap`` of ``fd`` from offset 0) that is in the
     page cache now, and no other: ``cachestat`` skips the spans with none
     cached (so a cold or sparse volume costs a call per 64 MiB, not a look
     at each page), ``mincore`` finds them in the others, and
@@ -497,7 +497,7 @@ def map_resident_pages(mapping, int fd):
     cdef uint8_t* base
     cdef long cached
     cdef int bad = 0
-    PyObject_GetBuffer(mapping, &view, PyBUF_WRITABLE)
+    PyObject_GetBuffer(mapping, &view, PyBUF_SIMPLE)
     try:
         base = <uint8_t*>view.buf
         n = view.len
