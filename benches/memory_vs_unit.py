@@ -3,7 +3,10 @@ tmpfs, in this interpreter's fastfc: the ratio a unit's CG path costs.
 
 ``python -m benches.memory_vs_unit CASE SECONDS`` prints one JSON line:
 CGs per second and RPO p99 of a session forming CGs back to back under two
-writers of 4 KiB random writes paced at 200 MB/s in all. CASE is one of
+writers of 4 KiB random writes paced at 200 MB/s in all, and the run's
+time series (``windows``: per 5 s, CGs per second, the writers' MB/s and
+the machine's dirty page cache, which on a disk decides when writeback
+starts). CASE is one of
 
 - ``mem16``: 16 triplets x 64 MiB in memory, 4 KiB tracks, every volume
   written whole first;
@@ -29,22 +32,64 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 from fastfc import GlobalMirror, StorageUnit, Volume
-from fastfc.tools.testing import run_under_writers
+from fastfc.tools.testing import RandomWriters
 
 from benches.gm import copy_counts
 
 MIB = 1 << 20
 
 
+WINDOW = 5.0     # seconds per window of the run's time series
+
+
+def _dirty_mib() -> float | None:
+    """Dirty page-cache MiB of the whole machine (``nr_dirty``), or None."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("nr_dirty "):
+                    return int(line.split()[1]) * 4096 / MIB
+    except OSError:
+        pass
+    return None
+
+
+def _run_in_windows(gm, volumes, seconds: float) -> tuple[RandomWriters, float, list]:
+    """``run_under_writers`` with a time series: per WINDOW seconds, the CGs
+    per second, the writers' MB/s and the machine's dirty page cache at its
+    end (on a disk, writeback starts once that passes the kernel's
+    background threshold, and the figures change with it)."""
+    w = RandomWriters(volumes, threads=2, seed=1, io_size=4096, pace=200e6).start()
+    windows = []
+    try:
+        t0 = time.perf_counter()
+        gm.start()
+        last = (t0, gm.stats.successes, w.bytes)
+        while (now := time.perf_counter()) < t0 + seconds:
+            time.sleep(min(WINDOW, t0 + seconds - now))
+            cur = (time.perf_counter(), gm.stats.successes, w.bytes)
+            dt = cur[0] - last[0]
+            dirty = _dirty_mib()
+            windows.append([round(cur[0] - t0, 1), round((cur[1] - last[1]) / dt, 1),
+                            round((cur[2] - last[2]) / dt / 1e6, 1),
+                            None if dirty is None else round(dirty)])
+            last = cur
+        gm.stop()
+        elapsed = time.perf_counter() - t0
+    finally:
+        w.stop()
+    return w, elapsed, windows
+
+
 def _figures(gm, trips, seconds: float) -> dict:
     before = copy_counts(gm)
-    writers, elapsed = run_under_writers(gm, [t[0] for t in trips], seconds, threads=2,
-                                         seed=1, io_size=4096, pace=200e6)
+    writers, elapsed, windows = _run_in_windows(gm, [t[0] for t in trips], seconds)
     after = copy_counts(gm)
     st = gm.stats
     ph = st.phase_percentiles()
@@ -55,7 +100,9 @@ def _figures(gm, trips, seconds: float) -> dict:
             "flash_p50_ms": ph["flashcopy"]["p50"] * 1e3,
             "drain_p50_ms": ph["drain"]["p50"] * 1e3,
             "write_mb_s": writers.bytes / elapsed / 1e6, "attempts": st.attempts,
-            "copied_per_host_byte": copied}
+            "copied_per_host_byte": copied,
+            "windows": {"columns": ["t_s", "cgs_per_s", "write_mb_s", "dirty_mib"],
+                        "rows": windows}}
 
 
 def memory(n: int, track: int, seconds: float) -> dict:
@@ -107,7 +154,6 @@ def units(n: int, seconds: float, where: str = "/dev/shm") -> dict:
 def idle(kind: str, n: int = 16, reps: int = 30, cgs: int = 150) -> dict:
     """The protocol thread's CPU time per CG, no writers (see the module)."""
     import statistics
-    import time
     nt = 4096
     root = Path(tempfile.mkdtemp(prefix="fastfc-mvu-", dir="/dev/shm"))
     units: tuple = ()

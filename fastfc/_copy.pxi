@@ -443,6 +443,104 @@ cdef int put_changed_pages(int fd, const uint8_t* cur, const uint8_t* src, Py_ss
     return 0
 
 
+from libc.errno cimport EINVAL
+
+cdef extern from "<sys/mman.h>" nogil:
+    int mincore(void* addr, size_t length, unsigned char* vec)
+    int c_madvise "madvise"(void* addr, size_t length, int advice)
+
+cdef extern from "<unistd.h>" nogil:
+    long syscall(long number, ...)
+
+cdef struct cachestat_range:
+    uint64_t off
+    uint64_t len
+
+cdef struct cachestat_t:
+    uint64_t nr_cache
+    uint64_t nr_dirty
+    uint64_t nr_writeback
+    uint64_t nr_evicted
+    uint64_t nr_recently_evicted
+
+cdef enum:
+    POPULATE_READ = 22      # MADV_POPULATE_READ (Linux 5.14)
+    NR_CACHESTAT = 451      # cachestat(2) (Linux 6.5; one number on every architecture)
+    RESIDENT_SPAN = 1 << 26  # bytes looked at per cachestat and mincore call
+
+
+cdef long cached_pages(int fd, Py_ssize_t off, Py_ssize_t n) noexcept nogil:
+    """Pages of ``fd``'s bytes ``[off, off + n)`` in the page cache
+    (``cachestat``: a walk of the cached pages only), or -1 if unknown."""
+    cdef cachestat_range r
+    cdef cachestat_t cs
+    r.off = off
+    r.len = n
+    if syscall(NR_CACHESTAT, fd, &r, &cs, 0) != 0:
+        return -1
+    return <long>cs.nr_cache
+
+
+def map_resident_pages(mapping, int fd):
+    """Map, in this process's page table, every page of the file mapping
+    ``mapping`` (an ``mmap`` of ``fd`` from offset 0) that is in the
+    page cache now, and no other: ``cachestat`` skips the spans with none
+    cached (so a cold or sparse volume costs a call per 64 MiB, not a look
+    at each page), ``mincore`` finds them in the others, and
+    ``MADV_POPULATE_READ`` maps each run of them (read-only until a store:
+    the page stays clean). Returns the number of pages mapped, or -1 when
+    this kernel lacks ``cachestat`` or the advice (nothing more is done).
+    No page is read from the disk but those evicted in between."""
+    cdef Py_buffer view
+    cdef Py_ssize_t page = 4096, n, pos, span, i, run, pages, mapped = 0
+    cdef unsigned char* vec
+    cdef uint8_t* base
+    cdef long cached
+    cdef int bad = 0
+    PyObject_GetBuffer(mapping, &view, PyBUF_SIMPLE)
+    try:
+        base = <uint8_t*>view.buf
+        n = view.len
+        with nogil:
+            cached = cached_pages(fd, 0, n)
+        if cached <= 0:
+            return -1 if cached < 0 else 0
+        vec = <unsigned char*>calloc(RESIDENT_SPAN // page, 1)
+        if vec == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                pos = 0
+                while pos < n and not bad:
+                    span = n - pos if n - pos < RESIDENT_SPAN else RESIDENT_SPAN
+                    pages = (span + page - 1) // page
+                    if cached_pages(fd, pos, span) <= 0:
+                        pos += span
+                        continue
+                    if mincore(base + pos, <size_t>span, vec) != 0:
+                        break
+                    run = -1
+                    for i in range(pages + 1):
+                        if i < pages and vec[i] & 1:
+                            if run < 0:
+                                run = i
+                        elif run >= 0:
+                            if c_madvise(base + pos + run * page,
+                                         <size_t>((i - run) * page), POPULATE_READ) != 0:
+                                bad = errno == EINVAL
+                                if bad:
+                                    break
+                            else:
+                                mapped += i - run
+                            run = -1
+                    pos += span
+        finally:
+            free(vec)
+    finally:
+        PyBuffer_Release(&view)
+    return -1 if bad else mapped
+
+
 # --------------------------------------------------------------------------
 # Buffers
 # --------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from libc.stdint cimport uint64_t, uint8_t, int64_t
 from libc.string cimport memcmp, memcpy, memset
 from libc.stdlib cimport calloc, free
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release,
-                             PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE)
+                             PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_SIMPLE,
+                             PyBUF_WRITABLE)
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_acquire_lock,
                                PyThread_release_lock, WAIT_LOCK, NOWAIT_LOCK,

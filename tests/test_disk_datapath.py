@@ -299,3 +299,49 @@ def test_large_reads_of_a_disk_volume_go_through_the_file(disk_dir):
     got = v.read_batch([0, 65536 * 2], 65536)
     assert np.array_equal(got[1], data[65536 * 2:65536 * 3])
     u.close()
+
+
+def _present_pages(array: np.ndarray, n_pages: int) -> np.ndarray:
+    """Which of the first ``n_pages`` 4 KiB pages of ``array``'s memory are
+    in this process's page table (bit 63 of /proc/self/pagemap)."""
+    addr = array.__array_interface__["data"][0]
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(addr // 4096 * 8)
+        words = np.frombuffer(f.read(n_pages * 8), np.uint64)
+    return (words >> np.uint64(63)).astype(bool)
+
+
+def _read_bytes() -> int:
+    """Bytes this thread had read from the storage layer (task I/O accounting)."""
+    with open("/proc/thread-self/io") as f:
+        return int(next(ln for ln in f if ln.startswith("read_bytes")).split()[1])
+
+
+def test_a_disk_volume_opens_with_its_cached_pages_mapped(disk_dir):
+    """Opening a volume on a disk maps the pages of its file that the page
+    cache holds (so the drain's reads of B and C, and the first store into
+    a page, take no read fault), and reads none that it does not hold: an
+    evicted range stays unmapped and unread, and what the mapping shows is
+    the file's data."""
+    if not os.path.exists("/proc/self/pagemap") or not os.path.exists("/proc/thread-self/io"):
+        pytest.skip("no /proc/self/pagemap or per-task I/O accounting")
+    u = StorageUnit(disk_dir / "c")
+    v = u.create_volume("V", 512, 4096)
+    data = rand(v.capacity, 8)
+    v.write(0, data)
+    u.close()                                   # flushed: the pages are clean
+    fd = os.open(disk_dir / "c" / "volumes" / "V.vol", os.O_RDONLY)
+    try:
+        os.pread(fd, 512 * 4096, 0)             # every page in the cache
+        os.posix_fadvise(fd, 256 * 4096, 256 * 4096, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    before = _read_bytes()
+    u = StorageUnit(disk_dir / "c")
+    v = u.volume("V")
+    present = _present_pages(np.asarray(v.array), 512)
+    assert _read_bytes() - before < 256 * 4096 // 4, "the open read evicted pages"
+    assert present[:256].all(), f"{256 - present[:256].sum()} cached pages unmapped"
+    assert not present[256:].any(), "the open mapped (read) pages the cache did not hold"
+    assert np.array_equal(image(v), data)
+    u.close()
