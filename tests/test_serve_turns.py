@@ -363,3 +363,121 @@ def test_many_reads_in_one_batch_go_out_in_bounded_sends(tmp_path):
             tracemalloc.stop()
         assert seen == list(range(n))
         assert peak < 32 * MIB, peak / MIB
+
+
+# -- the turn's hold: connection threads wait at their socket calls, not in Python --
+
+def test_turn_hold_lets_waiters_go_on_release_or_after_their_timeout():
+    """While a hold is on, ``wait`` waits (without the GIL) until the last
+    hold comes off, or its timeout; off, it does not wait. A waiter goes
+    once a release happened, even if the hold is put on again at once."""
+    from fastfc import _core
+    hold = _core.TurnHold()
+    assert hold.held == 0 and hold.wait(5.0) is False and hold.waits == 0
+    hold.hold(0.01)
+    hold.hold()
+    assert hold.held == 2
+    t = time.monotonic()
+    assert hold.wait(0.05) is True               # timed out
+    assert 0.04 <= time.monotonic() - t < 5 and hold.waits == 1
+    done: list[float] = []
+    waiter = threading.Thread(target=lambda: done.append(hold.wait(60.0)))
+    waiter.start()
+    while hold.waits < 2:
+        time.sleep(0.001)
+    hold.release()                               # one of two: still on
+    time.sleep(0.05)
+    assert not done
+    hold.release()
+    hold.hold()                                  # on again at once: the waiter went
+    waiter.join(10)
+    assert done == [True]
+    hold.release()
+    hold.release()                               # (an extra release is no error)
+    assert hold.held == 0
+
+
+def test_core_socket_calls_do_what_pythons_do():
+    """``nbd_recv_into`` / ``nbd_send_all``: the bytes where asked, 0 once
+    the peer closed, OSError subclasses as Python's socket calls raise, and
+    a range outside the buffer refused before anything is read."""
+    import socket
+    from fastfc import _core
+    hold = _core.TurnHold()
+    a, b = socket.socketpair()
+    try:
+        buf = bytearray(64)
+        b.sendall(b"hello")
+        assert _core.nbd_recv_into(a.fileno(), buf, 10, 20, hold, 1.0) == 5
+        assert bytes(buf[10:15]) == b"hello" and not buf[:10].strip(b"\0")
+        big = bytearray(random.Random(1).randbytes(3 << 20))    # more than a socket buffer
+        got = bytearray()
+        reader = threading.Thread(target=lambda: [got.extend(b.recv(1 << 16))
+                                                  for _ in iter(lambda: len(got) < len(big),
+                                                                False)])
+        reader.start()
+        _core.nbd_send_all(a.fileno(), big, hold, 1.0)
+        reader.join(30)
+        assert got == big
+        with pytest.raises(ValueError, match="outside a buffer"):
+            _core.nbd_recv_into(a.fileno(), buf, 60, 10, hold, 1.0)
+        b.close()
+        assert _core.nbd_recv_into(a.fileno(), buf, 0, 64, hold, 1.0) == 0
+        with pytest.raises(BrokenPipeError):
+            _core.nbd_send_all(a.fileno(), bytearray(1 << 20), hold, 1.0)
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("core_sockets", [True, False])
+def test_while_a_session_holds_the_turn_requests_wait_at_the_socket_not_in_python(
+        tmp_path, core_sockets):
+    """A CG attempt holding the turn and its hold: a connection whose
+    requests arrive meanwhile waits at its socket call, without the GIL,
+    and does not come into Python to ask for the turn (with Python's socket
+    calls, ``core_sockets`` False, it does: it queues at the turn); once
+    the attempt gives both back, the write lands and is answered."""
+    with served(tmp_path, "A", size=4 * MIB) as (server, path):
+        turn = server.turn
+        server.nbd.core_sockets = core_sockets
+        server.nbd.turn_wait = 600.0
+        turn.active += 1
+        try:
+            c = Client(path)
+            c.go("A")
+            turn.hold.hold()
+            assert turn.acquire(alone=True)
+            c.s.sendall(_req(nbd.CMD_WRITE, 1, 0, 4096, b"\x55" * 4096))
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not turn._waiting and not turn.hold.waits:
+                time.sleep(0.005)
+            time.sleep(0.2)
+            assert bool(turn._waiting) is not core_sockets      # in Python or not
+            assert (turn.hold.waits >= 1) is core_sockets
+            with server.lock:
+                assert not server.units.local().volume("A").read(0, 4096).any()
+            turn.release(alone=True)
+            turn.hold.release()
+            magic, err, h = struct.unpack(">IIQ", c.recv(16))
+            assert (magic, err, h) == (nbd.SIMPLE_REPLY_MAGIC, 0, 1)
+            with server.lock:
+                assert bytes(server.units.local().volume("A").read(0, 4096)) == b"\x55" * 4096
+        finally:
+            turn.active -= 1
+
+
+def test_a_session_turn_holds_the_connections_only_while_it_asks_or_holds():
+    """SessionTurn puts the turn's hold on before it asks for every place
+    (after its rest) and takes it off when it gives them back, or when it
+    did not get them."""
+    turn = nbd.Turn(batches=2)
+    st = SessionTurn(turn, share=0.25)
+    assert st.acquire(timeout=1)
+    assert turn.hold.held == 1
+    st.release()
+    assert turn.hold.held == 0
+    assert turn.acquire()                        # a batch holds a place
+    assert st.acquire(timeout=0.05) is False     # (went on without the turn)
+    assert turn.hold.held == 0
+    turn.release()

@@ -72,17 +72,35 @@ class SessionTurn:
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         rest = self._rest_until - time.monotonic()
-        if rest > 0:
+        hold = getattr(self.turn, "hold", None)
+        if hold is not None:
+            # the rest slept without the GIL, then the hold on: the loop
+            # comes back to the GIL with the connection threads held at
+            # their socket calls, not behind each of them
+            hold.hold(rest)
+        elif rest > 0:
             time.sleep(rest)
-        got = self.turn.acquire(blocking, timeout, alone=True)
+        try:
+            got = self.turn.acquire(blocking, timeout, alone=True)
+        except BaseException:
+            if hold is not None:
+                hold.release()
+            raise
         if got:
             self._took = time.monotonic()
+        elif hold is not None:
+            hold.release()
         return got
 
     def release(self) -> bool:
         now = time.monotonic()
         held = now - self._took
-        handed = self.turn.release(alone=True)
+        try:
+            handed = self.turn.release(alone=True)
+        finally:
+            hold = getattr(self.turn, "hold", None)
+            if hold is not None:
+                hold.release()
         self._rest_until = now + min(MAX_REST, held * (1 / self.share - 1)) if handed else 0.0
         return handed
 
