@@ -68,6 +68,8 @@ def install(path: str) -> None:
         cur = getattr(local, "cur", None)
         if cur is not None:
             cur[name] = clock()
+            run, wait, _ = _schedstat(local)
+            cur[name + "r"], cur[name + "w"] = run, wait
 
     def phase(cls, attr: str, name: str) -> None:
         orig = getattr(cls, attr)
@@ -84,6 +86,9 @@ def install(path: str) -> None:
 
     def form(self):
         cur = local.cur = {"t0": clock(), "cpu0": time.thread_time()}
+        turn = self.turn
+        if turn is not None and hasattr(turn, "_rest_until"):
+            cur["rest"] = max(0.0, turn._rest_until - time.monotonic())
         cur["run0"], cur["wait0"], cur["slices0"] = _schedstat(local)
         try:
             res = orig_form(self)

@@ -62,6 +62,7 @@ cdef class TurnHold:
     cdef int count                     # holds on now
     cdef unsigned long long generation  # releases so far (a waiter goes after one)
     cdef unsigned long long n_waits     # threads that waited here, in all
+    cdef unsigned long long waits_then  # n_waits when the hold went on
 
     def __cinit__(self):
         cdef pthread_condattr_t attr
@@ -91,31 +92,58 @@ cdef class TurnHold:
         """How many times a thread waited at the hold (tests, figures)."""
         return self.n_waits
 
+    @property
+    def waited(self):
+        """Whether a thread waited at the hold since it went on."""
+        return self.count > 0 and self.n_waits > self.waits_then
+
     def hold(self, double rest=0.0):
         """Sleep ``rest`` seconds without the GIL, then put the hold on."""
-        cdef timespec ts
         if rest != rest or rest < 0:
             rest = 0.0
         with nogil:
-            if rest > 0:
-                ts.tv_sec = <time_t>rest
-                ts.tv_nsec = <long>((rest - ts.tv_sec) * 1e9)
-                while nanosleep(&ts, &ts) != 0 and errno == EINTR:
-                    pass
-            pthread_mutex_lock(&self.mutex)
-            self.count += 1
-            pthread_mutex_unlock(&self.mutex)
+            _sleep(rest)
+            self._on()
+
+    def rest(self, double rest=0.0):
+        """Take one hold off (as :meth:`release`), sleep ``rest`` seconds and
+        put it on again, all without the GIL: a loop that kept the hold on
+        from the end of one attempt to the start of its rest lets the
+        threads go only once it is out of their way."""
+        if rest != rest or rest < 0:
+            rest = 0.0
+        with nogil:
+            self._off()
+            _sleep(rest)
+            self._on()
+
+    cdef void _on(self) noexcept nogil:
+        pthread_mutex_lock(&self.mutex)
+        if self.count == 0:
+            self.waits_then = self.n_waits
+        self.count += 1
+        pthread_mutex_unlock(&self.mutex)
+
+    cdef bint _off(self) noexcept nogil:
+        cdef bint waited
+        pthread_mutex_lock(&self.mutex)
+        waited = self.n_waits > self.waits_then
+        if self.count > 0:
+            self.count -= 1
+        if self.count == 0:
+            self.generation += 1
+            pthread_cond_broadcast(&self.cond)
+        pthread_mutex_unlock(&self.mutex)
+        return waited
 
     def release(self):
-        """Take one hold off; the last lets every waiting thread go."""
-        with nogil:
-            pthread_mutex_lock(&self.mutex)
-            if self.count > 0:
-                self.count -= 1
-            if self.count == 0:
-                self.generation += 1
-                pthread_cond_broadcast(&self.cond)
-            pthread_mutex_unlock(&self.mutex)
+        """Take one hold off; the last lets every waiting thread go. Returns
+        whether a thread waited at the hold since it went on (the connections
+        wanted to work meanwhile: a session rests before it holds again). The GIL
+        is kept throughout (the mutex is held only for moments, never by a
+        thread waiting for the GIL): giving it up here, the loop would wait
+        to get it back behind the very threads it just let go."""
+        return self._off()
 
     def wait(self, double timeout):
         """Wait while the hold is on, at most ``timeout`` seconds (what a
@@ -149,6 +177,16 @@ cdef class TurnHold:
 
     def __repr__(self):
         return f"<TurnHold {'on' if self.count else 'off'} ({self.count}), {self.n_waits} waits>"
+
+
+cdef void _sleep(double seconds) noexcept nogil:
+    cdef timespec ts
+    if seconds <= 0:
+        return
+    ts.tv_sec = <time_t>seconds
+    ts.tv_nsec = <long>((seconds - ts.tv_sec) * 1e9)
+    while nanosleep(&ts, &ts) != 0 and errno == EINTR:
+        pass
 
 
 cdef inline char* _bytearray_at(bytearray buf, Py_ssize_t at, Py_ssize_t n) except NULL:

@@ -467,17 +467,53 @@ def test_while_a_session_holds_the_turn_requests_wait_at_the_socket_not_in_pytho
             turn.active -= 1
 
 
-def test_a_session_turn_holds_the_connections_only_while_it_asks_or_holds():
-    """SessionTurn puts the turn's hold on before it asks for every place
-    (after its rest) and takes it off when it gives them back, or when it
-    did not get them."""
+def test_a_session_turn_holds_the_connections_from_its_ask_to_its_next_rest():
+    """SessionTurn puts the turn's hold on before it asks for every place,
+    keeps it on after it gives them back (the loop still has Python to
+    run), lets the connections go for the rest before its next ask (and
+    holds them again after it), and takes it off on ``idle`` or when it did
+    not get the places."""
     turn = nbd.Turn(batches=2)
     st = SessionTurn(turn, share=0.25)
     assert st.acquire(timeout=1)
     assert turn.hold.held == 1
     st.release()
+    assert turn.hold.held == 1
+    waited: list[bool] = []
+    waiter = threading.Thread(target=lambda: waited.append(turn.hold.wait(60.0)))
+    waiter.start()
+    while turn.hold.waits < 1:
+        time.sleep(0.001)
+    assert st.acquire(timeout=1)                 # its rest let the waiter go
+    waiter.join(10)
+    assert waited == [True] and turn.hold.held == 1
+    st.release()
+    st.idle()
     assert turn.hold.held == 0
     assert turn.acquire()                        # a batch holds a place
     assert st.acquire(timeout=0.05) is False     # (went on without the turn)
     assert turn.hold.held == 0
     turn.release()
+
+
+def test_a_session_loop_holds_the_connections_while_it_runs_and_not_after(tmp_path):
+    """A session's loop in a server: its coordinations happen with the hold
+    on; stopped, it leaves the hold off."""
+    from fastfc.copyservices.globalmirror import GlobalMirror
+    with StorageUnit(tmp_path / "a") as ua, StorageUnit(tmp_path / "b") as ub:
+        a = ua.create_volume("A", 4)
+        b = ub.create_volume("B", 4)
+        c = ub.create_volume("C", 4)
+        gm = GlobalMirror([(a, b, c)], name="S")
+        turn = nbd.Turn()
+        held: list[int] = []
+        gm.on_coordinate = lambda seq: held.append(turn.hold.held)
+        loops = SessionLoops(turn)
+        assert loops.start(gm)
+        deadline = time.monotonic() + 60
+        while gm.stats.successes < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loops.stop(gm)
+        assert held and all(h == 1 for h in held)
+        assert turn.hold.held == 0
+        gm.close()
