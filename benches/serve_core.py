@@ -6,9 +6,7 @@ build, the builds taking turns round after round (the machine is shared).
     python -m benches.serve_core [--old PATH] [--reps N] [--seconds S] [--track 64K]
 
 Builds: ``core`` (this tree), ``python`` (this tree with
-``NBDServer.core_batches = False``), ``pysockets`` (this tree with
-``NBDServer.core_sockets = False``: Python's socket calls, no connection
-waiting at the turn's hold), and ``main`` when ``--old`` names
+``NBDServer.core_batches = False``), and ``main`` when ``--old`` names
 another tree with its extension built in place (``python setup.py
 build_ext --inplace`` there). Prints, per build, the min / median over the
 repetitions of: client IOPS with the session and paused and their ratio,
@@ -30,11 +28,6 @@ from benches import serve as sv
 
 PYTHON_LOOP = ("-c", "from fastfc.tools import nbd; nbd.NBDServer.core_batches = False; "
                      "from fastfc.tools.cli import main; main(prog_name='fastfc')")
-
-#: the core's batches with Python's socket calls: no connection thread waits
-#: at the turn's hold (``NBDServer.core_sockets = False``)
-PYTHON_SOCKETS = ("-c", "from fastfc.tools import nbd; nbd.NBDServer.core_sockets = False; "
-                        "from fastfc.tools.cli import main; main(prog_name='fastfc')")
 
 FIGURES = ("iops_with", "iops_without", "ratio", "rpo_p50_ms", "rpo_p99_ms",
            "answer_with_p50_ms", "answer_with_p99_ms", "cgs_per_s", "server_cores_with",
@@ -105,7 +98,6 @@ def main(argv: list[str] | None = None) -> None:
                     help="plain serving (no session) instead: randwrite / randread kIOPS")
     args = ap.parse_args(argv)
     builds = {"core": dict(), "python": dict(server=PYTHON_LOOP),
-              "pysockets": dict(server=PYTHON_SOCKETS),
               "main": dict(server_path=os.path.abspath(args.old)) if args.old else None}
     order = [b for b in args.builds.split(",") if builds.get(b) is not None]
     if args.plain:

@@ -203,9 +203,6 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--serve":
         install(os.environ["FASTFC_TRACE"])
-        if os.environ.get("FASTFC_TRACE_PYSOCKETS"):
-            from fastfc.tools import nbd
-            nbd.NBDServer.core_sockets = False
         from fastfc.tools.cli import main as cli_main
         cli_main(args=argv[1:], prog_name="fastfc")
         return

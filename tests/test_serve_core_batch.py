@@ -328,10 +328,9 @@ def _random_stream(rng: random.Random, size: int, structured: bool, n: int) -> b
 
 
 def _run_stream(tmp_path, core: bool, structured: bool, stream: bytes, seed: int,
-                target: bool, monkeypatch, sockets: bool = True) -> tuple[bytes, bytes, list]:
+                target: bool, monkeypatch) -> tuple[bytes, bytes, list]:
     """Send ``stream`` (in pieces cut anywhere) to a server carrying out its
-    batches in the core or not (its socket calls the core's, ``sockets``,
-    or Python's); its replies, the export's bytes, counts."""
+    batches in the core or not; its replies, the export's bytes, counts."""
     rng = random.Random(seed)
     calls = []
     batch = _core.nbd_batch
@@ -345,7 +344,6 @@ def _run_stream(tmp_path, core: bool, structured: bool, stream: bytes, seed: int
     with served(tmp_path / ("core" if core else "python"), "S", "T", size=2 * MIB) as (
             server, path):
         server.nbd.core_batches = core
-        server.nbd.core_sockets = sockets
         with server.lock:
             u = server.units.local()
             u.volume("S").write(0, random.Random(seed).randbytes(2 * MIB))
@@ -398,17 +396,3 @@ def test_random_streams_get_the_same_replies_bytes_and_counts_either_way(
         assert core[0] == python[0]
         assert core[1] == python[1]
         assert core[2] == python[2]
-
-
-def test_random_streams_get_the_same_replies_through_either_socket_calls(tmp_path, monkeypatch):
-    """Model: the same random stream to a server whose connections receive
-    and send through the core's socket calls (which wait at the turn's
-    hold) and to one using Python's: byte for byte the same replies, the
-    same volume bytes, the same counts."""
-    rng = random.Random(11)
-    stream = _random_stream(rng, 2 * MIB, True, 300)
-    core = _run_stream(tmp_path / "core", True, True, stream, 11, False, monkeypatch)
-    python = _run_stream(tmp_path / "python", True, True, stream, 11, False, monkeypatch,
-                         sockets=False)
-    assert len(core[0]) > 300 * 16
-    assert core == python

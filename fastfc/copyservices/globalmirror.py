@@ -1031,24 +1031,9 @@ class GlobalMirror:
         if self.state is GMState.RUNNING:
             self.state = GMState.IDLE
 
-    def _turn_idle(self) -> None:
-        """The loop does something else than its next attempt: a turn that
-        holds others off between attempts (``turn.idle``) lets them go."""
-        with self._lock:
-            idle = getattr(self.turn, "idle", None)
-            if idle is not None:
-                idle()
-
     def _loop(self) -> None:
-        try:
-            self._loop_attempts()
-        finally:
-            self._turn_idle()
-
-    def _loop_attempts(self) -> None:
         while not self._stop.is_set():
             if self.state is GMState.FATAL:
-                self._turn_idle()
                 self._stop.wait(0.05)
                 continue
             try:
@@ -1061,13 +1046,10 @@ class GlobalMirror:
                 continue
             try:
                 if res.cause in (Cause.DRAIN_TIMEOUT, Cause.LINK_DOWN, Cause.DRAIN_ERROR):
-                    self._turn_idle()
                     self._catch_up()
                 elif self.cg_interval:
-                    self._turn_idle()
                     self._global_copy_for(self.cg_interval)
                 elif not res.committed:
-                    self._turn_idle()
                     self._stop.wait(0.001)
             except FastFCError:
                 # Global Copy between CGs failed (a link or a unit went down):

@@ -394,18 +394,7 @@ class Turn:
     take it the same way: they hold the GIL while they run (the volume path
     they share with every host raises Python exceptions and calls Python
     hooks), so a connection working competes with the loop as before, only
-    for less time per request.
-
-    :attr:`hold` (:class:`fastfc._core.TurnHold`): a CG attempt puts it on
-    before it comes back to the GIL to ask for every place, and takes it off
-    once it gave them back; meanwhile a connection thread coming out of a
-    recv or a send waits at it without the GIL (:attr:`NBDServer.core_sockets`)
-    instead of taking the GIL to get as far as the turn. The loop then
-    waits for the GIL behind the threads already in Python only, not
-    behind every one whose socket call returns while it works: those were
-    where an attempt's slowest milliseconds went (the loop asleep, waiting
-    to get the GIL back after its rest, its wait for the turn or a drain
-    without the GIL, 20-80 ms in one attempt under load)."""
+    for less time per request."""
 
     def __init__(self, batches: int | None = None) -> None:
         #: how many batches may be carried out at once (a CG attempt takes
@@ -416,9 +405,6 @@ class Turn:
         self._waiting: collections.deque[list] = collections.deque()   # [lock, places], in order
         #: how many sessions take turns now: the connections take it only then
         self.active = 0
-        #: on while a CG attempt asks for or holds every place: the
-        #: connection threads' socket calls wait at it before the GIL
-        self.hold = _core.TurnHold()
 
     def __repr__(self) -> str:
         return (f"<Turn {self.batches - self._free} of {self.batches} place(s) taken, "
@@ -568,12 +554,6 @@ class NBDServer:
     #: this module's loop (the same replies, bytes and counts: the tests and
     #: benchmarks compare the two)
     core_batches = True
-    #: whether a connection's recv and send on a plain socket (no TLS) are
-    #: the core's (:func:`fastfc._core.nbd_recv_into`, :func:`~fastfc._core.nbd_send_all`:
-    #: the GIL given up around the call, as Python's are), which wait at the
-    #: turn's :attr:`Turn.hold` before they take the GIL back; False: Python's
-    #: socket calls, which take it back at once (the benchmarks compare them)
-    core_sockets = True
 
     def __init__(self, lookup: Lookup, names: Callable[[], list[tuple[str, str]]],
                  lock: "LookupLock", *, tls: ssl.SSLContext | None = None,
@@ -1037,28 +1017,9 @@ class NBDServer:
                 held = tried = False
                 turns.release()
 
-        # the socket calls: the core's while a turn's hold may be on (a
-        # plain socket), which wait at the hold without the GIL, else Python's
-        hold = getattr(turns, "hold", None) if self.core_sockets else None
-        if hold is not None and type(sock) is socket.socket and sock.gettimeout() is None:
-            fd = sock.fileno()
-            core_recv, core_send = _core.nbd_recv_into, _core.nbd_send_all
-
-            def send_all() -> None:
-                core_send(fd, out, hold, wait)
-
-            def recv(at: int) -> int:
-                return core_recv(fd, rbuf, at, room - at, hold, wait)
-        else:
-            def send_all() -> None:
-                sock.sendall(out)
-
-            def recv(at: int) -> int:
-                return sock.recv_into(rview[at:], room - at)
-
         def send_replies() -> None:
             give_turn()
-            send_all()
+            sock.sendall(out)
             now = clock()
             for op, n, err, t in answered:
                 note(op, n, err, now - t)
@@ -1217,7 +1178,7 @@ class NBDServer:
                 elif room - start < hsize + KEEP:  # keep room for a whole request
                     rbuf[:end - start] = rbuf[start:end]
                     start, end = 0, end - start
-                k = recv(end)
+                k = sock.recv_into(rview[end:], room - end)
                 declined = False
                 if k == 0:
                     if end - start >= hsize:     # a small write's header, not all its data

@@ -59,66 +59,32 @@ class SessionTurn:
     when it gave it back leaves it to them for a while before the next
     attempt asks again, so that back-to-back attempts (a CG interval of 0)
     hold it for at most :attr:`share` of the time the turn is wanted
-    (resting at most :data:`MAX_REST` seconds between attempts).
-
-    The turn's hold (:attr:`~fastfc.tools.nbd.Turn.hold`): on from the
-    start of an attempt's ask for the turn to the start of the loop's next
-    rest (or :meth:`idle`): the connection threads wait at their socket
-    calls, without the GIL, while the loop works, and are let go at the
-    moment the loop gives the GIL up to rest; the rest is slept without the
-    GIL and ends with the hold on again, so that the loop, coming back to
-    the GIL, waits only for the threads already in Python."""
+    (resting at most :data:`MAX_REST` seconds between attempts)."""
 
     def __init__(self, turn: Any, share: float | None = None) -> None:
         self.turn = turn
         self.share = TURN_SHARE if share is None else share
         self._took = 0.0
         self._rest_until = 0.0
-        self._holding = False       # the hold kept on since the last attempt
 
     def __repr__(self) -> str:
         return f"<SessionTurn of {self.turn!r}, share {self.share:g}>"
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         rest = self._rest_until - time.monotonic()
-        hold = getattr(self.turn, "hold", None)
-        if hold is None:
-            if rest > 0:
-                time.sleep(rest)
-        elif self._holding:
-            hold.rest(rest)         # off, the rest, on again: without the GIL
-        else:
-            hold.hold(rest)
-            self._holding = True
-        try:
-            got = self.turn.acquire(blocking, timeout, alone=True)
-        except BaseException:
-            self.idle()
-            raise
+        if rest > 0:
+            time.sleep(rest)
+        got = self.turn.acquire(blocking, timeout, alone=True)
         if got:
             self._took = time.monotonic()
-        else:
-            self.idle()
         return got
 
     def release(self) -> bool:
-        """Give every place back (the hold stays on until the next rest or
-        :meth:`idle`); True if requests waited for the turn or at the hold."""
         now = time.monotonic()
         held = now - self._took
         handed = self.turn.release(alone=True)
-        hold = getattr(self.turn, "hold", None)
-        # (requests that waited at the hold wanted the turn too)
-        handed = handed or (hold is not None and hold.waited)
         self._rest_until = now + min(MAX_REST, held * (1 / self.share - 1)) if handed else 0.0
         return handed
-
-    def idle(self) -> None:
-        """The loop goes on to something else than its next attempt (or
-        stops): take the hold off now."""
-        if self._holding:
-            self._holding = False
-            self.turn.hold.release()
 
 
 @dataclass
@@ -191,15 +157,11 @@ class SessionLoops:
         return True
 
     def _drop_turn(self, gm: GlobalMirror) -> None:
-        """``gm``'s loop stopped: it takes no more turns (nor holds the
-        connections)."""
+        """``gm``'s loop stopped: it takes no more turns."""
         gm.turn = None
         with self._guard:
-            turn = self._turns.pop(gm, None)
-            if turn is not None:
+            if self._turns.pop(gm, None) is not None:
                 self.turn.active -= 1
-        if turn is not None:
-            turn.idle()
 
     @staticmethod
     def _local(gm: GlobalMirror) -> bool:
