@@ -11,10 +11,11 @@ Written as JSON lines to ``$FASTFC_TRACE`` when the server exits.
 
     python -m benches.serve_trace [--seconds S] [--rounds N] [--track 64K]
 
-runs ``gm_under_fio``'s session-running window through it and prints the
-summary (:func:`summary`): per attempt, the loop thread's wall time split
-into on a CPU, runnable waiting for one, and the rest (sleeping: the GIL,
-locks, the turn, rests), for all attempts and for the slowest 5%.
+runs ``gm_under_fio``'s session-running and paused windows through it and
+prints the summary (:func:`summary`): for the attempts that drained while
+fio wrote, the loop thread's wall time by phase and by state (on a CPU,
+runnable waiting for one, sleeping: its rest, the GIL, the turn), all and
+the slowest 5%. docs/measurements/serve-gm.md has what it found.
 """
 
 from __future__ import annotations
@@ -121,36 +122,53 @@ def install(path: str) -> None:
     atexit.register(dump)
 
 
+def _phase(r: dict, name: str) -> float:
+    return r.get(name + "1", 0.0) - r.get(name + "0", 0.0)
+
+
+def split(rs: list[dict]) -> dict:
+    """Where the wall time of attempts ``rs`` went: by phase (``rest``: the
+    rest planned before the ask, by :class:`SessionTurn`; ``after_rest``:
+    from its end to the ask for the turn: the wake-up, the GIL taken back;
+    ``turn``: the wait for every place; then coordination, drain,
+    FlashCopy phase, release, other) and by the thread's state (on a CPU,
+    runnable waiting for one, sleeping), as shares; per attempt: wall, MB,
+    CPU, times put on a CPU."""
+    if not rs:
+        return {}
+    tot = sum(r["t1"] - r["t0"] for r in rs)
+    rest = sum(r.get("rest", 0.0) for r in rs)
+    parts = {"rest": rest,
+             "after_rest": sum(r["tacq0"] - r["turn0"] for r in rs if "tacq0" in r) - rest,
+             "turn": sum(_phase(r, "tacq") for r in rs),
+             "coordinate": sum(_phase(r, "coord") for r in rs),
+             "drain": sum(_phase(r, "drain") for r in rs),
+             "flashcopy": sum(_phase(r, "flash") for r in rs),
+             "release": sum(_phase(r, "release") for r in rs)}
+    parts["other"] = tot - sum(parts.values())
+    run = sum(r["run1"] - r["run0"] for r in rs)
+    wait = sum(r["wait1"] - r["wait0"] for r in rs)
+    n = len(rs)
+    return {"n": n, "wall_ms": tot / n * 1e3,
+            "mb": sum(r["bytes"] for r in rs) / n / 1e6,
+            "cpu_ms": run / n * 1e3,
+            "put_on_cpu": sum(r["slices1"] - r["slices0"] for r in rs) / n,
+            "share": {k: round(v / tot, 3) for k, v in parts.items()},
+            "on_cpu": run / tot, "runnable": wait / tot, "sleeping": 1 - (run + wait) / tot}
+
+
 def summary(rows: list[dict]) -> dict:
-    """Per attempt: wall, on CPU (schedstat run), runnable (schedstat wait),
-    the rest (sleeping); and by phase, wall time; for all and the slowest 5%."""
-    def split(rs: list[dict]) -> dict:
-        if not rs:
-            return {}
-        wall = sum(r["t1"] - r["t0"] for r in rs)
-        run = sum(r["run1"] - r["run0"] for r in rs)
-        wait = sum(r["wait1"] - r["wait0"] for r in rs)
-        cpu = sum(r["cpu1"] - r["cpu0"] for r in rs)
-        slices = sum(r["slices1"] - r["slices0"] for r in rs)
-        out = {"n": len(rs), "wall_ms_mean": wall / len(rs) * 1e3,
-               "on_cpu": run / wall, "runnable": wait / wall,
-               "sleeping": 1 - (run + wait) / wall, "thread_cpu": cpu / wall,
-               "cpu_ms_mean": cpu / len(rs) * 1e3, "slices_mean": slices / len(rs),
-               "mb_mean": sum(r["bytes"] for r in rs) / len(rs) / 1e6}
-        for p in ("turn", "tacq", "coord", "drain", "flash", "release"):
-            xs = [r[p + "1"] - r[p + "0"] for r in rs if p + "0" in r and p + "1" in r]
-            out[p + "_share"] = sum(xs) / wall
-        return out
-    rows = busy(rows)
-    walls = sorted(r["t1"] - r["t0"] for r in rows)
-    cut = walls[int(len(walls) * 0.95)] if walls else 0
-    gaps = [b["t0"] - a["t1"] for a, b in zip(rows, rows[1:])]
-    return {"attempts": len(rows), "wall_ms_p50": statistics.median(walls) * 1e3 if walls else 0,
-            "wall_ms_p99": walls[int(len(walls) * 0.99)] * 1e3 if walls else 0,
-            "gap_ms_max": max(gaps, default=0) * 1e3,
-            "all": split(rows), "slowest_5pct": split([r for r in rows
-                                                        if r["t1"] - r["t0"] >= cut]),
-            "rpo_time_weighted": rpo_over_time(rows)}
+    """The attempts that drained while clients wrote (:func:`busy`, less
+    the first catch-up after a resume: over 20 MB), all and the slowest 5%
+    (:func:`split`); the time between attempts; the RPO over time."""
+    rs = [r for r in busy(rows) if 0 < r["bytes"] < 20e6]
+    slow = sorted(rs, key=lambda r: r["t1"] - r["t0"])[-max(1, len(rs) // 20):]
+    every = busy(rows)
+    gaps = sorted(b["t0"] - a["t1"] for a, b in zip(every, every[1:]) if b["t0"] - a["t1"] < 0.5)
+    return {"drained": split(rs), "slowest_5pct": split(slow),
+            "between_attempts_ms": {"p99": gaps[int(len(gaps) * 0.99)] * 1e3 if gaps else 0,
+                                    "max": gaps[-1] * 1e3 if gaps else 0},
+            "rpo_time_weighted": rpo_over_time(every)}
 
 
 def busy(rows: list[dict]) -> list[dict]:
