@@ -69,8 +69,7 @@ def install(path: str) -> None:
         cur = getattr(local, "cur", None)
         if cur is not None:
             cur[name] = clock()
-            run, wait, _ = _schedstat(local)
-            cur[name + "r"], cur[name + "w"] = run, wait
+            cur[name + "r"], cur[name + "w"], cur[name + "s"] = _schedstat(local)
 
     def phase(cls, attr: str, name: str) -> None:
         orig = getattr(cls, attr)
@@ -149,10 +148,18 @@ def split(rs: list[dict]) -> dict:
     run = sum(r["run1"] - r["run0"] for r in rs)
     wait = sum(r["wait1"] - r["wait0"] for r in rs)
     n = len(rs)
+    # times put on a CPU, by phase (each a wake-up or a return from preemption)
+    on = {"to_ask": sum(r["tacq0s"] - r["slices0"] for r in rs if "tacq0s" in r),
+          "turn": sum(r["tacq1s"] - r["tacq0s"] for r in rs if "tacq1s" in r),
+          "drain": sum(r["drain1s"] - r["drain0s"] for r in rs if "drain1s" in r),
+          "flashcopy": sum(r["flash1s"] - r["flash0s"] for r in rs if "flash1s" in r),
+          "release": sum(r["release1s"] - r["release0s"] for r in rs if "release1s" in r)}
+    on["other"] = sum(r["slices1"] - r["slices0"] for r in rs) - sum(on.values())
     return {"n": n, "wall_ms": tot / n * 1e3,
             "mb": sum(r["bytes"] for r in rs) / n / 1e6,
             "cpu_ms": run / n * 1e3,
             "put_on_cpu": sum(r["slices1"] - r["slices0"] for r in rs) / n,
+            "put_on_cpu_by_phase": {k: round(v / n, 2) for k, v in on.items()},
             "share": {k: round(v / tot, 3) for k, v in parts.items()},
             "on_cpu": run / tot, "runnable": wait / tot, "sleeping": 1 - (run + wait) / tot}
 
