@@ -46,10 +46,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import pickle
 import secrets
+import select
 import socket
 import struct
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -154,20 +157,18 @@ class _Buffers:
             self._buf = buf
         return buf
 
-    def give_back(self, views: list[memoryview]) -> None:
-        """The views the last message was rebuilt over: if anything still
-        uses one (an array the call kept), its array is not reused."""
-        for v in views:
-            try:
-                v.release()
-            except BufferError:
-                self._buf = None
+    def give_back(self) -> None:
+        """The last message's views are dropped: if anything still uses its
+        buffer (an array the call kept holds a view of it, and through
+        it the buffer), the buffer is not reused."""
+        if self._buf is not None and sys.getrefcount(self._buf) > 2:   # ours, the argument's
+            self._buf = None
 
 
 def recv_message(sock: socket.socket, timeout: float | None, buffers: _Buffers,
-                 first_timeout: float | None = -1.0) -> tuple[Any, list[memoryview]]:
-    """Receive one message: its object and the views of its buffers (for
-    :meth:`_Buffers.give_back`). ``first_timeout`` bounds the wait for
+                 first_timeout: float | None = -1.0) -> Any:
+    """Receive one message's object (its arrays over ``buffers``; drop it,
+    then :meth:`_Buffers.give_back`). ``first_timeout`` bounds the wait for
     its first byte (-1: as ``timeout``); ``timeout`` the rest."""
     hdr = bytearray(HEADER.size)
     if first_timeout is None or first_timeout != -1.0:
@@ -197,8 +198,7 @@ def recv_message(sock: socket.socket, timeout: float | None, buffers: _Buffers,
         views.append(whole[off:off + n])
         off += n + (-n % ALIGN)
     whole.release()
-    obj = pickle.loads(memoryview(meta)[8 * nbufs:], buffers=views)
-    return obj, views
+    return pickle.loads(memoryview(meta)[8 * nbufs:], buffers=views)
 
 
 # -- authentication ------------------------------------------------------------------
@@ -298,7 +298,7 @@ class StreamServer:
                 return                      # nothing of its unpickled
             while True:
                 try:
-                    req, views = recv_message(conn, SERVER_IO_TIMEOUT, buffers,
+                    req = recv_message(conn, SERVER_IO_TIMEOUT, buffers,
                                               first_timeout=None)
                 except (StreamBroken, OSError, pickle.UnpicklingError, EOFError):
                     return
@@ -320,8 +320,7 @@ class StreamServer:
                 send_parts(conn, parts, SERVER_IO_TIMEOUT)
                 del parts
                 self.served += 1
-                buffers.give_back(views)
-                del views
+                buffers.give_back()
         except (OSError, StreamBroken):
             return
         finally:
@@ -382,6 +381,10 @@ class StreamClient:
                                 f"{self.address[1]} closed during authentication "
                                 f"(a wrong token, or the unit died: {e})") from None
         self.sock = sock
+        # the sending side: the same connection, non-blocking (its own
+        # timeout setting, apart from the reader's)
+        self._tx = socket.socket(fileno=os.dup(sock.fileno()))
+        self._tx.setblocking(False)
         self._send = threading.Lock()
         self._recv = threading.Lock()
         self._sent = 0              # requests sent
@@ -402,6 +405,7 @@ class StreamClient:
             except OSError:
                 pass
             self.sock.close()
+            self._tx.close()
             if self.on_break is not None:
                 self.on_break(self)
 
@@ -415,13 +419,57 @@ class StreamClient:
                 return _Refused(UnitDownError(f"unit {self.unit} is down ({self.broken})"))
             seq = self._sent
             try:
-                send_parts(self.sock, parts, self.timeout())
-            except (OSError, StreamBroken) as e:
+                self._send_parts(parts, time.monotonic() + self.timeout())
+            except (OSError, StreamBroken, pickle.UnpicklingError, EOFError) as e:
                 why = _why(e, "sending", method)
                 self._break(why)
                 return _Refused(UnitDownError(f"unit {self.unit} is down ({why})"))
             self._sent += 1
         return StreamPending(self, seq, method)
+
+    def _send_parts(self, parts: list[Any], end: float) -> None:
+        """Send a message without blocking on a full socket: while the
+        server cannot take more (it is sending an answer nobody reads yet),
+        read its answers (kept for their callers) unless another thread
+        is reading them."""
+        views = [memoryview(p) for p in parts if len(p)]
+        i = 0
+        while i < len(views):
+            try:
+                n = self._tx.sendmsg(views[i:i + IOV_MAX])
+            except BlockingIOError:
+                self._wait_room(end)
+                continue
+            while n and i < len(views):
+                k = views[i].nbytes
+                if n >= k:
+                    n -= k
+                    i += 1
+                else:
+                    views[i] = views[i][n:]
+                    n = 0
+
+    def _wait_room(self, end: float) -> None:
+        poll = select.poll()
+        poll.register(self._tx.fileno(), select.POLLOUT | select.POLLIN)
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            events = poll.poll(max(1, int(min(left, 0.05) * 1e3)))
+            flags = events[0][1] if events else 0
+            if flags & (select.POLLOUT | select.POLLERR | select.POLLHUP):
+                return
+            if flags & select.POLLIN:
+                if not self._recv.acquire(blocking=False):
+                    time.sleep(0.001)       # the reader is at it
+                    continue
+                try:
+                    got = recv_message(self.sock, self.timeout(), self._buffers)
+                    self._answers[self._read] = got
+                    self._read += 1
+                finally:
+                    self._recv.release()
 
     def _wait(self, seq: int, method: str) -> tuple[int, Any]:
         with self._recv:
@@ -431,7 +479,7 @@ class StreamClient:
                                         f"{method} unanswered)")
                 t = self.timeout()
                 try:
-                    got, views = recv_message(self.sock, t, self._buffers)
+                    got = recv_message(self.sock, t, self._buffers)
                 except (OSError, StreamBroken, pickle.UnpicklingError, EOFError) as e:
                     if isinstance(e, socket.timeout):
                         why = f"did not answer {method} within {t:.0f} s"
