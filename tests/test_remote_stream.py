@@ -73,11 +73,11 @@ def test_messages_round_trip_as_pickle_does():
         sender.start()
         bufs = stream._Buffers(reuse=True)
         for o in objs:
-            got = stream.recv_message(b, 10, bufs)
+            got, buf = stream.recv_message(b, 10, bufs)
             assert _same(o, got), (o, got)
             assert _same(pickle.loads(pickle.dumps(o, protocol=5)), got)
             del got
-            bufs.give_back()
+            bufs.give_back(buf)
         sender.join()
     finally:
         a.close()
@@ -94,19 +94,18 @@ def test_a_kept_array_is_never_overwritten_by_the_next_message():
         bufs = stream._Buffers(reuse=True)
         first = np.full(1 << 16, 1, np.uint8)
         stream.send_parts(a, stream.encode(("m", (first,))), 10)
-        _, (kept,) = stream.recv_message(b, 10, bufs)
-        where = kept.__array_interface__["data"][0]
-        bufs.give_back()                            # the call kept `kept`
+        (_, (kept,)), buf = stream.recv_message(b, 10, bufs)
+        assert np.shares_memory(kept, buf)
+        bufs.give_back(buf)                         # the call kept `kept`
         stream.send_parts(a, stream.encode(("m", (np.full(1 << 16, 2, np.uint8),)),), 10)
-        _, (second,) = stream.recv_message(b, 10, bufs)
+        (_, (second,)), buf = stream.recv_message(b, 10, bufs)
         assert (kept == 1).all() and (second == 2).all()
-        assert second.__array_interface__["data"][0] != where
+        assert not np.shares_memory(second, kept)
         del second, kept
-        bufs.give_back()                            # dropped: reused
-        reused = bufs.take(1 << 16)
+        bufs.give_back(buf)                         # dropped: reused
         stream.send_parts(a, stream.encode(("m", (np.full(1 << 16, 3, np.uint8),)),), 10)
-        _, (third,) = stream.recv_message(b, 10, bufs)
-        assert np.shares_memory(third, reused) and (third == 3).all()
+        (_, (third,)), again = stream.recv_message(b, 10, bufs)
+        assert again is buf and np.shares_memory(third, buf) and (third == 3).all()
     finally:
         a.close()
         b.close()
@@ -298,7 +297,7 @@ def test_a_wrong_token_is_refused_and_nothing_of_its_peer_unpickled(child_units,
                 s.sendall(b"".join(bytes(p) for p in evil))
                 if s.recv(1) != b"\x01":
                     return None
-                return stream.recv_message(s, 5, stream._Buffers(False))
+                return stream.recv_message(s, 5, stream._Buffers(False))[0]
             except OSError:
                 return None
 

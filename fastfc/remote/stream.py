@@ -48,6 +48,7 @@ import hashlib
 import hmac
 import os
 import pickle
+import queue
 import secrets
 import select
 import socket
@@ -73,6 +74,7 @@ MAX_BUFFERS = 1 << 20
 IOV_MAX = 512                   # buffers per sendmsg
 HANDSHAKE_TIMEOUT = 10.0        # seconds a new peer may take to authenticate
 SERVER_IO_TIMEOUT = 120.0       # seconds the server waits inside one message or answer
+READ_AHEAD = 2                  # requests a server receives ahead of the one it runs
 _ZEROS = bytes(ALIGN)
 
 # what a unit raised that reaches the caller as itself (anything else as a
@@ -82,6 +84,15 @@ PASSED_THROUGH = (FastFCError, ValueError, TypeError, KeyError, IndexError)
 
 class StreamBroken(ConnectionError):
     """The peer closed or reset the connection, or did not answer in time."""
+
+
+class Unreadable(Exception):
+    """A whole message arrived (the stream is still in step) but its pickle
+    could not be loaded here (``cause``)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
 
 
 # -- framing -------------------------------------------------------------------------
@@ -141,34 +152,41 @@ def _recv_into(sock: socket.socket, view: memoryview, end: float | None) -> None
 
 
 class _Buffers:
-    """Where a message's data part is received: one array reused from
-    message to message while nothing received into it is still alive
-    (``reuse``), else a new one per message."""
+    """Where messages' data parts are received: with ``reuse``, arrays
+    given back after their message was handled are taken again (up to
+    ``keep`` of them), unless something received into one is still alive
+    (an array the call kept); else a new array per message. ``_free`` is
+    shared by a connection's reader and its executor: list appends and
+    pops are atomic."""
 
-    def __init__(self, reuse: bool) -> None:
-        self.reuse = reuse
-        self._buf: np.ndarray | None = None
+    def __init__(self, reuse: bool, keep: int = 3) -> None:
+        self.reuse, self.keep = reuse, keep
+        self._free: list[np.ndarray] = []
 
     def take(self, n: int) -> np.ndarray:
-        if self.reuse and self._buf is not None and self._buf.size >= n:
-            return self._buf
-        buf = np.empty(max(n, 1), np.uint8)
         if self.reuse:
-            self._buf = buf
-        return buf
+            for i, buf in enumerate(self._free):
+                if buf.size >= n:
+                    try:
+                        return self._free.pop(i)
+                    except IndexError:
+                        break
+        return np.empty(max(n, 1), np.uint8)
 
-    def give_back(self) -> None:
-        """The last message's views are dropped: if anything still uses its
-        buffer (an array the call kept holds a view of it, and through
-        it the buffer), the buffer is not reused."""
-        if self._buf is not None and sys.getrefcount(self._buf) > 2:   # ours, the argument's
-            self._buf = None
+    def give_back(self, buf: np.ndarray) -> None:
+        """``buf``'s message was handled and dropped by the caller (who holds
+        ``buf`` alone): reuse it unless an array the call kept holds a view
+        of it."""
+        # the caller's name for it, this parameter, getrefcount's argument
+        if self.reuse and len(self._free) < self.keep and sys.getrefcount(buf) <= 3:
+            self._free.append(buf)
 
 
 def recv_message(sock: socket.socket, timeout: float | None, buffers: _Buffers,
-                 first_timeout: float | None = -1.0) -> Any:
-    """Receive one message's object (its arrays over ``buffers``; drop it,
-    then :meth:`_Buffers.give_back`). ``first_timeout`` bounds the wait for
+                 first_timeout: float | None = -1.0) -> tuple[Any, np.ndarray]:
+    """Receive one message: its object and the array its data part went to
+    (from ``buffers``: drop the object, then :meth:`_Buffers.give_back`
+    the array). ``first_timeout`` bounds the wait for
     its first byte (-1: as ``timeout``); ``timeout`` the rest."""
     hdr = bytearray(HEADER.size)
     if first_timeout is None or first_timeout != -1.0:
@@ -198,7 +216,10 @@ def recv_message(sock: socket.socket, timeout: float | None, buffers: _Buffers,
         views.append(whole[off:off + n])
         off += n + (-n % ALIGN)
     whole.release()
-    return pickle.loads(memoryview(meta)[8 * nbufs:], buffers=views)
+    try:
+        return pickle.loads(memoryview(meta)[8 * nbufs:], buffers=views), data
+    except Exception as e:
+        raise Unreadable(e) from None
 
 
 # -- authentication ------------------------------------------------------------------
@@ -291,42 +312,82 @@ class StreamServer:
                              name="fastfc-stream-peer").start()
 
     def _serve(self, conn: socket.socket) -> None:
-        buffers = _Buffers(reuse=True)
+        """A peer's requests, run one by one in order on this thread while
+        :meth:`_read_ahead` receives the next ones (up to
+        :data:`READ_AHEAD` waiting): a large batch arrives while the one
+        before it is written. Answers go out on ``tx`` (the connection,
+        its own timeout)."""
+        tx = None
+        waiting: queue.SimpleQueue = queue.SimpleQueue()
+        room = threading.Semaphore(READ_AHEAD)
         try:
             _tune(conn)
             if not _server_handshake(conn, self.token):
                 return                      # nothing of its unpickled
+            tx = socket.socket(fileno=os.dup(conn.fileno()))
+            tx.settimeout(SERVER_IO_TIMEOUT)
+            buffers = _Buffers(reuse=True)
+            threading.Thread(target=self._read_ahead, args=(conn, buffers, waiting, room),
+                             daemon=True, name="fastfc-stream-read").start()
             while True:
+                item = waiting.get()
+                if item is None:
+                    return                  # the peer left, or broke a message
+                req, buf = item
+                item = None
+                room.release()
+                method = "?"
                 try:
-                    req = recv_message(conn, SERVER_IO_TIMEOUT, buffers,
-                                              first_timeout=None)
-                except (StreamBroken, OSError, pickle.UnpicklingError, EOFError):
-                    return
-                try:
+                    if isinstance(req, Unreadable):
+                        raise FastFCError(f"the unit could not read the request: {req}")
                     method, args = req
                     if not isinstance(method, str) or not isinstance(args, tuple):
                         raise TypeError("a request is (method, args)")
                     reply: tuple[int, Any] = (0, self.dispatch(method, args))
                 except Exception as e:      # the caller's result() raises it
                     reply = (1, e)
-                del req, args
+                req = args = None
                 try:
                     parts = encode(reply)
                 except Exception as e:      # an unpicklable value or exception
                     parts = encode((1, FastFCError(f"{method}: could not send its "
                                                    f"{'error' if reply[0] else 'value'} "
                                                    f"({type(e).__name__}: {e}): {reply[1]!r}")))
-                del reply
-                send_parts(conn, parts, SERVER_IO_TIMEOUT)
-                del parts
+                reply = None                # type: ignore[assignment]
+                send_parts(tx, parts, SERVER_IO_TIMEOUT)
+                parts = None                # type: ignore[assignment]
                 self.served += 1
-                buffers.give_back()
+                if buf is not None:
+                    buffers.give_back(buf)
+                buf = None
         except (OSError, StreamBroken):
             return
         finally:
             with self._lock:
                 self._conns.discard(conn)
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             conn.close()
+            if tx is not None:
+                tx.close()
+            for _ in range(READ_AHEAD):     # a reader waiting for room ends
+                room.release()
+
+    @staticmethod
+    def _read_ahead(conn: socket.socket, buffers: _Buffers, waiting: queue.SimpleQueue,
+                    room: threading.Semaphore) -> None:
+        try:
+            while True:
+                room.acquire()
+                try:
+                    waiting.put(recv_message(conn, SERVER_IO_TIMEOUT, buffers,
+                                             first_timeout=None))
+                except Unreadable as e:
+                    waiting.put((e, None))
+        except (OSError, StreamBroken, ValueError):
+            waiting.put(None)
 
     def close(self) -> None:
         """Stop listening and drop every peer (their calls fail)."""
@@ -420,7 +481,7 @@ class StreamClient:
             seq = self._sent
             try:
                 self._send_parts(parts, time.monotonic() + self.timeout())
-            except (OSError, StreamBroken, pickle.UnpicklingError, EOFError) as e:
+            except (OSError, StreamBroken) as e:
                 why = _why(e, "sending", method)
                 self._break(why)
                 return _Refused(UnitDownError(f"unit {self.unit} is down ({why})"))
@@ -465,7 +526,7 @@ class StreamClient:
                     time.sleep(0.001)       # the reader is at it
                     continue
                 try:
-                    got = recv_message(self.sock, self.timeout(), self._buffers)
+                    got = _answer(self.sock, self.timeout(), self._buffers)
                     self._answers[self._read] = got
                     self._read += 1
                 finally:
@@ -479,8 +540,8 @@ class StreamClient:
                                         f"{method} unanswered)")
                 t = self.timeout()
                 try:
-                    got = recv_message(self.sock, t, self._buffers)
-                except (OSError, StreamBroken, pickle.UnpicklingError, EOFError) as e:
+                    got = _answer(self.sock, t, self._buffers)
+                except (OSError, StreamBroken) as e:
                     if isinstance(e, socket.timeout):
                         why = f"did not answer {method} within {t:.0f} s"
                     else:
@@ -492,6 +553,18 @@ class StreamClient:
                 self._answers[self._read] = got
                 self._read += 1
             return self._answers.pop(seq)
+
+
+def _answer(sock: socket.socket, timeout: float, buffers: _Buffers) -> tuple[int, Any]:
+    """The next answer; one that arrived whole but cannot be loaded here is
+    that call's error (the stream goes on)."""
+    try:
+        got, _ = recv_message(sock, timeout, buffers)
+    except Unreadable as e:
+        return (1, FastFCError(f"its answer could not be read here: {e}"))
+    if not (isinstance(got, tuple) and len(got) == 2 and got[0] in (0, 1)):
+        raise StreamBroken(f"a malformed answer: {type(got).__name__}")
+    return got
 
 
 def _why(e: BaseException, doing: str, method: str) -> str:
