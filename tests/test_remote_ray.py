@@ -122,7 +122,16 @@ def test_ray_units_serve_the_session_over_their_stream(ray_session, tmp_path, mo
     u = start(remote, tmp_path, 0)
     v = u.create_volume("v", 8, TS)
     first = rayunit._transport.stream(u.name)
-    assert first.address[0] == ray.util.get_node_ip_address() and first.broken is None
+    where = ray.get(rayunit._transport.handle(u.name).stream.remote())
+    assert where["address"][0] == ray.util.get_node_ip_address()
+    assert first.address == where["local"] and first.broken is None   # the same node
+    monkeypatch.setattr(rayunit, "STREAM_LOCAL", False)
+    rayunit._transport.forget(u.name)
+    assert v.read(0, 10).shape == (10,)
+    assert rayunit._transport.stream(u.name).address == tuple(where["address"])   # TCP
+    monkeypatch.setattr(rayunit, "STREAM_LOCAL", True)
+    rayunit._transport.forget(u.name)
+    first = rayunit._transport.stream(u.name)
     v_data = np.arange(TS, dtype=np.uint8)
     assert v.site()._now("apply", [("v", np.array([TS], np.int64), v_data[None])]) == TS
     assert np.array_equal(v.read(TS, TS), v_data)

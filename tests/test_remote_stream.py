@@ -140,7 +140,7 @@ def _child(path: str, durability: str, pipe) -> None:
             return getattr(server, method)(*args)
 
     s = stream.StreamServer(dispatch)
-    pipe.send((s.address, s.token, os.getpid()))
+    pipe.send((s.address, s.local_path, s.token, os.getpid()))
     threading.Event().wait()
 
 
@@ -150,7 +150,8 @@ class ChildUnit(UnitHandle):
     kind = "stream"
 
     @classmethod
-    def start(cls, path, name: str, durability: str = "process") -> "ChildUnit":
+    def start(cls, path, name: str, durability: str = "process",
+              local: bool = False) -> "ChildUnit":
         ctx = multiprocessing.get_context("fork")
         ours, theirs = ctx.Pipe()
         proc = ctx.Process(target=_child, args=(str(path), durability, theirs), daemon=True)
@@ -158,8 +159,8 @@ class ChildUnit(UnitHandle):
         if not ours.poll(30):
             proc.kill()
             raise RuntimeError("the unit's child process did not start")
-        address, token, pid = ours.recv()
-        stream.stream_transport().connect(name, address, token)
+        address, path, token, pid = ours.recv()
+        stream.stream_transport().connect(name, path if local else address, token)
         u = cls(name)
         u.proc, u.address, u.token, u.pid = proc, address, token, pid
         return u
@@ -180,8 +181,8 @@ class ChildUnit(UnitHandle):
 def child_units(tmp_path):
     made: list[ChildUnit] = []
 
-    def start(i: int, durability: str = "process") -> ChildUnit:
-        u = ChildUnit.start(tmp_path / f"u{i}", f"{tmp_path.name}-u{i}", durability)
+    def start(i: int, durability: str = "process", local: bool = False) -> ChildUnit:
+        u = ChildUnit.start(tmp_path / f"u{i}", f"{tmp_path.name}-u{i}", durability, local)
         made.append(u)
         return u
     yield start
@@ -193,9 +194,11 @@ def child_units(tmp_path):
 def test_pipelined_calls_are_answered_in_order_across_threads(child_units):
     """Two threads each send 60 calls before reading any answer (some with
     1 MiB arrays, one that takes 0.2 s in the unit), then read them in a
-    random order: every answer is its own call's."""
-    u = child_units(0)
+    random order: every answer is its own call's. (Over the unit's Unix
+    socket.)"""
+    u = child_units(0, local=True)
     c = stream.stream_transport().client(u.name)
+    assert isinstance(c.address, str) and c.address.endswith(".sock")
     out: dict[int, list] = {}
 
     def caller(k: int) -> None:
@@ -218,6 +221,16 @@ def test_pipelined_calls_are_answered_in_order_across_threads(child_units):
         assert len(out[k]) == 60
         for arg, got, j in out[k]:
             assert got == 0.2 if j == 30 else _same(arg, got), (k, j)
+
+
+def test_a_peer_idle_between_calls_is_served(child_units):
+    """The server waits as long as its peer likes for the next request."""
+    u = child_units(0)
+    c = stream.stream_transport().client(u.name)
+    for k in range(3):
+        assert c.call("echo", (k,)).result() == (k,)
+        time.sleep(0.15)
+    assert c.broken is None
 
 
 def _fake_server(token: bytes, behave) -> tuple[tuple[str, int], threading.Thread]:

@@ -43,6 +43,9 @@ START_TIMEOUT = 60.0
 # the session's calls over each unit's direct stream (False: through Ray's
 # actor calls, as before the stream; read when a unit is first called)
 STREAM = True
+# a unit on this process' Ray node is reached over its stream's Unix socket
+# (False: over TCP, as from another node)
+STREAM_LOCAL = True
 # the calls a unit's stream serves (everything a UnitSite or proxy asks);
 # starting, stopping, killing and kill points stay on Ray
 STREAM_CALLS = frozenset({"info", "create_volume", "volume", "read", "setup", "apply",
@@ -79,13 +82,14 @@ class _UnitActor:
                                      kill_point=self._kill_point, kill_armed=self._kill_armed)
         self._stream = StreamServer(self._serve_stream, host=ray.util.get_node_ip_address())
 
-    def stream(self) -> tuple[str, int, bytes]:
-        """Where the unit's stream listens and its token (the control plane
-        hands it to callers)."""
+    def stream(self) -> dict[str, Any]:
+        """Where the unit's stream listens (``address``, TCP; ``local``, its
+        Unix socket, for callers on ``node``) and its ``token`` (the
+        control plane hands it to callers)."""
         if self._stream is None:
             raise FastFCError(f"unit {self._path} is not open yet")
-        host, port = self._stream.address
-        return host, port, self._stream.token
+        return {"address": self._stream.address, "local": self._stream.local_path,
+                "node": ray.get_runtime_context().get_node_id(), "token": self._stream.token}
 
     def _serve_stream(self, method: str, args: tuple) -> Any:
         if method not in STREAM_CALLS:
@@ -228,10 +232,14 @@ class RayTransport(client.Transport):
             return c
         h = self.handle(unit)
         try:
-            host, port, token = ray.get(h.stream.remote(), timeout=CALL_TIMEOUT)
+            where = ray.get(h.stream.remote(), timeout=CALL_TIMEOUT)
         except (RayError, RayActorError) as e:
             _RayPending(self, unit, "stream", None, h).failed(e)
-        c = StreamClient(unit, (host, port), token, lambda: CALL_TIMEOUT, self._dropped)
+        address = where["address"]
+        if (STREAM_LOCAL and where["local"]
+                and where["node"] == ray.get_runtime_context().get_node_id()):
+            address = where["local"]
+        c = StreamClient(unit, address, where["token"], lambda: CALL_TIMEOUT, self._dropped)
         with self._lock:
             other = self._streams.setdefault(unit, c)
         if other is not c:
