@@ -216,9 +216,9 @@ def recv_message(sock: socket.socket, timeout: float | None, buffers: _Buffers,
     _recv_into(sock, memoryview(meta), end)
     lens = struct.unpack_from(f"<{nbufs}Q", meta)
     data = buffers.take(data_len)
+    whole = memoryview(data.data)
     if data_len:
-        _recv_into(sock, memoryview(data)[:data_len], end)
-    whole = memoryview(data)
+        _recv_into(sock, whole[:data_len], end)
     views, off = [], 0
     for n in lens:
         if off + n > data_len:
@@ -462,7 +462,7 @@ class StreamClient:
                     sock.close()
                     raise
             else:
-                sock = socket.create_connection(self.address, timeout=t)
+                sock = socket.create_connection((address[0], address[1]), timeout=t)
         except OSError as e:
             raise UnitDownError(f"unit {unit}: its stream at {where} refused the "
                                 f"connection ({e})") from None
