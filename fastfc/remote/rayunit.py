@@ -6,6 +6,13 @@ retry) holding a :class:`~fastfc.remote.server.UnitServer`. Callers find it
 by name on every call after a failure, so proxies survive a restart. Every
 ``ray.get`` has a timeout (:data:`CALL_TIMEOUT`).
 
+**Ray is the control plane.** Starting, placing, finding, stopping and
+killing units go through Ray; the session's calls go over each unit's
+direct stream (:mod:`fastfc.remote.stream`: TCP on the node's IP, and a
+Unix socket for callers on the same node), whose address and token the
+actor hands out over Ray. A broken stream makes the unit found by name
+again at the next call. :data:`STREAM` False sends the calls through Ray.
+
 **Units live on their own.** A unit is a *detached* actor by default: it
 belongs to the Ray cluster, not to the process that started it, so it keeps
 serving reads, recovery (:func:`fastfc.remote.recover`) and failover when
@@ -68,10 +75,11 @@ class _UnitActor:
     threads, Ray's on the actor's: ``_lock`` makes them one at a time
     around the server, as UnitServer expects."""
 
-    def __init__(self, path: str, durability: str = "process") -> None:
+    def __init__(self, path: str, durability: str = "process", stream_port: int = 0) -> None:
         self._armed: tuple[str, int] | None = None
         self._path = path
         self._durability = durability
+        self._stream_port = stream_port
         self.server: UnitServer | None = None
         self._stream: StreamServer | None = None
         self._lock = threading.Lock()
@@ -80,7 +88,8 @@ class _UnitActor:
         with self._lock:
             self.server = UnitServer(self._path, durability=self._durability,
                                      kill_point=self._kill_point, kill_armed=self._kill_armed)
-        self._stream = StreamServer(self._serve_stream, host=ray.util.get_node_ip_address())
+        self._stream = StreamServer(self._serve_stream, host=ray.util.get_node_ip_address(),
+                                    port=self._stream_port)
 
     def stream(self) -> dict[str, Any]:
         """Where the unit's stream listens (``address``, TCP; ``local``, its
@@ -279,7 +288,7 @@ class SecondaryUnit(UnitHandle):
     def start(cls, path: str | os.PathLike, *, name: str,
               resources: dict[str, float] | None = None,
               node_id: str | None = None, detached: bool = True,
-              durability: str = "process") -> "SecondaryUnit":
+              durability: str = "process", stream_port: int = 0) -> "SecondaryUnit":
         """Start an actor holding the durable unit at ``path`` (created if
         missing) under ``name``, calling ``ray.init()`` if needed (an
         existing cluster: call ``ray.init(address=...)`` first, or set
@@ -296,8 +305,16 @@ class SecondaryUnit(UnitHandle):
         ``durability``: the unit's, ``"process"`` (default) or ``"power"``
         (every call that changes B or C is on the disk before it answers,
         in the order that keeps every C on one CG through a power cut of
-        the unit's host; see :class:`~fastfc.remote.server.UnitServer`)."""
+        the unit's host; see :class:`~fastfc.remote.server.UnitServer`).
+
+        ``stream_port``: the TCP port of the unit's direct stream on its
+        node (the session's calls travel over it; Ray hands callers its
+        address and token): 0 (default) takes any free one at each start;
+        a fixed one for a firewall to let through (docs/guide/remote.md)."""
         check_durability(durability)
+        if not isinstance(stream_port, int) or not 0 <= stream_port <= 65535:
+            raise ValueError(f"stream_port must be a TCP port (0..65535, 0: any free "
+                             f"one), got {stream_port!r}")
         _ensure_ray()
         opts: dict[str, Any] = {"name": name, "namespace": NAMESPACE, "num_cpus": 0}
         if detached:
@@ -320,7 +337,7 @@ class SecondaryUnit(UnitHandle):
             else:
                 raise FastFCError(f"unit {name} is running already")
         _transport.forget(name)
-        actor: Any = _Actor.options(**opts).remote(str(path), durability)
+        actor: Any = _Actor.options(**opts).remote(str(path), durability, stream_port)
         try:
             ray.get(actor.open.remote(), timeout=START_TIMEOUT)
         except (RayError, RayActorError) as e:
