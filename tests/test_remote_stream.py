@@ -326,9 +326,28 @@ def test_a_wrong_token_is_refused_and_nothing_of_its_peer_unpickled(child_units,
 
 
 def test_a_server_that_does_not_know_the_token_is_refused():
-    address, t = _fake_server(os.urandom(32), lambda conn: None)
-    with pytest.raises(fastfc.UnitDownError, match="authentication"):
-        stream.StreamClient("impostor", address, os.urandom(32), lambda: 5.0)
+    """A listener that takes any peer (it cannot prove the token: another
+    process on the port a dead unit held) is refused before anything of
+    it is unpickled."""
+    lst = socket.create_server(("127.0.0.1", 0))
+
+    def impostor():
+        conn, _ = lst.accept()
+        with conn:
+            stream._recv_exact(conn, len(stream.MAGIC) + stream.NONCE, time.monotonic() + 5)
+            conn.sendall(os.urandom(stream.NONCE + stream.MAC))
+            try:
+                stream._recv_exact(conn, stream.MAC, time.monotonic() + 5)
+                conn.sendall(b"\x01")
+                conn.sendall(b"".join(bytes(p) for p in stream.encode((0, "served"))))
+            except (OSError, stream.StreamBroken):
+                pass
+    t = threading.Thread(target=impostor, daemon=True)
+    t.start()
+    with pytest.raises(fastfc.UnitDownError, match="failed authentication"):
+        stream.StreamClient("impostor", lst.getsockname()[:2], os.urandom(32), lambda: 5.0)
+    t.join(5)
+    lst.close()
 
 
 def test_kills_over_the_stream_keep_the_promise_and_restarts_reconnect(child_units):

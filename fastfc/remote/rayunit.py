@@ -48,8 +48,10 @@ NAMESPACE = "fastfc"
 CALL_TIMEOUT = 30.0      # seconds any call may take before the unit counts as down
 START_TIMEOUT = 60.0
 # the session's calls over each unit's direct stream (False: through Ray's
-# actor calls, as before the stream; read when a unit is first called)
-STREAM = True
+# actor calls, as before the stream; read when a unit is first called and,
+# in the unit's process, when it opens: a unit started with it False serves
+# no stream). The environment's FASTFC_RAY_STREAM=0 sets it False.
+STREAM = os.environ.get("FASTFC_RAY_STREAM", "1") != "0"
 # a unit on this process' Ray node is reached over its stream's Unix socket
 # (False: over TCP, as from another node)
 STREAM_LOCAL = True
@@ -58,6 +60,30 @@ STREAM_LOCAL = True
 STREAM_CALLS = frozenset({"info", "create_volume", "volume", "read", "setup", "apply",
                           "prepare", "finish", "record_decision", "status", "rejoin",
                           "digests", "restore_b"})
+
+
+def _end_with_the_raylet(period: float = 1.0) -> None:
+    """End this process (a crash, as Ray would end it) once the raylet that
+    started it is gone. Ray ends a worker whose raylet died, but it takes a
+    raylet not reaped yet for alive, and a worker only notices that the GCS
+    is gone when it next talks to it: an actor whose calls all come over its
+    stream talked to neither, and outlived a lost head node (the two-node
+    test). The raylet is this process' parent: when it exits, this process
+    is handed to another parent."""
+    raylet = os.getppid()
+    try:
+        with open(f"/proc/{raylet}/comm") as f:
+            if "raylet" not in f.read():
+                return                  # started some other way: Ray's own checks
+    except OSError:
+        return
+
+    def watch() -> None:
+        while os.getppid() == raylet:
+            time.sleep(period)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fastfc-raylet-watch", daemon=True).start()
 
 
 class _UnitActor:
@@ -88,8 +114,11 @@ class _UnitActor:
         with self._lock:
             self.server = UnitServer(self._path, durability=self._durability,
                                      kill_point=self._kill_point, kill_armed=self._kill_armed)
-        self._stream = StreamServer(self._serve_stream, host=ray.util.get_node_ip_address(),
-                                    port=self._stream_port)
+        if STREAM:
+            self._stream = StreamServer(self._serve_stream,
+                                        host=ray.util.get_node_ip_address(),
+                                        port=self._stream_port)
+            _end_with_the_raylet()
 
     def stream(self) -> dict[str, Any]:
         """Where the unit's stream listens (``address``, TCP; ``local``, its
