@@ -664,6 +664,16 @@ def test_a_stalled_client_does_not_stall_the_server(tmp_path, monkeypatch):
     """A client that stops taking output (suspended) loses the rest of it
     after IO_TIMEOUT; the command finishes and the next client is served."""
     monkeypatch.setattr(control, "IO_TIMEOUT", 0.5)
+    cut = threading.Event()         # the server gave up a send (the stalled client's)
+    send_now = control._send_now
+
+    def noting_send_now(conn, kind, payload):
+        try:
+            send_now(conn, kind, payload)
+        except OSError:
+            cut.set()
+            raise
+    monkeypatch.setattr(control, "_send_now", noting_send_now)
     make_site(tmp_path / "s")
     unit = tmp_path / "s" / "u"
     run("-u", unit, "mkvol", "big", "--tracks", 16, "--track-size", "64K", code=0)
@@ -692,6 +702,9 @@ def test_a_stalled_client_does_not_stall_the_server(tmp_path, monkeypatch):
                 t.join()
                 pytest.fail("a stalled client held the server up")
             assert status == [0] and b"big" in out.getvalue()
+            # drained only once the server has given the stalled client up
+            # (drained sooner, on a loaded machine, the read's output goes on)
+            assert cut.wait(30), "the server never gave up sending to the stalled client"
             kinds = []
             while (frame := control._recv(stalled)) is not None:
                 kinds.append(frame[0])

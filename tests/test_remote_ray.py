@@ -236,6 +236,29 @@ def test_ray_kills_keep_the_promise(ray_session, tmp_path):
         u.kill()
 
 
+def test_a_unit_ends_once_its_cluster_gcs_has_been_gone_for_the_timeout():
+    """A unit's own watch of its cluster (``watch_cluster``): it runs on
+    while the GCS's port answers, and ends the process once it has not for
+    the timeout, not before (so a new cluster can open the unit's
+    directory: Ray alone left an idle unit running after its head was lost)."""
+    _ray()
+    import socket
+
+    from fastfc.remote.rayunit import watch_cluster
+    gcs = socket.create_server(("127.0.0.1", 0))
+    ended = threading.Event()
+    t = threading.Thread(target=watch_cluster, args=(gcs.getsockname(), 0.6),
+                         kwargs={"every": 0.1, "end": ended.set}, daemon=True)
+    t.start()
+    assert not ended.wait(1.5)          # the GCS answers: the unit runs on
+    gcs.close()
+    lost = time.monotonic()
+    assert ended.wait(20)
+    assert time.monotonic() - lost >= 0.6 - 0.1     # not before the timeout (one check's slack)
+    t.join(5)
+    assert not t.is_alive()
+
+
 def test_ray_a_hung_unit_times_out_and_answers_again(ray_session, tmp_path, monkeypatch):
     """A unit whose process stops answering (SIGSTOP: a hung host) makes
     proxy calls and CG attempts fail within the call timeout, never hang;

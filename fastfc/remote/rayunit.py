@@ -21,7 +21,9 @@ that process (the primary) dies, and a new primary finds it by name
 (a clean close), :meth:`SecondaryUnit.kill` (a crash), :func:`stop_units`,
 or the end of the cluster. (A cluster that ``ray.init()`` started inside
 the primary's process ends with it, units and all: for site loss the
-cluster runs on its own, ``ray start``; see docs/guide/remote.md.)
+cluster runs on its own, ``ray start``; see docs/guide/remote.md.) A unit
+whose cluster's GCS stays unreachable for Ray's reconnect timeout ends
+itself (:func:`watch_cluster`), freeing its directory for a new cluster.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 import time
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 from fastfc._optional import require
 from fastfc.errors import FastFCError
@@ -62,30 +65,6 @@ STREAM_CALLS = frozenset({"info", "create_volume", "volume", "read", "setup", "a
                           "digests", "restore_b"})
 
 
-def _end_with_the_raylet(period: float = 1.0) -> None:
-    """End this process (a crash, as Ray would end it) once the raylet that
-    started it is gone. Ray ends a worker whose raylet died, but it takes a
-    raylet not reaped yet for alive, and a worker only notices that the GCS
-    is gone when it next talks to it: an actor whose calls all come over its
-    stream talked to neither, and outlived a lost head node (the two-node
-    test). The raylet is this process' parent: when it exits, this process
-    is handed to another parent."""
-    raylet = os.getppid()
-    try:
-        with open(f"/proc/{raylet}/comm") as f:
-            if "raylet" not in f.read():
-                return                  # started some other way: Ray's own checks
-    except OSError:
-        return
-
-    def watch() -> None:
-        while os.getppid() == raylet:
-            time.sleep(period)
-        os.kill(os.getpid(), signal.SIGKILL)     # a crash, as Ray would end it
-
-    threading.Thread(target=watch, name="fastfc-raylet-watch", daemon=True).start()
-
-
 class _UnitActor:
     """The actor: a UnitServer, its direct stream, and a kill point for
     crash tests.
@@ -114,11 +93,13 @@ class _UnitActor:
         with self._lock:
             self.server = UnitServer(self._path, durability=self._durability,
                                      kill_point=self._kill_point, kill_armed=self._kill_armed)
+        host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
+        threading.Thread(target=watch_cluster, args=((host, int(port)), gcs_timeout()),
+                         name="fastfc-gcs-watch", daemon=True).start()
         if STREAM:
             self._stream = StreamServer(self._serve_stream,
                                         host=ray.util.get_node_ip_address(),
                                         port=self._stream_port)
-            _end_with_the_raylet()
 
     def stream(self) -> dict[str, Any]:
         """Where the unit's stream listens (``address``, TCP; ``local``, its
@@ -166,6 +147,37 @@ class _UnitActor:
 
 
 _Actor = ray.remote(max_restarts=0, max_task_retries=0)(_UnitActor)
+
+
+def gcs_timeout() -> float:
+    """How long a Ray process may go without reaching its cluster's GCS
+    before it ends: Ray's ``gcs_rpc_server_reconnect_timeout_s`` (60 s
+    unless ``RAY_gcs_rpc_server_reconnect_timeout_s`` says otherwise)."""
+    return float(os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", 60))
+
+
+def watch_cluster(gcs: tuple[str, int], timeout: float, *, every: float = 1.0,
+                  end: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGKILL)
+                  ) -> None:
+    """A unit's own check of its cluster: once the GCS at ``gcs`` has
+    refused or ignored connections for ``timeout`` seconds, ``end`` the
+    process (default: at once, as a crash, which every unit survives), so
+    that the unit's lock is free for a unit started on its directory by a
+    new cluster. Ray ends a process that lost the GCS only when that
+    process next needs it: an idle unit's worker was seen still running a
+    minute after its head's node was lost, holding the lock."""
+    last_seen = time.monotonic()
+    while True:
+        try:
+            socket.create_connection(gcs, timeout=min(every, 5.0)).close()
+            last_seen = time.monotonic()
+        except OSError:
+            if time.monotonic() - last_seen >= timeout:
+                print(f"fastfc unit: the cluster's GCS at {gcs[0]}:{gcs[1]} has not "
+                      f"answered for {timeout:g} s: ending", file=sys.stderr, flush=True)
+                end()
+                return
+        time.sleep(every)
 
 
 def _ensure_ray() -> None:
