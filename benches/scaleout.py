@@ -465,3 +465,34 @@ def power_vs_process(*, triplets: int = 32, size_mib: int = 32, units: int = 2,
     log(f"  power_vs_process: ratios power / process, units: {out['ratios']}; "
         f"one process: {out['one_process_ratios']}")
     return out
+
+
+def stream_vs_ray_calls(*, pairs: int = 2, log=print, **cfg: Any) -> dict[str, Any]:
+    """The ``scaleout`` suite with the units' calls over Ray's actor calls
+    (``rayunit.STREAM = False``, the path before the direct stream) and
+    over each unit's direct stream (the default), alternating, ``pairs``
+    times each, in one run on one Ray cluster; each run with its own
+    one-process session as the reference. ``cfg`` goes to :func:`scaleout`.
+    Not part of the suite: run it as ``python -c 'from benches.scaleout
+    import stream_vs_ray_calls; print(stream_vs_ray_calls())'``."""
+    from fastfc.remote import rayunit
+    runs: dict[str, list] = {"ray_calls": [], "stream": []}
+    with _ray():
+        try:
+            for k in range(pairs):
+                for kind in ("ray_calls", "stream"):
+                    rayunit.STREAM = kind == "stream"
+                    log(f"  stream_vs_ray_calls: pair {k}, {kind}")
+                    d = scaleout(log=log, **cfg)
+                    runs[kind].append(d)
+                    log(f"    {kind}: scaled out {_row(d['scaled_out'], d['copyto_bps'])}; "
+                        f"one process {_row(d['one_process'], d['copyto_bps'])}")
+        finally:
+            rayunit.STREAM = True
+    return runs
+
+
+def _row(f: dict[str, float], copyto: float) -> str:
+    return (f"{f['cgs_per_s']:.1f} CG/s, RPO p99 {f['rpo_p99_ms']:.1f} ms, FlashCopy p50/p99 "
+            f"{f['flash_p50_ms']:.1f}/{f['flash_p99_ms']:.1f} ms, initial drain "
+            f"{f['initial_drain_bps'] / copyto:.3f} x np.copyto, pace {f['pace_ratio']:.2f}")

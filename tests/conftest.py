@@ -143,7 +143,7 @@ KNOWN_SECONDS = {
     "test_serve_sessions.py::test_sessions_run_in_the_server_and_survive_restarts": 35,
     "test_cli_bench.py::test_serve_gm_suite_quick_end_to_end": 29,
     "test_powercut.py::test_power_durability_survives_more_cuts": 24,
-    "test_remote_ray.py": 75,          # its tests share one Ray cluster (per worker)
+    "test_remote_ray.py": 78,          # its tests share one Ray cluster (per worker)
     "test_remote_nodes.py::test_two_nodes_site_a_lost_recovered_from_site_b_then_the_head_lost": 45,
     "test_mypy.py::test_mypy_finds_no_errors_in_the_package": 21,
     "test_gm_sparse.py::test_a_sparse_session_equals_one_that_steps_every_triplet": 20,

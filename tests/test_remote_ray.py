@@ -109,6 +109,50 @@ def test_ray_unit_contract(ray_session, tmp_path):
     u.kill()
 
 
+def test_ray_units_serve_the_session_over_their_stream(ray_session, tmp_path, monkeypatch):
+    """The session's calls go over each unit's direct stream (on the node's
+    IP as Ray reports it), which serves the session's calls only and only
+    to a caller that knows the token Ray handed over; a unit started again
+    listens anew and the same proxy reconnects; with the stream off the
+    same calls go through Ray's actor calls."""
+    remote = ray_session
+    ray = _ray()
+    from fastfc.remote import rayunit
+    from fastfc.remote.stream import StreamClient
+    u = start(remote, tmp_path, 0)
+    v = u.create_volume("v", 8, TS)
+    first = rayunit._transport.stream(u.name)
+    where = ray.get(rayunit._transport.handle(u.name).stream.remote())
+    assert where["address"][0] == ray.util.get_node_ip_address()
+    assert first.address == where["local"] and first.broken is None   # the same node
+    monkeypatch.setattr(rayunit, "STREAM_LOCAL", False)
+    rayunit._transport.forget(u.name)
+    assert v.read(0, 10).shape == (10,)
+    assert rayunit._transport.stream(u.name).address == tuple(where["address"])   # TCP
+    monkeypatch.setattr(rayunit, "STREAM_LOCAL", True)
+    rayunit._transport.forget(u.name)
+    first = rayunit._transport.stream(u.name)
+    v_data = np.arange(TS, dtype=np.uint8)
+    assert v.site()._now("apply", [("v", np.array([TS], np.int64), v_data[None])]) == TS
+    assert np.array_equal(v.read(TS, TS), v_data)
+    with pytest.raises(ValueError, match="does not serve 'close'"):
+        first.call("close", ()).result()
+    with pytest.raises(remote.UnitDownError, match="authentication"):
+        StreamClient(u.name, first.address, os.urandom(32), lambda: 5.0)
+    assert u.info()["epoch"] >= 1                   # served on, after both
+    u.kill()
+    assert first.broken is not None
+    u = start(remote, tmp_path, 0)
+    assert np.array_equal(v.read(TS, TS), v_data)   # the proxy made before
+    again = rayunit._transport.stream(u.name)
+    assert again is not first and again.address != first.address
+    monkeypatch.setattr(rayunit, "STREAM", False)
+    rayunit._transport.forget(u.name)
+    assert np.array_equal(v.read(TS, TS), v_data)   # through Ray's calls
+    assert u.name not in rayunit._transport._streams
+    u.kill()
+
+
 def test_ray_kills_keep_the_promise(ray_session, tmp_path):
     remote = ray_session
     units = [start(remote, tmp_path, i) for i in range(2)]

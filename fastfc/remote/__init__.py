@@ -18,6 +18,8 @@ run without it.
 * :func:`attach` continues a session from a new primary process, from its
   record in the A volumes' storage unit (no initial copy).
 * :class:`LocalUnit` is the in-process double with the same calls.
+* The session's calls reach a Ray unit over its direct stream
+  (:mod:`fastfc.remote.stream`), Ray being the control plane.
 """
 
 from __future__ import annotations

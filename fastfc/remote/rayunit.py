@@ -6,6 +6,13 @@ retry) holding a :class:`~fastfc.remote.server.UnitServer`. Callers find it
 by name on every call after a failure, so proxies survive a restart. Every
 ``ray.get`` has a timeout (:data:`CALL_TIMEOUT`).
 
+**Ray is the control plane.** Starting, placing, finding, stopping and
+killing units go through Ray; the session's calls go over each unit's
+direct stream (:mod:`fastfc.remote.stream`: TCP on the node's IP, and a
+Unix socket for callers on the same node), whose address and token the
+actor hands out over Ray. A broken stream makes the unit found by name
+again at the next call. :data:`STREAM` False sends the calls through Ray.
+
 **Units live on their own.** A unit is a *detached* actor by default: it
 belongs to the Ray cluster, not to the process that started it, so it keeps
 serving reads, recovery (:func:`fastfc.remote.recover`) and failover when
@@ -27,13 +34,14 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from fastfc._optional import require
 from fastfc.errors import FastFCError
 from fastfc.remote import client
 from fastfc.remote.client import UnitDownError, UnitHandle
 from fastfc.remote.server import KilledHere, UnitServer, check_durability
+from fastfc.remote.stream import PASSED_THROUGH, StreamClient, StreamServer
 from fastfc.storage.site import Pending
 
 ray = require("ray", "remote", "fastfc.remote.SecondaryUnit")
@@ -42,28 +50,70 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 NAMESPACE = "fastfc"
 CALL_TIMEOUT = 30.0      # seconds any call may take before the unit counts as down
 START_TIMEOUT = 60.0
+# the session's calls over each unit's direct stream (False: through Ray's
+# actor calls, as before the stream; read when a unit is first called and,
+# in the unit's process, when it opens: a unit started with it False serves
+# no stream). The environment's FASTFC_RAY_STREAM=0 sets it False.
+STREAM = os.environ.get("FASTFC_RAY_STREAM", "1") != "0"
+# a unit on this process' Ray node is reached over its stream's Unix socket
+# (False: over TCP, as from another node)
+STREAM_LOCAL = True
+# the calls a unit's stream serves (everything a UnitSite or proxy asks);
+# starting, stopping, killing and kill points stay on Ray
+STREAM_CALLS = frozenset({"info", "create_volume", "volume", "read", "setup", "apply",
+                          "prepare", "finish", "record_decision", "status", "rejoin",
+                          "digests", "restore_b"})
 
 
 class _UnitActor:
-    """The actor: a UnitServer, plus a kill point for crash tests.
+    """The actor: a UnitServer, its direct stream, and a kill point for
+    crash tests.
 
     The unit is opened by :meth:`open`, not in ``__init__``: an error in an
     actor's creation reaches the caller only as ``ActorDiedError`` text,
     while one of a method arrives as itself (``UnitBusyError`` naming the
-    holder, ``CorruptUnitError``, ...)."""
+    holder, ``CorruptUnitError``, ...).
 
-    def __init__(self, path: str, durability: str = "process") -> None:
+    ``open`` also starts the unit's stream (:class:`StreamServer` on the
+    node's IP as Ray reports it, a free port, a fresh token), which
+    :meth:`stream` tells callers over Ray. Its calls run on the stream's
+    threads, Ray's on the actor's: ``_lock`` makes them one at a time
+    around the server, as UnitServer expects."""
+
+    def __init__(self, path: str, durability: str = "process", stream_port: int = 0) -> None:
         self._armed: tuple[str, int] | None = None
         self._path = path
         self._durability = durability
+        self._stream_port = stream_port
         self.server: UnitServer | None = None
+        self._stream: StreamServer | None = None
+        self._lock = threading.Lock()
 
     def open(self) -> None:
-        self.server = UnitServer(self._path, durability=self._durability,
-                                 kill_point=self._kill_point, kill_armed=self._kill_armed)
+        with self._lock:
+            self.server = UnitServer(self._path, durability=self._durability,
+                                     kill_point=self._kill_point, kill_armed=self._kill_armed)
         host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
         threading.Thread(target=watch_cluster, args=((host, int(port)), gcs_timeout()),
                          name="fastfc-gcs-watch", daemon=True).start()
+        if STREAM:
+            self._stream = StreamServer(self._serve_stream,
+                                        host=ray.util.get_node_ip_address(),
+                                        port=self._stream_port)
+
+    def stream(self) -> dict[str, Any]:
+        """Where the unit's stream listens (``address``, TCP; ``local``, its
+        Unix socket, for callers on ``node``) and its ``token`` (the
+        control plane hands it to callers)."""
+        if self._stream is None:
+            raise FastFCError(f"unit {self._path} is not open yet")
+        return {"address": self._stream.address, "local": self._stream.local_path,
+                "node": ray.get_runtime_context().get_node_id(), "token": self._stream.token}
+
+    def _serve_stream(self, method: str, args: tuple) -> Any:
+        if method not in STREAM_CALLS:
+            raise ValueError(f"a unit's stream does not serve {method!r}")
+        return self.call(method, *args)
 
     def _kill_point(self, where: str, i: int) -> None:
         if self._armed == (where, i):
@@ -81,15 +131,19 @@ class _UnitActor:
     def close(self) -> None:
         """Close the unit cleanly (what :meth:`SecondaryUnit.stop` asks
         before it ends the actor): nothing is left for the next open to
-        recover."""
-        if self.server is not None:
-            s, self.server = self.server, None
-            s.close()
+        recover. Its stream stops first."""
+        if self._stream is not None:
+            self._stream.close()
+        with self._lock:
+            if self.server is not None:
+                s, self.server = self.server, None
+                s.close()
 
     def call(self, method: str, *args: Any) -> Any:
-        if self.server is None:
-            raise FastFCError(f"unit {self._path} is not open yet")
-        return getattr(self.server, method)(*args)
+        with self._lock:
+            if self.server is None:
+                raise FastFCError(f"unit {self._path} is not open")
+            return getattr(self.server, method)(*args)
 
 
 _Actor = ray.remote(max_restarts=0, max_task_retries=0)(_UnitActor)
@@ -136,7 +190,7 @@ def _ensure_ray() -> None:
 def _unwrap(e: BaseException, unit: str, method: str) -> BaseException:
     if isinstance(e, RayTaskError):
         cause = e.cause if getattr(e, "cause", None) is not None else e
-        if isinstance(cause, (FastFCError, ValueError, TypeError, KeyError, IndexError)):
+        if isinstance(cause, PASSED_THROUGH):
             return cause
         return FastFCError(f"unit {unit}: {method} failed: {cause}")
     if isinstance(e, GetTimeoutError):
@@ -153,15 +207,19 @@ class _RayPending(Pending):
         try:
             return ray.get(self.ref, timeout=CALL_TIMEOUT)
         except (RayError, RayActorError) as e:
-            if isinstance(e, RayActorError):
-                # dead: free its name at once, for start() to reuse
-                try:
-                    ray.kill(self.handle, no_restart=True)
-                except (RayError, ValueError):
-                    pass
-            if not isinstance(e, RayTaskError):
-                self.tr.forget(self.unit)
-            raise _unwrap(e, self.unit, self.method) from None
+            self.failed(e)
+
+    def failed(self, e: BaseException) -> NoReturn:
+        """Raise what the call's Ray error means for the caller."""
+        if isinstance(e, RayActorError):
+            # dead: free its name at once, for start() to reuse
+            try:
+                ray.kill(self.handle, no_restart=True)
+            except (RayError, ValueError):
+                pass
+        if not isinstance(e, RayTaskError):
+            self.tr.forget(self.unit)
+        raise _unwrap(e, self.unit, self.method) from None
 
 
 class _Failed(Pending):
@@ -173,16 +231,37 @@ class _Failed(Pending):
 
 
 class RayTransport(client.Transport):
+    """Units found by name through Ray. With :data:`STREAM`, a unit's
+    calls go over its direct stream (:class:`StreamClient`, one per unit
+    and process, connected when the unit is first called: its address and
+    token asked of the actor over Ray); a broken stream forgets the unit,
+    so the next call finds it by name again (a restarted unit, a new
+    stream). ``_lock`` guards ``_handles`` and ``_streams``."""
+
     kind = "ray"
 
     def __init__(self) -> None:
         self._handles: dict[str, Any] = {}
+        self._streams: dict[str, StreamClient] = {}
+        self._lock = threading.RLock()
 
     def forget(self, unit: str) -> None:
-        self._handles.pop(unit, None)
+        with self._lock:
+            self._handles.pop(unit, None)
+            c = self._streams.pop(unit, None)
+        if c is not None:
+            c.close()
+
+    def _dropped(self, c: StreamClient) -> None:
+        """A stream broke: its unit is found by name again at the next call."""
+        with self._lock:
+            if self._streams.get(c.unit) is c:
+                del self._streams[c.unit]
+                self._handles.pop(c.unit, None)
 
     def handle(self, unit: str) -> Any:
-        h = self._handles.get(unit)
+        with self._lock:
+            h = self._handles.get(unit)
         if h is None:
             _ensure_ray()
             try:
@@ -190,14 +269,40 @@ class RayTransport(client.Transport):
             except ValueError:
                 raise UnitDownError(f"unit {unit} is not running (start it with "
                                     "SecondaryUnit.start)") from None
-            self._handles[unit] = h
+            with self._lock:
+                h = self._handles.setdefault(unit, h)
         return h
+
+    def stream(self, unit: str) -> StreamClient:
+        """The unit's stream, connected if it is not yet (UnitDownError if
+        the unit does not answer)."""
+        with self._lock:
+            c = self._streams.get(unit)
+        if c is not None:
+            return c
+        h = self.handle(unit)
+        try:
+            where = ray.get(h.stream.remote(), timeout=CALL_TIMEOUT)
+        except (RayError, RayActorError) as e:
+            _RayPending(self, unit, "stream", None, h).failed(e)
+        address = where["address"]
+        if (STREAM_LOCAL and where["local"]
+                and where["node"] == ray.get_runtime_context().get_node_id()):
+            address = where["local"]
+        c = StreamClient(unit, address, where["token"], lambda: CALL_TIMEOUT, self._dropped)
+        with self._lock:
+            other = self._streams.setdefault(unit, c)
+        if other is not c:
+            c.close()
+        return other
 
     def call(self, unit: str, method: str, *args: Any) -> Pending:
         try:
+            if STREAM:
+                return self.stream(unit).call(method, args)
             h = self.handle(unit)
             ref = h.call.remote(method, *args)
-        except UnitDownError as e:
+        except FastFCError as e:        # UnitDownError, or the unit's refusal
             return _Failed(e)
         except RayError as e:
             self.forget(unit)
@@ -224,7 +329,7 @@ class SecondaryUnit(UnitHandle):
     def start(cls, path: str | os.PathLike, *, name: str,
               resources: dict[str, float] | None = None,
               node_id: str | None = None, detached: bool = True,
-              durability: str = "process") -> "SecondaryUnit":
+              durability: str = "process", stream_port: int = 0) -> "SecondaryUnit":
         """Start an actor holding the durable unit at ``path`` (created if
         missing) under ``name``, calling ``ray.init()`` if needed (an
         existing cluster: call ``ray.init(address=...)`` first, or set
@@ -241,8 +346,16 @@ class SecondaryUnit(UnitHandle):
         ``durability``: the unit's, ``"process"`` (default) or ``"power"``
         (every call that changes B or C is on the disk before it answers,
         in the order that keeps every C on one CG through a power cut of
-        the unit's host; see :class:`~fastfc.remote.server.UnitServer`)."""
+        the unit's host; see :class:`~fastfc.remote.server.UnitServer`).
+
+        ``stream_port``: the TCP port of the unit's direct stream on its
+        node (the session's calls travel over it; Ray hands callers its
+        address and token): 0 (default) takes any free one at each start;
+        a fixed one for a firewall to let through (docs/guide/remote.md)."""
         check_durability(durability)
+        if not isinstance(stream_port, int) or not 0 <= stream_port <= 65535:
+            raise ValueError(f"stream_port must be a TCP port (0..65535, 0: any free "
+                             f"one), got {stream_port!r}")
         _ensure_ray()
         opts: dict[str, Any] = {"name": name, "namespace": NAMESPACE, "num_cpus": 0}
         if detached:
@@ -265,7 +378,7 @@ class SecondaryUnit(UnitHandle):
             else:
                 raise FastFCError(f"unit {name} is running already")
         _transport.forget(name)
-        actor: Any = _Actor.options(**opts).remote(str(path), durability)
+        actor: Any = _Actor.options(**opts).remote(str(path), durability, stream_port)
         try:
             ray.get(actor.open.remote(), timeout=START_TIMEOUT)
         except (RayError, RayActorError) as e:
