@@ -344,10 +344,12 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
                  track_size: str = "64K", sample_every: float = 0.02, idle_reps: int = 3,
                  log=lambda msg: None, modes: tuple[str, ...] = ("with", "without", "clients",
                                                                   "lean"),
-                 server: tuple[str, ...] = FULL_CLIENT, server_path: str | None = None) -> dict:
+                 server: tuple[str, ...] = FULL_CLIENT, server_path: str | None = None,
+                 cg_interval: float = 0.0) -> dict:
     """A Global Mirror session run by the product: ``fastfc -u A -r B serve``
     holds the units (A in one, B and C in the other, both in /dev/shm),
-    ``fastfc -u A resumegmir S`` starts the session's loop in the server and
+    ``fastfc -u A resumegmir S`` starts the session's loop in the server (CGs
+    back to back, or ``cg_interval`` seconds apart: ``mkgmir --cg-interval``) and
     ``pausegmir S`` stops it; fio 4 KiB randwrite QD``iodepth`` writes the
     first ``jobs`` A exports (one job, one connection, each; default all).
 
@@ -390,7 +392,8 @@ def gm_under_fio(triplets: int = 16, size_mib: int = 64, seconds: float = 3.0,
             track_size)
         cli("-u", b, "mkvol", *(x for n in names for x in n[1:]), "--size", size,
             "--track-size", track_size)
-        cli("-u", a, "-r", b, "mkgmir", "S", *(":".join(n) for n in names))
+        cli("-u", a, "-r", b, "mkgmir", "S", *(":".join(n) for n in names),
+            *(("--cg-interval", str(cg_interval)) if cg_interval else ()))
         server_env = _env()
         if server_path is not None:
             server_env["PYTHONPATH"] = server_path + os.pathsep + server_env["PYTHONPATH"]
