@@ -7,6 +7,7 @@ mid-apply, mid-prepare and mid-finish, and started again elsewhere."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pathlib
@@ -231,6 +232,23 @@ def test_a_peer_idle_between_calls_is_served(child_units):
         assert c.call("echo", (k,)).result() == (k,)
         time.sleep(0.15)
     assert c.broken is None
+
+
+def test_an_answer_nobody_reads_is_not_kept(child_units):
+    """A call whose Pending is dropped unread (a session that gave up on
+    it) leaves nothing behind in the client, whether its answer came
+    before the Pending went or after."""
+    u = child_units(0)
+    c = stream.stream_transport().client(u.name)
+    c.call("echo", (1,))                    # dropped at once: its answer still to come
+    assert c.call("echo", (2,)).result() == (2,)
+    early, last = c.call("echo", (3,)), c.call("echo", (4,))
+    assert last.result() == (4,)            # read (3,)'s answer on the way: kept for it
+    assert list(c._answers) == [early.seq]
+    del early                               # dropped after its answer came
+    gc.collect()
+    assert c._answers == {} and c._abandoned == set()
+    assert c.call("echo", (5,)).result() == (5,)
 
 
 def _fake_server(token: bytes, behave) -> tuple[tuple[str, int], threading.Thread]:

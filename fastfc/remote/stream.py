@@ -127,15 +127,21 @@ def send_parts(sock: socket.socket, parts: list[Any], timeout: float | None) -> 
     while i < len(views):
         if end is not None:
             sock.settimeout(max(end - time.monotonic(), 1e-3))
-        n = sock.sendmsg(views[i:i + IOV_MAX])
-        while n and i < len(views):
-            k = views[i].nbytes
-            if n >= k:
-                n -= k
-                i += 1
-            else:
-                views[i] = views[i][n:]
-                n = 0
+        i = _sent(views, i, sock.sendmsg(views[i:i + IOV_MAX]))
+
+
+def _sent(views: list[memoryview], i: int, n: int) -> int:
+    """After ``sendmsg`` sent ``n`` bytes of ``views[i:]``: the index of
+    the first piece not sent whole (a piece sent in part keeps its rest)."""
+    while n and i < len(views):
+        k = views[i].nbytes
+        if n >= k:
+            n -= k
+            i += 1
+        else:
+            views[i] = views[i][n:]
+            n = 0
+    return i
 
 
 def _recv_into(sock: socket.socket, view: memoryview, end: float | None) -> None:
@@ -488,6 +494,8 @@ class StreamClient:
         self._sent = 0              # requests sent
         self._read = 0              # answers read
         self._answers: dict[int, tuple[int, Any]] = {}
+        # calls whose Pending was dropped unread: their answers are not kept
+        self._abandoned: set[int] = set()
         self.broken: str | None = None
         self._buffers = _Buffers(reuse=False)
 
@@ -538,14 +546,7 @@ class StreamClient:
             except BlockingIOError:
                 self._wait_room(end)
                 continue
-            while n and i < len(views):
-                k = views[i].nbytes
-                if n >= k:
-                    n -= k
-                    i += 1
-                else:
-                    views[i] = views[i][n:]
-                    n = 0
+            i = _sent(views, i, n)
 
     def _wait_room(self, end: float) -> None:
         poll = select.poll()
@@ -563,11 +564,25 @@ class StreamClient:
                     time.sleep(0.001)       # the reader is at it
                     continue
                 try:
-                    got = _answer(self.sock, self.timeout(), self._buffers)
-                    self._answers[self._read] = got
-                    self._read += 1
+                    self._keep(_answer(self.sock, self.timeout(), self._buffers))
                 finally:
                     self._recv.release()
+
+    def _keep(self, got: tuple[int, Any]) -> None:
+        """Keep the next answer for its caller (under ``_recv``), unless
+        its Pending was dropped unread."""
+        seq, self._read = self._read, self._read + 1
+        if seq in self._abandoned:
+            self._abandoned.discard(seq)
+        else:
+            self._answers[seq] = got
+
+    def _forget_answer(self, seq: int) -> None:
+        """Call ``seq``'s Pending was dropped unread: forget its answer, or
+        drop it when it comes. Runs wherever the Pending is collected, so
+        it takes no lock (each step one dict or set operation)."""
+        if self._answers.pop(seq, None) is None and seq >= self._read:
+            self._abandoned.add(seq)
 
     def _wait(self, seq: int, method: str) -> tuple[int, Any]:
         with self._recv:
@@ -587,8 +602,7 @@ class StreamClient:
                     raise UnitDownError(f"unit {self.unit} {why}"
                                         if why.startswith("did not") else
                                         f"unit {self.unit} is down ({why})") from None
-                self._answers[self._read] = got
-                self._read += 1
+                self._keep(got)
             return self._answers.pop(seq)
 
 
@@ -622,6 +636,10 @@ class StreamPending(Pending):
         if ok == 0:
             return value
         raise unwrap_error(value, self.client.unit, self.method)
+
+    def __del__(self) -> None:
+        if self._got is None:       # never read (a session that gave up on it)
+            self.client._forget_answer(self.seq)
 
 
 def unwrap_error(e: BaseException, unit: str, method: str) -> BaseException:
