@@ -259,6 +259,17 @@ def test_a_unit_ends_once_its_cluster_gcs_has_been_gone_for_the_timeout():
     assert not t.is_alive()
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+                    return False
+        except FileNotFoundError:       # a thread that ended
+            pass
+    return True
+
+
 def test_ray_a_hung_unit_times_out_and_answers_again(ray_session, tmp_path, monkeypatch):
     """A unit whose process stops answering (SIGSTOP: a hung host) makes
     proxy calls and CG attempts fail within the call timeout, never hang;
@@ -276,6 +287,12 @@ def test_ray_a_hung_unit_times_out_and_answers_again(ray_session, tmp_path, monk
     pid = u.info()["pid"]
     os.kill(pid, signal.SIGSTOP)
     try:
+        # a stop takes each thread in turn: until all have stopped, one may
+        # still answer (the stream's threads did once, in CI)
+        deadline = time.monotonic() + 10
+        while not _all_threads_stopped(pid):
+            assert time.monotonic() < deadline, "SIGSTOP did not stop the unit"
+            time.sleep(0.01)
         t = time.monotonic()
         with pytest.raises(fastfc.FastFCError):
             c.read(0, 10)
