@@ -60,6 +60,7 @@ import shutil
 import sqlite3
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -508,3 +509,45 @@ def _named_files(unit_dir: Path) -> set[str]:
             return names | {f"bitmaps/{i}.bm" for i in ids}
         finally:
             db.close()
+
+
+@dataclass
+class Cut:
+    """One power cut: a copy of the unit directories as the cut leaves them."""
+    label: str              # where it fell: "instant@CG seq"
+    point: str
+    variant: tuple          # what survived (pages, commits, ...)
+    dest: Path              # the copy
+    floor: int              # the newest CG whose decision was durable
+    attempted: int          # the newest CG sequence attempted
+    dirty: dict = field(default_factory=dict)   # what the check needs beside it
+
+
+#: what a process kill leaves (every page and every commit kept): a cut of
+#: this kind must keep the promise at any durability
+KILL_LIKE = ("all", "current")
+
+
+def check_cuts(cuts, check, until=None, kind=lambda cut: cut.variant):
+    """Check every cut with ``check(cut, n)`` (its list of violations; each
+    cut's copy removed once checked); returns the violating cuts and a
+    tally of violations by (instant, invariant). ``until(bad, tally)``, for
+    a test that asserts that some cuts break the promise (the harness has
+    teeth): the kill-like cuts (``kind(cut) == KILL_LIKE``) are checked
+    first, all of them; then the others until ``until`` holds, and the ones
+    left are not checked (more violations cannot undo what it asserts)."""
+    bad = []
+    tally: collections.Counter = collections.Counter()
+    if until is not None:
+        cuts = sorted(cuts, key=lambda c: kind(c) != KILL_LIKE)
+    done = False
+    for n, cut in enumerate(cuts):
+        if not done:
+            v = check(cut, n)
+            if v:
+                bad.append((cut, v))
+                for x in v:
+                    tally[(cut.point, x.split(":")[0])] += 1
+            done = until is not None and kind(cut) != KILL_LIKE and until(bad, tally)
+        shutil.rmtree(cut.dest)
+    return bad, tally

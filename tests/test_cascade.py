@@ -372,35 +372,15 @@ def test_a_cascade_in_a_unit_survives_kills(tmp_path):
     (tests/cascade_child.py): reopened, T2 and T3 still hold the image T1
     had when the chain was built, and the chain is whole."""
     import random
-    import signal
-    import tempfile
-    import time
-    from pathlib import Path
 
     import cascade_child
-    import crash_child
     from fastfc import StorageUnit
-    from test_crash import _forkserver, finish_child
+    from test_points_crash import run_points_child
 
     held = cascade_child.build(tmp_path, seed=7)
     rnd = random.Random(7)
     for round_ in range(KILL_ROUNDS):
-        fd, out = tempfile.mkstemp(prefix="fastfc-cascade-", suffix=".out")
-        os.close(fd)
-        err = out[:-4] + ".err"
-        proc = _forkserver().Process(
-            target=crash_child.forked_main,
-            args=("cascade_child", ["--root", str(tmp_path), "--seed", str(round_)],
-                  dict(os.environ), out, err), daemon=True)
-        proc.start()
-        end = time.monotonic() + 60
-        while (not Path(out).read_bytes().startswith(b"READY") and proc.is_alive()
-               and time.monotonic() < end):
-            time.sleep(0.001)
-        time.sleep(rnd.uniform(0.0, 0.25))
-        proc.kill()
-        code, stdout, stderr = finish_child(proc, Path(out), Path(err), 60)
-        assert code == -signal.SIGKILL, f"child ended with {code}\n{stdout}\n{stderr}"
+        run_points_child(tmp_path, round_, rnd.uniform(0.0, 0.25), child="cascade_child")
         with StorageUnit(tmp_path / "unit") as unit:
             t2, t3 = unit.volume("t2"), unit.volume("t3")
             assert t2.target_relationship.source is unit.volume("t1")

@@ -62,7 +62,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +72,7 @@ from fastfc import GlobalMirror, StorageUnit, faults
 
 import sys
 sys.path.insert(0, str(Path(__file__).parent))
-from powercut import PowerCutRecorder  # noqa: E402
+from powercut import Cut, PowerCutRecorder, check_cuts  # noqa: E402
 
 SESSION = "gm"
 # (track size, tracks) per triplet
@@ -132,15 +132,6 @@ def work(tmp_path, monkeypatch):
         shutil.rmtree(d, ignore_errors=True)
 
 
-@dataclass
-class Cut:
-    label: str              # "point[i]@CG seq"
-    point: str
-    variant: tuple
-    dest: Path
-    floor: int              # the newest CG whose decision was durable
-    attempted: int          # the newest CG sequence attempted
-    dirty: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -322,22 +313,7 @@ def _check_cuts(cuts, snaps, check, until=None
     hold at any durability) are checked first, all of them; then the others
     until ``until`` holds, and the ones left are not checked (what the test
     asserts is shown, and more violations cannot undo it)."""
-    bad = []
-    tally: collections.Counter = collections.Counter()
-    if until is not None:
-        cuts = sorted(cuts, key=lambda c: c.variant != ("all", "current"))
-    done = False
-    for cut in cuts:
-        if not done:
-            v = check(cut, snaps)
-            if v:
-                bad.append((cut, v))
-                for x in v:
-                    tally[(cut.point, x.split(":")[0])] += 1
-            done = (until is not None and cut.variant != ("all", "current")
-                    and until(bad, tally))
-        shutil.rmtree(cut.dest)
-    return bad, tally
+    return check_cuts(cuts, lambda cut, n: check(cut, snaps), until)
 
 
 def _describe(bad, tally, total: int, limit: int = 12) -> str:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import collections
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +62,7 @@ from fastfc.tools.testing import PromiseChecker
 
 import sys
 sys.path.insert(0, str(Path(__file__).parent))
-from powercut import PowerCutRecorder  # noqa: E402
+from powercut import Cut, PowerCutRecorder, check_cuts  # noqa: E402
 
 SESSION = "gm"
 # (track size, tracks) per triplet; triplet i lives on unit i % UNITS
@@ -89,15 +89,6 @@ def work(tmpfs_tmp_path, monkeypatch):
     local.stop_all()
 
 
-@dataclass
-class Cut:
-    label: str              # "instant@CG seq"
-    point: str
-    variant: tuple
-    dest: Path
-    floor: int              # the newest CG whose decision was durable
-    attempted: int          # the newest CG sequence attempted
-    extra: dict = field(default_factory=dict)
 
 
 def _writes(rng: np.random.Generator, A) -> None:
@@ -327,22 +318,9 @@ def check_copies(run: Copies, until=None):
     """Check every cut (each copy removed once checked); ``until(bad)``
     stops early once it holds, after every kill-like cut ("all"/"current":
     what a process kill leaves, which must hold at any durability)."""
-    cuts = run.cuts
-    if until is not None:
-        cuts = sorted(cuts, key=lambda c: c.variant[:2] != ("all", "current"))
-    bad, tally = [], collections.Counter()
-    done = False
-    for n, cut in enumerate(cuts):
-        if not done:
-            v = check_copy(cut, run.snaps, n)
-            if v:
-                bad.append((cut, v))
-                for x in v:
-                    tally[(cut.point, x.split(":")[0])] += 1
-            done = (until is not None and cut.variant[:2] != ("all", "current")
-                    and until(bad))
-        shutil.rmtree(cut.dest)
-    return bad, tally
+    return check_cuts(run.cuts, lambda cut, n: check_copy(cut, run.snaps, n),
+                      None if until is None else lambda bad, tally: until(bad),
+                      kind=lambda cut: cut.variant[:2])
 
 
 def _describe(bad, tally, total: int, limit: int = 8) -> str:

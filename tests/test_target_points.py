@@ -84,26 +84,23 @@ class TargetPointsModel(RuleBasedStateMachine):
     # -- host writes -----------------------------------------------------------------
     @rule(data=st.data(), seed=st.integers(0, 2**32))
     def write_source(self, data, seed):
-        offset, length = span(data, self.S.capacity)
-        payload = random.Random(seed).randbytes(length)
-        if self.revertible():
-            with pytest.raises(WriteInhibitedError):
-                self.S.write(offset, payload)
-            return
-        self.S.write(offset, payload)
-        self.img["S"][offset:offset + length] = payload
+        self._host_write("S", self.S, data, seed)
 
     @precondition(lambda self: self.c_valid)
     @rule(data=st.data(), seed=st.integers(0, 2**32))
     def write_target(self, data, seed):
-        offset, length = span(data, self.C.capacity)
+        self._host_write("C", self.C, data, seed)
+
+    def _host_write(self, name, vol, data, seed):
+        """A host write to ``vol`` (refused while a revertible one holds it)."""
+        offset, length = span(data, vol.capacity)
         payload = random.Random(seed).randbytes(length)
         if self.revertible():
             with pytest.raises(WriteInhibitedError):
-                self.C.write(offset, payload)
+                vol.write(offset, payload)
             return
-        self.C.write(offset, payload)
-        self.img["C"][offset:offset + length] = payload
+        vol.write(offset, payload)
+        self.img[name][offset:offset + length] = payload
 
     # -- FlashCopy steps ----------------------------------------------------------------
     @precondition(lambda self: self.fc is None)
